@@ -1,0 +1,155 @@
+"""Public kernel API: the same calls on every backend.
+
+* ``"reference"``: plain PyTorch (`kernels/reference.py`), the single source of truth.
+* ``"triton"``: Triton kernels (`kernels/masked_linear.py`, `kernels/harmony_select.py`); CUDA
+  tensors, or CPU tensors when ``TRITON_INTERPRET=1`` is set.
+* ``"cpu"``: the native C++/OpenMP ops built from `kernels/csrc/` by CMake (`kernels/cpu.py`).
+* ``"auto"``: Triton for CUDA tensors, the native op for CPU tensors (or, per op, whichever
+  `bench/` measured faster on CPU -- see ``CPU_DISPATCH``), the reference when neither can run.
+
+An explicitly requested backend that cannot run raises :class:`BackendUnavailable` naming why.
+``kernels`` is a leaf package: it never imports ``harmodt``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+from .reference import num_words
+
+__all__ = [
+    "BackendUnavailable",
+    "available_backends",
+    "harmony_select",
+    "masked_linear",
+    "num_words",
+    "pack_masks",
+    "resolve_backend",
+    "unpack_masks",
+]
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+
+# On CPU tensors, "auto" takes the native op for these ops; an op listed with "reference" is one
+# where bench/ measured the plain PyTorch path faster (kept measured, see bench/README.md).
+CPU_DISPATCH = {"masked_linear": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested kernel backend cannot run here."""
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on tensors of this device, else why not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return f"triton is not importable ({exc})"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1 for the CPU interpreter"
+
+
+def _cpu_reason(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"the native CPU op takes CPU tensors (got {device.type})"
+    try:
+        from . import cpu
+    except ImportError as exc:
+        return f"the native CPU library is not installed ({exc})"
+    return cpu.unavailable_reason()
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on tensors of ``device``."""
+    device = torch.device(device)
+    out = ["reference"]
+    if _triton_reason(device) is None:
+        out.append("triton")
+    if _cpu_reason(device) is None:
+        out.append("cpu")
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device, op: str = "masked_linear") -> str:
+    """Turn ``backend`` into a concrete one for ``op`` on ``device``; fail loudly if it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "reference":
+        return backend
+    if backend == "triton":
+        why = _triton_reason(device)
+        if why:
+            raise BackendUnavailable(f"backend='triton' cannot run: {why}")
+        return backend
+    if backend == "cpu":
+        why = _cpu_reason(device)
+        if why:
+            raise BackendUnavailable(f"backend='cpu' cannot run: {why}")
+        return backend
+    # auto
+    if device.type == "cuda" and _triton_reason(device) is None:
+        return "triton"
+    if device.type == "cpu" and CPU_DISPATCH.get(op) == "cpu" and _cpu_reason(device) is None:
+        return "cpu"
+    return "reference"
+
+
+def pack_masks(mask: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """bool ``[..., K]`` -> int32 ``[..., ceil(K/32)]``; bit ``j % 32`` of word ``j // 32`` is column j."""
+    b = resolve_backend(backend, mask.device, "pack_masks")
+    if b == "cpu":
+        from . import cpu
+
+        return cpu.pack_masks(mask)
+    return reference.pack_masks(mask)
+
+
+def unpack_masks(words: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
+    """int32 ``[..., ceil(K/32)]`` -> bool ``[..., K]``."""
+    b = resolve_backend(backend, words.device, "unpack_masks")
+    if b == "cpu":
+        from . import cpu
+
+        return cpu.unpack_masks(words, k)
+    return reference.unpack_masks(words, k)
+
+
+def masked_linear(x, weight, bias, masks, task_ids, backend: str = "auto", task_grads=None):
+    """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` without materializing masked weights.
+
+    See :func:`kernels.reference.masked_linear` for shapes and gradients. ``task_grads``: optional
+    fp32 ``[T, N, K]`` buffer that receives each task's unmasked ``dY_t^T X_t`` on backward.
+    """
+    b = resolve_backend(backend, x.device, "masked_linear")
+    if b == "triton":
+        from .masked_linear import triton_masked_linear
+
+        return triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
+    if b == "cpu":
+        from . import cpu
+
+        return cpu.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
+    return reference.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
+
+
+def harmony_select(masked_grads, grads, params, masks, k, lam, importance="magnitude", backend: str = "auto"):
+    """Algorithm 2's mask/recover selection for all tasks in one call; returns new packed masks.
+
+    See :func:`kernels.reference.harmony_select`.
+    """
+    b = resolve_backend(backend, masked_grads.device, "harmony_select")
+    if b == "triton":
+        from .harmony_select import triton_harmony_select
+
+        return triton_harmony_select(masked_grads, grads, params, masks, k, lam, importance)
+    if b == "cpu":
+        from . import cpu
+
+        return cpu.harmony_select(masked_grads, grads, params, masks, k, lam, importance)
+    return reference.harmony_select(masked_grads, grads, params, masks, k, lam, importance)

@@ -1,0 +1,159 @@
+"""Plain-PyTorch reference of every kernel: the single source of truth.
+
+The model (non-fused path), the tests and the benchmarks all import these. Every backend
+(`kernels/masked_linear.py`, `kernels/harmony_select.py` in Triton, the native CPU op) must match
+them; ties are broken by lowest index here and everywhere.
+
+Packed masks: a boolean mask ``[..., K]`` packs into int32 words ``[..., ceil(K/32)]``; bit
+``j % 32`` of word ``j // 32`` is column ``j``. Padding bits beyond K are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["pack_masks", "unpack_masks", "masked_linear", "harmony_select", "num_words"]
+
+_SHIFTS = torch.arange(32, dtype=torch.int64)
+
+
+def num_words(k: int) -> int:
+    """Number of int32 words that hold k mask bits."""
+    return (k + 31) // 32
+
+
+def pack_masks(mask: torch.Tensor) -> torch.Tensor:
+    """bool ``[..., K]`` -> int32 ``[..., ceil(K/32)]``."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"pack_masks expects a bool mask, got {mask.dtype}")
+    k = mask.shape[-1]
+    w = num_words(k)
+    bits = F.pad(mask.to(torch.int64), (0, w * 32 - k)).view(*mask.shape[:-1], w, 32)
+    words = (bits << _SHIFTS.to(mask.device)).sum(-1)  # [..., W] in [0, 2^32)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 ``[..., ceil(K/32)]`` -> bool ``[..., K]``."""
+    if words.dtype != torch.int32:
+        raise TypeError(f"unpack_masks expects int32 words, got {words.dtype}")
+    if words.shape[-1] != num_words(k):
+        raise ValueError(f"unpack_masks: {words.shape[-1]} words cannot hold K={k} bits (need {num_words(k)})")
+    bits = (words.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(words.device)) & 1  # [..., W, 32]
+    return bits.reshape(*words.shape[:-1], -1)[..., :k].bool()
+
+
+def _as_bool_masks(masks: torch.Tensor, k: int) -> torch.Tensor:
+    """Accept packed int32 ``[T, N, W]`` or already-unpacked bool ``[T, N, K]`` masks."""
+    if masks.dtype == torch.bool:
+        if masks.shape[-1] != k:
+            raise ValueError(f"bool masks have {masks.shape[-1]} columns, weight has {k}")
+        return masks
+    return unpack_masks(masks, k)
+
+
+def masked_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    masks: torch.Tensor,
+    task_ids: torch.Tensor,
+    task_grads: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias``, differentiable in x, weight, bias.
+
+    x ``[R, K]``, weight ``[N, K]``, bias ``[N]`` or None, masks ``[T, N, ceil(K/32)]`` int32
+    (packed) or ``[T, N, K]`` bool, task_ids ``[R]`` int64 in ``[0, T)``.
+
+    The masked weight copies of the tasks present in ``task_ids`` are materialized (that is what
+    the fused kernels avoid); autograd then gives ``dX[r] = dY[r] @ (W*M_t)``,
+    ``dW = sum_t M_t * (dY_t^T X_t)`` and ``db = sum_r dY[r]``.
+
+    ``task_grads``: optional fp32 ``[T, N, K]`` buffer; on backward the per-task *unmasked*
+    ``dY_t^T X_t`` is added into it (the gradient w.r.t. each task's effective weight).
+    """
+    r, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"masked_linear: x has {k} features, weight is {tuple(weight.shape)}")
+    if task_ids.shape != (r,):
+        raise ValueError(f"masked_linear: task_ids must be [{r}], got {tuple(task_ids.shape)}")
+    bmask = _as_bool_masks(masks, k)
+    if bmask.shape[:2] != (bmask.shape[0], n):
+        raise ValueError(f"masked_linear: masks {tuple(masks.shape)} do not match weight {tuple(weight.shape)}")
+    present = torch.unique(task_ids).tolist()
+    if len(present) == 1 and task_grads is None:
+        w_eff = torch.where(bmask[present[0]], weight, weight.new_zeros(()))  # (N, K)
+        return F.linear(x, w_eff, bias)
+    y = x.new_empty(r, n)
+    for t in present:
+        rows = (task_ids == t).nonzero(as_tuple=True)[0]
+        w_eff = torch.where(bmask[t], weight, weight.new_zeros(()))  # (N, K)
+        if task_grads is not None and w_eff.requires_grad:
+            w_eff.register_hook(_accumulate_into(task_grads, t))
+        y = y.index_put((rows,), x.index_select(0, rows) @ w_eff.t())
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _accumulate_into(buf: torch.Tensor, t: int):
+    def hook(grad):
+        buf[t] += grad.to(buf.dtype)
+        return grad
+
+    return hook
+
+
+def harmony_select(
+    masked_grads: torch.Tensor,
+    grads: torch.Tensor,
+    params: torch.Tensor,
+    masks: torch.Tensor,
+    k: int,
+    lam: float,
+    importance: str = "magnitude",
+) -> torch.Tensor:
+    """Algorithm 2's selection for every task at once; returns the new packed masks ``[T, W]``.
+
+    masked_grads (``gbar_i``) and grads (``g_i``) ``[T, P]``, params ``[P]``, masks packed
+    ``[T, ceil(P/32)]``. With ``ghat = mean_i gbar_i``:
+
+    * H_i = gbar_i * ghat + lam * I_i on active weights (I = |theta| for "magnitude", gbar_i^2 for
+      "fisher"), +inf on masked ones (Eq. 8);
+    * the k_i active weights with the lowest H_i are masked (Eq. 9);
+    * the k_i weights masked *before* this update with the highest g_i * ghat are recovered (Eq. 10);
+
+    with ``k_i = min(k, #active_i, #masked_i)`` so per-task density stays exactly constant.
+    Ties go to the lowest index.
+    """
+    if importance not in ("magnitude", "fisher"):
+        raise ValueError(f"importance must be 'magnitude' or 'fisher', got {importance!r}")
+    t_count, p = masked_grads.shape
+    if grads.shape != (t_count, p) or params.shape != (p,):
+        raise ValueError(
+            f"harmony_select: masked_grads {tuple(masked_grads.shape)}, grads {tuple(grads.shape)} "
+            f"and params {tuple(params.shape)} must be [T, P], [T, P], [P]"
+        )
+    if masks.shape != (t_count, num_words(p)):
+        raise ValueError(f"harmony_select: masks must be [{t_count}, {num_words(p)}], got {tuple(masks.shape)}")
+    gbar = masked_grads.float()
+    g = grads.float()
+    ghat = gbar.mean(0)  # (P,)
+    active = unpack_masks(masks, p)  # (T, P)
+    imp = params.float().abs().expand(t_count, p) if importance == "magnitude" else gbar * gbar
+    harmony = torch.where(active, gbar * ghat + lam * imp, torch.full((), float("inf")))
+    recover = torch.where(active, torch.full((), float("-inf")), g * ghat)
+    new = active.clone()
+    n_active = active.sum(1).tolist()
+    for i in range(t_count):
+        kk = min(int(k), n_active[i], p - n_active[i])
+        if kk <= 0:
+            continue
+        drop = torch.sort(harmony[i], stable=True).indices[:kk]
+        add = torch.sort(recover[i], descending=True, stable=True).indices[:kk]
+        new[i, drop] = False
+        new[i, add] = True
+    return pack_masks(new)
