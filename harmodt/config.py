@@ -1,0 +1,243 @@
+"""Configuration dataclasses (one comment per field), presets, and the CLI built from them.
+
+Defaults follow the paper (Table 6 and Appendix B) except where a field says otherwise; the
+embedded default run (no CLI arguments) shrinks the run so it finishes in minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+
+METHODS = ("mtdt", "prompt-dt", "harmodt-r", "harmodt-m", "harmodt-f")
+QUALITIES = ("near-optimal", "sub-optimal")
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 6  # transformer blocks (Table 6)
+    n_head: int = 8  # attention heads (Table 6)
+    n_embd: int = 256  # embedding width (Table 6)
+    dropout: float = 0.1  # dropout on embeddings, attention and residuals (Table 6)
+    context_len: int = 20  # K: timesteps of recent history (Table 6)
+    prompt_len: int = 5  # K*: timesteps of the trajectory prompt (Prompt-DT / official code)
+    max_ep_len: int = 500  # Meta-World episode length; size of the timestep embedding table
+    state_dim: int = 39  # Meta-World v3 observation size
+    act_dim: int = 4  # Meta-World action size
+
+
+@dataclass
+class MaskConfig:
+    sparsity: float = 0.2  # S: fraction of each task's maskable weights switched off (Table 6)
+    eta_min: int = 0  # lower bound of weights changed per mask update (Eq. 12, Table 6)
+    eta_max: int = 100  # upper bound of weights changed per mask update (Eq. 12, Table 6)
+    lam: float = 10.0  # balance factor lambda between agreement and importance (Eq. 8)
+    lam_on: str = "importance"  # "importance" (paper, Eq. 8) or "agreement" (the official code)
+    update_every: int = 5000  # t_m: steps between mask updates (Table 6)
+    vote_threshold: int = 25  # 'thresh' of Eq. 13 for unseen tasks (Table 6, for MT50)
+    recovery_grad: str = "dense"  # g_i of Alg. 2: "dense" = grad of L_i at theta (paper); "masked" = unmasked grad at theta*M_i
+
+
+@dataclass
+class TrainConfig:
+    tasks: str = "MT5"  # MT5 | MT10 | MT30 | MT50 | comma list of v3 task names
+    method: str = "harmodt-f"  # mtdt | prompt-dt | harmodt-r | harmodt-m | harmodt-f
+    steps: int = 1_000_000  # total training steps E (Table 6)
+    batch_size: int = 8  # sequences per step (Appendix B)
+    tasks_per_batch: int = 1  # tasks mixed in one batch (1 = Algorithm 1, one task per step)
+    lr: float = 1e-4  # AdamW learning rate (Appendix B)
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay (official code)
+    warmup_steps: int = 10_000  # linear learning-rate warm-up (official code)
+    grad_clip: float = 0.25  # gradient-norm clip (official code)
+    data: str = ""  # dataset folder (ours or the original layout); empty = generate into the cache
+    episodes_per_task: int = 0  # keep this many episodes per task (0 = all)
+    quality: str = "near-optimal"  # near-optimal (all episodes) | sub-optimal (first 50% of each task's)
+    gen_episodes: int = 100  # episodes per task when the data must be generated
+    rtg_scale: float = 1000.0  # returns-to-go are divided by this (official code)
+    target_return: float = 4500.0  # initial return-to-go at evaluation (official code)
+    eval_episodes: int = 10  # evaluation episodes per task
+    eval_every: int = 0  # evaluate every N steps (0 = only at the end)
+    log_every: int = 100  # steps between metric lines
+    checkpoint_every: int = 1000  # steps between checkpoints
+    out: str = "runs/harmodt"  # output folder
+    seed: int = 0  # seed for data sampling, initialisation, masks and evaluation goals
+    resume: bool = False  # continue from OUT/checkpoint.pt
+    fused: bool = False  # route masked linears and the mask update through the kernels package
+    backend: str = "auto"  # kernel backend with --fused: auto | triton | cpu | reference
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    threads: int = 0  # torch intra-op threads (0 = all cores)
+    progress: bool = True  # show progress bars
+    model: ModelConfig = field(default_factory=ModelConfig)  # transformer shape
+    masks: MaskConfig = field(default_factory=MaskConfig)  # HarmoDT mask settings
+
+
+# The embedded default: what `python -m harmodt.train` with no arguments runs (about 10 minutes
+# on 2 cores, data generation and evaluation included).
+EMBEDDED_DEFAULT = {
+    "tasks": "reach-v3,button-press-topdown-v3,door-open-v3",
+    "method": "harmodt-f",
+    "steps": 3000,
+    "warmup_steps": 300,
+    "lr": 3e-4,
+    "gen_episodes": 24,
+    "eval_episodes": 5,
+    "checkpoint_every": 500,
+    "model.n_layer": 3,
+    "model.n_embd": 128,
+    "model.n_head": 4,
+    "masks.update_every": 500,
+    "masks.eta_max": 100,
+    "masks.vote_threshold": 1,
+}
+
+PRESETS = {
+    # The paper's MT50 run (Table 6, Appendix B).
+    "paper-mt50": {"tasks": "MT50", "steps": 1_000_000, "masks.vote_threshold": 25},
+    "paper-mt30": {"tasks": "MT30", "steps": 1_000_000, "masks.vote_threshold": 15},
+    "paper-mt5": {"tasks": "MT5", "steps": 1_000_000, "masks.vote_threshold": 2},
+    "embedded-default": EMBEDDED_DEFAULT,
+}
+
+
+class ConfigError(ValueError):
+    """A bad flag or config value; printed as one line by the CLIs."""
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
+    """Set dotted keys ('model.n_layer') on a copy of cfg."""
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), masks=dataclasses.replace(cfg.masks))
+    for key, value in overrides.items():
+        target = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            target = getattr(target, p)
+        if not hasattr(target, parts[-1]):
+            raise ConfigError(f"unknown config key {key!r}")
+        setattr(target, parts[-1], value)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Raise ConfigError with one clear line for a bad value."""
+    from .tasks import parse_tasks
+
+    if cfg.method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    if cfg.quality not in QUALITIES:
+        raise ConfigError(f"--quality must be one of {', '.join(QUALITIES)}, got {cfg.quality!r}")
+    try:
+        parse_tasks(cfg.tasks)
+    except ValueError as exc:
+        raise ConfigError(f"--tasks: {exc}") from None
+    checks = [
+        (cfg.steps > 0, "--steps must be positive"),
+        (cfg.batch_size > 0, "--batch-size must be positive"),
+        (cfg.tasks_per_batch >= 1, "--tasks-per-batch must be at least 1"),
+        (cfg.tasks_per_batch <= cfg.batch_size, "--tasks-per-batch cannot exceed --batch-size"),
+        (0.0 <= cfg.masks.sparsity < 1.0, "--sparsity must be in [0, 1)"),
+        (0 <= cfg.masks.eta_min <= cfg.masks.eta_max, "need 0 <= --eta-min <= --eta-max"),
+        (cfg.masks.update_every > 0, "--update-every must be positive"),
+        (cfg.masks.lam >= 0, "--lam must be >= 0"),
+        (cfg.masks.lam_on in ("importance", "agreement"), "--lam-on must be importance or agreement"),
+        (cfg.masks.recovery_grad in ("dense", "masked"), "--recovery-grad must be dense or masked"),
+        (cfg.model.n_embd % cfg.model.n_head == 0, "--n-embd must be divisible by --n-head"),
+        (cfg.model.context_len > 0 and cfg.model.prompt_len >= 0, "--context-len > 0 and --prompt-len >= 0"),
+        (0.0 <= cfg.model.dropout < 1.0, "--dropout must be in [0, 1)"),
+        (cfg.precision in ("fp32", "bf16"), "--precision must be fp32 or bf16"),
+        (cfg.backend in ("auto", "triton", "cpu", "reference"), "--backend must be auto, triton, cpu or reference"),
+        (cfg.eval_episodes >= 0, "--eval-episodes must be >= 0"),
+        (cfg.lr > 0, "--lr must be positive"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    return cfg
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    for f in fields(cls):
+        if f.name in ("model", "masks"):
+            continue
+        default = f.default
+        dest = (prefix + "." if prefix else "") + f.name
+        help_text = _FIELD_HELP.get((cls.__name__, f.name), "")
+        if isinstance(default, bool):
+            parser.add_argument(_flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), dest=dest, type=type(default), default=None, help=f"{help_text} (default {default})")
+
+
+def _field_comments() -> dict:
+    """Read the one-line comments next to each dataclass field, for --help."""
+    import inspect
+    import re
+
+    out = {}
+    for cls in (ModelConfig, MaskConfig, TrainConfig):
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): [^=]+=.*#\s*(.*)$", line)
+            if m:
+                out[(cls.__name__, m.group(1))] = m.group(2).replace("%", "%%")
+    return out
+
+
+_FIELD_HELP = _field_comments()
+
+
+def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Train HarmoDT or a baseline on offline Meta-World data. With no arguments, runs the embedded default.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named set of defaults; flags given override it")
+    p.add_argument("--config", default=None, help="a config.json (e.g. from a previous run) to start from")
+    _add_dataclass_args(p, TrainConfig)
+    _add_dataclass_args(p, ModelConfig, "model")
+    _add_dataclass_args(p, MaskConfig, "masks")
+    return p
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    d = dict(d)
+    model = ModelConfig(**d.pop("model", {}))
+    masks = MaskConfig(**d.pop("masks", {}))
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    return TrainConfig(**d, model=model, masks=masks)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """CLI -> validated TrainConfig. No arguments at all selects the embedded default."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    given = {k: v for k, v in vars(ns).items() if v is not None and k not in ("preset", "config")}
+    cfg = TrainConfig()
+    if ns.config:
+        import json
+
+        try:
+            with open(ns.config) as fh:
+                cfg = config_from_dict(json.load(fh))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"--config {ns.config}: {exc}") from None
+    preset = ns.preset
+    if preset is None and not ns.config and not any(k not in ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume") for k in given):
+        preset = "embedded-default"
+    if preset:
+        cfg = apply_overrides(cfg, PRESETS[preset])
+    cfg = apply_overrides(cfg, given)
+    return validate(cfg)
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

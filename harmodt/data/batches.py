@@ -1,0 +1,122 @@
+"""Prompt-DT batches, vectorized: context K, prompt K*, scaled returns-to-go, per-task state
+normalization, left padding with an attention mask, trajectories sampled in proportion to length.
+
+Each task's trajectories are concatenated once into flat tensors; a batch is then one gather per
+field (no Python loop per sample).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def returns_to_go(rewards: np.ndarray) -> np.ndarray:
+    """Undiscounted return from each step to the end of the trajectory."""
+    return np.cumsum(rewards[::-1], dtype=np.float64)[::-1].astype(np.float32)
+
+
+@dataclass
+class _Flat:
+    states: torch.Tensor  # (N, S) normalized
+    actions: torch.Tensor  # (N, A)
+    rtg: torch.Tensor  # (N,) scaled
+    timesteps: torch.Tensor  # (N,) int64
+    starts: torch.Tensor  # (n_traj,) offset of each trajectory
+    lengths: torch.Tensor  # (n_traj,)
+    probs: torch.Tensor  # (n_traj,) sampling probability (proportional to length)
+
+
+def _flatten(trajs, mean, std, rtg_scale, max_ep_len) -> _Flat:
+    states = np.concatenate([(t.observations - mean) / std for t in trajs]).astype(np.float32)
+    actions = np.concatenate([t.actions for t in trajs]).astype(np.float32)
+    rtg = np.concatenate([returns_to_go(t.rewards) for t in trajs]) / rtg_scale
+    ts = np.concatenate([np.minimum(np.arange(len(t.rewards)), max_ep_len - 1) for t in trajs])
+    lengths = np.array([len(t.rewards) for t in trajs], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return _Flat(
+        torch.from_numpy(states), torch.from_numpy(actions), torch.from_numpy(rtg.astype(np.float32)),
+        torch.from_numpy(ts.astype(np.int64)), torch.from_numpy(starts), torch.from_numpy(lengths),
+        torch.from_numpy(lengths / lengths.sum()),
+    )
+
+
+class PromptDTBatcher:
+    """Samples training batches for any set of tasks.
+
+    ``tasks``: ordered task names (index = task id); ``datasets``: name -> TaskData.
+    """
+
+    def __init__(self, datasets: dict, tasks: list[str], context_len: int, prompt_len: int, rtg_scale: float,
+                 max_ep_len: int = 500, seed: int = 0):
+        self.tasks = list(tasks)
+        self.k = context_len
+        self.kp = prompt_len
+        self.rtg_scale = rtg_scale
+        self.generator = torch.Generator().manual_seed(seed)
+        self.state_mean, self.state_std, self.data, self.prompts = {}, {}, [], []
+        for name in self.tasks:
+            td = datasets[name]
+            obs = np.concatenate([t.observations for t in td.trajectories])
+            mean = obs.mean(0).astype(np.float32)
+            std = (obs.std(0) + 1e-6).astype(np.float32)
+            self.state_mean[name], self.state_std[name] = mean, std
+            self.data.append(_flatten(td.trajectories, mean, std, rtg_scale, max_ep_len))
+            self.prompts.append(_flatten(td.prompts, mean, std, rtg_scale, max_ep_len))
+
+    def _segments(self, flat: _Flat, n: int, length: int):
+        """n windows of ``length`` steps ending inside a trajectory, left-padded. Returns dict."""
+        traj = torch.multinomial(flat.probs, n, replacement=True, generator=self.generator)  # (n,)
+        lens = flat.lengths[traj]
+        si = (torch.rand(n, generator=self.generator) * lens).long()  # start step in [0, len)
+        real = torch.minimum(lens - si, torch.full_like(lens, length))  # steps available (n,)
+        off = torch.arange(length).unsqueeze(0) - (length - real).unsqueeze(1)  # (n, length), <0 = padding
+        valid = off >= 0
+        idx = flat.starts[traj].unsqueeze(1) + si.unsqueeze(1) + off.clamp(min=0)  # (n, length)
+        vf = valid.unsqueeze(-1).float()
+        return {
+            "states": flat.states[idx] * vf,  # (n, L, S)
+            "actions": flat.actions[idx] * vf,  # (n, L, A); padding actions are 0
+            "rtg": (flat.rtg[idx] * valid).unsqueeze(-1),  # (n, L, 1)
+            "timesteps": flat.timesteps[idx] * valid,  # (n, L)
+            "mask": valid,  # (n, L)
+        }
+
+    def sample(self, task_ids: list[int], batch_size: int) -> dict:
+        """A batch of ``batch_size`` rows spread evenly over ``task_ids`` (one id = Algorithm 1)."""
+        counts = [batch_size // len(task_ids) + (1 if i < batch_size % len(task_ids) else 0) for i in range(len(task_ids))]
+        parts = []
+        for tid, n in zip(task_ids, counts):
+            if n == 0:
+                continue
+            seg = self._segments(self.data[tid], n, self.k)
+            if self.kp > 0:
+                pr = self._segments(self.prompts[tid], n, self.kp)
+                seg.update({"prompt_" + key: v for key, v in pr.items()})
+            seg["task_ids"] = torch.full((n,), tid, dtype=torch.int64)
+            parts.append(seg)
+        if len(parts) == 1:
+            return parts[0]
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+    def eval_prompt(self, tid: int, generator: torch.Generator) -> dict:
+        """One prompt segment for task ``tid`` (batch of 1), drawn with ``generator``."""
+        saved = self.generator
+        self.generator = generator
+        try:
+            pr = self._segments(self.prompts[tid], 1, self.kp)
+        finally:
+            self.generator = saved
+        return {"prompt_" + key: v for key, v in pr.items()}
+
+    def normalize(self, tid: int, obs: np.ndarray) -> np.ndarray:
+        name = self.tasks[tid]
+        return (obs - self.state_mean[name]) / self.state_std[name]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.generator.set_state(d["generator"])

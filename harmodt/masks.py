@@ -1,0 +1,141 @@
+"""Task masks: ERK initialisation (Appendix C), the alpha_t schedule (Eq. 12), the mask update
+(Algorithm 2, Eqs. 8-10) and the vote for unseen tasks (Eq. 13).
+
+Masks are stored as bool tensors ``[T, N, K]`` per masked weight (one byte per weight and task;
+never float copies); the fused kernels read a bit-packed int32 copy made once per mask update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import kernels
+
+
+def erk_densities(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, float]:
+    """Per-layer densities by Erdos-Renyi-Kernel (Appendix C) with overall density ``density``.
+
+    A linear layer ``(n_out, n_in)`` gets a density proportional to ``(n_in + n_out) / (n_in * n_out)``;
+    the factor is solved so the weighted mean is ``density``. Layers that would exceed 1 are made
+    dense and the factor is solved again over the rest.
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    numel = {n: s[0] * s[1] for n, s in shapes.items()}
+    raw = {n: (s[0] + s[1]) / (s[0] * s[1]) for n, s in shapes.items()}
+    dense: set[str] = set()
+    total = sum(numel.values())
+    while True:
+        budget = density * total - sum(numel[n] for n in dense)
+        denom = sum(raw[n] * numel[n] for n in shapes if n not in dense)
+        eps = budget / denom if denom > 0 else 0.0
+        over = [n for n in shapes if n not in dense and eps * raw[n] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
+
+
+def alpha_schedule(t: int, total: int, eta_min: float, eta_max: float) -> int:
+    """Eq. 12: ``ceil(eta_max + 1/2 (eta_min - eta_max)(1 + cos(2 pi t / E)))``."""
+    value = eta_max + 0.5 * (eta_min - eta_max) * (1.0 + math.cos(2.0 * math.pi * t / total))
+    return int(math.ceil(value - 1e-9))
+
+
+class TaskMasks:
+    """One binary mask per task over every masked weight matrix."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]):
+        self.masks = masks  # name -> bool (T, N, K)
+        self._packed: dict | None = None
+
+    @property
+    def n_tasks(self) -> int:
+        return next(iter(self.masks.values())).shape[0]
+
+    @staticmethod
+    def erk(shapes: dict[str, tuple[int, int]], n_tasks: int, sparsity: float, generator: torch.Generator) -> "TaskMasks":
+        """ERK densities at ``1 - sparsity``; an independent random draw per task and layer with
+        exactly ``round(density * numel)`` active weights."""
+        dens = erk_densities(shapes, 1.0 - sparsity)
+        masks = {}
+        for name, (n, k) in shapes.items():
+            numel = n * k
+            keep = int(round(dens[name] * numel))
+            m = torch.zeros(n_tasks, numel, dtype=torch.bool)
+            for t in range(n_tasks):
+                m[t, torch.randperm(numel, generator=generator)[:keep]] = True
+            masks[name] = m.view(n_tasks, n, k)
+        return TaskMasks(masks)
+
+    @staticmethod
+    def dense(shapes: dict[str, tuple[int, int]], n_tasks: int) -> "TaskMasks":
+        return TaskMasks({name: torch.ones(n_tasks, n, k, dtype=torch.bool) for name, (n, k) in shapes.items()})
+
+    def density(self, task: int | None = None) -> float:
+        num = sum(int(m.sum()) if task is None else int(m[task].sum()) for m in self.masks.values())
+        den = sum(m.numel() if task is None else m[task].numel() for m in self.masks.values())
+        return num / den
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        """Bit-packed int32 masks ``[T, N, ceil(K/32)]`` for the fused kernels (cached)."""
+        if self._packed is None:
+            self._packed = {n: kernels.pack_masks(m) for n, m in self.masks.items()}
+        return self._packed
+
+    def flat_packed(self) -> torch.Tensor:
+        """All masked weights of each task as one packed row ``[T, ceil(P/32)]``."""
+        flat = torch.cat([m.reshape(m.shape[0], -1) for m in self.masks.values()], dim=1)
+        return kernels.pack_masks(flat)
+
+    def set_flat(self, words: torch.Tensor) -> None:
+        p = sum(m[0].numel() for m in self.masks.values())
+        flat = kernels.unpack_masks(words, p)
+        off = 0
+        for name, m in self.masks.items():
+            n = m[0].numel()
+            self.masks[name] = flat[:, off : off + n].reshape(m.shape).contiguous()
+            off += n
+        self._packed = None
+
+    def update(self, masked_grads: torch.Tensor, grads: torch.Tensor, params: torch.Tensor, k: int, lam: float,
+               importance: str, lam_on: str = "importance", backend: str = "reference") -> dict:
+        """Algorithm 2 on flat ``[T, P]`` gradients (concatenated in ``self.masks`` order).
+
+        ``lam_on="agreement"`` reproduces the official code's ``lam * A + I``, which orders the
+        weights the same as ``A + I / lam`` (for lam > 0).
+        """
+        before = self.flat_packed()
+        eff_lam = lam if lam_on == "importance" else (1.0 / lam if lam > 0 else float("inf"))
+        if math.isinf(eff_lam):
+            raise ValueError("lam_on='agreement' needs lam > 0")
+        after = kernels.harmony_select(masked_grads, grads, params, before, k, eff_lam, importance, backend=backend)
+        p = masked_grads.shape[1]
+        b = kernels.unpack_masks(before, p)
+        a = kernels.unpack_masks(after, p)
+        self.set_flat(after)
+        return {"masked": (b & ~a).sum(1).tolist(), "recovered": (a & ~b).sum(1).tolist()}
+
+    def vote(self, threshold: int) -> dict[str, torch.Tensor]:
+        """Eq. 13: a weight is active for an unseen task when more than ``threshold`` tasks keep it."""
+        return {n: m.sum(0) > threshold for n, m in self.masks.items()}
+
+    def per_task(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """``{task: {param_name: bool (N, K)}}`` (the checkpoint format)."""
+        return {t: {n: m[i].clone() for n, m in self.masks.items()} for i, t in enumerate(names)}
+
+    @staticmethod
+    def from_per_task(d: dict[str, dict[str, torch.Tensor]], names: list[str]) -> "TaskMasks":
+        params = list(d[names[0]].keys())
+        return TaskMasks({p: torch.stack([d[t][p].bool() for t in names]) for p in params})
+
+
+def harmony_score(grads: torch.Tensor) -> float:
+    """Definition 3.2: mean over tasks and weights of cos(g_ij, ghat_j) = sign(g_ij) * sign(ghat_j),
+    over the entries where both are non-zero. grads ``[T, P]``."""
+    ghat = grads.mean(0)
+    s = torch.sign(grads) * torch.sign(ghat)
+    nz = (grads != 0) & (ghat != 0)
+    return float(s.sum() / nz.sum().clamp(min=1))

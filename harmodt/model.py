@@ -1,0 +1,244 @@
+"""Prompt-DT / MTDT with per-task masked weight matrices (HarmoDT's harmony subspaces).
+
+Token layout (Eq. 1): ``[R*_1, s*_1, a*_1, ..., R*_K*, s*_K*, a*_K*, R_1, s_1, a_1, ..., R_K, s_K, a_K]``;
+the prompt has its own embeddings; every token gets its timestep embedding (no positional
+embedding, as in DT). The action of step j is predicted from the hidden state of token s_j.
+
+The weight matrices of the transformer blocks are :class:`MaskedLinear`: the forward pass uses
+``W * M_task`` (Eq. 4), so autograd gives the masked gradient ``grad * M_task``. Embeddings, layer
+norms, biases and prediction heads are shared by every task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels import reference as kernels_reference
+
+from .config import ModelConfig
+
+
+@dataclass
+class MaskContext:
+    """Which masks a forward pass uses.
+
+    bool_masks: param name -> bool ``[T, N, K]`` (all tasks; the plain path indexes it).
+    packed: param name -> int32 ``[T, N, ceil(K/32)]`` (the fused path), or None.
+    task_ids: ``(B,)`` task index of each sequence in the batch.
+    single_task: the task index when every row has the same task (fast path), else None.
+    fused: route through ``kernels.masked_linear`` with ``backend``.
+    task_grads: param name -> fp32 ``[T, N, K]`` buffers that receive each task's unmasked
+        gradient w.r.t. its effective weight (used by the mask update), or None.
+    """
+
+    bool_masks: dict
+    task_ids: torch.Tensor
+    packed: dict | None = None
+    single_task: int | None = None
+    fused: bool = False
+    backend: str = "auto"
+    task_grads: dict | None = None
+
+    @staticmethod
+    def for_tasks(bool_masks, task_ids, packed=None, fused=False, backend="auto", task_grads=None):
+        uniq = torch.unique(task_ids)
+        single = int(uniq[0]) if uniq.numel() == 1 else None
+        return MaskContext(bool_masks, task_ids, packed, single, fused, backend, task_grads)
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer whose weight is seen through the current task's binary mask."""
+
+    mask_key: str = ""  # the parameter name used as key in the mask store (set by the model)
+
+    def forward(self, x: torch.Tensor, ctx: MaskContext | None = None) -> torch.Tensor:  # (B, T, K) -> (B, T, N)
+        if ctx is None or self.mask_key not in ctx.bool_masks:
+            return F.linear(x, self.weight, self.bias)
+        b, t, k = x.shape
+        if ctx.fused:
+            row_ids = ctx.task_ids.repeat_interleave(t)  # (B*T,)
+            grads = None if ctx.task_grads is None else ctx.task_grads.get(self.mask_key)
+            y = kernels.masked_linear(
+                x.reshape(b * t, k), self.weight, self.bias, ctx.packed[self.mask_key], row_ids, backend=ctx.backend, task_grads=grads
+            )
+            return y.view(b, t, -1)
+        masks = ctx.bool_masks[self.mask_key]
+        if ctx.single_task is not None and ctx.task_grads is None:
+            w_eff = torch.where(masks[ctx.single_task], self.weight, self.weight.new_zeros(()))  # (N, K)
+            return F.linear(x, w_eff, self.bias)
+        row_ids = ctx.task_ids.repeat_interleave(t)
+        grads = None if ctx.task_grads is None else ctx.task_grads.get(self.mask_key)
+        y = kernels_reference.masked_linear(x.reshape(b * t, k), self.weight, self.bias, masks, row_ids, task_grads=grads)
+        return y.view(b, t, -1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = MaskedLinear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = MaskedLinear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, attn_mask, ctx, prefix=None, return_kv=False):
+        # x (B, T, C); attn_mask bool (B, 1, T, Tp+T); prefix (k, v) each (B, nh, Tp, hd)
+        b, t, c = x.shape
+        q, k, v = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
+        kv = (k, v)
+        if prefix is not None:
+            k = torch.cat([prefix[0], k], dim=2)
+            v = torch.cat([prefix[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(b, t, c)
+        y = self.resid_drop(self.proj(y, ctx))
+        return (y, kv) if return_kv else y
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.fc = MaskedLinear(cfg.n_embd, 4 * cfg.n_embd)
+        self.mlp_proj = MaskedLinear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, attn_mask, ctx, prefix=None, return_kv=False):  # (B, T, C)
+        a = self.attn(self.ln1(x), attn_mask, ctx, prefix, return_kv)
+        if return_kv:
+            a, kv = a
+        x = x + a
+        x = x + self.drop(self.mlp_proj(F.relu(self.fc(self.ln2(x), ctx)), ctx))
+        return (x, kv) if return_kv else x
+
+
+class TokenEmbedding(nn.Module):
+    """Embeds (R, s, a, timestep) into interleaved tokens ``(B, 3T, C)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.timestep = nn.Embedding(cfg.max_ep_len, cfg.n_embd)
+        self.ret = nn.Linear(1, cfg.n_embd)
+        self.state = nn.Linear(cfg.state_dim, cfg.n_embd)
+        self.action = nn.Linear(cfg.act_dim, cfg.n_embd)
+
+    def forward(self, states, actions, rtg, timesteps):
+        # states (B, T, S), actions (B, T, A), rtg (B, T, 1), timesteps (B, T) -> (B, 3T, C)
+        te = self.timestep(timesteps)
+        toks = torch.stack([self.ret(rtg) + te, self.state(states) + te, self.action(actions) + te], dim=2)  # (B, T, 3, C)
+        return toks.flatten(1, 2)
+
+
+def build_attn_mask(key_valid: torch.Tensor, n_query: int) -> torch.Tensor:
+    """Causal mask over ``[prefix | own]`` keys with padding.
+
+    key_valid bool (B, Tk) for all keys; the last ``n_query`` keys are the queries' own tokens.
+    Returns bool (B, 1, Tq, Tk). A query may also always see itself, so padded (left) queries
+    never have an empty row (their outputs are ignored by the loss).
+    """
+    b, tk = key_valid.shape
+    tp = tk - n_query
+    q_pos = torch.arange(n_query, device=key_valid.device).unsqueeze(1) + tp  # (Tq, 1)
+    k_pos = torch.arange(tk, device=key_valid.device).unsqueeze(0)  # (1, Tk)
+    causal = k_pos <= q_pos  # (Tq, Tk)
+    mask = causal.unsqueeze(0) & key_valid.unsqueeze(1)  # (B, Tq, Tk)
+    mask = mask | (k_pos == q_pos).unsqueeze(0)
+    return mask.unsqueeze(1)
+
+
+class PromptDT(nn.Module):
+    """Prompt-DT (``use_prompt``) or MTDT (a learned task embedding instead of a prompt)."""
+
+    def __init__(self, cfg: ModelConfig, n_tasks: int, use_prompt: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.use_prompt = use_prompt
+        self.embed = TokenEmbedding(cfg)
+        self.prompt_embed = TokenEmbedding(cfg) if use_prompt else None
+        self.task_embed = None if use_prompt else nn.Embedding(n_tasks, cfg.n_embd)
+        self.embed_ln = nn.LayerNorm(cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.predict_action = nn.Linear(cfg.n_embd, cfg.act_dim)
+        self.apply(self._init_weights)
+        for name, mod in self.named_modules():
+            if isinstance(mod, MaskedLinear):
+                mod.mask_key = name + ".weight"
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def masked_weights(self) -> dict[str, nn.Parameter]:
+        """The weight matrices that carry task masks, by parameter name."""
+        return {m.mask_key: m.weight for m in self.modules() if isinstance(m, MaskedLinear)}
+
+    def _tokens(self, states, actions, rtg, timesteps, task_ids, embed):
+        x = embed(states, actions, rtg, timesteps)  # (B, 3T, C)
+        if self.task_embed is not None:
+            x = x + self.task_embed(task_ids).unsqueeze(1)
+        return x
+
+    def forward(self, batch: dict, ctx: MaskContext | None = None) -> torch.Tensor:
+        """Training forward over ``[prompt | history]``; returns predicted actions (B, K, A)."""
+        x = self._tokens(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], batch["task_ids"], self.embed)
+        valid = batch["mask"].repeat_interleave(3, dim=1)  # (B, 3K)
+        if self.use_prompt:
+            p = self.prompt_embed(batch["prompt_states"], batch["prompt_actions"], batch["prompt_rtg"], batch["prompt_timesteps"])
+            x = torch.cat([p, x], dim=1)
+            valid = torch.cat([batch["prompt_mask"].repeat_interleave(3, dim=1), valid], dim=1)
+        x = self.drop(self.embed_ln(x))  # (B, L, C)
+        attn_mask = build_attn_mask(valid, x.shape[1])
+        for blk in self.blocks:
+            x = blk(x, attn_mask, ctx)
+        k = batch["states"].shape[1]
+        h = self.ln_f(x[:, -3 * k :][:, 1::3])  # state tokens of the history (B, K, C)
+        return torch.tanh(self.predict_action(h))
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: dict, ctx: MaskContext | None = None) -> list:
+        """Per-layer keys/values of the prompt tokens: they never depend on later tokens, so
+        evaluation computes them once per task. Returns [(k, v) (B, nh, 3K*, hd), ...] and the
+        prompt's token validity (B, 3K*)."""
+        x = self.drop(self.embed_ln(self.prompt_embed(prompt["prompt_states"], prompt["prompt_actions"], prompt["prompt_rtg"], prompt["prompt_timesteps"])))
+        valid = prompt["prompt_mask"].repeat_interleave(3, dim=1)
+        attn_mask = build_attn_mask(valid, x.shape[1])
+        kvs = []
+        for blk in self.blocks:
+            x, kv = blk(x, attn_mask, ctx, return_kv=True)
+            kvs.append(kv)
+        return kvs, valid
+
+    @torch.no_grad()
+    def act(self, states, actions, rtg, timesteps, task_ids, ctx=None, prompt_kv=None, prompt_valid=None) -> torch.Tensor:
+        """Action for the last history step of every row (B, A), reusing cached prompt keys/values.
+
+        states (B, L, S), actions (B, L, A) (last one ignored), rtg (B, L, 1), timesteps (B, L);
+        all rows share the same history length L (evaluation episodes run in lockstep).
+        """
+        x = self.drop(self.embed_ln(self._tokens(states, actions, rtg, timesteps, task_ids, self.embed)))  # (B, 3L, C)
+        b, t, _ = x.shape
+        own = torch.ones(b, t, dtype=torch.bool, device=x.device)
+        valid = own if prompt_valid is None else torch.cat([prompt_valid, own], dim=1)
+        attn_mask = build_attn_mask(valid, t)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, attn_mask, ctx, prefix=None if prompt_kv is None else prompt_kv[i])
+        return torch.tanh(self.predict_action(self.ln_f(x[:, -2])))
+
+
+def build_model(cfg: ModelConfig, n_tasks: int, method: str) -> PromptDT:
+    return PromptDT(cfg, n_tasks, use_prompt=(method != "mtdt"))
