@@ -41,7 +41,7 @@ def erk_densities(shapes: dict[str, tuple[int, int]], density: float) -> dict[st
 def alpha_schedule(t: int, total: int, eta_min: float, eta_max: float) -> int:
     """Eq. 12: ``ceil(eta_max + 1/2 (eta_min - eta_max)(1 + cos(2 pi t / E)))``."""
     value = eta_max + 0.5 * (eta_min - eta_max) * (1.0 + math.cos(2.0 * math.pi * t / total))
-    return int(math.ceil(value - 1e-9))
+    return int(math.ceil(value - 1e-12 * max(1.0, abs(eta_max))))  # tolerate float round-off only
 
 
 class TaskMasks:

@@ -1,0 +1,346 @@
+"""`python -m harmodt.train`: train HarmoDT (R/M/F), Prompt-DT or MTDT on offline Meta-World data.
+
+Algorithm 1: every step samples one task (``--tasks-per-batch 1``), a batch of its data, and
+updates theta with ``grad L_i(theta * M_i) * M_i``; every ``t_m`` steps Algorithm 2 updates the
+masks (HarmoDT-M/F; HarmoDT-R keeps its random ERK masks). Writes into ``--out``: config.json,
+metrics.jsonl, TensorBoard events, checkpoint.pt (atomic, resumable), results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, TrainConfig, parse_args, to_dict
+from .data.batches import PromptDTBatcher
+from .masks import TaskMasks, alpha_schedule, harmony_score
+from .model import MaskContext, build_model
+from .optim import MaskedAdamW
+from .tasks import parse_tasks
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HARMODT_CACHE", Path.home() / ".cache" / "harmodt"))
+
+
+def load_training_data(cfg: TrainConfig, tasks: list[str]) -> dict:
+    """Load ``--data``, or generate our Meta-World data into the cache when no folder is given."""
+    from .data import generate, load_dataset
+
+    path = cfg.data
+    if not path:
+        key = f"{'_'.join(t.replace('-v3', '') for t in tasks)}_e{cfg.gen_episodes}_s{cfg.seed}"
+        if len(key) > 120:
+            import hashlib
+
+            key = hashlib.sha1(key.encode()).hexdigest()[:16] + f"_e{cfg.gen_episodes}_s{cfg.seed}"
+        path = str(cache_dir() / "data" / key)
+        if not (Path(path) / "manifest.json").exists():
+            print(f"[harmodt] generating offline data for {len(tasks)} tasks x {cfg.gen_episodes} episodes into {path}", flush=True)
+            generate(tasks, cfg.gen_episodes, path, seed=cfg.seed, progress=cfg.progress)
+    return load_dataset(path, tasks=tasks, quality=cfg.quality, episodes_per_task=cfg.episodes_per_task or None)
+
+
+def action_loss(pred: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Eq. 2: mean squared error over the real (non-padding) history steps."""
+    m = batch["mask"].unsqueeze(-1).to(pred.dtype)  # (B, K, 1)
+    return ((pred.float() - batch["actions"]) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
+
+
+class Trainer:
+    """Holds the model, masks, optimizer and data; one object drives training and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, datasets: dict | None = None):
+        self.cfg = cfg
+        self.tasks = parse_tasks(cfg.tasks)
+        self.out = Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks)
+        mc = cfg.model
+        self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if cfg.method != "mtdt" else 0,
+                                       cfg.rtg_scale, mc.max_ep_len, seed=cfg.seed)
+        self.model = build_model(mc, len(self.tasks), cfg.method)
+        self.weights = self.model.masked_weights()  # name -> Parameter
+        shapes = {n: tuple(w.shape) for n, w in self.weights.items()}
+        self.task_masks = None
+        if cfg.method.startswith("harmodt"):
+            self.task_masks = TaskMasks.erk(shapes, len(self.tasks), cfg.masks.sparsity, torch.Generator().manual_seed(cfg.seed + 1))
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 and "embed" not in n.split(".")[0] else no_decay).append(p)
+        self.opt = MaskedAdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min((s + 1) / max(cfg.warmup_steps, 1), 1.0))
+        self.step = 0
+        self.last_harmony = None
+        self.stop_requested = False  # set by SIGINT/SIGTERM; the loop saves and stops at the next step
+
+    # ---- one step -------------------------------------------------------------------------
+    def context(self, task_ids: torch.Tensor) -> MaskContext | None:
+        if self.task_masks is None:
+            return None
+        tm = self.task_masks
+        return MaskContext.for_tasks(tm.masks, task_ids, packed=tm.packed() if self.cfg.fused else None,
+                                     fused=self.cfg.fused, backend=self.cfg.backend)
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def sample_tasks(self) -> list[int]:
+        g = self.batcher.generator
+        if self.cfg.tasks_per_batch == 1:
+            return [int(torch.randint(len(self.tasks), (1,), generator=g))]
+        n = min(self.cfg.tasks_per_batch, len(self.tasks))
+        return torch.randperm(len(self.tasks), generator=g)[:n].tolist()
+
+    def train_step(self, task_ids: list[int]) -> float:
+        self.model.train()
+        batch = self.batcher.sample(task_ids, self.cfg.batch_size)
+        ctx = self.context(batch["task_ids"])
+        with self.autocast():
+            pred = self.model(batch, ctx)
+        loss = action_loss(pred, batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        keep = None
+        if self.task_masks is not None:
+            masks = self.task_masks.masks
+            if len(task_ids) == 1:
+                keep = {w: masks[n][task_ids[0]] for n, w in self.weights.items()}
+            else:
+                keep = {w: masks[n][task_ids].any(0) for n, w in self.weights.items()}
+        self.opt.masked_step(keep)
+        self.sched.step()
+        self.step += 1
+        return float(loss.detach())
+
+    # ---- Algorithm 2 ----------------------------------------------------------------------
+    def task_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[T, P]`` gradients of every task on one fresh batch each (dropout off):
+        gbar_i = grad L_i(theta*M_i) * M_i (Eq. 4) and g_i (Alg. 2: grad L_i(theta) by default)."""
+        names = list(self.weights)
+        params = [self.weights[n] for n in names]
+        p_total = sum(w.numel() for w in params)
+        t = len(self.tasks)
+        masked = torch.zeros(t, p_total)
+        dense = torch.zeros(t, p_total) if self.task_masks is not None else None
+        was_training = self.model.training
+        self.model.eval()
+        for i in range(t):
+            batch = self.batcher.sample([i], self.cfg.batch_size)
+            if self.task_masks is None:
+                g = torch.autograd.grad(action_loss(self.model(batch), batch), params)
+                masked[i] = torch.cat([x.reshape(-1) for x in g])
+                continue
+            ctx = self.context(batch["task_ids"])
+            if self.cfg.masks.recovery_grad == "masked":
+                ctx.task_grads = {n: torch.zeros(t, *w.shape) for n, w in self.weights.items()}
+            gb = torch.autograd.grad(action_loss(self.model(batch, ctx), batch), params)
+            masked[i] = torch.cat([x.reshape(-1) for x in gb])
+            if self.cfg.masks.recovery_grad == "masked":
+                dense[i] = torch.cat([ctx.task_grads[n][i].reshape(-1) for n in names])
+            else:
+                g = torch.autograd.grad(action_loss(self.model(batch), batch), params)
+                dense[i] = torch.cat([x.reshape(-1) for x in g])
+        self.model.train(was_training)
+        return masked, dense
+
+    def mask_update(self) -> dict:
+        masked, dense = self.task_gradients()
+        info = {"harmony_score": harmony_score(masked)}
+        self.last_harmony = info["harmony_score"]
+        m = self.cfg.masks
+        if self.task_masks is not None and self.cfg.method in ("harmodt-m", "harmodt-f"):
+            k = alpha_schedule(self.step, self.cfg.steps, m.eta_min, m.eta_max)
+            params = torch.cat([w.detach().reshape(-1) for w in self.weights.values()])
+            importance = "fisher" if self.cfg.method == "harmodt-f" else "magnitude"
+            backend = self.cfg.backend if self.cfg.fused else "reference"
+            changed = self.task_masks.update(masked, dense, params, k, m.lam, importance, m.lam_on, backend=backend)
+            info.update({"alpha": k, "masked_per_task": changed["masked"], "density": self.task_masks.density()})
+        return info
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def eval_info(self) -> dict:
+        b = self.batcher
+        prompts = {
+            name: [{"observations": tr.observations, "actions": tr.actions, "rewards": tr.rewards} for tr in self.datasets[name].prompts]
+            for name in self.tasks
+        }
+        return {"tasks": self.tasks, "state_mean": b.state_mean, "state_std": b.state_std, "prompts": prompts,
+                "rtg_scale": self.cfg.rtg_scale, "target_return": self.cfg.target_return}
+
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "masks": None if self.task_masks is None else self.task_masks.per_task(self.tasks),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "step": self.step,
+            "config": to_dict(self.cfg),
+            "rng": {"torch": torch.get_rng_state(), "batcher": self.batcher.state_dict(), "python": random.getstate(),
+                    "numpy": np.random.get_state()},
+            "eval_info": self.eval_info(),
+            "last_harmony": self.last_harmony,
+        }
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> None:
+        try:
+            ck = torch.load(path, weights_only=False)
+        except Exception as exc:
+            raise ConfigError(f"--resume: cannot read {path}: {exc}") from None
+        if ck["config"]["method"] != self.cfg.method or ck["config"]["tasks"] != self.cfg.tasks:
+            raise ConfigError(f"--resume: {path} was trained with method={ck['config']['method']} tasks={ck['config']['tasks']}")
+        self.model.load_state_dict(ck["model"])
+        if ck["masks"] is not None:
+            self.task_masks = TaskMasks.from_per_task(ck["masks"], self.tasks)
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.step = ck["step"]
+        torch.set_rng_state(ck["rng"]["torch"])
+        self.batcher.load_state_dict(ck["rng"]["batcher"])
+        random.setstate(ck["rng"]["python"])
+        np.random.set_state(ck["rng"]["numpy"])
+        self.last_harmony = ck.get("last_harmony")
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        from .evaluate import evaluate
+
+        return evaluate(self.model, self.task_masks, self.eval_info(), self.tasks, self.cfg.eval_episodes, self.cfg.seed + 12345,
+                        fused=self.cfg.fused, backend=self.cfg.backend, progress=self.cfg.progress, precision=self.cfg.precision)
+
+
+def print_table(results: dict, file=sys.stdout) -> None:
+    w = max([len(n) for n in results["tasks"]] + [4])
+    print(f"{'task':<{w}}  success  return", file=file)
+    for name, r in results["tasks"].items():
+        print(f"{name:<{w}}  {r['success']:7.2f}  {r['return']:8.1f}", file=file)
+    print(f"{'mean':<{w}}  {results['mean_success']:7.2f}", file=file)
+
+
+def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ck_path = out / "checkpoint.pt"
+    if ck_path.exists() and not cfg.resume:
+        raise ConfigError(f"{ck_path} exists: pass --resume to continue it or choose another --out")
+    trainer = Trainer(cfg, datasets)
+    if cfg.resume and ck_path.exists():
+        trainer.load(ck_path)
+        print(f"[harmodt] resumed from {ck_path} at step {trainer.step}", flush=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb"), purge_step=trainer.step)
+    metrics = open(out / "metrics.jsonl", "a")
+
+    def log(rec: dict) -> None:
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and k != "step":
+                writer.add_scalar(k, v, rec["step"])
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not cfg.progress, desc=f"train {cfg.method}", dynamic_ncols=True)
+    t0, s0, losses = time.perf_counter(), trainer.step, []
+    # Ctrl-C / SIGTERM: finish the current step, save a consistent checkpoint, then stop.
+    # A second Ctrl-C stops at once (the last periodic checkpoint stays valid: writes are atomic).
+    import signal
+
+    def request_stop(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+
+    old_handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old_handlers[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        while trainer.step < cfg.steps:
+            if trainer.stop_requested:
+                trainer.save(ck_path)
+                print(f"\n[harmodt] stopped: checkpoint saved at step {trainer.step}; continue with --resume", file=sys.stderr)
+                raise KeyboardInterrupt
+            if trainer.step > 0 and trainer.step % cfg.masks.update_every == 0:
+                tu = time.perf_counter()
+                info = trainer.mask_update()
+                info.update(step=trainer.step, mask_update_s=time.perf_counter() - tu)
+                log(info)
+                t0 += time.perf_counter() - tu
+            losses.append(trainer.train_step(trainer.sample_tasks()))
+            bar.update(1)
+            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
+                sps = (trainer.step - s0) / max(time.perf_counter() - t0, 1e-9)
+                rec = {"step": trainer.step, "loss": float(np.mean(losses)), "lr": trainer.sched.get_last_lr()[0], "steps_per_s": sps}
+                log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{sps:.1f}")
+                losses, t0, s0 = [], time.perf_counter(), trainer.step
+            if trainer.step % cfg.checkpoint_every == 0:
+                trainer.save(ck_path)
+            if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps and cfg.eval_episodes:
+                res = trainer.evaluate()
+                log({"step": trainer.step, "eval_mean_success": res["mean_success"]})
+    finally:
+        bar.close()
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+    trainer.save(ck_path)
+    results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": trainer.step}
+    if cfg.eval_episodes:
+        res = trainer.evaluate()
+        results["tasks"] = {n: {"success": r["success"], "return": r["return"]} for n, r in res["tasks"].items()}
+        results["mean_success"] = res["mean_success"]
+        log({"step": trainer.step, "eval_mean_success": res["mean_success"], "eval_env_steps_per_s": res.get("env_steps_per_s", 0.0)})
+        print_table(results)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "results.json")
+    metrics.close()
+    writer.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        t = time.perf_counter()
+        run(cfg)
+        print(f"[harmodt] done in {time.perf_counter() - t:.0f} s; outputs in {cfg.out}")
+        return 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # data errors etc. are ValueErrors with a clear message
+        from .data import DataError
+
+        if isinstance(exc, DataError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
