@@ -1,0 +1,115 @@
+"""Training-step benchmarks at the paper's model size (Table 6: 6 layers, 8 heads, width 256,
+K 20, K* 5, batch 8; 4.72 M masked weights), run with ``pytest bench/ --benchmark-only``.
+
+Each benchmark times its variants side by side in one process, interleaved round by round so
+machine noise hits them alike, and records every median and ratio in ``extra_info``:
+
+* masked (HarmoDT) step vs plain dense (Prompt-DT) step: masking overhead, target < 5 %;
+* fp32 step (target <= 120 ms) and ``--precision bf16`` step (target <= 60 ms);
+* ``--fused`` (kernels.masked_linear, auto backend) vs the reference path (ratio target >= 1.0);
+* end to end: ``python -m harmodt.train`` steps per second with and without ``--fused``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from _synthetic import datasets  # noqa: E402
+from harmodt.config import TrainConfig, validate  # noqa: E402
+from harmodt.train import Trainer  # noqa: E402
+
+TASKS = ["reach-v3", "push-v3", "door-open-v3", "drawer-open-v3", "window-open-v3"]
+ROUNDS = int(os.environ.get("HARMODT_BENCH_ROUNDS", "5"))
+STEPS_PER_ROUND = 8
+
+
+def make_trainer(method: str, **kw) -> Trainer:
+    cfg = validate(TrainConfig(tasks=",".join(TASKS), method=method, progress=False, eval_episodes=0, **kw))
+    return Trainer(cfg, datasets(TASKS, episodes=4, length=500))
+
+
+def interleaved(variants: dict[str, Trainer]) -> dict[str, float]:
+    """Median ms per training step of each variant, measured in alternating rounds."""
+    times = {k: [] for k in variants}
+    for tr in variants.values():
+        for _ in range(3):
+            tr.train_step(tr.sample_tasks())
+    for _ in range(ROUNDS):
+        for name, tr in variants.items():
+            t = time.perf_counter()
+            for _ in range(STEPS_PER_ROUND):
+                tr.train_step(tr.sample_tasks())
+            times[name].append((time.perf_counter() - t) / STEPS_PER_ROUND * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def test_masking_overhead_fp32(benchmark):
+    ms = interleaved({"dense": make_trainer("prompt-dt"), "masked": make_trainer("harmodt-f")})
+    benchmark.extra_info.update({f"{k}_ms": round(v, 2) for k, v in ms.items()})
+    benchmark.extra_info["masking_overhead"] = round(ms["masked"] / ms["dense"] - 1.0, 4)
+    benchmark.extra_info["targets"] = "overhead < 5%, masked fp32 step <= 120 ms"
+    tr = make_trainer("harmodt-f")
+    benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)
+
+
+def test_step_bf16(benchmark):
+    ms = interleaved({"fp32": make_trainer("harmodt-f"), "bf16": make_trainer("harmodt-f", precision="bf16")})
+    benchmark.extra_info.update({f"{k}_ms": round(v, 2) for k, v in ms.items()})
+    benchmark.extra_info["targets"] = "bf16 step <= 60 ms"
+    tr = make_trainer("harmodt-f", precision="bf16")
+    benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)
+
+
+def test_fused_vs_reference_step(benchmark):
+    ms = interleaved({"reference": make_trainer("harmodt-f"), "fused": make_trainer("harmodt-f", fused=True)})
+    benchmark.extra_info.update({f"{k}_ms": round(v, 2) for k, v in ms.items()})
+    benchmark.extra_info["speedup_fused_over_reference"] = round(ms["reference"] / ms["fused"], 3)
+    benchmark.extra_info["targets"] = "fused/reference speed ratio >= 1.0"
+    tr = make_trainer("harmodt-f", fused=True)
+    benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)
+
+
+def _train_cli_steps_per_s(tmp: Path, data: Path, fused: bool) -> float:
+    out = tmp / ("fused" if fused else "ref")
+    cmd = [sys.executable, "-m", "harmodt.train", "--tasks", ",".join(TASKS[:2]), "--data", str(data), "--method", "harmodt-f",
+           "--steps", "60", "--log-every", "20", "--eval-episodes", "0", "--out", str(out), "--no-progress",
+           "--update-every", "30", "--warmup-steps", "10"]
+    if fused:
+        cmd.append("--fused")
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    sps = [r["steps_per_s"] for r in recs if "steps_per_s" in r][1:]  # skip the first (warm-up) window
+    return statistics.median(sps)
+
+
+def test_train_cli_end_to_end(benchmark, tmp_path):
+    """`python -m harmodt.train --fused` steps/s vs the reference path, on a tiny generated data set."""
+    from harmodt.data import generate
+
+    data = tmp_path / "data"
+    generate(TASKS[:2], 2, str(data), seed=0, progress=False)
+    res = {"reference": [], "fused": []}
+    for i in range(2):
+        for fused in (False, True):
+            res["fused" if fused else "reference"].append(_train_cli_steps_per_s(tmp_path / str(i), data, fused))
+    sps = {k: statistics.median(v) for k, v in res.items()}
+    benchmark.extra_info.update({f"{k}_steps_per_s": round(v, 2) for k, v in sps.items()})
+    benchmark.extra_info["ratio_fused_over_reference"] = round(sps["fused"] / sps["reference"], 3)
+    benchmark.extra_info["targets"] = "fused steps/s >= reference steps/s"
+    benchmark.pedantic(lambda: None, rounds=1)
+    assert sps["fused"] > 0
+
+
+if __name__ == "__main__":  # quick look without pytest-benchmark
+    print(interleaved({"dense": make_trainer("prompt-dt"), "masked": make_trainer("harmodt-f")}))
+    pytest.main([__file__])
