@@ -170,7 +170,8 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") 
         if isinstance(default, bool):
             parser.add_argument(_flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(_flag(f.name), dest=dest, type=type(default), default=None, help=f"{help_text} (default {default})")
+            parser.add_argument(_flag(f.name), dest=dest, type=type(default), default=None, metavar=f.name.upper(),
+                                help=f"{help_text} (default {default})")
 
 
 def _field_comments() -> dict:
@@ -194,7 +195,6 @@ def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentPars
     p = argparse.ArgumentParser(
         prog=prog,
         description="Train HarmoDT or a baseline on offline Meta-World data. With no arguments, runs the embedded default.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named set of defaults; flags given override it")
     p.add_argument("--config", default=None, help="a config.json (e.g. from a previous run) to start from")
