@@ -318,6 +318,12 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     os.replace(tmp, out / "results.json")
     metrics.close()
     writer.close()
+    try:
+        from .plots import plot_run
+
+        plot_run(out)
+    except ImportError:  # matplotlib missing: curves stay in metrics.jsonl and TensorBoard
+        pass
     return results
 
 

@@ -94,6 +94,7 @@ def test_every_method_trains_and_writes_outputs(tmp_path, method):
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r and "steps_per_s" in r for r in recs)
     assert any("harmony_score" in r for r in recs)  # logged at the mask update (step 5)
+    assert (out / "curves.png").stat().st_size > 1000 and any((out / "tb").iterdir())
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert {"model", "masks", "optimizer", "step", "config", "rng"} <= set(ck)
     if method.startswith("harmodt"):

@@ -1,0 +1,75 @@
+"""Training curves as a picture: `python -m harmodt.plots RUN_DIR` writes RUN_DIR/curves.png.
+
+Panels: training loss, averaged harmony score (Definition 3.2) at each mask update, steps per
+second, and evaluation success when the run evaluated. Training writes it at the end too.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (is {run_dir} a training output folder?)")
+    recs = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: keep the rest
+                print(f"warning: {path}:{i} is not valid JSON, skipped", file=sys.stderr)
+    return recs
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    recs = read_metrics(run_dir)
+    series = {
+        "training loss": [(r["step"], r["loss"]) for r in recs if "loss" in r],
+        "harmony score (Def. 3.2)": [(r["step"], r["harmony_score"]) for r in recs if "harmony_score" in r],
+        "steps per second": [(r["step"], r["steps_per_s"]) for r in recs if "steps_per_s" in r],
+        "evaluation success": [(r["step"], r["eval_mean_success"]) for r in recs if "eval_mean_success" in r],
+    }
+    series = {k: v for k, v in series.items() if v}
+    fig, axes = plt.subplots(1, max(len(series), 1), figsize=(4.2 * max(len(series), 1), 3.2), squeeze=False)
+    for ax, (title, pts) in zip(axes[0], series.items()):
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    cfg_path = run_dir / "config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        fig.suptitle(f"{cfg.get('method')} on {cfg.get('tasks')}", fontsize=10)
+    fig.tight_layout()
+    out = Path(out) if out else run_dir / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m harmodt.plots RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        print(plot_run(argv[0]))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
