@@ -1,0 +1,278 @@
+"""Native CPU ops (C++/OpenMP, `kernels/csrc/`), loaded from ``kernels/_lib/libharmodt_kernels.so``.
+
+Build: ``pip install --no-build-isolation -e .`` (runs CMake through setup.py), or by hand::
+
+    cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$(python -c 'import torch;print(torch.utils.cmake_prefix_path)')"
+    cmake --build build/cmake -j2
+
+Set ``HARMODT_KERNELS_LIB`` to load the library from another path. :func:`unavailable_reason`
+says why the ops cannot run (None when they can); the wrappers below raise
+:class:`KernelArgumentError` (a ``ValueError``, and a ``TypeError`` for dtype problems, like the
+reference) naming the bad argument.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .reference import num_words
+
+__all__ = [
+    "KernelArgumentError",
+    "build",
+    "harmony_select",
+    "library_path",
+    "masked_linear",
+    "pack_masks",
+    "unavailable_reason",
+    "unpack_masks",
+]
+
+LIB_NAME = "libharmodt_kernels.so"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_SOURCE_ROOT = _PACKAGE_DIR.parent
+
+
+class KernelArgumentError(ValueError):
+    """A bad argument to a native op (shape, device, value)."""
+
+
+class KernelDTypeError(KernelArgumentError, TypeError):
+    """A bad dtype; also a TypeError, as the reference raises for dtypes."""
+
+
+def library_path() -> Path:
+    """Where the shared library is looked for."""
+    env = os.environ.get("HARMODT_KERNELS_LIB")
+    return Path(env) if env else _PACKAGE_DIR / "_lib" / LIB_NAME
+
+
+_state: dict = {"tried": False, "reason": None}
+
+
+def _load() -> str | None:
+    if _state["tried"]:
+        return _state["reason"]
+    _state["tried"] = True
+    path = library_path()
+    if hasattr(torch.ops, "harmodt_kernels") and _has_ops():
+        _state["reason"] = None
+        return None
+    if not path.is_file():
+        _state["reason"] = (
+            f"the native library {path} is not built; run `pip install --no-build-isolation -e .` "
+            "(or cmake, see kernels/cpu.py) in the repository root"
+        )
+        return _state["reason"]
+    try:
+        torch.ops.load_library(str(path))
+    except Exception as exc:  # noqa: BLE001 - any load failure makes the backend unavailable
+        _state["reason"] = f"the native library {path} failed to load: {exc}"
+        return _state["reason"]
+    if not _has_ops():
+        _state["reason"] = f"the native library {path} loaded but does not register the harmodt_kernels ops"
+        return _state["reason"]
+    _state["reason"] = None
+    return None
+
+
+def _has_ops() -> bool:
+    try:
+        ns = torch.ops.harmodt_kernels
+        for name in ("pack_masks", "unpack_masks", "masked_linear_forward", "masked_linear_backward", "harmony_select"):
+            getattr(ns, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def unavailable_reason() -> str | None:
+    """None when the native ops can run, else a sentence saying why not (not built, load error)."""
+    return _load()
+
+
+def _ops():
+    why = _load()
+    if why:
+        raise RuntimeError(f"native CPU kernels unavailable: {why}")
+    return torch.ops.harmodt_kernels
+
+
+def build(build_dir: str | os.PathLike | None = None, verbose: bool = False) -> Path:
+    """Configure and build the library with CMake from a source checkout; returns its path.
+
+    Used by `setup.py`'s logic's by-hand equivalent and by the tests when the library is missing.
+    """
+    if not (_SOURCE_ROOT / "CMakeLists.txt").is_file():
+        raise RuntimeError(f"no CMakeLists.txt in {_SOURCE_ROOT}: build() needs a source checkout")
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        try:
+            import cmake as cmake_pkg  # the `cmake` PyPI package
+
+            cmake = str(Path(cmake_pkg.CMAKE_BIN_DIR) / "cmake")
+        except ImportError as exc:
+            raise RuntimeError("cmake is not on PATH; `pip install cmake`") from exc
+    bdir = Path(build_dir) if build_dir else _SOURCE_ROOT / "build" / "cmake"
+    out = _PACKAGE_DIR / "_lib"
+    cfg = [
+        cmake, "-S", str(_SOURCE_ROOT), "-B", str(bdir),
+        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        f"-DHARMODT_OUTPUT_DIR={out}",
+        f"-DPython_EXECUTABLE={sys.executable}",
+    ]
+    stdout = None if verbose else subprocess.DEVNULL
+    subprocess.run(cfg, check=True, stdout=stdout)
+    subprocess.run([cmake, "--build", str(bdir), "-j", str(os.cpu_count() or 1)], check=True, stdout=stdout)
+    _state["tried"] = False
+    return out / LIB_NAME
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_cpu(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise KernelArgumentError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise KernelArgumentError(f"{name} must be a CPU tensor, got device {t.device}")
+
+
+def _check_dtype(name: str, t: torch.Tensor, allowed: tuple) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise KernelDTypeError(f"{name} must be {names}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def pack_masks(mask: torch.Tensor) -> torch.Tensor:
+    """bool ``[..., K]`` -> int32 ``[..., ceil(K/32)]``."""
+    _check_cpu("mask", mask)
+    _check_dtype("mask", mask, (torch.bool,))
+    if mask.dim() == 0:
+        raise KernelArgumentError("mask must have at least one dimension, got a scalar")
+    return _ops().pack_masks(mask)
+
+
+def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 ``[..., ceil(K/32)]`` -> bool ``[..., K]``."""
+    _check_cpu("words", words)
+    _check_dtype("words", words, (torch.int32,))
+    if words.dim() == 0:
+        raise KernelArgumentError("words must have at least one dimension, got a scalar")
+    k = int(k)
+    if k < 0:
+        raise KernelArgumentError(f"k must be >= 0, got {k}")
+    if words.shape[-1] != num_words(k):
+        raise KernelArgumentError(
+            f"unpack_masks: words has {words.shape[-1]} words in its last dimension, K={k} needs {num_words(k)}"
+        )
+    return _ops().unpack_masks(words, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# masked_linear
+
+
+class _MaskedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, masks, task_ids, task_grads):
+        ctx.save_for_backward(x, weight, masks, task_ids)
+        ctx.has_bias = bias is not None
+        ctx.task_grads = task_grads
+        return _ops().masked_linear_forward(x, weight, bias, masks, task_ids)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, masks, task_ids = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx, dw, db = _ops().masked_linear_backward(
+            grad_y, x, weight, masks, task_ids, bool(need_x), bool(need_w), bool(need_b and ctx.has_bias),
+            ctx.task_grads if need_w else None,
+        )
+        return dx, dw, db, None, None, None
+
+
+def masked_linear(x, weight, bias, masks, task_ids, task_grads=None):
+    """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias``; see :func:`kernels.reference.masked_linear`.
+
+    x ``[R, K]`` float32/bfloat16, weight ``[N, K]`` same dtype, bias ``[N]`` or None, masks packed
+    int32 ``[T, N, ceil(K/32)]`` (or bool ``[T, N, K]``, packed here), task_ids integer ``[R]`` in
+    ``[0, T)``; task_grads: None or a contiguous float32 ``[T, N, K]`` buffer that receives each
+    task's unmasked ``dY_t^T X_t`` on backward (when weight requires grad, like the reference).
+    """
+    for name, t in (("x", x), ("weight", weight), ("masks", masks), ("task_ids", task_ids)):
+        _check_cpu(name, t)
+    _check_dtype("x", x, (torch.float32, torch.bfloat16))
+    if x.dim() != 2:
+        raise KernelArgumentError(f"x must be [R, K], got shape {tuple(x.shape)}")
+    r, k = x.shape
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise KernelArgumentError(f"weight must be [N, {k}] to match x {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise KernelDTypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    n = weight.shape[0]
+    if bias is not None:
+        _check_cpu("bias", bias)
+        if bias.shape != (n,):
+            raise KernelArgumentError(f"bias must be [{n}], got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise KernelDTypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+    if masks.dtype == torch.bool:
+        if masks.dim() != 3 or masks.shape[1:] != (n, k):
+            raise KernelArgumentError(f"bool masks must be [T, {n}, {k}], got {tuple(masks.shape)}")
+        masks = pack_masks(masks)
+    _check_dtype("masks", masks, (torch.int32, torch.bool))
+    if masks.dim() != 3 or masks.shape[1:] != (n, num_words(k)):
+        raise KernelArgumentError(f"masks must be [T, {n}, {num_words(k)}] int32, got {tuple(masks.shape)}")
+    if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
+        raise KernelDTypeError(f"task_ids must be an integer tensor, got {task_ids.dtype}")
+    if task_ids.shape != (r,):
+        raise KernelArgumentError(f"task_ids must be [{r}], got {tuple(task_ids.shape)}")
+    task_ids = task_ids.to(torch.int64)
+    t_count = masks.shape[0]
+    if task_grads is not None:
+        _check_cpu("task_grads", task_grads)
+        _check_dtype("task_grads", task_grads, (torch.float32,))
+        if task_grads.shape != (t_count, n, k):
+            raise KernelArgumentError(f"task_grads must be [{t_count}, {n}, {k}], got {tuple(task_grads.shape)}")
+        if not task_grads.is_contiguous():
+            raise KernelArgumentError("task_grads must be contiguous (it is accumulated in place)")
+    if r > 0:
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        if lo < 0 or hi >= t_count:
+            raise KernelArgumentError(f"task_ids must lie in [0, {t_count}) (masks hold {t_count} tasks), got [{lo}, {hi}]")
+    return _MaskedLinear.apply(x, weight, bias, masks, task_ids, task_grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# harmony_select
+
+
+def harmony_select(masked_grads, grads, params, masks, k, lam, importance="magnitude"):
+    """Algorithm 2's selection for all tasks; see :func:`kernels.reference.harmony_select`."""
+    if importance not in ("magnitude", "fisher"):
+        raise KernelArgumentError(f"importance must be 'magnitude' or 'fisher', got {importance!r}")
+    for name, t in (("masked_grads", masked_grads), ("grads", grads), ("params", params), ("masks", masks)):
+        _check_cpu(name, t)
+    for name, t in (("masked_grads", masked_grads), ("grads", grads), ("params", params)):
+        if not t.dtype.is_floating_point:
+            raise KernelDTypeError(f"{name} must be floating point, got {t.dtype}")
+    _check_dtype("masks", masks, (torch.int32,))
+    if masked_grads.dim() != 2:
+        raise KernelArgumentError(f"masked_grads must be [T, P], got {tuple(masked_grads.shape)}")
+    t_count, p = masked_grads.shape
+    if grads.shape != (t_count, p):
+        raise KernelArgumentError(f"grads must be [{t_count}, {p}] like masked_grads, got {tuple(grads.shape)}")
+    if params.shape != (p,):
+        raise KernelArgumentError(f"params must be [{p}], got {tuple(params.shape)}")
+    if masks.shape != (t_count, num_words(p)):
+        raise KernelArgumentError(f"masks must be [{t_count}, {num_words(p)}], got {tuple(masks.shape)}")
+    return _ops().harmony_select(masked_grads, grads, params, masks, int(k), float(lam), importance == "fisher")

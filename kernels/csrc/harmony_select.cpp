@@ -1,0 +1,202 @@
+// harmony_select: Algorithm 2's per-task mask/recover selection for all tasks in one call, equal
+// bit-for-bit to kernels.reference.harmony_select (ties -> lowest index; -0.0 == +0.0; NaN sorts
+// after +inf ascending and first descending, like torch.sort).
+//
+// ghat = mean_i gbar_i is computed once with at::mean (the same call as the reference, so the
+// same bits). Then, in parallel over tasks (OpenMP, one scratch per thread, nothing [T, P]):
+//   pass 1 streams over P computing H_i on active weights (gbar*ghat + lam*I) and the recovery
+//          score g*ghat on masked ones, mapped to order-preserving 32-bit keys, into two
+//          65536-bucket histograms of the top 16 key bits;
+//   the bucket holding the k_i-th smallest key is found from the histogram;
+//   pass 2 collects only the keys of those buckets as (key << 32 | index) and nth_element gives
+//          the exact k_i-th (key, index) thresholds;
+//   pass 3 writes the new mask words: dropped iff (H key, j) <= threshold, recovered iff
+//          (recovery key, j) <= threshold (recovery wins, as the reference assigns it last).
+// Scores are recomputed in each pass instead of stored: three streaming reads, O(#bucket) scratch.
+// Built with -ffp-contract=off so every product/sum rounds exactly like the separate torch ops.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace harmodt {
+namespace {
+
+// Order-preserving key: ascending float order, -0.0 == +0.0, every NaN above +inf.
+inline uint32_t key_asc(float f) {
+  if (f != f) return 0xFFFFFFFFu;
+  if (f == 0.0f) return 0x80000000u;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+constexpr int kBucketBits = 16;
+constexpr int64_t kBuckets = int64_t(1) << kBucketBits;
+
+struct TaskView {
+  const float* gbar;    // [P]
+  const float* g;       // [P]
+  const float* ghat;    // [P]
+  const float* params;  // [P] (magnitude) or nullptr (fisher)
+  const uint32_t* mw;   // [W]
+  int64_t p;
+  float lam;
+};
+
+// Calls fn(j, active, hkey, rkey): hkey ascending key of H, rkey ascending key of the *descending*
+// recovery order (~key of g*ghat), for every position j < P.
+template <class Fn>
+inline void for_each_key(const TaskView& v, Fn fn) {
+  const uint32_t h_masked = key_asc(std::numeric_limits<float>::infinity());
+  const uint32_t r_active = ~key_asc(-std::numeric_limits<float>::infinity());
+  const int64_t nw = num_words(v.p);
+  for (int64_t i = 0; i < nw; ++i) {
+    const uint32_t bits = v.mw[i];
+    const int64_t base = i * 32;
+    const int64_t lim = std::min<int64_t>(32, v.p - base);
+    for (int64_t b = 0; b < lim; ++b) {
+      const int64_t j = base + b;
+      if ((bits >> b) & 1u) {
+        const float gb = v.gbar[j];
+        const float imp = v.params != nullptr ? std::fabs(v.params[j]) : gb * gb;
+        const float prod = gb * v.ghat[j];
+        const float reg = v.lam * imp;
+        fn(j, true, key_asc(prod + reg), r_active);
+      } else {
+        fn(j, false, h_masked, ~key_asc(v.g[j] * v.ghat[j]));
+      }
+    }
+  }
+}
+
+// Bucket b holding the kk-th smallest key (1-based kk) and how many keys lie in lower buckets.
+inline void find_bucket(const std::vector<uint32_t>& hist, int64_t kk, uint32_t& bucket, int64_t& below) {
+  int64_t cum = 0;
+  for (int64_t b = 0; b < kBuckets; ++b) {
+    if (cum + hist[b] >= kk) {
+      bucket = static_cast<uint32_t>(b);
+      below = cum;
+      return;
+    }
+    cum += hist[b];
+  }
+  TORCH_CHECK(false, "harmony_select: internal error, histogram holds fewer than k keys");
+}
+
+inline uint64_t pair_key(uint32_t key, int64_t j) { return (uint64_t(key) << 32) | uint64_t(j); }
+
+at::Tensor harmony_select(const at::Tensor& masked_grads, const at::Tensor& grads, const at::Tensor& params,
+                          const at::Tensor& masks_in, int64_t k, double lam, bool fisher) {
+  TORCH_CHECK_VALUE(masked_grads.device().is_cpu() && grads.device().is_cpu() && params.device().is_cpu() &&
+                        masks_in.device().is_cpu(),
+                    "harmony_select: all tensors must be on the CPU");
+  TORCH_CHECK_VALUE(masked_grads.dim() == 2, "harmony_select: masked_grads must be [T, P], got ",
+                    masked_grads.sizes());
+  const int64_t t_count = masked_grads.size(0), p = masked_grads.size(1);
+  TORCH_CHECK_VALUE(grads.dim() == 2 && grads.size(0) == t_count && grads.size(1) == p,
+                    "harmony_select: grads must be [", t_count, ", ", p, "], got ", grads.sizes());
+  TORCH_CHECK_VALUE(params.dim() == 1 && params.size(0) == p, "harmony_select: params must be [", p, "], got ",
+                    params.sizes());
+  TORCH_CHECK_VALUE(masks_in.scalar_type() == at::kInt, "harmony_select: masks must be packed int32, got ",
+                    masks_in.scalar_type());
+  const int64_t nw = num_words(p);
+  TORCH_CHECK_VALUE(masks_in.dim() == 2 && masks_in.size(0) == t_count && masks_in.size(1) == nw,
+                    "harmony_select: masks must be [", t_count, ", ", nw, "], got ", masks_in.sizes());
+  TORCH_CHECK_VALUE(p < (int64_t(1) << 32), "harmony_select: P must be < 2^32, got ", p);
+  for (const at::Tensor* tsr : {&masked_grads, &grads, &params}) {
+    TORCH_CHECK_VALUE(at::isFloatingType(tsr->scalar_type()), "harmony_select: masked_grads, grads and params ",
+                      "must be floating point, got ", tsr->scalar_type());
+  }
+  const at::Tensor masks = masks_in.contiguous();
+  at::Tensor out = at::empty({t_count, nw}, masks.options());
+  if (t_count == 0 || p == 0) return out;
+
+  // Same calls as the reference: gbar = masked_grads.float(); ghat = gbar.mean(0).
+  const at::Tensor gbar = masked_grads.to(at::kFloat);
+  const at::Tensor ghat = at::mean(gbar, {0}).contiguous();
+  const at::Tensor gbar_c = gbar.contiguous();
+  const at::Tensor g_c = grads.to(at::kFloat).contiguous();
+  const at::Tensor prm_c = params.to(at::kFloat).contiguous();
+
+  const float* gbar_p = gbar_c.data_ptr<float>();
+  const float* g_p = g_c.data_ptr<float>();
+  const float* ghat_p = ghat.data_ptr<float>();
+  const float* prm_p = fisher ? nullptr : prm_c.data_ptr<float>();
+  const uint32_t* m_p = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  uint32_t* o_p = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  const float lamf = static_cast<float>(lam);  // torch multiplies a float tensor by float(lam)
+  const uint32_t tail = last_word_mask(p);
+
+#pragma omp parallel num_threads(std::min<int64_t>(num_threads(), t_count))
+  {
+    std::vector<uint32_t> hist_h, hist_r;
+    std::vector<uint64_t> cand_h, cand_r;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < t_count; ++i) {
+      const uint32_t* mw = m_p + i * nw;
+      uint32_t* ow = o_p + i * nw;
+      int64_t n_active = 0;
+      for (int64_t w = 0; w < nw; ++w) {
+        const uint32_t bits = w == nw - 1 ? (mw[w] & tail) : mw[w];
+        n_active += __builtin_popcount(bits);
+      }
+      const int64_t kk = std::min<int64_t>(k, std::min<int64_t>(n_active, p - n_active));
+      if (kk <= 0) {
+        for (int64_t w = 0; w < nw; ++w) ow[w] = w == nw - 1 ? (mw[w] & tail) : mw[w];
+        continue;
+      }
+      const TaskView v{gbar_p + i * p, g_p + i * p, ghat_p, prm_p, mw, p, lamf};
+      // Pass 1: histograms of the top key bits.
+      hist_h.assign(kBuckets, 0);
+      hist_r.assign(kBuckets, 0);
+      for_each_key(v, [&](int64_t, bool, uint32_t hk, uint32_t rk) {
+        ++hist_h[hk >> (32 - kBucketBits)];
+        ++hist_r[rk >> (32 - kBucketBits)];
+      });
+      uint32_t bh = 0, br = 0;
+      int64_t below_h = 0, below_r = 0;
+      find_bucket(hist_h, kk, bh, below_h);
+      find_bucket(hist_r, kk, br, below_r);
+      // Pass 2: the keys of the two threshold buckets, then exact (key, index) thresholds.
+      cand_h.clear();
+      cand_r.clear();
+      cand_h.reserve(hist_h[bh]);
+      cand_r.reserve(hist_r[br]);
+      const uint32_t shift = 32 - kBucketBits;
+      for_each_key(v, [&](int64_t j, bool, uint32_t hk, uint32_t rk) {
+        if ((hk >> shift) == bh) cand_h.push_back(pair_key(hk, j));
+        if ((rk >> shift) == br) cand_r.push_back(pair_key(rk, j));
+      });
+      const int64_t need_h = kk - below_h, need_r = kk - below_r;
+      std::nth_element(cand_h.begin(), cand_h.begin() + (need_h - 1), cand_h.end());
+      std::nth_element(cand_r.begin(), cand_r.begin() + (need_r - 1), cand_r.end());
+      const uint64_t th = cand_h[need_h - 1];
+      const uint64_t tr = cand_r[need_r - 1];
+      // Pass 3: new words.
+      for (int64_t w = 0; w < nw; ++w) ow[w] = mw[w];
+      for_each_key(v, [&](int64_t j, bool active, uint32_t hk, uint32_t rk) {
+        const bool add = pair_key(rk, j) <= tr;
+        const bool drop = pair_key(hk, j) <= th;
+        const uint32_t bit = 1u << (j & 31);
+        uint32_t& word = ow[j >> 5];
+        if (add)
+          word |= bit;
+        else if (drop)
+          word &= ~bit;
+        (void)active;
+      });
+      ow[nw - 1] &= tail;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace harmodt
+
+TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) { m.impl("harmony_select", &harmodt::harmony_select); }

@@ -1,0 +1,344 @@
+// masked_linear forward/backward: y[r] = x[r] @ (W * M[task_ids[r]])^T + b without materializing
+// the masked weight copies of all tasks.
+//
+// Rows are grouped per task with a stable counting sort. For each task present, its masked weight
+// is expanded from the packed bits ONCE into one reused [N, K] buffer (the expansion is
+// parallelized with OpenMP) and the task's rows go through BLAS GEMMs (at::mm, which uses its own
+// threads): maximal runs of consecutive rows (>= kMinRun) are multiplied in place (no copies),
+// shorter runs are gathered into a small [kChunk, *] buffer, multiplied and scattered back.
+//
+// Backward: dX per task the same way (dY_t @ (W*M_t)); dW = sum_t M_t * (dY_t^T X_t) with
+// dY_t^T X_t computed into one reused [N, K] buffer and accumulated masked into dW (its unmasked
+// value optionally added into task_grads[t]); db = sum_r dY[r]. When a single task is present
+// (the usual training batch), dY^T X goes straight into the dW output and is masked in place.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+namespace harmodt {
+namespace {
+
+constexpr int64_t kMinRun = 64;   // runs of consecutive rows at least this long are used in place
+constexpr int64_t kChunk = 256;   // gathered rows per GEMM
+
+struct Groups {
+  int64_t num_tasks = 0;
+  std::vector<int64_t> offsets;  // [T + 1]
+  std::vector<int64_t> rows;     // [R], grouped by task, ascending within a task
+  int64_t present = 0;           // tasks with at least one row
+};
+
+Groups group_rows(const at::Tensor& task_ids, int64_t num_tasks) {
+  Groups g;
+  g.num_tasks = num_tasks;
+  const int64_t r = task_ids.numel();
+  const int64_t* ids = task_ids.data_ptr<int64_t>();
+  std::vector<int64_t> counts(num_tasks + 1, 0);
+  for (int64_t i = 0; i < r; ++i) {
+    const int64_t t = ids[i];
+    TORCH_CHECK_VALUE(t >= 0 && t < num_tasks, "masked_linear: task_ids[", i, "] = ", t,
+                      " is out of range [0, ", num_tasks, ") (masks hold ", num_tasks, " tasks)");
+    ++counts[t + 1];
+  }
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    if (counts[t + 1] > 0) ++g.present;
+    counts[t + 1] += counts[t];
+  }
+  g.offsets = counts;
+  g.rows.resize(r);
+  for (int64_t i = 0; i < r; ++i) g.rows[counts[ids[i]]++] = i;
+  return g;
+}
+
+// out[n, k] = bit k of masks[n] ? w[n, k] : 0 (a select, so masked inf/nan weights give 0).
+template <typename scalar_t>
+void expand_masked_weight(const scalar_t* w, const uint32_t* mw, int64_t n_rows, int64_t k, scalar_t* out) {
+  const int64_t nw = num_words(k);
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (n_rows * k > 32768)
+  for (int64_t n = 0; n < n_rows; ++n) {
+    const scalar_t* wr = w + n * k;
+    const uint32_t* mr = mw + n * nw;
+    scalar_t* o = out + n * k;
+    for (int64_t i = 0; i < nw; ++i) {
+      const uint32_t bits = mr[i];
+      const int64_t base = i * 32;
+      const int64_t lim = std::min<int64_t>(32, k - base);
+      for (int64_t j = 0; j < lim; ++j) o[base + j] = ((bits >> j) & 1u) ? wr[base + j] : scalar_t(0);
+    }
+  }
+}
+
+// Single task: p <- where(M, p, 0) in place; task_grad += p (unmasked) first, if given.
+template <typename scalar_t>
+void mask_in_place(scalar_t* p, const uint32_t* mw, int64_t n_rows, int64_t k, float* task_grad) {
+  const int64_t nw = num_words(k);
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (n_rows * k > 32768)
+  for (int64_t n = 0; n < n_rows; ++n) {
+    scalar_t* pr = p + n * k;
+    const uint32_t* mr = mw + n * nw;
+    if (task_grad != nullptr) {
+      float* tr = task_grad + n * k;
+      for (int64_t j = 0; j < k; ++j) tr[j] += static_cast<float>(pr[j]);
+    }
+    for (int64_t i = 0; i < nw; ++i) {
+      const uint32_t bits = mr[i];
+      const int64_t base = i * 32;
+      const int64_t lim = std::min<int64_t>(32, k - base);
+      for (int64_t j = 0; j < lim; ++j) pr[base + j] = ((bits >> j) & 1u) ? pr[base + j] : scalar_t(0);
+    }
+  }
+}
+
+// Several tasks: dw += where(M_t, p, 0); task_grad += p, if given.
+template <typename scalar_t>
+void accumulate_masked(const scalar_t* p, const uint32_t* mw, int64_t n_rows, int64_t k, float* dw,
+                       float* task_grad) {
+  const int64_t nw = num_words(k);
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (n_rows * k > 32768)
+  for (int64_t n = 0; n < n_rows; ++n) {
+    const scalar_t* pr = p + n * k;
+    const uint32_t* mr = mw + n * nw;
+    float* dr = dw + n * k;
+    if (task_grad != nullptr) {
+      float* tr = task_grad + n * k;
+      for (int64_t j = 0; j < k; ++j) tr[j] += static_cast<float>(pr[j]);
+    }
+    for (int64_t i = 0; i < nw; ++i) {
+      const uint32_t bits = mr[i];
+      const int64_t base = i * 32;
+      const int64_t lim = std::min<int64_t>(32, k - base);
+      for (int64_t j = 0; j < lim; ++j) dr[base + j] += ((bits >> j) & 1u) ? static_cast<float>(pr[base + j]) : 0.0f;
+    }
+  }
+}
+
+// Splits one task's (ascending) rows into maximal runs of consecutive rows; long runs go to
+// direct(start, len), the other rows are batched (up to kChunk) into gathered(index_tensor).
+template <class Direct, class Gathered>
+void for_each_block(const int64_t* rows, int64_t n, Direct direct, Gathered gathered) {
+  std::vector<int64_t> pending;
+  pending.reserve(kChunk);
+  auto flush = [&]() {
+    if (pending.empty()) return;
+    at::Tensor idx = at::from_blob(pending.data(), {static_cast<int64_t>(pending.size())}, at::kLong);
+    gathered(idx);
+    pending.clear();
+  };
+  int64_t i = 0;
+  while (i < n) {
+    int64_t j = i;
+    while (j + 1 < n && rows[j + 1] == rows[j] + 1) ++j;
+    const int64_t len = j - i + 1;
+    if (len >= kMinRun) {
+      direct(rows[i], len);
+    } else {
+      for (int64_t q = i; q <= j; ++q) {
+        pending.push_back(rows[q]);
+        if (static_cast<int64_t>(pending.size()) == kChunk) flush();
+      }
+    }
+    i = j + 1;
+  }
+  flush();
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& masks, const at::Tensor& task_ids,
+                  const char* op) {
+  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu() && masks.device().is_cpu() &&
+                        task_ids.device().is_cpu(),
+                    op, ": all tensors must be on the CPU");
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [R, K], got ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be [N, K], got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), op, ": x has ", x.size(1), " features, weight is ", weight.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == weight.scalar_type(), op, ": x is ", x.scalar_type(), " but weight is ",
+                    weight.scalar_type());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+                    ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(masks.scalar_type() == at::kInt, op, ": masks must be packed int32, got ", masks.scalar_type());
+  TORCH_CHECK_VALUE(masks.dim() == 3 && masks.size(1) == weight.size(0) && masks.size(2) == num_words(weight.size(1)),
+                    op, ": masks must be [T, ", weight.size(0), ", ", num_words(weight.size(1)), "], got ",
+                    masks.sizes());
+  TORCH_CHECK_VALUE(task_ids.scalar_type() == at::kLong, op, ": task_ids must be int64, got ", task_ids.scalar_type());
+  TORCH_CHECK_VALUE(task_ids.dim() == 1 && task_ids.size(0) == x.size(0), op, ": task_ids must be [", x.size(0),
+                    "], got ", task_ids.sizes());
+}
+
+at::Tensor masked_linear_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                 const std::optional<at::Tensor>& bias_in, const at::Tensor& masks_in,
+                                 const at::Tensor& task_ids_in) {
+  check_common(x_in, weight_in, masks_in, task_ids_in, "masked_linear");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor masks = masks_in.contiguous();
+  const at::Tensor task_ids = task_ids_in.contiguous();
+  const int64_t r = x.size(0), k = x.size(1), n = weight.size(0), t_count = masks.size(0);
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = *bias_in;
+    TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == n, "masked_linear: bias must be [", n, "], got ",
+                      bias.sizes());
+    TORCH_CHECK_VALUE(bias.scalar_type() == x.scalar_type(), "masked_linear: bias is ", bias.scalar_type(),
+                      " but x is ", x.scalar_type());
+  }
+  at::Tensor y = at::empty({r, n}, x.options());
+  if (r == 0) return y;
+  const Groups g = group_rows(task_ids, t_count);
+  at::Tensor wbuf = at::empty({n, k}, weight.options());
+  const at::Tensor wt = wbuf.t();
+  at::Tensor xbuf, ybuf;
+  const uint32_t* mbase = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  const int64_t task_words = n * num_words(k);
+  auto gemm = [&](at::Tensor& out, const at::Tensor& a) {
+    if (bias.defined())
+      at::addmm_out(out, bias, a, wt);
+    else
+      at::mm_out(out, a, wt);
+  };
+  for (int64_t t = 0; t < t_count; ++t) {
+    const int64_t begin = g.offsets[t], count = g.offsets[t + 1] - begin;
+    if (count == 0) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "masked_linear_expand", [&] {
+      expand_masked_weight<scalar_t>(weight.data_ptr<scalar_t>(), mbase + t * task_words, n, k,
+                                     wbuf.data_ptr<scalar_t>());
+    });
+    for_each_block(
+        g.rows.data() + begin, count,
+        [&](int64_t start, int64_t len) {
+          at::Tensor out = y.narrow(0, start, len);
+          gemm(out, x.narrow(0, start, len));
+        },
+        [&](const at::Tensor& idx) {
+          if (!xbuf.defined()) {
+            xbuf = at::empty({kChunk, k}, x.options());
+            ybuf = at::empty({kChunk, n}, x.options());
+          }
+          const int64_t m = idx.size(0);
+          at::Tensor xg = xbuf.narrow(0, 0, m);
+          at::index_select_out(xg, x, 0, idx);
+          at::Tensor yg = ybuf.narrow(0, 0, m);
+          gemm(yg, xg);
+          y.index_copy_(0, idx, yg);
+        });
+  }
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& masks_in,
+    const at::Tensor& task_ids_in, bool need_x, bool need_weight, bool need_bias,
+    const std::optional<at::Tensor>& task_grads_in) {
+  check_common(x_in, weight_in, masks_in, task_ids_in, "masked_linear_backward");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor masks = masks_in.contiguous();
+  const at::Tensor task_ids = task_ids_in.contiguous();
+  const int64_t r = x.size(0), k = x.size(1), n = weight.size(0), t_count = masks.size(0);
+  TORCH_CHECK_VALUE(grad_y_in.dim() == 2 && grad_y_in.size(0) == r && grad_y_in.size(1) == n,
+                    "masked_linear_backward: grad_y must be [", r, ", ", n, "], got ", grad_y_in.sizes());
+  const at::Tensor gy = grad_y_in.to(x.scalar_type()).contiguous();
+  at::Tensor task_grads;
+  if (task_grads_in.has_value() && task_grads_in->defined() && need_weight) {
+    task_grads = *task_grads_in;
+    TORCH_CHECK_VALUE(task_grads.scalar_type() == at::kFloat, "masked_linear: task_grads must be float32, got ",
+                      task_grads.scalar_type());
+    TORCH_CHECK_VALUE(task_grads.dim() == 3 && task_grads.size(0) == t_count && task_grads.size(1) == n &&
+                          task_grads.size(2) == k,
+                      "masked_linear: task_grads must be [", t_count, ", ", n, ", ", k, "], got ", task_grads.sizes());
+    TORCH_CHECK_VALUE(task_grads.is_contiguous(), "masked_linear: task_grads must be contiguous");
+  }
+  at::Tensor dx, dw, db;
+  if (need_bias) db = gy.sum(0);
+  if (need_x) dx = at::empty({r, k}, x.options());
+  if (!need_x && !need_weight) return {dx, dw, db};
+  if (r == 0) {
+    if (need_weight) dw = at::zeros({n, k}, weight.options());
+    return {dx, dw, db};
+  }
+  const Groups g = group_rows(task_ids, t_count);
+  const bool single = g.present == 1;
+  const uint32_t* mbase = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  const int64_t task_words = n * num_words(k);
+
+  at::Tensor wbuf, pbuf, dw32;
+  if (need_x) wbuf = at::empty({n, k}, weight.options());
+  if (need_weight) {
+    if (single) {
+      pbuf = at::empty({n, k}, weight.options());  // becomes dw
+    } else {
+      pbuf = at::empty({n, k}, weight.options());
+      dw32 = at::zeros({n, k}, weight.options().dtype(at::kFloat));
+    }
+  }
+  at::Tensor gybuf, xbuf, dxbuf;
+  for (int64_t t = 0; t < t_count; ++t) {
+    const int64_t begin = g.offsets[t], count = g.offsets[t + 1] - begin;
+    if (count == 0) continue;
+    const uint32_t* mw = mbase + t * task_words;
+    if (need_x) {
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "masked_linear_expand", [&] {
+        expand_masked_weight<scalar_t>(weight.data_ptr<scalar_t>(), mw, n, k, wbuf.data_ptr<scalar_t>());
+      });
+    }
+    bool first = true;
+    auto accumulate_p = [&](const at::Tensor& gyb, const at::Tensor& xb) {
+      if (first)
+        at::mm_out(pbuf, gyb.t(), xb);
+      else
+        pbuf.addmm_(gyb.t(), xb);
+      first = false;
+    };
+    for_each_block(
+        g.rows.data() + begin, count,
+        [&](int64_t start, int64_t len) {
+          const at::Tensor gyb = gy.narrow(0, start, len);
+          if (need_x) {
+            at::Tensor out = dx.narrow(0, start, len);
+            at::mm_out(out, gyb, wbuf);
+          }
+          if (need_weight) accumulate_p(gyb, x.narrow(0, start, len));
+        },
+        [&](const at::Tensor& idx) {
+          if (!gybuf.defined()) {
+            gybuf = at::empty({kChunk, n}, x.options());
+            if (need_x) dxbuf = at::empty({kChunk, k}, x.options());
+            if (need_weight) xbuf = at::empty({kChunk, k}, x.options());
+          }
+          const int64_t m = idx.size(0);
+          at::Tensor gyg = gybuf.narrow(0, 0, m);
+          at::index_select_out(gyg, gy, 0, idx);
+          if (need_x) {
+            at::Tensor dxg = dxbuf.narrow(0, 0, m);
+            at::mm_out(dxg, gyg, wbuf);
+            dx.index_copy_(0, idx, dxg);
+          }
+          if (need_weight) {
+            at::Tensor xg = xbuf.narrow(0, 0, m);
+            at::index_select_out(xg, x, 0, idx);
+            accumulate_p(gyg, xg);
+          }
+        });
+    if (need_weight) {
+      float* tg = task_grads.defined() ? task_grads.data_ptr<float>() + t * n * k : nullptr;
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "masked_linear_dw", [&] {
+        if (single)
+          mask_in_place<scalar_t>(pbuf.data_ptr<scalar_t>(), mw, n, k, tg);
+        else
+          accumulate_masked<scalar_t>(pbuf.data_ptr<scalar_t>(), mw, n, k, dw32.data_ptr<float>(), tg);
+      });
+    }
+  }
+  if (need_weight) dw = single ? pbuf : (weight.scalar_type() == at::kFloat ? dw32 : dw32.to(weight.scalar_type()));
+  return {dx, dw, db};
+}
+
+}  // namespace
+}  // namespace harmodt
+
+TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
+  m.impl("masked_linear_forward", &harmodt::masked_linear_forward);
+  m.impl("masked_linear_backward", &harmodt::masked_linear_backward);
+}
