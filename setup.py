@@ -54,6 +54,8 @@ class CMakeBuild(build_ext):
                      "pinned torch first and use `pip install --no-build-isolation ...`")
         dest = Path(self.get_ext_fullpath(ext.name)).resolve()
         dest.parent.mkdir(parents=True, exist_ok=True)
+        # Editable installs copy the library from a temporary build dir into the source tree.
+        (ROOT / Path(*ext.name.split(".")[:-1])).mkdir(parents=True, exist_ok=True)
         build_dir = ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}"
         cmake = _find_cmake()
         subprocess.run(
