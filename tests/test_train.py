@@ -152,7 +152,7 @@ def test_bad_flags_are_one_clear_line(argv, msg):
 
 def test_no_arguments_selects_embedded_default_and_preset_paper():
     cfg = parse_args([])
-    assert cfg.steps == 3000 and cfg.model.n_layer == 3
+    assert cfg.steps == 5000 and cfg.model.n_layer == 3 and cfg.method == "harmodt-f"
     cfg = parse_args(["--preset", "paper-mt50"])
     assert cfg.tasks == "MT50" and cfg.model.n_layer == 6 and cfg.masks.sparsity == 0.2 and cfg.masks.update_every == 5000
     cfg = parse_args(["--preset", "paper-mt50", "--sparsity", "0.3", "--n-layer", "4"])
