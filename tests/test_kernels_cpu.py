@@ -1,0 +1,357 @@
+"""The native CPU ops (kernels/csrc via kernels/cpu.py) against kernels.reference.
+
+The library must exist: it is built by `pip install --no-build-isolation -e .`; if it is missing
+this module tries a CMake build once and otherwise fails the session loudly (never skips).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu
+from kernels import reference as ref
+
+if cpu.unavailable_reason() is not None:
+    _first_reason = cpu.unavailable_reason()
+    try:
+        cpu.build()
+    except Exception as exc:  # noqa: BLE001
+        raise RuntimeError(f"native CPU kernels are not built ({_first_reason}) and building them failed: {exc}") from exc
+    if cpu.unavailable_reason() is not None:
+        raise RuntimeError(f"native CPU kernels unavailable after building: {cpu.unavailable_reason()}")
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _poison_heap(*shapes):
+    """Leave NaN-filled freed blocks of the output sizes behind, so that an op that forgets to
+    write part of a freshly allocated output most likely returns NaNs there."""
+    bufs = [torch.full(s, float("nan")) for s in shapes]
+    del bufs
+
+
+# ------------------------------------------------------------------------------------------------
+# pack / unpack
+
+
+@pytest.mark.parametrize("shape", [(1,), (5,), (3, 33), (2, 3, 257), (7, 32), (4, 64), (2, 1, 1)])
+def test_pack_unpack_match_reference(shape):
+    g = _gen(sum(shape))
+    mask = torch.rand(shape, generator=g) < 0.5
+    words = cpu.pack_masks(mask)
+    assert words.dtype == torch.int32
+    assert torch.equal(words, ref.pack_masks(mask))
+    assert torch.equal(cpu.unpack_masks(words, shape[-1]), mask)
+    # arbitrary words, padding bits set: unpack ignores them like the reference
+    rnd = torch.randint(-(2**31), 2**31 - 1, words.shape, generator=g, dtype=torch.int64).to(torch.int32)
+    assert torch.equal(cpu.unpack_masks(rnd, shape[-1]), ref.unpack_masks(rnd, shape[-1]))
+
+
+def test_pack_non_contiguous_and_dispatch():
+    mask = torch.rand(40, 70, generator=_gen(1)) < 0.3
+    nc = mask.t()
+    assert not nc.is_contiguous()
+    assert torch.equal(cpu.pack_masks(nc), ref.pack_masks(nc))
+    assert torch.equal(kernels.pack_masks(nc, backend="cpu"), ref.pack_masks(nc))
+    words = ref.pack_masks(mask)
+    assert torch.equal(kernels.unpack_masks(words, 70, backend="cpu"), mask)
+
+
+def test_pack_unpack_errors():
+    with pytest.raises(TypeError, match="mask"):
+        cpu.pack_masks(torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="words"):
+        cpu.unpack_masks(torch.zeros(3, 1), 4)
+    with pytest.raises(ValueError, match="K=40 needs 2"):
+        cpu.unpack_masks(torch.zeros(3, 1, dtype=torch.int32), 40)
+
+
+# ------------------------------------------------------------------------------------------------
+# masked_linear
+
+
+def _ml_case(k, n, r, t, seed, bias=True, noncontig=False, dtype=torch.float32, drop_task=True, ids=None):
+    g = _gen(seed)
+    if noncontig:
+        x = torch.randn(k, r, generator=g).t()  # [R, K] with strides (1, R)
+    else:
+        x = torch.randn(r, k, generator=g)
+    x = x.to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    bmask = torch.rand(t, n, k, generator=g) < 0.6
+    masks = ref.pack_masks(bmask)
+    if ids is None:
+        choices = torch.arange(t)
+        if drop_task and t > 1:  # one task gets no rows
+            choices = choices[choices != (seed % t)]
+        ids = choices[torch.randint(0, len(choices), (r,), generator=g)]
+    gy = torch.randn(r, n, generator=g).to(dtype)
+    tg0 = torch.randn(t, n, k, generator=g)  # task_grads accumulate: start from random values
+    return x, w, b, masks, ids, gy, tg0
+
+
+def _run(fn, x, w, b, masks, ids, gy, tg0):
+    xs = x.detach().clone().requires_grad_(True) if x.is_contiguous() else x.detach().clone().t().contiguous().t().requires_grad_(True)
+    ws = w.detach().clone().requires_grad_(True)
+    bs = b.detach().clone().requires_grad_(True) if b is not None else None
+    tg = tg0.clone()
+    _poison_heap((x.shape[0], w.shape[0]), tuple(x.shape), tuple(w.shape))
+    y = fn(xs, ws, bs, masks, ids, task_grads=tg)
+    inputs = [xs, ws] + ([bs] if bs is not None else [])
+    grads = torch.autograd.grad(y, inputs, gy)
+    return y.detach(), grads, tg
+
+
+KN = list(itertools.product([1, 5, 33, 257], [1, 5, 33, 257]))
+
+
+@pytest.mark.parametrize("k,n", KN)
+@pytest.mark.parametrize("r,t", [(1, 1), (7, 3), (130, 50), (130, 3), (7, 50), (130, 1)])
+def test_masked_linear_matches_reference(k, n, r, t):
+    seed = k * 1000 + n * 10 + r + t
+    case = _ml_case(k, n, r, t, seed, bias=(seed % 2 == 0), noncontig=(seed % 3 == 0))
+    y1, g1, tg1 = _run(cpu.masked_linear, *case)
+    y2, g2, tg2 = _run(ref.masked_linear, *case)
+    assert not torch.isnan(y1).any()
+    torch.testing.assert_close(y1, y2, **TOL)
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c, **TOL)
+    torch.testing.assert_close(tg1, tg2, **TOL)
+
+
+@pytest.mark.parametrize(
+    "name,ids",
+    [
+        ("one task, all rows", torch.full((300,), 2)),
+        ("sorted long runs", torch.repeat_interleave(torch.tensor([2, 0, 1]), torch.tensor([100, 70, 130]))),
+        ("runs and scattered rows", torch.cat([torch.full((90,), 1), torch.tensor([0, 2] * 300), torch.full((65,), 0)])),
+        ("interleaved, many chunks", torch.arange(700) % 3),
+    ],
+)
+def test_masked_linear_row_layouts(name, ids):
+    case = _ml_case(33, 40, ids.numel(), 3, 7, ids=ids)
+    y1, g1, tg1 = _run(cpu.masked_linear, *case)
+    y2, g2, tg2 = _run(ref.masked_linear, *case)
+    torch.testing.assert_close(y1, y2, **TOL)
+    # dW, db and task_grads sum up to 700 rows in another order than the reference
+    sums = dict(rtol=1e-5, atol=1e-4)
+    for a, c, tol in zip(g1, g2, (TOL, sums, sums)):
+        torch.testing.assert_close(a, c, **tol)
+    torch.testing.assert_close(tg1, tg2, **sums)
+
+
+def test_masked_linear_no_task_grads_and_partial_grads():
+    x, w, b, masks, ids, gy, _ = _ml_case(33, 5, 130, 3, 11)
+    for need in ([True, False, False], [False, True, False], [False, False, True], [True, True, True]):
+        outs = []
+        for fn in (cpu.masked_linear, ref.masked_linear):
+            xs, ws, bs = (t.detach().clone().requires_grad_(f) for t, f in zip((x, w, b), need))
+            y = fn(xs, ws, bs, masks, ids)
+            inputs = [t for t, f in zip((xs, ws, bs), need) if f]
+            outs.append((y.detach(), torch.autograd.grad(y, inputs, gy)))
+        torch.testing.assert_close(outs[0][0], outs[1][0], **TOL)
+        for a, c in zip(outs[0][1], outs[1][1]):
+            torch.testing.assert_close(a, c, **TOL)
+
+
+def test_masked_linear_task_grads_untouched_without_weight_grad():
+    x, w, b, masks, ids, gy, tg0 = _ml_case(5, 33, 7, 3, 12)
+    tg = tg0.clone()
+    xs = x.clone().requires_grad_(True)
+    y = cpu.masked_linear(xs, w, b, masks, ids, task_grads=tg)
+    y.backward(gy)
+    assert torch.equal(tg, tg0)  # the reference only accumulates through weight's graph
+
+
+def test_masked_linear_bool_masks_masked_inf_weights_and_nograd():
+    x, w, b, masks, ids, _, _ = _ml_case(33, 33, 130, 3, 13)
+    bmask = ref.unpack_masks(masks, 33)
+    w = w.clone()
+    w[~bmask.any(0)] = float("inf")  # masked-out weights never leak in (a select, not a multiply)
+    assert torch.isinf(w).any()
+    with torch.no_grad():
+        y1 = cpu.masked_linear(x, w, b, bmask, ids)
+        y2 = ref.masked_linear(x, w, b, masks, ids)
+    torch.testing.assert_close(y1, y2, **TOL)
+
+
+def test_masked_linear_zero_rows():
+    x, w, b, masks, _, _, _ = _ml_case(33, 5, 1, 3, 14)
+    x0 = torch.zeros(0, 33, requires_grad=True)
+    ws = w.clone().requires_grad_(True)
+    y = cpu.masked_linear(x0, ws, b, masks, torch.zeros(0, dtype=torch.int64))
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert torch.equal(ws.grad, torch.zeros_like(w))
+
+
+def test_masked_linear_bf16_close_to_reference():
+    x, w, b, masks, ids, gy, tg0 = _ml_case(257, 33, 130, 3, 15, dtype=torch.bfloat16)
+    y1, g1, tg1 = _run(cpu.masked_linear, x, w, b, masks, ids, gy, tg0)
+    y2, g2, tg2 = _run(ref.masked_linear, x, w, b, masks, ids, gy, tg0)
+    assert y1.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in g1)
+    bf = dict(rtol=2e-2, atol=1e-1)
+    torch.testing.assert_close(y1.float(), y2.float(), **bf)
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a.float(), c.float(), **bf)
+    torch.testing.assert_close(tg1, tg2, **bf)
+
+
+def test_masked_linear_argument_errors():
+    x, w, b, masks, ids, _, _ = _ml_case(33, 5, 7, 3, 16)
+    with pytest.raises(ValueError, match="weight"):
+        cpu.masked_linear(x, w[:, :4], b, masks, ids)
+    with pytest.raises(ValueError, match="bias"):
+        cpu.masked_linear(x, w, b[:3], masks, ids)
+    with pytest.raises(ValueError, match="masks"):
+        cpu.masked_linear(x, w, b, masks[:, :, :1], ids)
+    with pytest.raises(ValueError, match="task_ids"):
+        cpu.masked_linear(x, w, b, masks, ids[:3])
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 3\)"):
+        cpu.masked_linear(x, w, b, masks, torch.full((7,), 3))
+    with pytest.raises(TypeError, match="x must be"):
+        cpu.masked_linear(x.double(), w.double(), None, masks, ids)
+    with pytest.raises(ValueError, match="task_grads"):
+        cpu.masked_linear(x, w, b, masks, ids, task_grads=torch.zeros(3, 5, 32))
+    with pytest.raises(TypeError, match="task_grads"):
+        cpu.masked_linear(x, w, b, masks, ids, task_grads=torch.zeros(3, 5, 33, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------
+# harmony_select
+
+
+def _hs_inputs(t, p, seed, integer=False, density=0.6):
+    g = _gen(seed)
+    if integer:  # small integers: many exact ties, and -0.0 / +0.0 products
+        mk = lambda *s: torch.randint(-2, 3, s, generator=g).float()  # noqa: E731
+    else:
+        mk = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    active = torch.rand(t, p, generator=g) < density
+    return mk(t, p), mk(t, p), mk(p), ref.pack_masks(active)
+
+
+def _check_select(mg, g, prm, masks, k, lam, imp):
+    out = cpu.harmony_select(mg, g, prm, masks, k, lam, imp)
+    expect = ref.harmony_select(mg, g, prm, masks, k, lam, imp)
+    assert out.dtype == torch.int32 and out.shape == masks.shape
+    assert torch.equal(out, expect)
+    p = mg.shape[1]
+    old, new = ref.unpack_masks(masks, p), ref.unpack_masks(out, p)
+    n_act = old.sum(1)
+    assert torch.equal(new.sum(1), n_act)  # density unchanged
+    kk = torch.clamp(torch.minimum(n_act, p - n_act), max=max(k, 0))
+    assert torch.equal((old & ~new).sum(1), kk)  # exactly k_i masked
+    assert torch.equal((~old & new).sum(1), kk)  # exactly k_i recovered
+    return out
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "fisher"])
+@pytest.mark.parametrize("t", [1, 3, 50])
+@pytest.mark.parametrize("p", [1, 33, 1001])
+@pytest.mark.parametrize("integer", [False, True])
+def test_harmony_select_matches_reference(importance, t, p, integer):
+    mg, g, prm, masks = _hs_inputs(t, p, seed=t * 7 + p, integer=integer)
+    for k in (0, 1, 7, p // 3, p):  # p > #masked for every task
+        _check_select(mg, g, prm, masks, k, 0.1 if not integer else 1.0, importance)
+
+
+def test_harmony_select_signed_zeros_and_lambda_zero():
+    mg, g, prm, masks = _hs_inputs(3, 257, seed=5, integer=True)
+    mg[:, ::4] = -0.0
+    g[:, 1::4] = 0.0
+    for lam in (0.0, 0.5, 1.0 / 3.0):
+        for imp in ("magnitude", "fisher"):
+            _check_select(mg, g, prm, masks, 40, lam, imp)
+
+
+def test_harmony_select_nonfinite_padding_and_layout():
+    mg, g, prm, masks = _hs_inputs(4, 77, seed=9)
+    mg[0, 3] = float("nan")
+    mg[1, 5] = float("inf")
+    g[2, 7] = float("-inf")
+    prm[11] = float("inf")
+    for imp in ("magnitude", "fisher"):
+        for k in (5, 30):
+            out = cpu.harmony_select(mg, g, prm, masks, k, 0.3, imp)
+            assert torch.equal(out, ref.harmony_select(mg, g, prm, masks, k, 0.3, imp))
+    # padding bits set in the input are ignored and cleared, like the reference's unpack/pack
+    padded = masks.clone()
+    padded[:, -1] |= torch.tensor(-(2**31), dtype=torch.int32)  # bit 31 of the last word: column 95 > P
+    _check_select(mg, g, prm, padded, 0, 0.3, "magnitude")
+    assert torch.equal(cpu.harmony_select(mg, g, prm, padded, 9, 0.3, "fisher"), ref.harmony_select(mg, g, prm, masks, 9, 0.3, "fisher"))
+    # non-contiguous gradients and bf16 inputs take the same values as the reference
+    mgt = mg.t().contiguous().t()
+    _check_select(mgt, g, prm, masks, 10, 0.3, "magnitude")
+    _check_select(mg.bfloat16(), g.bfloat16(), prm.bfloat16(), masks, 10, 0.3, "fisher")
+
+
+def test_harmony_select_errors():
+    mg, g, prm, masks = _hs_inputs(3, 40, seed=1)
+    with pytest.raises(ValueError, match="importance"):
+        cpu.harmony_select(mg, g, prm, masks, 3, 0.1, "entropy")
+    with pytest.raises(ValueError, match="grads"):
+        cpu.harmony_select(mg, g[:2], prm, masks, 3, 0.1)
+    with pytest.raises(ValueError, match="params"):
+        cpu.harmony_select(mg, g, prm[:5], masks, 3, 0.1)
+    with pytest.raises(ValueError, match="masks"):
+        cpu.harmony_select(mg, g, prm, masks[:, :1], 3, 0.1)
+    with pytest.raises(TypeError, match="masks"):
+        cpu.harmony_select(mg, g, prm, masks.long(), 3, 0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch
+
+
+def test_auto_backend_resolves_to_native_op():
+    dev = torch.device("cpu")
+    assert cpu.unavailable_reason() is None
+    assert "cpu" in kernels.available_backends(dev)
+    for op, choice in kernels.CPU_DISPATCH.items():
+        expect = "cpu" if choice == "cpu" else "reference"
+        assert kernels.resolve_backend("auto", dev, op) == expect, op
+    assert kernels.resolve_backend("cpu", dev, "masked_linear") == "cpu"
+
+
+def test_auto_masked_linear_calls_native(monkeypatch):
+    if kernels.CPU_DISPATCH.get("masked_linear") != "cpu":
+        pytest.fail("CPU_DISPATCH must route masked_linear to the native op (it measured faster)")
+    calls = []
+    real = cpu.masked_linear
+    monkeypatch.setattr(cpu, "masked_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x, w, b, masks, ids, _, _ = _ml_case(5, 5, 7, 3, 2)
+    kernels.masked_linear(x, w, b, masks, ids)
+    assert calls == [1]
+
+
+def test_forced_cpu_backend_without_library_fails_clearly(monkeypatch, tmp_path):
+    dev = torch.device("cpu")
+    monkeypatch.setattr(cpu, "_state", {"tried": False, "reason": None})
+    monkeypatch.setattr(cpu, "_has_ops", lambda: False)
+    monkeypatch.setenv("HARMODT_KERNELS_LIB", str(tmp_path / "missing.so"))
+    assert "not built" in cpu.unavailable_reason()
+    with pytest.raises(kernels.BackendUnavailable, match="backend='cpu' cannot run: .*missing.so is not built"):
+        kernels.masked_linear(torch.zeros(2, 3), torch.zeros(4, 3), None, torch.zeros(1, 4, 1, dtype=torch.int32),
+                              torch.zeros(2, dtype=torch.int64), backend="cpu")
+    with pytest.raises(RuntimeError, match="not built"):
+        cpu.harmony_select(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(3), torch.zeros(1, 1, dtype=torch.int32), 1, 0.1)
+    assert kernels.resolve_backend("auto", dev, "masked_linear") == "reference"
+    # a file that is not a loadable library
+    bad = tmp_path / "bad.so"
+    bad.write_text("not an ELF file")
+    monkeypatch.setattr(cpu, "_state", {"tried": False, "reason": None})
+    monkeypatch.setenv("HARMODT_KERNELS_LIB", str(bad))
+    assert "failed to load" in cpu.unavailable_reason()
+    with pytest.raises(kernels.BackendUnavailable, match="failed to load"):
+        kernels.harmony_select(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(3), torch.zeros(1, 1, dtype=torch.int32),
+                               1, 0.1, backend="cpu")
