@@ -265,6 +265,16 @@ def test_harmony_select_matches_reference(importance, t, p, integer):
         _check_select(mg, g, prm, masks, k, 0.1 if not integer else 1.0, importance)
 
 
+@pytest.mark.parametrize("integer", [False, True])
+def test_harmony_select_large_k_threshold_pass(integer):
+    # k_i (or the ties at the threshold) beyond max(1024, P/8) candidates: the kernel switches from
+    # applying the candidates by index to a third pass against an exact (key, index) threshold.
+    mg, g, prm, masks = _hs_inputs(3, 20001, seed=21, integer=integer, density=0.5)
+    for k in (7, 3000, 9000):
+        for imp in ("magnitude", "fisher"):
+            _check_select(mg, g, prm, masks, k, 0.1, imp)
+
+
 def test_harmony_select_signed_zeros_and_lambda_zero():
     mg, g, prm, masks = _hs_inputs(3, 257, seed=5, integer=True)
     mg[:, ::4] = -0.0

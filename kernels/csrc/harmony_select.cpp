@@ -26,16 +26,18 @@
 namespace harmodt {
 namespace {
 
-// Order-preserving key: ascending float order, -0.0 == +0.0, every NaN above +inf.
+// Order-preserving key: ascending float order, -0.0 == +0.0, every NaN above +inf (branch-free,
+// so the block loops below vectorize).
 inline uint32_t key_asc(float f) {
-  if (f != f) return 0xFFFFFFFFu;
-  if (f == 0.0f) return 0x80000000u;
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  uint32_t k = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  k = (f == 0.0f) ? 0x80000000u : k;
+  return (f != f) ? 0xFFFFFFFFu : k;
 }
 
 constexpr int kBucketBits = 16;
+constexpr int kShift = 32 - kBucketBits;
 constexpr int64_t kBuckets = int64_t(1) << kBucketBits;
 
 struct TaskView {
@@ -48,29 +50,51 @@ struct TaskView {
   float lam;
 };
 
-// Calls fn(j, active, hkey, rkey): hkey ascending key of H, rkey ascending key of the *descending*
-// recovery order (~key of g*ghat), for every position j < P.
-template <class Fn>
-inline void for_each_key(const TaskView& v, Fn fn) {
+// Keys of one 32-column word: hk = ascending key of H (+inf on masked columns), rk = ascending key
+// of the *descending* recovery order, ~key(g * ghat) (~key(-inf) on active columns).
+inline void word_keys(const TaskView& v, int64_t w, int64_t lim, uint32_t* hk, uint32_t* rk) {
   const uint32_t h_masked = key_asc(std::numeric_limits<float>::infinity());
   const uint32_t r_active = ~key_asc(-std::numeric_limits<float>::infinity());
-  const int64_t nw = num_words(v.p);
-  for (int64_t i = 0; i < nw; ++i) {
-    const uint32_t bits = v.mw[i];
-    const int64_t base = i * 32;
-    const int64_t lim = std::min<int64_t>(32, v.p - base);
+  const uint32_t bits = v.mw[w];
+  const int64_t base = w * 32;
+  const float* gb = v.gbar + base;
+  const float* gg = v.g + base;
+  const float* gh = v.ghat + base;
+  if (v.params != nullptr) {
+    const float* pr = v.params + base;
     for (int64_t b = 0; b < lim; ++b) {
-      const int64_t j = base + b;
-      if ((bits >> b) & 1u) {
-        const float gb = v.gbar[j];
-        const float imp = v.params != nullptr ? std::fabs(v.params[j]) : gb * gb;
-        const float prod = gb * v.ghat[j];
-        const float reg = v.lam * imp;
-        fn(j, true, key_asc(prod + reg), r_active);
-      } else {
-        fn(j, false, h_masked, ~key_asc(v.g[j] * v.ghat[j]));
-      }
+      const bool active = (bits >> b) & 1u;
+      const float prod = gb[b] * gh[b];
+      const float reg = v.lam * std::fabs(pr[b]);
+      const float h = prod + reg;
+      const float r = gg[b] * gh[b];
+      hk[b] = active ? key_asc(h) : h_masked;
+      rk[b] = active ? r_active : ~key_asc(r);
     }
+  } else {
+    for (int64_t b = 0; b < lim; ++b) {
+      const bool active = (bits >> b) & 1u;
+      const float prod = gb[b] * gh[b];
+      const float imp = gb[b] * gb[b];
+      const float reg = v.lam * imp;
+      const float h = prod + reg;
+      const float r = gg[b] * gh[b];
+      hk[b] = active ? key_asc(h) : h_masked;
+      rk[b] = active ? r_active : ~key_asc(r);
+    }
+  }
+}
+
+// Calls fn(base, lim, bits, hk, rk) for every mask word.
+template <class Fn>
+inline void for_each_word(const TaskView& v, Fn fn) {
+  alignas(64) uint32_t hk[32];
+  alignas(64) uint32_t rk[32];
+  const int64_t nw = num_words(v.p);
+  for (int64_t w = 0; w < nw; ++w) {
+    const int64_t lim = std::min<int64_t>(32, v.p - w * 32);
+    word_keys(v, w, lim, hk, rk);
+    fn(w * 32, lim, v.mw[w], hk, rk);
   }
 }
 
@@ -151,45 +175,74 @@ at::Tensor harmony_select(const at::Tensor& masked_grads, const at::Tensor& grad
         continue;
       }
       const TaskView v{gbar_p + i * p, g_p + i * p, ghat_p, prm_p, mw, p, lamf};
-      // Pass 1: histograms of the top key bits.
+      // Pass 1: histograms of the top key bits (constant keys added in bulk).
       hist_h.assign(kBuckets, 0);
       hist_r.assign(kBuckets, 0);
-      for_each_key(v, [&](int64_t, bool, uint32_t hk, uint32_t rk) {
-        ++hist_h[hk >> (32 - kBucketBits)];
-        ++hist_r[rk >> (32 - kBucketBits)];
+      for_each_word(v, [&](int64_t, int64_t lim, uint32_t bits, const uint32_t* hk, const uint32_t* rk) {
+        for (int64_t b = 0; b < lim; ++b) {
+          if ((bits >> b) & 1u)
+            ++hist_h[hk[b] >> kShift];
+          else
+            ++hist_r[rk[b] >> kShift];
+        }
       });
+      hist_h[key_asc(std::numeric_limits<float>::infinity()) >> kShift] += static_cast<uint32_t>(p - n_active);
+      hist_r[(~key_asc(-std::numeric_limits<float>::infinity())) >> kShift] += static_cast<uint32_t>(n_active);
       uint32_t bh = 0, br = 0;
       int64_t below_h = 0, below_r = 0;
       find_bucket(hist_h, kk, bh, below_h);
       find_bucket(hist_r, kk, br, below_r);
-      // Pass 2: the keys of the two threshold buckets, then exact (key, index) thresholds.
+      // Pass 2: candidates as (key << 32 | index). "Direct" sides (the usual case: k is small, so
+      // few keys lie at or below the threshold bucket) collect every key up to the bucket and are
+      // applied by index; otherwise only the bucket's keys give an exact threshold for pass 3.
+      const int64_t cap = std::max<int64_t>(1024, p / 8);
+      const bool direct_h = below_h + int64_t(hist_h[bh]) <= cap;
+      const bool direct_r = below_r + int64_t(hist_r[br]) <= cap;
+      const uint32_t lo_h = direct_h ? 0u : bh, lo_r = direct_r ? 0u : br;
       cand_h.clear();
       cand_r.clear();
-      cand_h.reserve(hist_h[bh]);
-      cand_r.reserve(hist_r[br]);
-      const uint32_t shift = 32 - kBucketBits;
-      for_each_key(v, [&](int64_t j, bool, uint32_t hk, uint32_t rk) {
-        if ((hk >> shift) == bh) cand_h.push_back(pair_key(hk, j));
-        if ((rk >> shift) == br) cand_r.push_back(pair_key(rk, j));
+      cand_h.reserve((direct_h ? below_h : 0) + hist_h[bh]);
+      cand_r.reserve((direct_r ? below_r : 0) + hist_r[br]);
+      for_each_word(v, [&](int64_t base, int64_t lim, uint32_t, const uint32_t* hk, const uint32_t* rk) {
+        for (int64_t b = 0; b < lim; ++b) {
+          const uint32_t h = hk[b] >> kShift, r = rk[b] >> kShift;
+          if (h <= bh && h >= lo_h) cand_h.push_back(pair_key(hk[b], base + b));
+          if (r <= br && r >= lo_r) cand_r.push_back(pair_key(rk[b], base + b));
+        }
       });
-      const int64_t need_h = kk - below_h, need_r = kk - below_r;
+      const int64_t need_h = direct_h ? kk : kk - below_h, need_r = direct_r ? kk : kk - below_r;
       std::nth_element(cand_h.begin(), cand_h.begin() + (need_h - 1), cand_h.end());
       std::nth_element(cand_r.begin(), cand_r.begin() + (need_r - 1), cand_r.end());
-      const uint64_t th = cand_h[need_h - 1];
-      const uint64_t tr = cand_r[need_r - 1];
-      // Pass 3: new words.
+      // Apply, in the reference's order: every drop first, then every recovery (recovery wins).
       for (int64_t w = 0; w < nw; ++w) ow[w] = mw[w];
-      for_each_key(v, [&](int64_t j, bool active, uint32_t hk, uint32_t rk) {
-        const bool add = pair_key(rk, j) <= tr;
-        const bool drop = pair_key(hk, j) <= th;
-        const uint32_t bit = 1u << (j & 31);
-        uint32_t& word = ow[j >> 5];
-        if (add)
-          word |= bit;
-        else if (drop)
-          word &= ~bit;
-        (void)active;
-      });
+      if (direct_h) {
+        for (int64_t q = 0; q < kk; ++q) {
+          const uint32_t j = static_cast<uint32_t>(cand_h[q]);
+          ow[j >> 5] &= ~(1u << (j & 31));
+        }
+      }
+      if (!direct_h || !direct_r) {
+        // Pass 3: (key, j) <= the k_i-th smallest (key, index) pair of a non-direct side.
+        const uint64_t th = direct_h ? 0 : cand_h[need_h - 1];
+        const uint64_t tr = direct_r ? 0 : cand_r[need_r - 1];
+        for_each_word(v, [&](int64_t base, int64_t lim, uint32_t, const uint32_t* hk, const uint32_t* rk) {
+          uint32_t& word = ow[base >> 5];
+          for (int64_t b = 0; b < lim; ++b) {
+            const int64_t j = base + b;
+            if (!direct_h && pair_key(hk[b], j) <= th) word &= ~(1u << b);
+          }
+          for (int64_t b = 0; b < lim; ++b) {
+            const int64_t j = base + b;
+            if (!direct_r && pair_key(rk[b], j) <= tr) word |= 1u << b;
+          }
+        });
+      }
+      if (direct_r) {
+        for (int64_t q = 0; q < kk; ++q) {
+          const uint32_t j = static_cast<uint32_t>(cand_r[q]);
+          ow[j >> 5] |= 1u << (j & 31);
+        }
+      }
       ow[nw - 1] &= tail;
     }
   }
