@@ -1,0 +1,203 @@
+"""Offline Meta-World v3 data from the shipped scripted experts, from random to expert.
+
+The paper's data are SAC replay buffers: episodes from a random policy up to a converged expert.
+We mimic that with a per-episode curriculum over each task's E episodes. Episode ``e`` has
+progress ``u = e / (E - 1)`` and, at every step, takes a uniformly random action in [-1, 1]^4 with
+probability
+
+    eps(u) = clip(1 - (u / 0.8)^2, 0, 1)
+
+and otherwise the scripted expert's action plus Gaussian noise N(0, 0.1^2) (clipped to [-1, 1]).
+So the first episodes are almost uniformly random, the middle ones a mix, and the last 20% are
+the (slightly noisy) expert. Gaussian noise alone cannot give random-level behaviour (the
+experts correct themselves every step; at sigma = 3 MT10 still succeeds 60% of the time), hence
+the random-action mixing. Goals are random per episode (MT50-rand, see ``harmodt.envs``).
+
+Each task also gets ``prompt_episodes`` separate noise-free expert episodes, kept as prompt
+trajectories. Every step stores observation, action, reward, terminal/truncated flags and
+success. A run is deterministic for a seed (each task has its own RNG stream, so the result does
+not depend on the number of workers), parallel across tasks, and written atomically: each task's
+file goes to a temporary name and is renamed when complete; a per-task record lets an
+interrupted run reuse finished tasks; ``manifest.json`` (settings, counts, success rates,
+sha256 checksums) is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..envs import EPISODE_LEN, make_env, scripted_policy
+from ..tasks import MT50
+from .formats import FORMAT_VERSION, sha256
+
+SIGMA = 0.1  # Gaussian noise on expert actions
+EXPERT_FRACTION = 0.2  # the last 20% of episodes have eps = 0
+CURRICULUM = "eps(u) = clip(1 - (u / 0.8)^2, 0, 1), u = episode / (E - 1); expert + N(0, 0.1^2) otherwise"
+
+
+def epsilon(e: int, n: int) -> float:
+    """Probability of a uniformly random action in episode ``e`` of ``n``."""
+    u = e / max(n - 1, 1)
+    return float(np.clip(1.0 - (u / (1.0 - EXPERT_FRACTION)) ** 2, 0.0, 1.0))
+
+
+def rollout(env, expert, rng: np.random.Generator, eps: float, sigma: float) -> dict:
+    """One episode (until truncation at 500 steps or termination)."""
+    coin = rng.random(EPISODE_LEN) < eps
+    uniform = rng.uniform(-1.0, 1.0, size=(EPISODE_LEN, 4))
+    noise = rng.normal(0.0, sigma, size=(EPISODE_LEN, 4)) if sigma > 0 else np.zeros((EPISODE_LEN, 4))
+    obs, _ = env.reset()
+    o, a, r, term, trunc, succ = [], [], [], [], [], []
+    for t in range(EPISODE_LEN):
+        act = uniform[t] if coin[t] else np.clip(expert(obs) + noise[t], -1.0, 1.0)
+        act = act.astype(np.float32)
+        o.append(obs.astype(np.float32))
+        a.append(act)
+        obs, rew, terminated, truncated, info = env.step(act)
+        r.append(rew)
+        term.append(bool(terminated))
+        trunc.append(bool(truncated))
+        succ.append(bool(info.get("success", 0.0)))
+        if terminated or truncated:
+            break
+    return {"observations": np.stack(o), "actions": np.stack(a), "rewards": np.asarray(r, dtype=np.float32),
+            "terminals": np.asarray(term), "truncations": np.asarray(trunc), "successes": np.asarray(succ)}
+
+
+def _concat(episodes: list[dict], prefix: str = "") -> dict:
+    lengths = np.array([len(ep["rewards"]) for ep in episodes], dtype=np.int64)
+    out = {prefix + k: np.concatenate([ep[k] for ep in episodes]) for k in episodes[0]}
+    out[prefix + "episode_lengths"] = lengths
+    out[prefix + "episode_starts"] = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return out
+
+
+def _atomic_savez(path: Path, arrays: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _task_seed(seed: int, task: str) -> int:
+    return int(np.random.SeedSequence([seed, MT50.index(task)]).generate_state(1)[0])
+
+
+def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes: int, settings: dict, queue=None) -> dict:
+    """Generate and write one task's file; returns its manifest record."""
+    out = Path(out)
+    tseed = _task_seed(seed, task)
+    rng = np.random.default_rng(tseed)
+    env = make_env(task, tseed % (2**31))
+    expert = scripted_policy(task)
+    eps_list = [epsilon(e, episodes) for e in range(episodes)]
+    data = []
+    for e in range(episodes):
+        data.append(rollout(env, expert, rng, eps_list[e], SIGMA))
+        if queue is not None:
+            queue.put(1)
+    penv = make_env(task, (tseed + 1_000_003) % (2**31))
+    prompts = [rollout(penv, expert, rng, 0.0, 0.0) for _ in range(prompt_episodes)]
+    arrays = _concat(data)
+    arrays.update(_concat(prompts, "prompt_"))
+    arrays["episode_epsilon"] = np.asarray(eps_list, dtype=np.float32)
+    path = out / f"{task}.npz"
+    _atomic_savez(path, arrays)
+    success = [bool(ep["successes"].any()) for ep in data]
+    record = {
+        "file": path.name, "sha256": sha256(path), "episodes": episodes, "steps": int(arrays["rewards"].shape[0]),
+        "prompt_episodes": prompt_episodes, "success_rate": float(np.mean(success)),
+        "episode_success": success, "prompt_success": [bool(p["successes"].any()) for p in prompts],
+        "mean_return": float(np.mean([ep["rewards"].sum() for ep in data])), "settings": settings,
+    }
+    _atomic_json(out / f".{task}.record.json", record)
+    return record
+
+
+def _reusable(out: Path, task: str, settings: dict) -> dict | None:
+    rpath = out / f".{task}.record.json"
+    try:
+        rec = json.loads(rpath.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    path = out / rec.get("file", "")
+    if rec.get("settings") != settings or not path.exists() or sha256(path) != rec.get("sha256"):
+        return None
+    return rec
+
+
+def decile_success(records: dict) -> list[float]:
+    """Success rate of episodes by decile of their index within each task, pooled over tasks."""
+    buckets = [[] for _ in range(10)]
+    for rec in records.values():
+        s = rec["episode_success"]
+        for i, ok in enumerate(s):
+            buckets[min(9, i * 10 // len(s))].append(ok)
+    return [float(np.mean(b)) if b else float("nan") for b in buckets]
+
+
+def generate(tasks: list[str], episodes: int, out: str, seed: int = 0, workers: int | None = None,
+             prompt_episodes: int = 2, progress: bool = True) -> dict:
+    """Generate ``episodes`` curriculum episodes (+ prompts) for every task into ``out``."""
+    if episodes < 1:
+        raise ValueError(f"--episodes must be at least 1, got {episodes}")
+    if prompt_episodes < 1:
+        raise ValueError(f"--prompt-episodes must be at least 1, got {prompt_episodes}")
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    settings = {"episodes": episodes, "seed": seed, "prompt_episodes": prompt_episodes, "curriculum": CURRICULUM,
+                "sigma": SIGMA, "format_version": FORMAT_VERSION}
+    t0 = time.time()
+    records = {t: r for t in tasks if (r := _reusable(outp, t, settings)) is not None}
+    todo = [t for t in tasks if t not in records]
+    workers = max(1, min(len(todo) or 1, workers or os.cpu_count() or 1))
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo) * episodes, disable=not progress, desc="episodes", unit="ep", dynamic_ncols=True)
+    if todo and workers == 1:
+
+        class _Tick:
+            def put(self, n):
+                bar.update(n)
+
+        for t in todo:
+            records[t] = generate_task(t, episodes, out, seed, prompt_episodes, settings, _Tick())
+    elif todo:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as manager:
+            queue = manager.Queue()
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                futures = {t: pool.submit(generate_task, t, episodes, out, seed, prompt_episodes, settings, queue) for t in todo}
+                pending = set(futures)
+                while pending:
+                    while not queue.empty():
+                        bar.update(queue.get())
+                    for t in [t for t in pending if futures[t].done()]:
+                        records[t] = futures[t].result()
+                        pending.discard(t)
+                    time.sleep(0.05)
+                while not queue.empty():
+                    bar.update(queue.get())
+    bar.close()
+    records = {t: records[t] for t in tasks}
+    manifest = {
+        "format_version": FORMAT_VERSION, "generator": "harmodt.data.generate", "settings": settings,
+        "tasks": tasks, "files": {t: {k: v for k, v in r.items() if k != "settings"} for t, r in records.items()},
+        "curriculum_success_by_decile": decile_success(records), "seconds": round(time.time() - t0, 1),
+    }
+    _atomic_json(outp / "manifest.json", manifest)
+    return manifest
