@@ -1,0 +1,182 @@
+"""Data generation (determinism, format, curriculum, atomic writes) and both loaders' errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from harmodt.data import DataError, detect_layout, load_dataset
+from harmodt.data.generate import epsilon, generate
+from harmodt.tasks import parse_tasks
+
+TASKS = ["reach-v3", "drawer-close-v3"]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen")
+    manifest = generate(TASKS, 3, str(out), seed=7, workers=2, prompt_episodes=2, progress=False)
+    return out, manifest
+
+
+def test_generated_format_and_manifest(generated):
+    out, manifest = generated
+    assert detect_layout(out) == "ours"
+    assert manifest["tasks"] == TASKS and manifest["settings"]["seed"] == 7
+    data = load_dataset(out)
+    for t in TASKS:
+        td = data[t]
+        assert len(td.trajectories) == 3 and len(td.prompts) == 2
+        tr = td.trajectories[0]
+        assert tr.observations.dtype == np.float32 and tr.observations.shape == (500, 39)
+        assert tr.actions.shape == (500, 4) and np.abs(tr.actions).max() <= 1.0
+        assert tr.rewards.shape == (500,) and tr.dones[-1] and not tr.dones[:-1].any()
+        assert tr.successes.dtype == bool
+        rec = manifest["files"][t]
+        assert rec["episodes"] == 3 and rec["steps"] == 1500 and len(rec["sha256"]) == 64
+        assert all(rec["prompt_success"])  # noise-free expert prompts
+    assert len(manifest["curriculum_success_by_decile"]) == 10
+
+
+def test_generation_is_deterministic_and_worker_independent(generated, tmp_path):
+    out, _ = generated
+    generate(TASKS[:1], 3, str(tmp_path), seed=7, workers=1, prompt_episodes=2, progress=False)
+    a = np.load(out / "reach-v3.npz")
+    b = np.load(tmp_path / "reach-v3.npz")
+    assert set(a.files) == set(b.files)
+    for k in a.files:
+        assert np.array_equal(a[k], b[k]), k
+    other = tmp_path / "s8"
+    generate(TASKS[:1], 3, str(other), seed=8, workers=1, prompt_episodes=2, progress=False)
+    assert not np.array_equal(np.load(other / "reach-v3.npz")["observations"], a["observations"])
+
+
+def test_curriculum_goes_from_random_to_expert():
+    eps = [epsilon(e, 100) for e in range(100)]
+    assert eps[0] == 1.0 and min(eps[:10]) > 0.98 and eps[-1] == 0.0 and max(eps[80:]) == 0.0
+    assert all(x >= y for x, y in zip(eps, eps[1:]))  # never increases
+
+
+def test_finished_tasks_are_reused_and_temp_files_ignored(generated, tmp_path):
+    out, manifest = generated
+    # a leftover temporary file from a killed run is never read
+    (out / ".push-v3.npz.tmp-123").write_bytes(b"half a file")
+    assert set(load_dataset(out)) == set(TASKS)
+    # re-running with the same settings reuses the finished files (same checksum, no new rollouts)
+    mtime = os.path.getmtime(out / "reach-v3.npz")
+    m2 = generate(TASKS, 3, str(out), seed=7, workers=1, prompt_episodes=2, progress=False)
+    assert os.path.getmtime(out / "reach-v3.npz") == mtime
+    assert m2["files"]["reach-v3"]["sha256"] == manifest["files"]["reach-v3"]["sha256"]
+
+
+def test_qualities_and_episode_subsets(generated):
+    out, _ = generated
+    near = load_dataset(out, ["reach-v3"])["reach-v3"].trajectories
+    sub = load_dataset(out, ["reach-v3"], quality="sub-optimal")["reach-v3"].trajectories
+    assert len(near) == 3 and len(sub) == 1
+    assert np.array_equal(sub[0].observations, near[0].observations)  # the first (noisier) half
+    two = load_dataset(out, ["reach-v3"], episodes_per_task=2)["reach-v3"].trajectories
+    assert np.array_equal(two[0].observations, near[0].observations) and np.array_equal(two[1].observations, near[2].observations)
+
+
+def test_checksum_mismatch_and_truncated_file(generated, tmp_path):
+    out, _ = generated
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    raw = (bad / "reach-v3.npz").read_bytes()
+    (bad / "reach-v3.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="reach-v3.npz.*checksum"):
+        load_dataset(bad, ["reach-v3"])
+    with pytest.raises(DataError, match="push-v3"):
+        load_dataset(out, ["push-v3"])
+
+
+# ---- the original layout -------------------------------------------------------------------
+def write_episode(path, t=20, **override):
+    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    arrs = {"observations": rng.normal(size=(t, 39)).astype(np.float32), "actions": rng.uniform(-1, 1, (t, 4)).astype(np.float32),
+            "rewards": rng.uniform(0, 1, t).astype(np.float32), "dones": np.eye(1, t, t - 1, dtype=bool)[0]}
+    arrs.update(override)
+    arrs = {k: v for k, v in arrs.items() if v is not None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrs)
+
+
+def original_folder(root, n=12, task="reach-v2"):
+    for i in range(n):
+        write_episode(root / task / f"{i}.npz", t=20 + i)
+    return root
+
+
+def test_original_layout_prompts_are_last_two_in_numeric_order(tmp_path):
+    root = original_folder(tmp_path)
+    assert detect_layout(root) == "original"
+    td = load_dataset(root)["reach-v3"]  # -v2 folder maps to the v3 task
+    assert len(td.trajectories) == 10 and len(td.prompts) == 2
+    # 10.npz and 11.npz (lengths 30, 31) are the prompts, not 8/9 as a string sort would give
+    assert [len(p.rewards) for p in td.prompts] == [30, 31]
+    assert [len(t.rewards) for t in td.trajectories] == list(range(20, 30))
+
+
+def test_original_layout_terminals_and_v3_names(tmp_path):
+    for i in range(4):
+        write_episode(tmp_path / "push-v3" / f"{i}.npz", dones=None, terminals=np.zeros(20, bool))
+    td = load_dataset(tmp_path, ["push-v3"])["push-v3"]
+    assert len(td.trajectories) == 2
+
+
+@pytest.mark.parametrize("override,needle", [
+    ({"actions": None}, "missing key 'actions'"),
+    ({"dones": None}, "missing key 'dones'"),
+    ({"observations": np.zeros((20, 12), np.float32)}, "observations must be"),
+    ({"actions": np.zeros((19, 4), np.float32)}, "actions has 19 steps"),
+    ({"rewards": np.full(20, np.nan, np.float32)}, "NaN or inf"),
+    ({"observations": np.full((20, 39), np.inf, np.float32)}, "NaN or inf"),
+])
+def test_original_layout_bad_episode_errors_name_the_file(tmp_path, override, needle):
+    root = original_folder(tmp_path, n=4)
+    write_episode(root / "reach-v2" / "1.npz", **override)
+    with pytest.raises(DataError) as err:
+        load_dataset(root)
+    assert needle in str(err.value) and "1.npz" in str(err.value)
+
+
+def test_unreadable_and_empty_inputs(tmp_path):
+    root = original_folder(tmp_path, n=4)
+    (root / "reach-v2" / "2.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match="2.npz.*unreadable or truncated"):
+        load_dataset(root)
+    (tmp_path / "empty" / "reach-v2").mkdir(parents=True)
+    with pytest.raises(DataError, match="0 episode files"):
+        load_dataset(tmp_path / "empty")
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="no folder for task 'push-v3'"):
+        load_dataset(root, ["push-v3"])
+    write_episode(tmp_path / "zero" / "reach-v2" / "0.npz", t=0)
+    for i in (1, 2):
+        write_episode(tmp_path / "zero" / "reach-v2" / f"{i}.npz")
+    with pytest.raises(DataError, match="0.npz: empty episode"):
+        load_dataset(tmp_path / "zero")
+
+
+def test_task_lists():
+    assert len(parse_tasks("MT50")) == 50 and parse_tasks("MT5") == parse_tasks("MT50")[:5]
+    assert parse_tasks("MT10")[0] == "reach-v3" and len(parse_tasks("MT30")) == 30
+    assert parse_tasks("reach-v2,push") == ["reach-v3", "push-v3"]
+    with pytest.raises(ValueError, match="nope"):
+        parse_tasks("reach-v3,nope")
+
+
+def test_data_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "harmodt.data", "inspect", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "harmodt.data", "generate", "--tasks", "MT7", "--episodes", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "MT7" in proc.stderr
