@@ -149,6 +149,19 @@ def test_masked_linear_row_layouts(name, ids):
     torch.testing.assert_close(tg1, tg2, **sums)
 
 
+@pytest.mark.parametrize("ids", [torch.arange(130) % 3, torch.full((130,), 1)])
+def test_masked_linear_large_matrix(ids):
+    # N*K above the kernel's threshold for parallel element-wise passes (expand, mask, accumulate)
+    case = _ml_case(1024, 600, 130, 3, 17, ids=ids)
+    y1, g1, tg1 = _run(cpu.masked_linear, *case)
+    y2, g2, tg2 = _run(ref.masked_linear, *case)
+    tol = dict(rtol=1e-5, atol=1e-4)  # sums over K=1024 products
+    torch.testing.assert_close(y1, y2, **tol)
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c, **tol)
+    torch.testing.assert_close(tg1, tg2, **tol)
+
+
 def test_masked_linear_no_task_grads_and_partial_grads():
     x, w, b, masks, ids, gy, _ = _ml_case(33, 5, 130, 3, 11)
     for need in ([True, False, False], [False, True, False], [False, False, True], [True, True, True]):
