@@ -43,6 +43,32 @@ def _flatten(trajs, mean, std, rtg_scale, max_ep_len) -> _Flat:
     )
 
 
+def sample_segments(flat: _Flat, n: int, length: int, generator: torch.Generator) -> dict:
+    """n windows of ``length`` steps (trajectories drawn in proportion to their length, start step
+    uniform in the trajectory), cut at the trajectory end and left-padded."""
+    traj = torch.multinomial(flat.probs, n, replacement=True, generator=generator)  # (n,)
+    lens = flat.lengths[traj]
+    si = (torch.rand(n, generator=generator) * lens).long()  # start step in [0, len)
+    real = torch.minimum(lens - si, torch.full_like(lens, length))  # steps available (n,)
+    off = torch.arange(length).unsqueeze(0) - (length - real).unsqueeze(1)  # (n, length), <0 = padding
+    valid = off >= 0
+    idx = flat.starts[traj].unsqueeze(1) + si.unsqueeze(1) + off.clamp(min=0)  # (n, length)
+    vf = valid.unsqueeze(-1).float()
+    return {
+        "states": flat.states[idx] * vf,  # (n, L, S)
+        "actions": flat.actions[idx] * vf,  # (n, L, A); padding actions are 0
+        "rtg": (flat.rtg[idx] * valid).unsqueeze(-1),  # (n, L, 1)
+        "timesteps": flat.timesteps[idx] * valid,  # (n, L)
+        "mask": valid,  # (n, L)
+    }
+
+
+def prompt_segment(trajs, mean, std, prompt_len: int, rtg_scale: float, max_ep_len: int, generator: torch.Generator) -> dict:
+    """One K*-step prompt (batch of 1) from prompt trajectories, normalized like training data."""
+    seg = sample_segments(_flatten(trajs, mean, std, rtg_scale, max_ep_len), 1, prompt_len, generator)
+    return {"prompt_" + k: v for k, v in seg.items()}
+
+
 class PromptDTBatcher:
     """Samples training batches for any set of tasks.
 
@@ -66,24 +92,6 @@ class PromptDTBatcher:
             self.data.append(_flatten(td.trajectories, mean, std, rtg_scale, max_ep_len))
             self.prompts.append(_flatten(td.prompts, mean, std, rtg_scale, max_ep_len))
 
-    def _segments(self, flat: _Flat, n: int, length: int):
-        """n windows of ``length`` steps ending inside a trajectory, left-padded. Returns dict."""
-        traj = torch.multinomial(flat.probs, n, replacement=True, generator=self.generator)  # (n,)
-        lens = flat.lengths[traj]
-        si = (torch.rand(n, generator=self.generator) * lens).long()  # start step in [0, len)
-        real = torch.minimum(lens - si, torch.full_like(lens, length))  # steps available (n,)
-        off = torch.arange(length).unsqueeze(0) - (length - real).unsqueeze(1)  # (n, length), <0 = padding
-        valid = off >= 0
-        idx = flat.starts[traj].unsqueeze(1) + si.unsqueeze(1) + off.clamp(min=0)  # (n, length)
-        vf = valid.unsqueeze(-1).float()
-        return {
-            "states": flat.states[idx] * vf,  # (n, L, S)
-            "actions": flat.actions[idx] * vf,  # (n, L, A); padding actions are 0
-            "rtg": (flat.rtg[idx] * valid).unsqueeze(-1),  # (n, L, 1)
-            "timesteps": flat.timesteps[idx] * valid,  # (n, L)
-            "mask": valid,  # (n, L)
-        }
-
     def sample(self, task_ids: list[int], batch_size: int) -> dict:
         """A batch of ``batch_size`` rows spread evenly over ``task_ids`` (one id = Algorithm 1)."""
         counts = [batch_size // len(task_ids) + (1 if i < batch_size % len(task_ids) else 0) for i in range(len(task_ids))]
@@ -91,25 +99,15 @@ class PromptDTBatcher:
         for tid, n in zip(task_ids, counts):
             if n == 0:
                 continue
-            seg = self._segments(self.data[tid], n, self.k)
+            seg = sample_segments(self.data[tid], n, self.k, self.generator)
             if self.kp > 0:
-                pr = self._segments(self.prompts[tid], n, self.kp)
+                pr = sample_segments(self.prompts[tid], n, self.kp, self.generator)
                 seg.update({"prompt_" + key: v for key, v in pr.items()})
             seg["task_ids"] = torch.full((n,), tid, dtype=torch.int64)
             parts.append(seg)
         if len(parts) == 1:
             return parts[0]
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-
-    def eval_prompt(self, tid: int, generator: torch.Generator) -> dict:
-        """One prompt segment for task ``tid`` (batch of 1), drawn with ``generator``."""
-        saved = self.generator
-        self.generator = generator
-        try:
-            pr = self._segments(self.prompts[tid], 1, self.kp)
-        finally:
-            self.generator = saved
-        return {"prompt_" + key: v for key, v in pr.items()}
 
     def normalize(self, tid: int, obs: np.ndarray) -> np.ndarray:
         name = self.tasks[tid]

@@ -1,0 +1,233 @@
+"""`python -m harmodt.evaluate CHECKPOINT`: batched evaluation on Meta-World v3.
+
+Every task x episode runs together: one synchronous vector env with one env per (task, episode),
+one model forward per timestep for all running episodes, each row through its own task's mask
+(Algorithm 1's inference stage, batched). Tasks the checkpoint was not trained on act through the
+voted mask of Eq. 13. The prompt's keys and values never depend on later tokens, so they are
+computed once per task and reused at every step. Episodes last 500 steps; an episode succeeds if
+it succeeds at any step; goals are random per episode but seeded.
+
+Unseen tasks: their prompt is a noise-free scripted-expert episode pair rolled out here (seeded),
+and their states are normalized with the mean of the training tasks' statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from .data.batches import prompt_segment
+from .model import MaskContext
+
+
+class EvalError(ValueError):
+    """A bad checkpoint, task list or option; printed as one line by the CLI."""
+
+
+def _expert_prompts(task: str, n: int, seed: int) -> list:
+    from .data.generate import rollout
+    from .envs import make_env, scripted_policy
+
+    env, expert, rng = make_env(task, seed), scripted_policy(task), np.random.default_rng(seed)
+    return [SimpleNamespace(**rollout(env, expert, rng, 0.0, 0.0)) for _ in range(n)]
+
+
+def _as_traj(d):
+    return d if hasattr(d, "observations") else SimpleNamespace(**{k: np.asarray(v) for k, v in d.items()})
+
+
+def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *, fused: bool = False,
+             backend: str = "auto", vote_threshold: int | None = None, batch_size: int | None = None,
+             max_steps: int = 500, progress: bool = True, precision: str = "fp32", target_return: float | None = None) -> dict:
+    """Run ``episodes`` episodes of every task in ``tasks``; see the module docstring.
+
+    ``batch_size``: rows (episodes) per forward; None = all at once, 1 = one episode at a time at
+    batch 1 (the official code's way, kept as a baseline).
+    """
+    from .envs import make_vector_env
+
+    trained = list(eval_info["tasks"])
+    cfg = model.cfg
+    use_prompt = model.use_prompt
+    unseen = [t for t in tasks if t not in trained]
+    if unseen and not use_prompt:
+        raise EvalError(f"MTDT identifies tasks by a learned ID and cannot act on unseen tasks: {', '.join(unseen)}")
+    rtg_scale = float(eval_info.get("rtg_scale", 1000.0))
+    target = float(target_return if target_return is not None else eval_info.get("target_return", 4500.0))
+
+    # per evaluated task: mask row, normalization, prompt keys/values
+    bool_masks = packed = None
+    vote_row = None
+    if task_masks is not None:
+        bool_masks = dict(task_masks.masks)
+        if unseen:
+            if vote_threshold is None:
+                raise EvalError("unseen tasks need --vote-threshold (Eq. 13)")
+            vote = task_masks.vote(vote_threshold)
+            bool_masks = {n: torch.cat([m, vote[n].unsqueeze(0)]) for n, m in bool_masks.items()}
+            vote_row = len(trained)
+        if fused:
+            import kernels
+
+            packed = {n: kernels.pack_masks(m) for n, m in bool_masks.items()}
+    mask_row = {t: (trained.index(t) if t in trained else vote_row) for t in tasks}
+    means = {t: np.asarray(eval_info["state_mean"][t], np.float32) for t in trained}
+    stds = {t: np.asarray(eval_info["state_std"][t], np.float32) for t in trained}
+    pooled_mean, pooled_std = np.mean(list(means.values()), 0), np.mean(list(stds.values()), 0)
+    mean = np.stack([means.get(t, pooled_mean) for t in tasks])  # (n_tasks, S)
+    std = np.stack([stds.get(t, pooled_std) for t in tasks])
+    embed_ids = torch.tensor([trained.index(t) if t in trained else 0 for t in tasks])  # MTDT task-ID rows
+
+    def ctx_for(rows_task_idx: torch.Tensor):
+        if bool_masks is None:
+            return None
+        ids = torch.tensor([mask_row[tasks[i]] for i in rows_task_idx.tolist()])
+        return MaskContext.for_tasks(bool_masks, ids, packed=packed, fused=fused, backend=backend)
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    was_training = model.training
+    model.eval()
+    prompt_kv = prompt_valid = None
+    if use_prompt:
+        g = torch.Generator().manual_seed(seed)
+        segs = []
+        for i, t in enumerate(tasks):
+            trajs = [_as_traj(p) for p in eval_info["prompts"][t]] if t in trained else _expert_prompts(t, 2, seed + 7919 * (i + 1))
+            segs.append(prompt_segment(trajs, mean[i], std[i], cfg.prompt_len, rtg_scale, cfg.max_ep_len, g))
+        prompt = {k: torch.cat([s[k] for s in segs]) for k in segs[0]}
+        with torch.inference_mode(), autocast:
+            prompt_kv, prompt_valid = model.encode_prompt(prompt, ctx_for(torch.arange(len(tasks))))
+
+    rows = torch.arange(len(tasks)).repeat_interleave(episodes)  # task index of every episode, task-major
+    n_rows = len(rows)
+    chunk = n_rows if not batch_size else batch_size
+    success = np.zeros(n_rows, bool)
+    returns = np.zeros(n_rows)
+    horizon = min(max_steps, 500)
+    env_steps, t_start = 0, time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(total=horizon * ((n_rows + chunk - 1) // chunk), disable=not progress, desc="evaluate", unit="step", dynamic_ncols=True)
+    for c0 in range(0, n_rows, chunk):
+        r = rows[c0 : c0 + chunk]
+        b = len(r)
+        envs = make_vector_env([tasks[i] for i in r.tolist()], [seed * 100_003 + c0 + j for j in range(b)])
+        obs, _ = envs.reset(seed=None)
+        ctx = ctx_for(r)
+        kv = None if prompt_kv is None else [(k[r], v[r]) for k, v in prompt_kv]
+        pvalid = None if prompt_valid is None else prompt_valid[r]
+        m_rows, s_rows = torch.from_numpy(mean[r.numpy()]), torch.from_numpy(std[r.numpy()])
+        states = torch.zeros(b, horizon, cfg.state_dim)
+        actions = torch.zeros(b, horizon, cfg.act_dim)
+        rtg = torch.zeros(b, horizon, 1)
+        rtg_now = torch.full((b,), target / rtg_scale)
+        ids = embed_ids[r]
+        for t in range(horizon):
+            states[:, t] = (torch.from_numpy(np.asarray(obs, dtype=np.float32)) - m_rows) / s_rows
+            rtg[:, t, 0] = rtg_now
+            lo = max(0, t - cfg.context_len + 1)
+            ts = torch.arange(lo, t + 1).clamp(max=cfg.max_ep_len - 1).expand(b, -1)
+            with torch.inference_mode(), autocast:
+                act = model.act(states[:, lo : t + 1], actions[:, lo : t + 1], rtg[:, lo : t + 1], ts, ids, ctx, kv, pvalid)
+            act = act.float()
+            actions[:, t] = act
+            obs, rew, _, _, info = envs.step(act.numpy().astype(np.float64))
+            returns[c0 : c0 + b] += rew
+            rtg_now = rtg_now - torch.from_numpy(np.asarray(rew, dtype=np.float32)) / rtg_scale
+            if "success" in info:
+                success[c0 : c0 + b] |= np.asarray(info["success"], dtype=float) > 0
+            env_steps += b
+            bar.update(1)
+        envs.close()
+    bar.close()
+    model.train(was_training)
+    seconds = time.perf_counter() - t_start
+    per_task = {}
+    for i, t in enumerate(tasks):
+        sel = (rows == i).numpy()
+        per_task[t] = {"success": float(success[sel].mean()), "return": float(returns[sel].mean()), "episodes": int(sel.sum()),
+                       "mask": "trained" if t in trained else ("voted" if vote_row is not None else "none")}
+    return {"tasks": per_task, "mean_success": float(np.mean([v["success"] for v in per_task.values()])),
+            "env_steps": env_steps, "seconds": seconds, "env_steps_per_s": env_steps / max(seconds, 1e-9)}
+
+
+def load_checkpoint(path: str):
+    """Model, TaskMasks (or None), eval_info, config dict and step from a training checkpoint."""
+    from .config import ModelConfig
+    from .masks import TaskMasks
+    from .model import build_model
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise EvalError(f"{path}: checkpoint not found") from None
+    except Exception as exc:  # corrupt / truncated / not a torch file
+        raise EvalError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ck, dict) or not {"model", "config", "eval_info"} <= set(ck):
+        raise EvalError(f"{path}: not a harmodt training checkpoint (needs model, config, eval_info)")
+    cfg = ck["config"]
+    tasks = ck["eval_info"]["tasks"]
+    model = build_model(ModelConfig(**cfg["model"]), len(tasks), cfg["method"])
+    model.load_state_dict(ck["model"])
+    masks = TaskMasks.from_per_task(ck["masks"], tasks) if ck.get("masks") else None
+    return model, masks, ck["eval_info"], cfg, int(ck.get("step", 0))
+
+
+def print_table(results: dict, file=sys.stdout) -> None:
+    w = max([len(n) for n in results["tasks"]] + [4])
+    print(f"{'task':<{w}}  success   return  mask", file=file)
+    for name, r in results["tasks"].items():
+        print(f"{name:<{w}}  {r['success']:7.2f}  {r['return']:8.1f}  {r.get('mask', '')}", file=file)
+    print(f"{'mean':<{w}}  {results['mean_success']:7.2f}", file=file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harmodt.evaluate", description="Evaluate a harmodt checkpoint on Meta-World v3 (batched).")
+    p.add_argument("checkpoint", help="checkpoint.pt written by harmodt.train")
+    p.add_argument("--tasks", default=None, help="tasks to evaluate (default: the checkpoint's); unseen tasks use the voted mask")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per task")
+    p.add_argument("--out", default=None, help="write results JSON here")
+    p.add_argument("--seed", type=int, default=12345, help="seed for goals and prompts")
+    p.add_argument("--fused", action="store_true", help="masked linears through kernels.masked_linear")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"], help="kernel backend with --fused")
+    p.add_argument("--vote-threshold", type=int, default=None, help="Eq. 13 threshold for unseen tasks (default: the training config's)")
+    p.add_argument("--target-return", type=float, default=None, help="initial return-to-go (default: the training config's, 4500)")
+    p.add_argument("--batch-size", type=int, default=None, help="episodes per forward (default: all at once; 1 = sequential)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        from .tasks import parse_tasks
+
+        if args.episodes < 1:
+            raise EvalError("--episodes must be at least 1")
+        model, masks, info, cfg, step = load_checkpoint(args.checkpoint)
+        try:
+            tasks = parse_tasks(args.tasks) if args.tasks else list(info["tasks"])
+        except ValueError as exc:
+            raise EvalError(f"--tasks: {exc}") from None
+        threshold = args.vote_threshold if args.vote_threshold is not None else cfg["masks"]["vote_threshold"]
+        res = evaluate(model, masks, info, tasks, args.episodes, args.seed, fused=args.fused, backend=args.backend,
+                       vote_threshold=threshold, batch_size=args.batch_size, progress=not args.no_progress,
+                       precision=args.precision, target_return=args.target_return)
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_table(res)
+    print(f"{res['env_steps']} env steps in {res['seconds']:.1f} s ({res['env_steps_per_s']:.0f} env-steps/s)")
+    if args.out:
+        out = {"method": cfg["method"], "tasks": {t: {"success": r["success"], "return": r["return"]} for t, r in res["tasks"].items()},
+               "mean_success": res["mean_success"], "steps": step}
+        with open(args.out, "w") as fh:
+            json.dump(out, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
