@@ -34,7 +34,7 @@ def test_native_matches_plain_path():
     plain, opt_p = run(False)
     native, opt_n = run(True)
     for (wp, bp), (wn, bn) in zip(plain, native):
-        torch.testing.assert_close(wn, wp, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(wn, wp, rtol=1e-5, atol=1e-6)  # updates are ~1e-2: float reordering only
         torch.testing.assert_close(bn, bp, rtol=0, atol=0)
     sp = opt_p.state_dict()["state"][0]
     sn = opt_n.state_dict()["state"][0]
