@@ -38,8 +38,8 @@ def test_native_matches_plain_path():
         torch.testing.assert_close(bn, bp, rtol=0, atol=0)
     sp = opt_p.state_dict()["state"][0]
     sn = opt_n.state_dict()["state"][0]
-    torch.testing.assert_close(sn["exp_avg"], sp["exp_avg"], rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(sn["exp_avg_sq"], sp["exp_avg_sq"], rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(sn["exp_avg"], sp["exp_avg"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sn["exp_avg_sq"], sp["exp_avg_sq"], rtol=1e-4, atol=1e-7)
     assert float(sn["step"]) == float(sp["step"]) == 6
 
 
