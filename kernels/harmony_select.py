@@ -1,0 +1,125 @@
+"""Algorithm 2's selection for all tasks in Triton, without a [T, P] score array.
+
+One launch scores every (task, block of weights) pair: the harmony score H on active weights
+(+inf on masked ones) and the recovery score g_i * ghat on masked weights, and keeps each block's
+``KC = next_pow2(min(k, BLOCK))`` best candidates of each kind with ``tl.topk`` on a packed
+sortable int64 key (order-preserving float bits in the high 33-bit field, the weight index in the
+low 31 bits, so ties go to the lowest index exactly as the reference's stable sort). A small final pass
+over the candidates only (``[T, n_blocks * KC]``) picks ``k_i = min(k, #active_i, #masked_i)``
+per task and flips the bits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import num_words, unpack_masks
+
+BLOCK = 1024  # weights per program on GPU
+INTERPRET_BLOCK = 128  # smaller blocks keep the CPU interpreter fast
+
+
+@triton.jit
+def _sortable(f):
+    """fp32 -> int64 in [0, 2^32) with the same order (-0.0 and +0.0 made equal first)."""
+    f = f + 0.0  # -0.0 -> +0.0, as the reference's comparisons treat them
+    bits = f.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    return tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000)
+
+
+@triton.jit
+def _candidates_kernel(mg_ptr, g_ptr, ghat_ptr, p_ptr, m_ptr, hkey_ptr, rkey_ptr, P, W, lam,
+                       stride_mg, stride_g, stride_m, n_blocks,
+                       FISHER: tl.constexpr, BLOCK: tl.constexpr, KC: tl.constexpr):
+    task = tl.program_id(0)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < P
+    gbar = tl.load(mg_ptr + task * stride_mg + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + task * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
+    ghat = tl.load(ghat_ptr + offs, mask=ok, other=0.0)
+    word = tl.load(m_ptr + task * stride_m + offs // 32, mask=ok, other=0)
+    active = ((word >> (offs % 32)) & 1) != 0
+    if FISHER:
+        imp = gbar * gbar
+    else:
+        imp = tl.abs(tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32))
+    h = gbar * ghat + lam * imp
+    rec = -(g * ghat)  # ascending key = descending recovery score
+    idx = offs.to(tl.int64)
+    hkey = tl.where(active & ok, (_sortable(h) << 31) | idx, 0x7FFFFFFFFFFFFFFF)
+    rkey = tl.where((~active) & ok, (_sortable(rec) << 31) | idx, 0x7FFFFFFFFFFFFFFF)
+    out = (task * n_blocks + blk) * KC + tl.arange(0, KC)
+    tl.store(hkey_ptr + out, tl.topk(hkey, KC, descending=False))
+    tl.store(rkey_ptr + out, tl.topk(rkey, KC, descending=False))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def triton_harmony_select(masked_grads, grads, params, masks, k, lam, importance="magnitude"):
+    """See :func:`kernels.reference.harmony_select`."""
+    if importance not in ("magnitude", "fisher"):
+        raise ValueError(f"importance must be 'magnitude' or 'fisher', got {importance!r}")
+    t, p = masked_grads.shape
+    if grads.shape != (t, p) or params.shape != (p,):
+        raise ValueError(f"harmony_select: masked_grads {tuple(masked_grads.shape)}, grads {tuple(grads.shape)}, "
+                         f"params {tuple(params.shape)} must be [T, P], [T, P], [P]")
+    if masks.dtype != torch.int32 or masks.shape != (t, num_words(p)):
+        raise ValueError(f"harmony_select: masks must be int32 [{t}, {num_words(p)}], got {masks.dtype} {tuple(masks.shape)}")
+    k = int(k)
+    masks = masks.contiguous()
+    if k <= 0 or p == 0:
+        return masks.clone()
+    mg, g, prm = masked_grads.contiguous(), grads.contiguous(), params.contiguous()
+    ghat = mg.float().mean(0)  # (P,): one vector, not a [T, P] array
+    block = INTERPRET_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+    if p >= 2**31:
+        raise ValueError(f"harmony_select: P={p} does not fit the 31-bit index of the sort key")
+    n_blocks = triton.cdiv(p, block)
+    kc = _next_pow2(min(k, block))
+    hkeys = torch.empty(t, n_blocks * kc, dtype=torch.int64, device=mg.device)
+    rkeys = torch.empty_like(hkeys)
+    _candidates_kernel[(t, n_blocks)](mg, g, ghat, prm, masks, hkeys, rkeys, p, masks.shape[1], float(lam),
+                                      mg.stride(0), g.stride(0), masks.stride(0), n_blocks,
+                                      FISHER=importance == "fisher", BLOCK=block, KC=kc)
+    # final pass over the candidates only: the k_i smallest keys per task
+    n_active = unpack_masks(masks, p).sum(1) if p <= 1 << 22 else _popcount_rows(masks)
+    kk = torch.clamp(torch.minimum(n_active, p - n_active), max=k)  # (T,)
+    kmax = int(kk.max())
+    new = masks.clone()
+    if kmax == 0:
+        return new
+    take = min(kmax, hkeys.shape[1])
+    hsel = torch.topk(hkeys, take, dim=1, largest=False, sorted=True).values
+    rsel = torch.topk(rkeys, take, dim=1, largest=False, sorted=True).values
+    keep = torch.arange(take, device=mg.device).unsqueeze(0) < kk.unsqueeze(1)  # (T, take)
+    rows = torch.arange(t, device=mg.device).unsqueeze(1).expand(-1, take)
+    for keys, turn_on in ((hsel, False), (rsel, True)):
+        idx = (keys & 0x7FFFFFFF)[keep]
+        r = rows[keep]
+        bit = torch.ones_like(idx) << (idx % 32)
+        bit = torch.where(bit >= 2**31, bit - 2**32, bit).to(torch.int32)
+        w = (idx // 32)
+        flat = new.view(-1)
+        pos = r * new.shape[1] + w
+        # several flips can hit one word: combine them per word first
+        uniq, inv = torch.unique(pos, return_inverse=True)
+        acc = torch.zeros(len(uniq), dtype=torch.int64, device=mg.device).index_add_(0, inv, (bit.to(torch.int64) & 0xFFFFFFFF))
+        acc = torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+        flat[uniq] = (flat[uniq] | acc) if turn_on else (flat[uniq] & ~acc)
+    return new
+
+
+def _popcount_rows(masks: torch.Tensor) -> torch.Tensor:
+    """Active weights per task from packed words, without unpacking all of them at once."""
+    out = torch.zeros(masks.shape[0], dtype=torch.int64, device=masks.device)
+    w = masks.to(torch.int64) & 0xFFFFFFFF
+    for s in range(32):
+        out += ((w >> s) & 1).sum(1)
+    return out
