@@ -128,7 +128,7 @@ def masked_linear(x, weight, bias, masks, task_ids, backend: str = "auto", task_
     """
     b = resolve_backend(backend, x.device, "masked_linear")
     if b == "triton":
-        from .masked_linear import triton_masked_linear
+        from .triton_masked_linear import triton_masked_linear
 
         return triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
     if b == "cpu":
@@ -145,7 +145,7 @@ def harmony_select(masked_grads, grads, params, masks, k, lam, importance="magni
     """
     b = resolve_backend(backend, masked_grads.device, "harmony_select")
     if b == "triton":
-        from .harmony_select import triton_harmony_select
+        from .triton_harmony_select import triton_harmony_select
 
         return triton_harmony_select(masked_grads, grads, params, masks, k, lam, importance)
     if b == "cpu":
