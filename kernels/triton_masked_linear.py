@@ -19,11 +19,20 @@ import triton.language as tl
 
 from .reference import num_words
 
-BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32  # row tile (one task), output tile, reduction tile (multiple of 32)
+BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32  # interpreter tiles: row tile (one task), output tile, reduction tile
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_config(n: int, k: int) -> tuple[int, int, int]:
+    """(BM, BN, BK) keyed on the layer's size: small tiles under the interpreter; on GPU 64-row
+    task tiles, wider output tiles for wide layers (qkv 768, fc 1024) and deeper reduction tiles
+    for long ones (K >= 256). BK is a multiple of 32 (one packed mask word per 32 columns)."""
+    if _interpreting():
+        return BLOCK_M, BLOCK_N, BLOCK_K
+    return 64, (128 if n >= 512 else 64), (64 if k >= 256 else 32)
 
 
 @triton.jit
@@ -173,16 +182,18 @@ class _MaskedLinear(torch.autograd.Function):
         masks = masks.contiguous()
         r, k = x.shape
         n = weight.shape[0]
-        order, tiles = _segments(task_ids, masks.shape[0], BLOCK_M)
+        bm, bn, bk = block_config(n, k)
+        order, tiles = _segments(task_ids, masks.shape[0], bm)
         y = torch.empty(r, n, device=x.device, dtype=x.dtype)
         if len(tiles):
-            grid = (len(tiles), triton.cdiv(n, BLOCK_N))
+            grid = (len(tiles), triton.cdiv(n, bn))
             _fwd_kernel[grid](x, weight, bias if bias is not None else weight, masks, y, order, tiles, n, k, masks.shape[2],
                               x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1),
                               y.stride(0), y.stride(1), HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype),
-                              BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)
+                              BM=bm, BN=bn, BK=bk)
         ctx.save_for_backward(x, weight, masks, order, tiles)
         ctx.has_bias = bias is not None
+        ctx.blocks = (bm, bn, bk)
         ctx.task_grads = task_grads
         return y
 
@@ -193,21 +204,22 @@ class _MaskedLinear(torch.autograd.Function):
         n = weight.shape[0]
         dx = dw = db = None
         prec = _precision(x.dtype)
+        bm, bn, bk = ctx.blocks
         if ctx.needs_input_grad[0]:
             dx = torch.zeros_like(x) if not len(tiles) else torch.empty_like(x)
             if len(tiles):
-                _dx_kernel[(len(tiles), triton.cdiv(k, BLOCK_K))](
+                _dx_kernel[(len(tiles), triton.cdiv(k, bk))](
                     dy, weight, masks, dx, order, tiles, n, k, masks.shape[2], dy.stride(0), dy.stride(1),
                     weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), dx.stride(0), dx.stride(1),
-                    PRECISION=prec, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)
+                    PRECISION=prec, BM=bm, BN=bn, BK=bk)
         if ctx.needs_input_grad[1] or ctx.task_grads is not None:
             dw = torch.empty_like(weight)
             tg = ctx.task_grads
-            _dw_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))](
+            _dw_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
                 dy, x, masks, dw, tg if tg is not None else dw, order, tiles, len(tiles), n, k, masks.shape[2],
                 dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), masks.stride(0), masks.stride(1), dw.stride(0), dw.stride(1),
                 *(tg.stride() if tg is not None else (0, 0, 0)),
-                HAS_TG=tg is not None, PRECISION=prec, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)
+                HAS_TG=tg is not None, PRECISION=prec, BM=bm, BN=bn, BK=bk)
             if not ctx.needs_input_grad[1]:
                 dw = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
