@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .reference import num_words, unpack_masks
 
-BLOCK = 1024  # weights per program on GPU
+BLOCK = 4096  # weights per program on GPU (candidates: T * P * KC / BLOCK keys)
 INTERPRET_BLOCK = 128  # smaller blocks keep the CPU interpreter fast
 
 

@@ -1,0 +1,62 @@
+"""Evaluation throughput at the paper's model size (Table 6; random weights, ERK masks at S=0.2):
+MT10 x 10 episodes in one batch vs a batch-1 episode-by-episode loop over the same model,
+measured in the same run. Targets: batched >= 250 env-steps/s in fp32 (simulator included) and
+>= 2.5x the batch-1 loop.
+
+Both paths run a shortened horizon (HARMODT_BENCH_EVAL_STEPS, default 100 steps; the history
+window is full from step 20 on, so the per-step cost is the steady-state one); env-steps/s is
+reported as measured on that horizon.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from harmodt.config import ModelConfig
+from harmodt.evaluate import evaluate
+from harmodt.masks import TaskMasks
+from harmodt.model import build_model
+from harmodt.tasks import MT10
+
+STEPS = int(os.environ.get("HARMODT_BENCH_EVAL_STEPS", "100"))
+
+
+def _setup():
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    model = build_model(cfg, len(MT10), "harmodt-f")
+    shapes = {n: tuple(w.shape) for n, w in model.masked_weights().items()}
+    masks = TaskMasks.erk(shapes, len(MT10), 0.2, torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    prompt = lambda: {"observations": rng.normal(size=(500, 39)).astype(np.float32),  # noqa: E731
+                      "actions": rng.uniform(-1, 1, (500, 4)).astype(np.float32), "rewards": rng.uniform(0, 10, 500).astype(np.float32)}
+    info = {"tasks": list(MT10), "state_mean": {t: np.zeros(39, np.float32) for t in MT10},
+            "state_std": {t: np.ones(39, np.float32) for t in MT10}, "prompts": {t: [prompt(), prompt()] for t in MT10},
+            "rtg_scale": 1000.0, "target_return": 4500.0}
+    return model, masks, info
+
+
+def test_eval_batched_vs_batch1(benchmark):
+    model, masks, info = _setup()
+    # batch-1 loop: 2 episodes (of 2 tasks), one at a time
+    seq = evaluate(model, masks, info, MT10[:2], 1, seed=0, batch_size=1, max_steps=STEPS, progress=False)
+    res = {}
+
+    def batched():
+        res.update(evaluate(model, masks, info, MT10, 10, seed=0, max_steps=STEPS, progress=False))
+
+    benchmark.pedantic(batched, rounds=1, iterations=1)
+    benchmark.extra_info.update({
+        "batched_env_steps_per_s": round(res["env_steps_per_s"], 1),
+        "batch1_env_steps_per_s": round(seq["env_steps_per_s"], 1),
+        "ratio_batched_over_batch1": round(res["env_steps_per_s"] / seq["env_steps_per_s"], 2),
+        "horizon_steps": STEPS,
+        "rows": 100,
+        "targets": ">= 250 env-steps/s batched, >= 2.5x batch-1",
+    })
+    print(f"\nbatched {res['env_steps_per_s']:.0f} env-steps/s, batch-1 {seq['env_steps_per_s']:.0f} env-steps/s, "
+          f"ratio {res['env_steps_per_s'] / seq['env_steps_per_s']:.2f}")
+    assert res["env_steps"] == 100 * STEPS
