@@ -157,3 +157,23 @@ def test_no_arguments_selects_embedded_default_and_preset_paper():
     assert cfg.tasks == "MT50" and cfg.model.n_layer == 6 and cfg.masks.sparsity == 0.2 and cfg.masks.update_every == 5000
     cfg = parse_args(["--preset", "paper-mt50", "--sparsity", "0.3", "--n-layer", "4"])
     assert cfg.masks.sparsity == 0.3 and cfg.model.n_layer == 4
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fused_training_matches_reference_path(tmp_path, backend):
+    """--fused (kernels.masked_linear + kernels.harmony_select) gives the same losses and masks."""
+    losses, masks = {}, {}
+    for fused in (False, True):
+        cfg = tiny_cfg(tmp_path, steps=8, fused=fused, backend=backend if fused else "auto", tasks_per_batch=2,
+                       model=ModelConfig(n_layer=1, n_head=2, n_embd=16, context_len=4, prompt_len=2))  # small P: the interpreter is slow
+        tr = Trainer(cfg, datasets(TASKS))
+        out = []
+        for step in range(8):
+            if step == 4:
+                tr.mask_update()
+            out.append(tr.train_step(tr.sample_tasks()))
+        losses[fused] = out
+        masks[fused] = tr.task_masks.masks
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-6)
+    for n in masks[False]:
+        assert torch.equal(masks[True][n], masks[False][n]), n
