@@ -84,6 +84,7 @@ setup(
         "mujoco>=3.0",
         "tqdm>=4.60",
         "tensorboard>=2.10",
+        "matplotlib>=3.5",
     ],
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

@@ -5,11 +5,12 @@ We mimic that with a per-episode curriculum over each task's E episodes. Episode
 progress ``u = e / (E - 1)`` and, at every step, takes a uniformly random action in [-1, 1]^4 with
 probability
 
-    eps(u) = clip(1 - (u / 0.8)^2, 0, 1)
+    eps(u) = clip(1 - u / 0.8, 0, 1)
 
-and otherwise the scripted expert's action plus Gaussian noise N(0, 0.1^2) (clipped to [-1, 1]).
-So the first episodes are almost uniformly random, the middle ones a mix, and the last 20% are
-the (slightly noisy) expert. Gaussian noise alone cannot give random-level behaviour (the
+and otherwise the scripted expert's action plus Gaussian noise N(0, 0.1^2) (clipped to [-1, 1]);
+the last 20% of the episodes (eps = 0) are the noise-free expert. So the first episodes are
+almost uniformly random, the middle ones a mix of random and noisy expert behaviour, and the
+tail is expert (like the converged end of a SAC replay buffer). Gaussian noise alone cannot give random-level behaviour (the
 experts correct themselves every step; at sigma = 3 MT10 still succeeds 60% of the time), hence
 the random-action mixing. Goals are random per episode (MT50-rand, see ``harmodt.envs``).
 
@@ -38,13 +39,13 @@ from .formats import FORMAT_VERSION, sha256
 
 SIGMA = 0.1  # Gaussian noise on expert actions
 EXPERT_FRACTION = 0.2  # the last 20% of episodes have eps = 0
-CURRICULUM = "eps(u) = clip(1 - (u / 0.8)^2, 0, 1), u = episode / (E - 1); expert + N(0, 0.1^2) otherwise"
+CURRICULUM = "eps(u) = clip(1 - u / 0.8, 0, 1), u = episode / (E - 1); otherwise expert + N(0, 0.1^2) while eps > 0, noise-free expert once eps = 0"
 
 
 def epsilon(e: int, n: int) -> float:
     """Probability of a uniformly random action in episode ``e`` of ``n``."""
     u = e / max(n - 1, 1)
-    return float(np.clip(1.0 - (u / (1.0 - EXPERT_FRACTION)) ** 2, 0.0, 1.0))
+    return float(np.clip(1.0 - u / (1.0 - EXPERT_FRACTION), 0.0, 1.0))
 
 
 def rollout(env, expert, rng: np.random.Generator, eps: float, sigma: float) -> dict:
@@ -105,7 +106,7 @@ def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes
     eps_list = [epsilon(e, episodes) for e in range(episodes)]
     data = []
     for e in range(episodes):
-        data.append(rollout(env, expert, rng, eps_list[e], SIGMA))
+        data.append(rollout(env, expert, rng, eps_list[e], SIGMA if eps_list[e] > 0 else 0.0))
         if queue is not None:
             queue.put(1)
     penv = make_env(task, (tseed + 1_000_003) % (2**31))
