@@ -203,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
+        from .runtime import keep_freed_memory
         from .tasks import parse_tasks
+
+        keep_freed_memory()
 
         if args.episodes < 1:
             raise EvalError("--episodes must be at least 1")

@@ -70,10 +70,29 @@ class Dropout(nn.Dropout):
         return x * _keep_mask(x.shape, self.p) * (1.0 / (1.0 - self.p))
 
 
+class _MaskedWeight(torch.autograd.Function):
+    """``W * M`` written into a reused buffer (no fresh allocation per step), with the backward
+    ``grad * M`` done in place on the incoming gradient (Eq. 4). Autograd's version counter
+    catches a second forward overwriting the buffer before the first one's backward."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, holder):
+        ctx.save_for_backward(mask)
+        buf = holder[0]  # passed in a list so autograd does not track it as an input
+        torch.where(mask, weight, weight.new_zeros(()), out=buf)
+        return buf
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad.masked_fill_(~mask, 0.0) if grad.is_contiguous() else torch.where(mask, grad, 0.0), None, None
+
+
 class MaskedLinear(nn.Linear):
     """A linear layer whose weight is seen through the current task's binary mask."""
 
     mask_key: str = ""  # the parameter name used as key in the mask store (set by the model)
+    _w_eff: torch.Tensor | None = None  # reused buffer for W * M on the single-task training path
 
     def forward(self, x: torch.Tensor, ctx: MaskContext | None = None) -> torch.Tensor:  # (B, T, K) -> (B, T, N)
         if ctx is None or self.mask_key not in ctx.bool_masks:
@@ -88,7 +107,12 @@ class MaskedLinear(nn.Linear):
             return y.view(b, t, -1)
         masks = ctx.bool_masks[self.mask_key]
         if ctx.single_task is not None and ctx.task_grads is None:
-            w_eff = torch.where(masks[ctx.single_task], self.weight, self.weight.new_zeros(()))  # (N, K)
+            if torch.is_grad_enabled() and self.weight.requires_grad and x.device.type == "cpu":
+                if self._w_eff is None or self._w_eff.shape != self.weight.shape or self._w_eff.dtype != self.weight.dtype:
+                    self._w_eff = torch.empty_like(self.weight, requires_grad=False)
+                w_eff = _MaskedWeight.apply(self.weight, masks[ctx.single_task], [self._w_eff])  # (N, K)
+            else:
+                w_eff = torch.where(masks[ctx.single_task], self.weight, self.weight.new_zeros(()))  # (N, K)
             return F.linear(x, w_eff, self.bias)
         row_ids = ctx.task_ids.repeat_interleave(t)
         grads = None if ctx.task_grads is None else ctx.task_grads.get(self.mask_key)

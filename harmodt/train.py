@@ -23,6 +23,7 @@ from .data.batches import PromptDTBatcher
 from .masks import TaskMasks, alpha_schedule, harmony_score
 from .model import MaskContext, build_model
 from .optim import MaskedAdamW
+from .runtime import keep_freed_memory
 from .tasks import parse_tasks
 
 
@@ -233,6 +234,7 @@ def print_table(results: dict, file=sys.stdout) -> None:
 
 
 def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
+    keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)

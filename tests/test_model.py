@@ -87,3 +87,31 @@ def test_fused_reference_backend_matches_plain_path():
     plain = m(batch, MaskContext.for_tasks(tm.masks, batch["task_ids"]))
     fused = m(batch, MaskContext.for_tasks(tm.masks, batch["task_ids"], packed=tm.packed(), fused=True, backend="reference"))
     torch.testing.assert_close(plain, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_reused_masked_weight_buffer_is_safe():
+    """The single-task path writes W*M into a reused buffer: gradients match a fresh computation,
+    and a second forward before the first backward is caught, not silently wrong."""
+    b, m = setup()
+    m.train()
+    shapes = {n: tuple(w.shape) for n, w in m.masked_weights().items()}
+    tm = TaskMasks.erk(shapes, 2, 0.3, torch.Generator().manual_seed(0))
+    batch = b.sample([1], 3)
+    ctx = MaskContext.for_tasks(tm.masks, batch["task_ids"])
+    for _ in range(2):  # the second round reuses the buffers
+        m.zero_grad()
+        m(batch, ctx).square().sum().backward()
+        grads = {n: w.grad.clone() for n, w in m.masked_weights().items()}
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    m2 = build_model(CFG, 2, "prompt-dt").train()
+    m2.load_state_dict(ref)
+    with torch.no_grad():
+        for n, w in m2.masked_weights().items():
+            w.mul_(tm.masks[n][1])
+    m2(batch).square().sum().backward()
+    for n, w in m2.masked_weights().items():
+        torch.testing.assert_close(grads[n], w.grad * tm.masks[n][1], rtol=1e-5, atol=1e-7)
+    first = m(batch, ctx).sum()
+    m(batch, ctx).sum()  # overwrites the buffers the first graph saved
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()

@@ -1,0 +1,29 @@
+"""Process-level speed settings for CPU training and evaluation."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory(enabled: bool = True) -> bool:
+    """Ask glibc's malloc to keep freed blocks instead of returning them to the OS.
+
+    PyTorch's CPU allocator calls malloc/free for every activation and gradient; blocks above
+    glibc's mmap threshold are unmapped on free and page-faulted in again on the next step,
+    which costs ~15 % of a paper-size training step here. Raising the mmap threshold to its
+    maximum (32 MiB) and the trim threshold keeps them in the heap for reuse. Returns whether it
+    applied (glibc only; elsewhere a no-op).
+    """
+    if not enabled or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    ok = libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+    ok &= libc.mallopt(M_TRIM_THRESHOLD, 1024 * 1024 * 1024)
+    ok &= libc.mallopt(M_TOP_PAD, 64 * 1024 * 1024)
+    return bool(ok)
