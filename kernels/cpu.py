@@ -107,7 +107,7 @@ def _ops():
 def build(build_dir: str | os.PathLike | None = None, verbose: bool = False) -> Path:
     """Configure and build the library with CMake from a source checkout; returns its path.
 
-    Used by `setup.py`'s logic's by-hand equivalent and by the tests when the library is missing.
+    The same CMake run as `setup.py`'s; the tests call it when the library is missing.
     """
     if not (_SOURCE_ROOT / "CMakeLists.txt").is_file():
         raise RuntimeError(f"no CMakeLists.txt in {_SOURCE_ROOT}: build() needs a source checkout")
