@@ -87,7 +87,8 @@ def triton_harmony_select(masked_grads, grads, params, masks, k, lam, importance
     rkeys = torch.empty_like(hkeys)
     _candidates_kernel[(t, n_blocks)](mg, g, ghat, prm, masks, hkeys, rkeys, p, masks.shape[1], float(lam),
                                       mg.stride(0), g.stride(0), masks.stride(0), n_blocks,
-                                      FISHER=importance == "fisher", BLOCK=block, KC=kc)
+                                      FISHER=importance == "fisher", BLOCK=block, KC=kc,
+                                      enable_fp_fusion=False)  # no FMA: H rounds as the reference's separate ops
     # final pass over the candidates only: the k_i smallest keys per task
     n_active = unpack_masks(masks, p).sum(1) if p <= 1 << 22 else _popcount_rows(masks)
     kk = torch.clamp(torch.minimum(n_active, p - n_active), max=k)  # (T,)

@@ -165,7 +165,10 @@ def _check(x, weight, bias, masks, task_ids, task_grads):
         raise ValueError(f"masked_linear: task_ids must lie in [0, {masks.shape[0]})")
     if task_grads is not None and (task_grads.shape != (masks.shape[0], n, k) or task_grads.dtype != torch.float32):
         raise ValueError(f"masked_linear: task_grads must be float32 [{masks.shape[0]}, {n}, {k}], got {task_grads.dtype} {tuple(task_grads.shape)}")
-    devs = {t.device for t in (x, weight, masks, task_ids) if t is not None}
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"masked_linear: x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}, "
+                         f"{None if bias is None else bias.dtype}")
+    devs = {t.device for t in (x, weight, bias, masks, task_ids, task_grads) if t is not None}
     if len(devs) != 1:
         raise ValueError(f"masked_linear: all tensors must be on one device, got {sorted(map(str, devs))}")
 

@@ -87,6 +87,8 @@ def test_masked_linear_rejects_bad_shapes():
         kernels.masked_linear(x, w, b, m, tid + 5, backend="triton")
     with pytest.raises(ValueError, match="x has K=40"):
         kernels.masked_linear(x, w[:, :10], b, m, tid, backend="triton")
+    with pytest.raises(ValueError, match="share a dtype"):
+        kernels.masked_linear(x, w.double(), b, m, tid, backend="triton")
 
 
 def _select_inputs(t, p, seed, ints):
