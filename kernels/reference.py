@@ -67,8 +67,8 @@ def masked_linear(
     x ``[R, K]``, weight ``[N, K]``, bias ``[N]`` or None, masks ``[T, N, ceil(K/32)]`` int32
     (packed) or ``[T, N, K]`` bool, task_ids ``[R]`` int64 in ``[0, T)``.
 
-    The masked weight copies of the tasks present in ``task_ids`` are materialized (that is what
-    the fused kernels avoid); autograd then gives ``dX[r] = dY[r] @ (W*M_t)``,
+    The masked weight copies of the tasks present in ``task_ids`` are materialized, one per task
+    (that is what the fused kernels avoid); autograd then gives ``dX[r] = dY[r] @ (W*M_t)``,
     ``dW = sum_t M_t * (dY_t^T X_t)`` and ``db = sum_r dY[r]``.
 
     ``task_grads``: optional fp32 ``[T, N, K]`` buffer; on backward the per-task *unmasked*
@@ -83,20 +83,22 @@ def masked_linear(
     bmask = _as_bool_masks(masks, k)
     if bmask.shape[:2] != (bmask.shape[0], n):
         raise ValueError(f"masked_linear: masks {tuple(masks.shape)} do not match weight {tuple(weight.shape)}")
-    present = torch.unique(task_ids).tolist()
+    counts = torch.bincount(task_ids, minlength=bmask.shape[0])
+    present = counts.nonzero().flatten().tolist()
     if len(present) == 1 and task_grads is None:
         w_eff = torch.where(bmask[present[0]], weight, weight.new_zeros(()))  # (N, K)
         return F.linear(x, w_eff, bias)
-    y = x.new_empty(r, n)
-    for t in present:
-        rows = (task_ids == t).nonzero(as_tuple=True)[0]
-        w_eff = torch.where(bmask[t], weight, weight.new_zeros(()))  # (N, K)
+    order = torch.argsort(task_ids, stable=True)  # rows grouped by task
+    xs = x.index_select(0, order)
+    parts, start = [], 0
+    for t, c in zip(present, counts[present].tolist()):
+        w_eff = torch.where(bmask[t], weight, weight.new_zeros(()))  # (N, K): one masked copy per task present
         if task_grads is not None and w_eff.requires_grad:
             w_eff.register_hook(_accumulate_into(task_grads, t))
-        y = y.index_put((rows,), x.index_select(0, rows) @ w_eff.t())
-    if bias is not None:
-        y = y + bias
-    return y
+        parts.append(F.linear(xs[start : start + c], w_eff, bias))
+        start += c
+    ys = torch.cat(parts) if parts else x.new_empty(0, n)
+    return ys.index_select(0, torch.argsort(order))  # back to the callers' row order
 
 
 def _accumulate_into(buf: torch.Tensor, t: int):
