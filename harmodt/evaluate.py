@@ -42,16 +42,23 @@ def _as_traj(d):
     return d if hasattr(d, "observations") else SimpleNamespace(**{k: np.asarray(v) for k, v in d.items()})
 
 
-def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *, fused: bool = False,
+def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *, fused: bool | None = None,
              backend: str = "auto", vote_threshold: int | None = None, batch_size: int | None = None,
              max_steps: int = 500, progress: bool = True, precision: str = "fp32", target_return: float | None = None) -> dict:
     """Run ``episodes`` episodes of every task in ``tasks``; see the module docstring.
 
     ``batch_size``: rows (episodes) per forward; None = all at once, 1 = one episode at a time at
-    batch 1 (the official code's way, kept as a baseline).
+    batch 1 (the official code's way, kept as a baseline). ``fused``: None = use the kernels
+    package's native op when it is built (feature detection), else the plain PyTorch path.
+    ``env_steps_per_s`` counts stepping time (model + simulator); building the envs is reported
+    separately as ``setup_seconds``.
     """
     from .envs import make_vector_env
 
+    if fused is None:
+        import kernels
+
+        fused = task_masks is not None and "cpu" in kernels.available_backends("cpu")
     trained = list(eval_info["tasks"])
     cfg = model.cfg
     use_prompt = model.use_prompt
@@ -110,15 +117,18 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     success = np.zeros(n_rows, bool)
     returns = np.zeros(n_rows)
     horizon = min(max_steps, 500)
-    env_steps, t_start = 0, time.perf_counter()
+    env_steps, seconds, setup_seconds = 0, 0.0, 0.0
     from tqdm import tqdm
 
     bar = tqdm(total=horizon * ((n_rows + chunk - 1) // chunk), disable=not progress, desc="evaluate", unit="step", dynamic_ncols=True)
     for c0 in range(0, n_rows, chunk):
         r = rows[c0 : c0 + chunk]
         b = len(r)
+        t_setup = time.perf_counter()
         envs = make_vector_env([tasks[i] for i in r.tolist()], [seed * 100_003 + c0 + j for j in range(b)])
         obs, _ = envs.reset(seed=None)
+        t_run = time.perf_counter()
+        setup_seconds += t_run - t_setup
         ctx = ctx_for(r)
         kv = None if prompt_kv is None else [(k[r], v[r]) for k, v in prompt_kv]
         pvalid = None if prompt_valid is None else prompt_valid[r]
@@ -144,17 +154,18 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
                 success[c0 : c0 + b] |= np.asarray(info["success"], dtype=float) > 0
             env_steps += b
             bar.update(1)
+        seconds += time.perf_counter() - t_run
         envs.close()
     bar.close()
     model.train(was_training)
-    seconds = time.perf_counter() - t_start
     per_task = {}
     for i, t in enumerate(tasks):
         sel = (rows == i).numpy()
         per_task[t] = {"success": float(success[sel].mean()), "return": float(returns[sel].mean()), "episodes": int(sel.sum()),
                        "mask": "trained" if t in trained else ("voted" if vote_row is not None else "none")}
     return {"tasks": per_task, "mean_success": float(np.mean([v["success"] for v in per_task.values()])),
-            "env_steps": env_steps, "seconds": seconds, "env_steps_per_s": env_steps / max(seconds, 1e-9)}
+            "env_steps": env_steps, "seconds": seconds, "setup_seconds": setup_seconds, "fused": bool(fused),
+            "env_steps_per_s": env_steps / max(seconds, 1e-9)}
 
 
 def load_checkpoint(path: str):
@@ -194,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--seed", type=int, default=12345, help="seed for goals and prompts")
-    p.add_argument("--fused", action="store_true", help="masked linears through kernels.masked_linear")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="masked linears through kernels.masked_linear (default: when the native CPU op is built)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"], help="kernel backend with --fused")
     p.add_argument("--vote-threshold", type=int, default=None, help="Eq. 13 threshold for unseen tasks (default: the training config's)")
     p.add_argument("--target-return", type=float, default=None, help="initial return-to-go (default: the training config's, 4500)")
@@ -223,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_table(res)
-    print(f"{res['env_steps']} env steps in {res['seconds']:.1f} s ({res['env_steps_per_s']:.0f} env-steps/s)")
+    print(f"{res['env_steps']} env steps in {res['seconds']:.1f} s ({res['env_steps_per_s']:.0f} env-steps/s, "
+          f"{'fused' if res['fused'] else 'plain'} masks; building the envs took {res['setup_seconds']:.1f} s)")
     if args.out:
         out = {"method": cfg["method"], "tasks": {t: {"success": r["success"], "return": r["return"]} for t, r in res["tasks"].items()},
                "mean_success": res["mean_success"], "steps": step}

@@ -222,7 +222,8 @@ class Trainer:
         from .evaluate import evaluate
 
         return evaluate(self.model, self.task_masks, self.eval_info(), self.tasks, self.cfg.eval_episodes, self.cfg.seed + 12345,
-                        fused=self.cfg.fused, backend=self.cfg.backend, progress=self.cfg.progress, precision=self.cfg.precision)
+                        fused=True if self.cfg.fused else None, backend=self.cfg.backend, progress=self.cfg.progress,
+                        precision=self.cfg.precision)
 
 
 def print_table(results: dict, file=sys.stdout) -> None:
