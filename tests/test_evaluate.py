@@ -63,3 +63,27 @@ def test_evaluate_cli_bad_checkpoint(tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pt")
     proc = subprocess.run([sys.executable, "-m", "harmodt.evaluate", str(tmp_path / "other.pt")], capture_output=True, text=True)
     assert proc.returncode == 2 and "not a harmodt training checkpoint" in proc.stderr
+
+
+def test_prompt_cache_matches_full_forward():
+    from harmodt.masks import TaskMasks
+    from harmodt.model import MaskContext, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, context_len=4, prompt_len=3, dropout=0.0)
+    model = build_model(cfg, 2, "harmodt-f").eval()
+    shapes = {n: tuple(w.shape) for n, w in model.masked_weights().items()}
+    tm = TaskMasks.erk(shapes, 2, 0.3, torch.Generator().manual_seed(1))
+    ids = torch.tensor([0, 1, 1])
+    ctx = MaskContext.for_tasks(tm.masks, ids)
+    b, k, kp = 3, cfg.context_len, cfg.prompt_len
+    batch = {"states": torch.randn(b, k, 39), "actions": torch.randn(b, k, 4), "rtg": torch.randn(b, k, 1),
+             "timesteps": torch.arange(k).expand(b, -1), "mask": torch.ones(b, k, dtype=torch.bool), "task_ids": ids,
+             "prompt_states": torch.randn(b, kp, 39), "prompt_actions": torch.randn(b, kp, 4), "prompt_rtg": torch.randn(b, kp, 1),
+             "prompt_timesteps": torch.arange(kp).expand(b, -1), "prompt_mask": torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1]]).bool()}
+    with torch.inference_mode():
+        full = model(batch, ctx)[:, -1]  # (B, A): prediction at the last state token
+        kv, pvalid = model.encode_prompt({n: v for n, v in batch.items() if n.startswith("prompt_")}, ctx)
+        cached = model.act(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], ids, ctx, kv, pvalid)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(cached[1], cached[2])  # different histories/prompts really give different actions
