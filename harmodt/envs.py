@@ -1,10 +1,13 @@
 """Meta-World v3 environments with random goals (MT50-rand) and the shipped scripted experts.
 
-Each task has a pool of 50 goals drawn once by Meta-World's benchmark seed (``GOAL_POOL_SEED``,
-as in Meta-World's MT benchmarks); every reset picks one of them at random with the env's own
-seed, so episodes get random but reproducible goals and copies with different seeds see
-different goal sequences. Building the goal pool is the slow part (~0.75 s), so it is cached per
-task; one more env of a task then costs ~0.1 s.
+``make_env(task, seed)`` builds the task's env class from ``metaworld.env_dict`` directly (no
+``metaworld.MT1``/``gym.make``, which first build a 50-goal pool with 50 resets: ~0.7 s more per
+task), sets the task once with the goal visible in ``obs[36:39]`` (``partially_observable=False``,
+as in Meta-World's MT benchmarks) and unfreezes the goal vector: every reset then draws a fresh
+goal (object/target positions) uniformly from the task's reset space with the env's own RNG,
+seeded by ``seed`` at construction. So goals are random per episode, the sequence is reproducible
+for a seed, and copies built with different seeds see different goals. ``reset(seed=...)`` does
+not reseed the goals (Meta-World ignores it); only the construction seed does.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import warnings
 import gymnasium as gym
 import numpy as np
 
-GOAL_POOL_SEED = 0  # seed of Meta-World's goal pool per task (shared by data generation and evaluation)
 EPISODE_LEN = 500  # Meta-World's max_path_length: episodes truncate here
 
 
@@ -27,30 +29,24 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*Box observation space maximum and minimum.*")
 
 
-@functools.lru_cache(maxsize=None)
-def _goal_pool(task: str):
-    import metaworld
-
-    quiet()
-    if task not in metaworld.env_dict.ALL_V3_ENVIRONMENTS:
-        raise ValueError(f"unknown Meta-World v3 task {task!r}")
-    bench = metaworld.MT1(task, seed=GOAL_POOL_SEED)
-    return bench.train_classes[task], list(bench.train_tasks)
-
-
 def make_env(task: str, seed: int) -> gym.Env:
-    """A single-task env: 39-dim float64 observations (goal in obs[36:39]), random goal from the
-    task's pool at every reset (drawn with ``seed``), truncation at step 500."""
-    from metaworld.wrappers import RandomTaskSelectWrapper
+    """A single-task env: 39-dim float64 observations (goal in obs[36:39]), a new random goal at
+    every reset drawn with the RNG seeded by ``seed``, truncation at step 500."""
+    import metaworld
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS, ML1_ARGS_KWARGS
 
     quiet()
-    cls, tasks = _goal_pool(task)
+    if task not in ALL_V3_ENVIRONMENTS:
+        raise ValueError(f"unknown Meta-World v3 task {task!r}")
+    cls = ALL_V3_ENVIRONMENTS[task]
     env = cls()
+    kwargs = {k: v for k, v in ML1_ARGS_KWARGS[task]["kwargs"].items() if k != "task_id"}
+    kwargs.update(rand_vec=np.zeros(env._random_reset_space.low.size), env_cls=cls, partially_observable=False)
+    env.set_task(metaworld._encode_task(task, kwargs))  # placeholder goal: unfrozen just below
+    env._freeze_rand_vec = False  # draw a new goal at every reset ...
+    env.seeded_rand_vec = True  # ... from env.np_random (seeded below), not the global np.random
     env.seed(int(seed))
-    env = gym.wrappers.TimeLimit(env, env.max_path_length)
-    env = RandomTaskSelectWrapper(env, tasks)
-    env.action_space.seed(int(seed))
-    return env
+    return gym.wrappers.TimeLimit(env, env.max_path_length)
 
 
 def make_vector_env(tasks: list[str], seeds: list[int]) -> gym.vector.SyncVectorEnv:

@@ -1,0 +1,170 @@
+"""Environments and data generation: random goals, determinism, format, manifest, curriculum, atomic
+writes, and the errors of our layout's loader."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from harmodt.data import DataError, detect_layout, load_dataset
+from harmodt.data.generate import epsilon, generate
+from harmodt.envs import make_env, make_vector_env, scripted_policy
+
+TASKS = ["reach-v3", "drawer-close-v3"]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen")
+    manifest = generate(TASKS, 3, str(out), seed=7, workers=2, prompt_episodes=2, progress=False)
+    return out, manifest
+
+
+def test_generated_format_and_manifest(generated):
+    out, manifest = generated
+    assert detect_layout(out) == "ours"
+    assert manifest["tasks"] == TASKS and manifest["settings"]["seed"] == 7
+    data = load_dataset(out)
+    for t in TASKS:
+        td = data[t]
+        assert len(td.trajectories) == 3 and len(td.prompts) == 2
+        tr = td.trajectories[0]
+        assert tr.observations.dtype == np.float32 and tr.observations.shape == (500, 39)
+        assert tr.actions.shape == (500, 4) and np.abs(tr.actions).max() <= 1.0
+        assert tr.rewards.shape == (500,) and tr.dones[-1] and not tr.dones[:-1].any()
+        assert tr.successes.dtype == bool
+        rec = manifest["files"][t]
+        assert rec["episodes"] == 3 and rec["steps"] == 1500 and len(rec["sha256"]) == 64
+        assert all(rec["prompt_success"])  # noise-free expert prompts
+    assert len(manifest["curriculum_success_by_decile"]) == 10
+
+
+def test_generation_is_deterministic_and_worker_independent(generated, tmp_path):
+    out, _ = generated
+    generate(TASKS[:1], 3, str(tmp_path), seed=7, workers=1, prompt_episodes=2, progress=False)
+    a = np.load(out / "reach-v3.npz")
+    b = np.load(tmp_path / "reach-v3.npz")
+    assert set(a.files) == set(b.files)
+    for k in a.files:
+        assert np.array_equal(a[k], b[k]), k
+    other = tmp_path / "s8"
+    generate(TASKS[:1], 3, str(other), seed=8, workers=1, prompt_episodes=2, progress=False)
+    assert not np.array_equal(np.load(other / "reach-v3.npz")["observations"], a["observations"])
+
+
+def test_curriculum_goes_from_random_to_expert():
+    eps = [epsilon(e, 100) for e in range(100)]
+    assert eps[0] == 1.0 and min(eps[:10]) > 0.88 and eps[-1] == 0.0 and max(eps[81:]) == 0.0
+    assert all(x >= y for x, y in zip(eps, eps[1:]))  # never increases
+
+
+def test_finished_tasks_are_reused_and_temp_files_ignored(generated, tmp_path):
+    out, manifest = generated
+    # a leftover temporary file from a killed run is never read
+    (out / ".push-v3.npz.tmp-123").write_bytes(b"half a file")
+    assert set(load_dataset(out)) == set(TASKS)
+    # re-running with the same settings reuses the finished files (same checksum, no new rollouts)
+    mtime = os.path.getmtime(out / "reach-v3.npz")
+    m2 = generate(TASKS, 3, str(out), seed=7, workers=1, prompt_episodes=2, progress=False)
+    assert os.path.getmtime(out / "reach-v3.npz") == mtime
+    assert m2["files"]["reach-v3"]["sha256"] == manifest["files"]["reach-v3"]["sha256"]
+
+
+def test_qualities_and_episode_subsets(generated):
+    out, _ = generated
+    near = load_dataset(out, ["reach-v3"])["reach-v3"].trajectories
+    sub = load_dataset(out, ["reach-v3"], quality="sub-optimal")["reach-v3"].trajectories
+    assert len(near) == 3 and len(sub) == 1
+    assert np.array_equal(sub[0].observations, near[0].observations)  # the first (noisier) half
+    two = load_dataset(out, ["reach-v3"], episodes_per_task=2)["reach-v3"].trajectories
+    assert np.array_equal(two[0].observations, near[0].observations) and np.array_equal(two[1].observations, near[2].observations)
+
+
+def test_checksum_mismatch_and_truncated_file(generated, tmp_path):
+    out, _ = generated
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    raw = (bad / "reach-v3.npz").read_bytes()
+    (bad / "reach-v3.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="reach-v3.npz.*checksum"):
+        load_dataset(bad, ["reach-v3"])
+    with pytest.raises(DataError, match="push-v3"):
+        load_dataset(out, ["push-v3"])
+
+
+
+
+def test_stored_actions_follow_the_curriculum(generated):
+    """Episode 0 (eps = 1) is almost all uniform random actions; the last (eps = 0) is the expert's."""
+    out, _ = generated
+    z = np.load(out / "reach-v3.npz")
+    expert = scripted_policy("reach-v3")
+    eps = z["episode_epsilon"]
+    assert eps[0] == 1.0 and eps[-1] == 0.0
+    far = []
+    for s, n in zip(z["episode_starts"], z["episode_lengths"]):
+        obs, act = z["observations"][s : s + n].astype(np.float64), z["actions"][s : s + n]
+        ref = np.stack([expert(o) for o in obs])
+        far.append(float(np.mean(np.abs(act - ref).max(axis=1) > 0.5)))  # not the expert's action
+    assert far[0] > 0.8 and far[-1] < 0.05 and far[0] > far[1] > far[-1], far
+
+
+def test_missing_key_in_our_file_names_the_file(generated, tmp_path):
+    out, manifest = generated
+    import hashlib
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    z = dict(np.load(bad / "reach-v3.npz"))
+    del z["prompt_actions"]
+    np.savez(bad / "reach-v3.npz", **z)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["files"]["reach-v3"]["sha256"] = hashlib.sha256((bad / "reach-v3.npz").read_bytes()).hexdigest()
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="reach-v3.npz: missing key 'prompt_actions'"):
+        load_dataset(bad, ["reach-v3"])
+
+
+# ---- environments ----------------------------------------------------------------------------
+def _goals(env, n=3):
+    return [env.reset()[0][36:39].copy() for _ in range(n)]
+
+
+def test_env_goals_random_per_episode_and_seeded():
+    a, b, c = make_env("reach-v3", 5), make_env("reach-v3", 5), make_env("reach-v3", 6)
+    ga, gb, gc = _goals(a), _goals(b), _goals(c)
+    assert a.reset()[0].shape == (39,) and np.abs(ga[0]).sum() > 0  # the goal is visible
+    assert not np.allclose(ga[0], ga[1]) and not np.allclose(ga[1], ga[2])  # new goal per episode
+    assert all(np.array_equal(x, y) for x, y in zip(ga, gb))  # same seed, same goals
+    assert not np.allclose(ga[0], gc[0])  # another seed, other goals
+    # reset(seed=...) does not change the goal sequence; only the construction seed does
+    d = make_env("reach-v3", 5)
+    assert np.array_equal(d.reset(seed=123)[0][36:39], ga[0])
+
+
+def test_env_truncates_at_500_and_expert_succeeds():
+    env, expert = make_env("drawer-close-v3", 1), scripted_policy("drawer-close-v3")
+    obs, _ = env.reset()
+    success = False
+    for t in range(500):
+        act = expert(obs)
+        assert act.shape == (4,) and np.abs(act).max() <= 1.0
+        obs, _, term, trunc, info = env.step(act)
+        success |= bool(info["success"])
+        assert trunc == (t == 499) and not term
+    assert success
+
+
+def test_vector_env_copies_of_a_task_get_their_own_goals():
+    envs = make_vector_env(["reach-v3", "reach-v3", "push-v3"], [1, 2, 3])
+    obs, _ = envs.reset()
+    assert obs.shape == (3, 39) and not np.allclose(obs[0, 36:39], obs[1, 36:39])
+    obs, rew, term, trunc, info = envs.step(np.zeros((3, 4)))
+    assert rew.shape == (3,) and "success" in info
+    envs.close()
+    with pytest.raises(ValueError, match="2 tasks but 1 seeds"):
+        make_vector_env(["reach-v3", "push-v3"], [1])
