@@ -80,11 +80,12 @@ def _check_episode(path: Path, obs, act, rew, done, label: str = "") -> None:
     t = obs.shape[0]
     if t == 0:
         raise DataError(f"{where}: empty episode (0 steps)")
+    for name, arr in (("rewards", rew), ("dones", done)):
+        if arr.ndim != 1:
+            raise DataError(f"{where}: {name} must be [T], got {list(arr.shape)}")
     for name, arr in (("actions", act), ("rewards", rew), ("dones", done)):
         if arr.shape[0] != t:
             raise DataError(f"{where}: {name} has {arr.shape[0]} steps, observations have {t}")
-    if rew.ndim != 1:
-        raise DataError(f"{where}: rewards must be [T], got {list(rew.shape)}")
     for name, arr in (("observations", obs), ("actions", act), ("rewards", rew)):
         if not np.isfinite(arr).all():
             raise DataError(f"{where}: {name} contain NaN or inf")
@@ -161,10 +162,16 @@ def _load_original_episode(path: Path) -> Trajectory:
         done = arrs["terminals"]
     else:
         raise DataError(f"{path}: missing key 'dones' (or 'terminals')")
-    obs = np.asarray(arrs["observations"], dtype=np.float32)
-    act = np.asarray(arrs["actions"], dtype=np.float32)
-    rew = np.asarray(arrs["rewards"], dtype=np.float32).reshape(-1) if arrs["rewards"].ndim == 2 and arrs["rewards"].shape[1] == 1 else np.asarray(arrs["rewards"], dtype=np.float32)
-    done = np.asarray(done).reshape(-1).astype(bool) if np.asarray(done).ndim == 2 else np.asarray(done).astype(bool)
+    try:
+        obs = np.asarray(arrs["observations"], dtype=np.float32)
+        act = np.asarray(arrs["actions"], dtype=np.float32)
+        rew = np.asarray(arrs["rewards"], dtype=np.float32)
+        done = np.asarray(done).astype(bool)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: non-numeric data ({exc})") from None
+    # some dumps store rewards / dones as [T, 1] columns
+    rew = rew.reshape(-1) if rew.ndim == 2 and rew.shape[1] == 1 else rew
+    done = done.reshape(-1) if done.ndim == 2 and done.shape[1] == 1 else done
     _check_episode(path, obs, act, rew, done)
     succ = np.asarray(arrs["successes"], dtype=bool).reshape(-1) if "successes" in arrs else None
     return Trajectory(obs, act, rew, done, succ)
