@@ -1,4 +1,4 @@
-"""`python -m harmodt.data generate --tasks TASKS --episodes E --out DIR [--seed S] [--workers W]`
+"""`python -m harmodt.data generate --tasks TASKS --episodes E --out DIR [--seed S] [--workers W] [--prompt-episodes P]`
 and `python -m harmodt.data inspect DIR` (layout, tasks, episodes, success rates)."""
 
 from __future__ import annotations
