@@ -226,14 +226,6 @@ class Trainer:
                         precision=self.cfg.precision)
 
 
-def print_table(results: dict, file=sys.stdout) -> None:
-    w = max([len(n) for n in results["tasks"]] + [4])
-    print(f"{'task':<{w}}  success  return", file=file)
-    for name, r in results["tasks"].items():
-        print(f"{name:<{w}}  {r['success']:7.2f}  {r['return']:8.1f}", file=file)
-    print(f"{'mean':<{w}}  {results['mean_success']:7.2f}", file=file)
-
-
 def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     keep_freed_memory()
     if cfg.threads:
@@ -315,6 +307,8 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
         results["tasks"] = {n: {"success": r["success"], "return": r["return"]} for n, r in res["tasks"].items()}
         results["mean_success"] = res["mean_success"]
         log({"step": trainer.step, "eval_mean_success": res["mean_success"], "eval_env_steps_per_s": res.get("env_steps_per_s", 0.0)})
+        from .evaluate import print_table
+
         print_table(results)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
