@@ -73,7 +73,7 @@ class TrainConfig:
     masks: MaskConfig = field(default_factory=MaskConfig)  # HarmoDT mask settings
 
 
-# The embedded default: what `python -m harmodt.train` with no arguments runs (about 10 minutes
+# The embedded default: what `python -m harmodt.train` with no arguments runs (about 4 minutes
 # on 2 cores, data generation and evaluation included).
 EMBEDDED_DEFAULT = {
     "tasks": "reach-v3,button-press-topdown-v3,door-open-v3",

@@ -1,7 +1,7 @@
 """Public kernel API: the same calls on every backend.
 
 * ``"reference"``: plain PyTorch (`kernels/reference.py`), the single source of truth.
-* ``"triton"``: Triton kernels (`kernels/masked_linear.py`, `kernels/harmony_select.py`); CUDA
+* ``"triton"``: Triton kernels (`kernels/triton_masked_linear.py`, `kernels/triton_harmony_select.py`); CUDA
   tensors, or CPU tensors when ``TRITON_INTERPRET=1`` is set.
 * ``"cpu"``: the native C++/OpenMP ops built from `kernels/csrc/` by CMake (`kernels/cpu.py`).
 * ``"auto"``: Triton for CUDA tensors, the native op for CPU tensors (or, per op, whichever

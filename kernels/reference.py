@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of every kernel: the single source of truth.
 
 The model (non-fused path), the tests and the benchmarks all import these. Every backend
-(`kernels/masked_linear.py`, `kernels/harmony_select.py` in Triton, the native CPU op) must match
+(`kernels/triton_masked_linear.py`, `kernels/triton_harmony_select.py` in Triton, the native CPU op) must match
 them; ties are broken by lowest index here and everywhere.
 
 Packed masks: a boolean mask ``[..., K]`` packs into int32 words ``[..., ceil(K/32)]``; bit
