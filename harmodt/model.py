@@ -129,21 +129,25 @@ class SelfAttention(nn.Module):
         self.attn_drop = Dropout(cfg.dropout)
         self.resid_drop = Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask, ctx, prefix=None, return_kv=False):
-        # x (B, T, C); attn_mask bool (B, 1, T, Tp+T); prefix (k, v) each (B, nh, Tp, hd)
+    def forward(self, x, attn_mask, ctx, prefix=None, return_kv=False, query=None):
+        # x (B, T, C); attn_mask bool (B, 1, T, Tp+T); prefix (k, v) each (B, nh, Tp, hd);
+        # query: a slice of the T tokens whose outputs are wanted (None = all); keys and values
+        # always come from every token. Returns (B, Tq, C).
         b, t, c = x.shape
         q, k, v = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
         kv = (k, v)
+        if query is not None:
+            q, attn_mask = q[:, :, query], attn_mask[:, :, query]  # (B, nh, Tq, hd), (B, 1, Tq, Tk)
         if prefix is not None:
             k = torch.cat([prefix[0], k], dim=2)
             v = torch.cat([prefix[1], v], dim=2)
         if self.training and self.attn_drop.p > 0:  # explicit attention so dropout uses the cheap mask
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, Tk)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, Tq, Tk)
             att = att.masked_fill(~attn_mask, float("-inf")).softmax(-1)
             y = self.attn_drop(att) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        y = y.transpose(1, 2).reshape(b, t, c)
+        y = y.transpose(1, 2).reshape(b, q.shape[2], c)  # (B, Tq, C)
         y = self.resid_drop(self.proj(y, ctx))
         return (y, kv) if return_kv else y
 
@@ -158,11 +162,11 @@ class Block(nn.Module):
         self.mlp_proj = MaskedLinear(4 * cfg.n_embd, cfg.n_embd)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask, ctx, prefix=None, return_kv=False):  # (B, T, C)
-        a = self.attn(self.ln1(x), attn_mask, ctx, prefix, return_kv)
+    def forward(self, x, attn_mask, ctx, prefix=None, return_kv=False, query=None):  # (B, T, C) -> (B, Tq, C)
+        a = self.attn(self.ln1(x), attn_mask, ctx, prefix, return_kv, query)
         if return_kv:
             a, kv = a
-        x = x + a
+        x = (x if query is None else x[:, query]) + a
         x = x + self.drop(self.mlp_proj(F.relu(self.fc(self.ln2(x), ctx)), ctx))
         return (x, kv) if return_kv else x
 
@@ -251,11 +255,12 @@ class PromptDT(nn.Module):
             valid = torch.cat([batch["prompt_mask"].repeat_interleave(3, dim=1), valid], dim=1)
         x = self.drop(self.embed_ln(x))  # (B, L, C)
         attn_mask = build_attn_mask(valid, x.shape[1])
-        for blk in self.blocks:
-            x = blk(x, attn_mask, ctx)
         k = batch["states"].shape[1]
-        h = self.ln_f(x[:, -3 * k :][:, 1::3])  # state tokens of the history (B, K, C)
-        return torch.tanh(self.predict_action(h))
+        states = slice(x.shape[1] - 3 * k + 1, None, 3)  # the history's state tokens: the only outputs the loss reads
+        for i, blk in enumerate(self.blocks):
+            # the last block computes queries, MLP and output only at those K tokens (keys and values at all)
+            x = blk(x, attn_mask, ctx, query=states if i == len(self.blocks) - 1 else None)
+        return torch.tanh(self.predict_action(self.ln_f(x)))  # (B, K, A)
 
     @torch.no_grad()
     def encode_prompt(self, prompt: dict, ctx: MaskContext | None = None) -> list:
@@ -278,14 +283,16 @@ class PromptDT(nn.Module):
         states (B, L, S), actions (B, L, A) (last one ignored), rtg (B, L, 1), timesteps (B, L);
         all rows share the same history length L (evaluation episodes run in lockstep).
         """
-        x = self.drop(self.embed_ln(self._tokens(states, actions, rtg, timesteps, task_ids, self.embed)))  # (B, 3L, C)
+        # The last action token is a placeholder that no earlier token attends to (causal): drop it.
+        x = self.drop(self.embed_ln(self._tokens(states, actions, rtg, timesteps, task_ids, self.embed)[:, :-1]))  # (B, 3L-1, C)
         b, t, _ = x.shape
         own = torch.ones(b, t, dtype=torch.bool, device=x.device)
         valid = own if prompt_valid is None else torch.cat([prompt_valid, own], dim=1)
         attn_mask = build_attn_mask(valid, t)
+        last = slice(t - 1, None)  # the current state token: the last block computes only its output
         for i, blk in enumerate(self.blocks):
-            x = blk(x, attn_mask, ctx, prefix=None if prompt_kv is None else prompt_kv[i])
-        return torch.tanh(self.predict_action(self.ln_f(x[:, -2])))
+            x = blk(x, attn_mask, ctx, prefix=None if prompt_kv is None else prompt_kv[i], query=last if i == len(self.blocks) - 1 else None)
+        return torch.tanh(self.predict_action(self.ln_f(x[:, -1])))
 
 
 def build_model(cfg: ModelConfig, n_tasks: int, method: str) -> PromptDT:

@@ -64,6 +64,47 @@ def test_prompt_cache_matches_full_sequence():
     torch.testing.assert_close(act, m(batch)[:, -1], rtol=1e-5, atol=1e-6)
 
 
+def _untrimmed_forward(m, batch, ctx=None):
+    """Every block on every token, then the history's state tokens: what the trimmed forward skips."""
+    from harmodt.model import build_attn_mask
+
+    x = m._tokens(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], batch["task_ids"], m.embed)
+    valid = batch["mask"].repeat_interleave(3, dim=1)
+    if m.use_prompt:
+        p = m.prompt_embed(batch["prompt_states"], batch["prompt_actions"], batch["prompt_rtg"], batch["prompt_timesteps"])
+        x = torch.cat([p, x], dim=1)
+        valid = torch.cat([batch["prompt_mask"].repeat_interleave(3, dim=1), valid], dim=1)
+    x = m.embed_ln(x)
+    attn_mask = build_attn_mask(valid, x.shape[1])
+    for blk in m.blocks:
+        x = blk(x, attn_mask, ctx)
+    k = batch["states"].shape[1]
+    return torch.tanh(m.predict_action(m.ln_f(x[:, -3 * k :][:, 1::3])))
+
+
+@pytest.mark.parametrize("method", ["prompt-dt", "mtdt", "harmodt-f"])
+def test_last_block_on_state_tokens_only_matches_full_forward(method):
+    b, m = setup(method)
+    batch = b.sample([0, 1], 4)
+    batch["mask"][0, :2] = False  # a left-padded row
+    ctx = None
+    if method.startswith("harmodt"):
+        shapes = {n: tuple(w.shape) for n, w in m.masked_weights().items()}
+        tm = TaskMasks.erk(shapes, 2, 0.3, torch.Generator().manual_seed(0))
+        ctx = MaskContext.for_tasks(tm.masks, batch["task_ids"])
+    out = m(batch, ctx)
+    ref = _untrimmed_forward(m, batch, ctx)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # the gradients agree too (the loss reads only the state tokens)
+    ga = torch.autograd.grad(out.square().sum(), list(m.parameters()), allow_unused=True)
+    gb = torch.autograd.grad(_untrimmed_forward(m, batch, ctx).square().sum(), list(m.parameters()), allow_unused=True)
+    for x, y in zip(ga, gb):
+        if x is None or y is None:
+            assert x is None and y is None
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
 def test_keep_mask_rate_and_determinism():
     torch.manual_seed(3)
     k = _keep_mask(torch.Size([200_000]), 0.1)
