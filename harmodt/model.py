@@ -29,7 +29,8 @@ class MaskContext:
     """Which masks a forward pass uses.
 
     bool_masks: param name -> bool ``[T, N, K]`` (all tasks; the plain path indexes it).
-    packed: param name -> int32 ``[T, N, ceil(K/32)]`` (the fused path), or None.
+    packed: param name -> int32 ``[T, N, ceil(K/32)]`` (the fused path; the single-task training
+        path reads them too, 8x less than the bool masks), or None.
     task_ids: ``(B,)`` task index of each sequence in the batch.
     single_task: the task index when every row has the same task (fast path), else None.
     fused: route through ``kernels.masked_linear`` with ``backend``.
@@ -72,20 +73,23 @@ class Dropout(nn.Dropout):
 
 class _MaskedWeight(torch.autograd.Function):
     """``W * M`` written into a reused buffer (no fresh allocation per step), with the backward
-    ``grad * M`` done in place on the incoming gradient (Eq. 4). Autograd's version counter
-    catches a second forward overwriting the buffer before the first one's backward."""
+    ``grad * M`` done in place on the incoming gradient (Eq. 4); both through
+    ``kernels.apply_mask_`` (one vectorized native pass when built, ``torch.where`` otherwise).
+    Autograd's version counter catches a second forward overwriting the buffer before the first
+    one's backward."""
 
     @staticmethod
     def forward(ctx, weight, mask, holder):
         ctx.save_for_backward(mask)
         buf = holder[0]  # passed in a list so autograd does not track it as an input
-        torch.where(mask, weight, weight.new_zeros(()), out=buf)
-        return buf
+        return kernels.apply_mask_(buf, weight, mask)
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return grad.masked_fill_(~mask, 0.0) if grad.is_contiguous() else torch.where(mask, grad, 0.0), None, None
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+        return kernels.apply_mask_(grad, grad, mask), None, None
 
 
 class MaskedLinear(nn.Linear):
@@ -110,7 +114,8 @@ class MaskedLinear(nn.Linear):
             if torch.is_grad_enabled() and self.weight.requires_grad and x.device.type == "cpu":
                 if self._w_eff is None or self._w_eff.shape != self.weight.shape or self._w_eff.dtype != self.weight.dtype:
                     self._w_eff = torch.empty_like(self.weight, requires_grad=False)
-                w_eff = _MaskedWeight.apply(self.weight, masks[ctx.single_task], [self._w_eff])  # (N, K)
+                mask = masks[ctx.single_task] if ctx.packed is None else ctx.packed[self.mask_key][ctx.single_task]  # bool or packed bits
+                w_eff = _MaskedWeight.apply(self.weight, mask, [self._w_eff])  # (N, K)
             else:
                 w_eff = torch.where(masks[ctx.single_task], self.weight, self.weight.new_zeros(()))  # (N, K)
             return F.linear(x, w_eff, self.bias)

@@ -39,7 +39,8 @@ def native_masked_adamw():
 
 
 class MaskedAdamW(torch.optim.AdamW):
-    """``masked_step(keep)`` with ``keep``: {param: bool mask of the weights the step may change}.
+    """``masked_step(keep)`` with ``keep``: {param: mask of the weights the step may change}, bool
+    of the param's shape or its bit-packed int32 words (``kernels.pack_masks``; 8x less to read).
 
     ``native``: None = use the native op when available, False = always the plain path,
     True = require the native op (fails loudly when it is not built).
@@ -60,6 +61,9 @@ class MaskedAdamW(torch.optim.AdamW):
         usable = self._native is not None and all(
             p.device.type == "cpu" and p.dtype == torch.float32 and p.grad is not None for p in keep)
         if not usable:
+            import kernels
+
+            keep = {p: (kernels.unpack_masks(m, p.shape[-1]) if m.dtype == torch.int32 else m) for p, m in keep.items()}
             saved = {p: p.detach().clone() for p in keep}
             self.step()
             for p, m in keep.items():

@@ -89,8 +89,7 @@ class Trainer:
         if self.task_masks is None:
             return None
         tm = self.task_masks
-        return MaskContext.for_tasks(tm.masks, task_ids, packed=tm.packed() if self.cfg.fused else None,
-                                     fused=self.cfg.fused, backend=self.cfg.backend)
+        return MaskContext.for_tasks(tm.masks, task_ids, packed=tm.packed(), fused=self.cfg.fused, backend=self.cfg.backend)
 
     def autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
@@ -115,8 +114,9 @@ class Trainer:
         keep = None
         if self.task_masks is not None:
             masks = self.task_masks.masks
-            if len(task_ids) == 1:
-                keep = {w: masks[n][task_ids[0]] for n, w in self.weights.items()}
+            if len(task_ids) == 1:  # the task's packed mask: 1 bit per weight to read
+                packed = self.task_masks.packed()
+                keep = {w: packed[n][task_ids[0]] for n, w in self.weights.items()}
             else:
                 keep = {w: masks[n][task_ids].any(0) for n, w in self.weights.items()}
         self.opt.masked_step(keep)

@@ -22,6 +22,7 @@ from .reference import num_words
 
 __all__ = [
     "BackendUnavailable",
+    "apply_mask_",
     "available_backends",
     "harmony_select",
     "masked_linear",
@@ -35,7 +36,7 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 
 # On CPU tensors, "auto" takes the native op for these ops; an op listed with "reference" is one
 # where bench/ measured the plain PyTorch path faster (kept measured, see bench/README.md).
-CPU_DISPATCH = {"masked_linear": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
+CPU_DISPATCH = {"apply_mask_": "cpu", "masked_linear": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -98,6 +99,22 @@ def resolve_backend(backend: str, device: torch.device, op: str = "masked_linear
     if device.type == "cpu" and CPU_DISPATCH.get(op) == "cpu" and _cpu_reason(device) is None:
         return "cpu"
     return "reference"
+
+
+def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``out = where(mask, src, 0)`` (``out`` may be ``src``); returns ``out``. ``mask``: bool of
+    ``src``'s shape or its packed int32 words. The native op takes fp32 contiguous CPU tensors;
+    under ``"auto"`` anything else goes to the reference."""
+    if backend == "triton":
+        raise BackendUnavailable("apply_mask_ has no Triton kernel (on a GPU torch.where is already one fused pass); "
+                                 "use backend='auto' or 'reference'")
+    b = resolve_backend(backend, src.device, "apply_mask_")
+    if b == "cpu" and (backend == "cpu" or (src.dtype == out.dtype == torch.float32 and src.is_contiguous()
+                                            and out.is_contiguous() and mask.is_contiguous())):
+        from . import cpu
+
+        return cpu.apply_mask_(out, src, mask)
+    return reference.apply_mask_(out, src, mask)
 
 
 def pack_masks(mask: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -25,6 +25,7 @@ from .reference import num_words
 
 __all__ = [
     "KernelArgumentError",
+    "apply_mask_",
     "build",
     "harmony_select",
     "library_path",
@@ -85,7 +86,7 @@ def _load() -> str | None:
 def _has_ops() -> bool:
     try:
         ns = torch.ops.harmodt_kernels
-        for name in ("pack_masks", "unpack_masks", "masked_linear_forward", "masked_linear_backward", "harmony_select"):
+        for name in ("apply_mask_", "pack_masks", "unpack_masks", "masked_linear_forward", "masked_linear_backward", "harmony_select"):
             getattr(ns, name)
     except (AttributeError, RuntimeError):
         return False
@@ -149,6 +150,29 @@ def _check_dtype(name: str, t: torch.Tensor, allowed: tuple) -> None:
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise KernelDTypeError(f"{name} must be {names}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``out = where(mask, src, 0)`` in one vectorized pass (AVX-512 masked loads when built for
+    them); fp32 contiguous ``src``/``out`` of one shape (``out`` may be ``src``), ``mask`` bool of
+    that shape or its packed int32 words ``[..., ceil(K/32)]``. Returns ``out``."""
+    for name, t in (("out", out), ("src", src), ("mask", mask)):
+        _check_cpu(name, t)
+    _check_dtype("out", out, (torch.float32,))
+    _check_dtype("src", src, (torch.float32,))
+    _check_dtype("mask", mask, (torch.bool, torch.int32))
+    if src.dim() == 0 or out.shape != src.shape:
+        raise KernelArgumentError(f"apply_mask_: src {tuple(src.shape)} and out {tuple(out.shape)} must have one shape (at least 1-D)")
+    want = src.shape if mask.dtype == torch.bool else (*src.shape[:-1], num_words(src.shape[-1]))
+    if tuple(mask.shape) != tuple(want):
+        kind = "bool mask" if mask.dtype == torch.bool else "packed mask"
+        raise KernelArgumentError(f"apply_mask_: {kind} {tuple(mask.shape)} does not fit src {tuple(src.shape)} (needs {tuple(want)})")
+    for name, t in (("out", out), ("src", src), ("mask", mask)):
+        if not t.is_contiguous():
+            raise KernelArgumentError(f"apply_mask_: {name} must be contiguous")
+    _ops().apply_mask_(out, src, mask)
+    torch.autograd.graph.increment_version(out)  # as an in-place torch op does: autograd sees the write
+    return out
 
 
 def pack_masks(mask: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pack_masks", "unpack_masks", "masked_linear", "harmony_select", "num_words"]
+__all__ = ["apply_mask_", "pack_masks", "unpack_masks", "masked_linear", "harmony_select", "num_words"]
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
 
@@ -43,6 +43,19 @@ def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"unpack_masks: {words.shape[-1]} words cannot hold K={k} bits (need {num_words(k)})")
     bits = (words.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(words.device)) & 1  # [..., W, 32]
     return bits.reshape(*words.shape[:-1], -1)[..., :k].bool()
+
+
+def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``out = where(mask, src, 0)`` (``out`` may be ``src``); returns ``out``. ``mask``: bool of
+    ``src``'s shape, or its packed int32 words ``[..., ceil(K/32)]``. The masked weight ``W * M`` of
+    Eq. 4 and its gradient ``grad * M`` (zeros, not ``0 * x``, outside the mask)."""
+    if mask.dtype == torch.int32:
+        mask = unpack_masks(mask, src.shape[-1])
+    if mask.dtype != torch.bool:
+        raise TypeError(f"apply_mask_ expects a bool or packed int32 mask, got {mask.dtype}")
+    if src.shape != mask.shape or out.shape != mask.shape:
+        raise ValueError(f"apply_mask_: src {tuple(src.shape)}, mask {tuple(mask.shape)} and out {tuple(out.shape)} must have one shape")
+    return torch.where(mask, src, src.new_zeros(()), out=out)
 
 
 def _as_bool_masks(masks: torch.Tensor, k: int) -> torch.Tensor:

@@ -65,6 +65,53 @@ def test_pack_non_contiguous_and_dispatch():
     assert torch.equal(kernels.unpack_masks(words, 70, backend="cpu"), mask)
 
 
+@pytest.mark.parametrize("shape", [(1,), (15,), (16,), (17,), (7, 33), (1024, 256), (3, 5, 100)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_apply_mask_matches_reference(shape, in_place):
+    g = _gen(sum(shape))
+    src = torch.randn(shape, generator=g)
+    src.view(-1)[::7] = float("inf")  # outside the mask these become 0, not 0 * inf
+    src.view(-1)[3::11] = float("nan")
+    mask = torch.rand(shape, generator=g) > 0.4
+    expect = ref.apply_mask_(torch.empty(shape), src, mask)
+    assert torch.equal(torch.isnan(expect), torch.isnan(src) & mask)
+    packed = kernels.pack_masks(mask)
+    torch.testing.assert_close(ref.apply_mask_(torch.empty(shape), src, packed), expect, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(cpu.apply_mask_(torch.empty(shape), src, packed), expect, equal_nan=True, rtol=0, atol=0)
+    if in_place:
+        got = cpu.apply_mask_(src, src, mask)
+    else:
+        out = torch.full(shape, float("nan"))
+        got = cpu.apply_mask_(out, src, mask)
+        assert got is out
+    torch.testing.assert_close(got, expect, equal_nan=True, rtol=0, atol=0)
+    assert not torch.signbit(got[~mask]).any()  # +0 outside the mask, as torch.where gives
+
+
+def test_apply_mask_dispatch_and_errors():
+    src, mask = torch.randn(4, 8), torch.rand(4, 8) > 0.5
+    out = torch.empty(4, 8)
+    assert kernels.apply_mask_(out, src, mask) is out  # auto: native for fp32 contiguous CPU
+    half = src.bfloat16()
+    torch.testing.assert_close(kernels.apply_mask_(torch.empty_like(half), half, mask), torch.where(mask, half, 0.0))  # auto: reference
+    with pytest.raises(TypeError, match="out must be float32"):
+        cpu.apply_mask_(torch.empty_like(half), half, mask)
+    with pytest.raises(TypeError, match="src must be float32"):
+        cpu.apply_mask_(out, half, mask)
+    with pytest.raises(TypeError, match="mask must be bool"):
+        cpu.apply_mask_(out, src, mask.float())
+    with pytest.raises(ValueError, match="one shape"):
+        cpu.apply_mask_(torch.empty(4, 7), src, mask)
+    with pytest.raises(ValueError, match=r"bool mask \(4, 7\) does not fit src \(4, 8\)"):
+        cpu.apply_mask_(out, src, mask[:, :7].contiguous())
+    with pytest.raises(ValueError, match=r"packed mask \(4, 2\) does not fit src \(4, 8\) \(needs \(4, 1\)\)"):
+        cpu.apply_mask_(out, src, torch.zeros(4, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="src must be contiguous"):
+        cpu.apply_mask_(torch.empty(8, 4), src.t(), mask.t().contiguous())
+    with pytest.raises(kernels.BackendUnavailable, match="no Triton kernel"):
+        kernels.apply_mask_(out, src, mask, backend="triton")
+
+
 def test_pack_unpack_errors():
     with pytest.raises(TypeError, match="mask"):
         cpu.pack_masks(torch.zeros(3, 4))

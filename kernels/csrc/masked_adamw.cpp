@@ -10,8 +10,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -39,6 +44,23 @@ void adamw_span(float* __restrict p, const float* __restrict g, float* __restric
   }
 }
 
+#if defined(__AVX512F__)
+// The same update on 16 lanes; the weight is stored only in the lanes of `keep`.
+inline void adamw_16(float* p, const float* g, float* m, float* v, __mmask16 keep, __m512 b1, __m512 b2, __m512 omb1,
+                     __m512 omb2, __m512 step_size, __m512 inv_bc2_sqrt, __m512 decay, __m512 eps) {
+  const __m512 gi = _mm512_loadu_ps(g), mi0 = _mm512_loadu_ps(m), vi0 = _mm512_loadu_ps(v);
+  const __m512 mi = _mm512_add_ps(mi0, _mm512_mul_ps(omb1, _mm512_sub_ps(gi, mi0)));
+  const __m512 vi = _mm512_add_ps(_mm512_mul_ps(b2, vi0), _mm512_mul_ps(_mm512_mul_ps(omb2, gi), gi));
+  _mm512_storeu_ps(m, mi);
+  _mm512_storeu_ps(v, vi);
+  const __m512 old = _mm512_loadu_ps(p);
+  const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), inv_bc2_sqrt), eps);
+  const __m512 updated = _mm512_sub_ps(_mm512_mul_ps(old, decay), _mm512_div_ps(_mm512_mul_ps(step_size, mi), denom));
+  _mm512_mask_storeu_ps(p, keep, updated);
+  (void)b1;
+}
+#endif
+
 void masked_adamw_(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
                    const at::Tensor& keep, double lr, double beta1, double beta2, double eps,
                    double weight_decay, int64_t step) {
@@ -47,29 +69,79 @@ void masked_adamw_(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
   TORCH_CHECK(grad.scalar_type() == at::kFloat && exp_avg.scalar_type() == at::kFloat &&
                   exp_avg_sq.scalar_type() == at::kFloat,
               "masked_adamw_: grad and moments must be float32");
-  TORCH_CHECK(keep.scalar_type() == at::kBool, "masked_adamw_: keep must be bool, got ", keep.scalar_type());
+  const bool packed = keep.scalar_type() == at::kInt;
+  TORCH_CHECK(packed || keep.scalar_type() == at::kBool, "masked_adamw_: keep must be bool or packed int32, got ",
+              keep.scalar_type());
   TORCH_CHECK(step >= 1, "masked_adamw_: step must be >= 1 (the count after this update)");
   check(param, "param", param);
   check(grad, "grad", param);
   check(exp_avg, "exp_avg", param);
   check(exp_avg_sq, "exp_avg_sq", param);
-  check(keep, "keep", param);
+  TORCH_CHECK(param.dim() >= 1, "masked_adamw_: param must be at least 1-D");
+  const int64_t kcols = param.size(-1);
+  if (packed) {
+    auto want = param.sizes().vec();
+    want.back() = (kcols + 31) / 32;
+    TORCH_CHECK(keep.is_contiguous() && keep.sizes() == at::IntArrayRef(want), "masked_adamw_: packed keep has shape ",
+                keep.sizes(), ", param ", param.sizes(), " needs ", at::IntArrayRef(want));
+  } else {
+    check(keep, "keep", param);
+  }
 
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
-  const uint8_t* k = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
   const int64_t n = param.numel();
+  if (n == 0) return;
 
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
   const float step_size = static_cast<float>(lr / bc1);
   const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
-  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
-    adamw_span(p + begin, g + begin, m + begin, v + begin, k + begin, end - begin, static_cast<float>(beta1),
-               static_cast<float>(beta2), step_size, bc2_sqrt, decay, static_cast<float>(eps));
+  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2), epsf = static_cast<float>(eps);
+#if defined(__AVX512F__)
+  const __m512 vb1 = _mm512_set1_ps(b1), vb2 = _mm512_set1_ps(b2), vomb1 = _mm512_set1_ps(1.0f - b1),
+               vomb2 = _mm512_set1_ps(1.0f - b2), vss = _mm512_set1_ps(step_size), vbc = _mm512_set1_ps(bc2_sqrt),
+               vdecay = _mm512_set1_ps(decay), veps = _mm512_set1_ps(epsf);
+#endif
+  if (!packed) {
+    const uint8_t* k = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
+    at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+      int64_t i = begin;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+      for (; i + 16 <= end; i += 16) {
+        const __mmask16 lanes = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k + i)),
+                                                   _mm_set1_epi8(static_cast<char>(0xFF)));
+        adamw_16(p + i, g + i, m + i, v + i, lanes, vb1, vb2, vomb1, vomb2, vss, vbc, vdecay, veps);
+      }
+#endif
+      adamw_span(p + i, g + i, m + i, v + i, k + i, end - i, b1, b2, step_size, bc2_sqrt, decay, epsf);
+    });
+    return;
+  }
+  // Packed keep: bit j % 32 of word j / 32 of each row is column j.
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(keep.data_ptr<int32_t>());
+  const int64_t w = (kcols + 31) / 32, rows = n / kcols;
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 16) / kcols), [&](int64_t r0, int64_t r1) {
+    uint8_t bytes[32];
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t* wr = words + r * w;
+      const int64_t o = r * kcols;
+      int64_t j = 0;
+#if defined(__AVX512F__)
+      for (; j + 16 <= kcols; j += 16)
+        adamw_16(p + o + j, g + o + j, m + o + j, v + o + j, static_cast<__mmask16>(wr[j >> 5] >> (j & 31)), vb1, vb2,
+                 vomb1, vomb2, vss, vbc, vdecay, veps);
+#endif
+      while (j < kcols) {  // the rest (all of it without AVX-512), through the byte-mask loop 32 at a time
+        const int64_t len = std::min<int64_t>(32 - (j & 31), kcols - j);
+        for (int64_t q = 0; q < len; ++q) bytes[q] = static_cast<uint8_t>((wr[(j + q) >> 5] >> ((j + q) & 31)) & 1u);
+        adamw_span(p + o + j, g + o + j, m + o + j, v + o + j, bytes, len, b1, b2, step_size, bc2_sqrt, decay, epsf);
+        j += len;
+      }
+    }
   });
 }
 

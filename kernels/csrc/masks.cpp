@@ -4,6 +4,10 @@
 
 #include "common.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace harmodt {
 namespace {
 
@@ -71,10 +75,73 @@ at::Tensor unpack_masks(const at::Tensor& words_in, int64_t k) {
   return out;
 }
 
+// out = where(mask, src, 0) for fp32 tensors; out may be src (in place). mask is bool of src's
+// shape, or its bit-packed int32 words [..., ceil(K/32)] (8x less to read). The forward W * M of a
+// training step's masked weights and the backward grad * M (Eq. 4), one vectorized pass each
+// (torch.where / masked_fill_ with a negated mask take two passes and an allocation).
+void apply_mask_(at::Tensor out, const at::Tensor& src, const at::Tensor& mask) {
+  TORCH_CHECK_VALUE(src.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+                    "apply_mask_: src and out must be float32, got ", src.scalar_type(), " and ", out.scalar_type());
+  const bool packed = mask.scalar_type() == at::kInt;
+  TORCH_CHECK_VALUE(packed || mask.scalar_type() == at::kBool, "apply_mask_: mask must be bool or packed int32, got ",
+                    mask.scalar_type());
+  TORCH_CHECK_VALUE(src.dim() >= 1 && out.sizes() == src.sizes(), "apply_mask_: src ", src.sizes(), " and out ",
+                    out.sizes(), " must have one shape (at least 1-D)");
+  const int64_t k = src.size(-1);
+  if (packed) {
+    auto want = src.sizes().vec();
+    want.back() = num_words(k);
+    TORCH_CHECK_VALUE(mask.sizes() == at::IntArrayRef(want), "apply_mask_: packed mask ", mask.sizes(),
+                      " does not fit src ", src.sizes(), " (needs ", at::IntArrayRef(want), ")");
+  } else {
+    TORCH_CHECK_VALUE(mask.sizes() == src.sizes(), "apply_mask_: mask ", mask.sizes(), " and src ", src.sizes(),
+                      " must have one shape");
+  }
+  TORCH_CHECK_VALUE(src.is_contiguous() && mask.is_contiguous() && out.is_contiguous(),
+                    "apply_mask_: src, mask and out must be contiguous");
+  const int64_t n = src.numel();
+  if (n == 0) return;
+  const float* s = src.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  if (!packed) {
+    const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+    at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
+      int64_t i = begin;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+      for (; i + 16 <= end; i += 16) {  // 16 mask bytes -> a 16-bit lane mask -> zero-masked load
+        const __mmask16 lanes = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + i)),
+                                                   _mm_set1_epi8(static_cast<char>(0xFF)));
+        _mm512_storeu_ps(o + i, _mm512_maskz_loadu_ps(lanes, s + i));
+      }
+#endif
+      for (; i < end; ++i) o[i] = m[i] ? s[i] : 0.0f;
+    });
+    return;
+  }
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
+  const int64_t w = num_words(k), rows = n / k;
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / k), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t* wr = words + r * w;
+      const float* sr = s + r * k;
+      float* orow = o + r * k;
+      int64_t j = 0;
+#if defined(__AVX512F__)
+      for (; j + 16 <= k; j += 16) {  // 16 bits of the row's word -> a 16-lane mask
+        const __mmask16 lanes = static_cast<__mmask16>(wr[j >> 5] >> (j & 31));
+        _mm512_storeu_ps(orow + j, _mm512_maskz_loadu_ps(lanes, sr + j));
+      }
+#endif
+      for (; j < k; ++j) orow[j] = ((wr[j >> 5] >> (j & 31)) & 1u) ? sr[j] : 0.0f;
+    }
+  });
+}
+
 }  // namespace
 }  // namespace harmodt
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
+  m.impl("apply_mask_", &harmodt::apply_mask_);
   m.impl("pack_masks", &harmodt::pack_masks);
   m.impl("unpack_masks", &harmodt::unpack_masks);
 }
