@@ -15,6 +15,10 @@ import os
 import numpy as np
 import torch
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harmodt.runtime import keep_freed_memory  # noqa: E402
 from harmodt.config import ModelConfig
 from harmodt.evaluate import evaluate
@@ -50,8 +54,14 @@ def test_eval_batched_vs_batch1(benchmark):
     def batched():
         res.update(evaluate(model, masks, info, MT10, 10, seed=0, max_steps=STEPS, progress=False))
 
+    from test_bench_train import ANCHOR_GFLOPS, gemm_gflops
+
+    probe = [gemm_gflops()]
     benchmark.pedantic(batched, rounds=1, iterations=1)
+    probe.append(gemm_gflops())
+    gflops = sum(probe) / len(probe)
     benchmark.extra_info.update({
+        "gemm_gflops": round(gflops, 1),
         "batched_env_steps_per_s": round(res["env_steps_per_s"], 1),
         "batch1_env_steps_per_s": round(seq["env_steps_per_s"], 1),
         "ratio_batched_over_batch1": round(res["env_steps_per_s"] / seq["env_steps_per_s"], 2),
@@ -60,5 +70,6 @@ def test_eval_batched_vs_batch1(benchmark):
         "targets": ">= 250 env-steps/s batched, >= 2.5x batch-1",
     })
     print(f"\nbatched {res['env_steps_per_s']:.0f} env-steps/s, batch-1 {seq['env_steps_per_s']:.0f} env-steps/s, "
-          f"ratio {res['env_steps_per_s'] / seq['env_steps_per_s']:.2f}")
+          f"ratio {res['env_steps_per_s'] / seq['env_steps_per_s']:.2f} (horizon {STEPS} steps; GEMM probe {gflops:.0f} GFLOP/s, "
+          f"anchor {ANCHOR_GFLOPS:.0f})")
     assert res["env_steps"] == 100 * STEPS

@@ -74,26 +74,38 @@ class Dropout(nn.Dropout):
 class _MaskedWeight(torch.autograd.Function):
     """``W * M`` written into a reused buffer (no fresh allocation per step), with the backward
     ``grad * M`` done in place on the incoming gradient (Eq. 4); both through
-    ``kernels.apply_mask_`` (one vectorized native pass when built, ``torch.where`` otherwise).
-    Autograd's version counter catches a second forward overwriting the buffer before the first
-    one's backward."""
+    ``kernels.apply_mask_`` with the given backend (the native op reads the packed bits in one
+    AVX-512 pass; the reference is ``torch.where``). Autograd's version counter catches a second
+    forward overwriting the buffer before the first one's backward."""
 
     @staticmethod
-    def forward(ctx, weight, mask, holder):
+    def forward(ctx, weight, mask, holder, backend):
         ctx.save_for_backward(mask)
+        ctx.backend = backend
         buf = holder[0]  # passed in a list so autograd does not track it as an input
-        return kernels.apply_mask_(buf, weight, mask)
+        return kernels.apply_mask_(buf, weight, mask, backend=backend)
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
         if not grad.is_contiguous():
             grad = grad.contiguous()
-        return kernels.apply_mask_(grad, grad, mask), None, None
+        return kernels.apply_mask_(grad, grad, mask, backend=ctx.backend), None, None, None
 
 
 class MaskedLinear(nn.Linear):
-    """A linear layer whose weight is seen through the current task's binary mask."""
+    """A linear layer whose weight is seen through the current task's binary mask.
+
+    Paths, by what the batch needs:
+
+    * one task, training on CPU: ``W * M`` into a reused buffer, then one BLAS GEMM (the fastest
+      CPU strategy for a single mask). ``--fused`` masks with the native ``kernels.apply_mask_``
+      on the packed bits; the plain path with ``torch.where`` on the bool mask;
+    * ``--fused`` otherwise (mixed-task batches, evaluation, Triton): ``kernels.masked_linear``,
+      which never materializes per-task weight copies;
+    * plain, one task without gradients: ``torch.where`` then ``F.linear``;
+    * plain, several tasks: ``kernels.reference.masked_linear``.
+    """
 
     mask_key: str = ""  # the parameter name used as key in the mask store (set by the model)
     _w_eff: torch.Tensor | None = None  # reused buffer for W * M on the single-task training path
@@ -102,6 +114,18 @@ class MaskedLinear(nn.Linear):
         if ctx is None or self.mask_key not in ctx.bool_masks:
             return F.linear(x, self.weight, self.bias)
         b, t, k = x.shape
+        masks = ctx.bool_masks[self.mask_key]
+        one_task_training = (ctx.single_task is not None and ctx.task_grads is None and torch.is_grad_enabled()
+                             and self.weight.requires_grad and x.device.type == "cpu")
+        if one_task_training and (not ctx.fused or ctx.backend in ("auto", "cpu", "reference")):
+            if self._w_eff is None or self._w_eff.shape != self.weight.shape or self._w_eff.dtype != self.weight.dtype:
+                self._w_eff = torch.empty_like(self.weight, requires_grad=False)
+            if ctx.fused:
+                mask, backend = ctx.packed[self.mask_key][ctx.single_task], ctx.backend  # packed bits
+            else:
+                mask, backend = masks[ctx.single_task], "reference"  # bool, torch.where
+            w_eff = _MaskedWeight.apply(self.weight, mask, [self._w_eff], backend)  # (N, K)
+            return F.linear(x, w_eff, self.bias)
         if ctx.fused:
             row_ids = ctx.task_ids.repeat_interleave(t)  # (B*T,)
             grads = None if ctx.task_grads is None else ctx.task_grads.get(self.mask_key)
@@ -109,15 +133,8 @@ class MaskedLinear(nn.Linear):
                 x.reshape(b * t, k), self.weight, self.bias, ctx.packed[self.mask_key], row_ids, backend=ctx.backend, task_grads=grads
             )
             return y.view(b, t, -1)
-        masks = ctx.bool_masks[self.mask_key]
         if ctx.single_task is not None and ctx.task_grads is None:
-            if torch.is_grad_enabled() and self.weight.requires_grad and x.device.type == "cpu":
-                if self._w_eff is None or self._w_eff.shape != self.weight.shape or self._w_eff.dtype != self.weight.dtype:
-                    self._w_eff = torch.empty_like(self.weight, requires_grad=False)
-                mask = masks[ctx.single_task] if ctx.packed is None else ctx.packed[self.mask_key][ctx.single_task]  # bool or packed bits
-                w_eff = _MaskedWeight.apply(self.weight, mask, [self._w_eff])  # (N, K)
-            else:
-                w_eff = torch.where(masks[ctx.single_task], self.weight, self.weight.new_zeros(()))  # (N, K)
+            w_eff = torch.where(masks[ctx.single_task], self.weight, self.weight.new_zeros(()))  # (N, K)
             return F.linear(x, w_eff, self.bias)
         row_ids = ctx.task_ids.repeat_interleave(t)
         grads = None if ctx.task_grads is None else ctx.task_grads.get(self.mask_key)

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -68,6 +69,10 @@ void expand_masked_weight(const scalar_t* w, const uint32_t* mw, int64_t n_rows,
     const scalar_t* wr = w + n * k;
     const uint32_t* mr = mw + n * nw;
     scalar_t* o = out + n * k;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      select_row_bits(wr, mr, k, o);
+      continue;
+    }
     for (int64_t i = 0; i < nw; ++i) {
       const uint32_t bits = mr[i];
       const int64_t base = i * 32;
@@ -88,6 +93,10 @@ void mask_in_place(scalar_t* p, const uint32_t* mw, int64_t n_rows, int64_t k, f
     if (task_grad != nullptr) {
       float* tr = task_grad + n * k;
       for (int64_t j = 0; j < k; ++j) tr[j] += static_cast<float>(pr[j]);
+    }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      select_row_bits(pr, mr, k, pr);
+      continue;
     }
     for (int64_t i = 0; i < nw; ++i) {
       const uint32_t bits = mr[i];
@@ -111,6 +120,10 @@ void accumulate_masked(const scalar_t* p, const uint32_t* mw, int64_t n_rows, in
     if (task_grad != nullptr) {
       float* tr = task_grad + n * k;
       for (int64_t j = 0; j < k; ++j) tr[j] += static_cast<float>(pr[j]);
+    }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      add_row_bits(pr, mr, k, dr);
+      continue;
     }
     for (int64_t i = 0; i < nw; ++i) {
       const uint32_t bits = mr[i];

@@ -122,17 +122,7 @@ void apply_mask_(at::Tensor out, const at::Tensor& src, const at::Tensor& mask) 
   const int64_t w = num_words(k), rows = n / k;
   at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / k), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const uint32_t* wr = words + r * w;
-      const float* sr = s + r * k;
-      float* orow = o + r * k;
-      int64_t j = 0;
-#if defined(__AVX512F__)
-      for (; j + 16 <= k; j += 16) {  // 16 bits of the row's word -> a 16-lane mask
-        const __mmask16 lanes = static_cast<__mmask16>(wr[j >> 5] >> (j & 31));
-        _mm512_storeu_ps(orow + j, _mm512_maskz_loadu_ps(lanes, sr + j));
-      }
-#endif
-      for (; j < k; ++j) orow[j] = ((wr[j >> 5] >> (j & 31)) & 1u) ? sr[j] : 0.0f;
+      select_row_bits(s + r * k, words + r * w, k, o + r * k);
     }
   });
 }
