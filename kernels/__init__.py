@@ -24,6 +24,7 @@ __all__ = [
     "BackendUnavailable",
     "apply_mask_",
     "available_backends",
+    "dropout",
     "harmony_select",
     "masked_linear",
     "num_words",
@@ -36,7 +37,7 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 
 # On CPU tensors, "auto" takes the native op for these ops; an op listed with "reference" is one
 # where bench/ measured the plain PyTorch path faster (kept measured, see bench/README.md).
-CPU_DISPATCH = {"apply_mask_": "cpu", "masked_linear": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
+CPU_DISPATCH = {"apply_mask_": "cpu", "dropout": "cpu", "masked_linear": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -115,6 +116,35 @@ def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backen
 
         return cpu.apply_mask_(out, src, mask)
     return reference.apply_mask_(out, src, mask)
+
+
+class _Dropout(torch.autograd.Function):
+    """Counter-based dropout: the backward recomputes the keep mask from the seed (nothing saved)."""
+
+    @staticmethod
+    def forward(ctx, x, p, seed, fn):
+        ctx.p, ctx.seed, ctx.fn = p, seed, fn
+        return fn(x, seed, p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.fn(grad, ctx.seed, ctx.p), None, None, None
+
+
+def dropout(x: torch.Tensor, p: float, seed: int, backend: str = "auto") -> torch.Tensor:
+    """Differentiable dropout of ``x`` (float32 or bfloat16, scaled by ``1/(1-p)``) whose keep
+    mask is a function of ``(seed, element index)`` only (see
+    :func:`kernels.reference.dropout_keep_mask`): draw ``seed`` from your generator per call."""
+    if backend == "triton":
+        raise BackendUnavailable("dropout has no Triton kernel; use backend='auto', 'cpu' or 'reference'")
+    b = resolve_backend(backend, x.device, "dropout")
+    if b == "cpu":
+        from . import cpu
+
+        fn = cpu.dropout_apply
+    else:
+        fn = reference.dropout_apply
+    return _Dropout.apply(x, float(p), int(seed), fn)
 
 
 def pack_masks(mask: torch.Tensor, backend: str = "auto") -> torch.Tensor:

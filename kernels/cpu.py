@@ -26,6 +26,7 @@ from .reference import num_words
 __all__ = [
     "KernelArgumentError",
     "apply_mask_",
+    "dropout_apply",
     "build",
     "harmony_select",
     "library_path",
@@ -86,7 +87,7 @@ def _load() -> str | None:
 def _has_ops() -> bool:
     try:
         ns = torch.ops.harmodt_kernels
-        for name in ("apply_mask_", "pack_masks", "unpack_masks", "masked_linear_forward", "masked_linear_backward", "harmony_select"):
+        for name in ("apply_mask_", "dropout_apply", "pack_masks", "unpack_masks", "masked_linear_forward", "masked_linear_backward", "harmony_select"):
             getattr(ns, name)
     except (AttributeError, RuntimeError):
         return False
@@ -173,6 +174,16 @@ def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> tor
     _ops().apply_mask_(out, src, mask)
     torch.autograd.graph.increment_version(out)  # as an in-place torch op does: autograd sees the write
     return out
+
+
+def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """``x * keep / (1 - p)`` with the counter-based keep mask of
+    :func:`kernels.reference.dropout_keep_mask` (AVX-512: 32 elements per 8 SplitMix64 draws)."""
+    _check_cpu("x", x)
+    _check_dtype("x", x, (torch.float32, torch.bfloat16))
+    if not 0.0 <= p < 1.0:
+        raise KernelArgumentError(f"dropout_apply: p must be in [0, 1), got {p}")
+    return _ops().dropout_apply(x, int(seed), float(p))
 
 
 def pack_masks(mask: torch.Tensor) -> torch.Tensor:

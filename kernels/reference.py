@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_mask_", "pack_masks", "unpack_masks", "masked_linear", "harmony_select", "num_words"]
+__all__ = ["apply_mask_", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "harmony_select", "num_words"]
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
 
@@ -56,6 +56,44 @@ def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> tor
     if src.shape != mask.shape or out.shape != mask.shape:
         raise ValueError(f"apply_mask_: src {tuple(src.shape)}, mask {tuple(mask.shape)} and out {tuple(out.shape)} must have one shape")
     return torch.where(mask, src, src.new_zeros(()), out=out)
+
+
+_U64 = 2**64
+
+
+def _u64(c: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return c - _U64 if c >= 2**63 else c
+
+
+def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def dropout_keep_mask(n: int, seed: int, p: float) -> torch.Tensor:
+    """bool ``(n,)``: element i is kept iff 16-bit field ``i % 4`` of the SplitMix64 output
+    ``mix(seed + (i // 4 + 1) * golden)`` is >= ``round(p * 65536)`` (int64 arithmetic wraps like
+    uint64). Keep probability ``1 - round(p * 65536) / 65536``; nothing is stored: the backward
+    recomputes it from the seed."""
+    j = torch.arange((n + 3) // 4, dtype=torch.int64) + 1
+    z = seed + j * _u64(0x9E3779B97F4A7C15)
+    z = (z ^ _srl(z, 30)) * _u64(0xBF58476D1CE4E5B9)
+    z = (z ^ _srl(z, 27)) * _u64(0x94D049BB133111EB)
+    z = z ^ _srl(z, 31)
+    fields = torch.stack([_srl(z, 16 * q) & 0xFFFF for q in range(4)], dim=1).reshape(-1)[:n]  # (n,)
+    return fields >= round(p * 65536)
+
+
+def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """``x * keep / (1 - p)`` with the keep mask of :func:`dropout_keep_mask` over ``x``'s
+    elements in row-major order (the same call on the gradient is the backward)."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"dropout_apply expects float32 or bfloat16, got {x.dtype}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_apply: p must be in [0, 1), got {p}")
+    keep = dropout_keep_mask(x.numel(), int(seed), p).view(x.shape)
+    return torch.where(keep, x.float() * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
 
 
 def _as_bool_masks(masks: torch.Tensor, k: int) -> torch.Tensor:

@@ -425,3 +425,45 @@ def test_forced_cpu_backend_without_library_fails_clearly(monkeypatch, tmp_path)
     with pytest.raises(kernels.BackendUnavailable, match="failed to load"):
         kernels.harmony_select(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(3), torch.zeros(1, 1, dtype=torch.int32),
                                1, 0.1, backend="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout (counter-based keep mask)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 31, 32, 33, 127, 4096 * 4 + 7, 153600])
+@pytest.mark.parametrize("seed", [0, 1, 2**62 + 12345, 2**63 - 1])
+def test_dropout_matches_reference(n, seed):
+    x = torch.randn(n, generator=_gen(n))
+    for p in (0.1, 0.5):
+        torch.testing.assert_close(cpu.dropout_apply(x, seed, p), ref.dropout_apply(x, seed, p), rtol=0, atol=0)
+    got = cpu.dropout_apply(x.bfloat16(), seed, 0.1)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref.dropout_apply(x.bfloat16(), seed, 0.1), rtol=0, atol=0)
+
+
+def test_dropout_rate_seed_and_gradient():
+    x = torch.randn(8, 8, 75, 75, generator=_gen(3), requires_grad=True)  # an attention map of the paper model
+    y = kernels.dropout(x, 0.1, seed=42)
+    keep = y != 0
+    assert abs(keep.float().mean().item() - 0.9) < 0.005
+    torch.testing.assert_close(y[keep], x[keep] / 0.9)
+    assert torch.equal(kernels.dropout(x, 0.1, seed=42), y)  # a function of the seed
+    assert not torch.equal(kernels.dropout(x, 0.1, seed=43) != 0, keep)
+    g = torch.randn(x.shape, generator=_gen(4))
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, torch.where(keep, g / 0.9, 0.0))  # same mask, recomputed from the seed
+    torch.testing.assert_close(kernels.dropout(x, 0.0, seed=5), x)
+    xr = x.detach().clone().requires_grad_()
+    yr = kernels.dropout(xr, 0.1, seed=42, backend="reference")
+    torch.testing.assert_close(yr, y, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(yr, xr, g)[0], gx, rtol=0, atol=0)
+
+
+def test_dropout_errors():
+    with pytest.raises(TypeError, match="x must be float32, bfloat16, got float64"):
+        cpu.dropout_apply(torch.zeros(3, dtype=torch.float64), 0, 0.1)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+        cpu.dropout_apply(torch.zeros(3), 0, 1.0)
+    with pytest.raises(kernels.BackendUnavailable, match="no Triton kernel"):
+        kernels.dropout(torch.zeros(3), 0.1, 0, backend="triton")
