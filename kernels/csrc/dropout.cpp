@@ -63,6 +63,27 @@ void apply(const scalar_t* x, scalar_t* y, int64_t n, uint64_t seed, uint32_t th
         }
       }
     }
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {  // widen to fp32, scale, round back (RNE)
+      const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold > 0xFFFF ? 0xFFFF : threshold)));
+      const __m512 vscale = _mm512_set1_ps(scale);
+      const uint16_t* xs = reinterpret_cast<const uint16_t*>(x);
+      uint16_t* ys = reinterpret_cast<uint16_t*>(y);
+      auto widen = [](const uint16_t* src) {
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
+      };
+      if (threshold <= 0xFFFF) {
+        for (; b + 8 <= b1 && (b + 8) * 4 <= n; b += 8) {
+          const __mmask32 keep = _mm512_cmpge_epu16_mask(splitmix8(seed, b), thr);
+          const int64_t i0 = b * 4;
+          const __m256bh lo = _mm512_cvtneps_pbh(_mm512_maskz_mul_ps(static_cast<__mmask16>(keep), widen(xs + i0), vscale));
+          const __m256bh hi = _mm512_cvtneps_pbh(_mm512_maskz_mul_ps(static_cast<__mmask16>(keep >> 16), widen(xs + i0 + 16), vscale));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(ys + i0), reinterpret_cast<const __m256i&>(lo));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(ys + i0 + 16), reinterpret_cast<const __m256i&>(hi));
+        }
+      }
+    }
+#endif
 #endif
     for (; b < b1; ++b) {
       const uint64_t h = splitmix(seed, static_cast<uint64_t>(b));
