@@ -102,7 +102,8 @@ class Trainer:
         return torch.randperm(len(self.tasks), generator=g)[:n].tolist()
 
     def train_step(self, task_ids: list[int]) -> float:
-        self.model.train()
+        if not self.model.training:  # (train() walks every module: skip it when already set)
+            self.model.train()
         batch = self.batcher.sample(task_ids, self.cfg.batch_size)
         ctx = self.context(batch["task_ids"])
         with self.autocast():
