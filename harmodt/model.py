@@ -210,7 +210,8 @@ class Block(nn.Module):
         if return_kv:
             a, kv = a
         x = (x if query is None else x[:, query]) + a
-        x = x + self.drop(self.mlp_proj(F.relu(self.fc(self.ln2(x), ctx)), ctx))
+        h = F.relu(self.fc(self.ln2(x), ctx), inplace=not torch.is_grad_enabled())  # (B, T, 4C); in place when nothing saves it
+        x = x + self.drop(self.mlp_proj(h, ctx))
         return (x, kv) if return_kv else x
 
 
