@@ -33,7 +33,7 @@ class MaskContext:
         path reads them too, 8x less than the bool masks), or None.
     task_ids: ``(B,)`` task index of each sequence in the batch.
     single_task: the task index when every row has the same task (fast path), else None.
-    fused: route through ``kernels.masked_linear`` with ``backend``.
+    fused: mask through ``kernels`` with ``backend`` (see :class:`MaskedLinear` for which op).
     task_grads: param name -> fp32 ``[T, N, K]`` buffers that receive each task's unmasked
         gradient w.r.t. its effective weight (used by the mask update), or None.
     """
