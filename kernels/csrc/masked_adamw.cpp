@@ -46,18 +46,17 @@ void adamw_span(float* __restrict p, const float* __restrict g, float* __restric
 
 #if defined(__AVX512F__)
 // The same update on 16 lanes; the weight is stored only in the lanes of `keep`.
-inline void adamw_16(float* p, const float* g, float* m, float* v, __mmask16 keep, __m512 b1, __m512 b2, __m512 omb1,
-                     __m512 omb2, __m512 step_size, __m512 inv_bc2_sqrt, __m512 decay, __m512 eps) {
+inline void adamw_16(float* p, const float* g, float* m, float* v, __mmask16 keep, __m512 b2, __m512 omb1, __m512 omb2,
+                     __m512 step_size, __m512 bc2_sqrt, __m512 decay, __m512 eps) {
   const __m512 gi = _mm512_loadu_ps(g), mi0 = _mm512_loadu_ps(m), vi0 = _mm512_loadu_ps(v);
   const __m512 mi = _mm512_add_ps(mi0, _mm512_mul_ps(omb1, _mm512_sub_ps(gi, mi0)));
   const __m512 vi = _mm512_add_ps(_mm512_mul_ps(b2, vi0), _mm512_mul_ps(_mm512_mul_ps(omb2, gi), gi));
   _mm512_storeu_ps(m, mi);
   _mm512_storeu_ps(v, vi);
   const __m512 old = _mm512_loadu_ps(p);
-  const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), inv_bc2_sqrt), eps);
+  const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2_sqrt), eps);
   const __m512 updated = _mm512_sub_ps(_mm512_mul_ps(old, decay), _mm512_div_ps(_mm512_mul_ps(step_size, mi), denom));
   _mm512_mask_storeu_ps(p, keep, updated);
-  (void)b1;
 }
 #endif
 
@@ -102,7 +101,7 @@ void masked_adamw_(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
   const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2), epsf = static_cast<float>(eps);
 #if defined(__AVX512F__)
-  const __m512 vb1 = _mm512_set1_ps(b1), vb2 = _mm512_set1_ps(b2), vomb1 = _mm512_set1_ps(1.0f - b1),
+  const __m512 vb2 = _mm512_set1_ps(b2), vomb1 = _mm512_set1_ps(1.0f - b1),
                vomb2 = _mm512_set1_ps(1.0f - b2), vss = _mm512_set1_ps(step_size), vbc = _mm512_set1_ps(bc2_sqrt),
                vdecay = _mm512_set1_ps(decay), veps = _mm512_set1_ps(epsf);
 #endif
@@ -114,7 +113,7 @@ void masked_adamw_(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
       for (; i + 16 <= end; i += 16) {
         const __mmask16 lanes = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k + i)),
                                                    _mm_set1_epi8(static_cast<char>(0xFF)));
-        adamw_16(p + i, g + i, m + i, v + i, lanes, vb1, vb2, vomb1, vomb2, vss, vbc, vdecay, veps);
+        adamw_16(p + i, g + i, m + i, v + i, lanes, vb2, vomb1, vomb2, vss, vbc, vdecay, veps);
       }
 #endif
       adamw_span(p + i, g + i, m + i, v + i, k + i, end - i, b1, b2, step_size, bc2_sqrt, decay, epsf);
@@ -132,7 +131,7 @@ void masked_adamw_(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
       int64_t j = 0;
 #if defined(__AVX512F__)
       for (; j + 16 <= kcols; j += 16)
-        adamw_16(p + o + j, g + o + j, m + o + j, v + o + j, static_cast<__mmask16>(wr[j >> 5] >> (j & 31)), vb1, vb2,
+        adamw_16(p + o + j, g + o + j, m + o + j, v + o + j, static_cast<__mmask16>(wr[j >> 5] >> (j & 31)), vb2,
                  vomb1, vomb2, vss, vbc, vdecay, veps);
 #endif
       while (j < kcols) {  // the rest (all of it without AVX-512), through the byte-mask loop 32 at a time
