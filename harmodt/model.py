@@ -61,15 +61,21 @@ def _keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
     return (words.view(torch.int16)[:n].view(shape) & 0x7FFF) >= int(round(p * 32768))
 
 
-def _native_dropout() -> bool:
-    """Whether the native counter-based dropout (``kernels.dropout``) is built (checked once)."""
-    global _NATIVE_DROPOUT
-    if _NATIVE_DROPOUT is None:
-        _NATIVE_DROPOUT = "cpu" in kernels.available_backends("cpu")
-    return _NATIVE_DROPOUT
+def _native_ops() -> bool:
+    """Whether the native CPU ops (``kernels.dropout``, ``kernels.attention``) are built (checked
+    once)."""
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = "cpu" in kernels.available_backends("cpu")
+    return _NATIVE
 
 
-_NATIVE_DROPOUT: bool | None = None
+_NATIVE: bool | None = None
+_NATIVE_ATTENTION: bool | None = None  # None: use the native attention when built (tests set False)
+
+
+def _native_attention() -> bool:
+    return _native_ops() if _NATIVE_ATTENTION is None else _NATIVE_ATTENTION
 
 
 class Dropout(nn.Dropout):
@@ -86,7 +92,7 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
             return super().forward(x)
-        if x.dtype in (torch.float32, torch.bfloat16) and _native_dropout():
+        if x.dtype in (torch.float32, torch.bfloat16) and _native_ops():
             seed = int(torch.empty((), dtype=torch.int64).random_())
             return kernels.dropout(x, self.p, seed)
         return x * _keep_mask(x.shape, self.p) * (1.0 / (1.0 - self.p))
@@ -163,6 +169,35 @@ class MaskedLinear(nn.Linear):
         return y.view(b, t, -1)
 
 
+@dataclass
+class Attention:
+    """Who sees whom in a forward pass: ``key_valid (B, Tk)`` bool over ``[prefix | own]`` keys
+    and ``query_pos (Tq,)`` the key position of each query (an own token). Key j is visible to
+    query i iff ``(j <= query_pos[i] and key_valid[b, j]) or j == query_pos[i]``
+    (:func:`kernels.reference.attention_mask`); the native op reads these two directly, the plain
+    path the bool mask."""
+
+    key_valid: torch.Tensor
+    query_pos: torch.Tensor
+    _mask: torch.Tensor | None = None
+
+    @staticmethod
+    def causal(key_valid: torch.Tensor, n_query: int) -> "Attention":
+        """The last ``n_query`` keys are the queries' own tokens, in order."""
+        tk = key_valid.shape[1]
+        return Attention(key_valid, torch.arange(tk - n_query, tk, device=key_valid.device))
+
+    @property
+    def mask(self) -> torch.Tensor:  # bool (B, 1, Tq, Tk)
+        if self._mask is None:
+            self._mask = kernels_reference.attention_mask(self.key_valid, self.query_pos)
+        return self._mask
+
+    def select(self, query) -> "Attention":
+        """The same keys for a subset (slice) of the queries."""
+        return Attention(self.key_valid, self.query_pos[query], None if self._mask is None else self._mask[:, :, query])
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -172,25 +207,34 @@ class SelfAttention(nn.Module):
         self.attn_drop = Dropout(cfg.dropout)
         self.resid_drop = Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask, ctx, prefix=None, return_kv=False, query=None):
-        # x (B, T, C); attn_mask bool (B, 1, T, Tp+T); prefix (k, v) each (B, nh, Tp, hd);
-        # query: a slice of the T tokens whose outputs are wanted (None = all); keys and values
-        # always come from every token. Returns (B, Tq, C).
+    def forward(self, x, attn: Attention, ctx, prefix=None, return_kv=False, query=None):
+        # x (B, T, C); prefix (k, v) each (B, nh, Tp, hd) before the own keys; query: a slice of the T
+        # tokens whose outputs are wanted (None = all); keys and values always come from every token.
+        # Returns (B, Tq, C) [and the own (k, v), each (B, nh, T, hd)].
         b, t, c = x.shape
-        q, k, v = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
-        kv = (k, v)
+        qkv = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head)  # (B, T, 3, nh, hd)
+        kv = (qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)) if return_kv else None
         if query is not None:
-            q, attn_mask = q[:, :, query], attn_mask[:, :, query]  # (B, nh, Tq, hd), (B, 1, Tq, Tk)
-        if prefix is not None:
-            k = torch.cat([prefix[0], k], dim=2)
-            v = torch.cat([prefix[1], v], dim=2)
-        if self.training and self.attn_drop.p > 0:  # explicit attention so dropout uses the cheap mask
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, Tq, Tk)
-            att = att.masked_fill_(~attn_mask, float("-inf")).softmax(-1)  # att is fresh: fill in place
-            y = self.attn_drop(att) @ v
+            attn = attn.select(query)
+        p = self.attn_drop.p if self.training else 0.0
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _native_attention():
+            # fast path: one fused pass from the packed projection (kernels/csrc/attention.cpp)
+            seed = int(torch.empty((), dtype=torch.int64).random_()) if p > 0 else 0
+            y = kernels.attention(qkv, attn.key_valid, attn.query_pos, prefix, p, seed)  # (B, Tq, C)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        y = y.transpose(1, 2).reshape(b, q.shape[2], c)  # (B, Tq, C)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
+            if query is not None:
+                q = q[:, :, query]  # (B, nh, Tq, hd)
+            if prefix is not None:
+                k = torch.cat([prefix[0], k], dim=2)
+                v = torch.cat([prefix[1], v], dim=2)
+            if p > 0:  # explicit attention so dropout uses the cheap mask
+                att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, Tq, Tk)
+                att = att.masked_fill_(~attn.mask, float("-inf")).softmax(-1)  # att is fresh: fill in place
+                y = self.attn_drop(att) @ v
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask)
+            y = y.transpose(1, 2).reshape(b, q.shape[2], c)  # (B, Tq, C)
         y = self.resid_drop(self.proj(y, ctx))
         return (y, kv) if return_kv else y
 
@@ -205,8 +249,8 @@ class Block(nn.Module):
         self.mlp_proj = MaskedLinear(4 * cfg.n_embd, cfg.n_embd)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask, ctx, prefix=None, return_kv=False, query=None):  # (B, T, C) -> (B, Tq, C)
-        a = self.attn(self.ln1(x), attn_mask, ctx, prefix, return_kv, query)
+    def forward(self, x, attn: Attention, ctx, prefix=None, return_kv=False, query=None):  # (B, T, C) -> (B, Tq, C)
+        a = self.attn(self.ln1(x), attn, ctx, prefix, return_kv, query)
         if return_kv:
             a, kv = a
         x = (x if query is None else x[:, query]) + a
@@ -230,23 +274,6 @@ class TokenEmbedding(nn.Module):
         te = self.timestep(timesteps)
         toks = torch.stack([self.ret(rtg) + te, self.state(states) + te, self.action(actions) + te], dim=2)  # (B, T, 3, C)
         return toks.flatten(1, 2)
-
-
-def build_attn_mask(key_valid: torch.Tensor, n_query: int) -> torch.Tensor:
-    """Causal mask over ``[prefix | own]`` keys with padding.
-
-    key_valid bool (B, Tk) for all keys; the last ``n_query`` keys are the queries' own tokens.
-    Returns bool (B, 1, Tq, Tk). A query may also always see itself, so padded (left) queries
-    never have an empty row (their outputs are ignored by the loss).
-    """
-    b, tk = key_valid.shape
-    tp = tk - n_query
-    q_pos = torch.arange(n_query, device=key_valid.device).unsqueeze(1) + tp  # (Tq, 1)
-    k_pos = torch.arange(tk, device=key_valid.device).unsqueeze(0)  # (1, Tk)
-    causal = k_pos <= q_pos  # (Tq, Tk)
-    mask = causal.unsqueeze(0) & key_valid.unsqueeze(1)  # (B, Tq, Tk)
-    mask = mask | (k_pos == q_pos).unsqueeze(0)
-    return mask.unsqueeze(1)
 
 
 class PromptDT(nn.Module):
@@ -298,12 +325,12 @@ class PromptDT(nn.Module):
             x = torch.cat([p, x], dim=1)
             valid = torch.cat([batch["prompt_mask"].repeat_interleave(3, dim=1), valid], dim=1)
         x = self.drop(self.embed_ln(x))  # (B, L, C)
-        attn_mask = build_attn_mask(valid, x.shape[1])
+        attn = Attention.causal(valid, x.shape[1])
         k = batch["states"].shape[1]
         states = slice(x.shape[1] - 3 * k + 1, None, 3)  # the history's state tokens: the only outputs the loss reads
         for i, blk in enumerate(self.blocks):
             # the last block computes queries, MLP and output only at those K tokens (keys and values at all)
-            x = blk(x, attn_mask, ctx, query=states if i == len(self.blocks) - 1 else None)
+            x = blk(x, attn, ctx, query=states if i == len(self.blocks) - 1 else None)
         return torch.tanh(self.predict_action(self.ln_f(x)))  # (B, K, A)
 
     @torch.no_grad()
@@ -313,10 +340,10 @@ class PromptDT(nn.Module):
         prompt's token validity (B, 3K*)."""
         x = self.drop(self.embed_ln(self.prompt_embed(prompt["prompt_states"], prompt["prompt_actions"], prompt["prompt_rtg"], prompt["prompt_timesteps"])))
         valid = prompt["prompt_mask"].repeat_interleave(3, dim=1)
-        attn_mask = build_attn_mask(valid, x.shape[1])
+        attn = Attention.causal(valid, x.shape[1])
         kvs = []
         for blk in self.blocks:
-            x, kv = blk(x, attn_mask, ctx, return_kv=True)
+            x, kv = blk(x, attn, ctx, return_kv=True)
             kvs.append(kv)
         return kvs, valid
 
@@ -332,10 +359,10 @@ class PromptDT(nn.Module):
         b, t, _ = x.shape
         own = torch.ones(b, t, dtype=torch.bool, device=x.device)
         valid = own if prompt_valid is None else torch.cat([prompt_valid, own], dim=1)
-        attn_mask = build_attn_mask(valid, t)
+        attn = Attention.causal(valid, t)
         last = slice(t - 1, None)  # the current state token: the last block computes only its output
         for i, blk in enumerate(self.blocks):
-            x = blk(x, attn_mask, ctx, prefix=None if prompt_kv is None else prompt_kv[i], query=last if i == len(self.blocks) - 1 else None)
+            x = blk(x, attn, ctx, prefix=None if prompt_kv is None else prompt_kv[i], query=last if i == len(self.blocks) - 1 else None)
         return torch.tanh(self.predict_action(self.ln_f(x[:, -1])))
 
 

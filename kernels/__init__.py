@@ -23,6 +23,7 @@ from .reference import num_words
 __all__ = [
     "BackendUnavailable",
     "apply_mask_",
+    "attention",
     "available_backends",
     "dropout",
     "harmony_select",
@@ -37,7 +38,7 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 
 # On CPU tensors, "auto" takes the native op for these ops; an op listed with "reference" is one
 # where bench/ measured the plain PyTorch path faster (kept measured, see bench/README.md).
-CPU_DISPATCH = {"apply_mask_": "cpu", "dropout": "cpu", "masked_linear": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
+CPU_DISPATCH = {"apply_mask_": "cpu", "attention": "cpu", "dropout": "cpu", "masked_linear": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -145,6 +146,22 @@ def dropout(x: torch.Tensor, p: float, seed: int, backend: str = "auto") -> torc
     else:
         fn = reference.dropout_apply
     return _Dropout.apply(x, float(p), int(seed), fn)
+
+
+def attention(qkv: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tensor, prefix=None, p: float = 0.0,
+              seed: int = 0, backend: str = "auto") -> torch.Tensor:
+    """Causal attention of the model's blocks read from the packed projection ``qkv (B, T, 3, H,
+    D)``, with optional cached prefix keys/values and counter-based dropout on the probabilities;
+    returns ``(B, Tq, H * D)``. Shapes and visibility: :func:`kernels.reference.attention`."""
+    if backend == "triton":
+        raise BackendUnavailable("attention has no Triton kernel (on a GPU use scaled_dot_product_attention); "
+                                 "use backend='auto', 'cpu' or 'reference'")
+    b = resolve_backend(backend, qkv.device, "attention")
+    if b == "cpu" and (backend == "cpu" or qkv.dtype in (torch.float32, torch.bfloat16)):
+        from . import cpu
+
+        return cpu.attention(qkv, key_valid, query_pos, prefix, p, seed)
+    return reference.attention(qkv, key_valid, query_pos, prefix, p, seed)
 
 
 def pack_masks(mask: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -26,6 +26,7 @@ from .reference import num_words
 __all__ = [
     "KernelArgumentError",
     "apply_mask_",
+    "attention",
     "dropout_apply",
     "build",
     "harmony_select",
@@ -209,6 +210,54 @@ def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
             f"unpack_masks: words has {words.shape[-1]} words in its last dimension, K={k} needs {num_words(k)}"
         )
     return _ops().unpack_masks(words, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, key_valid, query_pos, k_prefix, v_prefix, p, seed):
+        need = bool(ctx.needs_input_grad[0])
+        out, lse = _ops().attention_forward(qkv, k_prefix, v_prefix, key_valid, query_pos, p, seed, need)
+        if need:
+            ctx.save_for_backward(qkv, key_valid, query_pos, k_prefix, v_prefix, lse)
+        ctx.p, ctx.seed = p, seed
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        qkv, key_valid, query_pos, k_prefix, v_prefix, lse = ctx.saved_tensors
+        dqkv = _ops().attention_backward(grad_out, qkv, k_prefix, v_prefix, key_valid, query_pos, lse, ctx.p, ctx.seed)
+        return dqkv, None, None, None, None, None, None
+
+
+def attention(qkv: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tensor, prefix=None, p: float = 0.0,
+              seed: int = 0) -> torch.Tensor:
+    """Fused causal attention (see :func:`kernels.reference.attention`): one pass per (batch, head)
+    pair with the keys in fp32 buffers, AVX-512 scores/softmax/combination, dropout recomputed in
+    the backward from the seed (only the rows' log-sum-exp is saved). Prefix keys/values take no
+    gradient."""
+    _check_cpu("qkv", qkv)
+    _check_dtype("qkv", qkv, (torch.float32, torch.bfloat16))
+    _check_dtype("key_valid", key_valid, (torch.bool,))
+    _check_dtype("query_pos", query_pos, (torch.int64,))
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise KernelArgumentError(f"attention: qkv must be (B, T, 3, H, D), got {tuple(qkv.shape)}")
+    kp = vp = None
+    if prefix is not None:
+        kp, vp = prefix
+        if kp.requires_grad or vp.requires_grad:
+            raise KernelArgumentError("attention: prefix keys/values take no gradient here (they are a cache)")
+        if kp.stride(-1) != 1:
+            kp = kp.contiguous()
+        if vp.stride(-1) != 1:
+            vp = vp.contiguous()
+    if not 0.0 <= p < 1.0:
+        raise KernelArgumentError(f"attention: dropout p must be in [0, 1), got {p}")
+    return _Attention.apply(qkv.contiguous(), key_valid.contiguous(), query_pos.contiguous(), kp, vp, float(p), int(seed))
 
 
 # ----------------------------------------------------------------------------------------------

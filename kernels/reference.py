@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_mask_", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "harmony_select", "num_words"]
+__all__ = ["apply_mask_", "attention", "attention_mask", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "harmony_select", "num_words"]
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
 
@@ -94,6 +94,43 @@ def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
         raise ValueError(f"dropout_apply: p must be in [0, 1), got {p}")
     keep = dropout_keep_mask(x.numel(), int(seed), p).view(x.shape)
     return torch.where(keep, x.float() * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
+
+
+def attention_mask(key_valid: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """bool ``(B, 1, Tq, Tk)``: key j is visible to the query at key position ``query_pos[i]`` iff
+    ``(j <= query_pos[i] and key_valid[b, j]) or j == query_pos[i]`` (causal, padding hidden, and a
+    query always sees itself so no row is empty)."""
+    k_pos = torch.arange(key_valid.shape[1], device=key_valid.device).unsqueeze(0)  # (1, Tk)
+    q_pos = query_pos.unsqueeze(1)  # (Tq, 1)
+    mask = (k_pos <= q_pos).unsqueeze(0) & key_valid.unsqueeze(1)  # (B, Tq, Tk)
+    return (mask | (k_pos == q_pos).unsqueeze(0)).unsqueeze(1)
+
+
+def attention(qkv: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tensor, prefix=None, p: float = 0.0,
+              seed: int = 0) -> torch.Tensor:
+    """Causal attention read from the packed projection ``qkv (B, T, 3, H, D)``.
+
+    Keys/values: the optional ``prefix = (k, v)``, each ``(B, H, Tp, D)``, then the T own tokens;
+    ``key_valid (B, Tp + T)`` bool; ``query_pos (Tq,)`` int64: the key position of each query (an
+    own token, ``>= Tp``). Visibility: :func:`attention_mask`. Dropout with probability ``p`` on
+    the attention probabilities uses :func:`dropout_apply`'s keep mask over the ``(B, H, Tq, Tk)``
+    tensor with ``seed``. Computed in fp32; returns ``(B, Tq, H * D)`` in ``qkv``'s dtype.
+    """
+    b, t, three, h, d = qkv.shape
+    if three != 3:
+        raise ValueError(f"attention: qkv must be (B, T, 3, H, D), got {tuple(qkv.shape)}")
+    tp = 0 if prefix is None else prefix[0].shape[2]
+    q = qkv[:, query_pos - tp, 0].transpose(1, 2).float()  # (B, H, Tq, D)
+    k = qkv[:, :, 1].transpose(1, 2).float()  # (B, H, T, D)
+    v = qkv[:, :, 2].transpose(1, 2).float()
+    if prefix is not None:
+        k = torch.cat([prefix[0].float(), k], dim=2)  # (B, H, Tk, D)
+        v = torch.cat([prefix[1].float(), v], dim=2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / d**0.5)  # (B, H, Tq, Tk)
+    att = att.masked_fill(~attention_mask(key_valid, query_pos), float("-inf")).softmax(-1)
+    if p > 0.0:
+        att = dropout_apply(att, seed, p)
+    return (att @ v).transpose(1, 2).reshape(b, len(query_pos), h * d).to(qkv.dtype)
 
 
 def _as_bool_masks(masks: torch.Tensor, k: int) -> torch.Tensor:

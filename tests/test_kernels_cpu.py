@@ -467,3 +467,94 @@ def test_dropout_errors():
         cpu.dropout_apply(torch.zeros(3), 0, 1.0)
     with pytest.raises(kernels.BackendUnavailable, match="no Triton kernel"):
         kernels.dropout(torch.zeros(3), 0.1, 0, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# attention (fused causal attention from the packed qkv projection)
+
+
+def _attention_case(b, t, h, d, tp, query, p, dtype=torch.float32, seed=0):
+    g = _gen(seed)
+    qkv = torch.randn(b, t, 3, h, d, generator=g).to(dtype)
+    prefix = None
+    if tp:
+        prefix = (torch.randn(b, h, tp, d, generator=g).to(dtype), torch.randn(b, h, tp, d, generator=g).to(dtype))
+    valid = torch.rand(b, tp + t, generator=g) > 0.2  # random padding, queries see themselves anyway
+    if b > 1:
+        valid[-1] = False  # a row with nothing valid but each query itself
+    query_pos = torch.arange(tp, tp + t)[query]
+    return qkv, prefix, valid, query_pos
+
+
+@pytest.mark.parametrize(
+    "b,t,h,d,tp,query,p",
+    [
+        (8, 75, 8, 32, 0, slice(None), 0.1),  # the paper model's training shape
+        (8, 75, 8, 32, 0, slice(1, None, 3), 0.1),  # last block: the state tokens only
+        (5, 59, 8, 32, 15, slice(None), 0.0),  # evaluation with the cached prompt
+        (5, 59, 8, 32, 15, slice(58, None), 0.0),  # evaluation's last block: the current token
+        (1, 1, 1, 1, 0, slice(None), 0.0),  # one token, one head, D = 1
+        (3, 7, 2, 5, 0, slice(None), 0.3),  # odd sizes
+        (2, 33, 3, 17, 4, slice(None), 0.5),  # D not a multiple of 16, a short prefix
+        (2, 20, 1, 48, 0, slice(None), 0.0),  # D between 32 and 64
+        (2, 40, 2, 64, 3, slice(0, 40, 7), 0.2),
+        (4, 9, 2, 8, 0, slice(0, 0), 0.1),  # no queries at all
+    ],
+)
+def test_attention_matches_reference(b, t, h, d, tp, query, p):
+    qkv, prefix, valid, qpos = _attention_case(b, t, h, d, tp, query, p)
+    a, r = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    got = kernels.attention(a, valid, qpos, prefix, p, seed=11, backend="cpu")
+    want = ref.attention(r, valid, qpos, prefix, p, seed=11)
+    assert got.shape == (b, len(qpos), h * d)
+    torch.testing.assert_close(got, want, **TOL)
+    grad = torch.randn(got.shape, generator=_gen(1))
+    got.backward(grad)
+    want.backward(grad)
+    torch.testing.assert_close(a.grad, r.grad, **TOL)
+    if len(qpos) < t:  # tokens that are no query get no query gradient
+        not_q = torch.ones(t, dtype=torch.bool)
+        not_q[qpos - tp] = False
+        assert torch.all(a.grad[:, not_q, 0] == 0)
+
+
+def test_attention_bf16_matches_reference():
+    qkv, prefix, valid, qpos = _attention_case(4, 30, 4, 32, 5, slice(None), 0.1, torch.bfloat16)
+    a, r = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    got = kernels.attention(a, valid, qpos, prefix, 0.1, seed=3, backend="cpu")
+    want = ref.attention(r, valid, qpos, prefix, 0.1, seed=3)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    grad = torch.randn(got.shape, generator=_gen(2)).bfloat16()
+    got.backward(grad)
+    want.backward(grad)
+    torch.testing.assert_close(a.grad.float(), r.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_attention_dropout_is_kernels_dropout_on_the_probabilities():
+    """The keep mask equals kernels.dropout's on the (B, H, Tq, Tk) probabilities (same seed), and
+    a new seed draws a new mask."""
+    qkv, _, valid, qpos = _attention_case(2, 12, 2, 8, 0, slice(None), 0.5)
+    y0 = kernels.attention(qkv, valid, qpos, None, 0.5, seed=7, backend="cpu")
+    assert torch.equal(y0, kernels.attention(qkv, valid, qpos, None, 0.5, seed=7, backend="cpu"))
+    assert not torch.allclose(y0, kernels.attention(qkv, valid, qpos, None, 0.5, seed=8, backend="cpu"))
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    att = ((q @ k.transpose(-2, -1)) / 8**0.5).masked_fill(~ref.attention_mask(valid, qpos), float("-inf")).softmax(-1)
+    want = (kernels.dropout(att, 0.5, seed=7) @ v).transpose(1, 2).reshape(2, 12, 16)
+    torch.testing.assert_close(y0, want, **TOL)
+
+
+def test_attention_errors_name_the_argument():
+    qkv, prefix, valid, qpos = _attention_case(2, 6, 2, 4, 3, slice(None), 0.0)
+    with pytest.raises(cpu.KernelArgumentError, match="qkv must be"):
+        kernels.attention(qkv[:, :, 0], valid, qpos, prefix, backend="cpu")
+    with pytest.raises(ValueError, match="query_pos"):
+        kernels.attention(qkv, valid, qpos - 3, prefix, backend="cpu")  # prefix positions are no queries
+    with pytest.raises(ValueError, match="key_valid"):
+        kernels.attention(qkv, valid[:, 1:], qpos, prefix, backend="cpu")
+    with pytest.raises(cpu.KernelArgumentError, match="prefix"):
+        kernels.attention(qkv, valid, qpos, (prefix[0].requires_grad_(), prefix[1]), backend="cpu")
+    with pytest.raises(cpu.KernelArgumentError, match="p must be"):
+        kernels.attention(qkv, valid, qpos, prefix, 1.0, backend="cpu")
+    with pytest.raises(kernels.BackendUnavailable, match="Triton"):
+        kernels.attention(qkv, valid, qpos, prefix, backend="triton")

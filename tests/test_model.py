@@ -66,7 +66,7 @@ def test_prompt_cache_matches_full_sequence():
 
 def _untrimmed_forward(m, batch, ctx=None):
     """Every block on every token, then the history's state tokens: what the trimmed forward skips."""
-    from harmodt.model import build_attn_mask
+    from harmodt.model import Attention
 
     x = m._tokens(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], batch["task_ids"], m.embed)
     valid = batch["mask"].repeat_interleave(3, dim=1)
@@ -75,9 +75,9 @@ def _untrimmed_forward(m, batch, ctx=None):
         x = torch.cat([p, x], dim=1)
         valid = torch.cat([batch["prompt_mask"].repeat_interleave(3, dim=1), valid], dim=1)
     x = m.embed_ln(x)
-    attn_mask = build_attn_mask(valid, x.shape[1])
+    attn = Attention.causal(valid, x.shape[1])
     for blk in m.blocks:
-        x = blk(x, attn_mask, ctx)
+        x = blk(x, attn, ctx)
     k = batch["states"].shape[1]
     return torch.tanh(m.predict_action(m.ln_f(x[:, -3 * k :][:, 1::3])))
 
@@ -156,3 +156,45 @@ def test_reused_masked_weight_buffer_is_safe():
     m(batch, ctx).sum()  # overwrites the buffers the first graph saved
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         first.backward()
+
+
+@pytest.mark.parametrize("method", ["prompt-dt", "mtdt", "harmodt-f"])
+def test_native_attention_matches_plain_path(method, monkeypatch):
+    """The fused native attention (with attention dropout in training) against the plain path
+    (explicit softmax + kernels.dropout, sdpa without dropout): same outputs and gradients for the
+    same torch seed, in training, and in evaluation with the cached prompt."""
+    import harmodt.model as model_mod
+
+    assert model_mod._native_ops(), "the native library is built for the tests"
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, context_len=6, prompt_len=3, dropout=0.3)
+    torch.manual_seed(0)
+    b = PromptDTBatcher(datasets(TASKS), TASKS, cfg.context_len, cfg.prompt_len if method != "mtdt" else 0, 100.0, seed=1)
+    m = build_model(cfg, 2, method).train()
+    batch = b.sample([0, 1], 4)
+    batch["mask"][0, :2] = False  # a left-padded row
+    ctx = None
+    if method.startswith("harmodt"):
+        shapes = {n: tuple(w.shape) for n, w in m.masked_weights().items()}
+        tm = TaskMasks.erk(shapes, 2, 0.3, torch.Generator().manual_seed(0))
+        ctx = MaskContext.for_tasks(tm.masks, batch["task_ids"])
+    runs = []
+    for native in (True, False):
+        monkeypatch.setattr(model_mod, "_NATIVE_ATTENTION", native)
+        torch.manual_seed(5)  # the same dropout seeds on both paths
+        out = m(batch, ctx)
+        grads = torch.autograd.grad(out.square().sum(), list(m.parameters()), allow_unused=True)
+        m.eval()
+        act = None
+        if method != "mtdt":
+            kvs, valid = m.encode_prompt(batch, ctx)
+            act = m.act(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], batch["task_ids"], ctx, kvs, valid)
+        m.train()
+        runs.append((out, grads, act))
+    (out_n, g_n, act_n), (out_p, g_p, act_p) = runs
+    torch.testing.assert_close(out_n, out_p, rtol=1e-5, atol=1e-6)
+    for x, y in zip(g_n, g_p):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    if act_n is not None:
+        torch.testing.assert_close(act_n, act_p, rtol=1e-5, atol=1e-6)

@@ -15,34 +15,14 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace harmodt {
 namespace {
-
-constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
-
-inline uint64_t splitmix(uint64_t seed, uint64_t j) {
-  uint64_t z = seed + (j + 1) * kGolden;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
-// Blocks b .. b+7 at once: the 8 draws, seen as 32 little-endian 16-bit fields, are exactly the
-// draws of elements 4b .. 4b+31 in order.
-inline __m512i splitmix8(uint64_t seed, int64_t b) {
-  const __m512i j = _mm512_add_epi64(_mm512_set1_epi64(b + 1), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
-  __m512i z = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(seed)),
-                               _mm512_mullo_epi64(j, _mm512_set1_epi64(static_cast<int64_t>(kGolden))));
-  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), _mm512_set1_epi64(static_cast<int64_t>(0xBF58476D1CE4E5B9ull)));
-  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), _mm512_set1_epi64(static_cast<int64_t>(0x94D049BB133111EBull)));
-  return _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
-}
-#endif
 
 template <typename scalar_t>
 void apply(const scalar_t* x, scalar_t* y, int64_t n, uint64_t seed, uint32_t threshold, float scale) {

@@ -1,0 +1,545 @@
+// Fused causal attention of the model's blocks (CPU), forward and backward:
+//
+//   out[b, i, h, :] = sum_j drop(P)[b, h, i, j] v[b, h, j, :],
+//   P[b, h, i, :]   = softmax_j(q[b, h, i, :] . k[b, h, j, :] / sqrt(D) over the visible keys),
+//
+// read straight from the packed qkv projection ``(B, T, 3, H, D)`` (no q/k/v copies), with optional
+// prefix keys/values ``(B, H, Tp, D)`` in front of the own keys (the cached prompt in evaluation),
+// written as ``(B, Tq, H * D)`` (no transpose copy). Key j is visible to query i (at key position
+// qpos[i]) iff ``(j <= qpos[i] and key_valid[b, j]) or j == qpos[i]`` (kernels/reference.py's
+// ``attention_mask``). Dropout on P uses dropout.cpp's counter-based keep mask over the flat index
+// ((b * H + h) * Tq + i) * Tk + j, so it equals kernels.dropout applied to the (B, H, Tq, Tk)
+// probability tensor with the same seed; the backward recomputes it and P (from the saved
+// log-sum-exp), storing nothing else. All arithmetic in fp32 (bf16 inputs are widened).
+//
+// Work is split over batch rows: each row's keys/values of all heads are read once in memory order
+// into small fp32 buffers (L2), then every head is done from there.
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace harmodt {
+namespace {
+
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+template <typename T>
+inline void load_row(const T* src, int64_t d, float* dst) {
+  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
+}
+template <typename T>
+inline void store_row(const float* src, int64_t d, T* dst) {
+  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+#if defined(__AVX512F__)
+inline __mmask16 tail16(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u); }
+
+// e^x for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial, ~1 ulp).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// Register-blocked micro-kernels over up to 4 rows at once (R rows share every load of the
+// right-hand side; 4 rows x 4 column blocks = 16 independent accumulators).
+
+#if defined(__AVX512F__)
+// s[r * ld + 16 * (b0 + g) ...] = scale * sum_k x[r * d + k] * mt[k * ld + 16 * (b0 + g) ...], g < NB.
+template <int R, int NB>
+inline void scores_block(const float* x, const float* mt, int64_t d, int64_t ld, int64_t b0, float scale, float* s) {
+  __m512 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < NB; ++g) acc[r][g] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < d; ++k) {
+    __m512 m[NB];
+    for (int g = 0; g < NB; ++g) m[g] = _mm512_loadu_ps(mt + k * ld + (b0 + g) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xr = _mm512_set1_ps(x[r * d + k]);
+      for (int g = 0; g < NB; ++g) acc[r][g] = _mm512_fmadd_ps(xr, m[g], acc[r][g]);
+    }
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < NB; ++g) _mm512_storeu_ps(s + r * ld + (b0 + g) * 16, _mm512_mul_ps(acc[r][g], vs));
+}
+
+template <int R>
+inline void scores_rows(const float* x, const float* mt, int64_t d, int64_t ld, int64_t n, float scale, float* s) {
+  const int64_t nb = (n + 15) / 16;
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4) scores_block<R, 4>(x, mt, d, ld, b, scale, s);
+  switch (nb - b) {
+    case 3: scores_block<R, 3>(x, mt, d, ld, b, scale, s); break;
+    case 2: scores_block<R, 2>(x, mt, d, ld, b, scale, s); break;
+    case 1: scores_block<R, 1>(x, mt, d, ld, b, scale, s); break;
+    default: break;
+  }
+}
+
+// out[r * d + c] = sum_{j < n} w[r * ld + j] * m[j * d + c] (columns in chunks of 32).
+template <int R>
+inline void combine_rows(const float* w, int64_t ld, const float* m, int64_t n, int64_t d, float* out) {
+  for (int64_t c = 0; c < d; c += 32) {
+    const __mmask16 l0 = tail16(d - c), l1 = d - c > 16 ? tail16(d - c - 16) : __mmask16(0);
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 v0 = _mm512_maskz_loadu_ps(l0, m + j * d + c);
+      const __m512 v1 = _mm512_maskz_loadu_ps(l1, m + j * d + c + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 wr = _mm512_set1_ps(w[r * ld + j]);
+        acc[r][0] = _mm512_fmadd_ps(wr, v0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(wr, v1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_mask_storeu_ps(out + r * d + c, l0, acc[r][0]);
+      _mm512_mask_storeu_ps(out + r * d + c + 16, l1, acc[r][1]);
+    }
+  }
+}
+#else
+template <int R>
+inline void scores_rows(const float* x, const float* mt, int64_t d, int64_t ld, int64_t n, float scale, float* s) {
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < d; ++k) acc += x[r * d + k] * mt[k * ld + j];
+      s[r * ld + j] = acc * scale;
+    }
+}
+
+template <int R>
+inline void combine_rows(const float* w, int64_t ld, const float* m, int64_t n, int64_t d, float* out) {
+  for (int r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < d; ++c) out[r * d + c] = 0.0f;
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t c = 0; c < d; ++c) out[r * d + c] += w[r * ld + j] * m[j * d + c];
+  }
+}
+#endif
+
+// Runtime row count (1..4) -> the template above.
+inline void scores_n(int rows, const float* x, const float* mt, int64_t d, int64_t ld, int64_t n, float scale, float* s) {
+  switch (rows) {
+    case 4: scores_rows<4>(x, mt, d, ld, n, scale, s); break;
+    case 3: scores_rows<3>(x, mt, d, ld, n, scale, s); break;
+    case 2: scores_rows<2>(x, mt, d, ld, n, scale, s); break;
+    default: scores_rows<1>(x, mt, d, ld, n, scale, s); break;
+  }
+}
+inline void combine_n(int rows, const float* w, int64_t ld, const float* m, int64_t n, int64_t d, float* out) {
+  switch (rows) {
+    case 4: combine_rows<4>(w, ld, m, n, d, out); break;
+    case 3: combine_rows<3>(w, ld, m, n, d, out); break;
+    case 2: combine_rows<2>(w, ld, m, n, d, out); break;
+    default: combine_rows<1>(w, ld, m, n, d, out); break;
+  }
+}
+
+// outT[c * ld + j] = sum_{i < rows} a[i * d + c] * p[i * ld + j] for c < d, j < ld (ld % 16 == 0):
+// the transposed product a^T p, accumulated over the pair's query rows in registers.
+inline void at_times_p(const float* a, const float* p, int64_t rows, int64_t d, int64_t ld, float* outT) {
+#if defined(__AVX512F__)
+  const int64_t nb = ld / 16;
+  int64_t c = 0;
+  for (; c + 2 <= d; c += 2) {
+    for (int64_t b = 0; b < nb; b += 4) {
+      const int g_n = static_cast<int>(std::min<int64_t>(4, nb - b));
+      __m512 a0[4], a1[4];
+      for (int g = 0; g < 4; ++g) a0[g] = a1[g] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < rows; ++i) {
+        const __m512 x0 = _mm512_set1_ps(a[i * d + c]), x1 = _mm512_set1_ps(a[i * d + c + 1]);
+        const float* r = p + i * ld + b * 16;
+        for (int g = 0; g < 4; ++g) {
+          if (g < g_n) {
+            const __m512 pv = _mm512_loadu_ps(r + 16 * g);
+            a0[g] = _mm512_fmadd_ps(x0, pv, a0[g]);
+            a1[g] = _mm512_fmadd_ps(x1, pv, a1[g]);
+          }
+        }
+      }
+      for (int g = 0; g < g_n; ++g) {
+        _mm512_storeu_ps(outT + c * ld + (b + g) * 16, a0[g]);
+        _mm512_storeu_ps(outT + (c + 1) * ld + (b + g) * 16, a1[g]);
+      }
+    }
+  }
+  for (; c < d; ++c)
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < rows; ++i)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[i * d + c]), _mm512_loadu_ps(p + i * ld + b * 16), acc);
+      _mm512_storeu_ps(outT + c * ld + b * 16, acc);
+    }
+#else
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t j = 0; j < ld; ++j) {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < rows; ++i) acc += a[i * d + c] * p[i * ld + j];
+      outT[c * ld + j] = acc;
+    }
+#endif
+}
+
+struct Problem {
+  int64_t B, H, Tq, Tp, T, Tk, D;
+  int64_t qkv_sb, qkv_st;                      // qkv (B, T, 3, H, D) contiguous: strides of b and t
+  int64_t kp_sb, kp_sh, kp_st, vp_sb, vp_sh, vp_st;  // prefix strides (unit stride over D)
+  const bool* valid;                           // key_valid (B, Tk), contiguous
+  const int64_t* qpos;                         // (Tq,)
+  float scale;
+  bool dropout;
+  uint32_t threshold;  // keep iff 16-bit field >= threshold
+  float inv_keep;      // 1 / (1 - p)
+  uint64_t seed;
+};
+
+// Visibility of keys 0 .. n-1 (n = qpos + 1) for a query at key position qp, as 0/1 floats
+// (1 where visible): (valid[j] and j <= qp) or j == qp.
+inline void visible_row(const bool* valid, int64_t qp, int64_t n, float* vis) {
+  for (int64_t j = 0; j < n; ++j) vis[j] = valid[j] ? 1.0f : 0.0f;
+  vis[qp] = 1.0f;
+}
+
+// Softmax over the visible entries of s[0 .. n) in place (invisible -> 0), zero-filled up to ld.
+// If lse_in is given, p = exp(s - lse_in) (the backward's recomputation); else lse_out gets the
+// row's log-sum-exp.
+inline void softmax_row(float* s, const float* vis, int64_t n, int64_t ld, const float* lse_in, float* lse_out) {
+  const int64_t np = round16(n);
+  for (int64_t j = np; j < ld; ++j) s[j] = 0.0f;
+#if defined(__AVX512F__)
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  float m;
+  if (lse_in != nullptr) {
+    m = *lse_in;
+  } else {
+    __m512 vm = ninf;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 lanes = tail16(n - j) & _mm512_cmp_ps_mask(_mm512_loadu_ps(vis + j), _mm512_setzero_ps(), _CMP_NEQ_OQ);
+      vm = _mm512_mask_max_ps(vm, lanes, vm, _mm512_loadu_ps(s + j));
+    }
+    m = _mm512_reduce_max_ps(vm);
+  }
+  const __m512 vmx = _mm512_set1_ps(m);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < np; j += 16) {
+    const __mmask16 lanes = (j < n ? tail16(n - j) : __mmask16(0)) &
+                            _mm512_cmp_ps_mask(_mm512_loadu_ps(vis + j), _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(lanes, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx)));
+    _mm512_storeu_ps(s + j, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  if (lse_in == nullptr) {
+    const float l = _mm512_reduce_add_ps(vsum);
+    const __m512 inv = _mm512_set1_ps(1.0f / l);
+    for (int64_t j = 0; j < np; j += 16) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), inv));
+    if (lse_out != nullptr) *lse_out = m + std::log(l);
+  }
+#else
+  float m;
+  if (lse_in != nullptr) {
+    m = *lse_in;
+  } else {
+    m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j)
+      if (vis[j] != 0.0f) m = std::max(m, s[j]);
+  }
+  float l = 0.0f;
+  for (int64_t j = 0; j < np; ++j) {
+    s[j] = (j < n && vis[j] != 0.0f) ? std::exp(s[j] - m) : 0.0f;
+    l += s[j];
+  }
+  if (lse_in == nullptr) {
+    for (int64_t j = 0; j < np; ++j) s[j] /= l;
+    if (lse_out != nullptr) *lse_out = m + std::log(l);
+  }
+#endif
+}
+
+// km[j] = inv_keep if element e0 + j is kept else 0, for j < n (dropout.cpp's keep mask).
+inline void keep_row(uint64_t seed, uint32_t threshold, float inv_keep, int64_t e0, int64_t n, float* km) {
+  int64_t j = 0;
+  while (j < n) {
+    const int64_t e = e0 + j;
+    const uint64_t h = splitmix(seed, static_cast<uint64_t>(e >> 2));
+    for (int64_t q = e & 3; q < 4 && j < n; ++q, ++j)
+      km[j] = static_cast<uint32_t>((h >> (16 * q)) & 0xFFFFu) >= threshold ? inv_keep : 0.0f;
+  }
+}
+
+// Loads batch row b's keys and values of every head (prefix, then own) into fp32 buffers, reading
+// the packed qkv rows in memory order: kk/vv [H][Tk][D] and their transposes kt/vt [H][D][ld]
+// (zero-padded columns; vt only if asked), and the queries of all own tokens qq [T][H][D].
+template <typename T>
+void load_keys(const Problem& pr, const T* qkv, const T* kp, const T* vp, int64_t b, float* qq, float* kk, float* vv,
+               float* kt, float* vt, int64_t ld) {
+  const int64_t D = pr.D, H = pr.H, hs = pr.Tk * D;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = 0; j < pr.Tp; ++j) {
+      load_row(kp + b * pr.kp_sb + h * pr.kp_sh + j * pr.kp_st, D, kk + h * hs + j * D);
+      load_row(vp + b * pr.vp_sb + h * pr.vp_sh + j * pr.vp_st, D, vv + h * hs + j * D);
+    }
+  for (int64_t j = pr.Tp; j < pr.Tk; ++j) {
+    const T* row = qkv + b * pr.qkv_sb + (j - pr.Tp) * pr.qkv_st;  // [3][H][D]
+    load_row(row, H * D, qq + (j - pr.Tp) * H * D);  // qq [T][H][D]
+    for (int64_t h = 0; h < H; ++h) {
+      load_row(row + (H + h) * D, D, kk + h * hs + j * D);
+      load_row(row + (2 * H + h) * D, D, vv + h * hs + j * D);
+    }
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t c = 0; c < D; ++c) {
+      float* kr = kt + (h * D + c) * ld;
+      const float* ks = kk + h * hs + c;
+      for (int64_t j = 0; j < pr.Tk; ++j) kr[j] = ks[j * D];
+      for (int64_t j = pr.Tk; j < ld; ++j) kr[j] = 0.0f;
+      if (vt != nullptr) {
+        float* vr = vt + (h * D + c) * ld;
+        const float* vs = vv + h * hs + c;
+        for (int64_t j = 0; j < pr.Tk; ++j) vr[j] = vs[j * D];
+        for (int64_t j = pr.Tk; j < ld; ++j) vr[j] = 0.0f;
+      }
+    }
+}
+
+constexpr int kRows = 4;  // query rows per micro-kernel call
+
+template <typename T>
+void forward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, T* out, float* lse) {
+  const int64_t D = pr.D, ld = round16(pr.Tk);
+  const int64_t H = pr.H, hs = pr.Tk * D;
+  at::parallel_for(0, pr.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> qq(pr.T * H * D), kk_(H * hs), vv_(H * hs), kt_(H * D * ld), q(kRows * D), s(kRows * ld),
+        vis(ld), km(ld), o(kRows * D);
+    for (int64_t pair = b0 * H; pair < b1 * H; ++pair) {
+      const int64_t b = pair / H, h = pair % H;
+      if (h == 0) load_keys(pr, qkv, kp, vp, b, qq.data(), kk_.data(), vv_.data(), kt_.data(), nullptr, ld);
+      const float* vv = vv_.data() + h * hs;
+      const float* kt = kt_.data() + h * D * ld;
+      const bool* valid = pr.valid + b * pr.Tk;
+      for (int64_t i0 = 0; i0 < pr.Tq; i0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, pr.Tq - i0));
+        int64_t n_max = 0;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t qp = pr.qpos[i0 + r];
+          n_max = std::max(n_max, qp + 1);
+          std::memcpy(q.data() + r * D, qq.data() + ((qp - pr.Tp) * H + h) * D, D * sizeof(float));
+        }
+        scores_n(rows, q.data(), kt, D, ld, n_max, pr.scale, s.data());
+        for (int r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r, qp = pr.qpos[i], n = qp + 1;
+          float* sr = s.data() + r * ld;
+          visible_row(valid, qp, n, vis.data());
+          softmax_row(sr, vis.data(), n, ld, nullptr, lse == nullptr ? nullptr : lse + pair * pr.Tq + i);
+          if (pr.dropout) {
+            keep_row(pr.seed, pr.threshold, pr.inv_keep, (pair * pr.Tq + i) * pr.Tk, n, km.data());
+            for (int64_t j = 0; j < n; ++j) sr[j] *= km[j];
+          }
+        }
+        combine_n(rows, s.data(), ld, vv, n_max, D, o.data());
+        for (int r = 0; r < rows; ++r) store_row(o.data() + r * D, D, out + (b * pr.Tq + i0 + r) * pr.H * D + h * D);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, const T* gout, const float* lse, T* dqkv) {
+  const int64_t D = pr.D, ld = round16(pr.Tk), Tq = pr.Tq;
+  const int64_t H = pr.H, hs = pr.Tk * D;
+  at::parallel_for(0, pr.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> qq(pr.T * H * D), kk_(H * hs), vv_(H * hs), kt_(H * D * ld), vt_(H * D * ld), qs(Tq * D), dos(Tq * D),
+        pd(Tq * ld), ds(Tq * ld), dp(kRows * ld), vis(ld), km(ld), dq(kRows * D), dkt(D * ld), dvt(D * ld), row(D);
+    for (int64_t pair = b0 * H; pair < b1 * H; ++pair) {
+      const int64_t b = pair / H, h = pair % H;
+      if (h == 0) load_keys(pr, qkv, kp, vp, b, qq.data(), kk_.data(), vv_.data(), kt_.data(), vt_.data(), ld);
+      const float* kk = kk_.data() + h * hs;
+      const float* kt = kt_.data() + h * D * ld;
+      const float* vt = vt_.data() + h * D * ld;
+      const bool* valid = pr.valid + b * pr.Tk;
+      for (int64_t i0 = 0; i0 < Tq; i0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, Tq - i0));
+        int64_t n_max = 0;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r, qp = pr.qpos[i];
+          n_max = std::max(n_max, qp + 1);
+          std::memcpy(qs.data() + i * D, qq.data() + ((qp - pr.Tp) * H + h) * D, D * sizeof(float));
+          load_row(gout + (b * Tq + i) * pr.H * D + h * D, D, dos.data() + i * D);
+        }
+        float* p4 = pd.data() + i0 * ld;  // P, then drop(P), of these rows
+        float* ds4 = ds.data() + i0 * ld;
+        scores_n(rows, qs.data() + i0 * D, kt, D, ld, n_max, pr.scale, p4);
+        scores_n(rows, dos.data() + i0 * D, vt, D, ld, n_max, 1.0f, dp.data());  // dO . v_j
+        for (int r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r, qp = pr.qpos[i], n = qp + 1;
+          float* pr_ = p4 + r * ld;
+          float* dpr = dp.data() + r * ld;
+          float* dsr = ds4 + r * ld;
+          visible_row(valid, qp, n, vis.data());
+          softmax_row(pr_, vis.data(), n, ld, lse + pair * Tq + i, nullptr);  // P, zero past n
+          if (pr.dropout) keep_row(pr.seed, pr.threshold, pr.inv_keep, (pair * Tq + i) * pr.Tk, n, km.data());
+          float di = 0.0f;
+          for (int64_t j = 0; j < n; ++j) {
+            const float g = pr.dropout ? dpr[j] * km[j] : dpr[j];
+            dpr[j] = g;
+            di += pr_[j] * g;
+          }
+          for (int64_t j = 0; j < n; ++j) {
+            dsr[j] = pr_[j] * (dpr[j] - di) * pr.scale;
+            if (pr.dropout) pr_[j] *= km[j];
+          }
+          for (int64_t j = n; j < ld; ++j) dsr[j] = 0.0f;
+        }
+        combine_n(rows, ds4, ld, kk, n_max, D, dq.data());  // dq_i = scale * sum_j dS_ij k_j
+        for (int r = 0; r < rows; ++r)
+          store_row(dq.data() + r * D, D, dqkv + b * pr.qkv_sb + (pr.qpos[i0 + r] - pr.Tp) * pr.qkv_st + h * D);
+      }
+      at_times_p(dos.data(), pd.data(), Tq, D, ld, dvt.data());  // dV^T = dO^T drop(P)
+      at_times_p(qs.data(), ds.data(), Tq, D, ld, dkt.data());   // dK^T = Q^T dS (scale folded in)
+      for (int64_t j = pr.Tp; j < pr.Tk; ++j) {
+        T* dst = dqkv + b * pr.qkv_sb + (j - pr.Tp) * pr.qkv_st + h * D;
+        for (int64_t c = 0; c < D; ++c) row[c] = dkt[c * ld + j];
+        store_row(row.data(), D, dst + pr.H * D);
+        for (int64_t c = 0; c < D; ++c) row[c] = dvt[c * ld + j];
+        store_row(row.data(), D, dst + 2 * pr.H * D);
+      }
+    }
+  });
+}
+
+Problem make_problem(const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,
+                     const std::optional<at::Tensor>& v_prefix, const at::Tensor& key_valid,
+                     const at::Tensor& query_pos, double p, int64_t seed, const char* op) {
+  TORCH_CHECK_VALUE(qkv.device().is_cpu(), op, ": qkv must be a CPU tensor");
+  TORCH_CHECK_VALUE(qkv.dim() == 5 && qkv.size(2) == 3, op, ": qkv must be (B, T, 3, H, D), got ", qkv.sizes());
+  TORCH_CHECK_VALUE(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16, op,
+                    ": qkv must be float32 or bfloat16, got ", qkv.scalar_type());
+  TORCH_CHECK_VALUE(qkv.is_contiguous(), op, ": qkv must be contiguous");
+  Problem pr{};
+  pr.B = qkv.size(0);
+  pr.T = qkv.size(1);
+  pr.H = qkv.size(3);
+  pr.D = qkv.size(4);
+  pr.qkv_sb = qkv.stride(0);
+  pr.qkv_st = qkv.stride(1);
+  const bool has_prefix = k_prefix.has_value() && k_prefix->defined();
+  TORCH_CHECK_VALUE(has_prefix == (v_prefix.has_value() && v_prefix->defined()), op,
+                    ": give both prefix keys and values or neither");
+  pr.Tp = 0;
+  if (has_prefix) {
+    for (const at::Tensor* t : {&*k_prefix, &*v_prefix}) {
+      TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == pr.B && t->size(1) == pr.H && t->size(3) == pr.D, op,
+                        ": prefix keys/values must be (", pr.B, ", ", pr.H, ", Tp, ", pr.D, "), got ", t->sizes());
+      TORCH_CHECK_VALUE(t->size(2) == k_prefix->size(2), op, ": prefix keys and values differ in length");
+      TORCH_CHECK_VALUE(t->scalar_type() == qkv.scalar_type(), op, ": prefix is ", t->scalar_type(), " but qkv is ",
+                        qkv.scalar_type());
+      TORCH_CHECK_VALUE(t->stride(3) == 1, op, ": prefix keys/values need unit stride over D");
+    }
+    pr.Tp = k_prefix->size(2);
+    pr.kp_sb = k_prefix->stride(0);
+    pr.kp_sh = k_prefix->stride(1);
+    pr.kp_st = k_prefix->stride(2);
+    pr.vp_sb = v_prefix->stride(0);
+    pr.vp_sh = v_prefix->stride(1);
+    pr.vp_st = v_prefix->stride(2);
+  }
+  pr.Tk = pr.Tp + pr.T;
+  TORCH_CHECK_VALUE(key_valid.scalar_type() == at::kBool && key_valid.dim() == 2 && key_valid.size(0) == pr.B &&
+                        key_valid.size(1) == pr.Tk && key_valid.is_contiguous(),
+                    op, ": key_valid must be contiguous bool (", pr.B, ", ", pr.Tk, "), got ", key_valid.sizes(), " ",
+                    key_valid.scalar_type());
+  TORCH_CHECK_VALUE(query_pos.scalar_type() == at::kLong && query_pos.dim() == 1 && query_pos.is_contiguous(), op,
+                    ": query_pos must be contiguous int64 (Tq,)");
+  pr.Tq = query_pos.size(0);
+  const int64_t* qp = query_pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < pr.Tq; ++i)
+    TORCH_CHECK_VALUE(qp[i] >= pr.Tp && qp[i] < pr.Tk, op, ": query_pos[", i, "] = ", qp[i],
+                      " is not an own token (must be in [", pr.Tp, ", ", pr.Tk, "))");
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout p must be in [0, 1), got ", p);
+  pr.valid = key_valid.data_ptr<bool>();
+  pr.qpos = qp;
+  pr.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(pr.D)));
+  pr.dropout = p > 0.0;
+  pr.threshold = static_cast<uint32_t>(std::llround(p * 65536.0));
+  pr.inv_keep = static_cast<float>(1.0 / (1.0 - p));
+  pr.seed = static_cast<uint64_t>(seed);
+  return pr;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,
+                                                     const std::optional<at::Tensor>& v_prefix,
+                                                     const at::Tensor& key_valid, const at::Tensor& query_pos, double p,
+                                                     int64_t seed, bool need_lse) {
+  const Problem pr = make_problem(qkv, k_prefix, v_prefix, key_valid, query_pos, p, seed, "attention_forward");
+  at::Tensor out = at::empty({pr.B, pr.Tq, pr.H * pr.D}, qkv.options());
+  at::Tensor lse = need_lse ? at::empty({pr.B, pr.H, pr.Tq}, qkv.options().dtype(at::kFloat)) : at::Tensor();
+  if (out.numel() == 0) return {out, lse};
+  float* lp = need_lse ? lse.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "attention_forward", [&] {
+    const scalar_t* kp = pr.Tp > 0 ? k_prefix->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* vp = pr.Tp > 0 ? v_prefix->data_ptr<scalar_t>() : nullptr;
+    forward_impl<scalar_t>(pr, qkv.data_ptr<scalar_t>(), kp, vp, out.data_ptr<scalar_t>(), lp);
+  });
+  return {out, lse};
+}
+
+at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,
+                              const std::optional<at::Tensor>& v_prefix, const at::Tensor& key_valid,
+                              const at::Tensor& query_pos, const at::Tensor& lse, double p, int64_t seed) {
+  const Problem pr = make_problem(qkv, k_prefix, v_prefix, key_valid, query_pos, p, seed, "attention_backward");
+  TORCH_CHECK_VALUE(grad_out.dim() == 3 && grad_out.size(0) == pr.B && grad_out.size(1) == pr.Tq &&
+                        grad_out.size(2) == pr.H * pr.D,
+                    "attention_backward: grad_out must be (", pr.B, ", ", pr.Tq, ", ", pr.H * pr.D, "), got ",
+                    grad_out.sizes());
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == pr.B && lse.size(1) == pr.H &&
+                        lse.size(2) == pr.Tq && lse.is_contiguous(),
+                    "attention_backward: lse must be contiguous float32 (", pr.B, ", ", pr.H, ", ", pr.Tq, ")");
+  const at::Tensor go = grad_out.to(qkv.scalar_type()).contiguous();
+  // Rows of q that are not queries get no gradient: zero the buffer unless every token is a query.
+  at::Tensor dqkv = pr.Tq == pr.T ? at::empty_like(qkv) : at::zeros_like(qkv);
+  if (qkv.numel() == 0 || pr.Tq == 0) return pr.Tq == 0 ? at::zeros_like(qkv) : dqkv;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "attention_backward", [&] {
+    const scalar_t* kp = pr.Tp > 0 ? k_prefix->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* vp = pr.Tp > 0 ? v_prefix->data_ptr<scalar_t>() : nullptr;
+    backward_impl<scalar_t>(pr, qkv.data_ptr<scalar_t>(), kp, vp, go.data_ptr<scalar_t>(), lse.data_ptr<float>(),
+                            dqkv.data_ptr<scalar_t>());
+  });
+  return dqkv;
+}
+
+}  // namespace
+}  // namespace harmodt
+
+TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
+  m.def(
+      "attention_forward(Tensor qkv, Tensor? k_prefix, Tensor? v_prefix, Tensor key_valid, Tensor query_pos, "
+      "float p, int seed, bool need_lse) -> (Tensor, Tensor)");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor qkv, Tensor? k_prefix, Tensor? v_prefix, Tensor key_valid, "
+      "Tensor query_pos, Tensor lse, float p, int seed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
+  m.impl("attention_forward", &harmodt::attention_forward);
+  m.impl("attention_backward", &harmodt::attention_backward);
+}
