@@ -552,9 +552,9 @@ def test_attention_errors_name_the_argument():
         kernels.attention(qkv, valid, qpos - 3, prefix, backend="cpu")  # prefix positions are no queries
     with pytest.raises(ValueError, match="key_valid"):
         kernels.attention(qkv, valid[:, 1:], qpos, prefix, backend="cpu")
-    with pytest.raises(cpu.KernelArgumentError, match="prefix"):
-        kernels.attention(qkv, valid, qpos, (prefix[0].requires_grad_(), prefix[1]), backend="cpu")
     with pytest.raises(cpu.KernelArgumentError, match="p must be"):
         kernels.attention(qkv, valid, qpos, prefix, 1.0, backend="cpu")
+    with pytest.raises(cpu.KernelArgumentError, match="prefix"):
+        kernels.attention(qkv, valid, qpos, (prefix[0].clone().requires_grad_(), prefix[1]), backend="cpu")
     with pytest.raises(kernels.BackendUnavailable, match="Triton"):
         kernels.attention(qkv, valid, qpos, prefix, backend="triton")
