@@ -57,6 +57,106 @@ def make_vector_env(tasks: list[str], seeds: list[int]) -> gym.vector.SyncVector
                                     autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
+def _shard_worker(conn, tasks: list[str], seeds: list[int]) -> None:
+    """Runs one shard's sync vector env in a worker process: ("reset",) -> obs;
+    ("step", actions) -> (obs, rewards, terminated, truncated, success); ("close",) ends."""
+    import traceback
+
+    try:
+        env = make_vector_env(tasks, seeds)
+        conn.send(("ready", None))
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "reset":
+                obs, _ = env.reset(seed=None)
+                conn.send(("ok", obs))
+            elif cmd == "step":
+                obs, rew, term, trunc, info = env.step(arg)
+                conn.send(("ok", (obs, rew, term, trunc, np.asarray(info.get("success", np.zeros(len(tasks))), dtype=float))))
+            else:
+                env.close()
+                conn.send(("ok", None))
+                return
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises
+        conn.send(("error", traceback.format_exc()))
+
+
+class ShardedVectorEnv:
+    """The envs of :func:`make_vector_env` split into ``shards`` groups that step concurrently:
+    group 0 in this process, every other group in a worker process (``spawn``), so the simulator
+    uses both cores of this machine while the policy's forward waits for it. Each env keeps its
+    own construction seed, so observations, rewards and successes are exactly those of the
+    single-process vector env. Rows are dealt round-robin (every shard gets a mix of tasks: their
+    step costs differ up to 4x). ``step`` returns ``info`` with ``success`` only."""
+
+    def __init__(self, tasks: list[str], seeds: list[int], shards: int = 2):
+        import multiprocessing as mp
+
+        if len(tasks) != len(seeds):
+            raise ValueError(f"ShardedVectorEnv: {len(tasks)} tasks but {len(seeds)} seeds")
+        self.n = len(tasks)
+        shards = max(1, min(int(shards), self.n))
+        self.rows = [np.arange(i, self.n, shards) for i in range(shards)]
+        ctx = mp.get_context("spawn")
+        self.workers = []
+        for rows in self.rows[1:]:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_shard_worker, args=(child, [tasks[i] for i in rows], [seeds[i] for i in rows]), daemon=True)
+            proc.start()
+            child.close()
+            self.workers.append((proc, parent, rows))
+        self.local = make_vector_env([tasks[i] for i in self.rows[0]], [seeds[i] for i in self.rows[0]])
+        for _, conn, rows in self.workers:
+            self._recv(conn, rows)
+
+    def _recv(self, conn, rows):
+        try:
+            status, payload = conn.recv()
+        except EOFError:
+            raise RuntimeError(f"simulator worker for envs {rows.tolist()} died") from None
+        if status == "error":
+            raise RuntimeError(f"simulator worker for envs {rows.tolist()} failed:\n{payload}")
+        return payload
+
+    def reset(self, seed=None):
+        if seed is not None:
+            raise ValueError("ShardedVectorEnv.reset: goals come from each env's construction seed; pass seed=None")
+        for _, conn, _ in self.workers:
+            conn.send(("reset", None))
+        obs = np.empty((self.n, 39))
+        local, _ = self.local.reset(seed=None)
+        obs[self.rows[0]] = local
+        for _, conn, rows in self.workers:
+            obs[rows] = self._recv(conn, rows)
+        return obs, {}
+
+    def step(self, actions: np.ndarray):
+        actions = np.asarray(actions)
+        for _, conn, rows in self.workers:
+            conn.send(("step", actions[rows]))
+        obs, rew = np.empty((self.n, 39)), np.empty(self.n)
+        term, trunc, success = np.empty(self.n, bool), np.empty(self.n, bool), np.empty(self.n)
+        o, r, te, tr, info = self.local.step(actions[self.rows[0]])
+        parts = [(self.rows[0], (o, r, te, tr, np.asarray(info.get("success", np.zeros(len(r))), dtype=float)))]
+        parts += [(rows, self._recv(conn, rows)) for _, conn, rows in self.workers]
+        for rows, (o, r, te, tr, su) in parts:
+            obs[rows], rew[rows], term[rows], trunc[rows], success[rows] = o, r, te, tr, su
+        return obs, rew, term, trunc, {"success": success}
+
+    def close(self):
+        for proc, conn, _ in self.workers:
+            try:
+                conn.send(("close", None))
+                conn.recv()
+            except (EOFError, BrokenPipeError, OSError):
+                pass
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        self.workers = []
+        self.local.close()
+
+
 class ScriptedExpert:
     """Meta-World's scripted policy for a task; actions clipped to [-1, 1]."""
 

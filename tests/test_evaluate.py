@@ -87,3 +87,34 @@ def test_prompt_cache_matches_full_forward():
         cached = model.act(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], ids, ctx, kv, pvalid)
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(cached[1], cached[2])  # different histories/prompts really give different actions
+
+
+def test_sharded_simulator_gives_the_same_results(trainer):
+    """The simulator split over a worker process (ShardedVectorEnv) gives exactly the results of
+    one in-process vector env: every env keeps its construction seed."""
+    info = trainer.eval_info()
+    kw = dict(max_steps=12, progress=False)
+    one = evaluate(trainer.model, trainer.task_masks, info, TASKS, 3, seed=4, sim_workers=1, **kw)
+    two = evaluate(trainer.model, trainer.task_masks, info, TASKS, 3, seed=4, sim_workers=2, **kw)
+    assert one["tasks"] == two["tasks"]
+
+
+def test_sharded_env_matches_vector_env_and_names_failures():
+    from harmodt.envs import ShardedVectorEnv, make_vector_env
+
+    tasks, seeds = ["reach-v3", "drawer-close-v3", "reach-v3"], [1, 2, 3]
+    a, b = make_vector_env(tasks, seeds), ShardedVectorEnv(tasks, seeds, shards=2)
+    try:
+        np.testing.assert_array_equal(a.reset(seed=None)[0], b.reset()[0])
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            act = rng.uniform(-1, 1, (3, 4))
+            ra, rb = a.step(act), b.step(act)
+            np.testing.assert_array_equal(ra[0], rb[0])
+            np.testing.assert_array_equal(ra[1], rb[1])
+            np.testing.assert_array_equal(np.asarray(ra[4]["success"], float), rb[4]["success"])
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises(RuntimeError, match=r"(?s)envs \[1\].*unknown Meta-World v3 task 'nope-v3'"):
+        ShardedVectorEnv(["reach-v3", "nope-v3"], [0, 1], shards=2)
