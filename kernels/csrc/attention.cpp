@@ -157,8 +157,11 @@ inline void combine_n(int rows, const float* w, int64_t ld, const float* m, int6
 }
 
 // outT[c * ld + j] = sum_{i < rows} a[i * d + c] * p[i * ld + j] for c < d, j < ld (ld % 16 == 0):
-// the transposed product a^T p, accumulated over the pair's query rows in registers.
-inline void at_times_p(const float* a, const float* p, int64_t rows, int64_t d, int64_t ld, float* outT) {
+// the transposed product a^T p, accumulated over the pair's query rows in registers. Rows below
+// first[b] are zero in column block b and later ones (causal: first[] is non-decreasing), so
+// they are skipped.
+inline void at_times_p(const float* a, const float* p, int64_t rows, int64_t d, int64_t ld, const int64_t* first,
+                       float* outT) {
 #if defined(__AVX512F__)
   const int64_t nb = ld / 16;
   int64_t c = 0;
@@ -167,7 +170,7 @@ inline void at_times_p(const float* a, const float* p, int64_t rows, int64_t d, 
       const int g_n = static_cast<int>(std::min<int64_t>(4, nb - b));
       __m512 a0[4], a1[4];
       for (int g = 0; g < 4; ++g) a0[g] = a1[g] = _mm512_setzero_ps();
-      for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t i = first[b]; i < rows; ++i) {
         const __m512 x0 = _mm512_set1_ps(a[i * d + c]), x1 = _mm512_set1_ps(a[i * d + c + 1]);
         const float* r = p + i * ld + b * 16;
         for (int g = 0; g < 4; ++g) {
@@ -187,7 +190,7 @@ inline void at_times_p(const float* a, const float* p, int64_t rows, int64_t d, 
   for (; c < d; ++c)
     for (int64_t b = 0; b < nb; ++b) {
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = 0; i < rows; ++i)
+      for (int64_t i = first[b]; i < rows; ++i)
         acc = _mm512_fmadd_ps(_mm512_set1_ps(a[i * d + c]), _mm512_loadu_ps(p + i * ld + b * 16), acc);
       _mm512_storeu_ps(outT + c * ld + b * 16, acc);
     }
@@ -279,6 +282,33 @@ inline void softmax_row(float* s, const float* vis, int64_t n, int64_t ld, const
 // km[j] = inv_keep if element e0 + j is kept else 0, for j < n (dropout.cpp's keep mask).
 inline void keep_row(uint64_t seed, uint32_t threshold, float inv_keep, int64_t e0, int64_t n, float* km) {
   int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+  if (threshold <= 0xFFFF) {
+    // Element e0 + j is bit off + j of a stream of keep bits that starts at element 4 * (e0 / 4);
+    // 8 draws give 32 bits, and a 64-bit window (two such words) serves 16 lanes at any offset.
+    const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
+    const __m512 vk = _mm512_set1_ps(inv_keep);
+    const int64_t blk0 = e0 >> 2, off = e0 & 3;
+    auto word = [&](int64_t w) {  // keep bits 32 w .. 32 w + 31 of the stream
+      return static_cast<uint64_t>(static_cast<uint32_t>(_mm512_cmpge_epu16_mask(splitmix8(seed, blk0 + 8 * w), thr)));
+    };
+    int64_t cur = -1;
+    uint64_t window = 0;
+    for (; j < n; j += 16) {
+      const int64_t pos = off + j, w = pos >> 5;
+      if (w == cur + 1 && cur >= 0) {
+        window = (window >> 32) | (word(w + 1) << 32);
+      } else if (w != cur) {
+        window = word(w) | (word(w + 1) << 32);
+      }
+      cur = w;
+      const __mmask16 live = tail16(n - j);
+      const __mmask16 lanes = static_cast<__mmask16>(window >> (pos - 32 * w)) & live;
+      _mm512_mask_storeu_ps(km + j, live, _mm512_maskz_mov_ps(lanes, vk));
+    }
+    return;
+  }
+#endif
   while (j < n) {
     const int64_t e = e0 + j;
     const uint64_t h = splitmix(seed, static_cast<uint64_t>(e >> 2));
@@ -367,6 +397,13 @@ template <typename T>
 void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, const T* gout, const float* lse, T* dqkv) {
   const int64_t D = pr.D, ld = round16(pr.Tk), Tq = pr.Tq;
   const int64_t H = pr.H, hs = pr.Tk * D;
+  // first[b]: with ascending query positions, the queries before it see no key of column block b.
+  std::vector<int64_t> first(ld / 16, 0);
+  bool ascending = true;
+  for (int64_t i = 1; i < Tq; ++i) ascending = ascending && pr.qpos[i] >= pr.qpos[i - 1];
+  if (ascending)
+    for (int64_t b = 0; b < ld / 16; ++b)
+      while (first[b] < Tq && pr.qpos[first[b]] < 16 * b) ++first[b];
   at::parallel_for(0, pr.B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> qq(pr.T * H * D), kk_(H * hs), vv_(H * hs), kt_(H * D * ld), vt_(H * D * ld), qs(Tq * D), dos(Tq * D),
         pd(Tq * ld), ds(Tq * ld), dp(kRows * ld), vis(ld), km(ld), dq(kRows * D), dkt(D * ld), dvt(D * ld), row(D);
@@ -414,8 +451,8 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
         for (int r = 0; r < rows; ++r)
           store_row(dq.data() + r * D, D, dqkv + b * pr.qkv_sb + (pr.qpos[i0 + r] - pr.Tp) * pr.qkv_st + h * D);
       }
-      at_times_p(dos.data(), pd.data(), Tq, D, ld, dvt.data());  // dV^T = dO^T drop(P)
-      at_times_p(qs.data(), ds.data(), Tq, D, ld, dkt.data());   // dK^T = Q^T dS (scale folded in)
+      at_times_p(dos.data(), pd.data(), Tq, D, ld, first.data(), dvt.data());  // dV^T = dO^T drop(P)
+      at_times_p(qs.data(), ds.data(), Tq, D, ld, first.data(), dkt.data());   // dK^T = Q^T dS (scale folded in)
       for (int64_t j = pr.Tp; j < pr.Tk; ++j) {
         T* dst = dqkv + b * pr.qkv_sb + (j - pr.Tp) * pr.qkv_st + h * D;
         for (int64_t c = 0; c < D; ++c) row[c] = dkt[c * ld + j];
