@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -31,11 +32,30 @@ inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 template <typename T>
 inline void load_row(const T* src, int64_t d, float* dst) {
-  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 -> fp32: the 16 bits are the high half
+    const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
+    for (; i + 16 <= d; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s16 + i))), 16)));
+  }
+#endif
+  for (; i < d; ++i) dst[i] = static_cast<float>(src[i]);
 }
 template <typename T>
 inline void store_row(const float* src, int64_t d, T* dst) {
-  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<T>(src[i]);
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // fp32 -> bf16, round to nearest even (as c10)
+    uint16_t* d16 = reinterpret_cast<uint16_t*>(dst);
+    for (; i + 16 <= d; i += 16) {
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d16 + i), reinterpret_cast<const __m256i&>(v));
+    }
+  }
+#endif
+  for (; i < d; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
 #if defined(__AVX512F__)
