@@ -318,8 +318,10 @@ class PromptDT(nn.Module):
 
     def forward(self, batch: dict, ctx: MaskContext | None = None) -> torch.Tensor:
         """Training forward over ``[prompt | history]``; returns predicted actions (B, K, A)."""
-        x = self._tokens(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], batch["task_ids"], self.embed)
-        valid = batch["mask"].repeat_interleave(3, dim=1)  # (B, 3K)
+        # The history's last action token a_K: no state token attends to it (causal) and the loss
+        # reads only state tokens, so it is not fed at all (exact; the tests compare the full forward).
+        x = self._tokens(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], batch["task_ids"], self.embed)[:, :-1]
+        valid = batch["mask"].repeat_interleave(3, dim=1)[:, :-1]  # (B, 3K - 1)
         if self.use_prompt:
             p = self.prompt_embed(batch["prompt_states"], batch["prompt_actions"], batch["prompt_rtg"], batch["prompt_timesteps"])
             x = torch.cat([p, x], dim=1)
@@ -327,7 +329,7 @@ class PromptDT(nn.Module):
         x = self.drop(self.embed_ln(x))  # (B, L, C)
         attn = Attention.causal(valid, x.shape[1])
         k = batch["states"].shape[1]
-        states = slice(x.shape[1] - 3 * k + 1, None, 3)  # the history's state tokens: the only outputs the loss reads
+        states = slice(x.shape[1] - (3 * k - 1) + 1, None, 3)  # the history's state tokens: the only outputs the loss reads
         for i, blk in enumerate(self.blocks):
             # the last block computes queries, MLP and output only at those K tokens (keys and values at all)
             x = blk(x, attn, ctx, query=states if i == len(self.blocks) - 1 else None)
