@@ -254,9 +254,22 @@ class Block(nn.Module):
         if return_kv:
             a, kv = a
         x = (x if query is None else x[:, query]) + a
-        h = F.relu(self.fc(self.ln2(x), ctx), inplace=not torch.is_grad_enabled())  # (B, T, 4C); in place when nothing saves it
-        x = x + self.drop(self.mlp_proj(h, ctx))
+        if self._fused_inference_mlp(x, ctx):  # fc, ReLU and projection per task while the hidden is in cache
+            b, t, c = x.shape
+            fc, pr = self.fc, self.mlp_proj
+            y = kernels.masked_mlp(self.ln2(x).reshape(b * t, c), fc.weight, fc.bias, ctx.packed[fc.mask_key], pr.weight, pr.bias,
+                                   ctx.packed[pr.mask_key], ctx.task_ids.repeat_interleave(t), backend=ctx.backend)
+            x = x + y.view(b, t, c)
+        else:
+            h = F.relu(self.fc(self.ln2(x), ctx), inplace=not torch.is_grad_enabled())  # (B, T, 4C); in place when nothing saves it
+            x = x + self.drop(self.mlp_proj(h, ctx))
         return (x, kv) if return_kv else x
+
+    def _fused_inference_mlp(self, x, ctx) -> bool:
+        """Evaluation with ``--fused`` masks on CPU: the MLP goes through ``kernels.masked_mlp``."""
+        return (ctx is not None and ctx.fused and ctx.packed is not None and self.fc.mask_key in ctx.packed
+                and not torch.is_grad_enabled() and x.device.type == "cpu" and ctx.backend in ("auto", "cpu")
+                and ctx.task_grads is None and _native_ops())
 
 
 class TokenEmbedding(nn.Module):

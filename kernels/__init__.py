@@ -28,6 +28,7 @@ __all__ = [
     "dropout",
     "harmony_select",
     "masked_linear",
+    "masked_mlp",
     "num_words",
     "pack_masks",
     "resolve_backend",
@@ -38,7 +39,7 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 
 # On CPU tensors, "auto" takes the native op for these ops; an op listed with "reference" is one
 # where bench/ measured the plain PyTorch path faster (kept measured, see bench/README.md).
-CPU_DISPATCH = {"apply_mask_": "cpu", "attention": "cpu", "dropout": "cpu", "masked_linear": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
+CPU_DISPATCH = {"apply_mask_": "cpu", "attention": "cpu", "dropout": "cpu", "masked_linear": "cpu", "masked_mlp": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -200,6 +201,23 @@ def masked_linear(x, weight, bias, masks, task_ids, backend: str = "auto", task_
 
         return cpu.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
     return reference.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
+
+
+def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids, backend: str = "auto"):
+    """A block's MLP, ``relu(x W1_t^T + b1) W2_t^T + b2`` through each row's task masks (packed),
+    for inference: the native op keeps each task's hidden activations in cache; the reference and
+    Triton compose two :func:`masked_linear` calls (differentiable)."""
+    b = resolve_backend(backend, x.device, "masked_mlp")
+    if b == "cpu" and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))):
+        from . import cpu
+
+        return cpu.masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids)
+    if b == "cpu" and backend == "cpu":
+        from . import cpu
+
+        return cpu.masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids)  # raises: inference only
+    h = masked_linear(x, w1, b1, m1, task_ids, backend=b)  # with gradients: two differentiable calls
+    return masked_linear(torch.relu(h), w2, b2, m2, task_ids, backend=b)
 
 
 def harmony_select(masked_grads, grads, params, masks, k, lam, importance="magnitude", backend: str = "auto"):

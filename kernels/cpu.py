@@ -32,6 +32,7 @@ __all__ = [
     "harmony_select",
     "library_path",
     "masked_linear",
+    "masked_mlp",
     "pack_masks",
     "unavailable_reason",
     "unpack_masks",
@@ -360,3 +361,18 @@ def harmony_select(masked_grads, grads, params, masks, k, lam, importance="magni
     if masks.shape != (t_count, num_words(p)):
         raise KernelArgumentError(f"masks must be [{t_count}, {num_words(p)}], got {tuple(masks.shape)}")
     return _ops().harmony_select(masked_grads, grads, params, masks, int(k), float(lam), importance == "fisher")
+
+
+def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids) -> torch.Tensor:
+    """Inference-only fused MLP of a block (see :func:`kernels.reference.masked_mlp`): per task,
+    fc, ReLU and projection run on the task's rows while their hidden activations are in cache.
+    No gradients: inputs that require grad are refused."""
+    for name, t in (("x", x), ("w1", w1), ("w2", w2), ("m1", m1), ("m2", m2), ("task_ids", task_ids)):
+        _check_cpu(name, t)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):
+        raise KernelArgumentError("masked_mlp is inference-only: call it under torch.no_grad() (or use masked_linear)")
+    _check_dtype("x", x, (torch.float32, torch.bfloat16))
+    _check_dtype("m1", m1, (torch.int32,))
+    _check_dtype("m2", m2, (torch.int32,))
+    _check_dtype("task_ids", task_ids, (torch.int64,))
+    return _ops().masked_mlp_forward(x, w1, b1, m1, w2, b2, m2, task_ids)

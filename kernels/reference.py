@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_mask_", "attention", "attention_mask", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "harmony_select", "num_words"]
+__all__ = ["apply_mask_", "attention", "attention_mask", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "masked_mlp", "harmony_select", "num_words"]
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
 
@@ -187,6 +187,12 @@ def masked_linear(
         start += c
     ys = torch.cat(parts) if parts else x.new_empty(0, n)
     return ys.index_select(0, torch.argsort(order))  # back to the callers' row order
+
+
+def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids):
+    """A block's MLP through each row's task masks: ``relu(x W1_t^T + b1) W2_t^T + b2`` with
+    ``W_t = W * M[task_ids[r]]`` (two :func:`masked_linear` calls and a ReLU)."""
+    return masked_linear(F.relu(masked_linear(x, w1, b1, m1, task_ids)), w2, b2, m2, task_ids)
 
 
 def _accumulate_into(buf: torch.Tensor, t: int):

@@ -558,3 +558,45 @@ def test_attention_errors_name_the_argument():
         kernels.attention(qkv, valid, qpos, (prefix[0].clone().requires_grad_(), prefix[1]), backend="cpu")
     with pytest.raises(kernels.BackendUnavailable, match="Triton"):
         kernels.attention(qkv, valid, qpos, prefix, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# masked_mlp (inference MLP of a block through per-row task masks)
+
+
+@pytest.mark.parametrize(
+    "r,k,hd,n,t_count,layout",
+    [(590 * 3, 32, 128, 32, 3, "task-major"), (37, 13, 29, 11, 4, "shuffled"), (1, 5, 7, 3, 1, "task-major"),
+     (300, 16, 64, 16, 50, "shuffled"), (64, 8, 16, 8, 3, "empty-task")],
+)
+def test_masked_mlp_matches_reference(r, k, hd, n, t_count, layout):
+    g = _gen(r + k)
+    x = torch.randn(r, k, generator=g)
+    w1, b1 = torch.randn(hd, k, generator=g), torch.randn(hd, generator=g)
+    w2, b2 = torch.randn(n, hd, generator=g), torch.randn(n, generator=g)
+    m1 = ref.pack_masks(torch.rand(t_count, hd, k, generator=g) > 0.3)
+    m2 = ref.pack_masks(torch.rand(t_count, n, hd, generator=g) > 0.3)
+    if layout == "task-major":
+        ids = torch.arange(t_count).repeat_interleave(r // t_count + 1)[:r]
+    elif layout == "empty-task":
+        ids = torch.randint(0, t_count - 1, (r,), generator=g)  # the last task has no row
+    else:
+        ids = torch.randint(0, t_count, (r,), generator=g)
+    with torch.no_grad():
+        got = kernels.masked_mlp(x, w1, b1, m1, w2, b2, m2, ids, backend="cpu")
+        torch.testing.assert_close(got, ref.masked_mlp(x, w1, b1, m1, w2, b2, m2, ids), **TOL)
+        torch.testing.assert_close(kernels.masked_mlp(x, w1, None, m1, w2, None, m2, ids, backend="cpu"),
+                                   ref.masked_mlp(x, w1, None, m1, w2, None, m2, ids), **TOL)
+
+
+def test_masked_mlp_refuses_gradients_and_names_shapes():
+    x, w1, w2 = torch.randn(4, 8, requires_grad=True), torch.randn(16, 8), torch.randn(8, 16)
+    m1, m2 = ref.pack_masks(torch.ones(2, 16, 8, dtype=torch.bool)), ref.pack_masks(torch.ones(2, 8, 16, dtype=torch.bool))
+    ids = torch.tensor([0, 1, 1, 0])
+    with pytest.raises(cpu.KernelArgumentError, match="inference-only"):
+        kernels.masked_mlp(x, w1, None, m1, w2, None, m2, ids, backend="cpu")
+    y = kernels.masked_mlp(x, w1, None, m1, w2, None, m2, ids)  # auto: differentiable composition
+    y.sum().backward()
+    assert x.grad is not None
+    with torch.no_grad(), pytest.raises(ValueError, match="w2 must be"):
+        kernels.masked_mlp(x, w1, None, m1, w2[:, :5], None, m2, ids, backend="cpu")
