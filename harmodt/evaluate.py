@@ -146,13 +146,16 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         rtg = torch.zeros(b, horizon, 1)
         rtg_now = torch.full((b,), target / rtg_scale)
         ids = embed_ids[r]
+        layer0 = {}  # the first block's q/k/v of the window's tokens (model.act's cache)
         for t in range(horizon):
             states[:, t] = (torch.from_numpy(np.asarray(obs, dtype=np.float32)) - m_rows) / s_rows
             rtg[:, t, 0] = rtg_now
             lo = max(0, t - cfg.context_len + 1)
             ts = torch.arange(lo, t + 1).clamp(max=cfg.max_ep_len - 1).expand(b, -1)
+            layer0["drop"] = 3 if lo > max(0, t - cfg.context_len) else 0  # the window slid by one step
             with torch.inference_mode(), autocast:
-                act = model.act(states[:, lo : t + 1], actions[:, lo : t + 1], rtg[:, lo : t + 1], ts, ids, ctx, kv, pvalid)
+                act = model.act(states[:, lo : t + 1], actions[:, lo : t + 1], rtg[:, lo : t + 1], ts, ids, ctx, kv, pvalid,
+                                cache=layer0)
             act = act.float()
             actions[:, t] = act
             obs, rew, _, _, info = envs.step(act.numpy().astype(np.float64))

@@ -207,17 +207,22 @@ class SelfAttention(nn.Module):
         self.attn_drop = Dropout(cfg.dropout)
         self.resid_drop = Dropout(cfg.dropout)
 
-    def forward(self, x, attn: Attention, ctx, prefix=None, return_kv=False, query=None):
+    def forward(self, x, attn: Attention, ctx, prefix=None, return_kv=False, query=None, qkv=None):
         # x (B, T, C); prefix (k, v) each (B, nh, Tp, hd) before the own keys; query: a slice of the T
-        # tokens whose outputs are wanted (None = all); keys and values always come from every token.
-        # Returns (B, Tq, C) [and the own (k, v), each (B, nh, T, hd)].
-        b, t, c = x.shape
-        qkv = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head)  # (B, T, 3, nh, hd)
+        # tokens whose outputs are wanted (None = all); keys and values always come from every token;
+        # qkv: the projection (B, T, 3, nh, hd) when already known (evaluation's layer-0 cache; x is
+        # then not read). Returns (B, Tq, C) [and the own (k, v), each (B, nh, T, hd)].
+        if qkv is None:
+            b, t, c = x.shape
+            qkv = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head)  # (B, T, 3, nh, hd)
+        else:
+            b, t = qkv.shape[:2]
+            c = qkv.shape[3] * qkv.shape[4]
         kv = (qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)) if return_kv else None
         if query is not None:
             attn = attn.select(query)
         p = self.attn_drop.p if self.training else 0.0
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _native_attention():
+        if qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.bfloat16) and _native_attention():
             # fast path: one fused pass from the packed projection (kernels/csrc/attention.cpp)
             seed = int(torch.empty((), dtype=torch.int64).random_()) if p > 0 else 0
             y = kernels.attention(qkv, attn.key_valid, attn.query_pos, prefix, p, seed)  # (B, Tq, C)
@@ -249,8 +254,8 @@ class Block(nn.Module):
         self.mlp_proj = MaskedLinear(4 * cfg.n_embd, cfg.n_embd)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x, attn: Attention, ctx, prefix=None, return_kv=False, query=None):  # (B, T, C) -> (B, Tq, C)
-        a = self.attn(self.ln1(x), attn, ctx, prefix, return_kv, query)
+    def forward(self, x, attn: Attention, ctx, prefix=None, return_kv=False, query=None, qkv=None):  # (B, T, C) -> (B, Tq, C)
+        a = self.attn(self.ln1(x) if qkv is None else None, attn, ctx, prefix, return_kv, query, qkv)
         if return_kv:
             a, kv = a
         x = (x if query is None else x[:, query]) + a
@@ -363,21 +368,40 @@ class PromptDT(nn.Module):
         return kvs, valid
 
     @torch.no_grad()
-    def act(self, states, actions, rtg, timesteps, task_ids, ctx=None, prompt_kv=None, prompt_valid=None) -> torch.Tensor:
+    def act(self, states, actions, rtg, timesteps, task_ids, ctx=None, prompt_kv=None, prompt_valid=None,
+            cache: dict | None = None) -> torch.Tensor:
         """Action for the last history step of every row (B, A), reusing cached prompt keys/values.
 
         states (B, L, S), actions (B, L, A) (last one ignored), rtg (B, L, 1), timesteps (B, L);
         all rows share the same history length L (evaluation episodes run in lockstep).
+
+        ``cache``: a dict kept across the steps of one set of episodes (start with ``{}``). The
+        first block's q/k/v of a token depend on that token alone (no positional embedding), so
+        they are computed once, when the token appears, and kept for the window; set
+        ``cache["drop"]`` to the number of tokens the window lost at its start since the last
+        call (3 when it slid by one step, else 0).
         """
         # The last action token is a placeholder that no earlier token attends to (causal): drop it.
         x = self.drop(self.embed_ln(self._tokens(states, actions, rtg, timesteps, task_ids, self.embed)[:, :-1]))  # (B, 3L-1, C)
-        b, t, _ = x.shape
+        b, t, c = x.shape
         own = torch.ones(b, t, dtype=torch.bool, device=x.device)
         valid = own if prompt_valid is None else torch.cat([prompt_valid, own], dim=1)
         attn = Attention.causal(valid, t)
+        qkv0 = None
+        if cache is not None:
+            kept = cache.get("qkv")
+            kept = None if kept is None else kept[:, cache.get("drop", 0):]  # (B, T_kept, 3, nh, hd)
+            n_new = t - (0 if kept is None else kept.shape[1])
+            if not 0 < n_new <= t:
+                raise ValueError(f"act: the layer-0 cache holds {t - n_new} tokens but the window has {t}: set cache['drop']")
+            blk0 = self.blocks[0]
+            new = blk0.attn.qkv(blk0.ln1(x[:, t - n_new :]), ctx).view(b, n_new, 3, self.cfg.n_head, c // self.cfg.n_head)
+            qkv0 = new if kept is None else torch.cat([kept, new], dim=1)  # (B, T, 3, nh, hd)
+            cache["qkv"], cache["drop"] = qkv0, 0
         last = slice(t - 1, None)  # the current state token: the last block computes only its output
         for i, blk in enumerate(self.blocks):
-            x = blk(x, attn, ctx, prefix=None if prompt_kv is None else prompt_kv[i], query=last if i == len(self.blocks) - 1 else None)
+            x = blk(x, attn, ctx, prefix=None if prompt_kv is None else prompt_kv[i], query=last if i == len(self.blocks) - 1 else None,
+                    qkv=qkv0 if i == 0 else None)
         return torch.tanh(self.predict_action(self.ln_f(x[:, -1])))
 
 

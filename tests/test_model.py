@@ -198,3 +198,34 @@ def test_native_attention_matches_plain_path(method, monkeypatch):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
     if act_n is not None:
         torch.testing.assert_close(act_n, act_p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["prompt-dt", "harmodt-f"])
+def test_act_layer0_cache_matches_recomputing(method):
+    """Evaluation's cache of the first block's q/k/v (kept per token, the window sliding) gives the
+    actions of a full recomputation at every step, before and after the window fills."""
+    import kernels
+
+    b, m = setup(method)
+    batch = b.sample([0, 1], 3)
+    kvs, valid = m.encode_prompt(batch)
+    ctx = None
+    if method.startswith("harmodt"):
+        shapes = {n: tuple(w.shape) for n, w in m.masked_weights().items()}
+        tm = TaskMasks.erk(shapes, 2, 0.3, torch.Generator().manual_seed(0))
+        ctx = MaskContext.for_tasks(tm.masks, batch["task_ids"], packed={n: kernels.pack_masks(x) for n, x in tm.masks.items()},
+                                    fused=True)
+    g = torch.Generator().manual_seed(1)
+    steps, k = 14, CFG.context_len
+    states, actions = torch.randn(3, steps, CFG.state_dim, generator=g), torch.randn(3, steps, CFG.act_dim, generator=g)
+    rtg = torch.randn(3, steps, 1, generator=g)
+    cache = {}
+    with torch.no_grad():
+        for t in range(steps):
+            lo = max(0, t - k + 1)
+            cache["drop"] = 3 if lo > max(0, t - k) else 0
+            ts = torch.arange(lo, t + 1).expand(3, -1)
+            args = (states[:, lo : t + 1], actions[:, lo : t + 1], rtg[:, lo : t + 1], ts, batch["task_ids"], ctx, kvs, valid)
+            torch.testing.assert_close(m.act(*args, cache=cache), m.act(*args), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cache"):
+        m.act(*args, cache={"qkv": cache["qkv"].repeat(1, 2, 1, 1, 1)})
