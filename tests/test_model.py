@@ -82,16 +82,26 @@ def _untrimmed_forward(m, batch, ctx=None):
     return torch.tanh(m.predict_action(m.ln_f(x[:, -3 * k :][:, 1::3])))
 
 
+def _erk_context(m, method, task_ids, **kw):
+    """ERK masks (S = 0.3) for the two tasks and a mask context over ``task_ids`` (None for the
+    unmasked methods)."""
+    if not method.startswith("harmodt"):
+        return None
+    shapes = {n: tuple(w.shape) for n, w in m.masked_weights().items()}
+    tm = TaskMasks.erk(shapes, 2, 0.3, torch.Generator().manual_seed(0))
+    if kw.get("fused"):
+        import kernels
+
+        kw["packed"] = {n: kernels.pack_masks(x) for n, x in tm.masks.items()}
+    return MaskContext.for_tasks(tm.masks, task_ids, **kw)
+
+
 @pytest.mark.parametrize("method", ["prompt-dt", "mtdt", "harmodt-f"])
 def test_last_block_on_state_tokens_only_matches_full_forward(method):
     b, m = setup(method)
     batch = b.sample([0, 1], 4)
     batch["mask"][0, :2] = False  # a left-padded row
-    ctx = None
-    if method.startswith("harmodt"):
-        shapes = {n: tuple(w.shape) for n, w in m.masked_weights().items()}
-        tm = TaskMasks.erk(shapes, 2, 0.3, torch.Generator().manual_seed(0))
-        ctx = MaskContext.for_tasks(tm.masks, batch["task_ids"])
+    ctx = _erk_context(m, method, batch["task_ids"])
     out = m(batch, ctx)
     ref = _untrimmed_forward(m, batch, ctx)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -172,11 +182,7 @@ def test_native_attention_matches_plain_path(method, monkeypatch):
     m = build_model(cfg, 2, method).train()
     batch = b.sample([0, 1], 4)
     batch["mask"][0, :2] = False  # a left-padded row
-    ctx = None
-    if method.startswith("harmodt"):
-        shapes = {n: tuple(w.shape) for n, w in m.masked_weights().items()}
-        tm = TaskMasks.erk(shapes, 2, 0.3, torch.Generator().manual_seed(0))
-        ctx = MaskContext.for_tasks(tm.masks, batch["task_ids"])
+    ctx = _erk_context(m, method, batch["task_ids"])
     runs = []
     for native in (True, False):
         monkeypatch.setattr(model_mod, "_NATIVE_ATTENTION", native)
@@ -204,17 +210,10 @@ def test_native_attention_matches_plain_path(method, monkeypatch):
 def test_act_layer0_cache_matches_recomputing(method):
     """Evaluation's cache of the first block's q/k/v (kept per token, the window sliding) gives the
     actions of a full recomputation at every step, before and after the window fills."""
-    import kernels
-
     b, m = setup(method)
     batch = b.sample([0, 1], 3)
     kvs, valid = m.encode_prompt(batch)
-    ctx = None
-    if method.startswith("harmodt"):
-        shapes = {n: tuple(w.shape) for n, w in m.masked_weights().items()}
-        tm = TaskMasks.erk(shapes, 2, 0.3, torch.Generator().manual_seed(0))
-        ctx = MaskContext.for_tasks(tm.masks, batch["task_ids"], packed={n: kernels.pack_masks(x) for n, x in tm.masks.items()},
-                                    fused=True)
+    ctx = _erk_context(m, method, batch["task_ids"], fused=True)
     g = torch.Generator().manual_seed(1)
     steps, k = 14, CFG.context_len
     states, actions = torch.randn(3, steps, CFG.state_dim, generator=g), torch.randn(3, steps, CFG.act_dim, generator=g)

@@ -164,6 +164,32 @@ void for_each_block(const int64_t* rows, int64_t n, Direct direct, Gathered gath
   flush();
 }
 
+// Runs out = op(in) over one task's rows of x -> y: runs of consecutive rows in place, the other
+// rows gathered through the [kChunk, *] buffers (allocated on first use) and scattered back.
+template <class RowOp>
+void map_task_rows(const Groups& g, int64_t t, const at::Tensor& x, at::Tensor& y, at::Tensor& xbuf, at::Tensor& ybuf,
+                   RowOp op) {
+  const int64_t begin = g.offsets[t], count = g.offsets[t + 1] - begin;
+  for_each_block(
+      g.rows.data() + begin, count,
+      [&](int64_t start, int64_t len) {
+        at::Tensor out = y.narrow(0, start, len);
+        op(out, x.narrow(0, start, len));
+      },
+      [&](const at::Tensor& idx) {
+        if (!xbuf.defined()) {
+          xbuf = at::empty({kChunk, x.size(1)}, x.options());
+          ybuf = at::empty({kChunk, y.size(1)}, y.options());
+        }
+        const int64_t m = idx.size(0);
+        at::Tensor xg = xbuf.narrow(0, 0, m);
+        at::index_select_out(xg, x, 0, idx);
+        at::Tensor yg = ybuf.narrow(0, 0, m);
+        op(yg, xg);
+        y.index_copy_(0, idx, yg);
+      });
+}
+
 void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& masks, const at::Tensor& task_ids,
                   const char* op) {
   TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu() && masks.device().is_cpu() &&
@@ -223,24 +249,7 @@ at::Tensor masked_linear_forward(const at::Tensor& x_in, const at::Tensor& weigh
       expand_masked_weight<scalar_t>(weight.data_ptr<scalar_t>(), mbase + t * task_words, n, k,
                                      wbuf.data_ptr<scalar_t>());
     });
-    for_each_block(
-        g.rows.data() + begin, count,
-        [&](int64_t start, int64_t len) {
-          at::Tensor out = y.narrow(0, start, len);
-          gemm(out, x.narrow(0, start, len));
-        },
-        [&](const at::Tensor& idx) {
-          if (!xbuf.defined()) {
-            xbuf = at::empty({kChunk, k}, x.options());
-            ybuf = at::empty({kChunk, n}, x.options());
-          }
-          const int64_t m = idx.size(0);
-          at::Tensor xg = xbuf.narrow(0, 0, m);
-          at::index_select_out(xg, x, 0, idx);
-          at::Tensor yg = ybuf.narrow(0, 0, m);
-          gemm(yg, xg);
-          y.index_copy_(0, idx, yg);
-        });
+    map_task_rows(g, t, x, y, xbuf, ybuf, gemm);
   }
   return y;
 }
@@ -405,24 +414,7 @@ at::Tensor masked_mlp_forward(const at::Tensor& x_in, const at::Tensor& w1_in, c
       expand_masked_weight<scalar_t>(w1.data_ptr<scalar_t>(), mb1 + t * hd * num_words(k), hd, k, wbuf1.data_ptr<scalar_t>());
       expand_masked_weight<scalar_t>(w2.data_ptr<scalar_t>(), mb2 + t * n * num_words(hd), n, hd, wbuf2.data_ptr<scalar_t>());
     });
-    for_each_block(
-        g.rows.data() + begin, count,
-        [&](int64_t start, int64_t len) {
-          at::Tensor out = y.narrow(0, start, len);
-          mlp(out, x.narrow(0, start, len));
-        },
-        [&](const at::Tensor& idx) {
-          if (!xbuf.defined()) {
-            xbuf = at::empty({kChunk, k}, x.options());
-            ybuf = at::empty({kChunk, n}, x.options());
-          }
-          const int64_t m = idx.size(0);
-          at::Tensor xg = xbuf.narrow(0, 0, m);
-          at::index_select_out(xg, x, 0, idx);
-          at::Tensor yg = ybuf.narrow(0, 0, m);
-          mlp(yg, xg);
-          y.index_copy_(0, idx, yg);
-        });
+    map_task_rows(g, t, x, y, xbuf, ybuf, mlp);
   }
   return y;
 }
