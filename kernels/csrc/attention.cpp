@@ -237,63 +237,62 @@ struct Problem {
   uint64_t seed;
 };
 
-// Visibility of keys 0 .. n-1 (n = qpos + 1) for a query at key position qp, as 0/1 floats
-// (1 where visible): (valid[j] and j <= qp) or j == qp.
-inline void visible_row(const bool* valid, int64_t qp, int64_t n, float* vis) {
-  for (int64_t j = 0; j < n; ++j) vis[j] = valid[j] ? 1.0f : 0.0f;
-  vis[qp] = 1.0f;
+// Row b's key validity as 0/1 floats over ld columns (0 past Tk), read by softmax_row.
+inline void validity_floats(const bool* valid, int64_t tk, int64_t ld, float* vis) {
+  for (int64_t j = 0; j < ld; ++j) vis[j] = (j < tk && valid[j]) ? 1.0f : 0.0f;
 }
 
-// Softmax over the visible entries of s[0 .. n) in place (invisible -> 0), zero-filled up to ld.
-// If lse_in is given, p = exp(s - lse_in) (the backward's recomputation); else lse_out gets the
-// row's log-sum-exp.
-inline void softmax_row(float* s, const float* vis, int64_t n, int64_t ld, const float* lse_in, float* lse_out) {
-  const int64_t np = round16(n);
+// Softmax over the visible entries of s[0 .. n), n = qp + 1, in place (invisible -> 0), zero-filled
+// up to ld. Key j is visible iff vis[j] != 0 or j == qp. If lse_in is given, s <- exp(s - lse_in)
+// (the backward's recomputation of the normalized P); else s <- exp(s - max), *inv_l = 1 / sum
+// (the caller folds the normalization into the row's output) and *lse_out the log-sum-exp.
+inline void softmax_row(float* s, const float* vis, int64_t qp, int64_t ld, const float* lse_in, float* lse_out,
+                        float* inv_l) {
+  const int64_t n = qp + 1, np = round16(n);
   for (int64_t j = np; j < ld; ++j) s[j] = 0.0f;
 #if defined(__AVX512F__)
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  auto lanes_at = [&](int64_t j) {
+    __mmask16 l = tail16(n - j) & _mm512_cmp_ps_mask(_mm512_loadu_ps(vis + j), _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    if (qp >= j && qp < j + 16) l |= static_cast<__mmask16>(1u << (qp - j));
+    return l;
+  };
   float m;
   if (lse_in != nullptr) {
     m = *lse_in;
   } else {
-    __m512 vm = ninf;
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 lanes = tail16(n - j) & _mm512_cmp_ps_mask(_mm512_loadu_ps(vis + j), _mm512_setzero_ps(), _CMP_NEQ_OQ);
-      vm = _mm512_mask_max_ps(vm, lanes, vm, _mm512_loadu_ps(s + j));
-    }
+    __m512 vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < n; j += 16) vm = _mm512_mask_max_ps(vm, lanes_at(j), vm, _mm512_loadu_ps(s + j));
     m = _mm512_reduce_max_ps(vm);
   }
   const __m512 vmx = _mm512_set1_ps(m);
   __m512 vsum = _mm512_setzero_ps();
   for (int64_t j = 0; j < np; j += 16) {
-    const __mmask16 lanes = (j < n ? tail16(n - j) : __mmask16(0)) &
-                            _mm512_cmp_ps_mask(_mm512_loadu_ps(vis + j), _mm512_setzero_ps(), _CMP_NEQ_OQ);
-    const __m512 e = _mm512_maskz_mov_ps(lanes, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx)));
+    const __m512 e = _mm512_maskz_mov_ps(lanes_at(j), exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx)));
     _mm512_storeu_ps(s + j, e);
     vsum = _mm512_add_ps(vsum, e);
   }
   if (lse_in == nullptr) {
     const float l = _mm512_reduce_add_ps(vsum);
-    const __m512 inv = _mm512_set1_ps(1.0f / l);
-    for (int64_t j = 0; j < np; j += 16) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), inv));
+    *inv_l = 1.0f / l;
     if (lse_out != nullptr) *lse_out = m + std::log(l);
   }
 #else
+  auto visible = [&](int64_t j) { return j < n && (vis[j] != 0.0f || j == qp); };
   float m;
   if (lse_in != nullptr) {
     m = *lse_in;
   } else {
     m = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < n; ++j)
-      if (vis[j] != 0.0f) m = std::max(m, s[j]);
+      if (visible(j)) m = std::max(m, s[j]);
   }
   float l = 0.0f;
   for (int64_t j = 0; j < np; ++j) {
-    s[j] = (j < n && vis[j] != 0.0f) ? std::exp(s[j] - m) : 0.0f;
+    s[j] = visible(j) ? std::exp(s[j] - m) : 0.0f;
     l += s[j];
   }
   if (lse_in == nullptr) {
-    for (int64_t j = 0; j < np; ++j) s[j] /= l;
+    *inv_l = 1.0f / l;
     if (lse_out != nullptr) *lse_out = m + std::log(l);
   }
 #endif
@@ -337,6 +336,50 @@ inline void keep_row(uint64_t seed, uint32_t threshold, float inv_keep, int64_t 
   }
 }
 
+#if defined(__AVX512F__)
+// dst[c * dst_stride + i] = src[i * src_stride + c] for i < 16, c < 16; source rows >= rows read as
+// zeros (in-register 16 x 16 transpose: 32-bit and 64-bit unpacks, then two 128-bit lane shuffles).
+inline void transpose16(const float* src, int64_t src_stride, int64_t rows, float* dst, int64_t dst_stride) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_ps(src + i * src_stride) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // rows g..g+3: s[g + k] holds columns k, 4 + k, 8 + k, 12 + k
+    const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
+    const __m512d c = _mm512_castps_pd(t[g + 2]), d = _mm512_castps_pd(t[g + 3]);
+    r[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 w_lo = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), w_hi = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    const __m512 x_lo = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88), x_hi = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    _mm512_storeu_ps(dst + k * dst_stride, _mm512_shuffle_f32x4(w_lo, x_lo, 0x88));
+    _mm512_storeu_ps(dst + (8 + k) * dst_stride, _mm512_shuffle_f32x4(w_lo, x_lo, 0xDD));
+    _mm512_storeu_ps(dst + (4 + k) * dst_stride, _mm512_shuffle_f32x4(w_hi, x_hi, 0x88));
+    _mm512_storeu_ps(dst + (12 + k) * dst_stride, _mm512_shuffle_f32x4(w_hi, x_hi, 0xDD));
+  }
+}
+#endif
+
+// mt[c * ld + j] = m[j * d + c] for c < d, j < ld (rows j >= tk are zero).
+inline void transpose_keys(const float* m, int64_t tk, int64_t d, int64_t ld, float* mt) {
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {
+    for (int64_t j = 0; j < ld; j += 16)
+      for (int64_t c = 0; c < d; c += 16) transpose16(m + j * d + c, d, std::max<int64_t>(0, std::min<int64_t>(16, tk - j)), mt + c * ld + j, ld);
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < d; ++c) {
+    for (int64_t j = 0; j < tk; ++j) mt[c * ld + j] = m[j * d + c];
+    for (int64_t j = tk; j < ld; ++j) mt[c * ld + j] = 0.0f;
+  }
+}
+
 // Loads batch row b's keys and values of every head (prefix, then own) into fp32 buffers, reading
 // the packed qkv rows in memory order: kk/vv [H][Tk][D] and their transposes kt/vt [H][D][ld]
 // (zero-padded columns; vt only if asked), and the queries of all own tokens qq [T][H][D].
@@ -357,19 +400,22 @@ void load_keys(const Problem& pr, const T* qkv, const T* kp, const T* vp, int64_
       load_row(row + (2 * H + h) * D, D, vv + h * hs + j * D);
     }
   }
-  for (int64_t h = 0; h < H; ++h)
-    for (int64_t c = 0; c < D; ++c) {
-      float* kr = kt + (h * D + c) * ld;
-      const float* ks = kk + h * hs + c;
-      for (int64_t j = 0; j < pr.Tk; ++j) kr[j] = ks[j * D];
-      for (int64_t j = pr.Tk; j < ld; ++j) kr[j] = 0.0f;
-      if (vt != nullptr) {
-        float* vr = vt + (h * D + c) * ld;
-        const float* vs = vv + h * hs + c;
-        for (int64_t j = 0; j < pr.Tk; ++j) vr[j] = vs[j * D];
-        for (int64_t j = pr.Tk; j < ld; ++j) vr[j] = 0.0f;
-      }
-    }
+  for (int64_t h = 0; h < H; ++h) {
+    transpose_keys(kk + h * hs, pr.Tk, D, ld, kt + h * D * ld);
+    if (vt != nullptr) transpose_keys(vv + h * hs, pr.Tk, D, ld, vt + h * D * ld);
+  }
+}
+
+// Prefetches part `part` of `parts` of batch row b's packed q/k/v block into L2 (the next row is
+// fetched while the current one's heads are computed).
+template <typename T>
+inline void prefetch_row_part(const Problem& pr, const T* qkv, int64_t b, int64_t part, int64_t parts) {
+#if defined(__AVX512F__)
+  const char* base = reinterpret_cast<const char*>(qkv + b * pr.qkv_sb);
+  const int64_t bytes = pr.T * pr.qkv_st * static_cast<int64_t>(sizeof(T));
+  const int64_t lo = bytes * part / parts, hi = bytes * (part + 1) / parts;
+  for (int64_t o = lo; o < hi; o += 64) _mm_prefetch(base + o, _MM_HINT_T1);
+#endif
 }
 
 constexpr int kRows = 4;  // query rows per micro-kernel call
@@ -386,7 +432,8 @@ void forward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, T* 
       if (h == 0) load_keys(pr, qkv, kp, vp, b, qq.data(), kk_.data(), vv_.data(), kt_.data(), nullptr, ld);
       const float* vv = vv_.data() + h * hs;
       const float* kt = kt_.data() + h * D * ld;
-      const bool* valid = pr.valid + b * pr.Tk;
+      if (h == 0) validity_floats(pr.valid + b * pr.Tk, pr.Tk, ld, vis.data());
+      if (b + 1 < b1) prefetch_row_part(pr, qkv, b + 1, h, H);
       for (int64_t i0 = 0; i0 < pr.Tq; i0 += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, pr.Tq - i0));
         int64_t n_max = 0;
@@ -396,18 +443,22 @@ void forward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, T* 
           std::memcpy(q.data() + r * D, qq.data() + ((qp - pr.Tp) * H + h) * D, D * sizeof(float));
         }
         scores_n(rows, q.data(), kt, D, ld, n_max, pr.scale, s.data());
+        float inv_l[kRows];
         for (int r = 0; r < rows; ++r) {
           const int64_t i = i0 + r, qp = pr.qpos[i], n = qp + 1;
           float* sr = s.data() + r * ld;
-          visible_row(valid, qp, n, vis.data());
-          softmax_row(sr, vis.data(), n, ld, nullptr, lse == nullptr ? nullptr : lse + pair * pr.Tq + i);
+          softmax_row(sr, vis.data(), qp, ld, nullptr, lse == nullptr ? nullptr : lse + pair * pr.Tq + i, &inv_l[r]);
           if (pr.dropout) {
             keep_row(pr.seed, pr.threshold, pr.inv_keep, (pair * pr.Tq + i) * pr.Tk, n, km.data());
             for (int64_t j = 0; j < n; ++j) sr[j] *= km[j];
           }
         }
-        combine_n(rows, s.data(), ld, vv, n_max, D, o.data());
-        for (int r = 0; r < rows; ++r) store_row(o.data() + r * D, D, out + (b * pr.Tq + i0 + r) * pr.H * D + h * D);
+        combine_n(rows, s.data(), ld, vv, n_max, D, o.data());  // unnormalized: scaled by 1 / sum below
+        for (int r = 0; r < rows; ++r) {
+          float* orow = o.data() + r * D;
+          for (int64_t c = 0; c < D; ++c) orow[c] *= inv_l[r];
+          store_row(orow, D, out + (b * pr.Tq + i0 + r) * pr.H * D + h * D);
+        }
       }
     }
   });
@@ -433,7 +484,8 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
       const float* kk = kk_.data() + h * hs;
       const float* kt = kt_.data() + h * D * ld;
       const float* vt = vt_.data() + h * D * ld;
-      const bool* valid = pr.valid + b * pr.Tk;
+      if (h == 0) validity_floats(pr.valid + b * pr.Tk, pr.Tk, ld, vis.data());
+      if (b + 1 < b1) prefetch_row_part(pr, qkv, b + 1, h, H);
       for (int64_t i0 = 0; i0 < Tq; i0 += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, Tq - i0));
         int64_t n_max = 0;
@@ -452,8 +504,7 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
           float* pr_ = p4 + r * ld;
           float* dpr = dp.data() + r * ld;
           float* dsr = ds4 + r * ld;
-          visible_row(valid, qp, n, vis.data());
-          softmax_row(pr_, vis.data(), n, ld, lse + pair * Tq + i, nullptr);  // P, zero past n
+          softmax_row(pr_, vis.data(), qp, ld, lse + pair * Tq + i, nullptr, nullptr);  // P, zero past n
           if (pr.dropout) keep_row(pr.seed, pr.threshold, pr.inv_keep, (pair * Tq + i) * pr.Tk, n, km.data());
           float di = 0.0f;
           for (int64_t j = 0; j < n; ++j) {
