@@ -380,6 +380,53 @@ inline void transpose_keys(const float* m, int64_t tk, int64_t d, int64_t ld, fl
   }
 }
 
+// The softmax backward of one row (n keys, ld columns): with km (dropout multipliers) given,
+// dp <- dp * km and p <- p * km after use; ds = scale * p * (dp - sum_j p_j dp_j), zero past n.
+inline void softmax_grad_row(float* p, float* dp, const float* km, int64_t n, int64_t ld, float scale, float* ds) {
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 live = tail16(n - j);
+    __m512 g = _mm512_maskz_loadu_ps(live, dp + j);
+    if (km != nullptr) g = _mm512_mul_ps(g, _mm512_maskz_loadu_ps(live, km + j));
+    _mm512_mask_storeu_ps(dp + j, live, g);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, p + j), g, acc);
+  }
+  const __m512 di = _mm512_set1_ps(_mm512_reduce_add_ps(acc)), vs = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < ld; j += 16) {
+    const __mmask16 live = j < n ? tail16(n - j) : __mmask16(0);
+    const __m512 pv = _mm512_maskz_loadu_ps(live, p + j);
+    _mm512_storeu_ps(ds + j, _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, dp + j), di)), vs));
+    if (km != nullptr && live) _mm512_mask_storeu_ps(p + j, live, _mm512_mul_ps(pv, _mm512_maskz_loadu_ps(live, km + j)));
+  }
+#else
+  float di = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float g = km != nullptr ? dp[j] * km[j] : dp[j];
+    dp[j] = g;
+    di += p[j] * g;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    ds[j] = p[j] * (dp[j] - di) * scale;
+    if (km != nullptr) p[j] *= km[j];
+  }
+  for (int64_t j = n; j < ld; ++j) ds[j] = 0.0f;
+#endif
+}
+
+// m[j * d + c] = mt[c * ld + j] for j < tk, c < d (the inverse of transpose_keys).
+inline void untranspose(const float* mt, int64_t d, int64_t ld, int64_t tk, float* m) {
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {  // 16 x 16 tiles: rows c of mt become columns of m (m has ld rows of room)
+    for (int64_t c = 0; c < d; c += 16)
+      for (int64_t j = 0; j < ld; j += 16) transpose16(mt + c * ld + j, ld, 16, m + j * d + c, d);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < tk; ++j)
+    for (int64_t c = 0; c < d; ++c) m[j * d + c] = mt[c * ld + j];
+}
+
 // Loads batch row b's keys and values of every head (prefix, then own) into fp32 buffers, reading
 // the packed qkv rows in memory order: kk/vv [H][Tk][D] and their transposes kt/vt [H][D][ld]
 // (zero-padded columns; vt only if asked), and the queries of all own tokens qq [T][H][D].
@@ -477,7 +524,7 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
       while (first[b] < Tq && pr.qpos[first[b]] < 16 * b) ++first[b];
   at::parallel_for(0, pr.B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> qq(pr.T * H * D), kk_(H * hs), vv_(H * hs), kt_(H * D * ld), vt_(H * D * ld), qs(Tq * D), dos(Tq * D),
-        pd(Tq * ld), ds(Tq * ld), dp(kRows * ld), vis(ld), km(ld), dq(kRows * D), dkt(D * ld), dvt(D * ld), row(D);
+        pd(Tq * ld), ds(Tq * ld), dp(kRows * ld), vis(ld), km(ld), dq(kRows * D), dkt(D * ld), dvt(D * ld), dk(ld * D), dv(ld * D);
     for (int64_t pair = b0 * H; pair < b1 * H; ++pair) {
       const int64_t b = pair / H, h = pair % H;
       if (h == 0) load_keys(pr, qkv, kp, vp, b, qq.data(), kk_.data(), vv_.data(), kt_.data(), vt_.data(), ld);
@@ -506,17 +553,7 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
           float* dsr = ds4 + r * ld;
           softmax_row(pr_, vis.data(), qp, ld, lse + pair * Tq + i, nullptr, nullptr);  // P, zero past n
           if (pr.dropout) keep_row(pr.seed, pr.threshold, pr.inv_keep, (pair * Tq + i) * pr.Tk, n, km.data());
-          float di = 0.0f;
-          for (int64_t j = 0; j < n; ++j) {
-            const float g = pr.dropout ? dpr[j] * km[j] : dpr[j];
-            dpr[j] = g;
-            di += pr_[j] * g;
-          }
-          for (int64_t j = 0; j < n; ++j) {
-            dsr[j] = pr_[j] * (dpr[j] - di) * pr.scale;
-            if (pr.dropout) pr_[j] *= km[j];
-          }
-          for (int64_t j = n; j < ld; ++j) dsr[j] = 0.0f;
+          softmax_grad_row(pr_, dpr, pr.dropout ? km.data() : nullptr, n, ld, pr.scale, dsr);
         }
         combine_n(rows, ds4, ld, kk, n_max, D, dq.data());  // dq_i = scale * sum_j dS_ij k_j
         for (int r = 0; r < rows; ++r)
@@ -524,12 +561,12 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
       }
       at_times_p(dos.data(), pd.data(), Tq, D, ld, first.data(), dvt.data());  // dV^T = dO^T drop(P)
       at_times_p(qs.data(), ds.data(), Tq, D, ld, first.data(), dkt.data());   // dK^T = Q^T dS (scale folded in)
+      untranspose(dkt.data(), D, ld, pr.Tk, dk.data());  // [Tk][D]
+      untranspose(dvt.data(), D, ld, pr.Tk, dv.data());
       for (int64_t j = pr.Tp; j < pr.Tk; ++j) {
         T* dst = dqkv + b * pr.qkv_sb + (j - pr.Tp) * pr.qkv_st + h * D;
-        for (int64_t c = 0; c < D; ++c) row[c] = dkt[c * ld + j];
-        store_row(row.data(), D, dst + pr.H * D);
-        for (int64_t c = 0; c < D; ++c) row[c] = dvt[c * ld + j];
-        store_row(row.data(), D, dst + 2 * pr.H * D);
+        store_row(dk.data() + j * D, D, dst + pr.H * D);
+        store_row(dv.data() + j * D, D, dst + 2 * pr.H * D);
       }
     }
   });
