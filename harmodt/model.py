@@ -11,6 +11,7 @@ norms, biases and prediction heads are shared by every task.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ class MaskContext:
     fused: bool = False
     backend: str = "auto"
     task_grads: dict | None = None
+    effective: dict | None = None  # param name -> W * M for this forward (single-task training; set by the model)
 
     @staticmethod
     def for_tasks(bool_masks, task_ids, packed=None, fused=False, backend="auto", task_grads=None):
@@ -98,26 +100,28 @@ class Dropout(nn.Dropout):
         return x * _keep_mask(x.shape, self.p) * (1.0 / (1.0 - self.p))
 
 
-class _MaskedWeight(torch.autograd.Function):
-    """``W * M`` written into a reused buffer (no fresh allocation per step), with the backward
-    ``grad * M`` done in place on the incoming gradient (Eq. 4); both through
-    ``kernels.apply_mask_`` with the given backend (the native op reads the packed bits in one
-    AVX-512 pass; the reference is ``torch.where``). Autograd's version counter catches a second
-    forward overwriting the buffer before the first one's backward."""
+class _MaskedWeights(torch.autograd.Function):
+    """``W_l * M_l`` for every masked matrix of the model in one call (one autograd node and one
+    native call instead of one per matrix), written into reused buffers; the backward masks all
+    incoming gradients in place in one call (Eq. 4). Through ``kernels.apply_masks_`` with the
+    given backend (native: AVX-512 masked loads from the packed bits; reference: ``torch.where``).
+    Autograd's version counters catch a second forward overwriting the buffers before the first
+    one's backward."""
 
     @staticmethod
-    def forward(ctx, weight, mask, holder, backend):
-        ctx.save_for_backward(mask)
-        ctx.backend = backend
-        buf = holder[0]  # passed in a list so autograd does not track it as an input
-        return kernels.apply_mask_(buf, weight, mask, backend=backend)
+    def forward(ctx, masks, holders, backend, *weights):
+        ctx.masks, ctx.backend = masks, backend
+        return tuple(kernels.apply_masks_(holders, list(weights), masks, backend=backend))
 
     @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        if not grad.is_contiguous():
-            grad = grad.contiguous()
-        return kernels.apply_mask_(grad, grad, mask, backend=ctx.backend), None, None, None
+    def backward(ctx, *grads):
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        gs = [grads[i] if grads[i].is_contiguous() else grads[i].contiguous() for i in idx]
+        kernels.apply_masks_(gs, gs, [ctx.masks[i] for i in idx], backend=ctx.backend)
+        out = [None] * len(grads)
+        for i, g in zip(idx, gs):
+            out[i] = g
+        return (None, None, None, *out)
 
 
 class MaskedLinear(nn.Linear):
@@ -125,12 +129,12 @@ class MaskedLinear(nn.Linear):
 
     Paths, by what the batch needs:
 
-    * one task, training on CPU: ``W * M`` into a reused buffer, then one BLAS GEMM (the fastest
-      CPU strategy for a single mask). ``--fused`` masks with the native ``kernels.apply_mask_``
-      on the packed bits; the plain path with ``torch.where`` on the bool mask;
+    * one task, training on CPU (the paper's Algorithm 1): ``PromptDT.forward`` computes every
+      ``W * M_i`` at once (``_MaskedWeights``: the native ``kernels.apply_masks_`` on packed bits
+      with ``--fused``, ``torch.where`` on bool masks without) and this layer runs one BLAS GEMM;
     * ``--fused`` otherwise (mixed-task batches, evaluation, Triton): ``kernels.masked_linear``,
       which never materializes per-task weight copies;
-    * plain, one task without gradients: ``torch.where`` then ``F.linear``;
+    * plain, one task: ``torch.where`` then ``F.linear``;
     * plain, several tasks: ``kernels.reference.masked_linear``.
     """
 
@@ -140,19 +144,10 @@ class MaskedLinear(nn.Linear):
     def forward(self, x: torch.Tensor, ctx: MaskContext | None = None) -> torch.Tensor:  # (B, T, K) -> (B, T, N)
         if ctx is None or self.mask_key not in ctx.bool_masks:
             return F.linear(x, self.weight, self.bias)
+        if ctx.effective is not None:  # W * M computed for all matrices at once (PromptDT.forward)
+            return F.linear(x, ctx.effective[self.mask_key], self.bias)
         b, t, k = x.shape
         masks = ctx.bool_masks[self.mask_key]
-        one_task_training = (ctx.single_task is not None and ctx.task_grads is None and torch.is_grad_enabled()
-                             and self.weight.requires_grad and x.device.type == "cpu")
-        if one_task_training and (not ctx.fused or ctx.backend in ("auto", "cpu", "reference")):
-            if self._w_eff is None or self._w_eff.shape != self.weight.shape or self._w_eff.dtype != self.weight.dtype:
-                self._w_eff = torch.empty_like(self.weight, requires_grad=False)
-            if ctx.fused:
-                mask, backend = ctx.packed[self.mask_key][ctx.single_task], ctx.backend  # packed bits
-            else:
-                mask, backend = masks[ctx.single_task], "reference"  # bool, torch.where
-            w_eff = _MaskedWeight.apply(self.weight, mask, [self._w_eff], backend)  # (N, K)
-            return F.linear(x, w_eff, self.bias)
         if ctx.fused:
             row_ids = ctx.task_ids.repeat_interleave(t)  # (B*T,)
             grads = None if ctx.task_grads is None else ctx.task_grads.get(self.mask_key)
@@ -334,8 +329,29 @@ class PromptDT(nn.Module):
             x = x + self.task_embed(task_ids).unsqueeze(1)
         return x
 
+    def _with_effective_weights(self, ctx: MaskContext | None) -> MaskContext | None:
+        """Single-task training on CPU: every ``W * M_i`` in one autograd node (``_MaskedWeights``)
+        before the blocks run. ``--fused`` masks from the packed bits natively, the plain path with
+        ``torch.where`` on the bool masks."""
+        if (ctx is None or ctx.single_task is None or ctx.task_grads is not None or ctx.effective is not None
+                or not torch.is_grad_enabled() or (ctx.fused and ctx.backend not in ("auto", "cpu", "reference"))):
+            return ctx
+        mods = [m for m in self.modules() if isinstance(m, MaskedLinear) and m.mask_key in ctx.bool_masks]
+        if not mods or mods[0].weight.device.type != "cpu" or not all(m.weight.requires_grad for m in mods):
+            return ctx
+        for m in mods:
+            if m._w_eff is None or m._w_eff.shape != m.weight.shape or m._w_eff.dtype != m.weight.dtype:
+                m._w_eff = torch.empty_like(m.weight, requires_grad=False)
+        if ctx.fused:
+            masks, backend = [ctx.packed[m.mask_key][ctx.single_task] for m in mods], ctx.backend  # packed bits
+        else:
+            masks, backend = [ctx.bool_masks[m.mask_key][ctx.single_task] for m in mods], "reference"  # bool, torch.where
+        eff = _MaskedWeights.apply(masks, [m._w_eff for m in mods], backend, *[m.weight for m in mods])
+        return dataclasses.replace(ctx, effective={m.mask_key: w for m, w in zip(mods, eff)})
+
     def forward(self, batch: dict, ctx: MaskContext | None = None) -> torch.Tensor:
         """Training forward over ``[prompt | history]``; returns predicted actions (B, K, A)."""
+        ctx = self._with_effective_weights(ctx)
         # The history's last action token a_K: no state token attends to it (causal) and the loss
         # reads only state tokens, so it is not fed at all (exact; the tests compare the full forward).
         x = self._tokens(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], batch["task_ids"], self.embed)[:, :-1]

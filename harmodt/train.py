@@ -70,6 +70,7 @@ class Trainer:
         self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if cfg.method != "mtdt" else 0,
                                        cfg.rtg_scale, mc.max_ep_len, seed=cfg.seed)
         self.model = build_model(mc, len(self.tasks), cfg.method)
+        self.params = list(self.model.parameters())  # walked once: clipping reads it every step
         self.weights = self.model.masked_weights()  # name -> Parameter
         shapes = {n: tuple(w.shape) for n, w in self.weights.items()}
         self.task_masks = None
@@ -111,7 +112,7 @@ class Trainer:
         loss = action_loss(pred, batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         keep = None
         if self.task_masks is not None:
             masks = self.task_masks.masks

@@ -23,6 +23,7 @@ from .reference import num_words
 __all__ = [
     "BackendUnavailable",
     "apply_mask_",
+    "apply_masks_",
     "attention",
     "available_backends",
     "dropout",
@@ -39,7 +40,7 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 
 # On CPU tensors, "auto" takes the native op for these ops; an op listed with "reference" is one
 # where bench/ measured the plain PyTorch path faster (kept measured, see bench/README.md).
-CPU_DISPATCH = {"apply_mask_": "cpu", "attention": "cpu", "dropout": "cpu", "masked_linear": "cpu", "masked_mlp": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
+CPU_DISPATCH = {"apply_mask_": "cpu", "apply_masks_": "cpu", "attention": "cpu", "dropout": "cpu", "masked_linear": "cpu", "masked_mlp": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -59,14 +60,22 @@ def _triton_reason(device: torch.device) -> str | None:
     return f"Triton needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1 for the CPU interpreter"
 
 
+_CPU_READY = False  # set once the native library has loaded (it cannot unload)
+
+
 def _cpu_reason(device: torch.device) -> str | None:
+    global _CPU_READY
     if device.type != "cpu":
         return f"the native CPU op takes CPU tensors (got {device.type})"
+    if _CPU_READY:
+        return None
     try:
         from . import cpu
     except ImportError as exc:
         return f"the native CPU library is not installed ({exc})"
-    return cpu.unavailable_reason()
+    why = cpu.unavailable_reason()
+    _CPU_READY = why is None
+    return why
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -118,6 +127,22 @@ def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backen
 
         return cpu.apply_mask_(out, src, mask)
     return reference.apply_mask_(out, src, mask)
+
+
+def apply_masks_(outs: list, srcs: list, masks: list, backend: str = "auto") -> list:
+    """:func:`apply_mask_` over lists of matrices in one call (the training step masks all of a
+    model's weights, and later their gradients, at once); returns ``outs``."""
+    if backend == "triton":
+        raise BackendUnavailable("apply_masks_ has no Triton kernel; use backend='auto', 'cpu' or 'reference'")
+    if not srcs:
+        return outs
+    b = resolve_backend(backend, srcs[0].device, "apply_masks_")
+    if b == "cpu" and (backend == "cpu" or all(s.dtype == o.dtype == torch.float32 and s.is_contiguous() and o.is_contiguous()
+                                               and m.is_contiguous() for o, s, m in zip(outs, srcs, masks))):
+        from . import cpu
+
+        return cpu.apply_masks_(outs, srcs, masks)
+    return reference.apply_masks_(outs, srcs, masks)
 
 
 class _Dropout(torch.autograd.Function):

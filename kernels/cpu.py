@@ -26,6 +26,7 @@ from .reference import num_words
 __all__ = [
     "KernelArgumentError",
     "apply_mask_",
+    "apply_masks_",
     "attention",
     "dropout_apply",
     "build",
@@ -89,7 +90,8 @@ def _load() -> str | None:
 def _has_ops() -> bool:
     try:
         ns = torch.ops.harmodt_kernels
-        for name in ("apply_mask_", "dropout_apply", "pack_masks", "unpack_masks", "masked_linear_forward", "masked_linear_backward", "harmony_select"):
+        for name in ("apply_mask_", "apply_masks_", "dropout_apply", "pack_masks", "unpack_masks", "masked_linear_forward",
+                     "masked_linear_backward", "masked_mlp_forward", "attention_forward", "attention_backward", "harmony_select"):
             getattr(ns, name)
     except (AttributeError, RuntimeError):
         return False
@@ -176,6 +178,16 @@ def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> tor
     _ops().apply_mask_(out, src, mask)
     torch.autograd.graph.increment_version(out)  # as an in-place torch op does: autograd sees the write
     return out
+
+
+def apply_masks_(outs: list, srcs: list, masks: list) -> list:
+    """:func:`apply_mask_` over lists in one native call (the op checks every shape and dtype and
+    names the failing entry's shapes); returns ``outs``."""
+    if not len(outs) == len(srcs) == len(masks):
+        raise KernelArgumentError(f"apply_masks_: got {len(outs)} outputs, {len(srcs)} sources and {len(masks)} masks")
+    _ops().apply_masks_(outs, srcs, masks)
+    torch.autograd.graph.increment_version(outs)  # as in-place torch ops do: autograd sees the writes
+    return outs
 
 
 def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:

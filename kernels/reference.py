@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_mask_", "attention", "attention_mask", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "masked_mlp", "harmony_select", "num_words"]
+__all__ = ["apply_mask_", "apply_masks_", "attention", "attention_mask", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "masked_mlp", "harmony_select", "num_words"]
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
 
@@ -59,6 +59,15 @@ def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 _U64 = 2**64
+
+
+def apply_masks_(outs: list, srcs: list, masks: list) -> list:
+    """:func:`apply_mask_` for each (out, src, mask) triple; returns ``outs``."""
+    if not len(outs) == len(srcs) == len(masks):
+        raise ValueError(f"apply_masks_: got {len(outs)} outputs, {len(srcs)} sources and {len(masks)} masks")
+    for o, s_, m in zip(outs, srcs, masks):
+        apply_mask_(o, s_, m)
+    return outs
 
 
 def _u64(c: int) -> int:

@@ -112,6 +112,28 @@ def test_apply_mask_dispatch_and_errors():
         kernels.apply_mask_(out, src, mask, backend="triton")
 
 
+def test_apply_masks_over_lists_matches_reference():
+    """The list op (one call for all of a model's matrices): each entry as apply_mask_ alone, bool
+    and packed masks mixed, in place; errors name the bad entry's shapes."""
+    g = _gen(5)
+    shapes = [(768, 256), (7, 33), (1,), (256, 1024)]
+    srcs = [torch.randn(s, generator=g) for s in shapes]
+    masks = [torch.rand(s, generator=g) > 0.3 for s in shapes]
+    masks[1] = kernels.pack_masks(masks[1])
+    want = [ref.apply_mask_(torch.empty(s.shape), s, m) for s, m in zip(srcs, masks)]
+    outs = [torch.full(s, float("nan")) for s in shapes]
+    assert kernels.apply_masks_(outs, srcs, masks, backend="cpu") is outs
+    for o, w in zip(outs, want):
+        assert torch.equal(o, w)
+    kernels.apply_masks_(srcs, srcs, masks)  # in place, auto
+    for s_, w in zip(srcs, want):
+        assert torch.equal(s_, w)
+    with pytest.raises(ValueError, match="2 outputs, 1 sources"):
+        kernels.apply_masks_(outs[:2], srcs[:1], masks[:1], backend="cpu")
+    with pytest.raises(ValueError, match=r"mask \[7, 32\] and src \[7, 33\]"):
+        cpu.apply_masks_([torch.empty(7, 33)], [torch.randn(7, 33)], [torch.ones(7, 32, dtype=torch.bool)])
+
+
 def test_pack_unpack_errors():
     with pytest.raises(TypeError, match="mask"):
         cpu.pack_masks(torch.zeros(3, 4))
@@ -406,6 +428,7 @@ def test_auto_masked_linear_calls_native(monkeypatch):
 
 def test_forced_cpu_backend_without_library_fails_clearly(monkeypatch, tmp_path):
     dev = torch.device("cpu")
+    monkeypatch.setattr(kernels, "_CPU_READY", False)  # forget that the real library loaded
     monkeypatch.setattr(cpu, "_state", {"tried": False, "reason": None})
     monkeypatch.setattr(cpu, "_has_ops", lambda: False)
     monkeypatch.setenv("HARMODT_KERNELS_LIB", str(tmp_path / "missing.so"))
@@ -419,6 +442,7 @@ def test_forced_cpu_backend_without_library_fails_clearly(monkeypatch, tmp_path)
     # a file that is not a loadable library
     bad = tmp_path / "bad.so"
     bad.write_text("not an ELF file")
+    monkeypatch.setattr(kernels, "_CPU_READY", False)
     monkeypatch.setattr(cpu, "_state", {"tried": False, "reason": None})
     monkeypatch.setenv("HARMODT_KERNELS_LIB", str(bad))
     assert "failed to load" in cpu.unavailable_reason()

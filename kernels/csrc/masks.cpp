@@ -127,11 +127,19 @@ void apply_mask_(at::Tensor out, const at::Tensor& src, const at::Tensor& mask) 
   });
 }
 
+// apply_mask_ over lists (one call for all of a model's masked matrices).
+void apply_masks_(at::TensorList out, at::TensorList src, at::TensorList mask) {
+  TORCH_CHECK_VALUE(out.size() == src.size() && src.size() == mask.size(), "apply_masks_: got ", out.size(), " outputs, ",
+                    src.size(), " sources and ", mask.size(), " masks");
+  for (size_t i = 0; i < out.size(); ++i) apply_mask_(out[i], src[i], mask[i]);
+}
+
 }  // namespace
 }  // namespace harmodt
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
   m.impl("apply_mask_", &harmodt::apply_mask_);
+  m.impl("apply_masks_", &harmodt::apply_masks_);
   m.impl("pack_masks", &harmodt::pack_masks);
   m.impl("unpack_masks", &harmodt::unpack_masks);
 }
