@@ -207,6 +207,14 @@ class SelfAttention(nn.Module):
         # tokens whose outputs are wanted (None = all); keys and values always come from every token;
         # qkv: the projection (B, T, 3, nh, hd) when already known (evaluation's layer-0 cache; x is
         # then not read). Returns (B, Tq, C) [and the own (k, v), each (B, nh, T, hd)].
+        if qkv is None and not return_kv and self._fused_inference(x, ctx):
+            # evaluation with fused masks: projection and attention per run of one task's rows, the
+            # projection staying in cache (kernels.masked_qkv_attention)
+            b, t, c = x.shape
+            sel = attn if query is None else attn.select(query)
+            y = kernels.masked_qkv_attention(x.reshape(b * t, c), self.qkv.weight, self.qkv.bias, ctx.packed[self.qkv.mask_key],
+                                             ctx.task_ids, self.n_head, sel.key_valid, sel.query_pos, prefix, backend=ctx.backend)
+            return self.resid_drop(self.proj(y, ctx))
         if qkv is None:
             b, t, c = x.shape
             qkv = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head)  # (B, T, 3, nh, hd)
@@ -237,6 +245,13 @@ class SelfAttention(nn.Module):
             y = y.transpose(1, 2).reshape(b, q.shape[2], c)  # (B, Tq, C)
         y = self.resid_drop(self.proj(y, ctx))
         return (y, kv) if return_kv else y
+
+
+    def _fused_inference(self, x, ctx) -> bool:
+        """Evaluation with ``--fused`` masks on CPU with the native library (feature detection)."""
+        return (ctx is not None and ctx.fused and ctx.packed is not None and self.qkv.mask_key in ctx.packed
+                and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and ctx.backend in ("auto", "cpu") and ctx.task_grads is None and _native_attention())
 
 
 class Block(nn.Module):

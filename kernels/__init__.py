@@ -30,6 +30,7 @@ __all__ = [
     "harmony_select",
     "masked_linear",
     "masked_mlp",
+    "masked_qkv_attention",
     "num_words",
     "pack_masks",
     "resolve_backend",
@@ -40,7 +41,7 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 
 # On CPU tensors, "auto" takes the native op for these ops; an op listed with "reference" is one
 # where bench/ measured the plain PyTorch path faster (kept measured, see bench/README.md).
-CPU_DISPATCH = {"apply_mask_": "cpu", "apply_masks_": "cpu", "attention": "cpu", "dropout": "cpu", "masked_linear": "cpu", "masked_mlp": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
+CPU_DISPATCH = {"apply_mask_": "cpu", "apply_masks_": "cpu", "attention": "cpu", "dropout": "cpu", "masked_linear": "cpu", "masked_mlp": "cpu", "masked_qkv_attention": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -243,6 +244,24 @@ def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids, backend: str = "auto"):
         return cpu.masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids)  # raises: inference only
     h = masked_linear(x, w1, b1, m1, task_ids, backend=b)  # with gradients: two differentiable calls
     return masked_linear(torch.relu(h), w2, b2, m2, task_ids, backend=b)
+
+
+def masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, query_pos, prefix=None, backend: str = "auto"):
+    """A block's masked q/k/v projection then attention, for inference: ``x`` ``[B * T, C]``,
+    ``row_tasks (B,)`` each batch row's task, packed ``masks``; returns ``(B, Tq, C)``. The native
+    op keeps each task run's projection in cache; otherwise :func:`masked_linear` then
+    :func:`attention`."""
+    b = resolve_backend(backend, x.device, "masked_qkv_attention")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if b == "cpu" and (backend == "cpu" or not needs_grad):  # (an explicit "cpu" with gradients raises)
+        from . import cpu
+
+        return cpu.masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, query_pos, prefix)
+    rows, c = row_tasks.shape[0], x.shape[1]
+    t = x.shape[0] // rows
+    qkv = masked_linear(x, weight, bias, masks, row_tasks.repeat_interleave(t), backend=b)
+    return attention(qkv.view(rows, t, 3, n_head, c // n_head), key_valid, query_pos, prefix,
+                     backend="reference" if b == "triton" else b)
 
 
 def harmony_select(masked_grads, grads, params, masks, k, lam, importance="magnitude", backend: str = "auto"):

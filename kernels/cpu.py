@@ -34,6 +34,7 @@ __all__ = [
     "library_path",
     "masked_linear",
     "masked_mlp",
+    "masked_qkv_attention",
     "pack_masks",
     "unavailable_reason",
     "unpack_masks",
@@ -91,7 +92,7 @@ def _has_ops() -> bool:
     try:
         ns = torch.ops.harmodt_kernels
         for name in ("apply_mask_", "apply_masks_", "dropout_apply", "pack_masks", "unpack_masks", "masked_linear_forward",
-                     "masked_linear_backward", "masked_mlp_forward", "attention_forward", "attention_backward", "harmony_select"):
+                     "masked_linear_backward", "masked_mlp_forward", "masked_qkv_attention_forward", "attention_forward", "attention_backward", "harmony_select"):
             getattr(ns, name)
     except (AttributeError, RuntimeError):
         return False
@@ -388,3 +389,20 @@ def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids) -> torch.Tensor:
     _check_dtype("m2", m2, (torch.int32,))
     _check_dtype("task_ids", task_ids, (torch.int64,))
     return _ops().masked_mlp_forward(x, w1, b1, m1, w2, b2, m2, task_ids)
+
+
+def masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, query_pos, prefix=None) -> torch.Tensor:
+    """Inference-only fusion of a block's masked q/k/v projection and attention (see
+    :func:`kernels.reference.masked_qkv_attention`): per run of consecutive batch rows of one task
+    (at most 16), the projection's output goes from the GEMM to the attention while in cache."""
+    for name, t in (("x", x), ("weight", weight), ("masks", masks), ("row_tasks", row_tasks), ("key_valid", key_valid)):
+        _check_cpu(name, t)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        raise KernelArgumentError("masked_qkv_attention is inference-only: call it under torch.no_grad()")
+    _check_dtype("x", x, (torch.float32, torch.bfloat16))
+    _check_dtype("masks", masks, (torch.int32,))
+    _check_dtype("row_tasks", row_tasks, (torch.int64,))
+    _check_dtype("key_valid", key_valid, (torch.bool,))
+    _check_dtype("query_pos", query_pos, (torch.int64,))
+    kp, vp = (None, None) if prefix is None else prefix
+    return _ops().masked_qkv_attention_forward(x, weight, bias, masks, row_tasks, int(n_head), key_valid, query_pos.contiguous(), kp, vp)

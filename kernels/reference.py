@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_mask_", "apply_masks_", "attention", "attention_mask", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "masked_mlp", "harmony_select", "num_words"]
+__all__ = ["apply_mask_", "apply_masks_", "attention", "attention_mask", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "masked_mlp", "masked_qkv_attention", "harmony_select", "num_words"]
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
 
@@ -202,6 +202,16 @@ def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids):
     """A block's MLP through each row's task masks: ``relu(x W1_t^T + b1) W2_t^T + b2`` with
     ``W_t = W * M[task_ids[r]]`` (two :func:`masked_linear` calls and a ReLU)."""
     return masked_linear(F.relu(masked_linear(x, w1, b1, m1, task_ids)), w2, b2, m2, task_ids)
+
+
+def masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, query_pos, prefix=None):
+    """A block's attention input and attention, per batch row's task mask: ``qkv = x W_t^T + b``
+    (:func:`masked_linear`, ``x`` is ``[B * T, C]``), then :func:`attention` without dropout;
+    returns ``(B, Tq, C)``."""
+    b = row_tasks.shape[0]
+    t, c = x.shape[0] // b, x.shape[1]
+    qkv = masked_linear(x, weight, bias, masks, row_tasks.repeat_interleave(t))
+    return attention(qkv.view(b, t, 3, n_head, c // n_head), key_valid, query_pos, prefix)
 
 
 def _accumulate_into(buf: torch.Tensor, t: int):

@@ -624,3 +624,34 @@ def test_masked_mlp_refuses_gradients_and_names_shapes():
     assert x.grad is not None
     with torch.no_grad(), pytest.raises(ValueError, match="w2 must be"):
         kernels.masked_mlp(x, w1, None, m1, w2[:, :5], None, m2, ids, backend="cpu")
+
+
+@pytest.mark.parametrize(
+    "b,t,h,d,tp,tasks,query",
+    [(12, 59, 8, 4, 15, "runs", slice(None)), (7, 9, 2, 8, 0, "shuffled", slice(None)), (40, 5, 2, 4, 3, "runs", slice(4, None)),
+     (3, 1, 1, 4, 0, "one", slice(None)), (20, 6, 2, 4, 2, "one", slice(1, None, 2))],
+)
+def test_masked_qkv_attention_matches_reference(b, t, h, d, tp, tasks, query):
+    """Projection and attention fused per run of one task's batch rows (runs longer than 16 are
+    split) against masked_linear then attention."""
+    g = _gen(b * t)
+    c = h * d
+    x, w, bias = torch.randn(b * t, c, generator=g), torch.randn(3 * c, c, generator=g) * 0.3, torch.randn(3 * c, generator=g)
+    masks = ref.pack_masks(torch.rand(5, 3 * c, c, generator=g) > 0.3)
+    if tasks == "runs":
+        row_tasks = torch.arange(5).repeat_interleave(b // 5 + 1)[:b]
+    elif tasks == "one":
+        row_tasks = torch.full((b,), 2)
+    else:
+        row_tasks = torch.randint(0, 5, (b,), generator=g)
+    prefix = None
+    if tp:
+        prefix = (torch.randn(b, h, tp, d, generator=g), torch.randn(b, h, tp, d, generator=g))
+    valid = torch.rand(b, tp + t, generator=g) > 0.2
+    qpos = torch.arange(tp, tp + t)[query]
+    with torch.no_grad():
+        got = kernels.masked_qkv_attention(x, w, bias, masks, row_tasks, h, valid, qpos, prefix, backend="cpu")
+        want = ref.masked_qkv_attention(x, w, bias, masks, row_tasks, h, valid, qpos, prefix)
+    torch.testing.assert_close(got, want, **TOL)
+    with pytest.raises(cpu.KernelArgumentError, match="inference-only"):
+        kernels.masked_qkv_attention(x.requires_grad_(), w, bias, masks, row_tasks, h, valid, qpos, prefix, backend="cpu")

@@ -673,6 +673,14 @@ at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,
+                                                        const std::optional<at::Tensor>& v_prefix,
+                                                        const at::Tensor& key_valid, const at::Tensor& query_pos,
+                                                        double p, int64_t seed, bool need_lse) {
+  return attention_forward(qkv, k_prefix, v_prefix, key_valid, query_pos, p, seed, need_lse);
+}
+
 }  // namespace harmodt
 
 TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <tuple>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -22,6 +24,12 @@ inline uint32_t last_word_mask(int64_t k) {
 }
 
 inline int num_threads() { return at::get_num_threads(); }
+
+// kernels/csrc/attention.cpp's forward (the op attention_forward), for fused callers.
+std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,
+                                                        const std::optional<at::Tensor>& v_prefix,
+                                                        const at::Tensor& key_valid, const at::Tensor& query_pos,
+                                                        double p, int64_t seed, bool need_lse);
 
 // One row of K columns through its packed mask words (bit j % 32 of word j / 32 is column j).
 // With AVX-512, 16 bits of a word are the lane mask of one zero-masked load or masked add.

@@ -419,15 +419,81 @@ at::Tensor masked_mlp_forward(const at::Tensor& x_in, const at::Tensor& w1_in, c
   return y;
 }
 
+// Inference attention input of a block: qkv = x (W*M[t])^T + b per batch row's task, then
+// attention (kernels/csrc/attention.cpp) -- done per run of consecutive batch rows of one task
+// (at most kQkvRows rows), so each run's packed q/k/v ([rows * T, 3C]) goes from the GEMM to the
+// attention while it is in cache instead of through a [B * T, 3C] tensor in memory.
+constexpr int64_t kQkvRows = 16;
+
+at::Tensor masked_qkv_attention_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                        const std::optional<at::Tensor>& bias_in, const at::Tensor& masks_in,
+                                        const at::Tensor& row_tasks_in, int64_t n_head, const at::Tensor& key_valid_in,
+                                        const at::Tensor& query_pos, const std::optional<at::Tensor>& k_prefix,
+                                        const std::optional<at::Tensor>& v_prefix) {
+  const at::Tensor row_tasks = row_tasks_in.contiguous();
+  TORCH_CHECK_VALUE(row_tasks.scalar_type() == at::kLong && row_tasks.dim() == 1, "masked_qkv_attention: row_tasks must be int64 (B,)");
+  const int64_t b_rows = row_tasks.size(0);
+  TORCH_CHECK_VALUE(b_rows > 0 && x_in.dim() == 2 && x_in.size(0) % b_rows == 0, "masked_qkv_attention: x must be [B * T, C] for ",
+                    b_rows, " batch rows, got ", x_in.sizes());
+  const int64_t t = x_in.size(0) / b_rows, c = x_in.size(1);
+  TORCH_CHECK_VALUE(weight_in.dim() == 2 && weight_in.size(0) == 3 * c && n_head > 0 && c % n_head == 0,
+                    "masked_qkv_attention: weight must be [3C, C] with C divisible by n_head, got ", weight_in.sizes(),
+                    " and n_head ", n_head);
+  const at::Tensor ids = row_tasks.repeat_interleave(t);
+  check_common(x_in, weight_in, masks_in, ids, "masked_qkv_attention");
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), masks = masks_in.contiguous();
+  const at::Tensor key_valid = key_valid_in.contiguous();
+  const int64_t n = 3 * c, t_count = masks.size(0);
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = *bias_in;
+  const int64_t* tasks = row_tasks.data_ptr<int64_t>();
+  for (int64_t b = 0; b < b_rows; ++b)
+    TORCH_CHECK_VALUE(tasks[b] >= 0 && tasks[b] < t_count, "masked_qkv_attention: row_tasks[", b, "] = ", tasks[b],
+                      " is out of range [0, ", t_count, ")");
+  at::Tensor out = at::empty({b_rows, query_pos.size(0), c}, x.options());
+  at::Tensor wbuf = at::empty({n, c}, weight.options());
+  const at::Tensor wt = wbuf.t();
+  at::Tensor qbuf = at::empty({std::min(b_rows, kQkvRows) * t, n}, x.options());
+  const uint32_t* mbase = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  int64_t expanded = -1;
+  for (int64_t b0 = 0; b0 < b_rows;) {
+    int64_t b1 = b0 + 1;
+    while (b1 < b_rows && b1 - b0 < kQkvRows && tasks[b1] == tasks[b0]) ++b1;
+    const int64_t nb = b1 - b0, task = tasks[b0];
+    if (task != expanded) {
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "masked_qkv_expand", [&] {
+        expand_masked_weight<scalar_t>(weight.data_ptr<scalar_t>(), mbase + task * n * num_words(c), n, c,
+                                       wbuf.data_ptr<scalar_t>());
+      });
+      expanded = task;
+    }
+    at::Tensor q = qbuf.narrow(0, 0, nb * t);
+    const at::Tensor xs = x.narrow(0, b0 * t, nb * t);
+    if (bias.defined()) at::addmm_out(q, bias, xs, wt); else at::mm_out(q, xs, wt);
+    std::optional<at::Tensor> kp, vp;
+    if (k_prefix.has_value() && k_prefix->defined()) kp = k_prefix->narrow(0, b0, nb);
+    if (v_prefix.has_value() && v_prefix->defined()) vp = v_prefix->narrow(0, b0, nb);
+    auto [y, lse] = attention_forward_op(q.view({nb, t, 3, n_head, c / n_head}), kp, vp, key_valid.narrow(0, b0, nb),
+                                         query_pos, 0.0, 0, false);
+    out.narrow(0, b0, nb).copy_(y);
+    b0 = b1;
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace harmodt
 
 TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
+  m.def(
+      "masked_qkv_attention_forward(Tensor x, Tensor weight, Tensor? bias, Tensor masks, Tensor row_tasks, int n_head, "
+      "Tensor key_valid, Tensor query_pos, Tensor? k_prefix, Tensor? v_prefix) -> Tensor");
   m.def("masked_mlp_forward(Tensor x, Tensor w1, Tensor? b1, Tensor m1, Tensor w2, Tensor? b2, Tensor m2, Tensor task_ids) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
   m.impl("masked_mlp_forward", &harmodt::masked_mlp_forward);
+  m.impl("masked_qkv_attention_forward", &harmodt::masked_qkv_attention_forward);
   m.impl("masked_linear_forward", &harmodt::masked_linear_forward);
   m.impl("masked_linear_backward", &harmodt::masked_linear_backward);
 }
