@@ -6,8 +6,9 @@ same) -- one model forward per timestep for all running episodes, each row throu
 (Algorithm 1's inference stage, batched). Tasks the checkpoint was not trained on act through the
 voted mask of Eq. 13. The prompt's keys and values never depend on later tokens, so they are
 computed once per task and reused at every step; the first block's q/k/v of a history token
-depend on that token alone, so they are computed once when it appears (``PromptDT.act``'s cache). Episodes last 500 steps; an episode succeeds if
-it succeeds at any step; goals are random per episode but seeded.
+depend on that token alone, so they are computed once when it appears (``PromptDT.act``'s
+cache). Episodes last 500 steps; an episode succeeds if it succeeds at any step; goals are random
+per episode but seeded.
 
 Unseen tasks: their prompt is a noise-free scripted-expert episode pair rolled out here (seeded),
 and their states are normalized with the mean of the training tasks' statistics.

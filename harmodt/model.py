@@ -80,6 +80,14 @@ def _native_attention() -> bool:
     return _native_ops() if _NATIVE_ATTENTION is None else _NATIVE_ATTENTION
 
 
+def _fused_inference(x: torch.Tensor, ctx, mask_key: str) -> bool:
+    """Evaluation with ``--fused`` masks on CPU with the native library (feature detection): the
+    blocks then use the inference-only fused ops (``masked_qkv_attention``, ``masked_mlp``)."""
+    return (ctx is not None and ctx.fused and ctx.packed is not None and mask_key in ctx.packed
+            and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and ctx.backend in ("auto", "cpu") and ctx.task_grads is None and _native_attention())
+
+
 class Dropout(nn.Dropout):
     """``nn.Dropout`` (inverted scaling) with cheaper masks on CPU.
 
@@ -207,7 +215,7 @@ class SelfAttention(nn.Module):
         # tokens whose outputs are wanted (None = all); keys and values always come from every token;
         # qkv: the projection (B, T, 3, nh, hd) when already known (evaluation's layer-0 cache; x is
         # then not read). Returns (B, Tq, C) [and the own (k, v), each (B, nh, T, hd)].
-        if qkv is None and not return_kv and self._fused_inference(x, ctx):
+        if qkv is None and not return_kv and _fused_inference(x, ctx, self.qkv.mask_key):
             # evaluation with fused masks: projection and attention per run of one task's rows, the
             # projection staying in cache (kernels.masked_qkv_attention)
             b, t, c = x.shape
@@ -247,13 +255,6 @@ class SelfAttention(nn.Module):
         return (y, kv) if return_kv else y
 
 
-    def _fused_inference(self, x, ctx) -> bool:
-        """Evaluation with ``--fused`` masks on CPU with the native library (feature detection)."""
-        return (ctx is not None and ctx.fused and ctx.packed is not None and self.qkv.mask_key in ctx.packed
-                and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-                and ctx.backend in ("auto", "cpu") and ctx.task_grads is None and _native_attention())
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -269,7 +270,7 @@ class Block(nn.Module):
         if return_kv:
             a, kv = a
         x = (x if query is None else x[:, query]) + a
-        if self._fused_inference_mlp(x, ctx):  # fc, ReLU and projection per task while the hidden is in cache
+        if _fused_inference(x, ctx, self.fc.mask_key):  # fc, ReLU and projection per task while the hidden is in cache
             b, t, c = x.shape
             fc, pr = self.fc, self.mlp_proj
             y = kernels.masked_mlp(self.ln2(x).reshape(b * t, c), fc.weight, fc.bias, ctx.packed[fc.mask_key], pr.weight, pr.bias,
@@ -279,12 +280,6 @@ class Block(nn.Module):
             h = F.relu(self.fc(self.ln2(x), ctx), inplace=not torch.is_grad_enabled())  # (B, T, 4C); in place when nothing saves it
             x = x + self.drop(self.mlp_proj(h, ctx))
         return (x, kv) if return_kv else x
-
-    def _fused_inference_mlp(self, x, ctx) -> bool:
-        """Evaluation with ``--fused`` masks on CPU: the MLP goes through ``kernels.masked_mlp``."""
-        return (ctx is not None and ctx.fused and ctx.packed is not None and self.fc.mask_key in ctx.packed
-                and not torch.is_grad_enabled() and x.device.type == "cpu" and ctx.backend in ("auto", "cpu")
-                and ctx.task_grads is None and _native_ops())
 
 
 class TokenEmbedding(nn.Module):
@@ -323,6 +318,7 @@ class PromptDT(nn.Module):
         for name, mod in self.named_modules():
             if isinstance(mod, MaskedLinear):
                 mod.mask_key = name + ".weight"
+        self._masked_linears = [m for m in self.modules() if isinstance(m, MaskedLinear)]  # walked once
 
     @staticmethod
     def _init_weights(m):
@@ -336,7 +332,7 @@ class PromptDT(nn.Module):
 
     def masked_weights(self) -> dict[str, nn.Parameter]:
         """The weight matrices that carry task masks, by parameter name."""
-        return {m.mask_key: m.weight for m in self.modules() if isinstance(m, MaskedLinear)}
+        return {m.mask_key: m.weight for m in self._masked_linears}
 
     def _tokens(self, states, actions, rtg, timesteps, task_ids, embed):
         x = embed(states, actions, rtg, timesteps)  # (B, 3T, C)
@@ -351,7 +347,7 @@ class PromptDT(nn.Module):
         if (ctx is None or ctx.single_task is None or ctx.task_grads is not None or ctx.effective is not None
                 or not torch.is_grad_enabled() or (ctx.fused and ctx.backend not in ("auto", "cpu", "reference"))):
             return ctx
-        mods = [m for m in self.modules() if isinstance(m, MaskedLinear) and m.mask_key in ctx.bool_masks]
+        mods = [m for m in self._masked_linears if m.mask_key in ctx.bool_masks]
         if not mods or mods[0].weight.device.type != "cpu" or not all(m.weight.requires_grad for m in mods):
             return ctx
         for m in mods:

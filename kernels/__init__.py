@@ -229,19 +229,20 @@ def masked_linear(x, weight, bias, masks, task_ids, backend: str = "auto", task_
     return reference.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
 
 
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd would record an op on these (the inference-only native ops refuse it)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids, backend: str = "auto"):
     """A block's MLP, ``relu(x W1_t^T + b1) W2_t^T + b2`` through each row's task masks (packed),
     for inference: the native op keeps each task's hidden activations in cache; the reference and
     Triton compose two :func:`masked_linear` calls (differentiable)."""
     b = resolve_backend(backend, x.device, "masked_mlp")
-    if b == "cpu" and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))):
+    if b == "cpu" and (backend == "cpu" or not _needs_grad(x, w1, b1, w2, b2)):  # (explicit "cpu" with gradients raises)
         from . import cpu
 
         return cpu.masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids)
-    if b == "cpu" and backend == "cpu":
-        from . import cpu
-
-        return cpu.masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids)  # raises: inference only
     h = masked_linear(x, w1, b1, m1, task_ids, backend=b)  # with gradients: two differentiable calls
     return masked_linear(torch.relu(h), w2, b2, m2, task_ids, backend=b)
 
@@ -252,8 +253,7 @@ def masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, q
     op keeps each task run's projection in cache; otherwise :func:`masked_linear` then
     :func:`attention`."""
     b = resolve_backend(backend, x.device, "masked_qkv_attention")
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if b == "cpu" and (backend == "cpu" or not needs_grad):  # (an explicit "cpu" with gradients raises)
+    if b == "cpu" and (backend == "cpu" or not _needs_grad(x, weight, bias)):  # (explicit "cpu" with gradients raises)
         from . import cpu
 
         return cpu.masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, query_pos, prefix)
