@@ -73,11 +73,14 @@ def _native_ops() -> bool:
 
 
 _NATIVE: bool | None = None
-_NATIVE_ATTENTION: bool | None = None  # None: use the native attention when built (tests set False)
+_NATIVE_BLOCK_OPS: bool | None = None  # None: the blocks use the native attention and GEMM epilogues when built (tests set False)
 
 
-def _native_attention() -> bool:
-    return _native_ops() if _NATIVE_ATTENTION is None else _NATIVE_ATTENTION
+def _native_block_ops(x: torch.Tensor) -> bool:
+    """Whether the blocks run ``x`` through the native ops (``kernels.attention``, ``kernels.bias_relu_``,
+    ``kernels.bias_dropout_add``): fp32/bf16 CPU tensors with the library built (feature detection)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and (_native_ops() if _NATIVE_BLOCK_OPS is None else _NATIVE_BLOCK_OPS))
 
 
 def _fused_inference(x: torch.Tensor, ctx, mask_key: str) -> bool:
@@ -85,7 +88,7 @@ def _fused_inference(x: torch.Tensor, ctx, mask_key: str) -> bool:
     blocks then use the inference-only fused ops (``masked_qkv_attention``, ``masked_mlp``)."""
     return (ctx is not None and ctx.fused and ctx.packed is not None and mask_key in ctx.packed
             and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and ctx.backend in ("auto", "cpu") and ctx.task_grads is None and _native_attention())
+            and ctx.backend in ("auto", "cpu") and ctx.task_grads is None and _native_block_ops(x))
 
 
 class Dropout(nn.Dropout):
@@ -99,6 +102,13 @@ class Dropout(nn.Dropout):
     for one seed, each deterministic for a seed.
     """
 
+    def draw(self) -> tuple[float, int]:
+        """``(p, seed)`` for one call of a fused op using ``kernels.dropout``'s mask: ``(0.0, 0)``
+        in evaluation (nothing drawn), else one seed from torch's global generator, as here."""
+        if not self.training or self.p == 0.0:
+            return 0.0, 0
+        return self.p, int(torch.empty((), dtype=torch.int64).random_())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
             return super().forward(x)
@@ -108,28 +118,45 @@ class Dropout(nn.Dropout):
         return x * _keep_mask(x.shape, self.p) * (1.0 / (1.0 - self.p))
 
 
+class GradSqNorms:
+    """Sums of squares of the masked weights' gradients, filled by the backward of the forward
+    that made it (``PromptDT.grad_sq_norms``): gradient clipping reads them instead of another
+    pass over the gradients."""
+
+    def __init__(self, params: list):
+        self.params = params
+        self.values: torch.Tensor | None = None  # float64 [len(params)] once the backward ran
+
+    def by_param(self) -> dict:
+        """{param: sum of squares of its gradient} (empty before the backward)."""
+        return {} if self.values is None else dict(zip(self.params, self.values.tolist()))
+
+
 class _MaskedWeights(torch.autograd.Function):
     """``W_l * M_l`` for every masked matrix of the model in one call (one autograd node and one
     native call instead of one per matrix), written into reused buffers; the backward masks all
-    incoming gradients in place in one call (Eq. 4). Through ``kernels.apply_masks_`` with the
-    given backend (native: AVX-512 masked loads from the packed bits; reference: ``torch.where``).
-    Autograd's version counters catch a second forward overwriting the buffers before the first
-    one's backward."""
+    incoming gradients in place in one call (Eq. 4) and records their sums of squares in
+    ``norms``. Through ``kernels.apply_masks_`` / ``apply_masks_sq_norms_`` with the given backend
+    (native: AVX-512 masked loads from the packed bits; reference: ``torch.where``). Autograd's
+    version counters catch a second forward overwriting the buffers before the first one's
+    backward."""
 
     @staticmethod
-    def forward(ctx, masks, holders, backend, *weights):
-        ctx.masks, ctx.backend = masks, backend
+    def forward(ctx, masks, holders, backend, norms, *weights):
+        ctx.masks, ctx.backend, ctx.norms = masks, backend, norms
         return tuple(kernels.apply_masks_(holders, list(weights), masks, backend=backend))
 
     @staticmethod
     def backward(ctx, *grads):
         idx = [i for i, g in enumerate(grads) if g is not None]
         gs = [grads[i] if grads[i].is_contiguous() else grads[i].contiguous() for i in idx]
-        kernels.apply_masks_(gs, gs, [ctx.masks[i] for i in idx], backend=ctx.backend)
+        sq = kernels.apply_masks_sq_norms_(gs, gs, [ctx.masks[i] for i in idx], backend=ctx.backend)
+        if len(idx) == len(grads):
+            ctx.norms.values = sq
         out = [None] * len(grads)
         for i, g in zip(idx, gs):
             out[i] = g
-        return (None, None, None, *out)
+        return (None, None, None, None, *out)
 
 
 class MaskedLinear(nn.Linear):
@@ -148,6 +175,13 @@ class MaskedLinear(nn.Linear):
 
     mask_key: str = ""  # the parameter name used as key in the mask store (set by the model)
     _w_eff: torch.Tensor | None = None  # reused buffer for W * M on the single-task training path
+
+    def gemm_weight(self, ctx: MaskContext | None) -> torch.Tensor | None:
+        """The matrix this layer multiplies by when its forward is one plain GEMM (no mask, or
+        ``W * M`` computed for the step), else None (then only :meth:`forward` applies it)."""
+        if ctx is None or self.mask_key not in ctx.bool_masks:
+            return self.weight
+        return None if ctx.effective is None else ctx.effective[self.mask_key]
 
     def forward(self, x: torch.Tensor, ctx: MaskContext | None = None) -> torch.Tensor:  # (B, T, K) -> (B, T, N)
         if ctx is None or self.mask_key not in ctx.bool_masks:
@@ -210,11 +244,21 @@ class SelfAttention(nn.Module):
         self.attn_drop = Dropout(cfg.dropout)
         self.resid_drop = Dropout(cfg.dropout)
 
-    def forward(self, x, attn: Attention, ctx, prefix=None, return_kv=False, query=None, qkv=None):
-        # x (B, T, C); prefix (k, v) each (B, nh, Tp, hd) before the own keys; query: a slice of the T
+    def _project(self, y, ctx, residual):  # residual + dropout(proj(y)): (B, Tq, C)
+        w = self.proj.gemm_weight(ctx)
+        if w is not None and _native_block_ops(y):  # bias, dropout and residual in one pass after the GEMM
+            b, t, c = y.shape
+            p, seed = self.resid_drop.draw()
+            return kernels.bias_dropout_add(F.linear(y.reshape(b * t, c), w).view(b, t, -1), self.proj.bias, residual, p, seed)
+        return residual + self.resid_drop(self.proj(y, ctx))
+
+    def forward(self, x, attn: Attention, ctx, residual, prefix=None, return_kv=False, query=None, qkv=None):
+        # x (B, T, C); residual (B, Tq, C) the block's stream at the query tokens, added to the
+        # output; prefix (k, v) each (B, nh, Tp, hd) before the own keys; query: a slice of the T
         # tokens whose outputs are wanted (None = all); keys and values always come from every token;
         # qkv: the projection (B, T, 3, nh, hd) when already known (evaluation's layer-0 cache; x is
-        # then not read). Returns (B, Tq, C) [and the own (k, v), each (B, nh, T, hd)].
+        # then not read). Returns residual + attention output (B, Tq, C) [and the own (k, v), each
+        # (B, nh, T, hd)].
         if qkv is None and not return_kv and _fused_inference(x, ctx, self.qkv.mask_key):
             # evaluation with fused masks: projection and attention per run of one task's rows, the
             # projection staying in cache (kernels.masked_qkv_attention)
@@ -222,7 +266,7 @@ class SelfAttention(nn.Module):
             sel = attn if query is None else attn.select(query)
             y = kernels.masked_qkv_attention(x.reshape(b * t, c), self.qkv.weight, self.qkv.bias, ctx.packed[self.qkv.mask_key],
                                              ctx.task_ids, self.n_head, sel.key_valid, sel.query_pos, prefix, backend=ctx.backend)
-            return self.resid_drop(self.proj(y, ctx))
+            return self._project(y, ctx, residual)
         if qkv is None:
             b, t, c = x.shape
             qkv = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head)  # (B, T, 3, nh, hd)
@@ -233,7 +277,7 @@ class SelfAttention(nn.Module):
         if query is not None:
             attn = attn.select(query)
         p = self.attn_drop.p if self.training else 0.0
-        if qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.bfloat16) and _native_attention():
+        if _native_block_ops(qkv):
             # fast path: one fused pass from the packed projection (kernels/csrc/attention.cpp)
             seed = int(torch.empty((), dtype=torch.int64).random_()) if p > 0 else 0
             y = kernels.attention(qkv, attn.key_valid, attn.query_pos, prefix, p, seed)  # (B, Tq, C)
@@ -251,7 +295,7 @@ class SelfAttention(nn.Module):
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask)
             y = y.transpose(1, 2).reshape(b, q.shape[2], c)  # (B, Tq, C)
-        y = self.resid_drop(self.proj(y, ctx))
+        y = self._project(y, ctx, residual)
         return (y, kv) if return_kv else y
 
 
@@ -266,11 +310,18 @@ class Block(nn.Module):
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, x, attn: Attention, ctx, prefix=None, return_kv=False, query=None, qkv=None):  # (B, T, C) -> (B, Tq, C)
-        a = self.attn(self.ln1(x) if qkv is None else None, attn, ctx, prefix, return_kv, query, qkv)
+        x = self.attn(self.ln1(x) if qkv is None else None, attn, ctx, x if query is None else x[:, query], prefix, return_kv, query, qkv)
         if return_kv:
-            a, kv = a
-        x = (x if query is None else x[:, query]) + a
-        if _fused_inference(x, ctx, self.fc.mask_key):  # fc, ReLU and projection per task while the hidden is in cache
+            x, kv = x
+        w1, w2 = self.fc.gemm_weight(ctx), self.mlp_proj.gemm_weight(ctx)
+        if w1 is not None and w2 is not None and _native_block_ops(x):
+            # fc and projection as plain GEMMs, each followed by one native pass: bias + ReLU in place,
+            # then bias + dropout + residual
+            b, t, c = x.shape
+            h = kernels.bias_relu_(F.linear(self.ln2(x).reshape(b * t, c), w1), self.fc.bias)  # (B*T, 4C)
+            p, seed = self.drop.draw()
+            x = kernels.bias_dropout_add(F.linear(h, w2).view(b, t, c), self.mlp_proj.bias, x, p, seed)
+        elif _fused_inference(x, ctx, self.fc.mask_key):  # fc, ReLU and projection per task while the hidden is in cache
             b, t, c = x.shape
             fc, pr = self.fc, self.mlp_proj
             y = kernels.masked_mlp(self.ln2(x).reshape(b * t, c), fc.weight, fc.bias, ctx.packed[fc.mask_key], pr.weight, pr.bias,
@@ -319,6 +370,7 @@ class PromptDT(nn.Module):
             if isinstance(mod, MaskedLinear):
                 mod.mask_key = name + ".weight"
         self._masked_linears = [m for m in self.modules() if isinstance(m, MaskedLinear)]  # walked once
+        self.grad_sq_norms: GradSqNorms | None = None  # the last training forward's (see GradSqNorms)
 
     @staticmethod
     def _init_weights(m):
@@ -357,11 +409,13 @@ class PromptDT(nn.Module):
             masks, backend = [ctx.packed[m.mask_key][ctx.single_task] for m in mods], ctx.backend  # packed bits
         else:
             masks, backend = [ctx.bool_masks[m.mask_key][ctx.single_task] for m in mods], "reference"  # bool, torch.where
-        eff = _MaskedWeights.apply(masks, [m._w_eff for m in mods], backend, *[m.weight for m in mods])
+        self.grad_sq_norms = GradSqNorms([m.weight for m in mods])
+        eff = _MaskedWeights.apply(masks, [m._w_eff for m in mods], backend, self.grad_sq_norms, *[m.weight for m in mods])
         return dataclasses.replace(ctx, effective={m.mask_key: w for m, w in zip(mods, eff)})
 
     def forward(self, batch: dict, ctx: MaskContext | None = None) -> torch.Tensor:
         """Training forward over ``[prompt | history]``; returns predicted actions (B, K, A)."""
+        self.grad_sq_norms = None  # set by the single-task masked path, filled by its backward
         ctx = self._with_effective_weights(ctx)
         # The history's last action token a_K: no state token attends to it (causal) and the loss
         # reads only state tokens, so it is not fed at all (exact; the tests compare the full forward).

@@ -15,6 +15,8 @@ them). Two implementations with the same result:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -38,6 +40,19 @@ def native_masked_adamw():
     return None
 
 
+def clip_coefficient(params: list, max_norm: float, known_sq_norms: dict | None = None) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` multiplies every gradient by,
+    ``min(1, max_norm / (norm + 1e-6))`` with ``norm`` the 2-norm over all gradients, without
+    multiplying (:meth:`MaskedAdamW.masked_step` applies it). ``known_sq_norms``: {param: sum of
+    squares of its gradient} already computed (the masked weights' backward does), not read again."""
+    known = known_sq_norms or {}
+    others = [p.grad for p in params if p.grad is not None and p not in known]
+    sq = math.fsum(known.values())
+    if others:
+        sq += float(torch.stack(torch._foreach_norm(others)).double().square().sum())
+    return min(1.0, max_norm / (math.sqrt(sq) + 1e-6))
+
+
 class MaskedAdamW(torch.optim.AdamW):
     """``masked_step(keep)`` with ``keep``: {param: mask of the weights the step may change}, bool
     of the param's shape or its bit-packed int32 words (``kernels.pack_masks``; 8x less to read).
@@ -54,12 +69,19 @@ class MaskedAdamW(torch.optim.AdamW):
             raise RuntimeError("MaskedAdamW(native=True): the kernels CPU library is not built (pip install --no-build-isolation -e .)")
 
     @torch.no_grad()
-    def masked_step(self, keep: dict | None = None) -> None:
+    def masked_step(self, keep: dict | None = None, grad_scale: float = 1.0) -> None:
+        """One step; parameters in ``keep`` change only inside their masks. ``grad_scale``: every
+        gradient is multiplied by it first (gradient clipping's :func:`clip_coefficient`); the
+        native op reads the masked weights' gradients scaled instead of rewriting them."""
+        usable = bool(keep) and self._native is not None and all(
+            p.device.type == "cpu" and p.dtype == torch.float32 and p.grad is not None for p in keep)
+        if grad_scale != 1.0:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None and not (usable and p in keep)]
+            if grads:
+                torch._foreach_mul_(grads, grad_scale)
         if not keep:
             self.step()
             return
-        usable = self._native is not None and all(
-            p.device.type == "cpu" and p.dtype == torch.float32 and p.grad is not None for p in keep)
         if not usable:
             import kernels
 
@@ -87,4 +109,4 @@ class MaskedAdamW(torch.optim.AdamW):
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["step"] += 1
                 self._native(p.data, p.grad.contiguous(), st["exp_avg"], st["exp_avg_sq"], keep[p].contiguous(),
-                             float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], int(st["step"]))
+                             float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], int(st["step"]), float(grad_scale))

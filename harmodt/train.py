@@ -22,7 +22,7 @@ from .config import ConfigError, TrainConfig, parse_args, to_dict
 from .data.batches import PromptDTBatcher
 from .masks import TaskMasks, alpha_schedule, harmony_score
 from .model import MaskContext, build_model
-from .optim import MaskedAdamW
+from .optim import MaskedAdamW, clip_coefficient
 from .runtime import keep_freed_memory
 from .tasks import parse_tasks
 
@@ -112,7 +112,8 @@ class Trainer:
         loss = action_loss(pred, batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        norms = self.model.grad_sq_norms  # the masked weights' squared gradient norms, from their backward
+        coef = clip_coefficient(self.params, self.cfg.grad_clip, None if norms is None else norms.by_param())
         keep = None
         if self.task_masks is not None:
             masks = self.task_masks.masks
@@ -121,7 +122,7 @@ class Trainer:
                 keep = {w: packed[n][task_ids[0]] for n, w in self.weights.items()}
             else:
                 keep = {w: masks[n][task_ids].any(0) for n, w in self.weights.items()}
-        self.opt.masked_step(keep)
+        self.opt.masked_step(keep, grad_scale=coef)  # clipping applied inside the step
         self.sched.step()
         self.step += 1
         return float(loss.detach())

@@ -24,8 +24,11 @@ __all__ = [
     "BackendUnavailable",
     "apply_mask_",
     "apply_masks_",
+    "apply_masks_sq_norms_",
     "attention",
     "available_backends",
+    "bias_dropout_add",
+    "bias_relu_",
     "dropout",
     "harmony_select",
     "masked_linear",
@@ -41,7 +44,7 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 
 # On CPU tensors, "auto" takes the native op for these ops; an op listed with "reference" is one
 # where bench/ measured the plain PyTorch path faster (kept measured, see bench/README.md).
-CPU_DISPATCH = {"apply_mask_": "cpu", "apply_masks_": "cpu", "attention": "cpu", "dropout": "cpu", "masked_linear": "cpu", "masked_mlp": "cpu", "masked_qkv_attention": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
+CPU_DISPATCH = {"apply_mask_": "cpu", "apply_masks_": "cpu", "apply_masks_sq_norms_": "cpu", "attention": "cpu", "bias_dropout_add": "cpu", "bias_relu_": "cpu", "dropout": "cpu", "masked_linear": "cpu", "masked_mlp": "cpu", "masked_qkv_attention": "cpu", "harmony_select": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -130,6 +133,12 @@ def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backen
     return reference.apply_mask_(out, src, mask)
 
 
+def _native_mask_lists(outs: list, srcs: list, masks: list) -> bool:
+    """Whether "auto" may take the native list ops: fp32 contiguous matrices and masks."""
+    return all(s.dtype == o.dtype == torch.float32 and s.is_contiguous() and o.is_contiguous() and m.is_contiguous()
+               for o, s, m in zip(outs, srcs, masks))
+
+
 def apply_masks_(outs: list, srcs: list, masks: list, backend: str = "auto") -> list:
     """:func:`apply_mask_` over lists of matrices in one call (the training step masks all of a
     model's weights, and later their gradients, at once); returns ``outs``."""
@@ -138,12 +147,26 @@ def apply_masks_(outs: list, srcs: list, masks: list, backend: str = "auto") -> 
     if not srcs:
         return outs
     b = resolve_backend(backend, srcs[0].device, "apply_masks_")
-    if b == "cpu" and (backend == "cpu" or all(s.dtype == o.dtype == torch.float32 and s.is_contiguous() and o.is_contiguous()
-                                               and m.is_contiguous() for o, s, m in zip(outs, srcs, masks))):
+    if b == "cpu" and (backend == "cpu" or _native_mask_lists(outs, srcs, masks)):
         from . import cpu
 
         return cpu.apply_masks_(outs, srcs, masks)
     return reference.apply_masks_(outs, srcs, masks)
+
+
+def apply_masks_sq_norms_(outs: list, srcs: list, masks: list, backend: str = "auto") -> torch.Tensor:
+    """:func:`apply_masks_`, also returning each output's sum of squares, float64 ``[len(outs)]``
+    (the training step masks its weight gradients and gets their norms for clipping in one pass)."""
+    if backend == "triton":
+        raise BackendUnavailable("apply_masks_sq_norms_ has no Triton kernel; use backend='auto', 'cpu' or 'reference'")
+    if not srcs:
+        return torch.zeros(0, dtype=torch.float64)
+    b = resolve_backend(backend, srcs[0].device, "apply_masks_sq_norms_")
+    if b == "cpu" and (backend == "cpu" or _native_mask_lists(outs, srcs, masks)):
+        from . import cpu
+
+        return cpu.apply_masks_sq_norms_(outs, srcs, masks)
+    return reference.apply_masks_sq_norms_(outs, srcs, masks)
 
 
 class _Dropout(torch.autograd.Function):
@@ -173,6 +196,36 @@ def dropout(x: torch.Tensor, p: float, seed: int, backend: str = "auto") -> torc
     else:
         fn = reference.dropout_apply
     return _Dropout.apply(x, float(p), int(seed), fn)
+
+
+def bias_relu_(z: torch.Tensor, bias: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``z <- relu(z + bias)`` in place, differentiable (``z``: a fresh GEMM output, ``bias`` over
+    its last dimension); returns ``z``. The native op is one pass forward and one backward (ReLU's
+    gradient with the bias gradient's row sums); see :func:`kernels.reference.bias_relu_`."""
+    if backend == "triton":
+        raise BackendUnavailable("bias_relu_ has no Triton kernel (on a GPU use torch ops); use backend='auto', 'cpu' or 'reference'")
+    b = resolve_backend(backend, z.device, "bias_relu_")
+    if b == "cpu" and (backend == "cpu" or (z.dtype in (torch.float32, torch.bfloat16) and z.is_contiguous()
+                                            and bias.dtype in (torch.float32, torch.bfloat16))):
+        from . import cpu
+
+        return cpu.bias_relu_(z, bias)
+    return reference.bias_relu_(z, bias)
+
+
+def bias_dropout_add(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, p: float, seed: int,
+                     backend: str = "auto") -> torch.Tensor:
+    """``residual + dropout(y + bias)``, differentiable, with :func:`dropout`'s counter-based keep
+    mask for ``seed`` over ``y``'s elements (so it equals ``residual + dropout(y + bias, p,
+    seed)``); the result has ``residual``'s dtype. See :func:`kernels.reference.bias_dropout_add`."""
+    if backend == "triton":
+        raise BackendUnavailable("bias_dropout_add has no Triton kernel; use backend='auto', 'cpu' or 'reference'")
+    b = resolve_backend(backend, y.device, "bias_dropout_add")
+    if b == "cpu" and (backend == "cpu" or all(t.dtype in (torch.float32, torch.bfloat16) for t in (y, bias, residual))):
+        from . import cpu
+
+        return cpu.bias_dropout_add(y, bias, residual, seed, p)
+    return reference.bias_dropout_add(y, bias, residual, int(seed), float(p))
 
 
 def attention(qkv: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tensor, prefix=None, p: float = 0.0,

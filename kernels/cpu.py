@@ -27,7 +27,10 @@ __all__ = [
     "KernelArgumentError",
     "apply_mask_",
     "apply_masks_",
+    "apply_masks_sq_norms_",
     "attention",
+    "bias_dropout_add",
+    "bias_relu_",
     "dropout_apply",
     "build",
     "harmony_select",
@@ -91,8 +94,9 @@ def _load() -> str | None:
 def _has_ops() -> bool:
     try:
         ns = torch.ops.harmodt_kernels
-        for name in ("apply_mask_", "apply_masks_", "dropout_apply", "pack_masks", "unpack_masks", "masked_linear_forward",
-                     "masked_linear_backward", "masked_mlp_forward", "masked_qkv_attention_forward", "attention_forward", "attention_backward", "harmony_select"):
+        for name in ("apply_mask_", "apply_masks_", "apply_masks_sq_norms_", "dropout_apply", "pack_masks", "unpack_masks", "masked_linear_forward",
+                     "masked_linear_backward", "masked_mlp_forward", "masked_qkv_attention_forward", "attention_forward", "attention_backward", "harmony_select",
+                     "bias_relu_", "bias_relu_backward", "bias_dropout_add", "dropout_bias_backward"):
             getattr(ns, name)
     except (AttributeError, RuntimeError):
         return False
@@ -191,6 +195,16 @@ def apply_masks_(outs: list, srcs: list, masks: list) -> list:
     return outs
 
 
+def apply_masks_sq_norms_(outs: list, srcs: list, masks: list) -> torch.Tensor:
+    """:func:`apply_masks_`, also returning each output's sum of squares (float64 ``[len]``),
+    computed while each row is in cache."""
+    if not len(outs) == len(srcs) == len(masks):
+        raise KernelArgumentError(f"apply_masks_sq_norms_: got {len(outs)} outputs, {len(srcs)} sources and {len(masks)} masks")
+    sq = _ops().apply_masks_sq_norms_(outs, srcs, masks)
+    torch.autograd.graph.increment_version(outs)
+    return sq
+
+
 def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """``x * keep / (1 - p)`` with the counter-based keep mask of
     :func:`kernels.reference.dropout_keep_mask` (AVX-512: 32 elements per 8 SplitMix64 draws)."""
@@ -224,6 +238,76 @@ def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
             f"unpack_masks: words has {words.shape[-1]} words in its last dimension, K={k} needs {num_words(k)}"
         )
     return _ops().unpack_masks(words, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM epilogues (kernels/csrc/epilogues.cpp)
+
+
+class _BiasReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, bias):
+        _ops().bias_relu_(z, bias)
+        ctx.mark_dirty(z)
+        ctx.save_for_backward(z)
+        ctx.bias_dtype = bias.dtype
+        return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        need_bias = bool(ctx.needs_input_grad[1])
+        dz, db = _ops().bias_relu_backward(grad.to(out.dtype), out, need_bias)
+        return dz, db.to(ctx.bias_dtype) if need_bias else None
+
+
+class _BiasDropoutAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, bias, residual, seed, p):
+        ctx.seed, ctx.p, ctx.y_dtype, ctx.bias_dtype = seed, p, y.dtype, bias.dtype
+        return _ops().bias_dropout_add(y, bias, residual, seed, p)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        need_y, need_bias = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+        dy = db = None
+        if need_y or need_bias:
+            dy, db = _ops().dropout_bias_backward(grad, ctx.seed, ctx.p, need_bias, ctx.y_dtype)
+        return (dy if need_y else None), (db.to(ctx.bias_dtype) if need_bias else None), grad, None, None
+
+
+def _check_epilogue_args(op: str, y: torch.Tensor, bias: torch.Tensor) -> None:
+    _check_cpu("y" if op == "bias_dropout_add" else "z", y)
+    _check_cpu("bias", bias)
+    _check_dtype("y" if op == "bias_dropout_add" else "z", y, (torch.float32, torch.bfloat16))
+    _check_dtype("bias", bias, (torch.float32, torch.bfloat16))
+    if y.dim() == 0 or bias.shape != (y.shape[-1],):
+        raise KernelArgumentError(f"{op}: bias {tuple(bias.shape)} must be the last dimension of {tuple(y.shape)}")
+
+
+def bias_relu_(z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``z <- relu(z + bias)`` in one pass, in place (z: a fresh contiguous GEMM output); returns
+    ``z``. The backward is one pass too (ReLU's gradient and the bias gradient's row sums)."""
+    _check_epilogue_args("bias_relu_", z, bias)
+    if not z.is_contiguous():
+        raise KernelArgumentError("bias_relu_: z must be contiguous (it is written in place)")
+    return _BiasReLU.apply(z, bias)
+
+
+def bias_dropout_add(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """``residual + dropout(y + bias)`` in one pass with ``kernels.dropout``'s keep mask (see
+    :func:`kernels.reference.bias_dropout_add`); the result has ``residual``'s dtype. The backward
+    is one pass: the dropped gradient and the bias gradient's row sums."""
+    _check_epilogue_args("bias_dropout_add", y, bias)
+    _check_cpu("residual", residual)
+    _check_dtype("residual", residual, (torch.float32, torch.bfloat16))
+    if residual.shape != y.shape:
+        raise KernelArgumentError(f"bias_dropout_add: y {tuple(y.shape)} and residual {tuple(residual.shape)} must have one shape")
+    if not 0.0 <= p < 1.0:
+        raise KernelArgumentError(f"bias_dropout_add: p must be in [0, 1), got {p}")
+    return _BiasDropoutAdd.apply(y, bias, residual, int(seed), float(p))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_mask_", "apply_masks_", "attention", "attention_mask", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "masked_mlp", "masked_qkv_attention", "harmony_select", "num_words"]
+__all__ = ["apply_mask_", "apply_masks_", "apply_masks_sq_norms_", "attention", "attention_mask", "bias_dropout_add", "bias_relu_", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "masked_mlp", "masked_qkv_attention", "harmony_select", "num_words"]
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
 
@@ -70,6 +70,13 @@ def apply_masks_(outs: list, srcs: list, masks: list) -> list:
     return outs
 
 
+def apply_masks_sq_norms_(outs: list, srcs: list, masks: list) -> torch.Tensor:
+    """:func:`apply_masks_`, then each output's sum of squares as float64 ``[len(outs)]`` (the
+    squared norms gradient clipping needs of masked gradients)."""
+    apply_masks_(outs, srcs, masks)
+    return torch.tensor([float(o.double().square().sum()) for o in outs], dtype=torch.float64)
+
+
 def _u64(c: int) -> int:
     """A uint64 constant as the int64 with the same bits."""
     return c - _U64 if c >= 2**63 else c
@@ -103,6 +110,21 @@ def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
         raise ValueError(f"dropout_apply: p must be in [0, 1), got {p}")
     keep = dropout_keep_mask(x.numel(), int(seed), p).view(x.shape)
     return torch.where(keep, x.float() * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
+
+
+def bias_relu_(z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``z <- relu(z + bias)`` in place (``bias`` over the last dimension, rounded to z's dtype);
+    returns ``z``. Differentiable when ``z`` is not a leaf (a GEMM output)."""
+    return torch.relu_(z.add_(bias))
+
+
+def bias_dropout_add(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """``residual + dropout_apply(y + bias, seed, p)`` in fp32 (the keep mask indexes ``y``'s
+    elements in row-major order), rounded to ``residual``'s dtype; ``bias`` over the last
+    dimension, ``residual`` of ``y``'s shape."""
+    if y.shape != residual.shape:
+        raise ValueError(f"bias_dropout_add: y {tuple(y.shape)} and residual {tuple(residual.shape)} must have one shape")
+    return (residual.float() + dropout_apply(y.float() + bias.float(), seed, p)).to(residual.dtype)
 
 
 def attention_mask(key_valid: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:

@@ -134,6 +134,27 @@ def test_apply_masks_over_lists_matches_reference():
         cpu.apply_masks_([torch.empty(7, 33)], [torch.randn(7, 33)], [torch.ones(7, 32, dtype=torch.bool)])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_apply_masks_sq_norms_returns_each_outputs_sum_of_squares(backend):
+    """The backward's list op: the masking of apply_masks_ plus each output's sum of squares
+    (gradient clipping's squared norms), bool and packed masks, odd sizes, an empty matrix."""
+    g = _gen(6)
+    shapes = [(768, 256), (7, 33), (1,), (0, 4), (5, 1000)]
+    srcs = [torch.randn(s, generator=g) * 3 for s in shapes]
+    masks = [torch.rand(s, generator=g) > 0.4 for s in shapes]
+    masks[1], masks[4] = kernels.pack_masks(masks[1]), kernels.pack_masks(masks[4])
+    want = [ref.apply_mask_(torch.empty(s.shape), s, m) for s, m in zip(srcs, masks)]
+    outs = [torch.full(s, float("nan")) for s in shapes]
+    sq = kernels.apply_masks_sq_norms_(outs, srcs, masks, backend=backend)
+    assert sq.dtype == torch.float64 and sq.shape == (len(shapes),)
+    for o, w, q in zip(outs, want, sq):
+        assert torch.equal(o, w)
+        torch.testing.assert_close(q, w.double().square().sum(), rtol=1e-6, atol=0)
+    assert sq[3] == 0
+    with pytest.raises(ValueError, match="2 outputs, 1 sources"):
+        kernels.apply_masks_sq_norms_(outs[:2], srcs[:1], masks[:1], backend=backend if backend == "cpu" else "cpu")
+
+
 def test_pack_unpack_errors():
     with pytest.raises(TypeError, match="mask"):
         cpu.pack_masks(torch.zeros(3, 4))
@@ -491,6 +512,92 @@ def test_dropout_errors():
         cpu.dropout_apply(torch.zeros(3), 0, 1.0)
     with pytest.raises(kernels.BackendUnavailable, match="no Triton kernel"):
         kernels.dropout(torch.zeros(3), 0.1, 0, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM epilogues (bias + ReLU in place; bias + dropout + residual)
+
+EPILOGUE_SHAPES = [(1, 1), (3, 5), (7, 16), (5, 37), (33, 257), (592, 1024), (0, 8), (2, 3, 48)]
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, [t for t in inputs if t.requires_grad], g)
+
+
+@pytest.mark.parametrize("shape", EPILOGUE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_relu_matches_reference(shape, dtype):
+    z0 = torch.randn(shape, generator=_gen(1)).to(dtype).requires_grad_()
+    bias = torch.randn(shape[-1], generator=_gen(2), requires_grad=True)
+    g = torch.randn(shape, generator=_gen(3)).to(dtype)
+    runs = []
+    for backend in ("cpu", "reference"):
+        z = z0 * 1  # a fresh non-leaf, as a GEMM output
+        out = kernels.bias_relu_(z, bias, backend=backend)
+        assert out is z and out.dtype == dtype  # in place
+        runs.append((out.detach(), *_grads(out, (z0, bias), g)))
+    tol = TOL if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)  # one rounding of z + b either way
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)  # the gradient only gates
+    torch.testing.assert_close(runs[0][2], runs[1][2], **(dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else tol))
+
+
+def test_bias_relu_without_bias_gradient_and_errors():
+    z0 = torch.randn(6, 20, generator=_gen(4), requires_grad=True)
+    bias = torch.randn(20, generator=_gen(5))  # no gradient wanted
+    z = z0 * 1
+    (gz,) = torch.autograd.grad(kernels.bias_relu_(z, bias, backend="cpu"), z0, torch.ones(6, 20))
+    torch.testing.assert_close(gz, ((z0 + bias) > 0).float())
+    with pytest.raises(ValueError, match=r"bias \(7,\) must be the last dimension of \(6, 20\)"):
+        cpu.bias_relu_(torch.zeros(6, 20), torch.zeros(7))
+    with pytest.raises(TypeError, match="z must be float32, bfloat16, got float64"):
+        cpu.bias_relu_(torch.zeros(6, 20, dtype=torch.float64), torch.zeros(20))
+    with pytest.raises(ValueError, match="z must be contiguous"):
+        cpu.bias_relu_(torch.zeros(20, 6).t(), torch.zeros(20))
+    with pytest.raises(kernels.BackendUnavailable, match="no Triton kernel"):
+        kernels.bias_relu_(torch.zeros(3, 2), torch.zeros(2), backend="triton")
+
+
+@pytest.mark.parametrize("shape", EPILOGUE_SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("y_dtype,res_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)])  # (the last: bf16 autocast)
+def test_bias_dropout_add_matches_reference(shape, p, y_dtype, res_dtype):
+    y = torch.randn(shape, generator=_gen(6)).to(y_dtype).requires_grad_()
+    bias = torch.randn(shape[-1], generator=_gen(7), requires_grad=True)
+    res = torch.randn(shape, generator=_gen(8)).to(res_dtype).requires_grad_()
+    g = torch.randn(shape, generator=_gen(9)).to(res_dtype)
+    seed = 2**62 + 99
+    runs = []
+    for backend in ("cpu", "reference"):
+        out = kernels.bias_dropout_add(y, bias, res, p, seed, backend=backend)
+        assert out.dtype == res_dtype
+        runs.append((out.detach(), *_grads(out, (y, bias, res), g)))
+    exact = y_dtype == res_dtype == torch.float32
+    for a, b in zip(*runs):
+        if a.dtype == torch.bfloat16:
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5 if exact else 1e-3, atol=1e-4 if a.dim() == 1 else 1e-5)
+    # the keep mask is kernels.dropout's for the same seed over y's elements
+    if p > 0 and y_dtype == torch.float32:
+        with torch.no_grad():
+            want = res + kernels.dropout(y + bias, p, seed)
+            torch.testing.assert_close(runs[0][0], want.to(res_dtype), **TOL)
+
+
+def test_bias_dropout_add_rate_and_errors():
+    y = torch.randn(64, 256, generator=_gen(10))
+    out = kernels.bias_dropout_add(y, torch.zeros(256), torch.zeros(64, 256), 0.1, 3, backend="cpu")
+    assert abs((out != 0).float().mean().item() - 0.9) < 0.01
+    with pytest.raises(ValueError, match=r"y \(4, 8\) and residual \(4, 9\) must have one shape"):
+        cpu.bias_dropout_add(torch.zeros(4, 8), torch.zeros(8), torch.zeros(4, 9), 0, 0.1)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+        cpu.bias_dropout_add(torch.zeros(4, 8), torch.zeros(8), torch.zeros(4, 8), 0, 1.0)
+    with pytest.raises(TypeError, match="residual must be float32, bfloat16, got float64"):
+        cpu.bias_dropout_add(torch.zeros(4, 8), torch.zeros(8), torch.zeros(4, 8, dtype=torch.float64), 0, 0.1)
+    with pytest.raises(ValueError, match=r"bias \(4,\) must be the last dimension of \(4, 8\)"):
+        cpu.bias_dropout_add(torch.zeros(4, 8), torch.zeros(4), torch.zeros(4, 8), 0, 0.1)
 
 
 # ----------------------------------------------------------------------------------------------

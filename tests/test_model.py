@@ -169,7 +169,7 @@ def test_reused_masked_weight_buffer_is_safe():
 
 
 @pytest.mark.parametrize("method", ["prompt-dt", "mtdt", "harmodt-f"])
-def test_native_attention_matches_plain_path(method, monkeypatch):
+def test_native_block_ops_match_plain_path(method, monkeypatch):
     """The fused native attention (with attention dropout in training) against the plain path
     (explicit softmax + kernels.dropout, sdpa without dropout): same outputs and gradients for the
     same torch seed, in training, and in evaluation with the cached prompt."""
@@ -185,7 +185,7 @@ def test_native_attention_matches_plain_path(method, monkeypatch):
     ctx = _erk_context(m, method, batch["task_ids"])
     runs = []
     for native in (True, False):
-        monkeypatch.setattr(model_mod, "_NATIVE_ATTENTION", native)
+        monkeypatch.setattr(model_mod, "_NATIVE_BLOCK_OPS", native)
         torch.manual_seed(5)  # the same dropout seeds on both paths
         out = m(batch, ctx)
         grads = torch.autograd.grad(out.square().sum(), list(m.parameters()), allow_unused=True)

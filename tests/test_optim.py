@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from harmodt.optim import MaskedAdamW
+from harmodt.optim import MaskedAdamW, clip_coefficient
 
 
 def run(native, steps=6, seed=0):
@@ -75,3 +75,46 @@ def test_packed_keep_matches_bool_keep(native, cols):
         results.append((w.detach().clone(), opt.state[w]["exp_avg"].clone(), opt.state[w]["exp_avg_sq"].clone()))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_clip_coefficient_is_torch_clip_grad_norm():
+    """The coefficient equals what clip_grad_norm_ multiplies by, with some squared norms given
+    (as the masked weights' backward provides them) or all read from the gradients."""
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(40, 30), (30,), (7,)]]
+    for scale in (10.0, 1e-3):  # clipped and not
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * scale
+        grads = [p.grad.clone() for p in params]
+        known = {params[0]: float(params[0].grad.double().square().sum())}
+        coefs = [clip_coefficient(params, 0.25), clip_coefficient(params, 0.25, known)]
+        torch.nn.utils.clip_grad_norm_(params, 0.25)
+        want = float(params[1].grad[0] / grads[1][0])
+        for c in coefs:
+            assert c == pytest.approx(want, rel=1e-5)
+        assert (coefs[0] < 1.0) == (scale == 10.0)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_grad_scale_is_scaling_the_gradients_first(native):
+    """masked_step(keep, grad_scale=c) gives bit for bit the step after multiplying every
+    gradient by c (the native op scales while reading; other parameters are scaled in place)."""
+    results = []
+    for inside in (True, False):
+        g = torch.Generator().manual_seed(4)
+        w = torch.nn.Parameter(torch.randn(9, 40, generator=g))
+        b = torch.nn.Parameter(torch.randn(40, generator=g))
+        opt = MaskedAdamW([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=1e-2, native=native)
+        for _ in range(3):
+            keep = torch.rand(9, 40, generator=g) > 0.4
+            w.grad = torch.randn(9, 40, generator=g) * keep
+            b.grad = torch.randn(40, generator=g)
+            if inside:
+                opt.masked_step({w: keep}, grad_scale=0.3)
+            else:
+                w.grad.mul_(0.3)
+                b.grad.mul_(0.3)
+                opt.masked_step({w: keep})
+        results.append((w.detach().clone(), b.detach().clone(), opt.state[w]["exp_avg_sq"].clone()))
+    for x, y in zip(*results):
+        assert torch.equal(x, y)

@@ -1,5 +1,6 @@
 """Training step invariants, mask update inside training, checkpoints and resume."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -10,7 +11,7 @@ import torch
 
 from _synthetic import datasets
 from harmodt.config import ConfigError, ModelConfig, TrainConfig, parse_args, validate
-from harmodt.train import Trainer, run
+from harmodt.train import Trainer, action_loss, run
 
 TASKS = ["reach-v3", "push-v3", "door-open-v3"]
 
@@ -38,6 +39,40 @@ def test_step_leaves_weights_outside_mask_unchanged(tmp_path, tasks_per_batch):
             keep = tr.task_masks.masks[n][task_ids].any(0)
             assert torch.equal(w.detach()[~keep], before[n][~keep]), n  # bit-for-bit
             assert not torch.equal(w.detach()[keep], before[n][keep]), n  # the step did move the task's weights
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_step_clips_like_clip_grad_norm(tmp_path, fused):
+    """A training step (clipping from the squared norms the masked backward recorded, applied
+    inside the optimizer step) moves every parameter as torch's clip_grad_norm_ followed by the
+    masked step does, from the same gradients."""
+    tr = Trainer(tiny_cfg(tmp_path, fused=fused, grad_clip=1e-3), datasets(TASKS))  # small: clipping is active
+    for _ in range(2):
+        tr.train_step(tr.sample_tasks())
+    batch = tr.batcher.sample([1], tr.cfg.batch_size)
+    tr.batcher.sample = lambda ids, size: batch  # the same batch for both
+    state = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    opt_state = copy.deepcopy(tr.opt.state_dict())
+    rng = torch.get_rng_state()  # the same dropout draws
+    tr.train_step([1])
+    got = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    norms = tr.model.grad_sq_norms.by_param()
+    assert len(norms) == len(tr.weights)
+    for w in tr.weights.values():
+        assert norms[w] == pytest.approx(float(w.grad.double().square().sum()), rel=1e-6)  # from the masked backward
+    tr.model.load_state_dict(state)
+    tr.opt.load_state_dict(opt_state)
+    tr.sched.last_epoch -= 1
+    tr.step -= 1
+    torch.set_rng_state(rng)
+    loss = action_loss(tr.model(batch, tr.context(batch["task_ids"])), batch)
+    tr.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    assert torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.grad_clip) > 10 * tr.cfg.grad_clip
+    packed = tr.task_masks.packed()
+    tr.opt.masked_step({w: packed[n][1] for n, w in tr.weights.items()})
+    for n, p in tr.model.named_parameters():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-6, atol=1e-9, msg=n)
 
 
 def test_masked_forward_equals_dense_model_with_masked_weights(tmp_path):

@@ -30,10 +30,10 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& like) {
 // The element loop: restrict pointers and a byte mask so it vectorizes (built with -fno-math-errno).
 void adamw_span(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
                 const uint8_t* __restrict k, int64_t n, float b1, float b2, float step_size, float bc2_sqrt,
-                float decay, float eps) {
+                float decay, float eps, float gscale) {
   const float one_minus_b1 = 1.0f - b1, one_minus_b2 = 1.0f - b2;
   for (int64_t i = 0; i < n; ++i) {
-    const float gi = g[i];
+    const float gi = g[i] * gscale;
     const float mi = m[i] + one_minus_b1 * (gi - m[i]);  // lerp(m, g, 1 - beta1)
     const float vi = b2 * v[i] + one_minus_b2 * gi * gi;
     m[i] = mi;
@@ -47,8 +47,8 @@ void adamw_span(float* __restrict p, const float* __restrict g, float* __restric
 #if defined(__AVX512F__)
 // The same update on 16 lanes; the weight is stored only in the lanes of `keep`.
 inline void adamw_16(float* p, const float* g, float* m, float* v, __mmask16 keep, __m512 b2, __m512 omb1, __m512 omb2,
-                     __m512 step_size, __m512 bc2_sqrt, __m512 decay, __m512 eps) {
-  const __m512 gi = _mm512_loadu_ps(g), mi0 = _mm512_loadu_ps(m), vi0 = _mm512_loadu_ps(v);
+                     __m512 step_size, __m512 bc2_sqrt, __m512 decay, __m512 eps, __m512 gscale) {
+  const __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g), gscale), mi0 = _mm512_loadu_ps(m), vi0 = _mm512_loadu_ps(v);
   const __m512 mi = _mm512_add_ps(mi0, _mm512_mul_ps(omb1, _mm512_sub_ps(gi, mi0)));
   const __m512 vi = _mm512_add_ps(_mm512_mul_ps(b2, vi0), _mm512_mul_ps(_mm512_mul_ps(omb2, gi), gi));
   _mm512_storeu_ps(m, mi);
@@ -62,7 +62,7 @@ inline void adamw_16(float* p, const float* g, float* m, float* v, __mmask16 kee
 
 void masked_adamw_(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
                    const at::Tensor& keep, double lr, double beta1, double beta2, double eps,
-                   double weight_decay, int64_t step) {
+                   double weight_decay, int64_t step, double grad_scale) {
   TORCH_CHECK(param.scalar_type() == at::kFloat, "masked_adamw_: param must be float32, got ",
               param.scalar_type());
   TORCH_CHECK(grad.scalar_type() == at::kFloat && exp_avg.scalar_type() == at::kFloat &&
@@ -100,10 +100,11 @@ void masked_adamw_(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
   const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
   const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2), epsf = static_cast<float>(eps);
+  const float gscale = static_cast<float>(grad_scale);  // the gradient clipping coefficient (1: none)
 #if defined(__AVX512F__)
   const __m512 vb2 = _mm512_set1_ps(b2), vomb1 = _mm512_set1_ps(1.0f - b1),
                vomb2 = _mm512_set1_ps(1.0f - b2), vss = _mm512_set1_ps(step_size), vbc = _mm512_set1_ps(bc2_sqrt),
-               vdecay = _mm512_set1_ps(decay), veps = _mm512_set1_ps(epsf);
+               vdecay = _mm512_set1_ps(decay), veps = _mm512_set1_ps(epsf), vgs = _mm512_set1_ps(gscale);
 #endif
   if (!packed) {
     const uint8_t* k = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
@@ -113,10 +114,10 @@ void masked_adamw_(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
       for (; i + 16 <= end; i += 16) {
         const __mmask16 lanes = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k + i)),
                                                    _mm_set1_epi8(static_cast<char>(0xFF)));
-        adamw_16(p + i, g + i, m + i, v + i, lanes, vb2, vomb1, vomb2, vss, vbc, vdecay, veps);
+        adamw_16(p + i, g + i, m + i, v + i, lanes, vb2, vomb1, vomb2, vss, vbc, vdecay, veps, vgs);
       }
 #endif
-      adamw_span(p + i, g + i, m + i, v + i, k + i, end - i, b1, b2, step_size, bc2_sqrt, decay, epsf);
+      adamw_span(p + i, g + i, m + i, v + i, k + i, end - i, b1, b2, step_size, bc2_sqrt, decay, epsf, gscale);
     });
     return;
   }
@@ -132,12 +133,12 @@ void masked_adamw_(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
 #if defined(__AVX512F__)
       for (; j + 16 <= kcols; j += 16)
         adamw_16(p + o + j, g + o + j, m + o + j, v + o + j, static_cast<__mmask16>(wr[j >> 5] >> (j & 31)), vb2,
-                 vomb1, vomb2, vss, vbc, vdecay, veps);
+                 vomb1, vomb2, vss, vbc, vdecay, veps, vgs);
 #endif
       while (j < kcols) {  // the rest (all of it without AVX-512), through the byte-mask loop 32 at a time
         const int64_t len = std::min<int64_t>(32 - (j & 31), kcols - j);
         for (int64_t q = 0; q < len; ++q) bytes[q] = static_cast<uint8_t>((wr[(j + q) >> 5] >> ((j + q) & 31)) & 1u);
-        adamw_span(p + o + j, g + o + j, m + o + j, v + o + j, bytes, len, b1, b2, step_size, bc2_sqrt, decay, epsf);
+        adamw_span(p + o + j, g + o + j, m + o + j, v + o + j, bytes, len, b1, b2, step_size, bc2_sqrt, decay, epsf, gscale);
         j += len;
       }
     }
@@ -149,7 +150,7 @@ void masked_adamw_(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
 TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
   m.def(
       "masked_adamw_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor keep, "
-      "float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+      "float lr, float beta1, float beta2, float eps, float weight_decay, int step, float grad_scale=1.0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) { m.impl("masked_adamw_", &masked_adamw_); }

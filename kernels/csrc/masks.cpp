@@ -2,6 +2,8 @@
 // bit j % 32 of word j / 32 is column j, padding bits are zero.
 #include <torch/library.h>
 
+#include <vector>
+
 #include "common.h"
 
 #if defined(__AVX512F__)
@@ -79,7 +81,9 @@ at::Tensor unpack_masks(const at::Tensor& words_in, int64_t k) {
 // shape, or its bit-packed int32 words [..., ceil(K/32)] (8x less to read). The forward W * M of a
 // training step's masked weights and the backward grad * M (Eq. 4), one vectorized pass each
 // (torch.where / masked_fill_ with a negated mask take two passes and an allocation).
-void apply_mask_(at::Tensor out, const at::Tensor& src, const at::Tensor& mask) {
+// With sq given, also returns the sum of squares of the written out (per parallel chunk in fp32,
+// chunks summed in double).
+double apply_mask_impl(at::Tensor& out, const at::Tensor& src, const at::Tensor& mask, bool sq) {
   TORCH_CHECK_VALUE(src.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
                     "apply_mask_: src and out must be float32, got ", src.scalar_type(), " and ", out.scalar_type());
   const bool packed = mask.scalar_type() == at::kInt;
@@ -100,9 +104,24 @@ void apply_mask_(at::Tensor out, const at::Tensor& src, const at::Tensor& mask) 
   TORCH_CHECK_VALUE(src.is_contiguous() && mask.is_contiguous() && out.is_contiguous(),
                     "apply_mask_: src, mask and out must be contiguous");
   const int64_t n = src.numel();
-  if (n == 0) return;
+  if (n == 0) return 0.0;
   const float* s = src.data_ptr<float>();
   float* o = out.data_ptr<float>();
+  std::vector<double> parts(static_cast<size_t>(num_threads()), 0.0);  // per-thread sums of squares
+  auto add_squares = [&](const float* x, int64_t len) {
+    float acc = 0.0f;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 v = _mm512_setzero_ps();
+    for (; i + 16 <= len; i += 16) {
+      const __m512 xi = _mm512_loadu_ps(x + i);
+      v = _mm512_fmadd_ps(xi, xi, v);
+    }
+    acc = _mm512_reduce_add_ps(v);
+#endif
+    for (; i < len; ++i) acc += x[i] * x[i];
+    parts[at::get_thread_num()] += static_cast<double>(acc);
+  };
   if (!packed) {
     const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
     at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
@@ -115,17 +134,24 @@ void apply_mask_(at::Tensor out, const at::Tensor& src, const at::Tensor& mask) 
       }
 #endif
       for (; i < end; ++i) o[i] = m[i] ? s[i] : 0.0f;
+      if (sq) add_squares(o + begin, end - begin);
     });
-    return;
+  } else {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
+    const int64_t w = num_words(k), rows = n / k;
+    at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / k), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        select_row_bits(s + r * k, words + r * w, k, o + r * k);
+        if (sq) add_squares(o + r * k, k);  // the row is in L1
+      }
+    });
   }
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
-  const int64_t w = num_words(k), rows = n / k;
-  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / k), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      select_row_bits(s + r * k, words + r * w, k, o + r * k);
-    }
-  });
+  double total = 0.0;
+  for (double v : parts) total += v;
+  return total;
 }
+
+void apply_mask_(at::Tensor out, const at::Tensor& src, const at::Tensor& mask) { apply_mask_impl(out, src, mask, false); }
 
 // apply_mask_ over lists (one call for all of a model's masked matrices).
 void apply_masks_(at::TensorList out, at::TensorList src, at::TensorList mask) {
@@ -134,12 +160,27 @@ void apply_masks_(at::TensorList out, at::TensorList src, at::TensorList mask) {
   for (size_t i = 0; i < out.size(); ++i) apply_mask_(out[i], src[i], mask[i]);
 }
 
+// apply_masks_, also returning each output's sum of squares (float64 [len]): the backward masks a
+// training step's weight gradients and gradient clipping gets their norms from the same pass.
+at::Tensor apply_masks_sq_norms_(at::TensorList out, at::TensorList src, at::TensorList mask) {
+  TORCH_CHECK_VALUE(out.size() == src.size() && src.size() == mask.size(), "apply_masks_sq_norms_: got ", out.size(),
+                    " outputs, ", src.size(), " sources and ", mask.size(), " masks");
+  at::Tensor sq = at::empty({static_cast<int64_t>(out.size())}, at::kDouble);
+  double* q = sq.data_ptr<double>();
+  for (size_t i = 0; i < out.size(); ++i) {
+    at::Tensor o = out[i];
+    q[i] = apply_mask_impl(o, src[i], mask[i], true);
+  }
+  return sq;
+}
+
 }  // namespace
 }  // namespace harmodt
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
   m.impl("apply_mask_", &harmodt::apply_mask_);
   m.impl("apply_masks_", &harmodt::apply_masks_);
+  m.impl("apply_masks_sq_norms_", &harmodt::apply_masks_sq_norms_);
   m.impl("pack_masks", &harmodt::pack_masks);
   m.impl("unpack_masks", &harmodt::unpack_masks);
 }

@@ -1,0 +1,343 @@
+// GEMM epilogues of the training blocks, each one pass over a (M, N) GEMM output whose rows get
+// a bias of N columns:
+//
+//   bias_relu_(z, b)                      z <- relu(z + b)                     (fc, in place)
+//   bias_relu_backward(g, h)              dz = g * (h > 0), db = sum_rows dz
+//   bias_dropout_add(y, b, r, seed, p)    r + dropout(y + b)                   (proj, mlp_proj)
+//   dropout_bias_backward(g, seed, p)     dy = dropout(g), db = sum_rows dy
+//
+// BLAS adds a bias by copying it into every output row before the GEMM (one more pass over the
+// output), and ReLU, dropout, the residual add and the bias gradient are each one more pass;
+// here each of those chains is one pass while the rows are in cache. The dropout keep mask is
+// dropout.cpp's: element i (row-major over y) is kept iff its 16-bit field of
+// splitmix(seed, i / 4) is >= round(p * 65536), so `bias_dropout_add` equals
+// `r + dropout_apply(y + b, seed, p)` and its backward `dropout_apply(g, seed, p)`.
+// Arithmetic in fp32; bf16 tensors are widened on load and rounded to nearest-even on store.
+// Bias gradients are fp32 sums (per-thread partial rows, then one sum).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace harmodt {
+namespace {
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define HARMODT_EPILOGUE_AVX512 1
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u); }
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#if defined(__AVX512BF16__)
+#define HARMODT_EPILOGUE_BF16 1
+inline void store16(at::BFloat16* p, __m512 v, __mmask16 m) {
+  const __m256bh h = _mm512_cvtneps_pbh(v);  // round to nearest even, as c10::BFloat16(float)
+  _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(p), m, reinterpret_cast<const __m256i&>(h));
+}
+#endif
+
+// Keep bits of the 16 elements at flat indices i .. i+15 (any alignment): the 8 draws from block
+// i / 4 cover elements 4 * (i / 4) .. +31.
+inline __mmask16 keep16(uint64_t seed, int64_t i, __m512i thr) {
+  const int64_t a = i >> 2;
+  const uint32_t bits = _mm512_cmpge_epu16_mask(splitmix8(seed, a), thr);
+  return static_cast<__mmask16>(bits >> (i - 4 * a));
+}
+#endif
+
+inline bool keep_scalar(uint64_t seed, int64_t i, uint32_t threshold) {
+  const uint64_t h = splitmix(seed, static_cast<uint64_t>(i >> 2));
+  return static_cast<uint32_t>((h >> (16 * (i & 3))) & 0xFFFFu) >= threshold;
+}
+
+template <typename T>
+constexpr bool vector_ok() {
+#if defined(HARMODT_EPILOGUE_AVX512)
+  if constexpr (std::is_same_v<T, float>) return true;
+#if defined(HARMODT_EPILOGUE_BF16)
+  if constexpr (std::is_same_v<T, at::BFloat16>) return true;
+#endif
+#endif
+  return false;
+}
+
+// Column sums: each thread accumulates its rows into its own fp32 row, summed at the end.
+struct ColumnSums {
+  int64_t n, threads;
+  std::vector<float> part;
+  explicit ColumnSums(int64_t n_) : n(n_), threads(num_threads()), part(static_cast<size_t>(threads * n_), 0.0f) {}
+  float* mine() { return part.data() + static_cast<int64_t>(at::get_thread_num()) * n; }
+  at::Tensor total() const {
+    at::Tensor out = at::zeros({n}, at::kFloat);
+    float* o = out.data_ptr<float>();
+    for (int64_t t = 0; t < threads; ++t)
+      for (int64_t j = 0; j < n; ++j) o[j] += part[t * n + j];
+    return out;
+  }
+};
+
+std::vector<float> bias_values(const at::Tensor& bias, int64_t n, const char* op) {
+  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == n, op, ": bias must have shape (", n, ",), got ", bias.sizes());
+  TORCH_CHECK_VALUE(bias.scalar_type() == at::kFloat || bias.scalar_type() == at::kBFloat16, op,
+                    ": bias must be float32 or bfloat16, got ", bias.scalar_type());
+  const at::Tensor b = bias.to(at::kFloat).contiguous();
+  return std::vector<float>(b.data_ptr<float>(), b.data_ptr<float>() + n);
+}
+
+void check_2d(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
+                    " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() >= 1, op, ": ", name, " must have at least one dimension");
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name, const char* like_name) {
+  check_2d(t, op, name);
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), op, ": ", name, " has shape ", t.sizes(), ", ", like_name, " has ", like.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type(), op, ": ", name, " is ", t.scalar_type(), ", ", like_name, " is ",
+                    like.scalar_type());
+}
+
+constexpr int64_t kGrainRows = 16;
+
+// ---- bias + ReLU ------------------------------------------------------------------------------
+
+template <typename T>
+void bias_relu_rows(T* z, const float* b, int64_t m, int64_t n) {
+  at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* row = z + r * n;
+      int64_t j = 0;
+#if defined(HARMODT_EPILOGUE_AVX512)
+      if constexpr (vector_ok<T>()) {
+        const __m512 zero = _mm512_setzero_ps();
+        for (; j < n; j += 16) {
+          const __mmask16 lanes = tail_mask(n - j);
+          store16(row + j, _mm512_max_ps(_mm512_add_ps(load16(row + j, lanes), _mm512_maskz_loadu_ps(lanes, b + j)), zero), lanes);
+        }
+      }
+#endif
+      for (; j < n; ++j) {
+        const float v = static_cast<float>(row[j]) + b[j];
+        row[j] = static_cast<T>(v > 0.0f ? v : 0.0f);
+      }
+    }
+  });
+}
+
+at::Tensor bias_relu_(at::Tensor z, const at::Tensor& bias) {
+  check_2d(z, "bias_relu_", "z");
+  const int64_t n = z.size(-1), m = n == 0 ? 0 : z.numel() / n;
+  const std::vector<float> b = bias_values(bias, n, "bias_relu_");
+  if (m == 0 || n == 0) return z;
+  if (z.scalar_type() == at::kFloat)
+    bias_relu_rows(z.data_ptr<float>(), b.data(), m, n);
+  else
+    bias_relu_rows(z.data_ptr<at::BFloat16>(), b.data(), m, n);
+  return z;
+}
+
+template <typename T>
+void relu_grad_rows(const T* g, const T* h, T* dz, ColumnSums* sums, int64_t m, int64_t n) {
+  at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
+    float* acc = sums ? sums->mine() : nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* gr = g + r * n;
+      const T* hr = h + r * n;
+      T* dr = dz + r * n;
+      int64_t j = 0;
+#if defined(HARMODT_EPILOGUE_AVX512)
+      if constexpr (vector_ok<T>()) {
+        const __m512 zero = _mm512_setzero_ps();
+        for (; j < n; j += 16) {
+          const __mmask16 lanes = tail_mask(n - j);
+          const __mmask16 pos = _mm512_mask_cmp_ps_mask(lanes, load16(hr + j, lanes), zero, _CMP_GT_OQ);
+          const __m512 d = _mm512_maskz_mov_ps(pos, load16(gr + j, lanes));
+          store16(dr + j, d, lanes);
+          if (acc) _mm512_mask_storeu_ps(acc + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + j), d));
+        }
+      }
+#endif
+      for (; j < n; ++j) {
+        const float d = static_cast<float>(hr[j]) > 0.0f ? static_cast<float>(gr[j]) : 0.0f;
+        dr[j] = static_cast<T>(d);
+        if (acc) acc[j] += d;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_relu_backward(const at::Tensor& grad_in, const at::Tensor& out, bool need_bias) {
+  check_2d(out, "bias_relu_backward", "out");
+  const at::Tensor grad = grad_in.contiguous();
+  check_like(grad, out, "bias_relu_backward", "grad", "out");
+  const int64_t n = out.size(-1), m = n == 0 ? 0 : out.numel() / n;
+  at::Tensor dz = at::empty_like(out);
+  ColumnSums sums(need_bias ? n : 0);
+  if (m > 0 && n > 0) {
+    if (out.scalar_type() == at::kFloat)
+      relu_grad_rows(grad.data_ptr<float>(), out.data_ptr<float>(), dz.data_ptr<float>(), need_bias ? &sums : nullptr, m, n);
+    else
+      relu_grad_rows(grad.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), dz.data_ptr<at::BFloat16>(),
+                     need_bias ? &sums : nullptr, m, n);
+  }
+  return {dz, need_bias ? sums.total() : at::zeros({n}, at::kFloat)};
+}
+
+// ---- bias + dropout + residual ------------------------------------------------------------------
+
+// out (Tr) = res (Tr) + dropout(y (Ty) + b); under bf16 autocast y is bf16 and the residual fp32.
+template <typename Ty, typename Tr>
+void bias_dropout_add_rows(const Ty* y, const float* b, const Tr* res, Tr* out, int64_t m, int64_t n, uint64_t seed,
+                           uint32_t threshold, float scale) {
+  at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * n;
+      int64_t j = 0;
+#if defined(HARMODT_EPILOGUE_AVX512)
+      if constexpr (vector_ok<Ty>() && vector_ok<Tr>()) {
+        if (threshold <= 0xFFFF) {
+          const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
+          const __m512 vscale = _mm512_set1_ps(scale);
+          for (; j < n; j += 16) {
+            const __mmask16 lanes = tail_mask(n - j);
+            const __mmask16 keep = threshold == 0 ? lanes : static_cast<__mmask16>(keep16(seed, base + j, thr) & lanes);
+            const __m512 v = _mm512_add_ps(load16(y + base + j, lanes), _mm512_maskz_loadu_ps(lanes, b + j));
+            store16(out + base + j, _mm512_add_ps(load16(res + base + j, lanes), _mm512_maskz_mul_ps(keep, v, vscale)), lanes);
+          }
+        }
+      }
+#endif
+      for (; j < n; ++j) {
+        const float v = (static_cast<float>(y[base + j]) + b[j]) * scale;
+        const float kept = keep_scalar(seed, base + j, threshold) ? v : 0.0f;
+        out[base + j] = static_cast<Tr>(static_cast<float>(res[base + j]) + kept);
+      }
+    }
+  });
+}
+
+template <typename Ty>
+void bias_dropout_add_dispatch(const at::Tensor& y, const float* b, const at::Tensor& res, at::Tensor& out, int64_t m, int64_t n,
+                               uint64_t seed, uint32_t threshold, float scale) {
+  if (res.scalar_type() == at::kFloat)
+    bias_dropout_add_rows(y.data_ptr<Ty>(), b, res.data_ptr<float>(), out.data_ptr<float>(), m, n, seed, threshold, scale);
+  else
+    bias_dropout_add_rows(y.data_ptr<Ty>(), b, res.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), m, n, seed, threshold,
+                          scale);
+}
+
+at::Tensor bias_dropout_add(const at::Tensor& y_in, const at::Tensor& bias, const at::Tensor& res_in, int64_t seed, double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "bias_dropout_add: p must be in [0, 1), got ", p);
+  const at::Tensor y = y_in.contiguous(), res = res_in.contiguous();
+  check_2d(y, "bias_dropout_add", "y");
+  check_2d(res, "bias_dropout_add", "residual");
+  TORCH_CHECK_VALUE(res.sizes() == y.sizes(), "bias_dropout_add: residual has shape ", res.sizes(), ", y has ", y.sizes());
+  const int64_t n = y.size(-1), m = n == 0 ? 0 : y.numel() / n;
+  const std::vector<float> b = bias_values(bias, n, "bias_dropout_add");
+  at::Tensor out = at::empty_like(res);
+  if (m == 0 || n == 0) return out;
+  const uint32_t threshold = static_cast<uint32_t>(std::llround(p * 65536.0));
+  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  if (y.scalar_type() == at::kFloat)
+    bias_dropout_add_dispatch<float>(y, b.data(), res, out, m, n, static_cast<uint64_t>(seed), threshold, scale);
+  else
+    bias_dropout_add_dispatch<at::BFloat16>(y, b.data(), res, out, m, n, static_cast<uint64_t>(seed), threshold, scale);
+  return out;
+}
+
+// dy (Td) = dropout(g (Tg)), and the row sums of dy in fp32.
+template <typename Tg, typename Td>
+void dropout_grad_rows(const Tg* g, Td* dy, ColumnSums* sums, int64_t m, int64_t n, uint64_t seed, uint32_t threshold, float scale) {
+  at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
+    float* acc = sums ? sums->mine() : nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * n;
+      int64_t j = 0;
+#if defined(HARMODT_EPILOGUE_AVX512)
+      if constexpr (vector_ok<Tg>() && vector_ok<Td>()) {
+        if (threshold <= 0xFFFF) {
+          const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
+          const __m512 vscale = _mm512_set1_ps(scale);
+          for (; j < n; j += 16) {
+            const __mmask16 lanes = tail_mask(n - j);
+            const __mmask16 keep = threshold == 0 ? lanes : static_cast<__mmask16>(keep16(seed, base + j, thr) & lanes);
+            const __m512 d = _mm512_maskz_mul_ps(keep, load16(g + base + j, lanes), vscale);
+            store16(dy + base + j, d, lanes);
+            if (acc) _mm512_mask_storeu_ps(acc + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + j), d));
+          }
+        }
+      }
+#endif
+      for (; j < n; ++j) {
+        const float d = keep_scalar(seed, base + j, threshold) ? static_cast<float>(g[base + j]) * scale : 0.0f;
+        dy[base + j] = static_cast<Td>(d);
+        if (acc) acc[j] += d;
+      }
+    }
+  });
+}
+
+template <typename Tg>
+void dropout_grad_dispatch(const at::Tensor& grad, at::Tensor& dy, ColumnSums* sums, int64_t m, int64_t n, uint64_t seed,
+                           uint32_t threshold, float scale) {
+  if (dy.scalar_type() == at::kFloat)
+    dropout_grad_rows(grad.data_ptr<Tg>(), dy.data_ptr<float>(), sums, m, n, seed, threshold, scale);
+  else
+    dropout_grad_rows(grad.data_ptr<Tg>(), dy.data_ptr<at::BFloat16>(), sums, m, n, seed, threshold, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_bias_backward(const at::Tensor& grad_in, int64_t seed, double p, bool need_bias,
+                                                         at::ScalarType dy_dtype) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_bias_backward: p must be in [0, 1), got ", p);
+  TORCH_CHECK_VALUE(dy_dtype == at::kFloat || dy_dtype == at::kBFloat16, "dropout_bias_backward: dtype must be float32 or bfloat16, got ",
+                    dy_dtype);
+  const at::Tensor grad = grad_in.contiguous();
+  check_2d(grad, "dropout_bias_backward", "grad");
+  const int64_t n = grad.size(-1), m = n == 0 ? 0 : grad.numel() / n;
+  at::Tensor dy = at::empty(grad.sizes(), grad.options().dtype(dy_dtype));
+  ColumnSums sums(need_bias ? n : 0);
+  if (m > 0 && n > 0) {
+    const uint32_t threshold = static_cast<uint32_t>(std::llround(p * 65536.0));
+    const float scale = static_cast<float>(1.0 / (1.0 - p));
+    ColumnSums* s = need_bias ? &sums : nullptr;
+    if (grad.scalar_type() == at::kFloat)
+      dropout_grad_dispatch<float>(grad, dy, s, m, n, static_cast<uint64_t>(seed), threshold, scale);
+    else
+      dropout_grad_dispatch<at::BFloat16>(grad, dy, s, m, n, static_cast<uint64_t>(seed), threshold, scale);
+  }
+  return {dy, need_bias ? sums.total() : at::zeros({n}, at::kFloat)};
+}
+
+}  // namespace
+}  // namespace harmodt
+
+TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
+  m.def("bias_relu_(Tensor(a!) z, Tensor bias) -> Tensor(a!)");
+  m.def("bias_relu_backward(Tensor grad, Tensor out, bool need_bias) -> (Tensor, Tensor)");
+  m.def("bias_dropout_add(Tensor y, Tensor bias, Tensor residual, int seed, float p) -> Tensor");
+  m.def("dropout_bias_backward(Tensor grad, int seed, float p, bool need_bias, ScalarType dtype) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
+  m.impl("bias_relu_", &harmodt::bias_relu_);
+  m.impl("bias_relu_backward", &harmodt::bias_relu_backward);
+  m.impl("bias_dropout_add", &harmodt::bias_dropout_add);
+  m.impl("dropout_bias_backward", &harmodt::dropout_bias_backward);
+}
