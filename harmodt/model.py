@@ -144,13 +144,17 @@ class _MaskedWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, masks, holders, backend, norms, *weights):
         ctx.masks, ctx.backend, ctx.norms = masks, backend, norms
+        ctx.weight_dtype = weights[0].dtype
         return tuple(kernels.apply_masks_(holders, list(weights), masks, backend=backend))
 
     @staticmethod
     def backward(ctx, *grads):
         idx = [i for i, g in enumerate(grads) if g is not None]
         gs = [grads[i] if grads[i].is_contiguous() else grads[i].contiguous() for i in idx]
-        sq = kernels.apply_masks_sq_norms_(gs, gs, [ctx.masks[i] for i in idx], backend=ctx.backend)
+        # masked in place, or (holders in autocast's bf16) converted back to the weights' dtype in the same pass
+        outs = gs if all(g.dtype == ctx.weight_dtype for g in gs) else [torch.empty(g.shape, dtype=ctx.weight_dtype) for g in gs]
+        sq = kernels.apply_masks_sq_norms_(outs, gs, [ctx.masks[i] for i in idx], backend=ctx.backend)
+        gs = outs
         if len(idx) == len(grads):
             ctx.norms.values = sq
         out = [None] * len(grads)
@@ -402,9 +406,12 @@ class PromptDT(nn.Module):
         mods = [m for m in self._masked_linears if m.mask_key in ctx.bool_masks]
         if not mods or mods[0].weight.device.type != "cpu" or not all(m.weight.requires_grad for m in mods):
             return ctx
+        # under CPU bf16 autocast W * M is written in bf16 directly (the GEMMs would cast it anyway)
+        dtype = torch.bfloat16 if (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                                   and mods[0].weight.dtype == torch.float32) else mods[0].weight.dtype
         for m in mods:
-            if m._w_eff is None or m._w_eff.shape != m.weight.shape or m._w_eff.dtype != m.weight.dtype:
-                m._w_eff = torch.empty_like(m.weight, requires_grad=False)
+            if m._w_eff is None or m._w_eff.shape != m.weight.shape or m._w_eff.dtype != dtype:
+                m._w_eff = torch.empty(m.weight.shape, dtype=dtype)
         if ctx.fused:
             masks, backend = [ctx.packed[m.mask_key][ctx.single_task] for m in mods], ctx.backend  # packed bits
         else:

@@ -134,9 +134,14 @@ def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backen
 
 
 def _native_mask_lists(outs: list, srcs: list, masks: list) -> bool:
-    """Whether "auto" may take the native list ops: fp32 contiguous matrices and masks."""
-    return all(s.dtype == o.dtype == torch.float32 and s.is_contiguous() and o.is_contiguous() and m.is_contiguous()
-               for o, s, m in zip(outs, srcs, masks))
+    """Whether "auto" may take the native list ops: contiguous fp32 matrices and masks, or with
+    packed masks fp32 -> bf16 and bf16 -> fp32."""
+    def dtypes_ok(o, s, m):
+        if s.dtype == o.dtype == torch.float32:
+            return True
+        return m.dtype == torch.int32 and {s.dtype, o.dtype} == {torch.float32, torch.bfloat16}
+
+    return all(dtypes_ok(o, s, m) and s.is_contiguous() and o.is_contiguous() and m.is_contiguous() for o, s, m in zip(outs, srcs, masks))
 
 
 def apply_masks_(outs: list, srcs: list, masks: list, backend: str = "auto") -> list:

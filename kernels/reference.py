@@ -46,15 +46,17 @@ def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``out = where(mask, src, 0)`` (``out`` may be ``src``); returns ``out``. ``mask``: bool of
-    ``src``'s shape, or its packed int32 words ``[..., ceil(K/32)]``. The masked weight ``W * M`` of
-    Eq. 4 and its gradient ``grad * M`` (zeros, not ``0 * x``, outside the mask)."""
+    """``out = where(mask, src, 0)`` (``out`` may be ``src``; in ``out``'s dtype); returns ``out``.
+    ``mask``: bool of ``src``'s shape, or its packed int32 words ``[..., ceil(K/32)]``. The masked
+    weight ``W * M`` of Eq. 4 and its gradient ``grad * M`` (zeros, not ``0 * x``, outside the mask)."""
     if mask.dtype == torch.int32:
         mask = unpack_masks(mask, src.shape[-1])
     if mask.dtype != torch.bool:
         raise TypeError(f"apply_mask_ expects a bool or packed int32 mask, got {mask.dtype}")
     if src.shape != mask.shape or out.shape != mask.shape:
         raise ValueError(f"apply_mask_: src {tuple(src.shape)}, mask {tuple(mask.shape)} and out {tuple(out.shape)} must have one shape")
+    if out.dtype != src.dtype:  # e.g. W * M straight into autocast's bf16, or a bf16 gradient back to fp32
+        return out.copy_(torch.where(mask, src, src.new_zeros(())))
     return torch.where(mask, src, src.new_zeros(()), out=out)
 
 

@@ -155,6 +155,29 @@ def test_apply_masks_sq_norms_returns_each_outputs_sum_of_squares(backend):
         kernels.apply_masks_sq_norms_(outs[:2], srcs[:1], masks[:1], backend=backend if backend == "cpu" else "cpu")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_apply_masks_converting_fp32_bf16_with_packed_masks(backend):
+    """Packed masks also convert: fp32 weights -> bf16 W * M (autocast's dtype) and bf16
+    gradients -> masked fp32 (with their sums of squares); bool masks refuse mixed dtypes natively."""
+    g = _gen(7)
+    shapes = [(768, 256), (7, 33), (3, 17)]
+    srcs = [torch.randn(s, generator=g) for s in shapes]
+    bits = [torch.rand(s, generator=g) > 0.4 for s in shapes]
+    packed = [kernels.pack_masks(b) for b in bits]
+    outs = [torch.full(s, float("nan"), dtype=torch.bfloat16) for s in shapes]
+    kernels.apply_masks_(outs, srcs, packed, backend=backend)
+    for o, s_, b in zip(outs, srcs, bits):
+        assert torch.equal(o, torch.where(b, s_, 0.0).bfloat16())  # one rounding, zeros outside
+    grads = [torch.randn(s, generator=g).bfloat16() for s in shapes]
+    back = [torch.full(s, float("nan")) for s in shapes]
+    sq = kernels.apply_masks_sq_norms_(back, grads, packed, backend=backend)
+    for o, s_, b, q in zip(back, grads, bits, sq):
+        assert o.dtype == torch.float32 and torch.equal(o, torch.where(b, s_.float(), 0.0))
+        torch.testing.assert_close(q, o.double().square().sum(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="with a packed mask, one of them bfloat16"):
+        cpu.apply_masks_([torch.empty(3, 17, dtype=torch.bfloat16)], [srcs[2]], [bits[2]])
+
+
 def test_pack_unpack_errors():
     with pytest.raises(TypeError, match="mask"):
         cpu.pack_masks(torch.zeros(3, 4))

@@ -3,11 +3,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <cstdint>
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -56,6 +58,39 @@ inline void add_row_bits(const float* src, const uint32_t* words, int64_t k, flo
 #endif
   for (; j < k; ++j)
     if ((words[j >> 5] >> (j & 31)) & 1u) dst[j] += src[j];
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+// 16 lanes of fp32 from float or bf16 memory and back (bf16 rounded to nearest even, as
+// c10::BFloat16(float)); lanes outside m are not read / not written.
+#define HARMODT_AVX512_CVT 1
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u); }
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#if defined(__AVX512BF16__)
+#define HARMODT_AVX512_BF16_STORE 1
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(p), m, reinterpret_cast<const __m256i&>(h));
+}
+#endif
+#endif
+
+// Whether load16/store16 cover element type T here (fp32 always with AVX-512; bf16 stores need
+// AVX512-BF16).
+template <typename T>
+constexpr bool vector16_ok() {
+#if defined(HARMODT_AVX512_CVT)
+  if constexpr (std::is_same_v<T, float>) return true;
+#if defined(HARMODT_AVX512_BF16_STORE)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return true;
+#endif
+#endif
+  return false;
 }
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;

@@ -33,24 +33,7 @@
 namespace harmodt {
 namespace {
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
-#define HARMODT_EPILOGUE_AVX512 1
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u); }
-
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
-  const __m256i raw = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-#if defined(__AVX512BF16__)
-#define HARMODT_EPILOGUE_BF16 1
-inline void store16(at::BFloat16* p, __m512 v, __mmask16 m) {
-  const __m256bh h = _mm512_cvtneps_pbh(v);  // round to nearest even, as c10::BFloat16(float)
-  _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(p), m, reinterpret_cast<const __m256i&>(h));
-}
-#endif
-
+#if defined(HARMODT_AVX512_CVT)
 // Keep bits of the 16 elements at flat indices i .. i+15 (any alignment): the 8 draws from block
 // i / 4 cover elements 4 * (i / 4) .. +31.
 inline __mmask16 keep16(uint64_t seed, int64_t i, __m512i thr) {
@@ -63,17 +46,6 @@ inline __mmask16 keep16(uint64_t seed, int64_t i, __m512i thr) {
 inline bool keep_scalar(uint64_t seed, int64_t i, uint32_t threshold) {
   const uint64_t h = splitmix(seed, static_cast<uint64_t>(i >> 2));
   return static_cast<uint32_t>((h >> (16 * (i & 3))) & 0xFFFFu) >= threshold;
-}
-
-template <typename T>
-constexpr bool vector_ok() {
-#if defined(HARMODT_EPILOGUE_AVX512)
-  if constexpr (std::is_same_v<T, float>) return true;
-#if defined(HARMODT_EPILOGUE_BF16)
-  if constexpr (std::is_same_v<T, at::BFloat16>) return true;
-#endif
-#endif
-  return false;
 }
 
 // Column sums: each thread accumulates its rows into its own fp32 row, summed at the end.
@@ -124,8 +96,8 @@ void bias_relu_rows(T* z, const float* b, int64_t m, int64_t n) {
     for (int64_t r = r0; r < r1; ++r) {
       T* row = z + r * n;
       int64_t j = 0;
-#if defined(HARMODT_EPILOGUE_AVX512)
-      if constexpr (vector_ok<T>()) {
+#if defined(HARMODT_AVX512_CVT)
+      if constexpr (vector16_ok<T>()) {
         const __m512 zero = _mm512_setzero_ps();
         for (; j < n; j += 16) {
           const __mmask16 lanes = tail_mask(n - j);
@@ -162,8 +134,8 @@ void relu_grad_rows(const T* g, const T* h, T* dz, ColumnSums* sums, int64_t m, 
       const T* hr = h + r * n;
       T* dr = dz + r * n;
       int64_t j = 0;
-#if defined(HARMODT_EPILOGUE_AVX512)
-      if constexpr (vector_ok<T>()) {
+#if defined(HARMODT_AVX512_CVT)
+      if constexpr (vector16_ok<T>()) {
         const __m512 zero = _mm512_setzero_ps();
         for (; j < n; j += 16) {
           const __mmask16 lanes = tail_mask(n - j);
@@ -210,8 +182,8 @@ void bias_dropout_add_rows(const Ty* y, const float* b, const Tr* res, Tr* out, 
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * n;
       int64_t j = 0;
-#if defined(HARMODT_EPILOGUE_AVX512)
-      if constexpr (vector_ok<Ty>() && vector_ok<Tr>()) {
+#if defined(HARMODT_AVX512_CVT)
+      if constexpr (vector16_ok<Ty>() && vector16_ok<Tr>()) {
         if (threshold <= 0xFFFF) {
           const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
           const __m512 vscale = _mm512_set1_ps(scale);
@@ -270,8 +242,8 @@ void dropout_grad_rows(const Tg* g, Td* dy, ColumnSums* sums, int64_t m, int64_t
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * n;
       int64_t j = 0;
-#if defined(HARMODT_EPILOGUE_AVX512)
-      if constexpr (vector_ok<Tg>() && vector_ok<Td>()) {
+#if defined(HARMODT_AVX512_CVT)
+      if constexpr (vector16_ok<Tg>() && vector16_ok<Td>()) {
         if (threshold <= 0xFFFF) {
           const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
           const __m512 vscale = _mm512_set1_ps(scale);

@@ -83,10 +83,54 @@ at::Tensor unpack_masks(const at::Tensor& words_in, int64_t k) {
 // (torch.where / masked_fill_ with a negated mask take two passes and an allocation).
 // With sq given, also returns the sum of squares of the written out (per parallel chunk in fp32,
 // chunks summed in double).
+template <typename Ts, typename To>
+double select_rows_cvt(const Ts* s, const uint32_t* words, int64_t rows, int64_t k, To* o, bool sq) {
+  std::vector<double> parts(static_cast<size_t>(num_threads()), 0.0);
+  const int64_t w = num_words(k);
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+    float acc = 0.0f;
+    for (int64_t r = r0; r < r1; ++r) {
+      const Ts* sr = s + r * k;
+      const uint32_t* wr = words + r * w;
+      To* orow = o + r * k;
+      int64_t j = 0;
+#if defined(HARMODT_AVX512_CVT)
+      if constexpr (vector16_ok<Ts>() && vector16_ok<To>()) {
+        __m512 vsq = _mm512_setzero_ps();
+        for (; j < k; j += 16) {
+          const __mmask16 live = tail_mask(k - j);
+          const __m512 v = load16(sr + j, static_cast<__mmask16>(live & (wr[j >> 5] >> (j & 31))));  // zero outside the mask
+          store16(orow + j, v, live);
+          vsq = _mm512_fmadd_ps(v, v, vsq);
+        }
+        acc += _mm512_reduce_add_ps(vsq);
+      }
+#endif
+      for (; j < k; ++j) {
+        const float v = ((wr[j >> 5] >> (j & 31)) & 1u) ? static_cast<float>(sr[j]) : 0.0f;
+        orow[j] = static_cast<To>(v);
+        acc += v * v;
+      }
+    }
+    if (sq) parts[at::get_thread_num()] += static_cast<double>(acc);
+  });
+  double total = 0.0;
+  for (double v : parts) total += v;
+  return total;
+}
+
+// With sq given, also returns the sum of squares of the written out (per parallel chunk in fp32,
+// chunks summed in double; out must then be float32). Besides fp32 -> fp32, a packed mask also
+// converts fp32 -> bf16 (the step's W * M straight in autocast's dtype) and bf16 -> fp32 (its
+// gradient back to the weight's dtype).
 double apply_mask_impl(at::Tensor& out, const at::Tensor& src, const at::Tensor& mask, bool sq) {
-  TORCH_CHECK_VALUE(src.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
-                    "apply_mask_: src and out must be float32, got ", src.scalar_type(), " and ", out.scalar_type());
   const bool packed = mask.scalar_type() == at::kInt;
+  const bool same = src.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat;
+  const bool cvt = packed && ((src.scalar_type() == at::kFloat && out.scalar_type() == at::kBFloat16) ||
+                              (src.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kFloat));
+  TORCH_CHECK_VALUE(same || cvt, "apply_mask_: src and out must be float32 (or, with a packed mask, one of them bfloat16), got ",
+                    src.scalar_type(), " and ", out.scalar_type());
+  TORCH_CHECK_VALUE(!sq || out.scalar_type() == at::kFloat, "apply_masks_sq_norms_: out must be float32, got ", out.scalar_type());
   TORCH_CHECK_VALUE(packed || mask.scalar_type() == at::kBool, "apply_mask_: mask must be bool or packed int32, got ",
                     mask.scalar_type());
   TORCH_CHECK_VALUE(src.dim() >= 1 && out.sizes() == src.sizes(), "apply_mask_: src ", src.sizes(), " and out ",
@@ -105,6 +149,12 @@ double apply_mask_impl(at::Tensor& out, const at::Tensor& src, const at::Tensor&
                     "apply_mask_: src, mask and out must be contiguous");
   const int64_t n = src.numel();
   if (n == 0) return 0.0;
+  if (cvt) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
+    if (src.scalar_type() == at::kFloat)
+      return select_rows_cvt(src.data_ptr<float>(), words, n / k, k, out.data_ptr<c10::BFloat16>(), sq);
+    return select_rows_cvt(src.data_ptr<c10::BFloat16>(), words, n / k, k, out.data_ptr<float>(), sq);
+  }
   const float* s = src.data_ptr<float>();
   float* o = out.data_ptr<float>();
   std::vector<double> parts(static_cast<size_t>(num_threads()), 0.0);  // per-thread sums of squares
