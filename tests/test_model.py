@@ -170,9 +170,10 @@ def test_reused_masked_weight_buffer_is_safe():
 
 @pytest.mark.parametrize("method", ["prompt-dt", "mtdt", "harmodt-f"])
 def test_native_block_ops_match_plain_path(method, monkeypatch):
-    """The fused native attention (with attention dropout in training) against the plain path
-    (explicit softmax + kernels.dropout, sdpa without dropout): same outputs and gradients for the
-    same torch seed, in training, and in evaluation with the cached prompt."""
+    """The native block ops -- fused attention (with attention dropout in training) and the GEMM
+    epilogues (bias + ReLU, bias + dropout + residual) -- against the plain path (explicit softmax
+    + kernels.dropout, sdpa without dropout, addmm + relu + dropout + add): same outputs and
+    gradients for the same torch seed, in training, and in evaluation with the cached prompt."""
     import harmodt.model as model_mod
 
     assert model_mod._native_ops(), "the native library is built for the tests"
