@@ -174,6 +174,26 @@ std::tuple<at::Tensor, at::Tensor> bias_relu_backward(const at::Tensor& grad_in,
 
 // ---- bias + dropout + residual ------------------------------------------------------------------
 
+// One row of n elements at flat offset base through dropout.cpp's keep mask: with Vec, vec(j,
+// lanes, keep) per 16-lane chunk (keep: the kept ones among the live lanes); the remaining columns
+// (all of them without AVX-512) go through scal(j, kept) one at a time.
+template <bool Vec, typename VecFn, typename ScalarFn>
+inline void dropout_row(uint64_t seed, uint32_t threshold, int64_t base, int64_t n, VecFn&& vec, ScalarFn&& scal) {
+  int64_t j = 0;
+#if defined(HARMODT_AVX512_CVT)
+  if constexpr (Vec) {
+    if (threshold <= 0xFFFF) {
+      const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
+      for (; j < n; j += 16) {
+        const __mmask16 lanes = tail_mask(n - j);
+        vec(j, lanes, threshold == 0 ? lanes : static_cast<__mmask16>(keep16(seed, base + j, thr) & lanes));
+      }
+    }
+  }
+#endif
+  for (; j < n; ++j) scal(j, keep_scalar(seed, base + j, threshold));
+}
+
 // out (Tr) = res (Tr) + dropout(y (Ty) + b); under bf16 autocast y is bf16 and the residual fp32.
 template <typename Ty, typename Tr>
 void bias_dropout_add_rows(const Ty* y, const float* b, const Tr* res, Tr* out, int64_t m, int64_t n, uint64_t seed,
@@ -181,26 +201,21 @@ void bias_dropout_add_rows(const Ty* y, const float* b, const Tr* res, Tr* out, 
   at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * n;
-      int64_t j = 0;
+      const Ty* yr = y + base;
+      const Tr* rr = res + base;
+      Tr* orow = out + base;
+      dropout_row<vector16_ok<Ty>() && vector16_ok<Tr>()>(
+          seed, threshold, base, n,
+          [&](int64_t j, auto lanes, auto keep) {
 #if defined(HARMODT_AVX512_CVT)
-      if constexpr (vector16_ok<Ty>() && vector16_ok<Tr>()) {
-        if (threshold <= 0xFFFF) {
-          const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
-          const __m512 vscale = _mm512_set1_ps(scale);
-          for (; j < n; j += 16) {
-            const __mmask16 lanes = tail_mask(n - j);
-            const __mmask16 keep = threshold == 0 ? lanes : static_cast<__mmask16>(keep16(seed, base + j, thr) & lanes);
-            const __m512 v = _mm512_add_ps(load16(y + base + j, lanes), _mm512_maskz_loadu_ps(lanes, b + j));
-            store16(out + base + j, _mm512_add_ps(load16(res + base + j, lanes), _mm512_maskz_mul_ps(keep, v, vscale)), lanes);
-          }
-        }
-      }
+            const __m512 v = _mm512_add_ps(load16(yr + j, lanes), _mm512_maskz_loadu_ps(lanes, b + j));
+            store16(orow + j, _mm512_add_ps(load16(rr + j, lanes), _mm512_maskz_mul_ps(keep, v, _mm512_set1_ps(scale))), lanes);
 #endif
-      for (; j < n; ++j) {
-        const float v = (static_cast<float>(y[base + j]) + b[j]) * scale;
-        const float kept = keep_scalar(seed, base + j, threshold) ? v : 0.0f;
-        out[base + j] = static_cast<Tr>(static_cast<float>(res[base + j]) + kept);
-      }
+          },
+          [&](int64_t j, bool kept) {
+            const float v = kept ? (static_cast<float>(yr[j]) + b[j]) * scale : 0.0f;
+            orow[j] = static_cast<Tr>(static_cast<float>(rr[j]) + v);
+          });
     }
   });
 }
@@ -241,27 +256,22 @@ void dropout_grad_rows(const Tg* g, Td* dy, ColumnSums* sums, int64_t m, int64_t
     float* acc = sums ? sums->mine() : nullptr;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * n;
-      int64_t j = 0;
+      const Tg* gr = g + base;
+      Td* dr = dy + base;
+      dropout_row<vector16_ok<Tg>() && vector16_ok<Td>()>(
+          seed, threshold, base, n,
+          [&](int64_t j, auto lanes, auto keep) {
 #if defined(HARMODT_AVX512_CVT)
-      if constexpr (vector16_ok<Tg>() && vector16_ok<Td>()) {
-        if (threshold <= 0xFFFF) {
-          const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
-          const __m512 vscale = _mm512_set1_ps(scale);
-          for (; j < n; j += 16) {
-            const __mmask16 lanes = tail_mask(n - j);
-            const __mmask16 keep = threshold == 0 ? lanes : static_cast<__mmask16>(keep16(seed, base + j, thr) & lanes);
-            const __m512 d = _mm512_maskz_mul_ps(keep, load16(g + base + j, lanes), vscale);
-            store16(dy + base + j, d, lanes);
+            const __m512 d = _mm512_maskz_mul_ps(keep, load16(gr + j, lanes), _mm512_set1_ps(scale));
+            store16(dr + j, d, lanes);
             if (acc) _mm512_mask_storeu_ps(acc + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + j), d));
-          }
-        }
-      }
 #endif
-      for (; j < n; ++j) {
-        const float d = keep_scalar(seed, base + j, threshold) ? static_cast<float>(g[base + j]) * scale : 0.0f;
-        dy[base + j] = static_cast<Td>(d);
-        if (acc) acc[j] += d;
-      }
+          },
+          [&](int64_t j, bool kept) {
+            const float d = kept ? static_cast<float>(gr[j]) * scale : 0.0f;
+            dr[j] = static_cast<Td>(d);
+            if (acc) acc[j] += d;
+          });
     }
   });
 }

@@ -88,7 +88,7 @@ double select_rows_cvt(const Ts* s, const uint32_t* words, int64_t rows, int64_t
   std::vector<double> parts(static_cast<size_t>(num_threads()), 0.0);
   const int64_t w = num_words(k);
   at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
-    float acc = 0.0f;
+    double acc = 0.0;
     for (int64_t r = r0; r < r1; ++r) {
       const Ts* sr = s + r * k;
       const uint32_t* wr = words + r * w;
@@ -103,16 +103,16 @@ double select_rows_cvt(const Ts* s, const uint32_t* words, int64_t rows, int64_t
           store16(orow + j, v, live);
           vsq = _mm512_fmadd_ps(v, v, vsq);
         }
-        acc += _mm512_reduce_add_ps(vsq);
+        acc += static_cast<double>(_mm512_reduce_add_ps(vsq));
       }
 #endif
       for (; j < k; ++j) {
         const float v = ((wr[j >> 5] >> (j & 31)) & 1u) ? static_cast<float>(sr[j]) : 0.0f;
         orow[j] = static_cast<To>(v);
-        acc += v * v;
+        acc += static_cast<double>(v) * v;
       }
     }
-    if (sq) parts[at::get_thread_num()] += static_cast<double>(acc);
+    if (sq) parts[at::get_thread_num()] += acc;
   });
   double total = 0.0;
   for (double v : parts) total += v;
@@ -158,8 +158,8 @@ double apply_mask_impl(at::Tensor& out, const at::Tensor& src, const at::Tensor&
   const float* s = src.data_ptr<float>();
   float* o = out.data_ptr<float>();
   std::vector<double> parts(static_cast<size_t>(num_threads()), 0.0);  // per-thread sums of squares
-  auto add_squares = [&](const float* x, int64_t len) {
-    float acc = 0.0f;
+  auto add_squares = [&](const float* x, int64_t len) {  // 16 fp32 lanes (or a double), summed in double
+    double acc = 0.0;
     int64_t i = 0;
 #if defined(__AVX512F__)
     __m512 v = _mm512_setzero_ps();
@@ -167,10 +167,10 @@ double apply_mask_impl(at::Tensor& out, const at::Tensor& src, const at::Tensor&
       const __m512 xi = _mm512_loadu_ps(x + i);
       v = _mm512_fmadd_ps(xi, xi, v);
     }
-    acc = _mm512_reduce_add_ps(v);
+    acc = static_cast<double>(_mm512_reduce_add_ps(v));
 #endif
-    for (; i < len; ++i) acc += x[i] * x[i];
-    parts[at::get_thread_num()] += static_cast<double>(acc);
+    for (; i < len; ++i) acc += static_cast<double>(x[i]) * x[i];
+    parts[at::get_thread_num()] += acc;
   };
   if (!packed) {
     const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
