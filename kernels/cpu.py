@@ -115,10 +115,14 @@ def _ops():
     return torch.ops.harmodt_kernels
 
 
-def build(build_dir: str | os.PathLike | None = None, verbose: bool = False) -> Path:
+def build(build_dir: str | os.PathLike | None = None, verbose: bool = False, output_dir: str | os.PathLike | None = None,
+          native_arch: bool = True) -> Path:
     """Configure and build the library with CMake from a source checkout; returns its path.
 
     The same CMake run as `setup.py`'s; the tests call it when the library is missing.
+    ``output_dir``: where the library goes (default ``kernels/_lib``; load another one with
+    ``HARMODT_KERNELS_LIB``). ``native_arch=False`` builds for the baseline x86-64 instruction set
+    (no AVX-512: the portable fallback loops every op keeps beside its vector path).
     """
     if not (_SOURCE_ROOT / "CMakeLists.txt").is_file():
         raise RuntimeError(f"no CMakeLists.txt in {_SOURCE_ROOT}: build() needs a source checkout")
@@ -131,12 +135,13 @@ def build(build_dir: str | os.PathLike | None = None, verbose: bool = False) -> 
         except ImportError as exc:
             raise RuntimeError("cmake is not on PATH; `pip install cmake`") from exc
     bdir = Path(build_dir) if build_dir else _SOURCE_ROOT / "build" / "cmake"
-    out = _PACKAGE_DIR / "_lib"
+    out = Path(output_dir) if output_dir else _PACKAGE_DIR / "_lib"
     cfg = [
         cmake, "-S", str(_SOURCE_ROOT), "-B", str(bdir),
         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
         f"-DHARMODT_OUTPUT_DIR={out}",
         f"-DPython_EXECUTABLE={sys.executable}",
+        f"-DHARMODT_NATIVE_ARCH={'ON' if native_arch else 'OFF'}",
     ]
     stdout = None if verbose else subprocess.DEVNULL
     subprocess.run(cfg, check=True, stdout=stdout)
