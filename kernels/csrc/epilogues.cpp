@@ -88,6 +88,18 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, con
 
 constexpr int64_t kGrainRows = 16;
 
+// One row of n columns: with Vec, vec(j, lanes) per 16-lane chunk (lanes: the live ones); the
+// remaining columns (all of them without AVX-512) go through scal(j) one at a time.
+template <bool Vec, typename VecFn, typename ScalarFn>
+inline void row16(int64_t n, VecFn&& vec, ScalarFn&& scal) {
+  int64_t j = 0;
+#if defined(HARMODT_AVX512_CVT)
+  if constexpr (Vec)
+    for (; j < n; j += 16) vec(j, tail_mask(n - j));
+#endif
+  for (; j < n; ++j) scal(j);
+}
+
 // ---- bias + ReLU ------------------------------------------------------------------------------
 
 template <typename T>
@@ -95,20 +107,18 @@ void bias_relu_rows(T* z, const float* b, int64_t m, int64_t n) {
   at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* row = z + r * n;
-      int64_t j = 0;
+      row16<vector16_ok<T>()>(
+          n,
+          [&](int64_t j, auto lanes) {
 #if defined(HARMODT_AVX512_CVT)
-      if constexpr (vector16_ok<T>()) {
-        const __m512 zero = _mm512_setzero_ps();
-        for (; j < n; j += 16) {
-          const __mmask16 lanes = tail_mask(n - j);
-          store16(row + j, _mm512_max_ps(_mm512_add_ps(load16(row + j, lanes), _mm512_maskz_loadu_ps(lanes, b + j)), zero), lanes);
-        }
-      }
+            const __m512 v = _mm512_add_ps(load16(row + j, lanes), _mm512_maskz_loadu_ps(lanes, b + j));
+            store16(row + j, _mm512_max_ps(v, _mm512_setzero_ps()), lanes);
 #endif
-      for (; j < n; ++j) {
-        const float v = static_cast<float>(row[j]) + b[j];
-        row[j] = static_cast<T>(v > 0.0f ? v : 0.0f);
-      }
+          },
+          [&](int64_t j) {
+            const float v = static_cast<float>(row[j]) + b[j];
+            row[j] = static_cast<T>(v > 0.0f ? v : 0.0f);
+          });
     }
   });
 }
@@ -133,24 +143,21 @@ void relu_grad_rows(const T* g, const T* h, T* dz, ColumnSums* sums, int64_t m, 
       const T* gr = g + r * n;
       const T* hr = h + r * n;
       T* dr = dz + r * n;
-      int64_t j = 0;
+      row16<vector16_ok<T>()>(
+          n,
+          [&](int64_t j, auto lanes) {
 #if defined(HARMODT_AVX512_CVT)
-      if constexpr (vector16_ok<T>()) {
-        const __m512 zero = _mm512_setzero_ps();
-        for (; j < n; j += 16) {
-          const __mmask16 lanes = tail_mask(n - j);
-          const __mmask16 pos = _mm512_mask_cmp_ps_mask(lanes, load16(hr + j, lanes), zero, _CMP_GT_OQ);
-          const __m512 d = _mm512_maskz_mov_ps(pos, load16(gr + j, lanes));
-          store16(dr + j, d, lanes);
-          if (acc) _mm512_mask_storeu_ps(acc + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + j), d));
-        }
-      }
+            const __mmask16 pos = _mm512_mask_cmp_ps_mask(lanes, load16(hr + j, lanes), _mm512_setzero_ps(), _CMP_GT_OQ);
+            const __m512 d = _mm512_maskz_mov_ps(pos, load16(gr + j, lanes));
+            store16(dr + j, d, lanes);
+            if (acc) _mm512_mask_storeu_ps(acc + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + j), d));
 #endif
-      for (; j < n; ++j) {
-        const float d = static_cast<float>(hr[j]) > 0.0f ? static_cast<float>(gr[j]) : 0.0f;
-        dr[j] = static_cast<T>(d);
-        if (acc) acc[j] += d;
-      }
+          },
+          [&](int64_t j) {
+            const float d = static_cast<float>(hr[j]) > 0.0f ? static_cast<float>(gr[j]) : 0.0f;
+            dr[j] = static_cast<T>(d);
+            if (acc) acc[j] += d;
+          });
     }
   });
 }
@@ -174,24 +181,24 @@ std::tuple<at::Tensor, at::Tensor> bias_relu_backward(const at::Tensor& grad_in,
 
 // ---- bias + dropout + residual ------------------------------------------------------------------
 
-// One row of n elements at flat offset base through dropout.cpp's keep mask: with Vec, vec(j,
-// lanes, keep) per 16-lane chunk (keep: the kept ones among the live lanes); the remaining columns
-// (all of them without AVX-512) go through scal(j, kept) one at a time.
+// One row of n elements at flat offset base through dropout.cpp's keep mask: row16 with keep (the
+// kept ones among the live lanes) for vec, and kept for scal. Keep masks above 0xFFFF (p rounds to
+// 1) take the scalar path.
 template <bool Vec, typename VecFn, typename ScalarFn>
 inline void dropout_row(uint64_t seed, uint32_t threshold, int64_t base, int64_t n, VecFn&& vec, ScalarFn&& scal) {
-  int64_t j = 0;
+  auto scalar = [&](int64_t j) { scal(j, keep_scalar(seed, base + j, threshold)); };
 #if defined(HARMODT_AVX512_CVT)
   if constexpr (Vec) {
     if (threshold <= 0xFFFF) {
       const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
-      for (; j < n; j += 16) {
-        const __mmask16 lanes = tail_mask(n - j);
-        vec(j, lanes, threshold == 0 ? lanes : static_cast<__mmask16>(keep16(seed, base + j, thr) & lanes));
-      }
+      row16<true>(
+          n, [&](int64_t j, __mmask16 lanes) { vec(j, lanes, threshold == 0 ? lanes : static_cast<__mmask16>(keep16(seed, base + j, thr) & lanes)); },
+          scalar);
+      return;
     }
   }
 #endif
-  for (; j < n; ++j) scal(j, keep_scalar(seed, base + j, threshold));
+  row16<false>(n, [](int64_t, auto) {}, scalar);
 }
 
 // out (Tr) = res (Tr) + dropout(y (Ty) + b); under bf16 autocast y is bf16 and the residual fp32.
