@@ -116,4 +116,63 @@ inline __m512i splitmix8(uint64_t seed, int64_t b) {
 }
 #endif
 
+// ---- the dropout keep mask (dropout.cpp's definition), walked 16 lanes at a time ------------
+
+#if defined(HARMODT_AVX512_CVT)
+// Keep bits of the 16 elements at flat indices i .. i+15 (any alignment): the 8 draws from block
+// i / 4 cover elements 4 * (i / 4) .. +31.
+inline __mmask16 keep16(uint64_t seed, int64_t i, __m512i thr) {
+  const int64_t a = i >> 2;
+  const uint32_t bits = _mm512_cmpge_epu16_mask(splitmix8(seed, a), thr);
+  return static_cast<__mmask16>(bits >> (i - 4 * a));
+}
+#endif
+
+inline bool keep_scalar(uint64_t seed, int64_t i, uint32_t threshold) {
+  const uint64_t h = splitmix(seed, static_cast<uint64_t>(i >> 2));
+  return static_cast<uint32_t>((h >> (16 * (i & 3))) & 0xFFFFu) >= threshold;
+}
+
+// One row of n columns: with Vec, vec(j, lanes) per 16-lane chunk (lanes: the live ones); the
+// remaining columns (all of them without AVX-512) go through scal(j) one at a time.
+template <bool Vec, typename VecFn, typename ScalarFn>
+inline void row16(int64_t n, VecFn&& vec, ScalarFn&& scal) {
+  int64_t j = 0;
+#if defined(HARMODT_AVX512_CVT)
+  if constexpr (Vec)
+    for (; j < n; j += 16) vec(j, tail_mask(n - j));
+#endif
+  for (; j < n; ++j) scal(j);
+}
+
+// One row of n elements at flat offset base through the dropout keep mask (dropout.cpp): vec(j,
+// lanes, keep) per 16-lane chunk (keep: the kept ones among the live lanes), scal(j, kept) for the
+// rest. Thresholds above 0xFFFF (p rounds to 1) take the scalar path.
+template <bool Vec, typename VecFn, typename ScalarFn>
+inline void dropout_row(uint64_t seed, uint32_t threshold, int64_t base, int64_t n, VecFn&& vec, ScalarFn&& scal) {
+  auto scalar = [&](int64_t j) { scal(j, keep_scalar(seed, base + j, threshold)); };
+#if defined(HARMODT_AVX512_CVT)
+  if constexpr (Vec) {
+    if (threshold <= 0xFFFF) {
+      const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
+      int64_t j = 0;
+      if ((base & 3) == 0)  // block-aligned: one 8-draw hash serves 32 elements
+        for (; j + 32 <= n; j += 32) {
+          const uint32_t bits = threshold == 0 ? 0xFFFFFFFFu : _mm512_cmpge_epu16_mask(splitmix8(seed, (base + j) >> 2), thr);
+          vec(j, static_cast<__mmask16>(0xFFFF), static_cast<__mmask16>(bits));
+          vec(j + 16, static_cast<__mmask16>(0xFFFF), static_cast<__mmask16>(bits >> 16));
+        }
+      row16<true>(
+          n - j,
+          [&](int64_t k, __mmask16 lanes) {
+            vec(j + k, lanes, threshold == 0 ? lanes : static_cast<__mmask16>(keep16(seed, base + j + k, thr) & lanes));
+          },
+          [&](int64_t k) { scalar(j + k); });
+      return;
+    }
+  }
+#endif
+  row16<false>(n, [](int64_t, auto) {}, scalar);
+}
+
 }  // namespace harmodt

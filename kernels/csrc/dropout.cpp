@@ -11,6 +11,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -26,55 +27,16 @@ namespace {
 
 template <typename scalar_t>
 void apply(const scalar_t* x, scalar_t* y, int64_t n, uint64_t seed, uint32_t threshold, float scale) {
-  // Blocks of 4 elements share one 64-bit draw; parallel chunks start on a block boundary.
-  const int64_t blocks = (n + 3) / 4;
-  at::parallel_for(0, blocks, 4096, [&](int64_t b0, int64_t b1) {
-    int64_t b = b0;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold > 0xFFFF ? 0xFFFF : threshold)));
-      const __m512 vscale = _mm512_set1_ps(scale);
-      if (threshold <= 0xFFFF) {
-        for (; b + 8 <= b1 && (b + 8) * 4 <= n; b += 8) {
-          const __mmask32 keep = _mm512_cmpge_epu16_mask(splitmix8(seed, b), thr);
-          const int64_t i0 = b * 4;
-          _mm512_storeu_ps(y + i0, _mm512_maskz_mul_ps(static_cast<__mmask16>(keep), _mm512_loadu_ps(x + i0), vscale));
-          _mm512_storeu_ps(y + i0 + 16, _mm512_maskz_mul_ps(static_cast<__mmask16>(keep >> 16), _mm512_loadu_ps(x + i0 + 16), vscale));
-        }
-      }
-    }
-#if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {  // widen to fp32, scale, round back (RNE)
-      const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold > 0xFFFF ? 0xFFFF : threshold)));
-      const __m512 vscale = _mm512_set1_ps(scale);
-      const uint16_t* xs = reinterpret_cast<const uint16_t*>(x);
-      uint16_t* ys = reinterpret_cast<uint16_t*>(y);
-      auto widen = [](const uint16_t* src) {
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
-      };
-      if (threshold <= 0xFFFF) {
-        for (; b + 8 <= b1 && (b + 8) * 4 <= n; b += 8) {
-          const __mmask32 keep = _mm512_cmpge_epu16_mask(splitmix8(seed, b), thr);
-          const int64_t i0 = b * 4;
-          const __m256bh lo = _mm512_cvtneps_pbh(_mm512_maskz_mul_ps(static_cast<__mmask16>(keep), widen(xs + i0), vscale));
-          const __m256bh hi = _mm512_cvtneps_pbh(_mm512_maskz_mul_ps(static_cast<__mmask16>(keep >> 16), widen(xs + i0 + 16), vscale));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(ys + i0), reinterpret_cast<const __m256i&>(lo));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(ys + i0 + 16), reinterpret_cast<const __m256i&>(hi));
-        }
-      }
-    }
+  at::parallel_for(0, (n + 3) / 4, 1 << 12, [&](int64_t b0, int64_t b1) {  // chunks of whole 4-element blocks
+    const int64_t i0 = 4 * b0, i1 = std::min(n, 4 * b1);
+    dropout_row<vector16_ok<scalar_t>()>(
+        seed, threshold, i0, i1 - i0,
+        [&](int64_t j, auto lanes, auto keep) {
+#if defined(HARMODT_AVX512_CVT)
+          store16(y + i0 + j, _mm512_maskz_mul_ps(keep, load16(x + i0 + j, lanes), _mm512_set1_ps(scale)), lanes);
 #endif
-#endif
-    for (; b < b1; ++b) {
-      const uint64_t h = splitmix(seed, static_cast<uint64_t>(b));
-      const int64_t i0 = b * 4;
-      const int64_t lim = i0 + 4 <= n ? 4 : n - i0;
-      for (int64_t q = 0; q < lim; ++q) {
-        const uint32_t r = static_cast<uint32_t>((h >> (16 * q)) & 0xFFFFu);
-        const float v = static_cast<float>(x[i0 + q]) * scale;
-        y[i0 + q] = static_cast<scalar_t>(r >= threshold ? v : 0.0f);
-      }
-    }
+        },
+        [&](int64_t j, bool kept) { y[i0 + j] = static_cast<scalar_t>(kept ? static_cast<float>(x[i0 + j]) * scale : 0.0f); });
   });
 }
 

@@ -33,21 +33,6 @@
 namespace harmodt {
 namespace {
 
-#if defined(HARMODT_AVX512_CVT)
-// Keep bits of the 16 elements at flat indices i .. i+15 (any alignment): the 8 draws from block
-// i / 4 cover elements 4 * (i / 4) .. +31.
-inline __mmask16 keep16(uint64_t seed, int64_t i, __m512i thr) {
-  const int64_t a = i >> 2;
-  const uint32_t bits = _mm512_cmpge_epu16_mask(splitmix8(seed, a), thr);
-  return static_cast<__mmask16>(bits >> (i - 4 * a));
-}
-#endif
-
-inline bool keep_scalar(uint64_t seed, int64_t i, uint32_t threshold) {
-  const uint64_t h = splitmix(seed, static_cast<uint64_t>(i >> 2));
-  return static_cast<uint32_t>((h >> (16 * (i & 3))) & 0xFFFFu) >= threshold;
-}
-
 // Column sums: each thread accumulates its rows into its own fp32 row, summed at the end.
 struct ColumnSums {
   int64_t n, threads;
@@ -87,18 +72,6 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, con
 }
 
 constexpr int64_t kGrainRows = 16;
-
-// One row of n columns: with Vec, vec(j, lanes) per 16-lane chunk (lanes: the live ones); the
-// remaining columns (all of them without AVX-512) go through scal(j) one at a time.
-template <bool Vec, typename VecFn, typename ScalarFn>
-inline void row16(int64_t n, VecFn&& vec, ScalarFn&& scal) {
-  int64_t j = 0;
-#if defined(HARMODT_AVX512_CVT)
-  if constexpr (Vec)
-    for (; j < n; j += 16) vec(j, tail_mask(n - j));
-#endif
-  for (; j < n; ++j) scal(j);
-}
 
 // ---- bias + ReLU ------------------------------------------------------------------------------
 
@@ -180,26 +153,6 @@ std::tuple<at::Tensor, at::Tensor> bias_relu_backward(const at::Tensor& grad_in,
 }
 
 // ---- bias + dropout + residual ------------------------------------------------------------------
-
-// One row of n elements at flat offset base through dropout.cpp's keep mask: row16 with keep (the
-// kept ones among the live lanes) for vec, and kept for scal. Keep masks above 0xFFFF (p rounds to
-// 1) take the scalar path.
-template <bool Vec, typename VecFn, typename ScalarFn>
-inline void dropout_row(uint64_t seed, uint32_t threshold, int64_t base, int64_t n, VecFn&& vec, ScalarFn&& scal) {
-  auto scalar = [&](int64_t j) { scal(j, keep_scalar(seed, base + j, threshold)); };
-#if defined(HARMODT_AVX512_CVT)
-  if constexpr (Vec) {
-    if (threshold <= 0xFFFF) {
-      const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
-      row16<true>(
-          n, [&](int64_t j, __mmask16 lanes) { vec(j, lanes, threshold == 0 ? lanes : static_cast<__mmask16>(keep16(seed, base + j, thr) & lanes)); },
-          scalar);
-      return;
-    }
-  }
-#endif
-  row16<false>(n, [](int64_t, auto) {}, scalar);
-}
 
 // out (Tr) = res (Tr) + dropout(y (Ty) + b); under bf16 autocast y is bf16 and the residual fp32.
 template <typename Ty, typename Tr>
