@@ -8,7 +8,9 @@ machine noise hits them alike, and records every median and ratio in ``extra_inf
   overhead, target < 5 %;
 * fp32 step (target <= 120 ms) and ``--precision bf16`` step (target <= 60 ms);
 * ``--fused`` (kernels.masked_linear, auto backend) vs the reference path (ratio target >= 1.0);
-* end to end: ``python -m harmodt.train`` steps per second with and without ``--fused``.
+* end to end: ``python -m harmodt.train`` steps per second with and without ``--fused``;
+* the GEMM floor: the exact GEMMs of one fp32 and one bf16 step replayed alone next to whole steps
+  (what the step targets leave for everything else).
 """
 
 from __future__ import annotations
@@ -121,6 +123,87 @@ def test_fused_vs_reference_step(benchmark):
     benchmark.extra_info["targets"] = "fused/reference speed ratio >= 1.0"
     tr = make_trainer("harmodt-f", fused=True)
     benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)
+
+
+def step_gemms(tr: Trainer) -> list:
+    """The GEMMs one training step runs (forward and backward), in order, as (op, operands) with
+    fresh operands of the same shapes, strides and dtypes: captured with a dispatch mode, which
+    sees the ops below autograd and autocast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    seen = []
+
+    class Capture(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                seen.append((func, [(a.shape, a.stride(), a.dtype) for a in args if isinstance(a, torch.Tensor)]))
+            return func(*args, **(kwargs or {}))
+
+    with Capture():
+        tr.train_step(tr.sample_tasks())
+
+    def operand(shape, stride, dtype):
+        t = torch.empty_strided(shape, stride, dtype=dtype)
+        t.copy_(torch.randn(shape))
+        return t
+
+    return [(func, [operand(*a) for a in args]) for func, args in seen]
+
+
+def gemm_flop(gemms: list) -> float:
+    total = 0.0
+    for func, args in gemms:
+        a, b = args[-2], args[-1]  # mm(a, b) / addmm(bias, a, b)
+        total += 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+    return total
+
+
+def replay(gemms: list) -> None:
+    for func, args in gemms:
+        func(*args)
+
+
+def test_step_gemm_floor(benchmark):
+    """What the step targets leave for everything but the GEMMs: the exact GEMMs of one fp32 and
+    one bf16 training step (shapes, strides, dtypes and order captured from a real step) replayed
+    alone, interleaved round by round with whole steps of the same trainers. The remainder (step
+    minus its GEMMs) is attention, masking, optimizer, epilogues, layer norms and per-op cost."""
+    trainers = {"fp32": make_trainer("harmodt-f", fused=True), "bf16": make_trainer("harmodt-f", fused=True, precision="bf16")}
+    for tr in trainers.values():
+        for _ in range(3):
+            tr.train_step(tr.sample_tasks())
+    gemms = {k: step_gemms(tr) for k, tr in trainers.items()}
+    rounds = {f"{k}_{part}": [] for k in trainers for part in ("step", "gemms")}
+    probes = []
+    for _ in range(ROUNDS):
+        probes.append(gemm_gflops())
+        for name, tr in trainers.items():
+            replay(gemms[name])  # warm
+            t = time.perf_counter()
+            for _ in range(STEPS_PER_ROUND):
+                replay(gemms[name])
+            rounds[f"{name}_gemms"].append((time.perf_counter() - t) / STEPS_PER_ROUND * 1e3)
+            t = time.perf_counter()
+            for _ in range(STEPS_PER_ROUND):
+                tr.train_step(tr.sample_tasks())
+            rounds[f"{name}_step"].append((time.perf_counter() - t) / STEPS_PER_ROUND * 1e3)
+    res = {"ms": {k: statistics.median(v) for k, v in rounds.items()}, "rounds": rounds, "gemm_gflops": statistics.median(probes)}
+    record(benchmark, res)
+    scale = res["gemm_gflops"] / ANCHOR_GFLOPS
+    for name, target in (("fp32", 120.0), ("bf16", 60.0)):
+        flop = gemm_flop(gemms[name])
+        g, s = res["ms"][f"{name}_gemms"], res["ms"][f"{name}_step"]
+        benchmark.extra_info[f"{name}_gemm_count"] = len(gemms[name])
+        benchmark.extra_info[f"{name}_gemm_gflop"] = round(flop / 1e9, 2)
+        benchmark.extra_info[f"{name}_gemm_gflops_achieved"] = round(flop / g / 1e6, 1)
+        benchmark.extra_info[f"{name}_rest_ms_at_anchor_speed"] = round((s - g) * scale, 2)
+        benchmark.extra_info[f"{name}_rest_budget_ms"] = round(target - g * scale, 2)
+        print(f"{name}: {len(gemms[name])} GEMMs, {flop / 1e9:.2f} GFLOP in {g:.1f} ms ({flop / g / 1e6:.0f} GFLOP/s); step {s:.1f} ms; "
+              f"at the anchor's speed the GEMMs take {g * scale:.1f} ms, the rest {(s - g) * scale:.1f} ms, "
+              f"and the {target:.0f} ms target leaves {target - g * scale:.1f} ms for the rest")
+    benchmark.extra_info["targets"] = "fp32 step <= 120 ms, bf16 step <= 60 ms (this benchmark shows what the GEMMs leave)"
+    benchmark.pedantic(lambda: replay(gemms["fp32"]), rounds=5, warmup_rounds=1)
 
 
 def _train_cli_steps_per_s(tmp: Path, data: Path, fused: bool) -> float:
