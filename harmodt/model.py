@@ -83,6 +83,16 @@ def _native_block_ops(x: torch.Tensor) -> bool:
             and (_native_ops() if _NATIVE_BLOCK_OPS is None else _NATIVE_BLOCK_OPS))
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; fp32 CPU GEMMs outside autocast go through ``kernels.linear`` when the native
+    ops are built (feature detection): its forward and both backward GEMMs run on oneDNN's matmul,
+    5-30 % faster than MKL's sgemm on the Zen 4 CPUs this was measured on. bf16 GEMMs already run on
+    oneDNN inside ``F.linear``, which then stays the cheaper call."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and _native_block_ops(x) and not torch.is_autocast_enabled("cpu"):
+        return kernels.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def _fused_inference(x: torch.Tensor, ctx, mask_key: str) -> bool:
     """Evaluation with ``--fused`` masks on CPU with the native library (feature detection): the
     blocks then use the inference-only fused ops (``masked_qkv_attention``, ``masked_mlp``)."""
@@ -189,9 +199,9 @@ class MaskedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, ctx: MaskContext | None = None) -> torch.Tensor:  # (B, T, K) -> (B, T, N)
         if ctx is None or self.mask_key not in ctx.bool_masks:
-            return F.linear(x, self.weight, self.bias)
+            return _linear(x, self.weight, self.bias)
         if ctx.effective is not None:  # W * M computed for all matrices at once (PromptDT.forward)
-            return F.linear(x, ctx.effective[self.mask_key], self.bias)
+            return _linear(x, ctx.effective[self.mask_key], self.bias)
         b, t, k = x.shape
         masks = ctx.bool_masks[self.mask_key]
         if ctx.fused:
@@ -253,7 +263,7 @@ class SelfAttention(nn.Module):
         if w is not None and _native_block_ops(y):  # bias, dropout and residual in one pass after the GEMM
             b, t, c = y.shape
             p, seed = self.resid_drop.draw()
-            return kernels.bias_dropout_add(F.linear(y.reshape(b * t, c), w).view(b, t, -1), self.proj.bias, residual, p, seed)
+            return kernels.bias_dropout_add(_linear(y.reshape(b * t, c), w).view(b, t, -1), self.proj.bias, residual, p, seed)
         return residual + self.resid_drop(self.proj(y, ctx))
 
     def forward(self, x, attn: Attention, ctx, residual, prefix=None, return_kv=False, query=None, qkv=None):
@@ -322,9 +332,9 @@ class Block(nn.Module):
             # fc and projection as plain GEMMs, each followed by one native pass: bias + ReLU in place,
             # then bias + dropout + residual
             b, t, c = x.shape
-            h = kernels.bias_relu_(F.linear(self.ln2(x).reshape(b * t, c), w1), self.fc.bias)  # (B*T, 4C)
+            h = kernels.bias_relu_(_linear(self.ln2(x).reshape(b * t, c), w1), self.fc.bias)  # (B*T, 4C)
             p, seed = self.drop.draw()
-            x = kernels.bias_dropout_add(F.linear(h, w2).view(b, t, c), self.mlp_proj.bias, x, p, seed)
+            x = kernels.bias_dropout_add(_linear(h, w2).view(b, t, c), self.mlp_proj.bias, x, p, seed)
         elif _fused_inference(x, ctx, self.fc.mask_key):  # fc, ReLU and projection per task while the hidden is in cache
             b, t, c = x.shape
             fc, pr = self.fc, self.mlp_proj

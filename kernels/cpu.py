@@ -96,7 +96,7 @@ def _has_ops() -> bool:
         ns = torch.ops.harmodt_kernels
         for name in ("apply_mask_", "apply_masks_", "apply_masks_sq_norms_", "dropout_apply", "pack_masks", "unpack_masks", "masked_linear_forward",
                      "masked_linear_backward", "masked_mlp_forward", "masked_qkv_attention_forward", "attention_forward", "attention_backward", "harmony_select",
-                     "bias_relu_", "bias_relu_backward", "bias_dropout_add", "dropout_bias_backward"):
+                     "bias_relu_", "bias_relu_backward", "bias_dropout_add", "dropout_bias_backward", "gemm", "onednn_gemm_available", "linear"):
             getattr(ns, name)
     except (AttributeError, RuntimeError):
         return False
@@ -313,6 +313,61 @@ def bias_dropout_add(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor
     if not 0.0 <= p < 1.0:
         raise KernelArgumentError(f"bias_dropout_add: p must be in [0, 1), got {p}")
     return _BiasDropoutAdd.apply(y, bias, residual, int(seed), float(p))
+
+
+# ----------------------------------------------------------------------------------------------
+# dense GEMMs and linear layers (kernels/csrc/gemm.cpp)
+
+GEMM_ENGINES = ("auto", "onednn", "blas")
+
+
+def onednn_gemm_available() -> bool:
+    """Whether fp32 GEMMs can go through oneDNN's matmul (PyTorch exports it and was built with
+    oneDNN); ``engine="auto"`` uses it then."""
+    return bool(_ops().onednn_gemm_available())
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, engine: str = "auto") -> torch.Tensor:
+    """``a @ b (+ bias)`` for 2-D ``a (M, K)``, ``b (K, N)`` of one dtype (fp32 or bf16; each
+    contiguous or a transposed view). ``engine``: ``"onednn"`` (oneDNN's matmul; fails loudly where
+    this PyTorch build lacks it), ``"blas"`` (``torch.mm``: MKL's sgemm for fp32), ``"auto"``
+    (oneDNN for fp32 when available; see ``kernels/csrc/gemm.cpp`` for why)."""
+    for name, t in (("a", a), ("b", b)):
+        _check_cpu(name, t)
+        _check_dtype(name, t, (torch.float32, torch.bfloat16))
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise KernelArgumentError(f"gemm: a {tuple(a.shape)} must be (M, K) and b {tuple(b.shape)} (K, N)")
+    if a.dtype != b.dtype:
+        raise KernelDTypeError(f"gemm: a ({a.dtype}) and b ({b.dtype}) must have one dtype")
+    if bias is not None:
+        _check_cpu("bias", bias)
+        if bias.shape != (b.shape[1],) or bias.dtype != a.dtype:
+            raise KernelArgumentError(f"gemm: bias {tuple(bias.shape)} {bias.dtype} must be ({b.shape[1]},) {a.dtype}")
+    if engine not in GEMM_ENGINES:
+        raise KernelArgumentError(f"gemm: engine must be one of {GEMM_ENGINES}, got {engine!r}")
+    if engine == "onednn" and not onednn_gemm_available():
+        raise KernelArgumentError("gemm: engine 'onednn' is not available in this PyTorch build (no at::native::mkldnn_matmul "
+                                  "or no oneDNN); use engine='auto' or 'blas'")
+    return _ops().gemm(a, b, bias, engine)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for 2-D ``x (M, K)``, ``weight (N, K)``, ``bias (N,)`` of one dtype (fp32 or
+    bf16), differentiable, with the forward GEMM and both backward GEMMs through :func:`gemm`'s
+    ``"auto"`` engine. The autograd node is C++ (one dispatch per call)."""
+    _check_cpu("x", x)
+    _check_cpu("weight", weight)
+    _check_dtype("x", x, (torch.float32, torch.bfloat16))
+    _check_dtype("weight", weight, (torch.float32, torch.bfloat16))
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise KernelArgumentError(f"linear: x {tuple(x.shape)} must be (M, K) and weight {tuple(weight.shape)} (N, K)")
+    if x.dtype != weight.dtype:
+        raise KernelDTypeError(f"linear: x ({x.dtype}) and weight ({weight.dtype}) must have one dtype")
+    if bias is not None:
+        _check_cpu("bias", bias)
+        if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype:
+            raise KernelArgumentError(f"linear: bias {tuple(bias.shape)} {bias.dtype} must be ({weight.shape[0]},) {x.dtype}")
+    return _ops().linear(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -129,6 +129,11 @@ def bias_dropout_add(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor
     return (residual.float() + dropout_apply(y.float() + bias.float(), seed, p)).to(residual.dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` over the last dimension of ``x``: ``F.linear``."""
+    return F.linear(x, weight, bias)
+
+
 def attention_mask(key_valid: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
     """bool ``(B, 1, Tq, Tk)``: key j is visible to the query at key position ``query_pos[i]`` iff
     ``(j <= query_pos[i] and key_valid[b, j]) or j == query_pos[i]`` (causal, padding hidden, and a

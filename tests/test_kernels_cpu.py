@@ -13,6 +13,7 @@ import torch
 
 import kernels
 from kernels import cpu
+from kernels.cpu import KernelArgumentError, KernelDTypeError
 from kernels import reference as ref
 
 if cpu.unavailable_reason() is not None:
@@ -535,6 +536,99 @@ def test_dropout_errors():
         cpu.dropout_apply(torch.zeros(3), 0, 1.0)
     with pytest.raises(kernels.BackendUnavailable, match="no Triton kernel"):
         kernels.dropout(torch.zeros(3), 0.1, 0, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# dense GEMMs (oneDNN for fp32) and the linear layer built on them
+
+GEMM_SHAPES = [(1, 1, 1), (7, 33, 5), (592, 256, 768), (160, 1024, 256), (0, 4, 3), (5, 0, 3), (3, 4, 0), (65, 17, 129)]
+ENGINES = ["auto", "blas"] + (["onednn"] if cpu.onednn_gemm_available() else [])
+
+
+def _tol(dtype, k):
+    # fp32: summation order differs between engines (errors grow ~ sqrt(K)); bf16: one rounding of the output
+    return dict(rtol=1e-5, atol=1e-5 * max(k, 1) ** 0.5 * 4) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2 * max(k, 1) ** 0.5)
+
+
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("layout", ["plain", "a_t", "b_t", "both_t"])
+def test_gemm_matches_torch_mm(m, k, n, dtype, engine, layout):
+    a = torch.randn(m, k, generator=_gen(1)).to(dtype)
+    b = torch.randn(k, n, generator=_gen(2)).to(dtype)
+    if layout in ("a_t", "both_t"):
+        a = a.t().contiguous().t()  # a transposed view
+    if layout in ("b_t", "both_t"):
+        b = b.t().contiguous().t()
+    bias = torch.randn(n, generator=_gen(3)).to(dtype)
+    want = (a.double() @ b.double()).to(dtype)
+    torch.testing.assert_close(cpu.gemm(a, b, engine=engine), want, **_tol(dtype, k))
+    torch.testing.assert_close(cpu.gemm(a, b, bias, engine=engine), (a.double() @ b.double() + bias.double()).to(dtype), **_tol(dtype, k))
+
+
+def test_gemm_reads_strided_operands_and_auto_is_onednn_for_fp32():
+    big = torch.randn(40, 70, generator=_gen(4))
+    a, b = big[::2, :33], big[5:38, ::3]  # neither contiguous nor transposed: copied first
+    torch.testing.assert_close(cpu.gemm(a, b), a @ b, rtol=1e-5, atol=1e-4)
+    if cpu.onednn_gemm_available():  # auto and onednn run the same kernels: bit-identical
+        x, w = torch.randn(592, 256, generator=_gen(5)), torch.randn(1024, 256, generator=_gen(6))
+        assert torch.equal(cpu.gemm(x, w.t(), engine="auto"), cpu.gemm(x, w.t(), engine="onednn"))
+
+
+def test_gemm_errors_name_the_argument():
+    with pytest.raises(KernelArgumentError, match=r"gemm: a \(3, 4\) must be \(M, K\) and b \(5, 2\)"):
+        cpu.gemm(torch.zeros(3, 4), torch.zeros(5, 2))
+    with pytest.raises(KernelDTypeError, match="one dtype"):
+        cpu.gemm(torch.zeros(3, 4), torch.zeros(4, 2, dtype=torch.bfloat16))
+    with pytest.raises(KernelDTypeError, match="a must be float32, bfloat16"):
+        cpu.gemm(torch.zeros(3, 4, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64))
+    with pytest.raises(KernelArgumentError, match=r"bias \(3,\)"):
+        cpu.gemm(torch.zeros(3, 4), torch.zeros(4, 2), torch.zeros(3))
+    with pytest.raises(KernelArgumentError, match="engine must be one of"):
+        cpu.gemm(torch.zeros(3, 4), torch.zeros(4, 2), engine="mkl")
+
+
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_f_linear_with_every_gradient(m, k, n, dtype, with_bias):
+    x = torch.randn(m, k, generator=_gen(1)).to(dtype).requires_grad_()
+    w = torch.randn(n, k, generator=_gen(2)).to(dtype).requires_grad_()
+    b = torch.randn(n, generator=_gen(3)).to(dtype).requires_grad_() if with_bias else None
+    g = torch.randn(m, n, generator=_gen(4)).to(dtype)
+    inputs = [x, w] + ([b] if with_bias else [])
+    y = cpu.linear(x, w, b)
+    y_ref = torch.nn.functional.linear(*(t.double() for t in inputs))
+    torch.testing.assert_close(y, y_ref.to(dtype), **_tol(dtype, k))
+    got = torch.autograd.grad(y, inputs, g)
+    xd, wd = x.detach().double(), w.detach().double()
+    gd = g.double()
+    want = [gd @ wd, gd.t() @ xd] + ([gd.sum(0)] if with_bias else [])
+    for name, a, e, kk in zip(("dx", "dweight", "dbias"), got, want, (n, m, m)):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        torch.testing.assert_close(a, e.to(dtype), **_tol(dtype, kk), msg=lambda s, name=name: f"{name}: {s}")
+
+
+def test_linear_partial_gradients_and_dispatch():
+    x = torch.randn(9, 6, generator=_gen(1))
+    w = torch.randn(4, 6, generator=_gen(2), requires_grad=True)
+    (gw,) = torch.autograd.grad(cpu.linear(x, w).sum(), [w])  # x needs no gradient
+    torch.testing.assert_close(gw, torch.ones(9, 4).t() @ x, rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(2, 3, 6, generator=_gen(3))  # kernels.linear takes (..., K) like F.linear
+    torch.testing.assert_close(kernels.linear(x3, w, backend="cpu"), torch.nn.functional.linear(x3, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.linear(x3, w, backend="reference"), torch.nn.functional.linear(x3, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # operands cast as F.linear does under autocast
+        y = kernels.linear(x3, w, backend="cpu")
+        y_ref = torch.nn.functional.linear(x3, w)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=1.6e-2, atol=2e-2)
+    with pytest.raises(kernels.BackendUnavailable, match="linear has no Triton kernel"):
+        kernels.linear(x3, w, backend="triton")
+    with pytest.raises(KernelArgumentError, match=r"linear: x \(9, 5\) must be \(M, K\) and weight \(4, 6\)"):
+        cpu.linear(torch.zeros(9, 5), w)
+    with pytest.raises(KernelArgumentError, match=r"bias \(5,\)"):
+        cpu.linear(x, w, torch.zeros(5))
 
 
 # ----------------------------------------------------------------------------------------------

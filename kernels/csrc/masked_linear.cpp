@@ -3,8 +3,8 @@
 //
 // Rows are grouped per task with a stable counting sort. For each task present, its masked weight
 // is expanded from the packed bits ONCE into one reused [N, K] buffer (the expansion is
-// parallelized with OpenMP) and the task's rows go through BLAS GEMMs (at::mm, which uses its own
-// threads): maximal runs of consecutive rows (>= kMinRun) are multiplied in place (no copies),
+// parallelized with OpenMP) and the task's rows go through GEMMs (gemm.cpp's gemm_out: oneDNN for fp32,
+// with its own threads): maximal runs of consecutive rows (>= kMinRun) are multiplied in place (no copies),
 // shorter runs are gathered into a small [kChunk, *] buffer, multiplied and scattered back.
 //
 // Backward: dX per task the same way (dY_t @ (W*M_t)); dW = sum_t M_t * (dY_t^T X_t) with
@@ -237,10 +237,7 @@ at::Tensor masked_linear_forward(const at::Tensor& x_in, const at::Tensor& weigh
   const uint32_t* mbase = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
   const int64_t task_words = n * num_words(k);
   auto gemm = [&](at::Tensor& out, const at::Tensor& a) {
-    if (bias.defined())
-      at::addmm_out(out, bias, a, wt);
-    else
-      at::mm_out(out, a, wt);
+    gemm_out(out, a, wt, bias);
   };
   for (int64_t t = 0; t < t_count; ++t) {
     const int64_t begin = g.offsets[t], count = g.offsets[t + 1] - begin;
@@ -313,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
     bool first = true;
     auto accumulate_p = [&](const at::Tensor& gyb, const at::Tensor& xb) {
       if (first)
-        at::mm_out(pbuf, gyb.t(), xb);
+        gemm_out(pbuf, gyb.t(), xb, at::Tensor());
       else
         pbuf.addmm_(gyb.t(), xb);
       first = false;
@@ -324,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
           const at::Tensor gyb = gy.narrow(0, start, len);
           if (need_x) {
             at::Tensor out = dx.narrow(0, start, len);
-            at::mm_out(out, gyb, wbuf);
+            gemm_out(out, gyb, wbuf, at::Tensor());
           }
           if (need_weight) accumulate_p(gyb, x.narrow(0, start, len));
         },
@@ -339,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
           at::index_select_out(gyg, gy, 0, idx);
           if (need_x) {
             at::Tensor dxg = dxbuf.narrow(0, 0, m);
-            at::mm_out(dxg, gyg, wbuf);
+            gemm_out(dxg, gyg, wbuf, at::Tensor());
             dx.index_copy_(0, idx, dxg);
           }
           if (need_weight) {
@@ -403,9 +400,9 @@ at::Tensor masked_mlp_forward(const at::Tensor& x_in, const at::Tensor& w1_in, c
     const int64_t m = a.size(0);
     if (!hbuf.defined() || hbuf.size(0) < m) hbuf = at::empty({m, hd}, x.options());
     at::Tensor h = hbuf.narrow(0, 0, m);
-    if (b1.defined()) at::addmm_out(h, b1, a, w1t); else at::mm_out(h, a, w1t);
+    gemm_out(h, a, w1t, b1);
     h.clamp_min_(0);
-    if (b2.defined()) at::addmm_out(out, b2, h, w2t); else at::mm_out(out, h, w2t);
+    gemm_out(out, h, w2t, b2);
   };
   for (int64_t t = 0; t < t_count; ++t) {
     const int64_t begin = g.offsets[t], count = g.offsets[t + 1] - begin;
@@ -469,7 +466,7 @@ at::Tensor masked_qkv_attention_forward(const at::Tensor& x_in, const at::Tensor
     }
     at::Tensor q = qbuf.narrow(0, 0, nb * t);
     const at::Tensor xs = x.narrow(0, b0 * t, nb * t);
-    if (bias.defined()) at::addmm_out(q, bias, xs, wt); else at::mm_out(q, xs, wt);
+    gemm_out(q, xs, wt, bias);
     std::optional<at::Tensor> kp, vp;
     if (k_prefix.has_value() && k_prefix->defined()) kp = k_prefix->narrow(0, b0, nb);
     if (v_prefix.has_value() && v_prefix->defined()) vp = v_prefix->narrow(0, b0, nb);

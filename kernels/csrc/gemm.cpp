@@ -1,0 +1,161 @@
+// Dense GEMMs of the native ops and of the model's linear layers: out = a b (+ bias on every row).
+//
+// fp32 goes through oneDNN's matmul (the AVX-512 brgemm kernels PyTorch ships) rather than
+// at::mm, which calls MKL's sgemm: on this project's AMD Zen 4 machines MKL dispatches to its AVX2
+// "zen" kernels, and bench/test_bench_kernels.py measured oneDNN 5-30 % faster on the model's
+// shapes (M ~600 rows, K and N 256-1024) for the forward GEMM and both backward GEMMs (dx = dy W,
+// dW = dy^T x). PyTorch exports its oneDNN entry point at::native::mkldnn_matmul but does not
+// install its header, so it is declared here as a weak symbol: a PyTorch build without it loads
+// this library all the same and the "auto" engine falls back to at::mm. bf16 already goes through
+// oneDNN inside at::mm.
+//
+// The op linear(x, weight, bias) is F.linear with its forward GEMM and both backward GEMMs through
+// gemm_out; its autograd node is C++ (registered for the Autograd key), so a call costs one
+// dispatch, not a Python autograd.Function.
+//
+// Operands may be contiguous or transposed views (oneDNN reads both layouts; anything else is
+// copied to contiguous first). Under torch.backends.mkldnn's reduced-precision fp32 settings
+// oneDNN follows them, as at::mm would.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "common.h"
+
+namespace at {
+namespace native {
+TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
+                             float alpha) __attribute__((weak));
+}  // namespace native
+}  // namespace at
+
+namespace harmodt {
+
+bool onednn_gemm_available() { return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN(); }
+
+namespace {
+
+bool plain_or_transposed(const at::Tensor& t) {
+  return (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1))) ||
+         (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(0)));
+}
+
+GemmEngine parse_engine(const std::string& name) {
+  if (name == "auto") return GemmEngine::kAuto;
+  if (name == "onednn") return GemmEngine::kOneDnn;
+  if (name == "blas") return GemmEngine::kBlas;
+  TORCH_CHECK_VALUE(false, "gemm: engine must be 'auto', 'onednn' or 'blas', got '", name, "'");
+}
+
+}  // namespace
+
+void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, GemmEngine engine) {
+  const bool onednn = engine == GemmEngine::kOneDnn ||
+                      (engine == GemmEngine::kAuto && a.scalar_type() == at::kFloat && onednn_gemm_available());
+  TORCH_CHECK(!(engine == GemmEngine::kOneDnn && !onednn_gemm_available()),
+              "gemm: engine 'onednn' requested but this PyTorch build does not export at::native::mkldnn_matmul "
+              "(or was built without oneDNN); use engine 'auto' or 'blas'");
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  if (!onednn || m == 0 || n == 0 || k == 0 || !out.is_contiguous()) {
+    if (bias.defined())
+      at::addmm_out(out, bias, a, b);
+    else
+      at::mm_out(out, a, b);
+    return;
+  }
+  const at::Tensor a_ = plain_or_transposed(a) ? a : a.contiguous();
+  const at::Tensor b_ = plain_or_transposed(b) ? b : b.contiguous();
+  if (bias.defined()) out.copy_(bias.expand({m, n}));
+  at::native::mkldnn_matmul(a_, b_, out, bias.defined() ? 1.0f : 0.0f, 1.0f);
+}
+
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias, const std::string& engine) {
+  TORCH_CHECK_VALUE(a.device().is_cpu() && b.device().is_cpu(), "gemm: a and b must be CPU tensors");
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "gemm: a (M, K) and b (K, N) must be 2-D with one K, got ",
+                    a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16),
+                    "gemm: a and b must both be float32 or both bfloat16, got ", a.scalar_type(), " and ", b.scalar_type());
+  at::Tensor bias_t;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == b.size(1) && bias->scalar_type() == a.scalar_type(),
+                      "gemm: bias must be (", b.size(1), ",) of a's dtype, got ", bias->sizes(), " ", bias->scalar_type());
+    bias_t = *bias;
+  }
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  gemm_out(out, a, b, bias_t, parse_engine(engine));
+  return out;
+}
+
+namespace {
+
+void check_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), "linear: x and weight must be CPU tensors");
+  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "linear: x (M, K) and weight (N, K) must be 2-D with one K, got ",
+                    x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == weight.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+                    "linear: x and weight must both be float32 or both bfloat16, got ", x.scalar_type(), " and ", weight.scalar_type());
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == x.scalar_type(),
+                      "linear: bias must be (", weight.size(0), ",) of x's dtype, got ", bias->sizes(), " ", bias->scalar_type());
+}
+
+// The forward below autograd: y (M, N) = x (M, K) weight^T (+ bias).
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_linear(x, weight, bias);
+  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  gemm_out(out, x, weight.t(), bias.has_value() ? *bias : at::Tensor(), GemmEngine::kAuto);
+  return out;
+}
+
+class LinearFunction : public torch::autograd::Function<LinearFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias) {
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return linear_forward(x, weight, bias);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& weight = saved[1];
+    at::Tensor gy = grads[0].scalar_type() == x.scalar_type() ? grads[0] : grads[0].to(x.scalar_type());  // (M, N)
+    at::Tensor dx, dw, db;
+    if (ctx->needs_input_grad(0)) {  // (M, K) = gy weight
+      dx = at::empty({x.size(0), x.size(1)}, x.options());
+      gemm_out(dx, gy, weight, at::Tensor(), GemmEngine::kAuto);
+    }
+    if (ctx->needs_input_grad(1)) {  // (N, K) = gy^T x
+      dw = at::empty({weight.size(0), weight.size(1)}, weight.options());
+      gemm_out(dw, gy.t(), x, at::Tensor(), GemmEngine::kAuto);
+    }
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2))  // (N,): fp32 row sums
+      db = at::sum(gy, {0}, false, at::kFloat).to(gy.scalar_type());
+    return {dx, dw, db};
+  }
+};
+
+at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return LinearFunction::apply(x, weight, bias);
+}
+
+}  // namespace
+}  // namespace harmodt
+
+TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
+  m.def("gemm(Tensor a, Tensor b, Tensor? bias, str engine) -> Tensor");
+  m.def("onednn_gemm_available() -> bool", &harmodt::onednn_gemm_available);
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
+  m.impl("gemm", &harmodt::gemm);
+  m.impl("linear", &harmodt::linear_forward);
+}
+
+TORCH_LIBRARY_IMPL(harmodt_kernels, Autograd, m) { m.impl("linear", &harmodt::linear_autograd); }
