@@ -126,18 +126,21 @@ def test_fused_vs_reference_step(benchmark):
 
 
 def step_gemms(tr: Trainer) -> list:
-    """The GEMMs one training step runs (forward and backward), in order, as (op, operands) with
+    """The GEMMs one training step runs (forward and backward), in order, as (op, arguments) with
     fresh operands of the same shapes, strides and dtypes: captured with a dispatch mode, which
-    sees the ops below autograd and autocast."""
+    sees the ops below autograd and autocast (``aten::mm``/``addmm``, and ``harmodt_kernels::gemm``,
+    which ``kernels.linear`` dispatches its oneDNN GEMMs through)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    ops = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+    if hasattr(torch.ops, "harmodt_kernels") and hasattr(torch.ops.harmodt_kernels, "gemm"):
+        ops.add(torch.ops.harmodt_kernels.gemm.default)
     seen = []
 
     class Capture(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in ops:
-                seen.append((func, [(a.shape, a.stride(), a.dtype) for a in args if isinstance(a, torch.Tensor)]))
+                seen.append((func, [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]))
             return func(*args, **(kwargs or {}))
 
     with Capture():
@@ -148,13 +151,18 @@ def step_gemms(tr: Trainer) -> list:
         t.copy_(torch.randn(shape))
         return t
 
-    return [(func, [operand(*a) for a in args]) for func, args in seen]
+    return [(func, [operand(*a) if isinstance(a, tuple) else a for a in args]) for func, args in seen]
+
+
+def _gemm_operands(func, args) -> tuple:
+    """(a, b) of a captured GEMM: mm(a, b), addmm(bias, a, b), harmodt_kernels.gemm(a, b, bias, engine)."""
+    return (args[0], args[1]) if func is not torch.ops.aten.addmm.default else (args[1], args[2])
 
 
 def gemm_flop(gemms: list) -> float:
     total = 0.0
     for func, args in gemms:
-        a, b = args[-2], args[-1]  # mm(a, b) / addmm(bias, a, b)
+        a, b = _gemm_operands(func, args)
         total += 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
     return total
 
