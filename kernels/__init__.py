@@ -244,15 +244,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise BackendUnavailable("linear has no Triton kernel (on a GPU use F.linear); use backend='auto', 'cpu' or 'reference'")
     b = resolve_backend(backend, x.device, "linear")
     if b == "cpu":
-        if torch.is_autocast_enabled("cpu"):
+        autocast = torch.is_autocast_enabled("cpu")
+        if autocast:
             dt = torch.get_autocast_dtype("cpu")
             x, weight, bias = x.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
         if backend == "cpu" or (x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
                                 and (bias is None or bias.dtype == x.dtype)):
             from . import cpu
 
-            with torch.autocast("cpu", enabled=False):
-                y = cpu.linear(x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0), weight, bias)
+            x2 = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # (M, K)
+            if autocast:  # operands already cast; the op must not be cast again
+                with torch.autocast("cpu", enabled=False):
+                    y = cpu.linear(x2, weight, bias)
+            else:
+                y = cpu.linear(x2, weight, bias)
             return y.view(*x.shape[:-1], weight.shape[0])
     return reference.linear(x, weight, bias)
 
