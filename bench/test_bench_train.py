@@ -8,6 +8,7 @@ machine noise hits them alike, and records every median and ratio in ``extra_inf
   overhead, target < 5 %;
 * fp32 step (target <= 120 ms) and ``--precision bf16`` step (target <= 60 ms);
 * ``--fused`` (kernels.masked_linear, auto backend) vs the reference path (ratio target >= 1.0);
+* the block GEMMs on oneDNN (``kernels.linear``, the default) vs on MKL (``F.linear``);
 * end to end: ``python -m harmodt.train`` steps per second with and without ``--fused``;
 * the GEMM floor: the exact GEMMs of one fp32 and one bf16 step replayed alone next to whole steps
   (what the step targets leave for everything else).
@@ -121,6 +122,40 @@ def test_fused_vs_reference_step(benchmark):
     record(benchmark, res)
     benchmark.extra_info["speedup_fused_over_reference"] = round(1.0 / paired_ratio(res, "fused", "reference"), 3)
     benchmark.extra_info["targets"] = "fused/reference speed ratio >= 1.0"
+    tr = make_trainer("harmodt-f", fused=True)
+    benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)
+
+
+class _BlasLinear:
+    """A trainer whose fp32 block GEMMs go through ``F.linear`` (MKL's sgemm) instead of
+    ``kernels.linear`` (oneDNN) while it steps."""
+
+    def __init__(self, tr: Trainer):
+        self.tr = tr
+
+    def sample_tasks(self):
+        return self.tr.sample_tasks()
+
+    def train_step(self, task_ids):
+        import harmodt.model as model_module
+
+        model_module._NATIVE_LINEAR = False
+        try:
+            return self.tr.train_step(task_ids)
+        finally:
+            model_module._NATIVE_LINEAR = None
+
+
+def test_step_gemm_engine(benchmark):
+    """The fp32 HarmoDT-F ``--fused`` step with its block GEMMs (forward, dx, dW) on oneDNN's
+    matmul (``kernels.linear``, the default) against the same step on ``F.linear`` (MKL's sgemm,
+    which picks its AVX2 kernels on AMD CPUs)."""
+    res = interleaved({"onednn": make_trainer("harmodt-f", fused=True), "mkl": _BlasLinear(make_trainer("harmodt-f", fused=True))},
+                      rounds=max(ROUNDS, 7))
+    record(benchmark, res)
+    speedup = paired_ratio(res, "mkl", "onednn")
+    benchmark.extra_info["speedup_onednn_over_mkl"] = round(speedup, 3)
+    print(f"step with oneDNN GEMMs vs MKL GEMMs (median of per-round ratios): {speedup:.3f}x")
     tr = make_trainer("harmodt-f", fused=True)
     benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)
 

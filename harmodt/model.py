@@ -73,6 +73,7 @@ def _native_ops() -> bool:
 
 
 _NATIVE: bool | None = None
+_NATIVE_LINEAR: bool | None = None  # None: fp32 block GEMMs through kernels.linear when the native ops are built (bench/ sets False to compare)
 _NATIVE_BLOCK_OPS: bool | None = None  # None: the blocks use the native attention and GEMM epilogues when built (tests set False)
 
 
@@ -88,7 +89,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     ops are built (feature detection): its forward and both backward GEMMs run on oneDNN's matmul,
     5-30 % faster than MKL's sgemm on the Zen 4 CPUs this was measured on. bf16 GEMMs already run on
     oneDNN inside ``F.linear``, which then stays the cheaper call."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32 and _native_block_ops(x) and not torch.is_autocast_enabled("cpu"):
+    if (_NATIVE_LINEAR is not False and x.dtype == torch.float32 and weight.dtype == torch.float32 and _native_block_ops(x)
+            and not torch.is_autocast_enabled("cpu")):
         return kernels.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
