@@ -208,6 +208,38 @@ def test_native_block_ops_match_plain_path(method, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["prompt-dt", "harmodt-f"])
+def test_block_gemms_on_kernels_linear_match_f_linear(method, monkeypatch):
+    """The fp32 block GEMMs through kernels.linear (oneDNN; the default with the native ops built)
+    against F.linear (MKL) on the same forward: outputs and every gradient agree to fp32 rounding,
+    on the single-task masked training path (W * M for the step) and the dense one."""
+    import harmodt.model as model_mod
+
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, context_len=6, prompt_len=3, dropout=0.3)
+    torch.manual_seed(0)
+    b = PromptDTBatcher(datasets(TASKS), TASKS, cfg.context_len, cfg.prompt_len, 100.0, seed=1)
+    m = build_model(cfg, 2, method).train()
+    batch = b.sample([1], 4)
+    ctx = _erk_context(m, method, batch["task_ids"], fused=True) if method != "prompt-dt" else None
+    calls = []
+    monkeypatch.setattr(model_mod.kernels, "linear", lambda *a, _f=model_mod.kernels.linear, **k: calls.append(1) or _f(*a, **k))
+    runs = []
+    for native in (None, False):
+        monkeypatch.setattr(model_mod, "_NATIVE_LINEAR", native)
+        calls.clear()
+        torch.manual_seed(5)
+        out = m(batch, ctx)
+        grads = torch.autograd.grad(out.square().sum(), list(m.parameters()), allow_unused=True)
+        runs.append((out, grads, len(calls)))
+    (out_n, g_n, calls_n), (out_p, g_p, calls_p) = runs
+    assert calls_n == 4 * cfg.n_layer and calls_p == 0  # every block GEMM on kernels.linear, then none
+    torch.testing.assert_close(out_n, out_p, rtol=1e-5, atol=1e-6)
+    for x, y in zip(g_n, g_p):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["prompt-dt", "harmodt-f"])
 def test_act_layer0_cache_matches_recomputing(method):
     """Evaluation's cache of the first block's q/k/v (kept per token, the window sliding) gives the
     actions of a full recomputation at every step, before and after the window fills."""
