@@ -327,22 +327,30 @@ def onednn_gemm_available() -> bool:
     return bool(_ops().onednn_gemm_available())
 
 
+def _check_matmul_args(op: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, b_k_dim: int, bias) -> None:
+    """gemm's and linear's checks: 2-D fp32/bf16 CPU operands of one dtype whose K agree (``b``'s
+    K along ``b_k_dim``: 0 for ``b (K, N)``, 1 for a weight ``(N, K)``) and a bias over N."""
+    for name, t in ((a_name, a), (b_name, b)):
+        _check_cpu(name, t)
+        _check_dtype(name, t, (torch.float32, torch.bfloat16))
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[b_k_dim]:
+        want = "(K, N)" if b_k_dim == 0 else "(N, K)"
+        raise KernelArgumentError(f"{op}: {a_name} {tuple(a.shape)} must be (M, K) and {b_name} {tuple(b.shape)} {want}")
+    if a.dtype != b.dtype:
+        raise KernelDTypeError(f"{op}: {a_name} ({a.dtype}) and {b_name} ({b.dtype}) must have one dtype")
+    n = b.shape[1 - b_k_dim]
+    if bias is not None:
+        _check_cpu("bias", bias)
+        if bias.shape != (n,) or bias.dtype != a.dtype:
+            raise KernelArgumentError(f"{op}: bias {tuple(bias.shape)} {bias.dtype} must be ({n},) {a.dtype}")
+
+
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, engine: str = "auto") -> torch.Tensor:
     """``a @ b (+ bias)`` for 2-D ``a (M, K)``, ``b (K, N)`` of one dtype (fp32 or bf16; each
     contiguous or a transposed view). ``engine``: ``"onednn"`` (oneDNN's matmul; fails loudly where
     this PyTorch build lacks it), ``"blas"`` (``torch.mm``: MKL's sgemm for fp32), ``"auto"``
     (oneDNN for fp32 when available; see ``kernels/csrc/gemm.cpp`` for why)."""
-    for name, t in (("a", a), ("b", b)):
-        _check_cpu(name, t)
-        _check_dtype(name, t, (torch.float32, torch.bfloat16))
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise KernelArgumentError(f"gemm: a {tuple(a.shape)} must be (M, K) and b {tuple(b.shape)} (K, N)")
-    if a.dtype != b.dtype:
-        raise KernelDTypeError(f"gemm: a ({a.dtype}) and b ({b.dtype}) must have one dtype")
-    if bias is not None:
-        _check_cpu("bias", bias)
-        if bias.shape != (b.shape[1],) or bias.dtype != a.dtype:
-            raise KernelArgumentError(f"gemm: bias {tuple(bias.shape)} {bias.dtype} must be ({b.shape[1]},) {a.dtype}")
+    _check_matmul_args("gemm", "a", a, "b", b, 0, bias)
     if engine not in GEMM_ENGINES:
         raise KernelArgumentError(f"gemm: engine must be one of {GEMM_ENGINES}, got {engine!r}")
     if engine == "onednn" and not onednn_gemm_available():
@@ -355,18 +363,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear`` for 2-D ``x (M, K)``, ``weight (N, K)``, ``bias (N,)`` of one dtype (fp32 or
     bf16), differentiable, with the forward GEMM and both backward GEMMs through :func:`gemm`'s
     ``"auto"`` engine. The autograd node is C++ (one dispatch per call)."""
-    _check_cpu("x", x)
-    _check_cpu("weight", weight)
-    _check_dtype("x", x, (torch.float32, torch.bfloat16))
-    _check_dtype("weight", weight, (torch.float32, torch.bfloat16))
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise KernelArgumentError(f"linear: x {tuple(x.shape)} must be (M, K) and weight {tuple(weight.shape)} (N, K)")
-    if x.dtype != weight.dtype:
-        raise KernelDTypeError(f"linear: x ({x.dtype}) and weight ({weight.dtype}) must have one dtype")
-    if bias is not None:
-        _check_cpu("bias", bias)
-        if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype:
-            raise KernelArgumentError(f"linear: bias {tuple(bias.shape)} {bias.dtype} must be ({weight.shape[0]},) {x.dtype}")
+    _check_matmul_args("linear", "x", x, "weight", weight, 1, bias)
     return _ops().linear(x, weight, bias)
 
 
