@@ -555,6 +555,8 @@ def _tol(dtype, k):
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("layout", ["plain", "a_t", "b_t", "both_t"])
 def test_gemm_matches_torch_mm(m, k, n, dtype, engine, layout):
+    if engine == "onednn" and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bf16 matmul on this CPU (auto never asks it for one)")
     a = torch.randn(m, k, generator=_gen(1)).to(dtype)
     b = torch.randn(k, n, generator=_gen(2)).to(dtype)
     if layout in ("a_t", "both_t"):
