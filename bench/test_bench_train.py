@@ -127,8 +127,8 @@ def test_fused_vs_reference_step(benchmark):
 
 
 class _BlasLinear:
-    """A trainer whose fp32 block GEMMs go through ``F.linear`` (MKL's sgemm) instead of
-    ``kernels.linear`` (oneDNN) while it steps."""
+    """A trainer whose fp32 block GEMMs run on MKL's sgemm (``kernels.gemm`` engine ``"blas"`` in
+    the fused blocks, ``F.linear`` elsewhere) instead of oneDNN while it steps."""
 
     def __init__(self, tr: Trainer):
         self.tr = tr
@@ -139,11 +139,11 @@ class _BlasLinear:
     def train_step(self, task_ids):
         import harmodt.model as model_module
 
-        model_module._NATIVE_LINEAR = False
+        model_module._GEMM_ENGINE = "blas"
         try:
             return self.tr.train_step(task_ids)
         finally:
-            model_module._NATIVE_LINEAR = None
+            model_module._GEMM_ENGINE = "auto"
 
 
 def test_step_gemm_engine(benchmark):

@@ -73,7 +73,7 @@ def _native_ops() -> bool:
 
 
 _NATIVE: bool | None = None
-_NATIVE_LINEAR: bool | None = None  # None: fp32 block GEMMs through kernels.linear when the native ops are built (bench/ sets False to compare)
+_GEMM_ENGINE = "auto"  # fp32 block GEMMs: "auto" = kernels.gemm's engine (oneDNN) when the native ops are built; "blas" = MKL (F.linear; bench/ compares)
 _NATIVE_BLOCK_OPS: bool | None = None  # None: the blocks use the native attention and GEMM epilogues when built (tests set False)
 
 
@@ -89,7 +89,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     ops are built (feature detection): its forward and both backward GEMMs run on oneDNN's matmul,
     5-30 % faster than MKL's sgemm on the Zen 4 CPUs this was measured on. bf16 GEMMs already run on
     oneDNN inside ``F.linear``, which then stays the cheaper call."""
-    if (_NATIVE_LINEAR is not False and x.dtype == torch.float32 and weight.dtype == torch.float32 and _native_block_ops(x)
+    if (_GEMM_ENGINE != "blas" and x.dtype == torch.float32 and weight.dtype == torch.float32 and _native_block_ops(x)
             and not torch.is_autocast_enabled("cpu")):
         return kernels.linear(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -325,22 +325,26 @@ class _FusedBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp,
-                key_valid, query_pos, n_head, eps, p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp):
+                key_valid, query_pos, n_head, eps, p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp, query, engine):
+        # query: None (every token's output) or a slice of the T tokens (query_pos then holds theirs);
+        # engine: kernels.gemm's ("auto": oneDNN, "blas": MKL)
         ops, aten = torch.ops.harmodt_kernels, torch.ops.aten
         b, t, c = x.shape
         x2 = x.reshape(b * t, c)  # (BT, C)
         h1, mean1, rstd1 = aten.native_layer_norm(x2, [c], ln1_w, ln1_b, eps)
-        qkv = ops.gemm(h1, w_qkv.t(), b_qkv, "auto").view(b, t, 3, n_head, c // n_head)  # (B, T, 3, nh, hd)
-        att, lse = ops.attention_forward(qkv, None, None, key_valid, query_pos, p_attn, seed_attn, True)  # (B, T, C)
-        att = att.view(b * t, c)
-        x1 = ops.bias_dropout_add(ops.gemm(att, w_proj.t(), None, "auto"), b_proj, x2, seed_proj, p_proj)  # (BT, C)
+        qkv = ops.gemm(h1, w_qkv.t(), b_qkv, engine).view(b, t, 3, n_head, c // n_head)  # (B, T, 3, nh, hd)
+        att, lse = ops.attention_forward(qkv, None, None, key_valid, query_pos, p_attn, seed_attn, True)  # (B, Tq, C)
+        tq = att.shape[1]
+        att = att.view(b * tq, c)
+        res = x2 if query is None else x[:, query].reshape(b * tq, c)  # the stream at the query tokens (BTq, C)
+        x1 = ops.bias_dropout_add(ops.gemm(att, w_proj.t(), None, engine), b_proj, res, seed_proj, p_proj)  # (BTq, C)
         h2, mean2, rstd2 = aten.native_layer_norm(x1, [c], ln2_w, ln2_b, eps)
-        z = ops.bias_relu_(ops.gemm(h2, w_fc.t(), None, "auto"), b_fc)  # (BT, 4C)
-        out = ops.bias_dropout_add(ops.gemm(z, w_mlp.t(), None, "auto"), b_mlp, x1, seed_mlp, p_mlp)  # (BT, C)
+        z = ops.bias_relu_(ops.gemm(h2, w_fc.t(), None, engine), b_fc)  # (BT, 4C)
+        out = ops.bias_dropout_add(ops.gemm(z, w_mlp.t(), None, engine), b_mlp, x1, seed_mlp, p_mlp)  # (BT, C)
         ctx.save_for_backward(x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z,
                               ln1_w, ln1_b, w_qkv, w_proj, ln2_w, ln2_b, w_fc, w_mlp, key_valid, query_pos)
-        ctx.args = (p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp)
-        return out.view(b, t, c)
+        ctx.args = (p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp, query, engine)
+        return out.view(b, tq, c)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -348,32 +352,36 @@ class _FusedBlock(torch.autograd.Function):
         ops, aten = torch.ops.harmodt_kernels, torch.ops.aten
         (x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z,
          ln1_w, ln1_b, w_qkv, w_proj, ln2_w, ln2_b, w_fc, w_mlp, key_valid, query_pos) = ctx.saved_tensors
-        p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp = ctx.args
+        p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp, query, engine = ctx.args
         b, t = qkv.shape[:2]
         c = x2.shape[1]
-        g = grad.reshape(b * t, c)  # (BT, C)
+        tq = x1.shape[0] // b
+        g = grad.reshape(b * tq, c)  # (BTq, C)
         # MLP: out = x1 + drop(z W_mlp^T + b_mlp), z = relu(h2 W_fc^T + b_fc), h2 = LN2(x1)
         dy2, db_mlp = ops.dropout_bias_backward(g, seed_mlp, p_mlp, True, torch.float32)
-        dz = ops.gemm(dy2, w_mlp, None, "auto")
-        dw_mlp = ops.gemm(dy2.t(), z, None, "auto")
+        dz = ops.gemm(dy2, w_mlp, None, engine)
+        dw_mlp = ops.gemm(dy2.t(), z, None, engine)
         dz, db_fc = ops.bias_relu_backward(dz, z, True)
-        dh2 = ops.gemm(dz, w_fc, None, "auto")
-        dw_fc = ops.gemm(dz.t(), h2, None, "auto")
+        dh2 = ops.gemm(dz, w_fc, None, engine)
+        dw_fc = ops.gemm(dz.t(), h2, None, engine)
         dx1, dln2_w, dln2_b = aten.native_layer_norm_backward(dh2, x1, [c], mean2, rstd2, ln2_w, ln2_b, [True, True, True])
         dx1 = dx1.add_(g)
         # attention: x1 = x + drop(att W_proj^T + b_proj), att = attention(LN1(x) W_qkv^T + b_qkv)
         dy1, db_proj = ops.dropout_bias_backward(dx1, seed_proj, p_proj, True, torch.float32)
-        datt = ops.gemm(dy1, w_proj, None, "auto")
-        dw_proj = ops.gemm(dy1.t(), att, None, "auto")
-        dqkv = ops.attention_backward(datt.view(b, t, c), qkv, None, None, key_valid, query_pos, lse, p_attn, seed_attn)
+        datt = ops.gemm(dy1, w_proj, None, engine)
+        dw_proj = ops.gemm(dy1.t(), att, None, engine)
+        dqkv = ops.attention_backward(datt.view(b, tq, c), qkv, None, None, key_valid, query_pos, lse, p_attn, seed_attn)
         dqkv = dqkv.view(b * t, 3 * c)
-        dh1 = ops.gemm(dqkv, w_qkv, None, "auto")
-        dw_qkv = ops.gemm(dqkv.t(), h1, None, "auto")
+        dh1 = ops.gemm(dqkv, w_qkv, None, engine)
+        dw_qkv = ops.gemm(dqkv.t(), h1, None, engine)
         db_qkv = dqkv.sum(0)
         dx, dln1_w, dln1_b = aten.native_layer_norm_backward(dh1, x2, [c], mean1, rstd1, ln1_w, ln1_b, [True, True, True])
-        dx = dx.add_(dx1)
+        if query is None:
+            dx = dx.add_(dx1)
+        else:  # the residual stream's gradient goes back to the query tokens only
+            dx.view(b, t, c)[:, query] += dx1.view(b, tq, c)
         return (dx.view(b, t, c), dln1_w, dln1_b, dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_mlp, db_mlp,
-                None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 _FUSED_BLOCK: bool | None = None  # None: whole-block autograd nodes where they apply (tests and bench/ set False to compare)
@@ -392,10 +400,10 @@ class Block(nn.Module):
     def _fused_weights(self, x, ctx, prefix, return_kv, query, qkv):
         """The four GEMM matrices when this call can run as one :class:`_FusedBlock` node: fp32
         training forward on CPU with the native ops, every matrix one plain GEMM (no mask, or
-        ``W * M`` for the step), all tokens, no prefix or cache; else None."""
-        if (_FUSED_BLOCK is False or query is not None or qkv is not None or prefix is not None or return_kv
+        ``W * M`` for the step), no prefix or cache; else None."""
+        if (_FUSED_BLOCK is False or qkv is not None or prefix is not None or return_kv
                 or not torch.is_grad_enabled() or x.dtype != torch.float32 or not _native_block_ops(x)
-                or torch.is_autocast_enabled("cpu") or _NATIVE_LINEAR is False):
+                or torch.is_autocast_enabled("cpu")):
             return None
         ws = [m.gemm_weight(ctx) for m in (self.attn.qkv, self.attn.proj, self.fc, self.mlp_proj)]
         if any(w is None or w.dtype != torch.float32 for w in ws):
@@ -410,10 +418,11 @@ class Block(nn.Module):
             seed_attn = int(torch.empty((), dtype=torch.int64).random_()) if p_attn > 0 else 0  # same draws, same order as below
             p_proj, seed_proj = a.resid_drop.draw()
             p_mlp, seed_mlp = self.drop.draw()
+            sel = attn if query is None else attn.select(query)
             return _FusedBlock.apply(x.contiguous(), self.ln1.weight, self.ln1.bias, ws[0], a.qkv.bias, ws[1], a.proj.bias,
                                      self.ln2.weight, self.ln2.bias, ws[2], self.fc.bias, ws[3], self.mlp_proj.bias,
-                                     attn.key_valid.contiguous(), attn.query_pos.contiguous(), a.n_head, self.ln1.eps,
-                                     float(p_attn), seed_attn, float(p_proj), seed_proj, float(p_mlp), seed_mlp)
+                                     sel.key_valid.contiguous(), sel.query_pos.contiguous(), a.n_head, self.ln1.eps,
+                                     float(p_attn), seed_attn, float(p_proj), seed_proj, float(p_mlp), seed_mlp, query, _GEMM_ENGINE)
         x = self.attn(self.ln1(x) if qkv is None else None, attn, ctx, x if query is None else x[:, query], prefix, return_kv, query, qkv)
         if return_kv:
             x, kv = x

@@ -220,11 +220,12 @@ def test_block_gemms_on_kernels_linear_match_f_linear(method, monkeypatch):
     m = build_model(cfg, 2, method).train()
     batch = b.sample([1], 4)
     ctx = _erk_context(m, method, batch["task_ids"], fused=True) if method != "prompt-dt" else None
+    monkeypatch.setattr(model_mod, "_FUSED_BLOCK", False)  # the per-op path (the fused blocks call the GEMM op raw)
     calls = []
     monkeypatch.setattr(model_mod.kernels, "linear", lambda *a, _f=model_mod.kernels.linear, **k: calls.append(1) or _f(*a, **k))
     runs = []
-    for native in (None, False):
-        monkeypatch.setattr(model_mod, "_NATIVE_LINEAR", native)
+    for engine in ("auto", "blas"):
+        monkeypatch.setattr(model_mod, "_GEMM_ENGINE", engine)
         calls.clear()
         torch.manual_seed(5)
         out = m(batch, ctx)
@@ -237,6 +238,40 @@ def test_block_gemms_on_kernels_linear_match_f_linear(method, monkeypatch):
         assert (x is None) == (y is None)
         if x is not None:
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["prompt-dt", "mtdt", "harmodt-f"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_block_nodes_equal_the_unfused_blocks(method, dropout, monkeypatch):
+    """Each block's fp32 training step as one autograd node (_FusedBlock: every block, the last
+    one on the state tokens only) against the unfused native path: the same ops and dropout draws,
+    so the output and every gradient are bit-identical; a left-padded row included."""
+    import harmodt.model as model_mod
+
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, context_len=6, prompt_len=3, dropout=dropout)
+    torch.manual_seed(0)
+    b = PromptDTBatcher(datasets(TASKS), TASKS, cfg.context_len, cfg.prompt_len if method != "mtdt" else 0, 100.0, seed=1)
+    m = build_model(cfg, 2, method).train()
+    batch = b.sample([1], 4)
+    batch["mask"][0, :2] = False
+    ctx = _erk_context(m, method, batch["task_ids"], fused=True)
+    applied = []
+    monkeypatch.setattr(model_mod._FusedBlock, "apply", lambda *a, _f=model_mod._FusedBlock.apply: applied.append(1) or _f(*a))
+    runs = []
+    for fused in (None, False):
+        monkeypatch.setattr(model_mod, "_FUSED_BLOCK", fused)
+        applied.clear()
+        torch.manual_seed(5)
+        out = m(batch, ctx)
+        grads = torch.autograd.grad(out.square().sum(), list(m.parameters()), allow_unused=True)
+        runs.append((out, grads, len(applied)))
+    (out_f, g_f, n_f), (out_u, g_u, n_u) = runs
+    assert (n_f, n_u) == (cfg.n_layer, 0)
+    assert torch.equal(out_f, out_u)
+    for x, y in zip(g_f, g_u):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("method", ["prompt-dt", "harmodt-f"])
