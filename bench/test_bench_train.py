@@ -8,7 +8,8 @@ machine noise hits them alike, and records every median and ratio in ``extra_inf
   overhead, target < 5 %;
 * fp32 step (target <= 120 ms) and ``--precision bf16`` step (target <= 60 ms);
 * ``--fused`` (kernels.masked_linear, auto backend) vs the reference path (ratio target >= 1.0);
-* the block GEMMs on oneDNN (``kernels.linear``, the default) vs on MKL (``F.linear``);
+* the block GEMMs on oneDNN (the default) vs on MKL;
+* each block as one autograd node (the default) vs the per-op blocks;
 * end to end: ``python -m harmodt.train`` steps per second with and without ``--fused``;
 * the GEMM floor: the exact GEMMs of one fp32 and one bf16 step replayed alone next to whole steps
   (what the step targets leave for everything else).
@@ -126,12 +127,12 @@ def test_fused_vs_reference_step(benchmark):
     benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)
 
 
-class _BlasLinear:
-    """A trainer whose fp32 block GEMMs run on MKL's sgemm (``kernels.gemm`` engine ``"blas"`` in
-    the fused blocks, ``F.linear`` elsewhere) instead of oneDNN while it steps."""
+class _WithModelSetting:
+    """A trainer that steps with one ``harmodt.model`` module switch set to ``value`` (restored
+    after each step), so two variants of the same code path can be interleaved in one process."""
 
-    def __init__(self, tr: Trainer):
-        self.tr = tr
+    def __init__(self, tr: Trainer, name: str, value):
+        self.tr, self.name, self.value = tr, name, value
 
     def sample_tasks(self):
         return self.tr.sample_tasks()
@@ -139,23 +140,40 @@ class _BlasLinear:
     def train_step(self, task_ids):
         import harmodt.model as model_module
 
-        model_module._GEMM_ENGINE = "blas"
+        old = getattr(model_module, self.name)
+        setattr(model_module, self.name, self.value)
         try:
             return self.tr.train_step(task_ids)
         finally:
-            model_module._GEMM_ENGINE = "auto"
+            setattr(model_module, self.name, old)
 
 
 def test_step_gemm_engine(benchmark):
     """The fp32 HarmoDT-F ``--fused`` step with its block GEMMs (forward, dx, dW) on oneDNN's
     matmul (``kernels.linear``, the default) against the same step on ``F.linear`` (MKL's sgemm,
     which picks its AVX2 kernels on AMD CPUs)."""
-    res = interleaved({"onednn": make_trainer("harmodt-f", fused=True), "mkl": _BlasLinear(make_trainer("harmodt-f", fused=True))},
+    res = interleaved({"onednn": make_trainer("harmodt-f", fused=True),
+                       "mkl": _WithModelSetting(make_trainer("harmodt-f", fused=True), "_GEMM_ENGINE", "blas")},
                       rounds=max(ROUNDS, 7))
     record(benchmark, res)
     speedup = paired_ratio(res, "mkl", "onednn")
     benchmark.extra_info["speedup_onednn_over_mkl"] = round(speedup, 3)
     print(f"step with oneDNN GEMMs vs MKL GEMMs (median of per-round ratios): {speedup:.3f}x")
+    tr = make_trainer("harmodt-f", fused=True)
+    benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)
+
+
+def test_step_fused_blocks(benchmark):
+    """The fp32 HarmoDT-F ``--fused`` step with each transformer block as one autograd node
+    (``harmodt.model._FusedBlock``, the default) against the same step with the per-op blocks
+    (same ops and dropout draws, bit-identical result): what the per-op Python and autograd cost."""
+    res = interleaved({"fused_blocks": make_trainer("harmodt-f", fused=True),
+                       "per_op_blocks": _WithModelSetting(make_trainer("harmodt-f", fused=True), "_FUSED_BLOCK", False)},
+                      rounds=max(ROUNDS, 7))
+    record(benchmark, res)
+    speedup = paired_ratio(res, "per_op_blocks", "fused_blocks")
+    benchmark.extra_info["speedup_fused_blocks"] = round(speedup, 3)
+    print(f"step with fused block nodes vs per-op blocks (median of per-round ratios): {speedup:.3f}x")
     tr = make_trainer("harmodt-f", fused=True)
     benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)
 
