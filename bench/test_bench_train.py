@@ -148,34 +148,32 @@ class _WithModelSetting:
             setattr(model_module, self.name, old)
 
 
-def test_step_gemm_engine(benchmark):
-    """The fp32 HarmoDT-F ``--fused`` step with its block GEMMs (forward, dx, dW) on oneDNN's
-    matmul (``kernels.linear``, the default) against the same step on ``F.linear`` (MKL's sgemm,
-    which picks its AVX2 kernels on AMD CPUs)."""
-    res = interleaved({"onednn": make_trainer("harmodt-f", fused=True),
-                       "mkl": _WithModelSetting(make_trainer("harmodt-f", fused=True), "_GEMM_ENGINE", "blas")},
+def _switch_benchmark(benchmark, default: str, other: str, setting: str, value, what: str) -> None:
+    """The fp32 HarmoDT-F ``--fused`` step as shipped (``default``) against the same step with one
+    ``harmodt.model`` switch set (``other``), interleaved; records the speed-up of the default."""
+    res = interleaved({default: make_trainer("harmodt-f", fused=True),
+                       other: _WithModelSetting(make_trainer("harmodt-f", fused=True), setting, value)},
                       rounds=max(ROUNDS, 7))
     record(benchmark, res)
-    speedup = paired_ratio(res, "mkl", "onednn")
-    benchmark.extra_info["speedup_onednn_over_mkl"] = round(speedup, 3)
-    print(f"step with oneDNN GEMMs vs MKL GEMMs (median of per-round ratios): {speedup:.3f}x")
+    speedup = paired_ratio(res, other, default)
+    benchmark.extra_info[f"speedup_{default}_over_{other}"] = round(speedup, 3)
+    print(f"{what} (median of per-round ratios): {speedup:.3f}x")
     tr = make_trainer("harmodt-f", fused=True)
     benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)
+
+
+def test_step_gemm_engine(benchmark):
+    """The step with its block GEMMs (forward, dx, dW) on oneDNN's matmul (the default) against
+    the same step on MKL's sgemm (which picks its AVX2 kernels on AMD CPUs)."""
+    _switch_benchmark(benchmark, "onednn", "mkl", "_GEMM_ENGINE", "blas", "step with oneDNN GEMMs vs MKL GEMMs")
 
 
 def test_step_fused_blocks(benchmark):
-    """The fp32 HarmoDT-F ``--fused`` step with each transformer block as one autograd node
-    (``harmodt.model._FusedBlock``, the default) against the same step with the per-op blocks
-    (same ops and dropout draws, bit-identical result): what the per-op Python and autograd cost."""
-    res = interleaved({"fused_blocks": make_trainer("harmodt-f", fused=True),
-                       "per_op_blocks": _WithModelSetting(make_trainer("harmodt-f", fused=True), "_FUSED_BLOCK", False)},
-                      rounds=max(ROUNDS, 7))
-    record(benchmark, res)
-    speedup = paired_ratio(res, "per_op_blocks", "fused_blocks")
-    benchmark.extra_info["speedup_fused_blocks"] = round(speedup, 3)
-    print(f"step with fused block nodes vs per-op blocks (median of per-round ratios): {speedup:.3f}x")
-    tr = make_trainer("harmodt-f", fused=True)
-    benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)
+    """The step with each transformer block as one autograd node (``harmodt.model._FusedBlock``,
+    the default) against the per-op blocks (same ops and dropout draws, bit-identical result):
+    what the per-op Python and autograd cost."""
+    _switch_benchmark(benchmark, "fused_blocks", "per_op_blocks", "_FUSED_BLOCK", False,
+                      "step with fused block nodes vs per-op blocks")
 
 
 def step_gemms(tr: Trainer) -> list:

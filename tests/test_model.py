@@ -207,6 +207,22 @@ def test_native_block_ops_match_plain_path(method, monkeypatch):
         torch.testing.assert_close(act_n, act_p, rtol=1e-5, atol=1e-6)
 
 
+def _runs_under(monkeypatch, m, batch, ctx, setting: str, values: tuple, counted: list) -> list:
+    """(output, parameter gradients, entries appended to ``counted``) of one seeded training
+    forward/backward per value of the ``harmodt.model`` switch ``setting``."""
+    import harmodt.model as model_mod
+
+    runs = []
+    for value in values:
+        monkeypatch.setattr(model_mod, setting, value)
+        counted.clear()
+        torch.manual_seed(5)
+        out = m(batch, ctx)
+        grads = torch.autograd.grad(out.square().sum(), list(m.parameters()), allow_unused=True)
+        runs.append((out, grads, len(counted)))
+    return runs
+
+
 @pytest.mark.parametrize("method", ["prompt-dt", "harmodt-f"])
 def test_block_gemms_on_kernels_linear_match_f_linear(method, monkeypatch):
     """The fp32 block GEMMs through kernels.linear (oneDNN; the default with the native ops built)
@@ -223,15 +239,7 @@ def test_block_gemms_on_kernels_linear_match_f_linear(method, monkeypatch):
     monkeypatch.setattr(model_mod, "_FUSED_BLOCK", False)  # the per-op path (the fused blocks call the GEMM op raw)
     calls = []
     monkeypatch.setattr(model_mod.kernels, "linear", lambda *a, _f=model_mod.kernels.linear, **k: calls.append(1) or _f(*a, **k))
-    runs = []
-    for engine in ("auto", "blas"):
-        monkeypatch.setattr(model_mod, "_GEMM_ENGINE", engine)
-        calls.clear()
-        torch.manual_seed(5)
-        out = m(batch, ctx)
-        grads = torch.autograd.grad(out.square().sum(), list(m.parameters()), allow_unused=True)
-        runs.append((out, grads, len(calls)))
-    (out_n, g_n, calls_n), (out_p, g_p, calls_p) = runs
+    (out_n, g_n, calls_n), (out_p, g_p, calls_p) = _runs_under(monkeypatch, m, batch, ctx, "_GEMM_ENGINE", ("auto", "blas"), calls)
     assert calls_n == 4 * cfg.n_layer and calls_p == 0  # every block GEMM on kernels.linear, then none
     torch.testing.assert_close(out_n, out_p, rtol=1e-5, atol=1e-6)
     for x, y in zip(g_n, g_p):
@@ -257,15 +265,7 @@ def test_fused_block_nodes_equal_the_unfused_blocks(method, dropout, monkeypatch
     ctx = _erk_context(m, method, batch["task_ids"], fused=True)
     applied = []
     monkeypatch.setattr(model_mod._FusedBlock, "apply", lambda *a, _f=model_mod._FusedBlock.apply: applied.append(1) or _f(*a))
-    runs = []
-    for fused in (None, False):
-        monkeypatch.setattr(model_mod, "_FUSED_BLOCK", fused)
-        applied.clear()
-        torch.manual_seed(5)
-        out = m(batch, ctx)
-        grads = torch.autograd.grad(out.square().sum(), list(m.parameters()), allow_unused=True)
-        runs.append((out, grads, len(applied)))
-    (out_f, g_f, n_f), (out_u, g_u, n_u) = runs
+    (out_f, g_f, n_f), (out_u, g_u, n_u) = _runs_under(monkeypatch, m, batch, ctx, "_FUSED_BLOCK", (None, False), applied)
     assert (n_f, n_u) == (cfg.n_layer, 0)
     assert torch.equal(out_f, out_u)
     for x, y in zip(g_f, g_u):
