@@ -749,6 +749,7 @@ def _attention_case(b, t, h, d, tp, query, p, dtype=torch.float32, seed=0):
         (2, 20, 1, 48, 0, slice(None), 0.0),  # D between 32 and 64
         (2, 40, 2, 64, 3, slice(0, 40, 7), 0.2),
         (4, 9, 2, 8, 0, slice(0, 0), 0.1),  # no queries at all
+        (2, 12, 2, 16, 2, torch.tensor([7, 3, 11, 0, 5]), 0.2),  # queries out of order
     ],
 )
 def test_attention_matches_reference(b, t, h, d, tp, query, p):

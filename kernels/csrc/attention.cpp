@@ -176,52 +176,50 @@ inline void combine_n(int rows, const float* w, int64_t ld, const float* m, int6
   }
 }
 
-// outT[c * ld + j] = sum_{i < rows} a[i * d + c] * p[i * ld + j] for c < d, j < ld (ld % 16 == 0):
-// the transposed product a^T p, accumulated over the pair's query rows in registers. Rows below
-// first[b] are zero in column block b and later ones (causal: first[] is non-decreasing), so
-// they are skipped.
-inline void at_times_p(const float* a, const float* p, int64_t rows, int64_t d, int64_t ld, const int64_t* first,
-                       float* outT) {
+// out[j * d + c] = sum_{i >= firstq[j0]} p[i * ld + j] * a[i * d + c] for the R keys j = j0 .. j0 + R - 1
+// and c < d: the product p^T a ([keys][d], no transpose), R keys at once so each row of a is loaded
+// once per R keys (2 loads + R broadcasts per 2 R FMAs). Rows before firstq[j0] see none of these
+// keys (their p entries are zero) and are skipped.
+template <int R>
+inline void pt_times_a_block(const float* p, const float* a, int64_t i0, int64_t rows, int64_t ld, int64_t d, int64_t j0,
+                             float* out) {
 #if defined(__AVX512F__)
-  const int64_t nb = ld / 16;
-  int64_t c = 0;
-  for (; c + 2 <= d; c += 2) {
-    for (int64_t b = 0; b < nb; b += 4) {
-      const int g_n = static_cast<int>(std::min<int64_t>(4, nb - b));
-      __m512 a0[4], a1[4];
-      for (int g = 0; g < 4; ++g) a0[g] = a1[g] = _mm512_setzero_ps();
-      for (int64_t i = first[b]; i < rows; ++i) {
-        const __m512 x0 = _mm512_set1_ps(a[i * d + c]), x1 = _mm512_set1_ps(a[i * d + c + 1]);
-        const float* r = p + i * ld + b * 16;
-        for (int g = 0; g < 4; ++g) {
-          if (g < g_n) {
-            const __m512 pv = _mm512_loadu_ps(r + 16 * g);
-            a0[g] = _mm512_fmadd_ps(x0, pv, a0[g]);
-            a1[g] = _mm512_fmadd_ps(x1, pv, a1[g]);
-          }
-        }
+  for (int64_t c = 0; c < d; c += 32) {
+    const __mmask16 l0 = tail16(d - c), l1 = d - c > 16 ? tail16(d - c - 16) : __mmask16(0);
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t i = i0; i < rows; ++i) {
+      const __m512 v0 = _mm512_maskz_loadu_ps(l0, a + i * d + c), v1 = _mm512_maskz_loadu_ps(l1, a + i * d + c + 16);
+      const float* pi = p + i * ld + j0;
+      for (int r = 0; r < R; ++r) {
+        const __m512 w = _mm512_set1_ps(pi[r]);
+        acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
       }
-      for (int g = 0; g < g_n; ++g) {
-        _mm512_storeu_ps(outT + c * ld + (b + g) * 16, a0[g]);
-        _mm512_storeu_ps(outT + (c + 1) * ld + (b + g) * 16, a1[g]);
-      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_mask_storeu_ps(out + (j0 + r) * d + c, l0, acc[r][0]);
+      _mm512_mask_storeu_ps(out + (j0 + r) * d + c + 16, l1, acc[r][1]);
     }
   }
-  for (; c < d; ++c)
-    for (int64_t b = 0; b < nb; ++b) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = first[b]; i < rows; ++i)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[i * d + c]), _mm512_loadu_ps(p + i * ld + b * 16), acc);
-      _mm512_storeu_ps(outT + c * ld + b * 16, acc);
-    }
 #else
-  for (int64_t c = 0; c < d; ++c)
-    for (int64_t j = 0; j < ld; ++j) {
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < d; ++c) {
       float acc = 0.0f;
-      for (int64_t i = 0; i < rows; ++i) acc += a[i * d + c] * p[i * ld + j];
-      outT[c * ld + j] = acc;
+      for (int64_t i = i0; i < rows; ++i) acc += p[i * ld + j0 + r] * a[i * d + c];
+      out[(j0 + r) * d + c] = acc;
     }
 #endif
+}
+
+// p^T a for keys 0 .. tk - 1 (see pt_times_a_block); firstq[j]: the first row that can see key j.
+inline void pt_times_a(const float* p, const float* a, int64_t rows, int64_t ld, int64_t tk, int64_t d, const int64_t* firstq,
+                       float* out) {
+  constexpr int kKeys = 12;  // 24 accumulators for d = 32
+  int64_t j = 0;
+  for (; j + kKeys <= tk; j += kKeys) pt_times_a_block<kKeys>(p, a, firstq[j], rows, ld, d, j, out);
+  for (; j + 4 <= tk; j += 4) pt_times_a_block<4>(p, a, firstq[j], rows, ld, d, j, out);
+  for (; j < tk; ++j) pt_times_a_block<1>(p, a, firstq[j], rows, ld, d, j, out);
 }
 
 struct Problem {
@@ -414,19 +412,6 @@ inline void softmax_grad_row(float* p, float* dp, const float* km, int64_t n, in
 #endif
 }
 
-// m[j * d + c] = mt[c * ld + j] for j < tk, c < d (the inverse of transpose_keys).
-inline void untranspose(const float* mt, int64_t d, int64_t ld, int64_t tk, float* m) {
-#if defined(__AVX512F__)
-  if (d % 16 == 0) {  // 16 x 16 tiles: rows c of mt become columns of m (m has ld rows of room)
-    for (int64_t c = 0; c < d; c += 16)
-      for (int64_t j = 0; j < ld; j += 16) transpose16(mt + c * ld + j, ld, 16, m + j * d + c, d);
-    return;
-  }
-#endif
-  for (int64_t j = 0; j < tk; ++j)
-    for (int64_t c = 0; c < d; ++c) m[j * d + c] = mt[c * ld + j];
-}
-
 // Loads batch row b's keys and values of every head (prefix, then own) into fp32 buffers, reading
 // the packed qkv rows in memory order: kk/vv [H][Tk][D] and their transposes kt/vt [H][D][ld]
 // (zero-padded columns; vt only if asked), and the queries of all own tokens qq [T][H][D].
@@ -516,15 +501,18 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
   const int64_t D = pr.D, ld = round16(pr.Tk), Tq = pr.Tq;
   const int64_t H = pr.H, hs = pr.Tk * D;
   // first[b]: with ascending query positions, the queries before it see no key of column block b.
-  std::vector<int64_t> first(ld / 16, 0);
+  // firstq[j]: with ascending query positions, the queries before it do not see key j.
+  std::vector<int64_t> firstq(pr.Tk, 0);
   bool ascending = true;
   for (int64_t i = 1; i < Tq; ++i) ascending = ascending && pr.qpos[i] >= pr.qpos[i - 1];
   if (ascending)
-    for (int64_t b = 0; b < ld / 16; ++b)
-      while (first[b] < Tq && pr.qpos[first[b]] < 16 * b) ++first[b];
+    for (int64_t j = 0; j < pr.Tk; ++j) {
+      firstq[j] = j > 0 ? firstq[j - 1] : 0;
+      while (firstq[j] < Tq && pr.qpos[firstq[j]] < j) ++firstq[j];
+    }
   at::parallel_for(0, pr.B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> qq(pr.T * H * D), kk_(H * hs), vv_(H * hs), kt_(H * D * ld), vt_(H * D * ld), qs(Tq * D), dos(Tq * D),
-        pd(Tq * ld), ds(Tq * ld), dp(kRows * ld), vis(ld), km(ld), dq(kRows * D), dkt(D * ld), dvt(D * ld), dk(ld * D), dv(ld * D);
+        pd(Tq * ld), ds(Tq * ld), dp(kRows * ld), vis(ld), km(ld), dq(kRows * D), dk(ld * D), dv(ld * D);
     for (int64_t pair = b0 * H; pair < b1 * H; ++pair) {
       const int64_t b = pair / H, h = pair % H;
       if (h == 0) load_keys(pr, qkv, kp, vp, b, qq.data(), kk_.data(), vv_.data(), kt_.data(), vt_.data(), ld);
@@ -559,10 +547,8 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
         for (int r = 0; r < rows; ++r)
           store_row(dq.data() + r * D, D, dqkv + b * pr.qkv_sb + (pr.qpos[i0 + r] - pr.Tp) * pr.qkv_st + h * D);
       }
-      at_times_p(dos.data(), pd.data(), Tq, D, ld, first.data(), dvt.data());  // dV^T = dO^T drop(P)
-      at_times_p(qs.data(), ds.data(), Tq, D, ld, first.data(), dkt.data());   // dK^T = Q^T dS (scale folded in)
-      untranspose(dkt.data(), D, ld, pr.Tk, dk.data());  // [Tk][D]
-      untranspose(dvt.data(), D, ld, pr.Tk, dv.data());
+      pt_times_a(pd.data(), dos.data(), Tq, ld, pr.Tk, D, firstq.data(), dv.data());  // dV = drop(P)^T dO  [Tk][D]
+      pt_times_a(ds.data(), qs.data(), Tq, ld, pr.Tk, D, firstq.data(), dk.data());   // dK = dS^T Q (scale folded in)
       for (int64_t j = pr.Tp; j < pr.Tk; ++j) {
         T* dst = dqkv + b * pr.qkv_sb + (j - pr.Tp) * pr.qkv_st + h * D;
         store_row(dk.data() + j * D, D, dst + pr.H * D);
