@@ -5,8 +5,10 @@ decoupled weight decay and stale momentum. :class:`MaskedAdamW` therefore keeps 
 ``M_i`` as it was, while its moments decay as with a zero gradient (what a plain AdamW step does to
 them). Two implementations with the same result:
 
-* native (chosen when the CPU library in ``kernels/`` is built and the tensors are fp32 CPU): one
-  fused pass per masked weight matrix (``harmodt_kernels::masked_adamw_``);
+* native (chosen when the CPU library in ``kernels/`` is built and the tensors are fp32 CPU): the
+  whole step of a parameter group, masked matrices and unmasked parameters alike, in one call and
+  one parallel pass (``harmodt_kernels::adamw_group_``), with the same arithmetic as
+  ``torch.optim.AdamW`` (up to float rounding order);
 * plain PyTorch (beside it, always available): the ordinary AdamW step, then the masked-out
   weights are put back from a copy.
 
@@ -28,13 +30,14 @@ def _fused_supported() -> bool:
         return False
 
 
-def native_masked_adamw():
-    """The native op, or None when the kernels library is not built/loadable."""
+def native_adamw_group():
+    """The native op (``harmodt_kernels::adamw_group_``), or None when the kernels library is not
+    built/loadable."""
     try:
         from kernels import cpu
 
         if cpu.unavailable_reason() is None:
-            return torch.ops.harmodt_kernels.masked_adamw_
+            return torch.ops.harmodt_kernels.adamw_group_
     except (ImportError, AttributeError, RuntimeError):
         pass
     return None
@@ -64,7 +67,7 @@ class MaskedAdamW(torch.optim.AdamW):
     def __init__(self, params, native: bool | None = None, **kw):
         kw.setdefault("fused", _fused_supported())
         super().__init__(params, **kw)
-        self._native = native_masked_adamw() if native is not False else None
+        self._native = native_adamw_group() if native is not False else None
         if native is True and self._native is None:
             raise RuntimeError("MaskedAdamW(native=True): the kernels CPU library is not built (pip install --no-build-isolation -e .)")
 
@@ -72,41 +75,45 @@ class MaskedAdamW(torch.optim.AdamW):
     def masked_step(self, keep: dict | None = None, grad_scale: float = 1.0) -> None:
         """One step; parameters in ``keep`` change only inside their masks. ``grad_scale``: every
         gradient is multiplied by it first (gradient clipping's :func:`clip_coefficient`); the
-        native op reads the masked weights' gradients scaled instead of rewriting them."""
-        usable = bool(keep) and self._native is not None and all(
-            p.device.type == "cpu" and p.dtype == torch.float32 and p.grad is not None for p in keep)
+        native op reads the gradients scaled instead of rewriting them."""
+        usable = self._native is not None and self._plain_options() and all(
+            p.device.type == "cpu" and p.dtype == torch.float32 for g in self.param_groups for p in g["params"] if p.grad is not None)
+        if usable:
+            self._native_step(keep or {}, grad_scale)
+            return
         if grad_scale != 1.0:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None and not (usable and p in keep)]
-            if grads:
-                torch._foreach_mul_(grads, grad_scale)
+            torch._foreach_mul_([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None], grad_scale)
         if not keep:
             self.step()
             return
-        if not usable:
-            import kernels
+        import kernels
 
-            keep = {p: (kernels.unpack_masks(m, p.shape[-1]) if m.dtype == torch.int32 else m) for p, m in keep.items()}
-            saved = {p: p.detach().clone() for p in keep}
-            self.step()
-            for p, m in keep.items():
-                torch.where(m, p, saved[p], out=p.data)
-            return
-        grads = {p: p.grad for p in keep}
-        for p in keep:  # the ordinary step handles every other parameter
-            p.grad = None
+        keep = {p: (kernels.unpack_masks(m, p.shape[-1]) if m.dtype == torch.int32 else m) for p, m in keep.items()}
+        saved = {p: p.detach().clone() for p in keep}
         self.step()
-        for p, g in grads.items():
-            p.grad = g
+        for p, m in keep.items():
+            torch.where(m, p, saved[p], out=p.data)
+
+    def _plain_options(self) -> bool:
+        """No AdamW option the native op does not implement (amsgrad, maximize, ...)."""
+        return all(not g.get(k) for g in self.param_groups for k in ("amsgrad", "maximize", "capturable", "differentiable"))
+
+    def _native_step(self, keep: dict, grad_scale: float) -> None:
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p not in keep:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = []
+            for p in params:
                 st = self.state[p]
-                if not st:
+                if not st:  # what torch.optim.AdamW creates on a first step
                     st["step"] = torch.tensor(0.0)
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["step"] += 1
-                self._native(p.data, p.grad.contiguous(), st["exp_avg"], st["exp_avg_sq"], keep[p].contiguous(),
-                             float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], int(st["step"]), float(grad_scale))
+                states.append(st)
+            beta1, beta2 = group["betas"]
+            self._native(params, [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params],
+                         [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                         [keep[p].contiguous() if p in keep else None for p in params], [st["step"] for st in states],
+                         float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], float(grad_scale))
+        self._opt_called = True  # what Optimizer.step marks for LR schedulers (their step-order warning)

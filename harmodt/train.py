@@ -110,7 +110,8 @@ class Trainer:
         with self.autocast():
             pred = self.model(batch, ctx)
         loss = action_loss(pred, batch)
-        self.opt.zero_grad(set_to_none=True)
+        for p in self.params:  # zero_grad(set_to_none=True) without Optimizer.zero_grad's per-call overhead
+            p.grad = None
         loss.backward()
         norms = self.model.grad_sq_norms  # the masked weights' squared gradient norms, from their backward
         coef = clip_coefficient(self.params, self.cfg.grad_clip, None if norms is None else norms.by_param())
