@@ -95,6 +95,15 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return F.linear(x, weight, bias)
 
 
+def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``ln(x)``; fp32 CPU tensors outside autocast go through ``kernels.layer_norm`` when the
+    native ops are built (feature detection), the op the whole-block nodes call too, so both block
+    paths round alike."""
+    if x.dtype == torch.float32 and _native_block_ops(x) and not torch.is_autocast_enabled("cpu"):
+        return kernels.layer_norm(x.contiguous(), ln.weight, ln.bias, ln.eps, backend="cpu")
+    return ln(x)
+
+
 def _fused_inference(x: torch.Tensor, ctx, mask_key: str) -> bool:
     """Evaluation with ``--fused`` masks on CPU with the native library (feature detection): the
     blocks then use the inference-only fused ops (``masked_qkv_attention``, ``masked_mlp``)."""
@@ -318,7 +327,8 @@ class SelfAttention(nn.Module):
 class _FusedBlock(torch.autograd.Function):
     """A whole block's training step, fp32 on CPU with the native ops, as ONE autograd node: the
     same ops as :class:`Block`'s native path (``kernels.linear``'s GEMMs, the fused attention, the
-    GEMM epilogues, ATen's layer norm) called raw, with the backward written out. It replaces ~15
+    GEMM epilogues, ``kernels.layer_norm``) called raw, with the backward written out (the residual
+    gradients added inside the layer norms' backward). It replaces ~15
     autograd nodes, 4 Python ``autograd.Function`` calls and their module calls per block with one,
     which removes most of the block's fixed per-step cost (Python, autograd bookkeeping); the
     dropout seeds are drawn in the same order, so the result equals the unfused path's."""
@@ -328,17 +338,17 @@ class _FusedBlock(torch.autograd.Function):
                 key_valid, query_pos, n_head, eps, p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp, query, engine):
         # query: None (every token's output) or a slice of the T tokens (query_pos then holds theirs);
         # engine: kernels.gemm's ("auto": oneDNN, "blas": MKL)
-        ops, aten = torch.ops.harmodt_kernels, torch.ops.aten
+        ops = torch.ops.harmodt_kernels
         b, t, c = x.shape
         x2 = x.reshape(b * t, c)  # (BT, C)
-        h1, mean1, rstd1 = aten.native_layer_norm(x2, [c], ln1_w, ln1_b, eps)
+        h1, mean1, rstd1 = ops.layer_norm_forward(x2, ln1_w, ln1_b, eps)
         qkv = ops.gemm(h1, w_qkv.t(), b_qkv, engine).view(b, t, 3, n_head, c // n_head)  # (B, T, 3, nh, hd)
         att, lse = ops.attention_forward(qkv, None, None, key_valid, query_pos, p_attn, seed_attn, True)  # (B, Tq, C)
         tq = att.shape[1]
         att = att.view(b * tq, c)
         res = x2 if query is None else x[:, query].reshape(b * tq, c)  # the stream at the query tokens (BTq, C)
         x1 = ops.bias_dropout_add(ops.gemm(att, w_proj.t(), None, engine), b_proj, res, seed_proj, p_proj)  # (BTq, C)
-        h2, mean2, rstd2 = aten.native_layer_norm(x1, [c], ln2_w, ln2_b, eps)
+        h2, mean2, rstd2 = ops.layer_norm_forward(x1, ln2_w, ln2_b, eps)
         z = ops.bias_relu_(ops.gemm(h2, w_fc.t(), None, engine), b_fc)  # (BT, 4C)
         out = ops.bias_dropout_add(ops.gemm(z, w_mlp.t(), None, engine), b_mlp, x1, seed_mlp, p_mlp)  # (BT, C)
         ctx.save_for_backward(x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z,
@@ -349,7 +359,7 @@ class _FusedBlock(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        ops, aten = torch.ops.harmodt_kernels, torch.ops.aten
+        ops = torch.ops.harmodt_kernels
         (x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z,
          ln1_w, ln1_b, w_qkv, w_proj, ln2_w, ln2_b, w_fc, w_mlp, key_valid, query_pos) = ctx.saved_tensors
         p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp, query, engine = ctx.args
@@ -364,8 +374,7 @@ class _FusedBlock(torch.autograd.Function):
         dz, db_fc = ops.bias_relu_backward(dz, z, True)
         dh2 = ops.gemm(dz, w_fc, None, engine)
         dw_fc = ops.gemm(dz.t(), h2, None, engine)
-        dx1, dln2_w, dln2_b = aten.native_layer_norm_backward(dh2, x1, [c], mean2, rstd2, ln2_w, ln2_b, [True, True, True])
-        dx1 = dx1.add_(g)
+        dx1, dln2_w, dln2_b = ops.layer_norm_backward(dh2, x1, mean2, rstd2, ln2_w, g)  # + g: the residual's gradient
         # attention: x1 = x + drop(att W_proj^T + b_proj), att = attention(LN1(x) W_qkv^T + b_qkv)
         dy1, db_proj = ops.dropout_bias_backward(dx1, seed_proj, p_proj, True, torch.float32)
         datt = ops.gemm(dy1, w_proj, None, engine)
@@ -375,10 +384,8 @@ class _FusedBlock(torch.autograd.Function):
         dh1 = ops.gemm(dqkv, w_qkv, None, engine)
         dw_qkv = ops.gemm(dqkv.t(), h1, None, engine)
         db_qkv = dqkv.sum(0)
-        dx, dln1_w, dln1_b = aten.native_layer_norm_backward(dh1, x2, [c], mean1, rstd1, ln1_w, ln1_b, [True, True, True])
-        if query is None:
-            dx = dx.add_(dx1)
-        else:  # the residual stream's gradient goes back to the query tokens only
+        dx, dln1_w, dln1_b = ops.layer_norm_backward(dh1, x2, mean1, rstd1, ln1_w, dx1 if query is None else None)
+        if query is not None:  # the residual stream's gradient goes back to the query tokens only
             dx.view(b, t, c)[:, query] += dx1.view(b, tq, c)
         return (dx.view(b, t, c), dln1_w, dln1_b, dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_mlp, db_mlp,
                 None, None, None, None, None, None, None, None, None, None, None, None)
@@ -423,7 +430,7 @@ class Block(nn.Module):
                                      self.ln2.weight, self.ln2.bias, ws[2], self.fc.bias, ws[3], self.mlp_proj.bias,
                                      sel.key_valid.contiguous(), sel.query_pos.contiguous(), a.n_head, self.ln1.eps,
                                      float(p_attn), seed_attn, float(p_proj), seed_proj, float(p_mlp), seed_mlp, query, _GEMM_ENGINE)
-        x = self.attn(self.ln1(x) if qkv is None else None, attn, ctx, x if query is None else x[:, query], prefix, return_kv, query, qkv)
+        x = self.attn(_layer_norm(self.ln1, x) if qkv is None else None, attn, ctx, x if query is None else x[:, query], prefix, return_kv, query, qkv)
         if return_kv:
             x, kv = x
         w1, w2 = self.fc.gemm_weight(ctx), self.mlp_proj.gemm_weight(ctx)
@@ -431,17 +438,17 @@ class Block(nn.Module):
             # fc and projection as plain GEMMs, each followed by one native pass: bias + ReLU in place,
             # then bias + dropout + residual
             b, t, c = x.shape
-            h = kernels.bias_relu_(_linear(self.ln2(x).reshape(b * t, c), w1), self.fc.bias)  # (B*T, 4C)
+            h = kernels.bias_relu_(_linear(_layer_norm(self.ln2, x).reshape(b * t, c), w1), self.fc.bias)  # (B*T, 4C)
             p, seed = self.drop.draw()
             x = kernels.bias_dropout_add(_linear(h, w2).view(b, t, c), self.mlp_proj.bias, x, p, seed)
         elif _fused_inference(x, ctx, self.fc.mask_key):  # fc, ReLU and projection per task while the hidden is in cache
             b, t, c = x.shape
             fc, pr = self.fc, self.mlp_proj
-            y = kernels.masked_mlp(self.ln2(x).reshape(b * t, c), fc.weight, fc.bias, ctx.packed[fc.mask_key], pr.weight, pr.bias,
+            y = kernels.masked_mlp(_layer_norm(self.ln2, x).reshape(b * t, c), fc.weight, fc.bias, ctx.packed[fc.mask_key], pr.weight, pr.bias,
                                    ctx.packed[pr.mask_key], ctx.task_ids.repeat_interleave(t), backend=ctx.backend)
             x = x + y.view(b, t, c)
         else:
-            h = F.relu(self.fc(self.ln2(x), ctx), inplace=not torch.is_grad_enabled())  # (B, T, 4C); in place when nothing saves it
+            h = F.relu(self.fc(_layer_norm(self.ln2, x), ctx), inplace=not torch.is_grad_enabled())  # (B, T, 4C); in place when nothing saves it
             x = x + self.drop(self.mlp_proj(h, ctx))
         return (x, kv) if return_kv else x
 
@@ -592,7 +599,7 @@ class PromptDT(nn.Module):
             if not 0 < n_new <= t:
                 raise ValueError(f"act: the layer-0 cache holds {t - n_new} tokens but the window has {t}: set cache['drop']")
             blk0 = self.blocks[0]
-            new = blk0.attn.qkv(blk0.ln1(x[:, t - n_new :]), ctx).view(b, n_new, 3, self.cfg.n_head, c // self.cfg.n_head)
+            new = blk0.attn.qkv(_layer_norm(blk0.ln1, x[:, t - n_new :]), ctx).view(b, n_new, 3, self.cfg.n_head, c // self.cfg.n_head)
             qkv0 = new if kept is None else torch.cat([kept, new], dim=1)  # (B, T, 3, nh, hd)
             cache["qkv"], cache["drop"] = qkv0, 0
         last = slice(t - 1, None)  # the current state token: the last block computes only its output

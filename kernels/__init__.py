@@ -31,6 +31,7 @@ __all__ = [
     "bias_relu_",
     "dropout",
     "harmony_select",
+    "layer_norm",
     "linear",
     "masked_linear",
     "masked_mlp",
@@ -45,7 +46,7 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 
 # On CPU tensors, "auto" takes the native op for these ops; an op listed with "reference" is one
 # where bench/ measured the plain PyTorch path faster (kept measured, see bench/README.md).
-CPU_DISPATCH = {"apply_mask_": "cpu", "apply_masks_": "cpu", "apply_masks_sq_norms_": "cpu", "attention": "cpu", "bias_dropout_add": "cpu", "bias_relu_": "cpu", "dropout": "cpu", "masked_linear": "cpu", "masked_mlp": "cpu", "masked_qkv_attention": "cpu", "harmony_select": "cpu", "linear": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
+CPU_DISPATCH = {"apply_mask_": "cpu", "apply_masks_": "cpu", "apply_masks_sq_norms_": "cpu", "attention": "cpu", "bias_dropout_add": "cpu", "bias_relu_": "cpu", "dropout": "cpu", "masked_linear": "cpu", "masked_mlp": "cpu", "masked_qkv_attention": "cpu", "harmony_select": "cpu", "layer_norm": "cpu", "linear": "cpu", "pack_masks": "cpu", "unpack_masks": "cpu"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -232,6 +233,21 @@ def bias_dropout_add(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor
 
         return cpu.bias_dropout_add(y, bias, residual, seed, p)
     return reference.bias_dropout_add(y, bias, residual, int(seed), float(p))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+    """``F.layer_norm`` over the last dimension of ``x (..., C)``, differentiable. The native op
+    (fp32, contiguous ``x``) reads each row twice while it is in cache and writes it once, forward
+    and backward. See :func:`kernels.reference.layer_norm`."""
+    if backend == "triton":
+        raise BackendUnavailable("layer_norm has no Triton kernel (on a GPU use F.layer_norm); use backend='auto', 'cpu' or 'reference'")
+    b = resolve_backend(backend, x.device, "layer_norm")
+    if b == "cpu" and (backend == "cpu" or (all(t.dtype == torch.float32 for t in (x, weight, bias)) and x.is_contiguous()
+                                            and not torch.is_autocast_enabled("cpu"))):
+        from . import cpu
+
+        return cpu.layer_norm(x, weight, bias, eps)
+    return reference.layer_norm(x, weight, bias, eps)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:

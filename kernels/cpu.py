@@ -96,7 +96,8 @@ def _has_ops() -> bool:
         ns = torch.ops.harmodt_kernels
         for name in ("apply_mask_", "apply_masks_", "apply_masks_sq_norms_", "dropout_apply", "pack_masks", "unpack_masks", "masked_linear_forward",
                      "masked_linear_backward", "masked_mlp_forward", "masked_qkv_attention_forward", "attention_forward", "attention_backward", "harmony_select",
-                     "bias_relu_", "bias_relu_backward", "bias_dropout_add", "dropout_bias_backward", "gemm", "onednn_gemm_available", "linear"):
+                     "bias_relu_", "bias_relu_backward", "bias_dropout_add", "dropout_bias_backward", "gemm", "onednn_gemm_available", "linear",
+                     "layer_norm_forward", "layer_norm_backward", "adamw_group_"):
             getattr(ns, name)
     except (AttributeError, RuntimeError):
         return False
@@ -313,6 +314,40 @@ def bias_dropout_add(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor
     if not 0.0 <= p < 1.0:
         raise KernelArgumentError(f"bias_dropout_add: p must be in [0, 1), got {p}")
     return _BiasDropoutAdd.apply(y, bias, residual, int(seed), float(p))
+
+
+# ----------------------------------------------------------------------------------------------
+# layer norm (kernels/csrc/layer_norm.cpp)
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = _ops().layer_norm_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, mean, rstd, weight = ctx.saved_tensors
+        dx, dw, db = _ops().layer_norm_backward(grad.contiguous(), x, mean, rstd, weight, None)
+        return dx, dw, db, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm(x, (C,), weight, bias, eps)`` over the last dimension of a contiguous fp32
+    ``x (..., C)``, differentiable: one pass per row forward and backward (the raw ops
+    ``layer_norm_forward`` / ``layer_norm_backward`` also add a residual gradient into ``dx``)."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        _check_cpu(name, t)
+        _check_dtype(name, t, (torch.float32,))
+    if x.dim() == 0 or weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
+        raise KernelArgumentError(f"layer_norm: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must be the last "
+                                  f"dimension of x {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise KernelArgumentError("layer_norm: x must be contiguous")
+    return _LayerNorm.apply(x, weight, bias, float(eps))
 
 
 # ----------------------------------------------------------------------------------------------

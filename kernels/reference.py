@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_mask_", "apply_masks_", "apply_masks_sq_norms_", "attention", "attention_mask", "bias_dropout_add", "bias_relu_", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "masked_mlp", "masked_qkv_attention", "harmony_select", "num_words"]
+__all__ = ["apply_mask_", "apply_masks_", "apply_masks_sq_norms_", "attention", "attention_mask", "bias_dropout_add", "bias_relu_", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "masked_mlp", "masked_qkv_attention", "harmony_select", "layer_norm", "num_words"]
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
 
@@ -301,3 +301,8 @@ def harmony_select(
         new[i, drop] = False
         new[i, add] = True
     return pack_masks(new)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Layer norm over the last dimension (``nn.LayerNorm``'s biased variance)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

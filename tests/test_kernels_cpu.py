@@ -677,6 +677,48 @@ def test_bias_relu_without_bias_gradient_and_errors():
         kernels.bias_relu_(torch.zeros(3, 2), torch.zeros(2), backend="triton")
 
 
+@pytest.mark.parametrize("shape", [(592, 256), (1, 1), (7, 5), (3, 4, 17), (0, 16), (33, 1000), (2, 16), (5, 0)])
+def test_layer_norm_matches_float64_layer_norm(shape):
+    x0 = (torch.randn(shape, generator=_gen(21)) * 3 + 1).requires_grad_()
+    w0 = torch.randn(shape[-1], generator=_gen(22), requires_grad=True)
+    b0 = torch.randn(shape[-1], generator=_gen(23), requires_grad=True)
+    g = torch.randn(shape, generator=_gen(24))
+    got = kernels.layer_norm(x0, w0, b0, 1e-5, backend="cpu")
+    got_grads = _grads(got, (x0, w0, b0), g)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x0, w0, b0))
+    want = torch.nn.functional.layer_norm(xd, (shape[-1],), wd, bd, 1e-5)
+    want_grads = _grads(want, (xd, wd, bd), g.double())
+    torch.testing.assert_close(got, want.float(), **TOL)
+    for a, b in zip(got_grads, want_grads):  # dx, dw, db (dw, db: sums over up to 592 rows)
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_layer_norm_backward_adds_the_extra_gradient_and_errors():
+    x = torch.randn(9, 40, generator=_gen(25))
+    w, b = torch.randn(40, generator=_gen(26)), torch.randn(40, generator=_gen(27))
+    gy, extra = torch.randn(9, 40, generator=_gen(28)), torch.randn(9, 40, generator=_gen(29))
+    ops = torch.ops.harmodt_kernels
+    y, mean, rstd = ops.layer_norm_forward(x, w, b, 1e-5)
+    torch.testing.assert_close(mean, x.mean(-1), **TOL)
+    torch.testing.assert_close(rstd, (x.var(-1, unbiased=False) + 1e-5).rsqrt(), **TOL)
+    dx, dw, db = ops.layer_norm_backward(gy, x, mean, rstd, w, None)
+    dx2, dw2, db2 = ops.layer_norm_backward(gy, x, mean, rstd, w, extra)
+    torch.testing.assert_close(dx2, dx + extra, rtol=0, atol=1e-6)
+    assert torch.equal(dw, dw2) and torch.equal(db, db2)
+    with pytest.raises(ValueError, match=r"weight \(7,\) and bias \(40,\) must be the last dimension of x \(9, 40\)"):
+        cpu.layer_norm(x, torch.zeros(7), b)
+    with pytest.raises(TypeError, match="x must be float32, got float64"):
+        cpu.layer_norm(x.double(), w, b)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        cpu.layer_norm(torch.zeros(40, 9).t(), w, b)
+    with pytest.raises(ValueError, match="grad_extra has shape"):
+        ops.layer_norm_backward(gy, x, mean, rstd, w, extra[:, :3].contiguous())
+    with pytest.raises(kernels.BackendUnavailable, match="no Triton kernel"):
+        kernels.layer_norm(x, w, b, backend="triton")
+    torch.testing.assert_close(kernels.layer_norm(x.double(), w.double(), b.double()),  # auto: other dtypes take the reference
+                               torch.nn.functional.layer_norm(x.double(), (40,), w.double(), b.double()))
+
+
 @pytest.mark.parametrize("shape", EPILOGUE_SHAPES)
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize("y_dtype,res_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
