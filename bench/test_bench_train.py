@@ -169,7 +169,7 @@ def test_step_gemm_engine(benchmark):
 
 
 def test_step_fused_blocks(benchmark):
-    """The step with each transformer block as one autograd node (``harmodt.model._FusedBlock``,
+    """The step with each transformer block as one autograd node (``harmodt_kernels::fused_block``,
     the default) against the per-op blocks (same ops and dropout draws, bit-identical result):
     what the per-op Python and autograd cost."""
     _switch_benchmark(benchmark, "fused_blocks", "per_op_blocks", "_FUSED_BLOCK", False,

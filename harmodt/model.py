@@ -324,71 +324,18 @@ class SelfAttention(nn.Module):
         return (y, kv) if return_kv else y
 
 
-class _FusedBlock(torch.autograd.Function):
-    """A whole block's training step, fp32 on CPU with the native ops, as ONE autograd node: the
-    same ops as :class:`Block`'s native path (``kernels.linear``'s GEMMs, the fused attention, the
-    GEMM epilogues, ``kernels.layer_norm``) called raw, with the backward written out (the residual
-    gradients added inside the layer norms' backward). It replaces ~15
-    autograd nodes, 4 Python ``autograd.Function`` calls and their module calls per block with one,
-    which removes most of the block's fixed per-step cost (Python, autograd bookkeeping); the
-    dropout seeds are drawn in the same order, so the result equals the unfused path's."""
-
-    @staticmethod
-    def forward(ctx, x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp,
-                key_valid, query_pos, n_head, eps, p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp, query, engine):
-        # query: None (every token's output) or a slice of the T tokens (query_pos then holds theirs);
-        # engine: kernels.gemm's ("auto": oneDNN, "blas": MKL)
-        ops = torch.ops.harmodt_kernels
-        b, t, c = x.shape
-        x2 = x.reshape(b * t, c)  # (BT, C)
-        h1, mean1, rstd1 = ops.layer_norm_forward(x2, ln1_w, ln1_b, eps)
-        qkv = ops.gemm(h1, w_qkv.t(), b_qkv, engine).view(b, t, 3, n_head, c // n_head)  # (B, T, 3, nh, hd)
-        att, lse = ops.attention_forward(qkv, None, None, key_valid, query_pos, p_attn, seed_attn, True)  # (B, Tq, C)
-        tq = att.shape[1]
-        att = att.view(b * tq, c)
-        res = x2 if query is None else x[:, query].reshape(b * tq, c)  # the stream at the query tokens (BTq, C)
-        x1 = ops.bias_dropout_add(ops.gemm(att, w_proj.t(), None, engine), b_proj, res, seed_proj, p_proj)  # (BTq, C)
-        h2, mean2, rstd2 = ops.layer_norm_forward(x1, ln2_w, ln2_b, eps)
-        z = ops.bias_relu_(ops.gemm(h2, w_fc.t(), None, engine), b_fc)  # (BT, 4C)
-        out = ops.bias_dropout_add(ops.gemm(z, w_mlp.t(), None, engine), b_mlp, x1, seed_mlp, p_mlp)  # (BT, C)
-        ctx.save_for_backward(x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z,
-                              ln1_w, ln1_b, w_qkv, w_proj, ln2_w, ln2_b, w_fc, w_mlp, key_valid, query_pos)
-        ctx.args = (p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp, query, engine)
-        return out.view(b, tq, c)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        ops = torch.ops.harmodt_kernels
-        (x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z,
-         ln1_w, ln1_b, w_qkv, w_proj, ln2_w, ln2_b, w_fc, w_mlp, key_valid, query_pos) = ctx.saved_tensors
-        p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp, query, engine = ctx.args
-        b, t = qkv.shape[:2]
-        c = x2.shape[1]
-        tq = x1.shape[0] // b
-        g = grad.reshape(b * tq, c)  # (BTq, C)
-        # MLP: out = x1 + drop(z W_mlp^T + b_mlp), z = relu(h2 W_fc^T + b_fc), h2 = LN2(x1)
-        dy2, db_mlp = ops.dropout_bias_backward(g, seed_mlp, p_mlp, True, torch.float32)
-        dz = ops.gemm(dy2, w_mlp, None, engine)
-        dw_mlp = ops.gemm(dy2.t(), z, None, engine)
-        dz, db_fc = ops.bias_relu_backward(dz, z, True)
-        dh2 = ops.gemm(dz, w_fc, None, engine)
-        dw_fc = ops.gemm(dz.t(), h2, None, engine)
-        dx1, dln2_w, dln2_b = ops.layer_norm_backward(dh2, x1, mean2, rstd2, ln2_w, g)  # + g: the residual's gradient
-        # attention: x1 = x + drop(att W_proj^T + b_proj), att = attention(LN1(x) W_qkv^T + b_qkv)
-        dy1, db_proj = ops.dropout_bias_backward(dx1, seed_proj, p_proj, True, torch.float32)
-        datt = ops.gemm(dy1, w_proj, None, engine)
-        dw_proj = ops.gemm(dy1.t(), att, None, engine)
-        dqkv = ops.attention_backward(datt.view(b, tq, c), qkv, None, None, key_valid, query_pos, lse, p_attn, seed_attn)
-        dqkv = dqkv.view(b * t, 3 * c)
-        dh1 = ops.gemm(dqkv, w_qkv, None, engine)
-        dw_qkv = ops.gemm(dqkv.t(), h1, None, engine)
-        db_qkv = dqkv.sum(0)
-        dx, dln1_w, dln1_b = ops.layer_norm_backward(dh1, x2, mean1, rstd1, ln1_w, dx1 if query is None else None)
-        if query is not None:  # the residual stream's gradient goes back to the query tokens only
-            dx.view(b, t, c)[:, query] += dx1.view(b, tq, c)
-        return (dx.view(b, t, c), dln1_w, dln1_b, dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_mlp, db_mlp,
-                None, None, None, None, None, None, None, None, None, None, None, None)
+def _fused_block(*args) -> torch.Tensor:
+    """A whole block's fp32 training step on CPU as ONE autograd node: the op
+    ``harmodt_kernels::fused_block`` (``kernels/csrc/block.cpp``), a C++ autograd function that calls
+    the same ops as :class:`Block`'s native path (``kernels.linear``'s GEMMs, the fused attention,
+    the GEMM epilogues, ``kernels.layer_norm``) with the backward written out. It replaces ~15
+    autograd nodes and ~30 op calls from Python per block and step with one call; the dropout seeds
+    are drawn in the same order, so the result equals the per-op path's bit for bit. Arguments:
+    ``(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp,
+    key_valid, query_pos, n_head, eps, p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp,
+    query, engine)``; ``query``: None or ``[start, stop, step]`` of the tokens whose outputs are
+    wanted; ``engine``: kernels.gemm's (``"auto"``: oneDNN, ``"blas"``: MKL)."""
+    return torch.ops.harmodt_kernels.fused_block(*args)
 
 
 _FUSED_BLOCK: bool | None = None  # None: whole-block autograd nodes where they apply (tests and bench/ set False to compare)
@@ -405,7 +352,7 @@ class Block(nn.Module):
         self.drop = Dropout(cfg.dropout)
 
     def _fused_weights(self, x, ctx, prefix, return_kv, query, qkv):
-        """The four GEMM matrices when this call can run as one :class:`_FusedBlock` node: fp32
+        """The four GEMM matrices when this call can run as one :func:`_fused_block` node: fp32
         training forward on CPU with the native ops, every matrix one plain GEMM (no mask, or
         ``W * M`` for the step), no prefix or cache; else None."""
         if (_FUSED_BLOCK is False or qkv is not None or prefix is not None or return_kv
@@ -426,10 +373,11 @@ class Block(nn.Module):
             p_proj, seed_proj = a.resid_drop.draw()
             p_mlp, seed_mlp = self.drop.draw()
             sel = attn if query is None else attn.select(query)
-            return _FusedBlock.apply(x.contiguous(), self.ln1.weight, self.ln1.bias, ws[0], a.qkv.bias, ws[1], a.proj.bias,
-                                     self.ln2.weight, self.ln2.bias, ws[2], self.fc.bias, ws[3], self.mlp_proj.bias,
-                                     sel.key_valid.contiguous(), sel.query_pos.contiguous(), a.n_head, self.ln1.eps,
-                                     float(p_attn), seed_attn, float(p_proj), seed_proj, float(p_mlp), seed_mlp, query, _GEMM_ENGINE)
+            span = None if query is None else list(query.indices(x.shape[1]))
+            return _fused_block(x.contiguous(), self.ln1.weight, self.ln1.bias, ws[0], a.qkv.bias, ws[1], a.proj.bias,
+                                self.ln2.weight, self.ln2.bias, ws[2], self.fc.bias, ws[3], self.mlp_proj.bias,
+                                sel.key_valid.contiguous(), sel.query_pos.contiguous(), a.n_head, self.ln1.eps,
+                                float(p_attn), seed_attn, float(p_proj), seed_proj, float(p_mlp), seed_mlp, span, _GEMM_ENGINE)
         x = self.attn(_layer_norm(self.ln1, x) if qkv is None else None, attn, ctx, x if query is None else x[:, query], prefix, return_kv, query, qkv)
         if return_kv:
             x, kv = x

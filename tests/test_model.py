@@ -251,7 +251,7 @@ def test_block_gemms_on_kernels_linear_match_f_linear(method, monkeypatch):
 @pytest.mark.parametrize("method", ["prompt-dt", "mtdt", "harmodt-f"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_block_nodes_equal_the_unfused_blocks(method, dropout, monkeypatch):
-    """Each block's fp32 training step as one autograd node (_FusedBlock: every block, the last
+    """Each block's fp32 training step as one autograd node (_fused_block: every block, the last
     one on the state tokens only) against the unfused native path: the same ops and dropout draws,
     so the output and every gradient are bit-identical; a left-padded row included."""
     import harmodt.model as model_mod
@@ -264,7 +264,7 @@ def test_fused_block_nodes_equal_the_unfused_blocks(method, dropout, monkeypatch
     batch["mask"][0, :2] = False
     ctx = _erk_context(m, method, batch["task_ids"], fused=True)
     applied = []
-    monkeypatch.setattr(model_mod._FusedBlock, "apply", lambda *a, _f=model_mod._FusedBlock.apply: applied.append(1) or _f(*a))
+    monkeypatch.setattr(model_mod, "_fused_block", lambda *a, _f=model_mod._fused_block: applied.append(1) or _f(*a))
     (out_f, g_f, n_f), (out_u, g_u, n_u) = _runs_under(monkeypatch, m, batch, ctx, "_FUSED_BLOCK", (None, False), applied)
     assert (n_f, n_u) == (cfg.n_layer, 0)
     assert torch.equal(out_f, out_u)

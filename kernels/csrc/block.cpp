@@ -1,0 +1,242 @@
+// One transformer block's fp32 training step as ONE C++ autograd node (the op fused_block):
+//
+//   h1 = LN1(x);  qkv = h1 W_qkv^T + b_qkv;  att = attention(qkv)            (causal, dropout p_attn)
+//   x1 = x[query] + drop(att W_proj^T + b_proj);  h2 = LN2(x1)
+//   z = relu(h2 W_fc^T + b_fc);  out = x1 + drop(z W_mlp^T + b_mlp)
+//
+// with the backward written out. It calls the library's ops (gemm, attention_forward/backward, the
+// GEMM epilogues, layer_norm_forward/backward) through the dispatcher, below autograd, so profilers
+// and dispatch modes still see each of them (bench/ replays the GEMMs it captures that way); what
+// it removes is the Python between them (~30 op calls per block and step from Python, an
+// autograd.Function's bookkeeping). harmodt/model.py's Block calls it with the same arguments and
+// dropout seeds as its per-op path, whose result it equals bit for bit (tests/test_model.py).
+//
+// query: empty (every token's output) or {start, stop, step}, a slice of the T tokens (the last
+// block computes the state tokens only); key_valid / query_pos are then those of the queries.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace harmodt {
+namespace {
+
+using Opt = std::optional<at::Tensor>;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const Opt& bias, const std::string& engine) {
+  static const auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const Opt&, c10::string_view)>("harmodt_kernels::gemm");
+  return op.call(a, b, bias, engine);
+}
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv, const at::Tensor& key_valid,
+                                                     const at::Tensor& query_pos, double p, int64_t seed) {
+  static const auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const Opt&, const Opt&, const at::Tensor&,
+                                                                   const at::Tensor&, double, int64_t, bool)>(
+      "harmodt_kernels::attention_forward");
+  return op.call(qkv, std::nullopt, std::nullopt, key_valid, query_pos, p, seed, true);
+}
+at::Tensor attention_backward(const at::Tensor& grad, const at::Tensor& qkv, const at::Tensor& key_valid,
+                              const at::Tensor& query_pos, const at::Tensor& lse, double p, int64_t seed) {
+  static const auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, const at::Tensor&,
+                                           const at::Tensor&, const at::Tensor&, double, int64_t)>(
+      "harmodt_kernels::attention_backward");
+  return op.call(grad, qkv, std::nullopt, std::nullopt, key_valid, query_pos, lse, p, seed);
+}
+at::Tensor bias_relu_(const at::Tensor& z, const at::Tensor& bias) {
+  static const auto op = handle<at::Tensor(at::Tensor, const at::Tensor&)>("harmodt_kernels::bias_relu_");
+  return op.call(z, bias);
+}
+std::tuple<at::Tensor, at::Tensor> bias_relu_backward(const at::Tensor& grad, const at::Tensor& out) {
+  static const auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool)>(
+      "harmodt_kernels::bias_relu_backward");
+  return op.call(grad, out, true);
+}
+at::Tensor bias_dropout_add(const at::Tensor& y, const at::Tensor& bias, const at::Tensor& residual, int64_t seed, double p) {
+  static const auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>(
+      "harmodt_kernels::bias_dropout_add");
+  return op.call(y, bias, residual, seed, p);
+}
+std::tuple<at::Tensor, at::Tensor> dropout_bias_backward(const at::Tensor& grad, int64_t seed, double p) {
+  static const auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, double, bool, at::ScalarType)>(
+      "harmodt_kernels::dropout_bias_backward");
+  return op.call(grad, seed, p, true, at::kFloat);
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                                                  double eps) {
+  static const auto op = handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                                const at::Tensor&, double)>(
+      "harmodt_kernels::layer_norm_forward");
+  return op.call(x, w, b, eps);
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                                                   const at::Tensor& w, const Opt& extra) {
+  static const auto op = handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&)>(
+      "harmodt_kernels::layer_norm_backward");
+  return op.call(grad, x, mean, rstd, w, extra);
+}
+
+struct Dropouts {
+  double p_attn, p_proj, p_mlp;
+  int64_t seed_attn, seed_proj, seed_mlp;
+};
+
+// The tensors the backward needs, in this order.
+enum Saved { kX2, kH1, kMean1, kRstd1, kQkv, kAtt, kLse, kX1, kH2, kMean2, kRstd2, kZ,
+             kLn1W, kWQkv, kWProj, kLn2W, kWFc, kWMlp, kKeyValid, kQueryPos, kNumSaved };
+
+at::Tensor query_rows(const at::Tensor& x, const std::vector<int64_t>& query) {  // x (B, T, C) -> x[:, query]
+  return query.empty() ? x : x.slice(1, query[0], query[1], query[2]);
+}
+
+// The forward; `saved` (if given) receives what the backward reads.
+at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at::Tensor& ln1_b, const at::Tensor& w_qkv,
+                         const at::Tensor& b_qkv, const at::Tensor& w_proj, const at::Tensor& b_proj, const at::Tensor& ln2_w,
+                         const at::Tensor& ln2_b, const at::Tensor& w_fc, const at::Tensor& b_fc, const at::Tensor& w_mlp,
+                         const at::Tensor& b_mlp, const at::Tensor& key_valid, const at::Tensor& query_pos, int64_t n_head,
+                         double eps, const Dropouts& d, const std::vector<int64_t>& query, const std::string& engine,
+                         std::vector<at::Tensor>* saved) {
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.is_contiguous() && x.scalar_type() == at::kFloat,
+                    "fused_block: x must be a contiguous float32 (B, T, C) tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK_VALUE(query.empty() || query.size() == 3, "fused_block: query must be empty or [start, stop, step]");
+  const int64_t b = x.size(0), t = x.size(1), c = x.size(2);
+  TORCH_CHECK_VALUE(n_head > 0 && c % n_head == 0, "fused_block: n_head ", n_head, " must divide the width ", c);
+  const at::Tensor x2 = x.view({b * t, c});  // (BT, C)
+  auto [h1, mean1, rstd1] = layer_norm_forward(x2, ln1_w, ln1_b, eps);
+  const at::Tensor qkv = gemm(h1, w_qkv.t(), b_qkv, engine).view({b, t, 3, n_head, c / n_head});  // (B, T, 3, nh, hd)
+  auto [att3, lse] = attention_forward(qkv, key_valid, query_pos, d.p_attn, d.seed_attn);  // (B, Tq, C)
+  const int64_t tq = att3.size(1);
+  const at::Tensor att = att3.view({b * tq, c});
+  const at::Tensor res = query.empty() ? x2 : query_rows(x, query).reshape({b * tq, c});  // the stream at the queries
+  const at::Tensor x1 = bias_dropout_add(gemm(att, w_proj.t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
+  auto [h2, mean2, rstd2] = layer_norm_forward(x1, ln2_w, ln2_b, eps);
+  const at::Tensor z = bias_relu_(gemm(h2, w_fc.t(), std::nullopt, engine), b_fc);  // (BTq, 4C)
+  const at::Tensor out = bias_dropout_add(gemm(z, w_mlp.t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
+  if (saved != nullptr)
+    *saved = {x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z, ln1_w, w_qkv, w_proj, ln2_w, w_fc, w_mlp,
+              key_valid, query_pos};
+  return out.view({b, tq, c});
+}
+
+// (dx, dln1_w, dln1_b, dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_mlp, db_mlp)
+std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector<at::Tensor>& s, const Dropouts& d,
+                                       const std::vector<int64_t>& query, const std::string& engine) {
+  const at::Tensor& qkv = s[kQkv];
+  const int64_t b = qkv.size(0), t = qkv.size(1), c = s[kX2].size(1), tq = s[kX1].size(0) / b;
+  const at::Tensor g = grad.reshape({b * tq, c}).contiguous();  // (BTq, C)
+  // MLP: out = x1 + drop(z W_mlp^T + b_mlp), z = relu(h2 W_fc^T + b_fc), h2 = LN2(x1)
+  auto [dy2, db_mlp] = dropout_bias_backward(g, d.seed_mlp, d.p_mlp);
+  const at::Tensor dz_pre = gemm(dy2, s[kWMlp], std::nullopt, engine);
+  const at::Tensor dw_mlp = gemm(dy2.t(), s[kZ], std::nullopt, engine);
+  auto [dz, db_fc] = bias_relu_backward(dz_pre, s[kZ]);
+  const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine);
+  const at::Tensor dw_fc = gemm(dz.t(), s[kH2], std::nullopt, engine);
+  auto [dx1, dln2_w, dln2_b] = layer_norm_backward(dh2, s[kX1], s[kMean2], s[kRstd2], s[kLn2W], g);  // + g: the residual's
+  // attention: x1 = x + drop(att W_proj^T + b_proj), att = attention(LN1(x) W_qkv^T + b_qkv)
+  auto [dy1, db_proj] = dropout_bias_backward(dx1, d.seed_proj, d.p_proj);
+  const at::Tensor datt = gemm(dy1, s[kWProj], std::nullopt, engine);
+  const at::Tensor dw_proj = gemm(dy1.t(), s[kAtt], std::nullopt, engine);
+  const at::Tensor dqkv = attention_backward(datt.view({b, tq, c}), qkv, s[kKeyValid], s[kQueryPos], s[kLse], d.p_attn, d.seed_attn)
+                              .view({b * t, 3 * c});
+  const at::Tensor dh1 = gemm(dqkv, s[kWQkv], std::nullopt, engine);
+  const at::Tensor dw_qkv = gemm(dqkv.t(), s[kH1], std::nullopt, engine);
+  const at::Tensor db_qkv = dqkv.sum(0);
+  auto [dx, dln1_w, dln1_b] =
+      layer_norm_backward(dh1, s[kX2], s[kMean1], s[kRstd1], s[kLn1W], query.empty() ? Opt(dx1) : Opt());
+  if (!query.empty())  // the residual stream's gradient goes back to the query tokens only
+    query_rows(dx.view({b, t, c}), query).add_(dx1.view({b, tq, c}));
+  return {dx.view({b, t, c}), dln1_w, dln1_b, dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_mlp, db_mlp};
+}
+
+constexpr int kNumTensorArgs = 15;
+
+class FusedBlockFunction : public torch::autograd::Function<FusedBlockFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& ln1_w,
+                            const at::Tensor& ln1_b, const at::Tensor& w_qkv, const at::Tensor& b_qkv, const at::Tensor& w_proj,
+                            const at::Tensor& b_proj, const at::Tensor& ln2_w, const at::Tensor& ln2_b, const at::Tensor& w_fc,
+                            const at::Tensor& b_fc, const at::Tensor& w_mlp, const at::Tensor& b_mlp,
+                            const at::Tensor& key_valid, const at::Tensor& query_pos, int64_t n_head, double eps,
+                            double p_attn, int64_t seed_attn, double p_proj, int64_t seed_proj, double p_mlp, int64_t seed_mlp,
+                            std::vector<int64_t> query, std::string engine) {
+    const Dropouts d{p_attn, p_proj, p_mlp, seed_attn, seed_proj, seed_mlp};
+    std::vector<at::Tensor> saved;
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = block_forward(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp, key_valid,
+                          query_pos, n_head, eps, d, query, engine, &saved);
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["p"] = std::vector<double>{p_attn, p_proj, p_mlp};
+    ctx->saved_data["seed"] = std::vector<int64_t>{seed_attn, seed_proj, seed_mlp};
+    ctx->saved_data["query"] = query;
+    ctx->saved_data["engine"] = engine;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    const std::vector<at::Tensor> saved = ctx->get_saved_variables();
+    const auto p = ctx->saved_data["p"].toDoubleVector();
+    const auto seed = ctx->saved_data["seed"].toIntVector();
+    const Dropouts d{p[0], p[1], p[2], seed[0], seed[1], seed[2]};
+    std::vector<at::Tensor> out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = block_backward(grads[0], saved, d, ctx->saved_data["query"].toIntVector(), ctx->saved_data["engine"].toStringRef());
+    }
+    out.resize(kNumTensorArgs + 10);  // no gradient for key_valid, query_pos and the non-tensor arguments
+    return out;
+  }
+};
+
+at::Tensor fused_block_autograd(const at::Tensor& x, const at::Tensor& ln1_w, const at::Tensor& ln1_b, const at::Tensor& w_qkv,
+                                const at::Tensor& b_qkv, const at::Tensor& w_proj, const at::Tensor& b_proj,
+                                const at::Tensor& ln2_w, const at::Tensor& ln2_b, const at::Tensor& w_fc, const at::Tensor& b_fc,
+                                const at::Tensor& w_mlp, const at::Tensor& b_mlp, const at::Tensor& key_valid,
+                                const at::Tensor& query_pos, int64_t n_head, double eps, double p_attn, int64_t seed_attn,
+                                double p_proj, int64_t seed_proj, double p_mlp, int64_t seed_mlp, at::OptionalIntArrayRef query,
+                                c10::string_view engine) {
+  return FusedBlockFunction::apply(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp,
+                                   key_valid, query_pos, n_head, eps, p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp,
+                                   query.has_value() ? query->vec() : std::vector<int64_t>{}, std::string(engine));
+}
+
+// Without autograd (no gradient wanted): the forward alone.
+at::Tensor fused_block_forward_only(const at::Tensor& x, const at::Tensor& ln1_w, const at::Tensor& ln1_b,
+                                    const at::Tensor& w_qkv, const at::Tensor& b_qkv, const at::Tensor& w_proj,
+                                    const at::Tensor& b_proj, const at::Tensor& ln2_w, const at::Tensor& ln2_b,
+                                    const at::Tensor& w_fc, const at::Tensor& b_fc, const at::Tensor& w_mlp,
+                                    const at::Tensor& b_mlp, const at::Tensor& key_valid, const at::Tensor& query_pos,
+                                    int64_t n_head, double eps, double p_attn, int64_t seed_attn, double p_proj,
+                                    int64_t seed_proj, double p_mlp, int64_t seed_mlp, at::OptionalIntArrayRef query,
+                                    c10::string_view engine) {
+  return block_forward(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp, key_valid,
+                       query_pos, n_head, eps, Dropouts{p_attn, p_proj, p_mlp, seed_attn, seed_proj, seed_mlp},
+                       query.has_value() ? query->vec() : std::vector<int64_t>{}, std::string(engine), nullptr);
+}
+
+}  // namespace
+}  // namespace harmodt
+
+TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
+  m.def(
+      "fused_block(Tensor x, Tensor ln1_w, Tensor ln1_b, Tensor w_qkv, Tensor b_qkv, Tensor w_proj, Tensor b_proj, "
+      "Tensor ln2_w, Tensor ln2_b, Tensor w_fc, Tensor b_fc, Tensor w_mlp, Tensor b_mlp, Tensor key_valid, "
+      "Tensor query_pos, int n_head, float eps, float p_attn, int seed_attn, float p_proj, int seed_proj, "
+      "float p_mlp, int seed_mlp, int[]? query, str engine) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) { m.impl("fused_block", &harmodt::fused_block_forward_only); }
+
+TORCH_LIBRARY_IMPL(harmodt_kernels, Autograd, m) { m.impl("fused_block", &harmodt::fused_block_autograd); }
