@@ -677,6 +677,27 @@ def test_bias_relu_without_bias_gradient_and_errors():
         kernels.bias_relu_(torch.zeros(3, 2), torch.zeros(2), backend="triton")
 
 
+@pytest.mark.parametrize("shape", EPILOGUE_SHAPES)
+def test_in_place_epilogues_equal_their_out_of_place_ops(shape):
+    """bias_relu_backward_ / bias_dropout_add_ (the fused block's: written over a fresh GEMM output)
+    give bit for bit what bias_relu_backward / bias_dropout_add return."""
+    ops = torch.ops.harmodt_kernels
+    g, z = torch.randn(shape, generator=_gen(31)), torch.relu(torch.randn(shape, generator=_gen(32)))
+    y, res, bias = torch.randn(shape, generator=_gen(33)), torch.randn(shape, generator=_gen(34)), torch.randn(shape[-1], generator=_gen(35))
+    dz, db = ops.bias_relu_backward(g, z, True)
+    g2 = g.clone()
+    db2 = ops.bias_relu_backward_(g2, z, True)
+    assert torch.equal(g2, dz) and torch.equal(db2, db)
+    want = ops.bias_dropout_add(y, bias, res, 7, 0.3)
+    y2 = y.clone()
+    got = ops.bias_dropout_add_(y2, bias, res, 7, 0.3)
+    assert torch.equal(got, want) and torch.equal(y2, want)
+    with pytest.raises(ValueError, match="y is BFloat16, residual is Float"):
+        ops.bias_dropout_add_(y.bfloat16(), bias, res, 7, 0.3)
+    with pytest.raises(ValueError, match="grad has shape"):
+        ops.bias_relu_backward_(torch.zeros(*shape[:-1], shape[-1] + 1), z, True)
+
+
 @pytest.mark.parametrize("shape", [(592, 256), (1, 1), (7, 5), (3, 4, 17), (0, 16), (33, 1000), (2, 16), (5, 0)])
 def test_layer_norm_matches_float64_layer_norm(shape):
     x0 = (torch.randn(shape, generator=_gen(21)) * 3 + 1).requires_grad_()

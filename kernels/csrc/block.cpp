@@ -55,15 +55,14 @@ at::Tensor bias_relu_(const at::Tensor& z, const at::Tensor& bias) {
   static const auto op = handle<at::Tensor(at::Tensor, const at::Tensor&)>("harmodt_kernels::bias_relu_");
   return op.call(z, bias);
 }
-std::tuple<at::Tensor, at::Tensor> bias_relu_backward(const at::Tensor& grad, const at::Tensor& out) {
-  static const auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool)>(
-      "harmodt_kernels::bias_relu_backward");
+at::Tensor bias_relu_backward_(const at::Tensor& grad, const at::Tensor& out) {  // grad <- grad * (out > 0); returns db
+  static const auto op = handle<at::Tensor(at::Tensor, const at::Tensor&, bool)>("harmodt_kernels::bias_relu_backward_");
   return op.call(grad, out, true);
 }
-at::Tensor bias_dropout_add(const at::Tensor& y, const at::Tensor& bias, const at::Tensor& residual, int64_t seed, double p) {
-  static const auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>(
-      "harmodt_kernels::bias_dropout_add");
-  return op.call(y, bias, residual, seed, p);
+at::Tensor bias_dropout_add_(const at::Tensor& y, const at::Tensor& bias, const at::Tensor& residual, int64_t seed, double p) {
+  static const auto op = handle<at::Tensor(at::Tensor, const at::Tensor&, const at::Tensor&, int64_t, double)>(
+      "harmodt_kernels::bias_dropout_add_");
+  return op.call(y, bias, residual, seed, p);  // residual + dropout(y + bias), written over y
 }
 std::tuple<at::Tensor, at::Tensor> dropout_bias_backward(const at::Tensor& grad, int64_t seed, double p) {
   static const auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, double, bool, at::ScalarType)>(
@@ -118,10 +117,10 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
   const int64_t tq = att3.size(1);
   const at::Tensor att = att3.view({b * tq, c});
   const at::Tensor res = query.empty() ? x2 : query_rows(x, query).reshape({b * tq, c});  // the stream at the queries
-  const at::Tensor x1 = bias_dropout_add(gemm(att, w_proj.t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
+  const at::Tensor x1 = bias_dropout_add_(gemm(att, w_proj.t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
   auto [h2, mean2, rstd2] = layer_norm_forward(x1, ln2_w, ln2_b, eps);
   const at::Tensor z = bias_relu_(gemm(h2, w_fc.t(), std::nullopt, engine), b_fc);  // (BTq, 4C)
-  const at::Tensor out = bias_dropout_add(gemm(z, w_mlp.t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
+  const at::Tensor out = bias_dropout_add_(gemm(z, w_mlp.t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
   if (saved != nullptr)
     *saved = {x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z, ln1_w, w_qkv, w_proj, ln2_w, w_fc, w_mlp,
               key_valid, query_pos};
@@ -136,9 +135,9 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
   const at::Tensor g = grad.reshape({b * tq, c}).contiguous();  // (BTq, C)
   // MLP: out = x1 + drop(z W_mlp^T + b_mlp), z = relu(h2 W_fc^T + b_fc), h2 = LN2(x1)
   auto [dy2, db_mlp] = dropout_bias_backward(g, d.seed_mlp, d.p_mlp);
-  const at::Tensor dz_pre = gemm(dy2, s[kWMlp], std::nullopt, engine);
+  const at::Tensor dz = gemm(dy2, s[kWMlp], std::nullopt, engine);  // (BTq, 4C), through ReLU's gradient in place below
   const at::Tensor dw_mlp = gemm(dy2.t(), s[kZ], std::nullopt, engine);
-  auto [dz, db_fc] = bias_relu_backward(dz_pre, s[kZ]);
+  const at::Tensor db_fc = bias_relu_backward_(dz, s[kZ]);
   const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine);
   const at::Tensor dw_fc = gemm(dz.t(), s[kH2], std::nullopt, engine);
   auto [dx1, dln2_w, dln2_b] = layer_norm_backward(dh2, s[kX1], s[kMean2], s[kRstd2], s[kLn2W], g);  // + g: the residual's

@@ -2,8 +2,8 @@
 // a bias of N columns:
 //
 //   bias_relu_(z, b)                      z <- relu(z + b)                     (fc, in place)
-//   bias_relu_backward(g, h)              dz = g * (h > 0), db = sum_rows dz
-//   bias_dropout_add(y, b, r, seed, p)    r + dropout(y + b)                   (proj, mlp_proj)
+//   bias_relu_backward(g, h)              dz = g * (h > 0), db = sum_rows dz  (bias_relu_backward_: dz over g)
+//   bias_dropout_add(y, b, r, seed, p)    r + dropout(y + b)                   (proj, mlp_proj; bias_dropout_add_: over y)
 //   dropout_bias_backward(g, seed, p)     dy = dropout(g), db = sum_rows dy
 //
 // BLAS adds a bias by copying it into every output row before the GEMM (one more pass over the
@@ -135,12 +135,9 @@ void relu_grad_rows(const T* g, const T* h, T* dz, ColumnSums* sums, int64_t m, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> bias_relu_backward(const at::Tensor& grad_in, const at::Tensor& out, bool need_bias) {
-  check_2d(out, "bias_relu_backward", "out");
-  const at::Tensor grad = grad_in.contiguous();
-  check_like(grad, out, "bias_relu_backward", "grad", "out");
+// dz = grad * (out > 0) into `dz` (may be grad itself); returns db (zeros without need_bias).
+at::Tensor relu_backward_into(const at::Tensor& grad, const at::Tensor& out, at::Tensor& dz, bool need_bias) {
   const int64_t n = out.size(-1), m = n == 0 ? 0 : out.numel() / n;
-  at::Tensor dz = at::empty_like(out);
   ColumnSums sums(need_bias ? n : 0);
   if (m > 0 && n > 0) {
     if (out.scalar_type() == at::kFloat)
@@ -149,7 +146,23 @@ std::tuple<at::Tensor, at::Tensor> bias_relu_backward(const at::Tensor& grad_in,
       relu_grad_rows(grad.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), dz.data_ptr<at::BFloat16>(),
                      need_bias ? &sums : nullptr, m, n);
   }
-  return {dz, need_bias ? sums.total() : at::zeros({n}, at::kFloat)};
+  return need_bias ? sums.total() : at::zeros({n}, at::kFloat);
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_relu_backward(const at::Tensor& grad_in, const at::Tensor& out, bool need_bias) {
+  check_2d(out, "bias_relu_backward", "out");
+  const at::Tensor grad = grad_in.contiguous();
+  check_like(grad, out, "bias_relu_backward", "grad", "out");
+  at::Tensor dz = at::empty_like(out);
+  at::Tensor db = relu_backward_into(grad, out, dz, need_bias);
+  return {dz, db};
+}
+
+// The same, written over grad (a fresh GEMM output nobody else reads): no new buffer to fill.
+at::Tensor bias_relu_backward_(at::Tensor grad, const at::Tensor& out, bool need_bias) {
+  check_2d(out, "bias_relu_backward_", "out");
+  check_like(grad, out, "bias_relu_backward_", "grad", "out");
+  return relu_backward_into(grad, out, grad, need_bias);
 }
 
 // ---- bias + dropout + residual ------------------------------------------------------------------
@@ -190,15 +203,16 @@ void bias_dropout_add_dispatch(const at::Tensor& y, const float* b, const at::Te
                           scale);
 }
 
-at::Tensor bias_dropout_add(const at::Tensor& y_in, const at::Tensor& bias, const at::Tensor& res_in, int64_t seed, double p) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "bias_dropout_add: p must be in [0, 1), got ", p);
-  const at::Tensor y = y_in.contiguous(), res = res_in.contiguous();
-  check_2d(y, "bias_dropout_add", "y");
-  check_2d(res, "bias_dropout_add", "residual");
-  TORCH_CHECK_VALUE(res.sizes() == y.sizes(), "bias_dropout_add: residual has shape ", res.sizes(), ", y has ", y.sizes());
+// out = res + dropout(y + b) into `out` (may be y itself when the dtypes agree).
+at::Tensor bias_dropout_add_into(const at::Tensor& y, const at::Tensor& bias, const at::Tensor& res, int64_t seed, double p,
+                                 at::Tensor out, const char* op) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
+  check_2d(y, op, "y");
+  check_2d(res, op, "residual");
+  TORCH_CHECK_VALUE(res.sizes() == y.sizes(), op, ": residual has shape ", res.sizes(), ", y has ", y.sizes());
   const int64_t n = y.size(-1), m = n == 0 ? 0 : y.numel() / n;
-  const std::vector<float> b = bias_values(bias, n, "bias_dropout_add");
-  at::Tensor out = at::empty_like(res);
+  const std::vector<float> b = bias_values(bias, n, op);
+  if (!out.defined()) out = at::empty_like(res);
   if (m == 0 || n == 0) return out;
   const uint32_t threshold = static_cast<uint32_t>(std::llround(p * 65536.0));
   const float scale = static_cast<float>(1.0 / (1.0 - p));
@@ -207,6 +221,18 @@ at::Tensor bias_dropout_add(const at::Tensor& y_in, const at::Tensor& bias, cons
   else
     bias_dropout_add_dispatch<at::BFloat16>(y, b.data(), res, out, m, n, static_cast<uint64_t>(seed), threshold, scale);
   return out;
+}
+
+at::Tensor bias_dropout_add(const at::Tensor& y_in, const at::Tensor& bias, const at::Tensor& res_in, int64_t seed, double p) {
+  return bias_dropout_add_into(y_in.contiguous(), bias, res_in.contiguous(), seed, p, at::Tensor(), "bias_dropout_add");
+}
+
+// The same, written over y (a fresh GEMM output nobody else reads; y and residual of one dtype).
+at::Tensor bias_dropout_add_(at::Tensor y, const at::Tensor& bias, const at::Tensor& res_in, int64_t seed, double p) {
+  TORCH_CHECK_VALUE(y.is_contiguous(), "bias_dropout_add_: y must be contiguous (it is written in place)");
+  TORCH_CHECK_VALUE(y.scalar_type() == res_in.scalar_type(), "bias_dropout_add_: y is ", y.scalar_type(), ", residual is ",
+                    res_in.scalar_type(), " (the result is written over y)");
+  return bias_dropout_add_into(y, bias, res_in.contiguous(), seed, p, y, "bias_dropout_add_");
 }
 
 // dy (Td) = dropout(g (Tg)), and the row sums of dy in fp32.
@@ -273,13 +299,17 @@ std::tuple<at::Tensor, at::Tensor> dropout_bias_backward(const at::Tensor& grad_
 TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
   m.def("bias_relu_(Tensor(a!) z, Tensor bias) -> Tensor(a!)");
   m.def("bias_relu_backward(Tensor grad, Tensor out, bool need_bias) -> (Tensor, Tensor)");
+  m.def("bias_relu_backward_(Tensor(a!) grad, Tensor out, bool need_bias) -> Tensor");
   m.def("bias_dropout_add(Tensor y, Tensor bias, Tensor residual, int seed, float p) -> Tensor");
+  m.def("bias_dropout_add_(Tensor(a!) y, Tensor bias, Tensor residual, int seed, float p) -> Tensor(a!)");
   m.def("dropout_bias_backward(Tensor grad, int seed, float p, bool need_bias, ScalarType dtype) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
   m.impl("bias_relu_", &harmodt::bias_relu_);
   m.impl("bias_relu_backward", &harmodt::bias_relu_backward);
+  m.impl("bias_relu_backward_", &harmodt::bias_relu_backward_);
   m.impl("bias_dropout_add", &harmodt::bias_dropout_add);
+  m.impl("bias_dropout_add_", &harmodt::bias_dropout_add_);
   m.impl("dropout_bias_backward", &harmodt::dropout_bias_backward);
 }
