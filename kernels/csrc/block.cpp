@@ -147,9 +147,9 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
   const at::Tensor dw_proj = gemm(dy1.t(), s[kAtt], std::nullopt, engine);
   const at::Tensor dqkv = attention_backward(datt.view({b, tq, c}), qkv, s[kKeyValid], s[kQueryPos], s[kLse], d.p_attn, d.seed_attn)
                               .view({b * t, 3 * c});
+  const at::Tensor db_qkv = dqkv.sum(0);  // first, while the attention's output is still in cache
   const at::Tensor dh1 = gemm(dqkv, s[kWQkv], std::nullopt, engine);
   const at::Tensor dw_qkv = gemm(dqkv.t(), s[kH1], std::nullopt, engine);
-  const at::Tensor db_qkv = dqkv.sum(0);
   auto [dx, dln1_w, dln1_b] =
       layer_norm_backward(dh1, s[kX2], s[kMean1], s[kRstd1], s[kLn1W], query.empty() ? Opt(dx1) : Opt());
   if (!query.empty())  // the residual stream's gradient goes back to the query tokens only
