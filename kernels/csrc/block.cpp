@@ -135,9 +135,9 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
   const at::Tensor g = grad.reshape({b * tq, c}).contiguous();  // (BTq, C)
   // MLP: out = x1 + drop(z W_mlp^T + b_mlp), z = relu(h2 W_fc^T + b_fc), h2 = LN2(x1)
   auto [dy2, db_mlp] = dropout_bias_backward(g, d.seed_mlp, d.p_mlp);
-  const at::Tensor dz = gemm(dy2, s[kWMlp], std::nullopt, engine);  // (BTq, 4C), through ReLU's gradient in place below
+  const at::Tensor dz = gemm(dy2, s[kWMlp], std::nullopt, engine);  // (BTq, 4C)
+  const at::Tensor db_fc = bias_relu_backward_(dz, s[kZ]);  // ReLU's gradient in place while dz is in cache (z then is for dW)
   const at::Tensor dw_mlp = gemm(dy2.t(), s[kZ], std::nullopt, engine);
-  const at::Tensor db_fc = bias_relu_backward_(dz, s[kZ]);
   const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine);
   const at::Tensor dw_fc = gemm(dz.t(), s[kH2], std::nullopt, engine);
   auto [dx1, dln2_w, dln2_b] = layer_norm_backward(dh2, s[kX1], s[kMean2], s[kRstd2], s[kLn2W], g);  // + g: the residual's
