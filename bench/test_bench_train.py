@@ -10,6 +10,7 @@ machine noise hits them alike, and records every median and ratio in ``extra_inf
 * ``--fused`` (kernels.masked_linear, auto backend) vs the reference path (ratio target >= 1.0);
 * the block GEMMs on oneDNN (the default) vs on MKL;
 * each block as one autograd node (the default) vs the per-op blocks;
+* the masking of W and dW inside those nodes (the default) vs separate passes over all matrices;
 * end to end: ``python -m harmodt.train`` steps per second with and without ``--fused``;
 * the GEMM floor: the exact GEMMs of one fp32 and one bf16 step replayed alone next to whole steps
   (what the step targets leave for everything else).
@@ -174,6 +175,14 @@ def test_step_fused_blocks(benchmark):
     what the per-op Python and autograd cost."""
     _switch_benchmark(benchmark, "fused_blocks", "per_op_blocks", "_FUSED_BLOCK", False,
                       "step with fused block nodes vs per-op blocks")
+
+
+def test_step_masks_in_blocks(benchmark):
+    """The HarmoDT step with each fused block node masking its W and dW in cache (the default
+    with ``--fused``) against one pass over all masked matrices before the blocks and one over
+    their gradients after them (same values, bit for bit)."""
+    _switch_benchmark(benchmark, "masks_in_blocks", "separate_mask_passes", "_MASKS_IN_BLOCKS", False,
+                      "step with masking in the block nodes vs separate passes")
 
 
 def step_gemms(tr: Trainer) -> list:

@@ -47,6 +47,8 @@ class MaskContext:
     backend: str = "auto"
     task_grads: dict | None = None
     effective: dict | None = None  # param name -> W * M for this forward (single-task training; set by the model)
+    block_masks: dict | None = None  # param name -> this step's packed mask, applied inside the fused blocks (set by the model)
+    block_norms: torch.Tensor | None = None  # float64 [4 * n_layer]: the blocks' masked weight gradients' sums of squares
 
     @staticmethod
     def for_tasks(bool_masks, task_ids, packed=None, fused=False, backend="auto", task_grads=None):
@@ -149,8 +151,8 @@ class GradSqNorms:
         self.values: torch.Tensor | None = None  # float64 [len(params)] once the backward ran
 
     def by_param(self) -> dict:
-        """{param: sum of squares of its gradient} (empty before the backward)."""
-        return {} if self.values is None else dict(zip(self.params, self.values.tolist()))
+        """{param: sum of squares of its gradient} for those the backward filled in (NaN: not)."""
+        return {} if self.values is None else {p: v for p, v in zip(self.params, self.values.tolist()) if v == v}
 
 
 class _MaskedWeights(torch.autograd.Function):
@@ -339,6 +341,7 @@ def _fused_block(*args) -> torch.Tensor:
 
 
 _FUSED_BLOCK: bool | None = None  # None: whole-block autograd nodes where they apply (tests and bench/ set False to compare)
+_MASKS_IN_BLOCKS: bool | None = None  # None: fused block nodes mask W and dW themselves where they apply (bench/ sets False to compare)
 
 
 class Block(nn.Module):
@@ -351,22 +354,32 @@ class Block(nn.Module):
         self.mlp_proj = MaskedLinear(4 * cfg.n_embd, cfg.n_embd)
         self.drop = Dropout(cfg.dropout)
 
+    def gemm_linears(self) -> tuple:
+        return self.attn.qkv, self.attn.proj, self.fc, self.mlp_proj
+
     def _fused_weights(self, x, ctx, prefix, return_kv, query, qkv):
-        """The four GEMM matrices when this call can run as one :func:`_fused_block` node: fp32
-        training forward on CPU with the native ops, every matrix one plain GEMM (no mask, or
-        ``W * M`` for the step), no prefix or cache; else None."""
+        """``(matrices, masks, norms)`` when this call can run as one :func:`_fused_block` node: fp32
+        training forward on CPU with the native ops, no prefix or cache; the four GEMM matrices
+        either plain (no mask, or ``W * M`` computed for the step) or, with ``ctx.block_masks``, the
+        weights with their packed masks (the node masks W and the gradients itself) and the slice of
+        ``ctx.block_norms`` it writes their gradients' sums of squares to. Else None."""
         if (_FUSED_BLOCK is False or qkv is not None or prefix is not None or return_kv
                 or not torch.is_grad_enabled() or x.dtype != torch.float32 or not _native_block_ops(x)
                 or torch.is_autocast_enabled("cpu")):
             return None
-        ws = [m.gemm_weight(ctx) for m in (self.attn.qkv, self.attn.proj, self.fc, self.mlp_proj)]
+        mods = self.gemm_linears()
+        if ctx is not None and ctx.block_masks is not None and mods[0].mask_key in ctx.block_masks:
+            i = self.norm_slot
+            return [m.weight for m in mods], [ctx.block_masks.get(m.mask_key) for m in mods], ctx.block_norms[i : i + 4]
+        ws = [m.gemm_weight(ctx) for m in mods]
         if any(w is None or w.dtype != torch.float32 for w in ws):
             return None
-        return ws
+        return ws, [], None
 
     def forward(self, x, attn: Attention, ctx, prefix=None, return_kv=False, query=None, qkv=None):  # (B, T, C) -> (B, Tq, C)
-        ws = self._fused_weights(x, ctx, prefix, return_kv, query, qkv)
-        if ws is not None:
+        fused = self._fused_weights(x, ctx, prefix, return_kv, query, qkv)
+        if fused is not None:
+            ws, masks, norms = fused
             a = self.attn
             p_attn = a.attn_drop.p if self.training else 0.0
             seed_attn = int(torch.empty((), dtype=torch.int64).random_()) if p_attn > 0 else 0  # same draws, same order as below
@@ -377,7 +390,8 @@ class Block(nn.Module):
             return _fused_block(x.contiguous(), self.ln1.weight, self.ln1.bias, ws[0], a.qkv.bias, ws[1], a.proj.bias,
                                 self.ln2.weight, self.ln2.bias, ws[2], self.fc.bias, ws[3], self.mlp_proj.bias,
                                 sel.key_valid.contiguous(), sel.query_pos.contiguous(), a.n_head, self.ln1.eps,
-                                float(p_attn), seed_attn, float(p_proj), seed_proj, float(p_mlp), seed_mlp, span, _GEMM_ENGINE)
+                                float(p_attn), seed_attn, float(p_proj), seed_proj, float(p_mlp), seed_mlp, span, _GEMM_ENGINE,
+                                masks, norms)
         x = self.attn(_layer_norm(self.ln1, x) if qkv is None else None, attn, ctx, x if query is None else x[:, query], prefix, return_kv, query, qkv)
         if return_kv:
             x, kv = x
@@ -431,6 +445,8 @@ class PromptDT(nn.Module):
         self.embed_ln = nn.LayerNorm(cfg.n_embd)
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        for i, blk in enumerate(self.blocks):
+            blk.norm_slot = 4 * i  # its matrices' place in the step's gradient norms (see _masks_in_blocks)
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.predict_action = nn.Linear(cfg.n_embd, cfg.act_dim)
         self.apply(self._init_weights)
@@ -460,6 +476,16 @@ class PromptDT(nn.Module):
             x = x + self.task_embed(task_ids).unsqueeze(1)
         return x
 
+    def _masks_in_blocks(self, ctx: MaskContext, mods: list) -> bool:
+        """Whether this single-task training forward leaves the masking to the fused block nodes:
+        ``--fused`` packed masks, fp32 on CPU outside autocast, the native ops built, the fused
+        blocks on, and the masked matrices exactly the blocks' GEMM matrices."""
+        w = mods[0].weight
+        return (_MASKS_IN_BLOCKS is not False and ctx.fused and ctx.backend in ("auto", "cpu") and ctx.packed is not None
+                and _FUSED_BLOCK is not False
+                and w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and _native_block_ops(w)
+                and {id(m) for m in mods} == {id(m) for blk in self.blocks for m in blk.gemm_linears()})
+
     def _with_effective_weights(self, ctx: MaskContext | None) -> MaskContext | None:
         """Single-task training on CPU: every ``W * M_i`` in one autograd node (``_MaskedWeights``)
         before the blocks run. ``--fused`` masks from the packed bits natively, the plain path with
@@ -470,6 +496,14 @@ class PromptDT(nn.Module):
         mods = [m for m in self._masked_linears if m.mask_key in ctx.bool_masks]
         if not mods or mods[0].weight.device.type != "cpu" or not all(m.weight.requires_grad for m in mods):
             return ctx
+        if self._masks_in_blocks(ctx, mods):
+            # --fused fp32: each fused block node masks its 4 matrices and their gradients while they
+            # are in cache (kernels/csrc/block.cpp) instead of two passes over all of them here
+            params = [m.weight for blk in self.blocks for m in blk.gemm_linears()]
+            self.grad_sq_norms = GradSqNorms(params)
+            self.grad_sq_norms.values = torch.full((len(params),), float("nan"), dtype=torch.float64)  # NaN until the backward
+            return dataclasses.replace(ctx, block_masks={m.mask_key: ctx.packed[m.mask_key][ctx.single_task] for m in mods},
+                                       block_norms=self.grad_sq_norms.values)
         # under CPU bf16 autocast W * M is written in bf16 directly (the GEMMs would cast it anyway)
         dtype = torch.bfloat16 if (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
                                    and mods[0].weight.dtype == torch.float32) else mods[0].weight.dtype

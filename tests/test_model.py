@@ -208,8 +208,9 @@ def test_native_block_ops_match_plain_path(method, monkeypatch):
 
 
 def _runs_under(monkeypatch, m, batch, ctx, setting: str, values: tuple, counted: list) -> list:
-    """(output, parameter gradients, entries appended to ``counted``) of one seeded training
-    forward/backward per value of the ``harmodt.model`` switch ``setting``."""
+    """(output, parameter gradients, entries appended to ``counted``, the masked weights' gradient
+    sums of squares the model recorded for clipping) of one seeded training forward/backward per
+    value of the ``harmodt.model`` switch ``setting``."""
     import harmodt.model as model_mod
 
     runs = []
@@ -219,7 +220,8 @@ def _runs_under(monkeypatch, m, batch, ctx, setting: str, values: tuple, counted
         torch.manual_seed(5)
         out = m(batch, ctx)
         grads = torch.autograd.grad(out.square().sum(), list(m.parameters()), allow_unused=True)
-        runs.append((out, grads, len(counted)))
+        norms = None if m.grad_sq_norms is None else m.grad_sq_norms.by_param()
+        runs.append((out, grads, len(counted), None if norms is None else [norms.get(p) for p in m.parameters()]))
     return runs
 
 
@@ -239,7 +241,7 @@ def test_block_gemms_on_kernels_linear_match_f_linear(method, monkeypatch):
     monkeypatch.setattr(model_mod, "_FUSED_BLOCK", False)  # the per-op path (the fused blocks call the GEMM op raw)
     calls = []
     monkeypatch.setattr(model_mod.kernels, "linear", lambda *a, _f=model_mod.kernels.linear, **k: calls.append(1) or _f(*a, **k))
-    (out_n, g_n, calls_n), (out_p, g_p, calls_p) = _runs_under(monkeypatch, m, batch, ctx, "_GEMM_ENGINE", ("auto", "blas"), calls)
+    (out_n, g_n, calls_n, _), (out_p, g_p, calls_p, _) = _runs_under(monkeypatch, m, batch, ctx, "_GEMM_ENGINE", ("auto", "blas"), calls)
     assert calls_n == 4 * cfg.n_layer and calls_p == 0  # every block GEMM on kernels.linear, then none
     torch.testing.assert_close(out_n, out_p, rtol=1e-5, atol=1e-6)
     for x, y in zip(g_n, g_p):
@@ -265,9 +267,12 @@ def test_fused_block_nodes_equal_the_unfused_blocks(method, dropout, monkeypatch
     ctx = _erk_context(m, method, batch["task_ids"], fused=True)
     applied = []
     monkeypatch.setattr(model_mod, "_fused_block", lambda *a, _f=model_mod._fused_block: applied.append(1) or _f(*a))
-    (out_f, g_f, n_f), (out_u, g_u, n_u) = _runs_under(monkeypatch, m, batch, ctx, "_FUSED_BLOCK", (None, False), applied)
+    (out_f, g_f, n_f, sq_f), (out_u, g_u, n_u, sq_u) = _runs_under(monkeypatch, m, batch, ctx, "_FUSED_BLOCK", (None, False), applied)
     assert (n_f, n_u) == (cfg.n_layer, 0)
     assert torch.equal(out_f, out_u)
+    assert sq_f == sq_u  # the clipping norms: from the fused nodes' in-cache masking vs the one pass over all gradients
+    if method == "harmodt-f":
+        assert sum(v is not None for v in sq_f) == 4 * cfg.n_layer
     for x, y in zip(g_f, g_u):
         assert (x is None) == (y is None)
         if x is not None:

@@ -13,6 +13,13 @@
 //
 // query: empty (every token's output) or {start, stop, step}, a slice of the T tokens (the last
 // block computes the state tokens only); key_valid / query_pos are then those of the queries.
+//
+// masks: the task's packed masks of the 4 matrices (HarmoDT's single-task training step). Each GEMM
+// then multiplies by W * M, expanded from the bits into a fresh buffer right before it (forward and
+// backward), and each weight gradient is masked (Eq. 4) right after its GEMM, while both are in
+// cache, its sum of squares written to grad_sq_norms for gradient clipping. That replaces two
+// passes over all masked matrices per step (W * M before the blocks, the gradients' masking after
+// them), whose 19 MB at the paper's size come from and go to memory.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -85,6 +92,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   return op.call(grad, x, mean, rstd, w, extra);
 }
 
+// W * M for a GEMM (W itself without a mask), into a fresh buffer that the GEMM reads right away
+// (the allocator hands the same memory to the next matrix, so it stays in cache).
+at::Tensor effective(const at::Tensor& w, const at::Tensor& mask) {
+  if (!mask.defined()) return w;
+  static const auto op = handle<void(at::TensorList, at::TensorList, at::TensorList)>("harmodt_kernels::apply_masks_");
+  at::Tensor out = at::empty_like(w);
+  op.call({out}, {w}, {mask});
+  return out;
+}
+// grad <- grad * M in place (Eq. 4) while it is fresh from its GEMM; returns its sum of squares.
+double mask_grad_(const at::Tensor& grad, const at::Tensor& mask) {
+  static const auto op =
+      handle<at::Tensor(at::TensorList, at::TensorList, at::TensorList)>("harmodt_kernels::apply_masks_sq_norms_");
+  return op.call({grad}, {grad}, {mask}).item<double>();
+}
+
 struct Dropouts {
   double p_attn, p_proj, p_mlp;
   int64_t seed_attn, seed_proj, seed_mlp;
@@ -92,7 +115,10 @@ struct Dropouts {
 
 // The tensors the backward needs, in this order.
 enum Saved { kX2, kH1, kMean1, kRstd1, kQkv, kAtt, kLse, kX1, kH2, kMean2, kRstd2, kZ,
-             kLn1W, kWQkv, kWProj, kLn2W, kWFc, kWMlp, kKeyValid, kQueryPos, kNumSaved };
+             kLn1W, kWQkv, kWProj, kLn2W, kWFc, kWMlp, kKeyValid, kQueryPos, kMQkv, kMProj, kMFc, kMMlp, kNumSaved };
+
+// The four GEMM matrices' packed masks (qkv, proj, fc, mlp_proj), undefined where unmasked.
+using Masks = std::vector<at::Tensor>;
 
 at::Tensor query_rows(const at::Tensor& x, const std::vector<int64_t>& query) {  // x (B, T, C) -> x[:, query]
   return query.empty() ? x : x.slice(1, query[0], query[1], query[2]);
@@ -104,52 +130,63 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
                          const at::Tensor& ln2_b, const at::Tensor& w_fc, const at::Tensor& b_fc, const at::Tensor& w_mlp,
                          const at::Tensor& b_mlp, const at::Tensor& key_valid, const at::Tensor& query_pos, int64_t n_head,
                          double eps, const Dropouts& d, const std::vector<int64_t>& query, const std::string& engine,
-                         std::vector<at::Tensor>* saved) {
+                         const Masks& masks, std::vector<at::Tensor>* saved) {
   TORCH_CHECK_VALUE(x.dim() == 3 && x.is_contiguous() && x.scalar_type() == at::kFloat,
                     "fused_block: x must be a contiguous float32 (B, T, C) tensor, got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK_VALUE(query.empty() || query.size() == 3, "fused_block: query must be empty or [start, stop, step]");
   const int64_t b = x.size(0), t = x.size(1), c = x.size(2);
   TORCH_CHECK_VALUE(n_head > 0 && c % n_head == 0, "fused_block: n_head ", n_head, " must divide the width ", c);
+  TORCH_CHECK_VALUE(masks.size() == 4, "fused_block: masks must list the 4 matrices' masks (or None), got ", masks.size());
   const at::Tensor x2 = x.view({b * t, c});  // (BT, C)
   auto [h1, mean1, rstd1] = layer_norm_forward(x2, ln1_w, ln1_b, eps);
-  const at::Tensor qkv = gemm(h1, w_qkv.t(), b_qkv, engine).view({b, t, 3, n_head, c / n_head});  // (B, T, 3, nh, hd)
+  const at::Tensor qkv = gemm(h1, effective(w_qkv, masks[0]).t(), b_qkv, engine).view({b, t, 3, n_head, c / n_head});  // (B, T, 3, nh, hd)
   auto [att3, lse] = attention_forward(qkv, key_valid, query_pos, d.p_attn, d.seed_attn);  // (B, Tq, C)
   const int64_t tq = att3.size(1);
   const at::Tensor att = att3.view({b * tq, c});
   const at::Tensor res = query.empty() ? x2 : query_rows(x, query).reshape({b * tq, c});  // the stream at the queries
-  const at::Tensor x1 = bias_dropout_add_(gemm(att, w_proj.t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
+  const at::Tensor x1 = bias_dropout_add_(gemm(att, effective(w_proj, masks[1]).t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
   auto [h2, mean2, rstd2] = layer_norm_forward(x1, ln2_w, ln2_b, eps);
-  const at::Tensor z = bias_relu_(gemm(h2, w_fc.t(), std::nullopt, engine), b_fc);  // (BTq, 4C)
-  const at::Tensor out = bias_dropout_add_(gemm(z, w_mlp.t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
+  const at::Tensor z = bias_relu_(gemm(h2, effective(w_fc, masks[2]).t(), std::nullopt, engine), b_fc);  // (BTq, 4C)
+  const at::Tensor out = bias_dropout_add_(gemm(z, effective(w_mlp, masks[3]).t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
   if (saved != nullptr)
     *saved = {x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z, ln1_w, w_qkv, w_proj, ln2_w, w_fc, w_mlp,
-              key_valid, query_pos};
+              key_valid, query_pos, masks[0], masks[1], masks[2], masks[3]};
   return out.view({b, tq, c});
 }
 
 // (dx, dln1_w, dln1_b, dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_mlp, db_mlp)
+// With masks, each weight gradient is masked (Eq. 4) right after its GEMM and its sum of squares
+// goes to sq_norms[i] (float64 (4,), if defined) for gradient clipping.
 std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector<at::Tensor>& s, const Dropouts& d,
-                                       const std::vector<int64_t>& query, const std::string& engine) {
+                                       const std::vector<int64_t>& query, const std::string& engine, const at::Tensor& sq_norms) {
+  auto masked = [&](const at::Tensor& dw, int i) {
+    const at::Tensor& m = s[kMQkv + i];
+    if (m.defined()) {
+      const double sq = mask_grad_(dw, m);
+      if (sq_norms.defined()) sq_norms.data_ptr<double>()[i] = sq;
+    }
+    return dw;
+  };
   const at::Tensor& qkv = s[kQkv];
   const int64_t b = qkv.size(0), t = qkv.size(1), c = s[kX2].size(1), tq = s[kX1].size(0) / b;
   const at::Tensor g = grad.reshape({b * tq, c}).contiguous();  // (BTq, C)
   // MLP: out = x1 + drop(z W_mlp^T + b_mlp), z = relu(h2 W_fc^T + b_fc), h2 = LN2(x1)
   auto [dy2, db_mlp] = dropout_bias_backward(g, d.seed_mlp, d.p_mlp);
-  const at::Tensor dz = gemm(dy2, s[kWMlp], std::nullopt, engine);  // (BTq, 4C)
+  const at::Tensor dz = gemm(dy2, effective(s[kWMlp], s[kMMlp]), std::nullopt, engine);  // (BTq, 4C)
   const at::Tensor db_fc = bias_relu_backward_(dz, s[kZ]);  // ReLU's gradient in place while dz is in cache (z then is for dW)
-  const at::Tensor dw_mlp = gemm(dy2.t(), s[kZ], std::nullopt, engine);
-  const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine);
-  const at::Tensor dw_fc = gemm(dz.t(), s[kH2], std::nullopt, engine);
+  const at::Tensor dw_mlp = masked(gemm(dy2.t(), s[kZ], std::nullopt, engine), 3);
+  const at::Tensor dh2 = gemm(dz, effective(s[kWFc], s[kMFc]), std::nullopt, engine);
+  const at::Tensor dw_fc = masked(gemm(dz.t(), s[kH2], std::nullopt, engine), 2);
   auto [dx1, dln2_w, dln2_b] = layer_norm_backward(dh2, s[kX1], s[kMean2], s[kRstd2], s[kLn2W], g);  // + g: the residual's
   // attention: x1 = x + drop(att W_proj^T + b_proj), att = attention(LN1(x) W_qkv^T + b_qkv)
   auto [dy1, db_proj] = dropout_bias_backward(dx1, d.seed_proj, d.p_proj);
-  const at::Tensor datt = gemm(dy1, s[kWProj], std::nullopt, engine);
-  const at::Tensor dw_proj = gemm(dy1.t(), s[kAtt], std::nullopt, engine);
+  const at::Tensor datt = gemm(dy1, effective(s[kWProj], s[kMProj]), std::nullopt, engine);
+  const at::Tensor dw_proj = masked(gemm(dy1.t(), s[kAtt], std::nullopt, engine), 1);
   const at::Tensor dqkv = attention_backward(datt.view({b, tq, c}), qkv, s[kKeyValid], s[kQueryPos], s[kLse], d.p_attn, d.seed_attn)
                               .view({b * t, 3 * c});
   const at::Tensor db_qkv = dqkv.sum(0);  // first, while the attention's output is still in cache
-  const at::Tensor dh1 = gemm(dqkv, s[kWQkv], std::nullopt, engine);
-  const at::Tensor dw_qkv = gemm(dqkv.t(), s[kH1], std::nullopt, engine);
+  const at::Tensor dh1 = gemm(dqkv, effective(s[kWQkv], s[kMQkv]), std::nullopt, engine);
+  const at::Tensor dw_qkv = masked(gemm(dqkv.t(), s[kH1], std::nullopt, engine), 0);
   auto [dx, dln1_w, dln1_b] =
       layer_norm_backward(dh1, s[kX2], s[kMean1], s[kRstd1], s[kLn1W], query.empty() ? Opt(dx1) : Opt());
   if (!query.empty())  // the residual stream's gradient goes back to the query tokens only
@@ -159,6 +196,32 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
 
 constexpr int kNumTensorArgs = 15;
 
+// The masks and the norms' output, one argument that autograd does not take for inputs (it has no
+// gradient for them, and some may be undefined).
+struct MaskArgs {
+  Masks masks;
+  at::Tensor sq_norms;
+};
+
+Masks mask_list(const c10::List<std::optional<at::Tensor>>& masks) {
+  TORCH_CHECK_VALUE(masks.size() == 0 || masks.size() == 4, "fused_block: masks must be empty or list the 4 matrices' "
+                    "packed masks (qkv, proj, fc, mlp_proj; None where unmasked), got ", masks.size());
+  Masks out(4);
+  for (size_t i = 0; i < masks.size(); ++i) {
+    const std::optional<at::Tensor> m = masks[i];
+    if (m.has_value() && m->defined()) out[i] = *m;
+  }
+  return out;
+}
+
+at::Tensor norms_arg(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(t->scalar_type() == at::kDouble && t->numel() == 4 && t->is_contiguous(),
+                    "fused_block: grad_sq_norms must be a contiguous float64 tensor of 4 values, got ", t->sizes(), " ",
+                    t->scalar_type());
+  return *t;
+}
+
 class FusedBlockFunction : public torch::autograd::Function<FusedBlockFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& ln1_w,
@@ -167,16 +230,19 @@ class FusedBlockFunction : public torch::autograd::Function<FusedBlockFunction> 
                             const at::Tensor& b_fc, const at::Tensor& w_mlp, const at::Tensor& b_mlp,
                             const at::Tensor& key_valid, const at::Tensor& query_pos, int64_t n_head, double eps,
                             double p_attn, int64_t seed_attn, double p_proj, int64_t seed_proj, double p_mlp, int64_t seed_mlp,
-                            std::vector<int64_t> query, std::string engine) {
+                            std::vector<int64_t> query, std::string engine, MaskArgs mask_args) {
+    const Masks& masks = mask_args.masks;
+    const at::Tensor& sq_norms = mask_args.sq_norms;
     const Dropouts d{p_attn, p_proj, p_mlp, seed_attn, seed_proj, seed_mlp};
     std::vector<at::Tensor> saved;
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       out = block_forward(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp, key_valid,
-                          query_pos, n_head, eps, d, query, engine, &saved);
+                          query_pos, n_head, eps, d, query, engine, masks, &saved);
     }
     ctx->save_for_backward(saved);
+    ctx->saved_data["sq_norms"] = sq_norms;
     ctx->saved_data["p"] = std::vector<double>{p_attn, p_proj, p_mlp};
     ctx->saved_data["seed"] = std::vector<int64_t>{seed_attn, seed_proj, seed_mlp};
     ctx->saved_data["query"] = query;
@@ -192,9 +258,11 @@ class FusedBlockFunction : public torch::autograd::Function<FusedBlockFunction> 
     std::vector<at::Tensor> out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out = block_backward(grads[0], saved, d, ctx->saved_data["query"].toIntVector(), ctx->saved_data["engine"].toStringRef());
+      const c10::IValue& sq = ctx->saved_data["sq_norms"];
+      out = block_backward(grads[0], saved, d, ctx->saved_data["query"].toIntVector(), ctx->saved_data["engine"].toStringRef(),
+                           sq.isTensor() ? sq.toTensor() : at::Tensor());
     }
-    out.resize(kNumTensorArgs + 10);  // no gradient for key_valid, query_pos and the non-tensor arguments
+    out.resize(kNumTensorArgs + 11);  // none for key_valid, query_pos and the other arguments
     return out;
   }
 };
@@ -205,10 +273,12 @@ at::Tensor fused_block_autograd(const at::Tensor& x, const at::Tensor& ln1_w, co
                                 const at::Tensor& w_mlp, const at::Tensor& b_mlp, const at::Tensor& key_valid,
                                 const at::Tensor& query_pos, int64_t n_head, double eps, double p_attn, int64_t seed_attn,
                                 double p_proj, int64_t seed_proj, double p_mlp, int64_t seed_mlp, at::OptionalIntArrayRef query,
-                                c10::string_view engine) {
+                                c10::string_view engine, const c10::List<std::optional<at::Tensor>>& masks,
+                                const std::optional<at::Tensor>& grad_sq_norms) {
   return FusedBlockFunction::apply(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp,
                                    key_valid, query_pos, n_head, eps, p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp,
-                                   query.has_value() ? query->vec() : std::vector<int64_t>{}, std::string(engine));
+                                   query.has_value() ? query->vec() : std::vector<int64_t>{}, std::string(engine),
+                                   MaskArgs{mask_list(masks), norms_arg(grad_sq_norms)});
 }
 
 // Without autograd (no gradient wanted): the forward alone.
@@ -219,10 +289,11 @@ at::Tensor fused_block_forward_only(const at::Tensor& x, const at::Tensor& ln1_w
                                     const at::Tensor& b_mlp, const at::Tensor& key_valid, const at::Tensor& query_pos,
                                     int64_t n_head, double eps, double p_attn, int64_t seed_attn, double p_proj,
                                     int64_t seed_proj, double p_mlp, int64_t seed_mlp, at::OptionalIntArrayRef query,
-                                    c10::string_view engine) {
+                                    c10::string_view engine, const c10::List<std::optional<at::Tensor>>& masks,
+                                    const std::optional<at::Tensor>& grad_sq_norms) {
   return block_forward(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp, key_valid,
                        query_pos, n_head, eps, Dropouts{p_attn, p_proj, p_mlp, seed_attn, seed_proj, seed_mlp},
-                       query.has_value() ? query->vec() : std::vector<int64_t>{}, std::string(engine), nullptr);
+                       query.has_value() ? query->vec() : std::vector<int64_t>{}, std::string(engine), mask_list(masks), nullptr);
 }
 
 }  // namespace
@@ -233,7 +304,7 @@ TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
       "fused_block(Tensor x, Tensor ln1_w, Tensor ln1_b, Tensor w_qkv, Tensor b_qkv, Tensor w_proj, Tensor b_proj, "
       "Tensor ln2_w, Tensor ln2_b, Tensor w_fc, Tensor b_fc, Tensor w_mlp, Tensor b_mlp, Tensor key_valid, "
       "Tensor query_pos, int n_head, float eps, float p_attn, int seed_attn, float p_proj, int seed_proj, "
-      "float p_mlp, int seed_mlp, int[]? query, str engine) -> Tensor");
+      "float p_mlp, int seed_mlp, int[]? query, str engine, Tensor?[] masks, Tensor(a!)? grad_sq_norms) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) { m.impl("fused_block", &harmodt::fused_block_forward_only); }
