@@ -52,8 +52,17 @@ def clip_coefficient(params: list, max_norm: float, known_sq_norms: dict | None 
     others = [p.grad for p in params if p.grad is not None and p not in known]
     sq = math.fsum(known.values())
     if others:
-        sq += float(torch.stack(torch._foreach_norm(others)).double().square().sum())
+        native = _native_sum_squares()
+        if native is not None and all(g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous() for g in others):
+            sq += native(others)  # one call (harmodt_kernels::sum_squares)
+        else:
+            sq += float(torch.stack(torch._foreach_norm(others)).double().square().sum())
     return min(1.0, max_norm / (math.sqrt(sq) + 1e-6))
+
+
+def _native_sum_squares():
+    op = native_adamw_group()  # the same library
+    return None if op is None else torch.ops.harmodt_kernels.sum_squares
 
 
 class MaskedAdamW(torch.optim.AdamW):

@@ -97,7 +97,8 @@ def _has_ops() -> bool:
         for name in ("apply_mask_", "apply_masks_", "apply_masks_sq_norms_", "dropout_apply", "pack_masks", "unpack_masks", "masked_linear_forward",
                      "masked_linear_backward", "masked_mlp_forward", "masked_qkv_attention_forward", "attention_forward", "attention_backward", "harmony_select",
                      "bias_relu_", "bias_relu_backward", "bias_dropout_add", "dropout_bias_backward", "gemm", "onednn_gemm_available", "linear",
-                     "layer_norm_forward", "layer_norm_backward", "adamw_group_"):
+                     "layer_norm_forward", "layer_norm_backward", "adamw_group_", "sum_squares", "fused_block",
+                     "bias_relu_backward_", "bias_dropout_add_"):
             getattr(ns, name)
     except (AttributeError, RuntimeError):
         return False

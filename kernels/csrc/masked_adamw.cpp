@@ -237,6 +237,34 @@ void adamw_group_(at::TensorList params, at::TensorList grads, at::TensorList ex
   for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() += 1.0f;
   run_items(items, Consts{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps), static_cast<float>(grad_scale)});
 }
+// sum over all tensors of sum_i t[i]^2 (float32 contiguous CPU tensors; fp32 lanes per tensor, the
+// total in double): gradient clipping's norm over the parameters whose backward did not already
+// report it, in one call instead of a norm per tensor.
+double sum_squares(at::TensorList tensors) {
+  double total = 0.0;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const at::Tensor& x = tensors[t];
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "sum_squares: tensors[", t,
+                "] must be a contiguous float32 CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+    const float* p = x.data_ptr<float>();
+    const int64_t n = x.numel();
+    int64_t i = 0;
+    double acc = 0.0;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; i + 32 <= n; i += 32) {
+      const __m512 x0 = _mm512_loadu_ps(p + i), x1 = _mm512_loadu_ps(p + i + 16);
+      a0 = _mm512_fmadd_ps(x0, x0, a0);
+      a1 = _mm512_fmadd_ps(x1, x1, a1);
+    }
+    acc = static_cast<double>(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+#endif
+    for (; i < n; ++i) acc += static_cast<double>(p[i]) * p[i];
+    total += acc;
+  }
+  return total;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
@@ -249,8 +277,10 @@ TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
   m.def(
       "adamw_group_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor?[] keeps, "
       "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale=1.0) -> ()");
+  m.def("sum_squares(Tensor[] tensors) -> float");
 }
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
   m.impl("masked_adamw_", &masked_adamw_);
   m.impl("adamw_group_", &adamw_group_);
+  m.impl("sum_squares", &sum_squares);
 }
