@@ -335,8 +335,11 @@ def _fused_block(*args) -> torch.Tensor:
     are drawn in the same order, so the result equals the per-op path's bit for bit. Arguments:
     ``(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp,
     key_valid, query_pos, n_head, eps, p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp,
-    query, engine)``; ``query``: None or ``[start, stop, step]`` of the tokens whose outputs are
-    wanted; ``engine``: kernels.gemm's (``"auto"``: oneDNN, ``"blas"``: MKL)."""
+    query, engine, masks, grad_sq_norms)``; ``query``: None or ``[start, stop, step]`` of the tokens
+    whose outputs are wanted; ``engine``: kernels.gemm's (``"auto"``: oneDNN, ``"blas"``: MKL);
+    ``masks``: ``[]`` or the 4 matrices' packed masks of the step's task (None where unmasked), which
+    the node then applies to W before each GEMM and to each weight gradient right after its GEMM
+    (Eq. 4), writing the gradients' sums of squares into ``grad_sq_norms`` (float64 (4,))."""
     return torch.ops.harmodt_kernels.fused_block(*args)
 
 
@@ -355,6 +358,7 @@ class Block(nn.Module):
         self.drop = Dropout(cfg.dropout)
 
     def gemm_linears(self) -> tuple:
+        """The block's four GEMM layers in the fused node's order (qkv, proj, fc, mlp_proj)."""
         return self.attn.qkv, self.attn.proj, self.fc, self.mlp_proj
 
     def _fused_weights(self, x, ctx, prefix, return_kv, query, qkv):
