@@ -14,12 +14,12 @@
 // query: empty (every token's output) or {start, stop, step}, a slice of the T tokens (the last
 // block computes the state tokens only); key_valid / query_pos are then those of the queries.
 //
-// masks: the task's packed masks of the 4 matrices (HarmoDT's single-task training step). Each GEMM
-// then multiplies by W * M, expanded from the bits into a fresh buffer right before it (forward and
-// backward), and each weight gradient is masked (Eq. 4) right after its GEMM, while both are in
-// cache, its sum of squares written to grad_sq_norms for gradient clipping. That replaces two
-// passes over all masked matrices per step (W * M before the blocks, the gradients' masking after
-// them), whose 19 MB at the paper's size come from and go to memory.
+// masks: the task's packed masks of the 4 matrices (HarmoDT's single-task training step). Each
+// forward GEMM then multiplies by W * M, expanded from the bits into a buffer right before it (and
+// kept for the backward's dx GEMM), and each weight gradient is masked (Eq. 4) right after its GEMM,
+// while it is in cache, its sum of squares written to grad_sq_norms for gradient clipping. That
+// replaces two passes over all masked matrices per step (W * M before the blocks, the gradients'
+// masking after them), whose 19 MB at the paper's size come from and go to memory.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
 }
 
 // W * M for a GEMM (W itself without a mask), into a fresh buffer that the GEMM reads right away
-// (the allocator hands the same memory to the next matrix, so it stays in cache).
+// (the block keeps it for the backward's dx GEMM).
 at::Tensor effective(const at::Tensor& w, const at::Tensor& mask) {
   if (!mask.defined()) return w;
   static const auto op = handle<void(at::TensorList, at::TensorList, at::TensorList)>("harmodt_kernels::apply_masks_");
@@ -115,7 +115,7 @@ struct Dropouts {
 
 // The tensors the backward needs, in this order.
 enum Saved { kX2, kH1, kMean1, kRstd1, kQkv, kAtt, kLse, kX1, kH2, kMean2, kRstd2, kZ,
-             kLn1W, kWQkv, kWProj, kLn2W, kWFc, kWMlp, kKeyValid, kQueryPos, kMQkv, kMProj, kMFc, kMMlp, kNumSaved };
+             kLn1W, kWQkv, kWProj, kLn2W, kWFc, kWMlp /* W * M where masked */, kKeyValid, kQueryPos, kMQkv, kMProj, kMFc, kMMlp, kNumSaved };
 
 // The four GEMM matrices' packed masks (qkv, proj, fc, mlp_proj), undefined where unmasked.
 using Masks = std::vector<at::Tensor>;
@@ -139,17 +139,21 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
   TORCH_CHECK_VALUE(masks.size() == 4, "fused_block: masks must list the 4 matrices' masks (or None), got ", masks.size());
   const at::Tensor x2 = x.view({b * t, c});  // (BT, C)
   auto [h1, mean1, rstd1] = layer_norm_forward(x2, ln1_w, ln1_b, eps);
-  const at::Tensor qkv = gemm(h1, effective(w_qkv, masks[0]).t(), b_qkv, engine).view({b, t, 3, n_head, c / n_head});  // (B, T, 3, nh, hd)
+  // W * M of each masked matrix, expanded from the bits right before its GEMM and kept for the
+  // backward's (recomputing it there measured 2-4 % slower per step than keeping these 19 MB)
+  const at::Tensor we_qkv = effective(w_qkv, masks[0]), we_proj = effective(w_proj, masks[1]);
+  const at::Tensor we_fc = effective(w_fc, masks[2]), we_mlp = effective(w_mlp, masks[3]);
+  const at::Tensor qkv = gemm(h1, we_qkv.t(), b_qkv, engine).view({b, t, 3, n_head, c / n_head});  // (B, T, 3, nh, hd)
   auto [att3, lse] = attention_forward(qkv, key_valid, query_pos, d.p_attn, d.seed_attn);  // (B, Tq, C)
   const int64_t tq = att3.size(1);
   const at::Tensor att = att3.view({b * tq, c});
   const at::Tensor res = query.empty() ? x2 : query_rows(x, query).reshape({b * tq, c});  // the stream at the queries
-  const at::Tensor x1 = bias_dropout_add_(gemm(att, effective(w_proj, masks[1]).t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
+  const at::Tensor x1 = bias_dropout_add_(gemm(att, we_proj.t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
   auto [h2, mean2, rstd2] = layer_norm_forward(x1, ln2_w, ln2_b, eps);
-  const at::Tensor z = bias_relu_(gemm(h2, effective(w_fc, masks[2]).t(), std::nullopt, engine), b_fc);  // (BTq, 4C)
-  const at::Tensor out = bias_dropout_add_(gemm(z, effective(w_mlp, masks[3]).t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
+  const at::Tensor z = bias_relu_(gemm(h2, we_fc.t(), std::nullopt, engine), b_fc);  // (BTq, 4C)
+  const at::Tensor out = bias_dropout_add_(gemm(z, we_mlp.t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
   if (saved != nullptr)
-    *saved = {x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z, ln1_w, w_qkv, w_proj, ln2_w, w_fc, w_mlp,
+    *saved = {x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z, ln1_w, we_qkv, we_proj, ln2_w, we_fc, we_mlp,
               key_valid, query_pos, masks[0], masks[1], masks[2], masks[3]};
   return out.view({b, tq, c});
 }
@@ -172,20 +176,20 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
   const at::Tensor g = grad.reshape({b * tq, c}).contiguous();  // (BTq, C)
   // MLP: out = x1 + drop(z W_mlp^T + b_mlp), z = relu(h2 W_fc^T + b_fc), h2 = LN2(x1)
   auto [dy2, db_mlp] = dropout_bias_backward(g, d.seed_mlp, d.p_mlp);
-  const at::Tensor dz = gemm(dy2, effective(s[kWMlp], s[kMMlp]), std::nullopt, engine);  // (BTq, 4C)
+  const at::Tensor dz = gemm(dy2, s[kWMlp], std::nullopt, engine);  // (BTq, 4C)
   const at::Tensor db_fc = bias_relu_backward_(dz, s[kZ]);  // ReLU's gradient in place while dz is in cache (z then is for dW)
   const at::Tensor dw_mlp = masked(gemm(dy2.t(), s[kZ], std::nullopt, engine), 3);
-  const at::Tensor dh2 = gemm(dz, effective(s[kWFc], s[kMFc]), std::nullopt, engine);
+  const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine);
   const at::Tensor dw_fc = masked(gemm(dz.t(), s[kH2], std::nullopt, engine), 2);
   auto [dx1, dln2_w, dln2_b] = layer_norm_backward(dh2, s[kX1], s[kMean2], s[kRstd2], s[kLn2W], g);  // + g: the residual's
   // attention: x1 = x + drop(att W_proj^T + b_proj), att = attention(LN1(x) W_qkv^T + b_qkv)
   auto [dy1, db_proj] = dropout_bias_backward(dx1, d.seed_proj, d.p_proj);
-  const at::Tensor datt = gemm(dy1, effective(s[kWProj], s[kMProj]), std::nullopt, engine);
+  const at::Tensor datt = gemm(dy1, s[kWProj], std::nullopt, engine);
   const at::Tensor dw_proj = masked(gemm(dy1.t(), s[kAtt], std::nullopt, engine), 1);
   const at::Tensor dqkv = attention_backward(datt.view({b, tq, c}), qkv, s[kKeyValid], s[kQueryPos], s[kLse], d.p_attn, d.seed_attn)
                               .view({b * t, 3 * c});
   const at::Tensor db_qkv = dqkv.sum(0);  // first, while the attention's output is still in cache
-  const at::Tensor dh1 = gemm(dqkv, effective(s[kWQkv], s[kMQkv]), std::nullopt, engine);
+  const at::Tensor dh1 = gemm(dqkv, s[kWQkv], std::nullopt, engine);
   const at::Tensor dw_qkv = masked(gemm(dqkv.t(), s[kH1], std::nullopt, engine), 0);
   auto [dx, dln1_w, dln1_b] =
       layer_norm_backward(dh1, s[kX2], s[kMean1], s[kRstd1], s[kLn1W], query.empty() ? Opt(dx1) : Opt());
