@@ -945,3 +945,28 @@ def test_masked_qkv_attention_matches_reference(b, t, h, d, tp, tasks, query):
     torch.testing.assert_close(got, want, **TOL)
     with pytest.raises(cpu.KernelArgumentError, match="inference-only"):
         kernels.masked_qkv_attention(x.requires_grad_(), w, bias, masks, row_tasks, h, valid, qpos, prefix, backend="cpu")
+
+
+def test_fused_block_argument_errors():
+    """The fused block op names the bad argument: the mask list, the norms buffer, the input."""
+    g = _gen(41)
+    c, h = 8, 2
+    x = torch.randn(1, 3, c, generator=g)
+    ln = [torch.ones(c), torch.zeros(c)]
+    mats = [torch.randn(3 * c, c, generator=g), torch.zeros(3 * c), torch.randn(c, c, generator=g), torch.zeros(c), *ln,
+            torch.randn(4 * c, c, generator=g), torch.zeros(4 * c), torch.randn(c, 4 * c, generator=g), torch.zeros(c)]
+    rest = [torch.ones(1, 3, dtype=torch.bool), torch.arange(3), h, 1e-5, 0.0, 0, 0.0, 0, 0.0, 0, None, "auto"]
+    op = torch.ops.harmodt_kernels.fused_block
+    want = op(x, *ln, *mats, *rest, [], None)
+    assert want.shape == (1, 3, c)
+    packed = [cpu.pack_masks(torch.ones(m.shape, dtype=torch.bool)) for m in (mats[0], mats[2], mats[6], mats[8])]
+    norms = torch.full((4,), float("nan"), dtype=torch.float64)
+    assert torch.equal(op(x, *ln, *mats, *rest, packed, norms), want)  # all-ones masks: the same block
+    with pytest.raises(ValueError, match="masks must be empty or list the 4 matrices"):
+        op(x, *ln, *mats, *rest, packed[:3], None)
+    with pytest.raises(ValueError, match="grad_sq_norms must be a contiguous float64 tensor of 4 values"):
+        op(x, *ln, *mats, *rest, packed, torch.zeros(4))
+    with pytest.raises(ValueError, match="x must be a contiguous float32"):
+        op(x.double(), *ln, *mats, *rest, [], None)
+    with pytest.raises(ValueError, match="n_head 3 must divide the width 8"):
+        op(x, *ln, *mats, *(rest[:2] + [3] + rest[3:]), [], None)
