@@ -79,8 +79,8 @@ inline __m512 exp512(__m512 x) {
 }
 #endif
 
-// Register-blocked micro-kernels over up to 4 rows at once (R rows share every load of the
-// right-hand side; 4 rows x 4 column blocks = 16 independent accumulators).
+// Register-blocked micro-kernels over up to 6 rows at once (R rows share every load of the
+// right-hand side; 6 rows x 4 column blocks = 24 independent accumulators).
 
 #if defined(__AVX512F__)
 // s[r * ld + 16 * (b0 + g) ...] = scale * sum_k x[r * d + k] * mt[k * ld + 16 * (b0 + g) ...], g < NB.
@@ -106,7 +106,7 @@ template <int R>
 inline void scores_rows(const float* x, const float* mt, int64_t d, int64_t ld, int64_t n, float scale, float* s) {
   const int64_t nb = (n + 15) / 16;
   int64_t b = 0;
-  for (; b + 4 <= nb; b += 4) scores_block<R, 4>(x, mt, d, ld, b, scale, s);
+  for (; b + 4 <= nb; b += 4) scores_block<R, 4>(x, mt, d, ld, b, scale, s);  // R x 4 accumulators: 24 of 32 registers at R = 6
   switch (nb - b) {
     case 3: scores_block<R, 3>(x, mt, d, ld, b, scale, s); break;
     case 2: scores_block<R, 2>(x, mt, d, ld, b, scale, s); break;
@@ -158,9 +158,11 @@ inline void combine_rows(const float* w, int64_t ld, const float* m, int64_t n, 
 }
 #endif
 
-// Runtime row count (1..4) -> the template above.
+// Runtime row count (1..6) -> the template above.
 inline void scores_n(int rows, const float* x, const float* mt, int64_t d, int64_t ld, int64_t n, float scale, float* s) {
   switch (rows) {
+    case 6: scores_rows<6>(x, mt, d, ld, n, scale, s); break;
+    case 5: scores_rows<5>(x, mt, d, ld, n, scale, s); break;
     case 4: scores_rows<4>(x, mt, d, ld, n, scale, s); break;
     case 3: scores_rows<3>(x, mt, d, ld, n, scale, s); break;
     case 2: scores_rows<2>(x, mt, d, ld, n, scale, s); break;
@@ -169,6 +171,8 @@ inline void scores_n(int rows, const float* x, const float* mt, int64_t d, int64
 }
 inline void combine_n(int rows, const float* w, int64_t ld, const float* m, int64_t n, int64_t d, float* out) {
   switch (rows) {
+    case 6: combine_rows<6>(w, ld, m, n, d, out); break;
+    case 5: combine_rows<5>(w, ld, m, n, d, out); break;
     case 4: combine_rows<4>(w, ld, m, n, d, out); break;
     case 3: combine_rows<3>(w, ld, m, n, d, out); break;
     case 2: combine_rows<2>(w, ld, m, n, d, out); break;
@@ -450,7 +454,7 @@ inline void prefetch_row_part(const Problem& pr, const T* qkv, int64_t b, int64_
 #endif
 }
 
-constexpr int kRows = 4;  // query rows per micro-kernel call
+constexpr int kRows = 6;  // query rows per micro-kernel call (6 measured 15-25 % faster than 4 in the backward; 8 no better)
 
 template <typename T>
 void forward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, T* out, float* lse) {
