@@ -61,7 +61,8 @@ def clip_coefficient(params: list, max_norm: float, known_sq_norms: dict | None 
 
 
 def _native_sum_squares():
-    op = native_adamw_group()  # the same library
+    """``harmodt_kernels::sum_squares`` (in the optimizer's library), or None when it is not built."""
+    op = native_adamw_group()
     return None if op is None else torch.ops.harmodt_kernels.sum_squares
 
 
