@@ -21,11 +21,10 @@
 
 namespace {
 
-void check(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.device().is_cpu(), "masked_adamw_: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.is_contiguous(), "masked_adamw_: ", name, " must be contiguous");
-  TORCH_CHECK(t.sizes() == like.sizes(), "masked_adamw_: ", name, " has shape ", t.sizes(),
-              ", param has ", like.sizes());
+void check(const at::Tensor& t, const char* name, const at::Tensor& like, const char* op) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " has shape ", t.sizes(), ", param has ", like.sizes());
 }
 
 // The element loop: restrict pointers and a byte mask so it vectorizes (built with -fno-math-errno).
@@ -166,10 +165,10 @@ Item make_item(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
   TORCH_CHECK(grad.scalar_type() == at::kFloat && exp_avg.scalar_type() == at::kFloat && exp_avg_sq.scalar_type() == at::kFloat,
               op, ": grad and moments must be float32");
   TORCH_CHECK(step >= 1, op, ": step must be >= 1 (the count after this update)");
-  check(param, "param", param);
-  check(grad, "grad", param);
-  check(exp_avg, "exp_avg", param);
-  check(exp_avg_sq, "exp_avg_sq", param);
+  check(param, "param", param, op);
+  check(grad, "grad", param, op);
+  check(exp_avg, "exp_avg", param, op);
+  check(exp_avg_sq, "exp_avg_sq", param, op);
   Item it{};
   it.p = param.data_ptr<float>();
   it.g = grad.data_ptr<float>();
@@ -190,7 +189,7 @@ Item make_item(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
       it.keep_words = reinterpret_cast<const uint32_t*>(keep->data_ptr<int32_t>());
       if (it.kcols == 0) it.n = 0;
     } else {
-      check(*keep, "keep", param);
+      check(*keep, "keep", param, op);
       it.keep_bytes = reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>());
     }
   }
@@ -200,15 +199,6 @@ Item make_item(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
   it.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
   it.decay = static_cast<float>(1.0 - lr * weight_decay);
   return it;
-}
-
-void masked_adamw_(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
-                   const at::Tensor& keep, double lr, double beta1, double beta2, double eps,
-                   double weight_decay, int64_t step, double grad_scale) {
-  TORCH_CHECK(keep.defined(), "masked_adamw_: keep is required");
-  const Item it = make_item(param, grad, exp_avg, exp_avg_sq, &keep, lr, beta1, beta2, weight_decay, static_cast<double>(step),
-                            "masked_adamw_");
-  run_items({it}, Consts{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps), static_cast<float>(grad_scale)});
 }
 
 // One AdamW step of a whole parameter group in one call: param i changes only inside keeps[i] when
@@ -269,18 +259,11 @@ double sum_squares(at::TensorList tensors) {
 
 TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
   m.def(
-      "masked_adamw_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor keep, "
-      "float lr, float beta1, float beta2, float eps, float weight_decay, int step, float grad_scale=1.0) -> ()");
-}
-
-TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
-  m.def(
       "adamw_group_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor?[] keeps, "
       "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale=1.0) -> ()");
   m.def("sum_squares(Tensor[] tensors) -> float");
 }
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
-  m.impl("masked_adamw_", &masked_adamw_);
   m.impl("adamw_group_", &adamw_group_);
   m.impl("sum_squares", &sum_squares);
 }
