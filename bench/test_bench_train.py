@@ -112,8 +112,14 @@ def test_masking_overhead_fp32(benchmark):
 
 
 def test_step_bf16(benchmark):
-    res = interleaved({"fp32": make_trainer("harmodt-f", fused=True), "bf16": make_trainer("harmodt-f", fused=True, precision="bf16")})
+    """fp32 and ``--precision bf16`` HarmoDT-F ``--fused`` steps, and the bf16 step with the per-op
+    blocks (autocast casting per op) instead of the block nodes running their GEMMs in bf16."""
+    res = interleaved({"fp32": make_trainer("harmodt-f", fused=True), "bf16": make_trainer("harmodt-f", fused=True, precision="bf16"),
+                       "bf16_per_op_blocks": _WithModelSetting(make_trainer("harmodt-f", fused=True, precision="bf16"), "_FUSED_BLOCK", False)})
     record(benchmark, res)
+    speedup = paired_ratio(res, "bf16_per_op_blocks", "bf16")
+    benchmark.extra_info["speedup_bf16_block_nodes_over_per_op"] = round(speedup, 3)
+    print(f"bf16 step with block nodes vs per-op blocks (median of per-round ratios): {speedup:.3f}x")
     benchmark.extra_info["targets"] = "bf16 step <= 60 ms"
     tr = make_trainer("harmodt-f", fused=True, precision="bf16")
     benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)

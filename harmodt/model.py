@@ -343,6 +343,14 @@ def _fused_block(*args) -> torch.Tensor:
     return torch.ops.harmodt_kernels.fused_block(*args)
 
 
+def _block_gemm_dtype() -> torch.dtype | None:
+    """The fused block nodes' GEMM dtype: float32, or bfloat16 under CPU bf16 autocast (the node
+    then gives its GEMMs bf16 operands itself, as autocast would); None under any other autocast."""
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+
+
 _FUSED_BLOCK: bool | None = None  # None: whole-block autograd nodes where they apply (tests and bench/ set False to compare)
 _MASKS_IN_BLOCKS: bool | None = None  # None: fused block nodes mask W and dW themselves where they apply (bench/ sets False to compare)
 
@@ -369,7 +377,7 @@ class Block(nn.Module):
         ``ctx.block_norms`` it writes their gradients' sums of squares to. Else None."""
         if (_FUSED_BLOCK is False or qkv is not None or prefix is not None or return_kv
                 or not torch.is_grad_enabled() or x.dtype != torch.float32 or not _native_block_ops(x)
-                or torch.is_autocast_enabled("cpu")):
+                or _block_gemm_dtype() is None):
             return None
         mods = self.gemm_linears()
         if ctx is not None and ctx.block_masks is not None and mods[0].mask_key in ctx.block_masks:
@@ -395,7 +403,7 @@ class Block(nn.Module):
                                 self.ln2.weight, self.ln2.bias, ws[2], self.fc.bias, ws[3], self.mlp_proj.bias,
                                 sel.key_valid.contiguous(), sel.query_pos.contiguous(), a.n_head, self.ln1.eps,
                                 float(p_attn), seed_attn, float(p_proj), seed_proj, float(p_mlp), seed_mlp, span, _GEMM_ENGINE,
-                                masks, norms)
+                                masks, norms, _block_gemm_dtype())
         x = self.attn(_layer_norm(self.ln1, x) if qkv is None else None, attn, ctx, x if query is None else x[:, query], prefix, return_kv, query, qkv)
         if return_kv:
             x, kv = x
@@ -482,12 +490,12 @@ class PromptDT(nn.Module):
 
     def _masks_in_blocks(self, ctx: MaskContext, mods: list) -> bool:
         """Whether this single-task training forward leaves the masking to the fused block nodes:
-        ``--fused`` packed masks, fp32 on CPU outside autocast, the native ops built, the fused
+        ``--fused`` packed masks, fp32 weights on CPU (outside autocast or under bf16 autocast), the native ops built, the fused
         blocks on, and the masked matrices exactly the blocks' GEMM matrices."""
         w = mods[0].weight
         return (_MASKS_IN_BLOCKS is not False and ctx.fused and ctx.backend in ("auto", "cpu") and ctx.packed is not None
                 and _FUSED_BLOCK is not False
-                and w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and _native_block_ops(w)
+                and w.dtype == torch.float32 and _block_gemm_dtype() is not None and _native_block_ops(w)
                 and {id(m) for m in mods} == {id(m) for blk in self.blocks for m in blk.gemm_linears()})
 
     def _with_effective_weights(self, ctx: MaskContext | None) -> MaskContext | None:

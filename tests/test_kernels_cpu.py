@@ -948,7 +948,7 @@ def test_masked_qkv_attention_matches_reference(b, t, h, d, tp, tasks, query):
 
 
 def test_fused_block_argument_errors():
-    """The fused block op names the bad argument: the mask list, the norms buffer, the input."""
+    """The fused block op names the bad argument: the mask list, the norms buffer, the input, the GEMM dtype."""
     g = _gen(41)
     c, h = 8, 2
     x = torch.randn(1, 3, c, generator=g)
@@ -970,3 +970,9 @@ def test_fused_block_argument_errors():
         op(x.double(), *ln, *mats, *rest, [], None)
     with pytest.raises(ValueError, match="n_head 3 must divide the width 8"):
         op(x, *ln, *mats, *(rest[:2] + [3] + rest[3:]), [], None)
+    with pytest.raises(ValueError, match="gemm_dtype must be float32 or bfloat16, got Half"):
+        op(x, *ln, *mats, *rest, [], None, torch.float16)
+    # bf16 GEMMs: the same block to bf16 rounding, in the residual stream's fp32
+    low = op(x, *ln, *mats, *rest, packed, None, torch.bfloat16)
+    assert low.dtype == torch.float32
+    assert 0 < (low - want).abs().max() <= 0.03 * want.abs().max()  # (unit-variance weights: outputs of ~5)

@@ -280,6 +280,42 @@ def test_fused_block_nodes_equal_the_unfused_blocks(method, dropout, monkeypatch
 
 
 @pytest.mark.parametrize("method", ["prompt-dt", "harmodt-f"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_block_nodes_under_bf16_autocast_match_the_per_op_blocks(method, dropout, monkeypatch):
+    """Under CPU bf16 autocast (``--precision bf16``) the block nodes run their GEMMs in bf16
+    themselves (W * M rounded once, fp32 residual stream, layer norms, biases and gradients): the
+    output and every gradient agree with the per-op blocks under autocast to bf16 rounding, the
+    gradients come back fp32, and with masks the nodes record the same clipping norms."""
+    import harmodt.model as model_mod
+
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, context_len=6, prompt_len=3, dropout=dropout)
+    torch.manual_seed(0)
+    b = PromptDTBatcher(datasets(TASKS), TASKS, cfg.context_len, cfg.prompt_len, 100.0, seed=1)
+    m = build_model(cfg, 2, method).train()
+    batch = b.sample([1], 4)
+    batch["mask"][0, :2] = False
+    ctx = _erk_context(m, method, batch["task_ids"], fused=True) if method != "prompt-dt" else None
+    applied = []
+    monkeypatch.setattr(model_mod, "_fused_block", lambda *a, _f=model_mod._fused_block: applied.append(a[-1]) or _f(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (out_f, g_f, n_f, sq_f), (out_u, g_u, n_u, sq_u) = _runs_under(monkeypatch, m, batch, ctx, "_FUSED_BLOCK", (None, False), applied)
+    assert (n_f, n_u) == (cfg.n_layer, 0)
+    torch.testing.assert_close(out_f.float(), out_u.float(), rtol=2e-2, atol=2e-2)
+    for p, x, y in zip(m.parameters(), g_f, g_u):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x.dtype == p.dtype == torch.float32
+            scale = y.abs().max().item() + 1e-12
+            assert (x - y).abs().max().item() <= 0.03 * scale
+    if method == "harmodt-f":
+        got = [v for v in sq_f if v is not None]
+        assert len(got) == 4 * cfg.n_layer and all(v > 0 for v in got)
+        for v, w in zip(sq_f, sq_u):
+            if v is not None:
+                assert abs(v - w) <= 0.05 * w
+
+
+@pytest.mark.parametrize("method", ["prompt-dt", "harmodt-f"])
 def test_act_layer0_cache_matches_recomputing(method):
     """Evaluation's cache of the first block's q/k/v (kept per token, the window sliding) gives the
     actions of a full recomputation at every step, before and after the window fills."""

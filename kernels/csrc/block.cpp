@@ -1,4 +1,5 @@
-// One transformer block's fp32 training step as ONE C++ autograd node (the op fused_block):
+// One transformer block's training step (fp32, or bf16 GEMMs under CPU autocast) as ONE C++ autograd
+// node (the op fused_block):
 //
 //   h1 = LN1(x);  qkv = h1 W_qkv^T + b_qkv;  att = attention(qkv)            (causal, dropout p_attn)
 //   x1 = x[query] + drop(att W_proj^T + b_proj);  h2 = LN2(x1)
@@ -20,6 +21,13 @@
 // while it is in cache, its sum of squares written to grad_sq_norms for gradient clipping. That
 // replaces two passes over all masked matrices per step (W * M before the blocks, the gradients'
 // masking after them), whose 19 MB at the paper's size come from and go to memory.
+//
+// gemm_dtype: None/float32, or bfloat16 (harmodt/model.py passes it under CPU bf16 autocast): the
+// GEMMs then take bf16 operands and give bf16 outputs (W * M is rounded to bf16 as it is expanded,
+// the layer norms' outputs after them), attention runs on the bf16 projection, and the residual
+// stream, layer norms, bias and weight gradients stay fp32 -- the dtypes autocast gives the per-op
+// blocks, whose result this matches to bf16 rounding (not bit for bit: autocast's own layer norm
+// and bias handling round elsewhere).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -71,10 +79,21 @@ at::Tensor bias_dropout_add_(const at::Tensor& y, const at::Tensor& bias, const 
       "harmodt_kernels::bias_dropout_add_");
   return op.call(y, bias, residual, seed, p);  // residual + dropout(y + bias), written over y
 }
-std::tuple<at::Tensor, at::Tensor> dropout_bias_backward(const at::Tensor& grad, int64_t seed, double p) {
+at::Tensor bias_dropout_add(const at::Tensor& y, const at::Tensor& bias, const at::Tensor& residual, int64_t seed, double p) {
+  static const auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>(
+      "harmodt_kernels::bias_dropout_add");
+  return op.call(y, bias, residual, seed, p);  // residual + dropout(y + bias), in the residual's dtype
+}
+// residual + dropout(y + bias): over y when both share a dtype (fp32), else a fresh tensor of the
+// residual's dtype (bf16 GEMM output, fp32 stream)
+at::Tensor add_to_stream(const at::Tensor& y, const at::Tensor& bias, const at::Tensor& residual, int64_t seed, double p) {
+  return y.scalar_type() == residual.scalar_type() ? bias_dropout_add_(y, bias, residual, seed, p)
+                                                   : bias_dropout_add(y, bias, residual, seed, p);
+}
+std::tuple<at::Tensor, at::Tensor> dropout_bias_backward(const at::Tensor& grad, int64_t seed, double p, at::ScalarType dtype) {
   static const auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, double, bool, at::ScalarType)>(
       "harmodt_kernels::dropout_bias_backward");
-  return op.call(grad, seed, p, true, at::kFloat);
+  return op.call(grad, seed, p, true, dtype);  // (dropout(grad) in `dtype`, fp32 bias gradient)
 }
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                                                   double eps) {
@@ -92,20 +111,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   return op.call(grad, x, mean, rstd, w, extra);
 }
 
-// W * M for a GEMM (W itself without a mask), into a fresh buffer that the GEMM reads right away
-// (the block keeps it for the backward's dx GEMM).
-at::Tensor effective(const at::Tensor& w, const at::Tensor& mask) {
-  if (!mask.defined()) return w;
+// W * M for a GEMM in the GEMMs' dtype (W itself, or W cast, without a mask), into a fresh buffer
+// that the GEMM reads right away (the block keeps it for the backward's dx GEMM). fp32 W with bf16
+// GEMMs: expanded and rounded to bf16 in the same pass.
+at::Tensor effective(const at::Tensor& w, const at::Tensor& mask, at::ScalarType dtype) {
+  if (!mask.defined()) return w.to(dtype);
   static const auto op = handle<void(at::TensorList, at::TensorList, at::TensorList)>("harmodt_kernels::apply_masks_");
-  at::Tensor out = at::empty_like(w);
+  at::Tensor out = at::empty(w.sizes(), w.options().dtype(dtype));
   op.call({out}, {w}, {mask});
   return out;
 }
-// grad <- grad * M in place (Eq. 4) while it is fresh from its GEMM; returns its sum of squares.
-double mask_grad_(const at::Tensor& grad, const at::Tensor& mask) {
+// grad * M (Eq. 4) while the gradient is fresh from its GEMM, in place, or (a bf16 GEMM's gradient
+// of an fp32 weight) widened into a new fp32 tensor in the same pass; the sum of squares goes to *sq.
+at::Tensor mask_grad(const at::Tensor& grad, const at::Tensor& mask, at::ScalarType dtype, double* sq) {
   static const auto op =
       handle<at::Tensor(at::TensorList, at::TensorList, at::TensorList)>("harmodt_kernels::apply_masks_sq_norms_");
-  return op.call({grad}, {grad}, {mask}).item<double>();
+  const at::Tensor out = grad.scalar_type() == dtype ? grad : at::empty(grad.sizes(), grad.options().dtype(dtype));
+  *sq = op.call({out}, {grad}, {mask}).item<double>();
+  return out;
 }
 
 struct Dropouts {
@@ -113,9 +136,10 @@ struct Dropouts {
   int64_t seed_attn, seed_proj, seed_mlp;
 };
 
-// The tensors the backward needs, in this order.
+// The tensors the backward needs, in this order (kWDtype: an empty tensor of the weights' dtype).
 enum Saved { kX2, kH1, kMean1, kRstd1, kQkv, kAtt, kLse, kX1, kH2, kMean2, kRstd2, kZ,
-             kLn1W, kWQkv, kWProj, kLn2W, kWFc, kWMlp /* W * M where masked */, kKeyValid, kQueryPos, kMQkv, kMProj, kMFc, kMMlp, kNumSaved };
+             kLn1W, kWQkv, kWProj, kLn2W, kWFc, kWMlp /* W * M where masked */, kKeyValid, kQueryPos, kMQkv, kMProj, kMFc, kMMlp,
+             kWDtype, kNumSaved };
 
 // The four GEMM matrices' packed masks (qkv, proj, fc, mlp_proj), undefined where unmasked.
 using Masks = std::vector<at::Tensor>;
@@ -124,73 +148,83 @@ at::Tensor query_rows(const at::Tensor& x, const std::vector<int64_t>& query) { 
   return query.empty() ? x : x.slice(1, query[0], query[1], query[2]);
 }
 
-// The forward; `saved` (if given) receives what the backward reads.
+// The forward; `saved` (if given) receives what the backward reads. gd: the GEMMs' dtype. fp32, or
+// bf16 (CPU bf16 autocast): then the GEMMs take bf16 operands (W * M rounded once per step, the layer
+// norms' outputs rounded after them) and give bf16 outputs, attention runs on the bf16 projection,
+// and the residual stream, layer norms, biases and every gradient the node returns stay fp32 -- the
+// dtypes autocast gives the per-op blocks.
 at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at::Tensor& ln1_b, const at::Tensor& w_qkv,
                          const at::Tensor& b_qkv, const at::Tensor& w_proj, const at::Tensor& b_proj, const at::Tensor& ln2_w,
                          const at::Tensor& ln2_b, const at::Tensor& w_fc, const at::Tensor& b_fc, const at::Tensor& w_mlp,
                          const at::Tensor& b_mlp, const at::Tensor& key_valid, const at::Tensor& query_pos, int64_t n_head,
                          double eps, const Dropouts& d, const std::vector<int64_t>& query, const std::string& engine,
-                         const Masks& masks, std::vector<at::Tensor>* saved) {
+                         const Masks& masks, at::ScalarType gd, std::vector<at::Tensor>* saved) {
   TORCH_CHECK_VALUE(x.dim() == 3 && x.is_contiguous() && x.scalar_type() == at::kFloat,
                     "fused_block: x must be a contiguous float32 (B, T, C) tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK_VALUE(gd == at::kFloat || gd == at::kBFloat16, "fused_block: gemm_dtype must be float32 or bfloat16, got ", gd);
   TORCH_CHECK_VALUE(query.empty() || query.size() == 3, "fused_block: query must be empty or [start, stop, step]");
   const int64_t b = x.size(0), t = x.size(1), c = x.size(2);
   TORCH_CHECK_VALUE(n_head > 0 && c % n_head == 0, "fused_block: n_head ", n_head, " must divide the width ", c);
   TORCH_CHECK_VALUE(masks.size() == 4, "fused_block: masks must list the 4 matrices' masks (or None), got ", masks.size());
   const at::Tensor x2 = x.view({b * t, c});  // (BT, C)
-  auto [h1, mean1, rstd1] = layer_norm_forward(x2, ln1_w, ln1_b, eps);
+  auto [h1f, mean1, rstd1] = layer_norm_forward(x2, ln1_w, ln1_b, eps);
+  const at::Tensor h1 = h1f.to(gd);
   // W * M of each masked matrix, expanded from the bits right before its GEMM and kept for the
   // backward's (recomputing it there measured 2-4 % slower per step than keeping these 19 MB)
-  const at::Tensor we_qkv = effective(w_qkv, masks[0]), we_proj = effective(w_proj, masks[1]);
-  const at::Tensor we_fc = effective(w_fc, masks[2]), we_mlp = effective(w_mlp, masks[3]);
-  const at::Tensor qkv = gemm(h1, we_qkv.t(), b_qkv, engine).view({b, t, 3, n_head, c / n_head});  // (B, T, 3, nh, hd)
+  const at::Tensor we_qkv = effective(w_qkv, masks[0], gd), we_proj = effective(w_proj, masks[1], gd);
+  const at::Tensor we_fc = effective(w_fc, masks[2], gd), we_mlp = effective(w_mlp, masks[3], gd);
+  const at::Tensor qkv = gemm(h1, we_qkv.t(), b_qkv.to(gd), engine).view({b, t, 3, n_head, c / n_head});  // (B, T, 3, nh, hd)
   auto [att3, lse] = attention_forward(qkv, key_valid, query_pos, d.p_attn, d.seed_attn);  // (B, Tq, C)
   const int64_t tq = att3.size(1);
   const at::Tensor att = att3.view({b * tq, c});
   const at::Tensor res = query.empty() ? x2 : query_rows(x, query).reshape({b * tq, c});  // the stream at the queries
-  const at::Tensor x1 = bias_dropout_add_(gemm(att, we_proj.t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
-  auto [h2, mean2, rstd2] = layer_norm_forward(x1, ln2_w, ln2_b, eps);
+  const at::Tensor x1 = add_to_stream(gemm(att, we_proj.t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
+  auto [h2f, mean2, rstd2] = layer_norm_forward(x1, ln2_w, ln2_b, eps);
+  const at::Tensor h2 = h2f.to(gd);
   const at::Tensor z = bias_relu_(gemm(h2, we_fc.t(), std::nullopt, engine), b_fc);  // (BTq, 4C)
-  const at::Tensor out = bias_dropout_add_(gemm(z, we_mlp.t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
+  const at::Tensor out = add_to_stream(gemm(z, we_mlp.t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
   if (saved != nullptr)
     *saved = {x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z, ln1_w, we_qkv, we_proj, ln2_w, we_fc, we_mlp,
-              key_valid, query_pos, masks[0], masks[1], masks[2], masks[3]};
+              key_valid, query_pos, masks[0], masks[1], masks[2], masks[3], at::empty({0}, w_qkv.options())};
   return out.view({b, tq, c});
 }
 
 // (dx, dln1_w, dln1_b, dw_qkv, db_qkv, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_mlp, db_mlp)
 // With masks, each weight gradient is masked (Eq. 4) right after its GEMM and its sum of squares
-// goes to sq_norms[i] (float64 (4,), if defined) for gradient clipping.
+// goes to sq_norms[i] (float64 (4,), if defined) for gradient clipping. The GEMMs run in the dtype
+// the forward's did; weight gradients come back in the weights' dtype.
 std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector<at::Tensor>& s, const Dropouts& d,
                                        const std::vector<int64_t>& query, const std::string& engine, const at::Tensor& sq_norms) {
-  auto masked = [&](const at::Tensor& dw, int i) {
+  const at::ScalarType gd = s[kQkv].scalar_type(), wd = s[kWDtype].scalar_type();
+  auto weight_grad = [&](const at::Tensor& dw, int i) {
     const at::Tensor& m = s[kMQkv + i];
-    if (m.defined()) {
-      const double sq = mask_grad_(dw, m);
-      if (sq_norms.defined()) sq_norms.data_ptr<double>()[i] = sq;
-    }
-    return dw;
+    if (!m.defined()) return dw.to(wd);
+    double sq = 0.0;
+    const at::Tensor out = mask_grad(dw, m, wd, &sq);
+    if (sq_norms.defined()) sq_norms.data_ptr<double>()[i] = sq;
+    return out;
   };
   const at::Tensor& qkv = s[kQkv];
   const int64_t b = qkv.size(0), t = qkv.size(1), c = s[kX2].size(1), tq = s[kX1].size(0) / b;
-  const at::Tensor g = grad.reshape({b * tq, c}).contiguous();  // (BTq, C)
+  const at::Tensor g = grad.reshape({b * tq, c}).contiguous().to(at::kFloat);  // (BTq, C), the fp32 stream's
   // MLP: out = x1 + drop(z W_mlp^T + b_mlp), z = relu(h2 W_fc^T + b_fc), h2 = LN2(x1)
-  auto [dy2, db_mlp] = dropout_bias_backward(g, d.seed_mlp, d.p_mlp);
+  auto [dy2, db_mlp] = dropout_bias_backward(g, d.seed_mlp, d.p_mlp, gd);
   const at::Tensor dz = gemm(dy2, s[kWMlp], std::nullopt, engine);  // (BTq, 4C)
   const at::Tensor db_fc = bias_relu_backward_(dz, s[kZ]);  // ReLU's gradient in place while dz is in cache (z then is for dW)
-  const at::Tensor dw_mlp = masked(gemm(dy2.t(), s[kZ], std::nullopt, engine), 3);
-  const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine);
-  const at::Tensor dw_fc = masked(gemm(dz.t(), s[kH2], std::nullopt, engine), 2);
+  const at::Tensor dw_mlp = weight_grad(gemm(dy2.t(), s[kZ], std::nullopt, engine), 3);
+  const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine).to(at::kFloat);
+  const at::Tensor dw_fc = weight_grad(gemm(dz.t(), s[kH2], std::nullopt, engine), 2);
   auto [dx1, dln2_w, dln2_b] = layer_norm_backward(dh2, s[kX1], s[kMean2], s[kRstd2], s[kLn2W], g);  // + g: the residual's
   // attention: x1 = x + drop(att W_proj^T + b_proj), att = attention(LN1(x) W_qkv^T + b_qkv)
-  auto [dy1, db_proj] = dropout_bias_backward(dx1, d.seed_proj, d.p_proj);
+  auto [dy1, db_proj] = dropout_bias_backward(dx1, d.seed_proj, d.p_proj, gd);
   const at::Tensor datt = gemm(dy1, s[kWProj], std::nullopt, engine);
-  const at::Tensor dw_proj = masked(gemm(dy1.t(), s[kAtt], std::nullopt, engine), 1);
+  const at::Tensor dw_proj = weight_grad(gemm(dy1.t(), s[kAtt], std::nullopt, engine), 1);
   const at::Tensor dqkv = attention_backward(datt.view({b, tq, c}), qkv, s[kKeyValid], s[kQueryPos], s[kLse], d.p_attn, d.seed_attn)
                               .view({b * t, 3 * c});
-  const at::Tensor db_qkv = dqkv.sum(0);  // first, while the attention's output is still in cache
-  const at::Tensor dh1 = gemm(dqkv, s[kWQkv], std::nullopt, engine);
-  const at::Tensor dw_qkv = masked(gemm(dqkv.t(), s[kH1], std::nullopt, engine), 0);
+  // first, while the attention's output is still in cache (fp32 sums)
+  const at::Tensor db_qkv = gd == at::kFloat ? dqkv.sum(0) : at::sum(dqkv, {0}, false, at::kFloat);
+  const at::Tensor dh1 = gemm(dqkv, s[kWQkv], std::nullopt, engine).to(at::kFloat);
+  const at::Tensor dw_qkv = weight_grad(gemm(dqkv.t(), s[kH1], std::nullopt, engine), 0);
   auto [dx, dln1_w, dln1_b] =
       layer_norm_backward(dh1, s[kX2], s[kMean1], s[kRstd1], s[kLn1W], query.empty() ? Opt(dx1) : Opt());
   if (!query.empty())  // the residual stream's gradient goes back to the query tokens only
@@ -205,6 +239,7 @@ constexpr int kNumTensorArgs = 15;
 struct MaskArgs {
   Masks masks;
   at::Tensor sq_norms;
+  at::ScalarType gemm_dtype;
 };
 
 Masks mask_list(const c10::List<std::optional<at::Tensor>>& masks) {
@@ -243,7 +278,7 @@ class FusedBlockFunction : public torch::autograd::Function<FusedBlockFunction> 
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       out = block_forward(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp, key_valid,
-                          query_pos, n_head, eps, d, query, engine, masks, &saved);
+                          query_pos, n_head, eps, d, query, engine, masks, mask_args.gemm_dtype, &saved);
     }
     ctx->save_for_backward(saved);
     ctx->saved_data["sq_norms"] = sq_norms;
@@ -278,11 +313,11 @@ at::Tensor fused_block_autograd(const at::Tensor& x, const at::Tensor& ln1_w, co
                                 const at::Tensor& query_pos, int64_t n_head, double eps, double p_attn, int64_t seed_attn,
                                 double p_proj, int64_t seed_proj, double p_mlp, int64_t seed_mlp, at::OptionalIntArrayRef query,
                                 c10::string_view engine, const c10::List<std::optional<at::Tensor>>& masks,
-                                const std::optional<at::Tensor>& grad_sq_norms) {
+                                const std::optional<at::Tensor>& grad_sq_norms, std::optional<at::ScalarType> gemm_dtype) {
   return FusedBlockFunction::apply(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp,
                                    key_valid, query_pos, n_head, eps, p_attn, seed_attn, p_proj, seed_proj, p_mlp, seed_mlp,
                                    query.has_value() ? query->vec() : std::vector<int64_t>{}, std::string(engine),
-                                   MaskArgs{mask_list(masks), norms_arg(grad_sq_norms)});
+                                   MaskArgs{mask_list(masks), norms_arg(grad_sq_norms), gemm_dtype.value_or(at::kFloat)});
 }
 
 // Without autograd (no gradient wanted): the forward alone.
@@ -294,10 +329,11 @@ at::Tensor fused_block_forward_only(const at::Tensor& x, const at::Tensor& ln1_w
                                     int64_t n_head, double eps, double p_attn, int64_t seed_attn, double p_proj,
                                     int64_t seed_proj, double p_mlp, int64_t seed_mlp, at::OptionalIntArrayRef query,
                                     c10::string_view engine, const c10::List<std::optional<at::Tensor>>& masks,
-                                    const std::optional<at::Tensor>& grad_sq_norms) {
+                                    const std::optional<at::Tensor>& grad_sq_norms, std::optional<at::ScalarType> gemm_dtype) {
   return block_forward(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_mlp, b_mlp, key_valid,
                        query_pos, n_head, eps, Dropouts{p_attn, p_proj, p_mlp, seed_attn, seed_proj, seed_mlp},
-                       query.has_value() ? query->vec() : std::vector<int64_t>{}, std::string(engine), mask_list(masks), nullptr);
+                       query.has_value() ? query->vec() : std::vector<int64_t>{}, std::string(engine), mask_list(masks),
+                       gemm_dtype.value_or(at::kFloat), nullptr);
 }
 
 }  // namespace
@@ -308,7 +344,8 @@ TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
       "fused_block(Tensor x, Tensor ln1_w, Tensor ln1_b, Tensor w_qkv, Tensor b_qkv, Tensor w_proj, Tensor b_proj, "
       "Tensor ln2_w, Tensor ln2_b, Tensor w_fc, Tensor b_fc, Tensor w_mlp, Tensor b_mlp, Tensor key_valid, "
       "Tensor query_pos, int n_head, float eps, float p_attn, int seed_attn, float p_proj, int seed_proj, "
-      "float p_mlp, int seed_mlp, int[]? query, str engine, Tensor?[] masks, Tensor(a!)? grad_sq_norms) -> Tensor");
+      "float p_mlp, int seed_mlp, int[]? query, str engine, Tensor?[] masks, Tensor(a!)? grad_sq_norms, "
+      "ScalarType? gemm_dtype=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) { m.impl("fused_block", &harmodt::fused_block_forward_only); }
