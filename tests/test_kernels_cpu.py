@@ -678,6 +678,20 @@ def test_bias_relu_without_bias_gradient_and_errors():
 
 
 @pytest.mark.parametrize("shape", EPILOGUE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_sums_match_float64_sums(shape, dtype):
+    """column_sums (the bf16 block node's qkv bias gradient) against float64 row sums of the same
+    values: fp32 accumulation, one partial row per thread."""
+    g = torch.randn(shape, generator=_gen(36)).to(dtype)
+    got = torch.ops.harmodt_kernels.column_sums(g)
+    want = g.double().reshape(-1, shape[-1]).sum(0)
+    assert got.dtype == torch.float32 and got.shape == (shape[-1],)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="column_sums: grad must be float32 or bfloat16"):
+        torch.ops.harmodt_kernels.column_sums(g.double())
+
+
+@pytest.mark.parametrize("shape", EPILOGUE_SHAPES)
 def test_in_place_epilogues_equal_their_out_of_place_ops(shape):
     """bias_relu_backward_ / bias_dropout_add_ (the fused block's: written over a fresh GEMM output)
     give bit for bit what bias_relu_backward / bias_dropout_add return."""

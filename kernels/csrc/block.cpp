@@ -111,6 +111,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   return op.call(grad, x, mean, rstd, w, extra);
 }
 
+at::Tensor column_sums(const at::Tensor& grad) {  // fp32 (N,) sums over the rows of a bf16 or fp32 (M, N)
+  static const auto op = handle<at::Tensor(const at::Tensor&)>("harmodt_kernels::column_sums");
+  return op.call(grad);
+}
+
 // W * M for a GEMM in the GEMMs' dtype (W itself, or W cast, without a mask), into a fresh buffer
 // that the GEMM reads right away (the block keeps it for the backward's dx GEMM). fp32 W with bf16
 // GEMMs: expanded and rounded to bf16 in the same pass.
@@ -222,7 +227,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
   const at::Tensor dqkv = attention_backward(datt.view({b, tq, c}), qkv, s[kKeyValid], s[kQueryPos], s[kLse], d.p_attn, d.seed_attn)
                               .view({b * t, 3 * c});
   // first, while the attention's output is still in cache (fp32 sums)
-  const at::Tensor db_qkv = gd == at::kFloat ? dqkv.sum(0) : at::sum(dqkv, {0}, false, at::kFloat);
+  const at::Tensor db_qkv = gd == at::kFloat ? dqkv.sum(0) : column_sums(dqkv);
   const at::Tensor dh1 = gemm(dqkv, s[kWQkv], std::nullopt, engine).to(at::kFloat);
   const at::Tensor dw_qkv = weight_grad(gemm(dqkv.t(), s[kH1], std::nullopt, engine), 0);
   auto [dx, dln1_w, dln1_b] =

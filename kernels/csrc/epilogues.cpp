@@ -5,6 +5,7 @@
 //   bias_relu_backward(g, h)              dz = g * (h > 0), db = sum_rows dz  (bias_relu_backward_: dz over g)
 //   bias_dropout_add(y, b, r, seed, p)    r + dropout(y + b)                   (proj, mlp_proj; bias_dropout_add_: over y)
 //   dropout_bias_backward(g, seed, p)     dy = dropout(g), db = sum_rows dy
+//   column_sums(g)                        db = sum_rows g                      (a bias gradient alone)
 //
 // BLAS adds a bias by copying it into every output row before the GEMM (one more pass over the
 // output), and ReLU, dropout, the residual add and the bias gradient are each one more pass;
@@ -293,10 +294,47 @@ std::tuple<at::Tensor, at::Tensor> dropout_bias_backward(const at::Tensor& grad_
   return {dy, need_bias ? sums.total() : at::zeros({n}, at::kFloat)};
 }
 
+// ---- bias gradient alone ------------------------------------------------------------------------
+
+template <typename T>
+void column_sum_rows(const T* g, ColumnSums* sums, int64_t m, int64_t n) {
+  at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
+    float* acc = sums->mine();
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* gr = g + r * n;
+      row16<vector16_ok<T>()>(
+          n,
+          [&](int64_t j, auto lanes) {
+#if defined(HARMODT_AVX512_CVT)
+            _mm512_mask_storeu_ps(acc + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + j), load16(gr + j, lanes)));
+#endif
+          },
+          [&](int64_t j) { acc[j] += static_cast<float>(gr[j]); });
+    }
+  });
+}
+
+// fp32 sums over the rows of grad (..., N) -> (N,): a bias's gradient. (at::sum with an fp32
+// dtype first converts a bf16 input to a whole fp32 copy.)
+at::Tensor column_sums(const at::Tensor& grad_in) {
+  const at::Tensor grad = grad_in.contiguous();
+  check_2d(grad, "column_sums", "grad");
+  const int64_t n = grad.size(-1), m = n == 0 ? 0 : grad.numel() / n;
+  ColumnSums sums(n);
+  if (m > 0 && n > 0) {
+    if (grad.scalar_type() == at::kFloat)
+      column_sum_rows(grad.data_ptr<float>(), &sums, m, n);
+    else
+      column_sum_rows(grad.data_ptr<at::BFloat16>(), &sums, m, n);
+  }
+  return sums.total();
+}
+
 }  // namespace
 }  // namespace harmodt
 
 TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
+  m.def("column_sums(Tensor grad) -> Tensor");
   m.def("bias_relu_(Tensor(a!) z, Tensor bias) -> Tensor(a!)");
   m.def("bias_relu_backward(Tensor grad, Tensor out, bool need_bias) -> (Tensor, Tensor)");
   m.def("bias_relu_backward_(Tensor(a!) grad, Tensor out, bool need_bias) -> Tensor");
@@ -312,4 +350,5 @@ TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
   m.impl("bias_dropout_add", &harmodt::bias_dropout_add);
   m.impl("bias_dropout_add_", &harmodt::bias_dropout_add_);
   m.impl("dropout_bias_backward", &harmodt::dropout_bias_backward);
+  m.impl("column_sums", &harmodt::column_sums);
 }
