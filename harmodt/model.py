@@ -49,12 +49,18 @@ class MaskContext:
     effective: dict | None = None  # param name -> W * M for this forward (single-task training; set by the model)
     block_masks: dict | None = None  # param name -> this step's packed mask, applied inside the fused blocks (set by the model)
     block_norms: torch.Tensor | None = None  # float64 [4 * n_layer]: the blocks' masked weight gradients' sums of squares
+    task_weights: dict | None = None  # param name -> [T, N, K] every task's W * M (evaluation: expanded once, read by the inference ops)
 
     @staticmethod
-    def for_tasks(bool_masks, task_ids, packed=None, fused=False, backend="auto", task_grads=None):
+    def for_tasks(bool_masks, task_ids, packed=None, fused=False, backend="auto", task_grads=None, task_weights=None):
         uniq = torch.unique(task_ids)
         single = int(uniq[0]) if uniq.numel() == 1 else None
-        return MaskContext(bool_masks, task_ids, packed, single, fused, backend, task_grads)
+        return MaskContext(bool_masks, task_ids, packed, single, fused, backend, task_grads, task_weights=task_weights)
+
+    def expanded(self, key: str) -> torch.Tensor | None:
+        """The ``[T, N, K]`` W * M of every task for ``key`` when evaluation expanded them (inference
+        only: they are a copy, not the parameter), else None."""
+        return None if self.task_weights is None or torch.is_grad_enabled() else self.task_weights.get(key)
 
 
 def _keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
@@ -220,9 +226,8 @@ class MaskedLinear(nn.Linear):
         if ctx.fused:
             row_ids = ctx.task_ids.repeat_interleave(t)  # (B*T,)
             grads = None if ctx.task_grads is None else ctx.task_grads.get(self.mask_key)
-            y = kernels.masked_linear(
-                x.reshape(b * t, k), self.weight, self.bias, ctx.packed[self.mask_key], row_ids, backend=ctx.backend, task_grads=grads
-            )
+            y = kernels.masked_linear(x.reshape(b * t, k), self.weight, self.bias, ctx.packed[self.mask_key], row_ids, backend=ctx.backend,
+                                      task_grads=grads, task_weights=ctx.expanded(self.mask_key))
             return y.view(b, t, -1)
         if ctx.single_task is not None and ctx.task_grads is None:
             w_eff = torch.where(masks[ctx.single_task], self.weight, self.weight.new_zeros(()))  # (N, K)
@@ -292,7 +297,8 @@ class SelfAttention(nn.Module):
             b, t, c = x.shape
             sel = attn if query is None else attn.select(query)
             y = kernels.masked_qkv_attention(x.reshape(b * t, c), self.qkv.weight, self.qkv.bias, ctx.packed[self.qkv.mask_key],
-                                             ctx.task_ids, self.n_head, sel.key_valid, sel.query_pos, prefix, backend=ctx.backend)
+                                             ctx.task_ids, self.n_head, sel.key_valid, sel.query_pos, prefix, backend=ctx.backend,
+                                             task_weights=ctx.expanded(self.qkv.mask_key))
             return self._project(y, ctx, residual)
         if qkv is None:
             b, t, c = x.shape
@@ -419,7 +425,8 @@ class Block(nn.Module):
             b, t, c = x.shape
             fc, pr = self.fc, self.mlp_proj
             y = kernels.masked_mlp(_layer_norm(self.ln2, x).reshape(b * t, c), fc.weight, fc.bias, ctx.packed[fc.mask_key], pr.weight, pr.bias,
-                                   ctx.packed[pr.mask_key], ctx.task_ids.repeat_interleave(t), backend=ctx.backend)
+                                   ctx.packed[pr.mask_key], ctx.task_ids.repeat_interleave(t), backend=ctx.backend,
+                                   task_w1=ctx.expanded(fc.mask_key), task_w2=ctx.expanded(pr.mask_key))
             x = x + y.view(b, t, c)
         else:
             h = F.relu(self.fc(_layer_norm(self.ln2, x), ctx), inplace=not torch.is_grad_enabled())  # (B, T, 4C); in place when nothing saves it

@@ -314,11 +314,25 @@ def unpack_masks(words: torch.Tensor, k: int, backend: str = "auto") -> torch.Te
     return reference.unpack_masks(words, k)
 
 
-def masked_linear(x, weight, bias, masks, task_ids, backend: str = "auto", task_grads=None):
+def task_weights(weight: torch.Tensor, masks: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Every task's ``weight * M_t``, ``[T, N, K]``, from packed int32 ``[T, N, ceil(K/32)]`` (or
+    bool ``[T, N, K]``) masks, through :func:`apply_masks_`. Evaluation, where the weights do not
+    change, expands them once and hands them to the inference ops (``task_weights=``), which then
+    skip expanding the bits at every step; it costs ``T * N * K`` values of memory."""
+    t = masks.shape[0]
+    out = torch.empty(t, *weight.shape, dtype=weight.dtype, device=weight.device)
+    apply_masks_(list(out.unbind(0)), [weight.detach().contiguous()] * t, list(masks.unbind(0)), backend=backend)
+    return out
+
+
+def masked_linear(x, weight, bias, masks, task_ids, backend: str = "auto", task_grads=None, task_weights=None):
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` without materializing masked weights.
 
     See :func:`kernels.reference.masked_linear` for shapes and gradients. ``task_grads``: optional
     fp32 ``[T, N, K]`` buffer that receives each task's unmasked ``dY_t^T X_t`` on backward.
+    ``task_weights``: optional ``[T, N, K]`` = :func:`task_weights` of these weight and masks, for
+    inference: the native op reads it instead of expanding the bits; the other backends compute the
+    same values from the masks.
     """
     b = resolve_backend(backend, x.device, "masked_linear")
     if b == "triton":
@@ -328,7 +342,7 @@ def masked_linear(x, weight, bias, masks, task_ids, backend: str = "auto", task_
     if b == "cpu":
         from . import cpu
 
-        return cpu.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
+        return cpu.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads, task_weights=task_weights)
     return reference.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
 
 
@@ -337,29 +351,32 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids, backend: str = "auto"):
+def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids, backend: str = "auto", task_w1=None, task_w2=None):
     """A block's MLP, ``relu(x W1_t^T + b1) W2_t^T + b2`` through each row's task masks (packed),
     for inference: the native op keeps each task's hidden activations in cache; the reference and
-    Triton compose two :func:`masked_linear` calls (differentiable)."""
+    Triton compose two :func:`masked_linear` calls (differentiable). ``task_w1`` / ``task_w2``:
+    optional :func:`task_weights` of (w1, m1) / (w2, m2), read by the native op instead of the bits."""
     b = resolve_backend(backend, x.device, "masked_mlp")
     if b == "cpu" and (backend == "cpu" or not _needs_grad(x, w1, b1, w2, b2)):  # (explicit "cpu" with gradients raises)
         from . import cpu
 
-        return cpu.masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids)
+        return cpu.masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids, task_w1, task_w2)
     h = masked_linear(x, w1, b1, m1, task_ids, backend=b)  # with gradients: two differentiable calls
     return masked_linear(torch.relu(h), w2, b2, m2, task_ids, backend=b)
 
 
-def masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, query_pos, prefix=None, backend: str = "auto"):
+def masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, query_pos, prefix=None, backend: str = "auto",
+                         task_weights=None):
     """A block's masked q/k/v projection then attention, for inference: ``x`` ``[B * T, C]``,
     ``row_tasks (B,)`` each batch row's task, packed ``masks``; returns ``(B, Tq, C)``. The native
     op keeps each task run's projection in cache; otherwise :func:`masked_linear` then
-    :func:`attention`."""
+    :func:`attention`. ``task_weights``: optional :func:`task_weights` of (weight, masks), read by
+    the native op instead of the bits."""
     b = resolve_backend(backend, x.device, "masked_qkv_attention")
     if b == "cpu" and (backend == "cpu" or not _needs_grad(x, weight, bias)):  # (explicit "cpu" with gradients raises)
         from . import cpu
 
-        return cpu.masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, query_pos, prefix)
+        return cpu.masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, query_pos, prefix, task_weights)
     rows, c = row_tasks.shape[0], x.shape[1]
     t = x.shape[0] // rows
     qkv = masked_linear(x, weight, bias, masks, row_tasks.repeat_interleave(t), backend=b)

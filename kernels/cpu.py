@@ -475,13 +475,15 @@ class _MaskedLinear(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-def masked_linear(x, weight, bias, masks, task_ids, task_grads=None):
+def masked_linear(x, weight, bias, masks, task_ids, task_grads=None, task_weights=None):
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias``; see :func:`kernels.reference.masked_linear`.
 
     x ``[R, K]`` float32/bfloat16, weight ``[N, K]`` same dtype, bias ``[N]`` or None, masks packed
     int32 ``[T, N, ceil(K/32)]`` (or bool ``[T, N, K]``, packed here), task_ids integer ``[R]`` in
     ``[0, T)``; task_grads: None or a contiguous float32 ``[T, N, K]`` buffer that receives each
     task's unmasked ``dY_t^T X_t`` on backward (when weight requires grad, like the reference).
+    task_weights: None or every task's ``weight * M_t`` already expanded, ``[T, N, K]`` of x's dtype
+    (:func:`kernels.task_weights`), read instead of expanding the bits; inference only (no gradients).
     """
     for name, t in (("x", x), ("weight", weight), ("masks", masks), ("task_ids", task_ids)):
         _check_cpu(name, t)
@@ -524,7 +526,21 @@ def masked_linear(x, weight, bias, masks, task_ids, task_grads=None):
         lo, hi = int(task_ids.min()), int(task_ids.max())
         if lo < 0 or hi >= t_count:
             raise KernelArgumentError(f"task_ids must lie in [0, {t_count}) (masks hold {t_count} tasks), got [{lo}, {hi}]")
+    if task_weights is not None:
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            raise KernelArgumentError("masked_linear with task_weights is inference-only: call it under torch.no_grad()")
+        _check_task_weights("task_weights", task_weights, t_count, weight)
+        return _ops().masked_linear_forward(x, weight, bias, masks, task_ids, task_weights)
     return _MaskedLinear.apply(x, weight, bias, masks, task_ids, task_grads)
+
+
+def _check_task_weights(name, tw, t_count, weight) -> None:
+    _check_cpu(name, tw)
+    if tw.dtype != weight.dtype:
+        raise KernelDTypeError(f"{name} dtype {tw.dtype} differs from the weight's {weight.dtype}")
+    if tw.shape != (t_count, *weight.shape):
+        raise KernelArgumentError(f"{name} must be [{t_count}, {weight.shape[0]}, {weight.shape[1]}] (one W * M per task), "
+                                  f"got {tuple(tw.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,10 +569,11 @@ def harmony_select(masked_grads, grads, params, masks, k, lam, importance="magni
     return _ops().harmony_select(masked_grads, grads, params, masks, int(k), float(lam), importance == "fisher")
 
 
-def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids) -> torch.Tensor:
+def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids, task_w1=None, task_w2=None) -> torch.Tensor:
     """Inference-only fused MLP of a block (see :func:`kernels.reference.masked_mlp`): per task,
     fc, ReLU and projection run on the task's rows while their hidden activations are in cache.
-    No gradients: inputs that require grad are refused."""
+    No gradients: inputs that require grad are refused. ``task_w1`` / ``task_w2``: None or every
+    task's ``W * M_t`` already expanded (:func:`kernels.task_weights`), read instead of the bits."""
     for name, t in (("x", x), ("w1", w1), ("w2", w2), ("m1", m1), ("m2", m2), ("task_ids", task_ids)):
         _check_cpu(name, t)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):
@@ -565,13 +582,18 @@ def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids) -> torch.Tensor:
     _check_dtype("m1", m1, (torch.int32,))
     _check_dtype("m2", m2, (torch.int32,))
     _check_dtype("task_ids", task_ids, (torch.int64,))
-    return _ops().masked_mlp_forward(x, w1, b1, m1, w2, b2, m2, task_ids)
+    for name, tw, w, m in (("task_w1", task_w1, w1, m1), ("task_w2", task_w2, w2, m2)):
+        if tw is not None:
+            _check_task_weights(name, tw, m.shape[0], w)
+    return _ops().masked_mlp_forward(x, w1, b1, m1, w2, b2, m2, task_ids, task_w1, task_w2)
 
 
-def masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, query_pos, prefix=None) -> torch.Tensor:
+def masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, query_pos, prefix=None,
+                         task_weights=None) -> torch.Tensor:
     """Inference-only fusion of a block's masked q/k/v projection and attention (see
     :func:`kernels.reference.masked_qkv_attention`): per run of consecutive batch rows of one task
-    (at most 16), the projection's output goes from the GEMM to the attention while in cache."""
+    (at most 16), the projection's output goes from the GEMM to the attention while in cache.
+    ``task_weights``: None or every task's ``W * M_t`` (:func:`kernels.task_weights`), read instead of the bits."""
     for name, t in (("x", x), ("weight", weight), ("masks", masks), ("row_tasks", row_tasks), ("key_valid", key_valid)):
         _check_cpu(name, t)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
@@ -582,4 +604,7 @@ def masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, q
     _check_dtype("key_valid", key_valid, (torch.bool,))
     _check_dtype("query_pos", query_pos, (torch.int64,))
     kp, vp = (None, None) if prefix is None else prefix
-    return _ops().masked_qkv_attention_forward(x, weight, bias, masks, row_tasks, int(n_head), key_valid, query_pos.contiguous(), kp, vp)
+    if task_weights is not None:
+        _check_task_weights("task_weights", task_weights, masks.shape[0], weight)
+    return _ops().masked_qkv_attention_forward(x, weight, bias, masks, row_tasks, int(n_head), key_valid, query_pos.contiguous(), kp, vp,
+                                               task_weights)

@@ -37,6 +37,27 @@ def test_batched_equals_sequential(trainer):
         np.testing.assert_allclose(batched["tasks"][t]["return"], seq["tasks"][t]["return"], rtol=1e-4)
 
 
+def test_expanded_masks_give_the_same_episodes(trainer):
+    """Evaluation reading every task's W * M expanded once (the default with the native ops) runs
+    exactly the episodes it runs expanding the bits at every forward; only the evaluated tasks'
+    masks are expanded."""
+    import kernels
+
+    info = trainer.eval_info()
+    kw = dict(max_steps=15, progress=False, fused=True)
+    seen = []
+    orig = kernels.task_weights
+    kernels.task_weights = lambda w, m, **k: seen.append(m.shape[0]) or orig(w, m, **k)
+    try:
+        a = evaluate(trainer.model, trainer.task_masks, info, TASKS[1:], 2, seed=4, expand_masks=True, **kw)
+    finally:
+        kernels.task_weights = orig
+    b = evaluate(trainer.model, trainer.task_masks, info, TASKS[1:], 2, seed=4, expand_masks=False, **kw)
+    if "cpu" in kernels.available_backends("cpu"):
+        assert seen and set(seen) == {1}  # one task evaluated: its masks alone
+    assert a["tasks"] == b["tasks"]
+
+
 def test_fused_reference_backend_gives_same_returns(trainer):
     info = trainer.eval_info()
     a = evaluate(trainer.model, trainer.task_masks, info, TASKS, 1, seed=5, max_steps=15, progress=False)

@@ -961,6 +961,53 @@ def test_masked_qkv_attention_matches_reference(b, t, h, d, tp, tasks, query):
         kernels.masked_qkv_attention(x.requires_grad_(), w, bias, masks, row_tasks, h, valid, qpos, prefix, backend="cpu")
 
 
+@pytest.mark.parametrize("t_count,layout", [(1, "one"), (3, "task-major"), (4, "empty-task"), (50, "shuffled")])
+def test_inference_ops_read_task_weights_exactly_like_the_bits(t_count, layout):
+    """kernels.task_weights (every task's W * M, as evaluation expands them once) against
+    torch.where on the unpacked bits, and masked_linear / masked_mlp / masked_qkv_attention reading
+    them give bit for bit what they give expanding the bits per call; odd sizes, one task, fifty,
+    a task with no rows. Wrong shapes and dtypes are named, and gradients are refused."""
+    g = _gen(t_count + 91)
+    c, h, r_per = 24, 3, 5
+    b = t_count * 2
+    if layout == "empty-task":
+        row_tasks = torch.randint(0, t_count - 1, (b,), generator=g)
+    elif layout == "shuffled":
+        row_tasks = torch.randint(0, t_count, (b,), generator=g)
+    else:
+        row_tasks = torch.arange(t_count).repeat_interleave(2)
+    x = torch.randn(b * r_per, c, generator=g)
+    ids = row_tasks.repeat_interleave(r_per)
+    mats = {"qkv": torch.randn(3 * c, c, generator=g), "proj": torch.randn(c - 5, c, generator=g),
+            "fc": torch.randn(4 * c + 3, c, generator=g), "mlp": torch.randn(c, 4 * c + 3, generator=g)}
+    bools = {k: torch.rand(t_count, *w.shape, generator=g) > 0.3 for k, w in mats.items()}
+    packed = {k: ref.pack_masks(m) for k, m in bools.items()}
+    tw = {k: kernels.task_weights(mats[k], packed[k], backend="cpu") for k in mats}
+    for k in mats:
+        assert torch.equal(tw[k], torch.where(bools[k], mats[k], 0.0))
+        assert torch.equal(kernels.task_weights(mats[k], bools[k], backend="reference"), tw[k])
+    bias = {k: torch.randn(w.shape[0], generator=g) for k, w in mats.items()}
+    valid, qpos = torch.rand(b, r_per, generator=g) > 0.2, torch.arange(r_per)
+    with torch.no_grad():
+        lin = lambda **kw: kernels.masked_linear(x, mats["proj"], bias["proj"], packed["proj"], ids, backend="cpu", **kw)  # noqa: E731
+        assert torch.equal(lin(task_weights=tw["proj"]), lin())
+        mlp = lambda **kw: kernels.masked_mlp(x, mats["fc"], bias["fc"], packed["fc"], mats["mlp"], bias["mlp"], packed["mlp"], ids,  # noqa: E731
+                                              backend="cpu", **kw)
+        assert torch.equal(mlp(task_w1=tw["fc"], task_w2=tw["mlp"]), mlp())
+        assert torch.equal(mlp(task_w2=tw["mlp"]), mlp())
+        att = lambda **kw: kernels.masked_qkv_attention(x, mats["qkv"], bias["qkv"], packed["qkv"], row_tasks, h, valid, qpos,  # noqa: E731
+                                                        backend="cpu", **kw)
+        assert torch.equal(att(task_weights=tw["qkv"]), att())
+        with pytest.raises(cpu.KernelArgumentError, match=r"task_weights must be \[%d, %d, %d\]" % (t_count, c - 5, c)):
+            lin(task_weights=tw["proj"][:, :-1])
+        with pytest.raises(cpu.KernelDTypeError, match="task_w1 dtype torch.float64"):
+            mlp(task_w1=tw["fc"].double())
+        with pytest.raises(cpu.KernelArgumentError, match=r"task_weights must be \[%d, %d, %d\]" % (t_count, 3 * c, c)):
+            att(task_weights=tw["qkv"][:1].expand(t_count + 1, -1, -1))
+    with pytest.raises(cpu.KernelArgumentError, match="task_weights is inference-only"):
+        kernels.masked_linear(x.requires_grad_(), mats["proj"], bias["proj"], packed["proj"], ids, backend="cpu", task_weights=tw["proj"])
+
+
 def test_fused_block_argument_errors():
     """The fused block op names the bad argument: the mask list, the norms buffer, the input, the GEMM dtype."""
     g = _gen(41)

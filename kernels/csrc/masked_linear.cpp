@@ -211,9 +211,33 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                     "], got ", task_ids.sizes());
 }
 
+// Optional task_weights: every task's W * M_t already expanded, [T, N, K] of x's dtype (evaluation
+// expands them once for all its steps: the weights do not change there). The per-task matrices are
+// then read from it instead of being expanded from the bits at every call.
+at::Tensor task_weights_arg(const std::optional<at::Tensor>& tw, int64_t t_count, const at::Tensor& weight, const char* op) {
+  if (!tw.has_value() || !tw->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(tw->device().is_cpu() && tw->scalar_type() == weight.scalar_type(), op, ": task_weights must be a CPU ",
+                    weight.scalar_type(), " tensor, got ", tw->scalar_type());
+  TORCH_CHECK_VALUE(tw->dim() == 3 && tw->size(0) == t_count && tw->size(1) == weight.size(0) && tw->size(2) == weight.size(1),
+                    op, ": task_weights must be [", t_count, ", ", weight.size(0), ", ", weight.size(1), "] (one W * M per task), got ",
+                    tw->sizes());
+  return tw->contiguous();
+}
+
+// Task t's W * M_t as an [N, K] tensor: task_weights[t] when given, else expanded into wbuf.
+at::Tensor task_matrix(const at::Tensor& task_weights, const at::Tensor& weight, const uint32_t* mbase, int64_t t,
+                       at::Tensor& wbuf) {
+  if (task_weights.defined()) return task_weights[t];
+  const int64_t n = weight.size(0), k = weight.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "masked_linear_expand", [&] {
+    expand_masked_weight<scalar_t>(weight.data_ptr<scalar_t>(), mbase + t * n * num_words(k), n, k, wbuf.data_ptr<scalar_t>());
+  });
+  return wbuf;
+}
+
 at::Tensor masked_linear_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
                                  const std::optional<at::Tensor>& bias_in, const at::Tensor& masks_in,
-                                 const at::Tensor& task_ids_in) {
+                                 const at::Tensor& task_ids_in, const std::optional<at::Tensor>& task_weights_in) {
   check_common(x_in, weight_in, masks_in, task_ids_in, "masked_linear");
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
@@ -228,24 +252,20 @@ at::Tensor masked_linear_forward(const at::Tensor& x_in, const at::Tensor& weigh
     TORCH_CHECK_VALUE(bias.scalar_type() == x.scalar_type(), "masked_linear: bias is ", bias.scalar_type(),
                       " but x is ", x.scalar_type());
   }
+  const at::Tensor task_weights = task_weights_arg(task_weights_in, t_count, weight, "masked_linear");
   at::Tensor y = at::empty({r, n}, x.options());
   if (r == 0) return y;
   const Groups g = group_rows(task_ids, t_count);
-  at::Tensor wbuf = at::empty({n, k}, weight.options());
-  const at::Tensor wt = wbuf.t();
-  at::Tensor xbuf, ybuf;
+  at::Tensor wbuf = task_weights.defined() ? at::Tensor() : at::empty({n, k}, weight.options());
+  at::Tensor xbuf, ybuf, wt;
   const uint32_t* mbase = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
-  const int64_t task_words = n * num_words(k);
   auto gemm = [&](at::Tensor& out, const at::Tensor& a) {
     gemm_out(out, a, wt, bias);
   };
   for (int64_t t = 0; t < t_count; ++t) {
     const int64_t begin = g.offsets[t], count = g.offsets[t + 1] - begin;
     if (count == 0) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "masked_linear_expand", [&] {
-      expand_masked_weight<scalar_t>(weight.data_ptr<scalar_t>(), mbase + t * task_words, n, k,
-                                     wbuf.data_ptr<scalar_t>());
-    });
+    wt = task_matrix(task_weights, weight, mbase, t, wbuf).t();
     map_task_rows(g, t, x, y, xbuf, ybuf, gemm);
   }
   return y;
@@ -367,7 +387,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
 // and reading it twice. No autograd (the model calls it only without gradients).
 at::Tensor masked_mlp_forward(const at::Tensor& x_in, const at::Tensor& w1_in, const std::optional<at::Tensor>& b1_in,
                               const at::Tensor& m1_in, const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
-                              const at::Tensor& m2_in, const at::Tensor& task_ids_in) {
+                              const at::Tensor& m2_in, const at::Tensor& task_ids_in,
+                              const std::optional<at::Tensor>& task_w1_in, const std::optional<at::Tensor>& task_w2_in) {
   check_common(x_in, w1_in, m1_in, task_ids_in, "masked_mlp (fc)");
   TORCH_CHECK_VALUE(w2_in.dim() == 2 && w2_in.size(1) == w1_in.size(0), "masked_mlp: w2 must be [N, ", w1_in.size(0),
                     "], got ", w2_in.sizes());
@@ -388,11 +409,14 @@ at::Tensor masked_mlp_forward(const at::Tensor& x_in, const at::Tensor& w1_in, c
                         " must be [", len, "] of x's dtype, got ", b->sizes(), " ", b->scalar_type());
     }
   }
+  const at::Tensor tw1 = task_weights_arg(task_w1_in, t_count, w1, "masked_mlp (fc)");
+  const at::Tensor tw2 = task_weights_arg(task_w2_in, t_count, w2, "masked_mlp (projection)");
   at::Tensor y = at::empty({r, n}, x.options());
   if (r == 0) return y;
   const Groups g = group_rows(task_ids, t_count);
-  at::Tensor wbuf1 = at::empty({hd, k}, w1.options()), wbuf2 = at::empty({n, hd}, w2.options());
-  const at::Tensor w1t = wbuf1.t(), w2t = wbuf2.t();
+  at::Tensor wbuf1 = tw1.defined() ? at::Tensor() : at::empty({hd, k}, w1.options());
+  at::Tensor wbuf2 = tw2.defined() ? at::Tensor() : at::empty({n, hd}, w2.options());
+  at::Tensor w1t, w2t;
   const uint32_t* mb1 = reinterpret_cast<const uint32_t*>(m1.data_ptr<int32_t>());
   const uint32_t* mb2 = reinterpret_cast<const uint32_t*>(m2.data_ptr<int32_t>());
   at::Tensor hbuf, xbuf, ybuf;
@@ -407,10 +431,8 @@ at::Tensor masked_mlp_forward(const at::Tensor& x_in, const at::Tensor& w1_in, c
   for (int64_t t = 0; t < t_count; ++t) {
     const int64_t begin = g.offsets[t], count = g.offsets[t + 1] - begin;
     if (count == 0) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "masked_mlp_expand", [&] {
-      expand_masked_weight<scalar_t>(w1.data_ptr<scalar_t>(), mb1 + t * hd * num_words(k), hd, k, wbuf1.data_ptr<scalar_t>());
-      expand_masked_weight<scalar_t>(w2.data_ptr<scalar_t>(), mb2 + t * n * num_words(hd), n, hd, wbuf2.data_ptr<scalar_t>());
-    });
+    w1t = task_matrix(tw1, w1, mb1, t, wbuf1).t();
+    w2t = task_matrix(tw2, w2, mb2, t, wbuf2).t();
     map_task_rows(g, t, x, y, xbuf, ybuf, mlp);
   }
   return y;
@@ -426,7 +448,8 @@ at::Tensor masked_qkv_attention_forward(const at::Tensor& x_in, const at::Tensor
                                         const std::optional<at::Tensor>& bias_in, const at::Tensor& masks_in,
                                         const at::Tensor& row_tasks_in, int64_t n_head, const at::Tensor& key_valid_in,
                                         const at::Tensor& query_pos, const std::optional<at::Tensor>& k_prefix,
-                                        const std::optional<at::Tensor>& v_prefix) {
+                                        const std::optional<at::Tensor>& v_prefix,
+                                        const std::optional<at::Tensor>& task_weights_in) {
   const at::Tensor row_tasks = row_tasks_in.contiguous();
   TORCH_CHECK_VALUE(row_tasks.scalar_type() == at::kLong && row_tasks.dim() == 1, "masked_qkv_attention: row_tasks must be int64 (B,)");
   const int64_t b_rows = row_tasks.size(0);
@@ -447,9 +470,10 @@ at::Tensor masked_qkv_attention_forward(const at::Tensor& x_in, const at::Tensor
   for (int64_t b = 0; b < b_rows; ++b)
     TORCH_CHECK_VALUE(tasks[b] >= 0 && tasks[b] < t_count, "masked_qkv_attention: row_tasks[", b, "] = ", tasks[b],
                       " is out of range [0, ", t_count, ")");
+  const at::Tensor task_weights = task_weights_arg(task_weights_in, t_count, weight, "masked_qkv_attention");
   at::Tensor out = at::empty({b_rows, query_pos.size(0), c}, x.options());
-  at::Tensor wbuf = at::empty({n, c}, weight.options());
-  const at::Tensor wt = wbuf.t();
+  at::Tensor wbuf = task_weights.defined() ? at::Tensor() : at::empty({n, c}, weight.options());
+  at::Tensor wt;
   at::Tensor qbuf = at::empty({std::min(b_rows, kQkvRows) * t, n}, x.options());
   const uint32_t* mbase = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
   int64_t expanded = -1;
@@ -458,10 +482,7 @@ at::Tensor masked_qkv_attention_forward(const at::Tensor& x_in, const at::Tensor
     while (b1 < b_rows && b1 - b0 < kQkvRows && tasks[b1] == tasks[b0]) ++b1;
     const int64_t nb = b1 - b0, task = tasks[b0];
     if (task != expanded) {
-      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "masked_qkv_expand", [&] {
-        expand_masked_weight<scalar_t>(weight.data_ptr<scalar_t>(), mbase + task * n * num_words(c), n, c,
-                                       wbuf.data_ptr<scalar_t>());
-      });
+      wt = task_matrix(task_weights, weight, mbase, task, wbuf).t();
       expanded = task;
     }
     at::Tensor q = qbuf.narrow(0, 0, nb * t);
@@ -484,8 +505,10 @@ at::Tensor masked_qkv_attention_forward(const at::Tensor& x_in, const at::Tensor
 TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
   m.def(
       "masked_qkv_attention_forward(Tensor x, Tensor weight, Tensor? bias, Tensor masks, Tensor row_tasks, int n_head, "
-      "Tensor key_valid, Tensor query_pos, Tensor? k_prefix, Tensor? v_prefix) -> Tensor");
-  m.def("masked_mlp_forward(Tensor x, Tensor w1, Tensor? b1, Tensor m1, Tensor w2, Tensor? b2, Tensor m2, Tensor task_ids) -> Tensor");
+      "Tensor key_valid, Tensor query_pos, Tensor? k_prefix, Tensor? v_prefix, Tensor? task_weights=None) -> Tensor");
+  m.def(
+      "masked_mlp_forward(Tensor x, Tensor w1, Tensor? b1, Tensor m1, Tensor w2, Tensor? b2, Tensor m2, Tensor task_ids, "
+      "Tensor? task_w1=None, Tensor? task_w2=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
