@@ -64,8 +64,9 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     the machine has 2 cores, else 1 (one in-process vector env). Results do not depend on it.
     ``expand_masks``: with the native ops, expand every evaluated task's ``W * M`` once
     (``kernels.task_weights``) and let every step read them instead of expanding the bits per
-    forward (~15 % faster steps at the paper's size; 18.9 MB per task there); None = when that
-    takes at most ``EXPANDED_MASKS_MAX_BYTES``. Results do not depend on it.
+    forward (~5 % faster forwards at the paper's size, more on a loaded machine; 18.9 MB per
+    task there); None = when that takes at most ``EXPANDED_MASKS_MAX_BYTES``. Results do not
+    depend on it.
     """
     import os
 
