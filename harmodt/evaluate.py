@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--sim-workers", type=int, default=None,
                    help="processes the simulator steps in (default: 2 for 16+ episodes on 2+ cores, else 1)")
+    p.add_argument("--expand-masks", action=argparse.BooleanOptionalAction, default=None,
+                   help="expand every evaluated task's W * M once instead of from the bits at every forward "
+                        "(default: when that takes at most 2 GiB; --no-expand-masks saves the memory)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -266,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         threshold = args.vote_threshold if args.vote_threshold is not None else cfg["masks"]["vote_threshold"]
         res = evaluate(model, masks, info, tasks, args.episodes, args.seed, fused=args.fused, backend=args.backend,
                        vote_threshold=threshold, batch_size=args.batch_size, progress=not args.no_progress,
-                       precision=args.precision, target_return=args.target_return, sim_workers=args.sim_workers)
+                       precision=args.precision, target_return=args.target_return, sim_workers=args.sim_workers,
+                       expand_masks=args.expand_masks)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -40,6 +40,11 @@ def test_train_then_evaluate_smoke(tiny_data, tmp_path):
             "--out", str(ev), "--vote-threshold", "1", "--no-progress")
     res = json.loads(ev.read_text())
     assert set(res["tasks"]) == {"reach-v3", "button-press-v3"}
+    # the same episodes without the once-expanded task weights
+    ev2 = tmp_path / "eval2.json"
+    run_cli("harmodt.evaluate", str(out / "checkpoint.pt"), "--tasks", "reach-v3,button-press-v3", "--episodes", "1",
+            "--out", str(ev2), "--vote-threshold", "1", "--no-progress", "--no-expand-masks")
+    assert json.loads(ev2.read_text())["tasks"] == res["tasks"]
 
 
 def test_train_resume_and_fused_flags(tiny_data, tmp_path):
