@@ -322,11 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
     const int64_t begin = g.offsets[t], count = g.offsets[t + 1] - begin;
     if (count == 0) continue;
     const uint32_t* mw = mbase + t * task_words;
-    if (need_x) {
-      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "masked_linear_expand", [&] {
-        expand_masked_weight<scalar_t>(weight.data_ptr<scalar_t>(), mw, n, k, wbuf.data_ptr<scalar_t>());
-      });
-    }
+    if (need_x) task_matrix(at::Tensor(), weight, mbase, t, wbuf);  // W * M_t into wbuf
     bool first = true;
     auto accumulate_p = [&](const at::Tensor& gyb, const at::Tensor& xb) {
       if (first)
