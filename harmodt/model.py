@@ -300,9 +300,17 @@ class SelfAttention(nn.Module):
                                              ctx.task_ids, self.n_head, sel.key_valid, sel.query_pos, prefix, backend=ctx.backend,
                                              task_weights=ctx.expanded(self.qkv.mask_key))
             return self._project(y, ctx, residual)
+        qkv_bias = None
         if qkv is None:
             b, t, c = x.shape
-            qkv = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head)  # (B, T, 3, nh, hd)
+            w = self.qkv.gemm_weight(ctx)
+            if w is not None and not return_kv and _native_block_ops(x):
+                # the native attention adds the bias as it reads q/k/v (as the fused block node does):
+                # the GEMM need not write it
+                qkv, qkv_bias = _linear(x, w), self.qkv.bias
+            else:
+                qkv = self.qkv(x, ctx)
+            qkv = qkv.view(b, t, 3, self.n_head, c // self.n_head)  # (B, T, 3, nh, hd)
         else:
             b, t = qkv.shape[:2]
             c = qkv.shape[3] * qkv.shape[4]
@@ -313,7 +321,7 @@ class SelfAttention(nn.Module):
         if _native_block_ops(qkv):
             # fast path: one fused pass from the packed projection (kernels/csrc/attention.cpp)
             seed = int(torch.empty((), dtype=torch.int64).random_()) if p > 0 else 0
-            y = kernels.attention(qkv, attn.key_valid, attn.query_pos, prefix, p, seed)  # (B, Tq, C)
+            y = kernels.attention(qkv, attn.key_valid, attn.query_pos, prefix, p, seed, qkv_bias=qkv_bias)  # (B, Tq, C)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
             if query is not None:

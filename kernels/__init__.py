@@ -279,10 +279,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def attention(qkv: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tensor, prefix=None, p: float = 0.0,
-              seed: int = 0, backend: str = "auto") -> torch.Tensor:
+              seed: int = 0, backend: str = "auto", qkv_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the model's blocks read from the packed projection ``qkv (B, T, 3, H,
     D)``, with optional cached prefix keys/values and counter-based dropout on the probabilities;
-    returns ``(B, Tq, H * D)``. Shapes and visibility: :func:`kernels.reference.attention`."""
+    returns ``(B, Tq, H * D)``. ``qkv_bias`` (float32 ``(3 H D,)``): the projection's bias, added to
+    the own tokens' q/k/v in fp32 as they are read. Shapes and visibility:
+    :func:`kernels.reference.attention`."""
     if backend == "triton":
         raise BackendUnavailable("attention has no Triton kernel (on a GPU use scaled_dot_product_attention); "
                                  "use backend='auto', 'cpu' or 'reference'")
@@ -290,8 +292,8 @@ def attention(qkv: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tenso
     if b == "cpu" and (backend == "cpu" or qkv.dtype in (torch.float32, torch.bfloat16)):
         from . import cpu
 
-        return cpu.attention(qkv, key_valid, query_pos, prefix, p, seed)
-    return reference.attention(qkv, key_valid, query_pos, prefix, p, seed)
+        return cpu.attention(qkv, key_valid, query_pos, prefix, p, seed, qkv_bias)
+    return reference.attention(qkv, key_valid, query_pos, prefix, p, seed, qkv_bias)
 
 
 def pack_masks(mask: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -409,34 +409,45 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, key_valid, query_pos, k_prefix, v_prefix, p, seed):
-        need = bool(ctx.needs_input_grad[0])
-        out, lse = _ops().attention_forward(qkv, k_prefix, v_prefix, key_valid, query_pos, p, seed, need)
+    def forward(ctx, qkv, key_valid, query_pos, k_prefix, v_prefix, p, seed, qkv_bias):
+        need = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[7])
+        out, lse = _ops().attention_forward(qkv, k_prefix, v_prefix, key_valid, query_pos, p, seed, need, qkv_bias)
         if need:
-            ctx.save_for_backward(qkv, key_valid, query_pos, k_prefix, v_prefix, lse)
+            ctx.save_for_backward(qkv, key_valid, query_pos, k_prefix, v_prefix, lse, qkv_bias)
         ctx.p, ctx.seed = p, seed
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        qkv, key_valid, query_pos, k_prefix, v_prefix, lse = ctx.saved_tensors
-        dqkv = _ops().attention_backward(grad_out, qkv, k_prefix, v_prefix, key_valid, query_pos, lse, ctx.p, ctx.seed)
-        return dqkv, None, None, None, None, None, None
+        qkv, key_valid, query_pos, k_prefix, v_prefix, lse, qkv_bias = ctx.saved_tensors
+        dqkv = _ops().attention_backward(grad_out, qkv, k_prefix, v_prefix, key_valid, query_pos, lse, ctx.p, ctx.seed, qkv_bias)
+        dbias = None
+        if ctx.needs_input_grad[7]:  # the bias was added to every own token's q/k/v: fp32 column sums
+            dbias = dqkv.reshape(-1, dqkv.shape[2] * dqkv.shape[3] * dqkv.shape[4]).sum(0, dtype=torch.float32)
+        return (dqkv if ctx.needs_input_grad[0] else None), None, None, None, None, None, None, dbias
 
 
 def attention(qkv: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tensor, prefix=None, p: float = 0.0,
-              seed: int = 0) -> torch.Tensor:
+              seed: int = 0, qkv_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Fused causal attention (see :func:`kernels.reference.attention`): one pass per (batch, head)
     pair with the keys in fp32 buffers, AVX-512 scores/softmax/combination, dropout recomputed in
     the backward from the seed (only the rows' log-sum-exp is saved). Prefix keys/values take no
-    gradient."""
+    gradient. ``qkv_bias``: float32 ``(3 H D,)`` added to the own tokens' q/k/v as they are read
+    (the projection's bias, so its GEMM need not write it)."""
     _check_cpu("qkv", qkv)
     _check_dtype("qkv", qkv, (torch.float32, torch.bfloat16))
     _check_dtype("key_valid", key_valid, (torch.bool,))
     _check_dtype("query_pos", query_pos, (torch.int64,))
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise KernelArgumentError(f"attention: qkv must be (B, T, 3, H, D), got {tuple(qkv.shape)}")
+    if qkv_bias is not None:
+        _check_cpu("qkv_bias", qkv_bias)
+        _check_dtype("qkv_bias", qkv_bias, (torch.float32,))
+        if qkv_bias.shape != (3 * qkv.shape[3] * qkv.shape[4],):
+            raise KernelArgumentError(f"attention: qkv_bias must be ({3 * qkv.shape[3] * qkv.shape[4]},) for qkv "
+                                      f"{tuple(qkv.shape)}, got {tuple(qkv_bias.shape)}")
+        qkv_bias = qkv_bias.contiguous()
     kp = vp = None
     if prefix is not None:
         kp, vp = prefix
@@ -448,7 +459,7 @@ def attention(qkv: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tenso
             vp = vp.contiguous()
     if not 0.0 <= p < 1.0:
         raise KernelArgumentError(f"attention: dropout p must be in [0, 1), got {p}")
-    return _Attention.apply(qkv.contiguous(), key_valid.contiguous(), query_pos.contiguous(), kp, vp, float(p), int(seed))
+    return _Attention.apply(qkv.contiguous(), key_valid.contiguous(), query_pos.contiguous(), kp, vp, float(p), int(seed), qkv_bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -145,22 +145,25 @@ def attention_mask(key_valid: torch.Tensor, query_pos: torch.Tensor) -> torch.Te
 
 
 def attention(qkv: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tensor, prefix=None, p: float = 0.0,
-              seed: int = 0) -> torch.Tensor:
+              seed: int = 0, qkv_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention read from the packed projection ``qkv (B, T, 3, H, D)``.
 
     Keys/values: the optional ``prefix = (k, v)``, each ``(B, H, Tp, D)``, then the T own tokens;
     ``key_valid (B, Tp + T)`` bool; ``query_pos (Tq,)`` int64: the key position of each query (an
     own token, ``>= Tp``). Visibility: :func:`attention_mask`. Dropout with probability ``p`` on
     the attention probabilities uses :func:`dropout_apply`'s keep mask over the ``(B, H, Tq, Tk)``
-    tensor with ``seed``. Computed in fp32; returns ``(B, Tq, H * D)`` in ``qkv``'s dtype.
+    tensor with ``seed``. ``qkv_bias`` (``(3 H D,)``, optional) is added to the own tokens' q, k
+    and v in fp32. Computed in fp32; returns ``(B, Tq, H * D)`` in ``qkv``'s dtype.
     """
     b, t, three, h, d = qkv.shape
     if three != 3:
         raise ValueError(f"attention: qkv must be (B, T, 3, H, D), got {tuple(qkv.shape)}")
     tp = 0 if prefix is None else prefix[0].shape[2]
-    q = qkv[:, query_pos - tp, 0].transpose(1, 2).float()  # (B, H, Tq, D)
-    k = qkv[:, :, 1].transpose(1, 2).float()  # (B, H, T, D)
-    v = qkv[:, :, 2].transpose(1, 2).float()
+    dtype = qkv.dtype
+    qkv = qkv.float() if qkv_bias is None else qkv.float() + qkv_bias.float().view(3, h, d)
+    q = qkv[:, query_pos - tp, 0].transpose(1, 2)  # (B, H, Tq, D)
+    k = qkv[:, :, 1].transpose(1, 2)  # (B, H, T, D)
+    v = qkv[:, :, 2].transpose(1, 2)
     if prefix is not None:
         k = torch.cat([prefix[0].float(), k], dim=2)  # (B, H, Tk, D)
         v = torch.cat([prefix[1].float(), v], dim=2)
@@ -168,7 +171,7 @@ def attention(qkv: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tenso
     att = att.masked_fill(~attention_mask(key_valid, query_pos), float("-inf")).softmax(-1)
     if p > 0.0:
         att = dropout_apply(att, seed, p)
-    return (att @ v).transpose(1, 2).reshape(b, len(query_pos), h * d).to(qkv.dtype)
+    return (att @ v).transpose(1, 2).reshape(b, len(query_pos), h * d).to(dtype)
 
 
 def _as_bool_masks(masks: torch.Tensor, k: int) -> torch.Tensor:

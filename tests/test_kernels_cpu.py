@@ -754,6 +754,31 @@ def test_layer_norm_backward_adds_the_extra_gradient_and_errors():
                                torch.nn.functional.layer_norm(x.double(), (40,), w.double(), b.double()))
 
 
+@pytest.mark.parametrize("shape", [(592, 256), (3, 5, 17), (1, 1), (7, 300), (0, 8)])
+def test_layer_norm_bf16_output_and_bf16_gradient(shape):
+    """The bf16 GEMMs' side of the norm: out_dtype=bfloat16 writes exactly the fp32 output rounded
+    to bf16 (same mean/rstd), and a bf16 dy gives exactly the fp32 backward of that dy widened."""
+    ops = torch.ops.harmodt_kernels
+    x = torch.randn(shape, generator=_gen(31)) * 2 + 0.5
+    w, b = torch.randn(shape[-1], generator=_gen(32)), torch.randn(shape[-1], generator=_gen(33))
+    y, mean, rstd = ops.layer_norm_forward(x, w, b, 1e-5)
+    y16, mean16, rstd16 = ops.layer_norm_forward(x, w, b, 1e-5, torch.bfloat16)
+    assert y16.dtype == torch.bfloat16 and mean16.dtype == rstd16.dtype == torch.float32
+    assert torch.equal(y16, y.bfloat16()) and torch.equal(mean16, mean) and torch.equal(rstd16, rstd)
+    gy = (torch.randn(shape, generator=_gen(34)) * 3).bfloat16()
+    extra = torch.randn(shape, generator=_gen(35))
+    for e in (None, extra):
+        got = ops.layer_norm_backward(gy, x, mean, rstd, w, e)
+        want = ops.layer_norm_backward(gy.float(), x, mean, rstd, w, e)
+        for a, bb in zip(got, want):
+            assert a.dtype == torch.float32
+            assert torch.equal(a, bb)
+    with pytest.raises(ValueError, match="out_dtype must be float32 or bfloat16, got Half"):
+        ops.layer_norm_forward(x, w, b, 1e-5, torch.float16)
+    with pytest.raises(ValueError, match="grad_y must be float32 or bfloat16, got Half"):
+        ops.layer_norm_backward(gy.half(), x, mean, rstd, w, None)
+
+
 @pytest.mark.parametrize("shape", EPILOGUE_SHAPES)
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize("y_dtype,res_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -857,6 +882,56 @@ def test_attention_bf16_matches_reference():
     got.backward(grad)
     want.backward(grad)
     torch.testing.assert_close(a.grad.float(), r.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "b,t,h,d,tp,query,p,dtype",
+    [
+        (8, 74, 8, 32, 0, slice(None), 0.1, torch.float32),  # the training step's blocks
+        (8, 74, 8, 32, 0, slice(1, None, 3), 0.1, torch.float32),  # last block: the state tokens only
+        (3, 7, 2, 5, 4, slice(None), 0.3, torch.float32),  # odd sizes with a prefix (which gets no bias)
+        (2, 12, 2, 16, 2, torch.tensor([7, 3, 11, 0, 5]), 0.2, torch.float32),  # queries out of order
+        (4, 9, 2, 8, 0, slice(0, 0), 0.1, torch.float32),  # no queries: zero gradients
+        (4, 30, 4, 32, 5, slice(None), 0.1, torch.bfloat16),  # bf16 projection, fp32 bias
+    ],
+)
+def test_attention_qkv_bias_matches_reference(b, t, h, d, tp, query, p, dtype):
+    """The projection's bias added inside the attention: output, the qkv gradient and the bias
+    gradient (column sums) against the reference on qkv + bias."""
+    qkv, prefix, valid, qpos = _attention_case(b, t, h, d, tp, query, p, dtype)
+    bias = torch.randn(3 * h * d, generator=_gen(5))
+    a, r = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    ba, br = bias.clone().requires_grad_(), bias.clone().requires_grad_()
+    got = kernels.attention(a, valid, qpos, prefix, p, seed=11, backend="cpu", qkv_bias=ba)
+    want = ref.attention(r, valid, qpos, prefix, p, seed=11, qkv_bias=br)
+    assert got.dtype == dtype and got.shape == (b, len(qpos), h * d)
+    tol = TOL if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    grad = torch.randn(got.shape, generator=_gen(1)).to(dtype)
+    got.backward(grad)
+    want.backward(grad)
+    gtol = TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(a.grad.float(), r.grad.float(), **gtol)
+    assert ba.grad.dtype == torch.float32
+    # a sum over B * T rows: the summation order alone moves it by ~1e-5
+    torch.testing.assert_close(ba.grad, br.grad, **(dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)))
+    torch.testing.assert_close(ba.grad.double(), a.grad.double().reshape(-1, 3 * h * d).sum(0), rtol=1e-5, atol=1e-5)
+    if len(qpos) == 0:
+        assert torch.all(ba.grad == 0)
+    # the same as adding the bias to the projection first (what the GEMM used to write)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, kernels.attention(qkv + bias.view(3, h, d), valid, qpos, prefix, p, seed=11, backend="cpu"), **TOL)
+
+
+def test_attention_qkv_bias_errors_name_the_argument():
+    qkv, prefix, valid, qpos = _attention_case(2, 6, 2, 4, 3, slice(None), 0.0)
+    with pytest.raises(cpu.KernelArgumentError, match=r"qkv_bias must be \(24,\)"):
+        kernels.attention(qkv, valid, qpos, prefix, backend="cpu", qkv_bias=torch.zeros(23))
+    with pytest.raises(TypeError, match="qkv_bias must be float32"):
+        kernels.attention(qkv, valid, qpos, prefix, backend="cpu", qkv_bias=torch.zeros(24, dtype=torch.float64))
+    op = torch.ops.harmodt_kernels.attention_forward
+    with pytest.raises(ValueError, match="qkv_bias must be a contiguous float32 CPU tensor of shape"):
+        op(qkv, prefix[0], prefix[1], valid, qpos, 0.0, 0, False, torch.zeros(24, dtype=torch.bfloat16))
 
 
 def test_attention_dropout_is_kernels_dropout_on_the_probabilities():

@@ -11,6 +11,9 @@
 // ((b * H + h) * Tq + i) * Tk + j, so it equals kernels.dropout applied to the (B, H, Tq, Tk)
 // probability tensor with the same seed; the backward recomputes it and P (from the saved
 // log-sum-exp), storing nothing else. All arithmetic in fp32 (bf16 inputs are widened).
+// qkv_bias (optional, fp32 (3 H D)): the projection's bias, added to every own token's q, k and v as
+// they are widened, so the projection GEMM need not write it (the gradient of the bias is the
+// column sum of the returned dqkv, left to the caller).
 //
 // Work is split over batch rows: each row's keys/values of all heads are read once in memory order
 // into small fp32 buffers (L2), then every head is done from there.
@@ -231,6 +234,7 @@ struct Problem {
   int64_t qkv_sb, qkv_st;                      // qkv (B, T, 3, H, D) contiguous: strides of b and t
   int64_t kp_sb, kp_sh, kp_st, vp_sb, vp_sh, vp_st;  // prefix strides (unit stride over D)
   const bool* valid;                           // key_valid (B, Tk), contiguous
+  const float* bias;                           // qkv_bias (3 * H * D) fp32, added to every own token's q/k/v; or null
   const int64_t* qpos;                         // (Tq,)
   float scale;
   bool dropout;
@@ -416,9 +420,16 @@ inline void softmax_grad_row(float* p, float* dp, const float* km, int64_t n, in
 #endif
 }
 
+// dst[i] += b[i] for i < n.
+inline void add_row(float* dst, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += b[i];
+}
+
 // Loads batch row b's keys and values of every head (prefix, then own) into fp32 buffers, reading
 // the packed qkv rows in memory order: kk/vv [H][Tk][D] and their transposes kt/vt [H][D][ld]
-// (zero-padded columns; vt only if asked), and the queries of all own tokens qq [T][H][D].
+// (zero-padded columns; vt only if asked), and the queries of all own tokens qq [T][H][D]. With
+// pr.bias, the own tokens' q/k/v get it added after widening (the projection's bias, kept out of
+// its GEMM: one pass over the (BT, 3C) output fewer).
 template <typename T>
 void load_keys(const Problem& pr, const T* qkv, const T* kp, const T* vp, int64_t b, float* qq, float* kk, float* vv,
                float* kt, float* vt, int64_t ld) {
@@ -431,9 +442,14 @@ void load_keys(const Problem& pr, const T* qkv, const T* kp, const T* vp, int64_
   for (int64_t j = pr.Tp; j < pr.Tk; ++j) {
     const T* row = qkv + b * pr.qkv_sb + (j - pr.Tp) * pr.qkv_st;  // [3][H][D]
     load_row(row, H * D, qq + (j - pr.Tp) * H * D);  // qq [T][H][D]
+    if (pr.bias != nullptr) add_row(qq + (j - pr.Tp) * H * D, pr.bias, H * D);
     for (int64_t h = 0; h < H; ++h) {
       load_row(row + (H + h) * D, D, kk + h * hs + j * D);
       load_row(row + (2 * H + h) * D, D, vv + h * hs + j * D);
+      if (pr.bias != nullptr) {
+        add_row(kk + h * hs + j * D, pr.bias + (H + h) * D, D);
+        add_row(vv + h * hs + j * D, pr.bias + (2 * H + h) * D, D);
+      }
     }
   }
   for (int64_t h = 0; h < H; ++h) {
@@ -564,7 +580,8 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
 
 Problem make_problem(const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,
                      const std::optional<at::Tensor>& v_prefix, const at::Tensor& key_valid,
-                     const at::Tensor& query_pos, double p, int64_t seed, const char* op) {
+                     const at::Tensor& query_pos, double p, int64_t seed, const std::optional<at::Tensor>& qkv_bias,
+                     const char* op) {
   TORCH_CHECK_VALUE(qkv.device().is_cpu(), op, ": qkv must be a CPU tensor");
   TORCH_CHECK_VALUE(qkv.dim() == 5 && qkv.size(2) == 3, op, ": qkv must be (B, T, 3, H, D), got ", qkv.sizes());
   TORCH_CHECK_VALUE(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16, op,
@@ -612,6 +629,15 @@ Problem make_problem(const at::Tensor& qkv, const std::optional<at::Tensor>& k_p
                       " is not an own token (must be in [", pr.Tp, ", ", pr.Tk, "))");
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout p must be in [0, 1), got ", p);
   pr.valid = key_valid.data_ptr<bool>();
+  pr.bias = nullptr;
+  if (qkv_bias.has_value() && qkv_bias->defined()) {
+    const at::Tensor& qb = *qkv_bias;
+    TORCH_CHECK_VALUE(qb.device().is_cpu() && qb.scalar_type() == at::kFloat && qb.dim() == 1 &&
+                          qb.size(0) == 3 * pr.H * pr.D && qb.is_contiguous(),
+                      op, ": qkv_bias must be a contiguous float32 CPU tensor of shape (", 3 * pr.H * pr.D, ",), got ",
+                      qb.sizes(), " ", qb.scalar_type());
+    pr.bias = qb.data_ptr<float>();
+  }
   pr.qpos = qp;
   pr.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(pr.D)));
   pr.dropout = p > 0.0;
@@ -624,8 +650,8 @@ Problem make_problem(const at::Tensor& qkv, const std::optional<at::Tensor>& k_p
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,
                                                      const std::optional<at::Tensor>& v_prefix,
                                                      const at::Tensor& key_valid, const at::Tensor& query_pos, double p,
-                                                     int64_t seed, bool need_lse) {
-  const Problem pr = make_problem(qkv, k_prefix, v_prefix, key_valid, query_pos, p, seed, "attention_forward");
+                                                     int64_t seed, bool need_lse, const std::optional<at::Tensor>& qkv_bias) {
+  const Problem pr = make_problem(qkv, k_prefix, v_prefix, key_valid, query_pos, p, seed, qkv_bias, "attention_forward");
   at::Tensor out = at::empty({pr.B, pr.Tq, pr.H * pr.D}, qkv.options());
   at::Tensor lse = need_lse ? at::empty({pr.B, pr.H, pr.Tq}, qkv.options().dtype(at::kFloat)) : at::Tensor();
   if (out.numel() == 0) return {out, lse};
@@ -640,8 +666,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv, cons
 
 at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,
                               const std::optional<at::Tensor>& v_prefix, const at::Tensor& key_valid,
-                              const at::Tensor& query_pos, const at::Tensor& lse, double p, int64_t seed) {
-  const Problem pr = make_problem(qkv, k_prefix, v_prefix, key_valid, query_pos, p, seed, "attention_backward");
+                              const at::Tensor& query_pos, const at::Tensor& lse, double p, int64_t seed,
+                              const std::optional<at::Tensor>& qkv_bias) {
+  const Problem pr = make_problem(qkv, k_prefix, v_prefix, key_valid, query_pos, p, seed, qkv_bias, "attention_backward");
   TORCH_CHECK_VALUE(grad_out.dim() == 3 && grad_out.size(0) == pr.B && grad_out.size(1) == pr.Tq &&
                         grad_out.size(2) == pr.H * pr.D,
                     "attention_backward: grad_out must be (", pr.B, ", ", pr.Tq, ", ", pr.H * pr.D, "), got ",
@@ -668,7 +695,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& qkv, c
                                                         const std::optional<at::Tensor>& v_prefix,
                                                         const at::Tensor& key_valid, const at::Tensor& query_pos,
                                                         double p, int64_t seed, bool need_lse) {
-  return attention_forward(qkv, k_prefix, v_prefix, key_valid, query_pos, p, seed, need_lse);
+  return attention_forward(qkv, k_prefix, v_prefix, key_valid, query_pos, p, seed, need_lse, std::nullopt);
 }
 
 }  // namespace harmodt
@@ -676,10 +703,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& qkv, c
 TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
   m.def(
       "attention_forward(Tensor qkv, Tensor? k_prefix, Tensor? v_prefix, Tensor key_valid, Tensor query_pos, "
-      "float p, int seed, bool need_lse) -> (Tensor, Tensor)");
+      "float p, int seed, bool need_lse, Tensor? qkv_bias=None) -> (Tensor, Tensor)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor qkv, Tensor? k_prefix, Tensor? v_prefix, Tensor key_valid, "
-      "Tensor query_pos, Tensor lse, float p, int seed) -> Tensor");
+      "Tensor query_pos, Tensor lse, float p, int seed, Tensor? qkv_bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {

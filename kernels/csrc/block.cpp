@@ -1,7 +1,8 @@
 // One transformer block's training step (fp32, or bf16 GEMMs under CPU autocast) as ONE C++ autograd
 // node (the op fused_block):
 //
-//   h1 = LN1(x);  qkv = h1 W_qkv^T + b_qkv;  att = attention(qkv)            (causal, dropout p_attn)
+//   h1 = LN1(x);  qkv = h1 W_qkv^T + b_qkv;  att = attention(qkv)            (causal, dropout p_attn;
+//                                                                           the attention adds b_qkv)
 //   x1 = x[query] + drop(att W_proj^T + b_proj);  h2 = LN2(x1)
 //   z = relu(h2 W_fc^T + b_fc);  out = x1 + drop(z W_mlp^T + b_mlp)
 //
@@ -24,7 +25,8 @@
 //
 // gemm_dtype: None/float32, or bfloat16 (harmodt/model.py passes it under CPU bf16 autocast): the
 // GEMMs then take bf16 operands and give bf16 outputs (W * M is rounded to bf16 as it is expanded,
-// the layer norms' outputs after them), attention runs on the bf16 projection, and the residual
+// the layer norms write bf16 outputs and read the bf16 gradients of them), attention runs on the
+// bf16 projection, and the residual
 // stream, layer norms, bias and weight gradients stay fp32 -- the dtypes autocast gives the per-op
 // blocks, whose result this matches to bf16 rounding (not bit for bit: autocast's own layer norm
 // and bias handling round elsewhere).
@@ -52,19 +54,22 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const Opt& bias, const
   static const auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const Opt&, c10::string_view)>("harmodt_kernels::gemm");
   return op.call(a, b, bias, engine);
 }
+// The attention adds the projection's bias to q/k/v itself (the GEMM writes qkv without it).
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv, const at::Tensor& key_valid,
-                                                     const at::Tensor& query_pos, double p, int64_t seed) {
+                                                     const at::Tensor& query_pos, double p, int64_t seed,
+                                                     const at::Tensor& qkv_bias) {
   static const auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const Opt&, const Opt&, const at::Tensor&,
-                                                                   const at::Tensor&, double, int64_t, bool)>(
+                                                                   const at::Tensor&, double, int64_t, bool, const Opt&)>(
       "harmodt_kernels::attention_forward");
-  return op.call(qkv, std::nullopt, std::nullopt, key_valid, query_pos, p, seed, true);
+  return op.call(qkv, std::nullopt, std::nullopt, key_valid, query_pos, p, seed, true, qkv_bias);
 }
 at::Tensor attention_backward(const at::Tensor& grad, const at::Tensor& qkv, const at::Tensor& key_valid,
-                              const at::Tensor& query_pos, const at::Tensor& lse, double p, int64_t seed) {
+                              const at::Tensor& query_pos, const at::Tensor& lse, double p, int64_t seed,
+                              const at::Tensor& qkv_bias) {
   static const auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, const at::Tensor&,
-                                           const at::Tensor&, const at::Tensor&, double, int64_t)>(
+                                           const at::Tensor&, const at::Tensor&, double, int64_t, const Opt&)>(
       "harmodt_kernels::attention_backward");
-  return op.call(grad, qkv, std::nullopt, std::nullopt, key_valid, query_pos, lse, p, seed);
+  return op.call(grad, qkv, std::nullopt, std::nullopt, key_valid, query_pos, lse, p, seed, qkv_bias);
 }
 at::Tensor bias_relu_(const at::Tensor& z, const at::Tensor& bias) {
   static const auto op = handle<at::Tensor(at::Tensor, const at::Tensor&)>("harmodt_kernels::bias_relu_");
@@ -95,12 +100,14 @@ std::tuple<at::Tensor, at::Tensor> dropout_bias_backward(const at::Tensor& grad,
       "harmodt_kernels::dropout_bias_backward");
   return op.call(grad, seed, p, true, dtype);  // (dropout(grad) in `dtype`, fp32 bias gradient)
 }
+// y in the GEMMs' dtype (written by the norm itself), mean and rstd in fp32
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                                                                  double eps) {
+                                                                  double eps, at::ScalarType y_dtype) {
   static const auto op = handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                                const at::Tensor&, double)>(
+                                                                                const at::Tensor&, double,
+                                                                                std::optional<at::ScalarType>)>(
       "harmodt_kernels::layer_norm_forward");
-  return op.call(x, w, b, eps);
+  return op.call(x, w, b, eps, y_dtype);
 }
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& mean, const at::Tensor& rstd,
@@ -141,10 +148,11 @@ struct Dropouts {
   int64_t seed_attn, seed_proj, seed_mlp;
 };
 
-// The tensors the backward needs, in this order (kWDtype: an empty tensor of the weights' dtype).
+// The tensors the backward needs, in this order (kWDtype: an empty tensor of the weights' dtype;
+// kQkv: the projection without its bias kBQkv, which the attention adds).
 enum Saved { kX2, kH1, kMean1, kRstd1, kQkv, kAtt, kLse, kX1, kH2, kMean2, kRstd2, kZ,
              kLn1W, kWQkv, kWProj, kLn2W, kWFc, kWMlp /* W * M where masked */, kKeyValid, kQueryPos, kMQkv, kMProj, kMFc, kMMlp,
-             kWDtype, kNumSaved };
+             kWDtype, kBQkv, kNumSaved };
 
 // The four GEMM matrices' packed masks (qkv, proj, fc, mlp_proj), undefined where unmasked.
 using Masks = std::vector<at::Tensor>;
@@ -172,25 +180,24 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
   TORCH_CHECK_VALUE(n_head > 0 && c % n_head == 0, "fused_block: n_head ", n_head, " must divide the width ", c);
   TORCH_CHECK_VALUE(masks.size() == 4, "fused_block: masks must list the 4 matrices' masks (or None), got ", masks.size());
   const at::Tensor x2 = x.view({b * t, c});  // (BT, C)
-  auto [h1f, mean1, rstd1] = layer_norm_forward(x2, ln1_w, ln1_b, eps);
-  const at::Tensor h1 = h1f.to(gd);
+  auto [h1, mean1, rstd1] = layer_norm_forward(x2, ln1_w, ln1_b, eps, gd);
   // W * M of each masked matrix, expanded from the bits right before its GEMM and kept for the
   // backward's (recomputing it there measured 2-4 % slower per step than keeping these 19 MB)
   const at::Tensor we_qkv = effective(w_qkv, masks[0], gd), we_proj = effective(w_proj, masks[1], gd);
   const at::Tensor we_fc = effective(w_fc, masks[2], gd), we_mlp = effective(w_mlp, masks[3], gd);
-  const at::Tensor qkv = gemm(h1, we_qkv.t(), b_qkv.to(gd), engine).view({b, t, 3, n_head, c / n_head});  // (B, T, 3, nh, hd)
-  auto [att3, lse] = attention_forward(qkv, key_valid, query_pos, d.p_attn, d.seed_attn);  // (B, Tq, C)
+  // (B, T, 3, nh, hd) without the bias, which the attention adds as it reads q/k/v (in fp32)
+  const at::Tensor qkv = gemm(h1, we_qkv.t(), std::nullopt, engine).view({b, t, 3, n_head, c / n_head});
+  auto [att3, lse] = attention_forward(qkv, key_valid, query_pos, d.p_attn, d.seed_attn, b_qkv);  // (B, Tq, C)
   const int64_t tq = att3.size(1);
   const at::Tensor att = att3.view({b * tq, c});
   const at::Tensor res = query.empty() ? x2 : query_rows(x, query).reshape({b * tq, c});  // the stream at the queries
   const at::Tensor x1 = add_to_stream(gemm(att, we_proj.t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
-  auto [h2f, mean2, rstd2] = layer_norm_forward(x1, ln2_w, ln2_b, eps);
-  const at::Tensor h2 = h2f.to(gd);
+  auto [h2, mean2, rstd2] = layer_norm_forward(x1, ln2_w, ln2_b, eps, gd);
   const at::Tensor z = bias_relu_(gemm(h2, we_fc.t(), std::nullopt, engine), b_fc);  // (BTq, 4C)
   const at::Tensor out = add_to_stream(gemm(z, we_mlp.t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
   if (saved != nullptr)
     *saved = {x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z, ln1_w, we_qkv, we_proj, ln2_w, we_fc, we_mlp,
-              key_valid, query_pos, masks[0], masks[1], masks[2], masks[3], at::empty({0}, w_qkv.options())};
+              key_valid, query_pos, masks[0], masks[1], masks[2], masks[3], at::empty({0}, w_qkv.options()), b_qkv};
   return out.view({b, tq, c});
 }
 
@@ -217,18 +224,18 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
   const at::Tensor dz = gemm(dy2, s[kWMlp], std::nullopt, engine);  // (BTq, 4C)
   const at::Tensor db_fc = bias_relu_backward_(dz, s[kZ]);  // ReLU's gradient in place while dz is in cache (z then is for dW)
   const at::Tensor dw_mlp = weight_grad(gemm(dy2.t(), s[kZ], std::nullopt, engine), 3);
-  const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine).to(at::kFloat);
+  const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine);  // the layer norm reads it in gd
   const at::Tensor dw_fc = weight_grad(gemm(dz.t(), s[kH2], std::nullopt, engine), 2);
   auto [dx1, dln2_w, dln2_b] = layer_norm_backward(dh2, s[kX1], s[kMean2], s[kRstd2], s[kLn2W], g);  // + g: the residual's
   // attention: x1 = x + drop(att W_proj^T + b_proj), att = attention(LN1(x) W_qkv^T + b_qkv)
   auto [dy1, db_proj] = dropout_bias_backward(dx1, d.seed_proj, d.p_proj, gd);
   const at::Tensor datt = gemm(dy1, s[kWProj], std::nullopt, engine);
   const at::Tensor dw_proj = weight_grad(gemm(dy1.t(), s[kAtt], std::nullopt, engine), 1);
-  const at::Tensor dqkv = attention_backward(datt.view({b, tq, c}), qkv, s[kKeyValid], s[kQueryPos], s[kLse], d.p_attn, d.seed_attn)
-                              .view({b * t, 3 * c});
+  const at::Tensor dqkv = attention_backward(datt.view({b, tq, c}), qkv, s[kKeyValid], s[kQueryPos], s[kLse], d.p_attn, d.seed_attn,
+                                             s[kBQkv]).view({b * t, 3 * c});
   // first, while the attention's output is still in cache (fp32 sums)
   const at::Tensor db_qkv = gd == at::kFloat ? dqkv.sum(0) : column_sums(dqkv);
-  const at::Tensor dh1 = gemm(dqkv, s[kWQkv], std::nullopt, engine).to(at::kFloat);
+  const at::Tensor dh1 = gemm(dqkv, s[kWQkv], std::nullopt, engine);
   const at::Tensor dw_qkv = weight_grad(gemm(dqkv.t(), s[kH1], std::nullopt, engine), 0);
   auto [dx, dln1_w, dln1_b] =
       layer_norm_backward(dh1, s[kX2], s[kMean1], s[kRstd1], s[kLn1W], query.empty() ? Opt(dx1) : Opt());

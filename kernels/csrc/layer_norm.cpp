@@ -1,4 +1,6 @@
-// Layer norm over the last dimension of the training blocks (CPU, fp32), forward and backward:
+// Layer norm over the last dimension of the training blocks (CPU, fp32 statistics), forward and
+// backward. The forward can write y in bf16 and the backward read dy in bf16 (the blocks' bf16
+// GEMMs read and write those), saving a cast pass each way:
 //
 //   y = (x - mean) * rstd * w + b,    rstd = 1 / sqrt(var + eps)   (biased variance, as nn.LayerNorm)
 //
@@ -15,8 +17,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <c10/util/BFloat16.h>
+
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -88,53 +93,154 @@ void check_params(const at::Tensor& x, const at::Tensor& w, const char* op, cons
                     x.dim() >= 1 ? x.size(-1) : 0, ",), got ", w.sizes());
 }
 
+// y[j] = (x[j] - mu) * rs * w[j] + b[j] over one row, written as float or (rounded to nearest even,
+// as a float32 -> bfloat16 cast) bf16.
+template <typename TY>
+inline void normalize_row(const float* xr, const float* wp, const float* bp, float mu, float rs, int64_t c, TY* yr) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<TY, float>) {
+    const __m512 vmu = _mm512_set1_ps(mu), vrs = _mm512_set1_ps(rs);
+    for (; j < c; j += 16) {
+      const __mmask16 l = lanes_of(c - j);
+      const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(l, xr + j), vmu), vrs);
+      _mm512_mask_storeu_ps(yr + j, l, _mm512_fmadd_ps(xhat, _mm512_maskz_loadu_ps(l, wp + j), _mm512_maskz_loadu_ps(l, bp + j)));
+    }
+  }
+#endif
+#if defined(HARMODT_AVX512_BF16_STORE)
+  if constexpr (std::is_same_v<TY, c10::BFloat16>) {
+    const __m512 vmu = _mm512_set1_ps(mu), vrs = _mm512_set1_ps(rs);
+    for (; j < c; j += 16) {
+      const __mmask16 l = lanes_of(c - j);
+      const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(l, xr + j), vmu), vrs);
+      store16(yr + j, _mm512_fmadd_ps(xhat, _mm512_maskz_loadu_ps(l, wp + j), _mm512_maskz_loadu_ps(l, bp + j)), l);
+    }
+  }
+#endif
+  for (; j < c; ++j) yr[j] = static_cast<TY>((xr[j] - mu) * rs * wp[j] + bp[j]);
+}
+
+// out_dtype: y's dtype, float32 (default) or bfloat16 (the input of a bf16 GEMM, rounded once here
+// instead of in a separate cast); mean and rstd stay float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                                  const at::Tensor& bias, double eps) {
+                                                                  const at::Tensor& bias, double eps,
+                                                                  std::optional<at::ScalarType> out_dtype) {
   const char* op = "layer_norm_forward";
   check_input(x, op, "x");
   check_params(x, weight, op, "weight");
   check_params(x, bias, op, "bias");
   TORCH_CHECK_VALUE(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  const at::ScalarType yd = out_dtype.value_or(at::kFloat);
+  TORCH_CHECK_VALUE(yd == at::kFloat || yd == at::kBFloat16, op, ": out_dtype must be float32 or bfloat16, got ", yd);
   const int64_t c = x.size(-1), m = c == 0 ? 0 : x.numel() / c;
-  at::Tensor y = at::empty_like(x), mean = at::empty({m}, x.options()), rstd = at::empty({m}, x.options());
+  at::Tensor y = at::empty_like(x, x.options().dtype(yd)), mean = at::empty({m}, x.options()), rstd = at::empty({m}, x.options());
   if (m == 0) return {y, mean, rstd};
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   float* mp = mean.data_ptr<float>();
   float* rp = rstd.data_ptr<float>();
   const float inv_c = 1.0f / static_cast<float>(c), epsf = static_cast<float>(eps);
-  at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * c;
-      float* yr = yp + r * c;
-      const float mu = row_sum(xr, c) * inv_c;
-      const float rs = 1.0f / std::sqrt(row_sq_dev(xr, c, mu) * inv_c + epsf);
-      mp[r] = mu;
-      rp[r] = rs;
-      int64_t j = 0;
-#if defined(__AVX512F__)
-      const __m512 vmu = _mm512_set1_ps(mu), vrs = _mm512_set1_ps(rs);
-      for (; j < c; j += 16) {
-        const __mmask16 l = lanes_of(c - j);
-        const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(l, xr + j), vmu), vrs);
-        _mm512_mask_storeu_ps(yr + j, l, _mm512_fmadd_ps(xhat, _mm512_maskz_loadu_ps(l, wp + j), _mm512_maskz_loadu_ps(l, bp + j)));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, yd, "layer_norm_forward", [&] {
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = xp + r * c;
+        const float mu = row_sum(xr, c) * inv_c;
+        const float rs = 1.0f / std::sqrt(row_sq_dev(xr, c, mu) * inv_c + epsf);
+        mp[r] = mu;
+        rp[r] = rs;
+        normalize_row(xr, wp, bp, mu, rs, c, yp + r * c);
       }
-#endif
-      for (; j < c; ++j) yr[j] = (xr[j] - mu) * rs * wp[j] + bp[j];
-    }
+    });
   });
   return {y, mean, rstd};
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 lanes of grad_y (float, or bf16 widened exactly) under lane mask l.
+template <typename TG>
+inline __m512 load_grad(const TG* p, __mmask16 l) {
+  if constexpr (std::is_same_v<TG, float>) {
+    return _mm512_maskz_loadu_ps(l, p);
+  } else {
+    static_assert(std::is_same_v<TG, c10::BFloat16>, "grad_y is float or bf16");
+    const __m256i raw = _mm256_maskz_loadu_epi16(l, reinterpret_cast<const uint16_t*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+}
+#endif
+
+// The rows r0 .. r1 of the backward (see the top of the file); dw/db: this thread's partial sums.
+template <typename TG>
+void backward_rows(const TG* gp, const float* xp, const float* mp, const float* rp, const float* wp, const float* ep, float* dp,
+                   int64_t c, int64_t r0, int64_t r1, float* dw, float* db) {
+  const float inv_c = 1.0f / static_cast<float>(c);
+  for (int64_t r = r0; r < r1; ++r) {
+    const TG* gr = gp + r * c;
+    const float* xr = xp + r * c;
+    float* dr = dp + r * c;
+    const float mu = mp[r], rs = rp[r];
+    // pass 1: sum g, sum g * xhat; the weight and bias gradients
+    float sg = 0.0f, sgx = 0.0f;
+    int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512 vmu = _mm512_set1_ps(mu), vrs = _mm512_set1_ps(rs);
+    __m512 asg = _mm512_setzero_ps(), asgx = _mm512_setzero_ps();
+    for (; j < c; j += 16) {
+      const __mmask16 l = lanes_of(c - j);
+      const __m512 dy = load_grad(gr + j, l);
+      const __m512 xhat = _mm512_maskz_mul_ps(l, _mm512_sub_ps(_mm512_maskz_loadu_ps(l, xr + j), vmu), vrs);
+      const __m512 g = _mm512_mul_ps(dy, _mm512_maskz_loadu_ps(l, wp + j));
+      asg = _mm512_add_ps(asg, g);
+      asgx = _mm512_fmadd_ps(g, xhat, asgx);
+      _mm512_mask_storeu_ps(dw + j, l, _mm512_fmadd_ps(dy, xhat, _mm512_maskz_loadu_ps(l, dw + j)));
+      _mm512_mask_storeu_ps(db + j, l, _mm512_add_ps(dy, _mm512_maskz_loadu_ps(l, db + j)));
+    }
+    sg = _mm512_reduce_add_ps(asg);
+    sgx = _mm512_reduce_add_ps(asgx);
+#endif
+    for (; j < c; ++j) {
+      const float dy = static_cast<float>(gr[j]);
+      const float xhat = (xr[j] - mu) * rs, g = dy * wp[j];
+      sg += g;
+      sgx += g * xhat;
+      dw[j] += dy * xhat;
+      db[j] += dy;
+    }
+    // pass 2: dx
+    const float a = sg * inv_c, b = sgx * inv_c;
+    j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+    for (; j < c; j += 16) {
+      const __mmask16 l = lanes_of(c - j);
+      const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(l, xr + j), vmu), vrs);
+      const __m512 g = _mm512_mul_ps(load_grad(gr + j, l), _mm512_maskz_loadu_ps(l, wp + j));
+      __m512 d = _mm512_mul_ps(vrs, _mm512_sub_ps(_mm512_sub_ps(g, va), _mm512_mul_ps(xhat, vb)));
+      if (ep != nullptr) d = _mm512_add_ps(d, _mm512_maskz_loadu_ps(l, ep + r * c + j));
+      _mm512_mask_storeu_ps(dr + j, l, d);
+    }
+#endif
+    for (; j < c; ++j) {
+      const float xhat = (xr[j] - mu) * rs, g = static_cast<float>(gr[j]) * wp[j];
+      dr[j] = rs * ((g - a) - xhat * b) + (ep != nullptr ? ep[r * c + j] : 0.0f);
+    }
+  }
+}
+
+// grad_y: float32, or bfloat16 (a bf16 GEMM's output, widened as it is read); everything else float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                                    const at::Tensor& weight,
                                                                    const std::optional<at::Tensor>& grad_extra) {
   const char* op = "layer_norm_backward";
   check_input(x, op, "x");
-  check_input(grad_y, op, "grad_y");
+  TORCH_CHECK_VALUE(grad_y.device().is_cpu(), op, ": grad_y must be a CPU tensor");
+  TORCH_CHECK_VALUE(grad_y.scalar_type() == at::kFloat || grad_y.scalar_type() == at::kBFloat16, op,
+                    ": grad_y must be float32 or bfloat16, got ", grad_y.scalar_type());
+  TORCH_CHECK_VALUE(grad_y.is_contiguous(), op, ": grad_y must be contiguous");
   TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), op, ": grad_y has shape ", grad_y.sizes(), ", x has ", x.sizes());
   check_params(x, weight, op, "weight");
   const int64_t c = x.size(-1), m = c == 0 ? 0 : x.numel() / c;
@@ -153,68 +259,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   const int threads = num_threads();
   std::vector<float> part(static_cast<size_t>(2 * threads * c), 0.0f);  // per thread: dw row, then db row
   if (m > 0) {
-    const float* gp = grad_y.data_ptr<float>();
     const float* xp = x.data_ptr<float>();
     const float* mp = mean.data_ptr<float>();
     const float* rp = rstd.data_ptr<float>();
     const float* wp = weight.data_ptr<float>();
     const float* ep = extra ? grad_extra->data_ptr<float>() : nullptr;
     float* dp = dx.data_ptr<float>();
-    const float inv_c = 1.0f / static_cast<float>(c);
-    at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
-      float* dw = part.data() + static_cast<int64_t>(at::get_thread_num()) * 2 * c;
-      float* db = dw + c;
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* gr = gp + r * c;
-        const float* xr = xp + r * c;
-        float* dr = dp + r * c;
-        const float mu = mp[r], rs = rp[r];
-        // pass 1: sum g, sum g * xhat; the weight and bias gradients
-        float sg = 0.0f, sgx = 0.0f;
-        int64_t j = 0;
-#if defined(__AVX512F__)
-        const __m512 vmu = _mm512_set1_ps(mu), vrs = _mm512_set1_ps(rs);
-        __m512 asg = _mm512_setzero_ps(), asgx = _mm512_setzero_ps();
-        for (; j < c; j += 16) {
-          const __mmask16 l = lanes_of(c - j);
-          const __m512 dy = _mm512_maskz_loadu_ps(l, gr + j);
-          const __m512 xhat = _mm512_maskz_mul_ps(l, _mm512_sub_ps(_mm512_maskz_loadu_ps(l, xr + j), vmu), vrs);
-          const __m512 g = _mm512_mul_ps(dy, _mm512_maskz_loadu_ps(l, wp + j));
-          asg = _mm512_add_ps(asg, g);
-          asgx = _mm512_fmadd_ps(g, xhat, asgx);
-          _mm512_mask_storeu_ps(dw + j, l, _mm512_fmadd_ps(dy, xhat, _mm512_maskz_loadu_ps(l, dw + j)));
-          _mm512_mask_storeu_ps(db + j, l, _mm512_add_ps(dy, _mm512_maskz_loadu_ps(l, db + j)));
-        }
-        sg = _mm512_reduce_add_ps(asg);
-        sgx = _mm512_reduce_add_ps(asgx);
-#endif
-        for (; j < c; ++j) {
-          const float xhat = (xr[j] - mu) * rs, g = gr[j] * wp[j];
-          sg += g;
-          sgx += g * xhat;
-          dw[j] += gr[j] * xhat;
-          db[j] += gr[j];
-        }
-        // pass 2: dx
-        const float a = sg * inv_c, b = sgx * inv_c;
-        j = 0;
-#if defined(__AVX512F__)
-        const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
-        for (; j < c; j += 16) {
-          const __mmask16 l = lanes_of(c - j);
-          const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(l, xr + j), vmu), vrs);
-          const __m512 g = _mm512_mul_ps(_mm512_maskz_loadu_ps(l, gr + j), _mm512_maskz_loadu_ps(l, wp + j));
-          __m512 d = _mm512_mul_ps(vrs, _mm512_sub_ps(_mm512_sub_ps(g, va), _mm512_mul_ps(xhat, vb)));
-          if (ep != nullptr) d = _mm512_add_ps(d, _mm512_maskz_loadu_ps(l, ep + r * c + j));
-          _mm512_mask_storeu_ps(dr + j, l, d);
-        }
-#endif
-        for (; j < c; ++j) {
-          const float xhat = (xr[j] - mu) * rs, g = gr[j] * wp[j];
-          dr[j] = rs * ((g - a) - xhat * b) + (ep != nullptr ? ep[r * c + j] : 0.0f);
-        }
-      }
-    });
+    AT_DISPATCH_SWITCH(grad_y.scalar_type(), "layer_norm_backward",
+                       AT_DISPATCH_CASE(at::kFloat, [&] {
+                         at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
+                           float* dw = part.data() + static_cast<int64_t>(at::get_thread_num()) * 2 * c;
+                           backward_rows(grad_y.data_ptr<float>(), xp, mp, rp, wp, ep, dp, c, r0, r1, dw, dw + c);
+                         });
+                       }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                         at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
+                           float* dw = part.data() + static_cast<int64_t>(at::get_thread_num()) * 2 * c;
+                           backward_rows(grad_y.data_ptr<c10::BFloat16>(), xp, mp, rp, wp, ep, dp, c, r0, r1, dw, dw + c);
+                         });
+                       }));
   }
   at::Tensor dweight = at::zeros({c}, x.options()), dbias = at::zeros({c}, x.options());
   float* dwp = dweight.data_ptr<float>();
@@ -231,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
 }  // namespace harmodt
 
 TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
-  m.def("layer_norm_forward(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_forward(Tensor x, Tensor weight, Tensor bias, float eps, ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor weight, Tensor? grad_extra) "
       "-> (Tensor, Tensor, Tensor)");
