@@ -11,6 +11,7 @@ norms, biases and prediction heads are shared by every task.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -442,6 +443,16 @@ class Block(nn.Module):
         return (x, kv) if return_kv else x
 
 
+def _full_precision(x: torch.Tensor):
+    """The model's input embeddings (K = 1, 4, 39) and action head (N = 4) run in fp32 even under
+    CPU autocast: bf16 buys nothing for GEMMs that small, and under autocast each cost a cast and a
+    bf16 GEMM call of 60-90 us (about 1 ms per paper-size training step in all). Their outputs go
+    to fp32 layer norms and the fp32 loss anyway."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.autocast("cpu", enabled=False)
+    return contextlib.nullcontext()
+
+
 class TokenEmbedding(nn.Module):
     """Embeds (R, s, a, timestep) into interleaved tokens ``(B, 3T, C)``."""
 
@@ -454,8 +465,9 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, states, actions, rtg, timesteps):
         # states (B, T, S), actions (B, T, A), rtg (B, T, 1), timesteps (B, T) -> (B, 3T, C)
-        te = self.timestep(timesteps)
-        toks = torch.stack([self.ret(rtg) + te, self.state(states) + te, self.action(actions) + te], dim=2)  # (B, T, 3, C)
+        with _full_precision(states):
+            te = self.timestep(timesteps)
+            toks = torch.stack([self.ret(rtg) + te, self.state(states) + te, self.action(actions) + te], dim=2)  # (B, T, 3, C)
         return toks.flatten(1, 2)
 
 
@@ -492,6 +504,10 @@ class PromptDT(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def _action_head(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., A), in fp32 (see _full_precision)
+        with _full_precision(x):
+            return torch.tanh(self.predict_action(self.ln_f(x.float())))
 
     def masked_weights(self) -> dict[str, nn.Parameter]:
         """The weight matrices that carry task masks, by parameter name."""
@@ -564,7 +580,7 @@ class PromptDT(nn.Module):
         for i, blk in enumerate(self.blocks):
             # the last block computes queries, MLP and output only at those K tokens (keys and values at all)
             x = blk(x, attn, ctx, query=states if i == len(self.blocks) - 1 else None)
-        return torch.tanh(self.predict_action(self.ln_f(x)))  # (B, K, A)
+        return self._action_head(x)  # (B, K, A)
 
     @torch.no_grad()
     def encode_prompt(self, prompt: dict, ctx: MaskContext | None = None) -> list:
@@ -615,7 +631,7 @@ class PromptDT(nn.Module):
         for i, blk in enumerate(self.blocks):
             x = blk(x, attn, ctx, prefix=None if prompt_kv is None else prompt_kv[i], query=last if i == len(self.blocks) - 1 else None,
                     qkv=qkv0 if i == 0 else None)
-        return torch.tanh(self.predict_action(self.ln_f(x[:, -1])))
+        return self._action_head(x[:, -1])
 
 
 def build_model(cfg: ModelConfig, n_tasks: int, method: str) -> PromptDT:
