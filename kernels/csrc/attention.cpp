@@ -33,18 +33,23 @@ namespace {
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
+// dst[i] = src[i] (widened to fp32) [+ bias[i] when bias is given], i < d.
 template <typename T>
-inline void load_row(const T* src, int64_t d, float* dst) {
+inline void load_row(const T* src, int64_t d, float* dst, const float* bias = nullptr) {
   int64_t i = 0;
 #if defined(__AVX512F__)
+  auto put = [&](int64_t at, __m512 v) {
+    _mm512_storeu_ps(dst + at, bias == nullptr ? v : _mm512_add_ps(v, _mm512_loadu_ps(bias + at)));
+  };
   if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 -> fp32: the 16 bits are the high half
     const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
     for (; i + 16 <= d; i += 16)
-      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s16 + i))), 16)));
+      put(i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s16 + i))), 16)));
+  } else {
+    for (; i + 16 <= d; i += 16) put(i, _mm512_loadu_ps(src + i));
   }
 #endif
-  for (; i < d; ++i) dst[i] = static_cast<float>(src[i]);
+  for (; i < d; ++i) dst[i] = static_cast<float>(src[i]) + (bias == nullptr ? 0.0f : bias[i]);
 }
 template <typename T>
 inline void store_row(const float* src, int64_t d, T* dst) {
@@ -420,11 +425,6 @@ inline void softmax_grad_row(float* p, float* dp, const float* km, int64_t n, in
 #endif
 }
 
-// dst[i] += b[i] for i < n.
-inline void add_row(float* dst, const float* b, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += b[i];
-}
-
 // Loads batch row b's keys and values of every head (prefix, then own) into fp32 buffers, reading
 // the packed qkv rows in memory order: kk/vv [H][Tk][D] and their transposes kt/vt [H][D][ld]
 // (zero-padded columns; vt only if asked), and the queries of all own tokens qq [T][H][D]. With
@@ -441,15 +441,11 @@ void load_keys(const Problem& pr, const T* qkv, const T* kp, const T* vp, int64_
     }
   for (int64_t j = pr.Tp; j < pr.Tk; ++j) {
     const T* row = qkv + b * pr.qkv_sb + (j - pr.Tp) * pr.qkv_st;  // [3][H][D]
-    load_row(row, H * D, qq + (j - pr.Tp) * H * D);  // qq [T][H][D]
-    if (pr.bias != nullptr) add_row(qq + (j - pr.Tp) * H * D, pr.bias, H * D);
+    const float* bq = pr.bias;  // (the projection's bias of q, then k, then v, or none)
+    load_row(row, H * D, qq + (j - pr.Tp) * H * D, bq);  // qq [T][H][D]
     for (int64_t h = 0; h < H; ++h) {
-      load_row(row + (H + h) * D, D, kk + h * hs + j * D);
-      load_row(row + (2 * H + h) * D, D, vv + h * hs + j * D);
-      if (pr.bias != nullptr) {
-        add_row(kk + h * hs + j * D, pr.bias + (H + h) * D, D);
-        add_row(vv + h * hs + j * D, pr.bias + (2 * H + h) * D, D);
-      }
+      load_row(row + (H + h) * D, D, kk + h * hs + j * D, bq == nullptr ? nullptr : bq + (H + h) * D);
+      load_row(row + (2 * H + h) * D, D, vv + h * hs + j * D, bq == nullptr ? nullptr : bq + (2 * H + h) * D);
     }
   }
   for (int64_t h = 0; h < H; ++h) {
