@@ -163,7 +163,7 @@ at::Tensor query_rows(const at::Tensor& x, const std::vector<int64_t>& query) { 
 
 // The forward; `saved` (if given) receives what the backward reads. gd: the GEMMs' dtype. fp32, or
 // bf16 (CPU bf16 autocast): then the GEMMs take bf16 operands (W * M rounded once per step, the layer
-// norms' outputs rounded after them) and give bf16 outputs, attention runs on the bf16 projection,
+// norms writing bf16 outputs) and give bf16 outputs, attention runs on the bf16 projection,
 // and the residual stream, layer norms, biases and every gradient the node returns stay fp32 -- the
 // dtypes autocast gives the per-op blocks.
 at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at::Tensor& ln1_b, const at::Tensor& w_qkv,
