@@ -37,6 +37,20 @@ def test_batched_equals_sequential(trainer):
         np.testing.assert_allclose(batched["tasks"][t]["return"], seq["tasks"][t]["return"], rtol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_evaluation_runs_and_stays_close_to_fp32(trainer, fused):
+    """``precision="bf16"`` (CPU autocast; the embeddings and action head stay fp32) on the fused
+    inference ops and on the plain path: every episode runs, and returns stay near fp32's."""
+    info = trainer.eval_info()
+    kw = dict(max_steps=25, progress=False, fused=fused)
+    fp32 = evaluate(trainer.model, trainer.task_masks, info, TASKS, 2, seed=3, **kw)
+    bf16 = evaluate(trainer.model, trainer.task_masks, info, TASKS, 2, seed=3, precision="bf16", **kw)
+    assert bf16["env_steps"] == fp32["env_steps"] == 2 * 2 * 25
+    for t in TASKS:
+        assert 0.0 <= bf16["tasks"][t]["success"] <= 1.0
+        np.testing.assert_allclose(bf16["tasks"][t]["return"], fp32["tasks"][t]["return"], rtol=0.1, atol=1.0)
+
+
 def test_expanded_masks_give_the_same_episodes(trainer):
     """Evaluation reading every task's W * M expanded once (the default with the native ops) runs
     exactly the episodes it runs expanding the bits at every forward; only the evaluated tasks'

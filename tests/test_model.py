@@ -337,3 +337,26 @@ def test_act_layer0_cache_matches_recomputing(method):
             torch.testing.assert_close(m.act(*args, cache=cache), m.act(*args), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="cache"):
         m.act(*args, cache={"qkv": cache["qkv"].repeat(1, 2, 1, 1, 1)})
+
+
+def test_embeddings_and_action_head_stay_fp32_under_autocast():
+    """Under CPU bf16 autocast the input embeddings and the action head compute in fp32
+    (``harmodt.model._full_precision``): the tokens equal the fp32 ones bit for bit, the prediction
+    is fp32, and the head's fp32 output equals the head applied outside autocast."""
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, context_len=6, prompt_len=3, dropout=0.0)
+    torch.manual_seed(0)
+    b = PromptDTBatcher(datasets(TASKS), TASKS, cfg.context_len, cfg.prompt_len, 100.0, seed=1)
+    m = build_model(cfg, 2, "prompt-dt").eval()
+    batch = b.sample([0], 3)
+    args = (batch["states"], batch["actions"], batch["rtg"], batch["timesteps"])
+    want = m.embed(*args)
+    x = torch.randn(3, 6, cfg.n_embd)
+    head = m._action_head(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m.embed(*args)
+        got_head = m._action_head(x)
+        pred = m(batch)
+        plain = m.predict_action(m.ln_f(x))  # an nn.Linear outside the helper does run in bf16
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert got_head.dtype == pred.dtype == torch.float32 and torch.equal(got_head, head)
+    assert plain.dtype == torch.bfloat16
