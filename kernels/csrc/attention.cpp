@@ -37,16 +37,12 @@ inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 template <typename T>
 inline void load_row(const T* src, int64_t d, float* dst, const float* bias = nullptr) {
   int64_t i = 0;
-#if defined(__AVX512F__)
-  auto put = [&](int64_t at, __m512 v) {
-    _mm512_storeu_ps(dst + at, bias == nullptr ? v : _mm512_add_ps(v, _mm512_loadu_ps(bias + at)));
-  };
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 -> fp32: the 16 bits are the high half
-    const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
-    for (; i + 16 <= d; i += 16)
-      put(i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s16 + i))), 16)));
-  } else {
-    for (; i + 16 <= d; i += 16) put(i, _mm512_loadu_ps(src + i));
+#if defined(HARMODT_AVX512_CVT)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    for (; i + 16 <= d; i += 16) {  // common.h's load16: fp32, or bf16 widened exactly
+      const __m512 v = load16(src + i, static_cast<__mmask16>(0xFFFF));
+      _mm512_storeu_ps(dst + i, bias == nullptr ? v : _mm512_add_ps(v, _mm512_loadu_ps(bias + i)));
+    }
   }
 #endif
   for (; i < d; ++i) dst[i] = static_cast<float>(src[i]) + (bias == nullptr ? 0.0f : bias[i]);

@@ -98,18 +98,8 @@ void check_params(const at::Tensor& x, const at::Tensor& w, const char* op, cons
 template <typename TY>
 inline void normalize_row(const float* xr, const float* wp, const float* bp, float mu, float rs, int64_t c, TY* yr) {
   int64_t j = 0;
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<TY, float>) {
-    const __m512 vmu = _mm512_set1_ps(mu), vrs = _mm512_set1_ps(rs);
-    for (; j < c; j += 16) {
-      const __mmask16 l = lanes_of(c - j);
-      const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(l, xr + j), vmu), vrs);
-      _mm512_mask_storeu_ps(yr + j, l, _mm512_fmadd_ps(xhat, _mm512_maskz_loadu_ps(l, wp + j), _mm512_maskz_loadu_ps(l, bp + j)));
-    }
-  }
-#endif
-#if defined(HARMODT_AVX512_BF16_STORE)
-  if constexpr (std::is_same_v<TY, c10::BFloat16>) {
+#if defined(HARMODT_AVX512_CVT)
+  if constexpr (vector16_ok<TY>()) {  // common.h's store16: fp32, or bf16 rounded to nearest even
     const __m512 vmu = _mm512_set1_ps(mu), vrs = _mm512_set1_ps(rs);
     for (; j < c; j += 16) {
       const __mmask16 l = lanes_of(c - j);
@@ -158,20 +148,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tens
   return {y, mean, rstd};
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-// 16 lanes of grad_y (float, or bf16 widened exactly) under lane mask l.
-template <typename TG>
-inline __m512 load_grad(const TG* p, __mmask16 l) {
-  if constexpr (std::is_same_v<TG, float>) {
-    return _mm512_maskz_loadu_ps(l, p);
-  } else {
-    static_assert(std::is_same_v<TG, c10::BFloat16>, "grad_y is float or bf16");
-    const __m256i raw = _mm256_maskz_loadu_epi16(l, reinterpret_cast<const uint16_t*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  }
-}
-#endif
-
 // The rows r0 .. r1 of the backward (see the top of the file); dw/db: this thread's partial sums.
 template <typename TG>
 void backward_rows(const TG* gp, const float* xp, const float* mp, const float* rp, const float* wp, const float* ep, float* dp,
@@ -185,12 +161,12 @@ void backward_rows(const TG* gp, const float* xp, const float* mp, const float* 
     // pass 1: sum g, sum g * xhat; the weight and bias gradients
     float sg = 0.0f, sgx = 0.0f;
     int64_t j = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(HARMODT_AVX512_CVT)
     const __m512 vmu = _mm512_set1_ps(mu), vrs = _mm512_set1_ps(rs);
     __m512 asg = _mm512_setzero_ps(), asgx = _mm512_setzero_ps();
     for (; j < c; j += 16) {
       const __mmask16 l = lanes_of(c - j);
-      const __m512 dy = load_grad(gr + j, l);
+      const __m512 dy = load16(gr + j, l);
       const __m512 xhat = _mm512_maskz_mul_ps(l, _mm512_sub_ps(_mm512_maskz_loadu_ps(l, xr + j), vmu), vrs);
       const __m512 g = _mm512_mul_ps(dy, _mm512_maskz_loadu_ps(l, wp + j));
       asg = _mm512_add_ps(asg, g);
@@ -212,12 +188,12 @@ void backward_rows(const TG* gp, const float* xp, const float* mp, const float* 
     // pass 2: dx
     const float a = sg * inv_c, b = sgx * inv_c;
     j = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(HARMODT_AVX512_CVT)
     const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
     for (; j < c; j += 16) {
       const __mmask16 l = lanes_of(c - j);
       const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(l, xr + j), vmu), vrs);
-      const __m512 g = _mm512_mul_ps(load_grad(gr + j, l), _mm512_maskz_loadu_ps(l, wp + j));
+      const __m512 g = _mm512_mul_ps(load16(gr + j, l), _mm512_maskz_loadu_ps(l, wp + j));
       __m512 d = _mm512_mul_ps(vrs, _mm512_sub_ps(_mm512_sub_ps(g, va), _mm512_mul_ps(xhat, vb)));
       if (ep != nullptr) d = _mm512_add_ps(d, _mm512_maskz_loadu_ps(l, ep + r * c + j));
       _mm512_mask_storeu_ps(dr + j, l, d);
@@ -265,18 +241,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
     const float* wp = weight.data_ptr<float>();
     const float* ep = extra ? grad_extra->data_ptr<float>() : nullptr;
     float* dp = dx.data_ptr<float>();
-    AT_DISPATCH_SWITCH(grad_y.scalar_type(), "layer_norm_backward",
-                       AT_DISPATCH_CASE(at::kFloat, [&] {
-                         at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
-                           float* dw = part.data() + static_cast<int64_t>(at::get_thread_num()) * 2 * c;
-                           backward_rows(grad_y.data_ptr<float>(), xp, mp, rp, wp, ep, dp, c, r0, r1, dw, dw + c);
-                         });
-                       }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                         at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
-                           float* dw = part.data() + static_cast<int64_t>(at::get_thread_num()) * 2 * c;
-                           backward_rows(grad_y.data_ptr<c10::BFloat16>(), xp, mp, rp, wp, ep, dp, c, r0, r1, dw, dw + c);
-                         });
-                       }));
+    auto rows = [&](auto* gp) {  // gp: grad_y's data as float* or c10::BFloat16*
+      at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
+        float* dw = part.data() + static_cast<int64_t>(at::get_thread_num()) * 2 * c;
+        backward_rows(gp, xp, mp, rp, wp, ep, dp, c, r0, r1, dw, dw + c);
+      });
+    };
+    if (grad_y.scalar_type() == at::kBFloat16)
+      rows(grad_y.data_ptr<c10::BFloat16>());
+    else
+      rows(grad_y.data_ptr<float>());
   }
   at::Tensor dweight = at::zeros({c}, x.options()), dbias = at::zeros({c}, x.options());
   float* dwp = dweight.data_ptr<float>();
