@@ -96,7 +96,7 @@ def _has_ops() -> bool:
         ns = torch.ops.harmodt_kernels
         for name in ("apply_mask_", "apply_masks_", "apply_masks_sq_norms_", "dropout_apply", "pack_masks", "unpack_masks", "masked_linear_forward",
                      "masked_linear_backward", "masked_mlp_forward", "masked_qkv_attention_forward", "attention_forward", "attention_backward", "harmony_select",
-                     "bias_relu_", "bias_relu_backward", "bias_dropout_add", "dropout_bias_backward", "gemm", "onednn_gemm_available", "linear",
+                     "bias_relu_", "bias_relu_backward", "bias_dropout_add", "dropout_bias_backward", "gemm", "onednn_gemm_available", "bf16_gemm_available", "linear",
                      "layer_norm_forward", "layer_norm_backward", "adamw_group_", "sum_squares", "fused_block",
                      "bias_relu_backward_", "bias_dropout_add_"):
             getattr(ns, name)
@@ -354,13 +354,20 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 # ----------------------------------------------------------------------------------------------
 # dense GEMMs and linear layers (kernels/csrc/gemm.cpp)
 
-GEMM_ENGINES = ("auto", "onednn", "blas")
+GEMM_ENGINES = ("auto", "native", "onednn", "blas")
 
 
 def onednn_gemm_available() -> bool:
     """Whether fp32 GEMMs can go through oneDNN's matmul (PyTorch exports it and was built with
     oneDNN); ``engine="auto"`` uses it then."""
     return bool(_ops().onednn_gemm_available())
+
+
+def bf16_gemm_available() -> bool:
+    """Whether bf16 GEMMs can go through this library's AVX512-BF16 kernel
+    (``kernels/csrc/gemm_bf16.cpp``: built with AVX512-BF16 and running on a CPU that has it);
+    ``engine="auto"`` uses it then."""
+    return bool(_ops().bf16_gemm_available())
 
 
 def _check_matmul_args(op: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, b_k_dim: int, bias) -> None:
@@ -383,12 +390,18 @@ def _check_matmul_args(op: str, a_name: str, a: torch.Tensor, b_name: str, b: to
 
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, engine: str = "auto") -> torch.Tensor:
     """``a @ b (+ bias)`` for 2-D ``a (M, K)``, ``b (K, N)`` of one dtype (fp32 or bf16; each
-    contiguous or a transposed view). ``engine``: ``"onednn"`` (oneDNN's matmul; fails loudly where
-    this PyTorch build lacks it), ``"blas"`` (``torch.mm``: MKL's sgemm for fp32), ``"auto"``
-    (oneDNN for fp32 when available; see ``kernels/csrc/gemm.cpp`` for why)."""
+    contiguous or a transposed view). ``engine``: ``"native"`` (bf16 only: this library's
+    AVX512-BF16 kernel, ``kernels/csrc/gemm_bf16.cpp``; fails loudly for fp32 or where the build or
+    CPU lacks AVX512-BF16), ``"onednn"`` (oneDNN's matmul; fails loudly where this PyTorch build lacks
+    it), ``"blas"`` (``torch.mm``: MKL's sgemm for fp32, oneDNN inside for bf16), ``"auto"`` (native
+    for bf16 and oneDNN for fp32 when available; see ``kernels/csrc/gemm.cpp`` for why)."""
     _check_matmul_args("gemm", "a", a, "b", b, 0, bias)
     if engine not in GEMM_ENGINES:
         raise KernelArgumentError(f"gemm: engine must be one of {GEMM_ENGINES}, got {engine!r}")
+    if engine == "native" and (a.dtype != torch.bfloat16 or not bf16_gemm_available()):
+        raise KernelArgumentError("gemm: engine 'native' is the AVX512-BF16 kernel: it takes bf16 operands (got "
+                                  f"{a.dtype}) and needs AVX512-BF16 in this build and CPU (available: {bf16_gemm_available()}); "
+                                  "use engine='auto'")
     if engine == "onednn" and not onednn_gemm_available():
         raise KernelArgumentError("gemm: engine 'onednn' is not available in this PyTorch build (no at::native::mkldnn_matmul "
                                   "or no oneDNN); use engine='auto' or 'blas'")

@@ -542,7 +542,7 @@ def test_dropout_errors():
 # dense GEMMs (oneDNN for fp32) and the linear layer built on them
 
 GEMM_SHAPES = [(1, 1, 1), (7, 33, 5), (592, 256, 768), (160, 1024, 256), (0, 4, 3), (5, 0, 3), (3, 4, 0), (65, 17, 129)]
-ENGINES = ["auto", "blas"] + (["onednn"] if cpu.onednn_gemm_available() else [])
+ENGINES = ["auto", "blas"] + (["onednn"] if cpu.onednn_gemm_available() else []) + (["native"] if cpu.bf16_gemm_available() else [])
 
 
 def _tol(dtype, k):
@@ -559,6 +559,10 @@ def test_gemm_matches_torch_mm(m, k, n, dtype, engine, layout):
         pytest.skip("oneDNN has no bf16 matmul on this CPU (auto never asks it for one)")
     a = torch.randn(m, k, generator=_gen(1)).to(dtype)
     b = torch.randn(k, n, generator=_gen(2)).to(dtype)
+    if engine == "native" and dtype == torch.float32:  # the AVX512-BF16 kernel takes bf16 only, and says so
+        with pytest.raises(KernelArgumentError, match="engine 'native' is the AVX512-BF16 kernel"):
+            cpu.gemm(a, b, engine=engine)
+        return
     if layout in ("a_t", "both_t"):
         a = a.t().contiguous().t()  # a transposed view
     if layout in ("b_t", "both_t"):
@@ -567,6 +571,35 @@ def test_gemm_matches_torch_mm(m, k, n, dtype, engine, layout):
     want = (a.double() @ b.double()).to(dtype)
     torch.testing.assert_close(cpu.gemm(a, b, engine=engine), want, **_tol(dtype, k))
     torch.testing.assert_close(cpu.gemm(a, b, bias, engine=engine), (a.double() @ b.double() + bias.double()).to(dtype), **_tol(dtype, k))
+
+
+# The AVX512-BF16 kernel's tilings: row tiles of 12 and column panels of 32 with tails, both loop
+# orders (b shared across row tiles, or panels split across threads), a read in place or packed
+# (transposed, odd K, a row start that is not 4-byte aligned), one row, one column.
+NATIVE_SHAPES = [(592, 256, 768), (200, 37, 40), (300, 64, 96), (13, 600, 33), (1, 9, 70), (25, 1, 1), (49, 130, 1), (12, 2, 32)]
+
+
+@pytest.mark.skipif(not cpu.bf16_gemm_available(), reason="no AVX512-BF16 in this build or CPU: the native bf16 GEMM is not built")
+@pytest.mark.parametrize("m,k,n", NATIVE_SHAPES)
+@pytest.mark.parametrize("layout", ["plain", "a_t", "b_t", "both_t", "a_offset"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_native_bf16_gemm_is_exact_on_integer_operands(m, k, n, layout, with_bias):
+    """Small integers make every product and partial sum exact in fp32, so any packing or tiling
+    slip shows as a wrong value, and the one rounding (bias included) must equal float64's."""
+    g = _gen(m * 7 + k * 3 + n)
+    a = torch.randint(-3, 4, (m, k + 1), generator=g).to(torch.bfloat16)
+    a = a[:, 1:] if layout == "a_offset" else a[:, :k]  # a_offset: rows start 2 bytes past a 4-byte boundary
+    b = torch.randint(-3, 4, (k, n), generator=g).to(torch.bfloat16)
+    if layout in ("a_t", "both_t"):
+        a = a.t().contiguous().t()
+    if layout in ("b_t", "both_t"):
+        b = b.t().contiguous().t()
+    bias = torch.randint(-300, 300, (n,), generator=g).to(torch.bfloat16) * 0.5 if with_bias else None
+    want = a.double() @ b.double() + (bias.double() if with_bias else 0.0)
+    got = cpu.gemm(a, b, bias, engine="native")
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert torch.equal(got, want.to(torch.bfloat16))
+    assert torch.equal(cpu.gemm(a, b, bias), got)  # auto is the native kernel for bf16
 
 
 def test_gemm_reads_strided_operands_and_auto_is_onednn_for_fp32():

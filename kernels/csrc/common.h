@@ -30,10 +30,14 @@ inline int num_threads() { return at::get_num_threads(); }
 // kernels/csrc/gemm.cpp: out = a b (+ bias on every row) for 2-D a (M, K), b (K, N) of one dtype
 // (contiguous or transposed views), out contiguous (M, N); fp32 through oneDNN's matmul when
 // available ("auto"), else at::mm / at::addmm ("blas").
-enum class GemmEngine { kAuto, kOneDnn, kBlas };
+// bf16 goes through gemm_bf16.cpp's AVX512-BF16 kernel ("auto" when available, "native").
+enum class GemmEngine { kAuto, kNative, kOneDnn, kBlas };
 void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
               GemmEngine engine = GemmEngine::kAuto);
 bool onednn_gemm_available();
+bool bf16_gemm_available();
+// kernels/csrc/gemm_bf16.cpp: out (M, N) contiguous = a (M, K) b (K, N) (+ bias), all bf16.
+void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
 
 // kernels/csrc/attention.cpp's forward (the op attention_forward), for fused callers.
 std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,

@@ -46,14 +46,23 @@ bool plain_or_transposed(const at::Tensor& t) {
 
 GemmEngine parse_engine(c10::string_view name) {
   if (name == "auto") return GemmEngine::kAuto;
+  if (name == "native") return GemmEngine::kNative;
   if (name == "onednn") return GemmEngine::kOneDnn;
   if (name == "blas") return GemmEngine::kBlas;
-  TORCH_CHECK_VALUE(false, "gemm: engine must be 'auto', 'onednn' or 'blas', got '", std::string(name), "'");
+  TORCH_CHECK_VALUE(false, "gemm: engine must be 'auto', 'native', 'onednn' or 'blas', got '", std::string(name), "'");
 }
 
 }  // namespace
 
 void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, GemmEngine engine) {
+  TORCH_CHECK(!(engine == GemmEngine::kNative && !(a.scalar_type() == at::kBFloat16 && bf16_gemm_available())),
+              "gemm: engine 'native' is the AVX512-BF16 kernel (gemm_bf16.cpp): it takes bf16 operands on a build and CPU "
+              "with AVX512-BF16; got ", a.scalar_type(), bf16_gemm_available() ? "" : " and no AVX512-BF16 here");
+  if (a.scalar_type() == at::kBFloat16 && out.is_contiguous() &&
+      (engine == GemmEngine::kNative || (engine == GemmEngine::kAuto && bf16_gemm_available()))) {
+    bf16_gemm_out(out, a, b, bias);
+    return;
+  }
   const bool onednn = engine == GemmEngine::kOneDnn ||
                       (engine == GemmEngine::kAuto && a.scalar_type() == at::kFloat && onednn_gemm_available());
   TORCH_CHECK(!(engine == GemmEngine::kOneDnn && !onednn_gemm_available()),
@@ -143,6 +152,7 @@ at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight, const 
 TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
   m.def("gemm(Tensor a, Tensor b, Tensor? bias, str engine) -> Tensor");
   m.def("onednn_gemm_available() -> bool", &harmodt::onednn_gemm_available);
+  m.def("bf16_gemm_available() -> bool", &harmodt::bf16_gemm_available);
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
