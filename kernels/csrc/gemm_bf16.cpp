@@ -12,7 +12,7 @@
 //   plain b interleaves two rows; a transposed b (the forward's W^T) transposes 16x16 blocks of
 //   32-bit pairs.
 // * a is read as 32-bit pairs (a[i][2p], a[i][2p+1]) broadcast to all lanes: straight from a
-//   row-major a with even K and row stride, else from a copy packed per kMr rows ([p][kMr]).
+//   row-major a with even K and row stride, else from a copy packed as a^T in pairs ([p][M]).
 // * the micro-kernel keeps a kMr x 32 block of out in 2 * kMr zmm accumulators over the whole of K
 //   (no partial sums through memory), then rounds and stores it once.
 // * the threads split the column panels (and the rows, when there are fewer panels than threads);
@@ -22,6 +22,7 @@
 // false and gemm.cpp keeps at::mm.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -134,35 +135,25 @@ void pack_b_cols(const u16* w, int64_t ldw, int64_t k, int64_t n0, int64_t nc, u
   }
 }
 
-// Tiles t0 .. t1 of a packed per kMr rows: out + t * kp * kMr holds tile t as [p][kMr], word
-// (a[i][2p], a[i][2p + 1]) for its rows i < mr (rows past m: 0). a[i][k] = a + i * s_i + k * s_k.
-// A transposed a (s_i == 1, e.g. dY^T) is walked pair of rows by pair of rows of the tensor under
-// it, across all the tiles: walking one tile down the rows instead would meet every row's line
-// once per tile, at a power-of-two stride that the L1 cache cannot hold.
-void pack_a(const u16* a, int64_t s_i, int64_t s_k, int64_t m, int64_t k, int64_t t0, int64_t t1, u32* out) {
-  const int64_t kp = (k + 1) / 2;
-  if (s_i == 1) {
-    for (int64_t p = 0; p < kp; ++p) {
+// Pairs p0 .. p1 of a packed as a^T in pairs: out[p * ld + i] = (a[i][2p], a[i][2p + 1]) for all m
+// rows (odd K: the last pair's second half 0); a tile's rows i0 .. i0 + 12 of pair p are then
+// 12 adjacent words, as in a row-major a. a[i][k] = a + i * s_i + k * s_k. A transposed a (s_i ==
+// 1, e.g. dY^T) interleaves two contiguous rows of the tensor under it, 16 words at a time.
+void pack_a(const u16* a, int64_t s_i, int64_t s_k, int64_t m, int64_t k, int64_t p0, int64_t p1, int64_t ld, u32* out) {
+  for (int64_t p = p0; p < p1; ++p) {
+    u32* o = out + p * ld;
+    if (s_i == 1) {
       const u16* r0 = a + 2 * p * s_k;
       const u16* r1 = 2 * p + 1 < k ? r0 + s_k : nullptr;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t i0 = t * kMr;
-        const __m512i w = interleave16(r0 + i0, r1 ? r1 + i0 : nullptr, tail_mask(std::min<int64_t>(kMr, m - i0)));
-        _mm512_mask_storeu_epi32(out + t * kp * kMr + p * kMr, static_cast<__mmask16>((1u << kMr) - 1u), w);
+      for (int64_t i = 0; i < m; i += 16)
+        _mm512_mask_storeu_epi32(o + i, tail_mask(m - i), interleave16(r0 + i, r1 ? r1 + i : nullptr, tail_mask(m - i)));
+    } else {
+      for (int64_t i = 0; i < m; ++i) {
+        const u16* r = a + i * s_i + 2 * p * s_k;
+        o[i] = r[0] | (2 * p + 1 < k ? static_cast<u32>(r[s_k]) << 16 : 0u);
       }
     }
-    return;
   }
-  for (int64_t t = t0; t < t1; ++t)
-    for (int64_t i = 0; i < kMr; ++i)
-      for (int64_t p = 0; p < kp; ++p) {
-        u32 v = 0;
-        if (t * kMr + i < m) {
-          const u16* r = a + (t * kMr + i) * s_i + 2 * p * s_k;
-          v = r[0] | (2 * p + 1 < k ? static_cast<u32>(r[s_k]) << 16 : 0u);
-        }
-        out[t * kp * kMr + p * kMr + i] = v;
-      }
 }
 
 // out[i0 + i][n0 .. n0 + nc) = sum_p a_pair(i, p) . bp[p] for i < MR. a_pair(i, p) = a[i * ars + p * aps].
@@ -201,12 +192,22 @@ void micro_rows(int64_t mr, int64_t kp, const u32* a, int64_t ars, int64_t aps, 
   }
 }
 
-// a, when it needs packing, is packed whole up front (the threads split its tiles). Then one of two
-// loop orders; the operand read again and again is the smaller one, so it stays in cache:
-// * b-shared: every panel of b packed once (the threads split the panels), then the threads split
-//   the row tiles; each tile meets every panel.
+// Contiguous share [lo, hi) of n items for thread `tid` of `nt`.
+inline void share(int64_t n, int tid, int nt, int64_t& lo, int64_t& hi) {
+  lo = n * tid / nt;
+  hi = n * (tid + 1) / nt;
+}
+
+// One OpenMP region per GEMM: packing, a barrier, then the tiles. a, when it needs packing, is
+// packed whole (the threads split its pairs). Then one of two loop orders; the operand read again
+// and again is the smaller one, so it stays in cache:
+// * b-shared: every panel of b packed once (the threads split the panels, alongside a's pairs),
+//   then the threads split the row tiles; each tile meets every panel.
 // * panel-outer: the threads split the column panels (and the rows, when there are fewer panels
 //   than threads); each packs its own panels and walks all tiles of a.
+// GEMMs under kSerialFlop run on the calling thread alone (a fork and join costs more there).
+constexpr double kSerialFlop = 2.0e6;
+
 template <typename Out>
 void run(Out* out, int64_t ldo, const u16* a, int64_t as0, int64_t as1, const u16* b, int64_t bs0, int64_t bs1,
          const c10::BFloat16* bias, int64_t m, int64_t k, int64_t n) {
@@ -221,45 +222,54 @@ void run(Out* out, int64_t ldo, const u16* a, int64_t as0, int64_t as1, const u1
     else
       pack_b_cols(b, bs1, k, n0, nc, dst);
   };
-  auto tile = [&](int64_t t, int64_t panel, const u32* at, const u32* bp) {  // at: tile t of a packed, or null (direct)
+  // the packed rows' stride: a multiple of 16 words (whole vectors) that is not a power of two (a
+  // tile's pairs at a power-of-two stride would all fall in one L1 set)
+  const int64_t ld_pack = (m + 15) / 16 * 16 + 16;
+  u32* apack = a_direct ? nullptr : scratch(0, kp * ld_pack);  // the caller's scratch, read by every thread
+  auto tile = [&](int64_t t, int64_t panel, const u32* bp) {
     const int64_t i0 = t * kMr, mr = std::min<int64_t>(kMr, m - i0), n0 = panel * kNr, nc = std::min<int64_t>(kNr, n - n0);
     Out* o = out + i0 * ldo + n0;
     const c10::BFloat16* bb = bias == nullptr ? nullptr : bias + n0;
-    if (at == nullptr)
+    if (apack == nullptr)
       micro_rows<Out>(mr, kp, reinterpret_cast<const u32*>(a + i0 * as0), as0 / 2, 1, bp, bb, o, ldo, nc);
     else
-      micro_rows<Out>(mr, kp, at, 1, kMr, bp, bb, o, ldo, nc);
+      micro_rows<Out>(mr, kp, apack + i0, 1, ld_pack, bp, bb, o, ldo, nc);
   };
-  u32* apack = nullptr;  // all of a packed up front (the caller's scratch, read by every thread)
-  if (!a_direct) {
-    apack = scratch(0, tiles * kp * kMr);
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { pack_a(a, as0, as1, m, k, t0, t1, apack); });
-  }
-  auto a_tile = [&](int64_t t) -> const u32* { return apack == nullptr ? nullptr : apack + t * kp * kMr; };
-  const int64_t threads = at::get_num_threads();
+  const int threads = at::in_parallel_region() || 2.0 * m * n * k < kSerialFlop ? 1 : at::get_num_threads();
   const bool b_shared = panels * kp * kNr <= tiles * kp * kMr && tiles >= threads;
-  if (b_shared) {
-    u32* bp_all = scratch(1, panels * kp * kNr);  // the caller's scratch, read by every thread
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t panel = p0; panel < p1; ++panel) pack_panel(panel, bp_all + panel * kp * kNr);
-    });
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t panel = 0; panel < panels; ++panel) tile(t, panel, a_tile(t), bp_all + panel * kp * kNr);
-    });
-    return;
-  }
+  u32* bp_all = b_shared ? scratch(1, panels * kp * kNr) : nullptr;  // the caller's scratch, read by every thread
   const int64_t row_splits = panels >= threads ? 1 : std::min<int64_t>(tiles, (threads + panels - 1) / panels);
-  at::parallel_for(0, panels * row_splits, 1, [&](int64_t w0, int64_t w1) {
-    u32* bp = scratch(2, kp * kNr);  // each thread's own
-    int64_t packed = -1;
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t panel = w / row_splits, split = w % row_splits;
-      if (packed != panel) pack_panel(panel, bp), packed = panel;
-      const int64_t t_lo = tiles * split / row_splits, t_hi = tiles * (split + 1) / row_splits;
-      for (int64_t t = t_lo; t < t_hi; ++t) tile(t, panel, a_tile(t), bp);
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t lo, hi;
+    if (apack != nullptr) {
+      share(kp, tid, nt, lo, hi);
+      pack_a(a, as0, as1, m, k, lo, hi, ld_pack, apack);
     }
-  });
+    if (b_shared) {
+      share(panels, tid, nt, lo, hi);
+      for (int64_t panel = lo; panel < hi; ++panel) pack_panel(panel, bp_all + panel * kp * kNr);
+    }
+    if (nt > 1 && (apack != nullptr || b_shared)) {
+#pragma omp barrier
+    }
+    if (b_shared) {
+      share(tiles, tid, nt, lo, hi);
+      for (int64_t t = lo; t < hi; ++t)
+        for (int64_t panel = 0; panel < panels; ++panel) tile(t, panel, bp_all + panel * kp * kNr);
+    } else {
+      u32* bp = scratch(2, kp * kNr);  // each thread's own
+      int64_t packed = -1;
+      share(panels * row_splits, tid, nt, lo, hi);
+      for (int64_t w = lo; w < hi; ++w) {
+        const int64_t panel = w / row_splits, split = w % row_splits;
+        if (packed != panel) pack_panel(panel, bp), packed = panel;
+        const int64_t t_lo = tiles * split / row_splits, t_hi = tiles * (split + 1) / row_splits;
+        for (int64_t t = t_lo; t < t_hi; ++t) tile(t, panel, bp);
+      }
+    }
+  }
 }
 
 }  // namespace
