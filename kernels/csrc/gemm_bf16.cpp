@@ -76,15 +76,21 @@ inline __m512i interleave16(const u16* r0, const u16* r1, __mmask16 m) {
   return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
 }
 
-// Panel of plain b (b[k][n] = b + k * ldb + n): columns n0 .. n0 + nc (nc <= 32), all K.
-void pack_b_rows(const u16* b, int64_t ldb, int64_t k, int64_t n0, int64_t nc, u32* out) {
+// Panels lo .. hi of plain b (b[k][n] = b + k * ldb + n, N columns) into out + (panel - lo) * ps,
+// all K. Walked pair of rows by pair of rows across the panels: each row is read once, in order
+// (a walk down one panel's 32 columns would meet every row's line at the row stride).
+void pack_b_rows(const u16* b, int64_t ldb, int64_t k, int64_t n, int64_t lo, int64_t hi, int64_t ps, u32* out) {
   const int64_t kp = (k + 1) / 2;
-  const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
   for (int64_t p = 0; p < kp; ++p) {
-    const u16* r0 = b + 2 * p * ldb + n0;
+    const u16* r0 = b + 2 * p * ldb;
     const u16* r1 = 2 * p + 1 < k ? r0 + ldb : nullptr;
-    _mm512_storeu_si512(out + p * kNr, interleave16(r0, r1, m0));
-    _mm512_storeu_si512(out + p * kNr + 16, m1 ? interleave16(r0 + 16, r1 ? r1 + 16 : nullptr, m1) : _mm512_setzero_si512());
+    for (int64_t panel = lo; panel < hi; ++panel) {
+      const int64_t n0 = panel * kNr, nc = std::min<int64_t>(kNr, n - n0);
+      const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
+      u32* o = out + (panel - lo) * ps + p * kNr;
+      _mm512_storeu_si512(o, interleave16(r0 + n0, r1 ? r1 + n0 : nullptr, m0));
+      _mm512_storeu_si512(o + 16, m1 ? interleave16(r0 + n0 + 16, r1 ? r1 + n0 + 16 : nullptr, m1) : _mm512_setzero_si512());
+    }
   }
 }
 
@@ -204,7 +210,7 @@ inline void share(int64_t n, int tid, int nt, int64_t& lo, int64_t& hi) {
 // * b-shared: every panel of b packed once (the threads split the panels, alongside a's pairs),
 //   then the threads split the row tiles; each tile meets every panel.
 // * panel-outer: the threads split the column panels (and the rows, when there are fewer panels
-//   than threads); each packs its own panels and walks all tiles of a.
+//   than threads); each packs its own panels, then walks all tiles of a through each.
 // GEMMs under kSerialFlop run on the calling thread alone (a fork and join costs more there).
 constexpr double kSerialFlop = 2.0e6;
 
@@ -215,12 +221,13 @@ void run(Out* out, int64_t ldo, const u16* a, int64_t as0, int64_t as1, const u1
   const int64_t panels = (n + kNr - 1) / kNr, tiles = (m + kMr - 1) / kMr;
   // a read in place: row-major with even K and an even row stride (each pair one aligned-enough word)
   const bool a_direct = as1 == 1 && k % 2 == 0 && as0 % 2 == 0 && reinterpret_cast<uintptr_t>(a) % 4 == 0;
-  auto pack_panel = [&](int64_t panel, u32* dst) {
-    const int64_t n0 = panel * kNr, nc = std::min<int64_t>(kNr, n - n0);
-    if (bs1 == 1)
-      pack_b_rows(b, bs0, k, n0, nc, dst);
-    else
-      pack_b_cols(b, bs1, k, n0, nc, dst);
+  // packed panels lie ps words apart: past the kp * 32 words of a panel, 16 more, so that the
+  // panels' starts do not all fall in one L1 set
+  const int64_t ps = kp * kNr + 16;
+  auto pack_panels = [&](int64_t lo, int64_t hi, u32* dst) {  // panels lo .. hi into dst, ps apart
+    if (bs1 == 1) return pack_b_rows(b, bs0, k, n, lo, hi, ps, dst);
+    for (int64_t panel = lo; panel < hi; ++panel)
+      pack_b_cols(b, bs1, k, panel * kNr, std::min<int64_t>(kNr, n - panel * kNr), dst + (panel - lo) * ps);
   };
   // the packed rows' stride: a multiple of 16 words (whole vectors) that is not a power of two (a
   // tile's pairs at a power-of-two stride would all fall in one L1 set)
@@ -237,7 +244,7 @@ void run(Out* out, int64_t ldo, const u16* a, int64_t as0, int64_t as1, const u1
   };
   const int threads = at::in_parallel_region() || 2.0 * m * n * k < kSerialFlop ? 1 : at::get_num_threads();
   const bool b_shared = panels * kp * kNr <= tiles * kp * kMr && tiles >= threads;
-  u32* bp_all = b_shared ? scratch(1, panels * kp * kNr) : nullptr;  // the caller's scratch, read by every thread
+  u32* bp_all = b_shared ? scratch(1, panels * ps) : nullptr;  // the caller's scratch, read by every thread
   const int64_t row_splits = panels >= threads ? 1 : std::min<int64_t>(tiles, (threads + panels - 1) / panels);
 #pragma omp parallel num_threads(threads)
   {
@@ -249,7 +256,7 @@ void run(Out* out, int64_t ldo, const u16* a, int64_t as0, int64_t as1, const u1
     }
     if (b_shared) {
       share(panels, tid, nt, lo, hi);
-      for (int64_t panel = lo; panel < hi; ++panel) pack_panel(panel, bp_all + panel * kp * kNr);
+      pack_panels(lo, hi, bp_all + lo * ps);
     }
     if (nt > 1 && (apack != nullptr || b_shared)) {
 #pragma omp barrier
@@ -257,16 +264,18 @@ void run(Out* out, int64_t ldo, const u16* a, int64_t as0, int64_t as1, const u1
     if (b_shared) {
       share(tiles, tid, nt, lo, hi);
       for (int64_t t = lo; t < hi; ++t)
-        for (int64_t panel = 0; panel < panels; ++panel) tile(t, panel, bp_all + panel * kp * kNr);
+        for (int64_t panel = 0; panel < panels; ++panel) tile(t, panel, bp_all + panel * ps);
     } else {
-      u32* bp = scratch(2, kp * kNr);  // each thread's own
-      int64_t packed = -1;
       share(panels * row_splits, tid, nt, lo, hi);
-      for (int64_t w = lo; w < hi; ++w) {
-        const int64_t panel = w / row_splits, split = w % row_splits;
-        if (packed != panel) pack_panel(panel, bp), packed = panel;
-        const int64_t t_lo = tiles * split / row_splits, t_hi = tiles * (split + 1) / row_splits;
-        for (int64_t t = t_lo; t < t_hi; ++t) tile(t, panel, bp);
+      if (lo < hi) {  // this thread's panels, packed all at once into its own scratch
+        const int64_t p_lo = lo / row_splits, p_hi = (hi - 1) / row_splits + 1;
+        u32* bp = scratch(2, (p_hi - p_lo) * ps);
+        pack_panels(p_lo, p_hi, bp);
+        for (int64_t w = lo; w < hi; ++w) {
+          const int64_t panel = w / row_splits, split = w % row_splits;
+          const int64_t t_lo = tiles * split / row_splits, t_hi = tiles * (split + 1) / row_splits;
+          for (int64_t t = t_lo; t < t_hi; ++t) tile(t, panel, bp + (panel - p_lo) * ps);
+        }
       }
     }
   }
