@@ -199,8 +199,9 @@ def step_gemms(tr: Trainer) -> list:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
-    if hasattr(torch.ops, "harmodt_kernels") and hasattr(torch.ops.harmodt_kernels, "gemm"):
-        ops.add(torch.ops.harmodt_kernels.gemm.default)
+    for name in ("gemm", "gemm_epilogue"):  # the bf16 blocks' GEMMs carry their epilogues (gemm_epilogue)
+        if hasattr(torch.ops, "harmodt_kernels") and hasattr(torch.ops.harmodt_kernels, name):
+            ops.add(getattr(torch.ops.harmodt_kernels, name).default)
     seen = []
 
     class Capture(TorchDispatchMode):
@@ -221,7 +222,8 @@ def step_gemms(tr: Trainer) -> list:
 
 
 def _gemm_operands(func, args) -> tuple:
-    """(a, b) of a captured GEMM: mm(a, b), addmm(bias, a, b), harmodt_kernels.gemm(a, b, bias, engine)."""
+    """(a, b) of a captured GEMM: mm(a, b), addmm(bias, a, b), harmodt_kernels.gemm(a, b, bias, engine),
+    harmodt_kernels.gemm_epilogue(a, b, epilogue, ...)."""
     return (args[0], args[1]) if func is not torch.ops.aten.addmm.default else (args[1], args[2])
 
 
@@ -242,7 +244,9 @@ def test_step_gemm_floor(benchmark):
     """What the step targets leave for everything but the GEMMs: the exact GEMMs of one fp32 and
     one bf16 training step (shapes, strides, dtypes and order captured from a real step) replayed
     alone, interleaved round by round with whole steps of the same trainers. The remainder (step
-    minus its GEMMs) is attention, masking, optimizer, epilogues, layer norms and per-op cost."""
+    minus its GEMMs) is attention, masking, optimizer, epilogues, layer norms and per-op cost. (The
+    bf16 step's GEMMs on the AVX512-BF16 kernel carry the bias/ReLU, bias/dropout/residual and
+    gradient-masking epilogues inside them: those are replayed as part of the GEMMs.)"""
     trainers = {"fp32": make_trainer("harmodt-f", fused=True), "bf16": make_trainer("harmodt-f", fused=True, precision="bf16")}
     for tr in trainers.values():
         for _ in range(3):

@@ -96,7 +96,7 @@ def _has_ops() -> bool:
         ns = torch.ops.harmodt_kernels
         for name in ("apply_mask_", "apply_masks_", "apply_masks_sq_norms_", "dropout_apply", "pack_masks", "unpack_masks", "masked_linear_forward",
                      "masked_linear_backward", "masked_mlp_forward", "masked_qkv_attention_forward", "attention_forward", "attention_backward", "harmony_select",
-                     "bias_relu_", "bias_relu_backward", "bias_dropout_add", "dropout_bias_backward", "gemm", "onednn_gemm_available", "bf16_gemm_available", "linear",
+                     "bias_relu_", "bias_relu_backward", "bias_dropout_add", "dropout_bias_backward", "gemm", "gemm_epilogue", "onednn_gemm_available", "bf16_gemm_available", "linear",
                      "layer_norm_forward", "layer_norm_backward", "adamw_group_", "sum_squares", "fused_block",
                      "bias_relu_backward_", "bias_dropout_add_"):
             getattr(ns, name)
@@ -406,6 +406,50 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, eng
         raise KernelArgumentError("gemm: engine 'onednn' is not available in this PyTorch build (no at::native::mkldnn_matmul "
                                   "or no oneDNN); use engine='auto' or 'blas'")
     return _ops().gemm(a, b, bias, engine)
+
+
+GEMM_EPILOGUES = ("bias_relu", "bias_dropout_add", "masked_grad")
+
+
+def gemm_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: torch.Tensor | None = None,
+                  residual: torch.Tensor | None = None, mask: torch.Tensor | None = None, seed: int = 0, p: float = 0.0,
+                  engine: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A training block's GEMM and the pass after it, as one op (``kernels/csrc/gemm.cpp``):
+
+    * ``"bias_relu"``: ``relu(a @ b + bias)`` in ``a``'s dtype (the fc layer);
+    * ``"bias_dropout_add"``: ``residual + dropout(a @ b + bias)`` in fp32 (the keep mask of
+      :func:`dropout_apply` over the flat index of ``(M, N)``; proj and mlp_proj);
+    * ``"masked_grad"``: ``(a @ b) * mask`` in fp32 and its sum of squares (a weight gradient, Eq. 4;
+      ``mask`` packed by :func:`pack_masks`).
+
+    Returns ``(out, sum_of_squares)`` (the second only for ``"masked_grad"``: float64, 0-dim).
+    ``bias``: fp32 ``(N,)``; ``residual``: fp32 ``(M, N)``. bf16 operands on the AVX512-BF16 kernel
+    (``engine`` ``"auto"`` where available, or ``"native"``) apply the epilogue to each output
+    block in registers, from the unrounded fp32 sums; otherwise the GEMM (:func:`gemm`'s engine)
+    then the epilogue op, which for bf16 reads the GEMM's rounded output."""
+    _check_matmul_args("gemm_epilogue", "a", a, "b", b, 0, None)
+    if epilogue not in GEMM_EPILOGUES:
+        raise KernelArgumentError(f"gemm_epilogue: epilogue must be one of {GEMM_EPILOGUES}, got {epilogue!r}")
+    if engine not in GEMM_ENGINES:
+        raise KernelArgumentError(f"gemm_epilogue: engine must be one of {GEMM_ENGINES}, got {engine!r}")
+    m, n = a.shape[0], b.shape[1]
+    if epilogue != "masked_grad" and (bias is None or bias.shape != (n,) or bias.dtype != torch.float32):
+        got = None if bias is None else f"{tuple(bias.shape)} {bias.dtype}"
+        raise KernelArgumentError(f"gemm_epilogue: {epilogue!r} needs bias, float32 ({n},), got {got}")
+    if epilogue == "bias_dropout_add":
+        if residual is None or residual.shape != (m, n) or residual.dtype != torch.float32:
+            got = None if residual is None else f"{tuple(residual.shape)} {residual.dtype}"
+            raise KernelArgumentError(f"gemm_epilogue: 'bias_dropout_add' needs residual, float32 ({m}, {n}), got {got}")
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"gemm_epilogue: p must be in [0, 1), got {p}")
+    if epilogue == "masked_grad" and (mask is None or mask.shape != (m, (n + 31) // 32) or mask.dtype != torch.int32):
+        got = None if mask is None else f"{tuple(mask.shape)} {mask.dtype}"
+        raise KernelArgumentError(f"gemm_epilogue: 'masked_grad' needs mask, packed int32 ({m}, {(n + 31) // 32}), got {got}")
+    if engine == "native" and (a.dtype != torch.bfloat16 or not bf16_gemm_available()):
+        raise KernelArgumentError("gemm_epilogue: engine 'native' is the AVX512-BF16 kernel: it takes bf16 operands (got "
+                                  f"{a.dtype}) and needs AVX512-BF16 in this build and CPU (available: {bf16_gemm_available()})")
+    out, sq = _ops().gemm_epilogue(a, b, epilogue, bias, residual, mask, int(seed), float(p), engine)
+    return out, (sq if epilogue == "masked_grad" else None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -602,6 +602,91 @@ def test_native_bf16_gemm_is_exact_on_integer_operands(m, k, n, layout, with_bia
     assert torch.equal(cpu.gemm(a, b, bias), got)  # auto is the native kernel for bf16
 
 
+EPILOGUE_SHAPES = [(592, 256, 1024), (37, 64, 96), (5, 7, 33), (1, 16, 40), (0, 8, 32), (13, 0, 20)]
+
+
+def _epilogue_reference(a, b, epilogue, bias, residual, mask_bool, seed, p):
+    """float64 reference of gemm_epilogue from a product computed in float64."""
+    y = a.double() @ b.double()
+    if epilogue == "bias_relu":
+        return (y + bias.double()).clamp_min(0), None
+    if epilogue == "bias_dropout_add":
+        keep = cpu.dropout_apply(torch.ones(y.shape), seed, p).double()  # the keep mask, scaled by 1 / (1 - p)
+        return residual.double() + (y + bias.double()) * keep, None
+    out = y * mask_bool
+    return out, out.square().sum()
+
+
+@pytest.mark.parametrize("m,k,n", EPILOGUE_SHAPES)
+@pytest.mark.parametrize("epilogue", ["bias_relu", "bias_dropout_add", "masked_grad"])
+@pytest.mark.parametrize("dtype,engine", [(torch.float32, "auto"), (torch.bfloat16, "blas")]
+                         + ([(torch.bfloat16, "native")] if cpu.bf16_gemm_available() else []))
+@pytest.mark.parametrize("layout", ["plain", "a_t"])
+def test_gemm_epilogue_matches_float64(m, k, n, epilogue, dtype, engine, layout):
+    """Each epilogue on every engine against float64: fp32 and the native bf16 kernel (unrounded
+    sums) to fp32 accuracy, the bf16 GEMM-then-op path to its one bf16 rounding of the product."""
+    g = _gen(m + 3 * k + 7 * n)
+    a = torch.randn(m, k, generator=g).to(dtype)
+    if layout == "a_t":  # the weight gradient's dy^T
+        a = a.t().contiguous().t()
+    b = torch.randn(k, n, generator=g).to(dtype)
+    bias, residual = torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    mask_bool = torch.rand(m, n, generator=g) < 0.7
+    p = 0.25 if epilogue == "bias_dropout_add" else 0.0
+    out, sq = cpu.gemm_epilogue(a, b, epilogue, bias=bias, residual=residual, mask=cpu.pack_masks(mask_bool), seed=11, p=p,
+                                engine=engine)
+    want, want_sq = _epilogue_reference(a, b, epilogue, bias, residual, mask_bool, 11, p)
+    assert out.shape == (m, n) and out.dtype == (dtype if epilogue == "bias_relu" else torch.float32)
+    scale = max(k, 1) ** 0.5
+    if dtype == torch.float32 or engine == "native":
+        tol = dict(rtol=1.6e-2, atol=1e-2) if out.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5 * scale)
+    else:  # the product rounded to bf16 before the epilogue
+        tol = dict(rtol=1.6e-2, atol=1e-2 * scale)
+    torch.testing.assert_close(out.double(), want, **tol)
+    if epilogue == "masked_grad":
+        assert sq.dtype == torch.float64 and sq.dim() == 0
+        assert abs(sq.item() - want_sq.item()) <= 2e-2 * want_sq.item() + 1e-6
+        assert not out[~mask_bool].any()
+    else:
+        assert sq is None
+
+
+@pytest.mark.skipif(not cpu.bf16_gemm_available(), reason="no AVX512-BF16 in this build or CPU: the native bf16 GEMM is not built")
+def test_gemm_epilogue_native_keeps_the_dropout_mask_and_drops_masked_columns_exactly():
+    """Integer operands: every sum exact in fp32, so the fused epilogues must equal the float64
+    composition exactly (the bias-ReLU output after its one rounding), dropout's kept entries and
+    the mask's cleared entries included."""
+    g = _gen(21)
+    a = torch.randint(-3, 4, (50, 70), generator=g).to(torch.bfloat16)
+    b = torch.randint(-3, 4, (70, 100), generator=g).to(torch.bfloat16)
+    bias, residual = torch.randint(-8, 8, (100,), generator=g).float() * 0.5, torch.randint(-8, 8, (50, 100), generator=g).float()
+    mask_bool = torch.rand(50, 100, generator=g) < 0.5
+    for epilogue in ("bias_relu", "bias_dropout_add", "masked_grad"):
+        out, sq = cpu.gemm_epilogue(a, b, epilogue, bias, residual, cpu.pack_masks(mask_bool), seed=3, p=0.5, engine="native")
+        want, want_sq = _epilogue_reference(a, b, epilogue, bias, residual, mask_bool, 3, 0.5)
+        assert torch.equal(out, want.to(out.dtype)), epilogue
+        if sq is not None:
+            assert sq.item() == want_sq.item()
+
+
+def test_gemm_epilogue_errors_name_the_argument():
+    a, b = torch.zeros(3, 4), torch.zeros(4, 40)
+    with pytest.raises(KernelArgumentError, match="epilogue must be one of"):
+        cpu.gemm_epilogue(a, b, "gelu", bias=torch.zeros(40))
+    with pytest.raises(KernelArgumentError, match=r"'bias_relu' needs bias, float32 \(40,\), got \(39,\)"):
+        cpu.gemm_epilogue(a, b, "bias_relu", bias=torch.zeros(39))
+    with pytest.raises(KernelArgumentError, match=r"needs residual, float32 \(3, 40\), got None"):
+        cpu.gemm_epilogue(a, b, "bias_dropout_add", bias=torch.zeros(40))
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+        cpu.gemm_epilogue(a, b, "bias_dropout_add", bias=torch.zeros(40), residual=torch.zeros(3, 40), p=1.0)
+    with pytest.raises(KernelArgumentError, match=r"needs mask, packed int32 \(3, 2\)"):
+        cpu.gemm_epilogue(a, b, "masked_grad", mask=torch.zeros(3, 1, dtype=torch.int32))
+    with pytest.raises(KernelArgumentError, match="engine 'native' is the AVX512-BF16 kernel"):
+        cpu.gemm_epilogue(a, b, "bias_relu", bias=torch.zeros(40), engine="native")
+    with pytest.raises(ValueError, match="epilogue must be .bias_relu."):  # the raw op checks too
+        cpu._ops().gemm_epilogue(a, b, "gelu", None, None, None, 0, 0.0, "auto")
+
+
 def test_gemm_reads_strided_operands_and_auto_is_onednn_for_fp32():
     big = torch.randn(40, 70, generator=_gen(4))
     a, b = big[::2, :33], big[5:38, ::3]  # neither contiguous nor transposed: copied first

@@ -283,15 +283,23 @@ def test_fused_block_nodes_equal_the_unfused_blocks(method, dropout, monkeypatch
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_block_nodes_under_bf16_autocast_match_the_per_op_blocks(method, dropout, monkeypatch):
     """Under CPU bf16 autocast (``--precision bf16``) the block nodes run their GEMMs in bf16
-    themselves (W * M rounded once, fp32 residual stream, layer norms, biases and gradients): the
-    output and every gradient agree with the per-op blocks under autocast to bf16 rounding, the
-    gradients come back fp32, and with masks the nodes record the same clipping norms."""
+    themselves (W * M rounded once, fp32 residual stream, layer norms, biases and gradients; on the
+    AVX512-BF16 kernel the bias, ReLU, dropout, residual add and gradient masking inside the GEMMs,
+    unrounded). Against the same model in fp32, the gradients as a whole are no further off than
+    the per-op blocks' under autocast (which round each GEMM's output to bf16 first) and within 2 %;
+    each parameter's within 20 % (a ReLU unit near 0 may switch on one path and not the other: that
+    moves single gradients a lot, whichever path rounds where); the gradients come back fp32; with
+    masks the nodes record the per-op blocks' clipping norms to bf16 precision."""
     import harmodt.model as model_mod
 
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, context_len=6, prompt_len=3, dropout=dropout)
     torch.manual_seed(0)
     b = PromptDTBatcher(datasets(TASKS), TASKS, cfg.context_len, cfg.prompt_len, 100.0, seed=1)
     m = build_model(cfg, 2, method).train()
+    with torch.no_grad():  # biases start at zero: give them values, so a bias the GEMM epilogues drop shows
+        for name, prm in m.named_parameters():
+            if name.endswith("bias"):
+                prm.normal_(0.0, 0.1)
     batch = b.sample([1], 4)
     batch["mask"][0, :2] = False
     ctx = _erk_context(m, method, batch["task_ids"], fused=True) if method != "prompt-dt" else None
@@ -299,14 +307,20 @@ def test_fused_block_nodes_under_bf16_autocast_match_the_per_op_blocks(method, d
     monkeypatch.setattr(model_mod, "_fused_block", lambda *a, _f=model_mod._fused_block: applied.append(a[-1]) or _f(*a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (out_f, g_f, n_f, sq_f), (out_u, g_u, n_u, sq_u) = _runs_under(monkeypatch, m, batch, ctx, "_FUSED_BLOCK", (None, False), applied)
+    ((out_r, g_r, _, _),) = _runs_under(monkeypatch, m, batch, ctx, "_FUSED_BLOCK", (None,), applied)  # fp32
     assert (n_f, n_u) == (cfg.n_layer, 0)
     torch.testing.assert_close(out_f.float(), out_u.float(), rtol=2e-2, atol=2e-2)
-    for p, x, y in zip(m.parameters(), g_f, g_u):
-        assert (x is None) == (y is None)
+    assert (out_f.float() - out_r).abs().max() <= max(1.5 * (out_u.float() - out_r).abs().max().item(), 2e-2)
+    sq_fused = sq_per_op = sq_ref = 0.0
+    for p, x, y, r in zip(m.parameters(), g_f, g_u, g_r):
+        assert (x is None) == (y is None) == (r is None)
         if x is not None:
             assert x.dtype == p.dtype == torch.float32
-            scale = y.abs().max().item() + 1e-12
-            assert (x - y).abs().max().item() <= 0.03 * scale
+            ref = r.norm().item() + 1e-12
+            assert (x - r).norm().item() <= 0.2 * ref and (y - r).norm().item() <= 0.2 * ref
+            sq_fused, sq_per_op, sq_ref = sq_fused + (x - r).square().sum().item(), sq_per_op + (y - r).square().sum().item(), sq_ref + ref**2
+    err_fused, err_per_op = (sq_fused / sq_ref) ** 0.5, (sq_per_op / sq_ref) ** 0.5
+    assert err_fused <= min(1.5 * err_per_op + 0.005, 0.02), (err_fused, err_per_op)
     if method == "harmodt-f":
         got = [v for v in sq_f if v is not None]
         assert len(got) == 4 * cfg.n_layer and all(v > 0 for v in got)

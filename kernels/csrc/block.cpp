@@ -40,19 +40,24 @@
 #include <tuple>
 #include <vector>
 
+#include "common.h"
+
 namespace harmodt {
 namespace {
 
 using Opt = std::optional<at::Tensor>;
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const Opt& bias, const std::string& engine) {
   static const auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const Opt&, c10::string_view)>("harmodt_kernels::gemm");
   return op.call(a, b, bias, engine);
+}
+// A GEMM with the pass after it fused in (gemm.cpp's gemm_epilogue; the bf16 blocks use it).
+std::tuple<at::Tensor, at::Tensor> gemm_epilogue(const at::Tensor& a, const at::Tensor& b, const char* epilogue, const Opt& bias,
+                                                 const Opt& residual, const Opt& mask, int64_t seed, double p, const std::string& engine) {
+  static const auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, c10::string_view, const Opt&,
+                                                                   const Opt&, const Opt&, int64_t, double, c10::string_view)>(
+      "harmodt_kernels::gemm_epilogue");
+  return op.call(a, b, epilogue, bias, residual, mask, seed, p, engine);
 }
 // The attention adds the projection's bias to q/k/v itself (the GEMM writes qkv without it).
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv, const at::Tensor& key_valid,
@@ -191,10 +196,17 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
   const int64_t tq = att3.size(1);
   const at::Tensor att = att3.view({b * tq, c});
   const at::Tensor res = query.empty() ? x2 : query_rows(x, query).reshape({b * tq, c});  // the stream at the queries
-  const at::Tensor x1 = add_to_stream(gemm(att, we_proj.t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
+  // bf16 GEMMs take their bias, ReLU, dropout and residual add into the GEMM itself (gemm_epilogue)
+  const bool fuse = gd == at::kBFloat16;
+  const at::Tensor x1 = fuse ? std::get<0>(gemm_epilogue(att, we_proj.t(), "bias_dropout_add", b_proj, res.contiguous(), std::nullopt,
+                                                         d.seed_proj, d.p_proj, engine))
+                             : add_to_stream(gemm(att, we_proj.t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
   auto [h2, mean2, rstd2] = layer_norm_forward(x1, ln2_w, ln2_b, eps, gd);
-  const at::Tensor z = bias_relu_(gemm(h2, we_fc.t(), std::nullopt, engine), b_fc);  // (BTq, 4C)
-  const at::Tensor out = add_to_stream(gemm(z, we_mlp.t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
+  const at::Tensor z = fuse ? std::get<0>(gemm_epilogue(h2, we_fc.t(), "bias_relu", b_fc, std::nullopt, std::nullopt, 0, 0.0, engine))
+                            : bias_relu_(gemm(h2, we_fc.t(), std::nullopt, engine), b_fc);  // (BTq, 4C)
+  const at::Tensor out = fuse ? std::get<0>(gemm_epilogue(z, we_mlp.t(), "bias_dropout_add", b_mlp, x1, std::nullopt, d.seed_mlp,
+                                                          d.p_mlp, engine))
+                              : add_to_stream(gemm(z, we_mlp.t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
   if (saved != nullptr)
     *saved = {x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z, ln1_w, we_qkv, we_proj, ln2_w, we_fc, we_mlp,
               key_valid, query_pos, masks[0], masks[1], masks[2], masks[3], at::empty({0}, w_qkv.options()), b_qkv};
@@ -208,11 +220,20 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
 std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector<at::Tensor>& s, const Dropouts& d,
                                        const std::vector<int64_t>& query, const std::string& engine, const at::Tensor& sq_norms) {
   const at::ScalarType gd = s[kQkv].scalar_type(), wd = s[kWDtype].scalar_type();
-  auto weight_grad = [&](const at::Tensor& dw, int i) {
+  // dW = dy^T x for matrix i, masked (Eq. 4) with its sum of squares recorded; bf16 GEMMs mask it
+  // in their output blocks (gemm_epilogue), fp32 ones right after
+  auto weight_grad = [&](const at::Tensor& dy, const at::Tensor& x, int i) {
     const at::Tensor& m = s[kMQkv + i];
-    if (!m.defined()) return dw.to(wd);
+    if (!m.defined()) return gemm(dy.t(), x, std::nullopt, engine).to(wd);
     double sq = 0.0;
-    const at::Tensor out = mask_grad(dw, m, wd, &sq);
+    at::Tensor out;
+    if (gd == at::kBFloat16 && wd == at::kFloat) {
+      at::Tensor sq_t;
+      std::tie(out, sq_t) = gemm_epilogue(dy.t(), x, "masked_grad", std::nullopt, std::nullopt, m, 0, 0.0, engine);
+      sq = sq_t.item<double>();
+    } else {
+      out = mask_grad(gemm(dy.t(), x, std::nullopt, engine), m, wd, &sq);
+    }
     if (sq_norms.defined()) sq_norms.data_ptr<double>()[i] = sq;
     return out;
   };
@@ -223,20 +244,20 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
   auto [dy2, db_mlp] = dropout_bias_backward(g, d.seed_mlp, d.p_mlp, gd);
   const at::Tensor dz = gemm(dy2, s[kWMlp], std::nullopt, engine);  // (BTq, 4C)
   const at::Tensor db_fc = bias_relu_backward_(dz, s[kZ]);  // ReLU's gradient in place while dz is in cache (z then is for dW)
-  const at::Tensor dw_mlp = weight_grad(gemm(dy2.t(), s[kZ], std::nullopt, engine), 3);
+  const at::Tensor dw_mlp = weight_grad(dy2, s[kZ], 3);
   const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine);  // the layer norm reads it in gd
-  const at::Tensor dw_fc = weight_grad(gemm(dz.t(), s[kH2], std::nullopt, engine), 2);
+  const at::Tensor dw_fc = weight_grad(dz, s[kH2], 2);
   auto [dx1, dln2_w, dln2_b] = layer_norm_backward(dh2, s[kX1], s[kMean2], s[kRstd2], s[kLn2W], g);  // + g: the residual's
   // attention: x1 = x + drop(att W_proj^T + b_proj), att = attention(LN1(x) W_qkv^T + b_qkv)
   auto [dy1, db_proj] = dropout_bias_backward(dx1, d.seed_proj, d.p_proj, gd);
   const at::Tensor datt = gemm(dy1, s[kWProj], std::nullopt, engine);
-  const at::Tensor dw_proj = weight_grad(gemm(dy1.t(), s[kAtt], std::nullopt, engine), 1);
+  const at::Tensor dw_proj = weight_grad(dy1, s[kAtt], 1);
   const at::Tensor dqkv = attention_backward(datt.view({b, tq, c}), qkv, s[kKeyValid], s[kQueryPos], s[kLse], d.p_attn, d.seed_attn,
                                              s[kBQkv]).view({b * t, 3 * c});
   // first, while the attention's output is still in cache (fp32 sums)
   const at::Tensor db_qkv = gd == at::kFloat ? dqkv.sum(0) : column_sums(dqkv);
   const at::Tensor dh1 = gemm(dqkv, s[kWQkv], std::nullopt, engine);
-  const at::Tensor dw_qkv = weight_grad(gemm(dqkv.t(), s[kH1], std::nullopt, engine), 0);
+  const at::Tensor dw_qkv = weight_grad(dqkv, s[kH1], 0);
   auto [dx, dln1_w, dln1_b] =
       layer_norm_backward(dh1, s[kX2], s[kMean1], s[kRstd1], s[kLn1W], query.empty() ? Opt(dx1) : Opt());
   if (!query.empty())  // the residual stream's gradient goes back to the query tokens only

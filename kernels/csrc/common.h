@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
@@ -27,6 +28,13 @@ inline uint32_t last_word_mask(int64_t k) {
 
 inline int num_threads() { return at::get_num_threads(); }
 
+// The library's (or ATen's) op `name` through the dispatcher, so dispatch modes and profilers see the
+// call (bench/ replays the GEMMs it captures that way).
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
 // kernels/csrc/gemm.cpp: out = a b (+ bias on every row) for 2-D a (M, K), b (K, N) of one dtype
 // (contiguous or transposed views), out contiguous (M, N); fp32 through oneDNN's matmul when
 // available ("auto"), else at::mm / at::addmm ("blas").
@@ -38,6 +46,12 @@ bool onednn_gemm_available();
 bool bf16_gemm_available();
 // kernels/csrc/gemm_bf16.cpp: out (M, N) contiguous = a (M, K) b (K, N) (+ bias), all bf16.
 void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
+// A GEMM's output chain fused into it (gemm.cpp's gemm_epilogue op): relu(a b + bias) in a's dtype;
+// residual + dropout(a b + bias) in fp32; (a b) * mask in fp32 with its sum of squares (float64 0-dim).
+enum class GemmEpilogue { kBiasRelu, kBiasDropoutAdd, kMaskedGrad };
+std::tuple<at::Tensor, at::Tensor> bf16_gemm_epilogue(const at::Tensor& a, const at::Tensor& b, GemmEpilogue kind,
+                                                      const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& mask,
+                                                      int64_t seed, double p);
 
 // kernels/csrc/attention.cpp's forward (the op attention_forward), for fused callers.
 std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,

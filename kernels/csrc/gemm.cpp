@@ -99,6 +99,89 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const std::optional<at
   return out;
 }
 
+// gemm_epilogue(a, b, epilogue, bias, residual, mask, seed, p, engine) -> (out, sq): a GEMM and the
+// pass that follows it in a training block, as one op:
+//   "bias_relu"         out = relu(a b + bias)                        in a's dtype (fc)
+//   "bias_dropout_add"  out = residual + dropout(a b + bias, seed, p) in fp32 (proj, mlp_proj)
+//   "masked_grad"       out = (a b) * mask, sq = sum(out^2)           in fp32 (a weight gradient, Eq. 4)
+// (bias fp32 (N,), residual fp32 (M, N), mask packed int32 (M, ceil(N / 32)), sq float64 0-dim,
+// undefined for the other two). bf16 operands on the native kernel ("auto" where available, or
+// "native") fuse the epilogue into the GEMM's output blocks: nothing of (M, N) goes through memory
+// in between, and it is not rounded to bf16 first. Otherwise: the GEMM, then the epilogue ops
+// (bias_relu_, bias_dropout_add(_), apply_masks_sq_norms_) -- for fp32 exactly what the blocks ran
+// before this op existed.
+std::tuple<at::Tensor, at::Tensor> gemm_epilogue(const at::Tensor& a, const at::Tensor& b, c10::string_view epilogue,
+                                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                                 const std::optional<at::Tensor>& mask, int64_t seed, double p,
+                                                 c10::string_view engine_name) {
+  const GemmEngine engine = parse_engine(engine_name);
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "gemm_epilogue: a (M, K) and b (K, N) must be 2-D with one K, got ",
+                    a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16),
+                    "gemm_epilogue: a and b must both be float32 or both bfloat16, got ", a.scalar_type(), " and ", b.scalar_type());
+  const int64_t m = a.size(0), n = b.size(1);
+  GemmEpilogue kind;
+  if (epilogue == "bias_relu")
+    kind = GemmEpilogue::kBiasRelu;
+  else if (epilogue == "bias_dropout_add")
+    kind = GemmEpilogue::kBiasDropoutAdd;
+  else if (epilogue == "masked_grad")
+    kind = GemmEpilogue::kMaskedGrad;
+  else
+    TORCH_CHECK_VALUE(false, "gemm_epilogue: epilogue must be 'bias_relu', 'bias_dropout_add' or 'masked_grad', got '", std::string(epilogue), "'");
+  at::Tensor bias_t, res_t, mask_t;
+  if (kind != GemmEpilogue::kMaskedGrad) {
+    TORCH_CHECK_VALUE(bias.has_value() && bias->defined() && bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat,
+                      "gemm_epilogue: '", std::string(epilogue), "' needs bias, float32 (", n, ",)");
+    bias_t = *bias;
+  }
+  if (kind == GemmEpilogue::kBiasDropoutAdd) {
+    TORCH_CHECK_VALUE(residual.has_value() && residual->defined() && residual->sizes() == at::IntArrayRef({m, n}) &&
+                          residual->scalar_type() == at::kFloat,
+                      "gemm_epilogue: 'bias_dropout_add' needs residual, float32 (", m, ", ", n, ")");
+    TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "gemm_epilogue: p must be in [0, 1), got ", p);
+    res_t = *residual;
+  }
+  if (kind == GemmEpilogue::kMaskedGrad) {
+    TORCH_CHECK_VALUE(mask.has_value() && mask->defined() && mask->sizes() == at::IntArrayRef({m, (n + 31) / 32}) &&
+                          mask->scalar_type() == at::kInt,
+                      "gemm_epilogue: 'masked_grad' needs mask, packed int32 (", m, ", ", (n + 31) / 32, ")");
+    mask_t = *mask;
+  }
+  TORCH_CHECK_VALUE(engine != GemmEngine::kNative || (a.scalar_type() == at::kBFloat16 && bf16_gemm_available()),
+                    "gemm_epilogue: engine 'native' is the AVX512-BF16 kernel: it takes bf16 operands on a build and CPU with "
+                    "AVX512-BF16");
+  if (a.scalar_type() == at::kBFloat16 && (engine == GemmEngine::kNative || (engine == GemmEngine::kAuto && bf16_gemm_available())))
+    return bf16_gemm_epilogue(a, b, kind, bias_t, res_t, mask_t, seed, p);
+  // the GEMM, then its epilogue op
+  at::Tensor y = at::empty({m, n}, a.options());
+  gemm_out(y, a, b, at::Tensor(), engine == GemmEngine::kNative ? GemmEngine::kAuto : engine);
+  switch (kind) {
+    case GemmEpilogue::kBiasRelu: {
+      static const auto op = handle<at::Tensor(at::Tensor, const at::Tensor&)>("harmodt_kernels::bias_relu_");
+      return {op.call(y, bias_t), at::Tensor()};
+    }
+    case GemmEpilogue::kBiasDropoutAdd: {
+      if (y.scalar_type() == at::kFloat) {
+        static const auto op = handle<at::Tensor(at::Tensor, const at::Tensor&, const at::Tensor&, int64_t, double)>(
+            "harmodt_kernels::bias_dropout_add_");
+        return {op.call(y, bias_t, res_t, seed, p), at::Tensor()};
+      }
+      static const auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>(
+          "harmodt_kernels::bias_dropout_add");
+      return {op.call(y, bias_t, res_t, seed, p), at::Tensor()};
+    }
+    case GemmEpilogue::kMaskedGrad:
+    default: {
+      static const auto op =
+          handle<at::Tensor(at::TensorList, at::TensorList, at::TensorList)>("harmodt_kernels::apply_masks_sq_norms_");
+      const at::Tensor out = y.scalar_type() == at::kFloat ? y : at::empty({m, n}, a.options().dtype(at::kFloat));
+      const at::Tensor sq = op.call({out}, {y}, {mask_t});
+      return {out, sq.reshape({})};
+    }
+  }
+}
+
 namespace {
 
 // The GEMMs of linear go through the dispatcher as harmodt_kernels::gemm calls (below autograd), so
@@ -154,10 +237,13 @@ TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
   m.def("onednn_gemm_available() -> bool", &harmodt::onednn_gemm_available);
   m.def("bf16_gemm_available() -> bool", &harmodt::bf16_gemm_available);
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("gemm_epilogue(Tensor a, Tensor b, str epilogue, Tensor? bias, Tensor? residual, Tensor? mask, int seed, float p, str engine) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
   m.impl("gemm", &harmodt::gemm);
+  m.impl("gemm_epilogue", &harmodt::gemm_epilogue);
   m.impl("linear", &harmodt::linear_forward);
 }
 

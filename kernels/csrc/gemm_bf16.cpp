@@ -162,10 +162,102 @@ void pack_a(const u16* a, int64_t s_i, int64_t s_k, int64_t m, int64_t k, int64_
   }
 }
 
-// out[i0 + i][n0 .. n0 + nc) = sum_p a_pair(i, p) . bp[p] for i < MR. a_pair(i, p) = a[i * ars + p * aps].
-template <int MR, typename Out>
-void micro(int64_t kp, const u32* a, int64_t ars, int64_t aps, const u32* bp, const c10::BFloat16* bias, Out* out, int64_t ldo,
-           int64_t nc) {
+// ---- epilogues: what becomes of a finished kMr x 32 block of fp32 sums (rows i0.., columns n0..,
+// nc of them live), applied while it is still in registers ------------------------------------
+
+// out bf16 = sums (+ bf16 bias), rounded once: the plain GEMM.
+struct StoreBf16 {
+  c10::BFloat16* out;
+  int64_t ld;
+  const c10::BFloat16* bias;  // or null
+  template <int MR>
+  void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
+    const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
+    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+    if (bias != nullptr) b0 = load16(bias + n0, m0), b1 = load16(bias + n0 + 16, m1);
+    for (int i = 0; i < MR; ++i) {
+      c10::BFloat16* o = out + (i0 + i) * ld + n0;
+      store16(o, _mm512_add_ps(acc[i][0], b0), m0);
+      if (m1) store16(o + 16, _mm512_add_ps(acc[i][1], b1), m1);
+    }
+  }
+};
+
+// out bf16 = relu(sums + fp32 bias), rounded once (the fc layer).
+struct BiasReluBf16 {
+  c10::BFloat16* out;
+  int64_t ld;
+  const float* bias;
+  template <int MR>
+  void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
+    const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, bias + n0), b1 = _mm512_maskz_loadu_ps(m1, bias + n0 + 16), zero = _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) {
+      c10::BFloat16* o = out + (i0 + i) * ld + n0;
+      store16(o, _mm512_max_ps(_mm512_add_ps(acc[i][0], b0), zero), m0);
+      if (m1) store16(o + 16, _mm512_max_ps(_mm512_add_ps(acc[i][1], b1), zero), m1);
+    }
+  }
+};
+
+// out fp32 = res + dropout(sums + fp32 bias) with dropout.cpp's keep mask over the flat index
+// row * N + column (the residual stream after proj and mlp_proj).
+struct BiasDropoutAdd {
+  float* out;
+  const float* res;
+  int64_t ld;
+  const float* bias;
+  uint64_t seed;
+  uint32_t threshold;  // round(p * 65536), <= 0xFFFF
+  float scale;         // 1 / (1 - p)
+  template <int MR>
+  void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
+    const __mmask16 m[2] = {tail_mask(nc), tail_mask(std::max<int64_t>(nc - 16, 0))};
+    const __m512 thr_scale = _mm512_set1_ps(scale);
+    const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
+    for (int h = 0; h < 2; ++h) {
+      if (!m[h]) continue;
+      const __m512 b = _mm512_maskz_loadu_ps(m[h], bias + n0 + 16 * h);
+      for (int i = 0; i < MR; ++i) {
+        const int64_t at = (i0 + i) * ld + n0 + 16 * h;
+        const __mmask16 keep = threshold == 0 ? m[h] : static_cast<__mmask16>(keep16(seed, at, thr) & m[h]);
+        const __m512 v = _mm512_maskz_mul_ps(keep, _mm512_add_ps(acc[i][h], b), thr_scale);
+        _mm512_mask_storeu_ps(out + at, m[h], _mm512_add_ps(_mm512_maskz_loadu_ps(m[h], res + at), v));
+      }
+    }
+  }
+};
+
+// out fp32 = sums where the packed mask's bit is set, else 0 (a weight gradient masked, Eq. 4); the
+// kept values' squares summed per thread (in fp32 per block, fp64 across blocks).
+struct MaskedGrad {
+  float* out;
+  int64_t ld;
+  const u32* words;  // (M, ceil(N / 32)): one word per row per 32-column panel
+  int64_t wpr;
+  double* sq;  // per thread
+  template <int MR>
+  void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
+    const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) {
+      const u32 w = words[(i0 + i) * wpr + n0 / kNr];
+      const __m512 v0 = _mm512_maskz_mov_ps(static_cast<__mmask16>(w) & m0, acc[i][0]);
+      const __m512 v1 = _mm512_maskz_mov_ps(static_cast<__mmask16>(w >> 16) & m1, acc[i][1]);
+      float* o = out + (i0 + i) * ld + n0;
+      _mm512_mask_storeu_ps(o, m0, v0);
+      if (m1) _mm512_mask_storeu_ps(o + 16, m1, v1);
+      sum = _mm512_fmadd_ps(v0, v0, _mm512_fmadd_ps(v1, v1, sum));
+    }
+    sq[tid] += static_cast<double>(_mm512_reduce_add_ps(sum));
+  }
+};
+
+// Block (i0, n0) of the output: sum_p a_pair(i, p) . bp[p] for i < MR, a_pair(i, p) = a[i * ars + p * aps],
+// handed to the epilogue.
+template <int MR, typename Epi>
+void micro(int64_t kp, const u32* a, int64_t ars, int64_t aps, const u32* bp, const Epi& epi, int64_t i0, int64_t n0, int64_t nc,
+           int tid) {
   __m512 acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < kp; ++p) {
@@ -178,23 +270,15 @@ void micro(int64_t kp, const u32* a, int64_t ars, int64_t aps, const u32* bp, co
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], x, b1);
     }
   }
-  const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
-  if (bias != nullptr) {  // added in fp32 before the one rounding, as addmm does
-    const __m512 b0 = load16(bias, m0), b1 = load16(bias + 16, m1);
-    for (int i = 0; i < MR; ++i) acc[i][0] = _mm512_add_ps(acc[i][0], b0), acc[i][1] = _mm512_add_ps(acc[i][1], b1);
-  }
-  for (int i = 0; i < MR; ++i) {
-    store16(out + i * ldo, acc[i][0], m0);
-    if (m1) store16(out + i * ldo + 16, acc[i][1], m1);
-  }
+  epi(acc, i0, n0, nc, tid);
 }
 
-template <typename Out, int MR = kMr>
-void micro_rows(int64_t mr, int64_t kp, const u32* a, int64_t ars, int64_t aps, const u32* bp, const c10::BFloat16* bias, Out* out,
-                int64_t ldo, int64_t nc) {
+template <typename Epi, int MR = kMr>
+void micro_rows(int64_t mr, int64_t kp, const u32* a, int64_t ars, int64_t aps, const u32* bp, const Epi& epi, int64_t i0,
+                int64_t n0, int64_t nc, int tid) {
   if constexpr (MR > 0) {
-    if (mr == MR) return micro<MR, Out>(kp, a, ars, aps, bp, bias, out, ldo, nc);
-    return micro_rows<Out, MR - 1>(mr, kp, a, ars, aps, bp, bias, out, ldo, nc);
+    if (mr == MR) return micro<MR, Epi>(kp, a, ars, aps, bp, epi, i0, n0, nc, tid);
+    return micro_rows<Epi, MR - 1>(mr, kp, a, ars, aps, bp, epi, i0, n0, nc, tid);
   }
 }
 
@@ -214,9 +298,9 @@ inline void share(int64_t n, int tid, int nt, int64_t& lo, int64_t& hi) {
 // GEMMs under kSerialFlop run on the calling thread alone (a fork and join costs more there).
 constexpr double kSerialFlop = 2.0e6;
 
-template <typename Out>
-void run(Out* out, int64_t ldo, const u16* a, int64_t as0, int64_t as1, const u16* b, int64_t bs0, int64_t bs1,
-         const c10::BFloat16* bias, int64_t m, int64_t k, int64_t n) {
+template <typename Epi>
+void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const u16* b, int64_t bs0, int64_t bs1, int64_t m, int64_t k,
+         int64_t n, int threads) {
   const int64_t kp = (k + 1) / 2;
   const int64_t panels = (n + kNr - 1) / kNr, tiles = (m + kMr - 1) / kMr;
   // a read in place: row-major with even K and an even row stride (each pair one aligned-enough word)
@@ -233,16 +317,13 @@ void run(Out* out, int64_t ldo, const u16* a, int64_t as0, int64_t as1, const u1
   // tile's pairs at a power-of-two stride would all fall in one L1 set)
   const int64_t ld_pack = (m + 15) / 16 * 16 + 16;
   u32* apack = a_direct ? nullptr : scratch(0, kp * ld_pack);  // the caller's scratch, read by every thread
-  auto tile = [&](int64_t t, int64_t panel, const u32* bp) {
+  auto tile = [&](int64_t t, int64_t panel, const u32* bp, int tid) {
     const int64_t i0 = t * kMr, mr = std::min<int64_t>(kMr, m - i0), n0 = panel * kNr, nc = std::min<int64_t>(kNr, n - n0);
-    Out* o = out + i0 * ldo + n0;
-    const c10::BFloat16* bb = bias == nullptr ? nullptr : bias + n0;
     if (apack == nullptr)
-      micro_rows<Out>(mr, kp, reinterpret_cast<const u32*>(a + i0 * as0), as0 / 2, 1, bp, bb, o, ldo, nc);
+      micro_rows<Epi>(mr, kp, reinterpret_cast<const u32*>(a + i0 * as0), as0 / 2, 1, bp, epi, i0, n0, nc, tid);
     else
-      micro_rows<Out>(mr, kp, apack + i0, 1, ld_pack, bp, bb, o, ldo, nc);
+      micro_rows<Epi>(mr, kp, apack + i0, 1, ld_pack, bp, epi, i0, n0, nc, tid);
   };
-  const int threads = at::in_parallel_region() || 2.0 * m * n * k < kSerialFlop ? 1 : at::get_num_threads();
   const bool b_shared = panels * kp * kNr <= tiles * kp * kMr && tiles >= threads;
   u32* bp_all = b_shared ? scratch(1, panels * ps) : nullptr;  // the caller's scratch, read by every thread
   const int64_t row_splits = panels >= threads ? 1 : std::min<int64_t>(tiles, (threads + panels - 1) / panels);
@@ -264,7 +345,7 @@ void run(Out* out, int64_t ldo, const u16* a, int64_t as0, int64_t as1, const u1
     if (b_shared) {
       share(tiles, tid, nt, lo, hi);
       for (int64_t t = lo; t < hi; ++t)
-        for (int64_t panel = 0; panel < panels; ++panel) tile(t, panel, bp_all + panel * ps);
+        for (int64_t panel = 0; panel < panels; ++panel) tile(t, panel, bp_all + panel * ps, tid);
     } else {
       share(panels * row_splits, tid, nt, lo, hi);
       if (lo < hi) {  // this thread's panels, packed all at once into its own scratch
@@ -274,12 +355,36 @@ void run(Out* out, int64_t ldo, const u16* a, int64_t as0, int64_t as1, const u1
         for (int64_t w = lo; w < hi; ++w) {
           const int64_t panel = w / row_splits, split = w % row_splits;
           const int64_t t_lo = tiles * split / row_splits, t_hi = tiles * (split + 1) / row_splits;
-          for (int64_t t = t_lo; t < t_hi; ++t) tile(t, panel, bp + (panel - p_lo) * ps);
+          for (int64_t t = t_lo; t < t_hi; ++t) tile(t, panel, bp + (panel - p_lo) * ps, tid);
         }
       }
     }
   }
 }
+
+// a and b as the kernel reads them: each with a unit stride (else copied), strides normalized for
+// one-row / one-column views; the threads to use.
+struct Operands {
+  at::Tensor a, b;
+  const u16 *ap, *bp;
+  int64_t as0, as1, bs0, bs1, m, k, n;
+  int threads;
+  Operands(const at::Tensor& a_in, const at::Tensor& b_in)
+      : a(a_in.stride(0) == 1 || a_in.stride(1) == 1 ? a_in : a_in.contiguous()),
+        b(b_in.stride(0) == 1 || b_in.stride(1) == 1 ? b_in : b_in.contiguous()) {
+    ap = reinterpret_cast<const u16*>(a.data_ptr());
+    bp = reinterpret_cast<const u16*>(b.data_ptr());
+    m = a.size(0), k = a.size(1), n = b.size(1);
+    as0 = a.stride(0), as1 = a.stride(1), bs0 = b.stride(0), bs1 = b.stride(1);
+    if (as1 != 1 && m == 1) as1 = 1;  // one row: row-major
+    if (bs1 != 1 && k == 1) bs1 = 1, bs0 = n;
+    threads = at::in_parallel_region() || 2.0 * m * n * k < kSerialFlop ? 1 : at::get_num_threads();
+  }
+  template <typename Epi>
+  void run(const Epi& epi) const {
+    harmodt::run(epi, ap, as0, as1, bp, bs0, bs1, m, k, n, threads);
+  }
+};
 
 }  // namespace
 #endif
@@ -290,6 +395,7 @@ void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
   TORCH_CHECK(bf16_gemm_available(), "gemm: the native bf16 GEMM needs AVX512-BF16 (this build or CPU lacks it)");
   TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16, "bf16_gemm_out: a and b must be bf16");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kBFloat16, "bf16_gemm_out: out must be contiguous bf16");
+  TORCH_CHECK(!bias.defined() || (bias.scalar_type() == at::kBFloat16 && bias.numel() == b.size(1)), "bf16_gemm_out: bias must be bf16 (N,)");
 #if defined(HARMODT_BF16_GEMM)
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   if (m == 0 || n == 0) return;
@@ -300,19 +406,49 @@ void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
       out.zero_();
     return;
   }
-  TORCH_CHECK(!bias.defined() || (bias.scalar_type() == at::kBFloat16 && bias.numel() == n), "bf16_gemm_out: bias must be bf16 (N,)");
   const at::Tensor bias_ = bias.defined() ? bias.contiguous() : bias;
-  const auto* biasp = bias.defined() ? bias_.data_ptr<c10::BFloat16>() : nullptr;
-  const at::Tensor a_ = a.stride(0) == 1 || a.stride(1) == 1 ? a : a.contiguous();
-  const at::Tensor b_ = b.stride(0) == 1 || b.stride(1) == 1 ? b : b.contiguous();
-  const auto* ap = reinterpret_cast<const u16*>(a_.data_ptr());
-  const auto* bp = reinterpret_cast<const u16*>(b_.data_ptr());
-  // a unit stride along rows (as1 == 1) or along K (as0 == 1); m == 1 or k == 1 views can have both
-  int64_t as0 = a_.stride(0), as1 = a_.stride(1), bs0 = b_.stride(0), bs1 = b_.stride(1);
-  if (as1 != 1 && m == 1) as1 = 1;  // one row: treat as row-major
-  if (bs1 != 1 && k == 1) bs1 = 1, bs0 = n;
-  run<c10::BFloat16>(out.data_ptr<c10::BFloat16>(), n, ap, as0, as1, bp, bs0, bs1, biasp, m, k, n);
+  Operands(a, b).run(StoreBf16{out.data_ptr<c10::BFloat16>(), n, bias.defined() ? bias_.data_ptr<c10::BFloat16>() : nullptr});
 #endif
+}
+
+// The GEMM with its epilogue fused (gemm.cpp's gemm_epilogue op checks the arguments): a (M, K), b
+// (K, N) bf16; bias fp32 (N,); residual fp32 contiguous (M, N); mask int32 (M, ceil(N / 32)).
+std::tuple<at::Tensor, at::Tensor> bf16_gemm_epilogue(const at::Tensor& a, const at::Tensor& b, GemmEpilogue kind,
+                                                      const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& mask,
+                                                      int64_t seed, double p) {
+  TORCH_CHECK(bf16_gemm_available(), "gemm_epilogue: the native bf16 GEMM needs AVX512-BF16 (this build or CPU lacks it)");
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  at::Tensor out = at::empty({m, n}, a.options().dtype(kind == GemmEpilogue::kBiasRelu ? at::kBFloat16 : at::kFloat));
+  at::Tensor sq = kind == GemmEpilogue::kMaskedGrad ? at::zeros({}, a.options().dtype(at::kDouble)) : at::Tensor();
+  if (m == 0 || n == 0) return {out, sq};
+#if defined(HARMODT_BF16_GEMM)
+  const Operands ops(a, b);
+  const at::Tensor bias_ = bias.defined() ? bias.contiguous() : bias;
+  const at::Tensor res_ = residual.defined() ? residual.contiguous() : residual;
+  if (k == 0) {  // sums of nothing: 0 (through the same epilogue below, from a one-column zero product)
+    const at::Tensor z = at::zeros({m, 1}, a.options()), zb = at::zeros({1, n}, a.options());
+    return bf16_gemm_epilogue(z, zb, kind, bias, residual, mask, seed, p);
+  }
+  switch (kind) {
+    case GemmEpilogue::kBiasRelu:
+      ops.run(BiasReluBf16{out.data_ptr<c10::BFloat16>(), n, bias_.data_ptr<float>()});
+      break;
+    case GemmEpilogue::kBiasDropoutAdd:
+      ops.run(BiasDropoutAdd{out.data_ptr<float>(), res_.data_ptr<float>(), n, bias_.data_ptr<float>(), static_cast<uint64_t>(seed),
+                             static_cast<uint32_t>(std::llround(p * 65536.0)), static_cast<float>(1.0 / (1.0 - p))});
+      break;
+    case GemmEpilogue::kMaskedGrad: {
+      std::vector<double> part(static_cast<size_t>(std::max(ops.threads, 1)), 0.0);
+      const at::Tensor words = mask.contiguous();
+      ops.run(MaskedGrad{out.data_ptr<float>(), n, reinterpret_cast<const u32*>(words.data_ptr<int32_t>()), words.size(1), part.data()});
+      double total = 0.0;
+      for (double v : part) total += v;
+      sq.fill_(total);
+      break;
+    }
+  }
+#endif
+  return {out, sq};
 }
 
 }  // namespace harmodt
