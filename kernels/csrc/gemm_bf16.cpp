@@ -294,9 +294,11 @@ inline void share(int64_t n, int tid, int nt, int64_t& lo, int64_t& hi) {
 // * b-shared: every panel of b packed once (the threads split the panels, alongside a's pairs),
 //   then the threads split the row tiles; each tile meets every panel.
 // * panel-outer: the threads split the column panels (and the rows, when there are fewer panels
-//   than threads); each packs its own panels, then walks all tiles of a through each.
+//   than threads); each packs its own panels, then walks all tiles of a through groups of them.
 // GEMMs under kSerialFlop run on the calling thread alone (a fork and join costs more there).
 constexpr double kSerialFlop = 2.0e6;
+// Packed panels a thread walks together in the panel-outer order: about a third of a Zen 4 core's L2.
+constexpr int64_t kGroupBytes = 384 * 1024;
 
 template <typename Epi>
 void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const u16* b, int64_t bs0, int64_t bs1, int64_t m, int64_t k,
@@ -352,10 +354,21 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const u16* b, i
         const int64_t p_lo = lo / row_splits, p_hi = (hi - 1) / row_splits + 1;
         u32* bp = scratch(2, (p_hi - p_lo) * ps);
         pack_panels(p_lo, p_hi, bp);
-        for (int64_t w = lo; w < hi; ++w) {
-          const int64_t panel = w / row_splits, split = w % row_splits;
-          const int64_t t_lo = tiles * split / row_splits, t_hi = tiles * (split + 1) / row_splits;
-          for (int64_t t = t_lo; t < t_hi; ++t) tile(t, panel, bp + (panel - p_lo) * ps, tid);
+        if (row_splits == 1) {
+          // groups of panels that stay in L2 together, each group row tile by row tile: a tile's
+          // rows are written group-wide and read once per group (a walk down one panel at a time
+          // writes the output in 64-byte strips at the row stride, which N = 1024 makes 2 KB: a
+          // few L1 sets for the whole strip)
+          const int64_t group = std::max<int64_t>(1, kGroupBytes / (ps * 4));
+          for (int64_t g0 = p_lo; g0 < p_hi; g0 += group)
+            for (int64_t t = 0; t < tiles; ++t)
+              for (int64_t panel = g0; panel < std::min(g0 + group, p_hi); ++panel) tile(t, panel, bp + (panel - p_lo) * ps, tid);
+        } else {
+          for (int64_t w = lo; w < hi; ++w) {
+            const int64_t panel = w / row_splits, split = w % row_splits;
+            const int64_t t_lo = tiles * split / row_splits, t_hi = tiles * (split + 1) / row_splits;
+            for (int64_t t = t_lo; t < t_hi; ++t) tile(t, panel, bp + (panel - p_lo) * ps, tid);
+          }
         }
       }
     }
