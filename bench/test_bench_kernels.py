@@ -223,39 +223,52 @@ def test_bench_train_forward_backward(benchmark, kernel_results, layer):
     record(benchmark, kernel_results, f"train fwd+bwd {layer} {k}->{n} (600 rows, 1 task)", ms, mem, "faster than reference")
 
 
-def test_bench_gemm_engines(benchmark):
-    """The model's fp32 GEMMs at one training batch (592 rows: 8 x 74 tokens), each layer's
-    forward (x W^T), dx (dy W) and dW (dy^T x), on oneDNN's matmul against MKL's sgemm
-    (``kernels.cpu.gemm`` engines ``onednn`` and ``blas``), interleaved."""
-    if not cpu.onednn_gemm_available():
-        pytest.skip("this PyTorch build has no oneDNN matmul entry point (at::native::mkldnn_matmul)")
+def _gemm_engine_benchmark(benchmark, dtype: torch.dtype, engines: dict) -> None:
+    """The model's block GEMMs at one training batch (592 rows: 8 x 74 tokens), each layer's
+    forward (x W^T), dx (dy W) and dW (dy^T x) in ``dtype``, on two ``kernels.cpu.gemm`` engines
+    (``engines``: {engine: label}, the default first), interleaved."""
     m = 592
     cases = {}
     for layer, (k, n) in LAYERS.items():
         g = torch.Generator().manual_seed(k + n)
-        x, w, dy = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(m, n, generator=g)
+        x, w, dy = (torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype),
+                    torch.randn(m, n, generator=g).to(dtype))
         cases.update({f"{layer} fwd": (x, w.t()), f"{layer} dx": (dy, w), f"{layer} dW": (dy.t(), x)})
-    total = {"onednn": 0.0, "blas": 0.0}
+    (first, first_label), (second, second_label) = engines.items()
+    total = {e: 0.0 for e in engines}
     flop = 0.0
     for name, (a, b) in cases.items():
         reps = 10
-        ms = interleaved({e: (lambda e=e: [cpu.gemm(a, b, engine=e) for _ in range(reps)]) for e in ("onednn", "blas")},
-                         rounds=ROUNDS * 2)
+        ms = interleaved({e: (lambda e=e: [cpu.gemm(a, b, engine=e) for _ in range(reps)]) for e in engines}, rounds=ROUNDS * 2)
         ms = {e: v / reps for e, v in ms.items()}
         gf = 2 * a.shape[0] * a.shape[1] * b.shape[1] / 1e9
         flop += gf
         for e in total:
             total[e] += ms[e] * 6  # six layers
-        benchmark.extra_info[name] = {"onednn_ms": round(ms["onednn"], 3), "blas_ms": round(ms["blas"], 3),
-                                      "onednn_gflops": round(gf / ms["onednn"] * 1e3, 1), "blas_gflops": round(gf / ms["blas"] * 1e3, 1)}
-        print(f"{name:>16}: oneDNN {ms['onednn']:.3f} ms ({gf / ms['onednn'] * 1e3:.0f} GFLOP/s), "
-              f"MKL {ms['blas']:.3f} ms ({gf / ms['blas'] * 1e3:.0f} GFLOP/s)")
-    benchmark.extra_info.update({"six_layers_onednn_ms": round(total["onednn"], 2), "six_layers_blas_ms": round(total["blas"], 2),
-                                 "speedup": round(total["blas"] / total["onednn"], 3)})
-    print(f"all block GEMMs of a step at full rows (6 layers, {6 * flop:.1f} GFLOP): oneDNN {total['onednn']:.1f} ms, "
-          f"MKL {total['blas']:.1f} ms ({total['blas'] / total['onednn']:.2f}x)")
+        benchmark.extra_info[name] = {**{f"{e}_ms": round(v, 3) for e, v in ms.items()},
+                                      **{f"{e}_gflops": round(gf / v * 1e3, 1) for e, v in ms.items()}}
+        print(f"{name:>16}: " + ", ".join(f"{engines[e]} {v:.3f} ms ({gf / v * 1e3:.0f} GFLOP/s)" for e, v in ms.items()))
+    benchmark.extra_info.update({f"six_layers_{e}_ms": round(v, 2) for e, v in total.items()})
+    benchmark.extra_info["speedup"] = round(total[second] / total[first], 3)
+    print(f"all block GEMMs of a step at full rows (6 layers, {6 * flop:.1f} GFLOP, {dtype}): {first_label} {total[first]:.1f} ms, "
+          f"{second_label} {total[second]:.1f} ms ({total[second] / total[first]:.2f}x)")
     a, b = cases["fc fwd"]
     benchmark.pedantic(lambda: cpu.gemm(a, b), rounds=ROUNDS * 4, iterations=1, warmup_rounds=1)
+
+
+def test_bench_gemm_engines(benchmark):
+    """fp32: oneDNN's matmul (the default) against MKL's sgemm (``engine`` ``onednn``, ``blas``)."""
+    if not cpu.onednn_gemm_available():
+        pytest.skip("this PyTorch build has no oneDNN matmul entry point (at::native::mkldnn_matmul)")
+    _gemm_engine_benchmark(benchmark, torch.float32, {"onednn": "oneDNN", "blas": "MKL"})
+
+
+def test_bench_bf16_gemm_engines(benchmark):
+    """bf16: this library's AVX512-BF16 kernel (the default) against ``torch.mm``, which runs
+    oneDNN's bf16 GEMM (``engine`` ``native``, ``blas``)."""
+    if not cpu.bf16_gemm_available():
+        pytest.skip("no AVX512-BF16 in this build or CPU: the native bf16 GEMM is not built")
+    _gemm_engine_benchmark(benchmark, torch.bfloat16, {"native": "AVX512-BF16 kernel", "blas": "oneDNN (torch.mm)"})
 
 
 def test_bench_harmony_select(benchmark, kernel_results):

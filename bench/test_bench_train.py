@@ -8,7 +8,8 @@ machine noise hits them alike, and records every median and ratio in ``extra_inf
   overhead, target < 5 %;
 * fp32 step (target <= 120 ms) and ``--precision bf16`` step (target <= 60 ms);
 * ``--fused`` (kernels.masked_linear, auto backend) vs the reference path (ratio target >= 1.0);
-* the block GEMMs on oneDNN (the default) vs on MKL;
+* the block GEMMs on oneDNN (the default) vs on MKL; the bf16 step's GEMMs on the AVX512-BF16
+  kernel with fused epilogues (the default) vs oneDNN's;
 * each block as one autograd node (the default) vs the per-op blocks;
 * the masking of W and dW inside those nodes (the default) vs separate passes over all matrices;
 * end to end: ``python -m harmodt.train`` steps per second with and without ``--fused``;
@@ -155,17 +156,17 @@ class _WithModelSetting:
             setattr(model_module, self.name, old)
 
 
-def _switch_benchmark(benchmark, default: str, other: str, setting: str, value, what: str) -> None:
-    """The fp32 HarmoDT-F ``--fused`` step as shipped (``default``) against the same step with one
+def _switch_benchmark(benchmark, default: str, other: str, setting: str, value, what: str, precision: str = "fp32") -> None:
+    """The HarmoDT-F ``--fused`` step as shipped (``default``) against the same step with one
     ``harmodt.model`` switch set (``other``), interleaved; records the speed-up of the default."""
-    res = interleaved({default: make_trainer("harmodt-f", fused=True),
-                       other: _WithModelSetting(make_trainer("harmodt-f", fused=True), setting, value)},
+    res = interleaved({default: make_trainer("harmodt-f", fused=True, precision=precision),
+                       other: _WithModelSetting(make_trainer("harmodt-f", fused=True, precision=precision), setting, value)},
                       rounds=max(ROUNDS, 7))
     record(benchmark, res)
     speedup = paired_ratio(res, other, default)
     benchmark.extra_info[f"speedup_{default}_over_{other}"] = round(speedup, 3)
     print(f"{what} (median of per-round ratios): {speedup:.3f}x")
-    tr = make_trainer("harmodt-f", fused=True)
+    tr = make_trainer("harmodt-f", fused=True, precision=precision)
     benchmark.pedantic(lambda: tr.train_step(tr.sample_tasks()), rounds=10, warmup_rounds=2)
 
 
@@ -173,6 +174,19 @@ def test_step_gemm_engine(benchmark):
     """The step with its block GEMMs (forward, dx, dW) on oneDNN's matmul (the default) against
     the same step on MKL's sgemm (which picks its AVX2 kernels on AMD CPUs)."""
     _switch_benchmark(benchmark, "onednn", "mkl", "_GEMM_ENGINE", "blas", "step with oneDNN GEMMs vs MKL GEMMs")
+
+
+def test_step_bf16_gemm_engine(benchmark):
+    """The ``--precision bf16`` step with its block GEMMs on this library's AVX512-BF16 kernel and
+    their epilogues (bias, ReLU, dropout, residual add, gradient masking) inside them (the default
+    where the CPU has AVX512-BF16) against the same step on oneDNN's bf16 GEMMs (``torch.mm``)
+    with the epilogues as separate passes."""
+    from kernels import cpu
+
+    if not cpu.bf16_gemm_available():
+        pytest.skip("no AVX512-BF16 in this build or CPU: the bf16 step already runs on oneDNN")
+    _switch_benchmark(benchmark, "native", "onednn", "_GEMM_ENGINE", "blas",
+                      "bf16 step with the AVX512-BF16 GEMMs and fused epilogues vs oneDNN GEMMs", precision="bf16")
 
 
 def test_step_fused_blocks(benchmark):
