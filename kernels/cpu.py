@@ -408,7 +408,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, eng
     return _ops().gemm(a, b, bias, engine)
 
 
-GEMM_EPILOGUES = ("bias_relu", "bias_dropout_add", "masked_grad")
+GEMM_EPILOGUES = ("bias_relu", "bias_dropout_add", "masked_grad", "relu_grad")
 
 
 def gemm_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: torch.Tensor | None = None,
@@ -420,9 +420,13 @@ def gemm_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: torch.T
     * ``"bias_dropout_add"``: ``residual + dropout(a @ b + bias)`` in fp32 (the keep mask of
       :func:`dropout_apply` over the flat index of ``(M, N)``; proj and mlp_proj);
     * ``"masked_grad"``: ``(a @ b) * mask`` in fp32 and its sum of squares (a weight gradient, Eq. 4;
-      ``mask`` packed by :func:`pack_masks`).
+      ``mask`` packed by :func:`pack_masks`);
+    * ``"relu_grad"``: ``(a @ b) * (z > 0)`` in ``a``'s dtype and its column sums in fp32 (ReLU's
+      backward with the fc bias gradient; ``z``, the ReLU's output in ``a``'s dtype, passed as
+      ``residual``).
 
-    Returns ``(out, sum_of_squares)`` (the second only for ``"masked_grad"``: float64, 0-dim).
+    Returns ``(out, extra)``: the sum of squares (float64, 0-dim) for ``"masked_grad"``, the column
+    sums (fp32 ``(N,)``) for ``"relu_grad"``, else None.
     ``bias``: fp32 ``(N,)``; ``residual``: fp32 ``(M, N)``. bf16 operands on the AVX512-BF16 kernel
     (``engine`` ``"auto"`` where available, or ``"native"``) apply the epilogue to each output
     block in registers, from the unrounded fp32 sums; otherwise the GEMM (:func:`gemm`'s engine)
@@ -433,7 +437,7 @@ def gemm_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: torch.T
     if engine not in GEMM_ENGINES:
         raise KernelArgumentError(f"gemm_epilogue: engine must be one of {GEMM_ENGINES}, got {engine!r}")
     m, n = a.shape[0], b.shape[1]
-    if epilogue != "masked_grad" and (bias is None or bias.shape != (n,) or bias.dtype != torch.float32):
+    if epilogue in ("bias_relu", "bias_dropout_add") and (bias is None or bias.shape != (n,) or bias.dtype != torch.float32):
         got = None if bias is None else f"{tuple(bias.shape)} {bias.dtype}"
         raise KernelArgumentError(f"gemm_epilogue: {epilogue!r} needs bias, float32 ({n},), got {got}")
     if epilogue == "bias_dropout_add":
@@ -442,6 +446,9 @@ def gemm_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: torch.T
             raise KernelArgumentError(f"gemm_epilogue: 'bias_dropout_add' needs residual, float32 ({m}, {n}), got {got}")
         if not 0.0 <= p < 1.0:
             raise ValueError(f"gemm_epilogue: p must be in [0, 1), got {p}")
+    if epilogue == "relu_grad" and (residual is None or residual.shape != (m, n) or residual.dtype != a.dtype):
+        got = None if residual is None else f"{tuple(residual.shape)} {residual.dtype}"
+        raise KernelArgumentError(f"gemm_epilogue: 'relu_grad' needs residual = the ReLU's output, {a.dtype} ({m}, {n}), got {got}")
     if epilogue == "masked_grad" and (mask is None or mask.shape != (m, (n + 31) // 32) or mask.dtype != torch.int32):
         got = None if mask is None else f"{tuple(mask.shape)} {mask.dtype}"
         raise KernelArgumentError(f"gemm_epilogue: 'masked_grad' needs mask, packed int32 ({m}, {(n + 31) // 32}), got {got}")
@@ -449,7 +456,7 @@ def gemm_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: torch.T
         raise KernelArgumentError("gemm_epilogue: engine 'native' is the AVX512-BF16 kernel: it takes bf16 operands (got "
                                   f"{a.dtype}) and needs AVX512-BF16 in this build and CPU (available: {bf16_gemm_available()})")
     out, sq = _ops().gemm_epilogue(a, b, epilogue, bias, residual, mask, int(seed), float(p), engine)
-    return out, (sq if epilogue == "masked_grad" else None)
+    return out, (sq if epilogue in ("masked_grad", "relu_grad") else None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

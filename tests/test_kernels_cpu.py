@@ -605,9 +605,12 @@ def test_native_bf16_gemm_is_exact_on_integer_operands(m, k, n, layout, with_bia
 EPILOGUE_SHAPES = [(592, 256, 1024), (37, 64, 96), (5, 7, 33), (1, 16, 40), (0, 8, 32), (13, 0, 20)]
 
 
-def _epilogue_reference(a, b, epilogue, bias, residual, mask_bool, seed, p):
+def _epilogue_reference(a, b, epilogue, bias, residual, mask_bool, seed, p, z=None):
     """float64 reference of gemm_epilogue from a product computed in float64."""
     y = a.double() @ b.double()
+    if epilogue == "relu_grad":
+        out = y * (z > 0)
+        return out, out.sum(0)
     if epilogue == "bias_relu":
         return (y + bias.double()).clamp_min(0), None
     if epilogue == "bias_dropout_add":
@@ -618,7 +621,7 @@ def _epilogue_reference(a, b, epilogue, bias, residual, mask_bool, seed, p):
 
 
 @pytest.mark.parametrize("m,k,n", EPILOGUE_SHAPES)
-@pytest.mark.parametrize("epilogue", ["bias_relu", "bias_dropout_add", "masked_grad"])
+@pytest.mark.parametrize("epilogue", ["bias_relu", "bias_dropout_add", "masked_grad", "relu_grad"])
 @pytest.mark.parametrize("dtype,engine", [(torch.float32, "auto"), (torch.bfloat16, "blas")]
                          + ([(torch.bfloat16, "native")] if cpu.bf16_gemm_available() else []))
 @pytest.mark.parametrize("layout", ["plain", "a_t"])
@@ -632,11 +635,12 @@ def test_gemm_epilogue_matches_float64(m, k, n, epilogue, dtype, engine, layout)
     b = torch.randn(k, n, generator=g).to(dtype)
     bias, residual = torch.randn(n, generator=g), torch.randn(m, n, generator=g)
     mask_bool = torch.rand(m, n, generator=g) < 0.7
+    z = torch.randn(m, n, generator=g).clamp_min(0).to(dtype)  # a ReLU's output: about half zeros
     p = 0.25 if epilogue == "bias_dropout_add" else 0.0
-    out, sq = cpu.gemm_epilogue(a, b, epilogue, bias=bias, residual=residual, mask=cpu.pack_masks(mask_bool), seed=11, p=p,
-                                engine=engine)
-    want, want_sq = _epilogue_reference(a, b, epilogue, bias, residual, mask_bool, 11, p)
-    assert out.shape == (m, n) and out.dtype == (dtype if epilogue == "bias_relu" else torch.float32)
+    out, sq = cpu.gemm_epilogue(a, b, epilogue, bias=bias, residual=z if epilogue == "relu_grad" else residual,
+                                mask=cpu.pack_masks(mask_bool), seed=11, p=p, engine=engine)
+    want, want_sq = _epilogue_reference(a, b, epilogue, bias, residual, mask_bool, 11, p, z=z.double())
+    assert out.shape == (m, n) and out.dtype == (dtype if epilogue in ("bias_relu", "relu_grad") else torch.float32)
     scale = max(k, 1) ** 0.5
     if dtype == torch.float32 or engine == "native":
         tol = dict(rtol=1.6e-2, atol=1e-2) if out.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5 * scale)
@@ -647,6 +651,10 @@ def test_gemm_epilogue_matches_float64(m, k, n, epilogue, dtype, engine, layout)
         assert sq.dtype == torch.float64 and sq.dim() == 0
         assert abs(sq.item() - want_sq.item()) <= 2e-2 * want_sq.item() + 1e-6
         assert not out[~mask_bool].any()
+    elif epilogue == "relu_grad":  # the bias gradient: column sums (from the rounded product on the GEMM-then-op path)
+        assert sq.dtype == torch.float32 and sq.shape == (n,)
+        torch.testing.assert_close(sq.double(), want_sq, rtol=2e-2, atol=2e-2 * max(m, 1) ** 0.5 * scale)
+        assert not out[z == 0].any()
     else:
         assert sq is None
 
@@ -661,12 +669,14 @@ def test_gemm_epilogue_native_keeps_the_dropout_mask_and_drops_masked_columns_ex
     b = torch.randint(-3, 4, (70, 100), generator=g).to(torch.bfloat16)
     bias, residual = torch.randint(-8, 8, (100,), generator=g).float() * 0.5, torch.randint(-8, 8, (50, 100), generator=g).float()
     mask_bool = torch.rand(50, 100, generator=g) < 0.5
-    for epilogue in ("bias_relu", "bias_dropout_add", "masked_grad"):
-        out, sq = cpu.gemm_epilogue(a, b, epilogue, bias, residual, cpu.pack_masks(mask_bool), seed=3, p=0.5, engine="native")
-        want, want_sq = _epilogue_reference(a, b, epilogue, bias, residual, mask_bool, 3, 0.5)
+    z = torch.randint(-2, 3, (50, 100), generator=g).clamp_min(0).to(torch.bfloat16)
+    for epilogue in ("bias_relu", "bias_dropout_add", "masked_grad", "relu_grad"):
+        out, sq = cpu.gemm_epilogue(a, b, epilogue, bias, z if epilogue == "relu_grad" else residual, cpu.pack_masks(mask_bool), seed=3,
+                                    p=0.5, engine="native")
+        want, want_sq = _epilogue_reference(a, b, epilogue, bias, residual, mask_bool, 3, 0.5, z=z.double())
         assert torch.equal(out, want.to(out.dtype)), epilogue
         if sq is not None:
-            assert sq.item() == want_sq.item()
+            assert torch.equal(sq.double(), want_sq.reshape(sq.shape)), epilogue
 
 
 def test_gemm_epilogue_errors_name_the_argument():
@@ -679,6 +689,8 @@ def test_gemm_epilogue_errors_name_the_argument():
         cpu.gemm_epilogue(a, b, "bias_dropout_add", bias=torch.zeros(40))
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
         cpu.gemm_epilogue(a, b, "bias_dropout_add", bias=torch.zeros(40), residual=torch.zeros(3, 40), p=1.0)
+    with pytest.raises(KernelArgumentError, match=r"'relu_grad' needs residual = the ReLU's output, torch.float32 \(3, 40\)"):
+        cpu.gemm_epilogue(a, b, "relu_grad", residual=torch.zeros(3, 40, dtype=torch.bfloat16))
     with pytest.raises(KernelArgumentError, match=r"needs mask, packed int32 \(3, 2\)"):
         cpu.gemm_epilogue(a, b, "masked_grad", mask=torch.zeros(3, 1, dtype=torch.int32))
     with pytest.raises(KernelArgumentError, match="engine 'native' is the AVX512-BF16 kernel"):

@@ -242,8 +242,13 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
   const at::Tensor g = grad.reshape({b * tq, c}).contiguous().to(at::kFloat);  // (BTq, C), the fp32 stream's
   // MLP: out = x1 + drop(z W_mlp^T + b_mlp), z = relu(h2 W_fc^T + b_fc), h2 = LN2(x1)
   auto [dy2, db_mlp] = dropout_bias_backward(g, d.seed_mlp, d.p_mlp, gd);
-  const at::Tensor dz = gemm(dy2, s[kWMlp], std::nullopt, engine);  // (BTq, 4C)
-  const at::Tensor db_fc = bias_relu_backward_(dz, s[kZ]);  // ReLU's gradient in place while dz is in cache (z then is for dW)
+  at::Tensor dz, db_fc;  // (BTq, 4C): ReLU's gradient applied while dz is in cache (z then is for dW), and fc's bias gradient
+  if (gd == at::kBFloat16) {
+    std::tie(dz, db_fc) = gemm_epilogue(dy2, s[kWMlp], "relu_grad", std::nullopt, s[kZ], std::nullopt, 0, 0.0, engine);
+  } else {
+    dz = gemm(dy2, s[kWMlp], std::nullopt, engine);
+    db_fc = bias_relu_backward_(dz, s[kZ]);
+  }
   const at::Tensor dw_mlp = weight_grad(dy2, s[kZ], 3);
   const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine);  // the layer norm reads it in gd
   const at::Tensor dw_fc = weight_grad(dz, s[kH2], 2);

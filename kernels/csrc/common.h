@@ -47,8 +47,9 @@ bool bf16_gemm_available();
 // kernels/csrc/gemm_bf16.cpp: out (M, N) contiguous = a (M, K) b (K, N) (+ bias), all bf16.
 void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
 // A GEMM's output chain fused into it (gemm.cpp's gemm_epilogue op): relu(a b + bias) in a's dtype;
-// residual + dropout(a b + bias) in fp32; (a b) * mask in fp32 with its sum of squares (float64 0-dim).
-enum class GemmEpilogue { kBiasRelu, kBiasDropoutAdd, kMaskedGrad };
+// residual + dropout(a b + bias) in fp32; (a b) * mask in fp32 with its sum of squares (float64 0-dim);
+// (a b) * (z > 0) in a's dtype with its column sums (fp32 (N,)), z passed as the residual.
+enum class GemmEpilogue { kBiasRelu, kBiasDropoutAdd, kMaskedGrad, kReluGrad };
 std::tuple<at::Tensor, at::Tensor> bf16_gemm_epilogue(const at::Tensor& a, const at::Tensor& b, GemmEpilogue kind,
                                                       const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& mask,
                                                       int64_t seed, double p);

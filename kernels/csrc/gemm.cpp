@@ -104,8 +104,10 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const std::optional<at
 //   "bias_relu"         out = relu(a b + bias)                        in a's dtype (fc)
 //   "bias_dropout_add"  out = residual + dropout(a b + bias, seed, p) in fp32 (proj, mlp_proj)
 //   "masked_grad"       out = (a b) * mask, sq = sum(out^2)           in fp32 (a weight gradient, Eq. 4)
-// (bias fp32 (N,), residual fp32 (M, N), mask packed int32 (M, ceil(N / 32)), sq float64 0-dim,
-// undefined for the other two). bf16 operands on the native kernel ("auto" where available, or
+//   "relu_grad"         out = (a b) * (z > 0), sq = its column sums   in a's dtype (ReLU's backward and
+//                       the fc bias gradient; z, the ReLU's output in a's dtype, comes as `residual`)
+// (bias fp32 (N,), residual fp32 (M, N), mask packed int32 (M, ceil(N / 32)); sq float64 0-dim for
+// masked_grad, fp32 (N,) for relu_grad, undefined for the other two). bf16 operands on the native kernel ("auto" where available, or
 // "native") fuse the epilogue into the GEMM's output blocks: nothing of (M, N) goes through memory
 // in between, and it is not rounded to bf16 first. Otherwise: the GEMM, then the epilogue ops
 // (bias_relu_, bias_dropout_add(_), apply_masks_sq_norms_) -- for fp32 exactly what the blocks ran
@@ -127,10 +129,19 @@ std::tuple<at::Tensor, at::Tensor> gemm_epilogue(const at::Tensor& a, const at::
     kind = GemmEpilogue::kBiasDropoutAdd;
   else if (epilogue == "masked_grad")
     kind = GemmEpilogue::kMaskedGrad;
+  else if (epilogue == "relu_grad")
+    kind = GemmEpilogue::kReluGrad;
   else
-    TORCH_CHECK_VALUE(false, "gemm_epilogue: epilogue must be 'bias_relu', 'bias_dropout_add' or 'masked_grad', got '", std::string(epilogue), "'");
+    TORCH_CHECK_VALUE(false, "gemm_epilogue: epilogue must be 'bias_relu', 'bias_dropout_add', 'masked_grad' or 'relu_grad', got '",
+                      std::string(epilogue), "'");
   at::Tensor bias_t, res_t, mask_t;
-  if (kind != GemmEpilogue::kMaskedGrad) {
+  if (kind == GemmEpilogue::kReluGrad) {
+    TORCH_CHECK_VALUE(residual.has_value() && residual->defined() && residual->sizes() == at::IntArrayRef({m, n}) &&
+                          residual->scalar_type() == a.scalar_type(),
+                      "gemm_epilogue: 'relu_grad' needs residual = the ReLU's output, ", a.scalar_type(), " (", m, ", ", n, ")");
+    res_t = *residual;
+  }
+  if (kind == GemmEpilogue::kBiasRelu || kind == GemmEpilogue::kBiasDropoutAdd) {
     TORCH_CHECK_VALUE(bias.has_value() && bias->defined() && bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat,
                       "gemm_epilogue: '", std::string(epilogue), "' needs bias, float32 (", n, ",)");
     bias_t = *bias;
@@ -170,6 +181,11 @@ std::tuple<at::Tensor, at::Tensor> gemm_epilogue(const at::Tensor& a, const at::
       static const auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>(
           "harmodt_kernels::bias_dropout_add");
       return {op.call(y, bias_t, res_t, seed, p), at::Tensor()};
+    }
+    case GemmEpilogue::kReluGrad: {
+      static const auto op = handle<at::Tensor(at::Tensor, const at::Tensor&, bool)>("harmodt_kernels::bias_relu_backward_");
+      at::Tensor db = op.call(y, res_t, true);
+      return {y, db};
     }
     case GemmEpilogue::kMaskedGrad:
     default: {

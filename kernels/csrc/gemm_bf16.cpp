@@ -253,6 +253,34 @@ struct MaskedGrad {
   }
 };
 
+// out bf16 = sums where the ReLU's output z (bf16, like out) is > 0, else 0 (its backward: dz from
+// the next layer's dx GEMM); the kept values' column sums per thread (the fc bias gradient, fp32,
+// from the unrounded values).
+struct ReluGradBf16 {
+  c10::BFloat16* out;
+  const c10::BFloat16* z;
+  int64_t ld;
+  float* colsum;  // per thread: threads x ld
+  template <int MR>
+  void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
+    const __mmask16 m[2] = {tail_mask(nc), tail_mask(std::max<int64_t>(nc - 16, 0))};
+    const __m512 zero = _mm512_setzero_ps();
+    for (int h = 0; h < 2; ++h) {
+      if (!m[h]) continue;
+      __m512 sum = zero;
+      for (int i = 0; i < MR; ++i) {
+        const int64_t at = (i0 + i) * ld + n0 + 16 * h;
+        const __mmask16 on = _mm512_mask_cmp_ps_mask(m[h], load16(z + at, m[h]), zero, _CMP_GT_OQ);
+        const __m512 v = _mm512_maskz_mov_ps(on, acc[i][h]);
+        store16(out + at, v, m[h]);
+        sum = _mm512_add_ps(sum, v);
+      }
+      float* c = colsum + tid * ld + n0 + 16 * h;
+      _mm512_mask_storeu_ps(c, m[h], _mm512_add_ps(_mm512_maskz_loadu_ps(m[h], c), sum));
+    }
+  }
+};
+
 // Block (i0, n0) of the output: sum_p a_pair(i, p) . bp[p] for i < MR, a_pair(i, p) = a[i * ars + p * aps],
 // handed to the epilogue.
 template <int MR, typename Epi>
@@ -431,8 +459,11 @@ std::tuple<at::Tensor, at::Tensor> bf16_gemm_epilogue(const at::Tensor& a, const
                                                       int64_t seed, double p) {
   TORCH_CHECK(bf16_gemm_available(), "gemm_epilogue: the native bf16 GEMM needs AVX512-BF16 (this build or CPU lacks it)");
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  at::Tensor out = at::empty({m, n}, a.options().dtype(kind == GemmEpilogue::kBiasRelu ? at::kBFloat16 : at::kFloat));
-  at::Tensor sq = kind == GemmEpilogue::kMaskedGrad ? at::zeros({}, a.options().dtype(at::kDouble)) : at::Tensor();
+  const bool bf16_out = kind == GemmEpilogue::kBiasRelu || kind == GemmEpilogue::kReluGrad;
+  at::Tensor out = at::empty({m, n}, a.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+  at::Tensor sq = kind == GemmEpilogue::kMaskedGrad ? at::zeros({}, a.options().dtype(at::kDouble))
+                  : kind == GemmEpilogue::kReluGrad ? at::zeros({n}, a.options().dtype(at::kFloat))
+                                                    : at::Tensor();
   if (m == 0 || n == 0) return {out, sq};
 #if defined(HARMODT_BF16_GEMM)
   const Operands ops(a, b);
@@ -450,6 +481,14 @@ std::tuple<at::Tensor, at::Tensor> bf16_gemm_epilogue(const at::Tensor& a, const
       ops.run(BiasDropoutAdd{out.data_ptr<float>(), res_.data_ptr<float>(), n, bias_.data_ptr<float>(), static_cast<uint64_t>(seed),
                              static_cast<uint32_t>(std::llround(p * 65536.0)), static_cast<float>(1.0 / (1.0 - p))});
       break;
+    case GemmEpilogue::kReluGrad: {
+      std::vector<float> part(static_cast<size_t>(std::max(ops.threads, 1) * n), 0.0f);
+      ops.run(ReluGradBf16{out.data_ptr<c10::BFloat16>(), res_.data_ptr<c10::BFloat16>(), n, part.data()});
+      float* total = sq.data_ptr<float>();
+      for (int t = 0; t < std::max(ops.threads, 1); ++t)
+        for (int64_t j = 0; j < n; ++j) total[j] += part[t * n + j];
+      break;
+    }
     case GemmEpilogue::kMaskedGrad: {
       std::vector<double> part(static_cast<size_t>(std::max(ops.threads, 1)), 0.0);
       const at::Tensor words = mask.contiguous();
