@@ -388,14 +388,46 @@ def _check_matmul_args(op: str, a_name: str, a: torch.Tensor, b_name: str, b: to
             raise KernelArgumentError(f"{op}: bias {tuple(bias.shape)} {bias.dtype} must be ({n},) {a.dtype}")
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, engine: str = "auto") -> torch.Tensor:
+def _check_weight_operand(op: str, a: torch.Tensor, b: torch.Tensor, b_mask: torch.Tensor | None) -> None:
+    """A bf16 ``a`` may take an fp32 ``b`` = ``W`` or ``W.t()`` of a contiguous ``W`` (rounded to bf16
+    as the GEMM reads it), with ``b_mask`` = W's packed mask (:func:`pack_masks`) or None."""
+    w = b.t() if b.dim() == 2 and b.stride(0) == 1 and b.stride(1) != 1 else b
+    if not w.is_contiguous():
+        raise KernelArgumentError(f"{op}: an fp32 b with a bf16 a must be a contiguous W or W.t(), got strides {tuple(b.stride())}")
+    if b_mask is not None:
+        _check_cpu("b_mask", b_mask)
+        want = (w.shape[0], (w.shape[1] + 31) // 32)
+        if b_mask.dtype != torch.int32 or tuple(b_mask.shape) != want:
+            raise KernelArgumentError(f"{op}: b_mask must be W's packed mask, int32 {want}, got {tuple(b_mask.shape)} {b_mask.dtype}")
+
+
+def _matmul_operands(op: str, a: torch.Tensor, b: torch.Tensor, bias, b_mask) -> None:
+    if a.dtype == torch.bfloat16 and b.dtype == torch.float32:  # a bf16 GEMM reading an fp32 weight (W * M rounded as read)
+        _check_cpu("a", a)
+        _check_cpu("b", b)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+            raise KernelArgumentError(f"{op}: a {tuple(a.shape)} must be (M, K) and b {tuple(b.shape)} (K, N)")
+        if bias is not None and (bias.shape != (b.shape[1],) or bias.dtype != a.dtype):
+            raise KernelArgumentError(f"{op}: bias {tuple(bias.shape)} {bias.dtype} must be ({b.shape[1]},) {a.dtype}")
+        _check_weight_operand(op, a, b, b_mask)
+        return
+    _check_matmul_args(op, "a", a, "b", b, 0, bias)
+    if b_mask is not None:
+        raise KernelArgumentError(f"{op}: b_mask goes with a bf16 a and an fp32 b only")
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, engine: str = "auto",
+         b_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b (+ bias)`` for 2-D ``a (M, K)``, ``b (K, N)`` of one dtype (fp32 or bf16; each
     contiguous or a transposed view). ``engine``: ``"native"`` (bf16 only: this library's
     AVX512-BF16 kernel, ``kernels/csrc/gemm_bf16.cpp``; fails loudly for fp32 or where the build or
     CPU lacks AVX512-BF16), ``"onednn"`` (oneDNN's matmul; fails loudly where this PyTorch build lacks
     it), ``"blas"`` (``torch.mm``: MKL's sgemm for fp32, oneDNN inside for bf16), ``"auto"`` (native
-    for bf16 and oneDNN for fp32 when available; see ``kernels/csrc/gemm.cpp`` for why)."""
-    _check_matmul_args("gemm", "a", a, "b", b, 0, bias)
+    for bf16 and oneDNN for fp32 when available; see ``kernels/csrc/gemm.cpp`` for why). A bf16
+    ``a`` also takes an fp32 weight ``b`` (``W`` or ``W.t()``), optionally through its packed mask
+    ``b_mask``: ``a @ bf16(b * M)``, rounded while the AVX512-BF16 kernel packs it (no ``W * M``
+    buffer), or by one pass before the GEMM on the other engines."""
+    _matmul_operands("gemm", a, b, bias, b_mask)
     if engine not in GEMM_ENGINES:
         raise KernelArgumentError(f"gemm: engine must be one of {GEMM_ENGINES}, got {engine!r}")
     if engine == "native" and (a.dtype != torch.bfloat16 or not bf16_gemm_available()):
@@ -405,7 +437,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, eng
     if engine == "onednn" and not onednn_gemm_available():
         raise KernelArgumentError("gemm: engine 'onednn' is not available in this PyTorch build (no at::native::mkldnn_matmul "
                                   "or no oneDNN); use engine='auto' or 'blas'")
-    return _ops().gemm(a, b, bias, engine)
+    return _ops().gemm(a, b, bias, engine, b_mask)
 
 
 GEMM_EPILOGUES = ("bias_relu", "bias_dropout_add", "masked_grad", "relu_grad")
@@ -413,7 +445,7 @@ GEMM_EPILOGUES = ("bias_relu", "bias_dropout_add", "masked_grad", "relu_grad")
 
 def gemm_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: torch.Tensor | None = None,
                   residual: torch.Tensor | None = None, mask: torch.Tensor | None = None, seed: int = 0, p: float = 0.0,
-                  engine: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+                  engine: str = "auto", b_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A training block's GEMM and the pass after it, as one op (``kernels/csrc/gemm.cpp``):
 
     * ``"bias_relu"``: ``relu(a @ b + bias)`` in ``a``'s dtype (the fc layer);
@@ -430,8 +462,9 @@ def gemm_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: torch.T
     ``bias``: fp32 ``(N,)``; ``residual``: fp32 ``(M, N)``. bf16 operands on the AVX512-BF16 kernel
     (``engine`` ``"auto"`` where available, or ``"native"``) apply the epilogue to each output
     block in registers, from the unrounded fp32 sums; otherwise the GEMM (:func:`gemm`'s engine)
-    then the epilogue op, which for bf16 reads the GEMM's rounded output."""
-    _check_matmul_args("gemm_epilogue", "a", a, "b", b, 0, None)
+    then the epilogue op, which for bf16 reads the GEMM's rounded output. ``b``/``b_mask``: as in
+    :func:`gemm` (a bf16 ``a`` with an fp32 weight, masked as read)."""
+    _matmul_operands("gemm_epilogue", a, b, None, b_mask)
     if epilogue not in GEMM_EPILOGUES:
         raise KernelArgumentError(f"gemm_epilogue: epilogue must be one of {GEMM_EPILOGUES}, got {epilogue!r}")
     if engine not in GEMM_ENGINES:
@@ -455,7 +488,7 @@ def gemm_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: torch.T
     if engine == "native" and (a.dtype != torch.bfloat16 or not bf16_gemm_available()):
         raise KernelArgumentError("gemm_epilogue: engine 'native' is the AVX512-BF16 kernel: it takes bf16 operands (got "
                                   f"{a.dtype}) and needs AVX512-BF16 in this build and CPU (available: {bf16_gemm_available()})")
-    out, sq = _ops().gemm_epilogue(a, b, epilogue, bias, residual, mask, int(seed), float(p), engine)
+    out, sq = _ops().gemm_epilogue(a, b, epilogue, bias, residual, mask, int(seed), float(p), engine, b_mask)
     return out, (sq if epilogue in ("masked_grad", "relu_grad") else None)
 
 

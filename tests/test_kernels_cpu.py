@@ -679,6 +679,40 @@ def test_gemm_epilogue_native_keeps_the_dropout_mask_and_drops_masked_columns_ex
             assert torch.equal(sq.double(), want_sq.reshape(sq.shape)), epilogue
 
 
+@pytest.mark.parametrize("engine", ["auto", "blas"] + (["native"] if cpu.bf16_gemm_available() else []))
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("rows,cols", [(96, 64), (37, 70), (1, 33)])
+def test_bf16_gemm_reads_an_fp32_weight_through_its_mask(engine, transposed, masked, rows, cols):
+    """A bf16 a with an fp32 weight b (W.t() for the forward, W for dx) and W's packed mask: exactly
+    the GEMM of a with bf16(W * M) (rounded as it is packed, or by one pass first), on every engine
+    and through gemm_epilogue too."""
+    g = _gen(rows * 3 + cols)
+    w = torch.randn(rows, cols, generator=g)
+    mask_bool = torch.rand(rows, cols, generator=g) < 0.8
+    w_eff = (w * mask_bool if masked else w).to(torch.bfloat16)
+    b_mask = cpu.pack_masks(mask_bool) if masked else None
+    b, b_ref = (w.t(), w_eff.t()) if transposed else (w, w_eff)
+    a = torch.randn(13, b.shape[0], generator=g).to(torch.bfloat16)
+    assert torch.equal(cpu.gemm(a, b, engine=engine, b_mask=b_mask), cpu.gemm(a, b_ref, engine=engine))
+    bias = torch.randn(b.shape[1], generator=g)
+    got, _ = cpu.gemm_epilogue(a, b, "bias_relu", bias=bias, engine=engine, b_mask=b_mask)
+    want, _ = cpu.gemm_epilogue(a, b_ref, "bias_relu", bias=bias, engine=engine)
+    assert torch.equal(got, want)
+
+
+def test_bf16_gemm_weight_operand_errors():
+    a, w = torch.zeros(3, 40, dtype=torch.bfloat16), torch.zeros(8, 40)
+    with pytest.raises(KernelArgumentError, match=r"b_mask must be W's packed mask, int32 \(8, 2\)"):
+        cpu.gemm(a, w.t(), b_mask=torch.zeros(40, 1, dtype=torch.int32))
+    with pytest.raises(KernelArgumentError, match="contiguous W or W.t()"):
+        cpu.gemm(a, torch.zeros(40, 16)[:, ::2])
+    with pytest.raises(KernelArgumentError, match="b_mask goes with a bf16 a and an fp32 b only"):
+        cpu.gemm(torch.zeros(3, 40), w.t(), b_mask=torch.zeros(8, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="b_mask must be W's packed mask"):  # the raw op checks too
+        cpu._ops().gemm(a, w.t(), None, "auto", torch.zeros(3, 3, dtype=torch.int32))
+
+
 def test_gemm_epilogue_errors_name_the_argument():
     a, b = torch.zeros(3, 4), torch.zeros(4, 40)
     with pytest.raises(KernelArgumentError, match="epilogue must be one of"):

@@ -47,17 +47,20 @@ namespace {
 
 using Opt = std::optional<at::Tensor>;
 
-at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const Opt& bias, const std::string& engine) {
-  static const auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const Opt&, c10::string_view)>("harmodt_kernels::gemm");
-  return op.call(a, b, bias, engine);
+// b_mask: with bf16 a and an fp32 weight b (W or W^T), W * M rounded to bf16 as the GEMM packs it.
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const Opt& bias, const std::string& engine, const Opt& b_mask = std::nullopt) {
+  static const auto op =
+      handle<at::Tensor(const at::Tensor&, const at::Tensor&, const Opt&, c10::string_view, const Opt&)>("harmodt_kernels::gemm");
+  return op.call(a, b, bias, engine, b_mask);
 }
 // A GEMM with the pass after it fused in (gemm.cpp's gemm_epilogue; the bf16 blocks use it).
 std::tuple<at::Tensor, at::Tensor> gemm_epilogue(const at::Tensor& a, const at::Tensor& b, const char* epilogue, const Opt& bias,
-                                                 const Opt& residual, const Opt& mask, int64_t seed, double p, const std::string& engine) {
+                                                 const Opt& residual, const Opt& mask, int64_t seed, double p, const std::string& engine,
+                                                 const Opt& b_mask = std::nullopt) {
   static const auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, c10::string_view, const Opt&,
-                                                                   const Opt&, const Opt&, int64_t, double, c10::string_view)>(
+                                                                   const Opt&, const Opt&, int64_t, double, c10::string_view, const Opt&)>(
       "harmodt_kernels::gemm_epilogue");
-  return op.call(a, b, epilogue, bias, residual, mask, seed, p, engine);
+  return op.call(a, b, epilogue, bias, residual, mask, seed, p, engine, b_mask);
 }
 // The attention adds the projection's bias to q/k/v itself (the GEMM writes qkv without it).
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv, const at::Tensor& key_valid,
@@ -156,7 +159,7 @@ struct Dropouts {
 // The tensors the backward needs, in this order (kWDtype: an empty tensor of the weights' dtype;
 // kQkv: the projection without its bias kBQkv, which the attention adds).
 enum Saved { kX2, kH1, kMean1, kRstd1, kQkv, kAtt, kLse, kX1, kH2, kMean2, kRstd2, kZ,
-             kLn1W, kWQkv, kWProj, kLn2W, kWFc, kWMlp /* W * M where masked */, kKeyValid, kQueryPos, kMQkv, kMProj, kMFc, kMMlp,
+             kLn1W, kWQkv, kWProj, kLn2W, kWFc, kWMlp /* W * M where masked (bf16 on the AVX512-BF16 kernel: W) */, kKeyValid, kQueryPos, kMQkv, kMProj, kMFc, kMMlp,
              kWDtype, kBQkv, kNumSaved };
 
 // The four GEMM matrices' packed masks (qkv, proj, fc, mlp_proj), undefined where unmasked.
@@ -188,10 +191,17 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
   auto [h1, mean1, rstd1] = layer_norm_forward(x2, ln1_w, ln1_b, eps, gd);
   // W * M of each masked matrix, expanded from the bits right before its GEMM and kept for the
   // backward's (recomputing it there measured 2-4 % slower per step than keeping these 19 MB)
-  const at::Tensor we_qkv = effective(w_qkv, masks[0], gd), we_proj = effective(w_proj, masks[1], gd);
-  const at::Tensor we_fc = effective(w_fc, masks[2], gd), we_mlp = effective(w_mlp, masks[3], gd);
+  // On the AVX512-BF16 kernel the fp32 W goes to the GEMMs as it is, with its mask: the kernel rounds
+  // W * M to bf16 while it packs it (for the forward and again for the backward's dx), so no W * M
+  // buffer is written or kept.
+  const bool pack_w = gd == at::kBFloat16 && w_qkv.scalar_type() == at::kFloat && (engine == "auto" || engine == "native") &&
+                      bf16_gemm_available();
+  auto eff = [&](const at::Tensor& w, const at::Tensor& mask) { return pack_w ? w : effective(w, mask, gd); };
+  auto bm = [&](int i) -> Opt { return pack_w && masks[i].defined() ? Opt(masks[i]) : Opt(); };
+  const at::Tensor we_qkv = eff(w_qkv, masks[0]), we_proj = eff(w_proj, masks[1]);
+  const at::Tensor we_fc = eff(w_fc, masks[2]), we_mlp = eff(w_mlp, masks[3]);
   // (B, T, 3, nh, hd) without the bias, which the attention adds as it reads q/k/v (in fp32)
-  const at::Tensor qkv = gemm(h1, we_qkv.t(), std::nullopt, engine).view({b, t, 3, n_head, c / n_head});
+  const at::Tensor qkv = gemm(h1, we_qkv.t(), std::nullopt, engine, bm(0)).view({b, t, 3, n_head, c / n_head});
   auto [att3, lse] = attention_forward(qkv, key_valid, query_pos, d.p_attn, d.seed_attn, b_qkv);  // (B, Tq, C)
   const int64_t tq = att3.size(1);
   const at::Tensor att = att3.view({b * tq, c});
@@ -199,13 +209,13 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
   // bf16 GEMMs take their bias, ReLU, dropout and residual add into the GEMM itself (gemm_epilogue)
   const bool fuse = gd == at::kBFloat16;
   const at::Tensor x1 = fuse ? std::get<0>(gemm_epilogue(att, we_proj.t(), "bias_dropout_add", b_proj, res.contiguous(), std::nullopt,
-                                                         d.seed_proj, d.p_proj, engine))
+                                                         d.seed_proj, d.p_proj, engine, bm(1)))
                              : add_to_stream(gemm(att, we_proj.t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
   auto [h2, mean2, rstd2] = layer_norm_forward(x1, ln2_w, ln2_b, eps, gd);
-  const at::Tensor z = fuse ? std::get<0>(gemm_epilogue(h2, we_fc.t(), "bias_relu", b_fc, std::nullopt, std::nullopt, 0, 0.0, engine))
+  const at::Tensor z = fuse ? std::get<0>(gemm_epilogue(h2, we_fc.t(), "bias_relu", b_fc, std::nullopt, std::nullopt, 0, 0.0, engine, bm(2)))
                             : bias_relu_(gemm(h2, we_fc.t(), std::nullopt, engine), b_fc);  // (BTq, 4C)
   const at::Tensor out = fuse ? std::get<0>(gemm_epilogue(z, we_mlp.t(), "bias_dropout_add", b_mlp, x1, std::nullopt, d.seed_mlp,
-                                                          d.p_mlp, engine))
+                                                          d.p_mlp, engine, bm(3)))
                               : add_to_stream(gemm(z, we_mlp.t(), std::nullopt, engine), b_mlp, x1, d.seed_mlp, d.p_mlp);
   if (saved != nullptr)
     *saved = {x2, h1, mean1, rstd1, qkv, att, lse, x1, h2, mean2, rstd2, z, ln1_w, we_qkv, we_proj, ln2_w, we_fc, we_mlp,
@@ -220,6 +230,12 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
 std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector<at::Tensor>& s, const Dropouts& d,
                                        const std::vector<int64_t>& query, const std::string& engine, const at::Tensor& sq_norms) {
   const at::ScalarType gd = s[kQkv].scalar_type(), wd = s[kWDtype].scalar_type();
+  // the saved W of matrix i: W * M in the GEMMs' dtype, or (bf16 GEMMs on the AVX512-BF16 kernel)
+  // the fp32 W itself, masked and rounded as the dx GEMM packs it
+  auto w_mask = [&](int i) -> Opt {
+    static constexpr int kW[4] = {kWQkv, kWProj, kWFc, kWMlp};
+    return s[kW[i]].scalar_type() != gd && s[kMQkv + i].defined() ? Opt(s[kMQkv + i]) : Opt();
+  };
   // dW = dy^T x for matrix i, masked (Eq. 4) with its sum of squares recorded; bf16 GEMMs mask it
   // in their output blocks (gemm_epilogue), fp32 ones right after
   auto weight_grad = [&](const at::Tensor& dy, const at::Tensor& x, int i) {
@@ -244,24 +260,24 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
   auto [dy2, db_mlp] = dropout_bias_backward(g, d.seed_mlp, d.p_mlp, gd);
   at::Tensor dz, db_fc;  // (BTq, 4C): ReLU's gradient applied while dz is in cache (z then is for dW), and fc's bias gradient
   if (gd == at::kBFloat16) {
-    std::tie(dz, db_fc) = gemm_epilogue(dy2, s[kWMlp], "relu_grad", std::nullopt, s[kZ], std::nullopt, 0, 0.0, engine);
+    std::tie(dz, db_fc) = gemm_epilogue(dy2, s[kWMlp], "relu_grad", std::nullopt, s[kZ], std::nullopt, 0, 0.0, engine, w_mask(3));
   } else {
-    dz = gemm(dy2, s[kWMlp], std::nullopt, engine);
+    dz = gemm(dy2, s[kWMlp], std::nullopt, engine, w_mask(3));
     db_fc = bias_relu_backward_(dz, s[kZ]);
   }
   const at::Tensor dw_mlp = weight_grad(dy2, s[kZ], 3);
-  const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine);  // the layer norm reads it in gd
+  const at::Tensor dh2 = gemm(dz, s[kWFc], std::nullopt, engine, w_mask(2));  // the layer norm reads it in gd
   const at::Tensor dw_fc = weight_grad(dz, s[kH2], 2);
   auto [dx1, dln2_w, dln2_b] = layer_norm_backward(dh2, s[kX1], s[kMean2], s[kRstd2], s[kLn2W], g);  // + g: the residual's
   // attention: x1 = x + drop(att W_proj^T + b_proj), att = attention(LN1(x) W_qkv^T + b_qkv)
   auto [dy1, db_proj] = dropout_bias_backward(dx1, d.seed_proj, d.p_proj, gd);
-  const at::Tensor datt = gemm(dy1, s[kWProj], std::nullopt, engine);
+  const at::Tensor datt = gemm(dy1, s[kWProj], std::nullopt, engine, w_mask(1));
   const at::Tensor dw_proj = weight_grad(dy1, s[kAtt], 1);
   const at::Tensor dqkv = attention_backward(datt.view({b, tq, c}), qkv, s[kKeyValid], s[kQueryPos], s[kLse], d.p_attn, d.seed_attn,
                                              s[kBQkv]).view({b * t, 3 * c});
   // first, while the attention's output is still in cache (fp32 sums)
   const at::Tensor db_qkv = gd == at::kFloat ? dqkv.sum(0) : column_sums(dqkv);
-  const at::Tensor dh1 = gemm(dqkv, s[kWQkv], std::nullopt, engine);
+  const at::Tensor dh1 = gemm(dqkv, s[kWQkv], std::nullopt, engine, w_mask(0));
   const at::Tensor dw_qkv = weight_grad(dqkv, s[kH1], 0);
   auto [dx, dln1_w, dln1_b] =
       layer_norm_backward(dh1, s[kX2], s[kMean1], s[kRstd1], s[kLn1W], query.empty() ? Opt(dx1) : Opt());

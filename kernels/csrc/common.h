@@ -40,19 +40,22 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 // available ("auto"), else at::mm / at::addmm ("blas").
 // bf16 goes through gemm_bf16.cpp's AVX512-BF16 kernel ("auto" when available, "native").
 enum class GemmEngine { kAuto, kNative, kOneDnn, kBlas };
+// b_mask: with a bf16 a and an fp32 b only (see gemm.cpp's gemm op).
 void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
-              GemmEngine engine = GemmEngine::kAuto);
+              GemmEngine engine = GemmEngine::kAuto, const at::Tensor& b_mask = at::Tensor());
 bool onednn_gemm_available();
 bool bf16_gemm_available();
-// kernels/csrc/gemm_bf16.cpp: out (M, N) contiguous = a (M, K) b (K, N) (+ bias), all bf16.
-void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
+// kernels/csrc/gemm_bf16.cpp: out (M, N) contiguous = a (M, K) b (K, N) (+ bias), bf16.
+// b may be fp32 (rounded to bf16 as the kernel packs it), through packed mask bits b_mask (undefined:
+// none) over the rows of the matrix under b (b, or w for b = w^T).
+void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, const at::Tensor& b_mask);
 // A GEMM's output chain fused into it (gemm.cpp's gemm_epilogue op): relu(a b + bias) in a's dtype;
 // residual + dropout(a b + bias) in fp32; (a b) * mask in fp32 with its sum of squares (float64 0-dim);
 // (a b) * (z > 0) in a's dtype with its column sums (fp32 (N,)), z passed as the residual.
 enum class GemmEpilogue { kBiasRelu, kBiasDropoutAdd, kMaskedGrad, kReluGrad };
 std::tuple<at::Tensor, at::Tensor> bf16_gemm_epilogue(const at::Tensor& a, const at::Tensor& b, GemmEpilogue kind,
                                                       const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& mask,
-                                                      int64_t seed, double p);
+                                                      int64_t seed, double p, const at::Tensor& b_mask);
 
 // kernels/csrc/attention.cpp's forward (the op attention_forward), for fused callers.
 std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,

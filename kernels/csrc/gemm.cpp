@@ -52,17 +52,55 @@ GemmEngine parse_engine(c10::string_view name) {
   TORCH_CHECK_VALUE(false, "gemm: engine must be 'auto', 'native', 'onednn' or 'blas', got '", std::string(name), "'");
 }
 
+bool transposed_view(const at::Tensor& b) { return b.stride(0) == 1 && b.stride(1) != 1; }
+
+// For a bf16 a with an fp32 b (a bf16 block GEMM's weight W or W^T, with its task's packed mask
+// b_mask over W's rows, or none): b * M rounded to bf16, in b's layout -- what the native kernel
+// does while it packs b, here as a pass of its own for the other engines.
+at::Tensor bf16_operand(const at::Tensor& b, const at::Tensor& b_mask) {
+  if (b.scalar_type() == at::kBFloat16) return b;
+  const at::Tensor w = (transposed_view(b) ? b.t() : b).contiguous();
+  at::Tensor out = at::empty(w.sizes(), w.options().dtype(at::kBFloat16));
+  if (b_mask.defined()) {
+    static const auto op = handle<void(at::TensorList, at::TensorList, at::TensorList)>("harmodt_kernels::apply_masks_");
+    op.call({out}, {w}, {b_mask});
+  } else {
+    out.copy_(w);
+  }
+  return transposed_view(b) ? out.t() : out;
+}
+
+// b's checks for a bf16 a: bf16, or fp32 (W or W^T of a contiguous W) with an optional packed mask
+// over W's rows.
+void check_b_operand(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& b_mask) {
+  if (a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kFloat) {
+    const at::Tensor w = transposed_view(b) ? b.t() : b;
+    TORCH_CHECK_VALUE(w.is_contiguous(), op, ": an fp32 b with a bf16 a must be a contiguous matrix W or its transpose, got strides ",
+                      b.strides());
+    TORCH_CHECK_VALUE(!b_mask.defined() || (b_mask.scalar_type() == at::kInt && b_mask.sizes() == at::IntArrayRef({w.size(0), (w.size(1) + 31) / 32})),
+                      op, ": b_mask must be W's packed mask, int32 (", w.size(0), ", ", (w.size(1) + 31) / 32, "), got ",
+                      b_mask.defined() ? b_mask.sizes() : at::IntArrayRef{}, " ", b_mask.defined() ? b_mask.scalar_type() : at::kInt);
+    return;
+  }
+  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16), op,
+                    ": a and b must both be float32 or both bfloat16 (or a bfloat16 with an fp32 b), got ", a.scalar_type(), " and ",
+                    b.scalar_type());
+  TORCH_CHECK_VALUE(!b_mask.defined(), op, ": b_mask goes with an fp32 b and a bfloat16 a only");
+}
+
 }  // namespace
 
-void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, GemmEngine engine) {
+void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b_in, const at::Tensor& bias, GemmEngine engine,
+              const at::Tensor& b_mask) {
   TORCH_CHECK(!(engine == GemmEngine::kNative && !(a.scalar_type() == at::kBFloat16 && bf16_gemm_available())),
               "gemm: engine 'native' is the AVX512-BF16 kernel (gemm_bf16.cpp): it takes bf16 operands on a build and CPU "
               "with AVX512-BF16; got ", a.scalar_type(), bf16_gemm_available() ? "" : " and no AVX512-BF16 here");
   if (a.scalar_type() == at::kBFloat16 && out.is_contiguous() &&
       (engine == GemmEngine::kNative || (engine == GemmEngine::kAuto && bf16_gemm_available()))) {
-    bf16_gemm_out(out, a, b, bias);
+    bf16_gemm_out(out, a, b_in, bias, b_mask);
     return;
   }
+  const at::Tensor b = a.scalar_type() == at::kBFloat16 ? bf16_operand(b_in, b_mask) : b_in;
   const bool onednn = engine == GemmEngine::kOneDnn ||
                       (engine == GemmEngine::kAuto && a.scalar_type() == at::kFloat && onednn_gemm_available());
   TORCH_CHECK(!(engine == GemmEngine::kOneDnn && !onednn_gemm_available()),
@@ -82,12 +120,13 @@ void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const a
   at::native::mkldnn_matmul(a_, b_, out, bias.defined() ? 1.0f : 0.0f, 1.0f);
 }
 
-at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias, c10::string_view engine) {
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias, c10::string_view engine,
+                const std::optional<at::Tensor>& b_mask) {
   TORCH_CHECK_VALUE(a.device().is_cpu() && b.device().is_cpu(), "gemm: a and b must be CPU tensors");
   TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "gemm: a (M, K) and b (K, N) must be 2-D with one K, got ",
                     a.sizes(), " and ", b.sizes());
-  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16),
-                    "gemm: a and b must both be float32 or both bfloat16, got ", a.scalar_type(), " and ", b.scalar_type());
+  const at::Tensor b_mask_t = b_mask.has_value() ? *b_mask : at::Tensor();
+  check_b_operand("gemm", a, b, b_mask_t);
   at::Tensor bias_t;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == b.size(1) && bias->scalar_type() == a.scalar_type(),
@@ -95,7 +134,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const std::optional<at
     bias_t = *bias;
   }
   at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-  gemm_out(out, a, b, bias_t, parse_engine(engine));
+  gemm_out(out, a, b, bias_t, parse_engine(engine), b_mask_t);
   return out;
 }
 
@@ -115,12 +154,12 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const std::optional<at
 std::tuple<at::Tensor, at::Tensor> gemm_epilogue(const at::Tensor& a, const at::Tensor& b, c10::string_view epilogue,
                                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                                                  const std::optional<at::Tensor>& mask, int64_t seed, double p,
-                                                 c10::string_view engine_name) {
+                                                 c10::string_view engine_name, const std::optional<at::Tensor>& b_mask) {
   const GemmEngine engine = parse_engine(engine_name);
   TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "gemm_epilogue: a (M, K) and b (K, N) must be 2-D with one K, got ",
                     a.sizes(), " and ", b.sizes());
-  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16),
-                    "gemm_epilogue: a and b must both be float32 or both bfloat16, got ", a.scalar_type(), " and ", b.scalar_type());
+  const at::Tensor b_mask_t = b_mask.has_value() ? *b_mask : at::Tensor();
+  check_b_operand("gemm_epilogue", a, b, b_mask_t);
   const int64_t m = a.size(0), n = b.size(1);
   GemmEpilogue kind;
   if (epilogue == "bias_relu")
@@ -163,10 +202,10 @@ std::tuple<at::Tensor, at::Tensor> gemm_epilogue(const at::Tensor& a, const at::
                     "gemm_epilogue: engine 'native' is the AVX512-BF16 kernel: it takes bf16 operands on a build and CPU with "
                     "AVX512-BF16");
   if (a.scalar_type() == at::kBFloat16 && (engine == GemmEngine::kNative || (engine == GemmEngine::kAuto && bf16_gemm_available())))
-    return bf16_gemm_epilogue(a, b, kind, bias_t, res_t, mask_t, seed, p);
+    return bf16_gemm_epilogue(a, b, kind, bias_t, res_t, mask_t, seed, p, b_mask_t);
   // the GEMM, then its epilogue op
   at::Tensor y = at::empty({m, n}, a.options());
-  gemm_out(y, a, b, at::Tensor(), engine == GemmEngine::kNative ? GemmEngine::kAuto : engine);
+  gemm_out(y, a, b, at::Tensor(), engine == GemmEngine::kNative ? GemmEngine::kAuto : engine, b_mask_t);
   switch (kind) {
     case GemmEpilogue::kBiasRelu: {
       static const auto op = handle<at::Tensor(at::Tensor, const at::Tensor&)>("harmodt_kernels::bias_relu_");
@@ -203,10 +242,9 @@ namespace {
 // The GEMMs of linear go through the dispatcher as harmodt_kernels::gemm calls (below autograd), so
 // dispatch modes see them (bench/test_bench_train.py captures a step's GEMMs that way).
 at::Tensor dispatch_gemm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("harmodt_kernels::gemm", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view)>();
-  return op.call(a, b, bias, "auto");
+  static const auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                                           const std::optional<at::Tensor>&)>("harmodt_kernels::gemm");
+  return op.call(a, b, bias, "auto", std::nullopt);
 }
 
 // The forward below autograd: y (M, N) = x (M, K) weight^T (+ bias); the gemm op checks the
@@ -249,12 +287,12 @@ at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight, const 
 }  // namespace harmodt
 
 TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
-  m.def("gemm(Tensor a, Tensor b, Tensor? bias, str engine) -> Tensor");
+  m.def("gemm(Tensor a, Tensor b, Tensor? bias, str engine, Tensor? b_mask=None) -> Tensor");
   m.def("onednn_gemm_available() -> bool", &harmodt::onednn_gemm_available);
   m.def("bf16_gemm_available() -> bool", &harmodt::bf16_gemm_available);
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("gemm_epilogue(Tensor a, Tensor b, str epilogue, Tensor? bias, Tensor? residual, Tensor? mask, int seed, float p, str engine) "
-        "-> (Tensor, Tensor)");
+  m.def("gemm_epilogue(Tensor a, Tensor b, str epilogue, Tensor? bias, Tensor? residual, Tensor? mask, int seed, float p, str engine, "
+        "Tensor? b_mask=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {

@@ -76,20 +76,55 @@ inline __m512i interleave16(const u16* r0, const u16* r1, __mmask16 m) {
   return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
 }
 
+// Where b's values come from: bf16 memory, or an fp32 matrix rounded to bf16 as it is packed (to
+// nearest even, as apply_masks_ and c10 round), optionally through packed mask bits over its rows
+// (clear bit: 0). The matrix under b is w (rows x ld), b = w or w^T; `row`, `col` index w.
+struct BSource {
+  const u16* b16 = nullptr;
+  const float* b32 = nullptr;
+  const u32* bits = nullptr;  // (rows, wpr) words, with b32 only
+  int64_t wpr = 0;
+  int64_t ld = 0;  // w's row stride in elements
+
+  // the mask word's bits for columns col .. col + 31 of `row` (col a multiple of 32)
+  u32 word(int64_t row, int64_t col) const { return bits == nullptr ? 0xFFFFFFFFu : bits[row * wpr + col / 32]; }
+  // 16 values of `row` from column col (a multiple of 16), lanes in m, as bf16
+  __m256i load16(int64_t row, int64_t col, __mmask16 m) const {
+    if (b16 != nullptr) return _mm256_maskz_loadu_epi16(m, b16 + row * ld + col);
+    m &= static_cast<__mmask16>(word(row, col & ~int64_t(31)) >> (col & 31));
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, b32 + row * ld + col));
+    return reinterpret_cast<const __m256i&>(v);
+  }
+  // 32 values of `row` from column col (a multiple of 32), lanes in m, as bf16
+  __m512i load32(int64_t row, int64_t col, __mmask32 m) const {
+    if (b16 != nullptr) return _mm512_maskz_loadu_epi16(m, b16 + row * ld + col);
+    m &= word(row, col);
+    const float* r = b32 + row * ld + col;
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(static_cast<__mmask16>(m >> 16), r + 16),
+                                           _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), r));
+    return reinterpret_cast<const __m512i&>(v);
+  }
+  // 16 pairs (row r0, row r1) of columns col .. col + 15 (r1 < 0: zeros)
+  __m512i pairs16(int64_t r0, int64_t r1, int64_t col, __mmask16 m) const {
+    const __m512i lo = _mm512_cvtepu16_epi32(load16(r0, col, m));
+    if (r1 < 0) return lo;
+    return _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_cvtepu16_epi32(load16(r1, col, m)), 16));
+  }
+};
+
 // Panels lo .. hi of plain b (b[k][n] = b + k * ldb + n, N columns) into out + (panel - lo) * ps,
 // all K. Walked pair of rows by pair of rows across the panels: each row is read once, in order
 // (a walk down one panel's 32 columns would meet every row's line at the row stride).
-void pack_b_rows(const u16* b, int64_t ldb, int64_t k, int64_t n, int64_t lo, int64_t hi, int64_t ps, u32* out) {
+void pack_b_rows(const BSource& b, int64_t k, int64_t n, int64_t lo, int64_t hi, int64_t ps, u32* out) {
   const int64_t kp = (k + 1) / 2;
   for (int64_t p = 0; p < kp; ++p) {
-    const u16* r0 = b + 2 * p * ldb;
-    const u16* r1 = 2 * p + 1 < k ? r0 + ldb : nullptr;
+    const int64_t r0 = 2 * p, r1 = 2 * p + 1 < k ? 2 * p + 1 : -1;
     for (int64_t panel = lo; panel < hi; ++panel) {
       const int64_t n0 = panel * kNr, nc = std::min<int64_t>(kNr, n - n0);
       const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
       u32* o = out + (panel - lo) * ps + p * kNr;
-      _mm512_storeu_si512(o, interleave16(r0 + n0, r1 ? r1 + n0 : nullptr, m0));
-      _mm512_storeu_si512(o + 16, m1 ? interleave16(r0 + n0 + 16, r1 ? r1 + n0 + 16 : nullptr, m1) : _mm512_setzero_si512());
+      _mm512_storeu_si512(o, b.pairs16(r0, r1, n0, m0));
+      _mm512_storeu_si512(o + 16, m1 ? b.pairs16(r0, r1, n0 + 16, m1) : _mm512_setzero_si512());
     }
   }
 }
@@ -124,7 +159,7 @@ inline void transpose16(__m512i r[16]) {
 
 // Panel of transposed b (b[k][n] = w + n * ldw + k, i.e. b = w^T for a row-major w (N, K)):
 // columns n0 .. n0 + nc (nc <= 32), all K. Pair p of column n is the 32-bit word at w[n][2p].
-void pack_b_cols(const u16* w, int64_t ldw, int64_t k, int64_t n0, int64_t nc, u32* out) {
+void pack_b_cols(const BSource& w, int64_t k, int64_t n0, int64_t nc, u32* out) {
   const int64_t kp = (k + 1) / 2;
   for (int64_t g = 0; g < 2; ++g) {  // two groups of 16 columns
     const int64_t c0 = g * 16, cn = std::min<int64_t>(std::max<int64_t>(nc - c0, 0), 16);
@@ -133,7 +168,7 @@ void pack_b_cols(const u16* w, int64_t ldw, int64_t k, int64_t n0, int64_t nc, u
       const __mmask32 em = elems >= 32 ? 0xFFFFFFFFu : ((1u << elems) - 1u);
       __m512i r[16];
       for (int c = 0; c < 16; ++c)
-        r[c] = c < cn ? _mm512_maskz_loadu_epi16(em, w + (n0 + c0 + c) * ldw + 2 * p0) : _mm512_setzero_si512();
+        r[c] = c < cn ? w.load32(n0 + c0 + c, 2 * p0, em) : _mm512_setzero_si512();
       transpose16(r);  // r[j]: pair p0 + j of the 16 columns
       const int64_t np = std::min<int64_t>(kp - p0, 16);
       for (int j = 0; j < np; ++j) _mm512_storeu_si512(out + (p0 + j) * kNr + c0, r[j]);
@@ -329,8 +364,8 @@ constexpr double kSerialFlop = 2.0e6;
 constexpr int64_t kGroupBytes = 384 * 1024;
 
 template <typename Epi>
-void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const u16* b, int64_t bs0, int64_t bs1, int64_t m, int64_t k,
-         int64_t n, int threads) {
+void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& b, bool b_rows, int64_t m, int64_t k, int64_t n,
+         int threads) {
   const int64_t kp = (k + 1) / 2;
   const int64_t panels = (n + kNr - 1) / kNr, tiles = (m + kMr - 1) / kMr;
   // a read in place: row-major with even K and an even row stride (each pair one aligned-enough word)
@@ -339,9 +374,9 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const u16* b, i
   // panels' starts do not all fall in one L1 set
   const int64_t ps = kp * kNr + 16;
   auto pack_panels = [&](int64_t lo, int64_t hi, u32* dst) {  // panels lo .. hi into dst, ps apart
-    if (bs1 == 1) return pack_b_rows(b, bs0, k, n, lo, hi, ps, dst);
+    if (b_rows) return pack_b_rows(b, k, n, lo, hi, ps, dst);
     for (int64_t panel = lo; panel < hi; ++panel)
-      pack_b_cols(b, bs1, k, panel * kNr, std::min<int64_t>(kNr, n - panel * kNr), dst + (panel - lo) * ps);
+      pack_b_cols(b, k, panel * kNr, std::min<int64_t>(kNr, n - panel * kNr), dst + (panel - lo) * ps);
   };
   // the packed rows' stride: a multiple of 16 words (whole vectors) that is not a power of two (a
   // tile's pairs at a power-of-two stride would all fall in one L1 set)
@@ -406,35 +441,50 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const u16* b, i
 // a and b as the kernel reads them: each with a unit stride (else copied), strides normalized for
 // one-row / one-column views; the threads to use.
 struct Operands {
-  at::Tensor a, b;
-  const u16 *ap, *bp;
-  int64_t as0, as1, bs0, bs1, m, k, n;
+  at::Tensor a, b, mask;
+  const u16* ap;
+  BSource src;
+  bool b_rows;  // b row-major (packed by pairs of rows) or transposed (by 16 x 16 blocks)
+  int64_t as0, as1, m, k, n;
   int threads;
-  Operands(const at::Tensor& a_in, const at::Tensor& b_in)
+  // b bf16, or fp32 (rounded as packed) with optional packed mask bits over the rows of the matrix
+  // under b (b itself when row-major, b^T when transposed)
+  Operands(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& b_mask = at::Tensor())
       : a(a_in.stride(0) == 1 || a_in.stride(1) == 1 ? a_in : a_in.contiguous()),
-        b(b_in.stride(0) == 1 || b_in.stride(1) == 1 ? b_in : b_in.contiguous()) {
+        b(b_in.stride(0) == 1 || b_in.stride(1) == 1 ? b_in : b_in.contiguous()),
+        mask(b_mask.defined() ? b_mask.contiguous() : b_mask) {
     ap = reinterpret_cast<const u16*>(a.data_ptr());
-    bp = reinterpret_cast<const u16*>(b.data_ptr());
     m = a.size(0), k = a.size(1), n = b.size(1);
-    as0 = a.stride(0), as1 = a.stride(1), bs0 = b.stride(0), bs1 = b.stride(1);
+    as0 = a.stride(0), as1 = a.stride(1);
+    int64_t bs0 = b.stride(0), bs1 = b.stride(1);
     if (as1 != 1 && m == 1) as1 = 1;  // one row: row-major
     if (bs1 != 1 && k == 1) bs1 = 1, bs0 = n;
+    b_rows = bs1 == 1;
+    src.ld = b_rows ? bs0 : bs1;
+    if (b.scalar_type() == at::kBFloat16) {
+      src.b16 = reinterpret_cast<const u16*>(b.data_ptr());
+    } else {
+      src.b32 = b.data_ptr<float>();
+      if (mask.defined()) src.bits = reinterpret_cast<const u32*>(mask.data_ptr<int32_t>()), src.wpr = mask.size(1);
+    }
     threads = at::in_parallel_region() || 2.0 * m * n * k < kSerialFlop ? 1 : at::get_num_threads();
   }
   template <typename Epi>
   void run(const Epi& epi) const {
-    harmodt::run(epi, ap, as0, as1, bp, bs0, bs1, m, k, n, threads);
+    harmodt::run(epi, ap, as0, as1, src, b_rows, m, k, n, threads);
   }
 };
 
 }  // namespace
 #endif
 
-// out (M, N) contiguous bf16; a (M, K), b (K, N) bf16, each with a unit stride in some dim (else
+// out (M, N) contiguous bf16; a (M, K) bf16, b (K, N) bf16 or fp32 (rounded to bf16 as it is
+// packed, through b_mask's bits if given: see Operands), each with a unit stride in some dim (else
 // copied); bias: undefined or bf16 (N,), added to every row before the rounding.
-void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, const at::Tensor& b_mask) {
   TORCH_CHECK(bf16_gemm_available(), "gemm: the native bf16 GEMM needs AVX512-BF16 (this build or CPU lacks it)");
-  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16, "bf16_gemm_out: a and b must be bf16");
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && (b.scalar_type() == at::kBFloat16 || b.scalar_type() == at::kFloat),
+              "bf16_gemm_out: a must be bf16 and b bf16 or fp32");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kBFloat16, "bf16_gemm_out: out must be contiguous bf16");
   TORCH_CHECK(!bias.defined() || (bias.scalar_type() == at::kBFloat16 && bias.numel() == b.size(1)), "bf16_gemm_out: bias must be bf16 (N,)");
 #if defined(HARMODT_BF16_GEMM)
@@ -448,7 +498,7 @@ void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
     return;
   }
   const at::Tensor bias_ = bias.defined() ? bias.contiguous() : bias;
-  Operands(a, b).run(StoreBf16{out.data_ptr<c10::BFloat16>(), n, bias.defined() ? bias_.data_ptr<c10::BFloat16>() : nullptr});
+  Operands(a, b, b_mask).run(StoreBf16{out.data_ptr<c10::BFloat16>(), n, bias.defined() ? bias_.data_ptr<c10::BFloat16>() : nullptr});
 #endif
 }
 
@@ -456,7 +506,7 @@ void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
 // (K, N) bf16; bias fp32 (N,); residual fp32 contiguous (M, N); mask int32 (M, ceil(N / 32)).
 std::tuple<at::Tensor, at::Tensor> bf16_gemm_epilogue(const at::Tensor& a, const at::Tensor& b, GemmEpilogue kind,
                                                       const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& mask,
-                                                      int64_t seed, double p) {
+                                                      int64_t seed, double p, const at::Tensor& b_mask) {
   TORCH_CHECK(bf16_gemm_available(), "gemm_epilogue: the native bf16 GEMM needs AVX512-BF16 (this build or CPU lacks it)");
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   const bool bf16_out = kind == GemmEpilogue::kBiasRelu || kind == GemmEpilogue::kReluGrad;
@@ -466,12 +516,12 @@ std::tuple<at::Tensor, at::Tensor> bf16_gemm_epilogue(const at::Tensor& a, const
                                                     : at::Tensor();
   if (m == 0 || n == 0) return {out, sq};
 #if defined(HARMODT_BF16_GEMM)
-  const Operands ops(a, b);
+  const Operands ops(a, b, b_mask);
   const at::Tensor bias_ = bias.defined() ? bias.contiguous() : bias;
   const at::Tensor res_ = residual.defined() ? residual.contiguous() : residual;
   if (k == 0) {  // sums of nothing: 0 (through the same epilogue below, from a one-column zero product)
     const at::Tensor z = at::zeros({m, 1}, a.options()), zb = at::zeros({1, n}, a.options());
-    return bf16_gemm_epilogue(z, zb, kind, bias, residual, mask, seed, p);
+    return bf16_gemm_epilogue(z, zb, kind, bias, residual, mask, seed, p, at::Tensor());
   }
   switch (kind) {
     case GemmEpilogue::kBiasRelu:
