@@ -23,6 +23,10 @@
 // replaces two passes over all masked matrices per step (W * M before the blocks, the gradients'
 // masking after them), whose 19 MB at the paper's size come from and go to memory.
 //
+// bf16 on the AVX512-BF16 kernel (gemm_bf16.cpp): the GEMMs read the fp32 W through its mask
+// (b_mask; W * M rounded to bf16 as packed, no W * M buffer) and carry their epilogues
+// (gemm_epilogue: fc bias + ReLU, bias + dropout + residual, ReLU's backward with the fc bias
+// gradient, each weight gradient's masking and sum of squares).
 // gemm_dtype: None/float32, or bfloat16 (harmodt/model.py passes it under CPU bf16 autocast): the
 // GEMMs then take bf16 operands and give bf16 outputs (W * M is rounded to bf16 as it is expanded,
 // the layer norms write bf16 outputs and read the bf16 gradients of them), attention runs on the
