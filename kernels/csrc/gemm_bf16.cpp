@@ -7,6 +7,8 @@
 // b into its VNNI layout). The model's GEMMs are few and alike (M ~600 rows, K and N 256-1024), so
 // one register-blocked kernel covers them:
 //
+// * b may also be an fp32 weight W or W^T (with its task's packed mask): rounded to bf16 (and
+//   masked) while it is packed, so a bf16 block GEMM needs no W * M copy in bf16.
 // * b is packed per panel of kNr = 32 columns into VNNI pairs: for k-pair p, the 32 columns' values
 //   (b[2p][n], b[2p+1][n]) side by side, 128 bytes (odd K: the last pair's second half is 0). A
 //   plain b interleaves two rows; a transposed b (the forward's W^T) transposes 16x16 blocks of
@@ -60,12 +62,6 @@ u32* scratch(int slot, size_t words) {
   thread_local std::vector<u32> buf[3];
   if (buf[slot].size() < words) buf[slot].resize(words);
   return buf[slot].data();
-}
-
-inline u32 load_u32(const u16* p) {
-  u32 v;
-  std::memcpy(&v, p, 4);
-  return v;
 }
 
 // 16 bf16 of row r0 and row r1 (lanes in `m` only; r1 may be null: zeros) -> 16 pairs (r0, r1).
