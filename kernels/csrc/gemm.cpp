@@ -35,7 +35,23 @@ TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, con
 
 namespace harmodt {
 
-bool onednn_gemm_available() { return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN(); }
+// oneDNN's matmul entry point refuses CPUs it has no reduced-precision path for (PyTorch 2.13 checks
+// for AVX-512 BW/VL/DQ, AVX-NE-CONVERT or Graviton3 even for fp32 operands; AMD Zen 3 has none of them),
+// so besides the symbol and the build flag it is asked once, on a 1x1 product, whether it runs here.
+bool onednn_gemm_available() {
+  static const bool ok = [] {
+    if (&at::native::mkldnn_matmul == nullptr || !at::hasMKLDNN()) return false;
+    try {
+      const at::Tensor a = at::ones({1, 1}, at::kFloat);
+      at::Tensor out = at::zeros({1, 1}, at::kFloat);
+      at::native::mkldnn_matmul(a, a, out, 0.0f, 1.0f);
+      return out.item<float>() == 1.0f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
 
 namespace {
 
