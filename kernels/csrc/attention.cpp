@@ -28,6 +28,13 @@
 
 #include "common.h"
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+// CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 2/3, Intel before Skylake-X): 8-lane versions of
+// the micro-kernels below, the same arithmetic per lane.
+#define HARMODT_ATTENTION_AVX2 1
+#endif
+
 namespace harmodt {
 namespace {
 
@@ -80,6 +87,40 @@ inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
+}
+#elif defined(HARMODT_ATTENTION_AVX2)
+// All-ones lanes i < left of 8 (none for left <= 0).
+inline __m256i tail8(int64_t left) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(std::max<int64_t>(left, 0), 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
+}
+inline float hmax8(__m256 v) {
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
+}
+
+// e^x for x <= 0: exp512's Cephes expf on 8 lanes; 2^n (n in [-126, 0]) built from its exponent bits.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 #endif
 
@@ -138,6 +179,57 @@ inline void combine_rows(const float* w, int64_t ld, const float* m, int64_t n, 
     for (int r = 0; r < R; ++r) {
       _mm512_mask_storeu_ps(out + r * d + c, l0, acc[r][0]);
       _mm512_mask_storeu_ps(out + r * d + c + 16, l1, acc[r][1]);
+    }
+  }
+}
+#elif defined(HARMODT_ATTENTION_AVX2)
+// s[r * ld + 8 * (b0 + g) ...] = scale * sum_k x[r * d + k] * mt[k * ld + 8 * (b0 + g) ...], g < NB
+// (R x NB accumulators: 12 of 16 registers at R = 6, NB = 2).
+template <int R, int NB>
+inline void scores_block(const float* x, const float* mt, int64_t d, int64_t ld, int64_t b0, float scale, float* s) {
+  __m256 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < NB; ++g) acc[r][g] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < d; ++k) {
+    __m256 m[NB];
+    for (int g = 0; g < NB; ++g) m[g] = _mm256_loadu_ps(mt + k * ld + (b0 + g) * 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xr = _mm256_broadcast_ss(x + r * d + k);
+      for (int g = 0; g < NB; ++g) acc[r][g] = _mm256_fmadd_ps(xr, m[g], acc[r][g]);
+    }
+  }
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < NB; ++g) _mm256_storeu_ps(s + r * ld + (b0 + g) * 8, _mm256_mul_ps(acc[r][g], vs));
+}
+
+template <int R>
+inline void scores_rows(const float* x, const float* mt, int64_t d, int64_t ld, int64_t n, float scale, float* s) {
+  const int64_t nb = (n + 7) / 8;  // (mt's columns are zero-padded to ld, a multiple of 16)
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) scores_block<R, 2>(x, mt, d, ld, b, scale, s);
+  if (b < nb) scores_block<R, 1>(x, mt, d, ld, b, scale, s);
+}
+
+// out[r * d + c] = sum_{j < n} w[r * ld + j] * m[j * d + c] (columns in chunks of 16).
+template <int R>
+inline void combine_rows(const float* w, int64_t ld, const float* m, int64_t n, int64_t d, float* out) {
+  for (int64_t c = 0; c < d; c += 16) {
+    const __m256i l0 = tail8(d - c), l1 = tail8(d - c - 8);
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 v0 = _mm256_maskload_ps(m + j * d + c, l0);
+      const __m256 v1 = _mm256_maskload_ps(m + j * d + c + 8, l1);
+      for (int r = 0; r < R; ++r) {
+        const __m256 wr = _mm256_broadcast_ss(w + r * ld + j);
+        acc[r][0] = _mm256_fmadd_ps(wr, v0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(wr, v1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_maskstore_ps(out + r * d + c, l0, acc[r][0]);
+      _mm256_maskstore_ps(out + r * d + c + 8, l1, acc[r][1]);
     }
   }
 }
@@ -210,6 +302,25 @@ inline void pt_times_a_block(const float* p, const float* a, int64_t i0, int64_t
       _mm512_mask_storeu_ps(out + (j0 + r) * d + c + 16, l1, acc[r][1]);
     }
   }
+#elif defined(HARMODT_ATTENTION_AVX2)
+  for (int64_t c = 0; c < d; c += 16) {
+    const __m256i l0 = tail8(d - c), l1 = tail8(d - c - 8);
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t i = i0; i < rows; ++i) {
+      const __m256 v0 = _mm256_maskload_ps(a + i * d + c, l0), v1 = _mm256_maskload_ps(a + i * d + c + 8, l1);
+      const float* pi = p + i * ld + j0;
+      for (int r = 0; r < R; ++r) {
+        const __m256 w = _mm256_broadcast_ss(pi + r);
+        acc[r][0] = _mm256_fmadd_ps(w, v0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(w, v1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_maskstore_ps(out + (j0 + r) * d + c, l0, acc[r][0]);
+      _mm256_maskstore_ps(out + (j0 + r) * d + c + 8, l1, acc[r][1]);
+    }
+  }
 #else
   for (int r = 0; r < R; ++r)
     for (int64_t c = 0; c < d; ++c) {
@@ -223,7 +334,11 @@ inline void pt_times_a_block(const float* p, const float* a, int64_t i0, int64_t
 // p^T a for keys 0 .. tk - 1 (see pt_times_a_block); firstq[j]: the first row that can see key j.
 inline void pt_times_a(const float* p, const float* a, int64_t rows, int64_t ld, int64_t tk, int64_t d, const int64_t* firstq,
                        float* out) {
+#if defined(__AVX512F__)
   constexpr int kKeys = 12;  // 24 accumulators for d = 32
+#else
+  constexpr int kKeys = 6;  // AVX2: 12 accumulators of 16 registers
+#endif
   int64_t j = 0;
   for (; j + kKeys <= tk; j += kKeys) pt_times_a_block<kKeys>(p, a, firstq[j], rows, ld, d, j, out);
   for (; j + 4 <= tk; j += 4) pt_times_a_block<4>(p, a, firstq[j], rows, ld, d, j, out);
@@ -280,6 +395,35 @@ inline void softmax_row(float* s, const float* vis, int64_t qp, int64_t ld, cons
   }
   if (lse_in == nullptr) {
     const float l = _mm512_reduce_add_ps(vsum);
+    *inv_l = 1.0f / l;
+    if (lse_out != nullptr) *lse_out = m + std::log(l);
+  }
+#elif defined(HARMODT_ATTENTION_AVX2)
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), vn = _mm256_set1_epi32(static_cast<int>(n)),
+                vqp = _mm256_set1_epi32(static_cast<int>(qp));
+  auto lanes_at = [&](int64_t j) {  // all-ones where key j + lane is visible
+    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(j)), iota);
+    const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(vn, idx));
+    const __m256 nz = _mm256_cmp_ps(_mm256_loadu_ps(vis + j), _mm256_setzero_ps(), _CMP_NEQ_OQ);
+    return _mm256_or_ps(_mm256_and_ps(live, nz), _mm256_castsi256_ps(_mm256_cmpeq_epi32(idx, vqp)));
+  };
+  float m;
+  if (lse_in != nullptr) {
+    m = *lse_in;
+  } else {
+    __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < n; j += 8) vm = _mm256_blendv_ps(vm, _mm256_max_ps(vm, _mm256_loadu_ps(s + j)), lanes_at(j));
+    m = hmax8(vm);
+  }
+  const __m256 vmx = _mm256_set1_ps(m);
+  __m256 vsum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < np; j += 8) {
+    const __m256 e = _mm256_and_ps(lanes_at(j), exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmx)));
+    _mm256_storeu_ps(s + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  if (lse_in == nullptr) {
+    const float l = hsum8(vsum);
     *inv_l = 1.0f / l;
     if (lse_out != nullptr) *lse_out = m + std::log(l);
   }
@@ -405,6 +549,22 @@ inline void softmax_grad_row(float* p, float* dp, const float* km, int64_t n, in
     const __m512 pv = _mm512_maskz_loadu_ps(live, p + j);
     _mm512_storeu_ps(ds + j, _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, dp + j), di)), vs));
     if (km != nullptr && live) _mm512_mask_storeu_ps(p + j, live, _mm512_mul_ps(pv, _mm512_maskz_loadu_ps(live, km + j)));
+  }
+#elif defined(HARMODT_ATTENTION_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256i live = tail8(n - j);
+    __m256 g = _mm256_maskload_ps(dp + j, live);
+    if (km != nullptr) g = _mm256_mul_ps(g, _mm256_maskload_ps(km + j, live));
+    _mm256_maskstore_ps(dp + j, live, g);
+    acc = _mm256_fmadd_ps(_mm256_maskload_ps(p + j, live), g, acc);
+  }
+  const __m256 di = _mm256_set1_ps(hsum8(acc)), vs = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < ld; j += 8) {
+    const __m256i live = tail8(n - j);
+    const __m256 pv = _mm256_maskload_ps(p + j, live);
+    _mm256_storeu_ps(ds + j, _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_maskload_ps(dp + j, live), di)), vs));
+    if (km != nullptr && j < n) _mm256_maskstore_ps(p + j, live, _mm256_mul_ps(pv, _mm256_maskload_ps(km + j, live)));
   }
 #else
   float di = 0.0f;
