@@ -422,8 +422,11 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, eng
     contiguous or a transposed view). ``engine``: ``"native"`` (bf16 only: this library's
     AVX512-BF16 kernel, ``kernels/csrc/gemm_bf16.cpp``; fails loudly for fp32 or where the build or
     CPU lacks AVX512-BF16), ``"onednn"`` (oneDNN's matmul; fails loudly where this PyTorch build lacks
-    it), ``"blas"`` (``torch.mm``: MKL's sgemm for fp32, oneDNN inside for bf16), ``"auto"`` (native
-    for bf16 and oneDNN for fp32 when available; see ``kernels/csrc/gemm.cpp`` for why). A bf16
+    it or the CPU lacks the AVX-512 it asks for), ``"blas"`` (``torch.mm``: MKL's sgemm for fp32, oneDNN
+    inside for bf16), ``"auto"`` (native for bf16 and oneDNN for fp32 when available; see
+    ``kernels/csrc/gemm.cpp`` for why; on a CPU where oneDNN does not run, such as an AVX2-only AMD
+    Zen 3, MKL for fp32 and, for bf16, the fp32 GEMM of the exactly widened operands rounded once
+    to bf16, since ``torch.mm``'s own bf16 path there runs at a few GFLOP/s). A bf16
     ``a`` also takes an fp32 weight ``b`` (``W`` or ``W.t()``), optionally through its packed mask
     ``b_mask``: ``a @ bf16(b * M)``, rounded while the AVX512-BF16 kernel packs it (no ``W * M``
     buffer), or by one pass before the GEMM on the other engines."""
@@ -435,8 +438,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, eng
                                   f"{a.dtype}) and needs AVX512-BF16 in this build and CPU (available: {bf16_gemm_available()}); "
                                   "use engine='auto'")
     if engine == "onednn" and not onednn_gemm_available():
-        raise KernelArgumentError("gemm: engine 'onednn' is not available in this PyTorch build (no at::native::mkldnn_matmul "
-                                  "or no oneDNN); use engine='auto' or 'blas'")
+        raise KernelArgumentError("gemm: engine 'onednn' is not available here (this PyTorch build has no "
+                                  "at::native::mkldnn_matmul or no oneDNN, or its matmul refuses this CPU); use engine='auto' or 'blas'")
     return _ops().gemm(a, b, bias, engine, b_mask)
 
 

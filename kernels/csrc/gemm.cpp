@@ -117,6 +117,15 @@ void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b_in, cons
     return;
   }
   const at::Tensor b = a.scalar_type() == at::kBFloat16 ? bf16_operand(b_in, b_mask) : b_in;
+  if (a.scalar_type() == at::kBFloat16 && engine == GemmEngine::kAuto && !onednn_gemm_available()) {
+    // No bf16 matmul instructions and no oneDNN bf16 path on this CPU (AVX2 only): at::mm's bf16
+    // fallback there runs at a few GFLOP/s. The operands widen to fp32 exactly, so the fp32 GEMM
+    // of the widened operands, rounded once to bf16, is a bf16 GEMM with fp32 accumulation (what
+    // oneDNN computes, up to the order of the sums), at fp32 speed.
+    const at::Tensor a32 = a.to(at::kFloat), b32 = b.to(at::kFloat);
+    out.copy_(bias.defined() ? at::addmm(bias.to(at::kFloat), a32, b32) : at::mm(a32, b32));
+    return;
+  }
   const bool onednn = engine == GemmEngine::kOneDnn ||
                       (engine == GemmEngine::kAuto && a.scalar_type() == at::kFloat && onednn_gemm_available());
   TORCH_CHECK(!(engine == GemmEngine::kOneDnn && !onednn_gemm_available()),
