@@ -28,6 +28,7 @@ import torch
 
 from .data.batches import prompt_segment
 from .model import MaskContext
+from .runtime import bf16_matmul_note
 
 
 EXPANDED_MASKS_MAX_BYTES = 2 << 30  # evaluate(expand_masks=None): expand every task's W * M once when it takes at most this
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             raise EvalError(f"--tasks: {exc}") from None
         threshold = args.vote_threshold if args.vote_threshold is not None else cfg["masks"]["vote_threshold"]
+        if args.precision == "bf16" and (note := bf16_matmul_note()):
+            print(note, file=sys.stderr, flush=True)
         res = evaluate(model, masks, info, tasks, args.episodes, args.seed, fused=args.fused, backend=args.backend,
                        vote_threshold=threshold, batch_size=args.batch_size, progress=not args.no_progress,
                        precision=args.precision, target_return=args.target_return, sim_workers=args.sim_workers,

@@ -27,3 +27,17 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     ok &= libc.mallopt(M_TRIM_THRESHOLD, 1024 * 1024 * 1024)
     ok &= libc.mallopt(M_TOP_PAD, 64 * 1024 * 1024)
     return bool(ok)
+
+
+def bf16_matmul_note() -> str | None:
+    """A one-line note for ``--precision bf16`` on a CPU without bf16 matrix instructions
+    (AVX512-BF16 or AMX), None where it has them. There the bf16 GEMMs run as fp32 GEMMs of the
+    widened operands (``kernels/csrc/gemm.cpp``), so bf16 gives no speed-up over fp32, only its
+    rounding."""
+    import torch
+
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return None
+    return (f"[harmodt] note: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 matrix instructions "
+            "(AVX512-BF16 or AMX): --precision bf16 runs its GEMMs as fp32 products of bf16-rounded operands, "
+            "no faster than --precision fp32")

@@ -23,7 +23,7 @@ from .data.batches import PromptDTBatcher
 from .masks import TaskMasks, alpha_schedule, harmony_score
 from .model import MaskContext, build_model
 from .optim import MaskedAdamW, clip_coefficient
-from .runtime import keep_freed_memory
+from .runtime import bf16_matmul_note, keep_freed_memory
 from .tasks import parse_tasks
 
 
@@ -232,6 +232,8 @@ class Trainer:
 
 def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     keep_freed_memory()
+    if cfg.precision == "bf16" and (note := bf16_matmul_note()):
+        print(note, file=sys.stderr, flush=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)

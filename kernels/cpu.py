@@ -118,13 +118,15 @@ def _ops():
 
 
 def build(build_dir: str | os.PathLike | None = None, verbose: bool = False, output_dir: str | os.PathLike | None = None,
-          native_arch: bool = True) -> Path:
+          native_arch: bool = True, march: str | None = None) -> Path:
     """Configure and build the library with CMake from a source checkout; returns its path.
 
     The same CMake run as `setup.py`'s; the tests call it when the library is missing.
     ``output_dir``: where the library goes (default ``kernels/_lib``; load another one with
     ``HARMODT_KERNELS_LIB``). ``native_arch=False`` builds for the baseline x86-64 instruction set
-    (no AVX-512: the portable fallback loops every op keeps beside its vector path).
+    (no AVX-512: the portable fallback loops every op keeps beside its vector path). ``march``: an
+    ``-march`` target instead of the build machine's, e.g. ``"haswell"`` (AVX2 and FMA without
+    AVX-512: the paths AMD Zen 2/3 run).
     """
     if not (_SOURCE_ROOT / "CMakeLists.txt").is_file():
         raise RuntimeError(f"no CMakeLists.txt in {_SOURCE_ROOT}: build() needs a source checkout")
@@ -144,6 +146,7 @@ def build(build_dir: str | os.PathLike | None = None, verbose: bool = False, out
         f"-DHARMODT_OUTPUT_DIR={out}",
         f"-DPython_EXECUTABLE={sys.executable}",
         f"-DHARMODT_NATIVE_ARCH={'ON' if native_arch else 'OFF'}",
+        f"-DHARMODT_MARCH={march or ''}",
     ]
     stdout = None if verbose else subprocess.DEVNULL
     subprocess.run(cfg, check=True, stdout=stdout)
