@@ -26,14 +26,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "common.h"
-
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-// CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 2/3, Intel before Skylake-X): 8-lane versions of
-// the micro-kernels below, the same arithmetic per lane.
-#define HARMODT_ATTENTION_AVX2 1
-#endif
+#include "common.h"  // (HARMODT_AVX2: AVX2 and FMA without AVX-512, where 8-lane micro-kernels run)
 
 namespace harmodt {
 namespace {
@@ -88,12 +81,8 @@ inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
 }
-#elif defined(HARMODT_ATTENTION_AVX2)
-// All-ones lanes i < left of 8 (none for left <= 0).
-inline __m256i tail8(int64_t left) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(std::max<int64_t>(left, 0), 8))),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
+#elif defined(HARMODT_AVX2)
+inline __m256i tail8(int64_t left) { return tail_mask8(left); }  // lanes i < left
 inline float hsum8(__m256 v) {
   __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   a = _mm_add_ps(a, _mm_movehl_ps(a, a));
@@ -182,7 +171,7 @@ inline void combine_rows(const float* w, int64_t ld, const float* m, int64_t n, 
     }
   }
 }
-#elif defined(HARMODT_ATTENTION_AVX2)
+#elif defined(HARMODT_AVX2)
 // s[r * ld + 8 * (b0 + g) ...] = scale * sum_k x[r * d + k] * mt[k * ld + 8 * (b0 + g) ...], g < NB
 // (R x NB accumulators: 12 of 16 registers at R = 6, NB = 2).
 template <int R, int NB>
@@ -302,7 +291,7 @@ inline void pt_times_a_block(const float* p, const float* a, int64_t i0, int64_t
       _mm512_mask_storeu_ps(out + (j0 + r) * d + c + 16, l1, acc[r][1]);
     }
   }
-#elif defined(HARMODT_ATTENTION_AVX2)
+#elif defined(HARMODT_AVX2)
   for (int64_t c = 0; c < d; c += 16) {
     const __m256i l0 = tail8(d - c), l1 = tail8(d - c - 8);
     __m256 acc[R][2];
@@ -398,7 +387,7 @@ inline void softmax_row(float* s, const float* vis, int64_t qp, int64_t ld, cons
     *inv_l = 1.0f / l;
     if (lse_out != nullptr) *lse_out = m + std::log(l);
   }
-#elif defined(HARMODT_ATTENTION_AVX2)
+#elif defined(HARMODT_AVX2)
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), vn = _mm256_set1_epi32(static_cast<int>(n)),
                 vqp = _mm256_set1_epi32(static_cast<int>(qp));
   auto lanes_at = [&](int64_t j) {  // all-ones where key j + lane is visible
@@ -550,7 +539,7 @@ inline void softmax_grad_row(float* p, float* dp, const float* km, int64_t n, in
     _mm512_storeu_ps(ds + j, _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, dp + j), di)), vs));
     if (km != nullptr && live) _mm512_mask_storeu_ps(p + j, live, _mm512_mul_ps(pv, _mm512_maskz_loadu_ps(live, km + j)));
   }
-#elif defined(HARMODT_ATTENTION_AVX2)
+#elif defined(HARMODT_AVX2)
   __m256 acc = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; j += 8) {
     const __m256i live = tail8(n - j);

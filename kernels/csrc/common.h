@@ -16,6 +16,13 @@
 #include <immintrin.h>
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// AVX2 + FMA without AVX-512 (AMD Zen 2/3, Intel before Skylake-X): 8-lane paths beside the
+// 16-lane ones, the same arithmetic per lane.
+#include <immintrin.h>
+#define HARMODT_AVX2 1
+#endif
+
 namespace harmodt {
 
 inline int64_t num_words(int64_t k) { return (k + 31) / 32; }
@@ -66,12 +73,23 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& qkv, c
 // One row of K columns through its packed mask words (bit j % 32 of word j / 32 is column j).
 // With AVX-512, 16 bits of a word are the lane mask of one zero-masked load or masked add.
 
+#if defined(HARMODT_AVX2)
+// With AVX2, 8 bits are the lanes of one vector mask (lane i all ones iff bit i of bits is set).
+inline __m256i bits8(uint32_t bits) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), sel), sel);
+}
+#endif
+
 // out[j] = bit j ? src[j] : 0 (a select: masked inf/nan give 0); out may be src.
 inline void select_row_bits(const float* src, const uint32_t* words, int64_t k, float* out) {
   int64_t j = 0;
 #if defined(__AVX512F__)
   for (; j + 16 <= k; j += 16)
     _mm512_storeu_ps(out + j, _mm512_maskz_loadu_ps(static_cast<__mmask16>(words[j >> 5] >> (j & 31)), src + j));
+#elif defined(HARMODT_AVX2)
+  for (; j + 8 <= k; j += 8)
+    _mm256_storeu_ps(out + j, _mm256_and_ps(_mm256_castsi256_ps(bits8(words[j >> 5] >> (j & 31))), _mm256_loadu_ps(src + j)));
 #endif
   for (; j < k; ++j) out[j] = ((words[j >> 5] >> (j & 31)) & 1u) ? src[j] : 0.0f;
 }
@@ -84,6 +102,12 @@ inline void add_row_bits(const float* src, const uint32_t* words, int64_t k, flo
     const __mmask16 lanes = static_cast<__mmask16>(words[j >> 5] >> (j & 31));
     const __m512 d = _mm512_loadu_ps(dst + j);
     _mm512_storeu_ps(dst + j, _mm512_mask_add_ps(d, lanes, d, _mm512_maskz_loadu_ps(lanes, src + j)));
+  }
+#elif defined(HARMODT_AVX2)
+  for (; j + 8 <= k; j += 8) {  // d + src in the set lanes, d itself (even -0) elsewhere
+    const __m256 lanes = _mm256_castsi256_ps(bits8(words[j >> 5] >> (j & 31)));
+    const __m256 d = _mm256_loadu_ps(dst + j);
+    _mm256_storeu_ps(dst + j, _mm256_blendv_ps(d, _mm256_add_ps(d, _mm256_and_ps(lanes, _mm256_loadu_ps(src + j))), lanes));
   }
 #endif
   for (; j < k; ++j)
@@ -123,6 +147,64 @@ constexpr bool vector16_ok() {
   return false;
 }
 
+#if defined(HARMODT_AVX2)
+// 8 lanes of fp32 from float or bf16 memory and back (bf16 rounded to nearest even, NaN to 0x7FC0,
+// exactly as c10::BFloat16(float)). With a count n: only lanes i < n are read (the rest are +0) or
+// written.
+inline __m256i tail_mask8(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n < 0 ? 0 : n > 8 ? 8 : n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7FFF));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+inline __m256 load8(const float* p, int64_t n) { return _mm256_maskload_ps(p, tail_mask8(n)); }
+inline __m256 load8(const c10::BFloat16* p, int64_t n) {
+  c10::BFloat16 t[8] = {};
+  if (n > 0) std::memcpy(t, p, static_cast<size_t>(n < 8 ? n : 8) * sizeof(c10::BFloat16));
+  return load8(t);
+}
+inline void store8(float* p, __m256 v, int64_t n) { _mm256_maskstore_ps(p, tail_mask8(n), v); }
+inline void store8(c10::BFloat16* p, __m256 v, int64_t n) {
+  c10::BFloat16 t[8];
+  store8(t, v);
+  if (n > 0) std::memcpy(p, t, static_cast<size_t>(n < 8 ? n : 8) * sizeof(c10::BFloat16));
+}
+
+// _mm512_reduce_add_ps of the 16 lanes (lo, hi), in its order of adds (GCC's): the halves, the
+// 128-bit halves, then lanes 0 + 2 and 1 + 3, then those two.
+inline float reduce_add16(__m256 lo, __m256 hi) {
+  const __m256 h8 = _mm256_add_ps(hi, lo);
+  const __m128 h4 = _mm_add_ps(_mm256_extractf128_ps(h8, 1), _mm256_castps256_ps128(h8));
+  const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+  return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+}
+#endif
+
+// Whether load8/store8 cover element type T here (fp32 and bf16 with AVX2, when AVX-512 is absent).
+template <typename T>
+constexpr bool vector8_ok() {
+#if defined(HARMODT_AVX2)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) return true;
+#endif
+  return false;
+}
+
+// Whether row16 / dropout_row take T on their vector path (16 lanes with AVX-512, 8 with AVX2).
+template <typename T>
+constexpr bool vector_ok() {
+  return vector16_ok<T>() || vector8_ok<T>();
+}
+
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
 
 // The j-th output of the SplitMix64 generator started at seed (shared by dropout and attention).
@@ -158,6 +240,23 @@ inline __mmask16 keep16(uint64_t seed, int64_t i, __m512i thr) {
 }
 #endif
 
+#if defined(HARMODT_AVX2)
+// Keep lanes of the 8 elements at flat indices i .. i+7 (any alignment; threshold <= 0xFFFF in
+// thr's 16-bit fields): the fields of the draws of blocks i / 4 .., from field i % 4 on.
+inline __m256i keep8(uint64_t seed, int64_t i, __m128i thr) {
+  const uint64_t a = static_cast<uint64_t>(i >> 2);
+  const int s = 16 * static_cast<int>(i & 3);
+  uint64_t lo = splitmix(seed, a), hi = splitmix(seed, a + 1);
+  if (s != 0) {
+    const uint64_t top = splitmix(seed, a + 2);
+    lo = (lo >> s) | (hi << (64 - s));
+    hi = (hi >> s) | (top << (64 - s));
+  }
+  const __m128i h = _mm_set_epi64x(static_cast<int64_t>(hi), static_cast<int64_t>(lo));
+  return _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(_mm_max_epu16(h, thr), h));  // field >= threshold
+}
+#endif
+
 inline bool keep_scalar(uint64_t seed, int64_t i, uint32_t threshold) {
   const uint64_t h = splitmix(seed, static_cast<uint64_t>(i >> 2));
   return static_cast<uint32_t>((h >> (16 * (i & 3))) & 0xFFFFu) >= threshold;
@@ -165,19 +264,23 @@ inline bool keep_scalar(uint64_t seed, int64_t i, uint32_t threshold) {
 
 // One row of n columns: with Vec, vec(j, lanes) per 16-lane chunk (lanes: the live ones); the
 // remaining columns (all of them without AVX-512) go through scal(j) one at a time.
+// With AVX2 instead: vec(j, lanes) per whole 8-lane chunk (lanes all ones), the tail through scal.
 template <bool Vec, typename VecFn, typename ScalarFn>
 inline void row16(int64_t n, VecFn&& vec, ScalarFn&& scal) {
   int64_t j = 0;
 #if defined(HARMODT_AVX512_CVT)
   if constexpr (Vec)
     for (; j < n; j += 16) vec(j, tail_mask(n - j));
+#elif defined(HARMODT_AVX2)
+  if constexpr (Vec)
+    for (; j + 8 <= n; j += 8) vec(j, _mm256_set1_epi32(-1));
 #endif
   for (; j < n; ++j) scal(j);
 }
 
 // One row of n elements at flat offset base through the dropout keep mask (dropout.cpp): vec(j,
 // lanes, keep) per 16-lane chunk (keep: the kept ones among the live lanes), scal(j, kept) for the
-// rest. Thresholds above 0xFFFF (p rounds to 1) take the scalar path.
+// rest. Thresholds above 0xFFFF (p rounds to 1) take the scalar path. With AVX2: 8-lane chunks.
 template <bool Vec, typename VecFn, typename ScalarFn>
 inline void dropout_row(uint64_t seed, uint32_t threshold, int64_t base, int64_t n, VecFn&& vec, ScalarFn&& scal) {
   auto scalar = [&](int64_t j) { scal(j, keep_scalar(seed, base + j, threshold)); };
@@ -198,6 +301,17 @@ inline void dropout_row(uint64_t seed, uint32_t threshold, int64_t base, int64_t
             vec(j + k, lanes, threshold == 0 ? lanes : static_cast<__mmask16>(keep16(seed, base + j + k, thr) & lanes));
           },
           [&](int64_t k) { scalar(j + k); });
+      return;
+    }
+  }
+#elif defined(HARMODT_AVX2)
+  if constexpr (Vec) {
+    if (threshold <= 0xFFFF) {  // whole 8-lane chunks (keep: an all-ones lane per kept element), the tail scalar
+      const __m128i thr = _mm_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
+      const __m256i all = _mm256_set1_epi32(-1);
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8) vec(j, all, threshold == 0 ? all : keep8(seed, base + j, thr));
+      for (; j < n; ++j) scalar(j);
       return;
     }
   }

@@ -29,11 +29,13 @@ template <typename scalar_t>
 void apply(const scalar_t* x, scalar_t* y, int64_t n, uint64_t seed, uint32_t threshold, float scale) {
   at::parallel_for(0, (n + 3) / 4, 1 << 12, [&](int64_t b0, int64_t b1) {  // chunks of whole 4-element blocks
     const int64_t i0 = 4 * b0, i1 = std::min(n, 4 * b1);
-    dropout_row<vector16_ok<scalar_t>()>(
+    dropout_row<vector_ok<scalar_t>()>(
         seed, threshold, i0, i1 - i0,
         [&](int64_t j, auto lanes, auto keep) {
 #if defined(HARMODT_AVX512_CVT)
           store16(y + i0 + j, _mm512_maskz_mul_ps(keep, load16(x + i0 + j, lanes), _mm512_set1_ps(scale)), lanes);
+#elif defined(HARMODT_AVX2)
+          store8(y + i0 + j, _mm256_and_ps(_mm256_castsi256_ps(keep), _mm256_mul_ps(load8(x + i0 + j), _mm256_set1_ps(scale))));
 #endif
         },
         [&](int64_t j, bool kept) { y[i0 + j] = static_cast<scalar_t>(kept ? static_cast<float>(x[i0 + j]) * scale : 0.0f); });

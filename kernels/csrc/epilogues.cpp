@@ -81,12 +81,15 @@ void bias_relu_rows(T* z, const float* b, int64_t m, int64_t n) {
   at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* row = z + r * n;
-      row16<vector16_ok<T>()>(
+      row16<vector_ok<T>()>(
           n,
           [&](int64_t j, auto lanes) {
 #if defined(HARMODT_AVX512_CVT)
             const __m512 v = _mm512_add_ps(load16(row + j, lanes), _mm512_maskz_loadu_ps(lanes, b + j));
             store16(row + j, _mm512_max_ps(v, _mm512_setzero_ps()), lanes);
+#elif defined(HARMODT_AVX2)
+            const __m256 v = _mm256_add_ps(load8(row + j), _mm256_loadu_ps(b + j));  // max(v, 0): 0 for NaN, as v > 0 ? v : 0
+            store8(row + j, _mm256_max_ps(v, _mm256_setzero_ps()));
 #endif
           },
           [&](int64_t j) {
@@ -117,7 +120,7 @@ void relu_grad_rows(const T* g, const T* h, T* dz, ColumnSums* sums, int64_t m, 
       const T* gr = g + r * n;
       const T* hr = h + r * n;
       T* dr = dz + r * n;
-      row16<vector16_ok<T>()>(
+      row16<vector_ok<T>()>(
           n,
           [&](int64_t j, auto lanes) {
 #if defined(HARMODT_AVX512_CVT)
@@ -125,6 +128,11 @@ void relu_grad_rows(const T* g, const T* h, T* dz, ColumnSums* sums, int64_t m, 
             const __m512 d = _mm512_maskz_mov_ps(pos, load16(gr + j, lanes));
             store16(dr + j, d, lanes);
             if (acc) _mm512_mask_storeu_ps(acc + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + j), d));
+#elif defined(HARMODT_AVX2)
+            const __m256 pos = _mm256_cmp_ps(load8(hr + j), _mm256_setzero_ps(), _CMP_GT_OQ);
+            const __m256 d = _mm256_and_ps(pos, load8(gr + j));  // g where h > 0, else +0
+            store8(dr + j, d);
+            if (acc) _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), d));
 #endif
           },
           [&](int64_t j) {
@@ -178,12 +186,16 @@ void bias_dropout_add_rows(const Ty* y, const float* b, const Tr* res, Tr* out, 
       const Ty* yr = y + base;
       const Tr* rr = res + base;
       Tr* orow = out + base;
-      dropout_row<vector16_ok<Ty>() && vector16_ok<Tr>()>(
+      dropout_row<vector_ok<Ty>() && vector_ok<Tr>()>(
           seed, threshold, base, n,
           [&](int64_t j, auto lanes, auto keep) {
 #if defined(HARMODT_AVX512_CVT)
             const __m512 v = _mm512_add_ps(load16(yr + j, lanes), _mm512_maskz_loadu_ps(lanes, b + j));
             store16(orow + j, _mm512_add_ps(load16(rr + j, lanes), _mm512_maskz_mul_ps(keep, v, _mm512_set1_ps(scale))), lanes);
+#elif defined(HARMODT_AVX2)
+            const __m256 v = _mm256_add_ps(load8(yr + j), _mm256_loadu_ps(b + j));  // (y + b) * scale where kept, else +0
+            const __m256 d = _mm256_and_ps(_mm256_castsi256_ps(keep), _mm256_mul_ps(v, _mm256_set1_ps(scale)));
+            store8(orow + j, _mm256_add_ps(load8(rr + j), d));
 #endif
           },
           [&](int64_t j, bool kept) {
@@ -245,13 +257,17 @@ void dropout_grad_rows(const Tg* g, Td* dy, ColumnSums* sums, int64_t m, int64_t
       const int64_t base = r * n;
       const Tg* gr = g + base;
       Td* dr = dy + base;
-      dropout_row<vector16_ok<Tg>() && vector16_ok<Td>()>(
+      dropout_row<vector_ok<Tg>() && vector_ok<Td>()>(
           seed, threshold, base, n,
           [&](int64_t j, auto lanes, auto keep) {
 #if defined(HARMODT_AVX512_CVT)
             const __m512 d = _mm512_maskz_mul_ps(keep, load16(gr + j, lanes), _mm512_set1_ps(scale));
             store16(dr + j, d, lanes);
             if (acc) _mm512_mask_storeu_ps(acc + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + j), d));
+#elif defined(HARMODT_AVX2)
+            const __m256 d = _mm256_and_ps(_mm256_castsi256_ps(keep), _mm256_mul_ps(load8(gr + j), _mm256_set1_ps(scale)));
+            store8(dr + j, d);
+            if (acc) _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), d));
 #endif
           },
           [&](int64_t j, bool kept) {
@@ -302,11 +318,13 @@ void column_sum_rows(const T* g, ColumnSums* sums, int64_t m, int64_t n) {
     float* acc = sums->mine();
     for (int64_t r = r0; r < r1; ++r) {
       const T* gr = g + r * n;
-      row16<vector16_ok<T>()>(
+      row16<vector_ok<T>()>(
           n,
           [&](int64_t j, auto lanes) {
 #if defined(HARMODT_AVX512_CVT)
             _mm512_mask_storeu_ps(acc + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + j), load16(gr + j, lanes)));
+#elif defined(HARMODT_AVX2)
+            _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), load8(gr + j)));
 #endif
           },
           [&](int64_t j) { acc[j] += static_cast<float>(gr[j]); });

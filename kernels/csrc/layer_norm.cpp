@@ -34,6 +34,18 @@ constexpr int64_t kGrainRows = 16;
 
 #if defined(__AVX512F__)
 inline __mmask16 lanes_of(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u); }
+#elif defined(HARMODT_AVX2)
+// 8 lanes at p: all of them (Full), or the first `left` (the rest read as +0, not written).
+template <bool Full, typename T>
+inline __m256 ld8(const T* p, int64_t left) {
+  if constexpr (Full) return load8(p);
+  else return load8(p, left);
+}
+template <bool Full, typename T>
+inline void st8(T* p, __m256 v, int64_t left) {
+  if constexpr (Full) store8(p, v);
+  else store8(p, v, left);
+}
 #endif
 
 // sum_j a[j] over n floats (four accumulators: the adds do not wait on each other).
@@ -50,6 +62,25 @@ inline float row_sum(const float* a, int64_t n) {
   }
   for (; j < n; j += 16) a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(lanes_of(n - j), a + j));
   s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(HARMODT_AVX2)
+  // the AVX-512 path's four 16-lane accumulators as 8-lane halves (l, h), the same adds per lane
+  __m256 a0l = _mm256_setzero_ps(), a0h = a0l, a1l = a0l, a1h = a0l, a2l = a0l, a2h = a0l, a3l = a0l, a3h = a0l;
+  for (; j + 64 <= n; j += 64) {
+    a0l = _mm256_add_ps(a0l, _mm256_loadu_ps(a + j));
+    a0h = _mm256_add_ps(a0h, _mm256_loadu_ps(a + j + 8));
+    a1l = _mm256_add_ps(a1l, _mm256_loadu_ps(a + j + 16));
+    a1h = _mm256_add_ps(a1h, _mm256_loadu_ps(a + j + 24));
+    a2l = _mm256_add_ps(a2l, _mm256_loadu_ps(a + j + 32));
+    a2h = _mm256_add_ps(a2h, _mm256_loadu_ps(a + j + 40));
+    a3l = _mm256_add_ps(a3l, _mm256_loadu_ps(a + j + 48));
+    a3h = _mm256_add_ps(a3h, _mm256_loadu_ps(a + j + 56));
+  }
+  for (; j < n; j += 16) {
+    a0l = _mm256_add_ps(a0l, load8(a + j, n - j));
+    a0h = _mm256_add_ps(a0h, load8(a + j + 8, n - j - 8));
+  }
+  s = reduce_add16(_mm256_add_ps(_mm256_add_ps(a0l, a1l), _mm256_add_ps(a2l, a3l)),
+                   _mm256_add_ps(_mm256_add_ps(a0h, a1h), _mm256_add_ps(a2h, a3h)));
 #endif
   for (; j < n; ++j) s += a[j];
   return s;
@@ -76,6 +107,31 @@ inline float row_sq_dev(const float* a, int64_t n, float c) {
     a0 = _mm512_fmadd_ps(d, d, a0);
   }
   s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(HARMODT_AVX2)
+  __m256 a0l = _mm256_setzero_ps(), a0h = a0l, a1l = a0l, a1h = a0l, a2l = a0l, a2h = a0l, a3l = a0l, a3h = a0l;
+  const __m256 vc = _mm256_set1_ps(c);
+  auto sq = [&](__m256 acc, const float* p) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(p), vc);
+    return _mm256_fmadd_ps(d, d, acc);
+  };
+  for (; j + 64 <= n; j += 64) {
+    a0l = sq(a0l, a + j);
+    a0h = sq(a0h, a + j + 8);
+    a1l = sq(a1l, a + j + 16);
+    a1h = sq(a1h, a + j + 24);
+    a2l = sq(a2l, a + j + 32);
+    a2h = sq(a2h, a + j + 40);
+    a3l = sq(a3l, a + j + 48);
+    a3h = sq(a3h, a + j + 56);
+  }
+  for (; j < n; j += 16) {  // the last columns: dead lanes give d = 0
+    const __m256 dl = _mm256_and_ps(_mm256_castsi256_ps(tail_mask8(n - j)), _mm256_sub_ps(load8(a + j, n - j), vc));
+    const __m256 dh = _mm256_and_ps(_mm256_castsi256_ps(tail_mask8(n - j - 8)), _mm256_sub_ps(load8(a + j + 8, n - j - 8), vc));
+    a0l = _mm256_fmadd_ps(dl, dl, a0l);
+    a0h = _mm256_fmadd_ps(dh, dh, a0h);
+  }
+  s = reduce_add16(_mm256_add_ps(_mm256_add_ps(a0l, a1l), _mm256_add_ps(a2l, a3l)),
+                   _mm256_add_ps(_mm256_add_ps(a0h, a1h), _mm256_add_ps(a2h, a3h)));
 #endif
   for (; j < n; ++j) s += (a[j] - c) * (a[j] - c);
   return s;
@@ -106,6 +162,17 @@ inline void normalize_row(const float* xr, const float* wp, const float* bp, flo
       const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(l, xr + j), vmu), vrs);
       store16(yr + j, _mm512_fmadd_ps(xhat, _mm512_maskz_loadu_ps(l, wp + j), _mm512_maskz_loadu_ps(l, bp + j)), l);
     }
+  }
+#elif defined(HARMODT_AVX2)
+  if constexpr (vector8_ok<TY>()) {  // common.h's store8: fp32, or bf16 rounded to nearest even; the same FMA as AVX-512
+    const __m256 vmu = _mm256_set1_ps(mu), vrs = _mm256_set1_ps(rs);
+    auto step = [&](auto full, int64_t jj) {
+      constexpr bool F = decltype(full)::value;
+      const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(ld8<F>(xr + jj, c - jj), vmu), vrs);
+      st8<F>(yr + jj, _mm256_fmadd_ps(xhat, ld8<F>(wp + jj, c - jj), ld8<F>(bp + jj, c - jj)), c - jj);
+    };
+    for (; j + 8 <= c; j += 8) step(std::true_type{}, j);
+    if (j < c) step(std::false_type{}, j), j = c;
   }
 #endif
   for (; j < c; ++j) yr[j] = static_cast<TY>((xr[j] - mu) * rs * wp[j] + bp[j]);
@@ -176,6 +243,32 @@ void backward_rows(const TG* gp, const float* xp, const float* mp, const float* 
     }
     sg = _mm512_reduce_add_ps(asg);
     sgx = _mm512_reduce_add_ps(asgx);
+#elif defined(HARMODT_AVX2)
+    const __m256 vmu = _mm256_set1_ps(mu), vrs = _mm256_set1_ps(rs);
+    __m256 asg[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, asgx[2] = {asg[0], asg[0]};  // the 16 lanes as 2 halves
+    auto step1 = [&](auto full, int64_t jj, int h) {
+      constexpr bool F = decltype(full)::value;
+      const int64_t left = c - jj;
+      const __m256 dy = ld8<F>(gr + jj, left);
+      __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(ld8<F>(xr + jj, left), vmu), vrs);
+      if constexpr (!F) xhat = _mm256_and_ps(_mm256_castsi256_ps(tail_mask8(left)), xhat);  // 0 in dead lanes
+      const __m256 g = _mm256_mul_ps(dy, ld8<F>(wp + jj, left));
+      asg[h] = _mm256_add_ps(asg[h], g);
+      asgx[h] = _mm256_fmadd_ps(g, xhat, asgx[h]);
+      st8<F>(dw + jj, _mm256_fmadd_ps(dy, xhat, ld8<F>(dw + jj, left)), left);
+      st8<F>(db + jj, _mm256_add_ps(dy, ld8<F>(db + jj, left)), left);
+    };
+    for (; j + 16 <= c; j += 16) {
+      step1(std::true_type{}, j, 0);
+      step1(std::true_type{}, j + 8, 1);
+    }
+    if (j < c) {
+      step1(std::false_type{}, j, 0);
+      step1(std::false_type{}, j + 8, 1);
+      j = c;
+    }
+    sg = reduce_add16(asg[0], asg[1]);
+    sgx = reduce_add16(asgx[0], asgx[1]);
 #endif
     for (; j < c; ++j) {
       const float dy = static_cast<float>(gr[j]);
@@ -198,6 +291,19 @@ void backward_rows(const TG* gp, const float* xp, const float* mp, const float* 
       if (ep != nullptr) d = _mm512_add_ps(d, _mm512_maskz_loadu_ps(l, ep + r * c + j));
       _mm512_mask_storeu_ps(dr + j, l, d);
     }
+#elif defined(HARMODT_AVX2)
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+    auto step2 = [&](auto full, int64_t jj) {
+      constexpr bool F = decltype(full)::value;
+      const int64_t left = c - jj;
+      const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(ld8<F>(xr + jj, left), vmu), vrs);
+      const __m256 g = _mm256_mul_ps(ld8<F>(gr + jj, left), ld8<F>(wp + jj, left));
+      __m256 d = _mm256_mul_ps(vrs, _mm256_sub_ps(_mm256_sub_ps(g, va), _mm256_mul_ps(xhat, vb)));
+      if (ep != nullptr) d = _mm256_add_ps(d, ld8<F>(ep + r * c + jj, left));
+      st8<F>(dr + jj, d, left);
+    };
+    for (; j + 8 <= c; j += 8) step2(std::true_type{}, j);
+    if (j < c) step2(std::false_type{}, j), j = c;
 #endif
     for (; j < c; ++j) {
       const float xhat = (xr[j] - mu) * rs, g = static_cast<float>(gr[j]) * wp[j];

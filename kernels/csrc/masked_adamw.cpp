@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common.h"  // HARMODT_AVX2 (AVX2 + FMA without AVX-512), bits8, reduce_add16
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -58,6 +60,20 @@ inline void adamw_16(float* p, const float* g, float* m, float* v, __mmask16 kee
   const __m512 updated = _mm512_sub_ps(_mm512_mul_ps(old, decay), _mm512_div_ps(_mm512_mul_ps(step_size, mi), denom));
   _mm512_mask_storeu_ps(p, keep, updated);
 }
+#elif defined(HARMODT_AVX2)
+// The same update on 8 lanes; outside the lanes of `keep` the weight is written back as it was.
+inline void adamw_8(float* p, const float* g, float* m, float* v, __m256 keep, __m256 b2, __m256 omb1, __m256 omb2,
+                    __m256 step_size, __m256 bc2_sqrt, __m256 decay, __m256 eps, __m256 gscale) {
+  const __m256 gi = _mm256_mul_ps(_mm256_loadu_ps(g), gscale), mi0 = _mm256_loadu_ps(m), vi0 = _mm256_loadu_ps(v);
+  const __m256 mi = _mm256_add_ps(mi0, _mm256_mul_ps(omb1, _mm256_sub_ps(gi, mi0)));
+  const __m256 vi = _mm256_add_ps(_mm256_mul_ps(b2, vi0), _mm256_mul_ps(_mm256_mul_ps(omb2, gi), gi));
+  _mm256_storeu_ps(m, mi);
+  _mm256_storeu_ps(v, vi);
+  const __m256 old = _mm256_loadu_ps(p);
+  const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), bc2_sqrt), eps);
+  const __m256 updated = _mm256_sub_ps(_mm256_mul_ps(old, decay), _mm256_div_ps(_mm256_mul_ps(step_size, mi), denom));
+  _mm256_storeu_ps(p, _mm256_blendv_ps(old, updated, keep));
+}
 #endif
 
 // One tensor's share of a step: its pointers, its keep mask (none, bool bytes or packed bits) and the
@@ -87,6 +103,10 @@ void update_range(const Item& it, int64_t lo, int64_t hi, const Consts& c) {
   const __m512 vb2 = _mm512_set1_ps(c.b2), vomb1 = _mm512_set1_ps(1.0f - c.b1), vomb2 = _mm512_set1_ps(1.0f - c.b2),
                vss = _mm512_set1_ps(it.step_size), vbc = _mm512_set1_ps(it.bc2_sqrt), vdecay = _mm512_set1_ps(it.decay),
                veps = _mm512_set1_ps(c.eps), vgs = _mm512_set1_ps(c.gscale);
+#elif defined(HARMODT_AVX2)
+  const __m256 vb2 = _mm256_set1_ps(c.b2), vomb1 = _mm256_set1_ps(1.0f - c.b1), vomb2 = _mm256_set1_ps(1.0f - c.b2),
+               vss = _mm256_set1_ps(it.step_size), vbc = _mm256_set1_ps(it.bc2_sqrt), vdecay = _mm256_set1_ps(it.decay),
+               veps = _mm256_set1_ps(c.eps), vgs = _mm256_set1_ps(c.gscale);
 #endif
   if (it.keep_words == nullptr) {
     int64_t i = lo;
@@ -97,6 +117,14 @@ void update_range(const Item& it, int64_t lo, int64_t hi, const Consts& c) {
           k == nullptr ? __mmask16(0xFFFF)
                        : _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k + i)), _mm_set1_epi8(static_cast<char>(0xFF)));
       adamw_16(p + i, g + i, m + i, v + i, lanes, vb2, vomb1, vomb2, vss, vbc, vdecay, veps, vgs);
+    }
+#elif defined(HARMODT_AVX2)
+    for (; i + 8 <= hi; i += 8) {  // 8 keep bytes -> 8 lanes (all ones where the byte is nonzero)
+      const __m256 lanes =
+          k == nullptr ? _mm256_castsi256_ps(_mm256_set1_epi32(-1))
+                       : _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(k + i))),
+                                                                _mm256_setzero_si256()));
+      adamw_8(p + i, g + i, m + i, v + i, lanes, vb2, vomb1, vomb2, vss, vbc, vdecay, veps, vgs);
     }
 #endif
     if (k != nullptr) {
@@ -120,6 +148,10 @@ void update_range(const Item& it, int64_t lo, int64_t hi, const Consts& c) {
     for (; j + 16 <= kcols; j += 16)
       adamw_16(p + o + j, g + o + j, m + o + j, v + o + j, static_cast<__mmask16>(wr[j >> 5] >> (j & 31)), vb2, vomb1, vomb2,
                vss, vbc, vdecay, veps, vgs);
+#elif defined(HARMODT_AVX2)
+    for (; j + 8 <= kcols; j += 8)
+      adamw_8(p + o + j, g + o + j, m + o + j, v + o + j, _mm256_castsi256_ps(harmodt::bits8(wr[j >> 5] >> (j & 31))), vb2, vomb1,
+              vomb2, vss, vbc, vdecay, veps, vgs);
 #endif
     while (j < kcols) {  // the rest (all of it without AVX-512), through the byte-mask loop 32 at a time
       const int64_t len = std::min<int64_t>(32 - (j & 31), kcols - j);
@@ -248,6 +280,17 @@ double sum_squares(at::TensorList tensors) {
       a1 = _mm512_fmadd_ps(x1, x1, a1);
     }
     acc = static_cast<double>(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+#elif defined(HARMODT_AVX2)
+    __m256 a0l = _mm256_setzero_ps(), a0h = a0l, a1l = a0l, a1h = a0l;  // the AVX-512 path's a0, a1 as 8-lane halves
+    for (; i + 32 <= n; i += 32) {
+      const __m256 x0 = _mm256_loadu_ps(p + i), x1 = _mm256_loadu_ps(p + i + 8);
+      const __m256 x2 = _mm256_loadu_ps(p + i + 16), x3 = _mm256_loadu_ps(p + i + 24);
+      a0l = _mm256_fmadd_ps(x0, x0, a0l);
+      a0h = _mm256_fmadd_ps(x1, x1, a0h);
+      a1l = _mm256_fmadd_ps(x2, x2, a1l);
+      a1h = _mm256_fmadd_ps(x3, x3, a1h);
+    }
+    acc = static_cast<double>(harmodt::reduce_add16(_mm256_add_ps(a0l, a1l), _mm256_add_ps(a0h, a1h)));
 #endif
     for (; i < n; ++i) acc += static_cast<double>(p[i]) * p[i];
     total += acc;

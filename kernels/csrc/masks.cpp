@@ -105,6 +105,29 @@ double select_rows_cvt(const Ts* s, const uint32_t* words, int64_t rows, int64_t
         }
         acc += static_cast<double>(_mm512_reduce_add_ps(vsq));
       }
+#elif defined(HARMODT_AVX2)
+      if constexpr (vector8_ok<Ts>() && vector8_ok<To>()) {
+        __m256 sq_lo = _mm256_setzero_ps(), sq_hi = _mm256_setzero_ps();  // the 16 lanes of the AVX-512 path's sum
+        for (; j < k; j += 16) {
+          const uint32_t bits = wr[j >> 5] >> (j & 31);
+          const __m256 m0 = _mm256_castsi256_ps(bits8(bits)), m1 = _mm256_castsi256_ps(bits8(bits >> 8));
+          __m256 lo, hi;  // zero outside the mask
+          if (j + 16 <= k) {
+            lo = _mm256_and_ps(m0, load8(sr + j));
+            hi = _mm256_and_ps(m1, load8(sr + j + 8));
+            store8(orow + j, lo);
+            store8(orow + j + 8, hi);
+          } else {  // the last columns: only the live lanes are read and written
+            lo = _mm256_and_ps(m0, load8(sr + j, k - j));
+            hi = _mm256_and_ps(m1, load8(sr + j + 8, k - j - 8));
+            store8(orow + j, lo, k - j);
+            store8(orow + j + 8, hi, k - j - 8);
+          }
+          sq_lo = _mm256_fmadd_ps(lo, lo, sq_lo);
+          sq_hi = _mm256_fmadd_ps(hi, hi, sq_hi);
+        }
+        acc += static_cast<double>(reduce_add16(sq_lo, sq_hi));
+      }
 #endif
       for (; j < k; ++j) {
         const float v = ((wr[j >> 5] >> (j & 31)) & 1u) ? static_cast<float>(sr[j]) : 0.0f;
@@ -168,6 +191,14 @@ double apply_mask_impl(at::Tensor& out, const at::Tensor& src, const at::Tensor&
       v = _mm512_fmadd_ps(xi, xi, v);
     }
     acc = static_cast<double>(_mm512_reduce_add_ps(v));
+#elif defined(HARMODT_AVX2)
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  // the 16 lanes of the AVX-512 path
+    for (; i + 16 <= len; i += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+      lo = _mm256_fmadd_ps(x0, x0, lo);
+      hi = _mm256_fmadd_ps(x1, x1, hi);
+    }
+    acc = static_cast<double>(reduce_add16(lo, hi));
 #endif
     for (; i < len; ++i) acc += static_cast<double>(x[i]) * x[i];
     parts[at::get_thread_num()] += acc;
@@ -181,6 +212,12 @@ double apply_mask_impl(at::Tensor& out, const at::Tensor& src, const at::Tensor&
         const __mmask16 lanes = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + i)),
                                                    _mm_set1_epi8(static_cast<char>(0xFF)));
         _mm512_storeu_ps(o + i, _mm512_maskz_loadu_ps(lanes, s + i));
+      }
+#elif defined(HARMODT_AVX2)
+      for (; i + 8 <= end; i += 8) {  // 8 mask bytes -> 8 lanes (all ones where the byte is nonzero) -> and
+        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m + i)));
+        const __m256 lanes = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bytes, _mm256_setzero_si256()));
+        _mm256_storeu_ps(o + i, _mm256_and_ps(lanes, _mm256_loadu_ps(s + i)));
       }
 #endif
       for (; i < end; ++i) o[i] = m[i] ? s[i] : 0.0f;
