@@ -1276,3 +1276,26 @@ def test_fused_block_argument_errors():
     low = op(x, *ln, *mats, *rest, packed, None, torch.bfloat16)
     assert low.dtype == torch.float32
     assert 0 < (low - want).abs().max() <= 0.03 * want.abs().max()  # (unit-variance weights: outputs of ~5)
+
+
+@pytest.mark.skipif(cpu.onednn_gemm_available() or cpu.bf16_gemm_available(),
+                    reason="oneDNN (or the AVX512-BF16 kernel) runs bf16 GEMMs here: no widened fp32 path")
+def test_bf16_gemm_without_onednn_runs_fp32_products_even_under_autocast():
+    """Where oneDNN does not run (AVX2-only CPUs), a bf16 gemm is the fp32 product of the widened
+    operands rounded once -- also when called under CPU autocast (the bf16 block nodes), which
+    would otherwise cast the fp32 operands back to bf16 for torch.mm's slow bf16 fallback."""
+    g = torch.Generator().manual_seed(3)
+    a, w = torch.randn(37, 29, generator=g).bfloat16(), torch.randn(41, 29, generator=g)
+    mask = torch.rand(41, 29, generator=g) > 0.3
+    bias = torch.randn(41, generator=g).bfloat16()
+    wm = (w * mask).bfloat16()
+    want = a.double() @ wm.double().t()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.profiler.profile(record_shapes=True) as prof:
+            got = cpu.gemm(a, w.t(), b_mask=cpu.pack_masks(mask))
+            got_bias = cpu.gemm(a, wm.t(), bias)
+        dtypes = [e.input_dtypes for e in prof.events() if e.name in ("aten::mm", "aten::addmm")]
+        assert dtypes and all(set(d) - {"", "Scalar"} == {"float"} for d in dtypes), dtypes
+        assert got.dtype == got_bias.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want.bfloat16(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(got_bias, (want + bias.double()).bfloat16(), rtol=1e-2, atol=1e-2)

@@ -18,6 +18,7 @@
 // oneDNN follows them, as at::mm would.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -122,6 +123,9 @@ void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b_in, cons
     // fallback there runs at a few GFLOP/s. The operands widen to fp32 exactly, so the fp32 GEMM
     // of the widened operands, rounded once to bf16, is a bf16 GEMM with fp32 accumulation (what
     // oneDNN computes, up to the order of the sums), at fp32 speed.
+    // (Called under CPU autocast by the bf16 block nodes: keep autocast from casting the fp32
+    // operands back to bf16 for at::mm.)
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet(c10::DispatchKey::AutocastCPU));
     const at::Tensor a32 = a.to(at::kFloat), b32 = b.to(at::kFloat);
     out.copy_(bias.defined() ? at::addmm(bias.to(at::kFloat), a32, b32) : at::mm(a32, b32));
     return;
