@@ -32,12 +32,12 @@ def keep_freed_memory(enabled: bool = True) -> bool:
 def bf16_matmul_note() -> str | None:
     """A one-line note for ``--precision bf16`` on a CPU without bf16 matrix instructions
     (AVX512-BF16 or AMX), None where it has them. There the bf16 GEMMs run as fp32 GEMMs of the
-    widened operands (``kernels/csrc/gemm.cpp``), so bf16 gives no speed-up over fp32, only its
-    rounding."""
+    widened operands (AVX2-only CPUs, ``kernels/csrc/gemm.cpp``) or as oneDNN's emulation (AVX-512
+    without its bf16 extension), so bf16 gives no speed-up over fp32, only its rounding."""
     import torch
 
     if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
         return None
     return (f"[harmodt] note: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 matrix instructions "
-            "(AVX512-BF16 or AMX): --precision bf16 runs its GEMMs as fp32 products of bf16-rounded operands, "
+            "(AVX512-BF16 or AMX): --precision bf16 rounds like bf16 but computes its GEMMs at fp32 rates, "
             "no faster than --precision fp32")
