@@ -366,6 +366,13 @@ def onednn_gemm_available() -> bool:
     return bool(_ops().onednn_gemm_available())
 
 
+def f32_gemm_available() -> bool:
+    """Whether fp32 GEMMs can go through this library's AVX2 + FMA kernel
+    (``kernels/csrc/gemm_f32.cpp``: compiled for AVX2 without AVX-512, and running on a CPU with
+    AVX2 and FMA); ``engine="auto"`` uses it where oneDNN's matmul does not run."""
+    return bool(_ops().f32_gemm_available())
+
+
 def bf16_gemm_available() -> bool:
     """Whether bf16 GEMMs can go through this library's AVX512-BF16 kernel
     (``kernels/csrc/gemm_bf16.cpp``: built with AVX512-BF16 and running on a CPU that has it);
@@ -393,10 +400,12 @@ def _check_matmul_args(op: str, a_name: str, a: torch.Tensor, b_name: str, b: to
 
 def _check_weight_operand(op: str, a: torch.Tensor, b: torch.Tensor, b_mask: torch.Tensor | None) -> None:
     """A bf16 ``a`` may take an fp32 ``b`` = ``W`` or ``W.t()`` of a contiguous ``W`` (rounded to bf16
-    as the GEMM reads it), with ``b_mask`` = W's packed mask (:func:`pack_masks`) or None."""
+    as the GEMM reads it), with ``b_mask`` = W's packed mask (:func:`pack_masks`) or None; an fp32
+    ``a`` may take such a ``b`` with its ``b_mask``."""
     w = b.t() if b.dim() == 2 and b.stride(0) == 1 and b.stride(1) != 1 else b
     if not w.is_contiguous():
-        raise KernelArgumentError(f"{op}: an fp32 b with a bf16 a must be a contiguous W or W.t(), got strides {tuple(b.stride())}")
+        raise KernelArgumentError(f"{op}: an fp32 b with a bf16 a or a b_mask must be a contiguous W or W.t(), got strides "
+                                  f"{tuple(b.stride())}")
     if b_mask is not None:
         _check_cpu("b_mask", b_mask)
         want = (w.shape[0], (w.shape[1] + 31) // 32)
@@ -416,30 +425,42 @@ def _matmul_operands(op: str, a: torch.Tensor, b: torch.Tensor, bias, b_mask) ->
         return
     _check_matmul_args(op, "a", a, "b", b, 0, bias)
     if b_mask is not None:
-        raise KernelArgumentError(f"{op}: b_mask goes with a bf16 a and an fp32 b only")
+        if b.dtype != torch.float32:
+            raise KernelArgumentError(f"{op}: b_mask goes with an fp32 b only, got {b.dtype}")
+        _check_weight_operand(op, a, b, b_mask)
+
+
+def _check_native_engine(op: str, engine: str, dtype: torch.dtype) -> None:
+    if engine != "native":
+        return
+    if dtype == torch.bfloat16 and not bf16_gemm_available():
+        raise KernelArgumentError(f"{op}: engine 'native' for bf16 is the AVX512-BF16 kernel, which this build or CPU lacks; "
+                                  "use engine='auto'")
+    if dtype == torch.float32 and not f32_gemm_available():
+        raise KernelArgumentError(f"{op}: engine 'native' for fp32 is the AVX2 + FMA kernel (built where AVX-512 is absent), "
+                                  "which this build or CPU lacks; use engine='auto'")
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, engine: str = "auto",
          b_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b (+ bias)`` for 2-D ``a (M, K)``, ``b (K, N)`` of one dtype (fp32 or bf16; each
-    contiguous or a transposed view). ``engine``: ``"native"`` (bf16 only: this library's
-    AVX512-BF16 kernel, ``kernels/csrc/gemm_bf16.cpp``; fails loudly for fp32 or where the build or
-    CPU lacks AVX512-BF16), ``"onednn"`` (oneDNN's matmul; fails loudly where this PyTorch build lacks
+    contiguous or a transposed view). ``engine``: ``"native"`` (this library's kernels: for bf16 the
+    AVX512-BF16 one, ``kernels/csrc/gemm_bf16.cpp``; for fp32 the AVX2 + FMA one,
+    ``kernels/csrc/gemm_f32.cpp``, built where AVX-512 is absent; fails loudly where the build or
+    CPU lacks the one asked for), ``"onednn"`` (oneDNN's matmul; fails loudly where this PyTorch build lacks
     it or the CPU lacks the AVX-512 it asks for), ``"blas"`` (``torch.mm``: MKL's sgemm for fp32, oneDNN
     inside for bf16), ``"auto"`` (native for bf16 and oneDNN for fp32 when available; see
     ``kernels/csrc/gemm.cpp`` for why; on a CPU where oneDNN does not run, such as an AVX2-only AMD
-    Zen 3, MKL for fp32 and, for bf16, the fp32 GEMM of the exactly widened operands rounded once
-    to bf16, since ``torch.mm``'s own bf16 path there runs at a few GFLOP/s). A bf16
-    ``a`` also takes an fp32 weight ``b`` (``W`` or ``W.t()``), optionally through its packed mask
-    ``b_mask``: ``a @ bf16(b * M)``, rounded while the AVX512-BF16 kernel packs it (no ``W * M``
-    buffer), or by one pass before the GEMM on the other engines."""
+    Zen 3, the native fp32 kernel (MKL without it) and, for bf16, the fp32 GEMM of the exactly
+    widened operands rounded once to bf16, since ``torch.mm``'s own bf16 path there runs at a few
+    GFLOP/s). An fp32 weight ``b`` (``W`` or ``W.t()`` of a contiguous ``W``) may come with its packed
+    mask ``b_mask``: ``a @ (b * M)`` (bf16 ``a``: ``a @ bf16(b * M)``), masked (and rounded) while the
+    native kernels pack it (no ``W * M`` buffer), or by one pass before the GEMM on the other
+    engines."""
     _matmul_operands("gemm", a, b, bias, b_mask)
     if engine not in GEMM_ENGINES:
         raise KernelArgumentError(f"gemm: engine must be one of {GEMM_ENGINES}, got {engine!r}")
-    if engine == "native" and (a.dtype != torch.bfloat16 or not bf16_gemm_available()):
-        raise KernelArgumentError("gemm: engine 'native' is the AVX512-BF16 kernel: it takes bf16 operands (got "
-                                  f"{a.dtype}) and needs AVX512-BF16 in this build and CPU (available: {bf16_gemm_available()}); "
-                                  "use engine='auto'")
+    _check_native_engine("gemm", engine, a.dtype)
     if engine == "onednn" and not onednn_gemm_available():
         raise KernelArgumentError("gemm: engine 'onednn' is not available here (this PyTorch build has no "
                                   "at::native::mkldnn_matmul or no oneDNN, or its matmul refuses this CPU); use engine='auto' or 'blas'")
@@ -491,9 +512,7 @@ def gemm_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: str, bias: torch.T
     if epilogue == "masked_grad" and (mask is None or mask.shape != (m, (n + 31) // 32) or mask.dtype != torch.int32):
         got = None if mask is None else f"{tuple(mask.shape)} {mask.dtype}"
         raise KernelArgumentError(f"gemm_epilogue: 'masked_grad' needs mask, packed int32 ({m}, {(n + 31) // 32}), got {got}")
-    if engine == "native" and (a.dtype != torch.bfloat16 or not bf16_gemm_available()):
-        raise KernelArgumentError("gemm_epilogue: engine 'native' is the AVX512-BF16 kernel: it takes bf16 operands (got "
-                                  f"{a.dtype}) and needs AVX512-BF16 in this build and CPU (available: {bf16_gemm_available()})")
+    _check_native_engine("gemm_epilogue", engine, a.dtype)
     out, sq = _ops().gemm_epilogue(a, b, epilogue, bias, residual, mask, int(seed), float(p), engine, b_mask)
     return out, (sq if epilogue in ("masked_grad", "relu_grad") else None)
 

@@ -542,7 +542,12 @@ def test_dropout_errors():
 # dense GEMMs (oneDNN for fp32) and the linear layer built on them
 
 GEMM_SHAPES = [(1, 1, 1), (7, 33, 5), (592, 256, 768), (160, 1024, 256), (0, 4, 3), (5, 0, 3), (3, 4, 0), (65, 17, 129)]
-ENGINES = ["auto", "blas"] + (["onednn"] if cpu.onednn_gemm_available() else []) + (["native"] if cpu.bf16_gemm_available() else [])
+ENGINES = ["auto", "blas"] + (["onednn"] if cpu.onednn_gemm_available() else []) + (
+    ["native"] if cpu.bf16_gemm_available() or cpu.f32_gemm_available() else [])
+
+
+def _native_available(dtype) -> bool:
+    return cpu.bf16_gemm_available() if dtype == torch.bfloat16 else cpu.f32_gemm_available()
 
 
 def _tol(dtype, k):
@@ -559,8 +564,8 @@ def test_gemm_matches_torch_mm(m, k, n, dtype, engine, layout):
         pytest.skip("oneDNN has no bf16 matmul on this CPU (auto never asks it for one)")
     a = torch.randn(m, k, generator=_gen(1)).to(dtype)
     b = torch.randn(k, n, generator=_gen(2)).to(dtype)
-    if engine == "native" and dtype == torch.float32:  # the AVX512-BF16 kernel takes bf16 only, and says so
-        with pytest.raises(KernelArgumentError, match="engine 'native' is the AVX512-BF16 kernel"):
+    if engine == "native" and not _native_available(dtype):  # this build or CPU has the other native kernel only, and says so
+        with pytest.raises(KernelArgumentError, match="engine 'native' for"):
             cpu.gemm(a, b, engine=engine)
         return
     if layout in ("a_t", "both_t"):
@@ -600,6 +605,56 @@ def test_native_bf16_gemm_is_exact_on_integer_operands(m, k, n, layout, with_bia
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
     assert torch.equal(got, want.to(torch.bfloat16))
     assert torch.equal(cpu.gemm(a, b, bias), got)  # auto is the native kernel for bf16
+
+
+# The AVX2 fp32 kernel's tilings: row tiles of 6 and column panels of 16 with tails, K split into
+# blocks of at most 320 (600, 1000), a read in place or packed (transposed, or any strides), panels
+# split across threads or rows split when there are fewer panels than threads, one row, one column.
+F32_SHAPES = [(592, 256, 768), (200, 37, 40), (300, 64, 96), (13, 600, 33), (1, 9, 70), (25, 1, 1), (49, 130, 1), (12, 2, 16),
+              (7, 1000, 23), (768, 600, 256)]
+
+
+@pytest.mark.skipif(not cpu.f32_gemm_available(), reason="the native fp32 GEMM is built for AVX2 + FMA without AVX-512 only")
+@pytest.mark.parametrize("m,k,n", F32_SHAPES)
+@pytest.mark.parametrize("layout", ["plain", "a_t", "b_t", "both_t", "a_strided"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_native_f32_gemm_is_exact_on_integer_operands(m, k, n, layout, with_bias):
+    """Small integers make every product and partial sum exact in fp32, so any packing, tiling or
+    K-blocking slip shows as a wrong value."""
+    g = _gen(m * 5 + k * 3 + n)
+    a = torch.randint(-3, 4, (m, 2 * k), generator=g).float()
+    a = a[:, ::2] if layout == "a_strided" else a[:, :k].contiguous()  # a_strided: neither stride 1 (packed from a copy)
+    b = torch.randint(-3, 4, (k, n), generator=g).float()
+    if layout in ("a_t", "both_t"):
+        a = a.t().contiguous().t()
+    if layout in ("b_t", "both_t"):
+        b = b.t().contiguous().t()
+    bias = torch.randint(-300, 300, (n,), generator=g).float() * 0.5 if with_bias else None
+    want = a.double() @ b.double() + (bias.double() if with_bias else 0.0)
+    got = cpu.gemm(a, b, bias, engine="native")
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert torch.equal(got, want.float())
+    if not cpu.onednn_gemm_available():
+        assert torch.equal(cpu.gemm(a, b, bias), got)  # auto is the native kernel for fp32 where oneDNN does not run
+
+
+@pytest.mark.skipif(not cpu.f32_gemm_available(), reason="the native fp32 GEMM is built for AVX2 + FMA without AVX-512 only")
+@pytest.mark.parametrize("m,k,n", [(592, 256, 768), (37, 600, 50), (5, 33, 17), (64, 1024, 256)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_native_f32_gemm_masked_weight_equals_the_product_with_w_times_m(m, k, n, transposed):
+    """b = W (K, N) or W^T of W (N, K) through W's packed mask: bit-for-bit a @ (W * M) on the same
+    kernel, and one fp32 sum per output in k order: rows computed alone give the same bits."""
+    g = _gen(m + k + n)
+    a = torch.randn(m, k, generator=g)
+    w = torch.randn((n, k) if transposed else (k, n), generator=g)
+    mask = torch.rand(w.shape, generator=g) < 0.6
+    words = cpu.pack_masks(mask)
+    b, b_eff = (w.t(), (w * mask).t()) if transposed else (w, w * mask)
+    got = cpu.gemm(a, b, engine="native", b_mask=words)
+    assert torch.equal(got, cpu.gemm(a, b_eff, engine="native"))
+    torch.testing.assert_close(got, (a.double() @ b_eff.double()).float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cpu.gemm(a, b, engine="blas", b_mask=words), got, rtol=1e-5, atol=1e-4)  # masked by a pass first
+    assert torch.equal(cpu.gemm(a[3:4], b, engine="native", b_mask=words), got[3:4])  # independent of M and the split
 
 
 EPILOGUE_SHAPES = [(592, 256, 1024), (37, 64, 96), (5, 7, 33), (1, 16, 40), (0, 8, 32), (13, 0, 20)]
@@ -707,8 +762,10 @@ def test_bf16_gemm_weight_operand_errors():
         cpu.gemm(a, w.t(), b_mask=torch.zeros(40, 1, dtype=torch.int32))
     with pytest.raises(KernelArgumentError, match="contiguous W or W.t()"):
         cpu.gemm(a, torch.zeros(40, 16)[:, ::2])
-    with pytest.raises(KernelArgumentError, match="b_mask goes with a bf16 a and an fp32 b only"):
-        cpu.gemm(torch.zeros(3, 40), w.t(), b_mask=torch.zeros(8, 2, dtype=torch.int32))
+    with pytest.raises(KernelArgumentError, match="b_mask goes with an fp32 b only"):
+        cpu.gemm(a, w.t().to(torch.bfloat16), b_mask=torch.zeros(8, 2, dtype=torch.int32))
+    with pytest.raises(KernelArgumentError, match="contiguous W or W.t()"):  # fp32 a with a mask: the same rule
+        cpu.gemm(torch.zeros(3, 8), torch.zeros(8, 16)[:, ::2], b_mask=torch.zeros(8, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match="b_mask must be W's packed mask"):  # the raw op checks too
         cpu._ops().gemm(a, w.t(), None, "auto", torch.zeros(3, 3, dtype=torch.int32))
 
@@ -727,8 +784,12 @@ def test_gemm_epilogue_errors_name_the_argument():
         cpu.gemm_epilogue(a, b, "relu_grad", residual=torch.zeros(3, 40, dtype=torch.bfloat16))
     with pytest.raises(KernelArgumentError, match=r"needs mask, packed int32 \(3, 2\)"):
         cpu.gemm_epilogue(a, b, "masked_grad", mask=torch.zeros(3, 1, dtype=torch.int32))
-    with pytest.raises(KernelArgumentError, match="engine 'native' is the AVX512-BF16 kernel"):
-        cpu.gemm_epilogue(a, b, "bias_relu", bias=torch.zeros(40), engine="native")
+    if not cpu.f32_gemm_available():
+        with pytest.raises(KernelArgumentError, match="engine 'native' for fp32 is the AVX2 \\+ FMA kernel"):
+            cpu.gemm_epilogue(a, b, "bias_relu", bias=torch.zeros(40), engine="native")
+    if not cpu.bf16_gemm_available():
+        with pytest.raises(KernelArgumentError, match="engine 'native' for bf16 is the AVX512-BF16 kernel"):
+            cpu.gemm_epilogue(a.to(torch.bfloat16), b.to(torch.bfloat16), "bias_relu", bias=torch.zeros(40), engine="native")
     with pytest.raises(ValueError, match="epilogue must be .bias_relu."):  # the raw op checks too
         cpu._ops().gemm_epilogue(a, b, "gelu", None, None, None, 0, 0.0, "auto")
 
@@ -1295,7 +1356,10 @@ def test_bf16_gemm_without_onednn_runs_fp32_products_even_under_autocast():
             got = cpu.gemm(a, w.t(), b_mask=cpu.pack_masks(mask))
             got_bias = cpu.gemm(a, wm.t(), bias)
         dtypes = [e.input_dtypes for e in prof.events() if e.name in ("aten::mm", "aten::addmm")]
-        assert dtypes and all(set(d) - {"", "Scalar"} == {"float"} for d in dtypes), dtypes
+        if cpu.f32_gemm_available():  # the widened product runs on the native fp32 kernel: no torch.mm at all
+            assert dtypes == [], dtypes
+        else:  # on torch.mm, in fp32
+            assert dtypes and all(set(d) - {"", "Scalar"} == {"float"} for d in dtypes), dtypes
         assert got.dtype == got_bias.dtype == torch.bfloat16
         torch.testing.assert_close(got, want.bfloat16(), rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(got_bias, (want + bias.double()).bfloat16(), rtol=1e-2, atol=1e-2)

@@ -44,14 +44,19 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 
 // kernels/csrc/gemm.cpp: out = a b (+ bias on every row) for 2-D a (M, K), b (K, N) of one dtype
 // (contiguous or transposed views), out contiguous (M, N); fp32 through oneDNN's matmul when
-// available ("auto"), else at::mm / at::addmm ("blas").
+// available ("auto"), else gemm_f32.cpp's AVX2 kernel where that runs ("auto", "native"), else
+// at::mm / at::addmm ("blas").
 // bf16 goes through gemm_bf16.cpp's AVX512-BF16 kernel ("auto" when available, "native").
 enum class GemmEngine { kAuto, kNative, kOneDnn, kBlas };
-// b_mask: with a bf16 a and an fp32 b only (see gemm.cpp's gemm op).
+// b_mask: with an fp32 b only (see gemm.cpp's gemm op).
 void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
               GemmEngine engine = GemmEngine::kAuto, const at::Tensor& b_mask = at::Tensor());
 bool onednn_gemm_available();
 bool bf16_gemm_available();
+// kernels/csrc/gemm_f32.cpp: out (M, N) contiguous = a (M, K) b (K, N) (+ bias), fp32 on AVX2 + FMA,
+// b optionally through packed mask bits b_mask over the rows of the matrix under b (as bf16_gemm_out).
+bool f32_gemm_available();
+void f32_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, const at::Tensor& b_mask);
 // kernels/csrc/gemm_bf16.cpp: out (M, N) contiguous = a (M, K) b (K, N) (+ bias), bf16.
 // b may be fp32 (rounded to bf16 as the kernel packs it), through packed mask bits b_mask (undefined:
 // none) over the rows of the matrix under b (b, or w for b = w^T).
@@ -60,6 +65,10 @@ void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
 // residual + dropout(a b + bias) in fp32; (a b) * mask in fp32 with its sum of squares (float64 0-dim);
 // (a b) * (z > 0) in a's dtype with its column sums (fp32 (N,)), z passed as the residual.
 enum class GemmEpilogue { kBiasRelu, kBiasDropoutAdd, kMaskedGrad, kReluGrad };
+// The same epilogues on gemm_f32.cpp's fp32 kernel (every output fp32, z fp32 for relu_grad).
+std::tuple<at::Tensor, at::Tensor> f32_gemm_epilogue(const at::Tensor& a, const at::Tensor& b, GemmEpilogue kind, const at::Tensor& bias,
+                                                     const at::Tensor& residual, const at::Tensor& mask, int64_t seed, double p,
+                                                     const at::Tensor& b_mask);
 std::tuple<at::Tensor, at::Tensor> bf16_gemm_epilogue(const at::Tensor& a, const at::Tensor& b, GemmEpilogue kind,
                                                       const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& mask,
                                                       int64_t seed, double p, const at::Tensor& b_mask);

@@ -71,13 +71,13 @@ GemmEngine parse_engine(c10::string_view name) {
 
 bool transposed_view(const at::Tensor& b) { return b.stride(0) == 1 && b.stride(1) != 1; }
 
-// For a bf16 a with an fp32 b (a bf16 block GEMM's weight W or W^T, with its task's packed mask
-// b_mask over W's rows, or none): b * M rounded to bf16, in b's layout -- what the native kernel
-// does while it packs b, here as a pass of its own for the other engines.
-at::Tensor bf16_operand(const at::Tensor& b, const at::Tensor& b_mask) {
-  if (b.scalar_type() == at::kBFloat16) return b;
+// For an fp32 b (a block GEMM's weight W or W^T, with its task's packed mask b_mask over W's rows,
+// or none) and an a of dtype `dtype`: b * M in `dtype` (bf16: rounded), in b's layout -- what the
+// native kernels do while they pack b, here as a pass of its own for the other engines.
+at::Tensor operand_as(const at::Tensor& b, const at::Tensor& b_mask, at::ScalarType dtype) {
+  if (b.scalar_type() == dtype && !b_mask.defined()) return b;
   const at::Tensor w = (transposed_view(b) ? b.t() : b).contiguous();
-  at::Tensor out = at::empty(w.sizes(), w.options().dtype(at::kBFloat16));
+  at::Tensor out = at::empty(w.sizes(), w.options().dtype(dtype));
   if (b_mask.defined()) {
     static const auto op = handle<void(at::TensorList, at::TensorList, at::TensorList)>("harmodt_kernels::apply_masks_");
     op.call({out}, {w}, {b_mask});
@@ -87,12 +87,13 @@ at::Tensor bf16_operand(const at::Tensor& b, const at::Tensor& b_mask) {
   return transposed_view(b) ? out.t() : out;
 }
 
-// b's checks for a bf16 a: bf16, or fp32 (W or W^T of a contiguous W) with an optional packed mask
-// over W's rows.
+// b's checks: a's dtype, or fp32 for a bf16 a; an fp32 b with a packed mask over W's rows must be
+// W or W^T of a contiguous W.
 void check_b_operand(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& b_mask) {
-  if (a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kFloat) {
+  if ((a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kFloat) && b.scalar_type() == at::kFloat &&
+      (a.scalar_type() == at::kBFloat16 || b_mask.defined())) {
     const at::Tensor w = transposed_view(b) ? b.t() : b;
-    TORCH_CHECK_VALUE(w.is_contiguous(), op, ": an fp32 b with a bf16 a must be a contiguous matrix W or its transpose, got strides ",
+    TORCH_CHECK_VALUE(w.is_contiguous(), op, ": an fp32 b with a bf16 a or a b_mask must be a contiguous matrix W or its transpose, got strides ",
                       b.strides());
     TORCH_CHECK_VALUE(!b_mask.defined() || (b_mask.scalar_type() == at::kInt && b_mask.sizes() == at::IntArrayRef({w.size(0), (w.size(1) + 31) / 32})),
                       op, ": b_mask must be W's packed mask, int32 (", w.size(0), ", ", (w.size(1) + 31) / 32, "), got ",
@@ -102,22 +103,41 @@ void check_b_operand(const char* op, const at::Tensor& a, const at::Tensor& b, c
   TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16), op,
                     ": a and b must both be float32 or both bfloat16 (or a bfloat16 with an fp32 b), got ", a.scalar_type(), " and ",
                     b.scalar_type());
-  TORCH_CHECK_VALUE(!b_mask.defined(), op, ": b_mask goes with an fp32 b and a bfloat16 a only");
+  TORCH_CHECK_VALUE(!b_mask.defined(), op, ": b_mask goes with an fp32 b only");
+}
+
+// engine "native": gemm_bf16.cpp's AVX512-BF16 kernel for bf16, gemm_f32.cpp's AVX2 kernel for fp32.
+void check_native_engine(const char* op, GemmEngine engine, at::ScalarType dtype) {
+  if (engine != GemmEngine::kNative) return;
+  if (dtype == at::kBFloat16) {
+    TORCH_CHECK_VALUE(bf16_gemm_available(), op, ": engine 'native' for bf16 is the AVX512-BF16 kernel (gemm_bf16.cpp); this build "
+                      "or CPU lacks AVX512-BF16");
+    return;
+  }
+  TORCH_CHECK_VALUE(f32_gemm_available(), op, ": engine 'native' for fp32 is the AVX2 + FMA kernel (gemm_f32.cpp); this build "
+                    "or CPU lacks it (", dtype, ")");
+}
+
+// fp32 on gemm_f32.cpp's kernel: asked for, or "auto" where oneDNN's matmul does not run.
+bool use_f32_native(GemmEngine engine) {
+  return engine == GemmEngine::kNative || (engine == GemmEngine::kAuto && !onednn_gemm_available() && f32_gemm_available());
 }
 
 }  // namespace
 
 void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b_in, const at::Tensor& bias, GemmEngine engine,
               const at::Tensor& b_mask) {
-  TORCH_CHECK(!(engine == GemmEngine::kNative && !(a.scalar_type() == at::kBFloat16 && bf16_gemm_available())),
-              "gemm: engine 'native' is the AVX512-BF16 kernel (gemm_bf16.cpp): it takes bf16 operands on a build and CPU "
-              "with AVX512-BF16; got ", a.scalar_type(), bf16_gemm_available() ? "" : " and no AVX512-BF16 here");
+  check_native_engine("gemm", engine, a.scalar_type());
   if (a.scalar_type() == at::kBFloat16 && out.is_contiguous() &&
       (engine == GemmEngine::kNative || (engine == GemmEngine::kAuto && bf16_gemm_available()))) {
     bf16_gemm_out(out, a, b_in, bias, b_mask);
     return;
   }
-  const at::Tensor b = a.scalar_type() == at::kBFloat16 ? bf16_operand(b_in, b_mask) : b_in;
+  if (a.scalar_type() == at::kFloat && out.is_contiguous() && use_f32_native(engine)) {
+    f32_gemm_out(out, a, b_in, bias, b_mask);
+    return;
+  }
+  const at::Tensor b = operand_as(b_in, b_mask, a.scalar_type());
   if (a.scalar_type() == at::kBFloat16 && engine == GemmEngine::kAuto && !onednn_gemm_available()) {
     // No bf16 matmul instructions and no oneDNN bf16 path on this CPU (AVX2 only): at::mm's bf16
     // fallback there runs at a few GFLOP/s. The operands widen to fp32 exactly, so the fp32 GEMM
@@ -125,9 +145,12 @@ void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b_in, cons
     // oneDNN computes, up to the order of the sums), at fp32 speed.
     // (Called under CPU autocast by the bf16 block nodes: keep autocast from casting the fp32
     // operands back to bf16 for at::mm.)
+    // The fp32 GEMM is gemm_f32.cpp's kernel where it runs, else at::mm.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet(c10::DispatchKey::AutocastCPU));
     const at::Tensor a32 = a.to(at::kFloat), b32 = b.to(at::kFloat);
-    out.copy_(bias.defined() ? at::addmm(bias.to(at::kFloat), a32, b32) : at::mm(a32, b32));
+    at::Tensor out32 = at::empty({a.size(0), b.size(1)}, a32.options());
+    gemm_out(out32, a32, b32, bias.defined() ? bias.to(at::kFloat) : at::Tensor(), GemmEngine::kAuto);
+    out.copy_(out32);
     return;
   }
   const bool onednn = engine == GemmEngine::kOneDnn ||
@@ -227,14 +250,14 @@ std::tuple<at::Tensor, at::Tensor> gemm_epilogue(const at::Tensor& a, const at::
                       "gemm_epilogue: 'masked_grad' needs mask, packed int32 (", m, ", ", (n + 31) / 32, ")");
     mask_t = *mask;
   }
-  TORCH_CHECK_VALUE(engine != GemmEngine::kNative || (a.scalar_type() == at::kBFloat16 && bf16_gemm_available()),
-                    "gemm_epilogue: engine 'native' is the AVX512-BF16 kernel: it takes bf16 operands on a build and CPU with "
-                    "AVX512-BF16");
+  check_native_engine("gemm_epilogue", engine, a.scalar_type());
   if (a.scalar_type() == at::kBFloat16 && (engine == GemmEngine::kNative || (engine == GemmEngine::kAuto && bf16_gemm_available())))
     return bf16_gemm_epilogue(a, b, kind, bias_t, res_t, mask_t, seed, p, b_mask_t);
+  if (a.scalar_type() == at::kFloat && use_f32_native(engine))
+    return f32_gemm_epilogue(a, b, kind, bias_t, res_t, mask_t, seed, p, b_mask_t);
   // the GEMM, then its epilogue op
   at::Tensor y = at::empty({m, n}, a.options());
-  gemm_out(y, a, b, at::Tensor(), engine == GemmEngine::kNative ? GemmEngine::kAuto : engine, b_mask_t);
+  gemm_out(y, a, b, at::Tensor(), engine, b_mask_t);
   switch (kind) {
     case GemmEpilogue::kBiasRelu: {
       static const auto op = handle<at::Tensor(at::Tensor, const at::Tensor&)>("harmodt_kernels::bias_relu_");
@@ -319,6 +342,7 @@ TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
   m.def("gemm(Tensor a, Tensor b, Tensor? bias, str engine, Tensor? b_mask=None) -> Tensor");
   m.def("onednn_gemm_available() -> bool", &harmodt::onednn_gemm_available);
   m.def("bf16_gemm_available() -> bool", &harmodt::bf16_gemm_available);
+  m.def("f32_gemm_available() -> bool", &harmodt::f32_gemm_available);
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("gemm_epilogue(Tensor a, Tensor b, str epilogue, Tensor? bias, Tensor? residual, Tensor? mask, int seed, float p, str engine, "
         "Tensor? b_mask=None) -> (Tensor, Tensor)");
