@@ -171,13 +171,18 @@ def _switch_benchmark(benchmark, default: str, other: str, setting: str, value, 
 
 
 def test_step_gemm_engine(benchmark):
-    """The step with its block GEMMs (forward, dx, dW) on oneDNN's matmul (the default) against
-    the same step on MKL's sgemm (which picks its AVX2 kernels on AMD CPUs)."""
+    """The step with its block GEMMs (forward, dx, dW) on oneDNN's matmul (the default where it
+    runs) or, on CPUs without AVX-512, on this library's AVX2 fp32 kernel (the default there: masks
+    applied while it packs W, forward epilogues in its output tiles) against the same step on MKL's
+    sgemm (which picks its AVX2 kernels on AMD CPUs) with W * M buffers and separate epilogues."""
     from kernels import cpu
 
-    if not cpu.onednn_gemm_available():
-        pytest.skip("oneDNN's matmul does not run on this CPU (PyTorch 2.13 asks for AVX-512 BW/VL/DQ): the step already runs on MKL")
-    _switch_benchmark(benchmark, "onednn", "mkl", "_GEMM_ENGINE", "blas", "step with oneDNN GEMMs vs MKL GEMMs")
+    if cpu.onednn_gemm_available():
+        _switch_benchmark(benchmark, "onednn", "mkl", "_GEMM_ENGINE", "blas", "step with oneDNN GEMMs vs MKL GEMMs")
+    elif cpu.f32_gemm_available():
+        _switch_benchmark(benchmark, "native", "mkl", "_GEMM_ENGINE", "blas", "step with the native AVX2 fp32 GEMMs vs MKL GEMMs")
+    else:
+        pytest.skip("neither oneDNN's matmul nor the native AVX2 fp32 GEMM runs here: the step already runs on MKL")
 
 
 def test_step_bf16_gemm_engine(benchmark):

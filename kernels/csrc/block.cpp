@@ -155,6 +155,15 @@ at::Tensor mask_grad(const at::Tensor& grad, const at::Tensor& mask, at::ScalarT
   return out;
 }
 
+// Whether the block's GEMMs take each fp32 W with its task's packed mask (b_mask), masking it as they
+// pack it, instead of a W * M buffer: the native kernels do (bf16 GEMMs on the AVX512-BF16 kernel,
+// fp32 GEMMs on the AVX2 kernel), the other engines would run a masking pass per GEMM.
+bool masks_in_gemms(at::ScalarType gd, at::ScalarType wd, const std::string& engine) {
+  if (wd != at::kFloat || (engine != "auto" && engine != "native")) return false;
+  if (gd == at::kBFloat16) return bf16_gemm_available();
+  return gd == at::kFloat && f32_gemm_available() && (engine == "native" || !onednn_gemm_available());
+}
+
 struct Dropouts {
   double p_attn, p_proj, p_mlp;
   int64_t seed_attn, seed_proj, seed_mlp;
@@ -163,7 +172,7 @@ struct Dropouts {
 // The tensors the backward needs, in this order (kWDtype: an empty tensor of the weights' dtype;
 // kQkv: the projection without its bias kBQkv, which the attention adds).
 enum Saved { kX2, kH1, kMean1, kRstd1, kQkv, kAtt, kLse, kX1, kH2, kMean2, kRstd2, kZ,
-             kLn1W, kWQkv, kWProj, kLn2W, kWFc, kWMlp /* W * M where masked (bf16 on the AVX512-BF16 kernel: W) */, kKeyValid, kQueryPos, kMQkv, kMProj, kMFc, kMMlp,
+             kLn1W, kWQkv, kWProj, kLn2W, kWFc, kWMlp /* W * M where masked (on the native kernels: W) */, kKeyValid, kQueryPos, kMQkv, kMProj, kMFc, kMMlp,
              kWDtype, kBQkv, kNumSaved };
 
 // The four GEMM matrices' packed masks (qkv, proj, fc, mlp_proj), undefined where unmasked.
@@ -195,11 +204,10 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
   auto [h1, mean1, rstd1] = layer_norm_forward(x2, ln1_w, ln1_b, eps, gd);
   // W * M of each masked matrix, expanded from the bits right before its GEMM and kept for the
   // backward's (recomputing it there measured 2-4 % slower per step than keeping these 19 MB)
-  // On the AVX512-BF16 kernel the fp32 W goes to the GEMMs as it is, with its mask: the kernel rounds
-  // W * M to bf16 while it packs it (for the forward and again for the backward's dx), so no W * M
-  // buffer is written or kept.
-  const bool pack_w = gd == at::kBFloat16 && w_qkv.scalar_type() == at::kFloat && (engine == "auto" || engine == "native") &&
-                      bf16_gemm_available();
+  // On the native kernels (AVX512-BF16 for bf16, AVX2 for fp32) the fp32 W goes to the GEMMs as it
+  // is, with its mask: the kernel masks W (and rounds it to bf16) while it packs it, for the forward
+  // and again for the backward's dx, so no W * M buffer is written or kept.
+  const bool pack_w = masks_in_gemms(gd, w_qkv.scalar_type(), engine);
   auto eff = [&](const at::Tensor& w, const at::Tensor& mask) { return pack_w ? w : effective(w, mask, gd); };
   auto bm = [&](int i) -> Opt { return pack_w && masks[i].defined() ? Opt(masks[i]) : Opt(); };
   const at::Tensor we_qkv = eff(w_qkv, masks[0]), we_proj = eff(w_proj, masks[1]);
@@ -210,8 +218,9 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
   const int64_t tq = att3.size(1);
   const at::Tensor att = att3.view({b * tq, c});
   const at::Tensor res = query.empty() ? x2 : query_rows(x, query).reshape({b * tq, c});  // the stream at the queries
-  // bf16 GEMMs take their bias, ReLU, dropout and residual add into the GEMM itself (gemm_epilogue)
-  const bool fuse = gd == at::kBFloat16;
+  // bf16 GEMMs, and fp32 ones on the native kernel, take their bias, ReLU, dropout and residual add
+  // into the GEMM itself (gemm_epilogue)
+  const bool fuse = gd == at::kBFloat16 || pack_w;
   const at::Tensor x1 = fuse ? std::get<0>(gemm_epilogue(att, we_proj.t(), "bias_dropout_add", b_proj, res.contiguous(), std::nullopt,
                                                          d.seed_proj, d.p_proj, engine, bm(1)))
                              : add_to_stream(gemm(att, we_proj.t(), std::nullopt, engine), b_proj, res, d.seed_proj, d.p_proj);
@@ -234,14 +243,13 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
 std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector<at::Tensor>& s, const Dropouts& d,
                                        const std::vector<int64_t>& query, const std::string& engine, const at::Tensor& sq_norms) {
   const at::ScalarType gd = s[kQkv].scalar_type(), wd = s[kWDtype].scalar_type();
-  // the saved W of matrix i: W * M in the GEMMs' dtype, or (bf16 GEMMs on the AVX512-BF16 kernel)
-  // the fp32 W itself, masked and rounded as the dx GEMM packs it
-  auto w_mask = [&](int i) -> Opt {
-    static constexpr int kW[4] = {kWQkv, kWProj, kWFc, kWMlp};
-    return s[kW[i]].scalar_type() != gd && s[kMQkv + i].defined() ? Opt(s[kMQkv + i]) : Opt();
-  };
+  // the saved W of matrix i: W * M in the GEMMs' dtype, or (on the native kernels, masks_in_gemms)
+  // the fp32 W itself, masked (and rounded) as the dx GEMM packs it
+  const bool packed_w = masks_in_gemms(gd, wd, engine);
+  auto w_mask = [&](int i) -> Opt { return packed_w && s[kMQkv + i].defined() ? Opt(s[kMQkv + i]) : Opt(); };
   // dW = dy^T x for matrix i, masked (Eq. 4) with its sum of squares recorded; bf16 GEMMs mask it
-  // in their output blocks (gemm_epilogue), fp32 ones right after
+  // in their output blocks (gemm_epilogue), fp32 ones right after (the norm in apply_masks_sq_norms_'s
+  // order, which the per-op blocks share)
   auto weight_grad = [&](const at::Tensor& dy, const at::Tensor& x, int i) {
     const at::Tensor& m = s[kMQkv + i];
     if (!m.defined()) return gemm(dy.t(), x, std::nullopt, engine).to(wd);
@@ -263,7 +271,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
   // MLP: out = x1 + drop(z W_mlp^T + b_mlp), z = relu(h2 W_fc^T + b_fc), h2 = LN2(x1)
   auto [dy2, db_mlp] = dropout_bias_backward(g, d.seed_mlp, d.p_mlp, gd);
   at::Tensor dz, db_fc;  // (BTq, 4C): ReLU's gradient applied while dz is in cache (z then is for dW), and fc's bias gradient
-  if (gd == at::kBFloat16) {
+  if (gd == at::kBFloat16) {  // (fp32: the sums in bias_relu_backward_'s order, which the per-op blocks share)
     std::tie(dz, db_fc) = gemm_epilogue(dy2, s[kWMlp], "relu_grad", std::nullopt, s[kZ], std::nullopt, 0, 0.0, engine, w_mask(3));
   } else {
     dz = gemm(dy2, s[kWMlp], std::nullopt, engine, w_mask(3));
