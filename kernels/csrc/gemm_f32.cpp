@@ -137,18 +137,20 @@ void pack_b_cols(const BSource& w, int64_t k_off, int64_t k, int64_t n0, int64_t
 // AMD Zen), and the broadcasts never straddle a cache line.
 constexpr int kAp = 8;
 void pack_a(const float* a, int64_t s_i, int64_t s_k, int64_t m, int64_t k, int64_t t0, int64_t t1, float* out) {
+  if (s_i == 1) {  // a^T row-major (the weight gradient's dy^T): each k's values are contiguous, and each
+    // k's row of a^T is read once, in order, for all the tiles (tile by tile, every k would be a
+    // new line at a^T's row stride)
+    for (int64_t p = 0; p < k; ++p) {
+      const float* src = a + p * s_k;
+      int64_t t = t0;
+      for (; t < t1 && t * kMr + kAp <= m; ++t) _mm256_storeu_ps(out + (t * k + p) * kAp, _mm256_loadu_ps(src + t * kMr));
+      for (; t < t1; ++t) _mm256_storeu_ps(out + (t * k + p) * kAp, _mm256_maskload_ps(src + t * kMr, tail_mask8(m - t * kMr)));
+    }
+    return;
+  }
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t i0 = t * kMr, mr = std::min<int64_t>(kMr, m - i0);
     float* o = out + t * k * kAp;
-    if (s_i == 1) {  // a^T row-major (the weight gradient's dy^T): each k's values are contiguous
-      if (i0 + kAp <= m) {
-        for (int64_t p = 0; p < k; ++p) _mm256_storeu_ps(o + p * kAp, _mm256_loadu_ps(a + i0 + p * s_k));
-      } else {
-        const __m256i in = tail_mask8(mr);
-        for (int64_t p = 0; p < k; ++p) _mm256_storeu_ps(o + p * kAp, _mm256_maskload_ps(a + i0 + p * s_k, in));
-      }
-      continue;
-    }
     for (int64_t p = 0; p < k; ++p) {
       const float* src = a + i0 * s_i + p * s_k;
       for (int64_t i = 0; i < kAp; ++i) o[p * kAp + i] = i < mr ? src[i * s_i] : 0.0f;
