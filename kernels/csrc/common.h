@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -34,6 +35,21 @@ inline uint32_t last_word_mask(int64_t k) {
 }
 
 inline int num_threads() { return at::get_num_threads(); }
+
+// Contiguous share [lo, hi) of n items for thread `tid` of `nt`.
+inline void share(int64_t n, int tid, int nt, int64_t& lo, int64_t& hi) {
+  lo = n * tid / nt;
+  hi = n * (tid + 1) / nt;
+}
+
+// A per-thread scratch buffer of T (slots 0-2 per type) that only grows: no zero fill and no
+// fresh (page-faulting) pages per call (the GEMM kernels' packed operands).
+template <typename T>
+T* scratch(int slot, size_t n) {
+  thread_local std::vector<T> buf[3];
+  if (buf[slot].size() < n) buf[slot].resize(n);
+  return buf[slot].data();
+}
 
 // The library's (or ATen's) op `name` through the dispatcher, so dispatch modes and profilers see the
 // call (bench/ replays the GEMMs it captures that way).

@@ -57,12 +57,6 @@ constexpr int kNr = 32;  // columns per panel (two zmm of fp32)
 using u16 = uint16_t;
 using u32 = uint32_t;
 
-// A per-thread scratch buffer that only grows: no zero fill and no fresh (page-faulting) pages per call.
-u32* scratch(int slot, size_t words) {
-  thread_local std::vector<u32> buf[3];
-  if (buf[slot].size() < words) buf[slot].resize(words);
-  return buf[slot].data();
-}
 
 // 16 bf16 of row r0 and row r1 (lanes in `m` only; r1 may be null: zeros) -> 16 pairs (r0, r1).
 inline __m512i interleave16(const u16* r0, const u16* r1, __mmask16 m) {
@@ -341,11 +335,6 @@ void micro_rows(int64_t mr, int64_t kp, const u32* a, int64_t ars, int64_t aps, 
   }
 }
 
-// Contiguous share [lo, hi) of n items for thread `tid` of `nt`.
-inline void share(int64_t n, int tid, int nt, int64_t& lo, int64_t& hi) {
-  lo = n * tid / nt;
-  hi = n * (tid + 1) / nt;
-}
 
 // One OpenMP region per GEMM: packing, a barrier, then the tiles. a, when it needs packing, is
 // packed whole (the threads split its pairs). Then one of two loop orders; the operand read again
@@ -377,7 +366,7 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& 
   // the packed rows' stride: a multiple of 16 words (whole vectors) that is not a power of two (a
   // tile's pairs at a power-of-two stride would all fall in one L1 set)
   const int64_t ld_pack = (m + 15) / 16 * 16 + 16;
-  u32* apack = a_direct ? nullptr : scratch(0, kp * ld_pack);  // the caller's scratch, read by every thread
+  u32* apack = a_direct ? nullptr : scratch<u32>(0, kp * ld_pack);  // the caller's scratch, read by every thread
   auto tile = [&](int64_t t, int64_t panel, const u32* bp, int tid) {
     const int64_t i0 = t * kMr, mr = std::min<int64_t>(kMr, m - i0), n0 = panel * kNr, nc = std::min<int64_t>(kNr, n - n0);
     if (apack == nullptr)
@@ -386,7 +375,7 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& 
       micro_rows<Epi>(mr, kp, apack + i0, 1, ld_pack, bp, epi, i0, n0, nc, tid);
   };
   const bool b_shared = panels * kp * kNr <= tiles * kp * kMr && tiles >= threads;
-  u32* bp_all = b_shared ? scratch(1, panels * ps) : nullptr;  // the caller's scratch, read by every thread
+  u32* bp_all = b_shared ? scratch<u32>(1, panels * ps) : nullptr;  // the caller's scratch, read by every thread
   const int64_t row_splits = panels >= threads ? 1 : std::min<int64_t>(tiles, (threads + panels - 1) / panels);
 #pragma omp parallel num_threads(threads)
   {
@@ -411,7 +400,7 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& 
       share(panels * row_splits, tid, nt, lo, hi);
       if (lo < hi) {  // this thread's panels, packed all at once into its own scratch
         const int64_t p_lo = lo / row_splits, p_hi = (hi - 1) / row_splits + 1;
-        u32* bp = scratch(2, (p_hi - p_lo) * ps);
+        u32* bp = scratch<u32>(2, (p_hi - p_lo) * ps);
         pack_panels(p_lo, p_hi, bp);
         if (row_splits == 1) {
           // groups of panels that stay in L2 together, each group row tile by row tile: a tile's

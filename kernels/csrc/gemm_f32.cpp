@@ -59,12 +59,6 @@ constexpr int kNr = 16;  // columns per panel (two ymm)
 
 using u32 = uint32_t;
 
-// A per-thread scratch buffer that only grows: no zero fill and no fresh (page-faulting) pages per call.
-float* scratch(int slot, size_t n) {
-  thread_local std::vector<float> buf[3];
-  if (buf[slot].size() < n) buf[slot].resize(n);
-  return buf[slot].data();
-}
 
 // The matrix under b: w (rows x ld), b = w (plain) or w^T (transposed); optional packed mask bits
 // over w's rows (clear bit: +0).
@@ -348,10 +342,6 @@ void micro_rows(int64_t mr, int64_t k, const float* a, int64_t rs, int64_t step,
   }
 }
 
-inline void share(int64_t n, int tid, int nt, int64_t& lo, int64_t& hi) {
-  lo = n * tid / nt;
-  hi = n * (tid + 1) / nt;
-}
 
 constexpr double kSerialFlop = 2.0e6;        // below this, one thread
 constexpr int64_t kGroupBytes = 256 * 1024;  // packed panels walked together over all row tiles (L2)
@@ -370,7 +360,7 @@ void run(const Epi& epi, const StoreF32& partial, const float* a, int64_t as0, i
   const int64_t blocks = (k + kKc - 1) / kKc;
   const int64_t kc = blocks == 1 ? k : ((k + blocks - 1) / blocks + 7) / 8 * 8;  // a multiple of 8 (mask bits by 8)
   const int64_t ps = kc * kNr + 16;  // panel stride in the packed b (floats)
-  float* apack = a_direct ? nullptr : scratch(0, static_cast<size_t>(tiles * kc * kAp));  // the caller's, read by every thread
+  float* apack = a_direct ? nullptr : scratch<float>(0, static_cast<size_t>(tiles * kc * kAp));  // the caller's, read by every thread
   const int64_t row_splits = panels >= threads ? 1 : std::min<int64_t>(tiles, (threads + panels - 1) / panels);
 #pragma omp parallel num_threads(threads)
   {
@@ -378,7 +368,7 @@ void run(const Epi& epi, const StoreF32& partial, const float* a, int64_t as0, i
     int64_t lo, hi;
     share(panels * row_splits, tid, nt, lo, hi);
     const int64_t p_lo = lo < hi ? lo / row_splits : 0, p_hi = lo < hi ? (hi - 1) / row_splits + 1 : 0;
-    float* bp = lo < hi ? scratch(2, static_cast<size_t>((p_hi - p_lo) * ps)) : nullptr;
+    float* bp = lo < hi ? scratch<float>(2, static_cast<size_t>((p_hi - p_lo) * ps)) : nullptr;
     for (int64_t k0 = 0; k0 < k; k0 += kc) {
       const int64_t kl = std::min(kc, k - k0);
       const bool first = k0 == 0, last = k0 + kl == k;
