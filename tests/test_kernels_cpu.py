@@ -639,7 +639,7 @@ def test_native_f32_gemm_is_exact_on_integer_operands(m, k, n, layout, with_bias
 
 
 @pytest.mark.skipif(not cpu.f32_gemm_available(), reason="the native fp32 GEMM is built for AVX2 + FMA without AVX-512 only")
-@pytest.mark.parametrize("m,k,n", [(592, 256, 768), (37, 600, 50), (5, 33, 17), (64, 1024, 256)])
+@pytest.mark.parametrize("m,k,n", [(592, 256, 768), (37, 600, 50), (5, 33, 17), (64, 1024, 256), (9, 40, 1)])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_native_f32_gemm_masked_weight_equals_the_product_with_w_times_m(m, k, n, transposed):
     """b = W (K, N) or W^T of W (N, K) through W's packed mask: bit-for-bit a @ (W * M) on the same

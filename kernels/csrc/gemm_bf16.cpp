@@ -443,7 +443,7 @@ struct Operands {
     as0 = a.stride(0), as1 = a.stride(1);
     int64_t bs0 = b.stride(0), bs1 = b.stride(1);
     if (as1 != 1 && m == 1) as1 = 1;  // one row: row-major
-    if (bs1 != 1 && k == 1) bs1 = 1, bs0 = n;
+    if (bs1 != 1 && k == 1 && !mask.defined()) bs1 = 1, bs0 = n;  // (with a mask, b stays W or W^T: the mask's rows are W's)
     b_rows = bs1 == 1;
     src.ld = b_rows ? bs0 : bs1;
     if (b.scalar_type() == at::kBFloat16) {

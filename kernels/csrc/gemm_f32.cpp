@@ -431,8 +431,10 @@ struct Operands {
     as0 = a.stride(0), as1 = a.stride(1);
     int64_t bs0 = b.stride(0), bs1 = b.stride(1);
     if (as1 != 1 && k == 1) as1 = 1;  // one column: any row stride reads in place
-    if (bs1 != 1 && n == 1) bs1 = 1;  // one column of b: a row-major (K, 1) with row stride bs0
-    if (bs1 != 1 && k == 1) bs1 = 1, bs0 = n;
+    if (!mask.defined()) {  // (with a mask, b stays W or W^T as the gemm op's checks read it: the mask's rows are W's)
+      if (bs1 != 1 && n == 1) bs1 = 1;  // one column of b: a row-major (K, 1) with row stride bs0
+      if (bs1 != 1 && k == 1) bs1 = 1, bs0 = n;
+    }
     b_rows = bs1 == 1;
     src.w = b.data_ptr<float>();
     src.ld = b_rows ? bs0 : bs1;
