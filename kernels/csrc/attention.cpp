@@ -44,8 +44,18 @@ inline void load_row(const T* src, int64_t d, float* dst, const float* bias = nu
       _mm512_storeu_ps(dst + i, bias == nullptr ? v : _mm512_add_ps(v, _mm512_loadu_ps(bias + i)));
     }
   }
+#elif defined(HARMODT_AVX2)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    for (; i + 8 <= d; i += 8) {  // common.h's load8: fp32, or bf16 widened exactly
+      const __m256 v = load8(src + i);
+      _mm256_storeu_ps(dst + i, bias == nullptr ? v : _mm256_add_ps(v, _mm256_loadu_ps(bias + i)));
+    }
+  }
 #endif
-  for (; i < d; ++i) dst[i] = static_cast<float>(src[i]) + (bias == nullptr ? 0.0f : bias[i]);
+  if (bias == nullptr)
+    for (; i < d; ++i) dst[i] = static_cast<float>(src[i]);
+  else
+    for (; i < d; ++i) dst[i] = static_cast<float>(src[i]) + bias[i];
 }
 template <typename T>
 inline void store_row(const float* src, int64_t d, T* dst) {
@@ -58,6 +68,9 @@ inline void store_row(const float* src, int64_t d, T* dst) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(d16 + i), reinterpret_cast<const __m256i&>(v));
     }
   }
+#elif defined(HARMODT_AVX2)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)
+    for (; i + 8 <= d; i += 8) store8(dst + i, _mm256_loadu_ps(src + i));  // (bf16: rounded as c10)
 #endif
   for (; i < d; ++i) dst[i] = static_cast<T>(src[i]);
 }
@@ -183,7 +196,7 @@ inline void scores_block(const float* x, const float* mt, int64_t d, int64_t ld,
     __m256 m[NB];
     for (int g = 0; g < NB; ++g) m[g] = _mm256_loadu_ps(mt + k * ld + (b0 + g) * 8);
     for (int r = 0; r < R; ++r) {
-      const __m256 xr = _mm256_broadcast_ss(x + r * d + k);
+      const __m256 xr = _mm256_set1_ps(x[r * d + k]);
       for (int g = 0; g < NB; ++g) acc[r][g] = _mm256_fmadd_ps(xr, m[g], acc[r][g]);
     }
   }
@@ -205,20 +218,26 @@ template <int R>
 inline void combine_rows(const float* w, int64_t ld, const float* m, int64_t n, int64_t d, float* out) {
   for (int64_t c = 0; c < d; c += 16) {
     const __m256i l0 = tail8(d - c), l1 = tail8(d - c - 8);
+    const bool full = d - c >= 16;
     __m256 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-      const __m256 v0 = _mm256_maskload_ps(m + j * d + c, l0);
-      const __m256 v1 = _mm256_maskload_ps(m + j * d + c + 8, l1);
+      const __m256 v0 = full ? _mm256_loadu_ps(m + j * d + c) : _mm256_maskload_ps(m + j * d + c, l0);
+      const __m256 v1 = full ? _mm256_loadu_ps(m + j * d + c + 8) : _mm256_maskload_ps(m + j * d + c + 8, l1);
       for (int r = 0; r < R; ++r) {
-        const __m256 wr = _mm256_broadcast_ss(w + r * ld + j);
+        const __m256 wr = _mm256_set1_ps(w[r * ld + j]);
         acc[r][0] = _mm256_fmadd_ps(wr, v0, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(wr, v1, acc[r][1]);
       }
     }
     for (int r = 0; r < R; ++r) {
-      _mm256_maskstore_ps(out + r * d + c, l0, acc[r][0]);
-      _mm256_maskstore_ps(out + r * d + c + 8, l1, acc[r][1]);
+      if (full) {  // (masked stores are slow on AMD Zen: only for a tail)
+        _mm256_storeu_ps(out + r * d + c, acc[r][0]);
+        _mm256_storeu_ps(out + r * d + c + 8, acc[r][1]);
+      } else {
+        _mm256_maskstore_ps(out + r * d + c, l0, acc[r][0]);
+        _mm256_maskstore_ps(out + r * d + c + 8, l1, acc[r][1]);
+      }
     }
   }
 }
@@ -294,20 +313,27 @@ inline void pt_times_a_block(const float* p, const float* a, int64_t i0, int64_t
 #elif defined(HARMODT_AVX2)
   for (int64_t c = 0; c < d; c += 16) {
     const __m256i l0 = tail8(d - c), l1 = tail8(d - c - 8);
+    const bool full = d - c >= 16;
     __m256 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t i = i0; i < rows; ++i) {
-      const __m256 v0 = _mm256_maskload_ps(a + i * d + c, l0), v1 = _mm256_maskload_ps(a + i * d + c + 8, l1);
+      const __m256 v0 = full ? _mm256_loadu_ps(a + i * d + c) : _mm256_maskload_ps(a + i * d + c, l0);
+      const __m256 v1 = full ? _mm256_loadu_ps(a + i * d + c + 8) : _mm256_maskload_ps(a + i * d + c + 8, l1);
       const float* pi = p + i * ld + j0;
       for (int r = 0; r < R; ++r) {
-        const __m256 w = _mm256_broadcast_ss(pi + r);
+        const __m256 w = _mm256_set1_ps(pi[r]);
         acc[r][0] = _mm256_fmadd_ps(w, v0, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(w, v1, acc[r][1]);
       }
     }
     for (int r = 0; r < R; ++r) {
-      _mm256_maskstore_ps(out + (j0 + r) * d + c, l0, acc[r][0]);
-      _mm256_maskstore_ps(out + (j0 + r) * d + c + 8, l1, acc[r][1]);
+      if (full) {
+        _mm256_storeu_ps(out + (j0 + r) * d + c, acc[r][0]);
+        _mm256_storeu_ps(out + (j0 + r) * d + c + 8, acc[r][1]);
+      } else {
+        _mm256_maskstore_ps(out + (j0 + r) * d + c, l0, acc[r][0]);
+        _mm256_maskstore_ps(out + (j0 + r) * d + c + 8, l1, acc[r][1]);
+      }
     }
   }
 #else
@@ -438,7 +464,8 @@ inline void softmax_row(float* s, const float* vis, int64_t qp, int64_t ld, cons
 #endif
 }
 
-// km[j] = inv_keep if element e0 + j is kept else 0, for j < n (dropout.cpp's keep mask).
+// km[j] = inv_keep if element e0 + j is kept else 0, for j < n (dropout.cpp's keep mask); km must hold n
+// rounded up to a multiple of 8 (the AVX2 path writes whole vectors).
 inline void keep_row(uint64_t seed, uint32_t threshold, float inv_keep, int64_t e0, int64_t n, float* km) {
   int64_t j = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
@@ -464,6 +491,27 @@ inline void keep_row(uint64_t seed, uint32_t threshold, float inv_keep, int64_t 
       const __mmask16 live = tail16(n - j);
       const __mmask16 lanes = static_cast<__mmask16>(window >> (pos - 32 * w)) & live;
       _mm512_mask_storeu_ps(km + j, live, _mm512_maskz_mov_ps(lanes, vk));
+    }
+    return;
+  }
+#elif defined(HARMODT_AVX2)
+  if (threshold <= 0xFFFF) {
+    // The same stream of keep bits from element 4 * (e0 / 4), 16 per 4-lane hash (common.h's
+    // keep_bits16); a 32-bit window of two such words serves 8 lanes at any offset.
+    const __m256i thr = _mm256_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
+    const __m256 vk = _mm256_set1_ps(inv_keep);
+    const int64_t blk0 = e0 >> 2, off = e0 & 3;
+    int64_t cur = -2;
+    uint32_t window = 0;  // bits 16 cur .. 16 cur + 31 of the stream
+    for (; j < n; j += 8) {
+      const int64_t pos = off + j, w = pos >> 4;
+      if (w == cur + 1)
+        window = (window >> 16) | (keep_bits16(seed, blk0 + 4 * (w + 1), thr) << 16);
+      else if (w != cur)
+        window = keep_bits16(seed, blk0 + 4 * w, thr) | (keep_bits16(seed, blk0 + 4 * (w + 1), thr) << 16);
+      cur = w;
+      const __m256 v = _mm256_and_ps(_mm256_castsi256_ps(bits8(window >> (pos - 16 * w))), vk);
+      _mm256_storeu_ps(km + j, v);  // (past n: up to the next multiple of 8, within the caller's ld)
     }
     return;
   }
@@ -513,6 +561,17 @@ inline void transpose_keys(const float* m, int64_t tk, int64_t d, int64_t ld, fl
       for (int64_t c = 0; c < d; c += 16) transpose16(m + j * d + c, d, std::max<int64_t>(0, std::min<int64_t>(16, tk - j)), mt + c * ld + j, ld);
     return;
   }
+#elif defined(HARMODT_AVX2)
+  if (d % 8 == 0) {  // 8 x 8 blocks through registers (ld is a multiple of 16)
+    for (int64_t j = 0; j < ld; j += 8)
+      for (int64_t c = 0; c < d; c += 8) {
+        __m256 r[8];
+        for (int64_t i = 0; i < 8; ++i) r[i] = j + i < tk ? _mm256_loadu_ps(m + (j + i) * d + c) : _mm256_setzero_ps();
+        transpose8(r);
+        for (int64_t i = 0; i < 8; ++i) _mm256_storeu_ps(mt + (c + i) * ld + j, r[i]);
+      }
+    return;
+  }
 #endif
   for (int64_t c = 0; c < d; ++c) {
     for (int64_t j = 0; j < tk; ++j) mt[c * ld + j] = m[j * d + c];
@@ -540,20 +599,26 @@ inline void softmax_grad_row(float* p, float* dp, const float* km, int64_t n, in
     if (km != nullptr && live) _mm512_mask_storeu_ps(p + j, live, _mm512_mul_ps(pv, _mm512_maskz_loadu_ps(live, km + j)));
   }
 #elif defined(HARMODT_AVX2)
+  // Whole vectors, no lane masks (masked stores are slow on AMD Zen): p is exactly 0 past n
+  // (softmax_row) and dp and km hold finite values there, so those lanes add 0 to the sum and get
+  // ds = 0 and p = 0, as the masked form would give.
+  const int64_t n8 = (n + 7) / 8 * 8;
   __m256 acc = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; j += 8) {
-    const __m256i live = tail8(n - j);
-    __m256 g = _mm256_maskload_ps(dp + j, live);
-    if (km != nullptr) g = _mm256_mul_ps(g, _mm256_maskload_ps(km + j, live));
-    _mm256_maskstore_ps(dp + j, live, g);
-    acc = _mm256_fmadd_ps(_mm256_maskload_ps(p + j, live), g, acc);
+  for (int64_t j = 0; j < n8; j += 8) {
+    __m256 g = _mm256_loadu_ps(dp + j);
+    if (km != nullptr) g = _mm256_mul_ps(g, _mm256_loadu_ps(km + j));
+    _mm256_storeu_ps(dp + j, g);
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(p + j), g, acc);
   }
   const __m256 di = _mm256_set1_ps(hsum8(acc)), vs = _mm256_set1_ps(scale);
   for (int64_t j = 0; j < ld; j += 8) {
-    const __m256i live = tail8(n - j);
-    const __m256 pv = _mm256_maskload_ps(p + j, live);
-    _mm256_storeu_ps(ds + j, _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_maskload_ps(dp + j, live), di)), vs));
-    if (km != nullptr && j < n) _mm256_maskstore_ps(p + j, live, _mm256_mul_ps(pv, _mm256_maskload_ps(km + j, live)));
+    const __m256 pv = _mm256_loadu_ps(p + j);
+    if (j < n8) {
+      _mm256_storeu_ps(ds + j, _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(dp + j), di)), vs));
+      if (km != nullptr) _mm256_storeu_ps(p + j, _mm256_mul_ps(pv, _mm256_loadu_ps(km + j)));
+    } else {
+      _mm256_storeu_ps(ds + j, _mm256_setzero_ps());
+    }
   }
 #else
   float di = 0.0f;
@@ -672,7 +737,7 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
       while (firstq[j] < Tq && pr.qpos[firstq[j]] < j) ++firstq[j];
     }
   at::parallel_for(0, pr.B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> qq(pr.T * H * D), kk_(H * hs), vv_(H * hs), kt_(H * D * ld), vt_(H * D * ld), qs(Tq * D), dos(Tq * D),
+    std::vector<float> qq(pr.T * H * D), kk_(H * hs), vv_(H * hs), kt_(H * D * ld), vt_(H * D * ld), qs(Tq * D), go(H * Tq * D),
         pd(Tq * ld), ds(Tq * ld), dp(kRows * ld), vis(ld), km(ld), dq(kRows * D), dk(ld * D), dv(ld * D);
     for (int64_t pair = b0 * H; pair < b1 * H; ++pair) {
       const int64_t b = pair / H, h = pair % H;
@@ -680,7 +745,12 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
       const float* kk = kk_.data() + h * hs;
       const float* kt = kt_.data() + h * D * ld;
       const float* vt = vt_.data() + h * D * ld;
-      if (h == 0) validity_floats(pr.valid + b * pr.Tk, pr.Tk, ld, vis.data());
+      if (h == 0) {
+        validity_floats(pr.valid + b * pr.Tk, pr.Tk, ld, vis.data());
+        for (int64_t i = 0; i < Tq; ++i)  // the row's output gradient in memory order, as go [H][Tq][D]
+          for (int64_t g = 0; g < H; ++g) load_row(gout + ((b * Tq + i) * H + g) * D, D, go.data() + (g * Tq + i) * D);
+      }
+      const float* dos = go.data() + h * Tq * D;  // [Tq][D]
       if (b + 1 < b1) prefetch_row_part(pr, qkv, b + 1, h, H);
       for (int64_t i0 = 0; i0 < Tq; i0 += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, Tq - i0));
@@ -689,12 +759,11 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
           const int64_t i = i0 + r, qp = pr.qpos[i];
           n_max = std::max(n_max, qp + 1);
           std::memcpy(qs.data() + i * D, qq.data() + ((qp - pr.Tp) * H + h) * D, D * sizeof(float));
-          load_row(gout + (b * Tq + i) * pr.H * D + h * D, D, dos.data() + i * D);
         }
         float* p4 = pd.data() + i0 * ld;  // P, then drop(P), of these rows
         float* ds4 = ds.data() + i0 * ld;
         scores_n(rows, qs.data() + i0 * D, kt, D, ld, n_max, pr.scale, p4);
-        scores_n(rows, dos.data() + i0 * D, vt, D, ld, n_max, 1.0f, dp.data());  // dO . v_j
+        scores_n(rows, dos + i0 * D, vt, D, ld, n_max, 1.0f, dp.data());  // dO . v_j
         for (int r = 0; r < rows; ++r) {
           const int64_t i = i0 + r, qp = pr.qpos[i], n = qp + 1;
           float* pr_ = p4 + r * ld;
@@ -708,7 +777,7 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
         for (int r = 0; r < rows; ++r)
           store_row(dq.data() + r * D, D, dqkv + b * pr.qkv_sb + (pr.qpos[i0 + r] - pr.Tp) * pr.qkv_st + h * D);
       }
-      pt_times_a(pd.data(), dos.data(), Tq, ld, pr.Tk, D, firstq.data(), dv.data());  // dV = drop(P)^T dO  [Tk][D]
+      pt_times_a(pd.data(), dos, Tq, ld, pr.Tk, D, firstq.data(), dv.data());  // dV = drop(P)^T dO  [Tk][D]
       pt_times_a(ds.data(), qs.data(), Tq, ld, pr.Tk, D, firstq.data(), dk.data());   // dK = dS^T Q (scale folded in)
       for (int64_t j = pr.Tp; j < pr.Tk; ++j) {
         T* dst = dqkv + b * pr.qkv_sb + (j - pr.Tp) * pr.qkv_st + h * D;

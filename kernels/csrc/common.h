@@ -266,6 +266,54 @@ inline __mmask16 keep16(uint64_t seed, int64_t i, __m512i thr) {
 #endif
 
 #if defined(HARMODT_AVX2)
+// 8 x 8 transpose of fp32 lanes, in place.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  __m256 s[8];
+  for (int i = 0; i < 8; i += 4) {
+    s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+  }
+}
+
+// Low 64 bits of a * c in each 64-bit lane (AVX2 has no 64-bit multiply: three 32 x 32 -> 64 products).
+inline __m256i mullo64(__m256i a, uint64_t c) {
+  const __m256i cl = _mm256_set1_epi64x(static_cast<int64_t>(c & 0xFFFFFFFFull)), ch = _mm256_set1_epi64x(static_cast<int64_t>(c >> 32));
+  const __m256i cross = _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(a, 32), cl), _mm256_mul_epu32(a, ch));
+  return _mm256_add_epi64(_mm256_mul_epu32(a, cl), _mm256_slli_epi64(cross, 32));
+}
+
+// Blocks b .. b+3 at once (splitmix on 4 lanes): the 4 draws, seen as 16 little-endian 16-bit
+// fields, are exactly the draws of elements 4b .. 4b+15 in order.
+inline __m256i splitmix4(uint64_t seed, int64_t b) {
+  const uint64_t z0 = seed + (static_cast<uint64_t>(b) + 1) * kGolden;
+  __m256i z = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(z0)),
+                               _mm256_setr_epi64x(0, static_cast<int64_t>(kGolden), static_cast<int64_t>(2 * kGolden),
+                                                  static_cast<int64_t>(3 * kGolden)));
+  z = mullo64(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), 0xBF58476D1CE4E5B9ull);
+  z = mullo64(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), 0x94D049BB133111EBull);
+  return _mm256_xor_si256(z, _mm256_srli_epi64(z, 31));
+}
+
+// Keep bits of elements 4b .. 4b+15 (bit t: element 4b + t kept; thr: the threshold in every
+// 16-bit field).
+inline uint32_t keep_bits16(uint64_t seed, int64_t b, __m256i thr) {
+  const __m256i h = splitmix4(seed, b);
+  const __m256i ge = _mm256_cmpeq_epi16(_mm256_max_epu16(h, thr), h);  // field >= threshold
+  const uint32_t m = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_packs_epi16(ge, ge)));  // per 128-bit half: 8 bits twice
+  return (m & 0xFFu) | ((m >> 8) & 0xFF00u);
+}
+
 // Keep lanes of the 8 elements at flat indices i .. i+7 (any alignment; threshold <= 0xFFFF in
 // thr's 16-bit fields): the fields of the draws of blocks i / 4 .., from field i % 4 on.
 inline __m256i keep8(uint64_t seed, int64_t i, __m128i thr) {

@@ -91,26 +91,6 @@ void pack_b_rows(const BSource& b, int64_t k0, int64_t k, int64_t n, int64_t lo,
   }
 }
 
-// 8 x 8 transpose of fp32 lanes, in place.
-inline void transpose8(__m256 r[8]) {
-  __m256 t[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  __m256 s[8];
-  for (int i = 0; i < 8; i += 4) {
-    s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
-  }
-}
-
 // Panel of transposed b (b[k][n] = w[n][k]): columns n0 .. n0 + nc (nc <= 16), rows k0 .. k0 + k
 // (k0 a multiple of 8: mask bits are read 8 at a time).
 void pack_b_cols(const BSource& w, int64_t k_off, int64_t k, int64_t n0, int64_t nc, float* out) {
