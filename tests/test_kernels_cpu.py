@@ -714,17 +714,22 @@ def test_gemm_epilogue_matches_float64(m, k, n, epilogue, dtype, engine, layout)
         assert sq is None
 
 
-@pytest.mark.skipif(not cpu.bf16_gemm_available(), reason="no AVX512-BF16 in this build or CPU: the native bf16 GEMM is not built")
-def test_gemm_epilogue_native_keeps_the_dropout_mask_and_drops_masked_columns_exactly():
+@pytest.mark.parametrize("n", [100, 37])  # (37: rows start at flat indices of every residue mod 4 and 16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemm_epilogue_native_keeps_the_dropout_mask_and_drops_masked_columns_exactly(n, dtype):
     """Integer operands: every sum exact in fp32, so the fused epilogues must equal the float64
     composition exactly (the bias-ReLU output after its one rounding), dropout's kept entries and
     the mask's cleared entries included."""
+    if dtype == torch.bfloat16 and not cpu.bf16_gemm_available():
+        pytest.skip("no AVX512-BF16 in this build or CPU: the native bf16 GEMM is not built")
+    if dtype == torch.float32 and not cpu.f32_gemm_available():
+        pytest.skip("the native fp32 GEMM is built for AVX2 + FMA without AVX-512 only")
     g = _gen(21)
-    a = torch.randint(-3, 4, (50, 70), generator=g).to(torch.bfloat16)
-    b = torch.randint(-3, 4, (70, 100), generator=g).to(torch.bfloat16)
-    bias, residual = torch.randint(-8, 8, (100,), generator=g).float() * 0.5, torch.randint(-8, 8, (50, 100), generator=g).float()
-    mask_bool = torch.rand(50, 100, generator=g) < 0.5
-    z = torch.randint(-2, 3, (50, 100), generator=g).clamp_min(0).to(torch.bfloat16)
+    a = torch.randint(-3, 4, (50, 70), generator=g).to(dtype)
+    b = torch.randint(-3, 4, (70, n), generator=g).to(dtype)
+    bias, residual = torch.randint(-8, 8, (n,), generator=g).float() * 0.5, torch.randint(-8, 8, (50, n), generator=g).float()
+    mask_bool = torch.rand(50, n, generator=g) < 0.5
+    z = torch.randint(-2, 3, (50, n), generator=g).clamp_min(0).to(dtype)
     for epilogue in ("bias_relu", "bias_dropout_add", "masked_grad", "relu_grad"):
         out, sq = cpu.gemm_epilogue(a, b, epilogue, bias, z if epilogue == "relu_grad" else residual, cpu.pack_masks(mask_bool), seed=3,
                                     p=0.5, engine="native")

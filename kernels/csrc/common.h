@@ -314,19 +314,20 @@ inline uint32_t keep_bits16(uint64_t seed, int64_t b, __m256i thr) {
   return (m & 0xFFu) | ((m >> 8) & 0xFF00u);
 }
 
+// Keep bits of the 16 elements at flat indices i .. i+15 (any alignment): bits i % 4 .. of the
+// stream from element 4 * (i / 4), one 4-lane hash when i is a multiple of 4, else two.
+inline uint32_t keep_bits16_at(uint64_t seed, int64_t i, __m256i thr) {
+  const int64_t a = i >> 2;
+  const int s = static_cast<int>(i & 3);
+  const uint32_t lo = keep_bits16(seed, a, thr);
+  if (s == 0) return lo;
+  return ((lo | (keep_bits16(seed, a + 4, thr) << 16)) >> s) & 0xFFFFu;
+}
+
 // Keep lanes of the 8 elements at flat indices i .. i+7 (any alignment; threshold <= 0xFFFF in
-// thr's 16-bit fields): the fields of the draws of blocks i / 4 .., from field i % 4 on.
-inline __m256i keep8(uint64_t seed, int64_t i, __m128i thr) {
-  const uint64_t a = static_cast<uint64_t>(i >> 2);
-  const int s = 16 * static_cast<int>(i & 3);
-  uint64_t lo = splitmix(seed, a), hi = splitmix(seed, a + 1);
-  if (s != 0) {
-    const uint64_t top = splitmix(seed, a + 2);
-    lo = (lo >> s) | (hi << (64 - s));
-    hi = (hi >> s) | (top << (64 - s));
-  }
-  const __m128i h = _mm_set_epi64x(static_cast<int64_t>(hi), static_cast<int64_t>(lo));
-  return _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(_mm_max_epu16(h, thr), h));  // field >= threshold
+// thr's 16-bit fields): elements i .. i+7 lie within the 16 of blocks i / 4 .. i / 4 + 3.
+inline __m256i keep8(uint64_t seed, int64_t i, __m256i thr) {
+  return bits8(keep_bits16(seed, i >> 2, thr) >> static_cast<int>(i & 3));
 }
 #endif
 
@@ -380,9 +381,14 @@ inline void dropout_row(uint64_t seed, uint32_t threshold, int64_t base, int64_t
 #elif defined(HARMODT_AVX2)
   if constexpr (Vec) {
     if (threshold <= 0xFFFF) {  // whole 8-lane chunks (keep: an all-ones lane per kept element), the tail scalar
-      const __m128i thr = _mm_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
+      const __m256i thr = _mm256_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
       const __m256i all = _mm256_set1_epi32(-1);
       int64_t j = 0;
+      for (; j + 16 <= n; j += 16) {  // 16 keep bits per one or two 4-lane hashes
+        const uint32_t k = threshold == 0 ? 0xFFFFu : keep_bits16_at(seed, base + j, thr);
+        vec(j, all, bits8(k));
+        vec(j + 8, all, bits8(k >> 8));
+      }
       for (; j + 8 <= n; j += 8) vec(j, all, threshold == 0 ? all : keep8(seed, base + j, thr));
       for (; j < n; ++j) scalar(j);
       return;

@@ -195,15 +195,18 @@ struct BiasDropoutAddF32 {
   template <int MR>
   void operator()(__m256 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
     const Lanes l(nc);
-    const __m128i thr = _mm_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
+    const __m256i thr = _mm256_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
     const __m256 sc = _mm256_set1_ps(scale);
-    for (int h = 0; h < (nc > 8 ? 2 : 1); ++h) {
-      const __m256 b = load_lanes(bias + n0 + 8 * h, l, h);
-      for (int i = 0; i < MR; ++i) {
-        const int64_t at = (i0 + i) * ld + n0 + 8 * h;
-        __m256 d = _mm256_mul_ps(_mm256_add_ps(acc[i][h], b), sc);
-        if (threshold != 0) d = _mm256_and_ps(_mm256_castsi256_ps(keep8(seed, at, thr)), d);
-        store_lanes(out + at, _mm256_add_ps(load_lanes(res + at, l, h), d), l, h);
+    const int hs = nc > 8 ? 2 : 1;
+    __m256 b[2];
+    for (int h = 0; h < hs; ++h) b[h] = load_lanes(bias + n0 + 8 * h, l, h);
+    for (int i = 0; i < MR; ++i) {
+      const int64_t at = (i0 + i) * ld + n0;
+      const uint32_t keep = threshold != 0 ? keep_bits16_at(seed, at, thr) : 0xFFFFu;  // the row's 16 columns
+      for (int h = 0; h < hs; ++h) {
+        __m256 d = _mm256_mul_ps(_mm256_add_ps(acc[i][h], b[h]), sc);
+        if (threshold != 0) d = _mm256_and_ps(_mm256_castsi256_ps(bits8(keep >> (8 * h))), d);
+        store_lanes(out + at + 8 * h, _mm256_add_ps(load_lanes(res + at + 8 * h, l, h), d), l, h);
       }
     }
   }
