@@ -664,16 +664,19 @@ void load_keys(const Problem& pr, const T* qkv, const T* kp, const T* vp, int64_
   }
 }
 
-// Prefetches part `part` of `parts` of batch row b's packed q/k/v block into L2 (the next row is
-// fetched while the current one's heads are computed).
-template <typename T>
-inline void prefetch_row_part(const Problem& pr, const T* qkv, int64_t b, int64_t part, int64_t parts) {
-#if defined(__AVX512F__)
-  const char* base = reinterpret_cast<const char*>(qkv + b * pr.qkv_sb);
-  const int64_t bytes = pr.T * pr.qkv_st * static_cast<int64_t>(sizeof(T));
+// Prefetches part `part` of `parts` of the bytes at p into L2 (the next batch row's block is fetched
+// while the current one's heads are computed).
+inline void prefetch_part(const void* p, int64_t bytes, int64_t part, int64_t parts) {
+#if defined(__AVX512F__) || defined(HARMODT_AVX2)
+  const char* base = static_cast<const char*>(p);
   const int64_t lo = bytes * part / parts, hi = bytes * (part + 1) / parts;
   for (int64_t o = lo; o < hi; o += 64) _mm_prefetch(base + o, _MM_HINT_T1);
 #endif
+}
+// ... of batch row b's packed q/k/v block
+template <typename T>
+inline void prefetch_row_part(const Problem& pr, const T* qkv, int64_t b, int64_t part, int64_t parts) {
+  prefetch_part(qkv + b * pr.qkv_sb, pr.T * pr.qkv_st * static_cast<int64_t>(sizeof(T)), part, parts);
 }
 
 constexpr int kRows = 6;  // query rows per micro-kernel call (6 measured 15-25 % faster than 4 in the backward; 8 no better)
@@ -751,7 +754,10 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
           for (int64_t g = 0; g < H; ++g) load_row(gout + ((b * Tq + i) * H + g) * D, D, go.data() + (g * Tq + i) * D);
       }
       const float* dos = go.data() + h * Tq * D;  // [Tq][D]
-      if (b + 1 < b1) prefetch_row_part(pr, qkv, b + 1, h, H);
+      if (b + 1 < b1) {
+        prefetch_row_part(pr, qkv, b + 1, h, H);
+        prefetch_part(gout + (b + 1) * Tq * H * D, Tq * H * D * static_cast<int64_t>(sizeof(T)), h, H);
+      }
       for (int64_t i0 = 0; i0 < Tq; i0 += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, Tq - i0));
         int64_t n_max = 0;
