@@ -247,15 +247,16 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
   // the fp32 W itself, masked (and rounded) as the dx GEMM packs it
   const bool packed_w = masks_in_gemms(gd, wd, engine);
   auto w_mask = [&](int i) -> Opt { return packed_w && s[kMQkv + i].defined() ? Opt(s[kMQkv + i]) : Opt(); };
-  // dW = dy^T x for matrix i, masked (Eq. 4) with its sum of squares recorded; bf16 GEMMs mask it
-  // in their output blocks (gemm_epilogue), fp32 ones right after (the norm in apply_masks_sq_norms_'s
-  // order, which the per-op blocks share)
+  // dW = dy^T x for matrix i, masked (Eq. 4) with its sum of squares recorded: the native kernels
+  // (bf16, and fp32 with masks_in_gemms) mask it in their output blocks (gemm_epilogue), other fp32
+  // GEMMs right after (apply_masks_sq_norms_, whose sum order the fp32 epilogue shares, so the per-op
+  // blocks get the same bits)
   auto weight_grad = [&](const at::Tensor& dy, const at::Tensor& x, int i) {
     const at::Tensor& m = s[kMQkv + i];
     if (!m.defined()) return gemm(dy.t(), x, std::nullopt, engine).to(wd);
     double sq = 0.0;
     at::Tensor out;
-    if (gd == at::kBFloat16 && wd == at::kFloat) {
+    if ((gd == at::kBFloat16 && wd == at::kFloat) || packed_w) {
       at::Tensor sq_t;
       std::tie(out, sq_t) = gemm_epilogue(dy.t(), x, "masked_grad", std::nullopt, std::nullopt, m, 0, 0.0, engine);
       sq = sq_t.item<double>();
@@ -271,7 +272,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& grad, const std::vector
   // MLP: out = x1 + drop(z W_mlp^T + b_mlp), z = relu(h2 W_fc^T + b_fc), h2 = LN2(x1)
   auto [dy2, db_mlp] = dropout_bias_backward(g, d.seed_mlp, d.p_mlp, gd);
   at::Tensor dz, db_fc;  // (BTq, 4C): ReLU's gradient applied while dz is in cache (z then is for dW), and fc's bias gradient
-  if (gd == at::kBFloat16) {  // (fp32: the sums in bias_relu_backward_'s order, which the per-op blocks share)
+  if (gd == at::kBFloat16 || packed_w) {  // (fp32 on other engines: bias_relu_backward_ after the GEMM; the same sums)
     std::tie(dz, db_fc) = gemm_epilogue(dy2, s[kWMlp], "relu_grad", std::nullopt, s[kZ], std::nullopt, 0, 0.0, engine, w_mask(3));
   } else {
     dz = gemm(dy2, s[kWMlp], std::nullopt, engine, w_mask(3));

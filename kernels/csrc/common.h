@@ -42,11 +42,11 @@ inline void share(int64_t n, int tid, int nt, int64_t& lo, int64_t& hi) {
   hi = n * (tid + 1) / nt;
 }
 
-// A per-thread scratch buffer of T (slots 0-2 per type) that only grows: no zero fill and no
+// A per-thread scratch buffer of T (slots 0-3 per type) that only grows: no zero fill and no
 // fresh (page-faulting) pages per call (the GEMM kernels' packed operands).
 template <typename T>
 T* scratch(int slot, size_t n) {
-  thread_local std::vector<T> buf[3];
+  thread_local std::vector<T> buf[4];
   if (buf[slot].size() < n) buf[slot].resize(n);
   return buf[slot].data();
 }
@@ -229,6 +229,12 @@ template <typename T>
 constexpr bool vector_ok() {
   return vector16_ok<T>() || vector8_ok<T>();
 }
+
+// Rows per group in the fp32 sums that a GEMM epilogue can also produce while the output tile is in
+// registers (the AVX2 fp32 GEMM's tile height): a bias gradient's column sums add each group of
+// kSumRows rows first (rows in order, from +0), then the groups in order; a masked gradient's sum of
+// squares (AVX2 builds) takes kSumRows x 16 blocks. Both orders are the same for any thread count.
+constexpr int64_t kSumRows = 6;
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
 

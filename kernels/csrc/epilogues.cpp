@@ -20,6 +20,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -112,34 +113,45 @@ at::Tensor bias_relu_(at::Tensor z, const at::Tensor& bias) {
   return z;
 }
 
+// dz = g * (h > 0) and, with db, its column sums in common.h's kSumRows-row groups (each group's rows
+// in order from +0, then the groups in order): the threads split the columns, so the order does not
+// depend on their number, and it is the order of the native fp32 GEMM's relu_grad epilogue.
 template <typename T>
-void relu_grad_rows(const T* g, const T* h, T* dz, ColumnSums* sums, int64_t m, int64_t n) {
-  at::parallel_for(0, m, kGrainRows, [&](int64_t r0, int64_t r1) {
-    float* acc = sums ? sums->mine() : nullptr;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* gr = g + r * n;
-      const T* hr = h + r * n;
-      T* dr = dz + r * n;
-      row16<vector_ok<T>()>(
-          n,
-          [&](int64_t j, auto lanes) {
+void relu_grad_rows(const T* g, const T* h, T* dz, float* db, int64_t m, int64_t n) {
+  constexpr int64_t kCols = 64;  // columns per parallel block (a multiple of 16)
+  at::parallel_for(0, (n + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t j0 = c0 * kCols, w = std::min(n, c1 * kCols) - j0;
+    std::vector<float> group(db != nullptr ? w : 0);
+    for (int64_t r0 = 0; r0 < m; r0 += kSumRows) {
+      if (db != nullptr) std::fill(group.begin(), group.end(), 0.0f);
+      float* acc = db != nullptr ? group.data() : nullptr;
+      for (int64_t r = r0; r < std::min(m, r0 + kSumRows); ++r) {
+        const T* gr = g + r * n + j0;
+        const T* hr = h + r * n + j0;
+        T* dr = dz + r * n + j0;
+        row16<vector_ok<T>()>(
+            w,
+            [&](int64_t j, auto lanes) {
 #if defined(HARMODT_AVX512_CVT)
-            const __mmask16 pos = _mm512_mask_cmp_ps_mask(lanes, load16(hr + j, lanes), _mm512_setzero_ps(), _CMP_GT_OQ);
-            const __m512 d = _mm512_maskz_mov_ps(pos, load16(gr + j, lanes));
-            store16(dr + j, d, lanes);
-            if (acc) _mm512_mask_storeu_ps(acc + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + j), d));
+              const __mmask16 pos = _mm512_mask_cmp_ps_mask(lanes, load16(hr + j, lanes), _mm512_setzero_ps(), _CMP_GT_OQ);
+              const __m512 d = _mm512_maskz_mov_ps(pos, load16(gr + j, lanes));
+              store16(dr + j, d, lanes);
+              if (acc) _mm512_mask_storeu_ps(acc + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc + j), d));
 #elif defined(HARMODT_AVX2)
-            const __m256 pos = _mm256_cmp_ps(load8(hr + j), _mm256_setzero_ps(), _CMP_GT_OQ);
-            const __m256 d = _mm256_and_ps(pos, load8(gr + j));  // g where h > 0, else +0
-            store8(dr + j, d);
-            if (acc) _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), d));
+              const __m256 pos = _mm256_cmp_ps(load8(hr + j), _mm256_setzero_ps(), _CMP_GT_OQ);
+              const __m256 d = _mm256_and_ps(pos, load8(gr + j));  // g where h > 0, else +0
+              store8(dr + j, d);
+              if (acc) _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), d));
 #endif
-          },
-          [&](int64_t j) {
-            const float d = static_cast<float>(hr[j]) > 0.0f ? static_cast<float>(gr[j]) : 0.0f;
-            dr[j] = static_cast<T>(d);
-            if (acc) acc[j] += d;
-          });
+            },
+            [&](int64_t j) {
+              const float d = static_cast<float>(hr[j]) > 0.0f ? static_cast<float>(gr[j]) : 0.0f;
+              dr[j] = static_cast<T>(d);
+              if (acc) acc[j] += d;
+            });
+      }
+      if (db != nullptr)
+        for (int64_t j = 0; j < w; ++j) db[j0 + j] += group[j];
     }
   });
 }
@@ -147,15 +159,15 @@ void relu_grad_rows(const T* g, const T* h, T* dz, ColumnSums* sums, int64_t m, 
 // dz = grad * (out > 0) into `dz` (may be grad itself); returns db (zeros without need_bias).
 at::Tensor relu_backward_into(const at::Tensor& grad, const at::Tensor& out, at::Tensor& dz, bool need_bias) {
   const int64_t n = out.size(-1), m = n == 0 ? 0 : out.numel() / n;
-  ColumnSums sums(need_bias ? n : 0);
+  at::Tensor db = at::zeros({n}, at::kFloat);
   if (m > 0 && n > 0) {
+    float* d = need_bias ? db.data_ptr<float>() : nullptr;
     if (out.scalar_type() == at::kFloat)
-      relu_grad_rows(grad.data_ptr<float>(), out.data_ptr<float>(), dz.data_ptr<float>(), need_bias ? &sums : nullptr, m, n);
+      relu_grad_rows(grad.data_ptr<float>(), out.data_ptr<float>(), dz.data_ptr<float>(), d, m, n);
     else
-      relu_grad_rows(grad.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), dz.data_ptr<at::BFloat16>(),
-                     need_bias ? &sums : nullptr, m, n);
+      relu_grad_rows(grad.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), dz.data_ptr<at::BFloat16>(), d, m, n);
   }
-  return need_bias ? sums.total() : at::zeros({n}, at::kFloat);
+  return db;
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_relu_backward(const at::Tensor& grad_in, const at::Tensor& out, bool need_bias) {

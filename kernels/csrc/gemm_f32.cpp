@@ -55,6 +55,7 @@ bool f32_gemm_available() {
 namespace {
 
 constexpr int kMr = 6;   // rows per micro-tile: 2 * kMr accumulators + 2 b registers + 1 broadcast of 16 ymm
+static_assert(kMr == kSumRows, "the epilogues' sums are in common.h's kSumRows-row groups");
 constexpr int kNr = 16;  // columns per panel (two ymm)
 
 using u32 = uint32_t;
@@ -212,14 +213,16 @@ struct BiasDropoutAddF32 {
   }
 };
 
-// acc * mask and its sum of squares (a weight gradient, Eq. 4; as apply_masks_sq_norms_ up to the
-// order of the squares' sum)
+// acc * mask and its sum of squares (a weight gradient, Eq. 4): each tile's (kMr x 16) squares in 8
+// fp32 lanes, rows in order, reduced as reduce_add16, into block[tile][panel]; the caller sums the
+// blocks in double in that order (masks.cpp's apply_masks_sq_norms_ order on AVX2 builds, bit for bit)
 struct MaskedGradF32 {
   float* out;
   int64_t ld;
   const u32* words;  // (M, ceil(N / 32))
   int64_t wpr;
-  double* sq;  // per thread
+  float* block;  // (tiles, panels)
+  int64_t panels;
   template <int MR>
   void operator()(__m256 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
     const Lanes l(nc);
@@ -232,17 +235,18 @@ struct MaskedGradF32 {
         sum = _mm256_fmadd_ps(v, v, sum);  // lanes past nc: acc is 0 there (b's packed tail is 0)
       }
     }
-    sq[tid] += static_cast<double>(reduce_add16(sum, _mm256_setzero_ps()));
+    block[(i0 / kMr) * panels + n0 / kNr] = reduce_add16(sum, _mm256_setzero_ps());
   }
 };
 
-// acc * (z > 0) and its column sums (ReLU's backward and the fc bias gradient; as
-// bias_relu_backward_ up to the order of the sums)
+// acc * (z > 0) and its column sums over the tile's rows (ReLU's backward and the fc bias
+// gradient), into group[tile][column]; the caller adds the groups in order (epilogues.cpp's
+// bias_relu_backward_ order, bit for bit)
 struct ReluGradF32 {
   float* out;
   const float* z;
   int64_t ld;
-  float* colsum;  // per thread: threads x ld
+  float* group;  // (tiles, ld)
   template <int MR>
   void operator()(__m256 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
     const Lanes l(nc);
@@ -255,8 +259,7 @@ struct ReluGradF32 {
         store_lanes(out + at, v, l, h);
         sum = _mm256_add_ps(sum, v);
       }
-      float* c = colsum + tid * ld + n0 + 8 * h;
-      store_lanes(c, _mm256_add_ps(load_lanes(c, l, h), sum), l, h);
+      store_lanes(group + (i0 / kMr) * ld + n0 + 8 * h, sum, l, h);
     }
   }
 };
@@ -483,19 +486,21 @@ std::tuple<at::Tensor, at::Tensor> f32_gemm_epilogue(const at::Tensor& a, const 
               o);
       break;
     case GemmEpilogue::kReluGrad: {
-      std::vector<float> part(static_cast<size_t>(std::max(ops.threads, 1) * n), 0.0f);
-      ops.run(ReluGradF32{o, res_.data_ptr<float>(), n, part.data()}, o);
+      const int64_t tiles = (m + kMr - 1) / kMr;
+      float* group = scratch<float>(3, static_cast<size_t>(tiles * n));  // (the caller's thread's: the workers only write it)
+      ops.run(ReluGradF32{o, res_.data_ptr<float>(), n, group}, o);
       float* total = sq.data_ptr<float>();
-      for (int t = 0; t < std::max(ops.threads, 1); ++t)
-        for (int64_t j = 0; j < n; ++j) total[j] += part[t * n + j];
+      for (int64_t t = 0; t < tiles; ++t)
+        for (int64_t j = 0; j < n; ++j) total[j] += group[t * n + j];
       break;
     }
     case GemmEpilogue::kMaskedGrad: {
-      std::vector<double> part(static_cast<size_t>(std::max(ops.threads, 1)), 0.0);
+      const int64_t tiles = (m + kMr - 1) / kMr, panels = (n + kNr - 1) / kNr;
+      std::vector<float> block(static_cast<size_t>(tiles * panels));
       const at::Tensor words = mask.contiguous();
-      ops.run(MaskedGradF32{o, n, reinterpret_cast<const u32*>(words.data_ptr<int32_t>()), words.size(1), part.data()}, o);
+      ops.run(MaskedGradF32{o, n, reinterpret_cast<const u32*>(words.data_ptr<int32_t>()), words.size(1), block.data(), panels}, o);
       double total = 0.0;
-      for (double v : part) total += v;
+      for (float v : block) total += static_cast<double>(v);
       sq.fill_(total);
       break;
     }

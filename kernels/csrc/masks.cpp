@@ -2,6 +2,7 @@
 // bit j % 32 of word j / 32 is column j, padding bits are zero.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common.h"
@@ -226,6 +227,35 @@ double apply_mask_impl(at::Tensor& out, const at::Tensor& src, const at::Tensor&
   } else {
     const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
     const int64_t w = num_words(k), rows = n / k;
+#if defined(HARMODT_AVX2)
+    if (sq) {
+      // The sum of squares in the blocks of kSumRows rows x 16 columns of the native fp32 GEMM's
+      // masked_grad epilogue (gemm_f32.cpp), so a weight gradient masked there and one masked here
+      // give the same bits: per block, 8 fp32 lanes over its rows in order (two halves each),
+      // reduced as reduce_add16; the blocks' values summed in double, row block by row block.
+      const int64_t tiles = (rows + kSumRows - 1) / kSumRows, panels = (k + 15) / 16;
+      std::vector<float> block(static_cast<size_t>(tiles * panels));
+      at::parallel_for(0, tiles, std::max<int64_t>(1, (1 << 15) / (kSumRows * k)), [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r0 = t * kSumRows, r1 = std::min(rows, r0 + kSumRows);
+          for (int64_t r = r0; r < r1; ++r) select_row_bits(s + r * k, words + r * w, k, o + r * k);
+          for (int64_t p = 0; p < panels; ++p) {
+            const int64_t n0 = p * 16, nc = std::min<int64_t>(16, k - n0);
+            __m256 sum = _mm256_setzero_ps();
+            for (int64_t r = r0; r < r1; ++r)
+              for (int64_t h = 0; h < (nc > 8 ? 2 : 1); ++h) {
+                const __m256 v = load8(o + r * k + n0 + 8 * h, nc - 8 * h);
+                sum = _mm256_fmadd_ps(v, v, sum);
+              }
+            block[t * panels + p] = reduce_add16(sum, _mm256_setzero_ps());
+          }
+        }
+      });
+      double total = 0.0;
+      for (float v : block) total += static_cast<double>(v);
+      return total;
+    }
+#endif
     at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / k), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         select_row_bits(s + r * k, words + r * w, k, o + r * k);
