@@ -71,10 +71,14 @@ struct BSource {
 
   // 8 values of w's `row` from column col (a multiple of 8), the first `cnt` only (the rest +0)
   __m256 load(int64_t row, int64_t col, int64_t cnt) const {
-    __m256i lanes = cnt >= 8 ? _mm256_set1_epi32(-1) : tail_mask8(cnt);
-    if (bits != nullptr) lanes = _mm256_and_si256(lanes, bits8(bits[row * wpr + (col >> 5)] >> (col & 31)));
     const float* p = w + row * ld + col;
-    if (cnt >= 8 && bits == nullptr) return _mm256_loadu_ps(p);
+    if (cnt >= 8) {  // a whole vector: a plain load, the mask as an and (+0 where clear, whatever W holds there)
+      const __m256 v = _mm256_loadu_ps(p);
+      if (bits == nullptr) return v;
+      return _mm256_and_ps(v, _mm256_castsi256_ps(bits8(bits[row * wpr + (col >> 5)] >> (col & 31))));
+    }
+    __m256i lanes = tail_mask8(cnt);
+    if (bits != nullptr) lanes = _mm256_and_si256(lanes, bits8(bits[row * wpr + (col >> 5)] >> (col & 31)));
     return _mm256_maskload_ps(p, lanes);
   }
 };
