@@ -89,6 +89,21 @@ std::tuple<at::Tensor, at::Tensor> bf16_gemm_epilogue(const at::Tensor& a, const
                                                       const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& mask,
                                                       int64_t seed, double p, const at::Tensor& b_mask);
 
+// Shared by the native GEMM kernels' entry points: an epilogue's sums output (float64 0-dim for
+// masked_grad, fp32 (N,) for relu_grad, else undefined), zero-filled; and the product of an empty K
+// (out = bias on every row, or 0).
+inline at::Tensor epilogue_sums(GemmEpilogue kind, int64_t n, const at::TensorOptions& options) {
+  if (kind == GemmEpilogue::kMaskedGrad) return at::zeros({}, options.dtype(at::kDouble));
+  if (kind == GemmEpilogue::kReluGrad) return at::zeros({n}, options.dtype(at::kFloat));
+  return at::Tensor();
+}
+inline void fill_empty_product(at::Tensor& out, const at::Tensor& bias) {
+  if (bias.defined())
+    out.copy_(bias.expand(out.sizes()));
+  else
+    out.zero_();
+}
+
 // kernels/csrc/attention.cpp's forward (the op attention_forward), for fused callers.
 std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,
                                                         const std::optional<at::Tensor>& v_prefix,

@@ -475,13 +475,7 @@ void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
 #if defined(HARMODT_BF16_GEMM)
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   if (m == 0 || n == 0) return;
-  if (k == 0) {
-    if (bias.defined())
-      out.copy_(bias.expand({m, n}));
-    else
-      out.zero_();
-    return;
-  }
+  if (k == 0) return fill_empty_product(out, bias);
   const at::Tensor bias_ = bias.defined() ? bias.contiguous() : bias;
   Operands(a, b, b_mask).run(StoreBf16{out.data_ptr<c10::BFloat16>(), n, bias.defined() ? bias_.data_ptr<c10::BFloat16>() : nullptr});
 #endif
@@ -496,9 +490,7 @@ std::tuple<at::Tensor, at::Tensor> bf16_gemm_epilogue(const at::Tensor& a, const
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   const bool bf16_out = kind == GemmEpilogue::kBiasRelu || kind == GemmEpilogue::kReluGrad;
   at::Tensor out = at::empty({m, n}, a.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
-  at::Tensor sq = kind == GemmEpilogue::kMaskedGrad ? at::zeros({}, a.options().dtype(at::kDouble))
-                  : kind == GemmEpilogue::kReluGrad ? at::zeros({n}, a.options().dtype(at::kFloat))
-                                                    : at::Tensor();
+  at::Tensor sq = epilogue_sums(kind, n, a.options());
   if (m == 0 || n == 0) return {out, sq};
 #if defined(HARMODT_BF16_GEMM)
   const Operands ops(a, b, b_mask);

@@ -449,13 +449,7 @@ void f32_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, con
 #if defined(HARMODT_F32_GEMM)
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   if (m == 0 || n == 0) return;
-  if (k == 0) {
-    if (bias.defined())
-      out.copy_(bias.expand({m, n}));
-    else
-      out.zero_();
-    return;
-  }
+  if (k == 0) return fill_empty_product(out, bias);
   const at::Tensor bias_ = bias.defined() ? bias.contiguous() : bias;
   Operands(a, b, b_mask).run(StoreF32{out.data_ptr<float>(), n, bias.defined() ? bias_.data_ptr<float>() : nullptr}, out.data_ptr<float>());
 #endif
@@ -467,9 +461,7 @@ std::tuple<at::Tensor, at::Tensor> f32_gemm_epilogue(const at::Tensor& a, const 
   TORCH_CHECK(f32_gemm_available(), "gemm_epilogue: the native fp32 GEMM needs AVX2 and FMA (this build or CPU lacks them)");
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   at::Tensor out = at::empty({m, n}, a.options().dtype(at::kFloat));
-  at::Tensor sq = kind == GemmEpilogue::kMaskedGrad ? at::zeros({}, a.options().dtype(at::kDouble))
-                  : kind == GemmEpilogue::kReluGrad ? at::zeros({n}, a.options().dtype(at::kFloat))
-                                                    : at::Tensor();
+  at::Tensor sq = epilogue_sums(kind, n, a.options());
   if (m == 0 || n == 0) return {out, sq};
 #if defined(HARMODT_F32_GEMM)
   if (k == 0) {  // sums of nothing: 0 (through the same epilogue below, from a one-column zero product)
