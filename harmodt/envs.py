@@ -171,10 +171,13 @@ class ScriptedExpert:
         self.policy = ENV_POLICY_MAP[task]()
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
-        # the policies read the goal from obs[-3:]: give them the plain 39-dim observation
+        # the policies read the goal from obs[-3:]: give them the plain 39-dim observation, as a
+        # copy: door-open-v3's and door-close-v3's policies write into the array they are given
+        # (their target offsets are added to the handle position in place), which would alter the
+        # caller's observation
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return np.clip(self.policy.get_action(obs[:39]), -1.0, 1.0)
+            return np.clip(self.policy.get_action(np.array(obs[:39], dtype=np.float64)), -1.0, 1.0)
 
 
 def scripted_policy(task: str) -> ScriptedExpert:

@@ -31,6 +31,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HARMODT_CACHE", Path.home() / ".cache" / "harmodt"))
 
 
+def _current_cache(path: Path) -> bool:
+    """A cached data folder that is complete and written by the current generator (an older
+    generator's folder is generated again)."""
+    from .data.generate import GENERATOR_VERSION
+
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("settings", {}).get("generator_version", 1) == GENERATOR_VERSION
+
+
 def load_training_data(cfg: TrainConfig, tasks: list[str]) -> dict:
     """Load ``--data``, or generate our Meta-World data into the cache when no folder is given."""
     from .data import generate, load_dataset
@@ -43,7 +55,7 @@ def load_training_data(cfg: TrainConfig, tasks: list[str]) -> dict:
 
             key = hashlib.sha1(key.encode()).hexdigest()[:16] + f"_e{cfg.gen_episodes}_s{cfg.seed}"
         path = str(cache_dir() / "data" / key)
-        if not (Path(path) / "manifest.json").exists():
+        if not _current_cache(Path(path)):
             print(f"[harmodt] generating offline data for {len(tasks)} tasks x {cfg.gen_episodes} episodes into {path}", flush=True)
             generate(tasks, cfg.gen_episodes, path, seed=cfg.seed, progress=cfg.progress)
     return load_dataset(path, tasks=tasks, quality=cfg.quality, episodes_per_task=cfg.episodes_per_task or None)

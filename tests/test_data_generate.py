@@ -168,3 +168,49 @@ def test_vector_env_copies_of_a_task_get_their_own_goals():
     envs.close()
     with pytest.raises(ValueError, match="2 tasks but 1 seeds"):
         make_vector_env(["reach-v3", "push-v3"], [1])
+
+
+@pytest.mark.parametrize("task", ["door-open-v3", "door-close-v3", "reach-v3"])
+def test_scripted_expert_leaves_the_observation_unchanged(task):
+    """door-open-v3's and door-close-v3's shipped policies write their target offsets into the
+    array they are given; the expert must hand them a copy, or the caller's observation (and the
+    generated data) changes."""
+    env, expert = make_env(task, 3), scripted_policy(task)
+    obs, _ = env.reset()
+    for _ in range(40):
+        before = obs.copy()
+        act = expert(obs)
+        assert np.array_equal(obs, before)
+        obs = env.step(act)[0]
+
+
+def test_stored_observations_are_the_envs_own(tmp_path):
+    """Replaying an expert episode's stored actions in an env built with the generator's seed
+    shows exactly the stored observations (door-open-v3: its policy alters what it reads). The
+    prompt episode is the scripted expert's at every step."""
+    from harmodt.data.generate import _task_seed
+
+    task = "door-open-v3"
+    generate([task], 1, str(tmp_path), seed=3, workers=1, prompt_episodes=1, progress=False)
+    z = np.load(tmp_path / f"{task}.npz")
+    env = make_env(task, (_task_seed(3, task) + 1_000_003) % (2**31))  # the prompt episodes' env
+    obs, _ = env.reset()
+    for t in range(60):
+        np.testing.assert_array_equal(z["prompt_observations"][t], obs.astype(np.float32))
+        obs = env.step(z["prompt_actions"][t])[0]
+
+
+def test_data_of_the_first_generator_version_are_refused_for_the_door_tasks(generated, tmp_path):
+    import shutil
+
+    out, _ = generated
+    old = tmp_path / "v1"
+    shutil.copytree(out, old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["settings"]["generator_version"]  # as version 1 wrote it
+    m["files"]["door-open-v3"] = dict(m["files"]["reach-v3"], file="door-open-v3.npz")
+    shutil.copy(old / "reach-v3.npz", old / "door-open-v3.npz")
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert set(load_dataset(old, ["reach-v3"])) == {"reach-v3"}  # unaffected tasks still load
+    with pytest.raises(DataError, match="door-open-v3.npz: written by generator version 1"):
+        load_dataset(old, ["door-open-v3"])

@@ -37,6 +37,11 @@ from ..envs import EPISODE_LEN, make_env, scripted_policy
 from ..tasks import MT50
 from .formats import FORMAT_VERSION, sha256
 
+# 2: observations stored exactly as the env returned them. Version 1 stored door-open-v3's and
+# door-close-v3's observations after their scripted policies had written into them (the door
+# handle's position moved by their target offsets, -5 cm in x for door-open) at every step the
+# expert acted, so those two tasks' data did not match what an env shows a policy.
+GENERATOR_VERSION = 2  # (formats.V1_WRONG_TASKS: the tasks whose version-1 data loading refuses)
 SIGMA = 0.1  # Gaussian noise on expert actions
 EXPERT_FRACTION = 0.2  # the last 20% of episodes have eps = 0
 CURRICULUM = "eps(u) = clip(1 - u / 0.8, 0, 1), u = episode / (E - 1); otherwise expert + N(0, 0.1^2) while eps > 0, noise-free expert once eps = 0"
@@ -56,9 +61,9 @@ def rollout(env, expert, rng: np.random.Generator, eps: float, sigma: float) -> 
     obs, _ = env.reset()
     o, a, r, term, trunc, succ = [], [], [], [], [], []
     for t in range(EPISODE_LEN):
+        o.append(obs.astype(np.float32))  # stored before anything else reads it
         act = uniform[t] if coin[t] else np.clip(expert(obs) + noise[t], -1.0, 1.0)
         act = act.astype(np.float32)
-        o.append(obs.astype(np.float32))
         a.append(act)
         obs, rew, terminated, truncated, info = env.step(act)
         r.append(rew)
@@ -159,7 +164,7 @@ def generate(tasks: list[str], episodes: int, out: str, seed: int = 0, workers: 
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     settings = {"episodes": episodes, "seed": seed, "prompt_episodes": prompt_episodes, "curriculum": CURRICULUM,
-                "sigma": SIGMA, "format_version": FORMAT_VERSION}
+                "sigma": SIGMA, "format_version": FORMAT_VERSION, "generator_version": GENERATOR_VERSION}
     t0 = time.time()
     records = {t: r for t in tasks if (r := _reusable(outp, t, settings)) is not None}
     todo = [t for t in tasks if t not in records]
