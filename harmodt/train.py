@@ -34,13 +34,14 @@ def cache_dir() -> Path:
 def _current_cache(path: Path) -> bool:
     """A cached data folder that is complete and written by the current generator (an older
     generator's folder is generated again)."""
+    from .data.formats import generator_version
     from .data.generate import GENERATOR_VERSION
 
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    return manifest.get("settings", {}).get("generator_version", 1) == GENERATOR_VERSION
+    return generator_version(manifest) == GENERATOR_VERSION
 
 
 def load_training_data(cfg: TrainConfig, tasks: list[str]) -> dict:

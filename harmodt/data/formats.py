@@ -32,6 +32,11 @@ FORMAT_VERSION = 1
 # Tasks whose data our generator version 1 wrote wrong (observations altered by the scripted
 # policy; see generate.GENERATOR_VERSION): loading refuses them from such a folder.
 V1_WRONG_TASKS = ("door-open-v3", "door-close-v3")
+
+
+def generator_version(manifest: dict) -> int:
+    """The generator version that wrote a data folder (1 when its manifest does not say)."""
+    return manifest.get("settings", {}).get("generator_version", 1)
 STATE_DIM = 39
 ACT_DIM = 4
 
@@ -134,13 +139,13 @@ def _load_ours(root: Path, tasks: list[str] | None, quality: str, episodes: int 
         raise DataError(f"{mpath}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
     files = manifest.get("files", {})
     wanted = tasks or list(files)
-    generator_version = manifest.get("settings", {}).get("generator_version", 1)
+    written_by = generator_version(manifest)
     out = {}
     for task in wanted:
         if task not in files:
             raise DataError(f"{root}: task {task!r} is not in this data set (it has {', '.join(files) or 'no tasks'})")
-        if generator_version < 2 and task in V1_WRONG_TASKS:
-            raise DataError(f"{root / files[task]['file']}: written by generator version {generator_version}, whose {task} "
+        if written_by < 2 and task in V1_WRONG_TASKS:
+            raise DataError(f"{root / files[task]['file']}: written by generator version {written_by}, whose {task} "
                             "observations were altered by the scripted policy (the door handle moved by its target "
                             "offset); generate this task again with `python -m harmodt.data generate`")
         path = root / files[task]["file"]
