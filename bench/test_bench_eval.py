@@ -19,14 +19,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harmodt.runtime import keep_freed_memory  # noqa: E402
 from harmodt.config import ModelConfig
 from harmodt.evaluate import evaluate
 from harmodt.masks import TaskMasks
 from harmodt.model import build_model
 from harmodt.tasks import MT10
 
-keep_freed_memory()  # as the CLIs do
 STEPS = int(os.environ.get("HARMODT_BENCH_EVAL_STEPS", "100"))
 
 

@@ -33,11 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _synthetic import datasets  # noqa: E402
-from harmodt.runtime import keep_freed_memory  # noqa: E402
 from harmodt.config import TrainConfig, validate  # noqa: E402
 from harmodt.train import Trainer  # noqa: E402
 
-keep_freed_memory()  # as the CLIs do
 TASKS = ["reach-v3", "push-v3", "door-open-v3", "drawer-open-v3", "window-open-v3"]
 ROUNDS = int(os.environ.get("HARMODT_BENCH_ROUNDS", "5"))
 STEPS_PER_ROUND = 8
