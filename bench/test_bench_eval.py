@@ -45,7 +45,7 @@ def _setup():
 
 def test_eval_batched_vs_batch1(benchmark):
     model, masks, info = _setup()
-    from test_bench_train import ANCHOR_GFLOPS, gemm_gflops
+    from test_bench_train import ANCHOR_GFLOPS, ANCHOR_RATES, anchor_gflops, gemm_gflops
 
     def batch1():  # batch-1 loop: 2 episodes (of 2 tasks), one at a time
         return evaluate(model, masks, info, MT10[:2], 1, seed=0, batch_size=1, max_steps=STEPS, progress=False)["env_steps_per_s"]
@@ -57,12 +57,14 @@ def test_eval_batched_vs_batch1(benchmark):
 
     # The batch-1 loop runs right before and right after the batched run and the ratio is taken
     # to their mean, so a drift of the machine's speed during the run hits both sides alike.
-    probe = [gemm_gflops()]
+    probe, anchor = [gemm_gflops()], [anchor_gflops("fp32")]
     seq = [batch1()]
     benchmark.pedantic(batched, rounds=1, iterations=1)
     seq.append(batch1())
     probe.append(gemm_gflops())
+    anchor.append(anchor_gflops("fp32"))
     gflops = sum(probe) / len(probe)
+    at_anchor_rate = res["env_steps_per_s"] * ANCHOR_RATES["fp32"] / (sum(anchor) / len(anchor))
     seq_mean = sum(seq) / len(seq)
     ratio = res["env_steps_per_s"] / seq_mean
     benchmark.extra_info.update({
@@ -73,11 +75,14 @@ def test_eval_batched_vs_batch1(benchmark):
         "ratio_batched_over_batch1": round(ratio, 2),
         # as the training benchmarks scale step times: the model's share of a step is GEMM-bound
         "batched_env_steps_per_s_at_anchor_speed": round(res["env_steps_per_s"] * ANCHOR_GFLOPS / gflops, 1),
+        "anchor_gflops_fp32": round(sum(anchor) / len(anchor), 1),  # a 2048^3 fp32 matmul, the anchor's own measurement
+        "batched_env_steps_per_s_at_anchor_rate": round(at_anchor_rate, 1),
         "horizon_steps": STEPS,
         "rows": 100,
         "targets": ">= 250 env-steps/s batched, >= 2.5x batch-1",
     })
     print(f"\nbatched {res['env_steps_per_s']:.0f} env-steps/s, batch-1 {seq_mean:.0f} env-steps/s (before {seq[0]:.0f}, after {seq[1]:.0f}), "
           f"ratio {ratio:.2f} (horizon {STEPS} steps; GEMM probe {gflops:.0f} GFLOP/s, anchor {ANCHOR_GFLOPS:.0f}: "
-          f"batched {res['env_steps_per_s'] * ANCHOR_GFLOPS / gflops:.0f} env-steps/s at the anchor's speed)")
+          f"batched {res['env_steps_per_s'] * ANCHOR_GFLOPS / gflops:.0f} env-steps/s at the anchor's speed; at the anchor's 2048^3 "
+          f"fp32 rate (probe {sum(anchor) / len(anchor):.0f}, anchor {ANCHOR_RATES['fp32']:.0f}): {at_anchor_rate:.0f} env-steps/s)")
     assert res["env_steps"] == 100 * STEPS

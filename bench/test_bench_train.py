@@ -19,6 +19,7 @@ machine noise hits them alike, and records every median and ratio in ``extra_inf
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -61,23 +62,65 @@ def gemm_gflops(reps: int = 20) -> float:
     return 2 * 600 * 256 * 1024 * reps / (time.perf_counter() - t) / 1e9
 
 
+# The anchor's own measurements (shared/notes/performance-anchors.md, the issue's FLOP floors): a
+# 2048^3 matmul runs at about 170 GFLOP/s in fp32 and 416 in bf16 on the machine the step targets
+# were set on.
+ANCHOR_RATES = {"fp32": 170.0, "bf16": 416.0}
+
+
+@functools.lru_cache(maxsize=None)
+def _anchor_operands(dtype: str) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
+    return (a, b) if dtype == "fp32" else (a.bfloat16(), b.bfloat16())
+
+
+def anchor_gflops(dtype: str) -> float:
+    """The anchor's own measurement repeated right now: a 2048^3 ``torch.mm`` in fp32 (MKL) or bf16
+    (oneDNN). A step of that precision is scaled by it to the anchor's speed
+    (``*_ms_at_anchor_rate``). It differs from :func:`gemm_gflops` in shape and, for bf16, in unit:
+    on a Zen 4 machine that read the anchor's 170 and 416 at 2048^3, MKL read 193-201 GFLOP/s at
+    the fc shape, so scaling by that probe put every step ~15 % above its time at the anchor's
+    speed, and bf16 steps (bf16-GEMM-bound) drift with the bf16 rate, not the fp32 one."""
+    a, b = _anchor_operands(dtype)
+    reps = 3 if dtype == "fp32" else 6
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * 2048**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def _precision(tr) -> str:
+    """A benchmark variant's precision (a Trainer, or a wrapper holding one as ``.tr``)."""
+    return getattr(tr, "tr", tr).cfg.precision
+
+
+def _anchor_probes(dtypes) -> dict:
+    return {d: anchor_gflops(d) for d in sorted(set(dtypes))}
+
+
 def interleaved(variants: dict[str, Trainer], rounds: int | None = None) -> dict:
-    """ms per training step of each variant, measured in alternating rounds (with a GEMM-rate
-    probe before each round). Returns {"ms": {name: median}, "rounds": {name: [ms per round]},
-    "gemm_gflops": median probe}."""
+    """ms per training step of each variant, measured in alternating rounds (with GEMM-rate probes
+    before each round: the fc-shape fp32 one, and the anchor's 2048^3 one of each precision the
+    variants use). Returns {"ms": {name: median}, "rounds": {name: [ms per round]}, "gemm_gflops":
+    median fc probe, "precision": {name: "fp32"|"bf16"}, "anchor_gflops": {precision: median}}."""
     times = {k: [] for k in variants}
-    probes = []
+    precision = {k: _precision(tr) for k, tr in variants.items()}
+    probes, anchor = [], []
     for tr in variants.values():
         for _ in range(3):
             tr.train_step(tr.sample_tasks())
     for _ in range(rounds or ROUNDS):
         probes.append(gemm_gflops())
+        anchor.append(_anchor_probes(precision.values()))
         for name, tr in variants.items():
             t = time.perf_counter()
             for _ in range(STEPS_PER_ROUND):
                 tr.train_step(tr.sample_tasks())
             times[name].append((time.perf_counter() - t) / STEPS_PER_ROUND * 1e3)
-    return {"ms": {k: statistics.median(v) for k, v in times.items()}, "rounds": times, "gemm_gflops": statistics.median(probes)}
+    return {"ms": {k: statistics.median(v) for k, v in times.items()}, "rounds": times, "gemm_gflops": statistics.median(probes),
+            "precision": precision, "anchor_gflops": {d: statistics.median(a[d] for a in anchor) for d in anchor[0]}}
 
 
 def paired_ratio(res: dict, num: str, den: str) -> float:
@@ -93,6 +136,13 @@ def record(benchmark, res: dict) -> None:
     print(f"\n{benchmark.name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in res["ms"].items())
           + f" (GEMM probe {res['gemm_gflops']:.0f} GFLOP/s; at the anchor's {ANCHOR_GFLOPS:.0f}: "
           + ", ".join(f"{k} {v * scale:.1f} ms" for k, v in res["ms"].items()) + ")")
+    if "anchor_gflops" in res:  # each step scaled by the 2048^3 rate of its own precision
+        at = {k: v * res["anchor_gflops"][res["precision"][k]] / ANCHOR_RATES[res["precision"][k]] for k, v in res["ms"].items()}
+        benchmark.extra_info.update({f"anchor_gflops_{d}": round(g, 1) for d, g in res["anchor_gflops"].items()})
+        benchmark.extra_info.update({f"{k}_ms_at_anchor_rate": round(v, 2) for k, v in at.items()})
+        print("  at the anchor's 2048^3 rate of each step's precision ("
+              + ", ".join(f"{d}: probe {g:.0f}, anchor {ANCHOR_RATES[d]:.0f} GFLOP/s" for d, g in res["anchor_gflops"].items()) + "): "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in at.items()))
 
 
 def test_masking_overhead_fp32(benchmark):
@@ -274,9 +324,10 @@ def test_step_gemm_floor(benchmark):
             tr.train_step(tr.sample_tasks())
     gemms = {k: step_gemms(tr) for k, tr in trainers.items()}
     rounds = {f"{k}_{part}": [] for k in trainers for part in ("step", "gemms")}
-    probes = []
+    probes, anchor = [], []
     for _ in range(ROUNDS):
         probes.append(gemm_gflops())
+        anchor.append(_anchor_probes(trainers))
         for name, tr in trainers.items():
             replay(gemms[name])  # warm
             t = time.perf_counter()
@@ -287,10 +338,18 @@ def test_step_gemm_floor(benchmark):
             for _ in range(STEPS_PER_ROUND):
                 tr.train_step(tr.sample_tasks())
             rounds[f"{name}_step"].append((time.perf_counter() - t) / STEPS_PER_ROUND * 1e3)
-    res = {"ms": {k: statistics.median(v) for k, v in rounds.items()}, "rounds": rounds, "gemm_gflops": statistics.median(probes)}
+    anchor_med = {d: statistics.median(a[d] for a in anchor) for d in trainers}
+    res = {"ms": {k: statistics.median(v) for k, v in rounds.items()}, "rounds": rounds, "gemm_gflops": statistics.median(probes),
+           "precision": {k: k.split("_")[0] for k in rounds}, "anchor_gflops": anchor_med}
     record(benchmark, res)
     scale = res["gemm_gflops"] / ANCHOR_GFLOPS
     for name, target in (("fp32", 120.0), ("bf16", 60.0)):
+        own = anchor_med[name] / ANCHOR_RATES[name]  # the 2048^3 rate of this precision
+        g, s = res["ms"][f"{name}_gemms"], res["ms"][f"{name}_step"]
+        benchmark.extra_info[f"{name}_rest_ms_at_anchor_rate"] = round((s - g) * own, 2)
+        benchmark.extra_info[f"{name}_rest_budget_ms_at_anchor_rate"] = round(target - g * own, 2)
+        print(f"{name} at the anchor's 2048^3 {name} rate: step {s * own:.1f} ms, GEMMs {g * own:.1f} ms, the rest {(s - g) * own:.1f} ms; "
+              f"the {target:.0f} ms target leaves {target - g * own:.1f} ms for the rest")
         flop = gemm_flop(gemms[name])
         g, s = res["ms"][f"{name}_gemms"], res["ms"][f"{name}_step"]
         benchmark.extra_info[f"{name}_gemm_count"] = len(gemms[name])
