@@ -58,13 +58,19 @@ using u16 = uint16_t;
 using u32 = uint32_t;
 
 
-// 16 bf16 of row r0 and row r1 (lanes in `m` only; r1 may be null: zeros) -> 16 pairs (r0, r1).
-inline __m512i interleave16(const u16* r0, const u16* r1, __mmask16 m) {
-  const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0));
-  if (r1 == nullptr) return lo;
-  const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1));
-  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+// 32 bf16 of row r0 (v0) and of row r1 (v1) -> 32 pairs (v0[i], v1[i]) as 32-bit words (v0's in the
+// low half): pairs 0-15 in lo, 16-31 in hi. Two word permutes (vpermt2w) instead of widening each
+// row and shifting and or-ing them together.
+inline void interleave32(__m512i v0, __m512i v1, __m512i& lo, __m512i& hi) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                   24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  lo = _mm512_permutex2var_epi16(v0, _mm512_load_si512(kLo), v1);
+  hi = _mm512_permutex2var_epi16(v0, _mm512_load_si512(kHi), v1);
 }
+
+inline __mmask32 tail_mask32(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << n) - 1u); }
 
 // Where b's values come from: bf16 memory, or an fp32 matrix rounded to bf16 as it is packed (to
 // nearest even, as apply_masks_ and c10 round), optionally through packed mask bits over its rows
@@ -78,13 +84,6 @@ struct BSource {
 
   // the mask word's bits for columns col .. col + 31 of `row` (col a multiple of 32)
   u32 word(int64_t row, int64_t col) const { return bits == nullptr ? 0xFFFFFFFFu : bits[row * wpr + col / 32]; }
-  // 16 values of `row` from column col (a multiple of 16), lanes in m, as bf16
-  __m256i load16(int64_t row, int64_t col, __mmask16 m) const {
-    if (b16 != nullptr) return _mm256_maskz_loadu_epi16(m, b16 + row * ld + col);
-    m &= static_cast<__mmask16>(word(row, col & ~int64_t(31)) >> (col & 31));
-    const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, b32 + row * ld + col));
-    return reinterpret_cast<const __m256i&>(v);
-  }
   // 32 values of `row` from column col (a multiple of 32), lanes in m, as bf16
   __m512i load32(int64_t row, int64_t col, __mmask32 m) const {
     if (b16 != nullptr) return _mm512_maskz_loadu_epi16(m, b16 + row * ld + col);
@@ -94,11 +93,10 @@ struct BSource {
                                            _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), r));
     return reinterpret_cast<const __m512i&>(v);
   }
-  // 16 pairs (row r0, row r1) of columns col .. col + 15 (r1 < 0: zeros)
-  __m512i pairs16(int64_t r0, int64_t r1, int64_t col, __mmask16 m) const {
-    const __m512i lo = _mm512_cvtepu16_epi32(load16(r0, col, m));
-    if (r1 < 0) return lo;
-    return _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_cvtepu16_epi32(load16(r1, col, m)), 16));
+  // 32 pairs (row r0, row r1) of columns col .. col + 31 (col a multiple of 32; lanes in m; r1 < 0:
+  // zeros): columns col .. col + 15 in lo, the next 16 in hi
+  void pairs32(int64_t r0, int64_t r1, int64_t col, __mmask32 m, __m512i& lo, __m512i& hi) const {
+    interleave32(load32(r0, col, m), r1 < 0 ? _mm512_setzero_si512() : load32(r1, col, m), lo, hi);
   }
 };
 
@@ -111,10 +109,11 @@ void pack_b_rows(const BSource& b, int64_t k, int64_t n, int64_t lo, int64_t hi,
     const int64_t r0 = 2 * p, r1 = 2 * p + 1 < k ? 2 * p + 1 : -1;
     for (int64_t panel = lo; panel < hi; ++panel) {
       const int64_t n0 = panel * kNr, nc = std::min<int64_t>(kNr, n - n0);
-      const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
       u32* o = out + (panel - lo) * ps + p * kNr;
-      _mm512_storeu_si512(o, b.pairs16(r0, r1, n0, m0));
-      _mm512_storeu_si512(o + 16, m1 ? b.pairs16(r0, r1, n0 + 16, m1) : _mm512_setzero_si512());
+      __m512i v0, v1;  // (columns past n: zero pairs)
+      b.pairs32(r0, r1, n0, tail_mask32(nc), v0, v1);
+      _mm512_storeu_si512(o, v0);
+      _mm512_storeu_si512(o + 16, v1);
     }
   }
 }
@@ -176,8 +175,13 @@ void pack_a(const u16* a, int64_t s_i, int64_t s_k, int64_t m, int64_t k, int64_
     if (s_i == 1) {
       const u16* r0 = a + 2 * p * s_k;
       const u16* r1 = 2 * p + 1 < k ? r0 + s_k : nullptr;
-      for (int64_t i = 0; i < m; i += 16)
-        _mm512_mask_storeu_epi32(o + i, tail_mask(m - i), interleave16(r0 + i, r1 ? r1 + i : nullptr, tail_mask(m - i)));
+      for (int64_t i = 0; i < m; i += 32) {
+        const __mmask32 mm = tail_mask32(m - i);
+        __m512i v0, v1;
+        interleave32(_mm512_maskz_loadu_epi16(mm, r0 + i), r1 ? _mm512_maskz_loadu_epi16(mm, r1 + i) : _mm512_setzero_si512(), v0, v1);
+        _mm512_mask_storeu_epi32(o + i, tail_mask(m - i), v0);
+        if (m - i > 16) _mm512_mask_storeu_epi32(o + i + 16, tail_mask(m - i - 16), v1);
+      }
     } else {
       for (int64_t i = 0; i < m; ++i) {
         const u16* r = a + i * s_i + 2 * p * s_k;
