@@ -154,7 +154,7 @@ void pack_b_cols(const BSource& w, int64_t k, int64_t n0, int64_t nc, u32* out) 
     const int64_t c0 = g * 16, cn = std::min<int64_t>(std::max<int64_t>(nc - c0, 0), 16);
     for (int64_t p0 = 0; p0 < kp; p0 += 16) {
       const int64_t elems = std::min<int64_t>(k - 2 * p0, 32);  // bf16 of each row in this block
-      const __mmask32 em = elems >= 32 ? 0xFFFFFFFFu : ((1u << elems) - 1u);
+      const __mmask32 em = tail_mask32(elems);
       __m512i r[16];
       for (int c = 0; c < 16; ++c)
         r[c] = c < cn ? w.load32(n0 + c0 + c, 2 * p0, em) : _mm512_setzero_si512();
