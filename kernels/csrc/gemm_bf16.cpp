@@ -199,6 +199,7 @@ struct StoreBf16 {
   c10::BFloat16* out;
   int64_t ld;
   const c10::BFloat16* bias;  // or null
+  void prefetch(int64_t i, int64_t n0) const { _m_prefetchw(out + i * ld + n0); }
   template <int MR>
   void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
     const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
@@ -217,6 +218,7 @@ struct BiasReluBf16 {
   c10::BFloat16* out;
   int64_t ld;
   const float* bias;
+  void prefetch(int64_t i, int64_t n0) const { _m_prefetchw(out + i * ld + n0); }
   template <int MR>
   void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
     const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
@@ -239,6 +241,11 @@ struct BiasDropoutAdd {
   uint64_t seed;
   uint32_t threshold;  // round(p * 65536), <= 0xFFFF
   float scale;         // 1 / (1 - p)
+  void prefetch(int64_t i, int64_t n0) const {
+    _m_prefetchw(out + i * ld + n0), _m_prefetchw(out + i * ld + n0 + 16);
+    _mm_prefetch(reinterpret_cast<const char*>(res + i * ld + n0), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(res + i * ld + n0 + 16), _MM_HINT_T0);
+  }
   template <int MR>
   void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
     const __mmask16 m[2] = {tail_mask(nc), tail_mask(std::max<int64_t>(nc - 16, 0))};
@@ -265,6 +272,7 @@ struct MaskedGrad {
   const u32* words;  // (M, ceil(N / 32)): one word per row per 32-column panel
   int64_t wpr;
   double* sq;  // per thread
+  void prefetch(int64_t i, int64_t n0) const { _m_prefetchw(out + i * ld + n0), _m_prefetchw(out + i * ld + n0 + 16); }
   template <int MR>
   void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
     const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
@@ -290,6 +298,10 @@ struct ReluGradBf16 {
   const c10::BFloat16* z;
   int64_t ld;
   float* colsum;  // per thread: threads x ld
+  void prefetch(int64_t i, int64_t n0) const {
+    _m_prefetchw(out + i * ld + n0);
+    _mm_prefetch(reinterpret_cast<const char*>(z + i * ld + n0), _MM_HINT_T0);
+  }
   template <int MR>
   void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
     const __mmask16 m[2] = {tail_mask(nc), tail_mask(std::max<int64_t>(nc - 16, 0))};
@@ -311,13 +323,18 @@ struct ReluGradBf16 {
 };
 
 // Block (i0, n0) of the output: sum_p a_pair(i, p) . bp[p] for i < MR, a_pair(i, p) = a[i * ars + p * aps],
-// handed to the epilogue.
+// handed to the epilogue. The lines the epilogue will write (and read) are prefetched first (the
+// epilogue meets them thousands of cycles later); `next` (or null): the next tile's kMr rows of a
+// row-major a (same ars), prefetched a line per row every 16 pairs while this block computes.
 template <int MR, typename Epi>
 void micro(int64_t kp, const u32* a, int64_t ars, int64_t aps, const u32* bp, const Epi& epi, int64_t i0, int64_t n0, int64_t nc,
-           int tid) {
+           int tid, const u32* next) {
   __m512 acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int i = 0; i < MR; ++i) epi.prefetch(i0 + i, n0);
   for (int64_t p = 0; p < kp; ++p) {
+    if (next != nullptr && (p & 15) == 0)
+      for (int i = 0; i < kMr; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + i * ars + p), _MM_HINT_T0);
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + p * kNr);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + p * kNr + 16);
 #pragma GCC unroll 16
@@ -332,10 +349,10 @@ void micro(int64_t kp, const u32* a, int64_t ars, int64_t aps, const u32* bp, co
 
 template <typename Epi, int MR = kMr>
 void micro_rows(int64_t mr, int64_t kp, const u32* a, int64_t ars, int64_t aps, const u32* bp, const Epi& epi, int64_t i0,
-                int64_t n0, int64_t nc, int tid) {
+                int64_t n0, int64_t nc, int tid, const u32* next) {
   if constexpr (MR > 0) {
-    if (mr == MR) return micro<MR, Epi>(kp, a, ars, aps, bp, epi, i0, n0, nc, tid);
-    return micro_rows<Epi, MR - 1>(mr, kp, a, ars, aps, bp, epi, i0, n0, nc, tid);
+    if (mr == MR) return micro<MR, Epi>(kp, a, ars, aps, bp, epi, i0, n0, nc, tid, next);
+    return micro_rows<Epi, MR - 1>(mr, kp, a, ars, aps, bp, epi, i0, n0, nc, tid, next);
   }
 }
 
@@ -371,12 +388,16 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& 
   // tile's pairs at a power-of-two stride would all fall in one L1 set)
   const int64_t ld_pack = (m + 15) / 16 * 16 + 16;
   u32* apack = a_direct ? nullptr : scratch<u32>(0, kp * ld_pack);  // the caller's scratch, read by every thread
-  auto tile = [&](int64_t t, int64_t panel, const u32* bp, int tid) {
+  // fetch_next: the tile's block is the first to read its rows of a (a row-major a only: a packed
+  // a's next tile mostly shares this one's lines), so it prefetches the next full tile's rows
+  auto tile = [&](int64_t t, int64_t panel, const u32* bp, int tid, bool fetch_next) {
     const int64_t i0 = t * kMr, mr = std::min<int64_t>(kMr, m - i0), n0 = panel * kNr, nc = std::min<int64_t>(kNr, n - n0);
-    if (apack == nullptr)
-      micro_rows<Epi>(mr, kp, reinterpret_cast<const u32*>(a + i0 * as0), as0 / 2, 1, bp, epi, i0, n0, nc, tid);
-    else
-      micro_rows<Epi>(mr, kp, apack + i0, 1, ld_pack, bp, epi, i0, n0, nc, tid);
+    if (apack == nullptr) {
+      const u32* next = fetch_next && i0 + 2 * kMr <= m ? reinterpret_cast<const u32*>(a + (i0 + kMr) * as0) : nullptr;
+      micro_rows<Epi>(mr, kp, reinterpret_cast<const u32*>(a + i0 * as0), as0 / 2, 1, bp, epi, i0, n0, nc, tid, next);
+    } else {
+      micro_rows<Epi>(mr, kp, apack + i0, 1, ld_pack, bp, epi, i0, n0, nc, tid, nullptr);
+    }
   };
   const bool b_shared = panels * kp * kNr <= tiles * kp * kMr && tiles >= threads;
   u32* bp_all = b_shared ? scratch<u32>(1, panels * ps) : nullptr;  // the caller's scratch, read by every thread
@@ -399,7 +420,7 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& 
     if (b_shared) {
       share(tiles, tid, nt, lo, hi);
       for (int64_t t = lo; t < hi; ++t)
-        for (int64_t panel = 0; panel < panels; ++panel) tile(t, panel, bp_all + panel * ps, tid);
+        for (int64_t panel = 0; panel < panels; ++panel) tile(t, panel, bp_all + panel * ps, tid, panel == 0 && t + 1 < hi);
     } else {
       share(panels * row_splits, tid, nt, lo, hi);
       if (lo < hi) {  // this thread's panels, packed all at once into its own scratch
@@ -414,12 +435,12 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& 
           const int64_t group = std::max<int64_t>(1, kGroupBytes / (ps * 4));
           for (int64_t g0 = p_lo; g0 < p_hi; g0 += group)
             for (int64_t t = 0; t < tiles; ++t)
-              for (int64_t panel = g0; panel < std::min(g0 + group, p_hi); ++panel) tile(t, panel, bp + (panel - p_lo) * ps, tid);
+              for (int64_t panel = g0; panel < std::min(g0 + group, p_hi); ++panel) tile(t, panel, bp + (panel - p_lo) * ps, tid, panel == g0);
         } else {
           for (int64_t w = lo; w < hi; ++w) {
             const int64_t panel = w / row_splits, split = w % row_splits;
             const int64_t t_lo = tiles * split / row_splits, t_hi = tiles * (split + 1) / row_splits;
-            for (int64_t t = t_lo; t < t_hi; ++t) tile(t, panel, bp + (panel - p_lo) * ps, tid);
+            for (int64_t t = t_lo; t < t_hi; ++t) tile(t, panel, bp + (panel - p_lo) * ps, tid, t + 1 < t_hi);
           }
         }
       }
