@@ -109,8 +109,13 @@ class MaskedAdamW(torch.optim.AdamW):
         return all(not g.get(k) for g in self.param_groups for k in ("amsgrad", "maximize", "capturable", "differentiable"))
 
     def _native_step(self, keep: dict, grad_scale: float) -> None:
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+        # Groups and params in reverse order: each update is independent, and the step streams
+        # ~28 bytes per weight through the caches (weight, gradient, both moments), so only what it
+        # touches last is still cached when the next forward starts. Parameters are registered in
+        # forward order, so reversed the first blocks' weights come last and the next forward finds
+        # them in cache (0.3-1.9 % of a paper-size bf16 step in interleaved A/B runs).
+        for group in reversed(self.param_groups):
+            params = [p for p in reversed(group["params"]) if p.grad is not None]
             if not params:
                 continue
             states = []
