@@ -20,6 +20,7 @@ machine noise hits them alike, and records every median and ratio in ``extra_inf
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import statistics
@@ -161,10 +162,19 @@ def test_masking_overhead_fp32(benchmark):
 
 
 def test_step_bf16(benchmark):
-    """fp32 and ``--precision bf16`` HarmoDT-F ``--fused`` steps, and the bf16 step with the per-op
-    blocks (autocast casting per op) instead of the block nodes running their GEMMs in bf16."""
+    """The ``--precision bf16`` HarmoDT-F ``--fused`` step, first as training runs it (one model and
+    optimizer in the process, anchor probes between rounds): the figure the 60 ms target is read
+    against. Then fp32 and bf16 steps interleaved with the bf16 step on the per-op blocks (autocast
+    casting per op) instead of the block nodes running their GEMMs in bf16: the ratios. (Three
+    trainers in turn evict each other's weights and optimizer state from the caches between rounds;
+    on a Zen 4 machine that put the same bf16 step ~2.5 % above its time alone, 58.4 vs 57.0 ms.)"""
+    alone = interleaved({"bf16_alone": make_trainer("harmodt-f", fused=True, precision="bf16")}, rounds=max(ROUNDS, 7))
+    gc.collect()
     res = interleaved({"fp32": make_trainer("harmodt-f", fused=True), "bf16": make_trainer("harmodt-f", fused=True, precision="bf16"),
                        "bf16_per_op_blocks": _WithModelSetting(make_trainer("harmodt-f", fused=True, precision="bf16"), "_FUSED_BLOCK", False)})
+    record(benchmark, alone)
+    benchmark.extra_info["bf16_alone_anchor_gflops_bf16"] = benchmark.extra_info.pop("anchor_gflops_bf16")  # (record(res) writes its own)
+    benchmark.extra_info["bf16_alone_gemm_gflops"] = benchmark.extra_info.pop("gemm_gflops")
     record(benchmark, res)
     speedup = paired_ratio(res, "bf16_per_op_blocks", "bf16")
     benchmark.extra_info["speedup_bf16_block_nodes_over_per_op"] = round(speedup, 3)
