@@ -165,9 +165,9 @@ def test_step_bf16(benchmark):
     """The ``--precision bf16`` HarmoDT-F ``--fused`` step, first as training runs it (one model and
     optimizer in the process, anchor probes between rounds). Then fp32 and bf16 steps interleaved
     with the bf16 step on the per-op blocks (autocast casting per op) instead of the block nodes
-    running their GEMMs in bf16: the ratios. (Three
-    trainers in turn evict each other's weights and optimizer state from the caches between rounds;
-    on a Zen 4 machine that put the same bf16 step ~2.5 % above its time alone, 58.4 vs 57.0 ms.)"""
+    running their GEMMs in bf16: the ratios. (Three trainers in turn evict each other's weights and
+    optimizer state from the caches between rounds; on a Zen 4 machine that put the same bf16 step
+    ~2.5 % above its time alone, 58.4 vs 57.0 ms.)"""
     alone = interleaved({"bf16_alone": make_trainer("harmodt-f", fused=True, precision="bf16")}, rounds=max(ROUNDS, 7))
     gc.collect()
     res = interleaved({"fp32": make_trainer("harmodt-f", fused=True), "bf16": make_trainer("harmodt-f", fused=True, precision="bf16"),
