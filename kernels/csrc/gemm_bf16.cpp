@@ -191,6 +191,13 @@ void pack_a(const u16* a, int64_t s_i, int64_t s_k, int64_t m, int64_t k, int64_
   }
 }
 
+// The 64-byte lines of [p, p + bytes) prefetched into L1, for writing or for reading: an output
+// block's row segment (32 columns: one line in bf16, two in fp32), fetched before its k loop.
+inline void prefetch_lines(const void* p, int bytes, bool write) {
+  const char* c = static_cast<const char*>(p);
+  for (int o = 0; o < bytes; o += 64) write ? _m_prefetchw(const_cast<char*>(c + o)) : _mm_prefetch(c + o, _MM_HINT_T0);
+}
+
 // ---- epilogues: what becomes of a finished kMr x 32 block of fp32 sums (rows i0.., columns n0..,
 // nc of them live), applied while it is still in registers ------------------------------------
 
@@ -199,7 +206,7 @@ struct StoreBf16 {
   c10::BFloat16* out;
   int64_t ld;
   const c10::BFloat16* bias;  // or null
-  void prefetch(int64_t i, int64_t n0) const { _m_prefetchw(out + i * ld + n0); }
+  void prefetch(int64_t i, int64_t n0) const { prefetch_lines(out + i * ld + n0, 64, true); }
   template <int MR>
   void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
     const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
@@ -218,7 +225,7 @@ struct BiasReluBf16 {
   c10::BFloat16* out;
   int64_t ld;
   const float* bias;
-  void prefetch(int64_t i, int64_t n0) const { _m_prefetchw(out + i * ld + n0); }
+  void prefetch(int64_t i, int64_t n0) const { prefetch_lines(out + i * ld + n0, 64, true); }
   template <int MR>
   void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
     const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
@@ -242,9 +249,8 @@ struct BiasDropoutAdd {
   uint32_t threshold;  // round(p * 65536), <= 0xFFFF
   float scale;         // 1 / (1 - p)
   void prefetch(int64_t i, int64_t n0) const {
-    _m_prefetchw(out + i * ld + n0), _m_prefetchw(out + i * ld + n0 + 16);
-    _mm_prefetch(reinterpret_cast<const char*>(res + i * ld + n0), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(res + i * ld + n0 + 16), _MM_HINT_T0);
+    prefetch_lines(out + i * ld + n0, 128, true);
+    prefetch_lines(res + i * ld + n0, 128, false);
   }
   template <int MR>
   void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
@@ -272,7 +278,7 @@ struct MaskedGrad {
   const u32* words;  // (M, ceil(N / 32)): one word per row per 32-column panel
   int64_t wpr;
   double* sq;  // per thread
-  void prefetch(int64_t i, int64_t n0) const { _m_prefetchw(out + i * ld + n0), _m_prefetchw(out + i * ld + n0 + 16); }
+  void prefetch(int64_t i, int64_t n0) const { prefetch_lines(out + i * ld + n0, 128, true); }
   template <int MR>
   void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
     const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(std::max<int64_t>(nc - 16, 0));
@@ -299,8 +305,8 @@ struct ReluGradBf16 {
   int64_t ld;
   float* colsum;  // per thread: threads x ld
   void prefetch(int64_t i, int64_t n0) const {
-    _m_prefetchw(out + i * ld + n0);
-    _mm_prefetch(reinterpret_cast<const char*>(z + i * ld + n0), _MM_HINT_T0);
+    prefetch_lines(out + i * ld + n0, 64, true);
+    prefetch_lines(z + i * ld + n0, 64, false);
   }
   template <int MR>
   void operator()(__m512 (&acc)[MR][2], int64_t i0, int64_t n0, int64_t nc, int tid) const {
