@@ -759,17 +759,19 @@ def test_gemm_epilogue_native_keeps_the_dropout_mask_and_drops_masked_columns_ex
 @pytest.mark.parametrize("transposed", [True, False])
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("rows,cols", [(96, 64), (37, 70), (1, 33)])
-def test_bf16_gemm_reads_an_fp32_weight_through_its_mask(engine, transposed, masked, rows, cols):
+@pytest.mark.parametrize("m", [13, 200])
+def test_bf16_gemm_reads_an_fp32_weight_through_its_mask(engine, transposed, masked, rows, cols, m):
     """A bf16 a with an fp32 weight b (W.t() for the forward, W for dx) and W's packed mask: exactly
     the GEMM of a with bf16(W * M) (rounded as it is packed, or by one pass first), on every engine
-    and through gemm_epilogue too."""
+    and through gemm_epilogue too. m = 13: the native kernel's panel-outer order; m = 200 (17 row
+    tiles, a read in place): b-shared, W's packing split by its rows between the threads."""
     g = _gen(rows * 3 + cols)
     w = torch.randn(rows, cols, generator=g)
     mask_bool = torch.rand(rows, cols, generator=g) < 0.8
     w_eff = (w * mask_bool if masked else w).to(torch.bfloat16)
     b_mask = cpu.pack_masks(mask_bool) if masked else None
     b, b_ref = (w.t(), w_eff.t()) if transposed else (w, w_eff)
-    a = torch.randn(13, b.shape[0], generator=g).to(torch.bfloat16)
+    a = torch.randn(m, b.shape[0], generator=g).to(torch.bfloat16)
     assert torch.equal(cpu.gemm(a, b, engine=engine, b_mask=b_mask), cpu.gemm(a, b_ref, engine=engine))
     bias = torch.randn(b.shape[1], generator=g)
     got, _ = cpu.gemm_epilogue(a, b, "bias_relu", bias=bias, engine=engine, b_mask=b_mask)

@@ -101,11 +101,11 @@ struct BSource {
 };
 
 // Panels lo .. hi of plain b (b[k][n] = b + k * ldb + n, N columns) into out + (panel - lo) * ps,
-// all K. Walked pair of rows by pair of rows across the panels: each row is read once, in order
-// (a walk down one panel's 32 columns would meet every row's line at the row stride).
-void pack_b_rows(const BSource& b, int64_t k, int64_t n, int64_t lo, int64_t hi, int64_t ps, u32* out) {
-  const int64_t kp = (k + 1) / 2;
-  for (int64_t p = 0; p < kp; ++p) {
+// pairs p_lo .. p_hi of K (rows 2 p_lo .. 2 p_hi). Walked pair of rows by pair of rows across the
+// panels: each row is read once, in order (a walk down one panel's 32 columns would meet every
+// row's line at the row stride).
+void pack_b_rows(const BSource& b, int64_t k, int64_t n, int64_t lo, int64_t hi, int64_t ps, u32* out, int64_t p_lo, int64_t p_hi) {
+  for (int64_t p = p_lo; p < p_hi; ++p) {
     const int64_t r0 = 2 * p, r1 = 2 * p + 1 < k ? 2 * p + 1 : -1;
     for (int64_t panel = lo; panel < hi; ++panel) {
       const int64_t n0 = panel * kNr, nc = std::min<int64_t>(kNr, n - n0);
@@ -366,14 +366,26 @@ void micro_rows(int64_t mr, int64_t kp, const u32* a, int64_t ars, int64_t aps, 
 // One OpenMP region per GEMM: packing, a barrier, then the tiles. a, when it needs packing, is
 // packed whole (the threads split its pairs). Then one of two loop orders; the operand read again
 // and again is the smaller one, so it stays in cache:
-// * b-shared: every panel of b packed once (the threads split the panels, alongside a's pairs),
-//   then the threads split the row tiles; each tile meets every panel.
+// * b-shared: every panel of b packed once, then the threads split the row tiles; each tile meets
+//   every panel. The threads split the packing by the rows of the memory under b: a row-major b
+//   by pairs of rows (its K), a transposed b (W^T) by panels (W's rows), alongside a's pairs.
 // * panel-outer: the threads split the column panels (and the rows, when there are fewer panels
 //   than threads); each packs its own panels, then walks all tiles of a through groups of them.
+// b-shared is the order when b is the smaller operand, and when a is read in place over at least
+// kSharedTiles row tiles whatever N. Each thread then writes and reads the same rows as the ops
+// before and after it (their row splits), and reads its rows of the weights and activations that it
+// wrote itself. That matters most when this VM's two vCPUs sit on different CCDs of the host
+// (bench/README.md, "The slow state"): there a line the other core has cached costs ~340 ns to
+// fetch or to take back for writing, against ~60 ns on one CCD. Measured at the paper's size (bf16
+// step): K = 256 GEMMs with N = 768 and 1024 b-shared, 0.97 of the step in the slow state and
+// 0.99 in the quiet one; the row-major b's packing split by K, another 0.99 in the slow state.
 // GEMMs under kSerialFlop run on the calling thread alone (a fork and join costs more there).
 constexpr double kSerialFlop = 2.0e6;
 // Packed panels a thread walks together in the panel-outer order: about a third of a Zen 4 core's L2.
 constexpr int64_t kGroupBytes = 384 * 1024;
+// Row tiles from which a row-major a read in place takes the b-shared order whatever N (fewer:
+// the last block's 160 rows measured faster panel-outer).
+constexpr int64_t kSharedTiles = 16;
 
 template <typename Epi>
 void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& b, bool b_rows, int64_t m, int64_t k, int64_t n,
@@ -386,7 +398,7 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& 
   // panels' starts do not all fall in one L1 set
   const int64_t ps = kp * kNr + 16;
   auto pack_panels = [&](int64_t lo, int64_t hi, u32* dst) {  // panels lo .. hi into dst, ps apart
-    if (b_rows) return pack_b_rows(b, k, n, lo, hi, ps, dst);
+    if (b_rows) return pack_b_rows(b, k, n, lo, hi, ps, dst, 0, kp);
     for (int64_t panel = lo; panel < hi; ++panel)
       pack_b_cols(b, k, panel * kNr, std::min<int64_t>(kNr, n - panel * kNr), dst + (panel - lo) * ps);
   };
@@ -405,7 +417,7 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& 
       micro_rows<Epi>(mr, kp, apack + i0, 1, ld_pack, bp, epi, i0, n0, nc, tid, nullptr);
     }
   };
-  const bool b_shared = panels * kp * kNr <= tiles * kp * kMr && tiles >= threads;
+  const bool b_shared = (panels * kp * kNr <= tiles * kp * kMr || (a_direct && tiles >= kSharedTiles)) && tiles >= threads;
   u32* bp_all = b_shared ? scratch<u32>(1, panels * ps) : nullptr;  // the caller's scratch, read by every thread
   const int64_t row_splits = panels >= threads ? 1 : std::min<int64_t>(tiles, (threads + panels - 1) / panels);
 #pragma omp parallel num_threads(threads)
@@ -416,7 +428,10 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& 
       share(kp, tid, nt, lo, hi);
       pack_a(a, as0, as1, m, k, lo, hi, ld_pack, apack);
     }
-    if (b_shared) {
+    if (b_shared && b_rows) {  // (all panels, this thread's pairs of rows)
+      share(kp, tid, nt, lo, hi);
+      pack_b_rows(b, k, n, 0, panels, ps, bp_all, lo, hi);
+    } else if (b_shared) {
       share(panels, tid, nt, lo, hi);
       pack_panels(lo, hi, bp_all + lo * ps);
     }
