@@ -1119,11 +1119,27 @@ def test_attention_matches_reference(b, t, h, d, tp, query, p):
         assert torch.all(a.grad[:, not_q, 0] == 0)
 
 
-def test_attention_bf16_matches_reference():
-    qkv, prefix, valid, qpos = _attention_case(4, 30, 4, 32, 5, slice(None), 0.1, torch.bfloat16)
+@pytest.mark.parametrize(
+    "b,t,h,d,tp,query,p",
+    [
+        (4, 30, 4, 32, 5, slice(None), 0.1),
+        (8, 74, 8, 32, 0, slice(None), 0.1),  # the paper model's training shape (bf16 dot products: D = 32)
+        (8, 74, 8, 32, 0, slice(1, None, 3), 0.1),  # last block: the state tokens only
+        (3, 75, 2, 64, 0, slice(None), 0.2),  # odd T: an odd number of query rows to pair
+        (5, 59, 8, 32, 15, slice(58, None), 0.0),  # evaluation's last block: one query, a cached prompt
+        (2, 12, 2, 32, 2, torch.tensor([7, 3, 11, 0, 5]), 0.2),  # queries out of order
+        (4, 9, 2, 32, 0, slice(0, 0), 0.1),  # no queries at all
+        (2, 33, 3, 16, 4, slice(None), 0.3),  # D = 16: the fp32 products
+        (1, 1, 1, 32, 0, slice(None), 0.0),  # one token
+    ],
+)
+def test_attention_bf16_matches_reference(b, t, h, d, tp, query, p):
+    """bf16 q/k/v (with D a multiple of 32 and AVX512-BF16: the products on bf16 dot products, P
+    and dS rounded to bf16) against the fp32 reference on the same bf16 inputs."""
+    qkv, prefix, valid, qpos = _attention_case(b, t, h, d, tp, query, p, torch.bfloat16)
     a, r = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
-    got = kernels.attention(a, valid, qpos, prefix, 0.1, seed=3, backend="cpu")
-    want = ref.attention(r, valid, qpos, prefix, 0.1, seed=3)
+    got = kernels.attention(a, valid, qpos, prefix, p, seed=3, backend="cpu")
+    want = ref.attention(r, valid, qpos, prefix, p, seed=3)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
     grad = torch.randn(got.shape, generator=_gen(2)).bfloat16()

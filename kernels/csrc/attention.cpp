@@ -635,9 +635,171 @@ inline void softmax_grad_row(float* p, float* dp, const float* km, int64_t n, in
 #endif
 }
 
+#if defined(HARMODT_AVX512_BF16_STORE)
+// ---- bf16 inputs: the five products on AVX512-BF16 dot products (vdpbf16ps) ----
+//
+// With bf16 q/k/v (the bf16 training step), the products q.k, P v (and in the backward dO.v, dS k,
+// drop(P)^T dO, dS^T q) take bf16 operands in pairs along their sum and add in fp32: q, k and v
+// after the bias, P after dropout (unnormalized, as the fp32 path folds 1 / sum in at the end) and
+// dS are rounded to bf16 once, as a bf16 autocast matmul would round them. The softmax, its
+// gradient, the log-sum-exp and the dropout mask stay fp32 and are the fp32 path's own code.
+// A pair word holds two bf16: the first in its low half (a row of bf16 read as 32-bit words).
+
+inline __mmask16 lanes16(int64_t left) {
+  return left <= 0 ? __mmask16(0) : left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+inline __m256i to_bf16(__m512 v) {
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  return reinterpret_cast<const __m256i&>(h);
+}
+
+// out[t] = (x[2t], x[2t + 1]) rounded to bf16, t < words (a multiple of 16); x[j] for j >= n reads as 0.
+inline void row_pairs(const float* x, int64_t n, int64_t words, uint32_t* out) {
+  for (int64_t t = 0; t < words; t += 16) {
+    const int64_t j = 2 * t;
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(lanes16(n - j - 16), x + j + 16), _mm512_maskz_loadu_ps(lanes16(n - j), x + j));
+    _mm512_storeu_si512(out + t, reinterpret_cast<const __m512i&>(v));
+  }
+}
+// out[j] = (x0[j], x1[j]) rounded to bf16 for j < n (x1 null: zeros); out is written up to n
+// rounded to 16 (zeros past n).
+inline void interleave_rows(const float* x0, const float* x1, int64_t n, uint32_t* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes16(n - j);
+    const __m512i lo = _mm512_cvtepu16_epi32(to_bf16(_mm512_maskz_loadu_ps(m, x0 + j)));
+    const __m512i hi = x1 == nullptr ? _mm512_setzero_si512() : _mm512_cvtepu16_epi32(to_bf16(_mm512_maskz_loadu_ps(m, x1 + j)));
+    _mm512_storeu_si512(out + j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+
+// s[r * ld + 16 * (b0 + g) ...] = scale * sum_c x[r * dw + c] . mt[c * ld + 16 * (b0 + g) ...]
+// (dw pair words per row; mt: [dw][ld] pair words of the keys, transposed).
+template <int R, int NB>
+inline void scores_block_bf16(const uint32_t* x, const uint32_t* mt, int64_t dw, int64_t ld, int64_t b0, float scale, float* s) {
+  __m512 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < NB; ++g) acc[r][g] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < dw; ++c) {
+    __m512bh m[NB];
+    for (int g = 0; g < NB; ++g) m[g] = (__m512bh)_mm512_loadu_si512(mt + c * ld + (b0 + g) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * dw + c]));
+      for (int g = 0; g < NB; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], xr, m[g]);
+    }
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < NB; ++g) _mm512_storeu_ps(s + r * ld + (b0 + g) * 16, _mm512_mul_ps(acc[r][g], vs));
+}
+template <int R>
+inline void scores_rows_bf16(const uint32_t* x, const uint32_t* mt, int64_t dw, int64_t ld, int64_t n, float scale, float* s) {
+  const int64_t nb = (n + 15) / 16;
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4) scores_block_bf16<R, 4>(x, mt, dw, ld, b, scale, s);
+  switch (nb - b) {
+    case 3: scores_block_bf16<R, 3>(x, mt, dw, ld, b, scale, s); break;
+    case 2: scores_block_bf16<R, 2>(x, mt, dw, ld, b, scale, s); break;
+    case 1: scores_block_bf16<R, 1>(x, mt, dw, ld, b, scale, s); break;
+    default: break;
+  }
+}
+
+// out[r * d + c] = sum_{t < np} w[r * ldw + t] . m[t * d + c]: w's rows as pair words along the
+// sum, m's rows as pair words of two of its rows (d a multiple of 32).
+template <int R>
+inline void combine_rows_bf16(const uint32_t* w, int64_t ldw, const uint32_t* m, int64_t np, int64_t d, float* out) {
+  for (int64_t c = 0; c < d; c += 32) {
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < np; ++t) {
+      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(m + t * d + c), v1 = (__m512bh)_mm512_loadu_si512(m + t * d + c + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh wr = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[r * ldw + t]));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], wr, v0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], wr, v1);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(out + r * d + c, acc[r][0]);
+      _mm512_storeu_ps(out + r * d + c + 16, acc[r][1]);
+    }
+  }
+}
+
+// out[(j0 + r) * d + c] = sum_{t0 <= t < np} p[t * ld + j0 + r] . a[t * d + c], r < R: p^T a with
+// both operands as pair words of two rows (d a multiple of 32).
+template <int R>
+inline void pt_times_a_block_bf16(const uint32_t* p, const uint32_t* a, int64_t t0, int64_t np, int64_t ld, int64_t d, int64_t j0,
+                                  float* out) {
+  for (int64_t c = 0; c < d; c += 32) {
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t t = t0; t < np; ++t) {
+      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(a + t * d + c), v1 = (__m512bh)_mm512_loadu_si512(a + t * d + c + 16);
+      const uint32_t* pt = p + t * ld + j0;
+      for (int r = 0; r < R; ++r) {
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(pt[r]));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w, v0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w, v1);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(out + (j0 + r) * d + c, acc[r][0]);
+      _mm512_storeu_ps(out + (j0 + r) * d + c + 16, acc[r][1]);
+    }
+  }
+}
+// ... for keys 0 .. tk - 1; firstq[j]: the first query row that can see key j (its pair: firstq / 2).
+inline void pt_times_a_bf16(const uint32_t* p, const uint32_t* a, int64_t np, int64_t ld, int64_t tk, int64_t d, const int64_t* firstq,
+                            float* out) {
+  int64_t j = 0;
+  for (; j + 12 <= tk; j += 12) pt_times_a_block_bf16<12>(p, a, firstq[j] / 2, np, ld, d, j, out);
+  for (; j + 4 <= tk; j += 4) pt_times_a_block_bf16<4>(p, a, firstq[j] / 2, np, ld, d, j, out);
+  for (; j < tk; ++j) pt_times_a_block_bf16<1>(p, a, firstq[j] / 2, np, ld, d, j, out);
+}
+
+inline void scores_n_bf16(int rows, const uint32_t* x, const uint32_t* mt, int64_t dw, int64_t ld, int64_t n, float scale, float* s) {
+  switch (rows) {
+    case 6: scores_rows_bf16<6>(x, mt, dw, ld, n, scale, s); break;
+    case 5: scores_rows_bf16<5>(x, mt, dw, ld, n, scale, s); break;
+    case 4: scores_rows_bf16<4>(x, mt, dw, ld, n, scale, s); break;
+    case 3: scores_rows_bf16<3>(x, mt, dw, ld, n, scale, s); break;
+    case 2: scores_rows_bf16<2>(x, mt, dw, ld, n, scale, s); break;
+    default: scores_rows_bf16<1>(x, mt, dw, ld, n, scale, s); break;
+  }
+}
+inline void combine_n_bf16(int rows, const uint32_t* w, int64_t ldw, const uint32_t* m, int64_t np, int64_t d, float* out) {
+  switch (rows) {
+    case 6: combine_rows_bf16<6>(w, ldw, m, np, d, out); break;
+    case 5: combine_rows_bf16<5>(w, ldw, m, np, d, out); break;
+    case 4: combine_rows_bf16<4>(w, ldw, m, np, d, out); break;
+    case 3: combine_rows_bf16<3>(w, ldw, m, np, d, out); break;
+    case 2: combine_rows_bf16<2>(w, ldw, m, np, d, out); break;
+    default: combine_rows_bf16<1>(w, ldw, m, np, d, out); break;
+  }
+}
+
+// The pair-word forms of one head's keys or values m [Tk][D] (fp32, bias added): transposed,
+// mt [D / 2][ld] (word (c, j) = (m[j][2c], m[j][2c + 1]); zero columns past Tk), for the
+// products summed over D; or by key pairs, mp [ld / 2][D] (word (t, c) = (m[2t][c], m[2t + 1][c]);
+// zero rows past Tk), for the products summed over keys. tmp: Tk * D / 2 words.
+inline void pairs_over_d(const float* m, int64_t tk, int64_t d, int64_t ld, uint32_t* tmp, uint32_t* mt) {
+  for (int64_t j = 0; j < tk; ++j) row_pairs(m + j * d, d, d / 2, tmp + j * (d / 2));
+  transpose_keys(reinterpret_cast<const float*>(tmp), tk, d / 2, ld, reinterpret_cast<float*>(mt));  // (moves bits only)
+}
+inline void pairs_over_keys(const float* m, int64_t tk, int64_t d, int64_t ld, uint32_t* mp) {
+  for (int64_t t = 0; t < ld / 2; ++t) {
+    if (2 * t < tk)
+      interleave_rows(m + 2 * t * d, 2 * t + 1 < tk ? m + (2 * t + 1) * d : nullptr, d, mp + t * d);
+    else
+      std::fill(mp + t * d, mp + (t + 1) * d, 0u);
+  }
+}
+#endif
+
 // Loads batch row b's keys and values of every head (prefix, then own) into fp32 buffers, reading
 // the packed qkv rows in memory order: kk/vv [H][Tk][D] and their transposes kt/vt [H][D][ld]
-// (zero-padded columns; vt only if asked), and the queries of all own tokens qq [T][H][D]. With
+// (zero-padded columns; each only if asked), and the queries of all own tokens qq [T][H][D]. With
 // pr.bias, the own tokens' q/k/v get it added after widening (the projection's bias, kept out of
 // its GEMM: one pass over the (BT, 3C) output fewer).
 template <typename T>
@@ -659,7 +821,7 @@ void load_keys(const Problem& pr, const T* qkv, const T* kp, const T* vp, int64_
     }
   }
   for (int64_t h = 0; h < H; ++h) {
-    transpose_keys(kk + h * hs, pr.Tk, D, ld, kt + h * D * ld);
+    if (kt != nullptr) transpose_keys(kk + h * hs, pr.Tk, D, ld, kt + h * D * ld);
     if (vt != nullptr) transpose_keys(vv + h * hs, pr.Tk, D, ld, vt + h * D * ld);
   }
 }
@@ -681,8 +843,142 @@ inline void prefetch_row_part(const Problem& pr, const T* qkv, int64_t b, int64_
 
 constexpr int kRows = 6;  // query rows per micro-kernel call (6 measured 15-25 % faster than 4 in the backward; 8 no better)
 
+#if defined(HARMODT_AVX512_BF16_STORE)
+// The forward with bf16 q/k/v on the dot-product kernels above (see there for what is rounded).
+void forward_bf16(const Problem& pr, const c10::BFloat16* qkv, const c10::BFloat16* kp, const c10::BFloat16* vp, c10::BFloat16* out,
+                  float* lse) {
+  const int64_t D = pr.D, DW = D / 2, ld = round16(pr.Tk), H = pr.H, hs = pr.Tk * D;
+  at::parallel_for(0, pr.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> qq(pr.T * H * D), kk(H * hs), vv(H * hs), s(kRows * ld), vis(ld), km(ld), o(kRows * D);
+    std::vector<uint32_t> kt(H * DW * ld), vpair(H * (ld / 2) * D), tmp(pr.Tk * DW), qw(kRows * DW), pw(kRows * ld);
+    for (int64_t pair = b0 * H; pair < b1 * H; ++pair) {
+      const int64_t b = pair / H, h = pair % H;
+      if (h == 0) {
+        load_keys(pr, qkv, kp, vp, b, qq.data(), kk.data(), vv.data(), nullptr, nullptr, ld);
+        for (int64_t g = 0; g < H; ++g) {
+          pairs_over_d(kk.data() + g * hs, pr.Tk, D, ld, tmp.data(), kt.data() + g * DW * ld);
+          pairs_over_keys(vv.data() + g * hs, pr.Tk, D, ld, vpair.data() + g * (ld / 2) * D);
+        }
+        validity_floats(pr.valid + b * pr.Tk, pr.Tk, ld, vis.data());
+      }
+      if (b + 1 < b1) prefetch_row_part(pr, qkv, b + 1, h, H);
+      for (int64_t i0 = 0; i0 < pr.Tq; i0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, pr.Tq - i0));
+        int64_t n_max = 0;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t qp = pr.qpos[i0 + r];
+          n_max = std::max(n_max, qp + 1);
+          row_pairs(qq.data() + ((qp - pr.Tp) * H + h) * D, D, DW, qw.data() + r * DW);
+        }
+        scores_n_bf16(rows, qw.data(), kt.data() + h * DW * ld, DW, ld, n_max, pr.scale, s.data());
+        float inv_l[kRows];
+        const int64_t np = (n_max + 1) / 2;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r, qp = pr.qpos[i], n = qp + 1;
+          float* sr = s.data() + r * ld;
+          softmax_row(sr, vis.data(), qp, ld, nullptr, lse == nullptr ? nullptr : lse + pair * pr.Tq + i, &inv_l[r]);
+          if (pr.dropout) {
+            keep_row(pr.seed, pr.threshold, pr.inv_keep, (pair * pr.Tq + i) * pr.Tk, n, km.data());
+            for (int64_t j = 0; j < n; ++j) sr[j] *= km[j];
+          }
+          row_pairs(sr, ld, round16(np), pw.data() + r * ld);
+        }
+        combine_n_bf16(rows, pw.data(), ld, vpair.data() + h * (ld / 2) * D, np, D, o.data());  // unnormalized: scaled by 1 / sum below
+        for (int r = 0; r < rows; ++r) {
+          float* orow = o.data() + r * D;
+          for (int64_t c = 0; c < D; ++c) orow[c] *= inv_l[r];
+          store_row(orow, D, out + (b * pr.Tq + i0 + r) * pr.H * D + h * D);
+        }
+      }
+    }
+  });
+}
+
+// The backward with bf16 q/k/v and output gradient on the dot-product kernels (firstq: as in
+// backward_impl).
+void backward_bf16(const Problem& pr, const c10::BFloat16* qkv, const c10::BFloat16* kp, const c10::BFloat16* vp,
+                   const c10::BFloat16* gout, const float* lse, c10::BFloat16* dqkv, const int64_t* firstq) {
+  const int64_t D = pr.D, DW = D / 2, ld = round16(pr.Tk), Tq = pr.Tq, T2 = (Tq + 1) / 2;
+  const int64_t H = pr.H, hs = pr.Tk * D;
+  at::parallel_for(0, pr.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> qq(pr.T * H * D), kk(H * hs), vv(H * hs), qs(Tq * D), go(H * Tq * D), pd(Tq * ld), ds(Tq * ld),
+        dp(kRows * ld), vis(ld), km(ld), dq(kRows * D), dk(ld * D), dv(ld * D);
+    std::vector<uint32_t> kt(H * DW * ld), vt(H * DW * ld), kpair(H * (ld / 2) * D), tmp(pr.Tk * DW), qw(kRows * DW),
+        dow(kRows * DW), dsw(kRows * ld), pt(T2 * ld), dst(T2 * ld), qsp(T2 * D), dop(T2 * D);
+    for (int64_t pair = b0 * H; pair < b1 * H; ++pair) {
+      const int64_t b = pair / H, h = pair % H;
+      if (h == 0) {
+        load_keys(pr, qkv, kp, vp, b, qq.data(), kk.data(), vv.data(), nullptr, nullptr, ld);
+        for (int64_t g = 0; g < H; ++g) {
+          pairs_over_d(kk.data() + g * hs, pr.Tk, D, ld, tmp.data(), kt.data() + g * DW * ld);
+          pairs_over_d(vv.data() + g * hs, pr.Tk, D, ld, tmp.data(), vt.data() + g * DW * ld);
+          pairs_over_keys(kk.data() + g * hs, pr.Tk, D, ld, kpair.data() + g * (ld / 2) * D);
+        }
+        validity_floats(pr.valid + b * pr.Tk, pr.Tk, ld, vis.data());
+        for (int64_t i = 0; i < Tq; ++i)  // the row's output gradient in memory order, as go [H][Tq][D]
+          for (int64_t g = 0; g < H; ++g) load_row(gout + ((b * Tq + i) * H + g) * D, D, go.data() + (g * Tq + i) * D);
+      }
+      const float* dos = go.data() + h * Tq * D;  // [Tq][D]
+      if (b + 1 < b1) {
+        prefetch_row_part(pr, qkv, b + 1, h, H);
+        prefetch_part(gout + (b + 1) * Tq * H * D, Tq * H * D * static_cast<int64_t>(sizeof(c10::BFloat16)), h, H);
+      }
+      for (int64_t i0 = 0; i0 < Tq; i0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, Tq - i0));
+        int64_t n_max = 0;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r, qp = pr.qpos[i];
+          n_max = std::max(n_max, qp + 1);
+          std::memcpy(qs.data() + i * D, qq.data() + ((qp - pr.Tp) * H + h) * D, D * sizeof(float));
+          row_pairs(qs.data() + i * D, D, DW, qw.data() + r * DW);
+          row_pairs(dos + i * D, D, DW, dow.data() + r * DW);
+        }
+        float* p4 = pd.data() + i0 * ld;  // P, then drop(P), of these rows
+        float* ds4 = ds.data() + i0 * ld;
+        scores_n_bf16(rows, qw.data(), kt.data() + h * DW * ld, DW, ld, n_max, pr.scale, p4);
+        scores_n_bf16(rows, dow.data(), vt.data() + h * DW * ld, DW, ld, n_max, 1.0f, dp.data());  // dO . v_j
+        const int64_t np = (n_max + 1) / 2;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r, qp = pr.qpos[i], n = qp + 1;
+          float* pr_ = p4 + r * ld;
+          softmax_row(pr_, vis.data(), qp, ld, lse + pair * Tq + i, nullptr, nullptr);  // P, zero past n
+          if (pr.dropout) keep_row(pr.seed, pr.threshold, pr.inv_keep, (pair * Tq + i) * pr.Tk, n, km.data());
+          softmax_grad_row(pr_, dp.data() + r * ld, pr.dropout ? km.data() : nullptr, n, ld, pr.scale, ds4 + r * ld);
+          row_pairs(ds4 + r * ld, ld, round16(np), dsw.data() + r * ld);
+        }
+        combine_n_bf16(rows, dsw.data(), ld, kpair.data() + h * (ld / 2) * D, np, D, dq.data());  // dq_i = scale * sum_j dS_ij k_j
+        for (int r = 0; r < rows; ++r)
+          store_row(dq.data() + r * D, D, dqkv + b * pr.qkv_sb + (pr.qpos[i0 + r] - pr.Tp) * pr.qkv_st + h * D);
+      }
+      for (int64_t t = 0; t < T2; ++t) {  // row pairs of drop(P), dS, dO and q, for the sums over the queries
+        const bool two = 2 * t + 1 < Tq;
+        interleave_rows(pd.data() + 2 * t * ld, two ? pd.data() + (2 * t + 1) * ld : nullptr, ld, pt.data() + t * ld);
+        interleave_rows(ds.data() + 2 * t * ld, two ? ds.data() + (2 * t + 1) * ld : nullptr, ld, dst.data() + t * ld);
+        interleave_rows(dos + 2 * t * D, two ? dos + (2 * t + 1) * D : nullptr, D, dop.data() + t * D);
+        interleave_rows(qs.data() + 2 * t * D, two ? qs.data() + (2 * t + 1) * D : nullptr, D, qsp.data() + t * D);
+      }
+      pt_times_a_bf16(pt.data(), dop.data(), T2, ld, pr.Tk, D, firstq, dv.data());   // dV = drop(P)^T dO  [Tk][D]
+      pt_times_a_bf16(dst.data(), qsp.data(), T2, ld, pr.Tk, D, firstq, dk.data());  // dK = dS^T Q (scale folded in)
+      for (int64_t j = pr.Tp; j < pr.Tk; ++j) {
+        c10::BFloat16* dst_row = dqkv + b * pr.qkv_sb + (j - pr.Tp) * pr.qkv_st + h * D;
+        store_row(dk.data() + j * D, D, dst_row + pr.H * D);
+        store_row(dv.data() + j * D, D, dst_row + 2 * pr.H * D);
+      }
+    }
+  });
+}
+
+// Whether bf16 q/k/v take the dot-product kernels: a head size that is a multiple of 32 (whole pair
+// vectors) on a CPU with AVX512-BF16.
+inline bool bf16_products(const Problem& pr) { return pr.D % 32 == 0 && bf16_gemm_available(); }
+#endif
+
 template <typename T>
 void forward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, T* out, float* lse) {
+#if defined(HARMODT_AVX512_BF16_STORE)
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    if (bf16_products(pr)) return forward_bf16(pr, qkv, kp, vp, out, lse);
+#endif
   const int64_t D = pr.D, ld = round16(pr.Tk);
   const int64_t H = pr.H, hs = pr.Tk * D;
   at::parallel_for(0, pr.B, 1, [&](int64_t b0, int64_t b1) {
@@ -739,6 +1035,10 @@ void backward_impl(const Problem& pr, const T* qkv, const T* kp, const T* vp, co
       firstq[j] = j > 0 ? firstq[j - 1] : 0;
       while (firstq[j] < Tq && pr.qpos[firstq[j]] < j) ++firstq[j];
     }
+#if defined(HARMODT_AVX512_BF16_STORE)
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    if (bf16_products(pr)) return backward_bf16(pr, qkv, kp, vp, gout, lse, dqkv, firstq.data());
+#endif
   at::parallel_for(0, pr.B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> qq(pr.T * H * D), kk_(H * hs), vv_(H * hs), kt_(H * D * ld), vt_(H * D * ld), qs(Tq * D), go(H * Tq * D),
         pd(Tq * ld), ds(Tq * ld), dp(kRows * ld), vis(ld), km(ld), dq(kRows * D), dk(ld * D), dv(ld * D);
