@@ -10,7 +10,9 @@
 // ``attention_mask``). Dropout on P uses dropout.cpp's counter-based keep mask over the flat index
 // ((b * H + h) * Tq + i) * Tk + j, so it equals kernels.dropout applied to the (B, H, Tq, Tk)
 // probability tensor with the same seed; the backward recomputes it and P (from the saved
-// log-sum-exp), storing nothing else. All arithmetic in fp32 (bf16 inputs are widened).
+// log-sum-exp), storing nothing else. Arithmetic in fp32 (bf16 inputs are widened), except that
+// with bf16 inputs, a head size that is a multiple of 32 and AVX512-BF16, the five products take
+// bf16 operands on dot-product instructions (forward_bf16 / backward_bf16 below).
 // qkv_bias (optional, fp32 (3 H D)): the projection's bias, added to every own token's q, k and v as
 // they are widened, so the projection GEMM need not write it (the gradient of the bias is the
 // column sum of the returned dqkv, left to the caller).
