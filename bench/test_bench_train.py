@@ -92,6 +92,21 @@ def anchor_gflops(dtype: str) -> float:
     return 2 * 2048**3 * reps / (time.perf_counter() - t) / 1e9
 
 
+# Cross-core round trips above this (ns) mean the two threads sit on different CCDs of the host
+# (no shared L3): ~60-130 ns measured on one CCD, ~300-1500 on two (bench/README.md, "The slow state").
+TWO_CCD_NS = 200.0
+
+
+def core_round_trip_ns() -> float:
+    """The threads' cache-line round trip right now (kernels.cpu.core_round_trip_ns; the least of
+    three probes of 1000 trips, ~1 ms in all); NaN without the native library or a second thread."""
+    from kernels import cpu
+
+    if cpu.unavailable_reason() is not None:
+        return float("nan")
+    return min(cpu.core_round_trip_ns(1000) for _ in range(3))
+
+
 def _precision(tr) -> str:
     """A benchmark variant's precision (a Trainer, or a wrapper holding one as ``.tr``)."""
     return getattr(tr, "tr", tr).cfg.precision
@@ -104,24 +119,27 @@ def _anchor_probes(dtypes) -> dict:
 def interleaved(variants: dict[str, Trainer], rounds: int | None = None) -> dict:
     """ms per training step of each variant, measured in alternating rounds (with GEMM-rate probes
     before each round: the fc-shape fp32 one, and the anchor's 2048^3 one of each precision the
-    variants use). Returns {"ms": {name: median}, "rounds": {name: [ms per round]}, "gemm_gflops":
-    median fc probe, "precision": {name: "fp32"|"bf16"}, "anchor_gflops": {precision: median}}."""
+    variants use, and the threads' round trip). Returns {"ms": {name: median}, "rounds": {name: [ms
+    per round]}, "gemm_gflops": median fc probe, "precision": {name: "fp32"|"bf16"}, "anchor_gflops":
+    {precision: median}, "round_trip_ns": [per round]}."""
     times = {k: [] for k in variants}
     precision = {k: _precision(tr) for k, tr in variants.items()}
-    probes, anchor = [], []
+    probes, anchor, trips = [], [], []
     for tr in variants.values():
         for _ in range(3):
             tr.train_step(tr.sample_tasks())
     for _ in range(rounds or ROUNDS):
         probes.append(gemm_gflops())
         anchor.append(_anchor_probes(precision.values()))
+        trips.append(core_round_trip_ns())
         for name, tr in variants.items():
             t = time.perf_counter()
             for _ in range(STEPS_PER_ROUND):
                 tr.train_step(tr.sample_tasks())
             times[name].append((time.perf_counter() - t) / STEPS_PER_ROUND * 1e3)
     return {"ms": {k: statistics.median(v) for k, v in times.items()}, "rounds": times, "gemm_gflops": statistics.median(probes),
-            "precision": precision, "anchor_gflops": {d: statistics.median(a[d] for a in anchor) for d in anchor[0]}}
+            "precision": precision, "anchor_gflops": {d: statistics.median(a[d] for a in anchor) for d in anchor[0]},
+            "round_trip_ns": trips, "anchor_rounds": anchor}
 
 
 def paired_ratio(res: dict, num: str, den: str) -> float:
@@ -144,6 +162,23 @@ def record(benchmark, res: dict) -> None:
         print("  at the anchor's 2048^3 rate of each step's precision ("
               + ", ".join(f"{d}: probe {g:.0f}, anchor {ANCHOR_RATES[d]:.0f} GFLOP/s" for d, g in res["anchor_gflops"].items()) + "): "
               + ", ".join(f"{k} {v:.1f} ms" for k, v in at.items()))
+    trips = res.get("round_trip_ns", [])
+    if trips and not any(t != t for t in trips):  # (NaN: no native library or one thread)
+        benchmark.extra_info["round_trip_ns_rounds"] = [round(t) for t in trips]
+        two = [t >= TWO_CCD_NS for t in trips]
+        print(f"  threads' round trip {min(trips):.0f}-{max(trips):.0f} ns: {sum(two)} of {len(trips)} rounds on two CCDs"
+              + (" (the slow state: expect steps ~10-20 % slower there)" if any(two) else ""))
+        for ccd, pick in (("one_ccd", [not x for x in two]), ("two_ccds", two)):
+            if not any(pick):
+                continue
+            for k in res["ms"]:  # each variant's median over the rounds of one placement, raw and at the anchor's rate
+                prec = res["precision"][k]
+                raw = [v for v, p in zip(res["rounds"][k], pick) if p]
+                at_rate = [v * a[prec] / ANCHOR_RATES[prec] for v, a, p in zip(res["rounds"][k], res["anchor_rounds"], pick) if p]
+                benchmark.extra_info[f"{k}_ms_{ccd}"] = round(statistics.median(raw), 2)
+                benchmark.extra_info[f"{k}_ms_at_anchor_rate_{ccd}"] = round(statistics.median(at_rate), 2)
+                print(f"    {k} on {ccd.replace('_', ' ')} ({len(raw)} rounds): {statistics.median(raw):.1f} ms, "
+                      f"{statistics.median(at_rate):.1f} at the anchor's rate")
 
 
 def test_masking_overhead_fp32(benchmark):
@@ -175,6 +210,8 @@ def test_step_bf16(benchmark):
     record(benchmark, alone)
     benchmark.extra_info["bf16_alone_anchor_gflops_bf16"] = benchmark.extra_info.pop("anchor_gflops_bf16")  # (record(res) writes its own)
     benchmark.extra_info["bf16_alone_gemm_gflops"] = benchmark.extra_info.pop("gemm_gflops")
+    if "round_trip_ns_rounds" in benchmark.extra_info:
+        benchmark.extra_info["bf16_alone_round_trip_ns_rounds"] = benchmark.extra_info.pop("round_trip_ns_rounds")
     record(benchmark, res)
     speedup = paired_ratio(res, "bf16_per_op_blocks", "bf16")
     benchmark.extra_info["speedup_bf16_block_nodes_over_per_op"] = round(speedup, 3)

@@ -33,6 +33,7 @@ __all__ = [
     "bias_relu_",
     "dropout_apply",
     "build",
+    "core_round_trip_ns",
     "harmony_select",
     "library_path",
     "masked_linear",
@@ -223,6 +224,16 @@ def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     if not 0.0 <= p < 1.0:
         raise KernelArgumentError(f"dropout_apply: p must be in [0, 1), got {p}")
     return _ops().dropout_apply(x, int(seed), float(p))
+
+
+def core_round_trip_ns(rounds: int = 2000) -> float:
+    """Round trip of one cache line between the first two of this process's OpenMP threads, in ns
+    (NaN with fewer than two threads): ~60 ns when they share an L3, ~340 ns when a VM's two
+    vCPUs sit on two CCDs of an AMD EPYC host, where every line the threads hand each other
+    costs that much (bench/README.md, "The slow state")."""
+    if int(rounds) < 1:
+        raise KernelArgumentError(f"core_round_trip_ns: rounds must be >= 1, got {rounds}")
+    return float(_ops().core_round_trip_ns(int(rounds)))
 
 
 def pack_masks(mask: torch.Tensor) -> torch.Tensor:

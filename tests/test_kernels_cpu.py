@@ -1402,3 +1402,21 @@ def test_bf16_gemm_without_onednn_runs_fp32_products_even_under_autocast():
         assert got.dtype == got_bias.dtype == torch.bfloat16
         torch.testing.assert_close(got, want.bfloat16(), rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(got_bias, (want + bias.double()).bfloat16(), rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# core_round_trip_ns (the benchmarks' probe of where the two threads sit)
+
+
+def test_core_round_trip_is_a_time_with_two_threads_and_nan_with_one():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ns = cpu.core_round_trip_ns(200)
+        assert ns == ns and 1.0 < ns < 1e6  # a cache line's trip between two cores: ~60-1500 ns on our machines
+        torch.set_num_threads(1)
+        assert cpu.core_round_trip_ns(10) != cpu.core_round_trip_ns(10)  # NaN: no second thread to bounce with
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(KernelArgumentError, match="rounds must be >= 1, got 0"):
+        cpu.core_round_trip_ns(0)
