@@ -7,6 +7,7 @@ this module tries a CMake build once and otherwise fails the session loudly (nev
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -1420,3 +1421,31 @@ def test_core_round_trip_is_a_time_with_two_threads_and_nan_with_one():
         torch.set_num_threads(threads)
     with pytest.raises(KernelArgumentError, match="rounds must be >= 1, got 0"):
         cpu.core_round_trip_ns(0)
+
+
+@pytest.mark.skipif(not cpu.bf16_gemm_available(), reason="no AVX512-BF16 in this build or CPU: the native bf16 GEMM is not built")
+def test_bf16_gemm_drops_shared_lines_without_changing_results():
+    """With the threads taken to sit on two CCDs (HARMODT_THREADS_APART=1, read once per process),
+    each bf16 GEMM drops the other thread's packed lines from the caches after use: the products
+    (small integers: exact) stay those of float64 in every order the kernel takes (b-shared with
+    b row-major and transposed, a packed, panel-outer)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from kernels import cpu\n"
+        "torch.set_num_threads(2)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for m, k, n, at, bt in [(592, 256, 1024, 0, 0), (592, 256, 768, 0, 1), (1024, 592, 256, 1, 0), (256, 592, 1024, 1, 0), (200, 37, 40, 0, 0), (13, 600, 33, 1, 1)]:\n"
+        "    a = torch.randint(-3, 4, (k, m) if at else (m, k), generator=g).to(torch.bfloat16)\n"
+        "    b = torch.randint(-3, 4, (n, k) if bt else (k, n), generator=g).to(torch.bfloat16)\n"
+        "    a, b = (a.t() if at else a), (b.t() if bt else b)\n"
+        "    want = (a.double() @ b.double()).to(torch.bfloat16)\n"
+        "    for _ in range(3):\n"
+        "        assert torch.equal(cpu.gemm(a, b, engine='native'), want), (m, k, n, at, bt)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, HARMODT_THREADS_APART="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -69,6 +69,11 @@ void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const a
               GemmEngine engine = GemmEngine::kAuto, const at::Tensor& b_mask = at::Tensor());
 bool onednn_gemm_available();
 bool bf16_gemm_available();
+// kernels/csrc/topology.cpp: the round trip of a cache line between the first two OpenMP threads
+// in ns (NaN with fewer than two); and whether they sit on different CCDs of the host (no shared
+// L3), re-probed every `period` calls (HARMODT_THREADS_APART=1/0 forces the answer).
+double core_round_trip_ns(int64_t rounds);
+bool threads_apart(int64_t period);
 // kernels/csrc/gemm_f32.cpp: out (M, N) contiguous = a (M, K) b (K, N) (+ bias), fp32 on AVX2 + FMA,
 // b optionally through packed mask bits b_mask over the rows of the matrix under b (as bf16_gemm_out).
 bool f32_gemm_available();

@@ -386,6 +386,20 @@ constexpr int64_t kGroupBytes = 384 * 1024;
 // Row tiles from which a row-major a read in place takes the b-shared order whatever N (fewer:
 // the last block's 160 rows measured faster panel-outer).
 constexpr int64_t kSharedTiles = 16;
+// GEMMs between two probes of where the threads sit (topology.cpp's threads_apart; ~6 steps).
+constexpr int64_t kProbePeriod = 512;
+
+// The lines of [p, p + words) dropped from every cache (written back first where dirty).
+inline void drop_lines(const u32* p, int64_t words) {
+  const char* end = reinterpret_cast<const char*>(p + words);
+  for (const char* c = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63)); c < end; c += 64) {
+#if defined(__CLFLUSHOPT__)
+    _mm_clflushopt(const_cast<char*>(c));
+#else
+    _mm_clflush(c);
+#endif
+  }
+}
 
 template <typename Epi>
 void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& b, bool b_rows, int64_t m, int64_t k, int64_t n,
@@ -420,6 +434,12 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& 
   const bool b_shared = (panels * kp * kNr <= tiles * kp * kMr || (a_direct && tiles >= kSharedTiles)) && tiles >= threads;
   u32* bp_all = b_shared ? scratch<u32>(1, panels * ps) : nullptr;  // the caller's scratch, read by every thread
   const int64_t row_splits = panels >= threads ? 1 : std::min<int64_t>(tiles, (threads + panels - 1) / panels);
+  // Two threads on two CCDs of the host (no shared L3; topology.cpp): a packed line that one
+  // thread wrote and the other read stays in both caches, and the writer's next packing into it
+  // has to take it back across the host, ~340 ns a line (a 512 KB buffer: 233 us against 5). So
+  // once both are done, each drops the lines the other packed from every cache. Measured in that
+  // state: bf16 step 59.2 against 67.1 ms; on one CCD it costs ~2 %, so only then.
+  const bool drop_shared = threads == 2 && (b_shared || apack != nullptr) && threads_apart(kProbePeriod);
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -465,6 +485,22 @@ void run(const Epi& epi, const u16* a, int64_t as0, int64_t as1, const BSource& 
           }
         }
       }
+    }
+    if (drop_shared && nt == 2) {  // the other thread's share of the packing, as split above
+#pragma omp barrier
+      const int other = 1 - tid;
+      if (b_shared && b_rows) {
+        share(kp, other, nt, lo, hi);
+        for (int64_t panel = 0; panel < panels; ++panel) drop_lines(bp_all + panel * ps + lo * kNr, (hi - lo) * kNr);
+      } else if (b_shared) {
+        share(panels, other, nt, lo, hi);
+        drop_lines(bp_all + lo * ps, (hi - lo) * ps);
+      }
+      if (apack != nullptr) {
+        share(kp, other, nt, lo, hi);
+        drop_lines(apack + lo * ld_pack, (hi - lo) * ld_pack);
+      }
+      _mm_sfence();
     }
   }
 }

@@ -4,20 +4,22 @@
 // On a small VM the host may place the vCPUs on one CCD of an AMD EPYC (a shared L3: ~60 ns here)
 // or on two (no shared L3: ~340 ns). Every line one thread writes and the other reads then costs
 // that trip, so the training step's GEMMs, which share packed operands between the threads, run
-// slower; the benchmarks record this next to each step time (bench/README.md, "The slow state").
+// slower; the benchmarks record this next to each step time (bench/README.md, "The slow state"),
+// and the bf16 GEMM asks threads_apart() whether to drop the shared lines from the caches after use
+// (gemm_bf16.cpp).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 
 #include <omp.h>
 
 namespace harmodt {
-namespace {
 
 double core_round_trip_ns(int64_t rounds) {
   TORCH_CHECK_VALUE(rounds >= 1, "core_round_trip_ns: rounds must be >= 1, got ", rounds);
@@ -53,7 +55,24 @@ double core_round_trip_ns(int64_t rounds) {
   return ns;
 }
 
-}  // namespace
+// Round trips above this mean two CCDs: ~60-130 ns measured on one, ~300-1500 on two.
+constexpr double kApartNs = 200.0;
+
+bool threads_apart(int64_t period) {
+  static const int forced = [] {
+    const char* e = std::getenv("HARMODT_THREADS_APART");
+    return e == nullptr || e[0] == '\0' ? -1 : e[0] == '1' ? 1 : 0;
+  }();
+  if (forced >= 0) return forced == 1;
+  static std::atomic<int64_t> calls{0};
+  static std::atomic<bool> apart{false};
+  if (calls.fetch_add(1, std::memory_order_relaxed) % period == 0) {  // 64 trips: ~5 us on one CCD, ~25 on two
+    const double ns = core_round_trip_ns(64);
+    apart.store(ns == ns && ns > kApartNs, std::memory_order_relaxed);
+  }
+  return apart.load(std::memory_order_relaxed);
+}
+
 }  // namespace harmodt
 
 // (no tensor arguments: one kernel for every dispatch key)
