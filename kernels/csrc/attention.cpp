@@ -128,6 +128,21 @@ inline __m256 exp256(__m256 x) {
 }
 #endif
 
+// The 16-column blocks of n columns, four at a time, then the 1-3 left: f(std::integral_constant<int,
+// NB>{}, first block) per group (the score micro-kernels' column walk).
+template <typename F>
+inline void by_column_blocks(int64_t n, F&& f) {
+  const int64_t nb = (n + 15) / 16;
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4) f(std::integral_constant<int, 4>{}, b);
+  switch (nb - b) {
+    case 3: return f(std::integral_constant<int, 3>{}, b);
+    case 2: return f(std::integral_constant<int, 2>{}, b);
+    case 1: return f(std::integral_constant<int, 1>{}, b);
+    default: return;
+  }
+}
+
 // Register-blocked micro-kernels over up to 6 rows at once (R rows share every load of the
 // right-hand side; 6 rows x 4 column blocks = 24 independent accumulators).
 
@@ -153,15 +168,8 @@ inline void scores_block(const float* x, const float* mt, int64_t d, int64_t ld,
 
 template <int R>
 inline void scores_rows(const float* x, const float* mt, int64_t d, int64_t ld, int64_t n, float scale, float* s) {
-  const int64_t nb = (n + 15) / 16;
-  int64_t b = 0;
-  for (; b + 4 <= nb; b += 4) scores_block<R, 4>(x, mt, d, ld, b, scale, s);  // R x 4 accumulators: 24 of 32 registers at R = 6
-  switch (nb - b) {
-    case 3: scores_block<R, 3>(x, mt, d, ld, b, scale, s); break;
-    case 2: scores_block<R, 2>(x, mt, d, ld, b, scale, s); break;
-    case 1: scores_block<R, 1>(x, mt, d, ld, b, scale, s); break;
-    default: break;
-  }
+  // R x 4 accumulators: 24 of 32 registers at R = 6
+  by_column_blocks(n, [&](auto nb, int64_t b) { scores_block<R, decltype(nb)::value>(x, mt, d, ld, b, scale, s); });
 }
 
 // out[r * d + c] = sum_{j < n} w[r * ld + j] * m[j * d + c] (columns in chunks of 32).
@@ -264,26 +272,24 @@ inline void combine_rows(const float* w, int64_t ld, const float* m, int64_t n, 
 }
 #endif
 
-// Runtime row count (1..6) -> the template above.
-inline void scores_n(int rows, const float* x, const float* mt, int64_t d, int64_t ld, int64_t n, float scale, float* s) {
+// Calls f(std::integral_constant<int, R>{}) for the runtime row count rows (1..6), R = rows: the
+// micro-kernels' row templates from a runtime count.
+template <typename F>
+inline void with_rows(int rows, F&& f) {
   switch (rows) {
-    case 6: scores_rows<6>(x, mt, d, ld, n, scale, s); break;
-    case 5: scores_rows<5>(x, mt, d, ld, n, scale, s); break;
-    case 4: scores_rows<4>(x, mt, d, ld, n, scale, s); break;
-    case 3: scores_rows<3>(x, mt, d, ld, n, scale, s); break;
-    case 2: scores_rows<2>(x, mt, d, ld, n, scale, s); break;
-    default: scores_rows<1>(x, mt, d, ld, n, scale, s); break;
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 1>{});
   }
 }
+inline void scores_n(int rows, const float* x, const float* mt, int64_t d, int64_t ld, int64_t n, float scale, float* s) {
+  with_rows(rows, [&](auto r) { scores_rows<decltype(r)::value>(x, mt, d, ld, n, scale, s); });
+}
 inline void combine_n(int rows, const float* w, int64_t ld, const float* m, int64_t n, int64_t d, float* out) {
-  switch (rows) {
-    case 6: combine_rows<6>(w, ld, m, n, d, out); break;
-    case 5: combine_rows<5>(w, ld, m, n, d, out); break;
-    case 4: combine_rows<4>(w, ld, m, n, d, out); break;
-    case 3: combine_rows<3>(w, ld, m, n, d, out); break;
-    case 2: combine_rows<2>(w, ld, m, n, d, out); break;
-    default: combine_rows<1>(w, ld, m, n, d, out); break;
-  }
+  with_rows(rows, [&](auto r) { combine_rows<decltype(r)::value>(w, ld, m, n, d, out); });
 }
 
 // out[j * d + c] = sum_{i >= firstq[j0]} p[i * ld + j] * a[i * d + c] for the R keys j = j0 .. j0 + R - 1
@@ -695,15 +701,7 @@ inline void scores_block_bf16(const uint32_t* x, const uint32_t* mt, int64_t dw,
 }
 template <int R>
 inline void scores_rows_bf16(const uint32_t* x, const uint32_t* mt, int64_t dw, int64_t ld, int64_t n, float scale, float* s) {
-  const int64_t nb = (n + 15) / 16;
-  int64_t b = 0;
-  for (; b + 4 <= nb; b += 4) scores_block_bf16<R, 4>(x, mt, dw, ld, b, scale, s);
-  switch (nb - b) {
-    case 3: scores_block_bf16<R, 3>(x, mt, dw, ld, b, scale, s); break;
-    case 2: scores_block_bf16<R, 2>(x, mt, dw, ld, b, scale, s); break;
-    case 1: scores_block_bf16<R, 1>(x, mt, dw, ld, b, scale, s); break;
-    default: break;
-  }
+  by_column_blocks(n, [&](auto nb, int64_t b) { scores_block_bf16<R, decltype(nb)::value>(x, mt, dw, ld, b, scale, s); });
 }
 
 // out[r * d + c] = sum_{t < np} w[r * ldw + t] . m[t * d + c]: w's rows as pair words along the
@@ -761,24 +759,10 @@ inline void pt_times_a_bf16(const uint32_t* p, const uint32_t* a, int64_t np, in
 }
 
 inline void scores_n_bf16(int rows, const uint32_t* x, const uint32_t* mt, int64_t dw, int64_t ld, int64_t n, float scale, float* s) {
-  switch (rows) {
-    case 6: scores_rows_bf16<6>(x, mt, dw, ld, n, scale, s); break;
-    case 5: scores_rows_bf16<5>(x, mt, dw, ld, n, scale, s); break;
-    case 4: scores_rows_bf16<4>(x, mt, dw, ld, n, scale, s); break;
-    case 3: scores_rows_bf16<3>(x, mt, dw, ld, n, scale, s); break;
-    case 2: scores_rows_bf16<2>(x, mt, dw, ld, n, scale, s); break;
-    default: scores_rows_bf16<1>(x, mt, dw, ld, n, scale, s); break;
-  }
+  with_rows(rows, [&](auto r) { scores_rows_bf16<decltype(r)::value>(x, mt, dw, ld, n, scale, s); });
 }
 inline void combine_n_bf16(int rows, const uint32_t* w, int64_t ldw, const uint32_t* m, int64_t np, int64_t d, float* out) {
-  switch (rows) {
-    case 6: combine_rows_bf16<6>(w, ldw, m, np, d, out); break;
-    case 5: combine_rows_bf16<5>(w, ldw, m, np, d, out); break;
-    case 4: combine_rows_bf16<4>(w, ldw, m, np, d, out); break;
-    case 3: combine_rows_bf16<3>(w, ldw, m, np, d, out); break;
-    case 2: combine_rows_bf16<2>(w, ldw, m, np, d, out); break;
-    default: combine_rows_bf16<1>(w, ldw, m, np, d, out); break;
-  }
+  with_rows(rows, [&](auto r) { combine_rows_bf16<decltype(r)::value>(w, ldw, m, np, d, out); });
 }
 
 // The pair-word forms of one head's keys or values m [Tk][D] (fp32, bias added): transposed,
