@@ -147,18 +147,30 @@ inline void by_column_blocks(int64_t n, F&& f) {
 // right-hand side; 6 rows x 4 column blocks = 24 independent accumulators).
 
 #if defined(__AVX512F__)
-// s[r * ld + 16 * (b0 + g) ...] = scale * sum_k x[r * d + k] * mt[k * ld + 16 * (b0 + g) ...], g < NB.
-template <int R, int NB>
-inline void scores_block(const float* x, const float* mt, int64_t d, int64_t ld, int64_t b0, float scale, float* s) {
+// The operands of the products summed over keys or queries below, as they are broadcast and loaded,
+// and their multiply-add into fp32 accumulators: fp32 values on FMA here, bf16 pair words on
+// vdpbf16ps (Bf16Products, further down: two products per lane). One kernel body serves both.
+struct Fp32Products {
+  using W = float;
+  static __m512 bcast(float w) { return _mm512_set1_ps(w); }
+  static __m512 load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 madd(__m512 acc, __m512 w, __m512 v) { return _mm512_fmadd_ps(w, v, acc); }
+};
+
+// s[r * ld + 16 * (b0 + g) ...] = scale * sum_{k < kn} x[r * kn + k] . mt[k * ld + 16 * (b0 + g) ...]
+// for r < R, g < NB (kn: the sum's length in operands of P).
+template <typename P, int R, int NB>
+inline void scores_keys(const typename P::W* x, const typename P::W* mt, int64_t kn, int64_t ld, int64_t b0, float scale, float* s) {
   __m512 acc[R][NB];
   for (int r = 0; r < R; ++r)
     for (int g = 0; g < NB; ++g) acc[r][g] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < d; ++k) {
-    __m512 m[NB];
-    for (int g = 0; g < NB; ++g) m[g] = _mm512_loadu_ps(mt + k * ld + (b0 + g) * 16);
+  for (int64_t k = 0; k < kn; ++k) {
+    decltype(P::load(mt)) m[NB];
+    for (int g = 0; g < NB; ++g) m[g] = P::load(mt + k * ld + (b0 + g) * 16);
     for (int r = 0; r < R; ++r) {
-      const __m512 xr = _mm512_set1_ps(x[r * d + k]);
-      for (int g = 0; g < NB; ++g) acc[r][g] = _mm512_fmadd_ps(xr, m[g], acc[r][g]);
+      const auto xr = P::bcast(x[r * kn + k]);
+      for (int g = 0; g < NB; ++g) acc[r][g] = P::madd(acc[r][g], xr, m[g]);
     }
   }
   const __m512 vs = _mm512_set1_ps(scale);
@@ -166,26 +178,19 @@ inline void scores_block(const float* x, const float* mt, int64_t d, int64_t ld,
     for (int g = 0; g < NB; ++g) _mm512_storeu_ps(s + r * ld + (b0 + g) * 16, _mm512_mul_ps(acc[r][g], vs));
 }
 
-template <int R>
-inline void scores_rows(const float* x, const float* mt, int64_t d, int64_t ld, int64_t n, float scale, float* s) {
-  // R x 4 accumulators: 24 of 32 registers at R = 6
-  by_column_blocks(n, [&](auto nb, int64_t b) { scores_block<R, decltype(nb)::value>(x, mt, d, ld, b, scale, s); });
-}
-
-// out[r * d + c] = sum_{j < n} w[r * ld + j] * m[j * d + c] (columns in chunks of 32).
-template <int R>
-inline void combine_rows(const float* w, int64_t ld, const float* m, int64_t n, int64_t d, float* out) {
+// out[r * d + c] = sum_{j < n} w[r * ldw + j] . m[j * d + c] for r < R (columns in chunks of 32).
+template <typename P, int R>
+inline void combine_block(const typename P::W* w, int64_t ldw, const typename P::W* m, int64_t n, int64_t d, float* out) {
   for (int64_t c = 0; c < d; c += 32) {
     const __mmask16 l0 = tail16(d - c), l1 = d - c > 16 ? tail16(d - c - 16) : __mmask16(0);
     __m512 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-      const __m512 v0 = _mm512_maskz_loadu_ps(l0, m + j * d + c);
-      const __m512 v1 = _mm512_maskz_loadu_ps(l1, m + j * d + c + 16);
+      const auto v0 = P::load(l0, m + j * d + c), v1 = P::load(l1, m + j * d + c + 16);
       for (int r = 0; r < R; ++r) {
-        const __m512 wr = _mm512_set1_ps(w[r * ld + j]);
-        acc[r][0] = _mm512_fmadd_ps(wr, v0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(wr, v1, acc[r][1]);
+        const auto wr = P::bcast(w[r * ldw + j]);
+        acc[r][0] = P::madd(acc[r][0], wr, v0);
+        acc[r][1] = P::madd(acc[r][1], wr, v1);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -193,6 +198,47 @@ inline void combine_rows(const float* w, int64_t ld, const float* m, int64_t n, 
       _mm512_mask_storeu_ps(out + r * d + c + 16, l1, acc[r][1]);
     }
   }
+}
+
+// out[(j0 + r) * d + c] = sum_{i0 <= i < rows} p[i * ld + j0 + r] . a[i * d + c] for r < R: p^T a
+// without a transpose (see pt_times_a_block).
+template <typename P, int R>
+inline void pt_times_a_keys(const typename P::W* p, const typename P::W* a, int64_t i0, int64_t rows, int64_t ld, int64_t d, int64_t j0,
+                            float* out) {
+  for (int64_t c = 0; c < d; c += 32) {
+    const __mmask16 l0 = tail16(d - c), l1 = d - c > 16 ? tail16(d - c - 16) : __mmask16(0);
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t i = i0; i < rows; ++i) {
+      const auto v0 = P::load(l0, a + i * d + c), v1 = P::load(l1, a + i * d + c + 16);
+      const typename P::W* pi = p + i * ld + j0;
+      for (int r = 0; r < R; ++r) {
+        const auto w = P::bcast(pi[r]);
+        acc[r][0] = P::madd(acc[r][0], w, v0);
+        acc[r][1] = P::madd(acc[r][1], w, v1);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_mask_storeu_ps(out + (j0 + r) * d + c, l0, acc[r][0]);
+      _mm512_mask_storeu_ps(out + (j0 + r) * d + c + 16, l1, acc[r][1]);
+    }
+  }
+}
+
+// scores_keys over the 16-column blocks of n columns (R x 4 accumulators: 24 of 32 registers at R = 6).
+template <typename P, int R>
+inline void scores_keys_rows(const typename P::W* x, const typename P::W* mt, int64_t kn, int64_t ld, int64_t n, float scale, float* s) {
+  by_column_blocks(n, [&](auto nb, int64_t b) { scores_keys<P, R, decltype(nb)::value>(x, mt, kn, ld, b, scale, s); });
+}
+template <int R>
+inline void scores_rows(const float* x, const float* mt, int64_t d, int64_t ld, int64_t n, float scale, float* s) {
+  scores_keys_rows<Fp32Products, R>(x, mt, d, ld, n, scale, s);
+}
+
+// out[r * d + c] = sum_{j < n} w[r * ld + j] * m[j * d + c] (columns in chunks of 32).
+template <int R>
+inline void combine_rows(const float* w, int64_t ld, const float* m, int64_t n, int64_t d, float* out) {
+  combine_block<Fp32Products, R>(w, ld, m, n, d, out);
 }
 #elif defined(HARMODT_AVX2)
 // s[r * ld + 8 * (b0 + g) ...] = scale * sum_k x[r * d + k] * mt[k * ld + 8 * (b0 + g) ...], g < NB
@@ -300,24 +346,7 @@ template <int R>
 inline void pt_times_a_block(const float* p, const float* a, int64_t i0, int64_t rows, int64_t ld, int64_t d, int64_t j0,
                              float* out) {
 #if defined(__AVX512F__)
-  for (int64_t c = 0; c < d; c += 32) {
-    const __mmask16 l0 = tail16(d - c), l1 = d - c > 16 ? tail16(d - c - 16) : __mmask16(0);
-    __m512 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t i = i0; i < rows; ++i) {
-      const __m512 v0 = _mm512_maskz_loadu_ps(l0, a + i * d + c), v1 = _mm512_maskz_loadu_ps(l1, a + i * d + c + 16);
-      const float* pi = p + i * ld + j0;
-      for (int r = 0; r < R; ++r) {
-        const __m512 w = _mm512_set1_ps(pi[r]);
-        acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      _mm512_mask_storeu_ps(out + (j0 + r) * d + c, l0, acc[r][0]);
-      _mm512_mask_storeu_ps(out + (j0 + r) * d + c + 16, l1, acc[r][1]);
-    }
-  }
+  pt_times_a_keys<Fp32Products, R>(p, a, i0, rows, ld, d, j0, out);
 #elif defined(HARMODT_AVX2)
   for (int64_t c = 0; c < d; c += 16) {
     const __m256i l0 = tail8(d - c), l1 = tail8(d - c - 8);
@@ -680,89 +709,33 @@ inline void interleave_rows(const float* x0, const float* x1, int64_t n, uint32_
   }
 }
 
-// s[r * ld + 16 * (b0 + g) ...] = scale * sum_c x[r * dw + c] . mt[c * ld + 16 * (b0 + g) ...]
-// (dw pair words per row; mt: [dw][ld] pair words of the keys, transposed).
-template <int R, int NB>
-inline void scores_block_bf16(const uint32_t* x, const uint32_t* mt, int64_t dw, int64_t ld, int64_t b0, float scale, float* s) {
-  __m512 acc[R][NB];
-  for (int r = 0; r < R; ++r)
-    for (int g = 0; g < NB; ++g) acc[r][g] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < dw; ++c) {
-    __m512bh m[NB];
-    for (int g = 0; g < NB; ++g) m[g] = (__m512bh)_mm512_loadu_si512(mt + c * ld + (b0 + g) * 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xr = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * dw + c]));
-      for (int g = 0; g < NB; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], xr, m[g]);
-    }
-  }
-  const __m512 vs = _mm512_set1_ps(scale);
-  for (int r = 0; r < R; ++r)
-    for (int g = 0; g < NB; ++g) _mm512_storeu_ps(s + r * ld + (b0 + g) * 16, _mm512_mul_ps(acc[r][g], vs));
-}
-template <int R>
-inline void scores_rows_bf16(const uint32_t* x, const uint32_t* mt, int64_t dw, int64_t ld, int64_t n, float scale, float* s) {
-  by_column_blocks(n, [&](auto nb, int64_t b) { scores_block_bf16<R, decltype(nb)::value>(x, mt, dw, ld, b, scale, s); });
-}
+// The products' operands as bf16 pair words (see Fp32Products).
+struct Bf16Products {
+  using W = uint32_t;
+  static __m512bh bcast(uint32_t w) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(w)); }
+  static __m512bh load(__mmask16 m, const uint32_t* p) { return (__m512bh)_mm512_maskz_loadu_epi32(m, p); }
+  static __m512bh load(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static __m512 madd(__m512 acc, __m512bh w, __m512bh v) { return _mm512_dpbf16_ps(acc, w, v); }
+};
 
-// out[r * d + c] = sum_{t < np} w[r * ldw + t] . m[t * d + c]: w's rows as pair words along the
-// sum, m's rows as pair words of two of its rows (d a multiple of 32).
-template <int R>
-inline void combine_rows_bf16(const uint32_t* w, int64_t ldw, const uint32_t* m, int64_t np, int64_t d, float* out) {
-  for (int64_t c = 0; c < d; c += 32) {
-    __m512 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < np; ++t) {
-      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(m + t * d + c), v1 = (__m512bh)_mm512_loadu_si512(m + t * d + c + 16);
-      for (int r = 0; r < R; ++r) {
-        const __m512bh wr = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[r * ldw + t]));
-        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], wr, v0);
-        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], wr, v1);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      _mm512_storeu_ps(out + r * d + c, acc[r][0]);
-      _mm512_storeu_ps(out + r * d + c + 16, acc[r][1]);
-    }
-  }
-}
+// With Bf16Products: scores_keys sums dw pair words per row against mt [dw][ld] (the keys' pair
+// words, transposed); combine_block and pt_times_a_keys sum pair words along keys or query rows
+// against pair words of two rows of m or a (d a multiple of 32).
 
-// out[(j0 + r) * d + c] = sum_{t0 <= t < np} p[t * ld + j0 + r] . a[t * d + c], r < R: p^T a with
-// both operands as pair words of two rows (d a multiple of 32).
-template <int R>
-inline void pt_times_a_block_bf16(const uint32_t* p, const uint32_t* a, int64_t t0, int64_t np, int64_t ld, int64_t d, int64_t j0,
-                                  float* out) {
-  for (int64_t c = 0; c < d; c += 32) {
-    __m512 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t t = t0; t < np; ++t) {
-      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(a + t * d + c), v1 = (__m512bh)_mm512_loadu_si512(a + t * d + c + 16);
-      const uint32_t* pt = p + t * ld + j0;
-      for (int r = 0; r < R; ++r) {
-        const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(pt[r]));
-        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w, v0);
-        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w, v1);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      _mm512_storeu_ps(out + (j0 + r) * d + c, acc[r][0]);
-      _mm512_storeu_ps(out + (j0 + r) * d + c + 16, acc[r][1]);
-    }
-  }
-}
 // ... for keys 0 .. tk - 1; firstq[j]: the first query row that can see key j (its pair: firstq / 2).
 inline void pt_times_a_bf16(const uint32_t* p, const uint32_t* a, int64_t np, int64_t ld, int64_t tk, int64_t d, const int64_t* firstq,
                             float* out) {
   int64_t j = 0;
-  for (; j + 12 <= tk; j += 12) pt_times_a_block_bf16<12>(p, a, firstq[j] / 2, np, ld, d, j, out);
-  for (; j + 4 <= tk; j += 4) pt_times_a_block_bf16<4>(p, a, firstq[j] / 2, np, ld, d, j, out);
-  for (; j < tk; ++j) pt_times_a_block_bf16<1>(p, a, firstq[j] / 2, np, ld, d, j, out);
+  for (; j + 12 <= tk; j += 12) pt_times_a_keys<Bf16Products, 12>(p, a, firstq[j] / 2, np, ld, d, j, out);
+  for (; j + 4 <= tk; j += 4) pt_times_a_keys<Bf16Products, 4>(p, a, firstq[j] / 2, np, ld, d, j, out);
+  for (; j < tk; ++j) pt_times_a_keys<Bf16Products, 1>(p, a, firstq[j] / 2, np, ld, d, j, out);
 }
 
 inline void scores_n_bf16(int rows, const uint32_t* x, const uint32_t* mt, int64_t dw, int64_t ld, int64_t n, float scale, float* s) {
-  with_rows(rows, [&](auto r) { scores_rows_bf16<decltype(r)::value>(x, mt, dw, ld, n, scale, s); });
+  with_rows(rows, [&](auto r) { scores_keys_rows<Bf16Products, decltype(r)::value>(x, mt, dw, ld, n, scale, s); });
 }
 inline void combine_n_bf16(int rows, const uint32_t* w, int64_t ldw, const uint32_t* m, int64_t np, int64_t d, float* out) {
-  with_rows(rows, [&](auto r) { combine_rows_bf16<decltype(r)::value>(w, ldw, m, np, d, out); });
+  with_rows(rows, [&](auto r) { combine_block<Bf16Products, decltype(r)::value>(w, ldw, m, np, d, out); });
 }
 
 // The pair-word forms of one head's keys or values m [Tk][D] (fp32, bias added): transposed,
