@@ -82,7 +82,7 @@ def _native_ops() -> bool:
 
 
 _NATIVE: bool | None = None
-_GEMM_ENGINE = "auto"  # fp32 block GEMMs: "auto" = kernels.gemm's engine (oneDNN) when the native ops are built; "blas" = MKL (F.linear; bench/ compares)
+_GEMM_ENGINE = "auto"  # block GEMMs: "auto" = kernels.gemm's engine (the native kernels, or oneDNN) when the native ops are built; "onednn", "native"; "blas" = MKL (F.linear; bench/ compares)
 _NATIVE_BLOCK_OPS: bool | None = None  # None: the blocks use the native attention and GEMM epilogues when built (tests set False)
 
 
@@ -95,9 +95,10 @@ def _native_block_ops(x: torch.Tensor) -> bool:
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``; fp32 CPU GEMMs outside autocast go through ``kernels.linear`` when the native
-    ops are built (feature detection): its forward and both backward GEMMs run on oneDNN's matmul,
-    5-30 % faster than MKL's sgemm on the Zen 4 CPUs this was measured on. bf16 GEMMs already run on
-    oneDNN inside ``F.linear``, which then stays the cheaper call."""
+    ops are built (feature detection): its forward and both backward GEMMs run on ``kernels.gemm``'s
+    "auto" engine (this library's AVX-512 kernel, else oneDNN's matmul), 5-30 % faster than MKL's
+    sgemm on the Zen 4 CPUs this was measured on. bf16 GEMMs already run on oneDNN inside
+    ``F.linear``, which then stays the cheaper call."""
     if (_GEMM_ENGINE != "blas" and x.dtype == torch.float32 and weight.dtype == torch.float32 and _native_block_ops(x)
             and not torch.is_autocast_enabled("cpu")):
         return kernels.linear(x, weight, bias)

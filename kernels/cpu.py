@@ -97,7 +97,7 @@ def _has_ops() -> bool:
         ns = torch.ops.harmodt_kernels
         for name in ("apply_mask_", "apply_masks_", "apply_masks_sq_norms_", "dropout_apply", "pack_masks", "unpack_masks", "masked_linear_forward",
                      "masked_linear_backward", "masked_mlp_forward", "masked_qkv_attention_forward", "attention_forward", "attention_backward", "harmony_select",
-                     "bias_relu_", "bias_relu_backward", "bias_dropout_add", "dropout_bias_backward", "gemm", "gemm_epilogue", "onednn_gemm_available", "bf16_gemm_available", "linear",
+                     "bias_relu_", "bias_relu_backward", "bias_dropout_add", "dropout_bias_backward", "gemm", "gemm_epilogue", "onednn_gemm_available", "bf16_gemm_available", "f32_native_by_default", "linear",
                      "layer_norm_forward", "layer_norm_backward", "adamw_group_", "sum_squares", "fused_block",
                      "bias_relu_backward_", "bias_dropout_add_"):
             getattr(ns, name)
@@ -373,20 +373,27 @@ GEMM_ENGINES = ("auto", "native", "onednn", "blas")
 
 def onednn_gemm_available() -> bool:
     """Whether fp32 GEMMs can go through oneDNN's matmul (PyTorch exports it and was built with
-    oneDNN); ``engine="auto"`` uses it then."""
+    oneDNN and its matmul runs on this CPU); ``engine="auto"`` uses it where
+    :func:`f32_native_by_default` is false."""
     return bool(_ops().onednn_gemm_available())
 
 
 def f32_gemm_available() -> bool:
-    """Whether fp32 GEMMs can go through this library's AVX2 + FMA kernel
-    (``kernels/csrc/gemm_f32.cpp``: compiled for AVX2 without AVX-512, and running on a CPU with
-    AVX2 and FMA); ``engine="auto"`` uses it where oneDNN's matmul does not run."""
+    """Whether fp32 GEMMs can go through this library's own kernel: the AVX-512 one
+    (``kernels/csrc/gemm_avx512.cpp``, built and running with AVX-512 BW/DQ/VL) or, in builds
+    without AVX-512, the AVX2 + FMA one (``kernels/csrc/gemm_avx2.cpp``)."""
     return bool(_ops().f32_gemm_available())
+
+
+def f32_native_by_default() -> bool:
+    """Whether ``engine="auto"`` runs fp32 GEMMs on that kernel: the AVX-512 one wherever it runs,
+    the AVX2 one where oneDNN's matmul does not."""
+    return bool(_ops().f32_native_by_default())
 
 
 def bf16_gemm_available() -> bool:
     """Whether bf16 GEMMs can go through this library's AVX512-BF16 kernel
-    (``kernels/csrc/gemm_bf16.cpp``: built with AVX512-BF16 and running on a CPU that has it);
+    (``kernels/csrc/gemm_avx512.cpp``: built with AVX512-BF16 and running on a CPU that has it);
     ``engine="auto"`` uses it then."""
     return bool(_ops().bf16_gemm_available())
 
@@ -448,20 +455,20 @@ def _check_native_engine(op: str, engine: str, dtype: torch.dtype) -> None:
         raise KernelArgumentError(f"{op}: engine 'native' for bf16 is the AVX512-BF16 kernel, which this build or CPU lacks; "
                                   "use engine='auto'")
     if dtype == torch.float32 and not f32_gemm_available():
-        raise KernelArgumentError(f"{op}: engine 'native' for fp32 is the AVX2 + FMA kernel (built where AVX-512 is absent), "
-                                  "which this build or CPU lacks; use engine='auto'")
+        raise KernelArgumentError(f"{op}: engine 'native' for fp32 is the AVX-512 kernel (or, built without AVX-512, the "
+                                  "AVX2 + FMA one), which this build or CPU lacks; use engine='auto'")
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, engine: str = "auto",
          b_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b (+ bias)`` for 2-D ``a (M, K)``, ``b (K, N)`` of one dtype (fp32 or bf16; each
-    contiguous or a transposed view). ``engine``: ``"native"`` (this library's kernels: for bf16 the
-    AVX512-BF16 one, ``kernels/csrc/gemm_bf16.cpp``; for fp32 the AVX2 + FMA one,
-    ``kernels/csrc/gemm_f32.cpp``, built where AVX-512 is absent; fails loudly where the build or
-    CPU lacks the one asked for), ``"onednn"`` (oneDNN's matmul; fails loudly where this PyTorch build lacks
+    contiguous or a transposed view). ``engine``: ``"native"`` (this library's kernels,
+    ``kernels/csrc/gemm_avx512.cpp``: for bf16 the AVX512-BF16 one; for fp32 the AVX-512 one, or in a
+    build without AVX-512 the AVX2 + FMA one, ``kernels/csrc/gemm_avx2.cpp``; fails loudly where the
+    build or CPU lacks the one asked for), ``"onednn"`` (oneDNN's matmul; fails loudly where this PyTorch build lacks
     it or the CPU lacks the AVX-512 it asks for), ``"blas"`` (``torch.mm``: MKL's sgemm for fp32, oneDNN
-    inside for bf16), ``"auto"`` (native for bf16 and oneDNN for fp32 when available; see
-    ``kernels/csrc/gemm.cpp`` for why; on a CPU where oneDNN does not run, such as an AVX2-only AMD
+    inside for bf16), ``"auto"`` (native for bf16 where available; for fp32 native where
+    :func:`f32_native_by_default`, else oneDNN where it runs; on a CPU where oneDNN does not run, such as an AVX2-only AMD
     Zen 3, the native fp32 kernel (MKL without it) and, for bf16, the fp32 GEMM of the exactly
     widened operands rounded once to bf16, since ``torch.mm``'s own bf16 path there runs at a few
     GFLOP/s). An fp32 weight ``b`` (``W`` or ``W.t()`` of a contiguous ``W``) may come with its packed

@@ -608,14 +608,15 @@ def test_native_bf16_gemm_is_exact_on_integer_operands(m, k, n, layout, with_bia
     assert torch.equal(cpu.gemm(a, b, bias), got)  # auto is the native kernel for bf16
 
 
-# The AVX2 fp32 kernel's tilings: row tiles of 6 and column panels of 16 with tails, K split into
-# blocks of at most 320 (600, 1000), a read in place or packed (transposed, or any strides), panels
-# split across threads or rows split when there are fewer panels than threads, one row, one column.
+# The native fp32 kernels' tilings (AVX-512: row tiles of 12 and column panels of 32, K in blocks of
+# at most 512; AVX2: 6 and 16, K blocks of at most 320) with tails, K split into blocks (600, 1000,
+# 1030), a read in place or packed (transposed, or any strides; AVX-512: tile by tile), the b-shared
+# and panel-outer orders, rows split when there are fewer panels than threads, one row, one column.
 F32_SHAPES = [(592, 256, 768), (200, 37, 40), (300, 64, 96), (13, 600, 33), (1, 9, 70), (25, 1, 1), (49, 130, 1), (12, 2, 16),
-              (7, 1000, 23), (768, 600, 256)]
+              (7, 1000, 23), (768, 600, 256), (250, 1030, 70)]
 
 
-@pytest.mark.skipif(not cpu.f32_gemm_available(), reason="the native fp32 GEMM is built for AVX2 + FMA without AVX-512 only")
+@pytest.mark.skipif(not cpu.f32_gemm_available(), reason="no native fp32 GEMM in this build or CPU (AVX-512, or AVX2 + FMA)")
 @pytest.mark.parametrize("m,k,n", F32_SHAPES)
 @pytest.mark.parametrize("layout", ["plain", "a_t", "b_t", "both_t", "a_strided"])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -635,15 +636,16 @@ def test_native_f32_gemm_is_exact_on_integer_operands(m, k, n, layout, with_bias
     got = cpu.gemm(a, b, bias, engine="native")
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert torch.equal(got, want.float())
-    if not cpu.onednn_gemm_available():
-        assert torch.equal(cpu.gemm(a, b, bias), got)  # auto is the native kernel for fp32 where oneDNN does not run
+    if cpu.f32_native_by_default():
+        assert torch.equal(cpu.gemm(a, b, bias), got)  # auto is the native kernel for fp32 there
 
 
-@pytest.mark.skipif(not cpu.f32_gemm_available(), reason="the native fp32 GEMM is built for AVX2 + FMA without AVX-512 only")
+@pytest.mark.skipif(not cpu.f32_gemm_available(), reason="no native fp32 GEMM in this build or CPU (AVX-512, or AVX2 + FMA)")
 @pytest.mark.parametrize("m,k,stride,n", [(37, 1024, 1024, 50), (13, 1000, 1024, 33), (7, 3072, 3072, 20), (592, 1024, 1024, 256)])
 def test_native_f32_gemm_reads_rows_at_4kb_strides(m, k, stride, n):
     """Row-major a whose rows lie a multiple of 4 KB apart (K = 1024: the fc layer's dx and the
-    mlp projection's forward) is read in place like any other (packing it measured 12 % slower):
+    mlp projection's forward): the AVX2 kernel reads it in place like any other (packing it measured
+    12 % slower), the AVX-512 one packs it tile by tile (12 rows at that stride share one L1 set):
     exact on integer operands (k tails and K blocks included), and the same bits at another stride."""
     g = _gen(m + k + n)
     a = torch.randint(-3, 4, (m, stride), generator=g).float()[:, :k]
@@ -655,7 +657,7 @@ def test_native_f32_gemm_reads_rows_at_4kb_strides(m, k, stride, n):
     assert torch.equal(cpu.gemm(padded[:, :k], b, engine="native"), got)
 
 
-@pytest.mark.skipif(not cpu.f32_gemm_available(), reason="the native fp32 GEMM is built for AVX2 + FMA without AVX-512 only")
+@pytest.mark.skipif(not cpu.f32_gemm_available(), reason="no native fp32 GEMM in this build or CPU (AVX-512, or AVX2 + FMA)")
 @pytest.mark.parametrize("m,k,n", [(592, 256, 768), (37, 600, 50), (5, 33, 17), (64, 1024, 256), (9, 40, 1)])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_native_f32_gemm_masked_weight_equals_the_product_with_w_times_m(m, k, n, transposed):
@@ -740,7 +742,7 @@ def test_gemm_epilogue_native_keeps_the_dropout_mask_and_drops_masked_columns_ex
     if dtype == torch.bfloat16 and not cpu.bf16_gemm_available():
         pytest.skip("no AVX512-BF16 in this build or CPU: the native bf16 GEMM is not built")
     if dtype == torch.float32 and not cpu.f32_gemm_available():
-        pytest.skip("the native fp32 GEMM is built for AVX2 + FMA without AVX-512 only")
+        pytest.skip("no native fp32 GEMM in this build or CPU (AVX-512, or AVX2 + FMA)")
     g = _gen(21)
     a = torch.randint(-3, 4, (50, 70), generator=g).to(dtype)
     b = torch.randint(-3, 4, (70, n), generator=g).to(dtype)
@@ -754,6 +756,35 @@ def test_gemm_epilogue_native_keeps_the_dropout_mask_and_drops_masked_columns_ex
         assert torch.equal(out, want.to(out.dtype)), epilogue
         if sq is not None:
             assert torch.equal(sq.double(), want_sq.reshape(sq.shape)), epilogue
+
+
+@pytest.mark.skipif(not cpu.f32_gemm_available(), reason="no native fp32 GEMM in this build or CPU (AVX-512, or AVX2 + FMA)")
+@pytest.mark.parametrize("m,k,n", [(600, 256, 768), (37, 1030, 50), (1, 9, 17), (160, 33, 1024)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_f32_epilogue_sums_equal_the_separate_ops_bit_for_bit(m, k, n, threads):
+    """The fused block's fp32 backward on the native kernel masks each weight gradient and sums its
+    squares (masked_grad), and takes ReLU's backward with the fc bias gradient (relu_grad), inside
+    the GEMM; the per-op blocks run the GEMM and then apply_masks_sq_norms_ / bias_relu_backward.
+    Both add in common.h's kSumRows-row blocks, so on random operands the outputs and the sums are
+    the same bits, whatever the thread count."""
+    g = _gen(m + 5 * k + n)
+    a = torch.randn(k, m, generator=g).t()  # dy^T, as the weight gradient reads it
+    b = torch.randn(k, n, generator=g)
+    mask_bool = torch.rand(m, n, generator=g) < 0.7
+    z = torch.randn(m, n, generator=g).clamp_min(0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = cpu.gemm(a, b, engine="native")
+        out, sq = cpu.gemm_epilogue(a, b, "masked_grad", mask=cpu.pack_masks(mask_bool), engine="native")
+        sep = torch.empty_like(y)
+        want_sq = kernels.apply_masks_sq_norms_([sep], [y], [cpu.pack_masks(mask_bool)], backend="cpu")
+        assert torch.equal(out, sep) and sq.item() == want_sq[0].item()
+        dz, db = cpu.gemm_epilogue(a, b, "relu_grad", residual=z, engine="native")
+        want_dz, want_db = cpu._ops().bias_relu_backward(y, z, True)
+        assert torch.equal(dz, want_dz) and torch.equal(db, want_db)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("engine", ["auto", "blas"] + (["native"] if cpu.bf16_gemm_available() else []))
@@ -809,7 +840,7 @@ def test_gemm_epilogue_errors_name_the_argument():
     with pytest.raises(KernelArgumentError, match=r"needs mask, packed int32 \(3, 2\)"):
         cpu.gemm_epilogue(a, b, "masked_grad", mask=torch.zeros(3, 1, dtype=torch.int32))
     if not cpu.f32_gemm_available():
-        with pytest.raises(KernelArgumentError, match="engine 'native' for fp32 is the AVX2 \\+ FMA kernel"):
+        with pytest.raises(KernelArgumentError, match="engine 'native' for fp32 is the AVX-512 kernel"):
             cpu.gemm_epilogue(a, b, "bias_relu", bias=torch.zeros(40), engine="native")
     if not cpu.bf16_gemm_available():
         with pytest.raises(KernelArgumentError, match="engine 'native' for bf16 is the AVX512-BF16 kernel"):
@@ -818,13 +849,17 @@ def test_gemm_epilogue_errors_name_the_argument():
         cpu._ops().gemm_epilogue(a, b, "gelu", None, None, None, 0, 0.0, "auto")
 
 
-def test_gemm_reads_strided_operands_and_auto_is_onednn_for_fp32():
+def test_gemm_reads_strided_operands_and_auto_picks_the_fp32_engine():
     big = torch.randn(40, 70, generator=_gen(4))
     a, b = big[::2, :33], big[5:38, ::3]  # neither contiguous nor transposed: copied first
     torch.testing.assert_close(cpu.gemm(a, b), a @ b, rtol=1e-5, atol=1e-4)
-    if cpu.onednn_gemm_available():  # auto and onednn run the same kernels: bit-identical
-        x, w = torch.randn(592, 256, generator=_gen(5)), torch.randn(1024, 256, generator=_gen(6))
+    x, w = torch.randn(592, 256, generator=_gen(5)), torch.randn(1024, 256, generator=_gen(6))
+    if cpu.f32_native_by_default():  # auto runs the native kernel: bit-identical
+        assert torch.equal(cpu.gemm(x, w.t(), engine="auto"), cpu.gemm(x, w.t(), engine="native"))
+    elif cpu.onednn_gemm_available():  # auto and onednn run the same kernels: bit-identical
         assert torch.equal(cpu.gemm(x, w.t(), engine="auto"), cpu.gemm(x, w.t(), engine="onednn"))
+    if cpu.f32_gemm_available() and cpu.onednn_gemm_available():  # two engines, one answer to fp32 accuracy
+        torch.testing.assert_close(cpu.gemm(x, w.t(), engine="native"), cpu.gemm(x, w.t(), engine="onednn"), rtol=1e-5, atol=1e-4)
 
 
 def test_gemm_errors_name_the_argument():

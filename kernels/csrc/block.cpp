@@ -157,11 +157,11 @@ at::Tensor mask_grad(const at::Tensor& grad, const at::Tensor& mask, at::ScalarT
 
 // Whether the block's GEMMs take each fp32 W with its task's packed mask (b_mask), masking it as they
 // pack it, instead of a W * M buffer: the native kernels do (bf16 GEMMs on the AVX512-BF16 kernel,
-// fp32 GEMMs on the AVX2 kernel), the other engines would run a masking pass per GEMM.
+// fp32 GEMMs on the AVX-512 or AVX2 one), the other engines would run a masking pass per GEMM.
 bool masks_in_gemms(at::ScalarType gd, at::ScalarType wd, const std::string& engine) {
   if (wd != at::kFloat || (engine != "auto" && engine != "native")) return false;
   if (gd == at::kBFloat16) return bf16_gemm_available();
-  return gd == at::kFloat && f32_gemm_available() && (engine == "native" || !onednn_gemm_available());
+  return gd == at::kFloat && f32_gemm_available() && (engine == "native" || f32_native_by_default());
 }
 
 struct Dropouts {
@@ -204,7 +204,7 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& ln1_w, const at:
   auto [h1, mean1, rstd1] = layer_norm_forward(x2, ln1_w, ln1_b, eps, gd);
   // W * M of each masked matrix, expanded from the bits right before its GEMM and kept for the
   // backward's (recomputing it there measured 2-4 % slower per step than keeping these 19 MB)
-  // On the native kernels (AVX512-BF16 for bf16, AVX2 for fp32) the fp32 W goes to the GEMMs as it
+  // On the native kernels (AVX512-BF16 for bf16, AVX-512 or AVX2 for fp32) the fp32 W goes to the GEMMs as it
   // is, with its mask: the kernel masks W (and rounds it to bf16) while it packs it, for the forward
   // and again for the backward's dx, so no W * M buffer is written or kept.
   const bool pack_w = masks_in_gemms(gd, w_qkv.scalar_type(), engine);

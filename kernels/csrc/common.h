@@ -59,10 +59,10 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 }
 
 // kernels/csrc/gemm.cpp: out = a b (+ bias on every row) for 2-D a (M, K), b (K, N) of one dtype
-// (contiguous or transposed views), out contiguous (M, N); fp32 through oneDNN's matmul when
-// available ("auto"), else gemm_f32.cpp's AVX2 kernel where that runs ("auto", "native"), else
-// at::mm / at::addmm ("blas").
-// bf16 goes through gemm_bf16.cpp's AVX512-BF16 kernel ("auto" when available, "native").
+// (contiguous or transposed views), out contiguous (M, N). fp32: the native kernel where it runs
+// ("auto", "native": gemm_avx512.cpp's AVX-512 kernel, or gemm_avx2.cpp's AVX2 one on CPUs without
+// AVX-512), else oneDNN's matmul ("auto", "onednn"), else at::mm / at::addmm ("blas").
+// bf16 goes through gemm_avx512.cpp's AVX512-BF16 kernel ("auto" when available, "native").
 enum class GemmEngine { kAuto, kNative, kOneDnn, kBlas };
 // b_mask: with an fp32 b only (see gemm.cpp's gemm op).
 void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
@@ -74,11 +74,17 @@ bool bf16_gemm_available();
 // L3), re-probed every `period` calls (HARMODT_THREADS_APART=1/0 forces the answer).
 double core_round_trip_ns(int64_t rounds);
 bool threads_apart(int64_t period);
-// kernels/csrc/gemm_f32.cpp: out (M, N) contiguous = a (M, K) b (K, N) (+ bias), fp32 on AVX2 + FMA,
-// b optionally through packed mask bits b_mask over the rows of the matrix under b (as bf16_gemm_out).
+// The native fp32 GEMM (gemm_avx512.cpp with AVX-512, gemm_avx2.cpp with AVX2 + FMA only): out (M, N)
+// contiguous = a (M, K) b (K, N) (+ bias), b optionally through packed mask bits b_mask over the rows
+// of the matrix under b (as bf16_gemm_out).
 bool f32_gemm_available();
+// Whether engine "auto" runs fp32 GEMMs on that kernel: the AVX-512 one wherever it runs (on the
+// model's shapes within ~5 % of oneDNN's matmul per GEMM, and it takes the masks and the epilogues
+// that follow, and shares its packed operands as bench/README.md's "slow state" needs), the AVX2
+// one where oneDNN's matmul does not run.
+bool f32_native_by_default();
 void f32_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, const at::Tensor& b_mask);
-// kernels/csrc/gemm_bf16.cpp: out (M, N) contiguous = a (M, K) b (K, N) (+ bias), bf16.
+// kernels/csrc/gemm_avx512.cpp: out (M, N) contiguous = a (M, K) b (K, N) (+ bias), bf16.
 // b may be fp32 (rounded to bf16 as the kernel packs it), through packed mask bits b_mask (undefined:
 // none) over the rows of the matrix under b (b, or w for b = w^T).
 void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, const at::Tensor& b_mask);
@@ -86,7 +92,7 @@ void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
 // residual + dropout(a b + bias) in fp32; (a b) * mask in fp32 with its sum of squares (float64 0-dim);
 // (a b) * (z > 0) in a's dtype with its column sums (fp32 (N,)), z passed as the residual.
 enum class GemmEpilogue { kBiasRelu, kBiasDropoutAdd, kMaskedGrad, kReluGrad };
-// The same epilogues on gemm_f32.cpp's fp32 kernel (every output fp32, z fp32 for relu_grad).
+// The same epilogues on the native fp32 kernel (every output fp32, z fp32 for relu_grad).
 std::tuple<at::Tensor, at::Tensor> f32_gemm_epilogue(const at::Tensor& a, const at::Tensor& b, GemmEpilogue kind, const at::Tensor& bias,
                                                      const at::Tensor& residual, const at::Tensor& mask, int64_t seed, double p,
                                                      const at::Tensor& b_mask);
@@ -163,6 +169,10 @@ inline void add_row_bits(const float* src, const uint32_t* words, int64_t k, flo
 // 16 lanes of fp32 from float or bf16 memory and back (bf16 rounded to nearest even, as
 // c10::BFloat16(float)); lanes outside m are not read / not written.
 #define HARMODT_AVX512_CVT 1
+#if defined(__AVX512VL__)
+// gemm_avx512.cpp's kernels are built (fp32; bf16 too with AVX512-BF16).
+#define HARMODT_AVX512_GEMM 1
+#endif
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u); }
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
@@ -251,10 +261,15 @@ constexpr bool vector_ok() {
 }
 
 // Rows per group in the fp32 sums that a GEMM epilogue can also produce while the output tile is in
-// registers (the AVX2 fp32 GEMM's tile height): a bias gradient's column sums add each group of
-// kSumRows rows first (rows in order, from +0), then the groups in order; a masked gradient's sum of
-// squares (AVX2 builds) takes kSumRows x 16 blocks. Both orders are the same for any thread count.
+// registers (the native fp32 GEMM's tile height: 12 rows in gemm_avx512.cpp, 6 in gemm_avx2.cpp): a
+// bias gradient's column sums add each group of kSumRows rows first (rows in order, from +0), then
+// the groups in order; a masked gradient's sum of squares takes blocks of kSumRows rows x 16
+// columns. Both orders are the same for any thread count.
+#if defined(HARMODT_AVX512_GEMM)
+constexpr int64_t kSumRows = 12;
+#else
 constexpr int64_t kSumRows = 6;
+#endif
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
 

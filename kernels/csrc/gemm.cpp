@@ -106,24 +106,33 @@ void check_b_operand(const char* op, const at::Tensor& a, const at::Tensor& b, c
   TORCH_CHECK_VALUE(!b_mask.defined(), op, ": b_mask goes with an fp32 b only");
 }
 
-// engine "native": gemm_bf16.cpp's AVX512-BF16 kernel for bf16, gemm_f32.cpp's AVX2 kernel for fp32.
+// engine "native": gemm_avx512.cpp's AVX512-BF16 kernel for bf16; for fp32 its AVX-512 kernel, or
+// gemm_avx2.cpp's AVX2 one in builds without AVX-512.
 void check_native_engine(const char* op, GemmEngine engine, at::ScalarType dtype) {
   if (engine != GemmEngine::kNative) return;
   if (dtype == at::kBFloat16) {
-    TORCH_CHECK_VALUE(bf16_gemm_available(), op, ": engine 'native' for bf16 is the AVX512-BF16 kernel (gemm_bf16.cpp); this build "
+    TORCH_CHECK_VALUE(bf16_gemm_available(), op, ": engine 'native' for bf16 is the AVX512-BF16 kernel (gemm_avx512.cpp); this build "
                       "or CPU lacks AVX512-BF16");
     return;
   }
-  TORCH_CHECK_VALUE(f32_gemm_available(), op, ": engine 'native' for fp32 is the AVX2 + FMA kernel (gemm_f32.cpp); this build "
-                    "or CPU lacks it (", dtype, ")");
+  TORCH_CHECK_VALUE(f32_gemm_available(), op, ": engine 'native' for fp32 is the AVX-512 kernel (gemm_avx512.cpp) or, built "
+                    "without AVX-512, the AVX2 + FMA one (gemm_avx2.cpp); this build or CPU has neither (", dtype, ")");
 }
 
-// fp32 on gemm_f32.cpp's kernel: asked for, or "auto" where oneDNN's matmul does not run.
+// fp32 on the native kernel: asked for, or "auto" where f32_native_by_default().
 bool use_f32_native(GemmEngine engine) {
-  return engine == GemmEngine::kNative || (engine == GemmEngine::kAuto && !onednn_gemm_available() && f32_gemm_available());
+  return engine == GemmEngine::kNative || (engine == GemmEngine::kAuto && f32_native_by_default());
 }
 
 }  // namespace
+
+bool f32_native_by_default() {
+#if defined(HARMODT_AVX512_GEMM)
+  return f32_gemm_available();
+#else
+  return f32_gemm_available() && !onednn_gemm_available();
+#endif
+}
 
 void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b_in, const at::Tensor& bias, GemmEngine engine,
               const at::Tensor& b_mask) {
@@ -145,7 +154,7 @@ void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b_in, cons
     // oneDNN computes, up to the order of the sums), at fp32 speed.
     // (Called under CPU autocast by the bf16 block nodes: keep autocast from casting the fp32
     // operands back to bf16 for at::mm.)
-    // The fp32 GEMM is gemm_f32.cpp's kernel where it runs, else at::mm.
+    // The fp32 GEMM is gemm_avx2.cpp's kernel where it runs, else at::mm.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet(c10::DispatchKey::AutocastCPU));
     const at::Tensor a32 = a.to(at::kFloat), b32 = b.to(at::kFloat);
     at::Tensor out32 = at::empty({a.size(0), b.size(1)}, a32.options());
@@ -343,6 +352,7 @@ TORCH_LIBRARY_FRAGMENT(harmodt_kernels, m) {
   m.def("onednn_gemm_available() -> bool", &harmodt::onednn_gemm_available);
   m.def("bf16_gemm_available() -> bool", &harmodt::bf16_gemm_available);
   m.def("f32_gemm_available() -> bool", &harmodt::f32_gemm_available);
+  m.def("f32_native_by_default() -> bool", &harmodt::f32_native_by_default);
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("gemm_epilogue(Tensor a, Tensor b, str epilogue, Tensor? bias, Tensor? residual, Tensor? mask, int seed, float p, str engine, "
         "Tensor? b_mask=None) -> (Tensor, Tensor)");

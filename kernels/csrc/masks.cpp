@@ -227,12 +227,13 @@ double apply_mask_impl(at::Tensor& out, const at::Tensor& src, const at::Tensor&
   } else {
     const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
     const int64_t w = num_words(k), rows = n / k;
-#if defined(HARMODT_AVX2)
+#if defined(HARMODT_AVX512_GEMM) || defined(HARMODT_AVX2)
     if (sq) {
       // The sum of squares in the blocks of kSumRows rows x 16 columns of the native fp32 GEMM's
-      // masked_grad epilogue (gemm_f32.cpp), so a weight gradient masked there and one masked here
-      // give the same bits: per block, 8 fp32 lanes over its rows in order (two halves each),
-      // reduced as reduce_add16; the blocks' values summed in double, row block by row block.
+      // masked_grad epilogue (gemm_avx512.cpp, gemm_avx2.cpp), so a weight gradient masked there and
+      // one masked here give the same bits: per block, fp32 lanes over its rows in order (AVX-512:
+      // 16 lanes, reduced as _mm512_reduce_add_ps; AVX2: 8 lanes over each row's two halves, reduced
+      // as reduce_add16); the blocks' values summed in double, row block by row block.
       const int64_t tiles = (rows + kSumRows - 1) / kSumRows, panels = (k + 15) / 16;
       std::vector<float> block(static_cast<size_t>(tiles * panels));
       at::parallel_for(0, tiles, std::max<int64_t>(1, (1 << 15) / (kSumRows * k)), [&](int64_t t0, int64_t t1) {
@@ -241,6 +242,14 @@ double apply_mask_impl(at::Tensor& out, const at::Tensor& src, const at::Tensor&
           for (int64_t r = r0; r < r1; ++r) select_row_bits(s + r * k, words + r * w, k, o + r * k);
           for (int64_t p = 0; p < panels; ++p) {
             const int64_t n0 = p * 16, nc = std::min<int64_t>(16, k - n0);
+#if defined(HARMODT_AVX512_GEMM)
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t r = r0; r < r1; ++r) {
+              const __m512 v = load16(o + r * k + n0, tail_mask(nc));
+              sum = _mm512_fmadd_ps(v, v, sum);
+            }
+            block[t * panels + p] = _mm512_reduce_add_ps(sum);
+#else
             __m256 sum = _mm256_setzero_ps();
             for (int64_t r = r0; r < r1; ++r)
               for (int64_t h = 0; h < (nc > 8 ? 2 : 1); ++h) {
@@ -248,6 +257,7 @@ double apply_mask_impl(at::Tensor& out, const at::Tensor& src, const at::Tensor&
                 sum = _mm256_fmadd_ps(v, v, sum);
               }
             block[t * panels + p] = reduce_add16(sum, _mm256_setzero_ps());
+#endif
           }
         }
       });

@@ -24,7 +24,8 @@
 //   fewer panels than threads.
 //
 // Without AVX2 + FMA at compile time (a portable build) or at run time, f32_gemm_available() is
-// false and gemm.cpp keeps MKL.
+// false and gemm.cpp keeps MKL. Built with AVX-512, this file is empty: gemm_avx512.cpp's fp32
+// kernel provides the same entry points.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -37,6 +38,9 @@
 #include "common.h"
 
 namespace harmodt {
+
+// (With AVX-512, gemm_avx512.cpp's fp32 kernel stands in for this one: the same entry points.)
+#if !defined(HARMODT_AVX512_GEMM)
 
 #if defined(HARMODT_AVX2)
 #define HARMODT_F32_GEMM 1
@@ -504,5 +508,7 @@ std::tuple<at::Tensor, at::Tensor> f32_gemm_epilogue(const at::Tensor& a, const 
 #endif
   return {out, sq};
 }
+
+#endif  // !HARMODT_AVX512_GEMM
 
 }  // namespace harmodt
