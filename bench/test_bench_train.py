@@ -266,18 +266,22 @@ def _switch_benchmark(benchmark, default: str, other: str, setting: str, value, 
 
 
 def test_step_gemm_engine(benchmark):
-    """The step with its block GEMMs (forward, dx, dW) on oneDNN's matmul (the default where it
-    runs) or, on CPUs without AVX-512, on this library's AVX2 fp32 kernel (the default there: masks
-    applied while it packs W, forward epilogues in its output tiles) against the same step on MKL's
-    sgemm (which picks its AVX2 kernels on AMD CPUs) with W * M buffers and separate epilogues."""
+    """The step with its block GEMMs (forward, dx, dW) on the default fp32 engine against the next
+    best: with AVX-512, this library's fp32 kernel (masks applied while it packs W, every epilogue
+    in its output tiles, packed operands shared as the two-CCD state needs) against oneDNN's matmul
+    with W * M buffers and separate epilogue passes; otherwise oneDNN's matmul, or on CPUs without
+    AVX-512 the AVX2 fp32 kernel, against MKL's sgemm (which picks its AVX2 kernels on AMD CPUs)."""
     from kernels import cpu
 
-    if cpu.onednn_gemm_available():
+    if cpu.f32_native_by_default() and cpu.onednn_gemm_available():
+        _switch_benchmark(benchmark, "native", "onednn", "_GEMM_ENGINE", "onednn",
+                          "step with the native AVX-512 fp32 GEMMs and fused epilogues vs oneDNN GEMMs")
+    elif cpu.onednn_gemm_available():
         _switch_benchmark(benchmark, "onednn", "mkl", "_GEMM_ENGINE", "blas", "step with oneDNN GEMMs vs MKL GEMMs")
     elif cpu.f32_gemm_available():
         _switch_benchmark(benchmark, "native", "mkl", "_GEMM_ENGINE", "blas", "step with the native AVX2 fp32 GEMMs vs MKL GEMMs")
     else:
-        pytest.skip("neither oneDNN's matmul nor the native AVX2 fp32 GEMM runs here: the step already runs on MKL")
+        pytest.skip("neither oneDNN's matmul nor a native fp32 GEMM runs here: the step already runs on MKL")
 
 
 def test_step_bf16_gemm_engine(benchmark):
