@@ -256,16 +256,25 @@ at::Tensor masked_linear_forward(const at::Tensor& x_in, const at::Tensor& weigh
   at::Tensor y = at::empty({r, n}, x.options());
   if (r == 0) return y;
   const Groups g = group_rows(task_ids, t_count);
-  at::Tensor wbuf = task_weights.defined() ? at::Tensor() : at::empty({n, k}, weight.options());
-  at::Tensor xbuf, ybuf, wt;
+  // The native fp32 GEMM takes W with the task's mask bits and masks it as it packs it: no W * M
+  // expanded per task first.
+  // (k > 1: W^T of a one-column W would read as a row-major b)
+  const bool mask_in_gemm = !task_weights.defined() && weight.scalar_type() == at::kFloat && k > 1 && f32_native_by_default();
+  at::Tensor wbuf = task_weights.defined() || mask_in_gemm ? at::Tensor() : at::empty({n, k}, weight.options());
+  at::Tensor xbuf, ybuf, wt, wt_mask;
   const uint32_t* mbase = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
   auto gemm = [&](at::Tensor& out, const at::Tensor& a) {
-    gemm_out(out, a, wt, bias);
+    gemm_out(out, a, wt, bias, GemmEngine::kAuto, wt_mask);
   };
   for (int64_t t = 0; t < t_count; ++t) {
     const int64_t begin = g.offsets[t], count = g.offsets[t + 1] - begin;
     if (count == 0) continue;
-    wt = task_matrix(task_weights, weight, mbase, t, wbuf).t();
+    if (mask_in_gemm) {
+      wt = weight.t();
+      wt_mask = masks[t];
+    } else {
+      wt = task_matrix(task_weights, weight, mbase, t, wbuf).t();
+    }
     map_task_rows(g, t, x, y, xbuf, ybuf, gemm);
   }
   return y;
