@@ -115,6 +115,21 @@ inline void fill_empty_product(at::Tensor& out, const at::Tensor& bias) {
     out.zero_();
 }
 
+// The native GEMMs' out-of-place entry checks: out contiguous (M, N) of `dtype`, bias undefined or
+// `dtype` (N,). Returns whether there is a product to compute: false for M = 0 or N = 0, and for
+// K = 0 once out holds the bias on every row (or 0).
+inline bool native_gemm_out_needs_product(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                                          at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == dtype, name, ": out must be contiguous ", dtype);
+  TORCH_CHECK(!bias.defined() || (bias.scalar_type() == dtype && bias.numel() == b.size(1)), name, ": bias must be ", dtype, " (N,)");
+  if (a.size(0) == 0 || b.size(1) == 0) return false;
+  if (a.size(1) == 0) {
+    fill_empty_product(out, bias);
+    return false;
+  }
+  return true;
+}
+
 // kernels/csrc/attention.cpp's forward (the op attention_forward), for fused callers.
 std::tuple<at::Tensor, at::Tensor> attention_forward_op(const at::Tensor& qkv, const std::optional<at::Tensor>& k_prefix,
                                                         const std::optional<at::Tensor>& v_prefix,

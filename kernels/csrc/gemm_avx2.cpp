@@ -448,12 +448,9 @@ struct Operands {
 void f32_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, const at::Tensor& b_mask) {
   TORCH_CHECK(f32_gemm_available(), "gemm: the native fp32 GEMM needs AVX2 and FMA (this build or CPU lacks them)");
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "f32_gemm_out: a and b must be float32");
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, "f32_gemm_out: out must be contiguous float32");
-  TORCH_CHECK(!bias.defined() || (bias.scalar_type() == at::kFloat && bias.numel() == b.size(1)), "f32_gemm_out: bias must be float32 (N,)");
 #if defined(HARMODT_F32_GEMM)
-  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  if (m == 0 || n == 0) return;
-  if (k == 0) return fill_empty_product(out, bias);
+  if (!native_gemm_out_needs_product(out, a, b, bias, at::kFloat, "f32_gemm_out")) return;
+  const int64_t n = b.size(1);
   const at::Tensor bias_ = bias.defined() ? bias.contiguous() : bias;
   Operands(a, b, b_mask).run(StoreF32{out.data_ptr<float>(), n, bias.defined() ? bias_.data_ptr<float>() : nullptr}, out.data_ptr<float>());
 #endif

@@ -798,12 +798,9 @@ void bf16_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
   TORCH_CHECK(bf16_gemm_available(), "gemm: the native bf16 GEMM needs AVX512-BF16 (this build or CPU lacks it)");
   TORCH_CHECK(a.scalar_type() == at::kBFloat16 && (b.scalar_type() == at::kBFloat16 || b.scalar_type() == at::kFloat),
               "bf16_gemm_out: a must be bf16 and b bf16 or fp32");
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kBFloat16, "bf16_gemm_out: out must be contiguous bf16");
-  TORCH_CHECK(!bias.defined() || (bias.scalar_type() == at::kBFloat16 && bias.numel() == b.size(1)), "bf16_gemm_out: bias must be bf16 (N,)");
 #if defined(HARMODT_BF16_GEMM)
-  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  if (m == 0 || n == 0) return;
-  if (k == 0) return fill_empty_product(out, bias);
+  if (!native_gemm_out_needs_product(out, a, b, bias, at::kBFloat16, "bf16_gemm_out")) return;
+  const int64_t n = b.size(1);
   const at::Tensor bias_ = bias.defined() ? bias.contiguous() : bias;
   Operands<Bf16Format>(a, b, b_mask).run(Store<c10::BFloat16>{out.data_ptr<c10::BFloat16>(), n, bias.defined() ? bias_.data_ptr<c10::BFloat16>() : nullptr});
 #endif
@@ -827,11 +824,8 @@ std::tuple<at::Tensor, at::Tensor> bf16_gemm_epilogue(const at::Tensor& a, const
 void f32_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, const at::Tensor& b_mask) {
   TORCH_CHECK(f32_gemm_available(), "gemm: the native fp32 GEMM needs AVX-512 (BW, DQ, VL), which this CPU lacks");
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "f32_gemm_out: a and b must be float32");
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, "f32_gemm_out: out must be contiguous float32");
-  TORCH_CHECK(!bias.defined() || (bias.scalar_type() == at::kFloat && bias.numel() == b.size(1)), "f32_gemm_out: bias must be float32 (N,)");
-  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  if (m == 0 || n == 0) return;
-  if (k == 0) return fill_empty_product(out, bias);
+  if (!native_gemm_out_needs_product(out, a, b, bias, at::kFloat, "f32_gemm_out")) return;
+  const int64_t n = b.size(1);
   const at::Tensor bias_ = bias.defined() ? bias.contiguous() : bias;
   Operands<F32Format>(a, b, b_mask).run(Store<float>{out.data_ptr<float>(), n, bias.defined() ? bias_.data_ptr<float>() : nullptr},
                                         out.data_ptr<float>());
