@@ -89,6 +89,7 @@ class Trainer:
         self.task_masks = None
         if cfg.method.startswith("harmodt"):
             self.task_masks = TaskMasks.erk(shapes, len(self.tasks), cfg.masks.sparsity, torch.Generator().manual_seed(cfg.seed + 1))
+        self.initial_masks = None if self.task_masks is None else self.task_masks.flat_packed()  # ERK draw (seeded): the reference for mask_changed_fraction
         decay, no_decay = [], []
         for n, p in self.model.named_parameters():
             (decay if p.dim() >= 2 and "embed" not in n.split(".")[0] else no_decay).append(p)
@@ -183,8 +184,18 @@ class Trainer:
             importance = "fisher" if self.cfg.method == "harmodt-f" else "magnitude"
             backend = self.cfg.backend if self.cfg.fused else "reference"
             changed = self.task_masks.update(masked, dense, params, k, m.lam, importance, m.lam_on, backend=backend)
-            info.update({"alpha": k, "masked_per_task": changed["masked"], "density": self.task_masks.density()})
+            info.update({"alpha": k, "masked_per_task": changed["masked"], "density": self.task_masks.density(),
+                         "mask_changed_fraction": self.mask_changed_fraction()})
         return info
+
+    def mask_changed_fraction(self) -> list[float]:
+        """Per task, the fraction of its active weights that are not active in its initial ERK mask."""
+        import kernels
+
+        p = sum(m[0].numel() for m in self.task_masks.masks.values())
+        now = kernels.unpack_masks(self.task_masks.flat_packed(), p)
+        init = kernels.unpack_masks(self.initial_masks, p)
+        return ((now & ~init).sum(1) / now.sum(1).clamp(min=1)).tolist()
 
     # ---- checkpoints ----------------------------------------------------------------------
     def eval_info(self) -> dict:

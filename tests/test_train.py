@@ -131,6 +131,8 @@ def test_mask_update_in_training_keeps_density(tmp_path):
     assert info["alpha"] > 0 and all(c == info["alpha"] for c in info["masked_per_task"])
     assert any(not torch.equal(before[n], tr.task_masks.masks[n]) for n in before)
     assert -1 <= info["harmony_score"] <= 1
+    active = [sum(int(m[t].sum()) for m in tr.task_masks.masks.values()) for t in range(3)]
+    assert info["mask_changed_fraction"] == pytest.approx([c / a for c, a in zip(info["masked_per_task"], active)])
 
 
 def test_harmodt_r_masks_stay_frozen(tmp_path):
