@@ -89,7 +89,10 @@ def test_checksum_mismatch_and_truncated_file(generated, tmp_path):
     shutil.copytree(out, bad)
     raw = (bad / "reach-v3.npz").read_bytes()
     (bad / "reach-v3.npz").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(DataError, match="reach-v3.npz.*checksum"):
+    with pytest.raises(DataError, match=f"reach-v3.npz: {len(raw) // 2} bytes, .*manifest.json lists {len(raw)} .truncated"):
+        load_dataset(bad, ["reach-v3"])
+    (bad / "reach-v3.npz").write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))  # same size, one bit changed
+    with pytest.raises(DataError, match="reach-v3.npz: checksum does not match"):
         load_dataset(bad, ["reach-v3"])
     with pytest.raises(DataError, match="push-v3"):
         load_dataset(out, ["push-v3"])
@@ -124,6 +127,7 @@ def test_missing_key_in_our_file_names_the_file(generated, tmp_path):
     np.savez(bad / "reach-v3.npz", **z)
     m = json.loads((bad / "manifest.json").read_text())
     m["files"]["reach-v3"]["sha256"] = hashlib.sha256((bad / "reach-v3.npz").read_bytes()).hexdigest()
+    m["files"]["reach-v3"]["bytes"] = (bad / "reach-v3.npz").stat().st_size
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match="reach-v3.npz: missing key 'prompt_actions'"):
         load_dataset(bad, ["reach-v3"])
@@ -188,12 +192,12 @@ def test_stored_observations_are_the_envs_own(tmp_path):
     """Replaying an expert episode's stored actions in an env built with the generator's seed
     shows exactly the stored observations (door-open-v3: its policy alters what it reads). The
     prompt episode is the scripted expert's at every step."""
-    from harmodt.data.generate import _task_seed
+    from harmodt.data.generate import task_seed
 
     task = "door-open-v3"
     generate([task], 1, str(tmp_path), seed=3, workers=1, prompt_episodes=1, progress=False)
     z = np.load(tmp_path / f"{task}.npz")
-    env = make_env(task, (_task_seed(3, task) + 1_000_003) % (2**31))  # the prompt episodes' env
+    env = make_env(task, (task_seed(3, task) + 1_000_003) % (2**31))  # the prompt episodes' env
     obs, _ = env.reset()
     for t in range(60):
         np.testing.assert_array_equal(z["prompt_observations"][t], obs.astype(np.float32))

@@ -1,5 +1,5 @@
-"""Offline data: generation from Meta-World v3 scripted experts, loading (ours and the original
-layout), and Prompt-DT batches."""
+"""Offline data: generation from Meta-World v3 scripted experts, loading (ours, the original
+layout and Minari datasets), export to Minari, and Prompt-DT batches."""
 
 from .formats import DataError, TaskData, Trajectory, detect_layout, load_dataset
 

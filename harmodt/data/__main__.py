@@ -1,5 +1,7 @@
-"""`python -m harmodt.data generate --tasks TASKS --episodes E --out DIR [--seed S] [--workers W] [--prompt-episodes P]`
-and `python -m harmodt.data inspect DIR` (layout, tasks, episodes, success rates)."""
+"""`python -m harmodt.data generate --tasks TASKS --episodes E --out DIR [--seed S] [--workers W] [--prompt-episodes P]`,
+`python -m harmodt.data inspect DATA` (layout, tasks, episodes, success rates; DATA in any of the three layouts)
+and `python -m harmodt.data export DIR --minari OUT` (our folder DIR as Minari datasets under the Minari root OUT).
+Bad input prints one line `error: ...` and exits with status 2."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def _curve_plot(curve: list[float], out: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harmodt.data", description="Generate or inspect offline Meta-World data.")
+    p = argparse.ArgumentParser(prog="python -m harmodt.data", description="Generate, inspect or export offline Meta-World data.")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="roll out the scripted experts with a random-to-expert curriculum")
     g.add_argument("--tasks", required=True, help="MT5 | MT10 | MT30 | MT50 | comma list of v3 task names")
@@ -45,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core)")
     g.add_argument("--prompt-episodes", type=int, default=2, help="noise-free expert prompt episodes per task")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    i = sub.add_parser("inspect", help="summarize a data folder (ours or the original layout)")
-    i.add_argument("path")
+    i = sub.add_parser("inspect", help="summarize data (ours, the original layout, or Minari datasets)")
+    i.add_argument("path", help="data folder, Minari root or dataset folder, or comma list of Minari dataset ids")
+    e = sub.add_parser("export", help="write our data folder as Minari datasets, one per task")
+    e.add_argument("path", help="our data folder (with manifest.json)")
+    e.add_argument("--minari", required=True, metavar="OUT", help="Minari root to write the datasets under")
     args = p.parse_args(argv)
     try:
         if args.cmd == "generate":
@@ -64,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             plot = _curve_plot(curve, args.out)
             if plot:
                 print(f"curve plot: {plot}")
+        elif args.cmd == "export":
+            from .minari import export_minari
+
+            for ds_id in export_minari(args.path, args.minari):
+                print(f"wrote Minari dataset {ds_id} under {args.minari}")
         else:
             layout = detect_layout(args.path)
             data = load_dataset(args.path)
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 succ = [bool(tr.successes.any()) for tr in td.trajectories if tr.successes is not None]
                 rate = f"success {np.mean(succ):.2f}" if succ else "success n/a"
                 print(f"  {t:<32} episodes {len(td.trajectories):5d}  steps {steps:8d}  prompts {len(td.prompts)}  {rate}")
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

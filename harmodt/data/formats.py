@@ -1,12 +1,16 @@
-"""Reading offline data: our generated layout and the original HarmoDT dataset layout.
+"""Reading offline data in three layouts (ours, the original HarmoDT one, Minari) and writing ours.
 
 * **ours** (``DIR/manifest.json`` present): ``DIR/<task>.npz`` per task, episodes concatenated
   with ``episode_starts``/``episode_lengths``; separate noise-free expert prompt episodes in the
-  same file (``prompt_*`` arrays); the manifest holds every file's sha256.
+  same file (``prompt_*`` arrays); the manifest holds every file's size and sha256. The
+  manifest is written last, so a folder without one (a generation that was killed) is refused
+  as incomplete, never read.
 * **original** (the authors' MT50 folders): ``DIR/<task-name>/<i>.npz``, one episode per file
   with ``observations``, ``actions``, ``rewards`` and ``dones`` or ``terminals``; as in the
   official loader, the last 2 files of each task (in numeric order of ``i``) are its prompt
   episodes. ``-v2`` task names map to the v3 environments.
+* **minari** (Minari datasets, one per task: a Minari root folder, one dataset folder, or
+  dataset ids under the local Minari root); see :mod:`harmodt.data.minari`.
 
 Qualities (Appendix A.1): ``near-optimal`` keeps every episode; ``sub-optimal`` the first 50% of
 each task's episodes (in generation / file order: the noisier half). ``episodes_per_task=E`` then
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -32,13 +37,20 @@ FORMAT_VERSION = 1
 # Tasks whose data our generator version 1 wrote wrong (observations altered by the scripted
 # policy; see generate.GENERATOR_VERSION): loading refuses them from such a folder.
 V1_WRONG_TASKS = ("door-open-v3", "door-close-v3")
+STATE_DIM = 39
+ACT_DIM = 4
+MANIFEST = "manifest.json"
+QUALITIES = ("near-optimal", "sub-optimal")
+# Arrays of one episode set in our task files (training: no prefix; prompts: "prompt_").
+STEP_KEYS = ("observations", "actions", "rewards", "terminals", "truncations", "successes")
+OFFSET_KEYS = ("episode_starts", "episode_lengths")
+_DTYPES = {"observations": np.float32, "actions": np.float32, "rewards": np.float32,
+           "terminals": np.bool_, "truncations": np.bool_, "successes": np.bool_}
 
 
 def generator_version(manifest: dict) -> int:
     """The generator version that wrote a data folder (1 when its manifest does not say)."""
     return manifest.get("settings", {}).get("generator_version", 1)
-STATE_DIM = 39
-ACT_DIM = 4
 
 
 class DataError(ValueError):
@@ -52,6 +64,8 @@ class Trajectory:
     rewards: np.ndarray  # (T,) float32
     dones: np.ndarray  # (T,) bool: episode ended at this step (terminal or truncated)
     successes: np.ndarray | None = None  # (T,) bool, when the data has it
+    terminals: np.ndarray | None = None  # (T,) bool, when the data tells terminal from truncated
+    truncations: np.ndarray | None = None  # (T,) bool, likewise
 
 
 @dataclass
@@ -69,6 +83,74 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# ---- atomic writes ---------------------------------------------------------------------------
+def temp_name(path: Path) -> Path:
+    """The hidden temporary name ``path`` is written under before it is renamed into place."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def is_temp_name(name: str) -> bool:
+    """A name made by :func:`temp_name` (a leftover of a killed writer when it stays)."""
+    return re.fullmatch(r"\..+\.tmp-\d+", name) is not None
+
+
+def _replace_durably(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+    try:  # the rename itself reaches the disk too
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_savez(path: Path, arrays: dict) -> None:
+    """Write a compressed npz under a temporary name, flush it to disk, then rename it to
+    ``path``: a reader sees either no file or the whole file, even after SIGKILL."""
+    tmp = temp_name(path)
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _replace_durably(tmp, path)
+
+
+def atomic_json(path: Path, obj) -> None:
+    """Write JSON the way :func:`atomic_savez` writes arrays."""
+    tmp = temp_name(path)
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(obj, indent=2))
+        fh.flush()
+        os.fsync(fh.fileno())
+    _replace_durably(tmp, path)
+
+
+# ---- writing ours ----------------------------------------------------------------------------
+def pack_episodes(episodes: list[dict], prefix: str = "") -> dict:
+    """Concatenate episodes (dicts of the :data:`STEP_KEYS` arrays) into one task file's arrays."""
+    lengths = np.array([len(ep["rewards"]) for ep in episodes], dtype=np.int64)
+    out = {prefix + k: np.concatenate([np.asarray(ep[k], dtype=_DTYPES[k]) for ep in episodes]) for k in STEP_KEYS}
+    out[prefix + "episode_lengths"] = lengths
+    out[prefix + "episode_starts"] = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return out
+
+
+def save_task_file(path: Path, episodes: list[dict], prompts: list[dict], extra: dict | None = None) -> dict:
+    """Write one task's file of our layout atomically; returns its manifest entry (file, size,
+    sha256, counts). ``extra`` holds further per-episode arrays (e.g. ``episode_epsilon``)."""
+    arrays = pack_episodes(episodes)
+    arrays.update(pack_episodes(prompts, "prompt_"))
+    arrays.update(extra or {})
+    atomic_savez(path, arrays)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path), "episodes": len(episodes),
+            "steps": int(arrays["rewards"].shape[0]), "prompt_episodes": len(prompts)}
+
+
+# ---- checks shared by the layouts ------------------------------------------------------------
 def _load_npz(path: Path) -> dict:
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -79,7 +161,8 @@ def _load_npz(path: Path) -> dict:
         raise DataError(f"{path}: unreadable or truncated npz file ({type(exc).__name__}: {exc})") from None
 
 
-def _check_episode(path: Path, obs, act, rew, done, label: str = "") -> None:
+def check_episode(path, obs, act, rew, done, label: str = "") -> None:
+    """Shapes ([T, 39], [T, 4], [T], [T]), at least one step and finite values, or a DataError."""
     where = f"{path}{label}"
     if obs.ndim != 2 or obs.shape[1] != STATE_DIM:
         raise DataError(f"{where}: observations must be [T, {STATE_DIM}], got {list(obs.shape)}")
@@ -99,7 +182,8 @@ def _check_episode(path: Path, obs, act, rew, done, label: str = "") -> None:
             raise DataError(f"{where}: {name} contain NaN or inf")
 
 
-def _select(trajs: list, quality: str, episodes: int | None) -> list:
+def select_episodes(trajs: list, quality: str, episodes: int | None) -> list:
+    """The episodes a quality keeps (all, or the first half), then ``episodes`` evenly spaced."""
     if quality == "sub-optimal":
         trajs = trajs[: max(1, len(trajs) // 2)]
     elif quality != "near-optimal":
@@ -111,32 +195,78 @@ def _select(trajs: list, quality: str, episodes: int | None) -> list:
 
 
 # ---- ours -----------------------------------------------------------------------------------
+def _check_dtypes(path: Path, arrs: dict, prefix: str) -> None:
+    for k, want in _DTYPES.items():
+        arr = arrs[prefix + k]
+        if arr.dtype != want:
+            raise DataError(f"{path}: {prefix + k} must be {np.dtype(want).name}, got {arr.dtype}")
+    for k in OFFSET_KEYS:
+        arr = arrs[prefix + k]
+        if arr.dtype.kind not in "iu" or arr.ndim != 1:
+            raise DataError(f"{path}: {prefix + k} must be a 1-d integer array, got {arr.dtype} {list(arr.shape)}")
+
+
+def _offsets(path: Path, arrs: dict, prefix: str, label: str) -> tuple[list[int], list[int]]:
+    starts, lengths = arrs[prefix + "episode_starts"], arrs[prefix + "episode_lengths"]
+    if starts.shape != lengths.shape:
+        raise DataError(f"{path}: {prefix}episode_starts has {len(starts)} entries, {prefix}episode_lengths {len(lengths)}")
+    if len(starts) == 0:
+        raise DataError(f"{path}: no {label}episodes (empty task)")
+    steps = arrs[prefix + "rewards"].shape[0] if arrs[prefix + "rewards"].ndim else 0
+    if (lengths <= 0).any() or (starts < 0).any() or (starts + lengths).max() > steps:
+        raise DataError(f"{path}: {prefix}episode offsets do not fit the {steps} stored steps")
+    return starts.tolist(), lengths.tolist()
+
+
 def _split(arrs: dict, prefix: str, path: Path) -> list[Trajectory]:
-    need = ["observations", "actions", "rewards", "terminals", "truncations", "successes", "episode_starts", "episode_lengths"]
-    for k in need:
+    label = "prompt " if prefix else "training "
+    for k in STEP_KEYS + OFFSET_KEYS:
         if prefix + k not in arrs:
             raise DataError(f"{path}: missing key {prefix + k!r}")
+    _check_dtypes(path, arrs, prefix)
+    starts, lengths = _offsets(path, arrs, prefix, label)
     obs, act, rew = arrs[prefix + "observations"], arrs[prefix + "actions"], arrs[prefix + "rewards"]
-    done = arrs[prefix + "terminals"] | arrs[prefix + "truncations"]
-    _check_episode(path, obs, act, rew, done, f" ({prefix or 'training '}data)")
-    starts, lengths = arrs[prefix + "episode_starts"], arrs[prefix + "episode_lengths"]
-    if len(starts) == 0:
-        raise DataError(f"{path}: no {prefix or 'training '}episodes")
-    if (starts + lengths).max() > obs.shape[0] or (lengths <= 0).any():
-        raise DataError(f"{path}: episode offsets do not fit the {obs.shape[0]} stored steps")
-    succ = arrs[prefix + "successes"]
-    return [Trajectory(obs[s : s + n], act[s : s + n], rew[s : s + n], done[s : s + n], succ[s : s + n])
-            for s, n in zip(starts.tolist(), lengths.tolist())]
+    term, trunc, succ = arrs[prefix + "terminals"], arrs[prefix + "truncations"], arrs[prefix + "successes"]
+    for name, flags in (("terminals", term), ("truncations", trunc), ("successes", succ)):
+        if flags.shape != rew.shape:
+            raise DataError(f"{path}: {prefix + name} must be [{rew.shape[0] if rew.ndim else 'T'}] like the rewards, "
+                            f"got {list(flags.shape)}")
+    check_episode(path, obs, act, rew, term | trunc, f" ({label}data)")
+    return [Trajectory(obs[s : s + n], act[s : s + n], rew[s : s + n], term[s : s + n] | trunc[s : s + n],
+                       succ[s : s + n], term[s : s + n], trunc[s : s + n])
+            for s, n in zip(starts, lengths)]
+
+
+def read_manifest(root: Path) -> dict:
+    """Our layout's manifest, checked for its format version and Meta-World v3 task names."""
+    mpath = root / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{mpath}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise DataError(f"{mpath}: not a data manifest (expected an object with 'files')")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{mpath}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    unknown = [t for t in manifest.get("files", {}) if t not in MT50]
+    if unknown:
+        raise DataError(f"{mpath}: unknown task {unknown[0]!r} (not a Meta-World v3 task name)")
+    return manifest
+
+
+def _check_file(path: Path, entry: dict, mpath: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: file not found (listed in {mpath})")
+    size = path.stat().st_size
+    if "bytes" in entry and size != entry["bytes"]:
+        raise DataError(f"{path}: {size} bytes, {mpath} lists {entry['bytes']} (truncated or modified file)")
+    if sha256(path) != entry.get("sha256"):
+        raise DataError(f"{path}: checksum does not match {mpath} (corrupted or modified file)")
 
 
 def _load_ours(root: Path, tasks: list[str] | None, quality: str, episodes: int | None) -> dict[str, TaskData]:
-    mpath = root / "manifest.json"
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{mpath}: unreadable manifest ({exc})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{mpath}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    mpath = root / MANIFEST
+    manifest = read_manifest(root)
     files = manifest.get("files", {})
     wanted = tasks or list(files)
     written_by = generator_version(manifest)
@@ -149,13 +279,22 @@ def _load_ours(root: Path, tasks: list[str] | None, quality: str, episodes: int 
                             "observations were altered by the scripted policy (the door handle moved by its target "
                             "offset); generate this task again with `python -m harmodt.data generate`")
         path = root / files[task]["file"]
-        if not path.exists():
-            raise DataError(f"{path}: file not found (listed in {mpath})")
-        if sha256(path) != files[task]["sha256"]:
-            raise DataError(f"{path}: checksum does not match {mpath} (corrupted or modified file)")
+        _check_file(path, files[task], mpath)
         arrs = _load_npz(path)
-        out[task] = TaskData(task, _select(_split(arrs, "", path), quality, episodes), _split(arrs, "prompt_", path))
+        out[task] = TaskData(task, select_episodes(_split(arrs, "", path), quality, episodes), _split(arrs, "prompt_", path))
     return out
+
+
+def unfinished_generation(root: Path) -> list[str]:
+    """Names in ``root`` that only a generation run writes (task files, per-task records,
+    temporary files); with no manifest beside them the run did not finish."""
+    names = []
+    for p in root.iterdir():
+        if p.suffix == ".npz" and p.stem in MT50:
+            names.append(p.name)
+        elif re.fullmatch(r"\.(.+)\.record\.json", p.name) or is_temp_name(p.name):
+            names.append(p.name)
+    return sorted(names)
 
 
 # ---- original layout ------------------------------------------------------------------------
@@ -185,7 +324,7 @@ def _load_original_episode(path: Path) -> Trajectory:
     # some dumps store rewards / dones as [T, 1] columns
     rew = rew.reshape(-1) if rew.ndim == 2 and rew.shape[1] == 1 else rew
     done = done.reshape(-1) if done.ndim == 2 and done.shape[1] == 1 else done
-    _check_episode(path, obs, act, rew, done)
+    check_episode(path, obs, act, rew, done)
     succ = np.asarray(arrs["successes"], dtype=bool).reshape(-1) if "successes" in arrs else None
     return Trajectory(obs, act, rew, done, succ)
 
@@ -198,7 +337,7 @@ def _load_original(root: Path, tasks: list[str] | None, quality: str, episodes: 
             folders[name] = d
     wanted = tasks or list(folders)
     if not wanted:
-        raise DataError(f"{root}: no task folders (expected {root}/<task-name>/<i>.npz or a manifest.json)")
+        raise DataError(f"{root}: no task folders (expected {root}/<task-name>/<i>.npz, a manifest.json or Minari datasets)")
     out = {}
     for task in wanted:
         if task not in folders:
@@ -207,27 +346,51 @@ def _load_original(root: Path, tasks: list[str] | None, quality: str, episodes: 
         if len(files) < 3:
             raise DataError(f"{folders[task]}: {len(files)} episode files; need at least 3 (the last 2 are prompts)")
         trajs = [_load_original_episode(p) for p in files]
-        out[task] = TaskData(task, _select(trajs[:-2], quality, episodes), trajs[-2:])
+        out[task] = TaskData(task, select_episodes(trajs[:-2], quality, episodes), trajs[-2:])
     return out
 
 
 def detect_layout(path: str | Path) -> str:
-    """'ours' (manifest.json) or 'original' (task folders of numbered npz files)."""
+    """'ours' (manifest.json), 'minari' (Minari datasets in or under the folder, or Minari
+    dataset ids found under the local Minari root) or 'original' (task folders of numbered npz
+    files). A folder of ours whose generation did not finish (task files but no manifest) is a
+    DataError."""
+    from .minari import minari_dataset_dirs
+
     root = Path(path)
     if not root.exists():
-        raise DataError(f"{root}: data folder does not exist")
+        if minari_dataset_dirs(str(path)):
+            return "minari"
+        raise DataError(f"{root}: data folder does not exist (nor is it a Minari dataset id under the Minari root)")
     if not root.is_dir():
         raise DataError(f"{root}: is not a folder")
-    if (root / "manifest.json").exists():
+    if (root / MANIFEST).exists():
         return "ours"
+    partial = unfinished_generation(root)
+    if partial:
+        raise DataError(f"{root}: incomplete data folder: no {MANIFEST} beside {', '.join(partial[:3])}"
+                        f"{' ...' if len(partial) > 3 else ''} (generation stopped before it finished); run "
+                        "`python -m harmodt.data generate` again with the same settings to finish it")
+    if minari_dataset_dirs(str(path)):
+        return "minari"
     return "original"
 
 
 def load_dataset(path: str | Path, tasks: list[str] | None = None, quality: str = "near-optimal",
                  episodes_per_task: int | None = None) -> dict[str, TaskData]:
-    """Load ``tasks`` (v3 names; None = all in the folder) from either layout."""
-    root = Path(path)
-    layout = detect_layout(root)
+    """Load ``tasks`` (v3 names; None = all in the data) from any of the three layouts.
+
+    ``path`` is a folder of ours, of the original layout, a Minari root or dataset folder, or a
+    comma list of Minari dataset ids under the local Minari root (``MINARI_DATASETS_PATH``, else
+    ``~/.minari/datasets``). Minari datasets' prompt episodes are chosen as in the original
+    layout: the last 2 episodes of each task's dataset, or the number its harmodt metadata
+    records (see :func:`harmodt.data.minari.load_minari`).
+    """
+    layout = detect_layout(path)
     tasks = None if tasks is None else [canonical_name(t) for t in tasks]
+    if layout == "minari":
+        from .minari import load_minari
+
+        return load_minari(str(path), tasks, quality, episodes_per_task)
     loader = _load_ours if layout == "ours" else _load_original
-    return loader(root, tasks, quality, episodes_per_task)
+    return loader(Path(path), tasks, quality, episodes_per_task)

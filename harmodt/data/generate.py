@@ -17,10 +17,15 @@ the random-action mixing. Goals are random per episode (MT50-rand, see ``harmodt
 Each task also gets ``prompt_episodes`` separate noise-free expert episodes, kept as prompt
 trajectories. Every step stores observation, action, reward, terminal/truncated flags and
 success. A run is deterministic for a seed (each task has its own RNG stream, so the result does
-not depend on the number of workers), parallel across tasks, and written atomically: each task's
-file goes to a temporary name and is renamed when complete; a per-task record lets an
-interrupted run reuse finished tasks; ``manifest.json`` (settings, counts, success rates,
-sha256 checksums) is written last.
+not depend on the number of workers) and parallel across tasks.
+
+Crash safety (SIGKILL at any moment): a run first removes the folder's ``manifest.json`` and any
+temporary files a killed run left; each task's file goes to a temporary name, is flushed to disk
+and renamed when complete, then its per-task record (settings, size, sha256) is written the
+same way; ``manifest.json`` (settings, counts, success rates, sizes, sha256 checksums) is
+written last. So a folder whose run was killed has no manifest and loading refuses it as
+incomplete; running the same command again reuses every task whose file matches its record and
+generates the rest.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 
 from ..envs import EPISODE_LEN, make_env, scripted_policy
 from ..tasks import MT50
-from .formats import FORMAT_VERSION, sha256
+from .formats import FORMAT_VERSION, MANIFEST, atomic_json, is_temp_name, save_task_file, sha256
 
 # 2: observations stored exactly as the env returned them. Version 1 stored door-open-v3's and
 # door-close-v3's observations after their scripted policies had written into them (the door
@@ -76,35 +81,15 @@ def rollout(env, expert, rng: np.random.Generator, eps: float, sigma: float) -> 
             "terminals": np.asarray(term), "truncations": np.asarray(trunc), "successes": np.asarray(succ)}
 
 
-def _concat(episodes: list[dict], prefix: str = "") -> dict:
-    lengths = np.array([len(ep["rewards"]) for ep in episodes], dtype=np.int64)
-    out = {prefix + k: np.concatenate([ep[k] for ep in episodes]) for k in episodes[0]}
-    out[prefix + "episode_lengths"] = lengths
-    out[prefix + "episode_starts"] = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    return out
-
-
-def _atomic_savez(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def _task_seed(seed: int, task: str) -> int:
+def task_seed(seed: int, task: str) -> int:
+    """The seed of a task's RNG stream and (mod 2**31) of its training episodes' env."""
     return int(np.random.SeedSequence([seed, MT50.index(task)]).generate_state(1)[0])
 
 
 def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes: int, settings: dict, queue=None) -> dict:
     """Generate and write one task's file; returns its manifest record."""
     out = Path(out)
-    tseed = _task_seed(seed, task)
+    tseed = task_seed(seed, task)
     rng = np.random.default_rng(tseed)
     env = make_env(task, tseed % (2**31))
     expert = scripted_policy(task)
@@ -116,19 +101,14 @@ def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes
             queue.put(1)
     penv = make_env(task, (tseed + 1_000_003) % (2**31))
     prompts = [rollout(penv, expert, rng, 0.0, 0.0) for _ in range(prompt_episodes)]
-    arrays = _concat(data)
-    arrays.update(_concat(prompts, "prompt_"))
-    arrays["episode_epsilon"] = np.asarray(eps_list, dtype=np.float32)
-    path = out / f"{task}.npz"
-    _atomic_savez(path, arrays)
+    record = save_task_file(out / f"{task}.npz", data, prompts, {"episode_epsilon": np.asarray(eps_list, dtype=np.float32)})
     success = [bool(ep["successes"].any()) for ep in data]
-    record = {
-        "file": path.name, "sha256": sha256(path), "episodes": episodes, "steps": int(arrays["rewards"].shape[0]),
-        "prompt_episodes": prompt_episodes, "success_rate": float(np.mean(success)),
-        "episode_success": success, "prompt_success": [bool(p["successes"].any()) for p in prompts],
+    record.update({
+        "success_rate": float(np.mean(success)), "episode_success": success,
+        "prompt_success": [bool(p["successes"].any()) for p in prompts],
         "mean_return": float(np.mean([ep["rewards"].sum() for ep in data])), "settings": settings,
-    }
-    _atomic_json(out / f".{task}.record.json", record)
+    })
+    atomic_json(out / f".{task}.record.json", record)
     return record
 
 
@@ -136,12 +116,23 @@ def _reusable(out: Path, task: str, settings: dict) -> dict | None:
     rpath = out / f".{task}.record.json"
     try:
         rec = json.loads(rpath.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    path = out / rec.get("file", "")
-    if rec.get("settings") != settings or not path.exists() or sha256(path) != rec.get("sha256"):
+    if not isinstance(rec, dict):
         return None
-    return rec
+    path = out / str(rec.get("file", ""))
+    if rec.get("settings") != settings or not path.is_file() or path.stat().st_size != rec.get("bytes", path.stat().st_size):
+        return None
+    return rec if sha256(path) == rec.get("sha256") else None
+
+
+def _start_run(out: Path) -> None:
+    """Mark the folder incomplete (no manifest) and remove temporary files of killed runs."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if is_temp_name(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def decile_success(records: dict) -> list[float]:
@@ -162,7 +153,7 @@ def generate(tasks: list[str], episodes: int, out: str, seed: int = 0, workers: 
     if prompt_episodes < 1:
         raise ValueError(f"--prompt-episodes must be at least 1, got {prompt_episodes}")
     outp = Path(out)
-    outp.mkdir(parents=True, exist_ok=True)
+    _start_run(outp)
     settings = {"episodes": episodes, "seed": seed, "prompt_episodes": prompt_episodes, "curriculum": CURRICULUM,
                 "sigma": SIGMA, "format_version": FORMAT_VERSION, "generator_version": GENERATOR_VERSION}
     t0 = time.time()
@@ -205,5 +196,5 @@ def generate(tasks: list[str], episodes: int, out: str, seed: int = 0, workers: 
         "tasks": tasks, "files": {t: {k: v for k, v in r.items() if k != "settings"} for t, r in records.items()},
         "curriculum_success_by_decile": decile_success(records), "seconds": round(time.time() - t0, 1),
     }
-    _atomic_json(outp / "manifest.json", manifest)
+    atomic_json(outp / MANIFEST, manifest)
     return manifest
