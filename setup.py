@@ -89,5 +89,6 @@ setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
-    extras_require={"triton": ["triton>=3.2"], "test": ["pytest>=8", "pytest-benchmark>=4"]},
+    extras_require={"triton": ["triton>=3.2"], "test": ["pytest>=8", "pytest-benchmark>=4"],
+                    "minari": ["minari>=0.5.4,<0.6", "h5py>=3.8"]},
 )
