@@ -1,0 +1,196 @@
+"""`python -m harmodt.study`: its statistics on inputs with known answers, and a tiny study that runs
+end to end, resumes after an interruption and draws every figure."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from _synthetic import trajectory
+from harmodt.study import (StudyError, aggregate, classical_mds, draw_figures, flag_for_key,
+                           jaccard_matrix, paired_bootstrap, parse_sweep, run_name, summary_markdown, t_interval, t_quantile,
+                           variant_label)
+
+TASKS = ["reach-v3", "drawer-close-v3"]
+
+
+# ---- statistics ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (30, 2.0423)])
+def test_t_quantile_matches_the_table(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-4)
+    assert t_quantile(0.025, df) == pytest.approx(-expected, abs=2e-4)
+
+
+def test_t_interval_by_hand():
+    # mean 0.6, sample sd 0.1, n 3: half width t(0.975, 2) * 0.1 / sqrt(3) = 4.302653 * 0.057735 = 0.248414
+    m, lo, hi = t_interval([0.5, 0.6, 0.7])
+    assert m == pytest.approx(0.6)
+    assert hi - m == pytest.approx(0.248414, abs=1e-5) and m - lo == pytest.approx(0.248414, abs=1e-5)
+    m, lo, hi = t_interval([0.4])
+    assert m == 0.4 and math.isnan(lo) and math.isnan(hi)
+
+
+def test_paired_bootstrap_constant_differences_have_zero_width():
+    m, lo, hi = paired_bootstrap([0.1] * 12)
+    assert m == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+
+
+def test_paired_bootstrap_is_seeded_and_brackets_the_mean():
+    d = np.r_[np.zeros(15), np.ones(15)]  # mean 0.5, bootstrap sd of the mean sqrt(0.25 / 30) = 0.0913
+    a, b = paired_bootstrap(d), paired_bootstrap(d)
+    assert a == b
+    m, lo, hi = a
+    assert m == 0.5 and lo < 0.5 < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 30), rel=0.1)
+
+
+def test_jaccard_and_classical_mds():
+    masks = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [1, 1, 0, 0]], bool)
+    jac = jaccard_matrix(masks)
+    np.testing.assert_allclose(jac, [[1, 1 / 3, 1], [1 / 3, 1, 1 / 3], [1, 1 / 3, 1]])
+    pts = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [1.0, 1.0]])  # MDS recovers Euclidean distances exactly
+    dist = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
+    xy = classical_mds(dist)
+    np.testing.assert_allclose(np.linalg.norm(xy[:, None] - xy[None], axis=-1), dist, atol=1e-9)
+
+
+def test_sweep_parsing_and_names():
+    assert parse_sweep("masks.eta_max=100,2000") == ("masks.eta_max", ["100", "2000"])
+    assert flag_for_key("masks.eta_max") == "--eta-max" and flag_for_key("sparsity") == "--sparsity"
+    assert run_name("harmodt-f", 1, ("masks.eta_max", "2000")) == "harmodt-f-eta_max2000-s1"
+    for bad in ("eta_max", "eta_max=", "=1,2", "eta_max=1,1"):
+        with pytest.raises(StudyError):
+            parse_sweep(bad)
+
+
+def fake_study(success: dict, sweep=None) -> dict:
+    """A study dict of finished runs: success[(method, sweep value, seed)] = per-task successes."""
+    runs = []
+    for (method, value, seed), per_task in success.items():
+        sw = None if value is None else (sweep, value)
+        runs.append({"name": run_name(method, seed, sw), "method": method, "seed": seed,
+                     "variant": variant_label(method, sw),
+                     "sweep": None if sw is None else {"key": sweep, "value": value}, "status": "finished",
+                     "train_seconds": 1.0, "tasks": {t: {"success": s, "return": 10 * s} for t, s in zip(TASKS, per_task)},
+                     "mean_success": float(np.mean(per_task))})
+    methods = list(dict.fromkeys(k[0] for k in success))
+    values = list(dict.fromkeys(k[1] for k in success)) if sweep else None
+    return {"command": "python -m harmodt.study ...", "tasks": TASKS, "methods": methods, "seeds": [0, 1],
+            "sweep": None if sweep is None else {"key": sweep, "values": values}, "eval_episodes": 20, "eval_seed": 1,
+            "bootstrap": {"seed": 1, "samples": 100}, "complete": True, "runs": runs}
+
+
+def test_aggregate_paired_difference_from_prompt_dt():
+    study = fake_study({("prompt-dt", None, 0): [0.2, 0.4], ("prompt-dt", None, 1): [0.6, 0.0],
+                        ("harmodt-f", None, 0): [0.3, 0.5], ("harmodt-f", None, 1): [0.7, 0.1]})
+    pd, hf = aggregate(study)
+    assert pd["variant"] == "Prompt-DT" and "paired" not in pd
+    assert pd["mean_success"] == pytest.approx(0.3)  # per-seed means 0.3 and 0.3: zero-width t-interval
+    assert pd["ci_low"] == pytest.approx(0.3) and pd["ci_high"] == pytest.approx(0.3)
+    assert hf["mean_success"] == pytest.approx(0.4)
+    p = hf["paired"]
+    assert p["reference"] == "Prompt-DT" and p["pairs"] == 4
+    assert p["mean_diff"] == pytest.approx(0.1) and p["ci_low"] == pytest.approx(0.1) and p["ci_high"] == pytest.approx(0.1)
+    assert hf["per_task"] == {"reach-v3": pytest.approx(0.5), "drawer-close-v3": pytest.approx(0.3)}
+    study["variants"] = [pd, hf]
+    md = summary_markdown(study)
+    assert "| HarmoDT-F | 2/2 | 0.400 |" in md and "+0.100 (vs Prompt-DT)" in md and "reach-v3" in md
+
+
+def test_aggregate_sweep_without_prompt_dt_compares_with_the_first_value(tmp_path):
+    study = fake_study({("harmodt-f", "100", 0): [0.2, 0.4], ("harmodt-f", "100", 1): [0.4, 0.4],
+                        ("harmodt-f", "2000", 0): [0.0, 0.4], ("harmodt-f", "2000", 1): [0.2, 0.4]}, sweep="masks.eta_max")
+    first, second = aggregate(study)
+    assert "paired" not in first
+    assert second["paired"]["reference"] == "HarmoDT-F eta_max=100"
+    assert second["paired"]["mean_diff"] == pytest.approx(-0.1)
+    study["variants"] = [first, second]
+    written = draw_figures(study, tmp_path, [], say=lambda m: None)
+    assert {p.name for p in written} == {"methods.png", "success_vs_sweep.png"}  # no metrics or masks: the rest is skipped
+
+
+# ---- the CLI, end to end ---------------------------------------------------------------------
+
+def write_synthetic_data(root, episodes=5):
+    """The original HarmoDT layout (task folders of numbered npz files; the last two are prompts)."""
+    rng = np.random.default_rng(0)
+    for task in TASKS:
+        (root / task).mkdir(parents=True)
+        for i in range(episodes):
+            tr = trajectory(rng, length=40)
+            np.savez(root / task / f"{i}.npz", observations=tr.observations, actions=tr.actions, rewards=tr.rewards, dones=tr.dones)
+    return root
+
+
+TINY = ["--steps", "8", "--batch-size", "2", "--warmup-steps", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+        "--context-len", "4", "--prompt-len", "2", "--update-every", "2", "--eta-max", "50", "--log-every", "2",
+        "--checkpoint-every", "2"]
+
+
+def study_cmd(data, out, *extra):
+    return [sys.executable, "-m", "harmodt.study", "--tasks", ",".join(TASKS), "--methods", "prompt-dt,harmodt-f", "--seeds", "0,1",
+            "--out", str(out), "--data", str(data), "--eval-episodes", "1", "--eval-seed", "7", *TINY, *extra]
+
+
+def test_study_rejects_flags_it_sets_itself(tmp_path):
+    proc = subprocess.run(study_cmd(tmp_path, tmp_path / "s", "--seed", "3"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--seed" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(study_cmd(tmp_path, tmp_path / "s", "--no-such-flag", "1"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
+    data = write_synthetic_data(tmp_path / "data")
+    out = tmp_path / "study"
+    cmd = study_cmd(data, out, "--eval-every", "4", "--curve-episodes", "1")
+    # first sitting: stopped (Ctrl-C to the whole process group) once the first run is evaluated
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = out / "runs" / "prompt-dt-s0" / "run_eval.json"
+    deadline = time.time() + 150
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert first.exists(), proc.communicate()[0] if proc.poll() is not None else "first run not evaluated in time"
+    if proc.poll() is None:
+        time.sleep(3)  # into the second run's training
+        os.killpg(proc.pid, signal.SIGINT)
+    log1 = proc.communicate(timeout=120)[0]
+    assert "start prompt-dt-s0" in log1 and "done  prompt-dt-s0" in log1
+    stamp = first.stat().st_mtime_ns
+    # second sitting: the same command skips the finished run, resumes or starts the others
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "skip  prompt-dt-s0" in proc.stdout
+    assert first.stat().st_mtime_ns == stamp
+    assert proc.stdout.count("done  ") == 3
+    study = json.loads((out / "study.json").read_text())
+    assert study["complete"] and len(study["runs"]) == 4
+    for r in study["runs"]:
+        assert r["status"] == "finished" and set(r["tasks"]) == set(TASKS) and r["config"]["steps"] == 8
+        assert r["train_seconds"] > 0 and r["eval_seconds"] > 0
+    hf = [r for r in study["runs"] if r["method"] == "harmodt-f"]
+    assert all(0 < r["final_mask_changed_fraction"] < 1 for r in hf)
+    # every run was evaluated on the same goals: the evaluation command carries the shared seed
+    for r in study["runs"]:
+        assert "--seed 7" in (out / "runs" / r["name"] / "eval.log").read_text()
+    # one shared dataset for every run
+    assert {r["config"]["data"] for r in study["runs"]} == {str(data)}
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert figures == {"methods.png", "eval_success_vs_steps.png", "harmony_vs_steps.png", "mask_jaccard.png", "mask_mds.png",
+                       "mask_changed_vs_steps.png"}
+    assert "success_vs_sweep.png skipped" in proc.stdout  # no sweep: the only figure without data
+    md = (out / "summary.md").read_text()
+    assert "python -m harmodt.study" in md and "| HarmoDT-F | 2/2 |" in md and "vs Prompt-DT" in md
+    assert "Partial" not in md
+    # a third sitting has nothing left to run
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.count("skip  ") == 4
+    # a different budget in the same folder is refused instead of mixing runs
+    proc = subprocess.run([*cmd, "--lr", "0.01"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "other flags" in proc.stderr
