@@ -64,9 +64,12 @@ class TrainConfig:
     out: str = "runs/harmodt"  # output folder
     seed: int = 0  # seed for data sampling, initialisation, masks and evaluation goals
     resume: bool = False  # continue from OUT/checkpoint.pt
-    fused: bool = False  # route masked linears and the mask update through the kernels package
-    backend: str = "auto"  # kernel backend with --fused: auto | triton | cpu | reference
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    conditioning: str = "auto"  # auto (MTDT: task-id, others: prompt) | prompt | task-id
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    fused: bool = False  # masked linear, masked AdamW and mask selection on the kernels of --backend (else the plain-PyTorch reference)
+    backend: str = "auto"  # kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference
+    precision: str = "fp32"  # fp32 | bf16 (autocast on the device)
+    compile: bool = False  # torch.compile the model for training
     threads: int = 0  # torch intra-op threads (0 = all cores)
     progress: bool = True  # show progress bars
     model: ModelConfig = field(default_factory=ModelConfig)  # transformer shape
@@ -147,6 +150,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (0.0 <= cfg.model.dropout < 1.0, "--dropout must be in [0, 1)"),
         (cfg.precision in ("fp32", "bf16"), "--precision must be fp32 or bf16"),
         (cfg.backend in ("auto", "triton", "cpu", "reference"), "--backend must be auto, triton, cpu or reference"),
+        (cfg.conditioning in ("auto", "prompt", "task-id"), "--conditioning must be auto, prompt or task-id"),
+        (_device_ok(cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
         (cfg.eval_episodes >= 0, "--eval-episodes must be >= 0"),
         (cfg.lr > 0, "--lr must be positive"),
     ]
@@ -154,6 +159,29 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not ok:
             raise ConfigError(msg)
     return cfg
+
+
+def _device_ok(device: str) -> bool:
+    if device in ("auto", "cpu", "cuda"):
+        return True
+    return device.startswith("cuda:") and device[5:].isdigit()
+
+
+def resolve_device(device: str):
+    """The torch device of ``--device`` (auto: CUDA when available); ConfigError when CUDA is asked
+    for and absent."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available (torch {torch.__version__}, built for "
+                              f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU only'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
 
 
 def _flag(name: str) -> str:
@@ -231,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"--config {ns.config}: {exc}") from None
     preset = ns.preset
-    if preset is None and not ns.config and not any(k not in ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume") for k in given):
+    if preset is None and not ns.config and not any(k not in ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume", "device", "compile") for k in given):
         preset = "embedded-default"
     if preset:
         cfg = apply_overrides(cfg, PRESETS[preset])

@@ -1,15 +1,14 @@
 """`python -m harmodt.evaluate CHECKPOINT`: batched evaluation on Meta-World v3.
 
-Every task x episode runs together: one vector env with one env per (task, episode) -- with 16 or
-more episodes split over two processes that step concurrently (``sim_workers``; results are the
-same) -- one model forward per timestep for all running episodes, each row through its own task's mask
-(Algorithm 1's inference stage, batched). Tasks the checkpoint was not trained on act through the
-voted mask of Eq. 13. The prompt's keys and values never depend on later tokens, so they are
-computed once per task and reused at every step; the first block's q/k/v of a history token
-depend on that token alone, so they are computed once when it appears (``PromptDT.act``'s
-cache). With the native ops, every evaluated task's ``W * M`` is expanded once for the whole run
-(the weights do not change here) instead of from the bits at every forward. Episodes last 500
-steps; an episode succeeds if it succeeds at any step; goals are random per episode but seeded.
+Every task x episode runs together: one vector env with one env per (task, episode) on the CPU --
+with 16 or more episodes split over two processes that step concurrently (``sim_workers``; results
+are the same) -- and one model forward per timestep for all running episodes on the model's
+device, each row through its own task's mask (Algorithm 1's inference stage, batched): one
+host-to-device transfer of the observations and one device-to-host transfer of the actions per
+step. Tasks the checkpoint was not trained on act through the voted mask of Eq. 13. The prompt's
+keys and values never depend on later tokens, so they are computed once per task and reused at
+every step. Episodes last 500 steps; an episode succeeds if it succeeds at any step; goals are
+random per episode but seeded.
 
 Unseen tasks: their prompt is a noise-free scripted-expert episode pair rolled out here (seeded),
 and their states are normalized with the mean of the training tasks' statistics.
@@ -26,12 +25,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import kernels
+
+from .checkpoint import CheckpointError
 from .data.batches import prompt_segment
 from .model import MaskContext
 from .runtime import bf16_matmul_note
-
-
-EXPANDED_MASKS_MAX_BYTES = 2 << 30  # evaluate(expand_masks=None): expand every task's W * M once when it takes at most this
 
 
 class EvalError(ValueError):
@@ -50,82 +49,64 @@ def _as_traj(d):
     return d if hasattr(d, "observations") else SimpleNamespace(**{k: np.asarray(v) for k, v in d.items()})
 
 
-def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *, fused: bool | None = None,
-             backend: str = "auto", vote_threshold: int | None = None, batch_size: int | None = None,
-             max_steps: int = 500, progress: bool = True, precision: str = "fp32", target_return: float | None = None,
-             sim_workers: int | None = None, expand_masks: bool | None = None) -> dict:
-    """Run ``episodes`` episodes of every task in ``tasks``; see the module docstring.
+def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *, backend: str = "reference",
+             vote_threshold: int | None = None, batch_size: int | None = None, max_steps: int = 500, progress: bool = True,
+             precision: str = "fp32", target_return: float | None = None, sim_workers: int | None = None) -> dict:
+    """Run ``episodes`` episodes of every task in ``tasks`` on the model's device; see the module
+    docstring.
 
+    ``backend``: the concrete ``kernels.masked_linear`` backend the masked layers run on.
     ``batch_size``: rows (episodes) per forward; None = all at once, 1 = one episode at a time at
-    batch 1 (the official code's way, kept as a baseline). ``fused``: None = use the kernels
-    package's native op when it is built (feature detection), else the plain PyTorch path.
-    ``env_steps_per_s`` counts stepping time (model + simulator); building the envs is reported
-    separately as ``setup_seconds``. ``sim_workers``: processes the simulator is split over
-    (:class:`harmodt.envs.ShardedVectorEnv`); None = 2 when a chunk has at least 16 episodes and
-    the machine has 2 cores, else 1 (one in-process vector env). Results do not depend on it.
-    ``expand_masks``: with the native ops, expand every evaluated task's ``W * M`` once
-    (``kernels.task_weights``) and let every step read them instead of expanding the bits per
-    forward (~5 % faster forwards at the paper's size, more on a loaded machine; 18.9 MB per
-    task there); None = when that takes at most ``EXPANDED_MASKS_MAX_BYTES``. Results do not
-    depend on it.
+    batch 1 (the official code's way, kept as a baseline). ``env_steps_per_s`` counts stepping
+    time (model + simulator); building the envs is reported separately as ``setup_seconds``.
+    ``sim_workers``: processes the simulator is split over (:class:`harmodt.envs.ShardedVectorEnv`);
+    None = 2 when a chunk has at least 16 episodes and the machine has 2 cores, else 1. Results do
+    not depend on it.
     """
     import os
 
     from .envs import ShardedVectorEnv, make_vector_env
 
-    if fused is None:
-        import kernels
-
-        fused = task_masks is not None and "cpu" in kernels.available_backends("cpu")
+    device = next(model.parameters()).device
     trained = list(eval_info["tasks"])
     cfg = model.cfg
     use_prompt = model.use_prompt
     unseen = [t for t in tasks if t not in trained]
     if unseen and not use_prompt:
-        raise EvalError(f"MTDT identifies tasks by a learned ID and cannot act on unseen tasks: {', '.join(unseen)}")
+        raise EvalError(f"a task-ID model (MTDT) identifies tasks by a learned ID and cannot act on unseen tasks: {', '.join(unseen)}")
     rtg_scale = float(eval_info.get("rtg_scale", 1000.0))
     target = float(target_return if target_return is not None else eval_info.get("target_return", 4500.0))
 
     # per evaluated task: mask row, normalization, prompt keys/values
-    bool_masks = packed = None
+    packed = None
     vote_row = None
+    mask_row = {t: trained.index(t) if t in trained else None for t in tasks}
     if task_masks is not None:
-        bool_masks = dict(task_masks.masks)
+        bool_masks = {n: m.to(device) for n, m in task_masks.masks.items()}
         if unseen:
             if vote_threshold is None:
                 raise EvalError("unseen tasks need --vote-threshold (Eq. 13)")
             vote = task_masks.vote(vote_threshold)
-            bool_masks = {n: torch.cat([m, vote[n].unsqueeze(0)]) for n, m in bool_masks.items()}
+            bool_masks = {n: torch.cat([m, vote[n].to(device).unsqueeze(0)]) for n, m in bool_masks.items()}
             vote_row = len(trained)
-    mask_row = {t: (trained.index(t) if t in trained else vote_row) for t in tasks}
-    expanded = None
-    if bool_masks is not None:
+            mask_row = {t: (r if r is not None else vote_row) for t, r in mask_row.items()}
         used = sorted(set(mask_row.values()))  # only the mask rows of the evaluated tasks
-        bool_masks = {n: m[used] for n, m in bool_masks.items()}
+        packed = {n: kernels.pack_masks(m[used]) for n, m in bool_masks.items()}
         mask_row = {t: used.index(r) for t, r in mask_row.items()}
-        if fused:
-            import kernels
-
-            packed = {n: kernels.pack_masks(m) for n, m in bool_masks.items()}
-            weights = model.masked_weights()
-            size = len(used) * sum(w.numel() * w.element_size() for w in weights.values())
-            if (expand_masks or (expand_masks is None and size <= EXPANDED_MASKS_MAX_BYTES)) and backend in ("auto", "cpu") \
-                    and "cpu" in kernels.available_backends("cpu") and next(iter(weights.values())).device.type == "cpu":
-                expanded = {n: kernels.task_weights(weights[n], packed[n], backend="cpu") for n in packed}
     means = {t: np.asarray(eval_info["state_mean"][t], np.float32) for t in trained}
     stds = {t: np.asarray(eval_info["state_std"][t], np.float32) for t in trained}
     pooled_mean, pooled_std = np.mean(list(means.values()), 0), np.mean(list(stds.values()), 0)
     mean = np.stack([means.get(t, pooled_mean) for t in tasks])  # (n_tasks, S)
     std = np.stack([stds.get(t, pooled_std) for t in tasks])
-    embed_ids = torch.tensor([trained.index(t) if t in trained else 0 for t in tasks])  # MTDT task-ID rows
+    embed_ids = torch.tensor([trained.index(t) if t in trained else 0 for t in tasks], device=device)  # MTDT task-ID rows
 
     def ctx_for(rows_task_idx: torch.Tensor):
-        if bool_masks is None:
+        if packed is None:
             return None
-        ids = torch.tensor([mask_row[tasks[i]] for i in rows_task_idx.tolist()])
-        return MaskContext.for_tasks(bool_masks, ids, packed=packed, fused=fused, backend=backend, task_weights=expanded)
+        ids = torch.tensor([mask_row[tasks[i]] for i in rows_task_idx.tolist()], device=device)
+        return MaskContext(packed, ids, backend)
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     was_training = model.training
     model.eval()
     prompt_kv = prompt_valid = None
@@ -135,7 +116,7 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         for i, t in enumerate(tasks):
             trajs = [_as_traj(p) for p in eval_info["prompts"][t]] if t in trained else _expert_prompts(t, 2, seed + 7919 * (i + 1))
             segs.append(prompt_segment(trajs, mean[i], std[i], cfg.prompt_len, rtg_scale, cfg.max_ep_len, g))
-        prompt = {k: torch.cat([s[k] for s in segs]) for k in segs[0]}
+        prompt = {k: torch.cat([s[k] for s in segs]).to(device) for k in segs[0]}
         with torch.inference_mode(), autocast:
             prompt_kv, prompt_valid = model.encode_prompt(prompt, ctx_for(torch.arange(len(tasks))))
 
@@ -160,27 +141,28 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         t_run = time.perf_counter()
         setup_seconds += t_run - t_setup
         ctx = ctx_for(r)
-        kv = None if prompt_kv is None else [(k[r], v[r]) for k, v in prompt_kv]
-        pvalid = None if prompt_valid is None else prompt_valid[r]
+        rd = r.to(device)
+        kv = None if prompt_kv is None else [(k[rd], v[rd]) for k, v in prompt_kv]
+        pvalid = None if prompt_valid is None else prompt_valid[rd]
         m_rows, s_rows = torch.from_numpy(mean[r.numpy()]), torch.from_numpy(std[r.numpy()])
-        states = torch.zeros(b, horizon, cfg.state_dim)
-        actions = torch.zeros(b, horizon, cfg.act_dim)
-        rtg = torch.zeros(b, horizon, 1)
+        # the episodes' histories live on the device; each step sends (state, reward) and gets the action back
+        states = torch.zeros(b, horizon, cfg.state_dim, device=device)
+        actions = torch.zeros(b, horizon, cfg.act_dim, device=device)
+        rtg = torch.zeros(b, horizon, 1, device=device)
         rtg_now = torch.full((b,), target / rtg_scale)
-        ids = embed_ids[r]
-        layer0 = {}  # the first block's q/k/v of the window's tokens (model.act's cache)
+        ids = embed_ids[rd]
+        steps = torch.arange(horizon, device=device).clamp(max=cfg.max_ep_len - 1)
         for t in range(horizon):
-            states[:, t] = (torch.from_numpy(np.asarray(obs, dtype=np.float32)) - m_rows) / s_rows
-            rtg[:, t, 0] = rtg_now
+            s_now = (torch.from_numpy(np.asarray(obs, dtype=np.float32)) - m_rows) / s_rows
+            sent = torch.cat([s_now, rtg_now.unsqueeze(1)], dim=1).to(device, non_blocking=True)  # (B, S + 1): one transfer
+            states[:, t], rtg[:, t, 0] = sent[:, :-1], sent[:, -1]
             lo = max(0, t - cfg.context_len + 1)
-            ts = torch.arange(lo, t + 1).clamp(max=cfg.max_ep_len - 1).expand(b, -1)
-            layer0["drop"] = 3 if lo > max(0, t - cfg.context_len) else 0  # the window slid by one step
             with torch.inference_mode(), autocast:
-                act = model.act(states[:, lo : t + 1], actions[:, lo : t + 1], rtg[:, lo : t + 1], ts, ids, ctx, kv, pvalid,
-                                cache=layer0)
-            act = act.float()
-            actions[:, t] = act
-            obs, rew, _, _, info = envs.step(act.numpy().astype(np.float64))
+                act = model.act(states[:, lo : t + 1], actions[:, lo : t + 1], rtg[:, lo : t + 1], steps[lo : t + 1].expand(b, -1), ids,
+                                ctx, kv, pvalid)
+            actions[:, t] = act.float()
+            act_np = act.float().cpu().numpy()  # one transfer back
+            obs, rew, _, _, info = envs.step(act_np.astype(np.float64))
             returns[c0 : c0 + b] += rew
             rtg_now = rtg_now - torch.from_numpy(np.asarray(rew, dtype=np.float32)) / rtg_scale
             if "success" in info:
@@ -197,30 +179,31 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         per_task[t] = {"success": float(success[sel].mean()), "return": float(returns[sel].mean()), "episodes": int(sel.sum()),
                        "mask": "trained" if t in trained else ("voted" if vote_row is not None else "none")}
     return {"tasks": per_task, "mean_success": float(np.mean([v["success"] for v in per_task.values()])),
-            "env_steps": env_steps, "seconds": seconds, "setup_seconds": setup_seconds, "fused": bool(fused),
-            "env_steps_per_s": env_steps / max(seconds, 1e-9)}
+            "env_steps": env_steps, "seconds": seconds, "setup_seconds": setup_seconds, "backend": backend,
+            "device": str(device), "env_steps_per_s": env_steps / max(seconds, 1e-9)}
 
 
-def load_checkpoint(path: str):
-    """Model, TaskMasks (or None), eval_info, config dict and step from a training checkpoint."""
+def load_checkpoint(path: str, device: torch.device | str = "cpu"):
+    """Model, TaskMasks (or None), eval_info, config dict and step from a training checkpoint,
+    loaded safely (``weights_only=True``) and placed on ``device``."""
+    from . import checkpoint
     from .config import ModelConfig
     from .masks import TaskMasks
     from .model import build_model
 
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise EvalError(f"{path}: checkpoint not found") from None
-    except Exception as exc:  # corrupt / truncated / not a torch file
-        raise EvalError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ck, dict) or not {"model", "config", "eval_info"} <= set(ck):
-        raise EvalError(f"{path}: not a harmodt training checkpoint (needs model, config, eval_info)")
+        ck = checkpoint.load(path)
+    except CheckpointError as exc:
+        raise EvalError(str(exc)) from None
     cfg = ck["config"]
     tasks = ck["eval_info"]["tasks"]
-    model = build_model(ModelConfig(**cfg["model"]), len(tasks), cfg["method"])
-    model.load_state_dict(ck["model"])
-    masks = TaskMasks.from_per_task(ck["masks"], tasks) if ck.get("masks") else None
-    return model, masks, ck["eval_info"], cfg, int(ck.get("step", 0))
+    try:
+        model = build_model(ModelConfig(**cfg["model"]), len(tasks), cfg["method"], cfg.get("conditioning", "auto"))
+        model.load_state_dict(ck["model"])
+    except (TypeError, RuntimeError, KeyError) as exc:
+        raise EvalError(f"{path}: the weights do not fit the model its config describes ({str(exc).splitlines()[0]})") from None
+    masks = TaskMasks.from_per_task(ck["masks"], tasks, device=device) if ck.get("masks") else None
+    return model.to(device), masks, ck["eval_info"], cfg, int(ck.get("step", 0))
 
 
 def print_table(results: dict, file=sys.stdout) -> None:
@@ -238,18 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--seed", type=int, default=12345, help="seed for goals and prompts")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="masked linears through kernels.masked_linear (default: when the native CPU op is built)")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"], help="kernel backend with --fused")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False,
+                   help="masked linears on the kernels of --backend (default: the plain-PyTorch reference)")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"],
+                   help="kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference")
     p.add_argument("--vote-threshold", type=int, default=None, help="Eq. 13 threshold for unseen tasks (default: the training config's)")
     p.add_argument("--target-return", type=float, default=None, help="initial return-to-go (default: the training config's, 4500)")
     p.add_argument("--batch-size", type=int, default=None, help="episodes per forward (default: all at once; 1 = sequential)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--sim-workers", type=int, default=None,
                    help="processes the simulator steps in (default: 2 for 16+ episodes on 2+ cores, else 1)")
-    p.add_argument("--expand-masks", action=argparse.BooleanOptionalAction, default=None,
-                   help="expand every evaluated task's W * M once instead of from the bits at every forward "
-                        "(default: when that takes at most 2 GiB; --no-expand-masks saves the memory)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -262,7 +244,21 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError("--episodes must be at least 1")
         if args.sim_workers is not None and args.sim_workers < 1:
             raise EvalError("--sim-workers must be at least 1")
-        model, masks, info, cfg, step = load_checkpoint(args.checkpoint)
+        from .config import ConfigError, resolve_device
+
+        try:
+            device = resolve_device(args.device) if args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:") else None
+        except ConfigError as exc:
+            raise EvalError(str(exc)) from None
+        if device is None:
+            raise EvalError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+        try:
+            backends = kernels.select_backends(device, args.fused, args.backend)
+        except (kernels.BackendUnavailable, ValueError) as exc:
+            raise EvalError(str(exc)) from None
+        model, masks, info, cfg, step = load_checkpoint(args.checkpoint, device)
+        print(f"[harmodt] device={device} precision={args.precision} fused={args.fused} kernels: masked_linear={backends.masked_linear}",
+              flush=True)
         try:
             tasks = parse_tasks(args.tasks) if args.tasks else list(info["tasks"])
         except ValueError as exc:
@@ -270,16 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         threshold = args.vote_threshold if args.vote_threshold is not None else cfg["masks"]["vote_threshold"]
         if args.precision == "bf16" and (note := bf16_matmul_note()):
             print(note, file=sys.stderr, flush=True)
-        res = evaluate(model, masks, info, tasks, args.episodes, args.seed, fused=args.fused, backend=args.backend,
+        res = evaluate(model, masks, info, tasks, args.episodes, args.seed, backend=backends.masked_linear,
                        vote_threshold=threshold, batch_size=args.batch_size, progress=not args.no_progress,
-                       precision=args.precision, target_return=args.target_return, sim_workers=args.sim_workers,
-                       expand_masks=args.expand_masks)
+                       precision=args.precision, target_return=args.target_return, sim_workers=args.sim_workers)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_table(res)
     print(f"{res['env_steps']} env steps in {res['seconds']:.1f} s ({res['env_steps_per_s']:.0f} env-steps/s, "
-          f"{'fused' if res['fused'] else 'plain'} masks; building the envs took {res['setup_seconds']:.1f} s)")
+          f"masks on {res['backend']}, model on {res['device']}; building the envs took {res['setup_seconds']:.1f} s)")
     if args.out:
         out = {"method": cfg["method"], "tasks": {t: {"success": r["success"], "return": r["return"]} for t, r in res["tasks"].items()},
                "mean_success": res["mean_success"], "steps": step}

@@ -2,7 +2,8 @@
 (Algorithm 2, Eqs. 8-10) and the vote for unseen tasks (Eq. 13).
 
 Masks are stored as bool tensors ``[T, N, K]`` per masked weight (one byte per weight and task;
-never float copies); the fused kernels read a bit-packed int32 copy made once per mask update.
+never float copies), on the run's device; the model and the kernels read a bit-packed int32 copy
+made once per mask update.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ class TaskMasks:
         return next(iter(self.masks.values())).shape[0]
 
     @staticmethod
-    def erk(shapes: dict[str, tuple[int, int]], n_tasks: int, sparsity: float, generator: torch.Generator) -> "TaskMasks":
+    def erk(shapes: dict[str, tuple[int, int]], n_tasks: int, sparsity: float, generator: torch.Generator,
+            device: torch.device | str = "cpu") -> "TaskMasks":
         """ERK densities at ``1 - sparsity``; an independent random draw per task and layer with
-        exactly ``round(density * numel)`` active weights."""
+        exactly ``round(density * numel)`` active weights (drawn on the CPU, so the masks of a
+        seed do not depend on the device), placed on ``device``."""
         dens = erk_densities(shapes, 1.0 - sparsity)
         masks = {}
         for name, (n, k) in shapes.items():
@@ -67,7 +70,7 @@ class TaskMasks:
             m = torch.zeros(n_tasks, numel, dtype=torch.bool)
             for t in range(n_tasks):
                 m[t, torch.randperm(numel, generator=generator)[:keep]] = True
-            masks[name] = m.view(n_tasks, n, k)
+            masks[name] = m.view(n_tasks, n, k).to(device)
         return TaskMasks(masks)
 
     @staticmethod
@@ -79,8 +82,11 @@ class TaskMasks:
         den = sum(m.numel() if task is None else m[task].numel() for m in self.masks.values())
         return num / den
 
+    def to(self, device: torch.device | str) -> "TaskMasks":
+        return TaskMasks({n: m.to(device) for n, m in self.masks.items()})
+
     def packed(self) -> dict[str, torch.Tensor]:
-        """Bit-packed int32 masks ``[T, N, ceil(K/32)]`` for the fused kernels (cached)."""
+        """Bit-packed int32 masks ``[T, N, ceil(K/32)]``, what the model reads (cached)."""
         if self._packed is None:
             self._packed = {n: kernels.pack_masks(m) for n, m in self.masks.items()}
         return self._packed
@@ -123,13 +129,13 @@ class TaskMasks:
         return {n: m.sum(0) > threshold for n, m in self.masks.items()}
 
     def per_task(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-        """``{task: {param_name: bool (N, K)}}`` (the checkpoint format)."""
-        return {t: {n: m[i].clone() for n, m in self.masks.items()} for i, t in enumerate(names)}
+        """``{task: {param_name: bool (N, K)}}`` on the CPU (the checkpoint format)."""
+        return {t: {n: m[i].cpu().clone() for n, m in self.masks.items()} for i, t in enumerate(names)}
 
     @staticmethod
-    def from_per_task(d: dict[str, dict[str, torch.Tensor]], names: list[str]) -> "TaskMasks":
+    def from_per_task(d: dict[str, dict[str, torch.Tensor]], names: list[str], device: torch.device | str = "cpu") -> "TaskMasks":
         params = list(d[names[0]].keys())
-        return TaskMasks({p: torch.stack([d[t][p].bool() for t in names]) for p in params})
+        return TaskMasks({p: torch.stack([d[t][p].bool() for t in names]).to(device) for p in params})
 
 
 def harmony_score(grads: torch.Tensor) -> float:

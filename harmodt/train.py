@@ -2,8 +2,10 @@
 
 Algorithm 1: every step samples one task (``--tasks-per-batch 1``), a batch of its data, and
 updates theta with ``grad L_i(theta * M_i) * M_i``; every ``t_m`` steps Algorithm 2 updates the
-masks (HarmoDT-M/F; HarmoDT-R keeps its random ERK masks). Writes into ``--out``: config.json,
-metrics.jsonl, TensorBoard events, checkpoint.pt (atomic, resumable), results.json.
+masks (HarmoDT-M/F; HarmoDT-R keeps its random ERK masks). Model, masks, optimizer state and
+batches live on ``--device``; the kernels of each op are chosen once (``kernels.select_backends``).
+Writes into ``--out``: config.json, metrics.jsonl, TensorBoard events, checkpoint.pt (atomic,
+device-free, safe to load with ``weights_only=True``; resumable), results.json.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, TrainConfig, parse_args, to_dict
+import kernels
+
+from . import checkpoint
+from .config import ConfigError, TrainConfig, parse_args, resolve_device, to_dict
 from .data.batches import PromptDTBatcher
 from .masks import TaskMasks, alpha_schedule, harmony_score
 from .model import MaskContext, build_model
@@ -69,26 +74,33 @@ def action_loss(pred: torch.Tensor, batch: dict) -> torch.Tensor:
 
 
 class Trainer:
-    """Holds the model, masks, optimizer and data; one object drives training and checkpoints."""
+    """Holds the model, masks, optimizer and data on one device; drives training and checkpoints."""
 
     def __init__(self, cfg: TrainConfig, datasets: dict | None = None):
         self.cfg = cfg
         self.tasks = parse_tasks(cfg.tasks)
         self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        try:
+            self.backends = kernels.select_backends(self.device, cfg.fused, cfg.backend)
+        except kernels.BackendUnavailable as exc:
+            raise ConfigError(str(exc)) from None
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks)
         mc = cfg.model
         self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if cfg.method != "mtdt" else 0,
-                                       cfg.rtg_scale, mc.max_ep_len, seed=cfg.seed)
-        self.model = build_model(mc, len(self.tasks), cfg.method)
-        self.params = list(self.model.parameters())  # walked once: clipping reads it every step
+                                       cfg.rtg_scale, mc.max_ep_len, seed=cfg.seed, device=self.device)
+        self.model = build_model(mc, len(self.tasks), cfg.method, cfg.conditioning).to(self.device)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model  # training forwards go through this
+        self.params = list(self.model.parameters())
         self.weights = self.model.masked_weights()  # name -> Parameter
         shapes = {n: tuple(w.shape) for n, w in self.weights.items()}
         self.task_masks = None
         if cfg.method.startswith("harmodt"):
-            self.task_masks = TaskMasks.erk(shapes, len(self.tasks), cfg.masks.sparsity, torch.Generator().manual_seed(cfg.seed + 1))
+            self.task_masks = TaskMasks.erk(shapes, len(self.tasks), cfg.masks.sparsity, torch.Generator().manual_seed(cfg.seed + 1),
+                                            device=self.device)
         self.initial_masks = None if self.task_masks is None else self.task_masks.flat_packed()  # ERK draw (seeded): the reference for mask_changed_fraction
         decay, no_decay = [], []
         for n, p in self.model.named_parameters():
@@ -99,15 +111,22 @@ class Trainer:
         self.last_harmony = None
         self.stop_requested = False  # set by SIGINT/SIGTERM; the loop saves and stops at the next step
 
+    def describe(self) -> str:
+        """One line: device, precision, compile and the backend of each kernel op."""
+        dev = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "")
+        return (f"[harmodt] device={dev} precision={self.cfg.precision} compile={self.cfg.compile} "
+                f"fused={self.cfg.fused} kernels: {self.backends.describe()}")
+
     # ---- one step -------------------------------------------------------------------------
-    def context(self, task_ids: torch.Tensor) -> MaskContext | None:
+    def context(self, task_ids: torch.Tensor, single_task: bool = False) -> MaskContext | None:
+        """The masks a forward on rows of ``task_ids`` runs through (None without masks);
+        ``single_task``: every row is ``task_ids[0]`` (one mask, no grouping of rows)."""
         if self.task_masks is None:
             return None
-        tm = self.task_masks
-        return MaskContext.for_tasks(tm.masks, task_ids, packed=tm.packed(), fused=self.cfg.fused, backend=self.cfg.backend)
+        return MaskContext(self.task_masks.packed(), task_ids[:1] if single_task else task_ids, self.backends.masked_linear)
 
     def autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     def sample_tasks(self) -> list[int]:
         g = self.batcher.generator
@@ -116,31 +135,36 @@ class Trainer:
         n = min(self.cfg.tasks_per_batch, len(self.tasks))
         return torch.randperm(len(self.tasks), generator=g)[:n].tolist()
 
-    def train_step(self, task_ids: list[int]) -> float:
+    def keep_masks(self, task_ids: list[int]) -> dict | None:
+        """{weight: packed mask of what this step may change}: the task's mask, or for a batch of
+        several tasks the union of theirs (Eq. 11)."""
+        if self.task_masks is None:
+            return None
+        if len(task_ids) == 1:
+            packed = self.task_masks.packed()
+            return {w: packed[n][task_ids[0]] for n, w in self.weights.items()}
+        masks = self.task_masks.masks
+        idx = torch.tensor(task_ids, device=self.device)
+        return {w: kernels.pack_masks(masks[n].index_select(0, idx).any(0)) for n, w in self.weights.items()}
+
+    def train_step(self, task_ids: list[int]) -> torch.Tensor:
+        """One step of Algorithm 1 on a batch of ``task_ids``; returns the loss (a 0-dim tensor on
+        the device: reading it is the caller's choice, so a GPU step need not wait)."""
         if not self.model.training:  # (train() walks every module: skip it when already set)
             self.model.train()
         batch = self.batcher.sample(task_ids, self.cfg.batch_size)
-        ctx = self.context(batch["task_ids"])
+        ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1)
         with self.autocast():
-            pred = self.model(batch, ctx)
+            pred = self.forward(batch, ctx)
         loss = action_loss(pred, batch)
         for p in self.params:  # zero_grad(set_to_none=True) without Optimizer.zero_grad's per-call overhead
             p.grad = None
         loss.backward()
-        norms = self.model.grad_sq_norms  # the masked weights' squared gradient norms, from their backward
-        coef = clip_coefficient(self.params, self.cfg.grad_clip, None if norms is None else norms.by_param())
-        keep = None
-        if self.task_masks is not None:
-            masks = self.task_masks.masks
-            if len(task_ids) == 1:  # the task's packed mask: 1 bit per weight to read
-                packed = self.task_masks.packed()
-                keep = {w: packed[n][task_ids[0]] for n, w in self.weights.items()}
-            else:
-                keep = {w: masks[n][task_ids].any(0) for n, w in self.weights.items()}
-        self.opt.masked_step(keep, grad_scale=coef)  # clipping applied inside the step
+        coef = clip_coefficient(self.params, self.cfg.grad_clip)
+        self.opt.masked_step(self.keep_masks(task_ids), grad_scale=coef, backend=self.backends.masked_adamw)
         self.sched.step()
         self.step += 1
-        return float(loss.detach())
+        return loss.detach()
 
     # ---- Algorithm 2 ----------------------------------------------------------------------
     def task_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -150,8 +174,8 @@ class Trainer:
         params = [self.weights[n] for n in names]
         p_total = sum(w.numel() for w in params)
         t = len(self.tasks)
-        masked = torch.zeros(t, p_total)
-        dense = torch.zeros(t, p_total) if self.task_masks is not None else None
+        masked = torch.zeros(t, p_total, device=self.device)
+        dense = torch.zeros(t, p_total, device=self.device) if self.task_masks is not None else None
         was_training = self.model.training
         self.model.eval()
         for i in range(t):
@@ -160,9 +184,9 @@ class Trainer:
                 g = torch.autograd.grad(action_loss(self.model(batch), batch), params)
                 masked[i] = torch.cat([x.reshape(-1) for x in g])
                 continue
-            ctx = self.context(batch["task_ids"])
+            ctx = self.context(batch["task_ids"], single_task=True)
             if self.cfg.masks.recovery_grad == "masked":
-                ctx.task_grads = {n: torch.zeros(t, *w.shape) for n, w in self.weights.items()}
+                ctx.task_grads = {n: torch.zeros(t, *w.shape, device=self.device) for n, w in self.weights.items()}
             gb = torch.autograd.grad(action_loss(self.model(batch, ctx), batch), params)
             masked[i] = torch.cat([x.reshape(-1) for x in gb])
             if self.cfg.masks.recovery_grad == "masked":
@@ -182,16 +206,13 @@ class Trainer:
             k = alpha_schedule(self.step, self.cfg.steps, m.eta_min, m.eta_max)
             params = torch.cat([w.detach().reshape(-1) for w in self.weights.values()])
             importance = "fisher" if self.cfg.method == "harmodt-f" else "magnitude"
-            backend = self.cfg.backend if self.cfg.fused else "reference"
-            changed = self.task_masks.update(masked, dense, params, k, m.lam, importance, m.lam_on, backend=backend)
+            changed = self.task_masks.update(masked, dense, params, k, m.lam, importance, m.lam_on, backend=self.backends.harmony_select)
             info.update({"alpha": k, "masked_per_task": changed["masked"], "density": self.task_masks.density(),
                          "mask_changed_fraction": self.mask_changed_fraction()})
         return info
 
     def mask_changed_fraction(self) -> list[float]:
         """Per task, the fraction of its active weights that are not active in its initial ERK mask."""
-        import kernels
-
         p = sum(m[0].numel() for m in self.task_masks.masks.values())
         now = kernels.unpack_masks(self.task_masks.flat_packed(), p)
         init = kernels.unpack_masks(self.initial_masks, p)
@@ -199,15 +220,25 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def eval_info(self) -> dict:
+        """What evaluation needs besides the weights: task names, state normalization, prompt
+        trajectories, return scaling (tensors and plain types only)."""
         b = self.batcher
         prompts = {
-            name: [{"observations": tr.observations, "actions": tr.actions, "rewards": tr.rewards} for tr in self.datasets[name].prompts]
+            name: [{"observations": torch.as_tensor(tr.observations), "actions": torch.as_tensor(tr.actions),
+                    "rewards": torch.as_tensor(tr.rewards)} for tr in self.datasets[name].prompts]
             for name in self.tasks
         }
-        return {"tasks": self.tasks, "state_mean": b.state_mean, "state_std": b.state_std, "prompts": prompts,
+        return {"tasks": list(self.tasks), "state_mean": {t: torch.as_tensor(v) for t, v in b.state_mean.items()},
+                "state_std": {t: torch.as_tensor(v) for t, v in b.state_std.items()}, "prompts": prompts,
                 "rtg_scale": self.cfg.rtg_scale, "target_return": self.cfg.target_return}
 
     def state(self) -> dict:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        rng = {"torch": torch.get_rng_state(), "batcher": self.batcher.state_dict(), "python": random.getstate(),
+               "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                         "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "model": self.model.state_dict(),
             "masks": None if self.task_masks is None else self.task_masks.per_task(self.tasks),
@@ -215,34 +246,35 @@ class Trainer:
             "scheduler": self.sched.state_dict(),
             "step": self.step,
             "config": to_dict(self.cfg),
-            "rng": {"torch": torch.get_rng_state(), "batcher": self.batcher.state_dict(), "python": random.getstate(),
-                    "numpy": np.random.get_state()},
+            "rng": rng,
             "eval_info": self.eval_info(),
             "last_harmony": self.last_harmony,
         }
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
+        checkpoint.save(self.state(), path)
 
     def load(self, path: Path) -> None:
         try:
-            ck = torch.load(path, weights_only=False)
-        except Exception as exc:
-            raise ConfigError(f"--resume: cannot read {path}: {exc}") from None
+            ck = checkpoint.load(path)
+        except checkpoint.CheckpointError as exc:
+            raise ConfigError(f"--resume: {exc}") from None
         if ck["config"]["method"] != self.cfg.method or ck["config"]["tasks"] != self.cfg.tasks:
             raise ConfigError(f"--resume: {path} was trained with method={ck['config']['method']} tasks={ck['config']['tasks']}")
         self.model.load_state_dict(ck["model"])
         if ck["masks"] is not None:
-            self.task_masks = TaskMasks.from_per_task(ck["masks"], self.tasks)
+            self.task_masks = TaskMasks.from_per_task(ck["masks"], self.tasks, device=self.device)
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.step = ck["step"]
-        torch.set_rng_state(ck["rng"]["torch"])
-        self.batcher.load_state_dict(ck["rng"]["batcher"])
-        random.setstate(ck["rng"]["python"])
-        np.random.set_state(ck["rng"]["numpy"])
+        rng = ck["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.batcher.load_state_dict(rng["batcher"])
+        random.setstate(_as_tuples(rng["python"]))
+        npr = rng["numpy"]
+        np.random.set_state((npr["name"], npr["keys"].numpy().astype(np.uint32), npr["pos"], npr["has_gauss"], npr["gauss"]))
         self.last_harmony = ck.get("last_harmony")
 
     # ---- evaluation -----------------------------------------------------------------------
@@ -250,8 +282,12 @@ class Trainer:
         from .evaluate import evaluate
 
         return evaluate(self.model, self.task_masks, self.eval_info(), self.tasks, self.cfg.eval_episodes, self.cfg.seed + 12345,
-                        fused=True if self.cfg.fused else None, backend=self.cfg.backend, progress=self.cfg.progress,
-                        precision=self.cfg.precision)
+                        backend=self.backends.masked_linear, progress=self.cfg.progress, precision=self.cfg.precision)
+
+
+def _as_tuples(x):
+    """random.setstate wants the tuples that a checkpoint's round trip may have kept as lists."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
@@ -266,6 +302,7 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     if ck_path.exists() and not cfg.resume:
         raise ConfigError(f"{ck_path} exists: pass --resume to continue it or choose another --out")
     trainer = Trainer(cfg, datasets)
+    print(trainer.describe(), flush=True)
     if cfg.resume and ck_path.exists():
         trainer.load(ck_path)
         print(f"[harmodt] resumed from {ck_path} at step {trainer.step}", flush=True)
@@ -313,11 +350,12 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
                 info.update(step=trainer.step, mask_update_s=time.perf_counter() - tu)
                 log(info)
                 t0 += time.perf_counter() - tu
-            losses.append(trainer.train_step(trainer.sample_tasks()))
+            losses.append(trainer.train_step(trainer.sample_tasks()))  # device tensors: read once per log line
             bar.update(1)
             if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
                 sps = (trainer.step - s0) / max(time.perf_counter() - t0, 1e-9)
-                rec = {"step": trainer.step, "loss": float(np.mean(losses)), "lr": trainer.sched.get_last_lr()[0], "steps_per_s": sps}
+                rec = {"step": trainer.step, "loss": float(torch.stack(losses).float().mean()), "lr": trainer.sched.get_last_lr()[0],
+                       "steps_per_s": sps}
                 log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{sps:.1f}")
                 losses, t0, s0 = [], time.perf_counter(), trainer.step

@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of every kernel: the single source of truth.
 
-The model (non-fused path), the tests and the benchmarks all import these. Every backend
-(`kernels/triton_masked_linear.py`, `kernels/triton_harmony_select.py` in Triton, the native CPU op) must match
+The model (without ``--fused``), the tests and the benchmarks all import these. Every backend
+(the Triton kernels in `kernels/triton_*.py`, the native CPU ops in `kernels/csrc/`) must match
 them; ties are broken by lowest index here and everywhere.
 
 Packed masks: a boolean mask ``[..., K]`` packs into int32 words ``[..., ceil(K/32)]``; bit
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_mask_", "apply_masks_", "apply_masks_sq_norms_", "attention", "attention_mask", "bias_dropout_add", "bias_relu_", "dropout_apply", "dropout_keep_mask", "pack_masks", "unpack_masks", "masked_linear", "masked_mlp", "masked_qkv_attention", "harmony_select", "layer_norm", "num_words"]
+__all__ = ["harmony_select", "masked_adamw_", "masked_linear", "num_words", "pack_masks", "unpack_masks"]
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
 
@@ -45,135 +45,6 @@ def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
     return bits.reshape(*words.shape[:-1], -1)[..., :k].bool()
 
 
-def apply_mask_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``out = where(mask, src, 0)`` (``out`` may be ``src``; in ``out``'s dtype); returns ``out``.
-    ``mask``: bool of ``src``'s shape, or its packed int32 words ``[..., ceil(K/32)]``. The masked
-    weight ``W * M`` of Eq. 4 and its gradient ``grad * M`` (zeros, not ``0 * x``, outside the mask)."""
-    if mask.dtype == torch.int32:
-        mask = unpack_masks(mask, src.shape[-1])
-    if mask.dtype != torch.bool:
-        raise TypeError(f"apply_mask_ expects a bool or packed int32 mask, got {mask.dtype}")
-    if src.shape != mask.shape or out.shape != mask.shape:
-        raise ValueError(f"apply_mask_: src {tuple(src.shape)}, mask {tuple(mask.shape)} and out {tuple(out.shape)} must have one shape")
-    if out.dtype != src.dtype:  # e.g. W * M straight into autocast's bf16, or a bf16 gradient back to fp32
-        return out.copy_(torch.where(mask, src, src.new_zeros(())))
-    return torch.where(mask, src, src.new_zeros(()), out=out)
-
-
-_U64 = 2**64
-
-
-def apply_masks_(outs: list, srcs: list, masks: list) -> list:
-    """:func:`apply_mask_` for each (out, src, mask) triple; returns ``outs``."""
-    if not len(outs) == len(srcs) == len(masks):
-        raise ValueError(f"apply_masks_: got {len(outs)} outputs, {len(srcs)} sources and {len(masks)} masks")
-    for o, s_, m in zip(outs, srcs, masks):
-        apply_mask_(o, s_, m)
-    return outs
-
-
-def apply_masks_sq_norms_(outs: list, srcs: list, masks: list) -> torch.Tensor:
-    """:func:`apply_masks_`, then each output's sum of squares as float64 ``[len(outs)]`` (the
-    squared norms gradient clipping needs of masked gradients)."""
-    apply_masks_(outs, srcs, masks)
-    return torch.tensor([float(o.double().square().sum()) for o in outs], dtype=torch.float64)
-
-
-def _u64(c: int) -> int:
-    """A uint64 constant as the int64 with the same bits."""
-    return c - _U64 if c >= 2**63 else c
-
-
-def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
-
-
-def dropout_keep_mask(n: int, seed: int, p: float) -> torch.Tensor:
-    """bool ``(n,)``: element i is kept iff 16-bit field ``i % 4`` of the SplitMix64 output
-    ``mix(seed + (i // 4 + 1) * golden)`` is >= ``round(p * 65536)`` (int64 arithmetic wraps like
-    uint64). Keep probability ``1 - round(p * 65536) / 65536``; nothing is stored: the backward
-    recomputes it from the seed."""
-    j = torch.arange((n + 3) // 4, dtype=torch.int64) + 1
-    z = seed + j * _u64(0x9E3779B97F4A7C15)
-    z = (z ^ _srl(z, 30)) * _u64(0xBF58476D1CE4E5B9)
-    z = (z ^ _srl(z, 27)) * _u64(0x94D049BB133111EB)
-    z = z ^ _srl(z, 31)
-    fields = torch.stack([_srl(z, 16 * q) & 0xFFFF for q in range(4)], dim=1).reshape(-1)[:n]  # (n,)
-    return fields >= round(p * 65536)
-
-
-def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """``x * keep / (1 - p)`` with the keep mask of :func:`dropout_keep_mask` over ``x``'s
-    elements in row-major order (the same call on the gradient is the backward)."""
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"dropout_apply expects float32 or bfloat16, got {x.dtype}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_apply: p must be in [0, 1), got {p}")
-    keep = dropout_keep_mask(x.numel(), int(seed), p).view(x.shape)
-    return torch.where(keep, x.float() * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
-
-
-def bias_relu_(z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``z <- relu(z + bias)`` in place (``bias`` over the last dimension, rounded to z's dtype);
-    returns ``z``. Differentiable when ``z`` is not a leaf (a GEMM output)."""
-    return torch.relu_(z.add_(bias))
-
-
-def bias_dropout_add(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """``residual + dropout_apply(y + bias, seed, p)`` in fp32 (the keep mask indexes ``y``'s
-    elements in row-major order), rounded to ``residual``'s dtype; ``bias`` over the last
-    dimension, ``residual`` of ``y``'s shape."""
-    if y.shape != residual.shape:
-        raise ValueError(f"bias_dropout_add: y {tuple(y.shape)} and residual {tuple(residual.shape)} must have one shape")
-    return (residual.float() + dropout_apply(y.float() + bias.float(), seed, p)).to(residual.dtype)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` over the last dimension of ``x``: ``F.linear``."""
-    return F.linear(x, weight, bias)
-
-
-def attention_mask(key_valid: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
-    """bool ``(B, 1, Tq, Tk)``: key j is visible to the query at key position ``query_pos[i]`` iff
-    ``(j <= query_pos[i] and key_valid[b, j]) or j == query_pos[i]`` (causal, padding hidden, and a
-    query always sees itself so no row is empty)."""
-    k_pos = torch.arange(key_valid.shape[1], device=key_valid.device).unsqueeze(0)  # (1, Tk)
-    q_pos = query_pos.unsqueeze(1)  # (Tq, 1)
-    mask = (k_pos <= q_pos).unsqueeze(0) & key_valid.unsqueeze(1)  # (B, Tq, Tk)
-    return (mask | (k_pos == q_pos).unsqueeze(0)).unsqueeze(1)
-
-
-def attention(qkv: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tensor, prefix=None, p: float = 0.0,
-              seed: int = 0, qkv_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention read from the packed projection ``qkv (B, T, 3, H, D)``.
-
-    Keys/values: the optional ``prefix = (k, v)``, each ``(B, H, Tp, D)``, then the T own tokens;
-    ``key_valid (B, Tp + T)`` bool; ``query_pos (Tq,)`` int64: the key position of each query (an
-    own token, ``>= Tp``). Visibility: :func:`attention_mask`. Dropout with probability ``p`` on
-    the attention probabilities uses :func:`dropout_apply`'s keep mask over the ``(B, H, Tq, Tk)``
-    tensor with ``seed``. ``qkv_bias`` (``(3 H D,)``, optional) is added to the own tokens' q, k
-    and v in fp32. Computed in fp32; returns ``(B, Tq, H * D)`` in ``qkv``'s dtype.
-    """
-    b, t, three, h, d = qkv.shape
-    if three != 3:
-        raise ValueError(f"attention: qkv must be (B, T, 3, H, D), got {tuple(qkv.shape)}")
-    tp = 0 if prefix is None else prefix[0].shape[2]
-    dtype = qkv.dtype
-    qkv = qkv.float() if qkv_bias is None else qkv.float() + qkv_bias.float().view(3, h, d)
-    q = qkv[:, query_pos - tp, 0].transpose(1, 2)  # (B, H, Tq, D)
-    k = qkv[:, :, 1].transpose(1, 2)  # (B, H, T, D)
-    v = qkv[:, :, 2].transpose(1, 2)
-    if prefix is not None:
-        k = torch.cat([prefix[0].float(), k], dim=2)  # (B, H, Tk, D)
-        v = torch.cat([prefix[1].float(), v], dim=2)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / d**0.5)  # (B, H, Tq, Tk)
-    att = att.masked_fill(~attention_mask(key_valid, query_pos), float("-inf")).softmax(-1)
-    if p > 0.0:
-        att = dropout_apply(att, seed, p)
-    return (att @ v).transpose(1, 2).reshape(b, len(query_pos), h * d).to(dtype)
-
-
 def _as_bool_masks(masks: torch.Tensor, k: int) -> torch.Tensor:
     """Accept packed int32 ``[T, N, W]`` or already-unpacked bool ``[T, N, K]`` masks."""
     if masks.dtype == torch.bool:
@@ -194,11 +65,12 @@ def masked_linear(
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias``, differentiable in x, weight, bias.
 
     x ``[R, K]``, weight ``[N, K]``, bias ``[N]`` or None, masks ``[T, N, ceil(K/32)]`` int32
-    (packed) or ``[T, N, K]`` bool, task_ids ``[R]`` int64 in ``[0, T)``.
+    (packed) or ``[T, N, K]`` bool, task_ids int64 ``[R]`` in ``[0, T)``, or ``[1]``: every row
+    belongs to that one task (no data-dependent control flow, so ``torch.compile`` traces it whole).
 
-    The masked weight copies of the tasks present in ``task_ids`` are materialized, one per task
-    (that is what the fused kernels avoid); autograd then gives ``dX[r] = dY[r] @ (W*M_t)``,
-    ``dW = sum_t M_t * (dY_t^T X_t)`` and ``db = sum_r dY[r]``.
+    The masked weight of each task present is materialized (that is what the fused kernels avoid);
+    autograd then gives ``dX[r] = dY[r] @ (W*M_t)``, ``dW = sum_t M_t * (dY_t^T X_t)`` and
+    ``db = sum_r dY[r]``.
 
     ``task_grads``: optional fp32 ``[T, N, K]`` buffer; on backward the per-task *unmasked*
     ``dY_t^T X_t`` is added into it (the gradient w.r.t. each task's effective weight).
@@ -207,51 +79,74 @@ def masked_linear(
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"masked_linear: x has {k} features, weight is {tuple(weight.shape)}")
-    if task_ids.shape != (r,):
-        raise ValueError(f"masked_linear: task_ids must be [{r}], got {tuple(task_ids.shape)}")
-    bmask = _as_bool_masks(masks, k)
-    if bmask.shape[:2] != (bmask.shape[0], n):
+    if task_ids.shape not in ((r,), (1,)):
+        raise ValueError(f"masked_linear: task_ids must be [{r}] or [1], got {tuple(task_ids.shape)}")
+    if masks.shape[1] != n:
         raise ValueError(f"masked_linear: masks {tuple(masks.shape)} do not match weight {tuple(weight.shape)}")
+    if task_ids.shape == (1,) and r != 1:  # one task: one masked copy, one GEMM
+        m = masks.index_select(0, task_ids)[0]
+        m = m if m.dtype == torch.bool else unpack_masks(m, k)
+        w_eff = torch.where(m, weight, weight.new_zeros(()))  # (N, K)
+        if task_grads is not None and w_eff.requires_grad:
+            w_eff.register_hook(_accumulate_into(task_grads, task_ids))
+        return F.linear(x, w_eff, bias)
+    bmask = _as_bool_masks(masks, k)
     counts = torch.bincount(task_ids, minlength=bmask.shape[0])
     present = counts.nonzero().flatten().tolist()
-    if len(present) == 1 and task_grads is None:
-        w_eff = torch.where(bmask[present[0]], weight, weight.new_zeros(()))  # (N, K)
-        return F.linear(x, w_eff, bias)
     order = torch.argsort(task_ids, stable=True)  # rows grouped by task
     xs = x.index_select(0, order)
     parts, start = [], 0
     for t, c in zip(present, counts[present].tolist()):
         w_eff = torch.where(bmask[t], weight, weight.new_zeros(()))  # (N, K): one masked copy per task present
         if task_grads is not None and w_eff.requires_grad:
-            w_eff.register_hook(_accumulate_into(task_grads, t))
+            w_eff.register_hook(_accumulate_into(task_grads, torch.tensor([t], device=x.device)))
         parts.append(F.linear(xs[start : start + c], w_eff, bias))
         start += c
     ys = torch.cat(parts) if parts else x.new_empty(0, n)
     return ys.index_select(0, torch.argsort(order))  # back to the callers' row order
 
 
-def masked_mlp(x, w1, b1, m1, w2, b2, m2, task_ids):
-    """A block's MLP through each row's task masks: ``relu(x W1_t^T + b1) W2_t^T + b2`` with
-    ``W_t = W * M[task_ids[r]]`` (two :func:`masked_linear` calls and a ReLU)."""
-    return masked_linear(F.relu(masked_linear(x, w1, b1, m1, task_ids)), w2, b2, m2, task_ids)
-
-
-def masked_qkv_attention(x, weight, bias, masks, row_tasks, n_head, key_valid, query_pos, prefix=None):
-    """A block's attention input and attention, per batch row's task mask: ``qkv = x W_t^T + b``
-    (:func:`masked_linear`, ``x`` is ``[B * T, C]``), then :func:`attention` without dropout;
-    returns ``(B, Tq, C)``."""
-    b = row_tasks.shape[0]
-    t, c = x.shape[0] // b, x.shape[1]
-    qkv = masked_linear(x, weight, bias, masks, row_tasks.repeat_interleave(t))
-    return attention(qkv.view(b, t, 3, n_head, c // n_head), key_valid, query_pos, prefix)
-
-
-def _accumulate_into(buf: torch.Tensor, t: int):
+def _accumulate_into(buf: torch.Tensor, t: torch.Tensor):
     def hook(grad):
-        buf[t] += grad.to(buf.dtype)
+        buf.index_add_(0, t, grad.to(buf.dtype).unsqueeze(0))
         return grad
 
     return hook
+
+
+def masked_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, masks: list, steps: list, *, lr: float,
+                  beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale=1.0) -> None:
+    """AdamW (``torch.optim.AdamW``'s arithmetic, decoupled weight decay) in place on each
+    parameter, where weights outside ``masks[i]`` keep their value bit for bit.
+
+    For each i, with ``g = grads[i] * grad_scale`` and ``steps[i] += 1`` (a float 0-dim tensor)::
+
+        exp_avg    = lerp(exp_avg, g, 1 - beta1)
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
+        new        = p * (1 - lr * weight_decay)
+                     - lr / (1 - beta1^step) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^step) + eps)
+        p          = where(mask, new, p)
+
+    ``masks[i]``: None (all of p may change), a bool tensor of p's shape, or its packed int32
+    words ``[..., ceil(K/32)]``. Outside the mask the moments still move as above (with the
+    masked gradient, i.e. zero there, they decay), as a plain AdamW step would move them.
+    ``grad_scale``: a float or a 0-dim tensor (the gradient-clipping factor).
+    """
+    for p, g, m, v, mask, step in zip(params, grads, exp_avgs, exp_avg_sqs, masks, steps):
+        g = g * grad_scale
+        step += 1
+        t = float(step)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size = lr / (1 - beta1**t)
+        denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
+        new = p.detach() * (1 - lr * weight_decay)
+        new.addcdiv_(m, denom, value=-step_size)
+        if mask is None:
+            p.detach().copy_(new)
+            continue
+        keep = mask if mask.dtype == torch.bool else unpack_masks(mask, p.shape[-1])
+        p.detach().copy_(torch.where(keep, new, p.detach()))
 
 
 def harmony_select(
@@ -304,8 +199,3 @@ def harmony_select(
         new[i, drop] = False
         new[i, add] = True
     return pack_masks(new)
-
-
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Layer norm over the last dimension (``nn.LayerNorm``'s biased variance)."""
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

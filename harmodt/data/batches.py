@@ -1,8 +1,9 @@
 """Prompt-DT batches, vectorized: context K, prompt K*, scaled returns-to-go, per-task state
 normalization, left padding with an attention mask, trajectories sampled in proportion to length.
 
-Each task's trajectories are concatenated once into flat tensors; a batch is then one gather per
-field (no Python loop per sample).
+Each task's trajectories are concatenated once into flat tensors on the training device; a batch
+is then one gather per field there (no Python loop per sample). Which steps to gather is drawn on
+the CPU from a seeded generator, so a seed gives the same batches on every device.
 """
 
 from __future__ import annotations
@@ -20,13 +21,18 @@ def returns_to_go(rewards: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Flat:
-    states: torch.Tensor  # (N, S) normalized
-    actions: torch.Tensor  # (N, A)
-    rtg: torch.Tensor  # (N,) scaled
-    timesteps: torch.Tensor  # (N,) int64
-    starts: torch.Tensor  # (n_traj,) offset of each trajectory
-    lengths: torch.Tensor  # (n_traj,)
-    probs: torch.Tensor  # (n_traj,) sampling probability (proportional to length)
+    states: torch.Tensor  # (N, S) normalized, on the device
+    actions: torch.Tensor  # (N, A), on the device
+    rtg: torch.Tensor  # (N,) scaled, on the device
+    timesteps: torch.Tensor  # (N,) int64, on the device
+    starts: torch.Tensor  # (n_traj,) offset of each trajectory (CPU)
+    lengths: torch.Tensor  # (n_traj,) (CPU)
+    probs: torch.Tensor  # (n_traj,) sampling probability, proportional to length (CPU)
+
+    def to(self, device) -> "_Flat":
+        """The per-step tensors on ``device`` (the sampling tables stay on the CPU)."""
+        return _Flat(self.states.to(device), self.actions.to(device), self.rtg.to(device), self.timesteps.to(device),
+                     self.starts, self.lengths, self.probs)
 
 
 def _flatten(trajs, mean, std, rtg_scale, max_ep_len) -> _Flat:
@@ -53,6 +59,8 @@ def sample_segments(flat: _Flat, n: int, length: int, generator: torch.Generator
     off = torch.arange(length).unsqueeze(0) - (length - real).unsqueeze(1)  # (n, length), <0 = padding
     valid = off >= 0
     idx = flat.starts[traj].unsqueeze(1) + si.unsqueeze(1) + off.clamp(min=0)  # (n, length)
+    dev = flat.states.device
+    idx, valid = idx.to(dev, non_blocking=True), valid.to(dev, non_blocking=True)
     vf = valid.unsqueeze(-1).float()
     return {
         "states": flat.states[idx] * vf,  # (n, L, S)
@@ -76,7 +84,7 @@ class PromptDTBatcher:
     """
 
     def __init__(self, datasets: dict, tasks: list[str], context_len: int, prompt_len: int, rtg_scale: float,
-                 max_ep_len: int = 500, seed: int = 0):
+                 max_ep_len: int = 500, seed: int = 0, device: torch.device | str = "cpu"):
         self.tasks = list(tasks)
         self.k = context_len
         self.kp = prompt_len
@@ -89,8 +97,9 @@ class PromptDTBatcher:
             mean = obs.mean(0).astype(np.float32)
             std = (obs.std(0) + 1e-6).astype(np.float32)
             self.state_mean[name], self.state_std[name] = mean, std
-            self.data.append(_flatten(td.trajectories, mean, std, rtg_scale, max_ep_len))
-            self.prompts.append(_flatten(td.prompts, mean, std, rtg_scale, max_ep_len))
+            self.data.append(_flatten(td.trajectories, mean, std, rtg_scale, max_ep_len).to(device))
+            self.prompts.append(_flatten(td.prompts, mean, std, rtg_scale, max_ep_len).to(device))
+        self.device = torch.device(device)
 
     def sample(self, task_ids: list[int], batch_size: int) -> dict:
         """A batch of ``batch_size`` rows spread evenly over ``task_ids`` (one id = Algorithm 1)."""
@@ -103,7 +112,7 @@ class PromptDTBatcher:
             if self.kp > 0:
                 pr = sample_segments(self.prompts[tid], n, self.kp, self.generator)
                 seg.update({"prompt_" + key: v for key, v in pr.items()})
-            seg["task_ids"] = torch.full((n,), tid, dtype=torch.int64)
+            seg["task_ids"] = torch.full((n,), tid, dtype=torch.int64, device=self.device)
             parts.append(seg)
         if len(parts) == 1:
             return parts[0]
