@@ -189,7 +189,7 @@ class PromptDT(nn.Module):
         attn_mask = causal_mask(valid, x.shape[1])  # (B, 1, L, L)
         for blk in self.blocks:
             x, _ = blk(x, attn_mask, ctx)
-        states = x[:, x.shape[1] - (3 * k - 1) :: 3]  # (B, K, C): the history's state tokens
+        states = x[:, x.shape[1] - (3 * k - 1) + 1 :: 3]  # (B, K, C): the history's state tokens s_1 .. s_K
         return self._head(states)
 
     @torch.no_grad()
