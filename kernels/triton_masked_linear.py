@@ -1,17 +1,33 @@
 """Masked linear in Triton: ``y[r] = x[r] @ (W * M[task[r]]).T + b`` without masked weight copies.
 
-Rows are grouped by task (a stable sort into segments, cut into row tiles of one task each); a
-program owns one row tile and one output tile, loads W tiles and the task's packed mask words once
-per tile and expands the bits in registers, accumulating in fp32 with ``tl.dot`` (tensor cores on
-GPU: tf32 for fp32 inputs, bf16/fp16 natively; exact ieee fp32 under ``TRITON_INTERPRET=1``).
-The weight gradient ``dW = sum_t M_t * (dY_t^T X_t)`` is accumulated over all task segments inside
-one program per (N, K) tile: deterministic, no atomics, no per-task weight copies; the same loop
-can add each task's unmasked ``dY_t^T X_t`` into ``task_grads``.
+Each program owns one row tile of a single task and one output tile; it loads W tiles and the
+task's packed mask words once per tile and expands the bits in registers, accumulating in fp32
+with ``tl.dot`` (tensor cores on a GPU: bf16/fp16 natively, fp32 as tf32 when
+``torch.get_float32_matmul_precision()`` allows it, as ``F.linear`` does; exact fp32 under
+``TRITON_INTERPRET=1``).
+
+Two row layouts, chosen by the shape of ``task_ids``:
+
+* ``[1]``: every row belongs to one task (a training batch). Row tiles are plain ranges of rows;
+  the task is read from device memory, so nothing is sorted and nothing waits for the GPU.
+* ``[R]``: a mixed-task batch (evaluation). Rows are put in task order by a stable ``argsort`` and
+  counted per task on the device; each program finds its (task, row range) from the counts with a
+  cumulative sum in registers. The grid is sized for the worst case (``R // BM + min(T, R)`` row
+  tiles), so the host never reads the counts: programs past the last tile do no work.
+
+The weight gradient ``dW = sum_t M_t * (dY_t^T X_t)`` is accumulated task by task inside one
+program per (N, K) tile: deterministic, no atomics, one mask expansion per task; the same loop
+adds each task's unmasked ``dY_t^T X_t`` into ``task_grads`` when given.
+
+The op is registered with ``torch.library`` (``harmodt_triton::masked_linear`` and its two
+backward ops, ``masked_linear_dx`` and ``masked_linear_dw``, the latter mutating ``task_grads``),
+with fake implementations, so ``torch.compile`` sees one opaque op per call and no graph break.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -19,29 +35,39 @@ import triton.language as tl
 
 from .reference import num_words
 
-BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32  # interpreter tiles: row tile (one task), output tile, reduction tile
+__all__ = ["block_config", "triton_masked_linear"]
+
+INTERPRET_BLOCKS = (32, 32, 32)  # (BM, BN, BK) under the interpreter: small tiles run fastest there
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BM, BN, BK) keyed on the layer's size: small tiles under the interpreter; on GPU 64-row
-    task tiles, wider output tiles for wide layers (qkv 768, fc 1024) and deeper reduction tiles
-    for long ones (K >= 256). BK is a multiple of 32 (one packed mask word per 32 columns)."""
+def block_config(n: int, k: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
+    """(BM, BN, BK): 64-row task tiles; 128-wide output tiles for wide layers (qkv 768, fc 1024);
+    a reduction tile of 64 for 16-bit inputs and of 32 for fp32, which keeps three pipeline stages
+    under 100 KB of shared memory (an RTX 3090 has 99 KB per block). BK is a multiple of 32: one
+    packed mask word per 32 columns."""
     if _interpreting():
-        return BLOCK_M, BLOCK_N, BLOCK_K
-    return 64, (128 if n >= 512 else 64), (64 if k >= 256 else 32)
+        return INTERPRET_BLOCKS
+    return 64, (128 if n >= 512 else 64), (32 if dtype == torch.float32 else 64)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+# ---- kernels ----------------------------------------------------------------------------------
 
 
 @triton.jit
-def _mask_tile(words_ptr, task, offs_n, k0, N, K, W, stride_mt, stride_mn, BN: tl.constexpr, BK: tl.constexpr):
+def _mask_tile(m_ptr, task, offs_n, k0, N, K, W, stride_mt, stride_mn, BN: tl.constexpr, BK: tl.constexpr):
     """The task's mask bits for rows ``offs_n`` and columns ``k0 .. k0 + BK`` as a [BN, BK] 0/1
     tile: BK / 32 words per row are loaded once and expanded in registers (k0 % 32 == 0)."""
     offs_k = k0 + tl.arange(0, BK)
     w_idx = k0 // 32 + tl.arange(0, BK // 32)  # (BK/32,)
-    wp = words_ptr + task * stride_mt + offs_n[:, None] * stride_mn + w_idx[None, :]
+    wp = m_ptr + task * stride_mt + offs_n[:, None] * stride_mn + w_idx[None, :]
     words = tl.load(wp, mask=(offs_n[:, None] < N) & (w_idx[None, :] < W), other=0)  # (BN, BK/32) int32
     bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1  # (BN, BK/32, 32)
     bits = tl.reshape(bits, (BN, BK))
@@ -49,20 +75,45 @@ def _mask_tile(words_ptr, task, offs_n, k0, N, K, W, stride_mt, stride_mn, BN: t
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, order_ptr, tiles_ptr, N, K, W,
+def _row_tile(tile, task_ptr, counts_ptr, order_ptr, R, T, SINGLE: tl.constexpr, TP: tl.constexpr, BM: tl.constexpr):
+    """Row tile number ``tile``: (task, original row indices [BM] as int64, which of them are real,
+    whether the tile holds any row). One task: rows ``tile*BM ..``. Mixed tasks: the tile's task is
+    the first whose cumulative tile count exceeds ``tile``; its rows come from ``order``."""
+    if SINGLE:
+        task = tl.load(task_ptr).to(tl.int32)
+        offs = tile * BM + tl.arange(0, BM)
+        row_ok = offs < R
+        rows = offs.to(tl.int64)
+        n_rows = R - tile * BM
+    else:
+        t_idx = tl.arange(0, TP)
+        cnt = tl.load(counts_ptr + t_idx, mask=t_idx < T, other=0)  # rows per task
+        n_tiles = (cnt + BM - 1) // BM
+        tiles_incl = tl.cumsum(n_tiles, 0)
+        task = tl.sum((tiles_incl <= tile).to(tl.int32), 0)  # == T past the last tile
+        sel = t_idx == task
+        first_tile = tl.sum(tl.where(sel, tiles_incl - n_tiles, 0), 0)
+        seg_start = tl.sum(tl.where(sel, tl.cumsum(cnt, 0) - cnt, 0), 0)
+        seg_rows = tl.sum(tl.where(sel, cnt, 0), 0)  # 0 past the last tile
+        r0 = (tile - first_tile) * BM
+        n_rows = seg_rows - r0
+        offs = tl.arange(0, BM)
+        row_ok = offs < n_rows
+        rows = tl.load(order_ptr + seg_start + r0 + offs, mask=row_ok, other=0).to(tl.int64)
+        task = tl.minimum(task, T - 1)  # keeps the (unused) mask loads of an empty tile in bounds
+    return task, rows, row_ok, n_rows > 0
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, task_ptr, counts_ptr, order_ptr, R, N, K, W, T,
                 stride_xm, stride_xk, stride_wn, stride_wk, stride_mt, stride_mn, stride_ym, stride_yn,
-                HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    task = tl.load(tiles_ptr + tile * 3)
-    r0 = tl.load(tiles_ptr + tile * 3 + 1)
-    r1 = tl.load(tiles_ptr + tile * 3 + 2)
-    offs_r = r0 + tl.arange(0, BM)
-    row_ok = offs_r < r1
-    rows = tl.load(order_ptr + offs_r, mask=row_ok, other=0)  # original row indices
-    offs_n = pid_n * BN + tl.arange(0, BN)
+                SINGLE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, TP: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    task, rows, row_ok, has_rows = _row_tile(tl.program_id(0), task_ptr, counts_ptr, order_ptr, R, T, SINGLE, TP, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    k_end = tl.where(has_rows, K, 0)  # an empty tile skips the reduction
+    for k0 in range(0, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=row_ok[:, None] & (offs_k[None, :] < K), other=0.0)  # (BM, BK)
@@ -78,26 +129,21 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, order_ptr, tiles_ptr, N, K, W
 
 
 @triton.jit
-def _dx_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr, order_ptr, tiles_ptr, N, K, W,
+def _dx_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr, task_ptr, counts_ptr, order_ptr, R, N, K, W, T,
                stride_dym, stride_dyn, stride_wn, stride_wk, stride_mt, stride_mn, stride_dxm, stride_dxk,
-               PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    tile = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    task = tl.load(tiles_ptr + tile * 3)
-    r0 = tl.load(tiles_ptr + tile * 3 + 1)
-    r1 = tl.load(tiles_ptr + tile * 3 + 2)
-    offs_r = r0 + tl.arange(0, BM)
-    row_ok = offs_r < r1
-    rows = tl.load(order_ptr + offs_r, mask=row_ok, other=0)
-    offs_k = pid_k * BK + tl.arange(0, BK)
+               SINGLE: tl.constexpr, PRECISION: tl.constexpr, TP: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    task, rows, row_ok, has_rows = _row_tile(tl.program_id(0), task_ptr, counts_ptr, order_ptr, R, T, SINGLE, TP, BM)
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
     acc = tl.zeros((BM, BK), dtype=tl.float32)
-    for n0 in range(0, N, BN):
+    n_end = tl.where(has_rows, N, 0)
+    for n0 in range(0, n_end, BN):
         offs_n = n0 + tl.arange(0, BN)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=row_ok[:, None] & (offs_n[None, :] < N), other=0.0)  # (BM, BN)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)  # (BN, BK)
-        m = _mask_tile(m_ptr, task, offs_n, pid_k * BK, N, K, W, stride_mt, stride_mn, BN, BK)
+        m = _mask_tile(m_ptr, task, offs_n, tl.program_id(1) * BK, N, K, W, stride_mt, stride_mn, BN, BK)
         w = tl.where(m != 0, w, tl.zeros_like(w))
         acc = tl.dot(dy, w, acc, input_precision=PRECISION)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
@@ -105,132 +151,233 @@ def _dx_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr, order_ptr, tiles_ptr, N, K, W,
 
 
 @triton.jit
-def _dw_kernel(dy_ptr, x_ptr, m_ptr, dw_ptr, tg_ptr, order_ptr, tiles_ptr, n_tiles, N, K, W,
+def _dw_kernel(dy_ptr, x_ptr, m_ptr, dw_ptr, tg_ptr, task_ptr, counts_ptr, order_ptr, R, N, K, W, T,
                stride_dym, stride_dyn, stride_xm, stride_xk, stride_mt, stride_mn, stride_dwn, stride_dwk,
                stride_tgt, stride_tgn, stride_tgk,
-               HAS_TG: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = pid_k * BK + tl.arange(0, BK)
+               SINGLE: tl.constexpr, HAS_TG: tl.constexpr, PRECISION: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    offs_k = k0 + tl.arange(0, BK)
     nk_ok = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     acc = tl.zeros((BN, BK), dtype=tl.float32)
-    for tile in range(0, n_tiles):  # every task segment, in order: deterministic
-        task = tl.load(tiles_ptr + tile * 3)
-        r0 = tl.load(tiles_ptr + tile * 3 + 1)
-        r1 = tl.load(tiles_ptr + tile * 3 + 2)
-        offs_r = r0 + tl.arange(0, BM)
-        row_ok = offs_r < r1
-        rows = tl.load(order_ptr + offs_r, mask=row_ok, other=0)
-        dy = tl.load(dy_ptr + rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
-                     mask=row_ok[None, :] & (offs_n[:, None] < N), other=0.0)  # (BN, BM) = dY_t^T
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=row_ok[:, None] & (offs_k[None, :] < K), other=0.0)  # (BM, BK)
-        part = tl.dot(dy, x, input_precision=PRECISION)  # (BN, BK) unmasked dY_t^T X_t for this tile
-        m = _mask_tile(m_ptr, task, offs_n, pid_k * BK, N, K, W, stride_mt, stride_mn, BN, BK)
-        acc += tl.where(m != 0, part, 0.0)
-        if HAS_TG:
-            tp = tg_ptr + task * stride_tgt + offs_n[:, None] * stride_tgn + offs_k[None, :] * stride_tgk
-            tl.store(tp, tl.load(tp, mask=nk_ok, other=0.0) + part, mask=nk_ok)
+    if SINGLE:
+        n_seg = 1
+    else:
+        n_seg = T
+    seg_start = tl.full((), 0, tl.int32)
+    for s in range(0, n_seg):  # each task's rows in turn, in task order: deterministic
+        if SINGLE:
+            task = tl.load(task_ptr).to(tl.int32)
+            seg_rows = R + tl.full((), 0, tl.int32)
+        else:
+            task = s
+            seg_rows = tl.load(counts_ptr + s)
+        if seg_rows > 0:
+            part = tl.zeros((BN, BK), dtype=tl.float32)  # this task's unmasked dY_t^T X_t
+            for r0 in range(0, seg_rows, BM):
+                offs = r0 + tl.arange(0, BM)
+                row_ok = offs < seg_rows
+                if SINGLE:
+                    rows = offs.to(tl.int64)
+                else:
+                    rows = tl.load(order_ptr + seg_start + offs, mask=row_ok, other=0).to(tl.int64)
+                dy = tl.load(dy_ptr + rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
+                             mask=row_ok[None, :] & (offs_n[:, None] < N), other=0.0)  # (BN, BM) = dY_t^T
+                x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=row_ok[:, None] & (offs_k[None, :] < K), other=0.0)  # (BM, BK)
+                part = tl.dot(dy, x, part, input_precision=PRECISION)
+            m = _mask_tile(m_ptr, task, offs_n, k0, N, K, W, stride_mt, stride_mn, BN, BK)
+            acc += tl.where(m != 0, part, 0.0)
+            if HAS_TG:
+                tp = tg_ptr + task * stride_tgt + offs_n[:, None] * stride_tgn + offs_k[None, :] * stride_tgk
+                tl.store(tp, tl.load(tp, mask=nk_ok, other=0.0) + part, mask=nk_ok)
+        seg_start += seg_rows
     tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk, acc.to(dw_ptr.dtype.element_ty), mask=nk_ok)
 
 
-def _segments(task_ids: torch.Tensor, n_tasks: int, bm: int):
-    """Stable order of rows by task and a [n_tiles, 3] int32 table of (task, start, end) row tiles."""
+# ---- launchers --------------------------------------------------------------------------------
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: fp32 products as tf32 only where torch's own fp32 matmuls may
+    use it (``torch.get_float32_matmul_precision() != "highest"``), never under the interpreter."""
+    if _interpreting() or dtype != torch.float32:
+        return "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _rows(task_ids: torch.Tensor, n_tasks: int, r: int, bm: int):
+    """(single, task tensor, per-task row counts int32 [T], stable task order int64 [R], row tiles
+    in the grid). One task needs neither counts nor order; mixed tasks get them from device ops
+    only (no host synchronisation: ``bincount`` would read the largest id back)."""
+    if task_ids.shape[0] == 1:
+        return True, task_ids, task_ids, task_ids, triton.cdiv(r, bm)
     order = torch.argsort(task_ids, stable=True)
-    counts = torch.bincount(task_ids, minlength=n_tasks).tolist()
-    tiles, start = [], 0
-    for t, c in enumerate(counts):
-        for s in range(start, start + c, bm):
-            tiles.append((t, s, min(s + bm, start + c)))
-        start += c
-    table = torch.tensor(tiles, dtype=torch.int32, device=task_ids.device).reshape(-1, 3)
-    return order.to(torch.int32), table
+    counts = torch.zeros(n_tasks, dtype=torch.int32, device=task_ids.device)
+    counts.index_add_(0, task_ids, torch.ones((), dtype=torch.int32, device=task_ids.device).expand(r))
+    return False, task_ids, counts, order, min(r, r // bm + min(n_tasks, r))
 
 
-def _check(x, weight, bias, masks, task_ids, task_grads):
+def _check_task_values(task_ids: torch.Tensor, n_tasks: int) -> None:
+    """Task ids in range. Only on CPU tensors: on a GPU this check would make the host wait for
+    the device, so there the ids are trusted (out-of-range ids read other memory as mask bits)."""
+    if task_ids.device.type == "cpu" and task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= n_tasks):
+        raise ValueError(f"masked_linear: task_ids must lie in [0, {n_tasks}), got values in "
+                         f"[{int(task_ids.min())}, {int(task_ids.max())}]")
+
+
+def _forward(x, weight, bias, masks, task_ids):
+    r, k = x.shape
+    n = weight.shape[0]
+    t = masks.shape[0]
+    _check_task_values(task_ids, t)
+    masks = masks if masks.stride(-1) == 1 else masks.contiguous()
+    y = torch.empty(r, n, device=x.device, dtype=x.dtype)
+    if r == 0 or n == 0:
+        return y
+    bm, bn, bk = block_config(n, k, x.dtype)
+    single, tids, counts, order, n_tiles = _rows(task_ids, t, r, bm)
+    _fwd_kernel[(n_tiles, triton.cdiv(n, bn))](
+        x, weight, bias if bias is not None else weight, masks, y, tids, counts, order, r, n, k, masks.shape[2], t,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), y.stride(0), y.stride(1),
+        SINGLE=single, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), TP=max(2, _next_pow2(t)), BM=bm, BN=bn, BK=bk)
+    return y
+
+
+def _backward_dx(dy, weight, masks, task_ids):
+    r = dy.shape[0]
+    n, k = weight.shape
+    t = masks.shape[0]
+    masks = masks if masks.stride(-1) == 1 else masks.contiguous()
+    if n == 0:
+        return torch.zeros(r, k, device=dy.device, dtype=dy.dtype)
+    dx = torch.empty(r, k, device=dy.device, dtype=dy.dtype)
+    if r == 0 or k == 0:
+        return dx
+    bm, bn, bk = block_config(n, k, dy.dtype)
+    single, tids, counts, order, n_tiles = _rows(task_ids, t, r, bm)
+    _dx_kernel[(n_tiles, triton.cdiv(k, bk))](
+        dy, weight, masks, dx, tids, counts, order, r, n, k, masks.shape[2], t,
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), dx.stride(0), dx.stride(1),
+        SINGLE=single, PRECISION=_precision(dy.dtype), TP=max(2, _next_pow2(t)), BM=bm, BN=bn, BK=bk)
+    return dx
+
+
+def _backward_dw(dy, x, masks, task_ids, task_grads):
+    r, k = x.shape
+    n = dy.shape[1]
+    t = masks.shape[0]
+    masks = masks if masks.stride(-1) == 1 else masks.contiguous()
+    dw = torch.empty(n, k, device=x.device, dtype=x.dtype)
+    if n == 0 or k == 0:
+        return dw
+    bm, bn, bk = block_config(n, k, x.dtype)
+    single, tids, counts, order, _ = _rows(task_ids, t, r, bm)
+    tg = task_grads
+    _dw_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        dy, x, masks, dw, tg if tg is not None else dw, tids, counts, order, r, n, k, masks.shape[2], t,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), masks.stride(0), masks.stride(1), dw.stride(0), dw.stride(1),
+        *(tg.stride() if tg is not None else (0, 0, 0)),
+        SINGLE=single, HAS_TG=tg is not None, PRECISION=_precision(x.dtype), BM=bm, BN=bn, BK=bk)
+    return dw
+
+
+# ---- torch.library registration and autograd -------------------------------------------------
+
+
+@torch.library.custom_op("harmodt_triton::masked_linear", mutates_args=())
+def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], masks: torch.Tensor,
+                      task_ids: torch.Tensor, task_grads: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y = x @ (W * M[task_ids]).T + b``; ``task_grads`` is only carried to the backward."""
+    return _forward(x, weight, bias, masks, task_ids)
+
+
+@_masked_linear_op.register_fake
+def _(x, weight, bias, masks, task_ids, task_grads):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("harmodt_triton::masked_linear_dx", mutates_args=())
+def _masked_linear_dx_op(dy: torch.Tensor, weight: torch.Tensor, masks: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """``dX[r] = dY[r] @ (W * M[task_ids[r]])``."""
+    return _backward_dx(dy, weight, masks, task_ids)
+
+
+@_masked_linear_dx_op.register_fake
+def _(dy, weight, masks, task_ids):
+    return dy.new_empty(dy.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("harmodt_triton::masked_linear_dw", mutates_args=("task_grads",))
+def _masked_linear_dw_op(dy: torch.Tensor, x: torch.Tensor, masks: torch.Tensor, task_ids: torch.Tensor,
+                         task_grads: Optional[torch.Tensor]) -> torch.Tensor:
+    """``dW = sum_t M_t * (dY_t^T X_t)``; adds each task's unmasked ``dY_t^T X_t`` into ``task_grads``."""
+    return _backward_dw(dy, x, masks, task_ids, task_grads)
+
+
+@_masked_linear_dw_op.register_fake
+def _(dy, x, masks, task_ids, task_grads):
+    return x.new_empty(dy.shape[1], x.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, masks, task_ids, task_grads = inputs
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ctx.save_for_backward(x if need_w else None, weight if need_x else None, masks, task_ids, task_grads if need_w else None)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x, weight, masks, task_ids, task_grads = ctx.saved_tensors
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = _masked_linear_dx_op(dy, weight, masks, task_ids)
+    if ctx.needs_input_grad[1]:  # task_grads fill only with the weight's gradient, as the reference's
+        dw = _masked_linear_dw_op(dy, x, masks, task_ids, task_grads)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = dy.sum(0)
+    return dx, dw, db, None, None, None
+
+
+_masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public entry -----------------------------------------------------------------------------
+
+
+def _check(x, weight, bias, masks, task_ids, task_grads) -> None:
+    """Shapes, dtypes and devices, one clear error each (no data-dependent checks: this runs
+    under ``torch.compile`` tracing too)."""
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"masked_linear: x must be [R, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     r, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"masked_linear: x has K={k} columns but weight is {tuple(weight.shape)}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"masked_linear: bias must be [{n}], got {tuple(bias.shape)}")
-    if masks.dtype != torch.int32 or masks.dim() != 3 or masks.shape[1:] != (n, num_words(k)):
-        raise ValueError(f"masked_linear: masks must be int32 [T, {n}, {num_words(k)}], got {masks.dtype} {tuple(masks.shape)}")
-    if task_ids.shape != (r,) or task_ids.dtype != torch.int64:
-        raise ValueError(f"masked_linear: task_ids must be int64 [{r}], got {task_ids.dtype} {tuple(task_ids.shape)}")
-    if r and (int(task_ids.min()) < 0 or int(task_ids.max()) >= masks.shape[0]):
-        raise ValueError(f"masked_linear: task_ids must lie in [0, {masks.shape[0]})")
-    if task_grads is not None and (task_grads.shape != (masks.shape[0], n, k) or task_grads.dtype != torch.float32):
-        raise ValueError(f"masked_linear: task_grads must be float32 [{masks.shape[0]}, {n}, {k}], got {task_grads.dtype} {tuple(task_grads.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"masked_linear: x must be float32, bfloat16 or float16, got {x.dtype}")
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"masked_linear: x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}, "
-                         f"{None if bias is None else bias.dtype}")
+        raise TypeError(f"masked_linear: x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}, "
+                        f"{None if bias is None else bias.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"masked_linear: bias must be [{n}], got {tuple(bias.shape)}")
+    if masks.dtype != torch.int32 or masks.dim() != 3 or tuple(masks.shape[1:]) != (n, num_words(k)) or masks.shape[0] == 0:
+        raise ValueError(f"masked_linear: masks must be packed int32 [T, {n}, {num_words(k)}] with T >= 1, got "
+                         f"{masks.dtype} {tuple(masks.shape)}")
+    if task_ids.dtype != torch.int64 or task_ids.dim() != 1 or task_ids.shape[0] not in (r, 1):
+        raise ValueError(f"masked_linear: task_ids must be int64 [{r}] or [1], got {task_ids.dtype} {tuple(task_ids.shape)}")
+    if task_grads is not None and (tuple(task_grads.shape) != (masks.shape[0], n, k) or task_grads.dtype != torch.float32):
+        raise ValueError(f"masked_linear: task_grads must be float32 [{masks.shape[0]}, {n}, {k}], got "
+                         f"{task_grads.dtype} {tuple(task_grads.shape)}")
     devs = {t.device for t in (x, weight, bias, masks, task_ids, task_grads) if t is not None}
     if len(devs) != 1:
         raise ValueError(f"masked_linear: all tensors must be on one device, got {sorted(map(str, devs))}")
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if _interpreting():
-        return "ieee"
-    return "tf32" if dtype == torch.float32 else "ieee"
-
-
-class _MaskedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, masks, task_ids, task_grads):
-        masks = masks.contiguous()
-        r, k = x.shape
-        n = weight.shape[0]
-        bm, bn, bk = block_config(n, k)
-        order, tiles = _segments(task_ids, masks.shape[0], bm)
-        y = torch.empty(r, n, device=x.device, dtype=x.dtype)
-        if len(tiles):
-            grid = (len(tiles), triton.cdiv(n, bn))
-            _fwd_kernel[grid](x, weight, bias if bias is not None else weight, masks, y, order, tiles, n, k, masks.shape[2],
-                              x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1),
-                              y.stride(0), y.stride(1), HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype),
-                              BM=bm, BN=bn, BK=bk)
-        ctx.save_for_backward(x, weight, masks, order, tiles)
-        ctx.has_bias = bias is not None
-        ctx.blocks = (bm, bn, bk)
-        ctx.task_grads = task_grads
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, masks, order, tiles = ctx.saved_tensors
-        r, k = x.shape
-        n = weight.shape[0]
-        dx = dw = db = None
-        prec = _precision(x.dtype)
-        bm, bn, bk = ctx.blocks
-        if ctx.needs_input_grad[0]:
-            dx = torch.zeros_like(x) if not len(tiles) else torch.empty_like(x)
-            if len(tiles):
-                _dx_kernel[(len(tiles), triton.cdiv(k, bk))](
-                    dy, weight, masks, dx, order, tiles, n, k, masks.shape[2], dy.stride(0), dy.stride(1),
-                    weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), dx.stride(0), dx.stride(1),
-                    PRECISION=prec, BM=bm, BN=bn, BK=bk)
-        if ctx.needs_input_grad[1] or ctx.task_grads is not None:
-            dw = torch.empty_like(weight)
-            tg = ctx.task_grads
-            _dw_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
-                dy, x, masks, dw, tg if tg is not None else dw, order, tiles, len(tiles), n, k, masks.shape[2],
-                dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), masks.stride(0), masks.stride(1), dw.stride(0), dw.stride(1),
-                *(tg.stride() if tg is not None else (0, 0, 0)),
-                HAS_TG=tg is not None, PRECISION=prec, BM=bm, BN=bn, BK=bk)
-            if not ctx.needs_input_grad[1]:
-                dw = None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, dw, db, None, None, None
-
-
 def triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=None):
-    """See :func:`kernels.reference.masked_linear`; masks must be packed int32."""
+    """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` on the Triton kernels; see
+    :func:`kernels.reference.masked_linear`. Masks must be packed int32; task_ids ``[R]`` or
+    ``[1]`` (one task for every row). Calls the registered op ``torch.ops.harmodt_triton.masked_linear``."""
     _check(x, weight, bias, masks, task_ids, task_grads)
-    return _MaskedLinear.apply(x, weight, bias, masks, task_ids, task_grads)
+    return torch.ops.harmodt_triton.masked_linear(x, weight, bias, masks, task_ids, task_grads)
