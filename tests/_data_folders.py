@@ -57,3 +57,33 @@ def rewrite_task_file(root, task: str, arrays: dict) -> Path:
 def task_arrays(root, task: str) -> dict:
     with np.load(Path(root) / f"{task}.npz") as z:
         return {k: z[k] for k in z.files}
+
+
+def minari_episodes(count: int = 5, length: int = 12, obs_dim: int = 39, obs_dtype=np.float64, with_success: bool = True) -> list[dict]:
+    """Episodes by Minari's conventions: one observation more than actions, infos per observation.
+    Episode i has every reward equal to i; each ends terminal; success from the 6th observation."""
+    rng = np.random.default_rng(1)
+    return [{"observations": rng.normal(size=(length + 1, obs_dim)).astype(obs_dtype),
+             "actions": rng.uniform(-1, 1, (length, 4)).astype(np.float32), "rewards": np.full(length, float(i)),
+             "terminations": np.eye(1, length, length - 1, dtype=bool)[0], "truncations": np.zeros(length, bool),
+             "infos": {"success": np.arange(length + 1) > 5} if with_success else {}}
+            for i in range(count)]
+
+
+def write_minari_dataset(root, ds_id: str, episodes: list[dict]) -> Path:
+    """A Minari dataset ``ds_id`` under the Minari root ``root`` written by Minari's own API, as a
+    dataset from elsewhere would be (no harmodt metadata, no env spec); returns its folder."""
+    import warnings
+
+    import gymnasium as gym
+    import minari
+
+    from harmodt.data.minari import _minari_root_at
+
+    buffers = [minari.data_collector.EpisodeBuffer(id=i, **ep) for i, ep in enumerate(episodes)]
+    obs = episodes[0]["observations"]
+    with _minari_root_at(Path(root)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minari.create_dataset_from_buffers(ds_id, buffers, observation_space=gym.spaces.Box(-np.inf, np.inf, obs.shape[1:], obs.dtype),
+                                           action_space=gym.spaces.Box(-1, 1, (4,), np.float32))
+    return Path(root) / ds_id

@@ -218,3 +218,85 @@ def test_data_of_the_first_generator_version_are_refused_for_the_door_tasks(gene
     assert set(load_dataset(old, ["reach-v3"])) == {"reach-v3"}  # unaffected tasks still load
     with pytest.raises(DataError, match="door-open-v3.npz: written by generator version 1"):
         load_dataset(old, ["door-open-v3"])
+
+
+# ---- crash safety ----------------------------------------------------------------------------
+def _wait_for(proc, cond, timeout=60.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, f"generation ended (rc {proc.returncode}) before the kill point"
+        assert time.monotonic() < end, "kill point not reached in time"
+        time.sleep(0.002)
+
+
+KILL_POINTS = {
+    # the run has started (it removes the old manifest first) but no task is finished
+    "before any task file": lambda out: not (out / "manifest.json").exists(),
+    # the first task's file is being written under its temporary name
+    "while writing a task file": lambda out: any(p.name.startswith(".reach-v3.npz.tmp-") for p in out.iterdir()),
+    # the first task is finished (its record is written after its file); the second is running
+    "after the first task file": lambda out: (out / ".reach-v3.record.json").exists(),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_generation_killed_never_leaves_data_that_load_and_the_rerun_finishes(tmp_path, point):
+    """SIGKILL at a kill point of `python -m harmodt.data generate` over a folder that held a
+    complete (other) data set: loading the folder then fails with one clear line, every task
+    file present is whole, and running the command again completes it."""
+    import signal
+    import subprocess
+    import sys
+
+    from _data_folders import write_ours
+
+    out = write_ours(tmp_path / "data", TASKS, episodes=2)  # an earlier, finished data set
+    assert set(load_dataset(out)) == set(TASKS)
+    cmd = [sys.executable, "-m", "harmodt.data", "generate", "--tasks", ",".join(TASKS), "--episodes", "4",
+           "--out", str(out), "--seed", "5", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(proc, lambda: KILL_POINTS[point](out))
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(DataError, match="incomplete data folder: no manifest.json .*run `python -m harmodt.data generate` again"):
+        load_dataset(out)
+    for t in TASKS:  # what a task file holds is whole: the earlier run's or this run's, never a part
+        z = np.load(out / f"{t}.npz")
+        assert len(z["episode_lengths"]) in (2, 4) and z["rewards"].shape[0] == z["episode_lengths"].sum()
+    record = out / ".reach-v3.record.json"
+    first = json.loads(record.read_text())["sha256"] if record.exists() else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = load_dataset(out)
+    assert [len(data[t].trajectories) for t in TASKS] == [4, 4]
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # temporary files of the killed run removed
+    manifest = json.loads((out / "manifest.json").read_text())
+    if first is not None:  # the finished task was reused as it was
+        assert manifest["files"]["reach-v3"]["sha256"] == first
+
+
+def test_rerun_regenerates_a_task_whose_file_does_not_match_its_record(generated, tmp_path):
+    """A task file cut short without the atomic rename (a copy, a full disk) and no manifest:
+    loading refuses the folder, the rerun regenerates that task only."""
+    import shutil
+
+    out, manifest = generated
+    part = tmp_path / "part"
+    shutil.copytree(out, part)
+    (part / "manifest.json").unlink()
+    raw = (part / "drawer-close-v3.npz").read_bytes()
+    (part / "drawer-close-v3.npz").write_bytes(raw[: len(raw) // 3])
+    (part / ".drawer-close-v3.npz.tmp-4242").write_bytes(raw[:100])
+    with pytest.raises(DataError, match=r"part: incomplete data folder"):
+        load_dataset(part)
+    mtime = os.path.getmtime(part / "reach-v3.npz")
+    m2 = generate(TASKS, 3, str(part), seed=7, workers=1, prompt_episodes=2, progress=False)
+    assert os.path.getmtime(part / "reach-v3.npz") == mtime  # reused
+    assert m2["files"]["drawer-close-v3"]["sha256"] == manifest["files"]["drawer-close-v3"]["sha256"]  # regenerated, same bytes
+    assert not (part / ".drawer-close-v3.npz.tmp-4242").exists()
+    assert set(load_dataset(part)) == set(TASKS)

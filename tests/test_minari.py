@@ -10,10 +10,10 @@ import minari
 import numpy as np
 import pytest
 
-from _data_folders import write_ours
+from _data_folders import minari_episodes, write_minari_dataset, write_ours
 from harmodt.data import DataError, detect_layout, load_dataset
 from harmodt.data.generate import task_seed
-from harmodt.data.minari import _minari_root_at, dataset_id, export_minari
+from harmodt.data.minari import dataset_id, export_minari
 
 FIELDS = ("observations", "actions", "rewards", "dones", "successes", "terminals", "truncations")
 TASKS = ("reach-v3", "push-v3")
@@ -132,22 +132,8 @@ def test_qualities_and_episode_subsets(exported, tmp_path):
     assert len(load_dataset(tmp_path / "root", quality="sub-optimal")["reach-v3"].trajectories) == 3
 
 
-def _foreign_dataset(root, ds_id, episodes=5, length=12, obs_dtype=np.float64, with_success=True):
-    """A Minari dataset written by someone else: no harmodt metadata, Minari's own conventions."""
-    import gymnasium as gym
-
-    rng = np.random.default_rng(1)
-    buffers = []
-    for i in range(episodes):
-        infos = {"success": np.arange(length + 1) > 5} if with_success else {}
-        buffers.append(minari.data_collector.EpisodeBuffer(
-            id=i, observations=rng.normal(size=(length + 1, 39)).astype(obs_dtype),
-            actions=rng.uniform(-1, 1, (length, 4)).astype(np.float32), rewards=np.full(length, float(i)),
-            terminations=np.eye(1, length, length - 1, dtype=bool)[0], truncations=np.zeros(length, bool), infos=infos))
-    with _minari_root_at(root), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        minari.create_dataset_from_buffers(ds_id, buffers, observation_space=gym.spaces.Box(-np.inf, np.inf, (39,), obs_dtype),
-                                           action_space=gym.spaces.Box(-1, 1, (4,), np.float32))
+def _foreign_dataset(root, ds_id, episodes=5, with_success=True):
+    return write_minari_dataset(root, ds_id, minari_episodes(episodes, with_success=with_success))
 
 
 def test_foreign_dataset_prompts_are_its_last_two_episodes(tmp_path):

@@ -331,10 +331,12 @@ def _load_original_episode(path: Path) -> Trajectory:
 
 def _load_original(root: Path, tasks: list[str] | None, quality: str, episodes: int | None) -> dict[str, TaskData]:
     folders = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         name = canonical_name(d.name)
         if name in MT50:
             folders[name] = d
+        elif _episode_files(d):
+            raise DataError(f"{d}: holds episode files but {d.name!r} is not a Meta-World v3 task name")
     wanted = tasks or list(folders)
     if not wanted:
         raise DataError(f"{root}: no task folders (expected {root}/<task-name>/<i>.npz, a manifest.json or Minari datasets)")
