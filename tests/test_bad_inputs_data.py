@@ -310,7 +310,8 @@ def table(base: Path, tasks: list[str]) -> str:
                                "--out", str(base / "run")], capture_output=True, text=True)
         err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         shown = err[-1] if len(err) == 1 else f"{len(err)} lines: " + " / ".join(err[-2:])
-        lines.append(f"| {row} | `{shown.replace(str(base) + '/', '').replace('|', '/')}` | {proc.returncode} |")
+        shown = shown.replace(str(base) + "/", "").replace("|", "/")
+        lines.append(f"| {row} | {'`` ' + shown + ' ``' if '`' in shown else '`' + shown + '`'} | {proc.returncode} |")
     return "\n".join(lines)
 
 

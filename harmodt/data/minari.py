@@ -327,7 +327,7 @@ def _write_dataset(minari, ds_id: str, task: str, td: TaskData, manifest: dict, 
             author="harmodt", author_email="n/a", code_permalink="harmodt.data.generate",
             description=f"Meta-World v3 {task}: {len(td.trajectories)} curriculum episodes (random to expert) "
                         f"followed by {len(td.prompts)} noise-free expert prompt episodes",
-            requirements=["metaworld==3.1.1"], data_format="hdf5")
+            requirements=["harmodt", "metaworld>=3.1,<3.2"], data_format="hdf5")
     ds.storage.update_metadata({"harmodt": _harmodt_metadata(task, manifest, td, quality, spec)})
     roles = ["training"] * len(td.trajectories) + ["prompt"] * len(td.prompts)
     ds.storage.update_episode_metadata([{"harmodt_role": r} for r in roles])
