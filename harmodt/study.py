@@ -201,12 +201,18 @@ class Study:
         self.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         self.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         self.sweep = parse_sweep(args.sweep)
+        self.sweep_methods = [m.strip() for m in (args.sweep_methods or "").split(",") if m.strip()] or list(self.methods)
         sweeps = [None] if self.sweep is None else [(self.sweep[0], v) for v in self.sweep[1]]
-        self.runs = [Run(self.out, m, s, sw) for sw in sweeps for m in self.methods for s in self.seeds]
+        # seed by seed: every method at the first swept value, then the other values (an ablation's extra runs come last)
+        self.runs = [Run(self.out, m, s, sw if m in self.sweep_methods else None) for s in self.seeds for m in self.methods
+                     for sw in sweeps[:1]]
+        self.runs += [Run(self.out, m, s, sw) for s in self.seeds for sw in sweeps[1:] for m in self.sweep_methods]
         self.data = args.data or str(self.out / "data")
         self.print_lock = threading.Lock()
         self.curve_episodes = args.curve_episodes if "--eval-every" in passthrough else 0
         self.threads = args.threads_per_run or max(1, (os.cpu_count() or 1) // max(1, args.workers))
+        self.stopping = threading.Event()  # set on Ctrl-C / SIGTERM: no new run or evaluation starts
+        self.children: set[subprocess.Popen] = set()
 
     def say(self, msg: str) -> None:
         with self.print_lock:
@@ -219,6 +225,8 @@ class Study:
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise StudyError(f"--methods: unknown {', '.join(bad)} (choose from {', '.join(METHODS)})")
+        if [m for m in self.sweep_methods if m not in self.methods]:
+            raise StudyError("--sweep-methods must be a subset of --methods")
         if not self.methods or not self.seeds:
             raise StudyError("need at least one method and one seed")
         if len(set(self.methods)) != len(self.methods) or len(set(self.seeds)) != len(self.seeds):
@@ -271,6 +279,8 @@ class Study:
         if run.finished():
             self.say(f"skip  {run.name} ({index}/{total}): already evaluated")
             return True
+        if self.stopping.is_set():
+            return False
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
         rec = run.record()
         train_args = run.train_args(self.args.tasks, self.data, self.passthrough, self.threads, self.curve_episodes)
@@ -286,21 +296,21 @@ class Study:
             with open(run.dir / "train.log", "a") as log:
                 log.write(f"$ python -m harmodt.train {shlex.join(train_args)}\n")
                 log.flush()
-                rc = subprocess.run([sys.executable, "-m", "harmodt.train", *train_args], stdout=log, stderr=subprocess.STDOUT,
-                                    env=env).returncode
+                rc = self.child([sys.executable, "-m", "harmodt.train", *train_args], log, env)
             rec["train_seconds"] += time.perf_counter() - t
             run.write_record(rec)
             if rc != 0:
                 self.say(f"FAIL  {run.name}: training exited {rc}\n{_tail(run.dir / 'train.log')}")
                 return False
+        if self.stopping.is_set():
+            return False
         t = time.perf_counter()
         eval_args = [str(run.dir / "checkpoint.pt"), "--episodes", str(self.args.eval_episodes), "--seed", str(self.args.eval_seed),
                      "--out", str(run.eval_path) + ".tmp", "--no-progress"]
         with open(run.dir / "eval.log", "a") as log:
             log.write(f"$ python -m harmodt.evaluate {shlex.join(eval_args)}\n")
             log.flush()
-            rc = subprocess.run([sys.executable, "-m", "harmodt.evaluate", *eval_args], stdout=log, stderr=subprocess.STDOUT,
-                                env=env).returncode
+            rc = self.child([sys.executable, "-m", "harmodt.evaluate", *eval_args], log, env)
         rec["eval_seconds"] += time.perf_counter() - t
         run.write_record(rec)
         if rc != 0:
@@ -312,17 +322,58 @@ class Study:
                  f"(train {rec['train_seconds']:.0f} s, eval {rec['eval_seconds']:.0f} s): mean success {res['mean_success']:.3f}")
         return True
 
+    def child(self, cmd: list[str], log, env: dict) -> int:
+        """Run one trainer or evaluator process to its end; its exit status."""
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # Ctrl-C reaches it once, from stop_children
+        with self.print_lock:
+            self.children.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.print_lock:
+                self.children.discard(proc)
+
+    def stop_children(self) -> None:
+        """Ask every running trainer / evaluator to stop (a trainer saves its checkpoint at its next
+        step) and wait for them; kill any still running after 120 s."""
+        import signal
+
+        self.stopping.set()
+        with self.print_lock:
+            procs = list(self.children)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        deadline = time.time() + 120
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+
     def run_all(self) -> bool:
         self.out.mkdir(parents=True, exist_ok=True)
         self.prepare_data()
         (self.out / "command.txt").write_text(self.command + "\n")
         self.say(f"{len(self.runs)} runs, {self.args.workers} at a time, {self.threads} thread(s) each; out {self.out}")
         t = time.perf_counter()
-        if self.args.workers <= 1:
-            ok = [self.execute(r, i + 1) for i, r in enumerate(self.runs)]
-        else:
-            with ThreadPoolExecutor(self.args.workers) as pool:
-                ok = list(pool.map(lambda ir: self.execute(ir[1], ir[0] + 1), enumerate(self.runs)))
+        import signal
+
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGTERM, on_term)
+        pool = ThreadPoolExecutor(self.args.workers)
+        try:
+            futures = [pool.submit(self.execute, r, i + 1) for i, r in enumerate(self.runs)]
+            ok = [f.result() for f in futures]
+        except KeyboardInterrupt:
+            self.stop_children()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, old)
+        pool.shutdown()
         self.say(f"runs done in {time.perf_counter() - t:.0f} s: {sum(ok)} of {len(ok)} evaluated")
         return all(ok)
 
@@ -360,7 +411,7 @@ class Study:
                     entry["weights_flipped_per_task"] = float(np.mean([np.mean(r["masked_per_task"]) for r in flips]) * len(flips))
             runs.append(entry)
         return {"command": self.command, "tasks": tasks, "methods": self.methods, "seeds": self.seeds,
-                "sweep": None if self.sweep is None else {"key": self.sweep[0], "values": self.sweep[1]},
+                "sweep": None if self.sweep is None else {"key": self.sweep[0], "values": self.sweep[1], "methods": self.sweep_methods},
                 "eval_episodes": self.args.eval_episodes, "eval_seed": self.args.eval_seed, "data": self.data,
                 "passthrough": self.passthrough, "bootstrap": {"seed": BOOTSTRAP_SEED, "samples": BOOTSTRAP_SAMPLES},
                 "complete": all(r["status"] == "finished" for r in runs), "runs": runs}
@@ -369,7 +420,7 @@ class Study:
         study = self.collect()
         study["variants"] = aggregate(study)
         self.out.mkdir(parents=True, exist_ok=True)
-        figures = draw_figures(study, self.out, self.runs, say=self.say)
+        figures = draw_figures(study, self.out, say=self.say)
         (self.out / "study.json").write_text(json.dumps(study, indent=2))
         (self.out / "summary.md").write_text(summary_markdown(study, [f.name for f in figures]))
         self.say(f"wrote {self.out / 'study.json'}, {self.out / 'summary.md'} and {self.out / 'figures'}")
@@ -432,9 +483,10 @@ def aggregate(study: dict) -> list[dict]:
                 if vals:
                     entry[key] = float(np.mean(vals))
         ref = None
-        if "prompt-dt" in study["methods"]:
-            ref = next((w for w in order if by_variant[w] and by_variant[w][0]["method"] == "prompt-dt"
-                        and (by_variant[w][0]["sweep"] or {}).get("value") == entry["sweep_value"]), None)
+        if "prompt-dt" in study["methods"]:  # Prompt-DT at the same swept value, else the unswept Prompt-DT
+            pds = [w for w in order if by_variant[w] and by_variant[w][0]["method"] == "prompt-dt"]
+            ref = next((w for w in pds if (by_variant[w][0]["sweep"] or {}).get("value") == entry["sweep_value"]),
+                       next((w for w in pds if by_variant[w][0]["sweep"] is None), None))
         elif first_value is not None and entry["sweep_value"] != first_value:
             ref = next((w for w in order if by_variant[w] and by_variant[w][0]["method"] == entry["method"]
                         and by_variant[w][0]["sweep"]["value"] == first_value), None)
@@ -514,6 +566,8 @@ def _final_masks(ck_path: Path, tasks: list[str]) -> np.ndarray | None:
     """Boolean ``[T, P]``: every task's final mask over all masked weights (name order), or None."""
     import torch
 
+    if not ck_path.exists():
+        return None
     try:
         ck = torch.load(ck_path, map_location="cpu", weights_only=True)
     except Exception:  # a checkpoint with non-tensor state (RNG states): the study wrote it, so it may be unpickled
@@ -525,7 +579,8 @@ def _final_masks(ck_path: Path, tasks: list[str]) -> np.ndarray | None:
     return np.stack([np.concatenate([masks[t][n].numpy().reshape(-1) for n in names]) for t in tasks]).astype(bool)
 
 
-def draw_figures(study: dict, out: Path, runs: list[Run], say=print) -> list[Path]:
+def draw_figures(study: dict, out: Path, say=print) -> list[Path]:
+    """Draw every figure whose data exist into ``out/figures`` (run folders under ``out/runs``); print a note for the rest."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -535,9 +590,9 @@ def draw_figures(study: dict, out: Path, runs: list[Run], say=print) -> list[Pat
     fig_dir.mkdir(parents=True, exist_ok=True)
     written = []
     variants = [v for v in study["variants"] if "mean_success" in v]
-    by_name = {r.name: r for r in runs}
+    run_dir = {r["name"]: out / "runs" / r["name"] for r in study["runs"]}
     finished = [r for r in study["runs"] if r["status"] == "finished"]
-    metrics = {r["name"]: _metrics(by_name[r["name"]].dir) for r in finished}
+    metrics = {r["name"]: _metrics(run_dir[r["name"]]) for r in finished}
     colors = {v["variant"]: plt.cm.tab10(i % 10) for i, v in enumerate(study["variants"])}
     n_tasks = len(study["tasks"])
 
@@ -640,6 +695,11 @@ def draw_figures(study: dict, out: Path, runs: list[Run], say=print) -> list[Pat
             lo = [p[1]["mean_success"] - p[1]["ci_low"] if not math.isnan(p[1]["ci_low"]) else 0 for p in pts]
             hi = [p[1]["ci_high"] - p[1]["mean_success"] if not math.isnan(p[1]["ci_high"]) else 0 for p in pts]
             ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=4, label=METHOD_LABELS.get(method, method))
+        for v in variants:  # methods the sweep left out: a level line with its CI band
+            if v["sweep_value"] is None:
+                line = ax.axhline(v["mean_success"], ls="--", lw=1, color=colors[v["variant"]], label=f"{v['variant']} (not swept)")
+                if not math.isnan(v["ci_low"]):
+                    ax.axhspan(v["ci_low"], v["ci_high"], color=line.get_color(), alpha=0.1)
         if numeric and min(xv) > 0 and max(xv) / min(xv) >= 20:
             ax.set_xscale("log")
         if not numeric:
@@ -659,7 +719,7 @@ def draw_figures(study: dict, out: Path, runs: list[Run], say=print) -> list[Pat
         mats = []
         for r in finished:
             if r["variant"] == v["variant"]:
-                m = _final_masks(by_name[r["name"]].dir / "checkpoint.pt", study["tasks"])
+                m = _final_masks(run_dir[r["name"]] / "checkpoint.pt", study["tasks"])
                 if m is not None:
                     mats.append(jaccard_matrix(m))
         if mats:
@@ -717,7 +777,7 @@ def draw_figures(study: dict, out: Path, runs: list[Run], say=print) -> list[Pat
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m harmodt.study",
+        prog="python -m harmodt.study", allow_abbrev=False,
         description="Train and evaluate every (method, seed[, swept value]) on one dataset; write study.json, summary.md "
                     "and figures. Flags not listed here are passed to every `python -m harmodt.train` run.")
     p.add_argument("--tasks", default="MT10", help="MT5 | MT10 | MT30 | MT50 | comma list of v3 task names (default MT10)")
@@ -727,6 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="runs trained at the same time (default 1)")
     p.add_argument("--threads-per-run", type=int, default=0, help="torch threads per run (default: cores / workers)")
     p.add_argument("--sweep", default=None, help="KEY=V1,V2,...: run the grid over a config key (e.g. masks.eta_max=100,2000)")
+    p.add_argument("--sweep-methods", default="", help="comma list: the methods the sweep applies to (default all); "
+                   "the others run once with their default value")
     p.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per task for every final checkpoint (default 20)")
     p.add_argument("--eval-seed", type=int, default=12345, help="evaluation seed shared by all runs: the same goals (default 12345)")
     p.add_argument("--curve-episodes", type=int, default=3,

@@ -112,7 +112,7 @@ def test_aggregate_sweep_without_prompt_dt_compares_with_the_first_value(tmp_pat
     assert second["paired"]["reference"] == "HarmoDT-F eta_max=100"
     assert second["paired"]["mean_diff"] == pytest.approx(-0.1)
     study["variants"] = [first, second]
-    written = draw_figures(study, tmp_path, [], say=lambda m: None)
+    written = draw_figures(study, tmp_path, say=lambda m: None)
     assert {p.name for p in written} == {"methods.png", "success_vs_sweep.png"}  # no metrics or masks: the rest is skipped
 
 
@@ -149,26 +149,30 @@ def test_study_rejects_flags_it_sets_itself(tmp_path):
 def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     data = write_synthetic_data(tmp_path / "data")
     out = tmp_path / "study"
-    cmd = study_cmd(data, out, "--eval-every", "4", "--curve-episodes", "1")
-    # first sitting: stopped (Ctrl-C to the whole process group) once the first run is evaluated
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = study_cmd(data, out, "--eval-every", "4", "--curve-episodes", "1", "--workers", "2", "--threads-per-run", "1")
+    # first sitting: stopped with Ctrl-C (SIGINT) once the first run is evaluated
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = out / "runs" / "prompt-dt-s0" / "run_eval.json"
     deadline = time.time() + 150
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert first.exists(), proc.communicate()[0] if proc.poll() is not None else "first run not evaluated in time"
-    if proc.poll() is None:
-        time.sleep(3)  # into the second run's training
-        os.killpg(proc.pid, signal.SIGINT)
-    log1 = proc.communicate(timeout=120)[0]
+    stopped = proc.poll() is None
+    if stopped:
+        proc.send_signal(signal.SIGINT)
+    log1 = proc.communicate(timeout=150)[0]
     assert "start prompt-dt-s0" in log1 and "done  prompt-dt-s0" in log1
+    if stopped:
+        assert proc.returncode == 130 and "interrupted" in log1, log1
     stamp = first.stat().st_mtime_ns
-    # second sitting: the same command skips the finished run, resumes or starts the others
+    # second sitting: the same command skips the finished run and resumes or starts the others
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "skip  prompt-dt-s0" in proc.stdout
     assert first.stat().st_mtime_ns == stamp
-    assert proc.stdout.count("done  ") == 3
+    assert proc.stdout.count("done  ") + proc.stdout.count("skip  ") == 4
+    for name in ("harmodt-f-s0", "prompt-dt-s1", "harmodt-f-s1"):  # every training command resumes its folder
+        assert "--resume" in (out / "runs" / name / "train.log").read_text()
     study = json.loads((out / "study.json").read_text())
     assert study["complete"] and len(study["runs"]) == 4
     for r in study["runs"]:
@@ -179,8 +183,7 @@ def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     # every run was evaluated on the same goals: the evaluation command carries the shared seed
     for r in study["runs"]:
         assert "--seed 7" in (out / "runs" / r["name"] / "eval.log").read_text()
-    # one shared dataset for every run
-    assert {r["config"]["data"] for r in study["runs"]} == {str(data)}
+    assert {r["config"]["data"] for r in study["runs"]} == {str(data)}  # one shared dataset
     figures = {p.name for p in (out / "figures").glob("*.png")}
     assert figures == {"methods.png", "eval_success_vs_steps.png", "harmony_vs_steps.png", "mask_jaccard.png", "mask_mds.png",
                        "mask_changed_vs_steps.png"}
@@ -188,9 +191,6 @@ def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     md = (out / "summary.md").read_text()
     assert "python -m harmodt.study" in md and "| HarmoDT-F | 2/2 |" in md and "vs Prompt-DT" in md
     assert "Partial" not in md
-    # a third sitting has nothing left to run
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.count("skip  ") == 4
     # a different budget in the same folder is refused instead of mixing runs
     proc = subprocess.run([*cmd, "--lr", "0.01"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "other flags" in proc.stderr
