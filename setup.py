@@ -4,9 +4,10 @@
 
 ``--no-build-isolation``: the build compiles against the torch already installed (the pinned CPU
 wheel); an isolated build environment would download another torch (a multi-GB CUDA build).
-CMake comes from PATH or the ``cmake`` PyPI package. The library lands in
+CMake comes from PATH or the ``cmake`` PyPI package; the build needs a C++17 compiler and the
+torch headers, nothing else (no OpenMP). The library lands in
 ``kernels/_lib/libharmodt_kernels.so``; set ``HARMODT_SKIP_NATIVE=1`` to install without it
-(the ops then fall back to the PyTorch reference under backend="auto").
+(macOS, ARM Linux, no compiler: the ops then run on the PyTorch reference under backend="auto").
 """
 
 import os

@@ -3,7 +3,8 @@
 // after +inf ascending and first descending, like torch.sort).
 //
 // ghat = mean_i gbar_i is computed once with at::mean (the same call as the reference, so the
-// same bits). Then, in parallel over tasks (OpenMP, one scratch per thread, nothing [T, P]):
+// same bits). Then, in parallel over tasks (at::parallel_for, one scratch per chunk of tasks,
+// nothing [T, P]):
 //   pass 1 streams over P computing H_i on active weights (gbar*ghat + lam*I) and the recovery
 //          score g*ghat on masked ones, mapped to order-preserving 32-bit keys, into two
 //          65536-bucket histograms of the top 16 key bits;
@@ -18,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -156,12 +158,10 @@ at::Tensor harmony_select(const at::Tensor& masked_grads, const at::Tensor& grad
   const float lamf = static_cast<float>(lam);  // torch multiplies a float tensor by float(lam)
   const uint32_t tail = last_word_mask(p);
 
-#pragma omp parallel num_threads(std::min<int64_t>(num_threads(), t_count))
-  {
+  at::parallel_for(0, t_count, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint32_t> hist_h, hist_r;
     std::vector<uint64_t> cand_h, cand_r;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < t_count; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       const uint32_t* mw = m_p + i * nw;
       uint32_t* ow = o_p + i * nw;
       int64_t n_active = 0;
@@ -245,7 +245,7 @@ at::Tensor harmony_select(const at::Tensor& masked_grads, const at::Tensor& grad
       }
       ow[nw - 1] &= tail;
     }
-  }
+  });
   return out;
 }
 
