@@ -1,0 +1,242 @@
+"""Masked AdamW in Triton: one launch updates every parameter of a call, a second increments the steps.
+
+Semantics: :func:`kernels.reference.masked_adamw_`. Weights outside a parameter's mask are never
+stored to (a masked store), so they stay bit-for-bit unchanged; moments move everywhere.
+
+Launches. A GPU training step is bound by kernel launches, so the parameters of a call are not
+launched one by one: a table of int64 rows, one per parameter (addresses of p, grad, exp_avg,
+exp_avg_sq, mask words (0 for none) and step, then numel, K = the last dimension, and words per
+mask row), followed by one (parameter, first element) pair per program, lets a single launch cover
+all of them. The table is built on the host and uploaded only when its content changes (it is
+cached by content: the addresses and sizes are the table), so a steady training loop uploads
+nothing. The step and the gradient scale are read from device memory inside the kernel and the
+bias corrections computed there: no host synchronisation. A second one-program launch increments
+every step tensor; it cannot be folded into the first, because every program of a parameter must
+read the step before any of them could write it, and programs of one launch are not ordered.
+Parameters of different dtypes go in separate (pairs of) launches.
+
+Registered with ``torch.library`` as ``harmodt_triton::masked_adamw_`` (mutating params,
+exp_avgs, exp_avg_sqs and steps), so ``torch.compile`` sees the whole update as one op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import num_words
+
+__all__ = ["BLOCK", "triton_masked_adamw_"]
+
+BLOCK = 4096  # elements per program
+NUM_WARPS = 8
+ROW = 9  # int64 slots per parameter in the table
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _adamw_kernel(table_ptr, blocks_ptr, scale_ptr, scale, lr, w1, beta2, w2, log2_beta1, log2_beta2, eps, decay,
+                  SCALE_IS_PTR: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: BLOCK elements of one parameter. ``w1 = 1 - beta1``, ``w2 = 1 - beta2``,
+    ``decay = 1 - lr * weight_decay``, ``log2_beta* = log2(beta*)`` (for ``beta^t = 2^(t log2 beta)``)."""
+    j = tl.program_id(0)
+    i = tl.load(blocks_ptr + 2 * j)
+    start = tl.load(blocks_ptr + 2 * j + 1)
+    row = table_ptr + i * 9
+    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(P_DTYPE))
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(P_DTYPE))
+    mask_addr = tl.load(row + 4)
+    step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+    numel = tl.load(row + 6)
+    k = tl.load(row + 7)
+    n_words = tl.load(row + 8)
+
+    if SCALE_IS_PTR:
+        s = tl.load(scale_ptr).to(tl.float32)
+    else:
+        s = scale
+    t = tl.load(step_ptr) + 1.0  # this step's count; the step tensor itself is written by _step_kernel
+    bc1 = 1.0 - tl.exp2(t * log2_beta1)
+    bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(t * log2_beta2))
+    step_size = lr / bc1
+
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    ok = offs < numel
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32) * s
+    m = tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    m = tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1.0 - w1))  # torch.lerp's two forms
+    v = v * beta2 + w2 * g * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    new = p * decay - step_size * tl.div_rn(m, denom)
+
+    col = offs % k
+    load_words = ok & ((offs * 0 + mask_addr) != 0)  # (a block-shaped condition: the interpreter wants one)
+    words = tl.load(mask_addr.to(tl.pointer_type(tl.int32)) + (offs // k) * n_words + col // 32, mask=load_words, other=-1)
+    keep = ((words >> (col % 32).to(tl.int32)) & 1) != 0  # no mask: all ones
+    tl.store(p_ptr + offs, new.to(P_DTYPE), mask=ok & keep)
+    tl.store(m_ptr + offs, m.to(P_DTYPE), mask=ok)
+    tl.store(v_ptr + offs, v.to(P_DTYPE), mask=ok)
+
+
+@triton.jit
+def _step_kernel(table_ptr, n_params, NP: tl.constexpr):
+    """``step += 1`` for every parameter of the table, in one program."""
+    i = tl.arange(0, NP)
+    ok = i < n_params
+    addr = tl.load(table_ptr + i * 9 + 5, mask=ok, other=0)
+    ptrs = addr.to(tl.pointer_type(tl.float32))
+    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + 1.0, mask=ok)
+
+
+# ---- host side --------------------------------------------------------------------------------
+
+_TABLES: OrderedDict = OrderedDict()  # device copies of launch tables, keyed by their content
+_MAX_TABLES = 16
+
+
+def _rows(params, grads, exp_avgs, exp_avg_sqs, masks, steps) -> list:
+    """The parameter rows of a launch table (addresses and sizes, 9 int64 each)."""
+    rows = []
+    for p, g, m, v, mask, step in zip(params, grads, exp_avgs, exp_avg_sqs, masks, steps):
+        k = p.shape[-1] if p.dim() else 1
+        rows += (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0 if mask is None else mask.data_ptr(),
+                 step.data_ptr(), p.numel(), max(k, 1), 0 if mask is None else num_words(k))
+    return rows
+
+
+def _table(key: tuple, device: torch.device, rows: list) -> tuple[torch.Tensor, int]:
+    """The device table for ``rows`` followed by one (parameter, first element) pair per
+    program, and the number of programs; built and uploaded on first sight of its content."""
+    numels = rows[6::ROW]
+    blocks = [v for i, n in enumerate(numels) for s in range(0, n, BLOCK) for v in (i, s)]
+    host = torch.tensor(rows + blocks, dtype=torch.int64)
+    if device.type == "cuda":
+        table = host.pin_memory().to(device, non_blocking=True)  # the host does not wait for the device
+    else:
+        table = host.to(device)
+    _TABLES[key] = (table, len(blocks) // 2)
+    if len(_TABLES) > _MAX_TABLES:
+        _TABLES.popitem(last=False)
+    return _TABLES[key]
+
+
+def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, scale_t, scale) -> None:
+    """The update, parameters grouped by (device, parameter dtype, gradient dtype): two launches
+    per group. A group is validated (:func:`_check`) when its table is first built; a later call
+    with the same table content (the same tensors, or tensors at the same addresses with the same
+    sizes and dtypes) reuses it without re-checking."""
+    groups: dict = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        groups.setdefault((p.device, p.dtype, g.dtype), []).append(i)
+    for (device, p_dtype, g_dtype), idx in groups.items():
+        lists = (params, grads, exp_avgs, exp_avg_sqs, masks, steps)
+        if len(idx) != len(params):
+            lists = tuple([xs[i] for i in idx] for xs in lists)
+        rows = _rows(*lists)
+        key = (str(device), p_dtype, g_dtype, tuple(rows))
+        hit = _TABLES.get(key)
+        if hit is None:
+            _check(*lists)
+            hit = _table(key, device, rows)
+        else:
+            _TABLES.move_to_end(key)
+        table, n_programs = hit
+        n = len(idx)
+        if n_programs:
+            _adamw_kernel[(n_programs,)](
+                table, table[ROW * n:], scale_t if scale_t is not None else table, float(scale), float(lr),
+                float(1 - beta1), float(beta2), float(1 - beta2), math.log2(beta1) if beta1 > 0 else -math.inf,
+                math.log2(beta2) if beta2 > 0 else -math.inf, float(eps), float(1 - lr * weight_decay),
+                SCALE_IS_PTR=scale_t is not None, P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
+                BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)  # no FMA: rounds as the reference's separate ops
+        _step_kernel[(1,)](table, n, NP=max(2, triton.next_power_of_2(n)))
+
+
+@torch.library.custom_op("harmodt_triton::masked_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+def _masked_adamw_op(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+                     exp_avg_sqs: List[torch.Tensor], masks: List[Optional[torch.Tensor]], steps: List[torch.Tensor],
+                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                     grad_scale_tensor: Optional[torch.Tensor], grad_scale: float) -> None:
+    """Masked AdamW over the lists in place; ``grad_scale_tensor`` (0-dim, on the device) when
+    given, else the float ``grad_scale``, multiplies every gradient."""
+    _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor, grad_scale)
+
+
+@_masked_adamw_op.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor, grad_scale):
+    return None
+
+
+def _check_call(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale) -> None:
+    """List lengths and the gradient scale (every call)."""
+    n = len(params)
+    for name, xs in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("masks", masks), ("steps", steps)):
+        if len(xs) != n:
+            raise ValueError(f"masked_adamw_: {name} has {len(xs)} entries for {n} params")
+    if isinstance(grad_scale, torch.Tensor):
+        if grad_scale.numel() != 1 or not grad_scale.is_floating_point() or (n and grad_scale.device != params[0].device):
+            raise ValueError(f"masked_adamw_: a tensor grad_scale must be one float on the params' device, got "
+                             f"{grad_scale.dtype} {tuple(grad_scale.shape)} on {grad_scale.device}")
+
+
+def _check(params, grads, exp_avgs, exp_avg_sqs, masks, steps) -> None:
+    """Shapes, dtypes, devices and layouts of every parameter's tensors, one clear error each."""
+    step_ptrs = set()
+    for i, (p, g, m, v, mask, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, masks, steps)):
+        if p.dtype not in _TL_DTYPES or g.dtype not in _TL_DTYPES:
+            raise TypeError(f"masked_adamw_: params[{i}] and grads[{i}] must be float32, bfloat16 or float16, got {p.dtype}, {g.dtype}")
+        if m.dtype != p.dtype or v.dtype != p.dtype:
+            raise TypeError(f"masked_adamw_: exp_avgs[{i}] and exp_avg_sqs[{i}] must be {p.dtype} like params[{i}], got {m.dtype}, {v.dtype}")
+        for name, x in (("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
+            if x.shape != p.shape:
+                raise ValueError(f"masked_adamw_: {name}[{i}] is {tuple(x.shape)}, params[{i}] is {tuple(p.shape)}")
+            if x.device != p.device:
+                raise ValueError(f"masked_adamw_: {name}[{i}] is on {x.device}, params[{i}] on {p.device}")
+        for name, x in (("params", p), ("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
+            if not x.is_contiguous():
+                raise ValueError(f"masked_adamw_: {name}[{i}] must be contiguous")
+        if step.dtype != torch.float32 or step.numel() != 1 or step.device != p.device:
+            raise ValueError(f"masked_adamw_: steps[{i}] must be a float32 0-dim tensor on {p.device}, got "
+                             f"{step.dtype} {tuple(step.shape)} on {step.device}")
+        if step.data_ptr() in step_ptrs:
+            raise ValueError(f"masked_adamw_: steps[{i}] shares its storage with another parameter's step")
+        step_ptrs.add(step.data_ptr())
+        if mask is not None:
+            k = p.shape[-1] if p.dim() else 1
+            want = (*p.shape[:-1], num_words(k))
+            if mask.dtype != torch.int32:
+                raise TypeError(f"masked_adamw_: masks[{i}] must be packed int32 words (kernels.pack_masks), got {mask.dtype}")
+            if tuple(mask.shape) != want or not mask.is_contiguous() or mask.device != p.device:
+                raise ValueError(f"masked_adamw_: masks[{i}] must be contiguous int32 {want} on {p.device} for params[{i}] "
+                                 f"{tuple(p.shape)}, got {tuple(mask.shape)} on {mask.device}")
+
+
+def triton_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, *, lr, beta1, beta2, eps, weight_decay,
+                         grad_scale=1.0) -> None:
+    """See :func:`kernels.reference.masked_adamw_`; masks None or packed int32 words
+    ``[*p.shape[:-1], ceil(K/32)]``, steps float32 0-dim tensors on the params' device (each its
+    own), grad_scale a float or a one-element float tensor on the device. Calls the registered op
+    ``torch.ops.harmodt_triton.masked_adamw_`` under ``torch.compile``; eager calls go to the
+    launcher directly (the custom-op wrappers would cost Python time per listed tensor). Two
+    launches per parameter dtype."""
+    if not params:
+        return
+    _check_call(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale)
+    scale_t = grad_scale if isinstance(grad_scale, torch.Tensor) else None
+    scale = 1.0 if scale_t is not None else float(grad_scale)
+    args = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), scale_t, scale)
+    if torch.compiler.is_compiling():
+        torch.ops.harmodt_triton.masked_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masks),
+                                               list(steps), *args)
+        return
+    with torch.no_grad():  # an optimizer update: parameters change in place outside autograd
+        _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, *args)
