@@ -8,6 +8,7 @@ format (numpy arrays inside) into this one; it unpickles OLD, so run it only on 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from pathlib import Path
@@ -36,14 +37,26 @@ def plain(obj):
     return obj
 
 
-def save(state: dict, path: str | os.PathLike) -> None:
+def save(state: dict, path: str | os.PathLike, on_partial_write=None) -> None:
     """Write ``plain(state)`` to ``path`` atomically: a temporary file in the same folder, flushed
     to disk, then renamed over ``path`` (a crash leaves the previous file or the new one, never a
-    torn one)."""
+    torn one).
+
+    ``on_partial_write``: a testing hook, called with no arguments once the temporary file holds
+    half of the checkpoint's bytes (the crash tests kill the process there)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        torch.save(plain(state), fh)
+        if on_partial_write is None:
+            torch.save(plain(state), fh)
+        else:
+            buf = io.BytesIO()
+            torch.save(plain(state), buf)
+            data = buf.getbuffer()
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            on_partial_write()
+            fh.write(data[len(data) // 2 :])
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -62,7 +75,10 @@ def load(path: str | os.PathLike) -> dict:
         if "Unsupported global" in msg or "weights_only" in msg:
             raise CheckpointError(f"{path}: holds pickled Python objects, which are not loaded (unsafe); if you trust the file, "
                                   f"convert it with `python -m harmodt.checkpoint convert {path} NEW.pt`") from None
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {msg.splitlines()[0] if msg else ''})") from None
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: cannot read checkpoint (empty file)") from None
+        first = msg.splitlines()[0].split(". ")[0] if msg.strip() else ""
+        raise CheckpointError(f"{path}: cannot read checkpoint: truncated, or not a torch checkpoint ({type(exc).__name__}: {first})") from None
     if not isinstance(ck, dict) or not {"model", "config", "eval_info"} <= set(ck):
         raise CheckpointError(f"{path}: not a harmodt training checkpoint (needs model, config, eval_info)")
     return ck

@@ -72,6 +72,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training
     threads: int = 0  # torch intra-op threads (0 = all cores)
     progress: bool = True  # show progress bars
+    allow_changed: list[str] = field(default_factory=list)  # keys --resume may take from the flags instead of the checkpoint: steps, eval_episodes, eval_every, target_return, log_every, checkpoint_every, threads, device, compile, fused, backend
     model: ModelConfig = field(default_factory=ModelConfig)  # transformer shape
     masks: MaskConfig = field(default_factory=MaskConfig)  # HarmoDT mask settings
 
@@ -106,6 +107,25 @@ PRESETS = {
 
 class ConfigError(ValueError):
     """A bad flag or config value; printed as one line by the CLIs."""
+
+
+# Keys --resume may continue with a value other than the checkpoint's when --allow-changed names
+# them: they change how long, how often and where the run goes on, not what the checkpoint holds.
+RESUME_CHANGEABLE = ("steps", "eval_episodes", "eval_every", "target_return", "log_every", "checkpoint_every", "progress", "threads",
+                     "device", "out", "resume", "compile", "fused", "backend")
+# Keys never compared on --resume: they do not change what is computed.
+RESUME_IGNORED = ("out", "resume", "progress", "allow_changed")
+
+
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted key: value} ('model.n_layer')."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
@@ -158,6 +178,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    if cfg.allow_changed:
+        known = flat_keys(to_dict(cfg))
+        if not cfg.resume:
+            raise ConfigError("--allow-changed applies to --resume only")
+        unknown = [k for k in cfg.allow_changed if k not in known]
+        if unknown:
+            raise ConfigError(f"--allow-changed: unknown config key(s) {', '.join(unknown)}")
+        fixed = [k for k in cfg.allow_changed if k not in RESUME_CHANGEABLE]
+        if fixed:
+            raise ConfigError(f"--allow-changed: {', '.join(fixed)} cannot change on --resume (the checkpoint was made with "
+                              f"the old value); only {', '.join(RESUME_CHANGEABLE)} can")
     return cfg
 
 
@@ -195,7 +226,9 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") 
         default = f.default
         dest = (prefix + "." if prefix else "") + f.name
         help_text = _FIELD_HELP.get((cls.__name__, f.name), "")
-        if isinstance(default, bool):
+        if f.default_factory is list:
+            parser.add_argument(_flag(f.name), dest=dest, nargs="+", default=None, metavar="KEY", help=help_text)
+        elif isinstance(default, bool):
             parser.add_argument(_flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(_flag(f.name), dest=dest, type=type(default), default=None, metavar=f.name.upper(),
@@ -259,7 +292,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"--config {ns.config}: {exc}") from None
     preset = ns.preset
-    if preset is None and not ns.config and not any(k not in ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume", "device", "compile") for k in given):
+    if preset is None and not ns.config and not any(k not in ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume", "device", "compile", "allow_changed") for k in given):
         preset = "embedded-default"
     if preset:
         cfg = apply_overrides(cfg, PRESETS[preset])

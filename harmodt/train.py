@@ -10,9 +10,11 @@ device-free, safe to load with ``weights_only=True``; resumable), results.json.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 import kernels
 
 from . import checkpoint
-from .config import ConfigError, TrainConfig, parse_args, resolve_device, to_dict
+from .config import RESUME_CHANGEABLE, RESUME_IGNORED, ConfigError, TrainConfig, flat_keys, parse_args, resolve_device, to_dict
 from .data.batches import PromptDTBatcher
 from .masks import TaskMasks, alpha_schedule, harmony_score
 from .model import MaskContext, build_model
@@ -251,38 +253,77 @@ class Trainer:
             "last_harmony": self.last_harmony,
         }
 
-    def save(self, path: Path) -> None:
-        checkpoint.save(self.state(), path)
+    def save(self, path: Path, run_state: dict | None = None, on_partial_write=None) -> None:
+        """Write :meth:`state` (plus ``run_state``: what :func:`run` needs to continue its metric
+        lines exactly) atomically; ``on_partial_write``: see :func:`checkpoint.save`."""
+        state = self.state()
+        if run_state is not None:
+            state["run"] = run_state
+        checkpoint.save(state, path, on_partial_write=on_partial_write)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, ck: dict | None = None) -> dict:
+        """Continue from the checkpoint at ``path`` (``ck``: its contents, already read): weights,
+        masks, optimizer, scheduler, step and every RNG stream. Returns its run state ({} when it
+        has none). A checkpoint that does not fit this model raises ConfigError (one line)."""
+        if ck is None:
+            try:
+                ck = checkpoint.load(path)
+            except checkpoint.CheckpointError as exc:
+                raise ConfigError(f"--resume: {exc}") from None
         try:
-            ck = checkpoint.load(path)
-        except checkpoint.CheckpointError as exc:
-            raise ConfigError(f"--resume: {exc}") from None
-        if ck["config"]["method"] != self.cfg.method or ck["config"]["tasks"] != self.cfg.tasks:
-            raise ConfigError(f"--resume: {path} was trained with method={ck['config']['method']} tasks={ck['config']['tasks']}")
-        self.model.load_state_dict(ck["model"])
-        if ck["masks"] is not None:
-            self.task_masks = TaskMasks.from_per_task(ck["masks"], self.tasks, device=self.device)
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["scheduler"])
-        self.step = ck["step"]
-        rng = ck["rng"]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.batcher.load_state_dict(rng["batcher"])
-        random.setstate(_as_tuples(rng["python"]))
-        npr = rng["numpy"]
-        np.random.set_state((npr["name"], npr["keys"].numpy().astype(np.uint32), npr["pos"], npr["has_gauss"], npr["gauss"]))
+            self.model.load_state_dict(ck["model"])
+            if ck["masks"] is not None:
+                masks = TaskMasks.from_per_task(ck["masks"], self.tasks, device=self.device)
+                for n, w in self.weights.items():
+                    if tuple(masks.masks[n].shape) != (len(self.tasks), *w.shape):
+                        raise ValueError(f"mask of {n} has shape {tuple(masks.masks[n].shape)}, the model needs "
+                                         f"{(len(self.tasks), *w.shape)}")
+                self.task_masks = masks
+            self.opt.load_state_dict(ck["optimizer"])
+            self.sched.load_state_dict(ck["scheduler"])
+            self.step = int(ck["step"])
+            rng = ck["rng"]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            self.batcher.load_state_dict(rng["batcher"])
+            random.setstate(_as_tuples(rng["python"]))
+            npr = rng["numpy"]
+            np.random.set_state((npr["name"], npr["keys"].numpy().astype(np.uint32), npr["pos"], npr["has_gauss"], npr["gauss"]))
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            msg = str(exc).strip().splitlines()
+            raise ConfigError(f"--resume: {path} does not fit this model ({type(exc).__name__}: {msg[0] if msg else ''})") from None
         self.last_harmony = ck.get("last_harmony")
+        return dict(ck.get("run") or {})
 
     # ---- evaluation -----------------------------------------------------------------------
-    def evaluate(self) -> dict:
+    def evaluate(self, during=None) -> dict:
+        """Evaluate on every training task (harmodt.evaluate). The training RNG streams (torch,
+        CUDA, numpy, python) are left as they were, so evaluating or not never changes training.
+        ``during``: a testing hook called once at the tenth action of the evaluation."""
         from .evaluate import evaluate
 
-        return evaluate(self.model, self.task_masks, self.eval_info(), self.tasks, self.cfg.eval_episodes, self.cfg.seed + 12345,
-                        backend=self.backends.masked_linear, progress=self.cfg.progress, precision=self.cfg.precision)
+        rngs = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+                torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        if during is not None:
+            act, calls = self.model.act, itertools.count(1)
+
+            def counted_act(*args, **kwargs):
+                if next(calls) == 10:
+                    during()
+                return act(*args, **kwargs)
+
+            self.model.act = counted_act  # an instance attribute over the method, removed below
+        try:
+            return evaluate(self.model, self.task_masks, self.eval_info(), self.tasks, self.cfg.eval_episodes, self.cfg.seed + 12345,
+                            backend=self.backends.masked_linear, progress=self.cfg.progress, precision=self.cfg.precision)
+        finally:
+            self.model.__dict__.pop("act", None)
+            torch.set_rng_state(rngs[0])
+            np.random.set_state(rngs[1])
+            random.setstate(rngs[2])
+            if rngs[3] is not None:
+                torch.cuda.set_rng_state(rngs[3], self.device)
 
 
 def _as_tuples(x):
@@ -290,43 +331,183 @@ def _as_tuples(x):
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+KILL_PHASES = ("step", "checkpoint-write", "mask-update", "eval")
+
+
+class KillPoint:
+    """A testing hook: SIGKILL this process when training reaches ``phase`` at ``step`` (see
+    :func:`run`, which makes one from ``HARMODT_TEST_KILL_AT``)."""
+
+    def __init__(self, spec: str):
+        phase, _, step = spec.rpartition(":")
+        if phase not in KILL_PHASES or not step.isdigit():
+            raise ConfigError(f"HARMODT_TEST_KILL_AT must be PHASE:STEP with PHASE one of {', '.join(KILL_PHASES)}, got {spec!r}")
+        self.phase, self.step = phase, int(step)
+
+    def at(self, phase: str, step: int):
+        """A no-argument function that kills the process when (phase, step) is this point, else None."""
+        if (phase, step) != (self.phase, self.step):
+            return None
+
+        def kill() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        return kill
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> dict:
+    """{dotted key: (the checkpoint's value, cfg's value)} for every setting of ``cfg`` that differs
+    from the checkpoint's config ``saved`` (a key the checkpoint lacks counts as its default);
+    the keys of RESUME_IGNORED are not compared."""
+    new, old, default = flat_keys(to_dict(cfg)), flat_keys(saved), flat_keys(to_dict(TrainConfig()))
+    return {k: (old.get(k, default[k]), v) for k, v in new.items() if k not in RESUME_IGNORED and old.get(k, default[k]) != v}
+
+
+def check_resume_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    """ConfigError (one line naming every differing key) unless each setting that differs from the
+    checkpoint's is named by ``--allow-changed``."""
+    diff = changed_settings(saved, cfg)
+    refused = [k for k in diff if k not in cfg.allow_changed]
+    if not refused:
+        return
+    listing = ", ".join(f"{k} ({diff[k][0]!r} -> {diff[k][1]!r})" for k in refused)
+    fixed = [k for k in refused if k not in RESUME_CHANGEABLE]
+    free = [k for k in refused if k in RESUME_CHANGEABLE]
+    hints = []
+    if fixed:
+        hints.append(f"{', '.join(fixed)} cannot change on --resume (train a new run into another --out)")
+    if free:
+        hints.append(f"pass --allow-changed {' '.join(free)} to continue with the new value{'s' if len(free) > 1 else ''}")
+    raise ConfigError(f"--resume: settings differ from those of {path}: {listing}; {'; '.join(hints)}")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rewind_metrics(path: Path, keep_bytes: int | None, step: int) -> list[dict]:
+    """Cut ``metrics.jsonl`` back to what it held when the checkpoint being continued was written
+    (its first ``keep_bytes`` bytes; when the checkpoint does not record them or the file no longer
+    matches, the records of steps <= ``step``), rewriting it atomically. Returns the kept records
+    of ``step`` itself (TensorBoard's purge from ``step`` on drops them; :func:`run` writes them again)."""
+    raw = path.read_bytes() if path.exists() else b""
+    if keep_bytes is not None and len(raw) >= keep_bytes and (keep_bytes == 0 or raw[keep_bytes - 1 : keep_bytes] == b"\n"):
+        kept = raw[:keep_bytes]
+        recs = [json.loads(line) for line in kept.splitlines() if line.strip()]
+    else:
+        lines, recs = [], []
+        for line in raw.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a crash
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                lines.append(line + b"\n")
+                recs.append(rec)
+        kept = b"".join(lines)
+    if kept != raw:
+        _write_atomic(path, kept)
+    return [r for r in recs if r.get("step") == step]
+
+
 def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
+    """Train as ``cfg`` says (on ``datasets`` when given, else ``cfg.data`` or generated data) and
+    write the run's files into ``cfg.out``; returns the results (also in results.json).
+
+    ``cfg.resume`` continues ``OUT/checkpoint.pt`` (or starts at step 0 when there is none yet);
+    every setting that differs from the checkpoint's must be named by ``cfg.allow_changed``. A
+    resumed run ends as the uninterrupted one would, whenever the earlier process stopped (even
+    SIGKILL): the checkpoint holds every RNG stream, the losses since the last metric line and the
+    size of metrics.jsonl, which is cut back to that size (TensorBoard purged from the
+    checkpoint's step) before the lost steps are trained again. Per step the order is: mask update
+    (when due), training step, metric line, evaluation (``eval_every``), checkpoint.
+
+    Testing hook: the environment variable ``HARMODT_TEST_KILL_AT="PHASE:STEP"``, read once here,
+    makes the process SIGKILL itself at that point: ``step`` (right after training step STEP),
+    ``mask-update`` (after the mask update at STEP changed the masks, before its metric line),
+    ``eval`` (at the tenth action of the evaluation at STEP; STEP = ``steps`` for the final one),
+    ``checkpoint-write`` (inside the checkpoint write at STEP, with half of the temporary file
+    written). The crash tests (tests/test_resume.py) use it; it has no other use.
+    """
+    spec = os.environ.get("HARMODT_TEST_KILL_AT")
+    kill = KillPoint(spec) if spec else None
+
+    def kill_at(phase: str, step: int):
+        return kill.at(phase, step) if kill is not None else None
+
     keep_freed_memory()
     if cfg.precision == "bf16" and (note := bf16_matmul_note()):
         print(note, file=sys.stderr, flush=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    resolve_device(cfg.device)  # a device that is absent fails before any file is written
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     ck_path = out / "checkpoint.pt"
     if ck_path.exists() and not cfg.resume:
         raise ConfigError(f"{ck_path} exists: pass --resume to continue it or choose another --out")
+    ck = None
+    if cfg.resume and ck_path.exists():
+        try:
+            ck = checkpoint.load(ck_path)
+        except checkpoint.CheckpointError as exc:
+            raise ConfigError(f"--resume: {exc}") from None
+        check_resume_settings(ck["config"], cfg, ck_path)
+    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, datasets)
     print(trainer.describe(), flush=True)
-    if cfg.resume and ck_path.exists():
-        trainer.load(ck_path)
+    run_state = {}
+    if ck is not None:
+        run_state = trainer.load(ck_path, ck)
+        del ck
         print(f"[harmodt] resumed from {ck_path} at step {trainer.step}", flush=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    elif cfg.resume:
+        print(f"[harmodt] --resume: no checkpoint in {out} yet; starting at step 0", flush=True)
+    ck_path.with_name(ck_path.name + ".tmp").unlink(missing_ok=True)  # left by a write that was killed
+    _write_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
+    metrics_path = out / "metrics.jsonl"
+    # a run from step 0 starts its metric lines afresh; a resumed one keeps those before its checkpoint
+    kept = rewind_metrics(metrics_path, run_state.get("metrics_bytes", None if trainer.step else 0), trainer.step)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out / "tb"), purge_step=trainer.step)
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = open(metrics_path, "ab")
+
+    def scalars(rec: dict) -> None:
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                writer.add_scalar(k, v, rec["step"])
+
+    for rec in kept:  # purged from TensorBoard with the lost steps, but kept in metrics.jsonl
+        scalars(rec)
 
     def log(rec: dict) -> None:
-        metrics.write(json.dumps(rec) + "\n")
+        metrics.write((json.dumps(rec) + "\n").encode())
         metrics.flush()
-        for k, v in rec.items():
-            if isinstance(v, (int, float)) and k != "step":
-                writer.add_scalar(k, v, rec["step"])
+        scalars(rec)
 
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not cfg.progress, desc=f"train {cfg.method}", dynamic_ncols=True)
-    t0, s0, losses = time.perf_counter(), trainer.step, []
+    # the losses since the last metric line (device tensors: read once per line)
+    losses = [x.to(trainer.device) for x in run_state.get("losses", torch.zeros(0))]
+    t0, s0 = time.perf_counter(), trainer.step
+
+    def save() -> None:
+        state = {"metrics_bytes": metrics.tell(), "losses": torch.stack(losses) if losses else torch.zeros(0)}
+        trainer.save(ck_path, state, on_partial_write=kill_at("checkpoint-write", trainer.step))
+
+    def evaluate() -> dict:
+        return trainer.evaluate(during=kill_at("eval", trainer.step))
+
     # Ctrl-C / SIGTERM: finish the current step, save a consistent checkpoint, then stop.
     # A second Ctrl-C stops at once (the last periodic checkpoint stays valid: writes are atomic).
-    import signal
-
     def request_stop(signum, frame):
         if trainer.stop_requested:
             raise KeyboardInterrupt
@@ -338,20 +519,25 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
             old_handlers[sig] = signal.signal(sig, request_stop)
         except ValueError:  # not the main thread
             pass
+    saved_at = None  # the step of the last checkpoint this process wrote
     try:
         while trainer.step < cfg.steps:
             if trainer.stop_requested:
-                trainer.save(ck_path)
+                save()
                 print(f"\n[harmodt] stopped: checkpoint saved at step {trainer.step}; continue with --resume", file=sys.stderr)
                 raise KeyboardInterrupt
             if trainer.step > 0 and trainer.step % cfg.masks.update_every == 0:
                 tu = time.perf_counter()
                 info = trainer.mask_update()
+                if (k := kill_at("mask-update", trainer.step)) is not None:
+                    k()
                 info.update(step=trainer.step, mask_update_s=time.perf_counter() - tu)
                 log(info)
                 t0 += time.perf_counter() - tu
-            losses.append(trainer.train_step(trainer.sample_tasks()))  # device tensors: read once per log line
+            losses.append(trainer.train_step(trainer.sample_tasks()))
             bar.update(1)
+            if (k := kill_at("step", trainer.step)) is not None:
+                k()
             if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
                 sps = (trainer.step - s0) / max(time.perf_counter() - t0, 1e-9)
                 rec = {"step": trainer.step, "loss": float(torch.stack(losses).float().mean()), "lr": trainer.sched.get_last_lr()[0],
@@ -359,28 +545,30 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
                 log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{sps:.1f}")
                 losses, t0, s0 = [], time.perf_counter(), trainer.step
-            if trainer.step % cfg.checkpoint_every == 0:
-                trainer.save(ck_path)
             if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps and cfg.eval_episodes:
-                res = trainer.evaluate()
+                te = time.perf_counter()
+                res = evaluate()
                 log({"step": trainer.step, "eval_mean_success": res["mean_success"]})
+                t0 += time.perf_counter() - te
+            if trainer.step % cfg.checkpoint_every == 0:
+                save()
+                saved_at = trainer.step
     finally:
         bar.close()
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
-    trainer.save(ck_path)
+    if saved_at != trainer.step:
+        save()
     results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": trainer.step}
     if cfg.eval_episodes:
-        res = trainer.evaluate()
+        res = evaluate()
         results["tasks"] = {n: {"success": r["success"], "return": r["return"]} for n, r in res["tasks"].items()}
         results["mean_success"] = res["mean_success"]
         log({"step": trainer.step, "eval_mean_success": res["mean_success"], "eval_env_steps_per_s": res.get("env_steps_per_s", 0.0)})
         from .evaluate import print_table
 
         print_table(results)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    _write_atomic(out / "results.json", json.dumps(results, indent=2).encode())
     metrics.close()
     writer.close()
     try:
