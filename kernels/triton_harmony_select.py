@@ -7,6 +7,10 @@ sortable int64 key (order-preserving float bits in the high 33-bit field, the we
 low 31 bits, so ties go to the lowest index exactly as the reference's stable sort). A small final pass
 over the candidates only (``[T, n_blocks * KC]``) picks ``k_i = min(k, #active_i, #masked_i)``
 per task and flips the bits.
+
+Registered with ``torch.library`` as ``harmodt_triton::harmony_select`` (with a fake
+implementation), so a compiled caller sees one op; the final pass reads k_i back to the host,
+which is fine for an update that runs once every many training steps.
 """
 
 from __future__ import annotations
@@ -63,24 +67,49 @@ def _next_pow2(x: int) -> int:
 
 
 def triton_harmony_select(masked_grads, grads, params, masks, k, lam, importance="magnitude"):
-    """See :func:`kernels.reference.harmony_select`."""
+    """See :func:`kernels.reference.harmony_select`. Calls the registered op
+    ``torch.ops.harmodt_triton.harmony_select``."""
     if importance not in ("magnitude", "fisher"):
         raise ValueError(f"importance must be 'magnitude' or 'fisher', got {importance!r}")
+    if masked_grads.dim() != 2:
+        raise ValueError(f"harmony_select: masked_grads must be [T, P], got {tuple(masked_grads.shape)}")
     t, p = masked_grads.shape
-    if grads.shape != (t, p) or params.shape != (p,):
+    if tuple(grads.shape) != (t, p) or tuple(params.shape) != (p,):
         raise ValueError(f"harmony_select: masked_grads {tuple(masked_grads.shape)}, grads {tuple(grads.shape)}, "
                          f"params {tuple(params.shape)} must be [T, P], [T, P], [P]")
-    if masks.dtype != torch.int32 or masks.shape != (t, num_words(p)):
+    if masks.dtype != torch.int32 or tuple(masks.shape) != (t, num_words(p)):
         raise ValueError(f"harmony_select: masks must be int32 [{t}, {num_words(p)}], got {masks.dtype} {tuple(masks.shape)}")
-    k = int(k)
+    if any(x.dtype not in (torch.float32, torch.bfloat16, torch.float16) for x in (masked_grads, grads, params)):
+        raise TypeError(f"harmony_select: masked_grads, grads and params must be floating point, got "
+                        f"{masked_grads.dtype}, {grads.dtype}, {params.dtype}")
+    devs = {x.device for x in (masked_grads, grads, params, masks)}
+    if len(devs) != 1:
+        raise ValueError(f"harmony_select: all tensors must be on one device, got {sorted(map(str, devs))}")
+    if p >= 2**31:
+        raise ValueError(f"harmony_select: P={p} does not fit the 31-bit index of the sort key")
+    return torch.ops.harmodt_triton.harmony_select(masked_grads, grads, params, masks, int(k), float(lam), importance)
+
+
+@torch.library.custom_op("harmodt_triton::harmony_select", mutates_args=())
+def _harmony_select_op(masked_grads: torch.Tensor, grads: torch.Tensor, params: torch.Tensor, masks: torch.Tensor, k: int,
+                       lam: float, importance: str) -> torch.Tensor:
+    """The new packed masks ``[T, ceil(P/32)]``."""
+    return _select(masked_grads, grads, params, masks, k, lam, importance)
+
+
+@_harmony_select_op.register_fake
+def _(masked_grads, grads, params, masks, k, lam, importance):
+    return torch.empty_like(masks, memory_format=torch.contiguous_format)
+
+
+def _select(masked_grads, grads, params, masks, k, lam, importance):
+    t, p = masked_grads.shape
     masks = masks.contiguous()
     if k <= 0 or p == 0:
         return masks.clone()
     mg, g, prm = masked_grads.contiguous(), grads.contiguous(), params.contiguous()
     ghat = mg.float().mean(0)  # (P,): one vector, not a [T, P] array
     block = INTERPRET_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
-    if p >= 2**31:
-        raise ValueError(f"harmony_select: P={p} does not fit the 31-bit index of the sort key")
     n_blocks = triton.cdiv(p, block)
     kc = _next_pow2(min(k, block))
     hkeys = torch.empty(t, n_blocks * kc, dtype=torch.int64, device=mg.device)
