@@ -491,14 +491,27 @@ def aggregate(study: dict) -> list[dict]:
             ref = next((w for w in order if by_variant[w] and by_variant[w][0]["method"] == entry["method"]
                         and by_variant[w][0]["sweep"]["value"] == first_value), None)
         if ref is not None and ref != v and rows:
-            base = {r["seed"]: r for r in by_variant[ref]}
-            diffs = [r["tasks"][t]["success"] - base[r["seed"]]["tasks"][t]["success"]
-                     for r in rows if r["seed"] in base for t in study["tasks"]]
-            if diffs:
-                d, lo, hi = paired_bootstrap(diffs)
-                entry["paired"] = {"reference": ref, "mean_diff": d, "ci_low": lo, "ci_high": hi, "pairs": len(diffs)}
+            entry["paired"] = _paired(rows, by_variant[ref], study["tasks"], ref)
+        if "paired" in entry and entry["paired"] is None:
+            del entry["paired"]
+        if first_value is not None and entry["sweep_value"] not in (None, first_value) and rows:
+            # a swept value against the same method at the first value
+            sref = next((w for w in order if by_variant[w] and by_variant[w][0]["method"] == entry["method"]
+                         and (by_variant[w][0]["sweep"] or {}).get("value") == first_value), None)
+            if sref is not None and (p := _paired(rows, by_variant[sref], study["tasks"], sref)):
+                entry["paired_sweep"] = p
         out.append(entry)
     return out
+
+
+def _paired(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str) -> dict | None:
+    """Paired bootstrap of per-(seed, task) success differences from ``ref_rows`` (seeds both have)."""
+    base = {r["seed"]: r for r in ref_rows}
+    diffs = [r["tasks"][t]["success"] - base[r["seed"]]["tasks"][t]["success"] for r in rows if r["seed"] in base for t in tasks]
+    if not diffs:
+        return None
+    d, lo, hi = paired_bootstrap(diffs)
+    return {"reference": ref, "mean_diff": d, "ci_low": lo, "ci_high": hi, "pairs": len(diffs)}
 
 
 def _fmt(x, nd=3) -> str:
@@ -544,6 +557,15 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         for t in study["tasks"]:
             lines.append(f"| {t} | " + " | ".join(f"{v['per_task'][t]:.2f}" for v in done) + " |")
         lines.append("| **mean** | " + " | ".join(f"**{v['mean_success']:.3f}**" for v in done) + " |")
+    swept = [v for v in done if "paired_sweep" in v]
+    if swept:
+        key = study["sweep"]["key"]
+        lines += ["", f"## {key}: each value against the first", "",
+                  f"Paired difference from the same method at {key}={study['sweep']['values'][0]} over (seed, task) pairs, "
+                  "95 % bootstrap interval.", "", "| method | Δ success | 95 % CI | pairs |", "|---|---|---|---|"]
+        for v in swept:
+            p = v["paired_sweep"]
+            lines.append(f"| {v['variant']} | {p['mean_diff']:+.3f} | [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] | {p['pairs']} |")
     masked = [v for v in done if "final_mask_changed_fraction" in v or "final_harmony_score" in v]
     if masked:
         lines += ["", "## Masks and harmony", "",

@@ -104,6 +104,19 @@ def test_aggregate_paired_difference_from_prompt_dt():
     assert "| HarmoDT-F | 2/2 | 0.400 |" in md and "+0.100 (vs Prompt-DT)" in md and "reach-v3" in md
 
 
+def test_aggregate_sweep_of_one_method_beside_an_unswept_prompt_dt():
+    study = fake_study({("prompt-dt", None, 0): [0.2, 0.4], ("harmodt-f", "100", 0): [0.3, 0.4],
+                        ("harmodt-f", "2000", 0): [0.5, 0.6]}, sweep="masks.eta_max")
+    study["sweep"]["values"] = ["100", "2000"]
+    pd, f100, f2000 = aggregate(study)
+    assert f100["paired"]["reference"] == "Prompt-DT" and f100["paired"]["mean_diff"] == pytest.approx(0.05)
+    assert f2000["paired"]["reference"] == "Prompt-DT" and f2000["paired"]["mean_diff"] == pytest.approx(0.25)
+    assert "paired_sweep" not in f100
+    assert f2000["paired_sweep"]["reference"] == "HarmoDT-F eta_max=100" and f2000["paired_sweep"]["mean_diff"] == pytest.approx(0.2)
+    study["variants"] = [pd, f100, f2000]
+    assert "| HarmoDT-F eta_max=2000 | +0.200 | [+0.200, +0.200] | 2 |" in summary_markdown(study)  # constant differences
+
+
 def test_aggregate_sweep_without_prompt_dt_compares_with_the_first_value(tmp_path):
     study = fake_study({("harmodt-f", "100", 0): [0.2, 0.4], ("harmodt-f", "100", 1): [0.4, 0.4],
                         ("harmodt-f", "2000", 0): [0.0, 0.4], ("harmodt-f", "2000", 1): [0.2, 0.4]}, sweep="masks.eta_max")
@@ -111,6 +124,7 @@ def test_aggregate_sweep_without_prompt_dt_compares_with_the_first_value(tmp_pat
     assert "paired" not in first
     assert second["paired"]["reference"] == "HarmoDT-F eta_max=100"
     assert second["paired"]["mean_diff"] == pytest.approx(-0.1)
+    assert second["paired_sweep"]["mean_diff"] == pytest.approx(-0.1)
     study["variants"] = [first, second]
     written = draw_figures(study, tmp_path, say=lambda m: None)
     assert {p.name for p in written} == {"methods.png", "success_vs_sweep.png"}  # no metrics or masks: the rest is skipped
