@@ -9,6 +9,7 @@ import torch
 
 from _synthetic import datasets
 from harmodt.config import ModelConfig, TrainConfig, validate
+import kernels
 from harmodt.evaluate import EvalError, evaluate
 from harmodt.train import Trainer
 
@@ -37,12 +38,14 @@ def test_batched_equals_sequential(trainer):
         np.testing.assert_allclose(batched["tasks"][t]["return"], seq["tasks"][t]["return"], rtol=1e-4)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_bf16_evaluation_runs_and_stays_close_to_fp32(trainer, fused):
-    """``precision="bf16"`` (CPU autocast; the embeddings and action head stay fp32) on the fused
-    inference ops and on the plain path: every episode runs, and returns stay near fp32's."""
+BACKENDS = [b for b in ("reference", "cpu", "triton") if b in kernels.available_backends("cpu")]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # (the interpreter has no bf16)
+def test_bf16_evaluation_runs_and_stays_close_to_fp32(trainer, backend):
+    """``precision="bf16"`` (autocast): every episode runs, and returns stay near fp32's."""
     info = trainer.eval_info()
-    kw = dict(max_steps=25, progress=False, fused=fused)
+    kw = dict(max_steps=25, progress=False, backend=backend)
     fp32 = evaluate(trainer.model, trainer.task_masks, info, TASKS, 2, seed=3, **kw)
     bf16 = evaluate(trainer.model, trainer.task_masks, info, TASKS, 2, seed=3, precision="bf16", **kw)
     assert bf16["env_steps"] == fp32["env_steps"] == 2 * 2 * 25
@@ -51,31 +54,12 @@ def test_bf16_evaluation_runs_and_stays_close_to_fp32(trainer, fused):
         np.testing.assert_allclose(bf16["tasks"][t]["return"], fp32["tasks"][t]["return"], rtol=0.1, atol=1.0)
 
 
-def test_expanded_masks_give_the_same_episodes(trainer):
-    """Evaluation reading every task's W * M expanded once (the default with the native ops) runs
-    exactly the episodes it runs expanding the bits at every forward; only the evaluated tasks'
-    masks are expanded."""
-    import kernels
-
-    info = trainer.eval_info()
-    kw = dict(max_steps=15, progress=False, fused=True)
-    seen = []
-    orig = kernels.task_weights
-    kernels.task_weights = lambda w, m, **k: seen.append(m.shape[0]) or orig(w, m, **k)
-    try:
-        a = evaluate(trainer.model, trainer.task_masks, info, TASKS[1:], 2, seed=4, expand_masks=True, **kw)
-    finally:
-        kernels.task_weights = orig
-    b = evaluate(trainer.model, trainer.task_masks, info, TASKS[1:], 2, seed=4, expand_masks=False, **kw)
-    if "cpu" in kernels.available_backends("cpu"):
-        assert seen and set(seen) == {1}  # one task evaluated: its masks alone
-    assert a["tasks"] == b["tasks"]
-
-
-def test_fused_reference_backend_gives_same_returns(trainer):
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_kernel_backends_give_the_reference_returns(trainer, backend):
     info = trainer.eval_info()
     a = evaluate(trainer.model, trainer.task_masks, info, TASKS, 1, seed=5, max_steps=15, progress=False)
-    b = evaluate(trainer.model, trainer.task_masks, info, TASKS, 1, seed=5, max_steps=15, progress=False, fused=True, backend="reference")
+    b = evaluate(trainer.model, trainer.task_masks, info, TASKS, 1, seed=5, max_steps=15, progress=False, backend=backend)
+    assert a["backend"] == "reference" and b["backend"] == backend
     for t in TASKS:
         np.testing.assert_allclose(a["tasks"][t]["return"], b["tasks"][t]["return"], rtol=1e-4)
 
@@ -98,30 +82,11 @@ def test_evaluate_cli_bad_checkpoint(tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pt")
     proc = subprocess.run([sys.executable, "-m", "harmodt.evaluate", str(tmp_path / "other.pt")], capture_output=True, text=True)
     assert proc.returncode == 2 and "not a harmodt training checkpoint" in proc.stderr
+    import numpy as np_
 
-
-def test_prompt_cache_matches_full_forward():
-    from harmodt.masks import TaskMasks
-    from harmodt.model import MaskContext, build_model
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, context_len=4, prompt_len=3, dropout=0.0)
-    model = build_model(cfg, 2, "harmodt-f").eval()
-    shapes = {n: tuple(w.shape) for n, w in model.masked_weights().items()}
-    tm = TaskMasks.erk(shapes, 2, 0.3, torch.Generator().manual_seed(1))
-    ids = torch.tensor([0, 1, 1])
-    ctx = MaskContext.for_tasks(tm.masks, ids)
-    b, k, kp = 3, cfg.context_len, cfg.prompt_len
-    batch = {"states": torch.randn(b, k, 39), "actions": torch.randn(b, k, 4), "rtg": torch.randn(b, k, 1),
-             "timesteps": torch.arange(k).expand(b, -1), "mask": torch.ones(b, k, dtype=torch.bool), "task_ids": ids,
-             "prompt_states": torch.randn(b, kp, 39), "prompt_actions": torch.randn(b, kp, 4), "prompt_rtg": torch.randn(b, kp, 1),
-             "prompt_timesteps": torch.arange(kp).expand(b, -1), "prompt_mask": torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1]]).bool()}
-    with torch.inference_mode():
-        full = model(batch, ctx)[:, -1]  # (B, A): prediction at the last state token
-        kv, pvalid = model.encode_prompt({n: v for n, v in batch.items() if n.startswith("prompt_")}, ctx)
-        cached = model.act(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], ids, ctx, kv, pvalid)
-    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(cached[1], cached[2])  # different histories/prompts really give different actions
+    torch.save({"model": {}, "config": {}, "eval_info": {"state_mean": np_.zeros(3)}}, tmp_path / "old.pt")  # the older pickled format
+    proc = subprocess.run([sys.executable, "-m", "harmodt.evaluate", str(tmp_path / "old.pt")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "harmodt.checkpoint convert" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_sharded_simulator_gives_the_same_results(trainer):
