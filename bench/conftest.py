@@ -1,53 +1,106 @@
-"""Fused-vs-reference summary table for bench/test_bench_kernels.py (printed at session end)."""
+"""Benchmark session setup and the results file.
+
+* The ``cuda`` marker: benchmarks that need a GPU; they are skipped without CUDA. Run only them
+  with ``python -m pytest bench/ --benchmark-only -m cuda``.
+* Every benchmark runs with the allocator setting the CLIs use (``keep_freed_memory``), applied
+  once before any benchmark module is imported.
+* At the end of a run in which benchmarks recorded figures (``bench.common.record``), all of them
+  are written to ``bench/results/<machine>.json`` (``HARMODT_BENCH_RESULTS`` names another file;
+  ``HARMODT_BENCH_RESULTS=none`` writes none): the machine, torch/triton versions, the command,
+  the load average before and after, each benchmark's variants (median/min/max ms), derived
+  figures, table rows and the skipped benchmarks with their reasons. ``python -m bench.render``
+  renders it as bench/README.md's table.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
+import torch
 
 from harmodt.runtime import keep_freed_memory
 
-_KEY = "_harmodt_kernel_results"
+from . import common
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_SKIPS: dict[str, str] = {}
+_START: dict = {}
+
+
+def _load() -> dict:
+    d = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        d["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return d
 
 
 def pytest_configure(config):
-    """Every benchmark runs with the allocator setting the CLIs use (``harmodt.train`` and
-    ``harmodt.evaluate`` apply it first): glibc keeps freed blocks instead of unmapping them. The
-    setting is process-wide and cannot be undone, so it is applied once here, before any benchmark
-    module is imported: a benchmark then measures the same whether it runs alone or in the suite.
-    (When only some files set it at import, ``test_bench_kernels.py`` measured the reference
-    masked_linear's evaluation forward, whose 280 MB workspace page-faults in on every call without
-    it, at 285.8 ms alone and 143.9 ms in the suite.)"""
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run with -m cuda")
     keep_freed_memory()
+    _START.update(time=time.time(), load=_load())
 
 
-@pytest.fixture
-def kernel_results(request):
-    """A session-wide list; each kernel benchmark appends one row of its extra_info."""
-    if not hasattr(request.config, _KEY):
-        setattr(request.config, _KEY, [])
-    return getattr(request.config, _KEY)
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
-def _mib(row, key):
-    v = row.get(key)
-    return "" if v is None else f"{v:.1f}"
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPS[report.nodeid.split("::", 1)[-1]] = reason.removeprefix("Skipped: ")
+
+
+def _command(config) -> str:
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("HARMODT_BENCH_") and k != "HARMODT_BENCH_RESULTS")
+    return (env + " " if env else "") + "python -m pytest " + shlex.join(config.invocation_params.args)
+
+
+def results_path(mach: dict) -> Path | None:
+    where = os.environ.get("HARMODT_BENCH_RESULTS", "")
+    if where.lower() in ("none", "0", "off"):
+        return None
+    return Path(where) if where else RESULTS_DIR / f"{mach['name']}.json"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not common.RESULTS:
+        return
+    gpu = any(r["device"].startswith("cuda") for r in common.RESULTS)
+    mach = common.machine(gpu)
+    path = results_path(mach)
+    if path is None:
+        return
+    doc = {
+        "machine": mach,
+        "command": _command(session.config),
+        "threads": torch.get_num_threads(),
+        "duration_s": round(time.time() - _START.get("time", time.time()), 1),
+        "load_before": _START.get("load"),
+        "load_after": _load(),
+        "benchmarks": common.RESULTS,
+        "skipped": dict(sorted(_SKIPS.items())),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+    session.config._harmodt_results = path
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    rows = getattr(config, _KEY, [])
-    if not rows:
-        return
-    tr = terminalreporter
-    tr.section("native CPU kernels vs reference")
-    head = (f"{'benchmark':56s} {'fused ms':>9s} {'ref ms':>9s} {'speedup':>8s} "
-            f"{'fused MiB':>10s} {'ref MiB':>9s} {'mem ratio':>9s}  targets")
-    tr.write_line(head)
-    tr.write_line("-" * len(head))
-    for r in rows:
-        ratio = r.get("workspace_ratio")
-        tr.write_line(
-            f"{r['name']:56s} {r['fused_ms']:9.1f} {r['reference_ms']:9.1f} {r['speedup']:7.2f}x "
-            f"{_mib(r, 'fused_workspace_MiB'):>10s} {_mib(r, 'reference_workspace_MiB'):>9s} "
-            f"{'' if ratio is None else f'{ratio:.1f}x':>9s}  {r.get('targets', '')}"
-        )
-    tr.write_line("MiB = peak extra resident memory besides the returned outputs (see bench/test_bench_kernels.py)")
+    path = getattr(config, "_harmodt_results", None)
+    if path is not None:
+        terminalreporter.write_line(f"benchmark figures written to {path} (render: python -m bench.render {path})")

@@ -1,0 +1,236 @@
+"""What the benchmarks share: the paper's model size, synthetic training data, trainers, timing of
+variants in alternating rounds, and the results registry that bench/conftest.py writes as JSON.
+
+Timing: :func:`interleave` runs every variant of a benchmark once per round, in turn (the
+primary variant through pytest-benchmark's ``pedantic``, the others in its untimed ``setup``), so
+a drift of a shared machine's speed hits them alike; figures are medians over rounds, and ratios
+are medians of the per-round ratios. On CUDA every timed call synchronizes before and after.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import time
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+# The paper's model (Table 6): 6 layers, 8 heads, width 256, K = 20, K* = 5, batch 8, S = 0.2.
+TASKS = ["reach-v3", "push-v3", "door-open-v3", "drawer-open-v3", "window-open-v3"]
+LAYERS = {"qkv": (256, 768), "attn_proj": (256, 256), "fc": (256, 1024), "mlp_proj": (1024, 256)}  # (K, N) of each masked matrix
+P_MODEL = 6 * sum(k * n for k, n in LAYERS.values())  # 4,718,592 masked weights
+TRAIN_ROWS = 8 * 75  # a training batch: 8 sequences of 3 * (20 + 5) tokens
+EVAL_TOKENS = 3 * 20 - 1  # an evaluation row's history tokens (the last action is not fed)
+SPARSITY, ETA_MAX, LAMBDA = 0.2, 100, 10.0  # Table 6
+
+US_PER_LAUNCH = 5.0  # eager cost of one kernel launch on an H100 (launch plus the Python and dispatch around it)
+H100_STEP_GOAL_MS = 3.6  # MT50 x 1e6 steps in under one hour
+
+
+def rounds(default: int) -> int:
+    """Rounds of a benchmark: ``HARMODT_BENCH_ROUNDS`` when set (every benchmark), else ``default``."""
+    v = os.environ.get("HARMODT_BENCH_ROUNDS")
+    return max(1, int(v)) if v else default
+
+
+def devices() -> list:
+    """The devices a device-parametrized benchmark runs on: cpu, and cuda (marker ``cuda``,
+    skipped without CUDA by bench/conftest.py)."""
+    return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- training data and trainers -----------------------------------------------------------------
+
+
+def synthetic_datasets(tasks, episodes=4, length=500, seed=0):
+    """Random trajectories with Meta-World's shapes (39-d states, 4-d actions), two prompt
+    trajectories per task: what a training step's speed depends on, without generating data.
+    (Self-contained: bench/baseline.py runs this function's source inside an older checkout.)"""
+    import numpy as np
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(seed)
+
+    def traj():
+        return SimpleNamespace(observations=rng.normal(size=(length, 39)).astype(np.float32),
+                               actions=rng.uniform(-1, 1, size=(length, 4)).astype(np.float32),
+                               rewards=rng.uniform(0, 10, size=length).astype(np.float32),
+                               dones=np.eye(1, length, length - 1, dtype=bool)[0], successes=None)
+
+    return {t: SimpleNamespace(name=t, trajectories=[traj() for _ in range(episodes)], prompts=[traj() for _ in range(2)]) for t in tasks}
+
+
+def make_trainer(method: str = "harmodt-f", device: str = "cpu", fused: bool = True, precision: str = "fp32", tasks=TASKS, **kw):
+    """A ``harmodt.train.Trainer`` at the paper's size on synthetic data (``validate``d config)."""
+    from harmodt.config import TrainConfig, validate
+    from harmodt.train import Trainer
+
+    cfg = validate(TrainConfig(tasks=",".join(tasks), method=method, progress=False, eval_episodes=0, device=device, fused=fused,
+                               precision=precision, **kw))
+    return Trainer(cfg, synthetic_datasets(tasks))
+
+
+def step_runner(tr, device=None) -> Callable[[int], float]:
+    """A variant for :func:`interleave`: ``run(n)`` does n training steps, returns ms per step."""
+    device = device or tr.device
+
+    def run(n: int) -> float:
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(n):
+            tr.train_step(tr.sample_tasks())
+        sync(device)
+        return (time.perf_counter() - t) / n * 1e3
+
+    return run
+
+
+def call_runner(fn: Callable[[], object], device) -> Callable[[int], float]:
+    """A variant for :func:`interleave`: ``run(n)`` calls ``fn`` n times, returns ms per call."""
+
+    def run(n: int) -> float:
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(device)
+        return (time.perf_counter() - t) / n * 1e3
+
+    return run
+
+
+def interleave(benchmark, variants: dict[str, Callable[[int], float]], n_rounds: int, calls: int = 1, warmup: int = 2) -> dict[str, list[float]]:
+    """ms per call of every variant, one entry per round. Each variant is first run ``warmup``
+    times untimed; then every round runs each variant for ``calls`` calls: the first variant
+    (the primary) is the one pytest-benchmark times, the others run in its untimed ``setup``
+    just before, in an order that rotates from round to round."""
+    names = list(variants)
+    for name in names:
+        if warmup:
+            variants[name](warmup)
+    times = {k: [] for k in names}
+    others = names[1:]
+    state = {"round": 0}
+
+    def setup():
+        r = state["round"]
+        for k in others[r % max(len(others), 1):] + others[: r % max(len(others), 1)]:
+            times[k].append(variants[k](calls))
+        state["round"] += 1
+
+    def target():
+        times[names[0]].append(variants[names[0]](calls))
+
+    benchmark.pedantic(target, setup=setup, rounds=n_rounds, warmup_rounds=0, iterations=1)
+    return times
+
+
+def stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def paired_ratio(times: dict, num: str, den: str) -> float:
+    """Median over rounds of ``num / den`` (neighbouring measurements share the machine's state)."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+# ---- the results registry -----------------------------------------------------------------------
+
+RESULTS: list[dict] = []  # one entry per benchmark that ran; bench/conftest.py writes them at the end
+
+
+def _target_text(target, unit: str) -> str:
+    op, value = target
+    sym = {"<=": "≤", ">=": "≥", "<": "<", ">": ">"}[op]
+    return f"{sym} {value:g}{'' if unit in ('x', '%') else ' '}{unit}"
+
+
+def _met(value: float, target) -> bool:
+    op, thr = target
+    return {"<=": value <= thr, ">=": value >= thr, "<": value < thr, ">": value > thr}[op]
+
+
+def figure(label: str, value: float, unit: str, *, target=None, lo=None, hi=None, baseline=None) -> dict:
+    """One row of the results table: ``value`` (a median, with ``lo``/``hi`` its min and max over
+    rounds when it is a time), ``target`` an (op, threshold) pair in ``unit`` (reported, never
+    asserted), ``baseline`` the same figure of the previous version when measured."""
+    row = {"label": label, "value": value, "unit": unit, "min": lo, "max": hi, "baseline": baseline}
+    if target is not None:
+        row["target"] = _target_text(target, unit)
+        row["met"] = bool(_met(value, target))
+    return row
+
+
+def time_figure(label: str, times: dict, key: str, *, target=None, baseline_key=None, unit="ms") -> dict:
+    """A figure from the per-round times of variant ``key`` (median, min, max); ``baseline_key``:
+    the variant that is the previous version's same figure, when it ran."""
+    s = stats(times[key])
+    base = statistics.median(times[baseline_key]) if baseline_key and baseline_key in times else None
+    return figure(label, s["median"], unit, target=target, lo=s["min"], hi=s["max"], baseline=base)
+
+
+def record(benchmark, what: str, device, times: dict | None = None, figures: list | None = None, derived: dict | None = None,
+           info: dict | None = None, unit: str = "ms") -> dict:
+    """Register one benchmark's figures for the results file and pytest-benchmark's extra_info,
+    and print them (visible with ``-s``)."""
+    entry = {"name": benchmark.name, "what": what, "device": str(device), "unit": unit,
+             "variants": {k: stats(v) for k, v in (times or {}).items() if v},
+             "derived": derived or {}, "figures": figures or [], "info": info or {}}
+    RESULTS.append(entry)
+    benchmark.extra_info.update({"variants": entry["variants"], "derived": entry["derived"], "info": entry["info"]})
+    lines = [f"\n{benchmark.name}: {what}"]
+    for k, s in entry["variants"].items():
+        lines.append(f"  {k}: median {s['median']:.3f} {unit} (min {s['min']:.3f}, max {s['max']:.3f}, {s['n']} rounds)")
+    for f in entry["figures"]:
+        lines.append(f"  {f['label']}: {f['value']:.4g} {f['unit']}" + (f"  target {f['target']} ({'met' if f['met'] else 'not met'})"
+                                                                       if 'target' in f else "")
+                     + (f"  previous version {f['baseline']:.4g}" if f.get("baseline") is not None else ""))
+    print("\n".join(lines))
+    return entry
+
+
+# ---- the machine --------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(gpu: bool) -> dict:
+    """A description of this machine; ``name`` (a file-name slug) is the GPU's name when ``gpu``,
+    else the CPU model and its core count."""
+    cores = os.cpu_count() or 1
+    cpu = cpu_model()
+    d = {"cpu": cpu, "cores": cores, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform(),
+         "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        d["triton"] = triton.__version__
+    except Exception:  # pragma: no cover - depends on the install
+        d["triton"] = None
+    name = f"{cpu} {cores} cores"
+    if gpu and torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name(0)
+        d["gpu_count"] = torch.cuda.device_count()
+        d["cuda"] = torch.version.cuda
+        name = d["gpu"]
+    d["name"] = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return d
