@@ -1,4 +1,9 @@
-"""Triton kernels against kernels/reference.py, run by Triton's interpreter on CPU tensors."""
+"""Triton kernels against kernels/reference.py, run by Triton's interpreter on CPU tensors.
+
+On a CUDA machine TRITON_INTERPRET is not set and this module is skipped: tests/gpu/ runs the
+same kernels compiled for the GPU. The interpreter has no bfloat16; float16 stands in for the
+16-bit paths here.
+"""
 
 import os
 
@@ -6,30 +11,39 @@ import pytest
 import torch
 
 import kernels
+import kernels.triton_harmony_select as ths
+import kernels.triton_masked_adamw as tma
+import kernels.triton_masked_linear as tml
 from kernels import reference as R
 
 pytestmark = [
     pytest.mark.interpreter,
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                       reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA)"),
 ]
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-TOL = dict(rtol=1e-5, atol=1e-5) if DEV == "cpu" else dict(rtol=2e-2, atol=2e-2)  # tf32 tensor cores on GPU
-
-# (R, K, N, T): odd sizes, one task, fifty tasks, K and N in {1, 5, 33, 257}
-CASES = [(1, 1, 1, 1), (7, 5, 33, 3), (130, 33, 5, 50), (7, 257, 5, 1), (130, 5, 257, 3), (7, 33, 33, 50), (1, 257, 1, 3)]
+TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _inputs(r, k, n, t, seed, empty_task=True, noncontig=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(r, 2 * k if noncontig else k, generator=g)[:, ::2] if noncontig else torch.randn(r, k, generator=g)
-    w = torch.randn(n, k, generator=g)
-    b = torch.randn(n, generator=g)
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _linear_inputs(r, k, n, t, ids, seed, dtype=torch.float32):
+    """x, w, b, packed masks, task ids. ids: "one" ([1]), "mixed" ([R], the last task absent when
+    T > 1), "same" ([R], every row task T-1)."""
+    g = _gen(seed)
+    x = torch.randn(r, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
     m = R.pack_masks(torch.rand(t, n, k, generator=g) > 0.3)
-    tid = torch.randint(0, t, (r,), generator=g)
-    if empty_task and t > 1:
-        tid[tid == t - 1] = 0  # the last task has no rows
-    return [v.to(DEV) for v in (x, w, b, m, tid)]
+    if ids == "one":
+        tid = torch.tensor([t - 1])
+    elif ids == "same":
+        tid = torch.full((r,), t - 1)
+    else:
+        tid = torch.randint(0, t, (r,), generator=g)
+        if t > 1:
+            tid[tid == t - 1] = 0  # the last task has no rows
+    return x, w, b, m, tid
 
 
 @pytest.fixture
@@ -50,49 +64,357 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", empty_like)
 
 
-@pytest.mark.parametrize("r,k,n,t", CASES)
-@pytest.mark.parametrize("bias", [True, False])
-def test_masked_linear_forward_and_grads(r, k, n, t, bias, poisoned_empty):
-    x, w, b, m, tid = _inputs(r, k, n, t, seed=r * 7 + k + n + t, noncontig=(r == 7))
+def _run_linear(backend, x, w, b, m, tid, dy, need=(True, True, True), x_noncontig=False):
+    """y and the gradients of x, w, b and the task_grads buffer after y.backward(dy)."""
+    xx = x.clone()
+    if x_noncontig:  # every other column of a wider buffer: row stride 2K, column stride 2
+        xx = torch.empty(x.shape[0], 2 * x.shape[1], dtype=x.dtype)[:, ::2].copy_(x)
+    xx.requires_grad_(need[0])
+    ww = w.clone().requires_grad_(need[1])
+    bb = None if b is None else b.clone().requires_grad_(need[2])
+    tg = torch.zeros(m.shape[0], *w.shape)
+    y = kernels.masked_linear(xx, ww, bb, m, tid, backend=backend, task_grads=tg)
+    y.backward(dy)
+    return y.detach(), xx.grad, ww.grad, None if bb is None else bb.grad, tg
+
+
+# (R, K, N, T, ids, bias): R=1, odd R, K < 32, K not a multiple of 32, N=1, twenty tasks with
+# most absent, task_ids [1], mixed tasks, every row one task given as [R].
+LINEAR_CASES = [
+    (1, 1, 1, 1, "one", True),
+    (1, 40, 3, 4, "mixed", False),
+    (7, 5, 33, 3, "mixed", True),
+    (70, 33, 5, 20, "mixed", True),
+    (7, 257, 5, 1, "one", True),
+    (65, 5, 257, 3, "one", False),
+    (70, 64, 1, 5, "mixed", True),
+    (40, 31, 17, 6, "same", True),
+]
+
+
+@pytest.mark.parametrize("r,k,n,t,ids,bias", LINEAR_CASES)
+def test_masked_linear_forward_and_every_gradient(r, k, n, t, ids, bias, poisoned_empty):
+    x, w, b, m, tid = _linear_inputs(r, k, n, t, ids, seed=r * 7 + k + n + t)
     b = b if bias else None
-    outs = {}
-    for name in ("triton", "reference"):
-        xx = x.clone().requires_grad_()
-        ww = w.clone().requires_grad_()
-        bb = None if b is None else b.clone().requires_grad_()
-        if name == "triton" and r == 7:
-            xx = torch.randn(r, 2 * k, device=DEV)[:, ::2].copy_(x).requires_grad_()  # non-contiguous rows
-        tg = torch.zeros(t, n, k, device=DEV)  # the op adds each task's unmasked dY_t^T X_t into it
-        y = kernels.masked_linear(xx, ww, bb, m, tid, backend=name, task_grads=tg)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEV)
-        y.backward(dy)
-        outs[name] = (y.detach(), xx.grad, ww.grad, None if bb is None else bb.grad, tg)
-    for a, e in zip(outs["triton"], outs["reference"]):
+    dy = torch.randn(r, n, generator=_gen(1))
+    got = _run_linear("triton", x, w, b, m, tid, dy, x_noncontig=r % 2 == 1)
+    want = _run_linear("reference", x, w, b, m, tid, dy)
+    for name, a, e in zip(("y", "dx", "dw", "db", "task_grads"), got, want):
+        if e is None:
+            assert a is None, name
+            continue
+        assert not torch.isnan(a).any(), name
+        torch.testing.assert_close(a, e, **TOL, msg=name)
+    if r > 1:  # the gradient reaches only unmasked weights of the tasks present
+        present = torch.zeros(t, dtype=torch.bool)
+        present[tid] = True
+        used = R.unpack_masks(m, k)[present].any(0)
+        assert torch.all(got[2][~used] == 0)
+
+
+def test_one_task_ids_equal_mixed_ids_of_that_task():
+    """task_ids [1] (no grouping) and [R] all equal to that task give the same bits."""
+    x, w, b, m, _ = _linear_inputs(77, 45, 20, 3, "one", seed=5)
+    dy = torch.randn(77, 20, generator=_gen(2))
+    one = _run_linear("triton", x, w, b, m, torch.tensor([1]), dy)
+    mixed = _run_linear("triton", x, w, b, m, torch.full((77,), 1), dy)
+    for a, e in zip(one, mixed):
+        assert torch.equal(a, e)
+
+
+def test_masked_linear_float16():
+    """The 16-bit path: fp16 operands, fp32 accumulation, outputs and gradients in fp16."""
+    x, w, b, m, tid = _linear_inputs(45, 70, 40, 3, "mixed", seed=9, dtype=torch.float16)
+    dy = torch.randn(45, 40, generator=_gen(3)).half()
+    got = _run_linear("triton", x, w, b, m, tid, dy)
+    want = _run_linear("reference", x.float(), w.float(), b.float(), m, tid, dy.float())
+    for name, a, e in zip(("y", "dx", "dw", "db", "task_grads"), got, want):
+        assert a.dtype == (torch.float32 if name == "task_grads" else torch.float16), name
+        torch.testing.assert_close(a.float(), e, rtol=1e-2, atol=3e-2, msg=name)
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, True)])
+def test_masked_linear_partial_gradients(need):
+    """Only the gradients asked for; task_grads fill with the weight's gradient, as the reference's."""
+    x, w, b, m, tid = _linear_inputs(20, 40, 9, 3, "mixed", seed=4)
+    dy = torch.randn(20, 9, generator=_gen(5))
+    got = _run_linear("triton", x, w, b, m, tid, dy, need=need)
+    want = _run_linear("reference", x, w, b, m, tid, dy, need=need)
+    for a, e in zip(got, want):
+        assert (a is None) == (e is None)
         if e is not None:
             torch.testing.assert_close(a, e, **TOL)
+    assert bool(got[4].any()) == need[1]
 
 
-def test_masked_linear_output_is_written_everywhere(poisoned_empty):
-    x, w, b, m, tid = _inputs(33, 40, 9, 4, seed=3)
-    y = kernels.masked_linear(x, w, b, m, tid, backend="triton")
-    assert not torch.isnan(y).any()
-    torch.testing.assert_close(y, R.masked_linear(x, w, b, m, tid), **TOL)
+def test_masked_linear_under_autocast_matches_reference():
+    """kernels.masked_linear casts for autocast before the op (fp16 here: the interpreter has no bf16)."""
+    x, w, b, m, tid = _linear_inputs(30, 40, 9, 3, "mixed", seed=6)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = kernels.masked_linear(x, w, b, m, tid, backend="triton")
+        ref = kernels.masked_linear(x, w, b, m, tid, backend="reference")
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=3e-2)
 
 
-def test_masked_linear_rejects_bad_shapes():
-    x, w, b, m, tid = _inputs(5, 40, 9, 2, seed=0)
-    with pytest.raises(ValueError, match="masks must be int32"):
-        kernels.masked_linear(x, w, b, m[:, :, :1], tid, backend="triton")
-    with pytest.raises(ValueError, match="task_ids must lie"):
-        kernels.masked_linear(x, w, b, m, tid + 5, backend="triton")
+def test_masked_linear_rejects_bad_arguments():
+    x, w, b, m, tid = _linear_inputs(5, 40, 9, 2, "mixed", seed=0)
+    ml = tml.triton_masked_linear
+    with pytest.raises(ValueError, match=r"x must be \[R, K\]"):
+        ml(x[None], w, b, m, tid)
     with pytest.raises(ValueError, match="x has K=40"):
-        kernels.masked_linear(x, w[:, :10], b, m, tid, backend="triton")
-    with pytest.raises(ValueError, match="share a dtype"):
-        kernels.masked_linear(x, w.double(), b, m, tid, backend="triton")
+        ml(x, w[:, :10], b, m, tid)
+    with pytest.raises(TypeError, match="must be float32, bfloat16 or float16"):
+        ml(x.double(), w.double(), b.double(), m, tid)
+    with pytest.raises(TypeError, match="share a dtype"):
+        ml(x, w.half(), b, m, tid)
+    with pytest.raises(ValueError, match=r"bias must be \[9\]"):
+        ml(x, w, b[:3], m, tid)
+    with pytest.raises(ValueError, match="masks must be packed int32"):
+        ml(x, w, b, m[:, :, :1], tid)
+    with pytest.raises(ValueError, match="masks must be packed int32"):
+        ml(x, w, b, R.unpack_masks(m, 40), tid)
+    with pytest.raises(ValueError, match=r"task_ids must be int64 \[5\] or \[1\]"):
+        ml(x, w, b, m, tid[:2])
+    with pytest.raises(ValueError, match="task_ids must be int64"):
+        ml(x, w, b, m, tid.int())
+    with pytest.raises(ValueError, match="task_grads must be float32"):
+        ml(x, w, b, m, tid, task_grads=torch.zeros(2, 9, 41))
+    with pytest.raises(ValueError, match="one device"):
+        ml(x, w, b, m, tid.to("meta"))
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\)"):
+        ml(x, w, b, m, tid + 5)
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\)"):
+        ml(x, w, b, m, torch.tensor([-1]))
+
+
+# ---- torch.library registration and torch.compile ----------------------------------------------
+
+
+def test_ops_are_registered_with_fake_impls():
+    """Every Triton op is a torch.library op whose fake impl gives the real op's shapes and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.harmodt_triton
+    with FakeTensorMode():
+        x, w, b = torch.empty(10, 40, dtype=torch.float16), torch.empty(9, 40, dtype=torch.float16), torch.empty(9, dtype=torch.float16)
+        m, tid = torch.empty(3, 9, 2, dtype=torch.int32), torch.empty(10, dtype=torch.int64)
+        y = ops.masked_linear(x, w, b, m, tid, None)
+        dx = ops.masked_linear_dx(y, w, m, tid)
+        dw = ops.masked_linear_dw(y, x, m, tid, torch.empty(3, 9, 40))
+        sel = ops.harmony_select(torch.empty(3, 70), torch.empty(3, 70), torch.empty(70), torch.empty(3, 3, dtype=torch.int32), 5, 0.5, "fisher")
+    assert (tuple(y.shape), y.dtype) == ((10, 9), torch.float16)
+    assert (tuple(dx.shape), dx.dtype) == ((10, 40), torch.float16)
+    assert (tuple(dw.shape), dw.dtype) == ((9, 40), torch.float16)
+    assert (tuple(sel.shape), sel.dtype) == ((3, 3), torch.int32)
+    assert hasattr(ops, "masked_adamw_")
+
+
+def test_opcheck_every_op():
+    """torch.library.opcheck: schema (declared mutations), autograd registration, fake tensors and
+    AOT dispatch, on the real kernels."""
+    x, w, b, m, tid = _linear_inputs(12, 40, 9, 3, "mixed", seed=8)
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    ops = torch.ops.harmodt_triton
+    torch.library.opcheck(ops.masked_linear.default, (x, w, b, m, tid, torch.zeros(3, 9, 40)))
+    dy = torch.randn(12, 9, generator=_gen(0))
+    torch.library.opcheck(ops.masked_linear_dx.default, (dy, w.detach(), m, tid))
+    torch.library.opcheck(ops.masked_linear_dw.default, (dy, x.detach(), m, tid, torch.zeros(3, 9, 40)))
+    ps = [torch.randn(5, 40, generator=_gen(1)), torch.randn(3, generator=_gen(2))]
+    torch.library.opcheck(ops.masked_adamw_.default, (
+        ps, [torch.randn_like(p) for p in ps], [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+        [R.pack_masks(torch.rand(5, 40, generator=_gen(3)) > 0.5), None], [torch.tensor(0.0), torch.tensor(4.0)],
+        1e-3, 0.9, 0.999, 1e-8, 0.1, torch.tensor(0.5), 1.0))
+    mg, g, p, masks = _select_inputs(3, 70, seed=1, ints=False)
+    torch.library.opcheck(ops.harmony_select.default, (mg, g, p, masks, 5, 0.5, "fisher"))
+
+
+def _masked_mlp(x, w1, b1, w2, m1, m2, tid, tg1):
+    """Two masked layers around a ReLU, as a block's MLP calls them."""
+    h = torch.relu(kernels.masked_linear(x, w1, b1, m1, tid, backend="triton", task_grads=tg1))
+    return kernels.masked_linear(h, w2, None, m2, tid, backend="triton").square().mean()
+
+
+def test_torch_compile_sees_the_op_without_graph_breaks():
+    x, w1, b1, m1, tid = _linear_inputs(12, 40, 24, 3, "mixed", seed=10)
+    _, w2, _, m2, _ = _linear_inputs(12, 24, 7, 3, "mixed", seed=11)
+    for ids in (tid, tid[:1]):
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(_masked_mlp)(x, w1, b1, w2, m1, m2, ids, torch.zeros(3, 24, 40))
+        assert ex.graph_break_count == 0, ex.break_reasons
+        assert ex.graph_count == 1
+        code = ex.graphs[0].code
+        assert code.count("torch.ops.harmodt_triton.masked_linear") == 2, code
+
+
+def test_torch_compile_forward_backward_and_task_grads_match_eager():
+    """The compiled function (AOTAutograd: the registered autograd, the backward ops and the
+    declared task_grads mutation) gives eager's loss, gradients and task_grads."""
+    x, w1, b1, m1, tid = _linear_inputs(12, 40, 24, 3, "mixed", seed=12)
+    _, w2, _, m2, _ = _linear_inputs(12, 24, 7, 3, "mixed", seed=13)
+    torch._dynamo.reset()
+    compiled = torch.compile(_masked_mlp, backend="aot_eager", fullgraph=True)
+    outs = []
+    for fn in (compiled, _masked_mlp):
+        params = [v.clone().requires_grad_() for v in (x, w1, b1, w2)]
+        tg = torch.zeros(3, 24, 40)
+        loss = fn(params[0], params[1], params[2], params[3], m1, m2, tid, tg)
+        loss.backward()
+        outs.append([loss.detach()] + [p.grad for p in params] + [tg])
+    assert outs[0][-1].abs().sum() > 0
+    for a, e in zip(*outs):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_compile_masked_adamw_is_one_op():
+    ps, grads, m, v, masks, steps = _adamw_state([(20, 40), (7,)], seed=3)
+
+    def step(ps, grads, m, v, masks, steps, scale):
+        kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                              grad_scale=scale, backend="triton")
+
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(step)(ps, grads, m, v, masks, steps, torch.tensor(0.5))
+    assert ex.graph_break_count == 0, ex.break_reasons
+    assert ex.graphs[0].code.count("torch.ops.harmodt_triton.masked_adamw_") == 1
+    a, b = _adamw_state([(20, 40), (7,)], seed=3), _adamw_state([(20, 40), (7,)], seed=3)
+    torch.compile(step, backend="aot_eager", fullgraph=True)(*a, torch.tensor(0.5))
+    step(*b, torch.tensor(0.5))
+    for xs, ys in zip(a, b):
+        for x_, y_ in zip(xs, ys):
+            assert (x_ is None and y_ is None) or torch.equal(x_, y_)
+
+
+# ---- masked AdamW ------------------------------------------------------------------------------
+
+ADAMW_SHAPES = [(33, 70), (4, 31), (1, 1), (3, 5, 40), (6,), (9000,), (0, 5), ()]
+ADAMW_MASKED = [True, True, False, True, True, False, False, False]
+
+
+def _adamw_state(shapes, seed, masked=None):
+    g = _gen(seed)
+    masked = masked if masked is not None else [len(s) > 0 and 0 not in s for s in shapes]
+    ps = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    m = [torch.randn(s, generator=g) * 0.1 for s in shapes]
+    v = [torch.rand(s, generator=g) * 0.01 for s in shapes]
+    masks = [R.pack_masks(torch.rand(s, generator=g) > 0.4) if mk else None for s, mk in zip(shapes, masked)]
+    steps = [torch.tensor(float(i % 3)) for i in range(len(shapes))]
+    return ps, grads, m, v, masks, steps
+
+
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+def test_masked_adamw_matches_reference_and_keeps_masked_weights(scale_kind):
+    tri = _adamw_state(ADAMW_SHAPES, seed=1, masked=ADAMW_MASKED)
+    ref = _adamw_state(ADAMW_SHAPES, seed=1, masked=ADAMW_MASKED)
+    before = [p.clone() for p in tri[0]]
+    g = _gen(7)
+    for it in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in tri[0]]
+        scale = 0.25 * (it + 1) if scale_kind == "float" else torch.tensor(0.25 * (it + 1))
+        for backend, (ps, _, m, v, masks, steps) in (("triton", tri), ("reference", ref)):
+            kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                                  weight_decay=0.1, grad_scale=scale, backend=backend)
+    for i, (p, p_ref, p0, mask) in enumerate(zip(tri[0], ref[0], before, tri[4])):
+        if mask is not None:
+            keep = R.unpack_masks(mask, p.shape[-1])
+            assert torch.equal(p[~keep], p0[~keep]), i  # bit for bit, after three steps
+            assert p.numel() == 0 or not torch.equal(p[keep], p0[keep]), i
+        torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6, msg=f"param {i}")
+    for xs, ys in ((tri[2], ref[2]), (tri[3], ref[3])):
+        for a, e in zip(xs, ys):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-8)
+    for a, e in zip(tri[5], ref[5]):
+        assert torch.equal(a, e) and float(a) >= 3
+
+
+def test_masked_adamw_lerp_branch_and_no_weight_decay():
+    """beta1 < 0.5 takes torch.lerp's other form; weight_decay 0 leaves the decay factor at 1."""
+    tri, ref = _adamw_state([(10, 40)], seed=2), _adamw_state([(10, 40)], seed=2)
+    for backend, (ps, grads, m, v, masks, steps) in (("triton", tri), ("reference", ref)):
+        kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=3e-3, beta1=0.3, beta2=0.99, eps=1e-6, weight_decay=0.0,
+                              backend=backend)
+    for xs, ys in zip(tri[:4], ref[:4]):
+        torch.testing.assert_close(xs[0], ys[0], rtol=1e-5, atol=1e-7)
+
+
+class _CountingKernel:
+    """Stands in for a @triton.jit kernel: counts launches and forwards them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_masked_adamw_launches_per_step(monkeypatch):
+    """Two launches per call whatever the number of parameters (one update, one step increment);
+    a second parameter dtype adds two; the launch table is uploaded once for the same tensors."""
+    upd, stp = _CountingKernel(tma._adamw_kernel), _CountingKernel(tma._step_kernel)
+    monkeypatch.setattr(tma, "_TABLES", type(tma._TABLES)())  # no table cached by earlier tests
+    monkeypatch.setattr(tma, "_adamw_kernel", upd)
+    monkeypatch.setattr(tma, "_step_kernel", stp)
+    builds = []
+    real_table = tma._table
+    monkeypatch.setattr(tma, "_table", lambda *a: builds.append(1) or real_table(*a))
+    shapes = [(24, 40), (24,), (8, 24), (8,)] * 6  # 24 parameters, 12 of them masked
+    ps, grads, m, v, masks, steps = _adamw_state(shapes, seed=4)
+    start = [float(s) for s in steps]
+    for _ in range(2):
+        kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                              grad_scale=torch.tensor(1.0), backend="triton")
+    assert (upd.launches, stp.launches, len(builds)) == (2, 2, 1)
+    half = [g.half() if i % 2 else g for i, g in enumerate(grads)]
+    kernels.masked_adamw_(ps, half, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, backend="triton")
+    assert (upd.launches, stp.launches) == (4, 4)
+    assert [float(s) for s in steps] == [s0 + 3 for s0 in start]
+
+
+def test_masked_adamw_float16_grads_with_float32_params():
+    tri, ref = _adamw_state([(10, 40), (5,)], seed=5), _adamw_state([(10, 40), (5,)], seed=5)
+    half = [g.half() for g in tri[1]]
+    kernels.masked_adamw_(tri[0], half, *tri[2:], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, backend="triton")
+    kernels.masked_adamw_(ref[0], [h.float() for h in half], *ref[2:], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    for a, e in zip(tri[0], ref[0]):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-7)
+
+
+def test_masked_adamw_rejects_bad_arguments():
+    def call(ps, grads, m, v, masks, steps, scale=1.0):
+        tma.triton_masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                 grad_scale=scale)
+
+    ps, grads, m, v, masks, steps = _adamw_state([(6, 40), (6,)], seed=6)
+    with pytest.raises(ValueError, match="grads has 1 entries for 2 params"):
+        call(ps, grads[:1], m, v, masks, steps)
+    with pytest.raises(TypeError, match="packed int32"):
+        call(ps, grads, m, v, [R.unpack_masks(masks[0], 40), None], steps)
+    with pytest.raises(ValueError, match=r"masks\[0\] must be contiguous int32 \(6, 2\)"):
+        call(ps, grads, m, v, [masks[0][:, :1], None], steps)
+    with pytest.raises(ValueError, match=r"steps\[1\] must be a float32 0-dim tensor"):
+        call(ps, grads, m, v, masks, [steps[0], torch.tensor(0, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="shares its storage"):
+        call(ps, grads, m, v, masks, [steps[0], steps[0]])
+    with pytest.raises(ValueError, match=r"grads\[0\] is \(6, 39\)"):
+        call(ps, [grads[0][:, :39], grads[1]], m, v, masks, steps)
+    with pytest.raises(ValueError, match=r"params\[0\] must be contiguous"):
+        call([torch.randn(40, 6).t(), ps[1]], grads, m, v, masks, steps)
+    with pytest.raises(TypeError, match=r"exp_avgs\[1\] and exp_avg_sqs\[1\] must be torch.float32"):
+        call(ps, grads, m[:1] + [m[1].double()], v, masks, steps)
+    with pytest.raises(ValueError, match="tensor grad_scale must be one float"):
+        call(ps, grads, m, v, masks, steps, scale=torch.ones(2))
+    assert all(float(s) in (0.0, 1.0) for s in steps)  # nothing ran
+
+
+# ---- harmony_select ----------------------------------------------------------------------------
 
 
 def _select_inputs(t, p, seed, ints):
-    g = torch.Generator().manual_seed(seed)
+    g = _gen(seed)
     if ints:  # many exact ties
         f = lambda *s: torch.randint(-2, 3, s, generator=g).float()  # noqa: E731
     else:
@@ -100,24 +422,35 @@ def _select_inputs(t, p, seed, ints):
     return f(t, p), f(t, p), f(p), R.pack_masks(torch.rand(t, p, generator=g) > 0.3)
 
 
-@pytest.mark.parametrize("t,p,k", [(1, 33, 5), (3, 257, 7), (50, 65, 3), (3, 301, 200), (2, 40, 0), (3, 33, 1000)])
-@pytest.mark.parametrize("importance", ["magnitude", "fisher"])
-@pytest.mark.parametrize("ints", [False, True])
-def test_harmony_select_matches_reference(t, p, k, importance, ints):
+@pytest.mark.parametrize("t,p,k,importance,ints", [
+    (1, 33, 5, "magnitude", False), (3, 257, 7, "fisher", True), (3, 257, 7, "magnitude", True), (50, 40, 2, "fisher", False),
+    (3, 301, 200, "magnitude", False), (3, 301, 200, "fisher", True), (2, 40, 0, "magnitude", False), (3, 33, 1000, "fisher", True),
+])
+def test_harmony_select_equals_reference(t, p, k, importance, ints):
     mg, g, prm, m = _select_inputs(t, p, seed=t * 31 + p + k, ints=ints)
-    got = kernels.harmony_select(mg.to(DEV), g.to(DEV), prm.to(DEV), m.to(DEV), k, 0.5, importance, backend="triton").cpu()
+    got = kernels.harmony_select(mg, g, prm, m, k, 0.5, importance, backend="triton")
     want = R.harmony_select(mg, g, prm, m, k, 0.5, importance)
     assert torch.equal(got, want)
     a, b = R.unpack_masks(m, p), R.unpack_masks(got, p)
-    assert torch.equal(a.sum(1), b.sum(1))  # per-task popcount unchanged
     for i in range(t):
         kk = min(k, int(a[i].sum()), int((~a[i]).sum()))
         assert int((a[i] & ~b[i]).sum()) == kk == int((~a[i] & b[i]).sum())  # exactly k_i flipped each way
 
 
+def test_harmony_select_rejects_bad_arguments():
+    mg, g, prm, m = _select_inputs(3, 40, seed=0, ints=False)
+    with pytest.raises(ValueError, match="importance"):
+        ths.triton_harmony_select(mg, g, prm, m, 3, 0.5, "size")
+    with pytest.raises(ValueError, match=r"must be \[T, P\], \[T, P\], \[P\]"):
+        ths.triton_harmony_select(mg, g[:2], prm, m, 3, 0.5)
+    with pytest.raises(ValueError, match=r"masks must be int32 \[3, 2\]"):
+        ths.triton_harmony_select(mg, g, prm, m[:, :1], 3, 0.5)
+    with pytest.raises(TypeError, match="floating point"):
+        ths.triton_harmony_select(mg.double(), g, prm, m, 3, 0.5)
+
+
 def test_backend_triton_on_cpu_without_interpreter_fails_loudly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x, w, b, m, tid = _inputs(3, 8, 4, 2, seed=0)
-    if DEV == "cpu":
-        with pytest.raises(kernels.BackendUnavailable, match="TRITON_INTERPRET"):
-            kernels.masked_linear(x, w, b, m, tid, backend="triton")
+    x, w, b, m, tid = _linear_inputs(3, 8, 4, 2, "mixed", seed=0)
+    with pytest.raises(kernels.BackendUnavailable, match="TRITON_INTERPRET"):
+        kernels.masked_linear(x, w, b, m, tid, backend="triton")
