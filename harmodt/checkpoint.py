@@ -37,6 +37,12 @@ def plain(obj):
     return obj
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception on one line (its lines joined), at most ``limit`` characters."""
+    text = f"{type(exc).__name__}: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def save(state: dict, path: str | os.PathLike, on_partial_write=None) -> None:
     """Write ``plain(state)`` to ``path`` atomically: a temporary file in the same folder, flushed
     to disk, then renamed over ``path`` (a crash leaves the previous file or the new one, never a
@@ -72,7 +78,7 @@ def load(path: str | os.PathLike) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
         msg = str(exc)
-        if "Unsupported global" in msg or "weights_only" in msg:
+        if "Unsupported global" in msg:  # a pickled class or function: only a full unpickle would read it
             raise CheckpointError(f"{path}: holds pickled Python objects, which are not loaded (unsafe); if you trust the file, "
                                   f"convert it with `python -m harmodt.checkpoint convert {path} NEW.pt`") from None
         if path.stat().st_size == 0:

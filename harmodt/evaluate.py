@@ -196,13 +196,17 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu"):
     except CheckpointError as exc:
         raise EvalError(str(exc)) from None
     cfg = ck["config"]
-    tasks = ck["eval_info"]["tasks"]
     try:
+        tasks = list(ck["eval_info"]["tasks"])
         model = build_model(ModelConfig(**cfg["model"]), len(tasks), cfg["method"], cfg.get("conditioning", "auto"))
         model.load_state_dict(ck["model"])
-    except (TypeError, RuntimeError, KeyError) as exc:
-        raise EvalError(f"{path}: the weights do not fit the model its config describes ({str(exc).splitlines()[0]})") from None
-    masks = TaskMasks.from_per_task(ck["masks"], tasks, device=device) if ck.get("masks") else None
+        masks = TaskMasks.from_per_task(ck["masks"], tasks, device=device) if ck.get("masks") else None
+        if masks is not None:
+            for n, w in model.masked_weights().items():
+                if tuple(masks.masks[n].shape) != (len(tasks), *w.shape):
+                    raise ValueError(f"mask of {n} has shape {tuple(masks.masks[n].shape)}, the model needs {(len(tasks), *w.shape)}")
+    except (TypeError, RuntimeError, KeyError, ValueError, IndexError) as exc:
+        raise EvalError(f"{path}: the weights do not fit the model its config describes ({checkpoint.one_line(exc)})") from None
     return model.to(device), masks, ck["eval_info"], cfg, int(ck.get("step", 0))
 
 

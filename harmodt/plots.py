@@ -1,7 +1,8 @@
 """Training curves as a picture: `python -m harmodt.plots RUN_DIR` writes RUN_DIR/curves.png.
 
 Panels: training loss, averaged harmony score (Definition 3.2) at each mask update, steps per
-second, and evaluation success when the run evaluated. Training writes it at the end too.
+second, and evaluation success when the run evaluated. Training writes it at the end too. A step
+logged more than once is drawn with its last record.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return recs
 
 
+def last_per_step(recs: list[dict], key: str) -> list[tuple[int, float]]:
+    """``[(step, value)]`` of ``key`` in step order, the last record of each step winning (a step
+    logged twice, as by a run resumed without cutting its metrics back, is drawn once)."""
+    by_step = {}
+    for r in recs:
+        if key in r and "step" in r:
+            by_step[r["step"]] = r[key]
+    return sorted(by_step.items())
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib
 
@@ -34,10 +45,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     recs = read_metrics(run_dir)
     series = {
-        "training loss": [(r["step"], r["loss"]) for r in recs if "loss" in r],
-        "harmony score (Def. 3.2)": [(r["step"], r["harmony_score"]) for r in recs if "harmony_score" in r],
-        "steps per second": [(r["step"], r["steps_per_s"]) for r in recs if "steps_per_s" in r],
-        "evaluation success": [(r["step"], r["eval_mean_success"]) for r in recs if "eval_mean_success" in r],
+        "training loss": last_per_step(recs, "loss"),
+        "harmony score (Def. 3.2)": last_per_step(recs, "harmony_score"),
+        "steps per second": last_per_step(recs, "steps_per_s"),
+        "evaluation success": last_per_step(recs, "eval_mean_success"),
     }
     series = {k: v for k, v in series.items() if v}
     fig, axes = plt.subplots(1, max(len(series), 1), figsize=(4.2 * max(len(series), 1), 3.2), squeeze=False)

@@ -291,8 +291,7 @@ class Trainer:
             npr = rng["numpy"]
             np.random.set_state((npr["name"], npr["keys"].numpy().astype(np.uint32), npr["pos"], npr["has_gauss"], npr["gauss"]))
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
-            msg = str(exc).strip().splitlines()
-            raise ConfigError(f"--resume: {path} does not fit this model ({type(exc).__name__}: {msg[0] if msg else ''})") from None
+            raise ConfigError(f"--resume: {path} does not fit this model ({checkpoint.one_line(exc)})") from None
         self.last_harmony = ck.get("last_harmony")
         return dict(ck.get("run") or {})
 
@@ -447,7 +446,10 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
         print(note, file=sys.stderr, flush=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    resolve_device(cfg.device)  # a device that is absent fails before any file is written
+    try:  # a device or kernel backend that cannot run fails before any file is written
+        kernels.select_backends(resolve_device(cfg.device), cfg.fused, cfg.backend)
+    except kernels.BackendUnavailable as exc:
+        raise ConfigError(str(exc)) from None
     out = Path(cfg.out)
     ck_path = out / "checkpoint.pt"
     if ck_path.exists() and not cfg.resume:
@@ -500,6 +502,7 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     t0, s0 = time.perf_counter(), trainer.step
 
     def save() -> None:
+        writer.flush()  # the TensorBoard events up to the checkpoint are on disk with it
         state = {"metrics_bytes": metrics.tell(), "losses": torch.stack(losses) if losses else torch.zeros(0)}
         trainer.save(ck_path, state, on_partial_write=kill_at("checkpoint-write", trainer.step))
 
