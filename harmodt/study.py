@@ -34,6 +34,8 @@ METHOD_LABELS = {"mtdt": "MTDT", "prompt-dt": "Prompt-DT", "harmodt-r": "HarmoDT
 # flags the study sets itself for every run; passing them through would make runs disagree with their names
 OWN_FLAGS = ("--method", "--seed", "--out", "--resume", "--no-resume", "--tasks", "--data", "--eval-episodes", "--preset",
              "--config")
+FIGURES = ("methods.png", "eval_success_vs_steps.png", "harmony_vs_steps.png", "success_vs_sweep.png", "mask_jaccard.png",
+           "mask_mds.png", "mask_changed_vs_steps.png")
 BOOTSTRAP_SEED = 20240721
 BOOTSTRAP_SAMPLES = 10_000
 
@@ -531,7 +533,9 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         mc, mk = cfg["model"], cfg["masks"]
         lines += [f"Budget: {cfg['steps']} steps at batch {cfg['batch_size']}, {mc['n_layer']} layers x {mc['n_embd']} "
                   f"({mc['n_head']} heads), lr {cfg['lr']}, warm-up {cfg['warmup_steps']}, {cfg['quality']} data; masks: "
-                  f"sparsity {mk['sparsity']}, t_m {mk['update_every']}, eta_max {mk['eta_max']}. "
+                  f"sparsity {mk['sparsity']}, t_m {mk['update_every']}, eta_max {mk['eta_max']}"
+                  + ("" if study["sweep"] is None else f" (swept: {study['sweep']['key']} = {', '.join(study['sweep']['values'])}"
+                     f" for {', '.join(study['sweep'].get('methods') or study['methods'])})") + ". "
                   f"Evaluation: {study['eval_episodes']} episodes per task, seed {study['eval_seed']} for every run.", ""]
     lines += ["## Mean success over tasks", "",
               "Mean over seeds of each run's mean success over tasks; 95 % t-interval over the per-seed means. "
@@ -610,6 +614,8 @@ def draw_figures(study: dict, out: Path, say=print) -> list[Path]:
 
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
+    for name in FIGURES:  # a figure whose data are gone (or not there yet) is not left from an earlier report
+        (fig_dir / name).unlink(missing_ok=True)
     written = []
     variants = [v for v in study["variants"] if "mean_success" in v]
     run_dir = {r["name"]: out / "runs" / r["name"] for r in study["runs"]}
@@ -642,7 +648,7 @@ def draw_figures(study: dict, out: Path, say=print) -> list[Path]:
 
     # 1. method bars with CIs (Tables 1-2)
     if variants:
-        fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(variants) + 1.5), 3.8))
+        fig, ax = plt.subplots(figsize=(max(5.5, 1.2 * len(variants) + 1.5), 3.8))
         xs = np.arange(len(variants))
         means = [v["mean_success"] for v in variants]
         err = [[v["mean_success"] - v["ci_low"] if not math.isnan(v["ci_low"]) else 0 for v in variants],
@@ -654,7 +660,7 @@ def draw_figures(study: dict, out: Path, say=print) -> list[Path]:
         ax.set_xticks(xs, [v["variant"].replace(" ", "\n", 1) for v in variants], fontsize=8)
         ax.set_ylabel("mean success over tasks")
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"Success on {n_tasks} tasks (mean and 95 % CI over seeds; dots: seeds)", fontsize=9)
+        ax.set_title(f"Mean success on {n_tasks} tasks\n(bars: mean and 95 % CI over seeds; dots: seeds)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         save(fig, "methods.png")
     else:
@@ -699,7 +705,7 @@ def draw_figures(study: dict, out: Path, say=print) -> list[Path]:
         say("figure harmony_vs_steps.png skipped: no run logged harmony_score (no mask update happened)")
 
     # 4. success against the swept value (Figure 2b)
-    if study["sweep"] is not None and variants:
+    if study["sweep"] is not None and any(v["sweep_value"] is not None for v in variants):
         key = study["sweep"]["key"]
         values = study["sweep"]["values"]
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -733,7 +739,8 @@ def draw_figures(study: dict, out: Path, say=print) -> list[Path]:
         ax.grid(alpha=0.3)
         save(fig, "success_vs_sweep.png")
     else:
-        say("figure success_vs_sweep.png skipped: the study has no --sweep")
+        say("figure success_vs_sweep.png skipped: the study has no --sweep" if study["sweep"] is None
+            else "figure success_vs_sweep.png skipped: no run of a swept value has been evaluated")
 
     # 5. task x task Jaccard similarity of the final masks, and their 2-D MDS embedding (Figure 5)
     masked = []
