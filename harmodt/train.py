@@ -116,8 +116,12 @@ class Trainer:
     def describe(self) -> str:
         """One line: device, precision, compile and the backend of each kernel op."""
         dev = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "")
-        return (f"[harmodt] device={dev} precision={self.cfg.precision} compile={self.cfg.compile} "
+        line = (f"[harmodt] device={dev} precision={self.cfg.precision} compile={self.cfg.compile} "
                 f"fused={self.cfg.fused} kernels: {self.backends.describe()}")
+        if self.cfg.fused and self.cfg.backend == "auto" and self.backends.masked_linear == "reference":
+            why = kernels.backend_reason("triton" if self.device.type == "cuda" else "cpu", self.device)
+            line += f"\n[harmodt] note: --fused runs on the plain-PyTorch reference here: {why}"
+        return line
 
     # ---- one step -------------------------------------------------------------------------
     def context(self, task_ids: torch.Tensor, single_task: bool = False) -> MaskContext | None:

@@ -29,10 +29,10 @@ def test_unmasked_step_is_torch_adamw(backend):
         opt.masked_step(backend=backend)
         topt.step()
     for p, q in zip(ps, ref):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
     for p, q in zip(ps, ref):  # the state has AdamW's layout
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(opt.state[p][key], topt.state[q][key], rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(opt.state[p][key], topt.state[q][key], rtol=1e-5, atol=1e-8)
         assert float(opt.state[p]["step"]) == float(topt.state[q]["step"]) == 3
 
 
@@ -57,7 +57,7 @@ def test_outside_mask_unchanged_inside_as_adamw(backend):
                 if p in masks:
                     q[~masks[p]] = b[~masks[p]]
     for p, q in zip(ps, ref):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
