@@ -173,3 +173,19 @@ def test_model_module_has_no_mutable_switches():
 
     src = open(model_mod.__file__).read()
     assert "global " not in src and "is_available" not in src and "device.type" not in src
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu", "triton") if b in kernels.available_backends("cpu")])
+def test_compiled_model_has_no_graph_break(backend):
+    """torch.compile sees the whole forward as one graph: the kernel ops are registered custom ops
+    (the reference is plain PyTorch; its one-task case has no data-dependent control flow)."""
+    import torch._dynamo
+
+    b, m = setup("harmodt-f")
+    batch = b.sample([1], 4)
+    cases = [torch.tensor([1])] + ([batch["task_ids"], torch.tensor([0, 1, 1, 0])] if backend != "reference" else [])
+    for ids in cases:
+        torch._dynamo.reset()
+        _, ctx = erk_context(m, ids, backend)
+        explained = torch._dynamo.explain(m)(batch, ctx)
+        assert explained.graph_break_count == 0, (backend, explained.break_reasons)
