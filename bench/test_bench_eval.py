@@ -1,11 +1,6 @@
-"""Evaluation throughput at the paper's model size (Table 6; random weights, ERK masks at S=0.2):
-MT10 x 10 episodes in one batch vs a batch-1 episode-by-episode loop over the same model,
-measured in the same run. Targets: batched >= 250 env-steps/s in fp32 (simulator included) and
->= 2.5x the batch-1 loop.
-
-Both paths run a shortened horizon (HARMODT_BENCH_EVAL_STEPS, default 100 steps; the history
-window is full from step 20 on, so the per-step cost is the steady-state one); env-steps/s is
-reported as measured on that horizon.
+"""Evaluation benchmarks at the paper's model size (random weights, ERK masks at S = 0.2): the
+batched evaluation of ``harmodt.evaluate.evaluate`` with Meta-World v3 environments, and the
+mixed-task forward it runs at every environment step, alone.
 """
 
 from __future__ import annotations
@@ -13,76 +8,106 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 
-import sys
-from pathlib import Path
+import kernels
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harmodt.config import ModelConfig
-from harmodt.evaluate import evaluate
-from harmodt.masks import TaskMasks
-from harmodt.model import build_model
-from harmodt.tasks import MT10
+from .common import call_runner, devices, figure, interleave, paired_ratio, record, rounds, time_figure
 
-STEPS = int(os.environ.get("HARMODT_BENCH_EVAL_STEPS", "100"))
+EVAL_STEPS = int(os.environ.get("HARMODT_BENCH_EVAL_STEPS", "100"))
 
 
-def _setup():
+def _model_and_masks(n_tasks: int, device):
+    from harmodt.config import ModelConfig
+    from harmodt.masks import TaskMasks
+    from harmodt.model import build_model
+
     torch.manual_seed(0)
-    cfg = ModelConfig()
-    model = build_model(cfg, len(MT10), "harmodt-f")
+    model = build_model(ModelConfig(), n_tasks, "harmodt-f").to(device).eval()
     shapes = {n: tuple(w.shape) for n, w in model.masked_weights().items()}
-    masks = TaskMasks.erk(shapes, len(MT10), 0.2, torch.Generator().manual_seed(0))
+    masks = TaskMasks.erk(shapes, n_tasks, 0.2, torch.Generator().manual_seed(0), device=device)
+    return model, masks
+
+
+@pytest.mark.parametrize("device", devices())
+def test_eval_mt10(benchmark, device):
+    """Env-steps/s of ``evaluate()`` on MT10 x 10 episodes (100 environments stepping together,
+    one batched forward per step through each row's task mask on the ``--fused`` backend, fp32),
+    simulator included, over a horizon of ``HARMODT_BENCH_EVAL_STEPS`` steps (default 100; the
+    history window is full from step 20 on; 0 skips this benchmark). Target: >= 250 env-steps/s
+    on the CPU."""
+    if EVAL_STEPS <= 0:
+        pytest.skip("HARMODT_BENCH_EVAL_STEPS=0")
+    from harmodt.evaluate import evaluate
+    from harmodt.tasks import MT10
+
+    model, masks = _model_and_masks(len(MT10), device)
+    backend = kernels.select_backends(device, True).masked_linear
     rng = np.random.default_rng(0)
-    prompt = lambda: {"observations": rng.normal(size=(500, 39)).astype(np.float32),  # noqa: E731
-                      "actions": rng.uniform(-1, 1, (500, 4)).astype(np.float32), "rewards": rng.uniform(0, 10, 500).astype(np.float32)}
+
+    def prompt():
+        return {"observations": rng.normal(size=(500, 39)).astype(np.float32), "actions": rng.uniform(-1, 1, (500, 4)).astype(np.float32),
+                "rewards": rng.uniform(0, 10, 500).astype(np.float32)}
+
     info = {"tasks": list(MT10), "state_mean": {t: np.zeros(39, np.float32) for t in MT10},
             "state_std": {t: np.ones(39, np.float32) for t in MT10}, "prompts": {t: [prompt(), prompt()] for t in MT10},
             "rtg_scale": 1000.0, "target_return": 4500.0}
-    return model, masks, info
+    runs = []
+
+    def run():
+        runs.append(evaluate(model, masks, info, MT10, 10, seed=0, backend=backend, max_steps=EVAL_STEPS, progress=False))
+
+    benchmark.pedantic(run, rounds=rounds(1), iterations=1)
+    sps = [r["env_steps_per_s"] for r in runs]
+    med = float(np.median(sps))
+    figs = [figure(f"evaluation MT10 x 10 episodes, env-steps/s ({backend})", med, "env-steps/s", lo=min(sps), hi=max(sps),
+                   target=(">=", 250.0) if device == "cpu" else None)]
+    record(benchmark, "batched evaluation, MT10 x 10 episodes", device, None, figs, {"env_steps_per_s": med},
+           {"backend": backend, "horizon": EVAL_STEPS, "rows": 100, "setup_seconds": [r["setup_seconds"] for r in runs],
+            "seconds": [r["seconds"] for r in runs]}, unit="env-steps/s")
 
 
-def test_eval_batched_vs_batch1(benchmark):
-    model, masks, info = _setup()
-    from test_bench_train import ANCHOR_GFLOPS, ANCHOR_RATES, anchor_gflops, gemm_gflops
+@pytest.mark.parametrize("device", devices())
+def test_eval_forward_mt50(benchmark, device):
+    """ms per evaluation forward (``PromptDT.act``: 500 rows = MT50 x 10 episodes, a full 20-step
+    history, the prompt's cached keys and values, each row through its task's mask; fp32, no
+    grad), ``--fused`` backend against the reference. Target: fused >= 1.5x the reference on a
+    GPU."""
+    from harmodt.model import MaskContext
 
-    def batch1():  # batch-1 loop: 2 episodes (of 2 tasks), one at a time
-        return evaluate(model, masks, info, MT10[:2], 1, seed=0, batch_size=1, max_steps=STEPS, progress=False)["env_steps_per_s"]
+    n_tasks, episodes, k, kp = 50, 10, 20, 5
+    model, masks = _model_and_masks(n_tasks, device)
+    fused = kernels.select_backends(device, True).masked_linear
+    g = torch.Generator().manual_seed(0)
+    packed = masks.packed()
+    task_rows = torch.arange(n_tasks)
+    prompt = {"prompt_states": torch.randn(n_tasks, kp, 39, generator=g), "prompt_actions": torch.rand(n_tasks, kp, 4, generator=g) * 2 - 1,
+              "prompt_rtg": torch.rand(n_tasks, kp, 1, generator=g), "prompt_timesteps": torch.arange(kp).expand(n_tasks, kp).clone(),
+              "prompt_mask": torch.ones(n_tasks, kp, dtype=torch.bool)}
+    prompt = {key: v.to(device) for key, v in prompt.items()}
+    rows = task_rows.repeat_interleave(episodes).to(device)  # task-major, as evaluate() orders episodes
+    b = rows.shape[0]
+    states, actions = torch.randn(b, k, 39, generator=g).to(device), (torch.rand(b, k, 4, generator=g) * 2 - 1).to(device)
+    rtg, steps = torch.rand(b, k, 1, generator=g).to(device), (torch.arange(k) + 100).expand(b, k).to(device)
 
-    res = {}
+    def forward(backend):
+        with torch.inference_mode():
+            kv, valid = model.encode_prompt(prompt, MaskContext(packed, task_rows.to(device), backend))
+        kv = [(a[rows], c[rows]) for a, c in kv]
+        valid = valid[rows]
+        ctx = MaskContext(packed, rows, backend)
 
-    def batched():
-        res.update(evaluate(model, masks, info, MT10, 10, seed=0, max_steps=STEPS, progress=False))
+        def run():
+            with torch.inference_mode():
+                return model.act(states, actions, rtg, steps, rows, ctx, kv, valid)
+        return run
 
-    # The batch-1 loop runs right before and right after the batched run and the ratio is taken
-    # to their mean, so a drift of the machine's speed during the run hits both sides alike.
-    probe, anchor = [gemm_gflops()], [anchor_gflops("fp32")]
-    seq = [batch1()]
-    benchmark.pedantic(batched, rounds=1, iterations=1)
-    seq.append(batch1())
-    probe.append(gemm_gflops())
-    anchor.append(anchor_gflops("fp32"))
-    gflops = sum(probe) / len(probe)
-    at_anchor_rate = res["env_steps_per_s"] * ANCHOR_RATES["fp32"] / (sum(anchor) / len(anchor))
-    seq_mean = sum(seq) / len(seq)
-    ratio = res["env_steps_per_s"] / seq_mean
-    benchmark.extra_info.update({
-        "gemm_gflops": round(gflops, 1),
-        "batched_env_steps_per_s": round(res["env_steps_per_s"], 1),
-        "batch1_env_steps_per_s": round(seq_mean, 1),
-        "batch1_before_after": [round(x, 1) for x in seq],
-        "ratio_batched_over_batch1": round(ratio, 2),
-        # as the training benchmarks scale step times: the model's share of a step is GEMM-bound
-        "batched_env_steps_per_s_at_anchor_speed": round(res["env_steps_per_s"] * ANCHOR_GFLOPS / gflops, 1),
-        "anchor_gflops_fp32": round(sum(anchor) / len(anchor), 1),  # a 2048^3 fp32 matmul, the anchor's own measurement
-        "batched_env_steps_per_s_at_anchor_rate": round(at_anchor_rate, 1),
-        "horizon_steps": STEPS,
-        "rows": 100,
-        "targets": ">= 250 env-steps/s batched, >= 2.5x batch-1",
-    })
-    print(f"\nbatched {res['env_steps_per_s']:.0f} env-steps/s, batch-1 {seq_mean:.0f} env-steps/s (before {seq[0]:.0f}, after {seq[1]:.0f}), "
-          f"ratio {ratio:.2f} (horizon {STEPS} steps; GEMM probe {gflops:.0f} GFLOP/s, anchor {ANCHOR_GFLOPS:.0f}: "
-          f"batched {res['env_steps_per_s'] * ANCHOR_GFLOPS / gflops:.0f} env-steps/s at the anchor's speed; at the anchor's 2048^3 "
-          f"fp32 rate (probe {sum(anchor) / len(anchor):.0f}, anchor {ANCHOR_RATES['fp32']:.0f}): {at_anchor_rate:.0f} env-steps/s)")
-    assert res["env_steps"] == 100 * STEPS
+    times = interleave(benchmark, {"fused": call_runner(forward(fused), device), "reference": call_runner(forward("reference"), device)},
+                       rounds(5 if device == "cpu" else 20), calls=1 if device == "cpu" else 10, warmup=1)
+    speedup = 1.0 / paired_ratio(times, "fused", "reference")
+    figs = [time_figure(f"evaluation forward, MT50 x 10 episodes, {fused}", times, "fused"),
+            time_figure("evaluation forward, MT50 x 10 episodes, reference", times, "reference"),
+            figure(f"evaluation forward: {fused} speed-up over reference", speedup, "x", target=(">=", 1.5) if device == "cuda" else None)]
+    record(benchmark, "mixed-task evaluation forward, MT50 x 10 episodes", device, times, figs, {"fused_speedup_over_reference": speedup},
+           {"backend": fused, "rows": b})
