@@ -81,22 +81,30 @@ def load(path: str | os.PathLike) -> dict:
         if "Unsupported global" in msg:  # a pickled class or function: only a full unpickle would read it
             raise CheckpointError(f"{path}: holds pickled Python objects, which are not loaded (unsafe); if you trust the file, "
                                   f"convert it with `python -m harmodt.checkpoint convert {path} NEW.pt`") from None
-        if path.stat().st_size == 0:
-            raise CheckpointError(f"{path}: cannot read checkpoint (empty file)") from None
-        first = msg.splitlines()[0].split(". ")[0] if msg.strip() else ""
-        raise CheckpointError(f"{path}: cannot read checkpoint: truncated, or not a torch checkpoint ({type(exc).__name__}: {first})") from None
+        raise _unreadable(path, exc) from None
     if not isinstance(ck, dict) or not {"model", "config", "eval_info"} <= set(ck):
         raise CheckpointError(f"{path}: not a harmodt training checkpoint (needs model, config, eval_info)")
     return ck
 
 
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    """The one line for a file torch.load cannot read."""
+    if path.is_file() and path.stat().st_size == 0:
+        return CheckpointError(f"{path}: cannot read checkpoint (empty file)")
+    msg = str(exc)
+    first = msg.splitlines()[0].split(". ")[0] if msg.strip() else ""
+    return CheckpointError(f"{path}: cannot read checkpoint: truncated, or not a torch checkpoint ({type(exc).__name__}: {first})")
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Unpickle an older checkpoint (``weights_only=False``: trusted files only) and write it in the
     safe format."""
+    if not Path(src).is_file():
+        raise CheckpointError(f"{src}: checkpoint not found")
     try:
         ck = torch.load(src, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{src}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+        raise _unreadable(Path(src), exc) from None
     if not isinstance(ck, dict) or "model" not in ck:
         raise CheckpointError(f"{src}: not a harmodt training checkpoint")
     rng = ck.get("rng", {})
@@ -119,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         load(args.dst)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the destination cannot be written
+        print(f"error: {args.dst}: cannot write ({exc.strerror or exc})", file=sys.stderr)
         return 2
     print(f"wrote {args.dst}")
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from types import SimpleNamespace
@@ -248,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError("--episodes must be at least 1")
         if args.sim_workers is not None and args.sim_workers < 1:
             raise EvalError("--sim-workers must be at least 1")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise EvalError("--batch-size must be at least 1")
+        if args.vote_threshold is not None and args.vote_threshold < 0:
+            raise EvalError("--vote-threshold must be >= 0")
+        if args.out:
+            folder = os.path.dirname(os.path.abspath(args.out))
+            if not os.path.isdir(folder):
+                raise EvalError(f"--out {args.out}: the folder {folder} does not exist")
         from .config import ConfigError, resolve_device
 
         try:
@@ -282,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = {"method": cfg["method"], "tasks": {t: {"success": r["success"], "return": r["return"]} for t, r in res["tasks"].items()},
                "mean_success": res["mean_success"], "steps": step}
-        with open(args.out, "w") as fh:
+        tmp = args.out + ".tmp"  # written whole or not at all
+        with open(tmp, "w") as fh:
             json.dump(out, fh, indent=2)
+        os.replace(tmp, args.out)
     return 0
 
 

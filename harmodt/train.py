@@ -465,7 +465,10 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
         except checkpoint.CheckpointError as exc:
             raise ConfigError(f"--resume: {exc}") from None
         check_resume_settings(ck["config"], cfg, ck_path)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot make the folder ({exc.strerror or exc})") from None
     trainer = Trainer(cfg, datasets)
     print(trainer.describe(), flush=True)
     run_state = {}

@@ -50,7 +50,8 @@ def build_assets(base: Path) -> dict:
     other = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=64, context_len=5, prompt_len=2), 2, "harmodt-f")
     bad["shape"] = base / "shape.pt"
     checkpoint.save(dict(ck, model=other.state_dict()), bad["shape"])
-    return {"base": base, "flags": flags, "good": good, **bad}
+    (base / "afile").write_text("a file, not a folder")
+    return {"base": base, "flags": flags, "good": good, "afile": base / "afile", **bad}
 
 
 def resume_dir(a: dict, name: str, ck: str) -> str:
@@ -80,6 +81,7 @@ ROWS = {
                          {"HARMODT_SKIP_NATIVE": "1"}, "--backend cpu cannot run on cpu: HARMODT_SKIP_NATIVE=1 is set")),
     "train: unknown task name": (None, lambda a: (["harmodt.train", "--tasks", "reach-v3,fly-v3", "--out", f"{a['base']}/x"], {},
                                                   "fly-v3")),
+    "train: --out inside a file": (None, lambda a: (["harmodt.train", "--out", f"{a['afile']}/run"], {}, "cannot make the folder")),
     "train: --allow-changed without --resume": (None, lambda a: (["harmodt.train", "--allow-changed", "steps", "--out", f"{a['base']}/x"],
                                                                  {}, "--allow-changed applies to --resume only")),
     # ---- training --resume ----
@@ -117,11 +119,19 @@ ROWS = {
     "evaluate: --fused --backend triton without CUDA or TRITON_INTERPRET": ("no-cuda", lambda a: (
         ["harmodt.evaluate", str(a["good"]), "--device", "cpu", "--fused", "--backend", "triton"], NO_TRITON,
         "--backend triton cannot run on cpu")),
+    "evaluate: --batch-size 0": (None, lambda a: (["harmodt.evaluate", str(a["good"]), "--device", "cpu", "--batch-size", "0"], {},
+                                                  "--batch-size must be at least 1")),
+    "evaluate: --out in a folder that does not exist": (None, lambda a: (
+        ["harmodt.evaluate", str(a["good"]), "--device", "cpu", "--out", f"{a['base']}/nowhere/eval.json"], {}, "does not exist")),
     "evaluate: --episodes 0": (None, lambda a: (["harmodt.evaluate", str(a["good"]), "--device", "cpu", "--episodes", "0"], {},
                                                 "--episodes must be at least 1")),
     # ---- checkpoint conversion ----
     "checkpoint convert: truncated file": (None, lambda a: (
-        ["harmodt.checkpoint", "convert", str(a["truncated"]), f"{a['base']}/converted.pt"], {}, "cannot read checkpoint")),
+        ["harmodt.checkpoint", "convert", str(a["truncated"]), f"{a['base']}/converted.pt"], {}, "cannot read checkpoint: truncated")),
+    "checkpoint convert: missing file": (None, lambda a: (
+        ["harmodt.checkpoint", "convert", f"{a['base']}/none.pt", f"{a['base']}/converted.pt"], {}, "checkpoint not found")),
+    "checkpoint convert: destination in a folder that does not exist": (None, lambda a: (
+        ["harmodt.checkpoint", "convert", str(a["unsafe"]), f"{a['base']}/nowhere/converted.pt"], {}, "cannot write")),
 }
 
 
@@ -167,7 +177,8 @@ def test_bad_input_is_one_error_line_and_exit_2(results, row):
 def table(base: Path) -> str:
     """The markdown table of every row, measured by running it."""
     assets = build_assets(base)
-    lines = ["| bad input | command | error line | exit code |", "|---|---|---|---|"]
+    lines = [f"FLAGS = {' '.join(assets['flags']).replace(str(base) + '/', '')}", "",
+             "| bad input | command | error line | exit code |", "|---|---|---|---|"]
     for row, (needs, _) in ROWS.items():
         if needs == "no-cuda" and CUDA:
             continue
@@ -177,8 +188,8 @@ def table(base: Path) -> str:
         cmd = (prefix + " " if prefix else "") + "python -m " + " ".join(argv)
         err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         shown = err[-1] if len(err) == 1 else f"{len(err)} lines: " + " / ".join(err[-2:])
-        short = lambda s: s.replace(str(base) + "/", "").replace(" ".join(assets["flags"]), "FLAGS").replace("|", "\\|")  # noqa: E731
-        lines.append(f"| {row} | `{short(cmd)}` | `{short(shown)}` | {proc.returncode} |")
+        short = lambda s: s.replace(" ".join(assets["flags"]), "FLAGS").replace(str(base) + "/", "").replace("|", "\\|")  # noqa: E731
+        lines.append(f"| {row} | ``{short(cmd)}`` | ``{short(shown)}`` | {proc.returncode} |")
     return "\n".join(lines)
 
 

@@ -152,7 +152,9 @@ def test_convert_makes_the_old_checkpoint_loadable_and_resumable(finished):
 
 
 def test_convert_errors_are_one_line(tmp_path):
-    one_error_line(cli("harmodt.checkpoint", "convert", str(tmp_path / "none.pt"), str(tmp_path / "new.pt")), "cannot read checkpoint")
+    one_error_line(cli("harmodt.checkpoint", "convert", str(tmp_path / "none.pt"), str(tmp_path / "new.pt")), "checkpoint not found")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    one_error_line(cli("harmodt.checkpoint", "convert", str(tmp_path / "empty.pt"), str(tmp_path / "new.pt")), "(empty file)")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     one_error_line(cli("harmodt.checkpoint", "convert", str(tmp_path / "other.pt"), str(tmp_path / "new.pt")),
                    "not a harmodt training checkpoint")
