@@ -205,11 +205,10 @@ class Study:
         self.sweep = parse_sweep(args.sweep)
         self.sweep_methods = [m.strip() for m in (args.sweep_methods or "").split(",") if m.strip()] or list(self.methods)
         sweeps = [None] if self.sweep is None else [(self.sweep[0], v) for v in self.sweep[1]]
-        # every method at the first swept value, seed by seed (a study cut short has the same seeds of every method),
-        # then the swept methods at the other values, seed by seed (an ablation's extra runs come last)
-        self.runs = [Run(self.out, m, s, sw if m in self.sweep_methods else None) for s in self.seeds for m in self.methods
-                     for sw in sweeps[:1]]
-        self.runs += [Run(self.out, m, s, sw) for s in self.seeds for sw in sweeps[1:] for m in self.sweep_methods]
+        # seed by seed (a study cut short has the same seeds of every variant): every method at the first swept
+        # value, then the swept methods at the other values
+        self.runs = [Run(self.out, m, s, sw if m in self.sweep_methods else None) for s in self.seeds
+                     for i, sw in enumerate(sweeps) for m in self.methods if i == 0 or m in self.sweep_methods]
         self.data = args.data or str(self.out / "data")
         self.print_lock = threading.Lock()
         self.curve_episodes = args.curve_episodes if "--eval-every" in passthrough else 0
