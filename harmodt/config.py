@@ -72,6 +72,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training
     threads: int = 0  # torch intra-op threads (0 = all cores)
     progress: bool = True  # show progress bars
+    dist_timeout: float = 300.0  # seconds a torchrun rank waits in a collective for the others before failing (exit 3)
     allow_changed: list[str] = field(default_factory=list)  # keys --resume may take from the flags instead of the checkpoint: steps, eval_episodes, eval_every, target_return, log_every, checkpoint_every, threads, device, compile, fused, backend
     model: ModelConfig = field(default_factory=ModelConfig)  # transformer shape
     masks: MaskConfig = field(default_factory=MaskConfig)  # HarmoDT mask settings
@@ -114,7 +115,7 @@ class ConfigError(ValueError):
 RESUME_CHANGEABLE = ("steps", "eval_episodes", "eval_every", "target_return", "log_every", "checkpoint_every", "progress", "threads",
                      "device", "out", "resume", "compile", "fused", "backend")
 # Keys never compared on --resume: they do not change what is computed.
-RESUME_IGNORED = ("out", "resume", "progress", "allow_changed")
+RESUME_IGNORED = ("out", "resume", "progress", "allow_changed", "dist_timeout")
 
 
 def flat_keys(d: dict, prefix: str = "") -> dict:
@@ -174,6 +175,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (_device_ok(cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
         (cfg.eval_episodes >= 0, "--eval-episodes must be >= 0"),
         (cfg.lr > 0, "--lr must be positive"),
+        (cfg.dist_timeout > 0, "--dist-timeout must be positive"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -24,7 +24,7 @@ import torch
 
 import kernels
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import RESUME_CHANGEABLE, RESUME_IGNORED, ConfigError, TrainConfig, flat_keys, parse_args, resolve_device, to_dict
 from .data.batches import PromptDTBatcher
 from .masks import TaskMasks, alpha_schedule, harmony_score
@@ -69,20 +69,22 @@ def load_training_data(cfg: TrainConfig, tasks: list[str]) -> dict:
     return load_dataset(path, tasks=tasks, quality=cfg.quality, episodes_per_task=cfg.episodes_per_task or None)
 
 
-def action_loss(pred: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Eq. 2: mean squared error over the real (non-padding) history steps."""
+def action_loss(pred: torch.Tensor, batch: dict, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 2: mean squared error over the real (non-padding) history steps. ``count``: the real
+    steps to divide by instead of the batch's own (all ranks' steps in a distributed run)."""
     m = batch["mask"].unsqueeze(-1).to(pred.dtype)  # (B, K, 1)
-    return ((pred.float() - batch["actions"]) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
+    return ((pred.float() - batch["actions"]) ** 2 * m).sum() / ((m.sum() if count is None else count) * pred.shape[-1])
 
 
 class Trainer:
     """Holds the model, masks, optimizer and data on one device; drives training and checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, datasets: dict | None = None):
+    def __init__(self, cfg: TrainConfig, datasets: dict | None = None, dist: distributed.Single | None = None):
         self.cfg = cfg
         self.tasks = parse_tasks(cfg.tasks)
         self.out = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
+        self.dist = dist or distributed.Single()  # the ranks of a torchrun run (harmodt.distributed), or one process
+        self.device = self.dist.device(resolve_device(cfg.device))
         try:
             self.backends = kernels.select_backends(self.device, cfg.fused, cfg.backend)
         except kernels.BackendUnavailable as exc:
@@ -93,7 +95,7 @@ class Trainer:
         self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks)
         mc = cfg.model
         self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if cfg.method != "mtdt" else 0,
-                                       cfg.rtg_scale, mc.max_ep_len, seed=cfg.seed, device=self.device)
+                                       cfg.rtg_scale, mc.max_ep_len, seed=cfg.seed + self.dist.rank, device=self.device)
         self.model = build_model(mc, len(self.tasks), cfg.method, cfg.conditioning).to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model  # training forwards go through this
         self.params = list(self.model.parameters())
@@ -103,6 +105,14 @@ class Trainer:
         if cfg.method.startswith("harmodt"):
             self.task_masks = TaskMasks.erk(shapes, len(self.tasks), cfg.masks.sparsity, torch.Generator().manual_seed(cfg.seed + 1),
                                             device=self.device)
+        self.task_stream = None  # with several ranks: the task draws every rank shares (harmodt.distributed)
+        self.step_tasks: list[int] = []  # with several ranks: every rank's tasks of the current step
+        self._stop_flag = None  # with several ranks: the stop requests of every rank, summed each step
+        if self.dist.active:
+            self.dist.broadcast_tensors_(list(self.model.state_dict().values())
+                                         + (list(self.task_masks.masks.values()) if self.task_masks is not None else []))
+            self.task_stream = torch.Generator().manual_seed(cfg.seed + distributed.TASK_STREAM_OFFSET)
+            torch.manual_seed(cfg.seed + self.dist.rank)  # this rank's dropout stream
         self.initial_masks = None if self.task_masks is None else self.task_masks.flat_packed()  # ERK draw (seeded): the reference for mask_changed_fraction
         decay, no_decay = [], []
         for n, p in self.model.named_parameters():
@@ -112,6 +122,18 @@ class Trainer:
         self.step = 0
         self.last_harmony = None
         self.stop_requested = False  # set by SIGINT/SIGTERM; the loop saves and stops at the next step
+
+    @property
+    def stop_requested(self) -> bool:
+        """A stop was asked for (SIGINT/SIGTERM); with several ranks: on any rank, as of the last
+        step, so that every rank stops at the same step."""
+        if self.dist.active:
+            return self._stop_flag is not None and bool(self._stop_flag > 0)
+        return self._stop_local
+
+    @stop_requested.setter
+    def stop_requested(self, value: bool) -> None:
+        self._stop_local = value
 
     def describe(self) -> str:
         """One line: device, precision, compile and the backend of each kernel op."""
@@ -135,6 +157,13 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     def sample_tasks(self) -> list[int]:
+        """This step's task ids (one process: from the data stream; several ranks: this rank's
+        ``tasks_per_batch`` of the ``world_size * tasks_per_batch`` drawn from the shared task
+        stream, all of which are kept in ``step_tasks``)."""
+        if self.dist.active:
+            k = self.cfg.tasks_per_batch
+            self.step_tasks = distributed.draw_tasks(self.task_stream, len(self.tasks), k * self.dist.world_size)
+            return self.step_tasks[self.dist.rank * k : (self.dist.rank + 1) * k]
         g = self.batcher.generator
         if self.cfg.tasks_per_batch == 1:
             return [int(torch.randint(len(self.tasks), (1,), generator=g))]
@@ -160,14 +189,21 @@ class Trainer:
             self.model.train()
         batch = self.batcher.sample(task_ids, self.cfg.batch_size)
         ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1)
+        count = None
+        if self.dist.active:  # all ranks' real steps (the loss's divisor) and stop requests
+            agreed = torch.stack([batch["mask"].sum().double(), torch.tensor(float(self._stop_local), device=self.device).double()])
+            self.dist.all_reduce_sum_(agreed)
+            count, self._stop_flag = agreed[0].float(), agreed[1]
         with self.autocast():
             pred = self.forward(batch, ctx)
-        loss = action_loss(pred, batch)
+        loss = action_loss(pred, batch, count)
         for p in self.params:  # zero_grad(set_to_none=True) without Optimizer.zero_grad's per-call overhead
             p.grad = None
         loss.backward()
+        loss = self.dist.reduce_gradients(self.params, loss)  # several ranks: summed gradients and the global loss
         coef = clip_coefficient(self.params, self.cfg.grad_clip)
-        self.opt.masked_step(self.keep_masks(task_ids), grad_scale=coef, backend=self.backends.masked_adamw)
+        keep = self.keep_masks(self.step_tasks if self.dist.active else task_ids)  # several ranks: the union of all ranks' tasks
+        self.opt.masked_step(keep, grad_scale=coef, backend=self.backends.masked_adamw)
         self.sched.step()
         self.step += 1
         return loss.detach()
@@ -175,7 +211,9 @@ class Trainer:
     # ---- Algorithm 2 ----------------------------------------------------------------------
     def task_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[T, P]`` gradients of every task on one fresh batch each (dropout off):
-        gbar_i = grad L_i(theta*M_i) * M_i (Eq. 4) and g_i (Alg. 2: grad L_i(theta) by default)."""
+        gbar_i = grad L_i(theta*M_i) * M_i (Eq. 4) and g_i (Alg. 2: grad L_i(theta) by default).
+        With several ranks, task i is computed on rank i mod W (on a batch of its data stream)
+        and the zero-filled rows are summed over the ranks."""
         names = list(self.weights)
         params = [self.weights[n] for n in names]
         p_total = sum(w.numel() for w in params)
@@ -185,6 +223,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         for i in range(t):
+            if i % self.dist.world_size != self.dist.rank:
+                continue
             batch = self.batcher.sample([i], self.cfg.batch_size)
             if self.task_masks is None:
                 g = torch.autograd.grad(action_loss(self.model(batch), batch), params)
@@ -201,6 +241,9 @@ class Trainer:
                 g = torch.autograd.grad(action_loss(self.model(batch), batch), params)
                 dense[i] = torch.cat([x.reshape(-1) for x in g])
         self.model.train(was_training)
+        self.dist.all_reduce_sum_(masked)
+        if dense is not None:
+            self.dist.all_reduce_sum_(dense)
         return masked, dense
 
     def mask_update(self) -> dict:
@@ -215,6 +258,8 @@ class Trainer:
             changed = self.task_masks.update(masked, dense, params, k, m.lam, importance, m.lam_on, backend=self.backends.harmony_select)
             info.update({"alpha": k, "masked_per_task": changed["masked"], "density": self.task_masks.density(),
                          "mask_changed_fraction": self.mask_changed_fraction()})
+        self.dist.check_identical({"masks": [] if self.task_masks is None else [self.task_masks.flat_packed()],
+                                   "weights": list(self.model.state_dict().values())})
         return info
 
     def mask_changed_fraction(self) -> list[float]:
@@ -245,7 +290,11 @@ class Trainer:
                          "has_gauss": int(has_gauss), "gauss": float(gauss)}}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.dist.active:  # every rank's data and dropout streams (rank r at [r]) and the shared task stream
+            rng["ranks"] = self.dist.all_gather_object({k: rng[k] for k in ("torch", "batcher", "cuda") if k in rng})
+            rng["tasks"] = self.task_stream.get_state()
         return {
+            "world_size": self.dist.world_size,
             "model": self.model.state_dict(),
             "masks": None if self.task_masks is None else self.task_masks.per_task(self.tasks),
             "optimizer": self.opt.state_dict(),
@@ -259,11 +308,13 @@ class Trainer:
 
     def save(self, path: Path, run_state: dict | None = None, on_partial_write=None) -> None:
         """Write :meth:`state` (plus ``run_state``: what :func:`run` needs to continue its metric
-        lines exactly) atomically; ``on_partial_write``: see :func:`checkpoint.save`."""
+        lines exactly) atomically; ``on_partial_write``: see :func:`checkpoint.save`. With several
+        ranks every rank calls it (the RNG streams are gathered) and rank 0 writes."""
         state = self.state()
         if run_state is not None:
             state["run"] = run_state
-        checkpoint.save(state, path, on_partial_write=on_partial_write)
+        if self.dist.is_main:
+            checkpoint.save(state, path, on_partial_write=on_partial_write)
 
     def load(self, path: Path, ck: dict | None = None) -> dict:
         """Continue from the checkpoint at ``path`` (``ck``: its contents, already read): weights,
@@ -294,15 +345,40 @@ class Trainer:
             random.setstate(_as_tuples(rng["python"]))
             npr = rng["numpy"]
             np.random.set_state((npr["name"], npr["keys"].numpy().astype(np.uint32), npr["pos"], npr["has_gauss"], npr["gauss"]))
+            self._load_rank_streams(ck, path)
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
             raise ConfigError(f"--resume: {path} does not fit this model ({checkpoint.one_line(exc)})") from None
         self.last_harmony = ck.get("last_harmony")
         return dict(ck.get("run") or {})
 
+    def _load_rank_streams(self, ck: dict, path: Path) -> None:
+        """This rank's data and dropout streams and the task stream from a checkpoint written by as
+        many ranks; from one written by another number of ranks, reseeded from (seed, step, rank)."""
+        saved, rng = int(ck.get("world_size", 1)), ck["rng"]
+        if saved == self.dist.world_size:
+            if self.dist.active:
+                mine = rng["ranks"][self.dist.rank]
+                torch.set_rng_state(mine["torch"])
+                self.batcher.load_state_dict(mine["batcher"])
+                if "cuda" in mine and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(mine["cuda"], self.device)
+                self.task_stream.set_state(rng["tasks"])
+            return
+        seed, step, rank = self.cfg.seed, self.step, self.dist.rank
+        self.batcher.generator.manual_seed(distributed.derived_seed(seed, step, "data", rank))
+        torch.manual_seed(distributed.derived_seed(seed, step, "dropout", rank))
+        if self.task_stream is not None:
+            self.task_stream.manual_seed(distributed.derived_seed(seed, step, "tasks"))
+        if self.dist.is_main:
+            print(f"[harmodt] --resume: {path} was written by {saved} rank(s), this run has {self.dist.world_size}: "
+                  f"data, dropout and task streams reseeded from (seed, step {step}, rank)", flush=True)
+
     # ---- evaluation -----------------------------------------------------------------------
     def evaluate(self, during=None) -> dict:
         """Evaluate on every training task (harmodt.evaluate). The training RNG streams (torch,
         CUDA, numpy, python) are left as they were, so evaluating or not never changes training.
+        With several ranks, rank r evaluates tasks r, r+W, ... and the results are gathered (a
+        task's episodes then depend on W, as their environment seeds follow its place in the list).
         ``during``: a testing hook called once at the tenth action of the evaluation."""
         from .evaluate import evaluate
 
@@ -318,8 +394,11 @@ class Trainer:
 
             self.model.act = counted_act  # an instance attribute over the method, removed below
         try:
-            return evaluate(self.model, self.task_masks, self.eval_info(), self.tasks, self.cfg.eval_episodes, self.cfg.seed + 12345,
-                            backend=self.backends.masked_linear, progress=self.cfg.progress, precision=self.cfg.precision)
+            mine = self.dist.shard(self.tasks)
+            res = evaluate(self.model, self.task_masks, self.eval_info(), mine, self.cfg.eval_episodes, self.cfg.seed + 12345,
+                           backend=self.backends.masked_linear, progress=self.cfg.progress and self.dist.is_main,
+                           precision=self.cfg.precision) if mine else {"tasks": {}, "env_steps": 0, "seconds": 0.0}
+            return distributed.merge_evaluations(self.dist.all_gather_object(res), self.tasks) if self.dist.active else res
         finally:
             self.model.__dict__.pop("act", None)
             torch.set_rng_state(rngs[0])
@@ -450,6 +529,9 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
         print(note, file=sys.stderr, flush=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dist = distributed.init(cfg.device, cfg.dist_timeout)  # under torchrun: this rank; else one process
+    if not dist.is_main:  # rank 0 alone prints (and writes files); the others keep stderr
+        sys.stdout = open(os.devnull, "w")
     try:  # a device or kernel backend that cannot run fails before any file is written
         kernels.select_backends(resolve_device(cfg.device), cfg.fused, cfg.backend)
     except kernels.BackendUnavailable as exc:
@@ -459,17 +541,21 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     if ck_path.exists() and not cfg.resume:
         raise ConfigError(f"{ck_path} exists: pass --resume to continue it or choose another --out")
     ck = None
-    if cfg.resume and ck_path.exists():
+    if cfg.resume and dist.is_main and ck_path.exists():  # rank 0 reads it and sends it to the other ranks
         try:
             ck = checkpoint.load(ck_path)
         except checkpoint.CheckpointError as exc:
             raise ConfigError(f"--resume: {exc}") from None
-        check_resume_settings(ck["config"], cfg, ck_path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot make the folder ({exc.strerror or exc})") from None
-    trainer = Trainer(cfg, datasets)
+        check_resume_settings(distributed.comparable_config(ck, dist.world_size), cfg, ck_path)
+    ck = dist.broadcast_object(ck)
+    if dist.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--out {out}: cannot make the folder ({exc.strerror or exc})") from None
+    trainer = Trainer(cfg, datasets, dist)
+    if dist.active:
+        print(dist.describe(), flush=True)
     print(trainer.describe(), flush=True)
     run_state = {}
     if ck is not None:
@@ -478,15 +564,16 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
         print(f"[harmodt] resumed from {ck_path} at step {trainer.step}", flush=True)
     elif cfg.resume:
         print(f"[harmodt] --resume: no checkpoint in {out} yet; starting at step 0", flush=True)
-    ck_path.with_name(ck_path.name + ".tmp").unlink(missing_ok=True)  # left by a write that was killed
-    _write_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
+    if dist.is_main:
+        ck_path.with_name(ck_path.name + ".tmp").unlink(missing_ok=True)  # left by a write that was killed
+        _write_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
     metrics_path = out / "metrics.jsonl"
     # a run from step 0 starts its metric lines afresh; a resumed one keeps those before its checkpoint
-    kept = rewind_metrics(metrics_path, run_state.get("metrics_bytes", None if trainer.step else 0), trainer.step)
+    kept = rewind_metrics(metrics_path, run_state.get("metrics_bytes", None if trainer.step else 0), trainer.step) if dist.is_main else []
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tb"), purge_step=trainer.step)
-    metrics = open(metrics_path, "ab")
+    writer = SummaryWriter(str(out / "tb"), purge_step=trainer.step) if dist.is_main else distributed.Discard()
+    metrics = open(metrics_path, "ab") if dist.is_main else distributed.Discard()
 
     def scalars(rec: dict) -> None:
         for k, v in rec.items():
@@ -503,7 +590,7 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
 
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not cfg.progress, desc=f"train {cfg.method}", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not cfg.progress or not dist.is_main, desc=f"train {cfg.method}", dynamic_ncols=True)
     # the losses since the last metric line (device tensors: read once per line)
     losses = [x.to(trainer.device) for x in run_state.get("losses", torch.zeros(0))]
     t0, s0 = time.perf_counter(), trainer.step
@@ -578,9 +665,11 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
         from .evaluate import print_table
 
         print_table(results)
-    _write_atomic(out / "results.json", json.dumps(results, indent=2).encode())
     metrics.close()
     writer.close()
+    if not dist.is_main:
+        return results
+    _write_atomic(out / "results.json", json.dumps(results, indent=2).encode())
     try:
         from .plots import plot_run
 
@@ -596,10 +685,14 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         run(cfg)
         print(f"[harmodt] done in {time.perf_counter() - t:.0f} s; outputs in {cfg.out}")
+        distributed.shutdown()
         return 0
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except distributed.DistributedError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return distributed.EXIT_CODE
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # data errors etc. are ValueErrors with a clear message

@@ -1,0 +1,257 @@
+"""Data-parallel training under torchrun (Gloo on the CPU, 2 ranks on this machine).
+
+- 2 ranks x 1 task per batch for 30 steps with one mask update equal one process that trains the
+  same global batches (2 tasks, 8 rows: each rank's rows drawn from that rank's data stream) in
+  one forward: losses within 1e-5 and identical masks. Dropout is 0: with dropout the one process
+  would draw its dropout masks for 8 rows at once, the ranks for 4 rows each from their own
+  streams, so the draws (not the algorithm) would differ.
+- A 2-rank run resumed with 2 ranks ends as the uninterrupted one (bit for bit).
+- A checkpoint written by 2 ranks, continued in one process: with the two ranks' data streams
+  (which it holds) the continuation equals the 2-rank run's (losses within 1e-5, same masks); the
+  CLI in one process with the same global batch reseeds the data streams (announced in one line),
+  so its batches differ and only the loss level and the mask update can be compared.
+- SIGKILL of one rank ends the run with a clear line and a non-zero exit within seconds.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _data_folders import write_ours  # noqa: E402
+
+from harmodt import distributed  # noqa: E402
+from harmodt.config import parse_args  # noqa: E402
+from harmodt.data.batches import PromptDTBatcher  # noqa: E402
+from harmodt.train import Trainer  # noqa: E402
+
+TASKS = ("reach-v3", "push-v3", "door-open-v3")
+WORLD, K, B = 2, 1, 4  # ranks, tasks per batch and rows per rank
+UPDATE_AT = 25  # the one mask update of a 30-step run (after the resume point 20)
+ARGS = ["--tasks", ",".join(TASKS), "--method", "harmodt-f", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--context-len", "5",
+        "--prompt-len", "2", "--dropout", "0", "--update-every", str(UPDATE_AT), "--eta-max", "40", "--eval-episodes", "0",
+        "--log-every", "1", "--checkpoint-every", "10", "--warmup-steps", "2", "--lr", "1e-3", "--device", "cpu", "--threads", "1",
+        "--no-progress", "--dist-timeout", "60"]
+PER_RANK = ["--batch-size", str(B), "--tasks-per-batch", str(K)]
+GLOBAL = ["--batch-size", str(WORLD * B), "--tasks-per-batch", str(WORLD * K)]
+
+
+def torchrun(*args, out: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "-m", "harmodt.train",
+           *args, "--out", str(out)]
+    return ok(subprocess.run(cmd, capture_output=True, text=True, timeout=timeout))
+
+
+def single(*args, out: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "harmodt.train", *args, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    return ok(proc) if check else proc
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def final(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+def masks_equal(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[t][n], b[t][n]) for t in a for n in a[t])
+
+
+class RankStreams:
+    """The data streams of a WORLD-rank run inside one process: rank r's batcher (seed + r)
+    draws rank r's rows of a training batch and the mask-update batch of every task i with
+    i mod WORLD = r, in the order the ranks draw them."""
+
+    def __init__(self, tr: Trainer):
+        mc, cfg = tr.cfg.model, tr.cfg
+        self.batchers = [PromptDTBatcher(tr.datasets, tr.tasks, mc.context_len, mc.prompt_len, cfg.rtg_scale, mc.max_ep_len,
+                                         seed=cfg.seed + r) for r in range(WORLD)]
+
+    def sample(self, task_ids: list[int], batch_size: int) -> dict:
+        if len(task_ids) == 1:  # a mask-update batch of one task
+            return self.batchers[task_ids[0] % WORLD].sample(task_ids, B)
+        parts = [self.batchers[r].sample(task_ids[r * K : (r + 1) * K], B) for r in range(WORLD)]
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def reference(data: Path, tmp: Path, steps: int = 30, ck: dict | None = None) -> tuple[dict[int, float], Trainer]:
+    """One process training the 2-rank run's global batches (``--tasks-per-batch 2 --batch-size 8``
+    with the ranks' task stream and data streams), from step 0 or from the 2-rank checkpoint
+    ``ck``; returns {step: loss} and the trainer."""
+    cfg = parse_args([*ARGS, *GLOBAL, "--data", str(data), "--steps", str(steps), "--out", str(tmp)])
+    tr = Trainer(cfg)
+    streams = RankStreams(tr)
+    task_stream = torch.Generator().manual_seed(cfg.seed + distributed.TASK_STREAM_OFFSET)
+    if ck is not None:
+        tr.load(tmp / "unused.pt", ck)
+        for r, b in enumerate(streams.batchers):
+            b.load_state_dict(ck["rng"]["ranks"][r]["batcher"])
+        task_stream.set_state(ck["rng"]["tasks"])
+    tr.batcher = streams
+    tr.sample_tasks = lambda: distributed.draw_tasks(task_stream, len(tr.tasks), WORLD * K)
+    out = {}
+    while tr.step < steps:
+        if tr.step > 0 and tr.step % UPDATE_AT == 0:
+            tr.mask_update()
+        loss = float(tr.train_step(tr.sample_tasks()))
+        out[tr.step] = loss
+    return out, tr
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The 2-rank runs: 30 steps, and 20 steps (its last checkpoint at 20, then an evaluation of
+    one episode per task, split over the ranks); the data folder."""
+    base = tmp_path_factory.mktemp("dist")
+    data = write_ours(base / "data", TASKS, episodes=4, length=30)
+    full, part = base / "full", base / "part"
+    t = time.perf_counter()
+    proc = torchrun(*ARGS, *PER_RANK, "--data", str(data), "--steps", "30", out=full)
+    seconds = time.perf_counter() - t
+    assert "distributed: 2 ranks on 1 node(s) (gloo)" in proc.stdout
+    proc = torchrun(*ARGS, *PER_RANK, "--data", str(data), "--steps", "20", "--eval-episodes", "1", out=part)
+    res = json.loads((part / "results.json").read_text())  # rank 0 evaluated reach and door-open, rank 1 push
+    assert list(res["tasks"]) == list(TASKS) and res["mean_success"] == sum(r["success"] for r in res["tasks"].values()) / 3
+    assert "door-open-v3" in proc.stdout and "eval_mean_success" in (part / "metrics.jsonl").read_text().splitlines()[-1]
+    return {"data": data, "full": full, "part": part, "seconds": seconds}
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batches(runs, tmp_path):
+    got = losses(runs["full"])
+    want, tr = reference(runs["data"], tmp_path)
+    assert sorted(got) == list(range(1, 31))
+    diff = max(abs(got[s] - want[s]) for s in want)
+    print(f"2 ranks vs one process: max loss difference {diff:.2e} over 30 steps ({runs['seconds']:.0f} s for the 2-rank run)")
+    assert diff <= 1e-5, (got, want)
+    ck = final(runs["full"])
+    assert ck["world_size"] == WORLD and ck["step"] == 30 and len(ck["rng"]["ranks"]) == WORLD
+    ref_masks = tr.task_masks.per_task(tr.tasks)
+    assert masks_equal(ck["masks"], ref_masks)
+    assert not masks_equal(ck["masks"], final(runs["part"])["masks"])  # the update at step 25 did change the masks
+    for n, p in tr.model.state_dict().items():
+        torch.testing.assert_close(ck["model"][n], p, rtol=1e-5, atol=1e-6, msg=n)
+    recs = [json.loads(line) for line in (runs["full"] / "metrics.jsonl").read_text().splitlines()]
+    assert sum("harmony_score" in r for r in recs) == 1
+
+
+@pytest.mark.slow
+def test_resume_with_two_ranks_ends_as_the_uninterrupted_run(runs, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs["part"], resumed)
+    proc = torchrun(*ARGS, *PER_RANK, "--data", str(runs["data"]), "--steps", "30", "--resume", "--allow-changed", "steps", "eval_episodes", out=resumed)
+    assert "resumed from" in proc.stdout and "reseeded" not in proc.stdout
+    a, b = final(runs["full"]), final(resumed)
+    for n in a["model"]:
+        assert torch.equal(a["model"][n], b["model"][n]), n
+    assert masks_equal(a["masks"], b["masks"])
+    for r in range(WORLD):
+        assert torch.equal(a["rng"]["ranks"][r]["batcher"]["generator"], b["rng"]["ranks"][r]["batcher"]["generator"])
+    assert losses(runs["full"]) == losses(resumed)
+
+
+def test_two_rank_checkpoint_continues_in_one_process(runs, tmp_path):
+    """With the ranks' data streams from the checkpoint, one process continues exactly as the 2
+    ranks did; the CLI reseeds them (another world size) and keeps the algorithm and state."""
+    ck = final(runs["part"])
+    want = losses(runs["full"])
+    got, tr = reference(runs["data"], tmp_path, ck=ck)
+    assert sorted(got) == list(range(21, 31))
+    assert max(abs(got[s] - want[s]) for s in got) <= 1e-5
+    assert masks_equal(tr.task_masks.per_task(tr.tasks), final(runs["full"])["masks"])
+
+    # the CLI in one process: the per-rank flags would halve the global batch
+    out = tmp_path / "one"
+    shutil.copytree(runs["part"], out)
+    proc = single(*ARGS, *PER_RANK, "--data", str(runs["data"]), "--steps", "30", "--resume", "--allow-changed", "steps", "eval_episodes", out=out,
+                  check=False)
+    assert proc.returncode == 2 and "batch_size (8 -> 4)" in proc.stderr and "tasks_per_batch (2 -> 1)" in proc.stderr, proc.stderr
+    proc = single(*ARGS, *GLOBAL, "--data", str(runs["data"]), "--steps", "30", "--resume", "--allow-changed", "steps", "eval_episodes", out=out)
+    line = [x for x in proc.stdout.splitlines() if "reseeded" in x]
+    assert len(line) == 1 and "written by 2 rank(s), this run has 1" in line[0], proc.stdout
+    one, two = losses(out), losses(runs["full"])
+    assert [one[s] for s in range(1, 21)] == [two[s] for s in range(1, 21)]  # metric lines up to the checkpoint kept
+    late_one, late_two = sum(one[s] for s in range(21, 31)) / 10, sum(two[s] for s in range(21, 31)) / 10
+    print(f"steps 21-30, mean loss: 2 ranks {late_two:.4f}, one process after the reseed {late_one:.4f}")
+    assert abs(late_one - late_two) <= 0.15 * late_two
+    c1, c2, c0 = final(out), final(runs["full"]), ck
+    assert c1["world_size"] == 1 and c1["step"] == 30
+    # the same mask update at step 25 (alpha from the same schedule) on other batches: each task's
+    # mask moved away from the checkpoint's by the same number of weights as in the 2-rank run
+    for t in TASKS:
+        moved = [sum(int((c[t][n] != c0["masks"][t][n]).sum()) for n in c0["masks"][t]) for c in (c1["masks"], c2["masks"])]
+        assert moved[0] == moved[1] > 0, (t, moved)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    for pid in _children(launcher):
+        try:
+            env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if env.get(b"RANK") == str(rank).encode():
+            return pid
+    raise AssertionError(f"no rank {rank} among the children of {launcher}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' processes through /proc (Linux)")
+@pytest.mark.parametrize("how", ["killed", pytest.param("hung", marks=pytest.mark.slow)])
+def test_a_rank_that_dies_or_hangs_stops_the_run(runs, tmp_path, how):
+    """Rank 1 SIGKILLed: rank 0's next collective fails at once (connection reset), it exits 3
+    with one line and torchrun stops. Rank 1 stopped (SIGSTOP, a hang): rank 0 gives up after
+    --dist-timeout (10 s), and torchrun SIGKILLs the hung rank after its 30 s grace period."""
+    timeout = 10
+    out = tmp_path / how
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "-m", "harmodt.train", *ARGS,
+           *PER_RANK, "--data", str(runs["data"]), "--steps", "100000", "--dist-timeout", str(timeout), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.2)
+        victim = _rank_pid(proc.pid, 1)
+        t = time.monotonic()
+        os.kill(victim, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        text, _ = proc.communicate(timeout=120)
+        seconds = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    print(f"rank 1 {how}: exit {proc.returncode} after {seconds:.1f} s")
+    assert proc.returncode != 0
+    line = f"error: rank 0 of 2: all_reduce failed: another rank stopped, crashed or did not answer within --dist-timeout {timeout} s"
+    assert line in text, text[-3000:]
+    if how == "killed":
+        assert seconds < timeout and "Signal 9 (SIGKILL)" in text  # torchrun's summary names the rank that died
+    else:
+        assert "Timed out" in text and timeout <= seconds < timeout + 30 + 20
