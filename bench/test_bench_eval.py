@@ -104,7 +104,7 @@ def test_eval_forward_mt50(benchmark, device):
         return run
 
     times = interleave(benchmark, {"fused": call_runner(forward(fused), device), "reference": call_runner(forward("reference"), device)},
-                       rounds(5 if device == "cpu" else 20), calls=1 if device == "cpu" else 10, warmup=1)
+                       rounds(2 if device == "cpu" else 20), calls=1 if device == "cpu" else 10, warmup=0 if device == "cpu" else 2)
     speedup = 1.0 / paired_ratio(times, "fused", "reference")
     figs = [time_figure(f"evaluation forward, MT50 x 10 episodes, {fused}", times, "fused"),
             time_figure("evaluation forward, MT50 x 10 episodes, reference", times, "reference"),

@@ -93,7 +93,7 @@ def test_masked_linear_eval(benchmark, device):
         return run
 
     times = interleave(benchmark, {"fused": call_runner(fwd(backend), device), "reference": call_runner(fwd("reference"), device)},
-                       rounds(5 if device == "cpu" else 20), calls=1 if device == "cpu" else 10, warmup=1)
+                       rounds(3 if device == "cpu" else 20), calls=1 if device == "cpu" else 10, warmup=1)
     speedup = 1.0 / paired_ratio(times, "fused", "reference")
     figs = [time_figure(f"masked_linear eval forward, one block, 29,500 rows x 50 tasks, {backend}", times, "fused"),
             time_figure("masked_linear eval forward, one block, 29,500 rows x 50 tasks, reference", times, "reference"),

@@ -45,7 +45,7 @@ def test_step(benchmark, device, precision):
         variants["previous_fused"] = base
         info.update(previous_version=base.commit, previous_version_path=str(base.path))
     try:
-        times = interleave(benchmark, variants, rounds(20 if cpu else 10), calls=1 if cpu else 20, warmup=3 if cpu else 20)
+        times = interleave(benchmark, variants, rounds(12 if cpu else 10), calls=1 if cpu else 20, warmup=3 if cpu else 20)
     finally:
         if base is not None:
             base.close()
@@ -152,7 +152,7 @@ def test_mask_update_mt10(benchmark, device):
     for tr in trainers.values():
         tr.step = 1  # past step 0 of the alpha schedule: the selection moves weights
     variants = {k: _mask_update_runner(tr) for k, tr in trainers.items()}
-    times = interleave(benchmark, variants, rounds(3), calls=1, warmup=1)
+    times = interleave(benchmark, variants, rounds(1), calls=1, warmup=0)
     times = {k: [x / 1e3 for x in v] for k, v in times.items()}
     figs = [time_figure(f"mask update, MT10, {k}", times, k, unit="s") for k in times]
     derived = {"fused_speedup_over_reference": 1.0 / paired_ratio(times, "fused", "reference")}
@@ -203,9 +203,9 @@ def test_train_cli(benchmark, device, tmp_path):
 
     data = tmp_path / "data"
     generate(CLI_TASKS, 2, str(data), seed=0, progress=False)
-    steps, log_every = (60, 20) if device == "cpu" else (600, 100)
+    steps, log_every = (40, 10) if device == "cpu" else (600, 100)
     res = {"fused": [], "reference": []}
-    n = rounds(2)
+    n = rounds(1)
     import time
 
     def run():
