@@ -51,8 +51,9 @@ def _current_cache(path: Path) -> bool:
     return generator_version(manifest) == GENERATOR_VERSION
 
 
-def load_training_data(cfg: TrainConfig, tasks: list[str]) -> dict:
-    """Load ``--data``, or generate our Meta-World data into the cache when no folder is given."""
+def load_training_data(cfg: TrainConfig, tasks: list[str], may_generate: bool = True) -> dict:
+    """Load ``--data``, or generate our Meta-World data into the cache when no folder is given
+    (``may_generate=False``, as under torchrun: ConfigError instead when the cache lacks it)."""
     from .data import generate, load_dataset
 
     path = cfg.data
@@ -64,6 +65,9 @@ def load_training_data(cfg: TrainConfig, tasks: list[str]) -> dict:
             key = hashlib.sha1(key.encode()).hexdigest()[:16] + f"_e{cfg.gen_episodes}_s{cfg.seed}"
         path = str(cache_dir() / "data" / key)
         if not _current_cache(Path(path)):
+            if not may_generate:
+                raise ConfigError(f"no --data given and no generated data in {path}: under torchrun the ranks do not generate data; "
+                                  f"write it first (python -m harmodt.data generate --out FOLDER ...) and pass --data FOLDER")
             print(f"[harmodt] generating offline data for {len(tasks)} tasks x {cfg.gen_episodes} episodes into {path}", flush=True)
             generate(tasks, cfg.gen_episodes, path, seed=cfg.seed, progress=cfg.progress)
     return load_dataset(path, tasks=tasks, quality=cfg.quality, episodes_per_task=cfg.episodes_per_task or None)
@@ -92,7 +96,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks)
+        self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks, may_generate=not self.dist.active)
         mc = cfg.model
         self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if cfg.method != "mtdt" else 0,
                                        cfg.rtg_scale, mc.max_ep_len, seed=cfg.seed + self.dist.rank, device=self.device)
