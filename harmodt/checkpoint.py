@@ -116,7 +116,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harmodt.checkpoint", description="Checkpoint tools.")
+    from .config import OneLineParser
+
+    p = OneLineParser(prog="python -m harmodt.checkpoint", description="Checkpoint tools.")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="rewrite an older (pickled) checkpoint in the safe format; unpickles it: trusted files only")
     c.add_argument("src")

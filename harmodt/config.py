@@ -171,9 +171,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (0.0 <= cfg.model.dropout < 1.0, "--dropout must be in [0, 1)"),
         (cfg.precision in ("fp32", "bf16"), "--precision must be fp32 or bf16"),
         (cfg.backend in ("auto", "triton", "cpu", "reference"), "--backend must be auto, triton, cpu or reference"),
+        (cfg.fused or cfg.backend == "auto", "--backend applies to the kernels of --fused: add --fused (without it every op runs on the reference)"),
         (cfg.conditioning in ("auto", "prompt", "task-id"), "--conditioning must be auto, prompt or task-id"),
         (_device_ok(cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
         (cfg.eval_episodes >= 0, "--eval-episodes must be >= 0"),
+        (cfg.eval_every >= 0, "--eval-every must be >= 0 (0: only at the end)"),
+        (cfg.log_every > 0, "--log-every must be positive"),
+        (cfg.checkpoint_every > 0, "--checkpoint-every must be positive"),
+        (cfg.threads >= 0, "--threads must be >= 0 (0: all cores)"),
+        (cfg.episodes_per_task >= 0, "--episodes-per-task must be >= 0 (0: all)"),
+        (cfg.gen_episodes > 0, "--gen-episodes must be positive"),
+        (cfg.batch_size > 0 and cfg.warmup_steps >= 0, "--warmup-steps must be >= 0"),
         (cfg.lr > 0, "--lr must be positive"),
         (cfg.dist_timeout > 0, "--dist-timeout must be positive"),
     ]
@@ -254,8 +262,15 @@ def _field_comments() -> dict:
 _FIELD_HELP = _field_comments()
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=prog,
         description="Train HarmoDT or a baseline on offline Meta-World data. With no arguments, runs the embedded default.",
     )

@@ -29,6 +29,7 @@ import torch
 import kernels
 
 from .checkpoint import CheckpointError
+from .config import OneLineParser
 from .data.batches import prompt_segment
 from .model import MaskContext
 from .runtime import bf16_matmul_note
@@ -220,7 +221,7 @@ def print_table(results: dict, file=sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harmodt.evaluate", description="Evaluate a harmodt checkpoint on Meta-World v3 (batched).")
+    p = OneLineParser(prog="python -m harmodt.evaluate", description="Evaluate a harmodt checkpoint on Meta-World v3 (batched).")
     p.add_argument("checkpoint", help="checkpoint.pt written by harmodt.train")
     p.add_argument("--tasks", default=None, help="tasks to evaluate (default: the checkpoint's); unseen tasks use the voted mask")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
