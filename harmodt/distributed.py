@@ -30,6 +30,9 @@ generator seeded with ``seed``. Checkpoints hold every rank's data and dropout s
 stream; resuming with the same W restores them, with another W each rank's data and dropout
 stream and the task stream are reseeded from (seed, step, rank), which is announced in one line.
 
+Every rank loads ``--data`` itself (the ranks do not generate data into the cache); rank 0 alone
+prints, writes the run's files and reads a checkpoint to resume, which it sends to the others.
+
 Failures: ``init_process_group(timeout=--dist-timeout)`` bounds every Gloo collective (NCCL's
 watchdog aborts a collective after the same timeout); a collective that fails or times out is a
 :class:`DistributedError` naming the rank and the operation (CLI exit 3), and torchrun stops the
