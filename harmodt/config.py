@@ -309,7 +309,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"--config {ns.config}: {exc}") from None
     preset = ns.preset
-    if preset is None and not ns.config and not any(k not in ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume", "device", "compile", "allow_changed") for k in given):
+    if preset is None and not ns.config and not any(k not in ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume", "device", "compile", "allow_changed", "dist_timeout") for k in given):
         preset = "embedded-default"
     if preset:
         cfg = apply_overrides(cfg, PRESETS[preset])
