@@ -1,12 +1,17 @@
-"""Algorithm 2's selection for all tasks in Triton, without a [T, P] score array.
+"""Algorithm 2's selection for all tasks in Triton, without a [T, P] score array when k is small.
 
 One launch scores every (task, block of weights) pair: the harmony score H on active weights
-(+inf on masked ones) and the recovery score g_i * ghat on masked weights, and keeps each block's
-``KC = next_pow2(min(k, BLOCK))`` best candidates of each kind with ``tl.topk`` on a packed
-sortable int64 key (order-preserving float bits in the high 33-bit field, the weight index in the
-low 31 bits, so ties go to the lowest index exactly as the reference's stable sort). A small final pass
-over the candidates only (``[T, n_blocks * KC]``) picks ``k_i = min(k, #active_i, #masked_i)``
-per task and flips the bits.
+(+inf on masked ones) and the recovery score g_i * ghat on masked weights, as packed sortable
+int64 keys (order-preserving float bits in the high 33-bit field, the weight index in the low 31
+bits, so ties go to the lowest index exactly as the reference's stable sort). Each block keeps its
+``KC`` best candidates of each kind with ``tl.topk`` (KC the power of two at or above k, at least
+32), and a final pass over the candidates only (``[T, n_blocks * KC]``) picks
+``k_i = min(k, #active_i, #masked_i)`` per task and flips the bits. When k is larger than an
+eighth of a block the per-block selection would keep most keys anyway: the kernel then stores
+every key and the final pass selects among all of them.
+
+Blocks are 1024 weights on a GPU: the compiled top-k network grows with the block, and at 4096
+ptxas needs over a minute for sm_80 (KC=128); at 1024 it is a few seconds.
 
 Registered with ``torch.library`` as ``harmodt_triton::harmony_select`` (with a fake
 implementation), so a compiled caller sees one op; the final pass reads k_i back to the host,
@@ -23,7 +28,7 @@ import triton.language as tl
 
 from .reference import num_words, unpack_masks
 
-BLOCK = 4096  # weights per program on GPU (candidates: T * P * KC / BLOCK keys)
+BLOCK = 1024  # weights per program on GPU (candidates: T * P * KC / BLOCK keys)
 INTERPRET_BLOCK = 128  # smaller blocks keep the CPU interpreter fast
 
 
@@ -58,12 +63,23 @@ def _candidates_kernel(mg_ptr, g_ptr, ghat_ptr, p_ptr, m_ptr, hkey_ptr, rkey_ptr
     hkey = tl.where(active & ok, (_sortable(h) << 31) | idx, 0x7FFFFFFFFFFFFFFF)
     rkey = tl.where((~active) & ok, (_sortable(rec) << 31) | idx, 0x7FFFFFFFFFFFFFFF)
     out = (task * n_blocks + blk) * KC + tl.arange(0, KC)
-    tl.store(hkey_ptr + out, tl.topk(hkey, KC, descending=False))
-    tl.store(rkey_ptr + out, tl.topk(rkey, KC, descending=False))
+    if KC == BLOCK:  # every key is a candidate: no selection in the block
+        tl.store(hkey_ptr + out, hkey)
+        tl.store(rkey_ptr + out, rkey)
+    else:
+        tl.store(hkey_ptr + out, tl.topk(hkey, KC, descending=False))
+        tl.store(rkey_ptr + out, tl.topk(rkey, KC, descending=False))
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
+
+
+def candidates_per_block(k: int, block: int) -> int:
+    """KC: the power of two at or above k, at least min(32, block / 8) (so a run whose k anneals
+    compiles few variants); ``block`` itself (keep every key) when that exceeds block / 8."""
+    kc = max(_next_pow2(min(k, block)), min(32, block // 8))
+    return block if kc > block // 8 else kc
 
 
 def triton_harmony_select(masked_grads, grads, params, masks, k, lam, importance="magnitude"):
@@ -111,7 +127,7 @@ def _select(masked_grads, grads, params, masks, k, lam, importance):
     ghat = mg.float().mean(0)  # (P,): one vector, not a [T, P] array
     block = INTERPRET_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
     n_blocks = triton.cdiv(p, block)
-    kc = _next_pow2(min(k, block))
+    kc = candidates_per_block(k, block)
     hkeys = torch.empty(t, n_blocks * kc, dtype=torch.int64, device=mg.device)
     rkeys = torch.empty_like(hkeys)
     _candidates_kernel[(t, n_blocks)](mg, g, ghat, prm, masks, hkeys, rkeys, p, masks.shape[1], float(lam),

@@ -22,6 +22,7 @@ exp_avgs, exp_avg_sqs and steps), so ``torch.compile`` sees the whole update as 
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from typing import List, Optional
 
@@ -33,8 +34,9 @@ from .reference import num_words
 
 __all__ = ["BLOCK", "triton_masked_adamw_"]
 
-BLOCK = 4096  # elements per program
-NUM_WARPS = 8
+BLOCK = 1024  # elements per program on a GPU: 8 per thread keeps registers (and occupancy) moderate
+NUM_WARPS = 4
+INTERPRET_BLOCK = 4096  # the interpreter runs programs one after another: fewer, larger ones are faster
 ROW = 9  # int64 slots per parameter in the table
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -46,7 +48,7 @@ def _adamw_kernel(table_ptr, blocks_ptr, scale_ptr, scale, lr, w1, beta2, w2, lo
     ``decay = 1 - lr * weight_decay``, ``log2_beta* = log2(beta*)`` (for ``beta^t = 2^(t log2 beta)``)."""
     j = tl.program_id(0)
     i = tl.load(blocks_ptr + 2 * j)
-    start = tl.load(blocks_ptr + 2 * j + 1)
+    start = tl.load(blocks_ptr + 2 * j + 1).to(tl.int32)  # element offsets are int32 (checked on the host)
     row = table_ptr + i * 9
     p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
@@ -54,9 +56,9 @@ def _adamw_kernel(table_ptr, blocks_ptr, scale_ptr, scale, lr, w1, beta2, w2, lo
     v_ptr = tl.load(row + 3).to(tl.pointer_type(P_DTYPE))
     mask_addr = tl.load(row + 4)
     step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-    numel = tl.load(row + 6)
-    k = tl.load(row + 7)
-    n_words = tl.load(row + 8)
+    numel = tl.load(row + 6).to(tl.int32)
+    k = tl.load(row + 7).to(tl.int32)
+    n_words = tl.load(row + 8).to(tl.int32)
 
     if SCALE_IS_PTR:
         s = tl.load(scale_ptr).to(tl.float32)
@@ -67,7 +69,7 @@ def _adamw_kernel(table_ptr, blocks_ptr, scale_ptr, scale, lr, w1, beta2, w2, lo
     bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(t * log2_beta2))
     step_size = lr / bc1
 
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    offs = start + tl.arange(0, BLOCK)
     ok = offs < numel
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32) * s
     m = tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -81,7 +83,7 @@ def _adamw_kernel(table_ptr, blocks_ptr, scale_ptr, scale, lr, w1, beta2, w2, lo
     col = offs % k
     load_words = ok & ((offs * 0 + mask_addr) != 0)  # (a block-shaped condition: the interpreter wants one)
     words = tl.load(mask_addr.to(tl.pointer_type(tl.int32)) + (offs // k) * n_words + col // 32, mask=load_words, other=-1)
-    keep = ((words >> (col % 32).to(tl.int32)) & 1) != 0  # no mask: all ones
+    keep = ((words >> (col % 32)) & 1) != 0  # no mask: all ones
     tl.store(p_ptr + offs, new.to(P_DTYPE), mask=ok & keep)
     tl.store(m_ptr + offs, m.to(P_DTYPE), mask=ok)
     tl.store(v_ptr + offs, v.to(P_DTYPE), mask=ok)
@@ -113,11 +115,16 @@ def _rows(params, grads, exp_avgs, exp_avg_sqs, masks, steps) -> list:
     return rows
 
 
-def _table(key: tuple, device: torch.device, rows: list) -> tuple[torch.Tensor, int]:
+def _block() -> int:
+    return INTERPRET_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+
+
+def _table(key: tuple, device: torch.device, rows: list, block: int) -> tuple[torch.Tensor, int]:
     """The device table for ``rows`` followed by one (parameter, first element) pair per
-    program, and the number of programs; built and uploaded on first sight of its content."""
+    program (``block`` elements each), and the number of programs; built and uploaded on first
+    sight of its content."""
     numels = rows[6::ROW]
-    blocks = [v for i, n in enumerate(numels) for s in range(0, n, BLOCK) for v in (i, s)]
+    blocks = [v for i, n in enumerate(numels) for s in range(0, n, block) for v in (i, s)]
     host = torch.tensor(rows + blocks, dtype=torch.int64)
     if device.type == "cuda":
         table = host.pin_memory().to(device, non_blocking=True)  # the host does not wait for the device
@@ -142,11 +149,12 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2
         if len(idx) != len(params):
             lists = tuple([xs[i] for i in idx] for xs in lists)
         rows = _rows(*lists)
-        key = (str(device), p_dtype, g_dtype, tuple(rows))
+        block = _block()
+        key = (str(device), p_dtype, g_dtype, block, tuple(rows))
         hit = _TABLES.get(key)
         if hit is None:
             _check(*lists)
-            hit = _table(key, device, rows)
+            hit = _table(key, device, rows, block)
         else:
             _TABLES.move_to_end(key)
         table, n_programs = hit
@@ -157,7 +165,7 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2
                 float(1 - beta1), float(beta2), float(1 - beta2), math.log2(beta1) if beta1 > 0 else -math.inf,
                 math.log2(beta2) if beta2 > 0 else -math.inf, float(eps), float(1 - lr * weight_decay),
                 SCALE_IS_PTR=scale_t is not None, P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
-                BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)  # no FMA: rounds as the reference's separate ops
+                BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False)  # no FMA: rounds as the reference's separate ops
         _step_kernel[(1,)](table, n, NP=max(2, triton.next_power_of_2(n)))
 
 
@@ -207,6 +215,8 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, masks, steps) -> None:
         if step.dtype != torch.float32 or step.numel() != 1 or step.device != p.device:
             raise ValueError(f"masked_adamw_: steps[{i}] must be a float32 0-dim tensor on {p.device}, got "
                              f"{step.dtype} {tuple(step.shape)} on {step.device}")
+        if p.numel() >= 2**31:
+            raise ValueError(f"masked_adamw_: params[{i}] has {p.numel()} elements; the kernel indexes them with int32")
         if step.data_ptr() in step_ptrs:
             raise ValueError(f"masked_adamw_: steps[{i}] shares its storage with another parameter's step")
         step_ptrs.add(step.data_ptr())

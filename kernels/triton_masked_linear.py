@@ -44,14 +44,25 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_config(n: int, k: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
-    """(BM, BN, BK): 64-row task tiles; 128-wide output tiles for wide layers (qkv 768, fc 1024);
-    a reduction tile of 64 for 16-bit inputs and of 32 for fp32, which keeps three pipeline stages
-    under 100 KB of shared memory (an RTX 3090 has 99 KB per block). BK is a multiple of 32: one
-    packed mask word per 32 columns."""
+def block_config(kernel: str, n: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, num_warps) of ``kernel`` ("fwd", "dx" or "dw") for a layer with N outputs.
+
+    The reduction tile (K for fwd, N for dX, rows for dW) is 32 for fp32 and 64 for 16-bit inputs,
+    which keeps three pipeline stages of operand tiles under 100 KB of shared memory (an RTX 3090
+    has 99 KB per block). fwd: 64-row task tiles and 128-wide output tiles for the wide layers
+    (qkv 768, fc 1024), else 64. dX: 64 rows x 64 columns out. dW: 64 x 64 out. Every tile across
+    K is a multiple of 32: one packed mask word per 32 columns. Eight warps for the 64 x 128
+    forward tile (four leave sm_80 at 255 registers), four otherwise. The interpreter gets 32s."""
     if _interpreting():
-        return INTERPRET_BLOCKS
-    return 64, (128 if n >= 512 else 64), (32 if dtype == torch.float32 else 64)
+        return (*INTERPRET_BLOCKS, 4)
+    red = 32 if dtype == torch.float32 else 64
+    if kernel == "fwd":
+        return (64, 128, red, 8) if n >= 512 else (64, 64, red, 4)
+    if kernel == "dx":
+        return 64, red, 64, 4
+    if kernel == "dw":
+        return red, 64, 64, 4
+    raise ValueError(f"block_config: unknown kernel {kernel!r}")
 
 
 def _next_pow2(x: int) -> int:
@@ -236,12 +247,13 @@ def _forward(x, weight, bias, masks, task_ids):
     y = torch.empty(r, n, device=x.device, dtype=x.dtype)
     if r == 0 or n == 0:
         return y
-    bm, bn, bk = block_config(n, k, x.dtype)
+    bm, bn, bk, warps = block_config("fwd", n, x.dtype)
     single, tids, counts, order, n_tiles = _rows(task_ids, t, r, bm)
     _fwd_kernel[(n_tiles, triton.cdiv(n, bn))](
         x, weight, bias if bias is not None else weight, masks, y, tids, counts, order, r, n, k, masks.shape[2], t,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), y.stride(0), y.stride(1),
-        SINGLE=single, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), TP=max(2, _next_pow2(t)), BM=bm, BN=bn, BK=bk)
+        SINGLE=single, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), TP=max(2, _next_pow2(t)), BM=bm, BN=bn, BK=bk,
+        num_warps=warps, enable_fp_fusion=True)
     return y
 
 
@@ -255,12 +267,13 @@ def _backward_dx(dy, weight, masks, task_ids):
     dx = torch.empty(r, k, device=dy.device, dtype=dy.dtype)
     if r == 0 or k == 0:
         return dx
-    bm, bn, bk = block_config(n, k, dy.dtype)
+    bm, bn, bk, warps = block_config("dx", n, dy.dtype)
     single, tids, counts, order, n_tiles = _rows(task_ids, t, r, bm)
     _dx_kernel[(n_tiles, triton.cdiv(k, bk))](
         dy, weight, masks, dx, tids, counts, order, r, n, k, masks.shape[2], t,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), dx.stride(0), dx.stride(1),
-        SINGLE=single, PRECISION=_precision(dy.dtype), TP=max(2, _next_pow2(t)), BM=bm, BN=bn, BK=bk)
+        SINGLE=single, PRECISION=_precision(dy.dtype), TP=max(2, _next_pow2(t)), BM=bm, BN=bn, BK=bk,
+        num_warps=warps, enable_fp_fusion=True)
     return dx
 
 
@@ -272,14 +285,15 @@ def _backward_dw(dy, x, masks, task_ids, task_grads):
     dw = torch.empty(n, k, device=x.device, dtype=x.dtype)
     if n == 0 or k == 0:
         return dw
-    bm, bn, bk = block_config(n, k, x.dtype)
+    bm, bn, bk, warps = block_config("dw", n, x.dtype)
     single, tids, counts, order, _ = _rows(task_ids, t, r, bm)
     tg = task_grads
     _dw_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         dy, x, masks, dw, tg if tg is not None else dw, tids, counts, order, r, n, k, masks.shape[2], t,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), masks.stride(0), masks.stride(1), dw.stride(0), dw.stride(1),
         *(tg.stride() if tg is not None else (0, 0, 0)),
-        SINGLE=single, HAS_TG=tg is not None, PRECISION=_precision(x.dtype), BM=bm, BN=bn, BK=bk)
+        SINGLE=single, HAS_TG=tg is not None, PRECISION=_precision(x.dtype), BM=bm, BN=bn, BK=bk,
+        num_warps=warps, enable_fp_fusion=True)
     return dw
 
 
