@@ -24,6 +24,7 @@ package: it never imports ``harmodt``.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -79,14 +80,20 @@ def _cpu_reason(device: torch.device) -> str | None:
 
 def backend_reason(backend: str, device: torch.device | str) -> str | None:
     """None when concrete ``backend`` can run on tensors of ``device``, else a one-line reason."""
-    device = torch.device(device)
+    if backend not in CONCRETE:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return _reason(backend, torch.device(device).type, os.environ.get("TRITON_INTERPRET"), os.environ.get("HARMODT_SKIP_NATIVE"))
+
+
+@functools.lru_cache(maxsize=None)
+def _reason(backend: str, device_type: str, interpret: str | None, skip_native: str | None) -> str | None:
+    """:func:`backend_reason`, computed once per (backend, device type, environment): every op
+    call checks its backend, and a GPU step is bound by per-call host time."""
     if backend == "reference":
         return None
     if backend == "triton":
-        return _triton_reason(device)
-    if backend == "cpu":
-        return _cpu_reason(device)
-    raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        return _triton_reason(torch.device(device_type))
+    return _cpu_reason(torch.device(device_type))
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

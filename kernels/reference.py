@@ -42,7 +42,7 @@ def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
     if words.shape[-1] != num_words(k):
         raise ValueError(f"unpack_masks: {words.shape[-1]} words cannot hold K={k} bits (need {num_words(k)})")
     bits = (words.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(words.device)) & 1  # [..., W, 32]
-    return bits.reshape(*words.shape[:-1], -1)[..., :k].bool()
+    return bits.reshape(*words.shape[:-1], words.shape[-1] * 32)[..., :k].bool()
 
 
 def _as_bool_masks(masks: torch.Tensor, k: int) -> torch.Tensor:
