@@ -421,6 +421,7 @@ class Study:
     def report(self) -> dict:
         study = self.collect()
         study["variants"] = aggregate(study)
+        study["pairwise"] = pairwise(study)
         self.out.mkdir(parents=True, exist_ok=True)
         figures = draw_figures(study, self.out, say=self.say)
         (self.out / "study.json").write_text(json.dumps(study, indent=2))
@@ -506,6 +507,15 @@ def aggregate(study: dict) -> list[dict]:
     return out
 
 
+def pairwise(study: dict) -> dict:
+    """``{row variant: {column variant: paired difference}}``: row minus column success over the (seed, task)
+    pairs both have, with its bootstrap interval, for every two variants with evaluated runs."""
+    finished = [r for r in study["runs"] if r["status"] == "finished"]
+    names = list(dict.fromkeys(r["variant"] for r in finished))
+    rows = {v: [r for r in finished if r["variant"] == v] for v in names}
+    return {a: {b: p for b in names if b != a and (p := _paired(rows[a], rows[b], study["tasks"], b))} for a in names}
+
+
 def _paired(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str) -> dict | None:
     """Paired bootstrap of per-(seed, task) success differences from ``ref_rows`` (seeds both have)."""
     base = {r["seed"]: r for r in ref_rows}
@@ -561,6 +571,23 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         for t in study["tasks"]:
             lines.append(f"| {t} | " + " | ".join(f"{v['per_task'][t]:.2f}" for v in done) + " |")
         lines.append("| **mean** | " + " | ".join(f"**{v['mean_success']:.3f}**" for v in done) + " |")
+    pw = study.get("pairwise") or {}
+    if len(pw) > 2:
+        names = list(pw)
+        lines += ["", "## Every pair of methods", "",
+                  "Row minus column: mean success difference over the (seed, task) pairs both have, and its 95 % bootstrap "
+                  "interval; **bold** where the interval excludes 0.", "",
+                  "| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for a in names:
+            cells = []
+            for b in names:
+                p = pw[a].get(b)
+                if p is None:
+                    cells.append("–")
+                    continue
+                txt = f"{p['mean_diff']:+.3f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]"
+                cells.append(f"**{txt}**" if p["ci_low"] > 0 or p["ci_high"] < 0 else txt)
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
     swept = [v for v in done if "paired_sweep" in v]
     if swept:
         key = study["sweep"]["key"]

@@ -14,7 +14,7 @@ import pytest
 
 from _synthetic import trajectory
 from harmodt.study import (StudyError, aggregate, classical_mds, draw_figures, flag_for_key,
-                           jaccard_matrix, paired_bootstrap, parse_sweep, run_name, summary_markdown, t_interval, t_quantile,
+                           jaccard_matrix, paired_bootstrap, pairwise, parse_sweep, run_name, summary_markdown, t_interval, t_quantile,
                            variant_label)
 
 TASKS = ["reach-v3", "drawer-close-v3"]
@@ -100,6 +100,10 @@ def test_aggregate_paired_difference_from_prompt_dt():
     assert p["mean_diff"] == pytest.approx(0.1) and p["ci_low"] == pytest.approx(0.1) and p["ci_high"] == pytest.approx(0.1)
     assert hf["per_task"] == {"reach-v3": pytest.approx(0.5), "drawer-close-v3": pytest.approx(0.3)}
     study["variants"] = [pd, hf]
+    pw = pairwise(study)
+    assert pw["HarmoDT-F"]["Prompt-DT"]["mean_diff"] == pytest.approx(0.1)
+    assert pw["Prompt-DT"]["HarmoDT-F"]["mean_diff"] == pytest.approx(-0.1)
+    assert pw["Prompt-DT"]["HarmoDT-F"]["ci_low"] == pytest.approx(-0.1)
     md = summary_markdown(study)
     assert "| HarmoDT-F | 2/2 | 0.400 |" in md and "+0.100 (vs Prompt-DT)" in md and "reach-v3" in md
 
