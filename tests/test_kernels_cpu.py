@@ -273,6 +273,32 @@ def test_compiled_masked_linear_equals_eager():
         assert torch.equal(got, want), what
 
 
+def _opcheck_cases():
+    x, w, b, masks, ids, gy = _ml_inputs(13, 40, 9, 3, "mixed", torch.float32, seed=9)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    params = [torch.randn(5, 40), torch.randn(7)]
+    adamw = ([p.clone() for p in params], [torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params],
+             [torch.zeros_like(p) for p in params], [ref.pack_masks(torch.rand(5, 40) < 0.5), None], [torch.zeros(()), torch.zeros(())],
+             1e-3, 0.9, 0.999, 1e-8, 0.1, 0.5)
+    mg, g, prm, hs_masks = _hs_inputs(3, 100, seed=2)
+    return [
+        ("masked_linear_forward", (x, w, b, masks, ids)),
+        ("masked_linear_forward", (x, w, None, masks, torch.tensor([1]))),
+        ("masked_linear_backward", (gy, x, w, masks, ids, True, True, True, torch.zeros(3, 9, 40))),
+        ("masked_linear_backward", (gy, x, w, masks, ids, False, True, False, None)),
+        ("adamw_group_", adamw),
+        ("harmony_select", (mg, g, prm, hs_masks, 5, 0.1, False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6), ids=["fwd", "fwd one task", "bwd", "bwd dw only", "adamw", "harmony_select"])
+def test_ops_pass_torch_library_opcheck(case):
+    """Schemas (mutations declared), fake implementations and AOT dispatch agree with the C++ ops."""
+    name, args = _opcheck_cases()[case]
+    result = torch.library.opcheck(getattr(torch.ops.harmodt_kernels, name), args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
 # ------------------------------------------------------------------------------------------------
 # masked AdamW
 
