@@ -141,6 +141,8 @@ def select_backends(device: torch.device | str, fused: bool, backend: str = "aut
 
 
 def _check_concrete(op: str, backend: str, device: torch.device) -> None:
+    if torch.compiler.is_compiling():  # checked when the eager call ran; nothing to trace here
+        return
     if backend not in CONCRETE:
         raise ValueError(f"{op}: backend must be one of {', '.join(CONCRETE)} (use select_backends for 'auto'), got {backend!r}")
     why = backend_reason(backend, device)
