@@ -1,4 +1,4 @@
-"""Benchmark session setup and the results file.
+"""Benchmark run setup and the results file.
 
 * The ``cuda`` marker: benchmarks that need a GPU; they are skipped without CUDA. Run only them
   with ``python -m pytest bench/ --benchmark-only -m cuda``.
@@ -7,7 +7,7 @@
 * At the end of a run in which benchmarks recorded figures (``bench.common.record``), all of them
   are written to ``bench/results/<machine>.json`` (``HARMODT_BENCH_RESULTS`` names another file;
   ``HARMODT_BENCH_RESULTS=none`` writes none): the machine, torch/triton versions, the command,
-  the load average before and after, each benchmark's variants (median/min/max ms), derived
+  the load average and an fp32 GEMM rate before and after, each benchmark's variants (median/min/max ms), derived
   figures, table rows and the skipped benchmarks with their reasons. ``python -m bench.render``
   renders it as bench/README.md's table.
 """
@@ -33,8 +33,19 @@ _SKIPS: dict[str, str] = {}
 _START: dict = {}
 
 
+def gemm_gflops(reps: int = 10) -> float:
+    """fp32 GEMM rate right now at the fc layer's training shape (600 x 256 @ 256 x 1024): how fast
+    this machine is at the moment, next to the load average (a shared machine's rate drifts)."""
+    x, w = torch.randn(600, 256), torch.randn(1024, 256)
+    x @ w.T
+    t = time.perf_counter()
+    for _ in range(reps):
+        x @ w.T
+    return 2 * 600 * 256 * 1024 * reps / (time.perf_counter() - t) / 1e9
+
+
 def _load() -> dict:
-    d = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
+    d = {"loadavg": [round(x, 2) for x in os.getloadavg()], "gemm_fp32_gflops": round(gemm_gflops(), 1)}
     try:
         d["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):

@@ -51,8 +51,10 @@ def render(doc: dict) -> str:
     hw = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores ({m.get('cpu_capability', '')})"
     before, after = (doc.get(k) or {} for k in ("load_before", "load_after"))
     lines = [f"**{hw}**: torch {m['torch']}, triton {m.get('triton')}, {doc.get('threads')} torch threads; "
-             f"load average {before.get('loadavg', ['?'])[0]} before, {after.get('loadavg', ['?'])[0]} after; "
-             f"`{doc['command']}` ({doc.get('duration_s', 0) / 60:.0f} min).", ""]
+             f"load average {before.get('loadavg', ['?'])[0]} before, {after.get('loadavg', ['?'])[0]} after"
+             + (f", fp32 GEMM {before['gemm_fp32_gflops']:.0f} / {after['gemm_fp32_gflops']:.0f} GFLOP/s before / after"
+                if "gemm_fp32_gflops" in before and "gemm_fp32_gflops" in after else "")
+             + f"; `{doc['command']}` ({doc.get('duration_s', 0) / 60:.0f} min).", ""]
     prev = sorted({str(b["info"].get("previous_version")) for b in doc["benchmarks"] if b.get("info", {}).get("previous_version")})
     if prev:
         lines += [f"Previous version: commit {', '.join(prev)} (`HARMODT_BENCH_BASELINE`), measured in the same rounds.", ""]
