@@ -50,7 +50,7 @@ SCALAR_CONVERSIONS = frozenset({"aten::to", "aten::_to_copy", "aten::scalar_tens
 CUSTOM_LAUNCHES = {
     "harmodt_kernels::masked_linear_forward": 1,  # _fwd_kernel (bias fused)
     "harmodt_kernels::masked_linear_backward": 3,  # _dx_kernel, _dw_kernel, the bias gradient's dY.sum(0)
-    "harmodt_kernels::adamw_group_": 1,  # one multi-tensor masked AdamW kernel per parameter group
+    "harmodt_kernels::adamw_group_": 2,  # Triton: one update over a pointer table per parameter group, one step increment
     "harmodt_kernels::harmony_select": 4,  # candidates kernel and the top-k selections (not in a training step)
     "harmodt_triton::masked_linear": 1,
     "harmodt_triton::masked_linear_dx": 1,

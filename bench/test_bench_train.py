@@ -227,14 +227,9 @@ def test_train_cli(benchmark, device, tmp_path):
 @pytest.mark.cuda
 def test_train_torchrun_2gpu(benchmark, tmp_path):
     """Steps/s of ``torchrun --nproc_per_node 2 -m harmodt.train --device cuda --fused`` on two
-    GPUs (data parallel) against one GPU. Skipped with fewer than two GPUs, or while harmodt has
-    no distributed trainer (nothing in harmodt/ calls ``torch.distributed.init_process_group``)."""
+    GPUs (data parallel, harmodt/distributed.py) against one GPU. Skipped with fewer than two GPUs."""
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs two GPUs, found {torch.cuda.device_count()}")
-    pkg = Path(__file__).resolve().parents[1] / "harmodt"
-    if not any("init_process_group" in p.read_text() for p in pkg.rglob("*.py")):
-        pytest.skip("harmodt has no distributed (data-parallel) trainer yet: nothing in harmodt/ calls "
-                    "torch.distributed.init_process_group, so torchrun would train two independent copies")
     from harmodt.data import generate
 
     data = tmp_path / "data"
