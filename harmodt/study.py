@@ -326,7 +326,7 @@ class Study:
 
     def child(self, cmd: list[str], log, env: dict) -> int:
         """Run one trainer or evaluator process to its end; its exit status."""
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # Ctrl-C reaches it once, from stop_children
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=os.setsid)  # own process group: Ctrl-C reaches it once, from stop_children
         with self.print_lock:
             self.children.add(proc)
         try:
