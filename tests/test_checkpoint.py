@@ -22,6 +22,7 @@ from harmodt import checkpoint  # noqa: E402
 from harmodt.config import ModelConfig, TrainConfig, to_dict, validate  # noqa: E402
 from harmodt.evaluate import load_checkpoint  # noqa: E402
 from harmodt.train import run  # noqa: E402
+from test_resume import assert_equal_tree  # noqa: E402  (one tree comparison for both files)
 
 TASKS = ["reach-v3", "push-v3"]
 PLAIN = (str, int, float, bool, type(None))
@@ -47,21 +48,6 @@ def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
     for needle in needles:
         assert needle in proc.stderr, proc.stderr
     return proc.stderr.strip()
-
-
-def assert_equal_tree(a, b, where="checkpoint"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), (where, sorted(set(a) ^ set(b)))
-        for k in a:
-            assert_equal_tree(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal_tree(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
 
 
 def old_format(ck: dict) -> dict:
