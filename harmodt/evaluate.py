@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             raise EvalError(f"--tasks: {exc}") from None
         threshold = args.vote_threshold if args.vote_threshold is not None else cfg["masks"]["vote_threshold"]
-        if args.precision == "bf16" and (note := bf16_matmul_note()):
+        if args.precision == "bf16" and device.type == "cpu" and (note := bf16_matmul_note()):
             print(note, file=sys.stderr, flush=True)
         res = evaluate(model, masks, info, tasks, args.episodes, args.seed, backend=backends.masked_linear,
                        vote_threshold=threshold, batch_size=args.batch_size, progress=not args.no_progress,

@@ -31,9 +31,9 @@ def keep_freed_memory(enabled: bool = True) -> bool:
 
 def bf16_matmul_note() -> str | None:
     """A one-line note for ``--precision bf16`` on a CPU without bf16 matrix instructions
-    (AVX512-BF16 or AMX), None where it has them. There the bf16 GEMMs run as fp32 GEMMs of the
-    widened operands (AVX2-only CPUs, ``kernels/csrc/gemm.cpp``) or as oneDNN's emulation (AVX-512
-    without its bf16 extension), so bf16 gives no speed-up over fp32, only its rounding."""
+    (AVX512-BF16 or AMX), None where it has them. There ATen's bf16 GEMMs emulate bf16 with fp32
+    arithmetic, so bf16 gives no speed-up over fp32, only its rounding. For CPU runs only: a GPU
+    computes bf16 itself."""
     import torch
 
     if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():

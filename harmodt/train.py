@@ -529,7 +529,7 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
         return kill.at(phase, step) if kill is not None else None
 
     keep_freed_memory()
-    if cfg.precision == "bf16" and (note := bf16_matmul_note()):
+    if cfg.precision == "bf16" and resolve_device(cfg.device).type == "cpu" and (note := bf16_matmul_note()):
         print(note, file=sys.stderr, flush=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
