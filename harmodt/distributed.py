@@ -305,6 +305,11 @@ class Discard:
 
 
 def shutdown() -> None:
-    """Leave the process group (after a run that ended normally)."""
+    """Leave the process group (after a run that ended normally). A barrier first, so that no rank
+    tears down its Gloo/NCCL threads while another still talks to it at exit."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a rank already gone: leaving is all that is left to do
+            pass
         dist.destroy_process_group()
