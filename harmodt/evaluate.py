@@ -29,7 +29,8 @@ import torch
 import kernels
 
 from .checkpoint import CheckpointError
-from .config import OneLineParser
+from .run.cli import OneLineParser
+from .run.outputs import write_atomic
 from .data.batches import prompt_segment
 from .model import MaskContext
 from .runtime import bf16_matmul_note
@@ -292,10 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = {"method": cfg["method"], "tasks": {t: {"success": r["success"], "return": r["return"]} for t, r in res["tasks"].items()},
                "mean_success": res["mean_success"], "steps": step}
-        tmp = args.out + ".tmp"  # written whole or not at all
-        with open(tmp, "w") as fh:
-            json.dump(out, fh, indent=2)
-        os.replace(tmp, args.out)
+        write_atomic(args.out, json.dumps(out, indent=2))
     return 0
 
 

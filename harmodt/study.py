@@ -179,9 +179,9 @@ class Run:
 
     def write_record(self, rec: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, indent=2))
-        os.replace(tmp, self.record_path)
+        from .run.outputs import write_atomic
+
+        write_atomic(self.record_path, json.dumps(rec, indent=2))
 
     def finished(self) -> bool:
         return self.eval_path.exists()
@@ -222,7 +222,8 @@ class Study:
 
     # -- checks -----------------------------------------------------------------------------
     def check(self) -> None:
-        from .config import METHODS, ConfigError, parse_args
+        from .config import METHODS, ConfigError
+        from .run.cli import parse_args
 
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
@@ -259,9 +260,9 @@ class Study:
             if not Path(self.args.data).exists():
                 raise StudyError(f"--data {self.args.data} does not exist")
             return
-        from .train import _current_cache
+        from .run.data_cache import current_cache
 
-        if _current_cache(Path(self.data)):
+        if current_cache(Path(self.data)):
             return
         cmd = [sys.executable, "-m", "harmodt.data", "generate", "--tasks", self.args.tasks, "--episodes", str(self.args.gen_episodes),
                "--out", self.data, "--seed", str(self.args.data_seed), "--workers", str(max(1, self.args.workers * self.threads)),
@@ -445,17 +446,9 @@ def _without_threads(args: list[str]) -> list[str]:
 
 def _metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl records; a step a resumed run logged twice keeps its last record per key set."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    seen = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        seen[(rec.get("step"), tuple(sorted(rec)))] = rec
-    return sorted(seen.values(), key=lambda r: r.get("step", 0))
+    from .run.outputs import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 def aggregate(study: dict) -> list[dict]:
@@ -617,15 +610,11 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
 
 def _final_masks(ck_path: Path, tasks: list[str]) -> np.ndarray | None:
     """Boolean ``[T, P]``: every task's final mask over all masked weights (name order), or None."""
-    import torch
+    from .checkpoint import load
 
     if not ck_path.exists():
         return None
-    try:
-        ck = torch.load(ck_path, map_location="cpu", weights_only=True)
-    except Exception:  # a checkpoint with non-tensor state (RNG states): the study wrote it, so it may be unpickled
-        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
-    masks = ck.get("masks")
+    masks = load(ck_path).get("masks")
     if not masks:
         return None
     names = sorted(masks[tasks[0]])

@@ -4,73 +4,29 @@ Algorithm 1: every step samples one task (``--tasks-per-batch 1``), a batch of i
 updates theta with ``grad L_i(theta * M_i) * M_i``; every ``t_m`` steps Algorithm 2 updates the
 masks (HarmoDT-M/F; HarmoDT-R keeps its random ERK masks). Model, masks, optimizer state and
 batches live on ``--device``; the kernels of each op are chosen once (``kernels.select_backends``).
-Writes into ``--out``: config.json, metrics.jsonl, TensorBoard events, checkpoint.pt (atomic,
-device-free, safe to load with ``weights_only=True``; resumable), results.json.
+The harness around the algorithms (flags, output files, RNG state, checkpoints, signals, torchrun
+ranks, the data cache) is in harmodt/run/. Writes into ``--out``: config.json, metrics.jsonl,
+TensorBoard events, checkpoint.pt (atomic, safe to load; resumable), results.json.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import os
-import random
-import signal
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import kernels
 
-from . import checkpoint, distributed
-from .config import RESUME_CHANGEABLE, RESUME_IGNORED, ConfigError, TrainConfig, flat_keys, parse_args, resolve_device, to_dict
+from .config import ConfigError, TrainConfig, resolve_device
 from .data.batches import PromptDTBatcher
 from .masks import TaskMasks, alpha_schedule, harmony_score
 from .model import MaskContext, build_model
-from .optim import MaskedAdamW, clip_coefficient
-from .runtime import bf16_matmul_note, keep_freed_memory
+from .optim import MaskedAdamW, clip_coefficient, param_groups
+from .run import distributed, resume, rng, session, signals
+from .run.data_cache import load_training_data
+from .run.outputs import MetricsLog, NoLog
 from .tasks import parse_tasks
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HARMODT_CACHE", Path.home() / ".cache" / "harmodt"))
-
-
-def _current_cache(path: Path) -> bool:
-    """A cached data folder that is complete and written by the current generator (an older
-    generator's folder is generated again)."""
-    from .data.formats import generator_version
-    from .data.generate import GENERATOR_VERSION
-
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return generator_version(manifest) == GENERATOR_VERSION
-
-
-def load_training_data(cfg: TrainConfig, tasks: list[str], may_generate: bool = True) -> dict:
-    """Load ``--data``, or generate our Meta-World data into the cache when no folder is given
-    (``may_generate=False``, as under torchrun: ConfigError instead when the cache lacks it)."""
-    from .data import generate, load_dataset
-
-    path = cfg.data
-    if not path:
-        key = f"{'_'.join(t.replace('-v3', '') for t in tasks)}_e{cfg.gen_episodes}_s{cfg.seed}"
-        if len(key) > 120:
-            import hashlib
-
-            key = hashlib.sha1(key.encode()).hexdigest()[:16] + f"_e{cfg.gen_episodes}_s{cfg.seed}"
-        path = str(cache_dir() / "data" / key)
-        if not _current_cache(Path(path)):
-            if not may_generate:
-                raise ConfigError(f"no --data given and no generated data in {path}: under torchrun the ranks do not generate data; "
-                                  f"write it first (python -m harmodt.data generate --out FOLDER ...) and pass --data FOLDER")
-            print(f"[harmodt] generating offline data for {len(tasks)} tasks x {cfg.gen_episodes} episodes into {path}", flush=True)
-            generate(tasks, cfg.gen_episodes, path, seed=cfg.seed, progress=cfg.progress)
-    return load_dataset(path, tasks=tasks, quality=cfg.quality, episodes_per_task=cfg.episodes_per_task or None)
 
 
 def action_loss(pred: torch.Tensor, batch: dict, count: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,21 +37,19 @@ def action_loss(pred: torch.Tensor, batch: dict, count: torch.Tensor | None = No
 
 
 class Trainer:
-    """Holds the model, masks, optimizer and data on one device; drives training and checkpoints."""
+    """The model, masks, optimizer and data on one device; the training step (Algorithm 1) and the
+    mask update (Algorithm 2)."""
 
     def __init__(self, cfg: TrainConfig, datasets: dict | None = None, dist: distributed.Single | None = None):
         self.cfg = cfg
         self.tasks = parse_tasks(cfg.tasks)
-        self.out = Path(cfg.out)
-        self.dist = dist or distributed.Single()  # the ranks of a torchrun run (harmodt.distributed), or one process
+        self.dist = dist or distributed.Single()  # the ranks of a torchrun run (harmodt.run.distributed), or one process
         self.device = self.dist.device(resolve_device(cfg.device))
         try:
             self.backends = kernels.select_backends(self.device, cfg.fused, cfg.backend)
         except kernels.BackendUnavailable as exc:
             raise ConfigError(str(exc)) from None
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        rng.seed_all(cfg.seed)
         self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks, may_generate=not self.dist.active)
         mc = cfg.model
         self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if cfg.method != "mtdt" else 0,
@@ -109,7 +63,7 @@ class Trainer:
         if cfg.method.startswith("harmodt"):
             self.task_masks = TaskMasks.erk(shapes, len(self.tasks), cfg.masks.sparsity, torch.Generator().manual_seed(cfg.seed + 1),
                                             device=self.device)
-        self.task_stream = None  # with several ranks: the task draws every rank shares (harmodt.distributed)
+        self.task_stream = None  # with several ranks: the task draws every rank shares (harmodt.run.distributed)
         self.step_tasks: list[int] = []  # with several ranks: every rank's tasks of the current step
         self._stop_flag = None  # with several ranks: the stop requests of every rank, summed each step
         if self.dist.active:
@@ -118,10 +72,7 @@ class Trainer:
             self.task_stream = torch.Generator().manual_seed(cfg.seed + distributed.TASK_STREAM_OFFSET)
             torch.manual_seed(cfg.seed + self.dist.rank)  # this rank's dropout stream
         self.initial_masks = None if self.task_masks is None else self.task_masks.flat_packed()  # ERK draw (seeded): the reference for mask_changed_fraction
-        decay, no_decay = [], []
-        for n, p in self.model.named_parameters():
-            (decay if p.dim() >= 2 and "embed" not in n.split(".")[0] else no_decay).append(p)
-        self.opt = MaskedAdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.opt = MaskedAdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min((s + 1) / max(cfg.warmup_steps, 1), 1.0))
         self.step = 0
         self.last_harmony = None
@@ -138,16 +89,6 @@ class Trainer:
     @stop_requested.setter
     def stop_requested(self, value: bool) -> None:
         self._stop_local = value
-
-    def describe(self) -> str:
-        """One line: device, precision, compile and the backend of each kernel op."""
-        dev = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "")
-        line = (f"[harmodt] device={dev} precision={self.cfg.precision} compile={self.cfg.compile} "
-                f"fused={self.cfg.fused} kernels: {self.backends.describe()}")
-        if self.cfg.fused and self.cfg.backend == "auto" and self.backends.masked_linear == "reference":
-            why = kernels.backend_reason("triton" if self.device.type == "cuda" else "cpu", self.device)
-            line += f"\n[harmodt] note: --fused runs on the plain-PyTorch reference here: {why}"
-        return line
 
     # ---- one step -------------------------------------------------------------------------
     def context(self, task_ids: torch.Tensor, single_task: bool = False) -> MaskContext | None:
@@ -261,19 +202,12 @@ class Trainer:
             importance = "fisher" if self.cfg.method == "harmodt-f" else "magnitude"
             changed = self.task_masks.update(masked, dense, params, k, m.lam, importance, m.lam_on, backend=self.backends.harmony_select)
             info.update({"alpha": k, "masked_per_task": changed["masked"], "density": self.task_masks.density(),
-                         "mask_changed_fraction": self.mask_changed_fraction()})
+                         "mask_changed_fraction": self.task_masks.changed_fraction(self.initial_masks)})
         self.dist.check_identical({"masks": [] if self.task_masks is None else [self.task_masks.flat_packed()],
                                    "weights": list(self.model.state_dict().values())})
         return info
 
-    def mask_changed_fraction(self) -> list[float]:
-        """Per task, the fraction of its active weights that are not active in its initial ERK mask."""
-        p = sum(m[0].numel() for m in self.task_masks.masks.values())
-        now = kernels.unpack_masks(self.task_masks.flat_packed(), p)
-        init = kernels.unpack_masks(self.initial_masks, p)
-        return ((now & ~init).sum(1) / now.sum(1).clamp(min=1)).tolist()
-
-    # ---- checkpoints ----------------------------------------------------------------------
+    # ---- evaluation -----------------------------------------------------------------------
     def eval_info(self) -> dict:
         """What evaluation needs besides the weights: task names, state normalization, prompt
         trajectories, return scaling (tensors and plain types only)."""
@@ -287,425 +221,78 @@ class Trainer:
                 "state_std": {t: torch.as_tensor(v) for t, v in b.state_std.items()}, "prompts": prompts,
                 "rtg_scale": self.cfg.rtg_scale, "target_return": self.cfg.target_return}
 
-    def state(self) -> dict:
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        rng = {"torch": torch.get_rng_state(), "batcher": self.batcher.state_dict(), "python": random.getstate(),
-               "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                         "has_gauss": int(has_gauss), "gauss": float(gauss)}}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.dist.active:  # every rank's data and dropout streams (rank r at [r]) and the shared task stream
-            rng["ranks"] = self.dist.all_gather_object({k: rng[k] for k in ("torch", "batcher", "cuda") if k in rng})
-            rng["tasks"] = self.task_stream.get_state()
-        return {
-            "world_size": self.dist.world_size,
-            "model": self.model.state_dict(),
-            "masks": None if self.task_masks is None else self.task_masks.per_task(self.tasks),
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "step": self.step,
-            "config": to_dict(self.cfg),
-            "rng": rng,
-            "eval_info": self.eval_info(),
-            "last_harmony": self.last_harmony,
-        }
-
-    def save(self, path: Path, run_state: dict | None = None, on_partial_write=None) -> None:
-        """Write :meth:`state` (plus ``run_state``: what :func:`run` needs to continue its metric
-        lines exactly) atomically; ``on_partial_write``: see :func:`checkpoint.save`. With several
-        ranks every rank calls it (the RNG streams are gathered) and rank 0 writes."""
-        state = self.state()
-        if run_state is not None:
-            state["run"] = run_state
-        if self.dist.is_main:
-            checkpoint.save(state, path, on_partial_write=on_partial_write)
-
-    def load(self, path: Path, ck: dict | None = None) -> dict:
-        """Continue from the checkpoint at ``path`` (``ck``: its contents, already read): weights,
-        masks, optimizer, scheduler, step and every RNG stream. Returns its run state ({} when it
-        has none). A checkpoint that does not fit this model raises ConfigError (one line)."""
-        if ck is None:
-            try:
-                ck = checkpoint.load(path)
-            except checkpoint.CheckpointError as exc:
-                raise ConfigError(f"--resume: {exc}") from None
-        try:
-            self.model.load_state_dict(ck["model"])
-            if ck["masks"] is not None:
-                masks = TaskMasks.from_per_task(ck["masks"], self.tasks, device=self.device)
-                for n, w in self.weights.items():
-                    if tuple(masks.masks[n].shape) != (len(self.tasks), *w.shape):
-                        raise ValueError(f"mask of {n} has shape {tuple(masks.masks[n].shape)}, the model needs "
-                                         f"{(len(self.tasks), *w.shape)}")
-                self.task_masks = masks
-            self.opt.load_state_dict(ck["optimizer"])
-            self.sched.load_state_dict(ck["scheduler"])
-            self.step = int(ck["step"])
-            rng = ck["rng"]
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-            self.batcher.load_state_dict(rng["batcher"])
-            random.setstate(_as_tuples(rng["python"]))
-            npr = rng["numpy"]
-            np.random.set_state((npr["name"], npr["keys"].numpy().astype(np.uint32), npr["pos"], npr["has_gauss"], npr["gauss"]))
-            self._load_rank_streams(ck, path)
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
-            raise ConfigError(f"--resume: {path} does not fit this model ({checkpoint.one_line(exc)})") from None
-        self.last_harmony = ck.get("last_harmony")
-        return dict(ck.get("run") or {})
-
-    def _load_rank_streams(self, ck: dict, path: Path) -> None:
-        """This rank's data and dropout streams and the task stream from a checkpoint written by as
-        many ranks; from one written by another number of ranks, reseeded from (seed, step, rank)."""
-        saved, rng = int(ck.get("world_size", 1)), ck["rng"]
-        if saved == self.dist.world_size:
-            if self.dist.active:
-                mine = rng["ranks"][self.dist.rank]
-                torch.set_rng_state(mine["torch"])
-                self.batcher.load_state_dict(mine["batcher"])
-                if "cuda" in mine and self.device.type == "cuda":
-                    torch.cuda.set_rng_state(mine["cuda"], self.device)
-                self.task_stream.set_state(rng["tasks"])
-            return
-        seed, step, rank = self.cfg.seed, self.step, self.dist.rank
-        self.batcher.generator.manual_seed(distributed.derived_seed(seed, step, "data", rank))
-        torch.manual_seed(distributed.derived_seed(seed, step, "dropout", rank))
-        if self.task_stream is not None:
-            self.task_stream.manual_seed(distributed.derived_seed(seed, step, "tasks"))
-        if self.dist.is_main:
-            print(f"[harmodt] --resume: {path} was written by {saved} rank(s), this run has {self.dist.world_size}: "
-                  f"data, dropout and task streams reseeded from (seed, step {step}, rank)", flush=True)
-
-    # ---- evaluation -----------------------------------------------------------------------
-    def evaluate(self, during=None) -> dict:
+    def evaluate(self) -> dict:
         """Evaluate on every training task (harmodt.evaluate). The training RNG streams (torch,
         CUDA, numpy, python) are left as they were, so evaluating or not never changes training.
         With several ranks, rank r evaluates tasks r, r+W, ... and the results are gathered (a
-        task's episodes then depend on W, as their environment seeds follow its place in the list).
-        ``during``: a testing hook called once at the tenth action of the evaluation."""
+        task's episodes then depend on W, as their environment seeds follow its place in the list)."""
         from .evaluate import evaluate
 
-        rngs = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
-                torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        if during is not None:
-            act, calls = self.model.act, itertools.count(1)
-
-            def counted_act(*args, **kwargs):
-                if next(calls) == 10:
-                    during()
-                return act(*args, **kwargs)
-
-            self.model.act = counted_act  # an instance attribute over the method, removed below
-        try:
+        with rng.preserved(self.device):
             mine = self.dist.shard(self.tasks)
             res = evaluate(self.model, self.task_masks, self.eval_info(), mine, self.cfg.eval_episodes, self.cfg.seed + 12345,
                            backend=self.backends.masked_linear, progress=self.cfg.progress and self.dist.is_main,
                            precision=self.cfg.precision) if mine else {"tasks": {}, "env_steps": 0, "seconds": 0.0}
             return distributed.merge_evaluations(self.dist.all_gather_object(res), self.tasks) if self.dist.active else res
-        finally:
-            self.model.__dict__.pop("act", None)
-            torch.set_rng_state(rngs[0])
-            np.random.set_state(rngs[1])
-            random.setstate(rngs[2])
-            if rngs[3] is not None:
-                torch.cuda.set_rng_state(rngs[3], self.device)
-
-
-def _as_tuples(x):
-    """random.setstate wants the tuples that a checkpoint's round trip may have kept as lists."""
-    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-KILL_PHASES = ("step", "checkpoint-write", "mask-update", "eval")
-
-
-class KillPoint:
-    """A testing hook: SIGKILL this process when training reaches ``phase`` at ``step`` (see
-    :func:`run`, which makes one from ``HARMODT_TEST_KILL_AT``)."""
-
-    def __init__(self, spec: str):
-        phase, _, step = spec.rpartition(":")
-        if phase not in KILL_PHASES or not step.isdigit():
-            raise ConfigError(f"HARMODT_TEST_KILL_AT must be PHASE:STEP with PHASE one of {', '.join(KILL_PHASES)}, got {spec!r}")
-        self.phase, self.step = phase, int(step)
-
-    def at(self, phase: str, step: int):
-        """A no-argument function that kills the process when (phase, step) is this point, else None."""
-        if (phase, step) != (self.phase, self.step):
-            return None
-
-        def kill() -> None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        return kill
-
-
-def changed_settings(saved: dict, cfg: TrainConfig) -> dict:
-    """{dotted key: (the checkpoint's value, cfg's value)} for every setting of ``cfg`` that differs
-    from the checkpoint's config ``saved`` (a key the checkpoint lacks counts as its default);
-    the keys of RESUME_IGNORED are not compared."""
-    new, old, default = flat_keys(to_dict(cfg)), flat_keys(saved), flat_keys(to_dict(TrainConfig()))
-    return {k: (old.get(k, default[k]), v) for k, v in new.items() if k not in RESUME_IGNORED and old.get(k, default[k]) != v}
-
-
-def check_resume_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
-    """ConfigError (one line naming every differing key) unless each setting that differs from the
-    checkpoint's is named by ``--allow-changed``."""
-    diff = changed_settings(saved, cfg)
-    refused = [k for k in diff if k not in cfg.allow_changed]
-    if not refused:
-        return
-    listing = ", ".join(f"{k} ({diff[k][0]!r} -> {diff[k][1]!r})" for k in refused)
-    fixed = [k for k in refused if k not in RESUME_CHANGEABLE]
-    free = [k for k in refused if k in RESUME_CHANGEABLE]
-    hints = []
-    if fixed:
-        hints.append(f"{', '.join(fixed)} cannot change on --resume (train a new run into another --out)")
-    if free:
-        hints.append(f"pass --allow-changed {' '.join(free)} to continue with the new value{'s' if len(free) > 1 else ''}")
-    raise ConfigError(f"--resume: settings differ from those of {path}: {listing}; {'; '.join(hints)}")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def rewind_metrics(path: Path, keep_bytes: int | None, step: int) -> list[dict]:
-    """Cut ``metrics.jsonl`` back to what it held when the checkpoint being continued was written
-    (its first ``keep_bytes`` bytes; when the checkpoint does not record them or the file no longer
-    matches, the records of steps <= ``step``), rewriting it atomically. Returns the kept records
-    of ``step`` itself (TensorBoard's purge from ``step`` on drops them; :func:`run` writes them again)."""
-    raw = path.read_bytes() if path.exists() else b""
-    if keep_bytes is not None and len(raw) >= keep_bytes and (keep_bytes == 0 or raw[keep_bytes - 1 : keep_bytes] == b"\n"):
-        kept = raw[:keep_bytes]
-        recs = [json.loads(line) for line in kept.splitlines() if line.strip()]
-    else:
-        lines, recs = [], []
-        for line in raw.splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a line cut by a crash
-                continue
-            if isinstance(rec, dict) and rec.get("step", 0) <= step:
-                lines.append(line + b"\n")
-                recs.append(rec)
-        kept = b"".join(lines)
-    if kept != raw:
-        _write_atomic(path, kept)
-    return [r for r in recs if r.get("step") == step]
 
 
 def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     """Train as ``cfg`` says (on ``datasets`` when given, else ``cfg.data`` or generated data) and
     write the run's files into ``cfg.out``; returns the results (also in results.json).
 
-    ``cfg.resume`` continues ``OUT/checkpoint.pt`` (or starts at step 0 when there is none yet);
-    every setting that differs from the checkpoint's must be named by ``cfg.allow_changed``. A
-    resumed run ends as the uninterrupted one would, whenever the earlier process stopped (even
-    SIGKILL): the checkpoint holds every RNG stream, the losses since the last metric line and the
-    size of metrics.jsonl, which is cut back to that size (TensorBoard purged from the
-    checkpoint's step) before the lost steps are trained again. Per step the order is: mask update
-    (when due), training step, metric line, evaluation (``eval_every``), checkpoint.
-
-    Testing hook: the environment variable ``HARMODT_TEST_KILL_AT="PHASE:STEP"``, read once here,
-    makes the process SIGKILL itself at that point: ``step`` (right after training step STEP),
-    ``mask-update`` (after the mask update at STEP changed the masks, before its metric line),
-    ``eval`` (at the tenth action of the evaluation at STEP; STEP = ``steps`` for the final one),
-    ``checkpoint-write`` (inside the checkpoint write at STEP, with half of the temporary file
-    written). The crash tests (tests/test_resume.py) use it; it has no other use.
+    ``cfg.resume`` continues ``OUT/checkpoint.pt`` (harmodt.run.resume); a resumed run ends as
+    the uninterrupted one would, whenever the earlier process stopped (even SIGKILL). Per step the
+    order is: mask update (when due), training step, metric line, evaluation, checkpoint.
     """
-    spec = os.environ.get("HARMODT_TEST_KILL_AT")
-    kill = KillPoint(spec) if spec else None
-
-    def kill_at(phase: str, step: int):
-        return kill.at(phase, step) if kill is not None else None
-
-    keep_freed_memory()
-    if cfg.precision == "bf16" and resolve_device(cfg.device).type == "cpu" and (note := bf16_matmul_note()):
-        print(note, file=sys.stderr, flush=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dist = distributed.init(cfg.device, cfg.dist_timeout)  # under torchrun: this rank; else one process
-    if not dist.is_main:  # rank 0 alone prints (and writes files); the others keep stderr
-        sys.stdout = open(os.devnull, "w")
-    try:  # a device or kernel backend that cannot run fails before any file is written
-        kernels.select_backends(resolve_device(cfg.device), cfg.fused, cfg.backend)
-    except kernels.BackendUnavailable as exc:
-        raise ConfigError(str(exc)) from None
-    out = Path(cfg.out)
-    ck_path = out / "checkpoint.pt"
-    if ck_path.exists() and not cfg.resume:
-        raise ConfigError(f"{ck_path} exists: pass --resume to continue it or choose another --out")
-    ck = None
-    if cfg.resume and dist.is_main and ck_path.exists():  # rank 0 reads it and sends it to the other ranks
-        try:
-            ck = checkpoint.load(ck_path)
-        except checkpoint.CheckpointError as exc:
-            raise ConfigError(f"--resume: {exc}") from None
-        check_resume_settings(distributed.comparable_config(ck, dist.world_size), cfg, ck_path)
-    ck = dist.broadcast_object(ck)
-    if dist.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"--out {out}: cannot make the folder ({exc.strerror or exc})") from None
-    trainer = Trainer(cfg, datasets, dist)
-    if dist.active:
-        print(dist.describe(), flush=True)
-    print(trainer.describe(), flush=True)
-    run_state = {}
-    if ck is not None:
-        run_state = trainer.load(ck_path, ck)
+    dist = session.start(cfg)  # under torchrun: this rank; else one process
+    with distributed.rank_output(dist):  # rank 0 alone prints (and writes files); the others keep stderr
+        ck = session.open_run(cfg, dist)  # checked before any file is written
+        trainer = Trainer(cfg, datasets, dist)
+        log, run_state = session.continue_run(trainer, ck)
         del ck
-        print(f"[harmodt] resumed from {ck_path} at step {trainer.step}", flush=True)
-    elif cfg.resume:
-        print(f"[harmodt] --resume: no checkpoint in {out} yet; starting at step 0", flush=True)
-    if dist.is_main:
-        ck_path.with_name(ck_path.name + ".tmp").unlink(missing_ok=True)  # left by a write that was killed
-        _write_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
-    metrics_path = out / "metrics.jsonl"
-    # a run from step 0 starts its metric lines afresh; a resumed one keeps those before its checkpoint
-    kept = rewind_metrics(metrics_path, run_state.get("metrics_bytes", None if trainer.step else 0), trainer.step) if dist.is_main else []
-    from torch.utils.tensorboard import SummaryWriter
+        return train_loop(trainer, log, run_state)
 
-    writer = SummaryWriter(str(out / "tb"), purge_step=trainer.step) if dist.is_main else distributed.Discard()
-    metrics = open(metrics_path, "ab") if dist.is_main else distributed.Discard()
 
-    def scalars(rec: dict) -> None:
-        for k, v in rec.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                writer.add_scalar(k, v, rec["step"])
-
-    for rec in kept:  # purged from TensorBoard with the lost steps, but kept in metrics.jsonl
-        scalars(rec)
-
-    def log(rec: dict) -> None:
-        metrics.write((json.dumps(rec) + "\n").encode())
-        metrics.flush()
-        scalars(rec)
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not cfg.progress or not dist.is_main, desc=f"train {cfg.method}", dynamic_ncols=True)
-    # the losses since the last metric line (device tensors: read once per line)
-    losses = [x.to(trainer.device) for x in run_state.get("losses", torch.zeros(0))]
-    t0, s0 = time.perf_counter(), trainer.step
+def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> dict:
+    """Algorithm 1 from ``trainer.step`` to ``cfg.steps`` with Algorithm 2 every ``t_m`` steps,
+    metric lines, evaluations and checkpoints; then the final evaluation (:func:`session.finish`)."""
+    cfg, ck_path = trainer.cfg, Path(trainer.cfg.out) / "checkpoint.pt"
+    meter = session.Meter(trainer, run_state.get("losses", torch.zeros(0)))  # progress bar, losses, steps/s
 
     def save() -> None:
-        writer.flush()  # the TensorBoard events up to the checkpoint are on disk with it
-        state = {"metrics_bytes": metrics.tell(), "losses": torch.stack(losses) if losses else torch.zeros(0)}
-        trainer.save(ck_path, state, on_partial_write=kill_at("checkpoint-write", trainer.step))
+        log.flush()  # the TensorBoard events up to the checkpoint are on disk with it
+        resume.save(trainer, ck_path, {"metrics_bytes": log.tell(), "losses": meter.unlogged_losses()})
 
-    def evaluate() -> dict:
-        return trainer.evaluate(during=kill_at("eval", trainer.step))
-
-    # Ctrl-C / SIGTERM: finish the current step, save a consistent checkpoint, then stop.
-    # A second Ctrl-C stops at once (the last periodic checkpoint stays valid: writes are atomic).
-    def request_stop(signum, frame):
-        if trainer.stop_requested:
-            raise KeyboardInterrupt
-        trainer.stop_requested = True
-
-    old_handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old_handlers[sig] = signal.signal(sig, request_stop)
-        except ValueError:  # not the main thread
-            pass
     saved_at = None  # the step of the last checkpoint this process wrote
-    try:
-        while trainer.step < cfg.steps:
-            if trainer.stop_requested:
-                save()
-                print(f"\n[harmodt] stopped: checkpoint saved at step {trainer.step}; continue with --resume", file=sys.stderr)
-                raise KeyboardInterrupt
-            if trainer.step > 0 and trainer.step % cfg.masks.update_every == 0:
-                tu = time.perf_counter()
-                info = trainer.mask_update()
-                if (k := kill_at("mask-update", trainer.step)) is not None:
-                    k()
-                info.update(step=trainer.step, mask_update_s=time.perf_counter() - tu)
-                log(info)
-                t0 += time.perf_counter() - tu
-            losses.append(trainer.train_step(trainer.sample_tasks()))
-            bar.update(1)
-            if (k := kill_at("step", trainer.step)) is not None:
-                k()
-            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
-                sps = (trainer.step - s0) / max(time.perf_counter() - t0, 1e-9)
-                rec = {"step": trainer.step, "loss": float(torch.stack(losses).float().mean()), "lr": trainer.sched.get_last_lr()[0],
-                       "steps_per_s": sps}
-                log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{sps:.1f}")
-                losses, t0, s0 = [], time.perf_counter(), trainer.step
-            if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps and cfg.eval_episodes:
-                te = time.perf_counter()
-                res = evaluate()
-                log({"step": trainer.step, "eval_mean_success": res["mean_success"]})
-                t0 += time.perf_counter() - te
-            if trainer.step % cfg.checkpoint_every == 0:
-                save()
-                saved_at = trainer.step
+    try:  # Ctrl-C / SIGTERM: finish the current step, save a consistent checkpoint, then stop
+        with signals.stop_requests(lambda: setattr(trainer, "stop_requested", True)):
+            while trainer.step < cfg.steps:
+                if trainer.stop_requested:
+                    save()
+                    signals.stopped(trainer.step)
+                if trainer.step > 0 and trainer.step % cfg.masks.update_every == 0:
+                    with meter.excluded() as took:  # seconds so far
+                        info = trainer.mask_update()
+                        log.log({**info, "step": trainer.step, "mask_update_s": took()})
+                meter.add(trainer.train_step(trainer.sample_tasks()))
+                if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
+                    log.log(meter.line(trainer.step, trainer.sched.get_last_lr()[0]))
+                if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps and cfg.eval_episodes:
+                    with meter.excluded():
+                        res = trainer.evaluate()
+                        log.log({"step": trainer.step, "eval_mean_success": res["mean_success"]})
+                if trainer.step % cfg.checkpoint_every == 0:
+                    save()
+                    saved_at = trainer.step
     finally:
-        bar.close()
-        for sig, h in old_handlers.items():
-            signal.signal(sig, h)
+        meter.close()
     if saved_at != trainer.step:
         save()
-    results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": trainer.step}
-    if cfg.eval_episodes:
-        res = evaluate()
-        results["tasks"] = {n: {"success": r["success"], "return": r["return"]} for n, r in res["tasks"].items()}
-        results["mean_success"] = res["mean_success"]
-        log({"step": trainer.step, "eval_mean_success": res["mean_success"], "eval_env_steps_per_s": res.get("env_steps_per_s", 0.0)})
-        from .evaluate import print_table
-
-        print_table(results)
-    metrics.close()
-    writer.close()
-    if not dist.is_main:
-        return results
-    _write_atomic(out / "results.json", json.dumps(results, indent=2).encode())
-    try:
-        from .plots import plot_run
-
-        plot_run(out)
-    except ImportError:  # matplotlib missing: curves stay in metrics.jsonl and TensorBoard
-        pass
-    return results
+    return session.finish(trainer, log)
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(argv)
-        t = time.perf_counter()
-        run(cfg)
-        print(f"[harmodt] done in {time.perf_counter() - t:.0f} s; outputs in {cfg.out}")
-        distributed.shutdown()
-        return 0
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except distributed.DistributedError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return distributed.EXIT_CODE
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # data errors etc. are ValueErrors with a clear message
-        from .data import DataError
-
-        if isinstance(exc, DataError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    return session.main(run, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from _synthetic import datasets
-from harmodt.config import ConfigError, ModelConfig, TrainConfig, parse_args, validate
+from harmodt.config import ConfigError, ModelConfig, TrainConfig, validate
+from harmodt.run.cli import parse_args
 import kernels
 from harmodt.train import Trainer, action_loss, run
 
