@@ -7,7 +7,6 @@ format (numpy arrays inside) into this one; it unpickles OLD, so run it only on 
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys

@@ -16,6 +16,9 @@ import torch
 import kernels
 
 from ..config import ConfigError, TrainConfig, resolve_device, to_dict
+from ..data import DataError
+from ..evaluate import print_table
+from ..plots import plot_run
 from ..runtime import bf16_matmul_note, keep_freed_memory
 from . import distributed, resume
 from .cli import parse_args
@@ -127,16 +130,12 @@ def finish(tr, log: MetricsLog | NoLog) -> dict:
         results["tasks"] = {n: {"success": r["success"], "return": r["return"]} for n, r in res["tasks"].items()}
         results["mean_success"] = res["mean_success"]
         log.log({"step": tr.step, "eval_mean_success": res["mean_success"], "eval_env_steps_per_s": res.get("env_steps_per_s", 0.0)})
-        from ..evaluate import print_table
-
         print_table(results)
     log.close()
     if not dist.is_main:
         return results
     write_atomic(out / "results.json", json.dumps(results, indent=2))
     try:
-        from ..plots import plot_run
-
         plot_run(out)
     except ImportError:  # matplotlib missing: curves stay in metrics.jsonl and TensorBoard
         pass
@@ -173,10 +172,6 @@ def main(run: Callable[[TrainConfig], dict], argv: list[str] | None = None) -> i
         return distributed.EXIT_CODE
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # data errors etc. are ValueErrors with a clear message
-        from ..data import DataError
-
-        if isinstance(exc, DataError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except DataError as exc:  # a bad dataset: one clear line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
