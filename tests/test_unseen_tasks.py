@@ -137,6 +137,16 @@ def test_held_out_goals_never_appear_in_training_data(tmp_path, ml1):
             assert np.abs(test_vecs[:, 3:] - g).max(axis=1).min() > 1e-3
         for s in starts:
             assert np.abs(test_vecs[:, :3] - s[4:7]).max(axis=1).min() > 1e-3
+    # the goal variations survive a Minari export (whose ids cannot hold '@') and its import
+    from harmodt.data.minari import export_minari
+
+    pytest.importorskip("minari")
+    ids = export_minari(tmp_path, tmp_path / "minari")
+    assert ids[0] == "metaworld/pick-place-v3/harmodt-g0-near-optimal-v0"
+    back = load_dataset(tmp_path / "minari")
+    assert list(back) == tasks
+    for task in tasks:
+        np.testing.assert_array_equal(back[task].trajectories[0].actions, data[task].trajectories[0].actions)
 
 
 def test_expert_is_told_the_hidden_goal():

@@ -296,7 +296,8 @@ def _env_spec(task: str, settings: dict):
     if not isinstance(settings.get("seed"), int):
         return None
     seed = task_seed(settings["seed"], task) % (2**31)
-    return EnvSpec(id=f"harmodt/{task}", entry_point="harmodt.envs:make_env", kwargs={"task": task, "seed": seed},
+    # a gymnasium id cannot hold the "@" of a goal variation: harmodt/pick-place-v3-g7
+    return EnvSpec(id=f"harmodt/{task.replace('@', '-')}", entry_point="harmodt.envs:make_env", kwargs={"task": task, "seed": seed},
                    max_episode_steps=EPISODE_LEN)
 
 
