@@ -56,9 +56,12 @@ def _raw_env(task: str, seed: int):
     import metaworld
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS, ML1_ARGS_KWARGS
 
-    base, split, _ = goal_of(task)
-    if base not in ALL_V3_ENVIRONMENTS:
-        raise ValueError(f"unknown Meta-World v3 task {task!r}")
+    try:
+        base, split, _ = goal_of(task)
+    except ValueError:
+        if "@" in task:
+            raise  # goal_of's message names the bad goal
+        raise ValueError(f"unknown Meta-World v3 task {task!r}") from None
     cls = ALL_V3_ENVIRONMENTS[base]
     env = cls()
     if split is not None:
