@@ -40,10 +40,10 @@ class EvalError(ValueError):
 
 
 def _expert_prompts(task: str, n: int, seed: int) -> list:
-    from .data.generate import rollout
-    from .envs import make_env, scripted_policy
+    from .data.generator import rollout
+    from .envs import ScriptedExpert, make_env
 
-    env, expert, rng = make_env(task, seed), scripted_policy(task), np.random.default_rng(seed)
+    env, expert, rng = make_env(task, seed), ScriptedExpert(task), np.random.default_rng(seed)
     return [SimpleNamespace(**rollout(env, expert, rng, 0.0, 0.0)) for _ in range(n)]
 
 
