@@ -36,7 +36,7 @@ import kernels
 
 from .checkpoint import CheckpointError
 from .config import OneLineParser
-from .data.batches import prompt_segment
+from .data.batches import prompt_segment as cut_prompt
 from .model import MaskContext
 from .runtime import bf16_matmul_note
 
@@ -130,7 +130,7 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         segs = []
         for i, t in enumerate(tasks):
             trajs = [_as_traj(p) for p in eval_info["prompts"][t]] if t in trained else _expert_prompts(t, 2, seed + 7919 * (i + 1))
-            seg, src = prompt_segment(trajs, mean[i], std[i], cfg.prompt_len, rtg_scale, cfg.max_ep_len, g, segment)
+            seg, src = cut_prompt(trajs, mean[i], std[i], cfg.prompt_len, rtg_scale, cfg.max_ep_len, g, segment)
             segs.append(seg)
             sources[t] = {"segment": segment, "episodes": "training prompts" if t in trained else "expert rollouts", **src}
         prompt = {k: torch.cat([s[k] for s in segs]).to(device) for k in segs[0]}
