@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -468,7 +469,7 @@ def check_resume_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
     free = [k for k in refused if k in RESUME_CHANGEABLE]
     hints = []
     if fixed:
-        keep = " ".join(f"{_flag_of(k)} {diff[k][0]}" for k in fixed)
+        keep = " ".join(f"{_flag_of(k)} {shlex.quote(str(diff[k][0]))}" for k in fixed)
         hints.append(f"{', '.join(fixed)} cannot change on --resume (pass {keep} to continue the checkpoint as it was, "
                      f"or train a new run into another --out)")
     if free:
