@@ -13,6 +13,10 @@ from dataclasses import dataclass, field, fields
 
 METHODS = ("mtdt", "prompt-dt", "harmodt-r", "harmodt-m", "harmodt-f")
 QUALITIES = ("near-optimal", "sub-optimal")
+CONDITIONINGS = ("auto", "prompt", "task-state", "task-embedding")
+PROMPT_SEGMENTS = ("last", "random")
+# An earlier name of a --conditioning value, still read from configs and checkpoints.
+CONDITIONING_ALIASES = {"task-id": "task-embedding"}
 
 
 @dataclass
@@ -64,7 +68,8 @@ class TrainConfig:
     out: str = "runs/harmodt"  # output folder
     seed: int = 0  # seed for data sampling, initialisation, masks and evaluation goals
     resume: bool = False  # continue from OUT/checkpoint.pt
-    conditioning: str = "auto"  # auto (MTDT: task-id, others: prompt) | prompt | task-id
+    conditioning: str = "auto"  # auto (MTDT: task-state, others: prompt) | prompt | task-state (one-hot task ID beside the state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token)
+    prompt_segment: str = "last"  # last (the last K* steps of a prompt episode, as Prompt-DT's code) | random (a window anywhere in one)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     fused: bool = False  # masked linear, masked AdamW and mask selection on the kernels of --backend (else the plain-PyTorch reference)
     backend: str = "auto"  # kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference
@@ -144,8 +149,11 @@ def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Raise ConfigError with one clear line for a bad value."""
+    """Raise ConfigError with one clear line for a bad value. An earlier name of a value
+    (``--conditioning task-id``) is replaced by the current one."""
     from .tasks import parse_tasks
+
+    cfg.conditioning = CONDITIONING_ALIASES.get(cfg.conditioning, cfg.conditioning)
 
     if cfg.method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
@@ -172,7 +180,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.precision in ("fp32", "bf16"), "--precision must be fp32 or bf16"),
         (cfg.backend in ("auto", "triton", "cpu", "reference"), "--backend must be auto, triton, cpu or reference"),
         (cfg.fused or cfg.backend == "auto", "--backend applies to the kernels of --fused: add --fused (without it every op runs on the reference)"),
-        (cfg.conditioning in ("auto", "prompt", "task-id"), "--conditioning must be auto, prompt or task-id"),
+        (cfg.conditioning in CONDITIONINGS, f"--conditioning must be one of {', '.join(CONDITIONINGS)}, got {cfg.conditioning!r}"),
+        (cfg.prompt_segment in PROMPT_SEGMENTS, f"--prompt-segment must be last or random, got {cfg.prompt_segment!r}"),
         (_device_ok(cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
         (cfg.eval_episodes >= 0, "--eval-episodes must be >= 0"),
         (cfg.eval_every >= 0, "--eval-every must be >= 0 (0: only at the end)"),
@@ -282,8 +291,24 @@ def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentPars
     return p
 
 
-def config_from_dict(d: dict) -> TrainConfig:
+def upgrade_saved_config(d: dict) -> dict:
+    """A saved config (config.json, a checkpoint's) in today's terms, meaning what it meant when it
+    was written. A config without ``prompt_segment`` predates that option and ran with random prompt
+    windows, and its ``conditioning: auto`` gave MTDT the learned task embedding; ``task-id`` is the
+    earlier name of ``task-embedding``."""
     d = dict(d)
+    if "conditioning" in d:
+        d["conditioning"] = CONDITIONING_ALIASES.get(d["conditioning"], d["conditioning"])
+    if "prompt_segment" not in d:
+        d["prompt_segment"] = "random"
+        if d.get("conditioning", "auto") == "auto" and d.get("method") == "mtdt":
+            d["conditioning"] = "task-embedding"
+    return d
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """A TrainConfig from a saved config dict (see :func:`upgrade_saved_config`)."""
+    d = upgrade_saved_config(d)
     model = ModelConfig(**d.pop("model", {}))
     masks = MaskConfig(**d.pop("masks", {}))
     known = {f.name for f in fields(TrainConfig)}

@@ -10,6 +10,11 @@ Outputs: ``DIR/study.json`` (every run's config, per-task success and return, wa
 ``DIR/summary.md`` (mean success with a 95 % t-interval over seeds, the paired difference from the
 baseline with a bootstrap interval over (seed, task) pairs, a per-task table, mask movement, and
 the command) and ``DIR/figures/*.png``.
+
+Final and best: a run's *final* success is the study's evaluation of its final checkpoint; with
+``--eval-every`` its *best* is the highest mean success among the trainer's own evaluations
+(``--curve-episodes`` episodes per task, the final checkpoint's included; results.json's ``best``),
+as the official code reports. Both are reported, labelled; rankings use the final success.
 """
 
 from __future__ import annotations
@@ -401,6 +406,11 @@ class Study:
                 entry["mean_success"] = res["mean_success"]
                 entry["mean_return"] = float(np.mean([r["return"] for r in res["tasks"].values()]))
                 entry["steps"] = res.get("steps")
+                entry["final"] = {"mean_success": res["mean_success"], "step": res.get("steps"),
+                                  "episodes": self.args.eval_episodes, "eval_seed": self.args.eval_seed}
+                best = _trainer_best(run.dir)
+                if best is not None:
+                    entry["best"] = best
                 metrics = _metrics(run.dir)
                 changed = [r for r in metrics if "mask_changed_fraction" in r]
                 if changed:
@@ -443,6 +453,21 @@ def _without_threads(args: list[str]) -> list[str]:
     return out
 
 
+def _trainer_best(run_dir: Path) -> dict | None:
+    """The best of the trainer's evaluations (results.json's ``best``: step, mean success, number of
+    evaluations, per-task success) with their episodes per task, or None without one."""
+    try:
+        res = json.loads((run_dir / "results.json").read_text())
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    best = res.get("best")
+    if not best:
+        return None
+    return {"mean_success": best["mean_success"], "step": best["step"], "evaluations": best.get("evaluations"),
+            "episodes": cfg.get("eval_episodes"), "tasks": {t: {"success": r["success"]} for t, r in best["tasks"].items()}}
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl records; a step a resumed run logged twice keeps its last record per key set."""
     path = run_dir / "metrics.jsonl"
@@ -481,6 +506,13 @@ def aggregate(study: dict) -> list[dict]:
                          per_task={t: float(np.mean([r["tasks"][t]["success"] for r in rows])) for t in study["tasks"]},
                          per_task_return={t: float(np.mean([r["tasks"][t]["return"] for r in rows])) for t in study["tasks"]},
                          train_seconds=float(np.mean([r["train_seconds"] or 0 for r in rows])))
+            bests = [r["best"] for r in rows if r.get("best")]
+            if bests:  # the trainer's best evaluation of each seed (reported beside the final; never ranked on)
+                bm, blo, bhi = t_interval([b["mean_success"] for b in bests])
+                entry["best"] = {"mean_success": bm, "ci_low": blo, "ci_high": bhi, "seeds": len(bests),
+                                 "per_seed": {str(r["seed"]): {"mean_success": r["best"]["mean_success"], "step": r["best"]["step"]}
+                                              for r in rows if r.get("best")},
+                                 "episodes": bests[0]["episodes"]}
             for key in ("final_mask_changed_fraction", "final_harmony_score", "weights_flipped_per_task"):
                 vals = [r[key] for r in rows if key in r]
                 if vals:
@@ -547,23 +579,41 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
                   + ("" if study["sweep"] is None else f" (swept: {study['sweep']['key']} = {', '.join(study['sweep']['values'])}"
                      f" for {', '.join(study['sweep'].get('methods') or study['methods'])})") + ". "
                   f"Evaluation: {study['eval_episodes']} episodes per task, seed {study['eval_seed']} for every run.", ""]
+    with_best = any("best" in v for v in variants)
     lines += ["## Mean success over tasks", "",
-              "Mean over seeds of each run's mean success over tasks; 95 % t-interval over the per-seed means. "
+              "Final: the study's evaluation of each run's final checkpoint; mean over seeds of each run's mean success over tasks, "
+              "95 % t-interval over the per-seed means. "
               "Δ: paired difference from the reference, mean over (seed, task) pairs, 95 % percentile bootstrap interval "
-              f"({study['bootstrap']['samples']} resamples, seed {study['bootstrap']['seed']}).", "",
-              "| method | seeds | mean success | 95 % CI | per seed | Δ vs reference | 95 % CI of Δ |",
-              "|---|---|---|---|---|---|---|"]
+              f"({study['bootstrap']['samples']} resamples, seed {study['bootstrap']['seed']})."
+              + (" Best during training: per seed the highest mean success among the trainer's own evaluations "
+                 "(every --eval-every steps and at the end, with fewer episodes), as the official code reports; "
+                 "mean over seeds. It is reported, not ranked on." if with_best else ""), "",
+              "| method | seeds | final mean success | 95 % CI | per seed | Δ vs reference | 95 % CI of Δ |"
+              + (" best during training | its 95 % CI | per seed (step) |" if with_best else ""),
+              "|---|---|---|---|---|---|---|" + ("---|---|---|" if with_best else "")]
     for v in variants:
         seeds = f"{len(v['seeds_finished'])}/{len(v['seeds_planned'])}"
         if "mean_success" not in v:
-            lines.append(f"| {v['variant']} | {seeds} | – | – | – | – | – |")
+            lines.append(f"| {v['variant']} | {seeds} | – | – | – | – | – |" + (" – | – | – |" if with_best else ""))
             continue
         per_seed = ", ".join(f"{x:.2f}" for x in v["per_seed"].values())
         p = v.get("paired")
         delta = f"{p['mean_diff']:+.3f} (vs {p['reference']})" if p else "–"
         dci = f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]" if p else "–"
-        lines.append(f"| {v['variant']} | {seeds} | {v['mean_success']:.3f} | [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}] | "
-                     f"{per_seed} | {delta} | {dci} |")
+        row = (f"| {v['variant']} | {seeds} | {v['mean_success']:.3f} | [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}] | "
+               f"{per_seed} | {delta} | {dci} |")
+        if with_best:
+            b = v.get("best")
+            row += (" – | – | – |" if b is None else
+                    f" {b['mean_success']:.3f} | [{_fmt(b['ci_low'])}, {_fmt(b['ci_high'])}] | "
+                    + ", ".join(f"{x['mean_success']:.2f} ({x['step']})" for x in b["per_seed"].values()) + " |")
+        lines.append(row)
+    ranked = sorted((v for v in variants if "mean_success" in v), key=lambda v: -v["mean_success"])
+    if len(ranked) > 1:
+        order = f"{ranked[0]['variant']} ({ranked[0]['mean_success']:.3f})"
+        for prev, v in zip(ranked, ranked[1:]):
+            order += f" {'=' if v['mean_success'] == prev['mean_success'] else '>'} {v['variant']} ({v['mean_success']:.3f})"
+        lines += ["", f"Ranking by final mean success: {order}."]
     done = [v for v in variants if "per_task" in v]
     if done:
         lines += ["", "## Success per task", "", "Mean over the finished seeds.", "",

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -25,10 +26,12 @@ import torch
 import kernels
 
 from . import checkpoint, distributed
-from .config import RESUME_CHANGEABLE, RESUME_IGNORED, ConfigError, TrainConfig, flat_keys, parse_args, resolve_device, to_dict
+from .config import (RESUME_CHANGEABLE, RESUME_IGNORED, ConfigError, TrainConfig, flat_keys, parse_args, resolve_device, to_dict,
+                     upgrade_saved_config)
 from .data.batches import PromptDTBatcher
+from .evaluate import result_entry
 from .masks import TaskMasks, alpha_schedule, harmony_score
-from .model import MaskContext, build_model
+from .model import MaskContext, build_model, resolve_conditioning
 from .optim import MaskedAdamW, clip_coefficient
 from .runtime import bf16_matmul_note, keep_freed_memory
 from .tasks import parse_tasks
@@ -98,8 +101,10 @@ class Trainer:
         np.random.seed(cfg.seed)
         self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks, may_generate=not self.dist.active)
         mc = cfg.model
-        self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if cfg.method != "mtdt" else 0,
-                                       cfg.rtg_scale, mc.max_ep_len, seed=cfg.seed + self.dist.rank, device=self.device)
+        prompted = cfg.method != "mtdt" or resolve_conditioning(cfg.method, cfg.conditioning) == "prompt"
+        self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if prompted else 0,
+                                       cfg.rtg_scale, mc.max_ep_len, seed=cfg.seed + self.dist.rank, device=self.device,
+                                       prompt_segment=cfg.prompt_segment)
         self.model = build_model(mc, len(self.tasks), cfg.method, cfg.conditioning).to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model  # training forwards go through this
         self.params = list(self.model.parameters())
@@ -276,7 +281,7 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------
     def eval_info(self) -> dict:
         """What evaluation needs besides the weights: task names, state normalization, prompt
-        trajectories, return scaling (tensors and plain types only)."""
+        trajectories and how prompts are cut from them, return scaling (tensors and plain types only)."""
         b = self.batcher
         prompts = {
             name: [{"observations": torch.as_tensor(tr.observations), "actions": torch.as_tensor(tr.actions),
@@ -285,7 +290,7 @@ class Trainer:
         }
         return {"tasks": list(self.tasks), "state_mean": {t: torch.as_tensor(v) for t, v in b.state_mean.items()},
                 "state_std": {t: torch.as_tensor(v) for t, v in b.state_std.items()}, "prompts": prompts,
-                "rtg_scale": self.cfg.rtg_scale, "target_return": self.cfg.target_return}
+                "rtg_scale": self.cfg.rtg_scale, "target_return": self.cfg.target_return, "prompt_segment": self.cfg.prompt_segment}
 
     def state(self) -> dict:
         name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -445,9 +450,10 @@ class KillPoint:
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> dict:
     """{dotted key: (the checkpoint's value, cfg's value)} for every setting of ``cfg`` that differs
-    from the checkpoint's config ``saved`` (a key the checkpoint lacks counts as its default);
-    the keys of RESUME_IGNORED are not compared."""
-    new, old, default = flat_keys(to_dict(cfg)), flat_keys(saved), flat_keys(to_dict(TrainConfig()))
+    from the checkpoint's config ``saved`` (read as it was meant when written: a checkpoint from
+    before ``prompt_segment`` existed ran with ``random``, see :func:`upgrade_saved_config`; any other
+    key the checkpoint lacks counts as its default); the keys of RESUME_IGNORED are not compared."""
+    new, old, default = flat_keys(to_dict(cfg)), flat_keys(upgrade_saved_config(saved)), flat_keys(to_dict(TrainConfig()))
     return {k: (old.get(k, default[k]), v) for k, v in new.items() if k not in RESUME_IGNORED and old.get(k, default[k]) != v}
 
 
@@ -463,10 +469,17 @@ def check_resume_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
     free = [k for k in refused if k in RESUME_CHANGEABLE]
     hints = []
     if fixed:
-        hints.append(f"{', '.join(fixed)} cannot change on --resume (train a new run into another --out)")
+        keep = " ".join(f"{_flag_of(k)} {shlex.quote(str(diff[k][0]))}" for k in fixed)
+        hints.append(f"{', '.join(fixed)} cannot change on --resume (pass {keep} to continue the checkpoint as it was, "
+                     f"or train a new run into another --out)")
     if free:
         hints.append(f"pass --allow-changed {' '.join(free)} to continue with the new value{'s' if len(free) > 1 else ''}")
     raise ConfigError(f"--resume: settings differ from those of {path}: {listing}; {'; '.join(hints)}")
+
+
+def _flag_of(key: str) -> str:
+    """The CLI flag of a dotted config key ('model.n_layer' -> '--n-layer')."""
+    return "--" + key.split(".")[-1].replace("_", "-")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -598,14 +611,26 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     # the losses since the last metric line (device tensors: read once per line)
     losses = [x.to(trainer.device) for x in run_state.get("losses", torch.zeros(0))]
     t0, s0 = time.perf_counter(), trainer.step
+    # the evaluation with the highest mean success so far ({"step", "mean_success", "tasks"}) and the
+    # number of evaluations made: kept in the checkpoint, so a resumed run reports the same best
+    best, n_evals = run_state.get("best"), int(run_state.get("evaluations", 0))
 
     def save() -> None:
         writer.flush()  # the TensorBoard events up to the checkpoint are on disk with it
-        state = {"metrics_bytes": metrics.tell(), "losses": torch.stack(losses) if losses else torch.zeros(0)}
+        state = {"metrics_bytes": metrics.tell(), "losses": torch.stack(losses) if losses else torch.zeros(0),
+                 "best": best, "evaluations": n_evals}
         trainer.save(ck_path, state, on_partial_write=kill_at("checkpoint-write", trainer.step))
 
     def evaluate() -> dict:
-        return trainer.evaluate(during=kill_at("eval", trainer.step))
+        """Evaluate now; returns this evaluation's results entry and keeps the best one."""
+        nonlocal best, n_evals
+        res = trainer.evaluate(during=kill_at("eval", trainer.step))
+        entry = {"step": trainer.step, "mean_success": res["mean_success"],
+                 "tasks": {n: result_entry(r) for n, r in res["tasks"].items()}}
+        n_evals += 1
+        if best is None or entry["mean_success"] > best["mean_success"]:  # ties: the earliest
+            best = entry
+        return {**res, "entry": entry}
 
     # Ctrl-C / SIGTERM: finish the current step, save a consistent checkpoint, then stop.
     # A second Ctrl-C stops at once (the last periodic checkpoint stays valid: writes are atomic).
@@ -660,15 +685,20 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
             signal.signal(sig, h)
     if saved_at != trainer.step:
         save()
-    results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": trainer.step}
+    # top level (tasks, mean_success): the final checkpoint's evaluation, repeated as "final"; "best":
+    # the evaluation with the highest mean success among the periodic ones (--eval-every) and the final
+    results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": trainer.step, "final": None, "best": None}
     if cfg.eval_episodes:
         res = evaluate()
-        results["tasks"] = {n: {"success": r["success"], "return": r["return"]} for n, r in res["tasks"].items()}
-        results["mean_success"] = res["mean_success"]
+        results.update(tasks=res["entry"]["tasks"], mean_success=res["mean_success"], final=res["entry"],
+                       best={**best, "evaluations": n_evals})
         log({"step": trainer.step, "eval_mean_success": res["mean_success"], "eval_env_steps_per_s": res.get("env_steps_per_s", 0.0)})
         from .evaluate import print_table
 
         print_table(results)
+        if n_evals > 1:
+            print(f"best of {n_evals} evaluations: mean success {best['mean_success']:.2f} at step {best['step']} "
+                  f"(final: {res['mean_success']:.2f})")
     metrics.close()
     writer.close()
     if not dist.is_main:

@@ -179,6 +179,10 @@ def test_sigkill_during_evaluations_then_resume_ends_as_uninterrupted(tmp_path):
     assert_same_run(tmp_path / "ref", out)
     evals = [r for r in records(out) if "eval_mean_success" in r]
     assert [r["step"] for r in evals] == [4, 6]
+    res = json.loads((out / "results.json").read_text())  # the evaluation at 4 came back from the checkpoint at 6
+    assert res["final"]["step"] == 6 and res["best"]["evaluations"] == 2 and res["best"]["step"] in (4, 6)
+    assert res["best"]["mean_success"] == max(r["eval_mean_success"] for r in evals)
+    assert res["tasks"]["reach-v3"]["prompt"]["segment"] == "last"
 
 
 def test_evaluation_leaves_the_training_rng_streams(tmp_path):
@@ -229,6 +233,23 @@ def test_resume_with_changed_settings_names_every_key(tmp_path):
         run(tiny(tmp_path, resume=True, tasks="push-v3,reach-v3"), datasets(TASKS))
     with pytest.raises(ConfigError, match=r"data \(''"):
         run(tiny(tmp_path, resume=True, data=str(tmp_path)), datasets(TASKS))
+
+
+def test_resume_of_a_checkpoint_from_before_prompt_segment_keeps_random_prompts(tmp_path):
+    """A checkpoint whose config has no prompt_segment ran with random prompt windows: resuming it
+    with today's default (last) is refused in one line naming the flag that continues it as it was."""
+    from harmodt import checkpoint
+
+    run(tiny(tmp_path, prompt_segment="random"), datasets(TASKS))
+    ck = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    del ck["config"]["prompt_segment"]
+    checkpoint.save(ck, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ConfigError) as err:
+        run(tiny(tmp_path, resume=True, steps=6, allow_changed=["steps"]), datasets(TASKS))
+    msg = str(err.value)
+    assert "prompt_segment ('random' -> 'last')" in msg and "pass --prompt-segment random to continue" in msg and "\n" not in msg
+    res = run(tiny(tmp_path, resume=True, steps=6, allow_changed=["steps"], prompt_segment="random"), datasets(TASKS))
+    assert res["steps"] == 6
 
 
 def test_allow_changed_steps_continues_as_a_longer_run(tmp_path):

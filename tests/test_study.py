@@ -108,6 +108,31 @@ def test_aggregate_paired_difference_from_prompt_dt():
     assert "| HarmoDT-F | 2/2 | 0.400 |" in md and "+0.100 (vs Prompt-DT)" in md and "reach-v3" in md
 
 
+def test_best_is_reported_beside_final_and_the_ranking_uses_final():
+    study = fake_study({("prompt-dt", None, 0): [0.2, 0.4], ("prompt-dt", None, 1): [0.6, 0.0],
+                        ("harmodt-f", None, 0): [0.3, 0.5], ("harmodt-f", None, 1): [0.7, 0.1]})
+    best = {("prompt-dt", 0): (0.9, 40), ("prompt-dt", 1): (0.7, 20), ("harmodt-f", 0): (0.5, 60), ("harmodt-f", 1): (0.5, 80)}
+    for r in study["runs"]:
+        m, step = best[(r["method"], r["seed"])]
+        r["best"] = {"mean_success": m, "step": step, "evaluations": 4, "episodes": 3, "tasks": {}}
+    pd, hf = aggregate(study)
+    assert pd["best"]["mean_success"] == pytest.approx(0.8) and hf["best"]["mean_success"] == pytest.approx(0.5)
+    assert pd["best"]["per_seed"] == {"0": {"mean_success": 0.9, "step": 40}, "1": {"mean_success": 0.7, "step": 20}}
+    assert hf["best"]["ci_low"] == pytest.approx(0.5) and hf["best"]["ci_high"] == pytest.approx(0.5)
+    study["variants"] = [pd, hf]
+    study["pairwise"] = pairwise(study)
+    md = summary_markdown(study)
+    assert "| final mean success |" in md and "best during training" in md
+    assert "| HarmoDT-F | 2/2 | 0.400 |" in md and "| 0.500 | [0.500, 0.500] | 0.50 (60), 0.50 (80) |" in md
+    # Prompt-DT has the higher best, HarmoDT-F the higher final: the ranking follows the final
+    assert "Ranking by final mean success: HarmoDT-F (0.400) > Prompt-DT (0.300)." in md
+    for r in study["runs"]:
+        del r["best"]
+    study["variants"] = aggregate(study)
+    md = summary_markdown(study)
+    assert "best during training" not in md and "| HarmoDT-F | 2/2 | 0.400 |" in md
+
+
 def test_aggregate_sweep_of_one_method_beside_an_unswept_prompt_dt():
     study = fake_study({("prompt-dt", None, 0): [0.2, 0.4], ("harmodt-f", "100", 0): [0.3, 0.4],
                         ("harmodt-f", "2000", 0): [0.5, 0.6]}, sweep="masks.eta_max")
@@ -196,6 +221,9 @@ def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     for r in study["runs"]:
         assert r["status"] == "finished" and set(r["tasks"]) == set(TASKS) and r["config"]["steps"] == 8
         assert r["train_seconds"] > 0 and r["eval_seconds"] > 0
+    for r in study["runs"]:  # final: the study's evaluation; best: the trainer's evaluations at steps 4 and 8
+        assert r["final"] == {"mean_success": r["mean_success"], "step": 8, "episodes": 1, "eval_seed": 7}
+        assert r["best"]["step"] in (4, 8) and r["best"]["evaluations"] == 2 and r["best"]["episodes"] == 1
     hf = [r for r in study["runs"] if r["method"] == "harmodt-f"]
     assert all(0 < r["final_mask_changed_fraction"] < 1 for r in hf)
     # every run was evaluated on the same goals: the evaluation command carries the shared seed
@@ -208,6 +236,7 @@ def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     assert "success_vs_sweep.png skipped" in proc.stdout  # no sweep: the only figure without data
     md = (out / "summary.md").read_text()
     assert "python -m harmodt.study" in md and "| HarmoDT-F | 2/2 |" in md and "vs Prompt-DT" in md
+    assert "best during training" in md and "Ranking by final mean success" in md
     assert "Partial" not in md
     # a different budget in the same folder is refused instead of mixing runs
     proc = subprocess.run([*cmd, "--lr", "0.01"], capture_output=True, text=True, timeout=120)
