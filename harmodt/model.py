@@ -29,22 +29,30 @@ from .config import CONDITIONING_ALIASES, ModelConfig
 class MaskContext:
     """The task masks one forward pass runs through.
 
-    masks: parameter name -> packed int32 masks ``[T, N, ceil(K/32)]`` of every task.
+    masks: parameter name -> packed int32 masks ``[T, N, ceil(K/32)]`` of every task (the
+        reference backend also takes them unpacked, bool ``[T, N, K]``).
     task_ids: ``(B,)`` each sequence's row in ``masks``, or ``(1,)`` when the whole batch is one
         task (Algorithm 1's training step).
     backend: the concrete ``kernels.masked_linear`` backend ("reference", "triton" or "cpu").
     task_grads: parameter name -> float32 ``[T, N, K]`` buffers that receive each task's unmasked
         gradient on backward (Algorithm 2's recovery gradient), or None.
+    segments: ``((task, sequences), ...)`` when the batch's sequences are grouped by task and the
+        layout is known on the host (a training batch), else None; see ``kernels.masked_linear``.
     """
 
     masks: dict
     task_ids: torch.Tensor
     backend: str = "reference"
     task_grads: dict | None = None
+    segments: tuple | None = None
 
     def row_ids(self, t: int) -> torch.Tensor:
         """The mask row of each of the ``B * t`` rows a ``(B, t, C)`` input flattens to."""
         return self.task_ids if self.task_ids.shape[0] == 1 else self.task_ids.repeat_interleave(t)
+
+    def row_segments(self, t: int) -> tuple | None:
+        """``segments`` in rows of a ``(B, t, C)`` input flattened to ``(B * t, C)``."""
+        return None if self.segments is None else tuple((task, n * t) for task, n in self.segments)
 
 
 class MaskedLinear(nn.Linear):
@@ -60,7 +68,7 @@ class MaskedLinear(nn.Linear):
         b, t, k = x.shape
         grads = None if ctx.task_grads is None else ctx.task_grads.get(self.mask_key)
         y = kernels.masked_linear(x.reshape(b * t, k), self.weight, self.bias, ctx.masks[self.mask_key], ctx.row_ids(t),
-                                  backend=ctx.backend, task_grads=grads)
+                                  backend=ctx.backend, task_grads=grads, segments=ctx.row_segments(t))
         return y.view(b, t, -1)
 
 

@@ -83,6 +83,14 @@ def action_loss(pred: torch.Tensor, batch: dict, count: torch.Tensor | None = No
     return ((pred.float() - batch["actions"]) ** 2 * m).sum() / ((m.sum() if count is None else count) * pred.shape[-1])
 
 
+def batch_segments(task_ids: list[int], batch_size: int) -> tuple:
+    """``((task, sequences), ...)`` of a batch of ``task_ids`` as ``PromptDTBatcher.sample`` lays
+    it out: the sequences split evenly over the tasks in order, the first ones one more."""
+    n = len(task_ids)
+    counts = [batch_size // n + (1 if i < batch_size % n else 0) for i in range(n)]
+    return tuple((t, c) for t, c in zip(task_ids, counts) if c)
+
+
 class Trainer:
     """Holds the model, masks, optimizer and data on one device; drives training and checkpoints."""
 
@@ -155,12 +163,15 @@ class Trainer:
         return line
 
     # ---- one step -------------------------------------------------------------------------
-    def context(self, task_ids: torch.Tensor, single_task: bool = False) -> MaskContext | None:
+    def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None) -> MaskContext | None:
         """The masks a forward on rows of ``task_ids`` runs through (None without masks);
-        ``single_task``: every row is ``task_ids[0]`` (one mask, no grouping of rows)."""
+        ``single_task``: every row is ``task_ids[0]`` (one mask, no grouping of rows);
+        ``segments``: the batch's ``((task, sequences), ...)`` layout when known on the host. The
+        reference backend reads the bool masks as they are (no unpacking per call)."""
         if self.task_masks is None:
             return None
-        return MaskContext(self.task_masks.packed(), task_ids[:1] if single_task else task_ids, self.backends.masked_linear)
+        masks = self.task_masks.masks if self.backends.masked_linear == "reference" else self.task_masks.packed()
+        return MaskContext(masks, task_ids[:1] if single_task else task_ids, self.backends.masked_linear, segments=segments)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
@@ -175,7 +186,7 @@ class Trainer:
             return self.step_tasks[self.dist.rank * k : (self.dist.rank + 1) * k]
         g = self.batcher.generator
         if self.cfg.tasks_per_batch == 1:
-            return [int(torch.randint(len(self.tasks), (1,), generator=g))]
+            return torch.randint(len(self.tasks), (1,), generator=g).tolist()  # (a host generator: nothing to wait for)
         n = min(self.cfg.tasks_per_batch, len(self.tasks))
         return torch.randperm(len(self.tasks), generator=g)[:n].tolist()
 
@@ -184,12 +195,14 @@ class Trainer:
         several tasks the union of theirs (Eq. 11)."""
         if self.task_masks is None:
             return None
+        packed = self.backends.masked_adamw != "reference"  # the reference takes bool masks as they are
         if len(task_ids) == 1:
-            packed = self.task_masks.packed()
-            return {w: packed[n][task_ids[0]] for n, w in self.weights.items()}
+            masks = self.task_masks.packed() if packed else self.task_masks.masks
+            return {w: masks[n][task_ids[0]] for n, w in self.weights.items()}
         masks = self.task_masks.masks
         idx = torch.tensor(task_ids, device=self.device)
-        return {w: kernels.pack_masks(masks[n].index_select(0, idx).any(0)) for n, w in self.weights.items()}
+        union = {w: masks[n].index_select(0, idx).any(0) for n, w in self.weights.items()}
+        return {w: kernels.pack_masks(m) for w, m in union.items()} if packed else union
 
     def train_step(self, task_ids: list[int]) -> torch.Tensor:
         """One step of Algorithm 1 on a batch of ``task_ids``; returns the loss (a 0-dim tensor on
@@ -197,7 +210,7 @@ class Trainer:
         if not self.model.training:  # (train() walks every module: skip it when already set)
             self.model.train()
         batch = self.batcher.sample(task_ids, self.cfg.batch_size)
-        ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1)
+        ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1, segments=batch_segments(task_ids, self.cfg.batch_size))
         count = None
         if self.dist.active:  # all ranks' real steps (the loss's divisor) and stop requests
             agreed = torch.stack([batch["mask"].sum().double(), torch.tensor(float(self._stop_local), device=self.device).double()])
