@@ -6,6 +6,10 @@ checkpoint with the same ``--eval-seed`` for every run (the same goals for all m
 evaluation file exists is skipped; an interrupted one resumes from its checkpoint, so a study can
 be spread over several sittings. Training flags the study does not know are passed to every run.
 
+Ctrl-C (or SIGTERM) stops the study in any phase, also one started with SIGINT ignored: no run or
+evaluation starts any more, running trainers save a checkpoint at their next step, running
+evaluations are dropped, and the study exits 130; a second Ctrl-C stops the trainers at once.
+
 Outputs: ``DIR/study.json`` (every run's config, per-task success and return, wall times),
 ``DIR/summary.md`` (mean success with a 95 % t-interval over seeds, the paired difference from the
 baseline with a bootstrap interval over (seed, task) pairs, a per-task table, mask movement, and
