@@ -6,6 +6,10 @@ checkpoint with the same ``--eval-seed`` for every run (the same goals for all m
 evaluation file exists is skipped; an interrupted one resumes from its checkpoint, so a study can
 be spread over several sittings. Training flags the study does not know are passed to every run.
 
+Ctrl-C (or SIGTERM) stops the study in any phase, also one started with SIGINT ignored: no run or
+evaluation starts any more, running trainers save a checkpoint at their next step, running
+evaluations are dropped, and the study exits 130; a second Ctrl-C stops the trainers at once.
+
 Outputs: ``DIR/study.json`` (every run's config, per-task success and return, wall times),
 ``DIR/summary.md`` (mean success with a 95 % t-interval over seeds, the paired difference from the
 baseline with a bootstrap interval over (seed, task) pairs, a per-task table, mask movement, and
@@ -25,6 +29,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -220,6 +225,9 @@ class Study:
         self.threads = args.threads_per_run or max(1, (os.cpu_count() or 1) // max(1, args.workers))
         self.stopping = threading.Event()  # set on Ctrl-C / SIGTERM: no new run or evaluation starts
         self.children: set[subprocess.Popen] = set()
+        # guards `children` and the start of a child against `stopping`: a child is either in the set when
+        # stop_children looks, or it is never started (re-entrant: the signal handler runs on the main thread)
+        self.children_lock = threading.RLock()
 
     def say(self, msg: str) -> None:
         with self.print_lock:
@@ -307,7 +315,8 @@ class Study:
             rec["train_seconds"] += time.perf_counter() - t
             run.write_record(rec)
             if rc != 0:
-                self.say(f"FAIL  {run.name}: training exited {rc}\n{_tail(run.dir / 'train.log')}")
+                self.say(f"stop  {run.name}: training stopped (exit {rc}); its checkpoint resumes it" if self.stopping.is_set()
+                         else f"FAIL  {run.name}: training exited {rc}\n{_tail(run.dir / 'train.log')}")
                 return False
         if self.stopping.is_set():
             return False
@@ -321,7 +330,8 @@ class Study:
         rec["eval_seconds"] += time.perf_counter() - t
         run.write_record(rec)
         if rc != 0:
-            self.say(f"FAIL  {run.name}: evaluation exited {rc}\n{_tail(run.dir / 'eval.log')}")
+            self.say(f"stop  {run.name}: evaluation stopped (exit {rc}); it runs again next time" if self.stopping.is_set()
+                     else f"FAIL  {run.name}: evaluation exited {rc}\n{_tail(run.dir / 'eval.log')}")
             return False
         os.replace(str(run.eval_path) + ".tmp", run.eval_path)
         res = json.loads(run.eval_path.read_text())
@@ -330,33 +340,53 @@ class Study:
         return True
 
     def child(self, cmd: list[str], log, env: dict) -> int:
-        """Run one trainer or evaluator process to its end; its exit status."""
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=os.setsid)  # own process group: Ctrl-C reaches it once, from stop_children
-        with self.print_lock:
+        """Run one trainer or evaluator process to its end; its exit status (130 without starting it
+        once the study is stopping). The child runs in its own session, so a Ctrl-C at the terminal
+        reaches it once, from stop_children, and not also straight from the terminal."""
+        with self.children_lock:
+            if self.stopping.is_set():
+                return 130
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self.children.add(proc)
         try:
             return proc.wait()
         finally:
-            with self.print_lock:
+            with self.children_lock:
                 self.children.discard(proc)
 
-    def stop_children(self) -> None:
-        """Ask every running trainer / evaluator to stop (a trainer saves its checkpoint at its next
-        step) and wait for them; kill any still running after 120 s."""
-        import signal
+    def signal_children(self, signum: int) -> list[subprocess.Popen]:
+        """Send ``signum`` to every running child; the children it was sent to."""
+        with self.children_lock:
+            procs = [p for p in self.children if p.poll() is None]
+            for p in procs:
+                try:
+                    p.send_signal(signum)
+                except ProcessLookupError:  # exited since poll
+                    pass
+        return procs
 
+    def stop_children(self) -> None:
+        """Start no further child and ask every running trainer / evaluator to stop (a trainer saves
+        its checkpoint at its next step); wait for them and kill any still running after 120 s."""
         self.stopping.set()
-        with self.print_lock:
-            procs = list(self.children)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+        procs = self.signal_children(signal.SIGINT)
         deadline = time.time() + 120
         for p in procs:
             try:
                 p.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+
+    def on_signal(self, signum, frame) -> None:
+        """SIGINT / SIGTERM handler of the study process: the first raises KeyboardInterrupt in the
+        main thread (run_all then stops the runs, main exits 130); one while the runs are already
+        stopping is passed on to the children, so that trainers stop at once instead of at their
+        next step (their last checkpoint stays valid: checkpoint writes are atomic)."""
+        if not self.stopping.is_set():
+            self.stopping.set()  # from here on no child starts, whatever the main thread was doing
+            raise KeyboardInterrupt
+        self.signal_children(signal.SIGINT)
 
     def run_all(self) -> bool:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -364,12 +394,6 @@ class Study:
         (self.out / "command.txt").write_text(self.command + "\n")
         self.say(f"{len(self.runs)} runs, {self.args.workers} at a time, {self.threads} thread(s) each; out {self.out}")
         t = time.perf_counter()
-        import signal
-
-        def on_term(signum, frame):
-            raise KeyboardInterrupt
-
-        old = signal.signal(signal.SIGTERM, on_term)
         pool = ThreadPoolExecutor(self.args.workers)
         try:
             futures = [pool.submit(self.execute, r, i + 1) for i, r in enumerate(self.runs)]
@@ -378,8 +402,6 @@ class Study:
             self.stop_children()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-        finally:
-            signal.signal(signal.SIGTERM, old)
         pool.shutdown()
         self.say(f"runs done in {time.perf_counter() - t:.0f} s: {sum(ok)} of {len(ok)} evaluated")
         return all(ok)
@@ -912,13 +934,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise StudyError("--workers must be at least 1")
         study = Study(args, passthrough, command)
-        study.check()
-        ok = True
-        if not args.report_only:
-            ok = study.run_all()
-        elif (study.out / "command.txt").exists():
-            study.command = (study.out / "command.txt").read_text().strip()
-        study.report()
+        # Ctrl-C / SIGTERM stop the study in every phase, also when it was started with SIGINT ignored (a
+        # background job of a non-interactive shell): its runs are in their own sessions, so the study is the
+        # only process a Ctrl-C reaches, and its children (started after this) get the default disposition back
+        old_handlers = {sig: signal.signal(sig, study.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            study.check()
+            ok = True
+            if not args.report_only:
+                ok = study.run_all()
+            elif (study.out / "command.txt").exists():
+                study.command = (study.out / "command.txt").read_text().strip()
+            study.report()
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
         return 0 if ok else 1
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -738,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except distributed.DistributedError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if not exc.reported:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         return distributed.EXIT_CODE
     except KeyboardInterrupt:
         return 130
