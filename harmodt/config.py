@@ -42,6 +42,7 @@ class MaskConfig:
     update_every: int = 5000  # t_m: steps between mask updates (Table 6)
     vote_threshold: int = 25  # 'thresh' of Eq. 13 for unseen tasks (Table 6, for MT50)
     recovery_grad: str = "dense"  # g_i of Alg. 2: "dense" = grad of L_i at theta (paper); "masked" = unmasked grad at theta*M_i
+    mask_grads: str = "paper"  # gradients of the mask update: "paper" = dropout off, unclipped; "official" = dropout on, each task's clipped to --grad-clip
 
 
 @dataclass
@@ -108,6 +109,10 @@ PRESETS = {
     "paper-mt30": {"tasks": "MT30", "steps": 1_000_000, "masks.vote_threshold": 15},
     "paper-mt5": {"tasks": "MT5", "steps": 1_000_000, "masks.vote_threshold": 2},
     "embedded-default": EMBEDDED_DEFAULT,
+    # The official code's mask-update choices (charleshsc/HarmoDT main.py and trainer): t_m 500, lambda on
+    # the agreement term, task gradients in train mode and clipped per task. Only these three: the rest
+    # stays as it is (the paper's defaults, or an earlier preset's values).
+    "official": {"masks.update_every": 500, "masks.lam_on": "agreement", "masks.mask_grads": "official"},
 }
 
 
@@ -174,6 +179,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.masks.lam >= 0, "--lam must be >= 0"),
         (cfg.masks.lam_on in ("importance", "agreement"), "--lam-on must be importance or agreement"),
         (cfg.masks.recovery_grad in ("dense", "masked"), "--recovery-grad must be dense or masked"),
+        (cfg.masks.mask_grads in ("paper", "official"), f"--mask-grads must be paper or official, got {cfg.masks.mask_grads!r}"),
         (cfg.model.n_embd % cfg.model.n_head == 0, "--n-embd must be divisible by --n-head"),
         (cfg.model.context_len > 0 and cfg.model.prompt_len >= 0, "--context-len > 0 and --prompt-len >= 0"),
         (0.0 <= cfg.model.dropout < 1.0, "--dropout must be in [0, 1)"),
@@ -283,7 +289,8 @@ def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentPars
         prog=prog,
         description="Train HarmoDT or a baseline on offline Meta-World data. With no arguments, runs the embedded default.",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named set of defaults; flags given override it")
+    p.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=None, metavar="NAME",
+                   help=f"named sets of defaults ({', '.join(sorted(PRESETS))}), applied left to right; flags given override them")
     p.add_argument("--config", default=None, help="a config.json (e.g. from a previous run) to start from")
     _add_dataclass_args(p, TrainConfig)
     _add_dataclass_args(p, ModelConfig, "model")
@@ -333,11 +340,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                 cfg = config_from_dict(json.load(fh))
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"--config {ns.config}: {exc}") from None
-    preset = ns.preset
-    if preset is None and not ns.config and not any(k not in ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume", "device", "compile", "allow_changed", "dist_timeout") for k in given):
-        preset = "embedded-default"
-    if preset:
-        cfg = apply_overrides(cfg, PRESETS[preset])
+    presets = ns.preset or []
+    if not presets and not ns.config and not any(k not in ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume", "device", "compile", "allow_changed", "dist_timeout") for k in given):
+        presets = ["embedded-default"]
+    for name in presets:  # left to right, each over the config so far
+        cfg = apply_overrides(cfg, PRESETS[name])
     cfg = apply_overrides(cfg, given)
     return validate(cfg)
 

@@ -76,6 +76,13 @@ def load_training_data(cfg: TrainConfig, tasks: list[str], may_generate: bool = 
     return load_dataset(path, tasks=tasks, quality=cfg.quality, episodes_per_task=cfg.episodes_per_task or None)
 
 
+def clip_factor(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` would multiply ``grads`` by:
+    ``min(1, max_norm / (norm + 1e-6))``, ``norm`` the 2-norm over all of them (a 0-dim tensor)."""
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
 def action_loss(pred: torch.Tensor, batch: dict, count: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 2: mean squared error over the real (non-padding) history steps. ``count``: the real
     steps to divide by instead of the batch's own (all ranks' steps in a distributed run)."""
@@ -232,22 +239,32 @@ class Trainer:
 
     # ---- Algorithm 2 ----------------------------------------------------------------------
     def task_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[T, P]`` gradients of every task on one fresh batch each (dropout off):
-        gbar_i = grad L_i(theta*M_i) * M_i (Eq. 4) and g_i (Alg. 2: grad L_i(theta) by default).
-        With several ranks, task i is computed on rank i mod W (on a batch of its data stream)
-        and the zero-filled rows are summed over the ranks."""
+        """``[T, P]`` gradients of every task on one fresh batch each: gbar_i = grad L_i(theta*M_i) * M_i
+        (Eq. 4) and g_i (Alg. 2: grad L_i(theta) by default; None without masks), in ``self.weights``
+        order. With several ranks, task i is computed on rank i mod W (on a batch of its data
+        stream) and the zero-filled rows are summed over the ranks.
+
+        ``--mask-grads paper``: dropout off, unclipped. ``official`` (see :meth:`official_task_gradient`):
+        dropout on and each task's gradient clipped to ``--grad-clip``, as the official code does.
+        """
         names = list(self.weights)
         params = [self.weights[n] for n in names]
         p_total = sum(w.numel() for w in params)
         t = len(self.tasks)
         masked = torch.zeros(t, p_total, device=self.device)
         dense = torch.zeros(t, p_total, device=self.device) if self.task_masks is not None else None
+        official = self.cfg.masks.mask_grads == "official"
         was_training = self.model.training
-        self.model.eval()
+        self.model.train(official)
         for i in range(t):
             if i % self.dist.world_size != self.dist.rank:
                 continue
             batch = self.batcher.sample([i], self.cfg.batch_size)
+            if official:
+                masked[i], g = self.official_task_gradient(i, batch)
+                if dense is not None:
+                    dense[i] = g
+                continue
             if self.task_masks is None:
                 g = torch.autograd.grad(action_loss(self.model(batch), batch), params)
                 masked[i] = torch.cat([x.reshape(-1) for x in g])
@@ -267,6 +284,61 @@ class Trainer:
         if dense is not None:
             self.dist.all_reduce_sum_(dense)
         return masked, dense
+
+    def official_task_gradient(self, task: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Task ``task``'s ``[P]`` gradients (gbar_i, g_i) as the official code's mask update takes
+        them: the model in train mode, so dropout is on (drawn from the run's torch RNG, which the
+        checkpoint keeps), and each gradient clipped as ``clip_grad_norm_(model.parameters(),
+        --grad-clip)`` would clip it before it is stored, so ghat averages equal-norm task gradients.
+
+        The clip norm is the official code's: over every parameter of the model (embeddings, layer
+        norms, biases, head and the masked matrices), with the masked matrices' gradient taken
+        before the mask is applied, i.e. the full gradient w.r.t. the effective weight theta * M_i
+        (captured from the same backward). gbar_i is then that gradient times M_i, times the
+        clip factor. g_i (recovery): ``--recovery-grad masked``: the captured unmasked gradient
+        with the same factor; ``dense``: grad L_i(theta) on the same batch with the same dropout
+        draw (the RNG is rewound for it), clipped by its own norm over every parameter. Without
+        masks (Prompt-DT, MTDT) gbar_i is the clipped plain gradient and g_i is None.
+        """
+        if self.task_masks is None:
+            return self._clipped_gradient(batch, None)[0], None
+        rng = self._rng_state()
+        gbar, unmasked = self._clipped_gradient(batch, task)
+        if self.cfg.masks.recovery_grad == "masked":
+            return gbar, unmasked
+        after = self._rng_state()
+        self._set_rng_state(rng)  # the dense forward draws the same dropout as the masked one
+        g, _ = self._clipped_gradient(batch, None)
+        self._set_rng_state(after)
+        return gbar, g
+
+    def _clipped_gradient(self, batch: dict, task: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward and backward on ``batch`` through task ``task``'s masks (None: unmasked);
+        returns the masked matrices' gradients ``[P]`` and, with a task, their unmasked gradients
+        w.r.t. theta * M_task ``[P]``, both times the clip factor of :meth:`official_task_gradient`."""
+        names = list(self.weights)
+        ctx = None
+        if task is not None:  # a one-task context whose backward also captures the unmasked gradients
+            packed = self.task_masks.packed()
+            ctx = MaskContext({n: packed[n][task : task + 1] for n in names}, torch.zeros(1, dtype=torch.int64, device=self.device),
+                              self.backends.masked_linear, {n: torch.zeros(1, *w.shape, device=self.device) for n, w in self.weights.items()})
+        grads = torch.autograd.grad(action_loss(self.model(batch, ctx), batch), self.params, allow_unused=True)
+        by_param = {id(p): g for p, g in zip(self.params, grads)}
+        mats = [by_param[id(self.weights[n])] for n in names]  # grad * M_task (or the plain gradient)
+        full = mats if ctx is None else [ctx.task_grads[n][0] for n in names]  # what the clip norm sees
+        matrix_ids = {id(w) for w in self.weights.values()}
+        others = [g for p, g in zip(self.params, grads) if id(p) not in matrix_ids and g is not None]
+        coef = clip_factor(full + others, self.cfg.grad_clip)
+        gbar = torch.cat([g.reshape(-1) for g in mats]) * coef
+        return gbar, None if ctx is None else torch.cat([g.reshape(-1) for g in full]) * coef
+
+    def _rng_state(self) -> tuple:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    def _set_rng_state(self, state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
 
     def mask_update(self) -> dict:
         masked, dense = self.task_gradients()
