@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from .baseline import BaselineStep, baseline_dir
-from .common import (H100_STEP_GOAL_MS, TASKS, devices, figure, interleave, make_trainer, paired_ratio, record, rounds, step_runner,
+from .common import (H100_STEP_GOAL_MS, TASKS, call_runner, devices, figure, interleave, make_trainer, paired_ratio, record, rounds, step_runner,
                      time_figure)
 from .launches import count_step
 
@@ -66,6 +66,32 @@ def test_step(benchmark, device, precision):
         figs.append(figure(f"--fused step over the previous version's, {precision}", derived["fused_over_previous"], "x",
                            target=("<=", 1.25) if precision == "fp32" else None))
     record(benchmark, f"training step, {precision}", device, times, figs, derived, info)
+
+
+PEER_TARGETS = {"fused": 0.90, "reference": 1.05}  # each step over the plain-PyTorch peer's
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_step_peer(benchmark, precision):
+    """ms per training step on the CPU: harmodt's HarmoDT-F ``--fused`` step, its reference step
+    (no ``--fused``) and the plain-PyTorch peer step of bench/peer.py (the same masked Prompt-DT
+    written the obvious way: ``F.linear(x, W * M)``, ``grad *= M``, ``clip_grad_norm_``,
+    ``torch.optim.AdamW``), interleaved round by round. Targets: fused <= 0.90x the peer,
+    reference <= 1.05x."""
+    from .peer import PeerStep
+
+    peer = PeerStep(precision=precision)
+    variants = {"fused": step_runner(make_trainer("harmodt-f", "cpu", True, precision)),
+                "reference": step_runner(make_trainer("harmodt-f", "cpu", False, precision)),
+                "peer": call_runner(peer.step, "cpu")}
+    times = interleave(benchmark, variants, rounds(12), calls=1, warmup=3)
+    derived = {f"{k}_over_peer": paired_ratio(times, k, "peer") for k in PEER_TARGETS}
+    figs = [time_figure(f"HarmoDT-F --fused step, {precision}", times, "fused"),
+            time_figure(f"HarmoDT-F reference step, {precision}", times, "reference"),
+            time_figure(f"plain-PyTorch peer step (bench/peer.py), {precision}", times, "peer")]
+    figs += [figure(f"{k} step over the peer's, {precision}", derived[f"{k}_over_peer"], "x", target=("<=", t))
+             for k, t in PEER_TARGETS.items()]
+    record(benchmark, f"training step against the plain-PyTorch peer, {precision}", "cpu", times, figs, derived)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -227,7 +253,7 @@ def test_train_cli(benchmark, device, tmp_path):
 @pytest.mark.cuda
 def test_train_torchrun_2gpu(benchmark, tmp_path):
     """Steps/s of ``torchrun --nproc_per_node 2 -m harmodt.train --device cuda --fused`` on two
-    GPUs (data parallel, harmodt/distributed.py) against one GPU. Skipped with fewer than two GPUs."""
+    GPUs (data parallel, harmodt/run/distributed.py) against one GPU. Skipped with fewer than two GPUs."""
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs two GPUs, found {torch.cuda.device_count()}")
     from harmodt.data import generate

@@ -13,6 +13,10 @@ from dataclasses import MISSING, dataclass, field, fields
 
 METHODS = ("mtdt", "prompt-dt", "harmodt-r", "harmodt-m", "harmodt-f")
 QUALITIES = ("near-optimal", "sub-optimal")
+CONDITIONINGS = ("auto", "prompt", "task-state", "task-embedding")
+PROMPT_SEGMENTS = ("last", "random")
+# An earlier name of a --conditioning value, still read from configs and checkpoints.
+CONDITIONING_ALIASES = {"task-id": "task-embedding"}
 
 
 def setting(default=MISSING, help: str = "", *, factory=MISSING):
@@ -43,6 +47,8 @@ class MaskConfig:
     update_every: int = setting(5000, "t_m: steps between mask updates (Table 6)")
     vote_threshold: int = setting(25, "'thresh' of Eq. 13 for unseen tasks (Table 6, for MT50)")
     recovery_grad: str = setting("dense", 'g_i of Alg. 2: "dense" = grad of L_i at theta (paper); "masked" = unmasked grad at theta*M_i')
+    mask_grads: str = setting("paper", 'gradients of the mask update: "paper" = dropout off, unclipped; "official" = dropout on, '
+                              "each task's clipped to --grad-clip")
 
 
 @dataclass
@@ -69,7 +75,10 @@ class TrainConfig:
     out: str = setting("runs/harmodt", "output folder")
     seed: int = setting(0, "seed for data sampling, initialisation, masks and evaluation goals")
     resume: bool = setting(False, "continue from OUT/checkpoint.pt")
-    conditioning: str = setting("auto", "auto (MTDT: task-id, others: prompt) | prompt | task-id")
+    conditioning: str = setting("auto", "auto (MTDT: task-state, others: prompt) | prompt | task-state (one-hot task ID beside the "
+                                "state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token)")
+    prompt_segment: str = setting("last", "last (the last K* steps of a prompt episode, as Prompt-DT's code) | random (a window "
+                                  "anywhere in one)")
     device: str = setting("auto", "auto (CUDA when available) | cpu | cuda | cuda:N")
     fused: bool = setting(False, "masked linear, masked AdamW and mask selection on the kernels of --backend (else the plain-PyTorch reference)")
     backend: str = setting("auto", "kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference")
@@ -108,6 +117,10 @@ PRESETS = {
     "paper-mt30": {"tasks": "MT30", "steps": 1_000_000, "masks.vote_threshold": 15},
     "paper-mt5": {"tasks": "MT5", "steps": 1_000_000, "masks.vote_threshold": 2},
     "embedded-default": EMBEDDED_DEFAULT,
+    # The official code's mask-update choices (charleshsc/HarmoDT main.py and trainer): t_m 500, lambda on
+    # the agreement term, task gradients in train mode and clipped per task. Only these three: the rest
+    # stays as it is (the paper's defaults, or an earlier preset's values).
+    "official": {"masks.update_every": 500, "masks.lam_on": "agreement", "masks.mask_grads": "official"},
 }
 
 
@@ -153,8 +166,11 @@ def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Raise ConfigError with one clear line for a bad value."""
+    """Raise ConfigError with one clear line for a bad value. An earlier name of a value
+    (``--conditioning task-id``) is replaced by the current one."""
     from .tasks import parse_tasks
+
+    cfg.conditioning = CONDITIONING_ALIASES.get(cfg.conditioning, cfg.conditioning)
 
     if cfg.method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
@@ -175,13 +191,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.masks.lam >= 0, "--lam must be >= 0"),
         (cfg.masks.lam_on in ("importance", "agreement"), "--lam-on must be importance or agreement"),
         (cfg.masks.recovery_grad in ("dense", "masked"), "--recovery-grad must be dense or masked"),
+        (cfg.masks.mask_grads in ("paper", "official"), f"--mask-grads must be paper or official, got {cfg.masks.mask_grads!r}"),
         (cfg.model.n_embd % cfg.model.n_head == 0, "--n-embd must be divisible by --n-head"),
         (cfg.model.context_len > 0 and cfg.model.prompt_len >= 0, "--context-len > 0 and --prompt-len >= 0"),
         (0.0 <= cfg.model.dropout < 1.0, "--dropout must be in [0, 1)"),
         (cfg.precision in ("fp32", "bf16"), "--precision must be fp32 or bf16"),
         (cfg.backend in ("auto", "triton", "cpu", "reference"), "--backend must be auto, triton, cpu or reference"),
         (cfg.fused or cfg.backend == "auto", "--backend applies to the kernels of --fused: add --fused (without it every op runs on the reference)"),
-        (cfg.conditioning in ("auto", "prompt", "task-id"), "--conditioning must be auto, prompt or task-id"),
+        (cfg.conditioning in CONDITIONINGS, f"--conditioning must be one of {', '.join(CONDITIONINGS)}, got {cfg.conditioning!r}"),
+        (cfg.prompt_segment in PROMPT_SEGMENTS, f"--prompt-segment must be last or random, got {cfg.prompt_segment!r}"),
         (_device_ok(cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
         (cfg.eval_episodes >= 0, "--eval-episodes must be >= 0"),
         (cfg.eval_every >= 0, "--eval-every must be >= 0 (0: only at the end)"),
@@ -235,8 +253,24 @@ def resolve_device(device: str):
     return dev
 
 
-def config_from_dict(d: dict) -> TrainConfig:
+def upgrade_saved_config(d: dict) -> dict:
+    """A saved config (config.json, a checkpoint's) in today's terms, meaning what it meant when it
+    was written. A config without ``prompt_segment`` predates that option and ran with random prompt
+    windows, and its ``conditioning: auto`` gave MTDT the learned task embedding; ``task-id`` is the
+    earlier name of ``task-embedding``."""
     d = dict(d)
+    if "conditioning" in d:
+        d["conditioning"] = CONDITIONING_ALIASES.get(d["conditioning"], d["conditioning"])
+    if "prompt_segment" not in d:
+        d["prompt_segment"] = "random"
+        if d.get("conditioning", "auto") == "auto" and d.get("method") == "mtdt":
+            d["conditioning"] = "task-embedding"
+    return d
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """A TrainConfig from a saved config dict (see :func:`upgrade_saved_config`)."""
+    d = upgrade_saved_config(d)
     model = ModelConfig(**d.pop("model", {}))
     masks = MaskConfig(**d.pop("masks", {}))
     known = {f.name for f in fields(TrainConfig)}

@@ -1,13 +1,23 @@
-"""Meta-World v3 environments with random goals (MT50-rand) and the shipped scripted experts.
+"""Meta-World v3 environments: random goals (MT50-rand), fixed goal variations (ML1), and the
+shipped scripted experts.
 
 ``make_env(task, seed)`` builds the task's env class from ``metaworld.env_dict`` directly (no
 ``metaworld.MT1``/``gym.make``, which first build a 50-goal pool with 50 resets: ~0.7 s more per
-task), sets the task once with the goal visible in ``obs[36:39]`` (``partially_observable=False``,
-as in Meta-World's MT benchmarks) and unfreezes the goal vector: every reset then draws a fresh
-goal (object/target positions) uniformly from the task's reset space with the env's own RNG,
-seeded by ``seed`` at construction. So goals are random per episode, the sequence is reproducible
-for a seed, and copies built with different seeds see different goals. ``reset(seed=...)`` does
-not reseed the goals (Meta-World ignores it); only the construction seed does.
+task). For a Meta-World task name (``reach-v3``) it sets the task once with the goal visible in
+``obs[36:39]`` (``partially_observable=False``, as in Meta-World's MT benchmarks) and unfreezes
+the goal vector: every reset then draws a fresh goal (object/target positions) uniformly from the
+task's reset space with the env's own RNG, seeded by ``seed`` at construction. So goals are
+random per episode, the sequence is reproducible for a seed, and copies built with different
+seeds see different goals. ``reset(seed=...)`` does not reseed the goals (Meta-World ignores
+it); only the construction seed does.
+
+For a goal variation (``pick-place-v3@g7``, ``pick-place-v3@test3``; see :mod:`harmodt.tasks`)
+it sets the very task ``metaworld.ML1(base, seed=ML1_SEED)`` lists as train goal 7 (test goal
+3), as ML1 sets it: the goal vector frozen, so every reset restores the same object and target
+positions, and the goal hidden (``partially_observable=True``: ``obs[36:39]`` is zero). Nothing
+else in a reset is random, so the seed changes nothing a policy sees; a policy must infer the
+goal from its prompt (the few-shot setting). Building the ML1 benchmark costs a few seconds (100
+resets); it is done once per base task and process.
 """
 
 from __future__ import annotations
@@ -18,35 +28,73 @@ import warnings
 import gymnasium as gym
 import numpy as np
 
+from .tasks import ML1_SEED, goal_of
+
 EPISODE_LEN = 500  # Meta-World's max_path_length: episodes truncate here
 
 
-def quiet() -> None:
-    """Silence the warnings Meta-World and gymnasium print on every step or reset."""
-    warnings.filterwarnings("ignore", message=".*Constant\\(s\\) may be too high.*")
-    warnings.filterwarnings("ignore", module="gymnasium.utils.passive_env_checker")
-    warnings.filterwarnings("ignore", message=".*is not within the observation space.*")
-    warnings.filterwarnings("ignore", message=".*Box observation space maximum and minimum.*")
+@functools.lru_cache(maxsize=None)
+def _ml1(base: str):
+    """Meta-World's ML1 benchmark of ``base`` with our fixed seed (cached: it takes 100 resets)."""
+    import metaworld
+
+    return metaworld.ML1(base, seed=ML1_SEED)
 
 
-def make_env(task: str, seed: int) -> gym.Env:
-    """A single-task env: 39-dim float64 observations (goal in obs[36:39]), a new random goal at
-    every reset drawn with the RNG seeded by ``seed``, truncation at step 500."""
+def ml1_task(task: str):
+    """The ``metaworld.Task`` of a goal variation (``pick-place-v3@g7``): that entry of
+    ``ML1(base, seed=ML1_SEED).train_tasks`` (``@testN``: of ``.test_tasks``)."""
+    base, split, index = goal_of(task)
+    if split is None:
+        raise ValueError(f"{task!r} is not a goal variation (TASK@gN or TASK@testN)")
+    bench = _ml1(base)
+    return (bench.train_tasks if split == "train" else bench.test_tasks)[index]
+
+
+def _raw_env(task: str, seed: int):
+    """The unwrapped Meta-World env of a task name, with its task set and its RNG seeded."""
     import metaworld
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS, ML1_ARGS_KWARGS
 
-    quiet()
-    if task not in ALL_V3_ENVIRONMENTS:
-        raise ValueError(f"unknown Meta-World v3 task {task!r}")
-    cls = ALL_V3_ENVIRONMENTS[task]
+    try:
+        base, split, _ = goal_of(task)
+    except ValueError:
+        if "@" in task:
+            raise  # goal_of's message names the bad goal
+        raise ValueError(f"unknown Meta-World v3 task {task!r}") from None
+    cls = ALL_V3_ENVIRONMENTS[base]
     env = cls()
-    kwargs = {k: v for k, v in ML1_ARGS_KWARGS[task]["kwargs"].items() if k != "task_id"}
-    kwargs.update(rand_vec=np.zeros(env._random_reset_space.low.size), env_cls=cls, partially_observable=False)
-    env.set_task(metaworld._encode_task(task, kwargs))  # placeholder goal: unfrozen just below
-    env._freeze_rand_vec = False  # draw a new goal at every reset ...
-    env.seeded_rand_vec = True  # ... from env.np_random (seeded below), not the global np.random
+    if split is not None:
+        env.set_task(ml1_task(task))  # goal frozen and hidden, as ML1 sets it
+    else:
+        kwargs = {k: v for k, v in ML1_ARGS_KWARGS[base]["kwargs"].items() if k != "task_id"}
+        kwargs.update(rand_vec=np.zeros(env._random_reset_space.low.size), env_cls=cls, partially_observable=False)
+        env.set_task(metaworld._encode_task(base, kwargs))  # placeholder goal: unfrozen just below
+        env._freeze_rand_vec = False  # draw a new goal at every reset ...
+        env.seeded_rand_vec = True  # ... from env.np_random (seeded below), not the global np.random
     env.seed(int(seed))
+    return env
+
+
+def make_env(task: str, seed: int) -> gym.Env:
+    """A single-task env: 39-dim float64 observations, truncation at step 500. A Meta-World task
+    (``reach-v3``): a new random goal at every reset drawn with the RNG seeded by ``seed``, the
+    goal in obs[36:39]. A goal variation (``pick-place-v3@g7``): the same ML1 goal at every
+    reset, obs[36:39] zero."""
+    env = _raw_env(task, seed)
     return gym.wrappers.TimeLimit(env, env.max_path_length)
+
+
+def fixed_goal(task: str) -> np.ndarray | None:
+    """The goal position (what ``obs[36:39]`` would show) of a goal variation; None for a
+    random-goal task."""
+    if goal_of(task)[1] is None:
+        return None
+    env = _raw_env(task, 0)
+    env.reset()
+    goal = np.array(env._get_pos_goal(), dtype=np.float64)
+    env.close()
+    return goal
 
 
 def make_vector_env(tasks: list[str], seeds: list[int]) -> gym.vector.SyncVectorEnv:
@@ -160,25 +208,26 @@ class ShardedVectorEnv:
 
 
 class ScriptedExpert:
-    """Meta-World's scripted policy for a task; actions clipped to [-1, 1]."""
+    """Meta-World's scripted policy for a task (a goal variation: its base task's policy, told
+    the fixed goal the observation hides); actions clipped to [-1, 1]."""
 
     def __init__(self, task: str):
         from metaworld.policies import ENV_POLICY_MAP
 
-        quiet()
-        if task not in ENV_POLICY_MAP:
+        base = goal_of(task)[0]
+        if base not in ENV_POLICY_MAP:
             raise ValueError(f"no scripted policy for {task!r}")
-        self.policy = ENV_POLICY_MAP[task]()
+        self.policy = ENV_POLICY_MAP[base]()
+        self.goal = fixed_goal(task)  # (3,) or None
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         # the policies read the goal from obs[-3:]: give them the plain 39-dim observation, as a
         # copy: door-open-v3's and door-close-v3's policies write into the array they are given
         # (their target offsets are added to the handle position in place), which would alter the
         # caller's observation
-        with warnings.catch_warnings():
+        obs = np.array(obs[:39], dtype=np.float64)
+        if self.goal is not None:
+            obs[36:39] = self.goal
+        with warnings.catch_warnings():  # "Constant(s) may be too high", many times per episode
             warnings.simplefilter("ignore")
-            return np.clip(self.policy.get_action(np.array(obs[:39], dtype=np.float64)), -1.0, 1.0)
-
-
-def scripted_policy(task: str) -> ScriptedExpert:
-    return ScriptedExpert(task)
+            return np.clip(self.policy.get_action(obs), -1.0, 1.0)

@@ -10,8 +10,14 @@ keys and values never depend on later tokens, so they are computed once per task
 every step. Episodes last 500 steps; an episode succeeds if it succeeds at any step; goals are
 random per episode but seeded.
 
-Unseen tasks: their prompt is a noise-free scripted-expert episode pair rolled out here (seeded),
-and their states are normalized with the mean of the training tasks' statistics.
+Prompts (prompt-conditioned models): with ``prompt_segment="last"`` (what training used by
+default) every task's prompt is the last K* steps of its highest-return prompt episode, the same
+for every episode, seed and method; with ``"random"`` one window per task drawn from the seed.
+Which prompt episode and which of its timesteps were used is recorded per task.
+
+Unseen tasks: their prompt episodes are a noise-free scripted-expert episode pair rolled out here
+(seeded), cut the same way, and their states are normalized with the mean of the training tasks'
+statistics.
 """
 
 from __future__ import annotations
@@ -29,9 +35,9 @@ import torch
 import kernels
 
 from .checkpoint import CheckpointError
+from .data.batches import prompt_segment as cut_prompt
 from .run.cli import OneLineParser
 from .run.outputs import write_atomic
-from .data.batches import prompt_segment
 from .model import MaskContext
 from .runtime import bf16_matmul_note
 
@@ -41,10 +47,10 @@ class EvalError(ValueError):
 
 
 def _expert_prompts(task: str, n: int, seed: int) -> list:
-    from .data.generate import rollout
-    from .envs import make_env, scripted_policy
+    from .data.generator import rollout
+    from .envs import ScriptedExpert, make_env
 
-    env, expert, rng = make_env(task, seed), scripted_policy(task), np.random.default_rng(seed)
+    env, expert, rng = make_env(task, seed), ScriptedExpert(task), np.random.default_rng(seed)
     return [SimpleNamespace(**rollout(env, expert, rng, 0.0, 0.0)) for _ in range(n)]
 
 
@@ -54,7 +60,8 @@ def _as_traj(d):
 
 def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *, backend: str = "reference",
              vote_threshold: int | None = None, batch_size: int | None = None, max_steps: int = 500, progress: bool = True,
-             precision: str = "fp32", target_return: float | None = None, sim_workers: int | None = None) -> dict:
+             precision: str = "fp32", target_return: float | None = None, sim_workers: int | None = None,
+             prompt_segment: str | None = None) -> dict:
     """Run ``episodes`` episodes of every task in ``tasks`` on the model's device; see the module
     docstring.
 
@@ -64,7 +71,8 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     time (model + simulator); building the envs is reported separately as ``setup_seconds``.
     ``sim_workers``: processes the simulator is split over (:class:`harmodt.envs.ShardedVectorEnv`);
     None = 2 when a chunk has at least 16 episodes and the machine has 2 cores, else 1. Results do
-    not depend on it.
+    not depend on it. ``prompt_segment``: "last" or "random" (see the module docstring); None = the
+    one training used (``eval_info``; "random" for checkpoints written before the option existed).
     """
     import os
 
@@ -76,7 +84,11 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     use_prompt = model.use_prompt
     unseen = [t for t in tasks if t not in trained]
     if unseen and not use_prompt:
-        raise EvalError(f"a task-ID model (MTDT) identifies tasks by a learned ID and cannot act on unseen tasks: {', '.join(unseen)}")
+        raise EvalError(f"a model conditioned on the task ID (--conditioning {model.conditioning}, as MTDT) knows only the tasks it "
+                        f"was trained on and cannot act on unseen tasks: {', '.join(unseen)}")
+    segment = prompt_segment or eval_info.get("prompt_segment", "random")
+    if segment not in ("last", "random"):
+        raise EvalError(f"prompt segment must be last or random, got {segment!r}")
     rtg_scale = float(eval_info.get("rtg_scale", 1000.0))
     target = float(target_return if target_return is not None else eval_info.get("target_return", 4500.0))
 
@@ -113,12 +125,15 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     was_training = model.training
     model.eval()
     prompt_kv = prompt_valid = None
+    sources = {}  # task -> which prompt episode and timesteps its prompt is
     if use_prompt:
         g = torch.Generator().manual_seed(seed)
         segs = []
         for i, t in enumerate(tasks):
             trajs = [_as_traj(p) for p in eval_info["prompts"][t]] if t in trained else _expert_prompts(t, 2, seed + 7919 * (i + 1))
-            segs.append(prompt_segment(trajs, mean[i], std[i], cfg.prompt_len, rtg_scale, cfg.max_ep_len, g))
+            seg, src = cut_prompt(trajs, mean[i], std[i], cfg.prompt_len, rtg_scale, cfg.max_ep_len, g, segment)
+            segs.append(seg)
+            sources[t] = {"segment": segment, "episodes": "training prompts" if t in trained else "expert rollouts", **src}
         prompt = {k: torch.cat([s[k] for s in segs]).to(device) for k in segs[0]}
         with torch.inference_mode(), autocast:
             prompt_kv, prompt_valid = model.encode_prompt(prompt, ctx_for(torch.arange(len(tasks))))
@@ -181,6 +196,8 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         sel = (rows == i).numpy()
         per_task[t] = {"success": float(success[sel].mean()), "return": float(returns[sel].mean()), "episodes": int(sel.sum()),
                        "mask": "trained" if t in trained else ("voted" if vote_row is not None else "none")}
+        if t in sources:
+            per_task[t]["prompt"] = sources[t]
     return {"tasks": per_task, "mean_success": float(np.mean([v["success"] for v in per_task.values()])),
             "env_steps": env_steps, "seconds": seconds, "setup_seconds": setup_seconds, "backend": backend,
             "device": str(device), "env_steps_per_s": env_steps / max(seconds, 1e-9)}
@@ -190,7 +207,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu"):
     """Model, TaskMasks (or None), eval_info, config dict and step from a training checkpoint,
     loaded safely (``weights_only=True``) and placed on ``device``."""
     from . import checkpoint
-    from .config import ModelConfig
+    from .config import ModelConfig, upgrade_saved_config
     from .masks import TaskMasks
     from .model import build_model
 
@@ -198,7 +215,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu"):
         ck = checkpoint.load(path)
     except CheckpointError as exc:
         raise EvalError(str(exc)) from None
-    cfg = ck["config"]
+    cfg = upgrade_saved_config(ck["config"])
     try:
         tasks = list(ck["eval_info"]["tasks"])
         model = build_model(ModelConfig(**cfg["model"]), len(tasks), cfg["method"], cfg.get("conditioning", "auto"))
@@ -211,6 +228,11 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu"):
     except (TypeError, RuntimeError, KeyError, ValueError, IndexError) as exc:
         raise EvalError(f"{path}: the weights do not fit the model its config describes ({checkpoint.one_line(exc)})") from None
     return model.to(device), masks, ck["eval_info"], cfg, int(ck.get("step", 0))
+
+
+def result_entry(r: dict) -> dict:
+    """A task's entry in a results file: success, return and, for a prompted model, its prompt."""
+    return {"success": r["success"], "return": r["return"], **({"prompt": r["prompt"]} if "prompt" in r else {})}
 
 
 def print_table(results: dict, file=sys.stdout) -> None:
@@ -237,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-return", type=float, default=None, help="initial return-to-go (default: the training config's, 4500)")
     p.add_argument("--batch-size", type=int, default=None, help="episodes per forward (default: all at once; 1 = sequential)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--prompt-segment", default=None, choices=["last", "random"],
+                   help="prompt of each task: last = the best prompt episode's last K* steps; random = a window drawn from --seed "
+                        "(default: the training config's)")
     p.add_argument("--sim-workers", type=int, default=None,
                    help="processes the simulator steps in (default: 2 for 16+ episodes on 2+ cores, else 1)")
     p.add_argument("--no-progress", action="store_true")
@@ -283,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             print(note, file=sys.stderr, flush=True)
         res = evaluate(model, masks, info, tasks, args.episodes, args.seed, backend=backends.masked_linear,
                        vote_threshold=threshold, batch_size=args.batch_size, progress=not args.no_progress,
-                       precision=args.precision, target_return=args.target_return, sim_workers=args.sim_workers)
+                       precision=args.precision, target_return=args.target_return, sim_workers=args.sim_workers,
+                       prompt_segment=args.prompt_segment)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -291,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{res['env_steps']} env steps in {res['seconds']:.1f} s ({res['env_steps_per_s']:.0f} env-steps/s, "
           f"masks on {res['backend']}, model on {res['device']}; building the envs took {res['setup_seconds']:.1f} s)")
     if args.out:
-        out = {"method": cfg["method"], "tasks": {t: {"success": r["success"], "return": r["return"]} for t, r in res["tasks"].items()},
+        out = {"method": cfg["method"], "tasks": {t: result_entry(r) for t, r in res["tasks"].items()},
                "mean_success": res["mean_success"], "steps": step}
         write_atomic(args.out, json.dumps(out, indent=2))
     return 0

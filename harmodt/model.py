@@ -2,7 +2,8 @@
 
 Token layout (Eq. 1): ``[R*_1, s*_1, a*_1, ..., R*_K*, s*_K*, a*_K*, R_1, s_1, a_1, ..., R_K, s_K, a_K]``;
 the prompt has its own embeddings; every token gets its timestep embedding (no positional
-embedding, as in DT). The action of step j is predicted from the hidden state of token s_j.
+embedding, as in DT). The action of step j is predicted from the hidden state of token s_j. A
+model without a prompt (MTDT) is told its task by the task ID instead (see :class:`PromptDT`).
 
 The four weight matrices of every block are :class:`MaskedLinear`. Masks enter the model there and
 nowhere else: its forward calls ``kernels.masked_linear(x, W, b, masks, task_ids)``, which computes
@@ -21,29 +22,37 @@ import torch.nn.functional as F
 
 import kernels
 
-from .config import ModelConfig
+from .config import CONDITIONING_ALIASES, ModelConfig
 
 
 @dataclass
 class MaskContext:
     """The task masks one forward pass runs through.
 
-    masks: parameter name -> packed int32 masks ``[T, N, ceil(K/32)]`` of every task.
+    masks: parameter name -> packed int32 masks ``[T, N, ceil(K/32)]`` of every task (the
+        reference backend also takes them unpacked, bool ``[T, N, K]``).
     task_ids: ``(B,)`` each sequence's row in ``masks``, or ``(1,)`` when the whole batch is one
         task (Algorithm 1's training step).
     backend: the concrete ``kernels.masked_linear`` backend ("reference", "triton" or "cpu").
     task_grads: parameter name -> float32 ``[T, N, K]`` buffers that receive each task's unmasked
         gradient on backward (Algorithm 2's recovery gradient), or None.
+    segments: ``((task, sequences), ...)`` when the batch's sequences are grouped by task and the
+        layout is known on the host (a training batch), else None; see ``kernels.masked_linear``.
     """
 
     masks: dict
     task_ids: torch.Tensor
     backend: str = "reference"
     task_grads: dict | None = None
+    segments: tuple | None = None
 
     def row_ids(self, t: int) -> torch.Tensor:
         """The mask row of each of the ``B * t`` rows a ``(B, t, C)`` input flattens to."""
         return self.task_ids if self.task_ids.shape[0] == 1 else self.task_ids.repeat_interleave(t)
+
+    def row_segments(self, t: int) -> tuple | None:
+        """``segments`` in rows of a ``(B, t, C)`` input flattened to ``(B * t, C)``."""
+        return None if self.segments is None else tuple((task, n * t) for task, n in self.segments)
 
 
 class MaskedLinear(nn.Linear):
@@ -59,7 +68,7 @@ class MaskedLinear(nn.Linear):
         b, t, k = x.shape
         grads = None if ctx.task_grads is None else ctx.task_grads.get(self.mask_key)
         y = kernels.masked_linear(x.reshape(b * t, k), self.weight, self.bias, ctx.masks[self.mask_key], ctx.row_ids(t),
-                                  backend=ctx.backend, task_grads=grads)
+                                  backend=ctx.backend, task_grads=grads, segments=ctx.row_segments(t))
         return y.view(b, t, -1)
 
 
@@ -116,11 +125,11 @@ class Block(nn.Module):
 class TokenEmbedding(nn.Module):
     """Embeds (R, s, a, timestep) into interleaved tokens ``(B, 3T, C)``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, state_in: int | None = None):
         super().__init__()
         self.timestep = nn.Embedding(cfg.max_ep_len, cfg.n_embd)
         self.ret = nn.Linear(1, cfg.n_embd)
-        self.state = nn.Linear(cfg.state_dim, cfg.n_embd)
+        self.state = nn.Linear(state_in or cfg.state_dim, cfg.n_embd)  # state_in: what a state token carries (S, or S + T)
         self.action = nn.Linear(cfg.act_dim, cfg.n_embd)
 
     def forward(self, states, actions, rtg, timesteps):
@@ -130,17 +139,29 @@ class TokenEmbedding(nn.Module):
         return toks.flatten(1, 2)
 
 
-class PromptDT(nn.Module):
-    """Prompt-DT (``use_prompt``: conditioned on a trajectory prompt) or MTDT (conditioned on a
-    learned task embedding added to every token)."""
+CONDITIONINGS = ("prompt", "task-state", "task-embedding")
 
-    def __init__(self, cfg: ModelConfig, n_tasks: int, use_prompt: bool = True):
+
+class PromptDT(nn.Module):
+    """A decision transformer told which task it acts on by ``conditioning``:
+
+    - "prompt": a K*-step trajectory prompt of the task before the history (Prompt-DT);
+    - "task-state": the task ID as a one-hot vector concatenated with every state, no prompt (MTDT
+      as the paper's Appendix D describes it: the state embedding reads S + T inputs);
+    - "task-embedding": a learned task embedding added to every R, s and a token, no prompt.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_tasks: int, conditioning: str = "prompt"):
         super().__init__()
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {conditioning!r}")
         self.cfg = cfg
-        self.use_prompt = use_prompt
-        self.embed = TokenEmbedding(cfg)
-        self.prompt_embed = TokenEmbedding(cfg) if use_prompt else None
-        self.task_embed = None if use_prompt else nn.Embedding(n_tasks, cfg.n_embd)
+        self.n_tasks = n_tasks
+        self.conditioning = conditioning
+        self.use_prompt = conditioning == "prompt"
+        self.embed = TokenEmbedding(cfg, cfg.state_dim + n_tasks if conditioning == "task-state" else cfg.state_dim)
+        self.prompt_embed = TokenEmbedding(cfg) if self.use_prompt else None
+        self.task_embed = nn.Embedding(n_tasks, cfg.n_embd) if conditioning == "task-embedding" else None
         self.embed_ln = nn.LayerNorm(cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
@@ -167,7 +188,10 @@ class PromptDT(nn.Module):
 
     def _history(self, states, actions, rtg, timesteps, task_ids):
         # The history's last action token a_K: no state token attends to it (causal) and the loss
-        # reads only state tokens, so it is not fed at all.
+        # reads only state tokens, so it is not fed at all. task_ids (B,).
+        if self.conditioning == "task-state":
+            onehot = F.one_hot(task_ids, self.n_tasks).to(states.dtype)  # (B, T)
+            states = torch.cat([states, onehot.unsqueeze(1).expand(-1, states.shape[1], -1)], dim=-1)  # (B, K, S + T)
         x = self.embed(states, actions, rtg, timesteps)[:, :-1]  # (B, 3K - 1, C)
         if self.task_embed is not None:
             x = x + self.task_embed(task_ids).unsqueeze(1)
@@ -223,8 +247,21 @@ class PromptDT(nn.Module):
         return self._head(x[:, -1])
 
 
+def resolve_conditioning(method: str, conditioning: str = "auto") -> str:
+    """The concrete conditioning of ``method``: "auto" is "task-state" for MTDT (the paper's) and
+    "prompt" for the others; "task-id" (an earlier name) is "task-embedding"."""
+    if conditioning == "auto":
+        return "task-state" if method == "mtdt" else "prompt"
+    return CONDITIONING_ALIASES.get(conditioning, conditioning)
+
+
 def build_model(cfg: ModelConfig, n_tasks: int, method: str, conditioning: str = "auto") -> PromptDT:
-    """The model of ``method``; ``conditioning``: "prompt", "task-id", or "auto" (MTDT: task-id,
-    the others: prompt)."""
-    use_prompt = conditioning == "prompt" or (conditioning == "auto" and method != "mtdt")
-    return PromptDT(cfg, n_tasks, use_prompt=use_prompt)
+    """The model of ``method`` with ``conditioning`` (see :func:`resolve_conditioning`)."""
+    return PromptDT(cfg, n_tasks, resolve_conditioning(method, conditioning))
+
+
+def action_loss(pred: torch.Tensor, batch: dict, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 2: mean squared error over the real (non-padding) history steps. ``count``: the real
+    steps to divide by instead of the batch's own (all ranks' steps in a distributed run)."""
+    m = batch["mask"].unsqueeze(-1).to(pred.dtype)  # (B, K, 1)
+    return ((pred.float() - batch["actions"]) ** 2 * m).sum() / ((m.sum() if count is None else count) * pred.shape[-1])

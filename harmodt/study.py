@@ -6,10 +6,19 @@ checkpoint with the same ``--eval-seed`` for every run (the same goals for all m
 evaluation file exists is skipped; an interrupted one resumes from its checkpoint, so a study can
 be spread over several sittings. Training flags the study does not know are passed to every run.
 
+Ctrl-C (or SIGTERM) stops the study in any phase, also one started with SIGINT ignored: no run or
+evaluation starts any more, running trainers save a checkpoint at their next step, running
+evaluations are dropped, and the study exits 130; a second Ctrl-C stops the trainers at once.
+
 Outputs: ``DIR/study.json`` (every run's config, per-task success and return, wall times),
 ``DIR/summary.md`` (mean success with a 95 % t-interval over seeds, the paired difference from the
 baseline with a bootstrap interval over (seed, task) pairs, a per-task table, mask movement, and
 the command) and ``DIR/figures/*.png``.
+
+Final and best: a run's *final* success is the study's evaluation of its final checkpoint; with
+``--eval-every`` its *best* is the highest mean success among the trainer's own evaluations
+(``--curve-episodes`` episodes per task, the final checkpoint's included; results.json's ``best``),
+as the official code reports. Both are reported, labelled; rankings use the final success.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -215,6 +225,9 @@ class Study:
         self.threads = args.threads_per_run or max(1, (os.cpu_count() or 1) // max(1, args.workers))
         self.stopping = threading.Event()  # set on Ctrl-C / SIGTERM: no new run or evaluation starts
         self.children: set[subprocess.Popen] = set()
+        # guards `children` and the start of a child against `stopping`: a child is either in the set when
+        # stop_children looks, or it is never started (re-entrant: the signal handler runs on the main thread)
+        self.children_lock = threading.RLock()
 
     def say(self, msg: str) -> None:
         with self.print_lock:
@@ -303,7 +316,8 @@ class Study:
             rec["train_seconds"] += time.perf_counter() - t
             run.write_record(rec)
             if rc != 0:
-                self.say(f"FAIL  {run.name}: training exited {rc}\n{_tail(run.dir / 'train.log')}")
+                self.say(f"stop  {run.name}: training stopped (exit {rc}); its checkpoint resumes it" if self.stopping.is_set()
+                         else f"FAIL  {run.name}: training exited {rc}\n{_tail(run.dir / 'train.log')}")
                 return False
         if self.stopping.is_set():
             return False
@@ -317,7 +331,8 @@ class Study:
         rec["eval_seconds"] += time.perf_counter() - t
         run.write_record(rec)
         if rc != 0:
-            self.say(f"FAIL  {run.name}: evaluation exited {rc}\n{_tail(run.dir / 'eval.log')}")
+            self.say(f"stop  {run.name}: evaluation stopped (exit {rc}); it runs again next time" if self.stopping.is_set()
+                     else f"FAIL  {run.name}: evaluation exited {rc}\n{_tail(run.dir / 'eval.log')}")
             return False
         os.replace(str(run.eval_path) + ".tmp", run.eval_path)
         res = json.loads(run.eval_path.read_text())
@@ -326,33 +341,53 @@ class Study:
         return True
 
     def child(self, cmd: list[str], log, env: dict) -> int:
-        """Run one trainer or evaluator process to its end; its exit status."""
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=os.setsid)  # own process group: Ctrl-C reaches it once, from stop_children
-        with self.print_lock:
+        """Run one trainer or evaluator process to its end; its exit status (130 without starting it
+        once the study is stopping). The child runs in its own session, so a Ctrl-C at the terminal
+        reaches it once, from stop_children, and not also straight from the terminal."""
+        with self.children_lock:
+            if self.stopping.is_set():
+                return 130
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self.children.add(proc)
         try:
             return proc.wait()
         finally:
-            with self.print_lock:
+            with self.children_lock:
                 self.children.discard(proc)
 
-    def stop_children(self) -> None:
-        """Ask every running trainer / evaluator to stop (a trainer saves its checkpoint at its next
-        step) and wait for them; kill any still running after 120 s."""
-        import signal
+    def signal_children(self, signum: int) -> list[subprocess.Popen]:
+        """Send ``signum`` to every running child; the children it was sent to."""
+        with self.children_lock:
+            procs = [p for p in self.children if p.poll() is None]
+            for p in procs:
+                try:
+                    p.send_signal(signum)
+                except ProcessLookupError:  # exited since poll
+                    pass
+        return procs
 
+    def stop_children(self) -> None:
+        """Start no further child and ask every running trainer / evaluator to stop (a trainer saves
+        its checkpoint at its next step); wait for them and kill any still running after 120 s."""
         self.stopping.set()
-        with self.print_lock:
-            procs = list(self.children)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+        procs = self.signal_children(signal.SIGINT)
         deadline = time.time() + 120
         for p in procs:
             try:
                 p.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+
+    def on_signal(self, signum, frame) -> None:
+        """SIGINT / SIGTERM handler of the study process: the first raises KeyboardInterrupt in the
+        main thread (run_all then stops the runs, main exits 130); one while the runs are already
+        stopping is passed on to the children, so that trainers stop at once instead of at their
+        next step (their last checkpoint stays valid: checkpoint writes are atomic)."""
+        if not self.stopping.is_set():
+            self.stopping.set()  # from here on no child starts, whatever the main thread was doing
+            raise KeyboardInterrupt
+        self.signal_children(signal.SIGINT)
 
     def run_all(self) -> bool:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -360,12 +395,6 @@ class Study:
         (self.out / "command.txt").write_text(self.command + "\n")
         self.say(f"{len(self.runs)} runs, {self.args.workers} at a time, {self.threads} thread(s) each; out {self.out}")
         t = time.perf_counter()
-        import signal
-
-        def on_term(signum, frame):
-            raise KeyboardInterrupt
-
-        old = signal.signal(signal.SIGTERM, on_term)
         pool = ThreadPoolExecutor(self.args.workers)
         try:
             futures = [pool.submit(self.execute, r, i + 1) for i, r in enumerate(self.runs)]
@@ -374,8 +403,6 @@ class Study:
             self.stop_children()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-        finally:
-            signal.signal(signal.SIGTERM, old)
         pool.shutdown()
         self.say(f"runs done in {time.perf_counter() - t:.0f} s: {sum(ok)} of {len(ok)} evaluated")
         return all(ok)
@@ -402,6 +429,11 @@ class Study:
                 entry["mean_success"] = res["mean_success"]
                 entry["mean_return"] = float(np.mean([r["return"] for r in res["tasks"].values()]))
                 entry["steps"] = res.get("steps")
+                entry["final"] = {"mean_success": res["mean_success"], "step": res.get("steps"),
+                                  "episodes": self.args.eval_episodes, "eval_seed": self.args.eval_seed}
+                best = _trainer_best(run.dir)
+                if best is not None:
+                    entry["best"] = best
                 metrics = _metrics(run.dir)
                 changed = [r for r in metrics if "mask_changed_fraction" in r]
                 if changed:
@@ -444,6 +476,21 @@ def _without_threads(args: list[str]) -> list[str]:
     return out
 
 
+def _trainer_best(run_dir: Path) -> dict | None:
+    """The best of the trainer's evaluations (results.json's ``best``: step, mean success, number of
+    evaluations, per-task success) with their episodes per task, or None without one."""
+    try:
+        res = json.loads((run_dir / "results.json").read_text())
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    best = res.get("best")
+    if not best:
+        return None
+    return {"mean_success": best["mean_success"], "step": best["step"], "evaluations": best.get("evaluations"),
+            "episodes": cfg.get("eval_episodes"), "tasks": {t: {"success": r["success"]} for t, r in best["tasks"].items()}}
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl records; a step a resumed run logged twice keeps its last record per key set."""
     from .run.outputs import read_metrics
@@ -474,6 +521,13 @@ def aggregate(study: dict) -> list[dict]:
                          per_task={t: float(np.mean([r["tasks"][t]["success"] for r in rows])) for t in study["tasks"]},
                          per_task_return={t: float(np.mean([r["tasks"][t]["return"] for r in rows])) for t in study["tasks"]},
                          train_seconds=float(np.mean([r["train_seconds"] or 0 for r in rows])))
+            bests = [r["best"] for r in rows if r.get("best")]
+            if bests:  # the trainer's best evaluation of each seed (reported beside the final; never ranked on)
+                bm, blo, bhi = t_interval([b["mean_success"] for b in bests])
+                entry["best"] = {"mean_success": bm, "ci_low": blo, "ci_high": bhi, "seeds": len(bests),
+                                 "per_seed": {str(r["seed"]): {"mean_success": r["best"]["mean_success"], "step": r["best"]["step"]}
+                                              for r in rows if r.get("best")},
+                                 "episodes": bests[0]["episodes"]}
             for key in ("final_mask_changed_fraction", "final_harmony_score", "weights_flipped_per_task"):
                 vals = [r[key] for r in rows if key in r]
                 if vals:
@@ -540,23 +594,41 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
                   + ("" if study["sweep"] is None else f" (swept: {study['sweep']['key']} = {', '.join(study['sweep']['values'])}"
                      f" for {', '.join(study['sweep'].get('methods') or study['methods'])})") + ". "
                   f"Evaluation: {study['eval_episodes']} episodes per task, seed {study['eval_seed']} for every run.", ""]
+    with_best = any("best" in v for v in variants)
     lines += ["## Mean success over tasks", "",
-              "Mean over seeds of each run's mean success over tasks; 95 % t-interval over the per-seed means. "
+              "Final: the study's evaluation of each run's final checkpoint; mean over seeds of each run's mean success over tasks, "
+              "95 % t-interval over the per-seed means. "
               "Δ: paired difference from the reference, mean over (seed, task) pairs, 95 % percentile bootstrap interval "
-              f"({study['bootstrap']['samples']} resamples, seed {study['bootstrap']['seed']}).", "",
-              "| method | seeds | mean success | 95 % CI | per seed | Δ vs reference | 95 % CI of Δ |",
-              "|---|---|---|---|---|---|---|"]
+              f"({study['bootstrap']['samples']} resamples, seed {study['bootstrap']['seed']})."
+              + (" Best during training: per seed the highest mean success among the trainer's own evaluations "
+                 "(every --eval-every steps and at the end, with fewer episodes), as the official code reports; "
+                 "mean over seeds. It is reported, not ranked on." if with_best else ""), "",
+              "| method | seeds | final mean success | 95 % CI | per seed | Δ vs reference | 95 % CI of Δ |"
+              + (" best during training | its 95 % CI | per seed (step) |" if with_best else ""),
+              "|---|---|---|---|---|---|---|" + ("---|---|---|" if with_best else "")]
     for v in variants:
         seeds = f"{len(v['seeds_finished'])}/{len(v['seeds_planned'])}"
         if "mean_success" not in v:
-            lines.append(f"| {v['variant']} | {seeds} | – | – | – | – | – |")
+            lines.append(f"| {v['variant']} | {seeds} | – | – | – | – | – |" + (" – | – | – |" if with_best else ""))
             continue
         per_seed = ", ".join(f"{x:.2f}" for x in v["per_seed"].values())
         p = v.get("paired")
         delta = f"{p['mean_diff']:+.3f} (vs {p['reference']})" if p else "–"
         dci = f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]" if p else "–"
-        lines.append(f"| {v['variant']} | {seeds} | {v['mean_success']:.3f} | [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}] | "
-                     f"{per_seed} | {delta} | {dci} |")
+        row = (f"| {v['variant']} | {seeds} | {v['mean_success']:.3f} | [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}] | "
+               f"{per_seed} | {delta} | {dci} |")
+        if with_best:
+            b = v.get("best")
+            row += (" – | – | – |" if b is None else
+                    f" {b['mean_success']:.3f} | [{_fmt(b['ci_low'])}, {_fmt(b['ci_high'])}] | "
+                    + ", ".join(f"{x['mean_success']:.2f} ({x['step']})" for x in b["per_seed"].values()) + " |")
+        lines.append(row)
+    ranked = sorted((v for v in variants if "mean_success" in v), key=lambda v: -v["mean_success"])
+    if len(ranked) > 1:
+        order = f"{ranked[0]['variant']} ({ranked[0]['mean_success']:.3f})"
+        for prev, v in zip(ranked, ranked[1:]):
+            order += f" {'=' if v['mean_success'] == prev['mean_success'] else '>'} {v['variant']} ({v['mean_success']:.3f})"
+        lines += ["", f"Ranking by final mean success: {order}."]
     done = [v for v in variants if "per_task" in v]
     if done:
         lines += ["", "## Success per task", "", "Mean over the finished seeds.", "",
@@ -851,13 +923,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise StudyError("--workers must be at least 1")
         study = Study(args, passthrough, command)
-        study.check()
-        ok = True
-        if not args.report_only:
-            ok = study.run_all()
-        elif (study.out / "command.txt").exists():
-            study.command = (study.out / "command.txt").read_text().strip()
-        study.report()
+        # Ctrl-C / SIGTERM stop the study in every phase, also when it was started with SIGINT ignored (a
+        # background job of a non-interactive shell): its runs are in their own sessions, so the study is the
+        # only process a Ctrl-C reaches, and its children (started after this) get the default disposition back
+        old_handlers = {sig: signal.signal(sig, study.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            study.check()
+            ok = True
+            if not args.report_only:
+                ok = study.run_all()
+            elif (study.out / "command.txt").exists():
+                study.command = (study.out / "command.txt").read_text().strip()
+            study.report()
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
         return 0 if ok else 1
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)

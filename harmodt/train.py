@@ -19,21 +19,15 @@ import torch
 import kernels
 
 from .config import ConfigError, TrainConfig, resolve_device
-from .data.batches import PromptDTBatcher
+from .data.batches import PromptDTBatcher, batch_segments
+from .mask_grads import official_task_gradient, paper_task_gradient
 from .masks import TaskMasks, alpha_schedule, harmony_score
-from .model import MaskContext, build_model
+from .model import MaskContext, action_loss, build_model, resolve_conditioning
 from .optim import MaskedAdamW, clip_coefficient, param_groups
 from .run import distributed, resume, rng, session, signals
 from .run.data_cache import load_training_data
 from .run.outputs import MetricsLog, NoLog
 from .tasks import parse_tasks
-
-
-def action_loss(pred: torch.Tensor, batch: dict, count: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 2: mean squared error over the real (non-padding) history steps. ``count``: the real
-    steps to divide by instead of the batch's own (all ranks' steps in a distributed run)."""
-    m = batch["mask"].unsqueeze(-1).to(pred.dtype)  # (B, K, 1)
-    return ((pred.float() - batch["actions"]) ** 2 * m).sum() / ((m.sum() if count is None else count) * pred.shape[-1])
 
 
 class Trainer:
@@ -52,8 +46,9 @@ class Trainer:
         rng.seed_all(cfg.seed)
         self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks, may_generate=not self.dist.active)
         mc = cfg.model
-        self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if cfg.method != "mtdt" else 0,
-                                       cfg.rtg_scale, mc.max_ep_len, seed=cfg.seed + self.dist.rank, device=self.device)
+        prompted = cfg.method != "mtdt" or resolve_conditioning(cfg.method, cfg.conditioning) == "prompt"
+        self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if prompted else 0, cfg.rtg_scale,
+                                       mc.max_ep_len, seed=cfg.seed + self.dist.rank, device=self.device, prompt_segment=cfg.prompt_segment)
         self.model = build_model(mc, len(self.tasks), cfg.method, cfg.conditioning).to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model  # training forwards go through this
         self.params = list(self.model.parameters())
@@ -91,12 +86,15 @@ class Trainer:
         self._stop_local = value
 
     # ---- one step -------------------------------------------------------------------------
-    def context(self, task_ids: torch.Tensor, single_task: bool = False) -> MaskContext | None:
+    def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None) -> MaskContext | None:
         """The masks a forward on rows of ``task_ids`` runs through (None without masks);
-        ``single_task``: every row is ``task_ids[0]`` (one mask, no grouping of rows)."""
+        ``single_task``: every row is ``task_ids[0]`` (one mask, no grouping of rows);
+        ``segments``: the batch's ``((task, sequences), ...)`` layout when known on the host. The
+        reference backend reads the bool masks as they are (no unpacking per call)."""
         if self.task_masks is None:
             return None
-        return MaskContext(self.task_masks.packed(), task_ids[:1] if single_task else task_ids, self.backends.masked_linear)
+        masks = self.task_masks.masks if self.backends.masked_linear == "reference" else self.task_masks.packed()
+        return MaskContext(masks, task_ids[:1] if single_task else task_ids, self.backends.masked_linear, segments=segments)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
@@ -111,7 +109,7 @@ class Trainer:
             return self.step_tasks[self.dist.rank * k : (self.dist.rank + 1) * k]
         g = self.batcher.generator
         if self.cfg.tasks_per_batch == 1:
-            return [int(torch.randint(len(self.tasks), (1,), generator=g))]
+            return torch.randint(len(self.tasks), (1,), generator=g).tolist()  # (a host generator: nothing to wait for)
         n = min(self.cfg.tasks_per_batch, len(self.tasks))
         return torch.randperm(len(self.tasks), generator=g)[:n].tolist()
 
@@ -120,12 +118,14 @@ class Trainer:
         several tasks the union of theirs (Eq. 11)."""
         if self.task_masks is None:
             return None
+        packed = self.backends.masked_adamw != "reference"  # the reference takes bool masks as they are
         if len(task_ids) == 1:
-            packed = self.task_masks.packed()
-            return {w: packed[n][task_ids[0]] for n, w in self.weights.items()}
+            masks = self.task_masks.packed() if packed else self.task_masks.masks
+            return {w: masks[n][task_ids[0]] for n, w in self.weights.items()}
         masks = self.task_masks.masks
         idx = torch.tensor(task_ids, device=self.device)
-        return {w: kernels.pack_masks(masks[n].index_select(0, idx).any(0)) for n, w in self.weights.items()}
+        union = {w: masks[n].index_select(0, idx).any(0) for n, w in self.weights.items()}
+        return {w: kernels.pack_masks(m) for w, m in union.items()} if packed else union
 
     def train_step(self, task_ids: list[int]) -> torch.Tensor:
         """One step of Algorithm 1 on a batch of ``task_ids``; returns the loss (a 0-dim tensor on
@@ -133,7 +133,7 @@ class Trainer:
         if not self.model.training:  # (train() walks every module: skip it when already set)
             self.model.train()
         batch = self.batcher.sample(task_ids, self.cfg.batch_size)
-        ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1)
+        ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1, segments=batch_segments(task_ids, self.cfg.batch_size))
         count = None
         if self.dist.active:  # all ranks' real steps (the loss's divisor) and stop requests
             agreed = torch.stack([batch["mask"].sum().double(), torch.tensor(float(self._stop_local), device=self.device).double()])
@@ -155,36 +155,26 @@ class Trainer:
 
     # ---- Algorithm 2 ----------------------------------------------------------------------
     def task_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[T, P]`` gradients of every task on one fresh batch each (dropout off):
-        gbar_i = grad L_i(theta*M_i) * M_i (Eq. 4) and g_i (Alg. 2: grad L_i(theta) by default).
-        With several ranks, task i is computed on rank i mod W (on a batch of its data stream)
-        and the zero-filled rows are summed over the ranks."""
-        names = list(self.weights)
-        params = [self.weights[n] for n in names]
-        p_total = sum(w.numel() for w in params)
+        """``[T, P]`` gradients of every task on one fresh batch each: gbar_i = grad L_i(theta*M_i) * M_i
+        (Eq. 4) and g_i (Alg. 2: grad L_i(theta) by default; None without masks), in ``self.weights``
+        order. ``--mask-grads paper``: dropout off, unclipped; ``official``: dropout on and each task's
+        gradient clipped to ``--grad-clip``, as the official code (harmodt.mask_grads). With several
+        ranks, task i is computed on rank i mod W (on a batch of its data stream) and the zero-filled
+        rows are summed over the ranks."""
+        p_total = sum(w.numel() for w in self.weights.values())
         t = len(self.tasks)
         masked = torch.zeros(t, p_total, device=self.device)
         dense = torch.zeros(t, p_total, device=self.device) if self.task_masks is not None else None
+        official = self.cfg.masks.mask_grads == "official"
+        task_gradient = official_task_gradient if official else paper_task_gradient
         was_training = self.model.training
-        self.model.eval()
+        self.model.train(official)
         for i in range(t):
             if i % self.dist.world_size != self.dist.rank:
                 continue
-            batch = self.batcher.sample([i], self.cfg.batch_size)
-            if self.task_masks is None:
-                g = torch.autograd.grad(action_loss(self.model(batch), batch), params)
-                masked[i] = torch.cat([x.reshape(-1) for x in g])
-                continue
-            ctx = self.context(batch["task_ids"], single_task=True)
-            if self.cfg.masks.recovery_grad == "masked":
-                ctx.task_grads = {n: torch.zeros(t, *w.shape, device=self.device) for n, w in self.weights.items()}
-            gb = torch.autograd.grad(action_loss(self.model(batch, ctx), batch), params)
-            masked[i] = torch.cat([x.reshape(-1) for x in gb])
-            if self.cfg.masks.recovery_grad == "masked":
-                dense[i] = torch.cat([ctx.task_grads[n][i].reshape(-1) for n in names])
-            else:
-                g = torch.autograd.grad(action_loss(self.model(batch), batch), params)
-                dense[i] = torch.cat([x.reshape(-1) for x in g])
+            masked[i], g = task_gradient(self, i, self.batcher.sample([i], self.cfg.batch_size))
+            if dense is not None:
+                dense[i] = g
         self.model.train(was_training)
         self.dist.all_reduce_sum_(masked)
         if dense is not None:
@@ -210,7 +200,7 @@ class Trainer:
     # ---- evaluation -----------------------------------------------------------------------
     def eval_info(self) -> dict:
         """What evaluation needs besides the weights: task names, state normalization, prompt
-        trajectories, return scaling (tensors and plain types only)."""
+        trajectories and how prompts are cut from them, return scaling (tensors and plain types only)."""
         b = self.batcher
         prompts = {
             name: [{"observations": torch.as_tensor(tr.observations), "actions": torch.as_tensor(tr.actions),
@@ -219,7 +209,7 @@ class Trainer:
         }
         return {"tasks": list(self.tasks), "state_mean": {t: torch.as_tensor(v) for t, v in b.state_mean.items()},
                 "state_std": {t: torch.as_tensor(v) for t, v in b.state_std.items()}, "prompts": prompts,
-                "rtg_scale": self.cfg.rtg_scale, "target_return": self.cfg.target_return}
+                "rtg_scale": self.cfg.rtg_scale, "target_return": self.cfg.target_return, "prompt_segment": self.cfg.prompt_segment}
 
     def evaluate(self) -> dict:
         """Evaluate on every training task (harmodt.evaluate). The training RNG streams (torch,
@@ -258,10 +248,11 @@ def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> di
     metric lines, evaluations and checkpoints; then the final evaluation (:func:`session.finish`)."""
     cfg, ck_path = trainer.cfg, Path(trainer.cfg.out) / "checkpoint.pt"
     meter = session.Meter(trainer, run_state.get("losses", torch.zeros(0)))  # progress bar, losses, steps/s
+    evals = session.Evaluations(run_state)  # the best evaluation so far and how many were made
 
     def save() -> None:
         log.flush()  # the TensorBoard events up to the checkpoint are on disk with it
-        resume.save(trainer, ck_path, {"metrics_bytes": log.tell(), "losses": meter.unlogged_losses()})
+        resume.save(trainer, ck_path, {"metrics_bytes": log.tell(), "losses": meter.unlogged_losses(), **evals.state()})
 
     saved_at = None  # the step of the last checkpoint this process wrote
     try:  # Ctrl-C / SIGTERM: finish the current step, save a consistent checkpoint, then stop
@@ -280,6 +271,7 @@ def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> di
                 if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps and cfg.eval_episodes:
                     with meter.excluded():
                         res = trainer.evaluate()
+                        evals.add(trainer.step, res)
                         log.log({"step": trainer.step, "eval_mean_success": res["mean_success"]})
                 if trainer.step % cfg.checkpoint_every == 0:
                     save()
@@ -288,7 +280,7 @@ def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> di
         meter.close()
     if saved_at != trainer.step:
         save()
-    return session.finish(trainer, log)
+    return session.finish(trainer, log, evals)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ Backends:
 * ``"reference"``: plain PyTorch (`kernels/reference.py`), the single source of truth; any device.
 * ``"triton"``: Triton kernels (`kernels/triton_*.py`); CUDA tensors, or CPU tensors when
   ``TRITON_INTERPRET=1`` is set.
-* ``"cpu"``: native C++/OpenMP ops built from `kernels/csrc/` by CMake (`kernels/cpu.py`).
+* ``"cpu"``: native C++ ops (ATen's thread pool) built from `kernels/csrc/` by CMake (`kernels/cpu.py`).
 * ``"auto"``: Triton on CUDA, the native op on CPU when it is built, else the reference.
 
 The choice is made in one place, :func:`select_backends`, and handed down as a value
@@ -56,13 +56,19 @@ class BackendUnavailable(RuntimeError):
     """A requested kernel backend cannot run here."""
 
 
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run under its CPU interpreter (``TRITON_INTERPRET=1``): the one
+    place the variable is read."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_reason(device: torch.device) -> str | None:
     """None when the Triton kernels can run on tensors of ``device``, else why not."""
     try:
         import triton  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the install
         return f"triton is not importable ({exc})"
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cuda" or triton_interpreted():
         return None
     return f"Triton needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1 for the CPU interpreter"
 
@@ -82,11 +88,11 @@ def backend_reason(backend: str, device: torch.device | str) -> str | None:
     """None when concrete ``backend`` can run on tensors of ``device``, else a one-line reason."""
     if backend not in CONCRETE:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return _reason(backend, torch.device(device).type, os.environ.get("TRITON_INTERPRET"), os.environ.get("HARMODT_SKIP_NATIVE"))
+    return _reason(backend, torch.device(device).type, triton_interpreted(), os.environ.get("HARMODT_SKIP_NATIVE"))
 
 
 @functools.lru_cache(maxsize=None)
-def _reason(backend: str, device_type: str, interpret: str | None, skip_native: str | None) -> str | None:
+def _reason(backend: str, device_type: str, interpret: bool, skip_native: str | None) -> str | None:
     """:func:`backend_reason`, computed once per (backend, device type, environment): every op
     call checks its backend, and a GPU step is bound by per-call host time."""
     if backend == "reference":
@@ -177,7 +183,7 @@ def _autocast_operands(x, weight, bias):
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, masks: torch.Tensor, task_ids: torch.Tensor,
-                  backend: str = "reference", task_grads: torch.Tensor | None = None) -> torch.Tensor:
+                  backend: str = "reference", task_grads: torch.Tensor | None = None, segments: tuple | None = None) -> torch.Tensor:
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias``, differentiable in x, weight and bias.
 
     x ``[R, K]``, weight ``[N, K]``, bias ``[N]`` or None, masks packed int32 ``[T, N, ceil(K/32)]``,
@@ -186,6 +192,9 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     receives each task's unmasked ``dY_t^T X_t`` on backward (Algorithm 2's recovery gradient).
     Under autocast the operands are cast to its dtype first, as ``F.linear``'s are. The triton and
     cpu backends never materialize ``weight * M``; the reference does (one copy per task present).
+    ``segments``: optional host-side ``((task, rows), ...)`` layout of rows grouped by task; the
+    reference splits a mixed-task batch by it instead of reading ``task_ids`` back (no host
+    synchronisation); the fused backends group rows on the device and need none.
     """
     _check_concrete("masked_linear", backend, x.device)
     x, weight, bias = _autocast_operands(x, weight, bias)
@@ -198,7 +207,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             from . import cpu
 
             return cpu.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
-        return reference.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
+        return reference.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads, segments=segments)
 
 
 def masked_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, masks: list, steps: list, *, lr: float,

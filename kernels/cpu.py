@@ -254,7 +254,8 @@ def masked_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, 
     params, exp_avgs, exp_avg_sqs: contiguous float32 CPU tensors (written); grads of the same
     shapes; masks[i]: None, or the packed int32 words of a mask over params[i]'s last dimension
     (a bool mask of params[i]'s shape is packed here); steps[i]: float32 0-dim tensors
-    (incremented); grad_scale: a float or a one-element tensor (read once, as a float).
+    (incremented); grad_scale: a float or a one-element CPU tensor (read by the op itself, so the
+    call never reads a tensor value back into Python).
     """
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "masks": masks, "steps": steps}
     if len({len(v) for v in lists.values()}) != 1:
@@ -283,10 +284,13 @@ def masked_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, 
     if isinstance(grad_scale, torch.Tensor):
         if grad_scale.numel() != 1:
             raise KernelArgumentError(f"grad_scale must be a float or a one-element tensor, got shape {list(grad_scale.shape)}")
-        grad_scale = grad_scale.item()
+        _check_tensor("grad_scale", grad_scale, (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+        grad_scale = grad_scale.reshape(()).to(torch.float32)  # read inside the op: no scalar comes back to Python
+    else:
+        grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)
     with torch.no_grad():
         _ops().adamw_group_([p.detach() for p in params], [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs), packed,
-                            list(steps), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), float(grad_scale))
+                            list(steps), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), grad_scale)
 
 
 # ---- harmony_select -------------------------------------------------------------------------

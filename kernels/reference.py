@@ -45,15 +45,6 @@ def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
     return bits.reshape(*words.shape[:-1], words.shape[-1] * 32)[..., :k].bool()
 
 
-def _as_bool_masks(masks: torch.Tensor, k: int) -> torch.Tensor:
-    """Accept packed int32 ``[T, N, W]`` or already-unpacked bool ``[T, N, K]`` masks."""
-    if masks.dtype == torch.bool:
-        if masks.shape[-1] != k:
-            raise ValueError(f"bool masks have {masks.shape[-1]} columns, weight has {k}")
-        return masks
-    return unpack_masks(masks, k)
-
-
 def masked_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -61,6 +52,7 @@ def masked_linear(
     masks: torch.Tensor,
     task_ids: torch.Tensor,
     task_grads: torch.Tensor | None = None,
+    segments: tuple | None = None,
 ) -> torch.Tensor:
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias``, differentiable in x, weight, bias.
 
@@ -74,6 +66,11 @@ def masked_linear(
 
     ``task_grads``: optional fp32 ``[T, N, K]`` buffer; on backward the per-task *unmasked*
     ``dY_t^T X_t`` is added into it (the gradient w.r.t. each task's effective weight).
+
+    ``segments``: optional ``((task, rows), ...)`` runs in row order, for rows grouped by task
+    whose layout the caller knows on the host (a training batch); the rows are then split by it
+    instead of by reading ``task_ids`` back (which a mixed-task batch otherwise needs: the count
+    of rows per task sets the shapes).
     """
     r, k = x.shape
     n = weight.shape[0]
@@ -81,7 +78,7 @@ def masked_linear(
         raise ValueError(f"masked_linear: x has {k} features, weight is {tuple(weight.shape)}")
     if task_ids.shape not in ((r,), (1,)):
         raise ValueError(f"masked_linear: task_ids must be [{r}] or [1], got {tuple(task_ids.shape)}")
-    if masks.shape[1] != n:
+    if masks.shape[1] != n or (masks.dtype == torch.bool and masks.shape[-1] != k):
         raise ValueError(f"masked_linear: masks {tuple(masks.shape)} do not match weight {tuple(weight.shape)}")
     if task_ids.shape == (1,) and r != 1:  # one task: one masked copy, one GEMM
         m = masks.index_select(0, task_ids)[0]
@@ -90,20 +87,30 @@ def masked_linear(
         if task_grads is not None and w_eff.requires_grad:
             w_eff.register_hook(_accumulate_into(task_grads, task_ids))
         return F.linear(x, w_eff, bias)
-    bmask = _as_bool_masks(masks, k)
-    counts = torch.bincount(task_ids, minlength=bmask.shape[0])
+    if segments is not None:
+        if sum(c for _, c in segments) != r:
+            raise ValueError(f"masked_linear: segments {segments} cover {sum(c for _, c in segments)} rows, x has {r}")
+        return _segment_linear(x, weight, bias, masks, list(segments), task_grads)
+    counts = torch.bincount(task_ids, minlength=masks.shape[0])
     present = counts.nonzero().flatten().tolist()
     order = torch.argsort(task_ids, stable=True)  # rows grouped by task
-    xs = x.index_select(0, order)
+    ys = _segment_linear(x.index_select(0, order), weight, bias, masks, list(zip(present, counts[present].tolist())), task_grads)
+    return ys.index_select(0, torch.argsort(order))  # back to the callers' row order
+
+
+def _segment_linear(x, weight, bias, masks, segments, task_grads):
+    """Rows grouped by task, ``segments`` ``[(task, rows), ...]`` in row order: one masked copy
+    of the weight and one GEMM per segment."""
+    k = x.shape[1]
     parts, start = [], 0
-    for t, c in zip(present, counts[present].tolist()):
-        w_eff = torch.where(bmask[t], weight, weight.new_zeros(()))  # (N, K): one masked copy per task present
+    for t, c in segments:
+        m = masks[t] if masks.dtype == torch.bool else unpack_masks(masks[t], k)
+        w_eff = torch.where(m, weight, weight.new_zeros(()))  # (N, K)
         if task_grads is not None and w_eff.requires_grad:
             w_eff.register_hook(_accumulate_into(task_grads, torch.tensor([t], device=x.device)))
-        parts.append(F.linear(xs[start : start + c], w_eff, bias))
+        parts.append(F.linear(x[start : start + c], w_eff, bias))
         start += c
-    ys = torch.cat(parts) if parts else x.new_empty(0, n)
-    return ys.index_select(0, torch.argsort(order))  # back to the callers' row order
+    return torch.cat(parts) if parts else x.new_empty(0, weight.shape[0])
 
 
 def _accumulate_into(buf: torch.Tensor, t: torch.Tensor):
@@ -130,23 +137,28 @@ def masked_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, 
     ``masks[i]``: None (all of p may change), a bool tensor of p's shape, or its packed int32
     words ``[..., ceil(K/32)]``. Outside the mask the moments still move as above (with the
     masked gradient, i.e. zero there, they decay), as a plain AdamW step would move them.
-    ``grad_scale``: a float or a 0-dim tensor (the gradient-clipping factor).
+    ``grad_scale``: a float or a 0-dim tensor (the gradient-clipping factor). The step count and
+    the bias corrections stay tensors (in float64): no value is read back to the host.
     """
-    for p, g, m, v, mask, step in zip(params, grads, exp_avgs, exp_avg_sqs, masks, steps):
-        g = g * grad_scale
-        step += 1
-        t = float(step)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size = lr / (1 - beta1**t)
-        denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
-        new = p.detach() * (1 - lr * weight_decay)
-        new.addcdiv_(m, denom, value=-step_size)
-        if mask is None:
-            p.detach().copy_(new)
-            continue
-        keep = mask if mask.dtype == torch.bool else unpack_masks(mask, p.shape[-1])
-        p.detach().copy_(torch.where(keep, new, p.detach()))
+    if not params:
+        return
+    with torch.no_grad():
+        g = torch._foreach_mul(list(grads), grad_scale)
+        torch._foreach_add_(steps, 1)
+        torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - beta2)
+        for p, m, v, mask, step in zip(params, exp_avgs, exp_avg_sqs, masks, steps):
+            t = step.double()
+            step_size = (lr / (1 - beta1**t)).float()  # 0-dim tensors
+            bc2_sqrt = (1 - beta2**t).sqrt().float()
+            new = p.detach() * (1 - lr * weight_decay)
+            new.sub_((m / (v.sqrt() / bc2_sqrt).add_(eps)).mul_(step_size))
+            if mask is None:
+                p.detach().copy_(new)
+                continue
+            keep = mask if mask.dtype == torch.bool else unpack_masks(mask, p.shape[-1])
+            p.detach().copy_(torch.where(keep, new, p.detach()))
 
 
 def harmony_select(

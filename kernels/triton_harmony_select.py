@@ -20,7 +20,6 @@ which is fine for an update that runs once every many training steps.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -125,7 +124,9 @@ def _select(masked_grads, grads, params, masks, k, lam, importance):
         return masks.clone()
     mg, g, prm = masked_grads.contiguous(), grads.contiguous(), params.contiguous()
     ghat = mg.float().mean(0)  # (P,): one vector, not a [T, P] array
-    block = INTERPRET_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+    from . import triton_interpreted
+
+    block = INTERPRET_BLOCK if triton_interpreted() else BLOCK
     n_blocks = triton.cdiv(p, block)
     kc = candidates_per_block(k, block)
     hkeys = torch.empty(t, n_blocks * kc, dtype=torch.int64, device=mg.device)

@@ -22,7 +22,6 @@ exp_avgs, exp_avg_sqs and steps), so ``torch.compile`` sees the whole update as 
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from typing import List, Optional
 
@@ -116,7 +115,9 @@ def _rows(params, grads, exp_avgs, exp_avg_sqs, masks, steps) -> list:
 
 
 def _block() -> int:
-    return INTERPRET_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+    from . import triton_interpreted
+
+    return INTERPRET_BLOCK if triton_interpreted() else BLOCK
 
 
 def _table(key: tuple, device: torch.device, rows: list, block: int) -> tuple[torch.Tensor, int]:

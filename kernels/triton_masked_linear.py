@@ -26,7 +26,6 @@ with fake implementations, so ``torch.compile`` sees one opaque op per call and 
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -41,7 +40,9 @@ INTERPRET_BLOCKS = (32, 32, 32)  # (BM, BN, BK) under the interpreter: small til
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    from . import triton_interpreted
+
+    return triton_interpreted()
 
 
 def block_config(kernel: str, n: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int, int]:

@@ -1,10 +1,15 @@
-"""Prompt-DT batches: shapes, left padding, returns-to-go, normalization, length-weighted sampling."""
+"""Prompt-DT batches: shapes, left padding, returns-to-go, normalization, length-weighted sampling,
+and how prompts are cut from prompt episodes."""
+
+import copy
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from _synthetic import datasets
-from harmodt.data.batches import PromptDTBatcher, returns_to_go
+from harmodt.data.batches import PromptDTBatcher, best_prompt_choice, prompt_segment, returns_to_go
 
 TASKS = ["a", "b", "c"]
 
@@ -60,3 +65,90 @@ def test_sampling_weighted_by_length_and_deterministic():
     assert 0.77 < frac < 0.83
     b2 = PromptDTBatcher({"a": td}, ["a"], 1, 1, 1.0, seed=0)
     assert torch.equal(b2.sample([0], 8000)["timesteps"], batch["timesteps"])
+
+
+# ---- prompts: the last K* steps (Prompt-DT's code) or a random window (--prompt-segment) ------
+
+def _expected_last(tr, mean, std, k, scale):
+    """The last k steps of a trajectory as a prompt row (left-padded when it is shorter)."""
+    n = len(tr.rewards)
+    si, real = max(0, n - k), min(n, k)
+    pad = k - real
+    states = np.zeros((k, tr.observations.shape[1]), np.float32)
+    states[pad:] = (tr.observations[si:] - mean) / std
+    actions = np.zeros((k, tr.actions.shape[1]), np.float32)
+    actions[pad:] = tr.actions[si:]
+    rtg = np.zeros(k, np.float32)
+    rtg[pad:] = returns_to_go(tr.rewards)[si:] / scale
+    ts = np.zeros(k, np.int64)
+    ts[pad:] = np.arange(si, n)
+    return states, actions, rtg, ts, np.arange(k) >= pad
+
+
+def test_last_prompts_are_the_last_steps_of_a_prompt_episode_of_the_row_task():
+    ds = datasets(TASKS, episodes=2, length=30)
+    short = ds["b"].prompts[1]  # a prompt episode shorter than K*: taken whole, left-padded
+    for key in ("observations", "actions", "rewards", "dones"):
+        setattr(short, key, getattr(short, key)[:2])
+    b = PromptDTBatcher(ds, TASKS, 6, 4, 100.0, seed=3, prompt_segment="last")
+    batch = b.sample([0, 1, 2], 300)
+    drawn = {t: set() for t in TASKS}
+    for i in range(300):
+        t = TASKS[int(batch["task_ids"][i])]
+        row = (batch["prompt_states"][i].numpy(), batch["prompt_actions"][i].numpy(), batch["prompt_rtg"][i, :, 0].numpy(),
+               batch["prompt_timesteps"][i].numpy(), batch["prompt_mask"][i].numpy())
+        matches = []
+        for j, tr in enumerate(ds[t].prompts):
+            exp = _expected_last(tr, b.state_mean[t], b.state_std[t], 4, 100.0)
+            if all(np.allclose(x, y, rtol=1e-5, atol=1e-6) if x.dtype.kind == "f" else np.array_equal(x, y) for x, y in zip(row, exp)):
+                matches.append(j)
+        assert matches, (i, t)
+        drawn[t].add(matches[0])
+    assert all(d == {0, 1} for d in drawn.values())  # every prompt episode of every task is drawn
+    assert not batch["prompt_mask"].all()  # task b's short episode is padded
+
+
+def test_random_prompt_segment_gives_the_earlier_batches_bit_for_bit():
+    """``prompt_segment="random"`` draws exactly what the batcher drew before the option existed:
+    tests/data/random_prompt_draw.npz holds batches and evaluation prompts of that earlier code for
+    the same data and seeds."""
+    saved = np.load(Path(__file__).parent / "data" / "random_prompt_draw.npz")
+    ds = datasets(TASKS, episodes=3, length=30)
+    b = PromptDTBatcher(ds, TASKS, 6, 3, 100.0, seed=5, prompt_segment="random")
+    for i, (ids, n) in enumerate([([0], 4), ([1, 2], 5), ([2], 3)]):
+        batch = b.sample(ids, n)
+        assert {k.split("_", 1)[1] for k in saved.files if k.startswith(f"{i}_")} == set(batch)
+        for k, v in batch.items():
+            assert np.array_equal(v.numpy(), saved[f"{i}_{k}"]), (i, k)
+    g = torch.Generator().manual_seed(11)
+    for t in TASKS:
+        seg, src = prompt_segment(ds[t].prompts, b.state_mean[t], b.state_std[t], 3, 100.0, 500, g, "random")
+        for k, v in seg.items():
+            assert np.array_equal(v.numpy(), saved[f"eval_{t}_{k}"]), (t, k)
+        real = seg["prompt_mask"][0]
+        assert src["timesteps"] == seg["prompt_timesteps"][0][real].tolist()
+
+
+def test_evaluation_prompt_is_the_best_episode_last_steps_ties_to_the_lowest_index():
+    ds = datasets(["a"], episodes=1, length=20)
+    trajs = ds["a"].prompts + [copy.deepcopy(ds["a"].prompts[0])]  # episodes 0 and 2 have the same return
+    trajs[1].rewards = trajs[1].rewards * 0.5
+    trajs[0].rewards[-1] += 1.0
+    trajs[2].rewards[-1] += 1.0  # 0 and 2 tie for the highest return
+    assert best_prompt_choice(trajs) == 0
+    b = PromptDTBatcher(ds, ["a"], 6, 3, 100.0)
+    mean, std = b.state_mean["a"], b.state_std["a"]
+    for seed in (0, 1):  # the seed plays no part
+        seg, src = prompt_segment(trajs, mean, std, 3, 100.0, 500, torch.Generator().manual_seed(seed), "last")
+        assert src == {"episode": 0, "timesteps": [17, 18, 19]}
+        states, actions, rtg, ts, _ = _expected_last(trajs[0], mean, std, 3, 100.0)
+        for x, y in zip((seg["prompt_states"][0], seg["prompt_actions"][0], seg["prompt_rtg"][0, :, 0], seg["prompt_timesteps"][0]),
+                        (states, actions, rtg, ts)):
+            np.testing.assert_allclose(x.numpy(), y, rtol=1e-5, atol=1e-6)
+    trajs[1].rewards = trajs[1].rewards * 4  # now episode 1 has the highest return
+    assert prompt_segment(trajs, mean, std, 3, 100.0, 500, torch.Generator(), "last")[1]["episode"] == 1
+
+
+def test_unknown_prompt_segment_is_refused():
+    with pytest.raises(ValueError, match="prompt_segment"):
+        PromptDTBatcher(datasets(["a"]), ["a"], 6, 3, 100.0, prompt_segment="first")

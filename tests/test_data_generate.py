@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from harmodt.data import DataError, detect_layout, load_dataset
-from harmodt.data.generate import epsilon, generate
-from harmodt.envs import make_env, make_vector_env, scripted_policy
+from harmodt.data.generator import epsilon, generate
+from harmodt.envs import ScriptedExpert, make_env, make_vector_env
 
 TASKS = ["reach-v3", "drawer-close-v3"]
 
@@ -104,7 +104,7 @@ def test_stored_actions_follow_the_curriculum(generated):
     """Episode 0 (eps = 1) is almost all uniform random actions; the last (eps = 0) is the expert's."""
     out, _ = generated
     z = np.load(out / "reach-v3.npz")
-    expert = scripted_policy("reach-v3")
+    expert = ScriptedExpert("reach-v3")
     eps = z["episode_epsilon"]
     assert eps[0] == 1.0 and eps[-1] == 0.0
     far = []
@@ -151,7 +151,7 @@ def test_env_goals_random_per_episode_and_seeded():
 
 
 def test_env_truncates_at_500_and_expert_succeeds():
-    env, expert = make_env("drawer-close-v3", 1), scripted_policy("drawer-close-v3")
+    env, expert = make_env("drawer-close-v3", 1), ScriptedExpert("drawer-close-v3")
     obs, _ = env.reset()
     success = False
     for t in range(500):
@@ -179,7 +179,7 @@ def test_scripted_expert_leaves_the_observation_unchanged(task):
     """door-open-v3's and door-close-v3's shipped policies write their target offsets into the
     array they are given; the expert must hand them a copy, or the caller's observation (and the
     generated data) changes."""
-    env, expert = make_env(task, 3), scripted_policy(task)
+    env, expert = make_env(task, 3), ScriptedExpert(task)
     obs, _ = env.reset()
     for _ in range(40):
         before = obs.copy()
@@ -192,7 +192,7 @@ def test_stored_observations_are_the_envs_own(tmp_path):
     """Replaying an expert episode's stored actions in an env built with the generator's seed
     shows exactly the stored observations (door-open-v3: its policy alters what it reads). The
     prompt episode is the scripted expert's at every step."""
-    from harmodt.data.generate import task_seed
+    from harmodt.tasks import task_seed
 
     task = "door-open-v3"
     generate([task], 1, str(tmp_path), seed=3, workers=1, prompt_episodes=1, progress=False)

@@ -1,5 +1,6 @@
 """Batched evaluation: same results as one-episode-at-a-time, voted masks, checkpoint errors."""
 
+import json
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from _synthetic import datasets
 from harmodt.config import ModelConfig, TrainConfig, validate
 import kernels
 from harmodt.evaluate import EvalError, evaluate
+from harmodt.run import resume
 from harmodt.train import Trainer
 
 TASKS = ["reach-v3", "drawer-close-v3"]
@@ -118,3 +120,97 @@ def test_sharded_env_matches_vector_env_and_names_failures():
         b.close()
     with pytest.raises(RuntimeError, match=r"(?s)envs \[1\].*unknown Meta-World v3 task 'nope-v3'"):
         ShardedVectorEnv(["reach-v3", "nope-v3"], [0, 1], shards=2)
+
+
+# ---- prompts at evaluation, task-ID models, old checkpoints ------------------------------------
+
+def captured_prompts(model, monkeypatch):
+    """The prompt batches evaluation encodes (a wrapper around ``encode_prompt``)."""
+    seen, real = [], model.encode_prompt
+    monkeypatch.setattr(model, "encode_prompt", lambda prompt, ctx=None: (seen.append(prompt), real(prompt, ctx))[1])
+    return seen
+
+
+def test_last_prompt_is_the_best_episode_last_steps_for_every_seed(trainer, monkeypatch):
+    from harmodt.data.batches import best_prompt_choice, prompt_segment
+
+    info = trainer.eval_info()
+    assert info["prompt_segment"] == "last"
+    seen = captured_prompts(trainer.model, monkeypatch)
+    kp = trainer.cfg.model.prompt_len
+    runs = [evaluate(trainer.model, trainer.task_masks, info, TASKS, 1, seed=s, max_steps=3, progress=False) for s in (3, 4)]
+    for i, t in enumerate(TASKS):
+        prompts = trainer.datasets[t].prompts
+        best = best_prompt_choice(prompts)
+        n = len(prompts[best].rewards)
+        want = {"segment": "last", "episodes": "training prompts", "episode": best, "timesteps": list(range(n - kp, n))}
+        assert runs[0]["tasks"][t]["prompt"] == runs[1]["tasks"][t]["prompt"] == want
+        expected, _ = prompt_segment(prompts, trainer.batcher.state_mean[t], trainer.batcher.state_std[t], kp, trainer.cfg.rtg_scale,
+                                     trainer.cfg.model.max_ep_len, torch.Generator(), "last")
+        for k, v in expected.items():
+            assert torch.equal(seen[0][k][i], v[0]) and torch.equal(seen[1][k][i], v[0]), (t, k)
+    rnd = evaluate(trainer.model, trainer.task_masks, info, TASKS, 1, seed=3, max_steps=3, progress=False, prompt_segment="random")
+    for i, t in enumerate(TASKS):
+        rec = rnd["tasks"][t]["prompt"]
+        assert rec["segment"] == "random" and 0 <= rec["episode"] < len(trainer.datasets[t].prompts)
+        assert rec["timesteps"] == seen[2]["prompt_timesteps"][i][seen[2]["prompt_mask"][i]].tolist()
+
+
+def test_unseen_task_prompt_is_cut_the_same_way(trainer):
+    from harmodt.data.batches import best_prompt_choice
+    from harmodt.evaluate import _expert_prompts
+
+    res = evaluate(trainer.model, trainer.task_masks, trainer.eval_info(), ["button-press-v3"], 1, seed=1, max_steps=3,
+                   vote_threshold=1, progress=False)
+    rolled = _expert_prompts("button-press-v3", 2, 1 + 7919)  # the pair evaluation rolls out for the first task at seed 1
+    best = best_prompt_choice(rolled)
+    n, kp = len(rolled[best].rewards), trainer.cfg.model.prompt_len
+    assert res["tasks"]["button-press-v3"]["prompt"] == {"segment": "last", "episodes": "expert rollouts", "episode": best,
+                                                         "timesteps": list(range(n - kp, n))}
+
+
+def tiny_trainer(tmp_path, **kw):
+    model = ModelConfig(n_layer=1, n_head=2, n_embd=32, context_len=4, prompt_len=2, dropout=0.0)
+    cfg = validate(TrainConfig(**{**dict(tasks=",".join(TASKS), method="mtdt", steps=4, batch_size=4, eval_episodes=0,
+                                         out=str(tmp_path / "run"), progress=False, model=model), **kw}))
+    tr = Trainer(cfg, datasets(TASKS, length=80))
+    tr.train_step([0])
+    return tr
+
+
+def test_task_id_models_refuse_unseen_tasks(tmp_path):
+    for conditioning in ("auto", "task-embedding"):
+        tr = tiny_trainer(tmp_path, conditioning=conditioning)
+        with pytest.raises(EvalError, match="cannot act on unseen tasks: button-press-v3"):
+            evaluate(tr.model, None, tr.eval_info(), ["reach-v3", "button-press-v3"], 1, seed=1, max_steps=2, progress=False)
+        res = evaluate(tr.model, None, tr.eval_info(), TASKS, 1, seed=1, max_steps=2, progress=False)
+        assert "prompt" not in res["tasks"]["reach-v3"]
+
+
+def test_checkpoint_from_before_the_new_options_evaluates_as_before(tmp_path):
+    """An MTDT checkpoint written when "auto" meant the learned task embedding and prompts were
+    random windows (no prompt_segment in its config and eval_info) loads as that model."""
+    from harmodt import checkpoint
+    from harmodt.evaluate import load_checkpoint
+
+    tr = tiny_trainer(tmp_path, conditioning="task-embedding", prompt_segment="random")
+    state = resume.state(tr)
+    state["config"]["conditioning"] = "auto"
+    del state["config"]["prompt_segment"], state["eval_info"]["prompt_segment"]
+    checkpoint.save(state, tmp_path / "old.pt")
+    model, masks, info, cfg, step = load_checkpoint(str(tmp_path / "old.pt"))
+    assert model.conditioning == "task-embedding" and cfg["prompt_segment"] == "random" and masks is None
+    kw = dict(max_steps=6, progress=False)
+    assert evaluate(model, None, info, TASKS, 1, seed=2, **kw)["tasks"] == evaluate(tr.model, None, tr.eval_info(), TASKS, 1, seed=2,
+                                                                                    **kw)["tasks"]
+
+
+def test_evaluate_cli_records_each_task_prompt(trainer, tmp_path):
+    from harmodt import checkpoint
+    from harmodt.evaluate import main
+
+    checkpoint.save(resume.state(trainer), tmp_path / "ck.pt")
+    assert main([str(tmp_path / "ck.pt"), "--episodes", "1", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "e.json")]) == 0
+    out = json.loads((tmp_path / "e.json").read_text())
+    for t in TASKS:
+        assert out["tasks"][t]["prompt"]["segment"] == "last" and len(out["tasks"][t]["prompt"]["timesteps"]) == 2

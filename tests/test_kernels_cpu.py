@@ -279,7 +279,7 @@ def _opcheck_cases():
     params = [torch.randn(5, 40), torch.randn(7)]
     adamw = ([p.clone() for p in params], [torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params],
              [torch.zeros_like(p) for p in params], [ref.pack_masks(torch.rand(5, 40) < 0.5), None], [torch.zeros(()), torch.zeros(())],
-             1e-3, 0.9, 0.999, 1e-8, 0.1, 0.5)
+             1e-3, 0.9, 0.999, 1e-8, 0.1, torch.tensor(0.5))
     mg, g, prm, hs_masks = _hs_inputs(3, 100, seed=2)
     return [
         ("masked_linear_forward", (x, w, b, masks, ids)),

@@ -12,7 +12,7 @@ import pytest
 
 from _data_folders import minari_episodes, write_minari_dataset, write_ours
 from harmodt.data import DataError, detect_layout, load_dataset
-from harmodt.data.generate import task_seed
+from harmodt.tasks import task_seed
 from harmodt.data.minari import dataset_id, export_minari
 
 FIELDS = ("observations", "actions", "rewards", "dones", "successes", "terminals", "truncations")

@@ -37,10 +37,41 @@ def test_forward_shapes(method):
 
 
 def test_conditioning_choices():
-    assert build_model(CFG, 2, "mtdt").use_prompt is False
+    mtdt = build_model(CFG, 2, "mtdt")
+    assert mtdt.conditioning == "task-state" and mtdt.use_prompt is False  # the paper's MTDT by default
+    assert mtdt.task_embed is None and mtdt.prompt_embed is None
     assert build_model(CFG, 2, "harmodt-f").use_prompt is True
-    assert build_model(CFG, 2, "harmodt-f", "task-id").task_embed is not None
+    assert build_model(CFG, 2, "harmodt-f", "task-embedding").task_embed is not None
+    old = build_model(CFG, 2, "mtdt", "task-id")  # the earlier name of task-embedding
+    assert old.conditioning == "task-embedding" and old.task_embed is not None
     assert build_model(CFG, 2, "mtdt", "prompt").prompt_embed is not None
+    with pytest.raises(ValueError, match="conditioning"):
+        build_model(CFG, 2, "mtdt", "task")
+
+
+def test_mtdt_reads_a_one_hot_task_id_beside_every_state():
+    """--conditioning task-state (Appendix D): the state embedding takes S + T inputs, the state
+    followed by the row's one-hot task ID; the task ID alone changes the action, in training's
+    forward and in evaluation's act alike."""
+    b, m = setup("mtdt")
+    assert m.embed.state.in_features == CFG.state_dim + 2 and m.embed.ret.in_features == 1
+    batch = b.sample([0, 1], 4)
+    seen = []
+    hook = m.embed.state.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    out = m(batch)
+    hook.remove()
+    x = seen[0]
+    assert x.shape == (4, CFG.context_len, CFG.state_dim + 2)  # (B, K, S + T)
+    torch.testing.assert_close(x[..., : CFG.state_dim], batch["states"])
+    onehot = F.one_hot(batch["task_ids"], 2).float().unsqueeze(1).expand(-1, CFG.context_len, -1)
+    assert torch.equal(x[..., CFG.state_dim :], onehot)
+    other = dict(batch, task_ids=1 - batch["task_ids"])
+    assert not torch.allclose(out, m(other))
+    batch["mask"][:] = True
+    args = (batch["states"], batch["actions"], batch["rtg"], batch["timesteps"])
+    act = m.act(*args, batch["task_ids"])
+    torch.testing.assert_close(act, m(batch)[:, -1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(act, m.act(*args, 1 - batch["task_ids"]))
 
 
 def test_prediction_is_causal():

@@ -46,6 +46,10 @@ KILL_POINTS = {
     "step:12": 9,  # the last step, before the final checkpoint
     "checkpoint-write:12": 9,  # the final checkpoint half written
 }
+# the mask-update gradients (--mask-grads) a run uses -> its extra flags; official draws dropout in the update
+VARIANTS = {"paper": [], "official": ["--mask-grads", "official"]}
+# (kill point, variant): every point with the default; official killed after an update that the resume replays
+CASES = [(p, "paper") for p in KILL_POINTS] + [("step:5", "official")]
 
 
 def train(out: Path, args: list[str], kill: str | None = None, resume: bool = False) -> subprocess.CompletedProcess:
@@ -111,28 +115,31 @@ def assert_same_run(ref: Path, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def synthetic_runs(tmp_path_factory):
-    """The uninterrupted run and, per kill point, (the killed process, the checkpoint step and
-    whether a torn .tmp was on disk after the kill, the resumed process, the folder): two at a time."""
+    """Per variant the uninterrupted run and, per case, (the killed process, the checkpoint step
+    and whether a torn .tmp was on disk after the kill, the resumed process, the folder): two at a time."""
     base = tmp_path_factory.mktemp("resume")
     args = SYNTHETIC + ["--data", str(write_ours(base / "data", TASKS, episodes=4, length=30))]
 
-    def kill_and_resume(point):
-        out = base / point.replace(":", "-")
-        killed = train(out, args, kill=point)
+    def kill_and_resume(case):
+        point, variant = case
+        out = base / f"{variant}-{point.replace(':', '-')}"
+        killed = train(out, args + VARIANTS[variant], kill=point)
         after = (checkpoint_step(out), (out / "checkpoint.pt.tmp").exists(), len(records(out)))
-        return point, (killed, after, train(out, args, resume=True), out)
+        return case, (killed, after, train(out, args + VARIANTS[variant], resume=True), out)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        ref = pool.submit(train, base / "ref", args)
-        runs = dict(pool.map(kill_and_resume, KILL_POINTS))
-    ok(ref.result())
-    return base / "ref", runs
+        refs = {v: pool.submit(train, base / f"ref-{v}", args + extra) for v, extra in VARIANTS.items()}
+        runs = dict(pool.map(kill_and_resume, CASES))
+    for ref in refs.values():
+        ok(ref.result())
+    return {v: base / f"ref-{v}" for v in VARIANTS}, runs
 
 
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_sigkill_then_resume_ends_as_uninterrupted(synthetic_runs, point):
-    ref, runs = synthetic_runs
-    killed, (ck_step, torn_tmp, _), resumed, out = runs[point]
+@pytest.mark.parametrize("point,variant", CASES)
+def test_sigkill_then_resume_ends_as_uninterrupted(synthetic_runs, point, variant):
+    refs, runs = synthetic_runs
+    ref = refs[variant]
+    killed, (ck_step, torn_tmp, _), resumed, out = runs[(point, variant)]
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert ck_step == KILL_POINTS[point]  # the kill came where the point says
     assert torn_tmp == point.startswith("checkpoint-write")
@@ -141,11 +148,19 @@ def test_sigkill_then_resume_ends_as_uninterrupted(synthetic_runs, point):
     assert_same_run(ref, out)
 
 
+def test_official_variant_trains_other_masks(synthetic_runs):
+    """The official mask gradients reached the run: its masks and weights differ from the default's."""
+    refs, _ = synthetic_runs
+    a, b = (torch.load(refs[v] / "checkpoint.pt", weights_only=True) for v in ("paper", "official"))
+    assert b["config"]["masks"]["mask_grads"] == "official"
+    assert any(not torch.equal(a["masks"][t][n], b["masks"][t][n]) for t in a["masks"] for n in a["masks"][t])
+
+
 def test_killed_metrics_lines_are_cut_back(synthetic_runs):
     """The run killed at step 5 had logged step 4 and the mask update at 4 after its checkpoint at
     3; the resumed run cut them and wrote them once more, so each step appears once."""
-    ref, runs = synthetic_runs
-    _, (_, _, n_records), _, out = runs["step:5"]
+    _, runs = synthetic_runs
+    _, (_, _, n_records), _, out = runs[("step:5", "paper")]
     assert n_records == 3  # step 2, step 4, mask update at 4
     recs = records(out)
     keys = [(r["step"], "loss" in r) for r in recs]
@@ -179,6 +194,10 @@ def test_sigkill_during_evaluations_then_resume_ends_as_uninterrupted(tmp_path):
     assert_same_run(tmp_path / "ref", out)
     evals = [r for r in records(out) if "eval_mean_success" in r]
     assert [r["step"] for r in evals] == [4, 6]
+    res = json.loads((out / "results.json").read_text())  # the evaluation at 4 came back from the checkpoint at 6
+    assert res["final"]["step"] == 6 and res["best"]["evaluations"] == 2 and res["best"]["step"] in (4, 6)
+    assert res["best"]["mean_success"] == max(r["eval_mean_success"] for r in evals)
+    assert res["tasks"]["reach-v3"]["prompt"]["segment"] == "last"
 
 
 def test_evaluation_leaves_the_training_rng_streams(tmp_path):
@@ -237,6 +256,23 @@ def test_resume_with_changed_settings_names_every_key(tmp_path):
         run(tiny(tmp_path, resume=True, tasks="push-v3,reach-v3"), datasets(TASKS))
     with pytest.raises(ConfigError, match=r"data \(''"):
         run(tiny(tmp_path, resume=True, data=str(tmp_path)), datasets(TASKS))
+
+
+def test_resume_of_a_checkpoint_from_before_prompt_segment_keeps_random_prompts(tmp_path):
+    """A checkpoint whose config has no prompt_segment ran with random prompt windows: resuming it
+    with today's default (last) is refused in one line naming the flag that continues it as it was."""
+    from harmodt import checkpoint
+
+    run(tiny(tmp_path, prompt_segment="random"), datasets(TASKS))
+    ck = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    del ck["config"]["prompt_segment"]
+    checkpoint.save(ck, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ConfigError) as err:
+        run(tiny(tmp_path, resume=True, steps=6, allow_changed=["steps"]), datasets(TASKS))
+    msg = str(err.value)
+    assert "prompt_segment ('random' -> 'last')" in msg and "pass --prompt-segment random to continue" in msg and "\n" not in msg
+    res = run(tiny(tmp_path, resume=True, steps=6, allow_changed=["steps"], prompt_segment="random"), datasets(TASKS))
+    assert res["steps"] == 6
 
 
 def test_allow_changed_steps_continues_as_a_longer_run(tmp_path):

@@ -1,5 +1,6 @@
-"""`python -m harmodt.study`: its statistics on inputs with known answers, and a tiny study that runs
-end to end, resumes after an interruption and draws every figure."""
+"""`python -m harmodt.study`: its statistics on inputs with known answers, how a Ctrl-C stops it (its
+child processes, also one starting at that moment), and a tiny study that runs end to end, resumes
+after an interruption and draws every figure."""
 
 import json
 import math
@@ -7,13 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from _synthetic import trajectory
-from harmodt.study import (StudyError, aggregate, classical_mds, draw_figures, flag_for_key,
+from harmodt import study as study_mod
+from harmodt.study import (Study, StudyError, aggregate, build_parser, classical_mds, draw_figures, flag_for_key,
                            jaccard_matrix, paired_bootstrap, pairwise, parse_sweep, run_name, summary_markdown, t_interval, t_quantile,
                            variant_label)
 
@@ -108,6 +111,31 @@ def test_aggregate_paired_difference_from_prompt_dt():
     assert "| HarmoDT-F | 2/2 | 0.400 |" in md and "+0.100 (vs Prompt-DT)" in md and "reach-v3" in md
 
 
+def test_best_is_reported_beside_final_and_the_ranking_uses_final():
+    study = fake_study({("prompt-dt", None, 0): [0.2, 0.4], ("prompt-dt", None, 1): [0.6, 0.0],
+                        ("harmodt-f", None, 0): [0.3, 0.5], ("harmodt-f", None, 1): [0.7, 0.1]})
+    best = {("prompt-dt", 0): (0.9, 40), ("prompt-dt", 1): (0.7, 20), ("harmodt-f", 0): (0.5, 60), ("harmodt-f", 1): (0.5, 80)}
+    for r in study["runs"]:
+        m, step = best[(r["method"], r["seed"])]
+        r["best"] = {"mean_success": m, "step": step, "evaluations": 4, "episodes": 3, "tasks": {}}
+    pd, hf = aggregate(study)
+    assert pd["best"]["mean_success"] == pytest.approx(0.8) and hf["best"]["mean_success"] == pytest.approx(0.5)
+    assert pd["best"]["per_seed"] == {"0": {"mean_success": 0.9, "step": 40}, "1": {"mean_success": 0.7, "step": 20}}
+    assert hf["best"]["ci_low"] == pytest.approx(0.5) and hf["best"]["ci_high"] == pytest.approx(0.5)
+    study["variants"] = [pd, hf]
+    study["pairwise"] = pairwise(study)
+    md = summary_markdown(study)
+    assert "| final mean success |" in md and "best during training" in md
+    assert "| HarmoDT-F | 2/2 | 0.400 |" in md and "| 0.500 | [0.500, 0.500] | 0.50 (60), 0.50 (80) |" in md
+    # Prompt-DT has the higher best, HarmoDT-F the higher final: the ranking follows the final
+    assert "Ranking by final mean success: HarmoDT-F (0.400) > Prompt-DT (0.300)." in md
+    for r in study["runs"]:
+        del r["best"]
+    study["variants"] = aggregate(study)
+    md = summary_markdown(study)
+    assert "best during training" not in md and "| HarmoDT-F | 2/2 | 0.400 |" in md
+
+
 def test_aggregate_sweep_of_one_method_beside_an_unswept_prompt_dt():
     study = fake_study({("prompt-dt", None, 0): [0.2, 0.4], ("harmodt-f", "100", 0): [0.3, 0.4],
                         ("harmodt-f", "2000", 0): [0.5, 0.6]}, sweep="masks.eta_max")
@@ -164,24 +192,135 @@ def test_study_rejects_flags_it_sets_itself(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
+def ignoring_sigint(cmd):
+    """``cmd`` started with SIGINT ignored, as a shell without job control starts a background job
+    (and as some test harnesses start pytest): Python then installs no KeyboardInterrupt handler."""
+    code = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    return [sys.executable, "-c", code, *cmd[1:]]
+
+
+def processes_using(path) -> list[str]:
+    """Command lines of the running processes that name ``path`` (the study's runs)."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                cmdline = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(path) in cmdline:
+                found.append(cmdline)
+    return found
+
+
+@pytest.fixture
+def sigint_default():
+    """This process with Python's Ctrl-C handler, so that its children start with the default SIGINT
+    action even when pytest was started with SIGINT ignored."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]  # exit 0 after 120 s; 1 (KeyboardInterrupt) or -2 on SIGINT
+
+
+def bare_study(tmp_path) -> Study:
+    args, rest = build_parser().parse_known_args(["--out", str(tmp_path / "s"), "--methods", "prompt-dt", "--seeds", "0"])
+    return Study(args, rest, "python -m harmodt.study")
+
+
+def test_a_child_starting_while_the_study_stops_is_stopped_too(tmp_path, monkeypatch, sigint_default):
+    """The Ctrl-C lands between a child's start and its registration: stop_children must still
+    reach it (before, it found no child and the run went on to its end)."""
+    study = bare_study(tmp_path)
+    real_popen = subprocess.Popen
+    stoppers = []
+
+    def popen_then_stop(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        stopper = threading.Thread(target=study.stop_children)  # the main thread's KeyboardInterrupt handling
+        stopper.start()
+        stopper.join(1.0)  # it sees no child yet unless it waits for this start to be registered
+        stoppers.append(stopper)
+        return proc
+
+    monkeypatch.setattr(study_mod.subprocess, "Popen", popen_then_stop)
+    with open(tmp_path / "child.log", "w") as log:
+        rc = study.child(SLEEPER, log, dict(os.environ))
+    stoppers[0].join(150)
+    assert rc in (1, -signal.SIGINT), rc
+    assert not study.children
+
+
+def test_no_child_starts_once_the_study_stops(tmp_path, monkeypatch):
+    study = bare_study(tmp_path)
+    study.stop_children()
+
+    def no_popen(*args, **kwargs):
+        raise AssertionError("a child was started after the study was stopped")
+
+    monkeypatch.setattr(study_mod.subprocess, "Popen", no_popen)
+    with open(tmp_path / "child.log", "w") as log:
+        assert study.child(SLEEPER, log, dict(os.environ)) == 130
+
+
+def test_first_ctrl_c_interrupts_the_study_a_second_is_passed_to_its_children(tmp_path, sigint_default):
+    study = bare_study(tmp_path)
+    rcs = []
+    with open(tmp_path / "child.log", "w") as log:
+        worker = threading.Thread(target=lambda: rcs.append(study.child(SLEEPER, log, dict(os.environ))))
+        worker.start()
+        while not study.children:
+            time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):
+            study.on_signal(signal.SIGINT, None)
+        assert study.stopping.is_set() and worker.is_alive()  # the first only interrupts the main thread
+        study.on_signal(signal.SIGINT, None)  # the second goes on to the running child
+        worker.join(150)
+    assert rcs and rcs[0] in (1, -signal.SIGINT), rcs
+
+
+def test_ctrl_c_during_an_evaluation_stops_the_evaluator(tmp_path):
+    """A one-run study started with SIGINT ignored, interrupted once its evaluation starts: the study
+    exits 130, the evaluator is stopped by SIGINT (not killed after the grace period), no process is
+    left and no evaluation file is written."""
+    data = write_synthetic_data(tmp_path / "data")
+    out = tmp_path / "study"
+    cmd = [*study_cmd(data, out), "--threads-per-run", "1"]
+    cmd[cmd.index("--methods") + 1], cmd[cmd.index("--seeds") + 1] = "prompt-dt", "0"
+    proc = subprocess.Popen(ignoring_sigint(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    eval_log = out / "runs" / "prompt-dt-s0" / "eval.log"
+    deadline = time.time() + 150
+    while not eval_log.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert eval_log.exists() and proc.poll() is None, proc.communicate()[0] if proc.poll() is not None else "no evaluation in time"
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=150)[0]
+    assert proc.returncode == 130 and "interrupted" in log, log
+    assert "stop  prompt-dt-s0: evaluation stopped" in log and "exit -9" not in log, log
+    assert not (out / "runs" / "prompt-dt-s0" / "run_eval.json").exists()
+    assert processes_using(out) == []
+
+
 def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     data = write_synthetic_data(tmp_path / "data")
     out = tmp_path / "study"
     cmd = study_cmd(data, out, "--eval-every", "4", "--curve-episodes", "1", "--workers", "2", "--threads-per-run", "1")
-    # first sitting: stopped with Ctrl-C (SIGINT) once the first run is evaluated
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # first sitting: stopped with Ctrl-C (SIGINT) once the first run is evaluated (three runs are left then);
+    # started with SIGINT ignored, which must not make the study deaf to it
+    proc = subprocess.Popen(ignoring_sigint(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = out / "runs" / "prompt-dt-s0" / "run_eval.json"
     deadline = time.time() + 150
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert first.exists(), proc.communicate()[0] if proc.poll() is not None else "first run not evaluated in time"
-    stopped = proc.poll() is None
-    if stopped:
-        proc.send_signal(signal.SIGINT)
+    assert first.exists() and proc.poll() is None, proc.communicate()[0] if proc.poll() is not None else "first run not evaluated in time"
+    proc.send_signal(signal.SIGINT)
     log1 = proc.communicate(timeout=150)[0]
     assert "start prompt-dt-s0" in log1 and "done  prompt-dt-s0" in log1
-    if stopped:
-        assert proc.returncode == 130 and "interrupted" in log1, log1
+    assert proc.returncode == 130 and "interrupted" in log1, log1
+    assert "FAIL" not in log1 and "exit -9" not in log1, log1  # the runs were stopped by SIGINT, not killed
+    assert processes_using(out) == []  # no trainer or evaluator goes on after the study
     stamp = first.stat().st_mtime_ns
     # second sitting: the same command skips the finished run and resumes or starts the others
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -196,6 +335,9 @@ def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     for r in study["runs"]:
         assert r["status"] == "finished" and set(r["tasks"]) == set(TASKS) and r["config"]["steps"] == 8
         assert r["train_seconds"] > 0 and r["eval_seconds"] > 0
+    for r in study["runs"]:  # final: the study's evaluation; best: the trainer's evaluations at steps 4 and 8
+        assert r["final"] == {"mean_success": r["mean_success"], "step": 8, "episodes": 1, "eval_seed": 7}
+        assert r["best"]["step"] in (4, 8) and r["best"]["evaluations"] == 2 and r["best"]["episodes"] == 1
     hf = [r for r in study["runs"] if r["method"] == "harmodt-f"]
     assert all(0 < r["final_mask_changed_fraction"] < 1 for r in hf)
     # every run was evaluated on the same goals: the evaluation command carries the shared seed
@@ -208,6 +350,7 @@ def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     assert "success_vs_sweep.png skipped" in proc.stdout  # no sweep: the only figure without data
     md = (out / "summary.md").read_text()
     assert "python -m harmodt.study" in md and "| HarmoDT-F | 2/2 |" in md and "vs Prompt-DT" in md
+    assert "best during training" in md and "Ranking by final mean success" in md
     assert "Partial" not in md
     # a different budget in the same folder is refused instead of mixing runs
     proc = subprocess.run([*cmd, "--lr", "0.01"], capture_output=True, text=True, timeout=120)

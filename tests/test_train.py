@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _synthetic import datasets
-from harmodt.config import ConfigError, ModelConfig, TrainConfig, validate
+from harmodt.config import ConfigError, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
 from harmodt.run.cli import parse_args
 import kernels
 from harmodt.train import Trainer, action_loss, run
@@ -207,6 +207,8 @@ def test_existing_run_needs_resume(tmp_path):
     (["--tasks", "reach-v3,nope"], "nope"),
     (["--sparsity", "1.5"], "--sparsity"),
     (["--tasks-per-batch", "9", "--batch-size", "4"], "--tasks-per-batch"),
+    (["--conditioning", "task"], "--conditioning must be one of auto, prompt, task-state, task-embedding"),
+    (["--prompt-segment", "first"], "--prompt-segment must be last or random"),
 ])
 def test_bad_flags_are_one_clear_line(argv, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -298,3 +300,57 @@ def test_impossible_backend_is_one_line_and_exit_2(tmp_path):
                         "--out", str(tmp_path / "x"), "--no-progress"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "triton" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_conditioning_and_prompt_segment_flags_and_configs_written_before_them():
+    cfg = parse_args(["--method", "mtdt", "--steps", "5"])
+    assert cfg.conditioning == "auto" and cfg.prompt_segment == "last"
+    assert parse_args(["--method", "mtdt", "--conditioning", "task-id"]).conditioning == "task-embedding"  # the earlier name
+    assert parse_args(["--prompt-segment", "random"]).prompt_segment == "random"
+    # a config written before --prompt-segment: random windows, and MTDT's "auto" meant the learned embedding
+    old = {k: v for k, v in to_dict(TrainConfig(method="mtdt")).items() if k != "prompt_segment"}
+    cfg = config_from_dict(old)
+    assert cfg.prompt_segment == "random" and cfg.conditioning == "task-embedding"
+    cfg = config_from_dict({**old, "method": "prompt-dt"})
+    assert cfg.prompt_segment == "random" and cfg.conditioning == "auto"
+    assert config_from_dict({**old, "conditioning": "task-id"}).conditioning == "task-embedding"
+    new = config_from_dict(to_dict(TrainConfig(method="mtdt")))  # today's config is read as written
+    assert new.prompt_segment == "last" and new.conditioning == "auto"
+
+
+@pytest.mark.parametrize("conditioning", ["auto", "task-embedding", "prompt"])
+def test_mtdt_trains_with_every_conditioning(tmp_path, conditioning):
+    tr = Trainer(tiny_cfg(tmp_path, method="mtdt", conditioning=conditioning), datasets(TASKS))
+    assert tr.model.conditioning == {"auto": "task-state"}.get(conditioning, conditioning)
+    assert ("prompt_states" in tr.batcher.sample([0], 2)) == (conditioning == "prompt")
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    loss = tr.train_step([1])
+    assert torch.isfinite(loss) and any(not torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
+
+
+def test_results_keep_the_final_and_the_best_evaluation(tmp_path, monkeypatch):
+    """--eval-every: results.json's top level and "final" are the last evaluation; "best" is the one
+    with the highest mean success (the earliest of equal ones), with its step."""
+    scores = {2: [0.2, 0.4], 4: [1.0, 0.6], 6: [0.6, 0.6], 8: [0.4, 0.2], 10: [0.0, 0.2]}  # steps 4 and 6 tie at 0.8
+
+    def fake_evaluate(self):
+        per = {t: {"success": s, "return": 100 * s, "episodes": 1, "prompt": {"episode": 1, "timesteps": [58, 59]}}
+               for t, s in zip(self.tasks, scores[self.step])}
+        return {"tasks": per, "mean_success": sum(scores[self.step]) / 2, "env_steps": 2, "seconds": 1.0}
+
+    monkeypatch.setattr(Trainer, "evaluate", fake_evaluate)
+    two = TASKS[:2]
+    res = run(tiny_cfg(tmp_path, tasks=",".join(two), steps=10, eval_every=2, eval_episodes=1), datasets(two))
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    assert on_disk["mean_success"] == pytest.approx(0.1) and on_disk["tasks"][two[1]] == {
+        "success": 0.2, "return": 20.0, "prompt": {"episode": 1, "timesteps": [58, 59]}}
+    assert on_disk["final"] == {"step": 10, "mean_success": on_disk["mean_success"], "tasks": on_disk["tasks"]}
+    best = on_disk["best"]
+    assert best["step"] == 4 and best["mean_success"] == pytest.approx(0.8) and best["evaluations"] == 5
+    assert best["tasks"][two[0]]["success"] == 1.0
+
+
+def test_results_without_evaluation_have_no_final_or_best(tmp_path):
+    res = run(tiny_cfg(tmp_path, method="prompt-dt", steps=2), datasets(TASKS))
+    assert res["final"] is None and res["best"] is None and res["tasks"] == {}

@@ -11,7 +11,10 @@ import sys
 import numpy as np
 
 from ..tasks import parse_tasks
-from .formats import DataError, detect_layout, load_dataset
+from .formats import DataError
+from .generator import CURRICULUM, generate
+from .load import detect_layout, load_dataset
+from .minari import export_minari
 
 
 def _curve_plot(curve: list[float], out: str) -> str | None:
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodt.data", description="Generate, inspect or export offline Meta-World data.")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="roll out the scripted experts with a random-to-expert curriculum")
-    g.add_argument("--tasks", required=True, help="MT5 | MT10 | MT30 | MT50 | comma list of v3 task names")
+    g.add_argument("--tasks", required=True, help="comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, "
+                   "ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN")
     g.add_argument("--episodes", type=int, required=True, help="curriculum episodes per task")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--seed", type=int, default=0, help="seed (same seed, same data)")
@@ -55,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "generate":
-            from .generate import CURRICULUM, generate
-
             tasks = parse_tasks(args.tasks)
             m = generate(tasks, args.episodes, args.out, seed=args.seed, workers=args.workers,
                          prompt_episodes=args.prompt_episodes, progress=not args.no_progress)
@@ -70,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
             if plot:
                 print(f"curve plot: {plot}")
         elif args.cmd == "export":
-            from .minari import export_minari
-
             for ds_id in export_minari(args.path, args.minari):
                 print(f"wrote Minari dataset {ds_id} under {args.minari}")
         else:

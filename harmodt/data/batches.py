@@ -3,7 +3,9 @@ normalization, left padding with an attention mask, trajectories sampled in prop
 
 Each task's trajectories are concatenated once into flat tensors on the training device; a batch
 is then one gather per field there (no Python loop per sample). Which steps to gather is drawn on
-the CPU from a seeded generator, so a seed gives the same batches on every device.
+the CPU from a seeded generator, so a seed gives the same batches on every device. Prompts are
+the last K* steps of a prompt episode drawn per row (``prompt_segment="last"``, as Prompt-DT's
+code) or windows drawn anywhere in one (``"random"``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..config import PROMPT_SEGMENTS
 
 
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
@@ -49,12 +53,11 @@ def _flatten(trajs, mean, std, rtg_scale, max_ep_len) -> _Flat:
     )
 
 
-def sample_segments(flat: _Flat, n: int, length: int, generator: torch.Generator) -> dict:
-    """n windows of ``length`` steps (trajectories drawn in proportion to their length, start step
-    uniform in the trajectory), cut at the trajectory end and left-padded."""
-    traj = torch.multinomial(flat.probs, n, replacement=True, generator=generator)  # (n,)
+def _gather(flat: _Flat, traj: torch.Tensor, si: torch.Tensor, length: int) -> dict:
+    """The windows of ``length`` steps starting at step ``si`` of trajectories ``traj`` (both (n,),
+    CPU), cut at the trajectory end and left-padded."""
+    n = traj.shape[0]
     lens = flat.lengths[traj]
-    si = (torch.rand(n, generator=generator) * lens).long()  # start step in [0, len)
     real = torch.minimum(lens - si, torch.full_like(lens, length))  # steps available (n,)
     off = torch.arange(length).unsqueeze(0) - (length - real).unsqueeze(1)  # (n, length), <0 = padding
     valid = off >= 0
@@ -71,21 +74,77 @@ def sample_segments(flat: _Flat, n: int, length: int, generator: torch.Generator
     }
 
 
-def prompt_segment(trajs, mean, std, prompt_len: int, rtg_scale: float, max_ep_len: int, generator: torch.Generator) -> dict:
-    """One K*-step prompt (batch of 1) from prompt trajectories, normalized like training data."""
-    seg = sample_segments(_flatten(trajs, mean, std, rtg_scale, max_ep_len), 1, prompt_len, generator)
-    return {"prompt_" + k: v for k, v in seg.items()}
+def _last_start(flat: _Flat, traj: torch.Tensor, length: int) -> torch.Tensor:
+    """The start step of each trajectory's last ``length`` steps (0 when it is shorter). (n,)"""
+    return (flat.lengths[traj] - length).clamp(min=0)
+
+
+def sample_segments(flat: _Flat, n: int, length: int, generator: torch.Generator) -> dict:
+    """n windows of ``length`` steps (trajectories drawn in proportion to their length, start step
+    uniform in the trajectory), cut at the trajectory end and left-padded."""
+    traj = torch.multinomial(flat.probs, n, replacement=True, generator=generator)  # (n,)
+    si = (torch.rand(n, generator=generator) * flat.lengths[traj]).long()  # start step in [0, len)
+    return _gather(flat, traj, si, length)
+
+
+def last_segments(flat: _Flat, n: int, length: int, generator: torch.Generator) -> dict:
+    """n prompts as Prompt-DT trains with them: the last ``length`` steps of a trajectory drawn
+    uniformly per row (left-padded when it is shorter)."""
+    traj = torch.randint(len(flat.lengths), (n,), generator=generator)  # (n,)
+    return _gather(flat, traj, _last_start(flat, traj, length), length)
+
+
+def best_prompt_choice(trajs) -> int:
+    """The index of the highest-return trajectory (ties: the lowest index)."""
+    returns = [float(np.sum(t.rewards, dtype=np.float64)) for t in trajs]
+    return int(np.argmax(returns))  # argmax returns the first of equal maxima
+
+
+def prompt_segment(trajs, mean, std, prompt_len: int, rtg_scale: float, max_ep_len: int, generator: torch.Generator,
+                   segment: str = "random") -> tuple[dict, dict]:
+    """One K*-step prompt (batch of 1) from prompt trajectories, normalized like training data, and
+    where it came from: ``{"episode": index in trajs, "timesteps": [its steps]}``.
+
+    ``segment``: "last" = the highest-return trajectory's last K* steps (deterministic, as the
+    official evaluation); "random" = a window drawn from ``generator`` as in :func:`sample_segments`.
+    """
+    flat = _flatten(trajs, mean, std, rtg_scale, max_ep_len)
+    if segment == "last":
+        traj = torch.tensor([best_prompt_choice(trajs)])
+        si = _last_start(flat, traj, prompt_len)
+    else:
+        traj = torch.multinomial(flat.probs, 1, replacement=True, generator=generator)
+        si = (torch.rand(1, generator=generator) * flat.lengths[traj]).long()
+    seg = _gather(flat, traj, si, prompt_len)
+    first, real = int(si[0]), int(seg["mask"][0].sum())
+    source = {"episode": int(traj[0]), "timesteps": list(range(first, first + real))}
+    return {"prompt_" + k: v for k, v in seg.items()}, source
+
+
+def batch_segments(task_ids: list[int], batch_size: int) -> tuple:
+    """``((task, sequences), ...)``: how a batch of ``batch_size`` sequences of ``task_ids`` is laid
+    out, the sequences split evenly over the tasks in order, the first ones one more (tasks that
+    get none left out)."""
+    n = len(task_ids)
+    counts = [batch_size // n + (1 if i < batch_size % n else 0) for i in range(n)]
+    return tuple((t, c) for t, c in zip(task_ids, counts) if c)
 
 
 class PromptDTBatcher:
     """Samples training batches for any set of tasks.
 
     ``tasks``: ordered task names (index = task id); ``datasets``: name -> TaskData.
+    ``prompt_segment``: how each row's K*-step prompt is cut from the task's prompt episodes:
+    "last" = the last K* steps of an episode drawn uniformly per row (Prompt-DT's code);
+    "random" = a window anywhere, drawn like the history windows.
     """
 
     def __init__(self, datasets: dict, tasks: list[str], context_len: int, prompt_len: int, rtg_scale: float,
-                 max_ep_len: int = 500, seed: int = 0, device: torch.device | str = "cpu"):
+                 max_ep_len: int = 500, seed: int = 0, device: torch.device | str = "cpu", prompt_segment: str = "last"):
+        if prompt_segment not in PROMPT_SEGMENTS:
+            raise ValueError(f"prompt_segment must be one of {', '.join(PROMPT_SEGMENTS)}, got {prompt_segment!r}")
         self.tasks = list(tasks)
+        self.prompt_segment = prompt_segment
         self.k = context_len
         self.kp = prompt_len
         self.rtg_scale = rtg_scale
@@ -102,15 +161,14 @@ class PromptDTBatcher:
         self.device = torch.device(device)
 
     def sample(self, task_ids: list[int], batch_size: int) -> dict:
-        """A batch of ``batch_size`` rows spread evenly over ``task_ids`` (one id = Algorithm 1)."""
-        counts = [batch_size // len(task_ids) + (1 if i < batch_size % len(task_ids) else 0) for i in range(len(task_ids))]
+        """A batch of ``batch_size`` rows spread evenly over ``task_ids`` (one id = Algorithm 1),
+        laid out as :func:`batch_segments` says."""
         parts = []
-        for tid, n in zip(task_ids, counts):
-            if n == 0:
-                continue
+        for tid, n in batch_segments(task_ids, batch_size):
             seg = sample_segments(self.data[tid], n, self.k, self.generator)
             if self.kp > 0:
-                pr = sample_segments(self.prompts[tid], n, self.kp, self.generator)
+                draw = last_segments if self.prompt_segment == "last" else sample_segments
+                pr = draw(self.prompts[tid], n, self.kp, self.generator)
                 seg.update({"prompt_" + key: v for key, v in pr.items()})
             seg["task_ids"] = torch.full((n,), tid, dtype=torch.int64, device=self.device)
             parts.append(seg)

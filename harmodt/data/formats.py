@@ -1,22 +1,20 @@
-"""Reading offline data in three layouts (ours, the original HarmoDT one, Minari) and writing ours.
+"""Our data layout and what every layout shares: the schema, :class:`Trajectory` /
+:class:`TaskData`, :class:`DataError`, episode checks, the quality selection and atomic writers.
 
-* **ours** (``DIR/manifest.json`` present): ``DIR/<task>.npz`` per task, episodes concatenated
-  with ``episode_starts``/``episode_lengths``; separate noise-free expert prompt episodes in the
-  same file (``prompt_*`` arrays); the manifest holds every file's size and sha256. The
-  manifest is written last, so a folder without one (a generation that was killed) is refused
-  as incomplete, never read.
-* **original** (the authors' MT50 folders): ``DIR/<task-name>/<i>.npz``, one episode per file
-  with ``observations``, ``actions``, ``rewards`` and ``dones`` or ``terminals``; as in the
-  official loader, the last 2 files of each task (in numeric order of ``i``) are its prompt
-  episodes. ``-v2`` task names map to the v3 environments.
-* **minari** (Minari datasets, one per task: a Minari root folder, one dataset folder, or
-  dataset ids under the local Minari root); see :mod:`harmodt.data.minari`.
+Our layout (``DIR/manifest.json`` present): ``DIR/<task>.npz`` per task, episodes concatenated
+with ``episode_starts``/``episode_lengths``; separate noise-free expert prompt episodes in the
+same file (``prompt_*`` arrays); per-episode extras such as ``episode_epsilon`` and
+``episode_goals`` (the goal position of each episode, also when the observation hides it); the
+manifest holds every file's size and sha256. The manifest is written last, so a folder without
+one (a generation that was killed) is refused as incomplete, never read.
 
 Qualities (Appendix A.1): ``near-optimal`` keeps every episode; ``sub-optimal`` the first 50% of
 each task's episodes (in generation / file order: the noisier half). ``episodes_per_task=E`` then
 keeps E episodes evenly spaced over the kept ones, so the random-to-expert mix is preserved.
 
-Bad data raises :class:`DataError` with one line naming the file and what is wrong.
+The other layouts (the original HarmoDT folders, Minari datasets) are read by
+:mod:`harmodt.data.original` and :mod:`harmodt.data.minari`; :mod:`harmodt.data.load` tells the
+layouts apart. Bad data raises :class:`DataError` with one line naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -31,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tasks import MT50, canonical_name
+from ..tasks import is_task
 
 FORMAT_VERSION = 1
 # Tasks whose data our generator version 1 wrote wrong (observations altered by the scripted
-# policy; see generate.GENERATOR_VERSION): loading refuses them from such a folder.
+# policy; see generator.GENERATOR_VERSION): loading refuses them from such a folder.
 V1_WRONG_TASKS = ("door-open-v3", "door-close-v3")
 STATE_DIM = 39
 ACT_DIM = 4
@@ -151,7 +149,7 @@ def save_task_file(path: Path, episodes: list[dict], prompts: list[dict], extra:
 
 
 # ---- checks shared by the layouts ------------------------------------------------------------
-def _load_npz(path: Path) -> dict:
+def load_npz(path: Path) -> dict:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -248,7 +246,7 @@ def read_manifest(root: Path) -> dict:
         raise DataError(f"{mpath}: not a data manifest (expected an object with 'files')")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{mpath}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
-    unknown = [t for t in manifest.get("files", {}) if t not in MT50]
+    unknown = [t for t in manifest.get("files", {}) if not is_task(t)]
     if unknown:
         raise DataError(f"{mpath}: unknown task {unknown[0]!r} (not a Meta-World v3 task name)")
     return manifest
@@ -264,7 +262,9 @@ def _check_file(path: Path, entry: dict, mpath: Path) -> None:
         raise DataError(f"{path}: checksum does not match {mpath} (corrupted or modified file)")
 
 
-def _load_ours(root: Path, tasks: list[str] | None, quality: str, episodes: int | None) -> dict[str, TaskData]:
+def load_ours(root: Path, tasks: list[str] | None = None, quality: str = "near-optimal",
+              episodes: int | None = None) -> dict[str, TaskData]:
+    """Our layout's ``tasks`` (None: all in the manifest), every file checked against it."""
     mpath = root / MANIFEST
     manifest = read_manifest(root)
     files = manifest.get("files", {})
@@ -280,7 +280,7 @@ def _load_ours(root: Path, tasks: list[str] | None, quality: str, episodes: int 
                             "offset); generate this task again with `python -m harmodt.data generate`")
         path = root / files[task]["file"]
         _check_file(path, files[task], mpath)
-        arrs = _load_npz(path)
+        arrs = load_npz(path)
         out[task] = TaskData(task, select_episodes(_split(arrs, "", path), quality, episodes), _split(arrs, "prompt_", path))
     return out
 
@@ -290,109 +290,8 @@ def unfinished_generation(root: Path) -> list[str]:
     temporary files); with no manifest beside them the run did not finish."""
     names = []
     for p in root.iterdir():
-        if p.suffix == ".npz" and p.stem in MT50:
+        if p.suffix == ".npz" and is_task(p.stem):
             names.append(p.name)
         elif re.fullmatch(r"\.(.+)\.record\.json", p.name) or is_temp_name(p.name):
             names.append(p.name)
     return sorted(names)
-
-
-# ---- original layout ------------------------------------------------------------------------
-def _episode_files(folder: Path) -> list[Path]:
-    files = [p for p in folder.iterdir() if p.suffix == ".npz" and re.fullmatch(r"\d+", p.stem)]
-    return sorted(files, key=lambda p: int(p.stem))
-
-
-def _load_original_episode(path: Path) -> Trajectory:
-    arrs = _load_npz(path)
-    for k in ("observations", "actions", "rewards"):
-        if k not in arrs:
-            raise DataError(f"{path}: missing key {k!r}")
-    if "dones" in arrs:
-        done = arrs["dones"]
-    elif "terminals" in arrs:
-        done = arrs["terminals"]
-    else:
-        raise DataError(f"{path}: missing key 'dones' (or 'terminals')")
-    try:
-        obs = np.asarray(arrs["observations"], dtype=np.float32)
-        act = np.asarray(arrs["actions"], dtype=np.float32)
-        rew = np.asarray(arrs["rewards"], dtype=np.float32)
-        done = np.asarray(done).astype(bool)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{path}: non-numeric data ({exc})") from None
-    # some dumps store rewards / dones as [T, 1] columns
-    rew = rew.reshape(-1) if rew.ndim == 2 and rew.shape[1] == 1 else rew
-    done = done.reshape(-1) if done.ndim == 2 and done.shape[1] == 1 else done
-    check_episode(path, obs, act, rew, done)
-    succ = np.asarray(arrs["successes"], dtype=bool).reshape(-1) if "successes" in arrs else None
-    return Trajectory(obs, act, rew, done, succ)
-
-
-def _load_original(root: Path, tasks: list[str] | None, quality: str, episodes: int | None) -> dict[str, TaskData]:
-    folders = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        name = canonical_name(d.name)
-        if name in MT50:
-            folders[name] = d
-        elif _episode_files(d):
-            raise DataError(f"{d}: holds episode files but {d.name!r} is not a Meta-World v3 task name")
-    wanted = tasks or list(folders)
-    if not wanted:
-        raise DataError(f"{root}: no task folders (expected {root}/<task-name>/<i>.npz, a manifest.json or Minari datasets)")
-    out = {}
-    for task in wanted:
-        if task not in folders:
-            raise DataError(f"{root}: no folder for task {task!r} (looked for {task} and {task[:-3]}-v2)")
-        files = _episode_files(folders[task])
-        if len(files) < 3:
-            raise DataError(f"{folders[task]}: {len(files)} episode files; need at least 3 (the last 2 are prompts)")
-        trajs = [_load_original_episode(p) for p in files]
-        out[task] = TaskData(task, select_episodes(trajs[:-2], quality, episodes), trajs[-2:])
-    return out
-
-
-def detect_layout(path: str | Path) -> str:
-    """'ours' (manifest.json), 'minari' (Minari datasets in or under the folder, or Minari
-    dataset ids found under the local Minari root) or 'original' (task folders of numbered npz
-    files). A folder of ours whose generation did not finish (task files but no manifest) is a
-    DataError."""
-    from .minari import minari_dataset_dirs
-
-    root = Path(path)
-    if not root.exists():
-        if minari_dataset_dirs(str(path)):
-            return "minari"
-        raise DataError(f"{root}: data folder does not exist (nor is it a Minari dataset id under the Minari root)")
-    if not root.is_dir():
-        raise DataError(f"{root}: is not a folder")
-    if (root / MANIFEST).exists():
-        return "ours"
-    partial = unfinished_generation(root)
-    if partial:
-        raise DataError(f"{root}: incomplete data folder: no {MANIFEST} beside {', '.join(partial[:3])}"
-                        f"{' ...' if len(partial) > 3 else ''} (generation stopped before it finished); run "
-                        "`python -m harmodt.data generate` again with the same settings to finish it")
-    if minari_dataset_dirs(str(path)):
-        return "minari"
-    return "original"
-
-
-def load_dataset(path: str | Path, tasks: list[str] | None = None, quality: str = "near-optimal",
-                 episodes_per_task: int | None = None) -> dict[str, TaskData]:
-    """Load ``tasks`` (v3 names; None = all in the data) from any of the three layouts.
-
-    ``path`` is a folder of ours, of the original layout, a Minari root or dataset folder, or a
-    comma list of Minari dataset ids under the local Minari root (``MINARI_DATASETS_PATH``, else
-    ``~/.minari/datasets``). Minari datasets' prompt episodes are chosen as in the original
-    layout: the last 2 episodes of each task's dataset, or the number its harmodt metadata
-    records (see :func:`harmodt.data.minari.load_minari`).
-    """
-    layout = detect_layout(path)
-    tasks = None if tasks is None else [canonical_name(t) for t in tasks]
-    if layout == "minari":
-        from .minari import load_minari
-
-        return load_minari(str(path), tasks, quality, episodes_per_task)
-    loader = _load_ours if layout == "ours" else _load_original
-    return loader(Path(path), tasks, quality, episodes_per_task)

@@ -34,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tasks import MT50, canonical_name
+from ..envs import EPISODE_LEN
+from ..tasks import ML1_SEED, canonical_name, goal_of, is_task, task_seed, task_sort_key
 from .formats import (ACT_DIM, MANIFEST, QUALITIES, STATE_DIM, DataError, TaskData, Trajectory, check_episode,
-                      read_manifest, select_episodes)
+                      load_ours, read_manifest, select_episodes)
 
 NAMESPACE = "metaworld"
 ORIGINAL_PROMPTS = 2  # prompt episodes at the end of a dataset without harmodt metadata
@@ -45,8 +46,10 @@ _MAX_DEPTH = 6  # how deep below a root datasets are looked for
 
 
 def dataset_id(task: str, quality: str) -> str:
-    """The Minari id our export gives a task's dataset."""
-    return f"{NAMESPACE}/{task}/harmodt-{quality}-v0"
+    """The Minari id our export gives a task's dataset; a goal variation's (``pick-place-v3@g7``,
+    whose '@' a Minari id cannot hold) is ``metaworld/pick-place-v3/harmodt-g7-<quality>-v0``."""
+    base, at, goal = task.partition("@")
+    return f"{NAMESPACE}/{base}/harmodt-{goal + '-' if at else ''}{quality}-v0"
 
 
 def minari_root() -> Path:
@@ -125,7 +128,7 @@ def _task_of(folder: Path, meta: dict) -> str:
         if not name:
             raise DataError(f"{mpath}: dataset id {meta['dataset_id']!r} names no task (expected {NAMESPACE}/<task>/<name>-v<N>)")
     task = canonical_name(name)
-    if task not in MT50:
+    if not is_task(task):
         raise DataError(f"{mpath}: dataset {meta['dataset_id']!r} is for {name!r}, not a Meta-World v3 task")
     return task
 
@@ -139,7 +142,8 @@ def _choose(task: str, candidates: list[tuple[Path, dict]], quality: str) -> tup
     """One dataset per task: the only one, else the one our export names for ``quality``."""
     if len(candidates) == 1:
         return candidates[0]
-    ours = [c for c in candidates if re.fullmatch(rf".*/harmodt-{quality}-v\d+", c[1]["dataset_id"])]
+    goal = task.partition("@")[2]
+    ours = [c for c in candidates if re.fullmatch(rf".*/harmodt-{goal + '-' if goal else ''}{quality}-v\d+", c[1]["dataset_id"])]
     if ours:
         return max(ours, key=lambda c: int(c[1]["dataset_id"].rsplit("-v", 1)[1]))
     ids = ", ".join(c[1]["dataset_id"] for c in candidates)
@@ -251,7 +255,7 @@ def load_minari(source: str, tasks: list[str] | None, quality: str, episodes: in
     if quality not in QUALITIES:
         raise DataError(f"quality must be near-optimal or sub-optimal, got {quality!r}")
     out = {}
-    for task in tasks or sorted(by_task, key=MT50.index):
+    for task in tasks or sorted(by_task, key=task_sort_key):
         if task not in by_task:
             raise DataError(f"{source}: no Minari dataset for task {task!r} (it has {', '.join(by_task)})")
         folder, meta = _choose(task, by_task[task], quality)
@@ -289,20 +293,25 @@ def _env_spec(task: str, settings: dict):
     episodes, or None when the settings do not record a seed."""
     from gymnasium.envs.registration import EnvSpec
 
-    from ..envs import EPISODE_LEN
-    from .generate import task_seed
-
     if not isinstance(settings.get("seed"), int):
         return None
     seed = task_seed(settings["seed"], task) % (2**31)
-    return EnvSpec(id=f"harmodt/{task}", entry_point="harmodt.envs:make_env", kwargs={"task": task, "seed": seed},
+    # a gymnasium id cannot hold the "@" of a goal variation: harmodt/pick-place-v3-g7
+    return EnvSpec(id=f"harmodt/{task.replace('@', '-')}", entry_point="harmodt.envs:make_env", kwargs={"task": task, "seed": seed},
                    max_episode_steps=EPISODE_LEN)
+
+
+def _env_id(task: str) -> str:
+    base, split, index = goal_of(task)
+    if split is None:
+        return f"Meta-World/MT1 env_name={task}"
+    return f"Meta-World/ML1 env_name={base} {split}_tasks[{index}] seed={ML1_SEED}"
 
 
 def _harmodt_metadata(task: str, manifest: dict, td: TaskData, quality: str, spec) -> dict:
     entry = manifest["files"][task]
     keep = ("episodes", "steps", "prompt_episodes", "success_rate", "mean_return", "episode_success", "prompt_success")
-    meta = {"task": task, "quality": quality, "prompt_episodes": len(td.prompts), "env_id": f"Meta-World/MT1 env_name={task}",
+    meta = {"task": task, "quality": quality, "prompt_episodes": len(td.prompts), "env_id": _env_id(task),
             "env_entry_point": "harmodt.envs:make_env", "env_seed": None if spec is None else spec.kwargs["seed"],
             "final_observation": "repeated (our files do not store the observation after the last step)",
             "generator": manifest.get("generator"), "settings": manifest.get("settings", {}),
@@ -349,8 +358,6 @@ def export_minari(src: str | Path, out: str | Path) -> list[str]:
     """Write our data folder ``src`` as Minari datasets (one per task) under the Minari root
     ``out``; returns their ids. An id that already exists under ``out`` is a DataError."""
     src, out = Path(src), Path(out)
-    from .formats import load_dataset
-
     if not (src / MANIFEST).exists():
         raise DataError(f"{src}: export reads our layout (a folder with {MANIFEST} written by `python -m harmodt.data generate`)")
     manifest = read_manifest(src)
@@ -358,7 +365,7 @@ def export_minari(src: str | Path, out: str | Path) -> list[str]:
     if quality not in QUALITIES:
         raise DataError(f"{src / MANIFEST}: quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
     minari = _import_minari(src)
-    data = load_dataset(src)
+    data = load_ours(src)
     ids = {task: dataset_id(task, quality) for task in data}
     for ds_id in ids.values():
         if (out / ds_id).exists():

@@ -1,7 +1,7 @@
 """The harness around the algorithms of harmodt/train.py, one concern a module:
 
-- session.py: one run as a process: start, checks before any file is written, continuing, the end,
-  the progress bar and metric lines, the exit codes
+- session.py: one run as a process: start, checks before any file is written, continuing, the end
+  (final and best evaluations, results.json), the progress bar and metric lines, the exit codes
 - cli.py: the ``python -m harmodt.train`` flags, built from the config dataclasses; one-line errors
 - outputs.py: the one atomic file writer; metrics.jsonl (read, rewound on resume) and TensorBoard
 - rng.py: capture and restore every global random stream

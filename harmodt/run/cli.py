@@ -54,7 +54,8 @@ def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentPars
         prog=prog,
         description="Train HarmoDT or a baseline on offline Meta-World data. With no arguments, runs the embedded default.",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named set of defaults; flags given override it")
+    p.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=None, metavar="NAME",
+                   help=f"named sets of defaults ({', '.join(sorted(PRESETS))}), applied left to right; flags given override them")
     p.add_argument("--config", default=None, help="a config.json (e.g. from a previous run) to start from")
     add_config_flags(p, TrainConfig)
     return p
@@ -73,10 +74,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                 cfg = config_from_dict(json.load(fh))
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"--config {ns.config}: {exc}") from None
-    preset = ns.preset
-    if preset is None and not ns.config and all(k in RUN_ONLY for k in given):
-        preset = "embedded-default"
-    if preset:
-        cfg = apply_overrides(cfg, PRESETS[preset])
+    presets = ns.preset or []
+    if not presets and not ns.config and all(k in RUN_ONLY for k in given):
+        presets = ["embedded-default"]
+    for name in presets:  # left to right, each over the config so far
+        cfg = apply_overrides(cfg, PRESETS[name])
     cfg = apply_overrides(cfg, given)
     return validate(cfg)

@@ -20,7 +20,7 @@ def current_cache(path: Path) -> bool:
     """A cached data folder that is complete and written by the current generator (an older
     generator's folder is generated again)."""
     from ..data.formats import generator_version
-    from ..data.generate import GENERATOR_VERSION
+    from ..data.generator import GENERATOR_VERSION
 
     try:
         manifest = json.loads((Path(path) / "manifest.json").read_text())

@@ -36,7 +36,8 @@ prints (:func:`rank_output`), writes the run's files and reads a checkpoint to r
 Failures: ``init_process_group(timeout=--dist-timeout)`` bounds every Gloo collective (NCCL's
 watchdog aborts a collective after the same timeout); a collective that fails or times out is a
 :class:`DistributedError` naming the rank and the operation (CLI exit 3), and torchrun stops the
-other ranks when one exits or dies.
+other ranks when one exits or dies. The error's line is printed where the collective fails, since
+torchrun may terminate the rank before the error reaches the CLI.
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ EXIT_CODE = 3  # what `python -m harmodt.train` exits with on a DistributedError
 
 
 class DistributedError(RuntimeError):
-    """A collective failed or timed out, or the ranks disagree; printed as one line by the CLI."""
+    """A collective failed or timed out, or the ranks disagree; printed as one line by the CLI.
+    ``reported``: the line is already on stderr (a failed collective prints it where it fails)."""
+
+    reported = False
 
 
 def derived_seed(*parts) -> int:
@@ -143,10 +147,15 @@ class Distributed(Single):
                 f"rank 0 on {self._device}; collectives time out after {self.timeout_s:g} s")
 
     def _fail(self, op: str, exc: BaseException) -> DistributedError:
+        """The error of a failed collective, its line already printed: another rank is gone, so
+        torchrun may terminate this one at any moment, before the error reaches the CLI."""
         from ..checkpoint import one_line
 
-        return DistributedError(f"rank {self.rank} of {self.world_size}: {op} failed: another rank stopped, crashed or did not "
-                                f"answer within --dist-timeout {self.timeout_s:g} s ({one_line(exc, 240)})")
+        err = DistributedError(f"rank {self.rank} of {self.world_size}: {op} failed: another rank stopped, crashed or did not "
+                               f"answer within --dist-timeout {self.timeout_s:g} s ({one_line(exc, 240)})")
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        err.reported = True
+        return err
 
     def _run(self, what: str, fn, *args, **kwargs):
         try:

@@ -10,21 +10,25 @@ settings that differ from it (``config.RESUME_RULES`` says which may, with ``--a
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint
-from ..config import RESUME_RULES, ConfigError, TrainConfig, flat_keys, to_dict
+from ..config import RESUME_RULES, ConfigError, TrainConfig, flat_keys, to_dict, upgrade_saved_config
 from ..masks import TaskMasks
 from . import distributed, rng
+from .cli import flag
 
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> dict:
     """{dotted key: (the checkpoint's value, cfg's value)} for every setting of ``cfg`` that differs
-    from the checkpoint's config ``saved`` (a key the checkpoint lacks counts as its default);
-    the keys RESUME_RULES marks ``ignored`` are not compared."""
-    new, old, default = flat_keys(to_dict(cfg)), flat_keys(saved), flat_keys(to_dict(TrainConfig()))
+    from the checkpoint's config ``saved`` (read as it was meant when written: a checkpoint from
+    before ``prompt_segment`` existed ran with ``random``, see :func:`upgrade_saved_config`; any other
+    key the checkpoint lacks counts as its default); the keys RESUME_RULES marks ``ignored`` are
+    not compared."""
+    new, old, default = flat_keys(to_dict(cfg)), flat_keys(upgrade_saved_config(saved)), flat_keys(to_dict(TrainConfig()))
     return {k: (old.get(k, default[k]), v) for k, v in new.items()
             if RESUME_RULES.get(k) != "ignored" and old.get(k, default[k]) != v}
 
@@ -41,7 +45,9 @@ def check_resume_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
     free = [k for k in refused if RESUME_RULES.get(k) == "changeable"]
     hints = []
     if fixed:
-        hints.append(f"{', '.join(fixed)} cannot change on --resume (train a new run into another --out)")
+        keep = " ".join(f"{flag(k.split('.')[-1])} {shlex.quote(str(diff[k][0]))}" for k in fixed)
+        hints.append(f"{', '.join(fixed)} cannot change on --resume (pass {keep} to continue the checkpoint as it was, "
+                     f"or train a new run into another --out)")
     if free:
         hints.append(f"pass --allow-changed {' '.join(free)} to continue with the new value{'s' if len(free) > 1 else ''}")
     raise ConfigError(f"--resume: settings differ from those of {path}: {listing}; {'; '.join(hints)}")

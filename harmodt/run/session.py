@@ -17,7 +17,7 @@ import kernels
 
 from ..config import ConfigError, TrainConfig, resolve_device, to_dict
 from ..data import DataError
-from ..evaluate import print_table
+from ..evaluate import print_table, result_entry
 from ..plots import plot_run
 from ..runtime import bf16_matmul_note, keep_freed_memory
 from . import distributed, resume
@@ -120,17 +120,42 @@ class Meter:
         self.bar.close()
 
 
-def finish(tr, log: MetricsLog | NoLog) -> dict:
+class Evaluations:
+    """The evaluations of a run so far: how many, and the best (the highest mean success, ties: the
+    earliest) as ``{"step", "mean_success", "tasks"}``. Kept in the checkpoint's run state, so that
+    a resumed run reports the same best."""
+
+    def __init__(self, run_state: dict):
+        self.best, self.count = run_state.get("best"), int(run_state.get("evaluations", 0))
+
+    def add(self, step: int, res: dict) -> dict:
+        """Count evaluation ``res`` (harmodt.evaluate's results) made at ``step``; returns its entry."""
+        entry = {"step": step, "mean_success": res["mean_success"], "tasks": {n: result_entry(r) for n, r in res["tasks"].items()}}
+        self.count += 1
+        if self.best is None or entry["mean_success"] > self.best["mean_success"]:
+            self.best = entry
+        return entry
+
+    def state(self) -> dict:
+        return {"best": self.best, "evaluations": self.count}
+
+
+def finish(tr, log: MetricsLog | NoLog, evals: Evaluations) -> dict:
     """The end of a run: the final evaluation (with ``--eval-episodes``), its table and metric
-    line, results.json and curves.png. Returns the results."""
+    line, results.json and curves.png. Returns the results: at the top level (tasks,
+    mean_success) the final evaluation, repeated as ``final``; ``best``: the evaluation with the
+    highest mean success among the periodic ones (``--eval-every``) and the final one."""
     cfg, dist, out = tr.cfg, tr.dist, Path(tr.cfg.out)
-    results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": tr.step}
+    results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": tr.step, "final": None, "best": None}
     if cfg.eval_episodes:
         res = tr.evaluate()
-        results["tasks"] = {n: {"success": r["success"], "return": r["return"]} for n, r in res["tasks"].items()}
-        results["mean_success"] = res["mean_success"]
+        final = evals.add(tr.step, res)
+        results.update(tasks=final["tasks"], mean_success=res["mean_success"], final=final, best={**evals.best, "evaluations": evals.count})
         log.log({"step": tr.step, "eval_mean_success": res["mean_success"], "eval_env_steps_per_s": res.get("env_steps_per_s", 0.0)})
         print_table(results)
+        if evals.count > 1:
+            print(f"best of {evals.count} evaluations: mean success {evals.best['mean_success']:.2f} at step {evals.best['step']} "
+                  f"(final: {res['mean_success']:.2f})")
     log.close()
     if not dist.is_main:
         return results
@@ -168,7 +193,8 @@ def main(run: Callable[[TrainConfig], dict], argv: list[str] | None = None) -> i
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except distributed.DistributedError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if not exc.reported:  # a failed collective printed its line where it failed
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         return distributed.EXIT_CODE
     except KeyboardInterrupt:
         return 130

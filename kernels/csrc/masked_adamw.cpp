@@ -88,14 +88,18 @@ void check_like(const at::Tensor& t, const at::Tensor& param, size_t i, const ch
 
 // param i changes only inside masks[i] when given (the moments move everywhere); steps[i] (a
 // float32 0-dim tensor, as torch.optim.AdamW keeps it) is incremented and its new value sets the
-// bias corrections; every gradient is multiplied by grad_scale first.
+// bias corrections; every gradient is multiplied by grad_scale (a float32 one-element CPU tensor,
+// e.g. the clipping factor, read here rather than by the caller: no scalar leaves the op) first.
 void adamw_group_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                   const c10::List<std::optional<at::Tensor>>& masks, at::TensorList steps, double lr, double beta1, double beta2, double eps,
-                  double weight_decay, double grad_scale) {
+                  double weight_decay, const at::Tensor& grad_scale) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && masks.size() == n && steps.size() == n,
                     "masked_adamw_: params, grads, exp_avgs, exp_avg_sqs, masks and steps must have one length, got ", n, ", ",
                     grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", masks.size(), ", ", steps.size());
+  TORCH_CHECK_VALUE(grad_scale.device().is_cpu() && grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
+                    "masked_adamw_: grad_scale must be a float32 one-element CPU tensor, got ", grad_scale.scalar_type(), " ",
+                    grad_scale.sizes());
   std::vector<Item> items(n);
   std::vector<at::Tensor> words(n);  // keeps each mask alive while its words are read
   for (size_t i = 0; i < n; ++i) {
@@ -128,7 +132,7 @@ void adamw_group_(at::TensorList params, at::TensorList grads, at::TensorList ex
   }
   for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() += 1.0f;
   const Consts c{static_cast<float>(1.0 - beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta2), static_cast<float>(eps),
-                 static_cast<float>(grad_scale)};
+                 *grad_scale.const_data_ptr<float>()};
   std::vector<int64_t> offset(n + 1, 0);
   for (size_t i = 0; i < n; ++i) offset[i + 1] = offset[i] + items[i].n;
   const int64_t total = offset.back();

@@ -9,7 +9,7 @@ TORCH_LIBRARY(harmodt_kernels, m) {
       "bool need_x, bool need_weight, bool need_bias, Tensor(a!)? task_grads) -> (Tensor, Tensor, Tensor)");
   m.def(
       "adamw_group_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor?[] masks, "
-      "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale) -> ()");
+      "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, Tensor grad_scale) -> ()");
   m.def(
       "harmony_select(Tensor masked_grads, Tensor grads, Tensor params, Tensor masks, int k, float lam, "
       "bool fisher) -> Tensor");

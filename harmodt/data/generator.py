@@ -12,7 +12,10 @@ the last 20% of the episodes (eps = 0) are the noise-free expert. So the first e
 almost uniformly random, the middle ones a mix of random and noisy expert behaviour, and the
 tail is expert (like the converged end of a SAC replay buffer). Gaussian noise alone cannot give random-level behaviour (the
 experts correct themselves every step; at sigma = 3 MT10 still succeeds 60% of the time), hence
-the random-action mixing. Goals are random per episode (MT50-rand, see ``harmodt.envs``).
+the random-action mixing. Goals are random per episode (MT50-rand, see ``harmodt.envs``); a goal
+variation (``pick-place-v3@g7``) keeps its one ML1 goal in every episode, hidden from the
+observation, and its expert is the base task's, told the goal. Each episode's goal position is
+stored beside it (``episode_goals``, ``prompt_episode_goals``).
 
 Each task also gets ``prompt_episodes`` separate noise-free expert episodes, kept as prompt
 trajectories. Every step stores observation, action, reward, terminal/truncated flags and
@@ -38,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..envs import EPISODE_LEN, make_env, scripted_policy
-from ..tasks import MT50
+from ..envs import EPISODE_LEN, ScriptedExpert, make_env
+from ..tasks import task_seed
 from .formats import FORMAT_VERSION, MANIFEST, atomic_json, is_temp_name, save_task_file, sha256
 
 # 2: observations stored exactly as the env returned them. Version 1 stored door-open-v3's and
@@ -59,11 +62,13 @@ def epsilon(e: int, n: int) -> float:
 
 
 def rollout(env, expert, rng: np.random.Generator, eps: float, sigma: float) -> dict:
-    """One episode (until truncation at 500 steps or termination)."""
+    """One episode (until truncation at 500 steps or termination): the ``formats.STEP_KEYS`` arrays
+    and ``goal``, the episode's goal position (3,)."""
     coin = rng.random(EPISODE_LEN) < eps
     uniform = rng.uniform(-1.0, 1.0, size=(EPISODE_LEN, 4))
     noise = rng.normal(0.0, sigma, size=(EPISODE_LEN, 4)) if sigma > 0 else np.zeros((EPISODE_LEN, 4))
     obs, _ = env.reset()
+    goal = np.array(env.unwrapped._get_pos_goal(), dtype=np.float32)  # also when obs hides it
     o, a, r, term, trunc, succ = [], [], [], [], [], []
     for t in range(EPISODE_LEN):
         o.append(obs.astype(np.float32))  # stored before anything else reads it
@@ -78,12 +83,7 @@ def rollout(env, expert, rng: np.random.Generator, eps: float, sigma: float) -> 
         if terminated or truncated:
             break
     return {"observations": np.stack(o), "actions": np.stack(a), "rewards": np.asarray(r, dtype=np.float32),
-            "terminals": np.asarray(term), "truncations": np.asarray(trunc), "successes": np.asarray(succ)}
-
-
-def task_seed(seed: int, task: str) -> int:
-    """The seed of a task's RNG stream and (mod 2**31) of its training episodes' env."""
-    return int(np.random.SeedSequence([seed, MT50.index(task)]).generate_state(1)[0])
+            "terminals": np.asarray(term), "truncations": np.asarray(trunc), "successes": np.asarray(succ), "goal": goal}
 
 
 def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes: int, settings: dict, queue=None) -> dict:
@@ -92,7 +92,7 @@ def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes
     tseed = task_seed(seed, task)
     rng = np.random.default_rng(tseed)
     env = make_env(task, tseed % (2**31))
-    expert = scripted_policy(task)
+    expert = ScriptedExpert(task)
     eps_list = [epsilon(e, episodes) for e in range(episodes)]
     data = []
     for e in range(episodes):
@@ -101,7 +101,10 @@ def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes
             queue.put(1)
     penv = make_env(task, (tseed + 1_000_003) % (2**31))
     prompts = [rollout(penv, expert, rng, 0.0, 0.0) for _ in range(prompt_episodes)]
-    record = save_task_file(out / f"{task}.npz", data, prompts, {"episode_epsilon": np.asarray(eps_list, dtype=np.float32)})
+    record = save_task_file(out / f"{task}.npz", data, prompts, {
+        "episode_epsilon": np.asarray(eps_list, dtype=np.float32),
+        "episode_goals": np.stack([ep["goal"] for ep in data]),  # (E, 3)
+        "prompt_episode_goals": np.stack([p["goal"] for p in prompts])})  # (P, 3)
     success = [bool(ep["successes"].any()) for ep in data]
     record.update({
         "success_rate": float(np.mean(success)), "episode_success": success,
