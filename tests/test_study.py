@@ -424,3 +424,56 @@ def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     # a different budget in the same folder is refused instead of mixing runs
     proc = subprocess.run([*cmd, "--lr", "0.01"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "other flags" in proc.stderr
+
+
+def test_tiny_study_with_a_variant_evaluates_held_out_tasks(tmp_path):
+    """Two synthetic training tasks and push-v3 held out: the variant's runs are named and labelled by
+    it, HarmoDT acts through the voted mask at each threshold, Prompt-DT once, MTDT is skipped with a
+    note; a second sitting evaluates nothing again; the voted mask's density matches a hand count."""
+    import torch
+
+    data = write_synthetic_data(tmp_path / "data")
+    out = tmp_path / "study"
+    cmd = study_cmd(data, out, "--workers", "2", "--threads-per-run", "1", "--eval-tasks", "push-v3", "--vote-thresholds", "0,1",
+                    "--variant", "HarmoDT-F tiny=harmodt-f --eta-max 20")
+    cmd[cmd.index("--methods") + 1] = "mtdt,prompt-dt"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "note  mtdt-s0: no held-out evaluation" in proc.stdout
+    study = json.loads((out / "study.json").read_text())
+    assert study["eval_tasks"] == ["push-v3"] and study["vote_thresholds"] == [0, 1]
+    assert {r["name"] for r in study["runs"]} == {f"{k}-s{s}" for k in ("mtdt", "prompt-dt", "harmodt-f-tiny") for s in (0, 1)}
+    variant_run = next(r for r in study["runs"] if r["name"] == "harmodt-f-tiny-s1")
+    assert variant_run["variant"] == "HarmoDT-F tiny" and variant_run["config"]["masks"]["eta_max"] == 20
+    assert variant_run["train_command"].endswith("--eta-max 50 --log-every 2 --checkpoint-every 2 --eta-max 20")  # last wins
+    for r in study["runs"]:
+        assert "--tasks push-v3" in (out / "runs" / r["name"] / "unseen.log").read_text() if r["method"] != "mtdt" \
+            else not (out / "runs" / r["name"] / "unseen.log").exists()
+    rows = {(r["variant"], r.get("threshold")): r for r in study["unseen"]}
+    assert set(rows) == {("MTDT", None), ("Prompt-DT", None), ("HarmoDT-F tiny", 0), ("HarmoDT-F tiny", 1)}
+    assert rows[("MTDT", None)]["mode"] == "skip" and "task ID" in rows[("MTDT", None)]["note"]
+    for key in (("Prompt-DT", None), ("HarmoDT-F tiny", 0), ("HarmoDT-F tiny", 1)):
+        row = rows[key]
+        runs = [r for r in study["runs"] if r["variant"] == key[0]]
+        evals = [r["unseen"]["evaluations"]["dense" if key[1] is None else str(key[1])] for r in runs]
+        m, lo, hi = t_interval([e["tasks"]["push-v3"]["return"] for e in evals])
+        assert row["seeds"] == [0, 1] and row["per_task"]["push-v3"]["return"] == {"mean": m, "ci_low": lo, "ci_high": hi}
+        assert row["train_tasks"]["mean_success"] == pytest.approx(np.mean([r["mean_success"] for r in runs]))
+    for r in study["runs"]:  # Eq. 13 by hand: a weight is voted in when more than T training tasks keep it
+        if r["method"] != "harmodt-f":
+            continue
+        masks = torch.load(out / "runs" / r["name"] / "checkpoint.pt", weights_only=True)["masks"]
+        names = sorted(masks[TASKS[0]])
+        counts = np.concatenate([sum(masks[t][n].numpy().astype(int).reshape(-1) for t in TASKS) for n in names])
+        for t in (0, 1):
+            assert r["unseen"]["evaluations"][str(t)]["vote_density"] == pytest.approx((counts > t).mean())
+        assert 0 < r["unseen"]["evaluations"]["1"]["vote_density"] < r["unseen"]["evaluations"]["0"]["vote_density"] <= 1
+    md = (out / "summary.md").read_text()
+    assert "## Unseen tasks (Eq. 13)" in md and "| HarmoDT-F tiny | 1 |" in md and "MTDT: not evaluated" in md
+    assert "HarmoDT-F tiny = `harmodt-f --eta-max 20`" in md and "| HarmoDT-F tiny | 2/2 |" in md
+    assert (out / "figures" / "success_vs_vote_threshold.png").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/unseen_*.json")}
+    assert len(stamps) == 6  # 2 Prompt-DT + 2 x 2 HarmoDT-F
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200)  # resumable: nothing is evaluated again
+    assert proc.returncode == 0 and "held-out " not in proc.stdout and proc.stdout.count("skip  ") == 6, proc.stdout[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/unseen_*.json")} == stamps
