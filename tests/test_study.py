@@ -475,5 +475,5 @@ def test_tiny_study_with_a_variant_evaluates_held_out_tasks(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/unseen_*.json")}
     assert len(stamps) == 6  # 2 Prompt-DT + 2 x 2 HarmoDT-F
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200)  # resumable: nothing is evaluated again
-    assert proc.returncode == 0 and "held-out " not in proc.stdout and proc.stdout.count("skip  ") == 6, proc.stdout[-2000:]
+    assert proc.returncode == 0 and "] held-out " not in proc.stdout and proc.stdout.count("skip  ") == 6, proc.stdout[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/unseen_*.json")} == stamps
