@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 METHOD_LABELS = {"mtdt": "MTDT", "prompt-dt": "Prompt-DT", "harmodt-r": "HarmoDT-R", "harmodt-m": "HarmoDT-M",
-                 "harmodt-f": "HarmoDT-F"}
+                 "harmodt-f": "HarmoDT-F", "pcgrad": "PCGrad", "cagrad": "CAGrad"}
 # flags the study sets itself for every run; passing them through would make runs disagree with their names
 OWN_FLAGS = ("--method", "--seed", "--out", "--resume", "--no-resume", "--tasks", "--data", "--eval-episodes", "--preset",
              "--config")
