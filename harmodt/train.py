@@ -1,4 +1,5 @@
-"""`python -m harmodt.train`: train HarmoDT (R/M/F), Prompt-DT or MTDT on offline Meta-World data.
+"""`python -m harmodt.train`: train HarmoDT (R/M/F), Prompt-DT, MTDT, or Prompt-DT with PCGrad or
+CAGrad gradient surgery, on offline Meta-World data.
 
 Algorithm 1: every step samples one task (``--tasks-per-batch 1``), a batch of its data, and
 updates theta with ``grad L_i(theta * M_i) * M_i``; every ``t_m`` steps Algorithm 2 updates the
@@ -25,9 +26,9 @@ import torch
 
 import kernels
 
-from . import checkpoint, distributed
-from .config import (RESUME_CHANGEABLE, RESUME_IGNORED, ConfigError, TrainConfig, flat_keys, parse_args, resolve_device, to_dict,
-                     upgrade_saved_config)
+from . import baselines, checkpoint, distributed
+from .config import (RESUME_CHANGEABLE, RESUME_IGNORED, SURGERY_METHODS, ConfigError, TrainConfig, flat_keys, parse_args, resolve_device,
+                     to_dict, upgrade_saved_config)
 from .data.batches import PromptDTBatcher
 from .evaluate import result_entry
 from .masks import TaskMasks, alpha_schedule, harmony_score
@@ -107,6 +108,8 @@ class Trainer:
         self.out = Path(cfg.out)
         self.dist = dist or distributed.Single()  # the ranks of a torchrun run (harmodt.distributed), or one process
         self.device = self.dist.device(resolve_device(cfg.device))
+        if self.dist.active and cfg.method in SURGERY_METHODS:
+            raise ConfigError(f"--method {cfg.method} runs in one process (its per-task gradients are not split over torchrun ranks)")
         try:
             self.backends = kernels.select_backends(self.device, cfg.fused, cfg.backend)
         except kernels.BackendUnavailable as exc:
@@ -216,6 +219,8 @@ class Trainer:
         the device: reading it is the caller's choice, so a GPU step need not wait)."""
         if not self.model.training:  # (train() walks every module: skip it when already set)
             self.model.train()
+        if self.cfg.method in SURGERY_METHODS:
+            return self.surgery_step(task_ids)
         batch = self.batcher.sample(task_ids, self.cfg.batch_size)
         ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1, segments=batch_segments(task_ids, self.cfg.batch_size))
         count = None
@@ -236,6 +241,35 @@ class Trainer:
         self.sched.step()
         self.step += 1
         return loss.detach()
+
+    def surgery_step(self, task_ids: list[int]) -> torch.Tensor:
+        """One PCGrad/CAGrad step (dense Prompt-DT, no masks): ``batch_size`` rows spread over
+        ``task_ids`` as in :meth:`train_step`, one forward and backward per task on its own rows,
+        the task gradients ``[T, P]`` combined by :func:`harmodt.baselines.combine` (at the scale of
+        the mean task gradient), then the usual clip and AdamW step. Returns the mean task loss.
+        PCGrad's projection orders come from the data stream (saved in the checkpoint)."""
+        n = len(task_ids)
+        rows = [self.cfg.batch_size // n + (1 if i < self.cfg.batch_size % n else 0) for i in range(n)]  # as batcher.sample spreads them
+        params = [p for p in self.params if p.requires_grad]
+        grads = torch.empty(n, sum(p.numel() for p in params), device=self.device)  # (T, P)
+        losses = []
+        for i, (tid, k) in enumerate(zip(task_ids, rows)):
+            batch = self.batcher.sample([tid], k)
+            with self.autocast():
+                pred = self.forward(batch, None)
+            loss = action_loss(pred, batch)
+            g = torch.autograd.grad(loss, params, allow_unused=True)
+            torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, params)], out=grads[i])
+            losses.append(loss.detach())
+        used = [x is not None for x in g]  # parameters off the graph keep no gradient (AdamW skips them, as in train_step)
+        combined = baselines.combine(self.cfg.method, grads, self.cfg.cagrad_c, self.batcher.generator)  # (P,)
+        for p, chunk, on in zip(params, combined.split([p.numel() for p in params]), used):
+            p.grad = chunk.view_as(p) if on else None
+        coef = clip_coefficient(params, self.cfg.grad_clip)
+        self.opt.masked_step(None, grad_scale=coef, backend=self.backends.masked_adamw)
+        self.sched.step()
+        self.step += 1
+        return torch.stack(losses).mean()
 
     # ---- Algorithm 2 ----------------------------------------------------------------------
     def task_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
