@@ -46,7 +46,7 @@ class MaskConfig:
 
 @dataclass
 class TrainConfig:
-    tasks: str = "MT5"  # MT5 | MT10 | MT30 | MT50 | comma list of v3 task names
+    tasks: str = "MT5"  # comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names)
     method: str = "harmodt-f"  # mtdt | prompt-dt | harmodt-r | harmodt-m | harmodt-f
     steps: int = 1_000_000  # total training steps E (Table 6)
     batch_size: int = 8  # sequences per step (Appendix B)

@@ -245,7 +245,10 @@ def print_table(results: dict, file=sys.stdout) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m harmodt.evaluate", description="Evaluate a harmodt checkpoint on Meta-World v3 (batched).")
     p.add_argument("checkpoint", help="checkpoint.pt written by harmodt.train")
-    p.add_argument("--tasks", default=None, help="tasks to evaluate (default: the checkpoint's); unseen tasks use the voted mask")
+    p.add_argument("--tasks", default=None,
+                   help="tasks to evaluate, a comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, "
+                        "ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names; default: "
+                        "the checkpoint's); unseen tasks use the voted mask")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--seed", type=int, default=12345, help="seed for goals and prompts")
