@@ -69,7 +69,7 @@ class TrainConfig:
     seed: int = 0  # seed for data sampling, initialisation, masks and evaluation goals
     resume: bool = False  # continue from OUT/checkpoint.pt
     conditioning: str = "auto"  # auto (MTDT: task-state, others: prompt) | prompt | task-state (one-hot task ID beside the state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token)
-    prompt_segment: str = "last"  # last (the last K* steps of a prompt episode, as Prompt-DT's code) | random (a window anywhere in one)
+    prompt_segment: str = "last"  # last (the last K* steps before a prompt episode's final step, as Prompt-DT's code) | random (a window anywhere in one)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     fused: bool = False  # masked linear, masked AdamW and mask selection on the kernels of --backend (else the plain-PyTorch reference)
     backend: str = "auto"  # kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference

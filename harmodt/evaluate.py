@@ -11,9 +11,11 @@ every step. Episodes last 500 steps; an episode succeeds if it succeeds at any s
 random per episode but seeded.
 
 Prompts (prompt-conditioned models): with ``prompt_segment="last"`` (what training used by
-default) every task's prompt is the last K* steps of its highest-return prompt episode, the same
-for every episode, seed and method; with ``"random"`` one window per task drawn from the seed.
-Which prompt episode and which of its timesteps were used is recorded per task.
+default) every task's prompt is the last K* steps before the final step of its highest-return
+prompt episode (Prompt-DT's window), the same for every episode, seed and method; with
+``"random"`` one window per task drawn from the seed. Which prompt episode and which of its
+timesteps were used is recorded per task. :func:`task_inputs` builds every task's prompt, mask
+row and normalization; :class:`harmodt.agent.HarmoDTAgent` acts through the same inputs.
 
 Unseen tasks: their prompt episodes are a noise-free scripted-expert episode pair rolled out here
 (seeded), cut the same way, and their states are normalized with the mean of the training tasks'
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="episodes per forward (default: all at once; 1 = sequential)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--prompt-segment", default=None, choices=["last", "random"],
-                   help="prompt of each task: last = the best prompt episode's last K* steps; random = a window drawn from --seed "
+                   help="prompt of each task: last = the best prompt episode's last K* steps before its final step; random = a window drawn from --seed "
                         "(default: the training config's)")
     p.add_argument("--sim-workers", type=int, default=None,
                    help="processes the simulator steps in (default: 2 for 16+ episodes on 2+ cores, else 1)")
