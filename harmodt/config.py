@@ -48,7 +48,7 @@ class MaskConfig:
 
 @dataclass
 class TrainConfig:
-    tasks: str = "MT5"  # MT5 | MT10 | MT30 | MT50 | comma list of v3 task names
+    tasks: str = "MT5"  # comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names)
     method: str = "harmodt-f"  # mtdt | prompt-dt | harmodt-r | harmodt-m | harmodt-f | pcgrad | cagrad
     steps: int = 1_000_000  # total training steps E (Table 6)
     batch_size: int = 8  # sequences per step (Appendix B)
@@ -72,7 +72,7 @@ class TrainConfig:
     seed: int = 0  # seed for data sampling, initialisation, masks and evaluation goals
     resume: bool = False  # continue from OUT/checkpoint.pt
     conditioning: str = "auto"  # auto (MTDT: task-state, others: prompt) | prompt | task-state (one-hot task ID beside the state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token)
-    prompt_segment: str = "last"  # last (the last K* steps of a prompt episode, as Prompt-DT's code) | random (a window anywhere in one)
+    prompt_segment: str = "last"  # last (the last K* steps before a prompt episode's final step, as Prompt-DT's code) | random (a window anywhere in one)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     fused: bool = False  # masked linear, masked AdamW and mask selection on the kernels of --backend (else the plain-PyTorch reference)
     backend: str = "auto"  # kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference
