@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import MISSING, dataclass, field, fields
 
-METHODS = ("mtdt", "prompt-dt", "harmodt-r", "harmodt-m", "harmodt-f")
+METHODS = ("mtdt", "prompt-dt", "harmodt-r", "harmodt-m", "harmodt-f", "pcgrad", "cagrad")
+SURGERY_METHODS = ("pcgrad", "cagrad")  # Prompt-DT trained with per-task gradients combined by gradient surgery
 QUALITIES = ("near-optimal", "sub-optimal")
 CONDITIONINGS = ("auto", "prompt", "task-state", "task-embedding")
 PROMPT_SEGMENTS = ("last", "random")
@@ -53,15 +54,18 @@ class MaskConfig:
 
 @dataclass
 class TrainConfig:
-    tasks: str = setting("MT5", "MT5 | MT10 | MT30 | MT50 | comma list of v3 task names")
-    method: str = setting("harmodt-f", "mtdt | prompt-dt | harmodt-r | harmodt-m | harmodt-f")
+    tasks: str = setting("MT5", "comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, "
+                         "ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names)")
+    method: str = setting("harmodt-f", "mtdt | prompt-dt | harmodt-r | harmodt-m | harmodt-f | pcgrad | cagrad")
     steps: int = setting(1_000_000, "total training steps E (Table 6)")
     batch_size: int = setting(8, "sequences per step (Appendix B)")
-    tasks_per_batch: int = setting(1, "tasks mixed in one batch (1 = Algorithm 1, one task per step)")
+    tasks_per_batch: int = setting(0, "tasks mixed in one batch (0 = auto: 1 = Algorithm 1, one task per step; pcgrad/cagrad: all "
+                                   "tasks, at most --batch-size)")
     lr: float = setting(1e-4, "AdamW learning rate (Appendix B)")
     weight_decay: float = setting(1e-4, "AdamW decoupled weight decay (official code)")
     warmup_steps: int = setting(10_000, "linear learning-rate warm-up (official code)")
     grad_clip: float = setting(0.25, "gradient-norm clip (official code)")
+    cagrad_c: float = setting(0.5, "c of cagrad: radius of the ball around the mean gradient, in units of its norm (0 = the mean gradient)")
     data: str = setting("", "dataset folder (ours or the original layout); empty = generate into the cache")
     episodes_per_task: int = setting(0, "keep this many episodes per task (0 = all)")
     quality: str = setting("near-optimal", "near-optimal (all episodes) | sub-optimal (first 50% of each task's)")
@@ -77,8 +81,8 @@ class TrainConfig:
     resume: bool = setting(False, "continue from OUT/checkpoint.pt")
     conditioning: str = setting("auto", "auto (MTDT: task-state, others: prompt) | prompt | task-state (one-hot task ID beside the "
                                 "state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token)")
-    prompt_segment: str = setting("last", "last (the last K* steps of a prompt episode, as Prompt-DT's code) | random (a window "
-                                  "anywhere in one)")
+    prompt_segment: str = setting("last", "last (the last K* steps before a prompt episode's final step, as Prompt-DT's code) | "
+                                  "random (a window anywhere in one)")
     device: str = setting("auto", "auto (CUDA when available) | cpu | cuda | cuda:N")
     fused: bool = setting(False, "masked linear, masked AdamW and mask selection on the kernels of --backend (else the plain-PyTorch reference)")
     backend: str = setting("auto", "kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference")
@@ -183,8 +187,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     checks = [
         (cfg.steps > 0, "--steps must be positive"),
         (cfg.batch_size > 0, "--batch-size must be positive"),
-        (cfg.tasks_per_batch >= 1, "--tasks-per-batch must be at least 1"),
+        (cfg.tasks_per_batch >= 0, "--tasks-per-batch must be >= 0 (0: auto)"),
         (cfg.tasks_per_batch <= cfg.batch_size, "--tasks-per-batch cannot exceed --batch-size"),
+        (cfg.cagrad_c >= 0, "--cagrad-c must be >= 0"),
         (0.0 <= cfg.masks.sparsity < 1.0, "--sparsity must be in [0, 1)"),
         (0 <= cfg.masks.eta_min <= cfg.masks.eta_max, "need 0 <= --eta-min <= --eta-max"),
         (cfg.masks.update_every > 0, "--update-every must be positive"),
@@ -215,6 +220,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    if cfg.tasks_per_batch == 0:
+        cfg = dataclasses.replace(cfg, tasks_per_batch=auto_tasks_per_batch(cfg.method, len(parse_tasks(cfg.tasks)), cfg.batch_size))
     if cfg.allow_changed:
         known = flat_keys(to_dict(cfg))
         if not cfg.resume:
@@ -228,6 +235,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"--allow-changed: {', '.join(fixed)} cannot change on --resume (the checkpoint was made with "
                               f"the old value); only {', '.join(changeable)} can")
     return cfg
+
+
+def auto_tasks_per_batch(method: str, n_tasks: int, batch_size: int) -> int:
+    """``--tasks-per-batch 0``: all tasks (at most ``batch_size``) for the gradient-surgery methods,
+    which need several tasks' gradients per step; 1 (Algorithm 1) for the others."""
+    return min(n_tasks, batch_size) if method in SURGERY_METHODS else 1
 
 
 def _device_ok(device: str) -> bool:

@@ -11,9 +11,11 @@ every step. Episodes last 500 steps; an episode succeeds if it succeeds at any s
 random per episode but seeded.
 
 Prompts (prompt-conditioned models): with ``prompt_segment="last"`` (what training used by
-default) every task's prompt is the last K* steps of its highest-return prompt episode, the same
-for every episode, seed and method; with ``"random"`` one window per task drawn from the seed.
-Which prompt episode and which of its timesteps were used is recorded per task.
+default) every task's prompt is the last K* steps before the final step of its highest-return
+prompt episode (Prompt-DT's window), the same for every episode, seed and method; with
+``"random"`` one window per task drawn from the seed. Which prompt episode and which of its
+timesteps were used is recorded per task. :func:`task_inputs` builds every task's prompt, mask
+row and normalization; :class:`harmodt.agent.HarmoDTAgent` acts through the same inputs.
 
 Unseen tasks: their prompt episodes are a noise-free scripted-expert episode pair rolled out here
 (seeded), cut the same way, and their states are normalized with the mean of the training tasks'
@@ -27,6 +29,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,9 +39,9 @@ import kernels
 
 from .checkpoint import CheckpointError
 from .data.batches import prompt_segment as cut_prompt
+from .model import MaskContext
 from .run.cli import OneLineParser
 from .run.outputs import write_atomic
-from .model import MaskContext
 from .runtime import bf16_matmul_note
 
 
@@ -58,6 +61,109 @@ def _as_traj(d):
     return d if hasattr(d, "observations") else SimpleNamespace(**{k: np.asarray(v) for k, v in d.items()})
 
 
+@dataclass
+class TaskInputs:
+    """What a policy needs per task besides its history, built once from a checkpoint: state
+    normalization, the MTDT task-ID row, the mask row, and the prompt's cached keys/values.
+    Shared by :func:`evaluate` and :class:`harmodt.agent.HarmoDTAgent`, so both act through the
+    same inputs; every per-task array is indexed like ``tasks``."""
+
+    tasks: list
+    mean: np.ndarray  # (n_tasks, S) state mean (an unseen task: the training tasks' average)
+    std: np.ndarray  # (n_tasks, S)
+    embed_ids: torch.Tensor  # (n_tasks,) the task-ID row of a task-ID model (unseen tasks: 0)
+    masks: dict | None  # parameter name -> packed masks of the rows in mask_row, on the device
+    mask_row: dict  # task -> its row in ``masks``
+    mask_kind: dict  # task -> "trained" | "voted" | "none"
+    prompt_kv: list | None  # per layer (k, v) of every task's prompt, each (n_tasks, nh, 3K*, hd)
+    prompt_valid: torch.Tensor | None  # (n_tasks, 3K*)
+    sources: dict  # task -> which prompt episode and timesteps its prompt is
+    rtg_scale: float
+    target: float  # initial return-to-go, unscaled
+    backend: str
+    precision: str
+
+    def ctx(self, rows: torch.Tensor) -> MaskContext | None:
+        """The mask context of a batch whose row i acts on task ``tasks[rows[i]]``."""
+        if self.masks is None:
+            return None
+        device = self.embed_ids.device
+        ids = torch.tensor([self.mask_row[self.tasks[i]] for i in rows.tolist()], device=device)
+        return MaskContext(self.masks, ids, self.backend)
+
+    def prompt(self, rows: torch.Tensor):
+        """The cached prompt keys/values and validity of rows ``rows`` (task indices); (None, None)
+        for a task-ID model."""
+        if self.prompt_kv is None:
+            return None, None
+        rd = rows.to(self.prompt_valid.device)
+        return [(k[rd], v[rd]) for k, v in self.prompt_kv], self.prompt_valid[rd]
+
+    def autocast(self):
+        device = self.embed_ids.device
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+
+def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int, *, backend: str = "reference",
+                vote_threshold: int | None = None, precision: str = "fp32", target_return: float | None = None,
+                prompt_segment: str | None = None) -> TaskInputs:
+    """Every task's normalization, mask row and prompt (keys/values computed here, once, with the
+    model in eval mode); arguments as :func:`evaluate`'s. Raises EvalError for an unseen task a
+    task-ID model cannot act on, unseen tasks without a vote threshold, or a bad segment."""
+    device = next(model.parameters()).device
+    trained = list(eval_info["tasks"])
+    cfg = model.cfg
+    unseen = [t for t in tasks if t not in trained]
+    if unseen and not model.use_prompt:
+        raise EvalError(f"a model conditioned on the task ID (--conditioning {model.conditioning}, as MTDT) knows only the tasks it "
+                        f"was trained on and cannot act on unseen tasks: {', '.join(unseen)}")
+    segment = prompt_segment or eval_info.get("prompt_segment", "random")
+    if segment not in ("last", "random"):
+        raise EvalError(f"prompt segment must be last or random, got {segment!r}")
+    rtg_scale = float(eval_info.get("rtg_scale", 1000.0))
+    target = float(target_return if target_return is not None else eval_info.get("target_return", 4500.0))
+
+    packed = None
+    vote_row = None
+    mask_row = {t: trained.index(t) if t in trained else None for t in tasks}
+    if task_masks is not None:
+        bool_masks = {n: m.to(device) for n, m in task_masks.masks.items()}
+        if unseen:
+            if vote_threshold is None:
+                raise EvalError("unseen tasks need --vote-threshold (Eq. 13)")
+            vote = task_masks.vote(vote_threshold)
+            bool_masks = {n: torch.cat([m, vote[n].to(device).unsqueeze(0)]) for n, m in bool_masks.items()}
+            vote_row = len(trained)
+            mask_row = {t: (r if r is not None else vote_row) for t, r in mask_row.items()}
+        used = sorted(set(mask_row.values()))  # only the mask rows of the evaluated tasks
+        packed = {n: kernels.pack_masks(m[used]) for n, m in bool_masks.items()}
+        mask_row = {t: used.index(r) for t, r in mask_row.items()}
+    mask_kind = {t: "trained" if t in trained else ("voted" if vote_row is not None else "none") for t in tasks}
+    means = {t: np.asarray(eval_info["state_mean"][t], np.float32) for t in trained}
+    stds = {t: np.asarray(eval_info["state_std"][t], np.float32) for t in trained}
+    pooled_mean, pooled_std = np.mean(list(means.values()), 0), np.mean(list(stds.values()), 0)
+    mean = np.stack([means.get(t, pooled_mean) for t in tasks])  # (n_tasks, S)
+    std = np.stack([stds.get(t, pooled_std) for t in tasks])
+    embed_ids = torch.tensor([trained.index(t) if t in trained else 0 for t in tasks], device=device)  # MTDT task-ID rows
+    inputs = TaskInputs(list(tasks), mean, std, embed_ids, packed, mask_row, mask_kind, None, None, {}, rtg_scale, target, backend,
+                        precision)
+    if model.use_prompt:
+        g = torch.Generator().manual_seed(seed)
+        segs = []
+        for i, t in enumerate(tasks):
+            trajs = [_as_traj(p) for p in eval_info["prompts"][t]] if t in trained else _expert_prompts(t, 2, seed + 7919 * (i + 1))
+            seg, src = cut_prompt(trajs, mean[i], std[i], cfg.prompt_len, rtg_scale, cfg.max_ep_len, g, segment)
+            segs.append(seg)
+            inputs.sources[t] = {"segment": segment, "episodes": "training prompts" if t in trained else "expert rollouts", **src}
+        prompt = {k: torch.cat([s[k] for s in segs]).to(device) for k in segs[0]}
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode(), inputs.autocast():
+            inputs.prompt_kv, inputs.prompt_valid = model.encode_prompt(prompt, inputs.ctx(torch.arange(len(tasks))))
+        model.train(was_training)
+    return inputs
+
+
 def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *, backend: str = "reference",
              vote_threshold: int | None = None, batch_size: int | None = None, max_steps: int = 500, progress: bool = True,
              precision: str = "fp32", target_return: float | None = None, sim_workers: int | None = None,
@@ -74,69 +180,15 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     not depend on it. ``prompt_segment``: "last" or "random" (see the module docstring); None = the
     one training used (``eval_info``; "random" for checkpoints written before the option existed).
     """
-    import os
-
     from .envs import ShardedVectorEnv, make_vector_env
 
     device = next(model.parameters()).device
-    trained = list(eval_info["tasks"])
     cfg = model.cfg
-    use_prompt = model.use_prompt
-    unseen = [t for t in tasks if t not in trained]
-    if unseen and not use_prompt:
-        raise EvalError(f"a model conditioned on the task ID (--conditioning {model.conditioning}, as MTDT) knows only the tasks it "
-                        f"was trained on and cannot act on unseen tasks: {', '.join(unseen)}")
-    segment = prompt_segment or eval_info.get("prompt_segment", "random")
-    if segment not in ("last", "random"):
-        raise EvalError(f"prompt segment must be last or random, got {segment!r}")
-    rtg_scale = float(eval_info.get("rtg_scale", 1000.0))
-    target = float(target_return if target_return is not None else eval_info.get("target_return", 4500.0))
-
-    # per evaluated task: mask row, normalization, prompt keys/values
-    packed = None
-    vote_row = None
-    mask_row = {t: trained.index(t) if t in trained else None for t in tasks}
-    if task_masks is not None:
-        bool_masks = {n: m.to(device) for n, m in task_masks.masks.items()}
-        if unseen:
-            if vote_threshold is None:
-                raise EvalError("unseen tasks need --vote-threshold (Eq. 13)")
-            vote = task_masks.vote(vote_threshold)
-            bool_masks = {n: torch.cat([m, vote[n].to(device).unsqueeze(0)]) for n, m in bool_masks.items()}
-            vote_row = len(trained)
-            mask_row = {t: (r if r is not None else vote_row) for t, r in mask_row.items()}
-        used = sorted(set(mask_row.values()))  # only the mask rows of the evaluated tasks
-        packed = {n: kernels.pack_masks(m[used]) for n, m in bool_masks.items()}
-        mask_row = {t: used.index(r) for t, r in mask_row.items()}
-    means = {t: np.asarray(eval_info["state_mean"][t], np.float32) for t in trained}
-    stds = {t: np.asarray(eval_info["state_std"][t], np.float32) for t in trained}
-    pooled_mean, pooled_std = np.mean(list(means.values()), 0), np.mean(list(stds.values()), 0)
-    mean = np.stack([means.get(t, pooled_mean) for t in tasks])  # (n_tasks, S)
-    std = np.stack([stds.get(t, pooled_std) for t in tasks])
-    embed_ids = torch.tensor([trained.index(t) if t in trained else 0 for t in tasks], device=device)  # MTDT task-ID rows
-
-    def ctx_for(rows_task_idx: torch.Tensor):
-        if packed is None:
-            return None
-        ids = torch.tensor([mask_row[tasks[i]] for i in rows_task_idx.tolist()], device=device)
-        return MaskContext(packed, ids, backend)
-
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    inputs = task_inputs(model, task_masks, eval_info, tasks, seed, backend=backend, vote_threshold=vote_threshold,
+                         precision=precision, target_return=target_return, prompt_segment=prompt_segment)
+    mean, std, rtg_scale = inputs.mean, inputs.std, inputs.rtg_scale
     was_training = model.training
     model.eval()
-    prompt_kv = prompt_valid = None
-    sources = {}  # task -> which prompt episode and timesteps its prompt is
-    if use_prompt:
-        g = torch.Generator().manual_seed(seed)
-        segs = []
-        for i, t in enumerate(tasks):
-            trajs = [_as_traj(p) for p in eval_info["prompts"][t]] if t in trained else _expert_prompts(t, 2, seed + 7919 * (i + 1))
-            seg, src = cut_prompt(trajs, mean[i], std[i], cfg.prompt_len, rtg_scale, cfg.max_ep_len, g, segment)
-            segs.append(seg)
-            sources[t] = {"segment": segment, "episodes": "training prompts" if t in trained else "expert rollouts", **src}
-        prompt = {k: torch.cat([s[k] for s in segs]).to(device) for k in segs[0]}
-        with torch.inference_mode(), autocast:
-            prompt_kv, prompt_valid = model.encode_prompt(prompt, ctx_for(torch.arange(len(tasks))))
 
     rows = torch.arange(len(tasks)).repeat_interleave(episodes)  # task index of every episode, task-major
     n_rows = len(rows)
@@ -158,24 +210,22 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         obs, _ = envs.reset(seed=None)
         t_run = time.perf_counter()
         setup_seconds += t_run - t_setup
-        ctx = ctx_for(r)
-        rd = r.to(device)
-        kv = None if prompt_kv is None else [(k[rd], v[rd]) for k, v in prompt_kv]
-        pvalid = None if prompt_valid is None else prompt_valid[rd]
+        ctx = inputs.ctx(r)
+        kv, pvalid = inputs.prompt(r)
         m_rows, s_rows = torch.from_numpy(mean[r.numpy()]), torch.from_numpy(std[r.numpy()])
         # the episodes' histories live on the device; each step sends (state, reward) and gets the action back
         states = torch.zeros(b, horizon, cfg.state_dim, device=device)
         actions = torch.zeros(b, horizon, cfg.act_dim, device=device)
         rtg = torch.zeros(b, horizon, 1, device=device)
-        rtg_now = torch.full((b,), target / rtg_scale)
-        ids = embed_ids[rd]
+        rtg_now = torch.full((b,), inputs.target / rtg_scale)
+        ids = inputs.embed_ids[r.to(device)]
         steps = torch.arange(horizon, device=device).clamp(max=cfg.max_ep_len - 1)
         for t in range(horizon):
             s_now = (torch.from_numpy(np.asarray(obs, dtype=np.float32)) - m_rows) / s_rows
             sent = torch.cat([s_now, rtg_now.unsqueeze(1)], dim=1).to(device, non_blocking=True)  # (B, S + 1): one transfer
             states[:, t], rtg[:, t, 0] = sent[:, :-1], sent[:, -1]
             lo = max(0, t - cfg.context_len + 1)
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), inputs.autocast():
                 act = model.act(states[:, lo : t + 1], actions[:, lo : t + 1], rtg[:, lo : t + 1], steps[lo : t + 1].expand(b, -1), ids,
                                 ctx, kv, pvalid)
             actions[:, t] = act.float()
@@ -195,9 +245,9 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     for i, t in enumerate(tasks):
         sel = (rows == i).numpy()
         per_task[t] = {"success": float(success[sel].mean()), "return": float(returns[sel].mean()), "episodes": int(sel.sum()),
-                       "mask": "trained" if t in trained else ("voted" if vote_row is not None else "none")}
-        if t in sources:
-            per_task[t]["prompt"] = sources[t]
+                       "mask": inputs.mask_kind[t]}
+        if t in inputs.sources:
+            per_task[t]["prompt"] = inputs.sources[t]
     return {"tasks": per_task, "mean_success": float(np.mean([v["success"] for v in per_task.values()])),
             "env_steps": env_steps, "seconds": seconds, "setup_seconds": setup_seconds, "backend": backend,
             "device": str(device), "env_steps_per_s": env_steps / max(seconds, 1e-9)}
@@ -246,7 +296,10 @@ def print_table(results: dict, file=sys.stdout) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m harmodt.evaluate", description="Evaluate a harmodt checkpoint on Meta-World v3 (batched).")
     p.add_argument("checkpoint", help="checkpoint.pt written by harmodt.train")
-    p.add_argument("--tasks", default=None, help="tasks to evaluate (default: the checkpoint's); unseen tasks use the voted mask")
+    p.add_argument("--tasks", default=None,
+                   help="tasks to evaluate, a comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, "
+                        "ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names; default: "
+                        "the checkpoint's); unseen tasks use the voted mask")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--seed", type=int, default=12345, help="seed for goals and prompts")
@@ -260,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="episodes per forward (default: all at once; 1 = sequential)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--prompt-segment", default=None, choices=["last", "random"],
-                   help="prompt of each task: last = the best prompt episode's last K* steps; random = a window drawn from --seed "
+                   help="prompt of each task: last = the best prompt episode's last K* steps before its final step; random = a window drawn from --seed "
                         "(default: the training config's)")
     p.add_argument("--sim-workers", type=int, default=None,
                    help="processes the simulator steps in (default: 2 for 16+ episodes on 2+ cores, else 1)")

@@ -232,13 +232,18 @@ class PromptDT(nn.Module):
         return kvs, valid
 
     @torch.no_grad()
-    def act(self, states, actions, rtg, timesteps, task_ids, ctx=None, prompt_kv=None, prompt_valid=None) -> torch.Tensor:
+    def act(self, states, actions, rtg, timesteps, task_ids, ctx=None, prompt_kv=None, prompt_valid=None,
+            history_valid=None) -> torch.Tensor:
         """The action for the last history step of every row (B, A), attending to the prompt's
         cached keys/values. states (B, L, S), actions (B, L, A) (the last one is not read), rtg
-        (B, L, 1), timesteps (B, L); every row has the same history length L."""
+        (B, L, 1), timesteps (B, L). ``history_valid`` (B, L) bool marks left padding (False) of
+        rows with shorter histories; None = every step of every row is real."""
         x = self.drop(self.embed_ln(self._history(states, actions, rtg, timesteps, task_ids)))  # (B, 3L - 1, C)
         b, t, _ = x.shape
-        valid = torch.ones(b, t, dtype=torch.bool, device=x.device)
+        if history_valid is None:
+            valid = torch.ones(b, t, dtype=torch.bool, device=x.device)
+        else:
+            valid = history_valid.repeat_interleave(3, dim=1)[:, :-1]  # (B, 3L - 1)
         if prompt_valid is not None:
             valid = torch.cat([prompt_valid, valid], dim=1)
         attn_mask = causal_mask(valid, t)  # (B, 1, T, Tp + T)

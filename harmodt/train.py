@@ -1,4 +1,5 @@
-"""`python -m harmodt.train`: train HarmoDT (R/M/F), Prompt-DT or MTDT on offline Meta-World data.
+"""`python -m harmodt.train`: train HarmoDT (R/M/F), Prompt-DT, MTDT, or Prompt-DT with PCGrad or
+CAGrad gradient surgery, on offline Meta-World data.
 
 Algorithm 1: every step samples one task (``--tasks-per-batch 1``), a batch of its data, and
 updates theta with ``grad L_i(theta * M_i) * M_i``; every ``t_m`` steps Algorithm 2 updates the
@@ -18,7 +19,8 @@ import torch
 
 import kernels
 
-from .config import ConfigError, TrainConfig, resolve_device
+from . import baselines
+from .config import SURGERY_METHODS, ConfigError, TrainConfig, resolve_device
 from .data.batches import PromptDTBatcher, batch_segments
 from .mask_grads import official_task_gradient, paper_task_gradient
 from .masks import TaskMasks, alpha_schedule, harmony_score
@@ -39,6 +41,8 @@ class Trainer:
         self.tasks = parse_tasks(cfg.tasks)
         self.dist = dist or distributed.Single()  # the ranks of a torchrun run (harmodt.run.distributed), or one process
         self.device = self.dist.device(resolve_device(cfg.device))
+        if self.dist.active and cfg.method in SURGERY_METHODS:
+            raise ConfigError(f"--method {cfg.method} runs in one process (its per-task gradients are not split over torchrun ranks)")
         try:
             self.backends = kernels.select_backends(self.device, cfg.fused, cfg.backend)
         except kernels.BackendUnavailable as exc:
@@ -60,7 +64,6 @@ class Trainer:
                                             device=self.device)
         self.task_stream = None  # with several ranks: the task draws every rank shares (harmodt.run.distributed)
         self.step_tasks: list[int] = []  # with several ranks: every rank's tasks of the current step
-        self._stop_flag = None  # with several ranks: the stop requests of every rank, summed each step
         if self.dist.active:
             self.dist.broadcast_tensors_(list(self.model.state_dict().values())
                                          + (list(self.task_masks.masks.values()) if self.task_masks is not None else []))
@@ -71,19 +74,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min((s + 1) / max(cfg.warmup_steps, 1), 1.0))
         self.step = 0
         self.last_harmony = None
-        self.stop_requested = False  # set by SIGINT/SIGTERM; the loop saves and stops at the next step
-
-    @property
-    def stop_requested(self) -> bool:
-        """A stop was asked for (SIGINT/SIGTERM); with several ranks: on any rank, as of the last
-        step, so that every rank stops at the same step."""
-        if self.dist.active:
-            return self._stop_flag is not None and bool(self._stop_flag > 0)
-        return self._stop_local
-
-    @stop_requested.setter
-    def stop_requested(self, value: bool) -> None:
-        self._stop_local = value
+        self.stop = signals.StopRequest(agreed_by_ranks=self.dist.active)  # SIGINT/SIGTERM: the loop saves and stops
 
     # ---- one step -------------------------------------------------------------------------
     def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None) -> MaskContext | None:
@@ -132,13 +123,15 @@ class Trainer:
         the device: reading it is the caller's choice, so a GPU step need not wait)."""
         if not self.model.training:  # (train() walks every module: skip it when already set)
             self.model.train()
+        if self.cfg.method in SURGERY_METHODS:
+            return self.surgery_step(task_ids)
         batch = self.batcher.sample(task_ids, self.cfg.batch_size)
         ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1, segments=batch_segments(task_ids, self.cfg.batch_size))
         count = None
         if self.dist.active:  # all ranks' real steps (the loss's divisor) and stop requests
-            agreed = torch.stack([batch["mask"].sum().double(), torch.tensor(float(self._stop_local), device=self.device).double()])
+            agreed = torch.stack([batch["mask"].sum().double(), torch.tensor(float(self.stop.asked), device=self.device).double()])
             self.dist.all_reduce_sum_(agreed)
-            count, self._stop_flag = agreed[0].float(), agreed[1]
+            count, self.stop.agreed = agreed[0].float(), agreed[1]
         with self.autocast():
             pred = self.forward(batch, ctx)
         loss = action_loss(pred, batch, count)
@@ -152,6 +145,19 @@ class Trainer:
         self.sched.step()
         self.step += 1
         return loss.detach()
+
+    def surgery_step(self, task_ids: list[int]) -> torch.Tensor:
+        """One PCGrad/CAGrad step (dense Prompt-DT, no masks): each task's gradient on its own rows
+        of the batch, combined by gradient surgery (harmodt.baselines.surgery_gradients; PCGrad's
+        orders from the data stream), then the clip and AdamW step. Returns the mean task loss."""
+        params = [p for p in self.params if p.requires_grad]
+        loss = baselines.surgery_gradients(self.cfg.method, params, task_ids, self.cfg.batch_size, self.batcher.sample, self.forward,
+                                           self.autocast, self.cfg.cagrad_c, self.batcher.generator)
+        coef = clip_coefficient(params, self.cfg.grad_clip)
+        self.opt.masked_step(None, grad_scale=coef, backend=self.backends.masked_adamw)
+        self.sched.step()
+        self.step += 1
+        return loss
 
     # ---- Algorithm 2 ----------------------------------------------------------------------
     def task_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -256,9 +262,9 @@ def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> di
 
     saved_at = None  # the step of the last checkpoint this process wrote
     try:  # Ctrl-C / SIGTERM: finish the current step, save a consistent checkpoint, then stop
-        with signals.stop_requests(lambda: setattr(trainer, "stop_requested", True)):
+        with signals.stop_requests(trainer.stop.ask):
             while trainer.step < cfg.steps:
-                if trainer.stop_requested:
+                if trainer.stop:
                     save()
                     signals.stopped(trainer.step)
                 if trainer.step > 0 and trainer.step % cfg.masks.update_every == 0:

@@ -70,18 +70,20 @@ def test_sampling_weighted_by_length_and_deterministic():
 # ---- prompts: the last K* steps (Prompt-DT's code) or a random window (--prompt-segment) ------
 
 def _expected_last(tr, mean, std, k, scale):
-    """The last k steps of a trajectory as a prompt row (left-padded when it is shorter)."""
+    """A trajectory's prompt row as Prompt-DT's get_prompt cuts it: start si = max(0, n - k - 1),
+    the steps [si, si + k) that exist, left-padded to k."""
     n = len(tr.rewards)
-    si, real = max(0, n - k), min(n, k)
-    pad = k - real
+    si = max(0, n - k - 1)
+    end = min(n, si + k)
+    pad = k - (end - si)
     states = np.zeros((k, tr.observations.shape[1]), np.float32)
-    states[pad:] = (tr.observations[si:] - mean) / std
+    states[pad:] = (tr.observations[si:end] - mean) / std
     actions = np.zeros((k, tr.actions.shape[1]), np.float32)
-    actions[pad:] = tr.actions[si:]
+    actions[pad:] = tr.actions[si:end]
     rtg = np.zeros(k, np.float32)
-    rtg[pad:] = returns_to_go(tr.rewards)[si:] / scale
+    rtg[pad:] = returns_to_go(tr.rewards)[si:end] / scale
     ts = np.zeros(k, np.int64)
-    ts[pad:] = np.arange(si, n)
+    ts[pad:] = np.arange(si, end)
     return states, actions, rtg, ts, np.arange(k) >= pad
 
 
@@ -140,13 +142,29 @@ def test_evaluation_prompt_is_the_best_episode_last_steps_ties_to_the_lowest_ind
     mean, std = b.state_mean["a"], b.state_std["a"]
     for seed in (0, 1):  # the seed plays no part
         seg, src = prompt_segment(trajs, mean, std, 3, 100.0, 500, torch.Generator().manual_seed(seed), "last")
-        assert src == {"episode": 0, "timesteps": [17, 18, 19]}
+        assert src == {"episode": 0, "timesteps": [16, 17, 18]}  # si = 20 - 3 - 1: the final step 19 is left out
         states, actions, rtg, ts, _ = _expected_last(trajs[0], mean, std, 3, 100.0)
         for x, y in zip((seg["prompt_states"][0], seg["prompt_actions"][0], seg["prompt_rtg"][0, :, 0], seg["prompt_timesteps"][0]),
                         (states, actions, rtg, ts)):
             np.testing.assert_allclose(x.numpy(), y, rtol=1e-5, atol=1e-6)
     trajs[1].rewards = trajs[1].rewards * 4  # now episode 1 has the highest return
     assert prompt_segment(trajs, mean, std, 3, 100.0, 500, torch.Generator(), "last")[1]["episode"] == 1
+
+
+@pytest.mark.parametrize("n, steps", [(2, [0, 1]), (4, [0, 1, 2, 3]), (5, [0, 1, 2, 3]), (6, [1, 2, 3, 4]), (30, [25, 26, 27, 28])])
+def test_last_prompt_window_is_the_reference_get_prompt_window(n, steps):
+    """Prompt-DT's get_prompt: si = max(0, n - K* - 1), steps [si, si + K*) cut at the episode end;
+    for K* = 4 an episode of n steps gives these timesteps (n <= K* + 1 starts at 0)."""
+    rng = np.random.default_rng(n)
+    from _synthetic import trajectory
+
+    tr = trajectory(rng, n)
+    mean, std = np.zeros(39, np.float32), np.ones(39, np.float32)
+    seg, src = prompt_segment([tr], mean, std, 4, 1.0, 500, torch.Generator(), "last")
+    assert src == {"episode": 0, "timesteps": steps}
+    real = seg["prompt_mask"][0]
+    assert seg["prompt_timesteps"][0][real].tolist() == steps and int(real.sum()) == len(steps)
+    np.testing.assert_array_equal(seg["prompt_states"][0][real].numpy(), tr.observations[steps])
 
 
 def test_unknown_prompt_segment_is_refused():

@@ -131,6 +131,12 @@ def captured_prompts(model, monkeypatch):
     return seen
 
 
+def reference_window(n: int, kp: int) -> list:
+    """The timesteps Prompt-DT's get_prompt takes from an n-step episode: from max(0, n - K* - 1), K* steps at most."""
+    si = max(0, n - kp - 1)
+    return list(range(si, min(n, si + kp)))
+
+
 def test_last_prompt_is_the_best_episode_last_steps_for_every_seed(trainer, monkeypatch):
     from harmodt.data.batches import best_prompt_choice, prompt_segment
 
@@ -143,7 +149,7 @@ def test_last_prompt_is_the_best_episode_last_steps_for_every_seed(trainer, monk
         prompts = trainer.datasets[t].prompts
         best = best_prompt_choice(prompts)
         n = len(prompts[best].rewards)
-        want = {"segment": "last", "episodes": "training prompts", "episode": best, "timesteps": list(range(n - kp, n))}
+        want = {"segment": "last", "episodes": "training prompts", "episode": best, "timesteps": reference_window(n, kp)}
         assert runs[0]["tasks"][t]["prompt"] == runs[1]["tasks"][t]["prompt"] == want
         expected, _ = prompt_segment(prompts, trainer.batcher.state_mean[t], trainer.batcher.state_std[t], kp, trainer.cfg.rtg_scale,
                                      trainer.cfg.model.max_ep_len, torch.Generator(), "last")
@@ -166,7 +172,7 @@ def test_unseen_task_prompt_is_cut_the_same_way(trainer):
     best = best_prompt_choice(rolled)
     n, kp = len(rolled[best].rewards), trainer.cfg.model.prompt_len
     assert res["tasks"]["button-press-v3"]["prompt"] == {"segment": "last", "episodes": "expert rollouts", "episode": best,
-                                                         "timesteps": list(range(n - kp, n))}
+                                                         "timesteps": reference_window(n, kp)}
 
 
 def tiny_trainer(tmp_path, **kw):

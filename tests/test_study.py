@@ -15,20 +15,40 @@ import numpy as np
 import pytest
 
 from _synthetic import trajectory
-from harmodt import study as study_mod
-from harmodt.study import (Study, StudyError, aggregate, build_parser, classical_mds, draw_figures, flag_for_key,
-                           jaccard_matrix, paired_bootstrap, pairwise, parse_sweep, run_name, summary_markdown, t_interval, t_quantile,
-                           variant_label)
+from harmodt.study import runner as runner_mod
+from harmodt.study.__main__ import build_parser
+from harmodt.study.figures import draw_figures
+from harmodt.study.plan import Arm, Run, StudyError, flag_for_key, method_arm, parse_sweep, parse_variant, run_name, variant_label
+from harmodt.study.report import aggregate, pairwise, summary_markdown
+from harmodt.study.runner import Study
+from harmodt.study.stats import classical_mds, incomplete_beta, jaccard_matrix, paired_bootstrap, t_interval, t_quantile
+from harmodt.study.unseen import default_thresholds, parse_thresholds, unseen_mode
 
 TASKS = ["reach-v3", "drawer-close-v3"]
 
 
 # ---- statistics ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (30, 2.0423)])
-def test_t_quantile_matches_the_table(df, expected):
-    assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-4)
-    assert t_quantile(0.025, df) == pytest.approx(-expected, abs=2e-4)
+@pytest.mark.parametrize("df,p,expected", [(1, 0.975, 12.7062047362), (2, 0.975, 4.3026527297), (4, 0.975, 2.7764451052),
+                                           (10, 0.95, 1.8124611228), (30, 0.975, 2.0422724563), (3, 0.6, 0.2766706623),
+                                           (120, 0.995, 2.6174211451)])
+def test_t_quantile_matches_the_table(df, p, expected):
+    assert t_quantile(p, df) == pytest.approx(expected, abs=1e-9)
+    assert t_quantile(1 - p, df) == pytest.approx(-expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.999])
+def test_t_quantile_closed_forms(p):
+    assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-11)  # Cauchy
+    assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-11)
+
+
+def test_incomplete_beta_by_hand():
+    # integer a, b: I_x(a, b) = P(Binomial(a + b - 1, x) >= a)
+    for a, b, x in [(2, 3, 0.4), (2, 3, 0.9), (5, 1, 0.3), (1, 7, 0.05), (6, 6, 0.5)]:
+        n = a + b - 1
+        expected = sum(math.comb(n, j) * x ** j * (1 - x) ** (n - j) for j in range(a, n + 1))
+        assert incomplete_beta(a, b, x) == pytest.approx(expected, abs=1e-13)
 
 
 def test_t_interval_by_hand():
@@ -68,9 +88,57 @@ def test_sweep_parsing_and_names():
     assert parse_sweep("masks.eta_max=100,2000") == ("masks.eta_max", ["100", "2000"])
     assert flag_for_key("masks.eta_max") == "--eta-max" and flag_for_key("sparsity") == "--sparsity"
     assert run_name("harmodt-f", 1, ("masks.eta_max", "2000")) == "harmodt-f-eta_max2000-s1"
+    assert variant_label("HarmoDT-F", ("masks.eta_max", "2000")) == "HarmoDT-F eta_max=2000"
     for bad in ("eta_max", "eta_max=", "=1,2", "eta_max=1,1"):
         with pytest.raises(StudyError):
             parse_sweep(bad)
+
+
+def test_variants_parse_into_labelled_arms_whose_flags_come_last(tmp_path):
+    arm = parse_variant("HarmoDT-F official=harmodt-f --preset official --lam 0.5")
+    assert arm == Arm("harmodt-f-official", "HarmoDT-F official", "harmodt-f", ("--preset", "official", "--lam", "0.5"))
+    run = Run(tmp_path, arm, 0, None)
+    assert run.name == "harmodt-f-official-s0" and run.variant == "HarmoDT-F official" and run.method == "harmodt-f"
+    args = run.train_args("MT10", "data", ["--lam", "0.1", "--steps", "10"], 2, 0)
+    assert args.index("--lam", args.index("0.1")) < args.index("0.5")  # the variant's flags after the shared ones
+    assert args[-2:] == ["--threads", "2"]
+    swept = Run(tmp_path, arm, 1, ("masks.eta_max", "400"))
+    assert swept.name == "harmodt-f-official-eta_max400-s1" and swept.variant == "HarmoDT-F official eta_max=400"
+    assert swept.train_args("MT10", "data", [], None, 0)[-2:] == ["--eta-max", "400"]
+    for bad in ("harmodt-f --lam 1", "=harmodt-f", "X=", "X=--lam 1", "X=harmodt-f --seed 3", "X=harmodt-f 'unclosed"):
+        with pytest.raises(StudyError):
+            parse_variant(bad)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--variant", "HarmoDT-F=harmodt-f"], "repeats"),
+    (["--variant", "A=nosuch"], "--variant: unknown nosuch"),
+    (["--variant", "A=harmodt-f --eta-max 5", "--sweep", "eta_max=1,2"], "both given"),
+    (["--eval-tasks", "reach-v3"], "is a training task"),
+    (["--eval-tasks", "nosuch-v3"], "--eval-tasks"),
+    (["--eval-tasks", "push-v3", "--vote-thresholds", "2"], "outside 0..1"),
+    (["--vote-thresholds", "1"], "needs --eval-tasks"),
+])
+def test_study_checks_variants_and_held_out_tasks(tmp_path, extra, needle):
+    args, rest = build_parser().parse_known_args(["--out", str(tmp_path / "s"), "--tasks", ",".join(TASKS),
+                                                  "--methods", "prompt-dt,harmodt-f", "--seeds", "0", *extra])
+    with pytest.raises(StudyError, match=needle.replace(".", r"\.")):
+        Study(args, rest, "python -m harmodt.study").check()
+
+
+def test_vote_thresholds_default_to_quarters_of_the_training_tasks():
+    assert default_thresholds(20) == [5, 10, 15]
+    assert default_thresholds(10) == [3, 5, 8]  # 2.5 and 7.5 round half up
+    assert default_thresholds(2) == [1]  # at least 1, below N
+    assert parse_thresholds("", 10) == [3, 5, 8] and parse_thresholds("0,9", 10) == [0, 9]
+    for bad in ("10", "1,1", "a", "-1"):
+        with pytest.raises(StudyError):
+            parse_thresholds(bad, 10)
+    assert unseen_mode({"method": "harmodt-r", "conditioning": "auto"}) == "masked"
+    assert unseen_mode({"method": "prompt-dt", "conditioning": "auto"}) == "dense"
+    assert unseen_mode({"method": "mtdt", "conditioning": "auto"}) == "skip"
+    assert unseen_mode({"method": "mtdt", "conditioning": "prompt"}) == "dense"
+    assert unseen_mode({"method": "prompt-dt", "conditioning": "task-state"}) == "skip"
 
 
 def fake_study(success: dict, sweep=None) -> dict:
@@ -78,14 +146,15 @@ def fake_study(success: dict, sweep=None) -> dict:
     runs = []
     for (method, value, seed), per_task in success.items():
         sw = None if value is None else (sweep, value)
-        runs.append({"name": run_name(method, seed, sw), "method": method, "seed": seed,
-                     "variant": variant_label(method, sw),
+        runs.append({"name": run_name(method, seed, sw), "arm": method, "method": method, "seed": seed,
+                     "variant": variant_label(method_arm(method).label, sw),
                      "sweep": None if sw is None else {"key": sweep, "value": value}, "status": "finished",
                      "train_seconds": 1.0, "tasks": {t: {"success": s, "return": 10 * s} for t, s in zip(TASKS, per_task)},
                      "mean_success": float(np.mean(per_task))})
     methods = list(dict.fromkeys(k[0] for k in success))
     values = list(dict.fromkeys(k[1] for k in success)) if sweep else None
     return {"command": "python -m harmodt.study ...", "tasks": TASKS, "methods": methods, "seeds": [0, 1],
+            "arms": [method_arm(m).label for m in methods],
             "sweep": None if sweep is None else {"key": sweep, "values": values}, "eval_episodes": 20, "eval_seed": 1,
             "bootstrap": {"seed": 1, "samples": 100}, "complete": True, "runs": runs}
 
@@ -245,7 +314,7 @@ def test_a_child_starting_while_the_study_stops_is_stopped_too(tmp_path, monkeyp
         stoppers.append(stopper)
         return proc
 
-    monkeypatch.setattr(study_mod.subprocess, "Popen", popen_then_stop)
+    monkeypatch.setattr(runner_mod.subprocess, "Popen", popen_then_stop)
     with open(tmp_path / "child.log", "w") as log:
         rc = study.child(SLEEPER, log, dict(os.environ))
     stoppers[0].join(150)
@@ -260,7 +329,7 @@ def test_no_child_starts_once_the_study_stops(tmp_path, monkeypatch):
     def no_popen(*args, **kwargs):
         raise AssertionError("a child was started after the study was stopped")
 
-    monkeypatch.setattr(study_mod.subprocess, "Popen", no_popen)
+    monkeypatch.setattr(runner_mod.subprocess, "Popen", no_popen)
     with open(tmp_path / "child.log", "w") as log:
         assert study.child(SLEEPER, log, dict(os.environ)) == 130
 
@@ -355,3 +424,56 @@ def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     # a different budget in the same folder is refused instead of mixing runs
     proc = subprocess.run([*cmd, "--lr", "0.01"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "other flags" in proc.stderr
+
+
+def test_tiny_study_with_a_variant_evaluates_held_out_tasks(tmp_path):
+    """Two synthetic training tasks and push-v3 held out: the variant's runs are named and labelled by
+    it, HarmoDT acts through the voted mask at each threshold, Prompt-DT once, MTDT is skipped with a
+    note; a second sitting evaluates nothing again; the voted mask's density matches a hand count."""
+    import torch
+
+    data = write_synthetic_data(tmp_path / "data")
+    out = tmp_path / "study"
+    cmd = study_cmd(data, out, "--workers", "2", "--threads-per-run", "1", "--eval-tasks", "push-v3", "--vote-thresholds", "0,1",
+                    "--variant", "HarmoDT-F tiny=harmodt-f --eta-max 20")
+    cmd[cmd.index("--methods") + 1] = "mtdt,prompt-dt"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "note  mtdt-s0: no held-out evaluation" in proc.stdout
+    study = json.loads((out / "study.json").read_text())
+    assert study["eval_tasks"] == ["push-v3"] and study["vote_thresholds"] == [0, 1]
+    assert {r["name"] for r in study["runs"]} == {f"{k}-s{s}" for k in ("mtdt", "prompt-dt", "harmodt-f-tiny") for s in (0, 1)}
+    variant_run = next(r for r in study["runs"] if r["name"] == "harmodt-f-tiny-s1")
+    assert variant_run["variant"] == "HarmoDT-F tiny" and variant_run["config"]["masks"]["eta_max"] == 20
+    assert variant_run["train_command"].endswith("--eta-max 50 --log-every 2 --checkpoint-every 2 --eta-max 20")  # last wins
+    for r in study["runs"]:
+        assert "--tasks push-v3" in (out / "runs" / r["name"] / "unseen.log").read_text() if r["method"] != "mtdt" \
+            else not (out / "runs" / r["name"] / "unseen.log").exists()
+    rows = {(r["variant"], r.get("threshold")): r for r in study["unseen"]}
+    assert set(rows) == {("MTDT", None), ("Prompt-DT", None), ("HarmoDT-F tiny", 0), ("HarmoDT-F tiny", 1)}
+    assert rows[("MTDT", None)]["mode"] == "skip" and "task ID" in rows[("MTDT", None)]["note"]
+    for key in (("Prompt-DT", None), ("HarmoDT-F tiny", 0), ("HarmoDT-F tiny", 1)):
+        row = rows[key]
+        runs = [r for r in study["runs"] if r["variant"] == key[0]]
+        evals = [r["unseen"]["evaluations"]["dense" if key[1] is None else str(key[1])] for r in runs]
+        m, lo, hi = t_interval([e["tasks"]["push-v3"]["return"] for e in evals])
+        assert row["seeds"] == [0, 1] and row["per_task"]["push-v3"]["return"] == {"mean": m, "ci_low": lo, "ci_high": hi}
+        assert row["train_tasks"]["mean_success"] == pytest.approx(np.mean([r["mean_success"] for r in runs]))
+    for r in study["runs"]:  # Eq. 13 by hand: a weight is voted in when more than T training tasks keep it
+        if r["method"] != "harmodt-f":
+            continue
+        masks = torch.load(out / "runs" / r["name"] / "checkpoint.pt", weights_only=True)["masks"]
+        names = sorted(masks[TASKS[0]])
+        counts = np.concatenate([sum(masks[t][n].numpy().astype(int).reshape(-1) for t in TASKS) for n in names])
+        for t in (0, 1):
+            assert r["unseen"]["evaluations"][str(t)]["vote_density"] == pytest.approx((counts > t).mean())
+        assert 0 < r["unseen"]["evaluations"]["1"]["vote_density"] < r["unseen"]["evaluations"]["0"]["vote_density"] <= 1
+    md = (out / "summary.md").read_text()
+    assert "## Unseen tasks (Eq. 13)" in md and "| HarmoDT-F tiny | 1 |" in md and "MTDT: not evaluated" in md
+    assert "HarmoDT-F tiny = `harmodt-f --eta-max 20`" in md and "| HarmoDT-F tiny | 2/2 |" in md
+    assert (out / "figures" / "success_vs_vote_threshold.png").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/unseen_*.json")}
+    assert len(stamps) == 6  # 2 Prompt-DT + 2 x 2 HarmoDT-F
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200)  # resumable: nothing is evaluated again
+    assert proc.returncode == 0 and "] held-out " not in proc.stdout and proc.stdout.count("skip  ") == 6, proc.stdout[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/unseen_*.json")} == stamps

@@ -4,8 +4,9 @@ normalization, left padding with an attention mask, trajectories sampled in prop
 Each task's trajectories are concatenated once into flat tensors on the training device; a batch
 is then one gather per field there (no Python loop per sample). Which steps to gather is drawn on
 the CPU from a seeded generator, so a seed gives the same batches on every device. Prompts are
-the last K* steps of a prompt episode drawn per row (``prompt_segment="last"``, as Prompt-DT's
-code) or windows drawn anywhere in one (``"random"``).
+the last K* steps of a prompt episode drawn per row, ending one step before its final step
+(``prompt_segment="last"``, exactly as Prompt-DT's code cuts them) or windows drawn anywhere in
+one (``"random"``).
 """
 
 from __future__ import annotations
@@ -75,8 +76,11 @@ def _gather(flat: _Flat, traj: torch.Tensor, si: torch.Tensor, length: int) -> d
 
 
 def _last_start(flat: _Flat, traj: torch.Tensor, length: int) -> torch.Tensor:
-    """The start step of each trajectory's last ``length`` steps (0 when it is shorter). (n,)"""
-    return (flat.lengths[traj] - length).clamp(min=0)
+    """The start step of each trajectory's prompt window, as Prompt-DT's ``get_prompt`` cuts it:
+    ``max(0, len - length - 1)``, so a trajectory longer than ``length`` gives the ``length`` steps
+    that end one step before its final step; one of at most ``length + 1`` steps starts at 0 (cut
+    at its end, left-padded when shorter than ``length``). (n,)"""
+    return (flat.lengths[traj] - length - 1).clamp(min=0)
 
 
 def sample_segments(flat: _Flat, n: int, length: int, generator: torch.Generator) -> dict:
@@ -88,8 +92,9 @@ def sample_segments(flat: _Flat, n: int, length: int, generator: torch.Generator
 
 
 def last_segments(flat: _Flat, n: int, length: int, generator: torch.Generator) -> dict:
-    """n prompts as Prompt-DT trains with them: the last ``length`` steps of a trajectory drawn
-    uniformly per row (left-padded when it is shorter)."""
+    """n prompts as Prompt-DT trains with them: the window of :func:`_last_start` (the last
+    ``length`` steps before a trajectory's final step) of a trajectory drawn uniformly per row
+    (left-padded when it is shorter)."""
     traj = torch.randint(len(flat.lengths), (n,), generator=generator)  # (n,)
     return _gather(flat, traj, _last_start(flat, traj, length), length)
 
@@ -105,8 +110,9 @@ def prompt_segment(trajs, mean, std, prompt_len: int, rtg_scale: float, max_ep_l
     """One K*-step prompt (batch of 1) from prompt trajectories, normalized like training data, and
     where it came from: ``{"episode": index in trajs, "timesteps": [its steps]}``.
 
-    ``segment``: "last" = the highest-return trajectory's last K* steps (deterministic, as the
-    official evaluation); "random" = a window drawn from ``generator`` as in :func:`sample_segments`.
+    ``segment``: "last" = the highest-return trajectory's last K* steps before its final step
+    (:func:`_last_start`; deterministic, as the official evaluation); "random" = a window drawn
+    from ``generator`` as in :func:`sample_segments`.
     """
     flat = _flatten(trajs, mean, std, rtg_scale, max_ep_len)
     if segment == "last":
@@ -135,7 +141,8 @@ class PromptDTBatcher:
 
     ``tasks``: ordered task names (index = task id); ``datasets``: name -> TaskData.
     ``prompt_segment``: how each row's K*-step prompt is cut from the task's prompt episodes:
-    "last" = the last K* steps of an episode drawn uniformly per row (Prompt-DT's code);
+    "last" = the last K* steps before the final step of an episode drawn uniformly per row
+    (Prompt-DT's code);
     "random" = a window anywhere, drawn like the history windows.
     """
 

@@ -10,6 +10,25 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 
+class StopRequest:
+    """A stop asked for by SIGINT/SIGTERM (:meth:`ask`). One process: true once asked for. Several
+    ranks (``agreed_by_ranks``): true once ``agreed``, every rank's ``asked`` summed by the last
+    training step's all-reduce, is positive, so that every rank stops at the same step."""
+
+    def __init__(self, agreed_by_ranks: bool = False):
+        self.agreed_by_ranks = agreed_by_ranks
+        self.asked = False  # asked for in this process
+        self.agreed = None  # several ranks: the requests of every rank at the last step (a 0-dim tensor)
+
+    def ask(self) -> None:
+        self.asked = True
+
+    def __bool__(self) -> bool:
+        if self.agreed_by_ranks:
+            return self.agreed is not None and bool(self.agreed > 0)
+        return self.asked
+
+
 @contextmanager
 def stop_requests(request_stop: Callable[[], None], signals=(signal.SIGINT, signal.SIGTERM)):
     """While inside: the first of ``signals`` calls ``request_stop()``, the next raises

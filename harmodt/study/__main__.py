@@ -1,0 +1,81 @@
+"""The command line of ``python -m harmodt.study`` (see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+
+from .plan import StudyError
+from .runner import Study
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m harmodt.study", allow_abbrev=False,
+        description="Train and evaluate every (method, seed[, swept value]) on one dataset; write study.json, summary.md "
+                    "and figures. Flags not listed here are passed to every `python -m harmodt.train` run.")
+    p.add_argument("--tasks", default="MT10",
+                   help="comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, "
+                        "ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names; default MT10)")
+    p.add_argument("--methods", default="mtdt,prompt-dt,harmodt-r,harmodt-m,harmodt-f", help="comma list of methods")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of training seeds")
+    p.add_argument("--out", required=True, help="study folder (runs/, data/, study.json, summary.md, figures/)")
+    p.add_argument("--workers", type=int, default=1, help="runs trained at the same time (default 1)")
+    p.add_argument("--threads-per-run", type=int, default=0, help="torch threads per run (default: cores / workers)")
+    p.add_argument("--sweep", default=None, help="KEY=V1,V2,...: run the grid over a config key (e.g. masks.eta_max=100,2000)")
+    p.add_argument("--sweep-methods", default="", help="comma list: the methods (or variant run names) the sweep applies to (default all); "
+                   "the others run once with their default value")
+    p.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per task for every final checkpoint (default 20)")
+    p.add_argument("--eval-seed", type=int, default=12345, help="evaluation seed shared by all runs: the same goals (default 12345)")
+    p.add_argument("--curve-episodes", type=int, default=3,
+                   help="episodes per task of the trainer's own evaluations when --eval-every is passed (default 3)")
+    p.add_argument("--data", default="", help="dataset folder shared by all runs (default: generate one into OUT/data)")
+    p.add_argument("--gen-episodes", type=int, default=100, help="episodes per task when the study generates the data (default 100)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (default 0)")
+    p.add_argument("--variant", action="append", default=[], metavar='"LABEL=METHOD [TRAIN FLAGS...]"',
+                   help="a labelled method with training flags of its own (after the shared ones, so they win); repeatable, "
+                        "e.g. --variant \"HarmoDT-F official=harmodt-f --preset official\" (runs harmodt-f-official-s0, ...)")
+    p.add_argument("--eval-tasks", default="", help="held-out task spec (e.g. ML1-pick-place-test[:5], ML10-test): evaluate every "
+                   "run's final checkpoint on these unseen tasks too")
+    p.add_argument("--vote-thresholds", default="", help="T1,T2,...: Eq. 13 thresholds for --eval-tasks "
+                   "(default N/4, N/2, 3N/4 of the N training tasks, rounded, at least 1)")
+    p.add_argument("--report-only", action="store_true", help="start no run: aggregate the finished ones and draw the figures")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, passthrough = build_parser().parse_known_args(argv)
+    command = "python -m harmodt.study " + shlex.join(argv)
+    try:
+        if args.workers < 1:
+            raise StudyError("--workers must be at least 1")
+        study = Study(args, passthrough, command)
+        # Ctrl-C / SIGTERM stop the study in every phase, also when it was started with SIGINT ignored (a
+        # background job of a non-interactive shell): its runs are in their own sessions, so the study is the
+        # only process a Ctrl-C reaches, and its children (started after this) get the default disposition back
+        old_handlers = {sig: signal.signal(sig, study.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            study.check()
+            ok = True
+            if not args.report_only:
+                ok = study.run_all()
+            elif (study.out / "command.txt").exists():
+                study.command = (study.out / "command.txt").read_text().strip()
+            study.report()
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+        return 0 if ok else 1
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\n[study] interrupted: finished runs are kept; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""What a study runs: its arms (a method, or a labelled ``--variant`` of one with its own training
+flags), the swept values, and one :class:`Run` folder per (arm, seed[, swept value])."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..run.outputs import write_atomic
+
+METHOD_LABELS = {"mtdt": "MTDT", "prompt-dt": "Prompt-DT", "harmodt-r": "HarmoDT-R", "harmodt-m": "HarmoDT-M",
+                 "harmodt-f": "HarmoDT-F", "pcgrad": "PCGrad", "cagrad": "CAGrad"}
+# flags the study sets itself for every run; passing them through would make runs disagree with their names
+OWN_FLAGS = ("--method", "--seed", "--out", "--resume", "--no-resume", "--tasks", "--data", "--eval-episodes", "--preset",
+             "--config")
+VARIANT_ONLY_FLAGS = ("--preset",)  # a variant may name a preset: the variant's label says which runs have it
+
+
+class StudyError(ValueError):
+    """A bad study option or a run folder that disagrees with the study; printed as one line."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One line of the study's tables: a trainer method, its label, and the training flags its runs add."""
+    key: str  # run-name prefix: the method, or the slug of a variant's label
+    label: str
+    method: str
+    flags: tuple[str, ...] = ()
+
+
+def method_arm(method: str) -> Arm:
+    return Arm(method, METHOD_LABELS.get(method, method), method)
+
+
+def slug(label: str) -> str:
+    """``HarmoDT-F official`` -> ``harmodt-f-official``."""
+    return re.sub(r"[^a-z0-9.+]+", "-", label.lower()).strip("-")
+
+
+def parse_variant(text: str) -> Arm:
+    """``"LABEL=METHOD [TRAIN FLAGS...]"`` -> its Arm (the flags split as a shell would)."""
+    label, sep, rest = text.partition("=")
+    try:
+        words = shlex.split(rest)
+    except ValueError as exc:
+        raise StudyError(f"--variant {text!r}: {exc}") from None
+    if not sep or not label.strip() or not slug(label) or not words or words[0].startswith("-"):
+        raise StudyError(f"--variant must be \"LABEL=METHOD [TRAIN FLAGS...]\", got {text!r}")
+    for flag in words[1:]:
+        name = flag.split("=")[0]
+        if name in OWN_FLAGS and name not in VARIANT_ONLY_FLAGS:
+            raise StudyError(f"--variant {label.strip()!r}: {name} is set by the study for every run")
+    return Arm(slug(label), label.strip(), words[0], tuple(words[1:]))
+
+
+def flag_for_key(key: str) -> str:
+    """Training flag of a config key: ``masks.eta_max`` and ``eta_max`` -> ``--eta-max``."""
+    return "--" + key.split(".")[-1].replace("_", "-")
+
+
+def parse_sweep(text: str | None) -> tuple[str, list[str]] | None:
+    if not text:
+        return None
+    if "=" not in text:
+        raise StudyError(f"--sweep must be KEY=V1,V2,..., got {text!r}")
+    key, values = text.split("=", 1)
+    vals = [v.strip() for v in values.split(",") if v.strip()]
+    if not key.strip() or not vals:
+        raise StudyError(f"--sweep must be KEY=V1,V2,..., got {text!r}")
+    if len(set(vals)) != len(vals):
+        raise StudyError(f"--sweep lists a value twice: {text!r}")
+    return key.strip(), vals
+
+
+def run_name(key: str, seed: int, sweep: tuple[str, str] | None) -> str:
+    """Folder name of a run: ``harmodt-f-s0``, ``harmodt-f-eta_max2000-s1``, ``harmodt-f-official-s0``."""
+    if sweep is None:
+        return f"{key}-s{seed}"
+    name, value = sweep
+    safe = re.sub(r"[^A-Za-z0-9.+-]", "_", f"{name.split('.')[-1]}{value}")
+    return f"{key}-{safe}-s{seed}"
+
+
+def variant_label(label: str, sweep: tuple[str, str] | None) -> str:
+    """The label of an arm at a swept value: ``HarmoDT-F eta_max=2000``."""
+    return label if sweep is None else f"{label} {sweep[0].split('.')[-1]}={sweep[1]}"
+
+
+class Run:
+    """One (arm, seed[, swept value]) of the study and its folder."""
+
+    def __init__(self, study_dir: Path, arm: Arm, seed: int, sweep: tuple[str, str] | None):
+        self.arm, self.seed, self.sweep = arm, seed, sweep
+        self.method = arm.method
+        self.name = run_name(arm.key, seed, sweep)
+        self.variant = variant_label(arm.label, sweep)
+        self.dir = study_dir / "runs" / self.name
+        self.eval_path = self.dir / "run_eval.json"
+        self.record_path = self.dir / "study_run.json"
+
+    def train_args(self, tasks: str, data: str, passthrough: list[str], threads: int | None, eval_episodes_in_training: int) -> list[str]:
+        """The trainer's flags: the study's own, the shared passthrough, the arm's (they win), the swept value."""
+        args = ["--tasks", tasks, "--data", data, "--method", self.method, "--seed", str(self.seed), "--out", str(self.dir),
+                "--resume", "--eval-episodes", str(eval_episodes_in_training), "--no-progress", *passthrough, *self.arm.flags]
+        if self.sweep is not None:
+            args += [flag_for_key(self.sweep[0]), self.sweep[1]]
+        if threads and "--threads" not in passthrough and "--threads" not in self.arm.flags:
+            args += ["--threads", str(threads)]
+        return args
+
+    def unseen_path(self, threshold: int | None) -> Path:
+        """Results of the held-out tasks: through the voted mask at ``threshold``, or (None) of a dense model."""
+        return self.dir / ("unseen_dense.json" if threshold is None else f"unseen_t{threshold}.json")
+
+    def record(self) -> dict:
+        try:
+            return json.loads(self.record_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_record(self, rec: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.record_path, json.dumps(rec, indent=2))
+
+    def finished(self) -> bool:
+        return self.eval_path.exists()
+
+
+def without_threads(args: list[str]) -> list[str]:
+    """``args`` without ``--threads N`` (a run's thread count may change between sittings)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--threads":
+            skip = True
+        else:
+            out.append(a)
+    return out

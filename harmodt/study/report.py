@@ -1,0 +1,251 @@
+"""The study's report: each run's entry (final and best success, mask movement), the aggregate per
+arm with t-intervals and paired bootstrap differences, every pair of arms, and summary.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+from ..run.outputs import read_metrics
+from .stats import paired_bootstrap, t_interval
+from .unseen import unseen_markdown
+
+
+def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
+    """A run's entry in study.json: its arm, status, times, config and, once evaluated, its results."""
+    rec = run.record()
+    entry = {"name": run.name, "arm": run.arm.key, "method": run.method, "seed": run.seed, "variant": run.variant,
+             "sweep": None if run.sweep is None else {"key": run.sweep[0], "value": run.sweep[1]},
+             "status": "finished" if run.finished() else "missing",
+             "train_seconds": rec.get("train_seconds"), "eval_seconds": rec.get("eval_seconds"),
+             "train_command": None if not rec.get("train_args") else "python -m harmodt.train " + shlex.join(rec["train_args"])}
+    cfg_path = run.dir / "config.json"
+    if cfg_path.exists():
+        entry["config"] = json.loads(cfg_path.read_text())
+    if not run.finished():
+        return entry
+    res = json.loads(run.eval_path.read_text())
+    entry["tasks"] = res["tasks"]
+    entry["mean_success"] = res["mean_success"]
+    entry["mean_return"] = float(np.mean([r["return"] for r in res["tasks"].values()]))
+    entry["steps"] = res.get("steps")
+    entry["final"] = {"mean_success": res["mean_success"], "step": res.get("steps"), "episodes": eval_episodes, "eval_seed": eval_seed}
+    best = _trainer_best(run.dir)
+    if best is not None:
+        entry["best"] = best
+    metrics = read_metrics(run.dir / "metrics.jsonl")
+    changed = [r for r in metrics if "mask_changed_fraction" in r]
+    if changed:
+        entry["final_mask_changed_fraction"] = float(np.mean(changed[-1]["mask_changed_fraction"]))
+    harmony = [r for r in metrics if "harmony_score" in r]
+    if harmony:
+        entry["final_harmony_score"] = float(harmony[-1]["harmony_score"])
+    flips = [r for r in metrics if "masked_per_task" in r]
+    if flips:
+        entry["weights_flipped_per_task"] = float(np.mean([np.mean(r["masked_per_task"]) for r in flips]) * len(flips))
+    return entry
+
+
+def _trainer_best(run_dir: Path) -> dict | None:
+    """The best of the trainer's evaluations (results.json's ``best``: step, mean success, number of
+    evaluations, per-task success) with their episodes per task, or None without one."""
+    try:
+        res = json.loads((run_dir / "results.json").read_text())
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    best = res.get("best")
+    if not best:
+        return None
+    return {"mean_success": best["mean_success"], "step": best["step"], "evaluations": best.get("evaluations"),
+            "episodes": cfg.get("eval_episodes"), "tasks": {t: {"success": r["success"]} for t, r in best["tasks"].items()}}
+
+
+def aggregate(study: dict) -> list[dict]:
+    """Per variant (arm[, swept value]): the t-interval of the per-seed means and the paired
+    bootstrap difference from the reference variant (the Prompt-DT arm at the same swept value when
+    the study has it, else the same arm at the first swept value)."""
+    finished = [r for r in study["runs"] if r["status"] == "finished"]
+    order = []
+    for r in study["runs"]:
+        if r["variant"] not in order:
+            order.append(r["variant"])
+    by_variant = {v: [r for r in finished if r["variant"] == v] for v in order}
+    first_value = None if study["sweep"] is None else study["sweep"]["values"][0]
+    out = []
+    for v in order:
+        rows = by_variant[v]
+        proto = next(r for r in study["runs"] if r["variant"] == v)
+        entry = {"variant": v, "arm": proto["arm"], "method": proto["method"], "sweep_value": None if proto["sweep"] is None else proto["sweep"]["value"],
+                 "seeds_finished": [r["seed"] for r in rows], "seeds_planned": [r["seed"] for r in study["runs"] if r["variant"] == v]}
+        if rows:
+            m, lo, hi = t_interval([r["mean_success"] for r in rows])
+            entry.update(mean_success=m, ci_low=lo, ci_high=hi, per_seed={str(r["seed"]): r["mean_success"] for r in rows},
+                         per_task={t: float(np.mean([r["tasks"][t]["success"] for r in rows])) for t in study["tasks"]},
+                         per_task_return={t: float(np.mean([r["tasks"][t]["return"] for r in rows])) for t in study["tasks"]},
+                         train_seconds=float(np.mean([r["train_seconds"] or 0 for r in rows])))
+            bests = [r["best"] for r in rows if r.get("best")]
+            if bests:  # the trainer's best evaluation of each seed (reported beside the final; never ranked on)
+                bm, blo, bhi = t_interval([b["mean_success"] for b in bests])
+                entry["best"] = {"mean_success": bm, "ci_low": blo, "ci_high": bhi, "seeds": len(bests),
+                                 "per_seed": {str(r["seed"]): {"mean_success": r["best"]["mean_success"], "step": r["best"]["step"]}
+                                              for r in rows if r.get("best")},
+                                 "episodes": bests[0]["episodes"]}
+            for key in ("final_mask_changed_fraction", "final_harmony_score", "weights_flipped_per_task"):
+                vals = [r[key] for r in rows if key in r]
+                if vals:
+                    entry[key] = float(np.mean(vals))
+        ref = None
+        if "prompt-dt" in study["methods"]:  # Prompt-DT at the same swept value, else the unswept Prompt-DT
+            pds = [w for w in order if by_variant[w] and by_variant[w][0]["arm"] == "prompt-dt"]
+            ref = next((w for w in pds if (by_variant[w][0]["sweep"] or {}).get("value") == entry["sweep_value"]),
+                       next((w for w in pds if by_variant[w][0]["sweep"] is None), None))
+        elif first_value is not None and entry["sweep_value"] != first_value:
+            ref = next((w for w in order if by_variant[w] and by_variant[w][0]["arm"] == entry["arm"]
+                        and (by_variant[w][0]["sweep"] or {}).get("value") == first_value), None)
+        if ref is not None and ref != v and rows:
+            entry["paired"] = _paired(rows, by_variant[ref], study["tasks"], ref)
+        if "paired" in entry and entry["paired"] is None:
+            del entry["paired"]
+        if first_value is not None and entry["sweep_value"] not in (None, first_value) and rows:
+            # a swept value against the same arm at the first value
+            sref = next((w for w in order if by_variant[w] and by_variant[w][0]["arm"] == entry["arm"]
+                         and (by_variant[w][0]["sweep"] or {}).get("value") == first_value), None)
+            if sref is not None and (p := _paired(rows, by_variant[sref], study["tasks"], sref)):
+                entry["paired_sweep"] = p
+        out.append(entry)
+    return out
+
+
+def pairwise(study: dict) -> dict:
+    """``{row variant: {column variant: paired difference}}``: row minus column success over the (seed, task)
+    pairs both have, with its bootstrap interval, for every two variants with evaluated runs."""
+    finished = [r for r in study["runs"] if r["status"] == "finished"]
+    names = list(dict.fromkeys(r["variant"] for r in finished))
+    rows = {v: [r for r in finished if r["variant"] == v] for v in names}
+    return {a: {b: p for b in names if b != a and (p := _paired(rows[a], rows[b], study["tasks"], b))} for a in names}
+
+
+def _paired(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str) -> dict | None:
+    """Paired bootstrap of per-(seed, task) success differences from ``ref_rows`` (seeds both have)."""
+    base = {r["seed"]: r for r in ref_rows}
+    diffs = [r["tasks"][t]["success"] - base[r["seed"]]["tasks"][t]["success"] for r in rows if r["seed"] in base for t in tasks]
+    if not diffs:
+        return None
+    d, lo, hi = paired_bootstrap(diffs)
+    return {"reference": ref, "mean_diff": d, "ci_low": lo, "ci_high": hi, "pairs": len(diffs)}
+
+
+def _fmt(x, nd=3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def summary_markdown(study: dict, figures: list[str] = ()) -> str:
+    variants = study["variants"]
+    runs = study["runs"]
+    n_done = sum(r["status"] == "finished" for r in runs)
+    lines = [f"# Study: {', '.join(study['arms'])} on {len(study['tasks'])} tasks", ""]
+    if not study["complete"]:
+        missing = [r["name"] for r in runs if r["status"] != "finished"]
+        lines += [f"**Partial: {n_done} of {len(runs)} runs evaluated.** Missing: {', '.join(missing)}.", ""]
+    cfg = next((r["config"] for r in runs if r.get("config")), None)
+    if cfg:
+        mc, mk = cfg["model"], cfg["masks"]
+        lines += [f"Budget: {cfg['steps']} steps at batch {cfg['batch_size']}, {mc['n_layer']} layers x {mc['n_embd']} "
+                  f"({mc['n_head']} heads), lr {cfg['lr']}, warm-up {cfg['warmup_steps']}, {cfg['quality']} data; masks: "
+                  f"sparsity {mk['sparsity']}, t_m {mk['update_every']}, eta_max {mk['eta_max']}"
+                  + ("" if study["sweep"] is None else f" (swept: {study['sweep']['key']} = {', '.join(study['sweep']['values'])}"
+                     f" for {', '.join(study['sweep'].get('methods') or study['methods'])})") + ". "
+                  f"Evaluation: {study['eval_episodes']} episodes per task, seed {study['eval_seed']} for every run.", ""]
+    if study.get("variant_flags"):
+        lines += ["Variants: " + "; ".join(f"{label} = `{flags}`" for label, flags in study["variant_flags"].items())
+                  + " (their flags follow the shared ones).", ""]
+    with_best = any("best" in v for v in variants)
+    lines += ["## Mean success over tasks", "",
+              "Final: the study's evaluation of each run's final checkpoint; mean over seeds of each run's mean success over tasks, "
+              "95 % t-interval over the per-seed means. "
+              "Δ: paired difference from the reference, mean over (seed, task) pairs, 95 % percentile bootstrap interval "
+              f"({study['bootstrap']['samples']} resamples, seed {study['bootstrap']['seed']})."
+              + (" Best during training: per seed the highest mean success among the trainer's own evaluations "
+                 "(every --eval-every steps and at the end, with fewer episodes), as the official code reports; "
+                 "mean over seeds. It is reported, not ranked on." if with_best else ""), "",
+              "| method | seeds | final mean success | 95 % CI | per seed | Δ vs reference | 95 % CI of Δ |"
+              + (" best during training | its 95 % CI | per seed (step) |" if with_best else ""),
+              "|---|---|---|---|---|---|---|" + ("---|---|---|" if with_best else "")]
+    for v in variants:
+        seeds = f"{len(v['seeds_finished'])}/{len(v['seeds_planned'])}"
+        if "mean_success" not in v:
+            lines.append(f"| {v['variant']} | {seeds} | – | – | – | – | – |" + (" – | – | – |" if with_best else ""))
+            continue
+        per_seed = ", ".join(f"{x:.2f}" for x in v["per_seed"].values())
+        p = v.get("paired")
+        delta = f"{p['mean_diff']:+.3f} (vs {p['reference']})" if p else "–"
+        dci = f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]" if p else "–"
+        row = (f"| {v['variant']} | {seeds} | {v['mean_success']:.3f} | [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}] | "
+               f"{per_seed} | {delta} | {dci} |")
+        if with_best:
+            b = v.get("best")
+            row += (" – | – | – |" if b is None else
+                    f" {b['mean_success']:.3f} | [{_fmt(b['ci_low'])}, {_fmt(b['ci_high'])}] | "
+                    + ", ".join(f"{x['mean_success']:.2f} ({x['step']})" for x in b["per_seed"].values()) + " |")
+        lines.append(row)
+    ranked = sorted((v for v in variants if "mean_success" in v), key=lambda v: -v["mean_success"])
+    if len(ranked) > 1:
+        order = f"{ranked[0]['variant']} ({ranked[0]['mean_success']:.3f})"
+        for prev, v in zip(ranked, ranked[1:]):
+            order += f" {'=' if v['mean_success'] == prev['mean_success'] else '>'} {v['variant']} ({v['mean_success']:.3f})"
+        lines += ["", f"Ranking by final mean success: {order}."]
+    done = [v for v in variants if "per_task" in v]
+    if done:
+        lines += ["", "## Success per task", "", "Mean over the finished seeds.", "",
+                  "| task | " + " | ".join(v["variant"] for v in done) + " |", "|---|" + "---|" * len(done)]
+        for t in study["tasks"]:
+            lines.append(f"| {t} | " + " | ".join(f"{v['per_task'][t]:.2f}" for v in done) + " |")
+        lines.append("| **mean** | " + " | ".join(f"**{v['mean_success']:.3f}**" for v in done) + " |")
+    pw = study.get("pairwise") or {}
+    if len(pw) > 2:
+        names = list(pw)
+        lines += ["", "## Every pair of methods", "",
+                  "Row minus column: mean success difference over the (seed, task) pairs both have, and its 95 % bootstrap "
+                  "interval; **bold** where the interval excludes 0.", "",
+                  "| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for a in names:
+            cells = []
+            for b in names:
+                p = pw[a].get(b)
+                if p is None:
+                    cells.append("–")
+                    continue
+                txt = f"{p['mean_diff']:+.3f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]"
+                cells.append(f"**{txt}**" if p["ci_low"] > 0 or p["ci_high"] < 0 else txt)
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    swept = [v for v in done if "paired_sweep" in v]
+    if swept:
+        key = study["sweep"]["key"]
+        lines += ["", f"## {key}: each value against the first", "",
+                  f"Paired difference from the same method at {key}={study['sweep']['values'][0]} over (seed, task) pairs, "
+                  "95 % bootstrap interval.", "", "| method | Δ success | 95 % CI | pairs |", "|---|---|---|---|"]
+        for v in swept:
+            p = v["paired_sweep"]
+            lines.append(f"| {v['variant']} | {p['mean_diff']:+.3f} | [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] | {p['pairs']} |")
+    masked = [v for v in done if "final_mask_changed_fraction" in v or "final_harmony_score" in v]
+    if masked:
+        lines += ["", "## Masks and harmony", "",
+                  "Final averaged harmony score (Definition 3.2, at the last mask update); fraction of each task's active "
+                  "weights not active in its initial ERK mask at the last update (mean over tasks and seeds); weights the "
+                  "updates switched off per task over the run.", "",
+                  "| method | harmony score | mask changed fraction | weights switched per task | train s per run |", "|---|---|---|---|---|"]
+        for v in masked:
+            lines.append(f"| {v['variant']} | {_fmt(v.get('final_harmony_score'))} | {_fmt(v.get('final_mask_changed_fraction'), 5)} | "
+                         f"{_fmt(v.get('weights_flipped_per_task'), 0)} | {v['train_seconds']:.0f} |")
+    lines += unseen_markdown(study)
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{Path(f).stem}](figures/{f})" for f in figures]
+    lines += ["", "## Command", "", "```", study["command"], "```", ""]
+    return "\n".join(lines)
+
+

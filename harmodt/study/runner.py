@@ -1,0 +1,324 @@
+"""The study's runs: the checks before any run starts, the shared dataset, and each run's training,
+evaluation and held-out evaluations as child processes; Ctrl-C / SIGTERM handling (see the package
+docstring); the collection of every run into the study dict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .figures import draw_figures
+from ..run.outputs import write_atomic
+from .plan import OWN_FLAGS, Run, StudyError, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
+from .report import aggregate, pairwise, run_entry, summary_markdown
+from .stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED
+from .unseen import aggregate_unseen, collect_unseen, evaluation_keys, parse_thresholds, unseen_mode
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace, passthrough: list[str], command: str):
+        self.args = args
+        self.passthrough = passthrough
+        self.command = command
+        self.out = Path(args.out)
+        self.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        self.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        self.arms = [method_arm(m) for m in self.methods] + [parse_variant(v) for v in args.variant]
+        self.sweep = parse_sweep(args.sweep)
+        self.sweep_arms = [m.strip() for m in (args.sweep_methods or "").split(",") if m.strip()] or [a.key for a in self.arms]
+        sweeps = [None] if self.sweep is None else [(self.sweep[0], v) for v in self.sweep[1]]
+        # seed by seed (a study cut short has the same seeds of every variant): every arm at the first swept
+        # value, then the swept arms at the other values
+        self.runs = [Run(self.out, a, s, sw if a.key in self.sweep_arms else None) for s in self.seeds
+                     for i, sw in enumerate(sweeps) for a in self.arms if i == 0 or a.key in self.sweep_arms]
+        self.data = args.data or str(self.out / "data")
+        self.eval_tasks: list[str] = []  # held-out tasks (--eval-tasks), parsed by check()
+        self.thresholds: list[int] = []
+        self.print_lock = threading.Lock()
+        self.curve_episodes = args.curve_episodes if "--eval-every" in passthrough else 0
+        self.threads = args.threads_per_run or max(1, (os.cpu_count() or 1) // max(1, args.workers))
+        self.stopping = threading.Event()  # set on Ctrl-C / SIGTERM: no new run or evaluation starts
+        self.children: set[subprocess.Popen] = set()
+        # guards `children` and the start of a child against `stopping`: a child is either in the set when
+        # stop_children looks, or it is never started (re-entrant: the signal handler runs on the main thread)
+        self.children_lock = threading.RLock()
+
+    def say(self, msg: str) -> None:
+        with self.print_lock:
+            print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    # -- checks -----------------------------------------------------------------------------
+    def check(self) -> None:
+        from ..config import METHODS, ConfigError
+        from ..run.cli import parse_args
+        from ..tasks import parse_tasks
+
+        bad = [a.method for a in self.arms if a.method not in METHODS]
+        if bad:
+            raise StudyError(f"{'--methods' if bad[0] in self.methods else '--variant'}: unknown {', '.join(bad)} "
+                             f"(choose from {', '.join(METHODS)})")
+        if not self.arms or not self.seeds:
+            raise StudyError("need at least one method (or --variant) and one seed")
+        if len(set(self.methods)) != len(self.methods) or len(set(self.seeds)) != len(self.seeds):
+            raise StudyError("--methods and --seeds must not repeat an entry")
+        for i, a in enumerate(self.arms):
+            if any(a.key == b.key or a.label == b.label for b in self.arms[:i]):
+                raise StudyError(f"--variant {a.label!r}: its label or run name ({a.key}) repeats another method's")
+        if [k for k in self.sweep_arms if k not in {a.key for a in self.arms}]:
+            raise StudyError("--sweep-methods must name methods of --methods or run names of --variant labels "
+                             f"({', '.join(a.key for a in self.arms)})")
+        if self.args.eval_episodes < 1:
+            raise StudyError("--eval-episodes must be at least 1")
+        for flag in self.passthrough:
+            if flag.split("=")[0] in OWN_FLAGS:
+                raise StudyError(f"{flag.split('=')[0]} is set by the study for every run; use the study's own option")
+        if self.sweep is not None:
+            flag = flag_for_key(self.sweep[0])
+            if flag in self.passthrough or any(flag in a.flags for a in self.arms if a.key in self.sweep_arms):
+                raise StudyError(f"--sweep {self.sweep[0]} and {flag} both given")
+        try:
+            tasks = parse_tasks(self.args.tasks)
+        except ValueError as exc:
+            raise StudyError(f"--tasks: {exc}") from None
+        try:
+            self.eval_tasks = parse_tasks(self.args.eval_tasks) if self.args.eval_tasks else []
+        except ValueError as exc:
+            raise StudyError(f"--eval-tasks: {exc}") from None
+        if seen := [t for t in self.eval_tasks if t in tasks]:
+            raise StudyError(f"--eval-tasks: {', '.join(seen)} {'is a training task' if len(seen) == 1 else 'are training tasks'}")
+        if self.args.vote_thresholds and not self.eval_tasks:
+            raise StudyError("--vote-thresholds needs --eval-tasks")
+        self.thresholds = parse_thresholds(self.args.vote_thresholds, len(tasks)) if self.eval_tasks else []
+        for run in self.runs:  # every run's flags must parse (unknown flags, bad values): fail before any run starts
+            try:
+                parse_args(run.train_args(self.args.tasks, self.data, self.passthrough, self.threads, self.curve_episodes))
+            except ConfigError as exc:
+                raise StudyError(f"run {run.name}: {exc}") from None
+            except SystemExit:
+                raise StudyError(f"run {run.name}: the trainer rejected its flags (see above)") from None
+            rec = run.record()
+            want = run.train_args(self.args.tasks, self.data, self.passthrough, None, self.curve_episodes)
+            if rec.get("train_args") and without_threads(rec["train_args"]) != without_threads(want) and not self.args.report_only:
+                raise StudyError(f"{run.dir} was made with other flags ({shlex.join(rec['train_args'])}); "
+                                 f"use another --out or delete that folder")
+
+    # -- data -------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.args.data:
+            if not Path(self.args.data).exists():
+                raise StudyError(f"--data {self.args.data} does not exist")
+            return
+        from ..run.data_cache import current_cache
+
+        if current_cache(Path(self.data)):
+            return
+        cmd = [sys.executable, "-m", "harmodt.data", "generate", "--tasks", self.args.tasks, "--episodes", str(self.args.gen_episodes),
+               "--out", self.data, "--seed", str(self.args.data_seed), "--workers", str(max(1, self.args.workers * self.threads)),
+               "--no-progress"]
+        self.say(f"generating the shared dataset: {shlex.join(cmd[1:])}")
+        t = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "data_generate.log", "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise StudyError(f"data generation failed (exit {rc}):\n{_tail(self.out / 'data_generate.log')}")
+        self.say(f"dataset ready in {time.perf_counter() - t:.0f} s")
+
+    # -- one run ----------------------------------------------------------------------------
+    def execute(self, run: Run, index: int) -> bool:
+        """Train (or resume) a run, evaluate its final checkpoint, then evaluate it on the held-out tasks."""
+        total = len(self.runs)
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        if run.finished():
+            self.say(f"skip  {run.name} ({index}/{total}): already evaluated")
+            return self.evaluate_unseen(run, env)
+        if self.stopping.is_set():
+            return False
+        rec = run.record()
+        train_args = run.train_args(self.args.tasks, self.data, self.passthrough, self.threads, self.curve_episodes)
+        rec.setdefault("train_seconds", 0.0)
+        rec.setdefault("eval_seconds", 0.0)
+        rec.update(name=run.name, method=run.method, arm=run.arm.key, label=run.arm.label, seed=run.seed,
+                   sweep=None if run.sweep is None else list(run.sweep),
+                   train_args=run.train_args(self.args.tasks, self.data, self.passthrough, None, self.curve_episodes))
+        run.write_record(rec)
+        self.say(f"start {run.name} ({index}/{total})")
+        t_run = time.perf_counter()
+        if not (run.dir / "results.json").exists():  # the trainer writes results.json once its last step is saved
+            t = time.perf_counter()
+            with open(run.dir / "train.log", "a") as log:
+                log.write(f"$ python -m harmodt.train {shlex.join(train_args)}\n")
+                log.flush()
+                rc = self.child([sys.executable, "-m", "harmodt.train", *train_args], log, env)
+            rec["train_seconds"] += time.perf_counter() - t
+            run.write_record(rec)
+            if rc != 0:
+                self.say(f"stop  {run.name}: training stopped (exit {rc}); its checkpoint resumes it" if self.stopping.is_set()
+                         else f"FAIL  {run.name}: training exited {rc}\n{_tail(run.dir / 'train.log')}")
+                return False
+        t = time.perf_counter()
+        ok = self.evaluate(run, [], run.eval_path, "eval.log", "evaluation", env)
+        rec["eval_seconds"] += time.perf_counter() - t
+        run.write_record(rec)
+        if not ok:
+            return False
+        res = json.loads(run.eval_path.read_text())
+        self.say(f"done  {run.name} ({index}/{total}) in {time.perf_counter() - t_run:.0f} s "
+                 f"(train {rec['train_seconds']:.0f} s, eval {rec['eval_seconds']:.0f} s): mean success {res['mean_success']:.3f}")
+        return self.evaluate_unseen(run, env)
+
+    def evaluate(self, run: Run, extra: list[str], out: Path, log_name: str, what: str, env: dict) -> bool:
+        """``python -m harmodt.evaluate`` on the run's final checkpoint with the study's episodes and seed
+        (the same goals for every run), into ``out`` (renamed into place once complete)."""
+        if self.stopping.is_set():
+            return False
+        eval_args = [str(run.dir / "checkpoint.pt"), *extra, "--episodes", str(self.args.eval_episodes), "--seed", str(self.args.eval_seed),
+                     "--out", str(out) + ".tmp", "--no-progress"]
+        with open(run.dir / log_name, "a") as log:
+            log.write(f"$ python -m harmodt.evaluate {shlex.join(eval_args)}\n")
+            log.flush()
+            rc = self.child([sys.executable, "-m", "harmodt.evaluate", *eval_args], log, env)
+        if rc != 0:
+            self.say(f"stop  {run.name}: {what} stopped (exit {rc}); it runs again next time" if self.stopping.is_set()
+                     else f"FAIL  {run.name}: {what} exited {rc}\n{_tail(run.dir / log_name)}")
+            return False
+        os.replace(str(out) + ".tmp", out)
+        return True
+
+    def evaluate_unseen(self, run: Run, env: dict) -> bool:
+        """The held-out tasks (``--eval-tasks``) at every vote threshold (once for a dense model); a
+        threshold whose results exist is skipped, so this resumes like the other evaluations."""
+        if not self.eval_tasks:
+            return True
+        cfg = json.loads((run.dir / "config.json").read_text())
+        mode = unseen_mode(cfg)
+        if mode == "skip":
+            self.say(f"note  {run.name}: no held-out evaluation (conditioned on the task ID, it cannot name an unseen task)")
+        for threshold in evaluation_keys(mode, self.thresholds):
+            path = run.unseen_path(threshold)
+            if path.exists():
+                continue
+            extra = ["--tasks", ",".join(self.eval_tasks)] + ([] if threshold is None else ["--vote-threshold", str(threshold)])
+            what = "held-out evaluation" + ("" if threshold is None else f" at T={threshold}")
+            t = time.perf_counter()
+            if not self.evaluate(run, extra, path, "unseen.log", what, env):
+                return False
+            res = json.loads(path.read_text())
+            self.say(f"held-out {run.name}{'' if threshold is None else f' T={threshold}'} in {time.perf_counter() - t:.0f} s: "
+                     f"mean success {res['mean_success']:.3f} on {len(self.eval_tasks)} unseen task(s)")
+        return True
+
+    def child(self, cmd: list[str], log, env: dict) -> int:
+        """Run one trainer or evaluator process to its end; its exit status (130 without starting it
+        once the study is stopping). The child runs in its own session, so a Ctrl-C at the terminal
+        reaches it once, from stop_children, and not also straight from the terminal."""
+        with self.children_lock:
+            if self.stopping.is_set():
+                return 130
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.children.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.children_lock:
+                self.children.discard(proc)
+
+    def signal_children(self, signum: int) -> list[subprocess.Popen]:
+        """Send ``signum`` to every running child; the children it was sent to."""
+        with self.children_lock:
+            procs = [p for p in self.children if p.poll() is None]
+            for p in procs:
+                try:
+                    p.send_signal(signum)
+                except ProcessLookupError:  # exited since poll
+                    pass
+        return procs
+
+    def stop_children(self) -> None:
+        """Start no further child and ask every running trainer / evaluator to stop (a trainer saves
+        its checkpoint at its next step); wait for them and kill any still running after 120 s."""
+        self.stopping.set()
+        procs = self.signal_children(signal.SIGINT)
+        deadline = time.time() + 120
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def on_signal(self, signum, frame) -> None:
+        """SIGINT / SIGTERM handler of the study process: the first raises KeyboardInterrupt in the
+        main thread (run_all then stops the runs, main exits 130); one while the runs are already
+        stopping is passed on to the children, so that trainers stop at once instead of at their
+        next step (their last checkpoint stays valid: checkpoint writes are atomic)."""
+        if not self.stopping.is_set():
+            self.stopping.set()  # from here on no child starts, whatever the main thread was doing
+            raise KeyboardInterrupt
+        self.signal_children(signal.SIGINT)
+
+    def run_all(self) -> bool:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.prepare_data()
+        (self.out / "command.txt").write_text(self.command + "\n")
+        self.say(f"{len(self.runs)} runs, {self.args.workers} at a time, {self.threads} thread(s) each; out {self.out}")
+        t = time.perf_counter()
+        pool = ThreadPoolExecutor(self.args.workers)
+        try:
+            futures = [pool.submit(self.execute, r, i + 1) for i, r in enumerate(self.runs)]
+            ok = [f.result() for f in futures]
+        except KeyboardInterrupt:
+            self.stop_children()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
+        self.say(f"runs done in {time.perf_counter() - t:.0f} s: {sum(ok)} of {len(ok)} evaluated")
+        return all(ok)
+
+    # -- aggregation ------------------------------------------------------------------------
+    def collect(self) -> dict:
+        from ..tasks import parse_tasks
+
+        tasks = parse_tasks(self.args.tasks)
+        runs = []
+        for run in self.runs:
+            entry = run_entry(run, self.args.eval_episodes, self.args.eval_seed)
+            if self.eval_tasks and run.finished() and "config" in entry:
+                entry["unseen"] = collect_unseen(run, entry["config"], self.thresholds)
+            runs.append(entry)
+        return {"command": self.command, "tasks": tasks, "methods": self.methods, "arms": [a.label for a in self.arms],
+                "variant_flags": {a.label: shlex.join([a.method, *a.flags]) for a in self.arms[len(self.methods):]},
+                "seeds": self.seeds,
+                "sweep": None if self.sweep is None else {"key": self.sweep[0], "values": self.sweep[1], "methods": self.sweep_arms},
+                "eval_episodes": self.args.eval_episodes, "eval_seed": self.args.eval_seed, "data": self.data,
+                "eval_tasks": self.eval_tasks, "vote_thresholds": self.thresholds,
+                "passthrough": self.passthrough, "bootstrap": {"seed": BOOTSTRAP_SEED, "samples": BOOTSTRAP_SAMPLES},
+                "complete": all(r["status"] == "finished" for r in runs), "runs": runs}
+
+    def report(self) -> dict:
+        study = self.collect()
+        study["variants"] = aggregate(study)
+        study["pairwise"] = pairwise(study)
+        study["unseen"] = aggregate_unseen(study)
+        self.out.mkdir(parents=True, exist_ok=True)
+        figures = draw_figures(study, self.out, say=self.say)
+        write_atomic(self.out / "study.json", json.dumps(study, indent=2))
+        write_atomic(self.out / "summary.md", summary_markdown(study, [f.name for f in figures]))
+        self.say(f"wrote {self.out / 'study.json'}, {self.out / 'summary.md'} and {self.out / 'figures'}")
+        return study
