@@ -92,6 +92,20 @@ def test_stop_requests_first_signal_asks_second_interrupts_and_handlers_come_bac
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_stop_request_of_one_process_and_of_ranks_that_must_agree():
+    alone = signals.StopRequest()
+    assert not alone
+    alone.ask()
+    assert alone and alone.asked
+    ranks = signals.StopRequest(agreed_by_ranks=True)
+    ranks.ask()
+    assert not ranks  # asked here, but the ranks have not summed their requests yet
+    ranks.agreed = torch.tensor(0.0)
+    assert not ranks
+    ranks.agreed = torch.tensor(1.0)  # some rank asked at the last step: every rank stops
+    assert ranks
+
+
 def test_rank_output_silences_other_ranks_and_gives_stdout_back(monkeypatch):
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
