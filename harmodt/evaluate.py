@@ -57,14 +57,16 @@ def _as_traj(d):
     return d if hasattr(d, "observations") else SimpleNamespace(**{k: np.asarray(v) for k, v in d.items()})
 
 
-def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *, backend: str = "reference",
+def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *,
+             backend: str | kernels.MaskedLinearOp = "reference",
              vote_threshold: int | None = None, batch_size: int | None = None, max_steps: int = 500, progress: bool = True,
              precision: str = "fp32", target_return: float | None = None, sim_workers: int | None = None,
              prompt_segment: str | None = None) -> dict:
     """Run ``episodes`` episodes of every task in ``tasks`` on the model's device; see the module
     docstring.
 
-    ``backend``: the concrete ``kernels.masked_linear`` backend the masked layers run on.
+    ``backend``: the ``masked_linear`` op the masked layers run on (a field of
+    ``kernels.select_backends(...)``), or the name of a concrete backend.
     ``batch_size``: rows (episodes) per forward; None = all at once, 1 = one episode at a time at
     batch 1 (the official code's way, kept as a baseline). ``env_steps_per_s`` counts stepping
     time (model + simulator); building the envs is reported separately as ``setup_seconds``.
@@ -78,6 +80,7 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     from .envs import ShardedVectorEnv, make_vector_env
 
     device = next(model.parameters()).device
+    op = kernels.backend_ops(backend, device).masked_linear if isinstance(backend, str) else backend
     trained = list(eval_info["tasks"])
     cfg = model.cfg
     use_prompt = model.use_prompt
@@ -118,7 +121,7 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         if packed is None:
             return None
         ids = torch.tensor([mask_row[tasks[i]] for i in rows_task_idx.tolist()], device=device)
-        return MaskContext(packed, ids, backend)
+        return MaskContext(packed, ids, op)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     was_training = model.training
@@ -198,7 +201,7 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         if t in sources:
             per_task[t]["prompt"] = sources[t]
     return {"tasks": per_task, "mean_success": float(np.mean([v["success"] for v in per_task.values()])),
-            "env_steps": env_steps, "seconds": seconds, "setup_seconds": setup_seconds, "backend": backend,
+            "env_steps": env_steps, "seconds": seconds, "setup_seconds": setup_seconds, "backend": op.backend.name,
             "device": str(device), "env_steps_per_s": env_steps / max(seconds, 1e-9)}
 
 
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         except (kernels.BackendUnavailable, ValueError) as exc:
             raise EvalError(str(exc)) from None
         model, masks, info, cfg, step = load_checkpoint(args.checkpoint, device)
-        print(f"[harmodt] device={device} precision={args.precision} fused={args.fused} kernels: masked_linear={backends.masked_linear}",
+        print(f"[harmodt] device={device} precision={args.precision} fused={args.fused} kernels: masked_linear={backends.masked_linear.backend.name}",
               flush=True)
         try:
             tasks = parse_tasks(args.tasks) if args.tasks else list(info["tasks"])
