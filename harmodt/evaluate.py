@@ -5,7 +5,9 @@ with 16 or more episodes split over two processes that step concurrently (``sim_
 are the same) -- and one model forward per timestep for all running episodes on the model's
 device, each row through its own task's mask (Algorithm 1's inference stage, batched): one
 host-to-device transfer of the observations and one device-to-host transfer of the actions per
-step. Tasks the checkpoint was not trained on act through the voted mask of Eq. 13. The prompt's
+step. The weights do not change during an evaluation, so each task's masked weights ``W * M_t``
+are made once (``kernels.CachedMaskedLinearOp``) and every forward is GEMMs alone: one batched
+GEMM per masked layer when all tasks run equal numbers of episodes. Tasks the checkpoint was not trained on act through the voted mask of Eq. 13. The prompt's
 keys and values never depend on later tokens, so they are computed once per task and reused at
 every step. Episodes last 500 steps; an episode succeeds if it succeeds at any step; goals are
 random per episode but seeded.
@@ -81,6 +83,7 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
 
     device = next(model.parameters()).device
     op = kernels.backend_ops(backend, device).masked_linear if isinstance(backend, str) else backend
+    op = op.cached({})  # each task's W * M made once for this evaluation: the weights do not change here
     trained = list(eval_info["tasks"])
     cfg = model.cfg
     use_prompt = model.use_prompt
@@ -120,8 +123,14 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     def ctx_for(rows_task_idx: torch.Tensor):
         if packed is None:
             return None
-        ids = torch.tensor([mask_row[tasks[i]] for i in rows_task_idx.tolist()], device=device)
-        return MaskContext(packed, ids, op)
+        mrows = [mask_row[tasks[i]] for i in rows_task_idx.tolist()]
+        runs = []  # ((mask row, sequences), ...): the rows' task layout, known here on the host
+        for r in mrows:
+            if runs and runs[-1][0] == r:
+                runs[-1] = (r, runs[-1][1] + 1)
+            else:
+                runs.append((r, 1))
+        return MaskContext(packed, torch.tensor(mrows, device=device), op, segments=tuple(runs))
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     was_training = model.training

@@ -42,6 +42,7 @@ from .reference import num_words
 __all__ = [
     "BACKENDS",
     "Backend",
+    "CachedMaskedLinearOp",
     "BackendUnavailable",
     "KernelArgumentError",
     "KernelOps",
@@ -194,6 +195,10 @@ class MaskedLinearOp:
     def takes_bool_masks(self) -> bool:
         return self.backend.bool_masks
 
+    def cached(self, workspace: dict) -> "CachedMaskedLinearOp":
+        """This op for repeated calls without gradients (see :class:`CachedMaskedLinearOp`)."""
+        return CachedMaskedLinearOp(self, workspace)
+
     def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
             x, weight, bias = _autocast_operands(x, weight, bias)
@@ -202,6 +207,56 @@ class MaskedLinearOp:
                              bool_masks=b.bool_masks)
         with torch.autocast(x.device.type, enabled=False):
             return b.linear(x, weight, bias, masks, task_ids, task_grads, segments)
+
+
+@dataclass(frozen=True)
+class CachedMaskedLinearOp:
+    """``masked_linear`` for repeated calls without gradients on fixed weights and masks (an
+    evaluation): each task's ``W ⊙ M_t`` is made once, ``[T, N, K]`` per layer, and kept in
+    ``workspace`` (a dict the caller owns and drops afterwards), keyed by the weight's and the
+    masks' storage and version counter, so an in-place change of either makes a fresh one. A
+    call then costs the GEMMs alone: one batched GEMM when the rows hold every task in order in
+    equal runs, else one GEMM per run of ``segments``. Calls that need gradients or
+    ``task_grads``, or come without ``segments``, go to ``op``. Results equal the reference's
+    with ``segments`` up to the summation order of the GEMM."""
+
+    op: MaskedLinearOp
+    workspace: dict
+
+    @property
+    def backend(self) -> Backend:
+        return self.op.backend
+
+    @property
+    def takes_bool_masks(self) -> bool:
+        return self.op.takes_bool_masks
+
+    def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None) -> torch.Tensor:
+        if segments is None or task_grads is not None or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return self.op(x, weight, bias, masks, task_ids, task_grads, segments)
+        b = self.backend
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev) else x.dtype
+        checks.masked_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), masks, task_ids, None, segments,
+                             dtypes=b.linear_dtypes, devices=b.devices, bool_masks=True)
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), masks.data_ptr(), masks._version, tuple(masks.shape), dt)
+        w_eff = self.workspace.get(key)
+        if w_eff is None:
+            with torch.no_grad():
+                m = masks if masks.dtype == torch.bool else reference.unpack_masks(masks, weight.shape[1])
+                w_eff = self.workspace[key] = torch.where(m, weight.detach().unsqueeze(0), 0.0).to(dt)  # (T, N, K)
+        x, bias = x.to(dt), None if bias is None else bias.to(dt)
+        with torch.autocast(dev, enabled=False):
+            runs = [(int(t), int(c)) for t, c in segments]
+            if [t for t, _ in runs] == list(range(w_eff.shape[0])) and len({c for _, c in runs}) == 1:  # (T, R/T, K) @ (T, K, N)
+                xs = x.reshape(w_eff.shape[0], runs[0][1], x.shape[1])
+                y = torch.bmm(xs, w_eff.transpose(1, 2)) if bias is None else torch.baddbmm(bias, xs, w_eff.transpose(1, 2))
+                return y.reshape(x.shape[0], -1)
+            parts, start = [], 0
+            for t, c in runs:
+                parts.append(torch.nn.functional.linear(x[start : start + c], w_eff[t], bias))
+                start += c
+            return torch.cat(parts)
 
 
 @dataclass(frozen=True)
