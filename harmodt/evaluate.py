@@ -7,9 +7,9 @@ device, each row through its own task's mask (Algorithm 1's inference stage, bat
 host-to-device transfer of the observations and one device-to-host transfer of the actions per
 step. The weights do not change during an evaluation, so each task's masked weights ``W * M_t``
 are made once (``kernels.CachedMaskedLinearOp``) and every forward is GEMMs alone: one batched
-GEMM per masked layer when all tasks run equal numbers of episodes. Tasks the checkpoint was not trained on act through the voted mask of Eq. 13. The prompt's
-keys and values never depend on later tokens, so they are computed once per task and reused at
-every step. Episodes last 500 steps; an episode succeeds if it succeeds at any step; goals are
+GEMM per masked layer when all tasks run equal numbers of episodes. Tasks the checkpoint was not
+trained on act through the voted mask of Eq. 13. The prompt's keys and values never depend on
+later tokens, so they are computed once per task and reused at every step. Episodes last 500 steps; an episode succeeds if it succeeds at any step; goals are
 random per episode but seeded.
 
 Prompts (prompt-conditioned models): with ``prompt_segment="last"`` (what training used by
