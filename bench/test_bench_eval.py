@@ -43,7 +43,8 @@ def test_eval_mt10(benchmark, device):
     from harmodt.tasks import MT10
 
     model, masks = _model_and_masks(len(MT10), device)
-    backend = kernels.select_backends(device, True).masked_linear
+    op = kernels.select_backends(device, True).masked_linear
+    backend = op.backend.name
     rng = np.random.default_rng(0)
 
     def prompt():
@@ -56,7 +57,7 @@ def test_eval_mt10(benchmark, device):
     runs = []
 
     def run():
-        runs.append(evaluate(model, masks, info, MT10, 10, seed=0, backend=backend, max_steps=EVAL_STEPS, progress=False))
+        runs.append(evaluate(model, masks, info, MT10, 10, seed=0, backend=op, max_steps=EVAL_STEPS, progress=False))
 
     benchmark.pedantic(run, rounds=rounds(1), iterations=1)
     sps = [r["env_steps_per_s"] for r in runs]
@@ -78,7 +79,8 @@ def test_eval_forward_mt50(benchmark, device):
 
     n_tasks, episodes, k, kp = 50, 10, 20, 5
     model, masks = _model_and_masks(n_tasks, device)
-    fused = kernels.select_backends(device, True).masked_linear
+    fused_op = kernels.select_backends(device, True).masked_linear
+    fused = fused_op.backend.name
     g = torch.Generator().manual_seed(0)
     packed = masks.packed()
     task_rows = torch.arange(n_tasks)
@@ -91,19 +93,20 @@ def test_eval_forward_mt50(benchmark, device):
     states, actions = torch.randn(b, k, 39, generator=g).to(device), (torch.rand(b, k, 4, generator=g) * 2 - 1).to(device)
     rtg, steps = torch.rand(b, k, 1, generator=g).to(device), (torch.arange(k) + 100).expand(b, k).to(device)
 
-    def forward(backend):
+    def forward(op):
         with torch.inference_mode():
-            kv, valid = model.encode_prompt(prompt, MaskContext(packed, task_rows.to(device), backend))
+            kv, valid = model.encode_prompt(prompt, MaskContext(packed, task_rows.to(device), op))
         kv = [(a[rows], c[rows]) for a, c in kv]
         valid = valid[rows]
-        ctx = MaskContext(packed, rows, backend)
+        ctx = MaskContext(packed, rows, op)
 
         def run():
             with torch.inference_mode():
                 return model.act(states, actions, rtg, steps, rows, ctx, kv, valid)
         return run
 
-    times = interleave(benchmark, {"fused": call_runner(forward(fused), device), "reference": call_runner(forward("reference"), device)},
+    times = interleave(benchmark, {"fused": call_runner(forward(fused_op), device),
+                                   "reference": call_runner(forward(kernels.REFERENCE_OPS.masked_linear), device)},
                        rounds(2 if device == "cpu" else 20), calls=1 if device == "cpu" else 10, warmup=0 if device == "cpu" else 2)
     speedup = 1.0 / paired_ratio(times, "fused", "reference")
     figs = [time_figure(f"evaluation forward, MT50 x 10 episodes, {fused}", times, "fused"),

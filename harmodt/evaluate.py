@@ -5,7 +5,10 @@ with 16 or more episodes split over two processes that step concurrently (``sim_
 are the same) -- and one model forward per timestep for all running episodes on the model's
 device, each row through its own task's mask (Algorithm 1's inference stage, batched): one
 host-to-device transfer of the observations and one device-to-host transfer of the actions per
-step. Tasks the checkpoint was not trained on act through the voted mask of Eq. 13. The prompt's
+step. The weights do not change during an evaluation, so each task's masked weights ``W * M_t``
+are made once (``kernels.CachedMaskedLinearOp``) and every forward is GEMMs alone: one batched
+GEMM per masked layer when all tasks run equal numbers of episodes. Tasks the checkpoint was not
+trained on act through the voted mask of Eq. 13. The prompt's
 keys and values never depend on later tokens, so they are computed once per task and reused at
 every step. Episodes last 500 steps; an episode succeeds if it succeeds at any step; goals are
 random per episode but seeded.
@@ -80,7 +83,7 @@ class TaskInputs:
     sources: dict  # task -> which prompt episode and timesteps its prompt is
     rtg_scale: float
     target: float  # initial return-to-go, unscaled
-    backend: str
+    masked_linear: kernels.MaskedLinearOp  # the masked layers' op, each task's W * M cached for the evaluation
     precision: str
 
     def ctx(self, rows: torch.Tensor) -> MaskContext | None:
@@ -88,8 +91,14 @@ class TaskInputs:
         if self.masks is None:
             return None
         device = self.embed_ids.device
-        ids = torch.tensor([self.mask_row[self.tasks[i]] for i in rows.tolist()], device=device)
-        return MaskContext(self.masks, ids, self.backend)
+        mrows = [self.mask_row[self.tasks[i]] for i in rows.tolist()]
+        runs = []  # ((mask row, sequences), ...): the rows' task layout, known here on the host
+        for r in mrows:
+            if runs and runs[-1][0] == r:
+                runs[-1] = (r, runs[-1][1] + 1)
+            else:
+                runs.append((r, 1))
+        return MaskContext(self.masks, torch.tensor(mrows, device=device), self.masked_linear, segments=tuple(runs))
 
     def prompt(self, rows: torch.Tensor):
         """The cached prompt keys/values and validity of rows ``rows`` (task indices); (None, None)
@@ -104,13 +113,16 @@ class TaskInputs:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
-def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int, *, backend: str = "reference",
+def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int, *,
+                backend: str | kernels.MaskedLinearOp = "reference",
                 vote_threshold: int | None = None, precision: str = "fp32", target_return: float | None = None,
                 prompt_segment: str | None = None) -> TaskInputs:
     """Every task's normalization, mask row and prompt (keys/values computed here, once, with the
     model in eval mode); arguments as :func:`evaluate`'s. Raises EvalError for an unseen task a
     task-ID model cannot act on, unseen tasks without a vote threshold, or a bad segment."""
     device = next(model.parameters()).device
+    op = kernels.backend_ops(backend, device).masked_linear if isinstance(backend, str) else backend
+    op = op.cached({})  # each task's W * M made once: the weights do not change while a policy acts
     trained = list(eval_info["tasks"])
     cfg = model.cfg
     unseen = [t for t in tasks if t not in trained]
@@ -145,7 +157,7 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
     mean = np.stack([means.get(t, pooled_mean) for t in tasks])  # (n_tasks, S)
     std = np.stack([stds.get(t, pooled_std) for t in tasks])
     embed_ids = torch.tensor([trained.index(t) if t in trained else 0 for t in tasks], device=device)  # MTDT task-ID rows
-    inputs = TaskInputs(list(tasks), mean, std, embed_ids, packed, mask_row, mask_kind, None, None, {}, rtg_scale, target, backend,
+    inputs = TaskInputs(list(tasks), mean, std, embed_ids, packed, mask_row, mask_kind, None, None, {}, rtg_scale, target, op,
                         precision)
     if model.use_prompt:
         g = torch.Generator().manual_seed(seed)
@@ -164,14 +176,16 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
     return inputs
 
 
-def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *, backend: str = "reference",
+def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *,
+             backend: str | kernels.MaskedLinearOp = "reference",
              vote_threshold: int | None = None, batch_size: int | None = None, max_steps: int = 500, progress: bool = True,
              precision: str = "fp32", target_return: float | None = None, sim_workers: int | None = None,
              prompt_segment: str | None = None) -> dict:
     """Run ``episodes`` episodes of every task in ``tasks`` on the model's device; see the module
     docstring.
 
-    ``backend``: the concrete ``kernels.masked_linear`` backend the masked layers run on.
+    ``backend``: the ``masked_linear`` op the masked layers run on (a field of
+    ``kernels.select_backends(...)``), or the name of a concrete backend.
     ``batch_size``: rows (episodes) per forward; None = all at once, 1 = one episode at a time at
     batch 1 (the official code's way, kept as a baseline). ``env_steps_per_s`` counts stepping
     time (model + simulator); building the envs is reported separately as ``setup_seconds``.
@@ -249,7 +263,7 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         if t in inputs.sources:
             per_task[t]["prompt"] = inputs.sources[t]
     return {"tasks": per_task, "mean_success": float(np.mean([v["success"] for v in per_task.values()])),
-            "env_steps": env_steps, "seconds": seconds, "setup_seconds": setup_seconds, "backend": backend,
+            "env_steps": env_steps, "seconds": seconds, "setup_seconds": setup_seconds, "backend": inputs.masked_linear.backend.name,
             "device": str(device), "env_steps_per_s": env_steps / max(seconds, 1e-9)}
 
 
@@ -350,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         except (kernels.BackendUnavailable, ValueError) as exc:
             raise EvalError(str(exc)) from None
         model, masks, info, cfg, step = load_checkpoint(args.checkpoint, device)
-        print(f"[harmodt] device={device} precision={args.precision} fused={args.fused} kernels: masked_linear={backends.masked_linear}",
+        print(f"[harmodt] device={device} precision={args.precision} fused={args.fused} kernels: masked_linear={backends.masked_linear.backend.name}",
               flush=True)
         try:
             tasks = parse_tasks(args.tasks) if args.tasks else list(info["tasks"])

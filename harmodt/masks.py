@@ -114,7 +114,7 @@ class TaskMasks:
         self._packed = None
 
     def update(self, masked_grads: torch.Tensor, grads: torch.Tensor, params: torch.Tensor, k: int, lam: float,
-               importance: str, lam_on: str = "importance", backend: str = "reference") -> dict:
+               importance: str, lam_on: str = "importance", select=kernels.harmony_select) -> dict:
         """Algorithm 2 on flat ``[T, P]`` gradients (concatenated in ``self.masks`` order).
 
         ``lam_on="agreement"`` reproduces the official code's ``lam * A + I``, which orders the
@@ -124,7 +124,7 @@ class TaskMasks:
         eff_lam = lam if lam_on == "importance" else (1.0 / lam if lam > 0 else float("inf"))
         if math.isinf(eff_lam):
             raise ValueError("lam_on='agreement' needs lam > 0")
-        after = kernels.harmony_select(masked_grads, grads, params, before, k, eff_lam, importance, backend=backend)
+        after = select(masked_grads, grads, params, before, k, eff_lam, importance)  # the run's kernels.harmony_select op
         p = masked_grads.shape[1]
         b = kernels.unpack_masks(before, p)
         a = kernels.unpack_masks(after, p)

@@ -6,7 +6,7 @@ embedding, as in DT). The action of step j is predicted from the hidden state of
 model without a prompt (MTDT) is told its task by the task ID instead (see :class:`PromptDT`).
 
 The four weight matrices of every block are :class:`MaskedLinear`. Masks enter the model there and
-nowhere else: its forward calls ``kernels.masked_linear(x, W, b, masks, task_ids)``, which computes
+nowhere else: its forward calls the run's ``masked_linear`` op (x, W, b, masks, task_ids), which computes
 ``x @ (W * M_task).T + b`` (Eq. 4), so the gradient reaching W is ``grad * M_task``. Embeddings,
 layer norms, biases and prediction heads are shared by every task. Everything else is plain
 PyTorch.
@@ -33,7 +33,8 @@ class MaskContext:
         reference backend also takes them unpacked, bool ``[T, N, K]``).
     task_ids: ``(B,)`` each sequence's row in ``masks``, or ``(1,)`` when the whole batch is one
         task (Algorithm 1's training step).
-    backend: the concrete ``kernels.masked_linear`` backend ("reference", "triton" or "cpu").
+    masked_linear: the ``kernels.masked_linear`` op the masked layers run on (a field of the
+        run's ``kernels.select_backends(...)``; the reference's by default).
     task_grads: parameter name -> float32 ``[T, N, K]`` buffers that receive each task's unmasked
         gradient on backward (Algorithm 2's recovery gradient), or None.
     segments: ``((task, sequences), ...)`` when the batch's sequences are grouped by task and the
@@ -42,7 +43,7 @@ class MaskContext:
 
     masks: dict
     task_ids: torch.Tensor
-    backend: str = "reference"
+    masked_linear: kernels.MaskedLinearOp = kernels.REFERENCE_OPS.masked_linear
     task_grads: dict | None = None
     segments: tuple | None = None
 
@@ -67,8 +68,8 @@ class MaskedLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         b, t, k = x.shape
         grads = None if ctx.task_grads is None else ctx.task_grads.get(self.mask_key)
-        y = kernels.masked_linear(x.reshape(b * t, k), self.weight, self.bias, ctx.masks[self.mask_key], ctx.row_ids(t),
-                                  backend=ctx.backend, task_grads=grads, segments=ctx.row_segments(t))
+        y = ctx.masked_linear(x.reshape(b * t, k), self.weight, self.bias, ctx.masks[self.mask_key], ctx.row_ids(t),
+                              task_grads=grads, segments=ctx.row_segments(t))
         return y.view(b, t, -1)
 
 

@@ -3,7 +3,7 @@
 Eq. 11 updates theta with ``grad * M_i``; with AdamW a zero gradient still moves a weight through
 decoupled weight decay and stale momentum. :class:`MaskedAdamW` therefore keeps every weight
 outside ``M_i`` as it was, while its moments decay as with a zero gradient (what a plain AdamW
-step does to them). The step runs on ``kernels.masked_adamw_`` with the run's backend. (The
+step does to them). The step runs on the run's ``masked_adamw`` kernel op. (The
 official code gets a similar effect by deep-copying the whole state dict twice per step.)
 """
 
@@ -35,13 +35,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 class MaskedAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` with :meth:`masked_step`; its state (``step``, ``exp_avg``,
-    ``exp_avg_sq``) has AdamW's layout, so ``state_dict`` round-trips as AdamW's does."""
+    ``exp_avg_sq``) has AdamW's layout, so ``state_dict`` round-trips as AdamW's does. The kernel
+    op's launch data (the Triton backend's parameter tables) is kept in ``kernel_workspace``,
+    owned by this optimizer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernel_workspace: dict = {}
 
     @torch.no_grad()
-    def masked_step(self, keep: dict | None = None, grad_scale: float | torch.Tensor = 1.0, backend: str = "reference") -> None:
-        """One step. ``keep``: {param: packed int32 mask of the weights the step may change} (see
-        ``kernels.masked_adamw_``); parameters not in it change everywhere. ``grad_scale``: every
-        gradient is multiplied by it first (:func:`clip_coefficient`)."""
+    def masked_step(self, keep: dict | None = None, grad_scale: float | torch.Tensor = 1.0,
+                    op: kernels.MaskedAdamWOp = kernels.REFERENCE_OPS.masked_adamw) -> None:
+        """One step. ``keep``: {param: mask of the weights the step may change, bool of the
+        parameter's shape or its packed int32 words} (see ``kernels.masked_adamw_``); parameters
+        not in it change everywhere. ``grad_scale``: every gradient is multiplied by it first
+        (:func:`clip_coefficient`). ``op``: the run's ``masked_adamw`` (``kernels.select_backends``)."""
         keep = keep or {}
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -49,10 +57,9 @@ class MaskedAdamW(torch.optim.AdamW):
                 continue
             states = [self._state_for(p) for p in params]
             beta1, beta2 = group["betas"]
-            kernels.masked_adamw_(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                                  [keep.get(p) for p in params], [s["step"] for s in states], lr=group["lr"], beta1=beta1,
-                                  beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], grad_scale=grad_scale,
-                                  backend=backend)
+            op(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+               [keep.get(p) for p in params], [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2,
+               eps=group["eps"], weight_decay=group["weight_decay"], grad_scale=grad_scale, workspace=self.kernel_workspace)
         self._opt_called = True  # what Optimizer.step marks for LR schedulers (their step-order warning)
 
     def _state_for(self, p: torch.Tensor) -> dict:

@@ -84,7 +84,7 @@ class Trainer:
         reference backend reads the bool masks as they are (no unpacking per call)."""
         if self.task_masks is None:
             return None
-        masks = self.task_masks.masks if self.backends.masked_linear == "reference" else self.task_masks.packed()
+        masks = self.task_masks.masks if self.backends.masked_linear.takes_bool_masks else self.task_masks.packed()
         return MaskContext(masks, task_ids[:1] if single_task else task_ids, self.backends.masked_linear, segments=segments)
 
     def autocast(self):
@@ -109,7 +109,7 @@ class Trainer:
         several tasks the union of theirs (Eq. 11)."""
         if self.task_masks is None:
             return None
-        packed = self.backends.masked_adamw != "reference"  # the reference takes bool masks as they are
+        packed = not self.backends.masked_adamw.takes_bool_masks  # the reference takes bool masks as they are
         if len(task_ids) == 1:
             masks = self.task_masks.packed() if packed else self.task_masks.masks
             return {w: masks[n][task_ids[0]] for n, w in self.weights.items()}
@@ -141,7 +141,7 @@ class Trainer:
         loss = self.dist.reduce_gradients(self.params, loss)  # several ranks: summed gradients and the global loss
         coef = clip_coefficient(self.params, self.cfg.grad_clip)
         keep = self.keep_masks(self.step_tasks if self.dist.active else task_ids)  # several ranks: the union of all ranks' tasks
-        self.opt.masked_step(keep, grad_scale=coef, backend=self.backends.masked_adamw)
+        self.opt.masked_step(keep, grad_scale=coef, op=self.backends.masked_adamw)
         self.sched.step()
         self.step += 1
         return loss.detach()
@@ -154,7 +154,7 @@ class Trainer:
         loss = baselines.surgery_gradients(self.cfg.method, params, task_ids, self.cfg.batch_size, self.batcher.sample, self.forward,
                                            self.autocast, self.cfg.cagrad_c, self.batcher.generator)
         coef = clip_coefficient(params, self.cfg.grad_clip)
-        self.opt.masked_step(None, grad_scale=coef, backend=self.backends.masked_adamw)
+        self.opt.masked_step(None, grad_scale=coef, op=self.backends.masked_adamw)
         self.sched.step()
         self.step += 1
         return loss
@@ -196,7 +196,7 @@ class Trainer:
             k = alpha_schedule(self.step, self.cfg.steps, m.eta_min, m.eta_max)
             params = torch.cat([w.detach().reshape(-1) for w in self.weights.values()])
             importance = "fisher" if self.cfg.method == "harmodt-f" else "magnitude"
-            changed = self.task_masks.update(masked, dense, params, k, m.lam, importance, m.lam_on, backend=self.backends.harmony_select)
+            changed = self.task_masks.update(masked, dense, params, k, m.lam, importance, m.lam_on, select=self.backends.harmony_select)
             info.update({"alpha": k, "masked_per_task": changed["masked"], "density": self.task_masks.density(),
                          "mask_changed_fraction": self.task_masks.changed_fraction(self.initial_masks)})
         self.dist.check_identical({"masks": [] if self.task_masks is None else [self.task_masks.flat_packed()],

@@ -16,10 +16,14 @@ Backends:
 * ``"cpu"``: native C++ ops (ATen's thread pool) built from `kernels/csrc/` by CMake (`kernels/cpu.py`).
 * ``"auto"``: Triton on CUDA, the native op on CPU when it is built, else the reference.
 
-The choice is made in one place, :func:`select_backends`, and handed down as a value
-(:class:`KernelBackends`); each op takes a concrete ``backend=`` and never looks one up itself. A
-backend that cannot run raises :class:`BackendUnavailable` naming why. ``kernels`` is a leaf
-package: it never imports ``harmodt``.
+The choice is made in one place, :func:`select_backends`, which returns the chosen op functions as
+a value (:class:`KernelOps`) that callers hand down; an op checks its arguments once (one
+:class:`KernelArgumentError` naming the bad one) and calls its backend's implementation, which
+trusts them. The public functions below take an explicit ``backend=`` (tests, benchmarks, one-off
+calls) and fail loudly when it cannot run (:class:`BackendUnavailable`). Nothing here keeps
+module-level state: the native library is loaded into a :class:`kernels.cpu.NativeLibrary` object
+the dispatch owns, and Triton's AdamW launch tables live in a workspace the caller (the
+optimizer) owns. ``kernels`` is a leaf package: it never imports ``harmodt``.
 """
 
 from __future__ import annotations
@@ -27,24 +31,34 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from . import reference
+from . import checks, reference
+from .checks import FLOATS, KernelArgumentError
 from .reference import num_words
 
 __all__ = [
     "BACKENDS",
+    "Backend",
+    "CachedMaskedLinearOp",
     "BackendUnavailable",
-    "KernelBackends",
+    "KernelArgumentError",
+    "KernelOps",
+    "REFERENCE_OPS",
     "available_backends",
+    "backend_ops",
+    "backend_reason",
     "harmony_select",
     "masked_adamw_",
     "masked_linear",
+    "native_skipped",
     "num_words",
     "pack_masks",
     "resolve_backend",
     "select_backends",
+    "triton_interpreted",
     "unpack_masks",
 ]
 
@@ -62,44 +76,95 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _triton_reason(device: torch.device) -> str | None:
-    """None when the Triton kernels can run on tensors of ``device``, else why not."""
+def native_skipped() -> bool:
+    """Whether ``HARMODT_SKIP_NATIVE=1`` keeps the native library unloaded: the one place the
+    variable is read."""
+    return os.environ.get("HARMODT_SKIP_NATIVE") == "1"
+
+
+def _check_name(backend: str, allowed: tuple = BACKENDS) -> None:
+    if backend not in allowed:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(allowed)}")
+
+
+# ---- backends ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend's implementations (trusting their arguments) and what they accept."""
+
+    name: str
+    devices: tuple | None  # device types its tensors may live on (None: any)
+    linear_dtypes: tuple  # of x and weight
+    adamw_dtypes: tuple  # of params and grads
+    bool_masks: bool  # masked_linear and masked_adamw take bool masks as they are (else packed only)
+    max_numel: int | None  # largest parameter (AdamW) or P (harmony_select)
+    linear: Callable  # (x, weight, bias, masks, task_ids, task_grads, segments) -> y
+    adamw: Callable  # (params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale, workspace)
+    select: Callable  # (masked_grads, grads, params, masks, k, lam, importance) -> packed masks
+
+
+def _reference_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale, workspace):
+    reference.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, grad_scale=grad_scale)
+
+
+def _reference_linear(x, weight, bias, masks, task_ids, task_grads, segments):
+    return reference.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads, segments=segments)
+
+
+REFERENCE = Backend("reference", None, FLOATS, FLOATS, True, None, _reference_linear, _reference_adamw, reference.harmony_select)
+
+
+def _native(device_type: str) -> Backend:
+    if device_type != "cpu":
+        raise BackendUnavailable(f"the native ops take CPU tensors (got {device_type})")
+    try:
+        from .cpu import NativeLibrary
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise BackendUnavailable(f"the native CPU library is not installed ({exc})") from None
+    lib = NativeLibrary(skip=native_skipped())
+    if lib.unavailable is not None:
+        raise BackendUnavailable(lib.unavailable)
+    return Backend("cpu", ("cpu",), (torch.float32, torch.bfloat16), (torch.float32,), False, None,
+                   lib.masked_linear, lib.masked_adamw_, lib.harmony_select)
+
+
+def _triton(device_type: str) -> Backend:
     try:
         import triton  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the install
-        return f"triton is not importable ({exc})"
-    if device.type == "cuda" or triton_interpreted():
-        return None
-    return f"Triton needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1 for the CPU interpreter"
+        raise BackendUnavailable(f"triton is not importable ({exc})") from None
+    interpret = triton_interpreted()
+    if device_type != "cuda" and not interpret:
+        raise BackendUnavailable(f"Triton needs CUDA tensors (got {device_type}) or TRITON_INTERPRET=1 for the CPU interpreter")
+    from .triton_harmony_select import triton_harmony_select
+    from .triton_masked_adamw import triton_masked_adamw_
+    from .triton_masked_linear import triton_masked_linear
+
+    halves = (torch.float32, torch.bfloat16, torch.float16)
+    return Backend("triton", ("cuda", "cpu") if interpret else ("cuda",), halves, halves, False, 2**31 - 1,
+                   triton_masked_linear, triton_masked_adamw_, triton_harmony_select)
 
 
-def _cpu_reason(device: torch.device) -> str | None:
-    """None when the native CPU ops can run on tensors of ``device``, else why not."""
-    if device.type != "cpu":
-        return f"the native ops take CPU tensors (got {device.type})"
-    try:
-        from . import cpu
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        return f"the native CPU library is not installed ({exc})"
-    return cpu.unavailable_reason()
+def make_backend(backend: str, device: torch.device | str) -> Backend:
+    """Concrete ``backend`` for tensors of ``device``, its library loaded; raises
+    :class:`BackendUnavailable` with the reason when it cannot run there."""
+    _check_name(backend, CONCRETE)
+    device_type = torch.device(device).type
+    if backend == "reference":
+        return REFERENCE
+    return _native(device_type) if backend == "cpu" else _triton(device_type)
 
 
 def backend_reason(backend: str, device: torch.device | str) -> str | None:
     """None when concrete ``backend`` can run on tensors of ``device``, else a one-line reason."""
-    if backend not in CONCRETE:
-        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return _reason(backend, torch.device(device).type, triton_interpreted(), os.environ.get("HARMODT_SKIP_NATIVE"))
-
-
-@functools.lru_cache(maxsize=None)
-def _reason(backend: str, device_type: str, interpret: bool, skip_native: str | None) -> str | None:
-    """:func:`backend_reason`, computed once per (backend, device type, environment): every op
-    call checks its backend, and a GPU step is bound by per-call host time."""
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        return _triton_reason(torch.device(device_type))
-    return _cpu_reason(torch.device(device_type))
+    try:
+        make_backend(backend, device)
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -107,53 +172,193 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in CONCRETE if backend_reason(b, device) is None]
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """``backend`` made concrete for ``device`` (``"auto"``: triton on CUDA, cpu on CPU when built,
-    else reference); raises :class:`BackendUnavailable` when an explicit one cannot run."""
-    device = torch.device(device)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        preferred = "triton" if device.type == "cuda" else "cpu"
-        return preferred if backend_reason(preferred, device) is None else "reference"
-    why = backend_reason(backend, device)
-    if why is not None:
-        raise BackendUnavailable(f"--backend {backend} cannot run on {device}: {why}")
-    return backend
+# ---- the ops: checked once, then the backend's implementation -------------------------------
+
+
+def _autocast_operands(x, weight, bias):
+    """Under autocast on the tensors' device, the operands in the autocast dtype (as ``F.linear``
+    would get them; the cast is differentiable, so gradients reach the fp32 weight)."""
+    dev = x.device.type
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+    return x.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
 
 
 @dataclass(frozen=True)
-class KernelBackends:
-    """The concrete backend of each op for one run (made by :func:`select_backends`)."""
+class MaskedLinearOp:
+    """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` on one backend; see :func:`masked_linear`."""
 
-    masked_linear: str = "reference"
-    masked_adamw: str = "reference"
-    harmony_select: str = "reference"
+    backend: Backend
+
+    @property
+    def takes_bool_masks(self) -> bool:
+        return self.backend.bool_masks
+
+    def cached(self, workspace: dict) -> "CachedMaskedLinearOp":
+        """This op for repeated calls without gradients (see :class:`CachedMaskedLinearOp`)."""
+        return CachedMaskedLinearOp(self, workspace)
+
+    def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            x, weight, bias = _autocast_operands(x, weight, bias)
+        b = self.backend
+        checks.masked_linear(x, weight, bias, masks, task_ids, task_grads, segments, dtypes=b.linear_dtypes, devices=b.devices,
+                             bool_masks=b.bool_masks)
+        with torch.autocast(x.device.type, enabled=False):
+            return b.linear(x, weight, bias, masks, task_ids, task_grads, segments)
+
+
+@dataclass(frozen=True)
+class CachedMaskedLinearOp:
+    """``masked_linear`` for repeated calls without gradients on fixed weights and masks (an
+    evaluation): each task's ``W ⊙ M_t`` is made once, ``[T, N, K]`` per layer, and kept in
+    ``workspace`` (a dict the caller owns and drops afterwards), keyed by the weight's and the
+    masks' storage and version counter, so an in-place change of either makes a fresh one. A
+    call then costs the GEMMs alone: one batched GEMM when the rows hold every task in order in
+    equal runs, else one GEMM per run of ``segments``. Calls that need gradients or
+    ``task_grads``, or come without ``segments``, go to ``op``. Results equal the reference's
+    with ``segments`` up to the summation order of the GEMM."""
+
+    op: MaskedLinearOp
+    workspace: dict
+
+    @property
+    def backend(self) -> Backend:
+        return self.op.backend
+
+    @property
+    def takes_bool_masks(self) -> bool:
+        return self.op.takes_bool_masks
+
+    def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None) -> torch.Tensor:
+        if segments is None or task_grads is not None or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return self.op(x, weight, bias, masks, task_ids, task_grads, segments)
+        b = self.backend
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev) else x.dtype
+        checks.masked_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), masks, task_ids, None, segments,
+                             dtypes=b.linear_dtypes, devices=b.devices, bool_masks=True)
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), masks.data_ptr(), masks._version, tuple(masks.shape), dt)
+        w_eff = self.workspace.get(key)
+        if w_eff is None:
+            with torch.no_grad():
+                m = masks if masks.dtype == torch.bool else reference.unpack_masks(masks, weight.shape[1])
+                w_eff = self.workspace[key] = torch.where(m, weight.detach().unsqueeze(0), 0.0).to(dt)  # (T, N, K)
+        x, bias = x.to(dt), None if bias is None else bias.to(dt)
+        with torch.autocast(dev, enabled=False):
+            runs = [(int(t), int(c)) for t, c in segments]
+            if [t for t, _ in runs] == list(range(w_eff.shape[0])) and len({c for _, c in runs}) == 1:  # (T, R/T, K) @ (T, K, N)
+                xs = x.reshape(w_eff.shape[0], runs[0][1], x.shape[1])
+                y = torch.bmm(xs, w_eff.transpose(1, 2)) if bias is None else torch.baddbmm(bias, xs, w_eff.transpose(1, 2))
+                return y.reshape(x.shape[0], -1)
+            parts, start = [], 0
+            for t, c in runs:
+                parts.append(torch.nn.functional.linear(x[start : start + c], w_eff[t], bias))
+                start += c
+            return torch.cat(parts)
+
+
+@dataclass(frozen=True)
+class MaskedAdamWOp:
+    """One masked AdamW step in place on one backend; see :func:`masked_adamw_`. ``workspace``: a
+    dict the caller keeps between steps (an optimizer's), where a backend may keep launch data
+    (the Triton one keeps its parameter tables there); None keeps nothing."""
+
+    backend: Backend
+
+    @property
+    def takes_bool_masks(self) -> bool:
+        return self.backend.bool_masks
+
+    def __call__(self, params, grads, exp_avgs, exp_avg_sqs, masks, steps, *, lr, beta1, beta2, eps, weight_decay,
+                 grad_scale=1.0, workspace: dict | None = None) -> None:
+        if not params:
+            return
+        b = self.backend
+        checks.masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale, dtypes=b.adamw_dtypes, devices=b.devices,
+                            max_numel=b.max_numel)
+        if not b.bool_masks:
+            masks = [m if m is None or m.dtype == torch.int32 else reference.pack_masks(m) for m in masks]
+        b.adamw(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masks), list(steps), float(lr), float(beta1),
+                float(beta2), float(eps), float(weight_decay), grad_scale, workspace)
+
+
+@dataclass(frozen=True)
+class HarmonySelectOp:
+    """Algorithm 2's selection on one backend; see :func:`harmony_select`."""
+
+    backend: Backend
+
+    def __call__(self, masked_grads, grads, params, masks, k, lam, importance="magnitude") -> torch.Tensor:
+        b = self.backend
+        checks.harmony_select(masked_grads, grads, params, masks, k, lam, importance, devices=b.devices, max_numel=b.max_numel)
+        return b.select(masked_grads, grads, params, masks, int(k), float(lam), importance)
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The op functions of one run (made by :func:`select_backends`), handed down as values:
+    ``masked_linear``, ``masked_adamw`` and ``harmony_select``, each a callable bound to its
+    backend (``op.backend.name``)."""
+
+    masked_linear: MaskedLinearOp
+    masked_adamw: MaskedAdamWOp
+    harmony_select: HarmonySelectOp
+    fallback: str | None = None  # why "auto" fell back to the reference, when it did
+
+    @classmethod
+    def on(cls, backend: Backend, fallback: str | None = None) -> "KernelOps":
+        return cls(MaskedLinearOp(backend), MaskedAdamWOp(backend), HarmonySelectOp(backend), fallback)
 
     def describe(self) -> str:
-        return f"masked_linear={self.masked_linear} masked_adamw={self.masked_adamw} harmony_select={self.harmony_select}"
+        return (f"masked_linear={self.masked_linear.backend.name} masked_adamw={self.masked_adamw.backend.name} "
+                f"harmony_select={self.harmony_select.backend.name}")
 
 
-def select_backends(device: torch.device | str, fused: bool, backend: str = "auto") -> KernelBackends:
-    """The one place a run's kernel backends are chosen: without ``fused`` every op runs on the
-    reference (W * M materialized by plain PyTorch); with it, on ``backend`` made concrete for
-    ``device`` (:func:`resolve_backend`)."""
+REFERENCE_OPS = KernelOps.on(REFERENCE)  # every op on the plain-PyTorch reference (an immutable value)
+
+
+def select_backends(device: torch.device | str, fused: bool, backend: str = "auto") -> KernelOps:
+    """The one place a run's kernel ops are chosen: without ``fused`` every op runs on the
+    reference (W * M materialized by plain PyTorch); with it, on ``backend`` for ``device``
+    (``"auto"``: triton on CUDA, cpu on CPU when built, else the reference, with the reason in
+    ``fallback``). Raises :class:`BackendUnavailable` when an explicit backend cannot run."""
+    _check_name(backend)
+    device = torch.device(device)
     if not fused:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        return KernelBackends()
-    b = resolve_backend(backend, device)
-    return KernelBackends(b, b, b)
+        return REFERENCE_OPS
+    if backend == "auto":
+        preferred = "triton" if device.type == "cuda" else "cpu"
+        try:
+            return KernelOps.on(make_backend(preferred, device))
+        except BackendUnavailable as exc:
+            return KernelOps.on(REFERENCE, fallback=str(exc))
+    try:
+        return KernelOps.on(make_backend(backend, device))
+    except BackendUnavailable as exc:
+        raise BackendUnavailable(f"--backend {backend} cannot run on {device}: {exc}") from None
 
 
-def _check_concrete(op: str, backend: str, device: torch.device) -> None:
-    if torch.compiler.is_compiling():  # checked when the eager call ran; nothing to trace here
-        return
-    if backend not in CONCRETE:
-        raise ValueError(f"{op}: backend must be one of {', '.join(CONCRETE)} (use select_backends for 'auto'), got {backend!r}")
-    why = backend_reason(backend, device)
-    if why is not None:
-        raise BackendUnavailable(f"{op}: backend {backend!r} cannot run: {why}")
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend name :func:`select_backends` picks for ``backend`` with ``fused``."""
+    return select_backends(device, True, backend).masked_linear.backend.name
+
+
+def backend_ops(backend: str, device: torch.device | str = "cpu") -> KernelOps:
+    """The ops of one concrete ``backend`` for tensors of ``device`` (what the public functions
+    below call); raises :class:`BackendUnavailable` when it cannot run there."""
+    _check_name(backend, CONCRETE)
+    return _backend_ops(backend, torch.device(device).type, triton_interpreted(), native_skipped())
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_ops(backend: str, device_type: str, interpret: bool, skip_native: bool) -> KernelOps:
+    """:func:`backend_ops`, made once per (backend, device type, environment): an immutable value."""
+    try:
+        return KernelOps.on(make_backend(backend, device_type))
+    except BackendUnavailable as exc:
+        raise BackendUnavailable(f"backend {backend!r} cannot run on {device_type}: {exc}") from None
 
 
 # ---- masks ------------------------------------------------------------------------------------
@@ -161,94 +366,72 @@ def _check_concrete(op: str, backend: str, device: torch.device) -> None:
 
 def pack_masks(mask: torch.Tensor) -> torch.Tensor:
     """bool ``[..., K]`` -> int32 ``[..., ceil(K/32)]``; bit ``j % 32`` of word ``j // 32`` is column j."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() == 0:
+        raise KernelArgumentError(f"pack_masks: mask must be a bool tensor of at least 1 dimension, got "
+                                  f"{getattr(mask, 'dtype', type(mask).__name__)} {list(getattr(mask, 'shape', []))}")
     return reference.pack_masks(mask)
 
 
 def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
     """int32 ``[..., ceil(K/32)]`` -> bool ``[..., K]``."""
+    if not isinstance(words, torch.Tensor) or words.dtype != torch.int32 or words.dim() == 0:
+        raise KernelArgumentError(f"unpack_masks: words must be an int32 tensor of at least 1 dimension, got "
+                                  f"{getattr(words, 'dtype', type(words).__name__)} {list(getattr(words, 'shape', []))}")
+    if words.shape[-1] != num_words(k):
+        raise KernelArgumentError(f"unpack_masks: words {list(words.shape)} cannot hold K={k} bits (the last dimension must be "
+                                  f"{num_words(k)})")
     return reference.unpack_masks(words, k)
 
 
-# ---- the ops ----------------------------------------------------------------------------------
-
-
-def _autocast_operands(x, weight, bias):
-    """Under autocast on the tensors' device, the operands in the autocast dtype (as ``F.linear``
-    would get them; the cast is differentiable, so gradients reach the fp32 weight)."""
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
-        return x, weight, bias
-    dt = torch.get_autocast_dtype(dev)
-    return x.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+# ---- the public ops, on an explicit backend ---------------------------------------------------
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, masks: torch.Tensor, task_ids: torch.Tensor,
                   backend: str = "reference", task_grads: torch.Tensor | None = None, segments: tuple | None = None) -> torch.Tensor:
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias``, differentiable in x, weight and bias.
 
-    x ``[R, K]``, weight ``[N, K]``, bias ``[N]`` or None, masks packed int32 ``[T, N, ceil(K/32)]``,
-    task_ids int64 ``[R]`` in ``[0, T)``, or ``[1]`` when every row belongs to one task (a
-    single-task batch: one mask, no grouping). ``task_grads``: optional float32 ``[T, N, K]`` that
-    receives each task's unmasked ``dY_t^T X_t`` on backward (Algorithm 2's recovery gradient).
-    Under autocast the operands are cast to its dtype first, as ``F.linear``'s are. The triton and
-    cpu backends never materialize ``weight * M``; the reference does (one copy per task present).
-    ``segments``: optional host-side ``((task, rows), ...)`` layout of rows grouped by task; the
-    reference splits a mixed-task batch by it instead of reading ``task_ids`` back (no host
-    synchronisation); the fused backends group rows on the device and need none.
+    x ``[R, K]``, weight ``[N, K]``, bias ``[N]`` or None, masks packed int32 ``[T, N, ceil(K/32)]``
+    (the reference also takes bool ``[T, N, K]``), task_ids int64 ``[R]`` in ``[0, T)``, or ``[1]``
+    when every row belongs to one task (a single-task batch: one mask, no grouping).
+    ``task_grads``: optional contiguous float32 ``[T, N, K]`` that receives each task's unmasked
+    ``dY_t^T X_t`` on backward (Algorithm 2's recovery gradient). Under autocast the operands are
+    cast to its dtype first, as ``F.linear``'s are. The triton and cpu backends never materialize
+    ``weight * M``; the reference does (one copy per task present). ``segments``: optional
+    host-side ``((task, rows), ...)`` layout of rows grouped by task; the reference splits a
+    mixed-task batch by it instead of reading ``task_ids`` back (no host synchronisation); the
+    fused backends group rows on the device and need none. Task ids out of range raise on CPU
+    tensors (the cpu and triton backends) and are not checked on a GPU (that would synchronise).
     """
-    _check_concrete("masked_linear", backend, x.device)
-    x, weight, bias = _autocast_operands(x, weight, bias)
-    with torch.autocast(x.device.type, enabled=False):
-        if backend == "triton":
-            from .triton_masked_linear import triton_masked_linear
-
-            return triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
-        if backend == "cpu":
-            from . import cpu
-
-            return cpu.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads)
-        return reference.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads, segments=segments)
+    return backend_ops(backend, x.device if isinstance(x, torch.Tensor) else "cpu").masked_linear(
+        x, weight, bias, masks, task_ids, task_grads, segments)
 
 
 def masked_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, masks: list, steps: list, *, lr: float,
                   beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale: float | torch.Tensor = 1.0,
-                  backend: str = "reference") -> None:
+                  backend: str = "reference", workspace: dict | None = None) -> None:
     """One AdamW step in place on every parameter of a group; weights outside their mask keep their
     value bit for bit while their moments decay as with a zero gradient.
 
-    ``masks[i]``: None (the whole parameter may change), or the packed int32 words of a bool mask
-    over the parameter's last dimension (``pack_masks`` of a ``[N, K]`` bool: ``[N, ceil(K/32)]``).
-    ``steps[i]``: a float32 0-dim tensor, incremented. ``grad_scale``: every gradient is multiplied
-    by it first (a float, or a 0-dim tensor on the parameters' device, e.g. the clipping factor).
-    See :func:`kernels.reference.masked_adamw_` for the arithmetic.
+    params, exp_avgs, exp_avg_sqs: contiguous tensors of one float dtype per parameter (float32 on
+    the cpu backend); grads of the same shapes. ``masks[i]``: None (the whole parameter may
+    change), a bool mask of the parameter's shape, or its packed int32 words over the last
+    dimension (``pack_masks``: ``[*shape[:-1], ceil(K/32)]``). ``steps[i]``: a float32 0-dim
+    tensor of its own, incremented. ``grad_scale``: every gradient is multiplied by it first (a
+    float, or a one-element tensor on the parameters' device, e.g. the clipping factor; read on
+    the device). ``workspace``: see :class:`MaskedAdamWOp`. See
+    :func:`kernels.reference.masked_adamw_` for the arithmetic.
     """
     if not params:
         return
-    _check_concrete("masked_adamw_", backend, params[0].device)
-    args = (params, grads, exp_avgs, exp_avg_sqs, masks, steps)
-    kw = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay), grad_scale=grad_scale)
-    if backend == "triton":
-        from .triton_masked_adamw import triton_masked_adamw_
-
-        return triton_masked_adamw_(*args, **kw)
-    if backend == "cpu":
-        from . import cpu
-
-        return cpu.masked_adamw_(*args, **kw)
-    return reference.masked_adamw_(*args, **kw)
+    device = params[0].device if isinstance(params[0], torch.Tensor) else "cpu"
+    backend_ops(backend, device).masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr=lr, beta1=beta1, beta2=beta2,
+                                              eps=eps, weight_decay=weight_decay, grad_scale=grad_scale, workspace=workspace)
 
 
 def harmony_select(masked_grads: torch.Tensor, grads: torch.Tensor, params: torch.Tensor, masks: torch.Tensor, k: int, lam: float,
                    importance: str = "magnitude", backend: str = "reference") -> torch.Tensor:
     """Algorithm 2's mask/recover selection for all tasks in one call; returns the new packed masks
+    ``[T, ceil(P/32)]``. masked_grads and grads ``[T, P]``, params ``[P]``, masks packed int32
     ``[T, ceil(P/32)]``. See :func:`kernels.reference.harmony_select`."""
-    _check_concrete("harmony_select", backend, masked_grads.device)
-    if backend == "triton":
-        from .triton_harmony_select import triton_harmony_select
-
-        return triton_harmony_select(masked_grads, grads, params, masks, k, lam, importance)
-    if backend == "cpu":
-        from . import cpu
-
-        return cpu.harmony_select(masked_grads, grads, params, masks, k, lam, importance)
-    return reference.harmony_select(masked_grads, grads, params, masks, k, lam, importance)
+    device = masked_grads.device if isinstance(masked_grads, torch.Tensor) else "cpu"
+    return backend_ops(backend, device).harmony_select(masked_grads, grads, params, masks, k, lam, importance)

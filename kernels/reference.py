@@ -1,6 +1,7 @@
 """Plain-PyTorch reference of every kernel: the single source of truth.
 
-The model (without ``--fused``), the tests and the benchmarks all import these. Every backend
+The model (without ``--fused``), the tests and the benchmarks all import these. They trust their
+arguments (the public ops in :mod:`kernels` check them). Every backend
 (the Triton kernels in `kernels/triton_*.py`, the native CPU ops in `kernels/csrc/`) must match
 them; ties are broken by lowest index here and everywhere.
 
@@ -25,8 +26,6 @@ def num_words(k: int) -> int:
 
 def pack_masks(mask: torch.Tensor) -> torch.Tensor:
     """bool ``[..., K]`` -> int32 ``[..., ceil(K/32)]``."""
-    if mask.dtype != torch.bool:
-        raise TypeError(f"pack_masks expects a bool mask, got {mask.dtype}")
     k = mask.shape[-1]
     w = num_words(k)
     bits = F.pad(mask.to(torch.int64), (0, w * 32 - k)).view(*mask.shape[:-1], w, 32)
@@ -37,10 +36,6 @@ def pack_masks(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
     """int32 ``[..., ceil(K/32)]`` -> bool ``[..., K]``."""
-    if words.dtype != torch.int32:
-        raise TypeError(f"unpack_masks expects int32 words, got {words.dtype}")
-    if words.shape[-1] != num_words(k):
-        raise ValueError(f"unpack_masks: {words.shape[-1]} words cannot hold K={k} bits (need {num_words(k)})")
     bits = (words.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(words.device)) & 1  # [..., W, 32]
     return bits.reshape(*words.shape[:-1], words.shape[-1] * 32)[..., :k].bool()
 
@@ -73,13 +68,6 @@ def masked_linear(
     of rows per task sets the shapes).
     """
     r, k = x.shape
-    n = weight.shape[0]
-    if weight.shape[1] != k:
-        raise ValueError(f"masked_linear: x has {k} features, weight is {tuple(weight.shape)}")
-    if task_ids.shape not in ((r,), (1,)):
-        raise ValueError(f"masked_linear: task_ids must be [{r}] or [1], got {tuple(task_ids.shape)}")
-    if masks.shape[1] != n or (masks.dtype == torch.bool and masks.shape[-1] != k):
-        raise ValueError(f"masked_linear: masks {tuple(masks.shape)} do not match weight {tuple(weight.shape)}")
     if task_ids.shape == (1,) and r != 1:  # one task: one masked copy, one GEMM
         m = masks.index_select(0, task_ids)[0]
         m = m if m.dtype == torch.bool else unpack_masks(m, k)
@@ -88,8 +76,6 @@ def masked_linear(
             w_eff.register_hook(_accumulate_into(task_grads, task_ids))
         return F.linear(x, w_eff, bias)
     if segments is not None:
-        if sum(c for _, c in segments) != r:
-            raise ValueError(f"masked_linear: segments {segments} cover {sum(c for _, c in segments)} rows, x has {r}")
         return _segment_linear(x, weight, bias, masks, list(segments), task_grads)
     counts = torch.bincount(task_ids, minlength=masks.shape[0])
     present = counts.nonzero().flatten().tolist()
@@ -183,16 +169,7 @@ def harmony_select(
     with ``k_i = min(k, #active_i, #masked_i)`` so per-task density stays exactly constant.
     Ties go to the lowest index.
     """
-    if importance not in ("magnitude", "fisher"):
-        raise ValueError(f"importance must be 'magnitude' or 'fisher', got {importance!r}")
     t_count, p = masked_grads.shape
-    if grads.shape != (t_count, p) or params.shape != (p,):
-        raise ValueError(
-            f"harmony_select: masked_grads {tuple(masked_grads.shape)}, grads {tuple(grads.shape)} "
-            f"and params {tuple(params.shape)} must be [T, P], [T, P], [P]"
-        )
-    if masks.shape != (t_count, num_words(p)):
-        raise ValueError(f"harmony_select: masks must be [{t_count}, {num_words(p)}], got {tuple(masks.shape)}")
     gbar = masked_grads.float()
     g = grads.float()
     ghat = gbar.mean(0)  # (P,)

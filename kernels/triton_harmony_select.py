@@ -82,26 +82,8 @@ def candidates_per_block(k: int, block: int) -> int:
 
 
 def triton_harmony_select(masked_grads, grads, params, masks, k, lam, importance="magnitude"):
-    """See :func:`kernels.reference.harmony_select`. Calls the registered op
+    """See :func:`kernels.harmony_select`, which checks the arguments. Calls the registered op
     ``torch.ops.harmodt_triton.harmony_select``."""
-    if importance not in ("magnitude", "fisher"):
-        raise ValueError(f"importance must be 'magnitude' or 'fisher', got {importance!r}")
-    if masked_grads.dim() != 2:
-        raise ValueError(f"harmony_select: masked_grads must be [T, P], got {tuple(masked_grads.shape)}")
-    t, p = masked_grads.shape
-    if tuple(grads.shape) != (t, p) or tuple(params.shape) != (p,):
-        raise ValueError(f"harmony_select: masked_grads {tuple(masked_grads.shape)}, grads {tuple(grads.shape)}, "
-                         f"params {tuple(params.shape)} must be [T, P], [T, P], [P]")
-    if masks.dtype != torch.int32 or tuple(masks.shape) != (t, num_words(p)):
-        raise ValueError(f"harmony_select: masks must be int32 [{t}, {num_words(p)}], got {masks.dtype} {tuple(masks.shape)}")
-    if any(x.dtype not in (torch.float32, torch.bfloat16, torch.float16) for x in (masked_grads, grads, params)):
-        raise TypeError(f"harmony_select: masked_grads, grads and params must be floating point, got "
-                        f"{masked_grads.dtype}, {grads.dtype}, {params.dtype}")
-    devs = {x.device for x in (masked_grads, grads, params, masks)}
-    if len(devs) != 1:
-        raise ValueError(f"harmony_select: all tensors must be on one device, got {sorted(map(str, devs))}")
-    if p >= 2**31:
-        raise ValueError(f"harmony_select: P={p} does not fit the 31-bit index of the sort key")
     return torch.ops.harmodt_triton.harmony_select(masked_grads, grads, params, masks, int(k), float(lam), importance)
 
 

@@ -7,9 +7,10 @@ Launches. A GPU training step is bound by kernel launches, so the parameters of 
 launched one by one: a table of int64 rows, one per parameter (addresses of p, grad, exp_avg,
 exp_avg_sq, mask words (0 for none) and step, then numel, K = the last dimension, and words per
 mask row), followed by one (parameter, first element) pair per program, lets a single launch cover
-all of them. The table is built on the host and uploaded only when its content changes (it is
-cached by content: the addresses and sizes are the table), so a steady training loop uploads
-nothing. The step and the gradient scale are read from device memory inside the kernel and the
+all of them. The table is built on the host and uploaded only when its content changes: it is
+kept by content (the addresses and sizes are the table) in the ``workspace`` dict the caller owns
+(the optimizer's, :class:`harmodt.optim.MaskedAdamW`), so a steady training loop uploads nothing;
+without a workspace every call builds its table. The step and the gradient scale are read from device memory inside the kernel and the
 bias corrections computed there: no host synchronisation. A second one-program launch increments
 every step tensor; it cannot be folded into the first, because every program of a parameter must
 read the step before any of them could write it, and programs of one launch are not ordered.
@@ -100,8 +101,7 @@ def _step_kernel(table_ptr, n_params, NP: tl.constexpr):
 
 # ---- host side --------------------------------------------------------------------------------
 
-_TABLES: OrderedDict = OrderedDict()  # device copies of launch tables, keyed by their content
-_MAX_TABLES = 16
+MAX_TABLES = 16  # launch tables kept per workspace
 
 
 def _rows(params, grads, exp_avgs, exp_avg_sqs, masks, steps) -> list:
@@ -120,10 +120,9 @@ def _block() -> int:
     return INTERPRET_BLOCK if triton_interpreted() else BLOCK
 
 
-def _table(key: tuple, device: torch.device, rows: list, block: int) -> tuple[torch.Tensor, int]:
+def _table(device: torch.device, rows: list, block: int) -> tuple[torch.Tensor, int]:
     """The device table for ``rows`` followed by one (parameter, first element) pair per
-    program (``block`` elements each), and the number of programs; built and uploaded on first
-    sight of its content."""
+    program (``block`` elements each), and the number of programs."""
     numels = rows[6::ROW]
     blocks = [v for i, n in enumerate(numels) for s in range(0, n, block) for v in (i, s)]
     host = torch.tensor(rows + blocks, dtype=torch.int64)
@@ -131,17 +130,29 @@ def _table(key: tuple, device: torch.device, rows: list, block: int) -> tuple[to
         table = host.pin_memory().to(device, non_blocking=True)  # the host does not wait for the device
     else:
         table = host.to(device)
-    _TABLES[key] = (table, len(blocks) // 2)
-    if len(_TABLES) > _MAX_TABLES:
-        _TABLES.popitem(last=False)
-    return _TABLES[key]
+    return table, len(blocks) // 2
 
 
-def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, scale_t, scale) -> None:
+def _cached_table(workspace: dict | None, key: tuple, device: torch.device, rows: list, block: int) -> tuple[torch.Tensor, int]:
+    """:func:`_table`, kept in ``workspace["triton_adamw_tables"]`` (least recently used dropped
+    beyond :data:`MAX_TABLES`) when a workspace is given."""
+    if workspace is None:
+        return _table(device, rows, block)
+    tables = workspace.setdefault("triton_adamw_tables", OrderedDict())
+    hit = tables.get(key)
+    if hit is None:
+        hit = tables[key] = _table(device, rows, block)
+        if len(tables) > MAX_TABLES:
+            tables.popitem(last=False)
+    else:
+        tables.move_to_end(key)
+    return hit
+
+
+def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, scale_t, scale,
+            workspace=None) -> None:
     """The update, parameters grouped by (device, parameter dtype, gradient dtype): two launches
-    per group. A group is validated (:func:`_check`) when its table is first built; a later call
-    with the same table content (the same tensors, or tensors at the same addresses with the same
-    sizes and dtypes) reuses it without re-checking."""
+    per group."""
     groups: dict = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         groups.setdefault((p.device, p.dtype, g.dtype), []).append(i)
@@ -152,13 +163,7 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2
         rows = _rows(*lists)
         block = _block()
         key = (str(device), p_dtype, g_dtype, block, tuple(rows))
-        hit = _TABLES.get(key)
-        if hit is None:
-            _check(*lists)
-            hit = _table(key, device, rows, block)
-        else:
-            _TABLES.move_to_end(key)
-        table, n_programs = hit
+        table, n_programs = _cached_table(workspace, key, device, rows, block)
         n = len(idx)
         if n_programs:
             _adamw_kernel[(n_programs,)](
@@ -185,63 +190,16 @@ def _(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps,
     return None
 
 
-def _check_call(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale) -> None:
-    """List lengths and the gradient scale (every call)."""
-    n = len(params)
-    for name, xs in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("masks", masks), ("steps", steps)):
-        if len(xs) != n:
-            raise ValueError(f"masked_adamw_: {name} has {len(xs)} entries for {n} params")
-    if isinstance(grad_scale, torch.Tensor):
-        if grad_scale.numel() != 1 or not grad_scale.is_floating_point() or (n and grad_scale.device != params[0].device):
-            raise ValueError(f"masked_adamw_: a tensor grad_scale must be one float on the params' device, got "
-                             f"{grad_scale.dtype} {tuple(grad_scale.shape)} on {grad_scale.device}")
-
-
-def _check(params, grads, exp_avgs, exp_avg_sqs, masks, steps) -> None:
-    """Shapes, dtypes, devices and layouts of every parameter's tensors, one clear error each."""
-    step_ptrs = set()
-    for i, (p, g, m, v, mask, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, masks, steps)):
-        if p.dtype not in _TL_DTYPES or g.dtype not in _TL_DTYPES:
-            raise TypeError(f"masked_adamw_: params[{i}] and grads[{i}] must be float32, bfloat16 or float16, got {p.dtype}, {g.dtype}")
-        if m.dtype != p.dtype or v.dtype != p.dtype:
-            raise TypeError(f"masked_adamw_: exp_avgs[{i}] and exp_avg_sqs[{i}] must be {p.dtype} like params[{i}], got {m.dtype}, {v.dtype}")
-        for name, x in (("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
-            if x.shape != p.shape:
-                raise ValueError(f"masked_adamw_: {name}[{i}] is {tuple(x.shape)}, params[{i}] is {tuple(p.shape)}")
-            if x.device != p.device:
-                raise ValueError(f"masked_adamw_: {name}[{i}] is on {x.device}, params[{i}] on {p.device}")
-        for name, x in (("params", p), ("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
-            if not x.is_contiguous():
-                raise ValueError(f"masked_adamw_: {name}[{i}] must be contiguous")
-        if step.dtype != torch.float32 or step.numel() != 1 or step.device != p.device:
-            raise ValueError(f"masked_adamw_: steps[{i}] must be a float32 0-dim tensor on {p.device}, got "
-                             f"{step.dtype} {tuple(step.shape)} on {step.device}")
-        if p.numel() >= 2**31:
-            raise ValueError(f"masked_adamw_: params[{i}] has {p.numel()} elements; the kernel indexes them with int32")
-        if step.data_ptr() in step_ptrs:
-            raise ValueError(f"masked_adamw_: steps[{i}] shares its storage with another parameter's step")
-        step_ptrs.add(step.data_ptr())
-        if mask is not None:
-            k = p.shape[-1] if p.dim() else 1
-            want = (*p.shape[:-1], num_words(k))
-            if mask.dtype != torch.int32:
-                raise TypeError(f"masked_adamw_: masks[{i}] must be packed int32 words (kernels.pack_masks), got {mask.dtype}")
-            if tuple(mask.shape) != want or not mask.is_contiguous() or mask.device != p.device:
-                raise ValueError(f"masked_adamw_: masks[{i}] must be contiguous int32 {want} on {p.device} for params[{i}] "
-                                 f"{tuple(p.shape)}, got {tuple(mask.shape)} on {mask.device}")
-
-
-def triton_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, *, lr, beta1, beta2, eps, weight_decay,
-                         grad_scale=1.0) -> None:
-    """See :func:`kernels.reference.masked_adamw_`; masks None or packed int32 words
-    ``[*p.shape[:-1], ceil(K/32)]``, steps float32 0-dim tensors on the params' device (each its
-    own), grad_scale a float or a one-element float tensor on the device. Calls the registered op
-    ``torch.ops.harmodt_triton.masked_adamw_`` under ``torch.compile``; eager calls go to the
-    launcher directly (the custom-op wrappers would cost Python time per listed tensor). Two
-    launches per parameter dtype."""
+def triton_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0,
+                         workspace: dict | None = None) -> None:
+    """See :func:`kernels.masked_adamw_`, which checks the arguments (masks None or packed int32
+    words ``[*p.shape[:-1], ceil(K/32)]``, steps float32 0-dim tensors each its own, grad_scale a
+    float or a one-element float tensor on the device). Calls the registered op
+    ``torch.ops.harmodt_triton.masked_adamw_`` under ``torch.compile`` (without a workspace);
+    eager calls go to the launcher directly (the custom-op wrappers would cost Python time per
+    listed tensor). Two launches per parameter dtype."""
     if not params:
         return
-    _check_call(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale)
     scale_t = grad_scale if isinstance(grad_scale, torch.Tensor) else None
     scale = 1.0 if scale_t is not None else float(grad_scale)
     args = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), scale_t, scale)
@@ -250,4 +208,4 @@ def triton_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, *, 
                                                list(steps), *args)
         return
     with torch.no_grad():  # an optimizer update: parameters change in place outside autograd
-        _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, *args)
+        _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, *args, workspace=workspace)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import num_words
+from .checks import KernelArgumentError
 
 __all__ = ["block_config", "triton_masked_linear"]
 
@@ -235,7 +235,7 @@ def _check_task_values(task_ids: torch.Tensor, n_tasks: int) -> None:
     """Task ids in range. Only on CPU tensors: on a GPU this check would make the host wait for
     the device, so there the ids are trusted (out-of-range ids read other memory as mask bits)."""
     if task_ids.device.type == "cpu" and task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= n_tasks):
-        raise ValueError(f"masked_linear: task_ids must lie in [0, {n_tasks}), got values in "
+        raise KernelArgumentError(f"masked_linear: task_ids must lie in [0, {n_tasks}), got values in "
                          f"[{int(task_ids.min())}, {int(task_ids.max())}]")
 
 
@@ -361,38 +361,9 @@ _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- public entry -----------------------------------------------------------------------------
 
 
-def _check(x, weight, bias, masks, task_ids, task_grads) -> None:
-    """Shapes, dtypes and devices, one clear error each (no data-dependent checks: this runs
-    under ``torch.compile`` tracing too)."""
-    if x.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"masked_linear: x must be [R, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    r, k = x.shape
-    n = weight.shape[0]
-    if weight.shape[1] != k:
-        raise ValueError(f"masked_linear: x has K={k} columns but weight is {tuple(weight.shape)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"masked_linear: x must be float32, bfloat16 or float16, got {x.dtype}")
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"masked_linear: x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}, "
-                        f"{None if bias is None else bias.dtype}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"masked_linear: bias must be [{n}], got {tuple(bias.shape)}")
-    if masks.dtype != torch.int32 or masks.dim() != 3 or tuple(masks.shape[1:]) != (n, num_words(k)) or masks.shape[0] == 0:
-        raise ValueError(f"masked_linear: masks must be packed int32 [T, {n}, {num_words(k)}] with T >= 1, got "
-                         f"{masks.dtype} {tuple(masks.shape)}")
-    if task_ids.dtype != torch.int64 or task_ids.dim() != 1 or task_ids.shape[0] not in (r, 1):
-        raise ValueError(f"masked_linear: task_ids must be int64 [{r}] or [1], got {task_ids.dtype} {tuple(task_ids.shape)}")
-    if task_grads is not None and (tuple(task_grads.shape) != (masks.shape[0], n, k) or task_grads.dtype != torch.float32):
-        raise ValueError(f"masked_linear: task_grads must be float32 [{masks.shape[0]}, {n}, {k}], got "
-                         f"{task_grads.dtype} {tuple(task_grads.shape)}")
-    devs = {t.device for t in (x, weight, bias, masks, task_ids, task_grads) if t is not None}
-    if len(devs) != 1:
-        raise ValueError(f"masked_linear: all tensors must be on one device, got {sorted(map(str, devs))}")
-
-
-def triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=None):
+def triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=None, segments=None):
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` on the Triton kernels; see
-    :func:`kernels.reference.masked_linear`. Masks must be packed int32; task_ids ``[R]`` or
-    ``[1]`` (one task for every row). Calls the registered op ``torch.ops.harmodt_triton.masked_linear``."""
-    _check(x, weight, bias, masks, task_ids, task_grads)
+    :func:`kernels.masked_linear`, which checks the arguments (masks packed int32, task_ids ``[R]``
+    or ``[1]``; ``segments`` is not needed: rows are grouped on the device). Calls the registered
+    op ``torch.ops.harmodt_triton.masked_linear``."""
     return torch.ops.harmodt_triton.masked_linear(x, weight, bias, masks, task_ids, task_grads)

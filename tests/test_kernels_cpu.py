@@ -4,9 +4,11 @@ masked_linear's output and every gradient (x, weight, bias, task_grads) over awk
 task layouts in fp32 and bf16; the masked AdamW step; harmony_select (bit for bit); the argument
 errors; torch.compile without graph breaks; HARMODT_SKIP_NATIVE=1.
 
-The library must exist: `pip install --no-build-isolation -e .` builds it; if it is missing this
-module builds it once with CMake and otherwise fails loudly. Only a run that sets
+The library must exist: `pip install --no-build-isolation -e .` (or the cmake commands in
+kernels/cpu.py) builds it; if it is missing this module fails loudly. Only a run that sets
 HARMODT_SKIP_NATIVE=1 on purpose (the install path without the native build) skips the module.
+The ops are called as every caller gets them, through ``kernels.backend_ops("cpu")`` (the
+argument checks of :mod:`kernels.checks`, then the native library).
 """
 
 from __future__ import annotations
@@ -20,22 +22,17 @@ import pytest
 import torch
 
 import kernels
-from kernels import cpu
+from kernels import KernelArgumentError
 from kernels import reference as ref
-from kernels.cpu import KernelArgumentError, KernelDTypeError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 if os.environ.get("HARMODT_SKIP_NATIVE") == "1":
     pytest.skip("HARMODT_SKIP_NATIVE=1: this run checks the install without the native library", allow_module_level=True)
-if cpu.unavailable_reason() is not None:
-    _first_reason = cpu.unavailable_reason()
-    try:
-        cpu.build()
-    except Exception as exc:  # noqa: BLE001
-        raise RuntimeError(f"native CPU kernels are not built ({_first_reason}) and building them failed: {exc}") from exc
-    if cpu.unavailable_reason() is not None:
-        raise RuntimeError(f"native CPU kernels unavailable after building: {cpu.unavailable_reason()}")
+if kernels.backend_reason("cpu", "cpu") is not None:
+    raise RuntimeError(f"native CPU kernels unavailable: {kernels.backend_reason('cpu', 'cpu')}; build them with "
+                       "`pip install --no-build-isolation -e .`")
+CPU = kernels.backend_ops("cpu")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -113,7 +110,7 @@ def test_masked_linear_output_and_every_gradient_match_reference(r, k, n, t, lay
     x, w, b, masks, ids, gy = _ml_inputs(r, k, n, t, layout, dtype, seed=r * 31 + k * 7 + n + t, bias=bias)
     start = torch.randn(t, n, k, generator=_gen(3))  # task_grads are added into, not overwritten
     tg_cpu, tg_ref = start.clone(), start.clone()
-    y, grads = _run(cpu.masked_linear, x, w, b, masks, ids, gy, tg_cpu)
+    y, grads = _run(CPU.masked_linear, x, w, b, masks, ids, gy, tg_cpu)
     y_ref, grads_ref = _run(ref.masked_linear, x, w, b, masks, ids, gy, tg_ref)
     _assert_close(y, y_ref, dtype, "y")
     for name, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
@@ -135,7 +132,7 @@ def test_masked_linear_ignores_masked_inf_and_nan_weights():
         never = ~bits.any(0)
         w[never & (torch.arange(50) % 2 == 0)] = float("inf")
         w[never & (torch.arange(50) % 2 == 1)] = float("nan")
-    y, grads = _run(cpu.masked_linear, x, w, b, masks, ids, gy, None)
+    y, grads = _run(CPU.masked_linear, x, w, b, masks, ids, gy, None)
     y_ref, grads_ref = _run(ref.masked_linear, x, w, b, masks, ids, gy, None)
     assert torch.isfinite(y).all() and torch.isfinite(grads[0]).all()
     _assert_close(y, y_ref, torch.float32, "y")
@@ -147,7 +144,7 @@ def test_masked_linear_partial_gradients(which):
     x, w, b, masks, ids, gy = _ml_inputs(40, 48, 20, 3, "mixed", torch.float32, seed=2)
     x, w, b = (t.detach().requires_grad_(name == which) for t, name in ((x, "x"), (w, "weight"), (b, "bias")))
     tg = torch.zeros(3, 20, 48)
-    y = cpu.masked_linear(x, w, b, masks, ids, task_grads=tg)
+    y = CPU.masked_linear(x, w, b, masks, ids, task_grads=tg)
     _assert_close(y.detach(), ref.masked_linear(x, w, b, masks, ids).detach(), torch.float32, "y")
     if which == "none":
         assert not y.requires_grad
@@ -169,13 +166,13 @@ def test_masked_linear_partial_gradients(which):
 def test_masked_linear_non_contiguous_inputs_and_zero_rows():
     x, w, b, masks, ids, gy = _ml_inputs(33, 40, 24, 3, "mixed", torch.float32, seed=4)
     xt = x.detach().t().contiguous().t().requires_grad_()  # column-major view of the same values
-    y, grads = _run(cpu.masked_linear, xt, w, b, masks, ids, gy, None)
+    y, grads = _run(CPU.masked_linear, xt, w, b, masks, ids, gy, None)
     y_ref, grads_ref = _run(ref.masked_linear, x, w, b, masks, ids, gy, None)
     _assert_close(y, y_ref, torch.float32, "y")
     _assert_close(grads[1], grads_ref[1], torch.float32, "dw")
     x0 = torch.zeros(0, 40, requires_grad=True)
     w.grad = None
-    y0 = cpu.masked_linear(x0, w, b, masks, torch.zeros(0, dtype=torch.int64))
+    y0 = CPU.masked_linear(x0, w, b, masks, torch.zeros(0, dtype=torch.int64))
     assert y0.shape == (0, 24)
     y0.sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w)) and x0.grad.shape == (0, 40)
@@ -201,9 +198,9 @@ def test_masked_linear_task_id_out_of_range_is_a_clear_error():
     ids = ids.clone()
     ids[7] = 3
     with pytest.raises(ValueError, match=r"task_ids\[7\] = 3 is out of range \[0, 3\)"):
-        cpu.masked_linear(x, w, b, masks, ids)
+        CPU.masked_linear(x, w, b, masks, ids)
     with pytest.raises(ValueError, match=r"task_ids\[0\] = -1 is out of range"):
-        cpu.masked_linear(x, w, b, masks, torch.tensor([-1]))
+        CPU.masked_linear(x, w, b, masks, torch.tensor([-1]))
 
 
 def _bad_ml_args():
@@ -213,18 +210,18 @@ def _bad_ml_args():
     ok = dict(x=x, weight=w, bias=b, masks=masks, task_ids=ids, task_grads=tg)
     return ok, [
         ("x", dict(x=x[0]), KernelArgumentError, r"x must be \[R, K\], got \[40\]"),
-        ("x dtype", dict(x=x.double()), KernelDTypeError, "x must be float32 or bfloat16, got float64"),
-        ("x device", dict(x=x.to("meta")), KernelArgumentError, "x must be a CPU tensor, got one on meta"),
+        ("x dtype", dict(x=x.double()), KernelArgumentError, "x must be float32 or bfloat16, got float64"),
+        ("x device", dict(x=x.to("meta")), KernelArgumentError, "x must be a CPU tensor for this backend, got one on meta"),
         ("weight shape", dict(weight=w[:, :39]), KernelArgumentError, r"weight must be \[N, 40\] to match x \[10, 40\], got \[24, 39\]"),
-        ("weight dtype", dict(weight=w.bfloat16()), KernelDTypeError, "weight must be float32, got bfloat16"),
+        ("weight dtype", dict(weight=w.bfloat16()), KernelArgumentError, "weight must be float32, got bfloat16"),
         ("bias shape", dict(bias=b[:5]), KernelArgumentError, r"bias must be \[24\], got \[5\]"),
-        ("bias dtype", dict(bias=b.double()), KernelDTypeError, "bias must be float32, got float64"),
-        ("masks bool", dict(masks=ref.unpack_masks(masks, 40)), KernelDTypeError, "masks must be int32, got bool"),
-        ("masks words", dict(masks=masks[:, :, :1]), KernelArgumentError, r"masks must be packed \[T, 24, 2\] .* got \[3, 24, 1\]"),
-        ("task_ids dtype", dict(task_ids=ids.int()), KernelDTypeError, "task_ids must be int64, got int32"),
+        ("bias dtype", dict(bias=b.double()), KernelArgumentError, "bias must be float32, got float64"),
+        ("masks bool", dict(masks=ref.unpack_masks(masks, 40)), KernelArgumentError, "masks must be int32, got bool"),
+        ("masks words", dict(masks=masks[:, :, :1]), KernelArgumentError, r"masks must be packed \[T, 24, 2\] .* got int32 \[3, 24, 1\]"),
+        ("task_ids dtype", dict(task_ids=ids.int()), KernelArgumentError, "task_ids must be int64, got int32"),
         ("task_ids shape", dict(task_ids=ids[:9]), KernelArgumentError, r"task_ids must be \[10\] .* or \[1\] .* got \[9\]"),
         ("task_grads shape", dict(task_grads=tg[:2]), KernelArgumentError, r"task_grads must be \[3, 24, 40\]"),
-        ("task_grads dtype", dict(task_grads=tg.bfloat16()), KernelDTypeError, "task_grads must be float32, got bfloat16"),
+        ("task_grads dtype", dict(task_grads=tg.bfloat16()), KernelArgumentError, "task_grads must be float32, got bfloat16"),
         ("task_grads layout", dict(task_grads=tg.transpose(1, 2).contiguous().transpose(1, 2)), KernelArgumentError, "task_grads must be contiguous"),
     ]
 
@@ -234,7 +231,7 @@ def test_masked_linear_argument_errors_name_the_argument(case):
     ok, cases = _bad_ml_args()
     _, change, exc, match = cases[case]
     with pytest.raises(exc, match=match):
-        cpu.masked_linear(**{**ok, **change})
+        CPU.masked_linear(**{**ok, **change})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,7 +244,7 @@ def _compile_case():
 
 
 def _layer(x, w, b, masks, ids, task_grads=None):
-    return torch.relu(kernels.masked_linear(x, w, b, masks, ids, backend="cpu", task_grads=task_grads)) * 2.0
+    return torch.relu(CPU.masked_linear(x, w, b, masks, ids, task_grads=task_grads)) * 2.0
 
 
 def test_masked_linear_traces_without_graph_breaks():
@@ -324,7 +321,7 @@ def test_masked_adamw_matches_reference_and_keeps_masked_weights_bit_for_bit(sca
     params, bool_masks = _adamw_group(1)
     grad_scale = {"one": 1.0, "float": 0.37, "tensor": torch.tensor(0.37)}[scale]
     runs = {}
-    for name, fn, packed in (("cpu", cpu.masked_adamw_, True), ("reference", ref.masked_adamw_, False)):
+    for name, fn, packed in (("cpu", CPU.masked_adamw, True), ("reference", kernels.REFERENCE_OPS.masked_adamw, False)):
         ps = [p.clone() for p in params]
         m, v, steps = _adamw_state(ps)
         for it in range(3):  # a different mask at each step, so the moments are non-zero outside it
@@ -368,12 +365,12 @@ def test_masked_adamw_argument_errors_name_the_argument():
         m, v, steps = _adamw_state(params)
         args = dict(params=params, grads=grads, exp_avgs=m, exp_avg_sqs=v, masks=masks, steps=steps)
         args.update(change)
-        cpu.masked_adamw_(args["params"], args["grads"], args["exp_avgs"], args["exp_avg_sqs"], args["masks"], args["steps"],
+        CPU.masked_adamw(args["params"], args["grads"], args["exp_avgs"], args["exp_avg_sqs"], args["masks"], args["steps"],
                           grad_scale=change.pop("grad_scale", 1.0), **HP)
 
     with pytest.raises(KernelArgumentError, match="must have one length, got params: 4, grads: 3"):
         call(grads=grads[:3])
-    with pytest.raises(KernelDTypeError, match=r"grads\[1\] must be float32, got float64"):
+    with pytest.raises(KernelArgumentError, match=r"grads\[1\] must be float32, got float64"):
         call(grads=[g.double() if i == 1 else g for i, g in enumerate(grads)])
     with pytest.raises(KernelArgumentError, match=r"exp_avgs\[0\] must be \[37, 70\]"):
         call(exp_avgs=[torch.zeros(37, 71)] + [torch.zeros_like(p) for p in params[1:]])
@@ -384,13 +381,13 @@ def test_masked_adamw_argument_errors_name_the_argument():
              exp_avg_sqs=[torch.zeros_like(p.t()) if i == 1 else torch.zeros_like(p) for i, p in enumerate(params)])
     with pytest.raises(KernelArgumentError, match=r"masks\[0\] must be \[37, 3\]"):
         call(masks=[masks[0][:, :2]] + masks[1:])
-    with pytest.raises(KernelDTypeError, match=r"masks\[0\] must be int32 or bool, got int64"):
+    with pytest.raises(KernelArgumentError, match=r"masks\[0\] must be int32 or bool, got int64"):
         call(masks=[masks[0].long()] + masks[1:])
-    with pytest.raises(KernelDTypeError, match=r"steps\[2\] must be float32, got int64"):
+    with pytest.raises(KernelArgumentError, match=r"steps\[2\] must be float32, got int64"):
         call(steps=[torch.zeros(()), torch.zeros(()), torch.zeros((), dtype=torch.int64), torch.zeros(())])
     with pytest.raises(KernelArgumentError, match=r"steps\[0\] must be \[\]"):
         call(steps=[torch.zeros(1)] + [torch.zeros(()) for _ in range(3)])
-    with pytest.raises(KernelArgumentError, match="grad_scale must be a float or a one-element tensor"):
+    with pytest.raises(KernelArgumentError, match="grad_scale must be a float or a one-element float tensor"):
         call(grad_scale=torch.ones(2))
 
 
@@ -409,7 +406,7 @@ def _hs_inputs(t, p, seed, integer=False, density=0.6):
 
 
 def _check_select(mg, g, prm, masks, k, lam, imp):
-    out = cpu.harmony_select(mg, g, prm, masks, k, lam, imp)
+    out = CPU.harmony_select(mg, g, prm, masks, k, lam, imp)
     expect = ref.harmony_select(mg, g, prm, masks, k, lam, imp)
     assert out.dtype == torch.int32 and out.shape == masks.shape
     assert torch.equal(out, expect)
@@ -457,7 +454,7 @@ def test_harmony_select_signed_zeros_nonfinite_padding_and_dtypes():
     # padding bits set in the input are ignored and cleared, like the reference's unpack/pack
     padded = masks.clone()
     padded[:, -1] |= torch.tensor(-(2**31), dtype=torch.int32)  # bit 31 of the last word: column 95 > P
-    assert torch.equal(cpu.harmony_select(mg, g, prm, padded, 9, 0.3, "fisher"), ref.harmony_select(mg, g, prm, masks, 9, 0.3, "fisher"))
+    assert torch.equal(CPU.harmony_select(mg, g, prm, padded, 9, 0.3, "fisher"), ref.harmony_select(mg, g, prm, masks, 9, 0.3, "fisher"))
     # non-contiguous gradients and bf16 inputs, through the public API
     mgt = mg.t().contiguous().t()
     assert torch.equal(kernels.harmony_select(mgt, g, prm, masks, 10, 0.3, "magnitude", backend="cpu"),
@@ -468,19 +465,19 @@ def test_harmony_select_signed_zeros_nonfinite_padding_and_dtypes():
 def test_harmony_select_errors_name_the_argument():
     mg, g, prm, masks = _hs_inputs(3, 40, seed=1)
     with pytest.raises(KernelArgumentError, match="importance must be 'magnitude' or 'fisher', got 'entropy'"):
-        cpu.harmony_select(mg, g, prm, masks, 3, 0.1, "entropy")
+        CPU.harmony_select(mg, g, prm, masks, 3, 0.1, "entropy")
     with pytest.raises(KernelArgumentError, match=r"grads must be \[3, 40\] like masked_grads, got \[2, 40\]"):
-        cpu.harmony_select(mg, g[:2], prm, masks, 3, 0.1)
+        CPU.harmony_select(mg, g[:2], prm, masks, 3, 0.1)
     with pytest.raises(KernelArgumentError, match=r"params must be \[40\], got \[5\]"):
-        cpu.harmony_select(mg, g, prm[:5], masks, 3, 0.1)
+        CPU.harmony_select(mg, g, prm[:5], masks, 3, 0.1)
     with pytest.raises(KernelArgumentError, match=r"masks must be \[3, 2\] \(packed\), got \[3, 1\]"):
-        cpu.harmony_select(mg, g, prm, masks[:, :1], 3, 0.1)
-    with pytest.raises(KernelDTypeError, match="masks must be int32, got int64"):
-        cpu.harmony_select(mg, g, prm, masks.long(), 3, 0.1)
-    with pytest.raises(KernelDTypeError, match="masked_grads must be .*got int64"):
-        cpu.harmony_select(mg.long(), g, prm, masks, 3, 0.1)
-    with pytest.raises(KernelArgumentError, match="params must be a CPU tensor, got one on meta"):
-        cpu.harmony_select(mg, g, prm.to("meta"), masks, 3, 0.1)
+        CPU.harmony_select(mg, g, prm, masks[:, :1], 3, 0.1)
+    with pytest.raises(KernelArgumentError, match="masks must be int32, got int64"):
+        CPU.harmony_select(mg, g, prm, masks.long(), 3, 0.1)
+    with pytest.raises(KernelArgumentError, match="masked_grads must be .*got int64"):
+        CPU.harmony_select(mg.long(), g, prm, masks, 3, 0.1)
+    with pytest.raises(KernelArgumentError, match="params must be a CPU tensor for this backend, got one on meta"):
+        CPU.harmony_select(mg, g, prm.to("meta"), masks, 3, 0.1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,7 +487,7 @@ def test_harmony_select_errors_name_the_argument():
 def _probe(env_changes: dict) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k not in env_changes}
     env.update({k: v for k, v in env_changes.items() if v is not None})
-    code = ("import kernels, kernels.cpu as c; print(kernels.available_backends('cpu')); print(c.unavailable_reason()); "
+    code = ("import kernels; print(kernels.available_backends('cpu')); print(kernels.backend_reason('cpu', 'cpu')); "
             "print(kernels.resolve_backend('auto', 'cpu')); print('libharmodt_kernels' in open('/proc/self/maps').read())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -505,6 +502,13 @@ def test_skip_native_leaves_only_the_reference_and_loads_nothing():
     assert _probe({"HARMODT_SKIP_NATIVE": None, "TRITON_INTERPRET": "0"}) == ["['cpu', 'reference']", "None", "cpu", "True"]
 
 
+def test_importing_kernels_loads_no_library():
+    env = {k: v for k, v in os.environ.items() if k != "HARMODT_SKIP_NATIVE"}
+    code = "import kernels, kernels.cpu; print('libharmodt_kernels' in open('/proc/self/maps').read())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr  # loaded by the dispatch that asks for it, not at import
+
+
 def test_missing_library_is_a_one_line_reason(tmp_path):
     lines = _probe({"HARMODT_SKIP_NATIVE": None, "TRITON_INTERPRET": "0", "HARMODT_KERNELS_LIB": str(tmp_path / "missing.so")})
     assert lines[0] == "['reference']" and lines[2] == "reference" and lines[3] == "False"
@@ -513,11 +517,25 @@ def test_missing_library_is_a_one_line_reason(tmp_path):
 
 def test_skip_native_at_run_time(monkeypatch):
     monkeypatch.setenv("HARMODT_SKIP_NATIVE", "1")
-    assert cpu.unavailable_reason() == "HARMODT_SKIP_NATIVE=1 is set"
+    assert kernels.backend_reason("cpu", "cpu") == "HARMODT_SKIP_NATIVE=1 is set"
     assert "cpu" not in kernels.available_backends("cpu")
     with pytest.raises(kernels.BackendUnavailable, match="HARMODT_SKIP_NATIVE=1 is set"):
         kernels.select_backends("cpu", fused=True, backend="cpu")
-    with pytest.raises(RuntimeError, match="HARMODT_SKIP_NATIVE=1 is set"):
-        cpu.harmony_select(*_hs_inputs(2, 40, seed=1), 3, 0.1)
+    with pytest.raises(kernels.BackendUnavailable, match="HARMODT_SKIP_NATIVE=1 is set"):
+        kernels.harmony_select(*_hs_inputs(2, 40, seed=1), 3, 0.1, backend="cpu")
+    assert kernels.select_backends("cpu", fused=True).describe() == (
+        "masked_linear=reference masked_adamw=reference harmony_select=reference")  # auto falls back
     monkeypatch.delenv("HARMODT_SKIP_NATIVE")
-    assert cpu.unavailable_reason() is None
+    assert kernels.backend_reason("cpu", "cpu") is None
+
+
+def test_explicit_backend_and_unknown_name_fail_loudly():
+    with pytest.raises(ValueError, match="unknown kernel backend 'fast'"):
+        kernels.masked_linear(torch.zeros(2, 3), torch.zeros(4, 3), None, torch.zeros(1, 4, 1, dtype=torch.int32),
+                              torch.zeros(1, dtype=torch.int64), backend="fast")
+    with pytest.raises(kernels.BackendUnavailable, match="backend 'cpu' cannot run on meta"):
+        kernels.harmony_select(*[t.to("meta") for t in _hs_inputs(2, 40, seed=1)], 3, 0.1, backend="cpu")
+    with pytest.raises(KernelArgumentError, match=r"pack_masks: mask must be a bool tensor"):
+        kernels.pack_masks(torch.zeros(3, 4))
+    with pytest.raises(KernelArgumentError, match=r"unpack_masks: words \[3, 1\] cannot hold K=40 bits"):
+        kernels.unpack_masks(torch.zeros(3, 1, dtype=torch.int32), 40)

@@ -157,34 +157,39 @@ def test_masked_linear_under_autocast_matches_reference():
     torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=3e-2)
 
 
+def _tri():
+    return kernels.backend_ops("triton")  # (TRITON_INTERPRET=1: the CPU interpreter)
+
+
 def test_masked_linear_rejects_bad_arguments():
     x, w, b, m, tid = _linear_inputs(5, 40, 9, 2, "mixed", seed=0)
-    ml = tml.triton_masked_linear
-    with pytest.raises(ValueError, match=r"x must be \[R, K\]"):
+    ml = _tri().masked_linear
+    bad = kernels.KernelArgumentError
+    with pytest.raises(bad, match=r"x must be \[R, K\]"):
         ml(x[None], w, b, m, tid)
-    with pytest.raises(ValueError, match="x has K=40"):
+    with pytest.raises(bad, match=r"weight must be \[N, 40\] to match x \[5, 40\], got \[9, 10\]"):
         ml(x, w[:, :10], b, m, tid)
-    with pytest.raises(TypeError, match="must be float32, bfloat16 or float16"):
+    with pytest.raises(bad, match="x must be float32 or bfloat16 or float16, got float64"):
         ml(x.double(), w.double(), b.double(), m, tid)
-    with pytest.raises(TypeError, match="share a dtype"):
+    with pytest.raises(bad, match="weight must be float32, got float16"):
         ml(x, w.half(), b, m, tid)
-    with pytest.raises(ValueError, match=r"bias must be \[9\]"):
+    with pytest.raises(bad, match=r"bias must be \[9\]"):
         ml(x, w, b[:3], m, tid)
-    with pytest.raises(ValueError, match="masks must be packed int32"):
+    with pytest.raises(bad, match=r"masks must be packed \[T, 9, 2\]"):
         ml(x, w, b, m[:, :, :1], tid)
-    with pytest.raises(ValueError, match="masks must be packed int32"):
+    with pytest.raises(bad, match="masks must be int32, got bool"):
         ml(x, w, b, R.unpack_masks(m, 40), tid)
-    with pytest.raises(ValueError, match=r"task_ids must be int64 \[5\] or \[1\]"):
+    with pytest.raises(bad, match=r"task_ids must be \[5\] .* or \[1\] .*got \[2\]"):
         ml(x, w, b, m, tid[:2])
-    with pytest.raises(ValueError, match="task_ids must be int64"):
+    with pytest.raises(bad, match="task_ids must be int64, got int32"):
         ml(x, w, b, m, tid.int())
-    with pytest.raises(ValueError, match="task_grads must be float32"):
+    with pytest.raises(bad, match=r"task_grads must be \[2, 9, 40\]"):
         ml(x, w, b, m, tid, task_grads=torch.zeros(2, 9, 41))
-    with pytest.raises(ValueError, match="one device"):
+    with pytest.raises(bad, match="task_ids must be a CUDA or CPU tensor for this backend, got one on meta"):
         ml(x, w, b, m, tid.to("meta"))
-    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\)"):
+    with pytest.raises(bad, match=r"task_ids must lie in \[0, 2\)"):
         ml(x, w, b, m, tid + 5)
-    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\)"):
+    with pytest.raises(bad, match=r"task_ids must lie in \[0, 2\)"):
         ml(x, w, b, m, torch.tensor([-1]))
 
 
@@ -231,10 +236,14 @@ def test_opcheck_every_op():
     torch.library.opcheck(ops.harmony_select.default, (mg, g, p, masks, 5, 0.5, "fisher"))
 
 
+TRITON_LINEAR = kernels.backend_ops("triton").masked_linear if kernels.triton_interpreted() else None
+
+
 def _masked_mlp(x, w1, b1, w2, m1, m2, tid, tg1):
-    """Two masked layers around a ReLU, as a block's MLP calls them."""
-    h = torch.relu(kernels.masked_linear(x, w1, b1, m1, tid, backend="triton", task_grads=tg1))
-    return kernels.masked_linear(h, w2, None, m2, tid, backend="triton").square().mean()
+    """Two masked layers around a ReLU, as a block's MLP calls them (through the op value, as the
+    model holds it)."""
+    h = torch.relu(TRITON_LINEAR(x, w1, b1, m1, tid, task_grads=tg1))
+    return TRITON_LINEAR(h, w2, None, m2, tid).square().mean()
 
 
 def test_torch_compile_sees_the_op_without_graph_breaks():
@@ -272,8 +281,9 @@ def test_torch_compile_masked_adamw_is_one_op():
     ps, grads, m, v, masks, steps = _adamw_state([(20, 40), (7,)], seed=3)
 
     def step(ps, grads, m, v, masks, steps, scale):
-        kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
-                              grad_scale=scale, backend="triton")
+        TRITON_ADAMW(ps, grads, m, v, masks, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, grad_scale=scale)
+
+    TRITON_ADAMW = _tri().masked_adamw
 
     torch._dynamo.reset()
     ex = torch._dynamo.explain(step)(ps, grads, m, v, masks, steps, torch.tensor(0.5))
@@ -353,9 +363,9 @@ class _CountingKernel:
 
 def test_masked_adamw_launches_per_step(monkeypatch):
     """Two launches per call whatever the number of parameters (one update, one step increment);
-    a second parameter dtype adds two; the launch table is uploaded once for the same tensors."""
+    a second parameter dtype adds two; the launch table is uploaded once for the same tensors
+    when the caller keeps a workspace (as the optimizer does), at every call without one."""
     upd, stp = _CountingKernel(tma._adamw_kernel), _CountingKernel(tma._step_kernel)
-    monkeypatch.setattr(tma, "_TABLES", type(tma._TABLES)())  # no table cached by earlier tests
     monkeypatch.setattr(tma, "_adamw_kernel", upd)
     monkeypatch.setattr(tma, "_step_kernel", stp)
     builds = []
@@ -364,13 +374,14 @@ def test_masked_adamw_launches_per_step(monkeypatch):
     shapes = [(24, 40), (24,), (8, 24), (8,)] * 6  # 24 parameters, 12 of them masked
     ps, grads, m, v, masks, steps = _adamw_state(shapes, seed=4)
     start = [float(s) for s in steps]
+    workspace = {}
     for _ in range(2):
         kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
-                              grad_scale=torch.tensor(1.0), backend="triton")
+                              grad_scale=torch.tensor(1.0), backend="triton", workspace=workspace)
     assert (upd.launches, stp.launches, len(builds)) == (2, 2, 1)
     half = [g.half() if i % 2 else g for i, g in enumerate(grads)]
     kernels.masked_adamw_(ps, half, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, backend="triton")
-    assert (upd.launches, stp.launches) == (4, 4)
+    assert (upd.launches, stp.launches, len(builds)) == (4, 4, 3)  # no workspace: both tables built
     assert [float(s) for s in steps] == [s0 + 3 for s0 in start]
 
 
@@ -385,27 +396,28 @@ def test_masked_adamw_float16_grads_with_float32_params():
 
 def test_masked_adamw_rejects_bad_arguments():
     def call(ps, grads, m, v, masks, steps, scale=1.0):
-        tma.triton_masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                                 grad_scale=scale)
+        _tri().masked_adamw(ps, grads, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                            grad_scale=scale)
 
+    bad = kernels.KernelArgumentError
     ps, grads, m, v, masks, steps = _adamw_state([(6, 40), (6,)], seed=6)
-    with pytest.raises(ValueError, match="grads has 1 entries for 2 params"):
+    with pytest.raises(bad, match="must have one length, got params: 2, grads: 1"):
         call(ps, grads[:1], m, v, masks, steps)
-    with pytest.raises(TypeError, match="packed int32"):
-        call(ps, grads, m, v, [R.unpack_masks(masks[0], 40), None], steps)
-    with pytest.raises(ValueError, match=r"masks\[0\] must be contiguous int32 \(6, 2\)"):
+    with pytest.raises(bad, match=r"masks\[0\] must be int32 or bool, got int64"):
+        call(ps, grads, m, v, [masks[0].long(), None], steps)
+    with pytest.raises(bad, match=r"masks\[0\] must be \[6, 2\]"):
         call(ps, grads, m, v, [masks[0][:, :1], None], steps)
-    with pytest.raises(ValueError, match=r"steps\[1\] must be a float32 0-dim tensor"):
+    with pytest.raises(bad, match=r"steps\[1\] must be float32, got int64"):
         call(ps, grads, m, v, masks, [steps[0], torch.tensor(0, dtype=torch.int64)])
-    with pytest.raises(ValueError, match="shares its storage"):
+    with pytest.raises(bad, match=r"steps\[1\] shares its storage with steps\[0\]"):
         call(ps, grads, m, v, masks, [steps[0], steps[0]])
-    with pytest.raises(ValueError, match=r"grads\[0\] is \(6, 39\)"):
+    with pytest.raises(bad, match=r"grads\[0\] must be \[6, 40\]"):
         call(ps, [grads[0][:, :39], grads[1]], m, v, masks, steps)
-    with pytest.raises(ValueError, match=r"params\[0\] must be contiguous"):
+    with pytest.raises(bad, match=r"params\[0\] must be contiguous"):
         call([torch.randn(40, 6).t(), ps[1]], grads, m, v, masks, steps)
-    with pytest.raises(TypeError, match=r"exp_avgs\[1\] and exp_avg_sqs\[1\] must be torch.float32"):
+    with pytest.raises(bad, match=r"exp_avgs\[1\] must be float32, got float64"):
         call(ps, grads, m[:1] + [m[1].double()], v, masks, steps)
-    with pytest.raises(ValueError, match="tensor grad_scale must be one float"):
+    with pytest.raises(bad, match="grad_scale must be a float or a one-element float tensor"):
         call(ps, grads, m, v, masks, steps, scale=torch.ones(2))
     assert all(float(s) in (0.0, 1.0) for s in steps)  # nothing ran
 
@@ -446,14 +458,15 @@ def test_harmony_candidates_per_block(k, block, kc):
 
 def test_harmony_select_rejects_bad_arguments():
     mg, g, prm, m = _select_inputs(3, 40, seed=0, ints=False)
-    with pytest.raises(ValueError, match="importance"):
-        ths.triton_harmony_select(mg, g, prm, m, 3, 0.5, "size")
-    with pytest.raises(ValueError, match=r"must be \[T, P\], \[T, P\], \[P\]"):
-        ths.triton_harmony_select(mg, g[:2], prm, m, 3, 0.5)
-    with pytest.raises(ValueError, match=r"masks must be int32 \[3, 2\]"):
-        ths.triton_harmony_select(mg, g, prm, m[:, :1], 3, 0.5)
-    with pytest.raises(TypeError, match="floating point"):
-        ths.triton_harmony_select(mg.double(), g, prm, m, 3, 0.5)
+    hs, bad = _tri().harmony_select, kernels.KernelArgumentError
+    with pytest.raises(bad, match="importance must be 'magnitude' or 'fisher', got 'size'"):
+        hs(mg, g, prm, m, 3, 0.5, "size")
+    with pytest.raises(bad, match=r"grads must be \[3, 40\] like masked_grads, got \[2, 40\]"):
+        hs(mg, g[:2], prm, m, 3, 0.5)
+    with pytest.raises(bad, match=r"masks must be \[3, 2\] \(packed\), got \[3, 1\]"):
+        hs(mg, g, prm, m[:, :1], 3, 0.5)
+    with pytest.raises(bad, match="masked_grads must be .* got int64"):
+        hs(mg.long(), g, prm, m, 3, 0.5)
 
 
 def test_backend_triton_on_cpu_without_interpreter_fails_loudly(monkeypatch):

@@ -25,7 +25,7 @@ def setup(method="prompt-dt", cfg=CFG):
 def erk_context(m, task_ids, backend="reference"):
     shapes = {n: tuple(w.shape) for n, w in m.masked_weights().items()}
     tm = TaskMasks.erk(shapes, 2, 0.3, torch.Generator().manual_seed(0))
-    return tm, MaskContext(tm.packed(), task_ids, backend)
+    return tm, MaskContext(tm.packed(), task_ids, kernels.backend_ops(backend).masked_linear)
 
 
 @pytest.mark.parametrize("method", ["prompt-dt", "mtdt"])

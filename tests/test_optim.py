@@ -26,7 +26,7 @@ def test_unmasked_step_is_torch_adamw(backend):
     for gs in grads:
         for p, q, g in zip(ps, ref, gs):
             p.grad, q.grad = g.clone(), g.clone()
-        opt.masked_step(backend=backend)
+        opt.masked_step(op=kernels.backend_ops(backend).masked_adamw)
         topt.step()
     for p, q in zip(ps, ref):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
@@ -47,7 +47,7 @@ def test_outside_mask_unchanged_inside_as_adamw(backend):
         before = [p.detach().clone() for p in ps]
         for p, q, g in zip(ps, ref, gs):
             p.grad, q.grad = g.clone(), g.clone()
-        opt.masked_step({p: kernels.pack_masks(m) for p, m in masks.items()}, backend=backend)
+        opt.masked_step({p: kernels.pack_masks(m) for p, m in masks.items()}, op=kernels.backend_ops(backend).masked_adamw)
         topt.step()
         for p, b in zip(ps, before):
             if p in masks:
@@ -69,8 +69,8 @@ def test_grad_scale_scales_the_gradients_first(backend):
         for gs in grads[:2]:
             for p, q, g in zip(ps, scaled, gs):
                 p.grad, q.grad = g.clone(), g * 0.25
-            a.masked_step(grad_scale=scale, backend=backend)
-            b.masked_step(backend=backend)
+            a.masked_step(grad_scale=scale, op=kernels.backend_ops(backend).masked_adamw)
+            b.masked_step(op=kernels.backend_ops(backend).masked_adamw)
         for p, q in zip(ps, scaled):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-8)
 
@@ -81,13 +81,13 @@ def test_state_dict_round_trips_through_torch_adamw(backend):
     opt = MaskedAdamW(ps, lr=1e-2)
     for p, g in zip(ps, grads[0]):
         p.grad = g
-    opt.masked_step(backend=backend)
+    opt.masked_step(op=kernels.backend_ops(backend).masked_adamw)
     state = opt.state_dict()
     topt = torch.optim.AdamW(ps, lr=1e-2)
     topt.load_state_dict(state)
     again = MaskedAdamW(ps, lr=1e-2)
     again.load_state_dict(topt.state_dict())
-    again.masked_step(backend=backend)
+    again.masked_step(op=kernels.backend_ops(backend).masked_adamw)
     assert float(again.state[ps[0]]["step"]) == 2
 
 

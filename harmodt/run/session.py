@@ -173,9 +173,8 @@ def describe(tr) -> str:
     dev = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     line = (f"[harmodt] device={dev} precision={cfg.precision} compile={cfg.compile} "
             f"fused={cfg.fused} kernels: {backends.describe()}")
-    if cfg.fused and cfg.backend == "auto" and backends.masked_linear == "reference":
-        why = kernels.backend_reason("triton" if device.type == "cuda" else "cpu", device)
-        line += f"\n[harmodt] note: --fused runs on the plain-PyTorch reference here: {why}"
+    if cfg.fused and backends.fallback is not None:
+        line += f"\n[harmodt] note: --fused runs on the plain-PyTorch reference here: {backends.fallback}"
     return line
 
 

@@ -1,0 +1,69 @@
+"""The dispatch table of kernels/: select_backends gives op values bound to one backend, the
+public functions take an explicit backend, and the cached masked_linear of an evaluation equals
+the op it wraps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference as ref
+
+
+def test_select_backends_gives_op_values_of_one_backend():
+    ops = kernels.select_backends("cpu", fused=False, backend="auto")
+    assert ops is kernels.REFERENCE_OPS and ops.fallback is None
+    assert ops.describe() == "masked_linear=reference masked_adamw=reference harmony_select=reference"
+    assert ops.masked_linear.takes_bool_masks and ops.masked_adamw.takes_bool_masks
+    with pytest.raises(ValueError, match="unknown kernel backend 'fast'"):
+        kernels.select_backends("cpu", fused=True, backend="fast")
+    fused = kernels.select_backends("cpu", fused=True)
+    name = fused.masked_linear.backend.name
+    assert name == kernels.resolve_backend("auto", "cpu") and fused.describe().count(f"={name}") == 3
+    assert (fused.fallback is None) == (name != "reference")
+
+
+def _inputs(seed, r_per_task=6, t=3, k=40, n=9):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(r_per_task * t, k, generator=g)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    masks = kernels.pack_masks(torch.rand(t, n, k, generator=g) < 0.5)
+    return x, w, b, masks
+
+
+@pytest.mark.parametrize("layout", ["every task in order", "runs"])
+def test_cached_masked_linear_equals_the_op_and_follows_weight_changes(layout):
+    x, w, b, masks = _inputs(0)
+    segments = ((0, 6), (1, 6), (2, 6)) if layout == "every task in order" else ((2, 4), (0, 10), (2, 4))
+    ids = torch.tensor([t for t, c in segments for _ in range(c)])
+    op = kernels.REFERENCE_OPS.masked_linear
+    workspace = {}
+    cached = op.cached(workspace)
+    with torch.no_grad():
+        torch.testing.assert_close(cached(x, w, b, masks, ids, segments=segments), op(x, w, b, masks, ids), rtol=1e-5, atol=1e-5)
+        assert len(workspace) == 1
+        cached(x, w, b, masks, ids, segments=segments)
+        assert len(workspace) == 1  # made once
+        w.mul_(2.0)  # an in-place change: a new version, a new masked weight
+        torch.testing.assert_close(cached(x, w, b, masks, ids, segments=segments), op(x, w, b, masks, ids), rtol=1e-5, atol=1e-5)
+        assert len(workspace) == 2
+
+
+def test_cached_masked_linear_passes_calls_with_gradients_to_the_op():
+    x, w, b, masks = _inputs(1)
+    w.requires_grad_()
+    ids = torch.arange(3).repeat_interleave(6)
+    workspace = {}
+    y = kernels.REFERENCE_OPS.masked_linear.cached(workspace)(x, w, b, masks, ids, segments=((0, 6), (1, 6), (2, 6)))
+    y.sum().backward()
+    assert workspace == {} and w.grad is not None
+    torch.testing.assert_close(w.grad, ref.unpack_masks(masks, 40).float().mul(
+        torch.stack([x[6 * t : 6 * t + 6].sum(0) for t in range(3)]).unsqueeze(1)).sum(0))
+
+
+def test_cached_masked_linear_checks_its_arguments():
+    x, w, b, masks = _inputs(2)
+    cached = kernels.REFERENCE_OPS.masked_linear.cached({})
+    with torch.no_grad(), pytest.raises(kernels.KernelArgumentError, match=r"segments .* cover 17 rows, x has 18"):
+        cached(x, w, b, masks, torch.zeros(18, dtype=torch.int64), segments=((0, 17),))
