@@ -23,8 +23,8 @@ import time
 import torch
 
 from harmodt import baselines
+from harmodt.model import action_loss
 from harmodt.optim import clip_coefficient
-from harmodt.train import action_loss
 
 from .common import TASKS, make_trainer
 

@@ -253,7 +253,7 @@ def test_train_cli(benchmark, device, tmp_path):
 @pytest.mark.cuda
 def test_train_torchrun_2gpu(benchmark, tmp_path):
     """Steps/s of ``torchrun --nproc_per_node 2 -m harmodt.train --device cuda --fused`` on two
-    GPUs (data parallel, harmodt/distributed.py) against one GPU. Skipped with fewer than two GPUs."""
+    GPUs (data parallel, harmodt/run/distributed.py) against one GPU. Skipped with fewer than two GPUs."""
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs two GPUs, found {torch.cuda.device_count()}")
     from harmodt.data import generate

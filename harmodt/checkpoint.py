@@ -7,7 +7,6 @@ format (numpy arrays inside) into this one; it unpickles OLD, so run it only on 
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .run.outputs import write_atomic
 
 
 class CheckpointError(ValueError):
@@ -43,29 +44,12 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def save(state: dict, path: str | os.PathLike, on_partial_write=None) -> None:
-    """Write ``plain(state)`` to ``path`` atomically: a temporary file in the same folder, flushed
-    to disk, then renamed over ``path`` (a crash leaves the previous file or the new one, never a
-    torn one).
-
-    ``on_partial_write``: a testing hook, called with no arguments once the temporary file holds
-    half of the checkpoint's bytes (the crash tests kill the process there)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        if on_partial_write is None:
-            torch.save(plain(state), fh)
-        else:
-            buf = io.BytesIO()
-            torch.save(plain(state), buf)
-            data = buf.getbuffer()
-            fh.write(data[: len(data) // 2])
-            fh.flush()
-            on_partial_write()
-            fh.write(data[len(data) // 2 :])
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def save(state: dict, path: str | os.PathLike) -> None:
+    """Write ``plain(state)`` to ``path`` atomically (:func:`harmodt.run.outputs.write_atomic`: a
+    crash leaves the previous file or the new one, never a torn one)."""
+    buf = io.BytesIO()
+    torch.save(plain(state), buf)
+    write_atomic(path, buf.getbuffer())
 
 
 def load(path: str | os.PathLike) -> dict:
@@ -116,7 +100,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import OneLineParser
+    from .run.cli import OneLineParser
 
     p = OneLineParser(prog="python -m harmodt.checkpoint", description="Checkpoint tools.")
     sub = p.add_subparsers(dest="cmd", required=True)

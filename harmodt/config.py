@@ -1,4 +1,6 @@
-"""Configuration dataclasses (one comment per field), presets, and the CLI built from them.
+"""Configuration dataclasses (each field with its help text), presets, the --resume rule of
+every setting, and validation. The flags of ``python -m harmodt.train`` are built from these
+fields (harmodt/run/cli.py): a new field is a new flag.
 
 Defaults follow the paper (Table 6 and Appendix B) except where a field says otherwise; the
 embedded default run (no CLI arguments) shrinks the run so it finishes in minutes on 2 cores.
@@ -6,10 +8,8 @@ embedded default run (no CLI arguments) shrinks the run so it finishes in minute
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 METHODS = ("mtdt", "prompt-dt", "harmodt-r", "harmodt-m", "harmodt-f", "pcgrad", "cagrad")
 SURGERY_METHODS = ("pcgrad", "cagrad")  # Prompt-DT trained with per-task gradients combined by gradient surgery
@@ -20,70 +20,80 @@ PROMPT_SEGMENTS = ("last", "random")
 CONDITIONING_ALIASES = {"task-id": "task-embedding"}
 
 
+def setting(default=MISSING, help: str = "", *, factory=MISSING):
+    """A config field with its one-line ``--help`` text (``factory``: a default made per instance)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    n_layer: int = 6  # transformer blocks (Table 6)
-    n_head: int = 8  # attention heads (Table 6)
-    n_embd: int = 256  # embedding width (Table 6)
-    dropout: float = 0.1  # dropout on embeddings, attention and residuals (Table 6)
-    context_len: int = 20  # K: timesteps of recent history (Table 6)
-    prompt_len: int = 5  # K*: timesteps of the trajectory prompt (Prompt-DT / official code)
-    max_ep_len: int = 500  # Meta-World episode length; size of the timestep embedding table
-    state_dim: int = 39  # Meta-World v3 observation size
-    act_dim: int = 4  # Meta-World action size
+    n_layer: int = setting(6, "transformer blocks (Table 6)")
+    n_head: int = setting(8, "attention heads (Table 6)")
+    n_embd: int = setting(256, "embedding width (Table 6)")
+    dropout: float = setting(0.1, "dropout on embeddings, attention and residuals (Table 6)")
+    context_len: int = setting(20, "K: timesteps of recent history (Table 6)")
+    prompt_len: int = setting(5, "K*: timesteps of the trajectory prompt (Prompt-DT / official code)")
+    max_ep_len: int = setting(500, "Meta-World episode length; size of the timestep embedding table")
+    state_dim: int = setting(39, "Meta-World v3 observation size")
+    act_dim: int = setting(4, "Meta-World action size")
 
 
 @dataclass
 class MaskConfig:
-    sparsity: float = 0.2  # S: fraction of each task's maskable weights switched off (Table 6)
-    eta_min: int = 0  # lower bound of weights changed per mask update (Eq. 12, Table 6)
-    eta_max: int = 100  # upper bound of weights changed per mask update (Eq. 12, Table 6)
-    lam: float = 10.0  # balance factor lambda between agreement and importance (Eq. 8)
-    lam_on: str = "importance"  # "importance" (paper, Eq. 8) or "agreement" (the official code)
-    update_every: int = 5000  # t_m: steps between mask updates (Table 6)
-    vote_threshold: int = 25  # 'thresh' of Eq. 13 for unseen tasks (Table 6, for MT50)
-    recovery_grad: str = "dense"  # g_i of Alg. 2: "dense" = grad of L_i at theta (paper); "masked" = unmasked grad at theta*M_i
-    mask_grads: str = "paper"  # gradients of the mask update: "paper" = dropout off, unclipped; "official" = dropout on, each task's clipped to --grad-clip
+    sparsity: float = setting(0.2, "S: fraction of each task's maskable weights switched off (Table 6)")
+    eta_min: int = setting(0, "lower bound of weights changed per mask update (Eq. 12, Table 6)")
+    eta_max: int = setting(100, "upper bound of weights changed per mask update (Eq. 12, Table 6)")
+    lam: float = setting(10.0, "balance factor lambda between agreement and importance (Eq. 8)")
+    lam_on: str = setting("importance", '"importance" (paper, Eq. 8) or "agreement" (the official code)')
+    update_every: int = setting(5000, "t_m: steps between mask updates (Table 6)")
+    vote_threshold: int = setting(25, "'thresh' of Eq. 13 for unseen tasks (Table 6, for MT50)")
+    recovery_grad: str = setting("dense", 'g_i of Alg. 2: "dense" = grad of L_i at theta (paper); "masked" = unmasked grad at theta*M_i')
+    mask_grads: str = setting("paper", 'gradients of the mask update: "paper" = dropout off, unclipped; "official" = dropout on, '
+                              "each task's clipped to --grad-clip")
 
 
 @dataclass
 class TrainConfig:
-    tasks: str = "MT5"  # comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names)
-    method: str = "harmodt-f"  # mtdt | prompt-dt | harmodt-r | harmodt-m | harmodt-f | pcgrad | cagrad
-    steps: int = 1_000_000  # total training steps E (Table 6)
-    batch_size: int = 8  # sequences per step (Appendix B)
-    tasks_per_batch: int = 0  # tasks mixed in one batch (0 = auto: 1 = Algorithm 1, one task per step; pcgrad/cagrad: all tasks, at most --batch-size)
-    lr: float = 1e-4  # AdamW learning rate (Appendix B)
-    weight_decay: float = 1e-4  # AdamW decoupled weight decay (official code)
-    warmup_steps: int = 10_000  # linear learning-rate warm-up (official code)
-    grad_clip: float = 0.25  # gradient-norm clip (official code)
-    cagrad_c: float = 0.5  # c of cagrad: radius of the ball around the mean gradient, in units of its norm (0 = the mean gradient)
-    data: str = ""  # dataset folder (ours or the original layout); empty = generate into the cache
-    episodes_per_task: int = 0  # keep this many episodes per task (0 = all)
-    quality: str = "near-optimal"  # near-optimal (all episodes) | sub-optimal (first 50% of each task's)
-    gen_episodes: int = 100  # episodes per task when the data must be generated
-    rtg_scale: float = 1000.0  # returns-to-go are divided by this (official code)
-    target_return: float = 4500.0  # initial return-to-go at evaluation (official code)
-    eval_episodes: int = 10  # evaluation episodes per task
-    eval_every: int = 0  # evaluate every N steps (0 = only at the end)
-    log_every: int = 100  # steps between metric lines
-    checkpoint_every: int = 1000  # steps between checkpoints
-    out: str = "runs/harmodt"  # output folder
-    seed: int = 0  # seed for data sampling, initialisation, masks and evaluation goals
-    resume: bool = False  # continue from OUT/checkpoint.pt
-    conditioning: str = "auto"  # auto (MTDT: task-state, others: prompt) | prompt | task-state (one-hot task ID beside the state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token)
-    prompt_segment: str = "last"  # last (the last K* steps before a prompt episode's final step, as Prompt-DT's code) | random (a window anywhere in one)
-    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
-    fused: bool = False  # masked linear, masked AdamW and mask selection on the kernels of --backend (else the plain-PyTorch reference)
-    backend: str = "auto"  # kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference
-    precision: str = "fp32"  # fp32 | bf16 (autocast on the device)
-    compile: bool = False  # torch.compile the model for training
-    threads: int = 0  # torch intra-op threads (0 = all cores)
-    progress: bool = True  # show progress bars
-    dist_timeout: float = 300.0  # seconds a torchrun rank waits in a collective for the others before failing (exit 3)
-    allow_changed: list[str] = field(default_factory=list)  # keys --resume may take from the flags instead of the checkpoint: steps, eval_episodes, eval_every, target_return, log_every, checkpoint_every, threads, device, compile, fused, backend
-    model: ModelConfig = field(default_factory=ModelConfig)  # transformer shape
-    masks: MaskConfig = field(default_factory=MaskConfig)  # HarmoDT mask settings
+    tasks: str = setting("MT5", "comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, "
+                         "ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names)")
+    method: str = setting("harmodt-f", "mtdt | prompt-dt | harmodt-r | harmodt-m | harmodt-f | pcgrad | cagrad")
+    steps: int = setting(1_000_000, "total training steps E (Table 6)")
+    batch_size: int = setting(8, "sequences per step (Appendix B)")
+    tasks_per_batch: int = setting(0, "tasks mixed in one batch (0 = auto: 1 = Algorithm 1, one task per step; pcgrad/cagrad: all "
+                                   "tasks, at most --batch-size)")
+    lr: float = setting(1e-4, "AdamW learning rate (Appendix B)")
+    weight_decay: float = setting(1e-4, "AdamW decoupled weight decay (official code)")
+    warmup_steps: int = setting(10_000, "linear learning-rate warm-up (official code)")
+    grad_clip: float = setting(0.25, "gradient-norm clip (official code)")
+    cagrad_c: float = setting(0.5, "c of cagrad: radius of the ball around the mean gradient, in units of its norm (0 = the mean gradient)")
+    data: str = setting("", "dataset folder (ours or the original layout); empty = generate into the cache")
+    episodes_per_task: int = setting(0, "keep this many episodes per task (0 = all)")
+    quality: str = setting("near-optimal", "near-optimal (all episodes) | sub-optimal (first 50% of each task's)")
+    gen_episodes: int = setting(100, "episodes per task when the data must be generated")
+    rtg_scale: float = setting(1000.0, "returns-to-go are divided by this (official code)")
+    target_return: float = setting(4500.0, "initial return-to-go at evaluation (official code)")
+    eval_episodes: int = setting(10, "evaluation episodes per task")
+    eval_every: int = setting(0, "evaluate every N steps (0 = only at the end)")
+    log_every: int = setting(100, "steps between metric lines")
+    checkpoint_every: int = setting(1000, "steps between checkpoints")
+    out: str = setting("runs/harmodt", "output folder")
+    seed: int = setting(0, "seed for data sampling, initialisation, masks and evaluation goals")
+    resume: bool = setting(False, "continue from OUT/checkpoint.pt")
+    conditioning: str = setting("auto", "auto (MTDT: task-state, others: prompt) | prompt | task-state (one-hot task ID beside the "
+                                "state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token)")
+    prompt_segment: str = setting("last", "last (the last K* steps before a prompt episode's final step, as Prompt-DT's code) | "
+                                  "random (a window anywhere in one)")
+    device: str = setting("auto", "auto (CUDA when available) | cpu | cuda | cuda:N")
+    fused: bool = setting(False, "masked linear, masked AdamW and mask selection on the kernels of --backend (else the plain-PyTorch reference)")
+    backend: str = setting("auto", "kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference")
+    precision: str = setting("fp32", "fp32 | bf16 (autocast on the device)")
+    compile: bool = setting(False, "torch.compile the model for training")
+    threads: int = setting(0, "torch intra-op threads (0 = all cores)")
+    progress: bool = setting(True, "show progress bars")
+    dist_timeout: float = setting(300.0, "seconds a torchrun rank waits in a collective for the others before failing (exit 3)")
+    allow_changed: list[str] = setting(factory=list, help="keys --resume may take from the flags instead of the checkpoint")
+    model: ModelConfig = setting(factory=ModelConfig, help="transformer shape")
+    masks: MaskConfig = setting(factory=MaskConfig, help="HarmoDT mask settings")
 
 
 # The embedded default: what `python -m harmodt.train` with no arguments runs (about 4 minutes
@@ -122,12 +132,16 @@ class ConfigError(ValueError):
     """A bad flag or config value; printed as one line by the CLIs."""
 
 
-# Keys --resume may continue with a value other than the checkpoint's when --allow-changed names
-# them: they change how long, how often and where the run goes on, not what the checkpoint holds.
-RESUME_CHANGEABLE = ("steps", "eval_episodes", "eval_every", "target_return", "log_every", "checkpoint_every", "progress", "threads",
-                     "device", "out", "resume", "compile", "fused", "backend")
-# Keys never compared on --resume: they do not change what is computed.
-RESUME_IGNORED = ("out", "resume", "progress", "allow_changed", "dist_timeout")
+# How --resume treats each setting that differs from the checkpoint's (dotted key -> rule):
+#   "changeable": compared; --allow-changed KEY continues with the new value (how long, how often
+#                 and where the run goes on, not what the checkpoint holds);
+#   "ignored":    never compared (it does not change what is computed);
+#   every key not named here is "fixed": compared, and a difference is refused.
+RESUME_RULES = {
+    **dict.fromkeys(("steps", "eval_episodes", "eval_every", "target_return", "log_every", "checkpoint_every", "threads", "device",
+                     "compile", "fused", "backend"), "changeable"),
+    **dict.fromkeys(("out", "resume", "progress", "allow_changed", "dist_timeout"), "ignored"),
+}
 
 
 def flat_keys(d: dict, prefix: str = "") -> dict:
@@ -215,10 +229,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         unknown = [k for k in cfg.allow_changed if k not in known]
         if unknown:
             raise ConfigError(f"--allow-changed: unknown config key(s) {', '.join(unknown)}")
-        fixed = [k for k in cfg.allow_changed if k not in RESUME_CHANGEABLE]
+        fixed = [k for k in cfg.allow_changed if RESUME_RULES.get(k, "fixed") == "fixed"]
         if fixed:
+            changeable = [k for k, rule in RESUME_RULES.items() if rule == "changeable"]
             raise ConfigError(f"--allow-changed: {', '.join(fixed)} cannot change on --resume (the checkpoint was made with "
-                              f"the old value); only {', '.join(RESUME_CHANGEABLE)} can")
+                              f"the old value); only {', '.join(changeable)} can")
     return cfg
 
 
@@ -251,64 +266,6 @@ def resolve_device(device: str):
     return dev
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    for f in fields(cls):
-        if f.name in ("model", "masks"):
-            continue
-        default = f.default
-        dest = (prefix + "." if prefix else "") + f.name
-        help_text = _FIELD_HELP.get((cls.__name__, f.name), "")
-        if f.default_factory is list:
-            parser.add_argument(_flag(f.name), dest=dest, nargs="+", default=None, metavar="KEY", help=help_text)
-        elif isinstance(default, bool):
-            parser.add_argument(_flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(_flag(f.name), dest=dest, type=type(default), default=None, metavar=f.name.upper(),
-                                help=f"{help_text} (default {default})")
-
-
-def _field_comments() -> dict:
-    """Read the one-line comments next to each dataclass field, for --help."""
-    import inspect
-    import re
-
-    out = {}
-    for cls in (ModelConfig, MaskConfig, TrainConfig):
-        for line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s+(\w+): [^=]+=.*#\s*(.*)$", line)
-            if m:
-                out[(cls.__name__, m.group(1))] = m.group(2).replace("%", "%%")
-    return out
-
-
-_FIELD_HELP = _field_comments()
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr and exit code 2 (no usage dump)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentParser:
-    p = OneLineParser(
-        prog=prog,
-        description="Train HarmoDT or a baseline on offline Meta-World data. With no arguments, runs the embedded default.",
-    )
-    p.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=None, metavar="NAME",
-                   help=f"named sets of defaults ({', '.join(sorted(PRESETS))}), applied left to right; flags given override them")
-    p.add_argument("--config", default=None, help="a config.json (e.g. from a previous run) to start from")
-    _add_dataclass_args(p, TrainConfig)
-    _add_dataclass_args(p, ModelConfig, "model")
-    _add_dataclass_args(p, MaskConfig, "masks")
-    return p
-
-
 def upgrade_saved_config(d: dict) -> dict:
     """A saved config (config.json, a checkpoint's) in today's terms, meaning what it meant when it
     was written. A config without ``prompt_segment`` predates that option and ran with random prompt
@@ -334,30 +291,6 @@ def config_from_dict(d: dict) -> TrainConfig:
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
     return TrainConfig(**d, model=model, masks=masks)
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """CLI -> validated TrainConfig. No arguments at all selects the embedded default."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    given = {k: v for k, v in vars(ns).items() if v is not None and k not in ("preset", "config")}
-    cfg = TrainConfig()
-    if ns.config:
-        import json
-
-        try:
-            with open(ns.config) as fh:
-                cfg = config_from_dict(json.load(fh))
-        except (OSError, ValueError, TypeError) as exc:
-            raise ConfigError(f"--config {ns.config}: {exc}") from None
-    presets = ns.preset or []
-    if not presets and not ns.config and not any(k not in ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume", "device", "compile", "allow_changed", "dist_timeout") for k in given):
-        presets = ["embedded-default"]
-    for name in presets:  # left to right, each over the config so far
-        cfg = apply_overrides(cfg, PRESETS[name])
-    cfg = apply_overrides(cfg, given)
-    return validate(cfg)
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -41,9 +41,10 @@ import torch
 import kernels
 
 from .checkpoint import CheckpointError
-from .config import OneLineParser
 from .data.batches import prompt_segment as cut_prompt
 from .model import MaskContext
+from .run.cli import OneLineParser
+from .run.outputs import write_atomic
 from .runtime import bf16_matmul_note
 
 
@@ -385,10 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = {"method": cfg["method"], "tasks": {t: result_entry(r) for t, r in res["tasks"].items()},
                "mean_success": res["mean_success"], "steps": step}
-        tmp = args.out + ".tmp"  # written whole or not at all
-        with open(tmp, "w") as fh:
-            json.dump(out, fh, indent=2)
-        os.replace(tmp, args.out)
+        write_atomic(args.out, json.dumps(out, indent=2))
     return 0
 
 

@@ -96,6 +96,13 @@ class TaskMasks:
         flat = torch.cat([m.reshape(m.shape[0], -1) for m in self.masks.values()], dim=1)
         return kernels.pack_masks(flat)
 
+    def changed_fraction(self, initial: torch.Tensor) -> list[float]:
+        """Per task, the fraction of its active weights not active in ``initial`` (a
+        :meth:`flat_packed` of earlier masks, such as the ERK draw)."""
+        p = sum(m[0].numel() for m in self.masks.values())
+        now, before = kernels.unpack_masks(self.flat_packed(), p), kernels.unpack_masks(initial, p)
+        return ((now & ~before).sum(1) / now.sum(1).clamp(min=1)).tolist()
+
     def set_flat(self, words: torch.Tensor) -> None:
         p = sum(m[0].numel() for m in self.masks.values())
         flat = kernels.unpack_masks(words, p)

@@ -264,3 +264,10 @@ def resolve_conditioning(method: str, conditioning: str = "auto") -> str:
 def build_model(cfg: ModelConfig, n_tasks: int, method: str, conditioning: str = "auto") -> PromptDT:
     """The model of ``method`` with ``conditioning`` (see :func:`resolve_conditioning`)."""
     return PromptDT(cfg, n_tasks, resolve_conditioning(method, conditioning))
+
+
+def action_loss(pred: torch.Tensor, batch: dict, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 2: mean squared error over the real (non-padding) history steps. ``count``: the real
+    steps to divide by instead of the batch's own (all ranks' steps in a distributed run)."""
+    m = batch["mask"].unsqueeze(-1).to(pred.dtype)  # (B, K, 1)
+    return ((pred.float() - batch["actions"]) ** 2 * m).sum() / ((m.sum() if count is None else count) * pred.shape[-1])

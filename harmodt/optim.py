@@ -24,6 +24,15 @@ def clip_coefficient(params: list, max_norm: float) -> torch.Tensor:
     return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's two groups: weight matrices with ``weight_decay``; biases, norms and the
+    embedding layers without."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "embed" not in n.split(".")[0] else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 class MaskedAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` with :meth:`masked_step`; its state (``step``, ``exp_avg``,
     ``exp_avg_sq``) has AdamW's layout, so ``state_dict`` round-trips as AdamW's does. The kernel

@@ -11,29 +11,17 @@ import json
 import sys
 from pathlib import Path
 
+from .run import outputs
+from .run.outputs import last_per_step
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    """The records of ``RUN_DIR/metrics.jsonl`` (harmodt.run.outputs.read_metrics); FileNotFoundError
+    when the folder has none."""
+    path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (is {run_dir} a training output folder?)")
-    recs = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a crash: keep the rest
-                print(f"warning: {path}:{i} is not valid JSON, skipped", file=sys.stderr)
-    return recs
-
-
-def last_per_step(recs: list[dict], key: str) -> list[tuple[int, float]]:
-    """``[(step, value)]`` of ``key`` in step order, the last record of each step winning (a step
-    logged twice, as by a run resumed without cutting its metrics back, is drawn once)."""
-    by_step = {}
-    for r in recs:
-        if key in r and "step" in r:
-            by_step[r["step"]] = r[key]
-    return sorted(by_step.items())
+    return outputs.read_metrics(path)
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:

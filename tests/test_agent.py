@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from _synthetic import datasets
-from harmodt import checkpoint, envs as harmodt_envs
+from harmodt import envs as harmodt_envs
 from harmodt.agent import HarmoDTAgent
 from harmodt.config import ModelConfig, TrainConfig, validate
 from harmodt.evaluate import EvalError, evaluate
+from harmodt.run import resume
 from harmodt.train import Trainer
 
 TASKS = ["reach-v3", "button-press-topdown-v3"]
@@ -37,7 +38,7 @@ def trained(tmp_path_factory):
     tr = Trainer(cfg, datasets(TASKS, length=80))
     for _ in range(3):
         tr.train_step(tr.sample_tasks())
-    checkpoint.save(tr.state(), out / "checkpoint.pt")
+    resume.save(tr, out / "checkpoint.pt")
     return tr, str(out / "checkpoint.pt")
 
 

@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data_folders import write_ours  # noqa: E402
 
-from harmodt import distributed  # noqa: E402
-from harmodt.config import parse_args  # noqa: E402
+from harmodt.run import distributed, resume  # noqa: E402
+from harmodt.run.cli import parse_args  # noqa: E402
 from harmodt.data.batches import PromptDTBatcher  # noqa: E402
 from harmodt.train import Trainer  # noqa: E402
 
@@ -104,7 +104,7 @@ def reference(data: Path, tmp: Path, steps: int = 30, ck: dict | None = None) ->
     streams = RankStreams(tr)
     task_stream = torch.Generator().manual_seed(cfg.seed + distributed.TASK_STREAM_OFFSET)
     if ck is not None:
-        tr.load(tmp / "unused.pt", ck)
+        resume.restore(tr, ck, tmp / "unused.pt")
         for r, b in enumerate(streams.batchers):
             b.load_state_dict(ck["rng"]["ranks"][r]["batcher"])
         task_stream.set_state(ck["rng"]["tasks"])

@@ -12,6 +12,7 @@ from _synthetic import datasets
 from harmodt.config import ModelConfig, TrainConfig, validate
 import kernels
 from harmodt.evaluate import EvalError, evaluate
+from harmodt.run import resume
 from harmodt.train import Trainer
 
 TASKS = ["reach-v3", "drawer-close-v3"]
@@ -199,7 +200,7 @@ def test_checkpoint_from_before_the_new_options_evaluates_as_before(tmp_path):
     from harmodt.evaluate import load_checkpoint
 
     tr = tiny_trainer(tmp_path, conditioning="task-embedding", prompt_segment="random")
-    state = tr.state()
+    state = resume.state(tr)
     state["config"]["conditioning"] = "auto"
     del state["config"]["prompt_segment"], state["eval_info"]["prompt_segment"]
     checkpoint.save(state, tmp_path / "old.pt")
@@ -214,7 +215,7 @@ def test_evaluate_cli_records_each_task_prompt(trainer, tmp_path):
     from harmodt import checkpoint
     from harmodt.evaluate import main
 
-    checkpoint.save(trainer.state(), tmp_path / "ck.pt")
+    checkpoint.save(resume.state(trainer), tmp_path / "ck.pt")
     assert main([str(tmp_path / "ck.pt"), "--episodes", "1", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "e.json")]) == 0
     out = json.loads((tmp_path / "e.json").read_text())
     for t in TASKS:

@@ -3,14 +3,13 @@ ends as the uninterrupted run with the same seed (weights, masks, optimizer, RNG
 results.json, metrics.jsonl and TensorBoard scalars); metrics.jsonl never holds a step twice;
 --resume with changed settings names every differing key unless --allow-changed allows it.
 
-The kill points come from the testing hook ``HARMODT_TEST_KILL_AT="PHASE:STEP"`` of
-:func:`harmodt.train.run`: the training process SIGKILLs itself there.
+The kill points come from tests/_crash.py, a training process that patches harmodt from
+outside so that it SIGKILLs itself at ``PHASE:STEP``.
 """
 
 import concurrent.futures
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,10 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data_folders import write_ours  # noqa: E402
 from _synthetic import datasets  # noqa: E402
 
-from harmodt.config import ConfigError, ModelConfig, TrainConfig, parse_args, validate  # noqa: E402
+from harmodt.config import ConfigError, ModelConfig, TrainConfig, validate  # noqa: E402
 from harmodt.plots import last_per_step, plot_run  # noqa: E402
-from harmodt.train import Trainer, rewind_metrics, run  # noqa: E402
+from harmodt.run.cli import parse_args  # noqa: E402
+from harmodt.run.outputs import read_metrics, rewind_metrics  # noqa: E402
+from harmodt.train import Trainer, run  # noqa: E402
 
+CRASH = Path(__file__).resolve().parent / "_crash.py"
 TASKS = ("reach-v3", "push-v3")
 TIMING = ("steps_per_s", "mask_update_s", "eval_env_steps_per_s")  # differ between any two runs
 # 12 steps: checkpoints at 3, 6, 9, 12; mask updates at 4 and 8; a metric line every 2 steps
@@ -51,11 +53,9 @@ CASES = [(p, "paper") for p in KILL_POINTS] + [("step:5", "official")]
 
 
 def train(out: Path, args: list[str], kill: str | None = None, resume: bool = False) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HARMODT_TEST_KILL_AT"}
-    if kill:
-        env["HARMODT_TEST_KILL_AT"] = kill
-    cmd = [sys.executable, "-m", "harmodt.train", *args, "--out", str(out), *(["--resume"] if resume else [])]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    flags = [*args, "--out", str(out), *(["--resume"] if resume else [])]
+    cmd = [sys.executable, str(CRASH), kill, "--", *flags] if kill else [sys.executable, "-m", "harmodt.train", *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -201,16 +201,24 @@ def test_sigkill_during_evaluations_then_resume_ends_as_uninterrupted(tmp_path):
 
 
 def test_evaluation_leaves_the_training_rng_streams(tmp_path):
-    """Evaluating in the middle of training changes no RNG stream training draws from, and the
-    ``during`` hook is called once, inside it."""
+    """Evaluating in the middle of training changes no RNG stream training draws from, though the
+    evaluation itself draws from them."""
     cfg = validate(TrainConfig(tasks="reach-v3", method="harmodt-f", steps=4, batch_size=4, eval_episodes=1, out=str(tmp_path / "run"),
                                progress=False, device="cpu", model=ModelConfig(n_layer=1, n_head=2, n_embd=16, context_len=4, prompt_len=2)))
     tr = Trainer(cfg, datasets(["reach-v3"]))
     tr.train_step([0])
     before = (torch.get_rng_state(), np.random.get_state()[1].copy(), __import__("random").getstate(), tr.batcher.state_dict())
-    calls = []
-    res = tr.evaluate(during=lambda: calls.append(torch.is_inference_mode_enabled()))
-    assert calls == [True] and "act" not in tr.model.__dict__ and tr.model.training
+    drawn = []
+    act = tr.model.act
+
+    def drawing_act(*args, **kwargs):  # draws from every global stream, as an env or a sampler might
+        drawn.append((torch.rand(1).item(), np.random.rand(), __import__("random").random()))
+        return act(*args, **kwargs)
+
+    tr.model.act = drawing_act
+    res = tr.evaluate()
+    del tr.model.act
+    assert drawn and tr.model.training
     assert res["tasks"]["reach-v3"]["episodes"] == 1
     after = (torch.get_rng_state(), np.random.get_state()[1], __import__("random").getstate(), tr.batcher.state_dict())
     assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]

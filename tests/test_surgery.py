@@ -14,8 +14,10 @@ from _data_folders import write_ours
 from _synthetic import datasets
 from harmodt.baselines import cagrad, cagrad_weights, combine, pcgrad, random_orders
 from harmodt.baselines.cagrad import dual_objective, project_simplex
-from harmodt.config import ConfigError, ModelConfig, TrainConfig, parse_args, validate
-from harmodt.train import Trainer, action_loss
+from harmodt.config import ConfigError, ModelConfig, TrainConfig, validate
+from harmodt.model import action_loss
+from harmodt.run.cli import parse_args
+from harmodt.train import Trainer
 from test_resume import SYNTHETIC, assert_same_run, checkpoint_step, ok, records, train
 
 T = torch.tensor
@@ -249,8 +251,8 @@ def test_surgery_step_combines_each_tasks_gradient_on_its_own_rows(tmp_path, met
     want = pcgrad(grads, orders) / 3 if method == "pcgrad" else cagrad(grads, c)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-8)
     assert torch.allclose(loss, torch.stack(losses).mean().detach())
-    if c == 0:
-        assert torch.allclose(got, mean_loss_grad, rtol=1e-5, atol=1e-8)
+    if c == 0:  # the mean of the task gradients against the gradient of the mean: fp32 sums in another order
+        assert torch.allclose(got, mean_loss_grad, rtol=1e-5, atol=1e-6 * mean_loss_grad.abs().max().item())
     assert any(not torch.equal(v, tr.model.state_dict()[k]) for k, v in state.items())  # the step moved the weights
     assert tr.step == 2
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from _synthetic import datasets
-from harmodt.config import ConfigError, ModelConfig, TrainConfig, config_from_dict, parse_args, to_dict, validate
+from harmodt.config import ConfigError, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
+from harmodt.run.cli import parse_args
 import kernels
 from harmodt.train import Trainer, action_loss, run
 
@@ -332,7 +333,7 @@ def test_results_keep_the_final_and_the_best_evaluation(tmp_path, monkeypatch):
     with the highest mean success (the earliest of equal ones), with its step."""
     scores = {2: [0.2, 0.4], 4: [1.0, 0.6], 6: [0.6, 0.6], 8: [0.4, 0.2], 10: [0.0, 0.2]}  # steps 4 and 6 tie at 0.8
 
-    def fake_evaluate(self, during=None):
+    def fake_evaluate(self):
         per = {t: {"success": s, "return": 100 * s, "episodes": 1, "prompt": {"episode": 1, "timesteps": [58, 59]}}
                for t, s in zip(self.tasks, scores[self.step])}
         return {"tasks": per, "mean_success": sum(scores[self.step]) / 2, "env_steps": 2, "seconds": 1.0}

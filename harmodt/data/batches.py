@@ -127,6 +127,15 @@ def prompt_segment(trajs, mean, std, prompt_len: int, rtg_scale: float, max_ep_l
     return {"prompt_" + k: v for k, v in seg.items()}, source
 
 
+def batch_segments(task_ids: list[int], batch_size: int) -> tuple:
+    """``((task, sequences), ...)``: how a batch of ``batch_size`` sequences of ``task_ids`` is laid
+    out, the sequences split evenly over the tasks in order, the first ones one more (tasks that
+    get none left out)."""
+    n = len(task_ids)
+    counts = [batch_size // n + (1 if i < batch_size % n else 0) for i in range(n)]
+    return tuple((t, c) for t, c in zip(task_ids, counts) if c)
+
+
 class PromptDTBatcher:
     """Samples training batches for any set of tasks.
 
@@ -159,12 +168,10 @@ class PromptDTBatcher:
         self.device = torch.device(device)
 
     def sample(self, task_ids: list[int], batch_size: int) -> dict:
-        """A batch of ``batch_size`` rows spread evenly over ``task_ids`` (one id = Algorithm 1)."""
-        counts = [batch_size // len(task_ids) + (1 if i < batch_size % len(task_ids) else 0) for i in range(len(task_ids))]
+        """A batch of ``batch_size`` rows spread evenly over ``task_ids`` (one id = Algorithm 1),
+        laid out as :func:`batch_segments` says."""
         parts = []
-        for tid, n in zip(task_ids, counts):
-            if n == 0:
-                continue
+        for tid, n in batch_segments(task_ids, batch_size):
             seg = sample_segments(self.data[tid], n, self.k, self.generator)
             if self.kp > 0:
                 draw = last_segments if self.prompt_segment == "last" else sample_segments

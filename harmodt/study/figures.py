@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import read_metrics
+from ..run.outputs import read_metrics
 from .stats import classical_mds, jaccard_matrix
 
 
@@ -47,7 +47,7 @@ class Figures:
 
     @cached_property
     def metrics(self) -> dict[str, list[dict]]:
-        return {r["name"]: read_metrics(self.out / "runs" / r["name"]) for r in self.finished}
+        return {r["name"]: read_metrics(self.out / "runs" / r["name"] / "metrics.jsonl") for r in self.finished}
 
     @cached_property
     def colors(self) -> dict:

@@ -4,11 +4,12 @@ flags), the swept values, and one :class:`Run` folder per (arm, seed[, swept val
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..run.outputs import write_atomic
 
 METHOD_LABELS = {"mtdt": "MTDT", "prompt-dt": "Prompt-DT", "harmodt-r": "HarmoDT-R", "harmodt-m": "HarmoDT-M",
                  "harmodt-f": "HarmoDT-F", "pcgrad": "PCGrad", "cagrad": "CAGrad"}
@@ -87,16 +88,6 @@ def run_name(key: str, seed: int, sweep: tuple[str, str] | None) -> str:
 def variant_label(label: str, sweep: tuple[str, str] | None) -> str:
     """The label of an arm at a swept value: ``HarmoDT-F eta_max=2000``."""
     return label if sweep is None else f"{label} {sweep[0].split('.')[-1]}={sweep[1]}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all: a temporary file, flushed to disk, renamed over it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class Run:

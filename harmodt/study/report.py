@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..run.outputs import read_metrics
 from .stats import paired_bootstrap, t_interval
 from .unseen import unseen_markdown
 
@@ -36,7 +37,7 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
     best = _trainer_best(run.dir)
     if best is not None:
         entry["best"] = best
-    metrics = read_metrics(run.dir)
+    metrics = read_metrics(run.dir / "metrics.jsonl")
     changed = [r for r in metrics if "mask_changed_fraction" in r]
     if changed:
         entry["final_mask_changed_fraction"] = float(np.mean(changed[-1]["mask_changed_fraction"]))
@@ -62,21 +63,6 @@ def _trainer_best(run_dir: Path) -> dict | None:
         return None
     return {"mean_success": best["mean_success"], "step": best["step"], "evaluations": best.get("evaluations"),
             "episodes": cfg.get("eval_episodes"), "tasks": {t: {"success": r["success"]} for t, r in best["tasks"].items()}}
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl records; a step a resumed run logged twice keeps its last record per key set."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    seen = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        seen[(rec.get("step"), tuple(sorted(rec)))] = rec
-    return sorted(seen.values(), key=lambda r: r.get("step", 0))
 
 
 def aggregate(study: dict) -> list[dict]:

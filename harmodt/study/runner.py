@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .figures import draw_figures
-from .plan import OWN_FLAGS, Run, StudyError, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads, write_atomic
+from ..run.outputs import write_atomic
+from .plan import OWN_FLAGS, Run, StudyError, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
 from .report import aggregate, pairwise, run_entry, summary_markdown
 from .stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED
 from .unseen import aggregate_unseen, collect_unseen, evaluation_keys, parse_thresholds, unseen_mode
@@ -64,7 +65,8 @@ class Study:
 
     # -- checks -----------------------------------------------------------------------------
     def check(self) -> None:
-        from ..config import METHODS, ConfigError, parse_args
+        from ..config import METHODS, ConfigError
+        from ..run.cli import parse_args
         from ..tasks import parse_tasks
 
         bad = [a.method for a in self.arms if a.method not in METHODS]
@@ -122,9 +124,9 @@ class Study:
             if not Path(self.args.data).exists():
                 raise StudyError(f"--data {self.args.data} does not exist")
             return
-        from ..train import _current_cache
+        from ..run.data_cache import current_cache
 
-        if _current_cache(Path(self.data)):
+        if current_cache(Path(self.data)):
             return
         cmd = [sys.executable, "-m", "harmodt.data", "generate", "--tasks", self.args.tasks, "--episodes", str(self.args.gen_episodes),
                "--out", self.data, "--seed", str(self.args.data_seed), "--workers", str(max(1, self.args.workers * self.threads)),

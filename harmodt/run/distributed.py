@@ -31,7 +31,7 @@ stream; resuming with the same W restores them, with another W each rank's data 
 stream and the task stream are reseeded from (seed, step, rank), which is announced in one line.
 
 Every rank loads ``--data`` itself (the ranks do not generate data into the cache); rank 0 alone
-prints, writes the run's files and reads a checkpoint to resume, which it sends to the others.
+prints (:func:`rank_output`), writes the run's files and reads a checkpoint to resume, which it sends to the others.
 
 Failures: ``init_process_group(timeout=--dist-timeout)`` bounds every Gloo collective (NCCL's
 watchdog aborts a collective after the same timeout); a collective that fails or times out is a
@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -126,9 +127,6 @@ class Single:
     def check_identical(self, what: dict[str, list[torch.Tensor]]) -> None:
         pass
 
-    def shutdown(self) -> None:
-        pass
-
 
 class Distributed(Single):
     """This process's rank of a ``torch.distributed`` process group (see the module docstring)."""
@@ -151,7 +149,7 @@ class Distributed(Single):
     def _fail(self, op: str, exc: BaseException) -> DistributedError:
         """The error of a failed collective, its line already printed: another rank is gone, so
         torchrun may terminate this one at any moment, before the error reaches the CLI."""
-        from .checkpoint import one_line
+        from ..checkpoint import one_line
 
         err = DistributedError(f"rank {self.rank} of {self.world_size}: {op} failed: another rank stopped, crashed or did not "
                                f"answer within --dist-timeout {self.timeout_s:g} s ({one_line(exc, 240)})")
@@ -221,17 +219,13 @@ class Distributed(Single):
             detail = "; ".join(f"{k}: " + ", ".join(f"rank {i} {r[k]:016x}" for i, r in enumerate(allr)) for k in bad)
             raise DistributedError(f"rank {self.rank} of {self.world_size}: the ranks' {' and '.join(bad)} differ ({detail})")
 
-    def shutdown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def init(device: str, timeout_s: float) -> Single:
     """The process group of this torchrun worker (from RANK, WORLD_SIZE, LOCAL_RANK and the
     rendezvous variables torchrun sets), or :class:`Single` outside torchrun or with WORLD_SIZE 1.
     ``device``: ``--device``; with CUDA every rank takes ``cuda:LOCAL_RANK`` (NCCL), otherwise the
     CPU (Gloo)."""
-    from .config import ConfigError, resolve_device
+    from ..config import ConfigError, resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -252,7 +246,7 @@ def init(device: str, timeout_s: float) -> Single:
         try:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         except Exception as exc:  # noqa: BLE001
-            from .checkpoint import one_line
+            from ..checkpoint import one_line
 
             raise DistributedError(f"rank {rank} of {world}: could not join the process group within --dist-timeout "
                                    f"{timeout_s:g} s ({one_line(exc, 240)})") from None
@@ -264,7 +258,7 @@ def comparable_config(ck: dict, world_size: int) -> dict:
     another world size the per-rank ``batch_size`` and ``tasks_per_batch`` that keep the
     checkpoint's global batch (rows and tasks over all ranks). ConfigError when that global batch
     does not split evenly over ``world_size`` ranks."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     saved = dict(ck["config"])
     old = int(ck.get("world_size", 1))
@@ -295,23 +289,20 @@ def merge_evaluations(parts: list[dict], tasks: list[str]) -> dict:
             "env_steps": env_steps, "seconds": seconds, "env_steps_per_s": env_steps / max(seconds, 1e-9)}
 
 
-class Discard:
-    """What ranks other than 0 log into: a metrics file and a TensorBoard writer that keep nothing."""
-
-    def write(self, data) -> int:
-        return len(data)
-
-    def tell(self) -> int:
-        return 0
-
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+@contextmanager
+def rank_output(rank: Single):
+    """While inside, a rank other than 0 prints nothing (its stdout goes to the null device; stderr
+    stays); stdout is back on leaving."""
+    if rank.is_main:
+        yield
+        return
+    saved = sys.stdout
+    with open(os.devnull, "w") as null:
+        sys.stdout = null
+        try:
+            yield
+        finally:
+            sys.stdout = saved
 
 
 def shutdown() -> None:

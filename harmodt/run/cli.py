@@ -1,0 +1,83 @@
+"""The flags of ``python -m harmodt.train``, built from the config dataclasses (harmodt/config.py):
+every field is a flag (``model.n_layer`` is ``--n-layer``), its help text the field's, so a new
+field is a new flag. Bad flags are one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from ..config import PRESETS, RESUME_RULES, ConfigError, TrainConfig, apply_overrides, config_from_dict, validate
+
+# Flags that say how and where a run goes, not what it trains: given alone (no --preset, no
+# --config, no other flag) they keep the embedded default run.
+RUN_ONLY = ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume", "device", "compile", "allow_changed",
+            "dist_timeout")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def flag(name: str) -> str:
+    """The flag of a config field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """One flag per field of dataclass ``cls`` (dest: the dotted key); a field that is itself a
+    config dataclass becomes a group of flags titled by its help."""
+    group = parser
+    for f in dataclasses.fields(cls):
+        dest = prefix + f.name
+        help_text = f.metadata.get("help", "").replace("%", "%%")
+        if dataclasses.is_dataclass(f.default_factory):
+            add_config_flags(parser.add_argument_group(f"{f.name} ({help_text})"), f.default_factory, dest + ".")
+        elif f.default_factory is list:
+            choices = [k for k, rule in RESUME_RULES.items() if rule == "changeable"] if f.name == "allow_changed" else None
+            extra = f" (any of {', '.join(choices)})" if choices else ""
+            group.add_argument(flag(f.name), dest=dest, nargs="+", default=None, metavar="KEY", help=help_text + extra)
+        elif isinstance(f.default, bool):
+            group.add_argument(flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag(f.name), dest=dest, type=type(f.default), default=None, metavar=f.name.upper(),
+                               help=f"{help_text} (default {f.default})" if f.default != "" else help_text)
+
+
+def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=prog,
+        description="Train HarmoDT or a baseline on offline Meta-World data. With no arguments, runs the embedded default.",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=None, metavar="NAME",
+                   help=f"named sets of defaults ({', '.join(sorted(PRESETS))}), applied left to right; flags given override them")
+    p.add_argument("--config", default=None, help="a config.json (e.g. from a previous run) to start from")
+    add_config_flags(p, TrainConfig)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """CLI -> validated TrainConfig. No arguments at all (or only those of RUN_ONLY) selects the
+    embedded default."""
+    argv = sys.argv[1:] if argv is None else argv
+    ns = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(ns).items() if v is not None and k not in ("preset", "config")}
+    cfg = TrainConfig()
+    if ns.config:
+        try:
+            with open(ns.config) as fh:
+                cfg = config_from_dict(json.load(fh))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"--config {ns.config}: {exc}") from None
+    presets = ns.preset or []
+    if not presets and not ns.config and all(k in RUN_ONLY for k in given):
+        presets = ["embedded-default"]
+    for name in presets:  # left to right, each over the config so far
+        cfg = apply_overrides(cfg, PRESETS[name])
+    cfg = apply_overrides(cfg, given)
+    return validate(cfg)

@@ -1,0 +1,54 @@
+"""The training data of a run: ``--data``, or our Meta-World data generated once into the cache
+(``$HARMODT_CACHE``, default ``~/.cache/harmodt``) and reused by every run with the same tasks,
+episodes and seed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..config import ConfigError, TrainConfig
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HARMODT_CACHE", Path.home() / ".cache" / "harmodt"))
+
+
+def current_cache(path: Path) -> bool:
+    """A cached data folder that is complete and written by the current generator (an older
+    generator's folder is generated again)."""
+    from ..data.formats import generator_version
+    from ..data.generator import GENERATOR_VERSION
+
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return generator_version(manifest) == GENERATOR_VERSION
+
+
+def cached_data_path(cfg: TrainConfig, tasks: list[str]) -> Path:
+    """Where the generated data of ``cfg``'s tasks, ``gen_episodes`` and seed live in the cache."""
+    key = f"{'_'.join(t.replace('-v3', '') for t in tasks)}_e{cfg.gen_episodes}_s{cfg.seed}"
+    if len(key) > 120:
+        key = hashlib.sha1(key.encode()).hexdigest()[:16] + f"_e{cfg.gen_episodes}_s{cfg.seed}"
+    return cache_dir() / "data" / key
+
+
+def load_training_data(cfg: TrainConfig, tasks: list[str], may_generate: bool = True) -> dict:
+    """Load ``--data``, or generate our Meta-World data into the cache when no folder is given
+    (``may_generate=False``, as under torchrun: ConfigError instead when the cache lacks it)."""
+    from ..data import generate, load_dataset
+
+    path = cfg.data
+    if not path:
+        path = str(cached_data_path(cfg, tasks))
+        if not current_cache(Path(path)):
+            if not may_generate:
+                raise ConfigError(f"no --data given and no generated data in {path}: under torchrun the ranks do not generate data; "
+                                  f"write it first (python -m harmodt.data generate --out FOLDER ...) and pass --data FOLDER")
+            print(f"[harmodt] generating offline data for {len(tasks)} tasks x {cfg.gen_episodes} episodes into {path}", flush=True)
+            generate(tasks, cfg.gen_episodes, path, seed=cfg.seed, progress=cfg.progress)
+    return load_dataset(path, tasks=tasks, quality=cfg.quality, episodes_per_task=cfg.episodes_per_task or None)

@@ -1,0 +1,149 @@
+"""Checkpoints of a training run and continuing from one.
+
+A checkpoint (:func:`state`) holds the weights, masks, optimizer and scheduler, the step, the
+config, every RNG stream (every rank's data and dropout stream and the shared task stream under
+torchrun), what evaluation needs and the run's own state (the losses since the last metric line
+and the size of metrics.jsonl). :func:`open_checkpoint` reads one for ``--resume`` and refuses
+settings that differ from it (``config.RESUME_RULES`` says which may, with ``--allow-changed``);
+:func:`restore` puts a trainer back where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from ..config import RESUME_RULES, ConfigError, TrainConfig, flat_keys, to_dict, upgrade_saved_config
+from ..masks import TaskMasks
+from . import distributed, rng
+from .cli import flag
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> dict:
+    """{dotted key: (the checkpoint's value, cfg's value)} for every setting of ``cfg`` that differs
+    from the checkpoint's config ``saved`` (read as it was meant when written: a checkpoint from
+    before ``prompt_segment`` existed ran with ``random``, see :func:`upgrade_saved_config`; any other
+    key the checkpoint lacks counts as its default); the keys RESUME_RULES marks ``ignored`` are
+    not compared."""
+    new, old, default = flat_keys(to_dict(cfg)), flat_keys(upgrade_saved_config(saved)), flat_keys(to_dict(TrainConfig()))
+    return {k: (old.get(k, default[k]), v) for k, v in new.items()
+            if RESUME_RULES.get(k) != "ignored" and old.get(k, default[k]) != v}
+
+
+def check_resume_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    """ConfigError (one line naming every differing key) unless each setting that differs from the
+    checkpoint's is named by ``--allow-changed``."""
+    diff = changed_settings(saved, cfg)
+    refused = [k for k in diff if k not in cfg.allow_changed]
+    if not refused:
+        return
+    listing = ", ".join(f"{k} ({diff[k][0]!r} -> {diff[k][1]!r})" for k in refused)
+    fixed = [k for k in refused if RESUME_RULES.get(k) != "changeable"]
+    free = [k for k in refused if RESUME_RULES.get(k) == "changeable"]
+    hints = []
+    if fixed:
+        keep = " ".join(f"{flag(k.split('.')[-1])} {shlex.quote(str(diff[k][0]))}" for k in fixed)
+        hints.append(f"{', '.join(fixed)} cannot change on --resume (pass {keep} to continue the checkpoint as it was, "
+                     f"or train a new run into another --out)")
+    if free:
+        hints.append(f"pass --allow-changed {' '.join(free)} to continue with the new value{'s' if len(free) > 1 else ''}")
+    raise ConfigError(f"--resume: settings differ from those of {path}: {listing}; {'; '.join(hints)}")
+
+
+def open_checkpoint(cfg: TrainConfig, dist: distributed.Single) -> dict | None:
+    """The checkpoint ``OUT/checkpoint.pt`` to continue (None: start at step 0), read by rank 0,
+    checked against ``cfg`` and sent to the other ranks. ConfigError when one exists without
+    ``--resume``, cannot be read, or was made with settings ``cfg`` may not change."""
+    path = Path(cfg.out) / "checkpoint.pt"
+    if path.exists() and not cfg.resume:
+        raise ConfigError(f"{path} exists: pass --resume to continue it or choose another --out")
+    ck = None
+    if cfg.resume and dist.is_main and path.exists():
+        try:
+            ck = checkpoint.load(path)
+        except checkpoint.CheckpointError as exc:
+            raise ConfigError(f"--resume: {exc}") from None
+        check_resume_settings(distributed.comparable_config(ck, dist.world_size), cfg, path)
+    return dist.broadcast_object(ck)
+
+
+def state(tr) -> dict:
+    """Everything trainer ``tr`` needs to continue (tensors and plain types). With several ranks
+    every rank calls it: the ranks' RNG streams are gathered."""
+    streams = {**rng.capture(tr.device), "batcher": tr.batcher.state_dict()}
+    if tr.dist.active:  # every rank's data and dropout streams (rank r at [r]) and the shared task stream
+        streams["ranks"] = tr.dist.all_gather_object({k: streams[k] for k in ("torch", "batcher", "cuda") if k in streams})
+        streams["tasks"] = tr.task_stream.get_state()
+    return {
+        "world_size": tr.dist.world_size,
+        "model": tr.model.state_dict(),
+        "masks": None if tr.task_masks is None else tr.task_masks.per_task(tr.tasks),
+        "optimizer": tr.opt.state_dict(),
+        "scheduler": tr.sched.state_dict(),
+        "step": tr.step,
+        "config": to_dict(tr.cfg),
+        "rng": streams,
+        "eval_info": tr.eval_info(),
+        "last_harmony": tr.last_harmony,
+    }
+
+
+def save(tr, path: Path, run_state: dict | None = None) -> None:
+    """Write :func:`state` (plus ``run_state``: what the loop needs to continue its metric lines
+    exactly) atomically. With several ranks every rank calls it and rank 0 writes."""
+    ck = state(tr)
+    if run_state is not None:
+        ck["run"] = run_state
+    if tr.dist.is_main:
+        checkpoint.save(ck, path)
+
+
+def restore(tr, ck: dict, path: Path) -> dict:
+    """Put trainer ``tr`` where checkpoint ``ck`` (read from ``path``) left it: weights, masks,
+    optimizer, scheduler, step and every RNG stream. Returns its run state ({} when it has none).
+    A checkpoint that does not fit this model raises ConfigError (one line)."""
+    try:
+        tr.model.load_state_dict(ck["model"])
+        if ck["masks"] is not None:
+            masks = TaskMasks.from_per_task(ck["masks"], tr.tasks, device=tr.device)
+            for n, w in tr.weights.items():
+                if tuple(masks.masks[n].shape) != (len(tr.tasks), *w.shape):
+                    raise ValueError(f"mask of {n} has shape {tuple(masks.masks[n].shape)}, the model needs "
+                                     f"{(len(tr.tasks), *w.shape)}")
+            tr.task_masks = masks
+        tr.opt.load_state_dict(ck["optimizer"])
+        tr.sched.load_state_dict(ck["scheduler"])
+        tr.step = int(ck["step"])
+        rng.restore(ck["rng"], tr.device)
+        tr.batcher.load_state_dict(ck["rng"]["batcher"])
+        _restore_rank_streams(tr, ck, path)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise ConfigError(f"--resume: {path} does not fit this model ({checkpoint.one_line(exc)})") from None
+    tr.last_harmony = ck.get("last_harmony")
+    return dict(ck.get("run") or {})
+
+
+def _restore_rank_streams(tr, ck: dict, path: Path) -> None:
+    """This rank's data and dropout streams and the task stream from a checkpoint written by as
+    many ranks; from one written by another number of ranks, reseeded from (seed, step, rank)."""
+    saved, streams = int(ck.get("world_size", 1)), ck["rng"]
+    if saved == tr.dist.world_size:
+        if tr.dist.active:
+            mine = streams["ranks"][tr.dist.rank]
+            torch.set_rng_state(mine["torch"])
+            tr.batcher.load_state_dict(mine["batcher"])
+            if "cuda" in mine and tr.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], tr.device)
+            tr.task_stream.set_state(streams["tasks"])
+        return
+    seed, step, rank = tr.cfg.seed, tr.step, tr.dist.rank
+    tr.batcher.generator.manual_seed(distributed.derived_seed(seed, step, "data", rank))
+    torch.manual_seed(distributed.derived_seed(seed, step, "dropout", rank))
+    if tr.task_stream is not None:
+        tr.task_stream.manual_seed(distributed.derived_seed(seed, step, "tasks"))
+    if tr.dist.is_main:
+        print(f"[harmodt] --resume: {path} was written by {saved} rank(s), this run has {tr.dist.world_size}: "
+              f"data, dropout and task streams reseeded from (seed, step {step}, rank)", flush=True)

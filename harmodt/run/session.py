@@ -1,0 +1,202 @@
+"""One training run as a process: process settings and this process's torchrun rank, what must
+hold before any file is written, continuing from a checkpoint, the console lines, and the exit
+codes of ``python -m harmodt.train``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import kernels
+
+from ..config import ConfigError, TrainConfig, resolve_device, to_dict
+from ..data import DataError
+from ..evaluate import print_table, result_entry
+from ..plots import plot_run
+from ..runtime import bf16_matmul_note, keep_freed_memory
+from . import distributed, resume
+from .cli import parse_args
+from .outputs import MetricsLog, NoLog, write_atomic
+
+
+def start(cfg: TrainConfig) -> distributed.Single:
+    """Process settings (reuse of freed memory, ``--threads``, the bf16 note on a CPU) and this
+    process's rank: under torchrun one of the process group, else the only one."""
+    keep_freed_memory()
+    if cfg.precision == "bf16" and resolve_device(cfg.device).type == "cpu" and (note := bf16_matmul_note()):
+        print(note, file=sys.stderr, flush=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return distributed.init(cfg.device, cfg.dist_timeout)
+
+
+def open_run(cfg: TrainConfig, dist: distributed.Single) -> dict | None:
+    """What must hold before any file is written (the device and kernel backend can run, the
+    checkpoint to continue fits ``cfg``: :func:`resume.open_checkpoint`), then ``--out`` made.
+    Returns that checkpoint (None: the run starts at step 0)."""
+    try:
+        kernels.select_backends(resolve_device(cfg.device), cfg.fused, cfg.backend)
+    except kernels.BackendUnavailable as exc:
+        raise ConfigError(str(exc)) from None
+    ck = resume.open_checkpoint(cfg, dist)
+    if dist.is_main:
+        try:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--out {cfg.out}: cannot make the folder ({exc.strerror or exc})") from None
+    return ck
+
+
+def continue_run(tr, ck: dict | None) -> tuple[MetricsLog | NoLog, dict]:
+    """Announce trainer ``tr``, put it where checkpoint ``ck`` left it (when there is one), write
+    config.json and open the metrics log, cut back to the checkpoint. Returns the log and the
+    checkpoint's run state ({} from step 0)."""
+    cfg, dist, out = tr.cfg, tr.dist, Path(tr.cfg.out)
+    ck_path = out / "checkpoint.pt"
+    if dist.active:
+        print(dist.describe(), flush=True)
+    print(describe(tr), flush=True)
+    run_state = {}
+    if ck is not None:
+        run_state = resume.restore(tr, ck, ck_path)
+        print(f"[harmodt] resumed from {ck_path} at step {tr.step}", flush=True)
+    elif cfg.resume:
+        print(f"[harmodt] --resume: no checkpoint in {out} yet; starting at step 0", flush=True)
+    if not dist.is_main:
+        return NoLog(), run_state
+    ck_path.with_name(ck_path.name + ".tmp").unlink(missing_ok=True)  # left by a write that was killed
+    write_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
+    # a run from step 0 starts its metric lines afresh; a resumed one keeps those before its checkpoint
+    return MetricsLog(out, tr.step, run_state.get("metrics_bytes", None if tr.step else 0)), run_state
+
+
+class Meter:
+    """The progress bar and the training-loss metric line: the losses since the last line (device
+    tensors, read once per line) and the steps per second, not counting mask updates and
+    evaluations."""
+
+    def __init__(self, tr, losses: torch.Tensor):
+        from tqdm import tqdm
+
+        cfg = tr.cfg
+        self.bar = tqdm(total=cfg.steps, initial=tr.step, disable=not cfg.progress or not tr.dist.is_main, desc=f"train {cfg.method}",
+                        dynamic_ncols=True)
+        self.losses = [x.to(tr.device) for x in losses]  # a checkpoint keeps those not yet in a metric line
+        self.t0, self.s0 = time.perf_counter(), tr.step
+
+    def add(self, loss: torch.Tensor) -> None:
+        """One training step done, with this loss."""
+        self.losses.append(loss)
+        self.bar.update(1)
+
+    @contextmanager
+    def excluded(self):
+        """Time inside is not training time (a mask update, an evaluation); yields a function that
+        gives the seconds since entering."""
+        t = time.perf_counter()
+        try:
+            yield lambda: time.perf_counter() - t
+        finally:
+            self.t0 += time.perf_counter() - t
+
+    def line(self, step: int, lr: float) -> dict:
+        """The metric line of ``step``: mean loss since the last line, learning rate, steps per second."""
+        sps = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
+        rec = {"step": step, "loss": float(torch.stack(self.losses).float().mean()), "lr": lr, "steps_per_s": sps}
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{sps:.1f}")
+        self.losses, self.t0, self.s0 = [], time.perf_counter(), step
+        return rec
+
+    def unlogged_losses(self) -> torch.Tensor:
+        return torch.stack(self.losses) if self.losses else torch.zeros(0)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Evaluations:
+    """The evaluations of a run so far: how many, and the best (the highest mean success, ties: the
+    earliest) as ``{"step", "mean_success", "tasks"}``. Kept in the checkpoint's run state, so that
+    a resumed run reports the same best."""
+
+    def __init__(self, run_state: dict):
+        self.best, self.count = run_state.get("best"), int(run_state.get("evaluations", 0))
+
+    def add(self, step: int, res: dict) -> dict:
+        """Count evaluation ``res`` (harmodt.evaluate's results) made at ``step``; returns its entry."""
+        entry = {"step": step, "mean_success": res["mean_success"], "tasks": {n: result_entry(r) for n, r in res["tasks"].items()}}
+        self.count += 1
+        if self.best is None or entry["mean_success"] > self.best["mean_success"]:
+            self.best = entry
+        return entry
+
+    def state(self) -> dict:
+        return {"best": self.best, "evaluations": self.count}
+
+
+def finish(tr, log: MetricsLog | NoLog, evals: Evaluations) -> dict:
+    """The end of a run: the final evaluation (with ``--eval-episodes``), its table and metric
+    line, results.json and curves.png. Returns the results: at the top level (tasks,
+    mean_success) the final evaluation, repeated as ``final``; ``best``: the evaluation with the
+    highest mean success among the periodic ones (``--eval-every``) and the final one."""
+    cfg, dist, out = tr.cfg, tr.dist, Path(tr.cfg.out)
+    results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": tr.step, "final": None, "best": None}
+    if cfg.eval_episodes:
+        res = tr.evaluate()
+        final = evals.add(tr.step, res)
+        results.update(tasks=final["tasks"], mean_success=res["mean_success"], final=final, best={**evals.best, "evaluations": evals.count})
+        log.log({"step": tr.step, "eval_mean_success": res["mean_success"], "eval_env_steps_per_s": res.get("env_steps_per_s", 0.0)})
+        print_table(results)
+        if evals.count > 1:
+            print(f"best of {evals.count} evaluations: mean success {evals.best['mean_success']:.2f} at step {evals.best['step']} "
+                  f"(final: {res['mean_success']:.2f})")
+    log.close()
+    if not dist.is_main:
+        return results
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
+    try:
+        plot_run(out)
+    except ImportError:  # matplotlib missing: curves stay in metrics.jsonl and TensorBoard
+        pass
+    return results
+
+
+def describe(tr) -> str:
+    """One line: device, precision, compile and the backend of each kernel op of trainer ``tr``."""
+    cfg, device, backends = tr.cfg, tr.device, tr.backends
+    dev = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    line = (f"[harmodt] device={dev} precision={cfg.precision} compile={cfg.compile} "
+            f"fused={cfg.fused} kernels: {backends.describe()}")
+    if cfg.fused and backends.fallback is not None:
+        line += f"\n[harmodt] note: --fused runs on the plain-PyTorch reference here: {backends.fallback}"
+    return line
+
+
+def main(run: Callable[[TrainConfig], dict], argv: list[str] | None = None) -> int:
+    """``python -m harmodt.train``: parse the flags, ``run`` them; the exit code (2: a bad flag,
+    file or dataset, one line on stderr; 3: a torchrun rank failed; 130: stopped by Ctrl-C)."""
+    try:
+        cfg = parse_args(argv)
+        t = time.perf_counter()
+        run(cfg)
+        print(f"[harmodt] done in {time.perf_counter() - t:.0f} s; outputs in {cfg.out}")
+        distributed.shutdown()
+        return 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except distributed.DistributedError as exc:
+        if not exc.reported:  # a failed collective printed its line where it failed
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return distributed.EXIT_CODE
+    except KeyboardInterrupt:
+        return 130
+    except DataError as exc:  # a bad dataset: one clear line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
