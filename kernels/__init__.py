@@ -37,6 +37,7 @@ import torch
 
 from . import checks, reference
 from .checks import FLOATS, KernelArgumentError
+from .ops import CachedMaskedLinearOp, HarmonySelectOp, KernelOps, MaskedAdamWOp, MaskedLinearOp
 from .reference import num_words
 
 __all__ = [
@@ -172,149 +173,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in CONCRETE if backend_reason(b, device) is None]
 
 
-# ---- the ops: checked once, then the backend's implementation -------------------------------
-
-
-def _autocast_operands(x, weight, bias):
-    """Under autocast on the tensors' device, the operands in the autocast dtype (as ``F.linear``
-    would get them; the cast is differentiable, so gradients reach the fp32 weight)."""
-    dev = x.device.type
-    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
-        return x, weight, bias
-    dt = torch.get_autocast_dtype(dev)
-    return x.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
-
-
-@dataclass(frozen=True)
-class MaskedLinearOp:
-    """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` on one backend; see :func:`masked_linear`."""
-
-    backend: Backend
-
-    @property
-    def takes_bool_masks(self) -> bool:
-        return self.backend.bool_masks
-
-    def cached(self, workspace: dict) -> "CachedMaskedLinearOp":
-        """This op for repeated calls without gradients (see :class:`CachedMaskedLinearOp`)."""
-        return CachedMaskedLinearOp(self, workspace)
-
-    def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None) -> torch.Tensor:
-        if isinstance(x, torch.Tensor):
-            x, weight, bias = _autocast_operands(x, weight, bias)
-        b = self.backend
-        checks.masked_linear(x, weight, bias, masks, task_ids, task_grads, segments, dtypes=b.linear_dtypes, devices=b.devices,
-                             bool_masks=b.bool_masks)
-        with torch.autocast(x.device.type, enabled=False):
-            return b.linear(x, weight, bias, masks, task_ids, task_grads, segments)
-
-
-@dataclass(frozen=True)
-class CachedMaskedLinearOp:
-    """``masked_linear`` for repeated calls without gradients on fixed weights and masks (an
-    evaluation): each task's ``W ⊙ M_t`` is made once, ``[T, N, K]`` per layer, and kept in
-    ``workspace`` (a dict the caller owns and drops afterwards), keyed by the weight's and the
-    masks' storage and version counter, so an in-place change of either makes a fresh one. A
-    call then costs the GEMMs alone: one batched GEMM when the rows hold every task in order in
-    equal runs, else one GEMM per run of ``segments``. Calls that need gradients or
-    ``task_grads``, or come without ``segments``, go to ``op``. Results equal the reference's
-    with ``segments`` up to the summation order of the GEMM."""
-
-    op: MaskedLinearOp
-    workspace: dict
-
-    @property
-    def backend(self) -> Backend:
-        return self.op.backend
-
-    @property
-    def takes_bool_masks(self) -> bool:
-        return self.op.takes_bool_masks
-
-    def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None) -> torch.Tensor:
-        if segments is None or task_grads is not None or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            return self.op(x, weight, bias, masks, task_ids, task_grads, segments)
-        b = self.backend
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev) else x.dtype
-        checks.masked_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), masks, task_ids, None, segments,
-                             dtypes=b.linear_dtypes, devices=b.devices, bool_masks=True)
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), masks.data_ptr(), masks._version, tuple(masks.shape), dt)
-        w_eff = self.workspace.get(key)
-        if w_eff is None:
-            with torch.no_grad():
-                m = masks if masks.dtype == torch.bool else reference.unpack_masks(masks, weight.shape[1])
-                w_eff = self.workspace[key] = torch.where(m, weight.detach().unsqueeze(0), 0.0).to(dt)  # (T, N, K)
-        x, bias = x.to(dt), None if bias is None else bias.to(dt)
-        with torch.autocast(dev, enabled=False):
-            runs = [(int(t), int(c)) for t, c in segments]
-            if [t for t, _ in runs] == list(range(w_eff.shape[0])) and len({c for _, c in runs}) == 1:  # (T, R/T, K) @ (T, K, N)
-                xs = x.reshape(w_eff.shape[0], runs[0][1], x.shape[1])
-                y = torch.bmm(xs, w_eff.transpose(1, 2)) if bias is None else torch.baddbmm(bias, xs, w_eff.transpose(1, 2))
-                return y.reshape(x.shape[0], -1)
-            parts, start = [], 0
-            for t, c in runs:
-                parts.append(torch.nn.functional.linear(x[start : start + c], w_eff[t], bias))
-                start += c
-            return torch.cat(parts)
-
-
-@dataclass(frozen=True)
-class MaskedAdamWOp:
-    """One masked AdamW step in place on one backend; see :func:`masked_adamw_`. ``workspace``: a
-    dict the caller keeps between steps (an optimizer's), where a backend may keep launch data
-    (the Triton one keeps its parameter tables there); None keeps nothing."""
-
-    backend: Backend
-
-    @property
-    def takes_bool_masks(self) -> bool:
-        return self.backend.bool_masks
-
-    def __call__(self, params, grads, exp_avgs, exp_avg_sqs, masks, steps, *, lr, beta1, beta2, eps, weight_decay,
-                 grad_scale=1.0, workspace: dict | None = None) -> None:
-        if not params:
-            return
-        b = self.backend
-        checks.masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale, dtypes=b.adamw_dtypes, devices=b.devices,
-                            max_numel=b.max_numel)
-        if not b.bool_masks:
-            masks = [m if m is None or m.dtype == torch.int32 else reference.pack_masks(m) for m in masks]
-        b.adamw(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masks), list(steps), float(lr), float(beta1),
-                float(beta2), float(eps), float(weight_decay), grad_scale, workspace)
-
-
-@dataclass(frozen=True)
-class HarmonySelectOp:
-    """Algorithm 2's selection on one backend; see :func:`harmony_select`."""
-
-    backend: Backend
-
-    def __call__(self, masked_grads, grads, params, masks, k, lam, importance="magnitude") -> torch.Tensor:
-        b = self.backend
-        checks.harmony_select(masked_grads, grads, params, masks, k, lam, importance, devices=b.devices, max_numel=b.max_numel)
-        return b.select(masked_grads, grads, params, masks, int(k), float(lam), importance)
-
-
-@dataclass(frozen=True)
-class KernelOps:
-    """The op functions of one run (made by :func:`select_backends`), handed down as values:
-    ``masked_linear``, ``masked_adamw`` and ``harmony_select``, each a callable bound to its
-    backend (``op.backend.name``)."""
-
-    masked_linear: MaskedLinearOp
-    masked_adamw: MaskedAdamWOp
-    harmony_select: HarmonySelectOp
-    fallback: str | None = None  # why "auto" fell back to the reference, when it did
-
-    @classmethod
-    def on(cls, backend: Backend, fallback: str | None = None) -> "KernelOps":
-        return cls(MaskedLinearOp(backend), MaskedAdamWOp(backend), HarmonySelectOp(backend), fallback)
-
-    def describe(self) -> str:
-        return (f"masked_linear={self.masked_linear.backend.name} masked_adamw={self.masked_adamw.backend.name} "
-                f"harmony_select={self.harmony_select.backend.name}")
-
+# ---- the ops (kernels/ops.py): checked once, then the backend's implementation ---------------
 
 REFERENCE_OPS = KernelOps.on(REFERENCE)  # every op on the plain-PyTorch reference (an immutable value)
 
