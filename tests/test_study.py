@@ -268,6 +268,19 @@ def ignoring_sigint(cmd):
     return [sys.executable, "-c", code, *cmd[1:]]
 
 
+def interrupted_when(cmd, path, poll: float):
+    """Start ``cmd`` with SIGINT ignored (:func:`ignoring_sigint`), send it SIGINT once ``path``
+    exists, and return (exit code, output)."""
+    proc = subprocess.Popen(ignoring_sigint(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 150
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(poll)
+    assert path.exists() and proc.poll() is None, proc.communicate()[0] if proc.poll() is not None else f"no {path.name} in time"
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=150)[0]
+    return proc.returncode, output
+
+
 def processes_using(path) -> list[str]:
     """Command lines of the running processes that name ``path`` (the study's runs)."""
     found = []
@@ -358,15 +371,8 @@ def test_ctrl_c_during_an_evaluation_stops_the_evaluator(tmp_path):
     out = tmp_path / "study"
     cmd = [*study_cmd(data, out), "--threads-per-run", "1"]
     cmd[cmd.index("--methods") + 1], cmd[cmd.index("--seeds") + 1] = "prompt-dt", "0"
-    proc = subprocess.Popen(ignoring_sigint(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    eval_log = out / "runs" / "prompt-dt-s0" / "eval.log"
-    deadline = time.time() + 150
-    while not eval_log.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert eval_log.exists() and proc.poll() is None, proc.communicate()[0] if proc.poll() is not None else "no evaluation in time"
-    proc.send_signal(signal.SIGINT)
-    log = proc.communicate(timeout=150)[0]
-    assert proc.returncode == 130 and "interrupted" in log, log
+    code, log = interrupted_when(cmd, out / "runs" / "prompt-dt-s0" / "eval.log", poll=0.05)
+    assert code == 130 and "interrupted" in log, log
     assert "stop  prompt-dt-s0: evaluation stopped" in log and "exit -9" not in log, log
     assert not (out / "runs" / "prompt-dt-s0" / "run_eval.json").exists()
     assert processes_using(out) == []
@@ -378,16 +384,10 @@ def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     cmd = study_cmd(data, out, "--eval-every", "4", "--curve-episodes", "1", "--workers", "2", "--threads-per-run", "1")
     # first sitting: stopped with Ctrl-C (SIGINT) once the first run is evaluated (three runs are left then);
     # started with SIGINT ignored, which must not make the study deaf to it
-    proc = subprocess.Popen(ignoring_sigint(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = out / "runs" / "prompt-dt-s0" / "run_eval.json"
-    deadline = time.time() + 150
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert first.exists() and proc.poll() is None, proc.communicate()[0] if proc.poll() is not None else "first run not evaluated in time"
-    proc.send_signal(signal.SIGINT)
-    log1 = proc.communicate(timeout=150)[0]
+    code, log1 = interrupted_when(cmd, first, poll=0.2)
     assert "start prompt-dt-s0" in log1 and "done  prompt-dt-s0" in log1
-    assert proc.returncode == 130 and "interrupted" in log1, log1
+    assert code == 130 and "interrupted" in log1, log1
     assert "FAIL" not in log1 and "exit -9" not in log1, log1  # the runs were stopped by SIGINT, not killed
     assert processes_using(out) == []  # no trainer or evaluator goes on after the study
     stamp = first.stat().st_mtime_ns

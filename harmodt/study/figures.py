@@ -82,6 +82,24 @@ def _mean_curve(curves: dict):
     return steps, [float(np.mean([dict(c)[s] for c in curves.values()])) for s in steps]
 
 
+def _curves_figure(f: Figures, curves: dict, ylabel: str, title: str, seeds: bool):
+    """One line per variant (its mean over seeds) against training steps; ``seeds``: each seed thin too."""
+    fig, ax = f.plt.subplots(figsize=(6, 3.8))
+    for name, c in curves.items():
+        if seeds:
+            for pts in c.values():
+                ax.plot(*zip(*pts), color=f.colors[name], alpha=0.25, lw=0.8)
+        steps, mean = _mean_curve(c)
+        if steps:
+            ax.plot(steps, mean, color=f.colors[name], lw=2, marker="o", ms=3, label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def _err(rows: list[dict], mean="mean_success") -> list[list[float]]:
     return [[r[mean] - r["ci_low"] if not math.isnan(r["ci_low"]) else 0 for r in rows],
             [r["ci_high"] - r[mean] if not math.isnan(r["ci_high"]) else 0 for r in rows]]
@@ -111,19 +129,8 @@ def eval_curves_figure(f: Figures):
     curves = f.curves("eval_mean_success")
     if not curves:
         return "no run logged eval_mean_success during training (pass --eval-every)"
-    fig, ax = f.plt.subplots(figsize=(6, 3.8))
-    for name, c in curves.items():
-        for pts in c.values():
-            ax.plot(*zip(*pts), color=f.colors[name], alpha=0.25, lw=0.8)
-        steps, mean = _mean_curve(c)
-        if steps:
-            ax.plot(steps, mean, color=f.colors[name], lw=2, marker="o", ms=3, label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("evaluation success (in training)")
-    ax.set_title("Evaluation success during training (thin: seeds; thick: mean)", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return fig
+    return _curves_figure(f, curves, "evaluation success (in training)", "Evaluation success during training (thin: seeds; thick: mean)",
+                          seeds=True)
 
 
 def harmony_figure(f: Figures):
@@ -131,17 +138,8 @@ def harmony_figure(f: Figures):
     curves = f.curves("harmony_score")
     if not curves:
         return "no run logged harmony_score (no mask update happened)"
-    fig, ax = f.plt.subplots(figsize=(6, 3.8))
-    for name, c in curves.items():
-        steps, mean = _mean_curve(c)
-        if steps:
-            ax.plot(steps, mean, color=f.colors[name], lw=2, marker="o", ms=3, label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("averaged harmony score (Def. 3.2)")
-    ax.set_title(f"Harmony of the task gradients on {len(f.study['tasks'])} tasks (mean over seeds)", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return fig
+    return _curves_figure(f, curves, "averaged harmony score (Def. 3.2)",
+                          f"Harmony of the task gradients on {len(f.study['tasks'])} tasks (mean over seeds)", seeds=False)
 
 
 def sweep_figure(f: Figures):
@@ -177,13 +175,19 @@ def sweep_figure(f: Figures):
     return fig
 
 
+def _mask_panels(f: Figures, width: float, height: float):
+    """Short task names, a figure and one panel per masked variant of ``f.mask_similarity``."""
+    short = [t.replace("-v3", "") for t in f.study["tasks"]]
+    fig, axes = f.plt.subplots(1, len(f.mask_similarity), figsize=(width * len(f.mask_similarity), height), squeeze=False)
+    return short, fig, axes[0]
+
+
 def jaccard_figure(f: Figures):
     """Task x task Jaccard similarity of the final masks (Figure 5)."""
     if not f.mask_similarity:
         return "no evaluated run has masks"
-    short = [t.replace("-v3", "") for t in f.study["tasks"]]
-    fig, axes = f.plt.subplots(1, len(f.mask_similarity), figsize=(4.6 * len(f.mask_similarity), 4.4), squeeze=False)
-    for ax, (name, jac, n) in zip(axes[0], f.mask_similarity):
+    short, fig, axes = _mask_panels(f, 4.6, 4.4)
+    for ax, (name, jac, n) in zip(axes, f.mask_similarity):
         off = jac[~np.eye(len(jac), dtype=bool)]
         im = ax.imshow(jac, vmin=off.min() if off.size else 0, vmax=off.max() if off.size else 1, cmap="viridis")
         ax.set_xticks(range(len(short)), short, rotation=90, fontsize=6)
@@ -198,9 +202,8 @@ def mds_figure(f: Figures):
     """The tasks' final masks in 2-D: classical MDS of 1 - Jaccard (Figure 5)."""
     if not f.mask_similarity:
         return "no evaluated run has masks"
-    short = [t.replace("-v3", "") for t in f.study["tasks"]]
-    fig, axes = f.plt.subplots(1, len(f.mask_similarity), figsize=(4.4 * len(f.mask_similarity), 4.0), squeeze=False)
-    for ax, (name, jac, _) in zip(axes[0], f.mask_similarity):
+    short, fig, axes = _mask_panels(f, 4.4, 4.0)
+    for ax, (name, jac, _) in zip(axes, f.mask_similarity):
         xy = classical_mds(1.0 - jac)
         ax.scatter(xy[:, 0], xy[:, 1], c=range(len(short)), cmap="tab10" if len(short) <= 10 else "viridis")
         for (x, y), s in zip(xy, short):
