@@ -12,6 +12,7 @@ import numpy as np
 
 from ..run.outputs import read_metrics
 from .stats import paired_bootstrap, t_interval
+from .learned_masks import learned_masks_markdown
 from .unseen import unseen_markdown
 
 
@@ -41,6 +42,7 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
     changed = [r for r in metrics if "mask_changed_fraction" in r]
     if changed:
         entry["final_mask_changed_fraction"] = float(np.mean(changed[-1]["mask_changed_fraction"]))
+        entry["final_mask_changed_fraction_min"] = float(np.min(changed[-1]["mask_changed_fraction"]))
     harmony = [r for r in metrics if "harmony_score" in r]
     if harmony:
         entry["final_harmony_score"] = float(harmony[-1]["harmony_score"])
@@ -99,6 +101,8 @@ def aggregate(study: dict) -> list[dict]:
                 vals = [r[key] for r in rows if key in r]
                 if vals:
                     entry[key] = float(np.mean(vals))
+            if vals := [r["final_mask_changed_fraction_min"] for r in rows if "final_mask_changed_fraction_min" in r]:
+                entry["final_mask_changed_fraction_min"] = float(np.min(vals))  # the least-moved task of any seed
         ref = None
         if "prompt-dt" in study["methods"]:  # Prompt-DT at the same swept value, else the unswept Prompt-DT
             pds = [w for w in order if by_variant[w] and by_variant[w][0]["arm"] == "prompt-dt"]
@@ -236,12 +240,15 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
     if masked:
         lines += ["", "## Masks and harmony", "",
                   "Final averaged harmony score (Definition 3.2, at the last mask update); fraction of each task's active "
-                  "weights not active in its initial ERK mask at the last update (mean over tasks and seeds); weights the "
-                  "updates switched off per task over the run.", "",
-                  "| method | harmony score | mask changed fraction | weights switched per task | train s per run |", "|---|---|---|---|---|"]
+                  "weights not active in its initial ERK mask at the last update (mean over tasks and seeds, and the least of any "
+                  "task in any seed); weights the updates switched off per task over the run.", "",
+                  "| method | harmony score | mask changed fraction | least of a task | weights switched per task | train s per run |",
+                  "|---|---|---|---|---|---|"]
         for v in masked:
             lines.append(f"| {v['variant']} | {_fmt(v.get('final_harmony_score'))} | {_fmt(v.get('final_mask_changed_fraction'), 5)} | "
+                         f"{_fmt(v.get('final_mask_changed_fraction_min'), 5)} | "
                          f"{_fmt(v.get('weights_flipped_per_task'), 0)} | {v['train_seconds']:.0f} |")
+    lines += learned_masks_markdown(study)
     lines += unseen_markdown(study)
     if figures:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}](figures/{f})" for f in figures]

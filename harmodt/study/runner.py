@@ -19,6 +19,7 @@ from pathlib import Path
 from .figures import draw_figures
 from ..run.outputs import write_atomic
 from .plan import OWN_FLAGS, Run, StudyError, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
+from .learned_masks import compare_learned_masks
 from .report import aggregate, pairwise, run_entry, summary_markdown
 from .stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED
 from .unseen import aggregate_unseen, collect_unseen, evaluation_keys, parse_thresholds, unseen_mode
@@ -316,6 +317,7 @@ class Study:
         study["variants"] = aggregate(study)
         study["pairwise"] = pairwise(study)
         study["unseen"] = aggregate_unseen(study)
+        study["learned_masks"] = compare_learned_masks(study, self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         figures = draw_figures(study, self.out, say=self.say)
         write_atomic(self.out / "study.json", json.dumps(study, indent=2))
