@@ -477,3 +477,13 @@ def test_tiny_study_with_a_variant_evaluates_held_out_tasks(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200)  # resumable: nothing is evaluated again
     assert proc.returncode == 0 and "] held-out " not in proc.stdout and proc.stdout.count("skip  ") == 6, proc.stdout[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/unseen_*.json")} == stamps
+
+
+def test_a_running_child_reports_its_time_while_it_runs(tmp_path):
+    """The study writes a trainer's time so far while it runs (a study killed outright keeps it)."""
+    study = bare_study(tmp_path)
+    study.wait_tick_s = 0.2
+    ticks = []
+    with open(tmp_path / "child.log", "w") as log:
+        rc = study.child([sys.executable, "-c", "import time; time.sleep(1.5)"], log, dict(os.environ), on_wait=lambda: ticks.append(1))
+    assert rc == 0 and len(ticks) >= 3

@@ -59,6 +59,7 @@ class Study:
         # guards `children` and the start of a child against `stopping`: a child is either in the set when
         # stop_children looks, or it is never started (re-entrant: the signal handler runs on the main thread)
         self.children_lock = threading.RLock()
+        self.wait_tick_s = 60.0  # how often a running trainer's time so far is written to its study_run.json
 
     def say(self, msg: str) -> None:
         with self.print_lock:
@@ -162,13 +163,17 @@ class Study:
         self.say(f"start {run.name} ({index}/{total})")
         t_run = time.perf_counter()
         if not (run.dir / "results.json").exists():  # the trainer writes results.json once its last step is saved
-            t = time.perf_counter()
+            t, before = time.perf_counter(), rec["train_seconds"]
+
+            def record_time():  # also while the trainer runs: a study killed outright loses at most a minute of it
+                rec["train_seconds"] = before + time.perf_counter() - t
+                run.write_record(rec)
+
             with open(run.dir / "train.log", "a") as log:
                 log.write(f"$ python -m harmodt.train {shlex.join(train_args)}\n")
                 log.flush()
-                rc = self.child([sys.executable, "-m", "harmodt.train", *train_args], log, env)
-            rec["train_seconds"] += time.perf_counter() - t
-            run.write_record(rec)
+                rc = self.child([sys.executable, "-m", "harmodt.train", *train_args], log, env, on_wait=record_time)
+            record_time()
             if rc != 0:
                 self.say(f"stop  {run.name}: training stopped (exit {rc}); its checkpoint resumes it" if self.stopping.is_set()
                          else f"FAIL  {run.name}: training exited {rc}\n{_tail(run.dir / 'train.log')}")
@@ -225,17 +230,23 @@ class Study:
                      f"mean success {res['mean_success']:.3f} on {len(self.eval_tasks)} unseen task(s)")
         return True
 
-    def child(self, cmd: list[str], log, env: dict) -> int:
+    def child(self, cmd: list[str], log, env: dict, on_wait=None) -> int:
         """Run one trainer or evaluator process to its end; its exit status (130 without starting it
         once the study is stopping). The child runs in its own session, so a Ctrl-C at the terminal
-        reaches it once, from stop_children, and not also straight from the terminal."""
+        reaches it once, from stop_children, and not also straight from the terminal. ``on_wait``
+        is called every ``self.wait_tick_s`` seconds while the child runs."""
         with self.children_lock:
             if self.stopping.is_set():
                 return 130
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self.children.add(proc)
         try:
-            return proc.wait()
+            while True:
+                try:
+                    return proc.wait(timeout=self.wait_tick_s)
+                except subprocess.TimeoutExpired:
+                    if on_wait is not None:
+                        on_wait()
         finally:
             with self.children_lock:
                 self.children.discard(proc)
