@@ -51,7 +51,7 @@ def one_forward_step(tr, task_ids: list[int]) -> torch.Tensor:
     combined = baselines.combine("pcgrad", grads, tr.cfg.cagrad_c, tr.batcher.generator)
     for p, chunk in zip(params, combined.split([p.numel() for p in params])):
         p.grad = chunk.view_as(p)
-    tr.opt.masked_step(None, grad_scale=clip_coefficient(params, tr.cfg.grad_clip), backend=tr.backends.masked_adamw)
+    tr.opt.masked_step(None, grad_scale=clip_coefficient(params, tr.cfg.grad_clip), op=tr.backends.masked_adamw)
     tr.sched.step()
     tr.step += 1
     return torch.stack(losses).mean()
