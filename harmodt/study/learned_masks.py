@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..run.outputs import read_metrics
+from .stats import fmt
 
 LEARNED_METHODS = ("harmodt-f", "harmodt-m")
 
@@ -133,10 +134,6 @@ def compare_learned_masks(study: dict, out: Path) -> list[dict]:
     return res
 
 
-def _f(x, nd=3) -> str:
-    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{nd}f}"
-
-
 def learned_masks_markdown(study: dict) -> list[str]:
     """summary.md's section on learned against random masks (nothing without such a pair)."""
     rows = study.get("learned_masks") or []
@@ -156,16 +153,16 @@ def learned_masks_markdown(study: dict) -> list[str]:
     for e in rows:
         hl, hr = e.get("harmony_learned") or {}, e.get("harmony_random") or {}
         lines.append(
-            f"| {e['run']} | {_f(e['kept_of_random'])} | {_f(e['changed_fraction'], 4)} ({_f(e['changed_fraction_min'], 4)}) | "
-            f"{_f(e['task_jaccard_random'])} → {_f(e['task_jaccard_learned'])} | "
-            f"{_f(e['other_tasks_keeping_recovered'], 2)} / {_f(e['other_tasks_keeping_dropped'], 2)} / "
-            f"{_f(e['other_tasks_keeping_active'], 2)} of {e['other_tasks_max']} | "
-            f"{_f(e['magnitude_recovered'], 2)} / {_f(e['magnitude_dropped'], 2)} | "
-            f"{_f(hl.get('first'))} → {_f(hl.get('last'))} ({_f(hr.get('first'))} → {_f(hr.get('last'))}) | "
+            f"| {e['run']} | {fmt(e['kept_of_random'])} | {fmt(e['changed_fraction'], 4)} ({fmt(e['changed_fraction_min'], 4)}) | "
+            f"{fmt(e['task_jaccard_random'])} → {fmt(e['task_jaccard_learned'])} | "
+            f"{fmt(e['other_tasks_keeping_recovered'], 2)} / {fmt(e['other_tasks_keeping_dropped'], 2)} / "
+            f"{fmt(e['other_tasks_keeping_active'], 2)} of {e['other_tasks_max']} | "
+            f"{fmt(e['magnitude_recovered'], 2)} / {fmt(e['magnitude_dropped'], 2)} | "
+            f"{fmt(hl.get('first'))} → {fmt(hl.get('last'))} ({fmt(hr.get('first'))} → {fmt(hr.get('last'))}) | "
             f"{e['success_diff']:+.3f} |")
     kinds = list(rows[0]["changed_by_matrix"])
     lines += ["", "Changed fraction by weight matrix (mean over blocks and tasks):", "",
               "| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for e in rows:
-        lines.append(f"| {e['run']} | " + " | ".join(_f(e["changed_by_matrix"].get(k), 4) for k in kinds) + " |")
+        lines.append(f"| {e['run']} | " + " | ".join(fmt(e["changed_by_matrix"].get(k), 4) for k in kinds) + " |")
     return lines

@@ -4,14 +4,13 @@ arm with t-intervals and paired bootstrap differences, every pair of arms, and s
 from __future__ import annotations
 
 import json
-import math
 import shlex
 from pathlib import Path
 
 import numpy as np
 
 from ..run.outputs import read_metrics
-from .stats import paired_bootstrap, t_interval
+from .stats import fmt as _fmt, paired_bootstrap, t_interval
 from .learned_masks import learned_masks_markdown
 from .unseen import unseen_markdown
 
@@ -142,10 +141,6 @@ def _paired(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str) 
         return None
     d, lo, hi = paired_bootstrap(diffs)
     return {"reference": ref, "mean_diff": d, "ci_low": lo, "ci_high": hi, "pairs": len(diffs)}
-
-
-def _fmt(x, nd=3) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
 def summary_markdown(study: dict, figures: list[str] = ()) -> str:

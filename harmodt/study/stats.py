@@ -111,3 +111,8 @@ def classical_mds(dist: np.ndarray, dims: int = 2) -> np.ndarray:
     if coords.shape[1] < dims:
         coords = np.pad(coords, ((0, 0), (0, dims - coords.shape[1])))
     return coords
+
+
+def fmt(x, nd: int = 3) -> str:
+    """A number for a report table with ``nd`` decimals; "–" for a missing or NaN value."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
