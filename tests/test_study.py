@@ -22,7 +22,7 @@ from harmodt.study.plan import Arm, Run, StudyError, flag_for_key, method_arm, p
 from harmodt.study.report import aggregate, pairwise, summary_markdown
 from harmodt.study.runner import Study
 from harmodt.study.stats import classical_mds, incomplete_beta, jaccard_matrix, paired_bootstrap, t_interval, t_quantile
-from harmodt.study.unseen import default_thresholds, parse_thresholds, unseen_mode
+from harmodt.study.unseen import aggregate_unseen, default_thresholds, parse_thresholds, unseen_mode
 
 TASKS = ["reach-v3", "drawer-close-v3"]
 
@@ -139,6 +139,32 @@ def test_vote_thresholds_default_to_quarters_of_the_training_tasks():
     assert unseen_mode({"method": "mtdt", "conditioning": "auto"}) == "skip"
     assert unseen_mode({"method": "mtdt", "conditioning": "prompt"}) == "dense"
     assert unseen_mode({"method": "prompt-dt", "conditioning": "task-state"}) == "skip"
+
+
+def test_held_out_success_is_paired_with_prompt_dt_by_seed_and_task():
+    """Each voted-mask row's Δ is its held-out success minus Prompt-DT's over the (seed, task) pairs
+    both have (seed 2 has no HarmoDT-F run); Prompt-DT's own row and MTDT's have none."""
+    pd = {0: (1.0, 0.0), 1: (0.5, 0.5), 2: (0.0, 0.0)}
+    hf = {0: {"1": (1.0, 1.0), "3": (0.0, 0.0)}, 1: {"1": (0.0, 1.0), "3": (0.5, 0.5)}}
+
+    def run(method, seed, evaluations, mode):
+        evs = {key: {"tasks": {"a": {"success": s[0], "return": 10 * s[0]}, "b": {"success": s[1], "return": 10 * s[1]}},
+                     "mean_success": sum(s) / 2, "mean_return": 5 * sum(s), **({"vote_density": 0.5} if key != "dense" else {})}
+               for key, s in evaluations.items()}
+        return {"variant": {"prompt-dt": "Prompt-DT", "harmodt-f": "HarmoDT-F", "mtdt": "MTDT"}[method], "method": method,
+                "seed": seed, "status": "finished", "unseen": {"mode": mode, "evaluations": evs, "note": "skipped"}}
+
+    runs = [run("prompt-dt", s, {"dense": v}, "dense") for s, v in pd.items()]
+    runs += [run("harmodt-f", s, v, "masked") for s, v in hf.items()] + [run("mtdt", 0, {}, "skip")]
+    rows = aggregate_unseen({"runs": runs, "variants": [], "eval_tasks": ["a", "b"], "vote_thresholds": [1, 3]})
+    by = {(r["variant"], r.get("threshold")): r for r in rows}
+    assert "vs_reference" not in by[("Prompt-DT", None)] and "vs_reference" not in by[("MTDT", None)]
+    for t in (1, 3):
+        diffs = [hf[s][str(t)][i] - pd[s][i] for s in (0, 1) for i in (0, 1)]
+        m, lo, hi = paired_bootstrap(diffs)
+        assert by[("HarmoDT-F", t)]["vs_reference"] == {"reference": "Prompt-DT", "mean_diff": m, "ci_low": lo, "ci_high": hi, "pairs": 4}
+    assert by[("HarmoDT-F", 1)]["vs_reference"]["mean_diff"] == pytest.approx(0.25)
+    assert by[("HarmoDT-F", 3)]["vs_reference"]["mean_diff"] == pytest.approx(-0.25)
 
 
 def fake_study(success: dict, sweep=None) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .plan import StudyError
-from .stats import t_interval
+from .stats import paired_bootstrap, t_interval
 
 SKIP_NOTE = "conditioned on the task ID (as MTDT): it cannot act on a task it was not trained on"
 
@@ -111,7 +111,8 @@ def _ci(values) -> dict:
 
 def aggregate_unseen(study: dict) -> list[dict]:
     """One row per (arm, threshold): per held-out task success and return with their t-intervals over
-    seeds, the mean over held-out tasks, the voted mask's density, and the arm's training-task success."""
+    seeds, the mean over held-out tasks, the voted mask's density, the arm's training-task success and,
+    for every row but Prompt-DT's, the paired difference from Prompt-DT's held-out success."""
     finished = [r for r in study["runs"] if r["status"] == "finished" and r.get("unseen")]
     train = {v["variant"]: v for v in study["variants"]}
     rows = []
@@ -136,8 +137,25 @@ def aggregate_unseen(study: dict) -> list[dict]:
             dens = [e["vote_density"] for _, e in evs if e.get("vote_density") is not None]
             if dens:
                 row["vote_density"] = float(np.mean(dens))
+            row["success_by_seed"] = {str(s): {t: e["tasks"][t]["success"] for t in study["eval_tasks"]} for s, e in evs}
             rows.append(row)
+    reference = next((r for r in rows if r["method"] == "prompt-dt" and r["mode"] == "dense"), None)
+    if reference is not None:
+        for r in rows:
+            if r is not reference and r["mode"] != "skip" and (p := paired_difference(r, reference, study["eval_tasks"])):
+                r["vs_reference"] = p
     return rows
+
+
+def paired_difference(row: dict, reference: dict, tasks: list[str]) -> dict | None:
+    """Held-out success of ``row`` minus that of ``reference`` (Prompt-DT through its prompt), paired
+    over the (seed, held-out task) pairs both have, with its percentile bootstrap interval."""
+    ref = reference["success_by_seed"]
+    diffs = [by_task[t] - ref[s][t] for s, by_task in row["success_by_seed"].items() if s in ref for t in tasks]
+    if not diffs:
+        return None
+    d, lo, hi = paired_bootstrap(diffs)
+    return {"reference": reference["variant"], "mean_diff": d, "ci_low": lo, "ci_high": hi, "pairs": len(diffs)}
 
 
 def _f(x, nd=3) -> str:
@@ -159,16 +177,20 @@ def unseen_markdown(study: dict) -> list[str]:
              f"{len(study['tasks'])} training tasks keep it) and the task's own prompt; dense prompted methods through the "
              "prompt alone (T does not apply). Mean over seeds with the 95 % t-interval over seeds; the training tasks' "
              "final success of the same runs is the upper reference; density: the fraction of masked weights the voted "
-             "mask keeps (mean over seeds).", ""]
+             "mask keeps (mean over seeds); Δ: held-out success minus Prompt-DT's, paired over (seed, held-out task), "
+             "95 % percentile bootstrap interval.", ""]
     done = [r for r in rows if r["mode"] != "skip"]
     if done:
-        lines += ["| method | T | voted-mask density | seeds | held-out success | 95 % CI | held-out return | training tasks' success |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| method | T | voted-mask density | seeds | held-out success | 95 % CI | Δ vs Prompt-DT [95 % CI] | held-out return "
+                  "| training tasks' success |", "|---|---|---|---|---|---|---|---|---|"]
         for r in done:
             ref = r["train_tasks"]
             train = f"{_f(ref['mean_success'])} [{_f(ref.get('ci_low'))}, {_f(ref.get('ci_high'))}]" if ref else "–"
+            p = r.get("vs_reference")
+            delta = f"{p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]" if p else "–"
             lines.append(f"| {r['variant']} | {'–' if r['threshold'] is None else r['threshold']} | {_f(r.get('vote_density'))} | "
-                         f"{len(r['seeds'])} | {_f(r['mean'])} | [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | {_f(r['mean_return'], 1)} | {train} |")
+                         f"{len(r['seeds'])} | {_f(r['mean'])} | [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | {delta} | "
+                         f"{_f(r['mean_return'], 1)} | {train} |")
         for what, nd in (("success", 2), ("return", 0)):
             lines += ["", f"{what.capitalize()} per held-out task (mean [95 % CI] over seeds):", "",
                       "| method | T | " + " | ".join(study["eval_tasks"]) + " |", "|---|---|" + "---|" * len(study["eval_tasks"])]
