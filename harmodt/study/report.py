@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..run.outputs import read_metrics
-from .stats import fmt as _fmt, paired_bootstrap, t_interval
+from .stats import fmt as _fmt, paired_difference, t_interval
 from .learned_masks import learned_masks_markdown
 from .unseen import unseen_markdown
 
@@ -134,13 +134,11 @@ def pairwise(study: dict) -> dict:
 
 
 def _paired(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str) -> dict | None:
-    """Paired bootstrap of per-(seed, task) success differences from ``ref_rows`` (seeds both have)."""
-    base = {r["seed"]: r for r in ref_rows}
-    diffs = [r["tasks"][t]["success"] - base[r["seed"]]["tasks"][t]["success"] for r in rows if r["seed"] in base for t in tasks]
-    if not diffs:
-        return None
-    d, lo, hi = paired_bootstrap(diffs)
-    return {"reference": ref, "mean_diff": d, "ci_low": lo, "ci_high": hi, "pairs": len(diffs)}
+    """Paired bootstrap of per-(seed, task) success differences of ``rows`` from ``ref_rows``."""
+    def by_seed(rs):
+        return {r["seed"]: {t: r["tasks"][t]["success"] for t in tasks} for r in rs}
+
+    return paired_difference(by_seed(rows), by_seed(ref_rows), tasks, ref)
 
 
 def summary_markdown(study: dict, figures: list[str] = ()) -> str:

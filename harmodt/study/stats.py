@@ -1,5 +1,6 @@
 """The study's statistics: Student's t-interval over seeds, the paired bootstrap over (seed, task)
-pairs, and the Jaccard similarity and classical MDS of task masks."""
+pairs and the paired difference of two arms built on it, and the Jaccard similarity and classical
+MDS of task masks."""
 
 from __future__ import annotations
 
@@ -87,6 +88,17 @@ def paired_bootstrap(diffs, level: float = 0.95, samples: int = BOOTSTRAP_SAMPLE
     means = d[rng.integers(0, len(d), size=(samples, len(d)))].mean(1)
     a = (1 - level) / 2
     return float(d.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def paired_difference(success: dict, reference: dict, tasks, reference_name: str) -> dict | None:
+    """Success of one arm minus that of ``reference_name``, paired over the (seed, task) pairs both
+    have, with its percentile bootstrap interval. ``success`` and ``reference`` map seed -> task ->
+    success; None when no pair is shared."""
+    diffs = [by_task[t] - reference[s][t] for s, by_task in success.items() if s in reference for t in tasks]
+    if not diffs:
+        return None
+    d, lo, hi = paired_bootstrap(diffs)
+    return {"reference": reference_name, "mean_diff": d, "ci_low": lo, "ci_high": hi, "pairs": len(diffs)}
 
 
 def jaccard_matrix(masks: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .plan import StudyError
-from .stats import paired_bootstrap, t_interval
+from .stats import paired_difference, t_interval
 
 SKIP_NOTE = "conditioned on the task ID (as MTDT): it cannot act on a task it was not trained on"
 
@@ -141,21 +141,13 @@ def aggregate_unseen(study: dict) -> list[dict]:
             rows.append(row)
     reference = next((r for r in rows if r["method"] == "prompt-dt" and r["mode"] == "dense"), None)
     if reference is not None:
+        ref_success = reference["success_by_seed"]
         for r in rows:
-            if r is not reference and r["mode"] != "skip" and (p := paired_difference(r, reference, study["eval_tasks"])):
+            if r is reference or r["mode"] == "skip":
+                continue
+            if p := paired_difference(r["success_by_seed"], ref_success, study["eval_tasks"], reference["variant"]):
                 r["vs_reference"] = p
     return rows
-
-
-def paired_difference(row: dict, reference: dict, tasks: list[str]) -> dict | None:
-    """Held-out success of ``row`` minus that of ``reference`` (Prompt-DT through its prompt), paired
-    over the (seed, held-out task) pairs both have, with its percentile bootstrap interval."""
-    ref = reference["success_by_seed"]
-    diffs = [by_task[t] - ref[s][t] for s, by_task in row["success_by_seed"].items() if s in ref for t in tasks]
-    if not diffs:
-        return None
-    d, lo, hi = paired_bootstrap(diffs)
-    return {"reference": reference["variant"], "mean_diff": d, "ci_low": lo, "ci_high": hi, "pairs": len(diffs)}
 
 
 def _f(x, nd=3) -> str:
