@@ -244,6 +244,9 @@ def unseen_figure(f: Figures):
     if not rows:
         return "no run has been evaluated on the held-out tasks"
     fig, ax = f.plt.subplots(figsize=(5.5, 3.8))
+    masked = list(dict.fromkeys(r["variant"] for r in rows if r["mode"] != "dense"))
+    ts = sorted(f.study["vote_thresholds"])
+    dodge = 0.04 * (ts[-1] - ts[0] if len(ts) > 1 else 1)
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
         color = f.colors.get(variant)
@@ -253,8 +256,10 @@ def unseen_figure(f: Figures):
             if not math.isnan(r["ci_low"]):
                 ax.axhspan(r["ci_low"], r["ci_high"], color=color, alpha=0.15)
             continue
-        ax.errorbar([r["threshold"] for r in mine], [r["mean"] for r in mine], yerr=_err(mine, "mean"), marker="o", capsize=4,
-                    color=color, label=f"{variant} (voted mask)")
+        # masked arms side by side around each T, so arms with equal results do not hide each other
+        shift = dodge * (masked.index(variant) - (len(masked) - 1) / 2)
+        ax.errorbar([r["threshold"] + shift for r in mine], [r["mean"] for r in mine], yerr=_err(mine, "mean"), marker="o",
+                    capsize=4, color=color, label=f"{variant} (voted mask)")
     ax.set_xticks(f.study["vote_thresholds"])
     ax.set_xlabel(f"vote threshold T (of {len(f.study['tasks'])} training tasks)")
     ax.set_ylabel("mean success on held-out tasks")
