@@ -21,35 +21,13 @@ from harmodt.study.figures import draw_figures
 from harmodt.study.plan import Arm, Run, StudyError, flag_for_key, method_arm, parse_sweep, parse_variant, run_name, variant_label
 from harmodt.study.report import aggregate, pairwise, summary_markdown
 from harmodt.study.runner import Study
-from harmodt.study.stats import classical_mds, incomplete_beta, jaccard_matrix, paired_bootstrap, t_interval, t_quantile
+from harmodt.study.stats import classical_mds, holm, jaccard_matrix, paired_bootstrap, paired_difference, paired_t, t_interval
 from harmodt.study.unseen import aggregate_unseen, default_thresholds, parse_thresholds, unseen_mode
 
 TASKS = ["reach-v3", "drawer-close-v3"]
 
 
 # ---- statistics ----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("df,p,expected", [(1, 0.975, 12.7062047362), (2, 0.975, 4.3026527297), (4, 0.975, 2.7764451052),
-                                           (10, 0.95, 1.8124611228), (30, 0.975, 2.0422724563), (3, 0.6, 0.2766706623),
-                                           (120, 0.995, 2.6174211451)])
-def test_t_quantile_matches_the_table(df, p, expected):
-    assert t_quantile(p, df) == pytest.approx(expected, abs=1e-9)
-    assert t_quantile(1 - p, df) == pytest.approx(-expected, abs=1e-9)
-
-
-@pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.999])
-def test_t_quantile_closed_forms(p):
-    assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-11)  # Cauchy
-    assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-11)
-
-
-def test_incomplete_beta_by_hand():
-    # integer a, b: I_x(a, b) = P(Binomial(a + b - 1, x) >= a)
-    for a, b, x in [(2, 3, 0.4), (2, 3, 0.9), (5, 1, 0.3), (1, 7, 0.05), (6, 6, 0.5)]:
-        n = a + b - 1
-        expected = sum(math.comb(n, j) * x ** j * (1 - x) ** (n - j) for j in range(a, n + 1))
-        assert incomplete_beta(a, b, x) == pytest.approx(expected, abs=1e-13)
-
 
 def test_t_interval_by_hand():
     # mean 0.6, sample sd 0.1, n 3: half width t(0.975, 2) * 0.1 / sqrt(3) = 4.302653 * 0.057735 = 0.248414
@@ -58,6 +36,43 @@ def test_t_interval_by_hand():
     assert hi - m == pytest.approx(0.248414, abs=1e-5) and m - lo == pytest.approx(0.248414, abs=1e-5)
     m, lo, hi = t_interval([0.4])
     assert m == 0.4 and math.isnan(lo) and math.isnan(hi)
+
+
+def test_paired_t_by_hand():
+    # differences 0.1, 0.3, 0.2: mean 0.2, sd 0.1, n 3, t = 0.2 / (0.1 / sqrt 3) = 3.4641; with 2 degrees of
+    # freedom P(T <= t) = 1/2 + t / (2 sqrt(2 + t^2)), so p = 1 - t / sqrt(2 + t^2) = 0.074180
+    m, lo, hi, p = paired_t([0.1, 0.3, 0.2])
+    assert m == pytest.approx(0.2)
+    assert hi - m == pytest.approx(0.248414, abs=1e-5) and m - lo == pytest.approx(0.248414, abs=1e-5)
+    t = 0.2 / (0.1 / math.sqrt(3))
+    assert p == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-10) and p == pytest.approx(0.074180, abs=1e-6)
+    assert paired_t([0.1, 0.1]) == (pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.1), 0.0)
+    assert paired_t([0.0, 0.0, 0.0])[3] == 1.0
+    m, lo, hi, p = paired_t([0.3])
+    assert m == 0.3 and math.isnan(lo) and math.isnan(hi) and math.isnan(p)
+
+
+def test_paired_difference_takes_the_seed_as_the_unit():
+    """3 seeds x 2 tasks: the interval comes from the 3 per-seed mean differences (0.1, 0.3, 0.2), not
+    the 6 (seed, task) cells; the cell bootstrap is the labelled secondary interval."""
+    ref = {0: {"a": 0.0, "b": 0.4}, 1: {"a": 0.5, "b": 0.1}, 2: {"a": 0.2, "b": 0.2}}
+    arm = {0: {"a": 0.2, "b": 0.4}, 1: {"a": 0.9, "b": 0.3}, 2: {"a": 0.2, "b": 0.6}, 3: {"a": 1.0, "b": 1.0}}
+    p = paired_difference(arm, ref, ["a", "b"], "Ref")
+    m, lo, hi, pv = paired_t([0.1, 0.3, 0.2])
+    assert p["seeds"] == 3 and p["pairs"] == 6 and p["per_seed"] == {"0": pytest.approx(0.1), "1": pytest.approx(0.3), "2": pytest.approx(0.2)}
+    assert (p["mean_diff"], p["ci_low"], p["ci_high"], p["p_value"]) == (pytest.approx(m), pytest.approx(lo), pytest.approx(hi), pytest.approx(pv))
+    _, blo, bhi = paired_bootstrap([0.2, 0.0, 0.4, 0.2, 0.0, 0.4])
+    assert p["pairs_bootstrap"] == {"ci_low": blo, "ci_high": bhi}
+    assert p["ci_high"] - p["ci_low"] > bhi - blo  # three replicates, not six
+    assert paired_difference(arm, {7: ref[0]}, ["a", "b"], "Ref") is None
+
+
+def test_holm_by_hand():
+    # m = 4: sorted 0.005 <= 0.05/4, 0.011 <= 0.05/3 = 0.0167, 0.03 > 0.05/2: stop; 0.01 rejected too
+    assert holm({"w": 0.03, "x": 0.005, "y": 0.011, "z": 0.04}) == {"x": True, "y": True, "w": False, "z": False}
+    # every p below alpha, but the smallest is above alpha / m: nothing survives
+    assert holm({"a": 0.02, "b": 0.03, "c": 0.04}) == {"a": False, "b": False, "c": False}
+    assert holm({"a": 0.001, "b": float("nan")}) == {"a": True, "b": False}  # NaN counts in m (0.001 <= 0.025)
 
 
 def test_paired_bootstrap_constant_differences_have_zero_width():
@@ -161,8 +176,12 @@ def test_held_out_success_is_paired_with_prompt_dt_by_seed_and_task():
     assert "vs_reference" not in by[("Prompt-DT", None)] and "vs_reference" not in by[("MTDT", None)]
     for t in (1, 3):
         diffs = [hf[s][str(t)][i] - pd[s][i] for s in (0, 1) for i in (0, 1)]
-        m, lo, hi = paired_bootstrap(diffs)
-        assert by[("HarmoDT-F", t)]["vs_reference"] == {"reference": "Prompt-DT", "mean_diff": m, "ci_low": lo, "ci_high": hi, "pairs": 4}
+        m, lo, hi, pv = paired_t([np.mean(diffs[:2]), np.mean(diffs[2:])])  # seeds 0 and 1
+        _, blo, bhi = paired_bootstrap(diffs)
+        got = by[("HarmoDT-F", t)]["vs_reference"]
+        assert got["reference"] == "Prompt-DT" and got["seeds"] == 2 and got["pairs"] == 4
+        assert (got["mean_diff"], got["ci_low"], got["ci_high"]) == (pytest.approx(m), pytest.approx(lo), pytest.approx(hi))
+        assert got["pairs_bootstrap"] == {"ci_low": blo, "ci_high": bhi}
     assert by[("HarmoDT-F", 1)]["vs_reference"]["mean_diff"] == pytest.approx(0.25)
     assert by[("HarmoDT-F", 3)]["vs_reference"]["mean_diff"] == pytest.approx(-0.25)
 
@@ -206,6 +225,22 @@ def test_aggregate_paired_difference_from_prompt_dt():
     assert "| HarmoDT-F | 2/2 | 0.400 |" in md and "+0.100 (vs Prompt-DT)" in md and "reach-v3" in md
 
 
+def test_pairwise_table_counts_its_comparisons_and_marks_holm_survivors():
+    """Three arms, three seeds: 3 comparisons. HarmoDT-F beats Prompt-DT by 0.2 in every seed (zero
+    variance: p = 0, survives); MTDT's differences vary (p well above 0.05 / 2): nothing else survives."""
+    study = fake_study({("prompt-dt", None, 0): [0.2, 0.4], ("prompt-dt", None, 1): [0.6, 0.0], ("prompt-dt", None, 2): [0.4, 0.4],
+                        ("harmodt-f", None, 0): [0.4, 0.6], ("harmodt-f", None, 1): [0.8, 0.2], ("harmodt-f", None, 2): [0.6, 0.6],
+                        ("mtdt", None, 0): [0.3, 0.4], ("mtdt", None, 1): [0.3, 0.0], ("mtdt", None, 2): [0.9, 0.4]})
+    study["variants"] = aggregate(study)
+    pw = study["pairwise"] = pairwise(study)
+    assert {p["comparisons"] for row in pw.values() for p in row.values()} == {3}
+    assert pw["HarmoDT-F"]["Prompt-DT"]["holm"] and pw["Prompt-DT"]["HarmoDT-F"]["holm"]
+    assert not pw["MTDT"]["Prompt-DT"]["holm"] and not pw["MTDT"]["HarmoDT-F"]["holm"]
+    md = summary_markdown(study)
+    assert "holds 3 comparisons" in md and "survives Holm's correction over all 3 at 5%: HarmoDT-F vs Prompt-DT." in md
+    assert "**+0.200 [+0.20, +0.20] †**" in md
+
+
 def test_best_is_reported_beside_final_and_the_ranking_uses_final():
     study = fake_study({("prompt-dt", None, 0): [0.2, 0.4], ("prompt-dt", None, 1): [0.6, 0.0],
                         ("harmodt-f", None, 0): [0.3, 0.5], ("harmodt-f", None, 1): [0.7, 0.1]})
@@ -241,7 +276,7 @@ def test_aggregate_sweep_of_one_method_beside_an_unswept_prompt_dt():
     assert "paired_sweep" not in f100
     assert f2000["paired_sweep"]["reference"] == "HarmoDT-F eta_max=100" and f2000["paired_sweep"]["mean_diff"] == pytest.approx(0.2)
     study["variants"] = [pd, f100, f2000]
-    assert "| HarmoDT-F eta_max=2000 | +0.200 | [+0.200, +0.200] | 2 |" in summary_markdown(study)  # constant differences
+    assert "| HarmoDT-F eta_max=2000 | +0.200 | [–, –] | 1 |" in summary_markdown(study)  # one seed: no seed-level interval
 
 
 def test_aggregate_sweep_without_prompt_dt_compares_with_the_first_value(tmp_path):

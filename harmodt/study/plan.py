@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,21 @@ class Run:
 
     def finished(self) -> bool:
         return self.eval_path.exists()
+
+
+def code_revision() -> str:
+    """The revision of the code a run trains with: the git commit of the checkout that holds this package,
+    with ``-dirty`` when ``harmodt/`` or ``kernels/`` differ from it; ``harmodt <version>`` outside git."""
+    from .. import __version__
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "harmodt", "kernels"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"harmodt {__version__}"
+    return head + ("-dirty" if dirty else "")
 
 
 def without_threads(args: list[str]) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..run.outputs import read_metrics
-from .stats import fmt as _fmt, paired_difference, t_interval
+from .stats import SEED_LEVEL_METHOD, excludes_zero, fmt as _fmt, holm, paired_difference, t_interval
 from .learned_masks import learned_masks_markdown
 from .unseen import unseen_markdown
 
@@ -21,7 +21,7 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
     entry = {"name": run.name, "arm": run.arm.key, "method": run.method, "seed": run.seed, "variant": run.variant,
              "sweep": None if run.sweep is None else {"key": run.sweep[0], "value": run.sweep[1]},
              "status": "finished" if run.finished() else "missing",
-             "train_seconds": rec.get("train_seconds"), "eval_seconds": rec.get("eval_seconds"),
+             "train_seconds": rec.get("train_seconds"), "eval_seconds": rec.get("eval_seconds"), "revisions": rec.get("revisions"),
              "train_command": None if not rec.get("train_args") else "python -m harmodt.train " + shlex.join(rec["train_args"])}
     cfg_path = run.dir / "config.json"
     if cfg_path.exists():
@@ -124,13 +124,25 @@ def aggregate(study: dict) -> list[dict]:
     return out
 
 
+HOLM_ALPHA = 0.05
+
+
 def pairwise(study: dict) -> dict:
-    """``{row variant: {column variant: paired difference}}``: row minus column success over the (seed, task)
-    pairs both have, with its bootstrap interval, for every two variants with evaluated runs."""
+    """``{row variant: {column variant: paired difference}}``: row minus column success paired by seed
+    (:func:`paired_difference`), for every two variants with evaluated runs. Each unordered pair is one
+    comparison of the family; ``holm`` marks the cells (both orders of a pair) whose p-value survives
+    Holm's correction over the family at 5 %, and ``comparisons`` gives the family's size."""
     finished = [r for r in study["runs"] if r["status"] == "finished"]
     names = list(dict.fromkeys(r["variant"] for r in finished))
     rows = {v: [r for r in finished if r["variant"] == v] for v in names}
-    return {a: {b: p for b in names if b != a and (p := _paired(rows[a], rows[b], study["tasks"], b))} for a in names}
+    table = {a: {b: p for b in names if b != a and (p := _paired(rows[a], rows[b], study["tasks"], b))} for a in names}
+    family = {(a, b): table[a][b]["p_value"] for i, a in enumerate(names) for b in names[i + 1:] if b in table[a]}
+    kept = holm(family, HOLM_ALPHA)
+    for (a, b), rejected in kept.items():
+        for x, y in ((a, b), (b, a)):
+            if y in table[x]:
+                table[x][y].update(holm=rejected, comparisons=len(family))
+    return table
 
 
 def _paired(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str) -> dict | None:
@@ -139,6 +151,13 @@ def _paired(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str) 
         return {r["seed"]: {t: r["tasks"][t]["success"] for t in tasks} for r in rs}
 
     return paired_difference(by_seed(rows), by_seed(ref_rows), tasks, ref)
+
+
+def _interval(p: dict, nd: int = 3) -> str:
+    """``[low, high]`` of an interval dict with signed numbers; "–" for a bound that is NaN (one seed)."""
+    def bound(x):
+        return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:+.{nd}f}"
+    return f"[{bound(p['ci_low'])}, {bound(p['ci_high'])}]"
 
 
 def summary_markdown(study: dict, figures: list[str] = ()) -> str:
@@ -158,6 +177,11 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
                   + ("" if study["sweep"] is None else f" (swept: {study['sweep']['key']} = {', '.join(study['sweep']['values'])}"
                      f" for {', '.join(study['sweep'].get('methods') or study['methods'])})") + ". "
                   f"Evaluation: {study['eval_episodes']} episodes per task, seed {study['eval_seed']} for every run.", ""]
+    revisions = {rev for r in runs if r["status"] == "finished" for rev in (r.get("revisions") or ["unrecorded"])}
+    if revisions:
+        lines += [f"Code revision: {next(iter(revisions))} for every finished run." if len(revisions) == 1 else
+                  f"Code revisions: the finished runs come from {len(revisions)} revisions ({', '.join(sorted(revisions))}); "
+                  f"study.json names each run's.", ""]
     if study.get("variant_flags"):
         lines += ["Variants: " + "; ".join(f"{label} = `{flags}`" for label, flags in study["variant_flags"].items())
                   + " (their flags follow the shared ones).", ""]
@@ -165,25 +189,28 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
     lines += ["## Mean success over tasks", "",
               "Final: the study's evaluation of each run's final checkpoint; mean over seeds of each run's mean success over tasks, "
               "95 % t-interval over the per-seed means. "
-              "Δ: paired difference from the reference, mean over (seed, task) pairs, 95 % percentile bootstrap interval "
+              f"Δ: paired difference from the reference (mean over seeds of the per-seed difference of mean success); its 95 % "
+              f"interval is a {SEED_LEVEL_METHOD}. The (seed, task) bootstrap interval, which treats the pairs as "
+              f"independent replicates and so is narrower than the evidence allows, is shown beside it as a secondary column "
               f"({study['bootstrap']['samples']} resamples, seed {study['bootstrap']['seed']})."
               + (" Best during training: per seed the highest mean success among the trainer's own evaluations "
                  "(every --eval-every steps and at the end, with fewer episodes), as the official code reports; "
                  "mean over seeds. It is reported, not ranked on." if with_best else ""), "",
-              "| method | seeds | final mean success | 95 % CI | per seed | Δ vs reference | 95 % CI of Δ |"
+              "| method | seeds | final mean success | 95 % CI | per seed | Δ vs reference | 95 % CI of Δ (seeds) | (seed, task) bootstrap CI |"
               + (" best during training | its 95 % CI | per seed (step) |" if with_best else ""),
-              "|---|---|---|---|---|---|---|" + ("---|---|---|" if with_best else "")]
+              "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if with_best else "")]
     for v in variants:
         seeds = f"{len(v['seeds_finished'])}/{len(v['seeds_planned'])}"
         if "mean_success" not in v:
-            lines.append(f"| {v['variant']} | {seeds} | – | – | – | – | – |" + (" – | – | – |" if with_best else ""))
+            lines.append(f"| {v['variant']} | {seeds} | – | – | – | – | – | – |" + (" – | – | – |" if with_best else ""))
             continue
         per_seed = ", ".join(f"{x:.2f}" for x in v["per_seed"].values())
         p = v.get("paired")
         delta = f"{p['mean_diff']:+.3f} (vs {p['reference']})" if p else "–"
-        dci = f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]" if p else "–"
+        dci = _interval(p) if p else "–"
+        bci = _interval(p["pairs_bootstrap"]) if p else "–"
         row = (f"| {v['variant']} | {seeds} | {v['mean_success']:.3f} | [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}] | "
-               f"{per_seed} | {delta} | {dci} |")
+               f"{per_seed} | {delta} | {dci} | {bci} |")
         if with_best:
             b = v.get("best")
             row += (" – | – | – |" if b is None else
@@ -206,9 +233,13 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
     pw = study.get("pairwise") or {}
     if len(pw) > 2:
         names = list(pw)
+        m = next((p["comparisons"] for row in pw.values() for p in row.values() if "comparisons" in p), 0)
+        survive = sorted({tuple(sorted((a, b))) for a in names for b, p in pw[a].items() if p.get("holm")})
         lines += ["", "## Every pair of methods", "",
-                  "Row minus column: mean success difference over the (seed, task) pairs both have, and its 95 % bootstrap "
-                  "interval; **bold** where the interval excludes 0.", "",
+                  f"Row minus column: mean over seeds of the per-seed success difference, and its 95 % interval, a "
+                  f"{SEED_LEVEL_METHOD}; **bold** where that interval excludes 0. The table holds {m} comparisons "
+                  f"(each unordered pair once); † marks those whose paired-t p-value survives Holm's correction over all {m} "
+                  f"at {HOLM_ALPHA:.0%}: {', '.join(f'{a} vs {b}' for a, b in survive) if survive else 'none does'}.", "",
                   "| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for a in names:
             cells = []
@@ -217,18 +248,18 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
                 if p is None:
                     cells.append("–")
                     continue
-                txt = f"{p['mean_diff']:+.3f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]"
-                cells.append(f"**{txt}**" if p["ci_low"] > 0 or p["ci_high"] < 0 else txt)
+                txt = f"{p['mean_diff']:+.3f} {_interval(p, 2)}" + (" †" if p.get("holm") else "")
+                cells.append(f"**{txt}**" if excludes_zero(p) else txt)
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
     swept = [v for v in done if "paired_sweep" in v]
     if swept:
         key = study["sweep"]["key"]
         lines += ["", f"## {key}: each value against the first", "",
-                  f"Paired difference from the same method at {key}={study['sweep']['values'][0]} over (seed, task) pairs, "
-                  "95 % bootstrap interval.", "", "| method | Δ success | 95 % CI | pairs |", "|---|---|---|---|"]
+                  f"Paired difference from the same method at {key}={study['sweep']['values'][0]}, 95 % interval: a "
+                  f"{SEED_LEVEL_METHOD}.", "", "| method | Δ success | 95 % CI (seeds) | seeds |", "|---|---|---|---|"]
         for v in swept:
             p = v["paired_sweep"]
-            lines.append(f"| {v['variant']} | {p['mean_diff']:+.3f} | [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] | {p['pairs']} |")
+            lines.append(f"| {v['variant']} | {p['mean_diff']:+.3f} | {_interval(p)} | {p['seeds']} |")
     masked = [v for v in done if "final_mask_changed_fraction" in v or "final_harmony_score" in v]
     if masked:
         lines += ["", "## Masks and harmony", "",

@@ -1,71 +1,17 @@
-"""The study's statistics: Student's t-interval over seeds, the paired bootstrap over (seed, task)
-pairs and the paired difference of two arms built on it, and the Jaccard similarity and classical
-MDS of task masks."""
+"""The study's statistics: Student's t-interval over seeds; the paired difference of two arms with the
+seed as the unit (a paired t over the per-seed mean differences, with the (seed, task) bootstrap as a
+secondary interval); Holm's correction for a table of such differences; and the Jaccard similarity
+and classical MDS of task masks."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+from scipy import stats as sps
 
 BOOTSTRAP_SEED = 20240721
 BOOTSTRAP_SAMPLES = 10_000
-
-
-def _beta_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction 1 / (1 + d1 / (1 + d2 / (1 + ...))) of the regularized incomplete beta
-    function, evaluated with the modified Lentz method; it converges fast for ``x < (a + 1) / (a + b + 2)``.
-    d_{2m} = m (b - m) x / ((a + 2m - 1)(a + 2m)),  d_{2m+1} = -(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1))."""
-    tiny = 1e-300
-
-    def step(coef: float, c: float, d: float) -> tuple[float, float]:
-        d = 1.0 + coef * d
-        c = 1.0 + coef / c
-        return (c if abs(c) > tiny else tiny), 1.0 / (d if abs(d) > tiny else tiny)
-
-    c, d = 1.0, 1.0 / (1.0 - (a + b) * x / (a + 1))  # 1 / (1 + d1): x < (a + 1) / (a + b + 2) keeps it finite
-    h = d
-    for m in range(1, 1000):
-        c, d = step(m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), c, d)
-        h *= c * d
-        c, d = step(-(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)), c, d)
-        h *= c * d
-        if abs(c * d - 1.0) < 1e-16:
-            break
-    return h
-
-
-def incomplete_beta(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1) / (a + b + 2):
-        return math.exp(log_front) * _beta_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b
-
-
-def t_cdf(x: float, df: int) -> float:
-    """P(T <= x) for Student's t with ``df`` degrees of freedom: 1 - I_{df/(df+x^2)}(df/2, 1/2) / 2 for x >= 0."""
-    tail = 0.5 * incomplete_beta(df / 2.0, 0.5, df / (df + x * x))
-    return 1.0 - tail if x >= 0 else tail
-
-
-def t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t distribution: bisection on :func:`t_cdf` to double precision."""
-    if df < 1:
-        raise ValueError("df must be at least 1")
-    if not 0.0 < p < 1.0:
-        raise ValueError("p must be in (0, 1)")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1e-13 * max(1.0, hi):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return 0.5 * (lo + hi)
 
 
 def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
@@ -74,7 +20,7 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
     mean = float(v.mean())
     if len(v) < 2:
         return mean, float("nan"), float("nan")
-    half = t_quantile(0.5 + level / 2, len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
+    half = float(sps.t.ppf(0.5 + level / 2, len(v) - 1)) * float(v.std(ddof=1)) / math.sqrt(len(v))
     return mean, mean - half, mean + half
 
 
@@ -90,15 +36,60 @@ def paired_bootstrap(diffs, level: float = 0.95, samples: int = BOOTSTRAP_SAMPLE
     return float(d.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
+def paired_t(diffs, level: float = 0.95) -> tuple[float, float, float, float]:
+    """(mean, low, high, p): the paired t-interval and two-sided p-value of the mean of ``diffs``, one
+    difference per replicate. One replicate gives NaN bounds and p; equal differences give a zero-width
+    interval with p = 0 (p = 1 when they are all 0)."""
+    d = np.asarray(diffs, dtype=float).reshape(-1)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, float("nan"), float("nan"), float("nan")
+    if np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):  # equal up to rounding: no spread to estimate
+        return mean, mean, mean, (1.0 if mean == 0 else 0.0)
+    res = sps.ttest_1samp(d, 0.0)
+    ci = res.confidence_interval(level)
+    return mean, float(ci.low), float(ci.high), float(res.pvalue)
+
+
+SEED_LEVEL_METHOD = "paired t over the per-seed mean differences (seeds are the replicates)"
+
+
 def paired_difference(success: dict, reference: dict, tasks, reference_name: str) -> dict | None:
-    """Success of one arm minus that of ``reference_name``, paired over the (seed, task) pairs both
-    have, with its percentile bootstrap interval. ``success`` and ``reference`` map seed -> task ->
-    success; None when no pair is shared."""
-    diffs = [by_task[t] - reference[s][t] for s, by_task in success.items() if s in reference for t in tasks]
-    if not diffs:
+    """Success of one arm minus that of ``reference_name``, paired by seed. ``success`` and ``reference``
+    map seed -> task -> success. The interval and p-value treat the seed as the unit: each shared seed
+    gives one difference (its mean over ``tasks``), and a paired t over those is the primary result
+    (``ci_low``/``ci_high``/``p_value``). The percentile bootstrap over the (seed, task) pairs, which
+    treats every pair as independent, is kept as a labelled secondary interval (``pairs_bootstrap``).
+    None when no seed is shared."""
+    seeds = [s for s in success if s in reference]
+    if not seeds:
         return None
-    d, lo, hi = paired_bootstrap(diffs)
-    return {"reference": reference_name, "mean_diff": d, "ci_low": lo, "ci_high": hi, "pairs": len(diffs)}
+    per_seed = {s: float(np.mean([success[s][t] - reference[s][t] for t in tasks])) for s in seeds}
+    mean, lo, hi, p = paired_t(list(per_seed.values()))
+    pairs = [success[s][t] - reference[s][t] for s in seeds for t in tasks]
+    _, blo, bhi = paired_bootstrap(pairs)
+    return {"reference": reference_name, "mean_diff": mean, "ci_low": lo, "ci_high": hi, "p_value": p,
+            "seeds": len(seeds), "per_seed": {str(s): v for s, v in per_seed.items()}, "interval": SEED_LEVEL_METHOD,
+            "pairs": len(pairs), "pairs_bootstrap": {"ci_low": blo, "ci_high": bhi}}
+
+
+def excludes_zero(p: dict | None) -> bool:
+    """Whether a paired difference's seed-level interval excludes 0 (False without an interval)."""
+    return p is not None and (p["ci_low"] > 0 or p["ci_high"] < 0)
+
+
+def holm(pvalues: dict, alpha: float = 0.05) -> dict:
+    """Holm's step-down correction: ``{key: rejected}`` for a family of p-values ``{key: p}``. The
+    k-th smallest of m p-values is compared with alpha / (m - k + 1) and the procedure stops at the
+    first that is not below it; NaN p-values count in m and are never rejected."""
+    order = sorted(pvalues, key=lambda k: (math.isnan(pvalues[k]), pvalues[k]))
+    m = len(order)
+    out = {k: False for k in order}
+    for i, k in enumerate(order):
+        if math.isnan(pvalues[k]) or pvalues[k] > alpha / (m - i):
+            break
+        out[k] = True
+    return out
 
 
 def jaccard_matrix(masks: np.ndarray) -> np.ndarray:

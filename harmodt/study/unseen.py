@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .plan import StudyError
-from .stats import paired_difference, t_interval
+from .stats import SEED_LEVEL_METHOD, paired_difference, t_interval
 
 SKIP_NOTE = "conditioned on the task ID (as MTDT): it cannot act on a task it was not trained on"
 
@@ -169,8 +169,8 @@ def unseen_markdown(study: dict) -> list[str]:
              f"{len(study['tasks'])} training tasks keep it) and the task's own prompt; dense prompted methods through the "
              "prompt alone (T does not apply). Mean over seeds with the 95 % t-interval over seeds; the training tasks' "
              "final success of the same runs is the upper reference; density: the fraction of masked weights the voted "
-             "mask keeps (mean over seeds); Δ: held-out success minus Prompt-DT's, paired over (seed, held-out task), "
-             "95 % percentile bootstrap interval.", ""]
+             "mask keeps (mean over seeds); Δ: held-out success minus Prompt-DT's, paired by seed, with its 95 % interval, "
+             f"a {SEED_LEVEL_METHOD} (in brackets); the (seed, held-out task) bootstrap interval follows as a secondary one.", ""]
     done = [r for r in rows if r["mode"] != "skip"]
     if done:
         lines += ["| method | T | voted-mask density | seeds | held-out success | 95 % CI | Δ vs Prompt-DT [95 % CI] | held-out return "
@@ -179,7 +179,8 @@ def unseen_markdown(study: dict) -> list[str]:
             ref = r["train_tasks"]
             train = f"{_f(ref['mean_success'])} [{_f(ref.get('ci_low'))}, {_f(ref.get('ci_high'))}]" if ref else "–"
             p = r.get("vs_reference")
-            delta = f"{p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]" if p else "–"
+            delta = (f"{p['mean_diff']:+.3f} [{_f(p['ci_low'])}, {_f(p['ci_high'])}]; bootstrap "
+                     f"[{p['pairs_bootstrap']['ci_low']:+.3f}, {p['pairs_bootstrap']['ci_high']:+.3f}]") if p else "–"
             lines.append(f"| {r['variant']} | {'–' if r['threshold'] is None else r['threshold']} | {_f(r.get('vote_density'))} | "
                          f"{len(r['seeds'])} | {_f(r['mean'])} | [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | {delta} | "
                          f"{_f(r['mean_return'], 1)} | {train} |")
