@@ -237,7 +237,7 @@ def test_pairwise_table_counts_its_comparisons_and_marks_holm_survivors():
     assert pw["HarmoDT-F"]["Prompt-DT"]["holm"] and pw["Prompt-DT"]["HarmoDT-F"]["holm"]
     assert not pw["MTDT"]["Prompt-DT"]["holm"] and not pw["MTDT"]["HarmoDT-F"]["holm"]
     md = summary_markdown(study)
-    assert "holds 3 comparisons" in md and "survives Holm's correction over all 3 at 5%: HarmoDT-F vs Prompt-DT." in md
+    assert "holds 3 comparisons" in md and "survives Holm's correction over all 3 at 5 %: HarmoDT-F vs Prompt-DT." in md
     assert "**+0.200 [+0.20, +0.20] †**" in md
 
 

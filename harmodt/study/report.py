@@ -177,11 +177,15 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
                   + ("" if study["sweep"] is None else f" (swept: {study['sweep']['key']} = {', '.join(study['sweep']['values'])}"
                      f" for {', '.join(study['sweep'].get('methods') or study['methods'])})") + ". "
                   f"Evaluation: {study['eval_episodes']} episodes per task, seed {study['eval_seed']} for every run.", ""]
-    revisions = {rev for r in runs if r["status"] == "finished" for rev in (r.get("revisions") or ["unrecorded"])}
-    if revisions:
-        lines += [f"Code revision: {next(iter(revisions))} for every finished run." if len(revisions) == 1 else
-                  f"Code revisions: the finished runs come from {len(revisions)} revisions ({', '.join(sorted(revisions))}); "
-                  f"study.json names each run's.", ""]
+    finished_runs = [r for r in runs if r["status"] == "finished"]
+    revisions = {rev for r in finished_runs for rev in r.get("revisions") or []}
+    unrecorded = sum(not r.get("revisions") for r in finished_runs)
+    if len(revisions) == 1 and not unrecorded:
+        lines += [f"Code revision: {next(iter(revisions))} for every finished run.", ""]
+    elif revisions or unrecorded:
+        parts = ([f"code revisions {', '.join(sorted(revisions))} (study.json names each run's)"] if revisions else []) + \
+                ([f"{unrecorded} of {len(finished_runs)} finished runs do not record their code revision"] if unrecorded else [])
+        lines += ["; ".join(parts).capitalize() + ".", ""]
     if study.get("variant_flags"):
         lines += ["Variants: " + "; ".join(f"{label} = `{flags}`" for label, flags in study["variant_flags"].items())
                   + " (their flags follow the shared ones).", ""]
@@ -239,7 +243,7 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
                   f"Row minus column: mean over seeds of the per-seed success difference, and its 95 % interval, a "
                   f"{SEED_LEVEL_METHOD}; **bold** where that interval excludes 0. The table holds {m} comparisons "
                   f"(each unordered pair once); † marks those whose paired-t p-value survives Holm's correction over all {m} "
-                  f"at {HOLM_ALPHA:.0%}: {', '.join(f'{a} vs {b}' for a, b in survive) if survive else 'none does'}.", "",
+                  f"at {HOLM_ALPHA * 100:.0f} %: {', '.join(f'{a} vs {b}' for a, b in survive) if survive else 'none does'}.", "",
                   "| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for a in names:
             cells = []
