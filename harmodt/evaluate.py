@@ -113,6 +113,10 @@ class TaskInputs:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
+# an unseen task's voted mask below this density is refused: it would act through (nearly) no weight
+MIN_VOTED_DENSITY = 0.01
+
+
 def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int, *,
                 backend: str | kernels.MaskedLinearOp = "reference",
                 vote_threshold: int | None = None, precision: str = "fp32", target_return: float | None = None,
@@ -144,6 +148,11 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
             if vote_threshold is None:
                 raise EvalError("unseen tasks need --vote-threshold (Eq. 13)")
             vote = task_masks.vote(vote_threshold)
+            kept, total = sum(int(v.sum()) for v in vote.values()), sum(v.numel() for v in vote.values())
+            if kept < MIN_VOTED_DENSITY * total:
+                raise EvalError(f"--vote-threshold {vote_threshold}: with {len(trained)} training tasks the voted mask keeps "
+                                f"{kept / total:.2%} of the masked weights (Eq. 13 keeps a weight more than {vote_threshold} "
+                                f"tasks keep); choose a threshold below {len(trained)}")
             bool_masks = {n: torch.cat([m, vote[n].to(device).unsqueeze(0)]) for n, m in bool_masks.items()}
             vote_row = len(trained)
             mask_row = {t: (r if r is not None else vote_row) for t, r in mask_row.items()}

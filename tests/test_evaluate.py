@@ -75,6 +75,15 @@ def test_unseen_task_uses_voted_mask(trainer):
         evaluate(trainer.model, trainer.task_masks, info, ["button-press-v3"], 1, seed=1, max_steps=5, progress=False)
 
 
+def test_a_vote_threshold_that_empties_the_voted_mask_is_refused(trainer):
+    """No weight is kept by more than N of the N training tasks: one line naming the threshold, the
+    number of training tasks and the density, before any episode runs."""
+    n = len(TASKS)
+    with pytest.raises(EvalError, match=rf"--vote-threshold {n}: with {n} training tasks the voted mask keeps 0.00% "):
+        evaluate(trainer.model, trainer.task_masks, trainer.eval_info(), ["button-press-v3"], 1, seed=1, max_steps=5,
+                 vote_threshold=n, progress=False)
+
+
 def test_evaluate_cli_bad_checkpoint(tmp_path):
     bad = tmp_path / "ck.pt"
     bad.write_bytes(b"not a checkpoint")
