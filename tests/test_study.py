@@ -95,8 +95,12 @@ def test_jaccard_and_classical_mds():
     np.testing.assert_allclose(jac, [[1, 1 / 3, 1], [1 / 3, 1, 1 / 3], [1, 1 / 3, 1]])
     pts = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [1.0, 1.0]])  # MDS recovers Euclidean distances exactly
     dist = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
-    xy = classical_mds(dist)
+    xy, explained = classical_mds(dist)
     np.testing.assert_allclose(np.linalg.norm(xy[:, None] - xy[None], axis=-1), dist, atol=1e-9)
+    np.testing.assert_allclose(explained.sum(), 1.0)  # planar points: two axes explain everything
+    # four points at equal distances (a regular simplex) need three axes: two explain 2/3
+    xy, explained = classical_mds(1.0 - np.eye(4))
+    np.testing.assert_allclose(explained, [1 / 3, 1 / 3], atol=1e-12)
 
 
 def test_sweep_parsing_and_names():

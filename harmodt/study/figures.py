@@ -4,6 +4,7 @@ its data are missing. :func:`draw_figures` draws every one into ``OUT/figures``.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -11,7 +12,21 @@ from pathlib import Path
 import numpy as np
 
 from ..run.outputs import read_metrics
+from .plan import METHOD_LABELS
 from .stats import classical_mds, jaccard_matrix
+
+# one colour per method in every figure of every study: the methods by their fixed order, other labelled
+# variants (``--variant``) by their label, from the palette's remaining colours
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+METHOD_COLORS = {label: _PALETTE[i] for i, label in enumerate(METHOD_LABELS.values())}
+
+
+def method_color(variant: str) -> str:
+    """The colour of a variant's label: its method's for a plain method, a stable one of the others for a variant."""
+    if variant in METHOD_COLORS:
+        return METHOD_COLORS[variant]
+    rest = _PALETTE[len(METHOD_COLORS):]
+    return rest[zlib.crc32(variant.encode()) % len(rest)]
 
 
 def final_masks(ck_path: Path, tasks: list[str]) -> np.ndarray | None:
@@ -51,7 +66,7 @@ class Figures:
 
     @cached_property
     def colors(self) -> dict:
-        return {v["variant"]: self.plt.cm.tab10(i % 10) for i, v in enumerate(self.study["variants"])}
+        return {v["variant"]: method_color(v["variant"]) for v in self.study["variants"]}
 
     def series(self, variant: str, key: str) -> dict[str, list]:
         """{run name: [(step, value)]} of one metrics key for the variant's finished runs."""
@@ -105,6 +120,12 @@ def _err(rows: list[dict], mean="mean_success") -> list[list[float]]:
             [r["ci_high"] - r[mean] if not math.isnan(r["ci_high"]) else 0 for r in rows]]
 
 
+def _lower_limit(rows: list[dict], mean="mean_success") -> float:
+    """The y axis' bottom: 0 unless an interval reaches below it (then its lowest bound), never clipping a bar."""
+    lows = [r["ci_low"] for r in rows if not math.isnan(r["ci_low"])] + [r[mean] for r in rows]
+    return min(0.0, min(lows)) - 0.02
+
+
 def methods_figure(f: Figures):
     """Mean success per variant with its 95 % CI and the seeds (Tables 1-2)."""
     if not f.variants:
@@ -118,7 +139,7 @@ def methods_figure(f: Figures):
         ax.scatter([x] * len(seeds), seeds, color="k", s=12, zorder=3)
     ax.set_xticks(xs, [v["variant"].replace(" ", "\n", 1) for v in f.variants], fontsize=8)
     ax.set_ylabel("mean success over tasks")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(_lower_limit(f.variants), 1.05)
     ax.set_title(f"Mean success on {len(f.study['tasks'])} tasks\n(bars: mean and 95 % CI over seeds; dots: seeds)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     return fig
@@ -188,13 +209,16 @@ def jaccard_figure(f: Figures):
         return "no evaluated run has masks"
     short, fig, axes = _mask_panels(f, 4.6, 4.4)
     for ax, (name, jac, n) in zip(axes, f.mask_similarity):
-        off = jac[~np.eye(len(jac), dtype=bool)]
-        im = ax.imshow(jac, vmin=off.min() if off.size else 0, vmax=off.max() if off.size else 1, cmap="viridis")
+        diag = np.eye(len(jac), dtype=bool)
+        off = jac[~diag]
+        # one scale for every panel and study, 0 to 1, with the diagonal (always 1) left blank
+        im = ax.imshow(np.where(diag, np.nan, jac), vmin=0.0, vmax=1.0, cmap="viridis")
         ax.set_xticks(range(len(short)), short, rotation=90, fontsize=6)
         ax.set_yticks(range(len(short)), short, fontsize=6)
-        ax.set_title(f"{name} (mean of {n} seed{'s' if n > 1 else ''})", fontsize=8)
+        spread = f"; off-diagonal {off.min():.3f} to {off.max():.3f}" if off.size else ""
+        ax.set_title(f"{name} (mean of {n} seed{'s' if n > 1 else ''}{spread})", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046, label="Jaccard")
-    fig.suptitle("Jaccard similarity of the tasks' final masks", fontsize=10)
+    fig.suptitle("Jaccard similarity of the tasks' final masks (scale 0 to 1, diagonal blank)", fontsize=10)
     return fig
 
 
@@ -204,12 +228,12 @@ def mds_figure(f: Figures):
         return "no evaluated run has masks"
     short, fig, axes = _mask_panels(f, 4.4, 4.0)
     for ax, (name, jac, _) in zip(axes, f.mask_similarity):
-        xy = classical_mds(1.0 - jac)
+        xy, explained = classical_mds(1.0 - jac)
         ax.scatter(xy[:, 0], xy[:, 1], c=range(len(short)), cmap="tab10" if len(short) <= 10 else "viridis")
         for (x, y), s in zip(xy, short):
             ax.annotate(s, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        ax.set_xlabel("MDS 1")
-        ax.set_ylabel("MDS 2")
+        ax.set_xlabel(f"MDS 1 ({explained[0]:.0%} of the variance)")
+        ax.set_ylabel(f"MDS 2 ({explained[1]:.0%} of the variance)")
         ax.set_title(name, fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("Tasks' final masks in 2-D (classical MDS of 1 - Jaccard)", fontsize=10)
@@ -263,8 +287,9 @@ def unseen_figure(f: Figures):
     ax.set_xticks(f.study["vote_thresholds"])
     ax.set_xlabel(f"vote threshold T (of {len(f.study['tasks'])} training tasks)")
     ax.set_ylabel("mean success on held-out tasks")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"Unseen tasks ({len(f.study['eval_tasks'])}): success against T (mean and 95 % CI over seeds)", fontsize=9)
+    ax.set_ylim(_lower_limit(rows, "mean"), 1.02)
+    what = "goals" if all("@" in t for t in f.study["eval_tasks"]) else "tasks"  # TASK@gN / TASK@testN: goal variations
+    ax.set_title(f"Unseen {what} ({len(f.study['eval_tasks'])}): success against T (mean and 95 % CI over seeds)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return fig

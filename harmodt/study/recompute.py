@@ -3,7 +3,8 @@
 A published study keeps study.json, summary.md and its figures, not its run folders. This command
 recomputes what is computed from the runs' entries (each arm's interval, the paired differences from
 the reference, every pair of arms, the held-out rows) with the current statistics, keeps what needs
-the run folders (the learned-mask comparison, the figures), and rewrites study.json and summary.md.
+the run folders (the learned-mask comparison, the figures drawn from checkpoints and metrics), redraws
+the figures drawn from study.json alone, and rewrites study.json and summary.md.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..run.outputs import write_atomic
+from .figures import Figures, methods_figure, unseen_figure
 from .report import aggregate, pairwise, summary_markdown
 from .unseen import aggregate_unseen
 
@@ -27,10 +29,32 @@ def recompute(folder: Path) -> dict:
     study["variants"] = aggregate(study)
     study["pairwise"] = pairwise(study)
     study["unseen"] = aggregate_unseen(study)
+    _redraw(study, folder)
     figures = sorted(p.name for p in (folder / "figures").glob("*.png"))
     write_atomic(path, json.dumps(study, indent=2))
     write_atomic(folder / "summary.md", summary_markdown(study, figures))
     return study
+
+
+STUDY_JSON_FIGURES = {"methods.png": methods_figure, "success_vs_vote_threshold.png": unseen_figure}
+
+
+def _redraw(study: dict, folder: Path) -> None:
+    """Redraw the figures that read nothing but the study dict; leave the others as they are."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f = Figures(study, folder, plt)
+    for name, draw in STUDY_JSON_FIGURES.items():
+        fig = draw(f)
+        if isinstance(fig, str):
+            continue
+        fig.tight_layout()
+        (folder / "figures").mkdir(exist_ok=True)
+        fig.savefig(folder / "figures" / name, dpi=110)
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

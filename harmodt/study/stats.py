@@ -101,19 +101,24 @@ def jaccard_matrix(masks: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
-def classical_mds(dist: np.ndarray, dims: int = 2) -> np.ndarray:
+def classical_mds(dist: np.ndarray, dims: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Classical (Torgerson) MDS: the ``[n, dims]`` coordinates whose distances best match ``dist``
-    (double-centred squared distances, top eigenvectors scaled by the square roots of their eigenvalues)."""
+    (double-centred squared distances, top eigenvectors scaled by the square roots of their eigenvalues),
+    and the share of the positive eigenvalues' sum each of the ``dims`` axes explains."""
     d2 = np.asarray(dist, dtype=np.float64) ** 2
     n = len(d2)
     j = np.eye(n) - np.ones((n, n)) / n
     b = -0.5 * j @ d2 @ j
     vals, vecs = np.linalg.eigh(b)
     order = np.argsort(vals)[::-1][:dims]
-    coords = vecs[:, order] * np.sqrt(np.clip(vals[order], 0.0, None))
+    kept = np.clip(vals[order], 0.0, None)
+    coords = vecs[:, order] * np.sqrt(kept)
+    total = vals[vals > 0].sum()
+    explained = kept / total if total > 0 else np.zeros_like(kept)
     if coords.shape[1] < dims:
         coords = np.pad(coords, ((0, 0), (0, dims - coords.shape[1])))
-    return coords
+        explained = np.pad(explained, (0, dims - len(explained)))
+    return coords, explained
 
 
 def fmt(x, nd: int = 3) -> str:
