@@ -222,15 +222,16 @@ class Jobs:
             self.records[name]["tail"] = _tail(job.paths.stdout)
         self.save()
 
-    def alive(self, job) -> bool:
-        """Whether ``job`` is still queued or running (a local job: its controller process lives)."""
+    def alive(self, job, force: bool = False) -> bool:
+        """Whether ``job`` is still queued or running (a local job: its controller process lives; a
+        Slurm job: by sacct, at most every minute unless ``force``)."""
         import submitit
 
         if job.paths.result_pickle.exists():
             return False
         if isinstance(job, submitit.local.local.LocalJob):
             return job._process.poll() is None if job._process is not None else _process_alive(int(job.job_id))
-        return not job.done(force_check=True)
+        return not job.done(force_check=force)
 
     def adopt(self, run: Run):
         """The job of ``run`` left running by an earlier sitting of this executor, or None."""
@@ -238,10 +239,12 @@ class Jobs:
         if not rec or rec.get("state") != "submitted" or rec.get("executor") != self.study.args.executor:
             return None
         job = self.executor.job_class(self.executor.folder, rec["id"])
-        return job if self.alive(job) else None
+        return job if self.alive(job, force=True) else None
 
     def submit(self, run: Run, index: int, threads: int):
         s = self.study
+        if s.args.executor == "slurm":
+            self.executor.update_parameters(job_name=f"harmodt-{run.name}")
         job = self.executor.submit(RunJob(s.args, s.passthrough, s.command, run.name, index, threads))
         self.record(run.name, job, "submitted")
         return job
