@@ -137,6 +137,7 @@ class RunJob:
         self.study = None  # the Study of the running job
 
     def __call__(self) -> bool:
+        """Whether the run succeeded."""
         from .runner import Study
 
         self.study = Study(self.args, self.passthrough, self.command)
@@ -148,9 +149,7 @@ class RunJob:
         except KeyboardInterrupt:  # a cancelled local job: its trainer saves a checkpoint and stops
             self.study.stop_children()
             raise
-        if not ok:
-            raise RuntimeError(f"run {self.name} failed (its logs are in {run.dir})")
-        return True
+        return ok  # False: the run failed, said why in the job's log (the job itself ends normally)
 
     def checkpoint(self, *args, **kwargs):
         """Stop the trainer (it saves its checkpoint) and resubmit the run: submitit requeues it."""
@@ -254,13 +253,15 @@ class Jobs:
         import submitit
 
         try:
-            failed = job.exception() is not None
-        except submitit.core.utils.UncompletedJobError:
+            failed = job.exception() is not None or job.result() is not True
+        except submitit.core.utils.UncompletedJobError:  # ended without a result: killed, or cancelled
             failed = True
         self.record(name, job, "failed" if failed else "completed")
         if failed:
             self.study.say(f"FAIL  {name}: job {job.job_id} failed; the last lines of its log {job.paths.stdout}:\n"
                            f"{self.records[name]['tail']}")
+        else:
+            self.study.say(f"done  {name}: job {job.job_id} completed")
         return not failed
 
 
