@@ -154,7 +154,7 @@ def test_preempted_and_failed_jobs_resume_to_the_local_pools_results(tmp_path):
     assert "skip  harmodt-f-s0" in proc.stdout and "submit prompt-dt-s0" in proc.stdout
     study_json = json.loads((out / "study.json").read_text())
     assert study_json["complete"] and study_json["failed_jobs"] == []
-    assert "failed" not in (out / "summary.md").read_text()
+    assert "(submitit-local) failed" not in (out / "summary.md").read_text()
     assert_same_results(run_results(out), run_results(ref))
     assert processes_using(out) == []
 
@@ -171,7 +171,7 @@ def test_ctrl_c_cancels_the_jobs_or_leaves_them_for_the_next_call(tmp_path):
     def interrupted(cmd, log_path):
         with open(log_path, "w") as log:  # a file, not a pipe: a job left running would hold a pipe open
             study = subprocess.Popen(ignoring_sigint(cmd), stdout=log, stderr=subprocess.STDOUT)
-            wait_for(lambda: mid_training(run_dir), "checkpoint")
+            wait_for(lambda: mid_training(run_dir) and pids("harmodt.train", str(run_dir)), "trainer past its first checkpoint")
             study.send_signal(signal.SIGINT)
             assert study.wait(timeout=150) == 130
         return log_path.read_text()
@@ -186,7 +186,7 @@ def test_ctrl_c_cancels_the_jobs_or_leaves_them_for_the_next_call(tmp_path):
     log = interrupted([*cmd, "--leave-jobs-running"], tmp_path / "leave.log")
     left = json.loads((out / "jobs.json").read_text())["prompt-dt-s0"]
     assert left["state"] == "submitted" and left["id"] != job_id
-    assert f"leaving 1 job(s) running ({left['id']})" in log and "cancel" not in log, log
+    assert f"leaving 1 job(s) running ({left['id']})" in log and "cancel prompt-dt-s0" not in log, log
     assert processes_using(out)  # the job goes on without the study
 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

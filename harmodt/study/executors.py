@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -144,12 +145,13 @@ class RunJob:
         self.study.threads = self.threads
         self.study.check()
         run = next(r for r in self.study.runs if r.name == self.name)
-        try:
-            ok = self.study.execute(run, self.index)
-        except KeyboardInterrupt:  # a cancelled local job: its trainer saves a checkpoint and stops
-            self.study.stop_children()
-            raise
-        return ok  # False: the run failed, said why in the job's log (the job itself ends normally)
+        signal.signal(signal.SIGINT, self.stop)  # a cancelled local job: its trainer saves a checkpoint and stops
+        return self.study.execute(run, self.index)  # False: the run failed, said why in the job's log (the job itself ends normally)
+
+    def stop(self, signum, frame) -> None:
+        """SIGINT: start nothing more and ask the running trainer or evaluator to stop."""
+        self.study.stopping.set()
+        self.study.signal_children(signal.SIGINT)
 
     def checkpoint(self, *args, **kwargs):
         """Stop the trainer (it saves its checkpoint) and resubmit the run: submitit requeues it."""
