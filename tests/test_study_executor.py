@@ -289,15 +289,26 @@ def test_the_tiny_study_on_slurm_equals_the_local_pool(tmp_path, slurm_cluster):
     proc = subprocess.run(study_cmd(data, ref, "prompt-dt,harmodt-f", "--workers", "2"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "slurm"
-    proc = subprocess.run(study_cmd(data, out, "prompt-dt,harmodt-f", "--executor", "slurm", "--slurm-time", "10",
-                                    "--slurm-partition", "harmodt", "--slurm-cpus-per-run", "1"),
-                          capture_output=True, text=True, timeout=400, env=slurm_cluster)
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cmd = study_cmd(data, out, "prompt-dt,harmodt-f", "--executor", "slurm", "--slurm-time", "10", "--slurm-partition", "harmodt",
+                    "--slurm-cpus-per-run", "1")
+    with open(tmp_path / "study.log", "w") as log:
+        study = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=slurm_cluster)
+        hf = out / "runs" / "harmodt-f-s0"
+        wait_for(lambda: mid_training(hf), "checkpoint of harmodt-f-s0", timeout=300)
+        job_id = json.loads((out / "jobs.json").read_text())["harmodt-f-s0"]["id"]
+        # what Slurm sends a job before its time limit: the job saves, requeues itself (scontrol requeue) and resumes
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, env=slurm_cluster)
+        code = study.wait(timeout=400)
+    output = (tmp_path / "study.log").read_text()
+    print(output)
+    assert code == 0, output[-3000:]
     jobs = json.loads((out / "jobs.json").read_text())
     assert {r["executor"] for r in jobs.values()} == {"slurm"} and {r["state"] for r in jobs.values()} == {"completed"}
     for name, rec in jobs.items():
-        assert f"submit {name} " in proc.stdout and f": job {rec['id']}" in proc.stdout
+        assert f"submit {name} " in output and f": job {rec['id']}" in output
         assert f"JobEnvironment(job_id={rec['id']}," in Path(rec["log"]).read_text()
+    train_log = (hf / "train.log").read_text()
+    print(train_log)
+    assert train_log.count("$ python -m harmodt.train") == 2 and "resumed from" in train_log.split("$ python -m harmodt.train")[2]
     assert json.loads((out / "study.json").read_text())["complete"]
     assert_same_results(run_results(out), run_results(ref))
