@@ -91,5 +91,5 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
     extras_require={"triton": ["triton>=3.2"], "test": ["pytest>=8", "pytest-benchmark>=4"],
-                    "minari": ["minari>=0.5.4,<0.6", "h5py>=3.8"]},
+                    "minari": ["minari>=0.5.4,<0.6", "h5py>=3.8"], "slurm": ["submitit>=1.5.4,<1.6"]},
 )

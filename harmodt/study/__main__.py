@@ -7,6 +7,7 @@ import shlex
 import signal
 import sys
 
+from .executors import add_arguments as add_executor_arguments, check_args as check_executor_args
 from .plan import StudyError
 from .runner import Study
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vote-thresholds", default="", help="T1,T2,...: Eq. 13 thresholds for --eval-tasks "
                    "(default N/4, N/2, 3N/4 of the N training tasks, rounded, at least 1)")
     p.add_argument("--report-only", action="store_true", help="start no run: aggregate the finished ones and draw the figures")
+    add_executor_arguments(p)
     return p
 
 
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.workers < 1:
             raise StudyError("--workers must be at least 1")
+        check_executor_args(args)
         study = Study(args, passthrough, command)
         # Ctrl-C / SIGTERM stop the study in every phase, also when it was started with SIGINT ignored (a
         # background job of a non-interactive shell): its runs are in their own sessions, so the study is the

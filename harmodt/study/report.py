@@ -168,6 +168,9 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
     if not study["complete"]:
         missing = [r["name"] for r in runs if r["status"] != "finished"]
         lines += [f"**Partial: {n_done} of {len(runs)} runs evaluated.** Missing: {', '.join(missing)}.", ""]
+    for job in study.get("failed_jobs", []):
+        lines += [f"Run {job['run']}: job {job['id']} ({job['executor']}) failed; the last lines of its log {job['log']}:", "",
+                  "```", job.get("tail", ""), "```", ""]
     cfg = next((r["config"] for r in runs if r.get("config")), None)
     if cfg:
         mc, mk = cfg["model"], cfg["masks"]

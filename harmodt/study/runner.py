@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .executors import failed_jobs
 from .figures import draw_figures
 from ..run.outputs import write_atomic
 from .plan import OWN_FLAGS, Run, StudyError, code_revision, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
@@ -291,6 +292,10 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         self.prepare_data()
         (self.out / "command.txt").write_text(self.command + "\n")
+        if self.args.executor != "local":  # one submitit job per run (Slurm, or local processes)
+            from .executors import run_jobs
+
+            return run_jobs(self)
         self.say(f"{len(self.runs)} runs, {self.args.workers} at a time, {self.threads} thread(s) each; out {self.out}")
         t = time.perf_counter()
         pool = ThreadPoolExecutor(self.args.workers)
@@ -323,7 +328,8 @@ class Study:
                 "eval_episodes": self.args.eval_episodes, "eval_seed": self.args.eval_seed, "data": self.data,
                 "eval_tasks": self.eval_tasks, "vote_thresholds": self.thresholds,
                 "passthrough": self.passthrough, "bootstrap": {"seed": BOOTSTRAP_SEED, "samples": BOOTSTRAP_SAMPLES},
-                "complete": all(r["status"] == "finished" for r in runs), "runs": runs}
+                "complete": all(r["status"] == "finished" for r in runs), "runs": runs,
+                "failed_jobs": failed_jobs(self.out, self.runs)}
 
     def report(self) -> dict:
         study = self.collect()
