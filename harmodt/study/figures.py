@@ -4,30 +4,26 @@ its data are missing. :func:`draw_figures` draws every one into ``OUT/figures``.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from ..methods import METHODS
 from ..run.outputs import read_metrics
+from .learned_masks import checkpoint_masks
 from .stats import classical_mds, jaccard_matrix
 
 
 def final_masks(ck_path: Path, tasks: list[str]) -> np.ndarray | None:
     """Boolean ``[T, P]``: every task's final mask over all masked weights (name order), or None for a
-    missing or unreadable checkpoint or one without masks (loaded with the safe loader)."""
-    from ..checkpoint import CheckpointError, load
-
-    try:
-        ck = load(ck_path)
-    except CheckpointError:
+    missing or unreadable checkpoint or one without masks (:func:`checkpoint_masks`)."""
+    got = checkpoint_masks(ck_path, tasks)
+    if got is None:
         return None
-    masks = ck.get("masks")
-    if not masks:
-        return None
-    names = sorted(masks[tasks[0]])
-    return np.stack([np.concatenate([masks[t][n].numpy().reshape(-1) for n in names]) for t in tasks]).astype(bool)
+    return np.concatenate([got[0][n].reshape(len(tasks), -1) for n in sorted(got[0])], axis=1)
 
 
 @dataclass
@@ -51,7 +47,13 @@ class Figures:
 
     @cached_property
     def colors(self) -> dict:
-        return {v["variant"]: self.plt.cm.tab10(i % 10) for i, v in enumerate(self.study["variants"])}
+        """{variant: colour}: a method's own (harmodt.methods) for the one variant of its plain arm,
+        a tab10 colour by place for the others (labelled variants, swept values)."""
+        variants = self.study["variants"]
+        per_arm = Counter(v["arm"] for v in variants)
+        own = {v["variant"]: METHODS[v["method"]].color for v in variants
+               if v["arm"] == v["method"] and v["method"] in METHODS and per_arm[v["arm"]] == 1}
+        return {v["variant"]: own.get(v["variant"], self.plt.cm.tab10(i % 10)) for i, v in enumerate(variants)}
 
     def series(self, variant: str, key: str) -> dict[str, list]:
         """{run name: [(step, value)]} of one metrics key for the variant's finished runs."""
