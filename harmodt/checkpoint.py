@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .run.outputs import write_atomic
+from .files import write_atomic
 
 
 class CheckpointError(ValueError):
@@ -45,7 +45,7 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def save(state: dict, path: str | os.PathLike) -> None:
-    """Write ``plain(state)`` to ``path`` atomically (:func:`harmodt.run.outputs.write_atomic`: a
+    """Write ``plain(state)`` to ``path`` atomically (:func:`harmodt.files.write_atomic`: a
     crash leaves the previous file or the new one, never a torn one)."""
     buf = io.BytesIO()
     torch.save(plain(state), buf)
@@ -100,7 +100,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .run.cli import OneLineParser
+    from .config import OneLineParser
 
     p = OneLineParser(prog="python -m harmodt.checkpoint", description="Checkpoint tools.")
     sub = p.add_subparsers(dest="cmd", required=True)

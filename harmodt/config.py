@@ -8,16 +8,15 @@ embedded default run (no CLI arguments) shrinks the run so it finishes in minute
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import MISSING, dataclass, field, fields
 
-METHODS = ("mtdt", "prompt-dt", "harmodt-r", "harmodt-m", "harmodt-f", "pcgrad", "cagrad")
-SURGERY_METHODS = ("pcgrad", "cagrad")  # Prompt-DT trained with per-task gradients combined by gradient surgery
+from .methods import CONDITIONING_ALIASES, CONDITIONINGS, METHODS
+from .tasks import TASKS_HELP
+
 QUALITIES = ("near-optimal", "sub-optimal")
-CONDITIONINGS = ("auto", "prompt", "task-state", "task-embedding")
 PROMPT_SEGMENTS = ("last", "random")
-# An earlier name of a --conditioning value, still read from configs and checkpoints.
-CONDITIONING_ALIASES = {"task-id": "task-embedding"}
 
 
 def setting(default=MISSING, help: str = "", *, factory=MISSING):
@@ -54,9 +53,8 @@ class MaskConfig:
 
 @dataclass
 class TrainConfig:
-    tasks: str = setting("MT5", "comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, "
-                         "ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names)")
-    method: str = setting("harmodt-f", "mtdt | prompt-dt | harmodt-r | harmodt-m | harmodt-f | pcgrad | cagrad")
+    tasks: str = setting("MT5", TASKS_HELP)
+    method: str = setting("harmodt-f", " | ".join(METHODS))
     steps: int = setting(1_000_000, "total training steps E (Table 6)")
     batch_size: int = setting(8, "sequences per step (Appendix B)")
     tasks_per_batch: int = setting(0, "tasks mixed in one batch (0 = auto: 1 = Algorithm 1, one task per step; pcgrad/cagrad: all "
@@ -130,6 +128,19 @@ PRESETS = {
 
 class ConfigError(ValueError):
     """A bad flag or config value; printed as one line by the CLIs."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def flag(key: str) -> str:
+    """The training flag of a config field or dotted key: ``batch_size`` -> ``--batch-size``,
+    ``masks.eta_max`` -> ``--eta-max``."""
+    return "--" + key.split(".")[-1].replace("_", "-")
 
 
 # How --resume treats each setting that differs from the checkpoint's (dotted key -> rule):
@@ -238,9 +249,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 
 def auto_tasks_per_batch(method: str, n_tasks: int, batch_size: int) -> int:
-    """``--tasks-per-batch 0``: all tasks (at most ``batch_size``) for the gradient-surgery methods,
-    which need several tasks' gradients per step; 1 (Algorithm 1) for the others."""
-    return min(n_tasks, batch_size) if method in SURGERY_METHODS else 1
+    """``--tasks-per-batch 0``: all tasks (at most ``batch_size``) for a method that combines per-task
+    gradients (gradient surgery), which needs several tasks' gradients per step; 1 (Algorithm 1)
+    for the others."""
+    return min(n_tasks, batch_size) if METHODS[method].per_task_gradients else 1
 
 
 def _device_ok(device: str) -> bool:
@@ -276,7 +288,7 @@ def upgrade_saved_config(d: dict) -> dict:
         d["conditioning"] = CONDITIONING_ALIASES.get(d["conditioning"], d["conditioning"])
     if "prompt_segment" not in d:
         d["prompt_segment"] = "random"
-        if d.get("conditioning", "auto") == "auto" and d.get("method") == "mtdt":
+        if d.get("conditioning", "auto") == "auto" and d.get("method") in METHODS and METHODS[d["method"]].conditioning != "prompt":
             d["conditioning"] = "task-embedding"
     return d
 

@@ -41,11 +41,12 @@ import torch
 import kernels
 
 from .checkpoint import CheckpointError
+from .config import OneLineParser
 from .data.batches import prompt_segment as cut_prompt
+from .files import write_atomic
 from .model import MaskContext
-from .run.cli import OneLineParser
-from .run.outputs import write_atomic
 from .runtime import bf16_matmul_note
+from .tasks import TASKS_HELP
 
 
 class EvalError(ValueError):
@@ -293,11 +294,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu"):
         tasks = list(ck["eval_info"]["tasks"])
         model = build_model(ModelConfig(**cfg["model"]), len(tasks), cfg["method"], cfg.get("conditioning", "auto"))
         model.load_state_dict(ck["model"])
-        masks = TaskMasks.from_per_task(ck["masks"], tasks, device=device) if ck.get("masks") else None
-        if masks is not None:
-            for n, w in model.masked_weights().items():
-                if tuple(masks.masks[n].shape) != (len(tasks), *w.shape):
-                    raise ValueError(f"mask of {n} has shape {tuple(masks.masks[n].shape)}, the model needs {(len(tasks), *w.shape)}")
+        masks = TaskMasks.from_per_task(ck["masks"], tasks, device, model.masked_weights()) if ck.get("masks") else None
     except (TypeError, RuntimeError, KeyError, ValueError, IndexError) as exc:
         raise EvalError(f"{path}: the weights do not fit the model its config describes ({checkpoint.one_line(exc)})") from None
     return model.to(device), masks, ck["eval_info"], cfg, int(ck.get("step", 0))
@@ -320,9 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m harmodt.evaluate", description="Evaluate a harmodt checkpoint on Meta-World v3 (batched).")
     p.add_argument("checkpoint", help="checkpoint.pt written by harmodt.train")
     p.add_argument("--tasks", default=None,
-                   help="tasks to evaluate, a comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, "
-                        "ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names; default: "
-                        "the checkpoint's); unseen tasks use the voted mask")
+                   help=f"tasks to evaluate (default: the checkpoint's; unseen tasks use the voted mask): {TASKS_HELP}")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--seed", type=int, default=12345, help="seed for goals and prompts")

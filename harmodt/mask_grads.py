@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .model import MaskContext, action_loss
+from .optim import clip_factor
 from .run.rng import dropout_state, set_dropout_state
 
 
@@ -83,10 +84,3 @@ def clipped_gradient(tr, batch: dict, task: int | None) -> tuple[torch.Tensor, t
     others = [g for p, g in zip(tr.params, grads) if id(p) not in matrix_ids and g is not None]
     coef = clip_factor(full + others, tr.cfg.grad_clip)
     return _flat(mats) * coef, None if ctx is None else _flat(full) * coef
-
-
-def clip_factor(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """The factor ``torch.nn.utils.clip_grad_norm_`` would multiply ``grads`` by:
-    ``min(1, max_norm / (norm + 1e-6))``, ``norm`` the 2-norm over all of them (a 0-dim tensor)."""
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)

@@ -140,9 +140,16 @@ class TaskMasks:
         return {t: {n: m[i].cpu().clone() for n, m in self.masks.items()} for i, t in enumerate(names)}
 
     @staticmethod
-    def from_per_task(d: dict[str, dict[str, torch.Tensor]], names: list[str], device: torch.device | str = "cpu") -> "TaskMasks":
+    def from_per_task(d: dict[str, dict[str, torch.Tensor]], names: list[str], device: torch.device | str = "cpu",
+                      weights: dict[str, torch.Tensor] | None = None) -> "TaskMasks":
+        """The masks of :meth:`per_task`'s format; with the model's masked ``weights`` (name ->
+        parameter), ValueError when a mask does not fit its weight."""
         params = list(d[names[0]].keys())
-        return TaskMasks({p: torch.stack([d[t][p].bool() for t in names]).to(device) for p in params})
+        masks = TaskMasks({p: torch.stack([d[t][p].bool() for t in names]).to(device) for p in params})
+        for n, w in (weights or {}).items():
+            if tuple(masks.masks[n].shape) != (len(names), *w.shape):
+                raise ValueError(f"mask of {n} has shape {tuple(masks.masks[n].shape)}, the model needs {(len(names), *w.shape)}")
+        return masks
 
 
 def harmony_score(grads: torch.Tensor) -> float:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 import kernels
 
-from .config import CONDITIONING_ALIASES, ModelConfig
+from .config import ModelConfig
+from .methods import resolve_conditioning
 
 
 @dataclass
@@ -253,16 +254,8 @@ class PromptDT(nn.Module):
         return self._head(x[:, -1])
 
 
-def resolve_conditioning(method: str, conditioning: str = "auto") -> str:
-    """The concrete conditioning of ``method``: "auto" is "task-state" for MTDT (the paper's) and
-    "prompt" for the others; "task-id" (an earlier name) is "task-embedding"."""
-    if conditioning == "auto":
-        return "task-state" if method == "mtdt" else "prompt"
-    return CONDITIONING_ALIASES.get(conditioning, conditioning)
-
-
 def build_model(cfg: ModelConfig, n_tasks: int, method: str, conditioning: str = "auto") -> PromptDT:
-    """The model of ``method`` with ``conditioning`` (see :func:`resolve_conditioning`)."""
+    """The model of ``method`` with ``conditioning`` (see :meth:`harmodt.methods.Method.resolve_conditioning`)."""
     return PromptDT(cfg, n_tasks, resolve_conditioning(method, conditioning))
 
 

@@ -19,7 +19,11 @@ def clip_coefficient(params: list, max_norm: float) -> torch.Tensor:
     by, ``min(1, max_norm / (norm + 1e-6))`` with ``norm`` the 2-norm over all gradients, as a
     0-dim float32 tensor on the gradients' device (no host synchronisation);
     :meth:`MaskedAdamW.masked_step` applies it."""
-    grads = [p.grad for p in params if p.grad is not None]
+    return clip_factor([p.grad for p in params if p.grad is not None], max_norm)
+
+
+def clip_factor(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The clip factor of :func:`clip_coefficient` for gradients held apart from their parameters."""
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
     return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 

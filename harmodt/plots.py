@@ -57,6 +57,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def draw_curves(run_dir: str | Path) -> Path | None:
+    """:func:`plot_run` at the end of training; None without matplotlib (the curves stay in
+    metrics.jsonl and TensorBoard)."""
+    try:
+        return plot_run(run_dir)
+    except ImportError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):

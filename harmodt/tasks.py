@@ -76,6 +76,9 @@ GOAL_SPLITS = {"g": "train", "test": "test"}  # name suffix -> ML1 split
 _SPLIT_CODE = {"train": 1, "test": 2}  # in task_seed and task_sort_key
 _GOAL_RE = re.compile(r"(?P<base>[^@]+)@(?P<kind>g|test)(?P<index>\d+)")
 _ML1_SET_RE = re.compile(r"ML1-(?P<base>.+)-(?P<split>train|test)(?:\[(?P<slice>[^\]]*)\])?", re.IGNORECASE)
+# The help text of every --tasks flag.
+TASKS_HELP = ("comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, "
+              "ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names)")
 _HELP = "expected MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, ML1-<task>-train/test[slice], Meta-World v3 task names or TASK@gN / TASK@testN"
 
 

@@ -7,7 +7,7 @@ masks (HarmoDT-M/F; HarmoDT-R keeps its random ERK masks). Model, masks, optimiz
 batches live on ``--device``; the kernels of each op are chosen once (``kernels.select_backends``).
 The harness around the algorithms (flags, output files, RNG state, checkpoints, signals, torchrun
 ranks, the data cache) is in harmodt/run/. Writes into ``--out``: config.json, metrics.jsonl,
-TensorBoard events, checkpoint.pt (atomic, safe to load; resumable), results.json.
+TensorBoard events, checkpoint.pt (atomic, safe to load; resumable), results.json, curves.png.
 """
 
 from __future__ import annotations
@@ -19,16 +19,18 @@ import torch
 
 import kernels
 
-from . import baselines
-from .config import SURGERY_METHODS, ConfigError, TrainConfig, resolve_device
+from . import plots
+from .config import ConfigError, TrainConfig, resolve_device
 from .data.batches import PromptDTBatcher, batch_segments
 from .mask_grads import official_task_gradient, paper_task_gradient
 from .masks import TaskMasks, alpha_schedule, harmony_score
-from .model import MaskContext, action_loss, build_model, resolve_conditioning
+from .methods import METHODS
+from .model import MaskContext, action_loss, build_model
 from .optim import MaskedAdamW, clip_coefficient, param_groups
 from .run import distributed, resume, rng, session, signals
 from .run.data_cache import load_training_data
 from .run.outputs import MetricsLog, NoLog
+from .surgery import surgery_gradients
 from .tasks import parse_tasks
 
 
@@ -38,10 +40,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, datasets: dict | None = None, dist: distributed.Single | None = None):
         self.cfg = cfg
+        self.method = METHODS[cfg.method]
         self.tasks = parse_tasks(cfg.tasks)
         self.dist = dist or distributed.Single()  # the ranks of a torchrun run (harmodt.run.distributed), or one process
         self.device = self.dist.device(resolve_device(cfg.device))
-        if self.dist.active and cfg.method in SURGERY_METHODS:
+        if self.dist.active and self.method.per_task_gradients:
             raise ConfigError(f"--method {cfg.method} runs in one process (its per-task gradients are not split over torchrun ranks)")
         try:
             self.backends = kernels.select_backends(self.device, cfg.fused, cfg.backend)
@@ -50,7 +53,8 @@ class Trainer:
         rng.seed_all(cfg.seed)
         self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks, may_generate=not self.dist.active)
         mc = cfg.model
-        prompted = cfg.method != "mtdt" or resolve_conditioning(cfg.method, cfg.conditioning) == "prompt"
+        # a prompted method's data stream draws prompts whatever --conditioning says
+        prompted = "prompt" in (self.method.conditioning, self.method.resolve_conditioning(cfg.conditioning))
         self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if prompted else 0, cfg.rtg_scale,
                                        mc.max_ep_len, seed=cfg.seed + self.dist.rank, device=self.device, prompt_segment=cfg.prompt_segment)
         self.model = build_model(mc, len(self.tasks), cfg.method, cfg.conditioning).to(self.device)
@@ -59,7 +63,7 @@ class Trainer:
         self.weights = self.model.masked_weights()  # name -> Parameter
         shapes = {n: tuple(w.shape) for n, w in self.weights.items()}
         self.task_masks = None
-        if cfg.method.startswith("harmodt"):
+        if self.method.masked:
             self.task_masks = TaskMasks.erk(shapes, len(self.tasks), cfg.masks.sparsity, torch.Generator().manual_seed(cfg.seed + 1),
                                             device=self.device)
         self.task_stream = None  # with several ranks: the task draws every rank shares (harmodt.run.distributed)
@@ -123,7 +127,7 @@ class Trainer:
         the device: reading it is the caller's choice, so a GPU step need not wait)."""
         if not self.model.training:  # (train() walks every module: skip it when already set)
             self.model.train()
-        if self.cfg.method in SURGERY_METHODS:
+        if self.method.per_task_gradients:
             return self.surgery_step(task_ids)
         batch = self.batcher.sample(task_ids, self.cfg.batch_size)
         ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1, segments=batch_segments(task_ids, self.cfg.batch_size))
@@ -148,10 +152,10 @@ class Trainer:
 
     def surgery_step(self, task_ids: list[int]) -> torch.Tensor:
         """One PCGrad/CAGrad step (dense Prompt-DT, no masks): each task's gradient on its own rows
-        of the batch, combined by gradient surgery (harmodt.baselines.surgery_gradients; PCGrad's
+        of the batch, combined by the method's rule (harmodt.surgery.surgery_gradients; PCGrad's
         orders from the data stream), then the clip and AdamW step. Returns the mean task loss."""
         params = [p for p in self.params if p.requires_grad]
-        loss = baselines.surgery_gradients(self.cfg.method, params, task_ids, self.cfg.batch_size, self.batcher.sample, self.forward,
+        loss = surgery_gradients(self.method.combine, params, task_ids, self.cfg.batch_size, self.batcher.sample, self.forward,
                                            self.autocast, self.cfg.cagrad_c, self.batcher.generator)
         coef = clip_coefficient(params, self.cfg.grad_clip)
         self.opt.masked_step(None, grad_scale=coef, op=self.backends.masked_adamw)
@@ -192,11 +196,11 @@ class Trainer:
         info = {"harmony_score": harmony_score(masked)}
         self.last_harmony = info["harmony_score"]
         m = self.cfg.masks
-        if self.task_masks is not None and self.cfg.method in ("harmodt-m", "harmodt-f"):
+        if self.method.learns_masks:
             k = alpha_schedule(self.step, self.cfg.steps, m.eta_min, m.eta_max)
             params = torch.cat([w.detach().reshape(-1) for w in self.weights.values()])
-            importance = "fisher" if self.cfg.method == "harmodt-f" else "magnitude"
-            changed = self.task_masks.update(masked, dense, params, k, m.lam, importance, m.lam_on, select=self.backends.harmony_select)
+            changed = self.task_masks.update(masked, dense, params, k, m.lam, self.method.importance, m.lam_on,
+                                             select=self.backends.harmony_select)
             info.update({"alpha": k, "masked_per_task": changed["masked"], "density": self.task_masks.density(),
                          "mask_changed_fraction": self.task_masks.changed_fraction(self.initial_masks)})
         self.dist.check_identical({"masks": [] if self.task_masks is None else [self.task_masks.flat_packed()],
@@ -246,7 +250,10 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
         trainer = Trainer(cfg, datasets, dist)
         log, run_state = session.continue_run(trainer, ck)
         del ck
-        return train_loop(trainer, log, run_state)
+        results = train_loop(trainer, log, run_state)
+        if dist.is_main:
+            plots.draw_curves(cfg.out)
+        return results
 
 
 def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from _data_folders import write_ours
 from _synthetic import datasets
-from harmodt.baselines import cagrad, cagrad_weights, combine, pcgrad, random_orders
+from harmodt.baselines import cagrad, cagrad_direction, cagrad_weights, pcgrad, pcgrad_direction, random_orders
 from harmodt.baselines.cagrad import dual_objective, project_simplex
 from harmodt.config import ConfigError, ModelConfig, TrainConfig, validate
 from harmodt.model import action_loss
@@ -52,15 +52,15 @@ def test_pcgrad_without_conflict_returns_the_sum():
     assert (grads @ grads.T >= 0).all()
     out = pcgrad(grads, random_orders(3, torch.Generator().manual_seed(0)))
     assert torch.allclose(out, grads.sum(0), rtol=1e-6, atol=0)
-    # combine() divides by T: the mean gradient, Prompt-DT's scale
-    assert torch.allclose(combine("pcgrad", grads, 0.5, torch.Generator().manual_seed(0)), grads.mean(0), rtol=1e-6, atol=0)
+    # pcgrad_direction() divides by T: the mean gradient, Prompt-DT's scale
+    assert torch.allclose(pcgrad_direction(grads, 0.5, torch.Generator().manual_seed(0)), grads.mean(0), rtol=1e-6, atol=0)
 
 
 def test_pcgrad_of_two_tasks_does_not_depend_on_the_order_draws():
     grads = torch.randn(2, 50, generator=torch.Generator().manual_seed(1))
     grads[1] -= 2 * grads[0]  # make them conflict
     assert grads[0] @ grads[1] < 0
-    outs = [combine("pcgrad", grads, 0.5, torch.Generator().manual_seed(s)) for s in range(4)]
+    outs = [pcgrad_direction(grads, 0.5, torch.Generator().manual_seed(s)) for s in range(4)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
@@ -95,7 +95,7 @@ def test_random_orders_are_seeded_permutations_of_the_other_tasks():
 def test_cagrad_at_c_zero_is_the_mean_gradient():
     grads = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
     assert torch.equal(cagrad(grads, 0.0), grads.mean(0))
-    assert torch.equal(combine("cagrad", grads, 0.0, torch.Generator()), grads.mean(0))
+    assert torch.equal(cagrad_direction(grads, 0.0, torch.Generator()), grads.mean(0))
 
 
 def test_cagrad_two_orthogonal_gradients_by_hand():

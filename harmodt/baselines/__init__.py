@@ -2,15 +2,15 @@
 
 Each rule (pcgrad.py, cagrad.py) is a pure function of a ``[T, P]`` matrix of task gradients (one
 row per task, the shared parameters flattened) that returns one ``[P]`` gradient and knows nothing
-of the model. :func:`combine` returns a method's direction at the scale of the mean task gradient,
-the scale of Prompt-DT's batch-mean loss; :func:`surgery_gradients` is what the trainer calls: the
-task gradients of one training step on the model, combined (surgery.py).
+of the model; ``*_direction`` is a method's direction at the scale of the mean task gradient, the
+scale of Prompt-DT's batch-mean loss, and is the method's ``combine`` (harmodt.methods).
+harmodt.surgery is what the trainer calls: the task gradients of one training
+step on the model, combined.
 """
 
 from __future__ import annotations
 
-from .cagrad import cagrad, cagrad_weights
-from .pcgrad import pcgrad, random_orders
-from .surgery import combine, surgery_gradients
+from .cagrad import cagrad, cagrad_direction, cagrad_weights
+from .pcgrad import pcgrad, pcgrad_direction, random_orders
 
-__all__ = ["cagrad", "cagrad_weights", "combine", "pcgrad", "random_orders", "surgery_gradients"]
+__all__ = ["cagrad", "cagrad_direction", "cagrad_weights", "pcgrad", "pcgrad_direction", "random_orders"]

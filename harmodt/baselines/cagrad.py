@@ -95,3 +95,9 @@ def cagrad(grads: torch.Tensor, c: float, rescale: bool = True) -> torch.Tensor:
     if rescale:
         coef /= 1.0 + c * c
     return torch.as_tensor(coef, dtype=grads.dtype, device=grads.device) @ grads
+
+
+def cagrad_direction(grads: torch.Tensor, c: float, generator: torch.Generator) -> torch.Tensor:
+    """CAGrad's update direction ``[P]`` (:func:`cagrad` with ``c``, already at the mean gradient's
+    scale); ``generator`` is not used."""
+    return cagrad(grads, c)

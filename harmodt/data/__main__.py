@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from ..tasks import parse_tasks
+from ..tasks import TASKS_HELP, parse_tasks
 from .formats import DataError
 from .generator import CURRICULUM, generate
 from .load import detect_layout, load_dataset
@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodt.data", description="Generate, inspect or export offline Meta-World data.")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="roll out the scripted experts with a random-to-expert curriculum")
-    g.add_argument("--tasks", required=True, help="comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, "
-                   "ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN")
+    g.add_argument("--tasks", required=True, help=TASKS_HELP)
     g.add_argument("--episodes", type=int, required=True, help="curriculum episodes per task")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--seed", type=int, default=0, help="seed (same seed, same data)")

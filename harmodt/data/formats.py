@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import write_atomic
 from ..tasks import is_task
 
 FORMAT_VERSION = 1
@@ -92,39 +93,15 @@ def is_temp_name(name: str) -> bool:
     return re.fullmatch(r"\..+\.tmp-\d+", name) is not None
 
 
-def _replace_durably(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    try:  # the rename itself reaches the disk too
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_savez(path: Path, arrays: dict) -> None:
-    """Write a compressed npz under a temporary name, flush it to disk, then rename it to
-    ``path``: a reader sees either no file or the whole file, even after SIGKILL."""
-    tmp = temp_name(path)
-    with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _replace_durably(tmp, path)
+    """Write a compressed npz atomically (harmodt.files.write_atomic, under :func:`temp_name`): a
+    reader sees either no file or the whole file, even after SIGKILL."""
+    write_atomic(path, lambda fh: np.savez_compressed(fh, **arrays), tmp=temp_name(path))
 
 
 def atomic_json(path: Path, obj) -> None:
     """Write JSON the way :func:`atomic_savez` writes arrays."""
-    tmp = temp_name(path)
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(obj, indent=2))
-        fh.flush()
-        os.fsync(fh.fileno())
-    _replace_durably(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2), tmp=temp_name(path))
 
 
 # ---- writing ours ----------------------------------------------------------------------------

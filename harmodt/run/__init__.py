@@ -3,7 +3,7 @@
 - session.py: one run as a process: start, checks before any file is written, continuing, the end
   (final and best evaluations, results.json), the progress bar and metric lines, the exit codes
 - cli.py: the ``python -m harmodt.train`` flags, built from the config dataclasses; one-line errors
-- outputs.py: the one atomic file writer; metrics.jsonl (read, rewound on resume) and TensorBoard
+- outputs.py: metrics.jsonl (read, rewound on resume) and TensorBoard (files are written by harmodt.files)
 - rng.py: capture and restore every global random stream
 - resume.py: what a checkpoint of a trainer holds, continuing from one, and which settings may change
 - signals.py: Ctrl-C / SIGTERM as a stop request

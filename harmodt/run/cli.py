@@ -9,24 +9,13 @@ import dataclasses
 import json
 import sys
 
-from ..config import PRESETS, RESUME_RULES, ConfigError, TrainConfig, apply_overrides, config_from_dict, validate
+from ..config import (PRESETS, RESUME_RULES, ConfigError, OneLineParser, TrainConfig, apply_overrides, config_from_dict, flag,
+                      validate)
 
 # Flags that say how and where a run goes, not what it trains: given alone (no --preset, no
 # --config, no other flag) they keep the embedded default run.
 RUN_ONLY = ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume", "device", "compile", "allow_changed",
             "dist_timeout")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr and exit code 2 (no usage dump)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def flag(name: str) -> str:
-    """The flag of a config field: ``batch_size`` -> ``--batch-size``."""
-    return "--" + name.replace("_", "-")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:

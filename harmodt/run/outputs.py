@@ -1,8 +1,5 @@
-"""Files a run writes: one atomic writer for every output (training, checkpoints, evaluation,
-studies), and metrics.jsonl with its TensorBoard copy: one reader, one rewinder.
-
-A leaf module: it imports nothing of harmodt, so any module may use it.
-"""
+"""The metrics a run writes: metrics.jsonl with its TensorBoard copy, one reader, one rewinder.
+Every file is written through harmodt.files.write_atomic (imported here for the harness)."""
 
 from __future__ import annotations
 
@@ -10,18 +7,7 @@ import json
 import os
 from pathlib import Path
 
-
-def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview | str) -> None:
-    """Write ``data`` to ``path`` whole or not at all: into ``PATH.tmp`` beside it, flushed to
-    disk, then renamed over ``path`` (a crash leaves the previous file or the new one, never a torn
-    one; at worst a torn ``PATH.tmp``)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+from ..files import write_atomic
 
 
 def _records(raw: bytes) -> list[tuple[bytes, dict]]:

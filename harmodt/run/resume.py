@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint
-from ..config import RESUME_RULES, ConfigError, TrainConfig, flat_keys, to_dict, upgrade_saved_config
+from ..config import RESUME_RULES, ConfigError, TrainConfig, flag, flat_keys, to_dict, upgrade_saved_config
 from ..masks import TaskMasks
 from . import distributed, rng
-from .cli import flag
 
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> dict:
@@ -45,7 +44,7 @@ def check_resume_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
     free = [k for k in refused if RESUME_RULES.get(k) == "changeable"]
     hints = []
     if fixed:
-        keep = " ".join(f"{flag(k.split('.')[-1])} {shlex.quote(str(diff[k][0]))}" for k in fixed)
+        keep = " ".join(f"{flag(k)} {shlex.quote(str(diff[k][0]))}" for k in fixed)
         hints.append(f"{', '.join(fixed)} cannot change on --resume (pass {keep} to continue the checkpoint as it was, "
                      f"or train a new run into another --out)")
     if free:
@@ -108,12 +107,7 @@ def restore(tr, ck: dict, path: Path) -> dict:
     try:
         tr.model.load_state_dict(ck["model"])
         if ck["masks"] is not None:
-            masks = TaskMasks.from_per_task(ck["masks"], tr.tasks, device=tr.device)
-            for n, w in tr.weights.items():
-                if tuple(masks.masks[n].shape) != (len(tr.tasks), *w.shape):
-                    raise ValueError(f"mask of {n} has shape {tuple(masks.masks[n].shape)}, the model needs "
-                                     f"{(len(tr.tasks), *w.shape)}")
-            tr.task_masks = masks
+            tr.task_masks = TaskMasks.from_per_task(ck["masks"], tr.tasks, tr.device, tr.weights)
         tr.opt.load_state_dict(ck["optimizer"])
         tr.sched.load_state_dict(ck["scheduler"])
         tr.step = int(ck["step"])

@@ -18,7 +18,6 @@ import kernels
 from ..config import ConfigError, TrainConfig, resolve_device, to_dict
 from ..data import DataError
 from ..evaluate import print_table, result_entry
-from ..plots import plot_run
 from ..runtime import bf16_matmul_note, keep_freed_memory
 from . import distributed, resume
 from .cli import parse_args
@@ -142,7 +141,7 @@ class Evaluations:
 
 def finish(tr, log: MetricsLog | NoLog, evals: Evaluations) -> dict:
     """The end of a run: the final evaluation (with ``--eval-episodes``), its table and metric
-    line, results.json and curves.png. Returns the results: at the top level (tasks,
+    line and results.json. Returns the results: at the top level (tasks,
     mean_success) the final evaluation, repeated as ``final``; ``best``: the evaluation with the
     highest mean success among the periodic ones (``--eval-every``) and the final one."""
     cfg, dist, out = tr.cfg, tr.dist, Path(tr.cfg.out)
@@ -160,10 +159,6 @@ def finish(tr, log: MetricsLog | NoLog, evals: Evaluations) -> dict:
     if not dist.is_main:
         return results
     write_atomic(out / "results.json", json.dumps(results, indent=2))
-    try:
-        plot_run(out)
-    except ImportError:  # matplotlib missing: curves stay in metrics.jsonl and TensorBoard
-        pass
     return results
 
 

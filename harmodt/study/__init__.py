@@ -32,7 +32,7 @@ Modules: :mod:`.plan` (arms, run names, run folders), :mod:`.runner` (the runs a
 (``--executor slurm|submitit-local``: every run a submitit job; docs/study.md) and :mod:`.__main__` (the CLI).
 """
 
-from .plan import METHOD_LABELS, Arm, Run, StudyError
+from .plan import Arm, Run, StudyError
 from .runner import Study
 
-__all__ = ["METHOD_LABELS", "Arm", "Run", "Study", "StudyError"]
+__all__ = ["Arm", "Run", "Study", "StudyError"]

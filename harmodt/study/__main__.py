@@ -7,6 +7,7 @@ import shlex
 import signal
 import sys
 
+from ..tasks import TASKS_HELP
 from .executors import add_arguments as add_executor_arguments, check_args as check_executor_args
 from .plan import StudyError
 from .runner import Study
@@ -18,8 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and evaluate every (method, seed[, swept value]) on one dataset; write study.json, summary.md "
                     "and figures. Flags not listed here are passed to every `python -m harmodt.train` run.")
     p.add_argument("--tasks", default="MT10",
-                   help="comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, "
-                        "ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names; default MT10)")
+                   help=f"{TASKS_HELP} (default MT10)")
     p.add_argument("--methods", default="mtdt,prompt-dt,harmodt-r,harmodt-m,harmodt-f", help="comma list of methods")
     p.add_argument("--seeds", default="0,1,2", help="comma list of training seeds")
     p.add_argument("--out", required=True, help="study folder (runs/, data/, study.json, summary.md, figures/)")

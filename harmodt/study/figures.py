@@ -11,38 +11,33 @@ from pathlib import Path
 
 import numpy as np
 
+from ..methods import METHODS
 from ..run.outputs import read_metrics
-from .plan import METHOD_LABELS
+from .learned_masks import checkpoint_masks
 from .stats import classical_mds, jaccard_matrix
 
-# one colour per method in every figure of every study: the methods by their fixed order, other labelled
-# variants (``--variant``) by their label, from the palette's remaining colours
-_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-METHOD_COLORS = {label: _PALETTE[i] for i, label in enumerate(METHOD_LABELS.values())}
+# labelled variants (``--variant``, swept values) take one of the colours no method has, chosen by the label
+# so that a variant has the same colour in every study
+_VARIANT_COLORS = ["tab:brown", "tab:pink", "tab:olive", "black", "gold", "navy"]
 
 
-def method_color(variant: str) -> str:
-    """The colour of a variant's label: its method's for a plain method, a stable one of the others for a variant."""
-    if variant in METHOD_COLORS:
-        return METHOD_COLORS[variant]
-    rest = _PALETTE[len(METHOD_COLORS):]
+def variant_color(variant: str) -> str:
+    """A variant's colour in every figure: its method's own (harmodt.methods) for a method's plain label,
+    a stable one of the colours no method uses for any other label."""
+    own = {m.label: m.color for m in METHODS.values()}
+    if variant in own:
+        return own[variant]
+    rest = [c for c in _VARIANT_COLORS if c not in own.values()]
     return rest[zlib.crc32(variant.encode()) % len(rest)]
 
 
 def final_masks(ck_path: Path, tasks: list[str]) -> np.ndarray | None:
     """Boolean ``[T, P]``: every task's final mask over all masked weights (name order), or None for a
-    missing or unreadable checkpoint or one without masks (loaded with the safe loader)."""
-    from ..checkpoint import CheckpointError, load
-
-    try:
-        ck = load(ck_path)
-    except CheckpointError:
+    missing or unreadable checkpoint or one without masks (:func:`checkpoint_masks`)."""
+    got = checkpoint_masks(ck_path, tasks)
+    if got is None:
         return None
-    masks = ck.get("masks")
-    if not masks:
-        return None
-    names = sorted(masks[tasks[0]])
-    return np.stack([np.concatenate([masks[t][n].numpy().reshape(-1) for n in names]) for t in tasks]).astype(bool)
+    return np.concatenate([got[0][n].reshape(len(tasks), -1) for n in sorted(got[0])], axis=1)
 
 
 @dataclass
@@ -66,7 +61,7 @@ class Figures:
 
     @cached_property
     def colors(self) -> dict:
-        return {v["variant"]: method_color(v["variant"]) for v in self.study["variants"]}
+        return {v["variant"]: variant_color(v["variant"]) for v in self.study["variants"]}
 
     def series(self, variant: str, key: str) -> dict[str, list]:
         """{run name: [(step, value)]} of one metrics key for the variant's finished runs."""

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..methods import METHODS
 from ..run.outputs import read_metrics
-from .stats import fmt
-
-LEARNED_METHODS = ("harmodt-f", "harmodt-m")
+from .stats import fmt, jaccard_matrix
 
 
-def _checkpoint_masks(ck_path: Path, tasks: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+def checkpoint_masks(ck_path: Path, tasks: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
     """``({weight name: bool [T, N, K]}, {weight name: float [N, K]})`` of a checkpoint with masks, or None."""
     from ..checkpoint import CheckpointError, load
 
@@ -39,15 +38,9 @@ def _checkpoint_masks(ck_path: Path, tasks: list[str]) -> tuple[dict[str, np.nda
 
 
 def _mean_pairwise_jaccard(flat: np.ndarray) -> float:
-    """Mean Jaccard index over every two different rows of a bool ``[T, P]``."""
+    """Mean Jaccard index over every two different rows of a bool ``[T, P]`` (:func:`jaccard_matrix`)."""
     t = flat.shape[0]
-    vals = []
-    for i in range(t):
-        for j in range(i + 1, t):
-            inter = np.count_nonzero(flat[i] & flat[j])
-            union = np.count_nonzero(flat[i] | flat[j])
-            vals.append(inter / union if union else 1.0)
-    return float(np.mean(vals)) if vals else float("nan")
+    return float(np.mean(jaccard_matrix(flat)[np.triu_indices(t, 1)])) if t > 1 else float("nan")
 
 
 def _matrix_kind(name: str) -> str:
@@ -108,20 +101,26 @@ def _harmony(metrics: list[dict]) -> dict | None:
             "mean": float(np.mean([v for _, v in pts]))}
 
 
+def _masks(run: dict) -> str:
+    """How a run's method treats its masks (harmodt.methods.Method.masks); "none" for an unknown method."""
+    method = METHODS.get(run["method"])
+    return "none" if method is None else method.masks
+
+
 def compare_learned_masks(study: dict, out: Path) -> list[dict]:
     """One entry per finished learned-mask run (HarmoDT-F/-M, any variant) whose seed has a finished
     HarmoDT-R run at the same swept value: the :func:`compare_pair` measures, both runs' harmony
     score over training and the per-task success difference learned minus random."""
     finished = [r for r in study["runs"] if r["status"] == "finished"]
     sweep_value = lambda r: (r.get("sweep") or {}).get("value")  # noqa: E731
-    randoms = {(r["seed"], sweep_value(r)): r for r in finished if r["method"] == "harmodt-r" and r["arm"] == "harmodt-r"}
+    randoms = {(r["seed"], sweep_value(r)): r for r in finished if r["arm"] == r["method"] and _masks(r) == "fixed"}
     tasks = study["tasks"]
     res = []
     for r in finished:
-        if r["method"] not in LEARNED_METHODS or (base := randoms.get((r["seed"], sweep_value(r)))) is None:
+        if _masks(r) != "learned" or (base := randoms.get((r["seed"], sweep_value(r)))) is None:
             continue
-        got_l = _checkpoint_masks(out / "runs" / r["name"] / "checkpoint.pt", tasks)
-        got_r = _checkpoint_masks(out / "runs" / base["name"] / "checkpoint.pt", tasks)
+        got_l = checkpoint_masks(out / "runs" / r["name"] / "checkpoint.pt", tasks)
+        got_r = checkpoint_masks(out / "runs" / base["name"] / "checkpoint.pt", tasks)
         if got_l is None or got_r is None:
             continue
         entry = {"run": r["name"], "variant": r["variant"], "random_run": base["name"], "seed": r["seed"],

@@ -10,10 +10,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..run.outputs import write_atomic
+from ..config import flag as flag_for_key  # the study's name for it
+from ..files import write_atomic
+from ..methods import METHODS
 
-METHOD_LABELS = {"mtdt": "MTDT", "prompt-dt": "Prompt-DT", "harmodt-r": "HarmoDT-R", "harmodt-m": "HarmoDT-M",
-                 "harmodt-f": "HarmoDT-F", "pcgrad": "PCGrad", "cagrad": "CAGrad"}
 # flags the study sets itself for every run; passing them through would make runs disagree with their names
 OWN_FLAGS = ("--method", "--seed", "--out", "--resume", "--no-resume", "--tasks", "--data", "--eval-episodes", "--preset",
              "--config")
@@ -34,7 +34,9 @@ class Arm:
 
 
 def method_arm(method: str) -> Arm:
-    return Arm(method, METHOD_LABELS.get(method, method), method)
+    """The arm of a plain ``--methods`` entry, labelled as the method table says (an unknown name as itself)."""
+    known = METHODS.get(method)
+    return Arm(method, known.label if known else method, method)
 
 
 def slug(label: str) -> str:
@@ -56,11 +58,6 @@ def parse_variant(text: str) -> Arm:
         if name in OWN_FLAGS and name not in VARIANT_ONLY_FLAGS:
             raise StudyError(f"--variant {label.strip()!r}: {name} is set by the study for every run")
     return Arm(slug(label), label.strip(), words[0], tuple(words[1:]))
-
-
-def flag_for_key(key: str) -> str:
-    """Training flag of a config key: ``masks.eta_max`` and ``eta_max`` -> ``--eta-max``."""
-    return "--" + key.split(".")[-1].replace("_", "-")
 
 
 def parse_sweep(text: str | None) -> tuple[str, list[str]] | None:

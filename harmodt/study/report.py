@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..methods import REFERENCE
 from ..run.outputs import read_metrics
 from .stats import SEED_LEVEL_METHOD, excludes_zero, fmt as _fmt, holm, paired_difference, t_interval
 from .learned_masks import learned_masks_markdown
@@ -103,8 +104,8 @@ def aggregate(study: dict) -> list[dict]:
             if vals := [r["final_mask_changed_fraction_min"] for r in rows if "final_mask_changed_fraction_min" in r]:
                 entry["final_mask_changed_fraction_min"] = float(np.min(vals))  # the least-moved task of any seed
         ref = None
-        if "prompt-dt" in study["methods"]:  # Prompt-DT at the same swept value, else the unswept Prompt-DT
-            pds = [w for w in order if by_variant[w] and by_variant[w][0]["arm"] == "prompt-dt"]
+        if REFERENCE in study["methods"]:  # Prompt-DT at the same swept value, else the unswept Prompt-DT
+            pds = [w for w in order if by_variant[w] and by_variant[w][0]["arm"] == REFERENCE]
             ref = next((w for w in pds if (by_variant[w][0]["sweep"] or {}).get("value") == entry["sweep_value"]),
                        next((w for w in pds if by_variant[w][0]["sweep"] is None), None))
         elif first_value is not None and entry["sweep_value"] != first_value:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..methods import METHODS, REFERENCE
 from .plan import StudyError
-from .stats import SEED_LEVEL_METHOD, paired_difference, t_interval
+from .stats import SEED_LEVEL_METHOD, fmt, paired_difference, t_interval
 
 SKIP_NOTE = "conditioned on the task ID (as MTDT): it cannot act on a task it was not trained on"
 
@@ -54,10 +55,10 @@ def parse_thresholds(text: str | None, n_tasks: int) -> list[int]:
 def unseen_mode(cfg: dict) -> str:
     """How a run's model acts on an unseen task: 'masked' (the voted mask and its prompt), 'dense'
     (its prompt) or 'skip' (it is conditioned on the task ID)."""
-    cond, method = cfg.get("conditioning", "auto"), cfg.get("method", "")
-    if not (cond == "prompt" or (cond == "auto" and method != "mtdt")):
+    method = METHODS[cfg["method"]]
+    if method.resolve_conditioning(cfg.get("conditioning", "auto")) != "prompt":
         return "skip"
-    return "masked" if method.startswith("harmodt-") else "dense"
+    return "masked" if method.masked else "dense"
 
 
 def evaluation_keys(mode: str, thresholds: list[int]) -> list[int | None]:
@@ -139,7 +140,7 @@ def aggregate_unseen(study: dict) -> list[dict]:
                 row["vote_density"] = float(np.mean(dens))
             row["success_by_seed"] = {str(s): {t: e["tasks"][t]["success"] for t in study["eval_tasks"]} for s, e in evs}
             rows.append(row)
-    reference = next((r for r in rows if r["method"] == "prompt-dt" and r["mode"] == "dense"), None)
+    reference = next((r for r in rows if r["method"] == REFERENCE and r["mode"] == "dense"), None)
     if reference is not None:
         ref_success = reference["success_by_seed"]
         for r in rows:
@@ -150,12 +151,8 @@ def aggregate_unseen(study: dict) -> list[dict]:
     return rows
 
 
-def _f(x, nd=3) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
-
-
 def _cell(s: dict, nd=2) -> str:
-    return f"{_f(s['mean'], nd)} [{_f(s['ci_low'], nd)}, {_f(s['ci_high'], nd)}]"
+    return f"{fmt(s['mean'], nd)} [{fmt(s['ci_low'], nd)}, {fmt(s['ci_high'], nd)}]"
 
 
 def unseen_markdown(study: dict) -> list[str]:
@@ -177,13 +174,13 @@ def unseen_markdown(study: dict) -> list[str]:
                   "| training tasks' success |", "|---|---|---|---|---|---|---|---|---|"]
         for r in done:
             ref = r["train_tasks"]
-            train = f"{_f(ref['mean_success'])} [{_f(ref.get('ci_low'))}, {_f(ref.get('ci_high'))}]" if ref else "–"
+            train = f"{fmt(ref['mean_success'])} [{fmt(ref.get('ci_low'))}, {fmt(ref.get('ci_high'))}]" if ref else "–"
             p = r.get("vs_reference")
-            delta = (f"{p['mean_diff']:+.3f} [{_f(p['ci_low'])}, {_f(p['ci_high'])}]; bootstrap "
+            delta = (f"{p['mean_diff']:+.3f} [{fmt(p['ci_low'])}, {fmt(p['ci_high'])}]; bootstrap "
                      f"[{p['pairs_bootstrap']['ci_low']:+.3f}, {p['pairs_bootstrap']['ci_high']:+.3f}]") if p else "–"
-            lines.append(f"| {r['variant']} | {'–' if r['threshold'] is None else r['threshold']} | {_f(r.get('vote_density'))} | "
-                         f"{len(r['seeds'])} | {_f(r['mean'])} | [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | {delta} | "
-                         f"{_f(r['mean_return'], 1)} | {train} |")
+            lines.append(f"| {r['variant']} | {'–' if r['threshold'] is None else r['threshold']} | {fmt(r.get('vote_density'))} | "
+                         f"{len(r['seeds'])} | {fmt(r['mean'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | {delta} | "
+                         f"{fmt(r['mean_return'], 1)} | {train} |")
         for what, nd in (("success", 2), ("return", 0)):
             lines += ["", f"{what.capitalize()} per held-out task (mean [95 % CI] over seeds):", "",
                       "| method | T | " + " | ".join(study["eval_tasks"]) + " |", "|---|---|" + "---|" * len(study["eval_tasks"])]
