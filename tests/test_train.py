@@ -249,6 +249,9 @@ def test_fused_training_matches_reference_path(tmp_path, backend, tasks_per_batc
         acts[fused] = tr.model.act(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], batch["task_ids"],
                                    tr.context(batch["task_ids"]), kv, valid)
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-6)
+    # The masks are a top-k selection on scores that the two paths compute to ~1e-6: equal unless two
+    # scores at the cut are that close, which this seed's problem is not (checked with AVX-512 and
+    # AVX2 kernels; CI's second pass keeps it so).
     for n in masks[False]:
         assert torch.equal(masks[True][n], masks[False][n]), n
     torch.testing.assert_close(acts[True], acts[False], rtol=1e-4, atol=1e-5)
