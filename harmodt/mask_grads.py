@@ -3,7 +3,8 @@
 
 ``paper``: the model in eval mode (dropout off), unclipped. ``official``: as the official code
 takes them, the model in train mode (dropout on) and each task's gradient clipped to
-``--grad-clip`` before it is stored, so that ghat averages equal-norm task gradients.
+``--grad-clip`` before it is stored (and masked after clipping, as the official code does), so ghat
+averages task gradients of equal norm only where every task's norm exceeds the clip before masking.
 
 Each function takes the trainer (harmodt.train.Trainer), the task and its batch, and returns the
 ``[P]`` gradients (gbar_i, g_i) of the masked matrices in ``tr.weights`` order; g_i is None
