@@ -48,12 +48,7 @@ torch.ops.aten.mkldnn_convolution(x, w, None, [0, 0], [1, 1], [1, 1], 1)
 
 
 def _python(code: str, **env: str | None) -> str:
-    e = dict(os.environ)
-    for k, v in env.items():
-        if v is None:
-            e.pop(k, None)
-        else:
-            e[k] = v
+    e = {k: v for k, v in {**os.environ, **env}.items() if v is not None}  # None: unset
     r = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
     if r.returncode:
         sys.exit(f"lowered features: a check's subprocess failed: {r.stderr.strip().splitlines()[-1:]}")

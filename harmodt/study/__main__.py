@@ -8,7 +8,7 @@ import signal
 import sys
 
 from ..tasks import TASKS_HELP
-from .executors import add_arguments as add_executor_arguments, check_args as check_executor_args
+from .executors import add_arguments as add_executor_arguments, check_args as check_executor_args, run_jobs
 from .plan import StudyError
 from .runner import Study
 
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             study.check()
             ok = True
-            if not args.report_only:
-                ok = study.run_all()
+            if not args.report_only:  # the local pool, or one submitit job per run (Slurm, or local processes)
+                ok = study.run_all() if args.executor == "local" else run_jobs(study)
             elif (study.out / "command.txt").exists():
                 study.command = (study.out / "command.txt").read_text().strip()
             study.report()

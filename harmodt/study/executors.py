@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..run.outputs import write_atomic
-from .plan import Run, StudyError
+from .plan import Run, StudyError, read_jobs
 from .unseen import evaluation_keys, unseen_mode
 
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -177,19 +177,6 @@ def needs_job(study, run: Run) -> bool:
     return any(not run.unseen_path(t).exists() for t in evaluation_keys(mode, study.thresholds))
 
 
-def read_jobs(out: Path) -> dict:
-    try:
-        return json.loads((out / "jobs.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def failed_jobs(out: Path, runs: list[Run]) -> list[dict]:
-    """The failed jobs of the runs not finished, for summary.md."""
-    jobs = read_jobs(out)
-    return [{"run": r.name, **jobs[r.name]} for r in runs if not r.finished() and jobs.get(r.name, {}).get("state") == "failed"]
-
-
 def _tail(path: Path, n: int = LOG_LINES) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -271,6 +258,7 @@ def run_jobs(study) -> bool:
     """Every run with work left as one job (at most ``--workers`` at a time with submitit-local, all
     at once on Slurm); wait for them; on Ctrl-C cancel them or, with ``--leave-jobs-running``,
     leave them. Whether every run succeeded."""
+    study.prepare()
     args = study.args
     folder = study.out / "jobs"
     jobs = Jobs(study, make_executor(args, folder))

@@ -128,6 +128,22 @@ class Run:
         return self.eval_path.exists()
 
 
+# ---- the job record of a study run through submitit (OUT/jobs.json) -----------------------------
+
+def read_jobs(out: Path) -> dict:
+    try:
+        return json.loads((out / "jobs.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def failed_jobs(out: Path, runs: list[Run]) -> list[dict]:
+    """The failed jobs of the runs not finished, for summary.md."""
+    jobs = read_jobs(out)
+    return [{"run": r.name, **jobs[r.name]} for r in runs if not r.finished() and jobs.get(r.name, {}).get("state") == "failed"]
+
+
+
 def code_revision() -> str:
     """The revision of the code a run trains with: the git commit of the checkout that holds this package,
     with ``-dirty`` when ``harmodt/`` or ``kernels/`` differ from it; ``harmodt <version>`` outside git."""

@@ -16,10 +16,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .executors import failed_jobs
 from .figures import draw_figures
 from ..run.outputs import write_atomic
-from .plan import OWN_FLAGS, Run, StudyError, code_revision, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
+from .plan import OWN_FLAGS, Run, StudyError, code_revision, failed_jobs, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
 from .learned_masks import compare_learned_masks
 from .report import aggregate, pairwise, run_entry, summary_markdown
 from .stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED
@@ -288,14 +287,15 @@ class Study:
             raise KeyboardInterrupt
         self.signal_children(signal.SIGINT)
 
-    def run_all(self) -> bool:
+    def prepare(self) -> None:
+        """The study folder, the shared dataset and command.txt, before any run starts (any executor)."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.prepare_data()
         (self.out / "command.txt").write_text(self.command + "\n")
-        if self.args.executor != "local":  # one submitit job per run (Slurm, or local processes)
-            from .executors import run_jobs
 
-            return run_jobs(self)
+    def run_all(self) -> bool:
+        """Every run through the local process pool (``--executor local``)."""
+        self.prepare()
         self.say(f"{len(self.runs)} runs, {self.args.workers} at a time, {self.threads} thread(s) each; out {self.out}")
         t = time.perf_counter()
         pool = ThreadPoolExecutor(self.args.workers)
