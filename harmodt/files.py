@@ -43,3 +43,11 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def tail_lines(path: str | os.PathLike, n: int) -> str:
+    """The last ``n`` lines of a text file (a log), or "" when it cannot be read."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""

@@ -23,6 +23,7 @@ import signal
 import time
 from pathlib import Path
 
+from ..files import tail_lines
 from ..run.outputs import write_atomic
 from .plan import Run, StudyError, read_jobs
 from .unseen import evaluation_keys, unseen_mode
@@ -177,13 +178,6 @@ def needs_job(study, run: Run) -> bool:
     return any(not run.unseen_path(t).exists() for t in evaluation_keys(mode, study.thresholds))
 
 
-def _tail(path: Path, n: int = LOG_LINES) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
 def _process_alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -207,7 +201,7 @@ class Jobs:
         self.records[name] = {"executor": self.study.args.executor, "id": str(job.job_id), "log": str(job.paths.stdout),
                               "state": state}
         if state == "failed":
-            self.records[name]["tail"] = _tail(job.paths.stdout)
+            self.records[name]["tail"] = tail_lines(job.paths.stdout, LOG_LINES)
         self.save()
 
     def alive(self, job, force: bool = False) -> bool:

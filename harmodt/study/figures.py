@@ -295,8 +295,9 @@ FIGURES = {"methods.png": methods_figure, "eval_success_vs_steps.png": eval_curv
            "mask_changed_vs_steps.png": mask_changed_figure, "success_vs_vote_threshold.png": unseen_figure}
 
 
-def draw_figures(study: dict, out: Path, say=print) -> list[Path]:
-    """Draw every figure whose data exist into ``out/figures`` (run folders under ``out/runs``); print a note for the rest."""
+def draw_figures(study: dict, out: Path, say=print, names=None) -> list[Path]:
+    """Draw every figure whose data exist into ``out/figures`` (run folders under ``out/runs``); print a note for the rest.
+    ``names``: only these figures (the others are left as they are)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,6 +308,8 @@ def draw_figures(study: dict, out: Path, say=print) -> list[Path]:
     f = Figures(study, out, plt)
     written = []
     for name, draw in FIGURES.items():
+        if names is not None and name not in names:
+            continue
         (fig_dir / name).unlink(missing_ok=True)  # a figure whose data are gone (or not there yet) is not left from an earlier report
         fig = draw(f)
         if isinstance(fig, str):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..run.outputs import write_atomic
-from .figures import Figures, methods_figure, unseen_figure
+from .figures import draw_figures
 from .report import aggregate, pairwise, summary_markdown
 from .unseen import aggregate_unseen
 
@@ -29,32 +29,14 @@ def recompute(folder: Path) -> dict:
     study["variants"] = aggregate(study)
     study["pairwise"] = pairwise(study)
     study["unseen"] = aggregate_unseen(study)
-    _redraw(study, folder)
+    draw_figures(study, folder, say=lambda msg: None, names=STUDY_JSON_FIGURES)
     figures = sorted(p.name for p in (folder / "figures").glob("*.png"))
     write_atomic(path, json.dumps(study, indent=2))
     write_atomic(folder / "summary.md", summary_markdown(study, figures))
     return study
 
 
-STUDY_JSON_FIGURES = {"methods.png": methods_figure, "success_vs_vote_threshold.png": unseen_figure}
-
-
-def _redraw(study: dict, folder: Path) -> None:
-    """Redraw the figures that read nothing but the study dict; leave the others as they are."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    f = Figures(study, folder, plt)
-    for name, draw in STUDY_JSON_FIGURES.items():
-        fig = draw(f)
-        if isinstance(fig, str):
-            continue
-        fig.tight_layout()
-        (folder / "figures").mkdir(exist_ok=True)
-        fig.savefig(folder / "figures" / name, dpi=110)
-        plt.close(fig)
+STUDY_JSON_FIGURES = ("methods.png", "success_vs_vote_threshold.png")  # the figures that read nothing but the study dict
 
 
 def main(argv: list[str] | None = None) -> int:

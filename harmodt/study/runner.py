@@ -17,19 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .figures import draw_figures
+from ..files import tail_lines
 from ..run.outputs import write_atomic
 from .plan import OWN_FLAGS, Run, StudyError, code_revision, failed_jobs, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
 from .learned_masks import compare_learned_masks
 from .report import aggregate, pairwise, run_entry, summary_markdown
 from .stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED
 from .unseen import aggregate_unseen, collect_unseen, evaluation_keys, parse_thresholds, unseen_mode
-
-
-def _tail(path: Path, n: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 class Study:
@@ -139,7 +133,7 @@ class Study:
         with open(self.out / "data_generate.log", "w") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
         if rc != 0:
-            raise StudyError(f"data generation failed (exit {rc}):\n{_tail(self.out / 'data_generate.log')}")
+            raise StudyError(f"data generation failed (exit {rc}):\n{tail_lines(self.out / 'data_generate.log', 25)}")
         self.say(f"dataset ready in {time.perf_counter() - t:.0f} s")
 
     # -- one run ----------------------------------------------------------------------------
@@ -178,7 +172,7 @@ class Study:
             record_time()
             if rc != 0:
                 self.say(f"stop  {run.name}: training stopped (exit {rc}); its checkpoint resumes it" if self.stopping.is_set()
-                         else f"FAIL  {run.name}: training exited {rc}\n{_tail(run.dir / 'train.log')}")
+                         else f"FAIL  {run.name}: training exited {rc}\n{tail_lines(run.dir / 'train.log', 25)}")
                 return False
         t = time.perf_counter()
         ok = self.evaluate(run, [], run.eval_path, "eval.log", "evaluation", env)
@@ -204,7 +198,7 @@ class Study:
             rc = self.child([sys.executable, "-m", "harmodt.evaluate", *eval_args], log, env)
         if rc != 0:
             self.say(f"stop  {run.name}: {what} stopped (exit {rc}); it runs again next time" if self.stopping.is_set()
-                     else f"FAIL  {run.name}: {what} exited {rc}\n{_tail(run.dir / log_name)}")
+                     else f"FAIL  {run.name}: {what} exited {rc}\n{tail_lines(run.dir / log_name, 25)}")
             return False
         os.replace(str(out) + ".tmp", out)
         return True
