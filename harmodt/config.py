@@ -16,6 +16,7 @@ from .methods import CONDITIONING_ALIASES, CONDITIONINGS, METHODS
 from .tasks import TASKS_HELP
 
 QUALITIES = ("near-optimal", "sub-optimal")
+TEST_GOALS_OFFSET = 12345  # the goals of a run's final evaluation are drawn from --seed + this
 PROMPT_SEGMENTS = ("last", "random")
 
 
@@ -72,6 +73,9 @@ class TrainConfig:
     target_return: float = setting(4500.0, "initial return-to-go at evaluation (official code)")
     eval_episodes: int = setting(10, "evaluation episodes per task")
     eval_every: int = setting(0, "evaluate every N steps (0 = only at the end)")
+    validation_seed: int = setting(-1, "goals of the evaluations during training (--eval-every and the last step) drawn from this "
+                                   "seed, apart from the final test goals (seed + 12345); the best is saved as OUT/best.pt "
+                                   "(-1: they use the test goals, no best.pt)")
     log_every: int = setting(100, "steps between metric lines")
     checkpoint_every: int = setting(1000, "steps between checkpoints")
     out: str = setting("runs/harmodt", "output folder")
@@ -219,6 +223,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (_device_ok(cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
         (cfg.eval_episodes >= 0, "--eval-episodes must be >= 0"),
         (cfg.eval_every >= 0, "--eval-every must be >= 0 (0: only at the end)"),
+        (cfg.validation_seed < 0 or cfg.eval_episodes > 0, "--validation-seed needs --eval-episodes > 0"),
+        (cfg.validation_seed != cfg.seed + TEST_GOALS_OFFSET,
+         f"--validation-seed {cfg.validation_seed} draws the final evaluation's test goals (--seed + {TEST_GOALS_OFFSET}); choose another"),
         (cfg.log_every > 0, "--log-every must be positive"),
         (cfg.checkpoint_every > 0, "--checkpoint-every must be positive"),
         (cfg.threads >= 0, "--threads must be >= 0 (0: all cores)"),

@@ -20,7 +20,7 @@ import torch
 import kernels
 
 from . import plots
-from .config import ConfigError, TrainConfig, resolve_device
+from .config import TEST_GOALS_OFFSET, ConfigError, TrainConfig, resolve_device
 from .data.batches import PromptDTBatcher, batch_segments
 from .mask_grads import official_task_gradient, paper_task_gradient
 from .masks import TaskMasks, alpha_schedule, harmony_score
@@ -221,8 +221,9 @@ class Trainer:
                 "state_std": {t: torch.as_tensor(v) for t, v in b.state_std.items()}, "prompts": prompts,
                 "rtg_scale": self.cfg.rtg_scale, "target_return": self.cfg.target_return, "prompt_segment": self.cfg.prompt_segment}
 
-    def evaluate(self) -> dict:
-        """Evaluate on every training task (harmodt.evaluate). The training RNG streams (torch,
+    def evaluate(self, goals_seed: int | None = None) -> dict:
+        """Evaluate on every training task (harmodt.evaluate), on the goals of ``goals_seed`` (default:
+        the test goals, ``--seed`` + TEST_GOALS_OFFSET). The training RNG streams (torch,
         CUDA, numpy, python) are left as they were, so evaluating or not never changes training.
         With several ranks, rank r evaluates tasks r, r+W, ... and the results are gathered (a
         task's episodes then depend on W, as their environment seeds follow its place in the list)."""
@@ -230,7 +231,8 @@ class Trainer:
 
         with rng.preserved(self.device):
             mine = self.dist.shard(self.tasks)
-            res = evaluate(self.model, self.task_masks, self.eval_info(), mine, self.cfg.eval_episodes, self.cfg.seed + 12345,
+            res = evaluate(self.model, self.task_masks, self.eval_info(), mine, self.cfg.eval_episodes,
+                           self.cfg.seed + TEST_GOALS_OFFSET if goals_seed is None else goals_seed,
                            backend=self.backends.masked_linear, progress=self.cfg.progress and self.dist.is_main,
                            precision=self.cfg.precision) if mine else {"tasks": {}, "env_steps": 0, "seconds": 0.0}
             return distributed.merge_evaluations(self.dist.all_gather_object(res), self.tasks) if self.dist.active else res
@@ -283,9 +285,7 @@ def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> di
                     log.log(meter.line(trainer.step, trainer.sched.get_last_lr()[0]))
                 if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps and cfg.eval_episodes:
                     with meter.excluded():
-                        res = trainer.evaluate()
-                        evals.add(trainer.step, res)
-                        log.log({"step": trainer.step, "eval_mean_success": res["mean_success"]})
+                        session.evaluate_in_training(trainer, evals, log)
                 if trainer.step % cfg.checkpoint_every == 0:
                     save()
                     saved_at = trainer.step

@@ -19,7 +19,7 @@ from harmodt.study import runner as runner_mod
 from harmodt.study.__main__ import build_parser
 from harmodt.study.figures import draw_figures
 from harmodt.study.plan import Arm, Run, StudyError, flag_for_key, method_arm, parse_sweep, parse_variant, run_name, variant_label
-from harmodt.study.report import aggregate, pairwise, summary_markdown
+from harmodt.study.report import aggregate, along_training, pairwise, summary_markdown
 from harmodt.study.runner import Study
 from harmodt.study.stats import classical_mds, holm, jaccard_matrix, paired_bootstrap, paired_difference, paired_t, t_interval
 from harmodt.study.unseen import aggregate_unseen, default_thresholds, parse_thresholds, unseen_mode
@@ -273,6 +273,53 @@ def test_best_is_reported_beside_final_and_the_ranking_uses_final():
     assert "best during training" not in md and "| HarmoDT-F | 2/2 | 0.400 |" in md
 
 
+def test_along_training_pairs_the_validation_curves_by_seed():
+    """Three arms, three seeds, validation curves at steps 10 and 20: per step the t-interval over seeds,
+    and paired t's over seeds for F − Prompt-DT, R − Prompt-DT and F − R (learned against fixed masks)."""
+    success = {(m, None, s): [0.5, 0.5] for m in ("prompt-dt", "harmodt-r", "harmodt-f") for s in (0, 1, 2)}
+    study = fake_study(success)
+    curves = {"prompt-dt": [[0.2, 0.4], [0.3, 0.5], [0.1, 0.6]], "harmodt-r": [[0.3, 0.5], [0.3, 0.7], [0.2, 0.6]],
+              "harmodt-f": [[0.4, 0.4], [0.5, 0.9], [0.3, 0.8]]}
+    for r in study["runs"]:
+        r["validation_curve"] = [[10, curves[r["method"]][r["seed"]][0]], [20, curves[r["method"]][r["seed"]][1]]]
+    at = along_training(study)
+    pd = at["variants"]["Prompt-DT"]["20"]
+    m, lo, hi = t_interval([0.4, 0.5, 0.6])
+    assert (pd["mean"], pd["ci_low"], pd["ci_high"], pd["seeds"]) == (pytest.approx(m), pytest.approx(lo), pytest.approx(hi), 3)
+    pairs = [(d["variant"], d["reference"]) for d in at["differences"]]
+    assert pairs == [("HarmoDT-R", "Prompt-DT"), ("HarmoDT-F", "Prompt-DT"), ("HarmoDT-F", "HarmoDT-R")]
+    fr = at["differences"][2]["per_step"]
+    # F − R per seed at step 10: 0.1, 0.2, 0.1 (mean 0.1333); t = mean / (sd / sqrt 3), 2 degrees of freedom
+    d = np.array([0.1, 0.2, 0.1])
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(3))
+    assert fr["10"]["mean_diff"] == pytest.approx(d.mean())
+    assert fr["10"]["p_value"] == pytest.approx(1 - t / math.sqrt(2 + t * t))  # the t(2) distribution's closed form
+    assert fr["10"]["ci_low"] == pytest.approx(d.mean() - 4.302652729911275 * d.std(ddof=1) / math.sqrt(3))
+    study["variants"] = aggregate(study)
+    study["pairwise"] = pairwise(study)
+    study["along_training"] = at
+    md = summary_markdown(study)
+    assert "## Along training (validation goals)" in md and "| HarmoDT-F − HarmoDT-R | 3 |" in md
+
+
+def test_best_on_validation_is_compared_with_the_reference_by_seed():
+    study = fake_study({("prompt-dt", None, 0): [0.2, 0.4], ("prompt-dt", None, 1): [0.6, 0.0],
+                        ("harmodt-f", None, 0): [0.3, 0.5], ("harmodt-f", None, 1): [0.7, 0.1]})
+    best = {("prompt-dt", 0): [0.4, 0.4], ("prompt-dt", 1): [0.6, 0.2], ("harmodt-f", 0): [0.6, 0.6], ("harmodt-f", 1): [0.8, 0.4]}
+    for r in study["runs"]:
+        b = best[(r["method"], r["seed"])]
+        r["best"] = {"mean_success": float(np.mean(b)), "step": 20, "evaluations": 2, "episodes": 20, "selected_on": "validation",
+                     "validation_mean_success": 0.9, "tasks": {t: {"success": x} for t, x in zip(TASKS, b)}}
+    pd, hf = study["variants"] = aggregate(study)
+    assert hf["best"]["selected_on"] == "validation" and "paired_best" not in pd
+    assert hf["paired_best"]["mean_diff"] == pytest.approx(0.2) and hf["paired_best"]["per_seed"] == {"0": pytest.approx(0.2), "1": pytest.approx(0.2)}
+    assert hf["paired"]["mean_diff"] == pytest.approx(0.1)  # the final checkpoints' difference is unchanged
+    study["pairwise"] = pairwise(study)
+    md = summary_markdown(study)
+    assert "best on validation (test goals)" in md and "## Best on validation against the reference" in md
+    assert "| HarmoDT-F − Prompt-DT | +0.200 |" in md
+
+
 def test_aggregate_sweep_of_one_method_beside_an_unswept_prompt_dt():
     study = fake_study({("prompt-dt", None, 0): [0.2, 0.4], ("harmodt-f", "100", 0): [0.3, 0.4],
                         ("harmodt-f", "2000", 0): [0.5, 0.6]}, sweep="masks.eta_max")
@@ -492,6 +539,31 @@ def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     # a different budget in the same folder is refused instead of mixing runs
     proc = subprocess.run([*cmd, "--lr", "0.01"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "other flags" in proc.stderr
+
+
+def test_tiny_study_chooses_the_best_checkpoint_on_validation_goals(tmp_path):
+    """--validation-seed: every run's best.pt (chosen on the validation goals) is evaluated on the test
+    goals beside its final checkpoint; the report pairs both by seed and draws the along-training figures."""
+    data = write_synthetic_data(tmp_path / "data")
+    out = tmp_path / "study"
+    cmd = study_cmd(data, out, "--eval-every", "4", "--curve-episodes", "1", "--seeds", "0", "--validation-seed", "99")
+    proc = subprocess.run([*cmd[:-2], "--validation-seed", "7"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--validation-seed 7 is the study's --eval-seed" in proc.stderr
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = json.loads((out / "study.json").read_text())
+    assert study["complete"]
+    for r in study["runs"]:
+        run_dir = out / "runs" / r["name"]
+        assert "--seed 7" in (run_dir / "eval.log").read_text() and "best.pt" in (run_dir / "eval.log").read_text()
+        best = json.loads((run_dir / "run_best_eval.json").read_text())
+        assert r["best"]["selected_on"] == "validation" and r["best"]["mean_success"] == best["mean_success"]
+        assert r["best"]["step"] in (4, 8) and [s for s, _ in r["validation_curve"]] == [4, 8]
+    assert [(d["variant"], d["reference"]) for d in study["along_training"]["differences"]] == [("HarmoDT-F", "Prompt-DT")]
+    assert "paired_best" in study["variants"][1]
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"validation_success.png", "validation_differences.png"} <= figures
+    assert "## Along training (validation goals)" in (out / "summary.md").read_text()
 
 
 def test_tiny_study_with_a_variant_evaluates_held_out_tasks(tmp_path):

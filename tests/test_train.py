@@ -354,6 +354,40 @@ def test_results_keep_the_final_and_the_best_evaluation(tmp_path, monkeypatch):
     assert best["tasks"][two[0]]["success"] == 1.0
 
 
+def test_validation_goals_choose_the_best_checkpoint(tmp_path, monkeypatch):
+    """--validation-seed: the evaluations during training (and at the last step) run on the validation
+    goals; the best of them is saved as best.pt with that step's weights; the final evaluation runs on
+    the test goals and is not a candidate for "best"."""
+    validation = {2: 0.2, 4: 0.9, 6: 0.5, 8: 0.9, 10: 0.3}  # best at step 4 (8 ties it, later)
+    seen = []
+
+    def fake_evaluate(self, goals_seed=None):
+        seen.append((self.step, goals_seed))
+        s = validation[self.step] if goals_seed == 777 else 1.0  # the test goals always score 1.0
+        per = {t: {"success": s, "return": 100 * s, "episodes": 1, "prompt": {"episode": 1, "timesteps": [58, 59]}} for t in self.tasks}
+        return {"tasks": per, "mean_success": s, "env_steps": 2, "seconds": 1.0}
+
+    monkeypatch.setattr(Trainer, "evaluate", fake_evaluate)
+    two = TASKS[:2]
+    cfg = tiny_cfg(tmp_path, tasks=",".join(two), steps=10, eval_every=2, eval_episodes=1, validation_seed=777, checkpoint_every=3)
+    res = run(cfg, datasets(two))
+    assert seen == [(2, 777), (4, 777), (6, 777), (8, 777), (10, 777), (10, None)]
+    assert res["final"]["mean_success"] == 1.0 and res["mean_success"] == 1.0
+    best = res["best"]
+    assert (best["step"], best["mean_success"], best["evaluations"], best["goals"]) == (4, 0.9, 5, "validation")
+    assert best["checkpoint"] == "best.pt" and best["validation_seed"] == 777
+    saved = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert saved["step"] == 4
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "validation_mean_success" in m] == [2, 4, 6, 8, 10]
+    assert [m["step"] for m in metrics if "eval_mean_success" in m] == [10]
+
+
+def test_validation_goals_must_differ_from_the_test_goals(tmp_path):
+    with pytest.raises(ConfigError, match="--validation-seed 12346 draws the final evaluation's test goals"):
+        tiny_cfg(tmp_path, seed=1, validation_seed=12346, eval_episodes=1)
+
+
 def test_results_without_evaluation_have_no_final_or_best(tmp_path):
     res = run(tiny_cfg(tmp_path, method="prompt-dt", steps=2), datasets(TASKS))
     assert res["final"] is None and res["best"] is None and res["tasks"] == {}

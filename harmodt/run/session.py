@@ -120,41 +120,74 @@ class Meter:
 
 
 class Evaluations:
-    """The evaluations of a run so far: how many, and the best (the highest mean success, ties: the
-    earliest) as ``{"step", "mean_success", "tasks"}``. Kept in the checkpoint's run state, so that
-    a resumed run reports the same best."""
+    """The evaluations of a run during training so far: how many, and the best (the highest mean
+    success, ties: the earliest) as ``{"step", "mean_success", "tasks"}``. Kept in the checkpoint's run
+    state, so that a resumed run reports the same best."""
 
     def __init__(self, run_state: dict):
         self.best, self.count = run_state.get("best"), int(run_state.get("evaluations", 0))
 
-    def add(self, step: int, res: dict) -> dict:
-        """Count evaluation ``res`` (harmodt.evaluate's results) made at ``step``; returns its entry."""
-        entry = {"step": step, "mean_success": res["mean_success"], "tasks": {n: result_entry(r) for n, r in res["tasks"].items()}}
+    def add(self, step: int, res: dict) -> bool:
+        """Count evaluation ``res`` (harmodt.evaluate's results) made at ``step``; whether it is the new best."""
+        entry = evaluation_entry(step, res)
         self.count += 1
         if self.best is None or entry["mean_success"] > self.best["mean_success"]:
             self.best = entry
-        return entry
+            return True
+        return False
 
     def state(self) -> dict:
         return {"best": self.best, "evaluations": self.count}
 
 
+def evaluation_entry(step: int, res: dict) -> dict:
+    return {"step": step, "mean_success": res["mean_success"], "tasks": {n: result_entry(r) for n, r in res["tasks"].items()}}
+
+
+def evaluate_in_training(tr, evals: Evaluations, log: MetricsLog | NoLog) -> None:
+    """An evaluation during training (``--eval-every``), counted in ``evals``. With ``--validation-seed``
+    it runs on the validation goals, logs ``validation_mean_success`` and saves a new best as
+    OUT/best.pt (a full checkpoint of this step, which ``python -m harmodt.evaluate`` reads); else it
+    runs on the test goals and logs ``eval_mean_success``."""
+    validating = tr.cfg.validation_seed >= 0
+    res = tr.evaluate(tr.cfg.validation_seed) if validating else tr.evaluate()
+    if evals.add(tr.step, res) and validating:
+        resume.save(tr, Path(tr.cfg.out) / BEST_CHECKPOINT)
+    log.log({"step": tr.step, ("validation_mean_success" if validating else "eval_mean_success"): res["mean_success"]})
+
+
+BEST_CHECKPOINT = "best.pt"
+
+
 def finish(tr, log: MetricsLog | NoLog, evals: Evaluations) -> dict:
-    """The end of a run: the final evaluation (with ``--eval-episodes``), its table and metric
-    line and results.json. Returns the results: at the top level (tasks,
-    mean_success) the final evaluation, repeated as ``final``; ``best``: the evaluation with the
-    highest mean success among the periodic ones (``--eval-every``) and the final one."""
+    """The end of a run: the final evaluation on the test goals (with ``--eval-episodes``), its table
+    and metric line and results.json. Returns the results: at the top level (tasks, mean_success)
+    the final evaluation, repeated as ``final``; ``best``: the evaluation with the highest mean success
+    during training. Without ``--validation-seed`` those are the periodic evaluations (``--eval-every``)
+    and the final one, all on the test goals (so ``best`` is biased upward); with it, the evaluations on
+    the validation goals, the last step's included, whose weights are OUT/best.pt (``goals``:
+    "validation"; its success on the test goals is ``python -m harmodt.evaluate OUT/best.pt``)."""
     cfg, dist, out = tr.cfg, tr.dist, Path(tr.cfg.out)
     results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": tr.step, "final": None, "best": None}
     if cfg.eval_episodes:
+        validating = cfg.validation_seed >= 0
+        if validating:
+            evaluate_in_training(tr, evals, log)
         res = tr.evaluate()
-        final = evals.add(tr.step, res)
-        results.update(tasks=final["tasks"], mean_success=res["mean_success"], final=final, best={**evals.best, "evaluations": evals.count})
+        final = evaluation_entry(tr.step, res)
+        if not validating:
+            evals.add(tr.step, res)
+        best = {**evals.best, "evaluations": evals.count, "goals": "validation" if validating else "test"}
+        if validating:
+            best.update(validation_seed=cfg.validation_seed, checkpoint=BEST_CHECKPOINT)
+        results.update(tasks=final["tasks"], mean_success=res["mean_success"], final=final, best=best)
         log.log({"step": tr.step, "eval_mean_success": res["mean_success"], "eval_env_steps_per_s": res.get("env_steps_per_s", 0.0)})
         print_table(results)
-        if evals.count > 1:
-            print(f"best of {evals.count} evaluations: mean success {evals.best['mean_success']:.2f} at step {evals.best['step']} "
-                  f"(final: {res['mean_success']:.2f})")
+        if evals.count > 1 or validating:
+            goals = "on the validation goals" if validating else ""
+            print(f"best of {evals.count} evaluations{' ' + goals if goals else ''}: mean success {evals.best['mean_success']:.2f} "
+                  f"at step {evals.best['step']} (final on the test goals: {res['mean_success']:.2f})"
+                  + (f"; its weights: {out / BEST_CHECKPOINT}" if validating else ""))
     log.close()
     if not dist.is_main:
         return results

@@ -290,9 +290,64 @@ def unseen_figure(f: Figures):
     return fig
 
 
+def validation_success_figure(f: Figures):
+    """Success on the validation goals against training steps per variant: mean over seeds, its 95 %
+    t-interval as a band, each seed thin (study.json's ``along_training``)."""
+    at = f.study.get("along_training")
+    if not at or not at["variants"]:
+        return "no run evaluated on validation goals during training (pass --validation-seed and --eval-every)"
+    fig, ax = f.plt.subplots(figsize=(6, 3.8))
+    for v, per_step in at["variants"].items():
+        color = variant_color(v)
+        for r in f.finished:
+            if r["variant"] == v and r.get("validation_curve"):
+                ax.plot(*zip(*r["validation_curve"]), color=color, alpha=0.25, lw=0.8)
+        steps = [int(s) for s in per_step]
+        rows = list(per_step.values())
+        ax.plot(steps, [r["mean"] for r in rows], color=color, lw=2, marker="o", ms=3, label=f"{v} ({rows[-1]['seeds']} seeds)")
+        if all(not math.isnan(r["ci_low"]) for r in rows):
+            ax.fill_between(steps, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=color, alpha=0.15, lw=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean success (validation goals)")
+    ax.set_title("Success on the validation goals during training\n(thick: mean over seeds; band: its 95 % t-interval; thin: seeds)",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def validation_differences_figure(f: Figures):
+    """Each comparison of ``along_training`` (against Prompt-DT; learned against random masks) against
+    training steps: the mean paired difference and its seed-level 95 % interval."""
+    at = f.study.get("along_training")
+    if not at or not at["differences"]:
+        return "no two variants evaluated on validation goals share a seed"
+    diffs = at["differences"]
+    fig, ax = f.plt.subplots(figsize=(6.5, 3.8))
+    width = 0.6 * max(1, min(np.diff(sorted({int(s) for d in diffs for s in d["per_step"]})), default=1)) / max(1, len(diffs))
+    for i, d in enumerate(diffs):
+        steps = np.array([int(s) for s in d["per_step"]], dtype=float) + (i - (len(diffs) - 1) / 2) * width
+        rows = list(d["per_step"].values())
+        means = [r["mean_diff"] for r in rows]
+        err = [[r["mean_diff"] - r["ci_low"] if not math.isnan(r["ci_low"]) else 0 for r in rows],
+               [r["ci_high"] - r["mean_diff"] if not math.isnan(r["ci_high"]) else 0 for r in rows]]
+        ref = METHODS.get(next((r["method"] for r in f.study["runs"] if r["variant"] == d["reference"]), ""))
+        ax.errorbar(steps, means, yerr=err, marker="o", ms=4, capsize=3, color=variant_color(d["variant"]),
+                    ls="--" if ref is not None and ref.masks == "fixed" else "-",  # dashed: against random (fixed) masks
+                    label=f"{d['variant']} − {d['reference']}")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("Δ mean success (validation goals)")
+    ax.set_title(f"Paired differences during training: mean over seeds and 95 % interval\n({at['interval']})", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 FIGURES = {"methods.png": methods_figure, "eval_success_vs_steps.png": eval_curves_figure, "harmony_vs_steps.png": harmony_figure,
            "success_vs_sweep.png": sweep_figure, "mask_jaccard.png": jaccard_figure, "mask_mds.png": mds_figure,
-           "mask_changed_vs_steps.png": mask_changed_figure, "success_vs_vote_threshold.png": unseen_figure}
+           "mask_changed_vs_steps.png": mask_changed_figure, "success_vs_vote_threshold.png": unseen_figure,
+           "validation_success.png": validation_success_figure, "validation_differences.png": validation_differences_figure}
 
 
 def draw_figures(study: dict, out: Path, say=print, names=None) -> list[Path]:

@@ -97,7 +97,9 @@ class Run:
         self.name = run_name(arm.key, seed, sweep)
         self.variant = variant_label(arm.label, sweep)
         self.dir = study_dir / "runs" / self.name
-        self.eval_path = self.dir / "run_eval.json"
+        self.eval_path = self.dir / "run_eval.json"  # the study's evaluation of the final checkpoint
+        self.best_checkpoint = self.dir / "best.pt"  # written by a trainer with --validation-seed
+        self.best_eval_path = self.dir / "run_best_eval.json"  # the study's evaluation of best.pt on the same goals
         self.record_path = self.dir / "study_run.json"
 
     def train_args(self, tasks: str, data: str, passthrough: list[str], threads: int | None, eval_episodes_in_training: int) -> list[str]:
@@ -125,7 +127,8 @@ class Run:
         write_atomic(self.record_path, json.dumps(rec, indent=2))
 
     def finished(self) -> bool:
-        return self.eval_path.exists()
+        """Trained and evaluated: the final checkpoint, and the best-on-validation one where the run has it."""
+        return self.eval_path.exists() and (self.best_eval_path.exists() or not self.best_checkpoint.exists())
 
 
 # ---- the job record of a study run through submitit (OUT/jobs.json) -----------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..run.outputs import write_atomic
 from .figures import draw_figures
-from .report import aggregate, pairwise, summary_markdown
+from .report import aggregate, along_training, pairwise, summary_markdown
 from .unseen import aggregate_unseen
 
 
@@ -28,6 +28,7 @@ def recompute(folder: Path) -> dict:
         raise SystemExit(f"error: {path}: not a readable study.json ({exc})")
     study["variants"] = aggregate(study)
     study["pairwise"] = pairwise(study)
+    study["along_training"] = along_training(study)
     study["unseen"] = aggregate_unseen(study)
     draw_figures(study, folder, say=lambda msg: None, names=STUDY_JSON_FIGURES)
     figures = sorted(p.name for p in (folder / "figures").glob("*.png"))
@@ -36,7 +37,7 @@ def recompute(folder: Path) -> dict:
     return study
 
 
-STUDY_JSON_FIGURES = ("methods.png", "success_vs_vote_threshold.png")  # the figures that read nothing but the study dict
+STUDY_JSON_FIGURES = ("methods.png", "success_vs_vote_threshold.png", "validation_success.png", "validation_differences.png")  # the figures that read nothing but the study dict
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..methods import REFERENCE
+from ..methods import METHODS, REFERENCE
 from ..run.outputs import read_metrics
-from .stats import SEED_LEVEL_METHOD, excludes_zero, fmt as _fmt, holm, paired_difference, t_interval
+from .stats import SEED_LEVEL_METHOD, excludes_zero, fmt as _fmt, holm, paired_difference, paired_t, t_interval
 from .learned_masks import learned_masks_markdown
 from .unseen import unseen_markdown
 
@@ -35,7 +35,7 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
     entry["mean_return"] = float(np.mean([r["return"] for r in res["tasks"].values()]))
     entry["steps"] = res.get("steps")
     entry["final"] = {"mean_success": res["mean_success"], "step": res.get("steps"), "episodes": eval_episodes, "eval_seed": eval_seed}
-    best = _trainer_best(run.dir)
+    best = _validation_best(run, eval_episodes) or _trainer_best(run.dir)
     if best is not None:
         entry["best"] = best
     metrics = read_metrics(run.dir / "metrics.jsonl")
@@ -43,6 +43,8 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
     if changed:
         entry["final_mask_changed_fraction"] = float(np.mean(changed[-1]["mask_changed_fraction"]))
         entry["final_mask_changed_fraction_min"] = float(np.min(changed[-1]["mask_changed_fraction"]))
+    if curve := [[r["step"], r["validation_mean_success"]] for r in metrics if "validation_mean_success" in r]:
+        entry["validation_curve"] = curve  # the trainer's evaluations on the validation goals (--validation-seed)
     harmony = [r for r in metrics if "harmony_score" in r]
     if harmony:
         entry["final_harmony_score"] = float(harmony[-1]["harmony_score"])
@@ -50,6 +52,18 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
     if flips:
         entry["weights_flipped_per_task"] = float(np.mean([np.mean(r["masked_per_task"]) for r in flips]) * len(flips))
     return entry
+
+
+def _validation_best(run, eval_episodes: int) -> dict | None:
+    """The checkpoint chosen on the validation goals (``--validation-seed``: the trainer's best.pt) as
+    the study measured it on the test goals, with its step and validation success; None without one."""
+    if not run.best_eval_path.exists():
+        return None
+    res = json.loads(run.best_eval_path.read_text())
+    chosen = json.loads((run.dir / "results.json").read_text())["best"]
+    return {"mean_success": res["mean_success"], "step": chosen["step"], "evaluations": chosen.get("evaluations"),
+            "episodes": eval_episodes, "selected_on": "validation", "validation_mean_success": chosen["mean_success"],
+            "tasks": {t: {"success": r["success"]} for t, r in res["tasks"].items()}}
 
 
 def _trainer_best(run_dir: Path) -> dict | None:
@@ -64,7 +78,7 @@ def _trainer_best(run_dir: Path) -> dict | None:
     if not best:
         return None
     return {"mean_success": best["mean_success"], "step": best["step"], "evaluations": best.get("evaluations"),
-            "episodes": cfg.get("eval_episodes"), "tasks": {t: {"success": r["success"]} for t, r in best["tasks"].items()}}
+            "episodes": cfg.get("eval_episodes"), "selected_on": "test", "tasks": {t: {"success": r["success"]} for t, r in best["tasks"].items()}}
 
 
 def aggregate(study: dict) -> list[dict]:
@@ -96,7 +110,7 @@ def aggregate(study: dict) -> list[dict]:
                 entry["best"] = {"mean_success": bm, "ci_low": blo, "ci_high": bhi, "seeds": len(bests),
                                  "per_seed": {str(r["seed"]): {"mean_success": r["best"]["mean_success"], "step": r["best"]["step"]}
                                               for r in rows if r.get("best")},
-                                 "episodes": bests[0]["episodes"]}
+                                 "episodes": bests[0]["episodes"], "selected_on": bests[0].get("selected_on", "test")}
             for key in ("final_mask_changed_fraction", "final_harmony_score", "weights_flipped_per_task"):
                 vals = [r[key] for r in rows if key in r]
                 if vals:
@@ -113,6 +127,8 @@ def aggregate(study: dict) -> list[dict]:
                         and (by_variant[w][0]["sweep"] or {}).get("value") == first_value), None)
         if ref is not None and ref != v and rows:
             entry["paired"] = _paired(rows, by_variant[ref], study["tasks"], ref)
+            if entry.get("best", {}).get("selected_on") == "validation":  # chosen without looking at the test goals
+                entry["paired_best"] = _paired(rows, by_variant[ref], study["tasks"], ref, key="best")
         if "paired" in entry and entry["paired"] is None:
             del entry["paired"]
         if first_value is not None and entry["sweep_value"] not in (None, first_value) and rows:
@@ -123,6 +139,41 @@ def aggregate(study: dict) -> list[dict]:
                 entry["paired_sweep"] = p
         out.append(entry)
     return out
+
+
+def along_training(study: dict) -> dict | None:
+    """Success on the validation goals against training steps (the runs' ``validation_curve``): per
+    variant and step the t-interval over seeds, and per comparison and step the paired difference with
+    the seed as the unit (:func:`paired_t`). The comparisons: every variant against Prompt-DT, and every
+    variant with learned masks against every one with fixed (random ERK) masks. None without curves."""
+    finished = [r for r in study["runs"] if r["status"] == "finished" and r.get("validation_curve")]
+    if not finished:
+        return None
+    names = list(dict.fromkeys(r["variant"] for r in finished))
+    curves = {v: {r["seed"]: dict((int(s), x) for s, x in r["validation_curve"]) for r in finished if r["variant"] == v} for v in names}
+    method = {r["variant"]: METHODS.get(r["method"]) for r in finished}
+    variants = {}
+    for v in names:
+        steps = sorted(set.intersection(*[set(c) for c in curves[v].values()]))
+        variants[v] = {str(s): dict(zip(("mean", "ci_low", "ci_high"), t_interval([c[s] for c in curves[v].values()])),
+                                    seeds=len(curves[v])) for s in steps}
+    refs = [v for v in names if method[v] is not None and method[v].name == REFERENCE]
+    fixed = [v for v in names if method[v] is not None and method[v].masks == "fixed"]
+    pairs = [(v, r) for r in refs for v in names if v != r]
+    pairs += [(v, r) for r in fixed for v in names if method[v] is not None and method[v].learns_masks]
+    differences = []
+    for v, r in pairs:
+        seeds = sorted(set(curves[v]) & set(curves[r]))
+        if not seeds:
+            continue
+        steps = sorted(set.intersection(*[set(curves[v][s]) & set(curves[r][s]) for s in seeds]))
+        per_step = {}
+        for st in steps:
+            d = [curves[v][s][st] - curves[r][s][st] for s in seeds]
+            mean, lo, hi, pv = paired_t(d)
+            per_step[str(st)] = {"mean_diff": mean, "ci_low": lo, "ci_high": hi, "p_value": pv, "seeds": len(seeds)}
+        differences.append({"variant": v, "reference": r, "per_step": per_step})
+    return {"goals": "validation", "interval": SEED_LEVEL_METHOD, "variants": variants, "differences": differences}
 
 
 HOLM_ALPHA = 0.05
@@ -146,10 +197,11 @@ def pairwise(study: dict) -> dict:
     return table
 
 
-def _paired(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str) -> dict | None:
-    """Paired bootstrap of per-(seed, task) success differences of ``rows`` from ``ref_rows``."""
+def _paired(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str, key: str | None = None) -> dict | None:
+    """Success of ``rows`` minus that of ``ref_rows``, paired by seed (:func:`paired_difference`): of the
+    final checkpoints, or (``key="best"``) of the checkpoints chosen on the validation goals."""
     def by_seed(rs):
-        return {r["seed"]: {t: r["tasks"][t]["success"] for t in tasks} for r in rs}
+        return {r["seed"]: {t: (r[key] if key else r)["tasks"][t]["success"] for t in tasks} for r in rs if key is None or key in r}
 
     return paired_difference(by_seed(rows), by_seed(ref_rows), tasks, ref)
 
@@ -159,6 +211,26 @@ def _interval(p: dict, nd: int = 3) -> str:
     def bound(x):
         return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:+.{nd}f}"
     return f"[{bound(p['ci_low'])}, {bound(p['ci_high'])}]"
+
+
+def along_training_markdown(at: dict | None) -> list[str]:
+    """The along-training section of summary.md: each comparison's paired difference per step."""
+    if not at or not at["differences"]:
+        return []
+    steps = sorted({int(s) for d in at["differences"] for s in d["per_step"]})
+    lines = ["", "## Along training (validation goals)", "",
+             f"Difference of mean success on the validation goals at each evaluation step, mean over seeds and its 95 % interval "
+             f"({at['interval']}); **bold** where the interval excludes 0. No multiplicity correction across steps.", "",
+             "| comparison | seeds | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for d in at["differences"]:
+        cells = []
+        for s in steps:
+            p = d["per_step"].get(str(s))
+            txt = "–" if p is None else f"{p['mean_diff']:+.3f} {_interval(p, 2)}"
+            cells.append(f"**{txt}**" if p is not None and excludes_zero(p) else txt)
+        seeds = max((p["seeds"] for p in d["per_step"].values()), default=0)
+        lines.append(f"| {d['variant']} − {d['reference']} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def summary_markdown(study: dict, figures: list[str] = ()) -> str:
@@ -194,6 +266,14 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         lines += ["Variants: " + "; ".join(f"{label} = `{flags}`" for label, flags in study["variant_flags"].items())
                   + " (their flags follow the shared ones).", ""]
     with_best = any("best" in v for v in variants)
+    on_validation = any(v.get("best", {}).get("selected_on") == "validation" for v in variants)
+    best_text = (" Best on validation: per seed the checkpoint with the highest mean success on the validation goals "
+                 "(--validation-seed, every --eval-every steps and at the end), measured on the test goals with the final "
+                 "checkpoint's episodes; mean over seeds. Its Δ is in the table below." if on_validation else
+                 " Best during training: per seed the highest mean success among the trainer's own evaluations "
+                 "(every --eval-every steps and at the end, with fewer episodes, on the test goals), as the official code "
+                 "reports; mean over seeds. Chosen on the goals it is reported on, it is biased upward: reported, not ranked on.")
+    best_head = "best on validation (test goals)" if on_validation else "best during training"
     lines += ["## Mean success over tasks", "",
               "Final: the study's evaluation of each run's final checkpoint; mean over seeds of each run's mean success over tasks, "
               "95 % t-interval over the per-seed means. "
@@ -201,11 +281,9 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
               f"interval is a {SEED_LEVEL_METHOD}. The (seed, task) bootstrap interval, which treats the pairs as "
               f"independent replicates and so is narrower than the evidence allows, is shown beside it as a secondary column "
               f"({study['bootstrap']['samples']} resamples, seed {study['bootstrap']['seed']})."
-              + (" Best during training: per seed the highest mean success among the trainer's own evaluations "
-                 "(every --eval-every steps and at the end, with fewer episodes), as the official code reports; "
-                 "mean over seeds. It is reported, not ranked on." if with_best else ""), "",
+              + (best_text if with_best else ""), "",
               "| method | seeds | final mean success | 95 % CI | per seed | Δ vs reference | 95 % CI of Δ (seeds) | (seed, task) bootstrap CI |"
-              + (" best during training | its 95 % CI | per seed (step) |" if with_best else ""),
+              + (f" {best_head} | its 95 % CI | per seed (step) |" if with_best else ""),
               "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if with_best else "")]
     for v in variants:
         seeds = f"{len(v['seeds_finished'])}/{len(v['seeds_planned'])}"
@@ -231,6 +309,16 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         for prev, v in zip(ranked, ranked[1:]):
             order += f" {'=' if v['mean_success'] == prev['mean_success'] else '>'} {v['variant']} ({v['mean_success']:.3f})"
         lines += ["", f"Ranking by final mean success: {order}."]
+    if on_validation and (bp := [v for v in variants if v.get("paired_best")]):
+        lines += ["", "## Best on validation against the reference", "",
+                  f"Per seed the checkpoint chosen on the validation goals, measured on the test goals; Δ and its 95 % interval "
+                  f"({SEED_LEVEL_METHOD}) beside the final checkpoints' Δ.", "",
+                  "| method | Δ best on validation | 95 % CI (seeds) | p | Δ final | 95 % CI (seeds) |", "|---|---|---|---|---|---|"]
+        for v in bp:
+            b, f = v["paired_best"], v["paired"]
+            lines.append(f"| {v['variant']} − {b['reference']} | {b['mean_diff']:+.3f} | {_interval(b)} | {_fmt(b['p_value'])} | "
+                         f"{f['mean_diff']:+.3f} | {_interval(f)} |")
+    lines += along_training_markdown(study.get("along_training"))
     done = [v for v in variants if "per_task" in v]
     if done:
         lines += ["", "## Success per task", "", "Mean over the finished seeds.", "",

@@ -21,7 +21,7 @@ from ..files import tail_lines
 from ..run.outputs import write_atomic
 from .plan import OWN_FLAGS, Run, StudyError, code_revision, failed_jobs, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
 from .learned_masks import compare_learned_masks
-from .report import aggregate, pairwise, run_entry, summary_markdown
+from .report import aggregate, along_training, pairwise, run_entry, summary_markdown
 from .stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED
 from .unseen import aggregate_unseen, collect_unseen, evaluation_keys, parse_thresholds, unseen_mode
 
@@ -81,6 +81,10 @@ class Study:
                              f"({', '.join(a.key for a in self.arms)})")
         if self.args.eval_episodes < 1:
             raise StudyError("--eval-episodes must be at least 1")
+        if f"--validation-seed={self.args.eval_seed}" in self.passthrough or any(
+                a == "--validation-seed" and b == str(self.args.eval_seed) for a, b in zip(self.passthrough, self.passthrough[1:])):
+            raise StudyError(f"--validation-seed {self.args.eval_seed} is the study's --eval-seed: the validation goals must "
+                             "differ from the test goals")
         for flag in self.passthrough:
             if flag.split("=")[0] in OWN_FLAGS:
                 raise StudyError(f"{flag.split('=')[0]} is set by the study for every run; use the study's own option")
@@ -174,23 +178,29 @@ class Study:
                 self.say(f"stop  {run.name}: training stopped (exit {rc}); its checkpoint resumes it" if self.stopping.is_set()
                          else f"FAIL  {run.name}: training exited {rc}\n{tail_lines(run.dir / 'train.log', 25)}")
                 return False
-        t = time.perf_counter()
-        ok = self.evaluate(run, [], run.eval_path, "eval.log", "evaluation", env)
-        rec["eval_seconds"] += time.perf_counter() - t
-        run.write_record(rec)
-        if not ok:
-            return False
+        # the final checkpoint, then (with --validation-seed) the one chosen on the validation goals, on the test goals
+        for ck, path, what in ((run.dir / "checkpoint.pt", run.eval_path, "evaluation"),
+                               (run.best_checkpoint, run.best_eval_path, "evaluation of best.pt")):
+            if path.exists() or not ck.exists():
+                continue
+            t = time.perf_counter()
+            ok = self.evaluate(run, [], path, "eval.log", what, env, checkpoint=ck)
+            rec["eval_seconds"] += time.perf_counter() - t
+            run.write_record(rec)
+            if not ok:
+                return False
         res = json.loads(run.eval_path.read_text())
+        best = f"; best on validation {json.loads(run.best_eval_path.read_text())['mean_success']:.3f}" if run.best_eval_path.exists() else ""
         self.say(f"done  {run.name} ({index}/{total}) in {time.perf_counter() - t_run:.0f} s "
-                 f"(train {rec['train_seconds']:.0f} s, eval {rec['eval_seconds']:.0f} s): mean success {res['mean_success']:.3f}")
+                 f"(train {rec['train_seconds']:.0f} s, eval {rec['eval_seconds']:.0f} s): mean success {res['mean_success']:.3f}{best}")
         return self.evaluate_unseen(run, env)
 
-    def evaluate(self, run: Run, extra: list[str], out: Path, log_name: str, what: str, env: dict) -> bool:
-        """``python -m harmodt.evaluate`` on the run's final checkpoint with the study's episodes and seed
-        (the same goals for every run), into ``out`` (renamed into place once complete)."""
+    def evaluate(self, run: Run, extra: list[str], out: Path, log_name: str, what: str, env: dict, checkpoint: Path | None = None) -> bool:
+        """``python -m harmodt.evaluate`` on ``checkpoint`` (default: the run's final one) with the study's
+        episodes and seed (the same goals for every run), into ``out`` (renamed into place once complete)."""
         if self.stopping.is_set():
             return False
-        eval_args = [str(run.dir / "checkpoint.pt"), *extra, "--episodes", str(self.args.eval_episodes), "--seed", str(self.args.eval_seed),
+        eval_args = [str(checkpoint or run.dir / "checkpoint.pt"), *extra, "--episodes", str(self.args.eval_episodes), "--seed", str(self.args.eval_seed),
                      "--out", str(out) + ".tmp", "--no-progress"]
         with open(run.dir / log_name, "a") as log:
             log.write(f"$ python -m harmodt.evaluate {shlex.join(eval_args)}\n")
@@ -329,6 +339,7 @@ class Study:
         study = self.collect()
         study["variants"] = aggregate(study)
         study["pairwise"] = pairwise(study)
+        study["along_training"] = along_training(study)
         study["unseen"] = aggregate_unseen(study)
         study["learned_masks"] = compare_learned_masks(study, self.out)
         self.out.mkdir(parents=True, exist_ok=True)
