@@ -18,7 +18,7 @@ from _synthetic import trajectory
 from harmodt.study import runner as runner_mod
 from harmodt.study.__main__ import build_parser
 from harmodt.study.figures import draw_figures
-from harmodt.study.plan import Arm, Run, StudyError, flag_for_key, method_arm, parse_sweep, parse_variant, run_name, variant_label
+from harmodt.study.plan import Arm, Run, StudyError, flag_for_key, machine_name, method_arm, parse_sweep, parse_variant, run_name, variant_label
 from harmodt.study.report import aggregate, along_training, pairwise, summary_markdown
 from harmodt.study.runner import Study
 from harmodt.study.stats import classical_mds, holm, jaccard_matrix, paired_bootstrap, paired_difference, paired_t, t_interval
@@ -559,6 +559,7 @@ def test_tiny_study_chooses_the_best_checkpoint_on_validation_goals(tmp_path):
         best = json.loads((run_dir / "run_best_eval.json").read_text())
         assert r["best"]["selected_on"] == "validation" and r["best"]["mean_success"] == best["mean_success"]
         assert r["best"]["step"] in (4, 8) and [s for s, _ in r["validation_curve"]] == [4, 8]
+        assert r["machines"] == [machine_name()]  # the processor each run trained on
     assert [(d["variant"], d["reference"]) for d in study["along_training"]["differences"]] == [("HarmoDT-F", "Prompt-DT")]
     assert "paired_best" in study["variants"][1]
     figures = {p.name for p in (out / "figures").glob("*.png")}

@@ -162,6 +162,21 @@ def code_revision() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+def machine_name() -> str:
+    """The processor a run trains on and its core count (``Intel(R) Xeon(R) Processor, 2 cores``): training
+    is reproducible bit for bit on one processor model, not across them."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def without_threads(args: list[str]) -> list[str]:
     """``args`` without ``--threads N`` (a run's thread count may change between sittings)."""
     out, skip = [], False

@@ -22,7 +22,7 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
     entry = {"name": run.name, "arm": run.arm.key, "method": run.method, "seed": run.seed, "variant": run.variant,
              "sweep": None if run.sweep is None else {"key": run.sweep[0], "value": run.sweep[1]},
              "status": "finished" if run.finished() else "missing",
-             "train_seconds": rec.get("train_seconds"), "eval_seconds": rec.get("eval_seconds"), "revisions": rec.get("revisions"),
+             "train_seconds": rec.get("train_seconds"), "eval_seconds": rec.get("eval_seconds"), "revisions": rec.get("revisions"), "machines": rec.get("machines"),
              "train_command": None if not rec.get("train_args") else "python -m harmodt.train " + shlex.join(rec["train_args"])}
     cfg_path = run.dir / "config.json"
     if cfg_path.exists():
@@ -262,6 +262,8 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         parts = ([f"code revisions {', '.join(sorted(revisions))} (study.json names each run's)"] if revisions else []) + \
                 ([f"{unrecorded} of {len(finished_runs)} finished runs do not record their code revision"] if unrecorded else [])
         lines += ["; ".join(parts).capitalize() + ".", ""]
+    if machines := sorted({m for r in finished_runs for m in r.get("machines") or []}):
+        lines += [("Machine: " if len(machines) == 1 else "Machines (study.json names each run's): ") + "; ".join(machines) + ".", ""]
     if study.get("variant_flags"):
         lines += ["Variants: " + "; ".join(f"{label} = `{flags}`" for label, flags in study["variant_flags"].items())
                   + " (their flags follow the shared ones).", ""]

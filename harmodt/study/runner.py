@@ -19,7 +19,7 @@ from pathlib import Path
 from .figures import draw_figures
 from ..files import tail_lines
 from ..run.outputs import write_atomic
-from .plan import OWN_FLAGS, Run, StudyError, code_revision, failed_jobs, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
+from .plan import OWN_FLAGS, Run, StudyError, code_revision, machine_name, failed_jobs, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
 from .learned_masks import compare_learned_masks
 from .report import aggregate, along_training, pairwise, run_entry, summary_markdown
 from .stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED
@@ -159,6 +159,8 @@ class Study:
                    train_args=run.train_args(self.args.tasks, self.data, self.passthrough, None, self.curve_episodes))
         if (revision := code_revision()) not in rec.setdefault("revisions", []):  # every revision that trained or evaluated it
             rec["revisions"].append(revision)
+        if (machine := machine_name()) not in rec.setdefault("machines", []):  # and every processor
+            rec["machines"].append(machine)
         run.write_record(rec)
         self.say(f"start {run.name} ({index}/{total})")
         t_run = time.perf_counter()
