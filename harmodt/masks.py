@@ -58,14 +58,21 @@ class TaskMasks:
 
     @staticmethod
     def erk(shapes: dict[str, tuple[int, int]], n_tasks: int, sparsity: float, generator: torch.Generator,
-            device: torch.device | str = "cpu") -> "TaskMasks":
-        """ERK densities at ``1 - sparsity``; an independent random draw per task and layer with
-        exactly ``round(density * numel)`` active weights (drawn on the CPU, so the masks of a
-        seed do not depend on the device), placed on ``device``."""
+            device: torch.device | str = "cpu", draw: str = "exact") -> "TaskMasks":
+        """ERK densities at ``1 - sparsity``; an independent random draw per task and layer (on the
+        CPU, so the masks of a seed do not depend on the device), placed on ``device``. ``draw``:
+        "exact", exactly ``round(density * numel)`` active weights; "bernoulli", each weight
+        active with probability ``density`` (the official ``ERK_maskinit``), so the counts vary
+        around it between layers and tasks."""
+        if draw not in ("exact", "bernoulli"):
+            raise ValueError(f"draw must be exact or bernoulli, got {draw!r}")
         dens = erk_densities(shapes, 1.0 - sparsity)
         masks = {}
         for name, (n, k) in shapes.items():
             numel = n * k
+            if draw == "bernoulli":
+                masks[name] = (torch.rand(n_tasks, n, k, generator=generator) < dens[name]).to(device)
+                continue
             keep = int(round(dens[name] * numel))
             m = torch.zeros(n_tasks, numel, dtype=torch.bool)
             for t in range(n_tasks):
