@@ -14,12 +14,15 @@ import torch
 import kernels
 
 
-def clip_coefficient(params: list, max_norm: float) -> torch.Tensor:
+def clip_coefficient(params: list, max_norm: float, norm_grads: dict | None = None) -> torch.Tensor:
     """The factor ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` multiplies every gradient
     by, ``min(1, max_norm / (norm + 1e-6))`` with ``norm`` the 2-norm over all gradients, as a
     0-dim float32 tensor on the gradients' device (no host synchronisation);
-    :meth:`MaskedAdamW.masked_step` applies it."""
-    return clip_factor([p.grad for p in params if p.grad is not None], max_norm)
+    :meth:`MaskedAdamW.masked_step` applies it. ``norm_grads``: {param: gradient} the norm reads
+    in place of ``p.grad`` (``--clip-scope unmasked``: the masked matrices' gradient before masking)."""
+    if norm_grads is None:
+        return clip_factor([p.grad for p in params if p.grad is not None], max_norm)
+    return clip_factor([norm_grads.get(p, p.grad) for p in params if p.grad is not None], max_norm)
 
 
 def clip_factor(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -28,12 +31,15 @@ def clip_factor(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """The optimizer's two groups: weight matrices with ``weight_decay``; biases, norms and the
-    embedding layers without."""
+def param_groups(model: torch.nn.Module, weight_decay: float, scope: str = "matrices") -> list[dict]:
+    """The optimizer's two groups. ``scope`` "matrices": weight matrices with ``weight_decay``;
+    biases, norms and the embedding layers without. "all" (the official code's): every parameter
+    with ``weight_decay`` (the second group empty)."""
+    if scope not in ("matrices", "all"):
+        raise ValueError(f"scope must be matrices or all, got {scope!r}")
     decay, no_decay = [], []
     for n, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "embed" not in n.split(".")[0] else no_decay).append(p)
+        (decay if scope == "all" or (p.dim() >= 2 and "embed" not in n.split(".")[0]) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
