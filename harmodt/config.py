@@ -18,6 +18,11 @@ from .tasks import TASKS_HELP
 QUALITIES = ("near-optimal", "sub-optimal")
 TEST_GOALS_OFFSET = 12345  # the goals of a run's final evaluation are drawn from --seed + this
 PROMPT_SEGMENTS = ("last", "random")
+TASK_ORDERS = ("random", "round-robin")
+CLIP_SCOPES = ("masked", "unmasked")
+WEIGHT_DECAY_SCOPES = ("matrices", "all")
+INITS = ("ours", "reference")
+ERK_DRAWS = ("exact", "bernoulli")
 
 
 def setting(default=MISSING, help: str = "", *, factory=MISSING):
@@ -36,6 +41,8 @@ class ModelConfig:
     max_ep_len: int = setting(500, "Meta-World episode length; size of the timestep embedding table")
     state_dim: int = setting(39, "Meta-World v3 observation size")
     act_dim: int = setting(4, "Meta-World action size")
+    init: str = setting("ours", "ours (every linear and embedding weight N(0, 0.02), biases 0) | reference (the official code's: the "
+                        "blocks' as ours, embeddings and heads PyTorch's default)")
 
 
 @dataclass
@@ -50,6 +57,8 @@ class MaskConfig:
     recovery_grad: str = setting("dense", 'g_i of Alg. 2: "dense" = grad of L_i at theta (paper); "masked" = unmasked grad at theta*M_i')
     mask_grads: str = setting("paper", 'gradients of the mask update: "paper" = dropout off, unclipped; "official" = dropout on, '
                               "each task's clipped to --grad-clip")
+    erk_draw: str = setting("exact", "ERK masks: exact (round(density * numel) weights per layer and task) | bernoulli (each weight "
+                            "kept with its layer's density, as the official code)")
 
 
 @dataclass
@@ -64,6 +73,12 @@ class TrainConfig:
     weight_decay: float = setting(1e-4, "AdamW decoupled weight decay (official code)")
     warmup_steps: int = setting(10_000, "linear learning-rate warm-up (official code)")
     grad_clip: float = setting(0.25, "gradient-norm clip (official code)")
+    clip_scope: str = setting("masked", "the clip norm's gradient of the masked matrices: masked (grad * M_i, what the step applies) | "
+                              "unmasked (before masking, as the official code)")
+    weight_decay_scope: str = setting("matrices", "parameters --weight-decay applies to: matrices (weight matrices outside the "
+                                      "embeddings) | all (every parameter, as the official code)")
+    task_order: str = setting("random", "the tasks of a step: random (drawn uniformly) | round-robin (step t trains task t mod T, "
+                              "as the official code; with --tasks-per-batch k, tasks t*k .. t*k+k-1 mod T)")
     cagrad_c: float = setting(0.5, "c of cagrad: radius of the ball around the mean gradient, in units of its norm (0 = the mean gradient)")
     data: str = setting("", "dataset folder (ours or the original layout); empty = generate into the cache")
     episodes_per_task: int = setting(0, "keep this many episodes per task (0 = all)")
@@ -127,6 +142,12 @@ PRESETS = {
     # the agreement term, task gradients in train mode and clipped per task. Only these three: the rest
     # stays as it is (the paper's defaults, or an earlier preset's values).
     "official": {"masks.update_every": 500, "masks.lam_on": "agreement", "masks.mask_grads": "official"},
+    # The official code's training choices outside the mask update (charleshsc/HarmoDT main.py and
+    # fl_utils.py, mxu34/prompt-dt trajectory_gpt2.py): round-robin tasks, the clip norm before masking,
+    # weight decay on every parameter, its initialisation and its Bernoulli ERK draw. With "official":
+    # `--preset official reference`.
+    "reference": {"task_order": "round-robin", "clip_scope": "unmasked", "weight_decay_scope": "all", "model.init": "reference",
+                  "masks.erk_draw": "bernoulli"},
 }
 
 
@@ -212,6 +233,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.masks.lam_on in ("importance", "agreement"), "--lam-on must be importance or agreement"),
         (cfg.masks.recovery_grad in ("dense", "masked"), "--recovery-grad must be dense or masked"),
         (cfg.masks.mask_grads in ("paper", "official"), f"--mask-grads must be paper or official, got {cfg.masks.mask_grads!r}"),
+        (cfg.masks.erk_draw in ERK_DRAWS, f"--erk-draw must be exact or bernoulli, got {cfg.masks.erk_draw!r}"),
+        (cfg.task_order in TASK_ORDERS, f"--task-order must be random or round-robin, got {cfg.task_order!r}"),
+        (cfg.clip_scope in CLIP_SCOPES, f"--clip-scope must be masked or unmasked, got {cfg.clip_scope!r}"),
+        (cfg.weight_decay_scope in WEIGHT_DECAY_SCOPES, f"--weight-decay-scope must be matrices or all, got {cfg.weight_decay_scope!r}"),
+        (cfg.model.init in INITS, f"--init must be ours or reference, got {cfg.model.init!r}"),
         (cfg.model.n_embd % cfg.model.n_head == 0, "--n-embd must be divisible by --n-head"),
         (cfg.model.context_len > 0 and cfg.model.prompt_len >= 0, "--context-len > 0 and --prompt-len >= 0"),
         (0.0 <= cfg.model.dropout < 1.0, "--dropout must be in [0, 1)"),

@@ -169,7 +169,10 @@ class PromptDT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.predict_action = nn.Linear(cfg.n_embd, cfg.act_dim)
-        self.apply(self._init_weights)
+        # ours: every module; reference (the official code's GPT-2 init): the blocks and ln_f only,
+        # the embeddings, embed_ln and the head keep PyTorch's default
+        for m in (self.blocks, self.ln_f) if cfg.init == "reference" else (self,):
+            m.apply(self._init_weights)
         for name, mod in self.named_modules():
             if isinstance(mod, MaskedLinear):
                 mod.mask_key = name + ".weight"

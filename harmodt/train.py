@@ -65,7 +65,7 @@ class Trainer:
         self.task_masks = None
         if self.method.masked:
             self.task_masks = TaskMasks.erk(shapes, len(self.tasks), cfg.masks.sparsity, torch.Generator().manual_seed(cfg.seed + 1),
-                                            device=self.device)
+                                            device=self.device, draw=cfg.masks.erk_draw)
         self.task_stream = None  # with several ranks: the task draws every rank shares (harmodt.run.distributed)
         self.step_tasks: list[int] = []  # with several ranks: every rank's tasks of the current step
         if self.dist.active:
@@ -74,7 +74,7 @@ class Trainer:
             self.task_stream = torch.Generator().manual_seed(cfg.seed + distributed.TASK_STREAM_OFFSET)
             torch.manual_seed(cfg.seed + self.dist.rank)  # this rank's dropout stream
         self.initial_masks = None if self.task_masks is None else self.task_masks.flat_packed()  # ERK draw (seeded): the reference for mask_changed_fraction
-        self.opt = MaskedAdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
+        self.opt = MaskedAdamW(param_groups(self.model, cfg.weight_decay, cfg.weight_decay_scope), lr=cfg.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min((s + 1) / max(cfg.warmup_steps, 1), 1.0))
         self.step = 0
         self.last_harmony = None
@@ -97,11 +97,18 @@ class Trainer:
     def sample_tasks(self) -> list[int]:
         """This step's task ids (one process: from the data stream; several ranks: this rank's
         ``tasks_per_batch`` of the ``world_size * tasks_per_batch`` drawn from the shared task
-        stream, all of which are kept in ``step_tasks``)."""
+        stream, all of which are kept in ``step_tasks``). ``--task-order round-robin``: the
+        ``n`` tasks ``step * n, ..., step * n + n - 1`` mod T, with ``n`` as drawn (one process)
+        or shared by the ranks (several), so step t of one task per step trains task t mod T."""
         if self.dist.active:
             k = self.cfg.tasks_per_batch
-            self.step_tasks = distributed.draw_tasks(self.task_stream, len(self.tasks), k * self.dist.world_size)
+            if self.cfg.task_order == "round-robin":
+                self.step_tasks = round_robin(self.step, len(self.tasks), k * self.dist.world_size)
+            else:
+                self.step_tasks = distributed.draw_tasks(self.task_stream, len(self.tasks), k * self.dist.world_size)
             return self.step_tasks[self.dist.rank * k : (self.dist.rank + 1) * k]
+        if self.cfg.task_order == "round-robin":
+            return round_robin(self.step, len(self.tasks), min(self.cfg.tasks_per_batch, len(self.tasks)))
         g = self.batcher.generator
         if self.cfg.tasks_per_batch == 1:
             return torch.randint(len(self.tasks), (1,), generator=g).tolist()  # (a host generator: nothing to wait for)
@@ -131,6 +138,9 @@ class Trainer:
             return self.surgery_step(task_ids)
         batch = self.batcher.sample(task_ids, self.cfg.batch_size)
         ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1, segments=batch_segments(task_ids, self.cfg.batch_size))
+        unmasked_clip = ctx is not None and self.cfg.clip_scope == "unmasked"
+        if unmasked_clip:
+            ctx = self.capturing_context(ctx, task_ids)
         count = None
         if self.dist.active:  # all ranks' real steps (the loss's divisor) and stop requests
             agreed = torch.stack([batch["mask"].sum().double(), torch.tensor(float(self.stop.asked), device=self.device).double()])
@@ -143,12 +153,35 @@ class Trainer:
             p.grad = None
         loss.backward()
         loss = self.dist.reduce_gradients(self.params, loss)  # several ranks: summed gradients and the global loss
-        coef = clip_coefficient(self.params, self.cfg.grad_clip)
+        coef = clip_coefficient(self.params, self.cfg.grad_clip, self.unmasked_gradients(ctx) if unmasked_clip else None)
         keep = self.keep_masks(self.step_tasks if self.dist.active else task_ids)  # several ranks: the union of all ranks' tasks
         self.opt.masked_step(keep, grad_scale=coef, op=self.backends.masked_adamw)
         self.sched.step()
         self.step += 1
         return loss.detach()
+
+    def capturing_context(self, ctx: MaskContext, task_ids: list[int]) -> MaskContext:
+        """``ctx`` of a training batch (``--clip-scope unmasked``) over the masks of its distinct
+        tasks alone, its rows renumbered to them, with a float32 ``[k, N, K]`` buffer per masked
+        matrix into which the backward adds each task's gradient before masking (the
+        ``task_grads`` of ``kernels.masked_linear``, on every backend)."""
+        present = sorted(set(task_ids))
+        idx = torch.tensor(present, device=self.device)
+        local = torch.zeros(len(self.tasks), dtype=torch.int64, device=self.device).index_copy_(
+            0, idx, torch.arange(len(present), device=self.device))
+        segments = None if ctx.segments is None else tuple((present.index(t), c) for t, c in ctx.segments)
+        return MaskContext({n: m.index_select(0, idx) for n, m in ctx.masks.items()}, local[ctx.task_ids], ctx.masked_linear,
+                           {n: torch.zeros(len(present), *w.shape, device=self.device) for n, w in self.weights.items()}, segments)
+
+    def unmasked_gradients(self, ctx: MaskContext) -> dict:
+        """{masked matrix: its gradient before masking}, from a backward through
+        :meth:`capturing_context`'s ``ctx``: the sum over the batch's tasks (with several ranks,
+        over every rank's), i.e. the gradient of W were the masks not applied to it in the backward."""
+        grads = [ctx.task_grads[n].sum(0) for n in self.weights]
+        if self.dist.active:
+            flat = self.dist.all_reduce_sum_(torch.cat([g.reshape(-1) for g in grads]))
+            grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        return dict(zip(self.weights.values(), grads))
 
     def surgery_step(self, task_ids: list[int]) -> torch.Tensor:
         """One PCGrad/CAGrad step (dense Prompt-DT, no masks): each task's gradient on its own rows
@@ -236,6 +269,12 @@ class Trainer:
                            backend=self.backends.masked_linear, progress=self.cfg.progress and self.dist.is_main,
                            precision=self.cfg.precision) if mine else {"tasks": {}, "env_steps": 0, "seconds": 0.0}
             return distributed.merge_evaluations(self.dist.all_gather_object(res), self.tasks) if self.dist.active else res
+
+
+def round_robin(step: int, n_tasks: int, count: int) -> list[int]:
+    """``--task-order round-robin``: the ``count`` task ids of ``step``, ``step * count, ...,
+    step * count + count - 1`` mod ``n_tasks`` (count 1: task ``step mod n_tasks``)."""
+    return [(step * count + j) % n_tasks for j in range(count)]
 
 
 def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
