@@ -95,11 +95,11 @@ class RankStreams:
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
-def reference(data: Path, tmp: Path, steps: int = 30, ck: dict | None = None) -> tuple[dict[int, float], Trainer]:
+def reference(data: Path, tmp: Path, steps: int = 30, ck: dict | None = None, extra: tuple = ()) -> tuple[dict[int, float], Trainer]:
     """One process training the 2-rank run's global batches (``--tasks-per-batch 2 --batch-size 8``
-    with the ranks' task stream and data streams), from step 0 or from the 2-rank checkpoint
-    ``ck``; returns {step: loss} and the trainer."""
-    cfg = parse_args([*ARGS, *GLOBAL, "--data", str(data), "--steps", str(steps), "--out", str(tmp)])
+    with the ranks' task stream, or their round-robin order, and data streams), from step 0 or
+    from the 2-rank checkpoint ``ck``, with the flags ``extra``; returns {step: loss} and the trainer."""
+    cfg = parse_args([*extra, *ARGS, *GLOBAL, "--data", str(data), "--steps", str(steps), "--out", str(tmp)])
     tr = Trainer(cfg)
     streams = RankStreams(tr)
     task_stream = torch.Generator().manual_seed(cfg.seed + distributed.TASK_STREAM_OFFSET)
@@ -109,7 +109,8 @@ def reference(data: Path, tmp: Path, steps: int = 30, ck: dict | None = None) ->
             b.load_state_dict(ck["rng"]["ranks"][r]["batcher"])
         task_stream.set_state(ck["rng"]["tasks"])
     tr.batcher = streams
-    tr.sample_tasks = lambda: distributed.draw_tasks(task_stream, len(tr.tasks), WORLD * K)
+    if cfg.task_order == "random":  # (round-robin: the trainer's own order, the same for one process and the ranks)
+        tr.sample_tasks = lambda: distributed.draw_tasks(task_stream, len(tr.tasks), WORLD * K)
     out = {}
     while tr.step < steps:
         if tr.step > 0 and tr.step % UPDATE_AT == 0:
@@ -153,6 +154,26 @@ def test_two_ranks_equal_one_process_with_the_same_global_batches(runs, tmp_path
         torch.testing.assert_close(ck["model"][n], p, rtol=1e-5, atol=1e-6, msg=n)
     recs = [json.loads(line) for line in (runs["full"] / "metrics.jsonl").read_text().splitlines()]
     assert sum("harmony_score" in r for r in recs) == 1
+
+
+def test_preset_reference_with_two_ranks_equals_one_process(tmp_path):
+    """--preset reference under torchrun: the ranks' W*k tasks of step t are t*W*k, ... mod T
+    (round-robin over the global batch), the clip norm sums every rank's gradient before masking,
+    every parameter decays, and the Bernoulli ERK masks and the reference initialisation are rank
+    0's; it equals one process training the same global batches."""
+    data = write_ours(tmp_path / "data", TASKS, episodes=4, length=30)
+    out = tmp_path / "ranks"
+    torchrun("--preset", "reference", *ARGS, *PER_RANK, "--data", str(data), "--steps", "30", out=out)
+    got = losses(out)
+    want, tr = reference(data, tmp_path / "one", extra=("--preset", "reference"))
+    assert tr.cfg.clip_scope == "unmasked" and tr.cfg.task_order == "round-robin" and tr.cfg.masks.erk_draw == "bernoulli"
+    assert sorted(got) == list(range(1, 31))
+    diff = max(abs(got[s] - want[s]) for s in want)
+    assert diff <= 1e-5, (got, want)
+    ck = final(out)
+    assert ck["config"]["clip_scope"] == "unmasked" and masks_equal(ck["masks"], tr.task_masks.per_task(tr.tasks))
+    for n, p in tr.model.state_dict().items():
+        torch.testing.assert_close(ck["model"][n], p, rtol=1e-5, atol=1e-6, msg=n)
 
 
 @pytest.mark.slow
