@@ -10,7 +10,7 @@ import torch
 
 from _synthetic import datasets
 from harmodt import train
-from harmodt.config import PRESETS, RESUME_RULES, ConfigError, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
+from harmodt.config import PRESETS, RESUME_RULES, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
 from harmodt.masks import TaskMasks, erk_densities
 from harmodt.model import build_model
 from harmodt.optim import param_groups
@@ -49,18 +49,6 @@ def test_preset_reference_sets_the_five_and_official_is_unchanged():
     assert (plain.task_order, plain.clip_scope, plain.weight_decay_scope, plain.model.init, plain.masks.erk_draw) == (
         "random", "masked", "matrices", "ours", "exact")
     assert parse_args(["--preset", "reference", "--clip-scope", "masked"]).clip_scope == "masked"  # flags override presets
-
-
-@pytest.mark.parametrize("argv,msg", [
-    (["--task-order", "cyclic"], "--task-order must be random or round-robin"),
-    (["--clip-scope", "all"], "--clip-scope must be masked or unmasked"),
-    (["--weight-decay-scope", "none"], "--weight-decay-scope must be matrices or all"),
-    (["--init", "gpt2"], "--init must be ours or reference"),
-    (["--erk-draw", "uniform"], "--erk-draw must be exact or bernoulli"),
-])
-def test_bad_values_are_one_clear_line(argv, msg):
-    with pytest.raises(ConfigError, match=msg):
-        parse_args(argv)
 
 
 def test_saved_configs_without_the_keys_mean_the_defaults_and_the_keys_are_fixed_on_resume():

@@ -209,6 +209,11 @@ def test_existing_run_needs_resume(tmp_path):
     (["--tasks-per-batch", "9", "--batch-size", "4"], "--tasks-per-batch"),
     (["--conditioning", "task"], "--conditioning must be one of auto, prompt, task-state, task-embedding"),
     (["--prompt-segment", "first"], "--prompt-segment must be last or random"),
+    (["--task-order", "cyclic"], "--task-order must be random or round-robin"),
+    (["--clip-scope", "all"], "--clip-scope must be masked or unmasked"),
+    (["--weight-decay-scope", "none"], "--weight-decay-scope must be matrices or all"),
+    (["--init", "gpt2"], "--init must be ours or reference"),
+    (["--erk-draw", "uniform"], "--erk-draw must be exact or bernoulli"),
 ])
 def test_bad_flags_are_one_clear_line(argv, msg):
     with pytest.raises(ConfigError, match=msg):
