@@ -22,7 +22,7 @@ import kernels
 from . import plots
 from .config import TEST_GOALS_OFFSET, ConfigError, TrainConfig, resolve_device
 from .data.batches import PromptDTBatcher, batch_segments
-from .mask_grads import official_task_gradient, paper_task_gradient
+from .mask_grads import task_gradients
 from .masks import TaskMasks, alpha_schedule, harmony_score
 from .methods import METHODS
 from .model import MaskContext, action_loss, build_model
@@ -84,12 +84,11 @@ class Trainer:
     def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None) -> MaskContext | None:
         """The masks a forward on rows of ``task_ids`` runs through (None without masks);
         ``single_task``: every row is ``task_ids[0]`` (one mask, no grouping of rows);
-        ``segments``: the batch's ``((task, sequences), ...)`` layout when known on the host. The
-        reference backend reads the bool masks as they are (no unpacking per call)."""
+        ``segments``: the batch's ``((task, sequences), ...)`` layout when known on the host."""
         if self.task_masks is None:
             return None
-        masks = self.task_masks.masks if self.backends.masked_linear.takes_bool_masks else self.task_masks.packed()
-        return MaskContext(masks, task_ids[:1] if single_task else task_ids, self.backends.masked_linear, segments=segments)
+        op = self.backends.masked_linear
+        return MaskContext(self.task_masks.for_op(op), task_ids[:1] if single_task else task_ids, op, segments=segments)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
@@ -116,18 +115,12 @@ class Trainer:
         return torch.randperm(len(self.tasks), generator=g)[:n].tolist()
 
     def keep_masks(self, task_ids: list[int]) -> dict | None:
-        """{weight: packed mask of what this step may change}: the task's mask, or for a batch of
-        several tasks the union of theirs (Eq. 11)."""
+        """{weight: mask of what this step may change}: the task's mask, or for a batch of several
+        tasks the union of theirs (Eq. 11)."""
         if self.task_masks is None:
             return None
-        packed = not self.backends.masked_adamw.takes_bool_masks  # the reference takes bool masks as they are
-        if len(task_ids) == 1:
-            masks = self.task_masks.packed() if packed else self.task_masks.masks
-            return {w: masks[n][task_ids[0]] for n, w in self.weights.items()}
-        masks = self.task_masks.masks
-        idx = torch.tensor(task_ids, device=self.device)
-        union = {w: masks[n].index_select(0, idx).any(0) for n, w in self.weights.items()}
-        return {w: kernels.pack_masks(m) for w, m in union.items()} if packed else union
+        keep = self.task_masks.keep(task_ids, self.backends.masked_adamw)
+        return {w: keep[n] for n, w in self.weights.items()}
 
     def train_step(self, task_ids: list[int]) -> torch.Tensor:
         """One step of Algorithm 1 on a batch of ``task_ids``; returns the loss (a 0-dim tensor on
@@ -200,25 +193,13 @@ class Trainer:
     def task_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[T, P]`` gradients of every task on one fresh batch each: gbar_i = grad L_i(theta*M_i) * M_i
         (Eq. 4) and g_i (Alg. 2: grad L_i(theta) by default; None without masks), in ``self.weights``
-        order. ``--mask-grads paper``: dropout off, unclipped; ``official``: dropout on and each task's
-        gradient clipped to ``--grad-clip``, as the official code (harmodt.mask_grads). With several
+        order, as ``--mask-grads`` and ``--recovery-grad`` say (harmodt.mask_grads). With several
         ranks, task i is computed on rank i mod W (on a batch of its data stream) and the zero-filled
         rows are summed over the ranks."""
-        p_total = sum(w.numel() for w in self.weights.values())
-        t = len(self.tasks)
-        masked = torch.zeros(t, p_total, device=self.device)
-        dense = torch.zeros(t, p_total, device=self.device) if self.task_masks is not None else None
-        official = self.cfg.masks.mask_grads == "official"
-        task_gradient = official_task_gradient if official else paper_task_gradient
-        was_training = self.model.training
-        self.model.train(official)
-        for i in range(t):
-            if i % self.dist.world_size != self.dist.rank:
-                continue
-            masked[i], g = task_gradient(self, i, self.batcher.sample([i], self.cfg.batch_size))
-            if dense is not None:
-                dense[i] = g
-        self.model.train(was_training)
+        m, b = self.cfg.masks, self.cfg.batch_size
+        batches = ((i, self.batcher.sample([i], b)) for i in self.dist.shard(range(len(self.tasks))))
+        masked, dense = task_gradients(self.model, self.weights, self.task_masks, self.backends.masked_linear, batches, len(self.tasks),
+                                       mask_grads=m.mask_grads, recovery_grad=m.recovery_grad, grad_clip=self.cfg.grad_clip)
         self.dist.all_reduce_sum_(masked)
         if dense is not None:
             self.dist.all_reduce_sum_(dense)
