@@ -120,16 +120,17 @@ class TaskMasks:
         union = {n: m.index_select(0, idx).any(0) for n, m in self.masks.items()}
         return union if op.takes_bool_masks else {n: kernels.pack_masks(m) for n, m in union.items()}
 
-    def flat_packed(self) -> torch.Tensor:
-        """All masked weights of each task as one packed row ``[T, ceil(P/32)]``."""
+    def snapshot(self) -> torch.Tensor:
+        """A compact copy of the masks: all masked weights of each task as one packed row
+        ``[T, ceil(P/32)]`` (the layout ``kernels.harmony_select`` takes)."""
         flat = torch.cat([m.reshape(m.shape[0], -1) for m in self.masks.values()], dim=1)
         return kernels.pack_masks(flat)
 
     def changed_fraction(self, initial: torch.Tensor) -> list[float]:
         """Per task, the fraction of its active weights not active in ``initial`` (a
-        :meth:`flat_packed` of earlier masks, such as the ERK draw)."""
+        :meth:`snapshot` of earlier masks, such as the ERK draw)."""
         p = sum(m[0].numel() for m in self.masks.values())
-        now, before = kernels.unpack_masks(self.flat_packed(), p), kernels.unpack_masks(initial, p)
+        now, before = kernels.unpack_masks(self.snapshot(), p), kernels.unpack_masks(initial, p)
         return ((now & ~before).sum(1) / now.sum(1).clamp(min=1)).tolist()
 
     def set_flat(self, words: torch.Tensor) -> None:
@@ -162,7 +163,7 @@ class TaskMasks:
         lam_i = lam if lam_on == "importance" else 1.0 / lam
         harmony = agreement + lam_i * IMPORTANCE[importance](gbar, params)  # H_i = A_i + lam * I_i (Eq. 8)
         recovery = g * ghat  # g_i * ghat (Eq. 10)
-        before = self.flat_packed()
+        before = self.snapshot()
         after = select(harmony, recovery, before, k)  # Eqs. 9-10: the k lowest H_i active off, the k highest g_i * ghat masked on
         p = masked_grads.shape[1]
         b = kernels.unpack_masks(before, p)
