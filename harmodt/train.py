@@ -13,6 +13,7 @@ TensorBoard events, checkpoint.pt (atomic, safe to load; resumable), results.jso
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from .methods import METHODS
 from .model import MaskContext, action_loss, build_model
 from .optim import MaskedAdamW, clip_coefficient, param_groups
 from .run import distributed, resume, rng, session, signals
+from .run.cli import parse_args
 from .run.data_cache import load_training_data
 from .run.outputs import MetricsLog, NoLog
 from .surgery import surgery_gradients
@@ -73,7 +75,7 @@ class Trainer:
                                          + (list(self.task_masks.masks.values()) if self.task_masks is not None else []))
             self.task_stream = torch.Generator().manual_seed(cfg.seed + distributed.TASK_STREAM_OFFSET)
             torch.manual_seed(cfg.seed + self.dist.rank)  # this rank's dropout stream
-        self.initial_masks = None if self.task_masks is None else self.task_masks.flat_packed()  # ERK draw (seeded): the reference for mask_changed_fraction
+        self.initial_masks = None if self.task_masks is None else self.task_masks.snapshot()  # ERK draw (seeded): the reference for mask_changed_fraction
         self.opt = MaskedAdamW(param_groups(self.model, cfg.weight_decay, cfg.weight_decay_scope), lr=cfg.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min((s + 1) / max(cfg.warmup_steps, 1), 1.0))
         self.step = 0
@@ -206,6 +208,9 @@ class Trainer:
         return masked, dense
 
     def mask_update(self) -> dict:
+        """Algorithm 2 at this step: every task's gradients (:meth:`task_gradients`), their harmony
+        score (Definition 3.2, logged for every method) and, for learned masks, the update of Eqs.
+        8-10 (``TaskMasks.update``) of alpha_t weights (Eq. 12) per task. Returns the metric line."""
         masked, dense = self.task_gradients()
         info = {"harmony_score": harmony_score(masked)}
         self.last_harmony = info["harmony_score"]
@@ -217,9 +222,33 @@ class Trainer:
                                              select=self.backends.harmony_select)
             info.update({"alpha": k, "masked_per_task": changed["masked"], "density": self.task_masks.density(),
                          "mask_changed_fraction": self.task_masks.changed_fraction(self.initial_masks)})
-        self.dist.check_identical({"masks": [] if self.task_masks is None else [self.task_masks.flat_packed()],
+        self.dist.check_identical({"masks": [] if self.task_masks is None else [self.task_masks.snapshot()],
                                    "weights": list(self.model.state_dict().values())})
         return info
+
+    # ---- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What training continues from besides the RNG streams (tensors and plain types):
+        weights, masks, optimizer, scheduler, step and the last harmony score."""
+        return {
+            "model": self.model.state_dict(),
+            "masks": None if self.task_masks is None else self.task_masks.per_task(self.tasks),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "step": self.step,
+            "last_harmony": self.last_harmony,
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Continue from ``state`` (:meth:`state_dict`'s entries, as a checkpoint holds them);
+        raises when it does not fit this model."""
+        self.model.load_state_dict(state["model"])
+        if state["masks"] is not None:
+            self.task_masks = TaskMasks.from_per_task(state["masks"], self.tasks, self.device, self.weights)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.last_harmony = state.get("last_harmony")
 
     # ---- evaluation -----------------------------------------------------------------------
     def eval_info(self) -> dict:
@@ -317,7 +346,17 @@ def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    return session.main(run, argv)
+    """``python -m harmodt.train``: parse the flags and run them; the exit code (0, or
+    :func:`session.exit_code` of what stopped the run)."""
+    try:
+        cfg = parse_args(argv)
+        t = time.perf_counter()
+        run(cfg)
+        print(f"[harmodt] done in {time.perf_counter() - t:.0f} s; outputs in {cfg.out}")
+        distributed.shutdown()
+        return 0
+    except session.STOPPING_ERRORS as exc:
+        return session.exit_code(exc)
 
 
 if __name__ == "__main__":
