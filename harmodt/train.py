@@ -136,11 +136,7 @@ class Trainer:
         unmasked_clip = ctx is not None and self.cfg.clip_scope == "unmasked"
         if unmasked_clip:
             ctx = self.capturing_context(ctx, task_ids)
-        count = None
-        if self.dist.active:  # all ranks' real steps (the loss's divisor) and stop requests
-            agreed = torch.stack([batch["mask"].sum().double(), torch.tensor(float(self.stop.asked), device=self.device).double()])
-            self.dist.all_reduce_sum_(agreed)
-            count, self.stop.agreed = agreed[0].float(), agreed[1]
+        count = self.dist.loss_count(batch["mask"], self.stop)  # several ranks: all ranks' real steps (the loss's divisor)
         with self.autocast():
             pred = self.forward(batch, ctx)
         loss = action_loss(pred, batch, count)
