@@ -209,7 +209,7 @@ def test_ops_are_registered_with_fake_impls():
         y = ops.masked_linear(x, w, b, m, tid, None)
         dx = ops.masked_linear_dx(y, w, m, tid)
         dw = ops.masked_linear_dw(y, x, m, tid, torch.empty(3, 9, 40))
-        sel = ops.harmony_select(torch.empty(3, 70), torch.empty(3, 70), torch.empty(70), torch.empty(3, 3, dtype=torch.int32), 5, 0.5, "fisher")
+        sel = ops.harmony_select(torch.empty(3, 70), torch.empty(3, 70), torch.empty(3, 3, dtype=torch.int32), 5)
     assert (tuple(y.shape), y.dtype) == ((10, 9), torch.float16)
     assert (tuple(dx.shape), dx.dtype) == ((10, 40), torch.float16)
     assert (tuple(dw.shape), dw.dtype) == ((9, 40), torch.float16)
