@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import kernels
+from harmodt.masks import IMPORTANCE
 
 from .common import (ETA_MAX, LAMBDA, LAYERS, P_MODEL, SPARSITY, TRAIN_ROWS, EVAL_TOKENS, call_runner, devices, figure, interleave,
                      paired_ratio, record, rounds, time_figure)
@@ -143,8 +144,9 @@ def test_masked_adamw(benchmark, device):
 
 
 def harmony_inputs(t: int, device, g: torch.Generator):
-    """[T, P] masked and dense gradients, parameters, packed masks of density 0.8 (row by row: no
-    [T, P] bool temporaries)."""
+    """Algorithm 2's [T, P] harmony and recovery scores (Fisher importance, lambda = 10) of random
+    masked and dense gradients, and packed masks of density 0.8 (row by row: no [T, P] bool
+    temporaries)."""
     masks = torch.empty(t, kernels.num_words(P_MODEL), dtype=torch.int32)
     masked_grads = torch.empty(t, P_MODEL)
     for i in range(t):
@@ -152,15 +154,16 @@ def harmony_inputs(t: int, device, g: torch.Generator):
         masks[i] = kernels.pack_masks(active)
         masked_grads[i] = torch.randn(P_MODEL, generator=g) * active
     grads = torch.randn(t, P_MODEL, generator=g)
-    params = torch.randn(P_MODEL, generator=g) * 0.05
-    return masked_grads.to(device), grads.to(device), params.to(device), masks.to(device)
+    masked_grads, grads = masked_grads.to(device), grads.to(device)
+    ghat = masked_grads.mean(0)  # the scores as harmodt.masks.TaskMasks.update computes them
+    return masked_grads * ghat + LAMBDA * IMPORTANCE["fisher"](masked_grads, None), grads * ghat, masks.to(device)
 
 
 @pytest.mark.parametrize("tasks", [10, 50], ids=["MT10", "MT50"])
 @pytest.mark.parametrize("device", devices())
 def test_harmony_select(benchmark, device, tasks):
     """ms for one mask update's selection (``harmony_select``: Algorithm 2's mask and recover
-    choice for every task, Fisher importance, eta_max = 100 weights, lambda = 10) over P = 4.72 M
+    choice for every task given its scores, eta_max = 100 weights) over P = 4.72 M
     weights at MT10 and MT50, on every backend that runs on the device (the fused one timed by
     pytest-benchmark); on CUDA also each backend's peak extra memory. Target: fused >= 5x the
     reference at MT50."""
@@ -173,7 +176,7 @@ def test_harmony_select(benchmark, device, tasks):
 
     def sel(be):
         def run():
-            return kernels.harmony_select(*args, ETA_MAX, LAMBDA, "fisher", backend=be)
+            return kernels.harmony_select(*args, ETA_MAX, backend=be)
         return run
 
     if device == "cuda":

@@ -1,5 +1,5 @@
-"""Writing a file whole or not at all: the one atomic writer of every output (training, checkpoints,
-evaluation, data, studies).
+"""Writing a file whole or not at all: the one atomic writer and mover of every output (training,
+checkpoints, evaluation, data, studies).
 
 A leaf module: it imports nothing of harmodt, so any module may use it.
 """
@@ -27,8 +27,14 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview |
             fh.write(data.encode() if isinstance(data, str) else data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _sync_folder(path.parent)
+    move_atomic(tmp, path)
+
+
+def move_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename the finished file or folder ``src`` over ``dst`` (on one file system: ``dst`` is then
+    the old one or the new one, never a part), and flush the rename to disk."""
+    os.replace(src, dst)
+    _sync_folder(Path(dst).parent)
 
 
 def _sync_folder(folder: Path) -> None:

@@ -2,8 +2,9 @@
 (Algorithm 2, Eqs. 8-10) and the vote for unseen tasks (Eq. 13).
 
 Masks are stored as bool tensors ``[T, N, K]`` per masked weight (one byte per weight and task;
-never float copies), on the run's device; the model and the kernels read a bit-packed int32 copy
-made once per mask update.
+never float copies), on the run's device; each kernel op gets them in the layout it takes
+(:meth:`TaskMasks.for_op`): the bool masks for the reference, else a bit-packed int32 copy made
+once per mask update.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ def alpha_schedule(t: int, total: int, eta_min: float, eta_max: float) -> int:
     """Eq. 12: ``ceil(eta_max + 1/2 (eta_min - eta_max)(1 + cos(2 pi t / E)))``."""
     value = eta_max + 0.5 * (eta_min - eta_max) * (1.0 + math.cos(2.0 * math.pi * t / total))
     return int(math.ceil(value - 1e-12 * max(1.0, abs(eta_max))))  # tolerate float round-off only
+
+
+# The importance I_i of Eq. 8 of each weight for task i, ``[T, P]`` from gbar ``[T, P]`` and theta ``[P]``.
+IMPORTANCE = {
+    "fisher": lambda gbar, params: gbar * gbar,  # HarmoDT-F: the Fisher information gbar_i^2
+    "magnitude": lambda gbar, params: params.float().abs().expand_as(gbar),  # HarmoDT-M: |theta|
+}
 
 
 class TaskMasks:
@@ -98,16 +106,31 @@ class TaskMasks:
             self._packed = {n: kernels.pack_masks(m) for n, m in self.masks.items()}
         return self._packed
 
-    def flat_packed(self) -> torch.Tensor:
-        """All masked weights of each task as one packed row ``[T, ceil(P/32)]``."""
+    def for_op(self, op) -> dict[str, torch.Tensor]:
+        """Every task's masks ``[T, ...]`` per weight in the layout kernel op ``op`` takes: the bool
+        masks as stored for an op that reads them (the reference), else the packed copy."""
+        return self.masks if op.takes_bool_masks else self.packed()
+
+    def keep(self, task_ids: list[int], op) -> dict[str, torch.Tensor]:
+        """{weight name: what a step on ``task_ids`` may change} in ``op``'s layout: the task's
+        mask, or for several tasks the union of theirs (Eq. 11)."""
+        if len(task_ids) == 1:
+            return {n: m[task_ids[0]] for n, m in self.for_op(op).items()}
+        idx = torch.tensor(task_ids, device=next(iter(self.masks.values())).device)
+        union = {n: m.index_select(0, idx).any(0) for n, m in self.masks.items()}
+        return union if op.takes_bool_masks else {n: kernels.pack_masks(m) for n, m in union.items()}
+
+    def snapshot(self) -> torch.Tensor:
+        """A compact copy of the masks: all masked weights of each task as one packed row
+        ``[T, ceil(P/32)]`` (the layout ``kernels.harmony_select`` takes)."""
         flat = torch.cat([m.reshape(m.shape[0], -1) for m in self.masks.values()], dim=1)
         return kernels.pack_masks(flat)
 
     def changed_fraction(self, initial: torch.Tensor) -> list[float]:
         """Per task, the fraction of its active weights not active in ``initial`` (a
-        :meth:`flat_packed` of earlier masks, such as the ERK draw)."""
+        :meth:`snapshot` of earlier masks, such as the ERK draw)."""
         p = sum(m[0].numel() for m in self.masks.values())
-        now, before = kernels.unpack_masks(self.flat_packed(), p), kernels.unpack_masks(initial, p)
+        now, before = kernels.unpack_masks(self.snapshot(), p), kernels.unpack_masks(initial, p)
         return ((now & ~before).sum(1) / now.sum(1).clamp(min=1)).tolist()
 
     def set_flat(self, words: torch.Tensor) -> None:
@@ -121,17 +144,27 @@ class TaskMasks:
         self._packed = None
 
     def update(self, masked_grads: torch.Tensor, grads: torch.Tensor, params: torch.Tensor, k: int, lam: float,
-               importance: str, lam_on: str = "importance", select=kernels.harmony_select) -> dict:
-        """Algorithm 2 on flat ``[T, P]`` gradients (concatenated in ``self.masks`` order).
+               importance: str, lam_on: str = "importance", select=kernels.REFERENCE_OPS.harmony_select) -> dict:
+        """Algorithm 2 (Eqs. 8-10) on the flat ``[T, P]`` task gradients (concatenated in
+        ``self.masks`` order): ``masked_grads`` gbar_i = grad L_i(theta * M_i) * M_i, ``grads`` g_i
+        (harmodt.mask_grads), ``params`` theta ``[P]``. Each task masks the ``k`` active weights of
+        lowest harmony and recovers the ``k`` masked weights of highest recovery score (fewer
+        when it has fewer); ``select`` is the run's ``kernels.harmony_select`` op. Returns the
+        per-task counts ``{"masked", "recovered"}``.
 
-        ``lam_on="agreement"`` reproduces the official code's ``lam * A + I``, which orders the
-        weights the same as ``A + I / lam`` (for lam > 0).
+        ``lam_on="agreement"``: the official code's ``lam * A + I``, computed as ``A + I / lam``,
+        which orders the weights the same (for lam > 0).
         """
-        before = self.flat_packed()
-        eff_lam = lam if lam_on == "importance" else (1.0 / lam if lam > 0 else float("inf"))
-        if math.isinf(eff_lam):
+        if lam_on == "agreement" and not lam > 0:
             raise ValueError("lam_on='agreement' needs lam > 0")
-        after = select(masked_grads, grads, params, before, k, eff_lam, importance)  # the run's kernels.harmony_select op
+        gbar, g = masked_grads.float(), grads.float()
+        ghat = gbar.mean(0)  # (P,): the mean masked task gradient
+        agreement = gbar * ghat  # A_i = gbar_i * ghat
+        lam_i = lam if lam_on == "importance" else 1.0 / lam
+        harmony = agreement + lam_i * IMPORTANCE[importance](gbar, params)  # H_i = A_i + lam * I_i (Eq. 8)
+        recovery = g * ghat  # g_i * ghat (Eq. 10)
+        before = self.snapshot()
+        after = select(harmony, recovery, before, k)  # Eqs. 9-10: the k lowest H_i active off, the k highest g_i * ghat masked on
         p = masked_grads.shape[1]
         b = kernels.unpack_masks(before, p)
         a = kernels.unpack_masks(after, p)

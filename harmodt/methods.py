@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from .baselines.cagrad import cagrad_direction
 from .baselines.pcgrad import pcgrad_direction
+from .masks import IMPORTANCE
 
 MASKS = ("none", "fixed", "learned")
-IMPORTANCES = ("fisher", "magnitude")
+IMPORTANCES = tuple(IMPORTANCE)  # the importance terms of Eq. 8 (harmodt.masks)
 CONDITIONINGS = ("auto", "prompt", "task-state", "task-embedding")
 # An earlier name of a --conditioning value, still read from configs and checkpoints.
 CONDITIONING_ALIASES = {"task-id": "task-embedding"}

@@ -13,6 +13,7 @@ TensorBoard events, checkpoint.pt (atomic, safe to load; resumable), results.jso
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,12 +23,13 @@ import kernels
 from . import plots
 from .config import TEST_GOALS_OFFSET, ConfigError, TrainConfig, resolve_device
 from .data.batches import PromptDTBatcher, batch_segments
-from .mask_grads import official_task_gradient, paper_task_gradient
+from .mask_grads import task_gradients
 from .masks import TaskMasks, alpha_schedule, harmony_score
 from .methods import METHODS
 from .model import MaskContext, action_loss, build_model
 from .optim import MaskedAdamW, clip_coefficient, param_groups
 from .run import distributed, resume, rng, session, signals
+from .run.cli import parse_args
 from .run.data_cache import load_training_data
 from .run.outputs import MetricsLog, NoLog
 from .surgery import surgery_gradients
@@ -73,7 +75,7 @@ class Trainer:
                                          + (list(self.task_masks.masks.values()) if self.task_masks is not None else []))
             self.task_stream = torch.Generator().manual_seed(cfg.seed + distributed.TASK_STREAM_OFFSET)
             torch.manual_seed(cfg.seed + self.dist.rank)  # this rank's dropout stream
-        self.initial_masks = None if self.task_masks is None else self.task_masks.flat_packed()  # ERK draw (seeded): the reference for mask_changed_fraction
+        self.initial_masks = None if self.task_masks is None else self.task_masks.snapshot()  # ERK draw (seeded): the reference for mask_changed_fraction
         self.opt = MaskedAdamW(param_groups(self.model, cfg.weight_decay, cfg.weight_decay_scope), lr=cfg.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min((s + 1) / max(cfg.warmup_steps, 1), 1.0))
         self.step = 0
@@ -84,12 +86,11 @@ class Trainer:
     def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None) -> MaskContext | None:
         """The masks a forward on rows of ``task_ids`` runs through (None without masks);
         ``single_task``: every row is ``task_ids[0]`` (one mask, no grouping of rows);
-        ``segments``: the batch's ``((task, sequences), ...)`` layout when known on the host. The
-        reference backend reads the bool masks as they are (no unpacking per call)."""
+        ``segments``: the batch's ``((task, sequences), ...)`` layout when known on the host."""
         if self.task_masks is None:
             return None
-        masks = self.task_masks.masks if self.backends.masked_linear.takes_bool_masks else self.task_masks.packed()
-        return MaskContext(masks, task_ids[:1] if single_task else task_ids, self.backends.masked_linear, segments=segments)
+        op = self.backends.masked_linear
+        return MaskContext(self.task_masks.for_op(op), task_ids[:1] if single_task else task_ids, op, segments=segments)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
@@ -116,18 +117,12 @@ class Trainer:
         return torch.randperm(len(self.tasks), generator=g)[:n].tolist()
 
     def keep_masks(self, task_ids: list[int]) -> dict | None:
-        """{weight: packed mask of what this step may change}: the task's mask, or for a batch of
-        several tasks the union of theirs (Eq. 11)."""
+        """{weight: mask of what this step may change}: the task's mask, or for a batch of several
+        tasks the union of theirs (Eq. 11)."""
         if self.task_masks is None:
             return None
-        packed = not self.backends.masked_adamw.takes_bool_masks  # the reference takes bool masks as they are
-        if len(task_ids) == 1:
-            masks = self.task_masks.packed() if packed else self.task_masks.masks
-            return {w: masks[n][task_ids[0]] for n, w in self.weights.items()}
-        masks = self.task_masks.masks
-        idx = torch.tensor(task_ids, device=self.device)
-        union = {w: masks[n].index_select(0, idx).any(0) for n, w in self.weights.items()}
-        return {w: kernels.pack_masks(m) for w, m in union.items()} if packed else union
+        keep = self.task_masks.keep(task_ids, self.backends.masked_adamw)
+        return {w: keep[n] for n, w in self.weights.items()}
 
     def train_step(self, task_ids: list[int]) -> torch.Tensor:
         """One step of Algorithm 1 on a batch of ``task_ids``; returns the loss (a 0-dim tensor on
@@ -141,11 +136,7 @@ class Trainer:
         unmasked_clip = ctx is not None and self.cfg.clip_scope == "unmasked"
         if unmasked_clip:
             ctx = self.capturing_context(ctx, task_ids)
-        count = None
-        if self.dist.active:  # all ranks' real steps (the loss's divisor) and stop requests
-            agreed = torch.stack([batch["mask"].sum().double(), torch.tensor(float(self.stop.asked), device=self.device).double()])
-            self.dist.all_reduce_sum_(agreed)
-            count, self.stop.agreed = agreed[0].float(), agreed[1]
+        count = self.dist.loss_count(batch["mask"], self.stop)  # several ranks: all ranks' real steps (the loss's divisor)
         with self.autocast():
             pred = self.forward(batch, ctx)
         loss = action_loss(pred, batch, count)
@@ -200,31 +191,22 @@ class Trainer:
     def task_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[T, P]`` gradients of every task on one fresh batch each: gbar_i = grad L_i(theta*M_i) * M_i
         (Eq. 4) and g_i (Alg. 2: grad L_i(theta) by default; None without masks), in ``self.weights``
-        order. ``--mask-grads paper``: dropout off, unclipped; ``official``: dropout on and each task's
-        gradient clipped to ``--grad-clip``, as the official code (harmodt.mask_grads). With several
+        order, as ``--mask-grads`` and ``--recovery-grad`` say (harmodt.mask_grads). With several
         ranks, task i is computed on rank i mod W (on a batch of its data stream) and the zero-filled
         rows are summed over the ranks."""
-        p_total = sum(w.numel() for w in self.weights.values())
-        t = len(self.tasks)
-        masked = torch.zeros(t, p_total, device=self.device)
-        dense = torch.zeros(t, p_total, device=self.device) if self.task_masks is not None else None
-        official = self.cfg.masks.mask_grads == "official"
-        task_gradient = official_task_gradient if official else paper_task_gradient
-        was_training = self.model.training
-        self.model.train(official)
-        for i in range(t):
-            if i % self.dist.world_size != self.dist.rank:
-                continue
-            masked[i], g = task_gradient(self, i, self.batcher.sample([i], self.cfg.batch_size))
-            if dense is not None:
-                dense[i] = g
-        self.model.train(was_training)
+        m, b = self.cfg.masks, self.cfg.batch_size
+        batches = ((i, self.batcher.sample([i], b)) for i in self.dist.shard(range(len(self.tasks))))
+        masked, dense = task_gradients(self.model, self.weights, self.task_masks, self.backends.masked_linear, batches, len(self.tasks),
+                                       mask_grads=m.mask_grads, recovery_grad=m.recovery_grad, grad_clip=self.cfg.grad_clip)
         self.dist.all_reduce_sum_(masked)
         if dense is not None:
             self.dist.all_reduce_sum_(dense)
         return masked, dense
 
     def mask_update(self) -> dict:
+        """Algorithm 2 at this step: every task's gradients (:meth:`task_gradients`), their harmony
+        score (Definition 3.2, logged for every method) and, for learned masks, the update of Eqs.
+        8-10 (``TaskMasks.update``) of alpha_t weights (Eq. 12) per task. Returns the metric line."""
         masked, dense = self.task_gradients()
         info = {"harmony_score": harmony_score(masked)}
         self.last_harmony = info["harmony_score"]
@@ -236,9 +218,33 @@ class Trainer:
                                              select=self.backends.harmony_select)
             info.update({"alpha": k, "masked_per_task": changed["masked"], "density": self.task_masks.density(),
                          "mask_changed_fraction": self.task_masks.changed_fraction(self.initial_masks)})
-        self.dist.check_identical({"masks": [] if self.task_masks is None else [self.task_masks.flat_packed()],
+        self.dist.check_identical({"masks": [] if self.task_masks is None else [self.task_masks.snapshot()],
                                    "weights": list(self.model.state_dict().values())})
         return info
+
+    # ---- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What training continues from besides the RNG streams (tensors and plain types):
+        weights, masks, optimizer, scheduler, step and the last harmony score."""
+        return {
+            "model": self.model.state_dict(),
+            "masks": None if self.task_masks is None else self.task_masks.per_task(self.tasks),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "step": self.step,
+            "last_harmony": self.last_harmony,
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Continue from ``state`` (:meth:`state_dict`'s entries, as a checkpoint holds them);
+        raises when it does not fit this model."""
+        self.model.load_state_dict(state["model"])
+        if state["masks"] is not None:
+            self.task_masks = TaskMasks.from_per_task(state["masks"], self.tasks, self.device, self.weights)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.last_harmony = state.get("last_harmony")
 
     # ---- evaluation -----------------------------------------------------------------------
     def eval_info(self) -> dict:
@@ -336,7 +342,17 @@ def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    return session.main(run, argv)
+    """``python -m harmodt.train``: parse the flags and run them; the exit code (0, or
+    :func:`session.exit_code` of what stopped the run)."""
+    try:
+        cfg = parse_args(argv)
+        t = time.perf_counter()
+        run(cfg)
+        print(f"[harmodt] done in {time.perf_counter() - t:.0f} s; outputs in {cfg.out}")
+        distributed.shutdown()
+        return 0
+    except session.STOPPING_ERRORS as exc:
+        return session.exit_code(exc)
 
 
 if __name__ == "__main__":

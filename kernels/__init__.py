@@ -6,7 +6,8 @@ Ops (see kernels/README.md):
   (``dX = dY (W * M_t)``, ``dW = sum_t M_t * dY_t^T X_t``), for one task or a mixed-task batch;
 * :func:`masked_adamw_` -- AdamW on a list of parameters where each weight outside its mask stays
   bit-for-bit unchanged (the optimizer half of Eq. 11);
-* :func:`harmony_select` -- Algorithm 2's mask/recover selection for every task at once.
+* :func:`harmony_select` -- Algorithm 2's mask/recover selection for every task at once, given
+  the scores (harmodt.masks computes them).
 
 Backends:
 
@@ -103,7 +104,7 @@ class Backend:
     max_numel: int | None  # largest parameter (AdamW) or P (harmony_select)
     linear: Callable  # (x, weight, bias, masks, task_ids, task_grads, segments) -> y
     adamw: Callable  # (params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale, workspace)
-    select: Callable  # (masked_grads, grads, params, masks, k, lam, importance) -> packed masks
+    select: Callable  # (harmony, recovery, masks, k) -> packed masks
 
 
 def _reference_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale, workspace):
@@ -287,10 +288,12 @@ def masked_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, 
                                               eps=eps, weight_decay=weight_decay, grad_scale=grad_scale, workspace=workspace)
 
 
-def harmony_select(masked_grads: torch.Tensor, grads: torch.Tensor, params: torch.Tensor, masks: torch.Tensor, k: int, lam: float,
-                   importance: str = "magnitude", backend: str = "reference") -> torch.Tensor:
-    """Algorithm 2's mask/recover selection for all tasks in one call; returns the new packed masks
-    ``[T, ceil(P/32)]``. masked_grads and grads ``[T, P]``, params ``[P]``, masks packed int32
-    ``[T, ceil(P/32)]``. See :func:`kernels.reference.harmony_select`."""
-    device = masked_grads.device if isinstance(masked_grads, torch.Tensor) else "cpu"
-    return backend_ops(backend, device).harmony_select(masked_grads, grads, params, masks, k, lam, importance)
+def harmony_select(harmony: torch.Tensor, recovery: torch.Tensor, masks: torch.Tensor, k: int,
+                   backend: str = "reference") -> torch.Tensor:
+    """Algorithm 2's mask/recover selection for all tasks in one call, given the scores; returns
+    the new packed masks ``[T, ceil(P/32)]``. harmony and recovery float32 ``[T, P]``, masks
+    packed int32 ``[T, ceil(P/32)]``: per task the ``k_i`` active weights of lowest harmony are
+    masked and the ``k_i`` masked weights of highest recovery are recovered. See
+    :func:`kernels.reference.harmony_select`."""
+    device = harmony.device if isinstance(harmony, torch.Tensor) else "cpu"
+    return backend_ops(backend, device).harmony_select(harmony, recovery, masks, k)

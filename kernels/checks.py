@@ -135,21 +135,17 @@ def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale,
         raise KernelArgumentError(f"{op}: grad_scale must be a float or a one-element float tensor, got {type(grad_scale).__name__}")
 
 
-def harmony_select(masked_grads, grads, params, masks, k, lam, importance, *, devices: tuple | None, max_numel: int | None) -> None:
+def harmony_select(harmony, recovery, masks, *, devices: tuple | None, max_numel: int | None) -> None:
     """The arguments of ``harmony_select`` (see :func:`kernels.harmony_select`)."""
     op = "harmony_select"
-    if importance not in ("magnitude", "fisher"):
-        raise KernelArgumentError(f"{op}: importance must be 'magnitude' or 'fisher', got {importance!r}")
-    tensor(op, "masked_grads", masked_grads, FLOATS, devices)
-    if masked_grads.dim() != 2:
-        raise KernelArgumentError(f"{op}: masked_grads must be [T, P], got {_shape(masked_grads)}")
-    t, p = masked_grads.shape
-    tensor(op, "grads", grads, FLOATS, devices)
-    shape(op, "grads", grads, (t, p), " like masked_grads")
-    tensor(op, "params", params, FLOATS, devices)
-    shape(op, "params", params, (p,))
+    tensor(op, "harmony", harmony, (torch.float32,), devices)
+    if harmony.dim() != 2:
+        raise KernelArgumentError(f"{op}: harmony must be [T, P], got {_shape(harmony)}")
+    t, p = harmony.shape
+    tensor(op, "recovery", recovery, (torch.float32,), devices)
+    shape(op, "recovery", recovery, (t, p), " like harmony")
     tensor(op, "masks", masks, (torch.int32,), devices)
     shape(op, "masks", masks, (t, num_words(p)), " (packed)")
-    same_device(op, {"masked_grads": masked_grads, "grads": grads, "params": params, "masks": masks})
+    same_device(op, {"harmony": harmony, "recovery": recovery, "masks": masks})
     if max_numel is not None and p > max_numel:
         raise KernelArgumentError(f"{op}: P={p} weights are more than this backend's {max_numel}")

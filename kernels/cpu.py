@@ -92,9 +92,9 @@ class NativeLibrary:
             self.ops.adamw_group_([p.detach() for p in params], [g.contiguous() for g in grads], exp_avgs, exp_avg_sqs, masks,
                                   steps, lr, beta1, beta2, eps, weight_decay, grad_scale)
 
-    def harmony_select(self, masked_grads, grads, params, masks, k, lam, importance) -> torch.Tensor:
+    def harmony_select(self, harmony, recovery, masks, k) -> torch.Tensor:
         """See :func:`kernels.harmony_select`; equal bit for bit to the reference."""
-        return self.ops.harmony_select(masked_grads, grads, params, masks, k, lam, importance == "fisher")
+        return self.ops.harmony_select(harmony, recovery, masks, k)
 
 
 def _register_fakes() -> None:
@@ -116,7 +116,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("harmodt_kernels::harmony_select")
-    def _(masked_grads, grads, params, masks, k, lam, fisher):
+    def _(harmony, recovery, masks, k):
         return masks.new_empty(masks.shape)
 
 

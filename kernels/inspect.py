@@ -110,13 +110,12 @@ def kernel_configs() -> list:
     out.append(("masked_adamw step += 1 (up to 128 params)", ad._step_kernel, {"table_ptr": "i64"}, {"n_params": 82}, (),
                 {"NP": 128}, {}))
     p = 4_718_592  # the paper model's masked weights: 6 x (768 + 256 + 1024 + 256) x 256
-    for fisher, k in ((True, 20), (False, 100), (True, 1000)):
+    for k in (20, 100, 1000):
         kc = hs.candidates_per_block(k, hs.BLOCK)
-        out.append((f"harmony_select candidates k={k} BLOCK={hs.BLOCK} KC={kc} {'fisher' if fisher else 'magnitude'}",
-                    hs._candidates_kernel,
-                    {"mg_ptr": "fp32", "g_ptr": "fp32", "ghat_ptr": "fp32", "p_ptr": "fp32", "m_ptr": "i32", "hkey_ptr": "i64", "rkey_ptr": "i64"},
-                    {"P": p, "W": p // 32, "stride_mg": p, "stride_g": p, "stride_m": p // 32, "n_blocks": p // hs.BLOCK}, ("lam",),
-                    {"FISHER": fisher, "BLOCK": hs.BLOCK, "KC": kc}, {"enable_fp_fusion": False}))
+        out.append((f"harmony_select candidates k={k} BLOCK={hs.BLOCK} KC={kc}", hs._candidates_kernel,
+                    {"h_ptr": "fp32", "r_ptr": "fp32", "m_ptr": "i32", "hkey_ptr": "i64", "rkey_ptr": "i64"},
+                    {"P": p, "W": p // 32, "stride_h": p, "stride_r": p, "stride_m": p // 32, "n_blocks": p // hs.BLOCK}, (),
+                    {"BLOCK": hs.BLOCK, "KC": kc}, {}))
     return out
 
 

@@ -126,14 +126,14 @@ class MaskedAdamWOp:
 
 @dataclass(frozen=True)
 class HarmonySelectOp:
-    """Algorithm 2's selection on one backend; see :func:`harmony_select`."""
+    """Algorithm 2's selection on one backend, given the scores; see :func:`harmony_select`."""
 
     backend: Backend
 
-    def __call__(self, masked_grads, grads, params, masks, k, lam, importance="magnitude") -> torch.Tensor:
+    def __call__(self, harmony, recovery, masks, k) -> torch.Tensor:
         b = self.backend
-        checks.harmony_select(masked_grads, grads, params, masks, k, lam, importance, devices=b.devices, max_numel=b.max_numel)
-        return b.select(masked_grads, grads, params, masks, int(k), float(lam), importance)
+        checks.harmony_select(harmony, recovery, masks, devices=b.devices, max_numel=b.max_numel)
+        return b.select(harmony, recovery, masks, int(k))
 
 
 @dataclass(frozen=True)

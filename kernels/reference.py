@@ -147,44 +147,33 @@ def masked_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, 
             p.detach().copy_(torch.where(keep, new, p.detach()))
 
 
-def harmony_select(
-    masked_grads: torch.Tensor,
-    grads: torch.Tensor,
-    params: torch.Tensor,
-    masks: torch.Tensor,
-    k: int,
-    lam: float,
-    importance: str = "magnitude",
-) -> torch.Tensor:
-    """Algorithm 2's selection for every task at once; returns the new packed masks ``[T, W]``.
+def harmony_select(harmony: torch.Tensor, recovery: torch.Tensor, masks: torch.Tensor, k: int) -> torch.Tensor:
+    """Algorithm 2's selection for every task at once, given its scores; returns the new packed
+    masks ``[T, W]``.
 
-    masked_grads (``gbar_i``) and grads (``g_i``) ``[T, P]``, params ``[P]``, masks packed
-    ``[T, ceil(P/32)]``. With ``ghat = mean_i gbar_i``:
+    harmony and recovery: float32 ``[T, P]`` scores of every weight (Eqs. 8 and 10: the caller
+    computes them), masks packed ``[T, ceil(P/32)]``. Per task i, with
+    ``k_i = min(k, #active_i, #masked_i)`` (so per-task density stays exactly constant):
 
-    * H_i = gbar_i * ghat + lam * I_i on active weights (I = |theta| for "magnitude", gbar_i^2 for
-      "fisher"), +inf on masked ones (Eq. 8);
-    * the k_i active weights with the lowest H_i are masked (Eq. 9);
-    * the k_i weights masked *before* this update with the highest g_i * ghat are recovered (Eq. 10);
+    * the k_i lowest ``harmony`` among the active weights are masked (masked weights count as
+      +inf, Eq. 9);
+    * the k_i highest ``recovery`` among the weights masked *before* this update are recovered
+      (active weights count as -inf, Eq. 10).
 
-    with ``k_i = min(k, #active_i, #masked_i)`` so per-task density stays exactly constant.
     Ties go to the lowest index.
     """
-    t_count, p = masked_grads.shape
-    gbar = masked_grads.float()
-    g = grads.float()
-    ghat = gbar.mean(0)  # (P,)
+    t_count, p = harmony.shape
     active = unpack_masks(masks, p)  # (T, P)
-    imp = params.float().abs().expand(t_count, p) if importance == "magnitude" else gbar * gbar
-    harmony = torch.where(active, gbar * ghat + lam * imp, torch.full((), float("inf")))
-    recover = torch.where(active, torch.full((), float("-inf")), g * ghat)
+    drop_key = torch.where(active, harmony, torch.full((), float("inf")))
+    recover_key = torch.where(active, torch.full((), float("-inf")), recovery)
     new = active.clone()
     n_active = active.sum(1).tolist()
     for i in range(t_count):
         kk = min(int(k), n_active[i], p - n_active[i])
         if kk <= 0:
             continue
-        drop = torch.sort(harmony[i], stable=True).indices[:kk]
-        add = torch.sort(recover[i], descending=True, stable=True).indices[:kk]
+        drop = torch.sort(drop_key[i], stable=True).indices[:kk]
+        add = torch.sort(recover_key[i], descending=True, stable=True).indices[:kk]
         new[i, drop] = False
         new[i, add] = True
     return pack_masks(new)

@@ -1,8 +1,8 @@
-"""Algorithm 2's selection for all tasks in Triton, without a [T, P] score array when k is small.
+"""Algorithm 2's selection for all tasks in Triton, given the scores, without a [T, P] key array
+when k is small.
 
-One launch scores every (task, block of weights) pair: the harmony score H on active weights
-(+inf on masked ones) and the recovery score g_i * ghat on masked weights, as packed sortable
-int64 keys (order-preserving float bits in the high 33-bit field, the weight index in the low 31
+One launch keys every (task, block of weights) pair: the harmony score H on active weights and
+the recovery score on masked weights (the caller's ``[T, P]`` scores), as packed sortable int64 keys (order-preserving float bits in the high 33-bit field, the weight index in the low 31
 bits, so ties go to the lowest index exactly as the reference's stable sort). Each block keeps its
 ``KC`` best candidates of each kind with ``tl.topk`` (KC the power of two at or above k, at least
 32), and a final pass over the candidates only (``[T, n_blocks * KC]``) picks
@@ -40,24 +40,16 @@ def _sortable(f):
 
 
 @triton.jit
-def _candidates_kernel(mg_ptr, g_ptr, ghat_ptr, p_ptr, m_ptr, hkey_ptr, rkey_ptr, P, W, lam,
-                       stride_mg, stride_g, stride_m, n_blocks,
-                       FISHER: tl.constexpr, BLOCK: tl.constexpr, KC: tl.constexpr):
+def _candidates_kernel(h_ptr, r_ptr, m_ptr, hkey_ptr, rkey_ptr, P, W, stride_h, stride_r, stride_m, n_blocks,
+                       BLOCK: tl.constexpr, KC: tl.constexpr):
     task = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < P
-    gbar = tl.load(mg_ptr + task * stride_mg + offs, mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + task * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
-    ghat = tl.load(ghat_ptr + offs, mask=ok, other=0.0)
+    h = tl.load(h_ptr + task * stride_h + offs, mask=ok, other=0.0)
+    rec = -tl.load(r_ptr + task * stride_r + offs, mask=ok, other=0.0)  # ascending key = descending recovery score
     word = tl.load(m_ptr + task * stride_m + offs // 32, mask=ok, other=0)
     active = ((word >> (offs % 32)) & 1) != 0
-    if FISHER:
-        imp = gbar * gbar
-    else:
-        imp = tl.abs(tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32))
-    h = gbar * ghat + lam * imp
-    rec = -(g * ghat)  # ascending key = descending recovery score
     idx = offs.to(tl.int64)
     hkey = tl.where(active & ok, (_sortable(h) << 31) | idx, 0x7FFFFFFFFFFFFFFF)
     rkey = tl.where((~active) & ok, (_sortable(rec) << 31) | idx, 0x7FFFFFFFFFFFFFFF)
@@ -81,42 +73,39 @@ def candidates_per_block(k: int, block: int) -> int:
     return block if kc > block // 8 else kc
 
 
-def triton_harmony_select(masked_grads, grads, params, masks, k, lam, importance="magnitude"):
+def triton_harmony_select(harmony, recovery, masks, k):
     """See :func:`kernels.harmony_select`, which checks the arguments. Calls the registered op
     ``torch.ops.harmodt_triton.harmony_select``."""
-    return torch.ops.harmodt_triton.harmony_select(masked_grads, grads, params, masks, int(k), float(lam), importance)
+    return torch.ops.harmodt_triton.harmony_select(harmony, recovery, masks, int(k))
 
 
 @torch.library.custom_op("harmodt_triton::harmony_select", mutates_args=())
-def _harmony_select_op(masked_grads: torch.Tensor, grads: torch.Tensor, params: torch.Tensor, masks: torch.Tensor, k: int,
-                       lam: float, importance: str) -> torch.Tensor:
+def _harmony_select_op(harmony: torch.Tensor, recovery: torch.Tensor, masks: torch.Tensor, k: int) -> torch.Tensor:
     """The new packed masks ``[T, ceil(P/32)]``."""
-    return _select(masked_grads, grads, params, masks, k, lam, importance)
+    return _select(harmony, recovery, masks, k)
 
 
 @_harmony_select_op.register_fake
-def _(masked_grads, grads, params, masks, k, lam, importance):
+def _(harmony, recovery, masks, k):
     return torch.empty_like(masks, memory_format=torch.contiguous_format)
 
 
-def _select(masked_grads, grads, params, masks, k, lam, importance):
-    t, p = masked_grads.shape
+def _select(harmony, recovery, masks, k):
+    t, p = harmony.shape
     masks = masks.contiguous()
     if k <= 0 or p == 0:
         return masks.clone()
-    mg, g, prm = masked_grads.contiguous(), grads.contiguous(), params.contiguous()
-    ghat = mg.float().mean(0)  # (P,): one vector, not a [T, P] array
+    h_scores, r_scores = harmony.contiguous(), recovery.contiguous()
     from . import triton_interpreted
 
     block = INTERPRET_BLOCK if triton_interpreted() else BLOCK
     n_blocks = triton.cdiv(p, block)
     kc = candidates_per_block(k, block)
-    hkeys = torch.empty(t, n_blocks * kc, dtype=torch.int64, device=mg.device)
+    hkeys = torch.empty(t, n_blocks * kc, dtype=torch.int64, device=h_scores.device)
     rkeys = torch.empty_like(hkeys)
-    _candidates_kernel[(t, n_blocks)](mg, g, ghat, prm, masks, hkeys, rkeys, p, masks.shape[1], float(lam),
-                                      mg.stride(0), g.stride(0), masks.stride(0), n_blocks,
-                                      FISHER=importance == "fisher", BLOCK=block, KC=kc,
-                                      enable_fp_fusion=False)  # no FMA: H rounds as the reference's separate ops
+    _candidates_kernel[(t, n_blocks)](h_scores, r_scores, masks, hkeys, rkeys, p, masks.shape[1], h_scores.stride(0),
+                                      r_scores.stride(0), masks.stride(0),
+                                      n_blocks, BLOCK=block, KC=kc)
     # final pass over the candidates only: the k_i smallest keys per task
     n_active = unpack_masks(masks, p).sum(1) if p <= 1 << 22 else _popcount_rows(masks)
     kk = torch.clamp(torch.minimum(n_active, p - n_active), max=k)  # (T,)
@@ -127,8 +116,8 @@ def _select(masked_grads, grads, params, masks, k, lam, importance):
     take = min(kmax, hkeys.shape[1])
     hsel = torch.topk(hkeys, take, dim=1, largest=False, sorted=True).values
     rsel = torch.topk(rkeys, take, dim=1, largest=False, sorted=True).values
-    keep = torch.arange(take, device=mg.device).unsqueeze(0) < kk.unsqueeze(1)  # (T, take)
-    rows = torch.arange(t, device=mg.device).unsqueeze(1).expand(-1, take)
+    keep = torch.arange(take, device=h_scores.device).unsqueeze(0) < kk.unsqueeze(1)  # (T, take)
+    rows = torch.arange(t, device=h_scores.device).unsqueeze(1).expand(-1, take)
     for keys, turn_on in ((hsel, False), (rsel, True)):
         idx = (keys & 0x7FFFFFFF)[keep]
         r = rows[keep]
@@ -139,7 +128,7 @@ def _select(masked_grads, grads, params, masks, k, lam, importance):
         pos = r * new.shape[1] + w
         # several flips can hit one word: combine them per word first
         uniq, inv = torch.unique(pos, return_inverse=True)
-        acc = torch.zeros(len(uniq), dtype=torch.int64, device=mg.device).index_add_(0, inv, (bit.to(torch.int64) & 0xFFFFFFFF))
+        acc = torch.zeros(len(uniq), dtype=torch.int64, device=h_scores.device).index_add_(0, inv, (bit.to(torch.int64) & 0xFFFFFFFF))
         acc = torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
         flat[uniq] = (flat[uniq] | acc) if turn_on else (flat[uniq] & ~acc)
     return new

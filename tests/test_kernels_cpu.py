@@ -1,7 +1,8 @@
 """The native CPU ops (kernels/csrc via kernels/cpu.py) against kernels.reference.
 
 masked_linear's output and every gradient (x, weight, bias, task_grads) over awkward shapes and
-task layouts in fp32 and bf16; the masked AdamW step; harmony_select (bit for bit); the argument
+task layouts in fp32 and bf16; the masked AdamW step; harmony_select on Algorithm 2's scores of
+awkward gradients (bit for bit); the argument
 errors; torch.compile without graph breaks; HARMODT_SKIP_NATIVE=1.
 
 The library must exist: `pip install --no-build-isolation -e .` (or the cmake commands in
@@ -24,6 +25,8 @@ import torch
 import kernels
 from kernels import KernelArgumentError
 from kernels import reference as ref
+
+from harmodt.masks import IMPORTANCE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -279,14 +282,14 @@ def _opcheck_cases():
     adamw = ([p.clone() for p in params], [torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params],
              [torch.zeros_like(p) for p in params], [ref.pack_masks(torch.rand(5, 40) < 0.5), None], [torch.zeros(()), torch.zeros(())],
              1e-3, 0.9, 0.999, 1e-8, 0.1, torch.tensor(0.5))
-    mg, g, prm, hs_masks = _hs_inputs(3, 100, seed=2)
+    h, r, hs_masks = _hs_args(3, 100, seed=2)
     return [
         ("masked_linear_forward", (x, w, b, masks, ids)),
         ("masked_linear_forward", (x, w, None, masks, torch.tensor([1]))),
         ("masked_linear_backward", (gy, x, w, masks, ids, True, True, True, torch.zeros(3, 9, 40))),
         ("masked_linear_backward", (gy, x, w, masks, ids, False, True, False, None)),
         ("adamw_group_", adamw),
-        ("harmony_select", (mg, g, prm, hs_masks, 5, 0.1, False)),
+        ("harmony_select", (h, r, hs_masks, 5)),
     ]
 
 
@@ -407,9 +410,22 @@ def _hs_inputs(t, p, seed, integer=False, density=0.6):
     return mk(t, p), mk(t, p), mk(p), ref.pack_masks(active)
 
 
+def _scores(mg, g, prm, lam, imp):
+    """Algorithm 2's harmony and recovery scores of these gradients (as harmodt.masks.TaskMasks.update computes them)."""
+    gbar = mg.float()
+    ghat = gbar.mean(0)
+    return gbar * ghat + lam * IMPORTANCE[imp](gbar, prm), g.float() * ghat
+
+
+def _hs_args(t, p, seed):
+    """harmony_select's harmony, recovery and masks."""
+    mg, g, prm, masks = _hs_inputs(t, p, seed)
+    return (*_scores(mg, g, prm, 0.1, "fisher"), masks)
+
+
 def _check_select(mg, g, prm, masks, k, lam, imp):
-    out = CPU.harmony_select(mg, g, prm, masks, k, lam, imp)
-    expect = ref.harmony_select(mg, g, prm, masks, k, lam, imp)
+    out = CPU.harmony_select(*_scores(mg, g, prm, lam, imp), masks, k)
+    expect = ref.harmony_select(*_scores(mg, g, prm, lam, imp), masks, k)
     assert out.dtype == torch.int32 and out.shape == masks.shape
     assert torch.equal(out, expect)
     p = mg.shape[1]
@@ -456,30 +472,31 @@ def test_harmony_select_signed_zeros_nonfinite_padding_and_dtypes():
     # padding bits set in the input are ignored and cleared, like the reference's unpack/pack
     padded = masks.clone()
     padded[:, -1] |= torch.tensor(-(2**31), dtype=torch.int32)  # bit 31 of the last word: column 95 > P
-    assert torch.equal(CPU.harmony_select(mg, g, prm, padded, 9, 0.3, "fisher"), ref.harmony_select(mg, g, prm, masks, 9, 0.3, "fisher"))
-    # non-contiguous gradients and bf16 inputs, through the public API
-    mgt = mg.t().contiguous().t()
-    assert torch.equal(kernels.harmony_select(mgt, g, prm, masks, 10, 0.3, "magnitude", backend="cpu"),
-                       ref.harmony_select(mgt, g, prm, masks, 10, 0.3, "magnitude"))
+    h, r = _scores(mg, g, prm, 0.3, "fisher")
+    assert torch.equal(CPU.harmony_select(h, r, padded, 9), ref.harmony_select(h, r, masks, 9))
+    # non-contiguous scores and scores of bf16 gradients, through the public API
+    h, r = _scores(mg, g, prm, 0.3, "magnitude")
+    ht = h.t().contiguous().t()
+    assert torch.equal(kernels.harmony_select(ht, r, masks, 10, backend="cpu"), ref.harmony_select(ht, r, masks, 10))
     _check_select(mg.bfloat16(), g.bfloat16(), prm.bfloat16(), masks, 10, 0.3, "fisher")
 
 
 def test_harmony_select_errors_name_the_argument():
-    mg, g, prm, masks = _hs_inputs(3, 40, seed=1)
-    with pytest.raises(KernelArgumentError, match="importance must be 'magnitude' or 'fisher', got 'entropy'"):
-        CPU.harmony_select(mg, g, prm, masks, 3, 0.1, "entropy")
-    with pytest.raises(KernelArgumentError, match=r"grads must be \[3, 40\] like masked_grads, got \[2, 40\]"):
-        CPU.harmony_select(mg, g[:2], prm, masks, 3, 0.1)
-    with pytest.raises(KernelArgumentError, match=r"params must be \[40\], got \[5\]"):
-        CPU.harmony_select(mg, g, prm[:5], masks, 3, 0.1)
+    h, r, masks = _hs_args(3, 40, seed=1)
+    with pytest.raises(KernelArgumentError, match=r"recovery must be \[3, 40\] like harmony, got \[2, 40\]"):
+        CPU.harmony_select(h, r[:2], masks, 3)
+    with pytest.raises(KernelArgumentError, match=r"harmony must be \[T, P\], got \[120\]"):
+        CPU.harmony_select(h.reshape(-1), r, masks, 3)
     with pytest.raises(KernelArgumentError, match=r"masks must be \[3, 2\] \(packed\), got \[3, 1\]"):
-        CPU.harmony_select(mg, g, prm, masks[:, :1], 3, 0.1)
+        CPU.harmony_select(h, r, masks[:, :1], 3)
     with pytest.raises(KernelArgumentError, match="masks must be int32, got int64"):
-        CPU.harmony_select(mg, g, prm, masks.long(), 3, 0.1)
-    with pytest.raises(KernelArgumentError, match="masked_grads must be .*got int64"):
-        CPU.harmony_select(mg.long(), g, prm, masks, 3, 0.1)
-    with pytest.raises(KernelArgumentError, match="params must be a CPU tensor for this backend, got one on meta"):
-        CPU.harmony_select(mg, g, prm.to("meta"), masks, 3, 0.1)
+        CPU.harmony_select(h, r, masks.long(), 3)
+    with pytest.raises(KernelArgumentError, match="harmony must be float32, got int64"):
+        CPU.harmony_select(h.long(), r, masks, 3)
+    with pytest.raises(KernelArgumentError, match="recovery must be float32, got bfloat16"):
+        CPU.harmony_select(h, r.bfloat16(), masks, 3)
+    with pytest.raises(KernelArgumentError, match="recovery must be a CPU tensor for this backend, got one on meta"):
+        CPU.harmony_select(h, r.to("meta"), masks, 3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -524,7 +541,7 @@ def test_skip_native_at_run_time(monkeypatch):
     with pytest.raises(kernels.BackendUnavailable, match="HARMODT_SKIP_NATIVE=1 is set"):
         kernels.select_backends("cpu", fused=True, backend="cpu")
     with pytest.raises(kernels.BackendUnavailable, match="HARMODT_SKIP_NATIVE=1 is set"):
-        kernels.harmony_select(*_hs_inputs(2, 40, seed=1), 3, 0.1, backend="cpu")
+        kernels.harmony_select(*_hs_args(2, 40, seed=1), 3, backend="cpu")
     assert kernels.select_backends("cpu", fused=True).describe() == (
         "masked_linear=reference masked_adamw=reference harmony_select=reference")  # auto falls back
     monkeypatch.delenv("HARMODT_SKIP_NATIVE")
@@ -536,7 +553,7 @@ def test_explicit_backend_and_unknown_name_fail_loudly():
         kernels.masked_linear(torch.zeros(2, 3), torch.zeros(4, 3), None, torch.zeros(1, 4, 1, dtype=torch.int32),
                               torch.zeros(1, dtype=torch.int64), backend="fast")
     with pytest.raises(kernels.BackendUnavailable, match="backend 'cpu' cannot run on meta"):
-        kernels.harmony_select(*[t.to("meta") for t in _hs_inputs(2, 40, seed=1)], 3, 0.1, backend="cpu")
+        kernels.harmony_select(*[t.to("meta") for t in _hs_args(2, 40, seed=1)], 3, backend="cpu")
     with pytest.raises(KernelArgumentError, match=r"pack_masks: mask must be a bool tensor"):
         kernels.pack_masks(torch.zeros(3, 4))
     with pytest.raises(KernelArgumentError, match=r"unpack_masks: words \[3, 1\] cannot hold K=40 bits"):

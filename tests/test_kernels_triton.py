@@ -16,6 +16,8 @@ import kernels.triton_masked_adamw as tma
 import kernels.triton_masked_linear as tml
 from kernels import reference as R
 
+from harmodt.masks import IMPORTANCE
+
 pytestmark = [
     pytest.mark.interpreter,
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA)"),
@@ -207,7 +209,7 @@ def test_ops_are_registered_with_fake_impls():
         y = ops.masked_linear(x, w, b, m, tid, None)
         dx = ops.masked_linear_dx(y, w, m, tid)
         dw = ops.masked_linear_dw(y, x, m, tid, torch.empty(3, 9, 40))
-        sel = ops.harmony_select(torch.empty(3, 70), torch.empty(3, 70), torch.empty(70), torch.empty(3, 3, dtype=torch.int32), 5, 0.5, "fisher")
+        sel = ops.harmony_select(torch.empty(3, 70), torch.empty(3, 70), torch.empty(3, 3, dtype=torch.int32), 5)
     assert (tuple(y.shape), y.dtype) == ((10, 9), torch.float16)
     assert (tuple(dx.shape), dx.dtype) == ((10, 40), torch.float16)
     assert (tuple(dw.shape), dw.dtype) == ((9, 40), torch.float16)
@@ -233,7 +235,7 @@ def test_opcheck_every_op():
         [R.pack_masks(torch.rand(5, 40, generator=_gen(3)) > 0.5), None], [torch.tensor(0.0), torch.tensor(4.0)],
         1e-3, 0.9, 0.999, 1e-8, 0.1, torch.tensor(0.5), 1.0))
     mg, g, p, masks = _select_inputs(3, 70, seed=1, ints=False)
-    torch.library.opcheck(ops.harmony_select.default, (mg, g, p, masks, 5, 0.5, "fisher"))
+    torch.library.opcheck(ops.harmony_select.default, (*_scores(mg, g, p, "fisher"), masks, 5))
 
 
 TRITON_LINEAR = kernels.backend_ops("triton").masked_linear if kernels.triton_interpreted() else None
@@ -436,14 +438,20 @@ def _select_inputs(t, p, seed, ints):
     return f(t, p), f(t, p), f(p), R.pack_masks(torch.rand(t, p, generator=g) > 0.3)
 
 
+def _scores(mg, g, prm, importance, lam=0.5):
+    """Algorithm 2's harmony and recovery scores of these gradients (as harmodt.masks.TaskMasks.update computes them)."""
+    ghat = mg.mean(0)
+    return mg * ghat + lam * IMPORTANCE[importance](mg, prm), g * ghat
+
+
 @pytest.mark.parametrize("t,p,k,importance,ints", [
     (1, 33, 5, "magnitude", False), (3, 257, 7, "fisher", True), (3, 257, 7, "magnitude", True), (50, 40, 2, "fisher", False),
     (3, 301, 200, "magnitude", False), (3, 301, 200, "fisher", True), (2, 40, 0, "magnitude", False), (3, 33, 1000, "fisher", True),
 ])
 def test_harmony_select_equals_reference(t, p, k, importance, ints):
     mg, g, prm, m = _select_inputs(t, p, seed=t * 31 + p + k, ints=ints)
-    got = kernels.harmony_select(mg, g, prm, m, k, 0.5, importance, backend="triton")
-    want = R.harmony_select(mg, g, prm, m, k, 0.5, importance)
+    got = kernels.harmony_select(*_scores(mg, g, prm, importance), m, k, backend="triton")
+    want = R.harmony_select(*_scores(mg, g, prm, importance), m, k)
     assert torch.equal(got, want)
     a, b = R.unpack_masks(m, p), R.unpack_masks(got, p)
     for i in range(t):
@@ -460,15 +468,14 @@ def test_harmony_candidates_per_block(k, block, kc):
 
 def test_harmony_select_rejects_bad_arguments():
     mg, g, prm, m = _select_inputs(3, 40, seed=0, ints=False)
+    h, r = _scores(mg, g, prm, "fisher")
     hs, bad = _tri().harmony_select, kernels.KernelArgumentError
-    with pytest.raises(bad, match="importance must be 'magnitude' or 'fisher', got 'size'"):
-        hs(mg, g, prm, m, 3, 0.5, "size")
-    with pytest.raises(bad, match=r"grads must be \[3, 40\] like masked_grads, got \[2, 40\]"):
-        hs(mg, g[:2], prm, m, 3, 0.5)
+    with pytest.raises(bad, match=r"recovery must be \[3, 40\] like harmony, got \[2, 40\]"):
+        hs(h, r[:2], m, 3)
     with pytest.raises(bad, match=r"masks must be \[3, 2\] \(packed\), got \[3, 1\]"):
-        hs(mg, g, prm, m[:, :1], 3, 0.5)
-    with pytest.raises(bad, match="masked_grads must be .* got int64"):
-        hs(mg.long(), g, prm, m, 3, 0.5)
+        hs(h, r, m[:, :1], 3)
+    with pytest.raises(bad, match="harmony must be float32, got int64"):
+        hs(h.long(), r, m, 3)
 
 
 def test_backend_triton_on_cpu_without_interpreter_fails_loudly(monkeypatch):

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..envs import EPISODE_LEN
+from ..files import move_atomic
 from ..tasks import ML1_SEED, canonical_name, goal_of, is_task, task_seed, task_sort_key
 from .formats import (ACT_DIM, MANIFEST, QUALITIES, STATE_DIM, DataError, TaskData, Trajectory, check_episode,
                       load_ours, read_manifest, select_episodes)
@@ -351,7 +352,7 @@ def _move_into(tmp_root: Path, out: Path, ds_id: str) -> None:
             (out / ns_file).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(tmp_root / ns_file, out / ns_file)
     (out / ds_id).parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp_root / ds_id, out / ds_id)
+    move_atomic(tmp_root / ds_id, out / ds_id)
 
 
 def export_minari(src: str | Path, out: str | Path) -> list[str]:

@@ -121,6 +121,10 @@ class Single:
     def broadcast_object(self, obj):
         return obj
 
+    def loss_count(self, valid: torch.Tensor, stop) -> torch.Tensor | None:
+        """The divisor of the step's loss: None, the loss's own count of ``valid`` elements."""
+        return None
+
     def reduce_gradients(self, params: list, loss: torch.Tensor) -> torch.Tensor:
         return loss
 
@@ -187,6 +191,15 @@ class Distributed(Single):
         box = [obj]
         self._run("broadcast_object", dist.broadcast_object_list, box, src=0)
         return box[0]
+
+    def loss_count(self, valid: torch.Tensor, stop) -> torch.Tensor:
+        """The valid elements of every rank's rows (``valid``: this rank's mask), the divisor of the
+        step's loss, with one all-reduce that also agrees on the stop requests: ``stop.agreed``
+        (a :class:`harmodt.run.signals.StopRequest`) becomes the number of ranks that asked."""
+        agreed = torch.stack([valid.sum().double(), torch.tensor(float(stop.asked), device=valid.device).double()])
+        self.all_reduce_sum_(agreed)
+        stop.agreed = agreed[1]
+        return agreed[0].float()
 
     def reduce_gradients(self, params: list, loss: torch.Tensor) -> torch.Tensor:
         """Sum every parameter's gradient and the loss over the ranks with one all-reduce of one

@@ -17,7 +17,6 @@ import torch
 
 from .. import checkpoint
 from ..config import RESUME_RULES, ConfigError, TrainConfig, flag, flat_keys, to_dict, upgrade_saved_config
-from ..masks import TaskMasks
 from . import distributed, rng
 
 
@@ -70,24 +69,14 @@ def open_checkpoint(cfg: TrainConfig, dist: distributed.Single) -> dict | None:
 
 
 def state(tr) -> dict:
-    """Everything trainer ``tr`` needs to continue (tensors and plain types). With several ranks
-    every rank calls it: the ranks' RNG streams are gathered."""
+    """Everything trainer ``tr`` needs to continue (tensors and plain types): its own state
+    (``tr.state_dict()``), the config, every RNG stream and what evaluation needs. With several
+    ranks every rank calls it: the ranks' RNG streams are gathered."""
     streams = {**rng.capture(tr.device), "batcher": tr.batcher.state_dict()}
     if tr.dist.active:  # every rank's data and dropout streams (rank r at [r]) and the shared task stream
         streams["ranks"] = tr.dist.all_gather_object({k: streams[k] for k in ("torch", "batcher", "cuda") if k in streams})
         streams["tasks"] = tr.task_stream.get_state()
-    return {
-        "world_size": tr.dist.world_size,
-        "model": tr.model.state_dict(),
-        "masks": None if tr.task_masks is None else tr.task_masks.per_task(tr.tasks),
-        "optimizer": tr.opt.state_dict(),
-        "scheduler": tr.sched.state_dict(),
-        "step": tr.step,
-        "config": to_dict(tr.cfg),
-        "rng": streams,
-        "eval_info": tr.eval_info(),
-        "last_harmony": tr.last_harmony,
-    }
+    return {"world_size": tr.dist.world_size, **tr.state_dict(), "config": to_dict(tr.cfg), "rng": streams, "eval_info": tr.eval_info()}
 
 
 def save(tr, path: Path, run_state: dict | None = None) -> None:
@@ -101,22 +90,17 @@ def save(tr, path: Path, run_state: dict | None = None) -> None:
 
 
 def restore(tr, ck: dict, path: Path) -> dict:
-    """Put trainer ``tr`` where checkpoint ``ck`` (read from ``path``) left it: weights, masks,
-    optimizer, scheduler, step and every RNG stream. Returns its run state ({} when it has none).
-    A checkpoint that does not fit this model raises ConfigError (one line)."""
+    """Put trainer ``tr`` where checkpoint ``ck`` (read from ``path``) left it: the trainer adopts its
+    own state (``tr.load_state``: weights, masks, optimizer, scheduler, step), then every RNG stream
+    is restored. Returns the checkpoint's run state ({} when it has none). A checkpoint that does
+    not fit this model raises ConfigError (one line)."""
     try:
-        tr.model.load_state_dict(ck["model"])
-        if ck["masks"] is not None:
-            tr.task_masks = TaskMasks.from_per_task(ck["masks"], tr.tasks, tr.device, tr.weights)
-        tr.opt.load_state_dict(ck["optimizer"])
-        tr.sched.load_state_dict(ck["scheduler"])
-        tr.step = int(ck["step"])
+        tr.load_state(ck)
         rng.restore(ck["rng"], tr.device)
         tr.batcher.load_state_dict(ck["rng"]["batcher"])
         _restore_rank_streams(tr, ck, path)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
         raise ConfigError(f"--resume: {path} does not fit this model ({checkpoint.one_line(exc)})") from None
-    tr.last_harmony = ck.get("last_harmony")
     return dict(ck.get("run") or {})
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from ..data import DataError
 from ..evaluate import print_table, result_entry
 from ..runtime import bf16_matmul_note, keep_freed_memory
 from . import distributed, resume
-from .cli import parse_args
 from .outputs import MetricsLog, NoLog, write_atomic
 
 
@@ -206,25 +204,18 @@ def describe(tr) -> str:
     return line
 
 
-def main(run: Callable[[TrainConfig], dict], argv: list[str] | None = None) -> int:
-    """``python -m harmodt.train``: parse the flags, ``run`` them; the exit code (2: a bad flag,
-    file or dataset, one line on stderr; 3: a torchrun rank failed; 130: stopped by Ctrl-C)."""
-    try:
-        cfg = parse_args(argv)
-        t = time.perf_counter()
-        run(cfg)
-        print(f"[harmodt] done in {time.perf_counter() - t:.0f} s; outputs in {cfg.out}")
-        distributed.shutdown()
-        return 0
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except distributed.DistributedError as exc:
+STOPPING_ERRORS = (ConfigError, DataError, distributed.DistributedError, KeyboardInterrupt)  # what ends a run with an exit code
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code of ``python -m harmodt.train`` stopped by ``exc`` (one of STOPPING_ERRORS),
+    its line printed on stderr: 2 a bad flag, file or dataset; 3 a torchrun rank failed; 130
+    stopped by Ctrl-C."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, distributed.DistributedError):
         if not exc.reported:  # a failed collective printed its line where it failed
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return distributed.EXIT_CODE
-    except KeyboardInterrupt:
-        return 130
-    except DataError as exc:  # a bad dataset: one clear line
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    print(f"error: {exc}", file=sys.stderr)  # a bad flag, file or dataset: one clear line
+    return 2

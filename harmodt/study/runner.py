@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .figures import draw_figures
-from ..files import tail_lines
+from ..files import move_atomic, tail_lines
 from ..run.outputs import write_atomic
 from .plan import OWN_FLAGS, Run, StudyError, code_revision, machine_name, failed_jobs, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
 from .learned_masks import compare_learned_masks
@@ -212,7 +212,7 @@ class Study:
             self.say(f"stop  {run.name}: {what} stopped (exit {rc}); it runs again next time" if self.stopping.is_set()
                      else f"FAIL  {run.name}: {what} exited {rc}\n{tail_lines(run.dir / log_name, 25)}")
             return False
-        os.replace(str(out) + ".tmp", out)
+        move_atomic(str(out) + ".tmp", out)
         return True
 
     def evaluate_unseen(self, run: Run, env: dict) -> bool:

@@ -1,24 +1,21 @@
-// harmony_select: Algorithm 2's per-task mask/recover selection for all tasks in one call, equal
-// bit-for-bit to kernels.reference.harmony_select (ties -> lowest index; -0.0 == +0.0; NaN sorts
-// after +inf ascending and first descending, like torch.sort).
+// harmony_select: Algorithm 2's per-task mask/recover selection for all tasks in one call, given
+// the scores (harmony H_i of Eq. 8 and recovery g_i * ghat of Eq. 10, computed by the caller);
+// equal bit-for-bit to kernels.reference.harmony_select (ties -> lowest index; -0.0 == +0.0; NaN
+// sorts after +inf ascending and first descending, like torch.sort).
 //
-// ghat = mean_i gbar_i is computed once with at::mean (the same call as the reference, so the
-// same bits). Then, in parallel over tasks (at::parallel_for, one scratch per chunk of tasks,
-// nothing [T, P]):
-//   pass 1 streams over P computing H_i on active weights (gbar*ghat + lam*I) and the recovery
-//          score g*ghat on masked ones, mapped to order-preserving 32-bit keys, into two
-//          65536-bucket histograms of the top 16 key bits;
+// In parallel over tasks (at::parallel_for, one scratch per chunk of tasks, nothing [T, P]):
+//   pass 1 streams over P mapping the harmony of active weights and the recovery score of masked
+//          ones to order-preserving 32-bit keys, into two 65536-bucket histograms of the top 16
+//          key bits;
 //   the bucket holding the k_i-th smallest key is found from the histogram;
 //   pass 2 collects only the keys of those buckets as (key << 32 | index) and nth_element gives
 //          the exact k_i-th (key, index) thresholds;
 //   pass 3 writes the new mask words: dropped iff (H key, j) <= threshold, recovered iff
 //          (recovery key, j) <= threshold (recovery wins, as the reference assigns it last).
-// Scores are recomputed in each pass instead of stored: three streaming reads, O(#bucket) scratch.
-// Built with -ffp-contract=off so every product/sum rounds exactly like the separate torch ops.
+// Keys are recomputed in each pass instead of stored: three streaming reads, O(#bucket) scratch.
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -43,47 +40,25 @@ constexpr int kShift = 32 - kBucketBits;
 constexpr int64_t kBuckets = int64_t(1) << kBucketBits;
 
 struct TaskView {
-  const float* gbar;    // [P]
-  const float* g;       // [P]
-  const float* ghat;    // [P]
-  const float* params;  // [P] (magnitude) or nullptr (fisher)
-  const uint32_t* mw;   // [W]
+  const float* harmony;   // [P]
+  const float* recovery;  // [P]
+  const uint32_t* mw;     // [W]
   int64_t p;
-  float lam;
 };
 
 // Keys of one 32-column word: hk = ascending key of H (+inf on masked columns), rk = ascending key
-// of the *descending* recovery order, ~key(g * ghat) (~key(-inf) on active columns).
+// of the *descending* recovery order, ~key(recovery) (~key(-inf) on active columns).
 inline void word_keys(const TaskView& v, int64_t w, int64_t lim, uint32_t* hk, uint32_t* rk) {
   const uint32_t h_masked = key_asc(std::numeric_limits<float>::infinity());
   const uint32_t r_active = ~key_asc(-std::numeric_limits<float>::infinity());
   const uint32_t bits = v.mw[w];
   const int64_t base = w * 32;
-  const float* gb = v.gbar + base;
-  const float* gg = v.g + base;
-  const float* gh = v.ghat + base;
-  if (v.params != nullptr) {
-    const float* pr = v.params + base;
-    for (int64_t b = 0; b < lim; ++b) {
-      const bool active = (bits >> b) & 1u;
-      const float prod = gb[b] * gh[b];
-      const float reg = v.lam * std::fabs(pr[b]);
-      const float h = prod + reg;
-      const float r = gg[b] * gh[b];
-      hk[b] = active ? key_asc(h) : h_masked;
-      rk[b] = active ? r_active : ~key_asc(r);
-    }
-  } else {
-    for (int64_t b = 0; b < lim; ++b) {
-      const bool active = (bits >> b) & 1u;
-      const float prod = gb[b] * gh[b];
-      const float imp = gb[b] * gb[b];
-      const float reg = v.lam * imp;
-      const float h = prod + reg;
-      const float r = gg[b] * gh[b];
-      hk[b] = active ? key_asc(h) : h_masked;
-      rk[b] = active ? r_active : ~key_asc(r);
-    }
+  const float* h = v.harmony + base;
+  const float* r = v.recovery + base;
+  for (int64_t b = 0; b < lim; ++b) {
+    const bool active = (bits >> b) & 1u;
+    hk[b] = active ? key_asc(h[b]) : h_masked;
+    rk[b] = active ? r_active : ~key_asc(r[b]);
   }
 }
 
@@ -116,46 +91,33 @@ inline void find_bucket(const std::vector<uint32_t>& hist, int64_t kk, uint32_t&
 
 inline uint64_t pair_key(uint32_t key, int64_t j) { return (uint64_t(key) << 32) | uint64_t(j); }
 
-at::Tensor harmony_select(const at::Tensor& masked_grads, const at::Tensor& grads, const at::Tensor& params,
-                          const at::Tensor& masks_in, int64_t k, double lam, bool fisher) {
-  TORCH_CHECK_VALUE(masked_grads.device().is_cpu() && grads.device().is_cpu() && params.device().is_cpu() &&
-                        masks_in.device().is_cpu(),
+at::Tensor harmony_select(const at::Tensor& harmony_in, const at::Tensor& recovery_in, const at::Tensor& masks_in,
+                          int64_t k) {
+  TORCH_CHECK_VALUE(harmony_in.device().is_cpu() && recovery_in.device().is_cpu() && masks_in.device().is_cpu(),
                     "harmony_select: all tensors must be on the CPU");
-  TORCH_CHECK_VALUE(masked_grads.dim() == 2, "harmony_select: masked_grads must be [T, P], got ",
-                    masked_grads.sizes());
-  const int64_t t_count = masked_grads.size(0), p = masked_grads.size(1);
-  TORCH_CHECK_VALUE(grads.dim() == 2 && grads.size(0) == t_count && grads.size(1) == p,
-                    "harmony_select: grads must be [", t_count, ", ", p, "], got ", grads.sizes());
-  TORCH_CHECK_VALUE(params.dim() == 1 && params.size(0) == p, "harmony_select: params must be [", p, "], got ",
-                    params.sizes());
+  TORCH_CHECK_VALUE(harmony_in.dim() == 2, "harmony_select: harmony must be [T, P], got ", harmony_in.sizes());
+  const int64_t t_count = harmony_in.size(0), p = harmony_in.size(1);
+  TORCH_CHECK_VALUE(recovery_in.dim() == 2 && recovery_in.size(0) == t_count && recovery_in.size(1) == p,
+                    "harmony_select: recovery must be [", t_count, ", ", p, "], got ", recovery_in.sizes());
+  TORCH_CHECK_VALUE(harmony_in.scalar_type() == at::kFloat && recovery_in.scalar_type() == at::kFloat,
+                    "harmony_select: harmony and recovery must be float32, got ", harmony_in.scalar_type(), " and ",
+                    recovery_in.scalar_type());
   TORCH_CHECK_VALUE(masks_in.scalar_type() == at::kInt, "harmony_select: masks must be packed int32, got ",
                     masks_in.scalar_type());
   const int64_t nw = num_words(p);
   TORCH_CHECK_VALUE(masks_in.dim() == 2 && masks_in.size(0) == t_count && masks_in.size(1) == nw,
                     "harmony_select: masks must be [", t_count, ", ", nw, "], got ", masks_in.sizes());
   TORCH_CHECK_VALUE(p < (int64_t(1) << 32), "harmony_select: P must be < 2^32, got ", p);
-  for (const at::Tensor* tsr : {&masked_grads, &grads, &params}) {
-    TORCH_CHECK_VALUE(at::isFloatingType(tsr->scalar_type()), "harmony_select: masked_grads, grads and params ",
-                      "must be floating point, got ", tsr->scalar_type());
-  }
   const at::Tensor masks = masks_in.contiguous();
   at::Tensor out = at::empty({t_count, nw}, masks.options());
   if (t_count == 0 || p == 0) return out;
 
-  // Same calls as the reference: gbar = masked_grads.float(); ghat = gbar.mean(0).
-  const at::Tensor gbar = masked_grads.to(at::kFloat);
-  const at::Tensor ghat = at::mean(gbar, {0}).contiguous();
-  const at::Tensor gbar_c = gbar.contiguous();
-  const at::Tensor g_c = grads.to(at::kFloat).contiguous();
-  const at::Tensor prm_c = params.to(at::kFloat).contiguous();
-
-  const float* gbar_p = gbar_c.data_ptr<float>();
-  const float* g_p = g_c.data_ptr<float>();
-  const float* ghat_p = ghat.data_ptr<float>();
-  const float* prm_p = fisher ? nullptr : prm_c.data_ptr<float>();
+  const at::Tensor harmony = harmony_in.contiguous();
+  const at::Tensor recovery = recovery_in.contiguous();
+  const float* h_p = harmony.data_ptr<float>();
+  const float* r_p = recovery.data_ptr<float>();
   const uint32_t* m_p = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
   uint32_t* o_p = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
-  const float lamf = static_cast<float>(lam);  // torch multiplies a float tensor by float(lam)
   const uint32_t tail = last_word_mask(p);
 
   at::parallel_for(0, t_count, 1, [&](int64_t i0, int64_t i1) {
@@ -174,7 +136,7 @@ at::Tensor harmony_select(const at::Tensor& masked_grads, const at::Tensor& grad
         for (int64_t w = 0; w < nw; ++w) ow[w] = w == nw - 1 ? (mw[w] & tail) : mw[w];
         continue;
       }
-      const TaskView v{gbar_p + i * p, g_p + i * p, ghat_p, prm_p, mw, p, lamf};
+      const TaskView v{h_p + i * p, r_p + i * p, mw, p};
       // Pass 1: histograms of the top key bits (constant keys added in bulk).
       hist_h.assign(kBuckets, 0);
       hist_r.assign(kBuckets, 0);

@@ -10,7 +10,5 @@ TORCH_LIBRARY(harmodt_kernels, m) {
   m.def(
       "adamw_group_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor?[] masks, "
       "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, Tensor grad_scale) -> ()");
-  m.def(
-      "harmony_select(Tensor masked_grads, Tensor grads, Tensor params, Tensor masks, int k, float lam, "
-      "bool fisher) -> Tensor");
+  m.def("harmony_select(Tensor harmony, Tensor recovery, Tensor masks, int k) -> Tensor");
 }

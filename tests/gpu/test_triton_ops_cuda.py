@@ -13,6 +13,7 @@ import torch
 
 import kernels
 from kernels import reference as R
+from harmodt.masks import IMPORTANCE
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEV = "cuda"
@@ -240,7 +241,9 @@ def test_harmony_select_equals_reference(t, p, k, importance):
     g = torch.Generator().manual_seed(t + p + k)
     mg, gr, prm = torch.randn(t, p, generator=g), torch.randn(t, p, generator=g), torch.randn(p, generator=g)
     masks = R.pack_masks(torch.rand(t, p, generator=g) > 0.3)
-    args = [v.to(DEV) for v in (mg, gr, prm, masks)]
-    got = kernels.harmony_select(*args, k, 0.5, importance, backend="triton")
-    want = kernels.harmony_select(*args, k, 0.5, importance, backend="reference")
+    mg, gr, prm, masks = [v.to(DEV) for v in (mg, gr, prm, masks)]
+    ghat = mg.mean(0)  # Algorithm 2's scores, as harmodt.masks.TaskMasks.update computes them
+    args = (mg * ghat + 0.5 * IMPORTANCE[importance](mg, prm), gr * ghat, masks)
+    got = kernels.harmony_select(*args, k, backend="triton")
+    want = kernels.harmony_select(*args, k, backend="reference")
     assert torch.equal(got, want)
