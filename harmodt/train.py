@@ -25,7 +25,7 @@ from .data.batches import PromptDTBatcher, batch_segments
 from .mask_grads import official_task_gradient, paper_task_gradient
 from .masks import TaskMasks, alpha_schedule, harmony_score
 from .methods import METHODS
-from .model import MaskContext, action_loss, build_model
+from .model import CounterDropout, MaskContext, action_loss, build_model
 from .optim import MaskedAdamW, clip_coefficient, param_groups
 from .run import distributed, resume, rng, session, signals
 from .run.data_cache import load_training_data
@@ -81,15 +81,27 @@ class Trainer:
         self.stop = signals.StopRequest(agreed_by_ranks=self.dist.active)  # SIGINT/SIGTERM: the loop saves and stops
 
     # ---- one step -------------------------------------------------------------------------
-    def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None) -> MaskContext | None:
-        """The masks a forward on rows of ``task_ids`` runs through (None without masks);
-        ``single_task``: every row is ``task_ids[0]`` (one mask, no grouping of rows);
-        ``segments``: the batch's ``((task, sequences), ...)`` layout when known on the host. The
+    def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None,
+                dropout: CounterDropout | None = None) -> MaskContext | None:
+        """The masks a forward on rows of ``task_ids`` runs through (None without masks and
+        without ``dropout``); ``single_task``: every row is ``task_ids[0]`` (one mask, no grouping
+        of rows); ``segments``: the batch's ``((task, sequences), ...)`` layout when known on the
+        host; ``dropout``: the forward's counter-based dropout (:meth:`counter_dropout`). The
         reference backend reads the bool masks as they are (no unpacking per call)."""
         if self.task_masks is None:
-            return None
+            return None if dropout is None else MaskContext({}, task_ids, self.backends.masked_linear, dropout=dropout)
         masks = self.task_masks.masks if self.backends.masked_linear.takes_bool_masks else self.task_masks.packed()
-        return MaskContext(masks, task_ids[:1] if single_task else task_ids, self.backends.masked_linear, segments=segments)
+        return MaskContext(masks, task_ids[:1] if single_task else task_ids, self.backends.masked_linear, segments=segments,
+                           dropout=dropout)
+
+    def counter_dropout(self) -> CounterDropout | None:
+        """The training step's counter-based dropout (``--dropout-rng counter``, with dropout on):
+        its seed is a hash of the run's seed, this rank and the step, all of which a checkpoint
+        keeps, so a resumed run draws the same bits. None otherwise (torch's RNG)."""
+        if self.cfg.dropout_rng != "counter" or self.cfg.model.dropout == 0.0:
+            return None
+        base = kernels.reference.site_seed(self.cfg.seed, self.dist.rank)
+        return CounterDropout(self.cfg.model.dropout, kernels.reference.site_seed(base, self.step), self.backends.dropout)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
@@ -130,7 +142,8 @@ class Trainer:
         if self.method.per_task_gradients:
             return self.surgery_step(task_ids)
         batch = self.batcher.sample(task_ids, self.cfg.batch_size)
-        ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1, segments=batch_segments(task_ids, self.cfg.batch_size))
+        ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1, segments=batch_segments(task_ids, self.cfg.batch_size),
+                           dropout=self.counter_dropout())
         count = None
         if self.dist.active:  # all ranks' real steps (the loss's divisor) and stop requests
             agreed = torch.stack([batch["mask"].sum().double(), torch.tensor(float(self.stop.asked), device=self.device).double()])
