@@ -88,7 +88,8 @@ class TrainConfig:
     precision: str = setting("fp32", "fp32 | bf16 (autocast on the device)")
     compile: bool = setting(False, "torch.compile the model for training")
     dropout_rng: str = setting("auto", "where training's dropout bits come from: torch (torch's RNG, nn.Dropout) | counter (a hash of "
-                               "the seed, step and element, fused into the masked-linear kernels) | auto (counter with --fused, else torch)")
+                               "the seed, step and element, fused into the masked-linear kernels) | auto (counter with --fused, else torch; torch under "
+                               "--compile, which would recompile for every step's seed)")
     threads: int = setting(0, "torch intra-op threads (0 = all cores)")
     progress: bool = setting(True, "show progress bars")
     dist_timeout: float = setting(300.0, "seconds a torchrun rank waits in a collective for the others before failing (exit 3)")
@@ -236,7 +237,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not ok:
             raise ConfigError(msg)
     if cfg.dropout_rng == "auto":
-        cfg = dataclasses.replace(cfg, dropout_rng="counter" if cfg.fused else "torch")
+        # counter with --fused, except under --compile: the per-step seed is a Python int the compiled graph would specialize on
+        cfg = dataclasses.replace(cfg, dropout_rng="counter" if cfg.fused and not cfg.compile else "torch")
     if cfg.tasks_per_batch == 0:
         cfg = dataclasses.replace(cfg, tasks_per_batch=auto_tasks_per_batch(cfg.method, len(parse_tasks(cfg.tasks)), cfg.batch_size))
     if cfg.allow_changed:
