@@ -18,16 +18,31 @@ from .common import call_runner, devices, figure, interleave, paired_ratio, reco
 EVAL_STEPS = int(os.environ.get("HARMODT_BENCH_EVAL_STEPS", "100"))
 
 
-def _model_and_masks(n_tasks: int, device):
+def _model_and_masks(n_tasks: int, device, model_cfg=None):
+    """A random HarmoDT-F model (the paper's size unless ``model_cfg``) and ERK masks at S = 0.2."""
     from harmodt.config import ModelConfig
     from harmodt.masks import TaskMasks
     from harmodt.model import build_model
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(), n_tasks, "harmodt-f").to(device).eval()
+    model = build_model(model_cfg or ModelConfig(), n_tasks, "harmodt-f").to(device).eval()
     shapes = {n: tuple(w.shape) for n, w in model.masked_weights().items()}
     masks = TaskMasks.erk(shapes, n_tasks, 0.2, torch.Generator().manual_seed(0), device=device)
     return model, masks
+
+
+def _eval_info(tasks) -> dict:
+    """What ``evaluate()`` needs besides the weights, for synthetic tasks: unit state statistics and
+    two random prompt trajectories per task."""
+    rng = np.random.default_rng(0)
+
+    def prompt():
+        return {"observations": rng.normal(size=(500, 39)).astype(np.float32), "actions": rng.uniform(-1, 1, (500, 4)).astype(np.float32),
+                "rewards": rng.uniform(0, 10, 500).astype(np.float32)}
+
+    return {"tasks": list(tasks), "state_mean": {t: np.zeros(39, np.float32) for t in tasks},
+            "state_std": {t: np.ones(39, np.float32) for t in tasks}, "prompts": {t: [prompt(), prompt()] for t in tasks},
+            "rtg_scale": 1000.0, "target_return": 4500.0}
 
 
 @pytest.mark.parametrize("device", devices())
@@ -45,15 +60,7 @@ def test_eval_mt10(benchmark, device):
     model, masks = _model_and_masks(len(MT10), device)
     op = kernels.select_backends(device, True).masked_linear
     backend = op.backend.name
-    rng = np.random.default_rng(0)
-
-    def prompt():
-        return {"observations": rng.normal(size=(500, 39)).astype(np.float32), "actions": rng.uniform(-1, 1, (500, 4)).astype(np.float32),
-                "rewards": rng.uniform(0, 10, 500).astype(np.float32)}
-
-    info = {"tasks": list(MT10), "state_mean": {t: np.zeros(39, np.float32) for t in MT10},
-            "state_std": {t: np.ones(39, np.float32) for t in MT10}, "prompts": {t: [prompt(), prompt()] for t in MT10},
-            "rtg_scale": 1000.0, "target_return": 4500.0}
+    info = _eval_info(MT10)
     runs = []
 
     def run():
@@ -114,3 +121,64 @@ def test_eval_forward_mt50(benchmark, device):
             figure(f"evaluation forward: {fused} speed-up over reference", speedup, "x", target=(">=", 1.5) if device == "cuda" else None)]
     record(benchmark, "mixed-task evaluation forward, MT50 x 10 episodes", device, times, figs, {"fused_speedup_over_reference": speedup},
            {"backend": fused, "rows": b})
+
+
+FLOOR_EPISODES = 20  # the studies' final evaluation: MT10 x 20 episodes
+FLOOR_TARGET = 1.5  # evaluate()'s time over the simulator's alone
+
+
+@pytest.mark.parametrize("device", devices())
+def test_eval_floor_mt10(benchmark, device):
+    """The evaluation floor at the studies' setting, MT10 x 20 episodes (200 environments): the
+    simulator alone (the vector of Meta-World envs ``evaluate()`` builds, sharded over the cores
+    as it shards them, stepped with uniform random actions) against ``evaluate()`` itself with the
+    studies' model (3 layers, 4 heads, width 128, random weights and ERK masks, fp32) on the same
+    tasks, episodes and environment seeds, over ``HARMODT_BENCH_EVAL_STEPS`` steps; rounds
+    interleaved. Target: evaluate() within 1.5x of the simulator's time."""
+    if EVAL_STEPS <= 0:
+        pytest.skip("HARMODT_BENCH_EVAL_STEPS=0")
+    import time
+
+    from harmodt.config import ModelConfig
+    from harmodt.envs import ShardedVectorEnv, make_vector_env
+    from harmodt.evaluate import evaluate
+    from harmodt.tasks import MT10
+
+    model, masks = _model_and_masks(len(MT10), device, ModelConfig(n_layer=3, n_head=4, n_embd=128))
+    op = kernels.select_backends(device, True).masked_linear
+    info = _eval_info(MT10)
+    b = len(MT10) * FLOOR_EPISODES
+    env_tasks = [t for t in MT10 for _ in range(FLOOR_EPISODES)]
+    env_seeds = list(range(b))  # evaluate(seed=0)'s: seed * 100_003 + row
+    shards = 2 if (os.cpu_count() or 1) >= 2 else 1
+
+    def simulator(n: int) -> float:  # seconds per env step of the whole vector, building excluded as evaluate() excludes it
+        total = 0.0
+        for _ in range(n):
+            envs = ShardedVectorEnv(env_tasks, env_seeds, shards) if shards > 1 else make_vector_env(env_tasks, env_seeds)
+            envs.reset(seed=None)
+            act = np.random.default_rng(1).uniform(-1, 1, (EVAL_STEPS, b, 4))
+            t = time.perf_counter()
+            for s in range(EVAL_STEPS):
+                envs.step(act[s])
+            total += time.perf_counter() - t
+            envs.close()
+        return total / n / (EVAL_STEPS * b) * 1e3
+
+    def policy(n: int) -> float:
+        total = 0.0
+        for _ in range(n):
+            r = evaluate(model, masks, info, MT10, FLOOR_EPISODES, seed=0, backend=op, max_steps=EVAL_STEPS, progress=False)
+            total += r["seconds"]
+        return total / n / (EVAL_STEPS * b) * 1e3
+
+    times = interleave(benchmark, {"evaluate": policy, "simulator": simulator}, rounds(2), calls=1, warmup=0)
+    times = {k: [1.0 / v * 1e3 for v in vs] for k, vs in times.items()}  # env-steps/s
+    ratio = float(np.median([s / e for e, s in zip(times["evaluate"], times["simulator"])]))  # evaluate's time over the simulator's
+    figs = [time_figure(f"simulator alone, MT10 x {FLOOR_EPISODES} episodes, random actions, env-steps/s", times, "simulator",
+                        unit="env-steps/s"),
+            time_figure(f"evaluate(), MT10 x {FLOOR_EPISODES} episodes, 3 x 128 model ({op.backend.name}), env-steps/s", times, "evaluate",
+                        unit="env-steps/s"),
+            figure("evaluate() time over the simulator's", ratio, "x", target=("<=", FLOOR_TARGET))]
+    record(benchmark, f"evaluation floor, MT10 x {FLOOR_EPISODES} episodes", device, times, figs, {"evaluate_over_simulator": ratio},
+           {"backend": op.backend.name, "horizon": EVAL_STEPS, "rows": b, "shards": shards}, unit="env-steps/s")

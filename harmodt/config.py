@@ -23,6 +23,7 @@ CLIP_SCOPES = ("masked", "unmasked")
 WEIGHT_DECAY_SCOPES = ("matrices", "all")
 INITS = ("ours", "reference")
 ERK_DRAWS = ("exact", "bernoulli")
+DROPOUT_RNGS = ("auto", "torch", "counter")
 
 
 def setting(default=MISSING, help: str = "", *, factory=MISSING):
@@ -105,6 +106,9 @@ class TrainConfig:
     backend: str = setting("auto", "kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference")
     precision: str = setting("fp32", "fp32 | bf16 (autocast on the device)")
     compile: bool = setting(False, "torch.compile the model for training")
+    dropout_rng: str = setting("auto", "where training's dropout bits come from: torch (torch's RNG, nn.Dropout) | counter (a hash of "
+                               "the seed, step and element, fused into the masked-linear kernels) | auto (counter with --fused, else torch; torch under "
+                               "--compile, which would recompile for every step's seed)")
     threads: int = setting(0, "torch intra-op threads (0 = all cores)")
     progress: bool = setting(True, "show progress bars")
     dist_timeout: float = setting(300.0, "seconds a torchrun rank waits in a collective for the others before failing (exit 3)")
@@ -175,7 +179,7 @@ def flag(key: str) -> str:
 #   every key not named here is "fixed": compared, and a difference is refused.
 RESUME_RULES = {
     **dict.fromkeys(("steps", "eval_episodes", "eval_every", "target_return", "log_every", "checkpoint_every", "threads", "device",
-                     "compile", "fused", "backend"), "changeable"),
+                     "compile", "fused", "backend", "dropout_rng"), "changeable"),
     **dict.fromkeys(("out", "resume", "progress", "allow_changed", "dist_timeout"), "ignored"),
 }
 
@@ -245,6 +249,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.backend in ("auto", "triton", "cpu", "reference"), "--backend must be auto, triton, cpu or reference"),
         (cfg.fused or cfg.backend == "auto", "--backend applies to the kernels of --fused: add --fused (without it every op runs on the reference)"),
         (cfg.conditioning in CONDITIONINGS, f"--conditioning must be one of {', '.join(CONDITIONINGS)}, got {cfg.conditioning!r}"),
+        (cfg.dropout_rng in DROPOUT_RNGS, f"--dropout-rng must be auto, torch or counter, got {cfg.dropout_rng!r}"),
         (cfg.prompt_segment in PROMPT_SEGMENTS, f"--prompt-segment must be last or random, got {cfg.prompt_segment!r}"),
         (_device_ok(cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
         (cfg.eval_episodes >= 0, "--eval-episodes must be >= 0"),
@@ -264,6 +269,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    if cfg.dropout_rng == "auto":
+        # counter with --fused, except under --compile: the per-step seed is a Python int the compiled graph would specialize on
+        cfg = dataclasses.replace(cfg, dropout_rng="counter" if cfg.fused and not cfg.compile else "torch")
     if cfg.tasks_per_batch == 0:
         cfg = dataclasses.replace(cfg, tasks_per_batch=auto_tasks_per_batch(cfg.method, len(parse_tasks(cfg.tasks)), cfg.batch_size))
     if cfg.allow_changed:
@@ -313,10 +321,12 @@ def resolve_device(device: str):
 
 def upgrade_saved_config(d: dict) -> dict:
     """A saved config (config.json, a checkpoint's) in today's terms, meaning what it meant when it
-    was written. A config without ``prompt_segment`` predates that option and ran with random prompt
+    was written. A config without ``dropout_rng`` predates that option and drew dropout from torch's
+    RNG. A config without ``prompt_segment`` predates that option and ran with random prompt
     windows, and its ``conditioning: auto`` gave MTDT the learned task embedding; ``task-id`` is the
     earlier name of ``task-embedding``."""
     d = dict(d)
+    d.setdefault("dropout_rng", "torch")
     if "conditioning" in d:
         d["conditioning"] = CONDITIONING_ALIASES.get(d["conditioning"], d["conditioning"])
     if "prompt_segment" not in d:

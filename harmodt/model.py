@@ -10,10 +10,16 @@ nowhere else: its forward calls the run's ``masked_linear`` op (x, W, b, masks, 
 ``x @ (W * M_task).T + b`` (Eq. 4), so the gradient reaching W is ``grad * M_task``. Embeddings,
 layer norms, biases and prediction heads are shared by every task. Everything else is plain
 PyTorch.
+
+Dropout: the ``nn.Dropout`` modules and SDPA's ``dropout_p`` (torch's RNG), unless the forward's
+context carries a :class:`CounterDropout` (``--dropout-rng counter``, what ``--fused`` selects):
+then every dropout is counter-based, fused into the masked linears' epilogue (with the MLP's ReLU)
+where it follows one, and attention is written out (SDPA cannot take the bits).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +30,28 @@ import kernels
 
 from .config import ModelConfig
 from .methods import resolve_conditioning
+
+
+@dataclass(frozen=True)
+class CounterDropout:
+    """Counter-based dropout for one training forward (``--dropout-rng counter``): every dropout
+    site (the embeddings' 0, then three per block: attention probabilities, the attention output
+    after ``proj``, the MLP output after ``mlp_proj``) keeps element i of its output iff a hash of
+    (i, the site's seed) clears ``p`` (``kernels.dropout``), so no bits are stored and the backward
+    recomputes them. The masked linears apply it in their epilogue; the other sites call ``op``.
+
+    p: the dropout rate; seed: this forward's seed (from the run's seed and step, see
+    ``Trainer.counter_dropout``); op: the run's ``kernels.dropout`` op."""
+
+    p: float
+    seed: int
+    op: kernels.DropoutOp
+
+    def site_seed(self, site: int) -> int:
+        return kernels.reference.site_seed(self.seed, site)
+
+    def __call__(self, x: torch.Tensor, site: int) -> torch.Tensor:
+        return self.op(x, self.p, self.site_seed(site))
 
 
 @dataclass
@@ -40,6 +68,8 @@ class MaskContext:
         gradient on backward (Algorithm 2's recovery gradient), or None.
     segments: ``((task, sequences), ...)`` when the batch's sequences are grouped by task and the
         layout is known on the host (a training batch), else None; see ``kernels.masked_linear``.
+    dropout: the forward's :class:`CounterDropout` (``--dropout-rng counter``), or None: the
+        model's ``nn.Dropout`` modules draw from torch's RNG.
     """
 
     masks: dict
@@ -47,6 +77,7 @@ class MaskContext:
     masked_linear: kernels.MaskedLinearOp = kernels.REFERENCE_OPS.masked_linear
     task_grads: dict | None = None
     segments: tuple | None = None
+    dropout: CounterDropout | None = None
 
     def row_ids(self, t: int) -> torch.Tensor:
         """The mask row of each of the ``B * t`` rows a ``(B, t, C)`` input flattens to."""
@@ -64,13 +95,21 @@ class MaskedLinear(nn.Linear):
 
     mask_key: str = ""  # the parameter name that keys this layer's masks (set by the model)
 
-    def forward(self, x: torch.Tensor, ctx: MaskContext | None = None) -> torch.Tensor:  # (B, T, K) -> (B, T, N)
+    def forward(self, x: torch.Tensor, ctx: MaskContext | None = None, relu: bool = False,
+                site: int | None = None) -> torch.Tensor:  # (B, T, K) -> (B, T, N)
+        """``relu``: ReLU on the output; ``site``: then the context's counter-based dropout of that
+        site (both in the masked-linear op's epilogue when the layer has masks)."""
+        drop = ctx.dropout if ctx is not None and site is not None else None
         if ctx is None or self.mask_key not in ctx.masks:
-            return F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.weight, self.bias)
+            y = F.relu(y) if relu else y
+            return y if drop is None else drop(y, site)
         b, t, k = x.shape
         grads = None if ctx.task_grads is None else ctx.task_grads.get(self.mask_key)
+        epilogue = {} if not relu and drop is None else {"relu": relu, "dropout_p": 0.0 if drop is None else drop.p,
+                                                         "seed": 0 if drop is None else drop.site_seed(site)}
         y = ctx.masked_linear(x.reshape(b * t, k), self.weight, self.bias, ctx.masks[self.mask_key], ctx.row_ids(t),
-                              task_grads=grads, segments=ctx.row_segments(t))
+                              task_grads=grads, segments=ctx.row_segments(t), **epilogue)
         return y.view(b, t, -1)
 
 
@@ -94,17 +133,23 @@ class SelfAttention(nn.Module):
         self.proj = MaskedLinear(cfg.n_embd, cfg.n_embd)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask, ctx=None, prefix=None):
+    def forward(self, x, attn_mask, ctx=None, prefix=None, site=0):
         # x (B, T, C); attn_mask bool (B, 1, T, Tp + T); prefix: cached (k, v) of Tp earlier tokens,
-        # each (B, nh, Tp, hd). Returns the output (B, T, C) and this call's own (k, v).
+        # each (B, nh, Tp, hd). Returns the output (B, T, C) and this call's own (k, v). site: the
+        # first of this layer's two counter-dropout sites (attention probabilities, output).
         b, t, c = x.shape
         q, k, v = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd)
         own = (k, v)
         if prefix is not None:
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (B, nh, Tp + T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, C)
-        return self.resid_drop(self.proj(y, ctx)), own
+        drop = None if ctx is None else ctx.dropout
+        if drop is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+            return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c), ctx)), own
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, Tp + T)
+        att = drop(att.masked_fill(~attn_mask, float("-inf")).softmax(-1), site)
+        y = (att @ v).transpose(1, 2).reshape(b, t, c)  # (B, T, C)
+        return self.proj(y, ctx, site=site + 1), own
 
 
 class Block(nn.Module):
@@ -117,11 +162,13 @@ class Block(nn.Module):
         self.mlp_proj = MaskedLinear(4 * cfg.n_embd, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask, ctx=None, prefix=None):  # (B, T, C) -> (B, T, C), own (k, v)
-        a, kv = self.attn(self.ln1(x), attn_mask, ctx, prefix)
+    def forward(self, x, attn_mask, ctx=None, prefix=None, layer=0):  # (B, T, C) -> (B, T, C), own (k, v)
+        site = 1 + 3 * layer  # this block's counter-dropout sites: site, site + 1, site + 2
+        a, kv = self.attn(self.ln1(x), attn_mask, ctx, prefix, site)
         x = x + a
-        x = x + self.drop(self.mlp_proj(F.relu(self.fc(self.ln2(x), ctx)), ctx))
-        return x, kv
+        if ctx is None or ctx.dropout is None:
+            return x + self.drop(self.mlp_proj(F.relu(self.fc(self.ln2(x), ctx)), ctx)), kv
+        return x + self.mlp_proj(self.fc(self.ln2(x), ctx, relu=True), ctx, site=site + 2), kv
 
 
 class TokenEmbedding(nn.Module):
@@ -214,10 +261,11 @@ class PromptDT(nn.Module):
             p = self.prompt_embed(batch["prompt_states"], batch["prompt_actions"], batch["prompt_rtg"], batch["prompt_timesteps"])
             x = torch.cat([p, x], dim=1)  # (B, L, C)
             valid = torch.cat([batch["prompt_mask"].repeat_interleave(3, dim=1), valid], dim=1)
-        x = self.drop(self.embed_ln(x))
+        x = self.embed_ln(x)
+        x = self.drop(x) if ctx is None or ctx.dropout is None else ctx.dropout(x, 0)
         attn_mask = causal_mask(valid, x.shape[1])  # (B, 1, L, L)
-        for blk in self.blocks:
-            x, _ = blk(x, attn_mask, ctx)
+        for i, blk in enumerate(self.blocks):
+            x, _ = blk(x, attn_mask, ctx, layer=i)
         states = x[:, x.shape[1] - (3 * k - 1) + 1 :: 3]  # (B, K, C): the history's state tokens s_1 .. s_K
         return self._head(states)
 

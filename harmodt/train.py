@@ -26,7 +26,7 @@ from .data.batches import PromptDTBatcher, batch_segments
 from .mask_grads import task_gradients
 from .masks import TaskMasks, alpha_schedule, harmony_score
 from .methods import METHODS
-from .model import MaskContext, action_loss, build_model
+from .model import CounterDropout, MaskContext, action_loss, build_model
 from .optim import MaskedAdamW, clip_coefficient, param_groups
 from .run import distributed, resume, rng, session, signals
 from .run.cli import parse_args
@@ -83,14 +83,26 @@ class Trainer:
         self.stop = signals.StopRequest(agreed_by_ranks=self.dist.active)  # SIGINT/SIGTERM: the loop saves and stops
 
     # ---- one step -------------------------------------------------------------------------
-    def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None) -> MaskContext | None:
-        """The masks a forward on rows of ``task_ids`` runs through (None without masks);
-        ``single_task``: every row is ``task_ids[0]`` (one mask, no grouping of rows);
-        ``segments``: the batch's ``((task, sequences), ...)`` layout when known on the host."""
-        if self.task_masks is None:
-            return None
+    def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None,
+                dropout: CounterDropout | None = None) -> MaskContext | None:
+        """The masks a forward on rows of ``task_ids`` runs through (None without masks and
+        without ``dropout``); ``single_task``: every row is ``task_ids[0]`` (one mask, no grouping
+        of rows); ``segments``: the batch's ``((task, sequences), ...)`` layout when known on the
+        host; ``dropout``: the forward's counter-based dropout (:meth:`counter_dropout`)."""
         op = self.backends.masked_linear
-        return MaskContext(self.task_masks.for_op(op), task_ids[:1] if single_task else task_ids, op, segments=segments)
+        if self.task_masks is None:
+            return None if dropout is None else MaskContext({}, task_ids, op, dropout=dropout)
+        return MaskContext(self.task_masks.for_op(op), task_ids[:1] if single_task else task_ids, op, segments=segments,
+                           dropout=dropout)
+
+    def counter_dropout(self) -> CounterDropout | None:
+        """The training step's counter-based dropout (``--dropout-rng counter``, with dropout on):
+        its seed is a hash of the run's seed, this rank and the step, all of which a checkpoint
+        keeps, so a resumed run draws the same bits. None otherwise (torch's RNG)."""
+        if self.cfg.dropout_rng != "counter" or self.cfg.model.dropout == 0.0:
+            return None
+        base = kernels.reference.site_seed(self.cfg.seed, self.dist.rank)
+        return CounterDropout(self.cfg.model.dropout, kernels.reference.site_seed(base, self.step), self.backends.dropout)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
@@ -132,8 +144,9 @@ class Trainer:
         if self.method.per_task_gradients:
             return self.surgery_step(task_ids)
         batch = self.batcher.sample(task_ids, self.cfg.batch_size)
-        ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1, segments=batch_segments(task_ids, self.cfg.batch_size))
-        unmasked_clip = ctx is not None and self.cfg.clip_scope == "unmasked"
+        ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1, segments=batch_segments(task_ids, self.cfg.batch_size),
+                           dropout=self.counter_dropout())
+        unmasked_clip = self.task_masks is not None and self.cfg.clip_scope == "unmasked"
         if unmasked_clip:
             ctx = self.capturing_context(ctx, task_ids)
         count = self.dist.loss_count(batch["mask"], self.stop)  # several ranks: all ranks' real steps (the loss's divisor)
@@ -162,7 +175,8 @@ class Trainer:
             0, idx, torch.arange(len(present), device=self.device))
         segments = None if ctx.segments is None else tuple((present.index(t), c) for t, c in ctx.segments)
         return MaskContext({n: m.index_select(0, idx) for n, m in ctx.masks.items()}, local[ctx.task_ids], ctx.masked_linear,
-                           {n: torch.zeros(len(present), *w.shape, device=self.device) for n, w in self.weights.items()}, segments)
+                           {n: torch.zeros(len(present), *w.shape, device=self.device) for n, w in self.weights.items()}, segments,
+                           dropout=ctx.dropout)
 
     def unmasked_gradients(self, ctx: MaskContext) -> dict:
         """{masked matrix: its gradient before masking}, from a backward through

@@ -38,19 +38,21 @@ import torch
 
 from . import checks, reference
 from .checks import FLOATS, KernelArgumentError
-from .ops import CachedMaskedLinearOp, HarmonySelectOp, KernelOps, MaskedAdamWOp, MaskedLinearOp
+from .ops import CachedMaskedLinearOp, DropoutOp, HarmonySelectOp, KernelOps, MaskedAdamWOp, MaskedLinearOp
 from .reference import num_words
 
 __all__ = [
     "BACKENDS",
     "Backend",
     "CachedMaskedLinearOp",
+    "DropoutOp",
     "BackendUnavailable",
     "KernelArgumentError",
     "KernelOps",
     "REFERENCE_OPS",
     "available_backends",
     "backend_ops",
+    "dropout",
     "backend_reason",
     "harmony_select",
     "masked_adamw_",
@@ -105,6 +107,7 @@ class Backend:
     linear: Callable  # (x, weight, bias, masks, task_ids, task_grads, segments) -> y
     adamw: Callable  # (params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale, workspace)
     select: Callable  # (harmony, recovery, masks, k) -> packed masks
+    dropout: Callable  # (x, p, seed) -> counter-based dropout of x (kernels.reference.dropout's bits)
 
 
 def _reference_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale, workspace):
@@ -112,11 +115,13 @@ def _reference_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, bet
                             weight_decay=weight_decay, grad_scale=grad_scale)
 
 
-def _reference_linear(x, weight, bias, masks, task_ids, task_grads, segments):
-    return reference.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads, segments=segments)
+def _reference_linear(x, weight, bias, masks, task_ids, task_grads, segments, relu=False, dropout_p=0.0, seed=0):
+    return reference.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads, segments=segments, relu=relu,
+                                   dropout_p=dropout_p, seed=seed)
 
 
-REFERENCE = Backend("reference", None, FLOATS, FLOATS, True, None, _reference_linear, _reference_adamw, reference.harmony_select)
+REFERENCE = Backend("reference", None, FLOATS, FLOATS, True, None, _reference_linear, _reference_adamw, reference.harmony_select,
+                    reference.dropout)
 
 
 def _native(device_type: str) -> Backend:
@@ -130,7 +135,7 @@ def _native(device_type: str) -> Backend:
     if lib.unavailable is not None:
         raise BackendUnavailable(lib.unavailable)
     return Backend("cpu", ("cpu",), (torch.float32, torch.bfloat16), (torch.float32,), False, None,
-                   lib.masked_linear, lib.masked_adamw_, lib.harmony_select)
+                   lib.masked_linear, lib.masked_adamw_, lib.harmony_select, lib.dropout)
 
 
 def _triton(device_type: str) -> Backend:
@@ -141,13 +146,14 @@ def _triton(device_type: str) -> Backend:
     interpret = triton_interpreted()
     if device_type != "cuda" and not interpret:
         raise BackendUnavailable(f"Triton needs CUDA tensors (got {device_type}) or TRITON_INTERPRET=1 for the CPU interpreter")
+    from .triton_dropout import triton_dropout
     from .triton_harmony_select import triton_harmony_select
     from .triton_masked_adamw import triton_masked_adamw_
     from .triton_masked_linear import triton_masked_linear
 
     halves = (torch.float32, torch.bfloat16, torch.float16)
     return Backend("triton", ("cuda", "cpu") if interpret else ("cuda",), halves, halves, False, 2**31 - 1,
-                   triton_masked_linear, triton_masked_adamw_, triton_harmony_select)
+                   triton_masked_linear, triton_masked_adamw_, triton_harmony_select, triton_dropout)
 
 
 def make_backend(backend: str, device: torch.device | str) -> Backend:
@@ -247,7 +253,8 @@ def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, masks: torch.Tensor, task_ids: torch.Tensor,
-                  backend: str = "reference", task_grads: torch.Tensor | None = None, segments: tuple | None = None) -> torch.Tensor:
+                  backend: str = "reference", task_grads: torch.Tensor | None = None, segments: tuple | None = None,
+                  relu: bool = False, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias``, differentiable in x, weight and bias.
 
     x ``[R, K]``, weight ``[N, K]``, bias ``[N]`` or None, masks packed int32 ``[T, N, ceil(K/32)]``
@@ -261,9 +268,21 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     mixed-task batch by it instead of reading ``task_ids`` back (no host synchronisation); the
     fused backends group rows on the device and need none. Task ids out of range raise on CPU
     tensors (the cpu and triton backends) and are not checked on a GPU (that would synchronise).
+    The epilogue: ``relu`` applies ReLU to the output, then ``dropout_p > 0`` applies
+    :func:`dropout` ``(y, dropout_p, seed)`` to the ``[R, N]`` output (the fused backends in the
+    same kernel or pass; their backward recomputes the bits).
     """
     return backend_ops(backend, x.device if isinstance(x, torch.Tensor) else "cpu").masked_linear(
-        x, weight, bias, masks, task_ids, task_grads, segments)
+        x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed)
+
+
+def dropout(x: torch.Tensor, p: float, seed: int, backend: str = "reference") -> torch.Tensor:
+    """Counter-based dropout: ``where(keep, x / (1 - p), 0)`` where element i (row-major) is kept
+    iff a 32-bit hash of (i, seed) is >= ``floor(p * 2^32)`` (:func:`kernels.reference.counter_keep`
+    defines the bits; every backend computes the same ones). Differentiable; the backward
+    recomputes the bits from ``seed``. ``seed``: an int in ``[0, 2^63)``
+    (:func:`kernels.reference.site_seed` derives one per dropout site)."""
+    return backend_ops(backend, x.device if isinstance(x, torch.Tensor) else "cpu").dropout(x, p, seed)
 
 
 def masked_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, masks: list, steps: list, *, lr: float,

@@ -84,6 +84,14 @@ def masked_linear(x, weight, bias, masks, task_ids, task_grads, segments, *, dty
         raise KernelArgumentError(f"{op}: segments {tuple(segments)} cover {sum(c for _, c in segments)} rows, x has {r}")
 
 
+def dropout(op: str, p, seed) -> None:
+    """A counter-based dropout's rate and seed (see :func:`kernels.dropout`)."""
+    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise KernelArgumentError(f"{op}: dropout p must be a float in [0, 1), got {p!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise KernelArgumentError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
+
+
 def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale, *, dtypes: tuple, devices: tuple | None,
                  max_numel: int | None) -> None:
     """The arguments of ``masked_adamw_`` (see :func:`kernels.masked_adamw_`)."""

@@ -26,7 +26,7 @@ import torch
 __all__ = ["LIB_NAME", "NativeLibrary", "library_path"]
 
 LIB_NAME = "libharmodt_kernels.so"
-OPS = ("masked_linear_forward", "masked_linear_backward", "adamw_group_", "harmony_select")
+OPS = ("masked_linear_forward", "masked_linear_backward", "counter_dropout", "adamw_group_", "harmony_select")
 
 
 def library_path() -> Path:
@@ -76,9 +76,15 @@ class NativeLibrary:
             raise BackendUnavailable(f"native CPU kernels unavailable: {self.unavailable}")
         return torch.ops.harmodt_kernels
 
-    def masked_linear(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None) -> torch.Tensor:
-        """See :func:`kernels.masked_linear` (``segments`` is not needed: rows are grouped in C++)."""
-        return _MaskedLinear.apply(x, weight, bias, masks, task_ids, task_grads)
+    def masked_linear(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0,
+                      seed=0) -> torch.Tensor:
+        """See :func:`kernels.masked_linear` (``segments`` is not needed: rows are grouped in C++);
+        ReLU and dropout run in one pass over the output after the GEMMs."""
+        return _MaskedLinear.apply(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed)
+
+    def dropout(self, x, p, seed) -> torch.Tensor:
+        """See :func:`kernels.dropout`: the bits of :func:`kernels.reference.counter_keep`."""
+        return x if p == 0.0 else _CounterDropout.apply(x, p, seed)
 
     def masked_adamw_(self, params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale,
                       workspace=None) -> None:
@@ -102,11 +108,15 @@ def _register_fakes() -> None:
     registration replaces an earlier one, so loading twice is harmless)."""
 
     @torch.library.register_fake("harmodt_kernels::masked_linear_forward")
-    def _(x, weight, bias, masks, task_ids):
+    def _(x, weight, bias, masks, task_ids, relu, dropout_p, seed):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("harmodt_kernels::counter_dropout")
+    def _(x, p, seed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("harmodt_kernels::masked_linear_backward")
-    def _(grad_y, x, weight, masks, task_ids, need_x, need_weight, need_bias, task_grads):
+    def _(grad_y, x, weight, masks, task_ids, need_x, need_weight, need_bias, task_grads, out, relu, dropout_p, seed):
         (r, k), n = x.shape, weight.shape[0]
         return (x.new_empty((r, k) if need_x else (0,)), x.new_empty((n, k) if need_weight else (0,)),
                 x.new_empty((n,) if need_bias else (0,)))
@@ -122,19 +132,36 @@ def _register_fakes() -> None:
 
 class _MaskedLinear(torch.autograd.Function):
     """The C++ forward and backward as one autograd node; task_grads (kept on ctx, not saved, as
-    the backward writes into it) receives each task's unmasked dY_t^T X_t."""
+    the backward writes into it) receives each task's unmasked dY_t^T X_t. With ``relu`` the
+    output is saved too (its gradient passes where the output is > 0); dropout's bits are
+    recomputed from ``seed``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, masks, task_ids, task_grads):
-        ctx.save_for_backward(x, weight, masks, task_ids)
+    def forward(ctx, x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed):
+        y = torch.ops.harmodt_kernels.masked_linear_forward(x, weight, bias, masks, task_ids, relu, dropout_p, seed)
+        ctx.save_for_backward(x, weight, masks, task_ids, y if relu else None)
         ctx.has_bias = bias is not None
         ctx.task_grads = task_grads
-        return torch.ops.harmodt_kernels.masked_linear_forward(x, weight, bias, masks, task_ids)
+        ctx.epilogue = (relu, dropout_p, seed)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, masks, task_ids = ctx.saved_tensors
+        x, weight, masks, task_ids, out = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias
         dx, dw, db = torch.ops.harmodt_kernels.masked_linear_backward(grad_y, x, weight, masks, task_ids, need_x, need_w, need_b,
-                                                                      ctx.task_grads if need_w else None)
-        return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None
+                                                                      ctx.task_grads if need_w else None, out, *ctx.epilogue)
+        return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None, None, None, None
+
+
+class _CounterDropout(torch.autograd.Function):
+    """The C++ counter-based dropout; its backward is the same map (the same seed) of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, p, seed):
+        ctx.p, ctx.seed = p, seed
+        return torch.ops.harmodt_kernels.counter_dropout(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.ops.harmodt_kernels.counter_dropout(grad, ctx.p, ctx.seed), None, None

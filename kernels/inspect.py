@@ -71,7 +71,8 @@ def _masked_linear_configs() -> list:
             tag = f"{dtype} N={n} K={k} ({'/'.join(layers)})"
             io = {"x_ptr": tdt, "w_ptr": tdt, "b_ptr": tdt, "y_ptr": tdt, "dy_ptr": tdt, "dx_ptr": tdt, "dw_ptr": tdt,
                   "tg_ptr": "fp32", "m_ptr": "i32", "task_ptr": "i64", "counts_ptr": "i32", "order_ptr": "i64"}
-            fwd_ints = {**common, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_wk": 1, "stride_ym": n, "stride_yn": 1}
+            fwd_ints = {**common, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_wk": 1, "stride_ym": n, "stride_yn": 1,
+                        "seed_lo": 12345, "seed_hi": 6789, "thr": 429496729}
             dx_ints = {**common, "stride_dym": n, "stride_dyn": 1, "stride_wn": k, "stride_wk": 1, "stride_dxm": k, "stride_dxk": 1}
             dw_ints = {**common, "stride_dym": n, "stride_dyn": 1, "stride_xm": k, "stride_xk": 1, "stride_dwn": k, "stride_dwk": 1,
                        "stride_tgt": n * k, "stride_tgn": k, "stride_tgk": 1}
@@ -81,8 +82,9 @@ def _masked_linear_configs() -> list:
             opts = {kind: {"num_warps": c[3], "enable_fp_fusion": True} for kind, c in cfg.items()}
             for single in (True, False):
                 ids = "one task" if single else "mixed"
-                out.append((f"masked_linear fwd {ids} {tag}", ml._fwd_kernel, io, fwd_ints, (),
-                            {"SINGLE": single, "HAS_BIAS": True, "PRECISION": prec, "TP": 8, **tiles["fwd"]}, opts["fwd"]))
+                out.append((f"masked_linear fwd {ids} {tag}" + (", ReLU + dropout epilogue" if single else ""), ml._fwd_kernel, io,
+                            fwd_ints, ("scale",), {"SINGLE": single, "HAS_BIAS": True, "RELU": single, "DROP": single, "PRECISION": prec,
+                                                   "TP": 8, **tiles["fwd"]}, opts["fwd"]))
             if bn == 64:  # dX and dW tiles do not depend on N
                 out.append((f"masked_linear dX one task {dtype}", ml._dx_kernel, io, dx_ints, (),
                             {"SINGLE": True, "PRECISION": prec, "TP": 8, **tiles["dx"]}, opts["dx"]))
@@ -97,10 +99,15 @@ def kernel_configs() -> list:
     os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels, not interpreter wrappers
     import triton.language as tl
 
+    from . import triton_dropout as dr
     from . import triton_harmony_select as hs
     from . import triton_masked_adamw as ad
 
     out = _masked_linear_configs()
+    for dtype in ("fp32", "bf16"):
+        out.append((f"dropout / epilogue gradient, ReLU + dropout, {dtype} BLOCK={dr.BLOCK}", dr._epilogue_grad_kernel,
+                    {"g_ptr": dtype, "out_ptr": dtype, "gin_ptr": dtype}, {"n": 600 * 1024, "k0": 12345, "k1": 6789, "thr": 429496729},
+                    ("scale",), {"DROP": True, "RELU": True, "BLOCK": dr.BLOCK}, {"num_warps": 4}))
     adamw_floats = ("scale", "lr", "w1", "beta2", "w2", "log2_beta1", "log2_beta2", "eps", "decay")
     for g_name, g_dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
         out.append((f"masked_adamw update fp32 params, {g_name} grads BLOCK={ad.BLOCK}", ad._adamw_kernel,

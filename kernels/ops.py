@@ -39,14 +39,33 @@ class MaskedLinearOp:
         """This op for repeated calls without gradients (see :class:`CachedMaskedLinearOp`)."""
         return CachedMaskedLinearOp(self, workspace)
 
-    def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None) -> torch.Tensor:
+    def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0,
+                 seed=0) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
             x, weight, bias = _autocast_operands(x, weight, bias)
         b = self.backend
         checks.masked_linear(x, weight, bias, masks, task_ids, task_grads, segments, dtypes=b.linear_dtypes, devices=b.devices,
                              bool_masks=b.bool_masks)
+        checks.dropout("masked_linear", dropout_p, seed)
         with torch.autocast(x.device.type, enabled=False):
-            return b.linear(x, weight, bias, masks, task_ids, task_grads, segments)
+            if not relu and dropout_p == 0.0:
+                return b.linear(x, weight, bias, masks, task_ids, task_grads, segments)
+            return b.linear(x, weight, bias, masks, task_ids, task_grads, segments, bool(relu), float(dropout_p), int(seed))
+
+
+@dataclass(frozen=True)
+class DropoutOp:
+    """Counter-based dropout on one backend (see :func:`kernels.dropout`): element i is kept iff
+    the hash of (i, seed) clears the threshold of ``p`` (:func:`kernels.reference.counter_keep`),
+    so the backward recomputes the bits and nothing is stored."""
+
+    backend: Backend
+
+    def __call__(self, x, p: float, seed: int) -> torch.Tensor:
+        b = self.backend
+        checks.tensor("dropout", "x", x, b.linear_dtypes, b.devices)
+        checks.dropout("dropout", p, seed)
+        return b.dropout(x, float(p), int(seed))
 
 
 @dataclass(frozen=True)
@@ -139,17 +158,18 @@ class HarmonySelectOp:
 @dataclass(frozen=True)
 class KernelOps:
     """The op functions of one run (made by :func:`select_backends`), handed down as values:
-    ``masked_linear``, ``masked_adamw`` and ``harmony_select``, each a callable bound to its
-    backend (``op.backend.name``)."""
+    ``masked_linear``, ``masked_adamw``, ``harmony_select`` and the counter-based ``dropout``,
+    each a callable bound to its backend (``op.backend.name``)."""
 
     masked_linear: MaskedLinearOp
     masked_adamw: MaskedAdamWOp
     harmony_select: HarmonySelectOp
+    dropout: DropoutOp
     fallback: str | None = None  # why "auto" fell back to the reference, when it did
 
     @classmethod
     def on(cls, backend: Backend, fallback: str | None = None) -> "KernelOps":
-        return cls(MaskedLinearOp(backend), MaskedAdamWOp(backend), HarmonySelectOp(backend), fallback)
+        return cls(MaskedLinearOp(backend), MaskedAdamWOp(backend), HarmonySelectOp(backend), DropoutOp(backend), fallback)
 
     def describe(self) -> str:
         return (f"masked_linear={self.masked_linear.backend.name} masked_adamw={self.masked_adamw.backend.name} "

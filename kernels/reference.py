@@ -14,9 +14,79 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["harmony_select", "masked_adamw_", "masked_linear", "num_words", "pack_masks", "unpack_masks"]
+__all__ = ["counter_bits", "counter_keep", "dropout", "harmony_select", "masked_adamw_", "masked_linear", "num_words", "pack_masks",
+           "site_seed", "unpack_masks"]
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+# ---- counter-based dropout ----------------------------------------------------------------------
+#
+# Element i of a tensor (its row-major index, modulo 2^32) is kept iff ``counter_bits(i, seed) >=
+# threshold(p)``, with ``counter_bits`` a hash of (i, seed): two rounds of MurmurHash3's 32-bit
+# finalizer over ``i * 0x9E3779B1`` mixed with the seed's low and high words. Nothing is stored
+# between a forward and its backward: the backward recomputes the bits. The native op
+# (kernels/csrc/dropout.cpp) and the Triton kernels (kernels/triton_dropout.py) compute the same
+# bits; these plain-PyTorch functions define them (int64 tensors holding 32-bit values, products
+# split in 16-bit halves so nothing overflows).
+
+
+def site_seed(seed: int, site: int) -> int:
+    """The 63-bit seed of dropout site ``site`` of a forward whose seed is ``seed`` (SplitMix64 of
+    their sum; host arithmetic on Python ints)."""
+    z = (seed + (site + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) >> 1
+
+
+def dropout_threshold(p: float) -> int:
+    """An element is kept iff its 32-bit hash is >= this: ``floor(p * 2^32)``."""
+    return min(int(p * 4294967296.0), _M32)
+
+
+def dropout_scale(p: float) -> float:
+    """What a kept element is multiplied by: ``1 / (1 - p)`` (as the tensor's dtype rounds it)."""
+    return 1.0 / (1.0 - p)
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """``(h * c) mod 2^32`` for h holding uint32 values in int64, without overflow."""
+    return ((h & 0xFFFF) * c + ((((h >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def counter_bits(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """The 32-bit hash (in int64) of every element index in ``index`` (int64) under ``seed``."""
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    h = _fmix32(_mul32(index & _M32, 0x9E3779B1) ^ k0)
+    return _fmix32(h ^ k1)
+
+
+def counter_keep(shape, p: float, seed: int, device=None) -> torch.Tensor:
+    """bool ``shape``: which elements of a contiguous tensor of ``shape`` dropout keeps."""
+    n = 1
+    for d in shape:
+        n *= d
+    index = torch.arange(n, dtype=torch.int64, device=device)
+    return (counter_bits(index, seed) >= dropout_threshold(p)).view(shape)
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``where(keep, x * (1 / (1 - p)), 0)`` with ``keep = counter_keep(x.shape, p, seed)``;
+    differentiable (the gradient is the same map of the output's gradient). ``p == 0``: x."""
+    if p == 0.0:
+        return x
+    return torch.where(counter_keep(x.shape, p, seed, x.device), x * dropout_scale(p), x.new_zeros(()))
 
 
 def num_words(k: int) -> int:
@@ -48,8 +118,13 @@ def masked_linear(
     task_ids: torch.Tensor,
     task_grads: torch.Tensor | None = None,
     segments: tuple | None = None,
+    relu: bool = False,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias``, differentiable in x, weight, bias.
+    """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias``, differentiable in x, weight, bias;
+    then the epilogue: ``relu`` when asked, then :func:`dropout` ``(y, dropout_p, seed)`` over
+    the ``[R, N]`` output when ``dropout_p > 0``.
 
     x ``[R, K]``, weight ``[N, K]``, bias ``[N]`` or None, masks ``[T, N, ceil(K/32)]`` int32
     (packed) or ``[T, N, K]`` bool, task_ids int64 ``[R]`` in ``[0, T)``, or ``[1]``: every row
@@ -67,6 +142,13 @@ def masked_linear(
     instead of by reading ``task_ids`` back (which a mixed-task batch otherwise needs: the count
     of rows per task sets the shapes).
     """
+    y = _masked_linear(x, weight, bias, masks, task_ids, task_grads, segments)
+    if relu:
+        y = F.relu(y)
+    return dropout(y, dropout_p, seed)
+
+
+def _masked_linear(x, weight, bias, masks, task_ids, task_grads, segments):
     r, k = x.shape
     if task_ids.shape == (1,) and r != 1:  # one task: one masked copy, one GEMM
         m = masks.index_select(0, task_ids)[0]

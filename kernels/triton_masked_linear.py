@@ -19,6 +19,11 @@ The weight gradient ``dW = sum_t M_t * (dY_t^T X_t)`` is accumulated task by tas
 program per (N, K) tile: deterministic, no atomics, one mask expansion per task; the same loop
 adds each task's unmasked ``dY_t^T X_t`` into ``task_grads`` when given.
 
+Epilogue (fwd kernel): ReLU and counter-based dropout (``kernels/triton_dropout.py``'s ``_keep``,
+the bits of ``kernels.reference.counter_keep`` over the ``[R, N]`` output's row-major index) on the
+tile before it is stored; the backward first maps dY back through them (the bits recomputed from
+the seed, ReLU from the saved output), then runs the dX and dW kernels.
+
 The op is registered with ``torch.library`` (``harmodt_triton::masked_linear`` and its two
 backward ops, ``masked_linear_dx`` and ``masked_linear_dw``, the latter mutating ``task_grads``),
 with fake implementations, so ``torch.compile`` sees one opaque op per call and no graph break.
@@ -33,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .checks import KernelArgumentError
+from .triton_dropout import _keep, epilogue_args, epilogue_grad
 
 __all__ = ["block_config", "triton_masked_linear"]
 
@@ -118,9 +124,9 @@ def _row_tile(tile, task_ptr, counts_ptr, order_ptr, R, T, SINGLE: tl.constexpr,
 
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, task_ptr, counts_ptr, order_ptr, R, N, K, W, T,
-                stride_xm, stride_xk, stride_wn, stride_wk, stride_mt, stride_mn, stride_ym, stride_yn,
-                SINGLE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, TP: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                stride_xm, stride_xk, stride_wn, stride_wk, stride_mt, stride_mn, stride_ym, stride_yn, seed_lo, seed_hi, thr, scale,
+                SINGLE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROP: tl.constexpr, PRECISION: tl.constexpr,
+                TP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     task, rows, row_ok, has_rows = _row_tile(tl.program_id(0), task_ptr, counts_ptr, order_ptr, R, T, SINGLE, TP, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -136,8 +142,13 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, task_ptr, counts_ptr, order_p
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_n[None, :] < N))
+    y = acc.to(y_ptr.dtype.element_ty)  # rounded as F.linear's output, before the epilogue
+    if RELU:
+        y = tl.where((y > 0) | (y != y), y, tl.zeros_like(y))
+    if DROP:  # the element's row-major index in the [R, N] output picks its bits
+        keep = _keep(rows[:, None] * N + offs_n[None, :], seed_lo, seed_hi, thr)
+        y = tl.where(keep, (y.to(tl.float32) * scale).to(y_ptr.dtype.element_ty), tl.zeros_like(y))
+    tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, y, mask=row_ok[:, None] & (offs_n[None, :] < N))
 
 
 @triton.jit
@@ -239,7 +250,7 @@ def _check_task_values(task_ids: torch.Tensor, n_tasks: int) -> None:
                          f"[{int(task_ids.min())}, {int(task_ids.max())}]")
 
 
-def _forward(x, weight, bias, masks, task_ids):
+def _forward(x, weight, bias, masks, task_ids, relu=False, dropout_p=0.0, seed=0):
     r, k = x.shape
     n = weight.shape[0]
     t = masks.shape[0]
@@ -253,8 +264,8 @@ def _forward(x, weight, bias, masks, task_ids):
     _fwd_kernel[(n_tiles, triton.cdiv(n, bn))](
         x, weight, bias if bias is not None else weight, masks, y, tids, counts, order, r, n, k, masks.shape[2], t,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), y.stride(0), y.stride(1),
-        SINGLE=single, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), TP=max(2, _next_pow2(t)), BM=bm, BN=bn, BK=bk,
-        num_warps=warps, enable_fp_fusion=True)
+        *epilogue_args(dropout_p, seed), SINGLE=single, HAS_BIAS=bias is not None, RELU=relu, DROP=dropout_p > 0.0,
+        PRECISION=_precision(x.dtype), TP=max(2, _next_pow2(t)), BM=bm, BN=bn, BK=bk, num_warps=warps, enable_fp_fusion=True)
     return y
 
 
@@ -303,13 +314,15 @@ def _backward_dw(dy, x, masks, task_ids, task_grads):
 
 @torch.library.custom_op("harmodt_triton::masked_linear", mutates_args=())
 def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], masks: torch.Tensor,
-                      task_ids: torch.Tensor, task_grads: Optional[torch.Tensor]) -> torch.Tensor:
-    """``y = x @ (W * M[task_ids]).T + b``; ``task_grads`` is only carried to the backward."""
-    return _forward(x, weight, bias, masks, task_ids)
+                      task_ids: torch.Tensor, task_grads: Optional[torch.Tensor], relu: bool, dropout_p: float,
+                      seed: int) -> torch.Tensor:
+    """``y = epilogue(x @ (W * M[task_ids]).T + b)`` (ReLU, counter-based dropout); ``task_grads``
+    is only carried to the backward."""
+    return _forward(x, weight, bias, masks, task_ids, relu, dropout_p, seed)
 
 
 @_masked_linear_op.register_fake
-def _(x, weight, bias, masks, task_ids, task_grads):
+def _(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -337,14 +350,18 @@ def _(dy, x, masks, task_ids, task_grads):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, masks, task_ids, task_grads = inputs
+    x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed = inputs
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    ctx.save_for_backward(x if need_w else None, weight if need_x else None, masks, task_ids, task_grads if need_w else None)
+    ctx.save_for_backward(x if need_w else None, weight if need_x else None, masks, task_ids, task_grads if need_w else None,
+                          output if relu else None)
     ctx.has_bias = bias is not None
+    ctx.epilogue = (relu, dropout_p, seed)
 
 
 def _backward(ctx, dy):
-    x, weight, masks, task_ids, task_grads = ctx.saved_tensors
+    x, weight, masks, task_ids, task_grads, out = ctx.saved_tensors
+    relu, dropout_p, seed = ctx.epilogue
+    dy = epilogue_grad(dy, out, relu, dropout_p, seed)  # dropout's bits recomputed from the seed
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = _masked_linear_dx_op(dy, weight, masks, task_ids)
@@ -352,7 +369,7 @@ def _backward(ctx, dy):
         dw = _masked_linear_dw_op(dy, x, masks, task_ids, task_grads)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = dy.sum(0)
-    return dx, dw, db, None, None, None
+    return dx, dw, db, None, None, None, None, None, None
 
 
 _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -361,9 +378,10 @@ _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- public entry -----------------------------------------------------------------------------
 
 
-def triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=None, segments=None):
-    """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` on the Triton kernels; see
+def triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0, seed=0):
+    """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` on the Triton kernels, then ReLU and
+    counter-based dropout in the same kernel's epilogue when asked; see
     :func:`kernels.masked_linear`, which checks the arguments (masks packed int32, task_ids ``[R]``
     or ``[1]``; ``segments`` is not needed: rows are grouped on the device). Calls the registered
     op ``torch.ops.harmodt_triton.masked_linear``."""
-    return torch.ops.harmodt_triton.masked_linear(x, weight, bias, masks, task_ids, task_grads)
+    return torch.ops.harmodt_triton.masked_linear(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed)

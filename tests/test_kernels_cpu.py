@@ -284,16 +284,17 @@ def _opcheck_cases():
              1e-3, 0.9, 0.999, 1e-8, 0.1, torch.tensor(0.5))
     h, r, hs_masks = _hs_args(3, 100, seed=2)
     return [
-        ("masked_linear_forward", (x, w, b, masks, ids)),
-        ("masked_linear_forward", (x, w, None, masks, torch.tensor([1]))),
-        ("masked_linear_backward", (gy, x, w, masks, ids, True, True, True, torch.zeros(3, 9, 40))),
-        ("masked_linear_backward", (gy, x, w, masks, ids, False, True, False, None)),
+        ("masked_linear_forward", (x, w, b, masks, ids, False, 0.0, 0)),
+        ("masked_linear_forward", (x, w, None, masks, torch.tensor([1]), True, 0.1, 12345)),
+        ("masked_linear_backward", (gy, x, w, masks, ids, True, True, True, torch.zeros(3, 9, 40), None, False, 0.1, 7)),
+        ("masked_linear_backward", (gy, x, w, masks, ids, False, True, False, None, gy.relu(), True, 0.0, 0)),
         ("adamw_group_", adamw),
         ("harmony_select", (h, r, hs_masks, 5)),
+        ("counter_dropout", (gy, 0.1, 99)),
     ]
 
 
-@pytest.mark.parametrize("case", range(6), ids=["fwd", "fwd one task", "bwd", "bwd dw only", "adamw", "harmony_select"])
+@pytest.mark.parametrize("case", range(7), ids=["fwd", "fwd one task", "bwd", "bwd dw only", "adamw", "harmony_select", "dropout"])
 def test_ops_pass_torch_library_opcheck(case):
     """Schemas (mutations declared), fake implementations and AOT dispatch agree with the C++ ops."""
     name, args = _opcheck_cases()[case]

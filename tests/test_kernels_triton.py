@@ -206,7 +206,7 @@ def test_ops_are_registered_with_fake_impls():
     with FakeTensorMode():
         x, w, b = torch.empty(10, 40, dtype=torch.float16), torch.empty(9, 40, dtype=torch.float16), torch.empty(9, dtype=torch.float16)
         m, tid = torch.empty(3, 9, 2, dtype=torch.int32), torch.empty(10, dtype=torch.int64)
-        y = ops.masked_linear(x, w, b, m, tid, None)
+        y = ops.masked_linear(x, w, b, m, tid, None, False, 0.0, 0)
         dx = ops.masked_linear_dx(y, w, m, tid)
         dw = ops.masked_linear_dw(y, x, m, tid, torch.empty(3, 9, 40))
         sel = ops.harmony_select(torch.empty(3, 70), torch.empty(3, 70), torch.empty(3, 3, dtype=torch.int32), 5)
@@ -225,7 +225,7 @@ def test_opcheck_every_op():
     w.requires_grad_()
     b.requires_grad_()
     ops = torch.ops.harmodt_triton
-    torch.library.opcheck(ops.masked_linear.default, (x, w, b, m, tid, torch.zeros(3, 9, 40)))
+    torch.library.opcheck(ops.masked_linear.default, (x, w, b, m, tid, torch.zeros(3, 9, 40), False, 0.0, 0))
     dy = torch.randn(12, 9, generator=_gen(0))
     torch.library.opcheck(ops.masked_linear_dx.default, (dy, w.detach(), m, tid))
     torch.library.opcheck(ops.masked_linear_dw.default, (dy, x.detach(), m, tid, torch.zeros(3, 9, 40)))

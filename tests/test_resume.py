@@ -46,10 +46,12 @@ KILL_POINTS = {
     "step:12": 9,  # the last step, before the final checkpoint
     "checkpoint-write:12": 9,  # the final checkpoint half written
 }
-# the mask-update gradients (--mask-grads) a run uses -> its extra flags; official draws dropout in the update
-VARIANTS = {"paper": [], "official": ["--mask-grads", "official"]}
-# (kill point, variant): every point with the default; official killed after an update that the resume replays
-CASES = [(p, "paper") for p in KILL_POINTS] + [("step:5", "official")]
+# the mask-update gradients (--mask-grads) a run uses -> its extra flags; official draws dropout in the update;
+# counter: training's dropout from the counter-based stream (a hash of seed and step, what --fused selects)
+VARIANTS = {"paper": [], "official": ["--mask-grads", "official"], "counter": ["--fused", "--dropout-rng", "counter"]}
+# (kill point, variant): every point with the default; official killed after an update that the resume replays;
+# counter killed between checkpoints and inside a mask update
+CASES = [(p, "paper") for p in KILL_POINTS] + [("step:5", "official"), ("step:5", "counter"), ("mask-update:8", "counter")]
 
 
 def train(out: Path, args: list[str], kill: str | None = None, resume: bool = False) -> subprocess.CompletedProcess:

@@ -14,4 +14,4 @@ def test_bf16_note_only_without_bf16_matrix_instructions(monkeypatch):
         note = bf16_matmul_note()
         assert (note is not None) == expect_note
         if note:
-            assert "--precision bf16" in note and "no faster than --precision fp32" in note
+            assert "--precision bf16" in note and "slower than --precision fp32" in note

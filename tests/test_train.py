@@ -58,12 +58,13 @@ def test_step_clips_like_clip_grad_norm(tmp_path, backend):
     tr.batcher.sample = lambda ids, size: batch  # the same batch for both
     state = {k: v.clone() for k, v in tr.model.state_dict().items()}
     opt_state = copy.deepcopy(tr.opt.state_dict())
-    rng = torch.get_rng_state()  # the same dropout draws
+    rng = torch.get_rng_state()  # the same dropout draws (torch's RNG, or --fused's counter stream of this step)
+    drop = tr.counter_dropout()
     tr.train_step([1])
     got = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     tr.model.load_state_dict(state)
     torch.set_rng_state(rng)
-    loss = action_loss(tr.model(batch, tr.context(batch["task_ids"], single_task=True)), batch)
+    loss = action_loss(tr.model(batch, tr.context(batch["task_ids"], single_task=True, dropout=drop)), batch)
     loss.backward()
     assert torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.grad_clip) > 10 * tr.cfg.grad_clip
     ref = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in tr.opt.param_groups], lr=tr.cfg.lr,
@@ -232,12 +233,14 @@ def test_no_arguments_selects_embedded_default_and_preset_paper():
 @pytest.mark.parametrize("tasks_per_batch", [1, 2])
 @pytest.mark.parametrize("backend", [b for b in FUSED_BACKENDS if b != "reference"])
 def test_fused_training_matches_reference_path(tmp_path, backend, tasks_per_batch):
-    """--fused on a kernel backend (masked linear, masked AdamW and harmony_select on its kernels)
-    gives the reference path's losses and masks over 20 steps with a mask update, and the same
+    """--fused on a kernel backend (masked linear with its dropout epilogue, masked AdamW and
+    harmony_select on its kernels) gives the reference path's losses and masks (both with
+    counter-based dropout) over 20 steps with a mask update, and the same
     actions in evaluation's batched forward."""
     losses, masks, acts = {}, {}, {}
     for fused in (False, True):
         cfg = tiny_cfg(tmp_path, steps=20, fused=fused, backend=backend if fused else "auto", tasks_per_batch=tasks_per_batch,
+                       dropout_rng="counter",  # the same dropout bits on both paths (the reference computes the counter stream too)
                        model=ModelConfig(n_layer=1, n_head=2, n_embd=16, context_len=4, prompt_len=2))  # small P: the interpreter is slow
         tr = Trainer(cfg, datasets(TASKS))
         assert tr.backends.masked_linear.backend.name == (backend if fused else "reference")

@@ -14,7 +14,7 @@ from ..config import (PRESETS, RESUME_RULES, ConfigError, OneLineParser, TrainCo
 
 # Flags that say how and where a run goes, not what it trains: given alone (no --preset, no
 # --config, no other flag) they keep the embedded default run.
-RUN_ONLY = ("out", "fused", "backend", "precision", "threads", "progress", "seed", "resume", "device", "compile", "allow_changed",
+RUN_ONLY = ("out", "fused", "backend", "dropout_rng", "precision", "threads", "progress", "seed", "resume", "device", "compile", "allow_changed",
             "dist_timeout")
 
 

@@ -333,7 +333,8 @@ class Study:
                 "sweep": None if self.sweep is None else {"key": self.sweep[0], "values": self.sweep[1], "methods": self.sweep_arms},
                 "eval_episodes": self.args.eval_episodes, "eval_seed": self.args.eval_seed, "data": self.data,
                 "eval_tasks": self.eval_tasks, "vote_thresholds": self.thresholds,
-                "passthrough": self.passthrough, "bootstrap": {"seed": BOOTSTRAP_SEED, "samples": BOOTSTRAP_SAMPLES},
+                "passthrough": self.passthrough, "training_path": training_path(runs),
+                "bootstrap": {"seed": BOOTSTRAP_SEED, "samples": BOOTSTRAP_SAMPLES},
                 "complete": all(r["status"] == "finished" for r in runs), "runs": runs,
                 "failed_jobs": failed_jobs(self.out, self.runs)}
 
@@ -350,3 +351,12 @@ class Study:
         write_atomic(self.out / "summary.md", summary_markdown(study, [f.name for f in figures]))
         self.say(f"wrote {self.out / 'study.json'}, {self.out / 'summary.md'} and {self.out / 'figures'}")
         return study
+
+
+def training_path(runs: list[dict]) -> dict:
+    """How the runs trained, from their configs: ``fused`` (the masked ops on the kernels of
+    ``backend``) and ``dropout_rng`` (``counter``: the fused path's counter-based dropout;
+    ``torch``: torch's RNG), each as the sorted list of the values the runs used."""
+    cfgs = [r["config"] for r in runs if r.get("config")]
+    return {k: sorted({str(c.get(k, default)) for c in cfgs}) for k, default in (("fused", False), ("backend", "auto"),
+                                                                               ("dropout_rng", "torch"))}

@@ -1,6 +1,7 @@
 // masked_linear on the CPU: y[r] = x[r] @ (W * M[task_ids[r]])^T + b, with the backward
 // dX[r] = dY[r] @ (W * M_t), dW = sum_t M_t * (dY_t^T X_t), db = sum_r dY[r], for a single task or
-// a mixed-task batch, without a [T, N, K] stack of masked weights.
+// a mixed-task batch, without a [T, N, K] stack of masked weights; then the epilogue in one pass over
+// y: ReLU and counter-based dropout (dropout.cpp) when asked.
 //
 // Rows are grouped by task with a stable counting sort (task_ids of shape [1]: every row is that
 // task, no grouping). When the rows are not already in task order, x (and dY) are gathered into
@@ -124,7 +125,7 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
 }
 
 at::Tensor masked_linear_forward(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
-                                 const at::Tensor& masks_in, const at::Tensor& task_ids_in) {
+                                 const at::Tensor& masks_in, const at::Tensor& task_ids_in, bool relu, double dropout_p, int64_t seed) {
   check_args(x_in, weight_in, masks_in, task_ids_in, "masked_linear");
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), masks = masks_in.contiguous(), task_ids = task_ids_in.contiguous();
   const int64_t r = x.size(0), k = x.size(1), n = weight.size(0), t_count = masks.size(0);
@@ -148,21 +149,25 @@ at::Tensor masked_linear_forward(const at::Tensor& x_in, const at::Tensor& weigh
       at::mm_out(out, xs.narrow(0, begin, count), wbuf.t());
   }
   if (g.order.defined()) y.index_copy_(0, g.order, ys);
+  epilogue_forward_(y, Epilogue{relu, dropout_p, seed});
   return y;
 }
 
-// Returns (dx, dw, db); a gradient not asked for is an empty [0] tensor (fixed shapes for the fake
+// The gradient first goes back through the epilogue (dropout's bits recomputed from the seed; ReLU's
+// from out, the forward's output). Returns (dx, dw, db); a gradient not asked for is an empty [0] tensor (fixed shapes for the fake
 // implementation). task_grads: fp32 [T, N, K], each task's unmasked dY_t^T X_t added into it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad_y, const at::Tensor& x_in,
                                                                       const at::Tensor& weight_in, const at::Tensor& masks_in,
                                                                       const at::Tensor& task_ids_in, bool need_x, bool need_weight,
-                                                                      bool need_bias, const std::optional<at::Tensor>& task_grads_in) {
+                                                                      bool need_bias, const std::optional<at::Tensor>& task_grads_in,
+                                                                      const std::optional<at::Tensor>& out, bool relu, double dropout_p,
+                                                                      int64_t seed) {
   check_args(x_in, weight_in, masks_in, task_ids_in, "masked_linear_backward");
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), masks = masks_in.contiguous(), task_ids = task_ids_in.contiguous();
   const int64_t r = x.size(0), k = x.size(1), n = weight.size(0), t_count = masks.size(0);
   TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == r && grad_y.size(1) == n, "masked_linear_backward: grad_y must be [", r, ", ",
                     n, "], got ", grad_y.sizes());
-  const at::Tensor gy = grad_y.to(x.scalar_type()).contiguous();
+  const at::Tensor gy = epilogue_backward(grad_y.to(x.scalar_type()), out, Epilogue{relu, dropout_p, seed});
   at::Tensor task_grads = task_grads_in.has_value() && need_weight ? *task_grads_in : at::Tensor();
   TORCH_CHECK_VALUE(!task_grads.defined() || (task_grads.scalar_type() == at::kFloat && task_grads.is_contiguous() &&
                                               task_grads.sizes() == at::IntArrayRef({t_count, n, k})),
