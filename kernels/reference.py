@@ -61,9 +61,7 @@ class _MaskWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (bits,) = ctx.saved_tensors
-        if grad.dtype not in _SAME_WIDTH_INT or _SAME_WIDTH_INT[grad.dtype] != bits.dtype:
-            return torch.where(bits != 0, grad, grad.new_zeros(())), None
+        (bits,) = ctx.saved_tensors  # autograd hands grad in w's dtype, so the bits' width fits it
         return keep_where(bits, grad), None
 
 
