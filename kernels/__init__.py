@@ -29,7 +29,6 @@ optimizer) owns. ``kernels`` is a leaf package: it never imports ``harmodt``.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -213,14 +212,26 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 def backend_ops(backend: str, device: torch.device | str = "cpu") -> KernelOps:
     """The ops of one concrete ``backend`` for tensors of ``device`` (what the public functions
-    below call); raises :class:`BackendUnavailable` when it cannot run there."""
+    below call); raises :class:`BackendUnavailable` when it cannot run there. Made once per
+    (backend, device type, environment) and kept in a plain dict, which ``torch.compile`` reads
+    as it is: a compiled caller finds the ops an earlier eager call made and never traces their
+    construction (a library load, frozen dataclasses); a compiled caller whose
+    ops no eager call has made yet stops with one line saying so."""
     _check_name(backend, CONCRETE)
-    return _backend_ops(backend, torch.device(device).type, triton_interpreted(), native_skipped())
+    key = (backend, torch.device(device).type, triton_interpreted(), native_skipped())
+    ops = _BACKEND_OPS.get(key)
+    if ops is None:
+        if torch.compiler.is_compiling():
+            raise BackendUnavailable(f"backend {backend!r} on {key[1]} is first used inside torch.compile: call "
+                                     f"kernels.backend_ops({backend!r}, {key[1]!r}) once before compiling")
+        ops = _BACKEND_OPS.setdefault(key, _make_ops(*key))
+    return ops
 
 
-@functools.lru_cache(maxsize=None)
-def _backend_ops(backend: str, device_type: str, interpret: bool, skip_native: bool) -> KernelOps:
-    """:func:`backend_ops`, made once per (backend, device type, environment): an immutable value."""
+_BACKEND_OPS: dict[tuple, KernelOps] = {}
+
+
+def _make_ops(backend: str, device_type: str, interpret: bool, skip_native: bool) -> KernelOps:
     try:
         return KernelOps.on(make_backend(backend, device_type))
     except BackendUnavailable as exc:

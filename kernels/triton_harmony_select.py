@@ -4,7 +4,7 @@ when k is small.
 One launch keys every (task, block of weights) pair: the harmony score H on active weights and
 the recovery score on masked weights (the caller's ``[T, P]`` scores), as packed sortable int64 keys (order-preserving float bits in the high 33-bit field, the weight index in the low 31
 bits, so ties go to the lowest index exactly as the reference's stable sort). Each block keeps its
-``KC`` best candidates of each kind with ``tl.topk`` (KC the power of two at or above k, at least
+``KC`` best candidates of each kind with ``tl.topk`` on the negated keys (KC the power of two at or above k, at least
 32), and a final pass over the candidates only (``[T, n_blocks * KC]``) picks
 ``k_i = min(k, #active_i, #masked_i)`` per task and flips the bits. When k is larger than an
 eighth of a block the per-block selection would keep most keys anyway: the kernel then stores
@@ -58,8 +58,10 @@ def _candidates_kernel(h_ptr, r_ptr, m_ptr, hkey_ptr, rkey_ptr, P, W, stride_h, 
         tl.store(hkey_ptr + out, hkey)
         tl.store(rkey_ptr + out, rkey)
     else:
-        tl.store(hkey_ptr + out, tl.topk(hkey, KC, descending=False))
-        tl.store(rkey_ptr + out, tl.topk(rkey, KC, descending=False))
+        # the KC smallest keys, as the negated KC largest of the negated keys (keys lie in [0, 2^63), so negation is
+        # exact): tl.topk takes the largest in every Triton release, and takes no ``descending`` before 3.x's later ones
+        tl.store(hkey_ptr + out, -tl.topk(-hkey, KC))
+        tl.store(rkey_ptr + out, -tl.topk(-rkey, KC))
 
 
 def _next_pow2(x: int) -> int:

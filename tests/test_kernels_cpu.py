@@ -275,6 +275,39 @@ def test_compiled_masked_linear_equals_eager():
         assert torch.equal(got, want), what
 
 
+def _public_layer(x, w, b, masks, ids):
+    return torch.relu(kernels.masked_linear(x, w, b, masks, ids, backend="cpu")).square().mean()
+
+
+def test_public_masked_linear_compiles_fullgraph_after_an_eager_call():
+    """The functional API under torch.compile(fullgraph=True): the backend's ops, made by an eager
+    call, are read from their cache; Dynamo does not trace their construction."""
+    torch._dynamo.reset()
+    x, w, b, masks, ids, _ = _compile_case()
+    want = _public_layer(x, w, b, masks, ids)
+    got = torch.compile(_public_layer, fullgraph=True)(x, w, b, masks, ids)
+    assert torch.equal(got, want)
+
+
+def test_public_masked_linear_first_used_inside_compile_fails_in_one_line():
+    code = """
+import torch, kernels
+from kernels import reference as ref
+x, w = torch.randn(6, 40), torch.randn(9, 40)
+masks, ids = ref.pack_masks(torch.rand(2, 9, 40) < 0.5), torch.tensor([0, 1, 0, 1, 1, 0])
+f = torch.compile(lambda x: kernels.masked_linear(x, w, None, masks, ids, backend="cpu").sum(), fullgraph=True)
+try:
+    f(x)
+except Exception as exc:
+    print("RAISED", exc)
+print("EAGER", torch.compile(lambda x: kernels.masked_linear(x, w, None, masks, ids, backend="cpu").sum())(x).item())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "backend 'cpu' on cpu is first used inside torch.compile: call kernels.backend_ops('cpu', 'cpu') once" in out.stdout
+    assert "EAGER" in out.stdout  # without fullgraph the call falls back to eager and makes the ops
+
+
 def _opcheck_cases():
     x, w, b, masks, ids, gy = _ml_inputs(13, 40, 9, 3, "mixed", torch.float32, seed=9)
     x, w, b = x.detach(), w.detach(), b.detach()

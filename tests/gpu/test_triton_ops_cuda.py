@@ -171,10 +171,10 @@ def _paper_params(seed):
     return ps, grads, m, v, masks, steps
 
 
-def _adamw(backend, state, grads, scale):
+def _adamw(backend, state, grads, scale, workspace=None):
     ps, _, m, v, masks, steps = state
     kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
-                          grad_scale=scale, backend=backend)
+                          grad_scale=scale, backend=backend, workspace=workspace)
 
 
 @pytest.mark.parametrize("scale_kind", ["float", "tensor"])
@@ -211,17 +211,19 @@ def test_masked_adamw_bf16_grads():
 
 def test_masked_adamw_two_launches_no_sync_no_upload():
     """One step of the paper model's 83 parameters: two kernels, no host synchronisation, and,
-    once the table is on the device, no host-to-device copy."""
+    once the table is on the device (kept in the caller's workspace, as the optimizer keeps it), no
+    host-to-device copy."""
     from torch.profiler import ProfilerActivity, profile
 
     state = _paper_params(3)
     scale = torch.tensor(0.7, device=DEV)
-    _adamw("triton", state, state[1], scale)  # compiles, uploads the table
+    workspace = {}
+    _adamw("triton", state, state[1], scale, workspace)  # compiles, uploads the table into the workspace
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         torch.cuda.set_sync_debug_mode("error")
         try:
-            _adamw("triton", state, state[1], scale)
+            _adamw("triton", state, state[1], scale, workspace)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
