@@ -304,7 +304,8 @@ def validation_success_figure(f: Figures):
                 ax.plot(*zip(*r["validation_curve"]), color=color, alpha=0.25, lw=0.8)
         steps = [int(s) for s in per_step]
         rows = list(per_step.values())
-        ax.plot(steps, [r["mean"] for r in rows], color=color, lw=2, marker="o", ms=3, label=f"{v} ({rows[-1]['seeds']} seeds)")
+        n = rows[-1]["seeds"]
+        ax.plot(steps, [r["mean"] for r in rows], color=color, lw=2, marker="o", ms=3, label=f"{v} ({n} seed{'' if n == 1 else 's'})")
         if all(not math.isnan(r["ci_low"]) for r in rows):
             ax.fill_between(steps, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=color, alpha=0.15, lw=0)
     ax.set_xlabel("training step")
