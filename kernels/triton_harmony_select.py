@@ -59,7 +59,7 @@ def _candidates_kernel(h_ptr, r_ptr, m_ptr, hkey_ptr, rkey_ptr, P, W, stride_h, 
         tl.store(rkey_ptr + out, rkey)
     else:
         # the KC smallest keys, as the negated KC largest of the negated keys (keys lie in [0, 2^63), so negation is
-        # exact): tl.topk takes the largest in every Triton release, and takes no ``descending`` before 3.x's later ones
+        # exact): tl.topk takes the largest in every Triton release, and Triton 3.6's takes no ``descending``
         tl.store(hkey_ptr + out, -tl.topk(-hkey, KC))
         tl.store(rkey_ptr + out, -tl.topk(-rkey, KC))
 
