@@ -55,6 +55,7 @@ CUSTOM_LAUNCHES = {
     "harmodt_triton::masked_linear": 1,
     "harmodt_triton::masked_linear_dx": 1,
     "harmodt_triton::masked_linear_dw": 1,
+    "harmodt_triton::masked_linear_dw_task_grads": 1,
 }
 
 GPU_LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel",

@@ -15,11 +15,16 @@ if TYPE_CHECKING:
     from . import Backend
 
 
+# Device types with an autocast mode, read once: Dynamo in some torch releases cannot trace
+# ``torch.amp.is_autocast_available`` inside a compiled region.
+_AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla") if torch.amp.is_autocast_available(d))
+
+
 def _autocast_operands(x, weight, bias):
     """Under autocast on the tensors' device, the operands in the autocast dtype (as ``F.linear``
     would get them; the cast is differentiable, so gradients reach the fp32 weight)."""
     dev = x.device.type
-    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+    if dev not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(dev):
         return x, weight, bias
     dt = torch.get_autocast_dtype(dev)
     return x.to(dt), weight.to(dt), None if bias is None else bias.to(dt)

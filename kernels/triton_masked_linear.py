@@ -24,8 +24,9 @@ the bits of ``kernels.reference.counter_keep`` over the ``[R, N]`` output's row-
 tile before it is stored; the backward first maps dY back through them (the bits recomputed from
 the seed, ReLU from the saved output), then runs the dX and dW kernels.
 
-The op is registered with ``torch.library`` (``harmodt_triton::masked_linear`` and its two
-backward ops, ``masked_linear_dx`` and ``masked_linear_dw``, the latter mutating ``task_grads``),
+The op is registered with ``torch.library`` (``harmodt_triton::masked_linear`` and its backward
+ops ``masked_linear_dx``, ``masked_linear_dw`` and ``masked_linear_dw_task_grads``, the last
+mutating ``task_grads``),
 with fake implementations, so ``torch.compile`` sees one opaque op per call and no graph break.
 """
 
@@ -337,14 +338,30 @@ def _(dy, weight, masks, task_ids):
     return dy.new_empty(dy.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op("harmodt_triton::masked_linear_dw", mutates_args=("task_grads",))
-def _masked_linear_dw_op(dy: torch.Tensor, x: torch.Tensor, masks: torch.Tensor, task_ids: torch.Tensor,
-                         task_grads: Optional[torch.Tensor]) -> torch.Tensor:
-    """``dW = sum_t M_t * (dY_t^T X_t)``; adds each task's unmasked ``dY_t^T X_t`` into ``task_grads``."""
-    return _backward_dw(dy, x, masks, task_ids, task_grads)
+@torch.library.custom_op("harmodt_triton::masked_linear_dw", mutates_args=())
+def _masked_linear_dw_op(dy: torch.Tensor, x: torch.Tensor, masks: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """``dW = sum_t M_t * (dY_t^T X_t)``."""
+    return _backward_dw(dy, x, masks, task_ids, None)
 
 
 @_masked_linear_dw_op.register_fake
+def _(dy, x, masks, task_ids):
+    return x.new_empty(dy.shape[1], x.shape[1])
+
+
+# A separate op for the task-gradient pass: a mutable argument that may be None makes Inductor's
+# re-inplacing of the functionalized call emit an index into a single tensor. Tagged
+# cudagraph_unsafe: under CUDA graphs (mode="reduce-overhead") Inductor runs it outside the graph,
+# on the caller's task_grads rather than on a static copy of it.
+@torch.library.custom_op("harmodt_triton::masked_linear_dw_task_grads", mutates_args=("task_grads",),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def _masked_linear_dw_task_grads_op(dy: torch.Tensor, x: torch.Tensor, masks: torch.Tensor, task_ids: torch.Tensor,
+                                    task_grads: torch.Tensor) -> torch.Tensor:
+    """``dW`` as ``masked_linear_dw``; adds each task's unmasked ``dY_t^T X_t`` into ``task_grads``."""
+    return _backward_dw(dy, x, masks, task_ids, task_grads)
+
+
+@_masked_linear_dw_task_grads_op.register_fake
 def _(dy, x, masks, task_ids, task_grads):
     return x.new_empty(dy.shape[1], x.shape[1])
 
@@ -366,7 +383,8 @@ def _backward(ctx, dy):
     if ctx.needs_input_grad[0]:
         dx = _masked_linear_dx_op(dy, weight, masks, task_ids)
     if ctx.needs_input_grad[1]:  # task_grads fill only with the weight's gradient, as the reference's
-        dw = _masked_linear_dw_op(dy, x, masks, task_ids, task_grads)
+        dw = (_masked_linear_dw_op(dy, x, masks, task_ids) if task_grads is None
+              else _masked_linear_dw_task_grads_op(dy, x, masks, task_ids, task_grads))
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = dy.sum(0)
     return dx, dw, db, None, None, None, None, None, None

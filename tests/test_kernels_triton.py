@@ -208,13 +208,17 @@ def test_ops_are_registered_with_fake_impls():
         m, tid = torch.empty(3, 9, 2, dtype=torch.int32), torch.empty(10, dtype=torch.int64)
         y = ops.masked_linear(x, w, b, m, tid, None, False, 0.0, 0)
         dx = ops.masked_linear_dx(y, w, m, tid)
-        dw = ops.masked_linear_dw(y, x, m, tid, torch.empty(3, 9, 40))
+        dw = ops.masked_linear_dw(y, x, m, tid)
+        dw_tg = ops.masked_linear_dw_task_grads(y, x, m, tid, torch.empty(3, 9, 40))
         sel = ops.harmony_select(torch.empty(3, 70), torch.empty(3, 70), torch.empty(3, 3, dtype=torch.int32), 5)
     assert (tuple(y.shape), y.dtype) == ((10, 9), torch.float16)
     assert (tuple(dx.shape), dx.dtype) == ((10, 40), torch.float16)
-    assert (tuple(dw.shape), dw.dtype) == ((9, 40), torch.float16)
+    assert (tuple(dw.shape), dw.dtype) == (tuple(dw_tg.shape), dw_tg.dtype) == ((9, 40), torch.float16)
     assert (tuple(sel.shape), sel.dtype) == ((3, 3), torch.int32)
     assert hasattr(ops, "masked_adamw_")
+    # the task-gradient pass runs outside CUDA graphs (it writes into the caller's buffer)
+    assert torch.Tag.cudagraph_unsafe in ops.masked_linear_dw_task_grads.default.tags
+    assert torch.Tag.cudagraph_unsafe not in ops.masked_linear_dw.default.tags
 
 
 def test_opcheck_every_op():
@@ -228,7 +232,8 @@ def test_opcheck_every_op():
     torch.library.opcheck(ops.masked_linear.default, (x, w, b, m, tid, torch.zeros(3, 9, 40), False, 0.0, 0))
     dy = torch.randn(12, 9, generator=_gen(0))
     torch.library.opcheck(ops.masked_linear_dx.default, (dy, w.detach(), m, tid))
-    torch.library.opcheck(ops.masked_linear_dw.default, (dy, x.detach(), m, tid, torch.zeros(3, 9, 40)))
+    torch.library.opcheck(ops.masked_linear_dw.default, (dy, x.detach(), m, tid))
+    torch.library.opcheck(ops.masked_linear_dw_task_grads.default, (dy, x.detach(), m, tid, torch.zeros(3, 9, 40)))
     ps = [torch.randn(5, 40, generator=_gen(1)), torch.randn(3, generator=_gen(2))]
     torch.library.opcheck(ops.masked_adamw_.default, (
         ps, [torch.randn_like(p) for p in ps], [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
@@ -279,6 +284,25 @@ def test_torch_compile_forward_backward_and_task_grads_match_eager():
     # AVX-512 and AVX2 ATen); 1e-6 (~8 fp32 ulps of values ~1) admits a re-associated backward.
     for a, e in zip(*outs):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+def test_inductor_compiles_the_backward_with_and_without_task_grads():
+    """Inductor (``torch.compile``'s default backend, which ``--compile`` uses) lowers the backward
+    ops: the first layer's dW also fills task_grads, the second layer's has none."""
+    x, w1, b1, m1, tid = _linear_inputs(12, 40, 24, 3, "mixed", seed=14)
+    _, w2, _, m2, _ = _linear_inputs(12, 24, 7, 3, "mixed", seed=15)
+    torch._dynamo.reset()
+    compiled = torch.compile(_masked_mlp, fullgraph=True)
+    outs = []
+    for fn in (compiled, _masked_mlp):
+        params = [v.clone().requires_grad_() for v in (x, w1, b1, w2)]
+        tg = torch.zeros(3, 24, 40)
+        loss = fn(params[0], params[1], params[2], params[3], m1, m2, tid, tg)
+        loss.backward()
+        outs.append([loss.detach()] + [p.grad for p in params] + [tg])
+    assert outs[0][-1].abs().sum() > 0
+    for a, e in zip(*outs):  # Inductor fuses the ReLU, square and mean around the ops: reordered sums
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 def test_torch_compile_masked_adamw_is_one_op():

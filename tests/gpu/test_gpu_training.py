@@ -57,7 +57,10 @@ def test_fused_cuda_training_follows_the_cpu_reference(tmp_path, precision, rtol
     for n, m in ref.task_masks.masks.items():
         agree = (gpu.task_masks.masks[n].cpu() == m).float().mean().item()
         assert agree > 0.999, (n, agree)
-        assert gpu.task_masks.masks[n].sum().item() == m.sum().item()  # the density is exact on both
+    # each task's count of active weights is exact on both; Algorithm 2 selects over all matrices at
+    # once, so a near-tied weight may move between matrices and per-matrix counts may differ by a few
+    for t in range(len(TASKS)):
+        assert gpu.task_masks.density(t) == ref.task_masks.density(t), t
 
 
 def test_weights_outside_the_mask_stay_bit_for_bit_on_cuda(tmp_path):
