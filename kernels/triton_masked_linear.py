@@ -344,11 +344,6 @@ def _masked_linear_dw_op(dy: torch.Tensor, x: torch.Tensor, masks: torch.Tensor,
     return _backward_dw(dy, x, masks, task_ids, None)
 
 
-@_masked_linear_dw_op.register_fake
-def _(dy, x, masks, task_ids):
-    return x.new_empty(dy.shape[1], x.shape[1])
-
-
 # A separate op for the task-gradient pass: a mutable argument that may be None makes Inductor's
 # re-inplacing of the functionalized call emit an index into a single tensor. Tagged
 # cudagraph_unsafe: under CUDA graphs (mode="reduce-overhead") Inductor runs it outside the graph,
@@ -361,9 +356,12 @@ def _masked_linear_dw_task_grads_op(dy: torch.Tensor, x: torch.Tensor, masks: to
     return _backward_dw(dy, x, masks, task_ids, task_grads)
 
 
-@_masked_linear_dw_task_grads_op.register_fake
-def _(dy, x, masks, task_ids, task_grads):
+def _dw_fake(dy, x, masks, task_ids, task_grads=None):
     return x.new_empty(dy.shape[1], x.shape[1])
+
+
+_masked_linear_dw_op.register_fake(_dw_fake)
+_masked_linear_dw_task_grads_op.register_fake(_dw_fake)
 
 
 def _setup_context(ctx, inputs, output):
