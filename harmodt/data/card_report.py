@@ -58,15 +58,16 @@ def write_figure(card: dict, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlim(0, 1.02)
     ax.axvline(FAIL_BELOW, color="0.6", lw=0.8, ls="--")
-    ax.set_xlabel(f"scripted expert success over {card['goals_per_task']} goals (bar: 95 % Wilson interval)")
+    ax.set_xlabel(f"scripted expert success over {card['goals_per_task']} goals (error bars: 95 % Wilson interval)")
     red = plt.Rectangle((0, 0), 1, 1, color="tab:red")
     blue = plt.Rectangle((0, 0), 1, 1, color="tab:blue")
     dot = ax.get_legend_handles_labels()[0][0]
-    ax.legend([blue, red, dot], ["expert", f"failing: interval below {FAIL_BELOW}", "data: the curriculum's noise-free episodes"],
-              fontsize=7, loc="lower left")
+    height = fig.get_size_inches()[1]
+    fig.legend([blue, red, dot], ["expert", f"failing: interval below {FAIL_BELOW}", "data: the curriculum's noise-free episodes"],
+               fontsize=7, loc="lower center", ncol=3, frameon=False)
     v = card["versions"]
     ax.set_title(f"Meta-World {v['metaworld']} (MuJoCo {v['mujoco']}) scripted experts; * = upstream report", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.3 / height, 1, 1))  # room for the legend below
     fig.savefig(path.with_name(path.name + ".tmp.png"), dpi=110)
     plt.close(fig)
     Path(path.with_name(path.name + ".tmp.png")).replace(path)
