@@ -1,5 +1,6 @@
 """`python -m harmodt.data card` on the real simulator, 2 tasks x 2 goals: it runs, its JSON and
-markdown agree, its numbers do not depend on --workers, and a killed run resumes from its cache."""
+markdown agree, its numbers do not depend on --workers, a killed run resumes from its cache, and a
+cached expert unit serves a request for fewer goals."""
 
 import json
 import re
@@ -53,6 +54,10 @@ def test_numbers_do_not_depend_on_workers_and_a_run_resumes(made):
     assert {f: f.stat().st_mtime_ns for f in files[1:]} == kept  # the finished units were reused
     assert files[0].exists()
     assert json.loads(json.dumps(again["per_task"])) == card["per_task"]
+    fewer = measure(TASKS, 1, 2, seed=0, workers=1, cache=cache, progress=False)  # served by the 2-goal units, cut
+    assert sorted(cache.iterdir()) == files
+    for t in TASKS:
+        assert fewer["per_task"][t]["expert"] == {k: v[:1] for k, v in card["per_task"][t]["expert"].items()}
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

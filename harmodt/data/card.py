@@ -105,12 +105,29 @@ def _cache_path(cache: Path, task: str, settings: dict) -> Path:
     return cache / f"{task}.{settings['kind']}.{key}.json"
 
 
-def _cached(path: Path, settings: dict) -> dict | None:
+def _read(path: Path) -> dict | None:
     try:
         rec = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return rec["result"] if isinstance(rec, dict) and rec.get("settings") == settings and "result" in rec else None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("settings"), dict) and "result" in rec else None
+
+
+def _cached(cache: Path, task: str, settings: dict) -> dict | None:
+    """A finished unit with these settings, or None. An expert unit of N goals is the first N
+    episodes of one with more (the same env and RNG, one goal per reset), so a cached larger one
+    serves, cut to N."""
+    rec = _read(_cache_path(cache, task, settings))
+    if rec is not None and rec["settings"] == settings:
+        return rec["result"]
+    if settings["kind"] != "expert":
+        return None
+    n = settings["count"]
+    for path in sorted(cache.glob(f"{task}.expert.*.json")):
+        rec = _read(path)
+        if rec is not None and {**rec["settings"], "count": n} == settings and rec["settings"]["count"] >= n:
+            return {k: v[:n] for k, v in rec["result"].items()}
+    return None
 
 
 def task_summary(expert: dict, curriculum: dict) -> dict:
@@ -152,10 +169,9 @@ def measure(tasks: list[str], goals: int, curriculum_episodes: int, seed: int = 
     results, todo = {}, []
     for kind, t, count in units:
         settings = unit_settings(kind, count, seed, vers)
-        path = _cache_path(cache, t, settings)
-        rec = _cached(path, settings)
+        rec = _cached(cache, t, settings)
         if rec is None:
-            todo.append((kind, t, count, path, settings))
+            todo.append((kind, t, count, _cache_path(cache, t, settings), settings))
         else:
             results[kind, t] = rec
     bar = tqdm(total=sum(u[2] for u in todo), disable=not progress, desc="episodes", unit="ep", dynamic_ncols=True)
