@@ -167,8 +167,8 @@ def _comparability(card: dict, fails: list[str], ceiling: float) -> list[str]:
         "## What our numbers can and cannot be compared with", "",
         f"- **Across methods trained on this data: yes.** Every method of a study sees the same episodes and is scored on the "
         f"same goals, so a failing expert lowers every arm alike; differences between arms are sound. A task whose expert "
-        f"fails ({fail_text}) has few or no successful episodes to imitate: methods can tie there at a low level, which "
-        f"shrinks the differences a {n}-task mean can show.",
+        f"fails ({fail_text}) has fewer successful episodes to imitate, and methods can tie there at a lower level; over "
+        f"the {n} tasks the experts' misses cost at most {1 - ceiling:.3f} of a mean success.",
         f"- **Against 100 %: no.** A method that imitates these experts perfectly scores about {ceiling:.3f} on average, not 1; "
         "read a mean success against that ceiling, and a per-task success against its expert's row above.",
         "- **Against the paper's numbers (HarmoDT, Prompt-DT, MTDT on MT50): only loosely.** The paper's data are SAC replay "
