@@ -18,6 +18,7 @@ from .tasks import TASKS_HELP
 QUALITIES = ("near-optimal", "sub-optimal")
 TEST_GOALS_OFFSET = 12345  # the goals of a run's final evaluation are drawn from --seed + this
 PROMPT_SEGMENTS = ("last", "random")
+STATE_NORMS = ("per-task", "pooled")
 TASK_ORDERS = ("random", "round-robin")
 CLIP_SCOPES = ("masked", "unmasked")
 WEIGHT_DECAY_SCOPES = ("matrices", "all")
@@ -101,6 +102,8 @@ class TrainConfig:
                                 "state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token)")
     prompt_segment: str = setting("last", "last (the last K* steps before a prompt episode's final step, as Prompt-DT's code) | "
                                   "random (a window anywhere in one)")
+    state_norm: str = setting("per-task", "per-task (each task's states by its own mean and std, as HarmoDT's code) | pooled (one mean and "
+                              "std over every task's states, as Prompt-DT's code)")
     device: str = setting("auto", "auto (CUDA when available) | cpu | cuda | cuda:N")
     fused: bool = setting(False, "masked linear, masked AdamW and mask selection on the kernels of --backend (else the plain-PyTorch reference)")
     backend: str = setting("auto", "kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference")
@@ -251,6 +254,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.conditioning in CONDITIONINGS, f"--conditioning must be one of {', '.join(CONDITIONINGS)}, got {cfg.conditioning!r}"),
         (cfg.dropout_rng in DROPOUT_RNGS, f"--dropout-rng must be auto, torch or counter, got {cfg.dropout_rng!r}"),
         (cfg.prompt_segment in PROMPT_SEGMENTS, f"--prompt-segment must be last or random, got {cfg.prompt_segment!r}"),
+        (cfg.state_norm in STATE_NORMS, f"--state-norm must be per-task or pooled, got {cfg.state_norm!r}"),
         (_device_ok(cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
         (cfg.eval_episodes >= 0, "--eval-episodes must be >= 0"),
         (cfg.eval_every >= 0, "--eval-every must be >= 0 (0: only at the end)"),

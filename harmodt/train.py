@@ -58,7 +58,8 @@ class Trainer:
         # a prompted method's data stream draws prompts whatever --conditioning says
         prompted = "prompt" in (self.method.conditioning, self.method.resolve_conditioning(cfg.conditioning))
         self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if prompted else 0, cfg.rtg_scale,
-                                       mc.max_ep_len, seed=cfg.seed + self.dist.rank, device=self.device, prompt_segment=cfg.prompt_segment)
+                                       mc.max_ep_len, seed=cfg.seed + self.dist.rank, device=self.device, prompt_segment=cfg.prompt_segment,
+                                       state_norm=cfg.state_norm)
         self.model = build_model(mc, len(self.tasks), cfg.method, cfg.conditioning).to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model  # training forwards go through this
         self.params = list(self.model.parameters())
@@ -272,7 +273,8 @@ class Trainer:
         }
         return {"tasks": list(self.tasks), "state_mean": {t: torch.as_tensor(v) for t, v in b.state_mean.items()},
                 "state_std": {t: torch.as_tensor(v) for t, v in b.state_std.items()}, "prompts": prompts,
-                "rtg_scale": self.cfg.rtg_scale, "target_return": self.cfg.target_return, "prompt_segment": self.cfg.prompt_segment}
+                "rtg_scale": self.cfg.rtg_scale, "target_return": self.cfg.target_return, "prompt_segment": self.cfg.prompt_segment,
+                "state_norm": self.cfg.state_norm}
 
     def evaluate(self, goals_seed: int | None = None) -> dict:
         """Evaluate on every training task (harmodt.evaluate), on the goals of ``goals_seed`` (default:

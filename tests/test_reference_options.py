@@ -21,7 +21,7 @@ import kernels
 
 TASKS = ["reach-v3", "push-v3", "door-open-v3"]
 NEW_KEYS = {"task_order": ("random", "round-robin"), "clip_scope": ("masked", "unmasked"), "weight_decay_scope": ("matrices", "all"),
-            "model.init": ("ours", "reference"), "masks.erk_draw": ("exact", "bernoulli")}
+            "model.init": ("ours", "reference"), "masks.erk_draw": ("exact", "bernoulli"), "state_norm": ("per-task", "pooled")}
 FUSED_BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if b in kernels.available_backends("cpu")]
 
 

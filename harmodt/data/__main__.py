@@ -1,4 +1,6 @@
 """`python -m harmodt.data generate --tasks TASKS --episodes E --out DIR [--seed S] [--workers W] [--prompt-episodes P]`,
+`python -m harmodt.data card --tasks TASKS --out DIR [--goals N] [--workers W]` (a data card of the
+scripted experts and the curriculum: harmodt/data/card.py),
 `python -m harmodt.data inspect DATA` (layout, tasks, episodes, success rates; DATA in any of the three layouts)
 and `python -m harmodt.data export DIR --minari OUT` (our folder DIR as Minari datasets under the Minari root OUT).
 Bad input prints one line `error: ...` and exits with status 2."""
@@ -11,6 +13,7 @@ import sys
 import numpy as np
 
 from ..tasks import TASKS_HELP, parse_tasks
+from . import card
 from .formats import DataError
 from .generator import CURRICULUM, generate
 from .load import detect_layout, load_dataset
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("export", help="write our data folder as Minari datasets, one per task")
     e.add_argument("path", help="our data folder (with manifest.json)")
     e.add_argument("--minari", required=True, metavar="OUT", help="Minari root to write the datasets under")
+    card.add_parser(sub)
     args = p.parse_args(argv)
     try:
         if args.cmd == "generate":
@@ -70,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             plot = _curve_plot(curve, args.out)
             if plot:
                 print(f"curve plot: {plot}")
+        elif args.cmd == "card":
+            for path in card.run(args):
+                print(f"wrote {path}")
         elif args.cmd == "export":
             for ds_id in export_minari(args.path, args.minari):
                 print(f"wrote Minari dataset {ds_id} under {args.minari}")
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 succ = [bool(tr.successes.any()) for tr in td.trajectories if tr.successes is not None]
                 rate = f"success {np.mean(succ):.2f}" if succ else "success n/a"
                 print(f"  {t:<32} episodes {len(td.trajectories):5d}  steps {steps:8d}  prompts {len(td.prompts)}  {rate}")
-    except (DataError, ValueError, OSError) as exc:
+    except (DataError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,5 @@
-"""Prompt-DT batches, vectorized: context K, prompt K*, scaled returns-to-go, per-task state
-normalization, left padding with an attention mask, trajectories sampled in proportion to length.
+"""Prompt-DT batches, vectorized: context K, prompt K*, scaled returns-to-go, state normalization
+(per task, or pooled over the tasks), left padding with an attention mask, trajectories sampled in proportion to length.
 
 Each task's trajectories are concatenated once into flat tensors on the training device; a batch
 is then one gather per field there (no Python loop per sample). Which steps to gather is drawn on
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import PROMPT_SEGMENTS
+from ..config import PROMPT_SEGMENTS, STATE_NORMS
 
 
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
@@ -127,6 +127,22 @@ def prompt_segment(trajs, mean, std, prompt_len: int, rtg_scale: float, max_ep_l
     return {"prompt_" + k: v for k, v in seg.items()}, source
 
 
+def state_stats(datasets: dict, tasks: list[str], state_norm: str = "per-task") -> tuple[dict, dict]:
+    """Each task's state mean and std (std + 1e-6) over its training trajectories' states:
+    "per-task" = from the task's own states (HarmoDT's code); "pooled" = one mean and std over
+    every task's states concatenated (Prompt-DT's code), the same arrays for every task."""
+    if state_norm not in STATE_NORMS:
+        raise ValueError(f"state_norm must be one of {', '.join(STATE_NORMS)}, got {state_norm!r}")
+    obs = {name: np.concatenate([t.observations for t in datasets[name].trajectories]) for name in tasks}
+    if state_norm == "pooled":
+        every = np.concatenate([obs[name] for name in tasks])
+        mean, std = every.mean(0).astype(np.float32), (every.std(0) + 1e-6).astype(np.float32)
+        return dict.fromkeys(tasks, mean), dict.fromkeys(tasks, std)
+    means = {name: o.mean(0).astype(np.float32) for name, o in obs.items()}
+    stds = {name: (o.std(0) + 1e-6).astype(np.float32) for name, o in obs.items()}
+    return means, stds
+
+
 def batch_segments(task_ids: list[int], batch_size: int) -> tuple:
     """``((task, sequences), ...)``: how a batch of ``batch_size`` sequences of ``task_ids`` is laid
     out, the sequences split evenly over the tasks in order, the first ones one more (tasks that
@@ -144,10 +160,12 @@ class PromptDTBatcher:
     "last" = the last K* steps before the final step of an episode drawn uniformly per row
     (Prompt-DT's code);
     "random" = a window anywhere, drawn like the history windows.
+    ``state_norm``: how states are normalized, see :func:`state_stats`.
     """
 
     def __init__(self, datasets: dict, tasks: list[str], context_len: int, prompt_len: int, rtg_scale: float,
-                 max_ep_len: int = 500, seed: int = 0, device: torch.device | str = "cpu", prompt_segment: str = "last"):
+                 max_ep_len: int = 500, seed: int = 0, device: torch.device | str = "cpu", prompt_segment: str = "last",
+                 state_norm: str = "per-task"):
         if prompt_segment not in PROMPT_SEGMENTS:
             raise ValueError(f"prompt_segment must be one of {', '.join(PROMPT_SEGMENTS)}, got {prompt_segment!r}")
         self.tasks = list(tasks)
@@ -156,13 +174,11 @@ class PromptDTBatcher:
         self.kp = prompt_len
         self.rtg_scale = rtg_scale
         self.generator = torch.Generator().manual_seed(seed)
-        self.state_mean, self.state_std, self.data, self.prompts = {}, {}, [], []
+        self.state_mean, self.state_std = state_stats(datasets, self.tasks, state_norm)
+        self.data, self.prompts = [], []
         for name in self.tasks:
             td = datasets[name]
-            obs = np.concatenate([t.observations for t in td.trajectories])
-            mean = obs.mean(0).astype(np.float32)
-            std = (obs.std(0) + 1e-6).astype(np.float32)
-            self.state_mean[name], self.state_std[name] = mean, std
+            mean, std = self.state_mean[name], self.state_std[name]
             self.data.append(_flatten(td.trajectories, mean, std, rtg_scale, max_ep_len).to(device))
             self.prompts.append(_flatten(td.prompts, mean, std, rtg_scale, max_ep_len).to(device))
         self.device = torch.device(device)

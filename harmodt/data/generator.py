@@ -86,9 +86,10 @@ def rollout(env, expert, rng: np.random.Generator, eps: float, sigma: float) -> 
             "terminals": np.asarray(term), "truncations": np.asarray(trunc), "successes": np.asarray(succ), "goal": goal}
 
 
-def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes: int, settings: dict, queue=None) -> dict:
-    """Generate and write one task's file; returns its manifest record."""
-    out = Path(out)
+def curriculum_rollouts(task: str, episodes: int, seed: int, queue=None) -> tuple[list, list, np.random.Generator]:
+    """A task's ``episodes`` curriculum episodes (:func:`rollout` dicts) as ``generate`` makes them
+    for ``seed``, their epsilons, and the task's RNG after them (it goes on to draw the prompts).
+    ``queue``: ``put(1)`` after each episode."""
     tseed = task_seed(seed, task)
     rng = np.random.default_rng(tseed)
     env = make_env(task, tseed % (2**31))
@@ -99,6 +100,16 @@ def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes
         data.append(rollout(env, expert, rng, eps_list[e], SIGMA if eps_list[e] > 0 else 0.0))
         if queue is not None:
             queue.put(1)
+    env.close()
+    return data, eps_list, rng
+
+
+def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes: int, settings: dict, queue=None) -> dict:
+    """Generate and write one task's file; returns its manifest record."""
+    out = Path(out)
+    tseed = task_seed(seed, task)
+    data, eps_list, rng = curriculum_rollouts(task, episodes, seed, queue)
+    expert = ScriptedExpert(task)
     penv = make_env(task, (tseed + 1_000_003) % (2**31))
     prompts = [rollout(penv, expert, rng, 0.0, 0.0) for _ in range(prompt_episodes)]
     record = save_task_file(out / f"{task}.npz", data, prompts, {
