@@ -111,14 +111,14 @@ def epilogue_grad(g: torch.Tensor, out: torch.Tensor | None, relu: bool, p: floa
 
 
 @torch.library.custom_op("harmodt_triton::dropout", mutates_args=())
-def _dropout_op(x: torch.Tensor, p: float, seed: int, seed_t: Optional[torch.Tensor]) -> torch.Tensor:
+def _dropout_op(x: torch.Tensor, p: float, seed: int, seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Counter-based dropout of x (a new contiguous tensor); the seed is ``seed_t`` (an int64 0-dim
     tensor read on the device) when given, else ``seed``."""
     return epilogue_grad(x, None, False, p, seed if seed_t is None else seed_t) if p > 0.0 else x.contiguous().clone()
 
 
 @_dropout_op.register_fake
-def _(x, p, seed, seed_t):
+def _(x, p, seed, seed_t=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -186,7 +186,7 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2
 def _masked_adamw_op(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
                      exp_avg_sqs: List[torch.Tensor], masks: List[Optional[torch.Tensor]], steps: List[torch.Tensor],
                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                     grad_scale_tensor: Optional[torch.Tensor], grad_scale: float, lr_t: Optional[torch.Tensor]) -> None:
+                     grad_scale_tensor: Optional[torch.Tensor], grad_scale: float, lr_t: Optional[torch.Tensor] = None) -> None:
     """Masked AdamW over the lists in place; ``grad_scale_tensor`` (0-dim, on the device) when
     given, else the float ``grad_scale``, multiplies every gradient; ``lr_t`` (float64 0-dim, on
     the device) when given is the learning rate, else ``lr``."""
@@ -195,7 +195,7 @@ def _masked_adamw_op(params: List[torch.Tensor], grads: List[torch.Tensor], exp_
 
 
 @_masked_adamw_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor, grad_scale, lr_t):
+def _(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor, grad_scale, lr_t=None):
     return None
 
 

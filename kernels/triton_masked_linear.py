@@ -310,14 +310,14 @@ def _backward_dw(dy, x, masks, task_ids, task_grads):
 @torch.library.custom_op("harmodt_triton::masked_linear", mutates_args=())
 def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], masks: torch.Tensor,
                       task_ids: torch.Tensor, task_grads: Optional[torch.Tensor], relu: bool, dropout_p: float,
-                      seed: int, seed_t: Optional[torch.Tensor]) -> torch.Tensor:
+                      seed: int, seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y = epilogue(x @ (W * M[task_ids]).T + b)`` (ReLU, counter-based dropout); ``task_grads``
     is only carried to the backward."""
     return _forward(x, weight, bias, masks, task_ids, relu, dropout_p, seed if seed_t is None else seed_t)
 
 
 @_masked_linear_op.register_fake
-def _(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed, seed_t):
+def _(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed, seed_t=None):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
