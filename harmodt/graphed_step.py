@@ -104,6 +104,8 @@ class GraphedStep:
         self.heads: torch.Tensor | None = None  # the first row of each task's run of the batch (static layout)
         self.masks: dict | None = None  # the graph's copy of every task's masks (the masked-linear op's layout)
         self._mask_source: list = []  # the tensors that copy was made from, and their versions
+        self._selected: dict | None = None  # per weight: the batch's tasks' masks (static buffers)
+        self._unions: dict = {}  # per weight: their union, for a mixed-task batch (static buffers)
         self.grads: list | None = None  # each parameter's gradient buffer (None: it gets no gradient)
         self.graph = None
         self.loss: torch.Tensor | None = None  # the captured step's loss (static output)
@@ -219,15 +221,24 @@ class GraphedStep:
 
     def _keep(self) -> dict | None:
         """{weight: what this step may change}: the batch's task's mask, or the union of its tasks'
-        (Eq. 11), selected on the device by the task ids in the static batch."""
+        (Eq. 11), selected on the device by the task ids in the static batch, into buffers made on
+        the first (eager) step: their addresses stay, so the Triton AdamW's launch table made then
+        serves the captured step too (nothing is uploaded during the capture)."""
         if self.masks is None:
             return None
         tasks = self.batch["task_ids"].index_select(0, self.heads)  # (n,) the batch's tasks in order
+        n = self.heads.shape[0]
+        if self._selected is None:
+            self._selected = {name: m.new_empty((n, *m.shape[1:])) for name, m in self.masks.items()}
+            self._unions = {name: m.new_empty(m.shape[1:]) for name, m in self.masks.items()} if n > 1 else {}
         keep = {}
         for name, m in self.masks.items():
-            sel = m.index_select(0, tasks)
-            union = sel[0]
-            for j in range(1, sel.shape[0]):
-                union = union | sel[j]  # bool masks or packed words: the union either way
+            sel = torch.index_select(m, 0, tasks, out=self._selected[name])
+            if n == 1:
+                keep[self.tr.weights[name]] = sel[0]
+                continue
+            union = torch.bitwise_or(sel[0], sel[1], out=self._unions[name])  # bool masks or packed words: the union either way
+            for j in range(2, n):
+                union.bitwise_or_(sel[j])
             keep[self.tr.weights[name]] = union
         return keep

@@ -83,7 +83,8 @@ def test_static_buffers_keep_their_addresses():
 
     def addresses():
         return ([t.data_ptr() for t in g.batch.values()], [m.data_ptr() for m in g.masks.values()],
-                [t.data_ptr() for t in g.grads if t is not None], g.values.step.data_ptr(), [t.data_ptr() for t in g.values.lrs])
+                [t.data_ptr() for t in g.grads if t is not None], g.values.step.data_ptr(), [t.data_ptr() for t in g.values.lrs],
+                [t.data_ptr() for t in g._selected.values()])
 
     before = addresses()
     tr.mask_update()
