@@ -23,8 +23,9 @@ The choice is made in one place, :func:`select_backends`, which returns the chos
 a value (:class:`KernelOps`) that callers hand down; an op checks its arguments once per
 configuration of shapes, dtypes and devices (one :class:`KernelArgumentError` naming the bad one;
 kernels/ops.py) and calls its backend's implementation, which trusts them. The public functions
-below take an explicit ``backend=`` (tests, benchmarks, one-off calls) and fail loudly when it cannot run (:class:`BackendUnavailable`). Nothing here keeps
-module-level state: the native library is loaded into a :class:`kernels.cpu.NativeLibrary` object
+below take an explicit ``backend=`` (tests, benchmarks, one-off calls) and fail loudly when it
+cannot run (:class:`BackendUnavailable`). Nothing here keeps module-level state but the cache of
+each backend's op values (:func:`backend_ops`): the native library is loaded into a :class:`kernels.cpu.NativeLibrary` object
 the dispatch owns, and Triton's AdamW launch tables live in a workspace the caller (the
 optimizer) owns. ``kernels`` is a leaf package: it never imports ``harmodt``, and inside it no
 module imports this ``__init__`` (the shared pieces live in kernels/backends.py, checks.py,
