@@ -40,19 +40,6 @@ def _remember(checked: set, key) -> None:
     checked.add(key)
 
 
-def _linear_key(x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p) -> tuple | None:
-    """What ``checks.masked_linear`` reads of a call, or None when its arguments cannot make a key
-    (not tensors, ``segments`` not a tuple of pairs): such a call gets the checks."""
-    try:
-        key = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, _tensor_key(bias), masks.shape, masks.dtype,
-               masks.device, task_ids.shape, task_ids.dtype, task_ids.device,
-               None if task_grads is None else (*_tensor_key(task_grads), task_grads.is_contiguous()), segments, relu, dropout_p)
-        hash(key)
-    except (AttributeError, TypeError):
-        return None
-    return key
-
-
 def _seed(seed):
     """A seed as the backends take it: an int, or the int64 0-dim tensor that holds it on the
     device (a captured step's; read there, never on the host)."""
@@ -86,11 +73,20 @@ class MaskedLinearOp:
 
     def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0,
                  seed=0) -> torch.Tensor:
-        key = None if torch.compiler.is_compiling() else _linear_key(x, weight, bias, masks, task_ids, task_grads, segments, relu,
-                                                                       dropout_p)
-        if key is None or key[2].type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(key[2].type):
-            return self._checked_call(x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed, key)
-        if key not in self.checked:
+        if torch.compiler.is_compiling():
+            return self._checked_call(x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed)
+        try:  # what checks.masked_linear reads (inline, hashed once: this is the hot path of every masked layer)
+            key = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+                   None if bias is None else (bias.shape, bias.dtype, bias.device), masks.shape, masks.dtype, masks.device,
+                   task_ids.shape, task_ids.dtype, task_ids.device,
+                   None if task_grads is None else (*_tensor_key(task_grads), task_grads.is_contiguous()), segments, relu, dropout_p)
+            known = key in self.checked
+        except (AttributeError, TypeError):  # not tensors, or segments not a tuple of pairs: the checks name what is wrong
+            return self._checked_call(x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed)
+        dev = key[2].type
+        if dev in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(dev):
+            return self._checked_call(x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed)
+        if not known:
             self._check(x, weight, bias, masks, task_ids, task_grads, segments, dropout_p, seed, key)
         elif type(seed) is not int or not 0 <= seed < 2**63:  # (per call: the seed changes every step)
             checks.dropout("masked_linear", 0.0, seed)
@@ -106,7 +102,7 @@ class MaskedLinearOp:
         if key is not None:
             _remember(self.checked, key)
 
-    def _checked_call(self, x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed, key) -> torch.Tensor:
+    def _checked_call(self, x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed) -> torch.Tensor:
         """The call under autocast (the operands cast to its dtype first), under torch.compile, or
         with arguments that make no key: the checks every time."""
         if isinstance(x, torch.Tensor) and x.device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(x.device.type):
