@@ -48,15 +48,6 @@ def seed_pointer(seed, fallback: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 @triton.jit
-def _seed_words(seed_ptr, k0, k1, SEED_PTR: tl.constexpr):
-    """The seed's (low, high) words: read from ``seed_ptr`` (an int64) when SEED_PTR, else k0, k1."""
-    if SEED_PTR:
-        s = tl.load(seed_ptr)
-        return s & 0xFFFFFFFF, s >> 32
-    return k0, k1
-
-
-@triton.jit
 def _fmix32(h):
     h = h ^ (h >> 16)
     h = h * 0x85EBCA6B
@@ -76,6 +67,15 @@ def _keep(index, k0, k1, thr):
 
 
 @triton.jit
+def _keep_seeded(index, seed_ptr, k0, k1, thr, SEED_PTR: tl.constexpr):
+    """:func:`_keep` with the seed's words k0, k1, or (SEED_PTR) those of the int64 at ``seed_ptr``."""
+    if SEED_PTR:
+        s = tl.load(seed_ptr)
+        return _keep(index, s & 0xFFFFFFFF, s >> 32, thr)
+    return _keep(index, k0, k1, thr)
+
+
+@triton.jit
 def _epilogue_grad_kernel(g_ptr, out_ptr, gin_ptr, seed_ptr, n, k0, k1, thr, scale, DROP: tl.constexpr, RELU: tl.constexpr,
                           SEED_PTR: tl.constexpr, BLOCK: tl.constexpr):
     """gin = keep ? g * scale : 0 (DROP), then 0 where !(out > 0) (RELU): the gradient before the
@@ -84,8 +84,7 @@ def _epilogue_grad_kernel(g_ptr, out_ptr, gin_ptr, seed_ptr, n, k0, k1, thr, sca
     ok = offs < n
     g = tl.load(g_ptr + offs, mask=ok, other=0.0)
     if DROP:
-        k0, k1 = _seed_words(seed_ptr, k0, k1, SEED_PTR)
-        g = tl.where(_keep(offs, k0, k1, thr), (g.to(tl.float32) * scale).to(g.dtype), tl.zeros_like(g))
+        g = tl.where(_keep_seeded(offs, seed_ptr, k0, k1, thr, SEED_PTR), (g.to(tl.float32) * scale).to(g.dtype), tl.zeros_like(g))
     if RELU:
         o = tl.load(out_ptr + offs, mask=ok, other=0.0)
         g = tl.where(o > 0, g, tl.zeros_like(g))

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .backends import triton_interpreted
 from .checks import KernelArgumentError
-from .triton_dropout import _keep, _seed_words, epilogue_args, epilogue_grad, seed_pointer, split_seed
+from .triton_dropout import _keep_seeded, epilogue_args, epilogue_grad, seed_pointer, split_seed
 
 __all__ = ["block_config", "triton_masked_linear"]
 
@@ -139,8 +139,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, task_ptr, counts_ptr, order_p
     if RELU:
         y = tl.where((y > 0) | (y != y), y, tl.zeros_like(y))
     if DROP:  # the element's row-major index in the [R, N] output picks its bits
-        seed_lo, seed_hi = _seed_words(seed_ptr, seed_lo, seed_hi, SEED_PTR)
-        keep = _keep(rows[:, None] * N + offs_n[None, :], seed_lo, seed_hi, thr)
+        keep = _keep_seeded(rows[:, None] * N + offs_n[None, :], seed_ptr, seed_lo, seed_hi, thr, SEED_PTR)
         y = tl.where(keep, (y.to(tl.float32) * scale).to(y_ptr.dtype.element_ty), tl.zeros_like(y))
     tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, y, mask=row_ok[:, None] & (offs_n[None, :] < N))
 
