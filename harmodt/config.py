@@ -109,6 +109,8 @@ class TrainConfig:
     backend: str = setting("auto", "kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference")
     precision: str = setting("fp32", "fp32 | bf16 (autocast on the device)")
     compile: bool = setting(False, "torch.compile the model for training")
+    cuda_graph: bool = setting(False, "capture the training step once as a CUDA graph and replay it (harmodt/graphed_step.py; with "
+                               "--fused or one task per batch; on a CPU the same step runs on its static buffers uncaptured)")
     dropout_rng: str = setting("auto", "where training's dropout bits come from: torch (torch's RNG, nn.Dropout) | counter (a hash of "
                                "the seed, step and element, fused into the masked-linear kernels) | auto (counter with --fused, else torch; torch under "
                                "--compile, which would recompile for every step's seed)")
@@ -182,7 +184,7 @@ def flag(key: str) -> str:
 #   every key not named here is "fixed": compared, and a difference is refused.
 RESUME_RULES = {
     **dict.fromkeys(("steps", "eval_episodes", "eval_every", "target_return", "log_every", "checkpoint_every", "threads", "device",
-                     "compile", "fused", "backend", "dropout_rng"), "changeable"),
+                     "compile", "fused", "backend", "dropout_rng", "cuda_graph"), "changeable"),
     **dict.fromkeys(("out", "resume", "progress", "allow_changed", "dist_timeout"), "ignored"),
 }
 
@@ -278,6 +280,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg = dataclasses.replace(cfg, dropout_rng="counter" if cfg.fused and not cfg.compile else "torch")
     if cfg.tasks_per_batch == 0:
         cfg = dataclasses.replace(cfg, tasks_per_batch=auto_tasks_per_batch(cfg.method, len(parse_tasks(cfg.tasks)), cfg.batch_size))
+    if cfg.cuda_graph and not (cfg.fused or cfg.tasks_per_batch == 1):
+        raise ConfigError("--cuda-graph needs --fused, or --tasks-per-batch 1 (the reference splits a mixed-task batch on the host)")
     if cfg.allow_changed:
         known = flat_keys(to_dict(cfg))
         if not cfg.resume:

@@ -55,21 +55,24 @@ class MaskedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def masked_step(self, keep: dict | None = None, grad_scale: float | torch.Tensor = 1.0,
-                    op: kernels.MaskedAdamWOp = kernels.REFERENCE_OPS.masked_adamw) -> None:
+                    op: kernels.MaskedAdamWOp = kernels.REFERENCE_OPS.masked_adamw, lrs: list | None = None) -> None:
         """One step. ``keep``: {param: mask of the weights the step may change, bool of the
         parameter's shape or its packed int32 words} (see ``kernels.masked_adamw_``); parameters
         not in it change everywhere. ``grad_scale``: every gradient is multiplied by it first
-        (:func:`clip_coefficient`). ``op``: the run's ``masked_adamw`` (``kernels.select_backends``)."""
+        (:func:`clip_coefficient`). ``op``: the run's ``masked_adamw`` (``kernels.select_backends``).
+        ``lrs``: each group's learning rate as a float64 0-dim device tensor, in place of its
+        ``lr`` (a captured step's, harmodt.graphed_step)."""
         keep = keep or {}
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             states = [self._state_for(p) for p in params]
             beta1, beta2 = group["betas"]
             op(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-               [keep.get(p) for p in params], [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2,
-               eps=group["eps"], weight_decay=group["weight_decay"], grad_scale=grad_scale, workspace=self.kernel_workspace)
+               [keep.get(p) for p in params], [s["step"] for s in states], lr=group["lr"] if lrs is None else lrs[gi],
+               beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], grad_scale=grad_scale,
+               workspace=self.kernel_workspace)
         self._opt_called = True  # what Optimizer.step marks for LR schedulers (their step-order warning)
 
     def _state_for(self, p: torch.Tensor) -> dict:

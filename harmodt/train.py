@@ -23,6 +23,7 @@ import kernels
 from . import plots
 from .config import TEST_GOALS_OFFSET, ConfigError, TrainConfig, resolve_device
 from .data.batches import PromptDTBatcher, batch_segments
+from .graphed_step import GraphedStep
 from .mask_grads import task_gradients
 from .masks import TaskMasks, alpha_schedule, harmony_score
 from .methods import METHODS
@@ -82,6 +83,7 @@ class Trainer:
         self.step = 0
         self.last_harmony = None
         self.stop = signals.StopRequest(agreed_by_ranks=self.dist.active)  # SIGINT/SIGTERM: the loop saves and stops
+        self.graphed = GraphedStep(self) if cfg.cuda_graph else None  # --cuda-graph: train_step's step, captured once
 
     # ---- one step -------------------------------------------------------------------------
     def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None,
@@ -140,6 +142,8 @@ class Trainer:
     def train_step(self, task_ids: list[int]) -> torch.Tensor:
         """One step of Algorithm 1 on a batch of ``task_ids``; returns the loss (a 0-dim tensor on
         the device: reading it is the caller's choice, so a GPU step need not wait)."""
+        if self.graphed is not None:  # --cuda-graph (harmodt/graphed_step.py)
+            return self.graphed(task_ids)
         if not self.model.training:  # (train() walks every module: skip it when already set)
             self.model.train()
         if self.method.per_task_gradients:

@@ -1,4 +1,4 @@
-"""Public kernel API: HarmoDT's three masked ops, the same calls on every backend.
+"""Public kernel API: HarmoDT's masked ops and counter-based dropout, the same calls on every backend.
 
 Ops (see kernels/README.md):
 
@@ -7,7 +7,9 @@ Ops (see kernels/README.md):
 * :func:`masked_adamw_` -- AdamW on a list of parameters where each weight outside its mask stays
   bit-for-bit unchanged (the optimizer half of Eq. 11);
 * :func:`harmony_select` -- Algorithm 2's mask/recover selection for every task at once, given
-  the scores (harmodt.masks computes them).
+  the scores (harmodt.masks computes them);
+* :func:`dropout` -- counter-based dropout: the bits are a hash of (element index, seed), so the
+  backward recomputes them and every backend draws the same ones.
 
 Backends:
 
@@ -18,24 +20,24 @@ Backends:
 * ``"auto"``: Triton on CUDA, the native op on CPU when it is built, else the reference.
 
 The choice is made in one place, :func:`select_backends`, which returns the chosen op functions as
-a value (:class:`KernelOps`) that callers hand down; an op checks its arguments once (one
-:class:`KernelArgumentError` naming the bad one) and calls its backend's implementation, which
-trusts them. The public functions below take an explicit ``backend=`` (tests, benchmarks, one-off
-calls) and fail loudly when it cannot run (:class:`BackendUnavailable`). Nothing here keeps
-module-level state: the native library is loaded into a :class:`kernels.cpu.NativeLibrary` object
+a value (:class:`KernelOps`) that callers hand down; an op checks its arguments once per
+configuration of shapes, dtypes and devices (one :class:`KernelArgumentError` naming the bad one;
+kernels/ops.py) and calls its backend's implementation, which trusts them. The public functions
+below take an explicit ``backend=`` (tests, benchmarks, one-off calls) and fail loudly when it
+cannot run (:class:`BackendUnavailable`). Nothing here keeps module-level state but the cache of
+each backend's op values (:func:`backend_ops`): the native library is loaded into a :class:`kernels.cpu.NativeLibrary` object
 the dispatch owns, and Triton's AdamW launch tables live in a workspace the caller (the
-optimizer) owns. ``kernels`` is a leaf package: it never imports ``harmodt``.
+optimizer) owns. ``kernels`` is a leaf package: it never imports ``harmodt``, and inside it no
+module imports this ``__init__`` (the shared pieces live in kernels/backends.py, checks.py,
+reference.py).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from . import checks, reference
+from .backends import Backend, BackendUnavailable, native_skipped, triton_interpreted
 from .checks import FLOATS, KernelArgumentError
 from .ops import CachedMaskedLinearOp, DropoutOp, HarmonySelectOp, KernelOps, MaskedAdamWOp, MaskedLinearOp
 from .reference import num_words
@@ -69,44 +71,12 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 CONCRETE = ("triton", "cpu", "reference")
 
 
-class BackendUnavailable(RuntimeError):
-    """A requested kernel backend cannot run here."""
-
-
-def triton_interpreted() -> bool:
-    """Whether Triton kernels run under its CPU interpreter (``TRITON_INTERPRET=1``): the one
-    place the variable is read."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def native_skipped() -> bool:
-    """Whether ``HARMODT_SKIP_NATIVE=1`` keeps the native library unloaded: the one place the
-    variable is read."""
-    return os.environ.get("HARMODT_SKIP_NATIVE") == "1"
-
-
 def _check_name(backend: str, allowed: tuple = BACKENDS) -> None:
     if backend not in allowed:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(allowed)}")
 
 
 # ---- backends ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One backend's implementations (trusting their arguments) and what they accept."""
-
-    name: str
-    devices: tuple | None  # device types its tensors may live on (None: any)
-    linear_dtypes: tuple  # of x and weight
-    adamw_dtypes: tuple  # of params and grads
-    bool_masks: bool  # masked_linear and masked_adamw take bool masks as they are (else packed only)
-    max_numel: int | None  # largest parameter (AdamW) or P (harmony_select)
-    linear: Callable  # (x, weight, bias, masks, task_ids, task_grads, segments) -> y
-    adamw: Callable  # (params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale, workspace)
-    select: Callable  # (harmony, recovery, masks, k) -> packed masks
-    dropout: Callable  # (x, p, seed) -> counter-based dropout of x (kernels.reference.dropout's bits)
 
 
 def _reference_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale, workspace):

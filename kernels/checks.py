@@ -85,11 +85,25 @@ def masked_linear(x, weight, bias, masks, task_ids, task_grads, segments, *, dty
 
 
 def dropout(op: str, p, seed) -> None:
-    """A counter-based dropout's rate and seed (see :func:`kernels.dropout`)."""
+    """A counter-based dropout's rate and seed (see :func:`kernels.dropout`): an int in
+    ``[0, 2^63)``, or an int64 0-dim tensor holding one (its value is not read)."""
     if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise KernelArgumentError(f"{op}: dropout p must be a float in [0, 1), got {p!r}")
-    if not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise KernelArgumentError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.dim() != 0:
+            raise KernelArgumentError(f"{op}: a seed tensor must be int64 0-dim, got {_dtype(seed.dtype)} {_shape(seed)}")
+    elif not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise KernelArgumentError(f"{op}: seed must be an int in [0, 2**63) or an int64 0-dim tensor, got {seed!r}")
+
+
+def learning_rate(op: str, lr, device) -> None:
+    """A learning rate: a float, or a float64 0-dim tensor on the parameters' device."""
+    if isinstance(lr, torch.Tensor):
+        if lr.dtype != torch.float64 or lr.dim() != 0 or (device is not None and lr.device != device):
+            raise KernelArgumentError(f"{op}: a learning-rate tensor must be float64 0-dim on {device}, got "
+                                      f"{_dtype(lr.dtype)} {_shape(lr)} on {lr.device}")
+    elif not isinstance(lr, (int, float)):
+        raise KernelArgumentError(f"{op}: lr must be a float or a float64 0-dim tensor, got {type(lr).__name__}")
 
 
 def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale, *, dtypes: tuple, devices: tuple | None,

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 
+from .backends import BackendUnavailable
+
 __all__ = ["LIB_NAME", "NativeLibrary", "library_path"]
 
 LIB_NAME = "libharmodt_kernels.so"
-OPS = ("masked_linear_forward", "masked_linear_backward", "counter_dropout", "adamw_group_", "harmony_select")
+OPS = ("masked_linear", "masked_linear_forward", "masked_linear_backward", "counter_dropout", "adamw_group_", "harmony_select")
 
 
 def library_path() -> Path:
@@ -53,6 +55,8 @@ class NativeLibrary:
     def __init__(self, path: str | os.PathLike | None = None, skip: bool = False):
         self.path = Path(path) if path is not None else library_path()
         self.unavailable = "HARMODT_SKIP_NATIVE=1 is set" if skip else self._load()
+        # the differentiable op's handle, looked up once (torch.ops attribute lookups cost more than a small GEMM)
+        self._linear = torch.ops.harmodt_kernels.masked_linear.default if self.unavailable is None else None
 
     def _load(self) -> str | None:
         if not _has_ops():
@@ -71,25 +75,31 @@ class NativeLibrary:
     @property
     def ops(self):
         if self.unavailable is not None:
-            from . import BackendUnavailable
-
             raise BackendUnavailable(f"native CPU kernels unavailable: {self.unavailable}")
         return torch.ops.harmodt_kernels
 
     def masked_linear(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0,
                       seed=0) -> torch.Tensor:
         """See :func:`kernels.masked_linear` (``segments`` is not needed: rows are grouped in C++);
-        ReLU and dropout run in one pass over the output after the GEMMs."""
+        ReLU and dropout run in one pass over the output after the GEMMs. Without ``task_grads``:
+        one call of the op ``harmodt_kernels::masked_linear``, whose autograd is C++
+        (kernels/csrc/autograd.cpp); with it, Python's (:class:`_MaskedLinear`). A seed held in a
+        tensor is read here (CPU tensors: nothing to wait for)."""
+        seed = int(seed) if isinstance(seed, torch.Tensor) else seed
+        if task_grads is None:
+            return self._linear(x, weight, bias, masks, task_ids, relu, dropout_p, seed)
         return _MaskedLinear.apply(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed)
 
     def dropout(self, x, p, seed) -> torch.Tensor:
         """See :func:`kernels.dropout`: the bits of :func:`kernels.reference.counter_keep`."""
+        seed = int(seed) if isinstance(seed, torch.Tensor) else seed
         return x if p == 0.0 else _CounterDropout.apply(x, p, seed)
 
     def masked_adamw_(self, params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale,
                       workspace=None) -> None:
         """See :func:`kernels.masked_adamw_`; masks packed; grad_scale read inside the op (a float is
         made a tensor), so the call never reads a tensor value back into Python."""
+        lr = float(lr) if isinstance(lr, torch.Tensor) else lr  # (a CPU tensor: nothing to wait for)
         if isinstance(grad_scale, torch.Tensor):
             grad_scale = grad_scale.reshape(()).to(torch.float32)
         else:
@@ -107,9 +117,11 @@ def _register_fakes() -> None:
     """Shape-only (meta) implementations of the C++ ops, for torch.compile's tracing (a later
     registration replaces an earlier one, so loading twice is harmless)."""
 
-    @torch.library.register_fake("harmodt_kernels::masked_linear_forward")
-    def _(x, weight, bias, masks, task_ids, relu, dropout_p, seed):
+    def linear_fake(x, weight, bias, masks, task_ids, relu, dropout_p, seed):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    torch.library.register_fake("harmodt_kernels::masked_linear_forward", linear_fake)
+    torch.library.register_fake("harmodt_kernels::masked_linear", linear_fake)
 
     @torch.library.register_fake("harmodt_kernels::counter_dropout")
     def _(x, p, seed):

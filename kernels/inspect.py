@@ -70,7 +70,7 @@ def _masked_linear_configs() -> list:
             common = {"R": ROWS, "N": n, "K": k, "W": w, "T": TASKS, "stride_mt": n * w, "stride_mn": w}
             tag = f"{dtype} N={n} K={k} ({'/'.join(layers)})"
             io = {"x_ptr": tdt, "w_ptr": tdt, "b_ptr": tdt, "y_ptr": tdt, "dy_ptr": tdt, "dx_ptr": tdt, "dw_ptr": tdt,
-                  "tg_ptr": "fp32", "m_ptr": "i32", "task_ptr": "i64", "counts_ptr": "i32", "order_ptr": "i64"}
+                  "tg_ptr": "fp32", "m_ptr": "i32", "task_ptr": "i64", "counts_ptr": "i32", "order_ptr": "i64", "seed_ptr": "i64"}
             fwd_ints = {**common, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_wk": 1, "stride_ym": n, "stride_yn": 1,
                         "seed_lo": 12345, "seed_hi": 6789, "thr": 429496729}
             dx_ints = {**common, "stride_dym": n, "stride_dyn": 1, "stride_wn": k, "stride_wk": 1, "stride_dxm": k, "stride_dxk": 1}
@@ -82,9 +82,11 @@ def _masked_linear_configs() -> list:
             opts = {kind: {"num_warps": c[3], "enable_fp_fusion": True} for kind, c in cfg.items()}
             for single in (True, False):
                 ids = "one task" if single else "mixed"
-                out.append((f"masked_linear fwd {ids} {tag}" + (", ReLU + dropout epilogue" if single else ""), ml._fwd_kernel, io,
-                            fwd_ints, ("scale",), {"SINGLE": single, "HAS_BIAS": True, "RELU": single, "DROP": single, "PRECISION": prec,
-                                                   "TP": 8, **tiles["fwd"]}, opts["fwd"]))
+                # one task: the ReLU + dropout epilogue with its seed read from device memory (a captured step's)
+                out.append((f"masked_linear fwd {ids} {tag}" + (", ReLU + dropout epilogue, seed in memory" if single else ""),
+                            ml._fwd_kernel, io, fwd_ints, ("scale",),
+                            {"SINGLE": single, "HAS_BIAS": True, "RELU": single, "DROP": single, "SEED_PTR": single, "PRECISION": prec,
+                             "TP": 8, **tiles["fwd"]}, opts["fwd"]))
             if bn == 64:  # dX and dW tiles do not depend on N
                 out.append((f"masked_linear dX one task {dtype}", ml._dx_kernel, io, dx_ints, (),
                             {"SINGLE": True, "PRECISION": prec, "TP": 8, **tiles["dx"]}, opts["dx"]))
@@ -106,13 +108,14 @@ def kernel_configs() -> list:
     out = _masked_linear_configs()
     for dtype in ("fp32", "bf16"):
         out.append((f"dropout / epilogue gradient, ReLU + dropout, {dtype} BLOCK={dr.BLOCK}", dr._epilogue_grad_kernel,
-                    {"g_ptr": dtype, "out_ptr": dtype, "gin_ptr": dtype}, {"n": 600 * 1024, "k0": 12345, "k1": 6789, "thr": 429496729},
-                    ("scale",), {"DROP": True, "RELU": True, "BLOCK": dr.BLOCK}, {"num_warps": 4}))
+                    {"g_ptr": dtype, "out_ptr": dtype, "gin_ptr": dtype, "seed_ptr": "i64"},
+                    {"n": 600 * 1024, "k0": 12345, "k1": 6789, "thr": 429496729},
+                    ("scale",), {"DROP": True, "RELU": True, "SEED_PTR": dtype == "fp32", "BLOCK": dr.BLOCK}, {"num_warps": 4}))
     adamw_floats = ("scale", "lr", "w1", "beta2", "w2", "log2_beta1", "log2_beta2", "eps", "decay")
     for g_name, g_dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
         out.append((f"masked_adamw update fp32 params, {g_name} grads BLOCK={ad.BLOCK}", ad._adamw_kernel,
-                    {"table_ptr": "i64", "blocks_ptr": "i64", "scale_ptr": "fp32"}, {}, adamw_floats,
-                    {"SCALE_IS_PTR": True, "P_DTYPE": tl.float32, "G_DTYPE": g_dtype, "BLOCK": ad.BLOCK},
+                    {"table_ptr": "i64", "blocks_ptr": "i64", "scale_ptr": "fp32", "lr_ptr": "fp64"}, {}, adamw_floats,
+                    {"SCALE_IS_PTR": True, "LR_IS_PTR": g_name == "fp32", "P_DTYPE": tl.float32, "G_DTYPE": g_dtype, "BLOCK": ad.BLOCK},
                     {"num_warps": ad.NUM_WARPS, "enable_fp_fusion": False}))
     out.append(("masked_adamw step += 1 (up to 128 params)", ad._step_kernel, {"table_ptr": "i64"}, {"n_params": 82}, (),
                 {"NP": 128}, {}))

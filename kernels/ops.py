@@ -1,23 +1,49 @@
-"""The op values of :func:`kernels.select_backends`: each masked op bound to one backend, checking
-its arguments once (``kernels.checks``) before it calls the backend's implementation, which trusts
-them; ``KernelOps`` holds a run's three ops."""
+"""The op values of :func:`kernels.select_backends`: each op bound to one backend, checking its
+arguments (``kernels.checks``) before it calls the backend's implementation, which trusts them;
+``KernelOps`` holds a run's four ops.
+
+The launch path costs about what an ATen op's does. The checks depend only on shapes, dtypes,
+devices and host-side flags, so an op runs them once per configuration and keeps the ones that
+passed in its own ``checked`` set, keyed on exactly those (a later call with the same key skips
+them; a call whose arguments are not tensors fails to make a key and gets the checks, which name
+the bad argument). Under ``torch.compile`` the checks run every time and trace away. Autocast's
+casts and its disabling context are entered only while autocast is on. Per call there remains the
+seed's range check (a host value that changes every step).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 
 from . import checks, reference
-
-if TYPE_CHECKING:
-    from . import Backend
+from .backends import Backend
 
 
 # Device types with an autocast mode, read once: Dynamo in some torch releases cannot trace
 # ``torch.amp.is_autocast_available`` inside a compiled region.
 _AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla") if torch.amp.is_autocast_available(d))
+
+
+MAX_CHECKED = 4096  # configurations an op remembers as checked (beyond it the set starts afresh)
+
+
+def _tensor_key(t) -> tuple | None:
+    """(shape, dtype, device) of a tensor, None for None; AttributeError for anything else."""
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _remember(checked: set, key) -> None:
+    if len(checked) >= MAX_CHECKED:
+        checked.clear()
+    checked.add(key)
+
+
+def _seed(seed):
+    """A seed as the backends take it: an int, or the int64 0-dim tensor that holds it on the
+    device (a captured step's; read there, never on the host)."""
+    return seed if isinstance(seed, torch.Tensor) else int(seed)
 
 
 def _autocast_operands(x, weight, bias):
@@ -35,6 +61,7 @@ class MaskedLinearOp:
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` on one backend; see :func:`masked_linear`."""
 
     backend: Backend
+    checked: set = field(default_factory=set, compare=False, repr=False)  # configurations whose checks passed
 
     @property
     def takes_bool_masks(self) -> bool:
@@ -46,16 +73,46 @@ class MaskedLinearOp:
 
     def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0,
                  seed=0) -> torch.Tensor:
-        if isinstance(x, torch.Tensor):
-            x, weight, bias = _autocast_operands(x, weight, bias)
+        if torch.compiler.is_compiling():
+            return self._checked_call(x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed)
+        try:  # what checks.masked_linear reads (inline, hashed once: this is the hot path of every masked layer)
+            key = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+                   None if bias is None else (bias.shape, bias.dtype, bias.device), masks.shape, masks.dtype, masks.device,
+                   task_ids.shape, task_ids.dtype, task_ids.device,
+                   None if task_grads is None else (*_tensor_key(task_grads), task_grads.is_contiguous()), segments, relu, dropout_p)
+            known = key in self.checked
+        except (AttributeError, TypeError):  # not tensors, or segments not a tuple of pairs: the checks name what is wrong
+            return self._checked_call(x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed)
+        dev = key[2].type
+        if dev in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(dev):
+            return self._checked_call(x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed)
+        if not known:
+            self._check(x, weight, bias, masks, task_ids, task_grads, segments, dropout_p, seed, key)
+        elif type(seed) is not int or not 0 <= seed < 2**63:  # (per call: the seed changes every step)
+            checks.dropout("masked_linear", 0.0, seed)
+        if not relu and dropout_p == 0.0:
+            return self.backend.linear(x, weight, bias, masks, task_ids, task_grads, segments)
+        return self.backend.linear(x, weight, bias, masks, task_ids, task_grads, segments, bool(relu), float(dropout_p), _seed(seed))
+
+    def _check(self, x, weight, bias, masks, task_ids, task_grads, segments, dropout_p, seed, key) -> None:
         b = self.backend
         checks.masked_linear(x, weight, bias, masks, task_ids, task_grads, segments, dtypes=b.linear_dtypes, devices=b.devices,
                              bool_masks=b.bool_masks)
         checks.dropout("masked_linear", dropout_p, seed)
-        with torch.autocast(x.device.type, enabled=False):
-            if not relu and dropout_p == 0.0:
-                return b.linear(x, weight, bias, masks, task_ids, task_grads, segments)
-            return b.linear(x, weight, bias, masks, task_ids, task_grads, segments, bool(relu), float(dropout_p), int(seed))
+        if key is not None:
+            _remember(self.checked, key)
+
+    def _checked_call(self, x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed) -> torch.Tensor:
+        """The call under autocast (the operands cast to its dtype first), under torch.compile, or
+        with arguments that make no key: the checks every time."""
+        if isinstance(x, torch.Tensor) and x.device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(x.device.type):
+            x, weight, bias = _autocast_operands(x, weight, bias)
+            with torch.autocast(x.device.type, enabled=False):
+                self._check(x, weight, bias, masks, task_ids, task_grads, segments, dropout_p, seed, None)
+                return self.backend.linear(x, weight, bias, masks, task_ids, task_grads, segments, bool(relu), float(dropout_p),
+                                           _seed(seed))
+        self._check(x, weight, bias, masks, task_ids, task_grads, segments, dropout_p, seed, None)
+        return self.backend.linear(x, weight, bias, masks, task_ids, task_grads, segments, bool(relu), float(dropout_p), _seed(seed))
 
 
 @dataclass(frozen=True)
@@ -65,12 +122,19 @@ class DropoutOp:
     so the backward recomputes the bits and nothing is stored."""
 
     backend: Backend
+    checked: set = field(default_factory=set, compare=False, repr=False)  # configurations whose checks passed
 
     def __call__(self, x, p: float, seed: int) -> torch.Tensor:
         b = self.backend
-        checks.tensor("dropout", "x", x, b.linear_dtypes, b.devices)
-        checks.dropout("dropout", p, seed)
-        return b.dropout(x, float(p), int(seed))
+        key = None if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or type(p) is not float else (x.dtype, x.device, p)
+        if key is None or key not in self.checked:
+            checks.tensor("dropout", "x", x, b.linear_dtypes, b.devices)
+            checks.dropout("dropout", p, seed)
+            if key is not None:
+                _remember(self.checked, key)
+        elif type(seed) is not int or not 0 <= seed < 2**63:  # (per call: the seed changes every step)
+            checks.dropout("dropout", 0.0, seed)
+        return b.dropout(x, float(p), _seed(seed))
 
 
 @dataclass(frozen=True)
@@ -130,6 +194,7 @@ class MaskedAdamWOp:
     (the Triton one keeps its parameter tables there); None keeps nothing."""
 
     backend: Backend
+    checked: set = field(default_factory=set, compare=False, repr=False)  # configurations whose checks passed
 
     @property
     def takes_bool_masks(self) -> bool:
@@ -142,9 +207,11 @@ class MaskedAdamWOp:
         b = self.backend
         checks.masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale, dtypes=b.adamw_dtypes, devices=b.devices,
                             max_numel=b.max_numel)
+        checks.learning_rate("masked_adamw_", lr, getattr(params[0], "device", None))
         if not b.bool_masks:
             masks = [m if m is None or m.dtype == torch.int32 else reference.pack_masks(m) for m in masks]
-        b.adamw(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masks), list(steps), float(lr), float(beta1),
+        b.adamw(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masks), list(steps),
+                lr if isinstance(lr, torch.Tensor) else float(lr), float(beta1),
                 float(beta2), float(eps), float(weight_decay), grad_scale, workspace)
 
 

@@ -83,13 +83,39 @@ def mask_weight(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # split in 16-bit halves so nothing overflows).
 
 
-def site_seed(seed: int, site: int) -> int:
+def site_seed(seed, site):
     """The 63-bit seed of dropout site ``site`` of a forward whose seed is ``seed`` (SplitMix64 of
-    their sum; host arithmetic on Python ints)."""
+    ``seed + (site + 1) * golden``): host arithmetic on Python ints, or, when either is an int64
+    tensor (a step count on the device, as a captured training step keeps it), the same bits
+    computed on its device (an int64 tensor)."""
+    if isinstance(seed, torch.Tensor) or isinstance(site, torch.Tensor):
+        return _site_seed_tensor(seed, site)
     z = (seed + (site + 1) * 0x9E3779B97F4A7C15) & _M64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
     return (z ^ (z >> 31)) >> 1
+
+
+def _signed64(v: int) -> int:
+    v &= _M64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _shr(z: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 ``z`` read as uint64."""
+    return (z >> n) & ((1 << (64 - n)) - 1)
+
+
+def _site_seed_tensor(seed, site) -> torch.Tensor:
+    """:func:`site_seed` on int64 tensors (sums and products wrap modulo 2^64 as uint64's do)."""
+    g = _signed64(0x9E3779B97F4A7C15)
+    if isinstance(site, torch.Tensor):
+        z = (site.to(torch.int64) + 1) * g + (seed if isinstance(seed, torch.Tensor) else _signed64(seed))
+    else:
+        z = seed.to(torch.int64) + _signed64((site + 1) * 0x9E3779B97F4A7C15)
+    z = (z ^ _shr(z, 30)) * _signed64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _signed64(0x94D049BB133111EB)
+    return _shr(z ^ _shr(z, 31), 1)
 
 
 def dropout_threshold(p: float) -> int:
@@ -115,8 +141,9 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def counter_bits(index: torch.Tensor, seed: int) -> torch.Tensor:
-    """The 32-bit hash (in int64) of every element index in ``index`` (int64) under ``seed``."""
+def counter_bits(index: torch.Tensor, seed) -> torch.Tensor:
+    """The 32-bit hash (in int64) of every element index in ``index`` (int64) under ``seed`` (an
+    int, or a 0-dim int64 tensor on index's device)."""
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     h = _fmix32(_mul32(index & _M32, 0x9E3779B1) ^ k0)
     return _fmix32(h ^ k1)

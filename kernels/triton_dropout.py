@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .reference import dropout_scale, dropout_threshold
 
-__all__ = ["epilogue_args", "epilogue_grad", "triton_dropout"]
+__all__ = ["epilogue_args", "epilogue_grad", "seed_pointer", "split_seed", "triton_dropout"]
 
 BLOCK = 1024
 
@@ -30,11 +30,21 @@ def _signed32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def epilogue_args(p: float, seed: int) -> tuple[int, int, int, float]:
+def epilogue_args(p: float, seed) -> tuple[int, int, int, float]:
     """(k0, k1, threshold, scale) of a dropout: the seed's low and high words and the threshold as
-    int32 bit patterns, and the scale of kept elements."""
+    int32 bit patterns, and the scale of kept elements. A seed held in a tensor (read by the
+    kernel, :func:`seed_pointer`) gives words 0 here."""
+    if isinstance(seed, torch.Tensor):
+        seed = 0
     return (_signed32(seed & 0xFFFFFFFF), _signed32((seed >> 32) & 0xFFFFFFFF), _signed32(dropout_threshold(p)),
             dropout_scale(p) if p > 0 else 1.0)
+
+
+def seed_pointer(seed, fallback: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(pointer argument, SEED_PTR) of a kernel: a seed held in an int64 0-dim tensor is read by the
+    kernel on the device (what a captured CUDA graph needs: the value changes between replays);
+    an int is passed by value (``fallback`` fills the unused pointer)."""
+    return (seed, True) if isinstance(seed, torch.Tensor) else (fallback, False)
 
 
 @triton.jit
@@ -57,22 +67,31 @@ def _keep(index, k0, k1, thr):
 
 
 @triton.jit
-def _epilogue_grad_kernel(g_ptr, out_ptr, gin_ptr, n, k0, k1, thr, scale, DROP: tl.constexpr, RELU: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _keep_seeded(index, seed_ptr, k0, k1, thr, SEED_PTR: tl.constexpr):
+    """:func:`_keep` with the seed's words k0, k1, or (SEED_PTR) those of the int64 at ``seed_ptr``."""
+    if SEED_PTR:
+        s = tl.load(seed_ptr)
+        return _keep(index, s & 0xFFFFFFFF, s >> 32, thr)
+    return _keep(index, k0, k1, thr)
+
+
+@triton.jit
+def _epilogue_grad_kernel(g_ptr, out_ptr, gin_ptr, seed_ptr, n, k0, k1, thr, scale, DROP: tl.constexpr, RELU: tl.constexpr,
+                          SEED_PTR: tl.constexpr, BLOCK: tl.constexpr):
     """gin = keep ? g * scale : 0 (DROP), then 0 where !(out > 0) (RELU): the gradient before the
     epilogue. The forward of the standalone dropout is the same map of x (DROP, no RELU)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     g = tl.load(g_ptr + offs, mask=ok, other=0.0)
     if DROP:
-        g = tl.where(_keep(offs, k0, k1, thr), (g.to(tl.float32) * scale).to(g.dtype), tl.zeros_like(g))
+        g = tl.where(_keep_seeded(offs, seed_ptr, k0, k1, thr, SEED_PTR), (g.to(tl.float32) * scale).to(g.dtype), tl.zeros_like(g))
     if RELU:
         o = tl.load(out_ptr + offs, mask=ok, other=0.0)
         g = tl.where(o > 0, g, tl.zeros_like(g))
     tl.store(gin_ptr + offs, g, mask=ok)
 
 
-def epilogue_grad(g: torch.Tensor, out: torch.Tensor | None, relu: bool, p: float, seed: int) -> torch.Tensor:
+def epilogue_grad(g: torch.Tensor, out: torch.Tensor | None, relu: bool, p: float, seed) -> torch.Tensor:
     """The gradient before a ReLU/dropout epilogue from ``g``, the gradient after it (``out``: the
     epilogue's output, read for ReLU). A new contiguous tensor of g's dtype and shape."""
     g = g.contiguous()
@@ -84,32 +103,44 @@ def epilogue_grad(g: torch.Tensor, out: torch.Tensor | None, relu: bool, p: floa
         return gin
     k0, k1, thr, scale = epilogue_args(p, seed)
     o = out.contiguous() if relu else g
-    _epilogue_grad_kernel[(triton.cdiv(n, BLOCK),)](g, o, gin, n, k0, k1, thr, scale, DROP=p > 0.0, RELU=relu, BLOCK=BLOCK)
+    seed_arg, seed_in_tensor = seed_pointer(seed, g)
+    _epilogue_grad_kernel[(triton.cdiv(n, BLOCK),)](g, o, gin, seed_arg, n, k0, k1, thr, scale, DROP=p > 0.0, RELU=relu,
+                                                    SEED_PTR=seed_in_tensor, BLOCK=BLOCK)
     return gin
 
 
 @torch.library.custom_op("harmodt_triton::dropout", mutates_args=())
-def _dropout_op(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Counter-based dropout of x (a new contiguous tensor)."""
-    return epilogue_grad(x, None, False, p, seed) if p > 0.0 else x.contiguous().clone()
+def _dropout_op(x: torch.Tensor, p: float, seed: int, seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Counter-based dropout of x (a new contiguous tensor); the seed is ``seed_t`` (an int64 0-dim
+    tensor read on the device) when given, else ``seed``."""
+    return epilogue_grad(x, None, False, p, seed if seed_t is None else seed_t) if p > 0.0 else x.contiguous().clone()
 
 
 @_dropout_op.register_fake
-def _(x, p, seed):
+def _(x, p, seed, seed_t=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     ctx.p, ctx.seed = inputs[1], inputs[2]
+    ctx.save_for_backward(inputs[3])
 
 
 def _backward(ctx, grad):
-    return _dropout_op(grad, ctx.p, ctx.seed), None, None
+    (seed_t,) = ctx.saved_tensors
+    return _dropout_op(grad, ctx.p, ctx.seed, seed_t), None, None, None
 
 
 _dropout_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def triton_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """See :func:`kernels.dropout` (checked there); ``torch.ops.harmodt_triton.dropout``."""
-    return x if p == 0.0 else torch.ops.harmodt_triton.dropout(x, p, seed)
+def split_seed(seed) -> tuple[int, torch.Tensor | None]:
+    """(int seed, seed tensor) of a registered op's arguments: an int64 tensor seed goes as the
+    tensor (0 as the int), an int as the int."""
+    return (0, seed) if isinstance(seed, torch.Tensor) else (seed, None)
+
+
+def triton_dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """See :func:`kernels.dropout` (checked there); ``torch.ops.harmodt_triton.dropout``. ``seed``:
+    an int, or an int64 0-dim tensor on x's device."""
+    return x if p == 0.0 else torch.ops.harmodt_triton.dropout(x, p, *split_seed(seed))

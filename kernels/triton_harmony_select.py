@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .backends import triton_interpreted
 from .reference import num_words, unpack_masks
 
 BLOCK = 1024  # weights per program on GPU (candidates: T * P * KC / BLOCK keys)
@@ -64,14 +65,10 @@ def _candidates_kernel(h_ptr, r_ptr, m_ptr, hkey_ptr, rkey_ptr, P, W, stride_h, 
         tl.store(rkey_ptr + out, -tl.topk(-rkey, KC))
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def candidates_per_block(k: int, block: int) -> int:
     """KC: the power of two at or above k, at least min(32, block / 8) (so a run whose k anneals
     compiles few variants); ``block`` itself (keep every key) when that exceeds block / 8."""
-    kc = max(_next_pow2(min(k, block)), min(32, block // 8))
+    kc = max(triton.next_power_of_2(min(k, block)), min(32, block // 8))
     return block if kc > block // 8 else kc
 
 
@@ -98,8 +95,6 @@ def _select(harmony, recovery, masks, k):
     if k <= 0 or p == 0:
         return masks.clone()
     h_scores, r_scores = harmony.contiguous(), recovery.contiguous()
-    from . import triton_interpreted
-
     block = INTERPRET_BLOCK if triton_interpreted() else BLOCK
     n_blocks = triton.cdiv(p, block)
     kc = candidates_per_block(k, block)

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .backends import triton_interpreted
 from .reference import num_words
 
 __all__ = ["BLOCK", "triton_masked_adamw_"]
@@ -42,10 +43,13 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 @triton.jit
-def _adamw_kernel(table_ptr, blocks_ptr, scale_ptr, scale, lr, w1, beta2, w2, log2_beta1, log2_beta2, eps, decay,
-                  SCALE_IS_PTR: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_kernel(table_ptr, blocks_ptr, scale_ptr, lr_ptr, scale, lr, w1, beta2, w2, log2_beta1, log2_beta2, eps, decay,
+                  SCALE_IS_PTR: tl.constexpr, LR_IS_PTR: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """One program: BLOCK elements of one parameter. ``w1 = 1 - beta1``, ``w2 = 1 - beta2``,
-    ``decay = 1 - lr * weight_decay``, ``log2_beta* = log2(beta*)`` (for ``beta^t = 2^(t log2 beta)``)."""
+    ``decay = 1 - lr * weight_decay``, ``log2_beta* = log2(beta*)`` (for ``beta^t = 2^(t log2 beta)``).
+    LR_IS_PTR: lr and decay are read as float64 from ``lr_ptr[0:2]`` (values that change between
+    replays of a captured graph) and rounded to fp32 as the host rounds the by-value ones."""
     j = tl.program_id(0)
     i = tl.load(blocks_ptr + 2 * j)
     start = tl.load(blocks_ptr + 2 * j + 1).to(tl.int32)  # element offsets are int32 (checked on the host)
@@ -60,6 +64,9 @@ def _adamw_kernel(table_ptr, blocks_ptr, scale_ptr, scale, lr, w1, beta2, w2, lo
     k = tl.load(row + 7).to(tl.int32)
     n_words = tl.load(row + 8).to(tl.int32)
 
+    if LR_IS_PTR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+        decay = tl.load(lr_ptr + 1).to(tl.float32)
     if SCALE_IS_PTR:
         s = tl.load(scale_ptr).to(tl.float32)
     else:
@@ -115,8 +122,6 @@ def _rows(params, grads, exp_avgs, exp_avg_sqs, masks, steps) -> list:
 
 
 def _block() -> int:
-    from . import triton_interpreted
-
     return INTERPRET_BLOCK if triton_interpreted() else BLOCK
 
 
@@ -150,9 +155,10 @@ def _cached_table(workspace: dict | None, key: tuple, device: torch.device, rows
 
 
 def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, scale_t, scale,
-            workspace=None) -> None:
+            workspace=None, lr_t=None) -> None:
     """The update, parameters grouped by (device, parameter dtype, gradient dtype): two launches
-    per group."""
+    per group. ``lr_t``: a float64 0-dim tensor holding the learning rate (then ``lr`` is unused)."""
+    lr_decay = None if lr_t is None else torch.stack([lr_t, 1 - lr_t * weight_decay])  # float64 (lr, decay), read in the kernel
     groups: dict = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         groups.setdefault((p.device, p.dtype, g.dtype), []).append(i)
@@ -167,10 +173,11 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2
         n = len(idx)
         if n_programs:
             _adamw_kernel[(n_programs,)](
-                table, table[ROW * n:], scale_t if scale_t is not None else table, float(scale), float(lr),
+                table, table[ROW * n:], scale_t if scale_t is not None else table, lr_decay if lr_decay is not None else table,
+                float(scale), float(lr),
                 float(1 - beta1), float(beta2), float(1 - beta2), math.log2(beta1) if beta1 > 0 else -math.inf,
                 math.log2(beta2) if beta2 > 0 else -math.inf, float(eps), float(1 - lr * weight_decay),
-                SCALE_IS_PTR=scale_t is not None, P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
+                SCALE_IS_PTR=scale_t is not None, LR_IS_PTR=lr_decay is not None, P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
                 BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False)  # no FMA: rounds as the reference's separate ops
         _step_kernel[(1,)](table, n, NP=max(2, triton.next_power_of_2(n)))
 
@@ -179,14 +186,16 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2
 def _masked_adamw_op(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
                      exp_avg_sqs: List[torch.Tensor], masks: List[Optional[torch.Tensor]], steps: List[torch.Tensor],
                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                     grad_scale_tensor: Optional[torch.Tensor], grad_scale: float) -> None:
+                     grad_scale_tensor: Optional[torch.Tensor], grad_scale: float, lr_t: Optional[torch.Tensor] = None) -> None:
     """Masked AdamW over the lists in place; ``grad_scale_tensor`` (0-dim, on the device) when
-    given, else the float ``grad_scale``, multiplies every gradient."""
-    _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor, grad_scale)
+    given, else the float ``grad_scale``, multiplies every gradient; ``lr_t`` (float64 0-dim, on
+    the device) when given is the learning rate, else ``lr``."""
+    _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor, grad_scale,
+            lr_t=lr_t)
 
 
 @_masked_adamw_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor, grad_scale):
+def _(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor, grad_scale, lr_t=None):
     return None
 
 
@@ -202,10 +211,11 @@ def triton_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr,
         return
     scale_t = grad_scale if isinstance(grad_scale, torch.Tensor) else None
     scale = 1.0 if scale_t is not None else float(grad_scale)
-    args = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), scale_t, scale)
+    lr_t = lr if isinstance(lr, torch.Tensor) else None
+    args = (0.0 if lr_t is not None else float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), scale_t, scale)
     if torch.compiler.is_compiling():
         torch.ops.harmodt_triton.masked_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masks),
-                                               list(steps), *args)
+                                               list(steps), *args, lr_t)
         return
     with torch.no_grad():  # an optimizer update: parameters change in place outside autograd
-        _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, *args, workspace=workspace)
+        _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, *args, workspace=workspace, lr_t=lr_t)

@@ -38,18 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .backends import triton_interpreted
 from .checks import KernelArgumentError
-from .triton_dropout import _keep, epilogue_args, epilogue_grad
+from .triton_dropout import _keep_seeded, epilogue_args, epilogue_grad, seed_pointer, split_seed
 
 __all__ = ["block_config", "triton_masked_linear"]
 
 INTERPRET_BLOCKS = (32, 32, 32)  # (BM, BN, BK) under the interpreter: small tiles run fastest there
-
-
-def _interpreting() -> bool:
-    from . import triton_interpreted
-
-    return triton_interpreted()
 
 
 def block_config(kernel: str, n: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int, int]:
@@ -61,7 +56,7 @@ def block_config(kernel: str, n: int, dtype: torch.dtype = torch.float32) -> tup
     (qkv 768, fc 1024), else 64. dX: 64 rows x 64 columns out. dW: 64 x 64 out. Every tile across
     K is a multiple of 32: one packed mask word per 32 columns. Eight warps for the 64 x 128
     forward tile (four leave sm_80 at 255 registers), four otherwise. The interpreter gets 32s."""
-    if _interpreting():
+    if triton_interpreted():
         return (*INTERPRET_BLOCKS, 4)
     red = 32 if dtype == torch.float32 else 64
     if kernel == "fwd":
@@ -71,10 +66,6 @@ def block_config(kernel: str, n: int, dtype: torch.dtype = torch.float32) -> tup
     if kernel == "dw":
         return red, 64, 64, 4
     raise ValueError(f"block_config: unknown kernel {kernel!r}")
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 # ---- kernels ----------------------------------------------------------------------------------
@@ -124,9 +115,10 @@ def _row_tile(tile, task_ptr, counts_ptr, order_ptr, R, T, SINGLE: tl.constexpr,
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, task_ptr, counts_ptr, order_ptr, R, N, K, W, T,
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, task_ptr, counts_ptr, order_ptr, seed_ptr, R, N, K, W, T,
                 stride_xm, stride_xk, stride_wn, stride_wk, stride_mt, stride_mn, stride_ym, stride_yn, seed_lo, seed_hi, thr, scale,
-                SINGLE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROP: tl.constexpr, PRECISION: tl.constexpr,
+                SINGLE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROP: tl.constexpr, SEED_PTR: tl.constexpr,
+                PRECISION: tl.constexpr,
                 TP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     task, rows, row_ok, has_rows = _row_tile(tl.program_id(0), task_ptr, counts_ptr, order_ptr, R, T, SINGLE, TP, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -147,7 +139,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, task_ptr, counts_ptr, order_p
     if RELU:
         y = tl.where((y > 0) | (y != y), y, tl.zeros_like(y))
     if DROP:  # the element's row-major index in the [R, N] output picks its bits
-        keep = _keep(rows[:, None] * N + offs_n[None, :], seed_lo, seed_hi, thr)
+        keep = _keep_seeded(rows[:, None] * N + offs_n[None, :], seed_ptr, seed_lo, seed_hi, thr, SEED_PTR)
         y = tl.where(keep, (y.to(tl.float32) * scale).to(y_ptr.dtype.element_ty), tl.zeros_like(y))
     tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, y, mask=row_ok[:, None] & (offs_n[None, :] < N))
 
@@ -226,7 +218,7 @@ def _dw_kernel(dy_ptr, x_ptr, m_ptr, dw_ptr, tg_ptr, task_ptr, counts_ptr, order
 def _precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision: fp32 products as tf32 only where torch's own fp32 matmuls may
     use it (``torch.get_float32_matmul_precision() != "highest"``), never under the interpreter."""
-    if _interpreting() or dtype != torch.float32:
+    if triton_interpreted() or dtype != torch.float32:
         return "ieee"
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
@@ -262,11 +254,12 @@ def _forward(x, weight, bias, masks, task_ids, relu=False, dropout_p=0.0, seed=0
         return y
     bm, bn, bk, warps = block_config("fwd", n, x.dtype)
     single, tids, counts, order, n_tiles = _rows(task_ids, t, r, bm)
+    seed_arg, seed_in_tensor = seed_pointer(seed, y)
     _fwd_kernel[(n_tiles, triton.cdiv(n, bn))](
-        x, weight, bias if bias is not None else weight, masks, y, tids, counts, order, r, n, k, masks.shape[2], t,
+        x, weight, bias if bias is not None else weight, masks, y, tids, counts, order, seed_arg, r, n, k, masks.shape[2], t,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), y.stride(0), y.stride(1),
-        *epilogue_args(dropout_p, seed), SINGLE=single, HAS_BIAS=bias is not None, RELU=relu, DROP=dropout_p > 0.0,
-        PRECISION=_precision(x.dtype), TP=max(2, _next_pow2(t)), BM=bm, BN=bn, BK=bk, num_warps=warps, enable_fp_fusion=True)
+        *epilogue_args(dropout_p, seed), SINGLE=single, HAS_BIAS=bias is not None, RELU=relu, DROP=dropout_p > 0.0, SEED_PTR=seed_in_tensor,
+        PRECISION=_precision(x.dtype), TP=max(2, triton.next_power_of_2(t)), BM=bm, BN=bn, BK=bk, num_warps=warps, enable_fp_fusion=True)
     return y
 
 
@@ -285,7 +278,7 @@ def _backward_dx(dy, weight, masks, task_ids):
     _dx_kernel[(n_tiles, triton.cdiv(k, bk))](
         dy, weight, masks, dx, tids, counts, order, r, n, k, masks.shape[2], t,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), dx.stride(0), dx.stride(1),
-        SINGLE=single, PRECISION=_precision(dy.dtype), TP=max(2, _next_pow2(t)), BM=bm, BN=bn, BK=bk,
+        SINGLE=single, PRECISION=_precision(dy.dtype), TP=max(2, triton.next_power_of_2(t)), BM=bm, BN=bn, BK=bk,
         num_warps=warps, enable_fp_fusion=True)
     return dx
 
@@ -316,14 +309,14 @@ def _backward_dw(dy, x, masks, task_ids, task_grads):
 @torch.library.custom_op("harmodt_triton::masked_linear", mutates_args=())
 def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], masks: torch.Tensor,
                       task_ids: torch.Tensor, task_grads: Optional[torch.Tensor], relu: bool, dropout_p: float,
-                      seed: int) -> torch.Tensor:
+                      seed: int, seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y = epilogue(x @ (W * M[task_ids]).T + b)`` (ReLU, counter-based dropout); ``task_grads``
     is only carried to the backward."""
-    return _forward(x, weight, bias, masks, task_ids, relu, dropout_p, seed)
+    return _forward(x, weight, bias, masks, task_ids, relu, dropout_p, seed if seed_t is None else seed_t)
 
 
 @_masked_linear_op.register_fake
-def _(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed):
+def _(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed, seed_t=None):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -365,18 +358,18 @@ _masked_linear_dw_task_grads_op.register_fake(_dw_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed = inputs
+    x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed, seed_t = inputs
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     ctx.save_for_backward(x if need_w else None, weight if need_x else None, masks, task_ids, task_grads if need_w else None,
-                          output if relu else None)
+                          output if relu else None, seed_t)
     ctx.has_bias = bias is not None
     ctx.epilogue = (relu, dropout_p, seed)
 
 
 def _backward(ctx, dy):
-    x, weight, masks, task_ids, task_grads, out = ctx.saved_tensors
+    x, weight, masks, task_ids, task_grads, out, seed_t = ctx.saved_tensors
     relu, dropout_p, seed = ctx.epilogue
-    dy = epilogue_grad(dy, out, relu, dropout_p, seed)  # dropout's bits recomputed from the seed
+    dy = epilogue_grad(dy, out, relu, dropout_p, seed if seed_t is None else seed_t)  # dropout's bits recomputed from the seed
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = _masked_linear_dx_op(dy, weight, masks, task_ids)
@@ -385,7 +378,7 @@ def _backward(ctx, dy):
               else _masked_linear_dw_task_grads_op(dy, x, masks, task_ids, task_grads))
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = dy.sum(0)
-    return dx, dw, db, None, None, None, None, None, None
+    return dx, dw, db, None, None, None, None, None, None, None
 
 
 _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -398,6 +391,7 @@ def triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=None, segm
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` on the Triton kernels, then ReLU and
     counter-based dropout in the same kernel's epilogue when asked; see
     :func:`kernels.masked_linear`, which checks the arguments (masks packed int32, task_ids ``[R]``
-    or ``[1]``; ``segments`` is not needed: rows are grouped on the device). Calls the registered
-    op ``torch.ops.harmodt_triton.masked_linear``."""
-    return torch.ops.harmodt_triton.masked_linear(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed)
+    or ``[1]``; ``segments`` is not needed: rows are grouped on the device; ``seed``: an int or an
+    int64 0-dim tensor read on the device). Calls the registered op
+    ``torch.ops.harmodt_triton.masked_linear``."""
+    return torch.ops.harmodt_triton.masked_linear(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, *split_seed(seed))

@@ -48,10 +48,12 @@ KILL_POINTS = {
 }
 # the mask-update gradients (--mask-grads) a run uses -> its extra flags; official draws dropout in the update;
 # counter: training's dropout from the counter-based stream (a hash of seed and step, what --fused selects)
-VARIANTS = {"paper": [], "official": ["--mask-grads", "official"], "counter": ["--fused", "--dropout-rng", "counter"]}
+VARIANTS = {"paper": [], "official": ["--mask-grads", "official"], "counter": ["--fused", "--dropout-rng", "counter"],
+            "graphed": ["--fused", "--dropout-rng", "counter", "--cuda-graph"]}
 # (kill point, variant): every point with the default; official killed after an update that the resume replays;
 # counter killed between checkpoints and inside a mask update
-CASES = [(p, "paper") for p in KILL_POINTS] + [("step:5", "official"), ("step:5", "counter"), ("mask-update:8", "counter")]
+CASES = [(p, "paper") for p in KILL_POINTS] + [("step:5", "official"), ("step:5", "counter"), ("mask-update:8", "counter"),
+                                               ("step:5", "graphed"), ("mask-update:8", "graphed")]
 
 
 def train(out: Path, args: list[str], kill: str | None = None, resume: bool = False) -> subprocess.CompletedProcess:
@@ -148,6 +150,20 @@ def test_sigkill_then_resume_ends_as_uninterrupted(synthetic_runs, point, varian
     ok(resumed)
     assert ("resumed from" in resumed.stdout) == (ck_step is not None)
     assert_same_run(ref, out)
+
+
+def test_graphed_step_run_ends_as_the_eager_run(synthetic_runs):
+    """--cuda-graph (its step logic on the CPU, harmodt/graphed_step.py) ends where the eager
+    counter-dropout run ends: the same checkpoint bit for bit but for the flag itself."""
+    refs, _ = synthetic_runs
+    a = torch.load(refs["counter"] / "checkpoint.pt", weights_only=True)
+    b = torch.load(refs["graphed"] / "checkpoint.pt", weights_only=True)
+    for ck in (a, b):
+        for k in ("out", "resume", "cuda_graph"):
+            ck["config"].pop(k)
+        ck["run"].pop("metrics_bytes")
+    assert_equal_tree(a, b)
+    assert records(refs["counter"]) == records(refs["graphed"])
 
 
 def test_official_variant_trains_other_masks(synthetic_runs):

@@ -82,6 +82,7 @@ struct Groups {
   std::vector<int64_t> offsets;  // [T + 1]: task t owns rows [offsets[t], offsets[t + 1]) in task order
   at::Tensor order;              // [R] int64: row indices in task order (stable); undefined when the rows already are
   int64_t present = 0;           // tasks with at least one row
+  int64_t single = -1;           // the one task present when the rows need no reordering, else -1
 };
 
 Groups group_rows(const at::Tensor& task_ids, int64_t r, int64_t t_count) {
@@ -101,6 +102,7 @@ Groups group_rows(const at::Tensor& task_ids, int64_t r, int64_t t_count) {
     g.present += g.offsets[t + 1] > 0;
     g.offsets[t + 1] += g.offsets[t];
   }
+  if (g.present == 1) g.single = ids[0];
   if (!ordered) {
     g.order = at::empty({r}, task_ids.options());
     int64_t* o = g.order.data_ptr<int64_t>();
@@ -132,9 +134,16 @@ at::Tensor masked_linear_forward(const at::Tensor& x_in, const at::Tensor& weigh
   const at::Tensor bias = bias_in.has_value() ? *bias_in : at::Tensor();
   TORCH_CHECK_VALUE(!bias.defined() || (bias.dim() == 1 && bias.size(0) == n && bias.scalar_type() == x.scalar_type()),
                     "masked_linear: bias must be [", n, "] of x's dtype ", x.scalar_type(), ", got ", bias.scalar_type(), " ", bias.sizes());
-  at::Tensor y = at::empty({r, n}, x.options());
-  if (r == 0) return y;
+  if (r == 0) return at::empty({r, n}, x.options());
   const Groups g = group_rows(task_ids, r, t_count);
+  if (g.single >= 0) {  // one task, rows in order (a training batch): one GEMM straight into y, no views
+    at::Tensor wbuf = at::empty({n, k}, weight.options());
+    expand_task(weight, masks, g.single, wbuf);
+    at::Tensor y = bias.defined() ? at::addmm(bias, x, wbuf.t()) : at::mm(x, wbuf.t());
+    epilogue_forward_(y, Epilogue{relu, dropout_p, seed});
+    return y;
+  }
+  at::Tensor y = at::empty({r, n}, x.options());
   const at::Tensor xs = g.order.defined() ? x.index_select(0, g.order) : x;
   at::Tensor ys = g.order.defined() ? at::empty({r, n}, x.options()) : y;
   at::Tensor wbuf = at::empty({n, k}, weight.options());
@@ -189,14 +198,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(const at::
   for (int64_t t = 0; t < t_count; ++t) {
     const int64_t begin = g.offsets[t], count = g.offsets[t + 1] - begin;
     if (count == 0) continue;
-    const at::Tensor gyt = gys.narrow(0, begin, count);
+    const at::Tensor gyt = count == r ? gys : gys.narrow(0, begin, count);  // (one task: no view)
     if (need_x) {
       expand_task(weight, masks, t, wbuf);
-      at::Tensor out = dxs.narrow(0, begin, count);
+      at::Tensor out = count == r ? dxs : dxs.narrow(0, begin, count);
       at::mm_out(out, gyt, wbuf);
     }
     if (need_weight) {
-      at::mm_out(pbuf, gyt.t(), xs.narrow(0, begin, count));
+      at::mm_out(pbuf, gyt.t(), count == r ? xs : xs.narrow(0, begin, count));
       const uint32_t* words = mask_words(masks) + t * n * num_words(k);
       float* tg = task_grads.defined() ? task_grads.data_ptr<float>() + t * n * k : nullptr;
       float* acc = single ? nullptr : dw32.data_ptr<float>();
@@ -216,5 +225,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(const at::
 
 TORCH_LIBRARY_IMPL(harmodt_kernels, CPU, m) {
   m.impl("masked_linear_forward", &harmodt::masked_linear_forward);
+  m.impl("masked_linear", &harmodt::masked_linear_forward);
   m.impl("masked_linear_backward", &harmodt::masked_linear_backward);
 }

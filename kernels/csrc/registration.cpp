@@ -1,10 +1,14 @@
-// Operator schemas of the harmodt_kernels library (CPU implementations: masked_linear.cpp,
+// Operator schemas of the harmodt_kernels library (CPU implementations: masked_linear.cpp, autograd.cpp,
 // dropout.cpp, masked_adamw.cpp, harmony_select.cpp; fake implementations for torch.compile: kernels/cpu.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(harmodt_kernels, m) {
   m.def(
       "masked_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor masks, Tensor task_ids, bool relu, float dropout_p, "
+      "int seed) -> Tensor");
+  // masked_linear: the differentiable op (autograd in autograd.cpp, CPU kernel masked_linear_forward's).
+  m.def(
+      "masked_linear(Tensor x, Tensor weight, Tensor? bias, Tensor masks, Tensor task_ids, bool relu, float dropout_p, "
       "int seed) -> Tensor");
   m.def(
       "masked_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor masks, Tensor task_ids, "

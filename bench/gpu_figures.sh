@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks and figures of harmodt in one run, for a machine with a CUDA GPU (nothing else is
+# needed beyond the requirements: no registry, no network). From the repository root:
+#
+#   bash bench/gpu_figures.sh            # ROUNDS=5, PYTHON=python3, output in bench/results
+#   ROUNDS=3 PYTHON=python bash bench/gpu_figures.sh
+#
+# In order of importance, each part under its own time limit (seconds: TESTS_S, GRAPH_S, REST_S),
+# so that a short GPU session still gets the first parts:
+#   1. tests/gpu (capture and replay of the training step against eager, the Triton ops, training
+#      and evaluation on CUDA), output in <tag>-tests-gpu.txt;
+#   2. the step figures: bench/test_bench_graphed.py (one CUDA graph per step against eager, wall
+#      and profiler GPU time, fp32 (tf32) and bf16, HarmoDT-F and dense Prompt-DT; the MT50 x 1e6
+#      projection with mask updates) and bench/test_bench_launch.py (launch cost against ATen),
+#      into <tag>-graphed.json;
+#   3. every other GPU benchmark (bench/ -m cuda), into <tag>-kernels-step.json.
+# <tag> names the GPU and torch: e.g. nvidia-h100-80gb-hbm3-torch2.11. Render with
+# `python -m bench.render --write` and name the device and versions beside every figure.
+set -u -o pipefail
+PY=${PYTHON:-python3}
+ROUNDS=${ROUNDS:-5}
+OUT=${OUT:-bench/results}
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
+export MUJOCO_GL=${MUJOCO_GL:-disable}  # evaluation renders nothing (some GPU images have no libEGL)
+mkdir -p "$OUT"
+tag=$($PY -c "import re, torch; n = torch.cuda.get_device_name(0).lower(); v = torch.__version__.split('+')[0]; \
+print(re.sub('[^a-z0-9]+', '-', n).strip('-') + '-torch' + '.'.join(v.split('.')[:2]))" 2>/dev/null) || { echo "no CUDA device"; exit 2; }
+$PY -c "import torch, triton; print('device', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__)" \
+  | tee "$OUT/$tag-versions.txt"
+
+status=0
+echo "== 1. tests/gpu"
+timeout "${TESTS_S:-300}" $PY -m pytest tests/gpu -m cuda -q -rs 2>&1 | tee "$OUT/$tag-tests-gpu.txt" | tail -25 || status=1
+echo "== 2. the step figures"
+HARMODT_BENCH_ROUNDS=$ROUNDS HARMODT_BENCH_RESULTS="$OUT/$tag-graphed.json" timeout "${GRAPH_S:-300}" \
+  $PY -m pytest bench/test_bench_graphed.py bench/test_bench_launch.py -m cuda --benchmark-only -q -s 2>&1 | tail -60 || status=1
+echo "== 3. the other GPU benchmarks"
+HARMODT_BENCH_ROUNDS=$ROUNDS HARMODT_BENCH_RESULTS="$OUT/$tag-kernels-step.json" timeout "${REST_S:-600}" \
+  $PY -m pytest bench/ -m cuda --benchmark-only -q -s --ignore=bench/test_bench_graphed.py --ignore=bench/test_bench_launch.py \
+  2>&1 | tail -60 || status=1
+ls -l "$OUT" | grep "$tag"
+exit $status
