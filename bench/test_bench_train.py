@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from .baseline import BaselineStep, baseline_dir
-from .common import (H100_STEP_GOAL_MS, TASKS, call_runner, devices, figure, interleave, make_trainer, paired_ratio, record, rounds, step_runner,
-                     time_figure)
+from .common import (H100_STEP_GOAL_MS, TASKS, Timed, call_runner, devices, figure, gpu_times, interleave, make_trainer, paired_ratio, record,
+                     rounds, step_runner, time_figure)
 from .launches import count_step
 
 CPU_STEP_TARGET_MS = {"fp32": 125.0, "bf16": 70.0}
@@ -176,38 +176,37 @@ def test_step_compile(benchmark):
     record(benchmark, "--compile step on CUDA", device, times, figs, derived, {"errors": errors, "launches": launches})
 
 
-@pytest.mark.parametrize("device", devices())
-def test_mask_update_mt10(benchmark, device):
-    """Seconds per mask update (``Trainer.mask_update``: Algorithm 2, every task's masked and
-    dense gradient on a fresh batch, then ``harmony_select``) at MT10 (10 tasks), HarmoDT-F
-    ``--fused`` against the reference. No target; it runs once per 5,000 steps."""
-    from harmodt.tasks import MT10
+MASK_UPDATE_CASES = [pytest.param("cpu", "MT10", id="cpu-MT10"), pytest.param("cuda", "MT10", id="cuda-MT10", marks=pytest.mark.cuda),
+                     pytest.param("cuda", "MT50", id="cuda-MT50", marks=pytest.mark.cuda)]
 
-    trainers = {"fused": make_trainer("harmodt-f", device, True, tasks=MT10), "reference": make_trainer("harmodt-f", device, False, tasks=MT10)}
+
+@pytest.mark.parametrize("device,task_set", MASK_UPDATE_CASES)
+def test_mask_update(benchmark, device, task_set):
+    """Seconds per mask update (``Trainer.mask_update``: Algorithm 2, every task's masked and
+    dense gradient on a fresh batch, then ``harmony_select``) at MT10 and (CUDA) MT50, HarmoDT-F
+    ``--fused`` against the reference: wall and GPU time (CUDA events). Target: fused >= 3x the
+    reference at MT50. It runs once per 5,000 steps."""
+    from harmodt import tasks as task_sets
+
+    tasks = getattr(task_sets, task_set)
+    trainers = {"fused": make_trainer("harmodt-f", device, True, tasks=tasks), "reference": make_trainer("harmodt-f", device, False, tasks=tasks)}
     for tr in trainers.values():
         tr.step = 1  # past step 0 of the alpha schedule: the selection moves weights
-    variants = {k: _mask_update_runner(tr) for k, tr in trainers.items()}
-    times = interleave(benchmark, variants, rounds(1), calls=1, warmup=0)
+    variants = {k: Timed(tr.mask_update, device) for k, tr in trainers.items()}
+    times = interleave(benchmark, variants, rounds(1) if device == "cpu" else rounds(3), calls=1, warmup=0 if device == "cpu" else 1)
     times = {k: [x / 1e3 for x in v] for k, v in times.items()}
-    figs = [time_figure(f"mask update, MT10, {k}", times, k, unit="s") for k in times]
-    derived = {"fused_speedup_over_reference": 1.0 / paired_ratio(times, "fused", "reference")}
-    figs.append(figure("mask update, MT10: --fused speed-up over reference", derived["fused_speedup_over_reference"], "x"))
-    record(benchmark, "mask update at MT10", device, times, figs, derived, unit="s")
-
-
-def _mask_update_runner(tr):
-    from .common import sync
-    import time
-
-    def run(n: int) -> float:
-        sync(tr.device)
-        t = time.perf_counter()
-        for _ in range(n):
-            tr.mask_update()
-        sync(tr.device)
-        return (time.perf_counter() - t) / n * 1e3
-
-    return run
+    gpu = {k: [x / 1e3 for x in v] for k, v in gpu_times(variants).items()}
+    target = (">=", 3.0) if task_set == "MT50" else None
+    derived = {"fused_speedup_over_reference": 1.0 / paired_ratio(times, "fused", "reference"),
+               "fused_speedup_over_reference_gpu": 1.0 / paired_ratio(gpu, "fused", "reference")}
+    figs = [time_figure(f"mask update, {task_set}, {k}, wall", times, k, unit="s") for k in times]
+    figs += [time_figure(f"mask update, {task_set}, {k}, GPU time ({variants[k].clock})", gpu, k, unit="s") for k in gpu]
+    figs.append(figure(f"mask update, {task_set}: --fused speed-up over reference, wall", derived["fused_speedup_over_reference"], "x",
+                       target=target))
+    figs.append(figure(f"mask update, {task_set}: --fused speed-up over reference, GPU time", derived["fused_speedup_over_reference_gpu"],
+                       "x", target=target if device == "cuda" else None))
+    record(benchmark, f"mask update at {task_set}", device, times, figs, derived, {"clock": variants["fused"].clock, "tasks": len(tasks)},
+           unit="s")
 
 
 CLI_TASKS = ["reach-v3", "push-v3"]
