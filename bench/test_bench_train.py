@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from .baseline import BaselineStep, baseline_dir
-from .common import (H100_STEP_GOAL_MS, TASKS, Timed, call_runner, devices, figure, gpu_times, interleave, make_trainer, paired_ratio, record,
+from .common import (H100_STEP_GOAL_MS, TASKS, Timed, call_runner, devices, figure, gpu_figures, gpu_times, interleave, make_trainer, paired_ratio, record,
                      rounds, step_runner, time_figure)
 from .launches import count_step
 
@@ -36,9 +36,9 @@ def test_step(benchmark, device, precision):
     Targets: CPU fp32 <= 125 ms, bf16 <= 70 ms, masking overhead < 5 %, fused >= 1.0x the
     reference; GPU masked/dense <= 1.1x, fused step <= 3.6 ms (MT50 x 1e6 steps in an hour)."""
     cpu = device == "cpu"
-    variants = {"fused": step_runner(make_trainer("harmodt-f", device, True, precision)),
-                "dense": step_runner(make_trainer("prompt-dt", device, True, precision)),
-                "reference": step_runner(make_trainer("harmodt-f", device, False, precision))}
+    trainers = {"fused": make_trainer("harmodt-f", device, True, precision), "dense": make_trainer("prompt-dt", device, True, precision),
+                "reference": make_trainer("harmodt-f", device, False, precision)}
+    variants = {k: Timed(lambda tr=tr: tr.train_step(tr.sample_tasks()), device) for k, tr in trainers.items()}
     base, info = None, {}
     if cpu and baseline_dir() is not None:
         base = BaselineStep(baseline_dir(), TASKS, "harmodt-f", True, precision)
@@ -61,6 +61,10 @@ def test_step(benchmark, device, precision):
     else:
         figs.append(figure(f"masked over dense step, {precision}", overhead, "x", target=("<=", 1.1)))
     figs.append(figure(f"--fused speed-up over reference step, {precision}", speedup, "x", target=(">=", 1.0) if cpu else None))
+    if not cpu:  # what the GPU spent per step (CUDA events), beside the wall time
+        figs += gpu_figures(f"step, {precision}", variants)
+        derived["masked_over_dense_gpu"] = paired_ratio(gpu_times(variants), "fused", "dense")
+        figs.append(figure(f"masked over dense step, GPU time, {precision}", derived["masked_over_dense_gpu"], "x", target=("<=", 1.1)))
     if "previous_fused" in times:
         derived["fused_over_previous"] = paired_ratio(times, "fused", "previous_fused")
         figs.append(figure(f"--fused step over the previous version's, {precision}", derived["fused_over_previous"], "x",
