@@ -5,6 +5,11 @@ Timing: :func:`interleave` runs every variant of a benchmark once per round, in 
 primary variant through pytest-benchmark's ``pedantic``, the others in its untimed ``setup``), so
 a drift of a shared machine's speed hits them alike; figures are medians over rounds, and ratios
 are medians of the per-round ratios. On CUDA every timed call synchronizes before and after.
+
+GPU time: a :class:`Timed` variant also records, each round, the time between two CUDA events
+around its calls (what the GPU spent, idle gaps between kernels included), and
+:func:`kernel_time` sums the kernels' own durations from ``torch.profiler``. On a CPU both fall
+back to wall time (``clock`` says which), so a report has the same shape on every device.
 """
 
 from __future__ import annotations
@@ -110,6 +115,77 @@ def call_runner(fn: Callable[[], object], device) -> Callable[[int], float]:
     return run
 
 
+class Timed:
+    """A variant for :func:`interleave`: ``run(n)`` calls ``fn`` n times and returns wall ms per
+    call; it also appends the GPU ms per call between two CUDA events on the current stream to
+    ``gpu_ms`` (on a CPU the wall ms: ``clock`` is "wall")."""
+
+    def __init__(self, fn: Callable[[], object], device):
+        self.fn, self.device = fn, torch.device(device)
+        self.clock = "cuda-events" if self.device.type == "cuda" else "wall"
+        self.gpu_ms: list[float] = []
+
+    def reset(self) -> None:
+        self.gpu_ms.clear()
+
+    def __call__(self, n: int) -> float:
+        cuda = self.device.type == "cuda"
+        sync(self.device)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t = time.perf_counter()
+        for _ in range(n):
+            self.fn()
+        if cuda:
+            end.record()
+        sync(self.device)
+        wall = (time.perf_counter() - t) / n * 1e3
+        self.gpu_ms.append(start.elapsed_time(end) / n if cuda else wall)
+        return wall
+
+
+def kernel_time(fn: Callable[[], object], device, calls: int = 10) -> dict:
+    """The device's own time per call of ``fn``: on CUDA the sum of the kernels' durations that
+    ``torch.profiler`` records over ``calls`` calls (``clock`` "cuda-kernels", ``launches`` per
+    call); on a CPU the wall time (``clock`` "wall", ``launches`` None)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return {"ms": (time.perf_counter() - t) / calls * 1e3, "launches": None, "clock": "wall", "calls": calls}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    return {"ms": sum(e.self_device_time_total for e in kernels) / 1e3 / calls, "launches": sum(e.count for e in kernels) / calls,
+            "clock": "cuda-kernels", "calls": calls}
+
+
+def gpu_times(variants: dict) -> dict[str, list[float]]:
+    """The per-round GPU ms of the :class:`Timed` variants (the wall ms stay in ``interleave``'s result)."""
+    return {k: list(v.gpu_ms) for k, v in variants.items() if isinstance(v, Timed)}
+
+
+def gpu_figures(what: str, variants: dict, kernel: dict | None = None) -> list[dict]:
+    """Rows of each :class:`Timed` variant's GPU time (CUDA events; wall on a CPU) and, where
+    measured, its kernel time (profiler), labelled "``what``, <variant>, <clock>"."""
+    rows = []
+    for k, v in variants.items():
+        if isinstance(v, Timed) and v.gpu_ms:
+            rows.append(time_figure(f"{what}, {k}, GPU time ({v.clock})", {k: v.gpu_ms}, k))
+        if kernel and k in kernel:
+            rows.append(figure(f"{what}, {k}, kernel time ({kernel[k]['clock']})", kernel[k]["ms"], "ms"))
+    return rows
+
+
 def interleave(benchmark, variants: dict[str, Callable[[int], float]], n_rounds: int, calls: int = 1, warmup: int = 2) -> dict[str, list[float]]:
     """ms per call of every variant, one entry per round. Each variant is first run ``warmup``
     times untimed; then every round runs each variant for ``calls`` calls: the first variant
@@ -119,6 +195,8 @@ def interleave(benchmark, variants: dict[str, Callable[[int], float]], n_rounds:
     for name in names:
         if warmup:
             variants[name](warmup)
+        if isinstance(variants[name], Timed):
+            variants[name].reset()  # the warm-up is not a round
     times = {k: [] for k in names}
     others = names[1:]
     state = {"round": 0}

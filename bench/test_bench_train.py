@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from .baseline import BaselineStep, baseline_dir
-from .common import (H100_STEP_GOAL_MS, TASKS, call_runner, devices, figure, interleave, make_trainer, paired_ratio, record, rounds, step_runner,
-                     time_figure)
+from .common import (H100_STEP_GOAL_MS, TASKS, Timed, call_runner, devices, figure, gpu_figures, gpu_times, interleave, make_trainer, paired_ratio, record,
+                     rounds, step_runner, time_figure)
 from .launches import count_step
 
 CPU_STEP_TARGET_MS = {"fp32": 125.0, "bf16": 70.0}
@@ -36,9 +36,9 @@ def test_step(benchmark, device, precision):
     Targets: CPU fp32 <= 125 ms, bf16 <= 70 ms, masking overhead < 5 %, fused >= 1.0x the
     reference; GPU masked/dense <= 1.1x, fused step <= 3.6 ms (MT50 x 1e6 steps in an hour)."""
     cpu = device == "cpu"
-    variants = {"fused": step_runner(make_trainer("harmodt-f", device, True, precision)),
-                "dense": step_runner(make_trainer("prompt-dt", device, True, precision)),
-                "reference": step_runner(make_trainer("harmodt-f", device, False, precision))}
+    trainers = {"fused": make_trainer("harmodt-f", device, True, precision), "dense": make_trainer("prompt-dt", device, True, precision),
+                "reference": make_trainer("harmodt-f", device, False, precision)}
+    variants = {k: Timed(lambda tr=tr: tr.train_step(tr.sample_tasks()), device) for k, tr in trainers.items()}
     base, info = None, {}
     if cpu and baseline_dir() is not None:
         base = BaselineStep(baseline_dir(), TASKS, "harmodt-f", True, precision)
@@ -61,6 +61,10 @@ def test_step(benchmark, device, precision):
     else:
         figs.append(figure(f"masked over dense step, {precision}", overhead, "x", target=("<=", 1.1)))
     figs.append(figure(f"--fused speed-up over reference step, {precision}", speedup, "x", target=(">=", 1.0) if cpu else None))
+    if not cpu:  # what the GPU spent per step (CUDA events), beside the wall time
+        figs += gpu_figures(f"step, {precision}", variants)
+        derived["masked_over_dense_gpu"] = paired_ratio(gpu_times(variants), "fused", "dense")
+        figs.append(figure(f"masked over dense step, GPU time, {precision}", derived["masked_over_dense_gpu"], "x", target=("<=", 1.1)))
     if "previous_fused" in times:
         derived["fused_over_previous"] = paired_ratio(times, "fused", "previous_fused")
         figs.append(figure(f"--fused step over the previous version's, {precision}", derived["fused_over_previous"], "x",
@@ -176,38 +180,37 @@ def test_step_compile(benchmark):
     record(benchmark, "--compile step on CUDA", device, times, figs, derived, {"errors": errors, "launches": launches})
 
 
-@pytest.mark.parametrize("device", devices())
-def test_mask_update_mt10(benchmark, device):
-    """Seconds per mask update (``Trainer.mask_update``: Algorithm 2, every task's masked and
-    dense gradient on a fresh batch, then ``harmony_select``) at MT10 (10 tasks), HarmoDT-F
-    ``--fused`` against the reference. No target; it runs once per 5,000 steps."""
-    from harmodt.tasks import MT10
+MASK_UPDATE_CASES = [pytest.param("cpu", "MT10", id="cpu-MT10"), pytest.param("cuda", "MT10", id="cuda-MT10", marks=pytest.mark.cuda),
+                     pytest.param("cuda", "MT50", id="cuda-MT50", marks=pytest.mark.cuda)]
 
-    trainers = {"fused": make_trainer("harmodt-f", device, True, tasks=MT10), "reference": make_trainer("harmodt-f", device, False, tasks=MT10)}
+
+@pytest.mark.parametrize("device,task_set", MASK_UPDATE_CASES)
+def test_mask_update(benchmark, device, task_set):
+    """Seconds per mask update (``Trainer.mask_update``: Algorithm 2, every task's masked and
+    dense gradient on a fresh batch, then ``harmony_select``) at MT10 and (CUDA) MT50, HarmoDT-F
+    ``--fused`` against the reference: wall and GPU time (CUDA events). Target: fused >= 3x the
+    reference at MT50. It runs once per 5,000 steps."""
+    from harmodt import tasks as task_sets
+
+    tasks = getattr(task_sets, task_set)
+    trainers = {"fused": make_trainer("harmodt-f", device, True, tasks=tasks), "reference": make_trainer("harmodt-f", device, False, tasks=tasks)}
     for tr in trainers.values():
         tr.step = 1  # past step 0 of the alpha schedule: the selection moves weights
-    variants = {k: _mask_update_runner(tr) for k, tr in trainers.items()}
-    times = interleave(benchmark, variants, rounds(1), calls=1, warmup=0)
+    variants = {k: Timed(tr.mask_update, device) for k, tr in trainers.items()}
+    times = interleave(benchmark, variants, rounds(1) if device == "cpu" else rounds(3), calls=1, warmup=0 if device == "cpu" else 1)
     times = {k: [x / 1e3 for x in v] for k, v in times.items()}
-    figs = [time_figure(f"mask update, MT10, {k}", times, k, unit="s") for k in times]
-    derived = {"fused_speedup_over_reference": 1.0 / paired_ratio(times, "fused", "reference")}
-    figs.append(figure("mask update, MT10: --fused speed-up over reference", derived["fused_speedup_over_reference"], "x"))
-    record(benchmark, "mask update at MT10", device, times, figs, derived, unit="s")
-
-
-def _mask_update_runner(tr):
-    from .common import sync
-    import time
-
-    def run(n: int) -> float:
-        sync(tr.device)
-        t = time.perf_counter()
-        for _ in range(n):
-            tr.mask_update()
-        sync(tr.device)
-        return (time.perf_counter() - t) / n * 1e3
-
-    return run
+    gpu = {k: [x / 1e3 for x in v] for k, v in gpu_times(variants).items()}
+    target = (">=", 3.0) if task_set == "MT50" else None
+    derived = {"fused_speedup_over_reference": 1.0 / paired_ratio(times, "fused", "reference"),
+               "fused_speedup_over_reference_gpu": 1.0 / paired_ratio(gpu, "fused", "reference")}
+    figs = [time_figure(f"mask update, {task_set}, {k}, wall", times, k, unit="s") for k in times]
+    figs += [time_figure(f"mask update, {task_set}, {k}, GPU time ({variants[k].clock})", gpu, k, unit="s") for k in gpu]
+    figs.append(figure(f"mask update, {task_set}: --fused speed-up over reference, wall", derived["fused_speedup_over_reference"], "x",
+                       target=target))
+    figs.append(figure(f"mask update, {task_set}: --fused speed-up over reference, GPU time", derived["fused_speedup_over_reference_gpu"],
+                       "x", target=target if device == "cuda" else None))
+    record(benchmark, f"mask update at {task_set}", device, times, figs, derived, {"clock": variants["fused"].clock, "tasks": len(tasks)},
+           unit="s")
 
 
 CLI_TASKS = ["reach-v3", "push-v3"]

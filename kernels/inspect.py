@@ -5,12 +5,13 @@ config, registers, shared memory, local memory (spills) and tensor-core instruct
 
 Each kernel is compiled the way the launcher would launch it for the paper's model (width 256,
 batch 8 x 75 tokens = 600 rows, 5 tasks; masked matrices 256->768 qkv, 256->256 proj, 256->1024
-fc, 1024->256 mlp_proj): the same constexprs and tile sizes, and the JIT's own specialisation of
-the arguments (an integer equal to 1 becomes a constant, integers and pointers divisible by 16
-are marked so). Among those layers only the forward's output-tile width (64 for N < 512, 128 for
-the wide qkv/fc layers) and the dtype change the tiles, so one forward row stands for each
-(dtype, width) and lists the layers it serves, and one dX and one dW row for each dtype. fp32 GEMMs are shown with tf32 products (what runs when
-``torch.get_float32_matmul_precision()`` is "high"); under "highest" they use fp32 FMAs instead.
+fc, 1024->256 mlp_proj): the same constexprs, and the JIT's own specialisation of the arguments
+(an integer equal to 1 becomes a constant, integers and pointers divisible by 16 are marked so).
+The masked-linear kernels are autotuned (kernels/triton_tiles.py): every tile config the
+autotuner may pick on the target's family (sm_80 for --arch sm_80, sm_90 for sm_90a) is compiled,
+for fp32 and bf16; every layer's N and K are multiples of 16, so the tile alone decides the code.
+fp32 GEMMs are shown with tf32 products (what runs when ``torch.get_float32_matmul_precision()``
+is "high"); under "highest" they use fp32 FMAs instead.
 """
 
 from __future__ import annotations
@@ -55,49 +56,50 @@ def _specialise(fn, ptrs: dict, ints: dict, floats: tuple, constexprs: dict):
     return sig, const, attrs
 
 
-def _masked_linear_configs() -> list:
-    import torch
-
+def _masked_linear_configs(capability: int) -> list:
+    """Every tile the autotuner may pick on ``capability``'s target family (kernels/triton_tiles.py),
+    for fp32 (tf32 products) and bf16: the forward with one task (with the ReLU + dropout epilogue)
+    and with mixed tasks, dX and dW (with task gradients) with one task."""
     from . import triton_masked_linear as ml
     from .reference import num_words
+    from .triton_tiles import tile_configs
 
     out = []
-    for dtype, tdt, prec in (("fp32", "fp32", "tf32"), ("bf16", "bf16", "ieee")):
-        for bn in (64, 128):
-            layers = [name for name, (n, _) in LAYERS.items() if (128 if n >= 512 else 64) == bn]
-            n, k = LAYERS[layers[0]]
-            w = num_words(k)
-            common = {"R": ROWS, "N": n, "K": k, "W": w, "T": TASKS, "stride_mt": n * w, "stride_mn": w}
-            tag = f"{dtype} N={n} K={k} ({'/'.join(layers)})"
-            io = {"x_ptr": tdt, "w_ptr": tdt, "b_ptr": tdt, "y_ptr": tdt, "dy_ptr": tdt, "dx_ptr": tdt, "dw_ptr": tdt,
-                  "tg_ptr": "fp32", "m_ptr": "i32", "task_ptr": "i64", "counts_ptr": "i32", "order_ptr": "i64", "seed_ptr": "i64"}
-            fwd_ints = {**common, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_wk": 1, "stride_ym": n, "stride_yn": 1,
-                        "seed_lo": 12345, "seed_hi": 6789, "thr": 429496729}
-            dx_ints = {**common, "stride_dym": n, "stride_dyn": 1, "stride_wn": k, "stride_wk": 1, "stride_dxm": k, "stride_dxk": 1}
-            dw_ints = {**common, "stride_dym": n, "stride_dyn": 1, "stride_xm": k, "stride_xk": 1, "stride_dwn": k, "stride_dwk": 1,
-                       "stride_tgt": n * k, "stride_tgn": k, "stride_tgk": 1}
-            torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-            cfg = {kind: ml.block_config(kind, n, torch_dtype) for kind in ("fwd", "dx", "dw")}
-            tiles = {kind: dict(zip(("BM", "BN", "BK"), c[:3])) for kind, c in cfg.items()}
-            opts = {kind: {"num_warps": c[3], "enable_fp_fusion": True} for kind, c in cfg.items()}
-            for single in (True, False):
-                ids = "one task" if single else "mixed"
-                # one task: the ReLU + dropout epilogue with its seed read from device memory (a captured step's)
-                out.append((f"masked_linear fwd {ids} {tag}" + (", ReLU + dropout epilogue, seed in memory" if single else ""),
-                            ml._fwd_kernel, io, fwd_ints, ("scale",),
-                            {"SINGLE": single, "HAS_BIAS": True, "RELU": single, "DROP": single, "SEED_PTR": single, "PRECISION": prec,
-                             "TP": 8, **tiles["fwd"]}, opts["fwd"]))
-            if bn == 64:  # dX and dW tiles do not depend on N
-                out.append((f"masked_linear dX one task {dtype}", ml._dx_kernel, io, dx_ints, (),
-                            {"SINGLE": True, "PRECISION": prec, "TP": 8, **tiles["dx"]}, opts["dx"]))
-                out.append((f"masked_linear dW one task, task_grads {dtype}", ml._dw_kernel, io, dw_ints, (),
-                            {"SINGLE": True, "HAS_TG": True, "PRECISION": prec, **tiles["dw"]}, opts["dw"]))
+    n, k = LAYERS["qkv"]  # the tiles, not the layer, decide the code: every layer's N and K are multiples of 16
+    w = num_words(k)
+    common = {"R": ROWS, "N": n, "K": k, "W": w, "T": TASKS, "stride_mt": n * w, "stride_mn": w}
+    fwd_ints = {**common, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_wk": 1, "stride_ym": n, "stride_yn": 1,
+                "seed_lo": 12345, "seed_hi": 6789, "thr": 429496729}
+    dx_ints = {**common, "stride_dym": n, "stride_dyn": 1, "stride_wn": k, "stride_wk": 1, "stride_dxm": k, "stride_dxk": 1}
+    dw_ints = {**common, "stride_dym": n, "stride_dyn": 1, "stride_xm": k, "stride_xk": 1, "stride_dwn": k, "stride_dwk": 1,
+               "stride_tgt": n * k, "stride_tgn": k, "stride_tgk": 1}
+    for dtype, tdt, prec, size in (("fp32", "fp32", "tf32", 4), ("bf16", "bf16", "ieee", 2)):
+        io = {"x_ptr": tdt, "w_ptr": tdt, "b_ptr": tdt, "y_ptr": tdt, "dy_ptr": tdt, "dx_ptr": tdt, "dw_ptr": tdt,
+              "tg_ptr": "fp32", "m_ptr": "i32", "task_ptr": "i64", "counts_ptr": "i32", "order_ptr": "i64", "seed_ptr": "i64"}
+        for kind in ("fwd", "dx", "dw"):
+            for cfg in tile_configs(kind, size, capability):
+                tile = cfg.kwargs
+                tag = f"{dtype} {tile['BM']}x{tile['BN']}x{tile['BK']} w{cfg.num_warps} s{cfg.num_stages}"
+                opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
+                if kind == "fwd":
+                    for single in (True, False):
+                        ids = "one task" if single else "mixed"
+                        out.append((f"masked_linear fwd {ids} {tag}" + (", ReLU + dropout epilogue, seed in memory" if single else ""), ml._fwd_kernel.fn, io,
+                                    fwd_ints, ("scale",), {"SINGLE": single, "HAS_BIAS": True, "RELU": single, "DROP": single, "SEED_PTR": single,
+                                                           "PRECISION": prec, "TP": 8, **tile}, opts))
+                elif kind == "dx":
+                    out.append((f"masked_linear dX one task {tag}", ml._dx_kernel.fn, io, dx_ints, (),
+                                {"SINGLE": True, "PRECISION": prec, "TP": 8, **tile}, opts))
+                else:
+                    out.append((f"masked_linear dW one task, task_grads {tag}", ml._dw_kernel.fn, io, dw_ints, (),
+                                {"SINGLE": True, "HAS_TG": True, "PRECISION": prec, **tile}, opts))
     return out
 
 
-def kernel_configs() -> list:
+def kernel_configs(capability: int = 90) -> list:
     """(label, jit function, pointer types, integer examples, fp32 scalar names, constexprs,
-    compile options) for every kernel and the configs the launchers use."""
+    compile options) for every kernel and every config the launchers or the autotuner may use on
+    ``capability``'s target."""
     os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels, not interpreter wrappers
     import triton.language as tl
 
@@ -105,7 +107,7 @@ def kernel_configs() -> list:
     from . import triton_harmony_select as hs
     from . import triton_masked_adamw as ad
 
-    out = _masked_linear_configs()
+    out = _masked_linear_configs(capability)
     for dtype in ("fp32", "bf16"):
         out.append((f"dropout / epilogue gradient, ReLU + dropout, {dtype} BLOCK={dr.BLOCK}", dr._epilogue_grad_kernel,
                     {"g_ptr": dtype, "out_ptr": dtype, "gin_ptr": dtype, "seed_ptr": "i64"},
@@ -174,7 +176,7 @@ def inspect(arch: str = "sm_90a", only: str | None = None) -> list[dict]:
 
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     with tempfile.TemporaryDirectory() as d:
-        return [compile_and_read(*cfg, ARCHES[arch], Path(d)) for cfg in kernel_configs() if only is None or only in cfg[0]]
+        return [compile_and_read(*cfg, ARCHES[arch], Path(d)) for cfg in kernel_configs(ARCHES[arch]) if only is None or only in cfg[0]]
 
 
 def format_table(rows: list[dict], arch: str) -> str:

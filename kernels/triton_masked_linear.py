@@ -41,31 +41,9 @@ import triton.language as tl
 from .backends import triton_interpreted
 from .checks import KernelArgumentError
 from .triton_dropout import _keep_seeded, epilogue_args, epilogue_grad, seed_pointer, split_seed
+from .triton_tiles import autotune_tiles
 
-__all__ = ["block_config", "triton_masked_linear"]
-
-INTERPRET_BLOCKS = (32, 32, 32)  # (BM, BN, BK) under the interpreter: small tiles run fastest there
-
-
-def block_config(kernel: str, n: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, num_warps) of ``kernel`` ("fwd", "dx" or "dw") for a layer with N outputs.
-
-    The reduction tile (K for fwd, N for dX, rows for dW) is 32 for fp32 and 64 for 16-bit inputs,
-    which keeps three pipeline stages of operand tiles under 100 KB of shared memory (an RTX 3090
-    has 99 KB per block). fwd: 64-row task tiles and 128-wide output tiles for the wide layers
-    (qkv 768, fc 1024), else 64. dX: 64 rows x 64 columns out. dW: 64 x 64 out. Every tile across
-    K is a multiple of 32: one packed mask word per 32 columns. Eight warps for the 64 x 128
-    forward tile (four leave sm_80 at 255 registers), four otherwise. The interpreter gets 32s."""
-    if triton_interpreted():
-        return (*INTERPRET_BLOCKS, 4)
-    red = 32 if dtype == torch.float32 else 64
-    if kernel == "fwd":
-        return (64, 128, red, 8) if n >= 512 else (64, 64, red, 4)
-    if kernel == "dx":
-        return 64, red, 64, 4
-    if kernel == "dw":
-        return red, 64, 64, 4
-    raise ValueError(f"block_config: unknown kernel {kernel!r}")
+__all__ = ["triton_masked_linear"]
 
 
 # ---- kernels ----------------------------------------------------------------------------------
@@ -114,6 +92,7 @@ def _row_tile(tile, task_ptr, counts_ptr, order_ptr, R, T, SINGLE: tl.constexpr,
     return task, rows, row_ok, n_rows > 0
 
 
+@autotune_tiles("fwd", "x_ptr")
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, task_ptr, counts_ptr, order_ptr, seed_ptr, R, N, K, W, T,
                 stride_xm, stride_xk, stride_wn, stride_wk, stride_mt, stride_mn, stride_ym, stride_yn, seed_lo, seed_hi, thr, scale,
@@ -144,6 +123,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, task_ptr, counts_ptr, order_p
     tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, y, mask=row_ok[:, None] & (offs_n[None, :] < N))
 
 
+@autotune_tiles("dx", "dy_ptr")
 @triton.jit
 def _dx_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr, task_ptr, counts_ptr, order_ptr, R, N, K, W, T,
                stride_dym, stride_dyn, stride_wn, stride_wk, stride_mt, stride_mn, stride_dxm, stride_dxk,
@@ -166,6 +146,7 @@ def _dx_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr, task_ptr, counts_ptr, order_ptr, R,
              mask=row_ok[:, None] & (offs_k[None, :] < K))
 
 
+@autotune_tiles("dw", "x_ptr", restore=("tg_ptr",))
 @triton.jit
 def _dw_kernel(dy_ptr, x_ptr, m_ptr, dw_ptr, tg_ptr, task_ptr, counts_ptr, order_ptr, R, N, K, W, T,
                stride_dym, stride_dyn, stride_xm, stride_xk, stride_mt, stride_mn, stride_dwn, stride_dwk,
@@ -223,16 +204,20 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def _rows(task_ids: torch.Tensor, n_tasks: int, r: int, bm: int):
-    """(single, task tensor, per-task row counts int32 [T], stable task order int64 [R], row tiles
-    in the grid). One task needs neither counts nor order; mixed tasks get them from device ops
+def _row_tiles(single: bool, r: int, n_tasks: int, bm: int) -> int:
+    """Row tiles in the grid: every tile of one task's rows, or the mixed layout's worst case."""
+    return triton.cdiv(r, bm) if single else min(r, r // bm + min(n_tasks, r))
+
+
+def _rows(task_ids: torch.Tensor, n_tasks: int, r: int):
+    """(single, task tensor, per-task row counts int32 [T], stable task order int64 [R]). One task needs neither counts nor order; mixed tasks get them from device ops
     only (no host synchronisation: ``bincount`` would read the largest id back)."""
     if task_ids.shape[0] == 1:
-        return True, task_ids, task_ids, task_ids, triton.cdiv(r, bm)
+        return True, task_ids, task_ids, task_ids
     order = torch.argsort(task_ids, stable=True)
     counts = torch.zeros(n_tasks, dtype=torch.int32, device=task_ids.device)
     counts.index_add_(0, task_ids, torch.ones((), dtype=torch.int32, device=task_ids.device).expand(r))
-    return False, task_ids, counts, order, min(r, r // bm + min(n_tasks, r))
+    return False, task_ids, counts, order
 
 
 def _check_task_values(task_ids: torch.Tensor, n_tasks: int) -> None:
@@ -252,14 +237,13 @@ def _forward(x, weight, bias, masks, task_ids, relu=False, dropout_p=0.0, seed=0
     y = torch.empty(r, n, device=x.device, dtype=x.dtype)
     if r == 0 or n == 0:
         return y
-    bm, bn, bk, warps = block_config("fwd", n, x.dtype)
-    single, tids, counts, order, n_tiles = _rows(task_ids, t, r, bm)
+    single, tids, counts, order = _rows(task_ids, t, r)
     seed_arg, seed_in_tensor = seed_pointer(seed, y)
-    _fwd_kernel[(n_tiles, triton.cdiv(n, bn))](
+    _fwd_kernel[lambda c: (_row_tiles(single, r, t, c["BM"]), triton.cdiv(n, c["BN"]))](
         x, weight, bias if bias is not None else weight, masks, y, tids, counts, order, seed_arg, r, n, k, masks.shape[2], t,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), y.stride(0), y.stride(1),
         *epilogue_args(dropout_p, seed), SINGLE=single, HAS_BIAS=bias is not None, RELU=relu, DROP=dropout_p > 0.0, SEED_PTR=seed_in_tensor,
-        PRECISION=_precision(x.dtype), TP=max(2, triton.next_power_of_2(t)), BM=bm, BN=bn, BK=bk, num_warps=warps, enable_fp_fusion=True)
+        PRECISION=_precision(x.dtype), TP=max(2, triton.next_power_of_2(t)), enable_fp_fusion=True)
     return y
 
 
@@ -273,13 +257,11 @@ def _backward_dx(dy, weight, masks, task_ids):
     dx = torch.empty(r, k, device=dy.device, dtype=dy.dtype)
     if r == 0 or k == 0:
         return dx
-    bm, bn, bk, warps = block_config("dx", n, dy.dtype)
-    single, tids, counts, order, n_tiles = _rows(task_ids, t, r, bm)
-    _dx_kernel[(n_tiles, triton.cdiv(k, bk))](
+    single, tids, counts, order = _rows(task_ids, t, r)
+    _dx_kernel[lambda c: (_row_tiles(single, r, t, c["BM"]), triton.cdiv(k, c["BK"]))](
         dy, weight, masks, dx, tids, counts, order, r, n, k, masks.shape[2], t,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), dx.stride(0), dx.stride(1),
-        SINGLE=single, PRECISION=_precision(dy.dtype), TP=max(2, triton.next_power_of_2(t)), BM=bm, BN=bn, BK=bk,
-        num_warps=warps, enable_fp_fusion=True)
+        SINGLE=single, PRECISION=_precision(dy.dtype), TP=max(2, triton.next_power_of_2(t)), enable_fp_fusion=True)
     return dx
 
 
@@ -291,15 +273,13 @@ def _backward_dw(dy, x, masks, task_ids, task_grads):
     dw = torch.empty(n, k, device=x.device, dtype=x.dtype)
     if n == 0 or k == 0:
         return dw
-    bm, bn, bk, warps = block_config("dw", n, x.dtype)
-    single, tids, counts, order, _ = _rows(task_ids, t, r, bm)
+    single, tids, counts, order = _rows(task_ids, t, r)
     tg = task_grads
-    _dw_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+    _dw_kernel[lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(k, c["BK"]))](
         dy, x, masks, dw, tg if tg is not None else dw, tids, counts, order, r, n, k, masks.shape[2], t,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), masks.stride(0), masks.stride(1), dw.stride(0), dw.stride(1),
         *(tg.stride() if tg is not None else (0, 0, 0)),
-        SINGLE=single, HAS_TG=tg is not None, PRECISION=_precision(x.dtype), BM=bm, BN=bn, BK=bk,
-        num_warps=warps, enable_fp_fusion=True)
+        SINGLE=single, HAS_TG=tg is not None, PRECISION=_precision(x.dtype), enable_fp_fusion=True)
     return dw
 
 

@@ -467,6 +467,13 @@ def test_harmony_select_equals_reference(t, p, k, importance, ints):
         assert int((a[i] & ~b[i]).sum()) == kk == int((~a[i] & b[i]).sum())  # exactly k_i flipped each way
 
 
+def test_harmony_popcount_rows_equals_unpacked_count():
+    """The packed-word popcount (used above P = 2^22) counts as unpacking does, sign bit included."""
+    m = torch.randint(-2**31, 2**31, (4, 300), generator=_gen(3), dtype=torch.int64).to(torch.int32)
+    m[0, :4] = torch.tensor([-1, -2**31, 0, 2**31 - 1], dtype=torch.int32)
+    assert torch.equal(ths._popcount_rows(m), R.unpack_masks(m, 300 * 32).sum(1))
+
+
 @pytest.mark.parametrize("k,block,kc", [(5, 1024, 32), (100, 1024, 128), (129, 1024, 1024), (5, 128, 16), (17, 128, 128)])
 def test_harmony_candidates_per_block(k, block, kc):
     """Few compiled variants (at least 32 candidates on a GPU block), every key once k passes an
