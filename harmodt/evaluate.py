@@ -190,7 +190,7 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
              backend: str | kernels.MaskedLinearOp = "reference",
              vote_threshold: int | None = None, batch_size: int | None = None, max_steps: int = 500, progress: bool = True,
              precision: str = "fp32", target_return: float | None = None, sim_workers: int | None = None,
-             prompt_segment: str | None = None) -> dict:
+             prompt_segment: str | None = None, stop_at_success: bool = False) -> dict:
     """Run ``episodes`` episodes of every task in ``tasks`` on the model's device; see the module
     docstring.
 
@@ -203,6 +203,10 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     None = 2 when a chunk has at least 16 episodes and the machine has 2 cores, else 1. Results do
     not depend on it. ``prompt_segment``: "last" or "random" (see the module docstring); None = the
     one training used (``eval_info``; "random" for checkpoints written before the option existed).
+    ``stop_at_success``: an episode's simulation ends at its first success (success counts any
+    step, so success rates are those of full episodes; the policy still computes every row of the
+    batch, so the running episodes' actions are bit-for-bit those of full episodes); returns then
+    stop there too (``returns_truncated``) and ``env_steps`` counts the steps simulated.
     """
     from .envs import ShardedVectorEnv, make_vector_env
 
@@ -230,7 +234,8 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         t_setup = time.perf_counter()
         shards = sim_workers if sim_workers is not None else (2 if b >= 16 and (os.cpu_count() or 1) >= 2 else 1)
         env_tasks, env_seeds = [tasks[i] for i in r.tolist()], [seed * 100_003 + c0 + j for j in range(b)]
-        envs = ShardedVectorEnv(env_tasks, env_seeds, shards) if shards > 1 else make_vector_env(env_tasks, env_seeds)
+        envs = ShardedVectorEnv(env_tasks, env_seeds, shards) if shards > 1 or stop_at_success else make_vector_env(env_tasks, env_seeds)
+        live = np.ones(b, bool)  # episodes still simulated (all, unless stop_at_success)
         obs, _ = envs.reset(seed=None)
         t_run = time.perf_counter()
         setup_seconds += t_run - t_setup
@@ -254,13 +259,22 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
                                 ctx, kv, pvalid)
             actions[:, t] = act.float()
             act_np = act.float().cpu().numpy()  # one transfer back
-            obs, rew, _, _, info = envs.step(act_np.astype(np.float64))
+            env_steps += int(live.sum())
+            if stop_at_success:  # finished episodes keep their last observation and get reward 0
+                obs, rew, succ = envs.step_some(act_np.astype(np.float64), live)
+                info = {"success": succ}
+            else:
+                obs, rew, _, _, info = envs.step(act_np.astype(np.float64))
             returns[c0 : c0 + b] += rew
             rtg_now = rtg_now - torch.from_numpy(np.asarray(rew, dtype=np.float32)) / rtg_scale
             if "success" in info:
                 success[c0 : c0 + b] |= np.asarray(info["success"], dtype=float) > 0
-            env_steps += b
             bar.update(1)
+            if stop_at_success:
+                live &= ~success[c0 : c0 + b]
+                if not live.any():
+                    bar.update(horizon - 1 - t)
+                    break
         seconds += time.perf_counter() - t_run
         envs.close()
     bar.close()
@@ -273,7 +287,7 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         if t in inputs.sources:
             per_task[t]["prompt"] = inputs.sources[t]
     return {"tasks": per_task, "mean_success": float(np.mean([v["success"] for v in per_task.values()])),
-            "env_steps": env_steps, "seconds": seconds, "setup_seconds": setup_seconds, "backend": inputs.masked_linear.backend.name,
+            "env_steps": env_steps, "returns_truncated": stop_at_success, "seconds": seconds, "setup_seconds": setup_seconds, "backend": inputs.masked_linear.backend.name,
             "device": str(device), "env_steps_per_s": env_steps / max(seconds, 1e-9)}
 
 
@@ -335,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the training config's)")
     p.add_argument("--sim-workers", type=int, default=None,
                    help="processes the simulator steps in (default: 2 for 16+ episodes on 2+ cores, else 1)")
+    p.add_argument("--stop-at-success", action="store_true",
+                   help="end each episode's simulation at its first success: the same success rates, less simulation; "
+                        "returns are then truncated there (recorded in --out)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -380,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluate(model, masks, info, tasks, args.episodes, args.seed, backend=backends.masked_linear,
                        vote_threshold=threshold, batch_size=args.batch_size, progress=not args.no_progress,
                        precision=args.precision, target_return=args.target_return, sim_workers=args.sim_workers,
-                       prompt_segment=args.prompt_segment)
+                       prompt_segment=args.prompt_segment, stop_at_success=args.stop_at_success)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -389,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
           f"masks on {res['backend']}, model on {res['device']}; building the envs took {res['setup_seconds']:.1f} s)")
     if args.out:
         out = {"method": cfg["method"], "tasks": {t: result_entry(r) for t, r in res["tasks"].items()},
-               "mean_success": res["mean_success"], "steps": step}
+               "mean_success": res["mean_success"], "steps": step, **({"returns_truncated": True} if args.stop_at_success else {})}
         write_atomic(args.out, json.dumps(out, indent=2))
     return 0
 
