@@ -203,10 +203,10 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     None = 2 when a chunk has at least 16 episodes and the machine has 2 cores, else 1. Results do
     not depend on it. ``prompt_segment``: "last" or "random" (see the module docstring); None = the
     one training used (``eval_info``; "random" for checkpoints written before the option existed).
-    ``stop_at_success``: an episode's simulation ends at its first success (success counts any
-    step, so success rates are those of full episodes; the policy still computes every row of the
-    batch, so the running episodes' actions are bit-for-bit those of full episodes); returns then
-    stop there too (``returns_truncated``) and ``env_steps`` counts the steps simulated.
+    ``stop_at_success``: an episode's simulation ends at its first success, so success rates are
+    those of full episodes (the policy still computes every row: running episodes act bit-for-bit
+    as in full ones); returns stop there too (``returns_truncated``); ``env_steps`` counts the
+    steps simulated.
     """
     from .envs import ShardedVectorEnv, make_vector_env
 
@@ -260,21 +260,18 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
             actions[:, t] = act.float()
             act_np = act.float().cpu().numpy()  # one transfer back
             env_steps += int(live.sum())
-            if stop_at_success:  # finished episodes keep their last observation and get reward 0
+            if stop_at_success:  # finished episodes keep their last observation, reward 0 and success 0
                 obs, rew, succ = envs.step_some(act_np.astype(np.float64), live)
-                info = {"success": succ}
             else:
                 obs, rew, _, _, info = envs.step(act_np.astype(np.float64))
+                succ = info.get("success", np.zeros(b))
             returns[c0 : c0 + b] += rew
             rtg_now = rtg_now - torch.from_numpy(np.asarray(rew, dtype=np.float32)) / rtg_scale
-            if "success" in info:
-                success[c0 : c0 + b] |= np.asarray(info["success"], dtype=float) > 0
+            success[c0 : c0 + b] |= np.asarray(succ, dtype=float) > 0
             bar.update(1)
-            if stop_at_success:
-                live &= ~success[c0 : c0 + b]
-                if not live.any():
-                    bar.update(horizon - 1 - t)
-                    break
+            if stop_at_success and not (live := live & ~success[c0 : c0 + b]).any():
+                bar.update(horizon - 1 - t)
+                break
         seconds += time.perf_counter() - t_run
         envs.close()
     bar.close()
@@ -287,8 +284,8 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         if t in inputs.sources:
             per_task[t]["prompt"] = inputs.sources[t]
     return {"tasks": per_task, "mean_success": float(np.mean([v["success"] for v in per_task.values()])),
-            "env_steps": env_steps, "returns_truncated": stop_at_success, "seconds": seconds, "setup_seconds": setup_seconds, "backend": inputs.masked_linear.backend.name,
-            "device": str(device), "env_steps_per_s": env_steps / max(seconds, 1e-9)}
+            "env_steps": env_steps, "returns_truncated": stop_at_success, "seconds": seconds, "setup_seconds": setup_seconds,
+            "backend": inputs.masked_linear.backend.name, "device": str(device), "env_steps_per_s": env_steps / max(seconds, 1e-9)}
 
 
 def load_checkpoint(path: str, device: torch.device | str = "cpu"):
