@@ -1,17 +1,15 @@
 """`python -m harmodt.evaluate CHECKPOINT`: batched evaluation on Meta-World v3.
 
-Every task x episode runs together: one vector env with one env per (task, episode) on the CPU --
-with 16 or more episodes split over two processes that step concurrently (``sim_workers``; results
-are the same) -- and one model forward per timestep for all running episodes on the model's
-device, each row through its own task's mask (Algorithm 1's inference stage, batched): one
-host-to-device transfer of the observations and one device-to-host transfer of the actions per
-step. The weights do not change during an evaluation, so each task's masked weights ``W * M_t``
-are made once (``kernels.CachedMaskedLinearOp``) and every forward is GEMMs alone: one batched
-GEMM per masked layer when all tasks run equal numbers of episodes. Tasks the checkpoint was not
-trained on act through the voted mask of Eq. 13. The prompt's
-keys and values never depend on later tokens, so they are computed once per task and reused at
-every step. Episodes last 500 steps; an episode succeeds if it succeeds at any step; goals are
-random per episode but seeded.
+Every task x episode runs together: one vector env with one env per (task, episode) on the CPU
+(16 or more episodes split over two processes that step concurrently, ``sim_workers``; results
+are the same), and one model forward per timestep for all running episodes, each row through its
+own task's mask (Algorithm 1's inference stage, batched), with one transfer of the observations
+and one of the actions per step. Each task's masked weights ``W * M_t`` are made once
+(``kernels.CachedMaskedLinearOp``): a forward is GEMMs alone. The prompt's keys and values are
+computed once per task, and the last block runs for the last state token only
+(:meth:`harmodt.model.PromptDT.act`). Unseen tasks act through the voted mask of Eq. 13.
+Episodes last 500 steps (``--stop-at-success``: until their first success); an episode succeeds
+if it succeeds at any step; goals are random per episode but seeded.
 
 Prompts (prompt-conditioned models): with ``prompt_segment="last"`` (what training used by
 default) every task's prompt is the last K* steps before the final step of its highest-return
@@ -28,6 +26,7 @@ statistics.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -93,13 +92,8 @@ class TaskInputs:
             return None
         device = self.embed_ids.device
         mrows = [self.mask_row[self.tasks[i]] for i in rows.tolist()]
-        runs = []  # ((mask row, sequences), ...): the rows' task layout, known here on the host
-        for r in mrows:
-            if runs and runs[-1][0] == r:
-                runs[-1] = (r, runs[-1][1] + 1)
-            else:
-                runs.append((r, 1))
-        return MaskContext(self.masks, torch.tensor(mrows, device=device), self.masked_linear, segments=tuple(runs))
+        runs = tuple((r, len(list(g))) for r, g in itertools.groupby(mrows))  # ((mask row, sequences), ...), known on the host
+        return MaskContext(self.masks, torch.tensor(mrows, device=device), self.masked_linear, segments=runs)
 
     def prompt(self, rows: torch.Tensor):
         """The cached prompt keys/values and validity of rows ``rows`` (task indices); (None, None)
@@ -191,9 +185,7 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
              vote_threshold: int | None = None, batch_size: int | None = None, max_steps: int = 500, progress: bool = True,
              precision: str = "fp32", target_return: float | None = None, sim_workers: int | None = None,
              prompt_segment: str | None = None, stop_at_success: bool = False) -> dict:
-    """Run ``episodes`` episodes of every task in ``tasks`` on the model's device; see the module
-    docstring.
-
+    """Run ``episodes`` episodes of every task in ``tasks`` on the model's device (module docstring).
     ``backend``: the ``masked_linear`` op the masked layers run on (a field of
     ``kernels.select_backends(...)``), or the name of a concrete backend.
     ``batch_size``: rows (episodes) per forward; None = all at once, 1 = one episode at a time at
@@ -205,28 +197,22 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     one training used (``eval_info``; "random" for checkpoints written before the option existed).
     ``stop_at_success``: an episode's simulation ends at its first success, so success rates are
     those of full episodes (the policy still computes every row: running episodes act bit-for-bit
-    as in full ones); returns stop there too (``returns_truncated``); ``env_steps`` counts the
-    steps simulated.
-    """
+    as in full ones); returns stop there too (``returns_truncated``); ``env_steps``: steps simulated."""
     from .envs import ShardedVectorEnv, make_vector_env
 
-    device = next(model.parameters()).device
-    cfg = model.cfg
+    device, cfg = next(model.parameters()).device, model.cfg
     inputs = task_inputs(model, task_masks, eval_info, tasks, seed, backend=backend, vote_threshold=vote_threshold,
                          precision=precision, target_return=target_return, prompt_segment=prompt_segment)
-    mean, std, rtg_scale = inputs.mean, inputs.std, inputs.rtg_scale
-    was_training = model.training
+    mean, std, rtg_scale, was_training = inputs.mean, inputs.std, inputs.rtg_scale, model.training
     model.eval()
 
     rows = torch.arange(len(tasks)).repeat_interleave(episodes)  # task index of every episode, task-major
     n_rows = len(rows)
     chunk = n_rows if not batch_size else batch_size
-    success = np.zeros(n_rows, bool)
-    returns = np.zeros(n_rows)
+    success, returns = np.zeros(n_rows, bool), np.zeros(n_rows)
     horizon = min(max_steps, 500)
     env_steps, seconds, setup_seconds = 0, 0.0, 0.0
     from tqdm import tqdm
-
     bar = tqdm(total=horizon * ((n_rows + chunk - 1) // chunk), disable=not progress, desc="evaluate", unit="step", dynamic_ncols=True)
     for c0 in range(0, n_rows, chunk):
         r = rows[c0 : c0 + chunk]
