@@ -10,7 +10,7 @@ or bf16), timed four ways, ms per vector step:
 - ``pipelined``: the rows in two halves, each half's environments in its own worker process; the
   policy of one half computes while the other half's simulator steps.
 
-    python -m bench.overlap                      # fp32, 50 vector steps per way, 3 rounds
+    python -m bench.overlap                      # fp32, MT10 x 20 episodes, 50 vector steps per way, 3 rounds
     python -m bench.overlap --precision bf16 --steps 100 --rounds 5
 
 The policy's inputs stay fixed (a timing of the pipeline, not an evaluation); every way runs in
@@ -28,8 +28,6 @@ import numpy as np
 import torch
 
 import kernels
-
-TASKS_EPISODES = 20
 
 
 class Half:
@@ -57,13 +55,13 @@ class Half:
         self.proc.join()
 
 
-def policy(rows: torch.Tensor, precision: str):
-    """A callable running ``act`` for ``rows`` (task indices) on fixed inputs: the studies' model."""
+def policy(rows: torch.Tensor, n_tasks: int, precision: str):
+    """A callable running ``act`` for ``rows`` (task indices of ``n_tasks``) on fixed inputs: the studies' model."""
     from bench.test_bench_eval import _model_and_masks
     from harmodt.config import ModelConfig
     from harmodt.model import MaskContext
 
-    n_tasks, k, kp = int(rows.max()) + 1, 20, 5
+    k, kp = 20, 5
     model, masks = _model_and_masks(n_tasks, "cpu", ModelConfig(n_layer=3, n_head=4, n_embd=128))
     op = kernels.select_backends(torch.device("cpu"), True).masked_linear.cached({})
     g = torch.Generator().manual_seed(0)
@@ -99,13 +97,14 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--steps", type=int, default=50, help="vector steps per way and round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--episodes", type=int, default=20, help="episodes per MT10 task (environments: 10 x this)")
     args = p.parse_args(argv)
-    tasks = [t for t in MT10 for _ in range(TASKS_EPISODES)]
+    tasks = [t for t in MT10 for _ in range(args.episodes)]
     n = len(tasks)
-    rows = torch.arange(len(MT10)).repeat_interleave(TASKS_EPISODES)
-    halves_rows = [np.arange(0, n // 2), np.arange(n // 2, n)]  # task-major halves: five tasks each
-    full = policy(rows, args.precision)
-    half_policies = [policy(rows[h], args.precision) for h in halves_rows]
+    rows = torch.arange(len(MT10)).repeat_interleave(args.episodes)
+    halves_rows = [np.arange(0, n // 2), np.arange(n // 2, n)]  # task-major halves: five tasks each (even --episodes)
+    full = policy(rows, len(MT10), args.precision)
+    half_policies = [policy(rows[h], len(MT10), args.precision) for h in halves_rows]
     rng = np.random.default_rng(0)
 
     def simulator():
