@@ -124,7 +124,14 @@ def test_eval_forward_mt50(benchmark, device):
 
 
 FLOOR_EPISODES = 20  # the studies' final evaluation: MT10 x 20 episodes
-FLOOR_TARGET = 1.5  # evaluate()'s time over the simulator's alone
+FLOOR_TARGET = 2.0  # evaluate()'s time over the simulator's alone
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    from harmodt.runtime import bf16_matmul_note
+
+    return bf16_matmul_note() is None
 
 
 @pytest.mark.parametrize("device", devices())
@@ -134,7 +141,9 @@ def test_eval_floor_mt10(benchmark, device):
     as it shards them, stepped with uniform random actions) against ``evaluate()`` itself with the
     studies' model (3 layers, 4 heads, width 128, random weights and ERK masks, fp32) on the same
     tasks, episodes and environment seeds, over ``HARMODT_BENCH_EVAL_STEPS`` steps; rounds
-    interleaved. Target: evaluate() within 1.5x of the simulator's time."""
+    interleaved; with ``--precision bf16`` too where the CPU has bf16 instructions. Target:
+    evaluate() (fp32) within 2.0x of the simulator's time (full episodes:
+    ``HARMODT_BENCH_EVAL_STEPS=500``)."""
     if EVAL_STEPS <= 0:
         pytest.skip("HARMODT_BENCH_EVAL_STEPS=0")
     import time
@@ -165,14 +174,20 @@ def test_eval_floor_mt10(benchmark, device):
             envs.close()
         return total / n / (EVAL_STEPS * b) * 1e3
 
-    def policy(n: int) -> float:
-        total = 0.0
-        for _ in range(n):
-            r = evaluate(model, masks, info, MT10, FLOOR_EPISODES, seed=0, backend=op, max_steps=EVAL_STEPS, progress=False)
-            total += r["seconds"]
-        return total / n / (EVAL_STEPS * b) * 1e3
+    def policy(precision: str):
+        def run(n: int) -> float:
+            total = 0.0
+            for _ in range(n):
+                r = evaluate(model, masks, info, MT10, FLOOR_EPISODES, seed=0, backend=op, max_steps=EVAL_STEPS, progress=False,
+                             precision=precision)
+                total += r["seconds"]
+            return total / n / (EVAL_STEPS * b) * 1e3
+        return run
 
-    times = interleave(benchmark, {"evaluate": policy, "simulator": simulator}, rounds(2), calls=1, warmup=0)
+    ways = {"evaluate": policy("fp32"), "simulator": simulator}
+    if device == "cpu" and native_bf16():
+        ways["evaluate_bf16"] = policy("bf16")
+    times = interleave(benchmark, ways, rounds(2), calls=1, warmup=0)
     times = {k: [1.0 / v * 1e3 for v in vs] for k, vs in times.items()}  # env-steps/s
     ratio = float(np.median([s / e for e, s in zip(times["evaluate"], times["simulator"])]))  # evaluate's time over the simulator's
     figs = [time_figure(f"simulator alone, MT10 x {FLOOR_EPISODES} episodes, random actions, env-steps/s", times, "simulator",
@@ -180,5 +195,63 @@ def test_eval_floor_mt10(benchmark, device):
             time_figure(f"evaluate(), MT10 x {FLOOR_EPISODES} episodes, 3 x 128 model ({op.backend.name}), env-steps/s", times, "evaluate",
                         unit="env-steps/s"),
             figure("evaluate() time over the simulator's", ratio, "x", target=("<=", FLOOR_TARGET))]
+    if "evaluate_bf16" in times:
+        ratio16 = float(np.median([s / e for e, s in zip(times["evaluate_bf16"], times["simulator"])]))
+        figs += [time_figure(f"evaluate(), bf16, MT10 x {FLOOR_EPISODES} episodes, env-steps/s", times, "evaluate_bf16", unit="env-steps/s"),
+                 figure("evaluate() bf16 time over the simulator's", ratio16, "x", target=("<=", FLOOR_TARGET))]
     record(benchmark, f"evaluation floor, MT10 x {FLOOR_EPISODES} episodes", device, times, figs, {"evaluate_over_simulator": ratio},
            {"backend": op.backend.name, "horizon": EVAL_STEPS, "rows": b, "shards": shards}, unit="env-steps/s")
+
+
+CHECKPOINT = os.environ.get("HARMODT_BENCH_CHECKPOINT", "")
+
+
+def test_eval_trained_checkpoint(benchmark):
+    """On a trained checkpoint (``HARMODT_BENCH_CHECKPOINT``; skipped without), its tasks x 20
+    episodes, full 500-step episodes, seed 12345 (the studies' final evaluation), on the CPU:
+    the wall time of ``evaluate(stop_at_success=True)`` against today's full episodes on the same
+    seeds (their success rates must agree: checked and recorded), and the success rate of
+    ``--precision bf16`` against fp32 on the same goals where the CPU has bf16 instructions, with
+    the binomial standard error of the difference as its noise. One round each."""
+    if not CHECKPOINT:
+        pytest.skip("HARMODT_BENCH_CHECKPOINT unset (a trained checkpoint.pt)")
+    from harmodt.evaluate import evaluate, load_checkpoint
+
+    model, masks, info, cfg, _ = load_checkpoint(CHECKPOINT, "cpu")
+    op = kernels.select_backends(torch.device("cpu"), True).masked_linear
+    tasks = list(info["tasks"])
+    kw = dict(backend=op, vote_threshold=cfg["masks"]["vote_threshold"], progress=False)
+    runs = {}
+
+    def run(name, **extra):
+        def go(n: int) -> float:
+            r = evaluate(model, masks, info, tasks, FLOOR_EPISODES, 12345, **kw, **extra)
+            runs[name] = r
+            return r["seconds"] * 1e3
+        return go
+
+    ways = {"full": run("full"), "stop_at_success": run("stop_at_success", stop_at_success=True)}
+    if native_bf16():
+        ways["bf16"] = run("bf16", precision="bf16")
+    times = interleave(benchmark, ways, 1, calls=1, warmup=0)
+    times = {k: [v / 1e3 for v in vs] for k, vs in times.items()}  # seconds
+    full, stop = runs["full"], runs["stop_at_success"]
+    same = {t: r["success"] for t, r in full["tasks"].items()} == {t: r["success"] for t, r in stop["tasks"].items()}
+    figs = [time_figure(f"evaluate(), {len(tasks)} tasks x {FLOOR_EPISODES} episodes, full episodes, s", times, "full", unit="s"),
+            time_figure("the same with stop_at_success, s", times, "stop_at_success", unit="s"),
+            figure("stop_at_success wall time over full episodes", times["stop_at_success"][0] / times["full"][0], "x"),
+            figure("mean success, full episodes", full["mean_success"], ""),
+            figure("mean success, stop_at_success (must equal full)", stop["mean_success"], "")]
+    derived = {"stop_over_full": times["stop_at_success"][0] / times["full"][0], "same_success": same,
+               "env_steps": {"full": full["env_steps"], "stop_at_success": stop["env_steps"]}}
+    if "bf16" in runs:
+        n = len(tasks) * FLOOR_EPISODES
+        p32, p16 = full["mean_success"], runs["bf16"]["mean_success"]
+        noise = float(np.sqrt((p32 * (1 - p32) + p16 * (1 - p16)) / n))
+        figs += [figure("mean success, bf16 policy", p16, ""), figure("bf16 - fp32 mean success", p16 - p32, ""),
+                 figure("standard error of that difference (independent binomial episodes)", noise, ""),
+                 time_figure("evaluate() bf16, full episodes, s", times, "bf16", unit="s")]
+        derived.update(bf16_minus_fp32=p16 - p32, noise=noise,
+                       per_task={t: {"fp32": full["tasks"][t]["success"], "bf16": runs["bf16"]["tasks"][t]["success"]} for t in tasks})
+    record(benchmark, f"trained checkpoint, {len(tasks)} tasks x {FLOOR_EPISODES} episodes", "cpu", times, figs, derived,
+           {"checkpoint": CHECKPOINT, "tasks": tasks}, unit="s")

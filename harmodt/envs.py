@@ -105,9 +105,24 @@ def make_vector_env(tasks: list[str], seeds: list[int]) -> gym.vector.SyncVector
                                     autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
+def step_some(envs: gym.vector.SyncVectorEnv, actions: np.ndarray, active: np.ndarray):
+    """Step only the envs of ``envs`` where ``active`` (N,) is true, each with its row of
+    ``actions`` (N, A): (obs, rewards, success) of the stepped envs, in their order. Each env's
+    ``step`` is what ``envs.step`` calls for it, so a stepped env sees exactly the steps it would
+    have seen while no episode has ended before it (``envs.step`` would then reset that env;
+    this never resets one): step no env past its episode's end."""
+    idx = np.flatnonzero(active)
+    obs, rew, success = np.empty((len(idx), 39)), np.empty(len(idx)), np.empty(len(idx))
+    for j, i in enumerate(idx):
+        o, r, _, _, info = envs.envs[i].step(actions[i])
+        obs[j], rew[j], success[j] = o, r, float(info.get("success", 0.0))
+    return obs, rew, success
+
+
 def _shard_worker(conn, tasks: list[str], seeds: list[int]) -> None:
     """Runs one shard's sync vector env in a worker process: ("reset",) -> obs;
-    ("step", actions) -> (obs, rewards, terminated, truncated, success); ("close",) ends."""
+    ("step", actions) -> (obs, rewards, terminated, truncated, success); ("step_some", (actions,
+    active)) -> :func:`step_some`'s; ("close",) ends."""
     import traceback
 
     try:
@@ -121,6 +136,8 @@ def _shard_worker(conn, tasks: list[str], seeds: list[int]) -> None:
             elif cmd == "step":
                 obs, rew, term, trunc, info = env.step(arg)
                 conn.send(("ok", (obs, rew, term, trunc, np.asarray(info.get("success", np.zeros(len(tasks))), dtype=float))))
+            elif cmd == "step_some":
+                conn.send(("ok", step_some(env, *arg)))
             else:
                 env.close()
                 conn.send(("ok", None))
@@ -154,6 +171,7 @@ class ShardedVectorEnv:
             child.close()
             self.workers.append((proc, parent, rows))
         self.local = make_vector_env([tasks[i] for i in self.rows[0]], [seeds[i] for i in self.rows[0]])
+        self._last_obs = np.zeros((self.n, 39))
         for _, conn, rows in self.workers:
             self._recv(conn, rows)
 
@@ -178,6 +196,7 @@ class ShardedVectorEnv:
         obs[self.rows[0]] = local
         for _, conn, rows in self.workers:
             obs[rows] = self._recv(conn, rows)
+        self._last_obs = obs
         return obs, {}
 
     def step(self, actions: np.ndarray):
@@ -191,7 +210,24 @@ class ShardedVectorEnv:
         parts += [(rows, self._recv(conn, rows)) for _, conn, rows in self.workers]
         for rows, (o, r, te, tr, su) in parts:
             obs[rows], rew[rows], term[rows], trunc[rows], success[rows] = o, r, te, tr, su
+        self._last_obs = obs
         return obs, rew, term, trunc, {"success": success}
+
+    def step_some(self, actions: np.ndarray, active: np.ndarray):
+        """Step the envs where ``active`` (N,) is true (:func:`step_some` in every shard): (obs (N, 39),
+        rewards (N,), success (N,)), where the other rows hold their last observation, reward 0 and
+        success 0. For episodes that are over for the caller while their env runs on (no reset)."""
+        actions, active = np.asarray(actions), np.asarray(active, bool)
+        for _, conn, rows in self.workers:
+            conn.send(("step_some", (actions[rows], active[rows])))
+        obs, rew, success = self._last_obs.copy(), np.zeros(self.n), np.zeros(self.n)
+        parts = [(self.rows[0], step_some(self.local, actions[self.rows[0]], active[self.rows[0]]))]
+        parts += [(rows, self._recv(conn, rows)) for _, conn, rows in self.workers]
+        for rows, (o, r, su) in parts:
+            stepped = rows[active[rows]]
+            obs[stepped], rew[stepped], success[stepped] = o, r, su
+        self._last_obs = obs
+        return obs, rew, success
 
     def close(self):
         for proc, conn, _ in self.workers:

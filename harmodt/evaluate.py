@@ -1,17 +1,15 @@
 """`python -m harmodt.evaluate CHECKPOINT`: batched evaluation on Meta-World v3.
 
-Every task x episode runs together: one vector env with one env per (task, episode) on the CPU --
-with 16 or more episodes split over two processes that step concurrently (``sim_workers``; results
-are the same) -- and one model forward per timestep for all running episodes on the model's
-device, each row through its own task's mask (Algorithm 1's inference stage, batched): one
-host-to-device transfer of the observations and one device-to-host transfer of the actions per
-step. The weights do not change during an evaluation, so each task's masked weights ``W * M_t``
-are made once (``kernels.CachedMaskedLinearOp``) and every forward is GEMMs alone: one batched
-GEMM per masked layer when all tasks run equal numbers of episodes. Tasks the checkpoint was not
-trained on act through the voted mask of Eq. 13. The prompt's
-keys and values never depend on later tokens, so they are computed once per task and reused at
-every step. Episodes last 500 steps; an episode succeeds if it succeeds at any step; goals are
-random per episode but seeded.
+Every task x episode runs together: one vector env with one env per (task, episode) on the CPU
+(16 or more episodes split over two processes that step concurrently, ``sim_workers``; results
+are the same), and one model forward per timestep for all running episodes, each row through its
+own task's mask (Algorithm 1's inference stage, batched), with one transfer of the observations
+and one of the actions per step. Each task's masked weights ``W * M_t`` are made once
+(``kernels.CachedMaskedLinearOp``): a forward is GEMMs alone. The prompt's keys and values are
+computed once per task, and the last block runs for the last state token only
+(:meth:`harmodt.model.PromptDT.act`). Unseen tasks act through the voted mask of Eq. 13.
+Episodes last 500 steps (``--stop-at-success``: until their first success); an episode succeeds
+if it succeeds at any step; goals are random per episode but seeded.
 
 Prompts (prompt-conditioned models): with ``prompt_segment="last"`` (what training used by
 default) every task's prompt is the last K* steps before the final step of its highest-return
@@ -28,6 +26,7 @@ statistics.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -93,13 +92,8 @@ class TaskInputs:
             return None
         device = self.embed_ids.device
         mrows = [self.mask_row[self.tasks[i]] for i in rows.tolist()]
-        runs = []  # ((mask row, sequences), ...): the rows' task layout, known here on the host
-        for r in mrows:
-            if runs and runs[-1][0] == r:
-                runs[-1] = (r, runs[-1][1] + 1)
-            else:
-                runs.append((r, 1))
-        return MaskContext(self.masks, torch.tensor(mrows, device=device), self.masked_linear, segments=tuple(runs))
+        runs = tuple((r, len(list(g))) for r, g in itertools.groupby(mrows))  # ((mask row, sequences), ...), known on the host
+        return MaskContext(self.masks, torch.tensor(mrows, device=device), self.masked_linear, segments=runs)
 
     def prompt(self, rows: torch.Tensor):
         """The cached prompt keys/values and validity of rows ``rows`` (task indices); (None, None)
@@ -190,10 +184,8 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
              backend: str | kernels.MaskedLinearOp = "reference",
              vote_threshold: int | None = None, batch_size: int | None = None, max_steps: int = 500, progress: bool = True,
              precision: str = "fp32", target_return: float | None = None, sim_workers: int | None = None,
-             prompt_segment: str | None = None) -> dict:
-    """Run ``episodes`` episodes of every task in ``tasks`` on the model's device; see the module
-    docstring.
-
+             prompt_segment: str | None = None, stop_at_success: bool = False) -> dict:
+    """Run ``episodes`` episodes of every task in ``tasks`` on the model's device (module docstring).
     ``backend``: the ``masked_linear`` op the masked layers run on (a field of
     ``kernels.select_backends(...)``), or the name of a concrete backend.
     ``batch_size``: rows (episodes) per forward; None = all at once, 1 = one episode at a time at
@@ -203,26 +195,24 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     None = 2 when a chunk has at least 16 episodes and the machine has 2 cores, else 1. Results do
     not depend on it. ``prompt_segment``: "last" or "random" (see the module docstring); None = the
     one training used (``eval_info``; "random" for checkpoints written before the option existed).
-    """
+    ``stop_at_success``: an episode's simulation ends at its first success, so success rates are
+    those of full episodes (the policy still computes every row: running episodes act bit-for-bit
+    as in full ones); returns stop there too (``returns_truncated``); ``env_steps``: steps simulated."""
     from .envs import ShardedVectorEnv, make_vector_env
 
-    device = next(model.parameters()).device
-    cfg = model.cfg
+    device, cfg = next(model.parameters()).device, model.cfg
     inputs = task_inputs(model, task_masks, eval_info, tasks, seed, backend=backend, vote_threshold=vote_threshold,
                          precision=precision, target_return=target_return, prompt_segment=prompt_segment)
-    mean, std, rtg_scale = inputs.mean, inputs.std, inputs.rtg_scale
-    was_training = model.training
+    mean, std, rtg_scale, was_training = inputs.mean, inputs.std, inputs.rtg_scale, model.training
     model.eval()
 
     rows = torch.arange(len(tasks)).repeat_interleave(episodes)  # task index of every episode, task-major
     n_rows = len(rows)
     chunk = n_rows if not batch_size else batch_size
-    success = np.zeros(n_rows, bool)
-    returns = np.zeros(n_rows)
+    success, returns = np.zeros(n_rows, bool), np.zeros(n_rows)
     horizon = min(max_steps, 500)
     env_steps, seconds, setup_seconds = 0, 0.0, 0.0
     from tqdm import tqdm
-
     bar = tqdm(total=horizon * ((n_rows + chunk - 1) // chunk), disable=not progress, desc="evaluate", unit="step", dynamic_ncols=True)
     for c0 in range(0, n_rows, chunk):
         r = rows[c0 : c0 + chunk]
@@ -230,7 +220,8 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         t_setup = time.perf_counter()
         shards = sim_workers if sim_workers is not None else (2 if b >= 16 and (os.cpu_count() or 1) >= 2 else 1)
         env_tasks, env_seeds = [tasks[i] for i in r.tolist()], [seed * 100_003 + c0 + j for j in range(b)]
-        envs = ShardedVectorEnv(env_tasks, env_seeds, shards) if shards > 1 else make_vector_env(env_tasks, env_seeds)
+        envs = ShardedVectorEnv(env_tasks, env_seeds, shards) if shards > 1 or stop_at_success else make_vector_env(env_tasks, env_seeds)
+        live = np.ones(b, bool)  # episodes still simulated (all, unless stop_at_success)
         obs, _ = envs.reset(seed=None)
         t_run = time.perf_counter()
         setup_seconds += t_run - t_setup
@@ -254,13 +245,19 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
                                 ctx, kv, pvalid)
             actions[:, t] = act.float()
             act_np = act.float().cpu().numpy()  # one transfer back
-            obs, rew, _, _, info = envs.step(act_np.astype(np.float64))
+            env_steps += int(live.sum())
+            if stop_at_success:  # finished episodes keep their last observation, reward 0 and success 0
+                obs, rew, succ = envs.step_some(act_np.astype(np.float64), live)
+            else:
+                obs, rew, _, _, info = envs.step(act_np.astype(np.float64))
+                succ = info.get("success", np.zeros(b))
             returns[c0 : c0 + b] += rew
             rtg_now = rtg_now - torch.from_numpy(np.asarray(rew, dtype=np.float32)) / rtg_scale
-            if "success" in info:
-                success[c0 : c0 + b] |= np.asarray(info["success"], dtype=float) > 0
-            env_steps += b
+            success[c0 : c0 + b] |= np.asarray(succ, dtype=float) > 0
             bar.update(1)
+            if stop_at_success and not (live := live & ~success[c0 : c0 + b]).any():
+                bar.update(horizon - 1 - t)
+                break
         seconds += time.perf_counter() - t_run
         envs.close()
     bar.close()
@@ -273,8 +270,8 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         if t in inputs.sources:
             per_task[t]["prompt"] = inputs.sources[t]
     return {"tasks": per_task, "mean_success": float(np.mean([v["success"] for v in per_task.values()])),
-            "env_steps": env_steps, "seconds": seconds, "setup_seconds": setup_seconds, "backend": inputs.masked_linear.backend.name,
-            "device": str(device), "env_steps_per_s": env_steps / max(seconds, 1e-9)}
+            "env_steps": env_steps, "returns_truncated": stop_at_success, "seconds": seconds, "setup_seconds": setup_seconds,
+            "backend": inputs.masked_linear.backend.name, "device": str(device), "env_steps_per_s": env_steps / max(seconds, 1e-9)}
 
 
 def load_checkpoint(path: str, device: torch.device | str = "cpu"):
@@ -335,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the training config's)")
     p.add_argument("--sim-workers", type=int, default=None,
                    help="processes the simulator steps in (default: 2 for 16+ episodes on 2+ cores, else 1)")
+    p.add_argument("--stop-at-success", action="store_true",
+                   help="end each episode's simulation at its first success: the same success rates, less simulation; "
+                        "returns are then truncated there (recorded in --out)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluate(model, masks, info, tasks, args.episodes, args.seed, backend=backends.masked_linear,
                        vote_threshold=threshold, batch_size=args.batch_size, progress=not args.no_progress,
                        precision=args.precision, target_return=args.target_return, sim_workers=args.sim_workers,
-                       prompt_segment=args.prompt_segment)
+                       prompt_segment=args.prompt_segment, stop_at_success=args.stop_at_success)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
           f"masks on {res['backend']}, model on {res['device']}; building the envs took {res['setup_seconds']:.1f} s)")
     if args.out:
         out = {"method": cfg["method"], "tasks": {t: result_entry(r) for t, r in res["tasks"].items()},
-               "mean_success": res["mean_success"], "steps": step}
+               "mean_success": res["mean_success"], "steps": step, **({"returns_truncated": True} if args.stop_at_success else {})}
         write_atomic(args.out, json.dumps(out, indent=2))
     return 0
 

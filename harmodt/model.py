@@ -133,13 +133,16 @@ class SelfAttention(nn.Module):
         self.proj = MaskedLinear(cfg.n_embd, cfg.n_embd)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask, ctx=None, prefix=None, site=0):
+    def forward(self, x, attn_mask, ctx=None, prefix=None, site=0, last_only=False):
         # x (B, T, C); attn_mask bool (B, 1, T, Tp + T); prefix: cached (k, v) of Tp earlier tokens,
         # each (B, nh, Tp, hd). Returns the output (B, T, C) and this call's own (k, v). site: the
         # first of this layer's two counter-dropout sites (attention probabilities, output).
+        # last_only: keys and values of every token, the output of the last token only (B, 1, C).
         b, t, c = x.shape
         q, k, v = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd)
         own = (k, v)
+        if last_only:
+            q, attn_mask, t = q[:, :, -1:], attn_mask[:, :, -1:], 1
         if prefix is not None:
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (B, nh, Tp + T, hd)
         drop = None if ctx is None else ctx.dropout
@@ -162,10 +165,12 @@ class Block(nn.Module):
         self.mlp_proj = MaskedLinear(4 * cfg.n_embd, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask, ctx=None, prefix=None, layer=0):  # (B, T, C) -> (B, T, C), own (k, v)
+    def forward(self, x, attn_mask, ctx=None, prefix=None, layer=0, last_only=False):  # (B, T, C) -> (B, T, C), own (k, v)
+        """``last_only``: the output of the last token only, (B, 1, C) (what acting reads of the last
+        block); the keys and values are still every token's."""
         site = 1 + 3 * layer  # this block's counter-dropout sites: site, site + 1, site + 2
-        a, kv = self.attn(self.ln1(x), attn_mask, ctx, prefix, site)
-        x = x + a
+        a, kv = self.attn(self.ln1(x), attn_mask, ctx, prefix, site, last_only)
+        x = (x[:, -1:] if last_only else x) + a
         if ctx is None or ctx.dropout is None:
             return x + self.drop(self.mlp_proj(F.relu(self.fc(self.ln2(x), ctx)), ctx)), kv
         return x + self.mlp_proj(self.fc(self.ln2(x), ctx, relu=True), ctx, site=site + 2), kv
@@ -290,7 +295,11 @@ class PromptDT(nn.Module):
         """The action for the last history step of every row (B, A), attending to the prompt's
         cached keys/values. states (B, L, S), actions (B, L, A) (the last one is not read), rtg
         (B, L, 1), timesteps (B, L). ``history_valid`` (B, L) bool marks left padding (False) of
-        rows with shorter histories; None = every step of every row is real."""
+        rows with shorter histories; None = every step of every row is real.
+
+        Only the last state token's action is read, so the last block computes its queries,
+        attention output and MLP for that token alone (its keys and values for all): the result
+        equals ``forward``'s last action up to the GEMMs' rounding."""
         x = self.drop(self.embed_ln(self._history(states, actions, rtg, timesteps, task_ids)))  # (B, 3L - 1, C)
         b, t, _ = x.shape
         if history_valid is None:
@@ -300,8 +309,9 @@ class PromptDT(nn.Module):
         if prompt_valid is not None:
             valid = torch.cat([prompt_valid, valid], dim=1)
         attn_mask = causal_mask(valid, t)  # (B, 1, T, Tp + T)
+        last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
-            x, _ = blk(x, attn_mask, ctx, None if prompt_kv is None else prompt_kv[i])
+            x, _ = blk(x, attn_mask, ctx, None if prompt_kv is None else prompt_kv[i], last_only=i == last)
         return self._head(x[:, -1])
 
 

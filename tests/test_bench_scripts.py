@@ -22,3 +22,9 @@ def test_surgery_step_script(tmp_path):
 def test_profile_step_script():
     text = run("bench.profile_step", "--rounds", "1", "--steps", "1", "--top", "3")
     assert "fused" in text and "reference" in text and "peer" in text
+
+
+def test_overlap_script():
+    text = run("bench.overlap", "--steps", "1", "--rounds", "1", "--episodes", "2", timeout=600)
+    for way in ("simulator", "policy", "serial", "pipelined", "pipelined / serial"):
+        assert way in text

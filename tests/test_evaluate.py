@@ -131,6 +131,46 @@ def test_sharded_env_matches_vector_env_and_names_failures():
         ShardedVectorEnv(["reach-v3", "nope-v3"], [0, 1], shards=2)
 
 
+def expert_guided(model, info, tasks, episodes, monkeypatch):
+    """``model.act`` made to succeed: the scripted expert's action for the last (unnormalized) state
+    plus a tenth of the model's own action, so both the simulator and the model decide each step."""
+    from harmodt.envs import ScriptedExpert
+
+    experts = [ScriptedExpert(t) for t in tasks]
+    mean = torch.tensor(np.stack([np.asarray(info["state_mean"][t]) for t in tasks])).repeat_interleave(episodes, 0)
+    std = torch.tensor(np.stack([np.asarray(info["state_std"][t]) for t in tasks])).repeat_interleave(episodes, 0)
+    real = model.act
+
+    def act(states, *args, **kw):
+        obs = (states[:, -1] * std + mean).double().numpy()
+        expert = np.stack([experts[i // episodes](o) for i, o in enumerate(obs)])
+        return (torch.from_numpy(expert).float() + 0.1 * real(states, *args, **kw)).clamp(-1, 1)
+
+    monkeypatch.setattr(model, "act", act)
+
+
+def test_stop_at_success_keeps_success_rates(trainer, monkeypatch):
+    """``stop_at_success``: the same successes as full episodes on the same seeds, fewer simulated
+    steps, and the episodes that never succeed (simulated to the end) get the very returns of full
+    episodes: the running rows' actions do not depend on the finished ones. Two simulator shards:
+    the envs of this process and of the worker both stop."""
+    info = trainer.eval_info()
+    expert_guided(trainer.model, info, TASKS, 3, monkeypatch)
+    kw = dict(max_steps=60, progress=False, sim_workers=2)
+    full = evaluate(trainer.model, trainer.task_masks, info, TASKS, 3, seed=2, **kw)
+    stop = evaluate(trainer.model, trainer.task_masks, info, TASKS, 3, seed=2, stop_at_success=True, **kw)
+    assert not full["returns_truncated"] and stop["returns_truncated"]
+    rates = [r["success"] for r in full["tasks"].values()]
+    assert 0 < sum(rates) and min(rates) < 1  # some episodes succeed and stop early, some run to the end
+    assert {t: r["success"] for t, r in stop["tasks"].items()} == {t: r["success"] for t, r in full["tasks"].items()}
+    assert stop["env_steps"] < full["env_steps"] == 2 * 3 * 60
+    for t, r in full["tasks"].items():
+        if r["success"] == 0:
+            assert stop["tasks"][t]["return"] == r["return"]
+        else:
+            assert stop["tasks"][t]["return"] < r["return"]
+
+
 # ---- prompts at evaluation, task-ID models, old checkpoints ------------------------------------
 
 def captured_prompts(model, monkeypatch):

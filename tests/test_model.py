@@ -113,6 +113,29 @@ def test_prompt_cache_matches_full_sequence(masked):
     torch.testing.assert_close(act, m(batch, ctx)[:, -1], rtol=1e-5, atol=1e-6)
 
 
+def test_act_runs_the_last_block_for_the_last_token_only():
+    """Acting reads one action per row: the last block's attention output and MLP run on the last
+    state token alone (its keys and values on every token), the other blocks on every token; the
+    action equals the full forward's up to the GEMMs' rounding (bound: 1e-5 relative, 1e-6
+    absolute), also on evaluation's op with each task's W * M cached."""
+    b, m = setup(cfg=ModelConfig(n_layer=3, n_head=2, n_embd=32, context_len=6, prompt_len=3, dropout=0.0))
+    batch = b.sample([0, 1], 6)
+    batch["mask"][:] = True
+    rows = {}
+    hooks = [blk.fc.register_forward_hook(lambda mod, args, out, i=i: rows.update({i: args[0].shape[1]}))
+             for i, blk in enumerate(m.blocks)]
+    _, ctx = erk_context(m, batch["task_ids"])
+    cached = MaskContext(ctx.masks, ctx.task_ids, ctx.masked_linear.cached({}), segments=((0, 3), (1, 3)))
+    for c in (ctx, cached):
+        kvs, valid = m.encode_prompt(batch, c)
+        rows.clear()
+        act = m.act(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], batch["task_ids"], c, kvs, valid)
+        assert rows == {0: 3 * CFG.context_len - 1, 1: 3 * CFG.context_len - 1, 2: 1}
+        torch.testing.assert_close(act, m(batch, ctx)[:, -1], rtol=1e-5, atol=1e-6)
+    for h in hooks:
+        h.remove()
+
+
 def test_masked_weights_are_the_block_matrices():
     _, m = setup()
     names = set(m.masked_weights())

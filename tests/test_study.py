@@ -427,6 +427,25 @@ def bare_study(tmp_path) -> Study:
     return Study(args, rest, "python -m harmodt.study")
 
 
+def test_final_evaluations_take_the_study_eval_options(tmp_path, monkeypatch):
+    """--eval-stop-at-success and --eval-precision reach every final evaluation's command (the
+    defaults add nothing); bf16 is refused in one line on a CPU without bf16 instructions."""
+    for extra, flags in (([], []), (["--eval-stop-at-success", "--eval-precision", "bf16"], ["--precision", "bf16", "--stop-at-success"])):
+        args, rest = build_parser().parse_known_args(["--out", str(tmp_path / "s"), "--methods", "prompt-dt", "--seeds", "0", *extra])
+        study = Study(args, rest, "python -m harmodt.study")
+        run = study.runs[0]
+        run.dir.mkdir(parents=True, exist_ok=True)
+        seen = []
+        monkeypatch.setattr(study, "child", lambda cmd, log, env: seen.append(cmd) or 1)
+        assert not study.evaluate(run, [], tmp_path / "e.json", "eval.log", "evaluation", {})
+        tail = seen[0][seen[0].index("--no-progress") + 1 :]
+        assert tail == flags
+    monkeypatch.setattr(runner_mod, "_cuda", lambda: False)
+    monkeypatch.setattr(runner_mod, "bf16_matmul_note", lambda: "[harmodt] note: this CPU has no bf16 matrix instructions")
+    with pytest.raises(StudyError, match="--eval-precision bf16 refused: this CPU has no bf16"):
+        study.check()
+
+
 def test_a_child_starting_while_the_study_stops_is_stopped_too(tmp_path, monkeypatch, sigint_default):
     """The Ctrl-C lands between a child's start and its registration: stop_children must still
     reach it (before, it found no child and the run went on to its end)."""

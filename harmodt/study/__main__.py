@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-methods", default="", help="comma list: the methods (or variant run names) the sweep applies to (default all); "
                    "the others run once with their default value")
     p.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per task for every final checkpoint (default 20)")
+    p.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="the final evaluations' policy precision (bf16: autocast; on a CPU only with bf16 instructions, AVX512-BF16 or AMX)")
+    p.add_argument("--eval-stop-at-success", action="store_true",
+                   help="the final evaluations end each episode at its first success: the same success rates (what the study "
+                        "ranks by) for less simulation; returns in study.json are then truncated there")
     p.add_argument("--eval-seed", type=int, default=12345, help="evaluation seed shared by all runs: the same goals (default 12345)")
     p.add_argument("--curve-episodes", type=int, default=3,
                    help="episodes per task of the trainer's own evaluations when --eval-every is passed (default 3)")

@@ -19,6 +19,7 @@ from pathlib import Path
 from .figures import draw_figures
 from ..files import move_atomic, tail_lines
 from ..run.outputs import write_atomic
+from ..runtime import bf16_matmul_note
 from .plan import OWN_FLAGS, Run, StudyError, code_revision, machine_name, failed_jobs, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
 from .learned_masks import compare_learned_masks
 from .report import aggregate, along_training, pairwise, run_entry, summary_markdown
@@ -81,6 +82,8 @@ class Study:
                              f"({', '.join(a.key for a in self.arms)})")
         if self.args.eval_episodes < 1:
             raise StudyError("--eval-episodes must be at least 1")
+        if self.args.eval_precision == "bf16" and not _cuda() and (note := bf16_matmul_note()):
+            raise StudyError(f"--eval-precision bf16 refused: {note.removeprefix('[harmodt] note: ')}")
         if f"--validation-seed={self.args.eval_seed}" in self.passthrough or any(
                 a == "--validation-seed" and b == str(self.args.eval_seed) for a, b in zip(self.passthrough, self.passthrough[1:])):
             raise StudyError(f"--validation-seed {self.args.eval_seed} is the study's --eval-seed: the validation goals must "
@@ -203,7 +206,9 @@ class Study:
         if self.stopping.is_set():
             return False
         eval_args = [str(checkpoint or run.dir / "checkpoint.pt"), *extra, "--episodes", str(self.args.eval_episodes), "--seed", str(self.args.eval_seed),
-                     "--out", str(out) + ".tmp", "--no-progress"]
+                     "--out", str(out) + ".tmp", "--no-progress",
+                     *(["--precision", "bf16"] if self.args.eval_precision == "bf16" else []),
+                     *(["--stop-at-success"] if self.args.eval_stop_at_success else [])]
         with open(run.dir / log_name, "a") as log:
             log.write(f"$ python -m harmodt.evaluate {shlex.join(eval_args)}\n")
             log.flush()
@@ -331,7 +336,8 @@ class Study:
                 "variant_flags": {a.label: shlex.join([a.method, *a.flags]) for a in self.arms[len(self.methods):]},
                 "seeds": self.seeds,
                 "sweep": None if self.sweep is None else {"key": self.sweep[0], "values": self.sweep[1], "methods": self.sweep_arms},
-                "eval_episodes": self.args.eval_episodes, "eval_seed": self.args.eval_seed, "data": self.data,
+                "eval_episodes": self.args.eval_episodes, "eval_seed": self.args.eval_seed, "eval_precision": self.args.eval_precision,
+                "eval_returns_truncated": self.args.eval_stop_at_success, "data": self.data,
                 "eval_tasks": self.eval_tasks, "vote_thresholds": self.thresholds,
                 "passthrough": self.passthrough, "training_path": training_path(runs),
                 "bootstrap": {"seed": BOOTSTRAP_SEED, "samples": BOOTSTRAP_SAMPLES},
@@ -351,6 +357,12 @@ class Study:
         write_atomic(self.out / "summary.md", summary_markdown(study, [f.name for f in figures]))
         self.say(f"wrote {self.out / 'study.json'}, {self.out / 'summary.md'} and {self.out / 'figures'}")
         return study
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def training_path(runs: list[dict]) -> dict:
