@@ -203,7 +203,7 @@ def _mask_update_runner(tr):
         sync(tr.device)
         t = time.perf_counter()
         for _ in range(n):
-            tr.mask_update()
+            tr.mask_updater()
         sync(tr.device)
         return (time.perf_counter() - t) / n * 1e3
 

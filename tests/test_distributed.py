@@ -114,7 +114,7 @@ def reference(data: Path, tmp: Path, steps: int = 30, ck: dict | None = None, ex
     out = {}
     while tr.step < steps:
         if tr.step > 0 and tr.step % UPDATE_AT == 0:
-            tr.mask_update()
+            tr.mask_updater()
         loss = float(tr.train_step(tr.sample_tasks()))
         out[tr.step] = loss
     return out, tr

@@ -239,7 +239,8 @@ def test_tasks_per_batch_auto():
     assert parse_args(["--method", "pcgrad", "--tasks", "MT10", "--tasks-per-batch", "3"]).tasks_per_batch == 3
     assert parse_args(["--method", "prompt-dt", "--tasks", "MT10"]).tasks_per_batch == 1
     assert parse_args(["--method", "harmodt-f", "--tasks", "MT10", "--tasks-per-batch", "2"]).tasks_per_batch == 2
-    assert parse_args(["--method", "cagrad", "--tasks", "MT5"]).cagrad_c == 0.5
+    assert parse_args(["--method", "cagrad", "--tasks", "MT5"]).method_options == {"cagrad_c": 0.5}
+    assert parse_args(["--method", "pcgrad", "--tasks", "MT5"]).method_options == {}
     # a validated config is validated again unchanged (as a run's config.json is on --config / --resume)
     cfg = parse_args(["--method", "pcgrad", "--tasks", "MT5"])
     assert validate(cfg) == cfg
@@ -247,6 +248,7 @@ def test_tasks_per_batch_auto():
 
 @pytest.mark.parametrize("argv,msg", [
     (["--method", "cagrad", "--cagrad-c", "-0.1"], "--cagrad-c must be >= 0"),
+    (["--method", "pcgrad", "--cagrad-c", "0.1"], "--cagrad-c does not apply to --method pcgrad"),
     (["--method", "pcgrad", "--tasks-per-batch", "-1"], "--tasks-per-batch must be >= 0"),
     (["--method", "pcgrad", "--tasks-per-batch", "9", "--batch-size", "8"], "--tasks-per-batch cannot exceed --batch-size"),
 ])
@@ -273,7 +275,7 @@ def test_surgery_step_combines_each_tasks_gradient_on_its_own_rows(tmp_path, met
     """The gradient the step hands the optimizer is the method's combination of each task's
     gradient on its own rows (2, 2 and 1 of a batch of 5); at c = 0, CAGrad's is the gradient of
     the mean task loss."""
-    tr = Trainer(tiny_cfg(tmp_path, method=method, cagrad_c=c), datasets(TASKS))
+    tr = Trainer(tiny_cfg(tmp_path, method=method, method_options={"cagrad_c": c} if method == "cagrad" else {}), datasets(TASKS))
     assert tr.cfg.tasks_per_batch == 3 and tr.task_masks is None
     tr.train_step(tr.sample_tasks())
     state = {k: v.clone() for k, v in tr.model.state_dict().items()}
@@ -316,7 +318,7 @@ def test_surgery_run_resumes_after_sigkill_as_uninterrupted(tmp_path, method):
     res = json.loads((tmp_path / "ref" / "results.json").read_text())
     assert res["method"] == method and res["steps"] == 12
     config = json.loads((tmp_path / "ref" / "config.json").read_text())
-    assert config["tasks_per_batch"] == 2 and config["cagrad_c"] == 0.5
+    assert config["tasks_per_batch"] == 2 and config["method_options"] == ({"cagrad_c": 0.5} if method == "cagrad" else {})
     losses = [r["loss"] for r in records(tmp_path / "ref") if "loss" in r]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
 
