@@ -18,7 +18,8 @@ from _synthetic import datasets  # noqa: E402
 
 from harmodt.config import PRESETS, ModelConfig, TrainConfig, flat_keys, to_dict, validate  # noqa: E402
 from harmodt.run.cli import parse_args  # noqa: E402
-from harmodt.train import Trainer, action_loss  # noqa: E402
+from harmodt.model import action_loss  # noqa: E402
+from harmodt.train import Trainer  # noqa: E402
 
 TASKS = ("reach-v3", "push-v3", "pick-place-v3")
 

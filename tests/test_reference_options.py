@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _synthetic import datasets
-from harmodt import train
+from harmodt import steps, train
 from harmodt.config import PRESETS, RESUME_RULES, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
 from harmodt.masks import TaskMasks, erk_densities
 from harmodt.methods import build_model
@@ -150,8 +150,8 @@ def test_unmasked_clip_norm_is_the_norm_of_the_gradient_before_masking(tmp_path,
         batch = tr.batcher.sample(task_ids, tr.cfg.batch_size)
         tr.batcher.sample = lambda ids, size: batch
         calls = []
-        real = train.clip_coefficient
-        monkeypatch.setattr(train, "clip_coefficient", lambda *a: calls.append((a, real(*a))) or calls[-1][1])
+        real = steps.clip_coefficient
+        monkeypatch.setattr(steps, "clip_coefficient", lambda *a: calls.append((a, real(*a))) or calls[-1][1])
         state = copy.deepcopy(tr.model.state_dict())
         tr.train_step(task_ids)
         monkeypatch.undo()

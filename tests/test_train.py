@@ -11,9 +11,10 @@ import torch
 
 from _synthetic import datasets
 from harmodt.config import ConfigError, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
+from harmodt.model import action_loss
 from harmodt.run.cli import parse_args
+from harmodt.train import Trainer, run
 import kernels
-from harmodt.train import Trainer, action_loss, run
 
 TASKS = ["reach-v3", "push-v3", "door-open-v3"]
 
