@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _synthetic import datasets
-from harmodt import steps, train
+from harmodt import steps
 from harmodt.config import PRESETS, RESUME_RULES, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
 from harmodt.masks import TaskMasks, erk_densities
 from harmodt.methods import build_model
