@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             sync()
             t0 = time.perf_counter()
-            METHODS[rule].combine(grads, 0.5, gen)
+            METHODS[rule].combine(grads, trainers[f"{rule}, {t} tasks"].step_rule.options, gen)  # cagrad: its --cagrad-c
             sync()
             v.append((time.perf_counter() - t0) * 1e3)
         rows[f"{rule} rule alone, [{t}, {n_params}]"] = {"median_ms": statistics.median(v), "min_ms": min(v), "ratio": None}
