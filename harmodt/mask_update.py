@@ -1,6 +1,8 @@
 """Mask updaters: Algorithm 2 as a method runs it, built by the method's entry (harmodt.methods) on
-a :class:`harmodt.train.Trainer`; the training loop asks :meth:`HarmonyProbe.due` before each
-step and calls the updater when it is due.
+a :class:`harmodt.train.Trainer`. An updater has ``due(step)`` (asked by the training loop before
+each step), ``__call__()`` (the update at the trainer's step; returns the metric line's entries)
+and ``last_harmony`` (the last harmony score, which a checkpoint keeps); a new schedule is a
+subclass that changes ``due`` or ``alpha``.
 
 - :class:`HarmonyProbe` (methods whose masks do not learn: the dense ones and HarmoDT-R): every
   ``t_m`` steps, every task's gradients and their harmony score (Definition 3.2), logged; the

@@ -3,7 +3,9 @@ CAGrad gradient surgery, on offline Meta-World data.
 
 Algorithm 1: every step samples one task (``--tasks-per-batch 1``), a batch of its data, and
 updates theta with ``grad L_i(theta * M_i) * M_i``; every ``t_m`` steps Algorithm 2 updates the
-masks (HarmoDT-M/F; HarmoDT-R keeps its random ERK masks). Model, masks, optimizer state and
+masks (HarmoDT-M/F; HarmoDT-R keeps its random ERK masks). What a step and a mask update do is the
+method's (its step rule and mask updater, built by its entry in harmodt.methods); the
+:class:`Trainer` holds the model, optimizer and data, and :func:`train_loop` calls them. Model, masks, optimizer state and
 batches live on ``--device``; the kernels of each op are chosen once (``kernels.select_backends``).
 The harness around the algorithms (flags, output files, RNG state, checkpoints, signals, torchrun
 ranks, the data cache) is in harmodt/run/. Writes into ``--out``: config.json, metrics.jsonl,
