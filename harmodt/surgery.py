@@ -1,7 +1,7 @@
 """The gradient of one PCGrad/CAGrad training step: :func:`surgery_gradients` computes the task
 gradients on the Prompt-DT backbone (one forward and backward per task on that task's own rows of
-the batch) and hands their combination (the method's rule, harmodt.methods) to the parameters. The step rule (harmodt.steps.SurgeryStep) then
-clips and takes the AdamW step.
+the batch) and hands their combination (the method's rule, harmodt.methods) to the parameters.
+The step rule (harmodt.steps.SurgeryStep) then clips and takes the AdamW step.
 """
 
 from __future__ import annotations

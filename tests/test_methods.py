@@ -60,9 +60,9 @@ class ScaleOptions:
             raise ValueError("--mean-scale must be positive")
 
 
-TINY_FLAGS = ["--tasks", ",".join(TASKS), "--steps", "4", "--batch-size", "4", "--warmup-steps", "1", "--lr", "1e-3", "--eval-episodes", "0",
-              "--log-every", "2", "--checkpoint-every", "2", "--no-progress", "--device", "cpu", "--n-layer", "1", "--n-head", "2",
-              "--n-embd", "16", "--context-len", "4", "--prompt-len", "2", "--dropout", "0.0"]
+TINY_FLAGS = ["--tasks", ",".join(TASKS), "--steps", "4", "--batch-size", "4", "--warmup-steps", "1", "--lr", "1e-3",
+              "--eval-episodes", "0", "--log-every", "2", "--checkpoint-every", "2", "--no-progress", "--device", "cpu",
+              "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--context-len", "4", "--prompt-len", "2", "--dropout", "0.0"]
 
 
 def test_a_toy_combination_method_with_its_own_hyper_parameter_trains_from_its_flag(tmp_path, monkeypatch):
