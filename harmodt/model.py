@@ -39,7 +39,7 @@ class CounterDropout:
     recomputes them. The masked linears apply it in their epilogue; the other sites call ``op``.
 
     p: the dropout rate; seed: this forward's seed (from the run's seed and step, see
-    ``Trainer.counter_dropout``); op: the run's ``kernels.dropout`` op."""
+    ``harmodt.steps.PlainStep.counter_dropout``); op: the run's ``kernels.dropout`` op."""
 
     p: float
     seed: int
