@@ -86,6 +86,7 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.10",
         "matplotlib>=3.5",
+        "scipy>=1.10",  # the study's statistics (harmodt/study/stats.py)
     ],
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

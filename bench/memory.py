@@ -62,7 +62,7 @@ def measure(t: int, device: str, fused: bool) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    tr.mask_update()
+    tr.mask_updater()
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base

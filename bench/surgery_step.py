@@ -48,7 +48,7 @@ def one_forward_step(tr, task_ids: list[int]) -> torch.Tensor:
         torch.cat([x.reshape(-1) for x in g], out=grads[i])
         losses.append(loss.detach())
         start += k
-    combined = METHODS["pcgrad"].combine(grads, tr.cfg.cagrad_c, tr.batcher.generator)
+    combined = METHODS["pcgrad"].combine(grads, None, tr.batcher.generator)
     for p, chunk in zip(params, combined.split([p.numel() for p in params])):
         p.grad = chunk.view_as(p)
     tr.opt.masked_step(None, grad_scale=clip_coefficient(params, tr.cfg.grad_clip), op=tr.backends.masked_adamw)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             sync()
             t0 = time.perf_counter()
-            METHODS[rule].combine(grads, 0.5, gen)
+            METHODS[rule].combine(grads, trainers[f"{rule}, {t} tasks"].step_rule.options, gen)  # cagrad: its --cagrad-c
             sync()
             v.append((time.perf_counter() - t0) * 1e3)
         rows[f"{rule} rule alone, [{t}, {n_params}]"] = {"median_ms": statistics.median(v), "min_ms": min(v), "ratio": None}

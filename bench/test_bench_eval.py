@@ -22,7 +22,7 @@ def _model_and_masks(n_tasks: int, device, model_cfg=None):
     """A random HarmoDT-F model (the paper's size unless ``model_cfg``) and ERK masks at S = 0.2."""
     from harmodt.config import ModelConfig
     from harmodt.masks import TaskMasks
-    from harmodt.model import build_model
+    from harmodt.methods import build_model
 
     torch.manual_seed(0)
     model = build_model(model_cfg or ModelConfig(), n_tasks, "harmodt-f").to(device).eval()

@@ -74,7 +74,7 @@ def test_mt50_projection(benchmark):
     def update() -> float:
         torch.cuda.synchronize()
         t = time.perf_counter()
-        tr.mask_update()
+        tr.mask_updater()
         torch.cuda.synchronize()
         return (time.perf_counter() - t) * 1e3
 

@@ -172,7 +172,7 @@ def test_masked_adamw(benchmark, device):
     masked matrices through one task's packed mask), fused backend against the reference (a loop
     of per-parameter ops). Target: fused >= 1.0x the reference."""
     from harmodt.config import ModelConfig
-    from harmodt.model import build_model
+    from harmodt.methods import build_model
 
     backend = fused_backend(device)
     model = build_model(ModelConfig(), 5, "harmodt-f").to(device)

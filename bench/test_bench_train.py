@@ -186,7 +186,7 @@ MASK_UPDATE_CASES = [pytest.param("cpu", "MT10", id="cpu-MT10"), pytest.param("c
 
 @pytest.mark.parametrize("device,task_set", MASK_UPDATE_CASES)
 def test_mask_update(benchmark, device, task_set):
-    """Seconds per mask update (``Trainer.mask_update``: Algorithm 2, every task's masked and
+    """Seconds per mask update (the trainer's ``mask_updater``: Algorithm 2, every task's masked and
     dense gradient on a fresh batch, then ``harmony_select``) at MT10 and (CUDA) MT50, HarmoDT-F
     ``--fused`` against the reference: wall and GPU time (CUDA events). Target: fused >= 3x the
     reference at MT50. It runs once per 5,000 steps."""
@@ -196,7 +196,7 @@ def test_mask_update(benchmark, device, task_set):
     trainers = {"fused": make_trainer("harmodt-f", device, True, tasks=tasks), "reference": make_trainer("harmodt-f", device, False, tasks=tasks)}
     for tr in trainers.values():
         tr.step = 1  # past step 0 of the alpha schedule: the selection moves weights
-    variants = {k: Timed(tr.mask_update, device) for k, tr in trainers.items()}
+    variants = {k: Timed(tr.mask_updater, device) for k, tr in trainers.items()}
     times = interleave(benchmark, variants, rounds(1) if device == "cpu" else rounds(3), calls=1, warmup=0 if device == "cpu" else 1)
     times = {k: [x / 1e3 for x in v] for k, v in times.items()}
     gpu = {k: [x / 1e3 for x in v] for k, v in gpu_times(variants).items()}

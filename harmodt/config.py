@@ -81,7 +81,8 @@ class TrainConfig:
                                       "embeddings) | all (every parameter, as the official code)")
     task_order: str = setting("random", "the tasks of a step: random (drawn uniformly) | round-robin (step t trains task t mod T, "
                               "as the official code; with --tasks-per-batch k, tasks t*k .. t*k+k-1 mod T)")
-    cagrad_c: float = setting(0.5, "c of cagrad: radius of the ball around the mean gradient, in units of its norm (0 = the mean gradient)")
+    method_options: dict = setting(factory=dict, help="the hyper-parameters of --method's own ({name: value}; their flags come "
+                                   "from the options of its entry in harmodt/methods.py, such as cagrad's --cagrad-c)")
     data: str = setting("", "dataset folder (ours or the original layout); empty = generate into the cache")
     episodes_per_task: int = setting(0, "keep this many episodes per task (0 = all)")
     quality: str = setting("near-optimal", "near-optimal (all episodes) | sub-optimal (first 50% of each task's)")
@@ -202,12 +203,16 @@ def flat_keys(d: dict, prefix: str = "") -> dict:
 
 def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     """Set dotted keys ('model.n_layer') on a copy of cfg."""
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), masks=dataclasses.replace(cfg.masks))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), masks=dataclasses.replace(cfg.masks),
+                              method_options=dict(cfg.method_options))
     for key, value in overrides.items():
         target = cfg
         parts = key.split(".")
         for p in parts[:-1]:
             target = getattr(target, p)
+        if isinstance(target, dict):  # method_options.NAME: a hyper-parameter of the method's own
+            target[parts[-1]] = value
+            continue
         if not hasattr(target, parts[-1]):
             raise ConfigError(f"unknown config key {key!r}")
         setattr(target, parts[-1], value)
@@ -223,6 +228,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     if cfg.method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    try:
+        cfg.method_options = METHODS[cfg.method].check_options(cfg.method_options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.quality not in QUALITIES:
         raise ConfigError(f"--quality must be one of {', '.join(QUALITIES)}, got {cfg.quality!r}")
     try:
@@ -234,7 +243,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.batch_size > 0, "--batch-size must be positive"),
         (cfg.tasks_per_batch >= 0, "--tasks-per-batch must be >= 0 (0: auto)"),
         (cfg.tasks_per_batch <= cfg.batch_size, "--tasks-per-batch cannot exceed --batch-size"),
-        (cfg.cagrad_c >= 0, "--cagrad-c must be >= 0"),
         (0.0 <= cfg.masks.sparsity < 1.0, "--sparsity must be in [0, 1)"),
         (0 <= cfg.masks.eta_min <= cfg.masks.eta_max, "need 0 <= --eta-min <= --eta-max"),
         (cfg.masks.update_every > 0, "--update-every must be positive"),
@@ -329,11 +337,16 @@ def resolve_device(device: str):
 
 def upgrade_saved_config(d: dict) -> dict:
     """A saved config (config.json, a checkpoint's) in today's terms, meaning what it meant when it
-    was written. A config without ``dropout_rng`` predates that option and drew dropout from torch's
+    was written. A top-level ``cagrad_c`` is CAGrad's option (``method_options``; other methods
+    ignored it). A config without ``dropout_rng`` predates that option and drew dropout from torch's
     RNG. A config without ``prompt_segment`` predates that option and ran with random prompt
     windows, and its ``conditioning: auto`` gave MTDT the learned task embedding; ``task-id`` is the
     earlier name of ``task-embedding``."""
     d = dict(d)
+    if "cagrad_c" in d:
+        c = d.pop("cagrad_c")
+        if d.get("method") == "cagrad":
+            d.setdefault("method_options", {"cagrad_c": c})
     d.setdefault("dropout_rng", "torch")
     if "conditioning" in d:
         d["conditioning"] = CONDITIONING_ALIASES.get(d["conditioning"], d["conditioning"])

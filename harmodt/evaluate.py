@@ -280,7 +280,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu"):
     from . import checkpoint
     from .config import ModelConfig, upgrade_saved_config
     from .masks import TaskMasks
-    from .model import build_model
+    from .methods import build_model
 
     try:
         ck = checkpoint.load(path)

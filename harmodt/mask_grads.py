@@ -20,7 +20,6 @@ import torch
 from .masks import TaskMasks
 from .model import MaskContext, action_loss
 from .optim import clip_factor
-from .run.rng import dropout_state, set_dropout_state
 
 
 def task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear, batches: Iterable,
@@ -118,3 +117,15 @@ class _Gradients:
         others = [g for p, g in zip(self.params, grads) if id(p) not in matrix_ids and g is not None]
         coef = clip_factor(full + others, self.grad_clip)
         return _flat(mats) * coef, None if ctx is None else _flat(full) * coef
+
+
+def dropout_state(device: torch.device) -> tuple:
+    """The streams dropout draws from: torch's CPU generator and, on a CUDA device, its generator."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_dropout_state(state: tuple, device: torch.device) -> None:
+    """Set the streams of :func:`dropout_state`."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

@@ -1,21 +1,32 @@
 """The methods ``--method`` names, one :class:`Method` entry each: what the method is (masked or
 dense, masks learned or fixed, the importance term of its mask update, how it combines task
-gradients, how it is conditioned on the task) and how reports and figures show it.
+gradients, how it is conditioned on the task, hyper-parameters of its own), what it builds on a
+trainer (its model, its masks, its step rule and its mask updater) and how reports and figures
+show it.
 
-The trainer, the model, the config checks and the study read the entry; nothing else compares
-method names. A new method is one :func:`register` call with its own functions (a gradient
-combination rule, say), e.g. ``register(Method("mean-grad", "Mean-grad", "tab:olive",
-combine=lambda grads, c, generator: grads.mean(0)))``.
+The trainer, the config checks and the study read the entry; nothing else compares method names.
+A new method is one :func:`register` call with its own functions: a gradient-combination rule
+with a hyper-parameter, say, ``register(Method("scaled-mean", "Scaled mean", "tab:olive",
+combine=lambda grads, options, generator: options.scale * grads.mean(0), options=ScaleOptions))``
+where ``ScaleOptions`` is a dataclass whose field ``scale`` becomes the flag ``--scale``; or its
+own step rule or mask schedule (``step_rule=``, ``mask_updater=``: a class built on the trainer,
+such as a subclass of harmodt.steps.MaskedStep or harmodt.mask_update.Algorithm2).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .baselines.cagrad import cagrad_direction
+import torch
+
+from .baselines.cagrad import CAGradOptions, cagrad_direction
 from .baselines.pcgrad import pcgrad_direction
-from .masks import IMPORTANCE
+from .mask_update import Algorithm2, HarmonyProbe
+from .masks import IMPORTANCE, TaskMasks
+from .model import PromptDT
+from .steps import MaskedStep, PlainStep, SurgeryStep
 
 MASKS = ("none", "fixed", "learned")
 IMPORTANCES = tuple(IMPORTANCE)  # the importance terms of Eq. 8 (harmodt.masks)
@@ -33,10 +44,16 @@ class Method:
     by agreement and ``importance``: "fisher" or "magnitude", Eq. 8). ``combine``: None, the step
     takes the gradient of the batch's loss (Algorithm 1); else the step takes each task's gradient
     on its own rows and combines the ``[T, P]`` rows into one ``[P]`` direction with
-    ``combine(grads, c, generator)`` (gradient surgery; ``c``: ``--cagrad-c``, ``generator``: the
-    data stream's). ``conditioning``: what ``--conditioning auto`` is, "prompt" (a trajectory
-    prompt, Prompt-DT) or "task-state" (the one-hot task ID beside the state, the paper's MTDT).
-    ``label`` and ``color`` (a matplotlib colour): how reports and figures show it.
+    ``combine(grads, options, generator)`` (gradient surgery; ``options``: the method's options,
+    ``generator``: the data stream's). ``options``: None, or a dataclass of the method's own
+    hyper-parameters: each field is a training flag (``cagrad_c`` is ``--cagrad-c``; its
+    ``metadata["help"]`` the help text) and the run's values are ``config.method_options``;
+    ``__post_init__`` may raise ValueError naming the flag. ``conditioning``: what
+    ``--conditioning auto`` is, "prompt" (a trajectory prompt, Prompt-DT) or "task-state" (the
+    one-hot task ID beside the state, the paper's MTDT). ``step_rule`` and ``mask_updater``: None,
+    the ones of its kind (:meth:`build_step_rule`, :meth:`build_mask_updater`); else a callable of
+    the trainer that builds its own. ``label`` and ``color`` (a matplotlib colour): how reports and
+    figures show it.
     """
     name: str
     label: str
@@ -45,6 +62,9 @@ class Method:
     importance: str | None = None
     combine: Callable | None = None
     conditioning: str = "prompt"
+    options: type | None = None
+    step_rule: Callable | None = None
+    mask_updater: Callable | None = None
 
     def __post_init__(self):
         if self.masks not in MASKS:
@@ -55,6 +75,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: conditioning must be prompt, task-state or task-embedding")
         if self.combine is not None and self.masks != "none":
             raise ValueError(f"method {self.name!r}: a gradient-combination rule runs on the dense model (masks none)")
+        if self.options is not None and not dataclasses.is_dataclass(self.options):
+            raise ValueError(f"method {self.name!r}: options must be a dataclass of its hyper-parameters")
 
     @property
     def masked(self) -> bool:
@@ -77,6 +99,52 @@ class Method:
             return self.conditioning
         return CONDITIONING_ALIASES.get(conditioning, conditioning)
 
+    def draws_prompts(self, conditioning: str = "auto") -> bool:
+        """Whether its data stream draws prompts (a prompted method does, whatever ``--conditioning`` says)."""
+        return "prompt" in (self.conditioning, self.resolve_conditioning(conditioning))
+
+    def check_options(self, given: dict) -> dict:
+        """The method's options with ``given`` ({field: value}) over their defaults, as a plain
+        dict; ValueError naming the flag of a value it does not take."""
+        fields = {f.name for f in dataclasses.fields(self.options)} if self.options is not None else set()
+        stray = [k for k in given if k not in fields]
+        if stray:
+            flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+            raise ValueError(f"{flags} does not apply to --method {self.name}")
+        return {} if self.options is None else dataclasses.asdict(self.options(**given))
+
+    def build_model(self, cfg, n_tasks: int, conditioning: str = "auto") -> PromptDT:
+        """Its model (``cfg``: a harmodt.config.ModelConfig) with ``conditioning``."""
+        return PromptDT(cfg, n_tasks, self.resolve_conditioning(conditioning))
+
+    def build_masks(self, shapes: dict, n_tasks: int, masks_cfg, seed: int, device: torch.device) -> TaskMasks | None:
+        """Its initial task masks (ERK at ``--sparsity``, drawn from ``seed + 1``; ``masks_cfg``: a
+        harmodt.config.MaskConfig), None for a dense method."""
+        if not self.masked:
+            return None
+        return TaskMasks.erk(shapes, n_tasks, masks_cfg.sparsity, torch.Generator().manual_seed(seed + 1), device=device,
+                             draw=masks_cfg.erk_draw)
+
+    def build_step_rule(self, trainer):
+        """Its training step on ``trainer`` (harmodt.steps): its own ``step_rule``, else gradient
+        surgery with ``combine`` and its options, the masked step, or the plain step."""
+        if self.step_rule is not None:
+            return self.step_rule(trainer)
+        if self.combine is not None:
+            return SurgeryStep(trainer, self.combine, self.read_options(trainer.cfg))
+        return MaskedStep(trainer) if self.masked else PlainStep(trainer)
+
+    def build_mask_updater(self, trainer):
+        """Its Algorithm 2 on ``trainer`` (harmodt.mask_update): its own ``mask_updater``, else for
+        learned masks the update with its importance, for the others the harmony-score probe."""
+        if self.mask_updater is not None:
+            return self.mask_updater(trainer)
+        return Algorithm2(trainer, self.importance) if self.learns_masks else HarmonyProbe(trainer)
+
+    def read_options(self, cfg):
+        """The options of a run's config ``cfg`` (an instance of :attr:`options`, None without)."""
+        return None if self.options is None else self.options(**cfg.method_options)
+
 
 METHODS: dict[str, Method] = {}
 
@@ -95,7 +163,7 @@ register(Method("harmodt-r", "HarmoDT-R", "tab:orange", masks="fixed"))
 register(Method("harmodt-m", "HarmoDT-M", "tab:purple", masks="learned", importance="magnitude"))
 register(Method("harmodt-f", "HarmoDT-F", "tab:red", masks="learned", importance="fisher"))
 register(Method("pcgrad", "PCGrad", "tab:green", combine=pcgrad_direction))
-register(Method("cagrad", "CAGrad", "tab:cyan", combine=cagrad_direction))
+register(Method("cagrad", "CAGrad", "tab:cyan", combine=cagrad_direction, options=CAGradOptions))
 
 # The dense prompted baseline the study's tables compare other arms with.
 REFERENCE = "prompt-dt"
@@ -104,3 +172,8 @@ REFERENCE = "prompt-dt"
 def resolve_conditioning(method: str, conditioning: str = "auto") -> str:
     """The concrete conditioning of ``method`` under ``--conditioning`` (:meth:`Method.resolve_conditioning`)."""
     return METHODS[method].resolve_conditioning(conditioning)
+
+
+def build_model(cfg, n_tasks: int, method: str, conditioning: str = "auto") -> PromptDT:
+    """The model of ``method`` with ``conditioning`` (:meth:`Method.build_model`)."""
+    return METHODS[method].build_model(cfg, n_tasks, conditioning)

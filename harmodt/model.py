@@ -28,8 +28,6 @@ import torch.nn.functional as F
 
 import kernels
 
-from .config import ModelConfig
-from .methods import resolve_conditioning
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,7 @@ class CounterDropout:
     recomputes them. The masked linears apply it in their epilogue; the other sites call ``op``.
 
     p: the dropout rate; seed: this forward's seed (from the run's seed and step, see
-    ``Trainer.counter_dropout``); op: the run's ``kernels.dropout`` op."""
+    ``harmodt.steps.PlainStep.counter_dropout``); op: the run's ``kernels.dropout`` op."""
 
     p: float
     seed: int
@@ -125,7 +123,7 @@ def causal_mask(key_valid: torch.Tensor, n_query: int) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
@@ -156,7 +154,7 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.attn = SelfAttention(cfg)
@@ -179,7 +177,7 @@ class Block(nn.Module):
 class TokenEmbedding(nn.Module):
     """Embeds (R, s, a, timestep) into interleaved tokens ``(B, 3T, C)``."""
 
-    def __init__(self, cfg: ModelConfig, state_in: int | None = None):
+    def __init__(self, cfg, state_in: int | None = None):
         super().__init__()
         self.timestep = nn.Embedding(cfg.max_ep_len, cfg.n_embd)
         self.ret = nn.Linear(1, cfg.n_embd)
@@ -203,9 +201,12 @@ class PromptDT(nn.Module):
     - "task-state": the task ID as a one-hot vector concatenated with every state, no prompt (MTDT
       as the paper's Appendix D describes it: the state embedding reads S + T inputs);
     - "task-embedding": a learned task embedding added to every R, s and a token, no prompt.
+
+    ``cfg``: its shape (a :class:`harmodt.config.ModelConfig`; each block reads the fields it needs).
+    The model of a ``--method`` is built by its entry (:func:`harmodt.methods.build_model`).
     """
 
-    def __init__(self, cfg: ModelConfig, n_tasks: int, conditioning: str = "prompt"):
+    def __init__(self, cfg, n_tasks: int, conditioning: str = "prompt"):
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {conditioning!r}")
@@ -313,11 +314,6 @@ class PromptDT(nn.Module):
         for i, blk in enumerate(self.blocks):
             x, _ = blk(x, attn_mask, ctx, None if prompt_kv is None else prompt_kv[i], last_only=i == last)
         return self._head(x[:, -1])
-
-
-def build_model(cfg: ModelConfig, n_tasks: int, method: str, conditioning: str = "auto") -> PromptDT:
-    """The model of ``method`` with ``conditioning`` (see :meth:`harmodt.methods.Method.resolve_conditioning`)."""
-    return PromptDT(cfg, n_tasks, resolve_conditioning(method, conditioning))
 
 
 def action_loss(pred: torch.Tensor, batch: dict, count: torch.Tensor | None = None) -> torch.Tensor:

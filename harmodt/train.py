@@ -3,7 +3,9 @@ CAGrad gradient surgery, on offline Meta-World data.
 
 Algorithm 1: every step samples one task (``--tasks-per-batch 1``), a batch of its data, and
 updates theta with ``grad L_i(theta * M_i) * M_i``; every ``t_m`` steps Algorithm 2 updates the
-masks (HarmoDT-M/F; HarmoDT-R keeps its random ERK masks). Model, masks, optimizer state and
+masks (HarmoDT-M/F; HarmoDT-R keeps its random ERK masks). What a step and a mask update do is the
+method's (its step rule and mask updater, built by its entry in harmodt.methods); the
+:class:`Trainer` holds the model, optimizer and data, and :func:`train_loop` calls them. Model, masks, optimizer state and
 batches live on ``--device``; the kernels of each op are chosen once (``kernels.select_backends``).
 The harness around the algorithms (flags, output files, RNG state, checkpoints, signals, torchrun
 ranks, the data cache) is in harmodt/run/. Writes into ``--out``: config.json, metrics.jsonl,
@@ -22,224 +24,80 @@ import kernels
 
 from . import plots
 from .config import TEST_GOALS_OFFSET, ConfigError, TrainConfig, resolve_device
-from .data.batches import PromptDTBatcher, batch_segments
+from .data.batches import PromptDTBatcher
 from .graphed_step import GraphedStep
-from .mask_grads import task_gradients
-from .masks import TaskMasks, alpha_schedule, harmony_score
+from .masks import TaskMasks
 from .methods import METHODS
-from .model import CounterDropout, MaskContext, action_loss, build_model
-from .optim import MaskedAdamW, clip_coefficient, param_groups
+from .optim import MaskedAdamW, param_groups
 from .run import distributed, resume, rng, session, signals
 from .run.cli import parse_args
 from .run.data_cache import load_training_data
 from .run.outputs import MetricsLog, NoLog
-from .surgery import surgery_gradients
 from .tasks import parse_tasks
 
 
 class Trainer:
-    """The model, masks, optimizer and data on one device; the training step (Algorithm 1) and the
-    mask update (Algorithm 2)."""
+    """The model, masks, optimizer and data on one device, and what the method (harmodt.methods)
+    builds on them: its step rule (Algorithm 1's step, harmodt.steps) and its mask updater
+    (Algorithm 2, harmodt.mask_update). ``dist``: this process's rank (harmodt.run.distributed),
+    which makes every collective."""
 
     def __init__(self, cfg: TrainConfig, datasets: dict | None = None, dist: distributed.Single | None = None):
         self.cfg = cfg
         self.method = METHODS[cfg.method]
         self.tasks = parse_tasks(cfg.tasks)
-        self.dist = dist or distributed.Single()  # the ranks of a torchrun run (harmodt.run.distributed), or one process
+        self.dist = dist or distributed.Single()  # the ranks of a torchrun run, or one process
         self.device = self.dist.device(resolve_device(cfg.device))
-        if self.dist.active and self.method.per_task_gradients:
-            raise ConfigError(f"--method {cfg.method} runs in one process (its per-task gradients are not split over torchrun ranks)")
         try:
             self.backends = kernels.select_backends(self.device, cfg.fused, cfg.backend)
         except kernels.BackendUnavailable as exc:
             raise ConfigError(str(exc)) from None
         rng.seed_all(cfg.seed)
-        self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks, may_generate=not self.dist.active)
+        self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks,
+                                                                                 may_generate=self.dist.may_generate_data)
         mc = cfg.model
-        # a prompted method's data stream draws prompts whatever --conditioning says
-        prompted = "prompt" in (self.method.conditioning, self.method.resolve_conditioning(cfg.conditioning))
-        self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, mc.prompt_len if prompted else 0, cfg.rtg_scale,
-                                       mc.max_ep_len, seed=cfg.seed + self.dist.rank, device=self.device, prompt_segment=cfg.prompt_segment,
+        prompt_len = mc.prompt_len if self.method.draws_prompts(cfg.conditioning) else 0
+        self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, prompt_len, cfg.rtg_scale, mc.max_ep_len,
+                                       seed=cfg.seed + self.dist.rank, device=self.device, prompt_segment=cfg.prompt_segment,
                                        state_norm=cfg.state_norm)
-        self.model = build_model(mc, len(self.tasks), cfg.method, cfg.conditioning).to(self.device)
+        self.model = self.method.build_model(mc, len(self.tasks), cfg.conditioning).to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model  # training forwards go through this
         self.params = list(self.model.parameters())
         self.weights = self.model.masked_weights()  # name -> Parameter
         shapes = {n: tuple(w.shape) for n, w in self.weights.items()}
-        self.task_masks = None
-        if self.method.masked:
-            self.task_masks = TaskMasks.erk(shapes, len(self.tasks), cfg.masks.sparsity, torch.Generator().manual_seed(cfg.seed + 1),
-                                            device=self.device, draw=cfg.masks.erk_draw)
-        self.task_stream = None  # with several ranks: the task draws every rank shares (harmodt.run.distributed)
-        self.step_tasks: list[int] = []  # with several ranks: every rank's tasks of the current step
-        if self.dist.active:
-            self.dist.broadcast_tensors_(list(self.model.state_dict().values())
-                                         + (list(self.task_masks.masks.values()) if self.task_masks is not None else []))
-            self.task_stream = torch.Generator().manual_seed(cfg.seed + distributed.TASK_STREAM_OFFSET)
-            torch.manual_seed(cfg.seed + self.dist.rank)  # this rank's dropout stream
-        self.initial_masks = None if self.task_masks is None else self.task_masks.snapshot()  # ERK draw (seeded): the reference for mask_changed_fraction
+        self.task_masks = self.method.build_masks(shapes, len(self.tasks), cfg.masks, cfg.seed, self.device)
+        masks = [] if self.task_masks is None else list(self.task_masks.masks.values())
+        self.dist.share_initial_state(list(self.model.state_dict().values()) + masks, cfg.seed)  # several ranks: rank 0's
         self.opt = MaskedAdamW(param_groups(self.model, cfg.weight_decay, cfg.weight_decay_scope), lr=cfg.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min((s + 1) / max(cfg.warmup_steps, 1), 1.0))
         self.step = 0
-        self.last_harmony = None
-        self.stop = signals.StopRequest(agreed_by_ranks=self.dist.active)  # SIGINT/SIGTERM: the loop saves and stops
-        self.graphed = GraphedStep(self) if cfg.cuda_graph else None  # --cuda-graph: train_step's step, captured once
-
-    # ---- one step -------------------------------------------------------------------------
-    def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None,
-                dropout: CounterDropout | None = None) -> MaskContext | None:
-        """The masks a forward on rows of ``task_ids`` runs through (None without masks and
-        without ``dropout``); ``single_task``: every row is ``task_ids[0]`` (one mask, no grouping
-        of rows); ``segments``: the batch's ``((task, sequences), ...)`` layout when known on the
-        host; ``dropout``: the forward's counter-based dropout (:meth:`counter_dropout`)."""
-        op = self.backends.masked_linear
-        if self.task_masks is None:
-            return None if dropout is None else MaskContext({}, task_ids, op, dropout=dropout)
-        return MaskContext(self.task_masks.for_op(op), task_ids[:1] if single_task else task_ids, op, segments=segments,
-                           dropout=dropout)
-
-    def counter_dropout(self) -> CounterDropout | None:
-        """The training step's counter-based dropout (``--dropout-rng counter``, with dropout on):
-        its seed is a hash of the run's seed, this rank and the step, all of which a checkpoint
-        keeps, so a resumed run draws the same bits. None otherwise (torch's RNG)."""
-        if self.cfg.dropout_rng != "counter" or self.cfg.model.dropout == 0.0:
-            return None
-        base = kernels.reference.site_seed(self.cfg.seed, self.dist.rank)
-        return CounterDropout(self.cfg.model.dropout, kernels.reference.site_seed(base, self.step), self.backends.dropout)
+        self.stop = self.dist.stop_request()  # SIGINT/SIGTERM: the loop saves and stops
+        try:
+            self.step_rule = self.method.build_step_rule(self)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.mask_updater = self.method.build_mask_updater(self)
+        self.graphed = GraphedStep(self) if cfg.cuda_graph else None  # --cuda-graph: the step rule's step, captured once
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     def sample_tasks(self) -> list[int]:
-        """This step's task ids (one process: from the data stream; several ranks: this rank's
-        ``tasks_per_batch`` of the ``world_size * tasks_per_batch`` drawn from the shared task
-        stream, all of which are kept in ``step_tasks``). ``--task-order round-robin``: the
-        ``n`` tasks ``step * n, ..., step * n + n - 1`` mod T, with ``n`` as drawn (one process)
-        or shared by the ranks (several), so step t of one task per step trains task t mod T."""
-        if self.dist.active:
-            k = self.cfg.tasks_per_batch
-            if self.cfg.task_order == "round-robin":
-                self.step_tasks = round_robin(self.step, len(self.tasks), k * self.dist.world_size)
-            else:
-                self.step_tasks = distributed.draw_tasks(self.task_stream, len(self.tasks), k * self.dist.world_size)
-            return self.step_tasks[self.dist.rank * k : (self.dist.rank + 1) * k]
-        if self.cfg.task_order == "round-robin":
-            return round_robin(self.step, len(self.tasks), min(self.cfg.tasks_per_batch, len(self.tasks)))
-        g = self.batcher.generator
-        if self.cfg.tasks_per_batch == 1:
-            return torch.randint(len(self.tasks), (1,), generator=g).tolist()  # (a host generator: nothing to wait for)
-        n = min(self.cfg.tasks_per_batch, len(self.tasks))
-        return torch.randperm(len(self.tasks), generator=g)[:n].tolist()
-
-    def keep_masks(self, task_ids: list[int]) -> dict | None:
-        """{weight: mask of what this step may change}: the task's mask, or for a batch of several
-        tasks the union of theirs (Eq. 11)."""
-        if self.task_masks is None:
-            return None
-        keep = self.task_masks.keep(task_ids, self.backends.masked_adamw)
-        return {w: keep[n] for n, w in self.weights.items()}
+        """This step's task ids (``--tasks-per-batch``, ``--task-order``; with several ranks this
+        rank's share of the step's, harmodt.run.distributed)."""
+        return self.dist.tasks_of_step(self.step, len(self.tasks), self.cfg.tasks_per_batch, self.cfg.task_order, self.batcher.generator)
 
     def train_step(self, task_ids: list[int]) -> torch.Tensor:
-        """One step of Algorithm 1 on a batch of ``task_ids``; returns the loss (a 0-dim tensor on
-        the device: reading it is the caller's choice, so a GPU step need not wait)."""
+        """One step of Algorithm 1 on a batch of ``task_ids`` by the method's step rule; returns the
+        loss (a 0-dim tensor on the device: reading it is the caller's choice, so a GPU step need not wait)."""
         if self.graphed is not None:  # --cuda-graph (harmodt/graphed_step.py)
             return self.graphed(task_ids)
         if not self.model.training:  # (train() walks every module: skip it when already set)
             self.model.train()
-        if self.method.per_task_gradients:
-            return self.surgery_step(task_ids)
-        batch = self.batcher.sample(task_ids, self.cfg.batch_size)
-        ctx = self.context(batch["task_ids"], single_task=len(task_ids) == 1, segments=batch_segments(task_ids, self.cfg.batch_size),
-                           dropout=self.counter_dropout())
-        unmasked_clip = self.task_masks is not None and self.cfg.clip_scope == "unmasked"
-        if unmasked_clip:
-            ctx = self.capturing_context(ctx, task_ids)
-        count = self.dist.loss_count(batch["mask"], self.stop)  # several ranks: all ranks' real steps (the loss's divisor)
-        with self.autocast():
-            pred = self.forward(batch, ctx)
-        loss = action_loss(pred, batch, count)
-        for p in self.params:  # zero_grad(set_to_none=True) without Optimizer.zero_grad's per-call overhead
-            p.grad = None
-        loss.backward()
-        loss = self.dist.reduce_gradients(self.params, loss)  # several ranks: summed gradients and the global loss
-        coef = clip_coefficient(self.params, self.cfg.grad_clip, self.unmasked_gradients(ctx) if unmasked_clip else None)
-        keep = self.keep_masks(self.step_tasks if self.dist.active else task_ids)  # several ranks: the union of all ranks' tasks
-        self.opt.masked_step(keep, grad_scale=coef, op=self.backends.masked_adamw)
-        self.sched.step()
-        self.step += 1
-        return loss.detach()
-
-    def capturing_context(self, ctx: MaskContext, task_ids: list[int]) -> MaskContext:
-        """``ctx`` of a training batch (``--clip-scope unmasked``) over the masks of its distinct
-        tasks alone, its rows renumbered to them, with a float32 ``[k, N, K]`` buffer per masked
-        matrix into which the backward adds each task's gradient before masking (the
-        ``task_grads`` of ``kernels.masked_linear``, on every backend)."""
-        present = sorted(set(task_ids))
-        idx = torch.tensor(present, device=self.device)
-        local = torch.zeros(len(self.tasks), dtype=torch.int64, device=self.device).index_copy_(
-            0, idx, torch.arange(len(present), device=self.device))
-        segments = None if ctx.segments is None else tuple((present.index(t), c) for t, c in ctx.segments)
-        return MaskContext({n: m.index_select(0, idx) for n, m in ctx.masks.items()}, local[ctx.task_ids], ctx.masked_linear,
-                           {n: torch.zeros(len(present), *w.shape, device=self.device) for n, w in self.weights.items()}, segments,
-                           dropout=ctx.dropout)
-
-    def unmasked_gradients(self, ctx: MaskContext) -> dict:
-        """{masked matrix: its gradient before masking}, from a backward through
-        :meth:`capturing_context`'s ``ctx``: the sum over the batch's tasks (with several ranks,
-        over every rank's), i.e. the gradient of W were the masks not applied to it in the backward."""
-        grads = [ctx.task_grads[n].sum(0) for n in self.weights]
-        if self.dist.active:
-            flat = self.dist.all_reduce_sum_(torch.cat([g.reshape(-1) for g in grads]))
-            grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        return dict(zip(self.weights.values(), grads))
-
-    def surgery_step(self, task_ids: list[int]) -> torch.Tensor:
-        """One PCGrad/CAGrad step (dense Prompt-DT, no masks): each task's gradient on its own rows
-        of the batch, combined by the method's rule (harmodt.surgery.surgery_gradients; PCGrad's
-        orders from the data stream), then the clip and AdamW step. Returns the mean task loss."""
-        params = [p for p in self.params if p.requires_grad]
-        loss = surgery_gradients(self.method.combine, params, task_ids, self.cfg.batch_size, self.batcher.sample, self.forward,
-                                           self.autocast, self.cfg.cagrad_c, self.batcher.generator)
-        coef = clip_coefficient(params, self.cfg.grad_clip)
-        self.opt.masked_step(None, grad_scale=coef, op=self.backends.masked_adamw)
+        loss = self.step_rule(task_ids)
         self.sched.step()
         self.step += 1
         return loss
-
-    # ---- Algorithm 2 ----------------------------------------------------------------------
-    def task_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[T, P]`` gradients of every task on one fresh batch each: gbar_i = grad L_i(theta*M_i) * M_i
-        (Eq. 4) and g_i (Alg. 2: grad L_i(theta) by default; None without masks), in ``self.weights``
-        order, as ``--mask-grads`` and ``--recovery-grad`` say (harmodt.mask_grads). With several
-        ranks, task i is computed on rank i mod W (on a batch of its data stream) and the zero-filled
-        rows are summed over the ranks."""
-        m, b = self.cfg.masks, self.cfg.batch_size
-        batches = ((i, self.batcher.sample([i], b)) for i in self.dist.shard(range(len(self.tasks))))
-        masked, dense = task_gradients(self.model, self.weights, self.task_masks, self.backends.masked_linear, batches, len(self.tasks),
-                                       mask_grads=m.mask_grads, recovery_grad=m.recovery_grad, grad_clip=self.cfg.grad_clip)
-        self.dist.all_reduce_sum_(masked)
-        if dense is not None:
-            self.dist.all_reduce_sum_(dense)
-        return masked, dense
-
-    def mask_update(self) -> dict:
-        """Algorithm 2 at this step: every task's gradients (:meth:`task_gradients`), their harmony
-        score (Definition 3.2, logged for every method) and, for learned masks, the update of Eqs.
-        8-10 (``TaskMasks.update``) of alpha_t weights (Eq. 12) per task. Returns the metric line."""
-        masked, dense = self.task_gradients()
-        info = {"harmony_score": harmony_score(masked)}
-        self.last_harmony = info["harmony_score"]
-        m = self.cfg.masks
-        if self.method.learns_masks:
-            k = alpha_schedule(self.step, self.cfg.steps, m.eta_min, m.eta_max)
-            params = torch.cat([w.detach().reshape(-1) for w in self.weights.values()])
-            changed = self.task_masks.update(masked, dense, params, k, m.lam, self.method.importance, m.lam_on,
-                                             select=self.backends.harmony_select)
-            info.update({"alpha": k, "masked_per_task": changed["masked"], "density": self.task_masks.density(),
-                         "mask_changed_fraction": self.task_masks.changed_fraction(self.initial_masks)})
-        self.dist.check_identical({"masks": [] if self.task_masks is None else [self.task_masks.snapshot()],
-                                   "weights": list(self.model.state_dict().values())})
-        return info
 
     # ---- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -251,7 +109,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "step": self.step,
-            "last_harmony": self.last_harmony,
+            "last_harmony": self.mask_updater.last_harmony,
         }
 
     def load_state(self, state: dict) -> None:
@@ -263,7 +121,7 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        self.last_harmony = state.get("last_harmony")
+        self.mask_updater.last_harmony = state.get("last_harmony")
 
     # ---- evaluation -----------------------------------------------------------------------
     def eval_info(self) -> dict:
@@ -294,13 +152,7 @@ class Trainer:
                            self.cfg.seed + TEST_GOALS_OFFSET if goals_seed is None else goals_seed,
                            backend=self.backends.masked_linear, progress=self.cfg.progress and self.dist.is_main,
                            precision=self.cfg.precision) if mine else {"tasks": {}, "env_steps": 0, "seconds": 0.0}
-            return distributed.merge_evaluations(self.dist.all_gather_object(res), self.tasks) if self.dist.active else res
-
-
-def round_robin(step: int, n_tasks: int, count: int) -> list[int]:
-    """``--task-order round-robin``: the ``count`` task ids of ``step``, ``step * count, ...,
-    step * count + count - 1`` mod ``n_tasks`` (count 1: task ``step mod n_tasks``)."""
-    return [(step * count + j) % n_tasks for j in range(count)]
+            return self.dist.gather_evaluation(res, self.tasks)
 
 
 def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
@@ -324,7 +176,7 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
 
 
 def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> dict:
-    """Algorithm 1 from ``trainer.step`` to ``cfg.steps`` with Algorithm 2 every ``t_m`` steps,
+    """Algorithm 1 from ``trainer.step`` to ``cfg.steps`` with Algorithm 2 when the mask updater is due,
     metric lines, evaluations and checkpoints; then the final evaluation (:func:`session.finish`)."""
     cfg, ck_path = trainer.cfg, Path(trainer.cfg.out) / "checkpoint.pt"
     meter = session.Meter(trainer, run_state.get("losses", torch.zeros(0)))  # progress bar, losses, steps/s
@@ -341,9 +193,9 @@ def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> di
                 if trainer.stop:
                     save()
                     signals.stopped(trainer.step)
-                if trainer.step > 0 and trainer.step % cfg.masks.update_every == 0:
+                if trainer.mask_updater.due(trainer.step):
                     with meter.excluded() as took:  # seconds so far
-                        info = trainer.mask_update()
+                        info = trainer.mask_updater()
                         log.log({**info, "step": trainer.step, "mask_update_s": took()})
                 meter.add(trainer.train_step(trainer.sample_tasks()))
                 if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:

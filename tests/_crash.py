@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harmodt import checkpoint, train  # noqa: E402
+from harmodt import checkpoint, mask_update, train  # noqa: E402
 
 PHASES = ("step", "mask-update", "eval", "checkpoint-write")
 
@@ -31,8 +31,8 @@ def kill() -> None:
 def arm(phase: str, at: int) -> None:
     """Patch the function where ``phase`` happens so that it kills the process at step ``at``."""
     trainer = {}
-    train_step, mask_update, evaluate, write_atomic = (train.Trainer.train_step, train.Trainer.mask_update, train.Trainer.evaluate,
-                                                        checkpoint.write_atomic)
+    train_step, update, evaluate, write_atomic = (train.Trainer.train_step, mask_update.HarmonyProbe.__call__, train.Trainer.evaluate,
+                                                  checkpoint.write_atomic)
 
     def step(self, task_ids):
         trainer["it"] = self
@@ -41,9 +41,9 @@ def arm(phase: str, at: int) -> None:
             kill()
         return loss
 
-    def masks(self):
-        info = mask_update(self)
-        if phase == "mask-update" and self.step == at:
+    def masks(self):  # every mask updater's call (Algorithm2 inherits it)
+        info = update(self)
+        if phase == "mask-update" and self.tr.step == at:
             kill()
         return info
 
@@ -72,7 +72,7 @@ def arm(phase: str, at: int) -> None:
             kill()
         write_atomic(path, data)
 
-    train.Trainer.train_step, train.Trainer.mask_update, train.Trainer.evaluate = step, masks, evaluation
+    train.Trainer.train_step, mask_update.HarmonyProbe.__call__, train.Trainer.evaluate = step, masks, evaluation
     checkpoint.write_atomic = torn_write
 
 

@@ -31,7 +31,7 @@ def build_assets(base: Path) -> dict:
     from its checkpoint: truncated, old pickled format, weights of another shape than its config."""
     from harmodt import checkpoint
     from harmodt.config import ModelConfig
-    from harmodt.model import build_model
+    from harmodt.methods import build_model
 
     data = write_ours(base / "data", TASKS.split(","), episodes=4, length=30)
     flags = TRAIN + ["--data", str(data)]

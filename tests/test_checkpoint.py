@@ -185,7 +185,7 @@ def test_resume_from_a_checkpoint_with_another_config_shape_is_one_line(finished
     """A checkpoint whose weights are of another model shape than its config says: --resume and
     evaluate each give one line."""
     ck = checkpoint.load(finished / "run" / "checkpoint.pt")
-    from harmodt.model import build_model
+    from harmodt.methods import build_model
 
     ck["model"] = build_model(dataclasses.replace(tiny(tmp_path).model, n_embd=16), len(TASKS), "harmodt-f").state_dict()
     (tmp_path / "run").mkdir()

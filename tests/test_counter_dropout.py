@@ -160,8 +160,8 @@ def test_fused_selects_the_counter_stream_and_the_reference_keeps_torch():
     assert _trainer(False).cfg.dropout_rng == "torch"
     if HAS_CPU:
         assert _trainer(True).cfg.dropout_rng == "counter"
-    assert _trainer(False, dropout_rng="counter").counter_dropout() is not None
-    assert _trainer(False).counter_dropout() is None
+    assert _trainer(False, dropout_rng="counter").step_rule.counter_dropout() is not None
+    assert _trainer(False).step_rule.counter_dropout() is None
 
 
 def test_counter_run_does_not_read_torch_rng_and_depends_on_the_step():
@@ -172,7 +172,7 @@ def test_counter_run_does_not_read_torch_rng_and_depends_on_the_step():
     tr.model.train()
 
     def loss():
-        ctx = tr.context(batch["task_ids"], single_task=True, dropout=tr.counter_dropout())
+        ctx = tr.step_rule.context(batch["task_ids"], single_task=True, dropout=tr.step_rule.counter_dropout())
         from harmodt.model import action_loss
 
         return action_loss(tr.model(batch, ctx), batch)
@@ -196,7 +196,7 @@ def test_counter_forward_equals_on_the_cpu_backend_and_the_reference():
     grads = []
     for tr in (a, b):
         tr.model.train()
-        ctx = tr.context(batch["task_ids"], single_task=True, dropout=tr.counter_dropout())
+        ctx = tr.step_rule.context(batch["task_ids"], single_task=True, dropout=tr.step_rule.counter_dropout())
         from harmodt.model import action_loss
 
         loss = action_loss(tr.model(batch, ctx), batch)

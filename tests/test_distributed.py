@@ -83,6 +83,8 @@ class RankStreams:
     draws rank r's rows of a training batch and the mask-update batch of every task i with
     i mod WORLD = r, in the order the ranks draw them."""
 
+    generator = None  # no task draws from a data stream: the ranks' task stream or round-robin gives them
+
     def __init__(self, tr: Trainer):
         mc, cfg = tr.cfg.model, tr.cfg
         self.batchers = [PromptDTBatcher(tr.datasets, tr.tasks, mc.context_len, mc.prompt_len, cfg.rtg_scale, mc.max_ep_len,
@@ -114,7 +116,7 @@ def reference(data: Path, tmp: Path, steps: int = 30, ck: dict | None = None, ex
     out = {}
     while tr.step < steps:
         if tr.step > 0 and tr.step % UPDATE_AT == 0:
-            tr.mask_update()
+            tr.mask_updater()
         loss = float(tr.train_step(tr.sample_tasks()))
         out[tr.step] = loss
     return out, tr

@@ -33,7 +33,7 @@ def run(tr: Trainer, steps: int, update_at: int | None = None) -> list[torch.Ten
     losses = []
     for _ in range(steps):
         if update_at is not None and tr.step == update_at:
-            tr.mask_update()
+            tr.mask_updater()
         losses.append(tr.train_step(tr.sample_tasks()))
     return losses
 
@@ -87,7 +87,7 @@ def test_static_buffers_keep_their_addresses():
                 [t.data_ptr() for t in g._selected.values()])
 
     before = addresses()
-    tr.mask_update()
+    tr.mask_updater()
     run(tr, 2)
     assert addresses() == before
     assert all(torch.equal(a, b) for a, b in zip(g.masks.values(), tr.task_masks.for_op(tr.backends.masked_linear).values()))

@@ -18,7 +18,8 @@ from _synthetic import datasets  # noqa: E402
 
 from harmodt.config import PRESETS, ModelConfig, TrainConfig, flat_keys, to_dict, validate  # noqa: E402
 from harmodt.run.cli import parse_args  # noqa: E402
-from harmodt.train import Trainer, action_loss  # noqa: E402
+from harmodt.model import action_loss  # noqa: E402
+from harmodt.train import Trainer  # noqa: E402
 
 TASKS = ("reach-v3", "push-v3", "pick-place-v3")
 
@@ -78,7 +79,7 @@ def expected(tr: Trainer, official: bool, recovery_grad: str):
 
 def run_both(tr: Trainer, official: bool, recovery_grad: str):
     data, rng = tr.batcher.state_dict(), torch.get_rng_state()
-    got = tr.task_gradients()
+    got = tr.mask_updater.task_gradients()
     rng_after = torch.get_rng_state()
     tr.batcher.load_state_dict(data)
     torch.set_rng_state(rng)
@@ -127,11 +128,11 @@ def test_official_and_paper_differ_and_the_update_keeps_density(tmp_path):
     grads = {}
     for choice in ("paper", "official"):
         tr = trainer(tmp_path, mask_grads=choice)
-        grads[choice] = tr.task_gradients()[0]
+        grads[choice] = tr.mask_updater.task_gradients()[0]
     assert not torch.allclose(grads["paper"], grads["official"])
     before = [tr.task_masks.density(i) for i in range(len(TASKS))]
     tr.step = 10
-    info = tr.mask_update()
+    info = tr.mask_updater()
     assert [tr.task_masks.density(i) for i in range(len(TASKS))] == before
     assert sum(info["masked_per_task"]) > 0 and max(info["mask_changed_fraction"]) > 0
 
@@ -143,7 +144,7 @@ def test_official_mask_gradients_on_the_cpu_kernels(tmp_path):
         tr = trainer(tmp_path, fused=fused, backend="cpu" if fused else "auto", dropout_rng="counter")  # the same training steps first
         if fused and tr.backends.masked_linear.backend.name != "cpu":
             pytest.skip("the native CPU kernels are not built here")
-        got[fused] = tr.task_gradients()
+        got[fused] = tr.mask_updater.task_gradients()
     for a, b in zip(got[False], got[True]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 

@@ -10,7 +10,8 @@ from _synthetic import datasets
 from harmodt.config import ModelConfig
 from harmodt.data.batches import PromptDTBatcher
 from harmodt.masks import TaskMasks
-from harmodt.model import MaskContext, MaskedLinear, build_model
+from harmodt.methods import build_model
+from harmodt.model import MaskContext, MaskedLinear
 
 CFG = ModelConfig(n_layer=2, n_head=2, n_embd=32, context_len=6, prompt_len=3, dropout=0.0)
 TASKS = ["a", "b"]

@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from _synthetic import datasets
-from harmodt import train
+from harmodt import steps
 from harmodt.config import PRESETS, RESUME_RULES, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
 from harmodt.masks import TaskMasks, erk_densities
-from harmodt.model import build_model
+from harmodt.methods import build_model
+from harmodt.model import action_loss
 from harmodt.optim import param_groups
 from harmodt.run.cli import parse_args
+from harmodt.run.distributed import round_robin
 from harmodt.run.resume import changed_settings
-from harmodt.train import Trainer, action_loss, round_robin
+from harmodt.train import Trainer
 import kernels
 
 TASKS = ["reach-v3", "push-v3", "door-open-v3"]
@@ -148,8 +150,8 @@ def test_unmasked_clip_norm_is_the_norm_of_the_gradient_before_masking(tmp_path,
         batch = tr.batcher.sample(task_ids, tr.cfg.batch_size)
         tr.batcher.sample = lambda ids, size: batch
         calls = []
-        real = train.clip_coefficient
-        monkeypatch.setattr(train, "clip_coefficient", lambda *a: calls.append((a, real(*a))) or calls[-1][1])
+        real = steps.clip_coefficient
+        monkeypatch.setattr(steps, "clip_coefficient", lambda *a: calls.append((a, real(*a))) or calls[-1][1])
         state = copy.deepcopy(tr.model.state_dict())
         tr.train_step(task_ids)
         monkeypatch.undo()
@@ -252,7 +254,7 @@ def test_mask_updates_keep_each_tasks_bernoulli_count(tmp_path):
     assert len(set(per_task)) == 3
     for _ in range(5):
         tr.train_step(tr.sample_tasks())
-    info = tr.mask_update()
+    info = tr.mask_updater()
     assert info["masked_per_task"] == [info["alpha"]] * 3 and info["alpha"] > 0 and min(info["mask_changed_fraction"]) > 0
     assert [sum(int(m[i].sum()) for m in tr.task_masks.masks.values()) for i in range(3)] == per_task
     assert info["density"] == pytest.approx(sum(per_task) / (3 * sum(w.numel() for w in tr.weights.values())))

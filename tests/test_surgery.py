@@ -12,9 +12,9 @@ import torch
 
 from _data_folders import write_ours
 from _synthetic import datasets
-from harmodt.baselines import cagrad, cagrad_direction, cagrad_weights, pcgrad, pcgrad_direction, random_orders
+from harmodt.baselines import CAGradOptions, cagrad, cagrad_direction, cagrad_weights, pcgrad, pcgrad_direction, random_orders
 from harmodt.baselines.cagrad import dual_objective, project_simplex
-from harmodt.config import ConfigError, ModelConfig, TrainConfig, validate
+from harmodt.config import ConfigError, ModelConfig, TrainConfig, config_from_dict, validate
 from harmodt.model import action_loss
 from harmodt.run.cli import parse_args
 from harmodt.train import Trainer
@@ -59,14 +59,14 @@ def test_pcgrad_without_conflict_returns_the_sum():
     # pcgrad_direction() divides by T: the mean gradient, Prompt-DT's scale. Dividing the exact sum by 3
     # rounds once; mean() may multiply by a rounded 1/3 instead (two roundings): at most 2 float32 ulps apart.
     two_ulps = 2 * torch.finfo(torch.float32).eps
-    assert torch.allclose(pcgrad_direction(grads, 0.5, torch.Generator().manual_seed(0)), grads.mean(0), rtol=two_ulps, atol=0)
+    assert torch.allclose(pcgrad_direction(grads, None, torch.Generator().manual_seed(0)), grads.mean(0), rtol=two_ulps, atol=0)
 
 
 def test_pcgrad_of_two_tasks_does_not_depend_on_the_order_draws():
     grads = torch.randn(2, 50, generator=torch.Generator().manual_seed(1))
     grads[1] -= 2 * grads[0]  # make them conflict
     assert grads[0] @ grads[1] < 0
-    outs = [pcgrad_direction(grads, 0.5, torch.Generator().manual_seed(s)) for s in range(4)]
+    outs = [pcgrad_direction(grads, None, torch.Generator().manual_seed(s)) for s in range(4)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
@@ -104,7 +104,7 @@ def test_random_orders_are_seeded_permutations_of_the_other_tasks():
 def test_cagrad_at_c_zero_is_the_mean_gradient():
     grads = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
     assert torch.equal(cagrad(grads, 0.0), grads.mean(0))
-    assert torch.equal(cagrad_direction(grads, 0.0, torch.Generator()), grads.mean(0))
+    assert torch.equal(cagrad_direction(grads, CAGradOptions(0.0), torch.Generator()), grads.mean(0))
 
 
 def test_cagrad_two_orthogonal_gradients_by_hand():
@@ -239,7 +239,8 @@ def test_tasks_per_batch_auto():
     assert parse_args(["--method", "pcgrad", "--tasks", "MT10", "--tasks-per-batch", "3"]).tasks_per_batch == 3
     assert parse_args(["--method", "prompt-dt", "--tasks", "MT10"]).tasks_per_batch == 1
     assert parse_args(["--method", "harmodt-f", "--tasks", "MT10", "--tasks-per-batch", "2"]).tasks_per_batch == 2
-    assert parse_args(["--method", "cagrad", "--tasks", "MT5"]).cagrad_c == 0.5
+    assert parse_args(["--method", "cagrad", "--tasks", "MT5"]).method_options == {"cagrad_c": 0.5}
+    assert parse_args(["--method", "pcgrad", "--tasks", "MT5"]).method_options == {}
     # a validated config is validated again unchanged (as a run's config.json is on --config / --resume)
     cfg = parse_args(["--method", "pcgrad", "--tasks", "MT5"])
     assert validate(cfg) == cfg
@@ -247,6 +248,7 @@ def test_tasks_per_batch_auto():
 
 @pytest.mark.parametrize("argv,msg", [
     (["--method", "cagrad", "--cagrad-c", "-0.1"], "--cagrad-c must be >= 0"),
+    (["--method", "pcgrad", "--cagrad-c", "0.1"], "--cagrad-c does not apply to --method pcgrad"),
     (["--method", "pcgrad", "--tasks-per-batch", "-1"], "--tasks-per-batch must be >= 0"),
     (["--method", "pcgrad", "--tasks-per-batch", "9", "--batch-size", "8"], "--tasks-per-batch cannot exceed --batch-size"),
 ])
@@ -254,6 +256,13 @@ def test_bad_surgery_flags_are_one_clear_line(argv, msg):
     with pytest.raises(ConfigError, match=msg) as err:
         parse_args(argv)
     assert "\n" not in str(err.value)
+
+
+def test_a_saved_config_with_the_top_level_cagrad_c_reads_as_cagrads_option():
+    """config.json and checkpoints written when --cagrad-c was a top-level setting load as the
+    method's option (and other methods, which ignored it, without it)."""
+    assert validate(config_from_dict({"method": "cagrad", "cagrad_c": 0.9})).method_options == {"cagrad_c": 0.9}
+    assert validate(config_from_dict({"method": "pcgrad", "cagrad_c": 0.5})).method_options == {}
 
 
 # ---- the training step ----------------------------------------------------------------------
@@ -273,7 +282,7 @@ def test_surgery_step_combines_each_tasks_gradient_on_its_own_rows(tmp_path, met
     """The gradient the step hands the optimizer is the method's combination of each task's
     gradient on its own rows (2, 2 and 1 of a batch of 5); at c = 0, CAGrad's is the gradient of
     the mean task loss."""
-    tr = Trainer(tiny_cfg(tmp_path, method=method, cagrad_c=c), datasets(TASKS))
+    tr = Trainer(tiny_cfg(tmp_path, method=method, method_options={"cagrad_c": c} if method == "cagrad" else {}), datasets(TASKS))
     assert tr.cfg.tasks_per_batch == 3 and tr.task_masks is None
     tr.train_step(tr.sample_tasks())
     state = {k: v.clone() for k, v in tr.model.state_dict().items()}
@@ -316,7 +325,7 @@ def test_surgery_run_resumes_after_sigkill_as_uninterrupted(tmp_path, method):
     res = json.loads((tmp_path / "ref" / "results.json").read_text())
     assert res["method"] == method and res["steps"] == 12
     config = json.loads((tmp_path / "ref" / "config.json").read_text())
-    assert config["tasks_per_batch"] == 2 and config["cagrad_c"] == 0.5
+    assert config["tasks_per_batch"] == 2 and config["method_options"] == ({"cagrad_c": 0.5} if method == "cagrad" else {})
     losses = [r["loss"] for r in records(tmp_path / "ref") if "loss" in r]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
 

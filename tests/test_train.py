@@ -11,9 +11,10 @@ import torch
 
 from _synthetic import datasets
 from harmodt.config import ConfigError, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
+from harmodt.model import action_loss
 from harmodt.run.cli import parse_args
+from harmodt.train import Trainer, run
 import kernels
-from harmodt.train import Trainer, action_loss, run
 
 TASKS = ["reach-v3", "push-v3", "door-open-v3"]
 
@@ -59,12 +60,12 @@ def test_step_clips_like_clip_grad_norm(tmp_path, backend):
     state = {k: v.clone() for k, v in tr.model.state_dict().items()}
     opt_state = copy.deepcopy(tr.opt.state_dict())
     rng = torch.get_rng_state()  # the same dropout draws (torch's RNG, or --fused's counter stream of this step)
-    drop = tr.counter_dropout()
+    drop = tr.step_rule.counter_dropout()
     tr.train_step([1])
     got = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     tr.model.load_state_dict(state)
     torch.set_rng_state(rng)
-    loss = action_loss(tr.model(batch, tr.context(batch["task_ids"], single_task=True, dropout=drop)), batch)
+    loss = action_loss(tr.model(batch, tr.step_rule.context(batch["task_ids"], single_task=True, dropout=drop)), batch)
     loss.backward()
     assert torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.grad_clip) > 10 * tr.cfg.grad_clip
     ref = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in tr.opt.param_groups], lr=tr.cfg.lr,
@@ -106,7 +107,7 @@ def test_masked_forward_equals_dense_model_with_masked_weights(tmp_path):
     tr = Trainer(tiny_cfg(tmp_path), datasets(TASKS))
     tr.model.eval()
     batch = tr.batcher.sample([1], 4)
-    pred = tr.model(batch, tr.context(batch["task_ids"], single_task=True))
+    pred = tr.model(batch, tr.step_rule.context(batch["task_ids"], single_task=True))
     with torch.no_grad():
         for n, w in tr.weights.items():
             w.mul_(tr.task_masks.masks[n][1])
@@ -117,11 +118,11 @@ def test_mixed_task_batch_matches_per_task_batches(tmp_path):
     tr = Trainer(tiny_cfg(tmp_path), datasets(TASKS))
     tr.model.eval()
     batch = tr.batcher.sample([0, 2], 6)
-    mixed = tr.model(batch, tr.context(batch["task_ids"]))
+    mixed = tr.model(batch, tr.step_rule.context(batch["task_ids"]))
     for t in (0, 2):
         rows = batch["task_ids"] == t
         sub = {k: v[rows] for k, v in batch.items()}
-        torch.testing.assert_close(mixed[rows], tr.model(sub, tr.context(sub["task_ids"])), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mixed[rows], tr.model(sub, tr.step_rule.context(sub["task_ids"])), rtol=1e-5, atol=1e-6)
 
 
 def test_mask_update_in_training_keeps_density(tmp_path):
@@ -129,7 +130,7 @@ def test_mask_update_in_training_keeps_density(tmp_path):
     d0 = [tr.task_masks.density(t) for t in range(3)]
     before = {n: m.clone() for n, m in tr.task_masks.masks.items()}
     tr.step = 6  # alpha_t > 0 away from t = 0
-    info = tr.mask_update()
+    info = tr.mask_updater()
     assert [tr.task_masks.density(t) for t in range(3)] == d0
     assert info["alpha"] > 0 and all(c == info["alpha"] for c in info["masked_per_task"])
     assert any(not torch.equal(before[n], tr.task_masks.masks[n]) for n in before)
@@ -247,15 +248,15 @@ def test_fused_training_matches_reference_path(tmp_path, backend, tasks_per_batc
         out = []
         for step in range(20):
             if step == 10:
-                tr.mask_update()
+                tr.mask_updater()
             out.append(float(tr.train_step(tr.sample_tasks())))
         losses[fused] = out
         masks[fused] = tr.task_masks.masks
         tr.model.eval()
         batch = tr.batcher.sample([0, 1, 2], 6)
-        kv, valid = tr.model.encode_prompt(batch, tr.context(batch["task_ids"]))
+        kv, valid = tr.model.encode_prompt(batch, tr.step_rule.context(batch["task_ids"]))
         acts[fused] = tr.model.act(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], batch["task_ids"],
-                                   tr.context(batch["task_ids"]), kv, valid)
+                                   tr.step_rule.context(batch["task_ids"]), kv, valid)
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-6)
     # The masks are a top-k selection on scores that the two paths compute to ~1e-6: equal unless two
     # scores at the cut are that close, which this seed's problem is not (checked with AVX-512 and

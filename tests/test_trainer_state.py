@@ -31,12 +31,12 @@ def test_a_fresh_trainer_adopts_another_ones_state(tmp_path):
     for _ in range(3):
         tr.train_step(tr.sample_tasks())
     tr.step = 6  # alpha_t > 0 away from t = 0
-    tr.mask_update()
+    tr.mask_updater()
     state, data, streams = copy.deepcopy(tr.state_dict()), tr.batcher.state_dict(), rng.capture(tr.device)
     losses = [tr.train_step(tr.sample_tasks()) for _ in range(2)]
     other = tiny_trainer(tmp_path)
     other.load_state(state)
-    assert other.step == 6 and other.last_harmony == tr.last_harmony
+    assert other.step == 6 and other.mask_updater.last_harmony == tr.mask_updater.last_harmony
     for n, m in state["masks"][TASKS[0]].items():
         assert torch.equal(other.task_masks.masks[n][0], m), n
     other.batcher.load_state_dict(data)

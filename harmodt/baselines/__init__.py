@@ -10,7 +10,7 @@ step on the model, combined.
 
 from __future__ import annotations
 
-from .cagrad import cagrad, cagrad_direction, cagrad_weights
+from .cagrad import CAGradOptions, cagrad, cagrad_direction, cagrad_weights
 from .pcgrad import pcgrad, pcgrad_direction, random_orders
 
-__all__ = ["cagrad", "cagrad_direction", "cagrad_weights", "pcgrad", "pcgrad_direction", "random_orders"]
+__all__ = ["CAGradOptions", "cagrad", "cagrad_direction", "cagrad_weights", "pcgrad", "pcgrad_direction", "random_orders"]

@@ -15,6 +15,7 @@ official code does by default (its Meta-World code included).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -97,7 +98,19 @@ def cagrad(grads: torch.Tensor, c: float, rescale: bool = True) -> torch.Tensor:
     return torch.as_tensor(coef, dtype=grads.dtype, device=grads.device) @ grads
 
 
-def cagrad_direction(grads: torch.Tensor, c: float, generator: torch.Generator) -> torch.Tensor:
-    """CAGrad's update direction ``[P]`` (:func:`cagrad` with ``c``, already at the mean gradient's
-    scale); ``generator`` is not used."""
-    return cagrad(grads, c)
+@dataclass(frozen=True)
+class CAGradOptions:
+    """CAGrad's own hyper-parameter (each field a training flag, harmodt.methods)."""
+
+    cagrad_c: float = field(default=0.5, metadata={"help": "c of cagrad: radius of the ball around the mean gradient, in units of "
+                                                           "its norm (0 = the mean gradient)"})
+
+    def __post_init__(self):
+        if not self.cagrad_c >= 0:
+            raise ValueError("--cagrad-c must be >= 0")
+
+
+def cagrad_direction(grads: torch.Tensor, options: CAGradOptions, generator: torch.Generator) -> torch.Tensor:
+    """CAGrad's update direction ``[P]`` (:func:`cagrad` with ``options.cagrad_c``, already at the
+    mean gradient's scale); ``generator`` is not used."""
+    return cagrad(grads, options.cagrad_c)

@@ -42,8 +42,8 @@ def pcgrad(grads: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     return coef.sum(0) @ grads  # (P,)
 
 
-def pcgrad_direction(grads: torch.Tensor, c: float, generator: torch.Generator) -> torch.Tensor:
+def pcgrad_direction(grads: torch.Tensor, options, generator: torch.Generator) -> torch.Tensor:
     """PCGrad's update direction ``[P]`` at the mean task gradient's scale (the scale of Prompt-DT's
     batch-mean loss): the sum of the projected gradients divided by T (without conflicts: the mean
-    gradient), the projection orders drawn from ``generator``; ``c`` is not used."""
+    gradient), the projection orders drawn from ``generator``; ``options`` (it has none) is not used."""
     return pcgrad(grads, random_orders(grads.shape[0], generator)) / grads.shape[0]

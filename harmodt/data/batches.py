@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import PROMPT_SEGMENTS, STATE_NORMS
+PROMPT_SEGMENTS = ("last", "random")  # how a row's prompt is cut (--prompt-segment)
+
 
 
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The flags of ``python -m harmodt.train``, built from the config dataclasses (harmodt/config.py):
 every field is a flag (``model.n_layer`` is ``--n-layer``), its help text the field's, so a new
-field is a new flag. Bad flags are one line on stderr and exit code 2."""
+field is a new flag; so is each field of a method's options (harmodt.methods). Bad flags are one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 
 from ..config import (PRESETS, RESUME_RULES, ConfigError, OneLineParser, TrainConfig, apply_overrides, config_from_dict, flag,
                       validate)
+from ..methods import METHODS
 
 # Flags that say how and where a run goes, not what it trains: given alone (no --preset, no
 # --config, no other flag) they keep the embedded default run.
@@ -25,6 +26,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> 
     for f in dataclasses.fields(cls):
         dest = prefix + f.name
         help_text = f.metadata.get("help", "").replace("%", "%%")
+        if f.default_factory is dict:  # method_options: the flags of every method's options (add_method_flags)
+            continue
         if dataclasses.is_dataclass(f.default_factory):
             add_config_flags(parser.add_argument_group(f"{f.name} ({help_text})"), f.default_factory, dest + ".")
         elif f.default_factory is list:
@@ -47,7 +50,21 @@ def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentPars
                    help=f"named sets of defaults ({', '.join(sorted(PRESETS))}), applied left to right; flags given override them")
     p.add_argument("--config", default=None, help="a config.json (e.g. from a previous run) to start from")
     add_config_flags(p, TrainConfig)
+    add_method_flags(p)
     return p
+
+
+def add_method_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of each registered method's options (harmodt.methods; dest
+    ``method_options.NAME``), in a group per method; the default is the field's."""
+    for method in METHODS.values():
+        if method.options is None:
+            continue
+        group = parser.add_argument_group(f"--method {method.name}")
+        for f in dataclasses.fields(method.options):
+            help_text = f.metadata.get("help", "").replace("%", "%%")
+            group.add_argument(flag(f.name), dest="method_options." + f.name, type=type(f.default), default=None,
+                               metavar=f.name.upper(), help=f"{help_text} (default {f.default})")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -51,6 +51,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .signals import StopRequest
+
 TASK_STREAM_OFFSET = 1_000_003
 EXIT_CODE = 3  # what `python -m harmodt.train` exits with on a DistributedError
 
@@ -77,6 +79,12 @@ def draw_tasks(generator: torch.Generator, n_tasks: int, count: int) -> list[int
     return ids[:count]
 
 
+def round_robin(step: int, n_tasks: int, count: int) -> list[int]:
+    """``--task-order round-robin``: the ``count`` task ids of ``step``, ``step * count, ...,
+    step * count + count - 1`` mod ``n_tasks`` (count 1: task ``step mod n_tasks``)."""
+    return [(step * count + j) % n_tasks for j in range(count)]
+
+
 def checksum(tensors: list[torch.Tensor]) -> int:
     """A 63-bit hash of the bytes of ``tensors`` (on the CPU), equal only for identical contents."""
     h = hashlib.sha256()
@@ -88,7 +96,9 @@ def checksum(tensors: list[torch.Tensor]) -> int:
 
 
 class Single:
-    """One process: every collective is the identity, so the trainer's code path stays one."""
+    """One process: every collective is the identity, so the trainer's code path stays one. The
+    trainer and its step rule and mask updater make every call; what differs with several ranks
+    (:class:`Distributed`) is here alone: the task draws, the loss divisor, the sums, the checks."""
 
     rank = 0
     world_size = 1
@@ -97,6 +107,37 @@ class Single:
     timeout_s = None
     active = False  # True with several ranks
     is_main = True  # rank 0: the only rank that writes files and prints
+    may_generate_data = True  # missing training data may be generated into the cache (one process only)
+    task_stream = None  # several ranks: the generator of the task draws every rank shares
+
+    def share_initial_state(self, tensors: list[torch.Tensor], seed: int) -> None:
+        """Make the ranks start alike (rank 0's ``tensors``) and seed the shared task stream and this
+        rank's dropout stream (one process: nothing to do)."""
+
+    def stop_request(self) -> StopRequest:
+        """The run's stop request (SIGINT/SIGTERM), agreed by the ranks when there are several."""
+        return StopRequest(agreed_by_ranks=self.active)
+
+    def tasks_of_step(self, step: int, n_tasks: int, count: int, order: str, generator: torch.Generator) -> list[int]:
+        """This rank's ``count`` task ids of ``step`` (``--tasks-per-batch``, ``--task-order``): one
+        process draws them from ``generator`` (the data stream), or takes ``round_robin``."""
+        if order == "round-robin":
+            return round_robin(step, n_tasks, min(count, n_tasks))
+        if count == 1:
+            return torch.randint(n_tasks, (1,), generator=generator).tolist()  # (a host generator: nothing to wait for)
+        return torch.randperm(n_tasks, generator=generator)[: min(count, n_tasks)].tolist()
+
+    def step_tasks_of_all(self, task_ids: list[int]) -> list[int]:
+        """The tasks every rank trains at this step, given this rank's (:meth:`tasks_of_step`)."""
+        return task_ids
+
+    def sum_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``tensors`` summed over the ranks (one all-reduce of one flat buffer)."""
+        return tensors
+
+    def gather_evaluation(self, result: dict, tasks: list[str]) -> dict:
+        """One evaluation of ``tasks`` from every rank's ``result`` over its :meth:`shard` of them."""
+        return result
 
     def device(self, device: torch.device) -> torch.device:
         """The device this rank trains on, given the resolved ``--device``."""
@@ -136,11 +177,35 @@ class Distributed(Single):
     """This process's rank of a ``torch.distributed`` process group (see the module docstring)."""
 
     active = True
+    may_generate_data = False  # the ranks load --data (or what the cache holds) and generate nothing
 
     def __init__(self, rank: int, world_size: int, local_rank: int, backend: str, timeout_s: float, device: torch.device):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.backend, self.timeout_s, self._device = backend, timeout_s, device
         self.is_main = rank == 0
+        self.step_tasks: list[int] = []  # every rank's tasks of the current step
+
+    def share_initial_state(self, tensors: list[torch.Tensor], seed: int) -> None:
+        self.broadcast_tensors_(tensors)
+        self.task_stream = torch.Generator().manual_seed(seed + TASK_STREAM_OFFSET)
+        torch.manual_seed(seed + self.rank)  # this rank's dropout stream
+
+    def tasks_of_step(self, step: int, n_tasks: int, count: int, order: str, generator: torch.Generator) -> list[int]:
+        """Ids ``[r*count, (r+1)*count)`` of the ``world_size * count`` drawn from the shared task
+        stream (or ``round_robin`` over as many), all of which :meth:`step_tasks_of_all` returns."""
+        total = count * self.world_size
+        self.step_tasks = round_robin(step, n_tasks, total) if order == "round-robin" else draw_tasks(self.task_stream, n_tasks, total)
+        return self.step_tasks[self.rank * count : (self.rank + 1) * count]
+
+    def step_tasks_of_all(self, task_ids: list[int]) -> list[int]:
+        return self.step_tasks
+
+    def sum_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        flat = self.all_reduce_sum_(torch.cat([t.reshape(-1) for t in tensors]))
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def gather_evaluation(self, result: dict, tasks: list[str]) -> dict:
+        return merge_evaluations(self.all_gather_object(result), tasks)
 
     def device(self, device: torch.device) -> torch.device:
         return self._device

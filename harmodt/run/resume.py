@@ -24,11 +24,11 @@ def changed_settings(saved: dict, cfg: TrainConfig) -> dict:
     """{dotted key: (the checkpoint's value, cfg's value)} for every setting of ``cfg`` that differs
     from the checkpoint's config ``saved`` (read as it was meant when written: a checkpoint from
     before ``prompt_segment`` existed ran with ``random``, see :func:`upgrade_saved_config`; any other
-    key the checkpoint lacks counts as its default); the keys RESUME_RULES marks ``ignored`` are
+    key the checkpoint lacks counts as its default, a method's option as absent); the keys RESUME_RULES marks ``ignored`` are
     not compared."""
     new, old, default = flat_keys(to_dict(cfg)), flat_keys(upgrade_saved_config(saved)), flat_keys(to_dict(TrainConfig()))
-    return {k: (old.get(k, default[k]), v) for k, v in new.items()
-            if RESUME_RULES.get(k) != "ignored" and old.get(k, default[k]) != v}
+    return {k: (old.get(k, default.get(k)), v) for k, v in new.items()
+            if RESUME_RULES.get(k) != "ignored" and old.get(k, default.get(k)) != v}
 
 
 def check_resume_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
@@ -75,7 +75,7 @@ def state(tr) -> dict:
     streams = {**rng.capture(tr.device), "batcher": tr.batcher.state_dict()}
     if tr.dist.active:  # every rank's data and dropout streams (rank r at [r]) and the shared task stream
         streams["ranks"] = tr.dist.all_gather_object({k: streams[k] for k in ("torch", "batcher", "cuda") if k in streams})
-        streams["tasks"] = tr.task_stream.get_state()
+        streams["tasks"] = tr.dist.task_stream.get_state()
     return {"world_size": tr.dist.world_size, **tr.state_dict(), "config": to_dict(tr.cfg), "rng": streams, "eval_info": tr.eval_info()}
 
 
@@ -115,13 +115,13 @@ def _restore_rank_streams(tr, ck: dict, path: Path) -> None:
             tr.batcher.load_state_dict(mine["batcher"])
             if "cuda" in mine and tr.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["cuda"], tr.device)
-            tr.task_stream.set_state(streams["tasks"])
+            tr.dist.task_stream.set_state(streams["tasks"])
         return
     seed, step, rank = tr.cfg.seed, tr.step, tr.dist.rank
     tr.batcher.generator.manual_seed(distributed.derived_seed(seed, step, "data", rank))
     torch.manual_seed(distributed.derived_seed(seed, step, "dropout", rank))
-    if tr.task_stream is not None:
-        tr.task_stream.manual_seed(distributed.derived_seed(seed, step, "tasks"))
+    if tr.dist.task_stream is not None:
+        tr.dist.task_stream.manual_seed(distributed.derived_seed(seed, step, "tasks"))
     if tr.dist.is_main:
         print(f"[harmodt] --resume: {path} was written by {saved} rank(s), this run has {tr.dist.world_size}: "
               f"data, dropout and task streams reseeded from (seed, step {step}, rank)", flush=True)

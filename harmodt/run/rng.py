@@ -53,15 +53,3 @@ def preserved(device: torch.device):
 def _as_tuples(x):
     """random.setstate wants the tuples that a checkpoint's round trip may have kept as lists."""
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def dropout_state(device: torch.device) -> tuple:
-    """The streams dropout draws from: torch's CPU generator and, on a CUDA device, its generator."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def set_dropout_state(state: tuple, device: torch.device) -> None:
-    """Set the streams of :func:`dropout_state`."""
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)

@@ -40,7 +40,7 @@ def train_20(c):
     losses = []
     for step in range(20):
         if step == 10:
-            tr.mask_update()
+            tr.mask_updater()
         losses.append(float(tr.train_step(tr.sample_tasks())))
     return tr, losses
 

@@ -42,7 +42,7 @@ def train(c, steps=12):
     losses = []
     for _ in range(steps):
         if tr.step > 0 and tr.step % c.masks.update_every == 0:
-            tr.mask_update()
+            tr.mask_updater()
         losses.append(tr.train_step(tr.sample_tasks()))
     torch.cuda.synchronize()
     return tr, torch.stack(losses).cpu()
