@@ -12,13 +12,12 @@ import argparse
 import dataclasses
 from dataclasses import MISSING, dataclass, field, fields
 
+from .data.batches import PROMPT_SEGMENTS, STATE_NORMS
 from .methods import CONDITIONING_ALIASES, CONDITIONINGS, METHODS
 from .tasks import TASKS_HELP
 
 QUALITIES = ("near-optimal", "sub-optimal")
 TEST_GOALS_OFFSET = 12345  # the goals of a run's final evaluation are drawn from --seed + this
-PROMPT_SEGMENTS = ("last", "random")
-STATE_NORMS = ("per-task", "pooled")
 TASK_ORDERS = ("random", "round-robin")
 CLIP_SCOPES = ("masked", "unmasked")
 WEIGHT_DECAY_SCOPES = ("matrices", "all")

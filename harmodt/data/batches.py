@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 PROMPT_SEGMENTS = ("last", "random")  # how a row's prompt is cut (--prompt-segment)
+STATE_NORMS = ("per-task", "pooled")  # states normalised per task or over every task (--state-norm)
 
 
 
