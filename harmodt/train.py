@@ -21,7 +21,7 @@ import torch
 import kernels
 
 from . import plots
-from .config import TEST_GOALS_OFFSET, ConfigError, TrainConfig, resolve_device
+from .config import ConfigError, TrainConfig, goal_seeds, resolve_device
 from .data.batches import PromptDTBatcher, batch_segments
 from .mask_grads import task_gradients
 from .masks import TaskMasks, alpha_schedule, harmony_score
@@ -30,7 +30,7 @@ from .model import CounterDropout, MaskContext, action_loss, build_model
 from .optim import MaskedAdamW, clip_coefficient, param_groups
 from .run import distributed, resume, rng, session, signals
 from .run.cli import parse_args
-from .run.data_cache import load_training_data
+from .run.data_cache import check_data, load_training_data
 from .run.outputs import MetricsLog, NoLog
 from .surgery import surgery_gradients
 from .tasks import parse_tasks
@@ -54,6 +54,7 @@ class Trainer:
             raise ConfigError(str(exc)) from None
         rng.seed_all(cfg.seed)
         self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks, may_generate=not self.dist.active)
+        self.data_sha256 = check_data(cfg, self.datasets)  # the data fit the config; a checkpoint records this fingerprint
         mc = cfg.model
         # a prompted method's data stream draws prompts whatever --conditioning says
         prompted = "prompt" in (self.method.conditioning, self.method.resolve_conditioning(cfg.conditioning))
@@ -276,7 +277,7 @@ class Trainer:
 
     def evaluate(self, goals_seed: int | None = None) -> dict:
         """Evaluate on every training task (harmodt.evaluate), on the goals of ``goals_seed`` (default:
-        the test goals, ``--seed`` + TEST_GOALS_OFFSET). The training RNG streams (torch,
+        the test goals, ``config.goal_seeds``). The training RNG streams (torch,
         CUDA, numpy, python) are left as they were, so evaluating or not never changes training.
         With several ranks, rank r evaluates tasks r, r+W, ... and the results are gathered (a
         task's episodes then depend on W, as their environment seeds follow its place in the list)."""
@@ -285,7 +286,7 @@ class Trainer:
         with rng.preserved(self.device):
             mine = self.dist.shard(self.tasks)
             res = evaluate(self.model, self.task_masks, self.eval_info(), mine, self.cfg.eval_episodes,
-                           self.cfg.seed + TEST_GOALS_OFFSET if goals_seed is None else goals_seed,
+                           goal_seeds(self.cfg.seed)["test"] if goals_seed is None else goals_seed,
                            backend=self.backends.masked_linear, progress=self.cfg.progress and self.dist.is_main,
                            precision=self.cfg.precision) if mine else {"tasks": {}, "env_steps": 0, "seconds": 0.0}
             return distributed.merge_evaluations(self.dist.all_gather_object(res), self.tasks) if self.dist.active else res

@@ -4,10 +4,27 @@ Every file is written through harmodt.files.write_atomic (imported here for the 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from ..files import write_atomic
+
+
+def finite_json(obj, indent: int | None = None) -> str:
+    """``obj`` as JSON text that every reader accepts: a float that is NaN or infinite (which
+    ``json.dumps`` writes as a bare ``NaN``/``Infinity``, not JSON) becomes ``null``."""
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
 
 
 def _records(raw: bytes) -> list[tuple[bytes, dict]]:
@@ -89,7 +106,7 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, rec["step"])
 
     def log(self, rec: dict) -> None:
-        self.file.write((json.dumps(rec) + "\n").encode())
+        self.file.write((finite_json(rec) + "\n").encode())
         self.file.flush()
         self._scalars(rec)
 
