@@ -50,7 +50,7 @@ def load_training_data(cfg: TrainConfig, tasks: list[str], may_generate: bool = 
                 raise ConfigError(f"no --data given and no generated data in {path}: under torchrun the ranks do not generate data; "
                                   f"write it first (python -m harmodt.data generate --out FOLDER ...) and pass --data FOLDER")
             print(f"[harmodt] generating offline data for {len(tasks)} tasks x {cfg.gen_episodes} episodes into {path}", flush=True)
-            generate(tasks, cfg.gen_episodes, path, seed=cfg.seed, progress=cfg.progress)
+            generate(tasks, cfg.gen_episodes, path, seed=cfg.seed, progress=cfg.progress, overwrite=True)  # (the cache's own folder)
     return load_dataset(path, tasks=tasks, quality=cfg.quality, episodes_per_task=cfg.episodes_per_task or None)
 
 

@@ -1,30 +1,14 @@
 """The metrics a run writes: metrics.jsonl with its TensorBoard copy, one reader, one rewinder.
-Every file is written through harmodt.files.write_atomic (imported here for the harness)."""
+Every file is written through harmodt.files.write_atomic, JSON through harmodt.files.finite_json
+(both imported here for the harness)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
-from ..files import write_atomic
-
-
-def finite_json(obj, indent: int | None = None) -> str:
-    """``obj`` as JSON text that every reader accepts: a float that is NaN or infinite (which
-    ``json.dumps`` writes as a bare ``NaN``/``Infinity``, not JSON) becomes ``null``."""
-
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+from ..files import finite_json, write_atomic
 
 
 def _records(raw: bytes) -> list[tuple[bytes, dict]]:

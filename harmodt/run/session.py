@@ -18,6 +18,7 @@ import kernels
 from ..config import ConfigError, TrainConfig, resolve_device, to_dict
 from ..data import DataError
 from ..evaluate import print_table, result_entry
+from ..files import writable_folder
 from ..runtime import bf16_matmul_note, keep_freed_memory
 from . import distributed, resume
 from .outputs import MetricsLog, NoLog, finite_json, write_atomic
@@ -36,7 +37,8 @@ def start(cfg: TrainConfig) -> distributed.Single:
 
 def open_run(cfg: TrainConfig, dist: distributed.Single) -> dict | None:
     """What must hold before any file is written (the device and kernel backend can run, the
-    checkpoint to continue fits ``cfg``: :func:`resume.open_checkpoint`), then ``--out`` made.
+    checkpoint to continue fits ``cfg``: :func:`resume.open_checkpoint`), then ``--out`` made and
+    found writable.
     Returns that checkpoint (None: the run starts at step 0)."""
     try:
         kernels.select_backends(resolve_device(cfg.device), cfg.fused, cfg.backend)
@@ -48,6 +50,8 @@ def open_run(cfg: TrainConfig, dist: distributed.Single) -> dict | None:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"--out {cfg.out}: cannot make the folder ({exc.strerror or exc})") from None
+        if not writable_folder(cfg.out):
+            raise ConfigError(f"--out {cfg.out}: the folder is not writable")
     return ck
 
 
