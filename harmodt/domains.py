@@ -28,7 +28,7 @@ class Domain:
     hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
-    choices: tuple = ()
+    choices: tuple | dict = ()
     special: tuple = ()
     note: str = ""
 
@@ -79,7 +79,8 @@ def between(lo: float, hi: float, hi_open: bool = False, note: str = "") -> Doma
 
 
 def one_of(choices, special: tuple = ()) -> Domain:
-    return Domain(choices=tuple(choices), special=special)
+    """One of ``choices``: a sequence, or a registry (a dict) read when checked, so a name registered later counts."""
+    return Domain(choices=choices if isinstance(choices, dict) else tuple(choices), special=special)
 
 
 ANY_NUMBER = Domain()
