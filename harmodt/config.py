@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import MISSING, dataclass, field, fields
 
 from .domains import ANY_NUMBER, SEED, Domain, above, at_least, between, check_fields, one_of
@@ -46,7 +47,8 @@ class ModelConfig:
     n_embd: int = setting(256, "embedding width (Table 6)", at_least(1))
     dropout: float = setting(0.1, "dropout on embeddings, attention and residuals (Table 6)", between(0, 1, hi_open=True))
     context_len: int = setting(20, "K: timesteps of recent history (Table 6)", at_least(1))
-    prompt_len: int = setting(5, "K*: timesteps of the trajectory prompt (Prompt-DT / official code)", at_least(0))
+    prompt_len: int = setting(5, "K*: timesteps of the trajectory prompt (Prompt-DT / official code)",
+                                  at_least(0, "0: no prompt, for a method without one"))
     max_ep_len: int = setting(500, "Meta-World episode length; size of the timestep embedding table", at_least(1))
     state_dim: int = setting(39, "Meta-World v3 observation size", at_least(1))
     act_dim: int = setting(4, "Meta-World action size", at_least(1))
@@ -174,6 +176,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def interruptible(main, note: str) -> int:
+    """``main()``'s exit code; a Ctrl-C stops it with one line on stderr (``note``) and exit code 130."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"\n[harmodt] {note}", file=sys.stderr)
+        return 130
+
+
 def flag(key: str) -> str:
     """The training flag of a config field or dotted key: ``batch_size`` -> ``--batch-size``,
     ``masks.eta_max`` -> ``--eta-max``."""
@@ -227,6 +238,16 @@ def goal_seeds(seed: int, validation_seed: int = -1) -> dict:
             "evaluation": EVALUATION_GOALS_SEED}
 
 
+def selection_goals_problem(saved: dict, seed: int) -> str | None:
+    """Why goals of ``seed`` must not score a checkpoint whose config is ``saved``: its run was
+    validated on them (its ``--validation-seed``: OUT/best.pt was chosen on them); None otherwise."""
+    run = goal_seeds(int(saved.get("seed", 0)), int(saved.get("validation_seed", -1)))
+    if run["validation"] is None or seed != run["validation"]:
+        return None
+    return (f"comes from a run validated on these goals (its --validation-seed {seed}), so its score on them is biased "
+            f"(its test goals: --seed {run['test']})")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError with one clear line for a bad value: every field against its declared
     domain (type, range, finite; harmodt.domains), then the relations between fields. An earlier
@@ -241,8 +262,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         n_tasks = len(parse_tasks(cfg.tasks))
     except ValueError as exc:
         raise ConfigError(f"--tasks: {exc}") from None
-    m = cfg.model
+    m, method = cfg.model, METHODS[cfg.method]
+    prompted = "prompt" in (method.conditioning, method.resolve_conditioning(cfg.conditioning))  # (as the trainer's data stream)
     checks = [
+        (m.prompt_len > 0 or not prompted, f"--prompt-len 0: --method {cfg.method} is conditioned on a prompt of --prompt-len steps; "
+                                           "it must be >= 1"),
         (cfg.tasks_per_batch <= cfg.batch_size, f"--tasks-per-batch cannot exceed --batch-size ({cfg.tasks_per_batch} > {cfg.batch_size})"),
         (cfg.tasks_per_batch <= n_tasks, f"--tasks-per-batch cannot exceed the number of tasks of --tasks ({cfg.tasks_per_batch} > {n_tasks})"),
         (cfg.masks.eta_min <= cfg.masks.eta_max, f"need --eta-min <= --eta-max, got {cfg.masks.eta_min} > {cfg.masks.eta_max}"),

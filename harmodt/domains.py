@@ -11,6 +11,7 @@ A leaf module: it imports nothing of harmodt but the flag name rule.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import MISSING, dataclass
@@ -45,10 +46,25 @@ class Domain:
             return False
         return self.hi is None or (value < self.hi or (not self.hi_open and value == self.hi))
 
+    def parse(self, kind: type):
+        """An argparse ``type=``: text -> a value of ``kind`` in this domain (else the parser's one-line error)."""
+
+        def convert(text: str):
+            try:
+                value = kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be {self.describe(kind)}, got {text!r}") from None
+            if not self.allows(value):
+                raise argparse.ArgumentTypeError(f"must be {self.describe(kind)}, got {value!r}")
+            return value
+
+        return convert
+
     def describe(self, kind: type) -> str:
-        """What the values are, e.g. ``>= 1 (an integer)``, ``in [0, 1) (a finite number)``, ``one of a, b``."""
+        """What the values are, e.g. ``>= 1 (an integer)``, ``in [0, 1) (a finite number)``, ``a or b``, ``one of a, b, c``."""
         if self.choices:
-            return "one of " + ", ".join(map(str, self.choices))
+            names = list(map(str, self.choices))
+            return " or ".join(names) if len(names) == 2 else "one of " + ", ".join(names)
         if self.lo is not None and self.hi is not None:
             rng = f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
         elif self.lo is not None:

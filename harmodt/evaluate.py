@@ -28,7 +28,6 @@ statistics.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -41,10 +40,10 @@ import torch
 import kernels
 
 from .checkpoint import CheckpointError
-from .config import EVALUATION_GOALS_SEED, OneLineParser
+from .config import EVALUATION_GOALS_SEED, OneLineParser, interruptible, selection_goals_problem
 from .data.batches import prompt_segment as cut_prompt
 from .domains import SEED
-from .files import finite_json, writable_folder, write_atomic
+from .files import finite_json, unwritable_file, write_atomic
 from .model import MaskContext
 from .runtime import bf16_matmul_note
 from .tasks import TASKS_HELP
@@ -321,10 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"tasks to evaluate (default: the checkpoint's; unseen tasks use the voted mask): {TASKS_HELP}")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--out", default=None, help="write results JSON here")
-    p.add_argument("--seed", type=int, default=EVALUATION_GOALS_SEED, help=f"seed for goals and prompts (default {EVALUATION_GOALS_SEED}); "
-                   "one a checkpoint's run was validated on (its --validation-seed) is refused")
-    p.add_argument("--allow-validation-goals", action="store_true",
-                   help="score a checkpoint on the goals its run was validated on (best.pt was chosen on them: a biased score)")
+    p.add_argument("--seed", type=SEED.parse(int), default=EVALUATION_GOALS_SEED, help="seed for goals and prompts (not its run's --validation-seed)")
+    p.add_argument("--allow-validation-goals", action="store_true", help="score a checkpoint on the goals its run was validated on (biased)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False,
                    help="masked linears on the kernels of --backend (default: the plain-PyTorch reference)")
@@ -342,14 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
-        return _main(args)
-    except KeyboardInterrupt:
-        print("\n[harmodt] evaluation interrupted: nothing written", file=sys.stderr)
-        return 130
-
-
-def _main(args) -> int:
-    try:
         from .runtime import keep_freed_memory
         from .tasks import parse_tasks
 
@@ -363,10 +352,8 @@ def _main(args) -> int:
             raise EvalError("--batch-size must be at least 1")
         if args.vote_threshold is not None and args.vote_threshold < 0:
             raise EvalError("--vote-threshold must be >= 0")
-        if not SEED.allows(args.seed):
-            raise EvalError(f"--seed must be {SEED.describe(int)}, got {args.seed}")
-        if args.out:
-            check_out_file(args.out)
+        if args.out and (bad := unwritable_file(args.out)):
+            raise EvalError(f"--out {args.out}: {bad}")
         from .config import ConfigError, resolve_device
 
         try:
@@ -380,8 +367,8 @@ def _main(args) -> int:
         except (kernels.BackendUnavailable, ValueError) as exc:
             raise EvalError(str(exc)) from None
         model, masks, info, cfg, step = load_checkpoint(args.checkpoint, device)
-        if not args.allow_validation_goals:
-            check_not_validation_goals(args.checkpoint, cfg, args.seed)
+        if not args.allow_validation_goals and (bad := selection_goals_problem(cfg, args.seed)):
+            raise EvalError(f"--seed {args.seed}: {args.checkpoint} {bad}; choose another --seed or pass --allow-validation-goals")
         print(f"[harmodt] device={device} precision={args.precision} fused={args.fused} kernels: masked_linear={backends.masked_linear.backend.name}",
               flush=True)
         try:
@@ -404,37 +391,9 @@ def _main(args) -> int:
     if args.out:
         out = {"method": cfg["method"], "tasks": {t: result_entry(r) for t, r in res["tasks"].items()},
                "mean_success": res["mean_success"], "steps": step}
-        try:
-            write_atomic(args.out, finite_json(out, indent=2))
-        except OSError as exc:
-            print(f"error: --out {args.out}: cannot write ({exc.strerror or exc}); the results are in the table above", file=sys.stderr)
-            return 2
+        write_atomic(args.out, finite_json(out, indent=2))  # (its folder was found writable before the evaluation)
     return 0
 
 
-def check_out_file(out: str) -> None:
-    """EvalError unless ``out`` can be written (before any work): its folder exists and takes a new
-    file, and ``out`` is not a folder."""
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise EvalError(f"--out {out}: the folder {folder} does not exist")
-    if os.path.isdir(out):
-        raise EvalError(f"--out {out}: is a folder; name a file to write the results into")
-    if not writable_folder(folder):
-        raise EvalError(f"--out {out}: the folder {folder} is not writable")
-
-
-def check_not_validation_goals(path: str, cfg: dict, seed: int) -> None:
-    """EvalError when ``seed`` draws the goals the checkpoint's run was validated on (its
-    ``--validation-seed``, recorded in the checkpoint's config): OUT/best.pt was chosen on them."""
-    from .config import goal_seeds
-
-    validation = goal_seeds(int(cfg.get("seed", 0)), int(cfg.get("validation_seed", -1)))["validation"]
-    if validation is not None and seed == validation:
-        raise EvalError(f"--seed {seed}: {path} comes from a run validated on these goals (its --validation-seed {validation}), "
-                        f"so its score on them is biased; choose another --seed (its test goals: --seed "
-                        f"{goal_seeds(int(cfg.get('seed', 0)))['test']}) or pass --allow-validation-goals")
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interruptible(main, "evaluation interrupted: nothing written"))

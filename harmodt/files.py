@@ -65,6 +65,17 @@ def writable_folder(folder: str | os.PathLike) -> bool:
         return False
 
 
+def unwritable_file(path: str | os.PathLike) -> str | None:
+    """Why the file ``path`` cannot be written (its folder is missing or takes no new file, or it is
+    a folder), or None when it can; checked before the work whose result goes there."""
+    folder = Path(os.path.abspath(path)).parent
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist"
+    if Path(path).is_dir():
+        return "is a folder; name a file to write the results into"
+    return None if writable_folder(folder) else f"the folder {folder} is not writable"
+
+
 def move_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Rename the finished file or folder ``src`` over ``dst`` (on one file system: ``dst`` is then
     the old one or the new one, never a part), and flush the rename to disk."""

@@ -114,7 +114,7 @@ ROWS = {
                                             "the training loss is nan (mean of steps 1-3) at step 3: training stopped"),
     "train --resume after the data were regenerated": (changed_data_resume, 2, "--resume: the data differ from those"),
     "evaluate --seed -1": (lambda a: ["harmodt.evaluate", str(a["base"] / "run" / "checkpoint.pt"), "--seed", "-1"], 2,
-                           "--seed must be in [0, 2147483647] (an integer), got -1"),
+                           "argument --seed: must be in [0, 2147483647] (an integer), got -1"),
     "evaluate --out in an unwritable folder": (lambda a: ["harmodt.evaluate", str(a["base"] / "run" / "checkpoint.pt"), "--out",
                                                           f"{UNWRITABLE}/eval.json"], 2, f"the folder {UNWRITABLE} is not writable"),
     "evaluate --out an existing folder": (lambda a: ["harmodt.evaluate", str(a["base"] / "run" / "checkpoint.pt"), "--out",

@@ -78,7 +78,12 @@ def test_numeric_flag(key, name, capsys, tmp_path):
     if name in ("inf", "nan"):
         assert not accepted, f"{key}: the domain of a setting never holds {value}"
     if accepted:
-        got = value_of(parse_args(argv), key)
+        try:
+            cfg = parse_args(argv)
+        except ConfigError as exc:  # in the domain, but a relation with another setting refuses it: named too
+            assert flag(key) in str(exc) and "\n" not in str(exc), str(exc)
+            return
+        got = value_of(cfg, key)
         # kept as given, or resolved as the domain's note says (--tasks-per-batch 0: auto)
         assert got == value or f"{value}:" in domain.note, (key, value, got)
         return
@@ -100,7 +105,7 @@ def test_numeric_flag_of_the_wrong_type(key, capsys, tmp_path):
 @pytest.mark.parametrize("key", [k for k, _, _ in CHOICE])
 def test_choice_flag_with_an_unknown_value(key, capsys, tmp_path):
     code, err = run_main(BASE + [flag(key), "no-such-value"], capsys, tmp_path)
-    assert code == 2 and err.count("\n") == 1 and f"{flag(key)} must be one of" in err and "'no-such-value'" in err, err
+    assert code == 2 and err.count("\n") == 1 and f"{flag(key)} must be " in err and "'no-such-value'" in err, err
 
 
 def config_file(tmp_path, key, value):
@@ -157,5 +162,5 @@ def test_presets_pass_the_same_check():
         validate(apply_overrides(TrainConfig(), values))  # every shipped preset is valid
     with pytest.raises(ConfigError, match="--update-every must be >= 1"):
         validate(apply_overrides(TrainConfig(), {"masks.update_every": 0}))  # a preset's values meet the field's domain
-    with pytest.raises(ConfigError, match="--lam-on must be one of importance, agreement, got 'both'"):
+    with pytest.raises(ConfigError, match="--lam-on must be importance or agreement, got 'both'"):
         validate(apply_overrides(TrainConfig(), {"masks.lam_on": "both"}))

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from _synthetic import datasets
-from harmodt.config import EVALUATION_GOALS_SEED, TEST_GOALS_OFFSET, ConfigError, ModelConfig, TrainConfig, goal_seeds, validate
+from harmodt.config import (EVALUATION_GOALS_SEED, TEST_GOALS_OFFSET, ConfigError, ModelConfig, TrainConfig, goal_seeds,
+                            selection_goals_problem, validate)
 from harmodt.data.generator import other_dataset
-from harmodt.evaluate import EvalError, check_not_validation_goals
 from harmodt.run import resume
 from harmodt.run.data_cache import data_fingerprint
 from harmodt.study.__main__ import build_parser
@@ -51,10 +51,10 @@ def test_resume_refuses_changed_data_naming_both_hashes(tmp_path):
 
 def test_evaluate_refuses_the_goals_a_checkpoint_was_selected_on():
     cfg = {"seed": 1, "validation_seed": EVALUATION_GOALS_SEED}
-    with pytest.raises(EvalError, match=f"validated on these goals .*--seed {1 + TEST_GOALS_OFFSET}.*--allow-validation-goals"):
-        check_not_validation_goals("best.pt", cfg, EVALUATION_GOALS_SEED)
-    check_not_validation_goals("best.pt", cfg, 1 + TEST_GOALS_OFFSET)  # its test goals: fine
-    check_not_validation_goals("best.pt", {"seed": 1, "validation_seed": -1}, EVALUATION_GOALS_SEED)  # not validated
+    assert f"validated on these goals (its --validation-seed {EVALUATION_GOALS_SEED})" in selection_goals_problem(cfg, EVALUATION_GOALS_SEED)
+    assert f"(its test goals: --seed {1 + TEST_GOALS_OFFSET})" in selection_goals_problem(cfg, EVALUATION_GOALS_SEED)
+    assert selection_goals_problem(cfg, 1 + TEST_GOALS_OFFSET) is None  # its test goals: fine
+    assert selection_goals_problem({"seed": 1, "validation_seed": -1}, EVALUATION_GOALS_SEED) is None  # not validated
 
 
 @pytest.mark.parametrize("extra", [["--validation-seed", "012345", "--eval-every", "2"],
