@@ -81,4 +81,7 @@ def test_other_dataset_names_what_differs(tmp_path):
     assert other_dataset(root, TASKS, dict(settings, episodes=6)) == "episodes 4 -> 6"
     assert other_dataset(root, TASKS[:1], settings) == "tasks reach-v3,push-v3 -> reach-v3"
     assert other_dataset(tmp_path / "empty", TASKS, settings) is None
+    (root / "manifest.json").unlink()  # an unfinished run whose files have no per-task record yet: judged by their tasks
+    assert other_dataset(root, TASKS, settings) is None
+    assert other_dataset(root, TASKS[:1], settings) == "tasks push-v3,reach-v3 -> reach-v3"
     assert np.load(root / "reach-v3.npz")["observations"].shape[1] == 39

@@ -168,23 +168,23 @@ def other_dataset(out: Path, tasks: list[str], settings: dict) -> str | None:
         manifest = None
     if isinstance(manifest, dict):
         old, old_tasks = manifest.get("settings"), manifest.get("tasks", list(manifest.get("files", {})))
-    else:
-        records = {}
-        for task, names in _task_files(out).items():
-            try:
-                records[task] = json.loads((out / f".{task}.record.json").read_text()).get("settings")
-            except (OSError, ValueError, AttributeError):
-                records[task] = None
-        if not records:
+    else:  # an unfinished run: its per-task records say its settings (a file without one counts by its task alone)
+        found = _task_files(out)
+        if not found:
             return None
-        old_tasks = sorted(records)
-        kinds = [r for r in records.values() if r is not None]
-        old = kinds[0] if kinds and all(r == kinds[0] for r in kinds) else "mixed or unknown"
+        kinds = []
+        for task in found:
+            try:
+                kinds.append(json.loads((out / f".{task}.record.json").read_text())["settings"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        old_tasks = sorted(found)
+        old = settings if not kinds else kinds[0] if all(k == kinds[0] for k in kinds) else "mixed"
     diff = []
     if isinstance(old, dict) and isinstance(settings, dict):
         diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
     elif old != settings:
-        diff = [f"settings {old!r}"]
+        diff = ["its per-task records disagree" if old == "mixed" else f"settings {old!r}"]
     if [t for t in old_tasks if t not in tasks]:
         diff.append(f"tasks {','.join(old_tasks)} -> {','.join(tasks)}")
     return "; ".join(diff) or None
