@@ -20,7 +20,7 @@ from ..data import DataError
 from ..evaluate import print_table, result_entry
 from ..files import writable_folder
 from ..runtime import bf16_matmul_note, keep_freed_memory
-from . import distributed, resume
+from . import distributed, resume, signals
 from .outputs import MetricsLog, NoLog, finite_json, write_atomic
 
 
@@ -221,6 +221,8 @@ def exit_code(exc: BaseException) -> int:
     its line printed on stderr: 2 a bad flag, file or dataset, or a loss gone NaN; 3 a torchrun rank failed; 130
     stopped by Ctrl-C."""
     if isinstance(exc, KeyboardInterrupt):
+        if not isinstance(exc, signals.Stopped):  # (a stop in the loop printed its own line)
+            print("\n[harmodt] interrupted: the last checkpoint (if any) is kept; continue with --resume", file=sys.stderr)
         return 130
     if isinstance(exc, distributed.DistributedError):
         if not exc.reported:  # a failed collective printed its line where it failed
