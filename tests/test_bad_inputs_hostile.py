@@ -31,8 +31,8 @@ UNWRITABLE = "/proc"
 
 
 def python(args: list[str], code: Path = ROOT, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(code))
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=600, **kw)
+    env = dict(os.environ, PYTHONPATH=str(code))  # (run in ``code``: `python -m` puts the working folder first on the path)
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=600, cwd=code, **kw)
 
 
 def build(base: Path, code: Path = ROOT) -> dict:
@@ -151,7 +151,7 @@ def interrupted_generate(a: dict) -> subprocess.CompletedProcess:
     """``data generate`` stopped by Ctrl-C (SIGINT) while it rolls out episodes."""
     argv = data_generate(a, "interrupted", 4)
     proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(a["code"])), start_new_session=True)
+                            env=dict(os.environ, PYTHONPATH=str(a["code"])), cwd=a["code"], start_new_session=True)
     time.sleep(8)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
