@@ -74,7 +74,8 @@ class Domain:
         else:
             rng = "any"
         kinds = {int: "an integer", float: "a finite number", str: "text"}
-        text = f"{rng} ({kinds.get(kind, kind.__name__)}{'; ' + self.note if self.note else ''})"
+        what = kinds.get(kind, kind.__name__) + ("; " + self.note if self.note else "")
+        text = what if rng == "any" else f"{rng} ({what})"
         return text + "".join(f" or {v!r} ({meaning})" for v, meaning in self.special)
 
 

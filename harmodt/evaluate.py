@@ -42,7 +42,7 @@ import kernels
 from .checkpoint import CheckpointError
 from .config import EVALUATION_GOALS_SEED, OneLineParser, interruptible, selection_goals_problem
 from .data.batches import prompt_segment as cut_prompt
-from .domains import SEED
+from .domains import ANY_NUMBER, SEED
 from .files import finite_json, unwritable_file, write_atomic
 from .model import MaskContext
 from .runtime import bf16_matmul_note
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"],
                    help="kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference")
     p.add_argument("--vote-threshold", type=int, default=None, help="Eq. 13 threshold for unseen tasks (default: the training config's)")
-    p.add_argument("--target-return", type=float, default=None, help="initial return-to-go (default: the training config's, 4500)")
+    p.add_argument("--target-return", type=ANY_NUMBER.parse(float), default=None, help="initial return-to-go (default: the training config's, 4500)")
     p.add_argument("--batch-size", type=int, default=None, help="episodes per forward (default: all at once; 1 = sequential)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--prompt-segment", default=None, choices=["last", "random"],
