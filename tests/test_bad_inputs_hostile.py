@@ -3,9 +3,9 @@ one line and its exit code (2: a bad flag, file or data set; 130: Ctrl-C), never
 never does something wrong with exit 0. Test goals that selected best.pt never score it, and a
 resumed run knows its data.
 
-Run as a script (``python tests/test_bad_inputs_hostile.py DIR [CODE]``) it builds every row under
-DIR, runs it (with the harmodt of CODE on PYTHONPATH, default this checkout) and prints the markdown
-table of command, exit code and line.
+Run as a script (``python tests/test_bad_inputs_hostile.py DIR [CODE [SECONDS]]``) it builds every row
+under DIR, runs it (with the harmodt of CODE on PYTHONPATH, default this checkout; a row still running
+after SECONDS is stopped) and prints the markdown table of command, exit code and line.
 """
 
 import json
@@ -30,9 +30,9 @@ TINY = ["--tasks", TASKS, "--steps", "3", "--batch-size", "4", "--n-layer", "1",
 UNWRITABLE = "/proc"
 
 
-def python(args: list[str], code: Path = ROOT, **kw) -> subprocess.CompletedProcess:
+def python(args: list[str], code: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(code))  # (run in ``code``: `python -m` puts the working folder first on the path)
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=600, cwd=code, **kw)
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=code)
 
 
 def build(base: Path, code: Path = ROOT) -> dict:
@@ -144,7 +144,7 @@ def config_file(a: dict) -> Path:
 
 def run_row(a: dict, row: str) -> tuple[list[str], subprocess.CompletedProcess]:
     argv = ROWS[row][0](a)
-    return argv, python(argv, a["code"])
+    return argv, python(argv, a["code"], a.get("timeout", 600))
 
 
 def interrupted_generate(a: dict) -> subprocess.CompletedProcess:
@@ -208,9 +208,10 @@ def test_ctrl_c_in_data_generate_is_one_line(assets):
         "[harmodt.data] interrupted: finished tasks are kept; run the same command again to continue"]
 
 
-def table(base: Path, code: Path) -> str:
-    """The markdown table of every row, measured by running it with the harmodt of ``code``."""
-    a = build(base, code)
+def table(base: Path, code: Path, timeout: float = 600) -> str:
+    """The markdown table of every row, measured by running it with the harmodt of ``code`` (a row still
+    running after ``timeout`` seconds is stopped and shown so: it was accepted)."""
+    a = dict(build(base, code), timeout=timeout)
     lines = [f"FLAGS = {' '.join(a['flags']).replace(str(base) + '/', '')}", "", "| input | command | exit code | line |", "|---|---|---|---|"]
     short = lambda s: s.replace(" ".join(a["flags"]), "FLAGS").replace(str(base) + "/", "").replace("|", "\\|")  # noqa: E731
 
@@ -230,6 +231,9 @@ def table(base: Path, code: Path) -> str:
         except AssertionError as exc:  # a step before the row failed
             lines.append(f"| {row} | (setup failed: {exc}) | | |")
             continue
+        except subprocess.TimeoutExpired as exc:
+            lines.append(f"| {row} | ``python -m {short(' '.join(exc.cmd[2:]))}`` | (running) | ``accepted: still running after {timeout:.0f} s, stopped`` |")
+            continue
         add(row, argv, proc)
     add("Ctrl-C during data generate", data_generate(a, "interrupted", 4), interrupted_generate(a))
     argv = overwrite(a)
@@ -239,4 +243,4 @@ def table(base: Path, code: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(table(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT))
+    print(table(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT, float(sys.argv[3]) if len(sys.argv) > 3 else 600))
