@@ -81,13 +81,19 @@ def overwrite(a: dict) -> list[str]:
             "--no-progress", "--overwrite", "--out", str(a["base"] / "gen2")]
 
 
-def train(a: dict, *extra: str, out: str = "x") -> list[str]:
-    return ["harmodt.train", *a["flags"], *extra, "--out", str(a["base"] / out)]
+def named(prefix: str, extra) -> str:
+    """A folder of its own for each row (an accepted row must not meet another's files)."""
+    return prefix + "".join(c if c.isalnum() else "_" for c in "".join(extra))[:60]
+
+
+def train(a: dict, *extra: str, out: str | None = None) -> list[str]:
+    return ["harmodt.train", *a["flags"], *extra, "--out", str(a["base"] / (out or named("x", extra)))]
 
 
 def study(a: dict, *extra: str) -> list[str]:
     return ["harmodt.study", "--tasks", TASKS, "--methods", "harmodt-f", "--seeds", "1", "--data", str(a["data"]), "--out",
-            str(a["base"] / "study"), *extra, "--steps", "3", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--device", "cpu"]
+            str(a["base"] / named("study", extra)), *extra, "--steps", "3", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+            "--device", "cpu"]
 
 
 # row -> (build(assets) -> module and arguments, the exit code, a piece of the line)
@@ -106,7 +112,7 @@ ROWS = {
     "train --n-embd -4": (lambda a: train(a, "--n-embd", "-4"), 2, "--n-embd must be >= 1 (an integer), got -4"),
     "train --seed -3": (lambda a: train(a, "--seed", "-3"), 2, "--seed must be in [0, 2147483647] (an integer), got -3"),
     "train --state-dim 12": (lambda a: train(a, "--state-dim", "12"), 2, "--state-dim 12 does not match the data"),
-    "train --config with \"steps\": \"20\"": (lambda a: ["harmodt.train", "--config", str(config_file(a)), "--out", str(a["base"] / "x")], 2,
+    "train --config with \"steps\": \"20\"": (lambda a: ["harmodt.train", "--config", str(config_file(a)), "--out", str(a["base"] / "xc")], 2,
                                               "--steps must be an integer, got '20' (str)"),
     "train --out an existing unwritable folder": (lambda a: ["harmodt.train", *a["flags"], "--out", UNWRITABLE], 2,
                                                    f"--out {UNWRITABLE}: the folder is not writable"),
