@@ -10,113 +10,123 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import MISSING, dataclass, field, fields
 
 from .data.batches import PROMPT_SEGMENTS, STATE_NORMS
+from .domains import ANY_NUMBER, SEED, Domain, above, at_least, between, check_fields, one_of
 from .methods import CONDITIONING_ALIASES, CONDITIONINGS, METHODS
 from .tasks import TASKS_HELP
 
 QUALITIES = ("near-optimal", "sub-optimal")
 TEST_GOALS_OFFSET = 12345  # the goals of a run's final evaluation are drawn from --seed + this
+EVALUATION_GOALS_SEED = 12345  # the goals `python -m harmodt.evaluate` and `python -m harmodt.study` score on by default
 TASK_ORDERS = ("random", "round-robin")
 CLIP_SCOPES = ("masked", "unmasked")
 WEIGHT_DECAY_SCOPES = ("matrices", "all")
 INITS = ("ours", "reference")
 ERK_DRAWS = ("exact", "bernoulli")
 DROPOUT_RNGS = ("auto", "torch", "counter")
+LAM_ONS = ("importance", "agreement")
+RECOVERY_GRADS = ("dense", "masked")
+MASK_GRADS = ("paper", "official")
+BACKENDS = ("auto", "triton", "cpu", "reference")
+PRECISIONS = ("fp32", "bf16")
 
 
-def setting(default=MISSING, help: str = "", *, factory=MISSING):
-    """A config field with its one-line ``--help`` text (``factory``: a default made per instance)."""
-    return field(default=default, default_factory=factory, metadata={"help": help})
+def setting(default=MISSING, help: str = "", domain: Domain | None = None, *, factory=MISSING):
+    """A config field with its one-line ``--help`` text and the values it may take (``domain``,
+    harmodt.domains; its type is the default's); ``factory``: a default made per instance."""
+    return field(default=default, default_factory=factory, metadata={"help": help, "domain": domain})
 
 
 @dataclass
 class ModelConfig:
-    n_layer: int = setting(6, "transformer blocks (Table 6)")
-    n_head: int = setting(8, "attention heads (Table 6)")
-    n_embd: int = setting(256, "embedding width (Table 6)")
-    dropout: float = setting(0.1, "dropout on embeddings, attention and residuals (Table 6)")
-    context_len: int = setting(20, "K: timesteps of recent history (Table 6)")
-    prompt_len: int = setting(5, "K*: timesteps of the trajectory prompt (Prompt-DT / official code)")
-    max_ep_len: int = setting(500, "Meta-World episode length; size of the timestep embedding table")
-    state_dim: int = setting(39, "Meta-World v3 observation size")
-    act_dim: int = setting(4, "Meta-World action size")
+    n_layer: int = setting(6, "transformer blocks (Table 6)", at_least(1))
+    n_head: int = setting(8, "attention heads (Table 6)", at_least(1))
+    n_embd: int = setting(256, "embedding width (Table 6)", at_least(1))
+    dropout: float = setting(0.1, "dropout on embeddings, attention and residuals (Table 6)", between(0, 1, hi_open=True))
+    context_len: int = setting(20, "K: timesteps of recent history (Table 6)", at_least(1))
+    prompt_len: int = setting(5, "K*: timesteps of the trajectory prompt (Prompt-DT / official code)",
+                                  at_least(0, "0: no prompt, for a method without one"))
+    max_ep_len: int = setting(500, "Meta-World episode length; size of the timestep embedding table", at_least(1))
+    state_dim: int = setting(39, "Meta-World v3 observation size", at_least(1))
+    act_dim: int = setting(4, "Meta-World action size", at_least(1))
     init: str = setting("ours", "ours (every linear and embedding weight N(0, 0.02), biases 0) | reference (the official code's: the "
-                        "blocks' as ours, embeddings and heads PyTorch's default)")
+                        "blocks' as ours, embeddings and heads PyTorch's default)", one_of(INITS))
 
 
 @dataclass
 class MaskConfig:
-    sparsity: float = setting(0.2, "S: fraction of each task's maskable weights switched off (Table 6)")
-    eta_min: int = setting(0, "lower bound of weights changed per mask update (Eq. 12, Table 6)")
-    eta_max: int = setting(100, "upper bound of weights changed per mask update (Eq. 12, Table 6)")
-    lam: float = setting(10.0, "balance factor lambda between agreement and importance (Eq. 8)")
-    lam_on: str = setting("importance", '"importance" (paper, Eq. 8) or "agreement" (the official code)')
-    update_every: int = setting(5000, "t_m: steps between mask updates (Table 6)")
-    vote_threshold: int = setting(25, "'thresh' of Eq. 13 for unseen tasks (Table 6, for MT50)")
-    recovery_grad: str = setting("dense", 'g_i of Alg. 2: "dense" = grad of L_i at theta (paper); "masked" = unmasked grad at theta*M_i')
+    sparsity: float = setting(0.2, "S: fraction of each task's maskable weights switched off (Table 6)", between(0, 1, hi_open=True))
+    eta_min: int = setting(0, "lower bound of weights changed per mask update (Eq. 12, Table 6)", at_least(0))
+    eta_max: int = setting(100, "upper bound of weights changed per mask update (Eq. 12, Table 6)", at_least(0))
+    lam: float = setting(10.0, "balance factor lambda between agreement and importance (Eq. 8)", at_least(0))
+    lam_on: str = setting("importance", '"importance" (paper, Eq. 8) or "agreement" (the official code)', one_of(LAM_ONS))
+    update_every: int = setting(5000, "t_m: steps between mask updates (Table 6)", at_least(1))
+    vote_threshold: int = setting(25, "'thresh' of Eq. 13 for unseen tasks (Table 6, for MT50)", at_least(0))
+    recovery_grad: str = setting("dense", 'g_i of Alg. 2: "dense" = grad of L_i at theta (paper); "masked" = unmasked grad at theta*M_i', one_of(RECOVERY_GRADS))
     mask_grads: str = setting("paper", 'gradients of the mask update: "paper" = dropout off, unclipped; "official" = dropout on, '
-                              "each task's clipped to --grad-clip")
+                              "each task's clipped to --grad-clip", one_of(MASK_GRADS))
     erk_draw: str = setting("exact", "ERK masks: exact (round(density * numel) weights per layer and task) | bernoulli (each weight "
-                            "kept with its layer's density, as the official code)")
+                            "kept with its layer's density, as the official code)", one_of(ERK_DRAWS))
 
 
 @dataclass
 class TrainConfig:
     tasks: str = setting("MT5", TASKS_HELP)
-    method: str = setting("harmodt-f", " | ".join(METHODS))
-    steps: int = setting(1_000_000, "total training steps E (Table 6)")
-    batch_size: int = setting(8, "sequences per step (Appendix B)")
+    method: str = setting("harmodt-f", " | ".join(METHODS), one_of(METHODS))
+    steps: int = setting(1_000_000, "total training steps E (Table 6)", at_least(1))
+    batch_size: int = setting(8, "sequences per step (Appendix B)", at_least(1))
     tasks_per_batch: int = setting(0, "tasks mixed in one batch (0 = auto: 1 = Algorithm 1, one task per step; pcgrad/cagrad: all "
-                                   "tasks, at most --batch-size)")
-    lr: float = setting(1e-4, "AdamW learning rate (Appendix B)")
-    weight_decay: float = setting(1e-4, "AdamW decoupled weight decay (official code)")
-    warmup_steps: int = setting(10_000, "linear learning-rate warm-up (official code)")
-    grad_clip: float = setting(0.25, "gradient-norm clip (official code)")
+                                   "tasks, at most --batch-size)", at_least(0, "0: auto"))
+    lr: float = setting(1e-4, "AdamW learning rate (Appendix B)", above(0))
+    weight_decay: float = setting(1e-4, "AdamW decoupled weight decay (official code)", at_least(0))
+    warmup_steps: int = setting(10_000, "linear learning-rate warm-up (official code)", at_least(0))
+    grad_clip: float = setting(0.25, "gradient-norm clip (official code)", above(0))
     clip_scope: str = setting("masked", "the clip norm's gradient of the masked matrices: masked (grad * M_i, what the step applies) | "
-                              "unmasked (before masking, as the official code)")
+                              "unmasked (before masking, as the official code)", one_of(CLIP_SCOPES))
     weight_decay_scope: str = setting("matrices", "parameters --weight-decay applies to: matrices (weight matrices outside the "
-                                      "embeddings) | all (every parameter, as the official code)")
+                                      "embeddings) | all (every parameter, as the official code)", one_of(WEIGHT_DECAY_SCOPES))
     task_order: str = setting("random", "the tasks of a step: random (drawn uniformly) | round-robin (step t trains task t mod T, "
-                              "as the official code; with --tasks-per-batch k, tasks t*k .. t*k+k-1 mod T)")
+                              "as the official code; with --tasks-per-batch k, tasks t*k .. t*k+k-1 mod T)", one_of(TASK_ORDERS))
     method_options: dict = setting(factory=dict, help="the hyper-parameters of --method's own ({name: value}; their flags come "
                                    "from the options of its entry in harmodt/methods.py, such as cagrad's --cagrad-c)")
     data: str = setting("", "dataset folder (ours or the original layout); empty = generate into the cache")
-    episodes_per_task: int = setting(0, "keep this many episodes per task (0 = all)")
-    quality: str = setting("near-optimal", "near-optimal (all episodes) | sub-optimal (first 50% of each task's)")
-    gen_episodes: int = setting(100, "episodes per task when the data must be generated")
-    rtg_scale: float = setting(1000.0, "returns-to-go are divided by this (official code)")
-    target_return: float = setting(4500.0, "initial return-to-go at evaluation (official code)")
-    eval_episodes: int = setting(10, "evaluation episodes per task")
-    eval_every: int = setting(0, "evaluate every N steps (0 = only at the end)")
+    episodes_per_task: int = setting(0, "keep this many episodes per task (0 = all)", at_least(0, "0: all"))
+    quality: str = setting("near-optimal", "near-optimal (all episodes) | sub-optimal (first 50% of each task's)", one_of(QUALITIES))
+    gen_episodes: int = setting(100, "episodes per task when the data must be generated", at_least(1))
+    rtg_scale: float = setting(1000.0, "returns-to-go are divided by this (official code)", above(0))
+    target_return: float = setting(4500.0, "initial return-to-go at evaluation (official code)", ANY_NUMBER)
+    eval_episodes: int = setting(10, "evaluation episodes per task", at_least(0, "0: no evaluation"))
+    eval_every: int = setting(0, "evaluate every N steps (0 = only at the end)", at_least(0, "0: only at the end"))
     validation_seed: int = setting(-1, "goals of the evaluations during training (--eval-every and the last step) drawn from this "
                                    "seed, apart from the final test goals (seed + 12345); the best is saved as OUT/best.pt "
-                                   "(-1: they use the test goals, no best.pt)")
-    log_every: int = setting(100, "steps between metric lines")
-    checkpoint_every: int = setting(1000, "steps between checkpoints")
+                                   "(-1: they use the test goals, no best.pt)", Domain(0, SEED.hi, special=((-1, "off"),)))
+    log_every: int = setting(100, "steps between metric lines", at_least(1))
+    checkpoint_every: int = setting(1000, "steps between checkpoints", at_least(1))
     out: str = setting("runs/harmodt", "output folder")
-    seed: int = setting(0, "seed for data sampling, initialisation, masks and evaluation goals")
+    seed: int = setting(0, "seed for data sampling, initialisation, masks and evaluation goals", SEED)
     resume: bool = setting(False, "continue from OUT/checkpoint.pt")
     conditioning: str = setting("auto", "auto (MTDT: task-state, others: prompt) | prompt | task-state (one-hot task ID beside the "
-                                "state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token)")
+                                "state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token)", one_of(CONDITIONINGS))
     prompt_segment: str = setting("last", "last (the last K* steps before a prompt episode's final step, as Prompt-DT's code) | "
-                                  "random (a window anywhere in one)")
+                                  "random (a window anywhere in one)", one_of(PROMPT_SEGMENTS))
     state_norm: str = setting("per-task", "per-task (each task's states by its own mean and std, as HarmoDT's code) | pooled (one mean and "
-                              "std over every task's states, as Prompt-DT's code)")
+                              "std over every task's states, as Prompt-DT's code)", one_of(STATE_NORMS))
     device: str = setting("auto", "auto (CUDA when available) | cpu | cuda | cuda:N")
     fused: bool = setting(False, "masked linear, masked AdamW and mask selection on the kernels of --backend (else the plain-PyTorch reference)")
-    backend: str = setting("auto", "kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference")
-    precision: str = setting("fp32", "fp32 | bf16 (autocast on the device)")
+    backend: str = setting("auto", "kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference", one_of(BACKENDS))
+    precision: str = setting("fp32", "fp32 | bf16 (autocast on the device)", one_of(PRECISIONS))
     compile: bool = setting(False, "torch.compile the model for training")
     cuda_graph: bool = setting(False, "capture the training step once as a CUDA graph and replay it (harmodt/graphed_step.py; with "
                                "--fused or one task per batch; on a CPU the same step runs on its static buffers uncaptured)")
     dropout_rng: str = setting("auto", "where training's dropout bits come from: torch (torch's RNG, nn.Dropout) | counter (a hash of "
                                "the seed, step and element, fused into the masked-linear kernels) | auto (counter with --fused, else torch; torch under "
-                               "--compile, which would recompile for every step's seed)")
-    threads: int = setting(0, "torch intra-op threads (0 = all cores)")
+                               "--compile, which would recompile for every step's seed)", one_of(DROPOUT_RNGS))
+    threads: int = setting(0, "torch intra-op threads (0 = all cores)", at_least(0, "0: all cores"))
     progress: bool = setting(True, "show progress bars")
-    dist_timeout: float = setting(300.0, "seconds a torchrun rank waits in a collective for the others before failing (exit 3)")
+    dist_timeout: float = setting(300.0, "seconds a torchrun rank waits in a collective for the others before failing (exit 3)", above(0))
     allow_changed: list[str] = setting(factory=list, help="keys --resume may take from the flags instead of the checkpoint")
     model: ModelConfig = setting(factory=ModelConfig, help="transformer shape")
     masks: MaskConfig = setting(factory=MaskConfig, help="HarmoDT mask settings")
@@ -171,6 +181,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def interruptible(main, note: str) -> int:
+    """``main()``'s exit code; a Ctrl-C stops it with one line on stderr (``note``) and exit code 130."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"\n[harmodt] {note}", file=sys.stderr)
+        return 130
+
+
 def flag(key: str) -> str:
     """The training flag of a config field or dotted key: ``batch_size`` -> ``--batch-size``,
     ``masks.eta_max`` -> ``--eta-max``."""
@@ -218,66 +237,58 @@ def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     return cfg
 
 
+def goal_seeds(seed: int, validation_seed: int = -1) -> dict:
+    """The goal seeds of a run trained with ``--seed seed``, every one derived here: ``test``, the
+    goals of its final evaluation (``seed`` + TEST_GOALS_OFFSET); ``validation``, those of its
+    evaluations during training, on which OUT/best.pt is chosen (``--validation-seed``; None when
+    off: they are the test goals); ``evaluation``, the default goals of ``python -m harmodt.evaluate``
+    and the study (EVALUATION_GOALS_SEED). A checkpoint records them (harmodt.run.resume)."""
+    return {"test": seed + TEST_GOALS_OFFSET, "validation": validation_seed if validation_seed >= 0 else None,
+            "evaluation": EVALUATION_GOALS_SEED}
+
+
+def selection_goals_problem(saved: dict, seed: int) -> str | None:
+    """Why goals of ``seed`` must not score a checkpoint whose config is ``saved``: its run was
+    validated on them (its ``--validation-seed``: OUT/best.pt was chosen on them); None otherwise."""
+    run = goal_seeds(int(saved.get("seed", 0)), int(saved.get("validation_seed", -1)))
+    if run["validation"] is None or seed != run["validation"]:
+        return None
+    return (f"comes from a run validated on these goals (its --validation-seed {seed}), so its score on them is biased "
+            f"(its test goals: --seed {run['test']})")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Raise ConfigError with one clear line for a bad value. An earlier name of a value
-    (``--conditioning task-id``) is replaced by the current one."""
+    """Raise ConfigError with one clear line for a bad value: every field against its declared
+    domain (type, range, finite; harmodt.domains), then the relations between fields. An earlier
+    name of a value (``--conditioning task-id``) is replaced by the current one."""
     from .tasks import parse_tasks
 
-    cfg.conditioning = CONDITIONING_ALIASES.get(cfg.conditioning, cfg.conditioning)
-
-    if cfg.method not in METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    if isinstance(cfg.conditioning, str):
+        cfg.conditioning = CONDITIONING_ALIASES.get(cfg.conditioning, cfg.conditioning)
+    if (bad := check_fields(cfg, flag)) is not None:
+        raise ConfigError(bad)
     try:
         cfg.method_options = METHODS[cfg.method].check_options(cfg.method_options)
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.quality not in QUALITIES:
-        raise ConfigError(f"--quality must be one of {', '.join(QUALITIES)}, got {cfg.quality!r}")
     try:
-        parse_tasks(cfg.tasks)
+        n_tasks = len(parse_tasks(cfg.tasks))
     except ValueError as exc:
         raise ConfigError(f"--tasks: {exc}") from None
+    m, method = cfg.model, METHODS[cfg.method]
+    prompted = "prompt" in (method.conditioning, method.resolve_conditioning(cfg.conditioning))  # (as the trainer's data stream)
     checks = [
-        (cfg.steps > 0, "--steps must be positive"),
-        (cfg.batch_size > 0, "--batch-size must be positive"),
-        (cfg.tasks_per_batch >= 0, "--tasks-per-batch must be >= 0 (0: auto)"),
-        (cfg.tasks_per_batch <= cfg.batch_size, "--tasks-per-batch cannot exceed --batch-size"),
-        (0.0 <= cfg.masks.sparsity < 1.0, "--sparsity must be in [0, 1)"),
-        (0 <= cfg.masks.eta_min <= cfg.masks.eta_max, "need 0 <= --eta-min <= --eta-max"),
-        (cfg.masks.update_every > 0, "--update-every must be positive"),
-        (cfg.masks.lam >= 0, "--lam must be >= 0"),
-        (cfg.masks.lam_on in ("importance", "agreement"), "--lam-on must be importance or agreement"),
-        (cfg.masks.recovery_grad in ("dense", "masked"), "--recovery-grad must be dense or masked"),
-        (cfg.masks.mask_grads in ("paper", "official"), f"--mask-grads must be paper or official, got {cfg.masks.mask_grads!r}"),
-        (cfg.masks.erk_draw in ERK_DRAWS, f"--erk-draw must be exact or bernoulli, got {cfg.masks.erk_draw!r}"),
-        (cfg.task_order in TASK_ORDERS, f"--task-order must be random or round-robin, got {cfg.task_order!r}"),
-        (cfg.clip_scope in CLIP_SCOPES, f"--clip-scope must be masked or unmasked, got {cfg.clip_scope!r}"),
-        (cfg.weight_decay_scope in WEIGHT_DECAY_SCOPES, f"--weight-decay-scope must be matrices or all, got {cfg.weight_decay_scope!r}"),
-        (cfg.model.init in INITS, f"--init must be ours or reference, got {cfg.model.init!r}"),
-        (cfg.model.n_embd % cfg.model.n_head == 0, "--n-embd must be divisible by --n-head"),
-        (cfg.model.context_len > 0 and cfg.model.prompt_len >= 0, "--context-len > 0 and --prompt-len >= 0"),
-        (0.0 <= cfg.model.dropout < 1.0, "--dropout must be in [0, 1)"),
-        (cfg.precision in ("fp32", "bf16"), "--precision must be fp32 or bf16"),
-        (cfg.backend in ("auto", "triton", "cpu", "reference"), "--backend must be auto, triton, cpu or reference"),
+        (m.prompt_len > 0 or not prompted, f"--prompt-len 0: --method {cfg.method} is conditioned on a prompt of --prompt-len steps; "
+                                           "it must be >= 1"),
+        (cfg.tasks_per_batch <= cfg.batch_size, f"--tasks-per-batch cannot exceed --batch-size ({cfg.tasks_per_batch} > {cfg.batch_size})"),
+        (cfg.tasks_per_batch <= n_tasks, f"--tasks-per-batch cannot exceed the number of tasks of --tasks ({cfg.tasks_per_batch} > {n_tasks})"),
+        (cfg.masks.eta_min <= cfg.masks.eta_max, f"need --eta-min <= --eta-max, got {cfg.masks.eta_min} > {cfg.masks.eta_max}"),
+        (m.n_embd % m.n_head == 0, f"--n-embd must be divisible by --n-head, got {m.n_embd} and {m.n_head}"),
         (cfg.fused or cfg.backend == "auto", "--backend applies to the kernels of --fused: add --fused (without it every op runs on the reference)"),
-        (cfg.conditioning in CONDITIONINGS, f"--conditioning must be one of {', '.join(CONDITIONINGS)}, got {cfg.conditioning!r}"),
-        (cfg.dropout_rng in DROPOUT_RNGS, f"--dropout-rng must be auto, torch or counter, got {cfg.dropout_rng!r}"),
-        (cfg.prompt_segment in PROMPT_SEGMENTS, f"--prompt-segment must be last or random, got {cfg.prompt_segment!r}"),
-        (cfg.state_norm in STATE_NORMS, f"--state-norm must be per-task or pooled, got {cfg.state_norm!r}"),
         (_device_ok(cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
-        (cfg.eval_episodes >= 0, "--eval-episodes must be >= 0"),
-        (cfg.eval_every >= 0, "--eval-every must be >= 0 (0: only at the end)"),
         (cfg.validation_seed < 0 or cfg.eval_episodes > 0, "--validation-seed needs --eval-episodes > 0"),
-        (cfg.validation_seed != cfg.seed + TEST_GOALS_OFFSET,
+        (cfg.validation_seed != goal_seeds(cfg.seed)["test"],
          f"--validation-seed {cfg.validation_seed} draws the final evaluation's test goals (--seed + {TEST_GOALS_OFFSET}); choose another"),
-        (cfg.log_every > 0, "--log-every must be positive"),
-        (cfg.checkpoint_every > 0, "--checkpoint-every must be positive"),
-        (cfg.threads >= 0, "--threads must be >= 0 (0: all cores)"),
-        (cfg.episodes_per_task >= 0, "--episodes-per-task must be >= 0 (0: all)"),
-        (cfg.gen_episodes > 0, "--gen-episodes must be positive"),
-        (cfg.batch_size > 0 and cfg.warmup_steps >= 0, "--warmup-steps must be >= 0"),
-        (cfg.lr > 0, "--lr must be positive"),
-        (cfg.dist_timeout > 0, "--dist-timeout must be positive"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -40,9 +39,10 @@ import torch
 import kernels
 
 from .checkpoint import CheckpointError
-from .config import OneLineParser
+from .config import EVALUATION_GOALS_SEED, OneLineParser, interruptible, selection_goals_problem
 from .data.batches import prompt_segment as cut_prompt
-from .files import write_atomic
+from .domains import ANY_NUMBER, SEED
+from .files import finite_json, unwritable_file, write_atomic
 from .model import MaskContext
 from .runtime import bf16_matmul_note
 from .tasks import TASKS_HELP
@@ -317,14 +317,15 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"tasks to evaluate (default: the checkpoint's; unseen tasks use the voted mask): {TASKS_HELP}")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--out", default=None, help="write results JSON here")
-    p.add_argument("--seed", type=int, default=12345, help="seed for goals and prompts")
+    p.add_argument("--seed", type=SEED.parse(int), default=EVALUATION_GOALS_SEED, help="seed for goals and prompts (not its run's --validation-seed)")
+    p.add_argument("--allow-validation-goals", action="store_true", help="score a checkpoint on the goals its run was validated on (biased)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False,
                    help="masked linears on the kernels of --backend (default: the plain-PyTorch reference)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"],
                    help="kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference")
     p.add_argument("--vote-threshold", type=int, default=None, help="Eq. 13 threshold for unseen tasks (default: the training config's)")
-    p.add_argument("--target-return", type=float, default=None, help="initial return-to-go (default: the training config's, 4500)")
+    p.add_argument("--target-return", type=ANY_NUMBER.parse(float), default=None, help="initial return-to-go (default: the training config's, 4500)")
     p.add_argument("--batch-size", type=int, default=None, help="episodes per forward (default: all at once; 1 = sequential)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--prompt-segment", default=None, choices=["last", "random"],
@@ -351,10 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError("--batch-size must be at least 1")
         if args.vote_threshold is not None and args.vote_threshold < 0:
             raise EvalError("--vote-threshold must be >= 0")
-        if args.out:
-            folder = os.path.dirname(os.path.abspath(args.out))
-            if not os.path.isdir(folder):
-                raise EvalError(f"--out {args.out}: the folder {folder} does not exist")
+        if args.out and (bad := unwritable_file(args.out)):
+            raise EvalError(f"--out {args.out}: {bad}")
         from .config import ConfigError, resolve_device
 
         try:
@@ -368,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         except (kernels.BackendUnavailable, ValueError) as exc:
             raise EvalError(str(exc)) from None
         model, masks, info, cfg, step = load_checkpoint(args.checkpoint, device)
+        if not args.allow_validation_goals and (bad := selection_goals_problem(cfg, args.seed)):
+            raise EvalError(f"--seed {args.seed}: {args.checkpoint} {bad}; choose another --seed or pass --allow-validation-goals")
         print(f"[harmodt] device={device} precision={args.precision} fused={args.fused} kernels: masked_linear={backends.masked_linear.backend.name}",
               flush=True)
         try:
@@ -390,9 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = {"method": cfg["method"], "tasks": {t: result_entry(r) for t, r in res["tasks"].items()},
                "mean_success": res["mean_success"], "steps": step, **({"returns_truncated": True} if args.stop_at_success else {})}
-        write_atomic(args.out, json.dumps(out, indent=2))
+        write_atomic(args.out, finite_json(out, indent=2))  # (its folder was found writable before the evaluation)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interruptible(main, "evaluation interrupted: nothing written"))

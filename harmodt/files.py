@@ -6,6 +6,8 @@ A leaf module: it imports nothing of harmodt, so any module may use it.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,17 +19,61 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview |
     """Write ``data`` to ``path`` whole or not at all: into ``tmp`` beside it (default
     ``PATH.tmp``), flushed to disk, then renamed over ``path``, and the rename flushed too (a crash
     leaves the previous file or the new one, never a torn one; at worst a torn ``tmp``).
-    ``data``: bytes, a str (UTF-8), or a function that writes into the open binary file."""
+    ``data``: bytes, a str (UTF-8), or a function that writes into the open binary file. A write
+    that fails removes ``tmp`` and raises."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp") if tmp is None else Path(tmp)
-    with open(tmp, "wb") as fh:
-        if callable(data):
-            data(fh)
-        else:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    move_atomic(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        move_atomic(tmp, path)
+    except BaseException:  # a failed write (or Ctrl-C) leaves no stray tmp; the previous file stays
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def finite_json(obj, indent: int | None = None) -> str:
+    """``obj`` as JSON text that every reader accepts: a float that is NaN or infinite (which
+    ``json.dumps`` writes as a bare ``NaN``/``Infinity``, not JSON) becomes ``null``."""
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
+def writable_folder(folder: str | os.PathLike) -> bool:
+    """Whether a file can be made in ``folder`` (tried: a probe file made and removed; permission
+    bits alone do not tell, e.g. for root or on a read-only mount)."""
+    probe = Path(folder) / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def unwritable_file(path: str | os.PathLike) -> str | None:
+    """Why the file ``path`` cannot be written (its folder is missing or takes no new file, or it is
+    a folder), or None when it can; checked before the work whose result goes there."""
+    folder = Path(os.path.abspath(path)).parent
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist"
+    if Path(path).is_dir():
+        return "is a folder; name a file to write the results into"
+    return None if writable_folder(folder) else f"the folder {folder} is not writable"
 
 
 def move_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -23,7 +23,7 @@ import torch
 import kernels
 
 from . import plots
-from .config import TEST_GOALS_OFFSET, ConfigError, TrainConfig, resolve_device
+from .config import ConfigError, TrainConfig, goal_seeds, resolve_device
 from .data.batches import PromptDTBatcher
 from .graphed_step import GraphedStep
 from .masks import TaskMasks
@@ -31,7 +31,7 @@ from .methods import METHODS
 from .optim import MaskedAdamW, param_groups
 from .run import distributed, resume, rng, session, signals
 from .run.cli import parse_args
-from .run.data_cache import load_training_data
+from .run.data_cache import check_data, load_training_data
 from .run.outputs import MetricsLog, NoLog
 from .tasks import parse_tasks
 
@@ -55,6 +55,7 @@ class Trainer:
         rng.seed_all(cfg.seed)
         self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks,
                                                                                  may_generate=self.dist.may_generate_data)
+        self.data_sha256 = check_data(cfg, self.datasets)  # the data fit the config; a checkpoint records this fingerprint
         mc = cfg.model
         prompt_len = mc.prompt_len if self.method.draws_prompts(cfg.conditioning) else 0
         self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, prompt_len, cfg.rtg_scale, mc.max_ep_len,
@@ -140,7 +141,7 @@ class Trainer:
 
     def evaluate(self, goals_seed: int | None = None) -> dict:
         """Evaluate on every training task (harmodt.evaluate), on the goals of ``goals_seed`` (default:
-        the test goals, ``--seed`` + TEST_GOALS_OFFSET). The training RNG streams (torch,
+        the test goals, ``config.goal_seeds``). The training RNG streams (torch,
         CUDA, numpy, python) are left as they were, so evaluating or not never changes training.
         With several ranks, rank r evaluates tasks r, r+W, ... and the results are gathered (a
         task's episodes then depend on W, as their environment seeds follow its place in the list)."""
@@ -149,7 +150,7 @@ class Trainer:
         with rng.preserved(self.device):
             mine = self.dist.shard(self.tasks)
             res = evaluate(self.model, self.task_masks, self.eval_info(), mine, self.cfg.eval_episodes,
-                           self.cfg.seed + TEST_GOALS_OFFSET if goals_seed is None else goals_seed,
+                           goal_seeds(self.cfg.seed)["test"] if goals_seed is None else goals_seed,
                            backend=self.backends.masked_linear, progress=self.cfg.progress and self.dist.is_main,
                            precision=self.cfg.precision) if mine else {"tasks": {}, "env_steps": 0, "seconds": 0.0}
             return self.dist.gather_evaluation(res, self.tasks)

@@ -67,14 +67,14 @@ NO_TRITON = {"TRITON_INTERPRET": None}
 ROWS = {
     # ---- training flags ----
     "train: --backend without --fused": (None, lambda a: (["harmodt.train", "--backend", "cpu", "--out", f"{a['base']}/x"], {}, "--backend applies to the kernels of --fused")),
-    "train: --log-every 0": (None, lambda a: (["harmodt.train", "--log-every", "0", "--out", f"{a['base']}/x"], {}, '--log-every must be positive')),
-    "train: --checkpoint-every 0": (None, lambda a: (["harmodt.train", "--checkpoint-every", "0", "--out", f"{a['base']}/x"], {}, '--checkpoint-every must be positive')),
+    "train: --log-every 0": (None, lambda a: (["harmodt.train", "--log-every", "0", "--out", f"{a['base']}/x"], {}, '--log-every must be >= 1 (an integer), got 0')),
+    "train: --checkpoint-every 0": (None, lambda a: (["harmodt.train", "--checkpoint-every", "0", "--out", f"{a['base']}/x"], {}, '--checkpoint-every must be >= 1 (an integer), got 0')),
     "train: --threads -1": (None, lambda a: (["harmodt.train", "--threads", "-1", "--out", f"{a['base']}/x"], {}, '--threads must be >= 0')),
     "train: --episodes-per-task -1": (None, lambda a: (["harmodt.train", "--episodes-per-task", "-1", "--out", f"{a['base']}/x"], {}, '--episodes-per-task must be >= 0')),
     "train: --eval-every -1": (None, lambda a: (["harmodt.train", "--eval-every", "-1", "--out", f"{a['base']}/x"], {}, '--eval-every must be >= 0')),
-    "train: --gen-episodes 0": (None, lambda a: (["harmodt.train", "--gen-episodes", "0", "--out", f"{a['base']}/x"], {}, '--gen-episodes must be positive')),
+    "train: --gen-episodes 0": (None, lambda a: (["harmodt.train", "--gen-episodes", "0", "--out", f"{a['base']}/x"], {}, '--gen-episodes must be >= 1 (an integer), got 0')),
     "train: --steps abc (not a number)": (None, lambda a: (["harmodt.train", "--steps", "abc", "--out", f"{a['base']}/x"], {}, "argument --steps: invalid int value: 'abc'")),
-    "train: --steps 0": (None, lambda a: (["harmodt.train", "--steps", "0", "--out", f"{a['base']}/x"], {}, "--steps must be positive")),
+    "train: --steps 0": (None, lambda a: (["harmodt.train", "--steps", "0", "--out", f"{a['base']}/x"], {}, "--steps must be >= 1 (an integer), got 0")),
     "train: --sparsity 1.5": (None, lambda a: (["harmodt.train", "--sparsity", "1.5", "--out", f"{a['base']}/x"], {},
                                                "--sparsity must be in [0, 1)")),
     "train: --device tpu": (None, lambda a: (["harmodt.train", "--device", "tpu", "--out", f"{a['base']}/x"], {},

@@ -243,7 +243,7 @@ KILL_POINTS = {
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_generation_killed_never_leaves_data_that_load_and_the_rerun_finishes(tmp_path, point):
-    """SIGKILL at a kill point of `python -m harmodt.data generate` over a folder that held a
+    """SIGKILL at a kill point of `python -m harmodt.data generate --overwrite` over a folder that held a
     complete (other) data set: loading the folder then fails with one clear line, every task
     file present is whole, and running the command again completes it."""
     import signal
@@ -255,7 +255,7 @@ def test_generation_killed_never_leaves_data_that_load_and_the_rerun_finishes(tm
     out = write_ours(tmp_path / "data", TASKS, episodes=2)  # an earlier, finished data set
     assert set(load_dataset(out)) == set(TASKS)
     cmd = [sys.executable, "-m", "harmodt.data", "generate", "--tasks", ",".join(TASKS), "--episodes", "4",
-           "--out", str(out), "--seed", "5", "--workers", "1", "--no-progress"]
+           "--out", str(out), "--seed", "5", "--workers", "1", "--no-progress", "--overwrite"]  # (another data set is there)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(proc, lambda: KILL_POINTS[point](out))

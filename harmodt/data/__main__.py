@@ -7,11 +7,13 @@ Bad input prints one line `error: ...` and exits with status 2."""
 
 from __future__ import annotations
 
-import argparse
+import signal
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
+from ..config import OneLineParser
 from ..tasks import TASKS_HELP, parse_tasks
 from . import card
 from .formats import DataError
@@ -43,7 +45,7 @@ def _curve_plot(curve: list[float], out: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harmodt.data", description="Generate, inspect or export offline Meta-World data.")
+    p = OneLineParser(prog="python -m harmodt.data", description="Generate, inspect or export offline Meta-World data.")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="roll out the scripted experts with a random-to-expert curriculum")
     g.add_argument("--tasks", required=True, help=TASKS_HELP)
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core)")
     g.add_argument("--prompt-episodes", type=int, default=2, help="noise-free expert prompt episodes per task")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a data set of other settings or tasks already in --out (its files are removed)")
     i = sub.add_parser("inspect", help="summarize data (ours, the original layout, or Minari datasets)")
     i.add_argument("path", help="data folder, Minari root or dataset folder, or comma list of Minari dataset ids")
     e = sub.add_parser("export", help="write our data folder as Minari datasets, one per task")
@@ -63,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "generate":
             tasks = parse_tasks(args.tasks)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops it, also when started with SIGINT ignored
+            if args.workers is not None and args.workers < 1:
+                raise ValueError(f"--workers must be at least 1, got {args.workers}")
             m = generate(tasks, args.episodes, args.out, seed=args.seed, workers=args.workers,
-                         prompt_episodes=args.prompt_episodes, progress=not args.no_progress)
+                         prompt_episodes=args.prompt_episodes, progress=not args.no_progress, overwrite=args.overwrite)
             curve = m["curriculum_success_by_decile"]
             print(f"wrote {len(tasks)} tasks x {args.episodes} episodes to {args.out} in {m['seconds']} s")
             print(f"curriculum: {CURRICULUM}")
@@ -92,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenProcessPool as exc:
+        print(f"error: a generation worker stopped ({exc}); finished tasks are kept: run the same command again", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\n[harmodt.data] interrupted: finished tasks are kept; run the same command again to continue", file=sys.stderr)
+        return 130
     return 0
 
 

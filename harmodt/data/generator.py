@@ -28,13 +28,17 @@ and renamed when complete, then its per-task record (settings, size, sha256) is 
 same way; ``manifest.json`` (settings, counts, success rates, sizes, sha256 checksums) is
 written last. So a folder whose run was killed has no manifest and loading refuses it as
 incomplete; running the same command again reuses every task whose file matches its record and
-generates the rest.
+generates the rest. A folder holding a data set of other settings or other tasks is refused
+unless ``overwrite`` (``--overwrite``), which removes the old tasks' files that the new set does
+not rewrite.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -42,8 +46,9 @@ from pathlib import Path
 import numpy as np
 
 from ..envs import EPISODE_LEN, ScriptedExpert, make_env
-from ..tasks import task_seed
-from .formats import FORMAT_VERSION, MANIFEST, atomic_json, is_temp_name, save_task_file, sha256
+from ..domains import SEED_MAX
+from ..tasks import is_task, task_seed
+from .formats import FORMAT_VERSION, MANIFEST, DataError, atomic_json, is_temp_name, save_task_file, sha256
 
 # 2: observations stored exactly as the env returned them. Version 1 stored door-open-v3's and
 # door-close-v3's observations after their scripted policies had written into them (the door
@@ -140,13 +145,65 @@ def _reusable(out: Path, task: str, settings: dict) -> dict | None:
     return rec if sha256(path) == rec.get("sha256") else None
 
 
-def _start_run(out: Path) -> None:
-    """Mark the folder incomplete (no manifest) and remove temporary files of killed runs."""
+def _start_run(out: Path, tasks: list[str]) -> None:
+    """Mark the folder incomplete (no manifest) and remove temporary files of killed runs and the
+    files of tasks not in ``tasks`` (those of an earlier data set, which would be orphans)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
+    for task, names in _task_files(out).items():
+        if task not in tasks:
+            for name in names:
+                (out / name).unlink(missing_ok=True)
     for p in out.iterdir():
         if is_temp_name(p.name) and p.is_file():
             p.unlink(missing_ok=True)
+
+
+def _task_files(out: Path) -> dict[str, list[str]]:
+    """{task: names of its files in ``out``}: its data file and its per-task record."""
+    found: dict[str, list[str]] = {}
+    for p in out.iterdir() if out.is_dir() else ():
+        task = p.stem if p.suffix == ".npz" and is_task(p.stem) else p.name[1:-len(".record.json")] if p.name.endswith(".record.json") else None
+        if task and p.is_file():
+            found.setdefault(task, []).append(p.name)
+    return found
+
+
+def other_dataset(out: Path, tasks: list[str], settings: dict) -> str | None:
+    """How the data set already in ``out`` differs from the one of ``tasks`` and ``settings`` (its
+    manifest's, or for an unfinished run its per-task records'), or None when there is none or it
+    is this one (a rerun, which reuses every finished task)."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict):
+        old, old_tasks = manifest.get("settings"), manifest.get("tasks", list(manifest.get("files", {})))
+    else:  # an unfinished run: its per-task records say its settings (a file without one counts by its task alone)
+        found = _task_files(out)
+        if not found:
+            return None
+        kinds = []
+        for task in found:
+            try:
+                kinds.append(json.loads((out / f".{task}.record.json").read_text())["settings"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        old_tasks = sorted(found)
+        old = settings if not kinds else kinds[0] if all(k == kinds[0] for k in kinds) else "mixed"
+    diff = []
+    if isinstance(old, dict) and isinstance(settings, dict):
+        diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+    elif old != settings:
+        diff = ["its per-task records disagree" if old == "mixed" else f"settings {old!r}"]
+    if [t for t in old_tasks if t not in tasks]:
+        diff.append(f"tasks {','.join(old_tasks)} -> {','.join(tasks)}")
+    return "; ".join(diff) or None
+
+
+def _quiet_interrupt() -> None:
+    """A worker process's Ctrl-C: it ends without a traceback (the main process prints the one line)."""
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 
 def decile_success(records: dict) -> list[float]:
@@ -160,16 +217,23 @@ def decile_success(records: dict) -> list[float]:
 
 
 def generate(tasks: list[str], episodes: int, out: str, seed: int = 0, workers: int | None = None,
-             prompt_episodes: int = 2, progress: bool = True) -> dict:
-    """Generate ``episodes`` curriculum episodes (+ prompts) for every task into ``out``."""
+             prompt_episodes: int = 2, progress: bool = True, overwrite: bool = False) -> dict:
+    """Generate ``episodes`` curriculum episodes (+ prompts) for every task into ``out``. A folder
+    holding a data set of other settings or tasks is refused (DataError) unless ``overwrite``, which
+    replaces it whole (no file of the old one stays)."""
     if episodes < 1:
         raise ValueError(f"--episodes must be at least 1, got {episodes}")
     if prompt_episodes < 1:
         raise ValueError(f"--prompt-episodes must be at least 1, got {prompt_episodes}")
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"--seed must be in [0, {SEED_MAX}], got {seed}")
     outp = Path(out)
-    _start_run(outp)
     settings = {"episodes": episodes, "seed": seed, "prompt_episodes": prompt_episodes, "curriculum": CURRICULUM,
                 "sigma": SIGMA, "format_version": FORMAT_VERSION, "generator_version": GENERATOR_VERSION}
+    if not overwrite and (diff := other_dataset(outp, tasks, settings)) is not None:
+        raise DataError(f"{out}: holds a data set made with other settings ({diff}); pass --overwrite to replace it, "
+                        f"or choose another --out")
+    _start_run(outp, tasks)
     t0 = time.time()
     records = {t: r for t in tasks if (r := _reusable(outp, t, settings)) is not None}
     todo = [t for t in tasks if t not in records]
@@ -191,7 +255,7 @@ def generate(tasks: list[str], episodes: int, out: str, seed: int = 0, workers: 
         ctx = mp.get_context("spawn")
         with ctx.Manager() as manager:
             queue = manager.Queue()
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_quiet_interrupt) as pool:
                 futures = {t: pool.submit(generate_task, t, episodes, out, seed, prompt_episodes, settings, queue) for t in todo}
                 pending = set(futures)
                 while pending:
@@ -209,6 +273,7 @@ def generate(tasks: list[str], episodes: int, out: str, seed: int = 0, workers: 
         "format_version": FORMAT_VERSION, "generator": "harmodt.data.generate", "settings": settings,
         "tasks": tasks, "files": {t: {k: v for k, v in r.items() if k != "settings"} for t, r in records.items()},
         "curriculum_success_by_decile": decile_success(records), "seconds": round(time.time() - t0, 1),
+        "content_sha256": hashlib.sha256("".join(f"{t}:{records[t]['sha256']}\n" for t in tasks).encode()).hexdigest(),
     }
     atomic_json(outp / MANIFEST, manifest)
     return manifest

@@ -12,6 +12,7 @@ import sys
 from ..config import (PRESETS, RESUME_RULES, ConfigError, OneLineParser, TrainConfig, apply_overrides, config_from_dict, flag,
                       validate)
 from ..methods import METHODS
+from ..domains import check_fields, kind_of
 
 # Flags that say how and where a run goes, not what it trains: given alone (no --preset, no
 # --config, no other flag) they keep the embedded default run.
@@ -37,8 +38,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> 
         elif isinstance(f.default, bool):
             group.add_argument(flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
+            domain = f.metadata.get("domain")
+            allowed = f"; {domain.describe(kind_of(f))}" if domain is not None and not domain.choices else ""
             group.add_argument(flag(f.name), dest=dest, type=type(f.default), default=None, metavar=f.name.upper(),
-                               help=f"{help_text} (default {f.default})" if f.default != "" else help_text)
+                               help=f"{help_text} (default {f.default}{allowed})" if f.default != "" else help_text)
 
 
 def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentParser:
@@ -78,8 +81,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         try:
             with open(ns.config) as fh:
                 cfg = config_from_dict(json.load(fh))
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise ConfigError(f"--config {ns.config}: {exc}") from None
+        if (bad := check_fields(cfg, flag)) is not None:  # the file's own values, named as the file's
+            raise ConfigError(f"--config {ns.config}: {bad}")
     presets = ns.preset or []
     if not presets and not ns.config and all(k in RUN_ONLY for k in given):
         presets = ["embedded-default"]

@@ -50,5 +50,49 @@ def load_training_data(cfg: TrainConfig, tasks: list[str], may_generate: bool = 
                 raise ConfigError(f"no --data given and no generated data in {path}: under torchrun the ranks do not generate data; "
                                   f"write it first (python -m harmodt.data generate --out FOLDER ...) and pass --data FOLDER")
             print(f"[harmodt] generating offline data for {len(tasks)} tasks x {cfg.gen_episodes} episodes into {path}", flush=True)
-            generate(tasks, cfg.gen_episodes, path, seed=cfg.seed, progress=cfg.progress)
+            generate(tasks, cfg.gen_episodes, path, seed=cfg.seed, progress=cfg.progress, overwrite=True)  # (the cache's own folder)
     return load_dataset(path, tasks=tasks, quality=cfg.quality, episodes_per_task=cfg.episodes_per_task or None)
+
+
+def check_data(cfg: TrainConfig, datasets: dict) -> str:
+    """What must hold between ``cfg`` and the data it trains on (ConfigError, one line, otherwise):
+    observations of ``--state-dim`` and actions of ``--act-dim`` values, no episode longer than
+    ``--max-ep-len`` (the timestep embedding has one row per step; evaluation episodes last
+    harmodt.envs.EPISODE_LEN steps). Returns the data's fingerprint (:func:`data_fingerprint`)."""
+    from ..envs import EPISODE_LEN
+
+    m = cfg.model
+    longest = (0, "")
+    for name, td in datasets.items():
+        for tr in list(td.trajectories) + list(td.prompts):
+            obs, act = tr.observations, tr.actions
+            if obs.shape[-1] != m.state_dim:
+                raise ConfigError(f"--state-dim {m.state_dim} does not match the data: {name}'s observations have {obs.shape[-1]} values")
+            if act.shape[-1] != m.act_dim:
+                raise ConfigError(f"--act-dim {m.act_dim} does not match the data: {name}'s actions have {act.shape[-1]} values")
+            longest = max(longest, (len(obs), name))
+    if longest[0] > m.max_ep_len:
+        raise ConfigError(f"--max-ep-len {m.max_ep_len} is shorter than the data's longest episode ({longest[0]} steps, {longest[1]}); "
+                          f"it must be at least that long")
+    if cfg.eval_episodes and m.max_ep_len < EPISODE_LEN:
+        raise ConfigError(f"--max-ep-len {m.max_ep_len} is shorter than an evaluation episode ({EPISODE_LEN} steps); "
+                          f"pass --max-ep-len {EPISODE_LEN} or more, or --eval-episodes 0")
+    return data_fingerprint(datasets)
+
+
+def data_fingerprint(datasets: dict) -> str:
+    """The sha256 of the data a run trains on (every task's episodes and prompts, in task order:
+    observations, actions, rewards, episode ends), whatever layout they were read from. A checkpoint
+    records it; ``--resume`` refuses data that differ (harmodt.run.resume)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in sorted(datasets):
+        h.update(name.encode() + b"\0")
+        for part in ("trajectories", "prompts"):
+            for tr in getattr(datasets[name], part):
+                for arr in (tr.observations, tr.actions, tr.rewards, tr.dones):
+                    a = np.ascontiguousarray(np.asarray(arr))
+                    h.update(f"{part}:{a.dtype.str}:{a.shape}".encode())
+                    h.update(a.tobytes())
+    return h.hexdigest()

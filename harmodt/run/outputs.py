@@ -1,5 +1,6 @@
 """The metrics a run writes: metrics.jsonl with its TensorBoard copy, one reader, one rewinder.
-Every file is written through harmodt.files.write_atomic (imported here for the harness)."""
+Every file is written through harmodt.files.write_atomic, JSON through harmodt.files.finite_json
+(both imported here for the harness)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from ..files import write_atomic
+from ..files import finite_json, write_atomic
 
 
 def _records(raw: bytes) -> list[tuple[bytes, dict]]:
@@ -89,7 +90,7 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, rec["step"])
 
     def log(self, rec: dict) -> None:
-        self.file.write((json.dumps(rec) + "\n").encode())
+        self.file.write((finite_json(rec) + "\n").encode())
         self.file.flush()
         self._scalars(rec)
 

@@ -2,8 +2,9 @@
 
 A checkpoint (:func:`state`) holds the weights, masks, optimizer and scheduler, the step, the
 config, every RNG stream (every rank's data and dropout stream and the shared task stream under
-torchrun), what evaluation needs and the run's own state (the losses since the last metric line
-and the size of metrics.jsonl). :func:`open_checkpoint` reads one for ``--resume`` and refuses
+torchrun), what evaluation needs, the run's own state (the losses since the last metric line
+and the size of metrics.jsonl), the goal seeds of its evaluations (``config.goal_seeds``: which
+goals it was validated on) and the fingerprint of its data (``data_cache.data_fingerprint``). :func:`open_checkpoint` reads one for ``--resume`` and refuses
 settings that differ from it (``config.RESUME_RULES`` says which may, with ``--allow-changed``);
 :func:`restore` puts a trainer back where the checkpoint left it.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint
-from ..config import RESUME_RULES, ConfigError, TrainConfig, flag, flat_keys, to_dict, upgrade_saved_config
+from ..config import RESUME_RULES, ConfigError, TrainConfig, flag, flat_keys, goal_seeds, to_dict, upgrade_saved_config
 from . import distributed, rng
 
 
@@ -76,15 +77,41 @@ def state(tr) -> dict:
     if tr.dist.active:  # every rank's data and dropout streams (rank r at [r]) and the shared task stream
         streams["ranks"] = tr.dist.all_gather_object({k: streams[k] for k in ("torch", "batcher", "cuda") if k in streams})
         streams["tasks"] = tr.dist.task_stream.get_state()
-    return {"world_size": tr.dist.world_size, **tr.state_dict(), "config": to_dict(tr.cfg), "rng": streams, "eval_info": tr.eval_info()}
+    return {"world_size": tr.dist.world_size, **tr.state_dict(), "config": to_dict(tr.cfg), "rng": streams, "eval_info": tr.eval_info(),
+            "goals": goal_seeds(tr.cfg.seed, tr.cfg.validation_seed), "data_sha256": tr.data_sha256}
+
+
+class Diverged(RuntimeError):
+    """The training loss or the weights went NaN or infinite; printed as one line (exit code 2)."""
+
+
+def diverged(out: Path, step: int, what: str) -> Diverged:
+    """The error of a run whose ``what`` (e.g. "the training loss is nan") was seen at ``step``,
+    naming the last checkpoint in ``out`` (whose weights were finite when written)."""
+    path = Path(out) / "checkpoint.pt"
+    try:
+        last = f"the last checkpoint, {path}, is at step {int(checkpoint.load(path).get('step', 0))}"
+    except checkpoint.CheckpointError:
+        last = "no checkpoint was written"
+    return Diverged(f"{what} at step {step}: training stopped; {last} (a lower --lr, or a look at --rtg-scale and the data, may help)")
+
+
+def all_finite(tensors) -> bool:
+    """Whether every floating-point tensor of ``tensors`` holds finite values only (one read of the device)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def save(tr, path: Path, run_state: dict | None = None) -> None:
     """Write :func:`state` (plus ``run_state``: what the loop needs to continue its metric lines
-    exactly) atomically. With several ranks every rank calls it and rank 0 writes."""
+    exactly) atomically. With several ranks every rank calls it and rank 0 writes. Weights or
+    unlogged losses that are not finite raise :class:`Diverged` and write nothing: a checkpoint
+    always holds a run that can go on."""
     ck = state(tr)
     if run_state is not None:
         ck["run"] = run_state
+    if not all_finite(list(ck["model"].values()) + [(run_state or {}).get("losses", torch.zeros(0))]):
+        raise diverged(Path(tr.cfg.out), tr.step, "the weights or the training loss are not finite (nan or inf)")
     if tr.dist.is_main:
         checkpoint.save(ck, path)
 
@@ -93,7 +120,12 @@ def restore(tr, ck: dict, path: Path) -> dict:
     """Put trainer ``tr`` where checkpoint ``ck`` (read from ``path``) left it: the trainer adopts its
     own state (``tr.load_state``: weights, masks, optimizer, scheduler, step), then every RNG stream
     is restored. Returns the checkpoint's run state ({} when it has none). A checkpoint that does
-    not fit this model raises ConfigError (one line)."""
+    not fit this model, or whose data differ from the trainer's, raises ConfigError (one line)."""
+    saved = ck.get("data_sha256")  # (none in a checkpoint written before it was recorded)
+    if saved is not None and saved != tr.data_sha256:
+        where = tr.cfg.data or "the generated data in the cache"
+        raise ConfigError(f"--resume: the data differ from those {path} was trained on (data sha256 {saved[:16]}... in the "
+                          f"checkpoint, {tr.data_sha256[:16]}... in {where}); restore that data set or train a new run into another --out")
     try:
         tr.load_state(ck)
         rng.restore(ck["rng"], tr.device)

@@ -5,6 +5,7 @@ codes of ``python -m harmodt.train``."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -17,9 +18,10 @@ import kernels
 from ..config import ConfigError, TrainConfig, resolve_device, to_dict
 from ..data import DataError
 from ..evaluate import print_table, result_entry
+from ..files import writable_folder
 from ..runtime import bf16_matmul_note, keep_freed_memory
-from . import distributed, resume
-from .outputs import MetricsLog, NoLog, write_atomic
+from . import distributed, resume, signals
+from .outputs import MetricsLog, NoLog, finite_json, write_atomic
 
 
 def start(cfg: TrainConfig) -> distributed.Single:
@@ -35,7 +37,8 @@ def start(cfg: TrainConfig) -> distributed.Single:
 
 def open_run(cfg: TrainConfig, dist: distributed.Single) -> dict | None:
     """What must hold before any file is written (the device and kernel backend can run, the
-    checkpoint to continue fits ``cfg``: :func:`resume.open_checkpoint`), then ``--out`` made.
+    checkpoint to continue fits ``cfg``: :func:`resume.open_checkpoint`), then ``--out`` made and
+    found writable.
     Returns that checkpoint (None: the run starts at step 0)."""
     try:
         kernels.select_backends(resolve_device(cfg.device), cfg.fused, cfg.backend)
@@ -47,6 +50,8 @@ def open_run(cfg: TrainConfig, dist: distributed.Single) -> dict | None:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"--out {cfg.out}: cannot make the folder ({exc.strerror or exc})") from None
+        if not writable_folder(cfg.out):
+            raise ConfigError(f"--out {cfg.out}: the folder is not writable")
     return ck
 
 
@@ -86,6 +91,7 @@ class Meter:
                         dynamic_ncols=True)
         self.losses = [x.to(tr.device) for x in losses]  # a checkpoint keeps those not yet in a metric line
         self.t0, self.s0 = time.perf_counter(), tr.step
+        self.out = Path(cfg.out)
 
     def add(self, loss: torch.Tensor) -> None:
         """One training step done, with this loss."""
@@ -103,9 +109,12 @@ class Meter:
             self.t0 += time.perf_counter() - t
 
     def line(self, step: int, lr: float) -> dict:
-        """The metric line of ``step``: mean loss since the last line, learning rate, steps per second."""
+        """The metric line of ``step``: mean loss since the last line, learning rate, steps per second.
+        A mean loss that is NaN or infinite raises :class:`resume.Diverged` (the run stops there)."""
         sps = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
         rec = {"step": step, "loss": float(torch.stack(self.losses).float().mean()), "lr": lr, "steps_per_s": sps}
+        if not math.isfinite(rec["loss"]):
+            raise resume.diverged(self.out, step, f"the training loss is {rec['loss']} (mean of steps {self.s0 + 1}-{step})")
         self.bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{sps:.1f}")
         self.losses, self.t0, self.s0 = [], time.perf_counter(), step
         return rec
@@ -189,7 +198,7 @@ def finish(tr, log: MetricsLog | NoLog, evals: Evaluations) -> dict:
     log.close()
     if not dist.is_main:
         return results
-    write_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_atomic(out / "results.json", finite_json(results, indent=2))  # (mean_success without an evaluation: null)
     return results
 
 
@@ -204,14 +213,16 @@ def describe(tr) -> str:
     return line
 
 
-STOPPING_ERRORS = (ConfigError, DataError, distributed.DistributedError, KeyboardInterrupt)  # what ends a run with an exit code
+STOPPING_ERRORS = (ConfigError, DataError, resume.Diverged, distributed.DistributedError, KeyboardInterrupt)  # what ends a run with an exit code
 
 
 def exit_code(exc: BaseException) -> int:
     """The exit code of ``python -m harmodt.train`` stopped by ``exc`` (one of STOPPING_ERRORS),
-    its line printed on stderr: 2 a bad flag, file or dataset; 3 a torchrun rank failed; 130
+    its line printed on stderr: 2 a bad flag, file or dataset, or a loss gone NaN; 3 a torchrun rank failed; 130
     stopped by Ctrl-C."""
     if isinstance(exc, KeyboardInterrupt):
+        if not isinstance(exc, signals.Stopped):  # (a stop in the loop printed its own line)
+            print("\n[harmodt] interrupted: the last checkpoint (if any) is kept; continue with --resume", file=sys.stderr)
         return 130
     if isinstance(exc, distributed.DistributedError):
         if not exc.reported:  # a failed collective printed its line where it failed

@@ -56,8 +56,12 @@ def stop_requests(request_stop: Callable[[], None], signals=(signal.SIGINT, sign
             signal.signal(sig, h)
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop request answered: the checkpoint is saved and its line printed (the CLI exits with 130)."""
+
+
 def stopped(step: int):
-    """Leave the loop after a stop request, its checkpoint saved at ``step`` (KeyboardInterrupt:
+    """Leave the loop after a stop request, its checkpoint saved at ``step`` (:class:`Stopped`:
     the CLI exits with 130)."""
     print(f"\n[harmodt] stopped: checkpoint saved at step {step}; continue with --resume", file=sys.stderr)
-    raise KeyboardInterrupt
+    raise Stopped

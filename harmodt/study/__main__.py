@@ -7,6 +7,7 @@ import shlex
 import signal
 import sys
 
+from ..config import EVALUATION_GOALS_SEED, OneLineParser
 from ..tasks import TASKS_HELP
 from .executors import add_arguments as add_executor_arguments, check_args as check_executor_args, run_jobs
 from .plan import StudyError
@@ -14,7 +15,7 @@ from .runner import Study
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m harmodt.study", allow_abbrev=False,
         description="Train and evaluate every (method, seed[, swept value]) on one dataset; write study.json, summary.md "
                     "and figures. Flags not listed here are passed to every `python -m harmodt.train` run.")
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-stop-at-success", action="store_true",
                    help="the final evaluations end each episode at its first success: the same success rates (what the study "
                         "ranks by) for less simulation; returns in study.json are then truncated there")
-    p.add_argument("--eval-seed", type=int, default=12345, help="evaluation seed shared by all runs: the same goals (default 12345)")
+    p.add_argument("--eval-seed", type=int, default=EVALUATION_GOALS_SEED,
+                   help=f"evaluation seed shared by all runs: the same goals (default {EVALUATION_GOALS_SEED}); no run's --validation-seed may equal it")
     p.add_argument("--curve-episodes", type=int, default=3,
                    help="episodes per task of the trainer's own evaluations when --eval-every is passed (default 3)")
     p.add_argument("--data", default="", help="dataset folder shared by all runs (default: generate one into OUT/data)")

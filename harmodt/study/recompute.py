@@ -9,27 +9,44 @@ the figures drawn from study.json alone, and rewrites study.json and summary.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from ..files import writable_folder
+from ..config import OneLineParser
 from ..run.outputs import write_atomic
+from .plan import StudyError
 from .figures import draw_figures
 from .report import aggregate, along_training, pairwise, summary_markdown
 from .unseen import aggregate_unseen
 
 
-def recompute(folder: Path) -> dict:
+def read_study(folder: Path) -> dict:
+    """FOLDER/study.json, checked for what recomputing needs (StudyError, one line, otherwise)
+    and for a folder that can be written in, before anything is computed."""
     path = folder / "study.json"
     try:
         study = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: {path}: not a readable study.json ({exc})")
-    study["variants"] = aggregate(study)
-    study["pairwise"] = pairwise(study)
-    study["along_training"] = along_training(study)
-    study["unseen"] = aggregate_unseen(study)
+        raise StudyError(f"{path}: not a readable study.json ({exc})") from None
+    if not isinstance(study, dict) or not isinstance(study.get("runs"), list) or not all(isinstance(r, dict) for r in study["runs"]):
+        raise StudyError(f"{path}: not a study.json (expected an object whose 'runs' is a list of run entries)")
+    if not writable_folder(folder):
+        raise StudyError(f"{folder}: not writable (study.json and summary.md are rewritten there)")
+    return study
+
+
+def recompute(folder: Path) -> dict:
+    path = folder / "study.json"
+    study = read_study(folder)
+    try:
+        study["variants"] = aggregate(study)
+        study["pairwise"] = pairwise(study)
+        study["along_training"] = along_training(study)
+        study["unseen"] = aggregate_unseen(study)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StudyError(f"{path}: its run entries cannot be recomputed ({type(exc).__name__}: {exc})") from None
     draw_figures(study, folder, say=lambda msg: None, names=STUDY_JSON_FIGURES)
     figures = sorted(p.name for p in (folder / "figures").glob("*.png"))
     write_atomic(path, json.dumps(study, indent=2))
@@ -41,12 +58,22 @@ STUDY_JSON_FIGURES = ("methods.png", "success_vs_vote_threshold.png", "validatio
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harmodt.study.recompute",
+    p = OneLineParser(prog="python -m harmodt.study.recompute",
                                 description="Recompute a study's statistics from FOLDER/study.json; rewrite study.json and summary.md.")
     p.add_argument("folders", nargs="+", type=Path, help="study folders (each with a study.json)")
-    for folder in p.parse_args(argv).folders:
-        recompute(folder)
-        print(f"rewrote {folder / 'study.json'} and {folder / 'summary.md'}")
+    folders = p.parse_args(argv).folders
+    try:
+        for folder in folders:
+            read_study(folder)  # every folder checked before any is rewritten
+        for folder in folders:
+            recompute(folder)
+            print(f"rewrote {folder / 'study.json'} and {folder / 'summary.md'}")
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\n[study] recompute interrupted: every file is the old one or the new one (written atomically)", file=sys.stderr)
+        return 130
     return 0
 
 

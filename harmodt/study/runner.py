@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .figures import draw_figures
-from ..files import move_atomic, tail_lines
+from ..files import move_atomic, tail_lines, writable_folder
 from ..run.outputs import write_atomic
 from ..runtime import bf16_matmul_note
 from .plan import OWN_FLAGS, Run, StudyError, code_revision, machine_name, failed_jobs, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
@@ -61,8 +61,17 @@ class Study:
             print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     # -- checks -----------------------------------------------------------------------------
+    def out_writable(self) -> bool:
+        """Whether the study folder can be made and written in (checked before any work)."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return False
+        return writable_folder(self.out)
+
     def check(self) -> None:
-        from ..config import METHODS, ConfigError
+        from ..config import METHODS, ConfigError, goal_seeds
+        from ..domains import SEED
         from ..run.cli import parse_args
         from ..tasks import parse_tasks
 
@@ -84,10 +93,13 @@ class Study:
             raise StudyError("--eval-episodes must be at least 1")
         if self.args.eval_precision == "bf16" and not _cuda() and (note := bf16_matmul_note()):
             raise StudyError(f"--eval-precision bf16 refused: {note.removeprefix('[harmodt] note: ')}")
-        if f"--validation-seed={self.args.eval_seed}" in self.passthrough or any(
-                a == "--validation-seed" and b == str(self.args.eval_seed) for a, b in zip(self.passthrough, self.passthrough[1:])):
-            raise StudyError(f"--validation-seed {self.args.eval_seed} is the study's --eval-seed: the validation goals must "
-                             "differ from the test goals")
+        for name, value in (("--eval-seed", self.args.eval_seed), ("--data-seed", self.args.data_seed)):
+            if not SEED.allows(value):
+                raise StudyError(f"{name} must be {SEED.describe(int)}, got {value}")
+        for name, value, least in (("--curve-episodes", self.args.curve_episodes, 0), ("--gen-episodes", self.args.gen_episodes, 1),
+                                   ("--threads-per-run", self.args.threads_per_run, 0)):
+            if value < least:
+                raise StudyError(f"{name} must be >= {least} (an integer), got {value}")
         for flag in self.passthrough:
             if flag.split("=")[0] in OWN_FLAGS:
                 raise StudyError(f"{flag.split('=')[0]} is set by the study for every run; use the study's own option")
@@ -110,16 +122,22 @@ class Study:
         self.thresholds = parse_thresholds(self.args.vote_thresholds, len(tasks)) if self.eval_tasks else []
         for run in self.runs:  # every run's flags must parse (unknown flags, bad values): fail before any run starts
             try:
-                parse_args(run.train_args(self.args.tasks, self.data, self.passthrough, self.threads, self.curve_episodes))
+                cfg = parse_args(run.train_args(self.args.tasks, self.data, self.passthrough, self.threads, self.curve_episodes))
             except ConfigError as exc:
                 raise StudyError(f"run {run.name}: {exc}") from None
             except SystemExit:
                 raise StudyError(f"run {run.name}: the trainer rejected its flags (see above)") from None
+            validation = goal_seeds(cfg.seed, cfg.validation_seed)["validation"]  # the resolved seed, whichever flag set it
+            if validation is not None and validation == self.args.eval_seed:
+                raise StudyError(f"run {run.name}: its --validation-seed {validation} is the study's --eval-seed: the goals best.pt is "
+                                 "chosen on must differ from the goals it is scored on")
             rec = run.record()
             want = run.train_args(self.args.tasks, self.data, self.passthrough, None, self.curve_episodes)
             if rec.get("train_args") and without_threads(rec["train_args"]) != without_threads(want) and not self.args.report_only:
                 raise StudyError(f"{run.dir} was made with other flags ({shlex.join(rec['train_args'])}); "
                                  f"use another --out or delete that folder")
+        if not self.out_writable():  # last: a study refused for a flag makes no folder
+            raise StudyError(f"--out {self.out}: cannot make the folder or write in it")
 
     # -- data -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -133,7 +151,7 @@ class Study:
             return
         cmd = [sys.executable, "-m", "harmodt.data", "generate", "--tasks", self.args.tasks, "--episodes", str(self.args.gen_episodes),
                "--out", self.data, "--seed", str(self.args.data_seed), "--workers", str(max(1, self.args.workers * self.threads)),
-               "--no-progress"]
+               "--no-progress", "--overwrite"]  # (the study's own folder: one of an older generator is made again)
         self.say(f"generating the shared dataset: {shlex.join(cmd[1:])}")
         t = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
