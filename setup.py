@@ -1,4 +1,4 @@
-"""Install harmodt and kernels; the native CPU ops (kernels/csrc) are built by CMake.
+"""Install harmodt and its kernel package; the native CPU ops (kernels/csrc) are built by CMake.
 
     pip install --no-build-isolation -e .      # or: pip install --no-build-isolation .
 
@@ -8,6 +8,9 @@ CMake comes from PATH or the ``cmake`` PyPI package; the build needs a C++17 com
 torch headers, nothing else (no OpenMP). The library lands in
 ``kernels/_lib/libharmodt_kernels.so``; set ``HARMODT_SKIP_NATIVE=1`` to install without it
 (macOS, ARM Linux, no compiler: the ops then run on the PyTorch reference under backend="auto").
+
+The folder ``kernels/`` installs as the package ``harmodt_kernels`` (``package_dir``), so that it
+never collides with Hugging Face's ``kernels`` (kernels/README.md, "Import name").
 """
 
 import os
@@ -21,6 +24,12 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 LIB_NAME = "libharmodt_kernels.so"
+KERNELS = "harmodt_kernels"  # the import name of the folder kernels/
+
+# While this script runs, the source root on sys.path would make its folder kernels/ shadow an
+# installed package of that name: Hugging Face's `kernels` hooks setuptools (an egg_info writer in
+# kernels.locking), and importing that hook must find Hugging Face's package.
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT]
 
 
 class CMakeExtension(Extension):
@@ -56,7 +65,8 @@ class CMakeBuild(build_ext):
         dest = Path(self.get_ext_fullpath(ext.name)).resolve()
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Editable installs copy the library from a temporary build dir into the source tree.
-        (ROOT / Path(*ext.name.split(".")[:-1])).mkdir(parents=True, exist_ok=True)
+        package = ext.name.rpartition(".")[0]
+        (ROOT / self.get_finalized_command("build_py").get_package_dir(package)).mkdir(parents=True, exist_ok=True)
         build_dir = ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}"
         cmake = _find_cmake()
         subprocess.run(
@@ -69,13 +79,14 @@ class CMakeBuild(build_ext):
             sys.exit(f"CMake finished but {dest} is missing")
 
 
-ext_modules = [] if os.environ.get("HARMODT_SKIP_NATIVE") == "1" else [CMakeExtension("kernels._lib.harmodt_kernels")]
+ext_modules = [] if os.environ.get("HARMODT_SKIP_NATIVE") == "1" else [CMakeExtension(f"{KERNELS}._lib.harmodt_kernels")]
 
 setup(
     name="harmodt",
     version="0.1.0",
     description="HarmoDT: Harmony Multi-Task Decision Transformer (ICML 2024), fast and faithful",
-    packages=find_packages(include=["harmodt", "harmodt.*", "kernels", "kernels.*"]),
+    packages=[*find_packages(include=["harmodt", "harmodt.*"]), KERNELS],
+    package_dir={KERNELS: "kernels"},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -42,6 +42,13 @@ from .checks import FLOATS, KernelArgumentError
 from .ops import CachedMaskedLinearOp, DropoutOp, HarmonySelectOp, KernelOps, MaskedAdamWOp, MaskedLinearOp
 from .reference import num_words
 
+# The folder kernels/ is the package harmodt_kernels (setup.py's package_dir; the link
+# harmodt_kernels -> kernels in a source tree). Under a second name its torch ops would register twice.
+if __name__ != "harmodt_kernels":
+    raise ImportError(f"harmodt's kernel folder {os.path.dirname(__file__)} was imported as {__name__!r}; it is the package "
+                      f"harmodt_kernels. From the root of a harmodt source tree, `import {__name__}` finds this folder before an "
+                      "installed package of that name (Hugging Face's kernels): import harmodt_kernels, or run from another folder")
+
 __all__ = [
     "BACKENDS",
     "Backend",
