@@ -63,7 +63,7 @@ def main() -> int:
     import threadpoolctl
     import torch
 
-    import kernels
+    import harmodt_kernels as kernels
 
     failures = []
     cap = torch.backends.cpu.get_cpu_capability()

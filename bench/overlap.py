@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-import kernels
+import harmodt_kernels as kernels
 
 
 class Half:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+import harmodt_kernels as kernels
 
 from .common import call_runner, devices, figure, interleave, paired_ratio, record, rounds, time_figure
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import harmodt_kernels as kernels
 from harmodt.masks import IMPORTANCE
 
 from .common import (ETA_MAX, EVAL_TOKENS, LAMBDA, LAYERS, P_MODEL, SPARSITY, TRAIN_ROWS, Timed, devices, figure,

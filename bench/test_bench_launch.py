@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import harmodt_kernels as kernels
 
 from .common import SPARSITY, call_runner, devices, figure, interleave, paired_ratio, record, rounds, time_figure
 

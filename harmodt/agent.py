@@ -122,7 +122,7 @@ class HarmoDTAgent:
         threshold for unseen tasks (default: the training config's); ``seed``: the seed of
         ``harmodt.evaluate`` whose prompts to use (they depend on it only for unseen tasks and
         ``prompt_segment="random"``)."""
-        import kernels
+        import harmodt_kernels as kernels
 
         from .evaluate import load_checkpoint
 

@@ -36,7 +36,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import kernels
+import harmodt_kernels as kernels
 
 from .checkpoint import CheckpointError
 from .config import EVALUATION_GOALS_SEED, OneLineParser, interruptible, selection_goals_problem

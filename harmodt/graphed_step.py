@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import harmodt_kernels as kernels
 
 from .config import ConfigError
 from .model import CounterDropout, MaskContext, action_loss

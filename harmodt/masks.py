@@ -13,7 +13,7 @@ import math
 
 import torch
 
-import kernels
+import harmodt_kernels as kernels
 
 
 def erk_densities(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, float]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import harmodt_kernels as kernels
 
 
 

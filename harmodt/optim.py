@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+import harmodt_kernels as kernels
 
 
 def clip_coefficient(params: list, max_norm: float, norm_grads: dict | None = None) -> torch.Tensor:

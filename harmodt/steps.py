@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-import kernels
+import harmodt_kernels as kernels
 
 from .data.batches import batch_segments
 from .model import CounterDropout, MaskContext, action_loss

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+import harmodt_kernels as kernels
 
 from . import plots
 from .config import ConfigError, TrainConfig, goal_seeds, resolve_device

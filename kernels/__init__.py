@@ -200,7 +200,7 @@ def backend_ops(backend: str, device: torch.device | str = "cpu") -> KernelOps:
     if ops is None:
         if torch.compiler.is_compiling():
             raise BackendUnavailable(f"backend {backend!r} on {key[1]} is first used inside torch.compile: call "
-                                     f"kernels.backend_ops({backend!r}, {key[1]!r}) once before compiling")
+                                     f"harmodt_kernels.backend_ops({backend!r}, {key[1]!r}) once before compiling")
         ops = _BACKEND_OPS.setdefault(key, _make_ops(*key))
     return ops
 

@@ -1,4 +1,4 @@
-"""`python -m kernels.inspect [--arch sm_90a|sm_80|all] [--json] [--only TEXT]`: compile every Triton kernel ahead
+"""`python -m harmodt_kernels.inspect [--arch sm_90a|sm_80|all] [--json] [--only TEXT]`: compile every Triton kernel ahead
 of time for a GPU target with Triton's own compiler (no GPU needed) and report, per kernel and
 config, registers, shared memory, local memory (spills) and tensor-core instruction counts
 (HGMMA on sm_90a, HMMA on sm_80) read from the cubin with the ``cuobjdump`` in Triton's wheel.
@@ -189,7 +189,7 @@ def format_table(rows: list[dict], arch: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.inspect", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harmodt_kernels.inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="all", choices=["all", *ARCHES])
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of tables")
     p.add_argument("--only", metavar="TEXT", help="only the kernels whose label contains TEXT")

@@ -2,7 +2,7 @@
 ``triton.autotune`` decorator that picks among them at the first launch of each layer shape.
 
 Under the interpreter (``TRITON_INTERPRET=1``) there is one small tile and nothing is timed.
-``python -m kernels.inspect`` compiles every config of :func:`tile_configs` for sm_90a and sm_80
+``python -m harmodt_kernels.inspect`` compiles every config of :func:`tile_configs` for sm_90a and sm_80
 ahead of time (registers, shared memory, spills), and the interpreter tests run every tile shape.
 """
 

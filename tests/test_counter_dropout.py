@@ -15,8 +15,8 @@ import pytest
 import torch
 from scipy import stats
 
-import kernels
-from kernels import reference as R
+import harmodt_kernels as kernels
+from harmodt_kernels import reference as R
 
 HAS_CPU = "cpu" in kernels.available_backends("cpu")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

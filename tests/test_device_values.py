@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-import kernels
-from kernels import reference as R
+import harmodt_kernels as kernels
+from harmodt_kernels import reference as R
 
 BACKENDS = kernels.available_backends("cpu")
 

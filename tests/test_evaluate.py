@@ -10,7 +10,7 @@ import torch
 
 from _synthetic import datasets
 from harmodt.config import ModelConfig, TrainConfig, validate
-import kernels
+import harmodt_kernels as kernels
 from harmodt.evaluate import EvalError, evaluate
 from harmodt.run import resume
 from harmodt.train import Trainer

@@ -8,7 +8,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
+import harmodt_kernels as kernels
 from _synthetic import datasets
 from harmodt.config import ConfigError, ModelConfig, TrainConfig, validate
 from harmodt.train import Trainer

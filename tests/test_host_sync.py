@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import kernels
+import harmodt_kernels as kernels
 from _synthetic import datasets
 from harmodt.config import ModelConfig, TrainConfig, validate
 from harmodt.train import Trainer

@@ -14,7 +14,7 @@ SMEM_LIMIT = {"sm_80": 99 * 1024, "sm_90a": 227 * 1024}
 
 def _inspect(*args) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.inspect", "--json", *args], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-m", "harmodt_kernels.inspect", "--json", *args], capture_output=True, text=True, env=env,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
@@ -42,7 +42,7 @@ def test_inspect_one_gemm_per_arch():
 @pytest.mark.slow
 def test_inspect_every_kernel_both_arches():
     """Every kernel and every config the autotuner may pick (several minutes of ptxas on 2 cores)."""
-    from kernels.triton_tiles import tile_configs
+    from harmodt_kernels.triton_tiles import tile_configs
 
     out = _inspect("--arch", "all")
     for arch, rows in out.items():

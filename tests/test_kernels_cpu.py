@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import KernelArgumentError
-from kernels import reference as ref
+import harmodt_kernels as kernels
+from harmodt_kernels import KernelArgumentError
+from harmodt_kernels import reference as ref
 
 from harmodt.masks import IMPORTANCE
 
@@ -294,8 +294,8 @@ def test_public_masked_linear_compiles_fullgraph_after_an_eager_call():
 
 def test_public_masked_linear_first_used_inside_compile_fails_in_one_line():
     code = """
-import torch, kernels
-from kernels import reference as ref
+import torch, harmodt_kernels as kernels
+from harmodt_kernels import reference as ref
 x, w = torch.randn(6, 40), torch.randn(9, 40)
 masks, ids = ref.pack_masks(torch.rand(2, 9, 40) < 0.5), torch.tensor([0, 1, 0, 1, 1, 0])
 f = torch.compile(lambda x: kernels.masked_linear(x, w, None, masks, ids, backend="cpu").sum(), fullgraph=True)
@@ -307,7 +307,7 @@ print("EAGER", torch.compile(lambda x: kernels.masked_linear(x, w, None, masks, 
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "backend 'cpu' on cpu is first used inside torch.compile: call kernels.backend_ops('cpu', 'cpu') once" in out.stdout
+    assert "backend 'cpu' on cpu is first used inside torch.compile: call harmodt_kernels.backend_ops('cpu', 'cpu') once" in out.stdout
     assert "EAGER" in out.stdout  # without fullgraph the call falls back to eager and makes the ops
 
 
@@ -543,7 +543,7 @@ def test_harmony_select_errors_name_the_argument():
 def _probe(env_changes: dict) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k not in env_changes}
     env.update({k: v for k, v in env_changes.items() if v is not None})
-    code = ("import kernels; print(kernels.available_backends('cpu')); print(kernels.backend_reason('cpu', 'cpu')); "
+    code = ("import harmodt_kernels as kernels; print(kernels.available_backends('cpu')); print(kernels.backend_reason('cpu', 'cpu')); "
             "print(kernels.resolve_backend('auto', 'cpu')); print('libharmodt_kernels' in open('/proc/self/maps').read())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -560,7 +560,7 @@ def test_skip_native_leaves_only_the_reference_and_loads_nothing():
 
 def test_importing_kernels_loads_no_library():
     env = {k: v for k, v in os.environ.items() if k != "HARMODT_SKIP_NATIVE"}
-    code = "import kernels, kernels.cpu; print('libharmodt_kernels' in open('/proc/self/maps').read())"
+    code = "import harmodt_kernels as kernels, harmodt_kernels.cpu; print('libharmodt_kernels' in open('/proc/self/maps').read())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip() == "False", out.stderr  # loaded by the dispatch that asks for it, not at import
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference as ref
+import harmodt_kernels as kernels
+from harmodt_kernels import reference as ref
 
 
 def test_select_backends_gives_op_values_of_one_backend():

@@ -10,11 +10,11 @@ import os
 import pytest
 import torch
 
-import kernels
-import kernels.triton_harmony_select as ths
-import kernels.triton_masked_adamw as tma
-import kernels.triton_masked_linear as tml
-from kernels import reference as R
+import harmodt_kernels as kernels
+import harmodt_kernels.triton_harmony_select as ths
+import harmodt_kernels.triton_masked_adamw as tma
+import harmodt_kernels.triton_masked_linear as tml
+from harmodt_kernels import reference as R
 
 from harmodt.masks import IMPORTANCE
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import kernels
+import harmodt_kernels as kernels
 from harmodt.masks import TaskMasks, alpha_schedule, erk_densities, harmony_score
 
 PAPER_SHAPES = {f"blocks.{i}.{n}": s for i in range(6) for n, s in

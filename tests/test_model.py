@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import harmodt_kernels as kernels
 from _synthetic import datasets
 from harmodt.config import ModelConfig
 from harmodt.data.batches import PromptDTBatcher

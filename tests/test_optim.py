@@ -4,7 +4,7 @@ every kernel backend; clipping as torch's clip_grad_norm_."""
 import pytest
 import torch
 
-import kernels
+import harmodt_kernels as kernels
 from harmodt.optim import MaskedAdamW, clip_coefficient
 
 BACKENDS = [b for b in ("reference", "cpu", "triton") if b in kernels.available_backends("cpu")]

@@ -46,7 +46,7 @@ def test_library_built_without_march_native_passes_the_kernel_tests(tmp_path):
     assert compile_flags and not any("-march=native" in text for text in compile_flags)
     env = dict(os.environ, HARMODT_KERNELS_LIB=str(lib))
     env.pop("HARMODT_SKIP_NATIVE", None)
-    probe = subprocess.run([sys.executable, "-c", "import kernels; from kernels.cpu import NativeLibrary; lib = NativeLibrary(); "
+    probe = subprocess.run([sys.executable, "-c", "import harmodt_kernels as kernels; from harmodt_kernels.cpu import NativeLibrary; lib = NativeLibrary(); "
                             "print(lib.path, lib.unavailable, kernels.resolve_backend('auto', 'cpu'))"],
                            env=env, capture_output=True, text=True, cwd=ROOT)
     assert probe.stdout.split() == [str(lib), "None", "cpu"], probe.stdout + probe.stderr  # that build is the one loaded

@@ -5,7 +5,7 @@ the gradient of ``mask_weight`` as autograd's gradient of ``torch.where``."""
 import pytest
 import torch
 
-from kernels import reference as ref
+from harmodt_kernels import reference as ref
 
 SAME_WIDTH = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 SPECIALS = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.5, 3.0]

@@ -19,7 +19,7 @@ from harmodt.run.cli import parse_args
 from harmodt.run.distributed import round_robin
 from harmodt.run.resume import changed_settings
 from harmodt.train import Trainer
-import kernels
+import harmodt_kernels as kernels
 
 TASKS = ["reach-v3", "push-v3", "door-open-v3"]
 NEW_KEYS = {"task_order": ("random", "round-robin"), "clip_scope": ("masked", "unmasked"), "weight_decay_scope": ("matrices", "all"),

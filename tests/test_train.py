@@ -14,7 +14,7 @@ from harmodt.config import ConfigError, ModelConfig, TrainConfig, config_from_di
 from harmodt.model import action_loss
 from harmodt.run.cli import parse_args
 from harmodt.train import Trainer, run
-import kernels
+import harmodt_kernels as kernels
 
 TASKS = ["reach-v3", "push-v3", "door-open-v3"]
 

@@ -11,7 +11,7 @@ from harmodt.config import ModelConfig, TrainConfig, validate
 from harmodt.masks import TaskMasks
 from harmodt.run import rng
 from harmodt.train import Trainer
-import kernels
+import harmodt_kernels as kernels
 
 TASKS = ["reach-v3", "push-v3", "door-open-v3"]
 

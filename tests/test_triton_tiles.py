@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-import kernels
-import kernels.triton_masked_linear as tml
-import kernels.triton_tiles as tt
-from kernels import reference as R
+import harmodt_kernels as kernels
+import harmodt_kernels.triton_masked_linear as tml
+import harmodt_kernels.triton_tiles as tt
+from harmodt_kernels import reference as R
 
 KERNELS = {"fwd": tml._fwd_kernel, "dx": tml._dx_kernel, "dw": tml._dw_kernel}
 
@@ -60,7 +60,7 @@ def test_families_and_interpreter_tile():
 
 def test_sm80_tiles_fit_99_kb_of_shared_memory():
     """Operand tiles of all pipeline stages (x/dY, W and the mask words) within an RTX 3090's
-    99 KB per block: an upper bound on what Triton allocates (kernels.inspect reads the real one)."""
+    99 KB per block: an upper bound on what Triton allocates (harmodt_kernels.inspect reads the real one)."""
     for kind in KERNELS:
         for size in (2, 4):
             for c in tt.tile_configs(kind, size, 86):

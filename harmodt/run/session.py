@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+import harmodt_kernels as kernels
 
 from ..config import ConfigError, TrainConfig, resolve_device, to_dict
 from ..data import DataError

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 from _synthetic import datasets  # noqa: E402
 
-import kernels  # noqa: E402
+import harmodt_kernels as kernels  # noqa: E402
 from harmodt.config import ModelConfig, TrainConfig, validate  # noqa: E402
 from harmodt.train import Trainer, run  # noqa: E402
 

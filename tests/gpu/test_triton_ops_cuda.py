@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels import reference as R
+import harmodt_kernels as kernels
+from harmodt_kernels import reference as R
 from harmodt.masks import IMPORTANCE
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
