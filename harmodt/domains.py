@@ -117,10 +117,12 @@ def type_error(name: str, kind: type, value) -> str | None:
           int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           str: lambda v: isinstance(v, str),
-          list: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)}[kind](value)
+          list: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+          dict: lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v)}[kind](value)
     if ok:
         return None
-    want = {bool: "true or false", int: "an integer", float: "a number", str: "text", list: "a list of names"}[kind]
+    want = {bool: "true or false", int: "an integer", float: "a number", str: "text", list: "a list of names",
+            dict: "a table of named values"}[kind]
     return f"{name} must be {want}, got {value!r} ({type(value).__name__})"
 
 

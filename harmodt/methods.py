@@ -23,6 +23,7 @@ import torch
 
 from .baselines.cagrad import CAGradOptions, cagrad_direction
 from .baselines.pcgrad import pcgrad_direction
+from .domains import check_fields
 from .mask_update import Algorithm2, HarmonyProbe
 from .masks import IMPORTANCE, TaskMasks
 from .model import PromptDT
@@ -111,7 +112,12 @@ class Method:
         if stray:
             flags = ", ".join("--" + k.replace("_", "-") for k in stray)
             raise ValueError(f"{flags} does not apply to --method {self.name}")
-        return {} if self.options is None else dataclasses.asdict(self.options(**given))
+        if self.options is None:
+            return {}
+        options = self.options(**given)
+        if (bad := check_fields(options, lambda key: "--" + key.replace("_", "-"))) is not None:  # each field's declared domain
+            raise ValueError(bad)
+        return dataclasses.asdict(options)
 
     def build_model(self, cfg, n_tasks: int, conditioning: str = "auto") -> PromptDT:
         """Its model (``cfg``: a harmodt.config.ModelConfig) with ``conditioning``."""

@@ -14,6 +14,7 @@ import pytest
 from harmodt import train
 from harmodt.config import PRESETS, ConfigError, TrainConfig, apply_overrides, flag, validate
 from harmodt.domains import kind_of
+from harmodt.methods import METHODS
 from harmodt.run.cli import parse_args
 
 # str fields without a list of choices: checked by their own rule (a task list, a device name) or any path
@@ -59,7 +60,7 @@ def run_main(argv, capsys, tmp_path) -> tuple[int, str]:
 def test_every_field_declares_its_domain():
     """A numeric or text setting without a declared domain fails here (bool and list settings have their type alone)."""
     for key, f, kind in FIELDS:
-        if kind in (bool, list):
+        if kind in (bool, list, dict):  # dict: method_options, whose fields are the methods' own (below)
             continue
         if kind is str and key in FREE_TEXT:
             continue
@@ -124,7 +125,7 @@ def config_file(tmp_path, key, value):
 def test_config_file_value_of_the_wrong_type(key, tmp_path):
     """``--config`` goes through the same check: a value of the wrong JSON type is named with the file."""
     kind = next(kind for k, _, kind in FIELDS if k == key)
-    wrong = {int: "20", float: "0.5", str: 5, bool: "yes"}[kind]
+    wrong = {int: "20", float: "0.5", str: 5, bool: "yes", dict: ["cagrad_c"]}[kind]
     path = config_file(tmp_path, key, wrong)
     with pytest.raises(ConfigError, match=f"--config {path}: {flag(key)} must be") as exc:
         parse_args(["--config", str(path)])
@@ -164,3 +165,27 @@ def test_presets_pass_the_same_check():
         validate(apply_overrides(TrainConfig(), {"masks.update_every": 0}))  # a preset's values meet the field's domain
     with pytest.raises(ConfigError, match="--lam-on must be importance or agreement, got 'both'"):
         validate(apply_overrides(TrainConfig(), {"masks.lam_on": "both"}))
+
+
+METHOD_OPTIONS = [(name, f) for name, m in METHODS.items() if m.options is not None for f in dataclasses.fields(m.options)]
+
+
+def test_every_method_option_declares_its_domain():
+    """A method's own hyper-parameters (harmodt.methods, e.g. cagrad's --cagrad-c) declare theirs too."""
+    assert METHOD_OPTIONS
+    for name, f in METHOD_OPTIONS:
+        assert f.metadata.get("domain") is not None, f"{name}: {f.name} declares no domain"
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+@pytest.mark.parametrize("method,key", [(m, f.name) for m, f in METHOD_OPTIONS])
+def test_method_option_flag(method, key, name):
+    f = next(f for m, f in METHOD_OPTIONS if m == method and f.name == key)
+    value, option = HOSTILE[name], "--" + key.replace("_", "-")
+    argv = BASE + ["--method", method, option, cli_value(value)]
+    if f.metadata["domain"].allows(value):
+        assert parse_args(argv).method_options[key] == value
+    else:
+        with pytest.raises(ConfigError) as exc:
+            parse_args(argv)
+        assert option in str(exc.value) and "\n" not in str(exc.value)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..domains import at_least
+
 
 def project_simplex(v: np.ndarray) -> np.ndarray:
     """The Euclidean projection of ``v`` (T,) onto {w >= 0, sum w = 1}."""
@@ -103,11 +105,8 @@ class CAGradOptions:
     """CAGrad's own hyper-parameter (each field a training flag, harmodt.methods)."""
 
     cagrad_c: float = field(default=0.5, metadata={"help": "c of cagrad: radius of the ball around the mean gradient, in units of "
-                                                           "its norm (0 = the mean gradient)"})
-
-    def __post_init__(self):
-        if not self.cagrad_c >= 0:
-            raise ValueError("--cagrad-c must be >= 0")
+                                                           "its norm (0 = the mean gradient)",
+                                                   "domain": at_least(0, "0: the mean gradient")})
 
 
 def cagrad_direction(grads: torch.Tensor, options: CAGradOptions, generator: torch.Generator) -> torch.Tensor:
