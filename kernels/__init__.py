@@ -34,6 +34,8 @@ reference.py).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import checks, reference

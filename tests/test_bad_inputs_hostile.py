@@ -155,10 +155,10 @@ def run_row(a: dict, row: str) -> tuple[list[str], subprocess.CompletedProcess]:
 
 def interrupted_generate(a: dict) -> subprocess.CompletedProcess:
     """``data generate`` stopped by Ctrl-C (SIGINT) while it rolls out episodes."""
-    argv = data_generate(a, "interrupted", 4)
+    argv = data_generate(a, "interrupted", 200)
     proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONPATH=str(a["code"])), cwd=a["code"], start_new_session=True)
-    time.sleep(8)
+    time.sleep(10)  # (imports done; 200 episodes take far longer than this on any machine)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)

@@ -149,8 +149,9 @@ def test_convert_errors_are_one_line(tmp_path):
 
 
 def test_save_is_atomic_when_the_write_stops_halfway(tmp_path, monkeypatch):
-    """A write that stops inside the temporary file, before its rename (as a kill there would),
-    leaves the previous checkpoint whole and loadable; a torn temporary file is not a checkpoint."""
+    """A write that stops inside the temporary file, before its rename, leaves the previous
+    checkpoint whole and loadable and no temporary file; a torn temporary file (a kill there) is
+    not a checkpoint."""
     path = tmp_path / "checkpoint.pt"
     state = {"model": {"w": torch.arange(10_000.0)}, "config": {"n": 1}, "eval_info": {"tasks": ["reach-v3"]}}
     checkpoint.save(state, path)
@@ -167,7 +168,8 @@ def test_save_is_atomic_when_the_write_stops_halfway(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(checkpoint.load(path)["model"]["w"], state["model"]["w"])
     tmp = tmp_path / "checkpoint.pt.tmp"
-    tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])  # torn halfway
+    assert not tmp.exists()  # the failed write removed its temporary file
+    tmp.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a temporary file torn halfway (a kill mid-write)
     with pytest.raises(checkpoint.CheckpointError, match="truncated"):
         checkpoint.load(tmp)
     checkpoint.save(state, path)  # the next write replaces the torn file

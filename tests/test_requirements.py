@@ -27,7 +27,7 @@ def imported_packages() -> set[str]:
                 names.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    return {n for n in names if n not in sys.stdlib_module_names and n not in ("harmodt", "kernels", "__future__")}
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ("harmodt", "harmodt_kernels", "kernels", "__future__")}
 
 
 def test_every_imported_package_is_declared():

@@ -2,6 +2,7 @@
 metrics reader, RNG capture, signal handling and the stdout of torchrun ranks."""
 
 import dataclasses
+
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from harmodt.methods import METHODS
 from harmodt.config import RESUME_RULES, ConfigError, MaskConfig, ModelConfig, TrainConfig, flat_keys, to_dict
 from harmodt.run import distributed, rng, signals
 from harmodt.run.cli import build_parser, flag, parse_args
@@ -27,6 +29,11 @@ def test_every_config_field_is_a_flag_with_help():
             if dataclasses.is_dataclass(f.default_factory):
                 continue
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+            if f.name == "method_options":  # a flag per field of each method's own options (harmodt.methods)
+                for method in METHODS.values():
+                    for opt in dataclasses.fields(method.options) if method.options is not None else ():
+                        assert opt.metadata.get("help") and flag(opt.name) in help_text, opt.name
+                continue
             assert flag(f.name) in help_text, f.name
 
 
