@@ -76,7 +76,7 @@ def test_launch_cost(benchmark, device):
 
 def _launch_cost(benchmark, device):
     from harmodt.config import ModelConfig
-    from harmodt.model import build_model
+    from harmodt.methods import build_model
 
     g = torch.Generator().manual_seed(0)
     x, w, b, masks, task, dy = tiny_inputs(device, g)
