@@ -8,14 +8,13 @@ embedded default run (no CLI arguments) shrinks the run so it finishes in minute
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 from dataclasses import MISSING, dataclass, field, fields
 
 from .data.batches import PROMPT_SEGMENTS, STATE_NORMS
 from .domains import ANY_NUMBER, SEED, Domain, above, at_least, between, check_fields, one_of
 from .methods import CONDITIONING_ALIASES, CONDITIONINGS, METHODS
+from .oneline import OneLineParser, interruptible  # noqa: F401 (the tools' parsers, named here too)
 from .tasks import TASKS_HELP
 
 QUALITIES = ("near-optimal", "sub-optimal")
@@ -172,22 +171,6 @@ PRESETS = {
 
 class ConfigError(ValueError):
     """A bad flag or config value; printed as one line by the CLIs."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr and exit code 2 (no usage dump)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def interruptible(main, note: str) -> int:
-    """``main()``'s exit code; a Ctrl-C stops it with one line on stderr (``note``) and exit code 130."""
-    try:
-        return main()
-    except KeyboardInterrupt:
-        print(f"\n[harmodt] {note}", file=sys.stderr)
-        return 130
 
 
 def flag(key: str) -> str:

@@ -103,3 +103,8 @@ def tail_lines(path: str | os.PathLike, n: int) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return ""
+
+
+def cache_dir() -> Path:
+    """Where generated data sets are cached: ``$HARMODT_CACHE``, else ``~/.cache/harmodt``."""
+    return Path(os.environ.get("HARMODT_CACHE", Path.home() / ".cache" / "harmodt"))

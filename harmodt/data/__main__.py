@@ -13,7 +13,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from ..config import OneLineParser
+from ..oneline import OneLineParser
 from ..tasks import TASKS_HELP, parse_tasks
 from . import card
 from .formats import DataError

@@ -32,21 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import write_atomic
+from ..files import cache_dir, write_atomic
 from ..tasks import parse_tasks, task_seed
+from .card_report import wilson
 from .generator import CURRICULUM, GENERATOR_VERSION, SIGMA, curriculum_rollouts, decile_success, rollout
 
 EXPERT_SEED_OFFSET = 2_000_003  # the expert's goals: apart from the data's (seed) and its prompts' (+1 000 003)
 PACKAGES = ("metaworld", "mujoco", "gymnasium", "numpy")
 CARD_VERSION = 1
-
-
-def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """The Wilson score interval of k successes in n trials (scipy)."""
-    from scipy.stats import binomtest
-
-    ci = binomtest(k, n).proportion_ci(level, method="wilson")
-    return float(ci.low), float(ci.high)
 
 
 def versions() -> dict:
@@ -159,8 +152,6 @@ def measure(tasks: list[str], goals: int, curriculum_episodes: int, seed: int = 
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
     if cache is None:
-        from ..run.data_cache import cache_dir
-
         cache = cache_dir() / "card"
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)

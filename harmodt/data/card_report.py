@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..files import write_atomic
-from .card import wilson
 
 FAIL_BELOW = 0.95
 REPO = "https://github.com/Farama-Foundation/Metaworld"
@@ -28,6 +27,14 @@ UPSTREAM = {
     "stick-push-v3": [(571, "issues", "no success reported under reward function version 1 (see hand-insert-v3)", False)],
     "push-v3": [(514, "issues", "the push expert (v2 then) fails on newer Meta-World releases and succeeds on 0.1.0", True)],
 }
+
+
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of k successes in n trials (scipy)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def failing(p: dict) -> bool:

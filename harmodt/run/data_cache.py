@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from ..files import cache_dir  # noqa: F401 (where generated data are cached)
 from ..config import ConfigError, TrainConfig
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HARMODT_CACHE", Path.home() / ".cache" / "harmodt"))
 
 
 def current_cache(path: Path) -> bool:
