@@ -113,7 +113,7 @@ def _native(device_type: str) -> Backend:
     if lib.unavailable is not None:
         raise BackendUnavailable(lib.unavailable)
     return Backend("cpu", ("cpu",), (torch.float32, torch.bfloat16), (torch.float32,), False, None,
-                   lib.masked_linear, lib.masked_adamw_, lib.harmony_select, lib.dropout)
+                   lib.masked_linear, lib.masked_adamw_, lib.harmony_select, lib.dropout, linear_self_checked=lib.linear_self_checked)
 
 
 def _triton(device_type: str) -> Backend:

@@ -55,8 +55,10 @@ class NativeLibrary:
     def __init__(self, path: str | os.PathLike | None = None, skip: bool = False):
         self.path = Path(path) if path is not None else library_path()
         self.unavailable = "HARMODT_SKIP_NATIVE=1 is set" if skip else self._load()
-        # the differentiable op's handle, looked up once (torch.ops attribute lookups cost more than a small GEMM)
+        # the differentiable op's handle, looked up once (torch.ops attribute lookups cost more than a small GEMM);
+        # it checks every argument in C++ (masked_linear.cpp), so it is also the backend's linear_self_checked
         self._linear = torch.ops.harmodt_kernels.masked_linear.default if self.unavailable is None else None
+        self.linear_self_checked = self._linear
 
     def _load(self) -> str | None:
         if not _has_ops():
@@ -118,6 +120,9 @@ def _register_fakes() -> None:
     registration replaces an earlier one, so loading twice is harmless)."""
 
     def linear_fake(x, weight, bias, masks, task_ids, relu, dropout_p, seed):
+        # (reached in eager too when a meta tensor is among CPU ones: the dispatcher picks this kernel, which refuses)
+        if len({t.device for t in (x, weight, bias, masks, task_ids) if t is not None}) > 1:
+            raise ValueError("masked_linear: all tensors must be on one device")
         return x.new_empty(x.shape[0], weight.shape[0])
 
     torch.library.register_fake("harmodt_kernels::masked_linear_forward", linear_fake)

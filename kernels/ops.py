@@ -6,7 +6,10 @@ The launch path costs about what an ATen op's does. The checks depend only on sh
 devices and host-side flags, so an op runs them once per configuration and keeps the ones that
 passed in its own ``checked`` set, keyed on exactly those (a later call with the same key skips
 them; a call whose arguments are not tensors fails to make a key and gets the checks, which name
-the bad argument). Under ``torch.compile`` the checks run every time and trace away. Autocast's
+the bad argument). A backend whose op checks every argument itself in its kernel (the native
+``cpu`` backend's ``masked_linear``, in C++) is called straight away, and only a call it refuses
+takes the checks, which then name the bad argument. Under ``torch.compile`` the checks run every
+time and trace away. Autocast's
 casts and its disabling context are entered only while autocast is on. Per call there remains the
 seed's range check (a host value that changes every step).
 """
@@ -73,6 +76,14 @@ class MaskedLinearOp:
 
     def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0,
                  seed=0) -> torch.Tensor:
+        fast = self.backend.linear_self_checked
+        if task_grads is None and type(seed) is int and fast is not None and not torch.compiler.is_compiling() \
+                and not torch.is_autocast_enabled(self.backend.devices[0]):
+            try:  # the backend's op checks every argument itself; segments (which it does not read) once per layout
+                if segments is None or (segments, x.shape[0]) in self.checked:
+                    return fast(x, weight, bias, masks, task_ids, relu, dropout_p, seed)
+            except Exception:  # noqa: BLE001 - a refused call: the checked path below names the bad argument
+                pass
         if torch.compiler.is_compiling():
             return self._checked_call(x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed)
         try:  # what checks.masked_linear reads (inline, hashed once: this is the hot path of every masked layer)
@@ -101,6 +112,8 @@ class MaskedLinearOp:
         checks.dropout("masked_linear", dropout_p, seed)
         if key is not None:
             _remember(self.checked, key)
+            if segments is not None:
+                _remember(self.checked, (segments, x.shape[0]))
 
     def _checked_call(self, x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed) -> torch.Tensor:
         """The call under autocast (the operands cast to its dtype first), under torch.compile, or

@@ -226,6 +226,15 @@ def _bad_ml_args():
         ("task_grads shape", dict(task_grads=tg[:2]), KernelArgumentError, r"task_grads must be \[3, 24, 40\]"),
         ("task_grads dtype", dict(task_grads=tg.bfloat16()), KernelArgumentError, "task_grads must be float32, got bfloat16"),
         ("task_grads layout", dict(task_grads=tg.transpose(1, 2).contiguous().transpose(1, 2)), KernelArgumentError, "task_grads must be contiguous"),
+        # without task_grads the call goes straight to the C++ op, which checks its arguments itself; what it refuses is named
+        ("bias shape, straight", dict(bias=b[:5], task_grads=None), KernelArgumentError, r"bias must be \[24\], got \[5\]"),
+        ("bias device, straight", dict(bias=b.to("meta"), task_grads=None), KernelArgumentError, "bias must be a CPU tensor"),
+        ("masks words, straight", dict(masks=masks[:, :, :1], task_grads=None), KernelArgumentError, r"masks must be packed"),
+        ("no tasks, straight", dict(masks=masks[:0], task_grads=None), KernelArgumentError, r"\(T >= 1\)"),
+        ("dropout p, straight", dict(dropout_p=1.5, task_grads=None), KernelArgumentError, r"dropout p must be a float in \[0, 1\)"),
+        ("seed, straight", dict(dropout_p=0.1, seed=-1, task_grads=None), KernelArgumentError, r"seed must be an int in \[0, 2\*\*63\)"),
+        ("seed range, straight", dict(dropout_p=0.1, seed=2**64, task_grads=None), KernelArgumentError, r"seed must be an int"),
+        ("segments, straight", dict(segments=((0, 3),), task_grads=None), KernelArgumentError, r"segments \(\(0, 3\),\) cover 3 rows, x has 10"),
     ]
 
 
@@ -233,6 +242,7 @@ def _bad_ml_args():
 def test_masked_linear_argument_errors_name_the_argument(case):
     ok, cases = _bad_ml_args()
     _, change, exc, match = cases[case]
+    CPU.masked_linear(**{**ok, "task_grads": None})  # the good configuration first: a known one takes the straight path
     with pytest.raises(exc, match=match):
         CPU.masked_linear(**{**ok, **change})
 

@@ -129,11 +129,14 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
 at::Tensor masked_linear_forward(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
                                  const at::Tensor& masks_in, const at::Tensor& task_ids_in, bool relu, double dropout_p, int64_t seed) {
   check_args(x_in, weight_in, masks_in, task_ids_in, "masked_linear");
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0 && seed >= 0, "masked_linear: dropout p must be in [0, 1) and the seed >= 0, got ",
+                    dropout_p, " and ", seed);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), masks = masks_in.contiguous(), task_ids = task_ids_in.contiguous();
   const int64_t r = x.size(0), k = x.size(1), n = weight.size(0), t_count = masks.size(0);
   const at::Tensor bias = bias_in.has_value() ? *bias_in : at::Tensor();
-  TORCH_CHECK_VALUE(!bias.defined() || (bias.dim() == 1 && bias.size(0) == n && bias.scalar_type() == x.scalar_type()),
-                    "masked_linear: bias must be [", n, "] of x's dtype ", x.scalar_type(), ", got ", bias.scalar_type(), " ", bias.sizes());
+  TORCH_CHECK_VALUE(!bias.defined() || (bias.dim() == 1 && bias.size(0) == n && bias.scalar_type() == x.scalar_type() && bias.device().is_cpu()),
+                    "masked_linear: bias must be a CPU tensor [", n, "] of x's dtype ", x.scalar_type(), ", got ", bias.scalar_type(), " ",
+                    bias.sizes(), " on ", bias.device());
   if (r == 0) return at::empty({r, n}, x.options());
   const Groups g = group_rows(task_ids, r, t_count);
   if (g.single >= 0) {  // one task, rows in order (a training batch): one GEMM straight into y, no views
