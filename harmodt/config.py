@@ -102,6 +102,9 @@ class TrainConfig:
     validation_seed: int = setting(-1, "goals of the evaluations during training (--eval-every and the last step) drawn from this "
                                    "seed, apart from the final test goals (seed + 12345); the best is saved as OUT/best.pt "
                                    "(-1: they use the test goals, no best.pt)", Domain(0, SEED.hi, special=((-1, "off"),)))
+    stop_at_success: bool = setting(False, "evaluations (during training and the final one) end an episode's simulation at its first "
+                                    "success and stop computing its policy rows: the same success rates, returns truncated there "
+                                    "(results.json says so)")
     log_every: int = setting(100, "steps between metric lines", at_least(1))
     checkpoint_every: int = setting(1000, "steps between checkpoints", at_least(1))
     out: str = setting("runs/harmodt", "output folder")
@@ -186,7 +189,7 @@ def flag(key: str) -> str:
 #   every key not named here is "fixed": compared, and a difference is refused.
 RESUME_RULES = {
     **dict.fromkeys(("steps", "eval_episodes", "eval_every", "target_return", "log_every", "checkpoint_every", "threads", "device",
-                     "compile", "fused", "backend", "dropout_rng", "cuda_graph"), "changeable"),
+                     "compile", "fused", "backend", "dropout_rng", "cuda_graph", "stop_at_success"), "changeable"),
     **dict.fromkeys(("out", "resume", "progress", "allow_changed", "dist_timeout"), "ignored"),
 }
 

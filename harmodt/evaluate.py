@@ -195,9 +195,10 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     None = 2 when a chunk has at least 16 episodes and the machine has 2 cores, else 1. Results do
     not depend on it. ``prompt_segment``: "last" or "random" (see the module docstring); None = the
     one training used (``eval_info``; "random" for checkpoints written before the option existed).
-    ``stop_at_success``: an episode's simulation ends at its first success, so success rates are
-    those of full episodes (the policy still computes every row: running episodes act bit-for-bit
-    as in full ones); returns stop there too (``returns_truncated``); ``env_steps``: steps simulated."""
+    ``stop_at_success``: an episode's simulation ends at its first success, and the policy computes
+    the running episodes' rows alone, so their actions equal full episodes' up to the GEMMs'
+    rounding (a batch of fewer rows) and success rates are those of full episodes up to it; returns
+    stop there too (``returns_truncated``); ``env_steps``: steps simulated."""
     from .envs import ShardedVectorEnv, make_vector_env
 
     device, cfg = next(model.parameters()).device, model.cfg
@@ -235,14 +236,20 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         rtg_now = torch.full((b,), inputs.target / rtg_scale)
         ids = inputs.embed_ids[r.to(device)]
         steps = torch.arange(horizon, device=device).clamp(max=cfg.max_ep_len - 1)
+        sel = None  # the rows the policy computes: None = all; with stop_at_success, the live ones once some finished
         for t in range(horizon):
             s_now = (torch.from_numpy(np.asarray(obs, dtype=np.float32)) - m_rows) / s_rows
             sent = torch.cat([s_now, rtg_now.unsqueeze(1)], dim=1).to(device, non_blocking=True)  # (B, S + 1): one transfer
             states[:, t], rtg[:, t, 0] = sent[:, :-1], sent[:, -1]
             lo = max(0, t - cfg.context_len + 1)
             with torch.inference_mode(), inputs.autocast():
-                act = model.act(states[:, lo : t + 1], actions[:, lo : t + 1], rtg[:, lo : t + 1], steps[lo : t + 1].expand(b, -1), ids,
-                                ctx, kv, pvalid)
+                if sel is None:
+                    act = model.act(states[:, lo : t + 1], actions[:, lo : t + 1], rtg[:, lo : t + 1], steps[lo : t + 1].expand(b, -1),
+                                    ids, ctx, kv, pvalid)
+                else:  # the live rows alone (a finished episode's action is never stepped)
+                    act = torch.zeros(b, cfg.act_dim, device=device, dtype=torch.float32)
+                    act[sel] = model.act(states[sel, lo : t + 1], actions[sel, lo : t + 1], rtg[sel, lo : t + 1],
+                                         steps[lo : t + 1].expand(len(sel), -1), sel_ids, sel_ctx, sel_kv, sel_pvalid).float()
             actions[:, t] = act.float()
             act_np = act.float().cpu().numpy()  # one transfer back
             env_steps += int(live.sum())
@@ -258,6 +265,10 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
             if stop_at_success and not (live := live & ~success[c0 : c0 + b]).any():
                 bar.update(horizon - 1 - t)
                 break
+            if stop_at_success and int(live.sum()) != (b if sel is None else len(sel)):  # some finished: the policy drops their rows
+                keep = torch.from_numpy(np.flatnonzero(live))
+                sel, sel_ids, sel_ctx = keep.to(device), ids[keep.to(device)], inputs.ctx(r[keep])
+                sel_kv, sel_pvalid = inputs.prompt(r[keep])
         seconds += time.perf_counter() - t_run
         envs.close()
     bar.close()

@@ -14,10 +14,19 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def run_tool(body, interrupted: str, errors: tuple = ()) -> int:
+    """``body()``'s exit code; an exception of ``errors`` is one line ``error: ...`` on stderr with exit
+    code 2, a Ctrl-C the line ``interrupted`` with exit code 130."""
+    try:
+        return body()
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        return 130
+
+
 def interruptible(main, note: str) -> int:
     """``main()``'s exit code; a Ctrl-C stops it with one line on stderr (``note``) and exit code 130."""
-    try:
-        return main()
-    except KeyboardInterrupt:
-        print(f"\n[harmodt] {note}", file=sys.stderr)
-        return 130
+    return run_tool(main, f"[harmodt] {note}")

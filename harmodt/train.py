@@ -152,7 +152,8 @@ class Trainer:
             res = evaluate(self.model, self.task_masks, self.eval_info(), mine, self.cfg.eval_episodes,
                            goal_seeds(self.cfg.seed)["test"] if goals_seed is None else goals_seed,
                            backend=self.backends.masked_linear, progress=self.cfg.progress and self.dist.is_main,
-                           precision=self.cfg.precision) if mine else {"tasks": {}, "env_steps": 0, "seconds": 0.0}
+                           precision=self.cfg.precision, stop_at_success=self.cfg.stop_at_success) if mine else {
+                               "tasks": {}, "env_steps": 0, "seconds": 0.0}
             return self.dist.gather_evaluation(res, self.tasks)
 
 

@@ -400,3 +400,22 @@ def test_validation_goals_must_differ_from_the_test_goals(tmp_path):
 def test_results_without_evaluation_have_no_final_or_best(tmp_path):
     res = run(tiny_cfg(tmp_path, method="prompt-dt", steps=2), datasets(TASKS))
     assert res["final"] is None and res["best"] is None and res["tasks"] == {}
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_stop_at_success_reaches_every_evaluation_of_a_run(tmp_path, monkeypatch, stop):
+    """--stop-at-success: the evaluations during training and the final one all stop at success, and
+    results.json says its returns are truncated; without it none does."""
+    import harmodt.evaluate as evaluation
+
+    seen, real = [], evaluation.evaluate
+
+    def spy(*args, **kw):
+        seen.append(kw.get("stop_at_success"))
+        return real(*args, **{**kw, "max_steps": 5})
+
+    monkeypatch.setattr(evaluation, "evaluate", spy)
+    two = TASKS[:2]
+    cfg = tiny_cfg(tmp_path, tasks=",".join(two), steps=4, eval_every=2, eval_episodes=1, validation_seed=777, stop_at_success=stop)
+    res = run(cfg, datasets(two))
+    assert seen == [stop] * 3 and res["returns_truncated"] is stop

@@ -13,7 +13,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from ..oneline import OneLineParser
+from ..oneline import OneLineParser, run_tool
 from ..tasks import TASKS_HELP, parse_tasks
 from . import card
 from .formats import DataError
@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--minari", required=True, metavar="OUT", help="Minari root to write the datasets under")
     card.add_parser(sub)
     args = p.parse_args(argv)
+    return run_tool(lambda: _run(args), "[harmodt.data] interrupted: finished tasks are kept; run the same command again to continue",
+                    (DataError, ValueError, OSError, RuntimeError))
+
+
+def _run(args) -> int:
+    """The chosen subcommand."""
     try:
         if args.cmd == "generate":
             tasks = parse_tasks(args.tasks)
@@ -96,15 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 succ = [bool(tr.successes.any()) for tr in td.trajectories if tr.successes is not None]
                 rate = f"success {np.mean(succ):.2f}" if succ else "success n/a"
                 print(f"  {t:<32} episodes {len(td.trajectories):5d}  steps {steps:8d}  prompts {len(td.prompts)}  {rate}")
-    except (DataError, ValueError, OSError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except BrokenProcessPool as exc:
-        print(f"error: a generation worker stopped ({exc}); finished tasks are kept: run the same command again", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\n[harmodt.data] interrupted: finished tasks are kept; run the same command again to continue", file=sys.stderr)
-        return 130
+        raise DataError(f"a generation worker stopped ({exc}); finished tasks are kept: run the same command again") from None
     return 0
 
 

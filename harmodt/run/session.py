@@ -187,7 +187,7 @@ def finish(tr, log: MetricsLog | NoLog, evals: Evaluations) -> dict:
         best = {**evals.best, "evaluations": evals.count, "goals": "validation" if validating else "test"}
         if validating:
             best.update(validation_seed=cfg.validation_seed, checkpoint=BEST_CHECKPOINT)
-        results.update(tasks=final["tasks"], mean_success=res["mean_success"], final=final, best=best)
+        results.update(tasks=final["tasks"], mean_success=res["mean_success"], final=final, best=best, returns_truncated=cfg.stop_at_success)
         log.log({"step": tr.step, "eval_mean_success": res["mean_success"], "eval_env_steps_per_s": res.get("env_steps_per_s", 0.0)})
         print_table(results)
         if evals.count > 1 or validating:

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from ..config import EVALUATION_GOALS_SEED, OneLineParser
+from ..oneline import run_tool
 from ..tasks import TASKS_HELP
 from .executors import add_arguments as add_executor_arguments, check_args as check_executor_args, run_jobs
 from .plan import StudyError
@@ -33,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16"],
                    help="the final evaluations' policy precision (bf16: autocast; on a CPU only with bf16 instructions, AVX512-BF16 or AMX)")
     p.add_argument("--eval-stop-at-success", action="store_true",
-                   help="the final evaluations end each episode at its first success: the same success rates (what the study "
-                        "ranks by) for less simulation; returns in study.json are then truncated there")
+                   help="every evaluation (during training and the final ones) ends each episode at its first success: the same success "
+                        "rates (what the study ranks by and selects best.pt by) for less simulation and policy work; returns in study.json "
+                        "are then truncated there")
     p.add_argument("--eval-seed", type=int, default=EVALUATION_GOALS_SEED,
                    help=f"evaluation seed shared by all runs: the same goals (default {EVALUATION_GOALS_SEED}); no run's --validation-seed may equal it")
     p.add_argument("--curve-episodes", type=int, default=3,
@@ -58,33 +60,32 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, passthrough = build_parser().parse_known_args(argv)
     command = "python -m harmodt.study " + shlex.join(argv)
+    return run_tool(lambda: _run(args, passthrough, command), "[study] interrupted: finished runs are kept; rerun the same command to continue",
+                    (StudyError,))
+
+
+def _run(args, passthrough: list[str], command: str) -> int:
+    """The study of the parsed flags: checked, run, reported; 0 when every run finished, else 1."""
+    if args.workers < 1:
+        raise StudyError("--workers must be at least 1")
+    check_executor_args(args)
+    study = Study(args, passthrough, command)
+    # Ctrl-C / SIGTERM stop the study in every phase, also when it was started with SIGINT ignored (a
+    # background job of a non-interactive shell): its runs are in their own sessions, so the study is the
+    # only process a Ctrl-C reaches, and its children (started after this) get the default disposition back
+    old_handlers = {sig: signal.signal(sig, study.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if args.workers < 1:
-            raise StudyError("--workers must be at least 1")
-        check_executor_args(args)
-        study = Study(args, passthrough, command)
-        # Ctrl-C / SIGTERM stop the study in every phase, also when it was started with SIGINT ignored (a
-        # background job of a non-interactive shell): its runs are in their own sessions, so the study is the
-        # only process a Ctrl-C reaches, and its children (started after this) get the default disposition back
-        old_handlers = {sig: signal.signal(sig, study.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            study.check()
-            ok = True
-            if not args.report_only:  # the local pool, or one submitit job per run (Slurm, or local processes)
-                ok = study.run_all() if args.executor == "local" else run_jobs(study)
-            elif (study.out / "command.txt").exists():
-                study.command = (study.out / "command.txt").read_text().strip()
-            study.report()
-        finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
-        return 0 if ok else 1
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\n[study] interrupted: finished runs are kept; rerun the same command to continue", file=sys.stderr)
-        return 130
+        study.check()
+        ok = True
+        if not args.report_only:  # the local pool, or one submitit job per run (Slurm, or local processes)
+            ok = study.run_all() if args.executor == "local" else run_jobs(study)
+        elif (study.out / "command.txt").exists():
+            study.command = (study.out / "command.txt").read_text().strip()
+        study.report()
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..files import writable_folder
 from ..config import OneLineParser
+from ..oneline import run_tool
 from ..run.outputs import write_atomic
 from .plan import StudyError
 from .figures import draw_figures
@@ -62,18 +63,16 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Recompute a study's statistics from FOLDER/study.json; rewrite study.json and summary.md.")
     p.add_argument("folders", nargs="+", type=Path, help="study folders (each with a study.json)")
     folders = p.parse_args(argv).folders
-    try:
-        for folder in folders:
-            read_study(folder)  # every folder checked before any is rewritten
-        for folder in folders:
-            recompute(folder)
-            print(f"rewrote {folder / 'study.json'} and {folder / 'summary.md'}")
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\n[study] recompute interrupted: every file is the old one or the new one (written atomically)", file=sys.stderr)
-        return 130
+    return run_tool(lambda: _recompute_all(folders),
+                    "[study] recompute interrupted: every file is the old one or the new one (written atomically)", (StudyError,))
+
+
+def _recompute_all(folders: list[Path]) -> int:
+    for folder in folders:
+        read_study(folder)  # every folder checked before any is rewritten
+    for folder in folders:
+        recompute(folder)
+        print(f"rewrote {folder / 'study.json'} and {folder / 'summary.md'}")
     return 0
 
 

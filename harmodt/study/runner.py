@@ -30,7 +30,8 @@ from .unseen import aggregate_unseen, collect_unseen, evaluation_keys, parse_thr
 class Study:
     def __init__(self, args: argparse.Namespace, passthrough: list[str], command: str):
         self.args = args
-        self.passthrough = passthrough
+        # --eval-stop-at-success: the runs' evaluations during training stop at success too (their success, which selects best.pt, is the same)
+        self.passthrough = [*passthrough, "--stop-at-success"] if args.eval_stop_at_success and "--stop-at-success" not in passthrough else passthrough
         self.command = command
         self.out = Path(args.out)
         self.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
