@@ -122,6 +122,34 @@ def causal_mask(key_valid: torch.Tensor, n_query: int) -> torch.Tensor:
     return (visible | (k_pos == q_pos).unsqueeze(0)).unsqueeze(1)
 
 
+class _HeadLayouts(torch.autograd.Function):
+    """The written-out attention's operands from the ``qkv`` output (B, T, 3C): q (B, nh, T, hd),
+    kᵀ (B, nh, hd, T) and v (B, nh, T, hd), each contiguous, which is how the batched matmuls read
+    them (one copy each, as the matmuls' own reshapes would make). The backward writes the three
+    gradients straight into one (B, T, 3C) gradient: one strided pass instead of stacking them and
+    copying the stack into the ``qkv`` layout."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, n_head: int):
+        b, t, c3 = qkv.shape
+        h = qkv.view(b, t, 3, n_head, c3 // (3 * n_head))  # (B, T, 3, nh, hd)
+        return (h[:, :, 0].transpose(1, 2).contiguous(), h[:, :, 1].permute(0, 2, 3, 1).contiguous(),
+                h[:, :, 2].transpose(1, 2).contiguous())
+
+    @staticmethod
+    def backward(ctx, dq, dkt, dv):  # (B, nh, T, hd), (B, nh, hd, T), (B, nh, T, hd) -> (B, T, 3C)
+        like = next(g for g in (dq, dkt, dv) if g is not None)
+        b, nh = like.shape[:2]
+        t, hd = (like.shape[3], like.shape[2]) if like is dkt else like.shape[2:]
+        g = like.new_empty(b, t, 3, nh, hd)
+        for i, (d, dims) in enumerate(((dq, (0, 2, 1, 3)), (dkt, (0, 3, 1, 2)), (dv, (0, 2, 1, 3)))):
+            if d is None:
+                g[:, :, i].zero_()
+            else:
+                g[:, :, i].copy_(d.permute(*dims))
+        return g.view(b, t, 3 * nh * hd), None
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -137,18 +165,23 @@ class SelfAttention(nn.Module):
         # first of this layer's two counter-dropout sites (attention probabilities, output).
         # last_only: keys and values of every token, the output of the last token only (B, 1, C).
         b, t, c = x.shape
-        q, k, v = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd)
+        drop = None if ctx is None else ctx.dropout
+        if drop is None:
+            q, k, v = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd)
+        else:  # written out below: the layouts its matmuls read
+            q, kt, v = _HeadLayouts.apply(self.qkv(x, ctx), self.n_head)
+            k = kt.transpose(-2, -1)
         own = (k, v)
         if last_only:
             q, attn_mask, t = q[:, :, -1:], attn_mask[:, :, -1:], 1
         if prefix is not None:
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (B, nh, Tp + T, hd)
-        drop = None if ctx is None else ctx.dropout
+            kt = k.transpose(-2, -1)
         if drop is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
             return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c), ctx)), own
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, Tp + T)
-        att = drop(att.masked_fill(~attn_mask, float("-inf")).softmax(-1), site)
+        att = (q @ kt) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, Tp + T)
+        att = drop(att.masked_fill_(~attn_mask, float("-inf")).softmax(-1), site)
         y = (att @ v).transpose(1, 2).reshape(b, t, c)  # (B, T, C)
         return self.proj(y, ctx, site=site + 1), own
 

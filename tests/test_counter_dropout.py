@@ -203,3 +203,41 @@ def test_counter_forward_equals_on_the_cpu_backend_and_the_reference():
         grads.append([loss] + list(torch.autograd.grad(loss, list(tr.model.parameters()))))
     for x, y in zip(*grads):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_written_out_attention_equals_the_plain_formula(dtype):
+    """The attention a counter-dropout forward writes out (its operands laid out for the matmuls,
+    the masking in place) gives the plain formula's output, keys, values and every gradient bit
+    for bit: permuted views of ``qkv``'s output, ``q @ kᵀ``, masked softmax, dropout, ``@ v``."""
+    import math
+
+    import torch.nn.functional as F
+
+    from harmodt.config import ModelConfig
+    from harmodt.model import CounterDropout, MaskContext, SelfAttention, causal_mask
+
+    torch.manual_seed(0)
+    b, t, c, nh = 3, 7, 24, 3
+    attn = SelfAttention(ModelConfig(n_layer=1, n_head=nh, n_embd=c)).to(dtype)
+    x = torch.randn(b, t, c, dtype=dtype, requires_grad=True)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[0, :3] = False  # left padding
+    mask = causal_mask(valid, t)
+    drop = CounterDropout(0.3, 1234, R.dropout)
+    y, (k, v) = attn(x, mask, MaskContext({}, torch.zeros(1, dtype=torch.long), dropout=drop), site=4)
+
+    q2, k2, v2 = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(b, t, 3, nh, c // nh).permute(2, 0, 3, 1, 4)
+    att = (q2 @ k2.transpose(-2, -1)) * (1.0 / math.sqrt(c // nh))
+    att = drop(att.masked_fill(~mask, float("-inf")).softmax(-1), 4)
+    ref = drop(F.linear((att @ v2).transpose(1, 2).reshape(b, t, c), attn.proj.weight, attn.proj.bias), 5)
+    assert torch.equal(y, ref) and torch.equal(k, k2) and torch.equal(v, v2)
+    g = torch.randn_like(y)
+    params = [x, *attn.parameters()]
+    for got, want in zip(torch.autograd.grad(y, params, g, retain_graph=True),
+                         torch.autograd.grad(ref, params, g, retain_graph=True)):
+        assert torch.equal(got, want)
+    # only some operands reach the loss (keys and values as the prompt cache returns them)
+    got = torch.autograd.grad((k * 2).sum() + v.sum(), x)[0]
+    want = torch.autograd.grad((k2 * 2).sum() + v2.sum(), x)[0]
+    assert torch.equal(got, want)

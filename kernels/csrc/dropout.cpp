@@ -64,8 +64,14 @@ void check_float(const at::Tensor& t, const char* op, const char* name) {
 at::Tensor counter_dropout(const at::Tensor& x, double p, int64_t seed) {
   check_float(x, "counter_dropout", "x");
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "counter_dropout: p must be in [0, 1), got ", p);
-  at::Tensor y = x.contiguous().clone();
-  epilogue_forward_(y, Epilogue{false, p, seed});
+  const at::Tensor in = x.contiguous();
+  at::Tensor y = at::empty_like(in);  // written in one pass from the input (no copy first)
+  if (in.numel() == 0) return y;
+  const Epilogue e{false, p, seed};
+  if (in.scalar_type() == at::kFloat)
+    forward_loop(in.const_data_ptr<float>(), y.data_ptr<float>(), in.numel(), e);
+  else
+    forward_loop(in.const_data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), in.numel(), e);
   return y;
 }
 
