@@ -18,7 +18,7 @@ For every env of the vector env the agent keeps the current episode's history (s
 returns-to-go, timesteps; the last K steps the model reads), and acts through its task's mask
 (the voted mask of Eq. 13 for a task the checkpoint was not trained on) and its task's prompt,
 the same deterministic prompt :func:`harmodt.evaluate.evaluate` uses (built by the same code,
-:func:`harmodt.evaluate.task_inputs`, with the prompt keys/values computed once per task). Each
+:func:`harmodt.policy_inputs.task_inputs`, with the prompt keys/values computed once per task). Each
 ``eval_action`` is one batched forward for all envs; envs whose episodes started at different
 steps are left-padded to the longest history and the padding is hidden from attention.
 
@@ -47,7 +47,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from .evaluate import EvalError, TaskInputs, task_inputs
+from .policy_inputs import EvalError, TaskInputs, task_inputs
 
 
 def task_names_of(envs) -> list[str]:

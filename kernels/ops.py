@@ -9,9 +9,8 @@ them; a call whose arguments are not tensors fails to make a key and gets the ch
 the bad argument). A backend whose op checks every argument itself in its kernel (the native
 ``cpu`` backend's ``masked_linear``, in C++) is called straight away, and only a call it refuses
 takes the checks, which then name the bad argument. Under ``torch.compile`` the checks run every
-time and trace away. Autocast's
-casts and its disabling context are entered only while autocast is on. Per call there remains the
-seed's range check (a host value that changes every step).
+time and trace away. Autocast's casts and its disabling context are entered only while autocast
+is on. Per call there remains the seed's range check (a host value that changes every step).
 """
 
 from __future__ import annotations

@@ -177,6 +177,26 @@ def test_stop_at_success_keeps_success_rates(trainer, monkeypatch):
             assert stop["tasks"][t]["return"] < r["return"]
 
 
+
+def test_more_episodes_than_run_at_once_go_in_chunks_with_their_own_goals(trainer, monkeypatch):
+    """Beyond ``MAX_EPISODES_AT_ONCE`` the episodes run in chunks of at most that many (the envs of
+    one chunk are closed before the next is built), each episode with the seed it would have had
+    all at once: the per-task results equal one all-at-once run's (up to the GEMMs' rounding)."""
+    import harmodt.evaluate as ev
+
+    info = trainer.eval_info()
+    kw = dict(max_steps=20, progress=False)
+    whole = evaluate(trainer.model, trainer.task_masks, info, TASKS, 3, seed=5, **kw)
+    rows, real = [], trainer.model.act
+    monkeypatch.setattr(trainer.model, "act", lambda states, *a, **k: (rows.append(states.shape[0]), real(states, *a, **k))[1])
+    monkeypatch.setattr(ev, "MAX_EPISODES_AT_ONCE", 4)
+    chunked = evaluate(trainer.model, trainer.task_masks, info, TASKS, 3, seed=5, **kw)
+    assert sorted(set(rows)) == [2, 4] and len(rows) == 2 * 20  # chunks of 4, 2 (6 episodes)
+    assert chunked["env_steps"] == whole["env_steps"] == 2 * 3 * 20
+    for t in TASKS:
+        assert chunked["tasks"][t]["success"] == whole["tasks"][t]["success"]
+        np.testing.assert_allclose(chunked["tasks"][t]["return"], whole["tasks"][t]["return"], rtol=1e-4)
+
 # ---- prompts at evaluation, task-ID models, old checkpoints ------------------------------------
 
 def captured_prompts(model, monkeypatch):
@@ -219,11 +239,11 @@ def test_last_prompt_is_the_best_episode_last_steps_for_every_seed(trainer, monk
 
 def test_unseen_task_prompt_is_cut_the_same_way(trainer):
     from harmodt.data.batches import best_prompt_choice
-    from harmodt.evaluate import _expert_prompts
+    from harmodt.policy_inputs import expert_prompts
 
     res = evaluate(trainer.model, trainer.task_masks, trainer.eval_info(), ["button-press-v3"], 1, seed=1, max_steps=3,
                    vote_threshold=1, progress=False)
-    rolled = _expert_prompts("button-press-v3", 2, 1 + 7919)  # the pair evaluation rolls out for the first task at seed 1
+    rolled = expert_prompts("button-press-v3", 2, 1 + 7919)  # the pair evaluation rolls out for the first task at seed 1
     best = best_prompt_choice(rolled)
     n, kp = len(rolled[best].rewards), trainer.cfg.model.prompt_len
     assert res["tasks"]["button-press-v3"]["prompt"] == {"segment": "last", "episodes": "expert rollouts", "episode": best,

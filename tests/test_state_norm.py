@@ -9,7 +9,8 @@ from _synthetic import datasets
 from harmodt import train
 from harmodt.config import ConfigError, ModelConfig, TrainConfig, validate
 from harmodt.data.batches import PromptDTBatcher, state_stats
-from harmodt.evaluate import load_checkpoint, task_inputs
+from harmodt.evaluate import load_checkpoint
+from harmodt.policy_inputs import task_inputs
 
 TASKS = ["reach-v3", "push-v3", "door-open-v3"]
 
