@@ -38,7 +38,7 @@ from .config import EVALUATION_GOALS_SEED, OneLineParser, interruptible, selecti
 from .domains import ANY_NUMBER, SEED
 from .files import finite_json, unwritable_file, write_atomic
 from .policy_inputs import EvalError, task_inputs
-from .runtime import bf16_matmul_note
+from .runtime import bf16_matmul_note, return_freed_memory
 from .tasks import TASKS_HELP
 
 
@@ -139,6 +139,8 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
                 sel_kv, sel_pvalid = inputs.prompt(r[keep])
         seconds += time.perf_counter() - t_run
         envs.close()
+        del envs
+        return_freed_memory()  # the chunk's simulators: the next chunk (or training) does not grow on top of them
     bar.close()
     model.train(was_training)
     per_task = {}

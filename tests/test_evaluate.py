@@ -190,8 +190,11 @@ def test_more_episodes_than_run_at_once_go_in_chunks_with_their_own_goals(traine
     rows, real = [], trainer.model.act
     monkeypatch.setattr(trainer.model, "act", lambda states, *a, **k: (rows.append(states.shape[0]), real(states, *a, **k))[1])
     monkeypatch.setattr(ev, "MAX_EPISODES_AT_ONCE", 4)
+    released, real_release = [], ev.return_freed_memory
+    monkeypatch.setattr(ev, "return_freed_memory", lambda: released.append(len(rows)) or real_release())
     chunked = evaluate(trainer.model, trainer.task_masks, info, TASKS, 3, seed=5, **kw)
     assert sorted(set(rows)) == [2, 4] and len(rows) == 2 * 20  # chunks of 4, 2 (6 episodes)
+    assert released == [20, 40]  # the freed simulators go back to the OS after each chunk
     assert chunked["env_steps"] == whole["env_steps"] == 2 * 3 * 20
     for t in TASKS:
         assert chunked["tasks"][t]["success"] == whole["tasks"][t]["success"]
