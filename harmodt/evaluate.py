@@ -180,6 +180,9 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
     return inputs
 
 
+MAX_EPISODES_AT_ONCE = 250  # live environments per chunk: MT50 x 20 at once (about 21 GB) would not fit 24 GB
+
+
 def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *,
              backend: str | kernels.MaskedLinearOp = "reference",
              vote_threshold: int | None = None, batch_size: int | None = None, max_steps: int = 500, progress: bool = True,
@@ -188,8 +191,9 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     """Run ``episodes`` episodes of every task in ``tasks`` on the model's device (module docstring).
     ``backend``: the ``masked_linear`` op the masked layers run on (a field of
     ``kernels.select_backends(...)``), or the name of a concrete backend.
-    ``batch_size``: rows (episodes) per forward; None = all at once, 1 = one episode at a time at
-    batch 1 (the official code's way, kept as a baseline). ``env_steps_per_s`` counts stepping
+    ``batch_size``: rows (episodes) per forward; None = all at once up to ``MAX_EPISODES_AT_ONCE``
+    (each live Meta-World env holds about 21 MB), 1 = one episode at a time at batch 1 (the
+    official code's way, kept as a baseline). ``env_steps_per_s`` counts stepping
     time (model + simulator); building the envs is reported separately as ``setup_seconds``.
     ``sim_workers``: processes the simulator is split over (:class:`harmodt.envs.ShardedVectorEnv`);
     None = 2 when a chunk has at least 16 episodes and the machine has 2 cores, else 1. Results do
@@ -208,7 +212,7 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
 
     rows = torch.arange(len(tasks)).repeat_interleave(episodes)  # task index of every episode, task-major
     n_rows = len(rows)
-    chunk = n_rows if not batch_size else batch_size
+    chunk = min(n_rows, MAX_EPISODES_AT_ONCE) if not batch_size else batch_size
     success, returns = np.zeros(n_rows, bool), np.zeros(n_rows)
     horizon = min(max_steps, 500)
     env_steps, seconds, setup_seconds = 0, 0.0, 0.0
@@ -325,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference")
     p.add_argument("--vote-threshold", type=int, default=None, help="Eq. 13 threshold for unseen tasks (default: the training config's)")
     p.add_argument("--target-return", type=float, default=None, help="initial return-to-go (default: the training config's, 4500)")
-    p.add_argument("--batch-size", type=int, default=None, help="episodes per forward (default: all at once; 1 = sequential)")
+    p.add_argument("--batch-size", type=int, default=None, help="episodes per forward (default: all at once, up to 250; 1 = sequential)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--prompt-segment", default=None, choices=["last", "random"],
                    help="prompt of each task: last = the best prompt episode's last K* steps before its final step; random = a window drawn from --seed "
