@@ -44,7 +44,7 @@ from .config import OneLineParser
 from .data.batches import prompt_segment as cut_prompt
 from .files import write_atomic
 from .model import MaskContext
-from .runtime import bf16_matmul_note
+from .runtime import bf16_matmul_note, return_freed_memory
 from .tasks import TASKS_HELP
 
 
@@ -264,6 +264,8 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
                 break
         seconds += time.perf_counter() - t_run
         envs.close()
+        del envs
+        return_freed_memory()
     bar.close()
     model.train(was_training)
     per_task = {}

@@ -29,6 +29,17 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     return bool(ok)
 
 
+def return_freed_memory() -> bool:
+    """Hand the heap's free blocks back to the OS (glibc's ``malloc_trim``), after an evaluation
+    chunk's simulators are closed: under :func:`keep_freed_memory` the process would keep them."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def bf16_matmul_note() -> str | None:
     """A one-line note for ``--precision bf16`` on a CPU without bf16 matrix instructions
     (AVX512-BF16 or AMX), None where it has them. There ATen's bf16 GEMMs emulate bf16 with fp32
