@@ -4,6 +4,8 @@
 #
 #   bash bench/gpu_figures.sh            # ROUNDS=5, PYTHON=python3, output in bench/results
 #   ROUNDS=3 PYTHON=python bash bench/gpu_figures.sh
+#   PARTS=tests,step bash bench/gpu_figures.sh   # only parts 1 and 2 (names: tests, step, rest)
+#   TESTS_ARGS="-n 8" bash bench/gpu_figures.sh  # extra pytest arguments for part 1 (here: pytest-xdist)
 #
 # In order of importance, each part under its own time limit (seconds: TESTS_S, GRAPH_S, REST_S),
 # so that a short GPU session still gets the first parts:
@@ -19,6 +21,7 @@
 set -u -o pipefail
 PY=${PYTHON:-python3}
 ROUNDS=${ROUNDS:-5}
+PARTS=${PARTS:-tests,step,rest}
 OUT=${OUT:-bench/results}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
 export MUJOCO_GL=${MUJOCO_GL:-disable}  # evaluation renders nothing (some GPU images have no libEGL)
@@ -29,14 +32,22 @@ $PY -c "import torch, triton; print('device', torch.cuda.get_device_name(0), '| 
   | tee "$OUT/$tag-versions.txt"
 
 status=0
-echo "== 1. tests/gpu"
-timeout "${TESTS_S:-300}" $PY -m pytest tests/gpu -m cuda -q -rs 2>&1 | tee "$OUT/$tag-tests-gpu.txt" | tail -25 || status=1
-echo "== 2. the step figures"
-HARMODT_BENCH_ROUNDS=$ROUNDS HARMODT_BENCH_RESULTS="$OUT/$tag-graphed.json" timeout "${GRAPH_S:-300}" \
-  $PY -m pytest bench/test_bench_graphed.py bench/test_bench_launch.py -m cuda --benchmark-only -q -s 2>&1 | tail -60 || status=1
-echo "== 3. the other GPU benchmarks"
-HARMODT_BENCH_ROUNDS=$ROUNDS HARMODT_BENCH_RESULTS="$OUT/$tag-kernels-step.json" timeout "${REST_S:-600}" \
-  $PY -m pytest bench/ -m cuda --benchmark-only -q -s --ignore=bench/test_bench_graphed.py --ignore=bench/test_bench_launch.py \
-  2>&1 | tail -60 || status=1
+if [[ ",$PARTS," == *",tests,"* ]]; then
+  echo "== 1. tests/gpu"
+  # shellcheck disable=SC2086  # TESTS_ARGS is a list of arguments
+  timeout "${TESTS_S:-300}" $PY -m pytest tests/gpu -m cuda -q -rs --durations=10 ${TESTS_ARGS:-} 2>&1 \
+    | tee "$OUT/$tag-tests-gpu.txt" | tail -40 || status=1
+fi
+if [[ ",$PARTS," == *",step,"* ]]; then
+  echo "== 2. the step figures"
+  HARMODT_BENCH_ROUNDS=$ROUNDS HARMODT_BENCH_RESULTS="$OUT/$tag-graphed.json" timeout "${GRAPH_S:-300}" \
+    $PY -m pytest bench/test_bench_graphed.py bench/test_bench_launch.py -m cuda --benchmark-only -q -s 2>&1 | tail -60 || status=1
+fi
+if [[ ",$PARTS," == *",rest,"* ]]; then
+  echo "== 3. the other GPU benchmarks"
+  HARMODT_BENCH_ROUNDS=$ROUNDS HARMODT_BENCH_RESULTS="$OUT/$tag-kernels-step.json" timeout "${REST_S:-600}" \
+    $PY -m pytest bench/ -m cuda --benchmark-only -q -s --ignore=bench/test_bench_graphed.py --ignore=bench/test_bench_launch.py \
+    2>&1 | tail -60 || status=1
+fi
 ls -l "$OUT" | grep "$tag"
 exit $status

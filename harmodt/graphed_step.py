@@ -24,7 +24,9 @@ they read and write the same parameters and optimizer state, which the graph upd
 
 The arithmetic is the eager step's, op for op, so a graphed run gives the eager run's losses and
 weights bit for bit (tests/test_graphed_step.py on the CPU, tests/gpu/test_graphed_step_cuda.py on a
-GPU). On a CPU nothing is captured: every step runs the same body on the static buffers (what the
+GPU). Under ``--compile`` the eager and the graphed step are traced as two graphs (this one reads
+its dropout seeds from a tensor): bit for bit without dropout; with dropout Inductor rounds counter
+dropout and draws torch's dropout differently in each. On a CPU nothing is captured: every step runs the same body on the static buffers (what the
 CPU tests check). Needs: no per-task gradients (PCGrad/CAGrad), one process, ``--clip-scope
 masked``, and ``--fused`` or one task per batch (the reference splits a mixed-task batch on the
 host).
@@ -39,6 +41,7 @@ import torch
 import harmodt_kernels as kernels
 
 from .config import ConfigError
+from .data.batches import batch_segments
 from .model import CounterDropout, MaskContext, action_loss
 from .optim import clip_coefficient
 
@@ -144,8 +147,8 @@ class GraphedStep:
     def _load_batch(self, batch: dict, n_tasks: int) -> None:
         if self.batch is None:
             self.batch = {k: v.clone() for k, v in batch.items()}
-            per = batch["task_ids"].shape[0] // n_tasks
-            self.heads = torch.arange(n_tasks, device=self.tr.device) * per  # batch_segments: equal runs in task order
+            counts = [c for _, c in batch_segments(list(range(n_tasks)), batch["task_ids"].shape[0])]  # the batch's runs, in task order
+            self.heads = torch.tensor([sum(counts[:i]) for i in range(len(counts))], device=self.tr.device)
             return
         for k, v in batch.items():
             dst = self.batch[k]

@@ -273,8 +273,11 @@ def _backward_dw(dy, x, masks, task_ids, task_grads):
     dw = torch.empty(n, k, device=x.device, dtype=x.dtype)
     if n == 0 or k == 0:
         return dw
-    single, tids, counts, order = _rows(task_ids, t, r)
     tg = task_grads
+    if tg is not None and tg.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise KernelArgumentError("masked_linear: task_grads cannot be filled inside a CUDA graph (torch.cuda.graph, torch.compile "
+                                  "mode='reduce-overhead'): the replays would add into a copy of it; run this call outside the graph")
+    single, tids, counts, order = _rows(task_ids, t, r)
     _dw_kernel[lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(k, c["BK"]))](
         dy, x, masks, dw, tg if tg is not None else dw, tids, counts, order, r, n, k, masks.shape[2], t,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), masks.stride(0), masks.stride(1), dw.stride(0), dw.stride(1),
@@ -319,8 +322,10 @@ def _masked_linear_dw_op(dy: torch.Tensor, x: torch.Tensor, masks: torch.Tensor,
 
 # A separate op for the task-gradient pass: a mutable argument that may be None makes Inductor's
 # re-inplacing of the functionalized call emit an index into a single tensor. Tagged
-# cudagraph_unsafe: under CUDA graphs (mode="reduce-overhead") Inductor runs it outside the graph,
-# on the caller's task_grads rather than on a static copy of it.
+# cudagraph_unsafe, so that Inductor keeps it out of its CUDA graphs (mode="reduce-overhead"). On
+# torch 2.11 the tag does not keep it out: the replayed graph adds into a static copy of task_grads
+# and the caller's buffer stays unchanged. The op refuses to run under a capture instead
+# (_backward_dw), so that such a run fails in one line rather than clipping with zero gradients.
 @torch.library.custom_op("harmodt_triton::masked_linear_dw_task_grads", mutates_args=("task_grads",),
                          tags=(torch.Tag.cudagraph_unsafe,))
 def _masked_linear_dw_task_grads_op(dy: torch.Tensor, x: torch.Tensor, masks: torch.Tensor, task_ids: torch.Tensor,

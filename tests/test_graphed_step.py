@@ -53,6 +53,7 @@ def assert_same_state(a: Trainer, b: Trainer) -> None:
 CASES = {  # name -> config arguments
     "fused-one-task": dict(),
     "fused-mixed-task": dict(tasks_per_batch=2),
+    "fused-mixed-task-uneven": dict(tasks_per_batch=3),  # 4 sequences over 3 tasks: runs of 2, 1 and 1
     "reference-one-task": dict(fused=False, dropout_rng="counter"),
     "dense-prompt-dt": dict(method="prompt-dt"),
     "bf16": dict(precision="bf16"),
