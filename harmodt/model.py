@@ -176,10 +176,11 @@ class SelfAttention(nn.Module):
             q, attn_mask, t = q[:, :, -1:], attn_mask[:, :, -1:], 1
         if prefix is not None:
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (B, nh, Tp + T, hd)
-            kt = k.transpose(-2, -1)
         if drop is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
             return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c), ctx)), own
+        if prefix is not None:
+            kt = k.transpose(-2, -1)  # (B, nh, hd, Tp + T)
         att = (q @ kt) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, Tp + T)
         att = drop(att.masked_fill_(~attn_mask, float("-inf")).softmax(-1), site)
         y = (att @ v).transpose(1, 2).reshape(b, t, c)  # (B, T, C)

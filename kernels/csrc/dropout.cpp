@@ -56,6 +56,15 @@ void backward_loop(const T* g, const T* out, T* gin, int64_t n, const Epilogue& 
   });
 }
 
+// forward_loop over a float32 or bfloat16 tensor: from in to out (the same shape and dtype, both
+// contiguous; out may be in).
+void forward_into(const at::Tensor& in, at::Tensor& out, const Epilogue& e) {
+  if (in.scalar_type() == at::kFloat)
+    forward_loop(in.const_data_ptr<float>(), out.data_ptr<float>(), in.numel(), e);
+  else
+    forward_loop(in.const_data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), in.numel(), e);
+}
+
 void check_float(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16), op, ": ", name,
                     " must be a float32 or bfloat16 CPU tensor, got ", t.scalar_type(), " on ", t.device());
@@ -67,11 +76,7 @@ at::Tensor counter_dropout(const at::Tensor& x, double p, int64_t seed) {
   const at::Tensor in = x.contiguous();
   at::Tensor y = at::empty_like(in);  // written in one pass from the input (no copy first)
   if (in.numel() == 0) return y;
-  const Epilogue e{false, p, seed};
-  if (in.scalar_type() == at::kFloat)
-    forward_loop(in.const_data_ptr<float>(), y.data_ptr<float>(), in.numel(), e);
-  else
-    forward_loop(in.const_data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), in.numel(), e);
+  forward_into(in, y, Epilogue{false, p, seed});
   return y;
 }
 
@@ -80,10 +85,7 @@ at::Tensor counter_dropout(const at::Tensor& x, double p, int64_t seed) {
 void epilogue_forward_(at::Tensor& y, const Epilogue& e) {
   if (!e.active() || y.numel() == 0) return;
   TORCH_CHECK(y.is_contiguous(), "epilogue: the output must be contiguous");
-  if (y.scalar_type() == at::kFloat)
-    forward_loop(y.const_data_ptr<float>(), y.data_ptr<float>(), y.numel(), e);
-  else
-    forward_loop(y.const_data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), y.numel(), e);
+  forward_into(y, y, e);
 }
 
 at::Tensor epilogue_backward(const at::Tensor& g_in, const std::optional<at::Tensor>& out_in, const Epilogue& e) {
