@@ -10,7 +10,8 @@
 # In order of importance, each part under its own time limit (seconds: TESTS_S, GRAPH_S, REST_S),
 # so that a short GPU session still gets the first parts:
 #   1. tests/gpu (capture and replay of the training step against eager, the Triton ops, training
-#      and evaluation on CUDA), output in <tag>-tests-gpu.txt;
+#      and evaluation on CUDA), output in <tag>-tests-gpu.txt, each failure's report written as it
+#      happens to <tag>-tests-gpu-failures.txt;
 #   2. the step figures: bench/test_bench_graphed.py (one CUDA graph per step against eager, wall
 #      and profiler GPU time, fp32 (tf32) and bf16, HarmoDT-F and dense Prompt-DT; the MT50 x 1e6
 #      projection with mask updates) and bench/test_bench_launch.py (launch cost against ATen),
@@ -35,7 +36,8 @@ status=0
 if [[ ",$PARTS," == *",tests,"* ]]; then
   echo "== 1. tests/gpu"
   # shellcheck disable=SC2086  # TESTS_ARGS is a list of arguments
-  timeout "${TESTS_S:-300}" $PY -m pytest tests/gpu -m cuda -q -rs --durations=10 ${TESTS_ARGS:-} 2>&1 \
+  HARMODT_GPU_FAILURES="$OUT/$tag-tests-gpu-failures.txt" \
+    timeout "${TESTS_S:-300}" $PY -m pytest tests/gpu -m cuda -q -rs --durations=10 ${TESTS_ARGS:-} 2>&1 \
     | tee "$OUT/$tag-tests-gpu.txt" | tail -40 || status=1
 fi
 if [[ ",$PARTS," == *",step,"* ]]; then
