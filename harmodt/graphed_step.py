@@ -26,8 +26,8 @@ The arithmetic is the eager step's, op for op, so a graphed run gives the eager 
 weights bit for bit (tests/test_graphed_step.py on the CPU, tests/gpu/test_graphed_step_cuda.py on a
 GPU). Under ``--compile`` the eager and the graphed step are traced as two graphs (this one reads
 its dropout seeds from a tensor): bit for bit without dropout; with dropout Inductor rounds counter
-dropout and draws torch's dropout differently in each. On a CPU nothing is captured: every step runs the same body on the static buffers (what the
-CPU tests check). Needs: no per-task gradients (PCGrad/CAGrad), one process, ``--clip-scope
+dropout and draws torch's dropout differently in each. On a CPU nothing is captured: every step
+runs the same body on the static buffers (what the CPU tests check). Needs: no per-task gradients (PCGrad/CAGrad), one process, ``--clip-scope
 masked``, and ``--fused`` or one task per batch (the reference splits a mixed-task batch on the
 host).
 """
