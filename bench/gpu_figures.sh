@@ -32,24 +32,42 @@ print(re.sub('[^a-z0-9]+', '-', n).strip('-') + '-torch' + '.'.join(v.split('.')
 $PY -c "import torch, triton; print('device', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__)" \
   | tee "$OUT/$tag-versions.txt"
 
+# LIMIT LOG CMD...: CMD in a process group of its own, output into LOG; at LIMIT seconds the whole group
+# is stopped (TERM, then KILL 15 s later), and whatever of it is left when CMD ends is killed, so no
+# process of one part (pytest-xdist workers outlive a pytest stopped alone) runs beside the next part's timings
+run_part() {
+  local limit=$1 log=$2; shift 2
+  setsid "$@" > "$log" 2>&1 &
+  local pid=$!
+  ( sleep "$limit"; echo "[gpu_figures] time limit ($limit s): stopping the part" >> "$log"; kill -TERM -- -"$pid" 2>/dev/null
+    sleep 15; kill -KILL -- -"$pid" 2>/dev/null ) > /dev/null 2>&1 &
+  local guard=$!
+  wait "$pid"
+  local rc=$?
+  pkill -P "$guard" 2>/dev/null; kill "$guard" 2>/dev/null
+  kill -KILL -- -"$pid" 2>/dev/null
+  return $rc
+}
+
 status=0
 if [[ ",$PARTS," == *",tests,"* ]]; then
   echo "== 1. tests/gpu"
   # shellcheck disable=SC2086  # TESTS_ARGS is a list of arguments
-  HARMODT_GPU_FAILURES="$OUT/$tag-tests-gpu-failures.txt" \
-    timeout "${TESTS_S:-300}" $PY -m pytest tests/gpu -m cuda -q -rs --durations=10 ${TESTS_ARGS:-} 2>&1 \
-    | tee "$OUT/$tag-tests-gpu.txt" | tail -40 || status=1
+  run_part "${TESTS_S:-300}" "$OUT/$tag-tests-gpu.txt" env HARMODT_GPU_FAILURES="$OUT/$tag-tests-gpu-failures.txt" \
+    $PY -m pytest tests/gpu -m cuda -q -rs --durations=10 ${TESTS_ARGS:-} || status=1
+  tail -40 "$OUT/$tag-tests-gpu.txt"
 fi
 if [[ ",$PARTS," == *",step,"* ]]; then
   echo "== 2. the step figures"
-  HARMODT_BENCH_ROUNDS=$ROUNDS HARMODT_BENCH_RESULTS="$OUT/$tag-graphed.json" timeout "${GRAPH_S:-300}" \
-    $PY -m pytest bench/test_bench_graphed.py bench/test_bench_launch.py -m cuda --benchmark-only -q -s 2>&1 | tail -60 || status=1
+  run_part "${GRAPH_S:-300}" "$OUT/$tag-graphed.txt" env HARMODT_BENCH_ROUNDS="$ROUNDS" HARMODT_BENCH_RESULTS="$OUT/$tag-graphed.json" \
+    $PY -m pytest bench/test_bench_graphed.py bench/test_bench_launch.py -m cuda --benchmark-only -q -s || status=1
+  tail -60 "$OUT/$tag-graphed.txt"
 fi
 if [[ ",$PARTS," == *",rest,"* ]]; then
   echo "== 3. the other GPU benchmarks"
-  HARMODT_BENCH_ROUNDS=$ROUNDS HARMODT_BENCH_RESULTS="$OUT/$tag-kernels-step.json" timeout "${REST_S:-600}" \
-    $PY -m pytest bench/ -m cuda --benchmark-only -q -s --ignore=bench/test_bench_graphed.py --ignore=bench/test_bench_launch.py \
-    2>&1 | tail -60 || status=1
+  run_part "${REST_S:-600}" "$OUT/$tag-kernels-step.txt" env HARMODT_BENCH_ROUNDS="$ROUNDS" HARMODT_BENCH_RESULTS="$OUT/$tag-kernels-step.json" \
+    $PY -m pytest bench/ -m cuda --benchmark-only -q -s --ignore=bench/test_bench_graphed.py --ignore=bench/test_bench_launch.py || status=1
+  tail -60 "$OUT/$tag-kernels-step.txt"
 fi
 ls -l "$OUT" | grep "$tag"
 exit $status
