@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import write_atomic
 from ..oneline import OneLineParser, run_tool
 
 
@@ -164,9 +165,7 @@ def write_between_markers(path: Path, text: str) -> None:
         raise AgainstPaperError(f"{path}: needs one {START} line followed by one {END} line (found {found[0]} and {found[1]})")
     head, rest = doc.split(START, 1)
     _, tail = rest.split(END, 1)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{head}{START}\n{text}{END}{tail}")
-    tmp.replace(path)
+    write_atomic(path, f"{head}{START}\n{text}{END}{tail}")
 
 
 def load_study(path: Path) -> dict:
