@@ -74,6 +74,19 @@ def test_one_seed_says_so_and_arms_sit_beside_both_tables():
     assert "50000 steps" in text and "1 seed (0)" in text
 
 
+def test_header_names_seeds_only_when_every_arm_has_the_same():
+    study = make_study({"MTDT": 0.46, "Prompt-DT": 0.33}, seeds=[0, 1, 2])
+    study["runs"] = [r for r in study["runs"] if not (r["variant"] == "Prompt-DT" and r["seed"] == 2)]
+    study["variants"], study["pairwise"] = aggregate(study), pairwise(study)
+    text = tables_markdown(study)
+    header = text.splitlines()[0]
+    assert "each arm's finished seeds (the seeds column)" in header and "(0, 1, 2)" not in header
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in text.splitlines()
+            if line.startswith("| MTDT |") or line.startswith("| Prompt-DT |")}
+    assert rows == {"MTDT": "3", "Prompt-DT": "2"}
+    assert "3 seeds (0, 1, 2)" in tables_markdown(make_study({"MTDT": 0.46, "Prompt-DT": 0.33}, seeds=[0, 1, 2]))
+
+
 def test_claims_need_both_arms():
     study = make_study({"Prompt-DT": 0.4, "HarmoDT-F official": 0.6})
     assert set(claim_rows(tables_markdown(study))) == {"HarmoDT-F − Prompt-DT"}
