@@ -25,7 +25,9 @@ they read and write the same parameters and optimizer state, which the graph upd
 The arithmetic is the eager step's, op for op, so a graphed run gives the eager run's losses and
 weights bit for bit (tests/test_graphed_step.py on the CPU, tests/gpu/test_graphed_step_cuda.py on a
 GPU). Under ``--compile`` the eager and the graphed step are traced as two graphs (this one reads
-its dropout seeds from a tensor): bit for bit without dropout; with dropout Inductor rounds counter
+its dropout seeds from a tensor): bit for bit without dropout, under Inductor's deterministic mode
+(``torch.use_deterministic_algorithms(True)``, ``torch._inductor.config.deterministic``), without
+which Inductor's backward differs run to run in the last bits; with dropout Inductor rounds counter
 dropout and draws torch's dropout differently in each. On a CPU nothing is captured: every step
 runs the same body on the static buffers (what the CPU tests check). Needs: no per-task gradients (PCGrad/CAGrad), one process, ``--clip-scope
 masked``, and ``--fused`` or one task per batch (the reference splits a mixed-task batch on the

@@ -265,6 +265,14 @@ def _backward_dx(dy, weight, masks, task_ids):
     return dx
 
 
+def _refuse_task_grads_in_capture(task_grads: Optional[torch.Tensor]) -> None:
+    """Raises :class:`KernelArgumentError` when ``task_grads`` would be filled inside a CUDA graph
+    capture: a replay adds into the graph's copy of the buffer, never the caller's."""
+    if task_grads is not None and task_grads.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise KernelArgumentError("masked_linear: task_grads cannot be filled inside a CUDA graph (torch.cuda.graph, torch.compile "
+                                  "mode='reduce-overhead'): the replays would add into a copy of it; run this call outside the graph")
+
+
 def _backward_dw(dy, x, masks, task_ids, task_grads):
     r, k = x.shape
     n = dy.shape[1]
@@ -274,9 +282,7 @@ def _backward_dw(dy, x, masks, task_ids, task_grads):
     if n == 0 or k == 0:
         return dw
     tg = task_grads
-    if tg is not None and tg.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise KernelArgumentError("masked_linear: task_grads cannot be filled inside a CUDA graph (torch.cuda.graph, torch.compile "
-                                  "mode='reduce-overhead'): the replays would add into a copy of it; run this call outside the graph")
+    _refuse_task_grads_in_capture(tg)
     single, tids, counts, order = _rows(task_ids, t, r)
     _dw_kernel[lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(k, c["BK"]))](
         dy, x, masks, dw, tg if tg is not None else dw, tids, counts, order, r, n, k, masks.shape[2], t,
@@ -294,7 +300,10 @@ def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       task_ids: torch.Tensor, task_grads: Optional[torch.Tensor], relu: bool, dropout_p: float,
                       seed: int, seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y = epilogue(x @ (W * M[task_ids]).T + b)`` (ReLU, counter-based dropout); ``task_grads``
-    is only carried to the backward."""
+    is only carried to the backward. Refused inside a CUDA graph capture when ``task_grads`` is given:
+    under ``mode="reduce-overhead"`` the recorded forward saves the graph's static copy of it, which
+    the backward (graphed or not) then fills instead of the caller's buffer."""
+    _refuse_task_grads_in_capture(task_grads)
     return _forward(x, weight, bias, masks, task_ids, relu, dropout_p, seed if seed_t is None else seed_t)
 
 
@@ -324,8 +333,9 @@ def _masked_linear_dw_op(dy: torch.Tensor, x: torch.Tensor, masks: torch.Tensor,
 # re-inplacing of the functionalized call emit an index into a single tensor. Tagged
 # cudagraph_unsafe, so that Inductor keeps it out of its CUDA graphs (mode="reduce-overhead"). On
 # torch 2.11 the tag does not keep it out: the replayed graph adds into a static copy of task_grads
-# and the caller's buffer stays unchanged. The op refuses to run under a capture instead
-# (_backward_dw), so that such a run fails in one line rather than clipping with zero gradients.
+# and the caller's buffer stays unchanged. The forward and this op refuse to run with task_grads
+# under a capture instead (_refuse_task_grads_in_capture), so that such a run fails in one line
+# rather than clipping with zero gradients.
 @torch.library.custom_op("harmodt_triton::masked_linear_dw_task_grads", mutates_args=("task_grads",),
                          tags=(torch.Tag.cudagraph_unsafe,))
 def _masked_linear_dw_task_grads_op(dy: torch.Tensor, x: torch.Tensor, masks: torch.Tensor, task_ids: torch.Tensor,

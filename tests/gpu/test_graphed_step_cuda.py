@@ -7,6 +7,7 @@ bf16 included; cuBLAS picks the same algorithm for the same shapes in a graph an
 tests compare with ``torch.equal``; where a run differs, the assertion names the first step."""
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -56,9 +57,31 @@ CASES = {
     "mixed-task": dict(tasks_per_batch=3),  # 8 sequences over 3 tasks: runs of 3, 3 and 2
     "prompt-dt": dict(method="prompt-dt"),
     # without dropout: under --compile the eager and the graphed step are traced as two graphs (the graphed one reads its
-    # dropout seeds from a tensor), and Inductor rounds (counter dropout) or draws (torch's dropout) differently in each
+    # dropout seeds from a tensor), and Inductor rounds (counter dropout) or draws (torch's dropout) differently in each;
+    # run under Inductor's deterministic mode (deterministic_inductor): without it two eager --compile runs already differ
     "compile": dict(compile=True, dropout=0.0),
 }
+
+
+@contextmanager
+def deterministic_inductor(on: bool):
+    """``torch.use_deterministic_algorithms`` and ``torch._inductor.config.deterministic`` while
+    ``on``: Inductor's generated backward (atomic adds in its scatter reductions) otherwise differs
+    run to run in the last bits."""
+    if not on:
+        yield
+        return
+    import torch._inductor.config as inductor_config
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              inductor_config.deterministic)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    inductor_config.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        inductor_config.deterministic = before[2]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -68,8 +91,9 @@ def test_graph_replay_equals_eager(tmp_path, case):
     prec = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if case == "tf32" else "highest")
     try:
-        eager, want = train(cfg(tmp_path, False, **CASES[case]))
-        graphed, got = train(cfg(tmp_path, True, **CASES[case]))
+        with deterministic_inductor(case == "compile"):
+            eager, want = train(cfg(tmp_path, False, **CASES[case]))
+            graphed, got = train(cfg(tmp_path, True, **CASES[case]))
     finally:
         torch.set_float32_matmul_precision(prec)
     assert graphed.graphed.graph is not None  # captured after the warm-up, then replayed
