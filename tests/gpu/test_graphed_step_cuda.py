@@ -7,7 +7,7 @@ bf16 included; cuBLAS picks the same algorithm for the same shapes in a graph an
 tests compare with ``torch.equal``; where a run differs, the assertion names the first step."""
 
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -64,24 +64,18 @@ CASES = {
 
 
 @contextmanager
-def deterministic_inductor(on: bool):
-    """``torch.use_deterministic_algorithms`` and ``torch._inductor.config.deterministic`` while
-    ``on``: Inductor's generated backward (atomic adds in its scatter reductions) otherwise differs
-    run to run in the last bits."""
-    if not on:
-        yield
-        return
+def deterministic_inductor():
+    """``torch.use_deterministic_algorithms(True)`` and Inductor's ``deterministic`` config: without
+    them Inductor's generated backward differs run to run in the last bits."""
     import torch._inductor.config as inductor_config
 
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              inductor_config.deterministic)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True, warn_only=True)
-    inductor_config.deterministic = True
     try:
-        yield
+        with inductor_config.patch(deterministic=True):
+            yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        inductor_config.deterministic = before[2]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -91,7 +85,7 @@ def test_graph_replay_equals_eager(tmp_path, case):
     prec = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if case == "tf32" else "highest")
     try:
-        with deterministic_inductor(case == "compile"):
+        with deterministic_inductor() if case == "compile" else nullcontext():
             eager, want = train(cfg(tmp_path, False, **CASES[case]))
             graphed, got = train(cfg(tmp_path, True, **CASES[case]))
     finally:
