@@ -111,7 +111,8 @@ class TrainConfig:
     seed: int = setting(0, "seed for data sampling, initialisation, masks and evaluation goals", SEED)
     resume: bool = setting(False, "continue from OUT/checkpoint.pt")
     conditioning: str = setting("auto", "auto (MTDT: task-state, others: prompt) | prompt | task-state (one-hot task ID beside the "
-                                "state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token)", one_of(CONDITIONINGS))
+                                "state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token) | prompt-task-state (the "
+                                "prompt and the one-hot task ID beside the state)", one_of(CONDITIONINGS))
     prompt_segment: str = setting("last", "last (the last K* steps before a prompt episode's final step, as Prompt-DT's code) | "
                                   "random (a window anywhere in one)", one_of(PROMPT_SEGMENTS))
     state_norm: str = setting("per-task", "per-task (each task's states by its own mean and std, as HarmoDT's code) | pooled (one mean and "
@@ -262,7 +263,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     except ValueError as exc:
         raise ConfigError(f"--tasks: {exc}") from None
     m, method = cfg.model, METHODS[cfg.method]
-    prompted = "prompt" in (method.conditioning, method.resolve_conditioning(cfg.conditioning))  # (as the trainer's data stream)
+    prompted = method.draws_prompts(cfg.conditioning)  # (as the trainer's data stream)
     checks = [
         (m.prompt_len > 0 or not prompted, f"--prompt-len 0: --method {cfg.method} is conditioned on a prompt of --prompt-len steps; "
                                            "it must be >= 1"),

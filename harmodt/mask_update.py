@@ -1,8 +1,9 @@
 """Mask updaters: Algorithm 2 as a method runs it, built by the method's entry (harmodt.methods) on
 a :class:`harmodt.train.Trainer`. An updater has ``due(step)`` (asked by the training loop before
 each step), ``__call__()`` (the update at the trainer's step; returns the metric line's entries)
-and ``last_harmony`` (the last harmony score, which a checkpoint keeps); a new schedule is a
-subclass that changes ``due`` or ``alpha``.
+``last_harmony`` (the last harmony score, which a checkpoint keeps) and ``movement()`` (how far
+the masks moved from their ERK draw, and the schedule's bound on it: results.json's
+``mask_movement``); a new schedule is a subclass that changes ``due`` or ``alpha``.
 
 - :class:`HarmonyProbe` (methods whose masks do not learn: the dense ones and HarmoDT-R): every
   ``t_m`` steps, every task's gradients and their harmony score (Definition 3.2), logged; the
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .mask_grads import task_gradients
-from .masks import alpha_schedule, harmony_score
+from .masks import alpha_schedule, alpha_total, harmony_score
 
 
 class HarmonyProbe:
@@ -33,6 +34,26 @@ class HarmonyProbe:
         self.tr = trainer
         self.every = trainer.cfg.masks.update_every
         self.last_harmony = None
+        masks = trainer.task_masks  # the ERK draw (seeded): what movement() compares with
+        self.initial = None if masks is None else masks.snapshot()
+        self.initial_active = None if masks is None else [round(masks.density(i) * masks.numel_per_task) for i in range(masks.n_tasks)]
+
+    def flips_bound(self) -> int:
+        """The most weights a task's mask can switch off over the run: none, the masks do not learn."""
+        return 0
+
+    def movement(self) -> dict | None:
+        """How far the masks moved (None without masks): per task, the fraction of its active
+        weights that were not active in its ERK draw, and the bound of the schedule on it
+        (:meth:`flips_bound` over the task's initial active weights)."""
+        tr = self.tr
+        if tr.task_masks is None:
+            return None
+        changed = tr.task_masks.changed_fraction(self.initial)
+        bound = self.flips_bound()
+        return {"changed_fraction": dict(zip(tr.tasks, changed)), "changed_fraction_mean": sum(changed) / len(changed),
+                "changed_fraction_min": min(changed), "changed_fraction_max": max(changed), "flips_bound": bound,
+                "flips_bound_fraction": dict(zip(tr.tasks, [min(1.0, bound / max(a, 1)) for a in self.initial_active]))}
 
     def due(self, step: int) -> bool:
         """Whether the update runs before training step ``step``."""
@@ -76,7 +97,11 @@ class Algorithm2(HarmonyProbe):
     def __init__(self, trainer, importance: str):
         super().__init__(trainer)
         self.importance = importance
-        self.initial = trainer.task_masks.snapshot()  # the ERK draw (seeded): the reference of mask_changed_fraction
+
+    def flips_bound(self) -> int:
+        """alpha_t of Eq. 12 summed over the run's mask updates (harmodt.masks.alpha_total)."""
+        m = self.tr.cfg.masks
+        return alpha_total(self.tr.cfg.steps, self.every, m.eta_min, m.eta_max)
 
     def alpha(self, step: int) -> int:
         """alpha_t of Eq. 12: the weights each task masks and recovers at ``step``."""

@@ -46,6 +46,13 @@ def alpha_schedule(t: int, total: int, eta_min: float, eta_max: float) -> int:
     return int(math.ceil(value - 1e-12 * max(1.0, abs(eta_max))))  # tolerate float round-off only
 
 
+def alpha_total(total: int, every: int, eta_min: float, eta_max: float) -> int:
+    """The most weights one task can switch off over a run (and as many on): alpha_t of Eq. 12
+    summed over the mask updates at steps ``every, 2 every, ...`` before ``total``. A task's
+    active weights can change by at most this many, whatever the gradients."""
+    return sum(alpha_schedule(t, total, eta_min, eta_max) for t in range(every, total, every))
+
+
 # The importance I_i of Eq. 8 of each weight for task i, ``[T, P]`` from gbar ``[T, P]`` and theta ``[P]``.
 IMPORTANCE = {
     "fisher": lambda gbar, params: gbar * gbar,  # HarmoDT-F: the Fisher information gbar_i^2
@@ -63,6 +70,11 @@ class TaskMasks:
     @property
     def n_tasks(self) -> int:
         return next(iter(self.masks.values())).shape[0]
+
+    @property
+    def numel_per_task(self) -> int:
+        """The masked weights of one task (active or not)."""
+        return sum(m[0].numel() for m in self.masks.values())
 
     @staticmethod
     def erk(shapes: dict[str, tuple[int, int]], n_tasks: int, sparsity: float, generator: torch.Generator,

@@ -26,12 +26,13 @@ from .baselines.pcgrad import pcgrad_direction
 from .domains import check_fields
 from .mask_update import Algorithm2, HarmonyProbe
 from .masks import IMPORTANCE, TaskMasks
-from .model import PromptDT
+from .model import CONDITIONINGS as MODEL_CONDITIONINGS
+from .model import PROMPTED, PromptDT
 from .steps import MaskedStep, PlainStep, SurgeryStep
 
-MASKS = ("none", "fixed", "learned")
+MASKS = ("none", "fixed", "shared", "learned")
 IMPORTANCES = tuple(IMPORTANCE)  # the importance terms of Eq. 8 (harmodt.masks)
-CONDITIONINGS = ("auto", "prompt", "task-state", "task-embedding")
+CONDITIONINGS = ("auto", *MODEL_CONDITIONINGS)
 # An earlier name of a --conditioning value, still read from configs and checkpoints.
 CONDITIONING_ALIASES = {"task-id": "task-embedding"}
 
@@ -41,7 +42,8 @@ class Method:
     """One trainable method.
 
     ``masks``: "none" (one dense model), "fixed" (each task trains through its ERK-drawn mask,
-    never changed) or "learned" (Algorithm 2 updates the masks every ``t_m`` steps, ranking weights
+    never changed), "shared" (one ERK-drawn mask, the same for every task, never changed:
+    sparsity without task identity) or "learned" (Algorithm 2 updates the masks every ``t_m`` steps, ranking weights
     by agreement and ``importance``: "fisher" or "magnitude", Eq. 8). ``combine``: None, the step
     takes the gradient of the batch's loss (Algorithm 1); else the step takes each task's gradient
     on its own rows and combines the ``[T, P]`` rows into one ``[P]`` direction with
@@ -72,8 +74,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: masks must be one of {', '.join(MASKS)}, got {self.masks!r}")
         if (self.importance is not None) != (self.masks == "learned") or self.importance not in (None, *IMPORTANCES):
             raise ValueError(f"method {self.name!r}: learned masks need an importance ({', '.join(IMPORTANCES)}), other masks none")
-        if self.conditioning not in ("prompt", "task-state", "task-embedding"):
-            raise ValueError(f"method {self.name!r}: conditioning must be prompt, task-state or task-embedding")
+        if self.conditioning not in MODEL_CONDITIONINGS:
+            raise ValueError(f"method {self.name!r}: conditioning must be one of {', '.join(MODEL_CONDITIONINGS)}")
         if self.combine is not None and self.masks != "none":
             raise ValueError(f"method {self.name!r}: a gradient-combination rule runs on the dense model (masks none)")
         if self.options is not None and not dataclasses.is_dataclass(self.options):
@@ -102,7 +104,7 @@ class Method:
 
     def draws_prompts(self, conditioning: str = "auto") -> bool:
         """Whether its data stream draws prompts (a prompted method does, whatever ``--conditioning`` says)."""
-        return "prompt" in (self.conditioning, self.resolve_conditioning(conditioning))
+        return self.conditioning in PROMPTED or self.resolve_conditioning(conditioning) in PROMPTED
 
     def check_options(self, given: dict) -> dict:
         """The method's options with ``given`` ({field: value}) over their defaults, as a plain
@@ -125,9 +127,13 @@ class Method:
 
     def build_masks(self, shapes: dict, n_tasks: int, masks_cfg, seed: int, device: torch.device) -> TaskMasks | None:
         """Its initial task masks (ERK at ``--sparsity``, drawn from ``seed + 1``; ``masks_cfg``: a
-        harmodt.config.MaskConfig), None for a dense method."""
+        harmodt.config.MaskConfig), None for a dense method. Shared masks: one draw, every task's."""
         if not self.masked:
             return None
+        if self.masks == "shared":
+            one = TaskMasks.erk(shapes, 1, masks_cfg.sparsity, torch.Generator().manual_seed(seed + 1), device=device,
+                                draw=masks_cfg.erk_draw)
+            return TaskMasks({n: m.expand(n_tasks, *m.shape[1:]).contiguous() for n, m in one.masks.items()})
         return TaskMasks.erk(shapes, n_tasks, masks_cfg.sparsity, torch.Generator().manual_seed(seed + 1), device=device,
                              draw=masks_cfg.erk_draw)
 
@@ -166,6 +172,7 @@ def register(method: Method) -> Method:
 register(Method("mtdt", "MTDT", "tab:gray", conditioning="task-state"))
 register(Method("prompt-dt", "Prompt-DT", "tab:blue"))
 register(Method("harmodt-r", "HarmoDT-R", "tab:orange", masks="fixed"))
+register(Method("harmodt-s", "HarmoDT-S", "tab:brown", masks="shared"))
 register(Method("harmodt-m", "HarmoDT-M", "tab:purple", masks="learned", importance="magnitude"))
 register(Method("harmodt-f", "HarmoDT-F", "tab:red", masks="learned", importance="fisher"))
 register(Method("pcgrad", "PCGrad", "tab:green", combine=pcgrad_direction))

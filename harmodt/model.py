@@ -225,7 +225,8 @@ class TokenEmbedding(nn.Module):
         return toks.flatten(1, 2)
 
 
-CONDITIONINGS = ("prompt", "task-state", "task-embedding")
+CONDITIONINGS = ("prompt", "task-state", "task-embedding", "prompt-task-state")
+PROMPTED = ("prompt", "prompt-task-state")  # the conditionings that read a trajectory prompt
 
 
 class PromptDT(nn.Module):
@@ -234,7 +235,9 @@ class PromptDT(nn.Module):
     - "prompt": a K*-step trajectory prompt of the task before the history (Prompt-DT);
     - "task-state": the task ID as a one-hot vector concatenated with every state, no prompt (MTDT
       as the paper's Appendix D describes it: the state embedding reads S + T inputs);
-    - "task-embedding": a learned task embedding added to every R, s and a token, no prompt.
+    - "task-embedding": a learned task embedding added to every R, s and a token, no prompt;
+    - "prompt-task-state": both the prompt and the one-hot task ID beside every history state
+      (identity without masks: the ablation of what a per-task mask tells the model).
 
     ``cfg``: its shape (a :class:`harmodt.config.ModelConfig`; each block reads the fields it needs).
     The model of a ``--method`` is built by its entry (:func:`harmodt.methods.build_model`).
@@ -247,8 +250,9 @@ class PromptDT(nn.Module):
         self.cfg = cfg
         self.n_tasks = n_tasks
         self.conditioning = conditioning
-        self.use_prompt = conditioning == "prompt"
-        self.embed = TokenEmbedding(cfg, cfg.state_dim + n_tasks if conditioning == "task-state" else cfg.state_dim)
+        self.use_prompt = conditioning in PROMPTED
+        self.onehot_state = conditioning in ("task-state", "prompt-task-state")
+        self.embed = TokenEmbedding(cfg, cfg.state_dim + n_tasks if self.onehot_state else cfg.state_dim)
         self.prompt_embed = TokenEmbedding(cfg) if self.use_prompt else None
         self.task_embed = nn.Embedding(n_tasks, cfg.n_embd) if conditioning == "task-embedding" else None
         self.embed_ln = nn.LayerNorm(cfg.n_embd)
@@ -274,6 +278,11 @@ class PromptDT(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    @property
+    def reads_task_id(self) -> bool:
+        """It is told its task's index, so it can act only on the tasks it was trained on."""
+        return self.conditioning != "prompt"
+
     def masked_weights(self) -> dict[str, nn.Parameter]:
         """The weight matrices that carry task masks, by parameter name."""
         return {m.mask_key: m.weight for m in self.modules() if isinstance(m, MaskedLinear)}
@@ -281,7 +290,7 @@ class PromptDT(nn.Module):
     def _history(self, states, actions, rtg, timesteps, task_ids):
         # The history's last action token a_K: no state token attends to it (causal) and the loss
         # reads only state tokens, so it is not fed at all. task_ids (B,).
-        if self.conditioning == "task-state":
+        if self.onehot_state:
             onehot = F.one_hot(task_ids, self.n_tasks).to(states.dtype)  # (B, T)
             states = torch.cat([states, onehot.unsqueeze(1).expand(-1, states.shape[1], -1)], dim=-1)  # (B, K, S + T)
         x = self.embed(states, actions, rtg, timesteps)[:, :-1]  # (B, 3K - 1, C)

@@ -103,8 +103,8 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
     trained = list(eval_info["tasks"])
     cfg = model.cfg
     unseen = [t for t in tasks if t not in trained]
-    if unseen and not model.use_prompt:
-        raise EvalError(f"a model conditioned on the task ID (--conditioning {model.conditioning}, as MTDT) knows only the tasks it "
+    if unseen and model.reads_task_id:
+        raise EvalError(f"a model conditioned on the task ID (--conditioning {model.conditioning}) knows only the tasks it "
                         f"was trained on and cannot act on unseen tasks: {', '.join(unseen)}")
     segment = prompt_segment or eval_info.get("prompt_segment", "random")
     if segment not in ("last", "random"):

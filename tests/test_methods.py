@@ -26,7 +26,7 @@ def tiny_cfg(tmp_path, **kw) -> TrainConfig:
 
 
 def test_table_names_every_method_once_with_its_kind():
-    assert list(METHODS) == ["mtdt", "prompt-dt", "harmodt-r", "harmodt-m", "harmodt-f", "pcgrad", "cagrad"]
+    assert list(METHODS) == ["mtdt", "prompt-dt", "harmodt-r", "harmodt-s", "harmodt-m", "harmodt-f", "pcgrad", "cagrad"]
     assert [m.name for m in METHODS.values() if m.learns_masks] == ["harmodt-m", "harmodt-f"]
     assert [m.name for m in METHODS.values() if m.per_task_gradients] == ["pcgrad", "cagrad"]
     assert METHODS["mtdt"].resolve_conditioning() == "task-state" and METHODS["harmodt-r"].resolve_conditioning() == "prompt"

@@ -175,7 +175,8 @@ def finish(tr, log: MetricsLog | NoLog, evals: Evaluations) -> dict:
     the validation goals, the last step's included, whose weights are OUT/best.pt (``goals``:
     "validation"; its success on the test goals is ``python -m harmodt.evaluate OUT/best.pt``)."""
     cfg, dist, out = tr.cfg, tr.dist, Path(tr.cfg.out)
-    results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": tr.step, "final": None, "best": None}
+    results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": tr.step, "final": None, "best": None,
+               "mask_movement": tr.mask_updater.movement()}
     if cfg.eval_episodes:
         validating = cfg.validation_seed >= 0
         if validating:
