@@ -19,7 +19,7 @@ from harmodt.study import runner as runner_mod
 from harmodt.study.__main__ import build_parser
 from harmodt.study.figures import draw_figures
 from harmodt.study.plan import Arm, Run, StudyError, flag_for_key, machine_name, method_arm, parse_sweep, parse_variant, run_name, variant_label
-from harmodt.study.report import aggregate, along_training, pairwise, summary_markdown
+from harmodt.study.report import aggregate, along_training, family, mask_flips_bound_fraction, pairwise, summary_markdown
 from harmodt.study.runner import Study
 from harmodt.study.stats import classical_mds, holm, jaccard_matrix, paired_bootstrap, paired_difference, paired_t, t_interval
 from harmodt.study.unseen import aggregate_unseen, default_thresholds, parse_thresholds, unseen_mode
@@ -140,6 +140,8 @@ def test_variants_parse_into_labelled_arms_whose_flags_come_last(tmp_path):
     (["--eval-tasks", "nosuch-v3"], "--eval-tasks"),
     (["--eval-tasks", "push-v3", "--vote-thresholds", "2"], "outside 0..1"),
     (["--vote-thresholds", "1"], "needs --eval-tasks"),
+    (["--family", "HarmoDT-F-Prompt-DT"], "not \"LABEL - LABEL\""),
+    (["--family", "HarmoDT-F - MTDT"], "'MTDT', which is not an arm"),
 ])
 def test_study_checks_variants_and_held_out_tasks(tmp_path, extra, needle):
     args, rest = build_parser().parse_known_args(["--out", str(tmp_path / "s"), "--tasks", ",".join(TASKS),
@@ -647,3 +649,46 @@ def test_a_running_child_reports_its_time_while_it_runs(tmp_path):
     with open(tmp_path / "child.log", "w") as log:
         rc = study.child([sys.executable, "-c", "import time; time.sleep(1.5)"], log, dict(os.environ), on_wait=lambda: ticks.append(1))
     assert rc == 0 and len(ticks) >= 3
+
+
+def test_the_preregistered_family_is_corrected_over_itself_alone():
+    """Three arms: the family holds HarmoDT-F − Prompt-DT (+0.2 in every seed, p 0) and MTDT −
+    Prompt-DT (noisy); Holm over these 2, not over the 3 pairs of the whole table."""
+    study = fake_study({("prompt-dt", None, 0): [0.2, 0.4], ("prompt-dt", None, 1): [0.6, 0.0], ("prompt-dt", None, 2): [0.4, 0.4],
+                        ("harmodt-f", None, 0): [0.4, 0.6], ("harmodt-f", None, 1): [0.8, 0.2], ("harmodt-f", None, 2): [0.6, 0.6],
+                        ("mtdt", None, 0): [0.3, 0.4], ("mtdt", None, 1): [0.3, 0.0], ("mtdt", None, 2): [0.9, 0.4]})
+    study["family_spec"] = [["HarmoDT-F", "Prompt-DT"], ["MTDT", "Prompt-DT"]]
+    study["variants"], study["pairwise"] = aggregate(study), pairwise(study)
+    fam = study["family"] = family(study)
+    first, second = fam["comparisons"]
+    assert fam["size"] == 2 and first["mean_diff"] == pytest.approx(0.2) and first["holm"] and not second["holm"]
+    assert second["p_value"] == pytest.approx(study["pairwise"]["MTDT"]["Prompt-DT"]["p_value"])
+    md = summary_markdown(study)
+    assert "## The pre-registered comparisons" in md and "| 1 | HarmoDT-F − Prompt-DT | 3 | +0.200 |" in md
+    study["family_spec"] = [["HarmoDT-F", "HarmoDT-R"]]
+    with pytest.raises(ValueError, match="HarmoDT-R"):
+        family(study)
+    study["family_spec"] = None
+    assert family(study) is None
+
+
+def test_reports_give_mask_movement_and_the_eq12_bound():
+    import dataclasses
+
+    from harmodt.config import MaskConfig, ModelConfig, TrainConfig
+    from harmodt.masks import alpha_total
+
+    cfg = dataclasses.asdict(TrainConfig(method="harmodt-f", steps=10_000, model=ModelConfig(n_layer=3, n_embd=128, n_head=4),
+                                         masks=MaskConfig(update_every=500, eta_max=2400)))
+    bound = alpha_total(10_000, 500, cfg["masks"]["eta_min"], 2400) / (0.8 * 589_824)  # 3 x 128: 589,824 masked weights
+    assert mask_flips_bound_fraction(cfg) == pytest.approx(bound) and 0.05 < bound < 0.052
+    assert mask_flips_bound_fraction({**cfg, "method": "harmodt-r"}) == 0.0
+    assert mask_flips_bound_fraction({**cfg, "method": "prompt-dt"}) is None
+    study = fake_study({("harmodt-r", None, 0): [0.2, 0.4], ("harmodt-f", None, 0): [0.4, 0.6]})
+    for r in study["runs"]:
+        r["config"] = {**cfg, "method": r["method"]}
+    study["runs"][1].update(final_mask_changed_fraction=0.04, final_mask_changed_fraction_min=0.03)
+    r, f = study["variants"] = aggregate(study)
+    assert r["final_mask_changed_fraction"] == 0.0 and r["mask_flips_bound_fraction"] == 0.0
+    assert f["final_mask_changed_fraction"] == 0.04 and f["mask_flips_bound_fraction"] == pytest.approx(bound)
+    assert f"| HarmoDT-F | – | 0.04000 | 0.03000 | {bound:.4f} |" in summary_markdown(study)

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "run's final checkpoint on these unseen tasks too")
     p.add_argument("--vote-thresholds", default="", help="T1,T2,...: Eq. 13 thresholds for --eval-tasks "
                    "(default N/4, N/2, 3N/4 of the N training tasks, rounded, at least 1)")
+    p.add_argument("--family", default="", metavar='"A - B; C - D"',
+                   help="the comparisons fixed before the runs (arm labels, a space on each side of the minus): summary.md "
+                        "reports each with Holm's correction over these alone, beside the table of every pair")
     p.add_argument("--report-only", action="store_true", help="start no run: aggregate the finished ones and draw the figures")
     add_executor_arguments(p)
     return p

@@ -19,7 +19,7 @@ from ..oneline import run_tool
 from ..run.outputs import write_atomic
 from .plan import StudyError
 from .figures import draw_figures
-from .report import aggregate, along_training, pairwise, summary_markdown
+from .report import aggregate, along_training, family, pairwise, summary_markdown
 from .unseen import aggregate_unseen
 
 
@@ -44,6 +44,7 @@ def recompute(folder: Path) -> dict:
     try:
         study["variants"] = aggregate(study)
         study["pairwise"] = pairwise(study)
+        study["family"] = family(study)
         study["along_training"] = along_training(study)
         study["unseen"] = aggregate_unseen(study)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..masks import alpha_total
 from ..methods import METHODS, REFERENCE
 from ..run.outputs import read_metrics
 from .stats import SEED_LEVEL_METHOD, excludes_zero, fmt as _fmt, holm, paired_difference, paired_t, t_interval
@@ -52,6 +53,24 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
     if flips:
         entry["weights_flipped_per_task"] = float(np.mean([np.mean(r["masked_per_task"]) for r in flips]) * len(flips))
     return entry
+
+
+def mask_flips_bound_fraction(cfg: dict) -> float | None:
+    """How far a run's schedule lets a task's mask move (None for a dense method, 0 for masks that do
+    not learn): alpha_t of Eq. 12 summed over its mask updates (harmodt.masks.alpha_total) over a
+    task's active weights, (1 - sparsity) x the masked weights of its model (config.json ``cfg``)."""
+    from ..config import ModelConfig
+    from ..model import PromptDT
+
+    method = METHODS.get(cfg.get("method"))
+    if method is None or not method.masked:
+        return None
+    if not method.learns_masks:
+        return 0.0
+    m = cfg["masks"]
+    flips = alpha_total(cfg["steps"], m["update_every"], m["eta_min"], m["eta_max"])
+    weights = sum(w.numel() for w in PromptDT(ModelConfig(**cfg["model"]), 1).masked_weights().values())
+    return min(1.0, flips / ((1.0 - m["sparsity"]) * weights))
 
 
 def _validation_best(run, eval_episodes: int) -> dict | None:
@@ -111,6 +130,11 @@ def aggregate(study: dict) -> list[dict]:
                                  "per_seed": {str(r["seed"]): {"mean_success": r["best"]["mean_success"], "step": r["best"]["step"]}
                                               for r in rows if r.get("best")},
                                  "episodes": bests[0]["episodes"], "selected_on": bests[0].get("selected_on", "test")}
+            method = METHODS.get(entry["method"])
+            if method is not None and method.masked and not method.learns_masks:  # masks never updated: they do not move
+                rows = [{"final_mask_changed_fraction": 0.0, "final_mask_changed_fraction_min": 0.0, **r} for r in rows]
+            if bounds := [b for r in rows if r.get("config") and (b := mask_flips_bound_fraction(r["config"])) is not None]:
+                entry["mask_flips_bound_fraction"] = float(np.mean(bounds))
             for key in ("final_mask_changed_fraction", "final_harmony_score", "weights_flipped_per_task"):
                 vals = [r[key] for r in rows if key in r]
                 if vals:
@@ -195,6 +219,56 @@ def pairwise(study: dict) -> dict:
             if y in table[x]:
                 table[x][y].update(holm=rejected, comparisons=len(family))
     return table
+
+
+def parse_family(text: str) -> list[list[str]]:
+    """``--family "A - B; C - D"``: the comparisons fixed before the runs, each a variant label minus
+    another (labels as summary.md names the arms); ValueError for a comparison not of that form."""
+    pairs = []
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        parts = [x.strip() for x in item.split(" - ")]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"--family: {item!r} is not \"LABEL - LABEL\" (a space on each side of the minus)")
+        pairs.append(parts)
+    return pairs
+
+
+def family(study: dict) -> dict | None:
+    """The pre-registered comparisons (study.json ``family_spec``, from ``--family``): each one's
+    paired difference by seed (:func:`_paired`), and Holm's correction over these alone at 5 %.
+    None without a family; ValueError naming a label no arm has."""
+    spec = study.get("family_spec") or []
+    if not spec:
+        return None
+    finished = [r for r in study["runs"] if r["status"] == "finished"]
+    rows = {v: [r for r in finished if r["variant"] == v] for v in dict.fromkeys(r["variant"] for r in study["runs"])}
+    for label in {x for pair in spec for x in pair} - set(rows):
+        raise ValueError(f"--family names {label!r}, which is not an arm of this study ({', '.join(rows)})")
+    out = []
+    for a, b in spec:
+        p = _paired(rows[a], rows[b], study["tasks"], b) if rows[a] and rows[b] else None
+        out.append({"variant": a, **(p or {"reference": b, "seeds": 0})})
+    kept = holm({i: c["p_value"] for i, c in enumerate(out) if "p_value" in c}, HOLM_ALPHA)
+    for i, rejected in kept.items():
+        out[i]["holm"] = rejected
+    return {"alpha": HOLM_ALPHA, "size": len(spec), "comparisons": out}
+
+
+def family_markdown(fam: dict | None) -> list[str]:
+    if not fam:
+        return []
+    lines = ["", "## The pre-registered comparisons", "",
+             f"Fixed before the runs (`--family`). Mean over seeds of the per-seed success difference, its 95 % interval "
+             f"({SEED_LEVEL_METHOD}) and paired-t p-value; † where the p-value survives Holm's correction over these "
+             f"{fam['size']} at {fam['alpha'] * 100:.0f} %.", "",
+             "| # | comparison | seeds | difference | 95 % CI | p | Holm |", "|---|---|---|---|---|---|---|"]
+    for i, c in enumerate(fam["comparisons"], 1):
+        if "mean_diff" not in c:
+            lines.append(f"| {i} | {c['variant']} − {c['reference']} | 0 | – | – | – | – |")
+            continue
+        lines.append(f"| {i} | {c['variant']} − {c['reference']} | {c['seeds']} | {c['mean_diff']:+.3f} | {_interval(c)} | "
+                     f"{_fmt(c['p_value'], 4)} | {'†' if c.get('holm') else 'no'} |")
+    return lines
 
 
 def _paired(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str, key: str | None = None) -> dict | None:
@@ -320,6 +394,7 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
             b, f = v["paired_best"], v["paired"]
             lines.append(f"| {v['variant']} − {b['reference']} | {b['mean_diff']:+.3f} | {_interval(b)} | {_fmt(b['p_value'])} | "
                          f"{f['mean_diff']:+.3f} | {_interval(f)} |")
+    lines += family_markdown(study.get("family"))
     lines += along_training_markdown(study.get("along_training"))
     done = [v for v in variants if "per_task" in v]
     if done:
@@ -362,13 +437,15 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
     if masked:
         lines += ["", "## Masks and harmony", "",
                   "Final averaged harmony score (Definition 3.2, at the last mask update); fraction of each task's active "
-                  "weights not active in its initial ERK mask at the last update (mean over tasks and seeds, and the least of any "
-                  "task in any seed); weights the updates switched off per task over the run.", "",
-                  "| method | harmony score | mask changed fraction | least of a task | weights switched per task | train s per run |",
-                  "|---|---|---|---|---|---|"]
+                  "weights not active in its initial ERK mask at the end (mean over tasks and seeds, and the least of any "
+                  "task in any seed; 0 for masks that are never updated); the most that fraction can be under the run's "
+                  "schedule (alpha_t of Eq. 12 summed over the mask updates, over (1 − sparsity) × the masked weights); "
+                  "weights the updates switched off per task over the run.", "",
+                  "| method | harmony score | mask changed fraction | least of a task | Eq. 12 bound | weights switched per task | "
+                  "train s per run |", "|---|---|---|---|---|---|---|"]
         for v in masked:
             lines.append(f"| {v['variant']} | {_fmt(v.get('final_harmony_score'))} | {_fmt(v.get('final_mask_changed_fraction'), 5)} | "
-                         f"{_fmt(v.get('final_mask_changed_fraction_min'), 5)} | "
+                         f"{_fmt(v.get('final_mask_changed_fraction_min'), 5)} | {_fmt(v.get('mask_flips_bound_fraction'), 4)} | "
                          f"{_fmt(v.get('weights_flipped_per_task'), 0)} | {v['train_seconds']:.0f} |")
     lines += learned_masks_markdown(study)
     lines += unseen_markdown(study)

@@ -22,7 +22,7 @@ from ..run.outputs import write_atomic
 from ..runtime import bf16_matmul_note
 from .plan import OWN_FLAGS, Run, StudyError, code_revision, machine_name, failed_jobs, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
 from .learned_masks import compare_learned_masks
-from .report import aggregate, along_training, pairwise, run_entry, summary_markdown
+from .report import aggregate, along_training, family, pairwise, parse_family, run_entry, summary_markdown
 from .stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED
 from .unseen import aggregate_unseen, collect_unseen, evaluation_keys, parse_thresholds, unseen_mode
 
@@ -121,6 +121,13 @@ class Study:
         if self.args.vote_thresholds and not self.eval_tasks:
             raise StudyError("--vote-thresholds needs --eval-tasks")
         self.thresholds = parse_thresholds(self.args.vote_thresholds, len(tasks)) if self.eval_tasks else []
+        try:
+            self.family = parse_family(self.args.family)
+        except ValueError as exc:
+            raise StudyError(str(exc)) from None
+        variants = list(dict.fromkeys(r.variant for r in self.runs))
+        if unknown := [x for pair in self.family for x in pair if x not in variants]:
+            raise StudyError(f"--family names {unknown[0]!r}, which is not an arm of this study ({', '.join(variants)})")
         for run in self.runs:  # every run's flags must parse (unknown flags, bad values): fail before any run starts
             try:
                 cfg = parse_args(run.train_args(self.args.tasks, self.data, self.passthrough, self.threads, self.curve_episodes))
@@ -353,7 +360,7 @@ class Study:
             runs.append(entry)
         return {"command": self.command, "tasks": tasks, "methods": self.methods, "arms": [a.label for a in self.arms],
                 "variant_flags": {a.label: shlex.join([a.method, *a.flags]) for a in self.arms[len(self.methods):]},
-                "seeds": self.seeds,
+                "seeds": self.seeds, "family_spec": self.family,
                 "sweep": None if self.sweep is None else {"key": self.sweep[0], "values": self.sweep[1], "methods": self.sweep_arms},
                 "eval_episodes": self.args.eval_episodes, "eval_seed": self.args.eval_seed, "eval_precision": self.args.eval_precision,
                 "eval_returns_truncated": self.args.eval_stop_at_success, "data": self.data,
@@ -367,6 +374,7 @@ class Study:
         study = self.collect()
         study["variants"] = aggregate(study)
         study["pairwise"] = pairwise(study)
+        study["family"] = family(study)
         study["along_training"] = along_training(study)
         study["unseen"] = aggregate_unseen(study)
         study["learned_masks"] = compare_learned_masks(study, self.out)
