@@ -44,8 +44,9 @@ class HarmonyProbe:
 
     def movement(self) -> dict | None:
         """How far the masks moved (None without masks): per task, the fraction of its active
-        weights that were not active in its ERK draw, and the bound of the schedule on it
-        (:meth:`flips_bound` over the task's initial active weights)."""
+        weights that were not active in its ERK draw, and the most it can be: :meth:`flips_bound`
+        weights switched on, and no more than the task's initially masked ones, over its initial
+        active weights (at sparsity S the second alone caps it at S / (1 - S))."""
         tr = self.tr
         if tr.task_masks is None:
             return None
@@ -53,7 +54,8 @@ class HarmonyProbe:
         bound = self.flips_bound()
         return {"changed_fraction": dict(zip(tr.tasks, changed)), "changed_fraction_mean": sum(changed) / len(changed),
                 "changed_fraction_min": min(changed), "changed_fraction_max": max(changed), "flips_bound": bound,
-                "flips_bound_fraction": dict(zip(tr.tasks, [min(1.0, bound / max(a, 1)) for a in self.initial_active]))}
+                "flips_bound_fraction": dict(zip(tr.tasks, [min(bound, tr.task_masks.numel_per_task - a) / max(a, 1)
+                                                             for a in self.initial_active]))}
 
     def due(self, step: int) -> bool:
         """Whether the update runs before training step ``step``."""

@@ -90,6 +90,15 @@ def test_learned_masks_move_within_their_bound(tmp_path):
         assert move["changed_fraction"][t] <= move["flips_bound_fraction"][t] + 1e-12
 
 
+def test_movement_bound_is_capped_by_the_initially_masked_weights(tmp_path):
+    cfg = tiny_cfg(tmp_path, method="harmodt-f", steps=9, masks=MaskConfig(update_every=3, eta_max=10**6, eta_min=10**6))
+    res = run(cfg, datasets(TASKS))
+    move, s = res["mask_movement"], cfg.masks.sparsity
+    for t in TASKS:  # ERK draws exactly round(density * numel) per layer: the cap is S / (1 - S) up to that rounding
+        assert move["flips_bound_fraction"][t] == pytest.approx(s / (1 - s), rel=0.02)
+        assert move["changed_fraction"][t] <= move["flips_bound_fraction"][t] + 1e-12
+
+
 def test_unknown_conditioning_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="conditioning"):
         tiny_cfg(tmp_path, method="prompt-dt", conditioning="prompt-and-id")

@@ -683,6 +683,8 @@ def test_reports_give_mask_movement_and_the_eq12_bound():
     bound = alpha_total(10_000, 500, cfg["masks"]["eta_min"], 2400) / (0.8 * 589_824)  # 3 x 128: 589,824 masked weights
     assert mask_flips_bound_fraction(cfg) == pytest.approx(bound) and 0.05 < bound < 0.052
     assert mask_flips_bound_fraction({**cfg, "method": "harmodt-r"}) == 0.0
+    big = {**cfg, "masks": {**cfg["masks"], "eta_max": 96_000}}
+    assert mask_flips_bound_fraction(big) == pytest.approx(0.25)  # at sparsity 0.2 no more than 0.2 / 0.8 can change
     assert mask_flips_bound_fraction({**cfg, "method": "prompt-dt"}) is None
     study = fake_study({("harmodt-r", None, 0): [0.2, 0.4], ("harmodt-f", None, 0): [0.4, 0.6]})
     for r in study["runs"]:

@@ -57,8 +57,9 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
 
 def mask_flips_bound_fraction(cfg: dict) -> float | None:
     """How far a run's schedule lets a task's mask move (None for a dense method, 0 for masks that do
-    not learn): alpha_t of Eq. 12 summed over its mask updates (harmodt.masks.alpha_total) over a
-    task's active weights, (1 - sparsity) x the masked weights of its model (config.json ``cfg``)."""
+    not learn): alpha_t of Eq. 12 summed over its mask updates (harmodt.masks.alpha_total), and no
+    more than the task's initially masked weights (sparsity x the masked weights of its model,
+    config.json ``cfg``), over its active ones, (1 - sparsity) x the masked weights."""
     from ..config import ModelConfig
     from ..model import PromptDT
 
@@ -70,7 +71,7 @@ def mask_flips_bound_fraction(cfg: dict) -> float | None:
     m = cfg["masks"]
     flips = alpha_total(cfg["steps"], m["update_every"], m["eta_min"], m["eta_max"])
     weights = sum(w.numel() for w in PromptDT(ModelConfig(**cfg["model"]), 1).masked_weights().values())
-    return min(1.0, flips / ((1.0 - m["sparsity"]) * weights))
+    return min(flips, m["sparsity"] * weights) / ((1.0 - m["sparsity"]) * weights)
 
 
 def _validation_best(run, eval_episodes: int) -> dict | None:
@@ -439,7 +440,8 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
                   "Final averaged harmony score (Definition 3.2, at the last mask update); fraction of each task's active "
                   "weights not active in its initial ERK mask at the end (mean over tasks and seeds, and the least of any "
                   "task in any seed; 0 for masks that are never updated); the most that fraction can be under the run's "
-                  "schedule (alpha_t of Eq. 12 summed over the mask updates, over (1 − sparsity) × the masked weights); "
+                  "schedule (alpha_t of Eq. 12 summed over the mask updates, capped by the task's initially masked weights, over "
+                  "its active ones: at sparsity S never above S / (1 − S)); "
                   "weights the updates switched off per task over the run.", "",
                   "| method | harmony score | mask changed fraction | least of a task | Eq. 12 bound | weights switched per task | "
                   "train s per run |", "|---|---|---|---|---|---|---|"]
