@@ -54,6 +54,19 @@ def test_verdicts_follow_direction_and_holm():
     assert rows["HarmoDT-F − HarmoDT-R"][5] in ("above our interval", "inside")
 
 
+def test_masked_gains_over_prompt_dt_are_set_beside_mtdt_on_the_same_seeds():
+    study = make_study({"MTDT": 0.55, "Prompt-DT": 0.35, "HarmoDT-R": 0.56, "HarmoDT-F official": 0.54})
+    text = tables_markdown(study)
+    d = study["pairwise"]["MTDT"]["Prompt-DT"]
+    note = next(line for line in text.splitlines() if line.startswith("Masked arms against Prompt-DT"))
+    assert f"MTDT − Prompt-DT {100 * d['mean_diff']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]" in note
+    assert "HarmoDT-F official − Prompt-DT" in note and "HarmoDT-R − Prompt-DT" in note and "5 seeds" in note
+    assert "learned masks against random ones is HarmoDT-F − HarmoDT-R" in note and "validation goals" not in note
+    study["pairwise_best"] = study["pairwise"]
+    assert "on the checkpoints chosen on the validation goals" in tables_markdown(study)
+    assert "Masked arms" not in tables_markdown(make_study({"Prompt-DT": 0.4, "HarmoDT-F official": 0.6}))
+
+
 def test_a_gap_that_misses_holm_cannot_tell():
     # 3 seeds: a small F − Prompt-DT whose interval excludes 0 (p about 0.04) but that Holm over 6 comparisons does not keep
     study = make_study({"MTDT": 0.5, "Prompt-DT": 0.5, "HarmoDT-R": 0.5, "HarmoDT-F official": 0.52}, seeds=range(3), noise=0.01,

@@ -65,3 +65,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --goals") and "\n" not in err
     assert main(["card", "--tasks", "no-such-task-v3", "--out", str(tmp_path), "--no-progress"]) == 2
+
+
+def test_the_training_sets_own_success_by_decile_from_its_manifest(tmp_path):
+    """`card --training-data DIR`: the success per task and by decile of the episodes `generate` wrote
+    (a tiny folder, no simulator), and the card's section from it; a task the folder lacks is refused."""
+    from _data_folders import write_ours
+    from harmodt.data.card import training_set
+    from harmodt.data.card_report import _training_set
+    from harmodt.data.formats import DataError, read_manifest
+
+    write_ours(tmp_path, tasks=("reach-v3", "push-v3"), episodes=10)
+    files = read_manifest(tmp_path)["files"]
+    ts = training_set(tmp_path, ["reach-v3", "push-v3"])
+    flags = {t: files[t]["episode_success"] for t in ("reach-v3", "push-v3")}
+    assert ts["episodes_per_task"] == [10]
+    assert ts["success_by_decile"] == [(flags["reach-v3"][i] + flags["push-v3"][i]) / 2 for i in range(10)]
+    assert ts["success_rate"] == {t: sum(f) / 10 for t, f in flags.items()}
+    md = "\n".join(_training_set({"training_set": ts, "curriculum_episodes_per_task": 10}))
+    assert "| success | " + " | ".join(f"{d:.2f}" for d in ts["success_by_decile"]) + " |" in md and "| push-v3 |" in md
+    assert "Not measured" in "\n".join(_training_set({"curriculum_episodes_per_task": 10}))
+    with pytest.raises(DataError, match="no episode_success for door-open-v3"):
+        training_set(tmp_path, ["reach-v3", "door-open-v3"])

@@ -322,6 +322,58 @@ def test_best_on_validation_is_compared_with_the_reference_by_seed():
     assert "| HarmoDT-F − Prompt-DT | +0.200 |" in md
 
 
+def test_pairwise_of_the_validation_chosen_checkpoints_is_a_family_of_its_own():
+    """Three arms: the checkpoints chosen on validation differ by 0.2 in every seed where the final ones do not."""
+    finals = {m: {s: [0.5, 0.5] for s in (0, 1, 2)} for m in ("prompt-dt", "harmodt-r", "mtdt")}
+    finals["mtdt"][1] = [0.9, 0.1]
+    study = fake_study({(m, None, s): v for m, per in finals.items() for s, v in per.items()})
+    best = {"prompt-dt": [0.2, 0.4], "harmodt-r": [0.4, 0.6], "mtdt": [0.4, 0.6]}
+    for r in study["runs"]:
+        r["best"] = {"mean_success": float(np.mean(best[r["method"]])), "step": 20, "episodes": 20, "selected_on": "validation",
+                     "tasks": {t: {"success": x + 0.01 * r["seed"]} for t, x in zip(TASKS, best[r["method"]])}}
+    study["variants"] = aggregate(study)
+    study["pairwise"], pb = pairwise(study), pairwise(study, key="best")
+    assert pb["MTDT"]["Prompt-DT"]["mean_diff"] == pytest.approx(0.2) and pb["MTDT"]["Prompt-DT"]["holm"]
+    assert pb["MTDT"]["Prompt-DT"]["comparisons"] == 3 and not pb["MTDT"]["HarmoDT-R"]["holm"]
+    assert study["pairwise"]["MTDT"]["Prompt-DT"]["mean_diff"] == pytest.approx(0.0)
+    study["pairwise_best"] = pb
+    md = summary_markdown(study)
+    assert "## Every pair of methods, best on validation" in md and "survives Holm's correction over all 3 at 5 %: HarmoDT-R vs Prompt-DT, MTDT vs Prompt-DT." in md
+    for r in study["runs"]:
+        r["best"]["selected_on"] = "test"  # chosen on the goals it is reported on: no such family
+    assert pairwise(study, key="best") == {}
+
+
+def test_budget_line_gives_each_moving_arm_its_schedule_and_the_eq12_bound():
+    from harmodt.masks import alpha_total
+    from harmodt.study.report import masked_and_active
+
+    study = fake_study({("mtdt", None, 0): [0.5, 0.5], ("harmodt-r", None, 0): [0.5, 0.5], ("harmodt-f", None, 0): [0.5, 0.5]})
+    model = {"n_layer": 1, "n_head": 2, "n_embd": 16}
+    for r in study["runs"]:
+        eta_max = 2400 if r["method"] == "harmodt-f" else 1600  # the shared flag, overridden by the moving arm's own
+        r["config"] = {"steps": 1000, "batch_size": 8, "lr": 3e-4, "warmup_steps": 10, "quality": "near-optimal", "model": model,
+                       "masks": {"sparsity": 0.2, "update_every": 250, "eta_min": 0, "eta_max": eta_max}}
+    study["variants"] = aggregate(study)
+    weights, active = masked_and_active(model, 0.2)
+    assert weights == 12 * 16 * 16
+    import torch
+    from harmodt.config import ModelConfig
+    from harmodt.masks import TaskMasks
+    from harmodt.model import PromptDT
+
+    shapes = {n: tuple(w.shape) for n, w in PromptDT(ModelConfig(**model), 2).masked_weights().items()}
+    drawn = TaskMasks.erk(shapes, 2, 0.2, torch.Generator().manual_seed(0))  # the masks a run draws
+    assert active == sum(int(m[1].sum()) for m in drawn.masks.values()) and abs(active - 0.8 * 12 * 16 * 16) < 4
+    bound = alpha_total(1000, 250, 0, 2400)
+    md = summary_markdown(study)
+    assert (f"masks: sparsity 0.2, HarmoDT-F: t_m 250, eta_min 0, eta_max 2400; Eq. 12 lets a task switch at most {bound} weights off "
+            f"(and as many on) over the run, {100 * bound / active:.2f} % of its {active} active weights.") in md
+    assert "eta_max 1600" not in md
+    study["runs"] = [r for r in study["runs"] if r["method"] != "harmodt-f"]
+    assert "masks: sparsity 0.2, no arm's masks move (none learns them)." in summary_markdown(study)
+
+
 def test_aggregate_sweep_of_one_method_beside_an_unswept_prompt_dt():
     study = fake_study({("prompt-dt", None, 0): [0.2, 0.4], ("harmodt-f", "100", 0): [0.3, 0.4],
                         ("harmodt-f", "2000", 0): [0.5, 0.6]}, sweep="masks.eta_max")
@@ -680,11 +732,11 @@ def test_reports_give_mask_movement_and_the_eq12_bound():
 
     cfg = dataclasses.asdict(TrainConfig(method="harmodt-f", steps=10_000, model=ModelConfig(n_layer=3, n_embd=128, n_head=4),
                                          masks=MaskConfig(update_every=500, eta_max=2400)))
-    bound = alpha_total(10_000, 500, cfg["masks"]["eta_min"], 2400) / (0.8 * 589_824)  # 3 x 128: 589,824 masked weights
+    bound = alpha_total(10_000, 500, cfg["masks"]["eta_min"], 2400) / 471_858  # 3 x 128: ERK keeps 471,858 of 589,824 active
     assert mask_flips_bound_fraction(cfg) == pytest.approx(bound) and 0.05 < bound < 0.052
     assert mask_flips_bound_fraction({**cfg, "method": "harmodt-r"}) == 0.0
     big = {**cfg, "masks": {**cfg["masks"], "eta_max": 96_000}}
-    assert mask_flips_bound_fraction(big) == pytest.approx(0.25)  # at sparsity 0.2 no more than 0.2 / 0.8 can change
+    assert mask_flips_bound_fraction(big) == (589_824 - 471_858) / 471_858  # no more than the initially masked: about 0.2 / 0.8
     assert mask_flips_bound_fraction({**cfg, "method": "prompt-dt"}) is None
     study = fake_study({("harmodt-r", None, 0): [0.2, 0.4], ("harmodt-f", None, 0): [0.4, 0.6]})
     for r in study["runs"]:

@@ -35,6 +35,7 @@ import numpy as np
 from ..files import cache_dir, write_atomic
 from ..tasks import parse_tasks, task_seed
 from .card_report import wilson
+from .formats import DataError
 from .generator import CURRICULUM, GENERATOR_VERSION, SIGMA, curriculum_rollouts, decile_success, rollout
 
 EXPERT_SEED_OFFSET = 2_000_003  # the expert's goals: apart from the data's (seed) and its prompts' (+1 000 003)
@@ -200,6 +201,24 @@ def measure(tasks: list[str], goals: int, curriculum_episodes: int, seed: int = 
     }
 
 
+def training_set(root: str | os.PathLike, tasks: list[str]) -> dict:
+    """The success of a generated training set (``generate``'s folder, its manifest.json): per task
+    and pooled by decile of the episode index, over every episode of the card's ``tasks``."""
+    from .formats import read_manifest
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    files = manifest.get("files", {})
+    missing = [t for t in tasks if "episode_success" not in files.get(t, {})]
+    if missing:
+        raise DataError(f"{root / 'manifest.json'}: no episode_success for {missing[0]} (the card's tasks must all be in the training set)")
+    records = {t: {"episode_success": [bool(x) for x in files[t]["episode_success"]]} for t in tasks}
+    return {"path": str(root), "settings": manifest.get("settings", {}),
+            "episodes_per_task": sorted({len(r["episode_success"]) for r in records.values()}),
+            "success_by_decile": decile_success(records),
+            "success_rate": {t: float(np.mean(r["episode_success"])) for t, r in records.items()}}
+
+
 def default_name(tasks_arg: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", tasks_arg.lower()).strip("-")[:40] or "tasks"
     return f"metaworld-v3-{slug}"
@@ -216,6 +235,8 @@ def add_parser(sub) -> None:
     c.add_argument("--name", default=None, help="file name stem (default metaworld-v3-<tasks>)")
     c.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core); the numbers do not depend on it")
     c.add_argument("--cache", default=None, help="folder of finished units, for resuming (default $HARMODT_CACHE/card)")
+    c.add_argument("--training-data", default=None, metavar="DIR",
+                   help="a folder `generate` wrote (the training set): its own success per task and by decile join the card")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -227,10 +248,14 @@ def run(args) -> list[Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or default_name(args.tasks)
+    training = None if args.training_data is None else training_set(args.training_data, tasks)  # checked before the episodes run
     card = measure(tasks, args.goals, args.curriculum_episodes, args.seed, args.workers, args.cache, not args.no_progress)
+    if training is not None:
+        card["training_set"] = training
     card["command"] = " ".join(["python -m harmodt.data card", "--tasks", shlex.quote(args.tasks), "--goals", str(args.goals),
                                 "--curriculum-episodes", str(args.curriculum_episodes), "--seed", str(args.seed),
-                                "--out", shlex.quote(args.out)] + (["--name", shlex.quote(args.name)] if args.name else []))
+                                "--out", shlex.quote(args.out)] + (["--name", shlex.quote(args.name)] if args.name else [])
+                               + (["--training-data", shlex.quote(args.training_data)] if args.training_data else []))
     paths = [out / f"{name}.json", out / f"{name}.png", out / f"{name}.md"]
     write_atomic(paths[0], json.dumps(card, indent=1) + "\n")
     write_figure(card, paths[1])

@@ -149,7 +149,40 @@ def tables_markdown(study: dict) -> str:
         p = "–" if d is None or _nan(d["p_value"]) else f"{d['p_value']:.2g}"
         lines.append(f"| {METHOD_NAMES[better]} − {METHOD_NAMES[worse]} | {gap:+.2f} ({table}) | {ours} | {p} | "
                      f"{verdict(d)} | {size_check(d, gap / 100)} |")
+    lines += without_masks(study, arms)
     return "\n".join(lines) + "\n"
+
+
+def _ours(d: dict) -> str:
+    p = "–" if _nan(d["p_value"]) else f"{d['p_value']:.2g}"
+    return f"{_pct(d['mean_diff'], True)} {_interval(d['ci_low'], d['ci_high'], True)} (p {p}{', †' if d.get('holm') else ''}, {d['seeds']} seeds)"
+
+
+def _best(study: dict, arms: dict[str, dict]) -> str:
+    """MTDT − Prompt-DT on the checkpoints chosen on the validation goals (study.json's ``pairwise_best``), or ""."""
+    d = (study.get("pairwise_best") or {}).get(arms["mtdt"]["variant"], {}).get(arms["prompt-dt"]["variant"])
+    return "" if d is None else f", and on the checkpoints chosen on the validation goals {_ours(d)}"
+
+
+def without_masks(study: dict, arms: dict[str, dict]) -> list[str]:
+    """What the arm without masks does beside the masked arms' claims: MTDT − Prompt-DT on the same
+    seeds next to each masked arm's gain over Prompt-DT (a gain MTDT, with no mask, also gets is not
+    the masks'), and what HarmoDT-F − MTDT and HarmoDT-F − HarmoDT-R each compare."""
+    pw = study["pairwise"]
+    mtdt_pd = pw.get(arms["mtdt"]["variant"], {}).get(arms["prompt-dt"]["variant"]) if {"mtdt", "prompt-dt"} <= arms.keys() else None
+    masked = {m: d for m in ("harmodt-r", "harmodt-f") if m in arms and "prompt-dt" in arms
+              and (d := pw.get(arms[m]["variant"], {}).get(arms["prompt-dt"]["variant"]))}
+    if mtdt_pd is None or not masked:
+        return []
+    gains = "; ".join(f"{arms[m]['variant']} − Prompt-DT {_ours(d)}" for m, d in masked.items())
+    lines = ["", f"Masked arms against Prompt-DT, beside MTDT (no mask: the task's one-hot ID beside the state, no prompt) against "
+             f"Prompt-DT on the same seeds (†: survives Holm over the pairwise comparisons of the same checkpoints): {gains}; MTDT − Prompt-DT {_ours(mtdt_pd)}{_best(study, arms)}. A masked arm's gain over Prompt-DT is the "
+             "masks' own only as far as it exceeds MTDT's, so a \"supports\" for HarmoDT-F − Prompt-DT says the paper's direction "
+             "holds, not that masks cause it."]
+    if "harmodt-f" in arms and "mtdt" in arms:
+        lines[-1] += (" HarmoDT-F − MTDT sets masks and a prompt against a one-hot task ID without masks; learned masks against "
+                      "random ones is HarmoDT-F − HarmoDT-R" + (" (the same ERK draw per seed)." if "harmodt-r" in arms else "."))
+    return lines
 
 
 def _family(study: dict) -> int:

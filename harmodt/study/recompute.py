@@ -45,6 +45,7 @@ def recompute(folder: Path) -> dict:
         study["variants"] = aggregate(study)
         study["pairwise"] = pairwise(study)
         study["family"] = family(study)
+        study["pairwise_best"] = pairwise(study, key="best")
         study["along_training"] = along_training(study)
         study["unseen"] = aggregate_unseen(study)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

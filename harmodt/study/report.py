@@ -58,11 +58,8 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
 def mask_flips_bound_fraction(cfg: dict) -> float | None:
     """How far a run's schedule lets a task's mask move (None for a dense method, 0 for masks that do
     not learn): alpha_t of Eq. 12 summed over its mask updates (harmodt.masks.alpha_total), and no
-    more than the task's initially masked weights (sparsity x the masked weights of its model,
-    config.json ``cfg``), over its active ones, (1 - sparsity) x the masked weights."""
-    from ..config import ModelConfig
-    from ..model import PromptDT
-
+    more than the task's initially masked weights, over its active ones (:func:`masked_and_active`
+    of config.json ``cfg``); at sparsity S the cap alone is about S / (1 - S)."""
     method = METHODS.get(cfg.get("method"))
     if method is None or not method.masked:
         return None
@@ -70,8 +67,8 @@ def mask_flips_bound_fraction(cfg: dict) -> float | None:
         return 0.0
     m = cfg["masks"]
     flips = alpha_total(cfg["steps"], m["update_every"], m["eta_min"], m["eta_max"])
-    weights = sum(w.numel() for w in PromptDT(ModelConfig(**cfg["model"]), 1).masked_weights().values())
-    return min(flips, m["sparsity"] * weights) / ((1.0 - m["sparsity"]) * weights)
+    weights, active = masked_and_active(cfg["model"], m["sparsity"])
+    return min(flips, weights - active) / active
 
 
 def _validation_best(run, eval_episodes: int) -> dict | None:
@@ -204,15 +201,18 @@ def along_training(study: dict) -> dict | None:
 HOLM_ALPHA = 0.05
 
 
-def pairwise(study: dict) -> dict:
+def pairwise(study: dict, key: str | None = None) -> dict:
     """``{row variant: {column variant: paired difference}}``: row minus column success paired by seed
-    (:func:`paired_difference`), for every two variants with evaluated runs. Each unordered pair is one
-    comparison of the family; ``holm`` marks the cells (both orders of a pair) whose p-value survives
-    Holm's correction over the family at 5 %, and ``comparisons`` gives the family's size."""
-    finished = [r for r in study["runs"] if r["status"] == "finished"]
+    (:func:`paired_difference`), for every two variants with evaluated runs: of the final checkpoints,
+    or (``key="best"``) of the checkpoints chosen on the validation goals (runs without one left out).
+    Each unordered pair is one comparison of the family; ``holm`` marks the cells (both orders of a
+    pair) whose p-value survives Holm's correction over the family at 5 %, and ``comparisons`` gives
+    the family's size."""
+    finished = [r for r in study["runs"] if r["status"] == "finished"
+                and (key is None or r.get(key, {}).get("selected_on") == "validation")]
     names = list(dict.fromkeys(r["variant"] for r in finished))
     rows = {v: [r for r in finished if r["variant"] == v] for v in names}
-    table = {a: {b: p for b in names if b != a and (p := _paired(rows[a], rows[b], study["tasks"], b))} for a in names}
+    table = {a: {b: p for b in names if b != a and (p := _paired(rows[a], rows[b], study["tasks"], b, key))} for a in names}
     family = {(a, b): table[a][b]["p_value"] for i, a in enumerate(names) for b in names[i + 1:] if b in table[a]}
     kept = holm(family, HOLM_ALPHA)
     for (a, b), rejected in kept.items():
@@ -308,6 +308,73 @@ def along_training_markdown(at: dict | None) -> list[str]:
     return lines
 
 
+def masked_and_active(model_cfg: dict, sparsity: float) -> tuple[int, int]:
+    """The masked weights of the model of a run's config (config.json's ``model``) and those one
+    task's ERK mask keeps active (the exact draw), the model built on the meta device: nothing is
+    allocated."""
+    import torch
+
+    from ..config import ModelConfig
+    from ..masks import erk_densities
+    from ..model import PromptDT
+
+    with torch.device("meta"):
+        model = PromptDT(ModelConfig(**model_cfg), 1)
+    shapes = {n: tuple(w.shape) for n, w in model.masked_weights().items()}
+    dens = erk_densities(shapes, 1.0 - sparsity)
+    return sum(a * b for a, b in shapes.values()), sum(int(round(dens[n] * a * b)) for n, (a, b) in shapes.items())
+
+
+def mask_schedules(runs: list[dict], n_tasks: int) -> str:
+    """The mask schedule of the arms whose masks learn (t_m, eta_min, eta_max of their configs) and the
+    most weights Eq. 12 lets each task switch over the run (harmodt.masks.alpha_total), also as a
+    fraction of a task's active weights; "no arm's masks move" when none learns."""
+    schedules: dict[tuple, list[str]] = {}
+    for r in runs:
+        method = METHODS.get(r["method"])
+        if not r.get("config") or method is None or not method.learns_masks:
+            continue
+        cfg, mk = r["config"], r["config"]["masks"]
+        key = (cfg["steps"], mk["update_every"], mk["eta_min"], mk["eta_max"], mk["sparsity"], json.dumps(cfg["model"], sort_keys=True))
+        if r["variant"] not in schedules.setdefault(key, []):
+            schedules[key].append(r["variant"])
+    if not schedules:
+        return "no arm's masks move (none learns them)"
+    parts = []
+    for (steps, every, eta_min, eta_max, sparsity, model), variants in schedules.items():
+        bound = alpha_total(steps, every, eta_min, eta_max)
+        active = masked_and_active(json.loads(model), sparsity)[1]
+        parts.append(f"{', '.join(variants)}: t_m {every}, eta_min {eta_min}, eta_max {eta_max}; Eq. 12 lets a task switch at most "
+                     f"{bound} weights off (and as many on) over the run, {100 * bound / active:.2f} % of its {active} active weights")
+    return "; ".join(parts)
+
+
+def pairwise_markdown(pw: dict, title: str, what: str) -> list[str]:
+    """A section of summary.md: the table of :func:`pairwise` (row minus column), Holm survivors marked."""
+    if len(pw) <= 2:
+        return []
+    names = list(pw)
+    m = next((p["comparisons"] for row in pw.values() for p in row.values() if "comparisons" in p), 0)
+    survive = sorted({tuple(sorted((a, b))) for a in names for b, p in pw[a].items() if p.get("holm")})
+    lines = ["", f"## {title}", "",
+             f"Row minus column: mean over seeds of the {what}, and its 95 % interval, a "
+             f"{SEED_LEVEL_METHOD}; **bold** where that interval excludes 0. The table holds {m} comparisons "
+             f"(each unordered pair once); † marks those whose paired-t p-value survives Holm's correction over all {m} "
+             f"at {HOLM_ALPHA * 100:.0f} %: {', '.join(f'{a} vs {b}' for a, b in survive) if survive else 'none does'}.", "",
+             "| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for a in names:
+        cells = []
+        for b in names:
+            p = pw[a].get(b)
+            if p is None:
+                cells.append("–")
+                continue
+            txt = f"{p['mean_diff']:+.3f} {_interval(p, 2)}" + (" †" if p.get("holm") else "")
+            cells.append(f"**{txt}**" if excludes_zero(p) else txt)
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summary_markdown(study: dict, figures: list[str] = ()) -> str:
     variants = study["variants"]
     runs = study["runs"]
@@ -324,7 +391,7 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         mc, mk = cfg["model"], cfg["masks"]
         lines += [f"Budget: {cfg['steps']} steps at batch {cfg['batch_size']}, {mc['n_layer']} layers x {mc['n_embd']} "
                   f"({mc['n_head']} heads), lr {cfg['lr']}, warm-up {cfg['warmup_steps']}, {cfg['quality']} data; masks: "
-                  f"sparsity {mk['sparsity']}, t_m {mk['update_every']}, eta_max {mk['eta_max']}"
+                  f"sparsity {mk['sparsity']}, {mask_schedules(runs, len(study['tasks']))}"
                   + ("" if study["sweep"] is None else f" (swept: {study['sweep']['key']} = {', '.join(study['sweep']['values'])}"
                      f" for {', '.join(study['sweep'].get('methods') or study['methods'])})") + ". "
                   f"Evaluation: {study['eval_episodes']} episodes per task, seed {study['eval_seed']} for every run.", ""]
@@ -404,27 +471,10 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         for t in study["tasks"]:
             lines.append(f"| {t} | " + " | ".join(f"{v['per_task'][t]:.2f}" for v in done) + " |")
         lines.append("| **mean** | " + " | ".join(f"**{v['mean_success']:.3f}**" for v in done) + " |")
-    pw = study.get("pairwise") or {}
-    if len(pw) > 2:
-        names = list(pw)
-        m = next((p["comparisons"] for row in pw.values() for p in row.values() if "comparisons" in p), 0)
-        survive = sorted({tuple(sorted((a, b))) for a in names for b, p in pw[a].items() if p.get("holm")})
-        lines += ["", "## Every pair of methods", "",
-                  f"Row minus column: mean over seeds of the per-seed success difference, and its 95 % interval, a "
-                  f"{SEED_LEVEL_METHOD}; **bold** where that interval excludes 0. The table holds {m} comparisons "
-                  f"(each unordered pair once); † marks those whose paired-t p-value survives Holm's correction over all {m} "
-                  f"at {HOLM_ALPHA * 100:.0f} %: {', '.join(f'{a} vs {b}' for a, b in survive) if survive else 'none does'}.", "",
-                  "| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for a in names:
-            cells = []
-            for b in names:
-                p = pw[a].get(b)
-                if p is None:
-                    cells.append("–")
-                    continue
-                txt = f"{p['mean_diff']:+.3f} {_interval(p, 2)}" + (" †" if p.get("holm") else "")
-                cells.append(f"**{txt}**" if excludes_zero(p) else txt)
-            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines += pairwise_markdown(study.get("pairwise") or {}, "Every pair of methods", "per-seed success difference")
+    lines += pairwise_markdown(study.get("pairwise_best") or {}, "Every pair of methods, best on validation",
+                               "per-seed success difference of the checkpoints chosen on the validation goals (measured on "
+                               "the test goals), a family of its own")
     swept = [v for v in done if "paired_sweep" in v]
     if swept:
         key = study["sweep"]["key"]

@@ -375,6 +375,7 @@ class Study:
         study["variants"] = aggregate(study)
         study["pairwise"] = pairwise(study)
         study["family"] = family(study)
+        study["pairwise_best"] = pairwise(study, key="best")
         study["along_training"] = along_training(study)
         study["unseen"] = aggregate_unseen(study)
         study["learned_masks"] = compare_learned_masks(study, self.out)
