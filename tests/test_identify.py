@@ -20,7 +20,7 @@ def _traj(obs: np.ndarray, rng) -> Trajectory:
                       rng.uniform(0, 1, n).astype(np.float32), np.eye(1, n, n - 1, dtype=bool)[0])
 
 
-def _offset_tasks(n_tasks=4, episodes=12, length=15, seed=0) -> dict:
+def _offset_tasks(n_tasks=3, episodes=8, length=10, seed=0) -> dict:
     """Tasks whose states are the same noise shifted by a task-specific constant: told apart by raw
     (or pooled) states, but identical in distribution once each task is normalised by its own statistics."""
     rng = np.random.default_rng(seed)
@@ -78,7 +78,7 @@ def test_per_task_statistics_hide_an_offset_that_pooled_ones_show():
 
     assert acc("pooled", "first", None) == 1.0
     assert acc("pooled", "prompt", "last") == 1.0
-    assert acc("per-task", "first", None) < 0.5  # chance 0.25: the offset is normalised away
+    assert acc("per-task", "first", None) < 0.6  # chance 1/3: the offset is normalised away
     r = next(r for r in res if (r["state_norm"], r["view"], r["segment"]) == ("pooled", "both", "last"))
     assert set(r["per_task"]) == set(data) and r["per_task"]["task2"]["heldout"] == 1.0
     assert r["prompt_episodes"] == 1.0  # fitted on training episodes, tested on the prompt episodes
@@ -102,7 +102,7 @@ def test_cli_writes_report_with_rank_correlation(tmp_path, capsys):
                                                      "model": {"prompt_len": 3}}))
     out = tmp_path / "out"
     rc = idf.main(["--data", str(data), "--out", str(out), "--runs", str(runs), "--prompt-len", "3", "--folds", "3",
-                   "--max-ep-len", "50", "--max-iter", "50"])
+                   "--max-ep-len", "50", "--max-iter", "20"])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "identify.json").read_text())
     assert report["model_state_norm"] == "pooled"

@@ -312,7 +312,7 @@ def figure(report: dict, path: Path) -> Path:
     ax.set_xticks(np.arange(len(VIEWS)) + 0.4 - width / 2, [_key(v, s) for v, s in VIEWS], fontsize=8)
     ax.set_ylim(0, 1.02)
     ax.set_title("held-out accuracy over all tasks")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     fig.suptitle(report["data"]["path"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -341,7 +341,8 @@ def run(data: Path, out: Path, cfg: IdentifyConfig, runs: Path | None = None, ta
     }
     manifest = data / "manifest.json"
     if manifest.exists():
-        report["data"]["settings"] = json.loads(manifest.read_text()).get("settings", {})
+        m = json.loads(manifest.read_text())
+        report["data"].update(settings=m.get("settings", {}), content_sha256=m.get("content_sha256"))
     for key in ("train_episodes_per_task", "prompt_episodes_per_task"):
         v = report["data"][key]
         report["data"][key] = v[0] if len(v) == 1 else v
