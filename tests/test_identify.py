@@ -94,15 +94,15 @@ def test_cli_writes_report_with_rank_correlation(tmp_path, capsys):
     tasks = ("reach-v3", "push-v3", "pick-place-v3")
     data = write_ours(tmp_path / "data", tasks=tasks, episodes=6, length=12)
     runs = tmp_path / "runs"
-    for seed, succ in ((0, (1.0, 0.5, 0.0)), (1, (0.8, 0.4, 0.2))):
-        run = runs / f"prompt-dt-s{seed}"
+    for name, succ in (("prompt-dt-s0", (1.0, 0.5, 0.0)), ("prompt-dt-s1", (0.8, 0.4, 0.2)), ("mtdt-s0", (0.0, 0.5, 1.0))):
+        run = runs / name
         run.mkdir(parents=True)
         (run / "run_eval.json").write_text(json.dumps({"tasks": {t: {"success": s} for t, s in zip(tasks, succ)}}))
         (run / "config.json").write_text(json.dumps({"prompt_segment": "last", "state_norm": "pooled", "steps": 10,
                                                      "model": {"prompt_len": 3}}))
     out = tmp_path / "out"
     rc = idf.main(["--data", str(data), "--out", str(out), "--runs", str(runs), "--prompt-len", "3", "--folds", "3",
-                   "--max-ep-len", "50", "--max-iter", "20"])
+                   "--max-ep-len", "50", "--max-iter", "20", "--control", "mtdt"])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "identify.json").read_text())
     assert report["model_state_norm"] == "pooled"
@@ -110,8 +110,13 @@ def test_cli_writes_report_with_rank_correlation(tmp_path, capsys):
     assert len(report["results"]) == len(idf.STATE_NORMS) * len(idf.VIEWS) * len(idf.CLASSIFIERS)
     sp = report["results"][0]["spearman"]["heldout"]
     assert sp["n"] == 3 and (sp["rho"] is None or -1.0 <= sp["rho"] <= 1.0)
+    assert report["controls"]["mtdt"]["per_task"]["pick-place-v3"] == 1.0
+    for row in report["results"]:  # the control's success is the reverse order of Prompt-DT's: opposite ranks
+        for test in idf.TESTS:
+            a, b = row["spearman"][test]["rho"], row["spearman_controls"]["mtdt"][test]["rho"]
+            assert (a is None and b is None) or a == pytest.approx(-b)
     md = (out / "identify.md").read_text()
-    assert "| reach-v3 | 0.90 |" in md and "Spearman" in md
+    assert "| reach-v3 | 0.90 |" in md and "Spearman ρ with mtdt success" in md
     assert (out / "identify.png").stat().st_size > 0
 
 

@@ -171,13 +171,13 @@ def spearman(a: list[float], b: list[float]) -> dict:
     return {"rho": float(r.statistic), "p": float(r.pvalue), "n": len(a)}
 
 
-def prompt_dt_success(runs_dir: Path, tasks: list[str]) -> dict:
-    """Per-task success of the Prompt-DT runs under ``runs_dir`` (``prompt-dt-s*/run_eval.json``,
-    the final checkpoint's evaluation), averaged over seeds, with each run's prompt segment and state
-    statistics from its config.json."""
-    paths = sorted(runs_dir.glob("prompt-dt-s*/run_eval.json"), key=lambda p: int(p.parent.name.rsplit("-s", 1)[1]))
+def method_success(runs_dir: Path, tasks: list[str], method: str = "prompt-dt") -> dict:
+    """Per-task success of a method's runs under ``runs_dir`` (``METHOD-s*/run_eval.json``, the final
+    checkpoint's evaluation), averaged over seeds, with each run's prompt segment and state statistics
+    from its config.json."""
+    paths = sorted(runs_dir.glob(f"{method}-s*/run_eval.json"), key=lambda p: int(p.parent.name.rsplit("-s", 1)[1]))
     if not paths:
-        raise IdentifyError(f"{runs_dir}: no prompt-dt-s*/run_eval.json")
+        raise IdentifyError(f"{runs_dir}: no {method}-s*/run_eval.json")
     per_seed, settings = {}, {}
     for path in paths:
         ev = json.loads(path.read_text())
@@ -197,10 +197,11 @@ def prompt_dt_success(runs_dir: Path, tasks: list[str]) -> dict:
 
 
 def identify(datasets: dict, cfg: IdentifyConfig, state_norms=STATE_NORMS, classifiers=CLASSIFIERS,
-             success: dict | None = None) -> list[dict]:
+             success: dict | None = None, controls: dict | None = None) -> list[dict]:
     """Every (state statistics, view, segment, classifier): overall and per-task accuracy on both
     held-out sets, and the Spearman correlation of per-task accuracy with ``success`` (task ->
-    Prompt-DT success) when given."""
+    Prompt-DT success) when given, and with each of ``controls`` (method -> task -> success: runs
+    that see no prompt, to tell identification from task difficulty) under ``spearman_controls``."""
     tasks = list(datasets)
     short = [t for t in tasks if len(datasets[t].trajectories) < cfg.folds]
     if short:
@@ -221,9 +222,12 @@ def identify(datasets: dict, cfg: IdentifyConfig, state_norms=STATE_NORMS, class
                     for t, s in per_task_scores(truth, pred, tasks).items():
                         per_task[t][test] = s["accuracy"]
                         per_task[t][test + "_confused_with"] = s["confused_with"]
+                    acc = [per_task[t][test] for t in tasks]
                     if success is not None:
-                        row.setdefault("spearman", {})[test] = spearman([per_task[t][test] for t in tasks],
-                                                                        [success[t] for t in tasks])
+                        row.setdefault("spearman", {})[test] = spearman(acc, [success[t] for t in tasks])
+                    for method, ctl in (controls or {}).items():
+                        row.setdefault("spearman_controls", {}).setdefault(method, {})[test] = spearman(
+                            acc, [ctl[t] for t in tasks])
                 row["per_task"] = per_task
                 results.append(row)
     return results
@@ -262,9 +266,16 @@ def markdown(report: dict) -> str:
             lines.append("| Spearman ρ with Prompt-DT success (logistic; first / prompt (last) / both (last)) | " + " | ".join(
                 " / ".join(_f(_find(res, n, v, s, c)["spearman"][test]["rho"], 2) for v, s in VIEWS[:3])
                 for n in norms for c in clfs) + " |")
+        for method in report.get("controls") or {}:
+            lines.append(f"| Spearman ρ with {method} success (control; same views) | " + " | ".join(
+                " / ".join(_f(_find(res, n, v, s, c)["spearman_controls"][method][test]["rho"], 2) for v, s in VIEWS[:3])
+                for n in norms for c in clfs) + " |")
         lines.append("")
     if pdt:
-        lines += [f"Prompt-DT runs: {pdt['runs']} ({', '.join(pdt['seeds'])}), mean success {pdt['mean_success']:.3f}.", ""]
+        lines += [f"Prompt-DT runs: {pdt['runs']} ({', '.join(pdt['seeds'])}), mean success {pdt['mean_success']:.3f}."]
+        lines += [f"Control {m}: {', '.join(c['seeds'])}, mean success {c['mean_success']:.3f}."
+                  for m, c in (report.get("controls") or {}).items()]
+        lines.append("")
     norm = report["model_state_norm"]
     lines += [f"## Per task ({norm} statistics, logistic regression, held-out training episodes; prompt = last K* steps)", "",
               "| task | Prompt-DT success | first | prompt | both | prompt, NC | prompt, on expert prompt episodes | prompt mistaken for |",
@@ -320,8 +331,12 @@ def figure(report: dict, path: Path) -> Path:
     return path
 
 
-def run(data: Path, out: Path, cfg: IdentifyConfig, runs: Path | None = None, tasks: list[str] | None = None) -> dict:
-    """Load ``data``, classify, and write ``out``/identify.json, identify.md and identify.png."""
+def run(data: Path, out: Path, cfg: IdentifyConfig, runs: Path | None = None, tasks: list[str] | None = None,
+        control_methods: tuple = ()) -> dict:
+    """Load ``data``, classify, and write ``out``/identify.json, identify.md and identify.png;
+    ``control_methods``: methods whose runs under ``runs`` the per-task accuracies are also ranked against."""
+    if control_methods and runs is None:
+        raise IdentifyError("--control needs --runs")
     from ..data.formats import DataError
     from ..data.load import load_dataset
 
@@ -330,14 +345,16 @@ def run(data: Path, out: Path, cfg: IdentifyConfig, runs: Path | None = None, ta
     except DataError as e:
         raise IdentifyError(str(e)) from None
     names = list(datasets)
-    pdt = prompt_dt_success(runs, names) if runs is not None else None
+    pdt = method_success(runs, names) if runs is not None else None
+    controls = {m: method_success(runs, names, m) for m in control_methods}
     settings = next(iter(pdt["settings"].values()), {}) if pdt else {}
     report = {
         "data": {"path": str(data), "train_episodes_per_task": sorted({len(d.trajectories) for d in datasets.values()}),
                  "prompt_episodes_per_task": sorted({len(d.prompts) for d in datasets.values()})},
         "config": asdict(cfg), "tasks": names, "model_state_norm": settings.get("state_norm", "per-task"),
-        "prompt_dt": pdt,
-        "results": identify(datasets, cfg, success=pdt["per_task"] if pdt else None),
+        "prompt_dt": pdt, "controls": controls,
+        "results": identify(datasets, cfg, success=pdt["per_task"] if pdt else None,
+                            controls={m: c["per_task"] for m, c in controls.items()}),
     }
     manifest = data / "manifest.json"
     if manifest.exists():
@@ -359,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True, help="a data folder (python -m harmodt.data generate)")
     p.add_argument("--out", type=Path, required=True, help="folder for identify.json, identify.md, identify.png")
     p.add_argument("--runs", type=Path, default=None, help="a study's runs folder with prompt-dt-s*/run_eval.json")
+    p.add_argument("--control", default="", help="comma list of methods (e.g. mtdt) whose runs in --runs the per-task "
+                   "accuracies are also rank-correlated with")
     p.add_argument("--tasks", default=None, help="comma list of task names (default: every task in --data)")
     for name, default in asdict(IdentifyConfig()).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
@@ -368,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if cfg.folds < 2 or cfg.prompt_len < 1:
             raise IdentifyError(f"--folds must be at least 2 and --prompt-len at least 1, got {cfg.folds} and {cfg.prompt_len}")
-        report = run(args.data, args.out, cfg, args.runs, args.tasks.split(",") if args.tasks else None)
+        report = run(args.data, args.out, cfg, args.runs, args.tasks.split(",") if args.tasks else None,
+                     tuple(m for m in args.control.split(",") if m))
         best = _find(report["results"], report["model_state_norm"], "prompt", "last", "logistic")
         print(f"[identify] {len(report['tasks'])} tasks: prompt (last) logistic held-out accuracy {best['heldout']:.3f}; "
               f"wrote {args.out}/identify.json, identify.md, identify.png")
