@@ -18,7 +18,7 @@ episodes (the episodes the model's prompts are cut from). Per task the accuracy 
 its held-out episodes assigned to it. With the per-task success of Prompt-DT runs (``run_eval.json``)
 the per-task accuracies get a Spearman rank correlation.
 
-``python -m harmodt.study.identify --data DIR --out DIR [--runs DIR]`` writes ``identify.json``,
+``python -m harmodt.study.identify --data DIR --out DIR [--runs DIR] [--control mtdt]`` writes ``identify.json``,
 ``identify.md`` and ``identify.png``.
 """
 
