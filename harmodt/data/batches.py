@@ -101,6 +101,25 @@ def last_segments(flat: _Flat, n: int, length: int, generator: torch.Generator) 
     return _gather(flat, traj, _last_start(flat, traj, length), length)
 
 
+def episode_segments(flat: _Flat, length: int, segment: str, generator: torch.Generator) -> dict:
+    """One ``length``-step window of every trajectory of ``flat``, in order, cut as a prompt is:
+    "last" = the window of :func:`_last_start`; "random" = a start step uniform in the trajectory
+    (drawn from ``generator``), cut at its end and left-padded."""
+    if segment not in PROMPT_SEGMENTS:
+        raise ValueError(f"segment must be one of {', '.join(PROMPT_SEGMENTS)}, got {segment!r}")
+    traj = torch.arange(len(flat.lengths))  # (n_traj,)
+    if segment == "last":
+        si = _last_start(flat, traj, length)
+    else:
+        si = (torch.rand(len(traj), generator=generator) * flat.lengths).long()
+    return _gather(flat, traj, si, length)
+
+
+def first_states(flat: _Flat) -> torch.Tensor:
+    """The first (normalized) state of every trajectory of ``flat``. (n_traj, S)"""
+    return flat.states[flat.starts.to(flat.states.device)]
+
+
 def best_prompt_choice(trajs) -> int:
     """The index of the highest-return trajectory (ties: the lowest index)."""
     returns = [float(np.sum(t.rewards, dtype=np.float64)) for t in trajs]
