@@ -3,8 +3,9 @@ step, on a GPU (marker ``cuda``; skipped without one), at the paper's size.
 
 * ``test_graphed_step[*]``: wall ms per step of the eager ``--fused`` step and of the graphed
   one, interleaved (20 steps per timed call), for HarmoDT-F and dense Prompt-DT, in fp32 (tf32
-  matmuls, ``torch.set_float32_matmul_precision("high")``) and bf16; the graphed step's GPU time
-  (the sum of its kernels' durations in ``torch.profiler``, per step) and wall / GPU time.
+  matmuls, ``torch.set_float32_matmul_precision("high")``) and bf16; the GPU time of each (the
+  sum of its kernels' durations in ``torch.profiler`` with CUDA activity, per step), its kernels
+  and host launch calls per step, the graphed step's top 20 kernels by GPU time, and wall / GPU time.
   Targets: graphed wall <= 3.6 ms (MT50 x 1e6 steps in under an hour on one H100), wall <= 1.3x
   the GPU kernel time.
 * ``test_mt50_projection``: one HarmoDT-F mask update at MT50 on the GPU, and the projection of an
@@ -27,17 +28,12 @@ STEPS = 1_000_000
 pytestmark = pytest.mark.cuda
 
 
-def gpu_ms_per_step(tr, steps: int = 10) -> float:
-    """The summed duration of the CUDA kernels of ``steps`` training steps, per step (profiler)."""
-    from torch.profiler import ProfilerActivity, profile
+def step_kernels(tr, steps: int = 10) -> dict:
+    """The GPU time of ``steps`` training steps by kernel, per step (:func:`bench.profile_step.profile_kernels`:
+    the kernels' summed durations, kernels and host launch calls per step, the top 20 kernels)."""
+    from .profile_step import profile_kernels
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            tr.train_step(tr.sample_tasks())
-        torch.cuda.synchronize()
-    us = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return us / 1e3 / steps
+    return profile_kernels(lambda: tr.train_step(tr.sample_tasks()), steps)
 
 
 @contextmanager
@@ -58,7 +54,8 @@ def test_graphed_step(benchmark, method, precision):
         trainers = {"graphed": make_trainer(method, "cuda", True, precision, cuda_graph=True),
                     "eager": make_trainer(method, "cuda", True, precision)}
         times = interleave(benchmark, {k: step_runner(tr) for k, tr in trainers.items()}, rounds(10), calls=20, warmup=5)
-        gpu = {k: gpu_ms_per_step(tr) for k, tr in trainers.items()}
+        kernels = {k: step_kernels(tr) for k, tr in trainers.items()}
+    gpu = {k: t["gpu_ms_per_step"] for k, t in kernels.items()}
     wall = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     speedup = 1.0 / paired_ratio(times, "graphed", "eager")
     what = f"{method} --fused, {precision}{' (tf32)' if precision == 'fp32' else ''}"
@@ -69,7 +66,9 @@ def test_graphed_step(benchmark, method, precision):
             figure(f"graphed wall / GPU kernel time, {what}", wall["graphed"] / gpu["graphed"], "x", target=("<=", 1.3)),
             figure(f"graphed speed-up over eager, {what}", speedup, "x")]
     record(benchmark, f"one CUDA graph per step, {what}", "cuda", times, figs,
-           {"speedup_over_eager": speedup, "wall_over_gpu": wall["graphed"] / gpu["graphed"], "gpu_ms": gpu},
+           {"speedup_over_eager": speedup, "wall_over_gpu": wall["graphed"] / gpu["graphed"], "gpu_ms": gpu,
+            "kernels_per_step": {k: t["kernels_per_step"] for k, t in kernels.items()},
+            "launches_per_step": {k: t["launches_per_step"] for k, t in kernels.items()}, "top_kernels_graphed": kernels["graphed"]["top"]},
            {"method": method, "precision": precision, "float32_matmul_precision": "high"})
 
 

@@ -172,7 +172,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu"):
         tasks = list(ck["eval_info"]["tasks"])
         model = build_model(ModelConfig(**cfg["model"]), len(tasks), cfg["method"], cfg.get("conditioning", "auto"))
         model.load_state_dict(ck["model"])
-        masks = TaskMasks.from_per_task(ck["masks"], tasks, device, model.masked_weights()) if ck.get("masks") else None
+        masks = TaskMasks.from_state(ck["masks"], tasks, device, model.masked_weights()) if ck.get("masks") else None
     except (TypeError, RuntimeError, KeyError, ValueError, IndexError) as exc:
         raise EvalError(f"{path}: the weights do not fit the model its config describes ({checkpoint.one_line(exc)})") from None
     return model.to(device), masks, ck["eval_info"], cfg, int(ck.get("step", 0))

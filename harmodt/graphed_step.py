@@ -8,8 +8,9 @@ warm-up steps and then replayed, one launch per step.
 
 Nothing step-specific is baked into the graph as a Python constant. Per step, outside the graph:
 
-* the sampled batch is copied into the static input buffers (device-to-device copies), the batch's
-  task ids among them: the masked layers and the optimizer's masks read them on the device;
+* the batch is drawn into the static input buffers (``PromptDTBatcher.sample_into``: one copy of
+  its row indices to the device, then a gather per field there), the batch's task ids among them:
+  the masked layers and the optimizer's masks read them on the device;
 * the step count is written into an int64 device tensor (``fill_``) from which the graph derives
   every counter-based dropout seed (:func:`kernels.reference.site_seed` on tensors: the bits of
   the eager step's host arithmetic);
@@ -126,8 +127,10 @@ class GraphedStep:
         tr = self.tr
         if not tr.model.training:
             tr.model.train()
-        batch = tr.batcher.sample(task_ids, tr.cfg.batch_size)
-        self._load_batch(batch, len(task_ids))
+        if self.batch is None:
+            self._load_batch(tr.batcher.sample(task_ids, tr.cfg.batch_size), len(task_ids))
+        else:
+            tr.batcher.sample_into(task_ids, self.batch)  # drawn straight into the static buffers
         self._load_masks()
         self.values.set(tr.step, [g["lr"] for g in tr.opt.param_groups])
         if not self.capture:

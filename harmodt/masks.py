@@ -1,10 +1,10 @@
 """Task masks: ERK initialisation (Appendix C), the alpha_t schedule (Eq. 12), the mask update
 (Algorithm 2, Eqs. 8-10) and the vote for unseen tasks (Eq. 13).
 
-Masks are stored as bool tensors ``[T, N, K]`` per masked weight (one byte per weight and task;
+Masks are held as bool tensors ``[T, N, K]`` per masked weight (one byte per weight and task;
 never float copies), on the run's device; each kernel op gets them in the layout it takes
 (:meth:`TaskMasks.for_op`): the bool masks for the reference, else a bit-packed int32 copy made
-once per mask update.
+once per mask update. A checkpoint stores that packed copy, 1 bit per weight (:meth:`TaskMasks.state`).
 """
 
 from __future__ import annotations
@@ -187,21 +187,49 @@ class TaskMasks:
         """Eq. 13: a weight is active for an unseen task when more than ``threshold`` tasks keep it."""
         return {n: m.sum(0) > threshold for n, m in self.masks.items()}
 
-    def per_task(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-        """``{task: {param_name: bool (N, K)}}`` on the CPU (the checkpoint format)."""
-        return {t: {n: m[i].cpu().clone() for n, m in self.masks.items()} for i, t in enumerate(names)}
+    def state(self, names: list[str]) -> dict:
+        """The checkpoint format: every task's masks bit-packed, 1 bit per weight, in the kernels'
+        layout (:func:`kernels.pack_masks`: int32 words over a matrix's last dimension, bit
+        ``j % 32`` of word ``j // 32`` is column ``j``, padding bits 0), on the CPU:
+        ``{"layout": PACKED_LAYOUT, "tasks": [names], "shapes": {weight: [N, K]}, "words": {weight:
+        int32 [T, N, ceil(K/32)]}}``, tasks in the order of ``names``."""
+        return {"layout": PACKED_LAYOUT, "tasks": list(names), "shapes": {n: list(m.shape[1:]) for n, m in self.masks.items()},
+                "words": {n: w.cpu() for n, w in self.packed().items()}}
 
     @staticmethod
-    def from_per_task(d: dict[str, dict[str, torch.Tensor]], names: list[str], device: torch.device | str = "cpu",
-                      weights: dict[str, torch.Tensor] | None = None) -> "TaskMasks":
-        """The masks of :meth:`per_task`'s format; with the model's masked ``weights`` (name ->
-        parameter), ValueError when a mask does not fit its weight."""
-        params = list(d[names[0]].keys())
-        masks = TaskMasks({p: torch.stack([d[t][p].bool() for t in names]).to(device) for p in params})
+    def from_state(d: dict, names: list[str] | None = None, device: torch.device | str = "cpu",
+                   weights: dict[str, torch.Tensor] | None = None) -> "TaskMasks":
+        """The masks of a checkpoint, for the tasks ``names`` in that order (None: all, in the
+        checkpoint's order): :meth:`state`'s packed format, or the earlier one, ``{task: {weight:
+        bool [N, K]}}``. With the model's masked ``weights`` (name -> parameter), ValueError when a
+        mask does not fit its weight; ValueError for a task the checkpoint has no masks of."""
+        if isinstance(d.get("layout"), str):
+            if d["layout"] != PACKED_LAYOUT:
+                raise ValueError(f"masks stored as {d['layout']!r}, which this version does not read (it reads {PACKED_LAYOUT!r})")
+            stored = list(d["tasks"])
+            order = _task_order(stored, stored if names is None else names)
+            masks = {n: kernels.unpack_masks(w[order].to(device), d["shapes"][n][-1]) for n, w in d["words"].items()}
+        else:  # the earlier format: one bool tensor per task and weight
+            names = list(d) if names is None else names
+            _task_order(list(d), names)
+            masks = {p: torch.stack([d[t][p].bool() for t in names]).to(device) for p in d[names[0]]}
+        tm = TaskMasks(masks)
         for n, w in (weights or {}).items():
-            if tuple(masks.masks[n].shape) != (len(names), *w.shape):
-                raise ValueError(f"mask of {n} has shape {tuple(masks.masks[n].shape)}, the model needs {(len(names), *w.shape)}")
-        return masks
+            if n not in masks or tuple(masks[n].shape) != (tm.n_tasks, *w.shape):
+                got = tuple(masks[n].shape) if n in masks else "none"
+                raise ValueError(f"mask of {n} has shape {got}, the model needs {(tm.n_tasks, *w.shape)}")
+        return tm
+
+
+PACKED_LAYOUT = "int32-words-lsb-first"  # the checkpoint's mask layout (TaskMasks.state): kernels.pack_masks
+
+
+def _task_order(stored: list[str], names: list[str]) -> list[int]:
+    """The index in ``stored`` of each of ``names``; ValueError naming the first one missing."""
+    missing = [t for t in names if t not in stored]
+    if missing:
+        raise ValueError(f"the checkpoint holds no masks of task {missing[0]!r} (it has {', '.join(stored)})")
+    return [stored.index(t) for t in names]
 
 
 def harmony_score(grads: torch.Tensor) -> float:

@@ -106,7 +106,7 @@ class Trainer:
         weights, masks, optimizer, scheduler, step and the last harmony score."""
         return {
             "model": self.model.state_dict(),
-            "masks": None if self.task_masks is None else self.task_masks.per_task(self.tasks),
+            "masks": None if self.task_masks is None else self.task_masks.state(self.tasks),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "step": self.step,
@@ -118,7 +118,7 @@ class Trainer:
         raises when it does not fit this model."""
         self.model.load_state_dict(state["model"])
         if state["masks"] is not None:
-            self.task_masks = TaskMasks.from_per_task(state["masks"], self.tasks, self.device, self.weights)
+            self.task_masks = TaskMasks.from_state(state["masks"], self.tasks, self.device, self.weights)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])

@@ -170,3 +170,47 @@ def test_last_prompt_window_is_the_reference_get_prompt_window(n, steps):
 def test_unknown_prompt_segment_is_refused():
     with pytest.raises(ValueError, match="prompt_segment"):
         PromptDTBatcher(datasets(["a"]), ["a"], 6, 3, 100.0, prompt_segment="first")
+
+
+def _mixed_lengths():
+    """Three tasks of trajectories and prompt episodes of mixed lengths, some shorter than a window."""
+    from types import SimpleNamespace
+
+    from _synthetic import trajectory
+
+    rng = np.random.default_rng(7)
+    lens = {"a": [30, 4, 17], "b": [9, 25], "c": [40, 3, 12, 6]}
+    return {t: SimpleNamespace(name=t, trajectories=[trajectory(rng, n) for n in ls], prompts=[trajectory(rng, n) for n in (2, 14)])
+            for t, ls in lens.items()}
+
+
+CASES = [(4, "last", "per-task"), (3, "random", "pooled"), (0, "last", "per-task")]  # (K*, prompt segment, state norm)
+DRAWS = [([0], 4), ([1, 2], 5), ([2, 0, 1], 7), ([1], 9)]
+
+
+def test_batches_are_those_of_the_per_field_sampler_bit_for_bit():
+    """The batcher draws exactly the batches of the earlier per-task, per-field sampler: tests/data/batch_draw.npz
+    holds that sampler's batches for these data and seeds (padding, mixed tasks, both prompt cuts, no prompt)."""
+    saved = np.load(Path(__file__).parent / "data" / "batch_draw.npz")
+    for case, (kp, seg, norm) in enumerate(CASES):
+        b = PromptDTBatcher(_mixed_lengths(), ["a", "b", "c"], 6, kp, 100.0, seed=5 + case, prompt_segment=seg, state_norm=norm)
+        for i, (ids, n) in enumerate(DRAWS):
+            batch = b.sample(ids, n)
+            assert {k.split("_", 2)[2] for k in saved.files if k.startswith(f"{case}_{i}_")} == set(batch), (case, i)
+            for k, v in batch.items():
+                assert v.dtype == torch.from_numpy(saved[f"{case}_{i}_{k}"]).dtype and np.array_equal(v.numpy(), saved[f"{case}_{i}_{k}"]), (case, i, k)
+
+
+def test_sample_into_writes_the_batch_sample_returns():
+    """``sample_into`` (the graphed step's path into its static buffers) gives ``sample``'s batch from the
+    same generator state, in the buffers it was handed."""
+    a = PromptDTBatcher(_mixed_lengths(), ["a", "b", "c"], 6, 4, 100.0, seed=1)
+    b = PromptDTBatcher(_mixed_lengths(), ["a", "b", "c"], 6, 4, 100.0, seed=1)
+    out = {k: torch.full_like(v, 7) for k, v in b.sample([0], 5).items()}
+    a.sample([0], 5)
+    buffers = {k: v.data_ptr() for k, v in out.items()}
+    for ids in ([2], [0, 1], [1, 2, 0]):
+        want = a.sample(ids, 5)
+        got = b.sample_into(ids, out)
+        assert {k: v.data_ptr() for k, v in got.items()} == buffers
+        assert all(torch.equal(want[k], got[k]) for k in want)

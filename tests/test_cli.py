@@ -33,7 +33,8 @@ def test_train_then_evaluate_smoke(tiny_data, tmp_path):
     assert set(res["tasks"]) == {"reach-v3", "drawer-close-v3"}
     assert all(0.0 <= r["success"] <= 1.0 for r in res["tasks"].values())
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ck["step"] == 6 and ck["masks"]["reach-v3"]["blocks.0.fc.weight"].dtype == torch.bool
+    assert ck["step"] == 6 and ck["masks"]["tasks"] == ["reach-v3", "drawer-close-v3"]
+    assert ck["masks"]["words"]["blocks.0.fc.weight"].dtype == torch.int32  # 1 bit per weight (harmodt.masks.TaskMasks.state)
     # evaluate the checkpoint on a trained task and on one it never saw (voted mask, Eq. 13)
     ev = tmp_path / "eval.json"
     run_cli("harmodt.evaluate", str(out / "checkpoint.pt"), "--tasks", "reach-v3,button-press-v3", "--episodes", "1",

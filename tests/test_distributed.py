@@ -36,6 +36,7 @@ from _data_folders import write_ours  # noqa: E402
 from harmodt.run import distributed, resume  # noqa: E402
 from harmodt.run.cli import parse_args  # noqa: E402
 from harmodt.data.batches import PromptDTBatcher  # noqa: E402
+from harmodt.masks import TaskMasks  # noqa: E402
 from harmodt.train import Trainer  # noqa: E402
 
 TASKS = ("reach-v3", "push-v3", "door-open-v3")
@@ -75,7 +76,8 @@ def final(out: Path) -> dict:
 
 
 def masks_equal(a: dict, b: dict) -> bool:
-    return set(a) == set(b) and all(torch.equal(a[t][n], b[t][n]) for t in a for n in a[t])
+    """Two checkpoints' masks (harmodt.masks.TaskMasks.state) hold the same tasks and bits."""
+    return a["tasks"] == b["tasks"] and torch.equal(*(TaskMasks.from_state(m).snapshot() for m in (a, b)))
 
 
 class RankStreams:
@@ -149,7 +151,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batches(runs, tmp_path
     assert diff <= 1e-5, (got, want)
     ck = final(runs["full"])
     assert ck["world_size"] == WORLD and ck["step"] == 30 and len(ck["rng"]["ranks"]) == WORLD
-    ref_masks = tr.task_masks.per_task(tr.tasks)
+    ref_masks = tr.task_masks.state(tr.tasks)
     assert masks_equal(ck["masks"], ref_masks)
     assert not masks_equal(ck["masks"], final(runs["part"])["masks"])  # the update at step 25 did change the masks
     for n, p in tr.model.state_dict().items():
@@ -173,7 +175,7 @@ def test_preset_reference_with_two_ranks_equals_one_process(tmp_path):
     diff = max(abs(got[s] - want[s]) for s in want)
     assert diff <= 1e-5, (got, want)
     ck = final(out)
-    assert ck["config"]["clip_scope"] == "unmasked" and masks_equal(ck["masks"], tr.task_masks.per_task(tr.tasks))
+    assert ck["config"]["clip_scope"] == "unmasked" and masks_equal(ck["masks"], tr.task_masks.state(tr.tasks))
     for n, p in tr.model.state_dict().items():
         torch.testing.assert_close(ck["model"][n], p, rtol=1e-5, atol=1e-6, msg=n)
 
@@ -201,7 +203,7 @@ def test_two_rank_checkpoint_continues_in_one_process(runs, tmp_path):
     got, tr = reference(runs["data"], tmp_path, ck=ck)
     assert sorted(got) == list(range(21, 31))
     assert max(abs(got[s] - want[s]) for s in got) <= 1e-5
-    assert masks_equal(tr.task_masks.per_task(tr.tasks), final(runs["full"])["masks"])
+    assert masks_equal(tr.task_masks.state(tr.tasks), final(runs["full"])["masks"])
 
     # the CLI in one process: the per-rank flags would halve the global batch
     out = tmp_path / "one"
@@ -221,8 +223,9 @@ def test_two_rank_checkpoint_continues_in_one_process(runs, tmp_path):
     assert c1["world_size"] == 1 and c1["step"] == 30
     # the same mask update at step 25 (alpha from the same schedule) on other batches: each task's
     # mask moved away from the checkpoint's by the same number of weights as in the 2-rank run
-    for t in TASKS:
-        moved = [sum(int((c[t][n] != c0["masks"][t][n]).sum()) for n in c0["masks"][t]) for c in (c1["masks"], c2["masks"])]
+    before, *after = (TaskMasks.from_state(c["masks"], list(TASKS)).masks for c in (c0, c1, c2))
+    for i, t in enumerate(TASKS):
+        moved = [sum(int((a[n][i] != m[i]).sum()) for n, m in before.items()) for a in after]
         assert moved[0] == moved[1] > 0, (t, moved)
 
 

@@ -119,17 +119,48 @@ def test_vote_eq13():
     assert tm.vote(2)["w"].view(-1).tolist() == [True, False, False, False]
 
 
-def test_packed_masks_roundtrip_and_checkpoint_format():
+def test_packed_masks_roundtrip():
     tm, *_ = _setup()
     for n, m in tm.masks.items():
         assert torch.equal(kernels.unpack_masks(tm.packed()[n], m.shape[-1]), m)
-    per = tm.per_task(["x", "y", "z", "w"])
-    assert set(per) == {"x", "y", "z", "w"} and per["y"]["a"].shape == (7, 9) and per["y"]["a"].dtype == torch.bool
-    back = TaskMasks.from_per_task(per, ["x", "y", "z", "w"])
-    assert all(torch.equal(back.masks[n], tm.masks[n]) for n in tm.masks)
 
 
 def test_harmony_score_range():
     g = torch.randn(5, 1000)
     assert -1 <= harmony_score(g) <= 1
     assert harmony_score(g[:1].repeat(5, 1)) == pytest.approx(1.0)
+
+
+def test_checkpoint_state_is_one_bit_per_weight_and_round_trips():
+    """TaskMasks.state stores the kernels' packed words (1 bit per weight) and from_state gives the bool
+    masks back, for any order or subset of the tasks."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (6, 70), "b": (3, 32)}  # 70: a last word with padding bits
+    tm = TaskMasks.erk(shapes, 4, 0.6, g)
+    names = ["t0", "t1", "t2", "t3"]
+    st = tm.state(names)
+    assert st["tasks"] == names and st["shapes"] == {"a": [6, 70], "b": [3, 32]}
+    assert {n: (w.dtype, tuple(w.shape)) for n, w in st["words"].items()} == {"a": (torch.int32, (4, 6, 3)), "b": (torch.int32, (4, 3, 1))}
+    back = TaskMasks.from_state(st)
+    assert all(torch.equal(back.masks[n], tm.masks[n]) for n in shapes)
+    some = TaskMasks.from_state(st, ["t2", "t0"])
+    assert all(torch.equal(some.masks[n], tm.masks[n][[2, 0]]) for n in shapes)
+    bit = st["words"]["a"][1, 2, 2] >> 3 & 1  # column 2 * 32 + 3 = 67 of row 2, task 1
+    assert bool(bit) == bool(tm.masks["a"][1, 2, 67])
+
+
+def test_masks_of_the_earlier_checkpoint_format_load():
+    """A checkpoint's masks as they were stored before packing, {task: {weight: bool [N, K]}}, give the
+    same TaskMasks; a missing task, a foreign layout or a misfit weight is one ValueError naming it."""
+    g = torch.Generator().manual_seed(1)
+    tm = TaskMasks.erk({"a": (5, 40)}, 3, 0.5, g)
+    old = {t: {"a": tm.masks["a"][i].clone()} for i, t in enumerate(["x", "y", "z"])}
+    assert torch.equal(TaskMasks.from_state(old).masks["a"], tm.masks["a"])
+    assert torch.equal(TaskMasks.from_state(old, ["z", "x"]).masks["a"], tm.masks["a"][[2, 0]])
+    for d in (old, tm.state(["x", "y", "z"])):
+        with pytest.raises(ValueError, match="no masks of task 'w'"):
+            TaskMasks.from_state(d, ["x", "w"])
+        with pytest.raises(ValueError, match="mask of a has shape"):
+            TaskMasks.from_state(d, weights={"a": torch.zeros(5, 41)})
+    with pytest.raises(ValueError, match="does not read"):
+        TaskMasks.from_state({**tm.state(["x", "y", "z"]), "layout": "uint8-bits"})

@@ -116,7 +116,7 @@ def test_a_toy_mask_schedule_trains_without_other_changes(tmp_path, monkeypatch)
     assert [(r["step"], r["alpha"], r["masked_per_task"]) for r in updates] == [(2, 4, [4, 4, 4]), (3, 4, [4, 4, 4])]
     assert all(f > 0 for f in updates[-1]["mask_changed_fraction"])
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert ck["step"] == 4 and not torch.equal(TaskMasks.from_per_task(ck["masks"], TASKS).snapshot(), erk)
+    assert ck["step"] == 4 and not torch.equal(TaskMasks.from_state(ck["masks"], TASKS).snapshot(), erk)
 
 
 def test_an_unregistered_method_is_refused():

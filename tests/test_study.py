@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from _synthetic import trajectory
+from harmodt.masks import TaskMasks
 from harmodt.study import runner as runner_mod
 from harmodt.study.__main__ import build_parser
 from harmodt.study.figures import draw_figures
@@ -676,9 +677,8 @@ def test_tiny_study_with_a_variant_evaluates_held_out_tasks(tmp_path):
     for r in study["runs"]:  # Eq. 13 by hand: a weight is voted in when more than T training tasks keep it
         if r["method"] != "harmodt-f":
             continue
-        masks = torch.load(out / "runs" / r["name"] / "checkpoint.pt", weights_only=True)["masks"]
-        names = sorted(masks[TASKS[0]])
-        counts = np.concatenate([sum(masks[t][n].numpy().astype(int).reshape(-1) for t in TASKS) for n in names])
+        masks = TaskMasks.from_state(torch.load(out / "runs" / r["name"] / "checkpoint.pt", weights_only=True)["masks"], TASKS).masks
+        counts = np.concatenate([masks[n].numpy().astype(int).sum(0).reshape(-1) for n in sorted(masks)])
         for t in (0, 1):
             assert r["unseen"]["evaluations"][str(t)]["vote_density"] == pytest.approx((counts > t).mean())
         assert 0 < r["unseen"]["evaluations"]["1"]["vote_density"] < r["unseen"]["evaluations"]["0"]["vote_density"] <= 1

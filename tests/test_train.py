@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from _synthetic import datasets
 from harmodt.config import ConfigError, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
+from harmodt.masks import TaskMasks
 from harmodt.model import action_loss
 from harmodt.run.cli import parse_args
 from harmodt.train import Trainer, run
@@ -144,9 +146,8 @@ def test_harmodt_r_masks_stay_frozen(tmp_path):
     run(cfg, datasets(TASKS))
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     tr = Trainer(cfg, datasets(TASKS))  # same seed -> same initial ERK masks
-    for i, t in enumerate(TASKS):
-        for n, m in ck["masks"][t].items():
-            assert torch.equal(m, tr.task_masks.masks[n][i])
+    for n, m in TaskMasks.from_state(ck["masks"], TASKS).masks.items():
+        assert torch.equal(m, tr.task_masks.masks[n])
 
 
 @pytest.mark.parametrize("method", ["mtdt", "prompt-dt", "harmodt-r", "harmodt-m", "harmodt-f"])
@@ -163,8 +164,8 @@ def test_every_method_trains_and_writes_outputs(tmp_path, method):
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert {"model", "masks", "optimizer", "step", "config", "rng"} <= set(ck)
     if method.startswith("harmodt"):
-        assert set(ck["masks"]) == set(TASKS)
-        assert all(m.dtype == torch.bool for m in ck["masks"][TASKS[0]].values())
+        assert ck["masks"]["tasks"] == list(TASKS)
+        assert all(m.dtype == torch.int32 for m in ck["masks"]["words"].values())  # 1 bit per weight
     else:
         assert ck["masks"] is None
 
@@ -192,9 +193,51 @@ def test_resume_gives_same_result_as_uninterrupted(tmp_path, monkeypatch):
     assert a["step"] == b["step"] == 12
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for t in TASKS:
-        for n in a["masks"][t]:
-            assert torch.equal(a["masks"][t][n], b["masks"][t][n])
+    for n, m in a["masks"]["words"].items():
+        assert torch.equal(m, b["masks"]["words"][n]), n
+
+
+def test_a_checkpoint_with_byte_masks_resumes_as_the_packed_one(tmp_path, monkeypatch):
+    """A checkpoint whose masks are stored as before packing ({task: {weight: bool [N, K]}}, one byte per
+    weight) loads, and the run resumed from it ends bit for bit as the one resumed from the packed checkpoint."""
+    from harmodt import checkpoint
+
+    cfg = tiny_cfg(tmp_path, steps=12, out=str(tmp_path / "packed"))
+    real_step = Trainer.train_step
+
+    def interrupted_step(self, task_ids):  # Ctrl-C during step 7 (after the mask update at 5)
+        if self.step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, task_ids)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, datasets(TASKS))
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    shutil.copytree(tmp_path / "packed", tmp_path / "bytes")
+    ck = checkpoint.load(tmp_path / "bytes" / "checkpoint.pt")
+    masks = TaskMasks.from_state(ck["masks"]).masks
+    ck["masks"] = {t: {n: m[i].clone() for n, m in masks.items()} for i, t in enumerate(TASKS)}  # the earlier layout
+    checkpoint.save(ck, tmp_path / "bytes" / "checkpoint.pt")
+    ends = {}
+    for name in ("packed", "bytes"):
+        run(dataclasses.replace(cfg, out=str(tmp_path / name), resume=True), datasets(TASKS))
+        ends[name] = checkpoint.load(tmp_path / name / "checkpoint.pt")
+    a, b = ends["packed"], ends["bytes"]
+    assert a["step"] == b["step"] == 12 and a["masks"]["tasks"] == b["masks"]["tasks"]  # the resumed run writes packed masks
+    for key in ("model", "optimizer", "rng", "masks"):
+        assert same_bits(a[key], b[key]), key
+
+
+def same_bits(a, b) -> bool:
+    """Two checkpoint entries (nested dicts and lists of tensors and plain values) hold the same bits."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_bits(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def test_existing_run_needs_resume(tmp_path):

@@ -28,16 +28,19 @@ def returns_to_go(rewards: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Flat:
+    """Trajectories concatenated for sampling: the per-step fields on the device, and where each
+    trajectory starts and how long it is (numpy, on the host: a batch's indices are computed there)."""
+
     states: torch.Tensor  # (N, S) normalized, on the device
     actions: torch.Tensor  # (N, A), on the device
     rtg: torch.Tensor  # (N,) scaled, on the device
     timesteps: torch.Tensor  # (N,) int64, on the device
-    starts: torch.Tensor  # (n_traj,) offset of each trajectory (CPU)
-    lengths: torch.Tensor  # (n_traj,) (CPU)
-    probs: torch.Tensor  # (n_traj,) sampling probability, proportional to length (CPU)
+    starts: np.ndarray  # (n_traj,) int64, row of each trajectory's first step
+    lengths: np.ndarray  # (n_traj,) int64
+    probs: torch.Tensor  # (n_traj,) float64 (CPU), sampling probability, proportional to length
 
     def to(self, device) -> "_Flat":
-        """The per-step tensors on ``device`` (the sampling tables stay on the CPU)."""
+        """The per-step tensors on ``device`` (the sampling tables stay on the host)."""
         return _Flat(self.states.to(device), self.actions.to(device), self.rtg.to(device), self.timesteps.to(device),
                      self.starts, self.lengths, self.probs)
 
@@ -48,57 +51,92 @@ def _flatten(trajs, mean, std, rtg_scale, max_ep_len) -> _Flat:
     rtg = np.concatenate([returns_to_go(t.rewards) for t in trajs]) / rtg_scale
     ts = np.concatenate([np.minimum(np.arange(len(t.rewards)), max_ep_len - 1) for t in trajs])
     lengths = np.array([len(t.rewards) for t in trajs], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     return _Flat(
         torch.from_numpy(states), torch.from_numpy(actions), torch.from_numpy(rtg.astype(np.float32)),
-        torch.from_numpy(ts.astype(np.int64)), torch.from_numpy(starts), torch.from_numpy(lengths),
-        torch.from_numpy(lengths / lengths.sum()),
+        torch.from_numpy(ts.astype(np.int64)), starts, lengths, torch.from_numpy(lengths / lengths.sum()),
     )
 
 
-def _gather(flat: _Flat, traj: torch.Tensor, si: torch.Tensor, length: int) -> dict:
-    """The windows of ``length`` steps starting at step ``si`` of trajectories ``traj`` (both (n,),
-    CPU), cut at the trajectory end and left-padded."""
-    n = traj.shape[0]
-    lens = flat.lengths[traj]
-    real = torch.minimum(lens - si, torch.full_like(lens, length))  # steps available (n,)
-    off = torch.arange(length).unsqueeze(0) - (length - real).unsqueeze(1)  # (n, length), <0 = padding
-    valid = off >= 0
-    idx = flat.starts[traj].unsqueeze(1) + si.unsqueeze(1) + off.clamp(min=0)  # (n, length)
-    dev = flat.states.device
-    idx, valid = idx.to(dev, non_blocking=True), valid.to(dev, non_blocking=True)
-    vf = valid.unsqueeze(-1).float()
-    return {
-        "states": flat.states[idx] * vf,  # (n, L, S)
-        "actions": flat.actions[idx] * vf,  # (n, L, A); padding actions are 0
-        "rtg": (flat.rtg[idx] * valid).unsqueeze(-1),  # (n, L, 1)
-        "timesteps": flat.timesteps[idx] * valid,  # (n, L)
-        "mask": valid,  # (n, L)
-    }
+def _concatenate(flats: list[_Flat]) -> tuple[_Flat, list[_Flat]]:
+    """One table of every task's steps, and per task a view of it (its trajectories' ``starts``
+    moved to their rows in the table): a batch of any tasks is then one gather per field."""
+    table = _Flat(*(torch.cat([getattr(f, k) for f in flats]) for k in ("states", "actions", "rtg", "timesteps")),
+                  np.zeros(0, np.int64), np.zeros(0, np.int64), torch.zeros(0, dtype=torch.float64))
+    offsets = np.cumsum([0] + [f.states.shape[0] for f in flats[:-1]])
+    return table, [_Flat(table.states, table.actions, table.rtg, table.timesteps, f.starts + off, f.lengths, f.probs)
+                   for f, off in zip(flats, offsets)]
 
 
-def _last_start(flat: _Flat, traj: torch.Tensor, length: int) -> torch.Tensor:
+def _windows(flat: _Flat, traj: np.ndarray, si: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the windows of ``length`` steps starting at step ``si`` of trajectories ``traj``
+    (both (n,)), cut at the trajectory end and left-padded: (rows (n, length) int64, valid (n,
+    length) int64, 0 on padding; a padding position holds the window's first row)."""
+    real = np.minimum(flat.lengths[traj] - si, length)  # steps available (n,)
+    off = np.arange(length)[None, :] - (length - real)[:, None]  # (n, length), <0 = padding
+    rows = flat.starts[traj][:, None] + si[:, None] + np.maximum(off, 0)
+    return rows, (off >= 0).astype(np.int64)
+
+
+def _draw_starts(flat: _Flat, n: int, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n (trajectory, start step) pairs: trajectories drawn in proportion to their length, the start
+    step uniform in the trajectory (float32 products, truncated). (n,) each."""
+    traj = torch.multinomial(flat.probs, n, replacement=True, generator=generator).numpy()
+    u = torch.rand(n, generator=generator).numpy()
+    return traj, (u * flat.lengths[traj].astype(np.float32)).astype(np.int64)
+
+
+def _draw_segments(flat: _Flat, n: int, length: int, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n windows of ``length`` steps at :func:`_draw_starts`, as :func:`_windows`."""
+    return _windows(flat, *_draw_starts(flat, n, generator), length)
+
+
+def _draw_last(flat: _Flat, n: int, length: int, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n prompts as Prompt-DT trains with them: the window of :func:`_last_start` (the last
+    ``length`` steps before a trajectory's final step) of a trajectory drawn uniformly per row
+    (left-padded when it is shorter), as :func:`_windows`."""
+    traj = torch.randint(len(flat.lengths), (n,), generator=generator).numpy()  # (n,)
+    return _windows(flat, traj, _last_start(flat, traj, length), length)
+
+
+def _last_start(flat: _Flat, traj: np.ndarray, length: int) -> np.ndarray:
     """The start step of each trajectory's prompt window, as Prompt-DT's ``get_prompt`` cuts it:
     ``max(0, len - length - 1)``, so a trajectory longer than ``length`` gives the ``length`` steps
     that end one step before its final step; one of at most ``length + 1`` steps starts at 0 (cut
     at its end, left-padded when shorter than ``length``). (n,)"""
-    return (flat.lengths[traj] - length - 1).clamp(min=0)
+    return np.maximum(flat.lengths[traj] - length - 1, 0)
 
 
-def sample_segments(flat: _Flat, n: int, length: int, generator: torch.Generator) -> dict:
-    """n windows of ``length`` steps (trajectories drawn in proportion to their length, start step
-    uniform in the trajectory), cut at the trajectory end and left-padded."""
-    traj = torch.multinomial(flat.probs, n, replacement=True, generator=generator)  # (n,)
-    si = (torch.rand(n, generator=generator) * flat.lengths[traj]).long()  # start step in [0, len)
-    return _gather(flat, traj, si, length)
+def _fill(flat: _Flat, rows: torch.Tensor, valid: torch.Tensor, out: dict, prefix: str = "") -> None:
+    """Gathers the windows of ``rows`` ((n, L) int64, on the device) into ``out``'s tensors,
+    zero where ``valid`` ((n, L) int64) is 0: states (n, L, S), actions (n, L, A), rtg (n, L, 1),
+    timesteps (n, L), mask (n, L) bool."""
+    flat_rows, keep = rows.reshape(-1), valid.to(flat.states.dtype).unsqueeze(-1)  # (n, L, 1) 1.0 or 0.0
+    for key in ("states", "actions"):
+        dst = out[prefix + key]
+        torch.index_select(getattr(flat, key), 0, flat_rows, out=dst.view(-1, dst.shape[-1]))
+        dst.mul_(keep)  # x * 1.0 or x * 0.0: padding is 0 (-0.0 for a negative value, as always)
+    torch.index_select(flat.rtg, 0, flat_rows, out=out[prefix + "rtg"].view(-1)).view_as(keep).mul_(keep)
+    torch.index_select(flat.timesteps, 0, flat_rows, out=out[prefix + "timesteps"].view(-1)).mul_(valid.reshape(-1))
+    out[prefix + "mask"].copy_(valid)
 
 
-def last_segments(flat: _Flat, n: int, length: int, generator: torch.Generator) -> dict:
-    """n prompts as Prompt-DT trains with them: the window of :func:`_last_start` (the last
-    ``length`` steps before a trajectory's final step) of a trajectory drawn uniformly per row
-    (left-padded when it is shorter)."""
-    traj = torch.randint(len(flat.lengths), (n,), generator=generator)  # (n,)
-    return _gather(flat, traj, _last_start(flat, traj, length), length)
+def _empty(flat: _Flat, n: int, length: int, prefix: str = "") -> dict:
+    """Tensors for :func:`_fill` of n windows of ``length`` steps, on the data's device."""
+    dev = flat.states.device
+    return {prefix + "states": torch.empty(n, length, flat.states.shape[1], device=dev),
+            prefix + "actions": torch.empty(n, length, flat.actions.shape[1], device=dev),
+            prefix + "rtg": torch.empty(n, length, 1, device=dev),
+            prefix + "timesteps": torch.empty(n, length, dtype=torch.int64, device=dev),
+            prefix + "mask": torch.empty(n, length, dtype=torch.bool, device=dev)}
+
+
+def _gather(flat: _Flat, rows: np.ndarray, valid: np.ndarray) -> dict:
+    """The windows of :func:`_windows` as new tensors on the data's device."""
+    out = _empty(flat, *rows.shape)
+    dev = flat.states.device
+    _fill(flat, torch.from_numpy(rows).to(dev), torch.from_numpy(valid).to(dev), out)
+    return out
 
 
 def episode_segments(flat: _Flat, length: int, segment: str, generator: torch.Generator) -> dict:
@@ -133,16 +171,15 @@ def prompt_segment(trajs, mean, std, prompt_len: int, rtg_scale: float, max_ep_l
 
     ``segment``: "last" = the highest-return trajectory's last K* steps before its final step
     (:func:`_last_start`; deterministic, as the official evaluation); "random" = a window drawn
-    from ``generator`` as in :func:`sample_segments`.
+    from ``generator`` as in :func:`_draw_starts`.
     """
     flat = _flatten(trajs, mean, std, rtg_scale, max_ep_len)
     if segment == "last":
-        traj = torch.tensor([best_prompt_choice(trajs)])
+        traj = np.array([best_prompt_choice(trajs)])
         si = _last_start(flat, traj, prompt_len)
     else:
-        traj = torch.multinomial(flat.probs, 1, replacement=True, generator=generator)
-        si = (torch.rand(1, generator=generator) * flat.lengths[traj]).long()
-    seg = _gather(flat, traj, si, prompt_len)
+        traj, si = _draw_starts(flat, 1, generator)
+    seg = _gather(flat, *_windows(flat, traj, si, prompt_len))
     first, real = int(si[0]), int(seg["mask"][0].sum())
     source = {"episode": int(traj[0]), "timesteps": list(range(first, first + real))}
     return {"prompt_" + k: v for k, v in seg.items()}, source
@@ -196,29 +233,44 @@ class PromptDTBatcher:
         self.rtg_scale = rtg_scale
         self.generator = torch.Generator().manual_seed(seed)
         self.state_mean, self.state_std = state_stats(datasets, self.tasks, state_norm)
-        self.data, self.prompts = [], []
-        for name in self.tasks:
-            td = datasets[name]
-            mean, std = self.state_mean[name], self.state_std[name]
-            self.data.append(_flatten(td.trajectories, mean, std, rtg_scale, max_ep_len).to(device))
-            self.prompts.append(_flatten(td.prompts, mean, std, rtg_scale, max_ep_len).to(device))
+        norm = [(self.state_mean[t], self.state_std[t]) for t in self.tasks]
+        self.table, self.data = _concatenate([_flatten(datasets[t].trajectories, m, sd, rtg_scale, max_ep_len).to(device)
+                                              for t, (m, sd) in zip(self.tasks, norm)])
+        self.prompt_table, self.prompts = _concatenate([_flatten(datasets[t].prompts, m, sd, rtg_scale, max_ep_len).to(device)
+                                                        for t, (m, sd) in zip(self.tasks, norm)])
         self.device = torch.device(device)
 
     def sample(self, task_ids: list[int], batch_size: int) -> dict:
         """A batch of ``batch_size`` rows spread evenly over ``task_ids`` (one id = Algorithm 1),
-        laid out as :func:`batch_segments` says."""
+        laid out as :func:`batch_segments` says: new tensors on the device."""
+        out = _empty(self.table, batch_size, self.k)
+        if self.kp > 0:
+            out.update(_empty(self.prompt_table, batch_size, self.kp, "prompt_"))
+        out["task_ids"] = torch.empty(batch_size, dtype=torch.int64, device=self.device)
+        return self.sample_into(task_ids, out)
+
+    def sample_into(self, task_ids: list[int], out: dict) -> dict:
+        """:meth:`sample` written into ``out`` (a batch of :meth:`sample`'s keys, shapes and
+        dtypes; its batch size is ``out["task_ids"]``'s): the same draws from the generator, the
+        same values. On the host only the draws and the rows' indices (numpy, a few small arrays);
+        one copy to the device, then one gather and one multiply per field there."""
+        b = out["task_ids"].shape[0]
         parts = []
-        for tid, n in batch_segments(task_ids, batch_size):
-            seg = sample_segments(self.data[tid], n, self.k, self.generator)
+        for tid, n in batch_segments(task_ids, b):
+            part = _draw_segments(self.data[tid], n, self.k, self.generator)
             if self.kp > 0:
-                draw = last_segments if self.prompt_segment == "last" else sample_segments
-                pr = draw(self.prompts[tid], n, self.kp, self.generator)
-                seg.update({"prompt_" + key: v for key, v in pr.items()})
-            seg["task_ids"] = torch.full((n,), tid, dtype=torch.int64, device=self.device)
-            parts.append(seg)
-        if len(parts) == 1:
-            return parts[0]
-        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+                draw = _draw_last if self.prompt_segment == "last" else _draw_segments
+                part += draw(self.prompts[tid], n, self.kp, self.generator)
+            parts.append((*part, np.full((n, 1), tid, np.int64)))
+        host = np.concatenate([np.concatenate([p[i] for p in parts]).reshape(-1) for i in range(len(parts[0]))])
+        dev = torch.from_numpy(host).to(self.device)  # one copy: rows, valid, (prompt rows, valid,) task ids
+        k, kp = b * self.k, b * self.kp
+        _fill(self.table, dev[:k].view(b, self.k), dev[k: 2 * k].view(b, self.k), out)
+        if self.kp > 0:
+            _fill(self.prompt_table, dev[2 * k: 2 * k + kp].view(b, self.kp), dev[2 * k + kp: 2 * k + 2 * kp].view(b, self.kp),
+                  out, "prompt_")
+        out["task_ids"].copy_(dev[-b:])
+        return out
 
     def normalize(self, tid: int, obs: np.ndarray) -> np.ndarray:
         name = self.tasks[tid]

@@ -24,6 +24,7 @@ from .stats import fmt, jaccard_matrix
 def checkpoint_masks(ck_path: Path, tasks: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
     """``({weight name: bool [T, N, K]}, {weight name: float [N, K]})`` of a checkpoint with masks, or None."""
     from ..checkpoint import CheckpointError, load
+    from ..masks import TaskMasks
 
     try:
         ck = load(ck_path)
@@ -31,8 +32,8 @@ def checkpoint_masks(ck_path: Path, tasks: list[str]) -> tuple[dict[str, np.ndar
         return None
     if not ck.get("masks"):
         return None
-    names = list(ck["masks"][tasks[0]])
-    masks = {n: np.stack([ck["masks"][t][n].numpy().astype(bool) for t in tasks]) for n in names}
+    masks = {n: m.numpy() for n, m in TaskMasks.from_state(ck["masks"], tasks).masks.items()}
+    names = list(masks)
     weights = {n: ck["model"][n].float().numpy() for n in names}
     return masks, weights
 

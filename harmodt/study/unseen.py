@@ -75,7 +75,7 @@ def voted_densities(ck_path: Path, thresholds: list[int]) -> dict[int, float]:
     ck = load(ck_path)
     if not ck.get("masks"):
         return {}
-    masks = TaskMasks.from_per_task(ck["masks"], list(ck["eval_info"]["tasks"]))
+    masks = TaskMasks.from_state(ck["masks"], list(ck["eval_info"]["tasks"]))
     out = {}
     for t in thresholds:
         vote = masks.vote(t)
