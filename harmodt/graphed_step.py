@@ -224,5 +224,5 @@ class GraphedStep:
         tasks = b["task_ids"].index_select(0, self.heads)  # (n,) the batch's tasks in order, on the device
         ctx = rule.context(b["task_ids"], single_task=self.heads.shape[0] == 1, dropout=rule.counter_dropout(self.values.step),
                            masks=self.masks)
-        keep = None if self.masks is None else rule.keep(tasks, masks=self.masks, out=self.keep)
+        keep = rule.keep(tasks, masks=self.masks, out=self.keep)
         return rule.step(StepInputs(b, ctx, keep, lrs=self.values.lrs, grads=self.grads))

@@ -98,11 +98,13 @@ class PlainStep:
 
     def graph_problem(self) -> str | None:
         """Why a graph cannot capture this step rule (harmodt.graphed_step), None when it can. The
-        graph runs :meth:`step` on inputs it gathers itself, so a rule whose :meth:`__call__` is its
-        own (not :class:`PlainStep`'s) cannot be captured."""
-        if type(self).__call__ is not PlainStep.__call__:
-            return (f"its step rule {type(self).__name__} has its own __call__, which a graph does not run (a graph runs its "
-                    "step(); put the arithmetic there, or in loss() or backward())")
+        graph runs :meth:`step` on inputs it gathers itself, so a rule with its own host-side
+        methods (:meth:`__call__`, :meth:`capture`: not those of :class:`PlainStep` or
+        :class:`MaskedStep`) cannot be captured."""
+        for name in ("__call__", "capture"):
+            if getattr(type(self), name) not in (getattr(PlainStep, name), getattr(MaskedStep, name)):
+                return (f"its step rule {type(self).__name__} has its own {name}, which a graph does not run (a graph runs its "
+                        "step(); put the arithmetic there, or in loss() or backward())")
         return None
 
     def __call__(self, task_ids: list[int]) -> torch.Tensor:

@@ -201,6 +201,13 @@ class OwnCall(MaskedStep):
         return super().__call__(task_ids) * 1.0
 
 
+class OwnCapture(MaskedStep):
+    """A toy step rule that changes its forward's context on the host, from the step's task list."""
+
+    def capture(self, ctx, task_ids):
+        return super().capture(ctx, task_ids[::-1])
+
+
 def toy(monkeypatch, name: str, rule) -> str:
     monkeypatch.setitem(METHODS, name, Method(name, name, "tab:brown", masks="learned", importance="fisher", step_rule=rule))
     return name
@@ -223,11 +230,13 @@ def test_a_method_with_its_own_step_rule_is_captured_as_it_is(monkeypatch):
 
 
 def test_a_step_rule_a_graph_cannot_run_is_refused_or_runs_eager(monkeypatch):
-    """A rule with its own ``__call__``, or a bare function, is never replaced by the stock step:
-    ``--cuda-graph on`` refuses it in one line naming it; ``auto`` trains it eager."""
-    own = toy(monkeypatch, "harmodt-own-call", OwnCall)
-    bare = toy(monkeypatch, "harmodt-bare", lambda tr: MaskedStep(tr).__call__)
-    for method, needle in ((own, "its step rule OwnCall has its own __call__"), (bare, "step rule PlainStep.__call__ has no step()")):
+    """A rule with its own host-side ``__call__`` or ``capture``, or a bare function, is never
+    replaced by the stock step: ``--cuda-graph on`` refuses it in one line naming it; ``auto``
+    trains it eager."""
+    cases = ((toy(monkeypatch, "harmodt-own-call", OwnCall), "its step rule OwnCall has its own __call__"),
+             (toy(monkeypatch, "harmodt-own-capture", OwnCapture), "its step rule OwnCapture has its own capture"),
+             (toy(monkeypatch, "harmodt-bare", lambda tr: MaskedStep(tr).__call__), "step rule PlainStep.__call__ has no step()"))
+    for method, needle in cases:
         with pytest.raises(ConfigError, match=f"--cuda-graph on: .*{needle}"):
             trainer(config(method=method, fused=False, graph=True))
         tr = trainer(config(method=method, fused=False, cuda_graph="auto"))
