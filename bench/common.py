@@ -77,10 +77,12 @@ def synthetic_datasets(tasks, episodes=4, length=500, seed=0):
 
 
 def make_trainer(method: str = "harmodt-f", device: str = "cpu", fused: bool = True, precision: str = "fp32", tasks=TASKS, **kw):
-    """A ``harmodt.train.Trainer`` at the paper's size on synthetic data (``validate``d config)."""
+    """A ``harmodt.train.Trainer`` at the paper's size on synthetic data (``validate``d config); its
+    step eager unless ``cuda_graph`` says otherwise (the benchmarks name the graphed step)."""
     from harmodt.config import TrainConfig, validate
     from harmodt.train import Trainer
 
+    kw.setdefault("cuda_graph", "off")
     cfg = validate(TrainConfig(tasks=",".join(tasks), method=method, progress=False, eval_episodes=0, device=device, fused=fused,
                                precision=precision, **kw))
     return Trainer(cfg, synthetic_datasets(tasks))

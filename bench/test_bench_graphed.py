@@ -1,4 +1,4 @@
-"""The training step as one CUDA graph (``--cuda-graph``, harmodt/graphed_step.py) against the eager
+"""The training step as one CUDA graph (``--cuda-graph``, harmodt/graphed_step.py, on by default on CUDA) against the eager
 step, on a GPU (marker ``cuda``; skipped without one), at the paper's size.
 
 * ``test_graphed_step[*]``: wall ms per step of the eager ``--fused`` step and of the graphed
@@ -17,10 +17,11 @@ step, on a GPU (marker ``cuda``; skipped without one), at the paper's size.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
+
+from harmodt.runtime import float32_matmuls
 
 from .common import H100_STEP_GOAL_MS, figure, interleave, make_trainer, paired_ratio, record, rounds, step_runner, time_figure
 
@@ -36,22 +37,17 @@ def step_kernels(tr, steps: int = 10) -> dict:
     return profile_kernels(lambda: tr.train_step(tr.sample_tasks()), steps)
 
 
-@contextmanager
 def tf32_matmuls():
-    """fp32 matmuls on tf32 tensor cores (``F.linear`` and the Triton masked linear follow this)."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
+    """fp32 matmuls on tf32 tensor cores, as ``--precision tf32`` runs them (``F.linear`` and the
+    Triton masked linear follow this)."""
+    return float32_matmuls("tf32", torch.device("cuda"))
 
 
 @pytest.mark.parametrize("method", ["harmodt-f", "prompt-dt"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_graphed_step(benchmark, method, precision):
     with tf32_matmuls():
-        trainers = {"graphed": make_trainer(method, "cuda", True, precision, cuda_graph=True),
+        trainers = {"graphed": make_trainer(method, "cuda", True, precision, cuda_graph="on"),
                     "eager": make_trainer(method, "cuda", True, precision)}
         times = interleave(benchmark, {k: step_runner(tr) for k, tr in trainers.items()}, rounds(10), calls=20, warmup=5)
         kernels = {k: step_kernels(tr) for k, tr in trainers.items()}
@@ -80,10 +76,10 @@ def test_mt50_projection(benchmark):
 def _mt50_projection(benchmark):
     from harmodt.tasks import MT10, MT50
 
-    tr = make_trainer("harmodt-f", "cuda", True, "fp32", tasks=MT50, cuda_graph=True)
+    tr = make_trainer("harmodt-f", "cuda", True, "fp32", tasks=MT50, cuda_graph="on")
     run = step_runner(tr)
     run(10)  # warm-up and capture
-    run_mt10 = step_runner(make_trainer("harmodt-f", "cuda", True, "fp32", tasks=MT10, cuda_graph=True))
+    run_mt10 = step_runner(make_trainer("harmodt-f", "cuda", True, "fp32", tasks=MT10, cuda_graph="on"))
     run_mt10(10)
 
     def update() -> float:

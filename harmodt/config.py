@@ -30,7 +30,8 @@ LAM_ONS = ("importance", "agreement")
 RECOVERY_GRADS = ("dense", "masked")
 MASK_GRADS = ("paper", "official")
 BACKENDS = ("auto", "triton", "cpu", "reference")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16")
+CUDA_GRAPHS = ("auto", "on", "off")
 
 
 def setting(default=MISSING, help: str = "", domain: Domain | None = None, *, factory=MISSING):
@@ -120,10 +121,13 @@ class TrainConfig:
     device: str = setting("auto", "auto (CUDA when available) | cpu | cuda | cuda:N")
     fused: bool = setting(False, "masked linear, masked AdamW and mask selection on the kernels of --backend (else the plain-PyTorch reference)")
     backend: str = setting("auto", "kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference", one_of(BACKENDS))
-    precision: str = setting("fp32", "fp32 | bf16 (autocast on the device)", one_of(PRECISIONS))
+    precision: str = setting("fp32", "fp32 (exact fp32 matmuls) | tf32 (fp32 storage, TF32 matmuls on CUDA; exact fp32 on a CPU) | "
+                             "bf16 (autocast on the device)", one_of(PRECISIONS))
     compile: bool = setting(False, "torch.compile the model for training")
-    cuda_graph: bool = setting(False, "capture the training step once as a CUDA graph and replay it (harmodt/graphed_step.py; with "
-                               "--fused or one task per batch; on a CPU the same step runs on its static buffers uncaptured)")
+    cuda_graph: str = setting("auto", "the training step captured once as a CUDA graph and replayed (harmodt/graphed_step.py): auto "
+                              "(on CUDA where the run can be captured, the start line says why not; else eager) | on (a run that "
+                              "cannot be captured is refused; on a CPU the same step runs on its static buffers uncaptured) | off",
+                              one_of(CUDA_GRAPHS))
     dropout_rng: str = setting("auto", "where training's dropout bits come from: torch (torch's RNG, nn.Dropout) | counter (a hash of "
                                "the seed, step and element, fused into the masked-linear kernels) | auto (counter with --fused, else torch; torch under "
                                "--compile, which would recompile for every step's seed)", one_of(DROPOUT_RNGS))
@@ -190,8 +194,9 @@ def flag(key: str) -> str:
 #   every key not named here is "fixed": compared, and a difference is refused.
 RESUME_RULES = {
     **dict.fromkeys(("steps", "eval_episodes", "eval_every", "target_return", "log_every", "checkpoint_every", "threads", "device",
-                     "compile", "fused", "backend", "dropout_rng", "cuda_graph", "stop_at_success"), "changeable"),
-    **dict.fromkeys(("out", "resume", "progress", "allow_changed", "dist_timeout"), "ignored"),
+                     "compile", "fused", "backend", "dropout_rng", "stop_at_success"), "changeable"),
+    # cuda_graph: the graphed step computes the eager step's bits (harmodt/graphed_step.py)
+    **dict.fromkeys(("out", "resume", "progress", "allow_changed", "dist_timeout", "cuda_graph"), "ignored"),
 }
 
 
@@ -285,8 +290,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg = dataclasses.replace(cfg, dropout_rng="counter" if cfg.fused and not cfg.compile else "torch")
     if cfg.tasks_per_batch == 0:
         cfg = dataclasses.replace(cfg, tasks_per_batch=auto_tasks_per_batch(cfg.method, len(parse_tasks(cfg.tasks)), cfg.batch_size))
-    if cfg.cuda_graph and not (cfg.fused or cfg.tasks_per_batch == 1):
-        raise ConfigError("--cuda-graph needs --fused, or --tasks-per-batch 1 (the reference splits a mixed-task batch on the host)")
+    if cfg.cuda_graph == "on" and not (cfg.fused or cfg.tasks_per_batch == 1):
+        raise ConfigError("--cuda-graph on needs --fused, or --tasks-per-batch 1 (the reference splits a mixed-task batch on the host)")
     if cfg.allow_changed:
         known = flat_keys(to_dict(cfg))
         if not cfg.resume:
@@ -338,8 +343,10 @@ def upgrade_saved_config(d: dict) -> dict:
     ignored it). A config without ``dropout_rng`` predates that option and drew dropout from torch's
     RNG. A config without ``prompt_segment`` predates that option and ran with random prompt
     windows, and its ``conditioning: auto`` gave MTDT the learned task embedding; ``task-id`` is the
-    earlier name of ``task-embedding``."""
+    earlier name of ``task-embedding``. A ``cuda_graph`` of true or false is ``on`` or ``off``."""
     d = dict(d)
+    if isinstance(d.get("cuda_graph"), bool):
+        d["cuda_graph"] = "on" if d["cuda_graph"] else "off"
     if "cagrad_c" in d:
         c = d.pop("cagrad_c")
         if d.get("method") == "cagrad":

@@ -1,24 +1,26 @@
-"""One CUDA graph per training step (``--cuda-graph``): Algorithm 1's step captured once, replayed.
+"""One CUDA graph per training step (``--cuda-graph``): the method's step captured once, replayed.
 
 A GPU step of the paper's model is bound by the host (hundreds of small kernel launches and the
-Python between them), not by the GPU's arithmetic. :class:`GraphedStep` runs the step of
-``Trainer.train_step`` (forward, loss, backward, clipping, masked AdamW) over fixed device
-buffers, so that on CUDA it can be captured once as a ``torch.cuda.CUDAGraph`` after a few eager
-warm-up steps and then replayed, one launch per step.
+Python between them), not by the GPU's arithmetic. :class:`GraphedStep` runs the method's own step
+rule (harmodt.steps: its :meth:`~harmodt.steps.PlainStep.step`, the one copy of the step's
+arithmetic) on inputs held in fixed device buffers, so that on CUDA it can be captured once as a
+``torch.cuda.CUDAGraph`` after a few eager warm-up steps and then replayed, one launch per step.
+This module keeps only those buffers, the per-step values and the capture.
 
 Nothing step-specific is baked into the graph as a Python constant. Per step, outside the graph:
 
 * the batch is drawn into the static input buffers (``PromptDTBatcher.sample_into``: one copy of
   its row indices to the device, then a gather per field there), the batch's task ids among them:
   the masked layers and the optimizer's masks read them on the device;
-* the step count is written into an int64 device tensor (``fill_``) from which the graph derives
-  every counter-based dropout seed (:func:`kernels.reference.site_seed` on tensors: the bits of
-  the eager step's host arithmetic);
+* the step count is written into an int64 device tensor (``fill_``) from which the step rule
+  derives every counter-based dropout seed (:meth:`harmodt.steps.PlainStep.counter_dropout` on a
+  tensor: the bits of the eager step's host arithmetic);
 * each parameter group's learning rate (the scheduler's) is written into a float64 device tensor,
   which the masked AdamW reads on the device;
 * when the task masks changed (a mask update, a resume), they are copied into the graph's own
-  copy; the optimizer's masks of the step (the task's, or the union of a mixed-task batch's)
-  are selected from it on the device by the batch's task ids.
+  copy; the step rule selects the optimizer's masks of the step (the task's, or the union of a
+  mixed-task batch's) from it on the device by the batch's task ids
+  (:meth:`harmodt.steps.MaskedStep.keep`), into buffers kept here.
 
 Mask updates, evaluation, logging and checkpointing stay outside the graph, in the training loop;
 they read and write the same parameters and optimizer state, which the graph updates in place.
@@ -30,52 +32,76 @@ its dropout seeds from a tensor): bit for bit without dropout, under Inductor's 
 (``torch.use_deterministic_algorithms(True)``, ``torch._inductor.config.deterministic``), without
 which Inductor's backward differs run to run in the last bits; with dropout Inductor rounds counter
 dropout and draws torch's dropout differently in each. On a CPU nothing is captured: every step
-runs the same body on the static buffers (what the CPU tests check). Needs: no per-task gradients (PCGrad/CAGrad), one process, ``--clip-scope
-masked``, and ``--fused`` or one task per batch (the reference splits a mixed-task batch on the
-host).
+runs the same body on the static buffers (what the CPU tests check).
+
+Which runs are graphed (:func:`choose`): ``--cuda-graph on`` graphs the run or refuses it in one
+line (:func:`graph_problem`: per-task gradients (PCGrad/CAGrad), torchrun, ``--clip-scope
+unmasked``, a mixed-task batch on the reference ops, a step rule that cannot be captured);
+``auto`` (the default) graphs a run on CUDA that can be captured and whose graphed bits are the
+eager step's (:func:`auto_problem`), and else trains eager, the start line saying why; ``off``
+trains eager.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-import harmodt_kernels as kernels
 
 from .config import ConfigError
 from .data.batches import batch_segments
-from .model import CounterDropout, MaskContext, action_loss
-from .optim import clip_coefficient
+from .steps import StepInputs
 
-__all__ = ["DeviceSeedDropout", "GraphedStep", "StepValues", "check_graphable"]
+__all__ = ["GraphedStep", "StepValues", "auto_problem", "choose", "graph_problem"]
 
 WARMUP_STEPS = 3  # eager steps before the capture (CUDA): lazy state, autotuning, allocator pools
 
 
-def check_graphable(trainer) -> None:
-    """Raises :class:`ConfigError` (one line naming the flag) when ``trainer``'s step cannot be
-    captured."""
-    cfg = trainer.cfg
-    if trainer.method.per_task_gradients:
-        raise ConfigError(f"--cuda-graph: --method {cfg.method} computes per-task gradients on the host's task split; run it without")
+def graph_problem(trainer) -> str | None:
+    """Why ``trainer``'s step cannot be captured (one clause naming the flag), None when it can."""
+    cfg, rule = trainer.cfg, trainer.step_rule
     if trainer.dist.active:
-        raise ConfigError("--cuda-graph runs in one process (not under torchrun)")
-    if cfg.tasks_per_batch > 1 and trainer.task_masks is not None and trainer.backends.masked_linear.backend.name == "reference":
-        raise ConfigError("--cuda-graph: a mixed-task batch on the reference splits its rows on the host; use --backend triton or cpu")
-    if trainer.task_masks is not None and cfg.clip_scope != "masked":
-        raise ConfigError("--cuda-graph needs --clip-scope masked (the unmasked norm renumbers the batch's tasks on the host)")
+        return "a torchrun run (the graph runs in one process)"
+    if cfg.tasks_per_batch > 1 and trainer.backends.masked_linear.backend.name == "reference" and (
+            trainer.task_masks is not None or not cfg.fused):
+        how = "--fused" if not cfg.fused else "--backend triton or cpu"
+        return f"a mixed-task batch on the reference ops splits its rows on the host ({how}, or --tasks-per-batch 1)"
+    problem = getattr(rule, "graph_problem", None)
+    if problem is None:
+        name = getattr(rule, "__qualname__", None) or type(rule).__name__
+        return f"--method {cfg.method}'s step rule {name} has no step() a graph can run (a harmodt.steps.PlainStep subclass has)"
+    return problem()
 
 
-@dataclass(frozen=True)
-class DeviceSeedDropout(CounterDropout):
-    """:class:`harmodt.model.CounterDropout` whose per-site seeds were computed on the device at
-    once (``seeds[site]``, int64), from a step count held in a tensor: the kernels read them there."""
+def auto_problem(cfg, device: torch.device) -> str | None:
+    """Why ``--cuda-graph auto`` trains a run of ``cfg`` on ``device`` eager before asking whether it
+    can be captured: no CUDA device, or a dropout whose captured bits are not the eager step's
+    (checked for counter dropout without ``--compile``, and for no dropout)."""
+    if device.type != "cuda":
+        return f"no CUDA graph on {device.type}"
+    if cfg.model.dropout == 0.0:
+        return None
+    if cfg.compile:
+        return "--compile with dropout (Inductor draws it differently in a captured step; --dropout 0 or --cuda-graph on)"
+    if cfg.dropout_rng != "counter":
+        return "dropout from torch's RNG (--dropout-rng counter, what --fused picks, is captured with the eager bits)"
+    return None
 
-    seeds: torch.Tensor | None = None
 
-    def site_seed(self, site: int):
-        return self.seeds[site]
+def choose(trainer) -> tuple["GraphedStep | None", str]:
+    """``--cuda-graph``'s step for ``trainer``: a :class:`GraphedStep`, or None (the step rule runs
+    eager), and the start line's words for it. ``on`` that cannot be honoured raises
+    :class:`ConfigError` (one line)."""
+    mode, device = trainer.cfg.cuda_graph, trainer.device
+    if mode == "on":
+        if (why := graph_problem(trainer)) is not None:
+            raise ConfigError(f"--cuda-graph on: {why}; run it with --cuda-graph off")
+        captured = "one CUDA graph per step" if device.type == "cuda" else f"uncaptured on {device.type}"
+        return GraphedStep(trainer), f"step=graphed ({captured})"
+    if mode == "off":
+        return None, "step=eager (--cuda-graph off)"
+    why = auto_problem(trainer.cfg, device) or graph_problem(trainer)
+    if why is not None:
+        return None, f"step=eager (--cuda-graph auto: {why})"
+    return GraphedStep(trainer), "step=graphed (one CUDA graph per step; --cuda-graph off for eager)"
 
 
 class StepValues:
@@ -95,13 +121,13 @@ class StepValues:
 
 
 class GraphedStep:
-    """``Trainer.train_step`` over static buffers; on CUDA captured after :data:`WARMUP_STEPS`
-    eager steps and replayed. Call it with the step's task ids as ``train_step`` is called; it
-    advances the scheduler and ``trainer.step`` and returns the loss (a device tensor of its own)."""
+    """The trainer's step rule over static buffers; on CUDA captured after :data:`WARMUP_STEPS` eager
+    steps and replayed. Call it with the step's task ids as ``train_step`` is called; it advances
+    the scheduler and ``trainer.step`` and returns the loss (a device tensor of its own). Build it
+    with :func:`choose`."""
 
     def __init__(self, trainer, warmup: int = WARMUP_STEPS):
-        check_graphable(trainer)
-        self.tr = trainer
+        self.tr, self.rule = trainer, trainer.step_rule
         self.capture = trainer.device.type == "cuda"
         self.warmup = warmup
         self.values = StepValues(trainer.device, len(trainer.opt.param_groups))
@@ -110,17 +136,12 @@ class GraphedStep:
         self.heads: torch.Tensor | None = None  # the first row of each task's run of the batch (static layout)
         self.masks: dict | None = None  # the graph's copy of every task's masks (the masked-linear op's layout)
         self._mask_source: list = []  # the tensors that copy was made from, and their versions
-        self._selected: dict | None = None  # per weight: the batch's tasks' masks (static buffers)
-        self._unions: dict = {}  # per weight: their union, for a mixed-task batch (static buffers)
-        self.grads: list | None = None  # each parameter's gradient buffer (None: it gets no gradient)
+        self.keep: dict | None = None  # per weight: what the step may change (static buffers)
+        self.grads: list = []  # each trainable parameter's gradient buffer (None: it gets no gradient), made by the first step
         self.graph = None
         self.loss: torch.Tensor | None = None  # the captured step's loss (static output)
         self.calls = 0
         self._held: list = []  # what the captured graph reads that no one else keeps alive
-        cfg = trainer.cfg
-        self.counter = cfg.dropout_rng == "counter" and cfg.model.dropout > 0.0
-        self.base_seed = kernels.reference.site_seed(cfg.seed, trainer.dist.rank)
-        self.n_sites = 1 + 3 * cfg.model.n_layer  # the model's counter-dropout sites (harmodt.model.CounterDropout)
 
     # ---- outside the graph ---------------------------------------------------------------------
     def __call__(self, task_ids: list[int]) -> torch.Tensor:
@@ -173,6 +194,7 @@ class GraphedStep:
             return
         if self.masks is None:
             self.masks = {n: m.clone() for n, m in src.items()}
+            self.keep = {n: m.new_empty(m.shape[1:]) for n, m in src.items()}
         else:
             for n, m in src.items():
                 self.masks[n].copy_(m)
@@ -199,54 +221,11 @@ class GraphedStep:
 
     # ---- the step (captured) -----------------------------------------------------------------
     def body(self) -> torch.Tensor:
-        """Forward, loss, backward, clipping and masked AdamW over the static buffers, reading
-        every per-step value from device tensors; returns the loss."""
-        tr, b = self.tr, self.batch
-        ids = b["task_ids"]
-        single = self.heads.shape[0] == 1
-        dropout = None
-        if self.counter:
-            sites = torch.arange(self.n_sites, device=tr.device)
-            seeds = kernels.reference.site_seed(kernels.reference.site_seed(self.base_seed, self.values.step), sites)
-            dropout = DeviceSeedDropout(tr.cfg.model.dropout, 0, tr.backends.dropout, seeds=seeds)
-        ctx = None
-        if self.masks is not None:
-            ctx = MaskContext(self.masks, ids[:1] if single else ids, tr.backends.masked_linear, dropout=dropout)
-        elif dropout is not None:
-            ctx = MaskContext({}, ids, tr.backends.masked_linear, dropout=dropout)
-        with tr.autocast():
-            pred = tr.forward(b, ctx)
-        loss = action_loss(pred, b)
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        if self.grads is None:  # the first (eager) step: the buffers the gradients live in from now on
-            self.grads = [None if g is None else torch.empty_like(g) for g in grads]
-        torch._foreach_copy_([s for s in self.grads if s is not None], [g for g in grads if g is not None])
-        for p, g in zip(self.params, self.grads):
-            p.grad = g
-        coef = clip_coefficient(self.params, tr.cfg.grad_clip)
-        tr.opt.masked_step(self._keep(), grad_scale=coef, op=tr.backends.masked_adamw, lrs=self.values.lrs)
-        return loss.detach()
-
-    def _keep(self) -> dict | None:
-        """{weight: what this step may change}: the batch's task's mask, or the union of its tasks'
-        (Eq. 11), selected on the device by the task ids in the static batch, into buffers made on
-        the first (eager) step: their addresses stay, so the Triton AdamW's launch table made then
-        serves the captured step too (nothing is uploaded during the capture)."""
-        if self.masks is None:
-            return None
-        tasks = self.batch["task_ids"].index_select(0, self.heads)  # (n,) the batch's tasks in order
-        n = self.heads.shape[0]
-        if self._selected is None:
-            self._selected = {name: m.new_empty((n, *m.shape[1:])) for name, m in self.masks.items()}
-            self._unions = {name: m.new_empty(m.shape[1:]) for name, m in self.masks.items()} if n > 1 else {}
-        keep = {}
-        for name, m in self.masks.items():
-            sel = torch.index_select(m, 0, tasks, out=self._selected[name])
-            if n == 1:
-                keep[self.tr.weights[name]] = sel[0]
-                continue
-            union = torch.bitwise_or(sel[0], sel[1], out=self._unions[name])  # bool masks or packed words: the union either way
-            for j in range(2, n):
-                union.bitwise_or_(sel[j])
-            keep[self.tr.weights[name]] = union
-        return keep
+        """The step rule's step on the static buffers, every per-step value read from device
+        tensors; returns the loss."""
+        rule, b = self.rule, self.batch
+        tasks = b["task_ids"].index_select(0, self.heads)  # (n,) the batch's tasks in order, on the device
+        ctx = rule.context(b["task_ids"], single_task=self.heads.shape[0] == 1, dropout=rule.counter_dropout(self.values.step),
+                           masks=self.masks)
+        keep = rule.keep(tasks, masks=self.masks, out=self.keep)
+        return rule.step(StepInputs(b, ctx, keep, lrs=self.values.lrs, grads=self.grads))

@@ -10,7 +10,9 @@ with a hyper-parameter, say, ``register(Method("scaled-mean", "Scaled mean", "ta
 combine=lambda grads, options, generator: options.scale * grads.mean(0), options=ScaleOptions))``
 where ``ScaleOptions`` is a dataclass whose field ``scale`` becomes the flag ``--scale``; or its
 own step rule or mask schedule (``step_rule=``, ``mask_updater=``: a class built on the trainer,
-such as a subclass of harmodt.steps.MaskedStep or harmodt.mask_update.Algorithm2).
+such as a subclass of harmodt.steps.MaskedStep or harmodt.mask_update.Algorithm2). A step rule's
+``step()`` is what ``--cuda-graph`` captures (harmodt.graphed_step); one it cannot capture trains
+eager, or is refused under ``--cuda-graph on``.
 """
 
 from __future__ import annotations

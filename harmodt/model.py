@@ -52,6 +52,28 @@ class CounterDropout:
         return self.op(x, self.p, self.site_seed(site))
 
 
+def dropout_sites(n_layer: int) -> int:
+    """The counter-dropout sites of a model of ``n_layer`` blocks (:class:`CounterDropout`)."""
+    return 1 + 3 * n_layer
+
+
+@dataclass(frozen=True)
+class DeviceSeedDropout(CounterDropout):
+    """:class:`CounterDropout` whose forward seed is an int64 0-dim device tensor (a captured step's,
+    harmodt.graphed_step) and whose per-site seeds were computed from it on the device at once
+    (``seeds[site]``, the host arithmetic's bits): the kernels read them there."""
+
+    seeds: torch.Tensor | None = None
+
+    @staticmethod
+    def of(p: float, seed: torch.Tensor, op: kernels.DropoutOp, n_layer: int) -> "DeviceSeedDropout":
+        sites = torch.arange(dropout_sites(n_layer), device=seed.device)
+        return DeviceSeedDropout(p, seed, op, seeds=kernels.reference.site_seed(seed, sites))
+
+    def site_seed(self, site: int):
+        return self.seeds[site]
+
+
 @dataclass
 class MaskContext:
     """The task masks one forward pass runs through.

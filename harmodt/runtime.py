@@ -1,9 +1,10 @@
-"""Process-level speed settings for CPU training and evaluation."""
+"""Process-level speed settings for training and evaluation."""
 
 from __future__ import annotations
 
 import ctypes
 import sys
+from contextlib import contextmanager
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 
@@ -55,3 +56,19 @@ def bf16_matmul_note() -> str | None:
     return (f"[harmodt] note: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 matrix instructions "
             "(AVX512-BF16 or AMX): --precision bf16 emulates its GEMMs, many times slower than --precision fp32 "
             "(13x per training step measured on an AMD EPYC without AVX-512); use fp32 here")
+
+
+@contextmanager
+def float32_matmuls(precision: str, device):
+    """fp32 matmuls as ``--precision`` says, inside: TF32 products for ``tf32`` on a CUDA ``device``
+    (``torch.set_float32_matmul_precision("high")``, which ``F.linear``, cuBLAS and the Triton
+    masked linear follow; storage stays fp32); exact fp32 (``"highest"``) otherwise, ``tf32`` on a
+    CPU included. The previous setting is restored on exit."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" and torch.device(device).type == "cuda" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -22,10 +22,9 @@ import torch
 
 import harmodt_kernels as kernels
 
-from . import plots
+from . import graphed_step, plots
 from .config import ConfigError, TrainConfig, goal_seeds, resolve_device
 from .data.batches import PromptDTBatcher
-from .graphed_step import GraphedStep
 from .masks import TaskMasks
 from .methods import METHODS
 from .optim import MaskedAdamW, param_groups
@@ -33,6 +32,7 @@ from .run import distributed, resume, rng, session, signals
 from .run.cli import parse_args
 from .run.data_cache import check_data, load_training_data
 from .run.outputs import MetricsLog, NoLog
+from .runtime import float32_matmuls
 from .tasks import parse_tasks
 
 
@@ -78,7 +78,8 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.mask_updater = self.method.build_mask_updater(self)
-        self.graphed = GraphedStep(self) if cfg.cuda_graph else None  # --cuda-graph: the step rule's step, captured once
+        # --cuda-graph: the step rule's step captured once (harmodt/graphed_step.py), or None: eager; and the start line's words for it
+        self.graphed, self.step_kind = graphed_step.choose(self)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
@@ -91,7 +92,7 @@ class Trainer:
     def train_step(self, task_ids: list[int]) -> torch.Tensor:
         """One step of Algorithm 1 on a batch of ``task_ids`` by the method's step rule; returns the
         loss (a 0-dim tensor on the device: reading it is the caller's choice, so a GPU step need not wait)."""
-        if self.graphed is not None:  # --cuda-graph (harmodt/graphed_step.py)
+        if self.graphed is not None:  # the graphed step (harmodt/graphed_step.py)
             return self.graphed(task_ids)
         if not self.model.training:  # (train() walks every module: skip it when already set)
             self.model.train()
@@ -166,7 +167,8 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     order is: mask update (when due), training step, metric line, evaluation, checkpoint.
     """
     dist = session.start(cfg)  # under torchrun: this rank; else one process
-    with distributed.rank_output(dist):  # rank 0 alone prints (and writes files); the others keep stderr
+    # rank 0 alone prints (and writes files), the others keep stderr; fp32 matmuls as --precision says
+    with distributed.rank_output(dist), float32_matmuls(cfg.precision, dist.device(resolve_device(cfg.device))):
         ck = session.open_run(cfg, dist)  # checked before any file is written
         trainer = Trainer(cfg, datasets, dist)
         log, run_state = session.continue_run(trainer, ck)

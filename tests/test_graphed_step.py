@@ -11,6 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import harmodt_kernels as kernels
 from _synthetic import datasets
 from harmodt.config import ConfigError, ModelConfig, TrainConfig, validate
+from harmodt.graphed_step import auto_problem, graph_problem
+from harmodt.methods import METHODS, Method
+from harmodt.run.session import describe
+from harmodt.steps import MaskedStep
 from harmodt.train import Trainer
 from test_host_sync import SYNCING
 
@@ -20,9 +24,10 @@ NATIVE = "cpu" in kernels.available_backends("cpu")
 
 def config(method="harmodt-f", fused=True, tasks_per_batch=1, graph=False, backend=None, dropout=0.1, **kw) -> TrainConfig:
     model = ModelConfig(n_layer=2, n_head=2, n_embd=32, context_len=5, prompt_len=2, dropout=dropout)
+    kw.setdefault("cuda_graph", "on" if graph else "off")
     return validate(TrainConfig(tasks=",".join(TASKS), method=method, steps=10, batch_size=4, tasks_per_batch=tasks_per_batch,
                                 warmup_steps=3, lr=1e-3, eval_episodes=0, progress=False, model=model, device="cpu", fused=fused,
-                                backend=backend or ("cpu" if fused else "auto"), cuda_graph=graph, **kw))
+                                backend=backend or ("cpu" if fused else "auto"), **kw))
 
 
 def trainer(cfg: TrainConfig) -> Trainer:
@@ -76,8 +81,8 @@ def test_graphed_step_gives_the_eager_steps_bits(case):
 
 
 def test_static_buffers_keep_their_addresses():
-    """The batch, the masks' copy, the gradients and the per-step values stay where a captured
-    graph would read them, across steps and a mask update."""
+    """The batch, the masks' copy, the gradients, the per-step values and the optimizer's masks
+    stay where a captured graph would read them, across steps and a mask update."""
     tr = trainer(config(fused=False, dropout_rng="counter", graph=True))
     run(tr, 2)
     g = tr.graphed
@@ -85,7 +90,7 @@ def test_static_buffers_keep_their_addresses():
     def addresses():
         return ([t.data_ptr() for t in g.batch.values()], [m.data_ptr() for m in g.masks.values()],
                 [t.data_ptr() for t in g.grads if t is not None], g.values.step.data_ptr(), [t.data_ptr() for t in g.values.lrs],
-                [t.data_ptr() for t in g._selected.values()])
+                [t.data_ptr() for t in g.keep.values()])
 
     before = addresses()
     tr.mask_updater()
@@ -161,18 +166,105 @@ def test_graphed_step_has_no_host_sync():
 
 
 @pytest.mark.parametrize("kw,needle", [
-    (dict(method="pcgrad", graph=True), "--cuda-graph: --method pcgrad"),
-    (dict(graph=True, clip_scope="unmasked"), "--cuda-graph needs --clip-scope masked"),
+    (dict(method="pcgrad"), "--cuda-graph on: --method pcgrad computes per-task gradients"),
+    (dict(clip_scope="unmasked"), "--cuda-graph on: --clip-scope unmasked"),
 ])
 def test_unsupported_runs_fail_in_one_line(kw, needle):
     if not NATIVE:
         pytest.skip("the native CPU library is not built")
-    with pytest.raises(ConfigError, match=needle):
-        trainer(config(**kw))
+    with pytest.raises(ConfigError, match=needle) as err:
+        trainer(config(graph=True, **kw))
+    assert "\n" not in str(err.value)
+    tr = trainer(config(**kw))  # the same run without --cuda-graph on: eager, the reason in graph_problem
+    assert tr.graphed is None and graph_problem(tr) in str(err.value)
 
 
 def test_mixed_task_reference_is_refused():
-    with pytest.raises(ConfigError, match="--cuda-graph needs --fused"):
+    with pytest.raises(ConfigError, match="--cuda-graph on needs --fused"):
         config(fused=False, tasks_per_batch=2, graph=True)
-    with pytest.raises(ConfigError, match="--cuda-graph: a mixed-task batch on the reference"):
+    with pytest.raises(ConfigError, match="--cuda-graph on: a mixed-task batch on the reference ops"):
         trainer(config(backend="reference", tasks_per_batch=2, graph=True))
+
+
+class ScaledLoss(MaskedStep):
+    """A toy step rule of its own: three times the action loss plus a small penalty on the predicted
+    actions."""
+
+    def loss(self, pred, batch, count):
+        return 3.0 * super().loss(pred, batch, count) + 0.01 * pred.float().square().mean()
+
+
+class OwnCall(MaskedStep):
+    """A toy step rule whose eager step is its own ``__call__``: a graph cannot run it."""
+
+    def __call__(self, task_ids):
+        return super().__call__(task_ids) * 1.0
+
+
+class OwnCapture(MaskedStep):
+    """A toy step rule that changes its forward's context on the host, from the step's task list."""
+
+    def capture(self, ctx, task_ids):
+        return super().capture(ctx, task_ids[::-1])
+
+
+def toy(monkeypatch, name: str, rule) -> str:
+    monkeypatch.setitem(METHODS, name, Method(name, name, "tab:brown", masks="learned", importance="fisher", step_rule=rule))
+    return name
+
+
+def test_a_method_with_its_own_step_rule_is_captured_as_it_is(monkeypatch):
+    """The graphed step runs the method's own step rule: a toy method whose rule changes the loss
+    gives its eager run's losses, weights, optimizer state and masks bit for bit, which differ
+    from the stock HarmoDT-F step's (the graph runs no step of its own)."""
+    method = toy(monkeypatch, "harmodt-scaled", ScaledLoss)
+    kw = dict(fused=False, dropout_rng="counter")
+    eager, graphed = trainer(config(method=method, **kw)), trainer(config(method=method, graph=True, **kw))
+    stock = trainer(config(graph=True, **kw))
+    assert isinstance(graphed.graphed.rule, ScaledLoss)
+    want, got, other = run(eager, 4, update_at=2), run(graphed, 4, update_at=2), run(stock, 4, update_at=2)
+    for i, (x, y) in enumerate(zip(want, got)):
+        assert torch.equal(x, y), f"loss of step {i}"
+    assert_same_state(eager, graphed)
+    assert not any(torch.equal(x, y) for x, y in zip(got, other))
+
+
+def test_a_step_rule_a_graph_cannot_run_is_refused_or_runs_eager(monkeypatch):
+    """A rule with its own host-side ``__call__`` or ``capture``, or a bare function, is never
+    replaced by the stock step: ``--cuda-graph on`` refuses it in one line naming it; ``auto``
+    trains it eager."""
+    cases = ((toy(monkeypatch, "harmodt-own-call", OwnCall), "its step rule OwnCall has its own __call__"),
+             (toy(monkeypatch, "harmodt-own-capture", OwnCapture), "its step rule OwnCapture has its own capture"),
+             (toy(monkeypatch, "harmodt-bare", lambda tr: MaskedStep(tr).__call__), "step rule PlainStep.__call__ has no step()"))
+    for method, needle in cases:
+        with pytest.raises(ConfigError, match=f"--cuda-graph on: .*{needle}"):
+            trainer(config(method=method, fused=False, graph=True))
+        tr = trainer(config(method=method, fused=False, cuda_graph="auto"))
+        assert tr.graphed is None and needle.split(" has ")[0] in graph_problem(tr)
+
+
+@pytest.mark.parametrize("kw,reason", [
+    (dict(), None),  # --fused: counter dropout, captured with the eager bits
+    (dict(method="prompt-dt", tasks_per_batch=2), None),
+    (dict(dropout=0.0, fused=False), None),
+    (dict(fused=False), "dropout from torch's RNG"),
+    (dict(compile=True), "--compile with dropout"),
+    (dict(compile=True, dropout=0.0), None),
+])
+def test_auto_graphs_a_cuda_run_whose_bits_are_checked(kw, reason):
+    """``--cuda-graph auto`` on a CUDA device: the runs whose graphed bits are the eager step's
+    (tests/gpu/test_graphed_step_cuda.py); any other device: eager."""
+    cfg = config(cuda_graph="auto", **{"fused": True, "backend": "auto", **kw})
+    got = auto_problem(cfg, torch.device("cuda"))
+    assert got is None if reason is None else reason in got
+    assert auto_problem(cfg, torch.device("cpu")) == "no CUDA graph on cpu"
+
+
+def test_the_start_line_says_which_step_runs_and_why():
+    """One line: eager on a CPU under ``auto`` (why), graphed under ``on`` (uncaptured there), eager under ``off``."""
+    kw = dict(fused=False, dropout_rng="counter")
+    lines = {mode: describe(trainer(config(cuda_graph=mode, **kw))) for mode in ("auto", "on", "off")}
+    assert lines["auto"].endswith("step=eager (--cuda-graph auto: no CUDA graph on cpu)")
+    assert lines["on"].endswith("step=graphed (uncaptured on cpu)")
+    assert lines["off"].endswith("step=eager (--cuda-graph off)")
+    assert all("\n" not in line for line in lines.values())

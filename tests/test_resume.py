@@ -50,7 +50,7 @@ KILL_POINTS = {
 # the mask-update gradients (--mask-grads) a run uses -> its extra flags; official draws dropout in the update;
 # counter: training's dropout from the counter-based stream (a hash of seed and step, what --fused selects)
 VARIANTS = {"paper": [], "official": ["--mask-grads", "official"], "counter": ["--fused", "--dropout-rng", "counter"],
-            "graphed": ["--fused", "--dropout-rng", "counter", "--cuda-graph"]}
+            "graphed": ["--fused", "--dropout-rng", "counter", "--cuda-graph", "on"]}
 # (kill point, variant): every point with the default; official killed after an update that the resume replays;
 # counter killed between checkpoints and inside a mask update
 CASES = [(p, "paper") for p in KILL_POINTS] + [("step:5", "official"), ("step:5", "counter"), ("mask-update:8", "counter"),

@@ -16,8 +16,8 @@ from ..domains import check_fields, kind_of
 
 # Flags that say how and where a run goes, not what it trains: given alone (no --preset, no
 # --config, no other flag) they keep the embedded default run.
-RUN_ONLY = ("out", "fused", "backend", "dropout_rng", "precision", "threads", "progress", "seed", "resume", "device", "compile", "allow_changed",
-            "dist_timeout")
+RUN_ONLY = ("out", "fused", "backend", "dropout_rng", "precision", "threads", "progress", "seed", "resume", "device", "compile", "cuda_graph",
+            "allow_changed", "dist_timeout")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:

@@ -105,5 +105,6 @@ def test_cli_trains_on_cuda_and_names_the_backends(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "device=cuda" in r.stdout and "masked_linear=triton masked_adamw=triton harmony_select=triton" in r.stdout
+    assert "step=graphed (one CUDA graph per step" in r.stdout  # --cuda-graph auto, the default
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("steps_per_s" in x for x in lines)

@@ -1,6 +1,6 @@
-"""The training step captured as one CUDA graph and replayed (``--cuda-graph``,
-harmodt/graphed_step.py) against the same run eager on the same GPU (marker ``cuda``; skipped
-without a GPU). Run on a GPU machine: ``python -m pytest tests/gpu -m cuda``.
+"""The training step captured as one CUDA graph and replayed (``--cuda-graph on``, and ``auto``, the
+default, harmodt/graphed_step.py) against the same run eager (``--cuda-graph off``) on the same GPU
+(marker ``cuda``; skipped without a GPU). Run on a GPU machine: ``python -m pytest tests/gpu -m cuda``.
 
 Bit-identical is the claim: the graph replays the eager step's kernels on the same inputs (tf32 and
 bf16 included; cuBLAS picks the same algorithm for the same shapes in a graph and out of it). The
@@ -31,7 +31,7 @@ def cfg(tmp_path, graph: bool, dropout: float = 0.1, **kw) -> TrainConfig:
     model = ModelConfig(n_layer=2, n_head=2, n_embd=64, context_len=5, prompt_len=2, dropout=dropout)
     base = dict(tasks=",".join(TASKS), method="harmodt-f", steps=12, batch_size=8, warmup_steps=4, lr=1e-3, eval_episodes=0,
                 out=str(tmp_path / ("graph" if graph else "eager")), progress=False, model=model, device="cuda", fused=True,
-                cuda_graph=graph)
+                cuda_graph="on" if graph else "off")
     base.update(kw)
     c = TrainConfig(**base)
     c.masks.update_every = 5
@@ -100,6 +100,15 @@ def test_graph_replay_equals_eager(tmp_path, case):
             assert torch.equal(eager.opt.state[p][k], graphed.opt.state[q][k]), k
     if eager.task_masks is not None:
         assert torch.equal(eager.task_masks.snapshot(), graphed.task_masks.snapshot())
+
+
+def test_auto_graphs_a_fused_cuda_run(tmp_path):
+    """``--cuda-graph auto`` (the default) captures a --fused run on CUDA, and says so."""
+    tr = Trainer(cfg(tmp_path, True, cuda_graph="auto"), datasets(TASKS))
+    assert tr.graphed is not None and tr.step_kind.startswith("step=graphed")
+    for _ in range(5):
+        tr.train_step(tr.sample_tasks())
+    assert tr.graphed.graph is not None
 
 
 def test_replay_launches_no_kernel_from_python(tmp_path):
