@@ -166,7 +166,7 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     order is: mask update (when due), training step, metric line, evaluation, checkpoint.
     """
     dist = session.start(cfg)  # under torchrun: this rank; else one process
-    with distributed.rank_output(dist):  # rank 0 alone prints (and writes files); the others keep stderr
+    with distributed.rank_output(dist), session.lock_out(cfg, dist):  # rank 0 alone prints and writes files, one writer per --out
         ck = session.open_run(cfg, dist)  # checked before any file is written
         trainer = Trainer(cfg, datasets, dist)
         log, run_state = session.continue_run(trainer, ck)
