@@ -76,8 +76,9 @@ def check_checkpoint(ck: dict, path, target_return: float | None = None) -> dict
                                          f"got shape {list(stats[bad[0]].shape)}")
     if not _finite_tensors(info.get("prompts", {})):
         raise CheckpointContentError(f"{path}: eval_info.prompts hold NaN or inf")
-    check_return_scale(info.get("target_return", 4500.0) if target_return is None else target_return, info.get("rtg_scale", 1000.0),
-                       f"{path}: eval_info")
+    check_return_scale(info.get("target_return", 4500.0), info.get("rtg_scale", 1000.0), f"{path}: eval_info")
+    if target_return is not None:
+        check_return_scale(target_return, info["rtg_scale"], f"--target-return with {path}")
     if not isinstance(ck.get("model"), dict) or not _finite_tensors(ck["model"]):
         raise CheckpointContentError(f"{path}: its weights hold NaN or inf (or are missing)")
     if METHODS[cfg.method].masked and not ck.get("masks"):

@@ -78,7 +78,7 @@ def _run(args, passthrough: list[str], command: str) -> int:
     study.check()  # (last: --out made and found writable)
     with FolderLock(study.out, "--out"):  # one study writes into its folder at a time
         if (bad := other_study(study.out, args, passthrough)) is not None:
-            raise StudyError(f"--out {study.out}: {bad}; the folder's study.json, summary.md and runs are that study's: choose another --out")
+            raise StudyError(f"--out {study.out}: {bad}")
         return _run_study(study, args)
 
 
@@ -111,9 +111,9 @@ def other_study(out: Path, args, passthrough: list[str]) -> str | None:
     this one, or None when there is none, or it is this study (the same plan and training flags, with at
     most more methods, seeds or variants). A training run's or data set's files in ``out`` also differ."""
     if found := run_files(out):
-        return f"holds the files of a training run ({', '.join(found)})"
+        return f"holds the files of a training run ({', '.join(found)}); a study goes into a folder of its own"
     if holds_data_set(out):
-        return "holds a data set"
+        return "holds a data set; a study goes into a folder of its own"
     try:
         old = (out / "command.txt").read_text().strip() if (out / "command.txt").exists() else (
             read_json(out / "study.json").get("command") if (out / "study.json").exists() else None)
@@ -126,14 +126,14 @@ def other_study(out: Path, args, passthrough: list[str]) -> str | None:
         with contextlib.redirect_stderr(io.StringIO()):
             before, before_pass = build_parser().parse_known_args(words[3:])
     except SystemExit:
-        return f"holds the study of another command ({old[:120]})"
+        return f"holds the study of another command ({old[:120]}); choose another --out"
     diff = [k for k in PLAN_KEYS if getattr(before, k) != getattr(args, k)]
     diff += [k for k in GROWING_KEYS if not set(_entries(getattr(before, k))) <= set(_entries(getattr(args, k)))]
     if without_threads(before_pass) != without_threads(passthrough):
         diff.append("training flags")
     if diff:
         return (f"holds the study of another command ({', '.join('--' + k.replace('_', '-') for k in diff)} differ: "
-                f"{shlex.join(words[3:])[:160]})")
+                f"{shlex.join(words[3:])[:160]}); its study.json, summary.md and runs are that study's: choose another --out")
     return None
 
 
