@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import files
 from ..files import loads_json, write_atomic
 from ..tasks import is_task
 
@@ -84,13 +84,14 @@ def sha256(path: Path) -> str:
 
 # ---- atomic writes ---------------------------------------------------------------------------
 def temp_name(path: Path) -> Path:
-    """The hidden temporary name ``path`` is written under before it is renamed into place."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """The hidden temporary name ``path`` is written under before it is renamed into place (the writer's
+    own: :func:`harmodt.files.temp_name` of ``.NAME``)."""
+    return files.temp_name(path.with_name(f".{path.name}"))
 
 
 def is_temp_name(name: str) -> bool:
     """A name made by :func:`temp_name` (a leftover of a killed writer when it stays)."""
-    return re.fullmatch(r"\..+\.tmp-\d+", name) is not None
+    return re.fullmatch(r"\..+\.tmp-\d+(-[0-9a-f]+)?", name) is not None
 
 
 def atomic_savez(path: Path, arrays: dict) -> None:
