@@ -118,21 +118,22 @@ def other_study(out: Path, args, passthrough: list[str]) -> str | None:
         old = (out / "command.txt").read_text().strip() if (out / "command.txt").exists() else (
             read_json(out / "study.json").get("command") if (out / "study.json").exists() else None)
     except (OSError, ValueError, AttributeError) as exc:
-        return f"holds a study whose command cannot be read ({exc})"
+        return f"holds a study whose command cannot be read ({exc}); choose another --out"
     if old is None:
         return None
-    words = shlex.split(str(old))
     try:
+        words = shlex.split(str(old))
         with contextlib.redirect_stderr(io.StringIO()):
             before, before_pass = build_parser().parse_known_args(words[3:])
-    except SystemExit:
-        return f"holds the study of another command ({old[:120]}); choose another --out"
+    except (ValueError, SystemExit):
+        return f"holds the study of another command ({str(old)[:120]}); choose another --out"
     diff = [k for k in PLAN_KEYS if getattr(before, k) != getattr(args, k)]
     diff += [k for k in GROWING_KEYS if not set(_entries(getattr(before, k))) <= set(_entries(getattr(args, k)))]
     if without_threads(before_pass) != without_threads(passthrough):
         diff.append("training flags")
     if diff:
-        return (f"holds the study of another command ({', '.join('--' + k.replace('_', '-') for k in diff)} differ: "
+        names = ", ".join(k if " " in k else "--" + k.replace("_", "-") for k in diff)
+        return (f"holds the study of another command ({names} differ: "
                 f"{shlex.join(words[3:])[:160]}); its study.json, summary.md and runs are that study's: choose another --out")
     return None
 
