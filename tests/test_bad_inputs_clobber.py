@@ -236,7 +236,7 @@ ROWS = {
                                                                        ck["eval_info"].update(rtg_scale=1e-36)))), "run",
         "target_return / rtg_scale (4500.0 / 1e-36) overflows float32"),
     "evaluate --target-return 1e39": (lambda a: evaluate(a, str(a["ck"]), "--target-return", "1e39"), "run",
-                                      "--target-return with run/checkpoint.pt: target_return 1e+39 is not a finite float32 number"),
+                                      "/run/checkpoint.pt: target_return 1e+39 is not a finite float32 number"),
 }
 
 
