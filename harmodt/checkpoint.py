@@ -1,14 +1,17 @@
 """Checkpoints that are safe to open: only tensors and plain Python types, loaded with
 ``torch.load(..., weights_only=True)``, written atomically.
 
-``python -m harmodt.checkpoint convert OLD NEW`` rewrites a checkpoint of the older pickled
-format (numpy arrays inside) into this one; it unpickles OLD, so run it only on files you trust.
+``python -m harmodt.checkpoint convert OLD NEW`` rewrites a checkpoint of the older format (numpy
+arrays inside) into this one. It unpickles nothing beyond that format: OLD is read with
+``weights_only=True`` and an allow-list of the numpy types it holds (:data:`OLD_FORMAT_GLOBALS`); a
+file that needs any other Python object is refused, never run.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -63,8 +66,9 @@ def load(path: str | os.PathLike) -> dict:
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
         msg = str(exc)
         if "Unsupported global" in msg:  # a pickled class or function: only a full unpickle would read it
-            raise CheckpointError(f"{path}: holds pickled Python objects, which are not loaded (unsafe); if you trust the file, "
-                                  f"convert it with `python -m harmodt.checkpoint convert {path} NEW.pt`") from None
+            raise CheckpointError(f"{path}: holds pickled Python objects, which are not loaded (unsafe); convert it with "
+                                  f"`python -m harmodt.checkpoint convert {path} NEW.pt` (it reads the older format's numpy arrays, "
+                                  "nothing else)") from None
         raise _unreadable(path, exc) from None
     if not isinstance(ck, dict) or not {"model", "config", "eval_info"} <= set(ck):
         raise CheckpointError(f"{path}: not a harmodt training checkpoint (needs model, config, eval_info)")
@@ -80,19 +84,41 @@ def _unreadable(path: Path, exc: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: cannot read checkpoint: truncated, or not a torch checkpoint ({type(exc).__name__}: {first})")
 
 
+def _numpy_globals() -> list:
+    """(object, pickled name) of every numpy global an older checkpoint's arrays, scalars and RNG state
+    are pickled with, under both numpy's 1.x and 2.x module names."""
+    from numpy._core import multiarray
+
+    found = []
+    for obj, name in ((multiarray._reconstruct, "_reconstruct"), (multiarray.scalar, "scalar")):
+        found += [(obj, f"numpy.core.multiarray.{name}"), (obj, f"numpy._core.multiarray.{name}")]
+    found += [np.ndarray, np.dtype]
+    found += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                                          "uint32", "uint64", "bool")]  # the dtype classes (numpy.dtypes.Float32DType, ...)
+    return found
+
+
+OLD_FORMAT_GLOBALS = _numpy_globals()
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Unpickle an older checkpoint (``weights_only=False``: trusted files only) and write it in the
-    safe format."""
+    """Read an older checkpoint (``weights_only=True`` with numpy's array types allowed:
+    :data:`OLD_FORMAT_GLOBALS`; nothing else is unpickled) and write it in the safe format."""
     if not Path(src).is_file():
         raise CheckpointError(f"{src}: checkpoint not found")
     try:
-        ck = torch.load(src, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
+        with torch.serialization.safe_globals(OLD_FORMAT_GLOBALS):
+            ck = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line
+        if "Unsupported global" in str(exc) or "Weights only load failed" in str(exc):
+            needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            raise CheckpointError(f"{src}: needs Python objects beyond numpy arrays ({needed.group(1) if needed else 'unknown'}) to load; "
+                                  "not converted (nothing in it was run)") from None
         raise _unreadable(Path(src), exc) from None
     if not isinstance(ck, dict) or "model" not in ck:
         raise CheckpointError(f"{src}: not a harmodt training checkpoint")
     rng = ck.get("rng", {})
-    if isinstance(rng.get("numpy"), tuple):  # np.random.get_state(): (name, keys, pos, has_gauss, gauss)
+    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):  # np.random.get_state(): (name, keys, pos, has_gauss, gauss)
         name, keys, pos, has_gauss, gauss = rng["numpy"]
         rng["numpy"] = {"name": str(name), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
                         "has_gauss": int(has_gauss), "gauss": float(gauss)}
@@ -101,17 +127,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import OneLineParser
+    from .files import OutputError
+    from .ownership import check_output_file
 
     p = OneLineParser(prog="python -m harmodt.checkpoint", description="Checkpoint tools.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="rewrite an older (pickled) checkpoint in the safe format; unpickles it: trusted files only")
+    c = sub.add_parser("convert", help="rewrite an older checkpoint (numpy arrays inside) in the safe format; unpickles nothing else")
     c.add_argument("src")
-    c.add_argument("dst")
+    c.add_argument("dst", help="a new file (never SRC)")
+    c.add_argument("--overwrite", action="store_true", help="let DST replace an existing checkpoint or a file of a run or data set")
     args = p.parse_args(argv)
     try:
+        check_output_file(args.dst, "DST", [args.src], args.overwrite)
         convert(args.src, args.dst)
         load(args.dst)
-    except CheckpointError as exc:
+    except (CheckpointError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the destination cannot be written

@@ -36,7 +36,8 @@ import harmodt_kernels as kernels
 from .checkpoint import CheckpointError
 from .config import EVALUATION_GOALS_SEED, OneLineParser, interruptible, selection_goals_problem
 from .domains import ANY_NUMBER, SEED
-from .files import finite_json, unwritable_file, write_atomic
+from .files import FolderLock, OutputError, finite_json, read_json, unwritable_file, write_atomic
+from .ownership import check_output_file, run_files
 from .policy_inputs import EvalError, task_inputs
 from .runtime import bf16_matmul_note, return_freed_memory
 from .tasks import TASKS_HELP
@@ -155,19 +156,21 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
             "backend": inputs.masked_linear.backend.name, "device": str(device), "env_steps_per_s": env_steps / max(seconds, 1e-9)}
 
 
-def load_checkpoint(path: str, device: torch.device | str = "cpu"):
+def load_checkpoint(path: str, device: torch.device | str = "cpu", target_return: float | None = None):
     """Model, TaskMasks (or None), eval_info, config dict and step from a training checkpoint,
-    loaded safely (``weights_only=True``) and placed on ``device``."""
+    loaded safely (``weights_only=True``), checked (:func:`harmodt.checkpoint_contents.check_checkpoint`;
+    ``target_return``: the one evaluation uses instead of the checkpoint's) and placed on ``device``."""
     from . import checkpoint
-    from .config import ModelConfig, upgrade_saved_config
+    from .checkpoint_contents import CheckpointContentError, check_checkpoint
+    from .config import ModelConfig
     from .masks import TaskMasks
     from .methods import build_model
 
     try:
         ck = checkpoint.load(path)
-    except CheckpointError as exc:
+        cfg = check_checkpoint(ck, path, target_return)
+    except (CheckpointError, CheckpointContentError) as exc:
         raise EvalError(str(exc)) from None
-    cfg = upgrade_saved_config(ck["config"])
     try:
         tasks = list(ck["eval_info"]["tasks"])
         model = build_model(ModelConfig(**cfg["model"]), len(tasks), cfg["method"], cfg.get("conditioning", "auto"))
@@ -197,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=None,
                    help=f"tasks to evaluate (default: the checkpoint's; unseen tasks use the voted mask): {TASKS_HELP}")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
-    p.add_argument("--out", default=None, help="write results JSON here")
+    p.add_argument("--out", default=None, help="write results JSON here (a new file, or one this command wrote)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --out replace a file of a run, data set or study, or a checkpoint (never the checkpoint evaluated)")
     p.add_argument("--seed", type=SEED.parse(int), default=EVALUATION_GOALS_SEED, help="seed for goals and prompts (not its run's --validation-seed)")
     p.add_argument("--allow-validation-goals", action="store_true", help="score a checkpoint on the goals its run was validated on (biased)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
@@ -220,34 +225,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
-        from .runtime import keep_freed_memory
-        from .tasks import parse_tasks
+        return _evaluate_command(args)
+    except (EvalError, OutputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
-        keep_freed_memory()
 
-        if args.episodes < 1:
-            raise EvalError("--episodes must be at least 1")
-        if args.sim_workers is not None and args.sim_workers < 1:
-            raise EvalError("--sim-workers must be at least 1")
-        if args.batch_size is not None and args.batch_size < 1:
-            raise EvalError("--batch-size must be at least 1")
-        if args.vote_threshold is not None and args.vote_threshold < 0:
-            raise EvalError("--vote-threshold must be >= 0")
-        if args.out and (bad := unwritable_file(args.out)):
-            raise EvalError(f"--out {args.out}: {bad}")
-        from .config import ConfigError, resolve_device
+def _evaluate_command(args) -> int:
+    """``main``'s work on the parsed flags: every check, then (holding the lock of the run folder
+    ``--out`` writes into, if any) the evaluation and its outputs."""
+    from .config import ConfigError, resolve_device
+    from .runtime import keep_freed_memory
+    from .tasks import parse_tasks
 
-        try:
-            device = resolve_device(args.device) if args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:") else None
-        except ConfigError as exc:
-            raise EvalError(str(exc)) from None
-        if device is None:
-            raise EvalError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-        try:
-            backends = kernels.select_backends(device, args.fused, args.backend)
-        except (kernels.BackendUnavailable, ValueError) as exc:
-            raise EvalError(str(exc)) from None
-        model, masks, info, cfg, step = load_checkpoint(args.checkpoint, device)
+    keep_freed_memory()
+    if args.episodes < 1:
+        raise EvalError("--episodes must be at least 1")
+    if args.sim_workers is not None and args.sim_workers < 1:
+        raise EvalError("--sim-workers must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise EvalError("--batch-size must be at least 1")
+    if args.vote_threshold is not None and args.vote_threshold < 0:
+        raise EvalError("--vote-threshold must be >= 0")
+    if args.out and (bad := unwritable_file(args.out)):
+        raise EvalError(f"--out {args.out}: {bad}")
+    if args.out:
+        check_output_file(args.out, "--out", [args.checkpoint], args.overwrite, own=is_evaluation_file)
+    try:
+        device = resolve_device(args.device) if args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:") else None
+    except ConfigError as exc:
+        raise EvalError(str(exc)) from None
+    if device is None:
+        raise EvalError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    try:
+        backends = kernels.select_backends(device, args.fused, args.backend)
+    except (kernels.BackendUnavailable, ValueError) as exc:
+        raise EvalError(str(exc)) from None
+    with run_lock(args.out):  # evaluating into a run's folder: its one writer meanwhile
+        model, masks, info, cfg, step = load_checkpoint(args.checkpoint, device, args.target_return)
         if not args.allow_validation_goals and (bad := selection_goals_problem(cfg, args.seed)):
             raise EvalError(f"--seed {args.seed}: {args.checkpoint} {bad}; choose another --seed or pass --allow-validation-goals")
         print(f"[harmodt] device={device} precision={args.precision} fused={args.fused} kernels: masked_linear={backends.masked_linear.backend.name}",
@@ -263,9 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                        vote_threshold=threshold, batch_size=args.batch_size, progress=not args.no_progress,
                        precision=args.precision, target_return=args.target_return, sim_workers=args.sim_workers,
                        prompt_segment=args.prompt_segment, stop_at_success=args.stop_at_success)
-    except EvalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        write_results(args, res, cfg, step)
+    return 0
+
+
+def write_results(args, res: dict, cfg: dict, step: int) -> None:
+    """The table and, with ``--out``, the results file of an evaluation."""
     print_table(res)
     print(f"{res['env_steps']} env steps in {res['seconds']:.1f} s ({res['env_steps_per_s']:.0f} env-steps/s, "
           f"masks on {res['backend']}, model on {res['device']}; building the envs took {res['setup_seconds']:.1f} s)")
@@ -273,7 +291,27 @@ def main(argv: list[str] | None = None) -> int:
         out = {"method": cfg["method"], "tasks": {t: result_entry(r) for t, r in res["tasks"].items()},
                "mean_success": res["mean_success"], "steps": step, **({"returns_truncated": True} if args.stop_at_success else {})}
         write_atomic(args.out, finite_json(out, indent=2))  # (its folder was found writable before the evaluation)
-    return 0
+
+
+EVALUATION_KEYS = {"method", "tasks", "mean_success", "steps", "returns_truncated"}  # what an --out file of this command holds
+
+
+def is_evaluation_file(path) -> bool:
+    """Whether ``path`` is a results file this command wrote (its keys and no others: a run's
+    results.json holds more), which ``--out`` may replace."""
+    try:
+        res = read_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(res, dict) and {"tasks", "mean_success"} <= set(res) <= EVALUATION_KEYS
+
+
+def run_lock(out: str | None):
+    """The lock of the run folder ``--out`` writes into (:class:`harmodt.files.FolderLock`), or a lock of nothing."""
+    from contextlib import nullcontext
+
+    folder = os.path.dirname(os.path.abspath(out)) if out else None
+    return FolderLock(folder, "--out: the run folder") if folder and run_files(folder) else nullcontext()
 
 
 if __name__ == "__main__":

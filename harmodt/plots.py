@@ -7,10 +7,10 @@ logged more than once is drawn with its last record.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from .files import loads_json
 from .run import outputs
 from .run.outputs import last_per_step
 
@@ -48,7 +48,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
-        cfg = json.loads(cfg_path.read_text())
+        cfg = loads_json(cfg_path.read_text())
         fig.suptitle(f"{cfg.get('method')} on {cfg.get('tasks')}", fontsize=10)
     fig.tight_layout()
     out = Path(out) if out else run_dir / "curves.png"

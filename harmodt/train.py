@@ -167,8 +167,8 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     order is: mask update (when due), training step, metric line, evaluation, checkpoint.
     """
     dist = session.start(cfg)  # under torchrun: this rank; else one process
-    # rank 0 alone prints (and writes files), the others keep stderr; fp32 matmuls as --precision says
-    with distributed.rank_output(dist), float32_matmuls(cfg.precision, dist.device(resolve_device(cfg.device))):
+    # rank 0 alone prints and writes files, one writer per --out; fp32 matmuls as --precision says
+    with distributed.rank_output(dist), session.lock_out(cfg, dist), float32_matmuls(cfg.precision, dist.device(resolve_device(cfg.device))):
         ck = session.open_run(cfg, dist)  # checked before any file is written
         trainer = Trainer(cfg, datasets, dist)
         log, run_state = session.continue_run(trainer, ck)

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harmodt import checkpoint, mask_update, train  # noqa: E402
+from harmodt.files import temp_name  # noqa: E402
 
 PHASES = ("step", "mask-update", "eval", "checkpoint-write")
 
@@ -67,7 +68,7 @@ def arm(phase: str, at: int) -> None:
     def torn_write(path, data):
         tr = trainer.get("it")
         if phase == "checkpoint-write" and tr is not None and tr.step == at:
-            tmp = Path(path).with_name(Path(path).name + ".tmp")
+            tmp = temp_name(path)  # (the name the killed writer had)
             tmp.write_bytes(bytes(data[: len(data) // 2]))
             kill()
         write_atomic(path, data)

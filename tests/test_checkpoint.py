@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _synthetic import datasets  # noqa: E402
 
 from harmodt import checkpoint  # noqa: E402
+from harmodt.files import temp_name  # noqa: E402
 from harmodt.config import ModelConfig, TrainConfig, to_dict, validate  # noqa: E402
 from harmodt.evaluate import load_checkpoint  # noqa: E402
 from harmodt.train import run  # noqa: E402
@@ -99,7 +100,7 @@ def test_every_file_training_writes_opens_safely(finished):
     assert json.loads((out / "results.json").read_text())["steps"] == 6
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == [2, 4, 6] and any("harmony_score" in r for r in recs)
-    assert list((out / "tb").iterdir()) and not list(out.glob("*.tmp"))
+    assert list((out / "tb").iterdir()) and not list(out.glob("*.tmp*"))
 
 
 def test_old_checkpoint_is_one_line_in_both_clis(finished):
@@ -167,13 +168,13 @@ def test_save_is_atomic_when_the_write_stops_halfway(tmp_path, monkeypatch):
         checkpoint.save(dict(state, model={"w": torch.zeros(10_000)}), path)
     monkeypatch.undo()
     assert torch.equal(checkpoint.load(path)["model"]["w"], state["model"]["w"])
-    tmp = tmp_path / "checkpoint.pt.tmp"
-    assert not tmp.exists()  # the failed write removed its temporary file
+    assert not list(tmp_path.glob("checkpoint.pt.tmp*"))  # the failed write removed its temporary file
+    tmp = temp_name(path)
     tmp.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a temporary file torn halfway (a kill mid-write)
     with pytest.raises(checkpoint.CheckpointError, match="truncated"):
         checkpoint.load(tmp)
-    checkpoint.save(state, path)  # the next write replaces the torn file
-    assert not tmp.exists() and torch.equal(checkpoint.load(path)["model"]["w"], state["model"]["w"])
+    checkpoint.save(state, path)  # the next write goes through a temporary file of its own
+    assert torch.equal(checkpoint.load(path)["model"]["w"], state["model"]["w"]) and tmp.exists()
 
 
 def test_save_keeps_numpy_values_as_plain_types(tmp_path):

@@ -11,9 +11,13 @@ import signal
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
+from pathlib import Path
+
 import numpy as np
 
+from ..files import FolderLock
 from ..oneline import OneLineParser, run_tool
+from ..ownership import check_data_folder
 from ..tasks import TASKS_HELP, parse_tasks
 from . import card
 from .formats import DataError
@@ -76,17 +80,10 @@ def _run(args) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops it, also when started with SIGINT ignored
             if args.workers is not None and args.workers < 1:
                 raise ValueError(f"--workers must be at least 1, got {args.workers}")
-            m = generate(tasks, args.episodes, args.out, seed=args.seed, workers=args.workers,
-                         prompt_episodes=args.prompt_episodes, progress=not args.no_progress, overwrite=args.overwrite)
-            curve = m["curriculum_success_by_decile"]
-            print(f"wrote {len(tasks)} tasks x {args.episodes} episodes to {args.out} in {m['seconds']} s")
-            print(f"curriculum: {CURRICULUM}")
-            print("success by episode decile: " + "  ".join(f"{c:.2f}" for c in curve))
-            for t, r in m["files"].items():
-                print(f"  {t:<32} success {r['success_rate']:.2f}  steps {r['steps']}  prompts ok {sum(r['prompt_success'])}/{len(r['prompt_success'])}")
-            plot = _curve_plot(curve, args.out)
-            if plot:
-                print(f"curve plot: {plot}")
+            check_data_folder(args.out)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            with FolderLock(args.out, "--out"):  # one writer per data folder
+                _generate(args, tasks)
         elif args.cmd == "card":
             for path in card.run(args):
                 print(f"wrote {path}")
@@ -105,6 +102,21 @@ def _run(args) -> int:
     except BrokenProcessPool as exc:
         raise DataError(f"a generation worker stopped ({exc}); finished tasks are kept: run the same command again") from None
     return 0
+
+
+def _generate(args, tasks: list[str]) -> None:
+    """``generate``: the data set, its summary lines and its curriculum plot."""
+    m = generate(tasks, args.episodes, args.out, seed=args.seed, workers=args.workers,
+                 prompt_episodes=args.prompt_episodes, progress=not args.no_progress, overwrite=args.overwrite)
+    curve = m["curriculum_success_by_decile"]
+    print(f"wrote {len(tasks)} tasks x {args.episodes} episodes to {args.out} in {m['seconds']} s")
+    print(f"curriculum: {CURRICULUM}")
+    print("success by episode decile: " + "  ".join(f"{c:.2f}" for c in curve))
+    for t, r in m["files"].items():
+        print(f"  {t:<32} success {r['success_rate']:.2f}  steps {r['steps']}  prompts ok {sum(r['prompt_success'])}/{len(r['prompt_success'])}")
+    plot = _curve_plot(curve, args.out)
+    if plot:
+        print(f"curve plot: {plot}")
 
 
 if __name__ == "__main__":

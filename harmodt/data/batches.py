@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .formats import DataError
+
 PROMPT_SEGMENTS = ("last", "random")  # how a row's prompt is cut (--prompt-segment)
 STATE_NORMS = ("per-task", "pooled")  # states normalised per task or over every task (--state-norm)
 
@@ -193,12 +195,27 @@ def state_stats(datasets: dict, tasks: list[str], state_norm: str = "per-task") 
         raise ValueError(f"state_norm must be one of {', '.join(STATE_NORMS)}, got {state_norm!r}")
     obs = {name: np.concatenate([t.observations for t in datasets[name].trajectories]) for name in tasks}
     if state_norm == "pooled":
-        every = np.concatenate([obs[name] for name in tasks])
-        mean, std = every.mean(0).astype(np.float32), (every.std(0) + 1e-6).astype(np.float32)
+        mean, std = _mean_std(np.concatenate([obs[name] for name in tasks]), ", ".join(tasks))
         return dict.fromkeys(tasks, mean), dict.fromkeys(tasks, std)
-    means = {name: o.mean(0).astype(np.float32) for name, o in obs.items()}
-    stds = {name: (o.std(0) + 1e-6).astype(np.float32) for name, o in obs.items()}
-    return means, stds
+    stats = {name: _mean_std(o, name) for name, o in obs.items()}
+    return {name: m for name, (m, _) in stats.items()}, {name: s for name, (_, s) in stats.items()}
+
+
+def _mean_std(obs: np.ndarray, tasks: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std + 1e-6 of the states ``obs`` (T, S) as float32. Computed in the data's float32 and,
+    where that overflows (finite but huge observations), again in float64; a DataError names
+    ``tasks`` when the statistics are still not finite float32 numbers (every state would normalize to 0)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = obs.mean(0).astype(np.float32), (obs.std(0) + 1e-6).astype(np.float32)
+    if np.isfinite(mean).all() and np.isfinite(std).all():
+        return mean, std
+    wide = obs.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = wide.mean(0).astype(np.float32), (wide.std(0) + 1e-6).astype(np.float32)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise DataError(f"the data of {tasks}: the observations' mean or spread exceeds the float32 range (largest magnitude "
+                        f"{np.abs(wide).max():.3g}); states cannot be normalized")
+    return mean, std
 
 
 def batch_segments(task_ids: list[int], batch_size: int) -> tuple:

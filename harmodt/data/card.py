@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import cache_dir, write_atomic
+from ..files import cache_dir, loads_json, read_json, write_atomic
+from ..ownership import check_output_file
 from ..tasks import parse_tasks, task_seed
 from .card_report import wilson
 from .formats import DataError
@@ -101,8 +102,8 @@ def _cache_path(cache: Path, task: str, settings: dict) -> Path:
 
 def _read(path: Path) -> dict | None:
     try:
-        rec = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        rec = loads_json(path.read_text())
+    except (OSError, ValueError):
         return None
     return rec if isinstance(rec, dict) and isinstance(rec.get("settings"), dict) and "result" in rec else None
 
@@ -224,6 +225,15 @@ def default_name(tasks_arg: str) -> str:
     return f"metaworld-v3-{slug}"
 
 
+def is_card(path: Path) -> bool:
+    """Whether ``path`` is a card JSON this command wrote (its command is a ``data card`` one)."""
+    try:
+        card = read_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(card, dict) and str(card.get("command", "")).startswith("python -m harmodt.data card")
+
+
 def add_parser(sub) -> None:
     c = sub.add_parser("card", help="measure the scripted experts and the curriculum per task; write a data card (md, json, png)")
     c.add_argument("--tasks", required=True, help="task names and sets (as for generate), e.g. MT50")
@@ -238,6 +248,7 @@ def add_parser(sub) -> None:
     c.add_argument("--training-data", default=None, metavar="DIR",
                    help="a folder `generate` wrote (the training set): its own success per task and by decile join the card")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--overwrite", action="store_true", help="let NAME.* replace files of a run, data set or study")
 
 
 def run(args) -> list[Path]:
@@ -248,6 +259,8 @@ def run(args) -> list[Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or default_name(args.tasks)
+    for path in (out / f"{name}.json", out / f"{name}.png", out / f"{name}.md"):  # checked before the measuring
+        check_output_file(path, "--out", overwrite=args.overwrite, own=lambda p: is_card(p.with_suffix(".json")))
     training = None if args.training_data is None else training_set(args.training_data, tasks)  # checked before the episodes run
     card = measure(tasks, args.goals, args.curriculum_episodes, args.seed, args.workers, args.cache, not args.no_progress)
     if training is not None:

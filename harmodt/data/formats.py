@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import write_atomic
+from .. import files
+from ..files import loads_json, write_atomic
 from ..tasks import is_task
 
 FORMAT_VERSION = 1
@@ -84,13 +84,14 @@ def sha256(path: Path) -> str:
 
 # ---- atomic writes ---------------------------------------------------------------------------
 def temp_name(path: Path) -> Path:
-    """The hidden temporary name ``path`` is written under before it is renamed into place."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """The hidden temporary name ``path`` is written under before it is renamed into place (the writer's
+    own: :func:`harmodt.files.temp_name` of ``.NAME``)."""
+    return files.temp_name(path.with_name(f".{path.name}"))
 
 
 def is_temp_name(name: str) -> bool:
     """A name made by :func:`temp_name` (a leftover of a killed writer when it stays)."""
-    return re.fullmatch(r"\..+\.tmp-\d+", name) is not None
+    return re.fullmatch(r"\..+\.tmp-\d+(-[0-9a-f]+)?", name) is not None
 
 
 def atomic_savez(path: Path, arrays: dict) -> None:
@@ -188,9 +189,10 @@ def _offsets(path: Path, arrs: dict, prefix: str, label: str) -> tuple[list[int]
     if len(starts) == 0:
         raise DataError(f"{path}: no {label}episodes (empty task)")
     steps = arrs[prefix + "rewards"].shape[0] if arrs[prefix + "rewards"].ndim else 0
-    if (lengths <= 0).any() or (starts < 0).any() or (starts + lengths).max() > steps:
+    starts, lengths = starts.tolist(), lengths.tolist()  # Python integers: a sum never wraps around
+    if any(n <= 0 or s < 0 or s + n > steps for s, n in zip(starts, lengths)):
         raise DataError(f"{path}: {prefix}episode offsets do not fit the {steps} stored steps")
-    return starts.tolist(), lengths.tolist()
+    return starts, lengths
 
 
 def _split(arrs: dict, prefix: str, path: Path) -> list[Trajectory]:
@@ -216,8 +218,8 @@ def read_manifest(root: Path) -> dict:
     """Our layout's manifest, checked for its format version and Meta-World v3 task names."""
     mpath = root / MANIFEST
     try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = loads_json(mpath.read_text())
+    except (OSError, ValueError) as exc:
         raise DataError(f"{mpath}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
         raise DataError(f"{mpath}: not a data manifest (expected an object with 'files')")
@@ -226,7 +228,18 @@ def read_manifest(root: Path) -> dict:
     unknown = [t for t in manifest.get("files", {}) if not is_task(t)]
     if unknown:
         raise DataError(f"{mpath}: unknown task {unknown[0]!r} (not a Meta-World v3 task name)")
+    for task, entry in manifest.get("files", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise DataError(f"{mpath}: the entry of {task} must be an object whose 'file' names its task file, got {entry!r:.80}")
+        if entry["file"] != task_file_name(task):
+            raise DataError(f"{mpath}: the entry of {task} names the file {entry['file']!r:.80}; a task's data are in its own "
+                            f"file of this folder, {task_file_name(task)}")
     return manifest
+
+
+def task_file_name(task: str) -> str:
+    """The file of ``task`` in a folder of our layout."""
+    return f"{task}.npz"
 
 
 def _check_file(path: Path, entry: dict, mpath: Path) -> None:

@@ -36,7 +36,6 @@ not rewrite.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import time
@@ -45,10 +44,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import loads_json
 from ..envs import EPISODE_LEN, ScriptedExpert, make_env
 from ..domains import SEED_MAX
 from ..tasks import is_task, task_seed
-from .formats import FORMAT_VERSION, MANIFEST, DataError, atomic_json, is_temp_name, save_task_file, sha256
+from .formats import FORMAT_VERSION, MANIFEST, DataError, atomic_json, is_temp_name, save_task_file, sha256, task_file_name
 
 # 2: observations stored exactly as the env returned them. Version 1 stored door-open-v3's and
 # door-close-v3's observations after their scripted policies had written into them (the door
@@ -134,12 +134,12 @@ def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes
 def _reusable(out: Path, task: str, settings: dict) -> dict | None:
     rpath = out / f".{task}.record.json"
     try:
-        rec = json.loads(rpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        rec = loads_json(rpath.read_text())
+    except (OSError, ValueError):
         return None
-    if not isinstance(rec, dict):
+    if not isinstance(rec, dict) or rec.get("file") != task_file_name(task):
         return None
-    path = out / str(rec.get("file", ""))
+    path = out / rec["file"]
     if rec.get("settings") != settings or not path.is_file() or path.stat().st_size != rec.get("bytes", path.stat().st_size):
         return None
     return rec if sha256(path) == rec.get("sha256") else None
@@ -174,7 +174,7 @@ def other_dataset(out: Path, tasks: list[str], settings: dict) -> str | None:
     manifest's, or for an unfinished run its per-task records'), or None when there is none or it
     is this one (a rerun, which reuses every finished task)."""
     try:
-        manifest = json.loads((out / MANIFEST).read_text())
+        manifest = loads_json((out / MANIFEST).read_text())
     except (OSError, ValueError):
         manifest = None
     if isinstance(manifest, dict):
@@ -186,7 +186,7 @@ def other_dataset(out: Path, tasks: list[str], settings: dict) -> str | None:
         kinds = []
         for task in found:
             try:
-                kinds.append(json.loads((out / f".{task}.record.json").read_text())["settings"])
+                kinds.append(loads_json((out / f".{task}.record.json").read_text())["settings"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         old_tasks = sorted(found)

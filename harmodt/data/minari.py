@@ -25,7 +25,6 @@ Minari root (``MINARI_DATASETS_PATH``, else ``~/.minari/datasets``). Nothing is 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -35,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from ..envs import EPISODE_LEN
-from ..files import move_atomic
+from ..files import OutputError, loads_json, move_atomic
+from ..ownership import check_data_folder
 from ..tasks import ML1_SEED, canonical_name, goal_of, is_task, task_seed, task_sort_key
 from .formats import (ACT_DIM, MANIFEST, QUALITIES, STATE_DIM, DataError, TaskData, Trajectory, check_episode,
                       load_ours, read_manifest, select_episodes)
@@ -108,8 +108,8 @@ def minari_dataset_dirs(source: str) -> list[Path]:
 def _read_metadata(folder: Path) -> dict:
     mpath = folder / "data" / "metadata.json"
     try:
-        meta = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        meta = loads_json(mpath.read_text())
+    except (OSError, ValueError) as exc:
         raise DataError(f"{mpath}: unreadable Minari metadata ({exc})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("dataset_id"), str):
         raise DataError(f"{mpath}: not a Minari dataset's metadata (no 'dataset_id')")
@@ -358,7 +358,10 @@ def _move_into(tmp_root: Path, out: Path, ds_id: str) -> None:
 def export_minari(src: str | Path, out: str | Path) -> list[str]:
     """Write our data folder ``src`` as Minari datasets (one per task) under the Minari root
     ``out``; returns their ids. An id that already exists under ``out`` is a DataError."""
-    src, out = Path(src), Path(out)
+    src, out = Path(src), Path(os.path.abspath(out))  # (absolute: Minari reads its root from the environment)
+    check_data_folder(out, "--minari")
+    if (out / MANIFEST).exists() or out.resolve().is_relative_to(src.resolve()):
+        raise OutputError(f"--minari {out}: is {src} or inside it; Minari datasets go into a root of their own")
     if not (src / MANIFEST).exists():
         raise DataError(f"{src}: export reads our layout (a folder with {MANIFEST} written by `python -m harmodt.data generate`)")
     manifest = read_manifest(src)

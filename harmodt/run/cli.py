@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 from ..config import (PRESETS, RESUME_RULES, ConfigError, OneLineParser, TrainConfig, apply_overrides, config_from_dict, flag,
                       validate)
+from ..files import read_json
 from ..methods import METHODS
 from ..domains import check_fields, kind_of
 
 # Flags that say how and where a run goes, not what it trains: given alone (no --preset, no
 # --config, no other flag) they keep the embedded default run.
+CONFIG_LIMIT = 1 << 20  # bytes of a --config file read at most
+
 RUN_ONLY = ("out", "fused", "backend", "dropout_rng", "precision", "threads", "progress", "seed", "resume", "device", "compile", "cuda_graph",
             "allow_changed", "dist_timeout")
 
@@ -79,8 +81,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     cfg = TrainConfig()
     if ns.config:
         try:
-            with open(ns.config) as fh:
-                cfg = config_from_dict(json.load(fh))
+            cfg = config_from_dict(read_json(ns.config, limit=CONFIG_LIMIT))  # (a stream such as /dev/zero: refused at the limit)
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise ConfigError(f"--config {ns.config}: {exc}") from None
         if (bad := check_fields(cfg, flag)) is not None:  # the file's own values, named as the file's

@@ -5,10 +5,9 @@ episodes and seed."""
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
-from ..files import cache_dir  # noqa: F401 (where generated data are cached)
+from ..files import cache_dir, loads_json # noqa: F401 (where generated data are cached)
 from ..config import ConfigError, TrainConfig
 
 
@@ -19,7 +18,7 @@ def current_cache(path: Path) -> bool:
     from ..data.generator import GENERATOR_VERSION
 
     try:
-        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        manifest = loads_json((Path(path) / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
     return generator_version(manifest) == GENERATOR_VERSION

@@ -4,11 +4,10 @@ Every file is written through harmodt.files.write_atomic, JSON through harmodt.f
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from ..files import finite_json, write_atomic
+from ..files import finite_json, loads_json, write_atomic
 
 
 def _records(raw: bytes) -> list[tuple[bytes, dict]]:
@@ -17,7 +16,7 @@ def _records(raw: bytes) -> list[tuple[bytes, dict]]:
     out = []
     for line in raw.splitlines():
         try:
-            rec = json.loads(line)
+            rec = loads_json(line)
         except ValueError:
             continue
         if isinstance(rec, dict):
@@ -58,7 +57,7 @@ def rewind_metrics(path: Path, keep_bytes: int | None, step: int) -> list[dict]:
     raw = path.read_bytes() if path.exists() else b""
     if keep_bytes is not None and len(raw) >= keep_bytes and (keep_bytes == 0 or raw[keep_bytes - 1 : keep_bytes] == b"\n"):
         kept = raw[:keep_bytes]
-        recs = [json.loads(line) for line in kept.splitlines() if line.strip()]
+        recs = [loads_json(line) for line in kept.splitlines() if line.strip()]
     else:
         pairs = [(line, rec) for line, rec in _records(raw) if rec.get("step", 0) <= step]
         kept = b"".join(line + b"\n" for line, _ in pairs)

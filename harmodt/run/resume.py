@@ -59,6 +59,8 @@ def open_checkpoint(cfg: TrainConfig, dist: distributed.Single) -> dict | None:
     path = Path(cfg.out) / "checkpoint.pt"
     if path.exists() and not cfg.resume:
         raise ConfigError(f"{path} exists: pass --resume to continue it or choose another --out")
+    if dist.is_main and not path.exists():
+        check_files_without_checkpoint(cfg)
     ck = None
     if cfg.resume and dist.is_main and path.exists():
         try:
@@ -67,6 +69,29 @@ def open_checkpoint(cfg: TrainConfig, dist: distributed.Single) -> dict | None:
             raise ConfigError(f"--resume: {exc}") from None
         check_resume_settings(distributed.comparable_config(ck, dist.world_size), cfg, path)
     return dist.broadcast_object(ck)
+
+
+def check_files_without_checkpoint(cfg: TrainConfig) -> None:
+    """ConfigError when ``--out`` holds a run's files but no checkpoint.pt: refused like a folder with one.
+    Only ``--resume`` of the same settings (checked as against a checkpoint) may start such a folder again
+    from step 0: a run killed before its first checkpoint, whose files are its own."""
+    from ..files import read_json
+    from ..ownership import run_files
+
+    out = Path(cfg.out)
+    found = run_files(out)
+    if not found:
+        return
+    if not cfg.resume or "results.json" in found or "best.pt" in found or "config.json" not in found:
+        raise ConfigError(f"--out {out}: holds the files of a run ({', '.join(found)}) without its checkpoint.pt; choose another "
+                          "--out (or remove those files)")
+    try:
+        saved = read_json(out / "config.json")
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: {out / 'config.json'}: not a readable config ({exc}); choose another --out") from None
+    check_resume_settings(saved, cfg, out / "config.json")
 
 
 def state(tr) -> dict:

@@ -8,7 +8,7 @@ import json
 import math
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -18,7 +18,8 @@ import harmodt_kernels as kernels
 from ..config import ConfigError, TrainConfig, resolve_device, to_dict
 from ..data import DataError
 from ..evaluate import print_table, result_entry
-from ..files import writable_folder
+from ..files import FolderLock, OutputError, is_temp_of, writable_folder
+from ..ownership import RUN_FILES, check_run_folder
 from ..runtime import bf16_matmul_note, keep_freed_memory
 from . import distributed, resume, signals
 from .outputs import MetricsLog, NoLog, finite_json, write_atomic
@@ -35,24 +36,31 @@ def start(cfg: TrainConfig) -> distributed.Single:
     return distributed.init(cfg.device, cfg.dist_timeout)
 
 
+def lock_out(cfg: TrainConfig, dist: distributed.Single):
+    """``--out`` made, found writable, and locked for this run (rank 0; :class:`harmodt.files.FolderLock`:
+    one writer per run folder, released when the run ends); the other ranks write no file."""
+    if not dist.is_main:
+        return nullcontext()
+    try:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {cfg.out}: cannot make the folder ({exc.strerror or exc})") from None
+    if not writable_folder(cfg.out):
+        raise ConfigError(f"--out {cfg.out}: the folder is not writable")
+    return FolderLock(cfg.out, "--out")
+
+
 def open_run(cfg: TrainConfig, dist: distributed.Single) -> dict | None:
-    """What must hold before any file is written (the device and kernel backend can run, the
-    checkpoint to continue fits ``cfg``: :func:`resume.open_checkpoint`), then ``--out`` made and
-    found writable.
+    """What must hold before any file is written (the device and kernel backend can run, ``--out``
+    holds no data set or study, the checkpoint to continue fits ``cfg``: :func:`resume.open_checkpoint`).
     Returns that checkpoint (None: the run starts at step 0)."""
     try:
         kernels.select_backends(resolve_device(cfg.device), cfg.fused, cfg.backend)
     except kernels.BackendUnavailable as exc:
         raise ConfigError(str(exc)) from None
-    ck = resume.open_checkpoint(cfg, dist)
     if dist.is_main:
-        try:
-            Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"--out {cfg.out}: cannot make the folder ({exc.strerror or exc})") from None
-        if not writable_folder(cfg.out):
-            raise ConfigError(f"--out {cfg.out}: the folder is not writable")
-    return ck
+        check_run_folder(cfg.out)
+    return resume.open_checkpoint(cfg, dist)
 
 
 def continue_run(tr, ck: dict | None) -> tuple[MetricsLog | NoLog, dict]:
@@ -72,7 +80,9 @@ def continue_run(tr, ck: dict | None) -> tuple[MetricsLog | NoLog, dict]:
         print(f"[harmodt] --resume: no checkpoint in {out} yet; starting at step 0", flush=True)
     if not dist.is_main:
         return NoLog(), run_state
-    ck_path.with_name(ck_path.name + ".tmp").unlink(missing_ok=True)  # left by a write that was killed
+    for p in out.iterdir():  # left by writes that were killed (this process holds the folder's lock)
+        if any(is_temp_of(p.name, name) for name in RUN_FILES):
+            p.unlink(missing_ok=True)
     write_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
     # a run from step 0 starts its metric lines afresh; a resumed one keeps those before its checkpoint
     return MetricsLog(out, tr.step, run_state.get("metrics_bytes", None if tr.step else 0)), run_state
@@ -216,7 +226,7 @@ def describe(tr) -> str:
     return line
 
 
-STOPPING_ERRORS = (ConfigError, DataError, resume.Diverged, distributed.DistributedError, KeyboardInterrupt)  # what ends a run with an exit code
+STOPPING_ERRORS = (ConfigError, DataError, OutputError, resume.Diverged, distributed.DistributedError, KeyboardInterrupt)  # what ends a run with an exit code
 
 
 def exit_code(exc: BaseException) -> int:

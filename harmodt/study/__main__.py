@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import shlex
 import signal
 import sys
+from pathlib import Path
 
 from ..config import EVALUATION_GOALS_SEED, OneLineParser
+from ..files import FolderLock, OutputError, read_json
 from ..oneline import run_tool
+from ..ownership import holds_data_set, run_files
 from ..tasks import TASKS_HELP
 from .executors import add_arguments as add_executor_arguments, check_args as check_executor_args, run_jobs
-from .plan import StudyError
+from .plan import StudyError, without_threads
 from .runner import Study
 
 
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args, passthrough = build_parser().parse_known_args(argv)
     command = "python -m harmodt.study " + shlex.join(argv)
     return run_tool(lambda: _run(args, passthrough, command), "[study] interrupted: finished runs are kept; rerun the same command to continue",
-                    (StudyError,))
+                    (StudyError, OutputError))
 
 
 def _run(args, passthrough: list[str], command: str) -> int:
@@ -73,12 +78,20 @@ def _run(args, passthrough: list[str], command: str) -> int:
         raise StudyError("--workers must be at least 1")
     check_executor_args(args)
     study = Study(args, passthrough, command)
+    study.check()  # (last: --out made and found writable)
+    with FolderLock(study.out, "--out"):  # one study writes into its folder at a time
+        if (bad := other_study(study.out, args, passthrough)) is not None:
+            raise StudyError(f"--out {study.out}: {bad}")
+        return _run_study(study, args)
+
+
+def _run_study(study: Study, args) -> int:
+    """The checked study run and reported (holding its folder's lock)."""
     # Ctrl-C / SIGTERM stop the study in every phase, also when it was started with SIGINT ignored (a
     # background job of a non-interactive shell): its runs are in their own sessions, so the study is the
     # only process a Ctrl-C reaches, and its children (started after this) get the default disposition back
     old_handlers = {sig: signal.signal(sig, study.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        study.check()
         ok = True
         if not args.report_only:  # the local pool, or one submitit job per run (Slurm, or local processes)
             ok = study.run_all() if args.executor == "local" else run_jobs(study)
@@ -89,6 +102,48 @@ def _run(args, passthrough: list[str], command: str) -> int:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     return 0 if ok else 1
+
+
+PLAN_KEYS = ("tasks", "sweep", "sweep_methods", "eval_episodes", "eval_precision", "eval_stop_at_success", "eval_seed", "curve_episodes",
+             "data", "gen_episodes", "data_seed", "eval_tasks", "vote_thresholds")  # what makes a study the same study
+GROWING_KEYS = ("methods", "seeds", "variant")  # a later command of the same study may add entries, never drop one
+
+
+def other_study(out: Path, args, passthrough: list[str]) -> str | None:
+    """How the study whose files are in ``out`` (its command.txt, else its study.json's command) differs from
+    this one, or None when there is none, or it is this study (the same plan and training flags, with at
+    most more methods, seeds or variants). A training run's or data set's files in ``out`` also differ."""
+    if found := run_files(out):
+        return f"holds the files of a training run ({', '.join(found)}); a study goes into a folder of its own"
+    if holds_data_set(out):
+        return "holds a data set; a study goes into a folder of its own"
+    try:
+        old = (out / "command.txt").read_text().strip() if (out / "command.txt").exists() else (
+            read_json(out / "study.json").get("command") if (out / "study.json").exists() else None)
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"holds a study whose command cannot be read ({exc}); choose another --out"
+    if old is None:
+        return None
+    try:
+        words = shlex.split(str(old))
+        with contextlib.redirect_stderr(io.StringIO()):
+            before, before_pass = build_parser().parse_known_args(words[3:])
+    except (ValueError, SystemExit):
+        return f"holds the study of another command ({str(old)[:120]}); choose another --out"
+    diff = [k for k in PLAN_KEYS if getattr(before, k) != getattr(args, k)]
+    diff += [k for k in GROWING_KEYS if not set(_entries(getattr(before, k))) <= set(_entries(getattr(args, k)))]
+    if without_threads(before_pass) != without_threads(passthrough):
+        diff.append("training flags")
+    if diff:
+        names = ", ".join(k if " " in k else "--" + k.replace("_", "-") for k in diff)
+        return (f"holds the study of another command ({names} differ: "
+                f"{shlex.join(words[3:])[:160]}); its study.json, summary.md and runs are that study's: choose another --out")
+    return None
+
+
+def _entries(value) -> list[str]:
+    """The entries of a comma list flag (or of a repeated one)."""
+    return value if isinstance(value, list) else [e.strip() for e in str(value).split(",") if e.strip()]
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@ Arms are matched to the paper's methods by their method (``mtdt``, ``prompt-dt``
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import write_atomic
+from ..files import loads_json, write_atomic
 from ..oneline import OneLineParser, run_tool
 
 
@@ -208,10 +207,10 @@ def write_between_markers(path: Path, text: str) -> None:
 
 def load_study(path: Path) -> dict:
     try:
-        study = json.loads(path.read_text())
+        study = loads_json(path.read_text())
     except FileNotFoundError:
         raise AgainstPaperError(f"{path}: no such study file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:
         raise AgainstPaperError(f"{path}: not a study.json ({e})") from None
     if not isinstance(study, dict) or not {"variants", "pairwise", "tasks"} <= study.keys():
         raise AgainstPaperError(f"{path}: not a study.json (no variants, pairwise and tasks)")

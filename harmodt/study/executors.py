@@ -23,7 +23,7 @@ import signal
 import time
 from pathlib import Path
 
-from ..files import tail_lines
+from ..files import loads_json, tail_lines
 from ..run.outputs import write_atomic
 from .plan import Run, StudyError, read_jobs
 from .unseen import evaluation_keys, unseen_mode
@@ -174,7 +174,7 @@ def needs_job(study, run: Run) -> bool:
         return True
     if not study.eval_tasks:
         return False
-    mode = unseen_mode(json.loads((run.dir / "config.json").read_text()))
+    mode = unseen_mode(loads_json((run.dir / "config.json").read_text()))
     return any(not run.unseen_path(t).exists() for t in evaluation_keys(mode, study.thresholds))
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import flag as flag_for_key  # the study's name for it
-from ..files import write_atomic
+from ..files import loads_json, write_atomic
 from ..methods import METHODS
 
 # flags the study sets itself for every run; passing them through would make runs disagree with their names
@@ -118,7 +118,7 @@ class Run:
 
     def record(self) -> dict:
         try:
-            return json.loads(self.record_path.read_text())
+            return loads_json(self.record_path.read_text())
         except (OSError, ValueError):
             return {}
 
@@ -135,7 +135,7 @@ class Run:
 
 def read_jobs(out: Path) -> dict:
     try:
-        return json.loads((out / "jobs.json").read_text())
+        return loads_json((out / "jobs.json").read_text())
     except (OSError, ValueError):
         return {}
 

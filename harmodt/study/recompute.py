@@ -9,11 +9,10 @@ the figures drawn from study.json alone, and rewrites study.json and summary.md.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from ..files import writable_folder
+from ..files import FolderLock, OutputError, finite_json, loads_json, writable_folder
 from ..config import OneLineParser
 from ..oneline import run_tool
 from ..run.outputs import write_atomic
@@ -28,11 +27,14 @@ def read_study(folder: Path) -> dict:
     and for a folder that can be written in, before anything is computed."""
     path = folder / "study.json"
     try:
-        study = json.loads(path.read_text())
+        study = loads_json(path.read_text())
     except (OSError, ValueError) as exc:
         raise StudyError(f"{path}: not a readable study.json ({exc})") from None
     if not isinstance(study, dict) or not isinstance(study.get("runs"), list) or not all(isinstance(r, dict) for r in study["runs"]):
         raise StudyError(f"{path}: not a study.json (expected an object whose 'runs' is a list of run entries)")
+    names = [r["name"] for r in study["runs"] if r.get("name") is not None]
+    if repeated := sorted({str(n) for n in names if names.count(n) > 1}):
+        raise StudyError(f"{path}: the run entry {repeated[0]!r} appears {names.count(repeated[0])} times (each run counts once)")
     if not writable_folder(folder):
         raise StudyError(f"{folder}: not writable (study.json and summary.md are rewritten there)")
     return study
@@ -52,7 +54,7 @@ def recompute(folder: Path) -> dict:
         raise StudyError(f"{path}: its run entries cannot be recomputed ({type(exc).__name__}: {exc})") from None
     draw_figures(study, folder, say=lambda msg: None, names=STUDY_JSON_FIGURES)
     figures = sorted(p.name for p in (folder / "figures").glob("*.png"))
-    write_atomic(path, json.dumps(study, indent=2))
+    write_atomic(path, finite_json(study, indent=2))  # (a statistic without a value: null, never a bare NaN)
     write_atomic(folder / "summary.md", summary_markdown(study, figures))
     return study
 
@@ -66,14 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folders", nargs="+", type=Path, help="study folders (each with a study.json)")
     folders = p.parse_args(argv).folders
     return run_tool(lambda: _recompute_all(folders),
-                    "[study] recompute interrupted: every file is the old one or the new one (written atomically)", (StudyError,))
+                    "[study] recompute interrupted: every file is the old one or the new one (written atomically)", (StudyError, OutputError))
 
 
 def _recompute_all(folders: list[Path]) -> int:
     for folder in folders:
         read_study(folder)  # every folder checked before any is rewritten
     for folder in folders:
-        recompute(folder)
+        with FolderLock(folder, "study folder"):  # (a study writing there meanwhile would replace these files)
+            recompute(folder)
         print(f"rewrote {folder / 'study.json'} and {folder / 'summary.md'}")
     return 0
 

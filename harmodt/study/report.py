@@ -3,12 +3,12 @@ arm with t-intervals and paired bootstrap differences, every pair of arms, and s
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
 import numpy as np
 
+from ..files import loads_json
 from ..masks import alpha_total
 from ..methods import METHODS, REFERENCE
 from ..run.outputs import read_metrics
@@ -27,10 +27,10 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
              "train_command": None if not rec.get("train_args") else "python -m harmodt.train " + shlex.join(rec["train_args"])}
     cfg_path = run.dir / "config.json"
     if cfg_path.exists():
-        entry["config"] = json.loads(cfg_path.read_text())
+        entry["config"] = loads_json(cfg_path.read_text())
     if not run.finished():
         return entry
-    res = json.loads(run.eval_path.read_text())
+    res = loads_json(run.eval_path.read_text())
     entry["tasks"] = res["tasks"]
     entry["mean_success"] = res["mean_success"]
     entry["mean_return"] = float(np.mean([r["return"] for r in res["tasks"].values()]))
@@ -76,8 +76,8 @@ def _validation_best(run, eval_episodes: int) -> dict | None:
     the study measured it on the test goals, with its step and validation success; None without one."""
     if not run.best_eval_path.exists():
         return None
-    res = json.loads(run.best_eval_path.read_text())
-    chosen = json.loads((run.dir / "results.json").read_text())["best"]
+    res = loads_json(run.best_eval_path.read_text())
+    chosen = loads_json((run.dir / "results.json").read_text())["best"]
     return {"mean_success": res["mean_success"], "step": chosen["step"], "evaluations": chosen.get("evaluations"),
             "episodes": eval_episodes, "selected_on": "validation", "validation_mean_success": chosen["mean_success"],
             "tasks": {t: {"success": r["success"]} for t, r in res["tasks"].items()}}
@@ -87,8 +87,8 @@ def _trainer_best(run_dir: Path) -> dict | None:
     """The best of the trainer's evaluations (results.json's ``best``: step, mean success, number of
     evaluations, per-task success) with their episodes per task, or None without one."""
     try:
-        res = json.loads((run_dir / "results.json").read_text())
-        cfg = json.loads((run_dir / "config.json").read_text())
+        res = loads_json((run_dir / "results.json").read_text())
+        cfg = loads_json((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None
     best = res.get("best")

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .figures import draw_figures
-from ..files import move_atomic, tail_lines, writable_folder
+from ..files import loads_json, move_atomic, tail_lines, writable_folder
 from ..run.outputs import write_atomic
 from ..runtime import bf16_matmul_note
 from .plan import OWN_FLAGS, Run, StudyError, code_revision, machine_name, failed_jobs, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
@@ -220,8 +220,8 @@ class Study:
             run.write_record(rec)
             if not ok:
                 return False
-        res = json.loads(run.eval_path.read_text())
-        best = f"; best on validation {json.loads(run.best_eval_path.read_text())['mean_success']:.3f}" if run.best_eval_path.exists() else ""
+        res = loads_json(run.eval_path.read_text())
+        best = f"; best on validation {loads_json(run.best_eval_path.read_text())['mean_success']:.3f}" if run.best_eval_path.exists() else ""
         self.say(f"done  {run.name} ({index}/{total}) in {time.perf_counter() - t_run:.0f} s "
                  f"(train {rec['train_seconds']:.0f} s, eval {rec['eval_seconds']:.0f} s): mean success {res['mean_success']:.3f}{best}")
         return self.evaluate_unseen(run, env)
@@ -251,7 +251,7 @@ class Study:
         threshold whose results exist is skipped, so this resumes like the other evaluations."""
         if not self.eval_tasks:
             return True
-        cfg = json.loads((run.dir / "config.json").read_text())
+        cfg = loads_json((run.dir / "config.json").read_text())
         mode = unseen_mode(cfg)
         if mode == "skip":
             self.say(f"note  {run.name}: no held-out evaluation (conditioned on the task ID, it cannot name an unseen task)")
@@ -264,7 +264,7 @@ class Study:
             t = time.perf_counter()
             if not self.evaluate(run, extra, path, "unseen.log", what, env):
                 return False
-            res = json.loads(path.read_text())
+            res = loads_json(path.read_text())
             self.say(f"held-out {run.name}{'' if threshold is None else f' T={threshold}'} in {time.perf_counter() - t:.0f} s: "
                      f"mean success {res['mean_success']:.3f} on {len(self.eval_tasks)} unseen task(s)")
         return True
@@ -328,7 +328,7 @@ class Study:
         """The study folder, the shared dataset and command.txt, before any run starts (any executor)."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.prepare_data()
-        (self.out / "command.txt").write_text(self.command + "\n")
+        write_atomic(self.out / "command.txt", self.command + "\n")
 
     def run_all(self) -> bool:
         """Every run through the local process pool (``--executor local``)."""

@@ -11,12 +11,12 @@ reference) and the density of the voted mask.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from ..files import loads_json
 from ..methods import METHODS, REFERENCE
 from .plan import StudyError
 from .stats import SEED_LEVEL_METHOD, fmt, paired_difference, t_interval
@@ -94,7 +94,7 @@ def collect_unseen(run, cfg: dict, thresholds: list[int]) -> dict:
         path = run.unseen_path(t)
         if not path.exists():
             continue
-        res = json.loads(path.read_text())
+        res = loads_json(path.read_text())
         entry = {"threshold": t, "tasks": res["tasks"], "mean_success": res["mean_success"],
                  "mean_return": float(np.mean([r["return"] for r in res["tasks"].values()]))}
         if t is not None:
