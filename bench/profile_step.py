@@ -120,7 +120,7 @@ def graphed_kernels(method: str, precision: str, steps: int, top: int) -> dict:
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        tr = make_trainer(method, "cuda", True, precision, cuda_graph=True)
+        tr = make_trainer(method, "cuda", True, precision, cuda_graph="on")
         for _ in range(10):
             tr.train_step(tr.sample_tasks())
         return profile_kernels(lambda: tr.train_step(tr.sample_tasks()), steps, top)

@@ -15,7 +15,7 @@ from .common import call_runner, figure, interleave, make_trainer, record, round
 def test_host_work_per_graphed_step(benchmark):
     from harmodt.tasks import MT50
 
-    tr = make_trainer("harmodt-f", "cpu", True, "fp32", tasks=MT50, cuda_graph=True)
+    tr = make_trainer("harmodt-f", "cpu", True, "fp32", tasks=MT50, cuda_graph="on")
     tr.train_step(tr.sample_tasks())  # the first step makes the static buffers
     g = tr.graphed
 
