@@ -8,19 +8,15 @@ import pytest
 import torch
 
 from _synthetic import datasets
-from harmodt.config import ConfigError, MaskConfig, ModelConfig, TrainConfig, validate
+from harmodt.config import ConfigError, MaskConfig, TrainConfig
 from harmodt.masks import alpha_schedule, alpha_total
 from harmodt.train import Trainer, run
-
-TASKS = ["reach-v3", "push-v3", "door-open-v3"]
+from test_methods import TASKS
+from test_methods import tiny_cfg as methods_cfg
 
 
 def tiny_cfg(tmp_path, **kw) -> TrainConfig:
-    model = ModelConfig(n_layer=1, n_head=2, n_embd=16, context_len=4, prompt_len=2, dropout=0.0)
-    base = dict(tasks=",".join(TASKS), steps=8, batch_size=6, warmup_steps=1, lr=1e-3, eval_episodes=0, log_every=2,
-                checkpoint_every=4, out=str(tmp_path / "run"), progress=False, device="cpu", model=model)
-    base.update(kw)
-    return validate(TrainConfig(**base))
+    return methods_cfg(tmp_path, **{"steps": 8, "batch_size": 6, "checkpoint_every": 4, **kw})
 
 
 def test_shared_mask_is_one_erk_draw_for_every_task(tmp_path):
