@@ -147,17 +147,17 @@ def episode_segments(flat: _Flat, length: int, segment: str, generator: torch.Ge
     (drawn from ``generator``), cut at its end and left-padded."""
     if segment not in PROMPT_SEGMENTS:
         raise ValueError(f"segment must be one of {', '.join(PROMPT_SEGMENTS)}, got {segment!r}")
-    traj = torch.arange(len(flat.lengths))  # (n_traj,)
+    traj = np.arange(len(flat.lengths))  # (n_traj,)
     if segment == "last":
         si = _last_start(flat, traj, length)
-    else:
-        si = (torch.rand(len(traj), generator=generator) * flat.lengths).long()
-    return _gather(flat, traj, si, length)
+    else:  # (float32 products, truncated, as _draw_starts)
+        si = (torch.rand(len(traj), generator=generator).numpy() * flat.lengths.astype(np.float32)).astype(np.int64)
+    return _gather(flat, *_windows(flat, traj, si, length))
 
 
 def first_states(flat: _Flat) -> torch.Tensor:
     """The first (normalized) state of every trajectory of ``flat``. (n_traj, S)"""
-    return flat.states[flat.starts.to(flat.states.device)]
+    return flat.states[torch.from_numpy(flat.starts).to(flat.states.device)]
 
 
 def best_prompt_choice(trajs) -> int:

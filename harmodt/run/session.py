@@ -38,7 +38,12 @@ def start(cfg: TrainConfig) -> distributed.Single:
 
 def lock_out(cfg: TrainConfig, dist: distributed.Single):
     """``--out`` made, found writable, and locked for this run (rank 0; :class:`harmodt.files.FolderLock`:
-    one writer per run folder, released when the run ends); the other ranks write no file."""
+    one writer per run folder, released when the run ends); the other ranks write no file. The device
+    and kernel backend are checked first, so a run that cannot start makes no folder."""
+    try:
+        kernels.select_backends(resolve_device(cfg.device), cfg.fused, cfg.backend)
+    except kernels.BackendUnavailable as exc:
+        raise ConfigError(str(exc)) from None
     if not dist.is_main:
         return nullcontext()
     try:
@@ -51,13 +56,9 @@ def lock_out(cfg: TrainConfig, dist: distributed.Single):
 
 
 def open_run(cfg: TrainConfig, dist: distributed.Single) -> dict | None:
-    """What must hold before any file is written (the device and kernel backend can run, ``--out``
-    holds no data set or study, the checkpoint to continue fits ``cfg``: :func:`resume.open_checkpoint`).
-    Returns that checkpoint (None: the run starts at step 0)."""
-    try:
-        kernels.select_backends(resolve_device(cfg.device), cfg.fused, cfg.backend)
-    except kernels.BackendUnavailable as exc:
-        raise ConfigError(str(exc)) from None
+    """What must hold before any file is written besides the lock (``--out`` holds no data set or
+    study, the checkpoint to continue fits ``cfg``: :func:`resume.open_checkpoint`). Returns that
+    checkpoint (None: the run starts at step 0)."""
     if dist.is_main:
         check_run_folder(cfg.out)
     return resume.open_checkpoint(cfg, dist)
