@@ -3,6 +3,7 @@ arm with t-intervals and paired bootstrap differences, every pair of arms, and s
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
