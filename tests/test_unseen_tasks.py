@@ -121,13 +121,14 @@ def test_held_out_goals_never_appear_in_training_data(tmp_path, ml1):
     from harmodt.data import generate, load_dataset
 
     tasks = parse_tasks("ML1-pick-place-train[:3]")
-    manifest = generate(tasks, 1, str(tmp_path), seed=0, workers=1, prompt_episodes=1, progress=False)
+    data_dir = tmp_path / "data"
+    manifest = generate(tasks, 1, str(data_dir), seed=0, workers=1, prompt_episodes=1, progress=False)
     assert manifest["tasks"] == tasks and all(manifest["files"][t]["prompt_success"] == [True] for t in tasks)
-    data = load_dataset(tmp_path)
+    data = load_dataset(data_dir)
     assert list(data) == tasks
     test_vecs = np.stack([_rand_vec(t) for t in ml1.test_tasks])  # (50, 6)
     for i, task in enumerate(tasks):
-        z = np.load(tmp_path / f"{task}.npz")
+        z = np.load(data_dir / f"{task}.npz")
         goals = np.concatenate([z["episode_goals"], z["prompt_episode_goals"]])  # (2, 3)
         np.testing.assert_allclose(goals, np.tile(_rand_vec(ml1.train_tasks[i])[3:], (2, 1)), atol=1e-6)
         starts = np.stack([tr.observations[0] for tr in data[task].trajectories + data[task].prompts])
@@ -141,7 +142,7 @@ def test_held_out_goals_never_appear_in_training_data(tmp_path, ml1):
     from harmodt.data.minari import export_minari
 
     pytest.importorskip("minari")
-    ids = export_minari(tmp_path, tmp_path / "minari")
+    ids = export_minari(data_dir, tmp_path / "minari")  # (a Minari root beside the data folder, not in it)
     assert ids[0] == "metaworld/pick-place-v3/harmodt-g0-near-optimal-v0"
     back = load_dataset(tmp_path / "minari")
     assert list(back) == tasks
