@@ -21,11 +21,13 @@ def test_surgery_step_script(tmp_path):
     assert json.loads(out.read_text())
 
 
+@pytest.mark.long
 def test_profile_step_script():
     text = run("bench.profile_step", "--rounds", "1", "--steps", "1", "--top", "3")
     assert "fused" in text and "reference" in text and "peer" in text
 
 
+@pytest.mark.long
 def test_overlap_script():
     text = run("bench.overlap", "--steps", "1", "--rounds", "1", "--episodes", "2", timeout=600)
     for way in ("simulator", "policy", "serial", "pipelined", "pipelined / serial"):

@@ -453,7 +453,7 @@ def _scores(mg, g, prm, importance, lam=0.5):
 
 
 @pytest.mark.parametrize("t,p,k,importance,ints", [
-    (1, 33, 5, "magnitude", False), (3, 257, 7, "fisher", True), (3, 257, 7, "magnitude", True), (50, 40, 2, "fisher", False),
+    (1, 33, 5, "magnitude", False), (3, 257, 7, "fisher", True), (3, 257, 7, "magnitude", True), pytest.param(50, 40, 2, "fisher", False, marks=pytest.mark.long),
     (3, 301, 200, "magnitude", False), (3, 301, 200, "fisher", True), (2, 40, 0, "magnitude", False), (3, 33, 1000, "fisher", True),
 ])
 def test_harmony_select_equals_reference(t, p, k, importance, ints):

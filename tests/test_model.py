@@ -232,7 +232,8 @@ def test_model_module_has_no_mutable_switches():
     assert "global " not in src and "is_available" not in src and "device.type" not in src
 
 
-@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu", "triton") if b in kernels.available_backends("cpu")])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.long) if b == "triton" else b
+                                     for b in ("reference", "cpu", "triton") if b in kernels.available_backends("cpu")])
 def test_compiled_model_has_no_graph_break(backend):
     """torch.compile sees the whole forward as one graph: the kernel ops are registered custom ops
     (the reference is plain PyTorch; its one-task case has no data-dependent control flow)."""

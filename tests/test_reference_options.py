@@ -134,7 +134,7 @@ def norm(grads: dict) -> float:
     return math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
 
 
-@pytest.mark.parametrize("task_ids", [[1], [2, 0]])
+@pytest.mark.parametrize("task_ids", [[1], pytest.param([2, 0], marks=pytest.mark.long)])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_unmasked_clip_norm_is_the_norm_of_the_gradient_before_masking(tmp_path, monkeypatch, backend, task_ids):
     """--clip-scope unmasked: the clip norm reads, for the masked matrices, their gradient computed

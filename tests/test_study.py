@@ -567,6 +567,7 @@ def test_ctrl_c_during_an_evaluation_stops_the_evaluator(tmp_path):
     assert processes_using(out) == []
 
 
+@pytest.mark.long
 def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     data = write_synthetic_data(tmp_path / "data")
     out = tmp_path / "study"
@@ -615,6 +616,7 @@ def test_tiny_study_resumes_and_draws_every_figure(tmp_path):
     assert proc.returncode == 2 and "other flags" in proc.stderr
 
 
+@pytest.mark.long
 def test_tiny_study_chooses_the_best_checkpoint_on_validation_goals(tmp_path):
     """--validation-seed: every run's best.pt (chosen on the validation goals) is evaluated on the test
     goals beside its final checkpoint; the report pairs both by seed and draws the along-training figures."""
@@ -641,6 +643,7 @@ def test_tiny_study_chooses_the_best_checkpoint_on_validation_goals(tmp_path):
     assert "## Along training (validation goals)" in (out / "summary.md").read_text()
 
 
+@pytest.mark.long
 def test_tiny_study_with_a_variant_evaluates_held_out_tasks(tmp_path):
     """Two synthetic training tasks and push-v3 held out: the variant's runs are named and labelled by
     it, HarmoDT acts through the voted mask at each threshold, Prompt-DT once, MTDT is skipped with a

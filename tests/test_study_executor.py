@@ -115,6 +115,7 @@ def test_time_and_param_parsing():
 
 # ---- the tiny study through submitit's LocalExecutor ---------------------------------------------
 
+@pytest.mark.long
 def test_preempted_and_failed_jobs_resume_to_the_local_pools_results(tmp_path):
     """First sitting: harmodt-f-s0's job gets submitit's preemption signal mid-training (it saves,
     requeues and resumes in a new job process), prompt-dt-s0's trainer is killed (its job fails:
@@ -159,6 +160,7 @@ def test_preempted_and_failed_jobs_resume_to_the_local_pools_results(tmp_path):
     assert processes_using(out) == []
 
 
+@pytest.mark.long
 def test_ctrl_c_cancels_the_jobs_or_leaves_them_for_the_next_call(tmp_path):
     """Ctrl-C cancels the running job (its trainer saves and stops; no process is left). With
     --leave-jobs-running the job goes on after the study exits, and the same command collects it

@@ -274,7 +274,7 @@ def test_no_arguments_selects_embedded_default_and_preset_paper():
     assert cfg.masks.sparsity == 0.3 and cfg.model.n_layer == 4
 
 
-@pytest.mark.parametrize("tasks_per_batch", [1, 2])
+@pytest.mark.parametrize("tasks_per_batch", [pytest.param(1, marks=pytest.mark.long), 2])
 @pytest.mark.parametrize("backend", [b for b in FUSED_BACKENDS if b != "reference"])
 def test_fused_training_matches_reference_path(tmp_path, backend, tasks_per_batch):
     """--fused on a kernel backend (masked linear with its dropout epilogue, masked AdamW and
@@ -309,6 +309,7 @@ def test_fused_training_matches_reference_path(tmp_path, backend, tasks_per_batc
     torch.testing.assert_close(acts[True], acts[False], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.long
 def test_compile_gives_eager_losses(tmp_path):
     """--compile (torch.compile of the model) trains to the eager losses within fp32 tolerance."""
     losses = {}
