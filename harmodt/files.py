@@ -6,6 +6,7 @@ A leaf module: it imports nothing of harmodt, so any module may use it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -64,6 +65,21 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview |
     except BaseException:  # a failed write (or Ctrl-C) leaves no stray tmp; the previous file stays
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def appends_to(path: str | os.PathLike, nbytes: int | None = None):
+    """A full disk while appending to ``path`` (a log written line by line) becomes one
+    :class:`OutputError` naming the folder, the file and the bytes needed and free."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        path = Path(path)
+        needed = "" if nbytes is None else f"{nbytes} bytes needed, "
+        raise OutputError(f"{path.parent}: no space left on the device to append to {path.name} ({needed}"
+                          f"{free_bytes(path.parent)} bytes free); a resumed run continues from its last checkpoint") from None
 
 
 def free_bytes(folder: str | os.PathLike) -> int:

@@ -4,10 +4,12 @@ Every file is written through harmodt.files.write_atomic, JSON through harmodt.f
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from pathlib import Path
 
-from ..files import finite_json, loads_json, write_atomic
+from ..files import appends_to, finite_json, loads_json, write_atomic
 
 
 def _records(raw: bytes) -> list[tuple[bytes, dict]]:
@@ -76,21 +78,31 @@ class MetricsLog:
     def __init__(self, out: Path, step: int, keep_bytes: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        path = Path(out) / "metrics.jsonl"
-        kept = rewind_metrics(path, keep_bytes, step)
-        self.tb = SummaryWriter(str(Path(out) / "tb"), purge_step=step)
-        self.file = open(path, "ab")
+        self.path, self.tb_dir = Path(out) / "metrics.jsonl", Path(out) / "tb"
+        kept = rewind_metrics(self.path, keep_bytes, step)
+        self.tb = SummaryWriter(str(self.tb_dir), purge_step=step)
+        self._thread_hook, threading.excepthook = threading.excepthook, self._quiet_disk_full
+        self.file = open(self.path, "ab")
         for rec in kept:  # purged from TensorBoard with the lost steps, but kept in metrics.jsonl
             self._scalars(rec)
 
+    def _quiet_disk_full(self, args) -> None:
+        """TensorBoard's writer thread re-raises a full disk where this thread reports it in one line
+        (:meth:`_scalars`, :meth:`flush`); every other thread error is printed as usual."""
+        if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in (errno.ENOSPC, errno.EDQUOT)):
+            self._thread_hook(args)
+
     def _scalars(self, rec: dict) -> None:
-        for k, v in rec.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                self.tb.add_scalar(k, v, rec["step"])
+        with appends_to(self.tb_dir / "events"):  # (TensorBoard's writer thread raises its errors here)
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(k, v, rec["step"])
 
     def log(self, rec: dict) -> None:
-        self.file.write((finite_json(rec) + "\n").encode())
-        self.file.flush()
+        line = (finite_json(rec) + "\n").encode()
+        with appends_to(self.path, len(line)):
+            self.file.write(line)
+            self.file.flush()
         self._scalars(rec)
 
     def tell(self) -> int:
@@ -99,11 +111,16 @@ class MetricsLog:
 
     def flush(self) -> None:
         """The TensorBoard events so far on disk (before a checkpoint)."""
-        self.tb.flush()
+        with appends_to(self.tb_dir / "events"):
+            self.tb.flush()
 
     def close(self) -> None:
         self.file.close()
-        self.tb.close()
+        try:
+            with appends_to(self.tb_dir / "events"):
+                self.tb.close()
+        finally:
+            threading.excepthook = self._thread_hook
 
 
 class NoLog:
