@@ -7,13 +7,16 @@ results compared bit for bit.
 
 The baseline is checked out as a temporary ``git worktree`` (removed afterwards); the candidate is a
 directory (default: the checkout holding this script) or a revision, checked out the same way. Each
-tree runs in its own subprocesses (``PYTHONPATH`` the tree plus its pytest.ini ``pythonpath``, cwd
-the tree, ``OMP_NUM_THREADS=1``), and must import ``harmodt`` and ``harmodt_kernels`` from itself.
-A tree without the native library gets a copy of another tree's when their C++ sources and
-CMakeLists.txt are byte for byte the same, else it is built (``python setup.py build_ext --inplace``,
-minutes). The methods are the baseline's method table (``harmodt.methods.METHODS``).
+tree runs in its own subprocess (``PYTHONPATH`` the tree plus its pytest.ini ``pythonpath``, cwd the
+tree, ``OMP_NUM_THREADS=1``), which must import ``harmodt`` and ``harmodt_kernels`` from that tree and
+runs its trainings one after another through ``python -m harmodt.train``'s entry (``runpy``), so the
+imports are paid once; the two trees' processes run side by side. ``--isolate`` starts one process
+per training instead (the same results, about three times slower).
+A tree whose kernel package has no ``_lib/libharmodt_kernels.so`` gets a copy of another tree's when
+their C++ sources and CMakeLists.txt are byte for byte the same, else it is built (``python setup.py
+build_ext --inplace``, minutes). The methods are the baseline's table (``harmodt.methods.METHODS``).
 
-Every run is ``python -m harmodt.train`` on the same tiny synthetic data (written once), a 1-layer
+Every run trains on the same tiny synthetic data (written once, by tests/_data_folders.py), a 1-layer
 width-16 model, 20 steps with a mask update at step 10 and a checkpoint at the end. Compared, in this
 order: every record of metrics.jsonl (its numbers; keys ending in ``_s`` are timings and skipped),
 then the checkpoint (``torch.load(weights_only=True)``): model weights, masks, optimizer state, RNG
@@ -22,8 +25,9 @@ state, then its other entries (config paths and the metrics file's byte size are
 bit patterns, so -0.0 differs from 0.0 and equal NaNs are equal); Python floats likewise.
 
 The negative control trains one pair again with a perturbation in the candidate's run only (its
-learning rate 1e-6 larger, relatively) and requires the comparison to find it; the default run
-includes it, so a pass also shows that the check can fail.
+learning rate 1e-6 larger, relatively) and requires the comparison to find it in what the run
+computed (the learning rate's own entries are skipped for it: losses, weights, optimizer state); the
+default run includes it, so a pass also shows that the check can fail.
 
 Exit status: 0 all identical and the control detected; 1 a difference, a failed run, or an
 undetected control; 2 a usage error (bad flag, unknown revision or method).
@@ -55,17 +59,19 @@ LIB_NAME = "libharmodt_kernels.so"
 NATIVE_SUFFIXES = (".cpp", ".cc", ".h", ".hpp", ".cu", ".cuh")
 TASKS = ("reach-v3", "push-v3", "door-open-v3")
 STEPS, UPDATE_EVERY = 20, 10
-TRAIN_FLAGS = ("--tasks", ",".join(TASKS), "--steps", str(STEPS), "--batch-size", "4", "--warmup-steps", "2", "--lr", "0.001",
-               "--seed", "0", "--eval-episodes", "0", "--log-every", "2", "--checkpoint-every", str(STEPS),
-               "--update-every", str(UPDATE_EVERY), "--eta-max", "20", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-               "--dropout", "0.1", "--context-len", "4", "--prompt-len", "2", "--device", "cpu", "--threads", "1", "--no-progress")
+TRAIN_FLAGS = ("--tasks", ",".join(TASKS), "--steps", str(STEPS), "--batch-size", "4", "--warmup-steps", "2",
+               "--lr", "0.001", "--seed", "0", "--eval-episodes", "0", "--log-every", "2",
+               "--checkpoint-every", str(STEPS), "--update-every", str(UPDATE_EVERY), "--eta-max", "20",
+               "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--dropout", "0.1", "--context-len", "4",
+               "--prompt-len", "2", "--device", "cpu", "--threads", "1", "--no-progress")
 PATHS = {"reference": (), "fused": ("--fused", "--backend", "cpu")}
 PATH_LABELS = {"reference": "reference", "fused": "fused (cpu)"}
 CONTROL_PAIR = ("harmodt-f", "fused")
 CONTROL_FLAGS = ("--lr", "0.001000001")  # after TRAIN_FLAGS: argparse keeps the last --lr
 # The control's own flag, where it is written down: its run must differ elsewhere (losses, weights).
 CONTROL_IGNORE = ("metrics.jsonl/*/lr", "checkpoint/config/lr", "checkpoint/optimizer/param_groups/*/lr",
-                  "checkpoint/optimizer/param_groups/*/initial_lr", "checkpoint/scheduler/base_lrs", "checkpoint/scheduler/_last_lr")
+                  "checkpoint/optimizer/param_groups/*/initial_lr", "checkpoint/scheduler/base_lrs",
+                  "checkpoint/scheduler/_last_lr")
 # Not behaviour: the run's own paths, and metrics.jsonl's size in bytes (its timings' digits vary).
 DEFAULT_IGNORE = ("checkpoint/config/out", "checkpoint/config/data", "checkpoint/run/metrics_bytes")
 CHECKPOINT_ORDER = ("model", "masks", "optimizer", "rng")  # compared first, in this order
@@ -170,7 +176,8 @@ def _tensor_difference(a: torch.Tensor, b: torch.Tensor, key: str) -> Difference
 def first_difference(a, b, key: str = "", ignore: tuple[str, ...] = ()) -> Difference | None:
     """The first difference between two nested results (dicts, lists/tuples, tensors, numbers,
     strings, None), walking ``a``'s order; None when they are bit for bit the same. ``ignore``: slash
-    paths not compared (fnmatch patterns: ``metrics.jsonl/*/lr``). A list and a tuple of the same items are the same; an int and a float are not."""
+    paths not compared (fnmatch patterns: ``metrics.jsonl/*/lr``). A list and a tuple of the same
+    items are the same; an int and a float are not."""
     if _ignored(key, ignore):
         return None
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -263,14 +270,16 @@ class Tree:
 def _git(*args, cwd: Path) -> str:
     proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SetupError(f"git {' '.join(args)} in {cwd}: {proc.stderr.strip().splitlines()[-1:]}")
+        raise SetupError(f"git {' '.join(args)} in {cwd}: {last_line(proc.stderr)}")
     return proc.stdout.strip()
 
 
-def resolve_revision(repo: Path, rev: str) -> str:
-    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo, capture_output=True, text=True)
+def resolve_revision(repo: Path, rev: str, flag: str) -> str:
+    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo,
+                          capture_output=True, text=True)
     if proc.returncode != 0:
-        raise UsageError(f"--baseline/--candidate {rev!r} is not a revision of {repo}")
+        what = "neither a directory nor a revision" if flag == "--candidate" else "not a revision"
+        raise UsageError(f"{flag} {rev!r} is {what} of {repo}")
     return proc.stdout.strip()
 
 
@@ -305,7 +314,8 @@ def tree_env(root: Path) -> dict:
 
 
 def run_python(tree: Tree, args: list, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=tree.root, env=tree.env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=tree.root, env=tree.env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def last_line(text: str) -> str:
@@ -342,7 +352,8 @@ def provide_native_lib(tree: Tree, donors: list[Tree], build: bool):
     if not build:
         mine = native_sources(tree.root)
         for donor in donors:
-            if donor is not tree and donor.kernels is not None and donor.lib.is_file() and native_sources(donor.root) == mine:
+            ready = donor is not tree and donor.kernels is not None and donor.lib.is_file()
+            if ready and native_sources(donor.root) == mine:
                 tree.lib.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(donor.lib, tree.lib)
                 tree.native = f"copied from the {donor.label} (same C++ sources)"
@@ -360,7 +371,8 @@ def write_data(trees: list[Tree], dest: Path) -> Path:
         if (tree.root / "tests" / "_data_folders.py").is_file():
             proc = run_python(tree, ["-c", _WRITE_DATA, str(dest), ",".join(TASKS)], timeout=300)
             if proc.returncode != 0:
-                raise SetupError(f"writing the data with the {tree.label}'s tests/_data_folders.py: {last_line(proc.stderr)}")
+                raise SetupError(f"writing the data with the {tree.label}'s tests/_data_folders.py: "
+                                 f"{last_line(proc.stderr)}")
             return dest
     raise SetupError("no tree has tests/_data_folders.py to write the synthetic data with")
 
@@ -382,7 +394,8 @@ class Job:
         return self.out.name
 
     def argv(self, data: Path) -> list[str]:
-        return [*TRAIN_FLAGS, "--method", self.method, "--data", str(data), "--out", str(self.out), *PATHS[self.path], *self.extra]
+        return [*TRAIN_FLAGS, "--method", self.method, "--data", str(data), "--out", str(self.out),
+                *PATHS[self.path], *self.extra]
 
 
 def run_batch(batch: list[Job], data: Path, logs: Path) -> dict[Job, str | None]:
@@ -400,7 +413,8 @@ def run_batch(batch: list[Job], data: Path, logs: Path) -> dict[Job, str | None]
         if errors[job] is None and not (job.out / "checkpoint.pt").is_file():
             errors[job] = "no checkpoint.pt written"
         note = f"FAILED {errors[job]}" if errors[job] else "ok"
-        print(f"  {tree.label} {job.method} {job.path}{' (control)' if job.extra else ''}: {done['seconds']:.1f} s {note}",
+        control = " (control)" if job.extra else ""
+        print(f"  {tree.label} {job.method} {job.path}{control}: {done['seconds']:.1f} s {note}",
               file=sys.stderr, flush=True)
     stderr = proc.stderr.read()
     if proc.wait() != 0:
@@ -451,26 +465,30 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python bench/bit_identity.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", default="main", help="the baseline revision (default main)")
-    p.add_argument("--candidate", default=str(REPO),
-                   help="the candidate: a directory (a checkout, used as it is) or a revision (default: this script's checkout)")
-    p.add_argument("--methods", default="", help="comma list of methods (default: every method of the baseline's table)")
+    p.add_argument("--candidate", default=str(REPO), help="the candidate: a directory (a checkout, used as it is) "
+                   "or a revision (default: this script's checkout)")
+    p.add_argument("--methods", default="", help="comma list of methods (default: the baseline's method table)")
     p.add_argument("--paths", default="reference,fused", help="comma list of reference and fused (default both)")
     control = p.add_mutually_exclusive_group()
     control.add_argument("--control", action="store_true", help="run only the negative control pair")
     control.add_argument("--no-control", action="store_true", help="skip the negative control")
     p.add_argument("--jobs", type=int, default=2, help="processes at a time (default 2: the two trees side by side)")
-    p.add_argument("--isolate", action="store_true",
-                   help="each training in a process of its own (default: one process per tree runs its trainings in turn)")
+    p.add_argument("--isolate", action="store_true", help="each training in a process of its own "
+                   "(default: one process per tree runs its trainings in turn)")
     p.add_argument("--build", action="store_true", help="build a tree's missing native library instead of copying one")
     p.add_argument("--ignore", action="append", default=[], metavar="KEY",
-                   help=f"a further slash path not compared, e.g. checkpoint/config/threads (always: {', '.join(DEFAULT_IGNORE)})")
-    p.add_argument("--keep", metavar="DIR", help="keep the data and run folders in DIR (default: a temporary folder, removed)")
+                   help="a further slash path (fnmatch pattern) not compared, e.g. checkpoint/config/threads "
+                   f"(always: {', '.join(DEFAULT_IGNORE)})")
+    p.add_argument("--keep", metavar="DIR", help="write the data, logs and runs into DIR, a new or empty folder, "
+                   "and keep them (default: a temporary folder, removed)")
     args = p.parse_args(argv)
     args.paths = [x for x in args.paths.split(",") if x]
     if not args.paths or any(x not in PATHS for x in args.paths):
         p.error(f"--paths takes a comma list of {', '.join(PATHS)}, got {','.join(args.paths)!r}")
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if args.keep and Path(args.keep).exists() and any(Path(args.keep).iterdir()):
+        p.error(f"--keep {args.keep}: not empty")
     return args
 
 
@@ -486,65 +504,69 @@ def main(argv=None) -> int:
         return 1
 
 
+def prepare(args, repo: Path, work: Path, worktrees: list) -> tuple[Tree, Tree, list[str]]:
+    """The two trees, checked out, probed and given their native library; the methods to compare."""
+    base_commit = resolve_revision(repo, args.baseline, "--baseline")
+    candidate_dir = Path(args.candidate)
+    cand_commit = None if candidate_dir.is_dir() else resolve_revision(repo, args.candidate, "--candidate")
+    worktrees.append(add_worktree(repo, base_commit, work / "baseline-tree"))
+    baseline = Tree("baseline", worktrees[-1], tree_env(worktrees[-1]))
+    if cand_commit is not None:
+        worktrees.append(add_worktree(repo, cand_commit, work / "candidate-tree"))
+    candidate_root = worktrees[-1] if cand_commit is not None else candidate_dir.resolve()
+    candidate = Tree("candidate", candidate_root, tree_env(candidate_root))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(2, args.jobs)) as pool:
+        list(pool.map(probe, (baseline, candidate)))
+    if "fused" in args.paths or not args.no_control:
+        donors = [candidate, baseline, Tree("checkout", REPO, {}, kernels=_checkout_kernels())]
+        for tree in (candidate, baseline):
+            provide_native_lib(tree, donors, args.build)
+    methods = baseline.methods or candidate.methods
+    if methods is None:
+        raise SetupError("neither tree lists its methods (harmodt.methods.METHODS)")
+    if args.methods:
+        wanted = [m for m in args.methods.split(",") if m]
+        if unknown := [m for m in wanted if m not in methods]:
+            raise UsageError(f"--methods: {', '.join(unknown)} not in the baseline's table ({', '.join(methods)})")
+        methods = wanted
+    print(f"baseline  {args.baseline} = {base_commit[:10]} at {baseline.root} "
+          f"(native library: {baseline.native or '-'})")
+    print(f"candidate {candidate.root}{_describe(candidate.root)} (native library: {candidate.native or '-'})")
+    if candidate.methods is not None and (extra := [m for m in candidate.methods if m not in methods]):
+        print(f"not compared (not in the baseline's table, or not asked for): {', '.join(extra)}")
+    return baseline, candidate, methods
+
+
 def compare_trees(args) -> int:
     started = time.perf_counter()
     candidate_dir = Path(args.candidate)
-    repo = candidate_dir if candidate_dir.is_dir() else REPO
-    repo = Path(_git("rev-parse", "--show-toplevel", cwd=repo))
-    base_commit = resolve_revision(repo, args.baseline)
-    cand_commit = None if candidate_dir.is_dir() else resolve_revision(repo, args.candidate)
+    repo = Path(_git("rev-parse", "--show-toplevel", cwd=candidate_dir if candidate_dir.is_dir() else REPO))
     work = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="bit-identity-"))
     work.mkdir(parents=True, exist_ok=True)
     worktrees = []
     try:
-        worktrees.append(add_worktree(repo, base_commit, work / "baseline-tree"))
-        baseline = Tree("baseline", worktrees[-1], tree_env(worktrees[-1]))
-        if cand_commit is None:
-            cand_root = candidate_dir.resolve()
-        else:
-            worktrees.append(add_worktree(repo, cand_commit, work / "candidate-tree"))
-            cand_root = worktrees[-1]
-        candidate = Tree("candidate", cand_root, tree_env(cand_root))
-        trees = [baseline, candidate]
-        for tree in trees:
-            probe(tree)
-        if "fused" in args.paths or not args.no_control:
-            for tree in (candidate, baseline):
-                provide_native_lib(tree, [candidate, baseline, Tree("checkout", REPO, {}, kernels=_checkout_kernels())], args.build)
-        methods = baseline.methods or candidate.methods
-        if methods is None:
-            raise SetupError("neither tree lists its methods (harmodt.methods.METHODS)")
-        if args.methods:
-            wanted = [m for m in args.methods.split(",") if m]
-            if unknown := [m for m in wanted if m not in methods]:
-                raise UsageError(f"--methods: {', '.join(unknown)} not in the baseline's table ({', '.join(methods)})")
-            methods = wanted
-        data = write_data(trees, work / "data")
-        print(f"baseline  {args.baseline} = {base_commit[:10]} at {baseline.root} (native library: {baseline.native or 'not needed'})")
-        print(f"candidate {candidate.root}{_describe(candidate.root)} (native library: {candidate.native or 'not needed'})")
-        if candidate.methods is not None and (extra := [m for m in candidate.methods if m not in methods]):
-            print(f"not compared (not in the baseline's table or not asked for): {', '.join(extra)}")
-
-        pairs = [] if args.control else [(m, p) for m in methods for p in args.paths]
-        jobs, pair_jobs = [], {}
-        for m, p in pairs:
-            pair_jobs[m, p] = (Job(baseline, m, p, work / "runs" / f"baseline-{m}-{p}"), Job(candidate, m, p, work / "runs" / f"candidate-{m}-{p}"))
-            jobs += pair_jobs[m, p]
+        baseline, candidate, methods = prepare(args, repo, work, worktrees)
+        data = write_data([baseline, candidate], work / "data")
+        runs = work / "runs"
+        pairs = {} if args.control else {(m, p): (Job(baseline, m, p, runs / f"baseline-{m}-{p}"),
+                                                  Job(candidate, m, p, runs / f"candidate-{m}-{p}"))
+                                         for m in methods for p in args.paths}
+        jobs = [job for pair in pairs.values() for job in pair]
         control = None
         if not args.no_control:
             m, p = CONTROL_PAIR
-            base = pair_jobs.get((m, p), (Job(baseline, m, p, work / "runs" / f"baseline-{m}-{p}"),))[0]
-            control = (base, Job(candidate, m, p, work / "runs" / f"control-{m}-{p}", CONTROL_FLAGS))
-            jobs += [j for j in control if j not in jobs]
+            base = pairs[m, p][0] if (m, p) in pairs else Job(baseline, m, p, runs / f"baseline-{m}-{p}")
+            control = (base, Job(candidate, m, p, runs / f"control-{m}-{p}", CONTROL_FLAGS))
+            jobs += [job for job in control if job not in jobs]
         errors = run_all(jobs, data, work / "logs", args.jobs, args.isolate)
 
         ignore = (*DEFAULT_IGNORE, *args.ignore)
-        all_identical, rows = True, []
+        identical, rows = True, []
         for m in dict.fromkeys(m for m, _ in pairs):
             cells = {}
             for p in args.paths:
-                same, cells[p] = verdict(*pair_jobs[m, p], errors, ignore)
-                all_identical &= same
+                same, cells[p] = verdict(*pairs[m, p], errors, ignore)
+                identical &= same
             rows.append((m, cells))
         print()
         if rows:
@@ -552,13 +574,13 @@ def compare_trees(args) -> int:
         detected = True
         if control is not None:
             same, text = verdict(*control, errors, (*ignore, *CONTROL_IGNORE))
-            detected = not same and not errors[control[1]] and not errors[control[0]]
-            flags = " ".join(CONTROL_FLAGS)
-            print(f"\ncontrol: {CONTROL_PAIR[0]} {PATH_LABELS[CONTROL_PAIR[1]]}, candidate run with {flags}: "
+            detected = not same and not any(errors[job] for job in control)
+            method, path = CONTROL_PAIR
+            print(f"\ncontrol: {method} {PATH_LABELS[path]}, candidate run with {' '.join(CONTROL_FLAGS)}: "
                   f"{'detected' if detected else 'NOT DETECTED'} ({text})")
-        summary = ("all identical; " if all_identical else "DIFFERENCES; ") if rows else ""
+        summary = ("all identical; " if identical else "DIFFERENCES; ") if rows else ""
         print(f"\n{summary}{len(jobs)} trainings in {time.perf_counter() - started:.0f} s")
-        return 0 if all_identical and detected else 1
+        return 0 if identical and detected else 1
     finally:
         for wt in reversed(worktrees):
             remove_worktree(repo, wt)
