@@ -13,7 +13,8 @@ runs its trainings one after another through ``python -m harmodt.train``'s entry
 imports are paid once; the two trees' processes run side by side. ``--isolate`` starts one process
 per training instead (the same results, about three times slower).
 A tree whose kernel package has no ``_lib/libharmodt_kernels.so`` gets a copy of another tree's when
-their C++ sources and CMakeLists.txt are byte for byte the same, else it is built (``python setup.py
+their C++ sources are byte for byte the same and their CMakeLists.txt the same but for comments and
+where the library goes, else it is built (``python setup.py
 build_ext --inplace``, minutes). The methods are the baseline's table (``harmodt.methods.METHODS``).
 
 Every run trains on the same tiny synthetic data (written once, by tests/_data_folders.py), a 1-layer
@@ -337,11 +338,22 @@ def probe(tree: Tree):
 
 
 def native_sources(root: Path) -> str:
-    """A digest of the tree's C++ sources and CMakeLists.txt, by content (independent of where they lie)."""
-    listed = _git("ls-files", "--cached", "--others", "--exclude-standard", cwd=root).splitlines()
-    files = [f for f in listed if f.endswith(NATIVE_SUFFIXES) or Path(f).name == "CMakeLists.txt"]
-    digests = sorted(hashlib.sha256((root / f).read_bytes()).hexdigest() for f in files if (root / f).is_file())
-    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    """A digest of the tree's C++ sources (bytes) and CMakeLists.txt (without its comments and the
+    line that sets where the library goes), by content: the same digest, the same library."""
+    try:
+        listed = _git("ls-files", "--cached", "--others", "--exclude-standard", cwd=root).splitlines()
+    except SetupError:  # not a git checkout: its files outside build/
+        listed = [str(f.relative_to(root)) for f in root.rglob("*") if "build" not in f.relative_to(root).parts]
+    digests = []
+    for name in listed:
+        path = root / name
+        if path.name == "CMakeLists.txt" and path.is_file():
+            lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+            text = "\n".join(line for line in lines if line and not line.startswith("set(HARMODT_OUTPUT_DIR"))
+            digests.append(hashlib.sha256(text.encode()).hexdigest())
+        elif name.endswith(NATIVE_SUFFIXES) and path.is_file():
+            digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
 
 
 def provide_native_lib(tree: Tree, donors: list[Tree], build: bool):
@@ -356,7 +368,7 @@ def provide_native_lib(tree: Tree, donors: list[Tree], build: bool):
             if ready and native_sources(donor.root) == mine:
                 tree.lib.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(donor.lib, tree.lib)
-                tree.native = f"copied from the {donor.label} (same C++ sources)"
+                tree.native = f"copied from the {donor.label} (same native sources)"
                 return
     print(f"building the native library of the {tree.label} (python setup.py build_ext --inplace) ...", file=sys.stderr)
     proc = run_python(tree, ["setup.py", "build_ext", "--inplace"], timeout=1800)
