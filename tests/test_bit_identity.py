@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bit_identity import DEFAULT_IGNORE, compare_runs, first_difference, main
+from bench.bit_identity import DEFAULT_IGNORE, compare_runs, first_difference, main, native_sources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,8 @@ def checkpoint() -> dict:
     """A checkpoint-shaped nest: weights, packed masks, optimizer state, RNG state, config."""
     g = torch.Generator().manual_seed(0)
     return {"model": {"fc.weight": torch.randn(4, 3, generator=g), "fc.bias": torch.zeros(4)},
-            "masks": {"tasks": ["reach-v3", "push-v3"], "words": {"fc.weight": torch.tensor([[5], [9]], dtype=torch.int32)}},
+            "masks": {"tasks": ["reach-v3", "push-v3"],
+                      "words": {"fc.weight": torch.tensor([[5], [9]], dtype=torch.int32)}},
             "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 3, generator=g)},
                                     1: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, generator=g)}},
                           "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1]}]},
@@ -50,7 +51,8 @@ def test_signed_zero_float_ulp_dtype_and_mask_word_differences():
     assert first_difference(torch.tensor([0.0]), torch.tensor([-0.0])).detail.startswith("1 of 1 elements differ")
     d = first_difference({"lr": 1e-3}, {"lr": math.nextafter(1e-3, 1.0)})
     assert d.key == "lr" and d.detail.endswith(f"|a-b| {math.ulp(1e-3):.3g}")
-    assert first_difference(torch.zeros(2), torch.zeros(2, dtype=torch.float64)).detail == "dtype torch.float32 vs torch.float64"
+    wider = first_difference(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+    assert wider.detail == "dtype torch.float32 vs torch.float64"
     assert first_difference(torch.zeros(2), torch.zeros(3)).detail == "shape (2,) vs (3,)"
     a = checkpoint()
     b = copy.deepcopy(a)
@@ -81,7 +83,8 @@ def write_run(folder: Path, ck: dict, records: list[dict]) -> Path:
 
 
 def test_runs_compare_metrics_numbers_not_timings_then_weights_before_optimizer(tmp_path):
-    records = [{"step": 2, "loss": 0.5, "lr": 1e-3, "steps_per_s": 40.0}, {"step": 4, "loss": 0.25, "mask_update_s": 0.1}]
+    records = [{"step": 2, "loss": 0.5, "lr": 1e-3, "steps_per_s": 40.0},
+               {"step": 4, "loss": 0.25, "mask_update_s": 0.1}]
     a = write_run(tmp_path / "a", checkpoint(), records)
     timings = [{**r, **{k: v * 3 for k, v in r.items() if k.endswith("_s")}} for r in records]
     assert compare_runs(a, write_run(tmp_path / "b", checkpoint(), timings)) is None
@@ -93,6 +96,26 @@ def test_runs_compare_metrics_numbers_not_timings_then_weights_before_optimizer(
     ck["model"]["fc.bias"][0] = 1e-30
     ck = {k: ck[k] for k in reversed(list(ck))}  # the model is still compared first
     assert compare_runs(a, write_run(tmp_path / "d", ck, records)).key == "checkpoint/model/fc.bias"
+
+
+def test_native_sources_ignore_cmake_comments_and_output_folder_only(tmp_path):
+    """Two trees get one library when their C++ is the same and their CMakeLists.txt differs only in
+    comments and where the library goes; a changed compile flag or source line is another library."""
+    def tree(name, cmake, cpp="int f() { return 1; }\n"):
+        root = tmp_path / name
+        (root / "csrc").mkdir(parents=True)
+        (root / "csrc" / "op.cpp").write_text(cpp)
+        (root / "CMakeLists.txt").write_text(cmake)
+        return native_sources(root)
+
+    old = tree("old", 'set(HARMODT_OUTPUT_DIR "${SRC}/kernels/_lib")  # the lib\n'
+                      'target_compile_options(x PRIVATE -O3)\n')
+    assert tree("moved", '# new layout\nset(HARMODT_OUTPUT_DIR "${SRC}/kernels/harmodt_kernels/_lib")\n'
+                         'target_compile_options(x PRIVATE -O3)  # same flags\n') == old
+    assert tree("flags", 'set(HARMODT_OUTPUT_DIR "${SRC}/kernels/_lib")\n'
+                         'target_compile_options(x PRIVATE -O2)\n') != old
+    assert tree("code", 'set(HARMODT_OUTPUT_DIR "${SRC}/kernels/_lib")\ntarget_compile_options(x PRIVATE -O3)\n',
+                "int f() { return 2; }\n") != old
 
 
 def test_unknown_revision_is_exit_2(capsys):
@@ -112,8 +135,9 @@ def test_same_revision_twice_is_identical_and_the_control_is_detected(tmp_path):
     exit 0, identical, the control's perturbation found; the temporary worktrees are gone afterwards."""
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bit_identity.py"), "--baseline", "HEAD", "--candidate", "HEAD",
-                           "--methods", "harmodt-f", "--paths", "fused", "--keep", str(tmp_path / "work")],
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bit_identity.py"), "--baseline", "HEAD",
+                           "--candidate", "HEAD", "--methods", "harmodt-f", "--paths", "fused",
+                           "--keep", str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     row = next(line for line in proc.stdout.splitlines() if line.startswith("harmodt-f"))
