@@ -92,9 +92,10 @@ print(json.dumps(info))
 """
 
 # Runs trainings through `python -m harmodt.train`'s own entry, one after another in this process
-# (the imports once); each training's output goes to its log, one JSON line per training to stdout.
+# (the imports once); each training's output goes to its log, a "bit-identity:" JSON line per training
+# to stdout.
 _WORKER = r"""
-import contextlib, json, runpy, sys, time
+import contextlib, json, runpy, sys, time, traceback
 for job in json.loads(sys.argv[1]):
     start, error = time.perf_counter(), None
     with open(job["log"], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -104,8 +105,10 @@ for job in json.loads(sys.argv[1]):
         except SystemExit as e:
             error = None if e.code in (None, 0) else f"exit {e.code}"
         except Exception as e:
+            traceback.print_exc()
             error = f"{type(e).__name__}: {e}"
-    print(json.dumps({"name": job["name"], "error": error, "seconds": time.perf_counter() - start}), flush=True)
+    print("bit-identity:", json.dumps({"name": job["name"], "error": error, "seconds": time.perf_counter() - start}),
+          flush=True)
 """
 
 _WRITE_DATA = r"""
@@ -416,23 +419,28 @@ def run_batch(batch: list[Job], data: Path, logs: Path) -> dict[Job, str | None]
     spec = [{"name": j.name, "argv": j.argv(data), "log": str(logs / f"{j.name}.log")} for j in batch]
     errors = {j: "did not run" for j in batch}
     by_name = {j.name: j for j in batch}
-    proc = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(spec)], cwd=tree.root, env=tree.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_log = logs / f"worker-{batch[0].name}.err"
+    with open(err_log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(spec)], cwd=tree.root, env=tree.env,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
     for line in proc.stdout:
-        done = json.loads(line)
+        if not line.startswith("bit-identity: "):  # output a training wrote past its log (a C library's, say)
+            continue
+        done = json.loads(line.removeprefix("bit-identity: "))
         job = by_name[done["name"]]
-        errors[job] = done["error"] and f"{done['error']}: {last_line((logs / f'{job.name}.log').read_text())}"
+        errors[job] = done["error"]
+        if errors[job] and errors[job].startswith("exit "):  # the training's own one-line error, in its log
+            errors[job] += f": {last_line((logs / f'{job.name}.log').read_text())}"
         if errors[job] is None and not (job.out / "checkpoint.pt").is_file():
             errors[job] = "no checkpoint.pt written"
         note = f"FAILED {errors[job]}" if errors[job] else "ok"
         control = " (control)" if job.extra else ""
         print(f"  {tree.label} {job.method} {job.path}{control}: {done['seconds']:.1f} s {note}",
               file=sys.stderr, flush=True)
-    stderr = proc.stderr.read()
     if proc.wait() != 0:
         for job in batch:
             if errors[job] == "did not run":
-                errors[job] = f"the {tree.label}'s worker failed: {last_line(stderr)}"
+                errors[job] = f"the {tree.label}'s worker failed ({err_log}): {last_line(err_log.read_text())}"
     return errors
 
 
