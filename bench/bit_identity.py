@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -261,7 +261,7 @@ class Tree:
     """One side of the comparison: a directory with harmodt, how to run Python in it, what it has."""
     label: str
     root: Path
-    env: dict
+    env: dict = field(repr=False)
     kernels: Path | None = None  # the kernel package's folder, from the probe
     methods: list | None = None
     native: str = ""  # how it got its native library
