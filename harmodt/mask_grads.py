@@ -9,6 +9,12 @@ averages task gradients of equal norm only where every task's norm exceeds the c
 The gradients are those of the masked matrices (``weights``, name -> parameter), flattened and
 concatenated in ``weights`` order; g_i is None without masks (Prompt-DT, MTDT), where gbar_i is
 the plain gradient.
+
+Two ways to compute them (``passes``): "per-task", the reference, one or two forward and backward
+passes per task; "batched" (``paper`` only), every task's batch in one mixed-task forward and
+backward: the rows of task i run through mask M_i, and, for ``--recovery-grad dense``, a second
+copy of the rows through an all-ones mask of its own per task (theta itself), so the masked linear
+writes each mask row's unmasked ``dY^T X`` into ``task_grads`` (:func:`batched_task_gradients`).
 """
 
 from __future__ import annotations
@@ -17,18 +23,32 @@ from collections.abc import Iterable
 
 import torch
 
+import harmodt_kernels as kernels
+
 from .masks import TaskMasks
 from .model import MaskContext, action_loss
 from .optim import clip_factor
 
 
+PASSES = ("per-task", "batched")
+
+
 def task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear, batches: Iterable,
-                   n_tasks: int, *, mask_grads: str, recovery_grad: str, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   n_tasks: int, *, mask_grads: str, recovery_grad: str, grad_clip: float,
+                   passes: str = "per-task") -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[T, P]`` gbar and g (None without masks) of every ``(task, batch)`` in ``batches`` (the
     rows of other tasks stay zero). ``masked_linear``: the run's op; ``mask_grads``: "paper" or
     "official"; ``recovery_grad``: "dense" (g_i = grad L_i(theta)) or "masked" (the unmasked
-    gradient at theta * M_i, from the same backward); ``grad_clip``: the official variant's clip.
-    The model's train/eval mode is restored."""
+    gradient at theta * M_i, from the same backward); ``grad_clip``: the official variant's clip;
+    ``passes``: "per-task" (the reference) or "batched" (``paper`` only, see
+    :func:`batched_task_gradients`). The model's train/eval mode is restored."""
+    if passes not in PASSES:
+        raise ValueError(f"passes must be one of {', '.join(PASSES)}, got {passes!r}")
+    if passes == "batched":
+        if mask_grads != "paper":
+            raise ValueError("batched task gradients need mask_grads 'paper' (the official variant draws each task's dropout and "
+                             "clips each task's gradient over every parameter: one pass per task)")
+        return batched_task_gradients(model, weights, task_masks, masked_linear, batches, n_tasks, recovery_grad=recovery_grad)
     device = next(iter(weights.values())).device
     p_total = sum(w.numel() for w in weights.values())
     masked = torch.zeros(n_tasks, p_total, device=device)
@@ -43,6 +63,87 @@ def task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks 
             dense[i] = g
     model.train(was_training)
     return masked, dense
+
+
+def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear, batches: Iterable,
+                           n_tasks: int, *, recovery_grad: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`task_gradients` of ``mask_grads="paper"`` (eval mode, unclipped) in one forward and
+    backward of a mixed-task batch: every task's batch (each of the same size), once through its
+    masks and, for ``recovery_grad="dense"`` or without masks, once more through an all-ones mask
+    row of its own (theta). The loss is the sum of the tasks' losses, so each row's output gradient
+    is the one of its task's loss alone (the tasks' rows never meet: attention stays within a
+    sequence), and the masked linear's ``task_grads`` receive each mask row's unmasked
+    ``dY^T X``: g_i (``masked``: from M_i's row; ``dense``: from the ones row) and gbar_i = that of
+    M_i's row times M_i.
+
+    The same arithmetic as the per-task passes row for row, except where an op's result depends on
+    the batch it runs in: the fused kernels' GEMMs over a different number of rows (in the reference
+    on the CPU none do: its gradients are bit for bit the per-task ones), and g_i of ``dense``,
+    through the masked linear with a ones mask instead of ``F.linear``. Those differ by the
+    rounding of fp32 sums (tests/test_mask_grads_batched.py: relative 1e-5 of each task's largest
+    gradient; the same masks selected)."""
+    tasks, parts = zip(*batches)
+    rows = parts[0]["actions"].shape[0]
+    if any(p["actions"].shape[0] != rows for p in parts):
+        raise ValueError(f"batched task gradients need every task's batch of one size, got {[p['actions'].shape[0] for p in parts]}")
+    n, dense_rows = len(tasks), task_masks is None or recovery_grad == "dense"
+    device = next(iter(weights.values())).device
+    idx = torch.tensor(tasks, device=device)
+    layouts = _mask_rows(weights, task_masks, masked_linear, idx, dense_rows)  # name -> [G, ...]: G = n or 2n mask rows
+    groups = next(iter(layouts.values())).shape[0]
+    batch = {k: torch.cat([p[k] for p in parts] * (groups // n)) for k in parts[0]}  # (G * rows, ...): the groups in mask-row order
+    ctx = MaskContext(layouts, torch.arange(groups, device=device).repeat_interleave(rows), masked_linear,
+                      {name: torch.zeros(groups, *w.shape, device=device) for name, w in weights.items()},
+                      tuple((g, rows) for g in range(groups)))
+    was_training = model.training
+    model.eval()
+    pred = model(batch, ctx)  # (G * rows, K, A)
+    torch.autograd.grad(_sum_of_task_losses(pred, batch, groups), list(weights.values()))  # fills ctx.task_grads
+    model.train(was_training)
+    grads, every = ctx.task_grads, list(tasks) == list(range(n_tasks))
+    if task_masks is None:
+        return _rows_of(grads, slice(0, n), None, idx, n_tasks, every), None
+    masks = {name: task_masks.masks[name].index_select(0, idx) for name in weights}
+    gbar = _rows_of(grads, slice(0, n), masks, idx, n_tasks, every)
+    return gbar, _rows_of(grads, slice(n, 2 * n) if dense_rows else slice(0, n), None, idx, n_tasks, every)
+
+
+def _mask_rows(weights: dict, task_masks: TaskMasks | None, masked_linear, idx: torch.Tensor, ones: bool) -> dict:
+    """name -> the mask rows of a batched pass in ``masked_linear``'s layout: the masks of tasks
+    ``idx`` (with masks), then with ``ones`` a ones row per task (theta unmasked)."""
+    out = {}
+    for name, w in weights.items():
+        rows = [] if task_masks is None else [task_masks.for_op(masked_linear)[name].index_select(0, idx)]
+        if ones:
+            one = torch.ones(1, *w.shape, dtype=torch.bool, device=w.device)
+            rows.append((one if masked_linear.takes_bool_masks else kernels.pack_masks(one)).expand(len(idx), -1, -1))
+        out[name] = torch.cat(rows) if len(rows) > 1 else rows[0].contiguous()
+    return out
+
+
+def _sum_of_task_losses(pred: torch.Tensor, batch: dict, groups: int) -> torch.Tensor:
+    """The sum over ``groups`` equal runs of rows of each run's :func:`action_loss`: each
+    prediction's gradient is the one of its own run's loss, bit for bit."""
+    m = batch["mask"].unsqueeze(-1).to(pred.dtype)  # (G * rows, K, 1)
+    sq = ((pred.float() - batch["actions"]) ** 2 * m).view(groups, -1)  # (G, rows * K * A)
+    return (sq.sum(1) / (m.view(groups, -1).sum(1) * pred.shape[-1])).sum()
+
+
+def _rows_of(grads: dict, group: slice, masks: dict | None, idx: torch.Tensor, n_tasks: int, every: bool) -> torch.Tensor:
+    """``[T, P]``: the ``task_grads`` (name -> ``[G, N, K]``) rows ``group``, times ``masks`` (name
+    -> bool ``[n, N, K]``) when given, flattened in ``grads`` order into the rows ``idx`` of their
+    tasks (zero elsewhere; ``every``: idx is every task in order)."""
+    p = sum(g[0].numel() for g in grads.values())
+    out = next(iter(grads.values())).new_empty(len(idx), p)  # (n, P)
+    off = 0
+    for name, g in grads.items():
+        view = out[:, off : off + g[0].numel()].view(len(idx), *g.shape[1:])
+        if masks is None:
+            view.copy_(g[group])
+        else:
+            torch.where(masks[name], g[group], g.new_zeros(()), out=view)
+        off += g[0].numel()
+    return out if every else out.new_zeros(n_tasks, p).index_copy_(0, idx, out)
 
 
 def _flat(grads) -> torch.Tensor:
