@@ -11,8 +11,8 @@ concatenated in ``weights`` order; g_i is None without masks (Prompt-DT, MTDT), 
 the plain gradient.
 
 Two ways to compute them (``passes``): "per-task", the reference, one or two forward and backward
-passes per task; "batched" (``paper`` only), every task's batch in one mixed-task forward and
-backward: the rows of task i run through mask M_i, and, for ``--recovery-grad dense``, a second
+passes per task; "batched" (``paper`` only), the tasks' batches in a few mixed-task forward and
+backward passes: the rows of task i run through mask M_i, and, for ``--recovery-grad dense``, a second
 copy of the rows through an all-ones mask of its own per task (theta itself), so the masked linear
 writes each mask row's unmasked ``dY^T X`` into ``task_grads`` (:func:`batched_task_gradients`).
 """
@@ -65,47 +65,78 @@ def task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks 
     return masked, dense
 
 
-def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear, batches: Iterable,
-                           n_tasks: int, *, recovery_grad: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`task_gradients` of ``mask_grads="paper"`` (eval mode, unclipped) in one forward and
-    backward of a mixed-task batch: every task's batch (each of the same size), once through its
-    masks and, for ``recovery_grad="dense"`` or without masks, once more through an all-ones mask
-    row of its own (theta). The loss is the sum of the tasks' losses, so each row's output gradient
-    is the one of its task's loss alone (the tasks' rows never meet: attention stays within a
-    sequence), and the masked linear's ``task_grads`` receive each mask row's unmasked
-    ``dY^T X``: g_i (``masked``: from M_i's row; ``dense``: from the ones row) and gbar_i = that of
-    M_i's row times M_i.
+TASKS_PER_PASS = 16  # tasks of one batched pass: their activations and [2 x tasks, N, K] task_grads are held at once
 
-    The same arithmetic as the per-task passes row for row, except where an op's result depends on
-    the batch it runs in: the fused kernels' GEMMs over a different number of rows (in the reference
-    on the CPU none do: its gradients are bit for bit the per-task ones), and g_i of ``dense``,
-    through the masked linear with a ones mask instead of ``F.linear``. Those differ by the
-    rounding of fp32 sums (tests/test_mask_grads_batched.py: relative 1e-5 of each task's largest
-    gradient; the same masks selected)."""
-    tasks, parts = zip(*batches)
-    rows = parts[0]["actions"].shape[0]
-    if any(p["actions"].shape[0] != rows for p in parts):
-        raise ValueError(f"batched task gradients need every task's batch of one size, got {[p['actions'].shape[0] for p in parts]}")
-    n, dense_rows = len(tasks), task_masks is None or recovery_grad == "dense"
+
+def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear, batches: Iterable,
+                           n_tasks: int, *, recovery_grad: str, tasks_per_pass: int = TASKS_PER_PASS
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`task_gradients` of ``mask_grads="paper"`` (eval mode, unclipped) in one forward and
+    backward of a mixed-task batch per ``tasks_per_pass`` tasks (one pass at MT10, four at MT50):
+    every task's batch (each of the same size), once through its masks and, for
+    ``recovery_grad="dense"`` or without masks, once more through an all-ones mask row of its own
+    (theta). The loss is the sum of the tasks' losses, so each row's output gradient is the one of
+    its task's loss alone (the tasks' rows never meet: attention stays within a sequence), and the
+    masked linear's ``task_grads`` receive each mask row's unmasked ``dY^T X``: g_i (``masked``:
+    from M_i's row; ``dense``: from the ones row) and gbar_i = that of M_i's row times M_i.
+
+    The same arithmetic as the per-task passes row for row, except where an op's result depends
+    on the batch it runs in (a GEMM over a different number of rows) and g_i of ``dense``, which
+    runs through the masked linear with a ones mask instead of ``F.linear``. On the CPU (reference
+    and native kernels) the results are the per-task ones bit for bit; the bound where the
+    summation order differs (a GPU's kernels): each task's gradient within 1e-5 of its largest
+    entry, the same masks selected (tests/test_mask_grads_batched.py)."""
+    work = list(batches)
+    sizes = [b["actions"].shape[0] for _, b in work]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"batched task gradients need every task's batch of one size, got {sizes}")
+    p = sum(w.numel() for w in weights.values())
+    new = torch.empty if sorted(i for i, _ in work) == list(range(n_tasks)) else torch.zeros  # rows of absent tasks stay zero
     device = next(iter(weights.values())).device
+    gbar = new(n_tasks, p, device=device)
+    g = new(n_tasks, p, device=device) if task_masks is not None else None
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(work), tasks_per_pass):
+        _one_pass(model, weights, task_masks, masked_linear, work[start : start + tasks_per_pass], recovery_grad, gbar, g)
+    model.train(was_training)
+    return gbar, g
+
+
+def _one_pass(model, weights: dict, task_masks: TaskMasks | None, masked_linear, work: list, recovery_grad: str,
+              gbar: torch.Tensor, g: torch.Tensor | None) -> None:
+    """One mixed-task forward and backward of :func:`batched_task_gradients` over ``work``
+    (``[(task, batch), ...]``), its tasks' rows written into ``gbar`` and ``g`` ``[T, P]``."""
+    tasks, parts = zip(*work)
+    n, rows = len(tasks), parts[0]["actions"].shape[0]
+    device = gbar.device
     idx = torch.tensor(tasks, device=device)
-    layouts = _mask_rows(weights, task_masks, masked_linear, idx, dense_rows)  # name -> [G, ...]: G = n or 2n mask rows
+    ones = task_masks is None or recovery_grad == "dense"
+    layouts = _mask_rows(weights, task_masks, masked_linear, idx, ones)  # name -> [G, ...]: G = n or 2n mask rows
     groups = next(iter(layouts.values())).shape[0]
     batch = {k: torch.cat([p[k] for p in parts] * (groups // n)) for k in parts[0]}  # (G * rows, ...): the groups in mask-row order
     ctx = MaskContext(layouts, torch.arange(groups, device=device).repeat_interleave(rows), masked_linear,
                       {name: torch.zeros(groups, *w.shape, device=device) for name, w in weights.items()},
-                      tuple((g, rows) for g in range(groups)))
-    was_training = model.training
-    model.eval()
+                      tuple((grp, rows) for grp in range(groups)))
     pred = model(batch, ctx)  # (G * rows, K, A)
     torch.autograd.grad(_sum_of_task_losses(pred, batch, groups), list(weights.values()))  # fills ctx.task_grads
-    model.train(was_training)
-    grads, every = ctx.task_grads, list(tasks) == list(range(n_tasks))
-    if task_masks is None:
-        return _rows_of(grads, slice(0, n), None, idx, n_tasks, every), None
-    masks = {name: task_masks.masks[name].index_select(0, idx) for name in weights}
-    gbar = _rows_of(grads, slice(0, n), masks, idx, n_tasks, every)
-    return gbar, _rows_of(grads, slice(n, 2 * n) if dense_rows else slice(0, n), None, idx, n_tasks, every)
+    off = 0
+    for name, grads in ctx.task_grads.items():  # (G, N, K)
+        cols = slice(off, off + grads[0].numel())
+        off = cols.stop
+        if task_masks is None:
+            _write(gbar, tasks, cols, grads[:n])
+            continue
+        _write(gbar, tasks, cols, torch.where(task_masks.masks[name].index_select(0, idx), grads[:n], grads.new_zeros(())))
+        _write(g, tasks, cols, grads[n:] if ones else grads[:n])
+
+
+def _write(out: torch.Tensor, tasks: tuple, cols: slice, values: torch.Tensor) -> None:
+    """``out[tasks, cols] = values`` (``[n, N, K]``, flattened)."""
+    if list(tasks) == list(range(tasks[0], tasks[0] + len(tasks))):
+        out[tasks[0] : tasks[0] + len(tasks), cols].copy_(values.flatten(1))
+    else:
+        out[:, cols].index_copy_(0, torch.tensor(tasks, device=out.device), values.flatten(1))
 
 
 def _mask_rows(weights: dict, task_masks: TaskMasks | None, masked_linear, idx: torch.Tensor, ones: bool) -> dict:
@@ -127,23 +158,6 @@ def _sum_of_task_losses(pred: torch.Tensor, batch: dict, groups: int) -> torch.T
     m = batch["mask"].unsqueeze(-1).to(pred.dtype)  # (G * rows, K, 1)
     sq = ((pred.float() - batch["actions"]) ** 2 * m).view(groups, -1)  # (G, rows * K * A)
     return (sq.sum(1) / (m.view(groups, -1).sum(1) * pred.shape[-1])).sum()
-
-
-def _rows_of(grads: dict, group: slice, masks: dict | None, idx: torch.Tensor, n_tasks: int, every: bool) -> torch.Tensor:
-    """``[T, P]``: the ``task_grads`` (name -> ``[G, N, K]``) rows ``group``, times ``masks`` (name
-    -> bool ``[n, N, K]``) when given, flattened in ``grads`` order into the rows ``idx`` of their
-    tasks (zero elsewhere; ``every``: idx is every task in order)."""
-    p = sum(g[0].numel() for g in grads.values())
-    out = next(iter(grads.values())).new_empty(len(idx), p)  # (n, P)
-    off = 0
-    for name, g in grads.items():
-        view = out[:, off : off + g[0].numel()].view(len(idx), *g.shape[1:])
-        if masks is None:
-            view.copy_(g[group])
-        else:
-            torch.where(masks[name], g[group], g.new_zeros(()), out=view)
-        off += g[0].numel()
-    return out if every else out.new_zeros(n_tasks, p).index_copy_(0, idx, out)
 
 
 def _flat(grads) -> torch.Tensor:
