@@ -83,9 +83,9 @@ def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: Ta
     The same arithmetic as the per-task passes row for row, except where an op's result depends
     on the batch it runs in (a GEMM over a different number of rows) and g_i of ``dense``, which
     runs through the masked linear with a ones mask instead of ``F.linear``. On the CPU (reference
-    and native kernels) the results are the per-task ones bit for bit; the bound where the
-    summation order differs (a GPU's kernels): each task's gradient within 1e-5 of its largest
-    entry, the same masks selected (tests/test_mask_grads_batched.py)."""
+    and native kernels) they came out equal to the per-task ones bit for bit in every case tried;
+    the bound, for where the summation order differs (a GPU's kernels): each task's gradient
+    within 1e-5 of its largest entry, and the same masks selected (tests/test_mask_grads_batched.py)."""
     work = list(batches)
     sizes = [b["actions"].shape[0] for _, b in work]
     if len(set(sizes)) > 1:
