@@ -9,6 +9,12 @@ averages task gradients of equal norm only where every task's norm exceeds the c
 The gradients are those of the masked matrices (``weights``, name -> parameter), flattened and
 concatenated in ``weights`` order; g_i is None without masks (Prompt-DT, MTDT), where gbar_i is
 the plain gradient.
+
+Two ways to compute them (``passes``): "per-task", the reference, one or two forward and backward
+passes per task; "batched" (``paper`` only), the tasks' batches in a few mixed-task forward and
+backward passes: the rows of task i run through mask M_i, and, for ``--recovery-grad dense``, a second
+copy of the rows through an all-ones mask of its own per task (theta itself), so the masked linear
+writes each mask row's unmasked ``dY^T X`` into ``task_grads`` (:func:`batched_task_gradients`).
 """
 
 from __future__ import annotations
@@ -17,18 +23,32 @@ from collections.abc import Iterable
 
 import torch
 
+import harmodt_kernels as kernels
+
 from .masks import TaskMasks
 from .model import MaskContext, action_loss
 from .optim import clip_factor
 
 
+PASSES = ("per-task", "batched")
+
+
 def task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear, batches: Iterable,
-                   n_tasks: int, *, mask_grads: str, recovery_grad: str, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   n_tasks: int, *, mask_grads: str, recovery_grad: str, grad_clip: float,
+                   passes: str = "per-task") -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[T, P]`` gbar and g (None without masks) of every ``(task, batch)`` in ``batches`` (the
     rows of other tasks stay zero). ``masked_linear``: the run's op; ``mask_grads``: "paper" or
     "official"; ``recovery_grad``: "dense" (g_i = grad L_i(theta)) or "masked" (the unmasked
-    gradient at theta * M_i, from the same backward); ``grad_clip``: the official variant's clip.
-    The model's train/eval mode is restored."""
+    gradient at theta * M_i, from the same backward); ``grad_clip``: the official variant's clip;
+    ``passes``: "per-task" (the reference) or "batched" (``paper`` only, see
+    :func:`batched_task_gradients`). The model's train/eval mode is restored."""
+    if passes not in PASSES:
+        raise ValueError(f"passes must be one of {', '.join(PASSES)}, got {passes!r}")
+    if passes == "batched":
+        if mask_grads != "paper":
+            raise ValueError("batched task gradients need mask_grads 'paper' (the official variant draws each task's dropout and "
+                             "clips each task's gradient over every parameter: one pass per task)")
+        return batched_task_gradients(model, weights, task_masks, masked_linear, batches, n_tasks, recovery_grad=recovery_grad)
     device = next(iter(weights.values())).device
     p_total = sum(w.numel() for w in weights.values())
     masked = torch.zeros(n_tasks, p_total, device=device)
@@ -43,6 +63,101 @@ def task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks 
             dense[i] = g
     model.train(was_training)
     return masked, dense
+
+
+TASKS_PER_PASS = 16  # tasks of one batched pass: their activations and [2 x tasks, N, K] task_grads are held at once
+
+
+def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear, batches: Iterable,
+                           n_tasks: int, *, recovery_grad: str, tasks_per_pass: int = TASKS_PER_PASS
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`task_gradients` of ``mask_grads="paper"`` (eval mode, unclipped) in one forward and
+    backward of a mixed-task batch per ``tasks_per_pass`` tasks (one pass at MT10, four at MT50):
+    every task's batch (each of the same size), once through its masks and, for
+    ``recovery_grad="dense"`` or without masks, once more through an all-ones mask row of its own
+    (theta). The loss is the sum of the tasks' losses, so each row's output gradient is the one of
+    its task's loss alone (the tasks' rows never meet: attention stays within a sequence), and the
+    masked linear's ``task_grads`` receive each mask row's unmasked ``dY^T X``: g_i (``masked``:
+    from M_i's row; ``dense``: from the ones row) and gbar_i = that of M_i's row times M_i.
+
+    The same arithmetic as the per-task passes row for row, except where an op's result depends
+    on the batch it runs in (a GEMM over a different number of rows) and g_i of ``dense``, which
+    runs through the masked linear with a ones mask instead of ``F.linear``. On the CPU (reference
+    and native kernels) they came out equal to the per-task ones bit for bit in every case tried;
+    the bound, for where the summation order differs (a GPU's kernels): each task's gradient
+    within 1e-5 of its largest entry, and the same masks selected (tests/test_mask_grads_batched.py)."""
+    work = list(batches)
+    sizes = [b["actions"].shape[0] for _, b in work]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"batched task gradients need every task's batch of one size, got {sizes}")
+    p = sum(w.numel() for w in weights.values())
+    new = torch.empty if sorted(i for i, _ in work) == list(range(n_tasks)) else torch.zeros  # rows of absent tasks stay zero
+    device = next(iter(weights.values())).device
+    gbar = new(n_tasks, p, device=device)
+    g = new(n_tasks, p, device=device) if task_masks is not None else None
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(work), tasks_per_pass):
+        _one_pass(model, weights, task_masks, masked_linear, work[start : start + tasks_per_pass], recovery_grad, gbar, g)
+    model.train(was_training)
+    return gbar, g
+
+
+def _one_pass(model, weights: dict, task_masks: TaskMasks | None, masked_linear, work: list, recovery_grad: str,
+              gbar: torch.Tensor, g: torch.Tensor | None) -> None:
+    """One mixed-task forward and backward of :func:`batched_task_gradients` over ``work``
+    (``[(task, batch), ...]``), its tasks' rows written into ``gbar`` and ``g`` ``[T, P]``."""
+    tasks, parts = zip(*work)
+    n, rows = len(tasks), parts[0]["actions"].shape[0]
+    device = gbar.device
+    idx = torch.tensor(tasks, device=device)
+    ones = task_masks is None or recovery_grad == "dense"
+    layouts = _mask_rows(weights, task_masks, masked_linear, idx, ones)  # name -> [G, ...]: G = n or 2n mask rows
+    groups = next(iter(layouts.values())).shape[0]
+    batch = {k: torch.cat([p[k] for p in parts] * (groups // n)) for k in parts[0]}  # (G * rows, ...): the groups in mask-row order
+    ctx = MaskContext(layouts, torch.arange(groups, device=device).repeat_interleave(rows), masked_linear,
+                      {name: torch.zeros(groups, *w.shape, device=device) for name, w in weights.items()},
+                      tuple((grp, rows) for grp in range(groups)))
+    pred = model(batch, ctx)  # (G * rows, K, A)
+    torch.autograd.grad(_sum_of_task_losses(pred, batch, groups), list(weights.values()))  # fills ctx.task_grads
+    off = 0
+    for name, grads in ctx.task_grads.items():  # (G, N, K)
+        cols = slice(off, off + grads[0].numel())
+        off = cols.stop
+        if task_masks is None:
+            _write(gbar, tasks, cols, grads[:n])
+            continue
+        _write(gbar, tasks, cols, torch.where(task_masks.masks[name].index_select(0, idx), grads[:n], grads.new_zeros(())))
+        _write(g, tasks, cols, grads[n:] if ones else grads[:n])
+
+
+def _write(out: torch.Tensor, tasks: tuple, cols: slice, values: torch.Tensor) -> None:
+    """``out[tasks, cols] = values`` (``[n, N, K]``, flattened)."""
+    if list(tasks) == list(range(tasks[0], tasks[0] + len(tasks))):
+        out[tasks[0] : tasks[0] + len(tasks), cols].copy_(values.flatten(1))
+    else:
+        out[:, cols].index_copy_(0, torch.tensor(tasks, device=out.device), values.flatten(1))
+
+
+def _mask_rows(weights: dict, task_masks: TaskMasks | None, masked_linear, idx: torch.Tensor, ones: bool) -> dict:
+    """name -> the mask rows of a batched pass in ``masked_linear``'s layout: the masks of tasks
+    ``idx`` (with masks), then with ``ones`` a ones row per task (theta unmasked)."""
+    out = {}
+    for name, w in weights.items():
+        rows = [] if task_masks is None else [task_masks.for_op(masked_linear)[name].index_select(0, idx)]
+        if ones:
+            one = torch.ones(1, *w.shape, dtype=torch.bool, device=w.device)
+            rows.append((one if masked_linear.takes_bool_masks else kernels.pack_masks(one)).expand(len(idx), -1, -1))
+        out[name] = torch.cat(rows) if len(rows) > 1 else rows[0].contiguous()
+    return out
+
+
+def _sum_of_task_losses(pred: torch.Tensor, batch: dict, groups: int) -> torch.Tensor:
+    """The sum over ``groups`` equal runs of rows of each run's :func:`action_loss`: each
+    prediction's gradient is the one of its own run's loss, bit for bit."""
+    m = batch["mask"].unsqueeze(-1).to(pred.dtype)  # (G * rows, K, 1)
+    sq = ((pred.float() - batch["actions"]) ** 2 * m).view(groups, -1)  # (G, rows * K * A)
+    return (sq.sum(1) / (m.view(groups, -1).sum(1) * pred.shape[-1])).sum()
 
 
 def _flat(grads) -> torch.Tensor:
