@@ -83,9 +83,10 @@ def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: Ta
     The same arithmetic as the per-task passes row for row, except where an op's result depends
     on the batch it runs in (a GEMM over a different number of rows) and g_i of ``dense``, which
     runs through the masked linear with a ones mask instead of ``F.linear``. On the CPU (reference
-    and native kernels) they came out equal to the per-task ones bit for bit in every case tried;
-    the bound, for where the summation order differs (a GPU's kernels): each task's gradient
-    within 1e-5 of its largest entry, and the same masks selected (tests/test_mask_grads_batched.py)."""
+    and native kernels) they come out equal to the per-task ones bit for bit, and so do the masks
+    Algorithm 2 selects from them (tests/test_mask_grads_batched.py). Where the summation order
+    differs (a GPU's kernels) the bound is each task's gradient within 1e-5 of its largest entry,
+    and a mask can then differ only where two scores at Algorithm 2's top-k cut lie that close."""
     work = list(batches)
     sizes = [b["actions"].shape[0] for _, b in work]
     if len(set(sizes)) > 1:
@@ -95,60 +96,76 @@ def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: Ta
     device = next(iter(weights.values())).device
     gbar = new(n_tasks, p, device=device)
     g = new(n_tasks, p, device=device) if task_masks is not None else None
+    layouts = _mask_rows(weights, task_masks, masked_linear, n_tasks, task_masks is None or recovery_grad == "dense")
     was_training = model.training
     model.eval()
     for start in range(0, len(work), tasks_per_pass):
-        _one_pass(model, weights, task_masks, masked_linear, work[start : start + tasks_per_pass], recovery_grad, gbar, g)
+        _one_pass(model, weights, task_masks, masked_linear, layouts, work[start : start + tasks_per_pass], gbar, g)
     model.train(was_training)
     return gbar, g
 
 
-def _one_pass(model, weights: dict, task_masks: TaskMasks | None, masked_linear, work: list, recovery_grad: str,
+def _one_pass(model, weights: dict, task_masks: TaskMasks | None, masked_linear, layouts: dict, work: list,
               gbar: torch.Tensor, g: torch.Tensor | None) -> None:
     """One mixed-task forward and backward of :func:`batched_task_gradients` over ``work``
-    (``[(task, batch), ...]``), its tasks' rows written into ``gbar`` and ``g`` ``[T, P]``."""
+    (``[(task, batch), ...]``), its tasks' rows written into ``gbar`` and ``g`` ``[T, P]``.
+    ``layouts``: name -> ``[T, R, ...]``, R mask rows per task (:func:`_mask_rows`); the pass's
+    mask rows are task-major (task j's rows R * j .. R * j + R - 1), and so are its batch rows."""
     tasks, parts = zip(*work)
     n, rows = len(tasks), parts[0]["actions"].shape[0]
     device = gbar.device
-    idx = torch.tensor(tasks, device=device)
-    ones = task_masks is None or recovery_grad == "dense"
-    layouts = _mask_rows(weights, task_masks, masked_linear, idx, ones)  # name -> [G, ...]: G = n or 2n mask rows
-    groups = next(iter(layouts.values())).shape[0]
-    batch = {k: torch.cat([p[k] for p in parts] * (groups // n)) for k in parts[0]}  # (G * rows, ...): the groups in mask-row order
-    ctx = MaskContext(layouts, torch.arange(groups, device=device).repeat_interleave(rows), masked_linear,
-                      {name: torch.zeros(groups, *w.shape, device=device) for name, w in weights.items()},
+    r = next(iter(layouts.values())).shape[1]
+    groups = n * r
+    batch = {k: torch.cat([p[k] for p in parts for _ in range(r)]) for k in parts[0]}  # (G * rows, ...)
+    sizes = [w.numel() for w in weights.values()]
+    flat = torch.zeros(groups * sum(sizes), device=device)  # every weight's [G, N, K] task_grads, one after another
+    task_grads = {name: t.view(groups, *w.shape) for (name, w), t in zip(weights.items(), flat.split([groups * s for s in sizes]))}
+    ctx = MaskContext({name: _task_rows(m, tasks).flatten(0, 1) for name, m in layouts.items()},
+                      torch.arange(groups, device=device).repeat_interleave(rows), masked_linear, task_grads,
                       tuple((grp, rows) for grp in range(groups)))
     pred = model(batch, ctx)  # (G * rows, K, A)
     torch.autograd.grad(_sum_of_task_losses(pred, batch, groups), list(weights.values()))  # fills ctx.task_grads
     off = 0
-    for name, grads in ctx.task_grads.items():  # (G, N, K)
+    for name, grads in task_grads.items():
         cols = slice(off, off + grads[0].numel())
         off = cols.stop
+        grads = grads.view(n, r, -1)  # (n, R, N * K): task j's mask rows
         if task_masks is None:
-            _write(gbar, tasks, cols, grads[:n])
+            _write(gbar, tasks, cols, grads[:, 0])
             continue
-        _write(gbar, tasks, cols, torch.where(task_masks.masks[name].index_select(0, idx), grads[:n], grads.new_zeros(())))
-        _write(g, tasks, cols, grads[n:] if ones else grads[:n])
+        _write(gbar, tasks, cols, grads[:, 0], _task_rows(task_masks.masks[name], tasks).flatten(1))
+        _write(g, tasks, cols, grads[:, r - 1])
 
 
-def _write(out: torch.Tensor, tasks: tuple, cols: slice, values: torch.Tensor) -> None:
-    """``out[tasks, cols] = values`` (``[n, N, K]``, flattened)."""
+def _task_rows(t: torch.Tensor, tasks: tuple) -> torch.Tensor:
+    """``t[tasks]``: a view where the tasks are consecutive."""
     if list(tasks) == list(range(tasks[0], tasks[0] + len(tasks))):
-        out[tasks[0] : tasks[0] + len(tasks), cols].copy_(values.flatten(1))
+        return t[tasks[0] : tasks[0] + len(tasks)]
+    return t.index_select(0, torch.tensor(tasks, device=t.device))
+
+
+def _write(out: torch.Tensor, tasks: tuple, cols: slice, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """``out[tasks, cols] = values`` (``[n, N * K]``), times ``mask`` (bool ``[n, N * K]``) when given."""
+    if list(tasks) == list(range(tasks[0], tasks[0] + len(tasks))):
+        dest = out[tasks[0] : tasks[0] + len(tasks), cols]
+        dest.copy_(values) if mask is None else torch.mul(values, mask, out=dest)
     else:
-        out[:, cols].index_copy_(0, torch.tensor(tasks, device=out.device), values.flatten(1))
+        out[:, cols].index_copy_(0, torch.tensor(tasks, device=out.device), values if mask is None else values * mask)
 
 
-def _mask_rows(weights: dict, task_masks: TaskMasks | None, masked_linear, idx: torch.Tensor, ones: bool) -> dict:
-    """name -> the mask rows of a batched pass in ``masked_linear``'s layout: the masks of tasks
-    ``idx`` (with masks), then with ``ones`` a ones row per task (theta unmasked)."""
-    out = {}
+def _mask_rows(weights: dict, task_masks: TaskMasks | None, masked_linear, n_tasks: int, ones: bool) -> dict:
+    """name -> ``[T, R, ...]`` mask rows of every task in ``masked_linear``'s layout: its masks
+    (with masks), then with ``ones`` an all-ones row (theta unmasked); made once per update."""
+    out, ones_of = {}, {}
     for name, w in weights.items():
-        rows = [] if task_masks is None else [task_masks.for_op(masked_linear)[name].index_select(0, idx)]
-        if ones:
+        if ones and w.shape not in ones_of:
             one = torch.ones(1, *w.shape, dtype=torch.bool, device=w.device)
-            rows.append((one if masked_linear.takes_bool_masks else kernels.pack_masks(one)).expand(len(idx), -1, -1))
-        out[name] = torch.cat(rows) if len(rows) > 1 else rows[0].contiguous()
+            ones_of[w.shape] = one if masked_linear.takes_bool_masks else kernels.pack_masks(one)
+        if task_masks is None:
+            out[name] = ones_of[w.shape].expand(n_tasks, -1, -1).unsqueeze(1).contiguous()
+            continue
+        masks = task_masks.for_op(masked_linear)[name]
+        out[name] = torch.stack([masks, ones_of[w.shape].expand_as(masks)], 1) if ones else masks.unsqueeze(1)
     return out
 
 
