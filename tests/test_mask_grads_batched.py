@@ -20,6 +20,7 @@ from _synthetic import datasets  # noqa: E402
 from harmodt.config import ConfigError, ModelConfig, TrainConfig, validate  # noqa: E402
 from harmodt.mask_grads import task_gradients  # noqa: E402
 from harmodt.run.cli import parse_args  # noqa: E402
+from harmodt.run.session import describe  # noqa: E402
 from harmodt.train import Trainer  # noqa: E402
 
 ALL_TASKS = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "button-press-v3", "window-open-v3")
@@ -139,7 +140,8 @@ def test_batched_mask_update_selects_the_same_masks(tmp_path, backend, n_tasks):
 def test_mask_grads_passes_flag(tmp_path):
     """``--mask-grads-passes``: auto is per-task on the CPU; batched with --mask-grads official is refused in one line."""
     assert parse_args(["--mask-grads-passes", "batched"]).masks.mask_grads_passes == "batched"
-    assert trainer(tmp_path, passes="auto").mask_updater.passes == "per-task"
+    tr = trainer(tmp_path, passes="auto")
+    assert tr.mask_updater.passes == "per-task" and " mask-grads-passes=per-task (auto) step=" in describe(tr)
     cfg = TrainConfig(tasks="reach-v3", out=str(tmp_path / "x"))
     cfg.masks.mask_grads, cfg.masks.mask_grads_passes = "official", "batched"
     with pytest.raises(ConfigError, match="--mask-grads-passes batched needs --mask-grads paper"):
