@@ -118,9 +118,8 @@ def _one_pass(model, weights: dict, task_masks: TaskMasks | None, masked_linear,
     r = next(iter(layouts.values())).shape[1]
     groups = n * r
     batch = {k: torch.cat([p[k] for p in parts for _ in range(r)]) for k in parts[0]}  # (G * rows, ...)
-    sizes = [w.numel() for w in weights.values()]
-    flat = torch.zeros(groups * sum(sizes), device=device)  # every weight's [G, N, K] task_grads, one after another
-    task_grads = {name: t.view(groups, *w.shape) for (name, w), t in zip(weights.items(), flat.split([groups * s for s in sizes]))}
+    # each its own tensor: the Triton op saves its task_grads for the backward, and views of one buffer would share a version counter
+    task_grads = {name: torch.zeros(groups, *w.shape, device=device) for name, w in weights.items()}
     ctx = MaskContext({name: _task_rows(m, tasks).flatten(0, 1) for name, m in layouts.items()},
                       torch.arange(groups, device=device).repeat_interleave(rows), masked_linear, task_grads,
                       tuple((grp, rows) for grp in range(groups)))

@@ -62,9 +62,9 @@ def assert_within_bound(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("backend,recovery_grad", [(None, "dense"), (None, "masked"), ("cpu", "dense"), ("cpu", "masked"),
-                                                   pytest.param("triton", "dense", marks=pytest.mark.slow)])
+                                                   pytest.param("triton", "dense", marks=[pytest.mark.interpreter, pytest.mark.long])])
 def test_batched_gradients_match_the_per_task_loop(tmp_path, backend, recovery_grad):
-    """Every backend's masked linear (Triton's under the interpreter on the CPU: slow), both
+    """Every backend's masked linear (Triton's under the interpreter on the CPU: about 4 minutes), both
     recovery gradients, K = 40 and N = 120 / 160 (not multiples of 32), 3 tasks."""
     tr = trainer(tmp_path, recovery_grad=recovery_grad, backend=backend, steps=40 if backend != "triton" else 4)
     (gbar, g), (gbar_b, g_b) = both(tr)
