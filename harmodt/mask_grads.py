@@ -85,9 +85,10 @@ def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: Ta
     runs through the masked linear with a ones mask instead of ``F.linear``. On the CPU the kernels
     (reference and native) run each task's rows as a GEMM of their own, as the loop does: the
     gradients are the loop's bit for bit, and so are the masks Algorithm 2 selects from them
-    (tests/test_mask_grads_batched.py). Where the summation order
-    differs (a GPU's kernels) the bound is each task's gradient within 1e-5 of its largest entry,
-    and a mask can then differ only where two scores at Algorithm 2's top-k cut lie that close."""
+    (tests/test_mask_grads_batched.py). Where the summation order differs (a GPU's kernels) the
+    bound is each task's gradient within 1e-5 of its largest entry (checked under the Triton
+    interpreter), and a mask can then differ only where two scores at Algorithm 2's top-k cut
+    differ by less than what that bound allows them to move."""
     work = list(batches)
     sizes = [b["actions"].shape[0] for _, b in work]
     if len(set(sizes)) > 1:
