@@ -14,8 +14,9 @@
 #      happens to <tag>-tests-gpu-failures.txt;
 #   2. the step figures: bench/test_bench_graphed.py (one CUDA graph per step against eager, wall
 #      and profiler GPU time, fp32 (tf32) and bf16, HarmoDT-F and dense Prompt-DT; the MT50 x 1e6
-#      projection with mask updates) and bench/test_bench_launch.py (launch cost against ATen),
-#      into <tag>-graphed.json;
+#      projection with mask updates), bench/test_bench_launch.py (launch cost against ATen) and
+#      bench/test_bench_mask_update.py (the mask update per task against batched at MT10 and MT50;
+#      target: MT50 <= 0.1 s), into <tag>-graphed.json;
 #   3. every other GPU benchmark (bench/ -m cuda), into <tag>-kernels-step.json.
 # <tag> names the GPU and torch: e.g. nvidia-h100-80gb-hbm3-torch2.11. Render with
 # `python -m bench.render --write` and name the device and versions beside every figure.
@@ -60,13 +61,15 @@ fi
 if [[ ",$PARTS," == *",step,"* ]]; then
   echo "== 2. the step figures"
   run_part "${GRAPH_S:-300}" "$OUT/$tag-graphed.txt" env HARMODT_BENCH_ROUNDS="$ROUNDS" HARMODT_BENCH_RESULTS="$OUT/$tag-graphed.json" \
-    $PY -m pytest bench/test_bench_graphed.py bench/test_bench_launch.py -m cuda --benchmark-only -q -s || status=1
+    $PY -m pytest bench/test_bench_graphed.py bench/test_bench_launch.py bench/test_bench_mask_update.py -m cuda --benchmark-only -q -s \
+    || status=1
   tail -60 "$OUT/$tag-graphed.txt"
 fi
 if [[ ",$PARTS," == *",rest,"* ]]; then
   echo "== 3. the other GPU benchmarks"
   run_part "${REST_S:-600}" "$OUT/$tag-kernels-step.txt" env HARMODT_BENCH_ROUNDS="$ROUNDS" HARMODT_BENCH_RESULTS="$OUT/$tag-kernels-step.json" \
-    $PY -m pytest bench/ -m cuda --benchmark-only -q -s --ignore=bench/test_bench_graphed.py --ignore=bench/test_bench_launch.py || status=1
+    $PY -m pytest bench/ -m cuda --benchmark-only -q -s --ignore=bench/test_bench_graphed.py --ignore=bench/test_bench_launch.py \
+    --ignore=bench/test_bench_mask_update.py || status=1
   tail -60 "$OUT/$tag-kernels-step.txt"
 fi
 ls -l "$OUT" | grep "$tag"

@@ -106,17 +106,22 @@ def count_gpu_events(events) -> dict:
 
 
 def count_step(tr) -> dict:
-    """Launches of one ``tr.train_step`` (after the trainer has warmed up): on CUDA the runtime's
-    launch events, on a CPU the estimate from the operator tree. Adds ``method`` (``"cuda
-    runtime events"`` or ``"cpu operator tree"``) and ``expected_h100_ms`` for the CPU estimate."""
+    """Launches of one ``tr.train_step`` (after the trainer has warmed up): see :func:`count_call`."""
+    return count_call(lambda: tr.train_step(tr.sample_tasks()), tr.device)
+
+
+def count_call(fn, device) -> dict:
+    """Launches of one call of ``fn``: on CUDA the runtime's launch events, on a CPU the estimate
+    from the operator tree. Adds ``method`` (``"cuda runtime events"`` or ``"cpu operator tree"``)
+    and ``expected_h100_ms`` for the CPU estimate."""
     from .common import US_PER_LAUNCH
 
-    cuda = tr.device.type == "cuda"
+    cuda = torch.device(device).type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        tr.train_step(tr.sample_tasks())
+        fn()
         if cuda:
-            torch.cuda.synchronize(tr.device)
+            torch.cuda.synchronize(device)
     events = prof.events()
     out = count_gpu_events(events) if cuda else count_cpu_tree(events)
     out["method"] = "cuda runtime events" if cuda else "cpu operator tree"

@@ -29,6 +29,7 @@ DROPOUT_RNGS = ("auto", "torch", "counter")
 LAM_ONS = ("importance", "agreement")
 RECOVERY_GRADS = ("dense", "masked")
 MASK_GRADS = ("paper", "official")
+MASK_GRADS_PASSES = ("auto", "per-task", "batched")
 BACKENDS = ("auto", "triton", "cpu", "reference")
 PRECISIONS = ("fp32", "tf32", "bf16")
 CUDA_GRAPHS = ("auto", "on", "off")
@@ -68,6 +69,9 @@ class MaskConfig:
     recovery_grad: str = setting("dense", 'g_i of Alg. 2: "dense" = grad of L_i at theta (paper); "masked" = unmasked grad at theta*M_i', one_of(RECOVERY_GRADS))
     mask_grads: str = setting("paper", 'gradients of the mask update: "paper" = dropout off, unclipped; "official" = dropout on, '
                               "each task's clipped to --grad-clip", one_of(MASK_GRADS))
+    mask_grads_passes: str = setting("auto", "how the mask update computes its task gradients: per-task (two forward and backward "
+                                     "passes per task, the reference) | batched (all tasks in one mixed-task pass; --mask-grads paper) "
+                                     "| auto (batched on CUDA with --mask-grads paper, else per-task)", one_of(MASK_GRADS_PASSES))
     erk_draw: str = setting("exact", "ERK masks: exact (round(density * numel) weights per layer and task) | bernoulli (each weight "
                             "kept with its layer's density, as the official code)", one_of(ERK_DRAWS))
 
@@ -197,6 +201,7 @@ RESUME_RULES = {
                      "compile", "fused", "backend", "dropout_rng", "stop_at_success"), "changeable"),
     # cuda_graph: the graphed step computes the eager step's bits (harmodt/graphed_step.py)
     **dict.fromkeys(("out", "resume", "progress", "allow_changed", "dist_timeout", "cuda_graph"), "ignored"),
+    "masks.mask_grads_passes": "changeable",
 }
 
 
@@ -279,6 +284,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.fused or cfg.backend == "auto", "--backend applies to the kernels of --fused: add --fused (without it every op runs on the reference)"),
         (_device_ok(cfg.device), f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
         (cfg.validation_seed < 0 or cfg.eval_episodes > 0, "--validation-seed needs --eval-episodes > 0"),
+        (cfg.masks.mask_grads_passes != "batched" or cfg.masks.mask_grads == "paper",
+         "--mask-grads-passes batched needs --mask-grads paper (official draws each task's dropout and clips each task's gradient "
+         "over every parameter: one pass per task)"),
         (cfg.validation_seed != goal_seeds(cfg.seed)["test"],
          f"--validation-seed {cfg.validation_seed} draws the final evaluation's test goals (--seed + {TEST_GOALS_OFFSET}); choose another"),
     ]

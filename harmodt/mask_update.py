@@ -13,8 +13,9 @@ the masks moved from their ERK draw, and the schedule's bound on it: results.jso
   of highest g_i * ghat (Eqs. 8-10, ``TaskMasks.update`` and the run's ``harmony_select`` op),
   alpha_t by the cosine schedule of Eq. 12.
 
-The task gradients are gathered as ``--mask-grads`` and ``--recovery-grad`` say
-(harmodt.mask_grads): with torchrun, task i on rank i mod W, the zero-filled rows summed over
+The task gradients are gathered as ``--mask-grads``, ``--recovery-grad`` and
+``--mask-grads-passes`` say (harmodt.mask_grads; ``auto``: batched on CUDA for ``paper``, else
+per task): with torchrun, task i on rank i mod W, the zero-filled rows summed over
 the ranks, and the ranks' masks and weights compared after every update.
 """
 
@@ -32,8 +33,11 @@ class HarmonyProbe:
 
     def __init__(self, trainer):
         self.tr = trainer
-        self.every = trainer.cfg.masks.update_every
+        m = trainer.cfg.masks
+        self.every = m.update_every
         self.last_harmony = None
+        auto = "batched" if trainer.device.type == "cuda" and m.mask_grads == "paper" else "per-task"
+        self.passes = auto if m.mask_grads_passes == "auto" else m.mask_grads_passes
         masks = trainer.task_masks  # the ERK draw (seeded): what movement() compares with
         self.initial = None if masks is None else masks.snapshot()
         self.initial_active = None if masks is None else [round(masks.density(i) * masks.numel_per_task) for i in range(masks.n_tasks)]
@@ -69,7 +73,8 @@ class HarmonyProbe:
         tr, m = self.tr, self.tr.cfg.masks
         batches = ((i, tr.batcher.sample([i], tr.cfg.batch_size)) for i in tr.dist.shard(range(len(tr.tasks))))
         masked, dense = task_gradients(tr.model, tr.weights, tr.task_masks, tr.backends.masked_linear, batches, len(tr.tasks),
-                                       mask_grads=m.mask_grads, recovery_grad=m.recovery_grad, grad_clip=tr.cfg.grad_clip)
+                                       mask_grads=m.mask_grads, recovery_grad=m.recovery_grad, grad_clip=tr.cfg.grad_clip,
+                                       passes=self.passes)
         tr.dist.all_reduce_sum_(masked)
         if dense is not None:
             tr.dist.all_reduce_sum_(dense)

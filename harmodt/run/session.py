@@ -215,13 +215,15 @@ def finish(tr, log: MetricsLog | NoLog, evals: Evaluations) -> dict:
 
 
 def describe(tr) -> str:
-    """One line: device, precision, compile, the backend of each kernel op of trainer ``tr``, and
-    whether its step is graphed (``--cuda-graph``) or eager and why."""
+    """One line: device, precision, compile, the backend of each kernel op of trainer ``tr``, how
+    the mask update computes its task gradients (``--mask-grads-passes``), and whether its step is
+    graphed (``--cuda-graph``) or eager and why."""
     cfg, device, backends = tr.cfg, tr.device, tr.backends
     dev = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     precision = cfg.precision + (" (exact fp32 on a CPU)" if cfg.precision == "tf32" and device.type != "cuda" else "")
+    passes = tr.mask_updater.passes + (" (auto)" if cfg.masks.mask_grads_passes == "auto" else "")
     line = (f"[harmodt] device={dev} precision={precision} compile={cfg.compile} "
-            f"fused={cfg.fused} kernels: {backends.describe()} {tr.step_kind}")
+            f"fused={cfg.fused} kernels: {backends.describe()} mask-grads-passes={passes} {tr.step_kind}")
     if cfg.fused and backends.fallback is not None:
         line += f"\n[harmodt] note: --fused runs on the plain-PyTorch reference here: {backends.fallback}"
     return line
