@@ -1,4 +1,4 @@
-"""The native CPU ops (kernels/csrc via kernels/cpu.py) against kernels.reference.
+"""The native CPU ops (kernels/csrc via harmodt_kernels/cpu.py) against kernels.reference.
 
 masked_linear's output and every gradient (x, weight, bias, task_grads) over awkward shapes and
 task layouts in fp32 and bf16; the masked AdamW step; harmony_select on Algorithm 2's scores of
@@ -6,7 +6,7 @@ awkward gradients (bit for bit); the argument
 errors; torch.compile without graph breaks; HARMODT_SKIP_NATIVE=1.
 
 The library must exist: `pip install --no-build-isolation -e .` (or the cmake commands in
-kernels/cpu.py) builds it; if it is missing this module fails loudly. Only a run that sets
+harmodt_kernels/cpu.py) builds it; if it is missing this module fails loudly. Only a run that sets
 HARMODT_SKIP_NATIVE=1 on purpose (the install path without the native build) skips the module.
 The ops are called as every caller gets them, through ``kernels.backend_ops("cpu")`` (the
 argument checks of :mod:`kernels.checks`, then the native library).
@@ -564,7 +564,7 @@ def test_skip_native_leaves_only_the_reference_and_loads_nothing():
     # TRITON_INTERPRET=0: Triton then needs CUDA tensors, so on a CPU nothing but the reference runs
     assert _probe({"HARMODT_SKIP_NATIVE": "1", "TRITON_INTERPRET": "0"}) == [
         "['reference']", "HARMODT_SKIP_NATIVE=1 is set", "reference", "False"]
-    # the same process without it: the native backend, loaded from kernels/_lib
+    # the same process without it: the native backend, loaded from kernels/harmodt_kernels/_lib
     assert _probe({"HARMODT_SKIP_NATIVE": None, "TRITON_INTERPRET": "0"}) == ["['cpu', 'reference']", "None", "cpu", "True"]
 
 

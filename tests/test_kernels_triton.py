@@ -1,4 +1,4 @@
-"""Triton kernels against kernels/reference.py, run by Triton's interpreter on CPU tensors.
+"""Triton kernels against harmodt_kernels/reference.py, run by Triton's interpreter on CPU tensors.
 
 On a CUDA machine TRITON_INTERPRET is not set and this module is skipped: tests/gpu/ runs the
 same kernels compiled for the GPU. The interpreter has no bfloat16; float16 stands in for the

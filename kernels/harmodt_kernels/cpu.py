@@ -1,9 +1,9 @@
-"""Native CPU ops (C++, `kernels/csrc/`), loaded from ``kernels/_lib/libharmodt_kernels.so``.
+"""Native CPU ops (C++, `kernels/csrc/`), loaded from ``kernels/harmodt_kernels/_lib/libharmodt_kernels.so``.
 
 :class:`NativeLibrary` loads the library and holds the ``"cpu"`` backend of :mod:`kernels`: its
 :meth:`~NativeLibrary.masked_linear` (forward and backward), :meth:`~NativeLibrary.masked_adamw_`
-and :meth:`~NativeLibrary.harmony_select`, with the semantics of :mod:`kernels.reference`. They
-trust their arguments: :mod:`kernels` checks them first (``kernels.backend_ops("cpu")``).
+and :meth:`~NativeLibrary.harmony_select`, with the semantics of :mod:`harmodt_kernels.reference`. They
+trust their arguments: :mod:`harmodt_kernels` checks them first (``harmodt_kernels.backend_ops("cpu")``).
 
 Build: ``pip install --no-build-isolation -e .`` (setup.py runs CMake), or by hand::
 
@@ -64,7 +64,7 @@ class NativeLibrary:
         if not _has_ops():
             if not self.path.is_file():
                 return (f"the native library {self.path} is not built; run `pip install --no-build-isolation -e .` "
-                        "(or cmake, see kernels/cpu.py) in the repository root")
+                        "(or cmake, see harmodt_kernels/cpu.py) in the repository root")
             try:
                 torch.ops.load_library(str(self.path))
             except Exception as exc:  # noqa: BLE001 - any load failure makes the backend unavailable
@@ -82,7 +82,7 @@ class NativeLibrary:
 
     def masked_linear(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0,
                       seed=0) -> torch.Tensor:
-        """See :func:`kernels.masked_linear` (``segments`` is not needed: rows are grouped in C++);
+        """See :func:`harmodt_kernels.masked_linear` (``segments`` is not needed: rows are grouped in C++);
         ReLU and dropout run in one pass over the output after the GEMMs. Without ``task_grads``:
         one call of the op ``harmodt_kernels::masked_linear``, whose autograd is C++
         (kernels/csrc/autograd.cpp); with it, Python's (:class:`_MaskedLinear`). A seed held in a
@@ -93,13 +93,13 @@ class NativeLibrary:
         return _MaskedLinear.apply(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed)
 
     def dropout(self, x, p, seed) -> torch.Tensor:
-        """See :func:`kernels.dropout`: the bits of :func:`kernels.reference.counter_keep`."""
+        """See :func:`harmodt_kernels.dropout`: the bits of :func:`harmodt_kernels.reference.counter_keep`."""
         seed = int(seed) if isinstance(seed, torch.Tensor) else seed
         return x if p == 0.0 else _CounterDropout.apply(x, p, seed)
 
     def masked_adamw_(self, params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale,
                       workspace=None) -> None:
-        """See :func:`kernels.masked_adamw_`; masks packed; grad_scale read inside the op (a float is
+        """See :func:`harmodt_kernels.masked_adamw_`; masks packed; grad_scale read inside the op (a float is
         made a tensor), so the call never reads a tensor value back into Python."""
         lr = float(lr) if isinstance(lr, torch.Tensor) else lr  # (a CPU tensor: nothing to wait for)
         if isinstance(grad_scale, torch.Tensor):
@@ -111,7 +111,7 @@ class NativeLibrary:
                                   steps, lr, beta1, beta2, eps, weight_decay, grad_scale)
 
     def harmony_select(self, harmony, recovery, masks, k) -> torch.Tensor:
-        """See :func:`kernels.harmony_select`; equal bit for bit to the reference."""
+        """See :func:`harmodt_kernels.harmony_select`; equal bit for bit to the reference."""
         return self.ops.harmony_select(harmony, recovery, masks, k)
 
 

@@ -44,7 +44,7 @@ class Backend:
     linear: Callable  # (x, weight, bias, masks, task_ids, task_grads, segments) -> y
     adamw: Callable  # (params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale, workspace)
     select: Callable  # (harmony, recovery, masks, k) -> packed masks
-    dropout: Callable  # (x, p, seed) -> counter-based dropout of x (kernels.reference.dropout's bits)
+    dropout: Callable  # (x, p, seed) -> counter-based dropout of x (harmodt_kernels.reference.dropout's bits)
     # (x, weight, bias, masks, task_ids, relu, dropout_p, seed) -> y without task_grads, checking every argument
     # itself in its kernel (raising on a bad one) on a backend of one device type; None: the backend trusts its arguments
     linear_self_checked: Callable | None = None

@@ -1,5 +1,5 @@
-"""The op values of :func:`kernels.select_backends`: each op bound to one backend, checking its
-arguments (``kernels.checks``) before it calls the backend's implementation, which trusts them;
+"""The op values of :func:`harmodt_kernels.select_backends`: each op bound to one backend, checking its
+arguments (``harmodt_kernels.checks``) before it calls the backend's implementation, which trusts them;
 ``KernelOps`` holds a run's four ops.
 
 The launch path costs about what an ATen op's does. The checks depend only on shapes, dtypes,
@@ -129,8 +129,8 @@ class MaskedLinearOp:
 
 @dataclass(frozen=True)
 class DropoutOp:
-    """Counter-based dropout on one backend (see :func:`kernels.dropout`): element i is kept iff
-    the hash of (i, seed) clears the threshold of ``p`` (:func:`kernels.reference.counter_keep`),
+    """Counter-based dropout on one backend (see :func:`harmodt_kernels.dropout`): element i is kept iff
+    the hash of (i, seed) clears the threshold of ``p`` (:func:`harmodt_kernels.reference.counter_keep`),
     so the backward recomputes the bits and nothing is stored."""
 
     backend: Backend

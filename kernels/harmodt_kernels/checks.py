@@ -51,7 +51,7 @@ def same_device(op: str, named: dict) -> None:
 
 def masked_linear(x, weight, bias, masks, task_ids, task_grads, segments, *, dtypes: tuple, devices: tuple | None,
                   bool_masks: bool) -> None:
-    """The arguments of ``masked_linear`` (see :func:`kernels.masked_linear`)."""
+    """The arguments of ``masked_linear`` (see :func:`harmodt_kernels.masked_linear`)."""
     op = "masked_linear"
     tensor(op, "x", x, dtypes, devices)
     if x.dim() != 2:
@@ -85,7 +85,7 @@ def masked_linear(x, weight, bias, masks, task_ids, task_grads, segments, *, dty
 
 
 def dropout(op: str, p, seed) -> None:
-    """A counter-based dropout's rate and seed (see :func:`kernels.dropout`): an int in
+    """A counter-based dropout's rate and seed (see :func:`harmodt_kernels.dropout`): an int in
     ``[0, 2^63)``, or an int64 0-dim tensor holding one (its value is not read)."""
     if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise KernelArgumentError(f"{op}: dropout p must be a float in [0, 1), got {p!r}")
@@ -108,7 +108,7 @@ def learning_rate(op: str, lr, device) -> None:
 
 def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale, *, dtypes: tuple, devices: tuple | None,
                  max_numel: int | None) -> None:
-    """The arguments of ``masked_adamw_`` (see :func:`kernels.masked_adamw_`)."""
+    """The arguments of ``masked_adamw_`` (see :func:`harmodt_kernels.masked_adamw_`)."""
     op = "masked_adamw_"
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "masks": masks, "steps": steps}
     if len({len(v) for v in lists.values()}) != 1:
@@ -158,7 +158,7 @@ def masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale,
 
 
 def harmony_select(harmony, recovery, masks, *, devices: tuple | None, max_numel: int | None) -> None:
-    """The arguments of ``harmony_select`` (see :func:`kernels.harmony_select`)."""
+    """The arguments of ``harmony_select`` (see :func:`harmodt_kernels.harmony_select`)."""
     op = "harmony_select"
     tensor(op, "harmony", harmony, (torch.float32,), devices)
     if harmony.dim() != 2:
