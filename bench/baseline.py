@@ -24,8 +24,9 @@ from pathlib import Path
 from .common import synthetic_datasets
 
 _WORKER = r"""
-import json, sys, time
-sys.path[:0] = [".", "kernels"]  # (kernels/: the package root of harmodt_kernels; older checkouts link it at the root)
+import json, os, sys, time
+# the package roots: kernels/ holds harmodt_kernels (an older checkout links it at its root and keeps modules in kernels/)
+sys.path[:0] = [".", "kernels"] if os.path.isdir("kernels/harmodt_kernels") else ["."]
 spec = json.loads(sys.argv[1])
 try:
     from harmodt.runtime import keep_freed_memory
