@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from .backends import BackendUnavailable
+from .ops.dropout import NativeCounterDropout
+from .ops.masked_linear import NativeMaskedLinear
 
 __all__ = ["LIB_NAME", "NativeLibrary", "library_path"]
 
@@ -56,7 +58,7 @@ class NativeLibrary:
         self.path = Path(path) if path is not None else library_path()
         self.unavailable = "HARMODT_SKIP_NATIVE=1 is set" if skip else self._load()
         # the differentiable op's handle, looked up once (torch.ops attribute lookups cost more than a small GEMM);
-        # it checks every argument in C++ (masked_linear.cpp), so it is also the backend's linear_self_checked
+        # it checks every argument in C++ (masked_linear.cpp), so it is also the backend's masked_linear_self_checked
         self._linear = torch.ops.harmodt_kernels.masked_linear.default if self.unavailable is None else None
         self.linear_self_checked = self._linear
 
@@ -90,12 +92,12 @@ class NativeLibrary:
         seed = int(seed) if isinstance(seed, torch.Tensor) else seed
         if task_grads is None:
             return self._linear(x, weight, bias, masks, task_ids, relu, dropout_p, seed)
-        return _MaskedLinear.apply(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed)
+        return NativeMaskedLinear.apply(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed)
 
     def dropout(self, x, p, seed) -> torch.Tensor:
         """See :func:`harmodt_kernels.dropout`: the bits of :func:`harmodt_kernels.reference.counter_keep`."""
         seed = int(seed) if isinstance(seed, torch.Tensor) else seed
-        return x if p == 0.0 else _CounterDropout.apply(x, p, seed)
+        return x if p == 0.0 else NativeCounterDropout.apply(x, p, seed)
 
     def masked_adamw_(self, params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale,
                       workspace=None) -> None:
@@ -145,40 +147,3 @@ def _register_fakes() -> None:
     @torch.library.register_fake("harmodt_kernels::harmony_select")
     def _(harmony, recovery, masks, k):
         return masks.new_empty(masks.shape)
-
-
-class _MaskedLinear(torch.autograd.Function):
-    """The C++ forward and backward as one autograd node; task_grads (kept on ctx, not saved, as
-    the backward writes into it) receives each task's unmasked dY_t^T X_t. With ``relu`` the
-    output is saved too (its gradient passes where the output is > 0); dropout's bits are
-    recomputed from ``seed``."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed):
-        y = torch.ops.harmodt_kernels.masked_linear_forward(x, weight, bias, masks, task_ids, relu, dropout_p, seed)
-        ctx.save_for_backward(x, weight, masks, task_ids, y if relu else None)
-        ctx.has_bias = bias is not None
-        ctx.task_grads = task_grads
-        ctx.epilogue = (relu, dropout_p, seed)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, masks, task_ids, out = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias
-        dx, dw, db = torch.ops.harmodt_kernels.masked_linear_backward(grad_y, x, weight, masks, task_ids, need_x, need_w, need_b,
-                                                                      ctx.task_grads if need_w else None, out, *ctx.epilogue)
-        return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None, None, None, None
-
-
-class _CounterDropout(torch.autograd.Function):
-    """The C++ counter-based dropout; its backward is the same map (the same seed) of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x, p, seed):
-        ctx.p, ctx.seed = p, seed
-        return torch.ops.harmodt_kernels.counter_dropout(x, p, seed)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.ops.harmodt_kernels.counter_dropout(grad, ctx.p, ctx.seed), None, None
