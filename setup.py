@@ -79,7 +79,7 @@ setup(
     name="harmodt",
     version="0.1.0",
     description="HarmoDT: Harmony Multi-Task Decision Transformer (ICML 2024), fast and faithful",
-    packages=[*find_packages(include=["harmodt", "harmodt.*"]), "harmodt_kernels"],
+    packages=[*find_packages(include=["harmodt", "harmodt.*"]), *find_packages("kernels")],
     package_dir={"harmodt_kernels": "kernels/harmodt_kernels"},
     python_requires=">=3.10",
     install_requires=[
