@@ -6,11 +6,11 @@
 wheel); an isolated build environment would download another torch (a multi-GB CUDA build).
 CMake comes from PATH or the ``cmake`` PyPI package; the build needs a C++17 compiler and the
 torch headers, nothing else (no OpenMP). The library lands in
-``kernels/_lib/libharmodt_kernels.so``; set ``HARMODT_SKIP_NATIVE=1`` to install without it
-(macOS, ARM Linux, no compiler: the ops then run on the PyTorch reference under backend="auto").
+``kernels/harmodt_kernels/_lib/libharmodt_kernels.so``; set ``HARMODT_SKIP_NATIVE=1`` to install
+without it (macOS, ARM Linux, no compiler: the ops then run on the PyTorch reference under
+backend="auto").
 
-The folder ``kernels/`` installs as the package ``harmodt_kernels`` (``package_dir``), so that it
-never collides with Hugging Face's ``kernels`` (kernels/README.md, "Import name").
+Two packages: ``harmodt/`` and ``kernels/harmodt_kernels/`` (its C++ sources in ``kernels/csrc/``).
 """
 
 import os
@@ -24,12 +24,6 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 LIB_NAME = "libharmodt_kernels.so"
-KERNELS = "harmodt_kernels"  # the import name of the folder kernels/
-
-# While this script runs, the source root on sys.path would make its folder kernels/ shadow an
-# installed package of that name: Hugging Face's `kernels` hooks setuptools (an egg_info writer in
-# kernels.locking), and importing that hook must find Hugging Face's package.
-sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT]
 
 
 class CMakeExtension(Extension):
@@ -79,14 +73,14 @@ class CMakeBuild(build_ext):
             sys.exit(f"CMake finished but {dest} is missing")
 
 
-ext_modules = [] if os.environ.get("HARMODT_SKIP_NATIVE") == "1" else [CMakeExtension(f"{KERNELS}._lib.harmodt_kernels")]
+ext_modules = [] if os.environ.get("HARMODT_SKIP_NATIVE") == "1" else [CMakeExtension("harmodt_kernels._lib.harmodt_kernels")]
 
 setup(
     name="harmodt",
     version="0.1.0",
     description="HarmoDT: Harmony Multi-Task Decision Transformer (ICML 2024), fast and faithful",
-    packages=[*find_packages(include=["harmodt", "harmodt.*"]), KERNELS],
-    package_dir={KERNELS: "kernels"},
+    packages=[*find_packages(include=["harmodt", "harmodt.*"]), *find_packages("kernels")],
+    package_dir={"harmodt_kernels": "kernels/harmodt_kernels"},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

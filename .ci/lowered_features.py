@@ -104,9 +104,9 @@ def main() -> int:
 
     lib = os.environ.get("HARMODT_KERNELS_LIB")
     state = "cpu" in kernels.available_backends("cpu")
-    print(f"native ops: {lib or 'kernels/_lib (HARMODT_KERNELS_LIB unset)'}: {'loaded' if state else 'NOT loaded'}")
+    print(f"native ops: {lib or 'kernels/harmodt_kernels/_lib (HARMODT_KERNELS_LIB unset)'}: {'loaded' if state else 'NOT loaded'}")
     if not state:
-        failures.append(f"the native ops did not load from {lib or 'kernels/_lib'}")
+        failures.append(f"the native ops did not load from {lib or 'kernels/harmodt_kernels/_lib'}")
 
     if failures:
         sys.exit("lowered features: " + "; ".join(failures))

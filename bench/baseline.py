@@ -2,7 +2,7 @@
 
 ``HARMODT_BENCH_BASELINE`` names a checkout of an earlier harmodt (its native library built, if it
 has one). :class:`BaselineStep` starts ``python`` in that directory, so it imports that
-checkout's ``harmodt`` and ``kernels``; the process builds a ``harmodt.train.Trainer`` on the same
+checkout's ``harmodt`` and ``harmodt_kernels``; the process builds a ``harmodt.train.Trainer`` on the same
 synthetic data as this checkout's benchmarks (``bench.common.synthetic_datasets``, sent as source)
 and then waits. Each call writes a step count to its stdin and reads back the ms per step it
 measured, so the old step interleaves round by round with this checkout's steps while this process
@@ -24,8 +24,9 @@ from pathlib import Path
 from .common import synthetic_datasets
 
 _WORKER = r"""
-import json, sys, time
-sys.path.insert(0, ".")
+import json, os, sys, time
+# the package roots: kernels/ holds harmodt_kernels (an older checkout links it at its root and keeps modules in kernels/)
+sys.path[:0] = [".", "kernels"] if os.path.isdir("kernels/harmodt_kernels") else ["."]
 spec = json.loads(sys.argv[1])
 try:
     from harmodt.runtime import keep_freed_memory

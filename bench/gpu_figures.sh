@@ -25,7 +25,7 @@ PY=${PYTHON:-python3}
 ROUNDS=${ROUNDS:-5}
 PARTS=${PARTS:-tests,step,rest}
 OUT=${OUT:-bench/results}
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.:kernels  # harmodt/ and kernels/harmodt_kernels/
 export MUJOCO_GL=${MUJOCO_GL:-disable}  # evaluation renders nothing (some GPU images have no libEGL)
 mkdir -p "$OUT"
 tag=$($PY -c "import re, torch; n = torch.cuda.get_device_name(0).lower(); v = torch.__version__.split('+')[0]; \

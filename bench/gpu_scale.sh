@@ -39,7 +39,7 @@ ROUNDS=${ROUNDS:-5}
 RUNS=${RUNS:-runs/mt50-gpu}
 DATA=${DATA:-data/mt50}
 RESULTS=${RESULTS:-docs/results/mt50-gpu}
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=.:kernels${PYTHONPATH:+:$PYTHONPATH}  # harmodt/ and kernels/harmodt_kernels/
 export MUJOCO_GL=${MUJOCO_GL:-disable}
 status=0
 mkdir -p "$RESULTS"

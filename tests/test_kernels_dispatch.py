@@ -1,8 +1,10 @@
-"""The dispatch table of kernels/: select_backends gives op values bound to one backend, the
-public functions take an explicit backend, and the cached masked_linear of an evaluation equals
-the op it wraps."""
+"""The dispatch of harmodt_kernels: select_backends gives op values bound to one backend, an op
+calls its backend's implementation by name, the public functions take an explicit backend, and
+the cached masked_linear of an evaluation equals the op it wraps."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -31,6 +33,34 @@ def _inputs(seed, r_per_task=6, t=3, k=40, n=9):
     masks = kernels.pack_masks(torch.rand(t, n, k, generator=g) < 0.5)
     return x, w, b, masks
 
+
+def test_each_op_calls_the_implementation_its_backend_maps_its_name_to():
+    calls = []
+
+    def recording(name, impl):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return impl(*args, **kwargs)
+        return call
+
+    ref_backend = kernels.REFERENCE_OPS.masked_linear.backend
+    toy = dataclasses.replace(ref_backend, name="toy", impls={n: recording(n, f) for n, f in ref_backend.impls.items()})
+    ops = kernels.KernelOps.on(toy)
+    x, w, b, masks = _inputs(0)
+    ids = torch.arange(3).repeat_interleave(6)
+    assert torch.equal(ops.masked_linear(x, w, b, masks, ids), ref.masked_linear(x, w, b, masks, ids))
+    assert torch.equal(ops.dropout(x, 0.5, 7), ref.dropout(x, 0.5, 7))
+    h, r = torch.rand(2, 70), torch.rand(2, 70)
+    m = kernels.pack_masks(torch.rand(2, 70) < 0.5)
+    assert torch.equal(ops.harmony_select(h, r, m, 3), ref.harmony_select(h, r, m, 3))
+    p, g = torch.randn(9, 40), torch.randn(9, 40)
+    ops.masked_adamw([p], [g], [torch.zeros_like(p)], [torch.zeros_like(p)], [None], [torch.zeros(())], lr=0.1, beta1=0.9,
+                     beta2=0.99, eps=1e-8, weight_decay=0.0)
+    assert calls == ["masked_linear", "dropout", "harmony_select", "masked_adamw"]
+    assert ops.describe() == "masked_linear=toy masked_adamw=toy harmony_select=toy"
+    for name in kernels.available_backends("cpu"):  # every backend maps every op
+        impls = kernels.backend_ops(name).dropout.backend.impls
+        assert {"masked_linear", "masked_adamw", "harmony_select", "dropout"} <= set(impls), name
 
 @pytest.mark.parametrize("layout", ["every task in order", "runs"])
 def test_cached_masked_linear_equals_the_op_and_follows_weight_changes(layout):

@@ -50,6 +50,6 @@ def test_library_built_without_march_native_passes_the_kernel_tests(tmp_path):
                             "print(lib.path, lib.unavailable, kernels.resolve_backend('auto', 'cpu'))"],
                            env=env, capture_output=True, text=True, cwd=ROOT)
     assert probe.stdout.split() == [str(lib), "None", "cpu"], probe.stdout + probe.stderr  # that build is the one loaded
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_kernels_cpu.py"],
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_kernels_cpu.py", "tests/test_kernels_cpu_ops.py"],
                          env=env, capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The masked-linear kernels' autotuned tiles (kernels/triton_tiles.py): every tile the autotuner
+"""The masked-linear kernels' autotuned tiles (harmodt_kernels/triton_tiles.py): every tile the autotuner
 may pick on sm_80 or sm_90, for fp32 or 16-bit inputs, run by Triton's interpreter against the
 reference; and the config lists themselves (targets, reduction tiles, shared memory)."""
 

@@ -1,6 +1,6 @@
 """Masked AdamW in Triton: one launch updates every parameter of a call, a second increments the steps.
 
-Semantics: :func:`kernels.reference.masked_adamw_`. Weights outside a parameter's mask are never
+Semantics: :func:`harmodt_kernels.reference.masked_adamw_`. Weights outside a parameter's mask are never
 stored to (a masked store), so they stay bit-for-bit unchanged; moments move everywhere.
 
 Launches. A GPU training step is bound by kernel launches, so the parameters of a call are not
@@ -201,7 +201,7 @@ def _(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps,
 
 def triton_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0,
                          workspace: dict | None = None) -> None:
-    """See :func:`kernels.masked_adamw_`, which checks the arguments (masks None or packed int32
+    """See :func:`harmodt_kernels.masked_adamw_`, which checks the arguments (masks None or packed int32
     words ``[*p.shape[:-1], ceil(K/32)]``, steps float32 0-dim tensors each its own, grad_scale a
     float or a one-element float tensor on the device). Calls the registered op
     ``torch.ops.harmodt_triton.masked_adamw_`` under ``torch.compile`` (without a workspace);

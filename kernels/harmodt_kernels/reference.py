@@ -78,7 +78,7 @@ def mask_weight(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # threshold(p)``, with ``counter_bits`` a hash of (i, seed): two rounds of MurmurHash3's 32-bit
 # finalizer over ``i * 0x9E3779B1`` mixed with the seed's low and high words. Nothing is stored
 # between a forward and its backward: the backward recomputes the bits. The native op
-# (kernels/csrc/dropout.cpp) and the Triton kernels (kernels/triton_dropout.py) compute the same
+# (kernels/csrc/dropout.cpp) and the Triton kernels (harmodt_kernels/triton_dropout.py) compute the same
 # bits; these plain-PyTorch functions define them (int64 tensors holding 32-bit values, products
 # split in 16-bit halves so nothing overflows).
 

@@ -73,7 +73,7 @@ def candidates_per_block(k: int, block: int) -> int:
 
 
 def triton_harmony_select(harmony, recovery, masks, k):
-    """See :func:`kernels.harmony_select`, which checks the arguments. Calls the registered op
+    """See :func:`harmodt_kernels.harmony_select`, which checks the arguments. Calls the registered op
     ``torch.ops.harmodt_triton.harmony_select``."""
     return torch.ops.harmodt_triton.harmony_select(harmony, recovery, masks, int(k))
 

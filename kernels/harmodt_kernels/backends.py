@@ -1,7 +1,7 @@
 """What a kernel backend is, and the environment that decides where one can run: the leaf of
-:mod:`kernels` that its other modules import (none of them imports the package's ``__init__``).
+:mod:`harmodt_kernels` that its other modules import (none of them imports the package's ``__init__``).
 
-:class:`Backend` holds one backend's implementations and what they accept;
+:class:`Backend` maps each op's name to the backend's implementation and says what they accept;
 :class:`BackendUnavailable` says why one cannot run; :func:`triton_interpreted` and
 :func:`native_skipped` are the one place each environment variable is read.
 """
@@ -9,8 +9,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
 __all__ = ["Backend", "BackendUnavailable", "native_skipped", "triton_interpreted"]
 
@@ -33,7 +32,11 @@ def native_skipped() -> bool:
 
 @dataclass(frozen=True)
 class Backend:
-    """One backend's implementations (trusting their arguments) and what they accept."""
+    """One backend: its implementations by op name (``"masked_linear"``, ``"masked_adamw"``,
+    ``"harmony_select"``, ``"dropout"``; each trusts its arguments, which the op checked) and what
+    they accept. The op modules (``harmodt_kernels/ops/``) document each one's calling convention.
+    An optional ``"masked_linear_self_checked"`` is a masked linear without ``task_grads`` that
+    checks every argument itself in its kernel, raising on a bad one."""
 
     name: str
     devices: tuple | None  # device types its tensors may live on (None: any)
@@ -41,10 +44,4 @@ class Backend:
     adamw_dtypes: tuple  # of params and grads
     bool_masks: bool  # masked_linear and masked_adamw take bool masks as they are (else packed only)
     max_numel: int | None  # largest parameter (AdamW) or P (harmony_select)
-    linear: Callable  # (x, weight, bias, masks, task_ids, task_grads, segments) -> y
-    adamw: Callable  # (params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale, workspace)
-    select: Callable  # (harmony, recovery, masks, k) -> packed masks
-    dropout: Callable  # (x, p, seed) -> counter-based dropout of x (kernels.reference.dropout's bits)
-    # (x, weight, bias, masks, task_ids, relu, dropout_p, seed) -> y without task_grads, checking every argument
-    # itself in its kernel (raising on a bad one) on a backend of one device type; None: the backend trusts its arguments
-    linear_self_checked: Callable | None = None
+    impls: dict = field(hash=False)  # op name -> implementation

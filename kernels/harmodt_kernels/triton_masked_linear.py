@@ -19,8 +19,8 @@ The weight gradient ``dW = sum_t M_t * (dY_t^T X_t)`` is accumulated task by tas
 program per (N, K) tile: deterministic, no atomics, one mask expansion per task; the same loop
 adds each task's unmasked ``dY_t^T X_t`` into ``task_grads`` when given.
 
-Epilogue (fwd kernel): ReLU and counter-based dropout (``kernels/triton_dropout.py``'s ``_keep``,
-the bits of ``kernels.reference.counter_keep`` over the ``[R, N]`` output's row-major index) on the
+Epilogue (fwd kernel): ReLU and counter-based dropout (``harmodt_kernels/triton_dropout.py``'s ``_keep``,
+the bits of ``harmodt_kernels.reference.counter_keep`` over the ``[R, N]`` output's row-major index) on the
 tile before it is stored; the backward first maps dY back through them (the bits recomputed from
 the seed, ReLU from the saved output), then runs the dX and dW kernels.
 
@@ -385,7 +385,7 @@ _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
 def triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0, seed=0):
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` on the Triton kernels, then ReLU and
     counter-based dropout in the same kernel's epilogue when asked; see
-    :func:`kernels.masked_linear`, which checks the arguments (masks packed int32, task_ids ``[R]``
+    :func:`harmodt_kernels.masked_linear`, which checks the arguments (masks packed int32, task_ids ``[R]``
     or ``[1]``; ``segments`` is not needed: rows are grouped on the device; ``seed``: an int or an
     int64 0-dim tensor read on the device). Calls the registered op
     ``torch.ops.harmodt_triton.masked_linear``."""

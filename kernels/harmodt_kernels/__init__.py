@@ -13,43 +13,36 @@ Ops (see kernels/README.md):
 
 Backends:
 
-* ``"reference"``: plain PyTorch (`kernels/reference.py`), the single source of truth; any device.
-* ``"triton"``: Triton kernels (`kernels/triton_*.py`); CUDA tensors, or CPU tensors when
+* ``"reference"``: plain PyTorch (`harmodt_kernels/reference.py`), the single source of truth; any device.
+* ``"triton"``: Triton kernels (`harmodt_kernels/triton_*.py`); CUDA tensors, or CPU tensors when
   ``TRITON_INTERPRET=1`` is set.
-* ``"cpu"``: native C++ ops (ATen's thread pool) built from `kernels/csrc/` by CMake (`kernels/cpu.py`).
+* ``"cpu"``: native C++ ops (ATen's thread pool) built from `kernels/csrc/` by CMake (`harmodt_kernels/cpu.py`).
 * ``"auto"``: Triton on CUDA, the native op on CPU when it is built, else the reference.
 
-The choice is made in one place, :func:`select_backends`, which returns the chosen op functions as
-a value (:class:`KernelOps`) that callers hand down; an op checks its arguments once per
-configuration of shapes, dtypes and devices (one :class:`KernelArgumentError` naming the bad one;
-kernels/ops.py) and calls its backend's implementation, which trusts them. The public functions
-below take an explicit ``backend=`` (tests, benchmarks, one-off calls) and fail loudly when it
-cannot run (:class:`BackendUnavailable`). Nothing here keeps module-level state but the cache of
-each backend's op values (:func:`backend_ops`): the native library is loaded into a :class:`kernels.cpu.NativeLibrary` object
-the dispatch owns, and Triton's AdamW launch tables live in a workspace the caller (the
-optimizer) owns. ``kernels`` is a leaf package: it never imports ``harmodt``, and inside it no
-module imports this ``__init__`` (the shared pieces live in kernels/backends.py, checks.py,
-reference.py).
+The choice is made in one place, :func:`select_backends`, which returns the chosen ops as a value
+(:class:`KernelOps`) that callers hand down. Each op is one module of ``ops/`` (its argument
+checks, its op class, its autograd function); an op checks its arguments once per configuration
+of shapes, dtypes and devices (one :class:`KernelArgumentError` naming the bad one) and calls its
+backend's implementation, which trusts them. A :class:`Backend` maps op names to implementations;
+the three tables are below. The public functions below take an explicit ``backend=`` (tests,
+benchmarks, one-off calls) and fail loudly when it cannot run (:class:`BackendUnavailable`).
+Nothing here keeps module-level state but the cache of each backend's ops (:func:`backend_ops`):
+the native library is loaded into a :class:`harmodt_kernels.cpu.NativeLibrary` object the
+dispatch owns, and Triton's AdamW launch tables live in a workspace the caller (the optimizer)
+owns. ``harmodt_kernels`` is a leaf package: it never imports ``harmodt``, and inside it no
+module imports this ``__init__``.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import checks, reference
+from . import reference
 from .backends import Backend, BackendUnavailable, native_skipped, triton_interpreted
 from .checks import FLOATS, KernelArgumentError
 from .ops import CachedMaskedLinearOp, DropoutOp, HarmonySelectOp, KernelOps, MaskedAdamWOp, MaskedLinearOp
+from .ops import masked_adamw as adamw_op
 from .reference import num_words
-
-# The folder kernels/ is the package harmodt_kernels (setup.py's package_dir; the link
-# harmodt_kernels -> kernels in a source tree). Under a second name its torch ops would register twice.
-if __name__ != "harmodt_kernels":
-    raise ImportError(f"harmodt's kernel folder {os.path.dirname(__file__)} was imported as {__name__!r}; it is the package "
-                      f"harmodt_kernels. From the root of a harmodt source tree, `import {__name__}` finds this folder before an "
-                      "installed package of that name (Hugging Face's kernels): import harmodt_kernels, or run from another folder")
 
 __all__ = [
     "BACKENDS",
@@ -88,18 +81,14 @@ def _check_name(backend: str, allowed: tuple = BACKENDS) -> None:
 # ---- backends ---------------------------------------------------------------------------------
 
 
-def _reference_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale, workspace):
-    reference.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                            weight_decay=weight_decay, grad_scale=grad_scale)
-
-
-def _reference_linear(x, weight, bias, masks, task_ids, task_grads, segments, relu=False, dropout_p=0.0, seed=0):
-    return reference.masked_linear(x, weight, bias, masks, task_ids, task_grads=task_grads, segments=segments, relu=relu,
-                                   dropout_p=dropout_p, seed=seed)
-
-
-REFERENCE = Backend("reference", None, FLOATS, FLOATS, True, None, _reference_linear, _reference_adamw, reference.harmony_select,
-                    reference.dropout)
+# Each backend maps op names to its implementations (the calling conventions: harmodt_kernels/ops/<op>.py).
+REFERENCE = Backend("reference", devices=None, linear_dtypes=FLOATS, adamw_dtypes=FLOATS, bool_masks=True, max_numel=None,
+                    impls={
+                        "masked_linear": reference.masked_linear,
+                        "masked_adamw": adamw_op.on_reference,
+                        "harmony_select": reference.harmony_select,
+                        "dropout": reference.dropout,
+                    })
 
 
 def _native(device_type: str) -> Backend:
@@ -112,8 +101,14 @@ def _native(device_type: str) -> Backend:
     lib = NativeLibrary(skip=native_skipped())
     if lib.unavailable is not None:
         raise BackendUnavailable(lib.unavailable)
-    return Backend("cpu", ("cpu",), (torch.float32, torch.bfloat16), (torch.float32,), False, None,
-                   lib.masked_linear, lib.masked_adamw_, lib.harmony_select, lib.dropout, linear_self_checked=lib.linear_self_checked)
+    return Backend("cpu", devices=("cpu",), linear_dtypes=(torch.float32, torch.bfloat16), adamw_dtypes=(torch.float32,),
+                   bool_masks=False, max_numel=None, impls={
+                       "masked_linear": lib.masked_linear,
+                       "masked_linear_self_checked": lib.linear_self_checked,
+                       "masked_adamw": lib.masked_adamw_,
+                       "harmony_select": lib.harmony_select,
+                       "dropout": lib.dropout,
+                   })
 
 
 def _triton(device_type: str) -> Backend:
@@ -130,8 +125,13 @@ def _triton(device_type: str) -> Backend:
     from .triton_masked_linear import triton_masked_linear
 
     halves = (torch.float32, torch.bfloat16, torch.float16)
-    return Backend("triton", ("cuda", "cpu") if interpret else ("cuda",), halves, halves, False, 2**31 - 1,
-                   triton_masked_linear, triton_masked_adamw_, triton_harmony_select, triton_dropout)
+    return Backend("triton", devices=("cuda", "cpu") if interpret else ("cuda",), linear_dtypes=halves, adamw_dtypes=halves,
+                   bool_masks=False, max_numel=2**31 - 1, impls={
+                       "masked_linear": triton_masked_linear,
+                       "masked_adamw": triton_masked_adamw_,
+                       "harmony_select": triton_harmony_select,
+                       "dropout": triton_dropout,
+                   })
 
 
 def make_backend(backend: str, device: torch.device | str) -> Backend:
@@ -158,7 +158,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in CONCRETE if backend_reason(b, device) is None]
 
 
-# ---- the ops (kernels/ops.py): checked once, then the backend's implementation ---------------
+# ---- the ops (ops/): checked once, then the backend's implementation --------------------------
 
 REFERENCE_OPS = KernelOps.on(REFERENCE)  # every op on the plain-PyTorch reference (an immutable value)
 
@@ -268,10 +268,10 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def dropout(x: torch.Tensor, p: float, seed: int, backend: str = "reference") -> torch.Tensor:
     """Counter-based dropout: ``where(keep, x / (1 - p), 0)`` where element i (row-major) is kept
-    iff a 32-bit hash of (i, seed) is >= ``floor(p * 2^32)`` (:func:`kernels.reference.counter_keep`
+    iff a 32-bit hash of (i, seed) is >= ``floor(p * 2^32)`` (:func:`harmodt_kernels.reference.counter_keep`
     defines the bits; every backend computes the same ones). Differentiable; the backward
     recomputes the bits from ``seed``. ``seed``: an int in ``[0, 2^63)``
-    (:func:`kernels.reference.site_seed` derives one per dropout site)."""
+    (:func:`harmodt_kernels.reference.site_seed` derives one per dropout site)."""
     return backend_ops(backend, x.device if isinstance(x, torch.Tensor) else "cpu").dropout(x, p, seed)
 
 
@@ -288,7 +288,7 @@ def masked_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, 
     tensor of its own, incremented. ``grad_scale``: every gradient is multiplied by it first (a
     float, or a one-element tensor on the parameters' device, e.g. the clipping factor; read on
     the device). ``workspace``: see :class:`MaskedAdamWOp`. See
-    :func:`kernels.reference.masked_adamw_` for the arithmetic.
+    :func:`harmodt_kernels.reference.masked_adamw_` for the arithmetic.
     """
     if not params:
         return
@@ -303,6 +303,6 @@ def harmony_select(harmony: torch.Tensor, recovery: torch.Tensor, masks: torch.T
     the new packed masks ``[T, ceil(P/32)]``. harmony and recovery float32 ``[T, P]``, masks
     packed int32 ``[T, ceil(P/32)]``: per task the ``k_i`` active weights of lowest harmony are
     masked and the ``k_i`` masked weights of highest recovery are recovered. See
-    :func:`kernels.reference.harmony_select`."""
+    :func:`harmodt_kernels.reference.harmony_select`."""
     device = harmony.device if isinstance(harmony, torch.Tensor) else "cpu"
     return backend_ops(backend, device).harmony_select(harmony, recovery, masks, k)

@@ -1,9 +1,9 @@
-"""Native CPU ops (C++, `kernels/csrc/`), loaded from ``kernels/_lib/libharmodt_kernels.so``.
+"""Native CPU ops (C++, `kernels/csrc/`), loaded from ``kernels/harmodt_kernels/_lib/libharmodt_kernels.so``.
 
 :class:`NativeLibrary` loads the library and holds the ``"cpu"`` backend of :mod:`kernels`: its
 :meth:`~NativeLibrary.masked_linear` (forward and backward), :meth:`~NativeLibrary.masked_adamw_`
-and :meth:`~NativeLibrary.harmony_select`, with the semantics of :mod:`kernels.reference`. They
-trust their arguments: :mod:`kernels` checks them first (``kernels.backend_ops("cpu")``).
+and :meth:`~NativeLibrary.harmony_select`, with the semantics of :mod:`harmodt_kernels.reference`. They
+trust their arguments: :mod:`harmodt_kernels` checks them first (``harmodt_kernels.backend_ops("cpu")``).
 
 Build: ``pip install --no-build-isolation -e .`` (setup.py runs CMake), or by hand::
 
@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from .backends import BackendUnavailable
+from .ops.dropout import NativeCounterDropout
+from .ops.masked_linear import NativeMaskedLinear
 
 __all__ = ["LIB_NAME", "NativeLibrary", "library_path"]
 
@@ -56,7 +58,7 @@ class NativeLibrary:
         self.path = Path(path) if path is not None else library_path()
         self.unavailable = "HARMODT_SKIP_NATIVE=1 is set" if skip else self._load()
         # the differentiable op's handle, looked up once (torch.ops attribute lookups cost more than a small GEMM);
-        # it checks every argument in C++ (masked_linear.cpp), so it is also the backend's linear_self_checked
+        # it checks every argument in C++ (masked_linear.cpp), so it is also the backend's masked_linear_self_checked
         self._linear = torch.ops.harmodt_kernels.masked_linear.default if self.unavailable is None else None
         self.linear_self_checked = self._linear
 
@@ -64,7 +66,7 @@ class NativeLibrary:
         if not _has_ops():
             if not self.path.is_file():
                 return (f"the native library {self.path} is not built; run `pip install --no-build-isolation -e .` "
-                        "(or cmake, see kernels/cpu.py) in the repository root")
+                        "(or cmake, see harmodt_kernels/cpu.py) in the repository root")
             try:
                 torch.ops.load_library(str(self.path))
             except Exception as exc:  # noqa: BLE001 - any load failure makes the backend unavailable
@@ -82,7 +84,7 @@ class NativeLibrary:
 
     def masked_linear(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0,
                       seed=0) -> torch.Tensor:
-        """See :func:`kernels.masked_linear` (``segments`` is not needed: rows are grouped in C++);
+        """See :func:`harmodt_kernels.masked_linear` (``segments`` is not needed: rows are grouped in C++);
         ReLU and dropout run in one pass over the output after the GEMMs. Without ``task_grads``:
         one call of the op ``harmodt_kernels::masked_linear``, whose autograd is C++
         (kernels/csrc/autograd.cpp); with it, Python's (:class:`_MaskedLinear`). A seed held in a
@@ -90,16 +92,16 @@ class NativeLibrary:
         seed = int(seed) if isinstance(seed, torch.Tensor) else seed
         if task_grads is None:
             return self._linear(x, weight, bias, masks, task_ids, relu, dropout_p, seed)
-        return _MaskedLinear.apply(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed)
+        return NativeMaskedLinear.apply(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed)
 
     def dropout(self, x, p, seed) -> torch.Tensor:
-        """See :func:`kernels.dropout`: the bits of :func:`kernels.reference.counter_keep`."""
+        """See :func:`harmodt_kernels.dropout`: the bits of :func:`harmodt_kernels.reference.counter_keep`."""
         seed = int(seed) if isinstance(seed, torch.Tensor) else seed
-        return x if p == 0.0 else _CounterDropout.apply(x, p, seed)
+        return x if p == 0.0 else NativeCounterDropout.apply(x, p, seed)
 
     def masked_adamw_(self, params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale,
                       workspace=None) -> None:
-        """See :func:`kernels.masked_adamw_`; masks packed; grad_scale read inside the op (a float is
+        """See :func:`harmodt_kernels.masked_adamw_`; masks packed; grad_scale read inside the op (a float is
         made a tensor), so the call never reads a tensor value back into Python."""
         lr = float(lr) if isinstance(lr, torch.Tensor) else lr  # (a CPU tensor: nothing to wait for)
         if isinstance(grad_scale, torch.Tensor):
@@ -111,7 +113,7 @@ class NativeLibrary:
                                   steps, lr, beta1, beta2, eps, weight_decay, grad_scale)
 
     def harmony_select(self, harmony, recovery, masks, k) -> torch.Tensor:
-        """See :func:`kernels.harmony_select`; equal bit for bit to the reference."""
+        """See :func:`harmodt_kernels.harmony_select`; equal bit for bit to the reference."""
         return self.ops.harmony_select(harmony, recovery, masks, k)
 
 
@@ -145,40 +147,3 @@ def _register_fakes() -> None:
     @torch.library.register_fake("harmodt_kernels::harmony_select")
     def _(harmony, recovery, masks, k):
         return masks.new_empty(masks.shape)
-
-
-class _MaskedLinear(torch.autograd.Function):
-    """The C++ forward and backward as one autograd node; task_grads (kept on ctx, not saved, as
-    the backward writes into it) receives each task's unmasked dY_t^T X_t. With ``relu`` the
-    output is saved too (its gradient passes where the output is > 0); dropout's bits are
-    recomputed from ``seed``."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed):
-        y = torch.ops.harmodt_kernels.masked_linear_forward(x, weight, bias, masks, task_ids, relu, dropout_p, seed)
-        ctx.save_for_backward(x, weight, masks, task_ids, y if relu else None)
-        ctx.has_bias = bias is not None
-        ctx.task_grads = task_grads
-        ctx.epilogue = (relu, dropout_p, seed)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, masks, task_ids, out = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias
-        dx, dw, db = torch.ops.harmodt_kernels.masked_linear_backward(grad_y, x, weight, masks, task_ids, need_x, need_w, need_b,
-                                                                      ctx.task_grads if need_w else None, out, *ctx.epilogue)
-        return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None, None, None, None
-
-
-class _CounterDropout(torch.autograd.Function):
-    """The C++ counter-based dropout; its backward is the same map (the same seed) of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x, p, seed):
-        ctx.p, ctx.seed = p, seed
-        return torch.ops.harmodt_kernels.counter_dropout(x, p, seed)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.ops.harmodt_kernels.counter_dropout(grad, ctx.p, ctx.seed), None, None

@@ -1,10 +1,10 @@
 """Counter-based dropout in Triton: element i (row-major) of a tensor is kept iff a 32-bit hash of
 (i, seed) is >= ``floor(p * 2^32)``; a kept element is multiplied by ``1 / (1 - p)``. The bits are
-those of :func:`kernels.reference.counter_keep` (two rounds of MurmurHash3's finalizer), so
+those of :func:`harmodt_kernels.reference.counter_keep` (two rounds of MurmurHash3's finalizer), so
 nothing is stored between forward and backward: the backward recomputes them.
 
 ``_keep`` is shared with the masked-linear kernels (their fused epilogue,
-``kernels/triton_masked_linear.py``); ``_epilogue_grad_kernel`` maps a gradient back through the
+``harmodt_kernels/triton_masked_linear.py``); ``_epilogue_grad_kernel`` maps a gradient back through the
 epilogue (dropout's bits, then ReLU's where the saved output is > 0) for the masked linear's
 backward and for this op's own. Registered as ``torch.ops.harmodt_triton.dropout`` (a fake impl
 and autograd), so ``torch.compile`` sees one op.
@@ -141,6 +141,6 @@ def split_seed(seed) -> tuple[int, torch.Tensor | None]:
 
 
 def triton_dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
-    """See :func:`kernels.dropout` (checked there); ``torch.ops.harmodt_triton.dropout``. ``seed``:
+    """See :func:`harmodt_kernels.dropout` (checked there); ``torch.ops.harmodt_triton.dropout``. ``seed``:
     an int, or an int64 0-dim tensor on x's device."""
     return x if p == 0.0 else torch.ops.harmodt_triton.dropout(x, p, *split_seed(seed))

@@ -7,7 +7,7 @@ Each kernel is compiled the way the launcher would launch it for the paper's mod
 batch 8 x 75 tokens = 600 rows, 5 tasks; masked matrices 256->768 qkv, 256->256 proj, 256->1024
 fc, 1024->256 mlp_proj): the same constexprs, and the JIT's own specialisation of the arguments
 (an integer equal to 1 becomes a constant, integers and pointers divisible by 16 are marked so).
-The masked-linear kernels are autotuned (kernels/triton_tiles.py): every tile config the
+The masked-linear kernels are autotuned (harmodt_kernels/triton_tiles.py): every tile config the
 autotuner may pick on the target's family (sm_80 for --arch sm_80, sm_90 for sm_90a) is compiled,
 for fp32 and bf16; every layer's N and K are multiples of 16, so the tile alone decides the code.
 fp32 GEMMs are shown with tf32 products (what runs when ``torch.get_float32_matmul_precision()``
@@ -57,7 +57,7 @@ def _specialise(fn, ptrs: dict, ints: dict, floats: tuple, constexprs: dict):
 
 
 def _masked_linear_configs(capability: int) -> list:
-    """Every tile the autotuner may pick on ``capability``'s target family (kernels/triton_tiles.py),
+    """Every tile the autotuner may pick on ``capability``'s target family (harmodt_kernels/triton_tiles.py),
     for fp32 (tf32 products) and bf16: the forward with one task (with the ReLU + dropout epilogue)
     and with mixed tasks, dX and dW (with task gradients) with one task."""
     from . import triton_masked_linear as ml
