@@ -176,7 +176,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu", target_return
         tasks = list(ck["eval_info"]["tasks"])
         model = build_model(ModelConfig(**cfg["model"]), len(tasks), cfg["method"], cfg.get("conditioning", "auto"))
         model.load_state_dict(ck["model"])
-        kind = METHODS[cfg["method"]].mask_kind or TaskMasks  # (binary masks in a dense method's checkpoint: read as they are)
+        kind = METHODS[cfg["method"]].mask_kind or TaskMasks  # (binary masks of a dense method: read as they are)
         masks = kind.from_state(ck["masks"], tasks, device, model.masked_weights()) if ck.get("masks") else None
     except (TypeError, RuntimeError, KeyError, ValueError, IndexError) as exc:
         raise EvalError(f"{path}: the weights do not fit the model its config describes ({checkpoint.one_line(exc)})") from None

@@ -35,7 +35,7 @@ class HarmonyProbe:
         self.tr = state
         self.every = state.cfg.masks.update_every
         self.last_harmony = None
-        masks = state.task_masks  # binary masks (harmodt.masks.TaskMasks) or None; the ERK draw (seeded): what movement() compares with
+        masks = state.task_masks  # binary (TaskMasks) or None; the ERK draw: what movement() compares with
         self.initial = None if masks is None else masks.snapshot()
         self.initial_active = None if masks is None else [round(masks.density(i) * masks.numel_per_task) for i in range(masks.n_tasks)]
 

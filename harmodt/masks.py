@@ -78,7 +78,8 @@ class TaskMasks:
         return sum(m[0].numel() for m in self.masks.values())
 
     @classmethod
-    def build(cls, weights: dict[str, torch.Tensor], n_tasks: int, masks_cfg, seed: int, device: torch.device) -> "TaskMasks":
+    def build(cls, weights: dict[str, torch.Tensor], n_tasks: int, masks_cfg, seed: int,
+              device: torch.device) -> "TaskMasks":
         """A run's initial masks: each task's ERK draw at ``--sparsity`` (``masks_cfg``: a
         harmodt.config.MaskConfig) from ``seed + 1``, for the masked ``weights`` (name -> matrix)."""
         shapes = {n: tuple(w.shape) for n, w in weights.items()}
@@ -149,7 +150,8 @@ class TaskMasks:
         union = {n: m.index_select(0, idx).any(0) for n, m in self.masks.items()}
         return union if op.takes_bool_masks else {n: kernels.pack_masks(m) for n, m in union.items()}
 
-    def keep_on_device(self, masks: dict[str, torch.Tensor], task_ids: torch.Tensor, out: dict[str, torch.Tensor]) -> dict:
+    def keep_on_device(self, masks: dict[str, torch.Tensor], task_ids: torch.Tensor,
+                       out: dict[str, torch.Tensor]) -> dict:
         """:meth:`keep` of a captured step: the tasks ``task_ids`` (int64 ``(n,)`` on the device)
         selected from ``masks`` (every task's, in the optimizer op's layout: the bool masks or their
         packed words, whose union is a bitwise or either way) into ``out`` ({name: a buffer of one
@@ -168,7 +170,8 @@ class TaskMasks:
     def rows(self, rows: list[int], vote: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """An evaluation's masks: the task masks ``rows`` (row ``n_tasks``: ``vote``, a
         :meth:`vote`) packed ``[len(rows), N, ceil(K/32)]`` per weight (every op reads them)."""
-        full = self.masks if vote is None else {n: torch.cat([m, vote[n].to(m.device).unsqueeze(0)]) for n, m in self.masks.items()}
+        full = self.masks if vote is None else {n: torch.cat([m, vote[n].to(m.device).unsqueeze(0)])
+                                                for n, m in self.masks.items()}
         return {n: kernels.pack_masks(m[rows]) for n, m in full.items()}
 
     def snapshot(self) -> torch.Tensor:

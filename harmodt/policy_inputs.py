@@ -61,7 +61,7 @@ class TaskInputs:
     sources: dict  # task -> which prompt episode and timesteps its prompt is
     rtg_scale: float
     target: float  # initial return-to-go, unscaled
-    masked_linear: kernels.MaskedLinearOp  # the masked layers' op (the mask kind's), each task's W * M cached for the evaluation
+    masked_linear: kernels.MaskedLinearOp  # the masked layers' op (the mask kind's), each task's W * M cached
     precision: str
 
     def ctx(self, rows: torch.Tensor) -> MaskContext | None:
@@ -140,8 +140,8 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
     mean = np.stack([means.get(t, pooled_mean) for t in tasks])  # (n_tasks, S)
     std = np.stack([stds.get(t, pooled_std) for t in tasks])
     embed_ids = torch.tensor([trained.index(t) if t in trained else 0 for t in tasks], device=device)  # MTDT task-ID rows
-    inputs = TaskInputs(list(tasks), mean, std, embed_ids, layers, mask_row, mask_kind, None, None, {}, rtg_scale, target, op,
-                        precision)
+    inputs = TaskInputs(list(tasks), mean, std, embed_ids, layers, mask_row, mask_kind, None, None, {}, rtg_scale,
+                        target, op, precision)
     if model.use_prompt:
         g = torch.Generator().manual_seed(seed)
         segs = []

@@ -198,7 +198,8 @@ class MaskedStep(PlainStep):
         weights = self.tr.weights
         return dict(zip(weights.values(), self.tr.dist.sum_tensors([ctx.task_grads[n].sum(0) for n in weights])))
 
-    def keep(self, task_ids: list[int] | torch.Tensor, masks: dict | None = None, out: dict | None = None) -> dict | None:
+    def keep(self, task_ids: list[int] | torch.Tensor, masks: dict | None = None,
+             out: dict | None = None) -> dict | None:
         """The task's mask, or for several tasks the union of theirs (Eq. 11), as the run's mask kind
         says (None: every weight). ``task_ids``: the step's tasks, a list on the host (every rank's);
         or an int64 device tensor ``(n,)`` (a captured step's) whose masks are selected on the device
@@ -224,8 +225,8 @@ class SurgeryStep:
 
     def __init__(self, state: TrainingState, combine: Callable, options=None):
         if state.dist.world_size > 1:
-            raise ValueError(f"--method {state.cfg.method} runs in one process (its per-task gradients are not split over "
-                             "torchrun ranks)")
+            raise ValueError(f"--method {state.cfg.method} runs in one process (its per-task gradients are not split "
+                             "over torchrun ranks)")
         self.tr, self.combine, self.options = state, combine, options
 
     def graph_problem(self) -> str | None:

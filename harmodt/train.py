@@ -54,7 +54,8 @@ class Trainer(TrainingState):
             raise ConfigError(str(exc)) from None
         rng.seed_all(cfg.seed)
         self.method = method
-        self.datasets = datasets if datasets is not None else load_training_data(cfg, tasks, may_generate=dist.may_generate_data)
+        self.datasets = datasets if datasets is not None else load_training_data(cfg, tasks,
+                                                                                 may_generate=dist.may_generate_data)
         self.data_sha256 = check_data(cfg, self.datasets)  # the data fit the config; a checkpoint records this fingerprint
         mc = cfg.model
         prompt_len = mc.prompt_len if method.draws_prompts(cfg.conditioning) else 0
