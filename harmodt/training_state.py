@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # (types only: this module sits below everything it names)
     from .run.signals import StopRequest
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)  # identity, as a trainer; no repr of every tensor
 class TrainingState:
     """One training run's parts on one device.
 
