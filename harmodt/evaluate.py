@@ -157,14 +157,15 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
 
 
 def load_checkpoint(path: str, device: torch.device | str = "cpu", target_return: float | None = None):
-    """Model, TaskMasks (or None), eval_info, config dict and step from a training checkpoint,
+    """Model, masks (its method's mask kind, harmodt.mask_kinds.MaskKind; None for a dense method),
+    eval_info, config dict and step from a training checkpoint,
     loaded safely (``weights_only=True``), checked (:func:`harmodt.checkpoint_contents.check_checkpoint`;
     ``target_return``: the one evaluation uses instead of the checkpoint's) and placed on ``device``."""
     from . import checkpoint
     from .checkpoint_contents import CheckpointContentError, check_checkpoint
     from .config import ModelConfig
     from .masks import TaskMasks
-    from .methods import build_model
+    from .methods import METHODS, build_model
 
     try:
         ck = checkpoint.load(path)
@@ -175,7 +176,8 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu", target_return
         tasks = list(ck["eval_info"]["tasks"])
         model = build_model(ModelConfig(**cfg["model"]), len(tasks), cfg["method"], cfg.get("conditioning", "auto"))
         model.load_state_dict(ck["model"])
-        masks = TaskMasks.from_state(ck["masks"], tasks, device, model.masked_weights()) if ck.get("masks") else None
+        kind = METHODS[cfg["method"]].mask_kind or TaskMasks  # (binary masks of a dense method: read as they are)
+        masks = kind.from_state(ck["masks"], tasks, device, model.masked_weights()) if ck.get("masks") else None
     except (TypeError, RuntimeError, KeyError, ValueError, IndexError) as exc:
         raise EvalError(f"{path}: the weights do not fit the model its config describes ({checkpoint.one_line(exc)})") from None
     return model.to(device), masks, ck["eval_info"], cfg, int(ck.get("step", 0))

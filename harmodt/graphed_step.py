@@ -49,19 +49,20 @@ import torch
 from .config import ConfigError
 from .data.batches import batch_segments
 from .steps import StepInputs
+from .training_state import TrainingState
 
 __all__ = ["GraphedStep", "StepValues", "auto_problem", "choose", "graph_problem"]
 
 WARMUP_STEPS = 3  # eager steps before the capture (CUDA): lazy state, autotuning, allocator pools
 
 
-def graph_problem(trainer) -> str | None:
-    """Why ``trainer``'s step cannot be captured (one clause naming the flag), None when it can."""
-    cfg, rule = trainer.cfg, trainer.step_rule
-    if trainer.dist.active:
+def graph_problem(state: TrainingState) -> str | None:
+    """Why ``state``'s step rule cannot be captured (one clause naming the flag), None when it can."""
+    cfg, rule = state.cfg, state.step_rule
+    if state.dist.active:
         return "a torchrun run (the graph runs in one process)"
-    if cfg.tasks_per_batch > 1 and trainer.backends.masked_linear.backend.name == "reference" and (
-            trainer.task_masks is not None or not cfg.fused):
+    if cfg.tasks_per_batch > 1 and state.backends.masked_linear.backend.name == "reference" and (
+            state.task_masks is not None or not cfg.fused):
         how = "--fused" if not cfg.fused else "--backend triton or cpu"
         return f"a mixed-task batch on the reference ops splits its rows on the host ({how}, or --tasks-per-batch 1)"
     problem = getattr(rule, "graph_problem", None)
@@ -86,22 +87,22 @@ def auto_problem(cfg, device: torch.device) -> str | None:
     return None
 
 
-def choose(trainer) -> tuple["GraphedStep | None", str]:
-    """``--cuda-graph``'s step for ``trainer``: a :class:`GraphedStep`, or None (the step rule runs
+def choose(state: TrainingState) -> tuple["GraphedStep | None", str]:
+    """``--cuda-graph``'s step for ``state``: a :class:`GraphedStep`, or None (the step rule runs
     eager), and the start line's words for it. ``on`` that cannot be honoured raises
     :class:`ConfigError` (one line)."""
-    mode, device = trainer.cfg.cuda_graph, trainer.device
+    mode, device = state.cfg.cuda_graph, state.device
     if mode == "on":
-        if (why := graph_problem(trainer)) is not None:
+        if (why := graph_problem(state)) is not None:
             raise ConfigError(f"--cuda-graph on: {why}; run it with --cuda-graph off")
         captured = "one CUDA graph per step" if device.type == "cuda" else f"uncaptured on {device.type}"
-        return GraphedStep(trainer), f"step=graphed ({captured})"
+        return GraphedStep(state), f"step=graphed ({captured})"
     if mode == "off":
         return None, "step=eager (--cuda-graph off)"
-    why = auto_problem(trainer.cfg, device) or graph_problem(trainer)
+    why = auto_problem(state.cfg, device) or graph_problem(state)
     if why is not None:
         return None, f"step=eager (--cuda-graph auto: {why})"
-    return GraphedStep(trainer), "step=graphed (one CUDA graph per step; --cuda-graph off for eager)"
+    return GraphedStep(state), "step=graphed (one CUDA graph per step; --cuda-graph off for eager)"
 
 
 class StepValues:
@@ -121,20 +122,20 @@ class StepValues:
 
 
 class GraphedStep:
-    """The trainer's step rule over static buffers; on CUDA captured after :data:`WARMUP_STEPS` eager
+    """The state's step rule over static buffers; on CUDA captured after :data:`WARMUP_STEPS` eager
     steps and replayed. Call it with the step's task ids as ``train_step`` is called; it advances
-    the scheduler and ``trainer.step`` and returns the loss (a device tensor of its own). Build it
+    the scheduler and ``state.step`` and returns the loss (a device tensor of its own). Build it
     with :func:`choose`."""
 
-    def __init__(self, trainer, warmup: int = WARMUP_STEPS):
-        self.tr, self.rule = trainer, trainer.step_rule
-        self.capture = trainer.device.type == "cuda"
+    def __init__(self, state: TrainingState, warmup: int = WARMUP_STEPS):
+        self.tr, self.rule = state, state.step_rule
+        self.capture = state.device.type == "cuda"
         self.warmup = warmup
-        self.values = StepValues(trainer.device, len(trainer.opt.param_groups))
-        self.params = [p for p in trainer.params if p.requires_grad]
+        self.values = StepValues(state.device, len(state.opt.param_groups))
+        self.params = [p for p in state.params if p.requires_grad]
         self.batch: dict | None = None  # static input buffers, made from the first batch
         self.heads: torch.Tensor | None = None  # the first row of each task's run of the batch (static layout)
-        self.masks: dict | None = None  # the graph's copy of every task's masks (the masked-linear op's layout)
+        self.masks: dict | None = None  # the graph's copy of every task's masks (the mask kind's for_op)
         self._mask_source: list = []  # the tensors that copy was made from, and their versions
         self.keep: dict | None = None  # per weight: what the step may change (static buffers)
         self.grads: list = []  # each trainable parameter's gradient buffer (None: it gets no gradient), made by the first step
@@ -183,8 +184,8 @@ class GraphedStep:
             dst.copy_(v, non_blocking=True)
 
     def _load_masks(self) -> None:
-        """Copies the trainer's task masks into the graph's copy when they are not the tensors (or
-        versions) it was made from: after a mask update or a resume."""
+        """Copies the state's task masks (its mask kind's ``for_op``) into the graph's copy when they
+        are not the tensors (or versions) it was made from: after a mask update or a resume."""
         tm = self.tr.task_masks
         if tm is None:
             return

@@ -1,6 +1,6 @@
 """Mask updaters: Algorithm 2 as a method runs it, built by the method's entry (harmodt.methods) on
-a :class:`harmodt.train.Trainer`. An updater has ``due(step)`` (asked by the training loop before
-each step), ``__call__()`` (the update at the trainer's step; returns the metric line's entries)
+the run's :class:`harmodt.training_state.TrainingState`. An updater has ``due(step)`` (asked by the
+training loop before each step), ``__call__()`` (the update at the state's step; returns the metric line's entries)
 ``last_harmony`` (the last harmony score, which a checkpoint keeps) and ``movement()`` (how far
 the masks moved from their ERK draw, and the schedule's bound on it: results.json's
 ``mask_movement``); a new schedule is a subclass that changes ``due`` or ``alpha``.
@@ -25,20 +25,21 @@ import torch
 
 from .mask_grads import task_gradients
 from .masks import alpha_schedule, alpha_total, harmony_score
+from .training_state import TrainingState
 
 
 class HarmonyProbe:
     """Every ``--update-every`` steps (never at step 0): the task gradients and their harmony score;
     the masks unchanged. ``last_harmony``: the last score (a checkpoint keeps it)."""
 
-    def __init__(self, trainer):
-        self.tr = trainer
-        m = trainer.cfg.masks
+    def __init__(self, state: TrainingState):
+        self.tr = state
+        m = state.cfg.masks
         self.every = m.update_every
         self.last_harmony = None
-        auto = "batched" if trainer.device.type == "cuda" and m.mask_grads == "paper" else "per-task"
+        auto = "batched" if state.device.type == "cuda" and m.mask_grads == "paper" else "per-task"
         self.passes = auto if m.mask_grads_passes == "auto" else m.mask_grads_passes
-        masks = trainer.task_masks  # the ERK draw (seeded): what movement() compares with
+        masks = state.task_masks  # binary (TaskMasks) or None; the ERK draw: what movement() compares with
         self.initial = None if masks is None else masks.snapshot()
         self.initial_active = None if masks is None else [round(masks.density(i) * masks.numel_per_task) for i in range(masks.n_tasks)]
 
@@ -67,7 +68,7 @@ class HarmonyProbe:
 
     def task_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[T, P]`` gradients of every task on one fresh batch each: gbar_i = grad L_i(theta*M_i) * M_i
-        (Eq. 4) and g_i (Alg. 2: grad L_i(theta) by default; None without masks), in the trainer's
+        (Eq. 4) and g_i (Alg. 2: grad L_i(theta) by default; None without masks), in the state's
         ``weights`` order (harmodt.mask_grads). With several ranks, task i is computed on rank i
         mod W (on a batch of its data stream) and the zero-filled rows are summed over the ranks."""
         tr, m = self.tr, self.tr.cfg.masks
@@ -85,7 +86,7 @@ class HarmonyProbe:
         return {}
 
     def __call__(self) -> dict:
-        """The update at the trainer's step: the task gradients, their harmony score, then
+        """The update at the state's step: the task gradients, their harmony score, then
         :meth:`update`. Returns the metric line's entries."""
         tr = self.tr
         masked, dense = self.task_gradients()
@@ -101,8 +102,8 @@ class Algorithm2(HarmonyProbe):
     """HarmoDT's mask update with importance ``importance`` ("fisher": gbar_i^2, HarmoDT-F;
     "magnitude": |theta|, HarmoDT-M) and ``--lam``, ``--lam-on``, ``--eta-min``/``--eta-max``."""
 
-    def __init__(self, trainer, importance: str):
-        super().__init__(trainer)
+    def __init__(self, state: TrainingState, importance: str):
+        super().__init__(state)
         self.importance = importance
 
     def flips_bound(self) -> int:

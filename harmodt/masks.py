@@ -61,7 +61,8 @@ IMPORTANCE = {
 
 
 class TaskMasks:
-    """One binary mask per task over every masked weight matrix."""
+    """One binary mask per task over every masked weight matrix: the mask kind
+    (harmodt.mask_kinds.MaskKind) of HarmoDT-R/M/F, each task's own ERK draw."""
 
     def __init__(self, masks: dict[str, torch.Tensor]):
         self.masks = masks  # name -> bool (T, N, K)
@@ -76,8 +77,17 @@ class TaskMasks:
         """The masked weights of one task (active or not)."""
         return sum(m[0].numel() for m in self.masks.values())
 
-    @staticmethod
-    def erk(shapes: dict[str, tuple[int, int]], n_tasks: int, sparsity: float, generator: torch.Generator,
+    @classmethod
+    def build(cls, weights: dict[str, torch.Tensor], n_tasks: int, masks_cfg, seed: int,
+              device: torch.device) -> "TaskMasks":
+        """A run's initial masks: each task's ERK draw at ``--sparsity`` (``masks_cfg``: a
+        harmodt.config.MaskConfig) from ``seed + 1``, for the masked ``weights`` (name -> matrix)."""
+        shapes = {n: tuple(w.shape) for n, w in weights.items()}
+        return cls.erk(shapes, n_tasks, masks_cfg.sparsity, torch.Generator().manual_seed(seed + 1), device=device,
+                       draw=masks_cfg.erk_draw)
+
+    @classmethod
+    def erk(cls, shapes: dict[str, tuple[int, int]], n_tasks: int, sparsity: float, generator: torch.Generator,
             device: torch.device | str = "cpu", draw: str = "exact") -> "TaskMasks":
         """ERK densities at ``1 - sparsity``; an independent random draw per task and layer (on the
         CPU, so the masks of a seed do not depend on the device), placed on ``device``. ``draw``:
@@ -98,11 +108,11 @@ class TaskMasks:
             for t in range(n_tasks):
                 m[t, torch.randperm(numel, generator=generator)[:keep]] = True
             masks[name] = m.view(n_tasks, n, k).to(device)
-        return TaskMasks(masks)
+        return cls(masks)
 
-    @staticmethod
-    def dense(shapes: dict[str, tuple[int, int]], n_tasks: int) -> "TaskMasks":
-        return TaskMasks({name: torch.ones(n_tasks, n, k, dtype=torch.bool) for name, (n, k) in shapes.items()})
+    @classmethod
+    def dense(cls, shapes: dict[str, tuple[int, int]], n_tasks: int) -> "TaskMasks":
+        return cls({name: torch.ones(n_tasks, n, k, dtype=torch.bool) for name, (n, k) in shapes.items()})
 
     def density(self, task: int | None = None) -> float:
         num = sum(int(m.sum()) if task is None else int(m[task].sum()) for m in self.masks.values())
@@ -110,7 +120,15 @@ class TaskMasks:
         return num / den
 
     def to(self, device: torch.device | str) -> "TaskMasks":
-        return TaskMasks({n: m.to(device) for n, m in self.masks.items()})
+        return type(self)({n: m.to(device) for n, m in self.masks.items()})
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The bool masks themselves (ranks share them in place)."""
+        return list(self.masks.values())
+
+    def linear_op(self, op):
+        """The masked-linear op that reads :meth:`for_op`'s masks: the run's ``op`` itself."""
+        return op
 
     def packed(self) -> dict[str, torch.Tensor]:
         """Bit-packed int32 masks ``[T, N, ceil(K/32)]``, what the model reads (cached)."""
@@ -131,6 +149,30 @@ class TaskMasks:
         idx = torch.tensor(task_ids, device=next(iter(self.masks.values())).device)
         union = {n: m.index_select(0, idx).any(0) for n, m in self.masks.items()}
         return union if op.takes_bool_masks else {n: kernels.pack_masks(m) for n, m in union.items()}
+
+    def keep_on_device(self, masks: dict[str, torch.Tensor], task_ids: torch.Tensor,
+                       out: dict[str, torch.Tensor]) -> dict:
+        """:meth:`keep` of a captured step: the tasks ``task_ids`` (int64 ``(n,)`` on the device)
+        selected from ``masks`` (every task's, in the optimizer op's layout: the bool masks or their
+        packed words, whose union is a bitwise or either way) into ``out`` ({name: a buffer of one
+        task's mask}, whose addresses stay)."""
+        for name, m in masks.items():
+            union = out[name]
+            if task_ids.shape[0] == 1:
+                torch.index_select(m, 0, task_ids, out=union.unsqueeze(0))
+            else:
+                sel = m.index_select(0, task_ids)  # (n, ...)
+                torch.bitwise_or(sel[0], sel[1], out=union)
+                for j in range(2, sel.shape[0]):
+                    union.bitwise_or_(sel[j])
+        return {name: out[name] for name in masks}
+
+    def rows(self, rows: list[int], vote: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """An evaluation's masks: the task masks ``rows`` (row ``n_tasks``: ``vote``, a
+        :meth:`vote`) packed ``[len(rows), N, ceil(K/32)]`` per weight (every op reads them)."""
+        full = self.masks if vote is None else {n: torch.cat([m, vote[n].to(m.device).unsqueeze(0)])
+                                                for n, m in self.masks.items()}
+        return {n: kernels.pack_masks(m[rows]) for n, m in full.items()}
 
     def snapshot(self) -> torch.Tensor:
         """A compact copy of the masks: all masked weights of each task as one packed row
@@ -196,8 +238,8 @@ class TaskMasks:
         return {"layout": PACKED_LAYOUT, "tasks": list(names), "shapes": {n: list(m.shape[1:]) for n, m in self.masks.items()},
                 "words": {n: w.cpu() for n, w in self.packed().items()}}
 
-    @staticmethod
-    def from_state(d: dict, names: list[str] | None = None, device: torch.device | str = "cpu",
+    @classmethod
+    def from_state(cls, d: dict, names: list[str] | None = None, device: torch.device | str = "cpu",
                    weights: dict[str, torch.Tensor] | None = None) -> "TaskMasks":
         """The masks of a checkpoint, for the tasks ``names`` in that order (None: all, in the
         checkpoint's order): :meth:`state`'s packed format, or the earlier one, ``{task: {weight:
@@ -213,7 +255,7 @@ class TaskMasks:
             names = list(d) if names is None else names
             _task_order(list(d), names)
             masks = {p: torch.stack([d[t][p].bool() for t in names]).to(device) for p in d[names[0]]}
-        tm = TaskMasks(masks)
+        tm = cls(masks)
         for n, w in (weights or {}).items():
             if n not in masks or tuple(masks[n].shape) != (tm.n_tasks, *w.shape):
                 got = tuple(masks[n].shape) if n in masks else "none"

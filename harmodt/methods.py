@@ -9,8 +9,10 @@ A new method is one :func:`register` call with its own functions: a gradient-com
 with a hyper-parameter, say, ``register(Method("scaled-mean", "Scaled mean", "tab:olive",
 combine=lambda grads, options, generator: options.scale * grads.mean(0), options=ScaleOptions))``
 where ``ScaleOptions`` is a dataclass whose field ``scale`` becomes the flag ``--scale``; or its
-own step rule or mask schedule (``step_rule=``, ``mask_updater=``: a class built on the trainer,
-such as a subclass of harmodt.steps.MaskedStep or harmodt.mask_update.Algorithm2). A step rule's
+own step rule or mask schedule (``step_rule=``, ``mask_updater=``: a class built on the training
+state, harmodt.training_state.TrainingState, such as a subclass of harmodt.steps.MaskedStep or
+harmodt.mask_update.Algorithm2); or its own kind of masks (``mask_kind=``: a class with the
+methods of harmodt.mask_kinds.MaskKind, which training, resuming and evaluation use). A step rule's
 ``step()`` is what ``--cuda-graph`` captures (harmodt.graphed_step); one it cannot capture trains
 eager, or is refused under ``--cuda-graph on``.
 """
@@ -26,11 +28,13 @@ import torch
 from .baselines.cagrad import CAGradOptions, cagrad_direction
 from .baselines.pcgrad import pcgrad_direction
 from .domains import check_fields
+from .mask_kinds import MaskKind, SharedMasks
 from .mask_update import Algorithm2, HarmonyProbe
 from .masks import IMPORTANCE, TaskMasks
 from .model import CONDITIONINGS as MODEL_CONDITIONINGS
 from .model import PROMPTED, PromptDT
 from .steps import MaskedStep, PlainStep, SurgeryStep
+from .training_state import TrainingState
 
 MASKS = ("none", "fixed", "shared", "learned")
 IMPORTANCES = tuple(IMPORTANCE)  # the importance terms of Eq. 8 (harmodt.masks)
@@ -57,7 +61,10 @@ class Method:
     ``--conditioning auto`` is, "prompt" (a trajectory prompt, Prompt-DT) or "task-state" (the
     one-hot task ID beside the state, the paper's MTDT). ``step_rule`` and ``mask_updater``: None,
     the ones of its kind (:meth:`build_step_rule`, :meth:`build_mask_updater`); else a callable of
-    the trainer that builds its own. ``label`` and ``color`` (a matplotlib colour): how reports and
+    the training state that builds its own (HarmonyProbe, the default of masks that do not learn,
+    reads binary masks: a kind of other masks brings its updater). ``mask_kind``: the class of its
+    masks (harmodt.mask_kinds.MaskKind); None: the kind of ``masks``, :class:`TaskMasks` or for
+    "shared" :class:`SharedMasks`. ``label`` and ``color`` (a matplotlib colour): how reports and
     figures show it.
     """
     name: str
@@ -70,6 +77,7 @@ class Method:
     options: type | None = None
     step_rule: Callable | None = None
     mask_updater: Callable | None = None
+    mask_kind: type | None = None
 
     def __post_init__(self):
         if self.masks not in MASKS:
@@ -82,6 +90,10 @@ class Method:
             raise ValueError(f"method {self.name!r}: a gradient-combination rule runs on the dense model (masks none)")
         if self.options is not None and not dataclasses.is_dataclass(self.options):
             raise ValueError(f"method {self.name!r}: options must be a dataclass of its hyper-parameters")
+        if self.mask_kind is not None and not self.masked:
+            raise ValueError(f"method {self.name!r}: a mask kind needs masks (fixed, shared or learned), not none")
+        if self.mask_kind is None and self.masked:
+            object.__setattr__(self, "mask_kind", SharedMasks if self.masks == "shared" else TaskMasks)
 
     @property
     def masked(self) -> bool:
@@ -127,33 +139,26 @@ class Method:
         """Its model (``cfg``: a harmodt.config.ModelConfig) with ``conditioning``."""
         return PromptDT(cfg, n_tasks, self.resolve_conditioning(conditioning))
 
-    def build_masks(self, shapes: dict, n_tasks: int, masks_cfg, seed: int, device: torch.device) -> TaskMasks | None:
-        """Its initial task masks (ERK at ``--sparsity``, drawn from ``seed + 1``; ``masks_cfg``: a
-        harmodt.config.MaskConfig), None for a dense method. Shared masks: one draw, every task's."""
-        if not self.masked:
-            return None
-        if self.masks == "shared":
-            one = TaskMasks.erk(shapes, 1, masks_cfg.sparsity, torch.Generator().manual_seed(seed + 1), device=device,
-                                draw=masks_cfg.erk_draw)
-            return TaskMasks({n: m.expand(n_tasks, *m.shape[1:]).contiguous() for n, m in one.masks.items()})
-        return TaskMasks.erk(shapes, n_tasks, masks_cfg.sparsity, torch.Generator().manual_seed(seed + 1), device=device,
-                             draw=masks_cfg.erk_draw)
+    def build_masks(self, weights: dict, n_tasks: int, masks_cfg, seed: int, device: torch.device) -> MaskKind | None:
+        """Its initial masks of kind :attr:`mask_kind` for the model's masked ``weights`` (name ->
+        matrix; ``masks_cfg``: a harmodt.config.MaskConfig), None for a dense method."""
+        return None if self.mask_kind is None else self.mask_kind.build(weights, n_tasks, masks_cfg, seed, device)
 
-    def build_step_rule(self, trainer):
-        """Its training step on ``trainer`` (harmodt.steps): its own ``step_rule``, else gradient
+    def build_step_rule(self, state: TrainingState):
+        """Its training step on ``state`` (harmodt.steps): its own ``step_rule``, else gradient
         surgery with ``combine`` and its options, the masked step, or the plain step."""
         if self.step_rule is not None:
-            return self.step_rule(trainer)
+            return self.step_rule(state)
         if self.combine is not None:
-            return SurgeryStep(trainer, self.combine, self.read_options(trainer.cfg))
-        return MaskedStep(trainer) if self.masked else PlainStep(trainer)
+            return SurgeryStep(state, self.combine, self.read_options(state.cfg))
+        return MaskedStep(state) if self.masked else PlainStep(state)
 
-    def build_mask_updater(self, trainer):
-        """Its Algorithm 2 on ``trainer`` (harmodt.mask_update): its own ``mask_updater``, else for
+    def build_mask_updater(self, state: TrainingState):
+        """Its Algorithm 2 on ``state`` (harmodt.mask_update): its own ``mask_updater``, else for
         learned masks the update with its importance, for the others the harmony-score probe."""
         if self.mask_updater is not None:
-            return self.mask_updater(trainer)
-        return Algorithm2(trainer, self.importance) if self.learns_masks else HarmonyProbe(trainer)
+            return self.mask_updater(state)
+        return Algorithm2(state, self.importance) if self.learns_masks else HarmonyProbe(state)
 
     def read_options(self, cfg):
         """The options of a run's config ``cfg`` (an instance of :attr:`options`, None without)."""

@@ -53,7 +53,7 @@ class TaskInputs:
     mean: np.ndarray  # (n_tasks, S) state mean (an unseen task: the training tasks' average)
     std: np.ndarray  # (n_tasks, S)
     embed_ids: torch.Tensor  # (n_tasks,) the task-ID row of a task-ID model (unseen tasks: 0)
-    masks: dict | None  # parameter name -> packed masks of the rows in mask_row, on the device
+    masks: dict | None  # parameter name -> the masks of the rows in mask_row (the mask kind's rows()), on the device
     mask_row: dict  # task -> its row in ``masks``
     mask_kind: dict  # task -> "trained" | "voted" | "none"
     prompt_kv: list | None  # per layer (k, v) of every task's prompt, each (n_tasks, nh, 3K*, hd)
@@ -61,7 +61,7 @@ class TaskInputs:
     sources: dict  # task -> which prompt episode and timesteps its prompt is
     rtg_scale: float
     target: float  # initial return-to-go, unscaled
-    masked_linear: kernels.MaskedLinearOp  # the masked layers' op, each task's W * M cached for the evaluation
+    masked_linear: kernels.MaskedLinearOp  # the masked layers' op (the mask kind's), each task's W * M cached
     precision: str
 
     def ctx(self, rows: torch.Tensor) -> MaskContext | None:
@@ -112,26 +112,27 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
     rtg_scale = float(eval_info.get("rtg_scale", 1000.0))
     target = float(target_return if target_return is not None else eval_info.get("target_return", 4500.0))
 
-    packed = None
+    layers = None
     vote_row = None
     mask_row = {t: trained.index(t) if t in trained else None for t in tasks}
-    if task_masks is not None:
-        bool_masks = {n: m.to(device) for n, m in task_masks.masks.items()}
+    if task_masks is not None:  # a mask kind (harmodt.mask_kinds.MaskKind)
+        task_masks = task_masks.to(device)
+        vote = None
         if unseen:
             if vote_threshold is None:
                 raise EvalError("unseen tasks need --vote-threshold (Eq. 13)")
             vote = task_masks.vote(vote_threshold)
-            kept, total = sum(int(v.sum()) for v in vote.values()), sum(v.numel() for v in vote.values())
+            kept, total = sum(int((v != 0).sum()) for v in vote.values()), sum(v.numel() for v in vote.values())
             if kept < MIN_VOTED_DENSITY * total:
                 raise EvalError(f"--vote-threshold {vote_threshold}: with {len(trained)} training tasks the voted mask keeps "
                                 f"{kept / total:.2%} of the masked weights (Eq. 13 keeps a weight more than {vote_threshold} "
                                 f"tasks keep); choose a threshold below {len(trained)}")
-            bool_masks = {n: torch.cat([m, vote[n].to(device).unsqueeze(0)]) for n, m in bool_masks.items()}
             vote_row = len(trained)
             mask_row = {t: (r if r is not None else vote_row) for t, r in mask_row.items()}
         used = sorted(set(mask_row.values()))  # only the mask rows of the evaluated tasks
-        packed = {n: kernels.pack_masks(m[used]) for n, m in bool_masks.items()}
+        layers = task_masks.rows(used, vote)
         mask_row = {t: used.index(r) for t, r in mask_row.items()}
+        op = task_masks.linear_op(op)
     mask_kind = {t: "trained" if t in trained else ("voted" if vote_row is not None else "none") for t in tasks}
     means = {t: np.asarray(eval_info["state_mean"][t], np.float32) for t in trained}
     stds = {t: np.asarray(eval_info["state_std"][t], np.float32) for t in trained}
@@ -139,8 +140,8 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
     mean = np.stack([means.get(t, pooled_mean) for t in tasks])  # (n_tasks, S)
     std = np.stack([stds.get(t, pooled_std) for t in tasks])
     embed_ids = torch.tensor([trained.index(t) if t in trained else 0 for t in tasks], device=device)  # MTDT task-ID rows
-    inputs = TaskInputs(list(tasks), mean, std, embed_ids, packed, mask_row, mask_kind, None, None, {}, rtg_scale, target, op,
-                        precision)
+    inputs = TaskInputs(list(tasks), mean, std, embed_ids, layers, mask_row, mask_kind, None, None, {}, rtg_scale,
+                        target, op, precision)
     if model.use_prompt:
         g = torch.Generator().manual_seed(seed)
         segs = []

@@ -1,10 +1,10 @@
 """Step rules: one training step of a method (Algorithm 1's update of theta), built by the method's
-entry (harmodt.methods) on a :class:`harmodt.train.Trainer`.
+entry (harmodt.methods) on the run's :class:`harmodt.training_state.TrainingState` (the fields it reads).
 
 A step rule is called with the step's task ids and returns the loss (a 0-dim tensor on the device);
 it draws the batch, runs forward and backward, clips and steps the optimizer. The trainer then
 steps the learning-rate schedule and counts the step. Every collective of a torchrun run (the loss
-divisor, the gradient sum, the tasks of every rank) is a call on ``trainer.dist``
+divisor, the gradient sum, the tasks of every rank) is a call on ``state.dist``
 (harmodt.run.distributed), which is the identity in one process.
 
 - :class:`PlainStep`: the dense model's step on the batch's loss (Prompt-DT, MTDT);
@@ -36,6 +36,7 @@ from .data.batches import batch_segments
 from .model import CounterDropout, DeviceSeedDropout, MaskContext, action_loss
 from .optim import clip_coefficient
 from .surgery import surgery_gradients
+from .training_state import TrainingState
 
 
 @dataclass
@@ -59,8 +60,8 @@ class StepInputs:
 class PlainStep:
     """The step on the batch's loss of the dense model (no masks)."""
 
-    def __init__(self, trainer):
-        self.tr = trainer
+    def __init__(self, state: TrainingState):
+        self.tr = state
 
     def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None,
                 dropout: CounterDropout | None = None, masks: dict | None = None) -> MaskContext | None:
@@ -69,7 +70,7 @@ class PlainStep:
         return None if dropout is None else MaskContext({}, task_ids, self.tr.backends.masked_linear, dropout=dropout)
 
     def counter_dropout(self, step: int | torch.Tensor | None = None) -> CounterDropout | None:
-        """The counter-based dropout of step ``step`` (default: the trainer's; ``--dropout-rng
+        """The counter-based dropout of step ``step`` (default: the state's; ``--dropout-rng
         counter``, with dropout on): its seed is a hash of the run's seed, this rank and the step,
         all of which a checkpoint keeps, so a resumed run draws the same bits. ``step`` in an int64
         0-dim device tensor (a captured step's): the same seeds, computed on the device. None
@@ -158,19 +159,20 @@ class MaskedStep(PlainStep):
     every rank's tasks (Eq. 11). ``--clip-scope unmasked``: the clip norm sees the masked matrices'
     gradients before masking, captured by the same backward."""
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        self.unmasked_clip = trainer.cfg.clip_scope == "unmasked"
+    def __init__(self, state: TrainingState):
+        super().__init__(state)
+        self.unmasked_clip = state.cfg.clip_scope == "unmasked"
 
     def context(self, task_ids: torch.Tensor, single_task: bool = False, segments: tuple | None = None,
                 dropout: CounterDropout | None = None, masks: dict | None = None) -> MaskContext:
         """The masks a forward on rows of ``task_ids`` runs through; ``single_task``: every row is
         ``task_ids[0]`` (one mask, no grouping of rows); ``segments``: the batch's ``((task,
         sequences), ...)`` layout when known on the host; ``dropout``: the counter-based dropout;
-        ``masks``: every task's masks in the masked linear's layout (default: the trainer's)."""
-        op = self.tr.backends.masked_linear
-        return MaskContext(self.tr.task_masks.for_op(op) if masks is None else masks, task_ids[:1] if single_task else task_ids, op,
-                           segments=segments, dropout=dropout)
+        ``masks``: every task's masks in the masked linear's layout (default: the run's, by its
+        mask kind: harmodt.mask_kinds.MaskKind, which also names the op they run on)."""
+        kind, op = self.tr.task_masks, self.tr.backends.masked_linear
+        return MaskContext(kind.for_op(op) if masks is None else masks, task_ids[:1] if single_task else task_ids,
+                           kind.linear_op(op), segments=segments, dropout=dropout)
 
     def capture(self, ctx: MaskContext, task_ids: list[int]) -> MaskContext:
         """``--clip-scope unmasked``: ``ctx`` over the masks of the batch's distinct tasks alone, its
@@ -196,27 +198,18 @@ class MaskedStep(PlainStep):
         weights = self.tr.weights
         return dict(zip(weights.values(), self.tr.dist.sum_tensors([ctx.task_grads[n].sum(0) for n in weights])))
 
-    def keep(self, task_ids: list[int] | torch.Tensor, masks: dict | None = None, out: dict | None = None) -> dict:
-        """The task's mask, or for several tasks the union of theirs (Eq. 11). ``task_ids``: the
-        step's tasks, a list on the host (every rank's); or an int64 device tensor ``(n,)`` (a
-        captured step's) whose masks are selected on the device from ``masks`` (every task's, in the
-        optimizer op's layout: the bool masks or their packed words, whose union is a bitwise or
-        either way) into ``out`` ({name: a buffer of one task's mask}, whose addresses stay)."""
-        if not isinstance(task_ids, torch.Tensor):
-            keep = self.tr.task_masks.keep(task_ids, self.tr.backends.masked_adamw)
-            return {w: keep[n] for n, w in self.tr.weights.items()}
-        keep = {}
-        for name, m in masks.items():
-            union = out[name]
-            if task_ids.shape[0] == 1:
-                torch.index_select(m, 0, task_ids, out=union.unsqueeze(0))
-            else:
-                sel = m.index_select(0, task_ids)  # (n, ...)
-                torch.bitwise_or(sel[0], sel[1], out=union)
-                for j in range(2, sel.shape[0]):
-                    union.bitwise_or_(sel[j])
-            keep[self.tr.weights[name]] = union
-        return keep
+    def keep(self, task_ids: list[int] | torch.Tensor, masks: dict | None = None,
+             out: dict | None = None) -> dict | None:
+        """The task's mask, or for several tasks the union of theirs (Eq. 11), as the run's mask kind
+        says (None: every weight). ``task_ids``: the step's tasks, a list on the host (every rank's);
+        or an int64 device tensor ``(n,)`` (a captured step's) whose masks are selected on the device
+        from ``masks`` (every task's) into ``out`` ({name: a fixed buffer})."""
+        kind = self.tr.task_masks
+        if isinstance(task_ids, torch.Tensor):
+            keep = kind.keep_on_device(masks, task_ids, out)
+        else:
+            keep = kind.keep(task_ids, self.tr.backends.masked_adamw)
+        return None if keep is None else {w: keep[n] for n, w in self.tr.weights.items()}
 
     def graph_problem(self) -> str | None:
         if self.unmasked_clip:
@@ -230,11 +223,11 @@ class SurgeryStep:
     method's ``options``, the data stream's generator), then the clip and AdamW step. Returns the
     mean task loss. One process only: its per-task gradients are not split over torchrun ranks."""
 
-    def __init__(self, trainer, combine: Callable, options=None):
-        if trainer.dist.world_size > 1:
-            raise ValueError(f"--method {trainer.cfg.method} runs in one process (its per-task gradients are not split over "
-                             "torchrun ranks)")
-        self.tr, self.combine, self.options = trainer, combine, options
+    def __init__(self, state: TrainingState, combine: Callable, options=None):
+        if state.dist.world_size > 1:
+            raise ValueError(f"--method {state.cfg.method} runs in one process (its per-task gradients are not split "
+                             "over torchrun ranks)")
+        self.tr, self.combine, self.options = state, combine, options
 
     def graph_problem(self) -> str | None:
         return f"--method {self.tr.cfg.method} computes per-task gradients on the host's task split"

@@ -25,7 +25,6 @@ import harmodt_kernels as kernels
 from . import graphed_step, plots
 from .config import ConfigError, TrainConfig, goal_seeds, resolve_device
 from .data.batches import PromptDTBatcher
-from .masks import TaskMasks
 from .methods import METHODS
 from .optim import MaskedAdamW, param_groups
 from .run import distributed, resume, rng, session, signals
@@ -34,55 +33,53 @@ from .run.data_cache import check_data, load_training_data
 from .run.outputs import MetricsLog, NoLog
 from .runtime import float32_matmuls
 from .tasks import parse_tasks
+from .training_state import TrainingState
 
 
-class Trainer:
-    """The model, masks, optimizer and data on one device, and what the method (harmodt.methods)
-    builds on them: its step rule (Algorithm 1's step, harmodt.steps) and its mask updater
-    (Algorithm 2, harmodt.mask_update). ``dist``: this process's rank (harmodt.run.distributed),
-    which makes every collective."""
+class Trainer(TrainingState):
+    """The model, masks, optimizer and data on one device (the fields of its
+    :class:`~harmodt.training_state.TrainingState`), and what the method (harmodt.methods) builds on
+    them: its step rule (Algorithm 1's step, harmodt.steps) and its mask updater (Algorithm 2,
+    harmodt.mask_update). ``dist``: this process's rank (harmodt.run.distributed), which makes every
+    collective."""
 
     def __init__(self, cfg: TrainConfig, datasets: dict | None = None, dist: distributed.Single | None = None):
-        self.cfg = cfg
-        self.method = METHODS[cfg.method]
-        self.tasks = parse_tasks(cfg.tasks)
-        self.dist = dist or distributed.Single()  # the ranks of a torchrun run, or one process
-        self.device = self.dist.device(resolve_device(cfg.device))
+        method = METHODS[cfg.method]
+        tasks = parse_tasks(cfg.tasks)
+        dist = dist or distributed.Single()  # the ranks of a torchrun run, or one process
+        device = dist.device(resolve_device(cfg.device))
         try:
-            self.backends = kernels.select_backends(self.device, cfg.fused, cfg.backend)
+            backends = kernels.select_backends(device, cfg.fused, cfg.backend)
         except kernels.BackendUnavailable as exc:
             raise ConfigError(str(exc)) from None
         rng.seed_all(cfg.seed)
-        self.datasets = datasets if datasets is not None else load_training_data(cfg, self.tasks,
-                                                                                 may_generate=self.dist.may_generate_data)
+        self.method = method
+        self.datasets = datasets if datasets is not None else load_training_data(cfg, tasks,
+                                                                                 may_generate=dist.may_generate_data)
         self.data_sha256 = check_data(cfg, self.datasets)  # the data fit the config; a checkpoint records this fingerprint
         mc = cfg.model
-        prompt_len = mc.prompt_len if self.method.draws_prompts(cfg.conditioning) else 0
-        self.batcher = PromptDTBatcher(self.datasets, self.tasks, mc.context_len, prompt_len, cfg.rtg_scale, mc.max_ep_len,
-                                       seed=cfg.seed + self.dist.rank, device=self.device, prompt_segment=cfg.prompt_segment,
-                                       state_norm=cfg.state_norm)
-        self.model = self.method.build_model(mc, len(self.tasks), cfg.conditioning).to(self.device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model  # training forwards go through this
-        self.params = list(self.model.parameters())
-        self.weights = self.model.masked_weights()  # name -> Parameter
-        shapes = {n: tuple(w.shape) for n, w in self.weights.items()}
-        self.task_masks = self.method.build_masks(shapes, len(self.tasks), cfg.masks, cfg.seed, self.device)
-        masks = [] if self.task_masks is None else list(self.task_masks.masks.values())
-        self.dist.share_initial_state(list(self.model.state_dict().values()) + masks, cfg.seed)  # several ranks: rank 0's
-        self.opt = MaskedAdamW(param_groups(self.model, cfg.weight_decay, cfg.weight_decay_scope), lr=cfg.lr)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min((s + 1) / max(cfg.warmup_steps, 1), 1.0))
-        self.step = 0
-        self.stop = self.dist.stop_request()  # SIGINT/SIGTERM: the loop saves and stops
+        prompt_len = mc.prompt_len if method.draws_prompts(cfg.conditioning) else 0
+        batcher = PromptDTBatcher(self.datasets, tasks, mc.context_len, prompt_len, cfg.rtg_scale, mc.max_ep_len,
+                                  seed=cfg.seed + dist.rank, device=device, prompt_segment=cfg.prompt_segment,
+                                  state_norm=cfg.state_norm)
+        model = method.build_model(mc, len(tasks), cfg.conditioning).to(device)
+        weights = model.masked_weights()  # name -> Parameter
+        task_masks = method.build_masks(weights, len(tasks), cfg.masks, cfg.seed, device)
+        masks = [] if task_masks is None else task_masks.tensors()
+        dist.share_initial_state(list(model.state_dict().values()) + masks, cfg.seed)  # several ranks: rank 0's
+        opt = MaskedAdamW(param_groups(model, cfg.weight_decay, cfg.weight_decay_scope), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / max(cfg.warmup_steps, 1), 1.0))
+        super().__init__(cfg, tasks, device, dist, backends, batcher, model,
+                         forward=torch.compile(model) if cfg.compile else model,  # training forwards go through this
+                         params=list(model.parameters()), weights=weights, task_masks=task_masks, opt=opt, sched=sched,
+                         stop=dist.stop_request())  # SIGINT/SIGTERM: the loop saves and stops
         try:
-            self.step_rule = self.method.build_step_rule(self)
+            self.step_rule = method.build_step_rule(self)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self.mask_updater = self.method.build_mask_updater(self)
+        self.mask_updater = method.build_mask_updater(self)
         # --cuda-graph: the step rule's step captured once (harmodt/graphed_step.py), or None: eager; and the start line's words for it
         self.graphed, self.step_kind = graphed_step.choose(self)
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     def sample_tasks(self) -> list[int]:
         """This step's task ids (``--tasks-per-batch``, ``--task-order``; with several ranks this
@@ -119,7 +116,7 @@ class Trainer:
         raises when it does not fit this model."""
         self.model.load_state_dict(state["model"])
         if state["masks"] is not None:
-            self.task_masks = TaskMasks.from_state(state["masks"], self.tasks, self.device, self.weights)
+            self.task_masks = self.method.mask_kind.from_state(state["masks"], self.tasks, self.device, self.weights)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
