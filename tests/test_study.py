@@ -16,11 +16,14 @@ import pytest
 
 from _synthetic import trajectory
 from harmodt.masks import TaskMasks
+from harmodt.study import checks as checks_mod
 from harmodt.study import runner as runner_mod
 from harmodt.study.__main__ import build_parser
 from harmodt.study.figures import draw_figures
 from harmodt.study.plan import Arm, Run, StudyError, flag_for_key, machine_name, method_arm, parse_sweep, parse_variant, run_name, variant_label
-from harmodt.study.report import aggregate, along_training, family, mask_flips_bound_fraction, pairwise, summary_markdown
+from harmodt.study.comparisons import along_training, family, pairwise
+from harmodt.study.mask_movement import mask_flips_bound_fraction
+from harmodt.study.report import aggregate, summary_markdown
 from harmodt.study.runner import Study
 from harmodt.study.stats import classical_mds, holm, jaccard_matrix, paired_bootstrap, paired_difference, paired_t, t_interval
 from harmodt.study.unseen import aggregate_unseen, default_thresholds, parse_thresholds, unseen_mode
@@ -347,7 +350,7 @@ def test_pairwise_of_the_validation_chosen_checkpoints_is_a_family_of_its_own():
 
 def test_budget_line_gives_each_moving_arm_its_schedule_and_the_eq12_bound():
     from harmodt.masks import alpha_total
-    from harmodt.study.report import masked_and_active
+    from harmodt.study.mask_movement import masked_and_active
 
     study = fake_study({("mtdt", None, 0): [0.5, 0.5], ("harmodt-r", None, 0): [0.5, 0.5], ("harmodt-f", None, 0): [0.5, 0.5]})
     model = {"n_layer": 1, "n_head": 2, "n_embd": 16}
@@ -495,8 +498,8 @@ def test_final_evaluations_take_the_study_eval_options(tmp_path, monkeypatch):
         assert not study.evaluate(run, [], tmp_path / "e.json", "eval.log", "evaluation", {})
         tail = seen[0][seen[0].index("--no-progress") + 1 :]
         assert tail == flags
-    monkeypatch.setattr(runner_mod, "_cuda", lambda: False)
-    monkeypatch.setattr(runner_mod, "bf16_matmul_note", lambda: "[harmodt] note: this CPU has no bf16 matrix instructions")
+    monkeypatch.setattr(checks_mod, "_cuda", lambda: False)
+    monkeypatch.setattr(checks_mod, "bf16_matmul_note", lambda: "[harmodt] note: this CPU has no bf16 matrix instructions")
     with pytest.raises(StudyError, match="--eval-precision bf16 refused: this CPU has no bf16"):
         study.check()
 
