@@ -202,18 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write results JSON here (a new file, or one this command wrote)")
     p.add_argument("--overwrite", action="store_true",
                    help="let --out replace a file of a run, data set or study, or a checkpoint (never the checkpoint evaluated)")
-    field_flag(p, "seed", default=EVALUATION_GOALS_SEED, help="seed for goals and prompts (not its run's --validation-seed)")
+    field_flag(p, "seed", default=EVALUATION_GOALS_SEED,
+               help="seed for goals and prompts (not its run's --validation-seed)")
     p.add_argument("--allow-validation-goals", action="store_true", help="score a checkpoint on the goals its run was validated on (biased)")
     field_flag(p, "device")
     field_flag(p, "fused", help="masked linears on the kernels of --backend (default: the plain-PyTorch reference)")
     field_flag(p, "backend")
-    field_flag(p, "masks.vote_threshold", type=int, default=None, help="Eq. 13 threshold for unseen tasks (default: the training config's)")
+    field_flag(p, "masks.vote_threshold", type=int, default=None,
+               help="Eq. 13 threshold for unseen tasks (default: the training config's)")
     field_flag(p, "target_return", default=None, help="initial return-to-go (default: the training config's, 4500)")
     p.add_argument("--batch-size", type=int, default=None, help="episodes run together (default: all at once, up to 250; 1 = sequential)")
     field_flag(p, "precision", choices=["fp32", "bf16"], help=None)
     field_flag(p, "prompt_segment", default=None,
-               help="prompt of each task: last = the best prompt episode's last K* steps before its final step; random = a window drawn "
-                    "from --seed (default: the training config's)")
+               help="prompt of each task: last = the best prompt episode's last K* steps before its final step; "
+                    "random = a window drawn from --seed (default: the training config's)")
     p.add_argument("--sim-workers", type=int, default=None,
                    help="processes the simulator steps in (default: 2 for 16+ episodes on 2+ cores, else 1)")
     field_flag(p, "stop_at_success", action="store_true",

@@ -35,15 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default=None, help="KEY=V1,V2,...: run the grid over a config key (e.g. masks.eta_max=100,2000)")
     p.add_argument("--sweep-methods", default="", help="comma list: the methods (or variant run names) the sweep applies to (default all); "
                    "the others run once with their default value")
-    field_flag(p, "eval_episodes", type=int, default=20, help="evaluation episodes per task for every final checkpoint (default 20)")
+    field_flag(p, "eval_episodes", type=int, default=20,
+               help="evaluation episodes per task for every final checkpoint (default 20)")
     field_flag(p, "precision", "--eval-precision", choices=["fp32", "bf16"],
-               help="the final evaluations' policy precision (bf16: autocast; on a CPU only with bf16 instructions, AVX512-BF16 or AMX)")
+               help="the final evaluations' policy precision (bf16: autocast; on a CPU only with bf16 instructions, "
+                    "AVX512-BF16 or AMX)")
     field_flag(p, "stop_at_success", "--eval-stop-at-success", action="store_true",
-               help="every evaluation (during training and the final ones) ends each episode at its first success: the same success "
-                    "rates (what the study ranks by and selects best.pt by) for less simulation and policy work; returns in study.json "
-                    "are then truncated there")
+               help="every evaluation (during training and the final ones) ends each episode at its first success: the "
+                    "same success rates (what the study ranks by and selects best.pt by) for less simulation and policy work; "
+                    "returns in study.json are then truncated there")
     field_flag(p, "seed", "--eval-seed", type=int, default=EVALUATION_GOALS_SEED,
-               help=f"evaluation seed shared by all runs: the same goals (default {EVALUATION_GOALS_SEED}); no run's --validation-seed may equal it")
+               help=f"evaluation seed shared by all runs: the same goals (default {EVALUATION_GOALS_SEED}); no run's "
+                    "--validation-seed may equal it")
     p.add_argument("--curve-episodes", type=int, default=3,
                    help="episodes per task of the trainer's own evaluations when --eval-every is passed (default 3)")
     field_flag(p, "data", help="dataset folder shared by all runs (default: generate one into OUT/data)")

@@ -33,8 +33,8 @@ import numpy as np
 
 from ..data.batches import STATE_NORMS
 from ..oneline import OneLineParser, run_tool
-from .task_identity import (CLASSIFIERS, VIEWS, IdentifyConfig, IdentifyError, classify, episode_features, heldout_predictions,
-                            per_task_scores, spearman)
+from .task_identity import (CLASSIFIERS, VIEWS, IdentifyConfig, IdentifyError, classify, episode_features,
+                            heldout_predictions, per_task_scores, spearman)
 
 
 def method_success(runs_dir: Path, tasks: list[str], method: str = "prompt-dt") -> dict:
