@@ -4,21 +4,18 @@ as the trainer would), its folder."""
 from __future__ import annotations
 
 import shlex
-from typing import TYPE_CHECKING
 
 from ..runtime import bf16_matmul_note
 from .comparisons import parse_family
 from .plan import OWN_FLAGS, StudyError, flag_for_key, without_threads
 from .unseen import parse_thresholds
 
-if TYPE_CHECKING:
-    from .runner import Study
 
-
-def check_study(study: Study) -> None:
-    """Every flag of ``study`` and every run's training flags checked before any run starts, then its
-    folder made (last: a study refused for a flag makes no folder); sets its held-out tasks, their
-    vote thresholds and its ``--family``. StudyError naming the flag otherwise."""
+def check_study(study) -> None:
+    """Every flag of ``study`` (a harmodt.study.runner.Study) and every run's training flags checked
+    before any run starts, then its folder made (last: a study refused for a flag makes no folder);
+    sets its held-out tasks, their vote thresholds and its ``--family``. StudyError naming the flag
+    otherwise."""
     from ..config import METHODS, ConfigError, goal_seeds
     from ..domains import SEED
     from ..run.cli import parse_args
