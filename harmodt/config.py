@@ -1,6 +1,7 @@
 """Configuration dataclasses (each field with its help text), presets, the --resume rule of
 every setting, and validation. The flags of ``python -m harmodt.train`` are built from these
-fields (harmodt/run/cli.py): a new field is a new flag.
+fields (harmodt/flags.py): a new field is a new flag; evaluate's and the study's flags that
+mirror one are declared by it.
 
 Defaults follow the paper (Table 6 and Appendix B) except where a field says otherwise; the
 embedded default run (no CLI arguments) shrinks the run so it finishes in minutes on 2 cores.
