@@ -1,2 +1,2 @@
 """harmodt's benchmarks (pytest-benchmark suites) and the tools around them: ``bench.render``
-turns a results file into bench/README.md's table. See bench/README.md."""
+turns a results file into bench/figures.md's tables. See bench/README.md."""

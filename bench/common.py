@@ -1,5 +1,6 @@
-"""What the benchmarks share: the paper's model size, synthetic training data, trainers, timing of
-variants in alternating rounds, and the results registry that bench/conftest.py writes as JSON.
+"""What the benchmarks share: the paper's model size, synthetic training data, trainers, a random
+model with its masks, timing of variants in alternating rounds, and the results registry that
+bench/conftest.py writes as JSON.
 
 Timing: :func:`interleave` runs every variant of a benchmark once per round, in turn (the
 primary variant through pytest-benchmark's ``pedantic``, the others in its untimed ``setup``), so
@@ -86,6 +87,19 @@ def make_trainer(method: str = "harmodt-f", device: str = "cpu", fused: bool = T
     cfg = validate(TrainConfig(tasks=",".join(tasks), method=method, progress=False, eval_episodes=0, device=device, fused=fused,
                                precision=precision, **kw))
     return Trainer(cfg, synthetic_datasets(tasks))
+
+
+def model_and_masks(n_tasks: int, device, model_cfg=None):
+    """A random HarmoDT-F model (the paper's size unless ``model_cfg``) and ERK masks at S = 0.2."""
+    from harmodt.config import ModelConfig
+    from harmodt.masks import TaskMasks
+    from harmodt.methods import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_cfg or ModelConfig(), n_tasks, "harmodt-f").to(device).eval()
+    shapes = {n: tuple(w.shape) for n, w in model.masked_weights().items()}
+    masks = TaskMasks.erk(shapes, n_tasks, 0.2, torch.Generator().manual_seed(0), device=device)
+    return model, masks
 
 
 def step_runner(tr, device=None) -> Callable[[int], float]:

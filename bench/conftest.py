@@ -9,7 +9,7 @@
   ``HARMODT_BENCH_RESULTS=none`` writes none): the machine, torch/triton versions, the command,
   the load average and an fp32 GEMM rate before and after, each benchmark's variants (median/min/max ms), derived
   figures, table rows and the skipped benchmarks with their reasons. ``python -m bench.render``
-  renders it as bench/README.md's table.
+  renders it as bench/figures.md's tables.
 """
 
 from __future__ import annotations

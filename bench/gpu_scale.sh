@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# HarmoDT at the paper's scale end to end on one GPU, then a full tests/gpu run (bench/README.md,
-# "GPU scale"). README's MT50 command (`--preset paper-mt50 ... --device cuda --fused`, its
+# HarmoDT at the paper's scale end to end on one GPU, then a full tests/gpu run (bench/gpu.md,
+# "On a GPU machine"). README's MT50 command (`--preset paper-mt50 ... --device cuda --fused`, its
 # defaults otherwise) trains on generated MT50 data for as many steps as fit in a few minutes,
 # twice: with the paper's mask interval (t_m 5000, the preset's) and the official code's (t_m 500), each with
 # checkpoints (every 1000 steps, the default) and a final evaluation. `python -m bench.mt50_run`

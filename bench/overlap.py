@@ -57,12 +57,12 @@ class Half:
 
 def policy(rows: torch.Tensor, n_tasks: int, precision: str):
     """A callable running ``act`` for ``rows`` (task indices of ``n_tasks``) on fixed inputs: the studies' model."""
-    from bench.test_bench_eval import _model_and_masks
+    from bench.common import model_and_masks
     from harmodt.config import ModelConfig
     from harmodt.model import MaskContext
 
     k, kp = 20, 5
-    model, masks = _model_and_masks(n_tasks, "cpu", ModelConfig(n_layer=3, n_head=4, n_embd=128))
+    model, masks = model_and_masks(n_tasks, "cpu", ModelConfig(n_layer=3, n_head=4, n_embd=128))
     op = kernels.select_backends(torch.device("cpu"), True).masked_linear.cached({})
     g = torch.Generator().manual_seed(0)
     packed = masks.packed()

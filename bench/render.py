@@ -4,7 +4,7 @@ version's figure where it was measured, and its target.
 
     python -m bench.render                     # print the tables of every bench/results/*.json
     python -m bench.render FILE.json ...       # print these
-    python -m bench.render --write [FILE ...]  # replace bench/README.md's "## Latest figures" section
+    python -m bench.render --write [FILE ...]  # replace bench/figures.md's "## Latest figures" section
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-README = HERE / "README.md"
+FIGURES = HERE / "figures.md"
 HEADING = "## Latest figures"
 INTRO = ("Rendered by `python -m bench.render --write` from the results file the benchmark run wrote; "
          "min-max is over the rounds; targets are reported, never asserted.")
@@ -69,18 +69,18 @@ def render(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(text: str, readme: Path = README) -> None:
-    src = readme.read_text()
+def write_figures(text: str, path: Path = FIGURES) -> None:
+    src = path.read_text()
     start = src.index(HEADING)
     nxt = src.find("\n## ", start + len(HEADING))
     tail = "" if nxt < 0 else src[nxt:]
-    readme.write_text(src[:start] + f"{HEADING}\n\n{INTRO}\n\n{text}" + tail)
+    path.write_text(src[:start] + f"{HEADING}\n\n{INTRO}\n\n{text}" + tail)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.render", description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="*", help="results files (default: bench/results/*.json)")
-    p.add_argument("--write", action="store_true", help=f"replace the '{HEADING}' section of bench/README.md")
+    p.add_argument("--write", action="store_true", help=f"replace the '{HEADING}' section of bench/figures.md")
     args = p.parse_args(argv)
     files = [Path(f) for f in args.files] or sorted((HERE / "results").glob("*.json"))
     if not files:
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     text = "\n".join(render(json.loads(f.read_text())) for f in files)
     if args.write:
-        write_readme(text)
-        print(f"wrote the tables of {', '.join(map(str, files))} into {README}")
+        write_figures(text)
+        print(f"wrote the tables of {', '.join(map(str, files))} into {FIGURES}")
     else:
         print(text, end="")
     return 0

@@ -13,22 +13,9 @@ import torch
 
 import harmodt_kernels as kernels
 
-from .common import call_runner, devices, figure, interleave, paired_ratio, record, rounds, time_figure
+from .common import call_runner, devices, figure, interleave, model_and_masks, paired_ratio, record, rounds, time_figure
 
 EVAL_STEPS = int(os.environ.get("HARMODT_BENCH_EVAL_STEPS", "100"))
-
-
-def _model_and_masks(n_tasks: int, device, model_cfg=None):
-    """A random HarmoDT-F model (the paper's size unless ``model_cfg``) and ERK masks at S = 0.2."""
-    from harmodt.config import ModelConfig
-    from harmodt.masks import TaskMasks
-    from harmodt.methods import build_model
-
-    torch.manual_seed(0)
-    model = build_model(model_cfg or ModelConfig(), n_tasks, "harmodt-f").to(device).eval()
-    shapes = {n: tuple(w.shape) for n, w in model.masked_weights().items()}
-    masks = TaskMasks.erk(shapes, n_tasks, 0.2, torch.Generator().manual_seed(0), device=device)
-    return model, masks
 
 
 def _eval_info(tasks) -> dict:
@@ -57,7 +44,7 @@ def test_eval_mt10(benchmark, device):
     from harmodt.evaluate import evaluate
     from harmodt.tasks import MT10
 
-    model, masks = _model_and_masks(len(MT10), device)
+    model, masks = model_and_masks(len(MT10), device)
     op = kernels.select_backends(device, True).masked_linear
     backend = op.backend.name
     info = _eval_info(MT10)
@@ -85,7 +72,7 @@ def test_eval_forward_mt50(benchmark, device):
     from harmodt.model import MaskContext
 
     n_tasks, episodes, k, kp = 50, 10, 20, 5
-    model, masks = _model_and_masks(n_tasks, device)
+    model, masks = model_and_masks(n_tasks, device)
     fused_op = kernels.select_backends(device, True).masked_linear
     fused = fused_op.backend.name
     g = torch.Generator().manual_seed(0)
@@ -153,7 +140,7 @@ def test_eval_floor_mt10(benchmark, device):
     from harmodt.evaluate import evaluate
     from harmodt.tasks import MT10
 
-    model, masks = _model_and_masks(len(MT10), device, ModelConfig(n_layer=3, n_head=4, n_embd=128))
+    model, masks = model_and_masks(len(MT10), device, ModelConfig(n_layer=3, n_head=4, n_embd=128))
     op = kernels.select_backends(device, True).masked_linear
     info = _eval_info(MT10)
     b = len(MT10) * FLOOR_EPISODES

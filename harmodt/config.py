@@ -1,6 +1,7 @@
 """Configuration dataclasses (each field with its help text), presets, the --resume rule of
 every setting, and validation. The flags of ``python -m harmodt.train`` are built from these
-fields (harmodt/run/cli.py): a new field is a new flag.
+fields (harmodt/flags.py): a new field is a new flag; evaluate's and the study's flags that
+mirror one are declared by it.
 
 Defaults follow the paper (Table 6 and Appendix B) except where a field says otherwise; the
 embedded default run (no CLI arguments) shrinks the run so it finishes in minutes on 2 cores.
@@ -11,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import MISSING, dataclass, field, fields
 
+from harmodt_kernels import BACKENDS
+
 from .data.batches import PROMPT_SEGMENTS, STATE_NORMS
 from .domains import ANY_NUMBER, SEED, Domain, above, at_least, between, check_fields, one_of
-from .methods import CONDITIONING_ALIASES, CONDITIONINGS, METHODS
+from .methods import CONDITIONING_ALIASES, METHODS
+from .model import CONDITIONINGS
 from .oneline import OneLineParser, interruptible  # noqa: F401 (the tools' parsers, named here too)
 from .tasks import TASKS_HELP
 
@@ -30,7 +34,6 @@ LAM_ONS = ("importance", "agreement")
 RECOVERY_GRADS = ("dense", "masked")
 MASK_GRADS = ("paper", "official")
 MASK_GRADS_PASSES = ("auto", "per-task", "batched")
-BACKENDS = ("auto", "triton", "cpu", "reference")
 PRECISIONS = ("fp32", "tf32", "bf16")
 CUDA_GRAPHS = ("auto", "on", "off")
 
@@ -117,7 +120,7 @@ class TrainConfig:
     resume: bool = setting(False, "continue from OUT/checkpoint.pt")
     conditioning: str = setting("auto", "auto (MTDT: task-state, others: prompt) | prompt | task-state (one-hot task ID beside the "
                                 "state, as the paper's MTDT) | task-embedding (a learned task embedding added to every token) | prompt-task-state (the "
-                                "prompt and the one-hot task ID beside the state)", one_of(CONDITIONINGS))
+                                "prompt and the one-hot task ID beside the state)", one_of(("auto", *CONDITIONINGS)))
     prompt_segment: str = setting("last", "last (the last K* steps before a prompt episode's final step, as Prompt-DT's code) | "
                                   "random (a window anywhere in one)", one_of(PROMPT_SEGMENTS))
     state_norm: str = setting("per-task", "per-task (each task's states by its own mean and std, as HarmoDT's code) | pooled (one mean and "

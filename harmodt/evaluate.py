@@ -23,7 +23,6 @@ inputs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -35,8 +34,8 @@ import harmodt_kernels as kernels
 
 from .checkpoint import CheckpointError
 from .config import EVALUATION_GOALS_SEED, OneLineParser, interruptible, selection_goals_problem
-from .domains import ANY_NUMBER, SEED
 from .files import FolderLock, OutputError, finite_json, read_json, unwritable_file, write_atomic
+from .flags import field_flag
 from .ownership import check_output_file, run_files
 from .policy_inputs import EvalError, task_inputs
 from .runtime import bf16_matmul_note, return_freed_memory
@@ -199,31 +198,31 @@ def print_table(results: dict, file=sys.stdout) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m harmodt.evaluate", description="Evaluate a harmodt checkpoint on Meta-World v3 (batched).")
     p.add_argument("checkpoint", help="checkpoint.pt written by harmodt.train")
-    p.add_argument("--tasks", default=None,
-                   help=f"tasks to evaluate (default: the checkpoint's; unseen tasks use the voted mask): {TASKS_HELP}")
+    field_flag(p, "tasks", default=None,
+               help=f"tasks to evaluate (default: the checkpoint's; unseen tasks use the voted mask): {TASKS_HELP}")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--out", default=None, help="write results JSON here (a new file, or one this command wrote)")
     p.add_argument("--overwrite", action="store_true",
                    help="let --out replace a file of a run, data set or study, or a checkpoint (never the checkpoint evaluated)")
-    p.add_argument("--seed", type=SEED.parse(int), default=EVALUATION_GOALS_SEED, help="seed for goals and prompts (not its run's --validation-seed)")
+    field_flag(p, "seed", default=EVALUATION_GOALS_SEED,
+               help="seed for goals and prompts (not its run's --validation-seed)")
     p.add_argument("--allow-validation-goals", action="store_true", help="score a checkpoint on the goals its run was validated on (biased)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False,
-                   help="masked linears on the kernels of --backend (default: the plain-PyTorch reference)")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"],
-                   help="kernel backend with --fused: auto (triton on CUDA, cpu on CPU) | triton | cpu | reference")
-    p.add_argument("--vote-threshold", type=int, default=None, help="Eq. 13 threshold for unseen tasks (default: the training config's)")
-    p.add_argument("--target-return", type=ANY_NUMBER.parse(float), default=None, help="initial return-to-go (default: the training config's, 4500)")
+    field_flag(p, "device")
+    field_flag(p, "fused", help="masked linears on the kernels of --backend (default: the plain-PyTorch reference)")
+    field_flag(p, "backend")
+    field_flag(p, "masks.vote_threshold", type=int, default=None,
+               help="Eq. 13 threshold for unseen tasks (default: the training config's)")
+    field_flag(p, "target_return", default=None, help="initial return-to-go (default: the training config's, 4500)")
     p.add_argument("--batch-size", type=int, default=None, help="episodes run together (default: all at once, up to 250; 1 = sequential)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--prompt-segment", default=None, choices=["last", "random"],
-                   help="prompt of each task: last = the best prompt episode's last K* steps before its final step; random = a window drawn from --seed "
-                        "(default: the training config's)")
+    field_flag(p, "precision", choices=["fp32", "bf16"], help=None)
+    field_flag(p, "prompt_segment", default=None,
+               help="prompt of each task: last = the best prompt episode's last K* steps before its final step; "
+                    "random = a window drawn from --seed (default: the training config's)")
     p.add_argument("--sim-workers", type=int, default=None,
                    help="processes the simulator steps in (default: 2 for 16+ episodes on 2+ cores, else 1)")
-    p.add_argument("--stop-at-success", action="store_true",
-                   help="end each episode's simulation at its first success: the same success rates, less simulation; "
-                        "returns are then truncated there (recorded in --out)")
+    field_flag(p, "stop_at_success", action="store_true",
+               help="end each episode's simulation at its first success: the same success rates, less simulation; "
+                    "returns are then truncated there (recorded in --out)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:

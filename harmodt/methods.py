@@ -31,14 +31,12 @@ from .domains import check_fields
 from .mask_kinds import MaskKind, SharedMasks
 from .mask_update import Algorithm2, HarmonyProbe
 from .masks import IMPORTANCE, TaskMasks
-from .model import CONDITIONINGS as MODEL_CONDITIONINGS
-from .model import PROMPTED, PromptDT
+from .model import CONDITIONINGS, PROMPTED, PromptDT
 from .steps import MaskedStep, PlainStep, SurgeryStep
 from .training_state import TrainingState
 
 MASKS = ("none", "fixed", "shared", "learned")
 IMPORTANCES = tuple(IMPORTANCE)  # the importance terms of Eq. 8 (harmodt.masks)
-CONDITIONINGS = ("auto", *MODEL_CONDITIONINGS)
 # An earlier name of a --conditioning value, still read from configs and checkpoints.
 CONDITIONING_ALIASES = {"task-id": "task-embedding"}
 
@@ -84,8 +82,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: masks must be one of {', '.join(MASKS)}, got {self.masks!r}")
         if (self.importance is not None) != (self.masks == "learned") or self.importance not in (None, *IMPORTANCES):
             raise ValueError(f"method {self.name!r}: learned masks need an importance ({', '.join(IMPORTANCES)}), other masks none")
-        if self.conditioning not in MODEL_CONDITIONINGS:
-            raise ValueError(f"method {self.name!r}: conditioning must be one of {', '.join(MODEL_CONDITIONINGS)}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"method {self.name!r}: conditioning must be one of {', '.join(CONDITIONINGS)}")
         if self.combine is not None and self.masks != "none":
             raise ValueError(f"method {self.name!r}: a gradient-combination rule runs on the dense model (masks none)")
         if self.options is not None and not dataclasses.is_dataclass(self.options):
@@ -187,11 +185,6 @@ register(Method("cagrad", "CAGrad", "tab:cyan", combine=cagrad_direction, option
 
 # The dense prompted baseline the study's tables compare other arms with.
 REFERENCE = "prompt-dt"
-
-
-def resolve_conditioning(method: str, conditioning: str = "auto") -> str:
-    """The concrete conditioning of ``method`` under ``--conditioning`` (:meth:`Method.resolve_conditioning`)."""
-    return METHODS[method].resolve_conditioning(conditioning)
 
 
 def build_model(cfg, n_tasks: int, method: str, conditioning: str = "auto") -> PromptDT:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from harmodt.study.against_paper import AgainstPaperError, END, START, main, tables_markdown, write_between_markers
-from harmodt.study.report import aggregate, pairwise
+from harmodt.study.comparisons import pairwise
+from harmodt.study.report import aggregate
 
 TASKS = [f"task-{i}" for i in range(6)]
 ARMS = {"MTDT": "mtdt", "Prompt-DT": "prompt-dt", "HarmoDT-R": "harmodt-r", "HarmoDT-F official": "harmodt-f"}

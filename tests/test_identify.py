@@ -9,9 +9,10 @@ import torch
 from harmodt.data.batches import _flatten, episode_segments, first_states, prompt_segment
 from harmodt.data.formats import TaskData, Trajectory
 from harmodt.study import identify as idf
+from harmodt.study import task_identity as tid
 from tests._data_folders import write_ours
 
-CFG = idf.IdentifyConfig(prompt_len=3, max_ep_len=50, folds=4, max_iter=100)
+CFG = tid.IdentifyConfig(prompt_len=3, max_ep_len=50, folds=4, max_iter=100)
 
 
 def _traj(obs: np.ndarray, rng) -> Trajectory:
@@ -57,16 +58,16 @@ def test_classifiers_separate_blobs_and_not_noise():
     y = np.repeat(np.arange(3), 20)
     separable = rng.normal(size=(60, 5)) + 4.0 * np.eye(3, 5)[y]
     noise = rng.normal(size=(60, 5))
-    for clf in idf.CLASSIFIERS:
-        assert np.mean(idf.heldout_predictions(separable, y, 3, clf, CFG) == y) == 1.0
-        assert np.mean(idf.heldout_predictions(noise, y, 3, clf, CFG) == y) < 0.6
+    for clf in tid.CLASSIFIERS:
+        assert np.mean(tid.heldout_predictions(separable, y, 3, clf, CFG) == y) == 1.0
+        assert np.mean(tid.heldout_predictions(noise, y, 3, clf, CFG) == y) < 0.6
 
 
 def test_folds_hold_every_class():
     y = np.repeat(np.arange(3), 7)
-    fold = idf.fold_of(y, 3, seed=0)
+    fold = tid.fold_of(y, 3, seed=0)
     assert all(set(y[fold == f]) == {0, 1, 2} for f in range(3))
-    assert np.array_equal(fold, idf.fold_of(y, 3, seed=0))
+    assert np.array_equal(fold, tid.fold_of(y, 3, seed=0))
 
 
 def test_per_task_statistics_hide_an_offset_that_pooled_ones_show():
@@ -86,7 +87,7 @@ def test_per_task_statistics_hide_an_offset_that_pooled_ones_show():
 
 def test_too_few_episodes_for_the_folds():
     data = _offset_tasks(episodes=3)
-    with pytest.raises(idf.IdentifyError, match="--folds 4"):
+    with pytest.raises(tid.IdentifyError, match="--folds 4"):
         idf.identify(data, CFG)
 
 
@@ -107,12 +108,12 @@ def test_cli_writes_report_with_rank_correlation(tmp_path, capsys):
     report = json.loads((out / "identify.json").read_text())
     assert report["model_state_norm"] == "pooled"
     assert report["prompt_dt"]["per_task"] == pytest.approx({"reach-v3": 0.9, "push-v3": 0.45, "pick-place-v3": 0.1})
-    assert len(report["results"]) == len(idf.STATE_NORMS) * len(idf.VIEWS) * len(idf.CLASSIFIERS)
+    assert len(report["results"]) == len(idf.STATE_NORMS) * len(tid.VIEWS) * len(tid.CLASSIFIERS)
     sp = report["results"][0]["spearman"]["heldout"]
     assert sp["n"] == 3 and (sp["rho"] is None or -1.0 <= sp["rho"] <= 1.0)
     assert report["controls"]["mtdt"]["per_task"]["pick-place-v3"] == 1.0
     for row in report["results"]:  # the control's success is the reverse order of Prompt-DT's: opposite ranks
-        for test in idf.TESTS:
+        for test in tid.TESTS:
             a, b = row["spearman"][test]["rho"], row["spearman_controls"]["mtdt"][test]["rho"]
             assert (a is None and b is None) or a == pytest.approx(-b)
     md = (out / "identify.md").read_text()

@@ -20,7 +20,7 @@ import pytest
 from harmodt.study.__main__ import main
 from harmodt.study.executors import parse_minutes, parse_params
 from harmodt.study.plan import StudyError
-from test_study import TASKS, ignoring_sigint, processes_using, write_synthetic_data
+from _study import TASKS, ignoring_sigint, processes_using, write_synthetic_data
 
 # long enough (a few seconds of steps) to signal a trainer between two checkpoints
 TINY = ["--steps", "400", "--batch-size", "2", "--warmup-steps", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",

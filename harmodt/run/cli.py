@@ -1,18 +1,17 @@
 """The flags of ``python -m harmodt.train``, built from the config dataclasses (harmodt/config.py):
 every field is a flag (``model.n_layer`` is ``--n-layer``), its help text the field's, so a new
-field is a new flag; so is each field of a method's options (harmodt.methods). Bad flags are one line on stderr and exit code 2."""
+field is a new flag; so is each field of a method's options (harmodt.methods; both in harmodt/flags.py). Bad flags are
+one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from ..config import (PRESETS, RESUME_RULES, ConfigError, OneLineParser, TrainConfig, apply_overrides, config_from_dict, flag,
-                      validate)
+from ..config import PRESETS, ConfigError, OneLineParser, TrainConfig, apply_overrides, config_from_dict, flag, validate
+from ..domains import check_fields
 from ..files import read_json
-from ..methods import METHODS
-from ..domains import check_fields, kind_of
+from ..flags import add_config_flags, add_method_flags
 
 # Flags that say how and where a run goes, not what it trains: given alone (no --preset, no
 # --config, no other flag) they keep the embedded default run.
@@ -20,30 +19,6 @@ CONFIG_LIMIT = 1 << 20  # bytes of a --config file read at most
 
 RUN_ONLY = ("out", "fused", "backend", "dropout_rng", "precision", "threads", "progress", "seed", "resume", "device", "compile", "cuda_graph",
             "allow_changed", "dist_timeout")
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    """One flag per field of dataclass ``cls`` (dest: the dotted key); a field that is itself a
-    config dataclass becomes a group of flags titled by its help."""
-    group = parser
-    for f in dataclasses.fields(cls):
-        dest = prefix + f.name
-        help_text = f.metadata.get("help", "").replace("%", "%%")
-        if f.default_factory is dict:  # method_options: the flags of every method's options (add_method_flags)
-            continue
-        if dataclasses.is_dataclass(f.default_factory):
-            add_config_flags(parser.add_argument_group(f"{f.name} ({help_text})"), f.default_factory, dest + ".")
-        elif f.default_factory is list:
-            choices = [k for k, rule in RESUME_RULES.items() if rule == "changeable"] if f.name == "allow_changed" else None
-            extra = f" (any of {', '.join(choices)})" if choices else ""
-            group.add_argument(flag(f.name), dest=dest, nargs="+", default=None, metavar="KEY", help=help_text + extra)
-        elif isinstance(f.default, bool):
-            group.add_argument(flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            domain = f.metadata.get("domain")
-            allowed = f"; {domain.describe(kind_of(f))}" if domain is not None and not domain.choices else ""
-            group.add_argument(flag(f.name), dest=dest, type=type(f.default), default=None, metavar=f.name.upper(),
-                               help=f"{help_text} (default {f.default}{allowed})" if f.default != "" else help_text)
 
 
 def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentParser:
@@ -57,19 +32,6 @@ def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentPars
     add_config_flags(p, TrainConfig)
     add_method_flags(p)
     return p
-
-
-def add_method_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per field of each registered method's options (harmodt.methods; dest
-    ``method_options.NAME``), in a group per method; the default is the field's."""
-    for method in METHODS.values():
-        if method.options is None:
-            continue
-        group = parser.add_argument_group(f"--method {method.name}")
-        for f in dataclasses.fields(method.options):
-            help_text = f.metadata.get("help", "").replace("%", "%%")
-            group.add_argument(flag(f.name), dest="method_options." + f.name, type=type(f.default), default=None,
-                               metavar=f.name.upper(), help=f"{help_text} (default {f.default})")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -28,9 +28,10 @@ Final and best: a run's *final* success is the study's evaluation of its final c
 as the official code reports. Both are reported, labelled; rankings use the final success.
 
 Modules: :mod:`.plan` (arms, run names, run folders), :mod:`.runner` (the runs and signals),
-:mod:`.stats`, :mod:`.report` (study.json, summary.md), :mod:`.against_paper` (the paper's MT50 numbers beside a
-study's), :mod:`.unseen`, :mod:`.figures`, :mod:`.executors`
-(``--executor slurm|submitit-local``: every run a submitit job; docs/study.md) and :mod:`.__main__` (the CLI).
+:mod:`.stats`, :mod:`.report` (study.json, summary.md), :mod:`.comparisons` (pairs of arms, the
+``--family``, along training), :mod:`.mask_movement`, :mod:`.against_paper` (the paper's MT50
+numbers beside a study's), :mod:`.unseen`, :mod:`.figures`, :mod:`.executors` (``--executor
+slurm|submitit-local``: every run a submitit job; docs/study.md) and :mod:`.__main__` (the CLI).
 """
 
 from .plan import Arm, Run, StudyError

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..config import EVALUATION_GOALS_SEED, OneLineParser
 from ..files import FolderLock, OutputError, read_json
+from ..flags import field_flag
 from ..oneline import run_tool
 from ..ownership import holds_data_set, run_files
 from ..tasks import TASKS_HELP
@@ -25,30 +26,32 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m harmodt.study", allow_abbrev=False,
         description="Train and evaluate every (method, seed[, swept value]) on one dataset; write study.json, summary.md "
                     "and figures. Flags not listed here are passed to every `python -m harmodt.train` run.")
-    p.add_argument("--tasks", default="MT10",
-                   help=f"{TASKS_HELP} (default MT10)")
+    field_flag(p, "tasks", default="MT10", help=f"{TASKS_HELP} (default MT10)")
     p.add_argument("--methods", default="mtdt,prompt-dt,harmodt-r,harmodt-m,harmodt-f", help="comma list of methods")
     p.add_argument("--seeds", default="0,1,2", help="comma list of training seeds")
     p.add_argument("--out", required=True, help="study folder (runs/, data/, study.json, summary.md, figures/)")
     p.add_argument("--workers", type=int, default=1, help="runs trained at the same time (default 1)")
-    p.add_argument("--threads-per-run", type=int, default=0, help="torch threads per run (default: cores / workers)")
+    field_flag(p, "threads", "--threads-per-run", type=int, help="torch threads per run (default: cores / workers)")
     p.add_argument("--sweep", default=None, help="KEY=V1,V2,...: run the grid over a config key (e.g. masks.eta_max=100,2000)")
     p.add_argument("--sweep-methods", default="", help="comma list: the methods (or variant run names) the sweep applies to (default all); "
                    "the others run once with their default value")
-    p.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per task for every final checkpoint (default 20)")
-    p.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16"],
-                   help="the final evaluations' policy precision (bf16: autocast; on a CPU only with bf16 instructions, AVX512-BF16 or AMX)")
-    p.add_argument("--eval-stop-at-success", action="store_true",
-                   help="every evaluation (during training and the final ones) ends each episode at its first success: the same success "
-                        "rates (what the study ranks by and selects best.pt by) for less simulation and policy work; returns in study.json "
-                        "are then truncated there")
-    p.add_argument("--eval-seed", type=int, default=EVALUATION_GOALS_SEED,
-                   help=f"evaluation seed shared by all runs: the same goals (default {EVALUATION_GOALS_SEED}); no run's --validation-seed may equal it")
+    field_flag(p, "eval_episodes", type=int, default=20,
+               help="evaluation episodes per task for every final checkpoint (default 20)")
+    field_flag(p, "precision", "--eval-precision", choices=["fp32", "bf16"],
+               help="the final evaluations' policy precision (bf16: autocast; on a CPU only with bf16 instructions, "
+                    "AVX512-BF16 or AMX)")
+    field_flag(p, "stop_at_success", "--eval-stop-at-success", action="store_true",
+               help="every evaluation (during training and the final ones) ends each episode at its first success: the "
+                    "same success rates (what the study ranks by and selects best.pt by) for less simulation and policy work; "
+                    "returns in study.json are then truncated there")
+    field_flag(p, "seed", "--eval-seed", type=int, default=EVALUATION_GOALS_SEED,
+               help=f"evaluation seed shared by all runs: the same goals (default {EVALUATION_GOALS_SEED}); no run's "
+                    "--validation-seed may equal it")
     p.add_argument("--curve-episodes", type=int, default=3,
                    help="episodes per task of the trainer's own evaluations when --eval-every is passed (default 3)")
-    p.add_argument("--data", default="", help="dataset folder shared by all runs (default: generate one into OUT/data)")
-    p.add_argument("--gen-episodes", type=int, default=100, help="episodes per task when the study generates the data (default 100)")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (default 0)")
+    field_flag(p, "data", help="dataset folder shared by all runs (default: generate one into OUT/data)")
+    field_flag(p, "gen_episodes", type=int, help="episodes per task when the study generates the data (default 100)")
+    field_flag(p, "seed", "--data-seed", type=int, help="seed of the generated data (default 0)")
     p.add_argument("--variant", action="append", default=[], metavar='"LABEL=METHOD [TRAIN FLAGS...]"',
                    help="a labelled method with training flags of its own (after the shared ones, so they win); repeatable, "
                         "e.g. --variant \"HarmoDT-F official=harmodt-f --preset official\" (runs harmodt-f-official-s0, ...)")

@@ -18,7 +18,8 @@ from ..oneline import run_tool
 from ..run.outputs import write_atomic
 from .plan import StudyError
 from .figures import draw_figures
-from .report import aggregate, along_training, family, pairwise, summary_markdown
+from .comparisons import along_training, family, pairwise
+from .report import aggregate, summary_markdown
 from .unseen import aggregate_unseen
 
 

@@ -1,20 +1,21 @@
 """The study's report: each run's entry (final and best success, mask movement), the aggregate per
-arm with t-intervals and paired bootstrap differences, every pair of arms, and summary.md."""
+arm with t-intervals and paired bootstrap differences, and summary.md (the comparisons between
+arms: harmodt/study/comparisons.py; how far masks may move: mask_movement.py)."""
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
 import numpy as np
 
 from ..files import loads_json
-from ..masks import alpha_total
 from ..methods import METHODS, REFERENCE
 from ..run.outputs import read_metrics
-from .stats import SEED_LEVEL_METHOD, excludes_zero, fmt as _fmt, holm, paired_difference, paired_t, t_interval
+from .comparisons import along_training_markdown, family_markdown, interval_text, paired_success, pairwise_markdown
 from .learned_masks import learned_masks_markdown
+from .mask_movement import mask_flips_bound_fraction, mask_schedules
+from .stats import SEED_LEVEL_METHOD, fmt as _fmt, t_interval
 from .unseen import unseen_markdown
 
 
@@ -54,22 +55,6 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
     if flips:
         entry["weights_flipped_per_task"] = float(np.mean([np.mean(r["masked_per_task"]) for r in flips]) * len(flips))
     return entry
-
-
-def mask_flips_bound_fraction(cfg: dict) -> float | None:
-    """How far a run's schedule lets a task's mask move (None for a dense method, 0 for masks that do
-    not learn): alpha_t of Eq. 12 summed over its mask updates (harmodt.masks.alpha_total), and no
-    more than the task's initially masked weights, over its active ones (:func:`masked_and_active`
-    of config.json ``cfg``); at sparsity S the cap alone is about S / (1 - S)."""
-    method = METHODS.get(cfg.get("method"))
-    if method is None or not method.masked:
-        return None
-    if not method.learns_masks:
-        return 0.0
-    m = cfg["masks"]
-    flips = alpha_total(cfg["steps"], m["update_every"], m["eta_min"], m["eta_max"])
-    weights, active = masked_and_active(cfg["model"], m["sparsity"])
-    return min(flips, weights - active) / active
 
 
 def _validation_best(run, eval_episodes: int) -> dict | None:
@@ -149,231 +134,19 @@ def aggregate(study: dict) -> list[dict]:
             ref = next((w for w in order if by_variant[w] and by_variant[w][0]["arm"] == entry["arm"]
                         and (by_variant[w][0]["sweep"] or {}).get("value") == first_value), None)
         if ref is not None and ref != v and rows:
-            entry["paired"] = _paired(rows, by_variant[ref], study["tasks"], ref)
+            entry["paired"] = paired_success(rows, by_variant[ref], study["tasks"], ref)
             if entry.get("best", {}).get("selected_on") == "validation":  # chosen without looking at the test goals
-                entry["paired_best"] = _paired(rows, by_variant[ref], study["tasks"], ref, key="best")
+                entry["paired_best"] = paired_success(rows, by_variant[ref], study["tasks"], ref, key="best")
         if "paired" in entry and entry["paired"] is None:
             del entry["paired"]
         if first_value is not None and entry["sweep_value"] not in (None, first_value) and rows:
             # a swept value against the same arm at the first value
             sref = next((w for w in order if by_variant[w] and by_variant[w][0]["arm"] == entry["arm"]
                          and (by_variant[w][0]["sweep"] or {}).get("value") == first_value), None)
-            if sref is not None and (p := _paired(rows, by_variant[sref], study["tasks"], sref)):
+            if sref is not None and (p := paired_success(rows, by_variant[sref], study["tasks"], sref)):
                 entry["paired_sweep"] = p
         out.append(entry)
     return out
-
-
-def along_training(study: dict) -> dict | None:
-    """Success on the validation goals against training steps (the runs' ``validation_curve``): per
-    variant and step the t-interval over seeds, and per comparison and step the paired difference with
-    the seed as the unit (:func:`paired_t`). The comparisons: every variant against Prompt-DT, and every
-    variant with learned masks against every one with fixed (random ERK) masks. None without curves."""
-    finished = [r for r in study["runs"] if r["status"] == "finished" and r.get("validation_curve")]
-    if not finished:
-        return None
-    names = list(dict.fromkeys(r["variant"] for r in finished))
-    curves = {v: {r["seed"]: dict((int(s), x) for s, x in r["validation_curve"]) for r in finished if r["variant"] == v} for v in names}
-    method = {r["variant"]: METHODS.get(r["method"]) for r in finished}
-    variants = {}
-    for v in names:
-        steps = sorted(set.intersection(*[set(c) for c in curves[v].values()]))
-        variants[v] = {str(s): dict(zip(("mean", "ci_low", "ci_high"), t_interval([c[s] for c in curves[v].values()])),
-                                    seeds=len(curves[v])) for s in steps}
-    refs = [v for v in names if method[v] is not None and method[v].name == REFERENCE]
-    fixed = [v for v in names if method[v] is not None and method[v].masks == "fixed"]
-    pairs = [(v, r) for r in refs for v in names if v != r]
-    pairs += [(v, r) for r in fixed for v in names if method[v] is not None and method[v].learns_masks]
-    differences = []
-    for v, r in pairs:
-        seeds = sorted(set(curves[v]) & set(curves[r]))
-        if not seeds:
-            continue
-        steps = sorted(set.intersection(*[set(curves[v][s]) & set(curves[r][s]) for s in seeds]))
-        per_step = {}
-        for st in steps:
-            d = [curves[v][s][st] - curves[r][s][st] for s in seeds]
-            mean, lo, hi, pv = paired_t(d)
-            per_step[str(st)] = {"mean_diff": mean, "ci_low": lo, "ci_high": hi, "p_value": pv, "seeds": len(seeds)}
-        differences.append({"variant": v, "reference": r, "per_step": per_step})
-    return {"goals": "validation", "interval": SEED_LEVEL_METHOD, "variants": variants, "differences": differences}
-
-
-HOLM_ALPHA = 0.05
-
-
-def pairwise(study: dict, key: str | None = None) -> dict:
-    """``{row variant: {column variant: paired difference}}``: row minus column success paired by seed
-    (:func:`paired_difference`), for every two variants with evaluated runs: of the final checkpoints,
-    or (``key="best"``) of the checkpoints chosen on the validation goals (runs without one left out).
-    Each unordered pair is one comparison of the family; ``holm`` marks the cells (both orders of a
-    pair) whose p-value survives Holm's correction over the family at 5 %, and ``comparisons`` gives
-    the family's size."""
-    finished = [r for r in study["runs"] if r["status"] == "finished"
-                and (key is None or r.get(key, {}).get("selected_on") == "validation")]
-    names = list(dict.fromkeys(r["variant"] for r in finished))
-    rows = {v: [r for r in finished if r["variant"] == v] for v in names}
-    table = {a: {b: p for b in names if b != a and (p := _paired(rows[a], rows[b], study["tasks"], b, key))} for a in names}
-    family = {(a, b): table[a][b]["p_value"] for i, a in enumerate(names) for b in names[i + 1:] if b in table[a]}
-    kept = holm(family, HOLM_ALPHA)
-    for (a, b), rejected in kept.items():
-        for x, y in ((a, b), (b, a)):
-            if y in table[x]:
-                table[x][y].update(holm=rejected, comparisons=len(family))
-    return table
-
-
-def parse_family(text: str) -> list[list[str]]:
-    """``--family "A - B; C - D"``: the comparisons fixed before the runs, each a variant label minus
-    another (labels as summary.md names the arms); ValueError for a comparison not of that form."""
-    pairs = []
-    for item in filter(None, (x.strip() for x in text.split(";"))):
-        parts = [x.strip() for x in item.split(" - ")]
-        if len(parts) != 2 or not all(parts):
-            raise ValueError(f"--family: {item!r} is not \"LABEL - LABEL\" (a space on each side of the minus)")
-        pairs.append(parts)
-    return pairs
-
-
-def family(study: dict) -> dict | None:
-    """The pre-registered comparisons (study.json ``family_spec``, from ``--family``): each one's
-    paired difference by seed (:func:`_paired`), and Holm's correction over these alone at 5 %.
-    None without a family; ValueError naming a label no arm has."""
-    spec = study.get("family_spec") or []
-    if not spec:
-        return None
-    finished = [r for r in study["runs"] if r["status"] == "finished"]
-    rows = {v: [r for r in finished if r["variant"] == v] for v in dict.fromkeys(r["variant"] for r in study["runs"])}
-    for label in {x for pair in spec for x in pair} - set(rows):
-        raise ValueError(f"--family names {label!r}, which is not an arm of this study ({', '.join(rows)})")
-    out = []
-    for a, b in spec:
-        p = _paired(rows[a], rows[b], study["tasks"], b) if rows[a] and rows[b] else None
-        out.append({"variant": a, **(p or {"reference": b, "seeds": 0})})
-    kept = holm({i: c["p_value"] for i, c in enumerate(out) if "p_value" in c}, HOLM_ALPHA)
-    for i, rejected in kept.items():
-        out[i]["holm"] = rejected
-    return {"alpha": HOLM_ALPHA, "size": len(spec), "comparisons": out}
-
-
-def family_markdown(fam: dict | None) -> list[str]:
-    if not fam:
-        return []
-    lines = ["", "## The pre-registered comparisons", "",
-             f"Fixed before the runs (`--family`). Mean over seeds of the per-seed success difference, its 95 % interval "
-             f"({SEED_LEVEL_METHOD}) and paired-t p-value; † where the p-value survives Holm's correction over these "
-             f"{fam['size']} at {fam['alpha'] * 100:.0f} %.", "",
-             "| # | comparison | seeds | difference | 95 % CI | p | Holm |", "|---|---|---|---|---|---|---|"]
-    for i, c in enumerate(fam["comparisons"], 1):
-        if "mean_diff" not in c:
-            lines.append(f"| {i} | {c['variant']} − {c['reference']} | 0 | – | – | – | – |")
-            continue
-        lines.append(f"| {i} | {c['variant']} − {c['reference']} | {c['seeds']} | {c['mean_diff']:+.3f} | {_interval(c)} | "
-                     f"{_fmt(c['p_value'], 4)} | {'†' if c.get('holm') else 'no'} |")
-    return lines
-
-
-def _paired(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str, key: str | None = None) -> dict | None:
-    """Success of ``rows`` minus that of ``ref_rows``, paired by seed (:func:`paired_difference`): of the
-    final checkpoints, or (``key="best"``) of the checkpoints chosen on the validation goals."""
-    def by_seed(rs):
-        return {r["seed"]: {t: (r[key] if key else r)["tasks"][t]["success"] for t in tasks} for r in rs if key is None or key in r}
-
-    return paired_difference(by_seed(rows), by_seed(ref_rows), tasks, ref)
-
-
-def _interval(p: dict, nd: int = 3) -> str:
-    """``[low, high]`` of an interval dict with signed numbers; "–" for a bound that is NaN (one seed)."""
-    def bound(x):
-        return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:+.{nd}f}"
-    return f"[{bound(p['ci_low'])}, {bound(p['ci_high'])}]"
-
-
-def along_training_markdown(at: dict | None) -> list[str]:
-    """The along-training section of summary.md: each comparison's paired difference per step."""
-    if not at or not at["differences"]:
-        return []
-    steps = sorted({int(s) for d in at["differences"] for s in d["per_step"]})
-    lines = ["", "## Along training (validation goals)", "",
-             f"Difference of mean success on the validation goals at each evaluation step, mean over seeds and its 95 % interval "
-             f"({at['interval']}); **bold** where the interval excludes 0. No multiplicity correction across steps.", "",
-             "| comparison | seeds | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
-    for d in at["differences"]:
-        cells = []
-        for s in steps:
-            p = d["per_step"].get(str(s))
-            txt = "–" if p is None else f"{p['mean_diff']:+.3f} {_interval(p, 2)}"
-            cells.append(f"**{txt}**" if p is not None and excludes_zero(p) else txt)
-        seeds = max((p["seeds"] for p in d["per_step"].values()), default=0)
-        lines.append(f"| {d['variant']} − {d['reference']} | {seeds} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def masked_and_active(model_cfg: dict, sparsity: float) -> tuple[int, int]:
-    """The masked weights of the model of a run's config (config.json's ``model``) and those one
-    task's ERK mask keeps active (the exact draw), the model built on the meta device: nothing is
-    allocated."""
-    import torch
-
-    from ..config import ModelConfig
-    from ..masks import erk_densities
-    from ..model import PromptDT
-
-    with torch.device("meta"):
-        model = PromptDT(ModelConfig(**model_cfg), 1)
-    shapes = {n: tuple(w.shape) for n, w in model.masked_weights().items()}
-    dens = erk_densities(shapes, 1.0 - sparsity)
-    return sum(a * b for a, b in shapes.values()), sum(int(round(dens[n] * a * b)) for n, (a, b) in shapes.items())
-
-
-def mask_schedules(runs: list[dict], n_tasks: int) -> str:
-    """The mask schedule of the arms whose masks learn (t_m, eta_min, eta_max of their configs) and the
-    most weights Eq. 12 lets each task switch over the run (harmodt.masks.alpha_total), also as a
-    fraction of a task's active weights; "no arm's masks move" when none learns."""
-    schedules: dict[tuple, list[str]] = {}
-    for r in runs:
-        method = METHODS.get(r["method"])
-        if not r.get("config") or method is None or not method.learns_masks:
-            continue
-        cfg, mk = r["config"], r["config"]["masks"]
-        key = (cfg["steps"], mk["update_every"], mk["eta_min"], mk["eta_max"], mk["sparsity"], json.dumps(cfg["model"], sort_keys=True))
-        if r["variant"] not in schedules.setdefault(key, []):
-            schedules[key].append(r["variant"])
-    if not schedules:
-        return "no arm's masks move (none learns them)"
-    parts = []
-    for (steps, every, eta_min, eta_max, sparsity, model), variants in schedules.items():
-        bound = alpha_total(steps, every, eta_min, eta_max)
-        active = masked_and_active(json.loads(model), sparsity)[1]
-        parts.append(f"{', '.join(variants)}: t_m {every}, eta_min {eta_min}, eta_max {eta_max}; Eq. 12 lets a task switch at most "
-                     f"{bound} weights off (and as many on) over the run, {100 * bound / active:.2f} % of its {active} active weights")
-    return "; ".join(parts)
-
-
-def pairwise_markdown(pw: dict, title: str, what: str) -> list[str]:
-    """A section of summary.md: the table of :func:`pairwise` (row minus column), Holm survivors marked."""
-    if len(pw) <= 2:
-        return []
-    names = list(pw)
-    m = next((p["comparisons"] for row in pw.values() for p in row.values() if "comparisons" in p), 0)
-    survive = sorted({tuple(sorted((a, b))) for a in names for b, p in pw[a].items() if p.get("holm")})
-    lines = ["", f"## {title}", "",
-             f"Row minus column: mean over seeds of the {what}, and its 95 % interval, a "
-             f"{SEED_LEVEL_METHOD}; **bold** where that interval excludes 0. The table holds {m} comparisons "
-             f"(each unordered pair once); † marks those whose paired-t p-value survives Holm's correction over all {m} "
-             f"at {HOLM_ALPHA * 100:.0f} %: {', '.join(f'{a} vs {b}' for a, b in survive) if survive else 'none does'}.", "",
-             "| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for a in names:
-        cells = []
-        for b in names:
-            p = pw[a].get(b)
-            if p is None:
-                cells.append("–")
-                continue
-            txt = f"{p['mean_diff']:+.3f} {_interval(p, 2)}" + (" †" if p.get("holm") else "")
-            cells.append(f"**{txt}**" if excludes_zero(p) else txt)
-        lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    return lines
 
 
 def summary_markdown(study: dict, figures: list[str] = ()) -> str:
@@ -438,8 +211,8 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         per_seed = ", ".join(f"{x:.2f}" for x in v["per_seed"].values())
         p = v.get("paired")
         delta = f"{p['mean_diff']:+.3f} (vs {p['reference']})" if p else "–"
-        dci = _interval(p) if p else "–"
-        bci = _interval(p["pairs_bootstrap"]) if p else "–"
+        dci = interval_text(p) if p else "–"
+        bci = interval_text(p["pairs_bootstrap"]) if p else "–"
         row = (f"| {v['variant']} | {seeds} | {v['mean_success']:.3f} | [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}] | "
                f"{per_seed} | {delta} | {dci} | {bci} |")
         if with_best:
@@ -461,8 +234,8 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
                   "| method | Δ best on validation | 95 % CI (seeds) | p | Δ final | 95 % CI (seeds) |", "|---|---|---|---|---|---|"]
         for v in bp:
             b, f = v["paired_best"], v["paired"]
-            lines.append(f"| {v['variant']} − {b['reference']} | {b['mean_diff']:+.3f} | {_interval(b)} | {_fmt(b['p_value'])} | "
-                         f"{f['mean_diff']:+.3f} | {_interval(f)} |")
+            lines.append(f"| {v['variant']} − {b['reference']} | {b['mean_diff']:+.3f} | {interval_text(b)} | {_fmt(b['p_value'])} | "
+                         f"{f['mean_diff']:+.3f} | {interval_text(f)} |")
     lines += family_markdown(study.get("family"))
     lines += along_training_markdown(study.get("along_training"))
     done = [v for v in variants if "per_task" in v]
@@ -484,7 +257,7 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
                   f"{SEED_LEVEL_METHOD}.", "", "| method | Δ success | 95 % CI (seeds) | seeds |", "|---|---|---|---|"]
         for v in swept:
             p = v["paired_sweep"]
-            lines.append(f"| {v['variant']} | {p['mean_diff']:+.3f} | {_interval(p)} | {p['seeds']} |")
+            lines.append(f"| {v['variant']} | {p['mean_diff']:+.3f} | {interval_text(p)} | {p['seeds']} |")
     masked = [v for v in done if "final_mask_changed_fraction" in v or "final_harmony_score" in v]
     if masked:
         lines += ["", "## Masks and harmony", "",
@@ -506,5 +279,3 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}](figures/{f})" for f in figures]
     lines += ["", "## Command", "", "```", study["command"], "```", ""]
     return "\n".join(lines)
-
-

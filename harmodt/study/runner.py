@@ -19,12 +19,13 @@ from pathlib import Path
 from .figures import draw_figures
 from ..files import loads_json, move_atomic, tail_lines, writable_folder
 from ..run.outputs import write_atomic
-from ..runtime import bf16_matmul_note
-from .plan import OWN_FLAGS, Run, StudyError, code_revision, machine_name, failed_jobs, flag_for_key, method_arm, parse_sweep, parse_variant, without_threads
+from .plan import Run, StudyError, code_revision, machine_name, failed_jobs, method_arm, parse_sweep, parse_variant
 from .learned_masks import compare_learned_masks
-from .report import aggregate, along_training, family, pairwise, parse_family, run_entry, summary_markdown
+from .checks import check_study
+from .comparisons import along_training, family, pairwise
+from .report import aggregate, run_entry, summary_markdown
 from .stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED
-from .unseen import aggregate_unseen, collect_unseen, evaluation_keys, parse_thresholds, unseen_mode
+from .unseen import aggregate_unseen, collect_unseen, evaluation_keys, unseen_mode
 
 
 class Study:
@@ -71,81 +72,8 @@ class Study:
         return writable_folder(self.out)
 
     def check(self) -> None:
-        from ..config import METHODS, ConfigError, goal_seeds
-        from ..domains import SEED
-        from ..run.cli import parse_args
-        from ..tasks import parse_tasks
-
-        bad = [a.method for a in self.arms if a.method not in METHODS]
-        if bad:
-            raise StudyError(f"{'--methods' if bad[0] in self.methods else '--variant'}: unknown {', '.join(bad)} "
-                             f"(choose from {', '.join(METHODS)})")
-        if not self.arms or not self.seeds:
-            raise StudyError("need at least one method (or --variant) and one seed")
-        if len(set(self.methods)) != len(self.methods) or len(set(self.seeds)) != len(self.seeds):
-            raise StudyError("--methods and --seeds must not repeat an entry")
-        for i, a in enumerate(self.arms):
-            if any(a.key == b.key or a.label == b.label for b in self.arms[:i]):
-                raise StudyError(f"--variant {a.label!r}: its label or run name ({a.key}) repeats another method's")
-        if [k for k in self.sweep_arms if k not in {a.key for a in self.arms}]:
-            raise StudyError("--sweep-methods must name methods of --methods or run names of --variant labels "
-                             f"({', '.join(a.key for a in self.arms)})")
-        if self.args.eval_episodes < 1:
-            raise StudyError("--eval-episodes must be at least 1")
-        if self.args.eval_precision == "bf16" and not _cuda() and (note := bf16_matmul_note()):
-            raise StudyError(f"--eval-precision bf16 refused: {note.removeprefix('[harmodt] note: ')}")
-        for name, value in (("--eval-seed", self.args.eval_seed), ("--data-seed", self.args.data_seed)):
-            if not SEED.allows(value):
-                raise StudyError(f"{name} must be {SEED.describe(int)}, got {value}")
-        for name, value, least in (("--curve-episodes", self.args.curve_episodes, 0), ("--gen-episodes", self.args.gen_episodes, 1),
-                                   ("--threads-per-run", self.args.threads_per_run, 0)):
-            if value < least:
-                raise StudyError(f"{name} must be >= {least} (an integer), got {value}")
-        for flag in self.passthrough:
-            if flag.split("=")[0] in OWN_FLAGS:
-                raise StudyError(f"{flag.split('=')[0]} is set by the study for every run; use the study's own option")
-        if self.sweep is not None:
-            flag = flag_for_key(self.sweep[0])
-            if flag in self.passthrough or any(flag in a.flags for a in self.arms if a.key in self.sweep_arms):
-                raise StudyError(f"--sweep {self.sweep[0]} and {flag} both given")
-        try:
-            tasks = parse_tasks(self.args.tasks)
-        except ValueError as exc:
-            raise StudyError(f"--tasks: {exc}") from None
-        try:
-            self.eval_tasks = parse_tasks(self.args.eval_tasks) if self.args.eval_tasks else []
-        except ValueError as exc:
-            raise StudyError(f"--eval-tasks: {exc}") from None
-        if seen := [t for t in self.eval_tasks if t in tasks]:
-            raise StudyError(f"--eval-tasks: {', '.join(seen)} {'is a training task' if len(seen) == 1 else 'are training tasks'}")
-        if self.args.vote_thresholds and not self.eval_tasks:
-            raise StudyError("--vote-thresholds needs --eval-tasks")
-        self.thresholds = parse_thresholds(self.args.vote_thresholds, len(tasks)) if self.eval_tasks else []
-        try:
-            self.family = parse_family(self.args.family)
-        except ValueError as exc:
-            raise StudyError(str(exc)) from None
-        variants = list(dict.fromkeys(r.variant for r in self.runs))
-        if unknown := [x for pair in self.family for x in pair if x not in variants]:
-            raise StudyError(f"--family names {unknown[0]!r}, which is not an arm of this study ({', '.join(variants)})")
-        for run in self.runs:  # every run's flags must parse (unknown flags, bad values): fail before any run starts
-            try:
-                cfg = parse_args(run.train_args(self.args.tasks, self.data, self.passthrough, self.threads, self.curve_episodes))
-            except ConfigError as exc:
-                raise StudyError(f"run {run.name}: {exc}") from None
-            except SystemExit:
-                raise StudyError(f"run {run.name}: the trainer rejected its flags (see above)") from None
-            validation = goal_seeds(cfg.seed, cfg.validation_seed)["validation"]  # the resolved seed, whichever flag set it
-            if validation is not None and validation == self.args.eval_seed:
-                raise StudyError(f"run {run.name}: its --validation-seed {validation} is the study's --eval-seed: the goals best.pt is "
-                                 "chosen on must differ from the goals it is scored on")
-            rec = run.record()
-            want = run.train_args(self.args.tasks, self.data, self.passthrough, None, self.curve_episodes)
-            if rec.get("train_args") and without_threads(rec["train_args"]) != without_threads(want) and not self.args.report_only:
-                raise StudyError(f"{run.dir} was made with other flags ({shlex.join(rec['train_args'])}); "
-                                 f"use another --out or delete that folder")
-        if not self.out_writable():  # last: a study refused for a flag makes no folder
-            raise StudyError(f"--out {self.out}: cannot make the folder or write in it")
+        """Every flag, run and the folder checked before any run starts (:func:`.checks.check_study`)."""
+        check_study(self)
 
     # -- data -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -385,12 +313,6 @@ class Study:
         write_atomic(self.out / "summary.md", summary_markdown(study, [f.name for f in figures]))
         self.say(f"wrote {self.out / 'study.json'}, {self.out / 'summary.md'} and {self.out / 'figures'}")
         return study
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def training_path(runs: list[dict]) -> dict:
