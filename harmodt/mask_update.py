@@ -73,8 +73,10 @@ class HarmonyProbe:
         mod W (on a batch of its data stream) and the zero-filled rows are summed over the ranks."""
         tr, m = self.tr, self.tr.cfg.masks
         batches = ((i, tr.batcher.sample([i], tr.cfg.batch_size)) for i in tr.dist.shard(range(len(tr.tasks))))
-        masked, dense = task_gradients(tr.model, tr.weights, tr.task_masks, tr.backends.masked_linear, batches, len(tr.tasks),
-                                       mask_grads=m.mask_grads, recovery_grad=m.recovery_grad, grad_clip=tr.cfg.grad_clip,
+        masked, dense = task_gradients(tr.model, tr.weights, tr.task_masks, tr.backends.masked_linear, batches,
+                                       len(tr.tasks),
+                                       mask_grads=m.mask_grads, recovery_grad=m.recovery_grad,
+                                       grad_clip=tr.cfg.grad_clip,
                                        passes=self.passes)
         tr.dist.all_reduce_sum_(masked)
         if dense is not None:
@@ -120,6 +122,7 @@ class Algorithm2(HarmonyProbe):
         tr, m = self.tr, self.tr.cfg.masks
         k = self.alpha(tr.step)
         params = torch.cat([w.detach().reshape(-1) for w in tr.weights.values()])
-        changed = tr.task_masks.update(masked, dense, params, k, m.lam, self.importance, m.lam_on, select=tr.backends.harmony_select)
+        changed = tr.task_masks.update(masked, dense, params, k, m.lam, self.importance, m.lam_on,
+                                       select=tr.backends.harmony_select)
         return {"alpha": k, "masked_per_task": changed["masked"], "density": tr.task_masks.density(),
                 "mask_changed_fraction": tr.task_masks.changed_fraction(self.initial)}

@@ -10,8 +10,8 @@ probability
 and otherwise the scripted expert's action plus Gaussian noise N(0, 0.1^2) (clipped to [-1, 1]);
 the last 20% of the episodes (eps = 0) are the noise-free expert. So the first episodes are
 almost uniformly random, the middle ones a mix of random and noisy expert behaviour, and the
-tail is expert (like the converged end of a SAC replay buffer). Gaussian noise alone cannot give random-level behaviour (the
-experts correct themselves every step; at sigma = 3 MT10 still succeeds 60% of the time), hence
+tail is expert (like the converged end of a SAC replay buffer). Gaussian noise alone cannot give random-level behaviour
+(the experts correct themselves every step; at sigma = 3 MT10 still succeeds 60% of the time), hence
 the random-action mixing. Goals are random per episode (MT50-rand, see ``harmodt.envs``); a goal
 variation (``pick-place-v3@g7``) keeps its one ML1 goal in every episode, hidden from the
 observation, and its expert is the base task's, told the goal. Each episode's goal position is
@@ -88,7 +88,8 @@ def rollout(env, expert, rng: np.random.Generator, eps: float, sigma: float) -> 
         if terminated or truncated:
             break
     return {"observations": np.stack(o), "actions": np.stack(a), "rewards": np.asarray(r, dtype=np.float32),
-            "terminals": np.asarray(term), "truncations": np.asarray(trunc), "successes": np.asarray(succ), "goal": goal}
+            "terminals": np.asarray(term), "truncations": np.asarray(trunc), "successes": np.asarray(succ),
+            "goal": goal}
 
 
 def curriculum_rollouts(task: str, episodes: int, seed: int, queue=None) -> tuple[list, list, np.random.Generator]:
@@ -109,7 +110,8 @@ def curriculum_rollouts(task: str, episodes: int, seed: int, queue=None) -> tupl
     return data, eps_list, rng
 
 
-def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes: int, settings: dict, queue=None) -> dict:
+def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes: int, settings: dict,
+                  queue=None) -> dict:
     """Generate and write one task's file; returns its manifest record."""
     out = Path(out)
     tseed = task_seed(seed, task)
@@ -140,7 +142,8 @@ def _reusable(out: Path, task: str, settings: dict) -> dict | None:
     if not isinstance(rec, dict) or rec.get("file") != task_file_name(task):
         return None
     path = out / rec["file"]
-    if rec.get("settings") != settings or not path.is_file() or path.stat().st_size != rec.get("bytes", path.stat().st_size):
+    if rec.get("settings") != settings or not path.is_file() or path.stat().st_size != rec.get("bytes",
+                                                                                               path.stat().st_size):
         return None
     return rec if sha256(path) == rec.get("sha256") else None
 
@@ -256,7 +259,8 @@ def generate(tasks: list[str], episodes: int, out: str, seed: int = 0, workers: 
         with ctx.Manager() as manager:
             queue = manager.Queue()
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_quiet_interrupt) as pool:
-                futures = {t: pool.submit(generate_task, t, episodes, out, seed, prompt_episodes, settings, queue) for t in todo}
+                futures = {t: pool.submit(generate_task, t, episodes, out, seed, prompt_episodes, settings,
+                                          queue) for t in todo}
                 pending = set(futures)
                 while pending:
                     while not queue.empty():
