@@ -180,8 +180,8 @@ class HarmoDTAgent:
         length = int(self._n_real.max())
         history_valid = None  # every env has `length` real steps: no padding
         if (self._n_real != length).any():
-            history_valid = torch.from_numpy(np.arange(length)[None, :] >= (length - self._n_real)[:,
-                                                                                                   None]).to(self.device)
+            history_valid = torch.from_numpy(
+                np.arange(length)[None, :] >= (length - self._n_real)[:, None]).to(self.device)
         with torch.inference_mode(), self.inputs.autocast():
             act = self.model.act(self._states[:, -length:], self._actions[:, -length:], self._rtg[:, -length:],
                                  self._steps[:, -length:], self._ids, self._ctx, self._kv, self._pvalid, history_valid)

@@ -21,8 +21,8 @@ class CheckpointContentError(ValueError):
 
 
 def _finite_float32(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x,
-                                                          bool) and math.isfinite(float(x)) and abs(float(x)) <= FLOAT32_MAX
+    return (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+            and abs(float(x)) <= FLOAT32_MAX)
 
 
 def _finite_tensors(tree) -> bool:

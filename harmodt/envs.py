@@ -135,8 +135,8 @@ def _shard_worker(conn, tasks: list[str], seeds: list[int]) -> None:
                 conn.send(("ok", obs))
             elif cmd == "step":
                 obs, rew, term, trunc, info = env.step(arg)
-                conn.send(("ok", (obs, rew, term, trunc, np.asarray(info.get("success", np.zeros(len(tasks))),
-                                                                    dtype=float))))
+                success = np.asarray(info.get("success", np.zeros(len(tasks))), dtype=float)
+                conn.send(("ok", (obs, rew, term, trunc, success)))
             elif cmd == "step_some":
                 conn.send(("ok", step_some(env, *arg)))
             else:

@@ -81,7 +81,8 @@ def appends_to(path: str | os.PathLike, nbytes: int | None = None):
         path = Path(path)
         needed = "" if nbytes is None else f"{nbytes} bytes needed, "
         raise OutputError(f"{path.parent}: no space left on the device to append to {path.name} ({needed}"
-                          f"{free_bytes(path.parent)} bytes free); a resumed run continues from its last checkpoint") from None
+                          f"{free_bytes(path.parent)} bytes free); a resumed run continues from its last "
+                          "checkpoint") from None
 
 
 def free_bytes(folder: str | os.PathLike) -> int:

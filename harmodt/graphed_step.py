@@ -68,7 +68,8 @@ def graph_problem(state: TrainingState) -> str | None:
     problem = getattr(rule, "graph_problem", None)
     if problem is None:
         name = getattr(rule, "__qualname__", None) or type(rule).__name__
-        return f"--method {cfg.method}'s step rule {name} has no step() a graph can run (a harmodt.steps.PlainStep subclass has)"
+        return (f"--method {cfg.method}'s step rule {name} has no step() a graph can run "
+                "(a harmodt.steps.PlainStep subclass has)")
     return problem()
 
 
@@ -81,7 +82,8 @@ def auto_problem(cfg, device: torch.device) -> str | None:
     if cfg.model.dropout == 0.0:
         return None
     if cfg.compile:
-        return "--compile with dropout (Inductor draws it differently in a captured step; --dropout 0 or --cuda-graph on)"
+        return ("--compile with dropout (Inductor draws it differently in a captured step; "
+                "--dropout 0 or --cuda-graph on)")
     if cfg.dropout_rng != "counter":
         return "dropout from torch's RNG (--dropout-rng counter, what --fused picks, is captured with the eager bits)"
     return None

@@ -41,7 +41,8 @@ class HarmonyProbe:
         self.passes = auto if m.mask_grads_passes == "auto" else m.mask_grads_passes
         masks = state.task_masks  # binary (TaskMasks) or None; the ERK draw: what movement() compares with
         self.initial = None if masks is None else masks.snapshot()
-        self.initial_active = None if masks is None else [round(masks.density(i) * masks.numel_per_task) for i in range(masks.n_tasks)]
+        self.initial_active = None if masks is None else [round(masks.density(i) * masks.numel_per_task)
+                                                          for i in range(masks.n_tasks)]
 
     def flips_bound(self) -> int:
         """The most weights a task's mask can switch off over the run: none, the masks do not learn."""

@@ -148,11 +148,12 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
         g = torch.Generator().manual_seed(seed)
         segs = []
         for i, t in enumerate(tasks):
-            trajs = [_as_traj(p) for p in eval_info["prompts"][t]] if t in trained else expert_prompts(t, 2,
-                                                                                                       seed + 7919 * (i + 1))
+            trajs = ([_as_traj(p) for p in eval_info["prompts"][t]] if t in trained
+                     else expert_prompts(t, 2, seed + 7919 * (i + 1)))
             seg, src = cut_prompt(trajs, mean[i], std[i], cfg.prompt_len, rtg_scale, cfg.max_ep_len, g, segment)
             segs.append(seg)
-            inputs.sources[t] = {"segment": segment, "episodes": "training prompts" if t in trained else "expert rollouts", **src}
+            inputs.sources[t] = {"segment": segment,
+                                 "episodes": "training prompts" if t in trained else "expert rollouts", **src}
         prompt = {k: torch.cat([s[k] for s in segs]).to(device) for k in segs[0]}
         was_training = model.training
         model.eval()

@@ -217,7 +217,8 @@ class MaskedStep(PlainStep):
 
     def graph_problem(self) -> str | None:
         if self.unmasked_clip:
-            return "--clip-scope unmasked (its clip norm renumbers the batch's tasks on the host; --clip-scope masked can be captured)"
+            return ("--clip-scope unmasked (its clip norm renumbers the batch's tasks on the host; "
+                    "--clip-scope masked can be captured)")
         return super().graph_problem()
 
 

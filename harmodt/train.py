@@ -169,8 +169,8 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     """
     dist = session.start(cfg)  # under torchrun: this rank; else one process
     # rank 0 alone prints and writes files, one writer per --out; fp32 matmuls as --precision says
-    with distributed.rank_output(dist), session.lock_out(cfg, dist), float32_matmuls(cfg.precision,
-                                                                                     dist.device(resolve_device(cfg.device))):
+    with (distributed.rank_output(dist), session.lock_out(cfg, dist),
+          float32_matmuls(cfg.precision, dist.device(resolve_device(cfg.device)))):
         ck = session.open_run(cfg, dist)  # checked before any file is written
         trainer = Trainer(cfg, datasets, dist)
         log, run_state = session.continue_run(trainer, ck)
@@ -206,7 +206,8 @@ def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> di
                 meter.add(trainer.train_step(trainer.sample_tasks()))
                 if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
                     log.log(meter.line(trainer.step, trainer.sched.get_last_lr()[0]))
-                if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps and cfg.eval_episodes:
+                if (cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps
+                        and cfg.eval_episodes):
                     with meter.excluded():
                         session.evaluate_in_training(trainer, evals, log)
                 if trainer.step % cfg.checkpoint_every == 0:

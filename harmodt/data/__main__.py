@@ -104,7 +104,8 @@ def _run(args) -> int:
                 print(f"  {t:<32} episodes {len(td.trajectories):5d}  steps {steps:8d}  prompts {len(td.prompts)}  "
                       f"{rate}")
     except BrokenProcessPool as exc:
-        raise DataError(f"a generation worker stopped ({exc}); finished tasks are kept: run the same command again") from None
+        raise DataError(f"a generation worker stopped ({exc}); finished tasks are kept: "
+                        "run the same command again") from None
     return 0
 
 

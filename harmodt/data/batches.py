@@ -251,12 +251,12 @@ class PromptDTBatcher:
         self.generator = torch.Generator().manual_seed(seed)
         self.state_mean, self.state_std = state_stats(datasets, self.tasks, state_norm)
         norm = [(self.state_mean[t], self.state_std[t]) for t in self.tasks]
-        self.table, self.data = _concatenate([_flatten(datasets[t].trajectories, m, sd, rtg_scale,
-                                                       max_ep_len).to(device)
-                                              for t, (m, sd) in zip(self.tasks, norm)])
-        self.prompt_table, self.prompts = _concatenate([_flatten(datasets[t].prompts, m, sd, rtg_scale,
-                                                                 max_ep_len).to(device)
-                                                        for t, (m, sd) in zip(self.tasks, norm)])
+        self.table, self.data = _concatenate([
+            _flatten(datasets[t].trajectories, m, sd, rtg_scale, max_ep_len).to(device)
+            for t, (m, sd) in zip(self.tasks, norm)])
+        self.prompt_table, self.prompts = _concatenate([
+            _flatten(datasets[t].prompts, m, sd, rtg_scale, max_ep_len).to(device)
+            for t, (m, sd) in zip(self.tasks, norm)])
         self.device = torch.device(device)
 
     def sample(self, task_ids: list[int], batch_size: int) -> dict:

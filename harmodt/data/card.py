@@ -246,7 +246,8 @@ def add_parser(sub) -> None:
                                                          "(default 50)")
     c.add_argument("--curriculum-episodes", type=int, default=100,
                    help="curriculum episodes per task, as `generate --episodes` makes them (default 100)")
-    c.add_argument("--seed", type=int, default=0, help="seed (the curriculum's episodes are those of `generate --seed`)")
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed (the curriculum's episodes are those of `generate --seed`)")
     c.add_argument("--out", required=True, help="folder for NAME.md, NAME.json and NAME.png")
     c.add_argument("--name", default=None, help="file name stem (default metaworld-v3-<tasks>)")
     c.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core); the numbers "
@@ -278,8 +279,8 @@ def run(args) -> list[Path]:
     card["command"] = " ".join(["python -m harmodt.data card", "--tasks", shlex.quote(args.tasks), "--goals",
                                 str(args.goals),
                                 "--curriculum-episodes", str(args.curriculum_episodes), "--seed", str(args.seed),
-                                "--out", shlex.quote(args.out)] + (["--name",
-                                                                    shlex.quote(args.name)] if args.name else [])
+                                "--out", shlex.quote(args.out)]
+                               + (["--name", shlex.quote(args.name)] if args.name else [])
                                + (["--training-data", shlex.quote(args.training_data)] if args.training_data else []))
     paths = [out / f"{name}.json", out / f"{name}.png", out / f"{name}.md"]
     write_atomic(paths[0], json.dumps(card, indent=1) + "\n")

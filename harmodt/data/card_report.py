@@ -140,7 +140,8 @@ def write_markdown(card: dict, path: Path, figure: str, numbers: str) -> None:
         f"{t} {pt[t]['successes']}/{pt[t]['goals']}" + ("".join(" " + _link(n, k) for n, k, _, _ in _applicable(t)))
         for t in fails) or "none") + ".", ""]
     if imperfect:
-        lines += ["Below 100 % but not failing: " + ", ".join(f"{t} {pt[t]['successes']}/{pt[t]['goals']}" for t in imperfect) + ".", ""]
+        lines += ["Below 100 % but not failing: "
+                  + ", ".join(f"{t} {pt[t]['successes']}/{pt[t]['goals']}" for t in imperfect) + ".", ""]
     lines += [f"Curriculum success: the success rate of the {n_cur} curriculum episodes per task of a separate "
               f"generation (`generate --episodes {n_cur} --seed {card['seed']}`, below), not of the training set"
               + (" (its own success is in *The training set*)." if card.get("training_set") else "."), "",
@@ -149,7 +150,8 @@ def write_markdown(card: dict, path: Path, figure: str, numbers: str) -> None:
     for t in tasks:
         p = pt[t]
         name = f"**{t}**" if t in fails else t
-        first = f"{p['first_success_mean']:.0f}, {p['first_success_max']}" if p["first_success_mean"] is not None else "never"
+        first = ("never" if p["first_success_mean"] is None
+                 else f"{p['first_success_mean']:.0f}, {p['first_success_max']}")
         up = " ".join(_link(n, k) for n, k, _, _ in UPSTREAM.get(t, []))
         lines.append(f"| {name} | {p['successes']}/{p['goals']} | [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] | "
                      f"{p['mean_return']:.0f} ({p['sd_return']:.0f}) | {p['mean_length']:.0f} | {first} | "

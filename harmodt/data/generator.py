@@ -48,7 +48,8 @@ from ..files import loads_json
 from ..envs import EPISODE_LEN, ScriptedExpert, make_env
 from ..domains import SEED_MAX
 from ..tasks import is_task, task_seed
-from .formats import FORMAT_VERSION, MANIFEST, DataError, atomic_json, is_temp_name, save_task_file, sha256, task_file_name
+from .formats import (FORMAT_VERSION, MANIFEST, DataError, atomic_json, is_temp_name, save_task_file, sha256,
+                      task_file_name)
 
 # 2: observations stored exactly as the env returned them. Version 1 stored door-open-v3's and
 # door-close-v3's observations after their scripted policies had written into them (the door
@@ -57,7 +58,8 @@ from .formats import FORMAT_VERSION, MANIFEST, DataError, atomic_json, is_temp_n
 GENERATOR_VERSION = 2  # (formats.V1_WRONG_TASKS: the tasks whose version-1 data loading refuses)
 SIGMA = 0.1  # Gaussian noise on expert actions
 EXPERT_FRACTION = 0.2  # the last 20% of episodes have eps = 0
-CURRICULUM = "eps(u) = clip(1 - u / 0.8, 0, 1), u = episode / (E - 1); otherwise expert + N(0, 0.1^2) while eps > 0, noise-free expert once eps = 0"
+CURRICULUM = ("eps(u) = clip(1 - u / 0.8, 0, 1), u = episode / (E - 1); otherwise expert + N(0, 0.1^2) while eps > 0, "
+              "noise-free expert once eps = 0")
 
 
 def epsilon(e: int, n: int) -> float:
@@ -142,8 +144,8 @@ def _reusable(out: Path, task: str, settings: dict) -> dict | None:
     if not isinstance(rec, dict) or rec.get("file") != task_file_name(task):
         return None
     path = out / rec["file"]
-    if rec.get("settings") != settings or not path.is_file() or path.stat().st_size != rec.get("bytes",
-                                                                                               path.stat().st_size):
+    if (rec.get("settings") != settings or not path.is_file()
+            or path.stat().st_size != rec.get("bytes", path.stat().st_size)):
         return None
     return rec if sha256(path) == rec.get("sha256") else None
 
@@ -166,7 +168,8 @@ def _task_files(out: Path) -> dict[str, list[str]]:
     """{task: names of its files in ``out``}: its data file and its per-task record."""
     found: dict[str, list[str]] = {}
     for p in out.iterdir() if out.is_dir() else ():
-        task = p.stem if p.suffix == ".npz" and is_task(p.stem) else p.name[1:-len(".record.json")] if p.name.endswith(".record.json") else None
+        task = (p.stem if p.suffix == ".npz" and is_task(p.stem)
+                else p.name[1:-len(".record.json")] if p.name.endswith(".record.json") else None)
         if task and p.is_file():
             found.setdefault(task, []).append(p.name)
     return found

@@ -195,8 +195,8 @@ class Distributed(Single):
         """Ids ``[r*count, (r+1)*count)`` of the ``world_size * count`` drawn from the shared task
         stream (or ``round_robin`` over as many), all of which :meth:`step_tasks_of_all` returns."""
         total = count * self.world_size
-        self.step_tasks = round_robin(step, n_tasks, total) if order == "round-robin" else draw_tasks(self.task_stream,
-                                                                                                      n_tasks, total)
+        self.step_tasks = (round_robin(step, n_tasks, total) if order == "round-robin"
+                           else draw_tasks(self.task_stream, n_tasks, total))
         return self.step_tasks[self.rank * count : (self.rank + 1) * count]
 
     def step_tasks_of_all(self, task_ids: list[int]) -> list[int]:

@@ -28,7 +28,8 @@ def changed_settings(saved: dict, cfg: TrainConfig) -> dict:
     before ``prompt_segment`` existed ran with ``random``, see :func:`upgrade_saved_config`; any other
     key the checkpoint lacks counts as its default, a method's option as absent); the keys RESUME_RULES marks
     ``ignored`` are not compared."""
-    new, old, default = flat_keys(to_dict(cfg)), flat_keys(upgrade_saved_config(saved)), flat_keys(to_dict(TrainConfig()))
+    new, old = flat_keys(to_dict(cfg)), flat_keys(upgrade_saved_config(saved))
+    default = flat_keys(to_dict(TrainConfig()))
     return {k: (old.get(k, default.get(k)), v) for k, v in new.items()
             if RESUME_RULES.get(k) != "ignored" and old.get(k, default.get(k)) != v}
 
@@ -92,7 +93,8 @@ def check_files_without_checkpoint(cfg: TrainConfig) -> None:
         if not isinstance(saved, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume: {out / 'config.json'}: not a readable config ({exc}); choose another --out") from None
+        raise ConfigError(f"--resume: {out / 'config.json'}: not a readable config ({exc}); "
+                          "choose another --out") from None
     check_resume_settings(saved, cfg, out / "config.json")
 
 
@@ -102,8 +104,8 @@ def state(tr) -> dict:
     ranks every rank calls it: the ranks' RNG streams are gathered."""
     streams = {**rng.capture(tr.device), "batcher": tr.batcher.state_dict()}
     if tr.dist.active:  # every rank's data and dropout streams (rank r at [r]) and the shared task stream
-        streams["ranks"] = tr.dist.all_gather_object({k: streams[k] for k in ("torch", "batcher",
-                                                                              "cuda") if k in streams})
+        streams["ranks"] = tr.dist.all_gather_object({k: streams[k] for k in ("torch", "batcher", "cuda")
+                                                      if k in streams})
         streams["tasks"] = tr.dist.task_stream.get_state()
     return {"world_size": tr.dist.world_size, **tr.state_dict(), "config": to_dict(tr.cfg), "rng": streams,
             "eval_info": tr.eval_info(),

@@ -236,7 +236,8 @@ def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
     """int32 ``[..., ceil(K/32)]`` -> bool ``[..., K]``."""
     if not isinstance(words, torch.Tensor) or words.dtype != torch.int32 or words.dim() == 0:
         raise KernelArgumentError(f"unpack_masks: words must be an int32 tensor of at least 1 dimension, got "
-                                  f"{getattr(words, 'dtype', type(words).__name__)} {list(getattr(words, 'shape', []))}")
+                                  f"{getattr(words, 'dtype', type(words).__name__)} "
+                                  f"{list(getattr(words, 'shape', []))}")
     if words.shape[-1] != num_words(k):
         raise KernelArgumentError(f"unpack_masks: words {list(words.shape)} cannot hold K={k} bits (the last dimension "
                                   f"must be {num_words(k)})")

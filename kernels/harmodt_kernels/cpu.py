@@ -73,7 +73,8 @@ class NativeLibrary:
             except Exception as exc:  # noqa: BLE001 - any load failure makes the backend unavailable
                 return f"the native library {self.path} failed to load: {exc}"
             if not _has_ops():
-                return f"the native library {self.path} loaded but does not register the harmodt_kernels ops {', '.join(OPS)}"
+                return (f"the native library {self.path} loaded but does not register the harmodt_kernels ops "
+                        f"{', '.join(OPS)}")
         _register_fakes()
         return None
 

@@ -88,7 +88,9 @@ def _masked_linear_configs(capability: int) -> list:
                 if kind == "fwd":
                     for single in (True, False):
                         ids = "one task" if single else "mixed"
-                        out.append((f"masked_linear fwd {ids} {tag}" + (", ReLU + dropout epilogue, seed in memory" if single else ""), ml._fwd_kernel.fn, io,
+                        name = f"masked_linear fwd {ids} {tag}" + (", ReLU + dropout epilogue, seed in memory"
+                                                                   if single else "")
+                        out.append((name, ml._fwd_kernel.fn, io,
                                     fwd_ints, ("scale",), {"SINGLE": single, "HAS_BIAS": True, "RELU": single,
                                                            "DROP": single, "SEED_PTR": single,
                                                            "PRECISION": prec, "TP": 8, **tile}, opts))
@@ -185,11 +187,13 @@ def inspect(arch: str = "sm_90a", only: str | None = None) -> list[dict]:
 
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     with tempfile.TemporaryDirectory() as d:
-        return [compile_and_read(*cfg, ARCHES[arch], Path(d)) for cfg in kernel_configs(ARCHES[arch]) if only is None or only in cfg[0]]
+        return [compile_and_read(*cfg, ARCHES[arch], Path(d)) for cfg in kernel_configs(ARCHES[arch])
+                if only is None or only in cfg[0]]
 
 
 def format_table(rows: list[dict], arch: str) -> str:
-    head = f"{'kernel (' + arch + ')':<72} {'regs':>5} {'smem(B)':>8} {'local(B)':>8} {'HGMMA':>6} {'HMMA':>5} {'warps':>5}"
+    head = (f"{'kernel (' + arch + ')':<72} {'regs':>5} {'smem(B)':>8} {'local(B)':>8} {'HGMMA':>6} {'HMMA':>5} "
+            f"{'warps':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         smem = max(r["static_shared"], r["dynamic_shared"])

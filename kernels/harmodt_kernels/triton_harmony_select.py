@@ -125,8 +125,8 @@ def _select(harmony, recovery, masks, k):
         pos = r * new.shape[1] + w
         # several flips can hit one word: combine them per word first
         uniq, inv = torch.unique(pos, return_inverse=True)
-        acc = torch.zeros(len(uniq), dtype=torch.int64, device=h_scores.device).index_add_(0, inv,
-                                                                                           (bit.to(torch.int64) & 0xFFFFFFFF))
+        acc = torch.zeros(len(uniq), dtype=torch.int64, device=h_scores.device)
+        acc = acc.index_add_(0, inv, (bit.to(torch.int64) & 0xFFFFFFFF))
         acc = torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
         flat[uniq] = (flat[uniq] | acc) if turn_on else (flat[uniq] & ~acc)
     return new

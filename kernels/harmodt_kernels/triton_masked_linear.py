@@ -228,7 +228,8 @@ def _rows(task_ids: torch.Tensor, n_tasks: int, r: int):
 def _check_task_values(task_ids: torch.Tensor, n_tasks: int) -> None:
     """Task ids in range. Only on CPU tensors: on a GPU this check would make the host wait for
     the device, so there the ids are trusted (out-of-range ids read other memory as mask bits)."""
-    if task_ids.device.type == "cpu" and task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= n_tasks):
+    if (task_ids.device.type == "cpu" and task_ids.numel()
+            and (int(task_ids.min()) < 0 or int(task_ids.max()) >= n_tasks)):
         raise KernelArgumentError(f"masked_linear: task_ids must lie in [0, {n_tasks}), got values in "
                          f"[{int(task_ids.min())}, {int(task_ids.max())}]")
 

@@ -39,8 +39,8 @@ class DropoutOp:
 
     def __call__(self, x, p: float, seed: int) -> torch.Tensor:
         b = self.backend
-        key = None if torch.compiler.is_compiling() or not isinstance(x,
-                                                                      torch.Tensor) or type(p) is not float else (x.dtype, x.device, p)
+        uncached = torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or type(p) is not float
+        key = None if uncached else (x.dtype, x.device, p)
         if key is None or key not in self.checked:
             tensor("dropout", "x", x, b.linear_dtypes, b.devices)
             check("dropout", p, seed)

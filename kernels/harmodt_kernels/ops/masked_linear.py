@@ -137,7 +137,8 @@ class MaskedLinearOp:
         """The call under autocast (the operands cast to its dtype first), under torch.compile, or
         with arguments that make no key: the checks every time."""
         linear = self.backend.impls["masked_linear"]
-        if isinstance(x, torch.Tensor) and x.device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(x.device.type):
+        if (isinstance(x, torch.Tensor) and x.device.type in _AUTOCAST_DEVICE_TYPES
+                and torch.is_autocast_enabled(x.device.type)):
             x, weight, bias = _autocast_operands(x, weight, bias)
             with torch.autocast(x.device.type, enabled=False):
                 self._check(x, weight, bias, masks, task_ids, task_grads, segments, dropout_p, seed, None)
@@ -171,11 +172,13 @@ class CachedMaskedLinearOp:
         return self.op.takes_bool_masks
 
     def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None) -> torch.Tensor:
-        if segments is None or task_grads is not None or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        if (segments is None or task_grads is not None
+                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
             return self.op(x, weight, bias, masks, task_ids, task_grads, segments)
         b = self.backend
         dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev) else x.dtype
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
         check(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), masks, task_ids, None, segments,
               dtypes=b.linear_dtypes, devices=b.devices, bool_masks=True)
         key = (weight.data_ptr(), weight._version, tuple(weight.shape), masks.data_ptr(), masks._version,
@@ -191,8 +194,8 @@ class CachedMaskedLinearOp:
             # (T, R/T, K) @ (T, K, N)
             if [t for t, _ in runs] == list(range(w_eff.shape[0])) and len({c for _, c in runs}) == 1:
                 xs = x.reshape(w_eff.shape[0], runs[0][1], x.shape[1])
-                y = torch.bmm(xs, w_eff.transpose(1, 2)) if bias is None else torch.baddbmm(bias, xs,
-                                                                                            w_eff.transpose(1, 2))
+                wt = w_eff.transpose(1, 2)
+                y = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias, xs, wt)
                 return y.reshape(x.shape[0], -1)
             parts, start = [], 0
             for t, c in runs:
@@ -219,9 +222,10 @@ class NativeMaskedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, masks, task_ids, out = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias
-        dx, dw, db = torch.ops.harmodt_kernels.masked_linear_backward(grad_y, x, weight, masks, task_ids, need_x,
-                                                                      need_w, need_b,
-                                                                      ctx.task_grads if need_w else None, out,
-                                                                      *ctx.epilogue)
-        return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None, None, None, None
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.needs_input_grad[2] and ctx.has_bias
+        dx, dw, db = torch.ops.harmodt_kernels.masked_linear_backward(
+            grad_y, x, weight, masks, task_ids, need_x, need_w, need_b, ctx.task_grads if need_w else None, out,
+            *ctx.epilogue)
+        return (dx if need_x else None, dw if need_w else None, db if need_b else None,
+                None, None, None, None, None, None)
