@@ -94,10 +94,9 @@ def _numpy_globals() -> list:
     for obj, name in ((multiarray._reconstruct, "_reconstruct"), (multiarray.scalar, "scalar")):
         found += [(obj, f"numpy.core.multiarray.{name}"), (obj, f"numpy._core.multiarray.{name}")]
     found += [np.ndarray, np.dtype]
+    # the dtype classes (numpy.dtypes.Float32DType, ...)
     found += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8",
-                                          "uint16",
-                                          # the dtype classes (numpy.dtypes.Float32DType, ...)
-                                          "uint32", "uint64", "bool")]
+                                          "uint16", "uint32", "uint64", "bool")]
     return found
 
 
@@ -116,8 +115,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         if "Unsupported global" in str(exc) or "Weights only load failed" in str(exc):
             needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
             raise CheckpointError(f"{src}: needs Python objects beyond numpy arrays "
-                                  f"({needed.group(1) if needed else 'unknown'}) to load; not converted (nothing in it "
-                                  "was run)") from None
+                                  f"({needed.group(1) if needed else 'unknown'}) to load; not converted "
+                                  "(nothing in it was run)") from None
         raise _unreadable(Path(src), exc) from None
     if not isinstance(ck, dict) or "model" not in ck:
         raise CheckpointError(f"{src}: not a harmodt training checkpoint")
@@ -137,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = OneLineParser(prog="python -m harmodt.checkpoint", description="Checkpoint tools.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="rewrite an older checkpoint (numpy arrays inside) in the safe format; "
-                                       "unpickles nothing else")
+    c = sub.add_parser("convert", help="rewrite an older checkpoint (numpy arrays inside) in the safe "
+                                       "format; unpickles nothing else")
     c.add_argument("src")
     c.add_argument("dst", help="a new file (never SRC)")
-    c.add_argument("--overwrite", action="store_true", help="let DST replace an existing checkpoint or a file of a "
-                                                            "run or data set")
+    c.add_argument("--overwrite", action="store_true", help="let DST replace an existing checkpoint or "
+                                                            "a file of a run or data set")
     args = p.parse_args(argv)
     try:
         check_output_file(args.dst, "DST", [args.src], args.overwrite)

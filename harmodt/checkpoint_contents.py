@@ -44,8 +44,8 @@ def check_return_scale(target_return: float, rtg_scale: float, where: str) -> No
     if rtg_scale <= 0:
         raise CheckpointContentError(f"{where}: rtg_scale must be > 0, got {rtg_scale!r}")
     if not _finite_float32(target_return / rtg_scale):
-        raise CheckpointContentError(f"{where}: target_return / rtg_scale ({target_return!r} / {rtg_scale!r}) "
-                                     "overflows float32")
+        raise CheckpointContentError(f"{where}: target_return / rtg_scale ({target_return!r} / "
+                                     f"{rtg_scale!r}) overflows float32")
 
 
 def check_checkpoint(ck: dict, path, target_return: float | None = None) -> dict:
@@ -84,6 +84,6 @@ def check_checkpoint(ck: dict, path, target_return: float | None = None) -> dict
     if not isinstance(ck.get("model"), dict) or not _finite_tensors(ck["model"]):
         raise CheckpointContentError(f"{path}: its weights hold NaN or inf (or are missing)")
     if METHODS[cfg.method].masked and not ck.get("masks"):
-        raise CheckpointContentError(f"{path}: --method {cfg.method} trains through per-task masks, but the checkpoint "
-                                     "holds none")
+        raise CheckpointContentError(f"{path}: --method {cfg.method} trains through per-task masks, "
+                                     "but the checkpoint holds none")
     return upgrade_saved_config(ck["config"])

@@ -182,9 +182,9 @@ class ShardedVectorEnv:
             status, payload = conn.recv()
         except EOFError:
             raise RuntimeError(f"simulator worker for envs {rows.tolist()} died (its error is printed above; when "
-                               "calling evaluation from your own script, start it under `if __name__ == '__main__':`, "
-                               "since the workers are spawned processes that import the main module, or pass "
-                               "sim_workers=1)") from None
+                               "calling evaluation from your own script, start it under `if __name__ == "
+                               "'__main__':`, since the workers are spawned processes that import the main module, "
+                               "or pass sim_workers=1)") from None
         if status == "error":
             raise RuntimeError(f"simulator worker for envs {rows.tolist()} failed:\n{payload}")
         return payload

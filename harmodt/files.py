@@ -61,8 +61,8 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview |
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             size = "" if callable(payload) else f"{len(payload)} bytes needed, "
             raise OutputError(f"{path.parent}: no space left on the device to write {path.name} "
-                              f"({size}{free_bytes(path.parent)} bytes free); the previous {path.name}, if any, is "
-                              "kept") from None
+                              f"({size}{free_bytes(path.parent)} bytes free); the previous "
+                              f"{path.name}, if any, is kept") from None
         raise
     except BaseException:  # a failed write (or Ctrl-C) leaves no stray tmp; the previous file stays
         tmp.unlink(missing_ok=True)

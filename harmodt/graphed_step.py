@@ -184,8 +184,8 @@ class GraphedStep:
         for k, v in batch.items():
             dst = self.batch[k]
             if dst.shape != v.shape or dst.dtype != v.dtype:
-                raise RuntimeError(f"cuda graph: batch[{k!r}] changed from {list(dst.shape)} {dst.dtype} to "
-                                   f"{list(v.shape)} {v.dtype}")
+                raise RuntimeError(f"cuda graph: batch[{k!r}] changed from {list(dst.shape)} {dst.dtype} "
+                                   f"to {list(v.shape)} {v.dtype}")
             dst.copy_(v, non_blocking=True)
 
     def _load_masks(self) -> None:
@@ -196,8 +196,8 @@ class GraphedStep:
             return
         src = tm.for_op(self.tr.backends.masked_linear)
         now = [(m, m._version) for m in src.values()]
-        if len(now) == len(self._mask_source) and all(a is b and u == v for (a, u),
-                                                      (b, v) in zip(now, self._mask_source)):
+        if len(now) == len(self._mask_source) and all(a is b and u == v
+                                                      for (a, u), (b, v) in zip(now, self._mask_source)):
             return
         if self.masks is None:
             self.masks = {n: m.clone() for n, m in src.items()}
@@ -233,7 +233,6 @@ class GraphedStep:
         rule, b = self.rule, self.batch
         tasks = b["task_ids"].index_select(0, self.heads)  # (n,) the batch's tasks in order, on the device
         ctx = rule.context(b["task_ids"], single_task=self.heads.shape[0] == 1,
-                           dropout=rule.counter_dropout(self.values.step),
-                           masks=self.masks)
+                           dropout=rule.counter_dropout(self.values.step), masks=self.masks)
         keep = rule.keep(tasks, masks=self.masks, out=self.keep)
         return rule.step(StepInputs(b, ctx, keep, lrs=self.values.lrs, grads=self.grads))

@@ -34,8 +34,7 @@ PASSES = ("per-task", "batched")
 
 
 def task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear,
-                   batches: Iterable,
-                   n_tasks: int, *, mask_grads: str, recovery_grad: str, grad_clip: float,
+                   batches: Iterable, n_tasks: int, *, mask_grads: str, recovery_grad: str, grad_clip: float,
                    passes: str = "per-task") -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[T, P]`` gbar and g (None without masks) of every ``(task, batch)`` in ``batches`` (the
     rows of other tasks stay zero). ``masked_linear``: the run's op; ``mask_grads``: "paper" or
@@ -71,8 +70,7 @@ TASKS_PER_PASS = 16  # tasks of one batched pass: their activations and [2 x tas
 
 
 def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear,
-                           batches: Iterable,
-                           n_tasks: int, *, recovery_grad: str, tasks_per_pass: int = TASKS_PER_PASS
+                           batches: Iterable, n_tasks: int, *, recovery_grad: str, tasks_per_pass: int = TASKS_PER_PASS
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`task_gradients` of ``mask_grads="paper"`` (eval mode, unclipped) in one forward and
     backward of a mixed-task batch per ``tasks_per_pass`` tasks (one pass at MT10, four at MT50):
@@ -192,8 +190,7 @@ class _Gradients:
     """One task's (gbar_i, g_i) on one batch, by either variant."""
 
     def __init__(self, model, weights: dict, task_masks: TaskMasks | None, masked_linear, n_tasks: int,
-                 recover_masked: bool,
-                 grad_clip: float):
+                 recover_masked: bool, grad_clip: float):
         self.model, self.weights, self.task_masks, self.masked_linear = model, weights, task_masks, masked_linear
         self.n_tasks, self.recover_masked, self.grad_clip = n_tasks, recover_masked, grad_clip
         self.params = list(model.parameters())
@@ -208,8 +205,8 @@ class _Gradients:
             return _flat(torch.autograd.grad(action_loss(model(batch), batch), params)), None
         ctx = MaskContext(self.task_masks.for_op(self.masked_linear), batch["task_ids"][:1], self.masked_linear)
         if self.recover_masked:  # the backward also writes each task's unmasked gradient
-            ctx.task_grads = {n: torch.zeros(self.n_tasks, *w.shape, device=self.device) for n,
-                              w in self.weights.items()}
+            ctx.task_grads = {n: torch.zeros(self.n_tasks, *w.shape, device=self.device)
+                              for n, w in self.weights.items()}
         gbar = _flat(torch.autograd.grad(action_loss(model(batch, ctx), batch), params))
         if self.recover_masked:
             return gbar, _flat(ctx.task_grads[n][task] for n in self.weights)
@@ -249,9 +246,8 @@ class _Gradients:
         if task is not None:  # a one-task context whose backward also captures the unmasked gradients
             layers = self.task_masks.for_op(self.masked_linear)
             ctx = MaskContext({n: layers[n][task : task + 1] for n in names},
-                              torch.zeros(1, dtype=torch.int64, device=self.device),
-                              self.masked_linear, {n: torch.zeros(1, *w.shape, device=self.device) for n,
-                                                   w in weights.items()})
+                              torch.zeros(1, dtype=torch.int64, device=self.device), self.masked_linear,
+                              {n: torch.zeros(1, *w.shape, device=self.device) for n, w in weights.items()})
         grads = torch.autograd.grad(action_loss(self.model(batch, ctx), batch), self.params, allow_unused=True)
         by_param = {id(p): g for p, g in zip(self.params, grads)}
         mats = [by_param[id(weights[n])] for n in names]  # grad * M_task (or the plain gradient)

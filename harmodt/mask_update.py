@@ -75,10 +75,8 @@ class HarmonyProbe:
         tr, m = self.tr, self.tr.cfg.masks
         batches = ((i, tr.batcher.sample([i], tr.cfg.batch_size)) for i in tr.dist.shard(range(len(tr.tasks))))
         masked, dense = task_gradients(tr.model, tr.weights, tr.task_masks, tr.backends.masked_linear, batches,
-                                       len(tr.tasks),
-                                       mask_grads=m.mask_grads, recovery_grad=m.recovery_grad,
-                                       grad_clip=tr.cfg.grad_clip,
-                                       passes=self.passes)
+                                       len(tr.tasks), mask_grads=m.mask_grads, recovery_grad=m.recovery_grad,
+                                       grad_clip=tr.cfg.grad_clip, passes=self.passes)
         tr.dist.all_reduce_sum_(masked)
         if dense is not None:
             tr.dist.all_reduce_sum_(dense)

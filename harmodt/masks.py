@@ -249,8 +249,8 @@ class TaskMasks:
         mask does not fit its weight; ValueError for a task the checkpoint has no masks of."""
         if isinstance(d.get("layout"), str):
             if d["layout"] != PACKED_LAYOUT:
-                raise ValueError(f"masks stored as {d['layout']!r}, which this version does not read (it reads "
-                                 f"{PACKED_LAYOUT!r})")
+                raise ValueError(f"masks stored as {d['layout']!r}, which this version does not read "
+                                 f"(it reads {PACKED_LAYOUT!r})")
             stored = list(d["tasks"])
             order = _task_order(stored, stored if names is None else names)
             masks = {n: kernels.unpack_masks(w[order].to(device), d["shapes"][n][-1]) for n, w in d["words"].items()}

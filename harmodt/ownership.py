@@ -78,8 +78,7 @@ def owner_of(path: str | os.PathLike) -> str | None:
 
 
 def check_output_file(path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike] = (),
-                      overwrite: bool = False,
-                      own: Callable[[Path], bool] | None = None) -> None:
+                      overwrite: bool = False, own: Callable[[Path], bool] | None = None) -> None:
     """OutputError (one line) unless the file ``path`` (the value of ``flag``) may be written: it is
     none of ``inputs`` (the files the same command reads), and an existing file there belongs to no
     run, data set or study (:func:`owner_of`) unless ``own(path)`` says this tool wrote it or ``overwrite``."""
@@ -90,8 +89,8 @@ def check_output_file(path: str | os.PathLike, flag: str, inputs: Iterable[str |
     if not path.exists() or (own is not None and own(path)) or overwrite:
         return
     if (owner := owner_of(path)) is not None:
-        raise OutputError(f"{flag} {path}: is {owner}, which this command did not write; name a new file, or pass "
-                          "--overwrite to replace it")
+        raise OutputError(f"{flag} {path}: is {owner}, which this command did not write; name a new file, or "
+                          "pass --overwrite to replace it")
 
 
 def check_run_folder(out: str | os.PathLike) -> None:
@@ -107,7 +106,7 @@ def check_data_folder(out: str | os.PathLike, flag: str = "--out") -> None:
     """OutputError unless ``out`` may hold a data set: it holds no run and is no study's folder."""
     out = Path(out)
     if found := run_files(out):
-        raise OutputError(f"{flag} {out}: holds the files of a training run ({', '.join(found)}); data go into a "
-                          "folder of their own")
+        raise OutputError(f"{flag} {out}: holds the files of a training run ({', '.join(found)}); data "
+                          "go into a folder of their own")
     if holds_study(out):
         raise OutputError(f"{flag} {out}: is a study's folder; data go into a folder of their own")

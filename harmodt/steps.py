@@ -191,8 +191,7 @@ class MaskedStep(PlainStep):
         return MaskContext({n: m.index_select(0, idx) for n, m in ctx.masks.items()}, local[ctx.task_ids],
                            ctx.masked_linear,
                            {n: torch.zeros(len(present), *w.shape, device=device) for n, w in self.tr.weights.items()},
-                           segments,
-                           dropout=ctx.dropout)
+                           segments, dropout=ctx.dropout)
 
     def clip_gradients(self, ctx: MaskContext) -> dict | None:
         """``--clip-scope unmasked``: {masked matrix: its gradient before masking} from a backward
@@ -241,8 +240,7 @@ class SurgeryStep:
         tr = self.tr
         params = [p for p in tr.params if p.requires_grad]
         loss = surgery_gradients(self.combine, params, task_ids, tr.cfg.batch_size, tr.batcher.sample, tr.forward,
-                                 tr.autocast,
-                                 self.options, tr.batcher.generator)
+                                 tr.autocast, self.options, tr.batcher.generator)
         coef = clip_coefficient(params, tr.cfg.grad_clip)
         tr.opt.masked_step(None, grad_scale=coef, op=tr.backends.masked_adamw)
         return loss

@@ -111,8 +111,8 @@ def goal_of(task: str) -> tuple[str, str | None, int | None]:
     if base not in MT50:
         raise ValueError(f"unknown task {task!r}: {base!r} is not a Meta-World v3 task")
     if index >= ML1_GOALS:
-        raise ValueError(f"unknown task {task!r}: goal index {index} out of range (ML1 has {ML1_GOALS} {split} goals, "
-                         f"0..{ML1_GOALS - 1})")
+        raise ValueError(f"unknown task {task!r}: goal index {index} out of range (ML1 has {ML1_GOALS} {split} "
+                         f"goals, 0..{ML1_GOALS - 1})")
     return base, split, index
 
 

@@ -287,8 +287,7 @@ class PromptDTBatcher:
         _fill(self.table, dev[:k].view(b, self.k), dev[k: 2 * k].view(b, self.k), out)
         if self.kp > 0:
             _fill(self.prompt_table, dev[2 * k: 2 * k + kp].view(b, self.kp),
-                  dev[2 * k + kp: 2 * k + 2 * kp].view(b, self.kp),
-                  out, "prompt_")
+                  dev[2 * k + kp: 2 * k + 2 * kp].view(b, self.kp), out, "prompt_")
         out["task_ids"].copy_(dev[-b:])
         return out
 

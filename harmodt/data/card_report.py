@@ -20,9 +20,9 @@ REPO = "https://github.com/Farama-Foundation/Metaworld"
 NOT_OURS = "harmodt's envs use the default reward function, version 2"
 UPSTREAM = {
     "hand-insert-v3": [(567, "issues", "the v3 expert does not complete the task, whatever the seed", True),
-                       (571, "issues", "no success reported with the experts under reward function version 1; tied "
-                                       "upstream to MuJoCo's changed collisions and answered by pinning mujoco "
-                                       "3.4.0", False)],
+                       (571, "issues", "no success reported with the experts under reward function version "
+                                       "1; tied upstream to MuJoCo's changed collisions and answered by "
+                                       "pinning mujoco 3.4.0", False)],
     "peg-insert-side-v3": [(569, "pull", "the v3 expert succeeds 82.4 % over 1000 episodes (a rewritten policy: 100 "
                                         "%); MuJoCo >= 3.5.0's changed collisions named as the cause", True),
                            (571, "issues", "no success reported under reward function version 1 (see hand-insert-v3)",
@@ -216,9 +216,9 @@ def _comparability(card: dict, fails: list[str], ceiling: float) -> list[str]:
         "on the same goals, so a failing expert lowers every arm alike; differences between arms are sound. A task "
         f"whose expert fails ({fail_text}) has fewer successful episodes to imitate, and methods can tie there at a "
         f"lower level; over the {n} tasks the experts' misses cost at most {1 - ceiling:.3f} of a mean success.",
-        f"- **Against 100 %: no.** A method that imitates these experts perfectly scores about {ceiling:.3f} on "
-        "average, not 1; read a mean success against that ceiling, and a per-task success against its expert's row "
-        "above.",
+        "- **Against 100 %: no.** A method that imitates these experts perfectly scores about "
+        f"{ceiling:.3f} on average, not 1; read a mean success against that ceiling, and a per-task "
+        "success against its expert's row above.",
         "- **Against the paper's numbers (HarmoDT, Prompt-DT, MTDT on MT50): only loosely.** The paper's data are SAC "
         "replay buffers on Meta-World v2 (not downloadable); ours are the v3 scripted experts with our curriculum, "
         "scored on v3 environments. The absolute levels differ for reasons that have nothing to do with the methods "

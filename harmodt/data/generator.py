@@ -262,8 +262,8 @@ def generate(tasks: list[str], episodes: int, out: str, seed: int = 0, workers: 
         with ctx.Manager() as manager:
             queue = manager.Queue()
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_quiet_interrupt) as pool:
-                futures = {t: pool.submit(generate_task, t, episodes, out, seed, prompt_episodes, settings,
-                                          queue) for t in todo}
+                futures = {t: pool.submit(generate_task, t, episodes, out, seed, prompt_episodes, settings, queue)
+                           for t in todo}
                 pending = set(futures)
                 while pending:
                     while not queue.empty():

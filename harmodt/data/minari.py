@@ -212,8 +212,8 @@ def _prompt_count(folder: Path, meta: dict) -> int:
     ours = meta.get("harmodt")
     n = ours.get("prompt_episodes", ORIGINAL_PROMPTS) if isinstance(ours, dict) else ORIGINAL_PROMPTS
     if not isinstance(n, int) or n < 1:
-        raise DataError(f"{folder / 'data' / 'metadata.json'}: harmodt.prompt_episodes must be a positive integer, got "
-                        f"{n!r}")
+        raise DataError(f"{folder / 'data' / 'metadata.json'}: harmodt.prompt_episodes must be a "
+                        f"positive integer, got {n!r}")
     return n
 
 
@@ -302,8 +302,7 @@ def _env_spec(task: str, settings: dict):
     seed = task_seed(settings["seed"], task) % (2**31)
     # a gymnasium id cannot hold the "@" of a goal variation: harmodt/pick-place-v3-g7
     return EnvSpec(id=f"harmodt/{task.replace('@', '-')}", entry_point="harmodt.envs:make_env",
-                   kwargs={"task": task, "seed": seed},
-                   max_episode_steps=EPISODE_LEN)
+                   kwargs={"task": task, "seed": seed}, max_episode_steps=EPISODE_LEN)
 
 
 def _env_id(task: str) -> str:
@@ -367,8 +366,8 @@ def export_minari(src: str | Path, out: str | Path) -> list[str]:
     if (out / MANIFEST).exists() or out.resolve().is_relative_to(src.resolve()):
         raise OutputError(f"--minari {out}: is {src} or inside it; Minari datasets go into a root of their own")
     if not (src / MANIFEST).exists():
-        raise DataError(f"{src}: export reads our layout (a folder with {MANIFEST} written by `python -m harmodt.data "
-                        "generate`)")
+        raise DataError(f"{src}: export reads our layout (a folder with {MANIFEST} written by "
+                        "`python -m harmodt.data generate`)")
     manifest = read_manifest(src)
     quality = manifest.get("quality", "near-optimal")
     if quality not in QUALITIES:

@@ -297,8 +297,8 @@ class Distributed(Single):
         bad = [k for k in what if len({r[k] for r in allr}) > 1]
         if bad:
             detail = "; ".join(f"{k}: " + ", ".join(f"rank {i} {r[k]:016x}" for i, r in enumerate(allr)) for k in bad)
-            raise DistributedError(f"rank {self.rank} of {self.world_size}: the ranks' {' and '.join(bad)} differ "
-                                   f"({detail})")
+            raise DistributedError(f"rank {self.rank} of {self.world_size}: the ranks' "
+                                   f"{' and '.join(bad)} differ ({detail})")
 
 
 def init(device: str, timeout_s: float) -> Single:
@@ -315,8 +315,8 @@ def init(device: str, timeout_s: float) -> Single:
     dev = resolve_device(device)
     if dev.type == "cuda":
         if dev.index is not None:
-            raise ConfigError(f"--device {device}: under torchrun every rank takes cuda:LOCAL_RANK; pass --device cuda "
-                              "or auto")
+            raise ConfigError(f"--device {device}: under torchrun every rank takes "
+                              "cuda:LOCAL_RANK; pass --device cuda or auto")
         if local >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK {local}: only {torch.cuda.device_count()} CUDA device(s) on this node")
         dev = torch.device("cuda", local)

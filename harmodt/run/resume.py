@@ -124,8 +124,8 @@ def diverged(out: Path, step: int, what: str) -> Diverged:
         last = f"the last checkpoint, {path}, is at step {int(checkpoint.load(path).get('step', 0))}"
     except checkpoint.CheckpointError:
         last = "no checkpoint was written"
-    return Diverged(f"{what} at step {step}: training stopped; {last} (a lower --lr, or a look at --rtg-scale and the "
-                    "data, may help)")
+    return Diverged(f"{what} at step {step}: training stopped; {last} (a lower --lr, or a look at "
+                    "--rtg-scale and the data, may help)")
 
 
 def all_finite(tensors) -> bool:
@@ -156,9 +156,9 @@ def restore(tr, ck: dict, path: Path) -> dict:
     saved = ck.get("data_sha256")  # (none in a checkpoint written before it was recorded)
     if saved is not None and saved != tr.data_sha256:
         where = tr.cfg.data or "the generated data in the cache"
-        raise ConfigError(f"--resume: the data differ from those {path} was trained on (data sha256 {saved[:16]}... in "
-                          f"the checkpoint, {tr.data_sha256[:16]}... in {where}); restore that data set or train a new "
-                          "run into another --out")
+        raise ConfigError(f"--resume: the data differ from those {path} was trained on (data sha256 {saved[:16]}... "
+                          f"in the checkpoint, {tr.data_sha256[:16]}... in {where}); restore that data set or train "
+                          "a new run into another --out")
     try:
         tr.load_state(ck)
         rng.restore(ck["rng"], tr.device)

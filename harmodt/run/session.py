@@ -99,8 +99,7 @@ class Meter:
 
         cfg = tr.cfg
         self.bar = tqdm(total=cfg.steps, initial=tr.step, disable=not cfg.progress or not tr.dist.is_main,
-                        desc=f"train {cfg.method}",
-                        dynamic_ncols=True)
+                        desc=f"train {cfg.method}", dynamic_ncols=True)
         self.losses = [x.to(tr.device) for x in losses]  # a checkpoint keeps those not yet in a metric line
         self.t0, self.s0 = time.perf_counter(), tr.step
         self.out = Path(cfg.out)
@@ -126,8 +125,8 @@ class Meter:
         sps = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
         rec = {"step": step, "loss": float(torch.stack(self.losses).float().mean()), "lr": lr, "steps_per_s": sps}
         if not math.isfinite(rec["loss"]):
-            raise resume.diverged(self.out, step, f"the training loss is {rec['loss']} (mean of steps "
-                                                  f"{self.s0 + 1}-{step})")
+            raise resume.diverged(self.out, step, f"the training loss is {rec['loss']} (mean of "
+                                                  f"steps {self.s0 + 1}-{step})")
         self.bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{sps:.1f}")
         self.losses, self.t0, self.s0 = [], time.perf_counter(), step
         return rec
@@ -211,8 +210,8 @@ def finish(tr, log: MetricsLog | NoLog, evals: Evaluations) -> dict:
         if evals.count > 1 or validating:
             goals = "on the validation goals" if validating else ""
             print(f"best of {evals.count} evaluations{' ' + goals if goals else ''}: mean success "
-                  f"{evals.best['mean_success']:.2f} at step {evals.best['step']} (final on the test goals: "
-                  f"{res['mean_success']:.2f})"
+                  f"{evals.best['mean_success']:.2f} at step {evals.best['step']} (final on the test "
+                  f"goals: {res['mean_success']:.2f})"
                   + (f"; its weights: {out / BEST_CHECKPOINT}" if validating else ""))
     log.close()
     if not dist.is_main:

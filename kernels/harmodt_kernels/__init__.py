@@ -83,8 +83,7 @@ def _check_name(backend: str, allowed: tuple = BACKENDS) -> None:
 
 # Each backend maps op names to its implementations (the calling conventions: harmodt_kernels/ops/<op>.py).
 REFERENCE = Backend("reference", devices=None, linear_dtypes=FLOATS, adamw_dtypes=FLOATS, bool_masks=True,
-                    max_numel=None,
-                    impls={
+                    max_numel=None, impls={
                         "masked_linear": reference.masked_linear,
                         "masked_adamw": adamw_op.on_reference,
                         "harmony_select": reference.harmony_select,
@@ -103,8 +102,7 @@ def _native(device_type: str) -> Backend:
     if lib.unavailable is not None:
         raise BackendUnavailable(lib.unavailable)
     return Backend("cpu", devices=("cpu",), linear_dtypes=(torch.float32, torch.bfloat16),
-                   adamw_dtypes=(torch.float32,),
-                   bool_masks=False, max_numel=None, impls={
+                   adamw_dtypes=(torch.float32,), bool_masks=False, max_numel=None, impls={
                        "masked_linear": lib.masked_linear,
                        "masked_linear_self_checked": lib.linear_self_checked,
                        "masked_adamw": lib.masked_adamw_,
@@ -120,8 +118,8 @@ def _triton(device_type: str) -> Backend:
         raise BackendUnavailable(f"triton is not importable ({exc})") from None
     interpret = triton_interpreted()
     if device_type != "cuda" and not interpret:
-        raise BackendUnavailable(f"Triton needs CUDA tensors (got {device_type}) or TRITON_INTERPRET=1 for the CPU "
-                                 "interpreter")
+        raise BackendUnavailable(f"Triton needs CUDA tensors (got {device_type}) or "
+                                 "TRITON_INTERPRET=1 for the CPU interpreter")
     from .triton_dropout import triton_dropout
     from .triton_harmony_select import triton_harmony_select
     from .triton_masked_adamw import triton_masked_adamw_
@@ -129,8 +127,7 @@ def _triton(device_type: str) -> Backend:
 
     halves = (torch.float32, torch.bfloat16, torch.float16)
     return Backend("triton", devices=("cuda", "cpu") if interpret else ("cuda",), linear_dtypes=halves,
-                   adamw_dtypes=halves,
-                   bool_masks=False, max_numel=2**31 - 1, impls={
+                   adamw_dtypes=halves, bool_masks=False, max_numel=2**31 - 1, impls={
                        "masked_linear": triton_masked_linear,
                        "masked_adamw": triton_masked_adamw_,
                        "harmony_select": triton_harmony_select,
@@ -239,8 +236,8 @@ def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
                                   f"{getattr(words, 'dtype', type(words).__name__)} "
                                   f"{list(getattr(words, 'shape', []))}")
     if words.shape[-1] != num_words(k):
-        raise KernelArgumentError(f"unpack_masks: words {list(words.shape)} cannot hold K={k} bits (the last dimension "
-                                  f"must be {num_words(k)})")
+        raise KernelArgumentError(f"unpack_masks: words {list(words.shape)} cannot hold K={k} bits (the last "
+                                  f"dimension must be {num_words(k)})")
     return reference.unpack_masks(words, k)
 
 
@@ -300,8 +297,7 @@ def masked_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, 
         return
     device = params[0].device if isinstance(params[0], torch.Tensor) else "cpu"
     backend_ops(backend, device).masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr=lr, beta1=beta1,
-                                              beta2=beta2,
-                                              eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
+                                              beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
                                               workspace=workspace)
 
 

@@ -102,8 +102,7 @@ class NativeLibrary:
         return x if p == 0.0 else NativeCounterDropout.apply(x, p, seed)
 
     def masked_adamw_(self, params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay,
-                      grad_scale,
-                      workspace=None) -> None:
+                      grad_scale, workspace=None) -> None:
         """See :func:`harmodt_kernels.masked_adamw_`; masks packed; grad_scale read inside the op (a float is
         made a tensor), so the call never reads a tensor value back into Python."""
         lr = float(lr) if isinstance(lr, torch.Tensor) else lr  # (a CPU tensor: nothing to wait for)
@@ -113,8 +112,7 @@ class NativeLibrary:
             grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)
         with torch.no_grad():
             self.ops.adamw_group_([p.detach() for p in params], [g.contiguous() for g in grads], exp_avgs, exp_avg_sqs,
-                                  masks,
-                                  steps, lr, beta1, beta2, eps, weight_decay, grad_scale)
+                                  masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale)
 
     def harmony_select(self, harmony, recovery, masks, k) -> torch.Tensor:
         """See :func:`harmodt_kernels.harmony_select`; equal bit for bit to the reference."""

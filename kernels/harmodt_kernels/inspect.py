@@ -129,8 +129,7 @@ def kernel_configs(capability: int = 90) -> list:
                      "BLOCK": ad.BLOCK},
                     {"num_warps": ad.NUM_WARPS, "enable_fp_fusion": False}))
     out.append(("masked_adamw step += 1 (up to 128 params)", ad._step_kernel, {"table_ptr": "i64"}, {"n_params": 82},
-                (),
-                {"NP": 128}, {}))
+                (), {"NP": 128}, {}))
     p = 4_718_592  # the paper model's masked weights: 6 x (768 + 256 + 1024 + 256) x 256
     for k in (20, 100, 1000):
         kc = hs.candidates_per_block(k, hs.BLOCK)
@@ -197,8 +196,8 @@ def format_table(rows: list[dict], arch: str) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         smem = max(r["static_shared"], r["dynamic_shared"])
-        lines.append(f"{r['kernel']:<72} {r['registers']:>5} {smem:>8} {r['local']:>8} {r['hgmma']:>6} {r['hmma']:>5} "
-                     f"{r['num_warps']:>5}")
+        lines.append(f"{r['kernel']:<72} {r['registers']:>5} {smem:>8} {r['local']:>8} {r['hgmma']:>6} "
+                     f"{r['hmma']:>5} {r['num_warps']:>5}")
     return "\n".join(lines)
 
 

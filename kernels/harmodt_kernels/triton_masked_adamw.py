@@ -178,8 +178,7 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2
         if n_programs:
             _adamw_kernel[(n_programs,)](
                 table, table[ROW * n:], scale_t if scale_t is not None else table,
-                lr_decay if lr_decay is not None else table,
-                float(scale), float(lr),
+                lr_decay if lr_decay is not None else table, float(scale), float(lr),
                 float(1 - beta1), float(beta2), float(1 - beta2), math.log2(beta1) if beta1 > 0 else -math.inf,
                 math.log2(beta2) if beta2 > 0 else -math.inf, float(eps), float(1 - lr * weight_decay),
                 SCALE_IS_PTR=scale_t is not None, LR_IS_PTR=lr_decay is not None, P_DTYPE=_TL_DTYPES[p_dtype],
@@ -199,8 +198,7 @@ def _masked_adamw_op(params: List[torch.Tensor], grads: List[torch.Tensor], exp_
     given, else the float ``grad_scale``, multiplies every gradient; ``lr_t`` (float64 0-dim, on
     the device) when given is the learning rate, else ``lr``."""
     _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor,
-            grad_scale,
-            lr_t=lr_t)
+            grad_scale, lr_t=lr_t)
 
 
 @_masked_adamw_op.register_fake
@@ -210,8 +208,7 @@ def _(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps,
 
 
 def triton_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay,
-                         grad_scale=1.0,
-                         workspace: dict | None = None) -> None:
+                         grad_scale=1.0, workspace: dict | None = None) -> None:
     """See :func:`harmodt_kernels.masked_adamw_`, which checks the arguments (masks None or packed int32
     words ``[*p.shape[:-1], ceil(K/32)]``, steps float32 0-dim tensors each its own, grad_scale a
     float or a one-element float tensor on the device). Calls the registered op
@@ -227,8 +224,7 @@ def triton_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr,
             scale_t, scale)
     if torch.compiler.is_compiling():
         torch.ops.harmodt_triton.masked_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                                               list(masks),
-                                               list(steps), *args, lr_t)
+                                               list(masks), list(steps), *args, lr_t)
         return
     with torch.no_grad():  # an optimizer update: parameters change in place outside autograd
         _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, *args, workspace=workspace, lr_t=lr_t)

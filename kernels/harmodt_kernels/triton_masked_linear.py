@@ -98,8 +98,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, task_ptr, counts_ptr, order_p
                 stride_xm, stride_xk, stride_wn, stride_wk, stride_mt, stride_mn, stride_ym, stride_yn, seed_lo,
                 seed_hi, thr, scale,
                 SINGLE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROP: tl.constexpr,
-                SEED_PTR: tl.constexpr,
-                PRECISION: tl.constexpr,
+                SEED_PTR: tl.constexpr, PRECISION: tl.constexpr,
                 TP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     task, rows, row_ok, has_rows = _row_tile(tl.program_id(0), task_ptr, counts_ptr, order_ptr, R, T, SINGLE, TP, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -298,8 +297,7 @@ def _backward_dw(dy, x, masks, task_ids, task_grads):
     _dw_kernel[lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(k, c["BK"]))](
         dy, x, masks, dw, tg if tg is not None else dw, tids, counts, order, r, n, k, masks.shape[2], t,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), masks.stride(0), masks.stride(1), dw.stride(0),
-        dw.stride(1),
-        *(tg.stride() if tg is not None else (0, 0, 0)),
+        dw.stride(1), *(tg.stride() if tg is not None else (0, 0, 0)),
         SINGLE=single, HAS_TG=tg is not None, PRECISION=_precision(x.dtype), enable_fp_fusion=True)
     return dw
 
@@ -370,8 +368,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed, seed_t = inputs
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     ctx.save_for_backward(x if need_w else None, weight if need_x else None, masks, task_ids,
-                          task_grads if need_w else None,
-                          output if relu else None, seed_t)
+                          task_grads if need_w else None, output if relu else None, seed_t)
     ctx.has_bias = bias is not None
     ctx.epilogue = (relu, dropout_p, seed)
 

@@ -22,8 +22,8 @@ def check(op: str, p, seed) -> None:
         raise KernelArgumentError(f"{op}: dropout p must be a float in [0, 1), got {p!r}")
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.dim() != 0:
-            raise KernelArgumentError(f"{op}: a seed tensor must be int64 0-dim, got {dtype_name(seed.dtype)} "
-                                      f"{shape_list(seed)}")
+            raise KernelArgumentError(f"{op}: a seed tensor must be int64 0-dim, got "
+                                      f"{dtype_name(seed.dtype)} {shape_list(seed)}")
     elif not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise KernelArgumentError(f"{op}: seed must be an int in [0, 2**63) or an int64 0-dim tensor, got {seed!r}")
 

@@ -32,8 +32,8 @@ def check(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale, *, dty
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "masks": masks,
              "steps": steps}
     if len({len(v) for v in lists.values()}) != 1:
-        raise KernelArgumentError(f"{op}: params, grads, exp_avgs, exp_avg_sqs, masks and steps must have one length, "
-                                  "got "
+        raise KernelArgumentError(f"{op}: params, grads, exp_avgs, exp_avg_sqs, masks and "
+                                  "steps must have one length, got "
                                   + ", ".join(f"{k}: {len(v)}" for k, v in lists.items()))
     for i, p in enumerate(params):
         tensor(op, f"params[{i}]", p, dtypes, devices)
@@ -48,13 +48,13 @@ def check(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale, *, dty
         tensor(op, f"steps[{i}]", steps[i], (torch.float32,), devices)
         shape(op, f"steps[{i}]", steps[i], (), " (a 0-dim step count)")
         if max_numel is not None and p.numel() > max_numel:
-            raise KernelArgumentError(f"{op}: params[{i}] has {p.numel()} elements, more than this backend's "
-                                      f"{max_numel}")
+            raise KernelArgumentError(f"{op}: params[{i}] has {p.numel()} elements, more than "
+                                      f"this backend's {max_numel}")
         m = masks[i]
         if m is not None:
             if p.dim() == 0:
-                raise KernelArgumentError(f"{op}: masks[{i}]: a masked parameter must be at least 1-D, params[{i}] is "
-                                          "0-D")
+                raise KernelArgumentError(f"{op}: masks[{i}]: a masked parameter must be at "
+                                          f"least 1-D, params[{i}] is 0-D")
             tensor(op, f"masks[{i}]", m, (torch.int32, torch.bool), devices)
             if m.dtype == torch.bool:
                 shape(op, f"masks[{i}]", m, p.shape, " (a bool mask of params[i]'s shape)")
@@ -71,15 +71,15 @@ def check(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale, *, dty
         for i, s in enumerate(steps):
             j = seen.setdefault(s.data_ptr(), i)
             if j != i:
-                raise KernelArgumentError(f"{op}: steps[{i}] shares its storage with steps[{j}] (each parameter needs "
-                                          "its own count)")
+                raise KernelArgumentError(f"{op}: steps[{i}] shares its storage with steps[{j}] (each "
+                                          "parameter needs its own count)")
     if isinstance(grad_scale, torch.Tensor):
         if grad_scale.numel() != 1 or not grad_scale.is_floating_point():
             raise KernelArgumentError(f"{op}: grad_scale must be a float or a one-element float tensor, got "
                                       f"{dtype_name(grad_scale.dtype)} {shape_list(grad_scale)}")
         if params and grad_scale.device != params[0].device:
-            raise KernelArgumentError(f"{op}: grad_scale must be on the params' device {params[0].device}, got "
-                                      f"{grad_scale.device}")
+            raise KernelArgumentError(f"{op}: grad_scale must be on the params' device "
+                                      f"{params[0].device}, got {grad_scale.device}")
     elif not isinstance(grad_scale, (int, float)):
         raise KernelArgumentError(f"{op}: grad_scale must be a float or a one-element float tensor, got "
                                   f"{type(grad_scale).__name__}")

@@ -66,8 +66,8 @@ def check(x, weight, bias, masks, task_ids, task_grads, segments, *, dtypes: tup
     same_device(op, {"x": x, "weight": weight, "bias": bias, "masks": masks, "task_ids": task_ids,
                      "task_grads": task_grads})
     if segments is not None and sum(c for _, c in segments) != r:
-        raise KernelArgumentError(f"{op}: segments {tuple(segments)} cover {sum(c for _, c in segments)} rows, x has "
-                                  f"{r}")
+        raise KernelArgumentError(f"{op}: segments {tuple(segments)} cover "
+                                  f"{sum(c for _, c in segments)} rows, x has {r}")
 
 
 
@@ -101,8 +101,7 @@ class MaskedLinearOp:
         try:  # what check reads (inline, hashed once: this is the hot path of every masked layer)
             key = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
                    None if bias is None else (bias.shape, bias.dtype, bias.device), masks.shape, masks.dtype,
-                   masks.device,
-                   task_ids.shape, task_ids.dtype, task_ids.device,
+                   masks.device, task_ids.shape, task_ids.dtype, task_ids.device,
                    None if task_grads is None else (*tensor_key(task_grads), task_grads.is_contiguous()), segments,
                    relu, dropout_p)
             known = key in self.checked
