@@ -69,7 +69,8 @@ def _canonical_tasks(names) -> list[str]:
     out = [canonical_name(str(n)) for n in names]
     bad = [n for n, c in zip(names, out) if not is_task(c)]
     if bad:
-        raise EvalError(f"unknown task names {bad}: expected Meta-World v3 task names or TASK@gN / TASK@testN, one per env")
+        raise EvalError(f"unknown task names {bad}: expected Meta-World v3 task names or "
+                        "TASK@gN / TASK@testN, one per env")
     if not out:
         raise EvalError("no envs: give the vector env or one task name per env")
     return out
@@ -154,7 +155,8 @@ class HarmoDTAgent:
         extra = obs[:, self.state_dim :]
         if extra.shape[1] and not (np.isin(extra, (0.0, 1.0)).all() and (extra.sum(1) == 1).all()):
             raise EvalError(f"observations have {obs.shape[1]} features, the checkpoint's model reads {self.state_dim} "
-                            "(Meta-World's state, optionally followed by a one-hot task ID); the features after them are not a one-hot ID")
+                            "(Meta-World's state, optionally followed by a one-hot task ID); the features "
+                            "after them are not a one-hot ID")
         if obs.shape[1] < self.state_dim:
             raise EvalError(f"observations have {obs.shape[1]} features, the checkpoint's model reads {self.state_dim}")
         return (torch.from_numpy(np.ascontiguousarray(obs[:, : self.state_dim])) - self._mean) / self._std  # (N, S)
@@ -162,11 +164,14 @@ class HarmoDTAgent:
     def eval_action(self, observations) -> np.ndarray:
         """The action of every env (N, A) float64 for its observation (N, S) and its episode so far."""
         if self._awaiting.any():
-            raise RuntimeError("HarmoDTAgent: the rewards of the last step never reached the agent, so its returns-to-go are "
-                               "unknown; step through agent.wrap(envs), e.g. evaluation(agent, agent.wrap(envs), 50)")
+            raise RuntimeError("HarmoDTAgent: the rewards of the last step never reached the agent, so its "
+                               "returns-to-go are unknown; step through agent.wrap(envs), e.g. "
+                               "evaluation(agent, agent.wrap(envs), 50)")
         s_now = self._states_of(observations)
-        sent = torch.cat([s_now, self._rtg_now.unsqueeze(1)], dim=1).to(self.device, non_blocking=True)  # (N, S + 1): one transfer
-        for buf in (self._states, self._actions, self._rtg, self._steps):  # drop the oldest step, make room for this one
+        # (N, S + 1): one transfer
+        sent = torch.cat([s_now, self._rtg_now.unsqueeze(1)], dim=1).to(self.device, non_blocking=True)
+        # drop the oldest step, make room for this one
+        for buf in (self._states, self._actions, self._rtg, self._steps):
             buf.copy_(torch.roll(buf, -1, dims=1))
         self._states[:, -1], self._rtg[:, -1, 0] = sent[:, :-1], sent[:, -1]
         self._actions[:, -1] = 0.0
@@ -175,7 +180,8 @@ class HarmoDTAgent:
         length = int(self._n_real.max())
         history_valid = None  # every env has `length` real steps: no padding
         if (self._n_real != length).any():
-            history_valid = torch.from_numpy(np.arange(length)[None, :] >= (length - self._n_real)[:, None]).to(self.device)
+            history_valid = torch.from_numpy(
+                np.arange(length)[None, :] >= (length - self._n_real)[:, None]).to(self.device)
         with torch.inference_mode(), self.inputs.autocast():
             act = self.model.act(self._states[:, -length:], self._actions[:, -length:], self._rtg[:, -length:],
                                  self._steps[:, -length:], self._ids, self._ctx, self._kv, self._pvalid, history_valid)

@@ -66,9 +66,9 @@ def load(path: str | os.PathLike) -> dict:
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
         msg = str(exc)
         if "Unsupported global" in msg:  # a pickled class or function: only a full unpickle would read it
-            raise CheckpointError(f"{path}: holds pickled Python objects, which are not loaded (unsafe); convert it with "
-                                  f"`python -m harmodt.checkpoint convert {path} NEW.pt` (it reads the older format's numpy arrays, "
-                                  "nothing else)") from None
+            raise CheckpointError(f"{path}: holds pickled Python objects, which are not loaded (unsafe); convert it "
+                                  f"with `python -m harmodt.checkpoint convert {path} NEW.pt` (it reads the older "
+                                  "format's numpy arrays, nothing else)") from None
         raise _unreadable(path, exc) from None
     if not isinstance(ck, dict) or not {"model", "config", "eval_info"} <= set(ck):
         raise CheckpointError(f"{path}: not a harmodt training checkpoint (needs model, config, eval_info)")
@@ -81,7 +81,8 @@ def _unreadable(path: Path, exc: Exception) -> CheckpointError:
         return CheckpointError(f"{path}: cannot read checkpoint (empty file)")
     msg = str(exc)
     first = msg.splitlines()[0].split(". ")[0] if msg.strip() else ""
-    return CheckpointError(f"{path}: cannot read checkpoint: truncated, or not a torch checkpoint ({type(exc).__name__}: {first})")
+    return CheckpointError(f"{path}: cannot read checkpoint: truncated, or not a torch checkpoint "
+                           f"({type(exc).__name__}: {first})")
 
 
 def _numpy_globals() -> list:
@@ -93,8 +94,9 @@ def _numpy_globals() -> list:
     for obj, name in ((multiarray._reconstruct, "_reconstruct"), (multiarray.scalar, "scalar")):
         found += [(obj, f"numpy.core.multiarray.{name}"), (obj, f"numpy._core.multiarray.{name}")]
     found += [np.ndarray, np.dtype]
-    found += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16",
-                                          "uint32", "uint64", "bool")]  # the dtype classes (numpy.dtypes.Float32DType, ...)
+    # the dtype classes (numpy.dtypes.Float32DType, ...)
+    found += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8",
+                                          "uint16", "uint32", "uint64", "bool")]
     return found
 
 
@@ -112,13 +114,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
         if "Unsupported global" in str(exc) or "Weights only load failed" in str(exc):
             needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-            raise CheckpointError(f"{src}: needs Python objects beyond numpy arrays ({needed.group(1) if needed else 'unknown'}) to load; "
-                                  "not converted (nothing in it was run)") from None
+            raise CheckpointError(f"{src}: needs Python objects beyond numpy arrays "
+                                  f"({needed.group(1) if needed else 'unknown'}) to load; not converted "
+                                  "(nothing in it was run)") from None
         raise _unreadable(Path(src), exc) from None
     if not isinstance(ck, dict) or "model" not in ck:
         raise CheckpointError(f"{src}: not a harmodt training checkpoint")
     rng = ck.get("rng", {})
-    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):  # np.random.get_state(): (name, keys, pos, has_gauss, gauss)
+    # np.random.get_state(): (name, keys, pos, has_gauss, gauss)
+    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
         name, keys, pos, has_gauss, gauss = rng["numpy"]
         rng["numpy"] = {"name": str(name), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
                         "has_gauss": int(has_gauss), "gauss": float(gauss)}
@@ -132,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = OneLineParser(prog="python -m harmodt.checkpoint", description="Checkpoint tools.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="rewrite an older checkpoint (numpy arrays inside) in the safe format; unpickles nothing else")
+    c = sub.add_parser("convert", help="rewrite an older checkpoint (numpy arrays inside) in the safe "
+                                       "format; unpickles nothing else")
     c.add_argument("src")
     c.add_argument("dst", help="a new file (never SRC)")
-    c.add_argument("--overwrite", action="store_true", help="let DST replace an existing checkpoint or a file of a run or data set")
+    c.add_argument("--overwrite", action="store_true", help="let DST replace an existing checkpoint or "
+                                                            "a file of a run or data set")
     args = p.parse_args(argv)
     try:
         check_output_file(args.dst, "DST", [args.src], args.overwrite)

@@ -21,7 +21,8 @@ class CheckpointContentError(ValueError):
 
 
 def _finite_float32(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x)) and abs(float(x)) <= FLOAT32_MAX
+    return (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+            and abs(float(x)) <= FLOAT32_MAX)
 
 
 def _finite_tensors(tree) -> bool:
@@ -43,7 +44,8 @@ def check_return_scale(target_return: float, rtg_scale: float, where: str) -> No
     if rtg_scale <= 0:
         raise CheckpointContentError(f"{where}: rtg_scale must be > 0, got {rtg_scale!r}")
     if not _finite_float32(target_return / rtg_scale):
-        raise CheckpointContentError(f"{where}: target_return / rtg_scale ({target_return!r} / {rtg_scale!r}) overflows float32")
+        raise CheckpointContentError(f"{where}: target_return / rtg_scale ({target_return!r} / "
+                                     f"{rtg_scale!r}) overflows float32")
 
 
 def check_checkpoint(ck: dict, path, target_return: float | None = None) -> dict:
@@ -72,8 +74,8 @@ def check_checkpoint(ck: dict, path, target_return: float | None = None) -> dict
             raise CheckpointContentError(f"{path}: eval_info.{key} has no tensor for {missing[0]}")
         bad = [t for t in tasks if stats[t].shape != (cfg.model.state_dim,) or not bool(torch.isfinite(stats[t]).all())]
         if bad:
-            raise CheckpointContentError(f"{path}: eval_info.{key} of {bad[0]} must be {cfg.model.state_dim} finite numbers, "
-                                         f"got shape {list(stats[bad[0]].shape)}")
+            raise CheckpointContentError(f"{path}: eval_info.{key} of {bad[0]} must be {cfg.model.state_dim} finite "
+                                         f"numbers, got shape {list(stats[bad[0]].shape)}")
     if not _finite_tensors(info.get("prompts", {})):
         raise CheckpointContentError(f"{path}: eval_info.prompts hold NaN or inf")
     check_return_scale(info.get("target_return", 4500.0), info.get("rtg_scale", 1000.0), f"{path}: eval_info")
@@ -82,5 +84,6 @@ def check_checkpoint(ck: dict, path, target_return: float | None = None) -> dict
     if not isinstance(ck.get("model"), dict) or not _finite_tensors(ck["model"]):
         raise CheckpointContentError(f"{path}: its weights hold NaN or inf (or are missing)")
     if METHODS[cfg.method].masked and not ck.get("masks"):
-        raise CheckpointContentError(f"{path}: --method {cfg.method} trains through per-task masks, but the checkpoint holds none")
+        raise CheckpointContentError(f"{path}: --method {cfg.method} trains through per-task masks, "
+                                     "but the checkpoint holds none")
     return upgrade_saved_config(ck["config"])

@@ -135,7 +135,8 @@ def _shard_worker(conn, tasks: list[str], seeds: list[int]) -> None:
                 conn.send(("ok", obs))
             elif cmd == "step":
                 obs, rew, term, trunc, info = env.step(arg)
-                conn.send(("ok", (obs, rew, term, trunc, np.asarray(info.get("success", np.zeros(len(tasks))), dtype=float))))
+                success = np.asarray(info.get("success", np.zeros(len(tasks))), dtype=float)
+                conn.send(("ok", (obs, rew, term, trunc, success)))
             elif cmd == "step_some":
                 conn.send(("ok", step_some(env, *arg)))
             else:
@@ -166,7 +167,8 @@ class ShardedVectorEnv:
         self.workers = []
         for rows in self.rows[1:]:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_shard_worker, args=(child, [tasks[i] for i in rows], [seeds[i] for i in rows]), daemon=True)
+            proc = ctx.Process(target=_shard_worker, args=(child, [tasks[i] for i in rows], [seeds[i] for i in rows]),
+                               daemon=True)
             proc.start()
             child.close()
             self.workers.append((proc, parent, rows))
@@ -179,9 +181,10 @@ class ShardedVectorEnv:
         try:
             status, payload = conn.recv()
         except EOFError:
-            raise RuntimeError(f"simulator worker for envs {rows.tolist()} died (its error is printed above; when calling "
-                               "evaluation from your own script, start it under `if __name__ == '__main__':`, since the "
-                               "workers are spawned processes that import the main module, or pass sim_workers=1)") from None
+            raise RuntimeError(f"simulator worker for envs {rows.tolist()} died (its error is printed above; when "
+                               "calling evaluation from your own script, start it under `if __name__ == "
+                               "'__main__':`, since the workers are spawned processes that import the main module, "
+                               "or pass sim_workers=1)") from None
         if status == "error":
             raise RuntimeError(f"simulator worker for envs {rows.tolist()} failed:\n{payload}")
         return payload

@@ -31,7 +31,8 @@ def temp_name(path: str | os.PathLike) -> Path:
 
 
 def is_temp_of(name: str, target: str) -> bool:
-    """Whether ``name`` is a :func:`temp_name` of the file named ``target`` (a killed writer's leftover when it stays)."""
+    """Whether ``name`` is a :func:`temp_name` of the file named ``target`` (a killed writer's leftover when it
+    stays)."""
     return re.fullmatch(re.escape(target) + r"\.tmp-\d+-[0-9a-f]+", name) is not None
 
 
@@ -59,8 +60,9 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview |
         tmp.unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             size = "" if callable(payload) else f"{len(payload)} bytes needed, "
-            raise OutputError(f"{path.parent}: no space left on the device to write {path.name} ({size}{free_bytes(path.parent)} "
-                              f"bytes free); the previous {path.name}, if any, is kept") from None
+            raise OutputError(f"{path.parent}: no space left on the device to write {path.name} "
+                              f"({size}{free_bytes(path.parent)} bytes free); the previous "
+                              f"{path.name}, if any, is kept") from None
         raise
     except BaseException:  # a failed write (or Ctrl-C) leaves no stray tmp; the previous file stays
         tmp.unlink(missing_ok=True)
@@ -79,7 +81,8 @@ def appends_to(path: str | os.PathLike, nbytes: int | None = None):
         path = Path(path)
         needed = "" if nbytes is None else f"{nbytes} bytes needed, "
         raise OutputError(f"{path.parent}: no space left on the device to append to {path.name} ({needed}"
-                          f"{free_bytes(path.parent)} bytes free); a resumed run continues from its last checkpoint") from None
+                          f"{free_bytes(path.parent)} bytes free); a resumed run continues from its last "
+                          "checkpoint") from None
 
 
 def free_bytes(folder: str | os.PathLike) -> int:
@@ -213,8 +216,8 @@ class FolderLock:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise OutputError(f"{self.what} {self.folder}: in use by another harmodt process (pid {holder}, lock file "
-                                  f"{path}); wait for it to finish, or choose another folder") from None
+                raise OutputError(f"{self.what} {self.folder}: in use by another harmodt process (pid {holder}, lock "
+                                  f"file {path}); wait for it to finish, or choose another folder") from None
             try:  # the file may have been removed by the holder that just let go: lock the one at the path
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
             except FileNotFoundError:

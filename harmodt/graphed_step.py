@@ -68,7 +68,8 @@ def graph_problem(state: TrainingState) -> str | None:
     problem = getattr(rule, "graph_problem", None)
     if problem is None:
         name = getattr(rule, "__qualname__", None) or type(rule).__name__
-        return f"--method {cfg.method}'s step rule {name} has no step() a graph can run (a harmodt.steps.PlainStep subclass has)"
+        return (f"--method {cfg.method}'s step rule {name} has no step() a graph can run "
+                "(a harmodt.steps.PlainStep subclass has)")
     return problem()
 
 
@@ -81,7 +82,8 @@ def auto_problem(cfg, device: torch.device) -> str | None:
     if cfg.model.dropout == 0.0:
         return None
     if cfg.compile:
-        return "--compile with dropout (Inductor draws it differently in a captured step; --dropout 0 or --cuda-graph on)"
+        return ("--compile with dropout (Inductor draws it differently in a captured step; "
+                "--dropout 0 or --cuda-graph on)")
     if cfg.dropout_rng != "counter":
         return "dropout from torch's RNG (--dropout-rng counter, what --fused picks, is captured with the eager bits)"
     return None
@@ -138,7 +140,8 @@ class GraphedStep:
         self.masks: dict | None = None  # the graph's copy of every task's masks (the mask kind's for_op)
         self._mask_source: list = []  # the tensors that copy was made from, and their versions
         self.keep: dict | None = None  # per weight: what the step may change (static buffers)
-        self.grads: list = []  # each trainable parameter's gradient buffer (None: it gets no gradient), made by the first step
+        # each trainable parameter's gradient buffer (None: it gets no gradient), made by the first step
+        self.grads: list = []
         self.graph = None
         self.loss: torch.Tensor | None = None  # the captured step's loss (static output)
         self.calls = 0
@@ -174,13 +177,15 @@ class GraphedStep:
     def _load_batch(self, batch: dict, n_tasks: int) -> None:
         if self.batch is None:
             self.batch = {k: v.clone() for k, v in batch.items()}
-            counts = [c for _, c in batch_segments(list(range(n_tasks)), batch["task_ids"].shape[0])]  # the batch's runs, in task order
+            # the batch's runs, in task order
+            counts = [c for _, c in batch_segments(list(range(n_tasks)), batch["task_ids"].shape[0])]
             self.heads = torch.tensor([sum(counts[:i]) for i in range(len(counts))], device=self.tr.device)
             return
         for k, v in batch.items():
             dst = self.batch[k]
             if dst.shape != v.shape or dst.dtype != v.dtype:
-                raise RuntimeError(f"cuda graph: batch[{k!r}] changed from {list(dst.shape)} {dst.dtype} to {list(v.shape)} {v.dtype}")
+                raise RuntimeError(f"cuda graph: batch[{k!r}] changed from {list(dst.shape)} {dst.dtype} "
+                                   f"to {list(v.shape)} {v.dtype}")
             dst.copy_(v, non_blocking=True)
 
     def _load_masks(self) -> None:
@@ -191,7 +196,8 @@ class GraphedStep:
             return
         src = tm.for_op(self.tr.backends.masked_linear)
         now = [(m, m._version) for m in src.values()]
-        if len(now) == len(self._mask_source) and all(a is b and u == v for (a, u), (b, v) in zip(now, self._mask_source)):
+        if len(now) == len(self._mask_source) and all(a is b and u == v
+                                                      for (a, u), (b, v) in zip(now, self._mask_source)):
             return
         if self.masks is None:
             self.masks = {n: m.clone() for n, m in src.items()}
@@ -226,7 +232,7 @@ class GraphedStep:
         tensors; returns the loss."""
         rule, b = self.rule, self.batch
         tasks = b["task_ids"].index_select(0, self.heads)  # (n,) the batch's tasks in order, on the device
-        ctx = rule.context(b["task_ids"], single_task=self.heads.shape[0] == 1, dropout=rule.counter_dropout(self.values.step),
-                           masks=self.masks)
+        ctx = rule.context(b["task_ids"], single_task=self.heads.shape[0] == 1,
+                           dropout=rule.counter_dropout(self.values.step), masks=self.masks)
         keep = rule.keep(tasks, masks=self.masks, out=self.keep)
         return rule.step(StepInputs(b, ctx, keep, lrs=self.values.lrs, grads=self.grads))

@@ -33,8 +33,8 @@ from .optim import clip_factor
 PASSES = ("per-task", "batched")
 
 
-def task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear, batches: Iterable,
-                   n_tasks: int, *, mask_grads: str, recovery_grad: str, grad_clip: float,
+def task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear,
+                   batches: Iterable, n_tasks: int, *, mask_grads: str, recovery_grad: str, grad_clip: float,
                    passes: str = "per-task") -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[T, P]`` gbar and g (None without masks) of every ``(task, batch)`` in ``batches`` (the
     rows of other tasks stay zero). ``masked_linear``: the run's op; ``mask_grads``: "paper" or
@@ -46,9 +46,10 @@ def task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks 
         raise ValueError(f"passes must be one of {', '.join(PASSES)}, got {passes!r}")
     if passes == "batched":
         if mask_grads != "paper":
-            raise ValueError("batched task gradients need mask_grads 'paper' (the official variant draws each task's dropout and "
-                             "clips each task's gradient over every parameter: one pass per task)")
-        return batched_task_gradients(model, weights, task_masks, masked_linear, batches, n_tasks, recovery_grad=recovery_grad)
+            raise ValueError("batched task gradients need mask_grads 'paper' (the official variant draws each task's "
+                             "dropout and clips each task's gradient over every parameter: one pass per task)")
+        return batched_task_gradients(model, weights, task_masks, masked_linear, batches, n_tasks,
+                                      recovery_grad=recovery_grad)
     device = next(iter(weights.values())).device
     p_total = sum(w.numel() for w in weights.values())
     masked = torch.zeros(n_tasks, p_total, device=device)
@@ -68,8 +69,8 @@ def task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks 
 TASKS_PER_PASS = 16  # tasks of one batched pass: their activations and [2 x tasks, N, K] task_grads are held at once
 
 
-def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear, batches: Iterable,
-                           n_tasks: int, *, recovery_grad: str, tasks_per_pass: int = TASKS_PER_PASS
+def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: TaskMasks | None, masked_linear,
+                           batches: Iterable, n_tasks: int, *, recovery_grad: str, tasks_per_pass: int = TASKS_PER_PASS
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`task_gradients` of ``mask_grads="paper"`` (eval mode, unclipped) in one forward and
     backward of a mixed-task batch per ``tasks_per_pass`` tasks (one pass at MT10, four at MT50):
@@ -94,7 +95,8 @@ def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: Ta
     if len(set(sizes)) > 1:
         raise ValueError(f"batched task gradients need every task's batch of one size, got {sizes}")
     p = sum(w.numel() for w in weights.values())
-    new = torch.empty if sorted(i for i, _ in work) == list(range(n_tasks)) else torch.zeros  # rows of absent tasks stay zero
+    # rows of absent tasks stay zero
+    new = torch.empty if sorted(i for i, _ in work) == list(range(n_tasks)) else torch.zeros
     device = next(iter(weights.values())).device
     gbar = new(n_tasks, p, device=device)
     g = new(n_tasks, p, device=device) if task_masks is not None else None
@@ -119,7 +121,8 @@ def _one_pass(model, weights: dict, task_masks: TaskMasks | None, masked_linear,
     r = next(iter(layouts.values())).shape[1]
     groups = n * r
     batch = {k: torch.cat([p[k] for p in parts for _ in range(r)]) for k in parts[0]}  # (G * rows, ...)
-    # each its own tensor: the Triton op saves its task_grads for the backward, and views of one buffer would share a version counter
+    # each its own tensor: the Triton op saves its task_grads for the backward, and views of one buffer would share a
+    # version counter
     task_grads = {name: torch.zeros(groups, *w.shape, device=device) for name, w in weights.items()}
     ctx = MaskContext({name: _task_rows(m, tasks).flatten(0, 1) for name, m in layouts.items()},
                       torch.arange(groups, device=device).repeat_interleave(rows), masked_linear, task_grads,
@@ -145,7 +148,8 @@ def _task_rows(t: torch.Tensor, tasks: tuple) -> torch.Tensor:
     return t.index_select(0, torch.tensor(tasks, device=t.device))
 
 
-def _write(out: torch.Tensor, tasks: tuple, cols: slice, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+def _write(out: torch.Tensor, tasks: tuple, cols: slice, values: torch.Tensor,
+           mask: torch.Tensor | None = None) -> None:
     """``out[tasks, cols] = values`` (``[n, N * K]``), times ``mask`` (bool ``[n, N * K]``) when given."""
     if list(tasks) == list(range(tasks[0], tasks[0] + len(tasks))):
         dest = out[tasks[0] : tasks[0] + len(tasks), cols]
@@ -185,8 +189,8 @@ def _flat(grads) -> torch.Tensor:
 class _Gradients:
     """One task's (gbar_i, g_i) on one batch, by either variant."""
 
-    def __init__(self, model, weights: dict, task_masks: TaskMasks | None, masked_linear, n_tasks: int, recover_masked: bool,
-                 grad_clip: float):
+    def __init__(self, model, weights: dict, task_masks: TaskMasks | None, masked_linear, n_tasks: int,
+                 recover_masked: bool, grad_clip: float):
         self.model, self.weights, self.task_masks, self.masked_linear = model, weights, task_masks, masked_linear
         self.n_tasks, self.recover_masked, self.grad_clip = n_tasks, recover_masked, grad_clip
         self.params = list(model.parameters())
@@ -201,7 +205,8 @@ class _Gradients:
             return _flat(torch.autograd.grad(action_loss(model(batch), batch), params)), None
         ctx = MaskContext(self.task_masks.for_op(self.masked_linear), batch["task_ids"][:1], self.masked_linear)
         if self.recover_masked:  # the backward also writes each task's unmasked gradient
-            ctx.task_grads = {n: torch.zeros(self.n_tasks, *w.shape, device=self.device) for n, w in self.weights.items()}
+            ctx.task_grads = {n: torch.zeros(self.n_tasks, *w.shape, device=self.device)
+                              for n, w in self.weights.items()}
         gbar = _flat(torch.autograd.grad(action_loss(model(batch, ctx), batch), params))
         if self.recover_masked:
             return gbar, _flat(ctx.task_grads[n][task] for n in self.weights)
@@ -240,8 +245,9 @@ class _Gradients:
         ctx = None
         if task is not None:  # a one-task context whose backward also captures the unmasked gradients
             layers = self.task_masks.for_op(self.masked_linear)
-            ctx = MaskContext({n: layers[n][task : task + 1] for n in names}, torch.zeros(1, dtype=torch.int64, device=self.device),
-                              self.masked_linear, {n: torch.zeros(1, *w.shape, device=self.device) for n, w in weights.items()})
+            ctx = MaskContext({n: layers[n][task : task + 1] for n in names},
+                              torch.zeros(1, dtype=torch.int64, device=self.device), self.masked_linear,
+                              {n: torch.zeros(1, *w.shape, device=self.device) for n, w in weights.items()})
         grads = torch.autograd.grad(action_loss(self.model(batch, ctx), batch), self.params, allow_unused=True)
         by_param = {id(p): g for p, g in zip(self.params, grads)}
         mats = [by_param[id(weights[n])] for n in names]  # grad * M_task (or the plain gradient)

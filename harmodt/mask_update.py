@@ -41,7 +41,8 @@ class HarmonyProbe:
         self.passes = auto if m.mask_grads_passes == "auto" else m.mask_grads_passes
         masks = state.task_masks  # binary (TaskMasks) or None; the ERK draw: what movement() compares with
         self.initial = None if masks is None else masks.snapshot()
-        self.initial_active = None if masks is None else [round(masks.density(i) * masks.numel_per_task) for i in range(masks.n_tasks)]
+        self.initial_active = None if masks is None else [round(masks.density(i) * masks.numel_per_task)
+                                                          for i in range(masks.n_tasks)]
 
     def flips_bound(self) -> int:
         """The most weights a task's mask can switch off over the run: none, the masks do not learn."""
@@ -73,9 +74,9 @@ class HarmonyProbe:
         mod W (on a batch of its data stream) and the zero-filled rows are summed over the ranks."""
         tr, m = self.tr, self.tr.cfg.masks
         batches = ((i, tr.batcher.sample([i], tr.cfg.batch_size)) for i in tr.dist.shard(range(len(tr.tasks))))
-        masked, dense = task_gradients(tr.model, tr.weights, tr.task_masks, tr.backends.masked_linear, batches, len(tr.tasks),
-                                       mask_grads=m.mask_grads, recovery_grad=m.recovery_grad, grad_clip=tr.cfg.grad_clip,
-                                       passes=self.passes)
+        masked, dense = task_gradients(tr.model, tr.weights, tr.task_masks, tr.backends.masked_linear, batches,
+                                       len(tr.tasks), mask_grads=m.mask_grads, recovery_grad=m.recovery_grad,
+                                       grad_clip=tr.cfg.grad_clip, passes=self.passes)
         tr.dist.all_reduce_sum_(masked)
         if dense is not None:
             tr.dist.all_reduce_sum_(dense)
@@ -120,6 +121,7 @@ class Algorithm2(HarmonyProbe):
         tr, m = self.tr, self.tr.cfg.masks
         k = self.alpha(tr.step)
         params = torch.cat([w.detach().reshape(-1) for w in tr.weights.values()])
-        changed = tr.task_masks.update(masked, dense, params, k, m.lam, self.importance, m.lam_on, select=tr.backends.harmony_select)
+        changed = tr.task_masks.update(masked, dense, params, k, m.lam, self.importance, m.lam_on,
+                                       select=tr.backends.harmony_select)
         return {"alpha": k, "masked_per_task": changed["masked"], "density": tr.task_masks.density(),
                 "mask_changed_fraction": tr.task_masks.changed_fraction(self.initial)}

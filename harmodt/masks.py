@@ -218,7 +218,8 @@ class TaskMasks:
         harmony = agreement + lam_i * IMPORTANCE[importance](gbar, params)  # H_i = A_i + lam * I_i (Eq. 8)
         recovery = g * ghat  # g_i * ghat (Eq. 10)
         before = self.snapshot()
-        after = select(harmony, recovery, before, k)  # Eqs. 9-10: the k lowest H_i active off, the k highest g_i * ghat masked on
+        # Eqs. 9-10: the k lowest H_i active off, the k highest g_i * ghat masked on
+        after = select(harmony, recovery, before, k)
         p = masked_grads.shape[1]
         b = kernels.unpack_masks(before, p)
         a = kernels.unpack_masks(after, p)
@@ -235,7 +236,8 @@ class TaskMasks:
         ``j % 32`` of word ``j // 32`` is column ``j``, padding bits 0), on the CPU:
         ``{"layout": PACKED_LAYOUT, "tasks": [names], "shapes": {weight: [N, K]}, "words": {weight:
         int32 [T, N, ceil(K/32)]}}``, tasks in the order of ``names``."""
-        return {"layout": PACKED_LAYOUT, "tasks": list(names), "shapes": {n: list(m.shape[1:]) for n, m in self.masks.items()},
+        return {"layout": PACKED_LAYOUT, "tasks": list(names),
+                "shapes": {n: list(m.shape[1:]) for n, m in self.masks.items()},
                 "words": {n: w.cpu() for n, w in self.packed().items()}}
 
     @classmethod
@@ -247,7 +249,8 @@ class TaskMasks:
         mask does not fit its weight; ValueError for a task the checkpoint has no masks of."""
         if isinstance(d.get("layout"), str):
             if d["layout"] != PACKED_LAYOUT:
-                raise ValueError(f"masks stored as {d['layout']!r}, which this version does not read (it reads {PACKED_LAYOUT!r})")
+                raise ValueError(f"masks stored as {d['layout']!r}, which this version does not read "
+                                 f"(it reads {PACKED_LAYOUT!r})")
             stored = list(d["tasks"])
             order = _task_order(stored, stored if names is None else names)
             masks = {n: kernels.unpack_masks(w[order].to(device), d["shapes"][n][-1]) for n, w in d["words"].items()}

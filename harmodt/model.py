@@ -189,7 +189,8 @@ class SelfAttention(nn.Module):
         b, t, c = x.shape
         drop = None if ctx is None else ctx.dropout
         if drop is None:
-            q, k, v = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd)
+            # each (B, nh, T, hd)
+            q, k, v = self.qkv(x, ctx).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
         else:  # written out below: the layouts its matmuls read
             q, kt, v = _HeadLayouts.apply(self.qkv(x, ctx), self.n_head)
             k = kt.transpose(-2, -1)
@@ -199,7 +200,8 @@ class SelfAttention(nn.Module):
         if prefix is not None:
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (B, nh, Tp + T, hd)
         if drop is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
             return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c), ctx)), own
         if prefix is not None:
             kt = k.transpose(-2, -1)  # (B, nh, hd, Tp + T)
@@ -219,7 +221,8 @@ class Block(nn.Module):
         self.mlp_proj = MaskedLinear(4 * cfg.n_embd, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask, ctx=None, prefix=None, layer=0, last_only=False):  # (B, T, C) -> (B, T, C), own (k, v)
+    # (B, T, C) -> (B, T, C), own (k, v)
+    def forward(self, x, attn_mask, ctx=None, prefix=None, layer=0, last_only=False):
         """``last_only``: the output of the last token only, (B, 1, C) (what acting reads of the last
         block); the keys and values are still every token's."""
         site = 1 + 3 * layer  # this block's counter-dropout sites: site, site + 1, site + 2
@@ -237,13 +240,15 @@ class TokenEmbedding(nn.Module):
         super().__init__()
         self.timestep = nn.Embedding(cfg.max_ep_len, cfg.n_embd)
         self.ret = nn.Linear(1, cfg.n_embd)
-        self.state = nn.Linear(state_in or cfg.state_dim, cfg.n_embd)  # state_in: what a state token carries (S, or S + T)
+        # state_in: what a state token carries (S, or S + T)
+        self.state = nn.Linear(state_in or cfg.state_dim, cfg.n_embd)
         self.action = nn.Linear(cfg.act_dim, cfg.n_embd)
 
     def forward(self, states, actions, rtg, timesteps):
         # states (B, T, S), actions (B, T, A), rtg (B, T, 1), timesteps (B, T) -> (B, 3T, C)
         te = self.timestep(timesteps)
-        toks = torch.stack([self.ret(rtg) + te, self.state(states) + te, self.action(actions) + te], dim=2)  # (B, T, 3, C)
+        # (B, T, 3, C)
+        toks = torch.stack([self.ret(rtg) + te, self.state(states) + te, self.action(actions) + te], dim=2)
         return toks.flatten(1, 2)
 
 
@@ -329,7 +334,8 @@ class PromptDT(nn.Module):
         x = self._history(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"], batch["task_ids"])
         valid = batch["mask"].repeat_interleave(3, dim=1)[:, :-1]  # (B, 3K - 1)
         if self.use_prompt:
-            p = self.prompt_embed(batch["prompt_states"], batch["prompt_actions"], batch["prompt_rtg"], batch["prompt_timesteps"])
+            p = self.prompt_embed(batch["prompt_states"], batch["prompt_actions"], batch["prompt_rtg"],
+                                  batch["prompt_timesteps"])
             x = torch.cat([p, x], dim=1)  # (B, L, C)
             valid = torch.cat([batch["prompt_mask"].repeat_interleave(3, dim=1), valid], dim=1)
         x = self.embed_ln(x)
@@ -345,7 +351,8 @@ class PromptDT(nn.Module):
         """Per-layer keys/values of the prompt tokens: they never depend on later tokens, so
         evaluation computes them once per task. Returns ``[(k, v) each (B, nh, 3K*, hd), ...]``
         and the prompt's token validity ``(B, 3K*)``."""
-        x = self.prompt_embed(prompt["prompt_states"], prompt["prompt_actions"], prompt["prompt_rtg"], prompt["prompt_timesteps"])
+        x = self.prompt_embed(prompt["prompt_states"], prompt["prompt_actions"], prompt["prompt_rtg"],
+                              prompt["prompt_timesteps"])
         x = self.drop(self.embed_ln(x))
         valid = prompt["prompt_mask"].repeat_interleave(3, dim=1)
         attn_mask = causal_mask(valid, x.shape[1])

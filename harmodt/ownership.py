@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .files import OutputError
 
-RUN_FILES = ("checkpoint.pt", "best.pt", "config.json", "metrics.jsonl", "results.json", "curves.png", "tb")  # what training writes
+# what training writes
+RUN_FILES = ("checkpoint.pt", "best.pt", "config.json", "metrics.jsonl", "results.json", "curves.png", "tb")
 STUDY_FILES = ("study.json", "summary.md", "command.txt", "jobs.json")  # what a study writes at its top level
 DATA_SUFFIXES = (".npz", ".hdf5")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format (and npz's)
@@ -76,8 +77,8 @@ def owner_of(path: str | os.PathLike) -> str | None:
     return None
 
 
-def check_output_file(path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
-                      own: Callable[[Path], bool] | None = None) -> None:
+def check_output_file(path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike] = (),
+                      overwrite: bool = False, own: Callable[[Path], bool] | None = None) -> None:
     """OutputError (one line) unless the file ``path`` (the value of ``flag``) may be written: it is
     none of ``inputs`` (the files the same command reads), and an existing file there belongs to no
     run, data set or study (:func:`owner_of`) unless ``own(path)`` says this tool wrote it or ``overwrite``."""
@@ -88,8 +89,8 @@ def check_output_file(path: str | os.PathLike, flag: str, inputs: Iterable[str |
     if not path.exists() or (own is not None and own(path)) or overwrite:
         return
     if (owner := owner_of(path)) is not None:
-        raise OutputError(f"{flag} {path}: is {owner}, which this command did not write; name a new file, or pass --overwrite "
-                          "to replace it")
+        raise OutputError(f"{flag} {path}: is {owner}, which this command did not write; name a new file, or "
+                          "pass --overwrite to replace it")
 
 
 def check_run_folder(out: str | os.PathLike) -> None:
@@ -105,6 +106,7 @@ def check_data_folder(out: str | os.PathLike, flag: str = "--out") -> None:
     """OutputError unless ``out`` may hold a data set: it holds no run and is no study's folder."""
     out = Path(out)
     if found := run_files(out):
-        raise OutputError(f"{flag} {out}: holds the files of a training run ({', '.join(found)}); data go into a folder of their own")
+        raise OutputError(f"{flag} {out}: holds the files of a training run ({', '.join(found)}); data "
+                          "go into a folder of their own")
     if holds_study(out):
         raise OutputError(f"{flag} {out}: is a study's folder; data go into a folder of their own")

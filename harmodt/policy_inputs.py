@@ -70,7 +70,8 @@ class TaskInputs:
             return None
         device = self.embed_ids.device
         mrows = [self.mask_row[self.tasks[i]] for i in rows.tolist()]
-        runs = tuple((r, len(list(g))) for r, g in itertools.groupby(mrows))  # ((mask row, sequences), ...), known on the host
+        # ((mask row, sequences), ...), known on the host
+        runs = tuple((r, len(list(g))) for r, g in itertools.groupby(mrows))
         return MaskContext(self.masks, torch.tensor(mrows, device=device), self.masked_linear, segments=runs)
 
     def prompt(self, rows: torch.Tensor):
@@ -104,8 +105,8 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
     cfg = model.cfg
     unseen = [t for t in tasks if t not in trained]
     if unseen and model.reads_task_id:
-        raise EvalError(f"a model conditioned on the task ID (--conditioning {model.conditioning}) knows only the tasks it "
-                        f"was trained on and cannot act on unseen tasks: {', '.join(unseen)}")
+        raise EvalError(f"a model conditioned on the task ID (--conditioning {model.conditioning}) knows only the "
+                        f"tasks it was trained on and cannot act on unseen tasks: {', '.join(unseen)}")
     segment = prompt_segment or eval_info.get("prompt_segment", "random")
     if segment not in ("last", "random"):
         raise EvalError(f"prompt segment must be last or random, got {segment!r}")
@@ -124,9 +125,9 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
             vote = task_masks.vote(vote_threshold)
             kept, total = sum(int((v != 0).sum()) for v in vote.values()), sum(v.numel() for v in vote.values())
             if kept < MIN_VOTED_DENSITY * total:
-                raise EvalError(f"--vote-threshold {vote_threshold}: with {len(trained)} training tasks the voted mask keeps "
-                                f"{kept / total:.2%} of the masked weights (Eq. 13 keeps a weight more than {vote_threshold} "
-                                f"tasks keep); choose a threshold below {len(trained)}")
+                raise EvalError(f"--vote-threshold {vote_threshold}: with {len(trained)} training tasks the voted mask "
+                                f"keeps {kept / total:.2%} of the masked weights (Eq. 13 keeps a weight more than "
+                                f"{vote_threshold} tasks keep); choose a threshold below {len(trained)}")
             vote_row = len(trained)
             mask_row = {t: (r if r is not None else vote_row) for t, r in mask_row.items()}
         used = sorted(set(mask_row.values()))  # only the mask rows of the evaluated tasks
@@ -139,17 +140,20 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
     pooled_mean, pooled_std = np.mean(list(means.values()), 0), np.mean(list(stds.values()), 0)
     mean = np.stack([means.get(t, pooled_mean) for t in tasks])  # (n_tasks, S)
     std = np.stack([stds.get(t, pooled_std) for t in tasks])
-    embed_ids = torch.tensor([trained.index(t) if t in trained else 0 for t in tasks], device=device)  # MTDT task-ID rows
+    # MTDT task-ID rows
+    embed_ids = torch.tensor([trained.index(t) if t in trained else 0 for t in tasks], device=device)
     inputs = TaskInputs(list(tasks), mean, std, embed_ids, layers, mask_row, mask_kind, None, None, {}, rtg_scale,
                         target, op, precision)
     if model.use_prompt:
         g = torch.Generator().manual_seed(seed)
         segs = []
         for i, t in enumerate(tasks):
-            trajs = [_as_traj(p) for p in eval_info["prompts"][t]] if t in trained else expert_prompts(t, 2, seed + 7919 * (i + 1))
+            trajs = ([_as_traj(p) for p in eval_info["prompts"][t]] if t in trained
+                     else expert_prompts(t, 2, seed + 7919 * (i + 1)))
             seg, src = cut_prompt(trajs, mean[i], std[i], cfg.prompt_len, rtg_scale, cfg.max_ep_len, g, segment)
             segs.append(seg)
-            inputs.sources[t] = {"segment": segment, "episodes": "training prompts" if t in trained else "expert rollouts", **src}
+            inputs.sources[t] = {"segment": segment,
+                                 "episodes": "training prompts" if t in trained else "expert rollouts", **src}
         prompt = {k: torch.cat([s[k] for s in segs]).to(device) for k in segs[0]}
         was_training = model.training
         model.eval()

@@ -93,7 +93,8 @@ class PlainStep:
         """{masked matrix: the gradient the clip norm sees instead of ``.grad``}, or None."""
         return None
 
-    def keep(self, task_ids: list[int] | torch.Tensor, masks: dict | None = None, out: dict | None = None) -> dict | None:
+    def keep(self, task_ids: list[int] | torch.Tensor, masks: dict | None = None,
+             out: dict | None = None) -> dict | None:
         """{weight: mask of what this step may change}, None: every weight."""
         return None
 
@@ -104,8 +105,8 @@ class PlainStep:
         :class:`MaskedStep`) cannot be captured."""
         for name in ("__call__", "capture"):
             if getattr(type(self), name) not in (getattr(PlainStep, name), getattr(MaskedStep, name)):
-                return (f"its step rule {type(self).__name__} has its own {name}, which a graph does not run (a graph runs its "
-                        "step(); put the arithmetic there, or in loss() or backward())")
+                return (f"its step rule {type(self).__name__} has its own {name}, which a graph does not run (a graph "
+                        "runs its step(); put the arithmetic there, or in loss() or backward())")
         return None
 
     def __call__(self, task_ids: list[int]) -> torch.Tensor:
@@ -113,7 +114,8 @@ class PlainStep:
         tr, cfg = self.tr, self.tr.cfg
         batch = tr.batcher.sample(task_ids, cfg.batch_size)
         ctx = self.capture(self.context(batch["task_ids"], single_task=len(task_ids) == 1,
-                                        segments=batch_segments(task_ids, cfg.batch_size), dropout=self.counter_dropout()), task_ids)
+                                        segments=batch_segments(task_ids, cfg.batch_size),
+                                        dropout=self.counter_dropout()), task_ids)
         return self.step(StepInputs(batch, ctx, self.keep(tr.dist.step_tasks_of_all(task_ids))))
 
     def step(self, inputs: StepInputs) -> torch.Tensor:
@@ -186,9 +188,10 @@ class MaskedStep(PlainStep):
         local = torch.zeros(len(self.tr.tasks), dtype=torch.int64, device=device).index_copy_(
             0, idx, torch.arange(len(present), device=device))
         segments = None if ctx.segments is None else tuple((present.index(t), c) for t, c in ctx.segments)
-        return MaskContext({n: m.index_select(0, idx) for n, m in ctx.masks.items()}, local[ctx.task_ids], ctx.masked_linear,
-                           {n: torch.zeros(len(present), *w.shape, device=device) for n, w in self.tr.weights.items()}, segments,
-                           dropout=ctx.dropout)
+        return MaskContext({n: m.index_select(0, idx) for n, m in ctx.masks.items()}, local[ctx.task_ids],
+                           ctx.masked_linear,
+                           {n: torch.zeros(len(present), *w.shape, device=device) for n, w in self.tr.weights.items()},
+                           segments, dropout=ctx.dropout)
 
     def clip_gradients(self, ctx: MaskContext) -> dict | None:
         """``--clip-scope unmasked``: {masked matrix: its gradient before masking} from a backward
@@ -213,7 +216,8 @@ class MaskedStep(PlainStep):
 
     def graph_problem(self) -> str | None:
         if self.unmasked_clip:
-            return "--clip-scope unmasked (its clip norm renumbers the batch's tasks on the host; --clip-scope masked can be captured)"
+            return ("--clip-scope unmasked (its clip norm renumbers the batch's tasks on the host; "
+                    "--clip-scope masked can be captured)")
         return super().graph_problem()
 
 
@@ -235,8 +239,8 @@ class SurgeryStep:
     def __call__(self, task_ids: list[int]) -> torch.Tensor:
         tr = self.tr
         params = [p for p in tr.params if p.requires_grad]
-        loss = surgery_gradients(self.combine, params, task_ids, tr.cfg.batch_size, tr.batcher.sample, tr.forward, tr.autocast,
-                                 self.options, tr.batcher.generator)
+        loss = surgery_gradients(self.combine, params, task_ids, tr.cfg.batch_size, tr.batcher.sample, tr.forward,
+                                 tr.autocast, self.options, tr.batcher.generator)
         coef = clip_coefficient(params, tr.cfg.grad_clip)
         tr.opt.masked_step(None, grad_scale=coef, op=tr.backends.masked_adamw)
         return loss

@@ -14,7 +14,8 @@ from .data.batches import batch_segments
 from .model import action_loss
 
 
-def surgery_gradients(combine: Callable, params: list[torch.Tensor], task_ids: list[int], batch_size: int, sample: Callable,
+def surgery_gradients(combine: Callable, params: list[torch.Tensor], task_ids: list[int], batch_size: int,
+                      sample: Callable,
                       forward: Callable, autocast: Callable, options, generator: torch.Generator) -> torch.Tensor:
     """Set ``p.grad`` of every parameter in ``params`` to ``combine(grads [T, P], options, generator)``,
     the combination of the task gradients, and return the mean task loss (detached).

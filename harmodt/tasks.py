@@ -79,7 +79,8 @@ _ML1_SET_RE = re.compile(r"ML1-(?P<base>.+)-(?P<split>train|test)(?:\[(?P<slice>
 # The help text of every --tasks flag.
 TASKS_HELP = ("comma list of task names and sets: MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, "
               "ML1-<task>-train/test[slice] (goal variations), v3 task names, TASK@gN, TASK@testN (README: Task names)")
-_HELP = "expected MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, ML1-<task>-train/test[slice], Meta-World v3 task names or TASK@gN / TASK@testN"
+_HELP = ("expected MT5, MT10, MT30, MT50, ML10-train/test, ML45-train/test, ML1-<task>-train/test[slice], "
+         "Meta-World v3 task names or TASK@gN / TASK@testN")
 
 
 def _v3(name: str) -> str:
@@ -110,7 +111,8 @@ def goal_of(task: str) -> tuple[str, str | None, int | None]:
     if base not in MT50:
         raise ValueError(f"unknown task {task!r}: {base!r} is not a Meta-World v3 task")
     if index >= ML1_GOALS:
-        raise ValueError(f"unknown task {task!r}: goal index {index} out of range (ML1 has {ML1_GOALS} {split} goals, 0..{ML1_GOALS - 1})")
+        raise ValueError(f"unknown task {task!r}: goal index {index} out of range (ML1 has {ML1_GOALS} {split} "
+                         f"goals, 0..{ML1_GOALS - 1})")
     return base, split, index
 
 

@@ -5,8 +5,8 @@ Algorithm 1: every step samples one task (``--tasks-per-batch 1``), a batch of i
 updates theta with ``grad L_i(theta * M_i) * M_i``; every ``t_m`` steps Algorithm 2 updates the
 masks (HarmoDT-M/F; HarmoDT-R keeps its random ERK masks). What a step and a mask update do is the
 method's (its step rule and mask updater, built by its entry in harmodt.methods); the
-:class:`Trainer` holds the model, optimizer and data, and :func:`train_loop` calls them. Model, masks, optimizer state and
-batches live on ``--device``; the kernels of each op are chosen once (``kernels.select_backends``).
+:class:`Trainer` holds the model, optimizer and data, and :func:`train_loop` calls them. Model, masks, optimizer state
+and batches live on ``--device``; the kernels of each op are chosen once (``kernels.select_backends``).
 The harness around the algorithms (flags, output files, RNG state, checkpoints, signals, torchrun
 ranks, the data cache) is in harmodt/run/. Writes into ``--out``: config.json, metrics.jsonl,
 TensorBoard events, checkpoint.pt (atomic, safe to load; resumable), results.json, curves.png.
@@ -56,7 +56,8 @@ class Trainer(TrainingState):
         self.method = method
         self.datasets = datasets if datasets is not None else load_training_data(cfg, tasks,
                                                                                  may_generate=dist.may_generate_data)
-        self.data_sha256 = check_data(cfg, self.datasets)  # the data fit the config; a checkpoint records this fingerprint
+        # the data fit the config; a checkpoint records this fingerprint
+        self.data_sha256 = check_data(cfg, self.datasets)
         mc = cfg.model
         prompt_len = mc.prompt_len if method.draws_prompts(cfg.conditioning) else 0
         batcher = PromptDTBatcher(self.datasets, tasks, mc.context_len, prompt_len, cfg.rtg_scale, mc.max_ep_len,
@@ -78,13 +79,15 @@ class Trainer(TrainingState):
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.mask_updater = method.build_mask_updater(self)
-        # --cuda-graph: the step rule's step captured once (harmodt/graphed_step.py), or None: eager; and the start line's words for it
+        # --cuda-graph: the step rule's step captured once (harmodt/graphed_step.py), or None: eager; and the start
+        # line's words for it
         self.graphed, self.step_kind = graphed_step.choose(self)
 
     def sample_tasks(self) -> list[int]:
         """This step's task ids (``--tasks-per-batch``, ``--task-order``; with several ranks this
         rank's share of the step's, harmodt.run.distributed)."""
-        return self.dist.tasks_of_step(self.step, len(self.tasks), self.cfg.tasks_per_batch, self.cfg.task_order, self.batcher.generator)
+        return self.dist.tasks_of_step(self.step, len(self.tasks), self.cfg.tasks_per_batch, self.cfg.task_order,
+                                       self.batcher.generator)
 
     def train_step(self, task_ids: list[int]) -> torch.Tensor:
         """One step of Algorithm 1 on a batch of ``task_ids`` by the method's step rule; returns the
@@ -134,7 +137,8 @@ class Trainer(TrainingState):
         }
         return {"tasks": list(self.tasks), "state_mean": {t: torch.as_tensor(v) for t, v in b.state_mean.items()},
                 "state_std": {t: torch.as_tensor(v) for t, v in b.state_std.items()}, "prompts": prompts,
-                "rtg_scale": self.cfg.rtg_scale, "target_return": self.cfg.target_return, "prompt_segment": self.cfg.prompt_segment,
+                "rtg_scale": self.cfg.rtg_scale, "target_return": self.cfg.target_return,
+                "prompt_segment": self.cfg.prompt_segment,
                 "state_norm": self.cfg.state_norm}
 
     def evaluate(self, goals_seed: int | None = None) -> dict:
@@ -165,7 +169,8 @@ def run(cfg: TrainConfig, datasets: dict | None = None) -> dict:
     """
     dist = session.start(cfg)  # under torchrun: this rank; else one process
     # rank 0 alone prints and writes files, one writer per --out; fp32 matmuls as --precision says
-    with distributed.rank_output(dist), session.lock_out(cfg, dist), float32_matmuls(cfg.precision, dist.device(resolve_device(cfg.device))):
+    with (distributed.rank_output(dist), session.lock_out(cfg, dist),
+          float32_matmuls(cfg.precision, dist.device(resolve_device(cfg.device)))):
         ck = session.open_run(cfg, dist)  # checked before any file is written
         trainer = Trainer(cfg, datasets, dist)
         log, run_state = session.continue_run(trainer, ck)
@@ -201,7 +206,8 @@ def train_loop(trainer: Trainer, log: MetricsLog | NoLog, run_state: dict) -> di
                 meter.add(trainer.train_step(trainer.sample_tasks()))
                 if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
                     log.log(meter.line(trainer.step, trainer.sched.get_last_lr()[0]))
-                if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps and cfg.eval_episodes:
+                if (cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps
+                        and cfg.eval_episodes):
                     with meter.excluded():
                         session.evaluate_in_training(trainer, evals, log)
                 if trainer.step % cfg.checkpoint_every == 0:

@@ -13,4 +13,5 @@ from __future__ import annotations
 from .cagrad import CAGradOptions, cagrad, cagrad_direction, cagrad_weights
 from .pcgrad import pcgrad, pcgrad_direction, random_orders
 
-__all__ = ["CAGradOptions", "cagrad", "cagrad_direction", "cagrad_weights", "pcgrad", "pcgrad_direction", "random_orders"]
+__all__ = ["CAGradOptions", "cagrad", "cagrad_direction", "cagrad_weights", "pcgrad", "pcgrad_direction",
+           "random_orders"]

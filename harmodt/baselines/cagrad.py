@@ -104,8 +104,8 @@ def cagrad(grads: torch.Tensor, c: float, rescale: bool = True) -> torch.Tensor:
 class CAGradOptions:
     """CAGrad's own hyper-parameter (each field a training flag, harmodt.methods)."""
 
-    cagrad_c: float = field(default=0.5, metadata={"help": "c of cagrad: radius of the ball around the mean gradient, in units of "
-                                                           "its norm (0 = the mean gradient)",
+    cagrad_c: float = field(default=0.5, metadata={"help": "c of cagrad: radius of the ball around the mean gradient, "
+                                                           "in units of its norm (0 = the mean gradient)",
                                                    "domain": at_least(0, "0: the mean gradient")})
 
 

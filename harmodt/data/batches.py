@@ -213,8 +213,8 @@ def _mean_std(obs: np.ndarray, tasks: str) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(over="ignore", invalid="ignore"):
         mean, std = wide.mean(0).astype(np.float32), (wide.std(0) + 1e-6).astype(np.float32)
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
-        raise DataError(f"the data of {tasks}: the observations' mean or spread exceeds the float32 range (largest magnitude "
-                        f"{np.abs(wide).max():.3g}); states cannot be normalized")
+        raise DataError(f"the data of {tasks}: the observations' mean or spread exceeds the float32 range (largest "
+                        f"magnitude {np.abs(wide).max():.3g}); states cannot be normalized")
     return mean, std
 
 
@@ -251,10 +251,12 @@ class PromptDTBatcher:
         self.generator = torch.Generator().manual_seed(seed)
         self.state_mean, self.state_std = state_stats(datasets, self.tasks, state_norm)
         norm = [(self.state_mean[t], self.state_std[t]) for t in self.tasks]
-        self.table, self.data = _concatenate([_flatten(datasets[t].trajectories, m, sd, rtg_scale, max_ep_len).to(device)
-                                              for t, (m, sd) in zip(self.tasks, norm)])
-        self.prompt_table, self.prompts = _concatenate([_flatten(datasets[t].prompts, m, sd, rtg_scale, max_ep_len).to(device)
-                                                        for t, (m, sd) in zip(self.tasks, norm)])
+        self.table, self.data = _concatenate([
+            _flatten(datasets[t].trajectories, m, sd, rtg_scale, max_ep_len).to(device)
+            for t, (m, sd) in zip(self.tasks, norm)])
+        self.prompt_table, self.prompts = _concatenate([
+            _flatten(datasets[t].prompts, m, sd, rtg_scale, max_ep_len).to(device)
+            for t, (m, sd) in zip(self.tasks, norm)])
         self.device = torch.device(device)
 
     def sample(self, task_ids: list[int], batch_size: int) -> dict:
@@ -284,8 +286,8 @@ class PromptDTBatcher:
         k, kp = b * self.k, b * self.kp
         _fill(self.table, dev[:k].view(b, self.k), dev[k: 2 * k].view(b, self.k), out)
         if self.kp > 0:
-            _fill(self.prompt_table, dev[2 * k: 2 * k + kp].view(b, self.kp), dev[2 * k + kp: 2 * k + 2 * kp].view(b, self.kp),
-                  out, "prompt_")
+            _fill(self.prompt_table, dev[2 * k: 2 * k + kp].view(b, self.kp),
+                  dev[2 * k + kp: 2 * k + 2 * kp].view(b, self.kp), out, "prompt_")
         out["task_ids"].copy_(dev[-b:])
         return out
 

@@ -158,7 +158,8 @@ def measure(tasks: list[str], goals: int, curriculum_episodes: int, seed: int = 
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     vers = versions()
-    units = [(kind, t, count) for kind, count in (("expert", goals), ("curriculum", curriculum_episodes)) for t in tasks]
+    units = [(kind, t, count) for kind, count in (("expert", goals), ("curriculum", curriculum_episodes))
+             for t in tasks]
     results, todo = {}, []
     for kind, t, count in units:
         settings = unit_settings(kind, count, seed, vers)
@@ -192,12 +193,14 @@ def measure(tasks: list[str], goals: int, curriculum_episodes: int, seed: int = 
     per_task = {t: task_summary(results["expert", t], results["curriculum", t]) for t in tasks}
     k, n = sum(p["successes"] for p in per_task.values()), sum(p["goals"] for p in per_task.values())
     return {
-        "card_version": CARD_VERSION, "tasks": list(tasks), "goals_per_task": goals, "curriculum_episodes_per_task": curriculum_episodes,
+        "card_version": CARD_VERSION, "tasks": list(tasks), "goals_per_task": goals,
+        "curriculum_episodes_per_task": curriculum_episodes,
         "seed": seed, "versions": vers, "expert_goal_seed": f"task_seed(seed, task) + {EXPERT_SEED_OFFSET}",
         "curriculum": CURRICULUM, "sigma": SIGMA, "generator_version": GENERATOR_VERSION,
         "expert_success": {"successes": k, "episodes": n, "rate": k / n, "ci95": list(wilson(k, n)),
                            "mean_of_task_rates": float(np.mean([p["success_rate"] for p in per_task.values()]))},
-        "curriculum_by_decile": decile_success({t: {"episode_success": p["curriculum"]["success"]} for t, p in per_task.items()}),
+        "curriculum_by_decile": decile_success({t: {"episode_success": p["curriculum"]["success"]}
+                                                for t, p in per_task.items()}),
         "per_task": per_task,
     }
 
@@ -212,7 +215,8 @@ def training_set(root: str | os.PathLike, tasks: list[str]) -> dict:
     files = manifest.get("files", {})
     missing = [t for t in tasks if "episode_success" not in files.get(t, {})]
     if missing:
-        raise DataError(f"{root / 'manifest.json'}: no episode_success for {missing[0]} (the card's tasks must all be in the training set)")
+        raise DataError(f"{root / 'manifest.json'}: no episode_success for {missing[0]} (the card's tasks must "
+                        "all be in the training set)")
     records = {t: {"episode_success": [bool(x) for x in files[t]["episode_success"]]} for t in tasks}
     return {"path": str(root), "settings": manifest.get("settings", {}),
             "episodes_per_task": sorted({len(r["episode_success"]) for r in records.values()}),
@@ -235,18 +239,23 @@ def is_card(path: Path) -> bool:
 
 
 def add_parser(sub) -> None:
-    c = sub.add_parser("card", help="measure the scripted experts and the curriculum per task; write a data card (md, json, png)")
+    c = sub.add_parser("card", help="measure the scripted experts and the curriculum per task; write "
+                                    "a data card (md, json, png)")
     c.add_argument("--tasks", required=True, help="task names and sets (as for generate), e.g. MT50")
-    c.add_argument("--goals", type=int, default=50, help="noise-free expert episodes per task, one random goal each (default 50)")
+    c.add_argument("--goals", type=int, default=50, help="noise-free expert episodes per task, one "
+                                                         "random goal each (default 50)")
     c.add_argument("--curriculum-episodes", type=int, default=100,
                    help="curriculum episodes per task, as `generate --episodes` makes them (default 100)")
-    c.add_argument("--seed", type=int, default=0, help="seed (the curriculum's episodes are those of `generate --seed`)")
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed (the curriculum's episodes are those of `generate --seed`)")
     c.add_argument("--out", required=True, help="folder for NAME.md, NAME.json and NAME.png")
     c.add_argument("--name", default=None, help="file name stem (default metaworld-v3-<tasks>)")
-    c.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core); the numbers do not depend on it")
+    c.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core); the "
+                                                             "numbers do not depend on it")
     c.add_argument("--cache", default=None, help="folder of finished units, for resuming (default $HARMODT_CACHE/card)")
     c.add_argument("--training-data", default=None, metavar="DIR",
-                   help="a folder `generate` wrote (the training set): its own success per task and by decile join the card")
+                   help="a folder `generate` wrote (the training set): its own success per task "
+                        "and by decile join the card")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("--overwrite", action="store_true", help="let NAME.* replace files of a run, data set or study")
 
@@ -261,13 +270,17 @@ def run(args) -> list[Path]:
     name = args.name or default_name(args.tasks)
     for path in (out / f"{name}.json", out / f"{name}.png", out / f"{name}.md"):  # checked before the measuring
         check_output_file(path, "--out", overwrite=args.overwrite, own=lambda p: is_card(p.with_suffix(".json")))
-    training = None if args.training_data is None else training_set(args.training_data, tasks)  # checked before the episodes run
-    card = measure(tasks, args.goals, args.curriculum_episodes, args.seed, args.workers, args.cache, not args.no_progress)
+    # checked before the episodes run
+    training = None if args.training_data is None else training_set(args.training_data, tasks)
+    card = measure(tasks, args.goals, args.curriculum_episodes, args.seed, args.workers, args.cache,
+                   not args.no_progress)
     if training is not None:
         card["training_set"] = training
-    card["command"] = " ".join(["python -m harmodt.data card", "--tasks", shlex.quote(args.tasks), "--goals", str(args.goals),
+    card["command"] = " ".join(["python -m harmodt.data card", "--tasks", shlex.quote(args.tasks),
+                                "--goals", str(args.goals),
                                 "--curriculum-episodes", str(args.curriculum_episodes), "--seed", str(args.seed),
-                                "--out", shlex.quote(args.out)] + (["--name", shlex.quote(args.name)] if args.name else [])
+                                "--out", shlex.quote(args.out)]
+                               + (["--name", shlex.quote(args.name)] if args.name else [])
                                + (["--training-data", shlex.quote(args.training_data)] if args.training_data else []))
     paths = [out / f"{name}.json", out / f"{name}.png", out / f"{name}.md"]
     write_atomic(paths[0], json.dumps(card, indent=1) + "\n")

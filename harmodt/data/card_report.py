@@ -20,18 +20,23 @@ REPO = "https://github.com/Farama-Foundation/Metaworld"
 NOT_OURS = "harmodt's envs use the default reward function, version 2"
 UPSTREAM = {
     "hand-insert-v3": [(567, "issues", "the v3 expert does not complete the task, whatever the seed", True),
-                       (571, "issues", "no success reported with the experts under reward function version 1; tied upstream to "
-                                       "MuJoCo's changed collisions and answered by pinning mujoco 3.4.0", False)],
-    "peg-insert-side-v3": [(569, "pull", "the v3 expert succeeds 82.4 % over 1000 episodes (a rewritten policy: 100 %); "
-                                        "MuJoCo >= 3.5.0's changed collisions named as the cause", True),
-                           (571, "issues", "no success reported under reward function version 1 (see hand-insert-v3)", False),
-                           (578, "pull", "open: MuJoCo 3.4 fixed a box-box collision bug, which broke peg-insert-side; explicit "
-                                         "contact parameters on the peg would restore it and change the task's dynamics",
-                            "harmodt pins MuJoCo 3.3.0, before 3.4's collision fix, so its peg-insert-side runs the older "
-                            "contacts; the expert's misses here are the policy's, as #569 measures them; data made with MuJoCo "
-                            ">= 3.4, or with the patch, is other data for this task")],
-    "stick-push-v3": [(571, "issues", "no success reported under reward function version 1 (see hand-insert-v3)", False)],
-    "push-v3": [(514, "issues", "the push expert (v2 then) fails on newer Meta-World releases and succeeds on 0.1.0", True)],
+                       (571, "issues", "no success reported with the experts under reward function version "
+                                       "1; tied upstream to MuJoCo's changed collisions and answered by "
+                                       "pinning mujoco 3.4.0", False)],
+    "peg-insert-side-v3": [(569, "pull", "the v3 expert succeeds 82.4 % over 1000 episodes (a rewritten policy: 100 "
+                                        "%); MuJoCo >= 3.5.0's changed collisions named as the cause", True),
+                           (571, "issues", "no success reported under reward function version 1 (see hand-insert-v3)",
+                            False),
+                           (578, "pull", "open: MuJoCo 3.4 fixed a box-box collision bug, which broke "
+                                         "peg-insert-side; explicit contact parameters on the peg would restore it "
+                                         "and change the task's dynamics",
+                            "harmodt pins MuJoCo 3.3.0, before 3.4's collision fix, so its peg-insert-side runs the "
+                            "older contacts; the expert's misses here are the policy's, as #569 measures them; data "
+                            "made with MuJoCo >= 3.4, or with the patch, is other data for this task")],
+    "stick-push-v3": [(571, "issues", "no success reported under reward function version 1 (see hand-insert-v3)",
+                       False)],
+    "push-v3": [(514, "issues", "the push expert (v2 then) fails on newer Meta-World releases and succeeds on 0.1.0",
+                 True)],
 }
 
 
@@ -58,7 +63,8 @@ def write_figure(card: dict, path: Path) -> None:
     tasks = card["tasks"]
     pt = card["per_task"]
     rate = [pt[t]["success_rate"] for t in tasks]
-    err = [[pt[t]["success_rate"] - pt[t]["ci95"][0] for t in tasks], [pt[t]["ci95"][1] - pt[t]["success_rate"] for t in tasks]]
+    err = [[pt[t]["success_rate"] - pt[t]["ci95"][0] for t in tasks],
+           [pt[t]["ci95"][1] - pt[t]["success_rate"] for t in tasks]]
     tail = []  # success of the curriculum's noise-free episodes (epsilon 0)
     for t in tasks:
         cur = pt[t]["curriculum"]
@@ -78,10 +84,12 @@ def write_figure(card: dict, path: Path) -> None:
     blue = plt.Rectangle((0, 0), 1, 1, color="tab:blue")
     dot = ax.get_legend_handles_labels()[0][0]
     height = fig.get_size_inches()[1]
-    fig.legend([blue, red, dot], ["expert", f"failing: interval below {FAIL_BELOW}", "data: the curriculum's noise-free episodes"],
+    fig.legend([blue, red, dot], ["expert", f"failing: interval below {FAIL_BELOW}",
+                                  "data: the curriculum's noise-free episodes"],
                fontsize=7, loc="lower center", ncol=3, frameon=False)
     v = card["versions"]
-    ax.set_title(f"Meta-World {v['metaworld']} (MuJoCo {v['mujoco']}) scripted experts; * = upstream report", fontsize=9)
+    ax.set_title(f"Meta-World {v['metaworld']} (MuJoCo {v['mujoco']}) scripted experts; * = upstream report",
+                 fontsize=9)
     fig.tight_layout(rect=(0, 0.3 / height, 1, 1))  # room for the legend below
     fig.savefig(path.with_name(path.name + ".tmp.png"), dpi=110)
     plt.close(fig)
@@ -116,13 +124,13 @@ def write_markdown(card: dict, path: Path, figure: str, numbers: str) -> None:
         "(the versions requirements.txt pins).", "",
         "## The scripted experts", "",
         f"Each task's shipped scripted policy (`metaworld.policies.ENV_POLICY_MAP`, actions clipped to [-1, 1]) ran "
-        f"{n_goals} noise-free episodes of 500 steps, one random goal each: the first {n_goals} resets of the task's env "
-        f"built with seed `{card['expert_goal_seed']}` (seed {card['seed']}), goals apart from the training data's. "
-        "Success: `info['success']` at any step, as harmodt's evaluation scores an episode. Interval: 95 % Wilson. "
-        "First success: the steps taken when success is first reported, over the successful episodes.", "",
+        f"{n_goals} noise-free episodes of 500 steps, one random goal each: the first {n_goals} resets of the task's "
+        f"env built with seed `{card['expert_goal_seed']}` (seed {card['seed']}), goals apart from the training "
+        "data's. Success: `info['success']` at any step, as harmodt's evaluation scores an episode. Interval: 95 % "
+        "Wilson. First success: the steps taken when success is first reported, over the successful episodes.", "",
         f"Over all tasks the experts succeed in {es['successes']} of {es['episodes']} episodes "
-        f"({_pct(es['rate'])}, [{es['ci95'][0]:.3f}, {es['ci95'][1]:.3f}]); the mean of the per-task rates, the highest "
-        f"mean success a policy that imitates the experts can expect, is {ceiling:.3f}. "
+        f"({_pct(es['rate'])}, [{es['ci95'][0]:.3f}, {es['ci95'][1]:.3f}]); the mean of the per-task rates, the "
+        f"highest mean success a policy that imitates the experts can expect, is {ceiling:.3f}. "
         f"{len(tasks) - len(fails) - len(imperfect)} tasks succeed on every goal.", "",
         f"![expert success per task]({figure})", "",
     ]
@@ -132,16 +140,18 @@ def write_markdown(card: dict, path: Path, figure: str, numbers: str) -> None:
         f"{t} {pt[t]['successes']}/{pt[t]['goals']}" + ("".join(" " + _link(n, k) for n, k, _, _ in _applicable(t)))
         for t in fails) or "none") + ".", ""]
     if imperfect:
-        lines += ["Below 100 % but not failing: " + ", ".join(f"{t} {pt[t]['successes']}/{pt[t]['goals']}" for t in imperfect) + ".", ""]
-    lines += [f"Curriculum success: the success rate of the {n_cur} curriculum episodes per task of a separate generation "
-              f"(`generate --episodes {n_cur} --seed {card['seed']}`, below), not of the training set"
+        lines += ["Below 100 % but not failing: "
+                  + ", ".join(f"{t} {pt[t]['successes']}/{pt[t]['goals']}" for t in imperfect) + ".", ""]
+    lines += [f"Curriculum success: the success rate of the {n_cur} curriculum episodes per task of a separate "
+              f"generation (`generate --episodes {n_cur} --seed {card['seed']}`, below), not of the training set"
               + (" (its own success is in *The training set*)." if card.get("training_set") else "."), "",
               "| task | expert success | 95 % interval | mean return (sd) | length | first success (mean, max) | "
               f"curriculum success ({n_cur} episodes) | upstream |", "|---|---|---|---|---|---|---|---|"]
     for t in tasks:
         p = pt[t]
         name = f"**{t}**" if t in fails else t
-        first = f"{p['first_success_mean']:.0f}, {p['first_success_max']}" if p["first_success_mean"] is not None else "never"
+        first = ("never" if p["first_success_mean"] is None
+                 else f"{p['first_success_mean']:.0f}, {p['first_success_max']}")
         up = " ".join(_link(n, k) for n, k, _, _ in UPSTREAM.get(t, []))
         lines.append(f"| {name} | {p['successes']}/{p['goals']} | [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] | "
                      f"{p['mean_return']:.0f} ({p['sd_return']:.0f}) | {p['mean_length']:.0f} | {first} | "
@@ -160,10 +170,10 @@ def write_markdown(card: dict, path: Path, figure: str, numbers: str) -> None:
     dec = card["curriculum_by_decile"]
     lines += [
         "", "## The curriculum", "",
-        f"`python -m harmodt.data generate` rolls out each task's expert with a random-to-expert curriculum: {card['curriculum']} "
-        f"(σ = {card['sigma']}, generator version {card['generator_version']}). Measured on the {n_cur} episodes per task that "
-        f"`generate --episodes {n_cur} --seed {card['seed']}` makes (the same episodes, the same code), success by decile "
-        "of the episode index, pooled over the tasks:", "",
+        "`python -m harmodt.data generate` rolls out each task's expert with a random-to-expert curriculum: "
+        f"{card['curriculum']} (σ = {card['sigma']}, generator version {card['generator_version']}). Measured on the "
+        f"{n_cur} episodes per task that `generate --episodes {n_cur} --seed {card['seed']}` makes (the same episodes, "
+        "the same code), success by decile of the episode index, pooled over the tasks:", "",
         "| decile | " + " | ".join(f"{10 * i}-{10 * i + 10} %" for i in range(10)) + " |",
         "|---|" + "---|" * 10,
         "| success | " + " | ".join(f"{d:.2f}" for d in dec) + " |", "",
@@ -188,8 +198,8 @@ def _training_set(card: dict) -> list[str]:
     st = ts["settings"]
     episodes = ", ".join(map(str, ts["episodes_per_task"]))
     lines += [f"`{ts['path']}`: {episodes} episodes per task (`generate --episodes {st.get('episodes', '?')} --seed "
-              f"{st.get('seed', '?')}`, generator version {st.get('generator_version', '?')}), success by decile of the episode "
-              "index, pooled over the tasks:", "",
+              f"{st.get('seed', '?')}`, generator version {st.get('generator_version', '?')}), success by decile of "
+              "the episode index, pooled over the tasks:", "",
               "| decile | " + " | ".join(f"{10 * i}-{10 * i + 10} %" for i in range(10)) + " |", "|---|" + "---|" * 10,
               "| success | " + " | ".join(f"{d:.2f}" for d in ts["success_by_decile"]) + " |", "",
               "<details><summary>success per task</summary>", "", "| task | success |", "|---|---|"]
@@ -202,21 +212,22 @@ def _comparability(card: dict, fails: list[str], ceiling: float) -> list[str]:
     fail_text = ", ".join(fails) if fails else "none"
     return [
         "## What our numbers can and cannot be compared with", "",
-        f"- **Across methods trained on this data: yes.** Every method of a study sees the same episodes and is scored on the "
-        f"same goals, so a failing expert lowers every arm alike; differences between arms are sound. A task whose expert "
-        f"fails ({fail_text}) has fewer successful episodes to imitate, and methods can tie there at a lower level; over "
-        f"the {n} tasks the experts' misses cost at most {1 - ceiling:.3f} of a mean success.",
-        f"- **Against 100 %: no.** A method that imitates these experts perfectly scores about {ceiling:.3f} on average, not 1; "
-        "read a mean success against that ceiling, and a per-task success against its expert's row above.",
-        "- **Against the paper's numbers (HarmoDT, Prompt-DT, MTDT on MT50): only loosely.** The paper's data are SAC replay "
-        "buffers on Meta-World v2 (not downloadable); ours are the v3 scripted experts with our curriculum, scored on v3 "
-        "environments. The absolute levels differ for reasons that have nothing to do with the methods (data source, "
-        "expert ceiling per task, simulator version); the sign and rough size of a difference between methods is what "
-        "can be set beside the paper's.",
-        "- **Against other v3 work: only with the same versions.** The experts' success depends on the MuJoCo and Meta-World "
-        f"versions (the upstream reports above tie failures to MuJoCo's collision changes); this card holds for Meta-World "
-        f"{card['versions']['metaworld']} with MuJoCo {card['versions']['mujoco']}. Data generated with other versions, "
-        "or with a fixed peg-insert-side policy, is other data.",
-        "- **Against per-task results elsewhere: only where the expert succeeds.** On a failing expert's task, a low score "
-        "says the data holds little success, not that the method failed to learn.",
+        "- **Across methods trained on this data: yes.** Every method of a study sees the same episodes and is scored "
+        "on the same goals, so a failing expert lowers every arm alike; differences between arms are sound. A task "
+        f"whose expert fails ({fail_text}) has fewer successful episodes to imitate, and methods can tie there at a "
+        f"lower level; over the {n} tasks the experts' misses cost at most {1 - ceiling:.3f} of a mean success.",
+        "- **Against 100 %: no.** A method that imitates these experts perfectly scores about "
+        f"{ceiling:.3f} on average, not 1; read a mean success against that ceiling, and a per-task "
+        "success against its expert's row above.",
+        "- **Against the paper's numbers (HarmoDT, Prompt-DT, MTDT on MT50): only loosely.** The paper's data are SAC "
+        "replay buffers on Meta-World v2 (not downloadable); ours are the v3 scripted experts with our curriculum, "
+        "scored on v3 environments. The absolute levels differ for reasons that have nothing to do with the methods "
+        "(data source, expert ceiling per task, simulator version); the sign and rough size of a difference between "
+        "methods is what can be set beside the paper's.",
+        "- **Against other v3 work: only with the same versions.** The experts' success depends on the MuJoCo and "
+        "Meta-World versions (the upstream reports above tie failures to MuJoCo's collision changes); this card holds "
+        f"for Meta-World {card['versions']['metaworld']} with MuJoCo {card['versions']['mujoco']}. Data generated with "
+        "other versions, or with a fixed peg-insert-side policy, is other data.",
+        "- **Against per-task results elsewhere: only where the expert succeeds.** On a failing expert's task, a low "
+        "score says the data holds little success, not that the method failed to learn.",
     ]

@@ -185,7 +185,8 @@ def _check_dtypes(path: Path, arrs: dict, prefix: str) -> None:
 def _offsets(path: Path, arrs: dict, prefix: str, label: str) -> tuple[list[int], list[int]]:
     starts, lengths = arrs[prefix + "episode_starts"], arrs[prefix + "episode_lengths"]
     if starts.shape != lengths.shape:
-        raise DataError(f"{path}: {prefix}episode_starts has {len(starts)} entries, {prefix}episode_lengths {len(lengths)}")
+        raise DataError(f"{path}: {prefix}episode_starts has {len(starts)} entries, "
+                        f"{prefix}episode_lengths {len(lengths)}")
     if len(starts) == 0:
         raise DataError(f"{path}: no {label}episodes (empty task)")
     steps = arrs[prefix + "rewards"].shape[0] if arrs[prefix + "rewards"].ndim else 0
@@ -230,10 +231,11 @@ def read_manifest(root: Path) -> dict:
         raise DataError(f"{mpath}: unknown task {unknown[0]!r} (not a Meta-World v3 task name)")
     for task, entry in manifest.get("files", {}).items():
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-            raise DataError(f"{mpath}: the entry of {task} must be an object whose 'file' names its task file, got {entry!r:.80}")
+            raise DataError(f"{mpath}: the entry of {task} must be an object whose 'file' names its "
+                            f"task file, got {entry!r:.80}")
         if entry["file"] != task_file_name(task):
-            raise DataError(f"{mpath}: the entry of {task} names the file {entry['file']!r:.80}; a task's data are in its own "
-                            f"file of this folder, {task_file_name(task)}")
+            raise DataError(f"{mpath}: the entry of {task} names the file {entry['file']!r:.80}; a task's data are in "
+                            f"its own file of this folder, {task_file_name(task)}")
     return manifest
 
 
@@ -271,7 +273,8 @@ def load_ours(root: Path, tasks: list[str] | None = None, quality: str = "near-o
         path = root / files[task]["file"]
         _check_file(path, files[task], mpath)
         arrs = load_npz(path)
-        out[task] = TaskData(task, select_episodes(_split(arrs, "", path), quality, episodes), _split(arrs, "prompt_", path))
+        out[task] = TaskData(task, select_episodes(_split(arrs, "", path), quality, episodes),
+                             _split(arrs, "prompt_", path))
     return out
 
 

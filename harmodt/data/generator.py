@@ -10,8 +10,8 @@ probability
 and otherwise the scripted expert's action plus Gaussian noise N(0, 0.1^2) (clipped to [-1, 1]);
 the last 20% of the episodes (eps = 0) are the noise-free expert. So the first episodes are
 almost uniformly random, the middle ones a mix of random and noisy expert behaviour, and the
-tail is expert (like the converged end of a SAC replay buffer). Gaussian noise alone cannot give random-level behaviour (the
-experts correct themselves every step; at sigma = 3 MT10 still succeeds 60% of the time), hence
+tail is expert (like the converged end of a SAC replay buffer). Gaussian noise alone cannot give random-level behaviour
+(the experts correct themselves every step; at sigma = 3 MT10 still succeeds 60% of the time), hence
 the random-action mixing. Goals are random per episode (MT50-rand, see ``harmodt.envs``); a goal
 variation (``pick-place-v3@g7``) keeps its one ML1 goal in every episode, hidden from the
 observation, and its expert is the base task's, told the goal. Each episode's goal position is
@@ -48,7 +48,8 @@ from ..files import loads_json
 from ..envs import EPISODE_LEN, ScriptedExpert, make_env
 from ..domains import SEED_MAX
 from ..tasks import is_task, task_seed
-from .formats import FORMAT_VERSION, MANIFEST, DataError, atomic_json, is_temp_name, save_task_file, sha256, task_file_name
+from .formats import (FORMAT_VERSION, MANIFEST, DataError, atomic_json, is_temp_name, save_task_file, sha256,
+                      task_file_name)
 
 # 2: observations stored exactly as the env returned them. Version 1 stored door-open-v3's and
 # door-close-v3's observations after their scripted policies had written into them (the door
@@ -57,7 +58,8 @@ from .formats import FORMAT_VERSION, MANIFEST, DataError, atomic_json, is_temp_n
 GENERATOR_VERSION = 2  # (formats.V1_WRONG_TASKS: the tasks whose version-1 data loading refuses)
 SIGMA = 0.1  # Gaussian noise on expert actions
 EXPERT_FRACTION = 0.2  # the last 20% of episodes have eps = 0
-CURRICULUM = "eps(u) = clip(1 - u / 0.8, 0, 1), u = episode / (E - 1); otherwise expert + N(0, 0.1^2) while eps > 0, noise-free expert once eps = 0"
+CURRICULUM = ("eps(u) = clip(1 - u / 0.8, 0, 1), u = episode / (E - 1); otherwise expert + N(0, 0.1^2) while eps > 0, "
+              "noise-free expert once eps = 0")
 
 
 def epsilon(e: int, n: int) -> float:
@@ -88,7 +90,8 @@ def rollout(env, expert, rng: np.random.Generator, eps: float, sigma: float) -> 
         if terminated or truncated:
             break
     return {"observations": np.stack(o), "actions": np.stack(a), "rewards": np.asarray(r, dtype=np.float32),
-            "terminals": np.asarray(term), "truncations": np.asarray(trunc), "successes": np.asarray(succ), "goal": goal}
+            "terminals": np.asarray(term), "truncations": np.asarray(trunc), "successes": np.asarray(succ),
+            "goal": goal}
 
 
 def curriculum_rollouts(task: str, episodes: int, seed: int, queue=None) -> tuple[list, list, np.random.Generator]:
@@ -109,7 +112,8 @@ def curriculum_rollouts(task: str, episodes: int, seed: int, queue=None) -> tupl
     return data, eps_list, rng
 
 
-def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes: int, settings: dict, queue=None) -> dict:
+def generate_task(task: str, episodes: int, out: str, seed: int, prompt_episodes: int, settings: dict,
+                  queue=None) -> dict:
     """Generate and write one task's file; returns its manifest record."""
     out = Path(out)
     tseed = task_seed(seed, task)
@@ -140,7 +144,8 @@ def _reusable(out: Path, task: str, settings: dict) -> dict | None:
     if not isinstance(rec, dict) or rec.get("file") != task_file_name(task):
         return None
     path = out / rec["file"]
-    if rec.get("settings") != settings or not path.is_file() or path.stat().st_size != rec.get("bytes", path.stat().st_size):
+    if (rec.get("settings") != settings or not path.is_file()
+            or path.stat().st_size != rec.get("bytes", path.stat().st_size)):
         return None
     return rec if sha256(path) == rec.get("sha256") else None
 
@@ -163,7 +168,8 @@ def _task_files(out: Path) -> dict[str, list[str]]:
     """{task: names of its files in ``out``}: its data file and its per-task record."""
     found: dict[str, list[str]] = {}
     for p in out.iterdir() if out.is_dir() else ():
-        task = p.stem if p.suffix == ".npz" and is_task(p.stem) else p.name[1:-len(".record.json")] if p.name.endswith(".record.json") else None
+        task = (p.stem if p.suffix == ".npz" and is_task(p.stem)
+                else p.name[1:-len(".record.json")] if p.name.endswith(".record.json") else None)
         if task and p.is_file():
             found.setdefault(task, []).append(p.name)
     return found
@@ -256,7 +262,8 @@ def generate(tasks: list[str], episodes: int, out: str, seed: int = 0, workers: 
         with ctx.Manager() as manager:
             queue = manager.Queue()
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_quiet_interrupt) as pool:
-                futures = {t: pool.submit(generate_task, t, episodes, out, seed, prompt_episodes, settings, queue) for t in todo}
+                futures = {t: pool.submit(generate_task, t, episodes, out, seed, prompt_episodes, settings, queue)
+                           for t in todo}
                 pending = set(futures)
                 while pending:
                     while not queue.empty():

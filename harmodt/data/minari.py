@@ -127,7 +127,8 @@ def _task_of(folder: Path, meta: dict) -> str:
         namespace = (m.group("namespace") or "") if m else ""
         name = namespace.split("/")[-1] if namespace else ""
         if not name:
-            raise DataError(f"{mpath}: dataset id {meta['dataset_id']!r} names no task (expected {NAMESPACE}/<task>/<name>-v<N>)")
+            raise DataError(f"{mpath}: dataset id {meta['dataset_id']!r} names no task (expected "
+                            f"{NAMESPACE}/<task>/<name>-v<N>)")
     task = canonical_name(name)
     if not is_task(task):
         raise DataError(f"{mpath}: dataset {meta['dataset_id']!r} is for {name!r}, not a Meta-World v3 task")
@@ -144,7 +145,8 @@ def _choose(task: str, candidates: list[tuple[Path, dict]], quality: str) -> tup
     if len(candidates) == 1:
         return candidates[0]
     goal = task.partition("@")[2]
-    ours = [c for c in candidates if re.fullmatch(rf".*/harmodt-{goal + '-' if goal else ''}{quality}-v\d+", c[1]["dataset_id"])]
+    ours = [c for c in candidates if re.fullmatch(rf".*/harmodt-{goal + '-' if goal else ''}{quality}-v\d+",
+                                                  c[1]["dataset_id"])]
     if ours:
         return max(ours, key=lambda c: int(c[1]["dataset_id"].rsplit("-v", 1)[1]))
     ids = ", ".join(c[1]["dataset_id"] for c in candidates)
@@ -179,8 +181,8 @@ def _trajectory(where: str, ep) -> Trajectory:
     term = _as_array(where, "terminations", ep.terminations, "biu").astype(bool)
     trunc = _as_array(where, "truncations", ep.truncations, "biu").astype(bool)
     if obs.ndim < 1 or obs.shape[0] != act.shape[0] + 1:
-        raise DataError(f"{where}: {obs.shape[0] if obs.ndim else 0} observations for {act.shape[0] if act.ndim else 0} "
-                        "actions (Minari stores one observation more than actions)")
+        raise DataError(f"{where}: {obs.shape[0] if obs.ndim else 0} observations for "
+                        f"{act.shape[0] if act.ndim else 0} actions (Minari stores one observation more than actions)")
     if term.shape != trunc.shape:
         raise DataError(f"{where}: terminations {list(term.shape)} and truncations {list(trunc.shape)} differ")
     obs, act, rew = obs[:-1].astype(np.float32), act.astype(np.float32), rew.astype(np.float32)
@@ -210,7 +212,8 @@ def _prompt_count(folder: Path, meta: dict) -> int:
     ours = meta.get("harmodt")
     n = ours.get("prompt_episodes", ORIGINAL_PROMPTS) if isinstance(ours, dict) else ORIGINAL_PROMPTS
     if not isinstance(n, int) or n < 1:
-        raise DataError(f"{folder / 'data' / 'metadata.json'}: harmodt.prompt_episodes must be a positive integer, got {n!r}")
+        raise DataError(f"{folder / 'data' / 'metadata.json'}: harmodt.prompt_episodes must be a "
+                        f"positive integer, got {n!r}")
     return n
 
 
@@ -298,8 +301,8 @@ def _env_spec(task: str, settings: dict):
         return None
     seed = task_seed(settings["seed"], task) % (2**31)
     # a gymnasium id cannot hold the "@" of a goal variation: harmodt/pick-place-v3-g7
-    return EnvSpec(id=f"harmodt/{task.replace('@', '-')}", entry_point="harmodt.envs:make_env", kwargs={"task": task, "seed": seed},
-                   max_episode_steps=EPISODE_LEN)
+    return EnvSpec(id=f"harmodt/{task.replace('@', '-')}", entry_point="harmodt.envs:make_env",
+                   kwargs={"task": task, "seed": seed}, max_episode_steps=EPISODE_LEN)
 
 
 def _env_id(task: str) -> str:
@@ -363,7 +366,8 @@ def export_minari(src: str | Path, out: str | Path) -> list[str]:
     if (out / MANIFEST).exists() or out.resolve().is_relative_to(src.resolve()):
         raise OutputError(f"--minari {out}: is {src} or inside it; Minari datasets go into a root of their own")
     if not (src / MANIFEST).exists():
-        raise DataError(f"{src}: export reads our layout (a folder with {MANIFEST} written by `python -m harmodt.data generate`)")
+        raise DataError(f"{src}: export reads our layout (a folder with {MANIFEST} written by "
+                        "`python -m harmodt.data generate`)")
     manifest = read_manifest(src)
     quality = manifest.get("quality", "near-optimal")
     if quality not in QUALITIES:

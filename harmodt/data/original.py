@@ -55,7 +55,8 @@ def load_original(root: Path, tasks: list[str] | None, quality: str, episodes: i
             raise DataError(f"{d}: holds episode files but {d.name!r} is not a Meta-World v3 task name")
     wanted = tasks or list(folders)
     if not wanted:
-        raise DataError(f"{root}: no task folders (expected {root}/<task-name>/<i>.npz, a manifest.json or Minari datasets)")
+        raise DataError(f"{root}: no task folders (expected {root}/<task-name>/<i>.npz, a "
+                        "manifest.json or Minari datasets)")
     out = {}
     for task in wanted:
         if task not in folders:

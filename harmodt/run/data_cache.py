@@ -42,10 +42,13 @@ def load_training_data(cfg: TrainConfig, tasks: list[str], may_generate: bool = 
         path = str(cached_data_path(cfg, tasks))
         if not current_cache(Path(path)):
             if not may_generate:
-                raise ConfigError(f"no --data given and no generated data in {path}: under torchrun the ranks do not generate data; "
-                                  f"write it first (python -m harmodt.data generate --out FOLDER ...) and pass --data FOLDER")
-            print(f"[harmodt] generating offline data for {len(tasks)} tasks x {cfg.gen_episodes} episodes into {path}", flush=True)
-            generate(tasks, cfg.gen_episodes, path, seed=cfg.seed, progress=cfg.progress, overwrite=True)  # (the cache's own folder)
+                raise ConfigError(f"no --data given and no generated data in {path}: under torchrun the ranks do "
+                                  "not generate data; write it first (python -m harmodt.data generate --out "
+                                  "FOLDER ...) and pass --data FOLDER")
+            print(f"[harmodt] generating offline data for {len(tasks)} tasks x {cfg.gen_episodes} episodes into {path}",
+                  flush=True)
+            # overwrite: the folder is the cache's own
+            generate(tasks, cfg.gen_episodes, path, seed=cfg.seed, progress=cfg.progress, overwrite=True)
     return load_dataset(path, tasks=tasks, quality=cfg.quality, episodes_per_task=cfg.episodes_per_task or None)
 
 
@@ -62,13 +65,15 @@ def check_data(cfg: TrainConfig, datasets: dict) -> str:
         for tr in list(td.trajectories) + list(td.prompts):
             obs, act = tr.observations, tr.actions
             if obs.shape[-1] != m.state_dim:
-                raise ConfigError(f"--state-dim {m.state_dim} does not match the data: {name}'s observations have {obs.shape[-1]} values")
+                raise ConfigError(f"--state-dim {m.state_dim} does not match the data: {name}'s observations "
+                                  f"have {obs.shape[-1]} values")
             if act.shape[-1] != m.act_dim:
-                raise ConfigError(f"--act-dim {m.act_dim} does not match the data: {name}'s actions have {act.shape[-1]} values")
+                raise ConfigError(f"--act-dim {m.act_dim} does not match the data: {name}'s actions "
+                                  f"have {act.shape[-1]} values")
             longest = max(longest, (len(obs), name))
     if longest[0] > m.max_ep_len:
-        raise ConfigError(f"--max-ep-len {m.max_ep_len} is shorter than the data's longest episode ({longest[0]} steps, {longest[1]}); "
-                          f"it must be at least that long")
+        raise ConfigError(f"--max-ep-len {m.max_ep_len} is shorter than the data's longest episode ({longest[0]} "
+                          f"steps, {longest[1]}); it must be at least that long")
     if cfg.eval_episodes and m.max_ep_len < EPISODE_LEN:
         raise ConfigError(f"--max-ep-len {m.max_ep_len} is shorter than an evaluation episode ({EPISODE_LEN} steps); "
                           f"pass --max-ep-len {EPISODE_LEN} or more, or --eval-episodes 0")

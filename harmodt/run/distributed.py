@@ -179,7 +179,8 @@ class Distributed(Single):
     active = True
     may_generate_data = False  # the ranks load --data (or what the cache holds) and generate nothing
 
-    def __init__(self, rank: int, world_size: int, local_rank: int, backend: str, timeout_s: float, device: torch.device):
+    def __init__(self, rank: int, world_size: int, local_rank: int, backend: str, timeout_s: float,
+                 device: torch.device):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.backend, self.timeout_s, self._device = backend, timeout_s, device
         self.is_main = rank == 0
@@ -194,7 +195,8 @@ class Distributed(Single):
         """Ids ``[r*count, (r+1)*count)`` of the ``world_size * count`` drawn from the shared task
         stream (or ``round_robin`` over as many), all of which :meth:`step_tasks_of_all` returns."""
         total = count * self.world_size
-        self.step_tasks = round_robin(step, n_tasks, total) if order == "round-robin" else draw_tasks(self.task_stream, n_tasks, total)
+        self.step_tasks = (round_robin(step, n_tasks, total) if order == "round-robin"
+                           else draw_tasks(self.task_stream, n_tasks, total))
         return self.step_tasks[self.rank * count : (self.rank + 1) * count]
 
     def step_tasks_of_all(self, task_ids: list[int]) -> list[int]:
@@ -220,8 +222,8 @@ class Distributed(Single):
         torchrun may terminate this one at any moment, before the error reaches the CLI."""
         from ..checkpoint import one_line
 
-        err = DistributedError(f"rank {self.rank} of {self.world_size}: {op} failed: another rank stopped, crashed or did not "
-                               f"answer within --dist-timeout {self.timeout_s:g} s ({one_line(exc, 240)})")
+        err = DistributedError(f"rank {self.rank} of {self.world_size}: {op} failed: another rank stopped, crashed or "
+                               f"did not answer within --dist-timeout {self.timeout_s:g} s ({one_line(exc, 240)})")
         print(f"error: {err}", file=sys.stderr, flush=True)
         err.reported = True
         return err
@@ -295,7 +297,8 @@ class Distributed(Single):
         bad = [k for k in what if len({r[k] for r in allr}) > 1]
         if bad:
             detail = "; ".join(f"{k}: " + ", ".join(f"rank {i} {r[k]:016x}" for i, r in enumerate(allr)) for k in bad)
-            raise DistributedError(f"rank {self.rank} of {self.world_size}: the ranks' {' and '.join(bad)} differ ({detail})")
+            raise DistributedError(f"rank {self.rank} of {self.world_size}: the ranks' "
+                                   f"{' and '.join(bad)} differ ({detail})")
 
 
 def init(device: str, timeout_s: float) -> Single:
@@ -312,7 +315,8 @@ def init(device: str, timeout_s: float) -> Single:
     dev = resolve_device(device)
     if dev.type == "cuda":
         if dev.index is not None:
-            raise ConfigError(f"--device {device}: under torchrun every rank takes cuda:LOCAL_RANK; pass --device cuda or auto")
+            raise ConfigError(f"--device {device}: under torchrun every rank takes "
+                              "cuda:LOCAL_RANK; pass --device cuda or auto")
         if local >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK {local}: only {torch.cuda.device_count()} CUDA device(s) on this node")
         dev = torch.device("cuda", local)

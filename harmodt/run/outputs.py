@@ -57,7 +57,8 @@ def rewind_metrics(path: Path, keep_bytes: int | None, step: int) -> list[dict]:
     of ``step`` itself (TensorBoard's purge from ``step`` on drops them; :class:`MetricsLog`
     writes them there again)."""
     raw = path.read_bytes() if path.exists() else b""
-    if keep_bytes is not None and len(raw) >= keep_bytes and (keep_bytes == 0 or raw[keep_bytes - 1 : keep_bytes] == b"\n"):
+    if (keep_bytes is not None and len(raw) >= keep_bytes
+            and (keep_bytes == 0 or raw[keep_bytes - 1 : keep_bytes] == b"\n")):
         kept = raw[:keep_bytes]
         recs = [loads_json(line) for line in kept.splitlines() if line.strip()]
     else:

@@ -4,8 +4,9 @@ A checkpoint (:func:`state`) holds the weights, masks, optimizer and scheduler, 
 config, every RNG stream (every rank's data and dropout stream and the shared task stream under
 torchrun), what evaluation needs, the run's own state (the losses since the last metric line
 and the size of metrics.jsonl), the goal seeds of its evaluations (``config.goal_seeds``: which
-goals it was validated on) and the fingerprint of its data (``data_cache.data_fingerprint``). :func:`open_checkpoint` reads one for ``--resume`` and refuses
-settings that differ from it (``config.RESUME_RULES`` says which may, with ``--allow-changed``);
+goals it was validated on) and the fingerprint of its data (``data_cache.data_fingerprint``). :func:`open_checkpoint`
+reads one for ``--resume`` and refuses settings that differ from it (``config.RESUME_RULES`` says which may, with
+``--allow-changed``);
 :func:`restore` puts a trainer back where the checkpoint left it.
 """
 
@@ -25,9 +26,10 @@ def changed_settings(saved: dict, cfg: TrainConfig) -> dict:
     """{dotted key: (the checkpoint's value, cfg's value)} for every setting of ``cfg`` that differs
     from the checkpoint's config ``saved`` (read as it was meant when written: a checkpoint from
     before ``prompt_segment`` existed ran with ``random``, see :func:`upgrade_saved_config`; any other
-    key the checkpoint lacks counts as its default, a method's option as absent); the keys RESUME_RULES marks ``ignored`` are
-    not compared."""
-    new, old, default = flat_keys(to_dict(cfg)), flat_keys(upgrade_saved_config(saved)), flat_keys(to_dict(TrainConfig()))
+    key the checkpoint lacks counts as its default, a method's option as absent); the keys RESUME_RULES marks
+    ``ignored`` are not compared."""
+    new, old = flat_keys(to_dict(cfg)), flat_keys(upgrade_saved_config(saved))
+    default = flat_keys(to_dict(TrainConfig()))
     return {k: (old.get(k, default.get(k)), v) for k, v in new.items()
             if RESUME_RULES.get(k) != "ignored" and old.get(k, default.get(k)) != v}
 
@@ -48,7 +50,8 @@ def check_resume_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
         hints.append(f"{', '.join(fixed)} cannot change on --resume (pass {keep} to continue the checkpoint as it was, "
                      f"or train a new run into another --out)")
     if free:
-        hints.append(f"pass --allow-changed {' '.join(free)} to continue with the new value{'s' if len(free) > 1 else ''}")
+        hints.append(f"pass --allow-changed {' '.join(free)} to continue with the new "
+                     f"value{'s' if len(free) > 1 else ''}")
     raise ConfigError(f"--resume: settings differ from those of {path}: {listing}; {'; '.join(hints)}")
 
 
@@ -83,14 +86,15 @@ def check_files_without_checkpoint(cfg: TrainConfig) -> None:
     if not found:
         return
     if not cfg.resume or "results.json" in found or "best.pt" in found or "config.json" not in found:
-        raise ConfigError(f"--out {out}: holds the files of a run ({', '.join(found)}) without its checkpoint.pt; choose another "
-                          "--out (or remove those files)")
+        raise ConfigError(f"--out {out}: holds the files of a run ({', '.join(found)}) without its checkpoint.pt; "
+                          "choose another --out (or remove those files)")
     try:
         saved = read_json(out / "config.json")
         if not isinstance(saved, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume: {out / 'config.json'}: not a readable config ({exc}); choose another --out") from None
+        raise ConfigError(f"--resume: {out / 'config.json'}: not a readable config ({exc}); "
+                          "choose another --out") from None
     check_resume_settings(saved, cfg, out / "config.json")
 
 
@@ -100,9 +104,11 @@ def state(tr) -> dict:
     ranks every rank calls it: the ranks' RNG streams are gathered."""
     streams = {**rng.capture(tr.device), "batcher": tr.batcher.state_dict()}
     if tr.dist.active:  # every rank's data and dropout streams (rank r at [r]) and the shared task stream
-        streams["ranks"] = tr.dist.all_gather_object({k: streams[k] for k in ("torch", "batcher", "cuda") if k in streams})
+        streams["ranks"] = tr.dist.all_gather_object({k: streams[k] for k in ("torch", "batcher", "cuda")
+                                                      if k in streams})
         streams["tasks"] = tr.dist.task_stream.get_state()
-    return {"world_size": tr.dist.world_size, **tr.state_dict(), "config": to_dict(tr.cfg), "rng": streams, "eval_info": tr.eval_info(),
+    return {"world_size": tr.dist.world_size, **tr.state_dict(), "config": to_dict(tr.cfg), "rng": streams,
+            "eval_info": tr.eval_info(),
             "goals": goal_seeds(tr.cfg.seed, tr.cfg.validation_seed), "data_sha256": tr.data_sha256}
 
 
@@ -118,7 +124,8 @@ def diverged(out: Path, step: int, what: str) -> Diverged:
         last = f"the last checkpoint, {path}, is at step {int(checkpoint.load(path).get('step', 0))}"
     except checkpoint.CheckpointError:
         last = "no checkpoint was written"
-    return Diverged(f"{what} at step {step}: training stopped; {last} (a lower --lr, or a look at --rtg-scale and the data, may help)")
+    return Diverged(f"{what} at step {step}: training stopped; {last} (a lower --lr, or a look at "
+                    "--rtg-scale and the data, may help)")
 
 
 def all_finite(tensors) -> bool:
@@ -149,8 +156,9 @@ def restore(tr, ck: dict, path: Path) -> dict:
     saved = ck.get("data_sha256")  # (none in a checkpoint written before it was recorded)
     if saved is not None and saved != tr.data_sha256:
         where = tr.cfg.data or "the generated data in the cache"
-        raise ConfigError(f"--resume: the data differ from those {path} was trained on (data sha256 {saved[:16]}... in the "
-                          f"checkpoint, {tr.data_sha256[:16]}... in {where}); restore that data set or train a new run into another --out")
+        raise ConfigError(f"--resume: the data differ from those {path} was trained on (data sha256 {saved[:16]}... "
+                          f"in the checkpoint, {tr.data_sha256[:16]}... in {where}); restore that data set or train "
+                          "a new run into another --out")
     try:
         tr.load_state(ck)
         rng.restore(ck["rng"], tr.device)

@@ -37,7 +37,8 @@ def restore(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
     random.setstate(_as_tuples(state["python"]))
     npr = state["numpy"]
-    np.random.set_state((npr["name"], npr["keys"].numpy().astype(np.uint32), npr["pos"], npr["has_gauss"], npr["gauss"]))
+    np.random.set_state((npr["name"], npr["keys"].numpy().astype(np.uint32), npr["pos"], npr["has_gauss"],
+                         npr["gauss"]))
 
 
 @contextmanager

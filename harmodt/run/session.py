@@ -98,8 +98,8 @@ class Meter:
         from tqdm import tqdm
 
         cfg = tr.cfg
-        self.bar = tqdm(total=cfg.steps, initial=tr.step, disable=not cfg.progress or not tr.dist.is_main, desc=f"train {cfg.method}",
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=cfg.steps, initial=tr.step, disable=not cfg.progress or not tr.dist.is_main,
+                        desc=f"train {cfg.method}", dynamic_ncols=True)
         self.losses = [x.to(tr.device) for x in losses]  # a checkpoint keeps those not yet in a metric line
         self.t0, self.s0 = time.perf_counter(), tr.step
         self.out = Path(cfg.out)
@@ -125,7 +125,8 @@ class Meter:
         sps = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
         rec = {"step": step, "loss": float(torch.stack(self.losses).float().mean()), "lr": lr, "steps_per_s": sps}
         if not math.isfinite(rec["loss"]):
-            raise resume.diverged(self.out, step, f"the training loss is {rec['loss']} (mean of steps {self.s0 + 1}-{step})")
+            raise resume.diverged(self.out, step, f"the training loss is {rec['loss']} (mean of "
+                                                  f"steps {self.s0 + 1}-{step})")
         self.bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{sps:.1f}")
         self.losses, self.t0, self.s0 = [], time.perf_counter(), step
         return rec
@@ -159,7 +160,8 @@ class Evaluations:
 
 
 def evaluation_entry(step: int, res: dict) -> dict:
-    return {"step": step, "mean_success": res["mean_success"], "tasks": {n: result_entry(r) for n, r in res["tasks"].items()}}
+    return {"step": step, "mean_success": res["mean_success"],
+            "tasks": {n: result_entry(r) for n, r in res["tasks"].items()}}
 
 
 def evaluate_in_training(tr, evals: Evaluations, log: MetricsLog | NoLog) -> None:
@@ -186,7 +188,8 @@ def finish(tr, log: MetricsLog | NoLog, evals: Evaluations) -> dict:
     the validation goals, the last step's included, whose weights are OUT/best.pt (``goals``:
     "validation"; its success on the test goals is ``python -m harmodt.evaluate OUT/best.pt``)."""
     cfg, dist, out = tr.cfg, tr.dist, Path(tr.cfg.out)
-    results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": tr.step, "final": None, "best": None,
+    results = {"method": cfg.method, "tasks": {}, "mean_success": float("nan"), "steps": tr.step, "final": None,
+               "best": None,
                "mask_movement": tr.mask_updater.movement()}
     if cfg.eval_episodes:
         validating = cfg.validation_seed >= 0
@@ -199,13 +202,16 @@ def finish(tr, log: MetricsLog | NoLog, evals: Evaluations) -> dict:
         best = {**evals.best, "evaluations": evals.count, "goals": "validation" if validating else "test"}
         if validating:
             best.update(validation_seed=cfg.validation_seed, checkpoint=BEST_CHECKPOINT)
-        results.update(tasks=final["tasks"], mean_success=res["mean_success"], final=final, best=best, returns_truncated=cfg.stop_at_success)
-        log.log({"step": tr.step, "eval_mean_success": res["mean_success"], "eval_env_steps_per_s": res.get("env_steps_per_s", 0.0)})
+        results.update(tasks=final["tasks"], mean_success=res["mean_success"], final=final, best=best,
+                       returns_truncated=cfg.stop_at_success)
+        log.log({"step": tr.step, "eval_mean_success": res["mean_success"],
+                 "eval_env_steps_per_s": res.get("env_steps_per_s", 0.0)})
         print_table(results)
         if evals.count > 1 or validating:
             goals = "on the validation goals" if validating else ""
-            print(f"best of {evals.count} evaluations{' ' + goals if goals else ''}: mean success {evals.best['mean_success']:.2f} "
-                  f"at step {evals.best['step']} (final on the test goals: {res['mean_success']:.2f})"
+            print(f"best of {evals.count} evaluations{' ' + goals if goals else ''}: mean success "
+                  f"{evals.best['mean_success']:.2f} at step {evals.best['step']} (final on the test "
+                  f"goals: {res['mean_success']:.2f})"
                   + (f"; its weights: {out / BEST_CHECKPOINT}" if validating else ""))
     log.close()
     if not dist.is_main:
@@ -229,7 +235,8 @@ def describe(tr) -> str:
     return line
 
 
-STOPPING_ERRORS = (ConfigError, DataError, OutputError, resume.Diverged, distributed.DistributedError, KeyboardInterrupt)  # what ends a run with an exit code
+STOPPING_ERRORS = (ConfigError, DataError, OutputError, resume.Diverged, distributed.DistributedError,
+                   KeyboardInterrupt)  # what ends a run with an exit code
 
 
 def exit_code(exc: BaseException) -> int:
@@ -238,7 +245,8 @@ def exit_code(exc: BaseException) -> int:
     stopped by Ctrl-C."""
     if isinstance(exc, KeyboardInterrupt):
         if not isinstance(exc, signals.Stopped):  # (a stop in the loop printed its own line)
-            print("\n[harmodt] interrupted: the last checkpoint (if any) is kept; continue with --resume", file=sys.stderr)
+            print("\n[harmodt] interrupted: the last checkpoint (if any) is kept; continue with --resume",
+                  file=sys.stderr)
         return 130
     if isinstance(exc, distributed.DistributedError):
         if not exc.reported:  # a failed collective printed its line where it failed

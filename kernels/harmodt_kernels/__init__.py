@@ -82,8 +82,8 @@ def _check_name(backend: str, allowed: tuple = BACKENDS) -> None:
 
 
 # Each backend maps op names to its implementations (the calling conventions: harmodt_kernels/ops/<op>.py).
-REFERENCE = Backend("reference", devices=None, linear_dtypes=FLOATS, adamw_dtypes=FLOATS, bool_masks=True, max_numel=None,
-                    impls={
+REFERENCE = Backend("reference", devices=None, linear_dtypes=FLOATS, adamw_dtypes=FLOATS, bool_masks=True,
+                    max_numel=None, impls={
                         "masked_linear": reference.masked_linear,
                         "masked_adamw": adamw_op.on_reference,
                         "harmony_select": reference.harmony_select,
@@ -101,8 +101,8 @@ def _native(device_type: str) -> Backend:
     lib = NativeLibrary(skip=native_skipped())
     if lib.unavailable is not None:
         raise BackendUnavailable(lib.unavailable)
-    return Backend("cpu", devices=("cpu",), linear_dtypes=(torch.float32, torch.bfloat16), adamw_dtypes=(torch.float32,),
-                   bool_masks=False, max_numel=None, impls={
+    return Backend("cpu", devices=("cpu",), linear_dtypes=(torch.float32, torch.bfloat16),
+                   adamw_dtypes=(torch.float32,), bool_masks=False, max_numel=None, impls={
                        "masked_linear": lib.masked_linear,
                        "masked_linear_self_checked": lib.linear_self_checked,
                        "masked_adamw": lib.masked_adamw_,
@@ -118,15 +118,16 @@ def _triton(device_type: str) -> Backend:
         raise BackendUnavailable(f"triton is not importable ({exc})") from None
     interpret = triton_interpreted()
     if device_type != "cuda" and not interpret:
-        raise BackendUnavailable(f"Triton needs CUDA tensors (got {device_type}) or TRITON_INTERPRET=1 for the CPU interpreter")
+        raise BackendUnavailable(f"Triton needs CUDA tensors (got {device_type}) or "
+                                 "TRITON_INTERPRET=1 for the CPU interpreter")
     from .triton_dropout import triton_dropout
     from .triton_harmony_select import triton_harmony_select
     from .triton_masked_adamw import triton_masked_adamw_
     from .triton_masked_linear import triton_masked_linear
 
     halves = (torch.float32, torch.bfloat16, torch.float16)
-    return Backend("triton", devices=("cuda", "cpu") if interpret else ("cuda",), linear_dtypes=halves, adamw_dtypes=halves,
-                   bool_masks=False, max_numel=2**31 - 1, impls={
+    return Backend("triton", devices=("cuda", "cpu") if interpret else ("cuda",), linear_dtypes=halves,
+                   adamw_dtypes=halves, bool_masks=False, max_numel=2**31 - 1, impls={
                        "masked_linear": triton_masked_linear,
                        "masked_adamw": triton_masked_adamw_,
                        "harmony_select": triton_harmony_select,
@@ -232,17 +233,19 @@ def unpack_masks(words: torch.Tensor, k: int) -> torch.Tensor:
     """int32 ``[..., ceil(K/32)]`` -> bool ``[..., K]``."""
     if not isinstance(words, torch.Tensor) or words.dtype != torch.int32 or words.dim() == 0:
         raise KernelArgumentError(f"unpack_masks: words must be an int32 tensor of at least 1 dimension, got "
-                                  f"{getattr(words, 'dtype', type(words).__name__)} {list(getattr(words, 'shape', []))}")
+                                  f"{getattr(words, 'dtype', type(words).__name__)} "
+                                  f"{list(getattr(words, 'shape', []))}")
     if words.shape[-1] != num_words(k):
-        raise KernelArgumentError(f"unpack_masks: words {list(words.shape)} cannot hold K={k} bits (the last dimension must be "
-                                  f"{num_words(k)})")
+        raise KernelArgumentError(f"unpack_masks: words {list(words.shape)} cannot hold K={k} bits (the last "
+                                  f"dimension must be {num_words(k)})")
     return reference.unpack_masks(words, k)
 
 
 # ---- the public ops, on an explicit backend ---------------------------------------------------
 
 
-def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, masks: torch.Tensor, task_ids: torch.Tensor,
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, masks: torch.Tensor,
+                  task_ids: torch.Tensor,
                   backend: str = "reference", task_grads: torch.Tensor | None = None, segments: tuple | None = None,
                   relu: bool = False, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias``, differentiable in x, weight and bias.
@@ -293,8 +296,9 @@ def masked_adamw_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, 
     if not params:
         return
     device = params[0].device if isinstance(params[0], torch.Tensor) else "cpu"
-    backend_ops(backend, device).masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr=lr, beta1=beta1, beta2=beta2,
-                                              eps=eps, weight_decay=weight_decay, grad_scale=grad_scale, workspace=workspace)
+    backend_ops(backend, device).masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr=lr, beta1=beta1,
+                                              beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
+                                              workspace=workspace)
 
 
 def harmony_select(harmony: torch.Tensor, recovery: torch.Tensor, masks: torch.Tensor, k: int,

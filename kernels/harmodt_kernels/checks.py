@@ -30,10 +30,11 @@ def tensor(op: str, name: str, t, dtypes: tuple, devices: tuple | None) -> None:
     if not isinstance(t, torch.Tensor):
         raise KernelArgumentError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
-        raise KernelArgumentError(f"{op}: {name} must be {' or '.join(dtype_name(d) for d in dtypes)}, got {dtype_name(t.dtype)}")
+        raise KernelArgumentError(f"{op}: {name} must be {' or '.join(dtype_name(d) for d in dtypes)}, "
+                                  f"got {dtype_name(t.dtype)}")
     if devices is not None and t.device.type not in devices:
-        raise KernelArgumentError(f"{op}: {name} must be a {' or '.join(d.upper() for d in devices)} tensor for this backend, "
-                                  f"got one on {t.device}")
+        raise KernelArgumentError(f"{op}: {name} must be a {' or '.join(d.upper() for d in devices)} tensor for this "
+                                  f"backend, got one on {t.device}")
 
 
 def shape(op: str, name: str, t: torch.Tensor, want: tuple, what: str = "") -> None:

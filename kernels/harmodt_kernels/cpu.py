@@ -30,7 +30,8 @@ from .ops.masked_linear import NativeMaskedLinear
 __all__ = ["LIB_NAME", "NativeLibrary", "library_path"]
 
 LIB_NAME = "libharmodt_kernels.so"
-OPS = ("masked_linear", "masked_linear_forward", "masked_linear_backward", "counter_dropout", "adamw_group_", "harmony_select")
+OPS = ("masked_linear", "masked_linear_forward", "masked_linear_backward", "counter_dropout", "adamw_group_",
+       "harmony_select")
 
 
 def library_path() -> Path:
@@ -72,7 +73,8 @@ class NativeLibrary:
             except Exception as exc:  # noqa: BLE001 - any load failure makes the backend unavailable
                 return f"the native library {self.path} failed to load: {exc}"
             if not _has_ops():
-                return f"the native library {self.path} loaded but does not register the harmodt_kernels ops {', '.join(OPS)}"
+                return (f"the native library {self.path} loaded but does not register the harmodt_kernels ops "
+                        f"{', '.join(OPS)}")
         _register_fakes()
         return None
 
@@ -99,8 +101,8 @@ class NativeLibrary:
         seed = int(seed) if isinstance(seed, torch.Tensor) else seed
         return x if p == 0.0 else NativeCounterDropout.apply(x, p, seed)
 
-    def masked_adamw_(self, params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale,
-                      workspace=None) -> None:
+    def masked_adamw_(self, params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay,
+                      grad_scale, workspace=None) -> None:
         """See :func:`harmodt_kernels.masked_adamw_`; masks packed; grad_scale read inside the op (a float is
         made a tensor), so the call never reads a tensor value back into Python."""
         lr = float(lr) if isinstance(lr, torch.Tensor) else lr  # (a CPU tensor: nothing to wait for)
@@ -109,8 +111,8 @@ class NativeLibrary:
         else:
             grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)
         with torch.no_grad():
-            self.ops.adamw_group_([p.detach() for p in params], [g.contiguous() for g in grads], exp_avgs, exp_avg_sqs, masks,
-                                  steps, lr, beta1, beta2, eps, weight_decay, grad_scale)
+            self.ops.adamw_group_([p.detach() for p in params], [g.contiguous() for g in grads], exp_avgs, exp_avg_sqs,
+                                  masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale)
 
     def harmony_select(self, harmony, recovery, masks, k) -> torch.Tensor:
         """See :func:`harmodt_kernels.harmony_select`; equal bit for bit to the reference."""

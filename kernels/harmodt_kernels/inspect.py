@@ -1,5 +1,5 @@
-"""`python -m harmodt_kernels.inspect [--arch sm_90a|sm_80|all] [--json] [--only TEXT]`: compile every Triton kernel ahead
-of time for a GPU target with Triton's own compiler (no GPU needed) and report, per kernel and
+"""`python -m harmodt_kernels.inspect [--arch sm_90a|sm_80|all] [--json] [--only TEXT]`: compile every Triton kernel
+ahead of time for a GPU target with Triton's own compiler (no GPU needed) and report, per kernel and
 config, registers, shared memory, local memory (spills) and tensor-core instruction counts
 (HGMMA on sm_90a, HMMA on sm_80) read from the cubin with the ``cuobjdump`` in Triton's wheel.
 
@@ -68,14 +68,18 @@ def _masked_linear_configs(capability: int) -> list:
     n, k = LAYERS["qkv"]  # the tiles, not the layer, decide the code: every layer's N and K are multiples of 16
     w = num_words(k)
     common = {"R": ROWS, "N": n, "K": k, "W": w, "T": TASKS, "stride_mt": n * w, "stride_mn": w}
-    fwd_ints = {**common, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_wk": 1, "stride_ym": n, "stride_yn": 1,
+    fwd_ints = {**common, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_wk": 1, "stride_ym": n,
+                "stride_yn": 1,
                 "seed_lo": 12345, "seed_hi": 6789, "thr": 429496729}
-    dx_ints = {**common, "stride_dym": n, "stride_dyn": 1, "stride_wn": k, "stride_wk": 1, "stride_dxm": k, "stride_dxk": 1}
-    dw_ints = {**common, "stride_dym": n, "stride_dyn": 1, "stride_xm": k, "stride_xk": 1, "stride_dwn": k, "stride_dwk": 1,
+    dx_ints = {**common, "stride_dym": n, "stride_dyn": 1, "stride_wn": k, "stride_wk": 1, "stride_dxm": k,
+               "stride_dxk": 1}
+    dw_ints = {**common, "stride_dym": n, "stride_dyn": 1, "stride_xm": k, "stride_xk": 1, "stride_dwn": k,
+               "stride_dwk": 1,
                "stride_tgt": n * k, "stride_tgn": k, "stride_tgk": 1}
     for dtype, tdt, prec, size in (("fp32", "fp32", "tf32", 4), ("bf16", "bf16", "ieee", 2)):
         io = {"x_ptr": tdt, "w_ptr": tdt, "b_ptr": tdt, "y_ptr": tdt, "dy_ptr": tdt, "dx_ptr": tdt, "dw_ptr": tdt,
-              "tg_ptr": "fp32", "m_ptr": "i32", "task_ptr": "i64", "counts_ptr": "i32", "order_ptr": "i64", "seed_ptr": "i64"}
+              "tg_ptr": "fp32", "m_ptr": "i32", "task_ptr": "i64", "counts_ptr": "i32", "order_ptr": "i64",
+              "seed_ptr": "i64"}
         for kind in ("fwd", "dx", "dw"):
             for cfg in tile_configs(kind, size, capability):
                 tile = cfg.kwargs
@@ -84,8 +88,11 @@ def _masked_linear_configs(capability: int) -> list:
                 if kind == "fwd":
                     for single in (True, False):
                         ids = "one task" if single else "mixed"
-                        out.append((f"masked_linear fwd {ids} {tag}" + (", ReLU + dropout epilogue, seed in memory" if single else ""), ml._fwd_kernel.fn, io,
-                                    fwd_ints, ("scale",), {"SINGLE": single, "HAS_BIAS": True, "RELU": single, "DROP": single, "SEED_PTR": single,
+                        name = f"masked_linear fwd {ids} {tag}" + (", ReLU + dropout epilogue, seed in memory"
+                                                                   if single else "")
+                        out.append((name, ml._fwd_kernel.fn, io,
+                                    fwd_ints, ("scale",), {"SINGLE": single, "HAS_BIAS": True, "RELU": single,
+                                                           "DROP": single, "SEED_PTR": single,
                                                            "PRECISION": prec, "TP": 8, **tile}, opts))
                 elif kind == "dx":
                     out.append((f"masked_linear dX one task {tag}", ml._dx_kernel.fn, io, dx_ints, (),
@@ -112,21 +119,24 @@ def kernel_configs(capability: int = 90) -> list:
         out.append((f"dropout / epilogue gradient, ReLU + dropout, {dtype} BLOCK={dr.BLOCK}", dr._epilogue_grad_kernel,
                     {"g_ptr": dtype, "out_ptr": dtype, "gin_ptr": dtype, "seed_ptr": "i64"},
                     {"n": 600 * 1024, "k0": 12345, "k1": 6789, "thr": 429496729},
-                    ("scale",), {"DROP": True, "RELU": True, "SEED_PTR": dtype == "fp32", "BLOCK": dr.BLOCK}, {"num_warps": 4}))
+                    ("scale",), {"DROP": True, "RELU": True, "SEED_PTR": dtype == "fp32", "BLOCK": dr.BLOCK},
+                    {"num_warps": 4}))
     adamw_floats = ("scale", "lr", "w1", "beta2", "w2", "log2_beta1", "log2_beta2", "eps", "decay")
     for g_name, g_dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
         out.append((f"masked_adamw update fp32 params, {g_name} grads BLOCK={ad.BLOCK}", ad._adamw_kernel,
                     {"table_ptr": "i64", "blocks_ptr": "i64", "scale_ptr": "fp32", "lr_ptr": "fp64"}, {}, adamw_floats,
-                    {"SCALE_IS_PTR": True, "LR_IS_PTR": g_name == "fp32", "P_DTYPE": tl.float32, "G_DTYPE": g_dtype, "BLOCK": ad.BLOCK},
+                    {"SCALE_IS_PTR": True, "LR_IS_PTR": g_name == "fp32", "P_DTYPE": tl.float32, "G_DTYPE": g_dtype,
+                     "BLOCK": ad.BLOCK},
                     {"num_warps": ad.NUM_WARPS, "enable_fp_fusion": False}))
-    out.append(("masked_adamw step += 1 (up to 128 params)", ad._step_kernel, {"table_ptr": "i64"}, {"n_params": 82}, (),
-                {"NP": 128}, {}))
+    out.append(("masked_adamw step += 1 (up to 128 params)", ad._step_kernel, {"table_ptr": "i64"}, {"n_params": 82},
+                (), {"NP": 128}, {}))
     p = 4_718_592  # the paper model's masked weights: 6 x (768 + 256 + 1024 + 256) x 256
     for k in (20, 100, 1000):
         kc = hs.candidates_per_block(k, hs.BLOCK)
         out.append((f"harmony_select candidates k={k} BLOCK={hs.BLOCK} KC={kc}", hs._candidates_kernel,
                     {"h_ptr": "fp32", "r_ptr": "fp32", "m_ptr": "i32", "hkey_ptr": "i64", "rkey_ptr": "i64"},
-                    {"P": p, "W": p // 32, "stride_h": p, "stride_r": p, "stride_m": p // 32, "n_blocks": p // hs.BLOCK}, (),
+                    {"P": p, "W": p // 32, "stride_h": p, "stride_r": p, "stride_m": p // 32,
+                     "n_blocks": p // hs.BLOCK}, (),
                     {"BLOCK": hs.BLOCK, "KC": kc}, {}))
     return out
 
@@ -176,15 +186,18 @@ def inspect(arch: str = "sm_90a", only: str | None = None) -> list[dict]:
 
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     with tempfile.TemporaryDirectory() as d:
-        return [compile_and_read(*cfg, ARCHES[arch], Path(d)) for cfg in kernel_configs(ARCHES[arch]) if only is None or only in cfg[0]]
+        return [compile_and_read(*cfg, ARCHES[arch], Path(d)) for cfg in kernel_configs(ARCHES[arch])
+                if only is None or only in cfg[0]]
 
 
 def format_table(rows: list[dict], arch: str) -> str:
-    head = f"{'kernel (' + arch + ')':<72} {'regs':>5} {'smem(B)':>8} {'local(B)':>8} {'HGMMA':>6} {'HMMA':>5} {'warps':>5}"
+    head = (f"{'kernel (' + arch + ')':<72} {'regs':>5} {'smem(B)':>8} {'local(B)':>8} {'HGMMA':>6} {'HMMA':>5} "
+            f"{'warps':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         smem = max(r["static_shared"], r["dynamic_shared"])
-        lines.append(f"{r['kernel']:<72} {r['registers']:>5} {smem:>8} {r['local']:>8} {r['hgmma']:>6} {r['hmma']:>5} {r['num_warps']:>5}")
+        lines.append(f"{r['kernel']:<72} {r['registers']:>5} {smem:>8} {r['local']:>8} {r['hgmma']:>6} "
+                     f"{r['hmma']:>5} {r['num_warps']:>5}")
     return "\n".join(lines)
 
 

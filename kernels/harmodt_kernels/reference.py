@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["counter_bits", "counter_keep", "dropout", "harmony_select", "masked_adamw_", "masked_linear", "num_words", "pack_masks",
+__all__ = ["counter_bits", "counter_keep", "dropout", "harmony_select", "masked_adamw_", "masked_linear", "num_words",
+           "pack_masks",
            "site_seed", "unpack_masks"]
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
@@ -239,7 +240,8 @@ def _masked_linear(x, weight, bias, masks, task_ids, task_grads, segments):
     counts = torch.bincount(task_ids, minlength=masks.shape[0])
     present = counts.nonzero().flatten().tolist()
     order = torch.argsort(task_ids, stable=True)  # rows grouped by task
-    ys = _segment_linear(x.index_select(0, order), weight, bias, masks, list(zip(present, counts[present].tolist())), task_grads)
+    ys = _segment_linear(x.index_select(0, order), weight, bias, masks, list(zip(present, counts[present].tolist())),
+                         task_grads)
     return ys.index_select(0, torch.argsort(order))  # back to the callers' row order
 
 

@@ -76,15 +76,16 @@ def _keep_seeded(index, seed_ptr, k0, k1, thr, SEED_PTR: tl.constexpr):
 
 
 @triton.jit
-def _epilogue_grad_kernel(g_ptr, out_ptr, gin_ptr, seed_ptr, n, k0, k1, thr, scale, DROP: tl.constexpr, RELU: tl.constexpr,
-                          SEED_PTR: tl.constexpr, BLOCK: tl.constexpr):
+def _epilogue_grad_kernel(g_ptr, out_ptr, gin_ptr, seed_ptr, n, k0, k1, thr, scale, DROP: tl.constexpr,
+                          RELU: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK: tl.constexpr):
     """gin = keep ? g * scale : 0 (DROP), then 0 where !(out > 0) (RELU): the gradient before the
     epilogue. The forward of the standalone dropout is the same map of x (DROP, no RELU)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     g = tl.load(g_ptr + offs, mask=ok, other=0.0)
     if DROP:
-        g = tl.where(_keep_seeded(offs, seed_ptr, k0, k1, thr, SEED_PTR), (g.to(tl.float32) * scale).to(g.dtype), tl.zeros_like(g))
+        g = tl.where(_keep_seeded(offs, seed_ptr, k0, k1, thr, SEED_PTR), (g.to(tl.float32) * scale).to(g.dtype),
+                     tl.zeros_like(g))
     if RELU:
         o = tl.load(out_ptr + offs, mask=ok, other=0.0)
         g = tl.where(o > 0, g, tl.zeros_like(g))

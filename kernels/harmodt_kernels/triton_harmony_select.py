@@ -2,11 +2,11 @@
 when k is small.
 
 One launch keys every (task, block of weights) pair: the harmony score H on active weights and
-the recovery score on masked weights (the caller's ``[T, P]`` scores), as packed sortable int64 keys (order-preserving float bits in the high 33-bit field, the weight index in the low 31
-bits, so ties go to the lowest index exactly as the reference's stable sort). Each block keeps its
-``KC`` best candidates of each kind with ``tl.topk`` on the negated keys (KC the power of two at or above k, at least
-32), and a final pass over the candidates only (``[T, n_blocks * KC]``) picks
-``k_i = min(k, #active_i, #masked_i)`` per task and flips the bits. When k is larger than an
+the recovery score on masked weights (the caller's ``[T, P]`` scores), as packed sortable int64 keys (order-preserving
+float bits in the high 33-bit field, the weight index in the low 31 bits, so ties go to the lowest index exactly as the
+reference's stable sort). Each block keeps its ``KC`` best candidates of each kind with ``tl.topk`` on the negated keys
+(KC the power of two at or above k, at least 32), and a final pass over the candidates only (``[T, n_blocks * KC]``)
+picks ``k_i = min(k, #active_i, #masked_i)`` per task and flips the bits. When k is larger than an
 eighth of a block the per-block selection would keep most keys anyway: the kernel then stores
 every key and the final pass selects among all of them.
 
@@ -125,7 +125,8 @@ def _select(harmony, recovery, masks, k):
         pos = r * new.shape[1] + w
         # several flips can hit one word: combine them per word first
         uniq, inv = torch.unique(pos, return_inverse=True)
-        acc = torch.zeros(len(uniq), dtype=torch.int64, device=h_scores.device).index_add_(0, inv, (bit.to(torch.int64) & 0xFFFFFFFF))
+        acc = torch.zeros(len(uniq), dtype=torch.int64, device=h_scores.device)
+        acc = acc.index_add_(0, inv, (bit.to(torch.int64) & 0xFFFFFFFF))
         acc = torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
         flat[uniq] = (flat[uniq] | acc) if turn_on else (flat[uniq] & ~acc)
     return new

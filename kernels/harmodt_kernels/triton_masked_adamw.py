@@ -10,8 +10,8 @@ mask row), followed by one (parameter, first element) pair per program, lets a s
 all of them. The table is built on the host and uploaded only when its content changes: it is
 kept by content (the addresses and sizes are the table) in the ``workspace`` dict the caller owns
 (the optimizer's, :class:`harmodt.optim.MaskedAdamW`), so a steady training loop uploads nothing;
-without a workspace every call builds its table. The step and the gradient scale are read from device memory inside the kernel and the
-bias corrections computed there: no host synchronisation. A second one-program launch increments
+without a workspace every call builds its table. The step and the gradient scale are read from device memory inside the
+kernel and the bias corrections computed there: no host synchronisation. A second one-program launch increments
 every step tensor; it cannot be folded into the first, because every program of a parameter must
 read the step before any of them could write it, and programs of one launch are not ordered.
 Parameters of different dtypes go in separate (pairs of) launches.
@@ -43,7 +43,8 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 @triton.jit
-def _adamw_kernel(table_ptr, blocks_ptr, scale_ptr, lr_ptr, scale, lr, w1, beta2, w2, log2_beta1, log2_beta2, eps, decay,
+def _adamw_kernel(table_ptr, blocks_ptr, scale_ptr, lr_ptr, scale, lr, w1, beta2, w2, log2_beta1, log2_beta2, eps,
+                  decay,
                   SCALE_IS_PTR: tl.constexpr, LR_IS_PTR: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
                   BLOCK: tl.constexpr):
     """One program: BLOCK elements of one parameter. ``w1 = 1 - beta1``, ``w2 = 1 - beta2``,
@@ -89,7 +90,8 @@ def _adamw_kernel(table_ptr, blocks_ptr, scale_ptr, lr_ptr, scale, lr, w1, beta2
 
     col = offs % k
     load_words = ok & ((offs * 0 + mask_addr) != 0)  # (a block-shaped condition: the interpreter wants one)
-    words = tl.load(mask_addr.to(tl.pointer_type(tl.int32)) + (offs // k) * n_words + col // 32, mask=load_words, other=-1)
+    words = tl.load(mask_addr.to(tl.pointer_type(tl.int32)) + (offs // k) * n_words + col // 32, mask=load_words,
+                    other=-1)
     keep = ((words >> (col % 32)) & 1) != 0  # no mask: all ones
     tl.store(p_ptr + offs, new.to(P_DTYPE), mask=ok & keep)
     tl.store(m_ptr + offs, m.to(P_DTYPE), mask=ok)
@@ -138,7 +140,8 @@ def _table(device: torch.device, rows: list, block: int) -> tuple[torch.Tensor, 
     return table, len(blocks) // 2
 
 
-def _cached_table(workspace: dict | None, key: tuple, device: torch.device, rows: list, block: int) -> tuple[torch.Tensor, int]:
+def _cached_table(workspace: dict | None, key: tuple, device: torch.device, rows: list,
+                  block: int) -> tuple[torch.Tensor, int]:
     """:func:`_table`, kept in ``workspace["triton_adamw_tables"]`` (least recently used dropped
     beyond :data:`MAX_TABLES`) when a workspace is given."""
     if workspace is None:
@@ -158,7 +161,8 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2
             workspace=None, lr_t=None) -> None:
     """The update, parameters grouped by (device, parameter dtype, gradient dtype): two launches
     per group. ``lr_t``: a float64 0-dim tensor holding the learning rate (then ``lr`` is unused)."""
-    lr_decay = None if lr_t is None else torch.stack([lr_t, 1 - lr_t * weight_decay])  # float64 (lr, decay), read in the kernel
+    # float64 (lr, decay), read in the kernel
+    lr_decay = None if lr_t is None else torch.stack([lr_t, 1 - lr_t * weight_decay])
     groups: dict = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         groups.setdefault((p.device, p.dtype, g.dtype), []).append(i)
@@ -173,12 +177,14 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2
         n = len(idx)
         if n_programs:
             _adamw_kernel[(n_programs,)](
-                table, table[ROW * n:], scale_t if scale_t is not None else table, lr_decay if lr_decay is not None else table,
-                float(scale), float(lr),
+                table, table[ROW * n:], scale_t if scale_t is not None else table,
+                lr_decay if lr_decay is not None else table, float(scale), float(lr),
                 float(1 - beta1), float(beta2), float(1 - beta2), math.log2(beta1) if beta1 > 0 else -math.inf,
                 math.log2(beta2) if beta2 > 0 else -math.inf, float(eps), float(1 - lr * weight_decay),
-                SCALE_IS_PTR=scale_t is not None, LR_IS_PTR=lr_decay is not None, P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
-                BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False)  # no FMA: rounds as the reference's separate ops
+                SCALE_IS_PTR=scale_t is not None, LR_IS_PTR=lr_decay is not None, P_DTYPE=_TL_DTYPES[p_dtype],
+                G_DTYPE=_TL_DTYPES[g_dtype],
+                # no FMA: rounds as the reference's separate ops
+                BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False)
         _step_kernel[(1,)](table, n, NP=max(2, triton.next_power_of_2(n)))
 
 
@@ -186,21 +192,23 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2
 def _masked_adamw_op(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
                      exp_avg_sqs: List[torch.Tensor], masks: List[Optional[torch.Tensor]], steps: List[torch.Tensor],
                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                     grad_scale_tensor: Optional[torch.Tensor], grad_scale: float, lr_t: Optional[torch.Tensor] = None) -> None:
+                     grad_scale_tensor: Optional[torch.Tensor], grad_scale: float,
+                     lr_t: Optional[torch.Tensor] = None) -> None:
     """Masked AdamW over the lists in place; ``grad_scale_tensor`` (0-dim, on the device) when
     given, else the float ``grad_scale``, multiplies every gradient; ``lr_t`` (float64 0-dim, on
     the device) when given is the learning rate, else ``lr``."""
-    _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor, grad_scale,
-            lr_t=lr_t)
+    _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor,
+            grad_scale, lr_t=lr_t)
 
 
 @_masked_adamw_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor, grad_scale, lr_t=None):
+def _(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale_tensor,
+      grad_scale, lr_t=None):
     return None
 
 
-def triton_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0,
-                         workspace: dict | None = None) -> None:
+def triton_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay,
+                         grad_scale=1.0, workspace: dict | None = None) -> None:
     """See :func:`harmodt_kernels.masked_adamw_`, which checks the arguments (masks None or packed int32
     words ``[*p.shape[:-1], ceil(K/32)]``, steps float32 0-dim tensors each its own, grad_scale a
     float or a one-element float tensor on the device). Calls the registered op
@@ -212,10 +220,11 @@ def triton_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr,
     scale_t = grad_scale if isinstance(grad_scale, torch.Tensor) else None
     scale = 1.0 if scale_t is not None else float(grad_scale)
     lr_t = lr if isinstance(lr, torch.Tensor) else None
-    args = (0.0 if lr_t is not None else float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), scale_t, scale)
+    args = (0.0 if lr_t is not None else float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            scale_t, scale)
     if torch.compiler.is_compiling():
-        torch.ops.harmodt_triton.masked_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masks),
-                                               list(steps), *args, lr_t)
+        torch.ops.harmodt_triton.masked_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                                               list(masks), list(steps), *args, lr_t)
         return
     with torch.no_grad():  # an optimizer update: parameters change in place outside autograd
         _update(params, grads, exp_avgs, exp_avg_sqs, masks, steps, *args, workspace=workspace, lr_t=lr_t)

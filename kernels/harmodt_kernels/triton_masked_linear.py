@@ -95,9 +95,10 @@ def _row_tile(tile, task_ptr, counts_ptr, order_ptr, R, T, SINGLE: tl.constexpr,
 @autotune_tiles("fwd", "x_ptr")
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, task_ptr, counts_ptr, order_ptr, seed_ptr, R, N, K, W, T,
-                stride_xm, stride_xk, stride_wn, stride_wk, stride_mt, stride_mn, stride_ym, stride_yn, seed_lo, seed_hi, thr, scale,
-                SINGLE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROP: tl.constexpr, SEED_PTR: tl.constexpr,
-                PRECISION: tl.constexpr,
+                stride_xm, stride_xk, stride_wn, stride_wk, stride_mt, stride_mn, stride_ym, stride_yn, seed_lo,
+                seed_hi, thr, scale,
+                SINGLE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROP: tl.constexpr,
+                SEED_PTR: tl.constexpr, PRECISION: tl.constexpr,
                 TP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     task, rows, row_ok, has_rows = _row_tile(tl.program_id(0), task_ptr, counts_ptr, order_ptr, R, T, SINGLE, TP, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -120,7 +121,8 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, task_ptr, counts_ptr, order_p
     if DROP:  # the element's row-major index in the [R, N] output picks its bits
         keep = _keep_seeded(rows[:, None] * N + offs_n[None, :], seed_ptr, seed_lo, seed_hi, thr, SEED_PTR)
         y = tl.where(keep, (y.to(tl.float32) * scale).to(y_ptr.dtype.element_ty), tl.zeros_like(y))
-    tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, y, mask=row_ok[:, None] & (offs_n[None, :] < N))
+    tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, y,
+             mask=row_ok[:, None] & (offs_n[None, :] < N))
 
 
 @autotune_tiles("dx", "dy_ptr")
@@ -190,7 +192,8 @@ def _dw_kernel(dy_ptr, x_ptr, m_ptr, dw_ptr, tg_ptr, task_ptr, counts_ptr, order
                 tp = tg_ptr + task * stride_tgt + offs_n[:, None] * stride_tgn + offs_k[None, :] * stride_tgk
                 tl.store(tp, tl.load(tp, mask=nk_ok, other=0.0) + part, mask=nk_ok)
         seg_start += seg_rows
-    tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk, acc.to(dw_ptr.dtype.element_ty), mask=nk_ok)
+    tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk, acc.to(dw_ptr.dtype.element_ty),
+             mask=nk_ok)
 
 
 # ---- launchers --------------------------------------------------------------------------------
@@ -210,8 +213,9 @@ def _row_tiles(single: bool, r: int, n_tasks: int, bm: int) -> int:
 
 
 def _rows(task_ids: torch.Tensor, n_tasks: int, r: int):
-    """(single, task tensor, per-task row counts int32 [T], stable task order int64 [R]). One task needs neither counts nor order; mixed tasks get them from device ops
-    only (no host synchronisation: ``bincount`` would read the largest id back)."""
+    """(single, task tensor, per-task row counts int32 [T], stable task order int64 [R]). One task needs neither counts
+    nor order; mixed tasks get them from device ops only (no host synchronisation: ``bincount`` would read the largest
+    id back)."""
     if task_ids.shape[0] == 1:
         return True, task_ids, task_ids, task_ids
     order = torch.argsort(task_ids, stable=True)
@@ -223,7 +227,8 @@ def _rows(task_ids: torch.Tensor, n_tasks: int, r: int):
 def _check_task_values(task_ids: torch.Tensor, n_tasks: int) -> None:
     """Task ids in range. Only on CPU tensors: on a GPU this check would make the host wait for
     the device, so there the ids are trusted (out-of-range ids read other memory as mask bits)."""
-    if task_ids.device.type == "cpu" and task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= n_tasks):
+    if (task_ids.device.type == "cpu" and task_ids.numel()
+            and (int(task_ids.min()) < 0 or int(task_ids.max()) >= n_tasks)):
         raise KernelArgumentError(f"masked_linear: task_ids must lie in [0, {n_tasks}), got values in "
                          f"[{int(task_ids.min())}, {int(task_ids.max())}]")
 
@@ -240,9 +245,12 @@ def _forward(x, weight, bias, masks, task_ids, relu=False, dropout_p=0.0, seed=0
     single, tids, counts, order = _rows(task_ids, t, r)
     seed_arg, seed_in_tensor = seed_pointer(seed, y)
     _fwd_kernel[lambda c: (_row_tiles(single, r, t, c["BM"]), triton.cdiv(n, c["BN"]))](
-        x, weight, bias if bias is not None else weight, masks, y, tids, counts, order, seed_arg, r, n, k, masks.shape[2], t,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), y.stride(0), y.stride(1),
-        *epilogue_args(dropout_p, seed), SINGLE=single, HAS_BIAS=bias is not None, RELU=relu, DROP=dropout_p > 0.0, SEED_PTR=seed_in_tensor,
+        x, weight, bias if bias is not None else weight, masks, y, tids, counts, order, seed_arg, r, n, k,
+        masks.shape[2], t,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), y.stride(0),
+        y.stride(1),
+        *epilogue_args(dropout_p, seed), SINGLE=single, HAS_BIAS=bias is not None, RELU=relu, DROP=dropout_p > 0.0,
+        SEED_PTR=seed_in_tensor,
         PRECISION=_precision(x.dtype), TP=max(2, triton.next_power_of_2(t)), enable_fp_fusion=True)
     return y
 
@@ -260,7 +268,8 @@ def _backward_dx(dy, weight, masks, task_ids):
     single, tids, counts, order = _rows(task_ids, t, r)
     _dx_kernel[lambda c: (_row_tiles(single, r, t, c["BM"]), triton.cdiv(k, c["BK"]))](
         dy, weight, masks, dx, tids, counts, order, r, n, k, masks.shape[2], t,
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), dx.stride(0), dx.stride(1),
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), masks.stride(0), masks.stride(1), dx.stride(0),
+        dx.stride(1),
         SINGLE=single, PRECISION=_precision(dy.dtype), TP=max(2, triton.next_power_of_2(t)), enable_fp_fusion=True)
     return dx
 
@@ -269,8 +278,9 @@ def _refuse_task_grads_in_capture(task_grads: Optional[torch.Tensor]) -> None:
     """Raises :class:`KernelArgumentError` when ``task_grads`` would be filled inside a CUDA graph
     capture: a replay adds into the graph's copy of the buffer, never the caller's."""
     if task_grads is not None and task_grads.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise KernelArgumentError("masked_linear: task_grads cannot be filled inside a CUDA graph (torch.cuda.graph, torch.compile "
-                                  "mode='reduce-overhead'): the replays would add into a copy of it; run this call outside the graph")
+        raise KernelArgumentError("masked_linear: task_grads cannot be filled inside a CUDA graph (torch.cuda.graph, "
+                                  "torch.compile mode='reduce-overhead'): the replays would add into a copy of it; "
+                                  "run this call outside the graph")
 
 
 def _backward_dw(dy, x, masks, task_ids, task_grads):
@@ -286,8 +296,8 @@ def _backward_dw(dy, x, masks, task_ids, task_grads):
     single, tids, counts, order = _rows(task_ids, t, r)
     _dw_kernel[lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(k, c["BK"]))](
         dy, x, masks, dw, tg if tg is not None else dw, tids, counts, order, r, n, k, masks.shape[2], t,
-        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), masks.stride(0), masks.stride(1), dw.stride(0), dw.stride(1),
-        *(tg.stride() if tg is not None else (0, 0, 0)),
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), masks.stride(0), masks.stride(1), dw.stride(0),
+        dw.stride(1), *(tg.stride() if tg is not None else (0, 0, 0)),
         SINGLE=single, HAS_TG=tg is not None, PRECISION=_precision(x.dtype), enable_fp_fusion=True)
     return dw
 
@@ -313,7 +323,8 @@ def _(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed, seed_
 
 
 @torch.library.custom_op("harmodt_triton::masked_linear_dx", mutates_args=())
-def _masked_linear_dx_op(dy: torch.Tensor, weight: torch.Tensor, masks: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+def _masked_linear_dx_op(dy: torch.Tensor, weight: torch.Tensor, masks: torch.Tensor,
+                         task_ids: torch.Tensor) -> torch.Tensor:
     """``dX[r] = dY[r] @ (W * M[task_ids[r]])``."""
     return _backward_dx(dy, weight, masks, task_ids)
 
@@ -324,7 +335,8 @@ def _(dy, weight, masks, task_ids):
 
 
 @torch.library.custom_op("harmodt_triton::masked_linear_dw", mutates_args=())
-def _masked_linear_dw_op(dy: torch.Tensor, x: torch.Tensor, masks: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+def _masked_linear_dw_op(dy: torch.Tensor, x: torch.Tensor, masks: torch.Tensor,
+                         task_ids: torch.Tensor) -> torch.Tensor:
     """``dW = sum_t M_t * (dY_t^T X_t)``."""
     return _backward_dw(dy, x, masks, task_ids, None)
 
@@ -355,8 +367,8 @@ _masked_linear_dw_task_grads_op.register_fake(_dw_fake)
 def _setup_context(ctx, inputs, output):
     x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, seed, seed_t = inputs
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    ctx.save_for_backward(x if need_w else None, weight if need_x else None, masks, task_ids, task_grads if need_w else None,
-                          output if relu else None, seed_t)
+    ctx.save_for_backward(x if need_w else None, weight if need_x else None, masks, task_ids,
+                          task_grads if need_w else None, output if relu else None, seed_t)
     ctx.has_bias = bias is not None
     ctx.epilogue = (relu, dropout_p, seed)
 
@@ -364,7 +376,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     x, weight, masks, task_ids, task_grads, out, seed_t = ctx.saved_tensors
     relu, dropout_p, seed = ctx.epilogue
-    dy = epilogue_grad(dy, out, relu, dropout_p, seed if seed_t is None else seed_t)  # dropout's bits recomputed from the seed
+    # dropout's bits recomputed from the seed
+    dy = epilogue_grad(dy, out, relu, dropout_p, seed if seed_t is None else seed_t)
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = _masked_linear_dx_op(dy, weight, masks, task_ids)
@@ -382,11 +395,13 @@ _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- public entry -----------------------------------------------------------------------------
 
 
-def triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0, seed=0):
+def triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0,
+                         seed=0):
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` on the Triton kernels, then ReLU and
     counter-based dropout in the same kernel's epilogue when asked; see
     :func:`harmodt_kernels.masked_linear`, which checks the arguments (masks packed int32, task_ids ``[R]``
     or ``[1]``; ``segments`` is not needed: rows are grouped on the device; ``seed``: an int or an
     int64 0-dim tensor read on the device). Calls the registered op
     ``torch.ops.harmodt_triton.masked_linear``."""
-    return torch.ops.harmodt_triton.masked_linear(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p, *split_seed(seed))
+    return torch.ops.harmodt_triton.masked_linear(x, weight, bias, masks, task_ids, task_grads, relu, dropout_p,
+                                                  *split_seed(seed))

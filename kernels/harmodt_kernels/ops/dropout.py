@@ -22,7 +22,8 @@ def check(op: str, p, seed) -> None:
         raise KernelArgumentError(f"{op}: dropout p must be a float in [0, 1), got {p!r}")
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.dim() != 0:
-            raise KernelArgumentError(f"{op}: a seed tensor must be int64 0-dim, got {dtype_name(seed.dtype)} {shape_list(seed)}")
+            raise KernelArgumentError(f"{op}: a seed tensor must be int64 0-dim, got "
+                                      f"{dtype_name(seed.dtype)} {shape_list(seed)}")
     elif not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise KernelArgumentError(f"{op}: seed must be an int in [0, 2**63) or an int64 0-dim tensor, got {seed!r}")
 
@@ -38,7 +39,8 @@ class DropoutOp:
 
     def __call__(self, x, p: float, seed: int) -> torch.Tensor:
         b = self.backend
-        key = None if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or type(p) is not float else (x.dtype, x.device, p)
+        uncached = torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or type(p) is not float
+        key = None if uncached else (x.dtype, x.device, p)
         if key is None or key not in self.checked:
             tensor("dropout", "x", x, b.linear_dtypes, b.devices)
             check("dropout", p, seed)

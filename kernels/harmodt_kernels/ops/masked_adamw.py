@@ -29,9 +29,11 @@ def check(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale, *, dty
           max_numel: int | None) -> None:
     """The arguments of ``masked_adamw_`` (see :func:`harmodt_kernels.masked_adamw_`)."""
     op = "masked_adamw_"
-    lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "masks": masks, "steps": steps}
+    lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "masks": masks,
+             "steps": steps}
     if len({len(v) for v in lists.values()}) != 1:
-        raise KernelArgumentError(f"{op}: params, grads, exp_avgs, exp_avg_sqs, masks and steps must have one length, got "
+        raise KernelArgumentError(f"{op}: params, grads, exp_avgs, exp_avg_sqs, masks and "
+                                  "steps must have one length, got "
                                   + ", ".join(f"{k}: {len(v)}" for k, v in lists.items()))
     for i, p in enumerate(params):
         tensor(op, f"params[{i}]", p, dtypes, devices)
@@ -46,34 +48,41 @@ def check(params, grads, exp_avgs, exp_avg_sqs, masks, steps, grad_scale, *, dty
         tensor(op, f"steps[{i}]", steps[i], (torch.float32,), devices)
         shape(op, f"steps[{i}]", steps[i], (), " (a 0-dim step count)")
         if max_numel is not None and p.numel() > max_numel:
-            raise KernelArgumentError(f"{op}: params[{i}] has {p.numel()} elements, more than this backend's {max_numel}")
+            raise KernelArgumentError(f"{op}: params[{i}] has {p.numel()} elements, more than "
+                                      f"this backend's {max_numel}")
         m = masks[i]
         if m is not None:
             if p.dim() == 0:
-                raise KernelArgumentError(f"{op}: masks[{i}]: a masked parameter must be at least 1-D, params[{i}] is 0-D")
+                raise KernelArgumentError(f"{op}: masks[{i}]: a masked parameter must be at "
+                                          f"least 1-D, params[{i}] is 0-D")
             tensor(op, f"masks[{i}]", m, (torch.int32, torch.bool), devices)
             if m.dtype == torch.bool:
                 shape(op, f"masks[{i}]", m, p.shape, " (a bool mask of params[i]'s shape)")
             else:
-                shape(op, f"masks[{i}]", m, (*p.shape[:-1], num_words(p.shape[-1])), " (packed words of params[i]'s last dimension)")
+                shape(op, f"masks[{i}]", m, (*p.shape[:-1], num_words(p.shape[-1])),
+                      " (packed words of params[i]'s last dimension)")
                 if not m.is_contiguous():
                     raise KernelArgumentError(f"{op}: masks[{i}] must be contiguous")
-        same_device(op, {"params[i]": p, "grads[i]": grads[i], "exp_avgs[i]": exp_avgs[i], "exp_avg_sqs[i]": exp_avg_sqs[i],
+        same_device(op, {"params[i]": p, "grads[i]": grads[i], "exp_avgs[i]": exp_avgs[i],
+                         "exp_avg_sqs[i]": exp_avg_sqs[i],
                          "masks[i]": m, "steps[i]": steps[i]})
     if not torch.compiler.is_compiling():  # (storage addresses: an eager-only check)
         seen: dict = {}
         for i, s in enumerate(steps):
             j = seen.setdefault(s.data_ptr(), i)
             if j != i:
-                raise KernelArgumentError(f"{op}: steps[{i}] shares its storage with steps[{j}] (each parameter needs its own count)")
+                raise KernelArgumentError(f"{op}: steps[{i}] shares its storage with steps[{j}] (each "
+                                          "parameter needs its own count)")
     if isinstance(grad_scale, torch.Tensor):
         if grad_scale.numel() != 1 or not grad_scale.is_floating_point():
             raise KernelArgumentError(f"{op}: grad_scale must be a float or a one-element float tensor, got "
                                       f"{dtype_name(grad_scale.dtype)} {shape_list(grad_scale)}")
         if params and grad_scale.device != params[0].device:
-            raise KernelArgumentError(f"{op}: grad_scale must be on the params' device {params[0].device}, got {grad_scale.device}")
+            raise KernelArgumentError(f"{op}: grad_scale must be on the params' device "
+                                      f"{params[0].device}, got {grad_scale.device}")
     elif not isinstance(grad_scale, (int, float)):
-        raise KernelArgumentError(f"{op}: grad_scale must be a float or a one-element float tensor, got {type(grad_scale).__name__}")
+        raise KernelArgumentError(f"{op}: grad_scale must be a float or a one-element float tensor, got "
+                                  f"{type(grad_scale).__name__}")
 
 
 def on_reference(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps, weight_decay, grad_scale,

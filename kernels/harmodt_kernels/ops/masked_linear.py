@@ -19,7 +19,8 @@ from .dropout import check as check_dropout
 
 # Device types with an autocast mode, read once: Dynamo in some torch releases cannot trace
 # ``torch.amp.is_autocast_available`` inside a compiled region.
-_AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla") if torch.amp.is_autocast_available(d))
+_AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu",
+                                               "xla") if torch.amp.is_autocast_available(d))
 
 
 def _autocast_operands(x, weight, bias):
@@ -51,20 +52,22 @@ def check(x, weight, bias, masks, task_ids, task_grads, segments, *, dtypes: tup
     cols = k if masks.dtype == torch.bool else num_words(k)
     if masks.dim() != 3 or tuple(masks.shape[1:]) != (n, cols) or masks.shape[0] == 0:
         kind = f"bool [T, {n}, {k}] or packed" if bool_masks else "packed"
-        raise KernelArgumentError(f"{op}: masks must be {kind} [T, {n}, {num_words(k)}] (T >= 1) for weight {shape_list(weight)}, "
-                                  f"got {dtype_name(masks.dtype)} {shape_list(masks)}")
+        raise KernelArgumentError(f"{op}: masks must be {kind} [T, {n}, {num_words(k)}] (T >= 1) for weight "
+                                  f"{shape_list(weight)}, got {dtype_name(masks.dtype)} {shape_list(masks)}")
     tensor(op, "task_ids", task_ids, (torch.int64,), devices)
     if tuple(task_ids.shape) not in ((r,), (1,)):
-        raise KernelArgumentError(f"{op}: task_ids must be [{r}] (one task per row of x) or [1] (one task for all rows), "
-                                  f"got {shape_list(task_ids)}")
+        raise KernelArgumentError(f"{op}: task_ids must be [{r}] (one task per row of x) or [1] (one task for all "
+                                  f"rows), got {shape_list(task_ids)}")
     if task_grads is not None:
         tensor(op, "task_grads", task_grads, (torch.float32,), devices)
         shape(op, "task_grads", task_grads, (masks.shape[0], n, k), " (tasks, weight rows, weight columns)")
         if not task_grads.is_contiguous():
             raise KernelArgumentError(f"{op}: task_grads must be contiguous (it is accumulated in place)")
-    same_device(op, {"x": x, "weight": weight, "bias": bias, "masks": masks, "task_ids": task_ids, "task_grads": task_grads})
+    same_device(op, {"x": x, "weight": weight, "bias": bias, "masks": masks, "task_ids": task_ids,
+                     "task_grads": task_grads})
     if segments is not None and sum(c for _, c in segments) != r:
-        raise KernelArgumentError(f"{op}: segments {tuple(segments)} cover {sum(c for _, c in segments)} rows, x has {r}")
+        raise KernelArgumentError(f"{op}: segments {tuple(segments)} cover "
+                                  f"{sum(c for _, c in segments)} rows, x has {r}")
 
 
 
@@ -97,11 +100,13 @@ class MaskedLinearOp:
             return self._checked_call(x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed)
         try:  # what check reads (inline, hashed once: this is the hot path of every masked layer)
             key = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
-                   None if bias is None else (bias.shape, bias.dtype, bias.device), masks.shape, masks.dtype, masks.device,
-                   task_ids.shape, task_ids.dtype, task_ids.device,
-                   None if task_grads is None else (*tensor_key(task_grads), task_grads.is_contiguous()), segments, relu, dropout_p)
+                   None if bias is None else (bias.shape, bias.dtype, bias.device), masks.shape, masks.dtype,
+                   masks.device, task_ids.shape, task_ids.dtype, task_ids.device,
+                   None if task_grads is None else (*tensor_key(task_grads), task_grads.is_contiguous()), segments,
+                   relu, dropout_p)
             known = key in self.checked
-        except (AttributeError, TypeError):  # not tensors, or segments not a tuple of pairs: the checks name what is wrong
+        # not tensors, or segments not a tuple of pairs: the checks name what is wrong
+        except (AttributeError, TypeError):
             return self._checked_call(x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed)
         dev = key[2].type
         if dev in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(dev):
@@ -126,11 +131,13 @@ class MaskedLinearOp:
             if segments is not None:
                 remember(self.checked, (segments, x.shape[0]))
 
-    def _checked_call(self, x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p, seed) -> torch.Tensor:
+    def _checked_call(self, x, weight, bias, masks, task_ids, task_grads, segments, relu, dropout_p,
+                      seed) -> torch.Tensor:
         """The call under autocast (the operands cast to its dtype first), under torch.compile, or
         with arguments that make no key: the checks every time."""
         linear = self.backend.impls["masked_linear"]
-        if isinstance(x, torch.Tensor) and x.device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(x.device.type):
+        if (isinstance(x, torch.Tensor) and x.device.type in _AUTOCAST_DEVICE_TYPES
+                and torch.is_autocast_enabled(x.device.type)):
             x, weight, bias = _autocast_operands(x, weight, bias)
             with torch.autocast(x.device.type, enabled=False):
                 self._check(x, weight, bias, masks, task_ids, task_grads, segments, dropout_p, seed, None)
@@ -164,14 +171,17 @@ class CachedMaskedLinearOp:
         return self.op.takes_bool_masks
 
     def __call__(self, x, weight, bias, masks, task_ids, task_grads=None, segments=None) -> torch.Tensor:
-        if segments is None or task_grads is not None or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        if (segments is None or task_grads is not None
+                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
             return self.op(x, weight, bias, masks, task_ids, task_grads, segments)
         b = self.backend
         dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev) else x.dtype
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
         check(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), masks, task_ids, None, segments,
               dtypes=b.linear_dtypes, devices=b.devices, bool_masks=True)
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), masks.data_ptr(), masks._version, tuple(masks.shape), dt)
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), masks.data_ptr(), masks._version,
+               tuple(masks.shape), dt)
         w_eff = self.workspace.get(key)
         if w_eff is None:
             with torch.no_grad():
@@ -180,9 +190,11 @@ class CachedMaskedLinearOp:
         x, bias = x.to(dt), None if bias is None else bias.to(dt)
         with torch.autocast(dev, enabled=False):
             runs = [(int(t), int(c)) for t, c in segments]
-            if [t for t, _ in runs] == list(range(w_eff.shape[0])) and len({c for _, c in runs}) == 1:  # (T, R/T, K) @ (T, K, N)
+            # (T, R/T, K) @ (T, K, N)
+            if [t for t, _ in runs] == list(range(w_eff.shape[0])) and len({c for _, c in runs}) == 1:
                 xs = x.reshape(w_eff.shape[0], runs[0][1], x.shape[1])
-                y = torch.bmm(xs, w_eff.transpose(1, 2)) if bias is None else torch.baddbmm(bias, xs, w_eff.transpose(1, 2))
+                wt = w_eff.transpose(1, 2)
+                y = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias, xs, wt)
                 return y.reshape(x.shape[0], -1)
             parts, start = [], 0
             for t, c in runs:
@@ -209,7 +221,10 @@ class NativeMaskedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, masks, task_ids, out = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias
-        dx, dw, db = torch.ops.harmodt_kernels.masked_linear_backward(grad_y, x, weight, masks, task_ids, need_x, need_w, need_b,
-                                                                      ctx.task_grads if need_w else None, out, *ctx.epilogue)
-        return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None, None, None, None
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.needs_input_grad[2] and ctx.has_bias
+        dx, dw, db = torch.ops.harmodt_kernels.masked_linear_backward(
+            grad_y, x, weight, masks, task_ids, need_x, need_w, need_b, ctx.task_grads if need_w else None, out,
+            *ctx.epilogue)
+        return (dx if need_x else None, dw if need_w else None, db if need_b else None,
+                None, None, None, None, None, None)
