@@ -1,4 +1,5 @@
-"""`python -m harmodt.data generate --tasks TASKS --episodes E --out DIR [--seed S] [--workers W] [--prompt-episodes P]`,
+"""`python -m harmodt.data generate --tasks TASKS --episodes E --out DIR [--seed S] [--workers W]
+[--prompt-episodes P]`,
 `python -m harmodt.data card --tasks TASKS --out DIR [--goals N] [--workers W]` (a data card of the
 scripted experts and the curriculum: harmodt/data/card.py),
 `python -m harmodt.data inspect DATA` (layout, tasks, episodes, success rates; DATA in any of the three layouts)
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--minari", required=True, metavar="OUT", help="Minari root to write the datasets under")
     card.add_parser(sub)
     args = p.parse_args(argv)
-    return run_tool(lambda: _run(args), "[harmodt.data] interrupted: finished tasks are kept; run the same command again to continue",
+    return run_tool(lambda: _run(args), "[harmodt.data] interrupted: finished tasks are kept; run the same command "
+                    "again to continue",
                     (DataError, ValueError, OSError, RuntimeError))
 
 
@@ -77,7 +79,8 @@ def _run(args) -> int:
     try:
         if args.cmd == "generate":
             tasks = parse_tasks(args.tasks)
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops it, also when started with SIGINT ignored
+            # Ctrl-C stops it, also when started with SIGINT ignored
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             if args.workers is not None and args.workers < 1:
                 raise ValueError(f"--workers must be at least 1, got {args.workers}")
             check_data_folder(args.out)
@@ -98,9 +101,11 @@ def _run(args) -> int:
                 steps = sum(len(tr.rewards) for tr in td.trajectories)
                 succ = [bool(tr.successes.any()) for tr in td.trajectories if tr.successes is not None]
                 rate = f"success {np.mean(succ):.2f}" if succ else "success n/a"
-                print(f"  {t:<32} episodes {len(td.trajectories):5d}  steps {steps:8d}  prompts {len(td.prompts)}  {rate}")
+                print(f"  {t:<32} episodes {len(td.trajectories):5d}  steps {steps:8d}  prompts {len(td.prompts)}  "
+                      f"{rate}")
     except BrokenProcessPool as exc:
-        raise DataError(f"a generation worker stopped ({exc}); finished tasks are kept: run the same command again") from None
+        raise DataError(f"a generation worker stopped ({exc}); finished tasks are kept: "
+                        "run the same command again") from None
     return 0
 
 
@@ -113,7 +118,8 @@ def _generate(args, tasks: list[str]) -> None:
     print(f"curriculum: {CURRICULUM}")
     print("success by episode decile: " + "  ".join(f"{c:.2f}" for c in curve))
     for t, r in m["files"].items():
-        print(f"  {t:<32} success {r['success_rate']:.2f}  steps {r['steps']}  prompts ok {sum(r['prompt_success'])}/{len(r['prompt_success'])}")
+        print(f"  {t:<32} success {r['success_rate']:.2f}  steps {r['steps']}  prompts ok "
+              f"{sum(r['prompt_success'])}/{len(r['prompt_success'])}")
     plot = _curve_plot(curve, args.out)
     if plot:
         print(f"curve plot: {plot}")
