@@ -282,7 +282,7 @@ def _evaluate_command(args) -> int:
         model, masks, info, cfg, step = load_checkpoint(args.checkpoint, device, args.target_return)
         if not args.allow_validation_goals and (bad := selection_goals_problem(cfg, args.seed)):
             raise EvalError(f"--seed {args.seed}: {args.checkpoint} {bad}; choose another --seed or pass "
-                            f"--allow-validation-goals")
+                            "--allow-validation-goals")
         print(f"[harmodt] device={device} precision={args.precision} fused={args.fused} kernels: "
               f"masked_linear={backends.masked_linear.backend.name}",
               flush=True)

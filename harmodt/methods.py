@@ -82,7 +82,7 @@ class Method:
             raise ValueError(f"method {self.name!r}: masks must be one of {', '.join(MASKS)}, got {self.masks!r}")
         if (self.importance is not None) != (self.masks == "learned") or self.importance not in (None, *IMPORTANCES):
             raise ValueError(f"method {self.name!r}: learned masks need an importance ({', '.join(IMPORTANCES)}), "
-                             f"other masks none")
+                             "other masks none")
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"method {self.name!r}: conditioning must be one of {', '.join(CONDITIONINGS)}")
         if self.combine is not None and self.masks != "none":

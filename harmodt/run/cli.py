@@ -30,7 +30,7 @@ def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentPars
     )
     p.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=None, metavar="NAME",
                    help=f"named sets of defaults ({', '.join(sorted(PRESETS))}), applied left to right; flags given "
-                        f"override them")
+                        "override them")
     p.add_argument("--config", default=None, help="a config.json (e.g. from a previous run) to start from")
     add_config_flags(p, TrainConfig)
     add_method_flags(p)

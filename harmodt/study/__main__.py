@@ -149,7 +149,7 @@ def other_study(out: Path, args, passthrough: list[str]) -> str | None:
         names = ", ".join(k if " " in k else "--" + k.replace("_", "-") for k in diff)
         return (f"holds the study of another command ({names} differ: "
                 f"{shlex.join(words[3:])[:160]}); its study.json, summary.md and runs are that study's: choose another "
-                f"--out")
+                "--out")
     return None
 
 

@@ -108,7 +108,7 @@ def family_markdown(fam: dict | None) -> list[str]:
     if not fam:
         return []
     lines = ["", "## The pre-registered comparisons", "",
-             f"Fixed before the runs (`--family`). Mean over seeds of the per-seed success difference, its 95 % "
+             "Fixed before the runs (`--family`). Mean over seeds of the per-seed success difference, its 95 % "
              f"interval ({SEED_LEVEL_METHOD}) and paired-t p-value; † where the p-value survives Holm's correction "
              f"over these {fam['size']} at {fam['alpha'] * 100:.0f} %.", "",
              "| # | comparison | seeds | difference | 95 % CI | p | Holm |", "|---|---|---|---|---|---|---|"]
@@ -145,9 +145,9 @@ def along_training_markdown(at: dict | None) -> list[str]:
         return []
     steps = sorted({int(s) for d in at["differences"] for s in d["per_step"]})
     lines = ["", "## Along training (validation goals)", "",
-             f"Difference of mean success on the validation goals at each evaluation step, mean over seeds and its 95 "
+             "Difference of mean success on the validation goals at each evaluation step, mean over seeds and its 95 "
              f"% interval ({at['interval']}); **bold** where the interval excludes 0. No multiplicity correction "
-             f"across steps.", "",
+             "across steps.", "",
              "| comparison | seeds | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
     for d in at["differences"]:
         cells = []
@@ -170,7 +170,7 @@ def pairwise_markdown(pw: dict, title: str, what: str) -> list[str]:
     lines = ["", f"## {title}", "",
              f"Row minus column: mean over seeds of the {what}, and its 95 % interval, a "
              f"{SEED_LEVEL_METHOD}; **bold** where that interval excludes 0. The table holds {m} comparisons "
-             f"(each unordered pair once); † marks those whose paired-t p-value survives Holm's correction over all "
+             "(each unordered pair once); † marks those whose paired-t p-value survives Holm's correction over all "
              f"{m} at {HOLM_ALPHA * 100:.0f} %: "
              f"{', '.join(f'{a} vs {b}' for a, b in survive) if survive else 'none does'}.", "",
              "| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

@@ -74,7 +74,7 @@ def parse_params(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[a-z_]+", key):
-            raise StudyError(f"--slurm-param must be KEY=VALUE with a submitit SlurmExecutor parameter as KEY, got "
+            raise StudyError("--slurm-param must be KEY=VALUE with a submitit SlurmExecutor parameter as KEY, got "
                              f"{item!r}")
         out[key] = int(value) if re.fullmatch(r"-?\d+", value) else value
     return out

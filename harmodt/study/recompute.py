@@ -37,7 +37,7 @@ def read_study(folder: Path) -> dict:
     names = [r["name"] for r in study["runs"] if r.get("name") is not None]
     if repeated := sorted({str(n) for n in names if names.count(n) > 1}):
         raise StudyError(f"{path}: the run entry {repeated[0]!r} appears {names.count(repeated[0])} times (each run "
-                         f"counts once)")
+                         "counts once)")
     if not writable_folder(folder):
         raise StudyError(f"{folder}: not writable (study.json and summary.md are rewritten there)")
     return study

@@ -213,9 +213,9 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
     lines += ["## Mean success over tasks", "",
               "Final: the study's evaluation of each run's final checkpoint; mean over seeds of each run's mean "
               "success over tasks, 95 % t-interval over the per-seed means. "
-              f"Δ: paired difference from the reference (mean over seeds of the per-seed difference of mean success); "
+              "Δ: paired difference from the reference (mean over seeds of the per-seed difference of mean success); "
               f"its 95 % interval is a {SEED_LEVEL_METHOD}. The (seed, task) bootstrap interval, which treats the "
-              f"pairs as independent replicates and so is narrower than the evidence allows, is shown beside it as a "
+              "pairs as independent replicates and so is narrower than the evidence allows, is shown beside it as a "
               f"secondary column ({study['bootstrap']['samples']} resamples, seed {study['bootstrap']['seed']})."
               + (best_text if with_best else ""), "",
               "| method | seeds | final mean success | 95 % CI | per seed | Δ vs reference | 95 % CI of Δ (seeds) | "
@@ -250,7 +250,7 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         lines += ["", f"Ranking by final mean success: {order}."]
     if on_validation and (bp := [v for v in variants if v.get("paired_best")]):
         lines += ["", "## Best on validation against the reference", "",
-                  f"Per seed the checkpoint chosen on the validation goals, measured on the test goals; Δ and its 95 % "
+                  "Per seed the checkpoint chosen on the validation goals, measured on the test goals; Δ and its 95 % "
                   f"interval ({SEED_LEVEL_METHOD}) beside the final checkpoints' Δ.", "",
                   "| method | Δ best on validation | 95 % CI (seeds) | p | Δ final | 95 % CI (seeds) |",
                   "|---|---|---|---|---|---|"]

@@ -193,7 +193,7 @@ class Study:
         mode = unseen_mode(cfg)
         if mode == "skip":
             self.say(f"note  {run.name}: no held-out evaluation (conditioned on the task ID, it cannot name an unseen "
-                     f"task)")
+                     "task)")
         for threshold in evaluation_keys(mode, self.thresholds):
             path = run.unseen_path(threshold)
             if path.exists():

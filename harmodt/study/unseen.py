@@ -171,7 +171,7 @@ def unseen_markdown(study: dict) -> list[str]:
              "tasks' final success of the same runs is the upper reference; density: the fraction of masked weights "
              "the voted mask keeps (mean over seeds); Δ: held-out success minus Prompt-DT's, paired by seed, with its "
              f"95 % interval, a {SEED_LEVEL_METHOD} (in brackets); the (seed, held-out task) bootstrap interval "
-             f"follows as a secondary one.", ""]
+             "follows as a secondary one.", ""]
     done = [r for r in rows if r["mode"] != "skip"]
     if done:
         lines += ["| method | T | voted-mask density | seeds | held-out success | 95 % CI | Δ vs Prompt-DT [95 % CI] | "
