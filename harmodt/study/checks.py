@@ -42,8 +42,8 @@ def check_study(study) -> None:
     for name, value in (("--eval-seed", study.args.eval_seed), ("--data-seed", study.args.data_seed)):
         if not SEED.allows(value):
             raise StudyError(f"{name} must be {SEED.describe(int)}, got {value}")
-    for name, value, least in (("--curve-episodes", study.args.curve_episodes, 0), ("--gen-episodes",
-                                                                                    study.args.gen_episodes, 1),
+    for name, value, least in (("--curve-episodes", study.args.curve_episodes, 0),
+                               ("--gen-episodes", study.args.gen_episodes, 1),
                                ("--threads-per-run", study.args.threads_per_run, 0)):
         if value < least:
             raise StudyError(f"{name} must be >= {least} (an integer), got {value}")

@@ -60,8 +60,8 @@ def pairwise(study: dict, key: str | None = None) -> dict:
                 and (key is None or r.get(key, {}).get("selected_on") == "validation")]
     names = list(dict.fromkeys(r["variant"] for r in finished))
     rows = {v: [r for r in finished if r["variant"] == v] for v in names}
-    table = {a: {b: p for b in names if b != a and (p := paired_success(rows[a], rows[b], study["tasks"], b,
-                                                                        key))} for a in names}
+    table = {a: {b: p for b in names if b != a and (p := paired_success(rows[a], rows[b], study["tasks"], b, key))}
+             for a in names}
     family = {(a, b): table[a][b]["p_value"] for i, a in enumerate(names) for b in names[i + 1:] if b in table[a]}
     kept = holm(family, HOLM_ALPHA)
     for (a, b), rejected in kept.items():
@@ -126,8 +126,8 @@ def paired_success(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref
     """Success of ``rows`` minus that of ``ref_rows``, paired by seed (:func:`paired_difference`): of the
     final checkpoints, or (``key="best"``) of the checkpoints chosen on the validation goals."""
     def by_seed(rs):
-        return {r["seed"]: {t: (r[key] if key else r)["tasks"][t]["success"] for t in tasks} for r in rs if key is None
-                or key in r}
+        return {r["seed"]: {t: (r[key] if key else r)["tasks"][t]["success"] for t in tasks}
+                for r in rs if key is None or key in r}
 
     return paired_difference(by_seed(rows), by_seed(ref_rows), tasks, ref)
 

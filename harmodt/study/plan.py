@@ -16,8 +16,7 @@ from ..methods import METHODS
 
 # flags the study sets itself for every run; passing them through would make runs disagree with their names
 OWN_FLAGS = ("--method", "--seed", "--out", "--resume", "--no-resume", "--tasks", "--data", "--eval-episodes",
-             "--preset",
-             "--config")
+             "--preset", "--config")
 VARIANT_ONLY_FLAGS = ("--preset",)  # a variant may name a preset: the variant's label says which runs have it
 
 
@@ -106,9 +105,8 @@ class Run:
     def train_args(self, tasks: str, data: str, passthrough: list[str], threads: int | None,
                    eval_episodes_in_training: int) -> list[str]:
         """The trainer's flags: the study's own, the shared passthrough, the arm's (they win), the swept value."""
-        args = ["--tasks", tasks, "--data", data, "--method", self.method, "--seed", str(self.seed), "--out",
-                str(self.dir),
-                "--resume", "--eval-episodes", str(eval_episodes_in_training), "--no-progress", *passthrough,
+        args = ["--tasks", tasks, "--data", data, "--method", self.method, "--seed", str(self.seed),
+                "--out", str(self.dir), "--resume", "--eval-episodes", str(eval_episodes_in_training), "--no-progress", *passthrough,
                 *self.arm.flags]
         if self.sweep is not None:
             args += [flag_for_key(self.sweep[0]), self.sweep[1]]
@@ -147,8 +145,8 @@ def read_jobs(out: Path) -> dict:
 def failed_jobs(out: Path, runs: list[Run]) -> list[dict]:
     """The failed jobs of the runs not finished, for summary.md."""
     jobs = read_jobs(out)
-    return [{"run": r.name, **jobs[r.name]} for r in runs if not r.finished() and jobs.get(r.name,
-                                                                                           {}).get("state") == "failed"]
+    return [{"run": r.name, **jobs[r.name]} for r in runs
+            if not r.finished() and jobs.get(r.name, {}).get("state") == "failed"]
 
 
 

@@ -31,8 +31,8 @@ def read_study(folder: Path) -> dict:
         study = loads_json(path.read_text())
     except (OSError, ValueError) as exc:
         raise StudyError(f"{path}: not a readable study.json ({exc})") from None
-    if not isinstance(study, dict) or not isinstance(study.get("runs"),
-                                                     list) or not all(isinstance(r, dict) for r in study["runs"]):
+    if (not isinstance(study, dict) or not isinstance(study.get("runs"), list)
+            or not all(isinstance(r, dict) for r in study["runs"])):
         raise StudyError(f"{path}: not a study.json (expected an object whose 'runs' is a list of run entries)")
     names = [r["name"] for r in study["runs"] if r.get("name") is not None]
     if repeated := sorted({str(n) for n in names if names.count(n) > 1}):

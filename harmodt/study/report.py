@@ -189,10 +189,10 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
     if len(revisions) == 1 and not unrecorded:
         lines += [f"Code revision: {next(iter(revisions))} for every finished run.", ""]
     elif revisions or unrecorded:
-        parts = ([f"code revisions {', '.join(sorted(revisions))} (study.json names each run's)"] if revisions
-                 else []) + \
-                ([f"{unrecorded} of {len(finished_runs)} finished runs do not record their code revision"] if unrecorded
-                 else [])
+        parts = ([f"code revisions {', '.join(sorted(revisions))} (study.json names each run's)"]
+                 if revisions else []) + \
+                ([f"{unrecorded} of {len(finished_runs)} finished runs do not record their code revision"]
+                 if unrecorded else [])
         lines += ["; ".join(parts).capitalize() + ".", ""]
     if machines := sorted({m for r in finished_runs for m in r.get("machines") or []}):
         lines += [("Machine: " if len(machines) == 1 else "Machines (study.json names each run's): ")
@@ -225,8 +225,8 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
     for v in variants:
         seeds = f"{len(v['seeds_finished'])}/{len(v['seeds_planned'])}"
         if "mean_success" not in v:
-            lines.append(f"| {v['variant']} | {seeds} | – | – | – | – | – | – |" + (" – | – | – |" if with_best
-                                                                                    else ""))
+            lines.append(f"| {v['variant']} | {seeds} | – | – | – | – | – | – |"
+                         + (" – | – | – |" if with_best else ""))
             continue
         per_seed = ", ".join(f"{x:.2f}" for x in v["per_seed"].values())
         p = v.get("paired")

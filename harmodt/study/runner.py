@@ -198,8 +198,8 @@ class Study:
             path = run.unseen_path(threshold)
             if path.exists():
                 continue
-            extra = ["--tasks", ",".join(self.eval_tasks)] + ([] if threshold is None else ["--vote-threshold",
-                                                                                            str(threshold)])
+            extra = (["--tasks", ",".join(self.eval_tasks)]
+                     + ([] if threshold is None else ["--vote-threshold", str(threshold)]))
             what = "held-out evaluation" + ("" if threshold is None else f" at T={threshold}")
             t = time.perf_counter()
             if not self.evaluate(run, extra, path, "unseen.log", what, env):
@@ -302,8 +302,8 @@ class Study:
         return {"command": self.command, "tasks": tasks, "methods": self.methods, "arms": [a.label for a in self.arms],
                 "variant_flags": {a.label: shlex.join([a.method, *a.flags]) for a in self.arms[len(self.methods):]},
                 "seeds": self.seeds, "family_spec": self.family,
-                "sweep": None if self.sweep is None else {"key": self.sweep[0], "values": self.sweep[1],
-                                                          "methods": self.sweep_arms},
+                "sweep": (None if self.sweep is None
+                          else {"key": self.sweep[0], "values": self.sweep[1], "methods": self.sweep_arms}),
                 "eval_episodes": self.args.eval_episodes, "eval_seed": self.args.eval_seed,
                 "eval_precision": self.args.eval_precision,
                 "eval_returns_truncated": self.args.eval_stop_at_success, "data": self.data,
