@@ -106,8 +106,8 @@ class Run:
                    eval_episodes_in_training: int) -> list[str]:
         """The trainer's flags: the study's own, the shared passthrough, the arm's (they win), the swept value."""
         args = ["--tasks", tasks, "--data", data, "--method", self.method, "--seed", str(self.seed),
-                "--out", str(self.dir), "--resume", "--eval-episodes", str(eval_episodes_in_training), "--no-progress", *passthrough,
-                *self.arm.flags]
+                "--out", str(self.dir), "--resume", "--eval-episodes", str(eval_episodes_in_training), "--no-progress",
+                *passthrough, *self.arm.flags]
         if self.sweep is not None:
             args += [flag_for_key(self.sweep[0]), self.sweep[1]]
         if threads and "--threads" not in passthrough and "--threads" not in self.arm.flags:
