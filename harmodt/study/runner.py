@@ -31,8 +31,8 @@ from .unseen import aggregate_unseen, collect_unseen, evaluation_keys, unseen_mo
 class Study:
     def __init__(self, args: argparse.Namespace, passthrough: list[str], command: str):
         self.args = args
-        # --eval-stop-at-success: the runs' evaluations during training stop at success too (their success, which
-        # selects best.pt, is the same)
+        # --eval-stop-at-success: the runs' evaluations in training stop at success too (best.pt is chosen on the
+        # same success)
         self.passthrough = ([*passthrough, "--stop-at-success"]
                             if args.eval_stop_at_success and "--stop-at-success" not in passthrough else passthrough)
         self.command = command
