@@ -47,7 +47,8 @@ MAX_EPISODES_AT_ONCE = 250  # live environments at a time, about 5 GB of simulat
 
 def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *,
              backend: str | kernels.MaskedLinearOp = "reference",
-             vote_threshold: int | None = None, batch_size: int | None = None, max_steps: int = 500, progress: bool = True,
+             vote_threshold: int | None = None, batch_size: int | None = None, max_steps: int = 500,
+             progress: bool = True,
              precision: str = "fp32", target_return: float | None = None, sim_workers: int | None = None,
              prompt_segment: str | None = None, stop_at_success: bool = False) -> dict:
     """Run ``episodes`` episodes of every task in ``tasks`` on the model's device (module docstring).
@@ -80,14 +81,16 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     horizon = min(max_steps, 500)
     env_steps, seconds, setup_seconds = 0, 0.0, 0.0
     from tqdm import tqdm
-    bar = tqdm(total=horizon * ((n_rows + chunk - 1) // chunk), disable=not progress, desc="evaluate", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=horizon * ((n_rows + chunk - 1) // chunk), disable=not progress, desc="evaluate", unit="step",
+               dynamic_ncols=True)
     for c0 in range(0, n_rows, chunk):
         r = rows[c0 : c0 + chunk]
         b = len(r)
         t_setup = time.perf_counter()
         shards = sim_workers if sim_workers is not None else (2 if b >= 16 and (os.cpu_count() or 1) >= 2 else 1)
         env_tasks, env_seeds = [tasks[i] for i in r.tolist()], [seed * 100_003 + c0 + j for j in range(b)]
-        envs = ShardedVectorEnv(env_tasks, env_seeds, shards) if shards > 1 or stop_at_success else make_vector_env(env_tasks, env_seeds)
+        envs = (ShardedVectorEnv(env_tasks, env_seeds, shards) if shards > 1 or stop_at_success
+                else make_vector_env(env_tasks, env_seeds))
         live = np.ones(b, bool)  # episodes still simulated (all, unless stop_at_success)
         obs, _ = envs.reset(seed=None)
         t_run = time.perf_counter()
@@ -105,17 +108,20 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
         sel = None  # the rows the policy computes: None = all; with stop_at_success, the live ones once some finished
         for t in range(horizon):
             s_now = (torch.from_numpy(np.asarray(obs, dtype=np.float32)) - m_rows) / s_rows
-            sent = torch.cat([s_now, rtg_now.unsqueeze(1)], dim=1).to(device, non_blocking=True)  # (B, S + 1): one transfer
+            # (B, S + 1): one transfer
+            sent = torch.cat([s_now, rtg_now.unsqueeze(1)], dim=1).to(device, non_blocking=True)
             states[:, t], rtg[:, t, 0] = sent[:, :-1], sent[:, -1]
             lo = max(0, t - cfg.context_len + 1)
             with torch.inference_mode(), inputs.autocast():
                 if sel is None:
-                    act = model.act(states[:, lo : t + 1], actions[:, lo : t + 1], rtg[:, lo : t + 1], steps[lo : t + 1].expand(b, -1),
+                    act = model.act(states[:, lo : t + 1], actions[:, lo : t + 1], rtg[:, lo : t + 1],
+                                    steps[lo : t + 1].expand(b, -1),
                                     ids, ctx, kv, pvalid)
                 else:  # the live rows alone (a finished episode's action is never stepped)
                     act = torch.zeros(b, cfg.act_dim, device=device, dtype=torch.float32)
                     act[sel] = model.act(states[sel, lo : t + 1], actions[sel, lo : t + 1], rtg[sel, lo : t + 1],
-                                         steps[lo : t + 1].expand(len(sel), -1), sel_ids, sel_ctx, sel_kv, sel_pvalid).float()
+                                         steps[lo : t + 1].expand(len(sel), -1), sel_ids, sel_ctx, sel_kv,
+                                         sel_pvalid).float()
             act = act.float()
             actions[:, t] = act
             act_np = act.cpu().numpy()  # one transfer back
@@ -132,7 +138,8 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
             if stop_at_success and not (live := live & ~success[c0 : c0 + b]).any():
                 bar.update(horizon - 1 - t)
                 break
-            if stop_at_success and int(live.sum()) != (b if sel is None else len(sel)):  # some finished: the policy drops their rows
+            # some finished: the policy drops their rows
+            if stop_at_success and int(live.sum()) != (b if sel is None else len(sel)):
                 keep = torch.from_numpy(np.flatnonzero(live))
                 sel = keep.to(device)
                 sel_ids, sel_ctx = ids[sel], inputs.ctx(r[keep])
@@ -146,13 +153,16 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     per_task = {}
     for i, t in enumerate(tasks):
         sel = (rows == i).numpy()
-        per_task[t] = {"success": float(success[sel].mean()), "return": float(returns[sel].mean()), "episodes": int(sel.sum()),
+        per_task[t] = {"success": float(success[sel].mean()), "return": float(returns[sel].mean()),
+                       "episodes": int(sel.sum()),
                        "mask": inputs.mask_kind[t]}
         if t in inputs.sources:
             per_task[t]["prompt"] = inputs.sources[t]
     return {"tasks": per_task, "mean_success": float(np.mean([v["success"] for v in per_task.values()])),
-            "env_steps": env_steps, "returns_truncated": stop_at_success, "seconds": seconds, "setup_seconds": setup_seconds,
-            "backend": inputs.masked_linear.backend.name, "device": str(device), "env_steps_per_s": env_steps / max(seconds, 1e-9)}
+            "env_steps": env_steps, "returns_truncated": stop_at_success, "seconds": seconds,
+            "setup_seconds": setup_seconds,
+            "backend": inputs.masked_linear.backend.name, "device": str(device),
+            "env_steps_per_s": env_steps / max(seconds, 1e-9)}
 
 
 def load_checkpoint(path: str, device: torch.device | str = "cpu", target_return: float | None = None):
@@ -178,7 +188,8 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu", target_return
         kind = METHODS[cfg["method"]].mask_kind or TaskMasks  # (binary masks of a dense method: read as they are)
         masks = kind.from_state(ck["masks"], tasks, device, model.masked_weights()) if ck.get("masks") else None
     except (TypeError, RuntimeError, KeyError, ValueError, IndexError) as exc:
-        raise EvalError(f"{path}: the weights do not fit the model its config describes ({checkpoint.one_line(exc)})") from None
+        raise EvalError(f"{path}: the weights do not fit the model its config describes "
+                        f"({checkpoint.one_line(exc)})") from None
     return model.to(device), masks, ck["eval_info"], cfg, int(ck.get("step", 0))
 
 
@@ -196,24 +207,28 @@ def print_table(results: dict, file=sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m harmodt.evaluate", description="Evaluate a harmodt checkpoint on Meta-World v3 (batched).")
+    p = OneLineParser(prog="python -m harmodt.evaluate",
+                      description="Evaluate a harmodt checkpoint on Meta-World v3 (batched).")
     p.add_argument("checkpoint", help="checkpoint.pt written by harmodt.train")
     field_flag(p, "tasks", default=None,
                help=f"tasks to evaluate (default: the checkpoint's; unseen tasks use the voted mask): {TASKS_HELP}")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--out", default=None, help="write results JSON here (a new file, or one this command wrote)")
     p.add_argument("--overwrite", action="store_true",
-                   help="let --out replace a file of a run, data set or study, or a checkpoint (never the checkpoint evaluated)")
+                   help="let --out replace a file of a run, data set or study, or a checkpoint (never the checkpoint "
+                        "evaluated)")
     field_flag(p, "seed", default=EVALUATION_GOALS_SEED,
                help="seed for goals and prompts (not its run's --validation-seed)")
-    p.add_argument("--allow-validation-goals", action="store_true", help="score a checkpoint on the goals its run was validated on (biased)")
+    p.add_argument("--allow-validation-goals", action="store_true",
+                   help="score a checkpoint on the goals its run was validated on (biased)")
     field_flag(p, "device")
     field_flag(p, "fused", help="masked linears on the kernels of --backend (default: the plain-PyTorch reference)")
     field_flag(p, "backend")
     field_flag(p, "masks.vote_threshold", type=int, default=None,
                help="Eq. 13 threshold for unseen tasks (default: the training config's)")
     field_flag(p, "target_return", default=None, help="initial return-to-go (default: the training config's, 4500)")
-    p.add_argument("--batch-size", type=int, default=None, help="episodes run together (default: all at once, up to 250; 1 = sequential)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="episodes run together (default: all at once, up to 250; 1 = sequential)")
     field_flag(p, "precision", choices=["fp32", "bf16"], help=None)
     field_flag(p, "prompt_segment", default=None,
                help="prompt of each task: last = the best prompt episode's last K* steps before its final step; "
@@ -253,7 +268,8 @@ def _evaluate_command(args) -> int:
     if args.out:
         check_output_file(args.out, "--out", [args.checkpoint], args.overwrite, own=is_evaluation_file)
     try:
-        device = resolve_device(args.device) if args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:") else None
+        named = args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")
+        device = resolve_device(args.device) if named else None
     except ConfigError as exc:
         raise EvalError(str(exc)) from None
     if device is None:
@@ -265,8 +281,10 @@ def _evaluate_command(args) -> int:
     with run_lock(args.out):  # evaluating into a run's folder: its one writer meanwhile
         model, masks, info, cfg, step = load_checkpoint(args.checkpoint, device, args.target_return)
         if not args.allow_validation_goals and (bad := selection_goals_problem(cfg, args.seed)):
-            raise EvalError(f"--seed {args.seed}: {args.checkpoint} {bad}; choose another --seed or pass --allow-validation-goals")
-        print(f"[harmodt] device={device} precision={args.precision} fused={args.fused} kernels: masked_linear={backends.masked_linear.backend.name}",
+            raise EvalError(f"--seed {args.seed}: {args.checkpoint} {bad}; choose another --seed or pass "
+                            "--allow-validation-goals")
+        print(f"[harmodt] device={device} precision={args.precision} fused={args.fused} kernels: "
+              f"masked_linear={backends.masked_linear.backend.name}",
               flush=True)
         try:
             tasks = parse_tasks(args.tasks) if args.tasks else list(info["tasks"])
@@ -290,11 +308,13 @@ def write_results(args, res: dict, cfg: dict, step: int) -> None:
           f"masks on {res['backend']}, model on {res['device']}; building the envs took {res['setup_seconds']:.1f} s)")
     if args.out:
         out = {"method": cfg["method"], "tasks": {t: result_entry(r) for t, r in res["tasks"].items()},
-               "mean_success": res["mean_success"], "steps": step, **({"returns_truncated": True} if args.stop_at_success else {})}
+               "mean_success": res["mean_success"], "steps": step,
+               **({"returns_truncated": True} if args.stop_at_success else {})}
         write_atomic(args.out, finite_json(out, indent=2))  # (its folder was found writable before the evaluation)
 
 
-EVALUATION_KEYS = {"method", "tasks", "mean_success", "steps", "returns_truncated"}  # what an --out file of this command holds
+# what an --out file of this command holds
+EVALUATION_KEYS = {"method", "tasks", "mean_success", "steps", "returns_truncated"}
 
 
 def is_evaluation_file(path) -> bool:

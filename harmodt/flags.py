@@ -31,11 +31,13 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> 
         if dataclasses.is_dataclass(f.default_factory):
             add_config_flags(parser.add_argument_group(f"{f.name} ({help_text})"), f.default_factory, dest + ".")
         elif f.default_factory is list:
-            choices = [k for k, rule in RESUME_RULES.items() if rule == "changeable"] if f.name == "allow_changed" else None
+            choices = [k for k, rule in RESUME_RULES.items()
+                       if rule == "changeable"] if f.name == "allow_changed" else None
             extra = f" (any of {', '.join(choices)})" if choices else ""
             group.add_argument(flag(f.name), dest=dest, nargs="+", default=None, metavar="KEY", help=help_text + extra)
         elif isinstance(f.default, bool):
-            group.add_argument(flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
         else:
             domain = f.metadata.get("domain")
             allowed = f"; {domain.describe(kind_of(f))}" if domain is not None and not domain.choices else ""

@@ -81,7 +81,8 @@ class Method:
         if self.masks not in MASKS:
             raise ValueError(f"method {self.name!r}: masks must be one of {', '.join(MASKS)}, got {self.masks!r}")
         if (self.importance is not None) != (self.masks == "learned") or self.importance not in (None, *IMPORTANCES):
-            raise ValueError(f"method {self.name!r}: learned masks need an importance ({', '.join(IMPORTANCES)}), other masks none")
+            raise ValueError(f"method {self.name!r}: learned masks need an importance ({', '.join(IMPORTANCES)}), "
+                             "other masks none")
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"method {self.name!r}: conditioning must be one of {', '.join(CONDITIONINGS)}")
         if self.combine is not None and self.masks != "none":
@@ -129,7 +130,8 @@ class Method:
         if self.options is None:
             return {}
         options = self.options(**given)
-        if (bad := check_fields(options, lambda key: "--" + key.replace("_", "-"))) is not None:  # each field's declared domain
+        # each field's declared domain
+        if (bad := check_fields(options, lambda key: "--" + key.replace("_", "-"))) is not None:
             raise ValueError(bad)
         return dataclasses.asdict(options)
 

@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--minari", required=True, metavar="OUT", help="Minari root to write the datasets under")
     card.add_parser(sub)
     args = p.parse_args(argv)
-    return run_tool(lambda: _run(args), "[harmodt.data] interrupted: finished tasks are kept; run the "
-                                        "same command again to continue",
+    return run_tool(lambda: _run(args), "[harmodt.data] interrupted: finished tasks are kept; run the same command "
+                    "again to continue",
                     (DataError, ValueError, OSError, RuntimeError))
 
 
@@ -101,8 +101,8 @@ def _run(args) -> int:
                 steps = sum(len(tr.rewards) for tr in td.trajectories)
                 succ = [bool(tr.successes.any()) for tr in td.trajectories if tr.successes is not None]
                 rate = f"success {np.mean(succ):.2f}" if succ else "success n/a"
-                print(f"  {t:<32} episodes {len(td.trajectories):5d}  steps {steps:8d}  "
-                      f"prompts {len(td.prompts)}  {rate}")
+                print(f"  {t:<32} episodes {len(td.trajectories):5d}  steps {steps:8d}  prompts {len(td.prompts)}  "
+                      f"{rate}")
     except BrokenProcessPool as exc:
         raise DataError(f"a generation worker stopped ({exc}); finished tasks are kept: "
                         "run the same command again") from None

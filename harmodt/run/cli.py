@@ -17,17 +17,20 @@ from ..flags import add_config_flags, add_method_flags
 # --config, no other flag) they keep the embedded default run.
 CONFIG_LIMIT = 1 << 20  # bytes of a --config file read at most
 
-RUN_ONLY = ("out", "fused", "backend", "dropout_rng", "precision", "threads", "progress", "seed", "resume", "device", "compile", "cuda_graph",
+RUN_ONLY = ("out", "fused", "backend", "dropout_rng", "precision", "threads", "progress", "seed", "resume", "device",
+            "compile", "cuda_graph",
             "allow_changed", "dist_timeout")
 
 
 def build_parser(prog: str = "python -m harmodt.train") -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=prog,
-        description="Train HarmoDT or a baseline on offline Meta-World data. With no arguments, runs the embedded default.",
+        description="Train HarmoDT or a baseline on offline Meta-World data. With no arguments, runs the embedded "
+                    "default.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=None, metavar="NAME",
-                   help=f"named sets of defaults ({', '.join(sorted(PRESETS))}), applied left to right; flags given override them")
+                   help=f"named sets of defaults ({', '.join(sorted(PRESETS))}), applied left to right; flags given "
+                        "override them")
     p.add_argument("--config", default=None, help="a config.json (e.g. from a previous run) to start from")
     add_config_flags(p, TrainConfig)
     add_method_flags(p)
@@ -43,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     cfg = TrainConfig()
     if ns.config:
         try:
-            cfg = config_from_dict(read_json(ns.config, limit=CONFIG_LIMIT))  # (a stream such as /dev/zero: refused at the limit)
+            # (a stream such as /dev/zero: refused at the limit)
+            cfg = config_from_dict(read_json(ns.config, limit=CONFIG_LIMIT))
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise ConfigError(f"--config {ns.config}: {exc}") from None
         if (bad := check_fields(cfg, flag)) is not None:  # the file's own values, named as the file's

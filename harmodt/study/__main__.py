@@ -24,17 +24,19 @@ from .runner import Study
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m harmodt.study", allow_abbrev=False,
-        description="Train and evaluate every (method, seed[, swept value]) on one dataset; write study.json, summary.md "
-                    "and figures. Flags not listed here are passed to every `python -m harmodt.train` run.")
+        description="Train and evaluate every (method, seed[, swept value]) on one dataset; write study.json, "
+                    "summary.md and figures. Flags not listed here are passed to every `python -m harmodt.train` run.")
     field_flag(p, "tasks", default="MT10", help=f"{TASKS_HELP} (default MT10)")
     p.add_argument("--methods", default="mtdt,prompt-dt,harmodt-r,harmodt-m,harmodt-f", help="comma list of methods")
     p.add_argument("--seeds", default="0,1,2", help="comma list of training seeds")
     p.add_argument("--out", required=True, help="study folder (runs/, data/, study.json, summary.md, figures/)")
     p.add_argument("--workers", type=int, default=1, help="runs trained at the same time (default 1)")
     field_flag(p, "threads", "--threads-per-run", type=int, help="torch threads per run (default: cores / workers)")
-    p.add_argument("--sweep", default=None, help="KEY=V1,V2,...: run the grid over a config key (e.g. masks.eta_max=100,2000)")
-    p.add_argument("--sweep-methods", default="", help="comma list: the methods (or variant run names) the sweep applies to (default all); "
-                   "the others run once with their default value")
+    p.add_argument("--sweep", default=None,
+                   help="KEY=V1,V2,...: run the grid over a config key (e.g. masks.eta_max=100,2000)")
+    p.add_argument("--sweep-methods", default="",
+                   help="comma list: the methods (or variant run names) the sweep applies to (default all); "
+                        "the others run once with their default value")
     field_flag(p, "eval_episodes", type=int, default=20,
                help="evaluation episodes per task for every final checkpoint (default 20)")
     field_flag(p, "precision", "--eval-precision", choices=["fp32", "bf16"],
@@ -42,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "AVX512-BF16 or AMX)")
     field_flag(p, "stop_at_success", "--eval-stop-at-success", action="store_true",
                help="every evaluation (during training and the final ones) ends each episode at its first success: the "
-                    "same success rates (what the study ranks by and selects best.pt by) for less simulation and policy work; "
-                    "returns in study.json are then truncated there")
+                    "same success rates (what the study ranks by and selects best.pt by) for less simulation and "
+                    "policy work; returns in study.json are then truncated there")
     field_flag(p, "seed", "--eval-seed", type=int, default=EVALUATION_GOALS_SEED,
                help=f"evaluation seed shared by all runs: the same goals (default {EVALUATION_GOALS_SEED}); no run's "
                     "--validation-seed may equal it")
@@ -53,16 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     field_flag(p, "gen_episodes", type=int, help="episodes per task when the study generates the data (default 100)")
     field_flag(p, "seed", "--data-seed", type=int, help="seed of the generated data (default 0)")
     p.add_argument("--variant", action="append", default=[], metavar='"LABEL=METHOD [TRAIN FLAGS...]"',
-                   help="a labelled method with training flags of its own (after the shared ones, so they win); repeatable, "
-                        "e.g. --variant \"HarmoDT-F official=harmodt-f --preset official\" (runs harmodt-f-official-s0, ...)")
-    p.add_argument("--eval-tasks", default="", help="held-out task spec (e.g. ML1-pick-place-test[:5], ML10-test): evaluate every "
-                   "run's final checkpoint on these unseen tasks too")
+                   help="a labelled method with training flags of its own (after the shared ones, so they win); "
+                        "repeatable, e.g. --variant \"HarmoDT-F official=harmodt-f --preset official\" "
+                        "(runs harmodt-f-official-s0, ...)")
+    p.add_argument("--eval-tasks", default="",
+                   help="held-out task spec (e.g. ML1-pick-place-test[:5], ML10-test): evaluate every "
+                        "run's final checkpoint on these unseen tasks too")
     p.add_argument("--vote-thresholds", default="", help="T1,T2,...: Eq. 13 thresholds for --eval-tasks "
                    "(default N/4, N/2, 3N/4 of the N training tasks, rounded, at least 1)")
     p.add_argument("--family", default="", metavar='"A - B; C - D"',
-                   help="the comparisons fixed before the runs (arm labels, a space on each side of the minus): summary.md "
-                        "reports each with Holm's correction over these alone, beside the table of every pair")
-    p.add_argument("--report-only", action="store_true", help="start no run: aggregate the finished ones and draw the figures")
+                   help="the comparisons fixed before the runs (arm labels, a space on each side of the minus): "
+                        "summary.md reports each with Holm's correction over these alone, beside the table of "
+                        "every pair")
+    p.add_argument("--report-only", action="store_true",
+                   help="start no run: aggregate the finished ones and draw the figures")
     add_executor_arguments(p)
     return p
 
@@ -71,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, passthrough = build_parser().parse_known_args(argv)
     command = "python -m harmodt.study " + shlex.join(argv)
-    return run_tool(lambda: _run(args, passthrough, command), "[study] interrupted: finished runs are kept; rerun the same command to continue",
+    return run_tool(lambda: _run(args, passthrough, command),
+                    "[study] interrupted: finished runs are kept; rerun the same command to continue",
                     (StudyError, OutputError))
 
 
@@ -107,8 +114,9 @@ def _run_study(study: Study, args) -> int:
     return 0 if ok else 1
 
 
-PLAN_KEYS = ("tasks", "sweep", "sweep_methods", "eval_episodes", "eval_precision", "eval_stop_at_success", "eval_seed", "curve_episodes",
-             "data", "gen_episodes", "data_seed", "eval_tasks", "vote_thresholds")  # what makes a study the same study
+# what makes a study the same study
+PLAN_KEYS = ("tasks", "sweep", "sweep_methods", "eval_episodes", "eval_precision", "eval_stop_at_success", "eval_seed",
+             "curve_episodes", "data", "gen_episodes", "data_seed", "eval_tasks", "vote_thresholds")
 GROWING_KEYS = ("methods", "seeds", "variant")  # a later command of the same study may add entries, never drop one
 
 
@@ -140,7 +148,8 @@ def other_study(out: Path, args, passthrough: list[str]) -> str | None:
     if diff:
         names = ", ".join(k if " " in k else "--" + k.replace("_", "-") for k in diff)
         return (f"holds the study of another command ({names} differ: "
-                f"{shlex.join(words[3:])[:160]}); its study.json, summary.md and runs are that study's: choose another --out")
+                f"{shlex.join(words[3:])[:160]}); its study.json, summary.md and runs are that study's: choose another "
+                "--out")
     return None
 
 

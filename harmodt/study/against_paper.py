@@ -44,8 +44,10 @@ class Reported:
 
 
 # MT50 near-optimal, success in % (HarmoDT, ICML 2024). Table 3's (3, 4, 0.87) row has no HarmoDT-R.
-TABLE3_MT50_3x4 = {"mtdt": Reported(58.13, "3.6"), "prompt-dt": Reported(61.93, "0.4"), "harmodt-f": Reported(72.80, "1.6")}
-TABLE2_MT50 = {"mtdt": Reported(65.80, "1.02"), "prompt-dt": Reported(69.33, "0.89"), "harmodt-r": Reported(75.39, "1.18"),
+TABLE3_MT50_3x4 = {"mtdt": Reported(58.13, "3.6"), "prompt-dt": Reported(61.93, "0.4"),
+                   "harmodt-f": Reported(72.80, "1.6")}
+TABLE2_MT50 = {"mtdt": Reported(65.80, "1.02"), "prompt-dt": Reported(69.33, "0.89"),
+               "harmodt-r": Reported(75.39, "1.18"),
                "harmodt-f": Reported(82.20, "0.40")}
 METHOD_NAMES = {"mtdt": "MTDT", "prompt-dt": "Prompt-DT", "harmodt-r": "HarmoDT-R", "harmodt-f": "HarmoDT-F"}
 
@@ -122,21 +124,24 @@ def tables_markdown(study: dict) -> str:
     else:
         over = "each arm's finished seeds (the seeds column)"
     lines = [f"Ours: {len(study['tasks'])} tasks, {steps or 'the trainer default'} steps, mean success over {over}, "
-             "95 % t-interval over the per-seed means, in %. The paper: MT50 near-optimal, 1e6 steps, mean ± its spread "
-             "over 3 seeds.", "",
-             "| arm | seeds | ours, final [95 % CI] | ours, best on validation | Table 3 (3 × 4, 0.87 M) | Table 2 (6 × 8, 1.47 M) |",
+             "95 % t-interval over the per-seed means, in %. The paper: MT50 near-optimal, 1e6 steps, mean ± its "
+             "spread over 3 seeds.", "",
+             "| arm | seeds | ours, final [95 % CI] | ours, best on validation | Table 3 (3 × 4, 0.87 M) | Table 2 (6 "
+             "× 8, 1.47 M) |",
              "|---|---|---|---|---|---|"]
     for method, v in arms.items():
         t3, t2 = TABLE3_MT50_3x4.get(method), TABLE2_MT50.get(method)
         best = v.get("best") or {}
         lines.append(f"| {v['variant']} | {len(v['seeds_finished'])} | {_pct(v['mean_success'])} "
                      f"{_interval(v['ci_low'], v['ci_high'])} | {_pct(best.get('mean_success'))} | "
-                     f"{f'{t3.mean:.2f} ± {t3.spread}' if t3 else '–'} | {f'{t2.mean:.2f} ± {t2.spread}' if t2 else '–'} |")
-    lines += ["", "Claims: our paired difference over seeds (final checkpoints), its 95 % paired-t interval and p-value; "
-              f"† where it survives Holm over the study's {_family(study)} pairwise comparisons. Verdict on the claim's "
-              "direction: supports (positive and †), contradicts (negative and †), cannot tell (otherwise). "
-              "The paper's gap against our interval says whether the size agrees.", "",
-              "| claim | the paper's gap | ours [95 % CI] | p | verdict | the paper's gap against ours |", "|---|---|---|---|---|---|"]
+                     f"{f'{t3.mean:.2f} ± {t3.spread}' if t3 else '–'} | "
+                     f"{f'{t2.mean:.2f} ± {t2.spread}' if t2 else '–'} |")
+    lines += ["", "Claims: our paired difference over seeds (final checkpoints), its 95 % paired-t interval and "
+              f"p-value; † where it survives Holm over the study's {_family(study)} pairwise comparisons. Verdict on "
+              "the claim's direction: supports (positive and †), contradicts (negative and †), cannot tell "
+              "(otherwise). The paper's gap against our interval says whether the size agrees.", "",
+              "| claim | the paper's gap | ours [95 % CI] | p | verdict | the paper's gap against ours |",
+              "|---|---|---|---|---|---|"]
     for better, worse, table in CLAIMS:
         if better not in arms or worse not in arms:
             continue
@@ -154,7 +159,9 @@ def tables_markdown(study: dict) -> str:
 
 def _ours(d: dict) -> str:
     p = "–" if _nan(d["p_value"]) else f"{d['p_value']:.2g}"
-    return f"{_pct(d['mean_diff'], True)} {_interval(d['ci_low'], d['ci_high'], True)} (p {p}{', †' if d.get('holm') else ''}, {d['seeds']} seeds)"
+    holm = ", †" if d.get("holm") else ""
+    return (f"{_pct(d['mean_diff'], True)} {_interval(d['ci_low'], d['ci_high'], True)} "
+            f"(p {p}{holm}, {d['seeds']} seeds)")
 
 
 def _best(study: dict, arms: dict[str, dict]) -> str:
@@ -168,19 +175,22 @@ def without_masks(study: dict, arms: dict[str, dict]) -> list[str]:
     seeds next to each masked arm's gain over Prompt-DT (a gain MTDT, with no mask, also gets is not
     the masks'), and what HarmoDT-F − MTDT and HarmoDT-F − HarmoDT-R each compare."""
     pw = study["pairwise"]
-    mtdt_pd = pw.get(arms["mtdt"]["variant"], {}).get(arms["prompt-dt"]["variant"]) if {"mtdt", "prompt-dt"} <= arms.keys() else None
+    mtdt_pd = (pw.get(arms["mtdt"]["variant"], {}).get(arms["prompt-dt"]["variant"])
+               if {"mtdt", "prompt-dt"} <= arms.keys() else None)
     masked = {m: d for m in ("harmodt-r", "harmodt-f") if m in arms and "prompt-dt" in arms
               and (d := pw.get(arms[m]["variant"], {}).get(arms["prompt-dt"]["variant"]))}
     if mtdt_pd is None or not masked:
         return []
     gains = "; ".join(f"{arms[m]['variant']} − Prompt-DT {_ours(d)}" for m, d in masked.items())
-    lines = ["", f"Masked arms against Prompt-DT, beside MTDT (no mask: the task's one-hot ID beside the state, no prompt) against "
-             f"Prompt-DT on the same seeds (†: survives Holm over the pairwise comparisons of the same checkpoints): {gains}; MTDT − Prompt-DT {_ours(mtdt_pd)}{_best(study, arms)}. A masked arm's gain over Prompt-DT is the "
-             "masks' own only as far as it exceeds MTDT's, so a \"supports\" for HarmoDT-F − Prompt-DT says the paper's direction "
-             "holds, not that masks cause it."]
+    lines = ["", "Masked arms against Prompt-DT, beside MTDT (no mask: the task's one-hot ID beside the state, no "
+             "prompt) against Prompt-DT on the same seeds (†: survives Holm over the pairwise comparisons of the same "
+             f"checkpoints): {gains}; MTDT − Prompt-DT {_ours(mtdt_pd)}{_best(study, arms)}. A masked arm's gain over "
+             "Prompt-DT is the masks' own only as far as it exceeds MTDT's, so a \"supports\" for HarmoDT-F − "
+             "Prompt-DT says the paper's direction holds, not that masks cause it."]
     if "harmodt-f" in arms and "mtdt" in arms:
-        lines[-1] += (" HarmoDT-F − MTDT sets masks and a prompt against a one-hot task ID without masks; learned masks against "
-                      "random ones is HarmoDT-F − HarmoDT-R" + (" (the same ERK draw per seed)." if "harmodt-r" in arms else "."))
+        lines[-1] += (" HarmoDT-F − MTDT sets masks and a prompt against a one-hot task ID without masks; learned "
+                      "masks against random ones is HarmoDT-F − HarmoDT-R" + (" (the same ERK draw per seed)."
+                                                                              if "harmodt-r" in arms else "."))
     return lines
 
 
@@ -199,7 +209,8 @@ def write_between_markers(path: Path, text: str) -> None:
     doc = path.read_text()
     found = len(re.findall(re.escape(START), doc)), len(re.findall(re.escape(END), doc))
     if found != (1, 1) or doc.index(START) > doc.index(END):
-        raise AgainstPaperError(f"{path}: needs one {START} line followed by one {END} line (found {found[0]} and {found[1]})")
+        raise AgainstPaperError(f"{path}: needs one {START} line followed by one {END} line (found {found[0]} and "
+                                f"{found[1]})")
     head, rest = doc.split(START, 1)
     _, tail = rest.split(END, 1)
     write_atomic(path, f"{head}{START}\n{text}{END}{tail}")

@@ -42,7 +42,8 @@ def check_study(study) -> None:
     for name, value in (("--eval-seed", study.args.eval_seed), ("--data-seed", study.args.data_seed)):
         if not SEED.allows(value):
             raise StudyError(f"{name} must be {SEED.describe(int)}, got {value}")
-    for name, value, least in (("--curve-episodes", study.args.curve_episodes, 0), ("--gen-episodes", study.args.gen_episodes, 1),
+    for name, value, least in (("--curve-episodes", study.args.curve_episodes, 0),
+                               ("--gen-episodes", study.args.gen_episodes, 1),
                                ("--threads-per-run", study.args.threads_per_run, 0)):
         if value < least:
             raise StudyError(f"{name} must be >= {least} (an integer), got {value}")
@@ -62,7 +63,8 @@ def check_study(study) -> None:
     except ValueError as exc:
         raise StudyError(f"--eval-tasks: {exc}") from None
     if seen := [t for t in study.eval_tasks if t in tasks]:
-        raise StudyError(f"--eval-tasks: {', '.join(seen)} {'is a training task' if len(seen) == 1 else 'are training tasks'}")
+        raise StudyError(f"--eval-tasks: {', '.join(seen)} "
+                         f"{'is a training task' if len(seen) == 1 else 'are training tasks'}")
     if study.args.vote_thresholds and not study.eval_tasks:
         raise StudyError("--vote-thresholds needs --eval-tasks")
     study.thresholds = parse_thresholds(study.args.vote_thresholds, len(tasks)) if study.eval_tasks else []
@@ -75,18 +77,20 @@ def check_study(study) -> None:
         raise StudyError(f"--family names {unknown[0]!r}, which is not an arm of this study ({', '.join(variants)})")
     for run in study.runs:  # every run's flags must parse (unknown flags, bad values): fail before any run starts
         try:
-            cfg = parse_args(run.train_args(study.args.tasks, study.data, study.passthrough, study.threads, study.curve_episodes))
+            cfg = parse_args(run.train_args(study.args.tasks, study.data, study.passthrough, study.threads,
+                                            study.curve_episodes))
         except ConfigError as exc:
             raise StudyError(f"run {run.name}: {exc}") from None
         except SystemExit:
             raise StudyError(f"run {run.name}: the trainer rejected its flags (see above)") from None
         validation = goal_seeds(cfg.seed, cfg.validation_seed)["validation"]  # the resolved seed, whichever flag set it
         if validation is not None and validation == study.args.eval_seed:
-            raise StudyError(f"run {run.name}: its --validation-seed {validation} is the study's --eval-seed: the goals best.pt is "
-                             "chosen on must differ from the goals it is scored on")
+            raise StudyError(f"run {run.name}: its --validation-seed {validation} is the study's --eval-seed: the "
+                             "goals best.pt is chosen on must differ from the goals it is scored on")
         rec = run.record()
         want = run.train_args(study.args.tasks, study.data, study.passthrough, None, study.curve_episodes)
-        if rec.get("train_args") and without_threads(rec["train_args"]) != without_threads(want) and not study.args.report_only:
+        if (rec.get("train_args") and without_threads(rec["train_args"]) != without_threads(want)
+                and not study.args.report_only):
             raise StudyError(f"{run.dir} was made with other flags ({shlex.join(rec['train_args'])}); "
                              f"use another --out or delete that folder")
     if not study.out_writable():  # last: a study refused for a flag makes no folder

@@ -19,7 +19,8 @@ def along_training(study: dict) -> dict | None:
     if not finished:
         return None
     names = list(dict.fromkeys(r["variant"] for r in finished))
-    curves = {v: {r["seed"]: dict((int(s), x) for s, x in r["validation_curve"]) for r in finished if r["variant"] == v} for v in names}
+    curves = {v: {r["seed"]: dict((int(s), x) for s, x in r["validation_curve"]) for r in finished if r["variant"] == v}
+              for v in names}
     method = {r["variant"]: METHODS.get(r["method"]) for r in finished}
     variants = {}
     for v in names:
@@ -59,7 +60,8 @@ def pairwise(study: dict, key: str | None = None) -> dict:
                 and (key is None or r.get(key, {}).get("selected_on") == "validation")]
     names = list(dict.fromkeys(r["variant"] for r in finished))
     rows = {v: [r for r in finished if r["variant"] == v] for v in names}
-    table = {a: {b: p for b in names if b != a and (p := paired_success(rows[a], rows[b], study["tasks"], b, key))} for a in names}
+    table = {a: {b: p for b in names if b != a and (p := paired_success(rows[a], rows[b], study["tasks"], b, key))}
+             for a in names}
     family = {(a, b): table[a][b]["p_value"] for i, a in enumerate(names) for b in names[i + 1:] if b in table[a]}
     kept = holm(family, HOLM_ALPHA)
     for (a, b), rejected in kept.items():
@@ -106,24 +108,26 @@ def family_markdown(fam: dict | None) -> list[str]:
     if not fam:
         return []
     lines = ["", "## The pre-registered comparisons", "",
-             f"Fixed before the runs (`--family`). Mean over seeds of the per-seed success difference, its 95 % interval "
-             f"({SEED_LEVEL_METHOD}) and paired-t p-value; † where the p-value survives Holm's correction over these "
-             f"{fam['size']} at {fam['alpha'] * 100:.0f} %.", "",
+             "Fixed before the runs (`--family`). Mean over seeds of the per-seed success difference, its 95 % "
+             f"interval ({SEED_LEVEL_METHOD}) and paired-t p-value; † where the p-value survives Holm's correction "
+             f"over these {fam['size']} at {fam['alpha'] * 100:.0f} %.", "",
              "| # | comparison | seeds | difference | 95 % CI | p | Holm |", "|---|---|---|---|---|---|---|"]
     for i, c in enumerate(fam["comparisons"], 1):
         if "mean_diff" not in c:
             lines.append(f"| {i} | {c['variant']} − {c['reference']} | 0 | – | – | – | – |")
             continue
-        lines.append(f"| {i} | {c['variant']} − {c['reference']} | {c['seeds']} | {c['mean_diff']:+.3f} | {interval_text(c)} | "
-                     f"{_fmt(c['p_value'], 4)} | {'†' if c.get('holm') else 'no'} |")
+        lines.append(f"| {i} | {c['variant']} − {c['reference']} | {c['seeds']} | {c['mean_diff']:+.3f} | "
+                     f"{interval_text(c)} | {_fmt(c['p_value'], 4)} | {'†' if c.get('holm') else 'no'} |")
     return lines
 
 
-def paired_success(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str, key: str | None = None) -> dict | None:
+def paired_success(rows: list[dict], ref_rows: list[dict], tasks: list[str], ref: str,
+                   key: str | None = None) -> dict | None:
     """Success of ``rows`` minus that of ``ref_rows``, paired by seed (:func:`paired_difference`): of the
     final checkpoints, or (``key="best"``) of the checkpoints chosen on the validation goals."""
     def by_seed(rs):
-        return {r["seed"]: {t: (r[key] if key else r)["tasks"][t]["success"] for t in tasks} for r in rs if key is None or key in r}
+        return {r["seed"]: {t: (r[key] if key else r)["tasks"][t]["success"] for t in tasks}
+                for r in rs if key is None or key in r}
 
     return paired_difference(by_seed(rows), by_seed(ref_rows), tasks, ref)
 
@@ -141,8 +145,9 @@ def along_training_markdown(at: dict | None) -> list[str]:
         return []
     steps = sorted({int(s) for d in at["differences"] for s in d["per_step"]})
     lines = ["", "## Along training (validation goals)", "",
-             f"Difference of mean success on the validation goals at each evaluation step, mean over seeds and its 95 % interval "
-             f"({at['interval']}); **bold** where the interval excludes 0. No multiplicity correction across steps.", "",
+             "Difference of mean success on the validation goals at each evaluation step, mean over seeds and its 95 "
+             f"% interval ({at['interval']}); **bold** where the interval excludes 0. No multiplicity correction "
+             "across steps.", "",
              "| comparison | seeds | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
     for d in at["differences"]:
         cells = []
@@ -165,8 +170,9 @@ def pairwise_markdown(pw: dict, title: str, what: str) -> list[str]:
     lines = ["", f"## {title}", "",
              f"Row minus column: mean over seeds of the {what}, and its 95 % interval, a "
              f"{SEED_LEVEL_METHOD}; **bold** where that interval excludes 0. The table holds {m} comparisons "
-             f"(each unordered pair once); † marks those whose paired-t p-value survives Holm's correction over all {m} "
-             f"at {HOLM_ALPHA * 100:.0f} %: {', '.join(f'{a} vs {b}' for a, b in survive) if survive else 'none does'}.", "",
+             "(each unordered pair once); † marks those whose paired-t p-value survives Holm's correction over all "
+             f"{m} at {HOLM_ALPHA * 100:.0f} %: "
+             f"{', '.join(f'{a} vs {b}' for a, b in survive) if survive else 'none does'}.", "",
              "| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for a in names:
         cells = []

@@ -29,7 +29,8 @@ from .plan import Run, StudyError, read_jobs
 from .unseen import evaluation_keys, unseen_mode
 
 EXECUTORS = ("local", "slurm", "submitit-local")
-SLURM_ONLY = ("slurm_partition", "slurm_gpus_per_run", "slurm_cpus_per_run", "slurm_param")  # flags of --executor slurm alone
+# flags of --executor slurm alone
+SLURM_ONLY = ("slurm_partition", "slurm_gpus_per_run", "slurm_cpus_per_run", "slurm_param")
 MAX_TIMEOUTS = 20  # requeues after a time-out per job (a preemption does not count): each resumes from the checkpoint
 POLL_S = 2.0
 LOG_LINES = 20
@@ -37,8 +38,8 @@ LOG_LINES = 20
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help="local: the runs as processes of this study, --workers at a time (default); slurm: one Slurm job "
-                        "per run through submitit; submitit-local: the same jobs as processes of this machine")
+                   help="local: the runs as processes of this study, --workers at a time (default); slurm: one Slurm "
+                        "job per run through submitit; submitit-local: the same jobs as processes of this machine")
     p.add_argument("--slurm-partition", default=None, help="partition of the runs' jobs (--executor slurm)")
     p.add_argument("--slurm-time", default=None, help="time limit of each job, MINUTES or [D-]HH:MM:SS (required with "
                    "--executor slurm); a job that reaches it saves its checkpoint and requeues itself")
@@ -46,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slurm-cpus-per-run", type=int, default=None,
                    help="CPUs of each job (default 1); also the run's torch threads unless --threads-per-run")
     p.add_argument("--slurm-param", action="append", default=None, metavar="KEY=VALUE",
-                   help="any other parameter of submitit's SlurmExecutor (account=..., qos=..., mem=16G, constraint=...); repeatable")
+                   help="any other parameter of submitit's SlurmExecutor (account=..., qos=..., mem=16G, "
+                        "constraint=...); repeatable")
     p.add_argument("--leave-jobs-running", action="store_true",
                    help="Ctrl-C leaves the jobs running (default: cancel them); the same command later collects them")
 
@@ -72,7 +74,8 @@ def parse_params(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[a-z_]+", key):
-            raise StudyError(f"--slurm-param must be KEY=VALUE with a submitit SlurmExecutor parameter as KEY, got {item!r}")
+            raise StudyError("--slurm-param must be KEY=VALUE with a submitit SlurmExecutor parameter as KEY, got "
+                             f"{item!r}")
         out[key] = int(value) if re.fullmatch(r"-?\d+", value) else value
     return out
 
@@ -85,13 +88,15 @@ def check_args(args: argparse.Namespace) -> None:
     if args.slurm_time is not None and args.executor == "local":
         raise StudyError("--slurm-time needs --executor slurm or submitit-local")
     if args.leave_jobs_running and args.executor == "local":
-        raise StudyError("--leave-jobs-running needs --executor slurm or submitit-local (local runs end with the study)")
+        raise StudyError("--leave-jobs-running needs --executor slurm or submitit-local "
+                         "(local runs end with the study)")
     if args.executor == "slurm" and args.slurm_time is None:
         raise StudyError("--executor slurm needs --slurm-time (each job's time limit)")
     for name in ("slurm_gpus_per_run", "slurm_cpus_per_run"):
         value = getattr(args, name)
         if value is not None and value < (1 if name == "slurm_cpus_per_run" else 0):
-            raise StudyError(f"--{name.replace('_', '-')} must be at least {1 if name == 'slurm_cpus_per_run' else 0}, got {value}")
+            raise StudyError(f"--{name.replace('_', '-')} must be at least {1 if name == 'slurm_cpus_per_run' else 0}, "
+                             f"got {value}")
     if args.slurm_time is not None:
         parse_minutes(args.slurm_time)
     parse_params(args.slurm_param or [])
@@ -114,7 +119,8 @@ def make_executor(args: argparse.Namespace, folder: Path):
         executor = submitit.SlurmExecutor(folder, max_num_timeout=MAX_TIMEOUTS)
     except RuntimeError as exc:  # no srun on this machine
         raise StudyError(f"--executor slurm: {exc}") from None
-    params = {"time": parse_minutes(args.slurm_time), "cpus_per_task": args.slurm_cpus_per_run or 1, "stderr_to_stdout": True}
+    params = {"time": parse_minutes(args.slurm_time), "cpus_per_task": args.slurm_cpus_per_run or 1,
+              "stderr_to_stdout": True}
     if args.slurm_partition:
         params["partition"] = args.slurm_partition
     if args.slurm_gpus_per_run:
@@ -133,7 +139,8 @@ class RunJob:
     on submitit's time-out / preemption signal it stops the run's trainer (which saves its
     checkpoint at its next step) and resubmits itself, to resume from that checkpoint."""
 
-    def __init__(self, args: argparse.Namespace, passthrough: list[str], command: str, name: str, index: int, threads: int):
+    def __init__(self, args: argparse.Namespace, passthrough: list[str], command: str, name: str, index: int,
+                 threads: int):
         self.args, self.passthrough, self.command = args, passthrough, command
         self.name, self.index, self.threads = name, index, threads
         self.study = None  # the Study of the running job
@@ -147,7 +154,8 @@ class RunJob:
         self.study.check()
         run = next(r for r in self.study.runs if r.name == self.name)
         signal.signal(signal.SIGINT, self.stop)  # a cancelled local job: its trainer saves a checkpoint and stops
-        return self.study.execute(run, self.index)  # False: the run failed, said why in the job's log (the job itself ends normally)
+        # False: the run failed, said why in the job's log (the job itself ends normally)
+        return self.study.execute(run, self.index)
 
     def stop(self, signum, frame) -> None:
         """SIGINT: start nothing more and ask the running trainer or evaluator to stop."""
@@ -160,7 +168,8 @@ class RunJob:
 
         if self.study is not None:
             self.study.stop_children()
-        return submitit.helpers.DelayedSubmission(RunJob(self.args, self.passthrough, self.command, self.name, self.index, self.threads))
+        return submitit.helpers.DelayedSubmission(RunJob(self.args, self.passthrough, self.command, self.name,
+                                                         self.index, self.threads))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "study": None}  # the study's threads and locks stay in the job that made them
@@ -265,7 +274,8 @@ def run_jobs(study) -> bool:
         else:
             study.say(f"skip  {run.name} ({i + 1}/{len(study.runs)}): already evaluated")
             ok.append(True)
-    study.say(f"{len(todo)} job(s) through {args.executor}, {limit} at a time, {threads} thread(s) each; logs in {folder}")
+    study.say(f"{len(todo)} job(s) through {args.executor}, {limit} at a time, {threads} thread(s) each; logs in "
+              f"{folder}")
     t = time.perf_counter()
     try:
         for index, run in list(todo):
@@ -287,7 +297,8 @@ def run_jobs(study) -> bool:
             time.sleep(POLL_S)
     except KeyboardInterrupt:
         if args.leave_jobs_running:
-            study.say(f"leaving {len(jobs.running)} job(s) running ({', '.join(str(j.job_id) for j in jobs.running.values())}); "
+            study.say(f"leaving {len(jobs.running)} job(s) running "
+                      f"({', '.join(str(j.job_id) for j in jobs.running.values())}); "
                       "the same command collects them")
         else:
             stop(study, jobs)

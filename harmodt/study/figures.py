@@ -81,7 +81,8 @@ class Figures:
         out = []
         for v in self.variants:
             mats = [jaccard_matrix(m) for r in self.finished if r["variant"] == v["variant"]
-                    if (m := final_masks(self.out / "runs" / r["name"] / "checkpoint.pt", self.study["tasks"])) is not None]
+                    if (m := final_masks(self.out / "runs" / r["name"] / "checkpoint.pt",
+                                         self.study["tasks"])) is not None]
             if mats:
                 out.append((v["variant"], np.mean(mats, 0), len(mats)))
         return out
@@ -135,7 +136,8 @@ def methods_figure(f: Figures):
     ax.set_xticks(xs, [v["variant"].replace(" ", "\n", 1) for v in f.variants], fontsize=8)
     ax.set_ylabel("mean success over tasks")
     ax.set_ylim(_lower_limit(f.variants), 1.05)
-    ax.set_title(f"Mean success on {len(f.study['tasks'])} tasks\n(bars: mean and 95 % CI over seeds; dots: seeds)", fontsize=9)
+    ax.set_title(f"Mean success on {len(f.study['tasks'])} tasks\n(bars: mean and 95 % CI over seeds; dots: seeds)",
+                 fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -145,7 +147,8 @@ def eval_curves_figure(f: Figures):
     curves = f.curves("eval_mean_success")
     if not curves:
         return "no run logged eval_mean_success during training (pass --eval-every)"
-    return _curves_figure(f, curves, "evaluation success (in training)", "Evaluation success during training (thin: seeds; thick: mean)",
+    return _curves_figure(f, curves, "evaluation success (in training)",
+                          "Evaluation success during training (thin: seeds; thick: mean)",
                           seeds=True)
 
 
@@ -155,7 +158,8 @@ def harmony_figure(f: Figures):
     if not curves:
         return "no run logged harmony_score (no mask update happened)"
     return _curves_figure(f, curves, "averaged harmony score (Def. 3.2)",
-                          f"Harmony of the task gradients on {len(f.study['tasks'])} tasks (mean over seeds)", seeds=False)
+                          f"Harmony of the task gradients on {len(f.study['tasks'])} tasks (mean over seeds)",
+                          seeds=False)
 
 
 def sweep_figure(f: Figures):
@@ -174,11 +178,12 @@ def sweep_figure(f: Figures):
     for arm in dict.fromkeys(v["arm"] for v in f.variants if v["sweep_value"] is not None):
         pts = [(x, v) for x, val in zip(xv, values) for v in f.variants if v["arm"] == arm and v["sweep_value"] == val]
         label = pts[0][1]["variant"].rsplit(" ", 1)[0]
-        ax.errorbar([p[0] for p in pts], [p[1]["mean_success"] for p in pts], yerr=_err([p[1] for p in pts]), marker="o",
-                    capsize=4, label=label)
+        ax.errorbar([p[0] for p in pts], [p[1]["mean_success"] for p in pts], yerr=_err([p[1] for p in pts]),
+                    marker="o", capsize=4, label=label)
     for v in f.variants:
         if v["sweep_value"] is None:
-            ax.axhline(v["mean_success"], ls="--", lw=1, color=f.colors[v["variant"]], label=f"{v['variant']} (not swept, mean)")
+            ax.axhline(v["mean_success"], ls="--", lw=1, color=f.colors[v["variant"]],
+                       label=f"{v['variant']} (not swept, mean)")
     if numeric and min(xv) > 0 and max(xv) / min(xv) >= 20:
         ax.set_xscale("log")
     if not numeric:
@@ -194,7 +199,8 @@ def sweep_figure(f: Figures):
 def _mask_panels(f: Figures, width: float, height: float):
     """Short task names, a figure and one panel per masked variant of ``f.mask_similarity``."""
     short = [t.replace("-v3", "") for t in f.study["tasks"]]
-    fig, axes = f.plt.subplots(1, len(f.mask_similarity), figsize=(width * len(f.mask_similarity), height), squeeze=False)
+    fig, axes = f.plt.subplots(1, len(f.mask_similarity), figsize=(width * len(f.mask_similarity), height),
+                               squeeze=False)
     return short, fig, axes[0]
 
 
@@ -277,14 +283,15 @@ def unseen_figure(f: Figures):
             continue
         # masked arms side by side around each T, so arms with equal results do not hide each other
         shift = dodge * (masked.index(variant) - (len(masked) - 1) / 2)
-        ax.errorbar([r["threshold"] + shift for r in mine], [r["mean"] for r in mine], yerr=_err(mine, "mean"), marker="o",
-                    capsize=4, color=color, label=f"{variant} (voted mask)")
+        ax.errorbar([r["threshold"] + shift for r in mine], [r["mean"] for r in mine], yerr=_err(mine, "mean"),
+                    marker="o", capsize=4, color=color, label=f"{variant} (voted mask)")
     ax.set_xticks(f.study["vote_thresholds"])
     ax.set_xlabel(f"vote threshold T (of {len(f.study['tasks'])} training tasks)")
     ax.set_ylabel("mean success on held-out tasks")
     ax.set_ylim(_lower_limit(rows, "mean"), 1.02)
     what = "goals" if all("@" in t for t in f.study["eval_tasks"]) else "tasks"  # TASK@gN / TASK@testN: goal variations
-    ax.set_title(f"Unseen {what} ({len(f.study['eval_tasks'])}): success against T (mean and 95 % CI over seeds)", fontsize=9)
+    ax.set_title(f"Unseen {what} ({len(f.study['eval_tasks'])}): success against T (mean and 95 % CI over seeds)",
+                 fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return fig
@@ -305,13 +312,15 @@ def validation_success_figure(f: Figures):
         steps = [int(s) for s in per_step]
         rows = list(per_step.values())
         n = rows[-1]["seeds"]
-        ax.plot(steps, [r["mean"] for r in rows], color=color, lw=2, marker="o", ms=3, label=f"{v} ({n} seed{'' if n == 1 else 's'})")
+        ax.plot(steps, [r["mean"] for r in rows], color=color, lw=2, marker="o", ms=3,
+                label=f"{v} ({n} seed{'' if n == 1 else 's'})")
         if all(not math.isnan(r["ci_low"]) for r in rows):
-            ax.fill_between(steps, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=color, alpha=0.15, lw=0)
+            ax.fill_between(steps, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=color, alpha=0.15,
+                            lw=0)
     ax.set_xlabel("training step")
     ax.set_ylabel("mean success (validation goals)")
-    ax.set_title("Success on the validation goals during training\n(thick: mean over seeds; band: its 95 % t-interval; thin: seeds)",
-                 fontsize=9)
+    ax.set_title("Success on the validation goals during training\n(thick: mean over seeds; band: its 95 % t-interval; "
+                 "thin: seeds)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return fig
@@ -325,7 +334,8 @@ def validation_differences_figure(f: Figures):
         return "no two variants evaluated on validation goals share a seed"
     diffs = at["differences"]
     fig, ax = f.plt.subplots(figsize=(6.5, 3.8))
-    width = 0.6 * max(1, min(np.diff(sorted({int(s) for d in diffs for s in d["per_step"]})), default=1)) / max(1, len(diffs))
+    all_steps = sorted({int(s) for d in diffs for s in d["per_step"]})
+    width = 0.6 * max(1, min(np.diff(all_steps), default=1)) / max(1, len(diffs))
     for i, d in enumerate(diffs):
         steps = np.array([int(s) for s in d["per_step"]], dtype=float) + (i - (len(diffs) - 1) / 2) * width
         rows = list(d["per_step"].values())
@@ -334,25 +344,30 @@ def validation_differences_figure(f: Figures):
                [r["ci_high"] - r["mean_diff"] if not math.isnan(r["ci_high"]) else 0 for r in rows]]
         ref = METHODS.get(next((r["method"] for r in f.study["runs"] if r["variant"] == d["reference"]), ""))
         ax.errorbar(steps, means, yerr=err, marker="o", ms=4, capsize=3, color=variant_color(d["variant"]),
-                    ls="--" if ref is not None and ref.masks == "fixed" else "-",  # dashed: against random (fixed) masks
+                    # dashed: against random (fixed) masks
+                    ls="--" if ref is not None and ref.masks == "fixed" else "-",
                     label=f"{d['variant']} − {d['reference']}")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel("training step")
     ax.set_ylabel("Δ mean success (validation goals)")
-    ax.set_title(f"Paired differences during training: mean over seeds and 95 % interval\n({at['interval']})", fontsize=8)
+    ax.set_title(f"Paired differences during training: mean over seeds and 95 % interval\n({at['interval']})",
+                 fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return fig
 
 
-FIGURES = {"methods.png": methods_figure, "eval_success_vs_steps.png": eval_curves_figure, "harmony_vs_steps.png": harmony_figure,
+FIGURES = {"methods.png": methods_figure, "eval_success_vs_steps.png": eval_curves_figure,
+           "harmony_vs_steps.png": harmony_figure,
            "success_vs_sweep.png": sweep_figure, "mask_jaccard.png": jaccard_figure, "mask_mds.png": mds_figure,
            "mask_changed_vs_steps.png": mask_changed_figure, "success_vs_vote_threshold.png": unseen_figure,
-           "validation_success.png": validation_success_figure, "validation_differences.png": validation_differences_figure}
+           "validation_success.png": validation_success_figure,
+           "validation_differences.png": validation_differences_figure}
 
 
 def draw_figures(study: dict, out: Path, say=print, names=None) -> list[Path]:
-    """Draw every figure whose data exist into ``out/figures`` (run folders under ``out/runs``); print a note for the rest.
+    """Draw every figure whose data exist into ``out/figures`` (run folders under ``out/runs``); print a note for
+    the rest.
     ``names``: only these figures (the others are left as they are)."""
     import matplotlib
 
@@ -366,7 +381,8 @@ def draw_figures(study: dict, out: Path, say=print, names=None) -> list[Path]:
     for name, draw in FIGURES.items():
         if names is not None and name not in names:
             continue
-        (fig_dir / name).unlink(missing_ok=True)  # a figure whose data are gone (or not there yet) is not left from an earlier report
+        # a figure whose data are gone (or not there yet) is not left from an earlier report
+        (fig_dir / name).unlink(missing_ok=True)
         fig = draw(f)
         if isinstance(fig, str):
             say(f"figure {name} skipped: {fig}")

@@ -71,7 +71,8 @@ def identify(datasets: dict, cfg: IdentifyConfig, state_norms=STATE_NORMS, class
     tasks = list(datasets)
     short = [t for t in tasks if len(datasets[t].trajectories) < cfg.folds]
     if short:
-        raise IdentifyError(f"--folds {cfg.folds}: tasks with fewer training episodes than folds: {', '.join(short[:3])}")
+        raise IdentifyError(f"--folds {cfg.folds}: tasks with fewer training episodes than folds: "
+                            f"{', '.join(short[:3])}")
     results = []
     for norm in state_norms:
         f = episode_features(datasets, tasks, cfg, norm)
@@ -105,7 +106,8 @@ def _key(view, seg):
 
 
 def _find(results, norm, view, seg, clf):
-    return next(r for r in results if (r["state_norm"], r["view"], r["segment"], r["classifier"]) == (norm, view, seg, clf))
+    return next(r for r in results
+                if (r["state_norm"], r["view"], r["segment"], r["classifier"]) == (norm, view, seg, clf))
 
 
 def _f(x, nd=3):
@@ -119,22 +121,26 @@ def markdown(report: dict) -> str:
     clfs = sorted({r["classifier"] for r in res}, key=CLASSIFIERS.index)
     d = report["data"]
     lines = [f"# Task identification: {d['path']}", "",
-             f"{len(tasks)} tasks; {d['train_episodes_per_task']} training episodes and {d['prompt_episodes_per_task']} "
-             f"expert prompt episodes per task; K* = {report['config']['prompt_len']}; {report['config']['folds']}-fold "
-             f"held-out over training episodes; chance {1 / len(tasks):.3f}.", ""]
-    for test, title in (("heldout", "held-out training episodes (k-fold)"), ("prompt_episodes", "expert prompt episodes")):
+             f"{len(tasks)} tasks; {d['train_episodes_per_task']} training episodes and "
+             f"{d['prompt_episodes_per_task']} expert prompt episodes per task; K* = {report['config']['prompt_len']}; "
+             f"{report['config']['folds']}-fold held-out over training episodes; chance {1 / len(tasks):.3f}.", ""]
+    for test, title in (("heldout", "held-out training episodes (k-fold)"),
+                        ("prompt_episodes", "expert prompt episodes")):
         lines += [f"## Accuracy on {title}", "",
                   "| view | " + " | ".join(f"{n}, {c}" for n in norms for c in clfs) + " |",
                   "|---|" + "---|" * (len(norms) * len(clfs))]
         for view, seg in VIEWS:
-            lines.append(f"| {_key(view, seg)} | " + " | ".join(_f(_find(res, n, view, seg, c)[test]) for n in norms for c in clfs) + " |")
+            lines.append(f"| {_key(view, seg)} | "
+                         + " | ".join(_f(_find(res, n, view, seg, c)[test]) for n in norms for c in clfs) + " |")
         if pdt:
-            lines.append("| Spearman ρ with Prompt-DT success (logistic; first / prompt (last) / both (last)) | " + " | ".join(
-                " / ".join(_f(_find(res, n, v, s, c)["spearman"][test]["rho"], 2) for v, s in VIEWS[:3])
-                for n in norms for c in clfs) + " |")
+            lines.append("| Spearman ρ with Prompt-DT success (logistic; first / prompt (last) / both (last)) | "
+                         + " | ".join(" / ".join(_f(_find(res, n, v, s, c)["spearman"][test]["rho"], 2)
+                                                 for v, s in VIEWS[:3])
+                                      for n in norms for c in clfs) + " |")
         for method in report.get("controls") or {}:
             lines.append(f"| Spearman ρ with {method} success (control; same views) | " + " | ".join(
-                " / ".join(_f(_find(res, n, v, s, c)["spearman_controls"][method][test]["rho"], 2) for v, s in VIEWS[:3])
+                " / ".join(_f(_find(res, n, v, s, c)["spearman_controls"][method][test]["rho"], 2)
+                           for v, s in VIEWS[:3])
                 for n in norms for c in clfs) + " |")
         lines.append("")
     if pdt:
@@ -143,16 +149,19 @@ def markdown(report: dict) -> str:
                   for m, c in (report.get("controls") or {}).items()]
         lines.append("")
     norm = report["model_state_norm"]
-    lines += [f"## Per task ({norm} statistics, logistic regression, held-out training episodes; prompt = last K* steps)", "",
-              "| task | Prompt-DT success | first | prompt | both | prompt, NC | prompt, on expert prompt episodes | prompt mistaken for |",
+    lines += [f"## Per task ({norm} statistics, logistic regression, held-out training episodes; "
+              "prompt = last K* steps)", "",
+              "| task | Prompt-DT success | first | prompt | both | prompt, NC | prompt, on expert prompt episodes | "
+              "prompt mistaken for |",
               "|---|---|---|---|---|---|---|---|"]
     first, prompt, both = (_find(res, norm, v, s, "logistic")["per_task"] for v, s in VIEWS[:3])
     nc = _find(res, norm, "prompt", "last", "nearest-centroid")["per_task"] if "nearest-centroid" in clfs else None
     order = sorted(tasks, key=lambda t: (pdt["per_task"][t] if pdt else 0.0, t))
     for t in order:
         lines.append(f"| {t} | {_f(pdt['per_task'][t], 2) if pdt else '—'} | {_f(first[t]['heldout'], 2)} | "
-                     f"{_f(prompt[t]['heldout'], 2)} | {_f(both[t]['heldout'], 2)} | {_f(nc[t]['heldout'], 2) if nc else '—'} | "
-                     f"{_f(prompt[t]['prompt_episodes'], 2)} | {prompt[t]['heldout_confused_with'] or '—'} |")
+                     f"{_f(prompt[t]['heldout'], 2)} | {_f(both[t]['heldout'], 2)} | "
+                     f"{_f(nc[t]['heldout'], 2) if nc else '—'} | {_f(prompt[t]['prompt_episodes'], 2)} | "
+                     f"{prompt[t]['heldout_confused_with'] or '—'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,7 +193,8 @@ def figure(report: dict, path: Path) -> Path:
     combos = [(n, c) for n in norms for c in clfs]
     width = 0.8 / len(combos)
     for i, (n, c) in enumerate(combos):
-        ax.bar(np.arange(len(VIEWS)) + i * width, [_find(res, n, v, s, c)["heldout"] for v, s in VIEWS], width, label=f"{n}, {c}")
+        ax.bar(np.arange(len(VIEWS)) + i * width, [_find(res, n, v, s, c)["heldout"] for v, s in VIEWS], width,
+               label=f"{n}, {c}")
     ax.axhline(1 / len(tasks), color="k", lw=0.8, ls="--", label="chance")
     ax.set_xticks(np.arange(len(VIEWS)) + 0.4 - width / 2, [_key(v, s) for v, s in VIEWS], fontsize=8)
     ax.set_ylim(0, 1.02)
@@ -238,12 +248,13 @@ def run(data: Path, out: Path, cfg: IdentifyConfig, runs: Path | None = None, ta
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m harmodt.study.identify", allow_abbrev=False,
-                      description="How well tasks can be told apart from a Prompt-DT prompt, the first observation, or both.")
+                      description="How well tasks can be told apart from a Prompt-DT prompt, the first observation, "
+                                  "or both.")
     p.add_argument("--data", type=Path, required=True, help="a data folder (python -m harmodt.data generate)")
     p.add_argument("--out", type=Path, required=True, help="folder for identify.json, identify.md, identify.png")
     p.add_argument("--runs", type=Path, default=None, help="a study's runs folder with prompt-dt-s*/run_eval.json")
     p.add_argument("--control", default="", help="comma list of methods (e.g. mtdt) whose runs in --runs the per-task "
-                   "accuracies are also rank-correlated with")
+                                                 "accuracies are also rank-correlated with")
     p.add_argument("--tasks", default=None, help="comma list of task names (default: every task in --data)")
     for name, default in asdict(IdentifyConfig()).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
@@ -252,12 +263,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if cfg.folds < 2 or cfg.prompt_len < 1:
-            raise IdentifyError(f"--folds must be at least 2 and --prompt-len at least 1, got {cfg.folds} and {cfg.prompt_len}")
+            raise IdentifyError(f"--folds must be at least 2 and --prompt-len at least 1, got {cfg.folds} and "
+                                f"{cfg.prompt_len}")
         report = run(args.data, args.out, cfg, args.runs, args.tasks.split(",") if args.tasks else None,
                      tuple(m for m in args.control.split(",") if m))
         best = _find(report["results"], report["model_state_norm"], "prompt", "last", "logistic")
-        print(f"[identify] {len(report['tasks'])} tasks: prompt (last) logistic held-out accuracy {best['heldout']:.3f}; "
-              f"wrote {args.out}/identify.json, identify.md, identify.png")
+        print(f"[identify] {len(report['tasks'])} tasks: prompt (last) logistic held-out accuracy "
+              f"{best['heldout']:.3f}; wrote {args.out}/identify.json, identify.md, identify.png")
         return 0
 
     return run_tool(body, "[identify] interrupted", (IdentifyError,))

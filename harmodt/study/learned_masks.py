@@ -69,11 +69,13 @@ def compare_pair(learned: dict[str, np.ndarray], random: dict[str, np.ndarray], 
 
     active_median = float(np.median(np.concatenate([w[s] for s in flat_l])))
 
-    def sharing(sel: np.ndarray, own: int) -> float:  # mean number of *other* tasks keeping the selected (task, weight) entries
+    # mean number of *other* tasks keeping the selected (task, weight) entries
+    def sharing(sel: np.ndarray, own: int) -> float:
         rows = [keepers[s] - own for s in sel if s.any()]  # own: 1 where the task itself keeps them
         return float(np.mean(np.concatenate(rows))) if rows else float("nan")
 
-    def magnitude(sel: np.ndarray) -> float:  # median |w| of the selected entries over that of every task's active entries
+    # median |w| of the selected entries over that of every task's active entries
+    def magnitude(sel: np.ndarray) -> float:
         rows = [w[s] for s in sel if s.any()]
         return float(np.median(np.concatenate(rows)) / active_median) if rows else float("nan")
 
@@ -140,24 +142,25 @@ def learned_masks_markdown(study: dict) -> list[str]:
     if not rows:
         return []
     lines = ["", "## Learned masks against random masks", "",
-             "Each learned-mask run against the HarmoDT-R run of its seed, whose masks are the learned run's initial ones. "
-             "Kept: fraction of the random mask still active at the end (mean over tasks). Changed: fraction of the final "
-             "mask not in the random one (mean; min over tasks). Jaccard: mean over every two tasks of their masks' "
-             "overlap, random then learned. Sharing: how many of the other tasks keep a weight at the end, for the weights "
-             "a task recovered, for those it dropped, and for all its active weights. |w|: median final magnitude of the "
-             "recovered and of the dropped weights over that of all active weights. Harmony: the score at the first and "
-             "last mask update, learned run (random run). Δ success: learned minus random, mean over tasks.", "",
+             "Each learned-mask run against the HarmoDT-R run of its seed, whose masks are the learned run's initial "
+             "ones. Kept: fraction of the random mask still active at the end (mean over tasks). Changed: fraction of "
+             "the final mask not in the random one (mean; min over tasks). Jaccard: mean over every two tasks of their "
+             "masks' overlap, random then learned. Sharing: how many of the other tasks keep a weight at the end, for "
+             "the weights a task recovered, for those it dropped, and for all its active weights. |w|: median final "
+             "magnitude of the recovered and of the dropped weights over that of all active weights. Harmony: the "
+             "score at the first and last mask update, learned run (random run). Δ success: learned minus random, mean "
+             "over tasks.", "",
              "| run | kept | changed (min) | Jaccard R → learned | sharing: recovered / dropped / active | "
              "|w| recovered / dropped | harmony first → last | Δ success |",
              "|---|---|---|---|---|---|---|---|"]
     for e in rows:
         hl, hr = e.get("harmony_learned") or {}, e.get("harmony_random") or {}
         lines.append(
-            f"| {e['run']} | {fmt(e['kept_of_random'])} | {fmt(e['changed_fraction'], 4)} ({fmt(e['changed_fraction_min'], 4)}) | "
-            f"{fmt(e['task_jaccard_random'])} → {fmt(e['task_jaccard_learned'])} | "
-            f"{fmt(e['other_tasks_keeping_recovered'], 2)} / {fmt(e['other_tasks_keeping_dropped'], 2)} / "
-            f"{fmt(e['other_tasks_keeping_active'], 2)} of {e['other_tasks_max']} | "
-            f"{fmt(e['magnitude_recovered'], 2)} / {fmt(e['magnitude_dropped'], 2)} | "
+            f"| {e['run']} | {fmt(e['kept_of_random'])} | {fmt(e['changed_fraction'], 4)} "
+            f"({fmt(e['changed_fraction_min'], 4)}) | {fmt(e['task_jaccard_random'])} → "
+            f"{fmt(e['task_jaccard_learned'])} | {fmt(e['other_tasks_keeping_recovered'], 2)} / "
+            f"{fmt(e['other_tasks_keeping_dropped'], 2)} / {fmt(e['other_tasks_keeping_active'], 2)} of "
+            f"{e['other_tasks_max']} | {fmt(e['magnitude_recovered'], 2)} / {fmt(e['magnitude_dropped'], 2)} | "
             f"{fmt(hl.get('first'))} → {fmt(hl.get('last'))} ({fmt(hr.get('first'))} → {fmt(hr.get('last'))}) | "
             f"{e['success_diff']:+.3f} |")
     kinds = list(rows[0]["changed_by_matrix"])

@@ -52,7 +52,8 @@ def mask_schedules(runs: list[dict], n_tasks: int) -> str:
         if not r.get("config") or method is None or not method.learns_masks:
             continue
         cfg, mk = r["config"], r["config"]["masks"]
-        key = (cfg["steps"], mk["update_every"], mk["eta_min"], mk["eta_max"], mk["sparsity"], json.dumps(cfg["model"], sort_keys=True))
+        key = (cfg["steps"], mk["update_every"], mk["eta_min"], mk["eta_max"], mk["sparsity"],
+               json.dumps(cfg["model"], sort_keys=True))
         if r["variant"] not in schedules.setdefault(key, []):
             schedules[key].append(r["variant"])
     if not schedules:
@@ -61,6 +62,7 @@ def mask_schedules(runs: list[dict], n_tasks: int) -> str:
     for (steps, every, eta_min, eta_max, sparsity, model), variants in schedules.items():
         bound = alpha_total(steps, every, eta_min, eta_max)
         active = masked_and_active(json.loads(model), sparsity)[1]
-        parts.append(f"{', '.join(variants)}: t_m {every}, eta_min {eta_min}, eta_max {eta_max}; Eq. 12 lets a task switch at most "
-                     f"{bound} weights off (and as many on) over the run, {100 * bound / active:.2f} % of its {active} active weights")
+        parts.append(f"{', '.join(variants)}: t_m {every}, eta_min {eta_min}, eta_max {eta_max}; Eq. 12 lets a task "
+                     f"switch at most {bound} weights off (and as many on) over the run, {100 * bound / active:.2f} % "
+                     f"of its {active} active weights")
     return "; ".join(parts)

@@ -15,8 +15,8 @@ from ..files import loads_json, write_atomic
 from ..methods import METHODS
 
 # flags the study sets itself for every run; passing them through would make runs disagree with their names
-OWN_FLAGS = ("--method", "--seed", "--out", "--resume", "--no-resume", "--tasks", "--data", "--eval-episodes", "--preset",
-             "--config")
+OWN_FLAGS = ("--method", "--seed", "--out", "--resume", "--no-resume", "--tasks", "--data", "--eval-episodes",
+             "--preset", "--config")
 VARIANT_ONLY_FLAGS = ("--preset",)  # a variant may name a preset: the variant's label says which runs have it
 
 
@@ -102,10 +102,12 @@ class Run:
         self.best_eval_path = self.dir / "run_best_eval.json"  # the study's evaluation of best.pt on the same goals
         self.record_path = self.dir / "study_run.json"
 
-    def train_args(self, tasks: str, data: str, passthrough: list[str], threads: int | None, eval_episodes_in_training: int) -> list[str]:
+    def train_args(self, tasks: str, data: str, passthrough: list[str], threads: int | None,
+                   eval_episodes_in_training: int) -> list[str]:
         """The trainer's flags: the study's own, the shared passthrough, the arm's (they win), the swept value."""
-        args = ["--tasks", tasks, "--data", data, "--method", self.method, "--seed", str(self.seed), "--out", str(self.dir),
-                "--resume", "--eval-episodes", str(eval_episodes_in_training), "--no-progress", *passthrough, *self.arm.flags]
+        args = ["--tasks", tasks, "--data", data, "--method", self.method, "--seed", str(self.seed),
+                "--out", str(self.dir), "--resume", "--eval-episodes", str(eval_episodes_in_training), "--no-progress",
+                *passthrough, *self.arm.flags]
         if self.sweep is not None:
             args += [flag_for_key(self.sweep[0]), self.sweep[1]]
         if threads and "--threads" not in passthrough and "--threads" not in self.arm.flags:
@@ -143,7 +145,8 @@ def read_jobs(out: Path) -> dict:
 def failed_jobs(out: Path, runs: list[Run]) -> list[dict]:
     """The failed jobs of the runs not finished, for summary.md."""
     jobs = read_jobs(out)
-    return [{"run": r.name, **jobs[r.name]} for r in runs if not r.finished() and jobs.get(r.name, {}).get("state") == "failed"]
+    return [{"run": r.name, **jobs[r.name]} for r in runs
+            if not r.finished() and jobs.get(r.name, {}).get("state") == "failed"]
 
 
 
@@ -154,7 +157,8 @@ def code_revision() -> str:
 
     root = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "harmodt", "kernels"],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):

@@ -31,11 +31,13 @@ def read_study(folder: Path) -> dict:
         study = loads_json(path.read_text())
     except (OSError, ValueError) as exc:
         raise StudyError(f"{path}: not a readable study.json ({exc})") from None
-    if not isinstance(study, dict) or not isinstance(study.get("runs"), list) or not all(isinstance(r, dict) for r in study["runs"]):
+    if (not isinstance(study, dict) or not isinstance(study.get("runs"), list)
+            or not all(isinstance(r, dict) for r in study["runs"])):
         raise StudyError(f"{path}: not a study.json (expected an object whose 'runs' is a list of run entries)")
     names = [r["name"] for r in study["runs"] if r.get("name") is not None]
     if repeated := sorted({str(n) for n in names if names.count(n) > 1}):
-        raise StudyError(f"{path}: the run entry {repeated[0]!r} appears {names.count(repeated[0])} times (each run counts once)")
+        raise StudyError(f"{path}: the run entry {repeated[0]!r} appears {names.count(repeated[0])} times (each run "
+                         "counts once)")
     if not writable_folder(folder):
         raise StudyError(f"{folder}: not writable (study.json and summary.md are rewritten there)")
     return study
@@ -60,16 +62,20 @@ def recompute(folder: Path) -> dict:
     return study
 
 
-STUDY_JSON_FIGURES = ("methods.png", "success_vs_vote_threshold.png", "validation_success.png", "validation_differences.png")  # the figures that read nothing but the study dict
+# the figures that read nothing but the study dict
+STUDY_JSON_FIGURES = ("methods.png", "success_vs_vote_threshold.png", "validation_success.png",
+                      "validation_differences.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m harmodt.study.recompute",
-                                description="Recompute a study's statistics from FOLDER/study.json; rewrite study.json and summary.md.")
+                                description="Recompute a study's statistics from FOLDER/study.json; rewrite study.json "
+                                            "and summary.md.")
     p.add_argument("folders", nargs="+", type=Path, help="study folders (each with a study.json)")
     folders = p.parse_args(argv).folders
     return run_tool(lambda: _recompute_all(folders),
-                    "[study] recompute interrupted: every file is the old one or the new one (written atomically)", (StudyError, OutputError))
+                    "[study] recompute interrupted: every file is the old one or the new one (written atomically)",
+                    (StudyError, OutputError))
 
 
 def _recompute_all(folders: list[Path]) -> int:

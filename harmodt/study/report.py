@@ -25,8 +25,10 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
     entry = {"name": run.name, "arm": run.arm.key, "method": run.method, "seed": run.seed, "variant": run.variant,
              "sweep": None if run.sweep is None else {"key": run.sweep[0], "value": run.sweep[1]},
              "status": "finished" if run.finished() else "missing",
-             "train_seconds": rec.get("train_seconds"), "eval_seconds": rec.get("eval_seconds"), "revisions": rec.get("revisions"), "machines": rec.get("machines"),
-             "train_command": None if not rec.get("train_args") else "python -m harmodt.train " + shlex.join(rec["train_args"])}
+             "train_seconds": rec.get("train_seconds"), "eval_seconds": rec.get("eval_seconds"),
+             "revisions": rec.get("revisions"), "machines": rec.get("machines"),
+             "train_command": None if not rec.get("train_args") else "python -m harmodt.train "
+             + shlex.join(rec["train_args"])}
     cfg_path = run.dir / "config.json"
     if cfg_path.exists():
         entry["config"] = loads_json(cfg_path.read_text())
@@ -37,7 +39,8 @@ def run_entry(run, eval_episodes: int, eval_seed: int) -> dict:
     entry["mean_success"] = res["mean_success"]
     entry["mean_return"] = float(np.mean([r["return"] for r in res["tasks"].values()]))
     entry["steps"] = res.get("steps")
-    entry["final"] = {"mean_success": res["mean_success"], "step": res.get("steps"), "episodes": eval_episodes, "eval_seed": eval_seed}
+    entry["final"] = {"mean_success": res["mean_success"], "step": res.get("steps"), "episodes": eval_episodes,
+                      "eval_seed": eval_seed}
     best = _validation_best(run, eval_episodes) or _trainer_best(run.dir)
     if best is not None:
         entry["best"] = best
@@ -81,7 +84,8 @@ def _trainer_best(run_dir: Path) -> dict | None:
     if not best:
         return None
     return {"mean_success": best["mean_success"], "step": best["step"], "evaluations": best.get("evaluations"),
-            "episodes": cfg.get("eval_episodes"), "selected_on": "test", "tasks": {t: {"success": r["success"]} for t, r in best["tasks"].items()}}
+            "episodes": cfg.get("eval_episodes"), "selected_on": "test",
+            "tasks": {t: {"success": r["success"]} for t, r in best["tasks"].items()}}
 
 
 def aggregate(study: dict) -> list[dict]:
@@ -99,25 +103,32 @@ def aggregate(study: dict) -> list[dict]:
     for v in order:
         rows = by_variant[v]
         proto = next(r for r in study["runs"] if r["variant"] == v)
-        entry = {"variant": v, "arm": proto["arm"], "method": proto["method"], "sweep_value": None if proto["sweep"] is None else proto["sweep"]["value"],
-                 "seeds_finished": [r["seed"] for r in rows], "seeds_planned": [r["seed"] for r in study["runs"] if r["variant"] == v]}
+        entry = {"variant": v, "arm": proto["arm"], "method": proto["method"],
+                 "sweep_value": None if proto["sweep"] is None else proto["sweep"]["value"],
+                 "seeds_finished": [r["seed"] for r in rows],
+                 "seeds_planned": [r["seed"] for r in study["runs"] if r["variant"] == v]}
         if rows:
             m, lo, hi = t_interval([r["mean_success"] for r in rows])
-            entry.update(mean_success=m, ci_low=lo, ci_high=hi, per_seed={str(r["seed"]): r["mean_success"] for r in rows},
+            entry.update(mean_success=m, ci_low=lo, ci_high=hi,
+                         per_seed={str(r["seed"]): r["mean_success"] for r in rows},
                          per_task={t: float(np.mean([r["tasks"][t]["success"] for r in rows])) for t in study["tasks"]},
-                         per_task_return={t: float(np.mean([r["tasks"][t]["return"] for r in rows])) for t in study["tasks"]},
+                         per_task_return={t: float(np.mean([r["tasks"][t]["return"] for r in rows]))
+                                          for t in study["tasks"]},
                          train_seconds=float(np.mean([r["train_seconds"] or 0 for r in rows])))
             bests = [r["best"] for r in rows if r.get("best")]
             if bests:  # the trainer's best evaluation of each seed (reported beside the final; never ranked on)
                 bm, blo, bhi = t_interval([b["mean_success"] for b in bests])
                 entry["best"] = {"mean_success": bm, "ci_low": blo, "ci_high": bhi, "seeds": len(bests),
-                                 "per_seed": {str(r["seed"]): {"mean_success": r["best"]["mean_success"], "step": r["best"]["step"]}
+                                 "per_seed": {str(r["seed"]): {"mean_success": r["best"]["mean_success"],
+                                                               "step": r["best"]["step"]}
                                               for r in rows if r.get("best")},
                                  "episodes": bests[0]["episodes"], "selected_on": bests[0].get("selected_on", "test")}
             method = METHODS.get(entry["method"])
-            if method is not None and method.masked and not method.learns_masks:  # masks never updated: they do not move
+            # masks never updated: they do not move
+            if method is not None and method.masked and not method.learns_masks:
                 rows = [{"final_mask_changed_fraction": 0.0, "final_mask_changed_fraction_min": 0.0, **r} for r in rows]
-            if bounds := [b for r in rows if r.get("config") and (b := mask_flips_bound_fraction(r["config"])) is not None]:
+            if bounds := [b for r in rows if r.get("config")
+                          and (b := mask_flips_bound_fraction(r["config"])) is not None]:
                 entry["mask_flips_bound_fraction"] = float(np.mean(bounds))
             for key in ("final_mask_changed_fraction", "final_harmony_score", "weights_flipped_per_task"):
                 vals = [r[key] for r in rows if key in r]
@@ -158,55 +169,64 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         missing = [r["name"] for r in runs if r["status"] != "finished"]
         lines += [f"**Partial: {n_done} of {len(runs)} runs evaluated.** Missing: {', '.join(missing)}.", ""]
     for job in study.get("failed_jobs", []):
-        lines += [f"Run {job['run']}: job {job['id']} ({job['executor']}) failed; the last lines of its log {job['log']}:", "",
+        lines += [f"Run {job['run']}: job {job['id']} ({job['executor']}) failed; the last lines of its log "
+                  f"{job['log']}:", "",
                   "```", job.get("tail", ""), "```", ""]
     cfg = next((r["config"] for r in runs if r.get("config")), None)
     if cfg:
         mc, mk = cfg["model"], cfg["masks"]
         lines += [f"Budget: {cfg['steps']} steps at batch {cfg['batch_size']}, {mc['n_layer']} layers x {mc['n_embd']} "
-                  f"({mc['n_head']} heads), lr {cfg['lr']}, warm-up {cfg['warmup_steps']}, {cfg['quality']} data; masks: "
-                  f"sparsity {mk['sparsity']}, {mask_schedules(runs, len(study['tasks']))}"
-                  + ("" if study["sweep"] is None else f" (swept: {study['sweep']['key']} = {', '.join(study['sweep']['values'])}"
+                  f"({mc['n_head']} heads), lr {cfg['lr']}, warm-up {cfg['warmup_steps']}, {cfg['quality']} data; "
+                  f"masks: sparsity {mk['sparsity']}, {mask_schedules(runs, len(study['tasks']))}"
+                  + ("" if study["sweep"] is None
+                     else f" (swept: {study['sweep']['key']} = {', '.join(study['sweep']['values'])}"
                      f" for {', '.join(study['sweep'].get('methods') or study['methods'])})") + ". "
-                  f"Evaluation: {study['eval_episodes']} episodes per task, seed {study['eval_seed']} for every run.", ""]
+                  f"Evaluation: {study['eval_episodes']} episodes per task, seed {study['eval_seed']} for every run.",
+                  ""]
     finished_runs = [r for r in runs if r["status"] == "finished"]
     revisions = {rev for r in finished_runs for rev in r.get("revisions") or []}
     unrecorded = sum(not r.get("revisions") for r in finished_runs)
     if len(revisions) == 1 and not unrecorded:
         lines += [f"Code revision: {next(iter(revisions))} for every finished run.", ""]
     elif revisions or unrecorded:
-        parts = ([f"code revisions {', '.join(sorted(revisions))} (study.json names each run's)"] if revisions else []) + \
-                ([f"{unrecorded} of {len(finished_runs)} finished runs do not record their code revision"] if unrecorded else [])
+        parts = ([f"code revisions {', '.join(sorted(revisions))} (study.json names each run's)"]
+                 if revisions else []) + \
+                ([f"{unrecorded} of {len(finished_runs)} finished runs do not record their code revision"]
+                 if unrecorded else [])
         lines += ["; ".join(parts).capitalize() + ".", ""]
     if machines := sorted({m for r in finished_runs for m in r.get("machines") or []}):
-        lines += [("Machine: " if len(machines) == 1 else "Machines (study.json names each run's): ") + "; ".join(machines) + ".", ""]
+        lines += [("Machine: " if len(machines) == 1 else "Machines (study.json names each run's): ")
+                  + "; ".join(machines) + ".", ""]
     if study.get("variant_flags"):
         lines += ["Variants: " + "; ".join(f"{label} = `{flags}`" for label, flags in study["variant_flags"].items())
                   + " (their flags follow the shared ones).", ""]
     with_best = any("best" in v for v in variants)
     on_validation = any(v.get("best", {}).get("selected_on") == "validation" for v in variants)
     best_text = (" Best on validation: per seed the checkpoint with the highest mean success on the validation goals "
-                 "(--validation-seed, every --eval-every steps and at the end), measured on the test goals with the final "
-                 "checkpoint's episodes; mean over seeds. Its Δ is in the table below." if on_validation else
+                 "(--validation-seed, every --eval-every steps and at the end), measured on the test goals with the "
+                 "final checkpoint's episodes; mean over seeds. Its Δ is in the table below." if on_validation else
                  " Best during training: per seed the highest mean success among the trainer's own evaluations "
-                 "(every --eval-every steps and at the end, with fewer episodes, on the test goals), as the official code "
-                 "reports; mean over seeds. Chosen on the goals it is reported on, it is biased upward: reported, not ranked on.")
+                 "(every --eval-every steps and at the end, with fewer episodes, on the test goals), as the official "
+                 "code reports; mean over seeds. Chosen on the goals it is reported on, it is biased upward: reported, "
+                 "not ranked on.")
     best_head = "best on validation (test goals)" if on_validation else "best during training"
     lines += ["## Mean success over tasks", "",
-              "Final: the study's evaluation of each run's final checkpoint; mean over seeds of each run's mean success over tasks, "
-              "95 % t-interval over the per-seed means. "
-              f"Δ: paired difference from the reference (mean over seeds of the per-seed difference of mean success); its 95 % "
-              f"interval is a {SEED_LEVEL_METHOD}. The (seed, task) bootstrap interval, which treats the pairs as "
-              f"independent replicates and so is narrower than the evidence allows, is shown beside it as a secondary column "
-              f"({study['bootstrap']['samples']} resamples, seed {study['bootstrap']['seed']})."
+              "Final: the study's evaluation of each run's final checkpoint; mean over seeds of each run's mean "
+              "success over tasks, 95 % t-interval over the per-seed means. "
+              "Δ: paired difference from the reference (mean over seeds of the per-seed difference of mean success); "
+              f"its 95 % interval is a {SEED_LEVEL_METHOD}. The (seed, task) bootstrap interval, which treats the "
+              "pairs as independent replicates and so is narrower than the evidence allows, is shown beside it as a "
+              f"secondary column ({study['bootstrap']['samples']} resamples, seed {study['bootstrap']['seed']})."
               + (best_text if with_best else ""), "",
-              "| method | seeds | final mean success | 95 % CI | per seed | Δ vs reference | 95 % CI of Δ (seeds) | (seed, task) bootstrap CI |"
+              "| method | seeds | final mean success | 95 % CI | per seed | Δ vs reference | 95 % CI of Δ (seeds) | "
+              "(seed, task) bootstrap CI |"
               + (f" {best_head} | its 95 % CI | per seed (step) |" if with_best else ""),
               "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if with_best else "")]
     for v in variants:
         seeds = f"{len(v['seeds_finished'])}/{len(v['seeds_planned'])}"
         if "mean_success" not in v:
-            lines.append(f"| {v['variant']} | {seeds} | – | – | – | – | – | – |" + (" – | – | – |" if with_best else ""))
+            lines.append(f"| {v['variant']} | {seeds} | – | – | – | – | – | – |"
+                         + (" – | – | – |" if with_best else ""))
             continue
         per_seed = ", ".join(f"{x:.2f}" for x in v["per_seed"].values())
         p = v.get("paired")
@@ -225,17 +245,19 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
     if len(ranked) > 1:
         order = f"{ranked[0]['variant']} ({ranked[0]['mean_success']:.3f})"
         for prev, v in zip(ranked, ranked[1:]):
-            order += f" {'=' if v['mean_success'] == prev['mean_success'] else '>'} {v['variant']} ({v['mean_success']:.3f})"
+            sign = "=" if v["mean_success"] == prev["mean_success"] else ">"
+            order += f" {sign} {v['variant']} ({v['mean_success']:.3f})"
         lines += ["", f"Ranking by final mean success: {order}."]
     if on_validation and (bp := [v for v in variants if v.get("paired_best")]):
         lines += ["", "## Best on validation against the reference", "",
-                  f"Per seed the checkpoint chosen on the validation goals, measured on the test goals; Δ and its 95 % interval "
-                  f"({SEED_LEVEL_METHOD}) beside the final checkpoints' Δ.", "",
-                  "| method | Δ best on validation | 95 % CI (seeds) | p | Δ final | 95 % CI (seeds) |", "|---|---|---|---|---|---|"]
+                  "Per seed the checkpoint chosen on the validation goals, measured on the test goals; Δ and its 95 % "
+                  f"interval ({SEED_LEVEL_METHOD}) beside the final checkpoints' Δ.", "",
+                  "| method | Δ best on validation | 95 % CI (seeds) | p | Δ final | 95 % CI (seeds) |",
+                  "|---|---|---|---|---|---|"]
         for v in bp:
             b, f = v["paired_best"], v["paired"]
-            lines.append(f"| {v['variant']} − {b['reference']} | {b['mean_diff']:+.3f} | {interval_text(b)} | {_fmt(b['p_value'])} | "
-                         f"{f['mean_diff']:+.3f} | {interval_text(f)} |")
+            lines.append(f"| {v['variant']} − {b['reference']} | {b['mean_diff']:+.3f} | {interval_text(b)} | "
+                         f"{_fmt(b['p_value'])} | {f['mean_diff']:+.3f} | {interval_text(f)} |")
     lines += family_markdown(study.get("family"))
     lines += along_training_markdown(study.get("along_training"))
     done = [v for v in variants if "per_task" in v]
@@ -247,8 +269,8 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         lines.append("| **mean** | " + " | ".join(f"**{v['mean_success']:.3f}**" for v in done) + " |")
     lines += pairwise_markdown(study.get("pairwise") or {}, "Every pair of methods", "per-seed success difference")
     lines += pairwise_markdown(study.get("pairwise_best") or {}, "Every pair of methods, best on validation",
-                               "per-seed success difference of the checkpoints chosen on the validation goals (measured on "
-                               "the test goals), a family of its own")
+                               "per-seed success difference of the checkpoints chosen on the validation goals "
+                               "(measured on the test goals), a family of its own")
     swept = [v for v in done if "paired_sweep" in v]
     if swept:
         key = study["sweep"]["key"]
@@ -261,17 +283,19 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
     masked = [v for v in done if "final_mask_changed_fraction" in v or "final_harmony_score" in v]
     if masked:
         lines += ["", "## Masks and harmony", "",
-                  "Final averaged harmony score (Definition 3.2, at the last mask update); fraction of each task's active "
-                  "weights not active in its initial ERK mask at the end (mean over tasks and seeds, and the least of any "
-                  "task in any seed; 0 for masks that are never updated); the most that fraction can be under the run's "
-                  "schedule (alpha_t of Eq. 12 summed over the mask updates, capped by the task's initially masked weights, over "
-                  "its active ones: at sparsity S never above S / (1 − S)); "
+                  "Final averaged harmony score (Definition 3.2, at the last mask update); fraction of each task's "
+                  "active weights not active in its initial ERK mask at the end (mean over tasks and seeds, and the "
+                  "least of any task in any seed; 0 for masks that are never updated); the most that fraction can be "
+                  "under the run's schedule (alpha_t of Eq. 12 summed over the mask updates, capped by the task's "
+                  "initially masked weights, over its active ones: at sparsity S never above S / (1 − S)); "
                   "weights the updates switched off per task over the run.", "",
-                  "| method | harmony score | mask changed fraction | least of a task | Eq. 12 bound | weights switched per task | "
-                  "train s per run |", "|---|---|---|---|---|---|---|"]
+                  "| method | harmony score | mask changed fraction | least of a task | Eq. 12 bound | weights "
+                  "switched per task | train s per run |", "|---|---|---|---|---|---|---|"]
         for v in masked:
-            lines.append(f"| {v['variant']} | {_fmt(v.get('final_harmony_score'))} | {_fmt(v.get('final_mask_changed_fraction'), 5)} | "
-                         f"{_fmt(v.get('final_mask_changed_fraction_min'), 5)} | {_fmt(v.get('mask_flips_bound_fraction'), 4)} | "
+            lines.append(f"| {v['variant']} | {_fmt(v.get('final_harmony_score'))} | "
+                         f"{_fmt(v.get('final_mask_changed_fraction'), 5)} | "
+                         f"{_fmt(v.get('final_mask_changed_fraction_min'), 5)} | "
+                         f"{_fmt(v.get('mask_flips_bound_fraction'), 4)} | "
                          f"{_fmt(v.get('weights_flipped_per_task'), 0)} | {v['train_seconds']:.0f} |")
     lines += learned_masks_markdown(study)
     lines += unseen_markdown(study)

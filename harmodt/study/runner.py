@@ -31,15 +31,18 @@ from .unseen import aggregate_unseen, collect_unseen, evaluation_keys, unseen_mo
 class Study:
     def __init__(self, args: argparse.Namespace, passthrough: list[str], command: str):
         self.args = args
-        # --eval-stop-at-success: the runs' evaluations during training stop at success too (their success, which selects best.pt, is the same)
-        self.passthrough = [*passthrough, "--stop-at-success"] if args.eval_stop_at_success and "--stop-at-success" not in passthrough else passthrough
+        # --eval-stop-at-success: the runs' evaluations in training stop at success too (best.pt is chosen on the
+        # same success)
+        self.passthrough = ([*passthrough, "--stop-at-success"]
+                            if args.eval_stop_at_success and "--stop-at-success" not in passthrough else passthrough)
         self.command = command
         self.out = Path(args.out)
         self.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         self.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         self.arms = [method_arm(m) for m in self.methods] + [parse_variant(v) for v in args.variant]
         self.sweep = parse_sweep(args.sweep)
-        self.sweep_arms = [m.strip() for m in (args.sweep_methods or "").split(",") if m.strip()] or [a.key for a in self.arms]
+        self.sweep_arms = [m.strip() for m in (args.sweep_methods or "").split(",")
+                           if m.strip()] or [a.key for a in self.arms]
         sweeps = [None] if self.sweep is None else [(self.sweep[0], v) for v in self.sweep[1]]
         # seed by seed (a study cut short has the same seeds of every variant): every arm at the first swept
         # value, then the swept arms at the other values
@@ -85,8 +88,9 @@ class Study:
 
         if current_cache(Path(self.data)):
             return
-        cmd = [sys.executable, "-m", "harmodt.data", "generate", "--tasks", self.args.tasks, "--episodes", str(self.args.gen_episodes),
-               "--out", self.data, "--seed", str(self.args.data_seed), "--workers", str(max(1, self.args.workers * self.threads)),
+        cmd = [sys.executable, "-m", "harmodt.data", "generate", "--tasks", self.args.tasks,
+               "--episodes", str(self.args.gen_episodes), "--out", self.data, "--seed", str(self.args.data_seed),
+               "--workers", str(max(1, self.args.workers * self.threads)),
                "--no-progress", "--overwrite"]  # (the study's own folder: one of an older generator is made again)
         self.say(f"generating the shared dataset: {shlex.join(cmd[1:])}")
         t = time.perf_counter()
@@ -114,7 +118,8 @@ class Study:
         rec.update(name=run.name, method=run.method, arm=run.arm.key, label=run.arm.label, seed=run.seed,
                    sweep=None if run.sweep is None else list(run.sweep),
                    train_args=run.train_args(self.args.tasks, self.data, self.passthrough, None, self.curve_episodes))
-        if (revision := code_revision()) not in rec.setdefault("revisions", []):  # every revision that trained or evaluated it
+        # every revision that trained or evaluated it
+        if (revision := code_revision()) not in rec.setdefault("revisions", []):
             rec["revisions"].append(revision)
         if (machine := machine_name()) not in rec.setdefault("machines", []):  # and every processor
             rec["machines"].append(machine)
@@ -134,7 +139,8 @@ class Study:
                 rc = self.child([sys.executable, "-m", "harmodt.train", *train_args], log, env, on_wait=record_time)
             record_time()
             if rc != 0:
-                self.say(f"stop  {run.name}: training stopped (exit {rc}); its checkpoint resumes it" if self.stopping.is_set()
+                self.say(f"stop  {run.name}: training stopped (exit {rc}); its checkpoint resumes it"
+                         if self.stopping.is_set()
                          else f"FAIL  {run.name}: training exited {rc}\n{tail_lines(run.dir / 'train.log', 25)}")
                 return False
         # the final checkpoint, then (with --validation-seed) the one chosen on the validation goals, on the test goals
@@ -149,17 +155,21 @@ class Study:
             if not ok:
                 return False
         res = loads_json(run.eval_path.read_text())
-        best = f"; best on validation {loads_json(run.best_eval_path.read_text())['mean_success']:.3f}" if run.best_eval_path.exists() else ""
+        best = (f"; best on validation {loads_json(run.best_eval_path.read_text())['mean_success']:.3f}"
+                if run.best_eval_path.exists() else "")
         self.say(f"done  {run.name} ({index}/{total}) in {time.perf_counter() - t_run:.0f} s "
-                 f"(train {rec['train_seconds']:.0f} s, eval {rec['eval_seconds']:.0f} s): mean success {res['mean_success']:.3f}{best}")
+                 f"(train {rec['train_seconds']:.0f} s, eval {rec['eval_seconds']:.0f} s): mean success "
+                 f"{res['mean_success']:.3f}{best}")
         return self.evaluate_unseen(run, env)
 
-    def evaluate(self, run: Run, extra: list[str], out: Path, log_name: str, what: str, env: dict, checkpoint: Path | None = None) -> bool:
+    def evaluate(self, run: Run, extra: list[str], out: Path, log_name: str, what: str, env: dict,
+                 checkpoint: Path | None = None) -> bool:
         """``python -m harmodt.evaluate`` on ``checkpoint`` (default: the run's final one) with the study's
         episodes and seed (the same goals for every run), into ``out`` (renamed into place once complete)."""
         if self.stopping.is_set():
             return False
-        eval_args = [str(checkpoint or run.dir / "checkpoint.pt"), *extra, "--episodes", str(self.args.eval_episodes), "--seed", str(self.args.eval_seed),
+        eval_args = [str(checkpoint or run.dir / "checkpoint.pt"), *extra, "--episodes", str(self.args.eval_episodes),
+                     "--seed", str(self.args.eval_seed),
                      "--out", str(out) + ".tmp", "--no-progress",
                      *(["--precision", "bf16"] if self.args.eval_precision == "bf16" else []),
                      *(["--stop-at-success"] if self.args.eval_stop_at_success else [])]
@@ -182,19 +192,22 @@ class Study:
         cfg = loads_json((run.dir / "config.json").read_text())
         mode = unseen_mode(cfg)
         if mode == "skip":
-            self.say(f"note  {run.name}: no held-out evaluation (conditioned on the task ID, it cannot name an unseen task)")
+            self.say(f"note  {run.name}: no held-out evaluation (conditioned on the task ID, it cannot name an unseen "
+                     "task)")
         for threshold in evaluation_keys(mode, self.thresholds):
             path = run.unseen_path(threshold)
             if path.exists():
                 continue
-            extra = ["--tasks", ",".join(self.eval_tasks)] + ([] if threshold is None else ["--vote-threshold", str(threshold)])
+            extra = (["--tasks", ",".join(self.eval_tasks)]
+                     + ([] if threshold is None else ["--vote-threshold", str(threshold)]))
             what = "held-out evaluation" + ("" if threshold is None else f" at T={threshold}")
             t = time.perf_counter()
             if not self.evaluate(run, extra, path, "unseen.log", what, env):
                 return False
             res = loads_json(path.read_text())
-            self.say(f"held-out {run.name}{'' if threshold is None else f' T={threshold}'} in {time.perf_counter() - t:.0f} s: "
-                     f"mean success {res['mean_success']:.3f} on {len(self.eval_tasks)} unseen task(s)")
+            self.say(f"held-out {run.name}{'' if threshold is None else f' T={threshold}'} in "
+                     f"{time.perf_counter() - t:.0f} s: mean success {res['mean_success']:.3f} on "
+                     f"{len(self.eval_tasks)} unseen task(s)")
         return True
 
     def child(self, cmd: list[str], log, env: dict, on_wait=None) -> int:
@@ -289,8 +302,10 @@ class Study:
         return {"command": self.command, "tasks": tasks, "methods": self.methods, "arms": [a.label for a in self.arms],
                 "variant_flags": {a.label: shlex.join([a.method, *a.flags]) for a in self.arms[len(self.methods):]},
                 "seeds": self.seeds, "family_spec": self.family,
-                "sweep": None if self.sweep is None else {"key": self.sweep[0], "values": self.sweep[1], "methods": self.sweep_arms},
-                "eval_episodes": self.args.eval_episodes, "eval_seed": self.args.eval_seed, "eval_precision": self.args.eval_precision,
+                "sweep": (None if self.sweep is None
+                          else {"key": self.sweep[0], "values": self.sweep[1], "methods": self.sweep_arms}),
+                "eval_episodes": self.args.eval_episodes, "eval_seed": self.args.eval_seed,
+                "eval_precision": self.args.eval_precision,
                 "eval_returns_truncated": self.args.eval_stop_at_success, "data": self.data,
                 "eval_tasks": self.eval_tasks, "vote_thresholds": self.thresholds,
                 "passthrough": self.passthrough, "training_path": training_path(runs),

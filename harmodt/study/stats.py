@@ -24,7 +24,8 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def paired_bootstrap(diffs, level: float = 0.95, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+def paired_bootstrap(diffs, level: float = 0.95, samples: int = BOOTSTRAP_SAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
     """(mean, low, high): percentile bootstrap interval of the mean of paired differences
     (one per (seed, task) pair), resampling the pairs with replacement."""
     d = np.asarray(diffs, dtype=float).reshape(-1)

@@ -48,14 +48,16 @@ def episode_features(datasets: dict, tasks: list[str], cfg: IdentifyConfig, stat
                               max_ep_len=cfg.max_ep_len, seed=cfg.seed, state_norm=state_norm)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = {}
-    for part, label_key, flats in (("train", "train_labels", batcher.data), ("prompts", "prompt_labels", batcher.prompts)):
+    for part, label_key, flats in (("train", "train_labels", batcher.data),
+                                   ("prompts", "prompt_labels", batcher.prompts)):
         feats, labels = {v: [] for v in VIEWS}, []
         for tid, flat in enumerate(flats):
             first = first_states(flat)
             windows = {s: _window_vectors(episode_segments(flat, cfg.prompt_len, s, gen), cfg.max_ep_len)
                        for s in PROMPT_SEGMENTS}
             for view, seg in VIEWS:
-                x = first if view == "first" else windows[seg] if view == "prompt" else torch.cat([windows[seg], first], 1)
+                x = (first if view == "first" else windows[seg] if view == "prompt"
+                     else torch.cat([windows[seg], first], 1))
                 feats[(view, seg)].append(x.double())
             labels.append(torch.full((len(flat.lengths),), tid, dtype=torch.int64))
         out[part] = {v: torch.cat(f).numpy() for v, f in feats.items()}
@@ -114,7 +116,8 @@ def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def heldout_predictions(x: np.ndarray, y: np.ndarray, n_classes: int, classifier: str, cfg: IdentifyConfig) -> np.ndarray:
+def heldout_predictions(x: np.ndarray, y: np.ndarray, n_classes: int, classifier: str,
+                        cfg: IdentifyConfig) -> np.ndarray:
     """Every row's predicted class from a classifier fitted on the other folds (:func:`fold_of`)."""
     fold = fold_of(y, cfg.folds, cfg.seed)
     pred = np.empty_like(y)

@@ -47,8 +47,8 @@ def parse_thresholds(text: str | None, n_tasks: int) -> list[int]:
         raise StudyError(f"--vote-thresholds must list distinct integers, got {text!r}")
     bad = [v for v in vals if not 0 <= v < n_tasks]
     if bad:
-        raise StudyError(f"--vote-thresholds: {bad[0]} is outside 0..{n_tasks - 1} (a weight is voted in when more than T "
-                         f"of the {n_tasks} training tasks keep it)")
+        raise StudyError(f"--vote-thresholds: {bad[0]} is outside 0..{n_tasks - 1} (a weight is voted in when more "
+                         f"than T of the {n_tasks} training tasks keep it)")
     return vals
 
 
@@ -133,12 +133,14 @@ def aggregate_unseen(study: dict) -> list[dict]:
             per_task = {t: {"success": _ci([e["tasks"][t]["success"] for _, e in evs]),
                             "return": _ci([e["tasks"][t]["return"] for _, e in evs])} for t in study["eval_tasks"]}
             row = {**base, "threshold": None if key == "dense" else int(key), "seeds": [s for s, _ in evs],
-                   **_ci([e["mean_success"] for _, e in evs]), "mean_return": float(np.mean([e["mean_return"] for _, e in evs])),
+                   **_ci([e["mean_success"] for _, e in evs]),
+                   "mean_return": float(np.mean([e["mean_return"] for _, e in evs])),
                    "per_task": per_task, "train_tasks": reference}
             dens = [e["vote_density"] for _, e in evs if e.get("vote_density") is not None]
             if dens:
                 row["vote_density"] = float(np.mean(dens))
-            row["success_by_seed"] = {str(s): {t: e["tasks"][t]["success"] for t in study["eval_tasks"]} for s, e in evs}
+            row["success_by_seed"] = {str(s): {t: e["tasks"][t]["success"] for t in study["eval_tasks"]}
+                                      for s, e in evs}
             rows.append(row)
     reference = next((r for r in rows if r["method"] == REFERENCE and r["mode"] == "dense"), None)
     if reference is not None:
@@ -161,32 +163,36 @@ def unseen_markdown(study: dict) -> list[str]:
     if not study.get("eval_tasks"):
         return []
     lines = ["", "## Unseen tasks (Eq. 13)", "",
-             f"Held-out tasks: {', '.join(study['eval_tasks'])}; {study['eval_episodes']} episodes each, seed {study['eval_seed']}. "
+             f"Held-out tasks: {', '.join(study['eval_tasks'])}; {study['eval_episodes']} episodes each, seed "
+             f"{study['eval_seed']}. "
              "Masked methods act through the voted mask at threshold T (a weight is active when more than T of the "
-             f"{len(study['tasks'])} training tasks keep it) and the task's own prompt; dense prompted methods through the "
-             "prompt alone (T does not apply). Mean over seeds with the 95 % t-interval over seeds; the training tasks' "
-             "final success of the same runs is the upper reference; density: the fraction of masked weights the voted "
-             "mask keeps (mean over seeds); Δ: held-out success minus Prompt-DT's, paired by seed, with its 95 % interval, "
-             f"a {SEED_LEVEL_METHOD} (in brackets); the (seed, held-out task) bootstrap interval follows as a secondary one.", ""]
+             f"{len(study['tasks'])} training tasks keep it) and the task's own prompt; dense prompted methods through "
+             "the prompt alone (T does not apply). Mean over seeds with the 95 % t-interval over seeds; the training "
+             "tasks' final success of the same runs is the upper reference; density: the fraction of masked weights "
+             "the voted mask keeps (mean over seeds); Δ: held-out success minus Prompt-DT's, paired by seed, with its "
+             f"95 % interval, a {SEED_LEVEL_METHOD} (in brackets); the (seed, held-out task) bootstrap interval "
+             "follows as a secondary one.", ""]
     done = [r for r in rows if r["mode"] != "skip"]
     if done:
-        lines += ["| method | T | voted-mask density | seeds | held-out success | 95 % CI | Δ vs Prompt-DT [95 % CI] | held-out return "
-                  "| training tasks' success |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| method | T | voted-mask density | seeds | held-out success | 95 % CI | Δ vs Prompt-DT [95 % CI] | "
+                  "held-out return | training tasks' success |", "|---|---|---|---|---|---|---|---|---|"]
         for r in done:
             ref = r["train_tasks"]
             train = f"{fmt(ref['mean_success'])} [{fmt(ref.get('ci_low'))}, {fmt(ref.get('ci_high'))}]" if ref else "–"
             p = r.get("vs_reference")
             delta = (f"{p['mean_diff']:+.3f} [{fmt(p['ci_low'])}, {fmt(p['ci_high'])}]; bootstrap "
                      f"[{p['pairs_bootstrap']['ci_low']:+.3f}, {p['pairs_bootstrap']['ci_high']:+.3f}]") if p else "–"
-            lines.append(f"| {r['variant']} | {'–' if r['threshold'] is None else r['threshold']} | {fmt(r.get('vote_density'))} | "
-                         f"{len(r['seeds'])} | {fmt(r['mean'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | {delta} | "
-                         f"{fmt(r['mean_return'], 1)} | {train} |")
+            lines.append(f"| {r['variant']} | {'–' if r['threshold'] is None else r['threshold']} | "
+                         f"{fmt(r.get('vote_density'))} | {len(r['seeds'])} | {fmt(r['mean'])} | [{fmt(r['ci_low'])}, "
+                         f"{fmt(r['ci_high'])}] | {delta} | {fmt(r['mean_return'], 1)} | {train} |")
         for what, nd in (("success", 2), ("return", 0)):
             lines += ["", f"{what.capitalize()} per held-out task (mean [95 % CI] over seeds):", "",
-                      "| method | T | " + " | ".join(study["eval_tasks"]) + " |", "|---|---|" + "---|" * len(study["eval_tasks"])]
+                      "| method | T | " + " | ".join(study["eval_tasks"]) + " |",
+                      "|---|---|" + "---|" * len(study["eval_tasks"])]
             for r in done:
                 cells = [_cell(r["per_task"][t][what], nd) for t in study["eval_tasks"]]
-                lines.append(f"| {r['variant']} | {'–' if r['threshold'] is None else r['threshold']} | " + " | ".join(cells) + " |")
+                lines.append(f"| {r['variant']} | {'–' if r['threshold'] is None else r['threshold']} | "
+                             + " | ".join(cells) + " |")
     else:
         lines.append("No run has been evaluated on the held-out tasks yet.")
     for r in rows:
