@@ -61,7 +61,8 @@ class Domain:
         return convert
 
     def describe(self, kind: type) -> str:
-        """What the values are, e.g. ``>= 1 (an integer)``, ``in [0, 1) (a finite number)``, ``a or b``, ``one of a, b, c``."""
+        """What the values are, e.g. ``>= 1 (an integer)``, ``in [0, 1) (a finite number)``, ``a or b``,
+        ``one of a, b, c``."""
         if self.choices:
             names = list(map(str, self.choices))
             return " or ".join(names) if len(names) == 2 else "one of " + ", ".join(names)

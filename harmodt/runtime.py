@@ -67,7 +67,8 @@ def float32_matmuls(precision: str, device):
     import torch
 
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if precision == "tf32" and torch.device(device).type == "cuda" else "highest")
+    tf32 = precision == "tf32" and torch.device(device).type == "cuda"
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
     try:
         yield
     finally:
