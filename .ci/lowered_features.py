@@ -63,7 +63,7 @@ def main() -> int:
     import threadpoolctl
     import torch
 
-    import harmodt_kernels as kernels
+    import harmodt_kernels
 
     failures = []
     cap = torch.backends.cpu.get_cpu_capability()
@@ -103,7 +103,7 @@ def main() -> int:
     print(f"MKL SGEMM: {how} (sha1 {here} here, {unset} unset, {avx2} MKL_CBWR=AVX2)")
 
     lib = os.environ.get("HARMODT_KERNELS_LIB")
-    state = "cpu" in kernels.available_backends("cpu")
+    state = "cpu" in harmodt_kernels.available_backends("cpu")
     print(f"native ops: {lib or 'kernels/harmodt_kernels/_lib (HARMODT_KERNELS_LIB unset)'}: {'loaded' if state else 'NOT loaded'}")
     if not state:
         failures.append(f"the native ops did not load from {lib or 'kernels/harmodt_kernels/_lib'}")

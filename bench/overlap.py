@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 
 class Half:
@@ -63,7 +63,7 @@ def policy(rows: torch.Tensor, n_tasks: int, precision: str):
 
     k, kp = 20, 5
     model, masks = model_and_masks(n_tasks, "cpu", ModelConfig(n_layer=3, n_head=4, n_embd=128))
-    op = kernels.select_backends(torch.device("cpu"), True).masked_linear.cached({})
+    op = harmodt_kernels.select_backends(torch.device("cpu"), True).masked_linear.cached({})
     g = torch.Generator().manual_seed(0)
     packed = masks.packed()
     prompt = {"prompt_states": torch.randn(n_tasks, kp, 39, generator=g), "prompt_actions": torch.rand(n_tasks, kp, 4, generator=g) * 2 - 1,

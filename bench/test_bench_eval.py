@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 from .common import call_runner, devices, figure, interleave, model_and_masks, paired_ratio, record, rounds, time_figure
 
@@ -45,7 +45,7 @@ def test_eval_mt10(benchmark, device):
     from harmodt.tasks import MT10
 
     model, masks = model_and_masks(len(MT10), device)
-    op = kernels.select_backends(device, True).masked_linear
+    op = harmodt_kernels.select_backends(device, True).masked_linear
     backend = op.backend.name
     info = _eval_info(MT10)
     runs = []
@@ -73,7 +73,7 @@ def test_eval_forward_mt50(benchmark, device):
 
     n_tasks, episodes, k, kp = 50, 10, 20, 5
     model, masks = model_and_masks(n_tasks, device)
-    fused_op = kernels.select_backends(device, True).masked_linear
+    fused_op = harmodt_kernels.select_backends(device, True).masked_linear
     fused = fused_op.backend.name
     g = torch.Generator().manual_seed(0)
     packed = masks.packed()
@@ -100,7 +100,7 @@ def test_eval_forward_mt50(benchmark, device):
         return run
 
     times = interleave(benchmark, {"fused": call_runner(forward(fused_op), device),
-                                   "reference": call_runner(forward(kernels.REFERENCE_OPS.masked_linear), device)},
+                                   "reference": call_runner(forward(harmodt_kernels.REFERENCE_OPS.masked_linear), device)},
                        rounds(2 if device == "cpu" else 20), calls=1 if device == "cpu" else 10, warmup=0 if device == "cpu" else 2)
     speedup = 1.0 / paired_ratio(times, "fused", "reference")
     figs = [time_figure(f"evaluation forward, MT50 x 10 episodes, {fused}", times, "fused"),
@@ -141,7 +141,7 @@ def test_eval_floor_mt10(benchmark, device):
     from harmodt.tasks import MT10
 
     model, masks = model_and_masks(len(MT10), device, ModelConfig(n_layer=3, n_head=4, n_embd=128))
-    op = kernels.select_backends(device, True).masked_linear
+    op = harmodt_kernels.select_backends(device, True).masked_linear
     info = _eval_info(MT10)
     b = len(MT10) * FLOOR_EPISODES
     env_tasks = [t for t in MT10 for _ in range(FLOOR_EPISODES)]
@@ -205,7 +205,7 @@ def test_eval_trained_checkpoint(benchmark):
     from harmodt.evaluate import evaluate, load_checkpoint
 
     model, masks, info, cfg, _ = load_checkpoint(CHECKPOINT, "cpu")
-    op = kernels.select_backends(torch.device("cpu"), True).masked_linear
+    op = harmodt_kernels.select_backends(torch.device("cpu"), True).masked_linear
     tasks = list(info["tasks"])
     kw = dict(backend=op, vote_threshold=cfg["masks"]["vote_threshold"], progress=False)
     runs = {}

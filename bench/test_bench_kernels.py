@@ -1,4 +1,4 @@
-"""The three kernel ops (``kernels.masked_linear``, ``masked_adamw_``, ``harmony_select``) on the
+"""The three kernel ops (``harmodt_kernels.masked_linear``, ``masked_adamw_``, ``harmony_select``) on the
 device's fused backend (native ``cpu`` on a CPU, ``triton`` on CUDA) against ``reference``, at
 the paper model's shapes: masked matrices qkv 256->768, attention projection 256->256, fc
 256->1024, MLP projection 1024->256 (P = 4.72 M over six layers), ERK-like random masks at S = 0.2.
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 from harmodt.masks import IMPORTANCE
 
 from .common import (ETA_MAX, EVAL_TOKENS, LAMBDA, LAYERS, P_MODEL, SPARSITY, TRAIN_ROWS, Timed, devices, figure,
@@ -31,7 +31,7 @@ EVAL_TASKS, EVAL_EPISODES = 50, 10
 def fused_backend(device: str) -> str:
     """The backend ``--fused`` picks on ``device``; skips the benchmark when it cannot run."""
     want = "triton" if device == "cuda" else "cpu"
-    why = kernels.backend_reason(want, device)
+    why = harmodt_kernels.backend_reason(want, device)
     if why is not None:
         pytest.skip(f"the {want} backend cannot run: {why}")
     return want
@@ -40,7 +40,7 @@ def fused_backend(device: str) -> str:
 def _layer(k: int, n: int, t: int, device, dtype, g: torch.Generator, grad: bool):
     w = (torch.randn(n, k, generator=g) * 0.05).to(device, dtype).requires_grad_(grad)
     b = torch.randn(n, generator=g).to(device, dtype).requires_grad_(grad)
-    masks = kernels.pack_masks(torch.rand(t, n, k, generator=g) >= SPARSITY).to(device)
+    masks = harmodt_kernels.pack_masks(torch.rand(t, n, k, generator=g) >= SPARSITY).to(device)
     return w, b, masks
 
 
@@ -67,7 +67,7 @@ def _masked_vs_dense(benchmark, device, what: str, layers, ids, train: bool, n_r
             with torch.set_grad_enabled(train):
                 for x, w, b, masks, gy in layers:
                     x.grad = w.grad = b.grad = None
-                    y = kernels.masked_linear(x, w, b, masks, ids, backend=be)
+                    y = harmodt_kernels.masked_linear(x, w, b, masks, ids, backend=be)
                     if train:
                         y.backward(gy)
         return run
@@ -180,7 +180,7 @@ def test_masked_adamw(benchmark, device):
     g = torch.Generator().manual_seed(2)
     params = [p.detach().clone() for p in model.parameters()]
     grads = [torch.randn(p.shape, generator=g).to(device) * 1e-3 for p in params]
-    masks = [kernels.pack_masks(torch.rand(p.shape, generator=g) >= SPARSITY).to(device) if q in masked else None
+    masks = [harmodt_kernels.pack_masks(torch.rand(p.shape, generator=g) >= SPARSITY).to(device) if q in masked else None
              for p, q in zip(params, model.parameters())]
 
     def opt(be):
@@ -190,7 +190,7 @@ def test_masked_adamw(benchmark, device):
         coef = torch.tensor(0.5, device=device)
 
         def run():
-            kernels.masked_adamw_(params, grads, m, v, masks, steps, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-4,
+            harmodt_kernels.masked_adamw_(params, grads, m, v, masks, steps, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-4,
                                   grad_scale=coef, backend=be)
         return run
 
@@ -210,11 +210,11 @@ def harmony_inputs(t: int, device, g: torch.Generator):
     """Algorithm 2's [T, P] harmony and recovery scores (Fisher importance, lambda = 10) of random
     masked and dense gradients, and packed masks of density 0.8 (row by row: no [T, P] bool
     temporaries)."""
-    masks = torch.empty(t, kernels.num_words(P_MODEL), dtype=torch.int32)
+    masks = torch.empty(t, harmodt_kernels.num_words(P_MODEL), dtype=torch.int32)
     masked_grads = torch.empty(t, P_MODEL)
     for i in range(t):
         active = torch.rand(P_MODEL, generator=g) >= SPARSITY
-        masks[i] = kernels.pack_masks(active)
+        masks[i] = harmodt_kernels.pack_masks(active)
         masked_grads[i] = torch.randn(P_MODEL, generator=g) * active
     grads = torch.randn(t, P_MODEL, generator=g)
     masked_grads, grads = masked_grads.to(device), grads.to(device)
@@ -231,7 +231,7 @@ def test_harmony_select(benchmark, device, tasks):
     pytest-benchmark); on CUDA also each backend's peak extra memory. Target: fused >= 5x the
     reference at MT50."""
     backend = fused_backend(device)
-    names = [backend] + [b for b in kernels.available_backends(device) if b not in (backend, "triton")]
+    names = [backend] + [b for b in harmodt_kernels.available_backends(device) if b not in (backend, "triton")]
     if "reference" not in names:
         names.append("reference")
     args = harmony_inputs(tasks, device, torch.Generator().manual_seed(tasks))
@@ -239,7 +239,7 @@ def test_harmony_select(benchmark, device, tasks):
 
     def sel(be):
         def run():
-            return kernels.harmony_select(*args, ETA_MAX, backend=be)
+            return harmodt_kernels.harmony_select(*args, ETA_MAX, backend=be)
         return run
 
     if device == "cuda":

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 from .common import SPARSITY, call_runner, devices, figure, interleave, paired_ratio, record, rounds, time_figure
 
@@ -50,14 +50,14 @@ def host_runner(fn, device: str):
 def launch_backends(device: str) -> list[str]:
     if device == "cuda":
         return ["triton"]
-    return [b for b in ("cpu", "reference") if kernels.backend_reason(b, "cpu") is None]
+    return [b for b in ("cpu", "reference") if harmodt_kernels.backend_reason(b, "cpu") is None]
 
 
 def tiny_inputs(device: str, g: torch.Generator):
     x = torch.randn(R, K, generator=g).to(device)
     w = torch.randn(N, K, generator=g).to(device).requires_grad_()
     b = torch.randn(N, generator=g).to(device).requires_grad_()
-    masks = kernels.pack_masks(torch.rand(1, N, K, generator=g) >= SPARSITY).to(device)
+    masks = harmodt_kernels.pack_masks(torch.rand(1, N, K, generator=g) >= SPARSITY).to(device)
     return x, w, b, masks, torch.zeros(1, dtype=torch.int64, device=device), torch.randn(R, N, generator=g).to(device)
 
 
@@ -88,7 +88,7 @@ def _launch_cost(benchmark, device):
     }
     backends = launch_backends(device)
     for be in backends:
-        op = kernels.backend_ops(be, device)
+        op = harmodt_kernels.backend_ops(be, device)
         variants[f"{be} masked_linear fwd"] = host_runner(lambda op=op: op.masked_linear(x, w, b, masks, task), device)
         variants[f"{be} masked_linear fwd+bwd"] = host_runner(lambda op=op: op.masked_linear(xg, w, b, masks, task).backward(dy), device)
         variants[f"{be} dropout"] = host_runner(lambda op=op: op.dropout(x, 0.1, 12345), device)
@@ -98,7 +98,7 @@ def _launch_cost(benchmark, device):
     masked = set(model.masked_weights().values())
     params = [p.detach().clone() for p in model.parameters()]
     grads = [torch.randn(p.shape, generator=g).to(device) * 1e-3 for p in params]
-    pmasks = [kernels.pack_masks(torch.rand(p.shape, generator=g) >= SPARSITY).to(device) if q in masked else None
+    pmasks = [harmodt_kernels.pack_masks(torch.rand(p.shape, generator=g) >= SPARSITY).to(device) if q in masked else None
               for p, q in zip(params, model.parameters())]
     ref_params = [torch.nn.Parameter(p.clone()) for p in params]
     for p, gr in zip(ref_params, grads):
@@ -111,7 +111,7 @@ def _launch_cost(benchmark, device):
         workspace: dict = {}
 
         def adamw(be=be, m=m, v=v, steps=steps, workspace=workspace):
-            kernels.masked_adamw_(params, grads, m, v, pmasks, steps, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-4,
+            harmodt_kernels.masked_adamw_(params, grads, m, v, pmasks, steps, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-4,
                                   backend=be, workspace=workspace)
 
         variants[f"{be} masked_adamw_"] = host_runner(adamw, device)

@@ -123,15 +123,15 @@ class HarmoDTAgent:
         threshold for unseen tasks (default: the training config's); ``seed``: the seed of
         ``harmodt.evaluate`` whose prompts to use (they depend on it only for unseen tasks and
         ``prompt_segment="random"``)."""
-        import harmodt_kernels as kernels
+        import harmodt_kernels
 
         from .evaluate import load_checkpoint
 
         names = list(envs) if isinstance(envs, (list, tuple)) else task_names_of(envs)
         device = torch.device(device)
         try:
-            backends = kernels.select_backends(device, fused, backend)
-        except (kernels.BackendUnavailable, ValueError) as exc:
+            backends = harmodt_kernels.select_backends(device, fused, backend)
+        except (harmodt_kernels.BackendUnavailable, ValueError) as exc:
             raise EvalError(str(exc)) from None
         model, masks, info, cfg, _ = load_checkpoint(path, device)
         threshold = vote_threshold if vote_threshold is not None else cfg["masks"]["vote_threshold"]

@@ -5,7 +5,7 @@ Every task x episode runs together: one vector env with one env per (task, episo
 are the same), and one model forward per timestep for all running episodes, each row through its
 own task's mask (Algorithm 1's inference stage, batched), with one transfer of the observations
 and one of the actions per step. Each task's masked weights ``W * M_t`` are made once
-(``kernels.CachedMaskedLinearOp``): a forward is GEMMs alone. The prompt's keys and values are
+(``harmodt_kernels.CachedMaskedLinearOp``): a forward is GEMMs alone. The prompt's keys and values are
 computed once per task, and the last block runs for the last state token only
 (:meth:`harmodt.model.PromptDT.act`). Unseen tasks act through the voted mask of Eq. 13.
 Episodes last 500 steps (``--stop-at-success``: until their first success); an episode succeeds
@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 from .checkpoint import CheckpointError
 from .config import EVALUATION_GOALS_SEED, OneLineParser, interruptible, selection_goals_problem
@@ -46,14 +46,14 @@ MAX_EPISODES_AT_ONCE = 250  # live environments at a time, about 5 GB of simulat
 
 
 def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int, seed: int, *,
-             backend: str | kernels.MaskedLinearOp = "reference",
+             backend: str | harmodt_kernels.MaskedLinearOp = "reference",
              vote_threshold: int | None = None, batch_size: int | None = None, max_steps: int = 500,
              progress: bool = True,
              precision: str = "fp32", target_return: float | None = None, sim_workers: int | None = None,
              prompt_segment: str | None = None, stop_at_success: bool = False) -> dict:
     """Run ``episodes`` episodes of every task in ``tasks`` on the model's device (module docstring).
     ``backend``: the ``masked_linear`` op the masked layers run on (a field of
-    ``kernels.select_backends(...)``), or the name of a concrete backend.
+    ``harmodt_kernels.select_backends(...)``), or the name of a concrete backend.
     ``batch_size``: episodes run together (rows per forward); None = all at once up to
     ``MAX_EPISODES_AT_ONCE``, 1 = one episode at a time at batch 1 (the official code's way, kept
     as a baseline). ``env_steps_per_s`` counts stepping
@@ -275,8 +275,8 @@ def _evaluate_command(args) -> int:
     if device is None:
         raise EvalError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     try:
-        backends = kernels.select_backends(device, args.fused, args.backend)
-    except (kernels.BackendUnavailable, ValueError) as exc:
+        backends = harmodt_kernels.select_backends(device, args.fused, args.backend)
+    except (harmodt_kernels.BackendUnavailable, ValueError) as exc:
         raise EvalError(str(exc)) from None
     with run_lock(args.out):  # evaluating into a run's folder: its one writer meanwhile
         model, masks, info, cfg, step = load_checkpoint(args.checkpoint, device, args.target_return)

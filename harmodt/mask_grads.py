@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 from .masks import TaskMasks
 from .model import MaskContext, action_loss
@@ -165,7 +165,7 @@ def _mask_rows(weights: dict, task_masks: TaskMasks | None, masked_linear, n_tas
     for name, w in weights.items():
         if ones and w.shape not in ones_of:
             one = torch.ones(1, *w.shape, dtype=torch.bool, device=w.device)
-            ones_of[w.shape] = one if masked_linear.takes_bool_masks else kernels.pack_masks(one)
+            ones_of[w.shape] = one if masked_linear.takes_bool_masks else harmodt_kernels.pack_masks(one)
         if task_masks is None:
             out[name] = ones_of[w.shape].expand(n_tasks, -1, -1).unsqueeze(1).contiguous()
             continue

@@ -21,7 +21,7 @@ from .masks import TaskMasks
 class MaskKind(Protocol):
     """The masks of every training task over every masked weight matrix (``weights``: the
     model's ``masked_weights()``, name -> ``[N, K]`` matrix). ``op`` below is a kernel op of the
-    run (``kernels.select_backends(...)``'s ``masked_linear`` or ``masked_adamw``)."""
+    run (``harmodt_kernels.select_backends(...)``'s ``masked_linear`` or ``masked_adamw``)."""
 
     @property
     def n_tasks(self) -> int:

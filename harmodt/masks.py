@@ -13,7 +13,7 @@ import math
 
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 
 def erk_densities(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, float]:
@@ -133,7 +133,7 @@ class TaskMasks:
     def packed(self) -> dict[str, torch.Tensor]:
         """Bit-packed int32 masks ``[T, N, ceil(K/32)]``, what the model reads (cached)."""
         if self._packed is None:
-            self._packed = {n: kernels.pack_masks(m) for n, m in self.masks.items()}
+            self._packed = {n: harmodt_kernels.pack_masks(m) for n, m in self.masks.items()}
         return self._packed
 
     def for_op(self, op) -> dict[str, torch.Tensor]:
@@ -148,7 +148,7 @@ class TaskMasks:
             return {n: m[task_ids[0]] for n, m in self.for_op(op).items()}
         idx = torch.tensor(task_ids, device=next(iter(self.masks.values())).device)
         union = {n: m.index_select(0, idx).any(0) for n, m in self.masks.items()}
-        return union if op.takes_bool_masks else {n: kernels.pack_masks(m) for n, m in union.items()}
+        return union if op.takes_bool_masks else {n: harmodt_kernels.pack_masks(m) for n, m in union.items()}
 
     def keep_on_device(self, masks: dict[str, torch.Tensor], task_ids: torch.Tensor,
                        out: dict[str, torch.Tensor]) -> dict:
@@ -172,24 +172,24 @@ class TaskMasks:
         :meth:`vote`) packed ``[len(rows), N, ceil(K/32)]`` per weight (every op reads them)."""
         full = self.masks if vote is None else {n: torch.cat([m, vote[n].to(m.device).unsqueeze(0)])
                                                 for n, m in self.masks.items()}
-        return {n: kernels.pack_masks(m[rows]) for n, m in full.items()}
+        return {n: harmodt_kernels.pack_masks(m[rows]) for n, m in full.items()}
 
     def snapshot(self) -> torch.Tensor:
         """A compact copy of the masks: all masked weights of each task as one packed row
-        ``[T, ceil(P/32)]`` (the layout ``kernels.harmony_select`` takes)."""
+        ``[T, ceil(P/32)]`` (the layout ``harmodt_kernels.harmony_select`` takes)."""
         flat = torch.cat([m.reshape(m.shape[0], -1) for m in self.masks.values()], dim=1)
-        return kernels.pack_masks(flat)
+        return harmodt_kernels.pack_masks(flat)
 
     def changed_fraction(self, initial: torch.Tensor) -> list[float]:
         """Per task, the fraction of its active weights not active in ``initial`` (a
         :meth:`snapshot` of earlier masks, such as the ERK draw)."""
         p = sum(m[0].numel() for m in self.masks.values())
-        now, before = kernels.unpack_masks(self.snapshot(), p), kernels.unpack_masks(initial, p)
+        now, before = harmodt_kernels.unpack_masks(self.snapshot(), p), harmodt_kernels.unpack_masks(initial, p)
         return ((now & ~before).sum(1) / now.sum(1).clamp(min=1)).tolist()
 
     def set_flat(self, words: torch.Tensor) -> None:
         p = sum(m[0].numel() for m in self.masks.values())
-        flat = kernels.unpack_masks(words, p)
+        flat = harmodt_kernels.unpack_masks(words, p)
         off = 0
         for name, m in self.masks.items():
             n = m[0].numel()
@@ -198,12 +198,13 @@ class TaskMasks:
         self._packed = None
 
     def update(self, masked_grads: torch.Tensor, grads: torch.Tensor, params: torch.Tensor, k: int, lam: float,
-               importance: str, lam_on: str = "importance", select=kernels.REFERENCE_OPS.harmony_select) -> dict:
+               importance: str, lam_on: str = "importance",
+               select=harmodt_kernels.REFERENCE_OPS.harmony_select) -> dict:
         """Algorithm 2 (Eqs. 8-10) on the flat ``[T, P]`` task gradients (concatenated in
         ``self.masks`` order): ``masked_grads`` gbar_i = grad L_i(theta * M_i) * M_i, ``grads`` g_i
         (harmodt.mask_grads), ``params`` theta ``[P]``. Each task masks the ``k`` active weights of
         lowest harmony and recovers the ``k`` masked weights of highest recovery score (fewer
-        when it has fewer); ``select`` is the run's ``kernels.harmony_select`` op. Returns the
+        when it has fewer); ``select`` is the run's ``harmodt_kernels.harmony_select`` op. Returns the
         per-task counts ``{"masked", "recovered"}``.
 
         ``lam_on="agreement"``: the official code's ``lam * A + I``, computed as ``A + I / lam``,
@@ -221,8 +222,8 @@ class TaskMasks:
         # Eqs. 9-10: the k lowest H_i active off, the k highest g_i * ghat masked on
         after = select(harmony, recovery, before, k)
         p = masked_grads.shape[1]
-        b = kernels.unpack_masks(before, p)
-        a = kernels.unpack_masks(after, p)
+        b = harmodt_kernels.unpack_masks(before, p)
+        a = harmodt_kernels.unpack_masks(after, p)
         self.set_flat(after)
         return {"masked": (b & ~a).sum(1).tolist(), "recovered": (a & ~b).sum(1).tolist()}
 
@@ -232,7 +233,7 @@ class TaskMasks:
 
     def state(self, names: list[str]) -> dict:
         """The checkpoint format: every task's masks bit-packed, 1 bit per weight, in the kernels'
-        layout (:func:`kernels.pack_masks`: int32 words over a matrix's last dimension, bit
+        layout (:func:`harmodt_kernels.pack_masks`: int32 words over a matrix's last dimension, bit
         ``j % 32`` of word ``j // 32`` is column ``j``, padding bits 0), on the CPU:
         ``{"layout": PACKED_LAYOUT, "tasks": [names], "shapes": {weight: [N, K]}, "words": {weight:
         int32 [T, N, ceil(K/32)]}}``, tasks in the order of ``names``."""
@@ -253,7 +254,8 @@ class TaskMasks:
                                  f"(it reads {PACKED_LAYOUT!r})")
             stored = list(d["tasks"])
             order = _task_order(stored, stored if names is None else names)
-            masks = {n: kernels.unpack_masks(w[order].to(device), d["shapes"][n][-1]) for n, w in d["words"].items()}
+            masks = {n: harmodt_kernels.unpack_masks(w[order].to(device), d["shapes"][n][-1])
+                     for n, w in d["words"].items()}
         else:  # the earlier format: one bool tensor per task and weight
             names = list(d) if names is None else names
             _task_order(list(d), names)
@@ -266,7 +268,7 @@ class TaskMasks:
         return tm
 
 
-PACKED_LAYOUT = "int32-words-lsb-first"  # the checkpoint's mask layout (TaskMasks.state): kernels.pack_masks
+PACKED_LAYOUT = "int32-words-lsb-first"  # the checkpoint's mask layout (TaskMasks.state): harmodt_kernels.pack_masks
 
 
 def _task_order(stored: list[str], names: list[str]) -> list[int]:

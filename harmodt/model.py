@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 
 
@@ -35,18 +35,18 @@ class CounterDropout:
     """Counter-based dropout for one training forward (``--dropout-rng counter``): every dropout
     site (the embeddings' 0, then three per block: attention probabilities, the attention output
     after ``proj``, the MLP output after ``mlp_proj``) keeps element i of its output iff a hash of
-    (i, the site's seed) clears ``p`` (``kernels.dropout``), so no bits are stored and the backward
+    (i, the site's seed) clears ``p`` (``harmodt_kernels.dropout``), so no bits are stored and the backward
     recomputes them. The masked linears apply it in their epilogue; the other sites call ``op``.
 
     p: the dropout rate; seed: this forward's seed (from the run's seed and step, see
-    ``harmodt.steps.PlainStep.counter_dropout``); op: the run's ``kernels.dropout`` op."""
+    ``harmodt.steps.PlainStep.counter_dropout``); op: the run's ``harmodt_kernels.dropout`` op."""
 
     p: float
     seed: int
-    op: kernels.DropoutOp
+    op: harmodt_kernels.DropoutOp
 
     def site_seed(self, site: int) -> int:
-        return kernels.reference.site_seed(self.seed, site)
+        return harmodt_kernels.reference.site_seed(self.seed, site)
 
     def __call__(self, x: torch.Tensor, site: int) -> torch.Tensor:
         return self.op(x, self.p, self.site_seed(site))
@@ -66,9 +66,9 @@ class DeviceSeedDropout(CounterDropout):
     seeds: torch.Tensor | None = None
 
     @staticmethod
-    def of(p: float, seed: torch.Tensor, op: kernels.DropoutOp, n_layer: int) -> "DeviceSeedDropout":
+    def of(p: float, seed: torch.Tensor, op: harmodt_kernels.DropoutOp, n_layer: int) -> "DeviceSeedDropout":
         sites = torch.arange(dropout_sites(n_layer), device=seed.device)
-        return DeviceSeedDropout(p, seed, op, seeds=kernels.reference.site_seed(seed, sites))
+        return DeviceSeedDropout(p, seed, op, seeds=harmodt_kernels.reference.site_seed(seed, sites))
 
     def site_seed(self, site: int):
         return self.seeds[site]
@@ -82,19 +82,19 @@ class MaskContext:
         reference backend also takes them unpacked, bool ``[T, N, K]``).
     task_ids: ``(B,)`` each sequence's row in ``masks``, or ``(1,)`` when the whole batch is one
         task (Algorithm 1's training step).
-    masked_linear: the ``kernels.masked_linear`` op the masked layers run on (a field of the
-        run's ``kernels.select_backends(...)``; the reference's by default).
+    masked_linear: the ``harmodt_kernels.masked_linear`` op the masked layers run on (a field of the
+        run's ``harmodt_kernels.select_backends(...)``; the reference's by default).
     task_grads: parameter name -> float32 ``[T, N, K]`` buffers that receive each task's unmasked
         gradient on backward (Algorithm 2's recovery gradient), or None.
     segments: ``((task, sequences), ...)`` when the batch's sequences are grouped by task and the
-        layout is known on the host (a training batch), else None; see ``kernels.masked_linear``.
+        layout is known on the host (a training batch), else None; see ``harmodt_kernels.masked_linear``.
     dropout: the forward's :class:`CounterDropout` (``--dropout-rng counter``), or None: the
         model's ``nn.Dropout`` modules draw from torch's RNG.
     """
 
     masks: dict
     task_ids: torch.Tensor
-    masked_linear: kernels.MaskedLinearOp = kernels.REFERENCE_OPS.masked_linear
+    masked_linear: harmodt_kernels.MaskedLinearOp = harmodt_kernels.REFERENCE_OPS.masked_linear
     task_grads: dict | None = None
     segments: tuple | None = None
     dropout: CounterDropout | None = None

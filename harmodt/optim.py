@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 
 def clip_coefficient(params: list, max_norm: float, norm_grads: dict | None = None) -> torch.Tensor:
@@ -55,11 +55,12 @@ class MaskedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def masked_step(self, keep: dict | None = None, grad_scale: float | torch.Tensor = 1.0,
-                    op: kernels.MaskedAdamWOp = kernels.REFERENCE_OPS.masked_adamw, lrs: list | None = None) -> None:
+                    op: harmodt_kernels.MaskedAdamWOp = harmodt_kernels.REFERENCE_OPS.masked_adamw,
+                    lrs: list | None = None) -> None:
         """One step. ``keep``: {param: mask of the weights the step may change, bool of the
-        parameter's shape or its packed int32 words} (see ``kernels.masked_adamw_``); parameters
+        parameter's shape or its packed int32 words} (see ``harmodt_kernels.masked_adamw_``); parameters
         not in it change everywhere. ``grad_scale``: every gradient is multiplied by it first
-        (:func:`clip_coefficient`). ``op``: the run's ``masked_adamw`` (``kernels.select_backends``).
+        (:func:`clip_coefficient`). ``op``: the run's ``masked_adamw`` (``harmodt_kernels.select_backends``).
         ``lrs``: each group's learning rate as a float64 0-dim device tensor, in place of its
         ``lr`` (a captured step's, harmodt.graphed_step)."""
         keep = keep or {}

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 from .data.batches import prompt_segment as cut_prompt
 from .model import MaskContext
@@ -61,7 +61,7 @@ class TaskInputs:
     sources: dict  # task -> which prompt episode and timesteps its prompt is
     rtg_scale: float
     target: float  # initial return-to-go, unscaled
-    masked_linear: kernels.MaskedLinearOp  # the masked layers' op (the mask kind's), each task's W * M cached
+    masked_linear: harmodt_kernels.MaskedLinearOp  # the masked layers' op (the mask kind's), each task's W * M cached
     precision: str
 
     def ctx(self, rows: torch.Tensor) -> MaskContext | None:
@@ -92,14 +92,14 @@ MIN_VOTED_DENSITY = 0.01
 
 
 def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int, *,
-                backend: str | kernels.MaskedLinearOp = "reference",
+                backend: str | harmodt_kernels.MaskedLinearOp = "reference",
                 vote_threshold: int | None = None, precision: str = "fp32", target_return: float | None = None,
                 prompt_segment: str | None = None) -> TaskInputs:
     """Every task's normalization, mask row and prompt (keys/values computed here, once, with the
     model in eval mode); arguments as :func:`evaluate`'s. Raises EvalError for an unseen task a
     task-ID model cannot act on, unseen tasks without a vote threshold, or a bad segment."""
     device = next(model.parameters()).device
-    op = kernels.backend_ops(backend, device).masked_linear if isinstance(backend, str) else backend
+    op = harmodt_kernels.backend_ops(backend, device).masked_linear if isinstance(backend, str) else backend
     op = op.cached({})  # each task's W * M made once: the weights do not change while a policy acts
     trained = list(eval_info["tasks"])
     cfg = model.cfg

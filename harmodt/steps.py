@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 from .data.batches import batch_segments
 from .model import CounterDropout, DeviceSeedDropout, MaskContext, action_loss
@@ -78,8 +78,8 @@ class PlainStep:
         tr = self.tr
         if tr.cfg.dropout_rng != "counter" or tr.cfg.model.dropout == 0.0:
             return None
-        base = kernels.reference.site_seed(tr.cfg.seed, tr.dist.rank)
-        seed = kernels.reference.site_seed(base, tr.step if step is None else step)
+        base = harmodt_kernels.reference.site_seed(tr.cfg.seed, tr.dist.rank)
+        seed = harmodt_kernels.reference.site_seed(base, tr.step if step is None else step)
         if isinstance(seed, torch.Tensor):
             return DeviceSeedDropout.of(tr.cfg.model.dropout, seed, tr.backends.dropout, tr.cfg.model.n_layer)
         return CounterDropout(tr.cfg.model.dropout, seed, tr.backends.dropout)
@@ -180,7 +180,7 @@ class MaskedStep(PlainStep):
         """``--clip-scope unmasked``: ``ctx`` over the masks of the batch's distinct tasks alone, its
         rows renumbered to them, with a float32 ``[k, N, K]`` buffer per masked matrix into which the
         backward adds each task's gradient before masking (the ``task_grads`` of
-        ``kernels.masked_linear``, on every backend); else ``ctx``."""
+        ``harmodt_kernels.masked_linear``, on every backend); else ``ctx``."""
         if not self.unmasked_clip:
             return ctx
         device, present = self.tr.device, sorted(set(task_ids))

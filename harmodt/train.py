@@ -6,7 +6,7 @@ updates theta with ``grad L_i(theta * M_i) * M_i``; every ``t_m`` steps Algorith
 masks (HarmoDT-M/F; HarmoDT-R keeps its random ERK masks). What a step and a mask update do is the
 method's (its step rule and mask updater, built by its entry in harmodt.methods); the
 :class:`Trainer` holds the model, optimizer and data, and :func:`train_loop` calls them. Model, masks, optimizer state
-and batches live on ``--device``; the kernels of each op are chosen once (``kernels.select_backends``).
+and batches live on ``--device``; the kernels of each op are chosen once (``harmodt_kernels.select_backends``).
 The harness around the algorithms (flags, output files, RNG state, checkpoints, signals, torchrun
 ranks, the data cache) is in harmodt/run/. Writes into ``--out``: config.json, metrics.jsonl,
 TensorBoard events, checkpoint.pt (atomic, safe to load; resumable), results.json, curves.png.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 from . import graphed_step, plots
 from .config import ConfigError, TrainConfig, goal_seeds, resolve_device
@@ -49,8 +49,8 @@ class Trainer(TrainingState):
         dist = dist or distributed.Single()  # the ranks of a torchrun run, or one process
         device = dist.device(resolve_device(cfg.device))
         try:
-            backends = kernels.select_backends(device, cfg.fused, cfg.backend)
-        except kernels.BackendUnavailable as exc:
+            backends = harmodt_kernels.select_backends(device, cfg.fused, cfg.backend)
+        except harmodt_kernels.BackendUnavailable as exc:
             raise ConfigError(str(exc)) from None
         rng.seed_all(cfg.seed)
         self.method = method

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # (types only: this module sits below everything it names)
-    import harmodt_kernels as kernels
+    import harmodt_kernels
 
     from .config import TrainConfig
     from .data.batches import PromptDTBatcher
@@ -31,7 +31,7 @@ class TrainingState:
 
     ``cfg``: the run's config; ``tasks``: the training tasks' names (a task id is an index here);
     ``dist``: this process's rank, which makes every collective (harmodt.run.distributed);
-    ``backends``: the kernel op of each op name (``kernels.select_backends``); ``batcher``: the
+    ``backends``: the kernel op of each op name (``harmodt_kernels.select_backends``); ``batcher``: the
     data stream; ``forward``: what training forwards call (the model, or its ``torch.compile``);
     ``params``: the model's parameters in order; ``weights``: {name: masked weight matrix};
     ``task_masks``: the method's masks (a :class:`harmodt.mask_kinds.MaskKind`) or None (dense);
@@ -43,7 +43,7 @@ class TrainingState:
     tasks: list[str]
     device: torch.device
     dist: Single
-    backends: kernels.KernelOps
+    backends: harmodt_kernels.KernelOps
     batcher: PromptDTBatcher
     model: PromptDT
     forward: Callable

@@ -9,14 +9,14 @@ import os
 
 import pytest
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 
-def native_ops() -> kernels.KernelOps:
+def native_ops() -> harmodt_kernels.KernelOps:
     """``backend_ops("cpu")``: the argument checks, then the native library, as every caller gets them."""
     if os.environ.get("HARMODT_SKIP_NATIVE") == "1":
         pytest.skip("HARMODT_SKIP_NATIVE=1: this run checks the install without the native library", allow_module_level=True)
-    if kernels.backend_reason("cpu", "cpu") is not None:
-        raise RuntimeError(f"native CPU kernels unavailable: {kernels.backend_reason('cpu', 'cpu')}; build them with "
+    if harmodt_kernels.backend_reason("cpu", "cpu") is not None:
+        raise RuntimeError(f"native CPU kernels unavailable: {harmodt_kernels.backend_reason('cpu', 'cpu')}; build them with "
                            "`pip install --no-build-isolation -e .`")
-    return kernels.backend_ops("cpu")
+    return harmodt_kernels.backend_ops("cpu")

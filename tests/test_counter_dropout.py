@@ -15,10 +15,10 @@ import pytest
 import torch
 from scipy import stats
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 from harmodt_kernels import reference as R
 
-HAS_CPU = "cpu" in kernels.available_backends("cpu")
+HAS_CPU = "cpu" in harmodt_kernels.available_backends("cpu")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FUSED = [pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CPU, reason="native library not built")),
          pytest.param("triton", marks=[pytest.mark.interpreter, pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")])]
@@ -80,7 +80,7 @@ def test_dropout_op_matches_the_reference_bit_for_bit(backend, shape, half):
     dtype = _half(backend) if half else torch.float32
     x = torch.randn(shape).to(dtype).requires_grad_()
     seed = R.site_seed(42, 3)
-    y = kernels.dropout(x, 0.1, seed, backend=backend)
+    y = harmodt_kernels.dropout(x, 0.1, seed, backend=backend)
     x0 = x.detach().clone().requires_grad_()
     y0 = R.dropout(x0, 0.1, seed)
     assert torch.equal(y, y0)
@@ -95,7 +95,7 @@ def _linear_case(r, k, n, dtype, seed=0):
     x = torch.randn(r, k, generator=g).to(dtype)
     w = (torch.randn(n, k, generator=g) * 0.3).to(dtype)
     b = torch.randn(n, generator=g).to(dtype)
-    masks = kernels.pack_masks(torch.rand(3, n, k, generator=g) < 0.8)
+    masks = harmodt_kernels.pack_masks(torch.rand(3, n, k, generator=g) < 0.8)
     gy = torch.randn(r, n, generator=g).to(dtype)
     return x, w, b, masks, gy
 
@@ -116,7 +116,7 @@ def test_masked_linear_epilogue_matches_the_reference(backend, r, k, n, relu, p,
     out = {}
     for be in ("reference", backend):
         xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
-        y = kernels.masked_linear(xx, ww, bb, masks, task_ids, backend=be, relu=relu, dropout_p=p, seed=seed)
+        y = harmodt_kernels.masked_linear(xx, ww, bb, masks, task_ids, backend=be, relu=relu, dropout_p=p, seed=seed)
         y.backward(gy)
         out[be] = (y.detach(), xx.grad, ww.grad, bb.grad)
     ref, got = out["reference"], out[backend]
@@ -131,10 +131,10 @@ def test_masked_linear_epilogue_matches_the_reference(backend, r, k, n, relu, p,
 @pytest.mark.parametrize("backend", FUSED)
 def test_dropout_arguments_are_checked(backend):
     x, w, b, masks, _ = _linear_case(4, 8, 5, torch.float32)
-    with pytest.raises(kernels.KernelArgumentError, match="dropout p"):
-        kernels.masked_linear(x, w, b, masks, torch.tensor([0]), backend=backend, dropout_p=1.0)
-    with pytest.raises(kernels.KernelArgumentError, match="seed"):
-        kernels.dropout(x, 0.1, -1, backend=backend)
+    with pytest.raises(harmodt_kernels.KernelArgumentError, match="dropout p"):
+        harmodt_kernels.masked_linear(x, w, b, masks, torch.tensor([0]), backend=backend, dropout_p=1.0)
+    with pytest.raises(harmodt_kernels.KernelArgumentError, match="seed"):
+        harmodt_kernels.dropout(x, 0.1, -1, backend=backend)
 
 
 # ---- the model and trainer ----------------------------------------------------------------------

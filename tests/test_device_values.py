@@ -1,18 +1,18 @@
 """Per-step values held in device tensors (what a captured CUDA graph needs, harmodt/graphed_step.py)
 give the bits of the same values passed as Python numbers, on every backend that runs here: a
-dropout seed in an int64 0-dim tensor (``kernels.dropout``, the masked linear's epilogue, forward
-and backward), a learning rate in a float64 0-dim tensor (``kernels.masked_adamw_``), and the
-per-site seeds computed on the device (``kernels.reference.site_seed``)."""
+dropout seed in an int64 0-dim tensor (``harmodt_kernels.dropout``, the masked linear's epilogue, forward
+and backward), a learning rate in a float64 0-dim tensor (``harmodt_kernels.masked_adamw_``), and the
+per-site seeds computed on the device (``harmodt_kernels.reference.site_seed``)."""
 
 import random
 
 import pytest
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 from harmodt_kernels import reference as R
 
-BACKENDS = kernels.available_backends("cpu")
+BACKENDS = harmodt_kernels.available_backends("cpu")
 
 
 def test_site_seed_on_tensors_equals_the_host_arithmetic():
@@ -33,7 +33,7 @@ def test_dropout_seed_in_a_tensor(backend):
     outs = []
     for s in (seed, torch.tensor(seed)):
         x.grad = None
-        y = kernels.dropout(x, 0.3, s, backend=backend)
+        y = harmodt_kernels.dropout(x, 0.3, s, backend=backend)
         y.backward(torch.ones_like(y))
         outs.append((y.detach(), x.grad.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -53,7 +53,7 @@ def test_masked_linear_epilogue_seed_in_a_tensor(backend, ids):
     for s in (seed, torch.tensor(seed)):
         for p in (x, w, b):
             p.grad = None
-        y = kernels.masked_linear(x, w, b, masks, task_ids, backend=backend, relu=True, dropout_p=0.2, seed=s)
+        y = harmodt_kernels.masked_linear(x, w, b, masks, task_ids, backend=backend, relu=True, dropout_p=0.2, seed=s)
         y.backward(torch.ones_like(y))
         outs.append([y.detach()] + [p.grad.clone() for p in (x, w, b)])
     for a, c in zip(*outs):
@@ -72,7 +72,7 @@ def test_masked_adamw_lr_in_a_tensor(backend):
         m, v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
         steps = [torch.zeros(()) for _ in ps]
         for _ in range(3):
-            kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+            harmodt_kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
                                   grad_scale=torch.tensor(0.7), backend=backend)
         results.append(ps + m + v)
     for a, c in zip(*results):
@@ -81,9 +81,9 @@ def test_masked_adamw_lr_in_a_tensor(backend):
 
 def test_bad_seed_and_lr_tensors_are_named():
     x = torch.randn(4, 8)
-    with pytest.raises(kernels.KernelArgumentError, match="a seed tensor must be int64 0-dim"):
-        kernels.dropout(x, 0.1, torch.tensor([1, 2]))
+    with pytest.raises(harmodt_kernels.KernelArgumentError, match="a seed tensor must be int64 0-dim"):
+        harmodt_kernels.dropout(x, 0.1, torch.tensor([1, 2]))
     p = [torch.randn(3)]
-    with pytest.raises(kernels.KernelArgumentError, match="a learning-rate tensor must be float64 0-dim"):
-        kernels.masked_adamw_(p, [torch.randn(3)], [torch.zeros(3)], [torch.zeros(3)], [None], [torch.zeros(())],
+    with pytest.raises(harmodt_kernels.KernelArgumentError, match="a learning-rate tensor must be float64 0-dim"):
+        harmodt_kernels.masked_adamw_(p, [torch.randn(3)], [torch.zeros(3)], [torch.zeros(3)], [None], [torch.zeros(())],
                               lr=torch.tensor(1e-3), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)

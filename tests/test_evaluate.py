@@ -10,7 +10,7 @@ import torch
 
 from _synthetic import datasets
 from harmodt.config import ModelConfig, TrainConfig, validate
-import harmodt_kernels as kernels
+import harmodt_kernels
 from harmodt.evaluate import EvalError, evaluate
 from harmodt.run import resume
 from harmodt.train import Trainer
@@ -40,7 +40,7 @@ def test_batched_equals_sequential(trainer):
         np.testing.assert_allclose(batched["tasks"][t]["return"], seq["tasks"][t]["return"], rtol=1e-4)
 
 
-BACKENDS = [b for b in ("reference", "cpu", "triton") if b in kernels.available_backends("cpu")]
+BACKENDS = [b for b in ("reference", "cpu", "triton") if b in harmodt_kernels.available_backends("cpu")]
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # (the interpreter has no bf16)

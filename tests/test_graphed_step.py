@@ -8,7 +8,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 from _synthetic import datasets
 from harmodt.config import ConfigError, ModelConfig, TrainConfig, validate
 from harmodt.graphed_step import auto_problem, graph_problem
@@ -19,7 +19,7 @@ from harmodt.train import Trainer
 from test_host_sync import SYNCING
 
 TASKS = ["reach-v3", "push-v3", "door-open-v3"]
-NATIVE = "cpu" in kernels.available_backends("cpu")
+NATIVE = "cpu" in harmodt_kernels.available_backends("cpu")
 
 
 def config(method="harmodt-f", fused=True, tasks_per_batch=1, graph=False, backend=None, dropout=0.1, **kw) -> TrainConfig:

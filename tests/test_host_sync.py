@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 from _synthetic import datasets
 from harmodt.config import ModelConfig, TrainConfig, validate
 from harmodt.train import Trainer
@@ -48,7 +48,7 @@ def syncing_ops(tr: Trainer, steps: int = 3) -> dict:
 @pytest.mark.parametrize("tasks_per_batch", [1, 2], ids=["one-task", "mixed-task"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu", "reference"])
 def test_training_step_has_no_host_sync(tmp_path, fused, tasks_per_batch):
-    if fused and "cpu" not in kernels.available_backends("cpu"):
+    if fused and "cpu" not in harmodt_kernels.available_backends("cpu"):
         pytest.skip("the native CPU library is not built")
     tr = trainer(tmp_path, fused, tasks_per_batch)
     assert syncing_ops(tr) == {}

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 from harmodt_kernels import KernelArgumentError
 from harmodt_kernels import reference as ref
 
@@ -173,7 +173,7 @@ def test_masked_linear_through_the_public_api_under_autocast():
         for p in (x, w, b):
             p.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = kernels.masked_linear(x, w, b, masks, ids, backend=backend)
+            y = harmodt_kernels.masked_linear(x, w, b, masks, ids, backend=backend)
         y.float().backward(gy)
         outs[backend] = (y, w.grad.clone(), x.grad.clone())
     assert outs["cpu"][0].dtype == torch.bfloat16 and outs["cpu"][1].dtype == torch.float32
@@ -274,7 +274,7 @@ def test_compiled_masked_linear_equals_eager(with_task_grads):
 
 
 def _public_layer(x, w, b, masks, ids):
-    return torch.relu(kernels.masked_linear(x, w, b, masks, ids, backend="cpu")).square().mean()
+    return torch.relu(harmodt_kernels.masked_linear(x, w, b, masks, ids, backend="cpu")).square().mean()
 
 
 def test_public_masked_linear_compiles_fullgraph_after_an_eager_call():
@@ -289,16 +289,16 @@ def test_public_masked_linear_compiles_fullgraph_after_an_eager_call():
 
 def test_public_masked_linear_first_used_inside_compile_fails_in_one_line():
     code = """
-import torch, harmodt_kernels as kernels
+import torch, harmodt_kernels
 from harmodt_kernels import reference as ref
 x, w = torch.randn(6, 40), torch.randn(9, 40)
 masks, ids = ref.pack_masks(torch.rand(2, 9, 40) < 0.5), torch.tensor([0, 1, 0, 1, 1, 0])
-f = torch.compile(lambda x: kernels.masked_linear(x, w, None, masks, ids, backend="cpu").sum(), fullgraph=True)
+f = torch.compile(lambda x: harmodt_kernels.masked_linear(x, w, None, masks, ids, backend="cpu").sum(), fullgraph=True)
 try:
     f(x)
 except Exception as exc:
     print("RAISED", exc)
-print("EAGER", torch.compile(lambda x: kernels.masked_linear(x, w, None, masks, ids, backend="cpu").sum())(x).item())
+print("EAGER", torch.compile(lambda x: harmodt_kernels.masked_linear(x, w, None, masks, ids, backend="cpu").sum())(x).item())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

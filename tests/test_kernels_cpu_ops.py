@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 from harmodt_kernels import KernelArgumentError
 from harmodt_kernels import reference as ref
 from _native_ops import native_ops
@@ -83,7 +83,7 @@ def test_masked_adamw_matches_reference_and_keeps_masked_weights_bit_for_bit(sca
     params, bool_masks = _adamw_group(1)
     grad_scale = {"one": 1.0, "float": 0.37, "tensor": torch.tensor(0.37)}[scale]
     runs = {}
-    for name, fn, packed in (("cpu", CPU.masked_adamw, True), ("reference", kernels.REFERENCE_OPS.masked_adamw, False)):
+    for name, fn, packed in (("cpu", CPU.masked_adamw, True), ("reference", harmodt_kernels.REFERENCE_OPS.masked_adamw, False)):
         ps = [p.clone() for p in params]
         m, v, steps = _adamw_state(ps)
         for it in range(3):  # a different mask at each step, so the moments are non-zero outside it
@@ -112,7 +112,7 @@ def test_masked_adamw_float_and_tensor_scale_bool_and_packed_masks_agree_exactly
         ps = [p.clone() for p in params]
         m, v, steps = _adamw_state(ps)
         masks = [None if bm is None else (ref.pack_masks(bm) if packed else bm) for bm in bool_masks]
-        kernels.masked_adamw_(ps, grads, m, v, masks, steps, grad_scale=grad_scale, backend="cpu", **HP)
+        harmodt_kernels.masked_adamw_(ps, grads, m, v, masks, steps, grad_scale=grad_scale, backend="cpu", **HP)
         outs.append(ps + m + v)
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
@@ -234,7 +234,7 @@ def test_harmony_select_signed_zeros_nonfinite_padding_and_dtypes():
     # non-contiguous scores and scores of bf16 gradients, through the public API
     h, r = _scores(mg, g, prm, 0.3, "magnitude")
     ht = h.t().contiguous().t()
-    assert torch.equal(kernels.harmony_select(ht, r, masks, 10, backend="cpu"), ref.harmony_select(ht, r, masks, 10))
+    assert torch.equal(harmodt_kernels.harmony_select(ht, r, masks, 10, backend="cpu"), ref.harmony_select(ht, r, masks, 10))
     _check_select(mg.bfloat16(), g.bfloat16(), prm.bfloat16(), masks, 10, 0.3, "fisher")
 
 
@@ -263,8 +263,8 @@ def test_harmony_select_errors_name_the_argument():
 def _probe(env_changes: dict) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k not in env_changes}
     env.update({k: v for k, v in env_changes.items() if v is not None})
-    code = ("import harmodt_kernels as kernels; print(kernels.available_backends('cpu')); print(kernels.backend_reason('cpu', 'cpu')); "
-            "print(kernels.resolve_backend('auto', 'cpu')); print('libharmodt_kernels' in open('/proc/self/maps').read())")
+    code = ("import harmodt_kernels; print(harmodt_kernels.available_backends('cpu')); print(harmodt_kernels.backend_reason('cpu', 'cpu')); "
+            "print(harmodt_kernels.resolve_backend('auto', 'cpu')); print('libharmodt_kernels' in open('/proc/self/maps').read())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()
@@ -280,7 +280,7 @@ def test_skip_native_leaves_only_the_reference_and_loads_nothing():
 
 def test_importing_kernels_loads_no_library():
     env = {k: v for k, v in os.environ.items() if k != "HARMODT_SKIP_NATIVE"}
-    code = "import harmodt_kernels as kernels, harmodt_kernels.cpu; print('libharmodt_kernels' in open('/proc/self/maps').read())"
+    code = "import harmodt_kernels, harmodt_kernels.cpu; print('libharmodt_kernels' in open('/proc/self/maps').read())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip() == "False", out.stderr  # loaded by the dispatch that asks for it, not at import
 
@@ -293,25 +293,25 @@ def test_missing_library_is_a_one_line_reason(tmp_path):
 
 def test_skip_native_at_run_time(monkeypatch):
     monkeypatch.setenv("HARMODT_SKIP_NATIVE", "1")
-    assert kernels.backend_reason("cpu", "cpu") == "HARMODT_SKIP_NATIVE=1 is set"
-    assert "cpu" not in kernels.available_backends("cpu")
-    with pytest.raises(kernels.BackendUnavailable, match="HARMODT_SKIP_NATIVE=1 is set"):
-        kernels.select_backends("cpu", fused=True, backend="cpu")
-    with pytest.raises(kernels.BackendUnavailable, match="HARMODT_SKIP_NATIVE=1 is set"):
-        kernels.harmony_select(*_hs_args(2, 40, seed=1), 3, backend="cpu")
-    assert kernels.select_backends("cpu", fused=True).describe() == (
+    assert harmodt_kernels.backend_reason("cpu", "cpu") == "HARMODT_SKIP_NATIVE=1 is set"
+    assert "cpu" not in harmodt_kernels.available_backends("cpu")
+    with pytest.raises(harmodt_kernels.BackendUnavailable, match="HARMODT_SKIP_NATIVE=1 is set"):
+        harmodt_kernels.select_backends("cpu", fused=True, backend="cpu")
+    with pytest.raises(harmodt_kernels.BackendUnavailable, match="HARMODT_SKIP_NATIVE=1 is set"):
+        harmodt_kernels.harmony_select(*_hs_args(2, 40, seed=1), 3, backend="cpu")
+    assert harmodt_kernels.select_backends("cpu", fused=True).describe() == (
         "masked_linear=reference masked_adamw=reference harmony_select=reference")  # auto falls back
     monkeypatch.delenv("HARMODT_SKIP_NATIVE")
-    assert kernels.backend_reason("cpu", "cpu") is None
+    assert harmodt_kernels.backend_reason("cpu", "cpu") is None
 
 
 def test_explicit_backend_and_unknown_name_fail_loudly():
     with pytest.raises(ValueError, match="unknown kernel backend 'fast'"):
-        kernels.masked_linear(torch.zeros(2, 3), torch.zeros(4, 3), None, torch.zeros(1, 4, 1, dtype=torch.int32),
+        harmodt_kernels.masked_linear(torch.zeros(2, 3), torch.zeros(4, 3), None, torch.zeros(1, 4, 1, dtype=torch.int32),
                               torch.zeros(1, dtype=torch.int64), backend="fast")
-    with pytest.raises(kernels.BackendUnavailable, match="backend 'cpu' cannot run on meta"):
-        kernels.harmony_select(*[t.to("meta") for t in _hs_args(2, 40, seed=1)], 3, backend="cpu")
+    with pytest.raises(harmodt_kernels.BackendUnavailable, match="backend 'cpu' cannot run on meta"):
+        harmodt_kernels.harmony_select(*[t.to("meta") for t in _hs_args(2, 40, seed=1)], 3, backend="cpu")
     with pytest.raises(KernelArgumentError, match=r"pack_masks: mask must be a bool tensor"):
-        kernels.pack_masks(torch.zeros(3, 4))
+        harmodt_kernels.pack_masks(torch.zeros(3, 4))
     with pytest.raises(KernelArgumentError, match=r"unpack_masks: words \[3, 1\] cannot hold K=40 bits"):
-        kernels.unpack_masks(torch.zeros(3, 1, dtype=torch.int32), 40)
+        harmodt_kernels.unpack_masks(torch.zeros(3, 1, dtype=torch.int32), 40)

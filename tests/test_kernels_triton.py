@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 import harmodt_kernels.triton_masked_linear as tml
 from harmodt_kernels import reference as R
 
@@ -73,7 +73,7 @@ def _run_linear(backend, x, w, b, m, tid, dy, need=(True, True, True), x_noncont
     ww = w.clone().requires_grad_(need[1])
     bb = None if b is None else b.clone().requires_grad_(need[2])
     tg = torch.zeros(m.shape[0], *w.shape)
-    y = kernels.masked_linear(xx, ww, bb, m, tid, backend=backend, task_grads=tg)
+    y = harmodt_kernels.masked_linear(xx, ww, bb, m, tid, backend=backend, task_grads=tg)
     y.backward(dy)
     return y.detach(), xx.grad, ww.grad, None if bb is None else bb.grad, tg
 
@@ -148,23 +148,23 @@ def test_masked_linear_partial_gradients(need):
 
 
 def test_masked_linear_under_autocast_matches_reference():
-    """kernels.masked_linear casts for autocast before the op (fp16 here: the interpreter has no bf16)."""
+    """harmodt_kernels.masked_linear casts for autocast before the op (fp16 here: the interpreter has no bf16)."""
     x, w, b, m, tid = _linear_inputs(30, 40, 9, 3, "mixed", seed=6)
     with torch.autocast("cpu", dtype=torch.float16):
-        y = kernels.masked_linear(x, w, b, m, tid, backend="triton")
-        ref = kernels.masked_linear(x, w, b, m, tid, backend="reference")
+        y = harmodt_kernels.masked_linear(x, w, b, m, tid, backend="triton")
+        ref = harmodt_kernels.masked_linear(x, w, b, m, tid, backend="reference")
     assert y.dtype == torch.float16
     torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=3e-2)
 
 
 def _tri():
-    return kernels.backend_ops("triton")  # (TRITON_INTERPRET=1: the CPU interpreter)
+    return harmodt_kernels.backend_ops("triton")  # (TRITON_INTERPRET=1: the CPU interpreter)
 
 
 def test_masked_linear_rejects_bad_arguments():
     x, w, b, m, tid = _linear_inputs(5, 40, 9, 2, "mixed", seed=0)
     ml = _tri().masked_linear
-    bad = kernels.KernelArgumentError
+    bad = harmodt_kernels.KernelArgumentError
     with pytest.raises(bad, match=r"x must be \[R, K\]"):
         ml(x[None], w, b, m, tid)
     with pytest.raises(bad, match=r"weight must be \[N, 40\] to match x \[5, 40\], got \[9, 10\]"):
@@ -234,7 +234,7 @@ def test_opcheck_every_op():
     torch.library.opcheck(ops.masked_linear_dw_task_grads.default, (dy, x.detach(), m, tid, torch.zeros(3, 9, 40)))
 
 
-TRITON_LINEAR = kernels.backend_ops("triton").masked_linear if kernels.triton_interpreted() else None
+TRITON_LINEAR = harmodt_kernels.backend_ops("triton").masked_linear if harmodt_kernels.triton_interpreted() else None
 
 
 def _masked_mlp(x, w1, b1, w2, m1, m2, tid, tg1):
@@ -283,5 +283,5 @@ def test_torch_compile_forward_backward_and_task_grads_match_eager(backend, tol)
 def test_backend_triton_on_cpu_without_interpreter_fails_loudly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, w, b, m, tid = _linear_inputs(3, 8, 4, 2, "mixed", seed=0)
-    with pytest.raises(kernels.BackendUnavailable, match="TRITON_INTERPRET"):
-        kernels.masked_linear(x, w, b, m, tid, backend="triton")
+    with pytest.raises(harmodt_kernels.BackendUnavailable, match="TRITON_INTERPRET"):
+        harmodt_kernels.masked_linear(x, w, b, m, tid, backend="triton")

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 import harmodt_kernels.triton_harmony_select as ths
 import harmodt_kernels.triton_masked_adamw as tma
 from harmodt_kernels import reference as R
@@ -28,7 +28,7 @@ def _gen(seed):
 
 
 def _tri():
-    return kernels.backend_ops("triton")  # (TRITON_INTERPRET=1: the CPU interpreter)
+    return harmodt_kernels.backend_ops("triton")  # (TRITON_INTERPRET=1: the CPU interpreter)
 
 
 # ---- masked AdamW ------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def test_masked_adamw_matches_reference_and_keeps_masked_weights(scale_kind):
         grads = [torch.randn(p.shape, generator=g) for p in tri[0]]
         scale = 0.25 * (it + 1) if scale_kind == "float" else torch.tensor(0.25 * (it + 1))
         for backend, (ps, _, m, v, masks, steps) in (("triton", tri), ("reference", ref)):
-            kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+            harmodt_kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
                                   weight_decay=0.1, grad_scale=scale, backend=backend)
     for i, (p, p_ref, p0, mask) in enumerate(zip(tri[0], ref[0], before, tri[4])):
         if mask is not None:
@@ -78,7 +78,7 @@ def test_masked_adamw_lerp_branch_and_no_weight_decay():
     """beta1 < 0.5 takes torch.lerp's other form; weight_decay 0 leaves the decay factor at 1."""
     tri, ref = _adamw_state([(10, 40)], seed=2), _adamw_state([(10, 40)], seed=2)
     for backend, (ps, grads, m, v, masks, steps) in (("triton", tri), ("reference", ref)):
-        kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=3e-3, beta1=0.3, beta2=0.99, eps=1e-6, weight_decay=0.0,
+        harmodt_kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=3e-3, beta1=0.3, beta2=0.99, eps=1e-6, weight_decay=0.0,
                               backend=backend)
     for xs, ys in zip(tri[:4], ref[:4]):
         torch.testing.assert_close(xs[0], ys[0], rtol=1e-5, atol=1e-7)
@@ -110,11 +110,11 @@ def test_masked_adamw_launches_per_step(monkeypatch):
     start = [float(s) for s in steps]
     workspace = {}
     for _ in range(2):
-        kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+        harmodt_kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
                               grad_scale=torch.tensor(1.0), backend="triton", workspace=workspace)
     assert (upd.launches, stp.launches, len(builds)) == (2, 2, 1)
     half = [g.half() if i % 2 else g for i, g in enumerate(grads)]
-    kernels.masked_adamw_(ps, half, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, backend="triton")
+    harmodt_kernels.masked_adamw_(ps, half, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, backend="triton")
     assert (upd.launches, stp.launches, len(builds)) == (4, 4, 3)  # no workspace: both tables built
     assert [float(s) for s in steps] == [s0 + 3 for s0 in start]
 
@@ -122,8 +122,8 @@ def test_masked_adamw_launches_per_step(monkeypatch):
 def test_masked_adamw_float16_grads_with_float32_params():
     tri, ref = _adamw_state([(10, 40), (5,)], seed=5), _adamw_state([(10, 40), (5,)], seed=5)
     half = [g.half() for g in tri[1]]
-    kernels.masked_adamw_(tri[0], half, *tri[2:], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, backend="triton")
-    kernels.masked_adamw_(ref[0], [h.float() for h in half], *ref[2:], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    harmodt_kernels.masked_adamw_(tri[0], half, *tri[2:], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, backend="triton")
+    harmodt_kernels.masked_adamw_(ref[0], [h.float() for h in half], *ref[2:], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
     for a, e in zip(tri[0], ref[0]):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-7)
 
@@ -133,7 +133,7 @@ def test_masked_adamw_rejects_bad_arguments():
         _tri().masked_adamw(ps, grads, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                             grad_scale=scale)
 
-    bad = kernels.KernelArgumentError
+    bad = harmodt_kernels.KernelArgumentError
     ps, grads, m, v, masks, steps = _adamw_state([(6, 40), (6,)], seed=6)
     with pytest.raises(bad, match="must have one length, got params: 2, grads: 1"):
         call(ps, grads[:1], m, v, masks, steps)
@@ -180,7 +180,7 @@ def _scores(mg, g, prm, importance, lam=0.5):
 ])
 def test_harmony_select_equals_reference(t, p, k, importance, ints):
     mg, g, prm, m = _select_inputs(t, p, seed=t * 31 + p + k, ints=ints)
-    got = kernels.harmony_select(*_scores(mg, g, prm, importance), m, k, backend="triton")
+    got = harmodt_kernels.harmony_select(*_scores(mg, g, prm, importance), m, k, backend="triton")
     want = R.harmony_select(*_scores(mg, g, prm, importance), m, k)
     assert torch.equal(got, want)
     a, b = R.unpack_masks(m, p), R.unpack_masks(got, p)
@@ -206,7 +206,7 @@ def test_harmony_candidates_per_block(k, block, kc):
 def test_harmony_select_rejects_bad_arguments():
     mg, g, prm, m = _select_inputs(3, 40, seed=0, ints=False)
     h, r = _scores(mg, g, prm, "fisher")
-    hs, bad = _tri().harmony_select, kernels.KernelArgumentError
+    hs, bad = _tri().harmony_select, harmodt_kernels.KernelArgumentError
     with pytest.raises(bad, match=r"recovery must be \[3, 40\] like harmony, got \[2, 40\]"):
         hs(h, r[:2], m, 3)
     with pytest.raises(bad, match=r"masks must be \[3, 2\] \(packed\), got \[3, 1\]"):

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data_folders import write_ours  # noqa: E402
 from test_resume import CRASH, assert_same_run, checkpoint_step, ok, records  # noqa: E402
 
-import harmodt_kernels as kernels  # noqa: E402
+import harmodt_kernels  # noqa: E402
 from harmodt import evaluate  # noqa: E402
 from harmodt.mask_kinds import MaskKind  # noqa: E402
 from harmodt.methods import METHODS, Method, register  # noqa: E402
@@ -50,7 +50,7 @@ class GatedLinear:
             y = torch.einsum("rk,rnk->rn", x, weight * gates.index_select(0, task_ids))
             y = y if bias is None else y + bias
         y = F.relu(y) if relu else y
-        return kernels.reference.dropout(y, dropout_p, seed) if dropout_p > 0 else y
+        return harmodt_kernels.reference.dropout(y, dropout_p, seed) if dropout_p > 0 else y
 
 
 class SoftGates:
@@ -208,7 +208,7 @@ def test_gated_rows_are_their_tasks_forwards():
     torch.manual_seed(0)
     w, x = torch.randn(8, 16), torch.randn(3, 16)
     kind = SoftGates.build({"w": w}, 2, None, 0, "cpu")
-    op = kind.linear_op(kernels.REFERENCE_OPS.masked_linear)
+    op = kind.linear_op(harmodt_kernels.REFERENCE_OPS.masked_linear)
     g = kind.for_op(op)["w"]
     both = op(x, w, None, g, torch.tensor([0, 1, 1]))
     assert torch.allclose(both[:1], op(x[:1], w, None, g, torch.tensor([0])), atol=1e-6)

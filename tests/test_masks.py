@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 from harmodt.masks import TaskMasks, alpha_schedule, erk_densities, harmony_score
 
 PAPER_SHAPES = {f"blocks.{i}.{n}": s for i in range(6) for n, s in
@@ -122,7 +122,7 @@ def test_vote_eq13():
 def test_packed_masks_roundtrip():
     tm, *_ = _setup()
     for n, m in tm.masks.items():
-        assert torch.equal(kernels.unpack_masks(tm.packed()[n], m.shape[-1]), m)
+        assert torch.equal(harmodt_kernels.unpack_masks(tm.packed()[n], m.shape[-1]), m)
 
 
 def test_harmony_score_range():

@@ -1,11 +1,11 @@
 """Prompt-DT / MTDT model: shapes, causality, padding, the prompt cache, and the one seam where
-masks enter (MaskedLinear -> kernels.masked_linear) against an explicit W * M model."""
+masks enter (MaskedLinear -> harmodt_kernels.masked_linear) against an explicit W * M model."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 from _synthetic import datasets
 from harmodt.config import ModelConfig
 from harmodt.data.batches import PromptDTBatcher
@@ -26,7 +26,7 @@ def setup(method="prompt-dt", cfg=CFG):
 def erk_context(m, task_ids, backend="reference"):
     shapes = {n: tuple(w.shape) for n, w in m.masked_weights().items()}
     tm = TaskMasks.erk(shapes, 2, 0.3, torch.Generator().manual_seed(0))
-    return tm, MaskContext(tm.packed(), task_ids, kernels.backend_ops(backend).masked_linear)
+    return tm, MaskContext(tm.packed(), task_ids, harmodt_kernels.backend_ops(backend).masked_linear)
 
 
 @pytest.mark.parametrize("method", ["prompt-dt", "mtdt"])
@@ -190,15 +190,15 @@ def test_masked_linear_is_f_linear_without_context():
     x = torch.randn(2, 3, 8)
     assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # the very same call: the same bits
     lin.mask_key = "w"
-    masks = kernels.pack_masks(torch.rand(2, 5, 8) > 0.5)
+    masks = harmodt_kernels.pack_masks(torch.rand(2, 5, 8) > 0.5)
     y = lin(x, MaskContext({"w": masks}, torch.tensor([0, 1])))
-    ref = kernels.reference.masked_linear(x.reshape(6, 8), lin.weight, lin.bias, masks, torch.tensor([0, 1]).repeat_interleave(3))
+    ref = harmodt_kernels.reference.masked_linear(x.reshape(6, 8), lin.weight, lin.bias, masks, torch.tensor([0, 1]).repeat_interleave(3))
     # the reference op with the batch's row segments against it without: fp32 sums of 8 products,
     # apart by <= 8 * eps32 * sum|x w| ~ 3e-6, inside assert_close's float32 default (atol 1e-5)
     torch.testing.assert_close(y, ref.view(2, 3, 5))
 
 
-@pytest.mark.skipif("cpu" not in kernels.available_backends("cpu"), reason="native CPU ops not built")
+@pytest.mark.skipif("cpu" not in harmodt_kernels.available_backends("cpu"), reason="native CPU ops not built")
 def test_native_cpu_backend_matches_reference():
     b, m = setup()
     batch = b.sample([0, 1], 4)
@@ -233,7 +233,7 @@ def test_model_module_has_no_mutable_switches():
 
 
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.long) if b == "triton" else b
-                                     for b in ("reference", "cpu", "triton") if b in kernels.available_backends("cpu")])
+                                     for b in ("reference", "cpu", "triton") if b in harmodt_kernels.available_backends("cpu")])
 def test_compiled_model_has_no_graph_break(backend):
     """torch.compile sees the whole forward as one graph: the kernel ops are registered custom ops
     (the reference is plain PyTorch; its one-task case has no data-dependent control flow)."""

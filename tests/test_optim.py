@@ -4,10 +4,10 @@ every kernel backend; clipping as torch's clip_grad_norm_."""
 import pytest
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 from harmodt.optim import MaskedAdamW, clip_coefficient
 
-BACKENDS = [b for b in ("reference", "cpu", "triton") if b in kernels.available_backends("cpu")]
+BACKENDS = [b for b in ("reference", "cpu", "triton") if b in harmodt_kernels.available_backends("cpu")]
 
 
 def params_and_grads(seed=0, shapes=((6, 40), (3, 33), (7,))):
@@ -26,7 +26,7 @@ def test_unmasked_step_is_torch_adamw(backend):
     for gs in grads:
         for p, q, g in zip(ps, ref, gs):
             p.grad, q.grad = g.clone(), g.clone()
-        opt.masked_step(op=kernels.backend_ops(backend).masked_adamw)
+        opt.masked_step(op=harmodt_kernels.backend_ops(backend).masked_adamw)
         topt.step()
     for p, q in zip(ps, ref):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
@@ -47,7 +47,7 @@ def test_outside_mask_unchanged_inside_as_adamw(backend):
         before = [p.detach().clone() for p in ps]
         for p, q, g in zip(ps, ref, gs):
             p.grad, q.grad = g.clone(), g.clone()
-        opt.masked_step({p: kernels.pack_masks(m) for p, m in masks.items()}, op=kernels.backend_ops(backend).masked_adamw)
+        opt.masked_step({p: harmodt_kernels.pack_masks(m) for p, m in masks.items()}, op=harmodt_kernels.backend_ops(backend).masked_adamw)
         topt.step()
         for p, b in zip(ps, before):
             if p in masks:
@@ -69,8 +69,8 @@ def test_grad_scale_scales_the_gradients_first(backend):
         for gs in grads[:2]:
             for p, q, g in zip(ps, scaled, gs):
                 p.grad, q.grad = g.clone(), g * 0.25
-            a.masked_step(grad_scale=scale, op=kernels.backend_ops(backend).masked_adamw)
-            b.masked_step(op=kernels.backend_ops(backend).masked_adamw)
+            a.masked_step(grad_scale=scale, op=harmodt_kernels.backend_ops(backend).masked_adamw)
+            b.masked_step(op=harmodt_kernels.backend_ops(backend).masked_adamw)
         # 0.25 is a power of two: g * 0.25 is exact, and so is every product the scale enters
         # (lr * m_hat, (1 - beta1) * g, g * g * scale^2) wherever the kernel applies it, so the two
         # optimizers see the same numbers: the same bits on any processor.
@@ -84,13 +84,13 @@ def test_state_dict_round_trips_through_torch_adamw(backend):
     opt = MaskedAdamW(ps, lr=1e-2)
     for p, g in zip(ps, grads[0]):
         p.grad = g
-    opt.masked_step(op=kernels.backend_ops(backend).masked_adamw)
+    opt.masked_step(op=harmodt_kernels.backend_ops(backend).masked_adamw)
     state = opt.state_dict()
     topt = torch.optim.AdamW(ps, lr=1e-2)
     topt.load_state_dict(state)
     again = MaskedAdamW(ps, lr=1e-2)
     again.load_state_dict(topt.state_dict())
-    again.masked_step(op=kernels.backend_ops(backend).masked_adamw)
+    again.masked_step(op=harmodt_kernels.backend_ops(backend).masked_adamw)
     assert float(again.state[ps[0]]["step"]) == 2
 
 

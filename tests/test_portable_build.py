@@ -46,8 +46,8 @@ def test_library_built_without_march_native_passes_the_kernel_tests(tmp_path):
     assert compile_flags and not any("-march=native" in text for text in compile_flags)
     env = dict(os.environ, HARMODT_KERNELS_LIB=str(lib))
     env.pop("HARMODT_SKIP_NATIVE", None)
-    probe = subprocess.run([sys.executable, "-c", "import harmodt_kernels as kernels; from harmodt_kernels.cpu import NativeLibrary; lib = NativeLibrary(); "
-                            "print(lib.path, lib.unavailable, kernels.resolve_backend('auto', 'cpu'))"],
+    probe = subprocess.run([sys.executable, "-c", "import harmodt_kernels; from harmodt_kernels.cpu import NativeLibrary; lib = NativeLibrary(); "
+                            "print(lib.path, lib.unavailable, harmodt_kernels.resolve_backend('auto', 'cpu'))"],
                            env=env, capture_output=True, text=True, cwd=ROOT)
     assert probe.stdout.split() == [str(lib), "None", "cpu"], probe.stdout + probe.stderr  # that build is the one loaded
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_kernels_cpu.py", "tests/test_kernels_cpu_ops.py"],

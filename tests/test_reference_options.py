@@ -19,12 +19,12 @@ from harmodt.run.cli import parse_args
 from harmodt.run.distributed import round_robin
 from harmodt.run.resume import changed_settings
 from harmodt.train import Trainer
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 TASKS = ["reach-v3", "push-v3", "door-open-v3"]
 NEW_KEYS = {"task_order": ("random", "round-robin"), "clip_scope": ("masked", "unmasked"), "weight_decay_scope": ("matrices", "all"),
             "model.init": ("ours", "reference"), "masks.erk_draw": ("exact", "bernoulli"), "state_norm": ("per-task", "pooled")}
-FUSED_BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if b in kernels.available_backends("cpu")]
+FUSED_BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if b in harmodt_kernels.available_backends("cpu")]
 
 
 def tiny_cfg(tmp_path, dropout: float = 0.1, **kw) -> TrainConfig:

@@ -16,7 +16,7 @@ from harmodt.config import ModelConfig
 from harmodt.masks import TaskMasks
 from harmodt.model import action_loss
 from harmodt.train import Trainer, run
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 
 @pytest.mark.parametrize("tasks_per_batch", [1, 2])
@@ -33,7 +33,7 @@ def test_step_leaves_weights_outside_mask_unchanged(tmp_path, tasks_per_batch):
             assert not torch.equal(w.detach()[keep], before[n][keep]), n  # the step did move the task's weights
 
 
-FUSED_BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if b in kernels.available_backends("cpu")]
+FUSED_BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if b in harmodt_kernels.available_backends("cpu")]
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

@@ -11,7 +11,7 @@ from harmodt.config import ModelConfig, TrainConfig, validate
 from harmodt.masks import TaskMasks
 from harmodt.run import rng
 from harmodt.train import Trainer
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 TASKS = ["reach-v3", "push-v3", "door-open-v3"]
 
@@ -47,7 +47,7 @@ def test_a_fresh_trainer_adopts_another_ones_state(tmp_path):
         assert torch.equal(a, b), n
 
 
-OPS = [kernels.backend_ops(b) for b in kernels.available_backends("cpu")]
+OPS = [harmodt_kernels.backend_ops(b) for b in harmodt_kernels.available_backends("cpu")]
 
 
 @pytest.mark.parametrize("ops", OPS, ids=[o.masked_linear.backend.name for o in OPS])
@@ -57,13 +57,13 @@ def test_each_op_gets_the_layout_it_takes(ops):
     for op in (ops.masked_linear, ops.masked_adamw):
         layers = tm.for_op(op)
         for n, m in tm.masks.items():
-            got = layers[n] if layers[n].dtype == torch.bool else kernels.unpack_masks(layers[n], m.shape[-1])
+            got = layers[n] if layers[n].dtype == torch.bool else harmodt_kernels.unpack_masks(layers[n], m.shape[-1])
             assert (layers[n].dtype == torch.bool) == op.takes_bool_masks
             assert torch.equal(got, m)
         for ids in ([2], [0, 3]):
             keep = tm.keep(ids, op)
             for n, m in tm.masks.items():
                 want = m[ids].any(0)
-                got = keep[n] if keep[n].dtype == torch.bool else kernels.unpack_masks(keep[n], m.shape[-1])
+                got = keep[n] if keep[n].dtype == torch.bool else harmodt_kernels.unpack_masks(keep[n], m.shape[-1])
                 assert (keep[n].dtype == torch.bool) == op.takes_bool_masks
                 assert torch.equal(got, want)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 import harmodt_kernels.triton_masked_linear as tml
 import harmodt_kernels.triton_tiles as tt
 from harmodt_kernels import reference as R
@@ -112,7 +112,7 @@ def test_every_tile_matches_reference(kind, tile, one_tile):
         for backend in ("triton", "reference"):
             xx, ww, bb = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
             tg = torch.zeros(t, n, k)
-            y = kernels.masked_linear(xx, ww, bb, m, ids, task_grads=tg, backend=backend)
+            y = harmodt_kernels.masked_linear(xx, ww, bb, m, ids, task_grads=tg, backend=backend)
             y.backward(dy)
             out[backend] = (y.detach(), xx.grad, ww.grad, bb.grad, tg)
         for name, a, e in zip(("y", "dx", "dw", "db", "task_grads"), out["triton"], out["reference"]):

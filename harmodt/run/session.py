@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 
 from ..config import ConfigError, TrainConfig, resolve_device, to_dict
 from ..data import DataError
@@ -41,8 +41,8 @@ def lock_out(cfg: TrainConfig, dist: distributed.Single):
     one writer per run folder, released when the run ends); the other ranks write no file. The device
     and kernel backend are checked first, so a run that cannot start makes no folder."""
     try:
-        kernels.select_backends(resolve_device(cfg.device), cfg.fused, cfg.backend)
-    except kernels.BackendUnavailable as exc:
+        harmodt_kernels.select_backends(resolve_device(cfg.device), cfg.fused, cfg.backend)
+    except harmodt_kernels.BackendUnavailable as exc:
         raise ConfigError(str(exc)) from None
     if not dist.is_main:
         return nullcontext()

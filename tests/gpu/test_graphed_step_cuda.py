@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 from _synthetic import datasets  # noqa: E402
 
-import harmodt_kernels as kernels  # noqa: E402
+import harmodt_kernels  # noqa: E402
 from harmodt.config import ModelConfig, TrainConfig, validate  # noqa: E402
 from harmodt.train import Trainer, run  # noqa: E402
 
@@ -138,15 +138,15 @@ def test_triton_seed_and_lr_tensors_equal_python_values_on_cuda():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 96, generator=g).cuda().requires_grad_()
     w = torch.randn(128, 96, generator=g).cuda().requires_grad_()
-    masks = kernels.pack_masks(torch.rand(2, 128, 96, generator=g) > 0.3).cuda()
+    masks = harmodt_kernels.pack_masks(torch.rand(2, 128, 96, generator=g) > 0.3).cuda()
     ids = torch.tensor([1], device="cuda")
-    seed = kernels.reference.site_seed(5, 2)
+    seed = harmodt_kernels.reference.site_seed(5, 2)
     outs = []
     for s in (seed, torch.tensor(seed, device="cuda")):
         x.grad = w.grad = None
-        y = kernels.masked_linear(x, w, None, masks, ids, backend="triton", relu=True, dropout_p=0.1, seed=s)
+        y = harmodt_kernels.masked_linear(x, w, None, masks, ids, backend="triton", relu=True, dropout_p=0.1, seed=s)
         y.backward(torch.ones_like(y))
-        d = kernels.dropout(x.detach(), 0.2, s, backend="triton")
+        d = harmodt_kernels.dropout(x.detach(), 0.2, s, backend="triton")
         outs.append((y.detach(), x.grad.clone(), w.grad.clone(), d))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
@@ -155,7 +155,7 @@ def test_triton_seed_and_lr_tensors_equal_python_values_on_cuda():
     for lr in (1e-3, torch.tensor(1e-3, dtype=torch.float64, device="cuda")):
         p = [ps[0].clone()]
         m, v, st = [torch.zeros_like(p[0])], [torch.zeros_like(p[0])], [torch.zeros((), device="cuda")]
-        kernels.masked_adamw_(p, [ps[0] * 0.01], m, v, [masks[0]], st, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+        harmodt_kernels.masked_adamw_(p, [ps[0] * 0.01], m, v, [masks[0]], st, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
                               backend="triton")
         res.append((p[0], m[0], v[0]))
     for a, b in zip(*res):

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-import harmodt_kernels as kernels
+import harmodt_kernels
 from harmodt_kernels import reference as R
 from harmodt.masks import IMPORTANCE
 
@@ -39,7 +39,7 @@ def _close(got, want, rel, name=""):
 def test_triton_interpreter_is_off_on_cuda():
     """tests/conftest.py must not force the interpreter where CUDA is present."""
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-    assert kernels.resolve_backend("auto", DEV) == "triton"
+    assert harmodt_kernels.resolve_backend("auto", DEV) == "triton"
 
 
 def _linear_inputs(r, k, n, t, ids, seed):
@@ -59,7 +59,7 @@ def _linear_inputs(r, k, n, t, ids, seed):
 def _run(backend, x, w, b, m, tid, dy, dtype):
     xx, ww, bb = (v.to(dtype).clone().requires_grad_() for v in (x, w, b))
     tg = torch.zeros(m.shape[0], *w.shape, device=DEV)
-    y = kernels.masked_linear(xx, ww, bb, m, tid, backend=backend, task_grads=tg)
+    y = harmodt_kernels.masked_linear(xx, ww, bb, m, tid, backend=backend, task_grads=tg)
     y.backward(dy.to(dtype))
     return {"y": y.detach(), "dx": xx.grad, "dw": ww.grad, "db": bb.grad, "task_grads": tg}
 
@@ -98,7 +98,7 @@ def test_masked_linear_under_bf16_autocast(matmul_precision):
     for backend in ("triton", "reference"):
         ww, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = kernels.masked_linear(x, ww, bb, m, tid, backend=backend)
+            y = harmodt_kernels.masked_linear(x, ww, bb, m, tid, backend=backend)
         y.backward(dy.bfloat16())
         outs[backend] = (y.detach(), ww.grad, bb.grad)
         assert y.dtype == torch.bfloat16 and ww.grad.dtype == torch.float32
@@ -129,8 +129,8 @@ def test_masked_linear_compiled_matches_eager(matmul_precision):
     w2 = torch.randn(256, 768, device=DEV) / 768**0.5
 
     def mlp(x, w, b, w2, tg):
-        h = torch.relu(kernels.masked_linear(x, w, b, m, tid, backend="triton", task_grads=tg))
-        return kernels.masked_linear(h, w2, None, m2, tid, backend="triton").square().mean()
+        h = torch.relu(harmodt_kernels.masked_linear(x, w, b, m, tid, backend="triton", task_grads=tg))
+        return harmodt_kernels.masked_linear(h, w2, None, m2, tid, backend="triton").square().mean()
 
     def run(fn, with_task_grads=True):
         params = [v.clone().requires_grad_() for v in (x, w, b, w2)]
@@ -147,7 +147,7 @@ def test_masked_linear_compiled_matches_eager(matmul_precision):
             try:
                 for _ in range(3):  # reduce-overhead records on a later call
                     got = run(compiled, with_tg)
-            except kernels.KernelArgumentError as exc:  # task_grads under a CUDA graph: refused in one line, never left unfilled
+            except harmodt_kernels.KernelArgumentError as exc:  # task_grads under a CUDA graph: refused in one line, never left unfilled
                 assert with_tg and mode == "reduce-overhead" and "inside a CUDA graph" in str(exc), exc
                 continue
             for i, (a, e) in enumerate(zip(got, want)):
@@ -180,7 +180,7 @@ def _paper_params(seed):
 
 def _adamw(backend, state, grads, scale, workspace=None):
     ps, _, m, v, masks, steps = state
-    kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+    harmodt_kernels.masked_adamw_(ps, grads, m, v, masks, steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
                           grad_scale=scale, backend=backend, workspace=workspace)
 
 
@@ -253,6 +253,6 @@ def test_harmony_select_equals_reference(t, p, k, importance):
     mg, gr, prm, masks = [v.to(DEV) for v in (mg, gr, prm, masks)]
     ghat = mg.mean(0)  # Algorithm 2's scores, as harmodt.masks.TaskMasks.update computes them
     args = (mg * ghat + 0.5 * IMPORTANCE[importance](mg, prm), gr * ghat, masks)
-    got = kernels.harmony_select(*args, k, backend="triton")
-    want = kernels.harmony_select(*args, k, backend="reference")
+    got = harmodt_kernels.harmony_select(*args, k, backend="triton")
+    want = harmodt_kernels.harmony_select(*args, k, backend="reference")
     assert torch.equal(got, want)
