@@ -2,8 +2,8 @@
 with the ``cpu`` backend, trained briefly in a baseline revision and in a candidate tree, and the
 results compared bit for bit.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/bit_identity.py                  # main against this checkout
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/bit_identity.py --baseline e06ca74 --methods harmodt-f
+    OMP_NUM_THREADS=1 python -m bench.bit_identity                  # main against this checkout
+    OMP_NUM_THREADS=1 python -m bench.bit_identity --baseline e06ca74 --methods harmodt-f
 
 The baseline is checked out as a temporary ``git worktree`` (removed afterwards); the candidate is a
 directory (default: the checkout holding this script) or a revision, checked out the same way. Each
@@ -38,27 +38,20 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import configparser
-import fnmatch
-import hashlib
 import json
-import math
-import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from bench.bit_compare import DEFAULT_IGNORE, compare_runs
+from bench.bit_trees import (LIB_NAME, TASKS, SetupError, Tree, UsageError, add_worktree, git, last_line, probe,
+                              provide_native_lib, remove_worktree, resolve_revision, tree_env, write_data)
 
 REPO = Path(__file__).resolve().parents[1]
-LIB_NAME = "libharmodt_kernels.so"
-NATIVE_SUFFIXES = (".cpp", ".cc", ".h", ".hpp", ".cu", ".cuh")
-TASKS = ("reach-v3", "push-v3", "door-open-v3")
 STEPS, UPDATE_EVERY = 20, 10
 TRAIN_FLAGS = ("--tasks", ",".join(TASKS), "--steps", str(STEPS), "--batch-size", "4", "--warmup-steps", "2",
                "--lr", "0.001", "--seed", "0", "--eval-episodes", "0", "--log-every", "2",
@@ -73,23 +66,7 @@ CONTROL_FLAGS = ("--lr", "0.001000001")  # after TRAIN_FLAGS: argparse keeps the
 CONTROL_IGNORE = ("metrics.jsonl/*/lr", "checkpoint/config/lr", "checkpoint/optimizer/param_groups/*/lr",
                   "checkpoint/optimizer/param_groups/*/initial_lr", "checkpoint/scheduler/base_lrs",
                   "checkpoint/scheduler/_last_lr")
-# Not behaviour: the run's own paths, and metrics.jsonl's size in bytes (its timings' digits vary).
-DEFAULT_IGNORE = ("checkpoint/config/out", "checkpoint/config/data", "checkpoint/run/metrics_bytes")
-CHECKPOINT_ORDER = ("model", "masks", "optimizer", "rng")  # compared first, in this order
-TIMING_SUFFIX = "_s"  # steps_per_s, mask_update_s, eval_env_steps_per_s: wall-clock figures
 
-_PROBE = r"""
-import json, pathlib
-import harmodt, harmodt_kernels
-info = {"harmodt": str(pathlib.Path(harmodt.__file__).resolve()),
-        "kernels": str(pathlib.Path(harmodt_kernels.__file__).resolve().parent), "methods": None}
-try:
-    from harmodt.methods import METHODS
-    info["methods"] = list(METHODS)
-except (ImportError, AttributeError):
-    pass
-print(json.dumps(info))
-"""
 
 # Runs trainings through `python -m harmodt.train`'s own entry, one after another in this process
 # (the imports once); each training's output goes to its log, a "bit-identity:" JSON line per training
@@ -111,285 +88,8 @@ for job in json.loads(sys.argv[1]):
           flush=True)
 """
 
-_WRITE_DATA = r"""
-import sys
-sys.path.insert(0, "tests")
-from _data_folders import write_ours
-write_ours(sys.argv[1], tasks=tuple(sys.argv[2].split(",")), episodes=4, prompts=2, length=20, seed=0)
-"""
 
 
-class UsageError(Exception):
-    """A bad flag value, revision or method: exit status 2."""
-
-
-class SetupError(Exception):
-    """A tree that cannot be made ready (git, imports, native library, data): exit status 1."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Comparison
-
-
-@dataclass(frozen=True)
-class Difference:
-    """The first place two results differ: ``key`` a slash path (``checkpoint/optimizer/state/3/exp_avg``),
-    ``detail`` what differs there."""
-    key: str
-    detail: str
-
-    def __str__(self):
-        return f"{self.key}: {self.detail}"
-
-
-def _float_bits(x: float) -> bytes:
-    return struct.pack("<d", x)
-
-
-def _bit_view(t: torch.Tensor) -> torch.Tensor:
-    """A floating tensor as integers of its width (its bits); other tensors as they are."""
-    if t.is_floating_point() or t.is_complex():
-        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-        t = t.contiguous()
-        if t.is_complex():
-            t = torch.view_as_real(t)
-        return t.view(ints[t.element_size()])
-    return t
-
-
-def _tensor_difference(a: torch.Tensor, b: torch.Tensor, key: str) -> Difference | None:
-    if a.dtype != b.dtype:
-        return Difference(key, f"dtype {a.dtype} vs {b.dtype}")
-    if a.shape != b.shape:
-        return Difference(key, f"shape {tuple(a.shape)} vs {tuple(b.shape)}")
-    a, b = a.detach().cpu(), b.detach().cpu()
-    if torch.equal(_bit_view(a), _bit_view(b)):
-        return None
-    differs = _bit_view(a) != _bit_view(b)
-    if differs.dim() > a.dim():  # a complex tensor's real and imaginary halves
-        differs = differs.any(-1)
-    n = int(differs.sum())
-    if a.dtype == torch.bool:
-        return Difference(key, f"{n} of {a.numel()} elements differ")
-    wide = torch.float64 if (a.is_floating_point() or a.is_complex()) else torch.int64
-    gap = (a.to(wide) - b.to(wide)).abs()
-    top = float(gap.max()) if gap.numel() else 0.0
-    return Difference(key, f"{n} of {a.numel()} elements differ, max |a-b| {top:.3g}")
-
-
-def first_difference(a, b, key: str = "", ignore: tuple[str, ...] = ()) -> Difference | None:
-    """The first difference between two nested results (dicts, lists/tuples, tensors, numbers,
-    strings, None), walking ``a``'s order; None when they are bit for bit the same. ``ignore``: slash
-    paths not compared (fnmatch patterns: ``metrics.jsonl/*/lr``). A list and a tuple of the same
-    items are the same; an int and a float are not."""
-    if _ignored(key, ignore):
-        return None
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return Difference(key, f"{type(a).__name__} vs {type(b).__name__}")
-        return _tensor_difference(a, b, key)
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in a:
-            sub = f"{key}/{k}" if key else str(k)
-            if k not in b:
-                return None if _ignored(sub, ignore) else Difference(sub, "missing in the candidate")
-            if (d := first_difference(a[k], b[k], sub, ignore)) is not None:
-                return d
-        for k in b:
-            sub = f"{key}/{k}" if key else str(k)
-            if k not in a and not _ignored(sub, ignore):
-                return Difference(sub, "missing in the baseline")
-        return None
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return Difference(key, f"length {len(a)} vs {len(b)}")
-        for i, (x, y) in enumerate(zip(a, b)):
-            if (d := first_difference(x, y, f"{key}/{i}" if key else str(i), ignore)) is not None:
-                return d
-        return None
-    if type(a) is not type(b):
-        return Difference(key, f"{type(a).__name__} {a!r} vs {type(b).__name__} {b!r}")
-    if isinstance(a, float):
-        if _float_bits(a) == _float_bits(b):
-            return None
-        gap = abs(a - b) if math.isfinite(a) and math.isfinite(b) else math.inf
-        return Difference(key, f"{a!r} vs {b!r}, |a-b| {gap:.3g}")
-    if a != b:
-        return Difference(key, f"{_short(a)} vs {_short(b)}")
-    return None
-
-
-def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(key, pattern) for pattern in ignore)
-
-
-def _short(x, limit: int = 60) -> str:
-    text = repr(x)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def metric_records(path: Path) -> dict[str, dict]:
-    """metrics.jsonl's records keyed ``line N (step S)``, without their timing keys (``*_s``)."""
-    records = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        rec = json.loads(line)
-        records[f"line {i} (step {rec.get('step')})"] = {k: v for k, v in rec.items() if not k.endswith(TIMING_SUFFIX)}
-    return records
-
-
-def _checkpoint_in_order(ck: dict) -> dict:
-    first = {k: ck[k] for k in CHECKPOINT_ORDER if k in ck}
-    return {**first, **{k: v for k, v in ck.items() if k not in first}}
-
-
-def compare_runs(baseline: Path, candidate: Path, ignore: tuple[str, ...] = DEFAULT_IGNORE) -> Difference | None:
-    """The first difference between two run folders: metrics.jsonl, then checkpoint.pt."""
-    d = first_difference(metric_records(baseline / "metrics.jsonl"), metric_records(candidate / "metrics.jsonl"),
-                         "metrics.jsonl", ignore)
-    if d is not None:
-        return d
-    a, b = (torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True) for run in (baseline, candidate))
-    return first_difference(_checkpoint_in_order(a), _checkpoint_in_order(b), "checkpoint", ignore)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Trees
-
-
-@dataclass(eq=False)
-class Tree:
-    """One side of the comparison: a directory with harmodt, how to run Python in it, what it has."""
-    label: str
-    root: Path
-    env: dict = field(repr=False)
-    kernels: Path | None = None  # the kernel package's folder, from the probe
-    methods: list | None = None
-    native: str = ""  # how it got its native library
-
-    @property
-    def lib(self) -> Path:
-        return self.kernels / "_lib" / LIB_NAME
-
-
-def _git(*args, cwd: Path) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SetupError(f"git {' '.join(args)} in {cwd}: {last_line(proc.stderr)}")
-    return proc.stdout.strip()
-
-
-def resolve_revision(repo: Path, rev: str, flag: str) -> str:
-    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        what = "neither a directory nor a revision" if flag == "--candidate" else "not a revision"
-        raise UsageError(f"{flag} {rev!r} is {what} of {repo}")
-    return proc.stdout.strip()
-
-
-def add_worktree(repo: Path, commit: str, dest: Path) -> Path:
-    _git("worktree", "add", "--detach", str(dest), commit, cwd=repo)
-    return dest
-
-
-def remove_worktree(repo: Path, dest: Path):
-    subprocess.run(["git", "worktree", "remove", "--force", str(dest)], cwd=repo, capture_output=True)
-    shutil.rmtree(dest, ignore_errors=True)
-    subprocess.run(["git", "worktree", "prune"], cwd=repo, capture_output=True)
-
-
-def pytest_pythonpath(root: Path) -> list[Path]:
-    """The folders pytest.ini's ``pythonpath`` puts on sys.path (where a tree keeps importable packages)."""
-    ini = root / "pytest.ini"
-    if not ini.is_file():
-        return []
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(ini)
-    entries = parser.get("pytest", "pythonpath", fallback="").split()
-    return [(root / e).resolve() for e in entries]
-
-
-def tree_env(root: Path) -> dict:
-    paths = [root.resolve(), *pytest_pythonpath(root)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(str(p) for p in paths)), OMP_NUM_THREADS="1",
-               MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    env.pop("HARMODT_KERNELS_LIB", None)  # each tree loads its own library
-    return env
-
-
-def run_python(tree: Tree, args: list, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=tree.root, env=tree.env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
-
-
-def probe(tree: Tree):
-    """Where the tree's harmodt and harmodt_kernels import from (both must be inside it), and its methods."""
-    proc = run_python(tree, ["-c", _PROBE], timeout=300)
-    if proc.returncode != 0:
-        raise SetupError(f"{tree.label} ({tree.root}) cannot import harmodt: {last_line(proc.stderr)}")
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
-    root = tree.root.resolve()
-    for name in ("harmodt", "kernels"):
-        if not Path(info[name]).is_relative_to(root):
-            raise SetupError(f"{tree.label} imports {name} from {info[name]}, outside its tree {root}")
-    tree.kernels, tree.methods = Path(info["kernels"]), info["methods"]
-
-
-def native_sources(root: Path) -> str:
-    """A digest of the tree's C++ sources (bytes) and CMakeLists.txt (without its comments and the
-    line that sets where the library goes), by content: the same digest, the same library."""
-    try:
-        listed = _git("ls-files", "--cached", "--others", "--exclude-standard", cwd=root).splitlines()
-    except SetupError:  # not a git checkout: its files outside build/
-        listed = [str(f.relative_to(root)) for f in root.rglob("*") if "build" not in f.relative_to(root).parts]
-    digests = []
-    for name in listed:
-        path = root / name
-        if path.name == "CMakeLists.txt" and path.is_file():
-            lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
-            text = "\n".join(line for line in lines if line and not line.startswith("set(HARMODT_OUTPUT_DIR"))
-            digests.append(hashlib.sha256(text.encode()).hexdigest())
-        elif name.endswith(NATIVE_SUFFIXES) and path.is_file():
-            digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
-    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
-
-
-def provide_native_lib(tree: Tree, donors: list[Tree], build: bool):
-    """The tree's native library: already there, copied from a donor with the same C++ sources, or built."""
-    if tree.lib.is_file():
-        tree.native = "its own"
-        return
-    if not build:
-        mine = native_sources(tree.root)
-        for donor in donors:
-            ready = donor is not tree and donor.kernels is not None and donor.lib.is_file()
-            if ready and native_sources(donor.root) == mine:
-                tree.lib.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(donor.lib, tree.lib)
-                tree.native = f"copied from the {donor.label} (same native sources)"
-                return
-    print(f"building the native library of the {tree.label} (python setup.py build_ext --inplace) ...", file=sys.stderr)
-    proc = run_python(tree, ["setup.py", "build_ext", "--inplace"], timeout=1800)
-    if proc.returncode != 0 or not tree.lib.is_file():
-        raise SetupError(f"building the {tree.label}'s native library failed: {last_line(proc.stderr or proc.stdout)}")
-    tree.native = "built"
-
-
-def write_data(trees: list[Tree], dest: Path) -> Path:
-    """The synthetic data folder, written once by the first tree with tests/_data_folders.py."""
-    for tree in trees:
-        if (tree.root / "tests" / "_data_folders.py").is_file():
-            proc = run_python(tree, ["-c", _WRITE_DATA, str(dest), ",".join(TASKS)], timeout=300)
-            if proc.returncode != 0:
-                raise SetupError(f"writing the data with the {tree.label}'s tests/_data_folders.py: "
-                                 f"{last_line(proc.stderr)}")
-            return dest
-    raise SetupError("no tree has tests/_data_folders.py to write the synthetic data with")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -482,7 +182,7 @@ def table(rows: list[tuple[str, dict[str, str]]], paths: list[str]) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python bench/bit_identity.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.bit_identity", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", default="main", help="the baseline revision (default main)")
     p.add_argument("--candidate", default=str(REPO), help="the candidate: a directory (a checkout, used as it is) "
@@ -560,7 +260,7 @@ def prepare(args, repo: Path, work: Path, worktrees: list) -> tuple[Tree, Tree, 
 def compare_trees(args) -> int:
     started = time.perf_counter()
     candidate_dir = Path(args.candidate)
-    repo = Path(_git("rev-parse", "--show-toplevel", cwd=candidate_dir if candidate_dir.is_dir() else REPO))
+    repo = Path(git("rev-parse", "--show-toplevel", cwd=candidate_dir if candidate_dir.is_dir() else REPO))
     work = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="bit-identity-"))
     work.mkdir(parents=True, exist_ok=True)
     worktrees = []
@@ -617,8 +317,8 @@ def _checkout_kernels() -> Path | None:
 
 def _describe(root: Path) -> str:
     try:
-        commit = _git("rev-parse", "--short=10", "HEAD", cwd=root)
-        dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=root)
+        commit = git("rev-parse", "--short=10", "HEAD", cwd=root)
+        dirty = git("status", "--porcelain", "--untracked-files=no", cwd=root)
     except SetupError:
         return ""
     return f" = {commit}{' with uncommitted changes' if dirty else ''}"

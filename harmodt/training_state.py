@@ -9,19 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:  # (types only: this module sits below everything it names)
     import harmodt_kernels
 
-    from .config import TrainConfig
     from .data.batches import PromptDTBatcher
     from .mask_kinds import MaskKind
     from .model import PromptDT
     from .optim import MaskedAdamW
-    from .run.distributed import Single
     from .run.signals import StopRequest
 
 
@@ -39,10 +37,10 @@ class TrainingState:
     SIGINT/SIGTERM; ``step``: steps taken; ``step_rule``: the method's step rule on this state.
     """
 
-    cfg: TrainConfig
+    cfg: Any  # harmodt.config.TrainConfig (config names the methods, which build on this state)
     tasks: list[str]
     device: torch.device
-    dist: Single
+    dist: Any  # harmodt.run.distributed.Single or a rank of torchrun
     backends: harmodt_kernels.KernelOps
     batcher: PromptDTBatcher
     model: PromptDT

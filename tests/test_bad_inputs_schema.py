@@ -12,7 +12,8 @@ import math
 import pytest
 
 from harmodt import train
-from harmodt.config import PRESETS, ConfigError, TrainConfig, apply_overrides, flag, validate
+from harmodt.config import ConfigError, TrainConfig, apply_overrides, flag, validate
+from harmodt.presets import PRESETS
 from harmodt.domains import kind_of
 from harmodt.methods import METHODS
 from harmodt.run.cli import parse_args

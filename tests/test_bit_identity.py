@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bit_identity import DEFAULT_IGNORE, compare_runs, first_difference, main, native_sources
+from bench.bit_compare import DEFAULT_IGNORE, compare_runs, first_difference
+from bench.bit_identity import main
+from bench.bit_trees import native_sources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,10 +137,10 @@ def test_same_revision_twice_is_identical_and_the_control_is_detected(tmp_path):
     exit 0, identical, the control's perturbation found; the temporary worktrees are gone afterwards."""
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bit_identity.py"), "--baseline", "HEAD",
+    proc = subprocess.run([sys.executable, "-m", "bench.bit_identity", "--baseline", "HEAD",
                            "--candidate", "HEAD", "--methods", "harmodt-f", "--paths", "fused",
                            "--keep", str(tmp_path / "work")],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     row = next(line for line in proc.stdout.splitlines() if line.startswith("harmodt-f"))
     assert row.split()[1:] == ["identical"]

@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _synthetic import datasets  # noqa: E402
 
-from harmodt.config import PRESETS, ModelConfig, TrainConfig, flat_keys, to_dict, validate  # noqa: E402
+from harmodt.config import ModelConfig, TrainConfig, flat_keys, to_dict, validate  # noqa: E402
+from harmodt.presets import PRESETS  # noqa: E402
 from harmodt.run.cli import parse_args  # noqa: E402
 from harmodt.model import action_loss  # noqa: E402
 from harmodt.train import Trainer  # noqa: E402

@@ -10,7 +10,8 @@ import torch
 
 from _synthetic import datasets
 from harmodt import steps
-from harmodt.config import PRESETS, RESUME_RULES, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
+from harmodt.config import RESUME_RULES, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
+from harmodt.presets import PRESETS
 from harmodt.masks import TaskMasks, erk_densities
 from harmodt.methods import build_model
 from harmodt.model import action_loss

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from _synthetic import datasets
-from harmodt.config import EMBEDDED_DEFAULT, ConfigError, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
+from harmodt.config import ConfigError, ModelConfig, TrainConfig, config_from_dict, to_dict, validate
+from harmodt.presets import EMBEDDED_DEFAULT
 from harmodt.run.cli import parse_args
 from harmodt.run.resume import changed_settings
 from harmodt.runtime import float32_matmuls

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import PRESETS, ConfigError, OneLineParser, TrainConfig, apply_overrides, config_from_dict, flag, validate
+from ..config import ConfigError, OneLineParser, TrainConfig, apply_overrides, config_from_dict, flag, validate
 from ..domains import check_fields
 from ..files import read_json
 from ..flags import add_config_flags, add_method_flags
+from ..presets import PRESETS
 
 # Flags that say how and where a run goes, not what it trains: given alone (no --preset, no
 # --config, no other flag) they keep the embedded default run.

@@ -1,33 +1,32 @@
 """Masked linear in Triton: ``y[r] = x[r] @ (W * M[task[r]]).T + b`` without masked weight copies.
 
-Each program owns one row tile of a single task and one output tile; it loads W tiles and the
-task's packed mask words once per tile and expands the bits in registers, accumulating in fp32
-with ``tl.dot`` (tensor cores on a GPU: bf16/fp16 natively, fp32 as tf32 when
-``torch.get_float32_matmul_precision()`` allows it, as ``F.linear`` does; exact fp32 under
-``TRITON_INTERPRET=1``).
+Each program owns one row tile of a single task and one output tile; it loads W tiles and the task's packed
+mask words once per tile and expands the bits in registers, accumulating in fp32 with ``tl.dot`` (tensor cores
+on a GPU: bf16/fp16 natively, fp32 as tf32 when ``torch.get_float32_matmul_precision()`` allows it, as
+``F.linear`` does; exact fp32 under ``TRITON_INTERPRET=1``).
 
 Two row layouts, chosen by the shape of ``task_ids``:
 
-* ``[1]``: every row belongs to one task (a training batch). Row tiles are plain ranges of rows;
-  the task is read from device memory, so nothing is sorted and nothing waits for the GPU.
-* ``[R]``: a mixed-task batch (evaluation). Rows are put in task order by a stable ``argsort`` and
-  counted per task on the device; each program finds its (task, row range) from the counts with a
-  cumulative sum in registers. The grid is sized for the worst case (``R // BM + min(T, R)`` row
-  tiles), so the host never reads the counts: programs past the last tile do no work.
+* ``[1]``: every row belongs to one task (a training batch). Row tiles are plain ranges of rows; the task is
+  read from device memory, so nothing is sorted and nothing waits for the GPU.
+* ``[R]``: a mixed-task batch (evaluation). Rows are put in task order by a stable ``argsort`` and counted
+  per task on the device; each program finds its (task, row range) from the counts with a cumulative sum in
+  registers. The grid is sized for the worst case (``R // BM + min(T, R)`` row tiles), so the host never
+  reads the counts: programs past the last tile do no work.
 
-The weight gradient ``dW = sum_t M_t * (dY_t^T X_t)`` is accumulated task by task inside one
-program per (N, K) tile: deterministic, no atomics, one mask expansion per task; the same loop
-adds each task's unmasked ``dY_t^T X_t`` into ``task_grads`` when given.
+The weight gradient ``dW = sum_t M_t * (dY_t^T X_t)`` is accumulated task by task inside one program per (N,
+K) tile: deterministic, no atomics, one mask expansion per task; the same loop adds each task's unmasked
+``dY_t^T X_t`` into ``task_grads`` when given.
 
-Epilogue (fwd kernel): ReLU and counter-based dropout (``harmodt_kernels/triton_dropout.py``'s ``_keep``,
-the bits of ``harmodt_kernels.reference.counter_keep`` over the ``[R, N]`` output's row-major index) on the
-tile before it is stored; the backward first maps dY back through them (the bits recomputed from
-the seed, ReLU from the saved output), then runs the dX and dW kernels.
+Epilogue (fwd kernel): ReLU and counter-based dropout (``harmodt_kernels/triton_dropout.py``'s ``_keep``, the
+bits of ``harmodt_kernels.reference.counter_keep`` over the ``[R, N]`` output's row-major index) on the tile
+before it is stored; the backward first maps dY back through them (the bits recomputed from the seed, ReLU
+from the saved output), then runs the dX and dW kernels.
 
-The op is registered with ``torch.library`` (``harmodt_triton::masked_linear`` and its backward
-ops ``masked_linear_dx``, ``masked_linear_dw`` and ``masked_linear_dw_task_grads``, the last
-mutating ``task_grads``),
-with fake implementations, so ``torch.compile`` sees one opaque op per call and no graph break.
+The op is registered with ``torch.library`` (``harmodt_triton::masked_linear`` and its backward ops
+``masked_linear_dx``, ``masked_linear_dw`` and ``masked_linear_dw_task_grads``, the last mutating
+``task_grads``), with fake implementations, so ``torch.compile`` sees one opaque op per call and no graph
+break.
 """
 
 from __future__ import annotations
@@ -47,8 +46,6 @@ __all__ = ["triton_masked_linear"]
 
 
 # ---- kernels ----------------------------------------------------------------------------------
-
-
 @triton.jit
 def _mask_tile(m_ptr, task, offs_n, k0, N, K, W, stride_mt, stride_mn, BN: tl.constexpr, BK: tl.constexpr):
     """The task's mask bits for rows ``offs_n`` and columns ``k0 .. k0 + BK`` as a [BN, BK] 0/1
@@ -197,8 +194,6 @@ def _dw_kernel(dy_ptr, x_ptr, m_ptr, dw_ptr, tg_ptr, task_ptr, counts_ptr, order
 
 
 # ---- launchers --------------------------------------------------------------------------------
-
-
 def _precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision: fp32 products as tf32 only where torch's own fp32 matmuls may
     use it (``torch.get_float32_matmul_precision() != "highest"``), never under the interpreter."""
@@ -303,8 +298,6 @@ def _backward_dw(dy, x, masks, task_ids, task_grads):
 
 
 # ---- torch.library registration and autograd -------------------------------------------------
-
-
 @torch.library.custom_op("harmodt_triton::masked_linear", mutates_args=())
 def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], masks: torch.Tensor,
                       task_ids: torch.Tensor, task_grads: Optional[torch.Tensor], relu: bool, dropout_p: float,
@@ -393,8 +386,6 @@ _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- public entry -----------------------------------------------------------------------------
-
-
 def triton_masked_linear(x, weight, bias, masks, task_ids, task_grads=None, segments=None, relu=False, dropout_p=0.0,
                          seed=0):
     """``y[r] = x[r] @ (weight * M[task_ids[r]]).T + bias`` on the Triton kernels, then ReLU and
