@@ -83,10 +83,11 @@ def batched_task_gradients(model: torch.nn.Module, weights: dict, task_masks: Ta
 
     The same arithmetic as the per-task passes row for row, except where an op's result depends
     on the batch it runs in (a GEMM over a different number of rows) and g_i of ``dense``, which
-    runs through the masked linear with a ones mask instead of ``F.linear``. On the CPU the kernels
-    (reference and native) run each task's rows as a GEMM of their own, as the loop does: the
-    gradients are the loop's bit for bit, and so are the masks Algorithm 2 selects from them
-    (tests/test_mask_grads_batched.py). Where the summation order differs (a GPU's kernels) the
+    runs through the masked linear with a ones mask instead of ``F.linear``. On the CPU with one
+    thread the kernels (reference and native) run each task's rows as a GEMM of their own, as the
+    loop does: the gradients are the loop's bit for bit, and so are the masks Algorithm 2 selects
+    from them (tests/test_mask_grads_batched.py); with more threads ATen may split a GEMM over the
+    pass's rows otherwise. Where the summation order differs (threads, a GPU's kernels) the
     bound is each task's gradient within 1e-5 of its largest entry (checked under the Triton
     interpreter), and a mask can then differ only where two scores at Algorithm 2's top-k cut
     differ by less than what that bound allows them to move."""
