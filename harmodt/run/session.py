@@ -227,9 +227,11 @@ def describe(tr) -> str:
     cfg, device, backends = tr.cfg, tr.device, tr.backends
     dev = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     precision = cfg.precision + (" (exact fp32 on a CPU)" if cfg.precision == "tf32" and device.type != "cuda" else "")
-    passes = tr.mask_updater.passes + (" (auto)" if cfg.masks.mask_grads_passes == "auto" else "")
+    passes = getattr(tr.mask_updater, "passes", None)  # (a method's own updater may take no task gradients)
+    if passes is not None:
+        passes = f"mask-grads-passes={passes}" + (" (auto) " if cfg.masks.mask_grads_passes == "auto" else " ")
     line = (f"[harmodt] device={dev} precision={precision} compile={cfg.compile} "
-            f"fused={cfg.fused} kernels: {backends.describe()} mask-grads-passes={passes} {tr.step_kind}")
+            f"fused={cfg.fused} kernels: {backends.describe()} {passes or ''}{tr.step_kind}")
     if cfg.fused and backends.fallback is not None:
         line += f"\n[harmodt] note: --fused runs on the plain-PyTorch reference here: {backends.fallback}"
     return line
