@@ -29,7 +29,8 @@ import torch
 
 # The paper's model (Table 6): 6 layers, 8 heads, width 256, K = 20, K* = 5, batch 8, S = 0.2.
 TASKS = ["reach-v3", "push-v3", "door-open-v3", "drawer-open-v3", "window-open-v3"]
-LAYERS = {"qkv": (256, 768), "attn_proj": (256, 256), "fc": (256, 1024), "mlp_proj": (1024, 256)}  # (K, N) of each masked matrix
+# (K, N) of each masked matrix
+LAYERS = {"qkv": (256, 768), "attn_proj": (256, 256), "fc": (256, 1024), "mlp_proj": (1024, 256)}
 P_MODEL = 6 * sum(k * n for k, n in LAYERS.values())  # 4,718,592 masked weights
 TRAIN_ROWS = 8 * 75  # a training batch: 8 sequences of 3 * (20 + 5) tokens
 EVAL_TOKENS = 3 * 20 - 1  # an evaluation row's history tokens (the last action is not fed)
@@ -74,18 +75,21 @@ def synthetic_datasets(tasks, episodes=4, length=500, seed=0):
                                rewards=rng.uniform(0, 10, size=length).astype(np.float32),
                                dones=np.eye(1, length, length - 1, dtype=bool)[0], successes=None)
 
-    return {t: SimpleNamespace(name=t, trajectories=[traj() for _ in range(episodes)], prompts=[traj() for _ in range(2)]) for t in tasks}
+    return {t: SimpleNamespace(name=t, trajectories=[traj() for _ in range(episodes)],
+                               prompts=[traj() for _ in range(2)])
+            for t in tasks}
 
 
-def make_trainer(method: str = "harmodt-f", device: str = "cpu", fused: bool = True, precision: str = "fp32", tasks=TASKS, **kw):
+def make_trainer(method: str = "harmodt-f", device: str = "cpu", fused: bool = True, precision: str = "fp32",
+                 tasks=TASKS, **kw):
     """A ``harmodt.train.Trainer`` at the paper's size on synthetic data (``validate``d config); its
     step eager unless ``cuda_graph`` says otherwise (the benchmarks name the graphed step)."""
     from harmodt.config import TrainConfig, validate
     from harmodt.train import Trainer
 
     kw.setdefault("cuda_graph", "off")
-    cfg = validate(TrainConfig(tasks=",".join(tasks), method=method, progress=False, eval_episodes=0, device=device, fused=fused,
-                               precision=precision, **kw))
+    cfg = validate(TrainConfig(tasks=",".join(tasks), method=method, progress=False, eval_episodes=0, device=device,
+                               fused=fused, precision=precision, **kw))
     return Trainer(cfg, synthetic_datasets(tasks))
 
 
@@ -181,8 +185,8 @@ def kernel_time(fn: Callable[[], object], device, calls: int = 10) -> dict:
             fn()
         sync(device)
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    return {"ms": sum(e.self_device_time_total for e in kernels) / 1e3 / calls, "launches": sum(e.count for e in kernels) / calls,
-            "clock": "cuda-kernels", "calls": calls}
+    return {"ms": sum(e.self_device_time_total for e in kernels) / 1e3 / calls,
+            "launches": sum(e.count for e in kernels) / calls, "clock": "cuda-kernels", "calls": calls}
 
 
 def gpu_times(variants: dict) -> dict[str, list[float]]:
@@ -202,7 +206,8 @@ def gpu_figures(what: str, variants: dict, kernel: dict | None = None) -> list[d
     return rows
 
 
-def interleave(benchmark, variants: dict[str, Callable[[int], float]], n_rounds: int, calls: int = 1, warmup: int = 2) -> dict[str, list[float]]:
+def interleave(benchmark, variants: dict[str, Callable[[int], float]], n_rounds: int, calls: int = 1,
+               warmup: int = 2) -> dict[str, list[float]]:
     """ms per call of every variant, one entry per round. Each variant is first run ``warmup``
     times untimed; then every round runs each variant for ``calls`` calls: the first variant
     (the primary) is the one pytest-benchmark times, the others run in its untimed ``setup``
@@ -274,8 +279,8 @@ def time_figure(label: str, times: dict, key: str, *, target=None, baseline_key=
     return figure(label, s["median"], unit, target=target, lo=s["min"], hi=s["max"], baseline=base)
 
 
-def record(benchmark, what: str, device, times: dict | None = None, figures: list | None = None, derived: dict | None = None,
-           info: dict | None = None, unit: str = "ms") -> dict:
+def record(benchmark, what: str, device, times: dict | None = None, figures: list | None = None,
+           derived: dict | None = None, info: dict | None = None, unit: str = "ms") -> dict:
     """Register one benchmark's figures for the results file and pytest-benchmark's extra_info,
     and print them (visible with ``-s``)."""
     entry = {"name": benchmark.name, "what": what, "device": str(device), "unit": unit,
@@ -285,11 +290,12 @@ def record(benchmark, what: str, device, times: dict | None = None, figures: lis
     benchmark.extra_info.update({"variants": entry["variants"], "derived": entry["derived"], "info": entry["info"]})
     lines = [f"\n{benchmark.name}: {what}"]
     for k, s in entry["variants"].items():
-        lines.append(f"  {k}: median {s['median']:.3f} {unit} (min {s['min']:.3f}, max {s['max']:.3f}, {s['n']} rounds)")
+        lines.append(f"  {k}: median {s['median']:.3f} {unit} "
+                     f"(min {s['min']:.3f}, max {s['max']:.3f}, {s['n']} rounds)")
     for f in entry["figures"]:
-        lines.append(f"  {f['label']}: {f['value']:.4g} {f['unit']}" + (f"  target {f['target']} ({'met' if f['met'] else 'not met'})"
-                                                                       if 'target' in f else "")
-                     + (f"  previous version {f['baseline']:.4g}" if f.get("baseline") is not None else ""))
+        target = f"  target {f['target']} ({'met' if f['met'] else 'not met'})" if "target" in f else ""
+        previous = f"  previous version {f['baseline']:.4g}" if f.get("baseline") is not None else ""
+        lines.append(f"  {f['label']}: {f['value']:.4g} {f['unit']}{target}{previous}")
     print("\n".join(lines))
     return entry
 
@@ -312,8 +318,8 @@ def machine(gpu: bool) -> dict:
     else the CPU model and its core count."""
     cores = os.cpu_count() or 1
     cpu = cpu_model()
-    d = {"cpu": cpu, "cores": cores, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform(),
-         "python": platform.python_version(), "torch": torch.__version__}
+    d = {"cpu": cpu, "cores": cores, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
     try:
         import triton
 

@@ -130,7 +130,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import OneLineParser
+    from .oneline import OneLineParser
     from .files import OutputError
     from .ownership import check_output_file
 

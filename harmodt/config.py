@@ -18,7 +18,6 @@ from .data.batches import PROMPT_SEGMENTS, STATE_NORMS
 from .domains import ANY_NUMBER, SEED, Domain, above, at_least, between, check_fields, one_of
 from .methods import CONDITIONING_ALIASES, METHODS
 from .model import CONDITIONINGS
-from .oneline import OneLineParser, interruptible  # noqa: F401 (the tools' parsers, named here too)
 from .tasks import TASKS_HELP
 
 QUALITIES = ("near-optimal", "sub-optimal")

@@ -33,9 +33,10 @@ import torch
 import harmodt_kernels
 
 from .checkpoint import CheckpointError
-from .config import EVALUATION_GOALS_SEED, OneLineParser, interruptible, selection_goals_problem
+from .config import EVALUATION_GOALS_SEED, selection_goals_problem
 from .files import FolderLock, OutputError, finite_json, read_json, unwritable_file, write_atomic
 from .flags import field_flag
+from .oneline import OneLineParser, interruptible
 from .ownership import check_output_file, run_files
 from .policy_inputs import EvalError, task_inputs
 from .runtime import bf16_matmul_note, return_freed_memory

@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # (types only: this module sits below everything it names)
     from .mask_kinds import MaskKind
     from .model import PromptDT
     from .optim import MaskedAdamW
-    from .run.signals import StopRequest
 
 
 @dataclass(eq=False, repr=False)  # identity, as a trainer; no repr of every tensor
@@ -50,7 +49,7 @@ class TrainingState:
     task_masks: MaskKind | None
     opt: MaskedAdamW
     sched: torch.optim.lr_scheduler.LambdaLR
-    stop: StopRequest
+    stop: Any  # harmodt.run.signals.StopRequest (what dist reads at a step; the run harness sits above)
     step: int = 0
     step_rule: Callable | None = None
 

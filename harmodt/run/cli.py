@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import ConfigError, OneLineParser, TrainConfig, apply_overrides, config_from_dict, flag, validate
+from ..config import ConfigError, TrainConfig, apply_overrides, config_from_dict, flag, validate
+from ..oneline import OneLineParser
 from ..domains import check_fields
 from ..files import read_json
 from ..flags import add_config_flags, add_method_flags

@@ -10,7 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
-from ..config import EVALUATION_GOALS_SEED, OneLineParser
+from ..config import EVALUATION_GOALS_SEED
+from ..oneline import OneLineParser
 from ..files import FolderLock, OutputError, read_json
 from ..flags import field_flag
 from ..oneline import run_tool

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..files import FolderLock, OutputError, finite_json, loads_json, writable_folder
-from ..config import OneLineParser
+from ..oneline import OneLineParser
 from ..oneline import run_tool
 from ..run.outputs import write_atomic
 from .plan import StudyError
