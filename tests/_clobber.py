@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _data_folders import task_arrays, write_ours
+from _data_folders import task_arrays, tiny_train_args, write_ours
 from harmodt import checkpoint
 
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = "reach-v3,push-v3"
-TINY = ["--tasks", TASKS, "--steps", "2", "--batch-size", "4", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
-        "--context-len", "5", "--prompt-len", "2", "--eval-episodes", "0", "--checkpoint-every", "1", "--log-every", "1",
-        "--device", "cpu", "--no-progress"]
+TINY = tiny_train_args(TASKS, steps=2, checkpoint_every=1, log_every=1)
 
 
 def tool(module: str, argv: list[str]) -> tuple[int, str]:

@@ -87,3 +87,12 @@ def write_minari_dataset(root, ds_id: str, episodes: list[dict]) -> Path:
         minari.create_dataset_from_buffers(ds_id, buffers, observation_space=gym.spaces.Box(-np.inf, np.inf, obs.shape[1:], obs.dtype),
                                            action_space=gym.spaces.Box(-1, 1, (4,), np.float32))
     return Path(root) / ds_id
+
+
+def tiny_train_args(tasks: str, steps: int, checkpoint_every: int, log_every: int) -> list[str]:
+    """`python -m harmodt.train` flags of a tiny CPU run (1 layer × 32, context 5, prompt 2, no evaluation)
+    on the tasks of :func:`write_ours`; the caller adds --data and --out."""
+    return ["--tasks", tasks, "--steps", str(steps), "--batch-size", "4", "--n-layer", "1", "--n-embd", "32",
+            "--n-head", "2", "--context-len", "5", "--prompt-len", "2", "--eval-episodes", "0",
+            "--checkpoint-every", str(checkpoint_every), "--log-every", str(log_every), "--device", "cpu",
+            "--no-progress"]

@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data_folders import write_ours  # noqa: E402
+from _data_folders import tiny_train_args, write_ours  # noqa: E402
 
 from harmodt import checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = "reach-v3,push-v3"
-TINY = ["--tasks", TASKS, "--steps", "4", "--batch-size", "4", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
-        "--context-len", "5", "--prompt-len", "2", "--eval-episodes", "0", "--checkpoint-every", "2", "--log-every", "1",
-        "--device", "cpu", "--no-progress"]
+TINY = tiny_train_args(TASKS, steps=4, checkpoint_every=2, log_every=1)
 
 # metrics.jsonl: the run's file object is opened through the module's `open`; its third write fails
 METRICS_FULL = """

@@ -19,13 +19,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data_folders import write_ours  # noqa: E402
+from _data_folders import tiny_train_args, write_ours  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = "reach-v3,push-v3"
-TINY = ["--tasks", TASKS, "--steps", "3", "--batch-size", "4", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
-        "--context-len", "5", "--prompt-len", "2", "--eval-episodes", "0", "--checkpoint-every", "3", "--log-every", "3",
-        "--device", "cpu", "--no-progress"]
+TINY = tiny_train_args(TASKS, steps=3, checkpoint_every=3, log_every=3)
 # an unwritable location even for root: /proc takes no new file
 UNWRITABLE = "/proc"
 
