@@ -176,7 +176,7 @@ class GraphedStep:
 
     def _load_batch(self, batch: dict, n_tasks: int) -> None:
         if self.batch is None:
-            self.batch = {k: v.clone() for k, v in batch.items()}
+            self.batch = batch  # sample's new tensors, in the layout sample_into writes into
             # the batch's runs, in task order
             counts = [c for _, c in batch_segments(list(range(n_tasks)), batch["task_ids"].shape[0])]
             self.heads = torch.tensor([sum(counts[:i]) for i in range(len(counts))], device=self.tr.device)

@@ -206,11 +206,14 @@ def test_sample_into_writes_the_batch_sample_returns():
     same generator state, in the buffers it was handed."""
     a = PromptDTBatcher(_mixed_lengths(), ["a", "b", "c"], 6, 4, 100.0, seed=1)
     b = PromptDTBatcher(_mixed_lengths(), ["a", "b", "c"], 6, 4, 100.0, seed=1)
-    out = {k: torch.full_like(v, 7) for k, v in b.sample([0], 5).items()}
-    a.sample([0], 5)
+    out = b.empty_batch(5)
+    for v in out.values():
+        v.fill_(7)
     buffers = {k: v.data_ptr() for k, v in out.items()}
     for ids in ([2], [0, 1], [1, 2, 0]):
         want = a.sample(ids, 5)
         got = b.sample_into(ids, out)
         assert {k: v.data_ptr() for k, v in got.items()} == buffers
         assert all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(ValueError, match="empty_batch"):  # buffers of another layout
+        b.sample_into([0], {k: v.clone() for k, v in out.items()})

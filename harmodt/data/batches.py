@@ -109,35 +109,56 @@ def _last_start(flat: _Flat, traj: np.ndarray, length: int) -> np.ndarray:
     return np.maximum(flat.lengths[traj] - length - 1, 0)
 
 
-def _fill(flat: _Flat, rows: torch.Tensor, valid: torch.Tensor, out: dict, prefix: str = "") -> None:
-    """Gathers the windows of ``rows`` ((n, L) int64, on the device) into ``out``'s tensors,
-    zero where ``valid`` ((n, L) int64) is 0: states (n, L, S), actions (n, L, A), rtg (n, L, 1),
-    timesteps (n, L), mask (n, L) bool."""
-    flat_rows, keep = rows.reshape(-1), valid.to(flat.states.dtype).unsqueeze(-1)  # (n, L, 1) 1.0 or 0.0
-    for key in ("states", "actions"):
-        dst = out[prefix + key]
-        torch.index_select(getattr(flat, key), 0, flat_rows, out=dst.view(-1, dst.shape[-1]))
-        dst.mul_(keep)  # x * 1.0 or x * 0.0: padding is 0 (-0.0 for a negative value, as always)
-    torch.index_select(flat.rtg, 0, flat_rows, out=out[prefix + "rtg"].view(-1)).view_as(keep).mul_(keep)
-    torch.index_select(flat.timesteps, 0, flat_rows, out=out[prefix + "timesteps"].view(-1)).mul_(valid.reshape(-1))
-    out[prefix + "mask"].copy_(valid)
+FIELDS = ("states", "actions", "rtg", "timesteps", "mask")  # a window's fields (a prompt's: "prompt_" + field)
 
 
-def _empty(flat: _Flat, n: int, length: int, prefix: str = "") -> dict:
-    """Tensors for :func:`_fill` of n windows of ``length`` steps, on the data's device."""
-    dev = flat.states.device
-    return {prefix + "states": torch.empty(n, length, flat.states.shape[1], device=dev),
-            prefix + "actions": torch.empty(n, length, flat.actions.shape[1], device=dev),
-            prefix + "rtg": torch.empty(n, length, 1, device=dev),
-            prefix + "timesteps": torch.empty(n, length, dtype=torch.int64, device=dev),
-            prefix + "mask": torch.empty(n, length, dtype=torch.bool, device=dev)}
+def _fill_rows(table: _Flat, rows: torch.Tensor, valid: torch.Tensor, dst: dict) -> None:
+    """Gathers the table's ``rows`` ((R,) int64, on the device) into ``dst``'s matrices, zero where
+    ``valid`` ((R,) int64) is 0: states (R, S), actions (R, A), rtg (R,), timesteps (R,), mask (R,)
+    bool."""
+    keep = valid.to(table.states.dtype)  # (R,) 1.0 or 0.0
+    column = keep.unsqueeze(-1)
+    for key in ("states", "actions"):  # x * 1.0 or x * 0.0: padding is 0 (-0.0 for a negative value, as always)
+        torch.index_select(getattr(table, key), 0, rows, out=dst[key]).mul_(column)
+    torch.index_select(table.rtg, 0, rows, out=dst["rtg"]).mul_(keep)
+    torch.index_select(table.timesteps, 0, rows, out=dst["timesteps"]).mul_(valid)
+    dst["mask"].copy_(valid)
+
+
+def _matrices(n_rows: int, table: _Flat) -> dict:
+    """One (rows, features) tensor per field, on the table's device, for :func:`_fill_rows`."""
+    dev = table.states.device
+    return {"states": torch.empty(n_rows, table.states.shape[1], device=dev),
+            "actions": torch.empty(n_rows, table.actions.shape[1], device=dev),
+            "rtg": torch.empty(n_rows, device=dev),
+            "timesteps": torch.empty(n_rows, dtype=torch.int64, device=dev),
+            "mask": torch.empty(n_rows, dtype=torch.bool, device=dev)}
+
+
+def _windows_of(matrices: dict, n: int, lengths: dict) -> dict:
+    """Batch tensors as views of ``matrices``' rows: ``lengths`` = {prefix: window length}, in row
+    order ("" the history, "prompt_" the prompt); each prefix's n windows take n * length rows.
+    states (n, L, S), actions (n, L, A), rtg (n, L, 1), timesteps (n, L), mask (n, L)."""
+    out, first = {}, 0
+    for prefix, length in lengths.items():
+        for key, m in matrices.items():
+            tail = (1,) if key == "rtg" else m.shape[1:]
+            out[prefix + key] = m[first: first + n * length].view(n, length, *tail)
+        first += n * length
+    return out
+
+
+def _empty(table: _Flat, n: int, length: int) -> dict:
+    """Tensors for n windows of ``length`` steps on the table's device (views of one matrix per field)."""
+    return _windows_of(_matrices(n * length, table), n, {"": length})
 
 
 def _gather(flat: _Flat, rows: np.ndarray, valid: np.ndarray) -> dict:
     """The windows of :func:`_windows` as new tensors on the data's device."""
     out = _empty(flat, *rows.shape)
     dev = flat.states.device
-    _fill(flat, torch.from_numpy(rows).to(dev), torch.from_numpy(valid).to(dev), out)
+    _fill_rows(flat, torch.from_numpy(rows.reshape(-1)).to(dev), torch.from_numpy(valid.reshape(-1)).to(dev),
+               {key: out[key]._base for key in FIELDS})
     return out
 
 
@@ -251,44 +272,48 @@ class PromptDTBatcher:
         self.generator = torch.Generator().manual_seed(seed)
         self.state_mean, self.state_std = state_stats(datasets, self.tasks, state_norm)
         norm = [(self.state_mean[t], self.state_std[t]) for t in self.tasks]
-        self.table, self.data = _concatenate([
-            _flatten(datasets[t].trajectories, m, sd, rtg_scale, max_ep_len).to(device)
-            for t, (m, sd) in zip(self.tasks, norm)])
-        self.prompt_table, self.prompts = _concatenate([
-            _flatten(datasets[t].prompts, m, sd, rtg_scale, max_ep_len).to(device)
-            for t, (m, sd) in zip(self.tasks, norm)])
+        # one table of every task's history steps, then every task's prompt steps: a batch is one gather per field
+        flats = [_flatten(datasets[t].trajectories, m, sd, rtg_scale, max_ep_len) for t, (m, sd) in zip(self.tasks, norm)]
+        flats += [_flatten(datasets[t].prompts, m, sd, rtg_scale, max_ep_len) for t, (m, sd) in zip(self.tasks, norm)]
+        self.table, views = _concatenate([f.to(device) for f in flats])
+        self.data, self.prompts = views[:len(self.tasks)], views[len(self.tasks):]
         self.device = torch.device(device)
 
     def sample(self, task_ids: list[int], batch_size: int) -> dict:
         """A batch of ``batch_size`` rows spread evenly over ``task_ids`` (one id = Algorithm 1),
         laid out as :func:`batch_segments` says: new tensors on the device."""
-        out = _empty(self.table, batch_size, self.k)
-        if self.kp > 0:
-            out.update(_empty(self.prompt_table, batch_size, self.kp, "prompt_"))
+        return self.sample_into(task_ids, self.empty_batch(batch_size))
+
+    def empty_batch(self, batch_size: int) -> dict:
+        """Tensors for :meth:`sample_into`: :meth:`sample`'s keys, shapes and dtypes, each field's history and
+        prompt windows views of one matrix (so that a batch is one gather per field)."""
+        lengths = {"": self.k, "prompt_": self.kp} if self.kp > 0 else {"": self.k}
+        out = _windows_of(_matrices(batch_size * sum(lengths.values()), self.table), batch_size, lengths)
         out["task_ids"] = torch.empty(batch_size, dtype=torch.int64, device=self.device)
-        return self.sample_into(task_ids, out)
+        return out
 
     def sample_into(self, task_ids: list[int], out: dict) -> dict:
-        """:meth:`sample` written into ``out`` (a batch of :meth:`sample`'s keys, shapes and
-        dtypes; its batch size is ``out["task_ids"]``'s): the same draws from the generator, the
-        same values. On the host only the draws and the rows' indices (numpy, a few small arrays);
-        one copy to the device, then one gather and one multiply per field there."""
+        """:meth:`sample` written into ``out`` (a batch of :meth:`empty_batch`; its batch size is
+        ``out["task_ids"]``'s): the same draws from the generator, the same values. On the host only
+        the draws and the rows' indices (numpy, a few small arrays); one copy to the device, then one
+        gather and one multiply per field there."""
         b = out["task_ids"].shape[0]
-        parts = []
+        hist, prompt, ids = [], [], []
         for tid, n in batch_segments(task_ids, b):
-            part = _draw_segments(self.data[tid], n, self.k, self.generator)
+            hist.append(_draw_segments(self.data[tid], n, self.k, self.generator))
             if self.kp > 0:
                 draw = _draw_last if self.prompt_segment == "last" else _draw_segments
-                part += draw(self.prompts[tid], n, self.kp, self.generator)
-            parts.append((*part, np.full((n, 1), tid, np.int64)))
-        host = np.concatenate([np.concatenate([p[i] for p in parts]).reshape(-1) for i in range(len(parts[0]))])
-        dev = torch.from_numpy(host).to(self.device)  # one copy: rows, valid, (prompt rows, valid,) task ids
-        k, kp = b * self.k, b * self.kp
-        _fill(self.table, dev[:k].view(b, self.k), dev[k: 2 * k].view(b, self.k), out)
-        if self.kp > 0:
-            _fill(self.prompt_table, dev[2 * k: 2 * k + kp].view(b, self.kp),
-                  dev[2 * k + kp: 2 * k + 2 * kp].view(b, self.kp), out, "prompt_")
-        out["task_ids"].copy_(dev[-b:])
+                prompt.append(draw(self.prompts[tid], n, self.kp, self.generator))
+            ids.append(np.full(n, tid, np.int64))
+        # one copy to the device: rows (history, then prompt), valid (the same), task ids
+        parts = [h[0] for h in hist] + [p[0] for p in prompt] + [h[1] for h in hist] + [p[1] for p in prompt] + ids
+        dev = torch.from_numpy(np.concatenate([a.reshape(-1) for a in parts])).to(self.device)
+        r = b * (self.k + self.kp)
+        matrices = {key: out[key]._base for key in FIELDS}  # (empty_batch's layout: history rows, then prompt rows)
+        if any(m is None or m.shape[0] != r for m in matrices.values()):
+            raise ValueError("sample_into: out must be a batch of empty_batch (one matrix per field)")
+        _fill_rows(self.table, dev[:r], dev[r: 2 * r], matrices)
+        out["task_ids"].copy_(dev[2 * r:])
         return out
 
     def normalize(self, tid: int, obs: np.ndarray) -> np.ndarray:
