@@ -138,7 +138,8 @@ class TrainConfig:
                                 "the state)", one_of(("auto", *CONDITIONINGS)))
     prompt_segment: str = setting("last",
                                   "last (the last K* steps before a prompt episode's final step, as Prompt-DT's code) "
-                                  "| random (a window anywhere in one)", one_of(PROMPT_SEGMENTS))
+                                  "| first (its first K* steps, where the states tell the tasks apart) | random (a "
+                                  "window anywhere in one)", one_of(PROMPT_SEGMENTS))
     state_norm: str = setting("per-task",
                               "per-task (each task's states by its own mean and std, as HarmoDT's code) | pooled (one "
                               "mean and std over every task's states, as Prompt-DT's code)", one_of(STATE_NORMS))

@@ -61,7 +61,7 @@ def evaluate(model, task_masks, eval_info: dict, tasks: list[str], episodes: int
     time (model + simulator); building the envs is reported separately as ``setup_seconds``.
     ``sim_workers``: processes the simulator is split over (:class:`harmodt.envs.ShardedVectorEnv`);
     None = 2 when a chunk has at least 16 episodes and the machine has 2 cores, else 1. Results do
-    not depend on it. ``prompt_segment``: "last" or "random" (see the module docstring); None = the
+    not depend on it. ``prompt_segment``: "last", "first" or "random" (see the module docstring); None = the
     one training used (``eval_info``; "random" for checkpoints written before the option existed).
     ``stop_at_success``: an episode's simulation ends at its first success, and the policy computes
     the running episodes' rows alone, so their actions equal full episodes' up to the GEMMs'

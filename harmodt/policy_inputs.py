@@ -5,7 +5,8 @@ both act through :func:`task_inputs`.
 
 Prompts (prompt-conditioned models): with ``prompt_segment="last"`` every task's prompt is the last
 K* steps before the final step of its highest-return prompt episode (Prompt-DT's window), the same
-for every episode, seed and method; with ``"random"`` one window per task drawn from the seed.
+for every episode, seed and method (``"first"``: that episode's first K* steps); with ``"random"``
+one window per task drawn from the seed.
 Which prompt episode and which of its timesteps were used is recorded per task. An unseen task's
 prompt episodes are a noise-free scripted-expert episode pair rolled out here (seeded), cut the
 same way, and its states are normalized with the mean of the training tasks' statistics.
@@ -22,6 +23,7 @@ import torch
 
 import harmodt_kernels
 
+from .data.batches import PROMPT_SEGMENTS
 from .data.batches import prompt_segment as cut_prompt
 from .model import MaskContext
 
@@ -108,8 +110,8 @@ def task_inputs(model, task_masks, eval_info: dict, tasks: list[str], seed: int,
         raise EvalError(f"a model conditioned on the task ID (--conditioning {model.conditioning}) knows only the "
                         f"tasks it was trained on and cannot act on unseen tasks: {', '.join(unseen)}")
     segment = prompt_segment or eval_info.get("prompt_segment", "random")
-    if segment not in ("last", "random"):
-        raise EvalError(f"prompt segment must be last or random, got {segment!r}")
+    if segment not in PROMPT_SEGMENTS:
+        raise EvalError(f"prompt segment must be one of {', '.join(PROMPT_SEGMENTS)}, got {segment!r}")
     rtg_scale = float(eval_info.get("rtg_scale", 1000.0))
     target = float(target_return if target_return is not None else eval_info.get("target_return", 4500.0))
 

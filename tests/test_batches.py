@@ -67,7 +67,7 @@ def test_sampling_weighted_by_length_and_deterministic():
     assert torch.equal(b2.sample([0], 8000)["timesteps"], batch["timesteps"])
 
 
-# ---- prompts: the last K* steps (Prompt-DT's code) or a random window (--prompt-segment) ------
+# ---- prompts: the last K* steps (Prompt-DT's code), the first ones or a random window (--prompt-segment)
 
 def _expected_last(tr, mean, std, k, scale):
     """A trajectory's prompt row as Prompt-DT's get_prompt cuts it: start si = max(0, n - k - 1),
@@ -169,7 +169,40 @@ def test_last_prompt_window_is_the_reference_get_prompt_window(n, steps):
 
 def test_unknown_prompt_segment_is_refused():
     with pytest.raises(ValueError, match="prompt_segment"):
-        PromptDTBatcher(datasets(["a"]), ["a"], 6, 3, 100.0, prompt_segment="first")
+        PromptDTBatcher(datasets(["a"]), ["a"], 6, 3, 100.0, prompt_segment="start")
+
+
+def test_first_prompts_are_the_first_steps_of_a_prompt_episode_of_the_row_task():
+    """``prompt_segment="first"``: each row's prompt is steps [0, K*) of a prompt episode of its task
+    drawn per row (a shorter episode whole, left-padded); evaluation's is the highest-return
+    episode's, whatever the seed."""
+    ds = datasets(TASKS, episodes=2, length=30)
+    short = ds["b"].prompts[1]
+    for key in ("observations", "actions", "rewards", "dones"):
+        setattr(short, key, getattr(short, key)[:2])
+    b = PromptDTBatcher(ds, TASKS, 6, 4, 100.0, seed=3, prompt_segment="first")
+    batch = b.sample([0, 1, 2], 300)
+    drawn = {t: set() for t in TASKS}
+    for i in range(300):
+        t = TASKS[int(batch["task_ids"][i])]
+        real = batch["prompt_mask"][i]
+        for j, tr in enumerate(ds[t].prompts):
+            n = min(4, len(tr.rewards))
+            want = (tr.observations[:n] - b.state_mean[t]) / b.state_std[t]
+            if (int(real.sum()) == n and batch["prompt_timesteps"][i][real].tolist() == list(range(n))
+                    and np.allclose(batch["prompt_states"][i][real].numpy(), want, rtol=1e-5, atol=1e-6)
+                    and np.allclose(batch["prompt_rtg"][i, real, 0].numpy(), returns_to_go(tr.rewards)[:n] / 100.0)):
+                drawn[t].add(j)
+                break
+        else:
+            raise AssertionError(f"row {i} ({t}): not the first steps of a prompt episode of its task")
+    assert all(d == {0, 1} for d in drawn.values())
+    assert not batch["prompt_mask"].all()  # task b's short episode is padded
+    best = best_prompt_choice(ds["a"].prompts)
+    for seed in (0, 1):
+        seg, src = prompt_segment(ds["a"].prompts, b.state_mean["a"], b.state_std["a"], 4, 100.0, 500,
+                                  torch.Generator().manual_seed(seed), "first")
+        assert src == {"episode": best, "timesteps": [0, 1, 2, 3]}
 
 
 def _mixed_lengths():

@@ -5,8 +5,9 @@ Each task's trajectories are concatenated once into flat tensors on the training
 is then one gather per field there (no Python loop per sample). Which steps to gather is drawn on
 the CPU from a seeded generator, so a seed gives the same batches on every device. Prompts are
 the last K* steps of a prompt episode drawn per row, ending one step before its final step
-(``prompt_segment="last"``, exactly as Prompt-DT's code cuts them) or windows drawn anywhere in
-one (``"random"``).
+(``prompt_segment="last"``, exactly as Prompt-DT's code cuts them), its first K* steps
+(``"first"``: the episode's start, where the states tell the tasks apart) or windows drawn
+anywhere in one (``"random"``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from .formats import DataError
 
-PROMPT_SEGMENTS = ("last", "random")  # how a row's prompt is cut (--prompt-segment)
+PROMPT_SEGMENTS = ("last", "random", "first")  # how a row's prompt is cut (--prompt-segment)
 STATE_NORMS = ("per-task", "pooled")  # states normalised per task or over every task (--state-norm)
 
 
@@ -93,12 +94,12 @@ def _draw_segments(flat: _Flat, n: int, length: int, generator: torch.Generator)
     return _windows(flat, *_draw_starts(flat, n, generator), length)
 
 
-def _draw_last(flat: _Flat, n: int, length: int, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """n prompts as Prompt-DT trains with them: the window of :func:`_last_start` (the last
-    ``length`` steps before a trajectory's final step) of a trajectory drawn uniformly per row
-    (left-padded when it is shorter), as :func:`_windows`."""
+def _draw_cut(flat: _Flat, n: int, length: int, generator: torch.Generator, segment: str) -> tuple[np.ndarray,
+                                                                                               np.ndarray]:
+    """n prompts as Prompt-DT trains with them: the window ``segment`` cuts (:data:`_CUTS`) of a
+    trajectory drawn uniformly per row (left-padded when it is shorter), as :func:`_windows`."""
     traj = torch.randint(len(flat.lengths), (n,), generator=generator).numpy()  # (n,)
-    return _windows(flat, traj, _last_start(flat, traj, length), length)
+    return _windows(flat, traj, _CUTS[segment](flat, traj, length), length)
 
 
 def _last_start(flat: _Flat, traj: np.ndarray, length: int) -> np.ndarray:
@@ -109,6 +110,12 @@ def _last_start(flat: _Flat, traj: np.ndarray, length: int) -> np.ndarray:
     return np.maximum(flat.lengths[traj] - length - 1, 0)
 
 
+def _first_start(flat: _Flat, traj: np.ndarray, length: int) -> np.ndarray:
+    """Step 0 of each trajectory: its first ``length`` steps (all of it, left-padded, when shorter). (n,)"""
+    return np.zeros(len(traj), np.int64)
+
+
+_CUTS = {"last": _last_start, "first": _first_start}  # the deterministic cuts of an episode (not "random")
 FIELDS = ("states", "actions", "rtg", "timesteps", "mask")  # a window's fields (a prompt's: "prompt_" + field)
 
 
@@ -164,13 +171,13 @@ def _gather(flat: _Flat, rows: np.ndarray, valid: np.ndarray) -> dict:
 
 def episode_segments(flat: _Flat, length: int, segment: str, generator: torch.Generator) -> dict:
     """One ``length``-step window of every trajectory of ``flat``, in order, cut as a prompt is:
-    "last" = the window of :func:`_last_start`; "random" = a start step uniform in the trajectory
-    (drawn from ``generator``), cut at its end and left-padded."""
+    "last" = the window of :func:`_last_start`; "first" = its first ``length`` steps; "random" = a
+    start step uniform in the trajectory (drawn from ``generator``), cut at its end and left-padded."""
     if segment not in PROMPT_SEGMENTS:
         raise ValueError(f"segment must be one of {', '.join(PROMPT_SEGMENTS)}, got {segment!r}")
     traj = np.arange(len(flat.lengths))  # (n_traj,)
-    if segment == "last":
-        si = _last_start(flat, traj, length)
+    if segment in _CUTS:
+        si = _CUTS[segment](flat, traj, length)
     else:  # (float32 products, truncated, as _draw_starts)
         si = (torch.rand(len(traj), generator=generator).numpy() * flat.lengths.astype(np.float32)).astype(np.int64)
     return _gather(flat, *_windows(flat, traj, si, length))
@@ -193,13 +200,13 @@ def prompt_segment(trajs, mean, std, prompt_len: int, rtg_scale: float, max_ep_l
     where it came from: ``{"episode": index in trajs, "timesteps": [its steps]}``.
 
     ``segment``: "last" = the highest-return trajectory's last K* steps before its final step
-    (:func:`_last_start`; deterministic, as the official evaluation); "random" = a window drawn
-    from ``generator`` as in :func:`_draw_starts`.
+    (:func:`_last_start`; deterministic, as the official evaluation); "first" = the same episode's
+    first K* steps; "random" = a window drawn from ``generator`` as in :func:`_draw_starts`.
     """
     flat = _flatten(trajs, mean, std, rtg_scale, max_ep_len)
-    if segment == "last":
+    if segment in _CUTS:
         traj = np.array([best_prompt_choice(trajs)])
-        si = _last_start(flat, traj, prompt_len)
+        si = _CUTS[segment](flat, traj, prompt_len)
     else:
         traj, si = _draw_starts(flat, 1, generator)
     seg = _gather(flat, *_windows(flat, traj, si, prompt_len))
@@ -254,7 +261,7 @@ class PromptDTBatcher:
     ``tasks``: ordered task names (index = task id); ``datasets``: name -> TaskData.
     ``prompt_segment``: how each row's K*-step prompt is cut from the task's prompt episodes:
     "last" = the last K* steps before the final step of an episode drawn uniformly per row
-    (Prompt-DT's code);
+    (Prompt-DT's code); "first" = the first K* steps of such an episode (its start);
     "random" = a window anywhere, drawn like the history windows.
     ``state_norm``: how states are normalized, see :func:`state_stats`.
     """
@@ -273,8 +280,8 @@ class PromptDTBatcher:
         self.state_mean, self.state_std = state_stats(datasets, self.tasks, state_norm)
         norm = [(self.state_mean[t], self.state_std[t]) for t in self.tasks]
         # one table of every task's history steps, then every task's prompt steps: a batch is one gather per field
-        flats = [_flatten(datasets[t].trajectories, m, sd, rtg_scale, max_ep_len) for t, (m, sd) in zip(self.tasks, norm)]
-        flats += [_flatten(datasets[t].prompts, m, sd, rtg_scale, max_ep_len) for t, (m, sd) in zip(self.tasks, norm)]
+        flats = [_flatten(getattr(datasets[t], part), m, sd, rtg_scale, max_ep_len)
+                 for part in ("trajectories", "prompts") for t, (m, sd) in zip(self.tasks, norm)]
         self.table, views = _concatenate([f.to(device) for f in flats])
         self.data, self.prompts = views[:len(self.tasks)], views[len(self.tasks):]
         self.device = torch.device(device)
@@ -301,9 +308,10 @@ class PromptDTBatcher:
         hist, prompt, ids = [], [], []
         for tid, n in batch_segments(task_ids, b):
             hist.append(_draw_segments(self.data[tid], n, self.k, self.generator))
-            if self.kp > 0:
-                draw = _draw_last if self.prompt_segment == "last" else _draw_segments
-                prompt.append(draw(self.prompts[tid], n, self.kp, self.generator))
+            if self.prompt_segment == "random" and self.kp > 0:
+                prompt.append(_draw_segments(self.prompts[tid], n, self.kp, self.generator))
+            elif self.kp > 0:
+                prompt.append(_draw_cut(self.prompts[tid], n, self.kp, self.generator, self.prompt_segment))
             ids.append(np.full(n, tid, np.int64))
         # one copy to the device: rows (history, then prompt), valid (the same), task ids
         parts = [h[0] for h in hist] + [p[0] for p in prompt] + [h[1] for h in hist] + [p[1] for p in prompt] + ids

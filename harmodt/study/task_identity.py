@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.batches import PROMPT_SEGMENTS, STATE_NORMS, PromptDTBatcher, episode_segments, first_states
+from ..data.batches import STATE_NORMS, PromptDTBatcher, episode_segments, first_states
 
 CLASSIFIERS = ("nearest-centroid", "logistic")
 # (view, prompt segment): what a classifier reads; the first observation does not depend on the segment
 VIEWS = (("first", None), ("prompt", "last"), ("both", "last"), ("prompt", "random"), ("both", "random"))
+SEGMENTS = tuple(dict.fromkeys(seg for _, seg in VIEWS if seg))  # the prompt cuts the views read
 TESTS = ("heldout", "prompt_episodes")
 
 
@@ -54,7 +55,7 @@ def episode_features(datasets: dict, tasks: list[str], cfg: IdentifyConfig, stat
         for tid, flat in enumerate(flats):
             first = first_states(flat)
             windows = {s: _window_vectors(episode_segments(flat, cfg.prompt_len, s, gen), cfg.max_ep_len)
-                       for s in PROMPT_SEGMENTS}
+                       for s in SEGMENTS}
             for view, seg in VIEWS:
                 x = (first if view == "first" else windows[seg] if view == "prompt"
                      else torch.cat([windows[seg], first], 1))
