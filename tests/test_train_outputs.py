@@ -47,7 +47,7 @@ def test_existing_run_needs_resume(tmp_path):
     (["--sparsity", "1.5"], "--sparsity"),
     (["--tasks-per-batch", "9", "--batch-size", "4"], "--tasks-per-batch"),
     (["--conditioning", "task"], "--conditioning must be one of auto, prompt, task-state, task-embedding"),
-    (["--prompt-segment", "first"], "--prompt-segment must be last or random"),
+    (["--prompt-segment", "start"], "--prompt-segment must be one of last, random, first"),
     (["--task-order", "cyclic"], "--task-order must be random or round-robin"),
     (["--clip-scope", "all"], "--clip-scope must be masked or unmasked"),
     (["--weight-decay-scope", "none"], "--weight-decay-scope must be matrices or all"),
