@@ -208,7 +208,8 @@ def same_bits(a, b) -> bool:
 
 
 @pytest.mark.parametrize("tasks_per_batch", [pytest.param(1, marks=pytest.mark.long), 2])
-@pytest.mark.parametrize("backend", [b for b in FUSED_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.long) if b == "triton" else b  # (the interpreter)
+                                     for b in FUSED_BACKENDS if b != "reference"])
 def test_fused_training_matches_reference_path(tmp_path, backend, tasks_per_batch):
     """--fused on a kernel backend (masked linear with its dropout epilogue, masked AdamW and
     harmony_select on its kernels) gives the reference path's losses and masks (both with
