@@ -78,7 +78,8 @@ def main() -> int:
         print(f"OpenBLAS {i['version']} ({os.path.basename(i['filepath'])}): architecture {i['architecture']}")
     if not blas:
         failures.append("threadpoolctl finds no OpenBLAS (numpy's) to check OPENBLAS_CORETYPE on")
-    failures += [f"OpenBLAS {os.path.basename(i['filepath'])} runs {i['architecture']}, not Haswell (OPENBLAS_CORETYPE=Haswell)"
+    failures += [f"OpenBLAS {os.path.basename(i['filepath'])} runs {i['architecture']}, "
+                 "not Haswell (OPENBLAS_CORETYPE=Haswell)"
                  for i in blas if i["architecture"] != "Haswell"]
 
     verbose = _python(_ONEDNN, ONEDNN_VERBOSE="1").splitlines()
@@ -104,7 +105,8 @@ def main() -> int:
 
     lib = os.environ.get("HARMODT_KERNELS_LIB")
     state = "cpu" in harmodt_kernels.available_backends("cpu")
-    print(f"native ops: {lib or 'kernels/harmodt_kernels/_lib (HARMODT_KERNELS_LIB unset)'}: {'loaded' if state else 'NOT loaded'}")
+    print(f"native ops: {lib or 'kernels/harmodt_kernels/_lib (HARMODT_KERNELS_LIB unset)'}: "
+          f"{'loaded' if state else 'NOT loaded'}")
     if not state:
         failures.append(f"the native ops did not load from {lib or 'kernels/harmodt_kernels/_lib'}")
 

@@ -25,7 +25,8 @@ from .common import synthetic_datasets
 
 _WORKER = r"""
 import json, os, sys, time
-# the package roots: kernels/ holds harmodt_kernels (an older checkout links it at its root and keeps modules in kernels/)
+# the package roots: kernels/ holds harmodt_kernels
+# (an older checkout links it at its root and keeps modules in kernels/)
 sys.path[:0] = [".", "kernels"] if os.path.isdir("kernels/harmodt_kernels") else ["."]
 spec = json.loads(sys.argv[1])
 try:
@@ -60,7 +61,8 @@ def baseline_dir() -> Path | None:
 def describe(path: Path) -> str:
     """The checkout's commit (``git rev-parse --short HEAD``), or its path when git cannot tell."""
     try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or str(path)
     except (OSError, subprocess.SubprocessError):
         return str(path)
@@ -77,8 +79,8 @@ class BaselineStep:
         env.pop("PYTHONPATH", None)
         self.path = Path(path)
         self._err = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(spec)], cwd=self.path, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1)
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(spec)], cwd=self.path, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1)
         self.info = self._read("ready")
         if not str(self.info["ready"]).startswith(str(self.path.resolve())):
             self.close()

@@ -75,7 +75,8 @@ def pytest_runtest_logreport(report):
 
 
 def _command(config) -> str:
-    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("HARMODT_BENCH_") and k != "HARMODT_BENCH_RESULTS")
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                   if k.startswith("HARMODT_BENCH_") and k != "HARMODT_BENCH_RESULTS")
     return (env + " " if env else "") + "python -m pytest " + shlex.join(config.invocation_params.args)
 
 

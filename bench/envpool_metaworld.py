@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     for task in MT10:
         out[task] = {sim: run(sim, task, args.episodes, args.seed) for sim in ("metaworld", "envpool")}
         mw, ep = out[task]["metaworld"], out[task]["envpool"]
-        print(f"{task:<26} success {mw['success']:.2f} / {ep['success']:.2f} (±{max(mw['stderr'], ep['stderr']):.2f})  "
+        print(f"{task:<26} success {mw['success']:.2f} / {ep['success']:.2f} "
+              f"(±{max(mw['stderr'], ep['stderr']):.2f})  "
               f"steps/s {mw['steps_per_s']:7.0f} / {ep['steps_per_s']:7.0f}  (Meta-World / EnvPool)", flush=True)
     if args.out:
         with open(args.out, "w") as f:

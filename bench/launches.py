@@ -34,11 +34,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 NO_KERNEL = frozenset(f"aten::{n}" for n in (
-    "view", "_unsafe_view", "as_strided", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "expand_as", "unsqueeze",
-    "squeeze", "slice", "select", "alias", "detach", "detach_", "lift_fresh", "resolve_conj", "resolve_neg", "empty", "empty_strided",
-    "empty_like", "new_empty", "new_empty_strided", "resize_", "result_type", "split", "split_with_sizes", "unbind", "chunk", "narrow",
-    "flatten", "unflatten", "contiguous", "to", "_to_copy", "clone", "lift", "set_", "is_nonzero", "item", "_local_scalar_dense",
-    "view_as", "numpy_T", "matrix_H", "mT", "size", "stride", "is_same_size", "_has_compatible_shallow_copy_type", "record_stream",
+    "view", "_unsafe_view", "as_strided", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand",
+    "expand_as", "unsqueeze", "squeeze", "slice", "select", "alias", "detach", "detach_", "lift_fresh", "resolve_conj",
+    "resolve_neg", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "resize_", "result_type",
+    "split", "split_with_sizes", "unbind", "chunk", "narrow", "flatten", "unflatten", "contiguous", "to", "_to_copy",
+    "clone", "lift", "set_", "is_nonzero", "item", "_local_scalar_dense", "view_as", "numpy_T", "matrix_H", "mT",
+    "size", "stride", "is_same_size", "_has_compatible_shallow_copy_type", "record_stream",
     "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
 ))
 # (zeros_like/ones_like/full_like/new_*: their fill_/zero_ child is the kernel; clone/to/_to_copy: their copy_.)
@@ -50,7 +51,8 @@ SCALAR_CONVERSIONS = frozenset({"aten::to", "aten::_to_copy", "aten::scalar_tens
 CUSTOM_LAUNCHES = {
     "harmodt_kernels::masked_linear_forward": 1,  # _fwd_kernel (bias fused)
     "harmodt_kernels::masked_linear_backward": 3,  # _dx_kernel, _dw_kernel, the bias gradient's dY.sum(0)
-    "harmodt_kernels::adamw_group_": 2,  # Triton: one update over a pointer table per parameter group, one step increment
+    # Triton: one update over a pointer table per parameter group, one step increment
+    "harmodt_kernels::adamw_group_": 2,
     "harmodt_kernels::harmony_select": 4,  # candidates kernel and the top-k selections (not in a training step)
     "harmodt_triton::masked_linear": 1,
     "harmodt_triton::masked_linear_dx": 1,
@@ -58,12 +60,13 @@ CUSTOM_LAUNCHES = {
     "harmodt_triton::masked_linear_dw_task_grads": 1,
 }
 
-GPU_LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel",
-                     "cudaMemcpyAsync", "cudaMemsetAsync", "cudaGraphLaunch")
+GPU_LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
+                     "cudaLaunchCooperativeKernel", "cudaMemcpyAsync", "cudaMemsetAsync", "cudaGraphLaunch")
 
 
 def _is_custom(name: str) -> bool:
-    return "::" in name and not name.startswith(("aten::", "autograd::", "torch::", "profiler::", "prim::", "cuda", "c10d::"))
+    return "::" in name and not name.startswith(
+        ("aten::", "autograd::", "torch::", "profiler::", "prim::", "cuda", "c10d::"))
 
 
 def count_cpu_tree(events) -> dict:

@@ -70,7 +70,8 @@ def measure(t: int, device: str, fused: bool) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     p_masked = sum(w.numel() for w in tr.weights.values())
     return {"tasks": t, "held": held_bytes(tr), "mask_update_peak": peak, "p_masked": p_masked,
-            "n_params": sum(p.numel() for p in tr.model.parameters()), "clock": "cuda allocator" if cuda else "peak RSS growth"}
+            "n_params": sum(p.numel() for p in tr.model.parameters()),
+            "clock": "cuda allocator" if cuda else "peak RSS growth"}
 
 
 def main(argv=None) -> int:
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for t in [int(x) for x in args.tasks.split(",")]:
-        cmd = [sys.executable, "-m", "bench.memory", "--one", str(t), "--device", args.device] + (["--fused"] if args.fused else [])
+        cmd = ([sys.executable, "-m", "bench.memory", "--one", str(t), "--device", args.device]
+               + (["--fused"] if args.fused else []))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     p_masked, n_params = rows[0]["p_masked"], rows[0]["n_params"]
     keys = ["weights", "adamw_state", "masks_bool", "masks_packed", "masks_initial_packed"]
-    head = f"{'MiB':<34}" + "".join(f"{'T=' + str(r['tasks']) + ' meas.':>12}{'comp.':>9}" for r in rows) + f"{'T=' + str(args.at) + ' comp.':>14}"
+    head = (f"{'MiB':<34}" + "".join(f"{'T=' + str(r['tasks']) + ' meas.':>12}{'comp.':>9}" for r in rows)
+            + f"{'T=' + str(args.at) + ' comp.':>14}")
     print(f"HarmoDT-F 6 x 256, {n_params / 1e6:.2f} M parameters, P = {p_masked:,} masked weights; device {args.device}"
           f"{' --fused' if args.fused else ''}; mask update peak measured as {rows[0]['clock']}")
     print(head)

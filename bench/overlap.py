@@ -66,8 +66,10 @@ def policy(rows: torch.Tensor, n_tasks: int, precision: str):
     op = harmodt_kernels.select_backends(torch.device("cpu"), True).masked_linear.cached({})
     g = torch.Generator().manual_seed(0)
     packed = masks.packed()
-    prompt = {"prompt_states": torch.randn(n_tasks, kp, 39, generator=g), "prompt_actions": torch.rand(n_tasks, kp, 4, generator=g) * 2 - 1,
-              "prompt_rtg": torch.rand(n_tasks, kp, 1, generator=g), "prompt_timesteps": torch.arange(kp).expand(n_tasks, kp).clone(),
+    prompt = {"prompt_states": torch.randn(n_tasks, kp, 39, generator=g),
+              "prompt_actions": torch.rand(n_tasks, kp, 4, generator=g) * 2 - 1,
+              "prompt_rtg": torch.rand(n_tasks, kp, 1, generator=g),
+              "prompt_timesteps": torch.arange(kp).expand(n_tasks, kp).clone(),
               "prompt_mask": torch.ones(n_tasks, kp, dtype=torch.bool)}
     bf16 = dict(device_type="cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -76,7 +78,8 @@ def policy(rows: torch.Tensor, n_tasks: int, precision: str):
         return tuple(zip(tasks.tolist(), counts.tolist()))
 
     with torch.inference_mode(), torch.autocast(**bf16):
-        kv, valid = model.encode_prompt(prompt, MaskContext(packed, torch.arange(n_tasks), op, segments=segments(torch.arange(n_tasks))))
+        kv, valid = model.encode_prompt(
+            prompt, MaskContext(packed, torch.arange(n_tasks), op, segments=segments(torch.arange(n_tasks))))
     b = len(rows)
     states, actions = torch.randn(b, k, 39, generator=g), torch.rand(b, k, 4, generator=g) * 2 - 1
     rtg, steps = torch.rand(b, k, 1, generator=g), (torch.arange(k) + 100).expand(b, k)
@@ -154,7 +157,8 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             times[name].append(ways[name]() / args.steps * 1e3)
-    print(f"ms per vector step of {n} environments, {args.precision}, median of {args.rounds} rounds x {args.steps} steps "
+    print(f"ms per vector step of {n} environments, {args.precision}, "
+          f"median of {args.rounds} rounds x {args.steps} steps "
           f"(torch threads {torch.get_num_threads()}):")
     for k, v in times.items():
         print(f"  {k:<10} {statistics.median(v):8.1f} ms   (min {min(v):.1f}, max {max(v):.1f})")

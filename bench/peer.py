@@ -42,7 +42,8 @@ class Embed(nn.Module):
     def __init__(self, c: PeerConfig):
         super().__init__()
         self.t = nn.Embedding(c.max_ep_len, c.n_embd)
-        self.r, self.s, self.a = nn.Linear(1, c.n_embd), nn.Linear(c.state_dim, c.n_embd), nn.Linear(c.act_dim, c.n_embd)
+        self.r, self.s, self.a = (nn.Linear(1, c.n_embd), nn.Linear(c.state_dim, c.n_embd),
+                                  nn.Linear(c.act_dim, c.n_embd))
 
     def forward(self, s, a, r, t):  # (B, T, S), (B, T, A), (B, T, 1), (B, T) -> (B, 3T, C)
         te = self.t(t)
@@ -84,13 +85,15 @@ class PeerPromptDT(nn.Module):
 
     def forward(self, batch: dict, masks: list) -> torch.Tensor:  # -> (B, K, A)
         k = batch["states"].shape[1]
+        # (B, L, C)
         x = torch.cat([self.prompt_embed(batch["p_states"], batch["p_actions"], batch["p_rtg"], batch["p_timesteps"]),
-                       self.embed(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"])], dim=1)  # (B, L, C)
+                       self.embed(batch["states"], batch["actions"], batch["rtg"], batch["timesteps"])], dim=1)
         x = self.drop(self.ln(x))
         valid = torch.cat([batch["p_mask"], batch["mask"]], dim=1).repeat_interleave(3, dim=1)  # (B, L)
         l = x.shape[1]
         causal = torch.ones(l, l, dtype=torch.bool, device=x.device).tril()
-        attn_mask = (causal & valid[:, None, :] | torch.eye(l, dtype=torch.bool, device=x.device)).unsqueeze(1)  # (B, 1, L, L)
+        # (B, 1, L, L)
+        attn_mask = (causal & valid[:, None, :] | torch.eye(l, dtype=torch.bool, device=x.device)).unsqueeze(1)
         for i, blk in enumerate(self.blocks):
             x = blk(x, attn_mask, masks[4 * i : 4 * i + 4])
         return torch.tanh(self.head(self.ln_f(x[:, l - 3 * k + 1 :: 3])))  # the history's state tokens
@@ -103,7 +106,8 @@ def random_batch(c: PeerConfig, g: torch.Generator, device="cpu") -> dict:
         mask[: c.batch_size // 4, : t // 4] = False
         return {"states": torch.randn(c.batch_size, t, c.state_dim, generator=g),
                 "actions": torch.rand(c.batch_size, t, c.act_dim, generator=g) * 2 - 1,
-                "rtg": torch.rand(c.batch_size, t, 1, generator=g), "timesteps": torch.randint(c.max_ep_len, (c.batch_size, t), generator=g),
+                "rtg": torch.rand(c.batch_size, t, 1, generator=g),
+                "timesteps": torch.randint(c.max_ep_len, (c.batch_size, t), generator=g),
                 "mask": mask}
 
     out = part(c.context_len)

@@ -38,7 +38,8 @@ def steps(precision: str) -> dict:
     fused = make_trainer("harmodt-f", "cpu", True, precision)
     ref = make_trainer("harmodt-f", "cpu", False, precision)
     peer = PeerStep(precision=precision)
-    return {"fused": lambda: fused.train_step(fused.sample_tasks()), "reference": lambda: ref.train_step(ref.sample_tasks()),
+    return {"fused": lambda: fused.train_step(fused.sample_tasks()),
+            "reference": lambda: ref.train_step(ref.sample_tasks()),
             "peer": peer.step}
 
 
@@ -100,7 +101,8 @@ def profile_kernels(fn, steps: int, top: int = 20) -> dict:
             fn()
         torch.cuda.synchronize()
     rows = prof.key_averages()
-    kernels = [(e.key, e.self_device_time_total, e.count) for e in rows if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    kernels = [(e.key, e.self_device_time_total, e.count) for e in rows
+               if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
     launches = sum(e.count for e in rows if e.device_type == DeviceType.CPU and e.key in LAUNCH_CALLS)
     return kernel_table(kernels, launches, steps, top)
 
@@ -109,7 +111,8 @@ def print_kernel_table(table: dict, what: str) -> None:
     print(f"{what}: {table['gpu_ms_per_step']:.3f} ms of GPU time per step, {table['kernels_per_step']:.0f} kernels, "
           f"{table['launches_per_step']:.1f} host launch calls per step ({table['steps']} steps)")
     for r in table["top"]:
-        print(f"  {r['share'] * 100:5.1f} %  {r['ms_per_step'] * 1e3:8.1f} us  {r['calls_per_step']:6.1f} calls  {r['kernel'][:110]}")
+        print(f"  {r['share'] * 100:5.1f} %  {r['ms_per_step'] * 1e3:8.1f} us  {r['calls_per_step']:6.1f} calls  "
+              f"{r['kernel'][:110]}")
 
 
 def graphed_kernels(method: str, precision: str, steps: int, top: int) -> dict:
@@ -133,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--steps", type=int, default=10, help="steps per round and per profile (default 10)")
-    p.add_argument("--top", type=int, default=None, help="operators shown per step (default 12; kernels with --kernels: 20)")
+    p.add_argument("--top", type=int, default=None,
+                   help="operators shown per step (default 12; kernels with --kernels: 20)")
     p.add_argument("--no-profile", action="store_true", help="only the interleaved timing")
     p.add_argument("--only", default="fused,reference,peer", help="comma-separated steps to run (default all three)")
-    p.add_argument("--kernels", action="store_true", help="CUDA: a graphed step's GPU time by kernel (the --top kernels, default 20)")
+    p.add_argument("--kernels", action="store_true",
+                   help="CUDA: a graphed step's GPU time by kernel (the --top kernels, default 20)")
     p.add_argument("--method", default="harmodt-f", help="with --kernels: the method (default harmodt-f)")
     p.add_argument("--out", default=None, help="with --kernels: also write the table as JSON to this file")
     a = p.parse_args(argv)
@@ -148,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         table = graphed_kernels(a.method, a.precision, a.steps, top)
         table.update(method=a.method, precision=a.precision + (" (tf32 matmuls)" if a.precision == "fp32" else ""),
                      device=torch.cuda.get_device_name(0), torch=torch.__version__)
-        print_kernel_table(table, f"graphed {a.method} --fused step, {table['precision']}, {table['device']}, torch {torch.__version__}")
+        print_kernel_table(table, f"graphed {a.method} --fused step, {table['precision']}, {table['device']}, "
+                                  f"torch {torch.__version__}")
         if a.out:
             import json
 

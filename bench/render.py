@@ -55,9 +55,11 @@ def render(doc: dict) -> str:
              + (f", fp32 GEMM {before['gemm_fp32_gflops']:.0f} / {after['gemm_fp32_gflops']:.0f} GFLOP/s before / after"
                 if "gemm_fp32_gflops" in before and "gemm_fp32_gflops" in after else "")
              + f"; `{doc['command']}` ({doc.get('duration_s', 0) / 60:.0f} min).", ""]
-    prev = sorted({str(b["info"].get("previous_version")) for b in doc["benchmarks"] if b.get("info", {}).get("previous_version")})
+    prev = sorted({str(b["info"].get("previous_version")) for b in doc["benchmarks"]
+                   if b.get("info", {}).get("previous_version")})
     if prev:
-        lines += [f"Previous version: commit {', '.join(prev)} (`HARMODT_BENCH_BASELINE`), measured in the same rounds.", ""]
+        lines += [f"Previous version: commit {', '.join(prev)} (`HARMODT_BENCH_BASELINE`), "
+                  "measured in the same rounds.", ""]
     lines += ["| benchmark | figure | median | min - max | previous version | target |", "|---|---|---|---|---|---|"]
     for b in doc["benchmarks"]:
         for f in b["figures"]:

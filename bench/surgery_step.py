@@ -109,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             sync()
             t0 = time.perf_counter()
-            METHODS[rule].combine(grads, trainers[f"{rule}, {t} tasks"].step_rule.options, gen)  # cagrad: its --cagrad-c
+            # cagrad: its --cagrad-c
+            METHODS[rule].combine(grads, trainers[f"{rule}, {t} tasks"].step_rule.options, gen)
             sync()
             v.append((time.perf_counter() - t0) * 1e3)
-        rows[f"{rule} rule alone, [{t}, {n_params}]"] = {"median_ms": statistics.median(v), "min_ms": min(v), "ratio": None}
+        rows[f"{rule} rule alone, [{t}, {n_params}]"] = {"median_ms": statistics.median(v), "min_ms": min(v),
+                                                         "ratio": None}
     print(f"{'variant':<42} {'median ms':>10} {'min ms':>8} {'x prompt-dt':>12}")
     for name, row in rows.items():
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"

@@ -29,7 +29,8 @@ def test_checkpoint_mt50(benchmark, tmp_path):
         ck["masks"] = {t: {n: m[i] for n, m in tr.task_masks.masks.items()} for i, t in enumerate(tr.tasks)}
         checkpoint.save(ck, byte)
 
-    variants = {"packed masks": call_runner(lambda: resume.save(tr, packed), "cpu"), "byte masks": call_runner(write_bytes, "cpu")}
+    variants = {"packed masks": call_runner(lambda: resume.save(tr, packed), "cpu"),
+                "byte masks": call_runner(write_bytes, "cpu")}
     times = interleave(benchmark, variants, rounds(5), calls=1, warmup=1)
     size = {"packed masks": packed.stat().st_size / 1e6, "byte masks": byte.stat().st_size / 1e6}
     masks_mb = sum(w.numel() * w.element_size() for w in tr.task_masks.state(tr.tasks)["words"].values()) / 1e6
@@ -43,8 +44,10 @@ def test_checkpoint_mt50(benchmark, tmp_path):
             figure("task masks in the checkpoint, packed", masks_mb, "MB", target=("<=", 32)),
             figure("task masks, one byte per weight", byte_masks_mb, "MB"),
             figure(f"checkpoint writes of 1e6 steps at --checkpoint-every {EVERY}", n_writes * write_s, "s"),
-            figure(f"data written over 1e6 steps at --checkpoint-every {EVERY}", n_writes * size["packed masks"] / 1e3, "GB")]
+            figure(f"data written over 1e6 steps at --checkpoint-every {EVERY}",
+                   n_writes * size["packed masks"] / 1e3, "GB")]
     record(benchmark, "checkpoint at MT50, paper size", "cpu", times, figs,
            {"size_mb": size, "masks_mb": masks_mb, "byte_masks_mb": byte_masks_mb, "write_s": write_s,
             "seconds_per_1e6_steps": n_writes * write_s, "gb_per_1e6_steps": n_writes * size["packed masks"] / 1e3},
-           {"tasks": 50, "masked_weights": sum(m[0].numel() for m in tr.task_masks.masks.values()), "checkpoint_every": EVERY})
+           {"tasks": 50, "masked_weights": sum(m[0].numel() for m in tr.task_masks.masks.values()),
+            "checkpoint_every": EVERY})

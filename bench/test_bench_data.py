@@ -35,13 +35,15 @@ def test_generate_workers(benchmark, tmp_path):
     counter = itertools.count()
 
     def gen(w):
-        return lambda: generate(DATA_TASKS, DATA_EPISODES, str(tmp_path / f"w{w}-{next(counter)}"), seed=0, workers=w, progress=False)
+        return lambda: generate(DATA_TASKS, DATA_EPISODES, str(tmp_path / f"w{w}-{next(counter)}"), seed=0, workers=w,
+                                progress=False)
 
     workers = data_workers()
     if len(workers) == 1:
         pytest.skip("one core: nothing to compare one worker with")
     names = {w: f"workers={w}" for w in workers}
-    variants = {names[w]: call_runner(gen(w), "cpu") for w in reversed(workers)}  # the most workers first: pytest-benchmark times it
+    # the most workers first: pytest-benchmark times it
+    variants = {names[w]: call_runner(gen(w), "cpu") for w in reversed(workers)}
     times = interleave(benchmark, variants, rounds(1), calls=1, warmup=0)
     task_episodes = len(DATA_TASKS) * DATA_EPISODES
     rate = {k: [task_episodes / (ms / 1e3) for ms in v] for k, v in times.items()}
@@ -49,6 +51,7 @@ def test_generate_workers(benchmark, tmp_path):
     figs += [time_figure(f"task-episodes/s, {k}", rate, k, unit="task-episodes/s") for k in rate]
     w = workers[-1]
     derived = {"scaling": paired_ratio(times, names[1], names[w])}
-    figs.append(figure(f"{w} workers over one worker (task-episodes/s)", derived["scaling"], "x", target=(">=", 0.8 * w)))
+    figs.append(figure(f"{w} workers over one worker (task-episodes/s)", derived["scaling"], "x",
+                       target=(">=", 0.8 * w)))
     record(benchmark, "parallel data generation", "cpu", times, figs, derived,
            {"tasks": DATA_TASKS, "episodes": DATA_EPISODES, "workers": workers, "cores": os.cpu_count()})

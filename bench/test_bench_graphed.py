@@ -1,5 +1,5 @@
-"""The training step as one CUDA graph (``--cuda-graph``, harmodt/graphed_step.py, on by default on CUDA) against the eager
-step, on a GPU (marker ``cuda``; skipped without one), at the paper's size.
+"""The training step as one CUDA graph (``--cuda-graph``, harmodt/graphed_step.py, on by default on CUDA)
+against the eager step, on a GPU (marker ``cuda``; skipped without one), at the paper's size.
 
 * ``test_graphed_step[*]``: wall ms per step of the eager ``--fused`` step and of the graphed
   one, interleaved (20 steps per timed call), for HarmoDT-F and dense Prompt-DT, in fp32 (tf32
@@ -23,7 +23,8 @@ import torch
 
 from harmodt.runtime import float32_matmuls
 
-from .common import H100_STEP_GOAL_MS, figure, interleave, make_trainer, paired_ratio, record, rounds, step_runner, time_figure
+from .common import (H100_STEP_GOAL_MS, figure, interleave, make_trainer, paired_ratio, record, rounds, step_runner,
+                     time_figure)
 
 STEPS = 1_000_000
 pytestmark = pytest.mark.cuda
@@ -49,7 +50,8 @@ def test_graphed_step(benchmark, method, precision):
     with tf32_matmuls():
         trainers = {"graphed": make_trainer(method, "cuda", True, precision, cuda_graph="on"),
                     "eager": make_trainer(method, "cuda", True, precision)}
-        times = interleave(benchmark, {k: step_runner(tr) for k, tr in trainers.items()}, rounds(10), calls=20, warmup=5)
+        times = interleave(benchmark, {k: step_runner(tr) for k, tr in trainers.items()}, rounds(10), calls=20,
+                           warmup=5)
         kernels = {k: step_kernels(tr) for k, tr in trainers.items()}
     gpu = {k: t["gpu_ms_per_step"] for k, t in kernels.items()}
     wall = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
@@ -59,12 +61,14 @@ def test_graphed_step(benchmark, method, precision):
             time_figure(f"step, eager, {what}", times, "eager"),
             figure(f"GPU kernel time per step, graphed, {what}", gpu["graphed"], "ms"),
             figure(f"GPU kernel time per step, eager, {what}", gpu["eager"], "ms"),
-            figure(f"graphed wall / GPU kernel time, {what}", wall["graphed"] / gpu["graphed"], "x", target=("<=", 1.3)),
+            figure(f"graphed wall / GPU kernel time, {what}", wall["graphed"] / gpu["graphed"], "x",
+                   target=("<=", 1.3)),
             figure(f"graphed speed-up over eager, {what}", speedup, "x")]
     record(benchmark, f"one CUDA graph per step, {what}", "cuda", times, figs,
            {"speedup_over_eager": speedup, "wall_over_gpu": wall["graphed"] / gpu["graphed"], "gpu_ms": gpu,
             "kernels_per_step": {k: t["kernels_per_step"] for k, t in kernels.items()},
-            "launches_per_step": {k: t["launches_per_step"] for k, t in kernels.items()}, "top_kernels_graphed": kernels["graphed"]["top"]},
+            "launches_per_step": {k: t["launches_per_step"] for k, t in kernels.items()},
+            "top_kernels_graphed": kernels["graphed"]["top"]},
            {"method": method, "precision": precision, "float32_matmul_precision": "high"})
 
 

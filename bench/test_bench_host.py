@@ -31,4 +31,5 @@ def test_host_work_per_graphed_step(benchmark):
     figs = [time_figure("host work per graphed step outside the graph, MT50", times, "graphed", target=("<=", 0.3)),
             time_figure("eager step's batch (sample: new tensors), MT50", times, "eager batch")]
     record(benchmark, "host work per graphed step, MT50, paper size", "cpu", times, figs, {},
-           {"tasks": 50, "batch_size": tr.cfg.batch_size, "context_len": tr.cfg.model.context_len, "prompt_len": tr.cfg.model.prompt_len})
+           {"tasks": 50, "batch_size": tr.cfg.batch_size, "context_len": tr.cfg.model.context_len,
+            "prompt_len": tr.cfg.model.prompt_len})

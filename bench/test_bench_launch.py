@@ -90,7 +90,8 @@ def _launch_cost(benchmark, device):
     for be in backends:
         op = harmodt_kernels.backend_ops(be, device)
         variants[f"{be} masked_linear fwd"] = host_runner(lambda op=op: op.masked_linear(x, w, b, masks, task), device)
-        variants[f"{be} masked_linear fwd+bwd"] = host_runner(lambda op=op: op.masked_linear(xg, w, b, masks, task).backward(dy), device)
+        variants[f"{be} masked_linear fwd+bwd"] = host_runner(
+            lambda op=op: op.masked_linear(xg, w, b, masks, task).backward(dy), device)
         variants[f"{be} dropout"] = host_runner(lambda op=op: op.dropout(x, 0.1, 12345), device)
 
     # masked AdamW over the paper-size model's parameters, against AdamW(foreach=True) on a copy
@@ -98,7 +99,8 @@ def _launch_cost(benchmark, device):
     masked = set(model.masked_weights().values())
     params = [p.detach().clone() for p in model.parameters()]
     grads = [torch.randn(p.shape, generator=g).to(device) * 1e-3 for p in params]
-    pmasks = [harmodt_kernels.pack_masks(torch.rand(p.shape, generator=g) >= SPARSITY).to(device) if q in masked else None
+    pmasks = [harmodt_kernels.pack_masks(torch.rand(p.shape, generator=g) >= SPARSITY).to(device)
+              if q in masked else None
               for p, q in zip(params, model.parameters())]
     ref_params = [torch.nn.Parameter(p.clone()) for p in params]
     for p, gr in zip(ref_params, grads):
@@ -111,26 +113,29 @@ def _launch_cost(benchmark, device):
         workspace: dict = {}
 
         def adamw(be=be, m=m, v=v, steps=steps, workspace=workspace):
-            harmodt_kernels.masked_adamw_(params, grads, m, v, pmasks, steps, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-4,
-                                  backend=be, workspace=workspace)
+            harmodt_kernels.masked_adamw_(params, grads, m, v, pmasks, steps, lr=1e-4, beta1=0.9, beta2=0.999,
+                                          eps=1e-8, weight_decay=1e-4, backend=be, workspace=workspace)
 
         variants[f"{be} masked_adamw_"] = host_runner(adamw, device)
 
     tiny_calls = 200
-    times = interleave(benchmark, {k: v for k, v in variants.items() if "adamw" not in k.lower()}, rounds(20), calls=tiny_calls,
-                       warmup=20)
-    adam = interleave(_Untimed(), {k: v for k, v in variants.items() if "adamw" in k.lower()}, rounds(20), calls=1, warmup=2)
+    times = interleave(benchmark, {k: v for k, v in variants.items() if "adamw" not in k.lower()}, rounds(20),
+                       calls=tiny_calls, warmup=20)
+    adam = interleave(_Untimed(), {k: v for k, v in variants.items() if "adamw" in k.lower()}, rounds(20), calls=1,
+                      warmup=2)
     us = {k: [t * 1e3 for t in ts] for k, ts in {**times, **adam}.items()}
     figs, derived = [], {}
     for be in backends:
-        for what, aten in (("masked_linear fwd", "F.linear fwd"), ("masked_linear fwd+bwd", "F.linear fwd+bwd"), ("dropout", "F.dropout")):
+        for what, aten in (("masked_linear fwd", "F.linear fwd"), ("masked_linear fwd+bwd", "F.linear fwd+bwd"),
+                           ("dropout", "F.dropout")):
             ratio = paired_ratio(us, f"{be} {what}", aten)
             derived[f"{be} {what} / {aten}"] = ratio
             figs.append(time_figure(f"{be} {what}, R={R} K={K} N={N}", us, f"{be} {what}", unit="µs"))
             figs.append(figure(f"{be} {what} / {aten}", ratio, "x", target=TARGET))
         ratio = paired_ratio(us, f"{be} masked_adamw_", "AdamW foreach")
         derived[f"{be} masked_adamw_ / AdamW foreach"] = ratio
-        figs.append(time_figure(f"{be} masked_adamw_, paper-size parameter list", us, f"{be} masked_adamw_", unit="µs"))
+        figs.append(time_figure(f"{be} masked_adamw_, paper-size parameter list", us, f"{be} masked_adamw_",
+                                unit="µs"))
         figs.append(figure(f"{be} masked_adamw_ / AdamW(foreach=True)", ratio, "x", target=TARGET))
     for aten in ("F.linear fwd", "F.linear fwd+bwd", "F.dropout"):
         figs.append(time_figure(f"{aten}, R={R} K={K} N={N}", us, aten, unit="µs"))

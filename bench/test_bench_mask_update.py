@@ -53,14 +53,18 @@ def test_mask_update_passes(benchmark, device, task_set):
     what = f"{task_set}, alpha {alpha}"
     figs = [time_figure(f"task gradients, {what}, {k}, wall", times, k, unit="s") for k in PASSES]
     figs += [time_figure(f"mask update, {what}, {k.split(', ')[1]}, wall", times, k, unit="s",
-                         target=("<=", 0.1) if k == "update, batched" and task_set == "MT50" else None) for k in times if k not in PASSES]
+                         target=("<=", 0.1) if k == "update, batched" and task_set == "MT50" else None)
+             for k in times if k not in PASSES]
     if not cpu:
         figs += [time_figure(f"{k}, {what}, GPU time ({variants[k].clock})", gpu, k, unit="s") for k in gpu]
-    figs += [figure(f"task gradients, {what}: batched speed-up over per-task, wall", speedup, "x", target=(">=", 3.0) if cpu else None),
-             figure(f"task gradients, {what}: kernel-op calls, per-task / batched ({ops['batched']['method']})", fewer, "x",
-                    target=(">=", 10.0) if cpu else None)]
-    figs += [figure(f"task gradients, {what}, {k}: kernel-op calls ({ops[k]['method']})", ops[k]["launches"], "calls") for k in PASSES]
-    record(benchmark, f"mask update's task gradients, {what}", device, times, figs, {"batched_speedup": speedup, "fewer_kernel_op_calls": fewer},
+    figs += [figure(f"task gradients, {what}: batched speed-up over per-task, wall", speedup, "x",
+                    target=(">=", 3.0) if cpu else None),
+             figure(f"task gradients, {what}: kernel-op calls, per-task / batched ({ops['batched']['method']})",
+                    fewer, "x", target=(">=", 10.0) if cpu else None)]
+    figs += [figure(f"task gradients, {what}, {k}: kernel-op calls ({ops[k]['method']})", ops[k]["launches"], "calls")
+             for k in PASSES]
+    record(benchmark, f"mask update's task gradients, {what}", device, times, figs,
+           {"batched_speedup": speedup, "fewer_kernel_op_calls": fewer},
            {"alpha": alpha, "tasks": len(tasks), "kernel_op_calls": {k: v["launches"] for k, v in ops.items()},
             "kernel_op_calls_of_the_batch_draws": draws,
             "clock": variants["batched"].clock}, unit="s")
@@ -73,9 +77,9 @@ def _passes_of(tr):
 
     m = tr.cfg.masks
     batches = [(i, tr.batcher.sample([i], tr.cfg.batch_size)) for i in range(len(tr.tasks))]
-    return lambda: task_gradients(tr.model, tr.weights, tr.task_masks, tr.backends.masked_linear, batches, len(tr.tasks),
-                                  mask_grads=m.mask_grads, recovery_grad=m.recovery_grad, grad_clip=tr.cfg.grad_clip,
-                                  passes=tr.mask_updater.passes)
+    return lambda: task_gradients(tr.model, tr.weights, tr.task_masks, tr.backends.masked_linear, batches,
+                                  len(tr.tasks), mask_grads=m.mask_grads, recovery_grad=m.recovery_grad,
+                                  grad_clip=tr.cfg.grad_clip, passes=tr.mask_updater.passes)
 
 
 def _draws_of(tr):
