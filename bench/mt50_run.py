@@ -35,7 +35,8 @@ STEPS = 1_000_000
 
 
 def timed(owner, name: str, seconds: list) -> None:
-    """Wrap ``owner.name`` so that each call's seconds (the device synchronized at the end) are appended to ``seconds``."""
+    """Wrap ``owner.name`` so that each call's seconds (the device synchronized at the end) are appended
+    to ``seconds``."""
     fn = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
@@ -58,7 +59,8 @@ def summarize(metrics: list[dict], cfg, seconds: dict, checkpoint_mb: float | No
     """The figures of a run from its metric lines and the timed calls (see the module's docstring)."""
     lines = [m for m in metrics if "steps_per_s" in m][1:]
     every = cfg.checkpoint_every
-    clean = [m["steps_per_s"] for m in lines if (m["step"] // every) * every <= m["step"] - cfg.log_every]  # no checkpoint in the window
+    # no checkpoint in the window
+    clean = [m["steps_per_s"] for m in lines if (m["step"] // every) * every <= m["step"] - cfg.log_every]
     sps = _median(clean) or _median([m["steps_per_s"] for m in lines])
     updates = [m["mask_update_s"] for m in metrics if "mask_update_s" in m]
     update_s = _median(updates[1:]) or _median(updates)
@@ -66,40 +68,47 @@ def summarize(metrics: list[dict], cfg, seconds: dict, checkpoint_mb: float | No
     t_m = cfg.masks.update_every
     hours = None
     if sps:
-        hours = (STEPS / sps + (STEPS / t_m * update_s if update_s else 0.0) + STEPS / every * (checkpoint_s or 0.0)) / 3600
+        hours = (STEPS / sps + (STEPS / t_m * update_s if update_s else 0.0)
+                 + STEPS / every * (checkpoint_s or 0.0)) / 3600
     done = max((m["step"] for m in metrics if "step" in m), default=0)
     return {"steps": done, "steps_asked": cfg.steps, "update_every": t_m, "checkpoint_every": every, "steps_per_s": sps,
-            "steps_per_s_lines": [m["steps_per_s"] for m in lines], "mask_updates": len(updates), "mask_update_s": update_s,
-            "mask_update_s_all": updates, "checkpoints": len(seconds["checkpoint"]), "checkpoint_s": checkpoint_s,
-            "checkpoint_s_all": seconds["checkpoint"], "checkpoint_mb": checkpoint_mb, "evaluations": len(seconds["evaluation"]),
-            "evaluation_s": seconds["evaluation"][-1] if seconds["evaluation"] else None, "evaluation_episodes": cfg.eval_episodes,
-            "hours_per_1e6_steps": hours}
+            "steps_per_s_lines": [m["steps_per_s"] for m in lines], "mask_updates": len(updates),
+            "mask_update_s": update_s, "mask_update_s_all": updates, "checkpoints": len(seconds["checkpoint"]),
+            "checkpoint_s": checkpoint_s, "checkpoint_s_all": seconds["checkpoint"], "checkpoint_mb": checkpoint_mb,
+            "evaluations": len(seconds["evaluation"]),
+            "evaluation_s": seconds["evaluation"][-1] if seconds["evaluation"] else None,
+            "evaluation_episodes": cfg.eval_episodes, "hours_per_1e6_steps": hours}
 
 
 def report(results: Path) -> str:
     """``RESULTS/README.md``: one row per LABEL.json in ``results``; returns the text."""
     runs = {f.stem: json.loads(f.read_text()) for f in sorted(results.glob("*.json"))}
-    rows = ["| run | steps | t_m | steps/s | s per mask update | s per checkpoint (MB) | s per evaluation (episodes) | peak GPU MiB | h per 1e6 steps |",
+    rows = ["| run | steps | t_m | steps/s | s per mask update | s per checkpoint (MB) | "
+            "s per evaluation (episodes) | peak GPU MiB | h per 1e6 steps |",
             "|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, fmt="{:.3g}"):
         return "n/a" if x is None else fmt.format(x)
 
     for label, r in runs.items():
-        rows.append(f"| {label} | {r['steps']} | {r['update_every']} | {f(r['steps_per_s'])} | {f(r['mask_update_s'])} | "
-                    f"{f(r['checkpoint_s'])} ({f(r['checkpoint_mb'])}) | {f(r['evaluation_s'])} ({r['evaluation_episodes']}) | "
+        rows.append(f"| {label} | {r['steps']} | {r['update_every']} | {f(r['steps_per_s'])} | "
+                    f"{f(r['mask_update_s'])} | {f(r['checkpoint_s'])} ({f(r['checkpoint_mb'])}) | "
+                    f"{f(r['evaluation_s'])} ({r['evaluation_episodes']}) | "
                     f"{f(r.get('peak_gpu_memory_allocated_mib'), '{:.0f}')} | {f(r['hours_per_1e6_steps'])} |")
     first = next(iter(runs.values()), {})
     text = "\n".join([
         "# MT50 end to end on one device", "",
-        f"Device: {first.get('device', 'n/a')}; torch {first.get('torch', 'n/a')}, Triton {first.get('triton', 'n/a')}, "
-        f"Python {first.get('python', 'n/a')}, {first.get('cpu_cores', 'n/a')} CPU cores. Written by `bench/gpu_scale.sh` "
+        f"Device: {first.get('device', 'n/a')}; torch {first.get('torch', 'n/a')}, "
+        f"Triton {first.get('triton', 'n/a')}, Python {first.get('python', 'n/a')}, "
+        f"{first.get('cpu_cores', 'n/a')} CPU cores. Written by `bench/gpu_scale.sh` "
         "(`python -m bench.mt50_run`); each run's command, config, metric lines and results are beside this file.", "",
         *rows, "",
-        "Steps/s: the median rate of the metric lines after the first, over windows without a checkpoint. Hours per 1e6 steps: "
+        "Steps/s: the median rate of the metric lines after the first, over windows without a checkpoint. "
+        "Hours per 1e6 steps: "
         "1e6 steps at that rate, plus 1e6 / t_m mask updates and 1e6 / interval checkpoints at their measured seconds; "
         "evaluations are left out. Commands:", "",
-        *[f"- {label}: `{r['command']}` (CUDA graph: {r.get('cuda_graph')}, precision: {r.get('precision')}, exit code {r['exit_code']})"
+        *[f"- {label}: `{r['command']}` (CUDA graph: {r.get('cuda_graph')}, precision: {r.get('precision')}, "
+          f"exit code {r['exit_code']})"
           for label, r in runs.items()], ""])
     (results / "README.md").write_text(text)
     return text
@@ -114,7 +123,8 @@ def device_info(device: str) -> dict:
     except Exception:  # noqa: BLE001 - not installed on every machine
         d["triton"] = None
     if device.startswith("cuda") and torch.cuda.is_available():
-        d.update(device=torch.cuda.get_device_name(0), peak_gpu_memory_allocated_mib=torch.cuda.max_memory_allocated() / 2**20,
+        d.update(device=torch.cuda.get_device_name(0),
+                 peak_gpu_memory_allocated_mib=torch.cuda.max_memory_allocated() / 2**20,
                  peak_gpu_memory_reserved_mib=torch.cuda.max_memory_reserved() / 2**20)
     else:
         from .common import cpu_model
@@ -152,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("config.json", "metrics.jsonl", "results.json"):
         if (out / name).is_file():
             shutil.copy(out / name, res / a.label / name)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()] if (out / "metrics.jsonl").is_file() else []
+    metrics = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+               if (out / "metrics.jsonl").is_file() else [])
     ck = out / "checkpoint.pt"
     run_cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
     summary = {"command": "python -m harmodt.train " + shlex.join(train_argv), "exit_code": rc, "wall_s": wall,
@@ -162,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "results.json").is_file():
         summary["final_mean_success"] = json.loads((out / "results.json").read_text()).get("mean_success")
     (res / f"{a.label}.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_all") and k != "steps_per_s_lines"}, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_all") and k != "steps_per_s_lines"},
+                     indent=1))
     return rc
 
 

@@ -56,7 +56,8 @@ def matmul_precision(precision: str, device: str):
         torch.set_float32_matmul_precision(before)
 
 
-def _masked_vs_dense(benchmark, device, what: str, layers, ids, train: bool, n_rounds: int, calls: int, warmup: int) -> tuple:
+def _masked_vs_dense(benchmark, device, what: str, layers, ids, train: bool, n_rounds: int, calls: int,
+                     warmup: int) -> tuple:
     """Interleaved rounds of the fused backend, the reference and a dense ``F.linear`` (no mask)
     over ``layers`` [(x, w, b, masks, dy)], forward + backward when ``train``; then each one's
     kernel time. Returns (wall times, Timed variants, kernel times)."""
@@ -80,17 +81,20 @@ def _masked_vs_dense(benchmark, device, what: str, layers, ids, train: bool, n_r
                 if train:
                     y.backward(gy)
 
-    variants = {"fused": Timed(masked(backend), device), "reference": Timed(masked("reference"), device), "dense": Timed(dense, device)}
+    variants = {"fused": Timed(masked(backend), device), "reference": Timed(masked("reference"), device),
+                "dense": Timed(dense, device)}
     times = interleave(benchmark, variants, n_rounds, calls=calls, warmup=warmup)
     kern = {k: kernel_time(v.fn, device, calls=calls) for k, v in variants.items()} if device == "cuda" else {}
     return backend, times, variants, kern
 
 
-def _masked_linear_report(benchmark, device, what: str, backend, times, variants, kern, info: dict, ref_target=(">=", 1.0)) -> None:
+def _masked_linear_report(benchmark, device, what: str, backend, times, variants, kern, info: dict,
+                          ref_target=(">=", 1.0)) -> None:
     """Rows: wall times, GPU and kernel times, and the ratios: fused over dense (goal <= 1.1x on a
     GPU, by GPU time) and fused speed-up over the reference (wall and GPU time)."""
     gpu = gpu_times(variants)
-    derived = {"fused_over_dense_wall": paired_ratio(times, "fused", "dense"), "fused_over_dense_gpu": paired_ratio(gpu, "fused", "dense"),
+    derived = {"fused_over_dense_wall": paired_ratio(times, "fused", "dense"),
+               "fused_over_dense_gpu": paired_ratio(gpu, "fused", "dense"),
                "fused_speedup_over_reference_wall": 1.0 / paired_ratio(times, "fused", "reference"),
                "fused_speedup_over_reference_gpu": 1.0 / paired_ratio(gpu, "fused", "reference")}
     if kern:
@@ -101,16 +105,20 @@ def _masked_linear_report(benchmark, device, what: str, backend, times, variants
     figs.append(figure(f"{what}: fused over dense F.linear, GPU time", derived["fused_over_dense_gpu"], "x",
                        target=("<=", 1.1) if cuda else None))
     if kern:
-        figs.append(figure(f"{what}: fused over dense F.linear, kernel time", derived["fused_over_dense_kernel"], "x", target=("<=", 1.1)))
+        figs.append(figure(f"{what}: fused over dense F.linear, kernel time", derived["fused_over_dense_kernel"], "x",
+                           target=("<=", 1.1)))
     figs.append(figure(f"{what}: fused over dense F.linear, wall", derived["fused_over_dense_wall"], "x"))
-    figs.append(figure(f"{what}: {backend} speed-up over reference, wall", derived["fused_speedup_over_reference_wall"], "x",
-                       target=ref_target))
-    figs.append(figure(f"{what}: {backend} speed-up over reference, GPU time", derived["fused_speedup_over_reference_gpu"], "x"))
+    figs.append(figure(f"{what}: {backend} speed-up over reference, wall", derived["fused_speedup_over_reference_wall"],
+                       "x", target=ref_target))
+    figs.append(figure(f"{what}: {backend} speed-up over reference, GPU time",
+                       derived["fused_speedup_over_reference_gpu"], "x"))
     record(benchmark, what, device, times, figs, derived,
-           {"backend": backend, "gpu_ms": {k: stats(v) for k, v in gpu.items()}, "kernel": kern, "clock": variants["fused"].clock, **info})
+           {"backend": backend, "gpu_ms": {k: stats(v) for k, v in gpu.items()}, "kernel": kern,
+            "clock": variants["fused"].clock, **info})
 
 
-TRAIN_MIX = {"one": 1, "mixed16": 16}  # tasks in a training batch: Algorithm 1's one task, or 16 tasks mixed (--tasks-per-batch 16)
+# tasks in a training batch: Algorithm 1's one task, or 16 tasks mixed (--tasks-per-batch 16)
+TRAIN_MIX = {"one": 1, "mixed16": 16}
 
 
 @pytest.mark.parametrize("mix", list(TRAIN_MIX))
@@ -160,9 +168,11 @@ def test_masked_linear_eval(benchmark, device, precision):
         layers.append((x, w, b, masks, None))
     with matmul_precision(precision, device) as prec:
         what = f"masked_linear eval forward, one block, 29,500 rows x 50 tasks, {prec}"
-        backend, times, variants, kern = _masked_vs_dense(benchmark, device, what, layers, ids, False, rounds(3 if device == "cpu" else 20),
+        backend, times, variants, kern = _masked_vs_dense(benchmark, device, what, layers, ids, False,
+                                                          rounds(3 if device == "cpu" else 20),
                                                           calls=1 if device == "cpu" else 10, warmup=1)
-    _masked_linear_report(benchmark, device, what, backend, times, variants, kern, {"rows": int(ids.shape[0]), "precision": prec},
+    _masked_linear_report(benchmark, device, what, backend, times, variants, kern,
+                          {"rows": int(ids.shape[0]), "precision": prec},
                           ref_target=(">=", 1.5) if device == "cuda" else None)
 
 
@@ -180,7 +190,8 @@ def test_masked_adamw(benchmark, device):
     g = torch.Generator().manual_seed(2)
     params = [p.detach().clone() for p in model.parameters()]
     grads = [torch.randn(p.shape, generator=g).to(device) * 1e-3 for p in params]
-    masks = [harmodt_kernels.pack_masks(torch.rand(p.shape, generator=g) >= SPARSITY).to(device) if q in masked else None
+    masks = [harmodt_kernels.pack_masks(torch.rand(p.shape, generator=g) >= SPARSITY).to(device)
+             if q in masked else None
              for p, q in zip(params, model.parameters())]
 
     def opt(be):
@@ -190,8 +201,8 @@ def test_masked_adamw(benchmark, device):
         coef = torch.tensor(0.5, device=device)
 
         def run():
-            harmodt_kernels.masked_adamw_(params, grads, m, v, masks, steps, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-4,
-                                  grad_scale=coef, backend=be)
+            harmodt_kernels.masked_adamw_(params, grads, m, v, masks, steps, lr=1e-4, beta1=0.9, beta2=0.999,
+                                          eps=1e-8, weight_decay=1e-4, grad_scale=coef, backend=be)
         return run
 
     variants = {"fused": Timed(opt(backend), device), "reference": Timed(opt("reference"), device)}
@@ -261,7 +272,8 @@ def test_harmony_select(benchmark, device, tasks):
     target = (">=", 5.0) if tasks == 50 else None
     figs = [time_figure(f"{what}, {be}, wall", times, be) for be in names]
     figs += gpu_figures(what, variants, kern)
-    figs.append(figure(f"harmony_select {tasks} tasks: {backend} speed-up over reference, wall", speedup, "x", target=target))
+    figs.append(figure(f"harmony_select {tasks} tasks: {backend} speed-up over reference, wall", speedup, "x",
+                       target=target))
     figs.append(figure(f"harmony_select {tasks} tasks: {backend} speed-up over reference, GPU time", speedup_gpu, "x",
                        target=target if device == "cuda" else None))
     derived = {"fused_speedup_over_reference": speedup, "fused_speedup_over_reference_gpu": speedup_gpu}
@@ -271,5 +283,5 @@ def test_harmony_select(benchmark, device, tasks):
                            derived["fused_speedup_over_reference_kernel"], "x", target=target))
     figs += [figure(f"harmony_select {tasks} tasks: peak extra memory, {be}", mib, "MiB") for be, mib in peak.items()]
     record(benchmark, f"harmony_select at {tasks} tasks", device, times, figs, derived,
-           {"backends": names, "peak_extra_MiB": peak, "P": P_MODEL, "gpu_ms": {k: stats(v) for k, v in gpu.items()}, "kernel": kern,
-            "clock": variants[backend].clock})
+           {"backends": names, "peak_extra_MiB": peak, "P": P_MODEL, "gpu_ms": {k: stats(v) for k, v in gpu.items()},
+            "kernel": kern, "clock": variants[backend].clock})
