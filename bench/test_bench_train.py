@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from .baseline import BaselineStep, baseline_dir
-from .common import (H100_STEP_GOAL_MS, TASKS, Timed, call_runner, devices, figure, gpu_figures, gpu_times, interleave, make_trainer, paired_ratio, record,
-                     rounds, step_runner, time_figure)
+from .common import (H100_STEP_GOAL_MS, TASKS, Timed, call_runner, devices, figure, gpu_figures, gpu_times, interleave,
+                     make_trainer, paired_ratio, record, rounds, step_runner, time_figure)
 from .launches import count_step
 
 CPU_STEP_TARGET_MS = {"fp32": 125.0, "bf16": 70.0}
@@ -36,7 +36,8 @@ def test_step(benchmark, device, precision):
     Targets: CPU fp32 <= 125 ms, bf16 <= 70 ms, masking overhead < 5 %, fused >= 1.0x the
     reference; GPU masked/dense <= 1.1x, fused step <= 3.6 ms (MT50 x 1e6 steps in an hour)."""
     cpu = device == "cpu"
-    trainers = {"fused": make_trainer("harmodt-f", device, True, precision), "dense": make_trainer("prompt-dt", device, True, precision),
+    trainers = {"fused": make_trainer("harmodt-f", device, True, precision),
+                "dense": make_trainer("prompt-dt", device, True, precision),
                 "reference": make_trainer("harmodt-f", device, False, precision)}
     variants = {k: Timed(lambda tr=tr: tr.train_step(tr.sample_tasks()), device) for k, tr in trainers.items()}
     base, info = None, {}
@@ -45,7 +46,8 @@ def test_step(benchmark, device, precision):
         variants["previous_fused"] = base
         info.update(previous_version=base.commit, previous_version_path=str(base.path))
     try:
-        times = interleave(benchmark, variants, rounds(12 if cpu else 10), calls=1 if cpu else 20, warmup=3 if cpu else 20)
+        times = interleave(benchmark, variants, rounds(12 if cpu else 10), calls=1 if cpu else 20,
+                           warmup=3 if cpu else 20)
     finally:
         if base is not None:
             base.close()
@@ -53,27 +55,32 @@ def test_step(benchmark, device, precision):
     speedup = 1.0 / paired_ratio(times, "fused", "reference")
     derived = {"masked_over_dense": overhead, "fused_speedup_over_reference": speedup}
     step_target = ("<=", CPU_STEP_TARGET_MS[precision]) if cpu else ("<=", H100_STEP_GOAL_MS)
-    figs = [time_figure(f"HarmoDT-F --fused step, {precision}", times, "fused", target=step_target, baseline_key="previous_fused"),
+    figs = [time_figure(f"HarmoDT-F --fused step, {precision}", times, "fused", target=step_target,
+                        baseline_key="previous_fused"),
             time_figure(f"Prompt-DT dense step, {precision}", times, "dense"),
             time_figure(f"HarmoDT-F reference step, {precision}", times, "reference")]
     if cpu:
-        figs.append(figure(f"masking overhead (fused over dense), {precision}", 100 * (overhead - 1), "%", target=("<", 5.0)))
+        figs.append(figure(f"masking overhead (fused over dense), {precision}", 100 * (overhead - 1), "%",
+                           target=("<", 5.0)))
     else:
         figs.append(figure(f"masked over dense step, {precision}", overhead, "x", target=("<=", 1.1)))
-    figs.append(figure(f"--fused speed-up over reference step, {precision}", speedup, "x", target=(">=", 1.0) if cpu else None))
+    figs.append(figure(f"--fused speed-up over reference step, {precision}", speedup, "x",
+                       target=(">=", 1.0) if cpu else None))
     if not cpu:  # what the GPU spent per step (CUDA events), beside the wall time
         figs += gpu_figures(f"step, {precision}", variants)
         derived["masked_over_dense_gpu"] = paired_ratio(gpu_times(variants), "fused", "dense")
-        figs.append(figure(f"masked over dense step, GPU time, {precision}", derived["masked_over_dense_gpu"], "x", target=("<=", 1.1)))
+        figs.append(figure(f"masked over dense step, GPU time, {precision}", derived["masked_over_dense_gpu"], "x",
+                           target=("<=", 1.1)))
     if "previous_fused" in times:
         derived["fused_over_previous"] = paired_ratio(times, "fused", "previous_fused")
-        figs.append(figure(f"--fused step over the previous version's, {precision}", derived["fused_over_previous"], "x",
-                           target=("<=", 1.25) if precision == "fp32" else None))
+        figs.append(figure(f"--fused step over the previous version's, {precision}", derived["fused_over_previous"],
+                           "x", target=("<=", 1.25) if precision == "fp32" else None))
     record(benchmark, f"training step, {precision}", device, times, figs, derived, info)
 
 
 PEER_TARGETS = {"fused": 0.85, "reference": 1.05}  # each step over the plain-PyTorch peer's
-PEER_SIZES = {"paper": (6, 8, 256), "study": (3, 4, 128)}  # (layers, heads, width): Table 6's model, and the studies' (docs/results)
+# (layers, heads, width): Table 6's model, and the studies' (docs/results)
+PEER_SIZES = {"paper": (6, 8, 256), "study": (3, 4, 128)}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -143,7 +150,8 @@ def test_step_compile(benchmark):
     trainer's compiled-forward hook ``Trainer.forward``; and the launches of each. A mode that
     fails is recorded with its error. Target: <= 3.6 ms per step."""
     device = "cuda"
-    trainers = {"eager": make_trainer("harmodt-f", device, True), "compile": make_trainer("harmodt-f", device, True, compile=True)}
+    trainers = {"eager": make_trainer("harmodt-f", device, True),
+                "compile": make_trainer("harmodt-f", device, True, compile=True)}
     ro = make_trainer("harmodt-f", device, True)
     ro.forward = torch.compile(ro.model, mode="reduce-overhead")
     trainers["reduce_overhead"] = ro
@@ -174,13 +182,15 @@ def test_step_compile(benchmark):
             launches[name] = count_step(trainers[name])["launches"]
         except Exception as exc:
             errors[f"{name}_launch_count"] = str(exc).splitlines()[0]
-    figs = [time_figure(f"--fused step, {k.replace('_', '-')}", times, k, target=("<=", H100_STEP_GOAL_MS)) for k in times]
+    figs = [time_figure(f"--fused step, {k.replace('_', '-')}", times, k, target=("<=", H100_STEP_GOAL_MS))
+            for k in times]
     figs += [figure(f"launches per step, {k.replace('_', '-')}", v, "launches") for k, v in launches.items()]
     derived = {f"{k}_speedup_over_eager": 1.0 / paired_ratio(times, k, "eager") for k in times if k != "eager"}
     record(benchmark, "--compile step on CUDA", device, times, figs, derived, {"errors": errors, "launches": launches})
 
 
-MASK_UPDATE_CASES = [pytest.param("cpu", "MT10", id="cpu-MT10"), pytest.param("cuda", "MT10", id="cuda-MT10", marks=pytest.mark.cuda),
+MASK_UPDATE_CASES = [pytest.param("cpu", "MT10", id="cpu-MT10"),
+                     pytest.param("cuda", "MT10", id="cuda-MT10", marks=pytest.mark.cuda),
                      pytest.param("cuda", "MT50", id="cuda-MT50", marks=pytest.mark.cuda)]
 
 
@@ -193,24 +203,27 @@ def test_mask_update(benchmark, device, task_set):
     from harmodt import tasks as task_sets
 
     tasks = getattr(task_sets, task_set)
-    trainers = {"fused": make_trainer("harmodt-f", device, True, tasks=tasks), "reference": make_trainer("harmodt-f", device, False, tasks=tasks)}
+    trainers = {"fused": make_trainer("harmodt-f", device, True, tasks=tasks),
+                "reference": make_trainer("harmodt-f", device, False, tasks=tasks)}
     for tr in trainers.values():
         tr.step = 1  # past step 0 of the alpha schedule: the selection moves weights
     variants = {k: Timed(tr.mask_updater, device) for k, tr in trainers.items()}
-    times = interleave(benchmark, variants, rounds(1) if device == "cpu" else rounds(3), calls=1, warmup=0 if device == "cpu" else 1)
+    times = interleave(benchmark, variants, rounds(1) if device == "cpu" else rounds(3), calls=1,
+                       warmup=0 if device == "cpu" else 1)
     times = {k: [x / 1e3 for x in v] for k, v in times.items()}
     gpu = {k: [x / 1e3 for x in v] for k, v in gpu_times(variants).items()}
     target = (">=", 3.0) if task_set == "MT50" else None
     derived = {"fused_speedup_over_reference": 1.0 / paired_ratio(times, "fused", "reference"),
                "fused_speedup_over_reference_gpu": 1.0 / paired_ratio(gpu, "fused", "reference")}
     figs = [time_figure(f"mask update, {task_set}, {k}, wall", times, k, unit="s") for k in times]
-    figs += [time_figure(f"mask update, {task_set}, {k}, GPU time ({variants[k].clock})", gpu, k, unit="s") for k in gpu]
-    figs.append(figure(f"mask update, {task_set}: --fused speed-up over reference, wall", derived["fused_speedup_over_reference"], "x",
-                       target=target))
-    figs.append(figure(f"mask update, {task_set}: --fused speed-up over reference, GPU time", derived["fused_speedup_over_reference_gpu"],
-                       "x", target=target if device == "cuda" else None))
-    record(benchmark, f"mask update at {task_set}", device, times, figs, derived, {"clock": variants["fused"].clock, "tasks": len(tasks)},
-           unit="s")
+    figs += [time_figure(f"mask update, {task_set}, {k}, GPU time ({variants[k].clock})", gpu, k, unit="s")
+             for k in gpu]
+    figs.append(figure(f"mask update, {task_set}: --fused speed-up over reference, wall",
+                       derived["fused_speedup_over_reference"], "x", target=target))
+    figs.append(figure(f"mask update, {task_set}: --fused speed-up over reference, GPU time",
+                       derived["fused_speedup_over_reference_gpu"], "x", target=target if device == "cuda" else None))
+    record(benchmark, f"mask update at {task_set}", device, times, figs, derived,
+           {"clock": variants["fused"].clock, "tasks": len(tasks)}, unit="s")
 
 
 CLI_TASKS = ["reach-v3", "push-v3"]
@@ -218,8 +231,9 @@ CLI_TASKS = ["reach-v3", "push-v3"]
 
 def _cli_steps_per_s(tmp: Path, data: Path, device: str, fused: bool, steps: int, log_every: int) -> float:
     out = tmp / ("fused" if fused else "reference")
-    cmd = [sys.executable, "-m", "harmodt.train", "--tasks", ",".join(CLI_TASKS), "--data", str(data), "--method", "harmodt-f",
-           "--device", device, "--steps", str(steps), "--log-every", str(log_every), "--eval-episodes", "0", "--out", str(out),
+    cmd = [sys.executable, "-m", "harmodt.train", "--tasks", ",".join(CLI_TASKS), "--data", str(data),
+           "--method", "harmodt-f", "--device", device, "--steps", str(steps), "--log-every", str(log_every),
+           "--eval-episodes", "0", "--out", str(out),
            "--no-progress", "--update-every", str(steps // 2), "--warmup-steps", "10", "--checkpoint-every", str(steps)]
     if fused:
         cmd.append("--fused")
@@ -248,17 +262,19 @@ def test_train_cli(benchmark, device, tmp_path):
 
     def run():
         for fused in (True, False):
-            res["fused" if fused else "reference"].append(_cli_steps_per_s(tmp_path / f"{len(res['fused'])}", data, device, fused, steps,
-                                                                            log_every))
+            res["fused" if fused else "reference"].append(
+                _cli_steps_per_s(tmp_path / f"{len(res['fused'])}", data, device, fused, steps, log_every))
 
     t = time.perf_counter()
     benchmark.pedantic(run, rounds=n, iterations=1)
     sps = {k: statistics.median(v) for k, v in res.items()}
     derived = {"fused_over_reference": sps["fused"] / sps["reference"]}
-    figs = [figure(f"CLI steps/s, {k}", v, "steps/s", lo=min(res[k]), hi=max(res[k]), target=None) for k, v in sps.items()]
+    figs = [figure(f"CLI steps/s, {k}", v, "steps/s", lo=min(res[k]), hi=max(res[k]), target=None)
+            for k, v in sps.items()]
     figs.append(figure("CLI --fused steps/s over reference", derived["fused_over_reference"], "x", target=(">=", 1.0)))
     record(benchmark, "python -m harmodt.train steps/s", device, None, figs, derived,
-           {"steps": steps, "log_every": log_every, "rounds": n, "seconds": time.perf_counter() - t, "steps_per_s": res},
+           {"steps": steps, "log_every": log_every, "rounds": n, "seconds": time.perf_counter() - t,
+            "steps_per_s": res},
            unit="steps/s")
 
 
@@ -277,8 +293,9 @@ def test_train_torchrun_2gpu(benchmark, tmp_path):
     def run():
         res["one_gpu"] = _cli_steps_per_s(tmp_path / "one", data, "cuda", True, 600, 100)
         out = tmp_path / "two"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "harmodt.train",
-               "--tasks", ",".join(CLI_TASKS), "--data", str(data), "--method", "harmodt-f", "--device", "cuda", "--fused",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "harmodt.train", "--tasks", ",".join(CLI_TASKS), "--data", str(data), "--method", "harmodt-f",
+               "--device", "cuda", "--fused",
                "--steps", "600", "--log-every", "100", "--eval-episodes", "0", "--out", str(out), "--no-progress",
                "--update-every", "300", "--warmup-steps", "10", "--checkpoint-every", "600"]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -286,6 +303,8 @@ def test_train_torchrun_2gpu(benchmark, tmp_path):
         res["two_gpus"] = statistics.median([r["steps_per_s"] for r in recs if "steps_per_s" in r][1:])
 
     benchmark.pedantic(run, rounds=1, iterations=1)
-    figs = [figure("CLI steps/s, one GPU", res["one_gpu"], "steps/s"), figure("CLI steps/s, two GPUs (torchrun)", res["two_gpus"], "steps/s"),
+    figs = [figure("CLI steps/s, one GPU", res["one_gpu"], "steps/s"),
+            figure("CLI steps/s, two GPUs (torchrun)", res["two_gpus"], "steps/s"),
             figure("two-GPU scaling", res["two_gpus"] / res["one_gpu"], "x")]
-    record(benchmark, "torchrun on two GPUs", "cuda", None, figs, {"scaling": res["two_gpus"] / res["one_gpu"]}, res, unit="steps/s")
+    record(benchmark, "torchrun on two GPUs", "cuda", None, figs, {"scaling": res["two_gpus"] / res["one_gpu"]}, res,
+           unit="steps/s")
