@@ -80,7 +80,8 @@ class BaselineStep:
         self.path = Path(path)
         self._err = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(spec)], cwd=self.path, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
+                                     bufsize=1)
         self.info = self._read("ready")
         if not str(self.info["ready"]).startswith(str(self.path.resolve())):
             self.close()

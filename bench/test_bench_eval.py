@@ -24,11 +24,13 @@ def _eval_info(tasks) -> dict:
     rng = np.random.default_rng(0)
 
     def prompt():
-        return {"observations": rng.normal(size=(500, 39)).astype(np.float32), "actions": rng.uniform(-1, 1, (500, 4)).astype(np.float32),
+        return {"observations": rng.normal(size=(500, 39)).astype(np.float32),
+                "actions": rng.uniform(-1, 1, (500, 4)).astype(np.float32),
                 "rewards": rng.uniform(0, 10, 500).astype(np.float32)}
 
     return {"tasks": list(tasks), "state_mean": {t: np.zeros(39, np.float32) for t in tasks},
-            "state_std": {t: np.ones(39, np.float32) for t in tasks}, "prompts": {t: [prompt(), prompt()] for t in tasks},
+            "state_std": {t: np.ones(39, np.float32) for t in tasks},
+            "prompts": {t: [prompt(), prompt()] for t in tasks},
             "rtg_scale": 1000.0, "target_return": 4500.0}
 
 
@@ -56,8 +58,8 @@ def test_eval_mt10(benchmark, device):
     benchmark.pedantic(run, rounds=rounds(1), iterations=1)
     sps = [r["env_steps_per_s"] for r in runs]
     med = float(np.median(sps))
-    figs = [figure(f"evaluation MT10 x 10 episodes, env-steps/s ({backend})", med, "env-steps/s", lo=min(sps), hi=max(sps),
-                   target=(">=", 250.0) if device == "cpu" else None)]
+    figs = [figure(f"evaluation MT10 x 10 episodes, env-steps/s ({backend})", med, "env-steps/s",
+                   lo=min(sps), hi=max(sps), target=(">=", 250.0) if device == "cpu" else None)]
     record(benchmark, "batched evaluation, MT10 x 10 episodes", device, None, figs, {"env_steps_per_s": med},
            {"backend": backend, "horizon": EVAL_STEPS, "rows": 100, "setup_seconds": [r["setup_seconds"] for r in runs],
             "seconds": [r["seconds"] for r in runs]}, unit="env-steps/s")
@@ -78,13 +80,16 @@ def test_eval_forward_mt50(benchmark, device):
     g = torch.Generator().manual_seed(0)
     packed = masks.packed()
     task_rows = torch.arange(n_tasks)
-    prompt = {"prompt_states": torch.randn(n_tasks, kp, 39, generator=g), "prompt_actions": torch.rand(n_tasks, kp, 4, generator=g) * 2 - 1,
-              "prompt_rtg": torch.rand(n_tasks, kp, 1, generator=g), "prompt_timesteps": torch.arange(kp).expand(n_tasks, kp).clone(),
+    prompt = {"prompt_states": torch.randn(n_tasks, kp, 39, generator=g),
+              "prompt_actions": torch.rand(n_tasks, kp, 4, generator=g) * 2 - 1,
+              "prompt_rtg": torch.rand(n_tasks, kp, 1, generator=g),
+              "prompt_timesteps": torch.arange(kp).expand(n_tasks, kp).clone(),
               "prompt_mask": torch.ones(n_tasks, kp, dtype=torch.bool)}
     prompt = {key: v.to(device) for key, v in prompt.items()}
     rows = task_rows.repeat_interleave(episodes).to(device)  # task-major, as evaluate() orders episodes
     b = rows.shape[0]
-    states, actions = torch.randn(b, k, 39, generator=g).to(device), (torch.rand(b, k, 4, generator=g) * 2 - 1).to(device)
+    states, actions = (torch.randn(b, k, 39, generator=g).to(device),
+                       (torch.rand(b, k, 4, generator=g) * 2 - 1).to(device))
     rtg, steps = torch.rand(b, k, 1, generator=g).to(device), (torch.arange(k) + 100).expand(b, k).to(device)
 
     def forward(op):
@@ -100,14 +105,17 @@ def test_eval_forward_mt50(benchmark, device):
         return run
 
     times = interleave(benchmark, {"fused": call_runner(forward(fused_op), device),
-                                   "reference": call_runner(forward(harmodt_kernels.REFERENCE_OPS.masked_linear), device)},
-                       rounds(2 if device == "cpu" else 20), calls=1 if device == "cpu" else 10, warmup=0 if device == "cpu" else 2)
+                                   "reference": call_runner(forward(harmodt_kernels.REFERENCE_OPS.masked_linear),
+                                                            device)},
+                       rounds(2 if device == "cpu" else 20), calls=1 if device == "cpu" else 10,
+                       warmup=0 if device == "cpu" else 2)
     speedup = 1.0 / paired_ratio(times, "fused", "reference")
     figs = [time_figure(f"evaluation forward, MT50 x 10 episodes, {fused}", times, "fused"),
             time_figure("evaluation forward, MT50 x 10 episodes, reference", times, "reference"),
-            figure(f"evaluation forward: {fused} speed-up over reference", speedup, "x", target=(">=", 1.5) if device == "cuda" else None)]
-    record(benchmark, "mixed-task evaluation forward, MT50 x 10 episodes", device, times, figs, {"fused_speedup_over_reference": speedup},
-           {"backend": fused, "rows": b})
+            figure(f"evaluation forward: {fused} speed-up over reference", speedup, "x",
+                   target=(">=", 1.5) if device == "cuda" else None)]
+    record(benchmark, "mixed-task evaluation forward, MT50 x 10 episodes", device, times, figs,
+           {"fused_speedup_over_reference": speedup}, {"backend": fused, "rows": b})
 
 
 FLOOR_EPISODES = 20  # the studies' final evaluation: MT10 x 20 episodes
@@ -148,10 +156,12 @@ def test_eval_floor_mt10(benchmark, device):
     env_seeds = list(range(b))  # evaluate(seed=0)'s: seed * 100_003 + row
     shards = 2 if (os.cpu_count() or 1) >= 2 else 1
 
-    def simulator(n: int) -> float:  # seconds per env step of the whole vector, building excluded as evaluate() excludes it
+    # seconds per env step of the whole vector, building excluded as evaluate() excludes it
+    def simulator(n: int) -> float:
         total = 0.0
         for _ in range(n):
-            envs = ShardedVectorEnv(env_tasks, env_seeds, shards) if shards > 1 else make_vector_env(env_tasks, env_seeds)
+            envs = (ShardedVectorEnv(env_tasks, env_seeds, shards) if shards > 1
+                    else make_vector_env(env_tasks, env_seeds))
             envs.reset(seed=None)
             act = np.random.default_rng(1).uniform(-1, 1, (EVAL_STEPS, b, 4))
             t = time.perf_counter()
@@ -165,8 +175,8 @@ def test_eval_floor_mt10(benchmark, device):
         def run(n: int) -> float:
             total = 0.0
             for _ in range(n):
-                r = evaluate(model, masks, info, MT10, FLOOR_EPISODES, seed=0, backend=op, max_steps=EVAL_STEPS, progress=False,
-                             precision=precision)
+                r = evaluate(model, masks, info, MT10, FLOOR_EPISODES, seed=0, backend=op, max_steps=EVAL_STEPS,
+                             progress=False, precision=precision)
                 total += r["seconds"]
             return total / n / (EVAL_STEPS * b) * 1e3
         return run
@@ -176,17 +186,20 @@ def test_eval_floor_mt10(benchmark, device):
         ways["evaluate_bf16"] = policy("bf16")
     times = interleave(benchmark, ways, rounds(2), calls=1, warmup=0)
     times = {k: [1.0 / v * 1e3 for v in vs] for k, vs in times.items()}  # env-steps/s
-    ratio = float(np.median([s / e for e, s in zip(times["evaluate"], times["simulator"])]))  # evaluate's time over the simulator's
-    figs = [time_figure(f"simulator alone, MT10 x {FLOOR_EPISODES} episodes, random actions, env-steps/s", times, "simulator",
-                        unit="env-steps/s"),
-            time_figure(f"evaluate(), MT10 x {FLOOR_EPISODES} episodes, 3 x 128 model ({op.backend.name}), env-steps/s", times, "evaluate",
-                        unit="env-steps/s"),
+    # evaluate's time over the simulator's
+    ratio = float(np.median([s / e for e, s in zip(times["evaluate"], times["simulator"])]))
+    figs = [time_figure(f"simulator alone, MT10 x {FLOOR_EPISODES} episodes, random actions, env-steps/s", times,
+                        "simulator", unit="env-steps/s"),
+            time_figure(f"evaluate(), MT10 x {FLOOR_EPISODES} episodes, 3 x 128 model ({op.backend.name}), env-steps/s",
+                        times, "evaluate", unit="env-steps/s"),
             figure("evaluate() time over the simulator's", ratio, "x", target=("<=", FLOOR_TARGET))]
     if "evaluate_bf16" in times:
         ratio16 = float(np.median([s / e for e, s in zip(times["evaluate_bf16"], times["simulator"])]))
-        figs += [time_figure(f"evaluate(), bf16, MT10 x {FLOOR_EPISODES} episodes, env-steps/s", times, "evaluate_bf16", unit="env-steps/s"),
+        figs += [time_figure(f"evaluate(), bf16, MT10 x {FLOOR_EPISODES} episodes, env-steps/s", times, "evaluate_bf16",
+                             unit="env-steps/s"),
                  figure("evaluate() bf16 time over the simulator's", ratio16, "x", target=("<=", FLOOR_TARGET))]
-    record(benchmark, f"evaluation floor, MT10 x {FLOOR_EPISODES} episodes", device, times, figs, {"evaluate_over_simulator": ratio},
+    record(benchmark, f"evaluation floor, MT10 x {FLOOR_EPISODES} episodes", device, times, figs,
+           {"evaluate_over_simulator": ratio},
            {"backend": op.backend.name, "horizon": EVAL_STEPS, "rows": b, "shards": shards}, unit="env-steps/s")
 
 
@@ -224,7 +237,8 @@ def test_eval_trained_checkpoint(benchmark):
     times = {k: [v / 1e3 for v in vs] for k, vs in times.items()}  # seconds
     full, stop = runs["full"], runs["stop_at_success"]
     same = {t: r["success"] for t, r in full["tasks"].items()} == {t: r["success"] for t, r in stop["tasks"].items()}
-    figs = [time_figure(f"evaluate(), {len(tasks)} tasks x {FLOOR_EPISODES} episodes, full episodes, s", times, "full", unit="s"),
+    figs = [time_figure(f"evaluate(), {len(tasks)} tasks x {FLOOR_EPISODES} episodes, full episodes, s", times, "full",
+                        unit="s"),
             time_figure("the same with stop_at_success, s", times, "stop_at_success", unit="s"),
             figure("stop_at_success wall time over full episodes", times["stop_at_success"][0] / times["full"][0], "x"),
             figure("mean success, full episodes", full["mean_success"], ""),
@@ -239,6 +253,7 @@ def test_eval_trained_checkpoint(benchmark):
                  figure("standard error of that difference (independent binomial episodes)", noise, ""),
                  time_figure("evaluate() bf16, full episodes, s", times, "bf16", unit="s")]
         derived.update(bf16_minus_fp32=p16 - p32, noise=noise,
-                       per_task={t: {"fp32": full["tasks"][t]["success"], "bf16": runs["bf16"]["tasks"][t]["success"]} for t in tasks})
-    record(benchmark, f"trained checkpoint, {len(tasks)} tasks x {FLOOR_EPISODES} episodes", "cpu", times, figs, derived,
-           {"checkpoint": CHECKPOINT, "tasks": tasks}, unit="s")
+                       per_task={t: {"fp32": full["tasks"][t]["success"], "bf16": runs["bf16"]["tasks"][t]["success"]}
+                                 for t in tasks})
+    record(benchmark, f"trained checkpoint, {len(tasks)} tasks x {FLOOR_EPISODES} episodes", "cpu", times, figs,
+           derived, {"checkpoint": CHECKPOINT, "tasks": tasks}, unit="s")
