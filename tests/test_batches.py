@@ -69,11 +69,9 @@ def test_sampling_weighted_by_length_and_deterministic():
 
 # ---- prompts: the last K* steps (Prompt-DT's code), the first ones or a random window (--prompt-segment)
 
-def _expected_last(tr, mean, std, k, scale):
-    """A trajectory's prompt row as Prompt-DT's get_prompt cuts it: start si = max(0, n - k - 1),
-    the steps [si, si + k) that exist, left-padded to k."""
+def _expected_window(tr, mean, std, k, scale, si):
+    """A trajectory's prompt row starting at step ``si``: the steps [si, si + k) that exist, left-padded to k."""
     n = len(tr.rewards)
-    si = max(0, n - k - 1)
     end = min(n, si + k)
     pad = k - (end - si)
     states = np.zeros((k, tr.observations.shape[1]), np.float32)
@@ -87,12 +85,24 @@ def _expected_last(tr, mean, std, k, scale):
     return states, actions, rtg, ts, np.arange(k) >= pad
 
 
-def test_last_prompts_are_the_last_steps_of_a_prompt_episode_of_the_row_task():
+def _expected_last(tr, mean, std, k, scale):
+    """A trajectory's prompt row as Prompt-DT's get_prompt cuts it: start si = max(0, n - k - 1)."""
+    return _expected_window(tr, mean, std, k, scale, max(0, len(tr.rewards) - k - 1))
+
+
+def _expected_first(tr, mean, std, k, scale):
+    """A trajectory's first k steps as a prompt row (``--prompt-segment first``)."""
+    return _expected_window(tr, mean, std, k, scale, 0)
+
+
+@pytest.mark.parametrize("segment, expected", [("last", _expected_last), ("first", _expected_first)])
+def test_prompts_are_the_segment_of_a_prompt_episode_of_the_row_task(segment, expected):
+    """Each row's prompt is the ``segment`` window of one of its task's prompt episodes, drawn per row."""
     ds = datasets(TASKS, episodes=2, length=30)
     short = ds["b"].prompts[1]  # a prompt episode shorter than K*: taken whole, left-padded
     for key in ("observations", "actions", "rewards", "dones"):
         setattr(short, key, getattr(short, key)[:2])
-    b = PromptDTBatcher(ds, TASKS, 6, 4, 100.0, seed=3, prompt_segment="last")
+    b = PromptDTBatcher(ds, TASKS, 6, 4, 100.0, seed=3, prompt_segment=segment)
     batch = b.sample([0, 1, 2], 300)
     drawn = {t: set() for t in TASKS}
     for i in range(300):
@@ -101,7 +111,7 @@ def test_last_prompts_are_the_last_steps_of_a_prompt_episode_of_the_row_task():
                batch["prompt_timesteps"][i].numpy(), batch["prompt_mask"][i].numpy())
         matches = []
         for j, tr in enumerate(ds[t].prompts):
-            exp = _expected_last(tr, b.state_mean[t], b.state_std[t], 4, 100.0)
+            exp = expected(tr, b.state_mean[t], b.state_std[t], 4, 100.0)
             if all(np.allclose(x, y, rtol=1e-5, atol=1e-6) if x.dtype.kind == "f" else np.array_equal(x, y) for x, y in zip(row, exp)):
                 matches.append(j)
         assert matches, (i, t)
@@ -172,37 +182,17 @@ def test_unknown_prompt_segment_is_refused():
         PromptDTBatcher(datasets(["a"]), ["a"], 6, 3, 100.0, prompt_segment="start")
 
 
-def test_first_prompts_are_the_first_steps_of_a_prompt_episode_of_the_row_task():
-    """``prompt_segment="first"``: each row's prompt is steps [0, K*) of a prompt episode of its task
-    drawn per row (a shorter episode whole, left-padded); evaluation's is the highest-return
-    episode's, whatever the seed."""
-    ds = datasets(TASKS, episodes=2, length=30)
-    short = ds["b"].prompts[1]
-    for key in ("observations", "actions", "rewards", "dones"):
-        setattr(short, key, getattr(short, key)[:2])
-    b = PromptDTBatcher(ds, TASKS, 6, 4, 100.0, seed=3, prompt_segment="first")
-    batch = b.sample([0, 1, 2], 300)
-    drawn = {t: set() for t in TASKS}
-    for i in range(300):
-        t = TASKS[int(batch["task_ids"][i])]
-        real = batch["prompt_mask"][i]
-        for j, tr in enumerate(ds[t].prompts):
-            n = min(4, len(tr.rewards))
-            want = (tr.observations[:n] - b.state_mean[t]) / b.state_std[t]
-            if (int(real.sum()) == n and batch["prompt_timesteps"][i][real].tolist() == list(range(n))
-                    and np.allclose(batch["prompt_states"][i][real].numpy(), want, rtol=1e-5, atol=1e-6)
-                    and np.allclose(batch["prompt_rtg"][i, real, 0].numpy(), returns_to_go(tr.rewards)[:n] / 100.0)):
-                drawn[t].add(j)
-                break
-        else:
-            raise AssertionError(f"row {i} ({t}): not the first steps of a prompt episode of its task")
-    assert all(d == {0, 1} for d in drawn.values())
-    assert not batch["prompt_mask"].all()  # task b's short episode is padded
+def test_first_prompt_at_evaluation_is_the_best_episode_start():
+    """``segment="first"`` at evaluation: the highest-return prompt episode's first K* steps, whatever the seed."""
+    ds = datasets(["a"], episodes=2, length=30)
+    b = PromptDTBatcher(ds, ["a"], 6, 4, 100.0)
     best = best_prompt_choice(ds["a"].prompts)
     for seed in (0, 1):
         seg, src = prompt_segment(ds["a"].prompts, b.state_mean["a"], b.state_std["a"], 4, 100.0, 500,
                                   torch.Generator().manual_seed(seed), "first")
         assert src == {"episode": best, "timesteps": [0, 1, 2, 3]}
+        want = _expected_first(ds["a"].prompts[best], b.state_mean["a"], b.state_std["a"], 4, 100.0)
+        np.testing.assert_allclose(seg["prompt_states"][0].numpy(), want[0], rtol=1e-5, atol=1e-6)
 
 
 def _mixed_lengths():
