@@ -148,8 +148,8 @@ def learned_masks_markdown(study: dict) -> list[str]:
              "masks' overlap, random then learned. Sharing: how many of the other tasks keep a weight at the end, for "
              "the weights a task recovered, for those it dropped, and for all its active weights. |w|: median final "
              "magnitude of the recovered and of the dropped weights over that of all active weights. Harmony: the "
-             "score at the first and last mask update, learned run (random run). Δ success: learned minus random, mean "
-             "over tasks.", "",
+             "score at the first and last mask update, learned run (random run). Δ success: learned minus random, "
+             "mean over tasks.", "",
              "| run | kept | changed (min) | Jaccard R → learned | sharing: recovered / dropped / active | "
              "|w| recovered / dropped | harmony first → last | Δ success |",
              "|---|---|---|---|---|---|---|---|"]

@@ -174,11 +174,13 @@ def unseen_markdown(study: dict) -> list[str]:
              "follows as a secondary one.", ""]
     done = [r for r in rows if r["mode"] != "skip"]
     if done:
-        lines += ["| method | T | voted-mask density | seeds | held-out success | 95 % CI | Δ vs Prompt-DT [95 % CI] | "
-                  "held-out return | training tasks' success |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| method | T | voted-mask density | seeds | held-out success | 95 % CI | "
+                  "Δ vs Prompt-DT [95 % CI] | held-out return | training tasks' success |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in done:
             ref = r["train_tasks"]
-            train = f"{fmt(ref['mean_success'])} [{fmt(ref.get('ci_low'))}, {fmt(ref.get('ci_high'))}]" if ref else "–"
+            train = (f"{fmt(ref['mean_success'])} [{fmt(ref.get('ci_low'))}, {fmt(ref.get('ci_high'))}]"
+                     if ref else "–")
             p = r.get("vs_reference")
             delta = (f"{p['mean_diff']:+.3f} [{fmt(p['ci_low'])}, {fmt(p['ci_high'])}]; bootstrap "
                      f"[{p['pairs_bootstrap']['ci_low']:+.3f}, {p['pairs_bootstrap']['ci_high']:+.3f}]") if p else "–"
