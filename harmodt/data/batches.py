@@ -94,8 +94,8 @@ def _draw_segments(flat: _Flat, n: int, length: int, generator: torch.Generator)
     return _windows(flat, *_draw_starts(flat, n, generator), length)
 
 
-def _draw_cut(flat: _Flat, n: int, length: int, generator: torch.Generator, segment: str) -> tuple[np.ndarray,
-                                                                                               np.ndarray]:
+def _draw_cut(flat: _Flat, n: int, length: int, generator: torch.Generator,
+              segment: str) -> tuple[np.ndarray, np.ndarray]:
     """n prompts as Prompt-DT trains with them: the window ``segment`` cuts (:data:`_CUTS`) of a
     trajectory drawn uniformly per row (left-padded when it is shorter), as :func:`_windows`."""
     traj = torch.randint(len(flat.lengths), (n,), generator=generator).numpy()  # (n,)
@@ -155,18 +155,12 @@ def _windows_of(matrices: dict, n: int, lengths: dict) -> dict:
     return out
 
 
-def _empty(table: _Flat, n: int, length: int) -> dict:
-    """Tensors for n windows of ``length`` steps on the table's device (views of one matrix per field)."""
-    return _windows_of(_matrices(n * length, table), n, {"": length})
-
-
 def _gather(flat: _Flat, rows: np.ndarray, valid: np.ndarray) -> dict:
     """The windows of :func:`_windows` as new tensors on the data's device."""
-    out = _empty(flat, *rows.shape)
-    dev = flat.states.device
-    _fill_rows(flat, torch.from_numpy(rows.reshape(-1)).to(dev), torch.from_numpy(valid.reshape(-1)).to(dev),
-               {key: out[key]._base for key in FIELDS})
-    return out
+    (n, length), dev = rows.shape, flat.states.device
+    matrices = _matrices(n * length, flat)
+    _fill_rows(flat, torch.from_numpy(rows.reshape(-1)).to(dev), torch.from_numpy(valid.reshape(-1)).to(dev), matrices)
+    return _windows_of(matrices, n, {"": length})
 
 
 def episode_segments(flat: _Flat, length: int, segment: str, generator: torch.Generator) -> dict:
