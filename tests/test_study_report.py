@@ -132,6 +132,16 @@ def test_aggregate_paired_difference_from_prompt_dt():
     assert "| HarmoDT-F | 2/2 | 0.400 |" in md and "+0.100 (vs Prompt-DT)" in md and "reach-v3" in md
 
 
+def test_tasks_at_zero_are_those_at_zero_in_every_finished_seed():
+    # reach-v3 at zero in one seed only; drawer-close-v3 at zero in both seeds of Prompt-DT, in one of HarmoDT-F
+    study = fake_study({("prompt-dt", None, 0): [0.0, 0.0], ("prompt-dt", None, 1): [0.5, 0.0],
+                        ("harmodt-f", None, 0): [0.3, 0.0], ("harmodt-f", None, 1): [0.7, 0.1]})
+    pd, hf = study["variants"] = aggregate(study)
+    assert pd["tasks_at_zero"] == ["drawer-close-v3"] and hf["tasks_at_zero"] == []
+    md = summary_markdown(study)
+    assert "- Prompt-DT: 1 of 2 tasks (drawer-close-v3)" in md and "- HarmoDT-F: 0 of 2 tasks\n" in md
+
+
 def test_pairwise_table_counts_its_comparisons_and_marks_holm_survivors():
     """Three arms, three seeds: 3 comparisons. HarmoDT-F beats Prompt-DT by 0.2 in every seed (zero
     variance: p = 0, survives); MTDT's differences vary (p well above 0.05 / 2): nothing else survives."""

@@ -112,6 +112,7 @@ def aggregate(study: dict) -> list[dict]:
             entry.update(mean_success=m, ci_low=lo, ci_high=hi,
                          per_seed={str(r["seed"]): r["mean_success"] for r in rows},
                          per_task={t: float(np.mean([r["tasks"][t]["success"] for r in rows])) for t in study["tasks"]},
+                         tasks_at_zero=[t for t in study["tasks"] if all(r["tasks"][t]["success"] == 0 for r in rows)],
                          per_task_return={t: float(np.mean([r["tasks"][t]["return"] for r in rows]))
                                           for t in study["tasks"]},
                          train_seconds=float(np.mean([r["train_seconds"] or 0 for r in rows])))
@@ -267,6 +268,9 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         for t in study["tasks"]:
             lines.append(f"| {t} | " + " | ".join(f"{v['per_task'][t]:.2f}" for v in done) + " |")
         lines.append("| **mean** | " + " | ".join(f"**{v['mean_success']:.3f}**" for v in done) + " |")
+        lines += ["", "At zero in every finished seed:", ""]
+        lines += [f"- {v['variant']}: {len(v['tasks_at_zero'])} of {len(study['tasks'])} tasks"
+                  + (f" ({', '.join(v['tasks_at_zero'])})" if v["tasks_at_zero"] else "") for v in done]
     lines += pairwise_markdown(study.get("pairwise") or {}, "Every pair of methods", "per-seed success difference")
     lines += pairwise_markdown(study.get("pairwise_best") or {}, "Every pair of methods, best on validation",
                                "per-seed success difference of the checkpoints chosen on the validation goals "
