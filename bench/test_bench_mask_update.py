@@ -19,6 +19,8 @@ and MT50; on a GPU a whole MT50 update <= 0.1 s.
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from harmodt import tasks as task_sets
@@ -68,6 +70,41 @@ def test_mask_update_passes(benchmark, device, task_set):
            {"alpha": alpha, "tasks": len(tasks), "kernel_op_calls": {k: v["launches"] for k, v in ops.items()},
             "kernel_op_calls_of_the_batch_draws": draws,
             "clock": variants["batched"].clock}, unit="s")
+
+
+ARITHMETIC = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # and every scaled_dot_product op
+
+
+def test_mask_update_passes_bound(benchmark):
+    """How much faster batching can make the task gradients on the CPU: the per-task loop at MT10
+    profiled op by op (one thread); its GEMMs and attention are arithmetic both ways run alike (the
+    batched passes run each task's rows as a GEMM of their own), so batching can at most remove the
+    rest: the speed-up is bounded by total / (GEMMs + attention)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tr = make_trainer("harmodt-f", "cpu", True, tasks=task_sets.MT10, masks=_mask_config("per-task"))
+    tr.step = tr.cfg.steps // 2
+    passes = _passes_of(tr)
+    passes()  # warm-up
+    shares = []
+
+    def target():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            passes()
+        ops = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in ops)
+        shares.append(sum(e.self_cpu_time_total for e in ops
+                          if e.key in ARITHMETIC or "scaled_dot_product" in e.key) / total)
+
+    benchmark.pedantic(target, rounds=rounds(2), warmup_rounds=0, iterations=1)
+    share = statistics.median(shares)
+    figs = [figure("per-task task gradients, MT10: share of CPU time in GEMMs and attention", 100 * share, "%",
+                   lo=100 * min(shares), hi=100 * max(shares)),
+            figure("the most batching can speed them up: total / (GEMMs + attention)", 1 / share, "x",
+                   target=(">=", 3.0))]
+    record(benchmark, "bound on the CPU speed-up of batched task gradients, MT10", "cpu", None, figs,
+           {"arithmetic_share": share, "speedup_bound": 1 / share},
+           {"ops": list(ARITHMETIC) + ["*scaled_dot_product*"]})
 
 
 def _passes_of(tr):
