@@ -185,8 +185,8 @@ def without_masks(study: dict, arms: dict[str, dict]) -> list[str]:
     lines = ["", "Masked arms against Prompt-DT, beside MTDT (no mask: the task's one-hot ID beside the state, no "
              "prompt) against Prompt-DT on the same seeds (†: survives Holm over the pairwise comparisons of the "
              f"same checkpoints): {gains}; MTDT − Prompt-DT {_ours(mtdt_pd)}{_best(study, arms)}. "
-             "A masked arm's gain over "
-             "Prompt-DT is the masks' own only as far as it exceeds MTDT's, so a \"supports\" for HarmoDT-F − "
+             "A masked arm's gain over Prompt-DT is the masks' own only as far as it exceeds MTDT's, so a "
+             "\"supports\" for HarmoDT-F − "
              "Prompt-DT says the paper's direction holds, not that masks cause it."]
     if "harmodt-f" in arms and "mtdt" in arms:
         lines[-1] += (" HarmoDT-F − MTDT sets masks and a prompt against a one-hot task ID without masks; learned "
