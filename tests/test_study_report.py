@@ -351,3 +351,16 @@ def test_reports_give_mask_movement_and_the_eq12_bound():
     assert r["final_mask_changed_fraction"] == 0.0 and r["mask_flips_bound_fraction"] == 0.0
     assert f["final_mask_changed_fraction"] == 0.04 and f["mask_flips_bound_fraction"] == pytest.approx(bound)
     assert f"| HarmoDT-F | – | 0.04000 | 0.03000 | {bound:.4f} |" in summary_markdown(study)
+
+
+def test_every_variant_of_a_study_has_its_own_colour(tmp_path):
+    """Two labels whose stable colour is the same (both hash to tab:olive) are told apart within one study;
+    a method's plain label keeps its method's colour."""
+    from harmodt.study.figures import Figures, variant_color
+
+    labels = ["MTDT", "Prompt-DT", "HarmoDT-R", "HarmoDT-S", "HarmoDT-F official", "Prompt-DT task-ID", "HarmoDT-F moving"]
+    assert variant_color("HarmoDT-F official") == variant_color("Prompt-DT task-ID")
+    colors = Figures({"variants": [{"variant": v} for v in labels], "runs": []}, tmp_path, None).colors
+    assert len(set(colors.values())) == len(labels)
+    assert colors["Prompt-DT"] == variant_color("Prompt-DT") and colors["HarmoDT-S"] == variant_color("HarmoDT-S")
+    assert colors["HarmoDT-F official"] == variant_color("HarmoDT-F official")
