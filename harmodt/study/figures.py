@@ -61,17 +61,12 @@ class Figures:
 
     @cached_property
     def colors(self) -> dict:
-        """Each variant's colour (:func:`variant_color`); a variant whose colour another variant of this
-        study already has takes the next colour no variant of the study has, while one is left."""
-        names = [v["variant"] for v in self.study["variants"]]
-        colors = {n: variant_color(n) for n in names}
-        own = {m.color for m in METHODS.values()}
-        free = [c for c in _VARIANT_COLORS if c not in own and c not in colors.values()]
-        seen = set()
-        for n in names:
-            if colors[n] in seen and free:
+        """Each variant's :func:`variant_color`, or, where an earlier variant has it, the next free one."""
+        colors = {v["variant"]: variant_color(v["variant"]) for v in self.study["variants"]}
+        free = [c for c in _VARIANT_COLORS if c not in {m.color for m in METHODS.values()} | set(colors.values())]
+        for i, n in enumerate(colors):
+            if colors[n] in list(colors.values())[:i] and free:
                 colors[n] = free.pop(0)
-            seen.add(colors[n])
         return colors
 
     def series(self, variant: str, key: str) -> dict[str, list]:
@@ -316,7 +311,7 @@ def validation_success_figure(f: Figures):
         return "no run evaluated on validation goals during training (pass --validation-seed and --eval-every)"
     fig, ax = f.plt.subplots(figsize=(6, 3.8))
     for v, per_step in at["variants"].items():
-        color = f.colors.get(v) or variant_color(v)
+        color = f.colors[v]
         for r in f.finished:
             if r["variant"] == v and r.get("validation_curve"):
                 ax.plot(*zip(*r["validation_curve"]), color=color, alpha=0.25, lw=0.8)
@@ -354,7 +349,7 @@ def validation_differences_figure(f: Figures):
         err = [[r["mean_diff"] - r["ci_low"] if not math.isnan(r["ci_low"]) else 0 for r in rows],
                [r["ci_high"] - r["mean_diff"] if not math.isnan(r["ci_high"]) else 0 for r in rows]]
         ref = METHODS.get(next((r["method"] for r in f.study["runs"] if r["variant"] == d["reference"]), ""))
-        ax.errorbar(steps, means, yerr=err, marker="o", ms=4, capsize=3, color=f.colors.get(d["variant"]) or variant_color(d["variant"]),
+        ax.errorbar(steps, means, yerr=err, marker="o", ms=4, capsize=3, color=f.colors[d["variant"]],
                     # dashed: against random (fixed) masks
                     ls="--" if ref is not None and ref.masks == "fixed" else "-",
                     label=f"{d['variant']} − {d['reference']}")
