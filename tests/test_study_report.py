@@ -280,6 +280,9 @@ def test_budget_line_gives_each_moving_arm_its_schedule_and_the_eq12_bound():
     assert "eta_max 1600" not in md
     study["runs"] = [r for r in study["runs"] if r["method"] != "harmodt-f"]
     assert "masks: sparsity 0.2, no arm's masks move (none learns them)." in summary_markdown(study)
+    study["runs"] = [r for r in study["runs"] if r["method"] == "mtdt"]  # dense models only: no sparsity to report
+    md = summary_markdown(study)
+    assert "near-optimal data; no arm uses masks. Evaluation" in md and "sparsity" not in md.split("\n## ")[0]
 
 
 def test_aggregate_sweep_of_one_method_beside_an_unswept_prompt_dt():

@@ -178,7 +178,8 @@ def summary_markdown(study: dict, figures: list[str] = ()) -> str:
         mc, mk = cfg["model"], cfg["masks"]
         lines += [f"Budget: {cfg['steps']} steps at batch {cfg['batch_size']}, {mc['n_layer']} layers x {mc['n_embd']} "
                   f"({mc['n_head']} heads), lr {cfg['lr']}, warm-up {cfg['warmup_steps']}, {cfg['quality']} data; "
-                  f"masks: sparsity {mk['sparsity']}, {mask_schedules(runs, len(study['tasks']))}"
+                  + (f"masks: sparsity {mk['sparsity']}, {mask_schedules(runs, len(study['tasks']))}" if any(
+                      getattr(METHODS.get(r["method"]), "masked", False) for r in runs) else "no arm uses masks")
                   + ("" if study["sweep"] is None
                      else f" (swept: {study['sweep']['key']} = {', '.join(study['sweep']['values'])}"
                      f" for {', '.join(study['sweep'].get('methods') or study['methods'])})") + ". "
