@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs (or resumes) this study on a machine with a clone of the repository at $REPO (default /work/main):
 # the frozen revision 4bd0d3a in its own worktree and virtual environment, the shared MT50 data (checked
-# against the manifest's content_sha256 below), and the finished runs' folders copied from runs/ (mtdt/runs/) so
+# against the manifest's content_sha256 below), and the finished runs' folders copied from runs/ (mtdt/runs/, task-id/runs/) so
 # that the study skips them. Paths are the ones the runs' train_args name. Extra arguments go to the study.
 # STUDY=variants (the default) is the three Prompt-DT variants beside Prompt-DT, runs in runs/; STUDY=mtdt the MTDT
-# control at the same budget, runs in mtdt/runs/.
+# control at the same budget, runs in mtdt/runs/; STUDY=task-id Prompt-DT with the one-hot task ID beside its states,
+# runs in task-id/runs/ (its Prompt-DT arm is the variants' runs, copied in).
 #   bash docs/results/mt50-prompt-dt/run.sh             # train and evaluate what is left
 #   bash docs/results/mt50-prompt-dt/run.sh --report-only --family "..."   # (on a copy of the out folder)
 #   STUDY=mtdt bash docs/results/mt50-prompt-dt/run.sh
@@ -14,12 +15,14 @@ REV=4bd0d3a
 TREE=/work/harmodt-pdt VENV=/work/venv-pdt
 DATA=/work/studies/mt50data/data HERE="$REPO/docs/results/mt50-prompt-dt"
 case "${STUDY:-variants}" in
-    variants) OUT=/work/studies/mt50-pdt/out RUNS="$HERE/runs"
+    variants) OUT=/work/studies/mt50-pdt/out RUNS=("$HERE"/runs/*/)
               ARMS=(--methods prompt-dt --variant "Prompt-DT pooled=prompt-dt --state-norm pooled"
                     --variant "Prompt-DT K* 20=prompt-dt --prompt-len 20"
                     --variant "Prompt-DT first=prompt-dt --prompt-segment first") ;;
-    mtdt) OUT=/work/studies/mt50-pdt/out-mtdt RUNS="$HERE/mtdt/runs" ARMS=(--methods mtdt) ;;
-    *) echo "STUDY=${STUDY}: not a study of this page (variants or mtdt)"; exit 2 ;;
+    mtdt) OUT=/work/studies/mt50-pdt/out-mtdt RUNS=("$HERE"/mtdt/runs/*/) ARMS=(--methods mtdt) ;;
+    task-id) OUT=/work/studies/mt50-pdt/out-task-id RUNS=("$HERE"/runs/prompt-dt-s?/ "$HERE"/task-id/runs/*/)
+             ARMS=(--methods prompt-dt --variant "Prompt-DT task-ID=prompt-dt --conditioning prompt-task-state") ;;
+    *) echo "STUDY=${STUDY}: not a study of this page (variants, mtdt or task-id)"; exit 2 ;;
 esac
 SHA=c4bc524f
 if [ ! -d "$TREE" ]; then git -C "$REPO" worktree add -f "$TREE" "$REV"; fi
@@ -33,7 +36,7 @@ if [ ! -f "$DATA/manifest.json" ]; then
 fi
 grep -q "\"content_sha256\": \"$SHA" "$DATA/manifest.json" || { echo "$DATA: not the study's data (content_sha256 $SHA...)"; exit 1; }
 mkdir -p "$OUT/runs"
-for run in "$RUNS"/*/; do
+for run in "${RUNS[@]}"; do
     [ -d "$run" ] || continue
     name=$(basename "$run")
     [ -f "$OUT/runs/$name/run_eval.json" ] || { rm -rf "$OUT/runs/$name"; cp -r "$run" "$OUT/runs/$name"; }
