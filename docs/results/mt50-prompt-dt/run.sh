@@ -4,8 +4,8 @@
 # against the manifest's content_sha256 below), and the finished runs' folders copied from runs/ (mtdt/runs/, task-id/runs/) so
 # that the study skips them. Paths are the ones the runs' train_args name. Extra arguments go to the study.
 # STUDY=variants (the default) is the three Prompt-DT variants beside Prompt-DT, runs in runs/; STUDY=mtdt the MTDT
-# control at the same budget, runs in mtdt/runs/; STUDY=task-id Prompt-DT with the one-hot task ID beside its states,
-# runs in task-id/runs/ (its Prompt-DT arm is the variants' runs, copied in).
+# control at the same budget, runs in mtdt/runs/; STUDY=task-id adds Prompt-DT with the one-hot task ID beside its
+# states to the variants' study (same out folder), its runs in task-id/runs/.
 #   bash docs/results/mt50-prompt-dt/run.sh             # train and evaluate what is left
 #   bash docs/results/mt50-prompt-dt/run.sh --report-only --family "..."   # (on a copy of the out folder)
 #   STUDY=mtdt bash docs/results/mt50-prompt-dt/run.sh
@@ -14,14 +14,13 @@ REPO=${REPO:-/work/main}
 REV=4bd0d3a
 TREE=/work/harmodt-pdt VENV=/work/venv-pdt
 DATA=/work/studies/mt50data/data HERE="$REPO/docs/results/mt50-prompt-dt"
+VARIANTS=(--methods prompt-dt --variant "Prompt-DT pooled=prompt-dt --state-norm pooled"
+          --variant "Prompt-DT K* 20=prompt-dt --prompt-len 20" --variant "Prompt-DT first=prompt-dt --prompt-segment first")
 case "${STUDY:-variants}" in
-    variants) OUT=/work/studies/mt50-pdt/out RUNS=("$HERE"/runs/*/)
-              ARMS=(--methods prompt-dt --variant "Prompt-DT pooled=prompt-dt --state-norm pooled"
-                    --variant "Prompt-DT K* 20=prompt-dt --prompt-len 20"
-                    --variant "Prompt-DT first=prompt-dt --prompt-segment first") ;;
+    variants) OUT=/work/studies/mt50-pdt/out RUNS=("$HERE"/runs/*/) ARMS=("${VARIANTS[@]}") ;;
     mtdt) OUT=/work/studies/mt50-pdt/out-mtdt RUNS=("$HERE"/mtdt/runs/*/) ARMS=(--methods mtdt) ;;
-    task-id) OUT=/work/studies/mt50-pdt/out-task-id RUNS=("$HERE"/runs/prompt-dt-s?/ "$HERE"/task-id/runs/*/)
-             ARMS=(--methods prompt-dt --variant "Prompt-DT task-ID=prompt-dt --conditioning prompt-task-state") ;;
+    task-id) OUT=/work/studies/mt50-pdt/out RUNS=("$HERE"/runs/*/ "$HERE"/task-id/runs/*/)
+             ARMS=("${VARIANTS[@]}" --variant "Prompt-DT task-ID=prompt-dt --conditioning prompt-task-state") ;;
     *) echo "STUDY=${STUDY}: not a study of this page (variants, mtdt or task-id)"; exit 2 ;;
 esac
 SHA=c4bc524f
